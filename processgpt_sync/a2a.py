@@ -1,0 +1,337 @@
+"""Run a2a-sdk ``AgentExecutor``s (0.3 pydantic or 1.x protobuf) unchanged on worker threads.
+
+- Each worker thread keeps its own event loop (``loops.ThreadLoops``): an executor that blocks
+  inside ``async def`` stalls only its own todo.
+- The event queue is a subclass of the installed ``EventQueue`` whose ``enqueue_event`` records
+  the event synchronously and returns an already-finished coroutine, so both the original SDK's
+  un-awaited calls and ``await queue.enqueue_event(...)`` (and ``TaskUpdater``) work.
+- Events are normalised into one shape whatever the a2a-sdk line, then mapped onto the
+  ProcessGPT rules: status → ``events`` row, final artifact → result, input_required → question.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import logging
+import threading
+import uuid
+from collections.abc import Generator, Mapping
+from functools import cache
+from typing import Any
+
+from .events import EVENT_STATUSES, EVENT_TYPES
+from .loops import ThreadLoops
+from .models import AwaitingHuman, Todo
+from .payload import unwrap_text
+
+logger = logging.getLogger(__name__)
+
+STATE_EVENT_TYPES = {
+    "submitted": "task_started",
+    "working": "task_working",
+    "input_required": "human_asked",
+    "auth_required": "human_asked",
+    "completed": "task_completed",
+    "failed": "error",
+    "canceled": "task_cancelled",
+    "rejected": "error",
+}
+CANCEL_HOOK_TIMEOUT = 5.0  # seconds executor.cancel() may take before execute is cancelled
+TERMINAL_STATES = frozenset({"completed", "canceled", "failed", "rejected"})
+
+
+class DoneCoroutine(collections.abc.Coroutine[Any, Any, None]):
+    """An already-finished coroutine: awaiting it, scheduling it or dropping it is harmless."""
+
+    __slots__ = ()
+
+    def send(self, value: Any) -> Any:
+        raise StopIteration(None)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        raise typ if val is None else val
+
+    def close(self) -> None:
+        pass
+
+    def __await__(self) -> Generator[Any, None, None]:
+        yield from ()
+
+
+def is_v1() -> bool:
+    """True when the installed a2a-sdk is the 1.x (protobuf) line."""
+    from a2a.types import TaskState
+
+    return hasattr(TaskState, "TASK_STATE_WORKING")
+
+
+# -- normalising events ---------------------------------------------------------------------------
+
+
+def normalize(event: Any) -> dict[str, Any]:
+    """One shape for 0.3 and 1.x events: kind, state, texts, data, metadata, final, last_chunk.
+
+    :raises TypeError: ``event`` is not an a2a event.
+    """
+    kind = {
+        "TaskStatusUpdateEvent": "status",
+        "TaskArtifactUpdateEvent": "artifact",
+        "Task": "task",
+        "Message": "message",
+    }.get(type(event).__name__)
+    if kind is None or not (hasattr(event, "DESCRIPTOR") or hasattr(event, "model_dump")):
+        raise TypeError(f"not an A2A event: {type(event).__name__}")
+    if hasattr(event, "DESCRIPTOR"):
+        from google.protobuf.json_format import MessageToDict
+
+        raw = MessageToDict(event, preserving_proto_field_name=True)
+    else:
+        raw = event.model_dump(mode="json", by_alias=False, exclude_none=True)
+    status = raw.get("status") or {}
+    state = _state(status.get("state"))
+    if kind == "artifact":
+        parts = (raw.get("artifact") or {}).get("parts") or []
+    elif kind == "message":
+        parts = raw.get("parts") or []
+    else:
+        parts = (status.get("message") or {}).get("parts") or []
+    final = raw.get("final")
+    return {
+        "kind": kind,
+        "state": state,
+        "texts": [p["text"] for p in parts if isinstance(p, Mapping) and "text" in p],
+        "data": [p["data"] for p in parts if isinstance(p, Mapping) and "data" in p],
+        "metadata": _narrow(raw.get("metadata") or {}),
+        "final": state in TERMINAL_STATES if final is None else bool(final),
+        "last_chunk": bool(raw.get("last_chunk")),
+    }
+
+
+def _state(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = str(value).lower().replace("-", "_").removeprefix("task_state_")
+    return "unknown" if text == "unspecified" else text
+
+
+def _narrow(value: Any) -> Any:
+    """Protobuf Struct numbers are doubles: give integral ones back as ints."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, Mapping):
+        return {k: _narrow(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_narrow(v) for v in value]
+    return value
+
+
+def payload(event: Mapping[str, Any]) -> Any:
+    """The message payload with its wrapper removed: first text part (JSON-parsed when it is
+    JSON), else the first data part, else an empty object."""
+    if event["texts"]:
+        return unwrap_text(event["texts"][0])
+    if event["data"]:
+        return event["data"][0]
+    return {}
+
+
+# -- the recorder behind the queue ----------------------------------------------------------------
+
+
+class Recorder:
+    """Applies the ProcessGPT event rules to one todo's normalised a2a events."""
+
+    def __init__(self, todo: Todo) -> None:
+        self.todo = todo
+        self.last_state: str | None = None
+        self.question: Any = None
+        self.asked = False
+        self.final: Any = None
+        self.last_artifact: Any = None
+        self.error: Any = None
+        self.closed = False
+
+    def record(self, event: Any) -> None:
+        normal = normalize(event)
+        if self.closed:
+            logger.warning("a2a event after execute() returned for todo %s; dropped",
+                           self.todo.id, extra={"action": "a2a_event", "todo_id": self.todo.id})
+            return
+        if normal["kind"] == "status":
+            self._status(normal)
+        elif normal["kind"] == "artifact":
+            self._artifact(normal)
+        else:
+            logger.debug("a2a %s for todo %s not recorded", normal["kind"], self.todo.id)
+
+    def _status(self, event: dict[str, Any]) -> None:
+        state = event["state"]
+        metadata = event["metadata"]
+        self.last_state = state or self.last_state
+        event_type = metadata.get("event_type")
+        if event_type not in EVENT_TYPES:
+            if event_type is not None:
+                logger.warning("unknown event_type %r from todo %s; using the state instead",
+                               event_type, self.todo.id,
+                               extra={"action": "a2a_event", "todo_id": self.todo.id})
+            event_type = STATE_EVENT_TYPES.get(state or "", "task_working")
+        if state in ("input_required", "auth_required"):
+            event_type = "human_asked" if event_type == "task_working" else event_type
+        data = payload(event)
+        if event_type == "human_asked":
+            self.asked = True
+            self.question = data
+        if state == "failed":
+            self.error = data
+        status = metadata.get("status")
+        self.todo.events.emit(
+            event_type,
+            data,
+            job_id=_text_or_none(metadata.get("job_id")),
+            crew_type=_text_or_none(metadata.get("crew_type")),
+            status=status if status in EVENT_STATUSES else None,
+        )
+
+    def _artifact(self, event: dict[str, Any]) -> None:
+        data = payload(event)
+        if event["last_chunk"] or event["final"]:
+            self.final = data
+        else:
+            self.last_artifact = data
+            self.todo.events.result(data, final=False)
+
+    def outcome(self) -> Any:
+        """What the finished ``execute`` amounts to: a result, a question, or a failure."""
+        if self.last_state == "failed":
+            raise RuntimeError(f"executor reported failure: {self.error}")
+        if self.asked and self.last_state in ("input_required", "auth_required"):
+            return AwaitingHuman(question=self.question)
+        if self.final is not None:
+            return self.final
+        if self.last_state == "completed" and self.last_artifact is not None:
+            return self.last_artifact
+        if self.asked:
+            return AwaitingHuman(question=self.question)
+        return None
+
+
+def _text_or_none(value: Any) -> str | None:
+    return None if value in (None, "") else str(value)
+
+
+# -- a2a classes built on the installed line ------------------------------------------------------
+
+
+@cache
+def _queue_class() -> type:
+    from a2a.server.events import EventQueue
+
+    class BridgeEventQueue(EventQueue):  # type: ignore[misc]
+        """Records events synchronously; awaiting the returned coroutine is optional."""
+
+        def __init__(self, recorder: Recorder) -> None:  # no super(): no asyncio queue needed
+            self._recorder = recorder
+
+        def enqueue_event(self, event: Any) -> DoneCoroutine:
+            self._recorder.record(event)
+            return DoneCoroutine()
+
+        def close(self, immediate: bool = False) -> DoneCoroutine:
+            self._recorder.closed = True
+            return DoneCoroutine()
+
+        def is_closed(self) -> bool:
+            return self._recorder.closed
+
+        def task_done(self) -> None:
+            pass
+
+    return BridgeEventQueue
+
+
+def _user_message(text: str, context_id: str, task_id: str) -> Any:
+    message_id = str(uuid.uuid4())
+    if is_v1():
+        from a2a.types import Message, Part, Role, SendMessageRequest
+
+        message = Message(role=Role.ROLE_USER, parts=[Part(text=text)], message_id=message_id,
+                          context_id=context_id, task_id=task_id)
+        return SendMessageRequest(message=message)
+    from a2a.types import Message, MessageSendParams, Part, Role, TextPart
+
+    message = Message(role=Role.user, parts=[Part(root=TextPart(text=text))],
+                      message_id=message_id, context_id=context_id, task_id=task_id)
+    return MessageSendParams(message=message)
+
+
+@cache
+def _context_class() -> type:
+    from a2a.server.agent_execution import RequestContext
+
+    class ProcessGPTRequestContext(RequestContext):  # type: ignore[misc]
+        """The installed RequestContext plus the todo row and extras, as the original SDK gave."""
+
+        def __init__(self, todo: Todo) -> None:
+            self.todo = todo
+            self.row = dict(todo.row)
+            self.extras = dict(todo.extras)
+            context_id = str(todo.proc_inst_id or todo.id)
+            request = _user_message(todo.input, context_id, todo.id)
+            if is_v1():
+                from a2a.server.context import ServerCallContext
+
+                super().__init__(ServerCallContext(), request=request, task_id=todo.id,
+                                 context_id=context_id)
+            else:
+                super().__init__(request=request, task_id=todo.id, context_id=context_id)
+
+        def get_context_data(self) -> dict[str, Any]:
+            return {"row": self.row, "extras": self.extras}
+
+    return ProcessGPTRequestContext
+
+
+class A2AAdapter:
+    """Runs an async a2a ``AgentExecutor`` on the worker thread's own event loop."""
+
+    def __init__(self, executor: Any) -> None:
+        self._executor = executor
+        self._loops = ThreadLoops()
+        self._lock = threading.Lock()
+        self._running: dict[str, tuple[Any, Any, Any, Any]] = {}
+
+    def run(self, todo: Todo) -> Any:
+        recorder = Recorder(todo)
+        queue = _queue_class()(recorder)
+        context = _context_class()(todo)
+        portal = self._loops.portal()
+        future = portal.start_task_soon(self._executor.execute, context, queue)
+        with self._lock:
+            self._running[todo.id] = (portal, future, context, queue)
+        try:
+            self._loops.result(future)
+        finally:
+            recorder.closed = True
+            with self._lock:
+                self._running.pop(todo.id, None)
+        return recorder.outcome()
+
+    def cancel(self, todo: Todo) -> None:
+        """Await ``executor.cancel(context, queue)`` first, then cancel the running execute."""
+        with self._lock:
+            running = self._running.get(todo.id)
+        if running is None:
+            return
+        portal, future, context, queue = running
+        try:
+            hook = portal.start_task_soon(self._executor.cancel, context, queue)
+            hook.result(timeout=CANCEL_HOOK_TIMEOUT)
+        except TimeoutError:
+            logger.warning("executor.cancel() did not return within %gs for todo %s",
+                           CANCEL_HOOK_TIMEOUT, todo.id,
+                           extra={"action": "cancel", "todo_id": todo.id})
+        finally:
+            future.cancel()
+
+    def close(self) -> None:
+        self._loops.close()

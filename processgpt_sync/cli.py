@@ -1,0 +1,214 @@
+"""The `processgpt-sync` command: init-db, enqueue, status, serve, demo.
+
+The only module that configures logging or prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import ConfigurationError, ProcessGPTSyncError
+from .settings import Settings
+from .storage import Storage, connect
+
+logger = logging.getLogger("processgpt_sync.cli")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with the `extra` fields (todo_id, agent_orch, action)."""
+
+    FIELDS = ("action", "todo_id", "agent_orch")
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update({k: getattr(record, k) for k in self.FIELDS if hasattr(record, k)})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def _storage(args: argparse.Namespace) -> Storage:
+    return connect(
+        database_url=args.database_url or os.environ.get("DATABASE_URL"),
+        supabase_url=getattr(args, "supabase_url", None) or os.environ.get("SUPABASE_URL"),
+        supabase_key=os.environ.get("SUPABASE_KEY") or os.environ.get("SUPABASE_SERVICE_ROLE_KEY"),
+        embedded_dir=os.environ.get("PROCESSGPT_EMBEDDED_DIR"),
+    )
+
+
+def cmd_init_db(args: argparse.Namespace) -> int:
+    from . import embedded
+    from .storage.postgres import install_schema
+
+    url = args.database_url or os.environ.get("DATABASE_URL")
+    if not url and os.environ.get("SUPABASE_URL"):
+        raise ConfigurationError(
+            "init-db needs a direct database connection: pass --database-url with the Supabase "
+            "connection string, or paste sql/schema.sql then sql/functions.sql into the "
+            "Supabase SQL editor"
+        )
+    if url:
+        install_schema(url)
+        print("schema installed")
+    else:
+        embedded.start()
+        print(f"schema installed in the embedded database ({embedded.data_dir()})")
+    return 0
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    storage = _storage(args)
+    try:
+        for _ in range(args.count):
+            print(storage.enqueue(args.agent_orch, args.input, agent_mode=args.mode,
+                                  tenant_id=args.tenant))
+    finally:
+        storage.close()
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    storage = _storage(args)
+    try:
+        rows = storage.status(args.agent_orch)
+    finally:
+        storage.close()
+    print(f"{'agent_orch':30}  {'draft_status':13}  {'count':>7}")
+    for row in rows:
+        print(f"{row['agent_orch'] or '-':30}  {row['draft_status'] or '(claimable)':13}  "
+              f"{row['count']:>7}")
+    if not rows:
+        print("(no todos)")
+    return 0
+
+
+def load_executor(target: str) -> Any:
+    """Import ``module:attribute``; a class is instantiated without arguments."""
+    module_name, _, attribute = target.partition(":")
+    if not module_name or not attribute:
+        raise ConfigurationError(f"executor must be given as module:attribute, got {target!r}")
+    sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"cannot import {module_name!r}: {exc}") from exc
+    try:
+        obj = getattr(module, attribute)
+    except AttributeError:
+        raise ConfigurationError(f"{module_name!r} has no attribute {attribute!r}") from None
+    return obj() if isinstance(obj, type) else obj
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import Server
+
+    executor = load_executor(args.executor)
+    settings = Settings.from_env(
+        agent_orch=args.agent_orch,
+        workers=args.workers,
+        database_url=args.database_url,
+        supabase_url=args.supabase_url,
+        lease_seconds=args.lease_seconds,
+        max_claims=args.max_claims,
+        grace_seconds=args.grace_seconds,
+        timeout=args.timeout,
+        tenant_id=args.tenant,
+    )
+    Server(executor, settings).run_forever()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    return demo.run(database_url=args.database_url or os.environ.get("DATABASE_URL"),
+                    todos=args.todos, workers=args.workers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="processgpt-sync", description=__doc__)
+    parser.add_argument("--log-level", default=os.environ.get("PROCESSGPT_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    parser.add_argument("--env-file", help="load environment variables from this .env file")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--database-url", help="PostgreSQL URL (default: $DATABASE_URL, "
+                         "else Supabase from $SUPABASE_URL/$SUPABASE_KEY, else embedded)")
+        return sub
+
+    command("init-db", "install or upgrade the schema and functions (idempotent)").set_defaults(
+        func=cmd_init_db)
+
+    enqueue = command("enqueue", "insert a claimable todo and print its id")
+    enqueue.add_argument("--agent-orch", required=True)
+    enqueue.add_argument("--input", required=True)
+    enqueue.add_argument("--mode", choices=("COMPLETE", "DRAFT"), default="COMPLETE")
+    enqueue.add_argument("--tenant")
+    enqueue.add_argument("--count", type=int, default=1)
+    enqueue.set_defaults(func=cmd_enqueue)
+
+    status = command("status", "todo counts by agent_orch and draft_status")
+    status.add_argument("--agent-orch")
+    status.set_defaults(func=cmd_status)
+
+    serve = command("serve", "serve an executor until SIGINT/SIGTERM")
+    serve.add_argument("executor", help="module:attribute of a function, object or class")
+    serve.add_argument("--agent-orch")
+    serve.add_argument("--workers", type=int)
+    serve.add_argument("--supabase-url", help="Supabase URL (the key comes from $SUPABASE_KEY)")
+    serve.add_argument("--lease-seconds", type=int)
+    serve.add_argument("--max-claims", type=int)
+    serve.add_argument("--grace-seconds", type=float)
+    serve.add_argument("--timeout", type=float, help="per-todo time limit in seconds")
+    serve.add_argument("--tenant", help="serve only this tenant's todos")
+    serve.set_defaults(func=cmd_serve)
+
+    demo = command("demo", "enqueue and serve a few todos on the embedded database")
+    demo.add_argument("--todos", type=int, default=8)
+    demo.add_argument("--workers", type=int, default=4)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.env_file:
+        from dotenv import load_dotenv
+
+        load_dotenv(args.env_file)
+    level = args.log_level if args.command == "serve" else "WARNING"
+    configure_logging(level, args.log_format)
+    try:
+        return int(args.func(args))
+    except ProcessGPTSyncError as exc:
+        print(f"processgpt-sync: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Exceptions raised by processgpt_sync.
+
+Our exception hierarchy::
+
+    ProcessGPTSyncError
+    ├── ConfigurationError
+    ├── StorageError
+    │   ├── StorageUnavailable
+    │   └── SchemaMissing
+    ├── PayloadError
+    └── ExecutorError
+        ├── ExecutorTimeout
+        └── NoResultError
+
+Each class's docstring is its default message.
+"""
+
+from __future__ import annotations
+
+
+class ProcessGPTSyncError(Exception):
+    """processgpt_sync failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or self.__doc__)
+
+
+class ConfigurationError(ProcessGPTSyncError):
+    """The server settings are incomplete or invalid."""
+
+
+class StorageError(ProcessGPTSyncError):
+    """The database refused or failed a request."""
+
+    def __init__(
+        self, message: str | None = None, *, code: str | None = None, hint: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.hint = hint
+
+
+class StorageUnavailable(StorageError):
+    """The database cannot be reached right now; the request may be retried."""
+
+
+class SchemaMissing(StorageError):
+    """The processgpt-sync schema is not installed: run `processgpt-sync init-db`."""
+
+
+class PayloadError(ProcessGPTSyncError):
+    """A value cannot be stored as JSON."""
+
+
+class ExecutorError(ProcessGPTSyncError):
+    """The executor failed."""
+
+
+class ExecutorTimeout(ExecutorError):
+    """The executor did not finish in time."""
+
+
+class NoResultError(ExecutorError):
+    """The executor returned without a result."""

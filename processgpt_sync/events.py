@@ -1,0 +1,334 @@
+"""Progress events: the sink executors write to, and the buffer that writes them in batches.
+
+Events of all running todos are collected by one ``EventBuffer`` and written by its flusher
+thread, many per SQL call, in the order each todo emitted them. A todo's last events travel with
+its final write, so the result always lands after them and ``crew_completed`` last.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .errors import PayloadError, StorageError, StorageUnavailable
+from .payload import check_json, unwrap_text
+from .storage.base import Storage
+
+logger = logging.getLogger(__name__)
+
+EVENT_TYPES = frozenset(
+    {
+        "task_started", "task_completed", "tool_usage_started", "tool_usage_finished",
+        "crew_completed", "human_asked", "human_response", "human_checked", "task_working",
+        "error", "waiting_for_user", "task_cancelled", "human_feedback_submitted",
+    }
+)
+EVENT_STATUSES = frozenset({"ASKED", "APPROVED", "REJECTED"})
+RETRY_DELAY_MAX = 10.0  # seconds between write attempts during an outage
+
+
+def backoff(attempt: int, *, base: float = 0.1, cap: float = RETRY_DELAY_MAX) -> float:
+    """Capped exponential back-off with full jitter."""
+    return float(random.uniform(0, min(cap, base * 2 ** min(attempt, 16))))
+
+
+def make_event(
+    todo_id: str,
+    token: str,
+    event_type: str,
+    data: Any = None,
+    *,
+    job_id: str | None = None,
+    crew_type: str | None = None,
+    status: str | None = None,
+) -> dict[str, Any]:
+    """Build one event row, validated here so a bad event fails at the executor's call site."""
+    if event_type not in EVENT_TYPES:
+        raise ValueError(
+            f"unknown event_type {event_type!r}; expected one of {', '.join(sorted(EVENT_TYPES))}"
+        )
+    if status is not None and status not in EVENT_STATUSES:
+        raise ValueError(f"unknown event status {status!r}; expected ASKED, APPROVED or REJECTED")
+    if isinstance(data, str):
+        data = unwrap_text(data)
+    check_json(data, what=f"{event_type} event data")
+    return {
+        "id": str(uuid.uuid4()),
+        "todo_id": todo_id,
+        "token": token,
+        "event_type": event_type,
+        "data": {} if data is None else data,
+        "job_id": job_id,
+        "crew_type": crew_type,
+        "status": status,
+    }
+
+
+class EventBuffer:
+    """Collects events of running todos and writes them, in order, from one flusher thread."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        flush_interval: float,
+        batch_size: int,
+        on_written: Callable[[int], None] = lambda n: None,
+    ) -> None:
+        self._storage = storage
+        self._flush_interval = flush_interval
+        self._batch_size = batch_size
+        self._on_written = on_written
+        self._cond = threading.Condition()
+        self._pending: dict[str, list[dict[str, Any]]] = {}
+        self._inflight: set[str] = set()
+        self._count = 0
+        self._oldest = 0.0
+        self._closed = False
+        self._thread = threading.Thread(
+            target=self._run, name="processgpt-sync-events", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def pending(self) -> int:
+        """Events accepted but not yet written."""
+        return self._count
+
+    def add(self, event: dict[str, Any]) -> None:
+        """Queue one event for its todo; it is written within the flush interval."""
+        with self._cond:
+            if self._count == 0:
+                self._oldest = time.monotonic()
+            self._pending.setdefault(event["todo_id"], []).append(event)
+            self._count += 1
+            if self._count == 1 or self._count >= self._batch_size:
+                self._cond.notify_all()
+
+    def take(self, todo_id: str) -> list[dict[str, Any]]:
+        """Remove and return a todo's unwritten events, after any write of them in flight."""
+        with self._cond:
+            while todo_id in self._inflight:
+                self._cond.wait()
+            events = self._pending.pop(todo_id, [])
+            self._count -= len(events)
+            return events
+
+    def give_back(self, todo_id: str, events: list[dict[str, Any]]) -> None:
+        """Put events taken by ``take`` back in front of the todo's queue (a write failed)."""
+        if not events:
+            return
+        with self._cond:
+            queue = self._pending.pop(todo_id, [])
+            self._pending = {todo_id: events + queue, **self._pending}
+            self._count += len(events)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every accepted event is written; False if ``timeout`` ran out first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            self._oldest = 0.0  # due now
+            self._cond.notify_all()
+            while self._count or self._inflight:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining if remaining is not None else 0.5)
+        return True
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Flush, then stop the flusher thread."""
+        done = self.flush(timeout)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        return done
+
+    def _next_batch(self) -> list[dict[str, Any]] | None:
+        with self._cond:
+            while True:
+                if self._closed:
+                    return None
+                if self._count:
+                    due = self._oldest + self._flush_interval - time.monotonic()
+                    if due <= 0 or self._count >= self._batch_size:
+                        break
+                    self._cond.wait(due)
+                else:
+                    self._cond.wait()
+            batch: list[dict[str, Any]] = []
+            for todo_id in list(self._pending):
+                if todo_id in self._inflight:
+                    continue
+                events = self._pending.pop(todo_id)
+                self._inflight.add(todo_id)
+                batch.extend(events)
+                self._count -= len(events)
+                if len(batch) >= self._batch_size:
+                    break
+            self._oldest = time.monotonic()
+            return batch
+
+    def _run(self) -> None:
+        attempt = 0
+        while (batch := self._next_batch()) is not None:
+            try:
+                self._write(batch)
+                attempt = 0
+            except StorageUnavailable as exc:
+                attempt += 1
+                logger.warning(
+                    "writing %d events failed, will retry: %s", len(batch), exc,
+                    extra={"action": "write_events"},
+                )
+                self._requeue(batch)
+                time.sleep(backoff(attempt))
+                continue
+            finally:
+                with self._cond:
+                    self._inflight.difference_update(e["todo_id"] for e in batch)
+                    self._cond.notify_all()
+
+    def _requeue(self, batch: list[dict[str, Any]]) -> None:
+        by_todo: dict[str, list[dict[str, Any]]] = {}
+        for event in batch:
+            by_todo.setdefault(event["todo_id"], []).append(event)
+        with self._cond:
+            for todo_id, events in by_todo.items():
+                queue = self._pending.pop(todo_id, [])
+                self._pending = {todo_id: events + queue, **self._pending}
+            self._count += len(batch)
+
+    def _write(self, batch: list[dict[str, Any]]) -> None:
+        try:
+            rejected = self._storage.record_events(batch)
+        except StorageUnavailable:
+            raise
+        except StorageError as exc:
+            # One malformed event must not lose the others: write them one at a time.
+            logger.warning(
+                "event batch refused (%s); writing its %d events one by one", exc, len(batch),
+                extra={"action": "write_events"},
+            )
+            rejected = []
+            for index, event in enumerate(batch):
+                try:
+                    rejected += [
+                        {**r, "index": index} for r in self._storage.record_events([event])
+                    ]
+                except StorageUnavailable:
+                    raise
+                except StorageError as single:
+                    rejected.append({"index": index, "reason": str(single)})
+        log_rejected(batch, rejected)
+        self._on_written(len(batch) - len(rejected))
+
+
+def log_rejected(batch: list[dict[str, Any]], rejected: list[Mapping[str, Any]]) -> None:
+    """Log each event the database refused, naming its todo, type and reason."""
+    for item in rejected:
+        event = batch[int(item["index"])]
+        logger.warning(
+            "event %s of todo %s not written: %s", event.get("event_type"), event.get("todo_id"),
+            item.get("reason"),
+            extra={"action": "write_events", "todo_id": event.get("todo_id")},
+        )
+
+
+class Events:
+    """The event sink of one running todo; its methods block only to queue, never on I/O."""
+
+    def __init__(
+        self,
+        todo_id: str,
+        token: str,
+        buffer: EventBuffer,
+        *,
+        is_open: Callable[[], bool],
+        on_result: Callable[[Any, bool], None],
+    ) -> None:
+        self._todo_id = todo_id
+        self._token = token
+        self._buffer = buffer
+        self._is_open = is_open
+        self._on_result = on_result
+
+    def emit(
+        self,
+        event_type: str,
+        data: Any = None,
+        *,
+        job_id: str | None = None,
+        crew_type: str | None = None,
+        status: str | None = None,
+    ) -> None:
+        """Record one event of any ProcessGPT ``event_type``."""
+        event = make_event(
+            self._todo_id, self._token, event_type, data,
+            job_id=job_id, crew_type=crew_type, status=status,
+        )
+        if not self._is_open():
+            logger.warning(
+                "event %s of todo %s dropped: the todo is no longer running here",
+                event_type, self._todo_id, extra={"action": "emit", "todo_id": self._todo_id},
+            )
+            return
+        self._buffer.add(event)
+
+    def started(self, data: Any = None, *, job_id: str | None = None,
+                crew_type: str | None = None) -> None:
+        """``task_started``: a job of this todo begins (pair it with ``completed``)."""
+        self.emit("task_started", data, job_id=job_id, crew_type=crew_type)
+
+    def progress(self, data: Any = None, *, job_id: str | None = None,
+                 crew_type: str | None = None) -> None:
+        """``task_working``: an intermediate progress message."""
+        self.emit("task_working", data, job_id=job_id, crew_type=crew_type)
+
+    def tool_started(self, name: str, data: Any = None, *, job_id: str | None = None,
+                     crew_type: str | None = None) -> None:
+        """``tool_usage_started``: the executor begins calling tool ``name``."""
+        self.emit("tool_usage_started", _tool_data(name, data), job_id=job_id, crew_type=crew_type)
+
+    def tool_finished(self, name: str, data: Any = None, *, job_id: str | None = None,
+                      crew_type: str | None = None) -> None:
+        """``tool_usage_finished``: tool ``name`` returned."""
+        self.emit("tool_usage_finished", _tool_data(name, data), job_id=job_id,
+                  crew_type=crew_type)
+
+    def completed(self, data: Any = None, *, job_id: str | None = None,
+                  crew_type: str | None = None) -> None:
+        """``task_completed``: a job of this todo ends."""
+        self.emit("task_completed", data, job_id=job_id, crew_type=crew_type)
+
+    def error(self, data: Any = None, *, job_id: str | None = None,
+              crew_type: str | None = None) -> None:
+        """``error``: report a problem without ending the todo (raise to fail it)."""
+        self.emit("error", data, job_id=job_id, crew_type=crew_type)
+
+    def result(self, data: Any, *, final: bool = True) -> None:
+        """Set the todo's result: ``final`` is written when the executor returns; an
+        intermediate result is written to ``draft`` now, after the events before it."""
+        if isinstance(data, str):
+            data = unwrap_text(data)
+        check_json(data, what="result")
+        self._on_result(data, final)
+
+
+def _tool_data(name: str, data: Any) -> Any:
+    if not isinstance(name, str) or not name:
+        raise PayloadError("a tool event needs the tool's name")
+    if data is None:
+        return {"tool_name": name}
+    if isinstance(data, Mapping):
+        return {"tool_name": name, **data}
+    return {"tool_name": name, "info": data}

@@ -1,0 +1,132 @@
+"""Executors: what users pass to ``serve()``, adapted to one blocking ``run(todo)`` call.
+
+Accepted, detected in this order:
+- an a2a-sdk ``AgentExecutor`` (async ``execute(context, event_queue)``), run by ``a2a.py``;
+- an object with a blocking ``execute(todo, events)`` and optionally ``cancel(todo)``;
+- a plain function ``fn(todo)``; an ``async def fn(todo)`` runs on the worker thread's own
+  event loop.
+The return value, when not None, is the todo's final result.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from .errors import ConfigurationError
+from .models import Todo
+
+logger = logging.getLogger(__name__)
+
+
+class Adapter(Protocol):
+    """The one shape the server runs: blocking ``run`` on a worker thread, ``cancel`` from any."""
+
+    def run(self, todo: Todo) -> Any: ...
+
+    def cancel(self, todo: Todo) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class FunctionAdapter:
+    """``fn(todo) -> result``."""
+
+    def __init__(self, fn: Callable[[Todo], Any]) -> None:
+        self._fn = fn
+
+    def run(self, todo: Todo) -> Any:
+        return self._fn(todo)
+
+    def cancel(self, todo: Todo) -> None:
+        """Blocking functions stop cooperatively: they check ``todo.cancelled``."""
+
+    def close(self) -> None:
+        pass
+
+
+class BlockingObjectAdapter:
+    """``obj.execute(todo, events) -> result`` and optional ``obj.cancel(todo)``."""
+
+    def __init__(self, obj: Any) -> None:
+        self._obj = obj
+
+    def run(self, todo: Todo) -> Any:
+        return self._obj.execute(todo, todo.events)
+
+    def cancel(self, todo: Todo) -> None:
+        cancel = getattr(self._obj, "cancel", None)
+        if callable(cancel):
+            cancel(todo)
+
+    def close(self) -> None:
+        pass
+
+
+class AsyncFunctionAdapter:
+    """``async def fn(todo)``: each worker thread keeps its own event loop (anyio portal)."""
+
+    def __init__(self, fn: Callable[[Todo], Any]) -> None:
+        from .loops import ThreadLoops
+
+        self._fn = fn
+        self._loops = ThreadLoops()
+        self._futures: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def run(self, todo: Todo) -> Any:
+        future = self._loops.portal().start_task_soon(self._fn, todo)
+        with self._lock:
+            self._futures[todo.id] = future
+        try:
+            return self._loops.result(future)
+        finally:
+            with self._lock:
+                self._futures.pop(todo.id, None)
+
+    def cancel(self, todo: Todo) -> None:
+        with self._lock:
+            future = self._futures.get(todo.id)
+        if future is not None:
+            future.cancel()
+
+    def close(self) -> None:
+        self._loops.close()
+
+
+def is_a2a_executor(obj: Any) -> bool:
+    """True for an a2a-sdk AgentExecutor, without importing a2a when nobody did."""
+    module = sys.modules.get("a2a.server.agent_execution")
+    base = getattr(module, "AgentExecutor", None)
+    return base is not None and isinstance(obj, base)
+
+
+def adapt(obj: Any) -> Adapter:
+    """Wrap any accepted executor in an Adapter; raise ConfigurationError for anything else."""
+    if is_a2a_executor(obj):
+        from .a2a import A2AAdapter
+
+        return A2AAdapter(obj)
+    execute = getattr(obj, "execute", None)
+    if execute is not None and callable(execute):
+        if inspect.iscoroutinefunction(execute):
+            raise ConfigurationError(
+                f"{type(obj).__name__}.execute is async but the object is not an a2a-sdk "
+                "AgentExecutor; subclass a2a.server.agent_execution.AgentExecutor, or make "
+                "execute(todo, events) a plain def"
+            )
+        return BlockingObjectAdapter(obj)
+    if callable(obj):
+        if inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(
+            getattr(obj, "__call__", None)  # noqa: B004
+        ):
+            return AsyncFunctionAdapter(obj)
+        return FunctionAdapter(obj)
+    raise ConfigurationError(
+        f"{obj!r} is not an executor: pass a function fn(todo), an object with "
+        "execute(todo, events), or an a2a-sdk AgentExecutor"
+    )

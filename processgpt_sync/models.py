@@ -1,0 +1,133 @@
+"""The data an executor sees: a claimed todo as a read-only view, and why it runs."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .events import Events
+
+JSONDict = dict[str, Any]
+RESUME_KINDS = ("fresh", "reclaim", "human_answer", "revision")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Claim:
+    """One todo as the claim function returned it: the row, its fencing token and context."""
+
+    todo_id: str
+    token: str
+    row: Mapping[str, Any]
+    extras: Mapping[str, Any]
+
+    @classmethod
+    def from_json(cls, item: Mapping[str, Any]) -> Claim:
+        row = item["row"]
+        return cls(
+            todo_id=str(row["id"]),
+            token=str(item["token"]),
+            row=MappingProxyType(dict(row)),
+            extras=MappingProxyType(dict(item.get("extras") or {})),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Resume:
+    """Why this run happens: ``fresh``, ``reclaim``, ``human_answer`` or ``revision``."""
+
+    kind: str = "fresh"
+    attempt: int = 1
+    answer: Any = None
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any] | None) -> Resume:
+        value = value or {}
+        kind = value.get("kind") if value.get("kind") in RESUME_KINDS else "fresh"
+        attempt = int(value.get("attempt") or 1)
+        return cls(kind=str(kind), attempt=attempt, answer=value.get("answer"))
+
+
+@dataclass(frozen=True)
+class AwaitingHuman:
+    """An executor's outcome when it stopped to ask a person: the todo waits for the answer."""
+
+    question: Any = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Todo:
+    """A claimed ProcessGPT work item, read-only, as handed to an executor."""
+
+    id: str
+    input: str
+    agent_mode: str | None
+    agent_orch: str | None
+    tenant_id: str | None
+    proc_inst_id: str | None
+    activity_name: str | None
+    row: Mapping[str, Any]
+    extras: Mapping[str, Any]
+    resume: Resume
+    events: Events = field(repr=False, compare=False)
+    cancel_event: threading.Event = field(repr=False, compare=False)
+
+    @classmethod
+    def from_claim(cls, claim: Claim, events: Events, cancel_event: threading.Event) -> Todo:
+        row = claim.row
+        return cls(
+            id=claim.todo_id,
+            input=_text(row.get("query")) or _text(row.get("description")),
+            agent_mode=row.get("agent_mode"),
+            agent_orch=row.get("agent_orch"),
+            tenant_id=row.get("tenant_id"),
+            proc_inst_id=row.get("root_proc_inst_id") or row.get("proc_inst_id"),
+            activity_name=row.get("activity_name"),
+            row=claim.row,
+            extras=claim.extras,
+            resume=Resume.from_json(claim.extras.get("resume")),
+            events=events,
+            cancel_event=cancel_event,
+        )
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the todo was cancelled (UI cancel, lost lease, timeout or shutdown)."""
+        return self.cancel_event.is_set()
+
+    @property
+    def agents(self) -> list[Any]:
+        """Agent users named in ``todolist.user_id``, from the todo's own tenant."""
+        return list(self.extras.get("agents") or [])
+
+    @property
+    def users(self) -> list[Any]:
+        """Human users named in ``todolist.user_id`` (id, username, email)."""
+        return list(self.extras.get("users") or [])
+
+    @property
+    def notify_emails(self) -> list[str]:
+        return list(self.extras.get("notify_emails") or [])
+
+    @property
+    def form_id(self) -> str | None:
+        return self.extras.get("form_id")
+
+    @property
+    def form_fields(self) -> Any:
+        return self.extras.get("form_fields")
+
+    @property
+    def form_html(self) -> str | None:
+        return self.extras.get("form_html")
+
+    @property
+    def tenant_mcp(self) -> Any:
+        return self.extras.get("tenant_mcp")
+
+
+def _text(value: Any) -> str:
+    return value.strip() if isinstance(value, str) else ""

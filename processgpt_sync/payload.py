@@ -1,0 +1,53 @@
+"""Turn executor output into values PostgreSQL's jsonb accepts, or say precisely why not."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .errors import PayloadError
+
+MAX_ERROR_CHARS = 8000
+
+
+def check_json(value: Any, *, what: str) -> Any:
+    """Return ``value`` unchanged if jsonb can store it; raise PayloadError naming the problem."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise PayloadError(
+            f"{what} is not JSON-serialisable ({type(value).__name__}): {exc}"
+        ) from exc
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PayloadError(f"{what} contains text that is not valid UTF-8: {exc}") from exc
+    if "\\u0000" in text:
+        raise PayloadError(f"{what} contains a NUL character (\\u0000), which jsonb cannot store")
+    return value
+
+
+def unwrap_text(text: str) -> Any:
+    """Return the JSON value a text holds when it is a JSON object or array, else the text.
+
+    Executors send ``json.dumps(payload)`` as message text; ProcessGPT stores the payload itself.
+    """
+    stripped = text.strip()
+    if stripped[:1] in ("{", "["):
+        try:
+            return json.loads(stripped)
+        except ValueError:
+            return text
+    return text
+
+
+def error_text(exc: BaseException) -> str:
+    """A one-line, bounded description of an exception for ``todolist.log`` and error events."""
+    message = str(exc) or exc.__class__.__doc__ or ""
+    text = f"{type(exc).__name__}: {message.strip()}"
+    return safe_text(text)[:MAX_ERROR_CHARS]
+
+
+def safe_text(text: str) -> str:
+    """Replace what PostgreSQL text cannot hold (NUL, lone surrogates) instead of failing."""
+    return text.replace("\x00", "\\0").encode("utf-8", "backslashreplace").decode("utf-8")

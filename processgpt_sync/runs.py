@@ -1,0 +1,69 @@
+"""What the server tracks for one claimed todo while it runs, and the current-todo context."""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import time
+from typing import Any
+
+from .events import EventBuffer, Events
+from .models import Claim, Todo
+
+UNSET: Any = object()
+
+CURRENT_RUN: contextvars.ContextVar[TodoRun | None] = contextvars.ContextVar(
+    "processgpt_sync_current_run", default=None
+)
+
+
+class TodoRun:
+    """One claimed todo: its view, its sink, its cancel flag and whether it reached its end."""
+
+    def __init__(
+        self, claim: Claim, buffer: EventBuffer, *, timeout: float | None, intermediate: Any
+    ) -> None:
+        self.claim = claim
+        self.lock = threading.Lock()
+        self.closed = False
+        """Set once the todo's outcome is decided here; nothing more is written for it."""
+        self.cancel_event = threading.Event()
+        self.cancel_reason: str | None = None
+        self.final_result: Any = UNSET
+        self.started = time.monotonic()
+        self.deadline = None if timeout is None else self.started + timeout
+        self.slot_released = False
+        self.events = Events(
+            claim.todo_id,
+            claim.token,
+            buffer,
+            is_open=self.is_open,
+            on_result=lambda data, final: self._on_result(data, final, intermediate),
+        )
+        self.todo = Todo.from_claim(claim, self.events, self.cancel_event)
+
+    @property
+    def todo_id(self) -> str:
+        return self.claim.todo_id
+
+    def is_open(self) -> bool:
+        return not self.closed and not self.cancel_event.is_set()
+
+    def close(self) -> bool:
+        """Mark the outcome as decided; False if someone else already did."""
+        with self.lock:
+            if self.closed:
+                return False
+            self.closed = True
+            return True
+
+    def _on_result(self, data: Any, final: bool, intermediate: Any) -> None:
+        if final:
+            self.final_result = data
+        else:
+            intermediate(self, data)
+
+
+def current_run() -> TodoRun | None:
+    """The todo running on this thread (for code that does not see the todo object)."""
+    return CURRENT_RUN.get()

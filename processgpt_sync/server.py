@@ -1,0 +1,662 @@
+"""The threaded server: claim todos, run executors on a thread pool, write what they produce.
+
+Threads of one server:
+- claimer: claims up to the number of free slots in one call, woken by NOTIFY or a slow poll;
+- worker pool (``ThreadPoolExecutor``): one todo per thread, from executor call to final write;
+- heartbeat: renews every in-flight lease in one call, enforces per-todo timeouts;
+- listener: a dedicated LISTEN connection for instant wake-ups and UI cancels;
+- event flusher (``EventBuffer``): batched, ordered event writes.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import os
+import signal
+import statistics
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from types import FrameType, TracebackType
+from typing import Any, TypeVar
+
+from .errors import NoResultError, PayloadError, StorageError, StorageUnavailable
+from .events import EventBuffer, backoff, log_rejected
+from .executor import Adapter, adapt
+from .models import AwaitingHuman, Claim
+from .payload import check_json, error_text, unwrap_text
+from .runs import CURRENT_RUN, UNSET, TodoRun
+from .settings import EVENT_BATCH_SIZE, EVENT_FLUSH_INTERVAL, MAX_PENDING_EVENTS, Settings
+from .storage import Storage, open_storage
+from .storage.base import Listener, WriteOutcome
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+TODO_CHANNEL = "processgpt_sync_todo"
+CANCEL_CHANNEL = "processgpt_sync_cancel"
+WATCHDOG_TICK = 0.2  # seconds between timeout checks
+LISTEN_WAIT = 1.0  # seconds one LISTEN wait may block before checking for stop
+MIN_POLL = 0.05  # seconds: first back-off step of a polling-only backend
+RUN_TIMES_KEPT = 10_000
+NO_RESULT = (
+    "executor returned without a result: return a value, or call events.result(data) "
+    "before returning"
+)
+
+
+class Server:
+    """A running processgpt-sync server; see :func:`start` and :func:`serve`."""
+
+    def __init__(
+        self, executor: Any, settings: Settings, *, storage: Storage | None = None
+    ) -> None:
+        self.settings = settings
+        self._adapter: Adapter = adapt(executor)
+        self._storage = storage
+        self._owns_storage = storage is None
+        self._log = logger.getChild(settings.agent_orch)
+        self._extra = {"agent_orch": settings.agent_orch}
+        self._cond = threading.Condition()
+        self._runs: dict[str, TodoRun] = {}
+        self._busy = 0
+        self._wake = threading.Event()
+        self._maybe_more = True
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self._threads_stop = threading.Event()
+        self._abort = threading.Event()
+        self._started = False
+        self._state_lock = threading.Lock()
+        self._listening = False
+        self._context = contextvars.copy_context()
+        self._counts = dict.fromkeys(
+            ("claimed", "completed", "failed", "asked", "cancelled", "lost", "released",
+             "events_written"),
+            0,
+        )
+        self._run_times: deque[float] = deque(maxlen=RUN_TIMES_KEPT)
+        self._threads: list[threading.Thread] = []
+        self._pool: ThreadPoolExecutor | None = None
+        self._buffer: EventBuffer | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> Server:
+        """Connect, check the schema, start the threads; return at once."""
+        with self._state_lock:
+            if self._started:
+                return self
+            self._started = True
+        if self._storage is None:
+            self._storage = open_storage(self.settings)
+        storage = self._storage
+        try:
+            storage.check_schema()
+        except BaseException:
+            self._close_storage()
+            raise
+        self._buffer = EventBuffer(
+            storage,
+            flush_interval=EVENT_FLUSH_INTERVAL,
+            batch_size=EVENT_BATCH_SIZE,
+            on_written=lambda n: self._count("events_written", n),
+        )
+        self._buffer.start()
+        # Twice the slots: a todo that timed out keeps its thread until its executor returns.
+        self._pool = ThreadPoolExecutor(
+            max_workers=self.settings.workers * 2, thread_name_prefix="processgpt-sync"
+        )
+        listener = None
+        if self.settings.listen:
+            listener = storage.listener([TODO_CHANNEL, CANCEL_CHANNEL])
+        if listener is not None:
+            try:
+                listener.connect()
+                self._listening = True
+            except StorageError as exc:
+                self._log.warning("LISTEN unavailable, polling instead: %s", exc, extra=self._extra)
+            self._spawn("listener", lambda: self._listen_loop(listener))
+        self._spawn("heartbeat", self._heartbeat_loop)
+        self._spawn("claimer", self._claim_loop)
+        self._log.info(
+            "serving agent_orch=%s with %d workers on %s (consumer %s)",
+            self.settings.agent_orch, self.settings.workers, storage.backend,
+            self.settings.consumer, extra={**self._extra, "action": "start_server"},
+        )
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop claiming, let running todos finish for ``timeout`` seconds (default
+        ``grace_seconds``), write every accepted event, give unfinished todos back, return."""
+        with self._state_lock:
+            first = not self._stopping.is_set()
+            self._stopping.set()
+        if not first or not self._started:
+            self._stopped.wait()
+            return
+        grace = self.settings.grace_seconds if timeout is None else timeout
+        self._log.info("stopping: waiting up to %gs for %d running todos", grace, len(self._runs),
+                       extra={**self._extra, "action": "stop_server"})
+        self._wake.set()
+        self._join("claimer")
+        try:
+            self._drain(grace)
+        finally:
+            self._threads_stop.set()
+            for name in ("heartbeat", "listener"):
+                self._join(name)
+            assert self._buffer is not None and self._pool is not None
+            self._buffer.close(timeout=max(grace, 5.0))
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._close_adapter()
+            self._close_storage()
+            self._stopped.set()
+            self._log.info("stopped", extra={**self._extra, "action": "stopped"})
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the server has stopped; False if ``timeout`` ran out first."""
+        return self._stopped.wait(timeout)
+
+    def run_forever(self) -> None:
+        """Serve until SIGINT/SIGTERM (handlers only on the main thread), then stop gracefully.
+
+        First signal: graceful stop. Second signal: exit at once; leases expire and other
+        workers reclaim the todos.
+        """
+        requested = threading.Event()
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            def on_signal(signum: int, frame: FrameType | None) -> None:
+                if requested.is_set():
+                    self._log.critical("second signal: exiting now", extra=self._extra)
+                    os._exit(1)
+                self._log.info("signal %s: stopping gracefully (again to exit now)",
+                               signal.Signals(signum).name, extra=self._extra)
+                requested.set()
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, on_signal)
+        else:
+            self._log.warning("not on the main thread: no signal handlers installed; "
+                              "call stop() to end", extra=self._extra)
+        try:
+            self.start()
+            while not requested.wait(0.5) and not self._stopping.is_set():
+                pass
+        except KeyboardInterrupt:
+            self._log.info("interrupted: stopping gracefully", extra=self._extra)
+        finally:
+            self.stop()
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since start: claimed, running, completed, failed, events written, run times."""
+        with self._cond:
+            counts = dict(self._counts)
+            running = len(self._runs)
+            times = list(self._run_times)
+        pending = self._buffer.pending if self._buffer else 0
+        return {
+            **counts,
+            "running": running,
+            "events_pending": pending,
+            "run_seconds_mean": statistics.fmean(times) if times else None,
+            "run_seconds_p95": _percentile(times, 0.95),
+            "listening": self._listening,
+        }
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- claiming ----------------------------------------------------------------------------
+
+    def _claim_loop(self) -> None:
+        storage = self._storage
+        assert storage is not None and self._buffer is not None
+        attempt = 0
+        idle_wait = MIN_POLL
+        while not self._stopping.is_set():
+            free = self.settings.workers - self._busy
+            if free <= 0 or self._buffer.pending > MAX_PENDING_EVENTS:
+                self._wake.wait(self.settings.poll_interval)
+                self._wake.clear()
+                continue
+            self._wake.clear()
+            try:
+                claims = storage.claim(
+                    agent_orch=self.settings.agent_orch,
+                    consumer=self.settings.consumer,
+                    limit=free,
+                    lease_seconds=self.settings.lease_seconds,
+                    max_claims=self.settings.max_claims,
+                    tenant_id=self.settings.tenant_id,
+                )
+            except StorageError as exc:
+                attempt += 1
+                self._log.warning("claim failed (attempt %d), retrying: %s", attempt, exc,
+                                  extra={**self._extra, "action": "claim"})
+                self._stopping.wait(backoff(attempt, base=0.25))
+                continue
+            if attempt:
+                self._log.info("database reachable again", extra={**self._extra, "action": "claim"})
+                attempt = 0
+            self._maybe_more = len(claims) == free or self._wake.is_set()
+            for claim in claims:
+                self._submit(claim)
+            if self._maybe_more:
+                idle_wait = MIN_POLL
+                continue
+            if self._listening:
+                self._wake.wait(self.settings.poll_interval)
+            else:
+                if claims:
+                    idle_wait = MIN_POLL
+                self._wake.wait(idle_wait)
+                idle_wait = min(idle_wait * 2, self.settings.poll_interval)
+
+    def _submit(self, claim: Claim) -> None:
+        assert self._buffer is not None and self._pool is not None
+        run = TodoRun(claim, self._buffer, timeout=self.settings.timeout,
+                      intermediate=self._save_intermediate)
+        with self._cond:
+            self._runs[claim.todo_id] = run
+            self._busy += 1
+            self._counts["claimed"] += 1
+        self._log.debug("claimed todo %s (resume %s)", claim.todo_id, run.todo.resume.kind,
+                        extra=self._todo_extra(run, "claim"))
+        self._pool.submit(self._context.copy().run, self._execute, run)
+
+    # -- running one todo ----------------------------------------------------------------------
+
+    def _execute(self, run: TodoRun) -> None:
+        token = CURRENT_RUN.set(run)
+        value: Any = UNSET
+        error: BaseException | None = None
+        try:
+            value = self._adapter.run(run.todo)
+        except Exception as exc:
+            error = exc
+        finally:
+            CURRENT_RUN.reset(token)
+        try:
+            self._finish(run, value, error)
+        except Exception:
+            self._log.exception("recording the outcome of todo %s failed", run.todo_id,
+                                extra=self._todo_extra(run, "finish"))
+        finally:
+            self._forget(run)
+
+    def _finish(self, run: TodoRun, value: Any, error: BaseException | None) -> None:
+        if not run.close():
+            return  # timed out or given back: its outcome is already recorded
+        reason = run.cancel_reason
+        if reason == "cancelled":
+            self._discard_events(run)
+            self._retry(lambda: self._storage_().release([run.claim]), run, "release")
+            self._count("cancelled")
+            self._log.info("todo %s cancelled by the UI", run.todo_id,
+                           extra=self._todo_extra(run, "cancelled"))
+            return
+        if reason == "lost":
+            self._discard_events(run)
+            self._count("lost")
+            self._log.warning("todo %s: lease lost to another worker; its writes are dropped",
+                              run.todo_id, extra=self._todo_extra(run, "lost"))
+            return
+        if reason == "shutdown":
+            return  # stop() gives it back
+        if error is not None:
+            self._log.warning("executor failed on todo %s: %s", run.todo_id, error_text(error),
+                              exc_info=error, extra=self._todo_extra(run, "execute"))
+            self._record_failure(run, error_text(error))
+            return
+        if isinstance(value, AwaitingHuman):
+            events = self._take_events(run)
+            outcome = self._retry(
+                lambda: self._storage_().suspend(run.claim, events=events), run, "suspend"
+            )
+            self._after_write(run, outcome, events, "asked")
+            return
+        result = run.final_result if value is None or value is UNSET else value
+        if isinstance(result, str):
+            result = unwrap_text(result)
+        try:
+            if result is UNSET or result is None:
+                raise NoResultError(NO_RESULT)
+            check_json(result, what="result")
+        except (NoResultError, PayloadError) as exc:
+            self._record_failure(run, str(exc))
+            return
+        self._record_result(run, result)
+
+    def _record_result(self, run: TodoRun, result: Any) -> None:
+        events = self._take_events(run)
+        try:
+            outcome = self._retry(
+                lambda: self._storage_().save_result(run.claim, result, final=True, events=events),
+                run, "save_result",
+            )
+        except StorageError as exc:
+            self._log.error("result of todo %s could not be stored: %s", run.todo_id, exc,
+                            extra=self._todo_extra(run, "save_result"))
+            self._record_failure(run, f"result could not be stored: {exc}", events=events)
+            return
+        self._after_write(run, outcome, events, "completed")
+
+    def _record_failure(
+        self, run: TodoRun, message: str, *, events: list[dict[str, Any]] | None = None
+    ) -> None:
+        events = self._take_events(run) if events is None else events
+        outcome = self._retry(
+            lambda: self._storage_().fail(run.claim, message, events=events), run, "fail"
+        )
+        self._after_write(run, outcome, events, "failed")
+
+    def _after_write(
+        self, run: TodoRun, outcome: WriteOutcome, events: list[dict[str, Any]], counter: str
+    ) -> None:
+        log_rejected(events, outcome.rejected)
+        if outcome.applied:
+            self._count(counter)
+            self._count("events_written", len(events) - len(outcome.rejected))
+            with self._cond:
+                self._run_times.append(time.monotonic() - run.started)
+            self._log.debug("todo %s %s", run.todo_id, counter,
+                            extra=self._todo_extra(run, counter))
+        else:
+            self._count("lost")
+            self._log.warning("todo %s: %s write refused (%s)", run.todo_id, counter,
+                              outcome.reason, extra=self._todo_extra(run, counter))
+
+    def _save_intermediate(self, run: TodoRun, data: Any) -> None:
+        """events.result(data, final=False): written now, after the todo's earlier events."""
+        if not run.is_open():
+            return
+        events = self._take_events(run)
+        outcome = self._retry(
+            lambda: self._storage_().save_result(run.claim, data, final=False, events=events),
+            run, "save_draft",
+        )
+        log_rejected(events, outcome.rejected)
+        if not outcome.applied:
+            self._log.warning("draft of todo %s refused (%s)", run.todo_id, outcome.reason,
+                              extra=self._todo_extra(run, "save_draft"))
+
+    def _take_events(self, run: TodoRun) -> list[dict[str, Any]]:
+        assert self._buffer is not None
+        return self._buffer.take(run.todo_id)
+
+    def _discard_events(self, run: TodoRun) -> None:
+        dropped = self._take_events(run)
+        if dropped:
+            self._log.info("dropped %d unwritten events of todo %s", len(dropped), run.todo_id,
+                           extra=self._todo_extra(run, "discard_events"))
+
+    def _retry(self, write: Callable[[], T], run: TodoRun, action: str) -> T:
+        """Retry a write through database outages (capped back-off with jitter) until it is
+        done; give up only when the server is told to exit now."""
+        attempt = 0
+        while True:
+            try:
+                return write()
+            except StorageUnavailable as exc:
+                attempt += 1
+                if self._abort.is_set():
+                    raise
+                self._log.warning("%s for todo %s failed (attempt %d), retrying: %s", action,
+                                  run.todo_id, attempt, exc, extra=self._todo_extra(run, action))
+                time.sleep(backoff(attempt))
+
+    def _forget(self, run: TodoRun) -> None:
+        with self._cond:
+            if self._runs.get(run.todo_id) is run:
+                del self._runs[run.todo_id]
+            self._release_slot(run)
+            self._cond.notify_all()
+        if self._maybe_more:
+            self._wake.set()
+
+    def _release_slot(self, run: TodoRun) -> None:
+        """Caller holds ``self._cond``."""
+        if not run.slot_released:
+            run.slot_released = True
+            self._busy -= 1
+
+    # -- cancel, timeout, heartbeat ------------------------------------------------------------
+
+    def _cancel(self, run: TodoRun, reason: str) -> None:
+        with run.lock:
+            if run.cancel_event.is_set() or run.closed:
+                return
+            run.cancel_reason = reason
+            run.cancel_event.set()
+        self._log.info("cancelling todo %s (%s)", run.todo_id, reason,
+                       extra=self._todo_extra(run, "cancel"))
+        try:
+            self._adapter.cancel(run.todo)
+        except Exception:
+            self._log.exception("the executor's cancel hook failed for todo %s", run.todo_id,
+                                extra=self._todo_extra(run, "cancel"))
+
+    def _time_out(self, run: TodoRun) -> None:
+        timeout = self.settings.timeout
+        self._cancel(run, "timeout")
+        if not run.close():
+            return
+        self._log.warning("todo %s timed out after %gs", run.todo_id, timeout,
+                          extra=self._todo_extra(run, "timeout"))
+        self._record_failure(run, f"timed out after {timeout:g} s")
+        with self._cond:
+            # Free the slot now: a blocking executor may never return; a spare thread serves on.
+            self._runs.pop(run.todo_id, None)
+            self._release_slot(run)
+            self._cond.notify_all()
+        self._wake.set()
+
+    def _heartbeat_loop(self) -> None:
+        storage = self._storage_()
+        interval = self.settings.lease_seconds / 4
+        next_renewal = time.monotonic() + interval
+        while not self._threads_stop.wait(WATCHDOG_TICK):
+            now = time.monotonic()
+            with self._cond:
+                runs = list(self._runs.values())
+            for run in runs:
+                if run.deadline is not None and now > run.deadline and not run.closed:
+                    self._time_out(run)
+            if now < next_renewal:
+                continue
+            live = [r for r in runs if not r.closed]
+            if not live:
+                next_renewal = now + interval
+                continue
+            try:
+                report = storage.renew(self.settings.consumer, [r.claim for r in live],
+                                       self.settings.lease_seconds)
+            except StorageError as exc:
+                self._log.warning("lease renewal failed, retrying: %s", exc,
+                                  extra={**self._extra, "action": "heartbeat"})
+                next_renewal = now + min(interval, 1.0)
+                continue
+            next_renewal = now + interval
+            for run in live:
+                if run.todo_id in report.cancelled:
+                    self._cancel(run, "cancelled")
+                elif run.todo_id in report.lost and not run.closed:
+                    self._cancel(run, "lost")
+
+    def _listen_loop(self, listener: Listener) -> None:
+        attempt = 0
+        while not self._threads_stop.is_set():
+            try:
+                notes = listener.wait(LISTEN_WAIT)
+            except StorageError as exc:
+                attempt += 1
+                self._listening = False
+                self._log.warning("listener connection lost (attempt %d), reconnecting: %s",
+                                  attempt, exc, extra={**self._extra, "action": "listen"})
+                self._threads_stop.wait(backoff(attempt, base=0.25))
+                continue
+            if attempt or not self._listening:
+                self._log.info("listener connected", extra={**self._extra, "action": "listen"})
+                attempt = 0
+                self._listening = True
+                self._maybe_more = True  # notifications may have been missed meanwhile
+                self._wake.set()
+            for channel, payload in notes:
+                if channel == TODO_CHANNEL and payload == self.settings.agent_orch:
+                    self._maybe_more = True
+                    self._wake.set()
+                elif channel == CANCEL_CHANNEL:
+                    with self._cond:
+                        run = self._runs.get(payload)
+                    if run is not None:
+                        self._cancel(run, "cancelled")
+        listener.close()
+
+    # -- shutdown ------------------------------------------------------------------------------
+
+    def _drain(self, grace: float) -> None:
+        deadline = time.monotonic() + grace
+        with self._cond:
+            while self._runs and (remaining := deadline - time.monotonic()) > 0:
+                self._cond.wait(remaining)
+            leftovers = [run for run in self._runs.values() if not run.closed]
+        for run in leftovers:
+            self._cancel(run, "shutdown")
+            run.close()
+        with self._cond:  # runs already writing their outcome: let them finish
+            writing_deadline = time.monotonic() + 10.0
+            while any(r.closed and r not in leftovers for r in self._runs.values()):
+                remaining = writing_deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+        if not leftovers:
+            return
+        assert self._buffer is not None
+        self._buffer.flush(timeout=10.0)
+        storage = self._storage_()
+        for attempt in range(1, 6):
+            try:
+                released = storage.release([r.claim for r in leftovers])
+            except StorageUnavailable as exc:
+                self._log.warning("giving todos back failed (attempt %d): %s", attempt, exc,
+                                  extra={**self._extra, "action": "release"})
+                time.sleep(backoff(attempt, base=0.5, cap=2.0))
+                continue
+            self._count("released", released)
+            self._log.info("gave back %d unfinished todos", released,
+                           extra={**self._extra, "action": "release"})
+            return
+        self._log.error("could not give back %d todos; their leases expire in %ds and another "
+                        "worker reclaims them", len(leftovers), self.settings.lease_seconds,
+                        extra={**self._extra, "action": "release"})
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _storage_(self) -> Storage:
+        assert self._storage is not None
+        return self._storage
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._cond:
+            self._counts[name] += n
+
+    def _todo_extra(self, run: TodoRun, action: str) -> dict[str, Any]:
+        return {**self._extra, "action": action, "todo_id": run.todo_id}
+
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        def guarded() -> None:
+            try:
+                target()
+            except Exception:
+                self._log.exception("the %s thread died; stopping the server", name,
+                                    extra={**self._extra, "action": name})
+                threading.Thread(target=self.stop, daemon=True).start()
+
+        thread = threading.Thread(target=guarded, name=f"processgpt-sync-{name}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _join(self, name: str) -> None:
+        for thread in self._threads:
+            current = thread is threading.current_thread()
+            if thread.name == f"processgpt-sync-{name}" and not current:
+                thread.join(timeout=10)
+
+    def _close_adapter(self) -> None:
+        closer = threading.Thread(target=self._adapter.close, daemon=True)
+        closer.start()
+        closer.join(timeout=5)
+        if closer.is_alive():
+            self._log.warning("an async executor is still blocking its event loop after stop",
+                              extra=self._extra)
+
+    def _close_storage(self) -> None:
+        if self._owns_storage and self._storage is not None:
+            self._storage.close()
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def start(
+    executor: Any,
+    *,
+    agent_orch: str | None = None,
+    workers: int | None = None,
+    database_url: str | None = None,
+    settings: Settings | None = None,
+    storage: Storage | None = None,
+    **options: Any,
+) -> Server:
+    """Start a server in background threads and return its handle (Jupyter, Django, tests).
+
+    Options are :class:`Settings` fields; unset ones come from the environment.
+    """
+    if settings is None:
+        settings = Settings.from_env(
+            agent_orch=agent_orch, workers=workers, database_url=database_url, **options
+        )
+    return Server(executor, settings, storage=storage).start()
+
+
+def serve(
+    executor: Any,
+    *,
+    agent_orch: str | None = None,
+    workers: int | None = None,
+    database_url: str | None = None,
+    settings: Settings | None = None,
+    env_file: str | None = None,
+    **options: Any,
+) -> None:
+    """Serve until SIGINT/SIGTERM, then stop gracefully and return.
+
+    :param env_file: a ``.env`` file to load first (nothing is read unless asked).
+    """
+    if env_file is not None:
+        from dotenv import load_dotenv
+
+        load_dotenv(env_file)
+    if settings is None:
+        settings = Settings.from_env(
+            agent_orch=agent_orch, workers=workers, database_url=database_url, **options
+        )
+    Server(executor, settings).run_forever()

@@ -1,0 +1,144 @@
+"""Server settings: one frozen dataclass, read from arguments and the environment."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigurationError
+
+DEFAULT_WORKERS = 4
+DEFAULT_LEASE_SECONDS = 60  # seconds
+DEFAULT_MAX_CLAIMS = 3
+DEFAULT_GRACE_SECONDS = 30.0  # seconds
+DEFAULT_POLL_INTERVAL = 5.0  # seconds between fallback polls when idle
+EVENT_FLUSH_INTERVAL = 0.05  # seconds an event may wait for its batch
+EVENT_BATCH_SIZE = 500  # events per write
+MAX_PENDING_EVENTS = 20_000  # unwritten events before claiming pauses
+
+# Environment variable -> field. SUPABASE_* keep the names supabase-py users already know.
+ENVIRONMENT = {
+    "PROCESSGPT_AGENT_ORCH": "agent_orch",
+    "PROCESSGPT_WORKERS": "workers",
+    "DATABASE_URL": "database_url",
+    "SUPABASE_URL": "supabase_url",
+    "SUPABASE_KEY": "supabase_key",
+    "SUPABASE_SERVICE_ROLE_KEY": "supabase_key",
+    "PROCESSGPT_EMBEDDED_DIR": "embedded_dir",
+    "PROCESSGPT_TENANT_ID": "tenant_id",
+    "PROCESSGPT_LEASE_SECONDS": "lease_seconds",
+    "PROCESSGPT_MAX_CLAIMS": "max_claims",
+    "PROCESSGPT_GRACE_SECONDS": "grace_seconds",
+    "PROCESSGPT_POLL_INTERVAL": "poll_interval",
+    "PROCESSGPT_TIMEOUT": "timeout",
+    "PROCESSGPT_CONSUMER": "consumer",
+}
+
+
+def default_consumer() -> str:
+    """A name unique to this server instance: host, pid and a random suffix."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything a server needs to know; validated when built."""
+
+    agent_orch: str = ""
+    """The `todolist.agent_orch` value this server claims."""
+    workers: int = DEFAULT_WORKERS
+    """Worker threads: how many todos run at once."""
+    database_url: str | None = None
+    """A libpq URL or conninfo string; wins over Supabase and the embedded server."""
+    supabase_url: str | None = None
+    """Supabase project URL (used with `supabase_key` when no `database_url` is set)."""
+    supabase_key: str | None = field(default=None, repr=False)
+    """Supabase service-role key. Never logged."""
+    embedded_dir: str | None = None
+    """Data directory of the embedded PostgreSQL (default: the user data folder)."""
+    tenant_id: str | None = None
+    """Claim only this tenant's todos."""
+    lease_seconds: int = DEFAULT_LEASE_SECONDS
+    """How long a claim stays valid without a heartbeat."""
+    max_claims: int = DEFAULT_MAX_CLAIMS
+    """A todo claimed this many times without finishing becomes FAILED."""
+    grace_seconds: float = DEFAULT_GRACE_SECONDS
+    """On stop: how long in-flight todos may finish before they are given back."""
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+    """Longest wait between polls when idle (LISTEN/NOTIFY usually wakes the server sooner)."""
+    timeout: float | None = None
+    """Per-todo time limit in seconds; None for no limit."""
+    consumer: str = field(default_factory=default_consumer)
+    """This server's name in `todolist.consumer`."""
+    listen: bool = True
+    """Use LISTEN/NOTIFY for instant wake-ups where the backend supports it."""
+
+    def __post_init__(self) -> None:
+        if not self.agent_orch or not self.agent_orch.strip():
+            raise ConfigurationError(
+                "agent_orch is required: pass agent_orch=... or set PROCESSGPT_AGENT_ORCH "
+                "(it must match todolist.agent_orch of the todos to serve)"
+            )
+        _positive("workers", self.workers)
+        _positive("lease_seconds", self.lease_seconds)
+        _positive("max_claims", self.max_claims)
+        _positive("poll_interval", self.poll_interval)
+        if self.grace_seconds < 0:
+            raise ConfigurationError(f"grace_seconds must be >= 0, got {self.grace_seconds!r}")
+        if self.timeout is not None:
+            _positive("timeout", self.timeout)
+        if bool(self.supabase_url) != bool(self.supabase_key) and not self.database_url:
+            missing = "SUPABASE_KEY" if self.supabase_url else "SUPABASE_URL"
+            raise ConfigurationError(
+                f"Supabase needs both SUPABASE_URL and SUPABASE_KEY; {missing} is not set"
+            )
+
+    @property
+    def backend(self) -> str:
+        """Which storage backend these settings select: postgres, supabase or embedded."""
+        if self.database_url:
+            return "postgres"
+        if self.supabase_url and self.supabase_key:
+            return "supabase"
+        return "embedded"
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, **overrides: Any
+    ) -> Settings:
+        """Build settings from ``environ`` (default ``os.environ``); non-None overrides win."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for variable, name in ENVIRONMENT.items():
+            raw = environ.get(variable)
+            if raw not in (None, "") and name not in values:
+                values[name] = _convert(name, raw, variable)
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigurationError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _positive(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigurationError(f"{name} must be a positive number, got {value!r}")
+
+
+def _convert(name: str, raw: str, variable: str) -> Any:
+    kind = {f.name: f.type for f in dataclasses.fields(Settings)}[name]
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind in ("float", "float | None"):
+            return float(raw)
+        if kind == "bool":
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+    except ValueError:
+        raise ConfigurationError(f"{variable}={raw!r} is not a valid {kind}") from None
+    return raw

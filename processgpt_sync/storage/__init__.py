@@ -1,0 +1,42 @@
+"""Storage backends behind one interface; ``open_storage`` picks one from the settings."""
+
+from __future__ import annotations
+
+from ..settings import Settings
+from .base import LeaseReport, Listener, Storage, WriteOutcome
+
+__all__ = ["LeaseReport", "Listener", "Storage", "WriteOutcome", "connect", "open_storage"]
+
+
+def open_storage(settings: Settings, *, max_connections: int | None = None) -> Storage:
+    """The backend the settings select, sized for their worker count."""
+    return connect(
+        database_url=settings.database_url,
+        supabase_url=settings.supabase_url,
+        supabase_key=settings.supabase_key,
+        embedded_dir=settings.embedded_dir,
+        max_connections=max_connections or settings.workers + 4,
+    )
+
+
+def connect(
+    *,
+    database_url: str | None = None,
+    supabase_url: str | None = None,
+    supabase_key: str | None = None,
+    embedded_dir: str | None = None,
+    max_connections: int = 8,
+) -> Storage:
+    """Postgres when a database URL is given, else Supabase with URL and key, else embedded."""
+    if not database_url and supabase_url and supabase_key:
+        from .supabase import SupabaseStorage
+
+        return SupabaseStorage(supabase_url, supabase_key)
+
+    from .postgres import PostgresStorage
+
+    if database_url:
+        return PostgresStorage(database_url, max_connections=max_connections)
+    from .. import embedded
+
+    return PostgresStorage(embedded.start(embedded_dir), max_connections=max_connections)

@@ -1,0 +1,207 @@
+"""The storage interface: typed calls to the SQL functions of ``sql/functions.sql``.
+
+A backend implements only ``call(query_name, params)`` (and optionally ``listener()``); every
+typed method below is shared, so all backends speak exactly the same contract.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..errors import SchemaMissing
+from ..models import Claim
+from ..queries import required_functions
+
+INSTALL_HINT = (
+    "run `processgpt-sync init-db` (or paste sql/schema.sql and sql/functions.sql into the "
+    "Supabase SQL editor)"
+)
+
+
+@dataclass(frozen=True)
+class WriteOutcome:
+    """What a fenced write did: applied or refused (and why), and any rejected events."""
+
+    applied: bool
+    reason: str
+    rejected: list[Mapping[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> WriteOutcome:
+        events = value.get("events") or {}
+        return cls(
+            applied=bool(value.get("applied")),
+            reason=str(value.get("reason")),
+            rejected=list(events.get("rejected") or []),
+        )
+
+
+@dataclass(frozen=True)
+class LeaseReport:
+    """Result of one heartbeat: which todos were renewed, cancelled by the UI, or lost."""
+
+    renewed: frozenset[str]
+    cancelled: frozenset[str]
+    lost: frozenset[str]
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> LeaseReport:
+        return cls(
+            renewed=frozenset(map(str, value.get("renewed") or [])),
+            cancelled=frozenset(map(str, value.get("cancelled") or [])),
+            lost=frozenset(map(str, value.get("lost") or [])),
+        )
+
+
+class Listener(Protocol):
+    """A wake-up channel (LISTEN/NOTIFY). ``wait`` returns (channel, payload) pairs."""
+
+    def connect(self) -> None: ...
+
+    def wait(self, timeout: float) -> list[tuple[str, str]]: ...
+
+    def close(self) -> None: ...
+
+
+class Storage(abc.ABC):
+    """One database, reached through the processgpt-sync SQL functions."""
+
+    backend = "base"
+
+    @abc.abstractmethod
+    def call(self, query: str, params: Mapping[str, Any]) -> Any:
+        """Run the named query (one SQL function call) and return its JSON result."""
+
+    def listener(self, channels: Sequence[str]) -> Listener | None:
+        """A LISTEN connection for ``channels``, or None when the backend can only poll."""
+        return None
+
+    def close(self) -> None:  # noqa: B027 - most backends hold nothing to release
+        """Release connections."""
+
+    def check_schema(self) -> None:
+        """Raise SchemaMissing naming every required function that is not installed."""
+        try:
+            installed = set(self.call("schema", {}))
+        except SchemaMissing:
+            installed = set()
+        missing = sorted(required_functions() - installed)
+        if missing:
+            raise SchemaMissing(f"missing SQL functions: {', '.join(missing)}; {INSTALL_HINT}")
+
+    def claim(
+        self,
+        *,
+        agent_orch: str,
+        consumer: str,
+        limit: int,
+        lease_seconds: int,
+        max_claims: int,
+        tenant_id: str | None = None,
+    ) -> list[Claim]:
+        """Claim up to ``limit`` todos in one call."""
+        items = self.call(
+            "claim",
+            {
+                "p_agent_orch": agent_orch,
+                "p_consumer": consumer,
+                "p_limit": limit,
+                "p_lease_seconds": int(lease_seconds),
+                "p_max_claims": max_claims,
+                "p_tenant_id": tenant_id,
+            },
+        )
+        return [Claim.from_json(item) for item in items or []]
+
+    def record_events(self, events: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+        """Write events in order; return the rejected ones as {index, reason}."""
+        if not events:
+            return []
+        outcome = self.call("record_events", {"p_events": list(events)})
+        return list(outcome.get("rejected") or [])
+
+    def save_result(
+        self,
+        claim: Claim,
+        result: Any,
+        *,
+        final: bool = True,
+        events: Sequence[Mapping[str, Any]] = (),
+    ) -> WriteOutcome:
+        """Write pending events, then the draft (``final=False``) or the final result."""
+        params = {
+            "p_todo_id": claim.todo_id,
+            "p_token": claim.token,
+            "p_result": result,
+            "p_final": final,
+            "p_events": list(events),
+        }
+        return WriteOutcome.from_json(self.call("save_result", params))
+
+    def fail(
+        self, claim: Claim, error: str, *, events: Sequence[Mapping[str, Any]] = ()
+    ) -> WriteOutcome:
+        """Write pending events, then mark the todo FAILED with ``error``."""
+        params = {
+            "p_todo_id": claim.todo_id,
+            "p_token": claim.token,
+            "p_error": error,
+            "p_events": list(events),
+        }
+        return WriteOutcome.from_json(self.call("fail", params))
+
+    def suspend(
+        self, claim: Claim, *, events: Sequence[Mapping[str, Any]] = ()
+    ) -> WriteOutcome:
+        """Write pending events, then HUMAN_ASKED with the lease released."""
+        params = {"p_todo_id": claim.todo_id, "p_token": claim.token, "p_events": list(events)}
+        return WriteOutcome.from_json(self.call("suspend", params))
+
+    def release(self, claims: Iterable[Claim]) -> int:
+        """Give claims back in one call; return how many todos became claimable again."""
+        claims = list(claims)
+        if not claims:
+            return 0
+        params = {"p_todo_ids": [c.todo_id for c in claims], "p_tokens": [c.token for c in claims]}
+        return int(self.call("release", params))
+
+    def renew(self, consumer: str, claims: Iterable[Claim], lease_seconds: int) -> LeaseReport:
+        """Renew every lease in one call."""
+        claims = list(claims)
+        params = {
+            "p_consumer": consumer,
+            "p_todo_ids": [c.todo_id for c in claims],
+            "p_tokens": [c.token for c in claims],
+            "p_lease_seconds": int(lease_seconds),
+        }
+        return LeaseReport.from_json(self.call("renew", params))
+
+    def enqueue(
+        self,
+        agent_orch: str,
+        text: str,
+        *,
+        agent_mode: str = "COMPLETE",
+        tenant_id: str | None = None,
+        activity_name: str | None = None,
+        proc_inst_id: str | None = None,
+        user_id: str | None = None,
+    ) -> str:
+        """Insert a claimable todo; return its id."""
+        params = {
+            "p_agent_orch": agent_orch,
+            "p_input": text,
+            "p_agent_mode": agent_mode,
+            "p_tenant_id": tenant_id,
+            "p_activity_name": activity_name,
+            "p_proc_inst_id": proc_inst_id,
+            "p_user_id": user_id,
+        }
+        return str(self.call("enqueue", params))
+
+    def status(self, agent_orch: str | None = None) -> list[Mapping[str, Any]]:
+        """Todo counts by agent_orch and draft_status."""
+        return list(self.call("status", {"p_agent_orch": agent_orch}) or [])

@@ -1,0 +1,166 @@
+"""PostgreSQL backend: psycopg 3 + psycopg_pool, named queries, LISTEN/NOTIFY."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+import psycopg_pool
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from ..errors import ConfigurationError, SchemaMissing, StorageError, StorageUnavailable
+from ..queries import SCHEMA_FILES, queries, read_sql
+from .base import INSTALL_HINT, Storage
+
+logger = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 10  # seconds to open one connection
+POOL_TIMEOUT = 15.0  # seconds to wait for a pooled connection before reporting an outage
+_JSONB_PARAM = re.compile(r"%\((\w+)\)s::jsonb")
+_MISSING_SCHEMA_STATES = {"42883", "42P01", "42704"}  # undefined function / table / object
+
+
+def redact(url: str) -> str:
+    """The URL with its password hidden, for logs and error messages."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", re.sub(r"password=\S+", "password=***", url))
+
+
+@contextmanager
+def wrap_exceptions(target: str = "") -> Iterator[None]:
+    """Turn psycopg errors into the library's own, with a message that says what to do."""
+    where = f" ({target})" if target else ""
+    try:
+        yield
+    except psycopg_pool.PoolTimeout as exc:
+        raise StorageUnavailable(f"no database connection available{where}: {exc}") from exc
+    except psycopg.OperationalError as exc:
+        raise StorageUnavailable(
+            f"database unreachable{where}: {str(exc).strip()}", code=exc.sqlstate
+        ) from exc
+    except psycopg.ProgrammingError as exc:
+        if exc.sqlstate is None:  # raised by libpq before any query: a malformed conninfo
+            raise ConfigurationError(f"invalid database URL{where}: {exc}") from exc
+        raise _storage_error(exc) from exc
+    except psycopg.Error as exc:
+        raise _storage_error(exc) from exc
+
+
+def _storage_error(exc: psycopg.Error) -> StorageError:
+    diag = exc.diag
+    message = diag.message_primary or str(exc).strip()
+    if exc.sqlstate in _MISSING_SCHEMA_STATES:
+        return SchemaMissing(
+            f"{message}; {INSTALL_HINT}", code=exc.sqlstate, hint=diag.message_hint
+        )
+    detail = f" ({diag.message_hint})" if diag.message_hint else ""
+    return StorageError(f"{message}{detail}", code=exc.sqlstate, hint=diag.message_hint)
+
+
+def install_schema(conninfo: str) -> None:
+    """Apply sql/schema.sql and sql/functions.sql (idempotent; safe with concurrent callers)."""
+    with wrap_exceptions(redact(conninfo)):
+        with psycopg.connect(conninfo, connect_timeout=CONNECT_TIMEOUT) as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('processgpt_sync_schema'))")
+            for name in SCHEMA_FILES:
+                conn.execute(read_sql(name).encode())
+            conn.commit()
+    logger.info("schema installed", extra={"action": "init_db"})
+
+
+class PostgresStorage(Storage):
+    """Talks to PostgreSQL through a connection pool; one SQL function call per request."""
+
+    backend = "postgres"
+
+    def __init__(self, conninfo: str, *, max_connections: int = 8) -> None:
+        self.conninfo = conninfo
+        self._pool = psycopg_pool.ConnectionPool(
+            conninfo,
+            min_size=1,
+            max_size=max(2, max_connections),
+            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT},
+            timeout=POOL_TIMEOUT,
+            name="processgpt-sync",
+            open=False,
+        )
+        self._pool.open(wait=False)
+
+    def __repr__(self) -> str:
+        return f"PostgresStorage({redact(self.conninfo)!r})"
+
+    def call(self, query: str, params: Mapping[str, Any]) -> Any:
+        text = queries()[query]
+        values = {
+            key: Jsonb(value) if key in _jsonb_params(query) else value
+            for key, value in params.items()
+        }
+        with wrap_exceptions(query), self._pool.connection() as conn:
+            row = conn.execute(text, values).fetchone()
+        return None if row is None else row[0]
+
+    def ping(self) -> None:
+        """Open one connection now, so a wrong URL fails at start with a clear message."""
+        with wrap_exceptions(redact(self.conninfo)):
+            psycopg.connect(self.conninfo, connect_timeout=CONNECT_TIMEOUT).close()
+
+    def check_schema(self) -> None:
+        self.ping()
+        super().check_schema()
+
+    def listener(self, channels: Sequence[str]) -> PostgresListener:
+        return PostgresListener(self.conninfo, channels)
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def _jsonb_params(query: str) -> frozenset[str]:
+    return frozenset(_JSONB_PARAM.findall(queries()[query]))
+
+
+class PostgresListener:
+    """A dedicated LISTEN connection (``notifies()`` holds its connection's lock while waiting)."""
+
+    def __init__(self, conninfo: str, channels: Sequence[str]) -> None:
+        self._conninfo = conninfo
+        self._channels = list(channels)
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def connect(self) -> None:
+        """(Re)open the connection and LISTEN on every channel."""
+        self.close()
+        with wrap_exceptions("listen"):
+            conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
+            for channel in self._channels:
+                conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+        self._conn = conn
+
+    def wait(self, timeout: float) -> list[tuple[str, str]]:
+        if self._conn is None or self._conn.closed:
+            self.connect()
+        assert self._conn is not None
+        try:
+            with wrap_exceptions("listen"):
+                return [
+                    (n.channel, n.payload)
+                    for n in self._conn.notifies(timeout=timeout, stop_after=1)
+                ]
+        except StorageUnavailable:
+            self.close()
+            raise
+
+    def backend_pid(self) -> int | None:
+        return None if self._conn is None or self._conn.closed else self._conn.info.backend_pid
+
+    def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            try:
+                conn.close()
+            except psycopg.Error:
+                logger.debug("closing the listener connection failed", exc_info=True)

@@ -1,0 +1,92 @@
+"""Supabase backend: the same SQL functions, called through supabase-py's ``rpc()``.
+
+PostgREST matches functions by argument names, so the parameters are exactly those of
+``sql/queries.sql``. Each thread gets its own client: supabase-py's sync client keeps per-client
+session state, and one per thread avoids sharing it. REST has no LISTEN, so the server polls
+(adaptive back-off); users who can reach the database directly may set DATABASE_URL instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+from postgrest.exceptions import APIError
+
+from ..errors import ConfigurationError, SchemaMissing, StorageError, StorageUnavailable
+from ..queries import function_name
+from .base import INSTALL_HINT, Storage
+
+logger = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT = 15.0  # seconds per RPC
+_UNAVAILABLE_CODES = {"PGRST000", "PGRST001", "PGRST002", "PGRST003", "57P01", "57P03", "08006"}
+
+
+@contextmanager
+def wrap_exceptions(target: str) -> Iterator[None]:
+    """Turn supabase-py / PostgREST / HTTP errors into the library's own."""
+    try:
+        yield
+    except APIError as exc:
+        code = str(exc.code) if exc.code is not None else None
+        message = exc.message or str(exc)
+        if code == "PGRST202":
+            raise SchemaMissing(
+                f"function {target} not found by Supabase: {message}; {INSTALL_HINT}",
+                code=code, hint=exc.hint,
+            ) from exc
+        if code in _UNAVAILABLE_CODES or (code or "").startswith("5"):
+            raise StorageUnavailable(f"Supabase unavailable ({target}): {message}",
+                                     code=code, hint=exc.hint) from exc
+        if code in ("401", "403", "42501", "PGRST301", "PGRST302"):
+            raise StorageError(
+                f"Supabase refused {target} ({code}): {message}; use the service-role key "
+                "(SUPABASE_KEY or SUPABASE_SERVICE_ROLE_KEY), not the anon key",
+                code=code, hint=exc.hint,
+            ) from exc
+        hint = f" ({exc.hint})" if exc.hint else ""
+        raise StorageError(f"Supabase {target} failed ({code}): {message}{hint}",
+                           code=code, hint=exc.hint) from exc
+    except httpx.HTTPError as exc:
+        raise StorageUnavailable(f"Supabase unreachable ({target}): {exc!r}") from exc
+
+
+class SupabaseStorage(Storage):
+    """Calls the processgpt-sync functions through Supabase's REST API."""
+
+    backend = "supabase"
+
+    def __init__(self, url: str, key: str, *, timeout: float = REQUEST_TIMEOUT) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigurationError(f"SUPABASE_URL must start with https:// (got {url!r})")
+        self._url = url
+        self._key = key
+        self._timeout = timeout
+        self._local = threading.local()
+
+    def __repr__(self) -> str:
+        return f"SupabaseStorage({self._url!r})"  # never the key
+
+    def _client(self) -> Any:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            from supabase import ClientOptions, create_client
+
+            options = ClientOptions(
+                postgrest_client_timeout=self._timeout,
+                auto_refresh_token=False,
+                persist_session=False,
+            )
+            client = create_client(self._url, self._key, options=options)
+            self._local.client = client
+        return client
+
+    def call(self, query: str, params: Mapping[str, Any]) -> Any:
+        name = function_name(query)
+        with wrap_exceptions(name):
+            return self._client().rpc(name, dict(params)).execute().data

@@ -1,0 +1,524 @@
+-- processgpt-sync functions: the whole hot-path contract shared by the Postgres, embedded and
+-- Supabase backends (Supabase calls them through `rpc(name, params)` with the same argument names).
+--
+-- Every name carries the prefix `processgpt_sync_` and a version suffix; a signature change means
+-- a new `_v2`, never an edit in place. Idempotent: apply after schema.sql, as often as you like.
+--
+-- Fencing: a claim stamps `todolist.claim_token`; every write passes that token and is refused
+-- unless the row still carries it and is still running. The token stays on the row after the
+-- final write, so a retried final write (after an ambiguous network error) is recognised.
+
+CREATE OR REPLACE FUNCTION processgpt_sync_uuid_or_null_v1(p_text text)
+RETURNS uuid LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN p_text ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' THEN p_text::uuid
+    END
+$$;
+
+-- Why this run happens: fresh, reclaim (a previous owner's lease expired), human_answer, revision.
+CREATE OR REPLACE FUNCTION processgpt_sync_resume_v1(
+    p_prev_status draft_status, p_claim_count integer, p_feedback jsonb)
+RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$
+    WITH last AS (
+        SELECT CASE WHEN jsonb_typeof(p_feedback) = 'array' AND jsonb_array_length(p_feedback) > 0
+                    THEN p_feedback -> -1 END AS item
+    )
+    SELECT jsonb_build_object(
+        'kind', CASE
+            WHEN p_prev_status = 'STARTED' THEN 'reclaim'
+            WHEN jsonb_typeof(last.item) = 'object' AND last.item ->> 'kind' = 'human_answer'
+                THEN 'human_answer'
+            WHEN last.item IS NOT NULL THEN 'revision'
+            ELSE 'fresh'
+        END,
+        'attempt', p_claim_count,
+        'answer', CASE WHEN jsonb_typeof(last.item) = 'object' THEN last.item -> 'content' END)
+    FROM last
+$$;
+
+-- Context extras for one todo, from its own tenant only (agents, humans, form, MCP, sources).
+CREATE OR REPLACE FUNCTION processgpt_sync_context_v1(p_todo todolist, p_resume jsonb)
+RETURNS jsonb LANGUAGE sql STABLE AS $$
+    WITH member_ids AS (
+        SELECT DISTINCT processgpt_sync_uuid_or_null_v1(trim(x)) AS id
+        FROM unnest(string_to_array(coalesce(p_todo.user_id, ''), ',')) AS x
+    ), members AS (
+        SELECT u.* FROM users u JOIN member_ids m ON u.id = m.id
+        WHERE u.tenant_id IS NOT DISTINCT FROM p_todo.tenant_id
+    ), form AS (
+        SELECT f.fields_json, f.html FROM form_def f
+        WHERE p_todo.tool LIKE 'formHandler:%'
+          AND f.id = substr(p_todo.tool, 13)
+          AND f.tenant_id IS NOT DISTINCT FROM p_todo.tenant_id
+        LIMIT 1
+    )
+    SELECT jsonb_build_object(
+        'agents', coalesce((SELECT jsonb_agg(to_jsonb(m) ORDER BY m.username)
+                            FROM members m WHERE m.is_agent), '[]'::jsonb),
+        'users', coalesce((SELECT jsonb_agg(jsonb_build_object(
+                               'id', m.id, 'username', m.username, 'email', m.email)
+                               ORDER BY m.username)
+                           FROM members m WHERE NOT coalesce(m.is_agent, false)), '[]'::jsonb),
+        'notify_emails', coalesce((SELECT jsonb_agg(DISTINCT m.email) FROM members m
+                                   WHERE NOT coalesce(m.is_agent, false) AND m.email IS NOT NULL),
+                                  '[]'::jsonb),
+        'form_id', CASE WHEN p_todo.tool LIKE 'formHandler:%' THEN substr(p_todo.tool, 13) END,
+        'form_fields', (SELECT fields_json FROM form),
+        'form_html', (SELECT html FROM form),
+        'tenant_mcp', (SELECT t.mcp FROM tenants t WHERE t.id = p_todo.tenant_id),
+        'sources', coalesce((SELECT jsonb_agg(to_jsonb(s) ORDER BY s.created_at)
+                             FROM proc_inst_source s
+                             WHERE s.proc_inst_id = coalesce(p_todo.root_proc_inst_id,
+                                                             p_todo.proc_inst_id)), '[]'::jsonb),
+        'resume', p_resume)
+$$;
+
+-- Claim up to p_limit todos for one agent_orch in one call (SKIP LOCKED), each with a lease, a
+-- fencing token and its context extras. Expired claims past p_max_claims become FAILED first.
+CREATE OR REPLACE FUNCTION processgpt_sync_claim_v1(
+    p_agent_orch text,
+    p_consumer text,
+    p_limit integer,
+    p_lease_seconds integer DEFAULT 60,
+    p_max_claims integer DEFAULT 3,
+    p_tenant_id text DEFAULT NULL)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    v_claimed jsonb;
+BEGIN
+    IF p_limit IS NULL OR p_limit < 1 THEN
+        RETURN '[]'::jsonb;
+    END IF;
+
+    WITH exhausted AS (
+        SELECT t.id FROM todolist t
+        JOIN processgpt_sync_lease l ON l.todo_id = t.id AND l.claim_token = t.claim_token
+        WHERE l.expires_at < now() AND t.draft_status = 'STARTED'
+          AND t.agent_orch::text = p_agent_orch AND t.claim_count >= p_max_claims
+        FOR UPDATE OF t SKIP LOCKED
+    ), failed AS (
+        UPDATE todolist t
+        SET draft_status = 'FAILED', consumer = NULL, updated_at = now(),
+            log = concat_ws(E'\n', t.log, format(
+                'claimed %s times without finishing (max_claims=%s); marked FAILED',
+                t.claim_count, p_max_claims))
+        FROM exhausted e WHERE t.id = e.id
+        RETURNING t.id, coalesce(t.root_proc_inst_id, t.proc_inst_id) AS proc_inst_id, t.claim_count
+    ), dropped AS (
+        DELETE FROM processgpt_sync_lease l USING failed f WHERE l.todo_id = f.id
+    )
+    INSERT INTO events (id, job_id, todo_id, proc_inst_id, crew_type, event_type, data, "timestamp")
+    SELECT gen_random_uuid()::text, 'TASK_ERROR', f.id::text, f.proc_inst_id, 'agent', 'error',
+           jsonb_build_object('error', format(
+               'claimed %s times without finishing (max_claims=%s)', f.claim_count, p_max_claims)),
+           clock_timestamp()
+    FROM failed f;
+
+    WITH candidate AS MATERIALIZED (
+        SELECT t.id, t.draft_status AS prev_status, t.start_date
+        FROM todolist t
+        WHERE t.agent_orch::text = p_agent_orch
+          AND (p_tenant_id IS NULL OR t.tenant_id = p_tenant_id)
+          AND (
+                (t.draft_status IS NULL AND t.status = 'IN_PROGRESS'
+                 AND t.agent_mode IN ('DRAFT', 'COMPLETE') AND t.draft IS NULL)
+             OR t.draft_status = 'FB_REQUESTED'
+             OR (t.draft_status = 'STARTED' AND t.claim_count < p_max_claims AND EXISTS (
+                    SELECT 1 FROM processgpt_sync_lease l
+                    WHERE l.todo_id = t.id AND l.claim_token = t.claim_token
+                      AND l.expires_at < now())))
+        ORDER BY t.start_date NULLS LAST, t.id
+        LIMIT p_limit
+        FOR UPDATE OF t SKIP LOCKED
+    ), claimed AS (
+        UPDATE todolist t
+        SET draft_status = 'STARTED', consumer = p_consumer, claim_token = gen_random_uuid(),
+            claim_count = CASE WHEN c.prev_status = 'STARTED' THEN t.claim_count + 1 ELSE 1 END,
+            updated_at = now()
+        FROM candidate c WHERE t.id = c.id
+        RETURNING t AS todo, c.prev_status, c.start_date
+    ), leased AS (
+        INSERT INTO processgpt_sync_lease AS l
+            (todo_id, claim_token, consumer, expires_at, prev_draft_status)
+        SELECT (c.todo).id, (c.todo).claim_token, p_consumer,
+               now() + make_interval(secs => p_lease_seconds), c.prev_status
+        FROM claimed c
+        ON CONFLICT (todo_id) DO UPDATE
+        SET claim_token = EXCLUDED.claim_token, consumer = EXCLUDED.consumer,
+            expires_at = EXCLUDED.expires_at, claimed_at = now(),
+            prev_draft_status = CASE WHEN EXCLUDED.prev_draft_status = 'STARTED'
+                                     THEN l.prev_draft_status
+                                     ELSE EXCLUDED.prev_draft_status END
+    )
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+               'row', to_jsonb(c.todo) - 'claim_token',
+               'token', (c.todo).claim_token,
+               'extras', processgpt_sync_context_v1(c.todo, processgpt_sync_resume_v1(
+                   c.prev_status, (c.todo).claim_count, (c.todo).feedback)))
+               ORDER BY c.start_date NULLS LAST), '[]'::jsonb)
+    INTO v_claimed
+    FROM claimed c;
+
+    RETURN v_claimed;
+END
+$$;
+
+-- Record a batch of events (possibly for many todos) in order. Each element:
+-- {todo_id, token, id?, job_id?, crew_type?, event_type, data?, status?}. An element with an
+-- unknown event_type or status, or from a worker that no longer owns its todo, is rejected on its
+-- own; the others are written. Returns {inserted, rejected: [{index, reason}]}.
+CREATE OR REPLACE FUNCTION processgpt_sync_record_events_v1(p_events jsonb)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    v_base timestamptz := clock_timestamp();
+    v_inserted integer;
+    v_rejected jsonb;
+BEGIN
+    IF p_events IS NULL OR jsonb_typeof(p_events) <> 'array' OR jsonb_array_length(p_events) = 0 THEN
+        RETURN jsonb_build_object('inserted', 0, 'rejected', '[]'::jsonb);
+    END IF;
+
+    WITH input AS (
+        SELECT e.value AS ev, e.ordinality AS n,
+               CASE WHEN jsonb_typeof(e.value) = 'object'
+                    THEN processgpt_sync_uuid_or_null_v1(e.value ->> 'todo_id') END AS todo_id,
+               CASE WHEN jsonb_typeof(e.value) = 'object'
+                    THEN processgpt_sync_uuid_or_null_v1(e.value ->> 'token') END AS token
+        FROM jsonb_array_elements(p_events) WITH ORDINALITY AS e
+    ), owned AS (
+        SELECT t.id, t.claim_token, coalesce(t.root_proc_inst_id, t.proc_inst_id) AS proc_inst_id
+        FROM todolist t
+        WHERE t.id IN (SELECT todo_id FROM input)
+          AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
+        FOR SHARE OF t
+    ), checked AS MATERIALIZED (
+        SELECT i.n, i.ev, i.todo_id, o.proc_inst_id,
+            CASE
+                WHEN jsonb_typeof(i.ev) <> 'object' THEN 'not a JSON object'
+                WHEN coalesce(i.ev ->> 'event_type', '')
+                     <> ALL (enum_range(NULL::event_type_enum)::text[])
+                    THEN format('unknown event_type %s',
+                                coalesce(quote_literal(i.ev ->> 'event_type'), 'NULL'))
+                WHEN i.ev ->> 'status' IS NOT NULL
+                     AND i.ev ->> 'status' <> ALL (enum_range(NULL::event_status)::text[])
+                    THEN format('unknown status %s', quote_literal(i.ev ->> 'status'))
+                WHEN o.id IS NULL OR o.claim_token IS DISTINCT FROM i.token
+                    THEN 'not the owner of this todo (lease lost, cancelled or finished)'
+            END AS reason
+        FROM input i LEFT JOIN owned o ON o.id = i.todo_id
+    ), inserted AS (
+        INSERT INTO events (id, job_id, todo_id, proc_inst_id, crew_type, event_type, data, status,
+                            "timestamp")
+        SELECT coalesce(nullif(c.ev ->> 'id', ''), gen_random_uuid()::text),
+               coalesce(nullif(c.ev ->> 'job_id', ''), c.todo_id::text),
+               c.todo_id::text,
+               coalesce(nullif(c.ev ->> 'proc_inst_id', ''), c.proc_inst_id),
+               nullif(c.ev ->> 'crew_type', ''),
+               (c.ev ->> 'event_type')::event_type_enum,
+               coalesce(nullif(c.ev -> 'data', 'null'::jsonb), '{}'::jsonb),
+               (c.ev ->> 'status')::event_status,
+               v_base + c.n * interval '1 microsecond'
+        FROM checked c
+        WHERE c.reason IS NULL
+          AND NOT EXISTS (SELECT 1 FROM events x WHERE x.id = c.ev ->> 'id')
+        ORDER BY c.n
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM inserted),
+           coalesce(jsonb_agg(jsonb_build_object('index', c.n - 1, 'reason', c.reason) ORDER BY c.n)
+                    FILTER (WHERE c.reason IS NOT NULL), '[]'::jsonb)
+    INTO v_inserted, v_rejected
+    FROM checked c;
+
+    RETURN jsonb_build_object('inserted', v_inserted, 'rejected', v_rejected);
+END
+$$;
+
+-- Lock a todo for a fenced write. Returns NULL when the caller owns it and it is still running,
+-- else the reason ('missing', 'not_owner', or the row's draft_status in lower case).
+CREATE OR REPLACE FUNCTION processgpt_sync_fence_v1(p_todo_id uuid, p_token uuid)
+RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    v_token uuid;
+    v_status draft_status;
+BEGIN
+    SELECT claim_token, draft_status INTO v_token, v_status
+    FROM todolist WHERE id = p_todo_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN 'missing';
+    ELSIF v_token IS DISTINCT FROM p_token THEN
+        RETURN 'not_owner';
+    ELSIF v_status IS NULL OR v_status NOT IN ('STARTED', 'HUMAN_ASKED') THEN
+        RETURN lower(coalesce(v_status::text, 'released'));
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- Save a result: the pending events first, then an intermediate draft, or the final result by
+-- agent_mode (COMPLETE: output + SUBMITTED; DRAFT: draft), COMPLETED, lease dropped, and one
+-- crew_completed event. Fenced. Returns {applied, reason, events}.
+CREATE OR REPLACE FUNCTION processgpt_sync_save_result_v1(
+    p_todo_id uuid,
+    p_token uuid,
+    p_result jsonb,
+    p_final boolean DEFAULT true,
+    p_events jsonb DEFAULT '[]'::jsonb)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    v_refused text := processgpt_sync_fence_v1(p_todo_id, p_token);
+    v_events jsonb;
+BEGIN
+    IF v_refused = 'completed' AND p_final THEN
+        RETURN jsonb_build_object('applied', true, 'reason', 'already_applied');
+    ELSIF v_refused IS NOT NULL THEN
+        RETURN jsonb_build_object('applied', false, 'reason', v_refused);
+    END IF;
+
+    v_events := processgpt_sync_record_events_v1(p_events);
+    IF NOT p_final THEN
+        UPDATE todolist SET draft = p_result, updated_at = now() WHERE id = p_todo_id;
+        RETURN jsonb_build_object('applied', true, 'reason', 'ok', 'events', v_events);
+    END IF;
+
+    UPDATE todolist
+    SET output = CASE WHEN agent_mode = 'COMPLETE' THEN p_result ELSE output END,
+        draft = CASE WHEN agent_mode = 'COMPLETE' THEN draft ELSE p_result END,
+        status = CASE WHEN agent_mode = 'COMPLETE' THEN 'SUBMITTED'::todo_status ELSE status END,
+        draft_status = 'COMPLETED', consumer = NULL, updated_at = now()
+    WHERE id = p_todo_id;
+    DELETE FROM processgpt_sync_lease WHERE todo_id = p_todo_id;
+
+    INSERT INTO events (id, job_id, todo_id, proc_inst_id, crew_type, event_type, data, "timestamp")
+    SELECT gen_random_uuid()::text, 'CREW_FINISHED', t.id::text,
+           coalesce(t.root_proc_inst_id, t.proc_inst_id), 'crew', 'crew_completed', '{}'::jsonb,
+           clock_timestamp()
+    FROM todolist t WHERE t.id = p_todo_id;
+    RETURN jsonb_build_object('applied', true, 'reason', 'ok', 'events', v_events);
+END
+$$;
+
+-- Fail a todo: the pending events, then FAILED with the message in `log` and one `error` event.
+CREATE OR REPLACE FUNCTION processgpt_sync_fail_v1(
+    p_todo_id uuid,
+    p_token uuid,
+    p_error text,
+    p_events jsonb DEFAULT '[]'::jsonb)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    v_refused text := processgpt_sync_fence_v1(p_todo_id, p_token);
+    v_events jsonb;
+BEGIN
+    IF v_refused = 'failed' THEN
+        RETURN jsonb_build_object('applied', true, 'reason', 'already_applied');
+    ELSIF v_refused IS NOT NULL THEN
+        RETURN jsonb_build_object('applied', false, 'reason', v_refused);
+    END IF;
+
+    v_events := processgpt_sync_record_events_v1(p_events);
+    UPDATE todolist
+    SET draft_status = 'FAILED', consumer = NULL, updated_at = now(),
+        log = concat_ws(E'\n', log, p_error)
+    WHERE id = p_todo_id;
+    DELETE FROM processgpt_sync_lease WHERE todo_id = p_todo_id;
+
+    INSERT INTO events (id, job_id, todo_id, proc_inst_id, crew_type, event_type, data, "timestamp")
+    SELECT gen_random_uuid()::text, 'TASK_ERROR', t.id::text,
+           coalesce(t.root_proc_inst_id, t.proc_inst_id), 'agent', 'error',
+           jsonb_build_object('error', p_error), clock_timestamp()
+    FROM todolist t WHERE t.id = p_todo_id;
+    RETURN jsonb_build_object('applied', true, 'reason', 'ok', 'events', v_events);
+END
+$$;
+
+-- Suspend a todo that asked a person: pending events, then HUMAN_ASKED with the lease released.
+-- The todo runs again (resume kind human_answer) once the UI answers and sets FB_REQUESTED.
+CREATE OR REPLACE FUNCTION processgpt_sync_suspend_v1(
+    p_todo_id uuid,
+    p_token uuid,
+    p_events jsonb DEFAULT '[]'::jsonb)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    v_refused text := processgpt_sync_fence_v1(p_todo_id, p_token);
+    v_events jsonb;
+BEGIN
+    IF v_refused = 'human_asked' THEN
+        v_refused := NULL;
+    END IF;
+    IF v_refused IS NOT NULL THEN
+        RETURN jsonb_build_object('applied', false, 'reason', v_refused);
+    END IF;
+    v_events := processgpt_sync_record_events_v1(p_events);
+    UPDATE todolist SET draft_status = 'HUMAN_ASKED', consumer = NULL, updated_at = now()
+    WHERE id = p_todo_id;
+    DELETE FROM processgpt_sync_lease WHERE todo_id = p_todo_id;
+    RETURN jsonb_build_object('applied', true, 'reason', 'ok', 'events', v_events);
+END
+$$;
+
+-- Give claims back: a running todo returns to the state it was claimed from (claimable again,
+-- the claim not counted); a todo cancelled meanwhile just loses its lease. Returns how many
+-- todos became claimable.
+CREATE OR REPLACE FUNCTION processgpt_sync_release_v1(p_todo_ids uuid[], p_tokens uuid[])
+RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    v_released integer;
+BEGIN
+    WITH pairs AS (
+        SELECT p.todo_id, p.token FROM unnest(p_todo_ids, p_tokens) AS p(todo_id, token)
+    ), released AS (
+        UPDATE todolist t
+        SET draft_status = CASE WHEN t.draft_status IN ('STARTED', 'HUMAN_ASKED')
+                                THEN l.prev_draft_status ELSE t.draft_status END,
+            claim_count = CASE WHEN t.draft_status IN ('STARTED', 'HUMAN_ASKED')
+                               THEN greatest(t.claim_count - 1, 0) ELSE t.claim_count END,
+            consumer = NULL, updated_at = now()
+        FROM pairs p JOIN processgpt_sync_lease l
+            ON l.todo_id = p.todo_id AND l.claim_token = p.token
+        WHERE t.id = p.todo_id AND t.claim_token = p.token
+        RETURNING t.id, t.draft_status
+    ), dropped AS (
+        DELETE FROM processgpt_sync_lease l USING pairs p
+        WHERE l.todo_id = p.todo_id AND l.claim_token = p.token
+    )
+    SELECT count(*) INTO v_released FROM released r
+    WHERE r.draft_status IS NULL OR r.draft_status = 'FB_REQUESTED';
+    RETURN v_released;
+END
+$$;
+
+-- Renew the leases of many todos in one call, without touching todolist. Reports which todos
+-- were renewed, which were cancelled by the UI, and which were lost to another owner.
+CREATE OR REPLACE FUNCTION processgpt_sync_renew_v1(
+    p_consumer text,
+    p_todo_ids uuid[],
+    p_tokens uuid[],
+    p_lease_seconds integer DEFAULT 60)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    v_report jsonb;
+BEGIN
+    WITH pairs AS (
+        SELECT p.todo_id, p.token FROM unnest(p_todo_ids, p_tokens) AS p(todo_id, token)
+    ), state AS (
+        SELECT p.todo_id, p.token,
+               t.claim_token IS NOT DISTINCT FROM p.token AS owned,
+               (t.draft_status = 'CANCELLED' OR t.status = 'CANCELLED') AS cancelled,
+               t.draft_status IN ('STARTED', 'HUMAN_ASKED') AS running
+        FROM pairs p LEFT JOIN todolist t ON t.id = p.todo_id
+    ), renewed AS (
+        UPDATE processgpt_sync_lease l
+        SET expires_at = now() + make_interval(secs => p_lease_seconds)
+        FROM state s
+        WHERE l.todo_id = s.todo_id AND l.claim_token = s.token AND l.consumer = p_consumer
+          AND s.owned AND s.running AND NOT coalesce(s.cancelled, false)
+        RETURNING l.todo_id
+    )
+    SELECT jsonb_build_object(
+        'renewed', coalesce(jsonb_agg(s.todo_id) FILTER (WHERE r.todo_id IS NOT NULL), '[]'::jsonb),
+        'cancelled', coalesce(jsonb_agg(s.todo_id) FILTER (
+            WHERE r.todo_id IS NULL AND s.owned AND coalesce(s.cancelled, false)), '[]'::jsonb),
+        'lost', coalesce(jsonb_agg(s.todo_id) FILTER (
+            WHERE r.todo_id IS NULL AND NOT (s.owned AND coalesce(s.cancelled, false))),
+            '[]'::jsonb))
+    INTO v_report
+    FROM state s LEFT JOIN renewed r ON r.todo_id = s.todo_id;
+    RETURN v_report;
+END
+$$;
+
+-- Insert a claimable todo (CLI `enqueue`, the demo, tests). Returns its id.
+CREATE OR REPLACE FUNCTION processgpt_sync_enqueue_v1(
+    p_agent_orch text,
+    p_input text,
+    p_agent_mode text DEFAULT 'COMPLETE',
+    p_tenant_id text DEFAULT NULL,
+    p_activity_name text DEFAULT NULL,
+    p_proc_inst_id text DEFAULT NULL,
+    p_user_id text DEFAULT NULL)
+RETURNS uuid LANGUAGE sql AS $$
+    INSERT INTO todolist (agent_orch, query, description, agent_mode, status, tenant_id,
+                          activity_name, proc_inst_id, root_proc_inst_id, user_id, start_date)
+    VALUES (p_agent_orch, p_input, p_input, upper(p_agent_mode)::agent_mode, 'IN_PROGRESS',
+            p_tenant_id, p_activity_name, p_proc_inst_id, p_proc_inst_id, p_user_id,
+            clock_timestamp())
+    RETURNING id
+$$;
+
+-- Todo counts by agent_orch and draft_status (CLI `status`).
+CREATE OR REPLACE FUNCTION processgpt_sync_status_v1(p_agent_orch text DEFAULT NULL)
+RETURNS jsonb LANGUAGE sql STABLE AS $$
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+               'agent_orch', s.agent_orch, 'draft_status', s.draft_status, 'count', s.n)
+               ORDER BY s.agent_orch, s.draft_status NULLS FIRST), '[]'::jsonb)
+    FROM (
+        SELECT agent_orch::text AS agent_orch, draft_status::text AS draft_status, count(*) AS n
+        FROM todolist
+        WHERE p_agent_orch IS NULL OR agent_orch::text = p_agent_orch
+        GROUP BY 1, 2
+    ) s
+$$;
+
+-- The processgpt-sync functions installed, so a server can name any that are missing.
+CREATE OR REPLACE FUNCTION processgpt_sync_schema_v1()
+RETURNS jsonb LANGUAGE sql STABLE AS $$
+    SELECT coalesce(jsonb_agg(DISTINCT p.proname::text), '[]'::jsonb)
+    FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+    WHERE p.proname LIKE 'processgpt\_sync\_%' AND n.nspname = current_schema()
+$$;
+
+-- Wake workers: new claimable work on 'processgpt_sync_todo' (payload: agent_orch), a running
+-- todo cancelled by the UI on 'processgpt_sync_cancel' (payload: todo id).
+CREATE OR REPLACE FUNCTION processgpt_sync_notify_v1()
+RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF (NEW.draft_status IS NULL AND NEW.status = 'IN_PROGRESS'
+        AND NEW.agent_mode IN ('DRAFT', 'COMPLETE') AND NEW.draft IS NULL)
+       OR NEW.draft_status = 'FB_REQUESTED' THEN
+        PERFORM pg_notify('processgpt_sync_todo', coalesce(NEW.agent_orch::text, ''));
+    ELSIF TG_OP = 'UPDATE' AND NEW.consumer IS NOT NULL
+          AND (NEW.draft_status = 'CANCELLED' OR NEW.status = 'CANCELLED')
+          AND (OLD.draft_status IS DISTINCT FROM NEW.draft_status
+               OR OLD.status IS DISTINCT FROM NEW.status) THEN
+        PERFORM pg_notify('processgpt_sync_cancel', NEW.id::text);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+DROP TRIGGER IF EXISTS processgpt_sync_notify ON todolist;
+CREATE TRIGGER processgpt_sync_notify
+    AFTER INSERT OR UPDATE OF status, draft_status, agent_orch, agent_mode, draft ON todolist
+    FOR EACH ROW EXECUTE FUNCTION processgpt_sync_notify_v1();
+
+-- Only the service role (Supabase) or the owner may call these; never anon or authenticated.
+DO $$
+DECLARE
+    f record;
+    r text;
+BEGIN
+    FOR f IN
+        SELECT p.oid::regprocedure AS sig FROM pg_proc p
+        JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE p.proname LIKE 'processgpt\_sync\_%' AND n.nspname = current_schema()
+    LOOP
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f.sig);
+        FOREACH r IN ARRAY ARRAY['anon', 'authenticated'] LOOP
+            IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) THEN
+                EXECUTE format('REVOKE ALL ON FUNCTION %s FROM %I', f.sig, r);
+            END IF;
+        END LOOP;
+        IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'service_role') THEN
+            EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO service_role', f.sig);
+        END IF;
+    END LOOP;
+    FOREACH r IN ARRAY ARRAY['anon', 'authenticated'] LOOP
+        IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) THEN
+            EXECUTE format('REVOKE ALL ON processgpt_sync_lease FROM %I', r);
+        END IF;
+    END LOOP;
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'service_role') THEN
+        GRANT ALL ON processgpt_sync_lease TO service_role;
+    END IF;
+END
+$$;

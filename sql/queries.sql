@@ -1,0 +1,43 @@
+-- Named queries used by the Postgres backend; each calls one function of functions.sql.
+-- The Supabase backend calls the same function with the same named arguments through rpc().
+-- Format: `-- name --`, one comment line saying what it does, then the SQL.
+
+-- claim --
+-- Claim up to p_limit todos for an agent_orch, with leases, tokens and context extras
+SELECT processgpt_sync_claim_v1(p_agent_orch => %(p_agent_orch)s::text, p_consumer => %(p_consumer)s::text, p_limit => %(p_limit)s::integer, p_lease_seconds => %(p_lease_seconds)s::integer, p_max_claims => %(p_max_claims)s::integer, p_tenant_id => %(p_tenant_id)s::text)
+
+-- record_events --
+-- Write a batch of events in order; invalid or unowned ones are rejected one by one
+SELECT processgpt_sync_record_events_v1(p_events => %(p_events)s::jsonb)
+
+-- save_result --
+-- Write pending events, then an intermediate draft or the final result (fenced)
+SELECT processgpt_sync_save_result_v1(p_todo_id => %(p_todo_id)s::uuid, p_token => %(p_token)s::uuid, p_result => %(p_result)s::jsonb, p_final => %(p_final)s::boolean, p_events => %(p_events)s::jsonb)
+
+-- fail --
+-- Write pending events, then mark the todo FAILED with its error message (fenced)
+SELECT processgpt_sync_fail_v1(p_todo_id => %(p_todo_id)s::uuid, p_token => %(p_token)s::uuid, p_error => %(p_error)s::text, p_events => %(p_events)s::jsonb)
+
+-- suspend --
+-- Write pending events, then HUMAN_ASKED with the lease released (fenced)
+SELECT processgpt_sync_suspend_v1(p_todo_id => %(p_todo_id)s::uuid, p_token => %(p_token)s::uuid, p_events => %(p_events)s::jsonb)
+
+-- release --
+-- Give claims back so the todos are claimable again
+SELECT processgpt_sync_release_v1(p_todo_ids => %(p_todo_ids)s::uuid[], p_tokens => %(p_tokens)s::uuid[])
+
+-- renew --
+-- Renew the leases of all in-flight todos; report lost and cancelled ones
+SELECT processgpt_sync_renew_v1(p_consumer => %(p_consumer)s::text, p_todo_ids => %(p_todo_ids)s::uuid[], p_tokens => %(p_tokens)s::uuid[], p_lease_seconds => %(p_lease_seconds)s::integer)
+
+-- enqueue --
+-- Insert a claimable todo and return its id
+SELECT processgpt_sync_enqueue_v1(p_agent_orch => %(p_agent_orch)s::text, p_input => %(p_input)s::text, p_agent_mode => %(p_agent_mode)s::text, p_tenant_id => %(p_tenant_id)s::text, p_activity_name => %(p_activity_name)s::text, p_proc_inst_id => %(p_proc_inst_id)s::text, p_user_id => %(p_user_id)s::text)
+
+-- status --
+-- Todo counts by agent_orch and draft_status
+SELECT processgpt_sync_status_v1(p_agent_orch => %(p_agent_orch)s::text)
+
+-- schema --
+-- Names of the installed processgpt_sync functions
+SELECT processgpt_sync_schema_v1()

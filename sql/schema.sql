@@ -1,0 +1,131 @@
+-- processgpt-sync schema: the ProcessGPT tables this library touches, plus its lease table.
+--
+-- Idempotent: running it again changes nothing. On an existing ProcessGPT database it only adds
+-- what is missing (enum types, columns, the lease table, indexes) and never rewrites data.
+-- Apply with `processgpt-sync init-db`, or paste it into the Supabase SQL editor before
+-- functions.sql. Needs PostgreSQL 13 or newer (gen_random_uuid is built in).
+
+
+-- Enums, created only when absent (ProcessGPT installs already have them).
+DO $$
+BEGIN
+    IF to_regtype('todo_status') IS NULL THEN
+        CREATE TYPE todo_status AS ENUM
+            ('NEW', 'TODO', 'IN_PROGRESS', 'SUBMITTED', 'PENDING', 'DONE', 'CANCELLED');
+    END IF;
+    IF to_regtype('agent_mode') IS NULL THEN
+        CREATE TYPE agent_mode AS ENUM ('DRAFT', 'COMPLETE');
+    END IF;
+    IF to_regtype('draft_status') IS NULL THEN
+        CREATE TYPE draft_status AS ENUM
+            ('STARTED', 'CANCELLED', 'COMPLETED', 'FB_REQUESTED', 'HUMAN_ASKED', 'FAILED');
+    END IF;
+    IF to_regtype('event_type_enum') IS NULL THEN
+        CREATE TYPE event_type_enum AS ENUM
+            ('task_started', 'task_completed', 'tool_usage_started', 'tool_usage_finished',
+             'crew_completed', 'human_asked', 'human_response', 'human_checked', 'task_working',
+             'error', 'waiting_for_user', 'task_cancelled', 'human_feedback_submitted');
+    END IF;
+    IF to_regtype('event_status') IS NULL THEN
+        CREATE TYPE event_status AS ENUM ('ASKED', 'APPROVED', 'REJECTED');
+    END IF;
+END
+$$;
+
+-- Read-only context tables (owned by ProcessGPT; minimal shapes for fresh databases).
+CREATE TABLE IF NOT EXISTS tenants (
+    id text PRIMARY KEY,
+    mcp jsonb
+);
+
+CREATE TABLE IF NOT EXISTS users (
+    id uuid NOT NULL,
+    tenant_id text NOT NULL,
+    username text,
+    email text,
+    is_agent boolean DEFAULT false,
+    role text,
+    goal text,
+    persona text,
+    tools text,
+    profile text,
+    model text,
+    endpoint text,
+    tool_priority jsonb,
+    PRIMARY KEY (id, tenant_id)
+);
+
+CREATE TABLE IF NOT EXISTS form_def (
+    id text NOT NULL,
+    tenant_id text,
+    fields_json jsonb,
+    html text
+);
+
+CREATE TABLE IF NOT EXISTS proc_inst_source (
+    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    proc_inst_id text,
+    file_name text,
+    file_path text,
+    created_at timestamptz DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS todolist (
+    id uuid PRIMARY KEY DEFAULT gen_random_uuid()
+);
+
+-- Every column the library reads or writes; added one by one so an older table is upgraded.
+ALTER TABLE todolist ADD COLUMN IF NOT EXISTS user_id text;
+ALTER TABLE todolist ADD COLUMN IF NOT EXISTS proc_inst_id text;
+ALTER TABLE todolist ADD COLUMN IF NOT EXISTS root_proc_inst_id text;
+ALTER TABLE todolist ADD COLUMN IF NOT EXISTS activity_name text;
+ALTER TABLE todolist ADD COLUMN IF NOT EXISTS tool text;
+ALTER TABLE todolist ADD COLUMN IF NOT EXISTS tenant_id text;
+ALTER TABLE todolist ADD COLUMN IF NOT EXISTS description text;
+ALTER TABLE todolist ADD COLUMN IF NOT EXISTS query text;
+ALTER TABLE todolist ADD COLUMN IF NOT EXISTS status todo_status;
+ALTER TABLE todolist ADD COLUMN IF NOT EXISTS agent_mode agent_mode;
+ALTER TABLE todolist ADD COLUMN IF NOT EXISTS agent_orch text;
+ALTER TABLE todolist ADD COLUMN IF NOT EXISTS draft jsonb;
+ALTER TABLE todolist ADD COLUMN IF NOT EXISTS output jsonb;
+ALTER TABLE todolist ADD COLUMN IF NOT EXISTS feedback jsonb;
+ALTER TABLE todolist ADD COLUMN IF NOT EXISTS draft_status draft_status;
+ALTER TABLE todolist ADD COLUMN IF NOT EXISTS consumer text;
+ALTER TABLE todolist ADD COLUMN IF NOT EXISTS start_date timestamptz DEFAULT now();
+ALTER TABLE todolist ADD COLUMN IF NOT EXISTS updated_at timestamptz DEFAULT now();
+ALTER TABLE todolist ADD COLUMN IF NOT EXISTS log text;
+-- Added by processgpt-sync: claims in the current run cycle, and the fencing token of the claim.
+ALTER TABLE todolist ADD COLUMN IF NOT EXISTS claim_count integer NOT NULL DEFAULT 0;
+ALTER TABLE todolist ADD COLUMN IF NOT EXISTS claim_token uuid;
+
+CREATE TABLE IF NOT EXISTS events (
+    id text PRIMARY KEY DEFAULT gen_random_uuid()::text
+);
+ALTER TABLE events ADD COLUMN IF NOT EXISTS job_id text;
+ALTER TABLE events ADD COLUMN IF NOT EXISTS todo_id text;
+ALTER TABLE events ADD COLUMN IF NOT EXISTS proc_inst_id text;
+ALTER TABLE events ADD COLUMN IF NOT EXISTS crew_type text;
+ALTER TABLE events ADD COLUMN IF NOT EXISTS event_type event_type_enum;
+ALTER TABLE events ADD COLUMN IF NOT EXISTS data jsonb;
+ALTER TABLE events ADD COLUMN IF NOT EXISTS status event_status;
+ALTER TABLE events ADD COLUMN IF NOT EXISTS "timestamp" timestamptz DEFAULT now();
+
+CREATE INDEX IF NOT EXISTS events_todo_id_idx ON events (todo_id);
+CREATE INDEX IF NOT EXISTS events_job_id_idx ON events (job_id);
+
+-- Leases live beside todolist so heartbeats never rewrite todolist rows (ProcessGPT has update
+-- triggers there). One row per claimed todo; its token fences every write of the claim.
+CREATE TABLE IF NOT EXISTS processgpt_sync_lease (
+    todo_id uuid PRIMARY KEY,
+    claim_token uuid NOT NULL,
+    consumer text NOT NULL,
+    expires_at timestamptz NOT NULL,
+    prev_draft_status draft_status,
+    claimed_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS processgpt_sync_lease_expires_idx ON processgpt_sync_lease (expires_at);
+
+-- Claimable and in-flight todos only: finished rows (COMPLETED, FAILED, ...) stay out of it.
+CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_claim_idx
+    ON todolist ((agent_orch::text), start_date)
+    WHERE draft_status IS NULL OR draft_status IN ('FB_REQUESTED', 'STARTED');

@@ -1,0 +1,92 @@
+"""Shared fixtures: one embedded PostgreSQL per test session, a fresh database per test.
+
+The schema is applied once to a template database; each test gets ``CREATE DATABASE ...
+TEMPLATE`` (about 20 ms) and it is dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+from psycopg.rows import dict_row
+
+from processgpt_sync import embedded
+from processgpt_sync.storage.postgres import PostgresStorage, install_schema
+
+for _name in list(os.environ):
+    if _name.startswith(("PROCESSGPT_", "SUPABASE_")) or _name == "DATABASE_URL":
+        del os.environ[_name]
+
+TEMPLATE = "processgpt_sync_template"
+
+
+@pytest.fixture(scope="session")
+def pg_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    directory = tmp_path_factory.mktemp("embedded") / "pgdata"
+    url = embedded.start(directory, install=False)
+    yield url
+    embedded.stop(directory)
+
+
+@pytest.fixture(scope="session")
+def template(pg_url: str) -> str:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE}")
+        conn.execute(f"CREATE DATABASE {TEMPLATE}")
+    install_schema(make_conninfo(pg_url, dbname=TEMPLATE))
+    return TEMPLATE
+
+
+@pytest.fixture
+def empty_database_url(pg_url: str) -> Iterator[str]:
+    """A database with no schema at all."""
+    yield from _database(pg_url, None)
+
+
+@pytest.fixture
+def database_url(pg_url: str, template: str) -> Iterator[str]:
+    """A fresh database with the processgpt-sync schema installed."""
+    yield from _database(pg_url, template)
+
+
+def _database(pg_url: str, template: str | None) -> Iterator[str]:
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    source = f" TEMPLATE {template}" if template else ""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}{source}")
+    yield make_conninfo(pg_url, dbname=name)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+    """An autocommit connection to the test database, rows as dicts."""
+    with psycopg.connect(database_url, autocommit=True, row_factory=dict_row) as conn:
+        yield conn
+
+
+@pytest.fixture
+def storage(database_url: str) -> Iterator[PostgresStorage]:
+    store = PostgresStorage(database_url, max_connections=12)
+    yield store
+    store.close()
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
