@@ -427,7 +427,8 @@ BEGIN
 END
 $$;
 
--- Insert a claimable todo (CLI `enqueue`, the demo, tests). Returns its id.
+-- Insert a claimable todo (CLI `enqueue`, the demo, tests). Returns its id. Values go through
+-- jsonb_populate_record so they take each column's own type (agent_orch is an enum in old installs).
 CREATE OR REPLACE FUNCTION processgpt_sync_enqueue_v1(
     p_agent_orch text,
     p_input text,
@@ -439,9 +440,13 @@ CREATE OR REPLACE FUNCTION processgpt_sync_enqueue_v1(
 RETURNS uuid LANGUAGE sql AS $$
     INSERT INTO todolist (agent_orch, query, description, agent_mode, status, tenant_id,
                           activity_name, proc_inst_id, root_proc_inst_id, user_id, start_date)
-    VALUES (p_agent_orch, p_input, p_input, upper(p_agent_mode)::agent_mode, 'IN_PROGRESS',
-            p_tenant_id, p_activity_name, p_proc_inst_id, p_proc_inst_id, p_user_id,
-            clock_timestamp())
+    SELECT r.agent_orch, r.query, r.description, r.agent_mode, r.status, r.tenant_id,
+           r.activity_name, r.proc_inst_id, r.root_proc_inst_id, r.user_id, clock_timestamp()
+    FROM jsonb_populate_record(NULL::todolist, jsonb_build_object(
+        'agent_orch', p_agent_orch, 'query', p_input, 'description', p_input,
+        'agent_mode', upper(p_agent_mode), 'status', 'IN_PROGRESS', 'tenant_id', p_tenant_id,
+        'activity_name', p_activity_name, 'proc_inst_id', p_proc_inst_id,
+        'root_proc_inst_id', p_proc_inst_id, 'user_id', p_user_id)) AS r
     RETURNING id
 $$;
 

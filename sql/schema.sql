@@ -126,6 +126,19 @@ CREATE TABLE IF NOT EXISTS processgpt_sync_lease (
 CREATE INDEX IF NOT EXISTS processgpt_sync_lease_expires_idx ON processgpt_sync_lease (expires_at);
 
 -- Claimable and in-flight todos only: finished rows (COMPLETED, FAILED, ...) stay out of it.
-CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_claim_idx
-    ON todolist ((agent_orch::text), start_date)
-    WHERE draft_status IS NULL OR draft_status IN ('FB_REQUESTED', 'STARTED');
+-- Old installs have an enum agent_orch, whose cast to text cannot be indexed: index by date only.
+DO $$
+BEGIN
+    IF (SELECT data_type FROM information_schema.columns
+        WHERE table_schema = current_schema() AND table_name = 'todolist'
+          AND column_name = 'agent_orch') = 'text' THEN
+        CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_claim_idx
+            ON todolist (agent_orch, start_date)
+            WHERE draft_status IS NULL OR draft_status IN ('FB_REQUESTED', 'STARTED');
+    ELSE
+        CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_claim_idx
+            ON todolist (start_date)
+            WHERE draft_status IS NULL OR draft_status IN ('FB_REQUESTED', 'STARTED');
+    END IF;
+END
+$$;

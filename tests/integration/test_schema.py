@@ -1,0 +1,84 @@
+"""schema.sql + functions.sql: idempotent, and an upgrade that keeps ProcessGPT data intact."""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg.rows import dict_row
+
+from processgpt_sync.storage.postgres import PostgresStorage, install_schema
+
+CATALOG = """
+SELECT 'column' AS kind, table_name || '.' || column_name || ':' || data_type AS item
+  FROM information_schema.columns WHERE table_schema = 'public'
+UNION ALL SELECT 'function', p.oid::regprocedure::text || md5(p.prosrc)
+  FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'public'
+UNION ALL SELECT 'index', indexname || indexdef FROM pg_indexes WHERE schemaname = 'public'
+UNION ALL SELECT 'type', t.typname || ':' || string_agg(e.enumlabel, ',' ORDER BY e.enumsortorder)
+  FROM pg_type t JOIN pg_enum e ON e.enumtypid = t.oid GROUP BY t.typname
+UNION ALL SELECT 'trigger', tgname FROM pg_trigger WHERE NOT tgisinternal
+ORDER BY 1, 2
+"""
+
+
+def snapshot(url):
+    with psycopg.connect(url) as conn:
+        return conn.execute(CATALOG).fetchall()
+
+
+def test_schema_is_idempotent(empty_database_url):
+    install_schema(empty_database_url)
+    first = snapshot(empty_database_url)
+    install_schema(empty_database_url)
+    assert snapshot(empty_database_url) == first
+    assert any(kind == "function" and "processgpt_sync_claim_v1" in item for kind, item in first)
+
+
+OLD_PROCESSGPT = """
+CREATE TYPE todo_status AS ENUM ('NEW','TODO','IN_PROGRESS','SUBMITTED','PENDING','DONE','CANCELLED');
+CREATE TYPE agent_mode AS ENUM ('DRAFT','COMPLETE');
+CREATE TYPE draft_status AS ENUM ('STARTED','CANCELLED','COMPLETED','FB_REQUESTED','HUMAN_ASKED','FAILED');
+CREATE TYPE agent_orch AS ENUM ('crewai-action','a2a');
+CREATE TYPE event_type_enum AS ENUM ('task_started','task_completed','tool_usage_started',
+  'tool_usage_finished','crew_completed','human_asked','human_response','human_checked',
+  'task_working','error','waiting_for_user','task_cancelled','human_feedback_submitted');
+CREATE TABLE todolist (
+  id uuid PRIMARY KEY DEFAULT gen_random_uuid(), user_id text, proc_inst_id text,
+  activity_name text, status todo_status, agent_mode agent_mode, agent_orch agent_orch,
+  description text, draft jsonb, output jsonb, draft_status draft_status, consumer text,
+  start_date timestamptz DEFAULT now(), tenant_id text, extra_platform_column text);
+CREATE TABLE events (id text PRIMARY KEY, job_id text NOT NULL, todo_id text,
+  event_type event_type_enum NOT NULL, data jsonb NOT NULL, "timestamp" timestamptz DEFAULT now());
+INSERT INTO todolist (status, agent_mode, agent_orch, description, draft_status, output,
+                      extra_platform_column)
+VALUES ('SUBMITTED', 'COMPLETE', 'a2a', 'old finished', 'COMPLETED', '{"kept": true}', 'x'),
+       ('IN_PROGRESS', 'COMPLETE', 'crewai-action', 'waiting work', NULL, NULL, 'y');
+INSERT INTO events (id, job_id, todo_id, event_type, data)
+VALUES ('e1', 'j1', 't1', 'task_started', '"old"');
+"""
+
+
+def test_upgrade_of_an_existing_processgpt_database_keeps_its_data(empty_database_url):
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute(OLD_PROCESSGPT)
+    install_schema(empty_database_url)
+    with psycopg.connect(empty_database_url, row_factory=dict_row) as conn:
+        rows = conn.execute("SELECT description, output, draft_status::text, claim_count, "
+                            "extra_platform_column, agent_orch::text FROM todolist "
+                            "ORDER BY description").fetchall()
+        assert rows == [
+            {"description": "old finished", "output": {"kept": True}, "draft_status": "COMPLETED",
+             "claim_count": 0, "extra_platform_column": "x", "agent_orch": "a2a"},
+            {"description": "waiting work", "output": None, "draft_status": None,
+             "claim_count": 0, "extra_platform_column": "y", "agent_orch": "crewai-action"},
+        ]
+        assert conn.execute("SELECT data FROM events").fetchall() == [{"data": "old"}]
+    # The enum-typed agent_orch of old installs is served like text.
+    store = PostgresStorage(empty_database_url)
+    try:
+        store.check_schema()
+        claims = store.claim(agent_orch="crewai-action", consumer="w", limit=5,
+                             lease_seconds=60, max_claims=3)
+        assert [c.row["description"] for c in claims] == ["waiting work"]
+        assert store.save_result(claims[0], {"done": 1}).applied
+    finally:
+        store.close()

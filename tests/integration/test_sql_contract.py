@@ -1,0 +1,261 @@
+"""The SQL functions, called through the Postgres storage: claims, events, fencing, leases."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import Counter
+
+import psycopg
+import pytest
+
+from processgpt_sync import SchemaMissing, StorageError
+from processgpt_sync.events import make_event
+from processgpt_sync.models import Claim
+
+CLAIM = {"lease_seconds": 60, "max_claims": 3}
+
+
+def claim(storage, agent="a", limit=10, consumer="w1", **kw):
+    return storage.claim(agent_orch=agent, consumer=consumer, limit=limit,
+                         **{**CLAIM, **kw})
+
+
+def event(c: Claim, event_type="task_working", data=None, **kw):
+    return make_event(c.todo_id, c.token, event_type, data or {"n": 1}, **kw)
+
+
+def test_claim_under_concurrency_claims_every_todo_exactly_once(storage, db):
+    db.execute("""INSERT INTO todolist (agent_orch, query, status, agent_mode)
+                  SELECT 'a', 'q' || g, 'IN_PROGRESS', 'COMPLETE' FROM generate_series(1, 500) g""")
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def worker(name):
+        while batch := claim(storage, limit=7, consumer=name):
+            with lock:
+                claimed.extend(c.todo_id for c in batch)
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    counts = Counter(claimed)
+    assert len(counts) == 500 and max(counts.values()) == 1
+    assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 500
+
+
+def test_claim_returns_oldest_first_and_respects_limit_and_agent(storage):
+    first = storage.enqueue("a", "first")
+    second = storage.enqueue("a", "second")
+    storage.enqueue("other", "not mine")
+    got = claim(storage, limit=1)
+    assert [c.todo_id for c in got] == [first]
+    assert [c.todo_id for c in claim(storage)] == [second]
+    assert claim(storage) == []
+
+
+def test_claim_skips_rows_that_are_not_claimable(storage, db):
+    db.execute("""INSERT INTO todolist (agent_orch, query, status, agent_mode, draft, draft_status)
+        VALUES ('a', 'done', 'IN_PROGRESS', 'COMPLETE', NULL, 'COMPLETED'),
+               ('a', 'has draft', 'IN_PROGRESS', 'DRAFT', '{"x":1}', NULL),
+               ('a', 'not in progress', 'TODO', 'COMPLETE', NULL, NULL),
+               ('a', 'no mode', 'IN_PROGRESS', NULL, NULL, NULL),
+               ('a', 'revision', 'SUBMITTED', 'COMPLETE', NULL, 'FB_REQUESTED')""")
+    got = claim(storage)
+    assert [c.row["query"] for c in got] == ["revision"]
+    assert got[0].extras["resume"]["kind"] == "fresh"
+
+
+def test_claim_context_extras_come_from_the_todos_tenant_only(storage, db):
+    agent, human, foreign = (str(uuid.uuid4()) for _ in range(3))
+    db.execute("INSERT INTO tenants (id, mcp) VALUES ('t1', '{\"servers\": 1}')")
+    db.execute("""INSERT INTO users (id, tenant_id, username, email, is_agent) VALUES
+        (%s, 't1', 'bot', NULL, true), (%s, 't1', 'ann', 'ann@example.com', false),
+        (%s, 't2', 'spy', 'spy@example.com', true)""", (agent, human, foreign))
+    db.execute("""INSERT INTO form_def (id, tenant_id, fields_json, html) VALUES
+        ('f1', 't1', '[{"key": "a"}]', '<form/>'), ('f1', 't2', '[{"key": "leak"}]', 'x')""")
+    db.execute("""INSERT INTO todolist (agent_orch, query, status, agent_mode, tenant_id, user_id,
+                  tool, proc_inst_id) VALUES ('a', 'q', 'IN_PROGRESS', 'COMPLETE', 't1', %s,
+                  'formHandler:f1', 'p1')""", (f"{agent}, {human},{foreign}, not-a-uuid",))
+    db.execute("INSERT INTO proc_inst_source (proc_inst_id, file_name) VALUES ('p1', 'a.pdf')")
+    (c,) = claim(storage)
+    extras = c.extras
+    assert [a["username"] for a in extras["agents"]] == ["bot"]
+    assert [u["email"] for u in extras["users"]] == ["ann@example.com"]
+    assert extras["notify_emails"] == ["ann@example.com"]
+    assert extras["form_fields"] == [{"key": "a"}] and extras["form_html"] == "<form/>"
+    assert extras["tenant_mcp"] == {"servers": 1}
+    assert [s["file_name"] for s in extras["sources"]] == ["a.pdf"]
+
+
+def test_event_batch_with_one_invalid_type_keeps_the_others(storage, db):
+    storage.enqueue("a", "q")
+    (c,) = claim(storage)
+    batch = [event(c, data={"i": 0}), {**event(c), "event_type": "notice"},
+             event(c, "task_completed", data={"i": 2})]
+    rejected = storage.record_events(batch)
+    assert rejected == [{"index": 1, "reason": "unknown event_type 'notice'"}]
+    rows = db.execute("SELECT event_type::text, data, job_id FROM events "
+                      "ORDER BY timestamp").fetchall()
+    assert [(r["event_type"], r["data"]) for r in rows] == [
+        ("task_working", {"i": 0}), ("task_completed", {"i": 2})]
+    assert all(r["job_id"] == c.todo_id for r in rows), "job_id defaults to the todo id"
+
+
+def test_event_writes_are_idempotent_by_event_id(storage, db):
+    storage.enqueue("a", "q")
+    (c,) = claim(storage)
+    batch = [event(c)]
+    storage.record_events(batch)
+    storage.record_events(batch)  # a retry after an ambiguous network error
+    assert db.execute("SELECT count(*) AS n FROM events").fetchone()["n"] == 1
+
+
+def test_fenced_result_is_refused_for_a_non_owner_and_the_owner_result_stands(storage, db):
+    storage.enqueue("a", "q")
+    (mine,) = claim(storage)
+    stale = Claim(todo_id=mine.todo_id, token=str(uuid.uuid4()), row=mine.row, extras={})
+    refused = storage.save_result(stale, {"from": "stale"}, events=[event(stale)])
+    assert (refused.applied, refused.reason) == (False, "not_owner")
+    applied = storage.save_result(mine, {"from": "owner"})
+    assert applied.applied
+    again = storage.save_result(mine, {"from": "owner"})
+    assert (again.applied, again.reason) == (True, "already_applied")
+    row = db.execute("SELECT output, status::text, draft_status::text, consumer FROM todolist"
+                     ).fetchone()
+    assert row == {"output": {"from": "owner"}, "status": "SUBMITTED",
+                   "draft_status": "COMPLETED", "consumer": None}
+    types = [r["event_type"] for r in db.execute(
+        "SELECT event_type::text FROM events ORDER BY timestamp").fetchall()]
+    assert types == ["crew_completed"], "the stale event was refused, crew_completed written once"
+
+
+def test_draft_mode_writes_draft_and_intermediate_results_keep_running(storage, db):
+    storage.enqueue("a", "q", agent_mode="DRAFT")
+    (c,) = claim(storage)
+    assert storage.save_result(c, {"partial": 1}, final=False).applied
+    assert db.execute("SELECT draft_status::text AS s FROM todolist").fetchone()["s"] == "STARTED"
+    assert storage.save_result(c, {"final": 1}).applied
+    row = db.execute("SELECT draft, output, status::text, draft_status::text FROM todolist"
+                     ).fetchone()
+    assert row == {"draft": {"final": 1}, "output": None, "status": "IN_PROGRESS",
+                   "draft_status": "COMPLETED"}
+
+
+def test_fail_keeps_the_message_in_log_and_an_error_event(storage, db):
+    storage.enqueue("a", "q")
+    (c,) = claim(storage)
+    assert storage.fail(c, "ValueError: boom", events=[event(c)]).applied
+    row = db.execute("SELECT draft_status::text, log FROM todolist").fetchone()
+    assert row == {"draft_status": "FAILED", "log": "ValueError: boom"}
+    events = db.execute("SELECT event_type::text, data FROM events ORDER BY timestamp").fetchall()
+    assert [e["event_type"] for e in events] == ["task_working", "error"]
+    assert events[1]["data"] == {"error": "ValueError: boom"}
+
+
+def test_lease_renewal_reports_renewed_lost_and_cancelled(storage, db):
+    ids = [storage.enqueue("a", f"q{i}") for i in range(3)]
+    claims = {c.todo_id: c for c in claim(storage)}
+    db.execute("UPDATE todolist SET draft_status = 'CANCELLED' WHERE id = %s", (ids[1],))
+    db.execute("UPDATE todolist SET claim_token = gen_random_uuid() WHERE id = %s", (ids[2],))
+    updates_before = db.execute("SELECT n_tup_upd AS n FROM pg_stat_user_tables "
+                                "WHERE relname = 'todolist'").fetchone()["n"]
+    report = storage.renew("w1", claims.values(), 60)
+    assert report.renewed == {ids[0]}
+    assert report.cancelled == {ids[1]}
+    assert report.lost == {ids[2]}
+    updates_after = db.execute("SELECT n_tup_upd AS n FROM pg_stat_user_tables "
+                               "WHERE relname = 'todolist'").fetchone()["n"]
+    assert updates_after == updates_before, "a heartbeat must not rewrite todolist rows"
+
+
+def test_expired_lease_is_reclaimed_then_fails_after_max_claims(storage, db):
+    todo = storage.enqueue("a", "q")
+    expire = "UPDATE processgpt_sync_lease SET expires_at = now() - interval '1 second'"
+    (first,) = claim(storage, max_claims=2)
+    assert claim(storage, max_claims=2) == [], "a live lease is not reclaimed"
+    db.execute(expire)
+    (second,) = claim(storage, consumer="w2", max_claims=2)
+    assert second.extras["resume"] == {"kind": "reclaim", "attempt": 2, "answer": None}
+    assert not storage.save_result(first, {"late": True}).applied, "old owner is fenced"
+    db.execute(expire)
+    assert claim(storage, max_claims=2) == []
+    row = db.execute("SELECT draft_status::text, log FROM todolist WHERE id = %s", (todo,)
+                     ).fetchone()
+    assert row["draft_status"] == "FAILED" and "claimed 2 times" in row["log"]
+
+
+def test_release_returns_todos_to_the_state_they_were_claimed_from(storage, db):
+    storage.enqueue("a", "fresh")
+    db.execute("""INSERT INTO todolist (agent_orch, query, status, agent_mode, draft_status,
+                  feedback, start_date) VALUES ('a', 'revise', 'SUBMITTED', 'COMPLETE',
+                  'FB_REQUESTED', '[{"content": "shorter", "kind": "revision"}]', now())""")
+    claims = claim(storage)
+    assert storage.release(claims) == 2
+    rows = db.execute("SELECT query, draft_status::text, claim_count, consumer FROM todolist "
+                      "ORDER BY start_date").fetchall()
+    assert [(r["query"], r["draft_status"], r["claim_count"], r["consumer"]) for r in rows] == [
+        ("fresh", None, 0, None), ("revise", "FB_REQUESTED", 0, None)]
+    again = {c.row["query"]: c.extras["resume"]["kind"] for c in claim(storage)}
+    assert again == {"fresh": "fresh", "revise": "revision"}
+
+
+def test_notify_trigger_wakes_listeners_for_new_work_and_cancels(storage, database_url, db):
+    listener = storage.listener(["processgpt_sync_todo", "processgpt_sync_cancel"])
+    listener.connect()
+    try:
+        todo = storage.enqueue("a", "q")
+        assert listener.wait(2.0) == [("processgpt_sync_todo", "a")]
+        claim(storage)
+        db.execute("UPDATE todolist SET draft_status = 'CANCELLED' WHERE id = %s", (todo,))
+        assert listener.wait(2.0) == [("processgpt_sync_cancel", todo)]
+    finally:
+        listener.close()
+
+
+def test_schema_check_names_missing_functions_and_the_fix(empty_database_url):
+    from processgpt_sync.storage.postgres import PostgresStorage
+
+    store = PostgresStorage(empty_database_url)
+    try:
+        with pytest.raises(SchemaMissing, match=r"processgpt_sync_claim_v1.*init-db"):
+            store.check_schema()
+    finally:
+        store.close()
+
+
+def test_bad_input_gets_one_clear_error(storage):
+    with pytest.raises(StorageError, match="invalid input syntax for type uuid"):
+        storage.save_result(Claim(todo_id="not-a-uuid", token=str(uuid.uuid4()), row={},
+                                  extras={}), {"x": 1})
+    with pytest.raises(StorageError, match="invalid input value for enum agent_mode"):
+        storage.enqueue("a", "q", agent_mode="SOMETIMES")
+
+
+def test_wrong_url_is_a_clear_configuration_or_connection_error(tmp_path):
+    from processgpt_sync import ConfigurationError, StorageUnavailable
+    from processgpt_sync.storage.postgres import PostgresStorage
+
+    store = PostgresStorage(f"postgresql://nobody@/nodb?host={tmp_path}")
+    try:
+        with pytest.raises(StorageUnavailable, match="database unreachable"):
+            store.check_schema()
+    finally:
+        store.close()
+    with pytest.raises(ConfigurationError, match="invalid database URL"):
+        PostgresStorage("postgresql://x/db?bogus_option=1").ping()
+
+
+def test_functions_are_not_granted_to_anon(pg_url, database_url):
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'anon') "
+                     "THEN CREATE ROLE anon; END IF; END $$")
+        from processgpt_sync.storage.postgres import install_schema
+
+        install_schema(database_url)
+        allowed = conn.execute("SELECT has_function_privilege('anon', "
+                               "'processgpt_sync_claim_v1(text,text,integer,integer,integer,text)',"
+                               " 'EXECUTE')").fetchone()
+    assert allowed == (False,)

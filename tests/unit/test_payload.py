@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import datetime
+import math
+
+import pytest
+
+from processgpt_sync import PayloadError
+from processgpt_sync.events import make_event
+from processgpt_sync.payload import check_json, error_text, unwrap_text
+
+
+def test_json_values_pass_unchanged():
+    value = {"a": [1, 2.5, "x", None, True], "b": {"c": "한글"}}
+    assert check_json(value, what="result") is value
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ({"when": datetime.date(2024, 1, 1)}, r"result is not JSON-serialisable \(dict\)"),
+    (object(), r"not JSON-serialisable \(object\)"),
+    ({"x": math.nan}, "not JSON-serialisable"),
+    ("bad \udcff surrogate", "not valid UTF-8"),
+    ("nul \x00 char", "NUL character"),
+])
+def test_values_jsonb_cannot_store_are_refused_with_the_reason(value, message):
+    with pytest.raises(PayloadError, match=message):
+        check_json(value, what="result")
+
+
+def test_unwrap_text_parses_json_objects_and_arrays_only():
+    assert unwrap_text('{"a": 1}') == {"a": 1}
+    assert unwrap_text(" [1, 2] ") == [1, 2]
+    assert unwrap_text("plain text") == "plain text"
+    assert unwrap_text("{not json") == "{not json"
+    assert unwrap_text("42") == "42"
+
+
+def test_make_event_rejects_unknown_types_at_the_call_site():
+    with pytest.raises(ValueError, match="unknown event_type 'notice'"):
+        make_event("t", "k", "notice", "hi")
+    with pytest.raises(ValueError, match="unknown event status"):
+        make_event("t", "k", "human_asked", "hi", status="MAYBE")
+
+
+def test_error_text_is_bounded_and_storable():
+    text = error_text(RuntimeError("x" * 20000 + "\x00"))
+    assert text.startswith("RuntimeError: x") and len(text) <= 8000 and "\x00" not in text

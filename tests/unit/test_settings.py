@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import pytest
+
+from processgpt_sync import ConfigurationError, Settings
+
+
+def test_agent_orch_is_required_and_the_error_names_the_variable():
+    with pytest.raises(ConfigurationError, match="PROCESSGPT_AGENT_ORCH"):
+        Settings.from_env({})
+
+
+def test_environment_is_read_and_arguments_win():
+    env = {"PROCESSGPT_AGENT_ORCH": "env-agent", "PROCESSGPT_WORKERS": "7",
+           "PROCESSGPT_TIMEOUT": "2.5", "DATABASE_URL": "postgresql://x/db"}
+    settings = Settings.from_env(env, workers=3)
+    assert (settings.agent_orch, settings.workers, settings.timeout) == ("env-agent", 3, 2.5)
+    assert settings.backend == "postgres"
+
+
+def test_backend_selection_order():
+    assert Settings(agent_orch="a").backend == "embedded"
+    supa = Settings(agent_orch="a", supabase_url="https://x.supabase.co", supabase_key="k")
+    assert supa.backend == "supabase"
+    both = Settings(agent_orch="a", database_url="postgresql://x", supabase_url="https://x",
+                    supabase_key="k")
+    assert both.backend == "postgres"
+
+
+def test_service_role_variable_is_accepted_and_the_key_is_not_in_repr():
+    settings = Settings.from_env({"PROCESSGPT_AGENT_ORCH": "a", "SUPABASE_URL": "https://x",
+                                  "SUPABASE_SERVICE_ROLE_KEY": "secret-key"})
+    assert settings.supabase_key == "secret-key"
+    assert "secret-key" not in repr(settings)
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"PROCESSGPT_WORKERS": "many"}, "PROCESSGPT_WORKERS='many' is not a valid int"),
+    ({"PROCESSGPT_WORKERS": "0"}, "workers must be a positive number"),
+    ({"SUPABASE_URL": "https://x"}, "SUPABASE_KEY is not set"),
+])
+def test_bad_values_get_specific_errors(env, message):
+    with pytest.raises(ConfigurationError, match=message):
+        Settings.from_env({"PROCESSGPT_AGENT_ORCH": "a", **env})
+
+
+def test_unknown_option_is_named():
+    with pytest.raises(ConfigurationError, match="unknown option.*lease_secs"):
+        Settings.from_env({}, agent_orch="a", lease_secs=3)
