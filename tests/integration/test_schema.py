@@ -34,9 +34,11 @@ def test_schema_is_idempotent(empty_database_url):
 
 
 OLD_PROCESSGPT = """
-CREATE TYPE todo_status AS ENUM ('NEW','TODO','IN_PROGRESS','SUBMITTED','PENDING','DONE','CANCELLED');
+CREATE TYPE todo_status AS ENUM
+  ('NEW','TODO','IN_PROGRESS','SUBMITTED','PENDING','DONE','CANCELLED');
 CREATE TYPE agent_mode AS ENUM ('DRAFT','COMPLETE');
-CREATE TYPE draft_status AS ENUM ('STARTED','CANCELLED','COMPLETED','FB_REQUESTED','HUMAN_ASKED','FAILED');
+CREATE TYPE draft_status AS ENUM
+  ('STARTED','CANCELLED','COMPLETED','FB_REQUESTED','HUMAN_ASKED','FAILED');
 CREATE TYPE agent_orch AS ENUM ('crewai-action','a2a');
 CREATE TYPE event_type_enum AS ENUM ('task_started','task_completed','tool_usage_started',
   'tool_usage_finished','crew_completed','human_asked','human_response','human_checked',

@@ -35,7 +35,7 @@ def test_service_role_variable_is_accepted_and_the_key_is_not_in_repr():
 
 
 @pytest.mark.parametrize(("env", "message"), [
-    ({"PROCESSGPT_WORKERS": "many"}, "PROCESSGPT_WORKERS='many' is not a valid int"),
+    ({"PROCESSGPT_WORKERS": "many"}, r"PROCESSGPT_WORKERS='many' is not a valid int"),
     ({"PROCESSGPT_WORKERS": "0"}, "workers must be a positive number"),
     ({"SUPABASE_URL": "https://x"}, "SUPABASE_KEY is not set"),
 ])
@@ -45,5 +45,5 @@ def test_bad_values_get_specific_errors(env, message):
 
 
 def test_unknown_option_is_named():
-    with pytest.raises(ConfigurationError, match="unknown option.*lease_secs"):
+    with pytest.raises(ConfigurationError, match=r"unknown option.*lease_secs"):
         Settings.from_env({}, agent_orch="a", lease_secs=3)
