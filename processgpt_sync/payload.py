@@ -15,9 +15,7 @@ def check_json(value: Any, *, what: str) -> Any:
     try:
         text = json.dumps(value, ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise PayloadError(
-            f"{what} is not JSON-serialisable ({type(value).__name__}): {exc}"
-        ) from exc
+        raise PayloadError(f"{what} is not JSON-serialisable: {exc}") from exc
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:

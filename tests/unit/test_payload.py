@@ -16,8 +16,8 @@ def test_json_values_pass_unchanged():
 
 
 @pytest.mark.parametrize(("value", "message"), [
-    ({"when": datetime.date(2024, 1, 1)}, r"result is not JSON-serialisable \(dict\)"),
-    (object(), r"not JSON-serialisable \(object\)"),
+    ({"when": datetime.date(2024, 1, 1)}, "result is not JSON-serialisable: Object of type date"),
+    (object(), "not JSON-serialisable: Object of type object"),
     ({"x": math.nan}, "not JSON-serialisable"),
     ("bad \udcff surrogate", "not valid UTF-8"),
     ("nul \x00 char", "NUL character"),

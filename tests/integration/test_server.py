@@ -1,0 +1,303 @@
+"""The threaded server end to end on the embedded PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import defaultdict
+
+import pytest
+
+import processgpt_sync as ps
+from tests.conftest import wait_for
+
+
+def rows(db, sql="SELECT *, id::text AS id FROM todolist ORDER BY start_date"):
+    return db.execute(sql).fetchall()
+
+
+def events_by_todo(db):
+    grouped = defaultdict(list)
+    for e in db.execute("SELECT todo_id, event_type::text, data FROM events ORDER BY timestamp"):
+        grouped[e["todo_id"]].append(e)
+    return grouped
+
+
+def serve_until(storage, executor, predicate, *, workers=4, timeout=30.0, **options):
+    server = ps.start(executor, agent_orch="a", storage=storage, workers=workers, **options)
+    try:
+        wait_for(lambda: predicate(server), timeout=timeout)
+    finally:
+        server.stop(timeout=5)
+    return server
+
+
+def test_200_todos_on_8_workers_complete_exactly_once_with_ordered_events(storage, db):
+    ids = {storage.enqueue("a", f"q{i}") for i in range(200)}
+    runs = defaultdict(int)
+    lock = threading.Lock()
+
+    def handle(todo):
+        with lock:
+            runs[todo.id] += 1
+        for step in range(3):
+            todo.events.progress({"step": step})
+        return {"input": todo.input}
+
+    server = serve_until(storage, handle, lambda s: s.stats()["completed"] == 200, workers=8)
+    assert set(runs) == ids and set(runs.values()) == {1}
+    done = rows(db, "SELECT id::text, draft_status::text, output, query FROM todolist")
+    assert all(r["draft_status"] == "COMPLETED" and r["output"] == {"input": r["query"]}
+               for r in done)
+    for todo_id, events in events_by_todo(db).items():
+        assert [e["event_type"] for e in events] == ["task_working"] * 3 + ["crew_completed"]
+        assert [e["data"].get("step") for e in events[:3]] == [0, 1, 2], todo_id
+    stats = server.stats()
+    assert stats["claimed"] == 200 and stats["events_written"] == 600
+    assert stats["run_seconds_p95"] is not None and stats["running"] == 0
+
+
+class Sample(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("behaviour", "message"), [
+    ("raise", "Sample: the executor broke"),
+    ("object", "result is not JSON-serialisable: Object of type object is not JSON"),
+    ("none", "executor returned without a result"),
+])
+def test_failing_executors_end_failed_with_the_message_and_the_server_continues(
+        storage, db, behaviour, message):
+    bad = storage.enqueue("a", behaviour)
+    good = storage.enqueue("a", "fine")
+
+    def handle(todo):
+        todo.events.started("begin")
+        if todo.input == "raise":
+            raise Sample("the executor broke")
+        if todo.input == "object":
+            return {"value": object()}
+        if todo.input == "none":
+            return None
+        return {"ok": True}
+
+    serve_until(storage, handle, lambda s: s.stats()["completed"] + s.stats()["failed"] == 2)
+    state = {r["id"]: r for r in rows(db)}
+    assert state[good]["draft_status"] == "COMPLETED"
+    assert state[bad]["draft_status"] == "FAILED"
+    assert message in state[bad]["log"]
+    kinds = [(e["event_type"], e["data"]) for e in events_by_todo(db)[bad]]
+    assert kinds == [("task_started", "begin"), ("error", {"error": state[bad]["log"]})]
+
+
+def test_timed_out_executor_fails_and_frees_its_slot(storage, db):
+    release = threading.Event()
+    slow = storage.enqueue("a", "hang")
+
+    def handle(todo):
+        if todo.input == "hang":
+            release.wait(30)
+            return {"late": True}
+        return {"ok": True}
+
+    server = ps.start(handle, agent_orch="a", storage=storage, workers=1, timeout=0.5)
+    try:
+        wait_for(lambda: server.stats()["failed"] == 1)
+        quick = storage.enqueue("a", "quick")  # served although the hung thread still runs
+        wait_for(lambda: server.stats()["completed"] == 1)
+    finally:
+        release.set()
+        server.stop(timeout=5)
+    state = {r["id"]: r for r in rows(db)}
+    assert state[slow]["draft_status"] == "FAILED" and "timed out after 0.5 s" in state[slow]["log"]
+    assert state[slow]["output"] is None, "the late result was not written"
+    assert state[quick]["draft_status"] == "COMPLETED"
+
+
+def test_draft_mode_writes_draft_and_complete_mode_writes_output(storage, db):
+    complete = storage.enqueue("a", "c", agent_mode="COMPLETE")
+    draft = storage.enqueue("a", "d", agent_mode="DRAFT")
+    serve_until(storage, lambda todo: {"mode": todo.agent_mode},
+                lambda s: s.stats()["completed"] == 2)
+    state = {r["id"]: r for r in rows(db)}
+    assert (state[complete]["output"], state[complete]["draft"], state[complete]["status"]) == (
+        {"mode": "COMPLETE"}, None, "SUBMITTED")
+    assert (state[draft]["output"], state[draft]["draft"], state[draft]["status"]) == (
+        None, {"mode": "DRAFT"}, "IN_PROGRESS")
+
+
+class Reporter:
+    """A blocking executor object that reports through events and sets the result there."""
+
+    def __init__(self):
+        self.cancelled = []
+
+    def execute(self, todo, events):
+        events.started({"m": "start"}, job_id="job-1", crew_type="action")
+        events.tool_started("search", {"q": todo.input})
+        events.tool_finished("search")
+        events.result({"partial": True}, final=False)
+        events.completed('{"m": "done"}', job_id="job-1")
+        events.result({"final": True})
+
+    def cancel(self, todo):
+        self.cancelled.append(todo.id)
+
+
+def test_blocking_object_events_intermediate_and_final_results(storage, db):
+    todo_id = storage.enqueue("a", "x")
+    serve_until(storage, Reporter(), lambda s: s.stats()["completed"] == 1)
+    events = db.execute("SELECT event_type::text, data, job_id, crew_type FROM events "
+                        "ORDER BY timestamp").fetchall()
+    assert [(e["event_type"], e["data"], e["job_id"], e["crew_type"]) for e in events] == [
+        ("task_started", {"m": "start"}, "job-1", "action"),
+        ("tool_usage_started", {"tool_name": "search", "q": "x"}, todo_id, None),
+        ("tool_usage_finished", {"tool_name": "search"}, todo_id, None),
+        ("task_completed", {"m": "done"}, "job-1", None),
+        ("crew_completed", {}, "CREW_FINISHED", "crew"),
+    ]
+    assert rows(db)[0]["output"] == {"final": True}
+
+
+def test_stop_with_work_in_flight_writes_every_accepted_event(storage, db):
+    for i in range(8):
+        storage.enqueue("a", f"q{i}")
+    started = threading.Semaphore(0)
+
+    def handle(todo):
+        for n in range(50):
+            todo.events.progress({"n": n})
+        started.release()
+        time.sleep(0.3)
+        return {"ok": True}
+
+    server = ps.start(handle, agent_orch="a", storage=storage, workers=8)
+    for _ in range(8):
+        assert started.acquire(timeout=10)
+    server.stop(timeout=10)
+    counts = db.execute("SELECT count(*) FILTER (WHERE event_type = 'task_working') AS progress, "
+                        "count(*) FILTER (WHERE event_type = 'crew_completed') AS done "
+                        "FROM events").fetchone()
+    assert counts == {"progress": 400, "done": 8}
+    assert server.stats()["events_pending"] == 0
+
+
+def test_stop_after_the_grace_period_gives_unfinished_todos_back(storage, db):
+    for i in range(3):
+        storage.enqueue("a", f"q{i}")
+    seen = threading.Semaphore(0)
+
+    def handle(todo):
+        todo.events.progress("working")
+        seen.release()
+        while not todo.cancelled:
+            time.sleep(0.01)
+        return {"too": "late"}
+
+    server = ps.start(handle, agent_orch="a", storage=storage, workers=3)
+    for _ in range(3):
+        assert seen.acquire(timeout=10)
+    server.stop(timeout=0.2)
+    state = rows(db)
+    assert [r["draft_status"] for r in state] == [None] * 3, "0 rows left STARTED"
+    assert all(r["output"] is None and r["consumer"] is None for r in state)
+    assert server.stats()["released"] == 3
+    assert db.execute("SELECT count(*) AS n FROM events").fetchone()["n"] == 3
+    assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
+
+
+def test_ui_cancel_runs_the_cancel_hook_and_writes_nothing_more(storage, db):
+    todo_id = storage.enqueue("a", "x")
+    entered = threading.Event()
+
+    class Waiter(Reporter):
+        def execute(self, todo, events):
+            events.progress("before")
+            entered.set()
+            todo.cancel_event.wait(10)
+            events.progress("after cancel")
+            return {"should": "not be written"}
+
+    executor = Waiter()
+    server = ps.start(executor, agent_orch="a", storage=storage, workers=1)
+    try:
+        assert entered.wait(10)
+        time.sleep(0.1)  # let "before" be written
+        cancelled_at = time.monotonic()
+        db.execute("UPDATE todolist SET draft_status = 'CANCELLED' WHERE id = %s", (todo_id,))
+        wait_for(lambda: executor.cancelled, timeout=1.0)
+        assert time.monotonic() - cancelled_at < 1.0
+        wait_for(lambda: server.stats()["cancelled"] == 1)
+    finally:
+        server.stop(timeout=5)
+    row = rows(db)[0]
+    assert (row["draft_status"], row["output"], row["consumer"]) == ("CANCELLED", None, None)
+    assert [e["data"] for e in events_by_todo(db)[todo_id]] == ["before"]
+    assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
+
+
+def test_a_lost_lease_cancels_the_executor_and_refuses_its_writes(storage, db):
+    todo_id = storage.enqueue("a", "x")
+    entered = threading.Event()
+
+    def handle(todo):
+        entered.set()
+        todo.cancel_event.wait(10)
+        return {"stale": True}
+
+    server = ps.start(handle, agent_orch="a", storage=storage, workers=1, lease_seconds=1)
+    try:
+        assert entered.wait(10)
+        db.execute("UPDATE todolist SET claim_token = gen_random_uuid(), consumer = 'other' "
+                   "WHERE id = %s", (todo_id,))
+        wait_for(lambda: server.stats()["lost"] == 1, timeout=5)
+    finally:
+        server.stop(timeout=5)
+    row = rows(db)[0]
+    assert (row["draft_status"], row["output"], row["consumer"]) == ("STARTED", None, "other")
+
+
+def test_async_function_executor_runs_on_the_worker_threads_loop(storage, db):
+    storage.enqueue("a", "x")
+
+    async def handle(todo):
+        await asyncio.sleep(0.01)
+        todo.events.progress("async")
+        return {"loop": type(asyncio.get_running_loop()).__name__}
+
+    serve_until(storage, handle, lambda s: s.stats()["completed"] == 1)
+    assert rows(db)[0]["output"]["loop"].endswith("EventLoop")
+
+
+def test_start_works_inside_a_running_event_loop(storage, db):
+    storage.enqueue("a", "x")
+
+    async def notebook_cell():
+        server = ps.start(lambda todo: {"ok": 1}, agent_orch="a", storage=storage)
+        ticks = 0
+        while server.stats()["completed"] < 1:
+            await asyncio.sleep(0.01)  # the caller's loop keeps running
+            ticks += 1
+            assert ticks < 1000
+        server.stop()
+        return ticks
+
+    assert asyncio.run(notebook_cell()) > 0
+    assert rows(db)[0]["draft_status"] == "COMPLETED"
+
+
+def test_not_an_executor_is_refused_before_anything_starts(storage):
+    with pytest.raises(ps.ConfigurationError, match="is not an executor"):
+        ps.start(42, agent_orch="a", storage=storage)
+
+
+def test_contextvars_of_the_starting_thread_reach_the_executor(storage, db):
+    import contextvars
+
+    request_id = contextvars.ContextVar("request_id", default="unset")
+    request_id.set("from-caller")
+    storage.enqueue("a", "x")
+    serve_until(storage, lambda todo: {"ctx": request_id.get()},
+                lambda s: s.stats()["completed"] == 1)
+    assert rows(db)[0]["output"] == {"ctx": "from-caller"}
