@@ -49,12 +49,19 @@ def configure_logging(level: str, log_format: str) -> None:
 
 
 def _storage(args: argparse.Namespace) -> Storage:
-    return connect(
+    """The configured backend, checked now: unreachable or schema-less fails with one line."""
+    storage = connect(
         database_url=args.database_url or os.environ.get("DATABASE_URL"),
         supabase_url=getattr(args, "supabase_url", None) or os.environ.get("SUPABASE_URL"),
         supabase_key=os.environ.get("SUPABASE_KEY") or os.environ.get("SUPABASE_SERVICE_ROLE_KEY"),
         embedded_dir=os.environ.get("PROCESSGPT_EMBEDDED_DIR"),
     )
+    try:
+        storage.check_schema()
+    except BaseException:
+        storage.close()
+        raise
+    return storage
 
 
 def cmd_init_db(args: argparse.Namespace) -> int:
