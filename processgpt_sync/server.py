@@ -79,6 +79,7 @@ class Server:
             0,
         )
         self._run_times: deque[float] = deque(maxlen=RUN_TIMES_KEPT)
+        self._executing = 0  # threads inside an executor call, including abandoned ones
         self._threads: list[threading.Thread] = []
         self._pool: ThreadPoolExecutor | None = None
         self._buffer: EventBuffer | None = None
@@ -208,6 +209,7 @@ class Server:
             "run_seconds_mean": statistics.fmean(times) if times else None,
             "run_seconds_p95": _percentile(times, 0.95),
             "listening": self._listening,
+            "executor_threads": self._executing,
         }
 
     def __enter__(self) -> Server:
@@ -283,11 +285,13 @@ class Server:
         token = CURRENT_RUN.set(run)
         value: Any = UNSET
         error: BaseException | None = None
+        self._count_executing(1)
         try:
             value = self._adapter.run(run.todo)
         except Exception as exc:
             error = exc
         finally:
+            self._count_executing(-1)
             CURRENT_RUN.reset(token)
         try:
             self._finish(run, value, error)
@@ -569,6 +573,10 @@ class Server:
     def _storage_(self) -> Storage:
         assert self._storage is not None
         return self._storage
+
+    def _count_executing(self, n: int) -> None:
+        with self._cond:
+            self._executing += n
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._cond:

@@ -1,0 +1,23 @@
+"""Executors the subprocess tests serve (importable as tests.agents:NAME)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from processgpt_sync import Todo
+
+
+def patient(todo: Todo) -> dict[str, object]:
+    """First run: a long job (the test kills or pauses the process); a reclaim: done at once."""
+    todo.events.progress({"pid": os.getpid(), "resume": todo.resume.kind})
+    if todo.resume.kind == "fresh":
+        time.sleep(float(todo.input))
+    return {"pid": os.getpid(), "resume": todo.resume.kind, "attempt": todo.resume.attempt}
+
+
+def quick(todo: Todo) -> dict[str, object]:
+    """One event per execution, so the test can count executions."""
+    todo.events.progress({"pid": os.getpid()})
+    time.sleep(0.002)
+    return {"pid": os.getpid()}
