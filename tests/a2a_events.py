@@ -1,0 +1,72 @@
+"""Build a2a events for whichever a2a-sdk line is installed (0.3 pydantic or 1.x protobuf)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from a2a.types import TaskArtifactUpdateEvent, TaskState, TaskStatusUpdateEvent
+
+V1 = hasattr(TaskState, "TASK_STATE_WORKING")
+
+
+def state(name: str) -> Any:
+    return getattr(TaskState, f"TASK_STATE_{name.upper()}") if V1 else TaskState(
+        name.replace("_", "-"))
+
+
+def text_message(text: str, context_id: str, task_id: str) -> Any:
+    if V1:
+        from a2a.helpers import new_text_message
+
+        return new_text_message(text, context_id=context_id, task_id=task_id)
+    from a2a.utils import new_agent_text_message
+
+    return new_agent_text_message(text, context_id, task_id)
+
+
+def status(name: str, payload: Any, context_id: str, task_id: str,
+           metadata: dict[str, Any] | None = None, final: bool = False) -> Any:
+    text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    message = text_message(text, context_id, task_id)
+    if V1:
+        from a2a.types import TaskStatus
+        from google.protobuf.struct_pb2 import Struct
+
+        meta = Struct()
+        meta.update(metadata or {})
+        return TaskStatusUpdateEvent(task_id=task_id, context_id=context_id,
+                                     status=TaskStatus(state=state(name), message=message),
+                                     metadata=meta)
+    return TaskStatusUpdateEvent(status={"state": state(name), "message": message}, final=final,
+                                 contextId=context_id, taskId=task_id, metadata=metadata)
+
+
+def artifact(payload: Any, context_id: str, task_id: str, last_chunk: bool = True) -> Any:
+    text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    if V1:
+        from a2a.helpers import new_text_artifact
+
+        art = new_text_artifact(name="result", text=text)
+        return TaskArtifactUpdateEvent(task_id=task_id, context_id=context_id, artifact=art,
+                                       last_chunk=last_chunk)
+    from a2a.utils import new_text_artifact
+
+    art = new_text_artifact(name="result", description="result", text=text)
+    return TaskArtifactUpdateEvent(artifact=art, lastChunk=last_chunk, contextId=context_id,
+                                   taskId=task_id)
+
+
+def text_part(text: str) -> Any:
+    from a2a.types import Part
+
+    if V1:
+        return Part(text=text)
+    from a2a.types import TextPart
+
+    return Part(root=TextPart(text=text))
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())

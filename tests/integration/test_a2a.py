@@ -1,0 +1,257 @@
+"""a2a-sdk AgentExecutors served unchanged (run under a2a-sdk 0.3.x and 1.x by CI)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("a2a")
+
+from a2a.server.agent_execution import AgentExecutor, RequestContext
+from a2a.server.events import EventQueue
+from a2a.server.tasks import TaskUpdater
+
+import processgpt_sync as ps
+from tests import a2a_events as ev
+from tests.conftest import wait_for
+
+
+def ids(context: RequestContext) -> tuple[str, str]:
+    row = context.get_context_data()["row"]
+    return row.get("root_proc_inst_id") or row.get("proc_inst_id") or row["id"], row["id"]
+
+
+class SeedStyle(AgentExecutor):
+    """The original SDK's README executor: events enqueued WITHOUT await."""
+
+    async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+        context_id, task_id = ids(context)
+        job_id = f"job-{task_id}"
+        event_queue.enqueue_event(ev.status("working", "작업 시작", context_id, task_id, {
+            "crew_type": "action", "event_type": "task_started", "job_id": job_id}))
+        await asyncio.sleep(0.01)
+        event_queue.enqueue_event(ev.status("working", "작업 완료", context_id, task_id, {
+            "crew_type": "action", "event_type": "task_completed", "job_id": job_id}))
+        event_queue.enqueue_event(ev.artifact(
+            {"status": "완료", "input": context.get_user_input()}, context_id, task_id))
+
+    async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
+        pass
+
+
+class Awaiting(AgentExecutor):
+    """Newer style: awaits enqueue_event; also create_task and gather."""
+
+    async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+        context_id, task_id = ids(context)
+        await event_queue.enqueue_event(ev.status("submitted", {"n": 1}, context_id, task_id,
+                                                  {"n": 3}))
+        await asyncio.gather(event_queue.enqueue_event(
+            ev.status("working", {"n": 2}, context_id, task_id, {"event_type": "notice"})))
+        await asyncio.create_task(event_queue.enqueue_event(
+            ev.artifact({"answer": 42}, context_id, task_id)))
+
+    async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
+        pass
+
+
+class Updater(AgentExecutor):
+    """a2a's own TaskUpdater: working status, a data artifact, complete()."""
+
+    async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+        context_id, task_id = ids(context)
+        updater = TaskUpdater(event_queue, task_id, context_id)
+        await updater.update_status(ev.state("working"),
+                                    message=ev.text_message("thinking", context_id, task_id),
+                                    metadata={"crew_type": "report", "n": 3})
+        await updater.add_artifact([ev.text_part(json.dumps({"b": 2}))], name="out")
+        await updater.complete()
+
+    async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
+        pass
+
+
+class Raising(AgentExecutor):
+    async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+        context_id, task_id = ids(context)
+        event_queue.enqueue_event(ev.status("working", "before", context_id, task_id))
+        raise RuntimeError("boom")
+
+    async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
+        pass
+
+
+class NotAnEvent(AgentExecutor):
+    async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+        event_queue.enqueue_event({"type": "event"})
+
+    async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
+        pass
+
+
+class Blocking(AgentExecutor):
+    """Blocks inside async def, as CrewAI's kickoff() does."""
+
+    async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+        context_id, task_id = ids(context)
+        time.sleep(0.8)
+        event_queue.enqueue_event(ev.artifact({"slept": True}, context_id, task_id))
+
+    async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
+        pass
+
+
+class Asking(AgentExecutor):
+    """Asks a human (input_required) and returns without a final result."""
+
+    async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+        context_id, task_id = ids(context)
+        question = {"question": "which way?", "options": ["fast", "careful"]}
+        event_queue.enqueue_event(ev.status("input_required", question, context_id, task_id,
+                                            {"job_id": "job-q", "crew_type": "analysis"},
+                                            final=True))
+
+    async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
+        pass
+
+
+class Cancellable(AgentExecutor):
+    def __init__(self):
+        self.entered = threading.Event()
+        self.cancel_called = threading.Event()
+        self.saw_cancellation = threading.Event()
+
+    async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+        self.entered.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            self.saw_cancellation.set()
+            raise
+
+    async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
+        self.cancel_called.set()
+
+
+def run(storage, executor, n=1, *, workers=2, inputs=None):
+    todo_ids = [storage.enqueue("a2a", (inputs or ["hello"])[i % len(inputs or ["hello"])],
+                                proc_inst_id=None) for i in range(n)]
+    with ps.start(executor, agent_orch="a2a", storage=storage, workers=workers) as server:
+        wait_for(lambda: sum(server.stats()[k] for k in ("completed", "failed", "asked")) == n)
+    return todo_ids
+
+
+def events(db):
+    return [(e["event_type"], e["data"], e["job_id"], e["crew_type"]) for e in db.execute(
+        "SELECT event_type::text, data, job_id, crew_type FROM events ORDER BY timestamp")]
+
+
+def todo(db):
+    return db.execute("SELECT *, id::text AS id FROM todolist").fetchone()
+
+
+def test_seed_executor_that_does_not_await_runs_unchanged(storage, db):
+    (todo_id,) = run(storage, SeedStyle())
+    assert events(db) == [
+        ("task_started", "작업 시작", f"job-{todo_id}", "action"),
+        ("task_completed", "작업 완료", f"job-{todo_id}", "action"),
+        ("crew_completed", {}, "CREW_FINISHED", "crew"),
+    ]
+    row = todo(db)
+    assert row["output"] == {"status": "완료", "input": "hello"}
+    assert (row["draft_status"], row["status"]) == ("COMPLETED", "SUBMITTED")
+
+
+def test_awaiting_executor_with_gather_and_create_task(storage, db):
+    (todo_id,) = run(storage, Awaiting())
+    assert events(db) == [
+        ("task_started", {"n": 1}, todo_id, None),
+        ("task_working", {"n": 2}, todo_id, None),  # unknown 'notice' mapped from the state
+        ("crew_completed", {}, "CREW_FINISHED", "crew"),
+    ]
+    assert todo(db)["output"] == {"answer": 42}
+
+
+def test_task_updater_executor(storage, db):
+    run(storage, Updater())
+    kinds = [e[0] for e in events(db)]
+    assert kinds == ["task_working", "task_completed", "crew_completed"]
+    assert events(db)[0][1:] == ("thinking", todo(db)["id"], "report")
+    assert todo(db)["output"] == {"b": 2}, "the completed task's artifact is the result"
+
+
+def test_raising_executor_fails_and_keeps_the_event_before(storage, db):
+    run(storage, Raising())
+    row = todo(db)
+    assert row["draft_status"] == "FAILED" and row["log"] == "RuntimeError: boom"
+    assert [e[0] for e in events(db)] == ["task_working", "error"]
+
+
+def test_a_non_a2a_object_raises_type_error_at_the_call_site(storage, db):
+    run(storage, NotAnEvent())
+    assert todo(db)["log"] == "TypeError: not an A2A event: dict"
+
+
+def test_blocking_executors_run_in_parallel_on_their_own_loops(storage, db):
+    began = time.monotonic()
+    run(storage, Blocking(), n=2, workers=2)
+    elapsed = time.monotonic() - began
+    assert elapsed < 1.5, f"two 0.8 s blocking executors took {elapsed:.2f}s: not parallel"
+    assert db.execute("SELECT count(*) AS n FROM todolist WHERE output = '{\"slept\": true}'"
+                      ).fetchone()["n"] == 2
+
+
+def test_input_required_without_result_suspends_for_a_human(storage, db):
+    run(storage, Asking())
+    row = todo(db)
+    assert (row["draft_status"], row["consumer"], row["output"]) == ("HUMAN_ASKED", None, None)
+    assert events(db) == [("human_asked", {"question": "which way?",
+                                           "options": ["fast", "careful"]}, "job-q", "analysis")]
+    assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
+
+
+def test_ui_cancel_awaits_executor_cancel_then_cancels_execute(storage, db):
+    executor = Cancellable()
+    todo_id = storage.enqueue("a2a", "x")
+    with ps.start(executor, agent_orch="a2a", storage=storage, workers=1) as server:
+        assert executor.entered.wait(10)
+        db.execute("UPDATE todolist SET draft_status = 'CANCELLED' WHERE id = %s", (todo_id,))
+        assert executor.cancel_called.wait(2)
+        assert executor.saw_cancellation.wait(2)
+        wait_for(lambda: server.stats()["cancelled"] == 1)
+    assert todo(db)["draft_status"] == "CANCELLED"
+
+
+def test_context_offers_row_extras_and_user_input(storage, db):
+    seen = {}
+
+    class Inspect(AgentExecutor):
+        async def execute(self, context, event_queue):
+            data = context.get_context_data()
+            seen.update(input=context.get_user_input(), task_id=context.task_id,
+                        context_id=context.context_id, resume=data["extras"]["resume"]["kind"],
+                        id_type=type(data["row"]["id"]).__name__)
+            context_id, task_id = ids(context)
+            await event_queue.enqueue_event(ev.artifact("plain text", context_id, task_id))
+
+        async def cancel(self, context, event_queue):
+            pass
+
+    (todo_id,) = run(storage, Inspect(), inputs=["  what to do  "])
+    assert seen == {"input": "what to do", "task_id": todo_id, "context_id": todo_id,
+                    "resume": "fresh", "id_type": "str"}
+    assert todo(db)["output"] == "plain text"
+
+
+def test_the_a2a_example_runs_on_a2a_sdk_0_3(storage, db):
+    if ev.V1:
+        pytest.skip("examples/a2a_executor.py is written for a2a-sdk 0.3, as the original SDK")
+    from processgpt_sync.demo import load_example
+
+    (_todo_id,) = run(storage, load_example("a2a_executor").MyExecutor(), inputs=["hi"])
+    assert todo(db)["output"] == {"input": "hi", "output": "HI"}
+    assert [e[0] for e in events(db)] == ["task_started", "task_completed", "crew_completed"]
