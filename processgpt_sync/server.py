@@ -27,6 +27,7 @@ from .errors import NoResultError, PayloadError, StorageError, StorageUnavailabl
 from .events import EventBuffer, backoff, log_rejected
 from .executor import Adapter, adapt
 from .models import AwaitingHuman, Claim
+from .outcomes import Outcome, OutcomeWriter
 from .payload import check_json, error_text, unwrap_text
 from .runs import CURRENT_RUN, UNSET, TodoRun
 from .settings import EVENT_BATCH_SIZE, EVENT_FLUSH_INTERVAL, MAX_PENDING_EVENTS, Settings
@@ -83,6 +84,7 @@ class Server:
         self._threads: list[threading.Thread] = []
         self._pool: ThreadPoolExecutor | None = None
         self._buffer: EventBuffer | None = None
+        self._outcomes: OutcomeWriter | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -107,6 +109,8 @@ class Server:
             on_written=lambda n: self._count("events_written", n),
         )
         self._buffer.start()
+        self._outcomes = OutcomeWriter(storage, abort=self._abort)
+        self._outcomes.start()
         # Twice the slots: a todo that timed out keeps its thread until its executor returns.
         self._pool = ThreadPoolExecutor(
             max_workers=self.settings.workers * 2, thread_name_prefix="processgpt-sync"
@@ -152,6 +156,8 @@ class Server:
                 self._join(name)
             assert self._buffer is not None and self._pool is not None
             self._buffer.close(timeout=max(grace, 5.0))
+            assert self._outcomes is not None
+            self._outcomes.close()
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._close_adapter()
             self._close_storage()
@@ -327,10 +333,8 @@ class Server:
             return
         if isinstance(value, AwaitingHuman):
             events = self._take_events(run)
-            outcome = self._retry(
-                lambda: self._storage_().suspend(run.claim, events=events), run, "suspend"
-            )
-            self._after_write(run, outcome, events, "asked")
+            stored = self._outcomes_().write(Outcome(run.claim, "asked", events=events))
+            self._after_write(run, stored, events, "asked")
             return
         result = run.final_result if value is None or value is UNSET else value
         if isinstance(result, str):
@@ -346,26 +350,30 @@ class Server:
 
     def _record_result(self, run: TodoRun, result: Any) -> None:
         events = self._take_events(run)
-        try:
-            outcome = self._retry(
-                lambda: self._storage_().save_result(run.claim, result, final=True, events=events),
-                run, "save_result",
-            )
-        except StorageError as exc:
-            self._log.error("result of todo %s could not be stored: %s", run.todo_id, exc,
-                            extra=self._todo_extra(run, "save_result"))
-            self._record_failure(run, f"result could not be stored: {exc}", events=events)
+        stored = self._outcomes_().write(
+            Outcome(run.claim, "completed", result=result, events=events)
+        )
+        if stored.reason == "error":
+            self._log.error("result of todo %s could not be stored: %s", run.todo_id,
+                            stored.error, extra=self._todo_extra(run, "save_result"))
+            self._record_failure(run, f"result could not be stored: {stored.error}",
+                                 events=events)
             return
-        self._after_write(run, outcome, events, "completed")
+        self._after_write(run, stored, events, "completed")
 
     def _record_failure(
         self, run: TodoRun, message: str, *, events: list[dict[str, Any]] | None = None
     ) -> None:
         events = self._take_events(run) if events is None else events
-        outcome = self._retry(
-            lambda: self._storage_().fail(run.claim, message, events=events), run, "fail"
-        )
-        self._after_write(run, outcome, events, "failed")
+        stored = self._outcomes_().write(Outcome(run.claim, "failed", error=message,
+                                                 events=events))
+        if stored.reason == "error" and events:
+            self._log.error("events of todo %s could not be stored (%s); recording the failure "
+                            "without them", run.todo_id, stored.error,
+                            extra=self._todo_extra(run, "fail"))
+            stored = self._outcomes_().write(Outcome(run.claim, "failed", error=message))
+            events = []
+        self._after_write(run, stored, events, "failed")
 
     def _after_write(
         self, run: TodoRun, outcome: WriteOutcome, events: list[dict[str, Any]], counter: str
@@ -569,6 +577,10 @@ class Server:
                         extra={**self._extra, "action": "release"})
 
     # -- helpers -------------------------------------------------------------------------------
+
+    def _outcomes_(self) -> OutcomeWriter:
+        assert self._outcomes is not None
+        return self._outcomes
 
     def _storage_(self) -> Storage:
         assert self._storage is not None

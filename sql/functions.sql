@@ -356,6 +356,41 @@ BEGIN
 END
 $$;
 
+-- Record the outcomes of many todos in one transaction (one commit for all: group commit).
+-- Each item: {todo_id, token, outcome: completed|failed|asked, result?, error?, events?}.
+-- Items are isolated: one that fails returns {applied: false, reason: 'error', error} and the
+-- others are still written. Returns one outcome object per item, in order.
+CREATE OR REPLACE FUNCTION processgpt_sync_finish_v1(p_items jsonb)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    v_item jsonb;
+    v_result jsonb;
+    v_out jsonb := '[]'::jsonb;
+BEGIN
+    FOR v_item IN SELECT value FROM jsonb_array_elements(coalesce(p_items, '[]'::jsonb)) LOOP
+        BEGIN
+            v_result := CASE v_item ->> 'outcome'
+                WHEN 'completed' THEN processgpt_sync_save_result_v1(
+                    (v_item ->> 'todo_id')::uuid, (v_item ->> 'token')::uuid, v_item -> 'result',
+                    true, coalesce(v_item -> 'events', '[]'::jsonb))
+                WHEN 'failed' THEN processgpt_sync_fail_v1(
+                    (v_item ->> 'todo_id')::uuid, (v_item ->> 'token')::uuid,
+                    v_item ->> 'error', coalesce(v_item -> 'events', '[]'::jsonb))
+                WHEN 'asked' THEN processgpt_sync_suspend_v1(
+                    (v_item ->> 'todo_id')::uuid, (v_item ->> 'token')::uuid,
+                    coalesce(v_item -> 'events', '[]'::jsonb))
+                ELSE jsonb_build_object('applied', false, 'reason', 'error',
+                                        'error', format('unknown outcome %L', v_item ->> 'outcome'))
+            END;
+        EXCEPTION WHEN OTHERS THEN
+            v_result := jsonb_build_object('applied', false, 'reason', 'error', 'error', SQLERRM);
+        END;
+        v_out := v_out || jsonb_build_array(v_result);
+    END LOOP;
+    RETURN v_out;
+END
+$$;
+
 -- Give claims back: a running todo returns to the state it was claimed from (claimable again,
 -- the claim not counted); a todo cancelled meanwhile just loses its lease. Returns how many
 -- todos became claimable.

@@ -22,6 +22,10 @@ SELECT processgpt_sync_fail_v1(p_todo_id => %(p_todo_id)s::uuid, p_token => %(p_
 -- Write pending events, then HUMAN_ASKED with the lease released (fenced)
 SELECT processgpt_sync_suspend_v1(p_todo_id => %(p_todo_id)s::uuid, p_token => %(p_token)s::uuid, p_events => %(p_events)s::jsonb)
 
+-- finish --
+-- Record the outcomes (result, failure, question) of many todos in one transaction
+SELECT processgpt_sync_finish_v1(p_items => %(p_items)s::jsonb)
+
 -- release --
 -- Give claims back so the todos are claimable again
 SELECT processgpt_sync_release_v1(p_todo_ids => %(p_todo_ids)s::uuid[], p_tokens => %(p_tokens)s::uuid[])

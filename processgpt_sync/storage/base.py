@@ -28,6 +28,7 @@ class WriteOutcome:
     applied: bool
     reason: str
     rejected: list[Mapping[str, Any]] = field(default_factory=list)
+    error: str | None = None
 
     @classmethod
     def from_json(cls, value: Mapping[str, Any]) -> WriteOutcome:
@@ -36,6 +37,7 @@ class WriteOutcome:
             applied=bool(value.get("applied")),
             reason=str(value.get("reason")),
             rejected=list(events.get("rejected") or []),
+            error=value.get("error"),
         )
 
 
@@ -159,6 +161,13 @@ class Storage(abc.ABC):
         """Write pending events, then HUMAN_ASKED with the lease released."""
         params = {"p_todo_id": claim.todo_id, "p_token": claim.token, "p_events": list(events)}
         return WriteOutcome.from_json(self.call("suspend", params))
+
+    def finish(self, items: Sequence[Mapping[str, Any]]) -> list[WriteOutcome]:
+        """Record many todos' outcomes in one transaction; one WriteOutcome per item."""
+        if not items:
+            return []
+        outcomes = self.call("finish", {"p_items": list(items)})
+        return [WriteOutcome.from_json(o) for o in outcomes]
 
     def release(self, claims: Iterable[Claim]) -> int:
         """Give claims back in one call; return how many todos became claimable again."""

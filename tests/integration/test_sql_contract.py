@@ -259,3 +259,25 @@ def test_functions_are_not_granted_to_anon(pg_url, database_url):
                                "'processgpt_sync_claim_v1(text,text,integer,integer,integer,text)',"
                                " 'EXECUTE')").fetchone()
     assert allowed == (False,)
+
+
+def test_finish_records_many_outcomes_in_one_call_and_isolates_a_bad_item(storage, db):
+    for i in range(4):
+        storage.enqueue("a", f"q{i}")
+    c = claim(storage)
+    stale = {"todo_id": c[3].todo_id, "token": str(uuid.uuid4()), "outcome": "completed",
+             "result": {"stale": True}}
+    items = [
+        {"todo_id": c[0].todo_id, "token": c[0].token, "outcome": "completed",
+         "result": {"n": 0}, "events": [event(c[0])]},
+        {"todo_id": c[1].todo_id, "token": c[1].token, "outcome": "failed", "error": "boom"},
+        {"todo_id": c[2].todo_id, "token": c[2].token, "outcome": "exploded"},
+        stale,
+    ]
+    out = storage.finish(items)
+    assert [(o.applied, o.reason) for o in out] == [
+        (True, "ok"), (True, "ok"), (False, "error"), (False, "not_owner")]
+    assert "unknown outcome" in (out[2].error or "")
+    states = {r["id"]: r["draft_status"] for r in db.execute(
+        "SELECT id::text, draft_status::text FROM todolist")}
+    assert [states[x.todo_id] for x in c] == ["COMPLETED", "FAILED", "STARTED", "STARTED"]

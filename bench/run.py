@@ -1,0 +1,293 @@
+"""Benchmarks: throughput, pickup latency, cancel latency, idle cost, scale-out, memory.
+
+    pip install -r bench/requirements.txt
+    python bench/run.py [--quick] [--json]
+
+Starts its own embedded PostgreSQL (a temporary data directory), runs every measurement one
+after another on it, prints a table, and with --json a JSON object as the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psutil
+import psycopg
+from psycopg.conninfo import make_conninfo
+from psycopg.types.json import Jsonb
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import processgpt_sync as ps  # noqa: E402
+from processgpt_sync import embedded  # noqa: E402
+from processgpt_sync.storage.postgres import PostgresStorage, install_schema  # noqa: E402
+
+AGENT = "bench"
+
+
+class Bench:
+    def __init__(self, quick: bool) -> None:
+        self.quick = quick
+        self.todos = 500 if quick else 2000
+        self.directory = Path(tempfile.mkdtemp(prefix="processgpt-bench-")) / "pgdata"
+        self.url = embedded.start(self.directory, install=False)
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute("CREATE DATABASE bench_template")
+        install_schema(make_conninfo(self.url, dbname="bench_template"))
+
+    def database(self, template: str | None = "bench_template") -> str:
+        name = f"bench_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else ""))
+        return make_conninfo(self.url, dbname=name)
+
+    def enqueue(self, url: str, n: int) -> None:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("SELECT processgpt_sync_enqueue_v1(%s, 'q' || g) "
+                         "FROM generate_series(1, %s) g", (AGENT, n))
+
+    def close(self) -> None:
+        embedded.stop(self.directory)
+
+
+def noop(todo: ps.Todo) -> dict[str, Any]:
+    todo.events.progress({"step": 1})
+    todo.events.progress({"step": 2})
+    return {"ok": True}
+
+
+def throughput(bench: Bench, workers: int) -> float:
+    url = bench.database()
+    bench.enqueue(url, bench.todos)
+    storage = PostgresStorage(url, max_connections=workers + 4)
+    began = time.perf_counter()
+    server = ps.start(noop, agent_orch=AGENT, storage=storage, workers=workers)
+    while server.stats()["completed"] < bench.todos:
+        time.sleep(0.002)
+    elapsed = time.perf_counter() - began
+    server.stop()
+    storage.close()
+    return bench.todos / elapsed
+
+
+def raw_sql(bench: Bench, batch: int = 16) -> float:
+    """The same SQL function calls from a bare psycopg loop: claim a batch, then per todo one
+    save_result carrying its two events (crew_completed written by the function)."""
+    url = bench.database()
+    bench.enqueue(url, bench.todos)
+    done = 0
+    began = time.perf_counter()
+    with psycopg.connect(url, autocommit=True) as conn:
+        while done < bench.todos:
+            claimed = conn.execute(
+                "SELECT processgpt_sync_claim_v1(%s, 'raw', %s, 60, 3, NULL)", (AGENT, batch)
+            ).fetchone()[0]
+            for item in claimed:
+                todo_id, token = item["row"]["id"], item["token"]
+                events = [{"id": str(uuid.uuid4()), "todo_id": todo_id, "token": token,
+                           "event_type": "task_working", "data": {"step": s}} for s in (1, 2)]
+                conn.execute("SELECT processgpt_sync_save_result_v1(%s::uuid, %s::uuid, %s, "
+                             "true, %s)", (todo_id, token, Jsonb({"ok": True}), Jsonb(events)))
+                done += 1
+    return bench.todos / (time.perf_counter() - began)
+
+
+def procrastinate_best(bench: Bench) -> dict[str, float] | None:
+    try:
+        import procrastinate
+    except ImportError:
+        return None
+    results = {}
+    for concurrency in (1, 4, 10):
+        url = bench.database(template=None)
+        app = procrastinate.App(connector=procrastinate.SyncPsycopgConnector(conninfo=url))
+        with app.open():
+            app.schema_manager.apply_schema()
+
+        @app.task(name="noop")
+        def noop_job() -> None:
+            return None
+
+        with app.open():
+            for start in range(0, bench.todos, 500):
+                noop_job.batch_defer(*({} for _ in range(min(500, bench.todos - start))))
+        worker_app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=url))
+        worker_app.tasks = app.tasks
+        began = time.perf_counter()
+        worker_app.run_worker(concurrency=concurrency, wait=False, install_signal_handlers=False,
+                              listen_notify=False)
+        results[str(concurrency)] = bench.todos / (time.perf_counter() - began)
+    return results
+
+
+def pickup(bench: Bench, samples: int) -> tuple[float, float]:
+    url = bench.database()
+    started: dict[str, float] = {}
+    enqueued: dict[str, float] = {}
+
+    def record(todo: ps.Todo) -> dict[str, Any]:
+        started[todo.input] = time.perf_counter()
+        return {}
+
+    storage = PostgresStorage(url)
+    server = ps.start(record, agent_orch=AGENT, storage=storage, workers=4)
+    time.sleep(0.5)
+    with psycopg.connect(url, autocommit=True) as conn:
+        for i in range(samples):
+            key = f"p{i}"
+            enqueued[key] = time.perf_counter()
+            conn.execute("SELECT processgpt_sync_enqueue_v1(%s, %s)", (AGENT, key))
+            time.sleep(0.05)
+    deadline = time.monotonic() + 10
+    while len(started) < samples and time.monotonic() < deadline:
+        time.sleep(0.01)
+    server.stop()
+    storage.close()
+    latencies = sorted((started[k] - enqueued[k]) * 1000 for k in started)
+    return statistics.median(latencies), latencies[int(0.95 * (len(latencies) - 1))]
+
+
+def cancel_latency(bench: Bench, samples: int) -> float:
+    url = bench.database()
+    hook_called: dict[str, float] = {}
+    entered = threading.Semaphore(0)
+
+    class Waits:
+        def execute(self, todo: ps.Todo, events: ps.Events) -> dict[str, Any]:
+            entered.release()
+            todo.cancel_event.wait(10)
+            return {}
+
+        def cancel(self, todo: ps.Todo) -> None:
+            hook_called[todo.id] = time.perf_counter()
+
+    storage = PostgresStorage(url)
+    server = ps.start(Waits(), agent_orch=AGENT, storage=storage, workers=2)
+    latencies = []
+    with psycopg.connect(url, autocommit=True) as conn:
+        for _ in range(samples):
+            todo_id = str(conn.execute("SELECT processgpt_sync_enqueue_v1(%s, 'c')",
+                                       (AGENT,)).fetchone()[0])
+            entered.acquire(timeout=10)
+            began = time.perf_counter()
+            conn.execute("UPDATE todolist SET draft_status = 'CANCELLED' WHERE id = %s",
+                         (todo_id,))
+            while todo_id not in hook_called:
+                time.sleep(0.0005)
+            latencies.append((hook_called[todo_id] - began) * 1000)
+    server.stop()
+    storage.close()
+    return statistics.median(latencies)
+
+
+def idle_cost(bench: Bench, seconds: float) -> tuple[float, float]:
+    url = bench.database()
+    dbname = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
+    storage = PostgresStorage(url)
+    server = ps.start(noop, agent_orch=AGENT, storage=storage, workers=4)
+    time.sleep(1.0)
+
+    def xacts() -> int:
+        with psycopg.connect(bench.url, autocommit=True) as conn:
+            conn.execute("SELECT pg_stat_force_next_flush()")
+            time.sleep(1.2)  # let other backends publish their counters
+            return int(conn.execute("SELECT xact_commit + xact_rollback FROM pg_stat_database "
+                                    "WHERE datname = %s", (dbname,)).fetchone()[0])
+
+    before_x = xacts()
+    cpu_before = resource.getrusage(resource.RUSAGE_SELF)
+    began = time.perf_counter()
+    time.sleep(seconds)
+    wall = time.perf_counter() - began
+    cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+    after_x = xacts()
+    server.stop()
+    storage.close()
+    cpu = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
+    return 100 * cpu / wall, (after_x - before_x) / (wall + 1.2)
+
+
+def scale_out(bench: Bench, processes: int, workers: int) -> tuple[float, int, float]:
+    url = bench.database()
+    bench.enqueue(url, bench.todos)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    began = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, "-m", "processgpt_sync", "--log-level", "WARNING",
+                               "serve", "bench.run:noop", "--agent-orch", AGENT, "--workers",
+                               str(workers), "--database-url", url], env=env, cwd=ROOT)
+             for _ in range(processes)]
+    with psycopg.connect(url, autocommit=True) as conn:
+        while conn.execute("SELECT count(*) FROM todolist WHERE draft_status = 'COMPLETED'"
+                           ).fetchone()[0] < bench.todos:
+            time.sleep(0.01)
+        elapsed = time.perf_counter() - began
+        double = conn.execute("SELECT count(*) FROM (SELECT todo_id FROM events WHERE "
+                              "event_type = 'task_working' GROUP BY todo_id "
+                              "HAVING count(*) > 2) d").fetchone()[0]
+    peak = max(psutil.Process(p.pid).memory_info().rss for p in procs)
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait(30)
+    return bench.todos / elapsed, int(double), peak / 2**20
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer todos, shorter idle window")
+    parser.add_argument("--json", action="store_true", help="print a JSON object last")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    bench = Bench(args.quick)
+    results: dict[str, Any] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                               f"Python {platform.python_version()}", "todos": bench.todos}
+    try:
+        per_workers = {str(w): throughput(bench, w) for w in (1, 4, 8, 16)}
+        results["throughput_by_workers"] = per_workers
+        results["throughput_todos_per_s"] = max(per_workers.values())
+        results["raw_sql_todos_per_s"] = raw_sql(bench)
+        results["ratio_vs_raw"] = results["throughput_todos_per_s"] / results["raw_sql_todos_per_s"]
+        procrastinate = procrastinate_best(bench)
+        if procrastinate:
+            results["procrastinate_by_concurrency"] = procrastinate
+            results["procrastinate_jobs_per_s"] = max(procrastinate.values())
+            results["ratio_vs_procrastinate"] = (results["throughput_todos_per_s"]
+                                                 / results["procrastinate_jobs_per_s"])
+        p50, p95 = pickup(bench, 20 if args.quick else 40)
+        results["pickup_ms_p50"], results["pickup_ms_p95"] = p50, p95
+        results["cancel_ms_p50"] = cancel_latency(bench, 5 if args.quick else 10)
+        cpu, xacts = idle_cost(bench, 3.0 if args.quick else 10.0)
+        results["idle_cpu_pct"], results["idle_db_xacts_per_s"] = cpu, xacts
+        rate, double, _ = scale_out(bench, 4, 8)
+        results["scaleout_todos_per_s"], results["double_runs"] = rate, double
+        _, _, rss = scale_out(bench, 1, 16)
+        results["peak_rss_mb_16_workers"] = rss
+    finally:
+        bench.close()
+    for key, value in results.items():
+        shown = f"{value:,.2f}" if isinstance(value, float) else value
+        if isinstance(value, dict):
+            shown = ", ".join(f"{k}: {v:,.0f}" for k, v in value.items())
+        print(f"{key:32} {shown}")
+    if args.json:
+        print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

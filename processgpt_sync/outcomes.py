@@ -1,0 +1,126 @@
+"""Group commit of todo outcomes.
+
+Worker threads hand their final write (result, failure or question, with the todo's last
+events) to one writer thread and block until it is stored. The writer records everything that
+is pending in one SQL call — one transaction, one fsync — so throughput is not bounded by one
+commit per todo. Nothing is fire-and-forget: a worker returns only once its outcome is stored
+(or refused by fencing), and outages are retried with back-off.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import StorageError, StorageUnavailable
+from .events import backoff
+from .models import Claim
+from .storage.base import Storage, WriteOutcome
+
+logger = logging.getLogger(__name__)
+
+BATCH_SIZE = 200  # outcomes per SQL call
+
+
+@dataclass
+class Outcome:
+    """One todo's final write, and, once stored, what the database said."""
+
+    claim: Claim
+    kind: str  # completed | failed | asked
+    result: Any = None
+    error: str | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+    stored: WriteOutcome | None = None
+    failure: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def item(self) -> dict[str, Any]:
+        return {
+            "todo_id": self.claim.todo_id,
+            "token": self.claim.token,
+            "outcome": self.kind,
+            "result": self.result,
+            "error": self.error,
+            "events": self.events,
+        }
+
+
+class OutcomeWriter:
+    """Writes the outcomes of all workers, as many per call as are waiting."""
+
+    def __init__(self, storage: Storage, *, abort: threading.Event) -> None:
+        self._storage = storage
+        self._abort = abort
+        self._cond = threading.Condition()
+        self._pending: list[Outcome] = []
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="processgpt-sync-outcomes",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def write(self, outcome: Outcome) -> WriteOutcome:
+        """Store ``outcome`` (blocking); raise the storage error if it cannot be stored."""
+        with self._cond:
+            closed = self._closed
+            if not closed:
+                self._pending.append(outcome)
+                self._cond.notify()
+        if closed:  # a straggler after stop(): write it on the caller's thread
+            self._write_batch([outcome])
+        outcome.done.wait()
+        if outcome.failure is not None:
+            raise outcome.failure
+        assert outcome.stored is not None
+        return outcome.stored
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is pending, then stop the writer thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                batch, self._pending = self._pending[:BATCH_SIZE], self._pending[BATCH_SIZE:]
+            self._write_batch(batch)
+
+    def _write_batch(self, batch: list[Outcome]) -> None:
+        attempt = 0
+        while True:
+            try:
+                stored = self._storage.finish([o.item() for o in batch])
+                break
+            except StorageUnavailable as exc:
+                attempt += 1
+                if self._abort.is_set():
+                    self._fail_all(batch, exc)
+                    return
+                logger.warning("writing %d todo outcomes failed (attempt %d), retrying: %s",
+                               len(batch), attempt, exc, extra={"action": "finish"})
+                time.sleep(backoff(attempt))
+            except StorageError as exc:
+                logger.error("writing %d todo outcomes failed: %s", len(batch), exc,
+                             extra={"action": "finish"})
+                self._fail_all(batch, exc)
+                return
+        for outcome, result in zip(batch, stored, strict=True):
+            outcome.stored = result
+            outcome.done.set()
+
+    @staticmethod
+    def _fail_all(batch: list[Outcome], exc: BaseException) -> None:
+        for outcome in batch:
+            outcome.failure = exc
+            outcome.done.set()
