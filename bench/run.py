@@ -78,7 +78,7 @@ def throughput(bench: Bench, workers: int) -> float:
     began = time.perf_counter()
     server = ps.start(noop, agent_orch=AGENT, storage=storage, workers=workers)
     while server.stats()["completed"] < bench.todos:
-        time.sleep(0.002)
+        time.sleep(0.02)
     elapsed = time.perf_counter() - began
     server.stop()
     storage.close()
@@ -86,8 +86,8 @@ def throughput(bench: Bench, workers: int) -> float:
 
 
 def raw_sql(bench: Bench, batch: int = 16) -> float:
-    """The same SQL function calls from a bare psycopg loop: claim a batch, then per todo one
-    save_result carrying its two events (crew_completed written by the function)."""
+    """The same SQL function calls the library makes, from a bare single-threaded psycopg loop:
+    claim a batch, then record all its outcomes (with two events each) in one finish call."""
     url = bench.database()
     bench.enqueue(url, bench.todos)
     done = 0
@@ -97,13 +97,13 @@ def raw_sql(bench: Bench, batch: int = 16) -> float:
             claimed = conn.execute(
                 "SELECT processgpt_sync_claim_v1(%s, 'raw', %s, 60, 3, NULL)", (AGENT, batch)
             ).fetchone()[0]
-            for item in claimed:
-                todo_id, token = item["row"]["id"], item["token"]
-                events = [{"id": str(uuid.uuid4()), "todo_id": todo_id, "token": token,
-                           "event_type": "task_working", "data": {"step": s}} for s in (1, 2)]
-                conn.execute("SELECT processgpt_sync_save_result_v1(%s::uuid, %s::uuid, %s, "
-                             "true, %s)", (todo_id, token, Jsonb({"ok": True}), Jsonb(events)))
-                done += 1
+            items = [{"todo_id": c["row"]["id"], "token": c["token"], "outcome": "completed",
+                      "result": {"ok": True},
+                      "events": [{"id": str(uuid.uuid4()), "todo_id": c["row"]["id"],
+                                  "token": c["token"], "event_type": "task_working",
+                                  "data": {"step": s}} for s in (1, 2)]} for c in claimed]
+            conn.execute("SELECT processgpt_sync_finish_v1(%s)", (Jsonb(items),))
+            done += len(claimed)
     return bench.todos / (time.perf_counter() - began)
 
 

@@ -58,7 +58,6 @@ def make_event(
         data = unwrap_text(data)
     check_json(data, what=f"{event_type} event data")
     return {
-        "id": str(uuid.uuid4()),
         "todo_id": todo_id,
         "token": token,
         "event_type": event_type,
@@ -90,6 +89,7 @@ class EventBuffer:
         self._count = 0
         self._oldest = 0.0
         self._closed = False
+        self._idle = False  # the flusher waits with no deadline: the next event must wake it
         self._thread = threading.Thread(
             target=self._run, name="processgpt-sync-events", daemon=True
         )
@@ -109,7 +109,8 @@ class EventBuffer:
                 self._oldest = time.monotonic()
             self._pending.setdefault(event["todo_id"], []).append(event)
             self._count += 1
-            if self._count == 1 or self._count >= self._batch_size:
+            if self._idle or self._count >= self._batch_size:
+                self._idle = False
                 self._cond.notify_all()
 
     def take(self, todo_id: str) -> list[dict[str, Any]]:
@@ -164,7 +165,9 @@ class EventBuffer:
                         break
                     self._cond.wait(due)
                 else:
+                    self._idle = True
                     self._cond.wait()
+                    self._idle = False
             batch: list[dict[str, Any]] = []
             for todo_id in list(self._pending):
                 if todo_id in self._inflight:
@@ -176,7 +179,12 @@ class EventBuffer:
                 if len(batch) >= self._batch_size:
                     break
             self._oldest = time.monotonic()
-            return batch
+        # Ids make a retried write idempotent (the database skips ids it already has). Events
+        # that travel with a todo's final write need none: that write is fenced and atomic.
+        for event in batch:
+            if "id" not in event:
+                event["id"] = str(uuid.uuid4())
+        return batch
 
     def _run(self) -> None:
         attempt = 0

@@ -111,8 +111,16 @@ class OutcomeWriter:
                                len(batch), attempt, exc, extra={"action": "finish"})
                 time.sleep(backoff(attempt))
             except StorageError as exc:
-                logger.error("writing %d todo outcomes failed: %s", len(batch), exc,
-                             extra={"action": "finish"})
+                if len(batch) > 1:
+                    # Isolate the item the database refused: write them one by one.
+                    logger.warning("a batch of %d todo outcomes was refused (%s); writing them "
+                                   "one by one", len(batch), exc, extra={"action": "finish"})
+                    for outcome in batch:
+                        self._write_batch([outcome])
+                    return
+                logger.error("writing the outcome of todo %s failed: %s",
+                             batch[0].claim.todo_id, exc,
+                             extra={"action": "finish", "todo_id": batch[0].claim.todo_id})
                 self._fail_all(batch, exc)
                 return
         for outcome, result in zip(batch, stored, strict=True):

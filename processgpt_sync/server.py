@@ -42,7 +42,8 @@ CANCEL_CHANNEL = "processgpt_sync_cancel"
 WATCHDOG_TICK = 0.2  # seconds between timeout checks
 LISTEN_WAIT = 1.0  # seconds one LISTEN wait may block before checking for stop
 MIN_POLL = 0.05  # seconds: first back-off step of a polling-only backend
-RUN_TIMES_KEPT = 10_000
+POLLING_HEARTBEAT = 2.0  # seconds between heartbeats when UI cancels cannot arrive by NOTIFY
+RUN_TIMES_KEPT = 2_048
 NO_RESULT = (
     "executor returned without a result: return a value, or call events.result(data) "
     "before returning"
@@ -281,8 +282,9 @@ class Server:
             self._runs[claim.todo_id] = run
             self._busy += 1
             self._counts["claimed"] += 1
-        self._log.debug("claimed todo %s (resume %s)", claim.todo_id, run.todo.resume.kind,
-                        extra=self._todo_extra(run, "claim"))
+        if self._log.isEnabledFor(logging.DEBUG):
+            self._log.debug("claimed todo %s (resume %s)", claim.todo_id, run.todo.resume.kind,
+                            extra=self._todo_extra(run, "claim"))
         self._pool.submit(self._context.copy().run, self._execute, run)
 
     # -- running one todo ----------------------------------------------------------------------
@@ -384,8 +386,9 @@ class Server:
             self._count("events_written", len(events) - len(outcome.rejected))
             with self._cond:
                 self._run_times.append(time.monotonic() - run.started)
-            self._log.debug("todo %s %s", run.todo_id, counter,
-                            extra=self._todo_extra(run, counter))
+            if self._log.isEnabledFor(logging.DEBUG):
+                self._log.debug("todo %s %s", run.todo_id, counter,
+                                extra=self._todo_extra(run, counter))
         else:
             self._count("lost")
             self._log.warning("todo %s: %s write refused (%s)", run.todo_id, counter,
@@ -479,6 +482,8 @@ class Server:
     def _heartbeat_loop(self) -> None:
         storage = self._storage_()
         interval = self.settings.lease_seconds / 4
+        if not self._listening:  # no NOTIFY for UI cancels: the heartbeat reports them sooner
+            interval = min(interval, POLLING_HEARTBEAT)
         next_renewal = time.monotonic() + interval
         while not self._threads_stop.wait(WATCHDOG_TICK):
             now = time.monotonic()

@@ -37,40 +37,53 @@ RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$
 $$;
 
 -- Context extras for one todo, from its own tenant only (agents, humans, form, MCP, sources).
+-- plpgsql so its plans are cached; lookups a todo does not need are skipped.
 CREATE OR REPLACE FUNCTION processgpt_sync_context_v1(p_todo todolist, p_resume jsonb)
-RETURNS jsonb LANGUAGE sql STABLE AS $$
-    WITH member_ids AS (
-        SELECT DISTINCT processgpt_sync_uuid_or_null_v1(trim(x)) AS id
-        FROM unnest(string_to_array(coalesce(p_todo.user_id, ''), ',')) AS x
-    ), members AS (
-        SELECT u.* FROM users u JOIN member_ids m ON u.id = m.id
-        WHERE u.tenant_id IS NOT DISTINCT FROM p_todo.tenant_id
-    ), form AS (
-        SELECT f.fields_json, f.html FROM form_def f
-        WHERE p_todo.tool LIKE 'formHandler:%'
-          AND f.id = substr(p_todo.tool, 13)
-          AND f.tenant_id IS NOT DISTINCT FROM p_todo.tenant_id
-        LIMIT 1
-    )
-    SELECT jsonb_build_object(
-        'agents', coalesce((SELECT jsonb_agg(to_jsonb(m) ORDER BY m.username)
-                            FROM members m WHERE m.is_agent), '[]'::jsonb),
-        'users', coalesce((SELECT jsonb_agg(jsonb_build_object(
-                               'id', m.id, 'username', m.username, 'email', m.email)
-                               ORDER BY m.username)
-                           FROM members m WHERE NOT coalesce(m.is_agent, false)), '[]'::jsonb),
-        'notify_emails', coalesce((SELECT jsonb_agg(DISTINCT m.email) FROM members m
-                                   WHERE NOT coalesce(m.is_agent, false) AND m.email IS NOT NULL),
-                                  '[]'::jsonb),
-        'form_id', CASE WHEN p_todo.tool LIKE 'formHandler:%' THEN substr(p_todo.tool, 13) END,
-        'form_fields', (SELECT fields_json FROM form),
-        'form_html', (SELECT html FROM form),
-        'tenant_mcp', (SELECT t.mcp FROM tenants t WHERE t.id = p_todo.tenant_id),
-        'sources', coalesce((SELECT jsonb_agg(to_jsonb(s) ORDER BY s.created_at)
-                             FROM proc_inst_source s
-                             WHERE s.proc_inst_id = coalesce(p_todo.root_proc_inst_id,
-                                                             p_todo.proc_inst_id)), '[]'::jsonb),
-        'resume', p_resume)
+RETURNS jsonb LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_ids uuid[];
+    v_agents jsonb := '[]'::jsonb;
+    v_users jsonb := '[]'::jsonb;
+    v_emails jsonb := '[]'::jsonb;
+    v_form_id text;
+    v_fields jsonb;
+    v_html text;
+    v_mcp jsonb;
+    v_sources jsonb := '[]'::jsonb;
+    v_proc text := coalesce(p_todo.root_proc_inst_id, p_todo.proc_inst_id);
+BEGIN
+    IF coalesce(p_todo.user_id, '') <> '' THEN
+        SELECT array_agg(DISTINCT processgpt_sync_uuid_or_null_v1(trim(x))) INTO v_ids
+        FROM unnest(string_to_array(p_todo.user_id, ',')) AS x;
+        SELECT coalesce(jsonb_agg(to_jsonb(u) ORDER BY u.username)
+                        FILTER (WHERE u.is_agent), '[]'::jsonb),
+               coalesce(jsonb_agg(jsonb_build_object('id', u.id, 'username', u.username,
+                                                     'email', u.email) ORDER BY u.username)
+                        FILTER (WHERE NOT coalesce(u.is_agent, false)), '[]'::jsonb),
+               coalesce(jsonb_agg(DISTINCT u.email)
+                        FILTER (WHERE NOT coalesce(u.is_agent, false) AND u.email IS NOT NULL),
+                        '[]'::jsonb)
+        INTO v_agents, v_users, v_emails
+        FROM users u
+        WHERE u.id = ANY (v_ids) AND u.tenant_id IS NOT DISTINCT FROM p_todo.tenant_id;
+    END IF;
+    IF p_todo.tool LIKE 'formHandler:%' THEN
+        v_form_id := substr(p_todo.tool, 13);
+        SELECT f.fields_json, f.html INTO v_fields, v_html FROM form_def f
+        WHERE f.id = v_form_id AND f.tenant_id IS NOT DISTINCT FROM p_todo.tenant_id LIMIT 1;
+    END IF;
+    IF p_todo.tenant_id IS NOT NULL THEN
+        SELECT t.mcp INTO v_mcp FROM tenants t WHERE t.id = p_todo.tenant_id;
+    END IF;
+    IF v_proc IS NOT NULL THEN
+        SELECT coalesce(jsonb_agg(to_jsonb(s) ORDER BY s.created_at), '[]'::jsonb) INTO v_sources
+        FROM proc_inst_source s WHERE s.proc_inst_id = v_proc;
+    END IF;
+    RETURN jsonb_build_object(
+        'agents', v_agents, 'users', v_users, 'notify_emails', v_emails,
+        'form_id', v_form_id, 'form_fields', v_fields, 'form_html', v_html,
+        'tenant_mcp', v_mcp, 'sources', v_sources, 'resume', p_resume);
+END
 $$;
 
 -- Claim up to p_limit todos for one agent_orch in one call (SKIP LOCKED), each with a lease, a
@@ -171,6 +184,8 @@ CREATE OR REPLACE FUNCTION processgpt_sync_record_events_v1(p_events jsonb)
 RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
     v_base timestamptz := clock_timestamp();
+    v_types text[] := enum_range(NULL::event_type_enum)::text[];
+    v_statuses text[] := enum_range(NULL::event_status)::text[];
     v_inserted integer;
     v_rejected jsonb;
 BEGIN
@@ -195,12 +210,11 @@ BEGIN
         SELECT i.n, i.ev, i.todo_id, o.proc_inst_id,
             CASE
                 WHEN jsonb_typeof(i.ev) <> 'object' THEN 'not a JSON object'
-                WHEN coalesce(i.ev ->> 'event_type', '')
-                     <> ALL (enum_range(NULL::event_type_enum)::text[])
+                WHEN coalesce(i.ev ->> 'event_type', '') <> ALL (v_types)
                     THEN format('unknown event_type %s',
                                 coalesce(quote_literal(i.ev ->> 'event_type'), 'NULL'))
                 WHEN i.ev ->> 'status' IS NOT NULL
-                     AND i.ev ->> 'status' <> ALL (enum_range(NULL::event_status)::text[])
+                     AND i.ev ->> 'status' <> ALL (v_statuses)
                     THEN format('unknown status %s', quote_literal(i.ev ->> 'status'))
                 WHEN o.id IS NULL OR o.claim_token IS DISTINCT FROM i.token
                     THEN 'not the owner of this todo (lease lost, cancelled or finished)'
@@ -356,38 +370,123 @@ BEGIN
 END
 $$;
 
--- Record the outcomes of many todos in one transaction (one commit for all: group commit).
--- Each item: {todo_id, token, outcome: completed|failed|asked, result?, error?, events?}.
--- Items are isolated: one that fails returns {applied: false, reason: 'error', error} and the
--- others are still written. Returns one outcome object per item, in order.
+-- Record the outcomes of many todos in one statement (one commit for all: group commit).
+-- Each item: {todo_id, token, outcome: completed|failed|asked, result?, error?, events?}; it is
+-- fenced like save_result / fail / suspend and has the same effects, the item's events first.
+-- Returns one {applied, reason, events: {rejected}, error?} per item, in order.
 CREATE OR REPLACE FUNCTION processgpt_sync_finish_v1(p_items jsonb)
 RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
-    v_item jsonb;
-    v_result jsonb;
-    v_out jsonb := '[]'::jsonb;
+    v_base timestamptz := clock_timestamp();
+    v_types text[] := enum_range(NULL::event_type_enum)::text[];
+    v_statuses text[] := enum_range(NULL::event_status)::text[];
+    v_out jsonb;
 BEGIN
-    FOR v_item IN SELECT value FROM jsonb_array_elements(coalesce(p_items, '[]'::jsonb)) LOOP
-        BEGIN
-            v_result := CASE v_item ->> 'outcome'
-                WHEN 'completed' THEN processgpt_sync_save_result_v1(
-                    (v_item ->> 'todo_id')::uuid, (v_item ->> 'token')::uuid, v_item -> 'result',
-                    true, coalesce(v_item -> 'events', '[]'::jsonb))
-                WHEN 'failed' THEN processgpt_sync_fail_v1(
-                    (v_item ->> 'todo_id')::uuid, (v_item ->> 'token')::uuid,
-                    v_item ->> 'error', coalesce(v_item -> 'events', '[]'::jsonb))
-                WHEN 'asked' THEN processgpt_sync_suspend_v1(
-                    (v_item ->> 'todo_id')::uuid, (v_item ->> 'token')::uuid,
-                    coalesce(v_item -> 'events', '[]'::jsonb))
-                ELSE jsonb_build_object('applied', false, 'reason', 'error',
-                                        'error', format('unknown outcome %L', v_item ->> 'outcome'))
-            END;
-        EXCEPTION WHEN OTHERS THEN
-            v_result := jsonb_build_object('applied', false, 'reason', 'error', 'error', SQLERRM);
-        END;
-        v_out := v_out || jsonb_build_array(v_result);
-    END LOOP;
-    RETURN v_out;
+    WITH items AS MATERIALIZED (
+        SELECT i.ordinality AS n, i.value AS item, i.value ->> 'outcome' AS outcome,
+               processgpt_sync_uuid_or_null_v1(i.value ->> 'todo_id') AS todo_id,
+               processgpt_sync_uuid_or_null_v1(i.value ->> 'token') AS token
+        FROM jsonb_array_elements(coalesce(p_items, '[]'::jsonb)) WITH ORDINALITY AS i
+    ), locked AS MATERIALIZED (
+        SELECT t.id, t.claim_token, t.draft_status,
+               coalesce(t.root_proc_inst_id, t.proc_inst_id) AS proc_inst_id
+        FROM todolist t WHERE t.id IN (SELECT todo_id FROM items)
+        ORDER BY t.id FOR UPDATE OF t
+    ), judged AS MATERIALIZED (
+        SELECT i.n, i.item, i.outcome, i.todo_id, i.token, l.proc_inst_id,
+            CASE
+                WHEN i.outcome IS NULL OR i.outcome NOT IN ('completed', 'failed', 'asked')
+                    THEN 'error'
+                WHEN i.outcome = 'completed' AND i.item -> 'result' IS NULL THEN 'error'
+                WHEN l.id IS NULL THEN 'missing'
+                WHEN l.claim_token IS DISTINCT FROM i.token THEN 'not_owner'
+                WHEN l.draft_status IN ('STARTED', 'HUMAN_ASKED') THEN 'ok'
+                WHEN (i.outcome, l.draft_status) IN (('completed', 'COMPLETED'),
+                                                     ('failed', 'FAILED'))
+                    THEN 'already_applied'
+                ELSE lower(coalesce(l.draft_status::text, 'released'))
+            END AS reason
+        FROM items i LEFT JOIN locked l ON l.id = i.todo_id
+    ), evs AS MATERIALIZED (
+        SELECT j.n, j.todo_id, j.token, j.proc_inst_id, e.value AS ev, e.ordinality AS k,
+            CASE
+                WHEN jsonb_typeof(e.value) <> 'object' THEN 'not a JSON object'
+                WHEN coalesce(e.value ->> 'event_type', '') <> ALL (v_types)
+                    THEN format('unknown event_type %s',
+                                coalesce(quote_literal(e.value ->> 'event_type'), 'NULL'))
+                WHEN e.value ->> 'status' IS NOT NULL AND e.value ->> 'status' <> ALL (v_statuses)
+                    THEN format('unknown status %s', quote_literal(e.value ->> 'status'))
+                WHEN processgpt_sync_uuid_or_null_v1(e.value ->> 'todo_id')
+                         IS DISTINCT FROM j.todo_id
+                     OR processgpt_sync_uuid_or_null_v1(e.value ->> 'token')
+                         IS DISTINCT FROM j.token
+                    THEN 'not the owner of this todo (lease lost, cancelled or finished)'
+            END AS reason
+        FROM judged j
+        CROSS JOIN LATERAL jsonb_array_elements(
+            CASE WHEN jsonb_typeof(j.item -> 'events') = 'array' THEN j.item -> 'events'
+                 ELSE '[]'::jsonb END) WITH ORDINALITY AS e
+        WHERE j.reason = 'ok'
+    ), inserted AS (
+        INSERT INTO events (id, job_id, todo_id, proc_inst_id, crew_type, event_type, data,
+                            status, "timestamp")
+        SELECT coalesce(nullif(v.ev ->> 'id', ''), gen_random_uuid()::text),
+               coalesce(nullif(v.ev ->> 'job_id', ''), v.todo_id::text),
+               v.todo_id::text,
+               coalesce(nullif(v.ev ->> 'proc_inst_id', ''), v.proc_inst_id),
+               nullif(v.ev ->> 'crew_type', ''),
+               (v.ev ->> 'event_type')::event_type_enum,
+               coalesce(nullif(v.ev -> 'data', 'null'::jsonb), '{}'::jsonb),
+               (v.ev ->> 'status')::event_status,
+               v_base + (v.n * 100000 + v.k) * interval '1 microsecond'
+        FROM evs v
+        WHERE v.reason IS NULL AND NOT EXISTS (SELECT 1 FROM events x WHERE x.id = v.ev ->> 'id')
+    ), updated AS (
+        UPDATE todolist t
+        SET output = CASE WHEN j.outcome = 'completed' AND t.agent_mode = 'COMPLETE'
+                          THEN j.item -> 'result' ELSE t.output END,
+            draft = CASE WHEN j.outcome = 'completed' AND t.agent_mode IS DISTINCT FROM 'COMPLETE'
+                         THEN j.item -> 'result' ELSE t.draft END,
+            status = CASE WHEN j.outcome = 'completed' AND t.agent_mode = 'COMPLETE'
+                          THEN 'SUBMITTED'::todo_status ELSE t.status END,
+            draft_status = CASE j.outcome WHEN 'completed' THEN 'COMPLETED'
+                                          WHEN 'failed' THEN 'FAILED'
+                                          ELSE 'HUMAN_ASKED' END::draft_status,
+            log = CASE WHEN j.outcome = 'failed' THEN concat_ws(E'\n', t.log, j.item ->> 'error')
+                       ELSE t.log END,
+            consumer = NULL, updated_at = now()
+        FROM judged j WHERE t.id = j.todo_id AND j.reason = 'ok'
+    ), dropped AS (
+        DELETE FROM processgpt_sync_lease l USING judged j
+        WHERE l.todo_id = j.todo_id AND j.reason = 'ok'
+    ), closing AS (
+        INSERT INTO events (id, job_id, todo_id, proc_inst_id, crew_type, event_type, data,
+                            "timestamp")
+        SELECT gen_random_uuid()::text,
+               CASE j.outcome WHEN 'completed' THEN 'CREW_FINISHED' ELSE 'TASK_ERROR' END,
+               j.todo_id::text, j.proc_inst_id,
+               CASE j.outcome WHEN 'completed' THEN 'crew' ELSE 'agent' END,
+               CASE j.outcome WHEN 'completed' THEN 'crew_completed'
+                              ELSE 'error' END::event_type_enum,
+               CASE j.outcome WHEN 'completed' THEN '{}'::jsonb
+                              ELSE jsonb_build_object('error', j.item ->> 'error') END,
+               v_base + (j.n * 100000 + 99999) * interval '1 microsecond'
+        FROM judged j WHERE j.reason = 'ok' AND j.outcome IN ('completed', 'failed')
+    )
+    SELECT jsonb_agg(jsonb_build_object(
+               'applied', j.reason IN ('ok', 'already_applied'),
+               'reason', j.reason,
+               'error', CASE WHEN j.reason = 'error' THEN format(
+                   'unknown outcome %s or missing result', coalesce(quote_literal(j.outcome),
+                                                                    'NULL')) END,
+               'events', jsonb_build_object('rejected', coalesce(
+                   (SELECT jsonb_agg(jsonb_build_object('index', v.k - 1, 'reason', v.reason)
+                                     ORDER BY v.k)
+                    FROM evs v WHERE v.n = j.n AND v.reason IS NOT NULL), '[]'::jsonb)))
+               ORDER BY j.n)
+    INTO v_out
+    FROM judged j;
+    RETURN coalesce(v_out, '[]'::jsonb);
 END
 $$;
 

@@ -80,6 +80,25 @@ def storage(database_url: str) -> Iterator[PostgresStorage]:
     store.close()
 
 
+def open_backend(name: str, database_url: str) -> Iterator[Any]:
+    """A storage of backend ``name`` on ``database_url``: Postgres directly, or Supabase through
+    supabase-py and the PostgREST-protocol test gateway."""
+    if name == "postgres":
+        store: Any = PostgresStorage(database_url, max_connections=12)
+        yield store
+        store.close()
+        return
+    from processgpt_sync.storage.supabase import SupabaseStorage
+    from tests.postgrest_gateway import SERVICE_KEY, Gateway
+
+    gateway = Gateway(database_url)
+    store = SupabaseStorage(gateway.url, SERVICE_KEY)
+    store.gateway = gateway
+    yield store
+    store.close()
+    gateway.close()
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail the test on timeout."""
     deadline = time.monotonic() + timeout

@@ -43,7 +43,10 @@ def wrap_exceptions(target: str) -> Iterator[None]:
         if code in _UNAVAILABLE_CODES or (code or "").startswith("5"):
             raise StorageUnavailable(f"Supabase unavailable ({target}): {message}",
                                      code=code, hint=exc.hint) from exc
-        if code in ("401", "403", "42501", "PGRST301", "PGRST302"):
+        auth_words = ("API key", "JWT", "permission denied")
+        if code in ("401", "403", "42501", "PGRST301", "PGRST302") or any(
+            word in message for word in auth_words
+        ):
             raise StorageError(
                 f"Supabase refused {target} ({code}): {message}; use the service-role key "
                 "(SUPABASE_KEY or SUPABASE_SERVICE_ROLE_KEY), not the anon key",
@@ -75,10 +78,13 @@ class SupabaseStorage(Storage):
     def _client(self) -> Any:
         client = getattr(self._local, "client", None)
         if client is None:
-            from supabase import ClientOptions, create_client
+            from supabase import create_client
+            from supabase.lib.client_options import SyncClientOptions
 
-            options = ClientOptions(
-                postgrest_client_timeout=self._timeout,
+            # The timeout lives on the HTTP client (supabase-py deprecates its own option).
+            options = SyncClientOptions(
+                httpx_client=httpx.Client(timeout=self._timeout),
+                postgrest_client_timeout=None,  # type: ignore[arg-type]
                 auto_refresh_token=False,
                 persist_session=False,
             )

@@ -277,7 +277,8 @@ def test_finish_records_many_outcomes_in_one_call_and_isolates_a_bad_item(storag
     out = storage.finish(items)
     assert [(o.applied, o.reason) for o in out] == [
         (True, "ok"), (True, "ok"), (False, "error"), (False, "not_owner")]
-    assert "unknown outcome" in (out[2].error or "")
+    assert "unknown outcome 'exploded'" in (out[2].error or "")
+    assert out[0].rejected == []
     states = {r["id"]: r["draft_status"] for r in db.execute(
         "SELECT id::text, draft_status::text FROM todolist")}
     assert [states[x.todo_id] for x in c] == ["COMPLETED", "FAILED", "STARTED", "STARTED"]
