@@ -107,7 +107,7 @@ def test_event_batch_with_one_invalid_type_keeps_the_others(storage, db):
 def test_event_writes_are_idempotent_by_event_id(storage, db):
     storage.enqueue("a", "q")
     (c,) = claim(storage)
-    batch = [event(c)]
+    batch = [{**event(c), "id": str(uuid.uuid4())}]  # the flusher gives each event an id
     storage.record_events(batch)
     storage.record_events(batch)  # a retry after an ambiguous network error
     assert db.execute("SELECT count(*) AS n FROM events").fetchone()["n"] == 1
