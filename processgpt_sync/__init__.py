@@ -6,11 +6,14 @@ runs an executor on each in a thread pool, and writes its events and result back
 
 from __future__ import annotations
 
+from typing import Any
+
 from . import embedded
 from .errors import (
     ConfigurationError,
     ExecutorError,
     ExecutorTimeout,
+    HumanTimeout,
     NoResultError,
     PayloadError,
     ProcessGPTSyncError,
@@ -20,16 +23,34 @@ from .errors import (
 )
 from .events import Events
 from .models import Resume, Todo
+from .runs import current_run
 from .server import Server, serve, start
 from .settings import Settings
 
 __version__ = "0.1.0"
+
+
+def ask_human(question: str, **options: Any) -> Any:
+    """``todo.ask_human`` for code that does not see the todo (a CrewAI or LangChain tool
+    running on the worker thread); the todo is found through contextvars.
+
+    :raises ProcessGPTSyncError: called outside a running todo.
+    """
+    run = current_run()
+    if run is None:
+        raise ProcessGPTSyncError(
+            "ask_human() was called outside a running todo: call it from an executor, or from "
+            "code the executor calls on its own thread"
+        )
+    return run.todo.ask_human(question, **options)
+
 
 __all__ = [
     "ConfigurationError",
     "Events",
     "ExecutorError",
     "ExecutorTimeout",
+    "HumanTimeout",
     "NoResultError",
     "PayloadError",
     "ProcessGPTSyncError",
@@ -41,6 +62,7 @@ __all__ = [
     "StorageUnavailable",
     "Todo",
     "__version__",
+    "ask_human",
     "embedded",
     "serve",
     "start",

@@ -1,4 +1,4 @@
-"""The `processgpt-sync` command: init-db, enqueue, status, serve, demo.
+"""The `processgpt-sync` command: init-db, enqueue, status, serve, asked, respond, demo.
 
 The only module that configures logging or prints.
 """
@@ -110,6 +110,42 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_asked(args: argparse.Namespace) -> int:
+    storage = _storage(args)
+    try:
+        questions = storage.open_questions(args.agent_orch)
+    finally:
+        storage.close()
+    if not questions:
+        print("(no open questions)")
+        return 0
+    print(f"{'job_id':50}  {'todo':8}  {'agent_orch':20}  question")
+    for q in questions:
+        data = q["question"] if isinstance(q["question"], dict) else {"question": q["question"]}
+        text = str(data.get("question") or data.get("text") or data)
+        options = f" {data['options']}" if data.get("options") else ""
+        print(f"{q['job_id']:50}  {str(q['todo_id'])[:8]:8}  {q['agent_orch'] or '-':20}  "
+              f"{text}{options}")
+    return 0
+
+
+def cmd_respond(args: argparse.Namespace) -> int:
+    try:
+        answer = json.loads(args.answer)
+    except ValueError:
+        answer = args.answer
+    storage = _storage(args)
+    try:
+        todo_id = storage.respond(args.job_id, answer, user_id=args.user_id)
+    finally:
+        storage.close()
+    if todo_id is None:
+        raise ConfigurationError(f"no question with job_id {args.job_id!r}; see "
+                                 "`processgpt-sync asked`")
+    print(f"answered {args.job_id} (todo {todo_id})")
+    return 0
+
+
 def load_executor(target: str) -> Any:
     """Import ``module:attribute``; a class is instantiated without arguments."""
     module_name, _, attribute = target.partition(":")
@@ -200,6 +236,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--timeout", type=float, help="per-todo time limit in seconds")
     serve.add_argument("--tenant", help="serve only this tenant's todos")
     serve.set_defaults(func=cmd_serve)
+
+    asked = command("asked", "questions to people that wait for an answer")
+    asked.add_argument("--agent-orch")
+    asked.set_defaults(func=cmd_asked)
+
+    respond = command("respond", "answer a question as the ProcessGPT UI does")
+    respond.add_argument("job_id")
+    respond.add_argument("answer", help="the answer (JSON if it parses as JSON, else text)")
+    respond.add_argument("--user-id")
+    respond.set_defaults(func=cmd_respond)
 
     demo = command("demo", "enqueue and serve a few todos on the embedded database")
     demo.add_argument("--todos", type=int, default=8)

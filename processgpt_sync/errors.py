@@ -8,6 +8,7 @@ Our exception hierarchy::
     │   ├── StorageUnavailable
     │   └── SchemaMissing
     ├── PayloadError
+    ├── HumanTimeout
     └── ExecutorError
         ├── ExecutorTimeout
         └── NoResultError
@@ -50,6 +51,10 @@ class SchemaMissing(StorageError):
 
 class PayloadError(ProcessGPTSyncError):
     """A value cannot be stored as JSON."""
+
+
+class HumanTimeout(ProcessGPTSyncError):
+    """No answer from a person in time."""
 
 
 class ExecutorError(ProcessGPTSyncError):

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from .events import Events
 
 JSONDict = dict[str, Any]
+NO_DEFAULT: Any = object()  # ask_human(default=...) not given
 RESUME_KINDS = ("fresh", "reclaim", "human_answer", "revision")
 
 
@@ -74,9 +75,11 @@ class Todo:
     resume: Resume
     events: Events = field(repr=False, compare=False)
     cancel_event: threading.Event = field(repr=False, compare=False)
+    asker: Callable[..., Any] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def from_claim(cls, claim: Claim, events: Events, cancel_event: threading.Event) -> Todo:
+    def from_claim(cls, claim: Claim, events: Events, cancel_event: threading.Event,
+                   asker: Callable[..., Any] | None = None) -> Todo:
         row = claim.row
         return cls(
             id=claim.todo_id,
@@ -91,12 +94,41 @@ class Todo:
             resume=Resume.from_json(claim.extras.get("resume")),
             events=events,
             cancel_event=cancel_event,
+            asker=asker,
         )
 
     @property
     def cancelled(self) -> bool:
         """True once the todo was cancelled (UI cancel, lost lease, timeout or shutdown)."""
         return self.cancel_event.is_set()
+
+    def ask_human(self, question: str, *, options: list[Any] | None = None, kind: str = "text",
+                  timeout: float = 300.0, default: Any = NO_DEFAULT) -> Any:
+        """Ask a person and block until the answer arrives; return the answer.
+
+        Writes a ``human_asked`` event (and a notification for the todo's human users); the
+        ProcessGPT UI answers with a ``human_response`` event. The same question asked again in
+        this todo returns the earlier answer.
+
+        :param kind: ``text``, ``select`` (needs ``options``) or ``confirm``.
+        :param default: returned on timeout instead of raising.
+        :raises HumanTimeout: no answer within ``timeout`` seconds and no ``default``.
+        """
+        if self.asker is None:
+            from .errors import ProcessGPTSyncError
+
+            raise ProcessGPTSyncError("this todo is not running in a server; it cannot ask")
+        return self.asker(question, options=options, kind=kind, timeout=timeout,
+                          default=default)
+
+    def suspend_for_human(self, question: str, *, options: list[Any] | None = None,
+                          kind: str = "text") -> NoReturn:
+        """Ask a person and free the worker: the todo waits in the database (HUMAN_ASKED) and
+        runs again, with ``resume.kind == "human_answer"`` and ``resume.answer``, once
+        answered. Does not return."""
+        from .human import SuspendForHuman, question_data
+
+        raise SuspendForHuman(question_data(question, options, kind))
 
     @property
     def agents(self) -> list[Any]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextvars
+import functools
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .events import EventBuffer, Events
@@ -21,7 +23,8 @@ class TodoRun:
     """One claimed todo: its view, its sink, its cancel flag and whether it reached its end."""
 
     def __init__(
-        self, claim: Claim, buffer: EventBuffer, *, timeout: float | None, intermediate: Any
+        self, claim: Claim, buffer: EventBuffer, *, timeout: float | None, intermediate: Any,
+        asker: Callable[..., Any] | None = None,
     ) -> None:
         self.claim = claim
         self.lock = threading.Lock()
@@ -40,7 +43,8 @@ class TodoRun:
             is_open=self.is_open,
             on_result=lambda data, final: self._on_result(data, final, intermediate),
         )
-        self.todo = Todo.from_claim(claim, self.events, self.cancel_event)
+        ask = None if asker is None else functools.partial(asker, self)
+        self.todo = Todo.from_claim(claim, self.events, self.cancel_event, ask)
 
     @property
     def todo_id(self) -> str:

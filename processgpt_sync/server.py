@@ -17,6 +17,7 @@ import signal
 import statistics
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ from typing import Any, TypeVar
 from .errors import NoResultError, PayloadError, StorageError, StorageUnavailable
 from .events import EventBuffer, backoff, log_rejected
 from .executor import Adapter, adapt
+from .human import ANSWER_CHANNEL, HumanDesk, SuspendForHuman
 from .models import AwaitingHuman, Claim
 from .outcomes import Outcome, OutcomeWriter
 from .payload import check_json, error_text, unwrap_text
@@ -86,6 +88,7 @@ class Server:
         self._pool: ThreadPoolExecutor | None = None
         self._buffer: EventBuffer | None = None
         self._outcomes: OutcomeWriter | None = None
+        self._desk: HumanDesk | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -112,13 +115,15 @@ class Server:
         self._buffer.start()
         self._outcomes = OutcomeWriter(storage, abort=self._abort)
         self._outcomes.start()
+        self._desk = HumanDesk(storage, self._buffer.take, lambda: self._listening,
+                               self._cancel)
         # Twice the slots: a todo that timed out keeps its thread until its executor returns.
         self._pool = ThreadPoolExecutor(
             max_workers=self.settings.workers * 2, thread_name_prefix="processgpt-sync"
         )
         listener = None
         if self.settings.listen:
-            listener = storage.listener([TODO_CHANNEL, CANCEL_CHANNEL])
+            listener = storage.listener([TODO_CHANNEL, CANCEL_CHANNEL, ANSWER_CHANNEL])
         if listener is not None:
             try:
                 listener.connect()
@@ -141,7 +146,11 @@ class Server:
         with self._state_lock:
             first = not self._stopping.is_set()
             self._stopping.set()
-        if not first or not self._started:
+            running = self._buffer is not None  # start() got past its checks
+        if not running:
+            self._stopped.set()
+            return
+        if not first:
             self._stopped.wait()
             return
         grace = self.settings.grace_seconds if timeout is None else timeout
@@ -276,8 +285,9 @@ class Server:
 
     def _submit(self, claim: Claim) -> None:
         assert self._buffer is not None and self._pool is not None
+        assert self._desk is not None
         run = TodoRun(claim, self._buffer, timeout=self.settings.timeout,
-                      intermediate=self._save_intermediate)
+                      intermediate=self._save_intermediate, asker=self._desk.ask)
         with self._cond:
             self._runs[claim.todo_id] = run
             self._busy += 1
@@ -296,6 +306,8 @@ class Server:
         self._count_executing(1)
         try:
             value = self._adapter.run(run.todo)
+        except SuspendForHuman as suspend:
+            value = self._suspend(run, suspend.question)
         except Exception as exc:
             error = exc
         finally:
@@ -349,6 +361,13 @@ class Server:
             self._record_failure(run, str(exc))
             return
         self._record_result(run, result)
+
+    def _suspend(self, run: TodoRun, question: dict[str, Any]) -> Any:
+        """``todo.suspend_for_human``: the question as a human_asked event, then the todo
+        waits in the database (HUMAN_ASKED, lease released)."""
+        run.events.emit("human_asked", question, job_id=f"human_asked_{uuid.uuid4()}",
+                        crew_type="agent", status="ASKED")
+        return AwaitingHuman(question=question)
 
     def _record_result(self, run: TodoRun, result: Any) -> None:
         events = self._take_events(run)
@@ -458,6 +477,8 @@ class Server:
             run.cancel_event.set()
         self._log.info("cancelling todo %s (%s)", run.todo_id, reason,
                        extra=self._todo_extra(run, "cancel"))
+        if self._desk is not None:
+            self._desk.wake(run.todo_id)
         try:
             self._adapter.cancel(run.todo)
         except Exception:
@@ -535,6 +556,9 @@ class Server:
                 if channel == TODO_CHANNEL and payload == self.settings.agent_orch:
                     self._maybe_more = True
                     self._wake.set()
+                elif channel == ANSWER_CHANNEL:
+                    assert self._desk is not None
+                    self._desk.notify(payload)
                 elif channel == CANCEL_CHANNEL:
                     with self._cond:
                         run = self._runs.get(payload)

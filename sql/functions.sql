@@ -490,6 +490,164 @@ BEGIN
 END
 $$;
 
+-- Ask a person (blocking ask_human): the pending events, then a `human_asked` event (job_id,
+-- question data with its signature) and a notification per human user; draft_status
+-- HUMAN_ASKED while the lease is kept. When this todo already asked the same question (same
+-- signature) and got an answer, nothing is written and that answer is returned.
+-- Returns {applied, reason, answer?}.
+CREATE OR REPLACE FUNCTION processgpt_sync_ask_v1(
+    p_todo_id uuid,
+    p_token uuid,
+    p_job_id text,
+    p_question jsonb,
+    p_events jsonb DEFAULT '[]'::jsonb)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    v_refused text := processgpt_sync_fence_v1(p_todo_id, p_token);
+    v_todo todolist;
+    v_answer jsonb;
+    v_events jsonb;
+BEGIN
+    IF v_refused IS NOT NULL THEN
+        RETURN jsonb_build_object('applied', false, 'reason', v_refused);
+    END IF;
+    SELECT r.data INTO v_answer
+    FROM events q JOIN events r ON r.job_id = q.job_id AND r.event_type = 'human_response'
+    WHERE q.todo_id = p_todo_id::text AND q.event_type = 'human_asked'
+      AND q.data ->> 'signature' = p_question ->> 'signature'
+    ORDER BY r."timestamp" DESC LIMIT 1;
+    IF FOUND THEN
+        RETURN jsonb_build_object('applied', true, 'reason', 'answered_before', 'answer', v_answer);
+    END IF;
+
+    v_events := processgpt_sync_record_events_v1(p_events);
+    SELECT * INTO v_todo FROM todolist WHERE id = p_todo_id;
+    INSERT INTO events (id, job_id, todo_id, proc_inst_id, crew_type, event_type, data, status,
+                        "timestamp")
+    VALUES (gen_random_uuid()::text, p_job_id, p_todo_id::text,
+            coalesce(v_todo.root_proc_inst_id, v_todo.proc_inst_id), 'agent', 'human_asked',
+            p_question, 'ASKED', clock_timestamp());
+    UPDATE todolist SET draft_status = 'HUMAN_ASKED', updated_at = now() WHERE id = p_todo_id;
+    BEGIN  -- a platform notifications table of another shape must not stop the question
+        INSERT INTO notifications (user_id, tenant_id, title, description, type, url)
+        SELECT u.id::text, v_todo.tenant_id, coalesce(v_todo.activity_name, 'Question'),
+               p_question ->> 'question', 'workitem_bpm', '/todolist/' || p_todo_id
+        FROM users u
+        WHERE u.id = ANY (ARRAY(SELECT processgpt_sync_uuid_or_null_v1(trim(x))
+                                FROM unnest(string_to_array(coalesce(v_todo.user_id, ''), ','))
+                                AS x))
+          AND u.tenant_id IS NOT DISTINCT FROM v_todo.tenant_id
+          AND NOT coalesce(u.is_agent, false);
+    EXCEPTION WHEN undefined_table OR undefined_column OR datatype_mismatch THEN
+        RAISE WARNING 'processgpt-sync: notification not written: %', SQLERRM;
+    END;
+    RETURN jsonb_build_object('applied', true, 'reason', 'ok', 'events', v_events);
+END
+$$;
+
+-- The answer to a question (job_id), if there is one yet; when found, the todo is running
+-- again (draft_status STARTED). Fenced. Returns {applied, reason, answer?}.
+CREATE OR REPLACE FUNCTION processgpt_sync_answer_v1(p_todo_id uuid, p_token uuid, p_job_id text)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    v_refused text := processgpt_sync_fence_v1(p_todo_id, p_token);
+    v_answer jsonb;
+BEGIN
+    IF v_refused IS NOT NULL THEN
+        RETURN jsonb_build_object('applied', false, 'reason', v_refused);
+    END IF;
+    SELECT data INTO v_answer FROM events
+    WHERE job_id = p_job_id AND event_type = 'human_response'
+    ORDER BY "timestamp" DESC LIMIT 1;
+    IF NOT FOUND THEN
+        RETURN jsonb_build_object('applied', true, 'reason', 'waiting');
+    END IF;
+    UPDATE todolist SET draft_status = 'STARTED', updated_at = now()
+    WHERE id = p_todo_id AND draft_status = 'HUMAN_ASKED';
+    RETURN jsonb_build_object('applied', true, 'reason', 'answered', 'answer', v_answer);
+END
+$$;
+
+-- Stop waiting for an answer (timeout): the todo runs on (draft_status STARTED). Fenced.
+CREATE OR REPLACE FUNCTION processgpt_sync_resume_asking_v1(p_todo_id uuid, p_token uuid)
+RETURNS boolean LANGUAGE sql AS $$
+    UPDATE todolist SET draft_status = 'STARTED', updated_at = now()
+    WHERE id = p_todo_id AND claim_token = p_token AND draft_status = 'HUMAN_ASKED'
+    RETURNING true
+$$;
+
+-- Answer a question as the ProcessGPT UI does: a `human_response` event with the question's
+-- job_id (CLI `respond`). Returns the todo id, or NULL when no such question exists.
+CREATE OR REPLACE FUNCTION processgpt_sync_respond_v1(
+    p_job_id text, p_answer jsonb, p_user_id text DEFAULT NULL)
+RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    v_question events;
+BEGIN
+    SELECT * INTO v_question FROM events
+    WHERE job_id = p_job_id AND event_type = 'human_asked' ORDER BY "timestamp" DESC LIMIT 1;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO events (id, job_id, todo_id, proc_inst_id, crew_type, event_type, data, status,
+                        "timestamp")
+    VALUES (gen_random_uuid()::text, p_job_id, v_question.todo_id, v_question.proc_inst_id,
+            v_question.crew_type, 'human_response',
+            jsonb_build_object('answer', p_answer, 'user_id', p_user_id), 'APPROVED',
+            clock_timestamp());
+    RETURN v_question.todo_id;
+END
+$$;
+
+-- Questions still waiting for an answer (CLI `asked`).
+CREATE OR REPLACE FUNCTION processgpt_sync_open_questions_v1(p_agent_orch text DEFAULT NULL)
+RETURNS jsonb LANGUAGE sql STABLE AS $$
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+               'job_id', q.job_id, 'todo_id', q.todo_id, 'agent_orch', t.agent_orch::text,
+               'question', q.data, 'asked_at', q."timestamp", 'waiting', t.consumer IS NOT NULL)
+               ORDER BY q."timestamp"), '[]'::jsonb)
+    FROM events q
+    JOIN todolist t ON t.id = processgpt_sync_uuid_or_null_v1(q.todo_id)
+    WHERE q.event_type = 'human_asked' AND t.draft_status = 'HUMAN_ASKED'
+      AND (p_agent_orch IS NULL OR t.agent_orch::text = p_agent_orch)
+      AND NOT EXISTS (SELECT 1 FROM events r
+                      WHERE r.job_id = q.job_id AND r.event_type = 'human_response')
+$$;
+
+-- An answer arrives: wake the waiting worker ('processgpt_sync_answer', payload job_id); a todo
+-- suspended for it (no owner) becomes claimable with the answer as its last feedback, so it
+-- runs again with resume kind human_answer.
+CREATE OR REPLACE FUNCTION processgpt_sync_answer_trigger_v1()
+RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    v_todo_id uuid;
+BEGIN
+    IF NEW.event_type IS DISTINCT FROM 'human_response' THEN
+        RETURN NULL;
+    END IF;
+    PERFORM pg_notify('processgpt_sync_answer', NEW.job_id);
+    SELECT processgpt_sync_uuid_or_null_v1(q.todo_id) INTO v_todo_id FROM events q
+    WHERE q.job_id = NEW.job_id AND q.event_type = 'human_asked'
+    ORDER BY q."timestamp" DESC LIMIT 1;
+    UPDATE todolist t
+    SET draft_status = 'FB_REQUESTED', updated_at = now(),
+        feedback = CASE WHEN jsonb_typeof(t.feedback) = 'array' THEN t.feedback ELSE '[]'::jsonb
+                   END || jsonb_build_array(jsonb_build_object(
+                       'time', now(), 'kind', 'human_answer', 'job_id', NEW.job_id,
+                       'content', coalesce(NEW.data -> 'answer', NEW.data),
+                       'user_id', NEW.data ->> 'user_id'))
+    WHERE t.id = coalesce(v_todo_id, processgpt_sync_uuid_or_null_v1(NEW.todo_id))
+      AND t.draft_status = 'HUMAN_ASKED' AND t.consumer IS NULL;
+    RETURN NULL;
+END
+$$;
+
+DROP TRIGGER IF EXISTS processgpt_sync_answer ON events;
+CREATE TRIGGER processgpt_sync_answer
+    AFTER INSERT ON events
+    FOR EACH ROW WHEN (NEW.event_type = 'human_response')
+    EXECUTE FUNCTION processgpt_sync_answer_trigger_v1();
+
 -- Give claims back: a running todo returns to the state it was claimed from (claimable again,
 -- the claim not counted); a todo cancelled meanwhile just loses its lease. Returns how many
 -- todos became claimable.

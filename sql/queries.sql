@@ -26,6 +26,26 @@ SELECT processgpt_sync_suspend_v1(p_todo_id => %(p_todo_id)s::uuid, p_token => %
 -- Record the outcomes (result, failure, question) of many todos in one transaction
 SELECT processgpt_sync_finish_v1(p_items => %(p_items)s::jsonb)
 
+-- ask --
+-- Ask a person: pending events, human_asked event, notifications; or reuse an earlier answer
+SELECT processgpt_sync_ask_v1(p_todo_id => %(p_todo_id)s::uuid, p_token => %(p_token)s::uuid, p_job_id => %(p_job_id)s::text, p_question => %(p_question)s::jsonb, p_events => %(p_events)s::jsonb)
+
+-- answer --
+-- The answer to a question, if any yet (the todo then runs again)
+SELECT processgpt_sync_answer_v1(p_todo_id => %(p_todo_id)s::uuid, p_token => %(p_token)s::uuid, p_job_id => %(p_job_id)s::text)
+
+-- resume_asking --
+-- Stop waiting for an answer: the todo runs on
+SELECT processgpt_sync_resume_asking_v1(p_todo_id => %(p_todo_id)s::uuid, p_token => %(p_token)s::uuid)
+
+-- respond --
+-- Answer a question as the ProcessGPT UI does
+SELECT processgpt_sync_respond_v1(p_job_id => %(p_job_id)s::text, p_answer => %(p_answer)s::jsonb, p_user_id => %(p_user_id)s::text)
+
+-- open_questions --
+-- Questions still waiting for an answer
+SELECT processgpt_sync_open_questions_v1(p_agent_orch => %(p_agent_orch)s::text)
+
 -- release --
 -- Give claims back so the todos are claimable again
 SELECT processgpt_sync_release_v1(p_todo_ids => %(p_todo_ids)s::uuid[], p_tokens => %(p_tokens)s::uuid[])

@@ -142,3 +142,17 @@ BEGIN
     END IF;
 END
 $$;
+
+-- ProcessGPT notifications (minimal shape for fresh databases): a question to a human creates one.
+CREATE TABLE IF NOT EXISTS notifications (
+    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    user_id text,
+    tenant_id text,
+    title text,
+    description text,
+    type text,
+    url text,
+    from_user_id text,
+    is_checked boolean DEFAULT false,
+    time timestamptz DEFAULT now()
+);

@@ -29,6 +29,7 @@ class WriteOutcome:
     reason: str
     rejected: list[Mapping[str, Any]] = field(default_factory=list)
     error: str | None = None
+    answer: Any = None
 
     @classmethod
     def from_json(cls, value: Mapping[str, Any]) -> WriteOutcome:
@@ -38,6 +39,7 @@ class WriteOutcome:
             reason=str(value.get("reason")),
             rejected=list(events.get("rejected") or []),
             error=value.get("error"),
+            answer=value.get("answer"),
         )
 
 
@@ -168,6 +170,32 @@ class Storage(abc.ABC):
             return []
         outcomes = self.call("finish", {"p_items": list(items)})
         return [WriteOutcome.from_json(o) for o in outcomes]
+
+    def ask(self, claim: Claim, job_id: str, question: Mapping[str, Any], *,
+            events: Sequence[Mapping[str, Any]] = ()) -> WriteOutcome:
+        """Write pending events and the question; or return an earlier identical one's answer."""
+        params = {"p_todo_id": claim.todo_id, "p_token": claim.token, "p_job_id": job_id,
+                  "p_question": dict(question), "p_events": list(events)}
+        return WriteOutcome.from_json(self.call("ask", params))
+
+    def answer(self, claim: Claim, job_id: str) -> WriteOutcome:
+        """The answer to question ``job_id`` if there is one yet (reason 'answered')."""
+        params = {"p_todo_id": claim.todo_id, "p_token": claim.token, "p_job_id": job_id}
+        return WriteOutcome.from_json(self.call("answer", params))
+
+    def resume_asking(self, claim: Claim) -> None:
+        """Stop waiting for an answer; the todo runs on."""
+        self.call("resume_asking", {"p_todo_id": claim.todo_id, "p_token": claim.token})
+
+    def respond(self, job_id: str, answer: Any, *, user_id: str | None = None) -> str | None:
+        """Answer question ``job_id`` as the UI does; the todo id, or None if no such question."""
+        params = {"p_job_id": job_id, "p_answer": answer, "p_user_id": user_id}
+        todo_id = self.call("respond", params)
+        return None if todo_id is None else str(todo_id)
+
+    def open_questions(self, agent_orch: str | None = None) -> list[Mapping[str, Any]]:
+        """Questions still waiting for an answer."""
+        return list(self.call("open_questions", {"p_agent_orch": agent_orch}) or [])
 
     def release(self, claims: Iterable[Claim]) -> int:
         """Give claims back in one call; return how many todos became claimable again."""

@@ -104,3 +104,27 @@ def test_wheel_ships_the_sql_and_examples(tmp_path):
         assert required in names
     sql = zipfile.ZipFile(wheel).read("processgpt_sync/sql/functions.sql").decode()
     assert sql == (ROOT / "sql/functions.sql").read_text(), "the wheel ships the one source"
+
+
+def test_asked_lists_open_questions_and_respond_answers_them(database_url):
+    import processgpt_sync as ps
+    from processgpt_sync.storage.postgres import PostgresStorage
+
+    storage = PostgresStorage(database_url)
+    storage.enqueue("cli-hitl", "x")
+    url = ["--database-url", database_url]
+    try:
+        with ps.start(lambda todo: {"answer": todo.ask_human("Ship it?", kind="confirm")},
+                      agent_orch="cli-hitl", storage=storage) as server:
+            listing = wait_for(lambda: "Ship it?" in (out := cli("asked", *url).stdout) and out)
+            job_id = next(line.split()[0] for line in listing.splitlines()
+                          if "Ship it?" in line)
+            assert "answered" in cli("respond", *url, job_id, "true").stdout
+            wait_for(lambda: server.stats()["completed"] == 1)
+        assert "(no open questions)" in cli("asked", *url).stdout
+        unknown = cli("respond", *url, "human_asked_nope", "x", check=False)
+        assert unknown.returncode == 2 and "no question with job_id" in unknown.stderr
+    finally:
+        storage.close()
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT output FROM todolist").fetchone()[0] == {"answer": True}

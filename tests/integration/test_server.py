@@ -308,3 +308,12 @@ def test_contextvars_of_the_starting_thread_reach_the_executor(storage, db):
     serve_until(storage, lambda todo: {"ctx": request_id.get()},
                 lambda s: s.stats()["completed"] == 1)
     assert rows(db)[0]["output"] == {"ctx": "from-caller"}
+
+
+def test_a_failed_start_reports_its_own_error_and_stop_returns(empty_database_url):
+    server = ps.Server(lambda todo: {}, ps.Settings(agent_orch="a",
+                                                    database_url=empty_database_url))
+    with pytest.raises(ps.SchemaMissing, match="init-db"):
+        server.start()
+    server.stop()
+    assert server.join(timeout=1)

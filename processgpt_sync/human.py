@@ -1,0 +1,154 @@
+"""Asking a person from blocking code: write the question, wait for the answer, resume.
+
+``todo.ask_human(...)`` blocks the worker thread (the lease stays alive) until the ProcessGPT UI
+writes a ``human_response`` event with the question's job_id; a NOTIFY wakes the waiter at once
+(polling with back-off where there is no LISTEN). ``todo.suspend_for_human(...)`` frees the
+worker instead: the todo waits in the database and runs again with ``resume.kind ==
+"human_answer"`` once answered, even after a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from .errors import HumanTimeout, ProcessGPTSyncError, StorageUnavailable
+from .events import backoff
+from .models import NO_DEFAULT
+from .payload import check_json
+
+if TYPE_CHECKING:
+    from .runs import TodoRun
+    from .storage.base import Storage
+
+ANSWER_CHANNEL = "processgpt_sync_answer"
+KINDS = ("text", "select", "confirm")
+__all__ = ["NO_DEFAULT", "HumanDesk", "SuspendForHuman", "answer_value", "question_data"]
+POLL_MAX = 1.0  # seconds between answer checks when no NOTIFY arrives
+
+
+class SuspendForHuman(BaseException):
+    """Raised by ``todo.suspend_for_human``: the todo waits in the database for its answer.
+
+    A BaseException so an executor's ``except Exception`` does not swallow it.
+    """
+
+    def __init__(self, question: Mapping[str, Any]) -> None:
+        super().__init__(question.get("question"))
+        self.question = dict(question)
+
+
+def question_data(question: str, options: list[Any] | None, kind: str) -> dict[str, Any]:
+    """The ``human_asked`` event data, shaped as the ProcessGPT UI reads it."""
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("the question must be a non-empty string")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if kind == "select" and not options:
+        raise ValueError("kind='select' needs options")
+    signature = hashlib.sha256(
+        json.dumps([question, options, kind], sort_keys=True, ensure_ascii=False).encode()
+    ).hexdigest()[:32]
+    data = {"role": "agent", "question": question, "text": question, "type": kind,
+            "options": options, "signature": signature}
+    return check_json(data, what="question")  # type: ignore[no-any-return]
+
+
+def answer_value(data: Any) -> Any:
+    """The answer itself from a ``human_response`` event's data (``data.answer`` by contract)."""
+    if isinstance(data, Mapping) and "answer" in data:
+        return data["answer"]
+    return data
+
+
+class HumanDesk:
+    """Questions in flight for one server, and the waiters the listener wakes."""
+
+    def __init__(self, storage: Storage, take_events: Callable[[str], list[dict[str, Any]]],
+                 is_listening: Callable[[], bool],
+                 cancel: Callable[[TodoRun, str], None]) -> None:
+        self._storage = storage
+        self._cancel = cancel
+        self._take_events = take_events
+        self._is_listening = is_listening
+        self._lock = threading.Lock()
+        self._waiters: dict[str, tuple[str, threading.Event]] = {}
+
+    def notify(self, job_id: str) -> None:
+        """An answer for ``job_id`` was written (NOTIFY)."""
+        with self._lock:
+            waiter = self._waiters.get(job_id)
+        if waiter is not None:
+            waiter[1].set()
+
+    def wake(self, todo_id: str) -> None:
+        """The todo was cancelled: wake its waiters so they see it."""
+        with self._lock:
+            events = [event for owner, event in self._waiters.values() if owner == todo_id]
+        for event in events:
+            event.set()
+
+    def ask(self, run: TodoRun, question: str, *, options: list[Any] | None, kind: str,
+            timeout: float, default: Any) -> Any:
+        data = question_data(question, options, kind)
+        job_id = f"human_asked_{uuid.uuid4()}"
+        waiter = threading.Event()
+        with self._lock:
+            self._waiters[job_id] = (run.todo_id, waiter)
+        try:
+            events = self._take_events(run.todo_id)
+            asked = self._call(lambda: self._storage.ask(run.claim, job_id, data, events=events))
+            if not asked.applied:
+                self._refused(run, asked.reason)
+            if asked.reason == "answered_before":
+                return answer_value(asked.answer)
+            return self._wait(run, job_id, waiter, question, timeout, default)
+        finally:
+            with self._lock:
+                self._waiters.pop(job_id, None)
+
+    def _wait(self, run: TodoRun, job_id: str, waiter: threading.Event, question: str,
+              timeout: float, default: Any) -> Any:
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        while True:
+            if run.cancel_event.is_set():
+                raise ProcessGPTSyncError(f"todo {run.todo_id} was cancelled while waiting for "
+                                          "an answer")
+            got = self._call(lambda: self._storage.answer(run.claim, job_id))
+            if not got.applied:
+                self._refused(run, got.reason)
+            if got.reason == "answered":
+                return answer_value(got.answer)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._call(lambda: self._storage.resume_asking(run.claim))
+                if default is not NO_DEFAULT:
+                    return default
+                raise HumanTimeout(f"no answer within {timeout:g} s to: {question}")
+            pause = POLL_MAX if self._is_listening() else delay
+            waiter.wait(min(remaining, pause))
+            waiter.clear()
+            delay = min(delay * 2, POLL_MAX)
+
+    def _refused(self, run: TodoRun, reason: str) -> NoReturn:
+        """The database says this worker no longer runs the todo: tell the server, stop."""
+        self._cancel(run, "cancelled" if reason == "cancelled" else "lost")
+        raise ProcessGPTSyncError(f"todo {run.todo_id} is no longer running here ({reason})")
+
+    @staticmethod
+    def _call(request: Callable[[], Any]) -> Any:
+        attempt = 0
+        while True:
+            try:
+                return request()
+            except StorageUnavailable:
+                attempt += 1
+                if attempt > 8:
+                    raise
+                time.sleep(backoff(attempt))

@@ -1,0 +1,191 @@
+"""Asking a person from blocking code: wait, time out, suspend and resume, reuse answers."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+
+import pytest
+
+import processgpt_sync as ps
+from tests.conftest import open_backend, wait_for
+
+
+@pytest.fixture(params=["postgres", "supabase"])
+def storage(request, database_url):
+    yield from open_backend(request.param, database_url)
+
+
+def question_of(db, todo_id=None):
+    """The open question's job_id, as the UI sees it."""
+    sql = "SELECT job_id, data, status::text FROM events WHERE event_type = 'human_asked'"
+    params: tuple = ()
+    if todo_id:
+        sql += " AND todo_id = %s"
+        params = (todo_id,)
+    row = db.execute(sql + " ORDER BY timestamp DESC LIMIT 1", params).fetchone()
+    return row
+
+
+def answer_as_the_ui(db, job_id, answer):
+    db.execute("INSERT INTO events (id, job_id, event_type, data, status) VALUES "
+               "(%s, %s, 'human_response', jsonb_build_object('answer', %s::jsonb), 'APPROVED')",
+               (str(uuid.uuid4()), job_id, json.dumps(answer)))
+
+
+def human_todo(storage, db, text="q"):
+    human = str(uuid.uuid4())
+    db.execute("INSERT INTO users (id, tenant_id, username, email, is_agent) "
+               "VALUES (%s, 't1', 'ann', 'ann@example.com', false)", (human,))
+    return storage.enqueue("hitl", text, tenant_id="t1", user_id=human), human
+
+
+def test_answer_arrives_and_the_executor_continues_with_it(storage, db):
+    todo_id, human = human_todo(storage, db)
+    seen_waiting = []
+
+    def handle(todo):
+        todo.events.progress("before asking")
+        choice = todo.ask_human("Which way?", options=["fast", "careful"], kind="select")
+        return {"choice": choice}
+
+    with ps.start(handle, agent_orch="hitl", storage=storage) as server:
+        question = wait_for(lambda: question_of(db))
+        seen_waiting.append(db.execute("SELECT draft_status::text AS s FROM todolist"
+                                       ).fetchone()["s"])
+        time.sleep(0.1)
+        answered_at = time.monotonic()
+        answer_as_the_ui(db, question["job_id"], "careful")
+        wait_for(lambda: server.stats()["completed"] == 1)
+        latency = time.monotonic() - answered_at
+    row = db.execute("SELECT output, draft_status::text FROM todolist").fetchone()
+    assert row == {"output": {"choice": "careful"}, "draft_status": "COMPLETED"}
+    assert seen_waiting == ["HUMAN_ASKED"]
+    assert question["job_id"].startswith("human_asked_") and question["status"] == "ASKED"
+    data = question["data"]
+    assert (data["question"], data["type"], data["options"]) == (
+        "Which way?", "select", ["fast", "careful"])
+    types = [r["event_type"] for r in db.execute(
+        "SELECT event_type::text FROM events ORDER BY timestamp")]
+    assert types == ["task_working", "human_asked", "human_response", "crew_completed"]
+    note = db.execute("SELECT user_id, url, description FROM notifications").fetchone()
+    assert note == {"user_id": human, "url": f"/todolist/{todo_id}", "description": "Which way?"}
+    assert latency < (1.0 if storage.backend == "postgres" else 2.5)
+
+
+def test_timeout_raises_or_returns_the_default(storage, db):
+    storage.enqueue("hitl", "raise")
+    storage.enqueue("hitl", "default")
+
+    def handle(todo):
+        if todo.input == "default":
+            return {"got": todo.ask_human("Proceed?", kind="confirm", timeout=0.3,
+                                          default="no answer")}
+        return {"got": todo.ask_human("Proceed?", kind="confirm", timeout=0.3)}
+
+    with ps.start(handle, agent_orch="hitl", storage=storage) as server:
+        wait_for(lambda: server.stats()["completed"] + server.stats()["failed"] == 2)
+    rows = {r["query"]: r for r in db.execute(
+        "SELECT query, output, draft_status::text, log FROM todolist")}
+    assert rows["default"]["output"] == {"got": "no answer"}
+    assert rows["raise"]["draft_status"] == "FAILED"
+    assert rows["raise"]["log"] == "HumanTimeout: no answer within 0.3 s to: Proceed?"
+
+
+def test_suspend_survives_a_restart_and_resumes_with_the_answer(storage, db):
+    todo_id = storage.enqueue("hitl", "needs approval")
+    runs = []
+
+    def handle(todo):
+        runs.append((todo.resume.kind, todo.resume.answer))
+        if todo.resume.kind != "human_answer":
+            todo.suspend_for_human("Approve the purchase?", kind="confirm")
+        return {"approved": todo.resume.answer}
+
+    with ps.start(handle, agent_orch="hitl", storage=storage) as server:
+        wait_for(lambda: server.stats()["asked"] == 1)
+    row = db.execute("SELECT draft_status::text, consumer FROM todolist").fetchone()
+    assert row == {"draft_status": "HUMAN_ASKED", "consumer": None}
+    assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
+    question = question_of(db, todo_id)
+    answer_as_the_ui(db, question["job_id"], "yes")  # while no server runs
+    with ps.start(handle, agent_orch="hitl", storage=storage) as server:
+        wait_for(lambda: server.stats()["completed"] == 1)
+    assert runs == [("fresh", None), ("human_answer", "yes")]
+    assert db.execute("SELECT output FROM todolist").fetchone()["output"] == {"approved": "yes"}
+
+
+def test_two_todos_waiting_at_once_get_their_own_answers(storage, db):
+    first = storage.enqueue("hitl", "one")
+    second = storage.enqueue("hitl", "two")
+
+    def handle(todo):
+        return {"answer": todo.ask_human(f"Name for {todo.input}?")}
+
+    with ps.start(handle, agent_orch="hitl", storage=storage, workers=2) as server:
+        q1 = wait_for(lambda: question_of(db, first))
+        q2 = wait_for(lambda: question_of(db, second))
+        answer_as_the_ui(db, q2["job_id"], "answer two")
+        answer_as_the_ui(db, q1["job_id"], "answer one")
+        wait_for(lambda: server.stats()["completed"] == 2)
+    outputs = {r["query"]: r["output"] for r in db.execute("SELECT query, output FROM todolist")}
+    assert outputs == {"one": {"answer": "answer one"}, "two": {"answer": "answer two"}}
+
+
+def test_a_tool_without_the_todo_asks_through_contextvars_and_repeats_reuse_answers(
+        storage, db):
+    def crewai_tool(query):  # sees no todo object, like a CrewAI tool on the worker thread
+        return ps.ask_human(f"Confirm {query}?", kind="confirm")
+
+    def handle(todo):
+        first = crewai_tool("the order")
+        again = crewai_tool("the order")  # agents re-ask: the earlier answer comes back
+        return {"first": first, "again": again}
+
+    storage.enqueue("hitl", "x")
+    with ps.start(handle, agent_orch="hitl", storage=storage) as server:
+        question = wait_for(lambda: question_of(db))
+        answer_as_the_ui(db, question["job_id"], True)
+        wait_for(lambda: server.stats()["completed"] == 1)
+    assert db.execute("SELECT output FROM todolist").fetchone()["output"] == {
+        "first": True, "again": True}
+    assert db.execute("SELECT count(*) AS n FROM events WHERE event_type = 'human_asked'"
+                      ).fetchone()["n"] == 1
+
+
+def test_ask_human_outside_a_todo_is_a_clear_error():
+    with pytest.raises(ps.ProcessGPTSyncError, match="outside a running todo"):
+        ps.ask_human("anyone?")
+
+
+def test_bad_questions_fail_at_the_call_site(storage, db):
+    storage.enqueue("hitl", "x")
+
+    def handle(todo):
+        todo.ask_human("Pick one", kind="select")
+
+    with ps.start(handle, agent_orch="hitl", storage=storage) as server:
+        wait_for(lambda: server.stats()["failed"] == 1)
+    assert db.execute("SELECT log FROM todolist").fetchone()["log"] == (
+        "ValueError: kind='select' needs options")
+
+
+def test_a_cancel_while_waiting_stops_the_wait(storage, db):
+    todo_id = storage.enqueue("hitl", "x")
+    ended = threading.Event()
+
+    def handle(todo):
+        try:
+            todo.ask_human("Still there?")
+        finally:
+            ended.set()
+
+    with ps.start(handle, agent_orch="hitl", storage=storage) as server:
+        wait_for(lambda: question_of(db))
+        db.execute("UPDATE todolist SET draft_status = 'CANCELLED' WHERE id = %s", (todo_id,))
+        assert ended.wait(5)
+        wait_for(lambda: server.stats()["cancelled"] == 1)
+    assert db.execute("SELECT draft_status::text AS s FROM todolist").fetchone()["s"] == (
+        "CANCELLED")
