@@ -21,6 +21,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from types import FrameType, TracebackType
 from typing import Any, TypeVar
 
@@ -56,9 +57,17 @@ class Server:
     """A running processgpt-sync server; see :func:`start` and :func:`serve`."""
 
     def __init__(
-        self, executor: Any, settings: Settings, *, storage: Storage | None = None
+        self,
+        executor: Any,
+        settings: Settings,
+        *,
+        storage: Storage | None = None,
+        around_todo: Callable[[], AbstractContextManager[Any]] | None = None,
     ) -> None:
+        """:param around_todo: a context manager entered around each todo on its worker
+        thread (Django closes stale connections with it)."""
         self.settings = settings
+        self._around_todo = around_todo or nullcontext
         self._adapter: Adapter = adapt(executor)
         self._storage = storage
         self._owns_storage = storage is None
@@ -305,7 +314,8 @@ class Server:
         error: BaseException | None = None
         self._count_executing(1)
         try:
-            value = self._adapter.run(run.todo)
+            with self._around_todo():
+                value = self._adapter.run(run.todo)
         except SuspendForHuman as suspend:
             value = self._suspend(run, suspend.question)
         except Exception as exc:

@@ -1,0 +1,38 @@
+"""Asking a person from blocking code.
+
+    python examples/hitl.py
+    processgpt-sync enqueue --agent-orch hitl-demo --input "order 12 laptops"
+    processgpt-sync asked                       # the open question and its job_id
+    processgpt-sync respond JOB_ID '"careful"'  # answer as the ProcessGPT UI would
+
+`ask_human` blocks this worker thread until the answer arrives (the lease stays alive);
+`suspend_for_human` frees the worker and the todo runs again, with the answer in
+`todo.resume.answer`, once someone replies — hours later or after a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from processgpt_sync import Todo, ask_human, serve
+
+
+def check_budget(item: str) -> bool:
+    """A tool deep inside agent code: it asks without seeing the todo (found via contextvars)."""
+    return bool(ask_human(f"Is there budget for {item}?", kind="confirm", timeout=600))
+
+
+def handle(todo: Todo) -> dict[str, object]:
+    if todo.resume.kind == "human_answer":  # resumed after suspend_for_human
+        return {"request": todo.input, "approved_by_manager": todo.resume.answer}
+    style = todo.ask_human("How should I process this?", kind="select",
+                           options=["fast", "careful"], timeout=600, default="careful")
+    todo.events.progress({"style": style})
+    if not check_budget(todo.input):
+        todo.suspend_for_human(f"No budget for {todo.input!r}: approve anyway?", kind="confirm")
+    return {"request": todo.input, "style": style}
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    serve(handle, agent_orch="hitl-demo", workers=4)
