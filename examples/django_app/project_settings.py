@@ -27,6 +27,7 @@ DATABASES = {
         "HOST": _db.get("host", ""),
         "PORT": _db.get("port", ""),
         "CONN_MAX_AGE": 60,
+        "CONN_HEALTH_CHECKS": True,
     }
 }
 PROCESSGPT_AGENT_ORCH = "django-notes"
