@@ -1,4 +1,4 @@
-"""The `processgpt-sync` command: init-db, enqueue, status, serve, asked, respond, demo.
+"""The `processgpt-sync` command: init-db, enqueue, status, health, serve, asked, respond, demo.
 
 The only module that configures logging or prints.
 """
@@ -11,10 +11,17 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import ConfigurationError, ProcessGPTSyncError
+from .errors import (
+    ConfigurationError,
+    ProcessGPTSyncError,
+    SchemaMissing,
+    StorageError,
+    StorageUnavailable,
+)
 from .settings import Settings
 from .storage import Storage, connect
 
@@ -98,16 +105,77 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     storage = _storage(args)
     try:
-        rows = storage.status(args.agent_orch)
+        while True:
+            rows = storage.status(args.agent_orch)
+            if args.watch and sys.stdout.isatty():
+                print("\033[2J\033[H", end="")  # clear the screen, cursor home
+            print(f"{'agent_orch':30}  {'draft_status':13}  {'count':>7}")
+            for row in rows:
+                print(f"{row['agent_orch'] or '-':30}  {row['draft_status'] or '(claimable)':13}"
+                      f"  {row['count']:>7}")
+            if not rows:
+                print("(no todos)")
+            if not args.watch:
+                return 0
+            print(flush=True)
+            time.sleep(args.interval)
     finally:
         storage.close()
-    print(f"{'agent_orch':30}  {'draft_status':13}  {'count':>7}")
-    for row in rows:
-        print(f"{row['agent_orch'] or '-':30}  {row['draft_status'] or '(claimable)':13}  "
-              f"{row['count']:>7}")
-    if not rows:
-        print("(no todos)")
-    return 0
+
+
+HEALTH_UNREACHABLE, HEALTH_SCHEMA, HEALTH_LISTEN = 3, 4, 5
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """Container probe: exit 0 healthy, 3 database unreachable, 4 schema missing or outdated,
+    5 LISTEN/NOTIFY not working (Postgres backends only)."""
+    storage = connect(
+        database_url=args.database_url or os.environ.get("DATABASE_URL"),
+        supabase_url=os.environ.get("SUPABASE_URL"),
+        supabase_key=os.environ.get("SUPABASE_KEY") or os.environ.get("SUPABASE_SERVICE_ROLE_KEY"),
+        embedded_dir=os.environ.get("PROCESSGPT_EMBEDDED_DIR"),
+    )
+    try:
+        try:
+            ping = getattr(storage, "ping", None)
+            if ping is not None:
+                ping()
+            else:
+                storage.status("processgpt-sync-health")
+        except StorageUnavailable as exc:
+            print(f"FAIL database: {exc}")
+            return HEALTH_UNREACHABLE
+        except SchemaMissing:
+            pass
+        print(f"ok   database reachable ({storage.backend})")
+        try:
+            storage.check_schema()
+        except SchemaMissing as exc:
+            print(f"FAIL schema: {exc}")
+            return HEALTH_SCHEMA
+        print("ok   schema: every required function installed")
+        listener = storage.listener(["processgpt_sync_health"])
+        if listener is None:
+            print("ok   wake-ups by polling (no LISTEN on this backend)")
+            return 0
+        try:
+            listener.connect()
+            storage.call("notify_health", {})
+            heard = any(channel == "processgpt_sync_health" for channel, _ in
+                        listener.wait(3.0))
+        except StorageError as exc:
+            print(f"FAIL listen: {exc}")
+            return HEALTH_LISTEN
+        finally:
+            listener.close()
+        if not heard:
+            print("FAIL listen: no NOTIFY received within 3 s (a transaction pooler? use a "
+                  "session connection, e.g. Supabase port 5432)")
+            return HEALTH_LISTEN
+        print("ok   LISTEN/NOTIFY round trip")
+        return 0
+    finally:
+        storage.close()
 
 
 def cmd_asked(args: argparse.Namespace) -> int:
@@ -179,6 +247,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tenant_id=args.tenant,
     )
     server = Server(executor, settings)
+    if args.metrics_port:
+        from .metrics import serve_metrics
+
+        serve_metrics(server, args.metrics_port)
     server.run_forever()
     lingering = server.stats()["executor_threads"]
     if lingering:
@@ -223,7 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = command("status", "todo counts by agent_orch and draft_status")
     status.add_argument("--agent-orch")
+    status.add_argument("--watch", action="store_true", help="refresh until Ctrl+C")
+    status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     status.set_defaults(func=cmd_status)
+
+    command("health", "check the database, the schema and LISTEN; exit 0 when healthy, 3 "
+            "unreachable, 4 schema missing, 5 LISTEN not working").set_defaults(func=cmd_health)
 
     serve = command("serve", "serve an executor until SIGINT/SIGTERM")
     serve.add_argument("executor", help="module:attribute of a function, object or class")
@@ -235,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grace-seconds", type=float)
     serve.add_argument("--timeout", type=float, help="per-todo time limit in seconds")
     serve.add_argument("--tenant", help="serve only this tenant's todos")
+    serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     serve.set_defaults(func=cmd_serve)
 
     asked = command("asked", "questions to people that wait for an answer")

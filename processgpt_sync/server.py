@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
+from datetime import datetime
 from types import FrameType, TracebackType
 from typing import Any, TypeVar
 
@@ -44,6 +45,7 @@ TODO_CHANNEL = "processgpt_sync_todo"
 CANCEL_CHANNEL = "processgpt_sync_cancel"
 WATCHDOG_TICK = 0.2  # seconds between timeout checks
 LISTEN_WAIT = 1.0  # seconds one LISTEN wait may block before checking for stop
+LISTEN_PROBE_INTERVAL = 15.0  # seconds between checks that the listener still listens
 MIN_POLL = 0.05  # seconds: first back-off step of a polling-only backend
 POLLING_HEARTBEAT = 2.0  # seconds between heartbeats when UI cancels cannot arrive by NOTIFY
 RUN_TIMES_KEPT = 2_048
@@ -88,10 +90,11 @@ class Server:
         self._context = contextvars.copy_context()
         self._counts = dict.fromkeys(
             ("claimed", "completed", "failed", "asked", "cancelled", "lost", "released",
-             "events_written"),
+             "events_written", "listener_reconnects"),
             0,
         )
         self._run_times: deque[float] = deque(maxlen=RUN_TIMES_KEPT)
+        self._pickups: deque[float] = deque(maxlen=RUN_TIMES_KEPT)
         self._executing = 0  # threads inside an executor call, including abandoned ones
         self._threads: list[threading.Thread] = []
         self._pool: ThreadPoolExecutor | None = None
@@ -226,6 +229,7 @@ class Server:
             counts = dict(self._counts)
             running = len(self._runs)
             times = list(self._run_times)
+            pickups = list(self._pickups)
         pending = self._buffer.pending if self._buffer else 0
         return {
             **counts,
@@ -233,6 +237,10 @@ class Server:
             "events_pending": pending,
             "run_seconds_mean": statistics.fmean(times) if times else None,
             "run_seconds_p95": _percentile(times, 0.95),
+            "run_seconds_sum": sum(times),
+            "run_seconds_count": len(times),
+            "pickup_seconds_p50": _percentile(pickups, 0.5),
+            "pickup_seconds_p95": _percentile(pickups, 0.95),
             "listening": self._listening,
             "executor_threads": self._executing,
         }
@@ -313,6 +321,7 @@ class Server:
         value: Any = UNSET
         error: BaseException | None = None
         self._count_executing(1)
+        self._record_pickup(run)
         try:
             with self._around_todo():
                 value = self._adapter.run(run.todo)
@@ -546,8 +555,16 @@ class Server:
 
     def _listen_loop(self, listener: Listener) -> None:
         attempt = 0
+        next_probe = time.monotonic() + LISTEN_PROBE_INTERVAL
         while not self._threads_stop.is_set():
             try:
+                if time.monotonic() >= next_probe and self._listening:
+                    next_probe = time.monotonic() + LISTEN_PROBE_INTERVAL
+                    if not listener.probe():
+                        self._log.warning("the listener no longer listens (a transaction "
+                                          "pooler?); reconnecting, polling meanwhile",
+                                          extra={**self._extra, "action": "listen"})
+                        listener.close()
                 notes = listener.wait(LISTEN_WAIT)
             except StorageError as exc:
                 attempt += 1
@@ -557,6 +574,8 @@ class Server:
                 self._threads_stop.wait(backoff(attempt, base=0.25))
                 continue
             if attempt or not self._listening:
+                if attempt:
+                    self._count("listener_reconnects")
                 self._log.info("listener connected", extra={**self._extra, "action": "listen"})
                 attempt = 0
                 self._listening = True
@@ -624,6 +643,17 @@ class Server:
     def _storage_(self) -> Storage:
         assert self._storage is not None
         return self._storage
+
+    def _record_pickup(self, run: TodoRun) -> None:
+        """Seconds from the todo's start_date (when it became due) to its executor start."""
+        started = run.claim.row.get("start_date")
+        if isinstance(started, str) and run.todo.resume.kind == "fresh":
+            try:
+                due = datetime.fromisoformat(started).timestamp()
+            except ValueError:
+                return
+            with self._cond:
+                self._pickups.append(max(0.0, time.time() - due))
 
     def _count_executing(self, n: int) -> None:
         with self._cond:

@@ -756,6 +756,15 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
     ) s
 $$;
 
+-- A NOTIFY for `processgpt-sync health` to hear back on its LISTEN connection.
+CREATE OR REPLACE FUNCTION processgpt_sync_notify_health_v1()
+RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('processgpt_sync_health', 'ping');
+    RETURN true;
+END
+$$;
+
 -- The processgpt-sync functions installed, so a server can name any that are missing.
 CREATE OR REPLACE FUNCTION processgpt_sync_schema_v1()
 RETURNS jsonb LANGUAGE sql STABLE AS $$

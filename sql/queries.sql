@@ -62,6 +62,10 @@ SELECT processgpt_sync_enqueue_v1(p_agent_orch => %(p_agent_orch)s::text, p_inpu
 -- Todo counts by agent_orch and draft_status
 SELECT processgpt_sync_status_v1(p_agent_orch => %(p_agent_orch)s::text)
 
+-- notify_health --
+-- Send a NOTIFY the health check's listener must hear
+SELECT processgpt_sync_notify_health_v1()
+
 -- schema --
 -- Names of the installed processgpt_sync functions
 SELECT processgpt_sync_schema_v1()

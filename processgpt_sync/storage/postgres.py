@@ -154,6 +154,15 @@ class PostgresListener:
             self.close()
             raise
 
+    def probe(self) -> bool:
+        """Ask the server whether this connection still listens on every channel (a listener
+        can die silently, or sit behind a pooler that ignores LISTEN)."""
+        if self._conn is None or self._conn.closed:
+            return False
+        with wrap_exceptions("listen probe"):
+            rows = self._conn.execute("SELECT pg_listening_channels()").fetchall()
+        return {row[0] for row in rows} >= set(self._channels)
+
     def backend_pid(self) -> int | None:
         return None if self._conn is None or self._conn.closed else self._conn.info.backend_pid
 

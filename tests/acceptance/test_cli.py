@@ -128,3 +128,25 @@ def test_asked_lists_open_questions_and_respond_answers_them(database_url):
         storage.close()
     with psycopg.connect(database_url) as conn:
         assert conn.execute("SELECT output FROM todolist").fetchone()[0] == {"answer": True}
+
+
+def test_health_exit_codes_for_container_probes(database_url, empty_database_url, tmp_path):
+    healthy = cli("health", "--database-url", database_url, check=False)
+    assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+    assert "LISTEN/NOTIFY round trip" in healthy.stdout
+    missing = cli("health", "--database-url", empty_database_url, check=False)
+    assert missing.returncode == 4 and "processgpt_sync_claim_v1" in missing.stdout
+    unreachable = cli("health", "--database-url", f"postgresql://u@/db?host={tmp_path}",
+                      check=False)
+    assert unreachable.returncode == 3 and "FAIL database" in unreachable.stdout
+
+
+def test_status_watch_refreshes_until_interrupted(database_url):
+    proc = subprocess.Popen([sys.executable, "-m", "processgpt_sync", "status", "--watch",
+                             "--interval", "0.2", "--database-url", database_url], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 130
+    assert out.count("agent_orch") >= 2, out
