@@ -134,7 +134,12 @@ class Server:
             max_workers=self.settings.workers * 2, thread_name_prefix="processgpt-sync"
         )
         listener = None
-        if self.settings.listen:
+        if self.settings.listen and self.settings.behind_transaction_pooler:
+            self._log.warning("the database URL goes through a transaction pooler: LISTEN does "
+                              "not work there, polling every %gs instead (use a session "
+                              "connection, e.g. Supabase port 5432, for instant wake-ups)",
+                              self.settings.poll_interval, extra=self._extra)
+        elif self.settings.listen:
             listener = storage.listener([TODO_CHANNEL, CANCEL_CHANNEL, ANSWER_CHANNEL])
         if listener is not None:
             try:

@@ -37,6 +37,7 @@ ENVIRONMENT = {
     "PROCESSGPT_POLL_INTERVAL": "poll_interval",
     "PROCESSGPT_TIMEOUT": "timeout",
     "PROCESSGPT_CONSUMER": "consumer",
+    "PROCESSGPT_TRANSACTION_POOLER": "transaction_pooler",
 }
 
 
@@ -77,6 +78,9 @@ class Settings:
     """This server's name in `todolist.consumer`."""
     listen: bool = True
     """Use LISTEN/NOTIFY for instant wake-ups where the backend supports it."""
+    transaction_pooler: bool | None = None
+    """The database URL goes through a transaction pooler (PgBouncer / Supavisor transaction
+    mode, e.g. Supabase port 6543): no LISTEN, no prepared statements. None: detect port 6543."""
 
     def __post_init__(self) -> None:
         if not self.agent_orch or not self.agent_orch.strip():
@@ -97,6 +101,14 @@ class Settings:
             raise ConfigurationError(
                 f"Supabase needs both SUPABASE_URL and SUPABASE_KEY; {missing} is not set"
             )
+
+    @property
+    def behind_transaction_pooler(self) -> bool:
+        """True when the database URL goes through a transaction pooler."""
+        if self.transaction_pooler is not None:
+            return self.transaction_pooler
+        url = self.database_url or ""
+        return ":6543/" in url or "port=6543" in url
 
     @property
     def backend(self) -> str:
@@ -137,7 +149,7 @@ def _convert(name: str, raw: str, variable: str) -> Any:
             return int(raw)
         if kind in ("float", "float | None"):
             return float(raw)
-        if kind == "bool":
+        if kind in ("bool", "bool | None"):
             return raw.strip().lower() in ("1", "true", "yes", "on")
     except ValueError:
         raise ConfigurationError(f"{variable}={raw!r} is not a valid {kind}") from None

@@ -16,6 +16,7 @@ def open_storage(settings: Settings, *, max_connections: int | None = None) -> S
         supabase_key=settings.supabase_key,
         embedded_dir=settings.embedded_dir,
         max_connections=max_connections or settings.workers + 4,
+        prepare=not settings.behind_transaction_pooler,
     )
 
 
@@ -26,6 +27,7 @@ def connect(
     supabase_key: str | None = None,
     embedded_dir: str | None = None,
     max_connections: int = 8,
+    prepare: bool = True,
 ) -> Storage:
     """Postgres when a database URL is given, else Supabase with URL and key, else embedded."""
     if not database_url and supabase_url and supabase_key:
@@ -36,7 +38,7 @@ def connect(
     from .postgres import PostgresStorage
 
     if database_url:
-        return PostgresStorage(database_url, max_connections=max_connections)
+        return PostgresStorage(database_url, max_connections=max_connections, prepare=prepare)
     from .. import embedded
 
     return PostgresStorage(embedded.start(embedded_dir), max_connections=max_connections)

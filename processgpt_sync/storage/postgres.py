@@ -77,13 +77,17 @@ class PostgresStorage(Storage):
 
     backend = "postgres"
 
-    def __init__(self, conninfo: str, *, max_connections: int = 8) -> None:
+    def __init__(self, conninfo: str, *, max_connections: int = 8, prepare: bool = True) -> None:
+        """:param prepare: use server-side prepared statements (not behind a transaction
+        pooler)."""
         self.conninfo = conninfo
+        self.prepare = prepare
         self._pool = psycopg_pool.ConnectionPool(
             conninfo,
             min_size=1,
             max_size=max(2, max_connections),
-            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT},
+            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT,
+                    "prepare_threshold": 5 if prepare else None},
             timeout=POOL_TIMEOUT,
             name="processgpt-sync",
             open=False,

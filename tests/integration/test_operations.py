@@ -61,3 +61,25 @@ def test_metrics_endpoint_is_scraped(storage):
     assert 'processgpt_sync_run_seconds_count{agent_orch="metrics"} 1.0' in text
     assert "processgpt_sync_pickup_seconds_p95" in text
     assert "processgpt_sync_listener_reconnects_total" in text
+
+
+def test_behind_a_transaction_pooler_the_server_polls_without_prepared_statements(
+        database_url, db, caplog):
+    from processgpt_sync.storage import open_storage
+
+    settings = ps.Settings(agent_orch="pooled", database_url=database_url,
+                           transaction_pooler=True, poll_interval=0.5)
+    storage = open_storage(settings)
+    assert storage.prepare is False
+    storage.enqueue("pooled", "x")
+    with caplog.at_level(logging.WARNING):
+        server = ps.Server(lambda todo: {"ok": 1}, settings, storage=storage).start()
+        try:
+            wait_for(lambda: server.stats()["completed"] == 1)
+            assert not server.stats()["listening"]
+            with storage._pool.connection() as conn:
+                assert conn.prepare_threshold is None, "no server-side prepared statements"
+        finally:
+            server.stop()
+            storage.close()
+    assert "transaction pooler" in caplog.text

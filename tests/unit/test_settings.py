@@ -47,3 +47,15 @@ def test_bad_values_get_specific_errors(env, message):
 def test_unknown_option_is_named():
     with pytest.raises(ConfigurationError, match=r"unknown option.*lease_secs"):
         Settings.from_env({}, agent_orch="a", lease_secs=3)
+
+
+def test_a_transaction_pooler_is_detected_by_port_or_set_explicitly():
+    pooled = Settings(agent_orch="a",
+                      database_url="postgresql://u:p@pooler.supabase.com:6543/postgres")
+    assert pooled.behind_transaction_pooler
+    direct = Settings(agent_orch="a", database_url="postgresql://u:p@db:5432/postgres")
+    assert not direct.behind_transaction_pooler
+    forced = Settings.from_env({"PROCESSGPT_AGENT_ORCH": "a",
+                                "PROCESSGPT_TRANSACTION_POOLER": "yes",
+                                "DATABASE_URL": "postgresql://u@db/x"})
+    assert forced.behind_transaction_pooler
