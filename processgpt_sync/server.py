@@ -115,9 +115,15 @@ class Server:
         storage = self._storage
         try:
             storage.check_schema()
+            known = storage.status(self.settings.agent_orch)
         except BaseException:
             self._close_storage()
             raise
+        if not known:
+            self._log.warning(
+                "no todo has agent_orch=%r yet: check it matches todolist.agent_orch of the "
+                "work this server should do", self.settings.agent_orch,
+                extra={**self._extra, "action": "start_server"})
         self._buffer = EventBuffer(
             storage,
             flush_interval=EVENT_FLUSH_INTERVAL,

@@ -83,3 +83,10 @@ def test_behind_a_transaction_pooler_the_server_polls_without_prepared_statement
             server.stop()
             storage.close()
     assert "transaction pooler" in caplog.text
+
+
+def test_an_agent_orch_no_todo_uses_is_pointed_out_at_start(storage, caplog):
+    storage.enqueue("real-agent", "x")
+    with caplog.at_level(logging.WARNING):
+        ps.start(lambda todo: {}, agent_orch="real-agnet", storage=storage).stop()
+    assert "no todo has agent_orch='real-agnet' yet" in caplog.text

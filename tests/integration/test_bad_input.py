@@ -1,0 +1,88 @@
+"""Bad rows and bad executor output end in a recorded state with a clear message."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import processgpt_sync as ps
+from tests.conftest import wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_garbage_rows_and_payloads_each_end_with_a_clear_state(storage, db):
+    db.execute("""INSERT INTO todolist (agent_orch, status, agent_mode, query, description,
+                  feedback, user_id, tool, start_date) VALUES
+        ('bad', 'IN_PROGRESS', 'COMPLETE', NULL, NULL, '"not a list"', 'x,,y', 'formHandler:',
+         now()),
+        ('bad', 'IN_PROGRESS', 'COMPLETE', 'big', NULL, NULL, NULL, NULL, now() + interval '1s'),
+        ('bad', 'IN_PROGRESS', 'COMPLETE', 'surrogate', NULL, NULL, NULL, NULL,
+         now() + interval '2s'),
+        ('bad', 'IN_PROGRESS', NULL, 'no mode: not ours to claim', NULL, NULL, NULL, NULL,
+         now() + interval '3s')""")
+
+    def handle(todo):
+        if todo.input == "big":
+            return {"blob": "x" * 10_000_000}
+        if todo.input == "surrogate":
+            return {"text": "bytes \udcff lost"}
+        return {"input": todo.input, "resume": todo.resume.kind, "agents": todo.agents}
+
+    with ps.start(handle, agent_orch="bad", storage=storage) as server:
+        wait_for(lambda: server.stats()["completed"] + server.stats()["failed"] == 3)
+    rows = {r["query"]: r for r in db.execute(
+        "SELECT query, draft_status::text, log, output->>'input' AS input, "
+        "length(output->>'blob') AS blob, output->>'resume' AS resume FROM todolist")}
+    empty = rows[None]
+    # garbage feedback is ignored rather than fatal
+    assert (empty["draft_status"], empty["input"], empty["resume"]) == ("COMPLETED", "", "fresh")
+    assert (rows["big"]["draft_status"], rows["big"]["blob"]) == ("COMPLETED", 10_000_000)
+    assert rows["surrogate"]["draft_status"] == "FAILED"
+    assert "not valid UTF-8" in rows["surrogate"]["log"]
+    assert rows["no mode: not ours to claim"]["draft_status"] is None
+
+
+def test_an_executor_that_swallows_cancellation_cannot_write_after_a_ui_cancel(storage, db):
+    todo_id = storage.enqueue("stubborn", "x")
+    entered, carry_on = threading.Event(), threading.Event()
+
+    def handle(todo):
+        entered.set()
+        carry_on.wait(10)  # ignores todo.cancelled
+        todo.events.progress("still going")
+        return {"late": True}
+
+    with ps.start(handle, agent_orch="stubborn", storage=storage) as server:
+        assert entered.wait(10)
+        db.execute("UPDATE todolist SET draft_status = 'CANCELLED' WHERE id = %s", (todo_id,))
+        wait_for(lambda: server.stats()["running"] == 1 and db.execute(
+            "SELECT draft_status::text AS s FROM todolist").fetchone()["s"] == "CANCELLED")
+        carry_on.set()
+        wait_for(lambda: server.stats()["cancelled"] == 1)
+    row = db.execute("SELECT draft_status::text, output FROM todolist").fetchone()
+    assert row == {"draft_status": "CANCELLED", "output": None}
+    assert db.execute("SELECT count(*) AS n FROM events").fetchone()["n"] == 0
+
+
+def test_several_processes_start_the_embedded_server_at_once(tmp_path):
+    directory = tmp_path / "shared-pgdata"
+    code = ("import sys, psycopg; from processgpt_sync import embedded; "
+            "url = embedded.start(sys.argv[1]); "
+            "n = psycopg.connect(url).execute(\"SELECT count(*) FROM pg_proc WHERE proname = "
+            "'processgpt_sync_claim_v1'\").fetchone()[0]; print(url, n)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(directory)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    results = [p.communicate(timeout=120) for p in procs]
+    try:
+        assert [p.returncode for p in procs] == [0, 0, 0], [err for _, err in results]
+        lines = {out.strip() for out, _ in results}
+        assert len(lines) == 1, "one shared server, its schema installed once"
+        assert lines.pop().endswith(" 1")
+    finally:
+        subprocess.run([sys.executable, "-c", "import sys; from processgpt_sync import "
+                        "embedded; embedded.stop(sys.argv[1])", str(directory)],
+                       cwd=ROOT, timeout=60, check=False)
