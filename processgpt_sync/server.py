@@ -17,30 +17,28 @@ import signal
 import statistics
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime
 from types import FrameType, TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
-from .errors import NoResultError, PayloadError, StorageError, StorageUnavailable
-from .events import EventBuffer, backoff, log_rejected
+from .errors import StorageError, StorageUnavailable
+from .events import EventBuffer, backoff
 from .executor import Adapter, adapt
 from .human import ANSWER_CHANNEL, HumanDesk, SuspendForHuman
-from .models import AwaitingHuman, Claim
-from .outcomes import Outcome, OutcomeWriter
-from .payload import check_json, error_text, unwrap_text
+from .models import Claim
+from .outcomes import OutcomeWriter
+from .recorder import Recorder
 from .runs import CURRENT_RUN, UNSET, TodoRun
 from .settings import EVENT_BATCH_SIZE, EVENT_FLUSH_INTERVAL, MAX_PENDING_EVENTS, Settings
 from .storage import Storage, open_storage
-from .storage.base import Listener, WriteOutcome
+from .storage.base import Listener
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
 TODO_CHANNEL = "processgpt_sync_todo"
 CANCEL_CHANNEL = "processgpt_sync_cancel"
 WATCHDOG_TICK = 0.2  # seconds between timeout checks
@@ -49,10 +47,6 @@ LISTEN_PROBE_INTERVAL = 15.0  # seconds between checks that the listener still l
 MIN_POLL = 0.05  # seconds: first back-off step of a polling-only backend
 POLLING_HEARTBEAT = 2.0  # seconds between heartbeats when UI cancels cannot arrive by NOTIFY
 RUN_TIMES_KEPT = 2_048
-NO_RESULT = (
-    "executor returned without a result: return a value, or call events.result(data) "
-    "before returning"
-)
 
 
 class Server:
@@ -101,6 +95,7 @@ class Server:
         self._buffer: EventBuffer | None = None
         self._outcomes: OutcomeWriter | None = None
         self._desk: HumanDesk | None = None
+        self._recorder: Recorder | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -135,6 +130,9 @@ class Server:
         self._outcomes.start()
         self._desk = HumanDesk(storage, self._buffer.take, lambda: self._listening,
                                self._cancel)
+        self._recorder = Recorder(storage, self._outcomes, self._buffer, log=self._log,
+                                  extra=self._extra, count=self._count,
+                                  on_run_time=self._record_run_time, abort=self._abort)
         # Twice the slots: a todo that timed out keeps its thread until its executor returns.
         self._pool = ThreadPoolExecutor(
             max_workers=self.settings.workers * 2, thread_name_prefix="processgpt-sync"
@@ -315,7 +313,7 @@ class Server:
         assert self._buffer is not None and self._pool is not None
         assert self._desk is not None
         run = TodoRun(claim, self._buffer, timeout=self.settings.timeout,
-                      intermediate=self._save_intermediate, asker=self._desk.ask)
+                      intermediate=self._recorder_().save_intermediate, asker=self._desk.ask)
         with self._cond:
             self._runs[claim.todo_id] = run
             self._busy += 1
@@ -337,150 +335,19 @@ class Server:
             with self._around_todo():
                 value = self._adapter.run(run.todo)
         except SuspendForHuman as suspend:
-            value = self._suspend(run, suspend.question)
+            value = self._recorder_().suspend(run, suspend.question)
         except Exception as exc:
             error = exc
         finally:
             self._count_executing(-1)
             CURRENT_RUN.reset(token)
         try:
-            self._finish(run, value, error)
+            self._recorder_().finish(run, value, error)
         except Exception:
             self._log.exception("recording the outcome of todo %s failed", run.todo_id,
                                 extra=self._todo_extra(run, "finish"))
         finally:
             self._forget(run)
-
-    def _finish(self, run: TodoRun, value: Any, error: BaseException | None) -> None:
-        if not run.close():
-            return  # timed out or given back: its outcome is already recorded
-        reason = run.cancel_reason
-        if reason == "cancelled":
-            self._discard_events(run)
-            self._retry(lambda: self._storage_().release([run.claim]), run, "release")
-            self._count("cancelled")
-            self._log.info("todo %s cancelled by the UI", run.todo_id,
-                           extra=self._todo_extra(run, "cancelled"))
-            return
-        if reason == "lost":
-            self._discard_events(run)
-            self._count("lost")
-            self._log.warning("todo %s: lease lost to another worker; its writes are dropped",
-                              run.todo_id, extra=self._todo_extra(run, "lost"))
-            return
-        if reason == "shutdown":
-            return  # stop() gives it back
-        if error is not None:
-            self._log.warning("executor failed on todo %s: %s", run.todo_id, error_text(error),
-                              exc_info=error, extra=self._todo_extra(run, "execute"))
-            self._record_failure(run, error_text(error))
-            return
-        if isinstance(value, AwaitingHuman):
-            events = self._take_events(run)
-            stored = self._outcomes_().write(Outcome(run.claim, "asked", events=events))
-            self._after_write(run, stored, events, "asked")
-            return
-        result = run.final_result if value is None or value is UNSET else value
-        if isinstance(result, str):
-            result = unwrap_text(result)
-        try:
-            if result is UNSET or result is None:
-                raise NoResultError(NO_RESULT)
-            check_json(result, what="result")
-        except (NoResultError, PayloadError) as exc:
-            self._record_failure(run, str(exc))
-            return
-        self._record_result(run, result)
-
-    def _suspend(self, run: TodoRun, question: dict[str, Any]) -> Any:
-        """``todo.suspend_for_human``: the question as a human_asked event, then the todo
-        waits in the database (HUMAN_ASKED, lease released)."""
-        run.events.emit("human_asked", question, job_id=f"human_asked_{uuid.uuid4()}",
-                        crew_type="agent", status="ASKED")
-        return AwaitingHuman(question=question)
-
-    def _record_result(self, run: TodoRun, result: Any) -> None:
-        events = self._take_events(run)
-        stored = self._outcomes_().write(
-            Outcome(run.claim, "completed", result=result, events=events)
-        )
-        if stored.reason == "error":
-            self._log.error("result of todo %s could not be stored: %s", run.todo_id,
-                            stored.error, extra=self._todo_extra(run, "save_result"))
-            self._record_failure(run, f"result could not be stored: {stored.error}",
-                                 events=events)
-            return
-        self._after_write(run, stored, events, "completed")
-
-    def _record_failure(
-        self, run: TodoRun, message: str, *, events: list[dict[str, Any]] | None = None
-    ) -> None:
-        events = self._take_events(run) if events is None else events
-        stored = self._outcomes_().write(Outcome(run.claim, "failed", error=message,
-                                                 events=events))
-        if stored.reason == "error" and events:
-            self._log.error("events of todo %s could not be stored (%s); recording the failure "
-                            "without them", run.todo_id, stored.error,
-                            extra=self._todo_extra(run, "fail"))
-            stored = self._outcomes_().write(Outcome(run.claim, "failed", error=message))
-            events = []
-        self._after_write(run, stored, events, "failed")
-
-    def _after_write(
-        self, run: TodoRun, outcome: WriteOutcome, events: list[dict[str, Any]], counter: str
-    ) -> None:
-        log_rejected(events, outcome.rejected)
-        if outcome.applied:
-            self._count(counter)
-            self._count("events_written", len(events) - len(outcome.rejected))
-            with self._cond:
-                self._run_times.append(time.monotonic() - run.started)
-            if self._log.isEnabledFor(logging.DEBUG):
-                self._log.debug("todo %s %s", run.todo_id, counter,
-                                extra=self._todo_extra(run, counter))
-        else:
-            self._count("lost")
-            self._log.warning("todo %s: %s write refused (%s)", run.todo_id, counter,
-                              outcome.reason, extra=self._todo_extra(run, counter))
-
-    def _save_intermediate(self, run: TodoRun, data: Any) -> None:
-        """events.result(data, final=False): written now, after the todo's earlier events."""
-        if not run.is_open():
-            return
-        events = self._take_events(run)
-        outcome = self._retry(
-            lambda: self._storage_().save_result(run.claim, data, final=False, events=events),
-            run, "save_draft",
-        )
-        log_rejected(events, outcome.rejected)
-        if not outcome.applied:
-            self._log.warning("draft of todo %s refused (%s)", run.todo_id, outcome.reason,
-                              extra=self._todo_extra(run, "save_draft"))
-
-    def _take_events(self, run: TodoRun) -> list[dict[str, Any]]:
-        assert self._buffer is not None
-        return self._buffer.take(run.todo_id)
-
-    def _discard_events(self, run: TodoRun) -> None:
-        dropped = self._take_events(run)
-        if dropped:
-            self._log.info("dropped %d unwritten events of todo %s", len(dropped), run.todo_id,
-                           extra=self._todo_extra(run, "discard_events"))
-
-    def _retry(self, write: Callable[[], T], run: TodoRun, action: str) -> T:
-        """Retry a write through database outages (capped back-off with jitter) until it is
-        done; give up only when the server is told to exit now."""
-        attempt = 0
-        while True:
-            try:
-                return write()
-            except StorageUnavailable as exc:
-                attempt += 1
-                if self._abort.is_set():
-                    raise
-                self._log.warning("%s for todo %s failed (attempt %d), retrying: %s", action,
-                                  run.todo_id, attempt, exc, extra=self._todo_extra(run, action))
-                time.sleep(backoff(attempt))
 
     def _forget(self, run: TodoRun) -> None:
         with self._cond:
@@ -522,7 +389,7 @@ class Server:
             return
         self._log.warning("todo %s timed out after %gs", run.todo_id, timeout,
                           extra=self._todo_extra(run, "timeout"))
-        self._record_failure(run, f"timed out after {timeout:g} s")
+        self._recorder_().fail(run, f"timed out after {timeout:g} s")
         with self._cond:
             # Free the slot now: a blocking executor may never return; a spare thread serves on.
             self._runs.pop(run.todo_id, None)
@@ -647,9 +514,13 @@ class Server:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _outcomes_(self) -> OutcomeWriter:
-        assert self._outcomes is not None
-        return self._outcomes
+    def _recorder_(self) -> Recorder:
+        assert self._recorder is not None
+        return self._recorder
+
+    def _record_run_time(self, seconds: float) -> None:
+        with self._cond:
+            self._run_times.append(seconds)
 
     def _storage_(self) -> Storage:
         assert self._storage is not None

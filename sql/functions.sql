@@ -176,6 +176,41 @@ BEGIN
 END
 $$;
 
+-- Why an event element cannot be written, or NULL when it can. The enum labels are passed in
+-- (computed once per call by the caller); p_owned says the caller checked the fencing token.
+CREATE OR REPLACE FUNCTION processgpt_sync_event_problem_v1(
+    p_ev jsonb, p_owned boolean, p_types text[], p_statuses text[])
+RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN jsonb_typeof(p_ev) <> 'object' THEN 'not a JSON object'
+        WHEN coalesce(p_ev ->> 'event_type', '') <> ALL (p_types)
+            THEN format('unknown event_type %s', coalesce(quote_literal(p_ev ->> 'event_type'),
+                                                         'NULL'))
+        WHEN p_ev ->> 'status' IS NOT NULL AND p_ev ->> 'status' <> ALL (p_statuses)
+            THEN format('unknown status %s', quote_literal(p_ev ->> 'status'))
+        WHEN NOT coalesce(p_owned, false)
+            THEN 'not the owner of this todo (lease lost, cancelled or finished)'
+    END
+$$;
+
+-- The `events` row for one valid event element: job_id defaults to the todo id, proc_inst_id
+-- to the todo's (root first), data to {}.
+CREATE OR REPLACE FUNCTION processgpt_sync_event_row_v1(
+    p_ev jsonb, p_todo_id uuid, p_proc_inst_id text, p_timestamp timestamptz)
+RETURNS TABLE (id text, job_id text, todo_id text, proc_inst_id text, crew_type text,
+               event_type event_type_enum, data jsonb, status event_status, ts timestamptz)
+LANGUAGE sql VOLATILE AS $$
+    SELECT coalesce(nullif(p_ev ->> 'id', ''), gen_random_uuid()::text),
+           coalesce(nullif(p_ev ->> 'job_id', ''), p_todo_id::text),
+           p_todo_id::text,
+           coalesce(nullif(p_ev ->> 'proc_inst_id', ''), p_proc_inst_id),
+           nullif(p_ev ->> 'crew_type', ''),
+           (p_ev ->> 'event_type')::event_type_enum,
+           coalesce(nullif(p_ev -> 'data', 'null'::jsonb), '{}'::jsonb),
+           (p_ev ->> 'status')::event_status,
+           p_timestamp
+$$;
+
 -- Record a batch of events (possibly for many todos) in order. Each element:
 -- {todo_id, token, id?, job_id?, crew_type?, event_type, data?, status?}. An element with an
 -- unknown event_type or status, or from a worker that no longer owns its todo, is rejected on its
@@ -208,31 +243,17 @@ BEGIN
         FOR SHARE OF t
     ), checked AS MATERIALIZED (
         SELECT i.n, i.ev, i.todo_id, o.proc_inst_id,
-            CASE
-                WHEN jsonb_typeof(i.ev) <> 'object' THEN 'not a JSON object'
-                WHEN coalesce(i.ev ->> 'event_type', '') <> ALL (v_types)
-                    THEN format('unknown event_type %s',
-                                coalesce(quote_literal(i.ev ->> 'event_type'), 'NULL'))
-                WHEN i.ev ->> 'status' IS NOT NULL
-                     AND i.ev ->> 'status' <> ALL (v_statuses)
-                    THEN format('unknown status %s', quote_literal(i.ev ->> 'status'))
-                WHEN o.id IS NULL OR o.claim_token IS DISTINCT FROM i.token
-                    THEN 'not the owner of this todo (lease lost, cancelled or finished)'
-            END AS reason
+               processgpt_sync_event_problem_v1(
+                   i.ev, o.id IS NOT NULL AND o.claim_token IS NOT DISTINCT FROM i.token,
+                   v_types, v_statuses) AS reason
         FROM input i LEFT JOIN owned o ON o.id = i.todo_id
     ), inserted AS (
-        INSERT INTO events (id, job_id, todo_id, proc_inst_id, crew_type, event_type, data, status,
-                            "timestamp")
-        SELECT coalesce(nullif(c.ev ->> 'id', ''), gen_random_uuid()::text),
-               coalesce(nullif(c.ev ->> 'job_id', ''), c.todo_id::text),
-               c.todo_id::text,
-               coalesce(nullif(c.ev ->> 'proc_inst_id', ''), c.proc_inst_id),
-               nullif(c.ev ->> 'crew_type', ''),
-               (c.ev ->> 'event_type')::event_type_enum,
-               coalesce(nullif(c.ev -> 'data', 'null'::jsonb), '{}'::jsonb),
-               (c.ev ->> 'status')::event_status,
-               v_base + c.n * interval '1 microsecond'
-        FROM checked c
+        INSERT INTO events (id, job_id, todo_id, proc_inst_id, crew_type, event_type, data,
+                            status, "timestamp")
+        SELECT r.id, r.job_id, r.todo_id, r.proc_inst_id, r.crew_type, r.event_type, r.data,
+               r.status, r.ts FROM checked c,
+             LATERAL processgpt_sync_event_row_v1(c.ev, c.todo_id, c.proc_inst_id,
+                                                  v_base + c.n * interval '1 microsecond') r
         WHERE c.reason IS NULL
           AND NOT EXISTS (SELECT 1 FROM events x WHERE x.id = c.ev ->> 'id')
         ORDER BY c.n
@@ -408,20 +429,12 @@ BEGIN
             END AS reason
         FROM items i LEFT JOIN locked l ON l.id = i.todo_id
     ), evs AS MATERIALIZED (
-        SELECT j.n, j.todo_id, j.token, j.proc_inst_id, e.value AS ev, e.ordinality AS k,
-            CASE
-                WHEN jsonb_typeof(e.value) <> 'object' THEN 'not a JSON object'
-                WHEN coalesce(e.value ->> 'event_type', '') <> ALL (v_types)
-                    THEN format('unknown event_type %s',
-                                coalesce(quote_literal(e.value ->> 'event_type'), 'NULL'))
-                WHEN e.value ->> 'status' IS NOT NULL AND e.value ->> 'status' <> ALL (v_statuses)
-                    THEN format('unknown status %s', quote_literal(e.value ->> 'status'))
-                WHEN processgpt_sync_uuid_or_null_v1(e.value ->> 'todo_id')
-                         IS DISTINCT FROM j.todo_id
-                     OR processgpt_sync_uuid_or_null_v1(e.value ->> 'token')
-                         IS DISTINCT FROM j.token
-                    THEN 'not the owner of this todo (lease lost, cancelled or finished)'
-            END AS reason
+        SELECT j.n, j.todo_id, j.proc_inst_id, e.value AS ev, e.ordinality AS k,
+               processgpt_sync_event_problem_v1(
+                   e.value,
+                   processgpt_sync_uuid_or_null_v1(e.value ->> 'todo_id') = j.todo_id
+                   AND processgpt_sync_uuid_or_null_v1(e.value ->> 'token') = j.token,
+                   v_types, v_statuses) AS reason
         FROM judged j
         CROSS JOIN LATERAL jsonb_array_elements(
             CASE WHEN jsonb_typeof(j.item -> 'events') = 'array' THEN j.item -> 'events'
@@ -430,16 +443,11 @@ BEGIN
     ), inserted AS (
         INSERT INTO events (id, job_id, todo_id, proc_inst_id, crew_type, event_type, data,
                             status, "timestamp")
-        SELECT coalesce(nullif(v.ev ->> 'id', ''), gen_random_uuid()::text),
-               coalesce(nullif(v.ev ->> 'job_id', ''), v.todo_id::text),
-               v.todo_id::text,
-               coalesce(nullif(v.ev ->> 'proc_inst_id', ''), v.proc_inst_id),
-               nullif(v.ev ->> 'crew_type', ''),
-               (v.ev ->> 'event_type')::event_type_enum,
-               coalesce(nullif(v.ev -> 'data', 'null'::jsonb), '{}'::jsonb),
-               (v.ev ->> 'status')::event_status,
-               v_base + (v.n * 100000 + v.k) * interval '1 microsecond'
-        FROM evs v
+        SELECT r.id, r.job_id, r.todo_id, r.proc_inst_id, r.crew_type, r.event_type, r.data,
+               r.status, r.ts FROM evs v,
+             LATERAL processgpt_sync_event_row_v1(
+                 v.ev, v.todo_id, v.proc_inst_id,
+                 v_base + (v.n * 100000 + v.k) * interval '1 microsecond') r
         WHERE v.reason IS NULL AND NOT EXISTS (SELECT 1 FROM events x WHERE x.id = v.ev ->> 'id')
     ), updated AS (
         UPDATE todolist t

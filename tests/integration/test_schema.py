@@ -81,6 +81,19 @@ def test_upgrade_of_an_existing_processgpt_database_keeps_its_data(empty_databas
         claims = store.claim(agent_orch="crewai-action", consumer="w", limit=5,
                              lease_seconds=60, max_claims=3)
         assert [c.row["description"] for c in claims] == ["waiting work"]
-        assert store.save_result(claims[0], {"done": 1}).applied
+        (claim,) = claims
+        event = {"todo_id": claim.todo_id, "token": claim.token, "event_type": "task_working",
+                 "data": {"step": 1}, "job_id": "j2", "crew_type": "action"}
+        assert store.record_events([{**event, "id": "e2"}]) == []
+        (done,) = store.finish([{"todo_id": claim.todo_id, "token": claim.token,
+                                 "outcome": "completed", "result": {"done": 1},
+                                 "events": [{**event, "data": {"step": 2}}]}])
+        assert done.applied
     finally:
         store.close()
+    with psycopg.connect(empty_database_url) as conn:
+        written = conn.execute("SELECT job_id, event_type::text, data, crew_type FROM events "
+                               "WHERE todo_id <> 't1' ORDER BY timestamp").fetchall()
+    assert written == [("j2", "task_working", {"step": 1}, "action"),
+                       ("j2", "task_working", {"step": 2}, "action"),
+                       ("CREW_FINISHED", "crew_completed", {}, "crew")]

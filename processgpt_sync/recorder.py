@@ -1,0 +1,187 @@
+"""Turn a finished executor call into its recorded outcome.
+
+Result, failure, question or cancel: each is written once, through the group-commit writer,
+after the todo's remaining events; nothing is written for a todo that is no longer ours.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from .errors import NoResultError, PayloadError, StorageUnavailable
+from .events import EventBuffer, backoff, log_rejected
+from .models import AwaitingHuman
+from .outcomes import Outcome, OutcomeWriter
+from .payload import check_json, error_text, unwrap_text
+from .runs import UNSET, TodoRun
+from .storage.base import Storage, WriteOutcome
+
+T = TypeVar("T")
+NO_RESULT = (
+    "executor returned without a result: return a value, or call events.result(data) "
+    "before returning"
+)
+
+
+class Recorder:
+    """Records the outcomes of one server's todos."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        outcomes: OutcomeWriter,
+        buffer: EventBuffer,
+        *,
+        log: logging.Logger,
+        extra: dict[str, Any],
+        count: Callable[..., None],
+        on_run_time: Callable[[float], None],
+        abort: threading.Event,
+    ) -> None:
+        self._storage = storage
+        self._outcomes = outcomes
+        self._buffer = buffer
+        self._log = log
+        self._extra = extra
+        self._count = count
+        self._on_run_time = on_run_time
+        self._abort = abort
+
+    def _todo_extra(self, run: TodoRun, action: str) -> dict[str, Any]:
+        return {**self._extra, "action": action, "todo_id": run.todo_id}
+
+    def finish(self, run: TodoRun, value: Any, error: BaseException | None) -> None:
+        """Record what the executor's return ``value`` or ``error`` amounts to, unless the
+        todo's outcome was already decided (timeout, shutdown) or it is no longer ours."""
+        if not run.close():
+            return  # timed out or given back: its outcome is already recorded
+        reason = run.cancel_reason
+        if reason == "cancelled":
+            self._discard_events(run)
+            self.retry(lambda: self._storage.release([run.claim]), run, "release")
+            self._count("cancelled")
+            self._log.info("todo %s cancelled by the UI", run.todo_id,
+                           extra=self._todo_extra(run, "cancelled"))
+            return
+        if reason == "lost":
+            self._discard_events(run)
+            self._count("lost")
+            self._log.warning("todo %s: lease lost to another worker; its writes are dropped",
+                              run.todo_id, extra=self._todo_extra(run, "lost"))
+            return
+        if reason == "shutdown":
+            return  # stop() gives it back
+        if error is not None:
+            self._log.warning("executor failed on todo %s: %s", run.todo_id, error_text(error),
+                              exc_info=error, extra=self._todo_extra(run, "execute"))
+            self.fail(run, error_text(error))
+            return
+        if isinstance(value, AwaitingHuman):
+            events = self._take_events(run)
+            stored = self._outcomes.write(Outcome(run.claim, "asked", events=events))
+            self._after_write(run, stored, events, "asked")
+            return
+        result = run.final_result if value is None or value is UNSET else value
+        if isinstance(result, str):
+            result = unwrap_text(result)
+        try:
+            if result is UNSET or result is None:
+                raise NoResultError(NO_RESULT)
+            check_json(result, what="result")
+        except (NoResultError, PayloadError) as exc:
+            self.fail(run, str(exc))
+            return
+        self._record_result(run, result)
+
+    def suspend(self, run: TodoRun, question: dict[str, Any]) -> Any:
+        """``todo.suspend_for_human``: the question as a human_asked event, then the todo
+        waits in the database (HUMAN_ASKED, lease released)."""
+        run.events.emit("human_asked", question, job_id=f"human_asked_{uuid.uuid4()}",
+                        crew_type="agent", status="ASKED")
+        return AwaitingHuman(question=question)
+
+    def _record_result(self, run: TodoRun, result: Any) -> None:
+        events = self._take_events(run)
+        stored = self._outcomes.write(
+            Outcome(run.claim, "completed", result=result, events=events)
+        )
+        if stored.reason == "error":
+            self._log.error("result of todo %s could not be stored: %s", run.todo_id,
+                            stored.error, extra=self._todo_extra(run, "save_result"))
+            self.fail(run, f"result could not be stored: {stored.error}",
+                                 events=events)
+            return
+        self._after_write(run, stored, events, "completed")
+
+    def fail(
+        self, run: TodoRun, message: str, *, events: list[dict[str, Any]] | None = None
+    ) -> None:
+        events = self._take_events(run) if events is None else events
+        stored = self._outcomes.write(Outcome(run.claim, "failed", error=message,
+                                                 events=events))
+        if stored.reason == "error" and events:
+            self._log.error("events of todo %s could not be stored (%s); recording the failure "
+                            "without them", run.todo_id, stored.error,
+                            extra=self._todo_extra(run, "fail"))
+            stored = self._outcomes.write(Outcome(run.claim, "failed", error=message))
+            events = []
+        self._after_write(run, stored, events, "failed")
+
+    def _after_write(
+        self, run: TodoRun, outcome: WriteOutcome, events: list[dict[str, Any]], counter: str
+    ) -> None:
+        log_rejected(events, outcome.rejected)
+        if outcome.applied:
+            self._count(counter)
+            self._count("events_written", len(events) - len(outcome.rejected))
+            self._on_run_time(time.monotonic() - run.started)
+            if self._log.isEnabledFor(logging.DEBUG):
+                self._log.debug("todo %s %s", run.todo_id, counter,
+                                extra=self._todo_extra(run, counter))
+        else:
+            self._count("lost")
+            self._log.warning("todo %s: %s write refused (%s)", run.todo_id, counter,
+                              outcome.reason, extra=self._todo_extra(run, counter))
+
+    def save_intermediate(self, run: TodoRun, data: Any) -> None:
+        """events.result(data, final=False): written now, after the todo's earlier events."""
+        if not run.is_open():
+            return
+        events = self._take_events(run)
+        outcome = self.retry(
+            lambda: self._storage.save_result(run.claim, data, final=False, events=events),
+            run, "save_draft",
+        )
+        log_rejected(events, outcome.rejected)
+        if not outcome.applied:
+            self._log.warning("draft of todo %s refused (%s)", run.todo_id, outcome.reason,
+                              extra=self._todo_extra(run, "save_draft"))
+
+    def _take_events(self, run: TodoRun) -> list[dict[str, Any]]:
+        return self._buffer.take(run.todo_id)
+
+    def _discard_events(self, run: TodoRun) -> None:
+        dropped = self._take_events(run)
+        if dropped:
+            self._log.info("dropped %d unwritten events of todo %s", len(dropped), run.todo_id,
+                           extra=self._todo_extra(run, "discard_events"))
+
+    def retry(self, write: Callable[[], T], run: TodoRun, action: str) -> T:
+        """Retry a write through database outages (capped back-off with jitter) until it is
+        done; give up only when the server is told to exit now."""
+        attempt = 0
+        while True:
+            try:
+                return write()
+            except StorageUnavailable as exc:
+                attempt += 1
+                if self._abort.is_set():
+                    raise
+                self._log.warning("%s for todo %s failed (attempt %d), retrying: %s", action,
+                                  run.todo_id, attempt, exc, extra=self._todo_extra(run, action))
+                time.sleep(backoff(attempt))
