@@ -28,24 +28,18 @@ from typing import Any
 from .errors import StorageError, StorageUnavailable
 from .events import EventBuffer, backoff
 from .executor import Adapter, adapt
-from .human import ANSWER_CHANNEL, HumanDesk, SuspendForHuman
+from .human import HumanDesk, SuspendForHuman
 from .models import Claim
 from .outcomes import OutcomeWriter
 from .recorder import Recorder
 from .runs import CURRENT_RUN, UNSET, TodoRun
 from .settings import EVENT_BATCH_SIZE, EVENT_FLUSH_INTERVAL, MAX_PENDING_EVENTS, Settings
 from .storage import Storage, open_storage
-from .storage.base import Listener
+from .watch import CHANNELS, Watched, Watchers
 
 logger = logging.getLogger(__name__)
 
-TODO_CHANNEL = "processgpt_sync_todo"
-CANCEL_CHANNEL = "processgpt_sync_cancel"
-WATCHDOG_TICK = 0.2  # seconds between timeout checks
-LISTEN_WAIT = 1.0  # seconds one LISTEN wait may block before checking for stop
-LISTEN_PROBE_INTERVAL = 15.0  # seconds between checks that the listener still listens
 MIN_POLL = 0.05  # seconds: first back-off step of a polling-only backend
-POLLING_HEARTBEAT = 2.0  # seconds between heartbeats when UI cancels cannot arrive by NOTIFY
 RUN_TIMES_KEPT = 2_048
 
 
@@ -144,15 +138,24 @@ class Server:
                               "connection, e.g. Supabase port 5432, for instant wake-ups)",
                               self.settings.poll_interval, extra=self._extra)
         elif self.settings.listen:
-            listener = storage.listener([TODO_CHANNEL, CANCEL_CHANNEL, ANSWER_CHANNEL])
+            listener = storage.listener(CHANNELS)
         if listener is not None:
             try:
                 listener.connect()
                 self._listening = True
             except StorageError as exc:
                 self._log.warning("LISTEN unavailable, polling instead: %s", exc, extra=self._extra)
-            self._spawn("listener", lambda: self._listen_loop(listener))
-        self._spawn("heartbeat", self._heartbeat_loop)
+        watched = Watched(
+            running=self._running_snapshot, running_todo=self._runs.get, cancel=self._cancel,
+            time_out=self._time_out, work_may_wait=self._work_may_wait,
+            answer_arrived=self._answer_arrived, count=self._count,
+            is_listening=lambda: self._listening, set_listening=self._set_listening,
+        )
+        watchers = Watchers(watched, storage, self.settings, stop=self._threads_stop,
+                            log=self._log, extra=self._extra)
+        if listener is not None:
+            self._spawn("listener", lambda: watchers.listen(listener))
+        self._spawn("heartbeat", watchers.heartbeat)
         self._spawn("claimer", self._claim_loop)
         self._log.info(
             "serving agent_orch=%s with %d workers on %s (consumer %s)",
@@ -397,82 +400,6 @@ class Server:
             self._cond.notify_all()
         self._wake.set()
 
-    def _heartbeat_loop(self) -> None:
-        storage = self._storage_()
-        interval = self.settings.lease_seconds / 4
-        if not self._listening:  # no NOTIFY for UI cancels: the heartbeat reports them sooner
-            interval = min(interval, POLLING_HEARTBEAT)
-        next_renewal = time.monotonic() + interval
-        while not self._threads_stop.wait(WATCHDOG_TICK):
-            now = time.monotonic()
-            with self._cond:
-                runs = list(self._runs.values())
-            for run in runs:
-                if run.deadline is not None and now > run.deadline and not run.closed:
-                    self._time_out(run)
-            if now < next_renewal:
-                continue
-            live = [r for r in runs if not r.closed]
-            if not live:
-                next_renewal = now + interval
-                continue
-            try:
-                report = storage.renew(self.settings.consumer, [r.claim for r in live],
-                                       self.settings.lease_seconds)
-            except StorageError as exc:
-                self._log.warning("lease renewal failed, retrying: %s", exc,
-                                  extra={**self._extra, "action": "heartbeat"})
-                next_renewal = now + min(interval, 1.0)
-                continue
-            next_renewal = now + interval
-            for run in live:
-                if run.todo_id in report.cancelled:
-                    self._cancel(run, "cancelled")
-                elif run.todo_id in report.lost and not run.closed:
-                    self._cancel(run, "lost")
-
-    def _listen_loop(self, listener: Listener) -> None:
-        attempt = 0
-        next_probe = time.monotonic() + LISTEN_PROBE_INTERVAL
-        while not self._threads_stop.is_set():
-            try:
-                if time.monotonic() >= next_probe and self._listening:
-                    next_probe = time.monotonic() + LISTEN_PROBE_INTERVAL
-                    if not listener.probe():
-                        self._log.warning("the listener no longer listens (a transaction "
-                                          "pooler?); reconnecting, polling meanwhile",
-                                          extra={**self._extra, "action": "listen"})
-                        listener.close()
-                notes = listener.wait(LISTEN_WAIT)
-            except StorageError as exc:
-                attempt += 1
-                self._listening = False
-                self._log.warning("listener connection lost (attempt %d), reconnecting: %s",
-                                  attempt, exc, extra={**self._extra, "action": "listen"})
-                self._threads_stop.wait(backoff(attempt, base=0.25))
-                continue
-            if attempt or not self._listening:
-                if attempt:
-                    self._count("listener_reconnects")
-                self._log.info("listener connected", extra={**self._extra, "action": "listen"})
-                attempt = 0
-                self._listening = True
-                self._maybe_more = True  # notifications may have been missed meanwhile
-                self._wake.set()
-            for channel, payload in notes:
-                if channel == TODO_CHANNEL and payload == self.settings.agent_orch:
-                    self._maybe_more = True
-                    self._wake.set()
-                elif channel == ANSWER_CHANNEL:
-                    assert self._desk is not None
-                    self._desk.notify(payload)
-                elif channel == CANCEL_CHANNEL:
-                    with self._cond:
-                        run = self._runs.get(payload)
-                    if run is not None:
-                        self._cancel(run, "cancelled")
-        listener.close()
-
     # -- shutdown ------------------------------------------------------------------------------
 
     def _drain(self, grace: float) -> None:
@@ -525,6 +452,22 @@ class Server:
     def _storage_(self) -> Storage:
         assert self._storage is not None
         return self._storage
+
+    def _running_snapshot(self) -> list[TodoRun]:
+        with self._cond:
+            return list(self._runs.values())
+
+    def _work_may_wait(self) -> None:
+        """A NOTIFY said new work exists (or one may have been missed): claim now."""
+        self._maybe_more = True
+        self._wake.set()
+
+    def _answer_arrived(self, job_id: str) -> None:
+        if self._desk is not None:
+            self._desk.notify(job_id)
+
+    def _set_listening(self, listening: bool) -> None:
+        self._listening = listening
 
     def _record_pickup(self, run: TodoRun) -> None:
         """Seconds from the todo's start_date (when it became due) to its executor start."""

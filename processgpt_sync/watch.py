@@ -1,0 +1,131 @@
+"""The server's watchers: the heartbeat (leases, per-todo timeouts) and the listener (NOTIFY).
+
+Each runs on its own thread and talks to the server only through the ``Watched`` interface.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import StorageError
+from .events import backoff
+from .human import ANSWER_CHANNEL
+from .runs import TodoRun
+from .settings import Settings
+from .storage import Storage
+from .storage.base import Listener
+
+TODO_CHANNEL = "processgpt_sync_todo"
+CANCEL_CHANNEL = "processgpt_sync_cancel"
+CHANNELS = (TODO_CHANNEL, CANCEL_CHANNEL, ANSWER_CHANNEL)
+WATCHDOG_TICK = 0.2  # seconds between timeout checks
+LISTEN_WAIT = 1.0  # seconds one LISTEN wait may block before checking for stop
+LISTEN_PROBE_INTERVAL = 15.0  # seconds between checks that the listener still listens
+POLLING_HEARTBEAT = 2.0  # seconds between heartbeats when UI cancels cannot arrive by NOTIFY
+
+
+@dataclass(frozen=True)
+class Watched:
+    """What the watchers need from the server, as plain callables."""
+
+    running: Callable[[], list[TodoRun]]
+    running_todo: Callable[[str], TodoRun | None]
+    cancel: Callable[[TodoRun, str], None]
+    time_out: Callable[[TodoRun], None]
+    work_may_wait: Callable[[], None]
+    answer_arrived: Callable[[str], None]
+    count: Callable[[str], None]
+    is_listening: Callable[[], bool]
+    set_listening: Callable[[bool], None]
+
+
+class Watchers:
+    """Runs the heartbeat and listener loops for one server until ``stop`` is set."""
+
+    def __init__(self, server: Watched, storage: Storage, settings: Settings, *,
+                 stop: threading.Event, log: logging.Logger, extra: dict[str, Any]) -> None:
+        self._server = server
+        self._storage = storage
+        self.settings = settings
+        self._stop = stop
+        self._log = log
+        self._extra = extra
+
+    def heartbeat(self) -> None:
+        """Renew every in-flight lease in one call per interval; enforce timeouts."""
+        storage = self._storage
+        interval = self.settings.lease_seconds / 4
+        if not self._server.is_listening():
+            # No NOTIFY for UI cancels: the heartbeat reports them sooner.
+            interval = min(interval, POLLING_HEARTBEAT)
+        next_renewal = time.monotonic() + interval
+        while not self._stop.wait(WATCHDOG_TICK):
+            now = time.monotonic()
+            runs = self._server.running()
+            for run in runs:
+                if run.deadline is not None and now > run.deadline and not run.closed:
+                    self._server.time_out(run)
+            if now < next_renewal:
+                continue
+            live = [r for r in runs if not r.closed]
+            if not live:
+                next_renewal = now + interval
+                continue
+            try:
+                report = storage.renew(self.settings.consumer, [r.claim for r in live],
+                                       self.settings.lease_seconds)
+            except StorageError as exc:
+                self._log.warning("lease renewal failed, retrying: %s", exc,
+                                  extra={**self._extra, "action": "heartbeat"})
+                next_renewal = now + min(interval, 1.0)
+                continue
+            next_renewal = now + interval
+            for run in live:
+                if run.todo_id in report.cancelled:
+                    self._server.cancel(run, "cancelled")
+                elif run.todo_id in report.lost and not run.closed:
+                    self._server.cancel(run, "lost")
+
+    def listen(self, listener: Listener) -> None:
+        """Wake the claimer on new work, cancel on UI cancels, wake question waiters."""
+        attempt = 0
+        next_probe = time.monotonic() + LISTEN_PROBE_INTERVAL
+        while not self._stop.is_set():
+            try:
+                if time.monotonic() >= next_probe and self._server.is_listening():
+                    next_probe = time.monotonic() + LISTEN_PROBE_INTERVAL
+                    if not listener.probe():
+                        self._log.warning("the listener no longer listens (a transaction "
+                                          "pooler?); reconnecting, polling meanwhile",
+                                          extra={**self._extra, "action": "listen"})
+                        listener.close()
+                notes = listener.wait(LISTEN_WAIT)
+            except StorageError as exc:
+                attempt += 1
+                self._server.set_listening(False)
+                self._log.warning("listener connection lost (attempt %d), reconnecting: %s",
+                                  attempt, exc, extra={**self._extra, "action": "listen"})
+                self._stop.wait(backoff(attempt, base=0.25))
+                continue
+            if attempt or not self._server.is_listening():
+                if attempt:
+                    self._server.count("listener_reconnects")
+                self._log.info("listener connected", extra={**self._extra, "action": "listen"})
+                attempt = 0
+                self._server.set_listening(True)
+                self._server.work_may_wait()  # notifications may have been missed meanwhile
+            for channel, payload in notes:
+                if channel == TODO_CHANNEL and payload == self.settings.agent_orch:
+                    self._server.work_may_wait()
+                elif channel == ANSWER_CHANNEL:
+                    self._server.answer_arrived(payload)
+                elif channel == CANCEL_CHANNEL:
+                    run = self._server.running_todo(payload)
+                    if run is not None:
+                        self._server.cancel(run, "cancelled")
+        listener.close()
