@@ -86,7 +86,8 @@ class EventBuffer:
         self._cond = threading.Condition()
         self._pending: dict[str, list[dict[str, Any]]] = {}
         self._inflight: set[str] = set()
-        self._count = 0
+        self._count = 0  # queued, not yet handed to the flusher
+        self._writing = 0  # handed to the flusher, write in progress
         self._oldest = 0.0
         self._closed = False
         self._idle = False  # the flusher waits with no deadline: the next event must wake it
@@ -99,8 +100,9 @@ class EventBuffer:
 
     @property
     def pending(self) -> int:
-        """Events accepted but not yet written."""
-        return self._count
+        """Events accepted but not yet written, including those being written now."""
+        with self._cond:
+            return self._count + self._writing
 
     def add(self, event: dict[str, Any]) -> None:
         """Queue one event for its todo; it is written within the flush interval."""
@@ -178,6 +180,7 @@ class EventBuffer:
                 self._count -= len(events)
                 if len(batch) >= self._batch_size:
                     break
+            self._writing = len(batch)
             self._oldest = time.monotonic()
         # Ids make a retried write idempotent (the database skips ids it already has). Events
         # that travel with a todo's final write need none: that write is fenced and atomic.
@@ -204,6 +207,7 @@ class EventBuffer:
             finally:
                 with self._cond:
                     self._inflight.difference_update(e["todo_id"] for e in batch)
+                    self._writing = 0
                     self._cond.notify_all()
 
     def _requeue(self, batch: list[dict[str, Any]]) -> None:
@@ -215,6 +219,7 @@ class EventBuffer:
                 queue = self._pending.pop(todo_id, [])
                 self._pending = {todo_id: events + queue, **self._pending}
             self._count += len(batch)
+            self._writing = 0
 
     def _write(self, batch: list[dict[str, Any]]) -> None:
         try:

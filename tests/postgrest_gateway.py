@@ -46,6 +46,7 @@ class Gateway:
                                                 kwargs={"autocommit": True}, open=True)
         self.requests = 0
         self.down = False  # when True every call answers 503, like an unreachable database
+        self.failing: set[str] = set()  # functions that answer 503 (a partial outage)
         gateway = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -87,6 +88,9 @@ class Gateway:
             return 503, {"code": "PGRST001", "message": "Database client error. Retrying the "
                          "connection.", "details": None, "hint": None}
         name = path[len(RPC_PREFIX):].split("?")[0]
+        if name in self.failing:
+            return 503, {"code": "PGRST001", "message": "Database client error. Retrying the "
+                         "connection.", "details": None, "hint": None}
         try:
             params = json.loads(raw or b"{}")
         except ValueError as exc:

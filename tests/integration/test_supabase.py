@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 
@@ -89,3 +90,41 @@ def test_polling_backs_off_when_idle(supabase):
         server.stop()
     assert idle_calls <= 4, f"{idle_calls} calls in 2 s idle: not backing off"
     assert todo
+
+
+def test_claiming_pauses_while_unwritten_events_exceed_the_bound(supabase, db, monkeypatch):
+    import threading
+
+    import processgpt_sync.server as server_module
+
+    monkeypatch.setattr(server_module, "MAX_PENDING_EVENTS", 15)
+    gateway = supabase.gateway
+    hold = threading.Event()
+    chatty = supabase.enqueue("a", "chatty")
+
+    def handle(todo):
+        if todo.input == "chatty":
+            for n in range(20):
+                todo.events.progress({"n": n})
+            hold.wait(30)
+        return {"ok": todo.input}
+
+    gateway.failing.add("processgpt_sync_record_events_v1")  # events cannot be written
+    server = ps.start(handle, agent_orch="a", storage=supabase, workers=4, poll_interval=0.3)
+    try:
+        wait_for(lambda: server.stats()["events_pending"] == 20)
+        later = [supabase.enqueue("a", f"later {i}") for i in range(2)]
+        time.sleep(1.5)
+        waiting = db.execute("SELECT count(*) AS n FROM todolist WHERE draft_status IS NULL"
+                             ).fetchone()["n"]
+        assert waiting == 2, "free workers, but no claims while 20 > 15 events are unwritten"
+        gateway.failing.clear()  # the outage ends: events are written, claiming resumes
+        wait_for(lambda: server.stats()["completed"] == 2, timeout=30)
+        hold.set()
+        wait_for(lambda: server.stats()["completed"] == 3, timeout=10)
+    finally:
+        hold.set()
+        server.stop(timeout=5)
+    written = db.execute("SELECT count(*) AS n FROM events WHERE todo_id = %s AND "
+                         "event_type = 'task_working'", (chatty,)).fetchone()["n"]
+    assert written == 20 and len(later) == 2
