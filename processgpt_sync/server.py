@@ -12,17 +12,12 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import os
-import signal
-import statistics
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
-from datetime import datetime
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any
 
 from .errors import StorageError, StorageUnavailable
@@ -34,13 +29,14 @@ from .outcomes import OutcomeWriter
 from .recorder import Recorder
 from .runs import CURRENT_RUN, UNSET, TodoRun
 from .settings import EVENT_BATCH_SIZE, EVENT_FLUSH_INTERVAL, MAX_PENDING_EVENTS, Settings
+from .signals import on_stop
+from .stats import ServerStats
 from .storage import Storage, open_storage
 from .watch import CHANNELS, Watched, Watchers
 
 logger = logging.getLogger(__name__)
 
 MIN_POLL = 0.05  # seconds: first back-off step of a polling-only backend
-RUN_TIMES_KEPT = 2_048
 
 
 class Server:
@@ -76,14 +72,7 @@ class Server:
         self._state_lock = threading.Lock()
         self._listening = False
         self._context = contextvars.copy_context()
-        self._counts = dict.fromkeys(
-            ("claimed", "completed", "failed", "asked", "cancelled", "lost", "released",
-             "events_written", "listener_reconnects"),
-            0,
-        )
-        self._run_times: deque[float] = deque(maxlen=RUN_TIMES_KEPT)
-        self._pickups: deque[float] = deque(maxlen=RUN_TIMES_KEPT)
-        self._executing = 0  # threads inside an executor call, including abandoned ones
+        self._stats = ServerStats()
         self._threads: list[threading.Thread] = []
         self._pool: ThreadPoolExecutor | None = None
         self._buffer: EventBuffer | None = None
@@ -117,7 +106,7 @@ class Server:
             storage,
             flush_interval=EVENT_FLUSH_INTERVAL,
             batch_size=EVENT_BATCH_SIZE,
-            on_written=lambda n: self._count("events_written", n),
+            on_written=lambda n: self._stats.count("events_written", n),
         )
         self._buffer.start()
         self._outcomes = OutcomeWriter(storage, abort=self._abort)
@@ -125,8 +114,8 @@ class Server:
         self._desk = HumanDesk(storage, self._buffer.take, lambda: self._listening,
                                self._cancel)
         self._recorder = Recorder(storage, self._outcomes, self._buffer, log=self._log,
-                                  extra=self._extra, count=self._count,
-                                  on_run_time=self._record_run_time, abort=self._abort)
+                                  extra=self._extra, count=self._stats.count,
+                                  on_run_time=self._stats.run_time, abort=self._abort)
         # Twice the slots: a todo that timed out keeps its thread until its executor returns.
         self._pool = ThreadPoolExecutor(
             max_workers=self.settings.workers * 2, thread_name_prefix="processgpt-sync"
@@ -148,7 +137,7 @@ class Server:
         watched = Watched(
             running=self._running_snapshot, running_todo=self._runs.get, cancel=self._cancel,
             time_out=self._time_out, work_may_wait=self._work_may_wait,
-            answer_arrived=self._answer_arrived, count=self._count,
+            answer_arrived=self._answer_arrived, count=self._stats.count,
             is_listening=lambda: self._listening, set_listening=self._set_listening,
         )
         watchers = Watchers(watched, storage, self.settings, stop=self._threads_stop,
@@ -209,52 +198,25 @@ class Server:
         workers reclaim the todos.
         """
         requested = threading.Event()
-        previous: dict[int, Any] = {}
-        if threading.current_thread() is threading.main_thread():
-            def on_signal(signum: int, frame: FrameType | None) -> None:
-                if requested.is_set():
-                    self._log.critical("second signal: exiting now", extra=self._extra)
-                    os._exit(1)
-                self._log.info("signal %s: stopping gracefully (again to exit now)",
-                               signal.Signals(signum).name, extra=self._extra)
-                requested.set()
-
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, on_signal)
-        else:
-            self._log.warning("not on the main thread: no signal handlers installed; "
-                              "call stop() to end", extra=self._extra)
-        try:
-            self.start()
-            while not requested.wait(0.5) and not self._stopping.is_set():
-                pass
-        except KeyboardInterrupt:
-            self._log.info("interrupted: stopping gracefully", extra=self._extra)
-        finally:
-            self.stop()
-            for number, handler in previous.items():
-                signal.signal(number, handler)
+        with on_stop(requested, self._log, self._extra):
+            try:
+                self.start()
+                while not requested.wait(0.5) and not self._stopping.is_set():
+                    pass
+            except KeyboardInterrupt:
+                self._log.info("interrupted: stopping gracefully", extra=self._extra)
+            finally:
+                self.stop()
 
     def stats(self) -> dict[str, Any]:
         """Counters since start: claimed, running, completed, failed, events written, run times."""
         with self._cond:
-            counts = dict(self._counts)
             running = len(self._runs)
-            times = list(self._run_times)
-            pickups = list(self._pickups)
-        pending = self._buffer.pending if self._buffer else 0
         return {
-            **counts,
+            **self._stats.snapshot(),
             "running": running,
-            "events_pending": pending,
-            "run_seconds_mean": statistics.fmean(times) if times else None,
-            "run_seconds_p95": _percentile(times, 0.95),
-            "run_seconds_sum": sum(times),
-            "run_seconds_count": len(times),
-            "pickup_seconds_p50": _percentile(pickups, 0.5),
-            "pickup_seconds_p95": _percentile(pickups, 0.95),
+            "events_pending": self._buffer.pending if self._buffer else 0,
             "listening": self._listening,
-            "executor_threads": self._executing,
         }
 
     def __enter__(self) -> Server:
@@ -320,7 +282,7 @@ class Server:
         with self._cond:
             self._runs[claim.todo_id] = run
             self._busy += 1
-            self._counts["claimed"] += 1
+        self._stats.count("claimed")
         if self._log.isEnabledFor(logging.DEBUG):
             self._log.debug("claimed todo %s (resume %s)", claim.todo_id, run.todo.resume.kind,
                             extra=self._todo_extra(run, "claim"))
@@ -332,8 +294,9 @@ class Server:
         token = CURRENT_RUN.set(run)
         value: Any = UNSET
         error: BaseException | None = None
-        self._count_executing(1)
-        self._record_pickup(run)
+        self._stats.executing(1)
+        if run.todo.resume.kind == "fresh":
+            self._stats.pickup(run.claim.row.get("start_date"))
         try:
             with self._around_todo():
                 value = self._adapter.run(run.todo)
@@ -342,7 +305,7 @@ class Server:
         except Exception as exc:
             error = exc
         finally:
-            self._count_executing(-1)
+            self._stats.executing(-1)
             CURRENT_RUN.reset(token)
         try:
             self._recorder_().finish(run, value, error)
@@ -431,7 +394,7 @@ class Server:
                                   extra={**self._extra, "action": "release"})
                 time.sleep(backoff(attempt, base=0.5, cap=2.0))
                 continue
-            self._count("released", released)
+            self._stats.count("released", released)
             self._log.info("gave back %d unfinished todos", released,
                            extra={**self._extra, "action": "release"})
             return
@@ -444,10 +407,6 @@ class Server:
     def _recorder_(self) -> Recorder:
         assert self._recorder is not None
         return self._recorder
-
-    def _record_run_time(self, seconds: float) -> None:
-        with self._cond:
-            self._run_times.append(seconds)
 
     def _storage_(self) -> Storage:
         assert self._storage is not None
@@ -468,25 +427,6 @@ class Server:
 
     def _set_listening(self, listening: bool) -> None:
         self._listening = listening
-
-    def _record_pickup(self, run: TodoRun) -> None:
-        """Seconds from the todo's start_date (when it became due) to its executor start."""
-        started = run.claim.row.get("start_date")
-        if isinstance(started, str) and run.todo.resume.kind == "fresh":
-            try:
-                due = datetime.fromisoformat(started).timestamp()
-            except ValueError:
-                return
-            with self._cond:
-                self._pickups.append(max(0.0, time.time() - due))
-
-    def _count_executing(self, n: int) -> None:
-        with self._cond:
-            self._executing += n
-
-    def _count(self, name: str, n: int = 1) -> None:
-        with self._cond:
-            self._counts[name] += n
 
     def _todo_extra(self, run: TodoRun, action: str) -> dict[str, Any]:
         return {**self._extra, "action": action, "todo_id": run.todo_id}
@@ -521,13 +461,6 @@ class Server:
     def _close_storage(self) -> None:
         if self._owns_storage and self._storage is not None:
             self._storage.close()
-
-
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def start(

@@ -120,6 +120,25 @@ def test_sigterm_with_8_todos_in_flight_leaves_nothing_started(database_url, tmp
     assert scalar(database_url, "SELECT count(*) FROM processgpt_sync_lease") == 0
 
 
+def test_a_second_sigterm_exits_at_once_and_leaves_the_todo_to_its_lease(database_url, tmp_path):
+    scalar(database_url, "SELECT processgpt_sync_enqueue_v1('rel', '30')::text")
+    args = ["--agent-orch", "rel", "--workers", "1", "--grace-seconds", "60"]
+    with open(tmp_path / "log", "w") as log:
+        proc = spawn(database_url, "tests.agents:patient", *args, log=log)
+        try:
+            wait_for(lambda: scalar(database_url, "SELECT count(*) FROM events") == 1, timeout=30)
+            proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: "stopping gracefully" in (tmp_path / "log").read_text(), timeout=10)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 1, "the second signal does not wait for the 60 s grace"
+        finally:
+            stop_process(proc)
+    assert "second signal: exiting now" in (tmp_path / "log").read_text()
+    assert scalar(database_url, "SELECT draft_status::text FROM todolist") == "STARTED"
+    assert scalar(database_url, "SELECT count(*) FROM processgpt_sync_lease") == 1, (
+        "the lease stays and expires; another worker reclaims the todo")
+
+
 def test_scale_out_3_processes_run_1000_todos_exactly_once(database_url, tmp_path):
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("SELECT processgpt_sync_enqueue_v1('rel', 'q' || g) "

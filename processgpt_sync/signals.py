@@ -1,0 +1,47 @@
+"""SIGINT/SIGTERM handling for ``serve()``: first signal stops gracefully, second exits now."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def on_stop(requested: threading.Event, log: logging.Logger = logger,
+            extra: dict[str, Any] | None = None) -> Iterator[None]:
+    """Set ``requested`` on the first signal; on the second, exit the process at once
+    (leases expire and other workers reclaim the todos).
+
+    Handlers can only be installed on the main thread; elsewhere this warns and installs
+    none, and the caller has to stop the server itself. The previous handlers come back on exit.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        log.warning("not on the main thread: no signal handlers installed; call stop() to end",
+                    extra=extra)
+        yield
+        return
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if requested.is_set():
+            log.critical("second signal: exiting now", extra=extra)
+            os._exit(1)
+        log.info("signal %s: stopping gracefully (again to exit now)",
+                 signal.Signals(signum).name, extra=extra)
+        requested.set()
+
+    previous: dict[int, Callable[..., Any] | int | None] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, on_signal)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)

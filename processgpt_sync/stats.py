@@ -1,0 +1,80 @@
+"""Counters and timings of one server: what ``Server.stats()`` and the metrics endpoint show.
+
+Kept apart from the server so the hot path only bumps numbers under one small lock; the
+percentiles are computed when someone asks.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections import deque
+from datetime import datetime
+from typing import Any
+
+COUNTERS = (
+    "claimed", "completed", "failed", "asked", "cancelled", "lost", "released",
+    "events_written", "listener_reconnects",
+)
+SAMPLES_KEPT = 2_048  # recent run times and pickup latencies the percentiles are taken over
+
+
+class ServerStats:
+    """Thread-safe counters, recent run times and pickup latencies."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(COUNTERS, 0)
+        self._run_times: deque[float] = deque(maxlen=SAMPLES_KEPT)
+        self._pickups: deque[float] = deque(maxlen=SAMPLES_KEPT)
+        self._executing = 0  # threads inside an executor call, including abandoned ones
+
+    def count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += n
+
+    def executing(self, n: int) -> None:
+        """Add ``n`` (1 on entering an executor call, -1 on leaving it)."""
+        with self._lock:
+            self._executing += n
+
+    def run_time(self, seconds: float) -> None:
+        with self._lock:
+            self._run_times.append(seconds)
+
+    def pickup(self, start_date: Any) -> None:
+        """Record seconds from a todo's ``start_date`` (when it became due) until now."""
+        if not isinstance(start_date, str):
+            return
+        try:
+            due = datetime.fromisoformat(start_date).timestamp()
+        except ValueError:
+            return
+        with self._lock:
+            self._pickups.append(max(0.0, time.time() - due))
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            counts = dict(self._counts)
+            times = list(self._run_times)
+            pickups = list(self._pickups)
+            executing = self._executing
+        return {
+            **counts,
+            "run_seconds_mean": statistics.fmean(times) if times else None,
+            "run_seconds_p95": percentile(times, 0.95),
+            "run_seconds_sum": sum(times),
+            "run_seconds_count": len(times),
+            "pickup_seconds_p50": percentile(pickups, 0.5),
+            "pickup_seconds_p95": percentile(pickups, 0.95),
+            "executor_threads": executing,
+        }
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The ``q`` quantile (0..1) by nearest rank; None when there are no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
