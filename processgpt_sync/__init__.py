@@ -18,6 +18,7 @@ from .errors import (
     PayloadError,
     ProcessGPTSyncError,
     SchemaMissing,
+    ServerFailed,
     StorageError,
     StorageUnavailable,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "Resume",
     "SchemaMissing",
     "Server",
+    "ServerFailed",
     "Settings",
     "StorageError",
     "StorageUnavailable",

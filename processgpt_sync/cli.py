@@ -19,6 +19,7 @@ from .errors import (
     ConfigurationError,
     ProcessGPTSyncError,
     SchemaMissing,
+    ServerFailed,
     StorageError,
     StorageUnavailable,
 )
@@ -342,6 +343,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(level, args.log_format)
     try:
         return int(args.func(args))
+    except ServerFailed as exc:
+        print(f"processgpt-sync: error: {exc}", file=sys.stderr)
+        return 1
     except ProcessGPTSyncError as exc:
         print(f"processgpt-sync: error: {exc}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ Our exception hierarchy::
     │   └── SchemaMissing
     ├── PayloadError
     ├── HumanTimeout
+    ├── ServerFailed
     └── ExecutorError
         ├── ExecutorTimeout
         └── NoResultError
@@ -55,6 +56,10 @@ class PayloadError(ProcessGPTSyncError):
 
 class HumanTimeout(ProcessGPTSyncError):
     """No answer from a person in time."""
+
+
+class ServerFailed(ProcessGPTSyncError):
+    """A thread of the server died and the server stopped; the log has the traceback."""
 
 
 class ExecutorError(ProcessGPTSyncError):

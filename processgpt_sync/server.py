@@ -20,7 +20,7 @@ from contextlib import AbstractContextManager, nullcontext
 from types import TracebackType
 from typing import Any
 
-from .errors import StorageError, StorageUnavailable
+from .errors import ServerFailed, StorageError, StorageUnavailable
 from .events import EventBuffer, backoff
 from .executor import Adapter, adapt
 from .human import HumanDesk, SuspendForHuman
@@ -74,6 +74,7 @@ class Server:
         self._context = contextvars.copy_context()
         self._stats = ServerStats()
         self._threads: list[threading.Thread] = []
+        self.failure: ServerFailed | None = None  # set when a server thread died
         self._pool: ThreadPoolExecutor | None = None
         self._buffer: EventBuffer | None = None
         self._outcomes: OutcomeWriter | None = None
@@ -196,6 +197,9 @@ class Server:
 
         First signal: graceful stop. Second signal: exit at once; leases expire and other
         workers reclaim the todos.
+
+        :raises ServerFailed: a server thread died, so serving stopped on its own; a
+            supervisor should see a failure, not a clean exit.
         """
         requested = threading.Event()
         with on_stop(requested, self._log, self._extra):
@@ -207,6 +211,8 @@ class Server:
                 self._log.info("interrupted: stopping gracefully", extra=self._extra)
             finally:
                 self.stop()
+        if self.failure is not None:
+            raise self.failure
 
     def stats(self) -> dict[str, Any]:
         """Counters since start: claimed, running, completed, failed, events written, run times."""
@@ -435,9 +441,11 @@ class Server:
         def guarded() -> None:
             try:
                 target()
-            except Exception:
+            except Exception as exc:
                 self._log.exception("the %s thread died; stopping the server", name,
                                     extra={**self._extra, "action": name})
+                self.failure = ServerFailed(f"the {name} thread died ({exc!r}); the server "
+                                            "stopped, its todos were given back or expire")
                 threading.Thread(target=self.stop, daemon=True).start()
 
         thread = threading.Thread(target=guarded, name=f"processgpt-sync-{name}", daemon=True)

@@ -90,3 +90,29 @@ def test_an_agent_orch_no_todo_uses_is_pointed_out_at_start(storage, caplog):
     with caplog.at_level(logging.WARNING):
         ps.start(lambda todo: {}, agent_orch="real-agnet", storage=storage).stop()
     assert "no todo has agent_orch='real-agnet' yet" in caplog.text
+
+
+def test_a_dead_server_thread_stops_serving_with_an_error_not_a_clean_exit(database_url, db):
+    from processgpt_sync.storage.postgres import PostgresStorage
+
+    class HeartbeatBug(PostgresStorage):
+        def renew(self, *args, **kwargs):
+            raise KeyError("a bug in the heartbeat")
+
+    storage = HeartbeatBug(database_url)
+    todo = storage.enqueue("ops", "long")
+
+    def handle(todo):
+        todo.cancel_event.wait(30)
+        return {"cancelled": todo.cancelled}
+
+    settings = ps.Settings(agent_orch="ops", lease_seconds=2, grace_seconds=0.2)
+    server = ps.Server(handle, settings, storage=storage)
+    try:
+        with pytest.raises(ps.ServerFailed, match="heartbeat thread died"):
+            server.run_forever()
+    finally:
+        storage.close()
+    row = db.execute("SELECT draft_status FROM todolist WHERE id = %s", (todo,)).fetchone()
+    assert row["draft_status"] is None, "the running todo was given back"
+    assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
