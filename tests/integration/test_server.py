@@ -317,3 +317,37 @@ def test_a_failed_start_reports_its_own_error_and_stop_returns(empty_database_ur
         server.start()
     server.stop()
     assert server.join(timeout=1)
+
+
+def test_todos_outliving_their_lease_are_not_run_twice(storage, db, database_url):
+    """Heartbeats come from their own thread: a CPU-bound executor or one blocking its event
+    loop keeps its lease, and a second server waiting for work never runs the todo again."""
+    storage.enqueue("a", "cpu")
+    storage.enqueue("a", "blocking loop")
+    runs: list[str] = []
+
+    async def handle(todo):
+        runs.append(todo.input)
+        if todo.input != "cpu":
+            time.sleep(3.5)  # a blocking call inside async def, as CrewAI's kickoff() does
+            return {"slept": 3.5}
+        deadline = time.monotonic() + 3.5  # > 3 leases of 1 s, holding the GIL
+        n = 0
+        while time.monotonic() < deadline:
+            n += sum(i * i for i in range(1_000))
+        return {"n": n}
+
+    first = ps.start(handle, agent_orch="a", storage=storage, workers=2, lease_seconds=1)
+    try:
+        wait_for(lambda: len(runs) == 2)
+        rival = ps.start(handle, agent_orch="a", database_url=database_url, workers=2,
+                         lease_seconds=1, poll_interval=0.2)
+        try:
+            wait_for(lambda: first.stats()["completed"] == 2, timeout=20)
+        finally:
+            rival.stop(timeout=5)
+    finally:
+        first.stop(timeout=5)
+    assert sorted(runs) == ["blocking loop", "cpu"], "each todo ran once"
+    assert [(r["draft_status"], r["claim_count"]) for r in rows(db)] == [("COMPLETED", 1)] * 2
+    assert first.stats()["lost"] == 0
