@@ -7,6 +7,7 @@ import threading
 import time
 from collections import defaultdict
 
+import psycopg
 import pytest
 
 import processgpt_sync as ps
@@ -351,3 +352,67 @@ def test_todos_outliving_their_lease_are_not_run_twice(storage, db, database_url
     assert sorted(runs) == ["blocking loop", "cpu"], "each todo ran once"
     assert [(r["draft_status"], r["claim_count"]) for r in rows(db)] == [("COMPLETED", 1)] * 2
     assert first.stats()["lost"] == 0
+
+
+def test_a_todo_finishing_as_its_timeout_fires_gets_exactly_one_outcome(storage, db):
+    """Completion and timeout race; whichever wins, the other writes nothing (no todo both
+    completed and failed, no second crew_completed or error event)."""
+    for n in range(20):  # sleeps spread over the window in which the timeout fires
+        storage.enqueue("a", f"{0.25 + 0.025 * n:.3f}")
+
+    def handle(todo):
+        time.sleep(float(todo.input))
+        return {"slept": todo.input}
+
+    server = ps.start(handle, agent_orch="a", storage=storage, workers=20, timeout=0.3)
+    try:
+        wait_for(lambda: server.stats()["completed"] + server.stats()["failed"] == 20)
+        stats = server.stats()
+    finally:
+        server.stop(timeout=5)
+    events = events_by_todo(db)
+    outcomes: dict[str, int] = defaultdict(int)
+    for row in rows(db):
+        kinds = [e["event_type"] for e in events[row["id"]]]
+        if row["draft_status"] == "COMPLETED":
+            assert row["output"] == {"slept": row["description"] or row["query"]}
+            assert kinds.count("crew_completed") == 1 and "error" not in kinds, kinds
+        else:
+            assert row["draft_status"] == "FAILED" and "timed out after 0.3 s" in row["log"]
+            assert row["output"] is None and kinds.count("error") == 1, kinds
+            assert "crew_completed" not in kinds, kinds
+        outcomes[row["draft_status"]] += 1
+    assert outcomes == {"COMPLETED": stats["completed"], "FAILED": stats["failed"]}
+    assert outcomes["COMPLETED"] and outcomes["FAILED"], "both sides of the race were exercised"
+
+
+def test_connections_stay_within_the_documented_budget(database_url, db):
+    """At most workers + 4 pooled connections plus the LISTEN one, however busy the server."""
+    for n in range(300):
+        db.execute("SELECT processgpt_sync_enqueue_v1('a', %s)", (str(n),))
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            while not done.is_set():
+                n = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                                 "current_database() AND pid <> pg_backend_pid()").fetchone()[0]
+                peak = max(peak, n - 1)  # minus the test's own `db` connection
+                time.sleep(0.005)
+
+    def handle(todo):
+        todo.events.progress("working")
+        todo.events.result({"partial": todo.input}, final=False)  # a write from the worker
+        return {"n": todo.input}
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        with ps.start(handle, agent_orch="a", database_url=database_url, workers=8) as server:
+            wait_for(lambda: server.stats()["completed"] == 300, timeout=60)
+    finally:
+        done.set()
+        sampler.join()
+    assert 2 <= peak <= 8 + 4 + 1, f"{peak} connections"
