@@ -6,8 +6,9 @@
     processgpt-sync respond JOB_ID '"careful"'  # answer as the ProcessGPT UI would
 
 `ask_human` blocks this worker thread until the answer arrives (the lease stays alive);
-`suspend_for_human` frees the worker and the todo runs again, with the answer in
-`todo.resume.answer`, once someone replies — hours later or after a restart.
+`suspend_for_human` frees the worker and the todo runs again from the start once someone
+replies — hours later or after a restart. On that run every question already answered returns
+its answer at once, so the code reads top to bottom.
 """
 
 from __future__ import annotations
@@ -23,14 +24,12 @@ def check_budget(item: str) -> bool:
 
 
 def handle(todo: Todo) -> dict[str, object]:
-    if todo.resume.kind == "human_answer":  # resumed after suspend_for_human
-        return {"request": todo.input, "approved_by_manager": todo.resume.answer}
     style = todo.ask_human("How should I process this?", kind="select",
                            options=["fast", "careful"], timeout=600, default="careful")
     todo.events.progress({"style": style})
-    if not check_budget(todo.input):
-        todo.suspend_for_human(f"No budget for {todo.input!r}: approve anyway?", kind="confirm")
-    return {"request": todo.input, "style": style}
+    approved = check_budget(todo.input) or todo.suspend_for_human(
+        f"No budget for {todo.input!r}: approve anyway?", kind="confirm")  # frees the worker
+    return {"request": todo.input, "style": style, "approved": bool(approved)}
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def start(path: str | os.PathLike[str] | None = None, *, install: bool = True) -
         ) from exc
     url = str(server.get_uri())
     if install:
-        install_schema(url)
+        install_schema(url, if_changed=True)
     logger.info("embedded PostgreSQL ready in %s", directory, extra={"action": "embedded_start"})
     return url
 

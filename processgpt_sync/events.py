@@ -57,6 +57,8 @@ def make_event(
     if isinstance(data, str):
         data = unwrap_text(data)
     check_json(data, what=f"{event_type} event data")
+    if event_type == "human_asked" and not job_id:
+        job_id = f"human_asked_{uuid.uuid4()}"  # an answer names its question by job_id
     return {
         "todo_id": todo_id,
         "token": token,

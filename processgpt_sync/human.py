@@ -33,14 +33,16 @@ POLL_MAX = 1.0  # seconds between answer checks when no NOTIFY arrives
 
 
 class SuspendForHuman(BaseException):
-    """Raised by ``todo.suspend_for_human``: the todo waits in the database for its answer.
+    """Raised by ``todo.suspend_for_human`` once the question is written: the todo waits in the
+    database for its answer.
 
     A BaseException so an executor's ``except Exception`` does not swallow it.
     """
 
-    def __init__(self, question: Mapping[str, Any]) -> None:
+    def __init__(self, question: Mapping[str, Any], job_id: str) -> None:
         super().__init__(question.get("question"))
         self.question = dict(question)
+        self.job_id = job_id
 
 
 def question_data(question: str, options: list[Any] | None, kind: str) -> dict[str, Any]:
@@ -94,19 +96,25 @@ class HumanDesk:
             event.set()
 
     def ask(self, run: TodoRun, question: str, *, options: list[Any] | None, kind: str,
-            timeout: float, default: Any) -> Any:
+            timeout: float = 300.0, default: Any = NO_DEFAULT, suspend: bool = False) -> Any:
+        """Write the question (after the todo's pending events) and return its answer: the
+        earlier one when this todo asked the same question before, else the one that arrives
+        (blocking), else raise SuspendForHuman (``suspend``: the worker is freed)."""
         data = question_data(question, options, kind)
-        job_id = f"human_asked_{uuid.uuid4()}"
+        events = self._take_events(run.todo_id)
+        new_job_id = f"human_asked_{uuid.uuid4()}"
+        asked = self._call(lambda: self._storage.ask(run.claim, new_job_id, data, events=events))
+        if not asked.applied:
+            self._refused(run, asked.reason)
+        if asked.reason == "answered_before":
+            return answer_value(asked.answer)
+        job_id = asked.job_id or new_job_id  # 'asked_before': wait for the open one
+        if suspend:
+            raise SuspendForHuman(data, job_id)
         waiter = threading.Event()
         with self._lock:
             self._waiters[job_id] = (run.todo_id, waiter)
         try:
-            events = self._take_events(run.todo_id)
-            asked = self._call(lambda: self._storage.ask(run.claim, job_id, data, events=events))
-            if not asked.applied:
-                self._refused(run, asked.reason)
-            if asked.reason == "answered_before":
-                return answer_value(asked.answer)
             return self._wait(run, job_id, waiter, question, timeout, default)
         finally:
             with self._lock:

@@ -6,7 +6,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .events import Events
@@ -43,13 +43,16 @@ class Resume:
     kind: str = "fresh"
     attempt: int = 1
     answer: Any = None
+    job_id: str | None = None
+    """The answered question's job_id (``human_answer``)."""
 
     @classmethod
     def from_json(cls, value: Mapping[str, Any] | None) -> Resume:
         value = value or {}
         kind = value.get("kind") if value.get("kind") in RESUME_KINDS else "fresh"
         attempt = int(value.get("attempt") or 1)
-        return cls(kind=str(kind), attempt=attempt, answer=value.get("answer"))
+        return cls(kind=str(kind), attempt=attempt, answer=value.get("answer"),
+                   job_id=value.get("job_id"))
 
 
 @dataclass(frozen=True)
@@ -122,13 +125,20 @@ class Todo:
                           default=default)
 
     def suspend_for_human(self, question: str, *, options: list[Any] | None = None,
-                          kind: str = "text") -> NoReturn:
+                          kind: str = "text") -> Any:
         """Ask a person and free the worker: the todo waits in the database (HUMAN_ASKED) and
-        runs again, with ``resume.kind == "human_answer"`` and ``resume.answer``, once
-        answered. Does not return."""
-        from .human import SuspendForHuman, question_data
+        runs again from the start, with ``resume.kind == "human_answer"`` and
+        ``resume.answer``, once answered; this call does not return then.
 
-        raise SuspendForHuman(question_data(question, options, kind))
+        On that later run the same question (same text, options and kind) is not asked
+        again: this call returns its answer, as ``ask_human`` does, so code that suspends
+        reads naturally top to bottom.
+        """
+        if self.asker is None:
+            from .errors import ProcessGPTSyncError
+
+            raise ProcessGPTSyncError("this todo is not running in a server; it cannot ask")
+        return self.asker(question, options=options, kind=kind, suspend=True)
 
     @property
     def agents(self) -> list[Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -98,11 +97,10 @@ class Recorder:
             return
         self._record_result(run, result)
 
-    def suspend(self, run: TodoRun, question: dict[str, Any]) -> Any:
-        """``todo.suspend_for_human``: the question as a human_asked event, then the todo
-        waits in the database (HUMAN_ASKED, lease released)."""
-        run.events.emit("human_asked", question, job_id=f"human_asked_{uuid.uuid4()}",
-                        crew_type="agent", status="ASKED")
+    @staticmethod
+    def suspend(run: TodoRun, question: dict[str, Any]) -> Any:
+        """``todo.suspend_for_human``: the question is written already; the outcome releases
+        the lease and the todo waits in the database (HUMAN_ASKED)."""
         return AwaitingHuman(question=question)
 
     def _record_result(self, run: TodoRun, result: Any) -> None:

@@ -15,7 +15,8 @@ RETURNS uuid LANGUAGE sql IMMUTABLE AS $$
     END
 $$;
 
--- Why this run happens: fresh, reclaim (a previous owner's lease expired), human_answer, revision.
+-- Why this run happens: fresh, reclaim (a previous owner's lease expired, also while it waited
+-- for an answer), human_answer (with the answered question's job_id), revision.
 CREATE OR REPLACE FUNCTION processgpt_sync_resume_v1(
     p_prev_status draft_status, p_claim_count integer, p_feedback jsonb)
 RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$
@@ -25,14 +26,15 @@ RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$
     )
     SELECT jsonb_build_object(
         'kind', CASE
-            WHEN p_prev_status = 'STARTED' THEN 'reclaim'
+            WHEN p_prev_status IN ('STARTED', 'HUMAN_ASKED') THEN 'reclaim'
             WHEN jsonb_typeof(last.item) = 'object' AND last.item ->> 'kind' = 'human_answer'
                 THEN 'human_answer'
             WHEN last.item IS NOT NULL THEN 'revision'
             ELSE 'fresh'
         END,
         'attempt', p_claim_count,
-        'answer', CASE WHEN jsonb_typeof(last.item) = 'object' THEN last.item -> 'content' END)
+        'answer', CASE WHEN jsonb_typeof(last.item) = 'object' THEN last.item -> 'content' END,
+        'job_id', CASE WHEN jsonb_typeof(last.item) = 'object' THEN last.item ->> 'job_id' END)
     FROM last
 $$;
 
@@ -87,7 +89,9 @@ END
 $$;
 
 -- Claim up to p_limit todos for one agent_orch in one call (SKIP LOCKED), each with a lease, a
--- fencing token and its context extras. Expired claims past p_max_claims become FAILED first.
+-- fencing token and its context extras. Expired claims (running, or waiting in a blocking
+-- ask_human) are settled first: CANCELLED when the UI cancelled them, FAILED past p_max_claims;
+-- the others are claimable again. The life of a todo is specified in docs/todo-life.md.
 CREATE OR REPLACE FUNCTION processgpt_sync_claim_v1(
     p_agent_orch text,
     p_consumer text,
@@ -103,10 +107,23 @@ BEGIN
         RETURN '[]'::jsonb;
     END IF;
 
+    WITH abandoned AS (
+        SELECT t.id FROM todolist t
+        JOIN processgpt_sync_lease l ON l.todo_id = t.id AND l.claim_token = t.claim_token
+        WHERE l.expires_at < now() AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
+          AND t.agent_orch::text = p_agent_orch AND t.status = 'CANCELLED'
+        FOR UPDATE OF t SKIP LOCKED
+    ), settled AS (
+        UPDATE todolist t SET draft_status = 'CANCELLED', consumer = NULL, updated_at = now()
+        FROM abandoned a WHERE t.id = a.id
+        RETURNING t.id
+    )
+    DELETE FROM processgpt_sync_lease l USING settled s WHERE l.todo_id = s.id;
+
     WITH exhausted AS (
         SELECT t.id FROM todolist t
         JOIN processgpt_sync_lease l ON l.todo_id = t.id AND l.claim_token = t.claim_token
-        WHERE l.expires_at < now() AND t.draft_status = 'STARTED'
+        WHERE l.expires_at < now() AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
           AND t.agent_orch::text = p_agent_orch AND t.claim_count >= p_max_claims
         FOR UPDATE OF t SKIP LOCKED
     ), failed AS (
@@ -135,8 +152,10 @@ BEGIN
           AND (
                 (t.draft_status IS NULL AND t.status = 'IN_PROGRESS'
                  AND t.agent_mode IN ('DRAFT', 'COMPLETE') AND t.draft IS NULL)
-             OR t.draft_status = 'FB_REQUESTED'
-             OR (t.draft_status = 'STARTED' AND t.claim_count < p_max_claims AND EXISTS (
+             OR (t.draft_status = 'FB_REQUESTED' AND t.status IS DISTINCT FROM 'CANCELLED')
+             OR (t.draft_status IN ('STARTED', 'HUMAN_ASKED')
+                 AND t.status IS DISTINCT FROM 'CANCELLED'
+                 AND t.claim_count < p_max_claims AND EXISTS (
                     SELECT 1 FROM processgpt_sync_lease l
                     WHERE l.todo_id = t.id AND l.claim_token = t.claim_token
                       AND l.expires_at < now())))
@@ -146,7 +165,8 @@ BEGIN
     ), claimed AS (
         UPDATE todolist t
         SET draft_status = 'STARTED', consumer = p_consumer, claim_token = gen_random_uuid(),
-            claim_count = CASE WHEN c.prev_status = 'STARTED' THEN t.claim_count + 1 ELSE 1 END,
+            claim_count = CASE WHEN c.prev_status IN ('STARTED', 'HUMAN_ASKED')
+                               THEN t.claim_count + 1 ELSE 1 END,
             updated_at = now()
         FROM candidate c WHERE t.id = c.id
         RETURNING t AS todo, c.prev_status, c.start_date
@@ -159,7 +179,7 @@ BEGIN
         ON CONFLICT (todo_id) DO UPDATE
         SET claim_token = EXCLUDED.claim_token, consumer = EXCLUDED.consumer,
             expires_at = EXCLUDED.expires_at, claimed_at = now(),
-            prev_draft_status = CASE WHEN EXCLUDED.prev_draft_status = 'STARTED'
+            prev_draft_status = CASE WHEN EXCLUDED.prev_draft_status IN ('STARTED', 'HUMAN_ASKED')
                                      THEN l.prev_draft_status
                                      ELSE EXCLUDED.prev_draft_status END
     )
@@ -387,6 +407,7 @@ BEGIN
     UPDATE todolist SET draft_status = 'HUMAN_ASKED', consumer = NULL, updated_at = now()
     WHERE id = p_todo_id;
     DELETE FROM processgpt_sync_lease WHERE todo_id = p_todo_id;
+    PERFORM processgpt_sync_take_answer_v1(p_todo_id);
     RETURN jsonb_build_object('applied', true, 'reason', 'ok', 'events', v_events);
 END
 $$;
@@ -406,21 +427,28 @@ BEGIN
     WITH items AS MATERIALIZED (
         SELECT i.ordinality AS n, i.value AS item, i.value ->> 'outcome' AS outcome,
                processgpt_sync_uuid_or_null_v1(i.value ->> 'todo_id') AS todo_id,
-               processgpt_sync_uuid_or_null_v1(i.value ->> 'token') AS token
+               processgpt_sync_uuid_or_null_v1(i.value ->> 'token') AS token,
+               CASE WHEN jsonb_typeof(i.value -> 'events') = 'array'
+                    THEN jsonb_array_length(i.value -> 'events') ELSE 0 END AS n_events
         FROM jsonb_array_elements(coalesce(p_items, '[]'::jsonb)) WITH ORDINALITY AS i
     ), locked AS MATERIALIZED (
-        SELECT t.id, t.claim_token, t.draft_status,
+        SELECT t.id, t.claim_token, t.draft_status, t.consumer,
                coalesce(t.root_proc_inst_id, t.proc_inst_id) AS proc_inst_id
         FROM todolist t WHERE t.id IN (SELECT todo_id FROM items)
         ORDER BY t.id FOR UPDATE OF t
     ), judged AS MATERIALIZED (
-        SELECT i.n, i.item, i.outcome, i.todo_id, i.token, l.proc_inst_id,
+        SELECT i.n, i.item, i.outcome, i.todo_id, i.token, l.proc_inst_id, i.n_events,
+            -- each item's slot in the batch's timeline: its events, then its closing event
+            sum(i.n_events + 1) OVER (ORDER BY i.n) - i.n_events - 1 AS slot,
             CASE
                 WHEN i.outcome IS NULL OR i.outcome NOT IN ('completed', 'failed', 'asked')
                     THEN 'error'
                 WHEN i.outcome = 'completed' AND i.item -> 'result' IS NULL THEN 'error'
                 WHEN l.id IS NULL THEN 'missing'
                 WHEN l.claim_token IS DISTINCT FROM i.token THEN 'not_owner'
+                WHEN i.outcome = 'asked' AND l.consumer IS NULL
+                     AND l.draft_status IN ('HUMAN_ASKED', 'FB_REQUESTED')
+                    THEN 'already_applied'
                 WHEN l.draft_status IN ('STARTED', 'HUMAN_ASKED') THEN 'ok'
                 WHEN (i.outcome, l.draft_status) IN (('completed', 'COMPLETED'),
                                                      ('failed', 'FAILED'))
@@ -429,7 +457,7 @@ BEGIN
             END AS reason
         FROM items i LEFT JOIN locked l ON l.id = i.todo_id
     ), evs AS MATERIALIZED (
-        SELECT j.n, j.todo_id, j.proc_inst_id, e.value AS ev, e.ordinality AS k,
+        SELECT j.n, j.todo_id, j.proc_inst_id, e.value AS ev, e.ordinality AS k, j.slot,
                processgpt_sync_event_problem_v1(
                    e.value,
                    processgpt_sync_uuid_or_null_v1(e.value ->> 'todo_id') = j.todo_id
@@ -447,7 +475,7 @@ BEGIN
                r.status, r.ts FROM evs v,
              LATERAL processgpt_sync_event_row_v1(
                  v.ev, v.todo_id, v.proc_inst_id,
-                 v_base + (v.n * 100000 + v.k) * interval '1 microsecond') r
+                 v_base + (v.slot + v.k) * interval '1 microsecond') r
         WHERE v.reason IS NULL AND NOT EXISTS (SELECT 1 FROM events x WHERE x.id = v.ev ->> 'id')
     ), updated AS (
         UPDATE todolist t
@@ -478,7 +506,7 @@ BEGIN
                               ELSE 'error' END::event_type_enum,
                CASE j.outcome WHEN 'completed' THEN '{}'::jsonb
                               ELSE jsonb_build_object('error', j.item ->> 'error') END,
-               v_base + (j.n * 100000 + 99999) * interval '1 microsecond'
+               v_base + (j.slot + j.n_events + 1) * interval '1 microsecond'
         FROM judged j WHERE j.reason = 'ok' AND j.outcome IN ('completed', 'failed')
     )
     SELECT jsonb_agg(jsonb_build_object(
@@ -494,15 +522,23 @@ BEGIN
                ORDER BY j.n)
     INTO v_out
     FROM judged j;
+
+    -- A question answered before its todo was suspended: claimable again at once.
+    PERFORM processgpt_sync_take_answer_v1(processgpt_sync_uuid_or_null_v1(i.value ->> 'todo_id'))
+    FROM jsonb_array_elements(coalesce(p_items, '[]'::jsonb)) WITH ORDINALITY AS i(value, n)
+    JOIN jsonb_array_elements(v_out) WITH ORDINALITY AS o(value, n) ON o.n = i.n
+    WHERE i.value ->> 'outcome' = 'asked' AND o.value ->> 'reason' = 'ok';
     RETURN coalesce(v_out, '[]'::jsonb);
 END
 $$;
 
--- Ask a person (blocking ask_human): the pending events, then a `human_asked` event (job_id,
--- question data with its signature) and a notification per human user; draft_status
--- HUMAN_ASKED while the lease is kept. When this todo already asked the same question (same
--- signature) and got an answer, nothing is written and that answer is returned.
--- Returns {applied, reason, answer?}.
+-- Ask a person (ask_human, suspend_for_human): the pending events first, then the question.
+-- The same question (same signature) asked before in this todo is not asked again: its answer is
+-- returned ('answered_before'), or, while unanswered, its job_id is waited on again
+-- ('asked_before'; a retried call after an ambiguous commit, or a rerun after a crash or a
+-- restart). Otherwise a `human_asked` event (job_id, question data) and a notification per human
+-- user; draft_status HUMAN_ASKED while the lease is kept. Returns {applied, reason, job_id?,
+-- answer?, events}.
 CREATE OR REPLACE FUNCTION processgpt_sync_ask_v1(
     p_todo_id uuid,
     p_token uuid,
@@ -513,29 +549,39 @@ RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
     v_refused text := processgpt_sync_fence_v1(p_todo_id, p_token);
     v_todo todolist;
+    v_job_id text;
     v_answer jsonb;
     v_events jsonb;
 BEGIN
     IF v_refused IS NOT NULL THEN
         RETURN jsonb_build_object('applied', false, 'reason', v_refused);
     END IF;
-    SELECT r.data INTO v_answer
-    FROM events q JOIN events r ON r.job_id = q.job_id AND r.event_type = 'human_response'
+    v_events := processgpt_sync_record_events_v1(p_events);
+    SELECT q.job_id, r.data INTO v_job_id, v_answer
+    FROM events q
+    LEFT JOIN LATERAL (
+        SELECT a.data FROM events a
+        WHERE a.job_id = q.job_id AND a.event_type = 'human_response'
+        ORDER BY a."timestamp" DESC LIMIT 1) r ON true
     WHERE q.todo_id = p_todo_id::text AND q.event_type = 'human_asked'
       AND q.data ->> 'signature' = p_question ->> 'signature'
-    ORDER BY r."timestamp" DESC LIMIT 1;
-    IF FOUND THEN
-        RETURN jsonb_build_object('applied', true, 'reason', 'answered_before', 'answer', v_answer);
+    ORDER BY r.data IS NOT NULL DESC, q."timestamp" DESC LIMIT 1;
+    IF FOUND AND v_answer IS NOT NULL THEN
+        RETURN jsonb_build_object('applied', true, 'reason', 'answered_before', 'job_id', v_job_id,
+                                  'answer', v_answer, 'events', v_events);
+    END IF;
+    UPDATE todolist SET draft_status = 'HUMAN_ASKED', updated_at = now() WHERE id = p_todo_id;
+    IF v_job_id IS NOT NULL THEN
+        RETURN jsonb_build_object('applied', true, 'reason', 'asked_before', 'job_id', v_job_id,
+                                  'events', v_events);
     END IF;
 
-    v_events := processgpt_sync_record_events_v1(p_events);
     SELECT * INTO v_todo FROM todolist WHERE id = p_todo_id;
     INSERT INTO events (id, job_id, todo_id, proc_inst_id, crew_type, event_type, data, status,
                         "timestamp")
     VALUES (gen_random_uuid()::text, p_job_id, p_todo_id::text,
             coalesce(v_todo.root_proc_inst_id, v_todo.proc_inst_id), 'agent', 'human_asked',
             p_question, 'ASKED', clock_timestamp());
-    UPDATE todolist SET draft_status = 'HUMAN_ASKED', updated_at = now() WHERE id = p_todo_id;
     BEGIN  -- a platform notifications table of another shape must not stop the question
         INSERT INTO notifications (user_id, tenant_id, title, description, type, url)
         SELECT u.id::text, v_todo.tenant_id, coalesce(v_todo.activity_name, 'Question'),
@@ -549,7 +595,8 @@ BEGIN
     EXCEPTION WHEN undefined_table OR undefined_column OR datatype_mismatch THEN
         RAISE WARNING 'processgpt-sync: notification not written: %', SQLERRM;
     END;
-    RETURN jsonb_build_object('applied', true, 'reason', 'ok', 'events', v_events);
+    RETURN jsonb_build_object('applied', true, 'reason', 'ok', 'job_id', p_job_id,
+                              'events', v_events);
 END
 $$;
 
@@ -622,9 +669,46 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
                       WHERE r.job_id = q.job_id AND r.event_type = 'human_response')
 $$;
 
--- An answer arrives: wake the waiting worker ('processgpt_sync_answer', payload job_id); a todo
--- suspended for it (no owner) becomes claimable with the answer as its last feedback, so it
--- runs again with resume kind human_answer.
+-- A suspended todo (HUMAN_ASKED, no owner) whose latest question has an answer becomes
+-- claimable (FB_REQUESTED) with that answer as its last feedback, so it runs again with resume
+-- kind human_answer. An answer to an earlier question, or a second answer, changes nothing.
+-- Only todos this library ran (claim_token set) are touched: upstream agents' todos are theirs.
+-- Executable by every role: the answer trigger runs as the role that inserts the answer (the
+-- ProcessGPT UI's), under that role's own privileges and row security.
+CREATE OR REPLACE FUNCTION processgpt_sync_take_answer_v1(p_todo_id uuid)
+RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    v_job_id text;
+    v_answer events;
+BEGIN
+    SELECT q.job_id INTO v_job_id FROM events q
+    WHERE q.todo_id = p_todo_id::text AND q.event_type = 'human_asked'
+    ORDER BY q."timestamp" DESC LIMIT 1;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    SELECT * INTO v_answer FROM events r
+    WHERE r.job_id = v_job_id AND r.event_type = 'human_response'
+    ORDER BY r."timestamp" DESC LIMIT 1;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    UPDATE todolist t
+    SET draft_status = 'FB_REQUESTED', updated_at = now(),
+        feedback = CASE WHEN jsonb_typeof(t.feedback) = 'array' THEN t.feedback ELSE '[]'::jsonb
+                   END || jsonb_build_array(jsonb_build_object(
+                       'time', now(), 'kind', 'human_answer', 'job_id', v_job_id,
+                       'content', coalesce(v_answer.data -> 'answer', v_answer.data),
+                       'user_id', v_answer.data ->> 'user_id'))
+    WHERE t.id = p_todo_id AND t.draft_status = 'HUMAN_ASKED' AND t.consumer IS NULL
+      AND t.claim_token IS NOT NULL AND t.status IS DISTINCT FROM 'CANCELLED';
+    RETURN FOUND;
+END
+$$;
+
+-- An answer arrives: wake the waiting worker ('processgpt_sync_answer', payload job_id), and
+-- requeue the todo it answers if that todo is suspended waiting for it. Never makes the UI's
+-- insert fail: a role that may not update todolist only loses the requeue (logged).
 CREATE OR REPLACE FUNCTION processgpt_sync_answer_trigger_v1()
 RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
@@ -637,15 +721,12 @@ BEGIN
     SELECT processgpt_sync_uuid_or_null_v1(q.todo_id) INTO v_todo_id FROM events q
     WHERE q.job_id = NEW.job_id AND q.event_type = 'human_asked'
     ORDER BY q."timestamp" DESC LIMIT 1;
-    UPDATE todolist t
-    SET draft_status = 'FB_REQUESTED', updated_at = now(),
-        feedback = CASE WHEN jsonb_typeof(t.feedback) = 'array' THEN t.feedback ELSE '[]'::jsonb
-                   END || jsonb_build_array(jsonb_build_object(
-                       'time', now(), 'kind', 'human_answer', 'job_id', NEW.job_id,
-                       'content', coalesce(NEW.data -> 'answer', NEW.data),
-                       'user_id', NEW.data ->> 'user_id'))
-    WHERE t.id = coalesce(v_todo_id, processgpt_sync_uuid_or_null_v1(NEW.todo_id))
-      AND t.draft_status = 'HUMAN_ASKED' AND t.consumer IS NULL;
+    BEGIN
+        PERFORM processgpt_sync_take_answer_v1(
+            coalesce(v_todo_id, processgpt_sync_uuid_or_null_v1(NEW.todo_id)));
+    EXCEPTION WHEN insufficient_privilege THEN
+        RAISE WARNING 'processgpt-sync: answer % stored, todo not requeued: %', NEW.job_id, SQLERRM;
+    END;
     RETURN NULL;
 END
 $$;
@@ -657,8 +738,9 @@ CREATE TRIGGER processgpt_sync_answer
     EXECUTE FUNCTION processgpt_sync_answer_trigger_v1();
 
 -- Give claims back: a running todo returns to the state it was claimed from (claimable again,
--- the claim not counted); a todo cancelled meanwhile just loses its lease. Returns how many
--- todos became claimable.
+-- the claim not counted, an intermediate draft of a fresh claim dropped so the row is claimable
+-- exactly as before); a todo the UI cancelled ends CANCELLED. Returns how many todos became
+-- claimable.
 CREATE OR REPLACE FUNCTION processgpt_sync_release_v1(p_todo_ids uuid[], p_tokens uuid[])
 RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
@@ -666,23 +748,34 @@ DECLARE
 BEGIN
     WITH pairs AS (
         SELECT p.todo_id, p.token FROM unnest(p_todo_ids, p_tokens) AS p(todo_id, token)
+    ), judged AS (
+        SELECT t.id, l.prev_draft_status,
+               CASE WHEN t.status = 'CANCELLED' OR t.draft_status = 'CANCELLED' THEN 'cancelled'
+                    WHEN t.draft_status IN ('STARTED', 'HUMAN_ASKED') THEN 'running'
+                    ELSE 'finished' END AS state
+        FROM pairs p
+        JOIN todolist t ON t.id = p.todo_id AND t.claim_token = p.token
+        JOIN processgpt_sync_lease l ON l.todo_id = p.todo_id AND l.claim_token = p.token
+        FOR UPDATE OF t
     ), released AS (
         UPDATE todolist t
-        SET draft_status = CASE WHEN t.draft_status IN ('STARTED', 'HUMAN_ASKED')
-                                THEN l.prev_draft_status ELSE t.draft_status END,
-            claim_count = CASE WHEN t.draft_status IN ('STARTED', 'HUMAN_ASKED')
-                               THEN greatest(t.claim_count - 1, 0) ELSE t.claim_count END,
+        SET draft_status = CASE j.state WHEN 'cancelled' THEN 'CANCELLED'::draft_status
+                                        WHEN 'running' THEN j.prev_draft_status
+                                        ELSE t.draft_status END,
+            draft = CASE WHEN j.state = 'running' AND j.prev_draft_status IS NULL THEN NULL
+                         ELSE t.draft END,
+            claim_count = CASE WHEN j.state = 'running' THEN greatest(t.claim_count - 1, 0)
+                               ELSE t.claim_count END,
             consumer = NULL, updated_at = now()
-        FROM pairs p JOIN processgpt_sync_lease l
-            ON l.todo_id = p.todo_id AND l.claim_token = p.token
-        WHERE t.id = p.todo_id AND t.claim_token = p.token
-        RETURNING t.id, t.draft_status
+        FROM judged j
+        WHERE t.id = j.id
+        RETURNING t.id, t.draft_status, j.state
     ), dropped AS (
         DELETE FROM processgpt_sync_lease l USING pairs p
         WHERE l.todo_id = p.todo_id AND l.claim_token = p.token
     )
     SELECT count(*) INTO v_released FROM released r
-    WHERE r.draft_status IS NULL OR r.draft_status = 'FB_REQUESTED';
+    WHERE r.state = 'running' AND (r.draft_status IS NULL OR r.draft_status = 'FB_REQUESTED');
     RETURN v_released;
 END
 $$;
@@ -788,7 +881,7 @@ RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF (NEW.draft_status IS NULL AND NEW.status = 'IN_PROGRESS'
         AND NEW.agent_mode IN ('DRAFT', 'COMPLETE') AND NEW.draft IS NULL)
-       OR NEW.draft_status = 'FB_REQUESTED' THEN
+       OR (NEW.draft_status = 'FB_REQUESTED' AND NEW.status IS DISTINCT FROM 'CANCELLED') THEN
         PERFORM pg_notify('processgpt_sync_todo', coalesce(NEW.agent_orch::text, ''));
     ELSIF TG_OP = 'UPDATE' AND NEW.consumer IS NOT NULL
           AND (NEW.draft_status = 'CANCELLED' OR NEW.status = 'CANCELLED')
@@ -834,5 +927,10 @@ BEGIN
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'service_role') THEN
         GRANT ALL ON processgpt_sync_lease TO service_role;
     END IF;
+    -- The answer trigger runs as the role inserting the answer (the ProcessGPT UI's): what it
+    -- calls must be executable by that role. Neither function reaches past the caller's own
+    -- privileges.
+    GRANT EXECUTE ON FUNCTION processgpt_sync_uuid_or_null_v1(text) TO PUBLIC;
+    GRANT EXECUTE ON FUNCTION processgpt_sync_take_answer_v1(uuid) TO PUBLIC;
 END
 $$;

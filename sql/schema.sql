@@ -125,6 +125,26 @@ CREATE TABLE IF NOT EXISTS processgpt_sync_lease (
 );
 CREATE INDEX IF NOT EXISTS processgpt_sync_lease_expires_idx ON processgpt_sync_lease (expires_at);
 
+-- A deleted todo takes its lease with it (the cascade runs with the table owner's rights, so the
+-- UI deleting a todo needs no right on the lease table). Needs a unique todolist.id, as
+-- ProcessGPT has; lease rows of todos deleted before this constraint existed are removed.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint
+                   WHERE conname = 'processgpt_sync_lease_todo_fk'
+                     AND conrelid = 'processgpt_sync_lease'::regclass)
+       AND EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a
+                       ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                   WHERE i.indrelid = 'todolist'::regclass AND i.indisunique
+                     AND i.indnkeyatts = 1 AND a.attname = 'id' AND i.indpred IS NULL) THEN
+        DELETE FROM processgpt_sync_lease l
+        WHERE NOT EXISTS (SELECT 1 FROM todolist t WHERE t.id = l.todo_id);
+        ALTER TABLE processgpt_sync_lease ADD CONSTRAINT processgpt_sync_lease_todo_fk
+            FOREIGN KEY (todo_id) REFERENCES todolist (id) ON DELETE CASCADE;
+    END IF;
+END
+$$;
+
 -- Claimable and in-flight todos only: finished rows (COMPLETED, FAILED, ...) stay out of it.
 -- Old installs have an enum agent_orch, whose cast to text cannot be indexed: index by date only.
 DO $$

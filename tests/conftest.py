@@ -7,6 +7,8 @@ TEMPLATE`` (about 20 ms) and it is dropped afterwards.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,6 +27,24 @@ for _name in list(os.environ):
         del os.environ[_name]
 
 TEMPLATE = "processgpt_sync_template"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Give each run its own temporary root: pytest's shared numbered folders are pruned by
+    other runs on the same machine, which would delete a running embedded server's data."""
+    if config.option.basetemp is None:
+        config.option.basetemp = tempfile.mkdtemp(prefix="processgpt-sync-tests-")
+        config.stash[_OWN_BASETEMP] = config.option.basetemp
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    own = config.stash.get(_OWN_BASETEMP, None)
+    if own is not None:
+        shutil.rmtree(own, ignore_errors=True)
+
+
+_OWN_BASETEMP = pytest.StashKey[str]()
 
 
 @pytest.fixture(scope="session")

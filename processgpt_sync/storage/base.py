@@ -30,6 +30,7 @@ class WriteOutcome:
     rejected: list[Mapping[str, Any]] = field(default_factory=list)
     error: str | None = None
     answer: Any = None
+    job_id: str | None = None
 
     @classmethod
     def from_json(cls, value: Mapping[str, Any]) -> WriteOutcome:
@@ -40,6 +41,7 @@ class WriteOutcome:
             rejected=list(events.get("rejected") or []),
             error=value.get("error"),
             answer=value.get("answer"),
+            job_id=value.get("job_id"),
         )
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import random
 import re
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -23,6 +26,11 @@ CONNECT_TIMEOUT = 10  # seconds to open one connection
 POOL_TIMEOUT = 15.0  # seconds to wait for a pooled connection before reporting an outage
 _JSONB_PARAM = re.compile(r"%\((\w+)\)s::jsonb")
 _MISSING_SCHEMA_STATES = {"42883", "42P01", "42704"}  # undefined function / table / object
+# A transaction aborted for another's sake (deadlock, serialisation, a lock wait given up):
+# psycopg raises these as OperationalError, so they are StorageUnavailable and retried.
+_BUSY_STATES = {"40P01", "40001", "55P03"}
+INSTALL_LOCK_TIMEOUT = 3  # seconds the schema install waits for one table lock per attempt
+INSTALL_ATTEMPTS = 20
 
 
 def redact(url: str) -> str:
@@ -61,15 +69,57 @@ def _storage_error(exc: psycopg.Error) -> StorageError:
     return StorageError(f"{message}{detail}", code=exc.sqlstate, hint=diag.message_hint)
 
 
-def install_schema(conninfo: str) -> None:
-    """Apply sql/schema.sql and sql/functions.sql (idempotent; safe with concurrent callers)."""
-    with wrap_exceptions(redact(conninfo)):
-        with psycopg.connect(conninfo, connect_timeout=CONNECT_TIMEOUT) as conn:
-            conn.execute("SELECT pg_advisory_xact_lock(hashtext('processgpt_sync_schema'))")
-            for name in SCHEMA_FILES:
-                conn.execute(read_sql(name).encode())
-            conn.commit()
-    logger.info("schema installed", extra={"action": "init_db"})
+def schema_version() -> str:
+    """A digest of the shipped schema files: what ``install_schema`` records once applied."""
+    digest = hashlib.sha256()
+    for name in SCHEMA_FILES:
+        digest.update(read_sql(name).encode())
+    return f"processgpt-sync schema {digest.hexdigest()[:16]}"
+
+
+def install_schema(conninfo: str, *, if_changed: bool = False) -> bool:
+    """Apply sql/schema.sql and sql/functions.sql (idempotent; safe with concurrent callers).
+
+    The DDL takes strong locks on todolist and events: on a busy database it waits behind
+    running statements, and every claim queues behind it. So it gives up a lock wait after
+    ``INSTALL_LOCK_TIMEOUT`` and tries again, instead of stalling (or deadlocking) the fleet.
+
+    :param if_changed: skip when this exact version is installed already (server start-up).
+    :returns: whether the schema was applied.
+    """
+    version = schema_version()
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            with wrap_exceptions(redact(conninfo)):
+                with psycopg.connect(conninfo, connect_timeout=CONNECT_TIMEOUT) as conn:
+                    if if_changed and _installed_version(conn) == version:
+                        return False
+                    conn.execute("SELECT pg_advisory_xact_lock(hashtext('processgpt_sync_schema'))")
+                    if if_changed and _installed_version(conn) == version:
+                        return False  # another process installed it while we waited
+                    conn.execute(f"SET LOCAL lock_timeout = '{INSTALL_LOCK_TIMEOUT}s'")
+                    for name in SCHEMA_FILES:
+                        conn.execute(read_sql(name).encode())
+                    conn.execute(sql.SQL("COMMENT ON FUNCTION processgpt_sync_schema_v1() IS {}")
+                                 .format(sql.Literal(version)))
+                    conn.commit()
+        except StorageUnavailable as exc:
+            if exc.code not in _BUSY_STATES or attempt == INSTALL_ATTEMPTS:
+                raise
+            logger.info("schema install waited too long for a lock on a busy database "
+                        "(attempt %d), retrying", attempt, extra={"action": "init_db"})
+            time.sleep(random.uniform(0.1, 0.5) * attempt)
+            continue
+        logger.info("schema installed", extra={"action": "init_db"})
+        return True
+
+
+def _installed_version(conn: psycopg.Connection[Any]) -> str | None:
+    row = conn.execute("SELECT obj_description(to_regprocedure('processgpt_sync_schema_v1()'), "
+                       "'pg_proc')").fetchone()
+    return None if row is None else row[0]
 
 
 class PostgresStorage(Storage):

@@ -178,7 +178,8 @@ def test_expired_lease_is_reclaimed_then_fails_after_max_claims(storage, db):
     assert claim(storage, max_claims=2) == [], "a live lease is not reclaimed"
     db.execute(expire)
     (second,) = claim(storage, consumer="w2", max_claims=2)
-    assert second.extras["resume"] == {"kind": "reclaim", "attempt": 2, "answer": None}
+    assert second.extras["resume"] == {"kind": "reclaim", "attempt": 2, "answer": None,
+                                     "job_id": None}
     assert not storage.save_result(first, {"late": True}).applied, "old owner is fenced"
     db.execute(expire)
     assert claim(storage, max_claims=2) == []

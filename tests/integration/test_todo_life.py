@@ -1,0 +1,356 @@
+"""The life of a todo (docs/todo-life.md), transition by transition, on both backends.
+
+Each test names the transition it checks; the table in docs/todo-life.md points here.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+
+import psycopg
+import pytest
+
+import processgpt_sync as ps
+from processgpt_sync.events import make_event
+from processgpt_sync.human import question_data
+from processgpt_sync.storage.postgres import PostgresStorage, install_schema
+from tests.conftest import open_backend, wait_for
+
+LEASE = {"lease_seconds": 60, "max_claims": 3}
+
+
+@pytest.fixture(params=["postgres", "supabase"])
+def storage(request, database_url):
+    yield from open_backend(request.param, database_url)
+
+
+def claim(storage, consumer="w1", limit=10, **kw):
+    return storage.claim(agent_orch="life", consumer=consumer, limit=limit, **{**LEASE, **kw})
+
+
+def expire_leases(db):
+    db.execute("UPDATE processgpt_sync_lease SET expires_at = now() - interval '1 second'")
+
+
+def answer_as_the_ui(db, job_id, answer):
+    db.execute("INSERT INTO events (id, job_id, event_type, data, status) VALUES "
+               "(%s, %s, 'human_response', jsonb_build_object('answer', %s::jsonb), 'APPROVED')",
+               (str(uuid.uuid4()), job_id, json.dumps(answer)))
+
+
+def state(db, todo_id):
+    return db.execute("SELECT draft_status::text, status::text, consumer, draft, claim_count "
+                      "FROM todolist WHERE id = %s", (todo_id,)).fetchone()
+
+
+def questions(db, todo_id):
+    return [r["job_id"] for r in db.execute(
+        "SELECT job_id FROM events WHERE todo_id = %s AND event_type = 'human_asked' "
+        "ORDER BY timestamp", (todo_id,))]
+
+
+# -- revision and cancel ---------------------------------------------------------------------------
+
+
+def test_a_revision_the_ui_cancelled_is_not_claimed(storage, db):
+    todo_id = storage.enqueue("life", "q")
+    db.execute("UPDATE todolist SET draft_status = 'FB_REQUESTED', status = 'CANCELLED' "
+               "WHERE id = %s", (todo_id,))
+    assert claim(storage) == []
+
+
+def test_a_running_revision_cancelled_by_the_ui_ends_cancelled_and_runs_once(storage, db):
+    todo_id = storage.enqueue("life", "q")
+    db.execute("UPDATE todolist SET draft_status = 'FB_REQUESTED', status = 'SUBMITTED', "
+               "feedback = '[{\"content\": \"shorter\"}]' WHERE id = %s", (todo_id,))
+    starts = []
+
+    def handle(todo):
+        starts.append(todo.resume.kind)
+        while not todo.cancelled:
+            time.sleep(0.01)
+
+    with ps.start(handle, agent_orch="life", storage=storage) as server:
+        wait_for(lambda: starts)
+        db.execute("UPDATE todolist SET status = 'CANCELLED' WHERE id = %s", (todo_id,))
+        wait_for(lambda: server.stats()["cancelled"] == 1)
+        time.sleep(0.5)  # a re-claim, if any, would happen now
+    assert starts == ["revision"]
+    assert state(db, todo_id)["draft_status"] == "CANCELLED"
+
+
+def test_an_expired_claim_of_a_cancelled_todo_is_settled_cancelled(storage, db):
+    todo_id = storage.enqueue("life", "q")
+    claim(storage)
+    db.execute("UPDATE todolist SET status = 'CANCELLED' WHERE id = %s", (todo_id,))
+    expire_leases(db)
+    assert claim(storage, consumer="w2") == []
+    assert state(db, todo_id)["draft_status"] == "CANCELLED"
+    assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
+
+
+# -- release ---------------------------------------------------------------------------------------
+
+
+def test_a_released_todo_with_an_intermediate_draft_is_claimable_again(storage, db):
+    todo_id = storage.enqueue("life", "q", agent_mode="DRAFT")
+    (first,) = claim(storage)
+    saved = storage.save_result(first, {"partial": 1}, final=False)
+    assert saved.applied and state(db, todo_id)["draft"] == {"partial": 1}
+    assert storage.release([first]) == 1
+    (again,) = claim(storage, consumer="w2")
+    assert again.todo_id == todo_id and again.extras["resume"]["kind"] == "fresh"
+
+
+def test_stop_gives_back_a_todo_that_wrote_a_draft_and_another_server_finishes_it(storage, db):
+    todo_id = storage.enqueue("life", "q", agent_mode="DRAFT")
+    started = threading.Event()
+
+    def slow(todo):
+        todo.events.result({"partial": True}, final=False)
+        started.set()
+        while not todo.cancelled:
+            time.sleep(0.01)
+
+    server = ps.start(slow, agent_orch="life", storage=storage)
+    assert started.wait(5)
+    server.stop(timeout=0.2)
+    with ps.start(lambda todo: {"whole": True}, agent_orch="life", storage=storage) as second:
+        wait_for(lambda: second.stats()["completed"] == 1)
+    assert state(db, todo_id)["draft"] == {"whole": True}
+
+
+# -- asking: blocking, suspended, crashes ---------------------------------------------------------
+
+
+def test_a_crash_while_blocked_on_a_question_is_reclaimed_and_reuses_the_question(storage, db):
+    todo_id = storage.enqueue("life", "q")
+    (first,) = claim(storage)
+    data = question_data("Ship it?", None, "confirm")
+    asked = storage.ask(first, "human_asked_a", data)
+    assert (asked.reason, asked.job_id) == ("ok", "human_asked_a")
+    assert state(db, todo_id)["draft_status"] == "HUMAN_ASKED"
+    expire_leases(db)  # the owner died (kill -9) while it waited
+    answer_as_the_ui(db, "human_asked_a", True)
+    (second,) = claim(storage, consumer="w2")
+    assert second.extras["resume"]["kind"] == "reclaim"
+    again = storage.ask(second, "human_asked_b", data)
+    assert (again.reason, again.answer) == ("answered_before", {"answer": True})
+    assert questions(db, todo_id) == ["human_asked_a"]
+
+
+def test_a_rerun_asking_an_unanswered_question_waits_on_the_same_one(storage, db):
+    todo_id = storage.enqueue("life", "q")
+    (first,) = claim(storage)
+    data = question_data("Ship it?", None, "confirm")
+    storage.ask(first, "human_asked_a", data)
+    expire_leases(db)
+    (second,) = claim(storage, consumer="w2")
+    again = storage.ask(second, "human_asked_b", data)
+    assert (again.applied, again.reason, again.job_id) == (True, "asked_before", "human_asked_a")
+    assert questions(db, todo_id) == ["human_asked_a"]
+
+
+def test_a_todo_crashing_while_blocked_on_questions_fails_after_max_claims(storage, db):
+    todo_id = storage.enqueue("life", "q")
+    for consumer in ("w1", "w2"):
+        (c,) = claim(storage, consumer=consumer, max_claims=2)
+        storage.ask(c, f"human_asked_{consumer}", question_data("Ship it?", None, "confirm"))
+        expire_leases(db)
+    assert claim(storage, consumer="w3", max_claims=2) == []
+    assert state(db, todo_id)["draft_status"] == "FAILED"
+
+
+def test_an_answer_written_before_the_suspend_commits_requeues_the_todo(storage, db):
+    todo_id = storage.enqueue("life", "q")
+    (c,) = claim(storage)
+    asked = storage.ask(c, "human_asked_a", question_data("Ship it?", None, "confirm"))
+    answer_as_the_ui(db, asked.job_id, True)  # the worker still owns the todo
+    assert state(db, todo_id)["draft_status"] == "HUMAN_ASKED"
+    (done,) = storage.finish([{"todo_id": c.todo_id, "token": c.token, "outcome": "asked"}])
+    assert done.applied
+    assert state(db, todo_id)["draft_status"] == "FB_REQUESTED"
+    (again,) = claim(storage, consumer="w2")
+    assert again.extras["resume"]["kind"] == "human_answer"
+    assert again.extras["resume"]["answer"] is True
+    assert again.extras["resume"]["job_id"] == "human_asked_a"
+
+
+def test_a_retried_asked_outcome_writes_its_question_and_events_once(storage, db):
+    todo_id = storage.enqueue("life", "q")
+    (c,) = claim(storage)
+    question = make_event(c.todo_id, c.token, "human_asked", {"question": "ok?"},
+                          status="ASKED")
+    item = {"todo_id": c.todo_id, "token": c.token, "outcome": "asked", "events": [question]}
+    (first,) = storage.finish([item])
+    (retry,) = storage.finish([item])  # the first commit's reply was lost
+    assert (first.reason, retry.applied, retry.reason) == ("ok", True, "already_applied")
+    assert len(questions(db, todo_id)) == 1
+    assert len(storage.open_questions("life")) == 1
+
+
+def test_a_repeated_question_answered_before_still_writes_the_events_sent_with_it(storage, db):
+    todo_id = storage.enqueue("life", "q")
+    (c,) = claim(storage)
+    data = question_data("Ship it?", None, "confirm")
+    storage.ask(c, "human_asked_a", data)
+    answer_as_the_ui(db, "human_asked_a", True)
+    progress = make_event(c.todo_id, c.token, "task_working", {"step": "after"})
+    again = storage.ask(c, "human_asked_b", data, events=[progress])
+    assert again.reason == "answered_before"
+    assert db.execute("SELECT data FROM events WHERE todo_id = %s AND event_type = "
+                      "'task_working'", (todo_id,)).fetchall() == [{"data": {"step": "after"}}]
+
+
+def test_a_late_answer_to_an_earlier_question_does_not_resume_the_current_one(storage, db):
+    todo_id = storage.enqueue("life", "q")
+    (c,) = claim(storage)
+    storage.ask(c, "human_asked_q1", question_data("Approve budget?", None, "confirm"))
+    storage.finish([{"todo_id": c.todo_id, "token": c.token, "outcome": "asked"}])
+    answer_as_the_ui(db, "human_asked_q1", True)
+    (c2,) = claim(storage, consumer="w2")
+    storage.ask(c2, "human_asked_q2", question_data("Deploy to production?", None, "confirm"))
+    storage.finish([{"todo_id": c2.todo_id, "token": c2.token, "outcome": "asked"}])
+    answer_as_the_ui(db, "human_asked_q1", True)  # a second submit of the first form
+    assert state(db, todo_id)["draft_status"] == "HUMAN_ASKED"
+    assert claim(storage, consumer="w3") == []
+    answer_as_the_ui(db, "human_asked_q2", False)
+    (c3,) = claim(storage, consumer="w3")
+    assert (c3.extras["resume"]["job_id"], c3.extras["resume"]["answer"]) == (
+        "human_asked_q2", False)
+
+
+def test_suspend_for_human_returns_the_answer_when_the_resumed_run_asks_again(storage, db):
+    todo_id = storage.enqueue("life", "q")
+    runs = []
+
+    def handle(todo):
+        runs.append(todo.resume.kind)
+        if not todo.suspend_for_human("Approve anyway?", kind="confirm"):
+            return {"approved": False}
+        if not todo.suspend_for_human("Really?", kind="confirm"):
+            return {"approved": False}
+        return {"approved": True}
+
+    with ps.start(handle, agent_orch="life", storage=storage) as server:
+        wait_for(lambda: server.stats()["asked"] == 1)
+        answer_as_the_ui(db, questions(db, todo_id)[-1], True)
+        wait_for(lambda: server.stats()["asked"] == 2)
+        answer_as_the_ui(db, questions(db, todo_id)[-1], True)
+        wait_for(lambda: server.stats()["completed"] == 1)
+    assert runs == ["fresh", "human_answer", "human_answer"]
+    assert db.execute("SELECT output FROM todolist").fetchone()["output"] == {"approved": True}
+    assert len(questions(db, todo_id)) == 2
+
+
+# -- roles, timestamps, deletes ------------------------------------------------------------------
+
+
+SUPABASE_ROLES = """
+DO $$
+DECLARE r text;
+BEGIN
+    FOREACH r IN ARRAY ARRAY['anon', 'authenticated', 'service_role'] LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) THEN
+            EXECUTE format('CREATE ROLE %I NOLOGIN', r);
+        END IF;
+    END LOOP;
+END $$;
+"""
+# Supabase's default privileges: the API roles may use the tables of `public` (row security
+# decides which rows), and new functions are executable by them unless revoked.
+SUPABASE_GRANTS = """
+GRANT USAGE ON SCHEMA public TO anon, authenticated, service_role;
+GRANT ALL ON ALL TABLES IN SCHEMA public TO anon, authenticated, service_role;
+ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT ALL ON FUNCTIONS
+    TO anon, authenticated, service_role;
+"""
+
+
+def test_an_answer_inserted_by_a_signed_in_user_requeues_the_suspended_todo(database_url, db):
+    db.execute(SUPABASE_ROLES)
+    db.execute(SUPABASE_GRANTS)
+    install_schema(database_url)  # the grants as a Supabase project gets them
+    store = PostgresStorage(database_url)
+    try:
+        todo_id = store.enqueue("life", "q")
+        (c,) = claim(store)
+        store.ask(c, "human_asked_a", question_data("Ship it?", None, "confirm"))
+        store.finish([{"todo_id": c.todo_id, "token": c.token, "outcome": "asked"}])
+    finally:
+        store.close()
+    with psycopg.connect(database_url, autocommit=True) as ui:
+        ui.execute("SET ROLE authenticated")
+        ui.execute("INSERT INTO events (id, job_id, event_type, data, status) VALUES "
+                   "(%s, 'human_asked_a', 'human_response', '{\"answer\": true}', 'APPROVED')",
+                   (str(uuid.uuid4()),))
+        denied = ui.execute("SELECT has_function_privilege('processgpt_sync_claim_v1(text,text,"
+                            "integer,integer,integer,text)', 'EXECUTE')").fetchone()
+    assert state(db, todo_id)["draft_status"] == "FB_REQUESTED"
+    assert denied == (False,)
+
+
+def test_outcomes_written_together_are_not_stamped_in_the_future(storage, db):
+    db.execute("""INSERT INTO todolist (id, agent_orch, query, status, agent_mode)
+                  SELECT gen_random_uuid(), 'life', 'q' || g, 'IN_PROGRESS', 'COMPLETE'
+                  FROM generate_series(1, 40) g""")
+    claims = claim(storage, limit=40)
+    items = [{"todo_id": c.todo_id, "token": c.token, "outcome": "completed", "result": {},
+              "events": [make_event(c.todo_id, c.token, "task_working", {"n": k})
+                         for k in range(3)]} for c in claims]
+    storage.finish(items)
+    ahead = db.execute("SELECT max(timestamp) - clock_timestamp() AS ahead FROM events"
+                       ).fetchone()["ahead"]
+    assert ahead.total_seconds() < 0
+    order = db.execute("SELECT todo_id, event_type::text AS t FROM events "
+                       "ORDER BY timestamp").fetchall()
+    for c in claims:  # per todo: its events in order, crew_completed last
+        mine = [r["t"] for r in order if r["todo_id"] == c.todo_id]
+        assert mine == ["task_working"] * 3 + ["crew_completed"]
+
+
+def test_deleting_a_claimed_todo_removes_its_lease(storage, db):
+    todo_id = storage.enqueue("life", "q")
+    claim(storage)
+    db.execute("DELETE FROM todolist WHERE id = %s", (todo_id,))
+    assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
+
+
+def test_starting_servers_beside_busy_ones_skips_an_installed_schema(database_url, db):
+    assert install_schema(database_url, if_changed=True) is False
+    db.execute("COMMENT ON FUNCTION processgpt_sync_schema_v1() IS 'an older version'")
+    assert install_schema(database_url, if_changed=True) is True
+    assert install_schema(database_url, if_changed=True) is False
+
+
+def test_a_schema_upgrade_on_a_busy_database_neither_deadlocks_nor_fails_todos(database_url, db):
+    store = PostgresStorage(database_url, max_connections=12)
+    try:
+        for i in range(300):
+            store.enqueue("life", f"q{i}")
+
+        def handle(todo):
+            todo.events.progress({"step": 1})
+            return {"ok": True}
+
+        errors: list[BaseException] = []
+        with ps.start(handle, agent_orch="life", storage=store, workers=4) as server:
+            def upgrade():
+                try:
+                    install_schema(database_url)
+                except BaseException as exc:  # recorded for the assertion below
+                    errors.append(exc)
+
+            upgraders = [threading.Thread(target=upgrade) for _ in range(4)]
+            for t in upgraders:
+                t.start()
+            for t in upgraders:
+                t.join(60)
+            wait_for(lambda: server.stats()["completed"] == 300, timeout=60)
+            failed = server.stats()["failed"]
+    finally:
+        store.close()
+    assert errors == [] and failed == 0
