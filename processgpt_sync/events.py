@@ -56,7 +56,7 @@ def make_event(
         raise ValueError(f"unknown event status {status!r}; expected ASKED, APPROVED or REJECTED")
     if isinstance(data, str):
         data = unwrap_text(data)
-    check_json(data, what=f"{event_type} event data")
+    data = check_json(data, what=f"{event_type} event data")
     if event_type == "human_asked" and not job_id:
         job_id = f"human_asked_{uuid.uuid4()}"  # an answer names its question by job_id
     return {
@@ -335,7 +335,7 @@ class Events:
         intermediate result is written to ``draft`` now, after the events before it."""
         if isinstance(data, str):
             data = unwrap_text(data)
-        check_json(data, what="result")
+        data = check_json(data, what="result")
         self._on_result(data, final)
 
 

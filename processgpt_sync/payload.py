@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from .errors import PayloadError
@@ -11,9 +12,22 @@ MAX_ERROR_CHARS = 8000
 
 
 def check_json(value: Any, *, what: str) -> Any:
-    """Return ``value`` unchanged if jsonb can store it; raise PayloadError naming the problem."""
+    """Return ``value`` as jsonb can store it; raise PayloadError naming the problem.
+
+    Read-only mappings (``todo.row``, ``todo.extras`` are ``MappingProxyType``) become plain
+    dicts, so an executor may return or emit them; anything else comes back unchanged.
+    """
+    converted = False
+
+    def plain(item: Any) -> Any:
+        nonlocal converted
+        if isinstance(item, Mapping):
+            converted = True
+            return dict(item)
+        raise TypeError(f"Object of type {type(item).__name__} is not JSON serializable")
+
     try:
-        text = json.dumps(value, ensure_ascii=False, allow_nan=False)
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, default=plain)
     except (TypeError, ValueError) as exc:
         raise PayloadError(f"{what} is not JSON-serialisable: {exc}") from exc
     try:
@@ -22,7 +36,7 @@ def check_json(value: Any, *, what: str) -> Any:
         raise PayloadError(f"{what} contains text that is not valid UTF-8: {exc}") from exc
     if "\\u0000" in text:
         raise PayloadError(f"{what} contains a NUL character (\\u0000), which jsonb cannot store")
-    return value
+    return json.loads(text) if converted else value
 
 
 def unwrap_text(text: str) -> Any:

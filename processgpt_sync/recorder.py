@@ -91,7 +91,7 @@ class Recorder:
         try:
             if result is UNSET or result is None:
                 raise NoResultError(NO_RESULT)
-            check_json(result, what="result")
+            result = check_json(result, what="result")
         except (NoResultError, PayloadError) as exc:
             self.fail(run, str(exc))
             return
