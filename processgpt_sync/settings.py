@@ -96,11 +96,7 @@ class Settings:
             raise ConfigurationError(f"grace_seconds must be >= 0, got {self.grace_seconds!r}")
         if self.timeout is not None:
             _positive("timeout", self.timeout)
-        if bool(self.supabase_url) != bool(self.supabase_key) and not self.database_url:
-            missing = "SUPABASE_KEY" if self.supabase_url else "SUPABASE_URL"
-            raise ConfigurationError(
-                f"Supabase needs both SUPABASE_URL and SUPABASE_KEY; {missing} is not set"
-            )
+        check_backend(self.database_url, self.supabase_url, self.supabase_key)
 
     @property
     def behind_transaction_pooler(self) -> bool:
@@ -135,6 +131,19 @@ class Settings:
             raise ConfigurationError(f"unknown option(s): {', '.join(sorted(unknown))}")
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+def check_backend(database_url: str | None, supabase_url: str | None,
+                  supabase_key: str | None) -> None:
+    """Refuse a half-configured Supabase backend: silently using the embedded database instead
+    would enqueue to, and report on, the wrong database. A database URL wins over Supabase."""
+    if bool(supabase_url) != bool(supabase_key) and not database_url:
+        missing = "SUPABASE_KEY" if supabase_url else "SUPABASE_URL"
+        raise ConfigurationError(
+            f"Supabase needs both SUPABASE_URL and SUPABASE_KEY; {missing} is not set "
+            "(SUPABASE_SERVICE_ROLE_KEY also serves as the key; unset the other to use the "
+            "embedded database, or set DATABASE_URL)"
+        )
 
 
 def _positive(name: str, value: float) -> None:

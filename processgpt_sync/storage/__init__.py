@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..settings import Settings
+from ..settings import Settings, check_backend
 from .base import LeaseReport, Listener, Storage, WriteOutcome
 
 __all__ = ["LeaseReport", "Listener", "Storage", "WriteOutcome", "connect", "open_storage"]
@@ -29,7 +29,9 @@ def connect(
     max_connections: int = 8,
     prepare: bool = True,
 ) -> Storage:
-    """Postgres when a database URL is given, else Supabase with URL and key, else embedded."""
+    """Postgres when a database URL is given, else Supabase with URL and key, else embedded;
+    a Supabase URL without a key (or a key without a URL) is a ConfigurationError."""
+    check_backend(database_url, supabase_url, supabase_key)
     if not database_url and supabase_url and supabase_key:
         from .supabase import SupabaseStorage
 
