@@ -119,8 +119,10 @@ def adapt(obj: Any) -> Adapter:
                 "AgentExecutor; subclass a2a.server.agent_execution.AgentExecutor, or make "
                 "execute(todo, events) a plain def"
             )
+        _check_call(execute, 2, f"{type(obj).__name__}.execute", "execute(todo, events)")
         return BlockingObjectAdapter(obj)
     if callable(obj):
+        _check_call(obj, 1, getattr(obj, "__qualname__", repr(obj)), "fn(todo)")
         if inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(
             getattr(obj, "__call__", None)  # noqa: B004
         ):
@@ -130,3 +132,19 @@ def adapt(obj: Any) -> Adapter:
         f"{obj!r} is not an executor: pass a function fn(todo), an object with "
         "execute(todo, events), or an a2a-sdk AgentExecutor"
     )
+
+
+def _check_call(fn: Any, arguments: int, name: str, expected: str) -> None:
+    """Fail at start, not on every todo, when ``fn`` cannot take the arguments it will get."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins and C callables have no signature
+        return
+    try:
+        signature.bind(*range(arguments))
+    except TypeError as exc:
+        raise ConfigurationError(
+            f"{name}{signature} cannot be called as {expected}: {exc}; an executor is a "
+            "function fn(todo), an object with execute(todo, events), or an a2a-sdk "
+            "AgentExecutor"
+        ) from None

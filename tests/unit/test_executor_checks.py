@@ -1,0 +1,48 @@
+"""Executors that cannot take the arguments the server passes are refused when the server is
+built, not discovered as a FAILED todo each."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+from processgpt_sync import ConfigurationError, Server, Settings
+
+SETTINGS = Settings(agent_orch="checks", database_url="postgresql://unused")
+
+
+def two(todo, events):
+    return {}
+
+
+class NeedsEvents:
+    def execute(self, todo):
+        return {}
+
+
+class Fine:
+    def execute(self, todo, events, extra=None):
+        return {}
+
+    def __call__(self, todo):
+        return {}
+
+
+@pytest.mark.parametrize(("executor", "message"), [
+    (two, r"two\(todo, events\) cannot be called as fn\(todo\)"),
+    (lambda: {}, r"cannot be called as fn\(todo\)"),
+    (NeedsEvents(), r"NeedsEvents.execute\(todo\) cannot be called as execute\(todo, events\)"),
+    (Fine, r"cannot be called as execute\(todo, events\)"),  # the class, not an instance
+])
+def test_executors_with_the_wrong_parameters_are_refused_at_start(executor, message):
+    with pytest.raises(ConfigurationError, match=message):
+        Server(executor, SETTINGS)
+
+
+@pytest.mark.parametrize("executor", [
+    lambda todo: {}, lambda todo, *rest: {}, lambda *args, **kwargs: {}, Fine(),
+    functools.partial(two, events=None), print,
+])
+def test_executors_that_take_a_todo_are_accepted(executor):
+    Server(executor, SETTINGS)
