@@ -644,6 +644,12 @@ BEGIN
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
+    -- One answer per question: a second one would be ignored by the waiting todo anyway.
+    PERFORM pg_advisory_xact_lock(hashtext('processgpt_sync_respond'), hashtext(p_job_id));
+    IF EXISTS (SELECT 1 FROM events WHERE job_id = p_job_id AND event_type = 'human_response') THEN
+        RAISE EXCEPTION 'question % was already answered', p_job_id
+            USING HINT = format('processgpt-sync show %s shows the answer', v_question.todo_id);
+    END IF;
     INSERT INTO events (id, job_id, todo_id, proc_inst_id, crew_type, event_type, data, status,
                         "timestamp")
     VALUES (gen_random_uuid()::text, p_job_id, v_question.todo_id, v_question.proc_inst_id,
@@ -843,17 +849,30 @@ RETURNS uuid LANGUAGE sql AS $$
     RETURNING id
 $$;
 
+-- Whether a server would claim this todo now, apart from expired leases of running ones: the
+-- same condition as processgpt_sync_claim_v1 (CLI `status` and `show`).
+CREATE OR REPLACE FUNCTION processgpt_sync_claimable_v1(p_todo todolist)
+RETURNS boolean LANGUAGE sql STABLE AS $$
+    SELECT (p_todo.draft_status IS NULL AND p_todo.status IS NOT DISTINCT FROM 'IN_PROGRESS'
+            AND p_todo.agent_mode IN ('DRAFT', 'COMPLETE') AND p_todo.draft IS NULL)
+        OR p_todo.draft_status IS NOT DISTINCT FROM 'FB_REQUESTED'
+$$;
+
 -- Todo counts by agent_orch and draft_status (CLI `status`).
+-- `claimable` tells rows a server would pick up from rows no server ever will (e.g. a plain
+-- insert without status IN_PROGRESS and agent_mode).
 CREATE OR REPLACE FUNCTION processgpt_sync_status_v1(p_agent_orch text DEFAULT NULL)
 RETURNS jsonb LANGUAGE sql STABLE AS $$
     SELECT coalesce(jsonb_agg(jsonb_build_object(
-               'agent_orch', s.agent_orch, 'draft_status', s.draft_status, 'count', s.n)
-               ORDER BY s.agent_orch, s.draft_status NULLS FIRST), '[]'::jsonb)
+               'agent_orch', s.agent_orch, 'draft_status', s.draft_status, 'count', s.n,
+               'claimable', s.claimable)
+               ORDER BY s.agent_orch, s.draft_status NULLS FIRST, s.claimable DESC), '[]'::jsonb)
     FROM (
-        SELECT agent_orch::text AS agent_orch, draft_status::text AS draft_status, count(*) AS n
-        FROM todolist
-        WHERE p_agent_orch IS NULL OR agent_orch::text = p_agent_orch
-        GROUP BY 1, 2
+        SELECT t.agent_orch::text AS agent_orch, t.draft_status::text AS draft_status,
+               processgpt_sync_claimable_v1(t) AS claimable, count(*) AS n
+        FROM todolist t
+        WHERE p_agent_orch IS NULL OR t.agent_orch::text = p_agent_orch
+        GROUP BY 1, 2, 3
     ) s
 $$;
 
@@ -897,6 +916,98 @@ DROP TRIGGER IF EXISTS processgpt_sync_notify ON todolist;
 CREATE TRIGGER processgpt_sync_notify
     AFTER INSERT OR UPDATE OF status, draft_status, agent_orch, agent_mode, draft ON todolist
     FOR EACH ROW EXECUTE FUNCTION processgpt_sync_notify_v1();
+
+-- The todos a CLI argument names: a whole id, or a unique prefix of at least 4 hex digits
+-- (`status`, `asked` and the demo print 8). At most 5 are returned.
+CREATE OR REPLACE FUNCTION processgpt_sync_match_todo_v1(p_todo_id text)
+RETURNS uuid[] LANGUAGE sql STABLE AS $$
+    SELECT CASE
+        WHEN processgpt_sync_uuid_or_null_v1(trim(p_todo_id)) IS NOT NULL THEN ARRAY(
+            SELECT t.id FROM todolist t
+            WHERE t.id = processgpt_sync_uuid_or_null_v1(trim(p_todo_id)))
+        WHEN lower(trim(p_todo_id)) ~ '^[0-9a-f]{4}[0-9a-f-]*$' THEN ARRAY(
+            SELECT t.id FROM todolist t WHERE t.id::text LIKE lower(trim(p_todo_id)) || '%'
+            ORDER BY t.id LIMIT 5)
+        ELSE '{}'::uuid[]
+    END
+$$;
+
+-- One todo for `processgpt-sync show`: its row (without the fencing token), whether a server
+-- would claim it, its lease, and its events in order. When the id matches no todo or several,
+-- only `matches` (the ids found).
+CREATE OR REPLACE FUNCTION processgpt_sync_show_v1(p_todo_id text)
+RETURNS jsonb LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_ids uuid[] := processgpt_sync_match_todo_v1(p_todo_id);
+    v_todo todolist;
+BEGIN
+    IF cardinality(v_ids) <> 1 THEN
+        RETURN jsonb_build_object('matches', to_jsonb(v_ids));
+    END IF;
+    SELECT * INTO v_todo FROM todolist WHERE id = v_ids[1];
+    RETURN jsonb_build_object(
+        'matches', to_jsonb(v_ids),
+        'row', to_jsonb(v_todo) - 'claim_token',
+        'claimable', processgpt_sync_claimable_v1(v_todo),
+        'lease', (SELECT jsonb_build_object('consumer', l.consumer, 'expires_at', l.expires_at,
+                                            'claimed_at', l.claimed_at)
+                  FROM processgpt_sync_lease l WHERE l.todo_id = v_todo.id),
+        'events', (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                       'timestamp', e."timestamp", 'event_type', e.event_type::text,
+                       'job_id', e.job_id, 'crew_type', e.crew_type, 'status', e.status::text,
+                       'data', e.data) ORDER BY e."timestamp", e.id), '[]'::jsonb)
+                   FROM events e WHERE e.todo_id = v_todo.id::text));
+END
+$$;
+
+-- `processgpt-sync retry`: a FAILED or CANCELLED todo becomes claimable again as if new
+-- (draft_status NULL, status IN_PROGRESS, claim count 0, no owner, no partial draft); its log
+-- keeps the history and gains a line. Running, waiting, completed and already claimable todos
+-- are refused with the reason. When the id matches no todo or several, only `matches`.
+CREATE OR REPLACE FUNCTION processgpt_sync_retry_v1(p_todo_id text)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    v_ids uuid[] := processgpt_sync_match_todo_v1(p_todo_id);
+    v_todo todolist;
+    v_was text;
+    v_reason text;
+BEGIN
+    IF cardinality(v_ids) <> 1 THEN
+        RETURN jsonb_build_object('retried', false, 'matches', to_jsonb(v_ids));
+    END IF;
+    SELECT * INTO v_todo FROM todolist WHERE id = v_ids[1] FOR UPDATE;
+    v_was := coalesce(v_todo.draft_status::text, 'status ' || coalesce(v_todo.status::text, 'NULL'));
+    v_reason := CASE
+        WHEN v_todo.draft_status IN ('FAILED', 'CANCELLED') THEN NULL
+        WHEN v_todo.draft_status IS NULL AND v_todo.status::text = 'CANCELLED' THEN NULL
+        WHEN v_todo.draft_status IN ('STARTED', 'HUMAN_ASKED') THEN format(
+            'it is running (draft_status %s, on %s); cancel it in the ProcessGPT UI, or wait '
+            'until it ends', v_todo.draft_status, coalesce(v_todo.consumer, 'no server'))
+        WHEN v_todo.draft_status = 'COMPLETED' THEN
+            'it completed and its result is stored; enqueue a new todo to run the work again'
+        WHEN processgpt_sync_claimable_v1(v_todo) THEN
+            'it is already claimable; a server for its agent_orch picks it up'
+        ELSE format('it never ran and is not claimable (status %s, agent_mode %s, draft %s); '
+                    'a claimable todo needs status IN_PROGRESS, agent_mode DRAFT or COMPLETE '
+                    'and no draft', coalesce(v_todo.status::text, 'NULL'),
+                    coalesce(v_todo.agent_mode::text, 'NULL'),
+                    CASE WHEN v_todo.draft IS NULL THEN 'NULL' ELSE 'set' END)
+    END;
+    IF v_reason IS NOT NULL THEN
+        RETURN jsonb_build_object('retried', false, 'matches', to_jsonb(v_ids),
+                                  'draft_status', v_todo.draft_status::text, 'reason', v_reason);
+    END IF;
+    UPDATE todolist t
+    SET draft_status = NULL, status = r.status, draft = NULL, claim_count = 0, consumer = NULL,
+        claim_token = NULL, updated_at = now(),
+        log = concat_ws(E'\n', t.log, format('%s: retried (was %s); claimable again',
+                                             to_char(now(), 'YYYY-MM-DD HH24:MI:SS TZ'), v_was))
+    FROM jsonb_populate_record(NULL::todolist, '{"status": "IN_PROGRESS"}') AS r
+    WHERE t.id = v_todo.id;
+    DELETE FROM processgpt_sync_lease WHERE todo_id = v_todo.id;
+    RETURN jsonb_build_object('retried', true, 'matches', to_jsonb(v_ids), 'draft_status', v_was);
+END
+$$;
 
 -- Only the service role (Supabase) or the owner may call these; never anon or authenticated.
 DO $$

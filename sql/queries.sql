@@ -69,3 +69,11 @@ SELECT processgpt_sync_notify_health_v1()
 -- schema --
 -- Names of the installed processgpt_sync functions
 SELECT processgpt_sync_schema_v1()
+
+-- show --
+-- One todo: its row, whether it is claimable, its lease and its events
+SELECT processgpt_sync_show_v1(p_todo_id => %(p_todo_id)s::text)
+
+-- retry --
+-- Make a FAILED or CANCELLED todo claimable again, or say why not
+SELECT processgpt_sync_retry_v1(p_todo_id => %(p_todo_id)s::text)
