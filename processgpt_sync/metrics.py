@@ -5,10 +5,13 @@ A custom collector reads ``Server.stats()`` at scrape time, so the hot path pays
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigurationError
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .server import Server
@@ -66,12 +69,26 @@ class ServerCollector:
 
 
 def serve_metrics(server: Server, port: int, addr: str = "0.0.0.0") -> None:
-    """Register the server's collector and serve /metrics on ``port`` (background thread)."""
+    """Register the server's collector and serve /metrics on ``addr:port`` (background thread).
+
+    ``addr`` defaults to every interface, so a Prometheus in another container can scrape it;
+    pass ``127.0.0.1`` to keep it on this host. The address is logged.
+    """
     try:
         from prometheus_client import REGISTRY, start_http_server
     except ImportError:
         raise ConfigurationError(
-            "metrics need prometheus-client: pip install 'processgpt-sync[prometheus]'"
+            "metrics need prometheus-client: pip install prometheus-client (or install "
+            "processgpt-sync with its extra from a checkout: pip install '.[prometheus]')"
+        ) from None
+    try:
+        start_http_server(port, addr=addr)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot serve metrics on {addr}:{port}: {exc.strerror or exc} (choose another "
+            "--metrics-port)"
         ) from None
     REGISTRY.register(ServerCollector(server))
-    start_http_server(port, addr=addr)
+    logger.info("Prometheus metrics on http://%s:%d/metrics%s", addr, port,
+                " (every interface)" if addr in ("0.0.0.0", "::", "") else "",
+                extra={"agent_orch": server.settings.agent_orch, "action": "metrics"})

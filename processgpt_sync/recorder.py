@@ -137,10 +137,11 @@ class Recorder:
         if outcome.applied:
             self._count(counter)
             self._count("events_written", len(events) - len(outcome.rejected))
-            self._on_run_time(time.monotonic() - run.started)
-            if self._log.isEnabledFor(logging.DEBUG):
-                self._log.debug("todo %s %s", run.todo_id, counter,
-                                extra=self._todo_extra(run, counter))
+            seconds = time.monotonic() - run.started
+            self._on_run_time(seconds)
+            if self._log.isEnabledFor(logging.INFO):
+                self._log.info("todo %s %s in %.2fs", run.todo_id, counter, seconds,
+                               extra=self._todo_extra(run, counter))
         else:
             self._count("lost")
             self._log.warning("todo %s: %s write refused (%s)", run.todo_id, counter,

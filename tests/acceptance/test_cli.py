@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import psycopg
@@ -92,20 +93,6 @@ def test_serve_subprocess_serves_then_drains_on_sigterm(database_url, tmp_path):
     assert states == [("COMPLETED", 4)], "in-flight todos finished within the grace period"
 
 
-@pytest.mark.slow
-def test_wheel_ships_the_sql_and_examples(tmp_path):
-    subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(tmp_path), str(ROOT)],
-                   check=True, capture_output=True, timeout=300)
-    (wheel,) = tmp_path.glob("processgpt_sync-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
-    for required in ("processgpt_sync/sql/schema.sql", "processgpt_sync/sql/functions.sql",
-                     "processgpt_sync/sql/queries.sql", "processgpt_sync/examples/quickstart.py",
-                     "processgpt_sync/examples/blocking_executor.py", "processgpt_sync/py.typed"):
-        assert required in names
-    sql = zipfile.ZipFile(wheel).read("processgpt_sync/sql/functions.sql").decode()
-    assert sql == (ROOT / "sql/functions.sql").read_text(), "the wheel ships the one source"
-
-
 def test_asked_lists_open_questions_and_respond_answers_them(database_url):
     import processgpt_sync as ps
     from processgpt_sync.storage.postgres import PostgresStorage
@@ -150,3 +137,229 @@ def test_status_watch_refreshes_until_interrupted(database_url):
     out, _ = proc.communicate(timeout=20)
     assert proc.returncode == 130
     assert out.count("agent_orch") >= 2, out
+
+
+def one_line_error(result, *expected):
+    """The CLI's error contract: exit code 2, one line on stderr, no traceback."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("env, missing", [
+    ({"SUPABASE_URL": "https://example.invalid"}, "SUPABASE_KEY is not set"),
+    ({"SUPABASE_SERVICE_ROLE_KEY": "secret"}, "SUPABASE_URL is not set"),
+])
+def test_a_half_configured_supabase_fails_every_command(tmp_path, env, missing):
+    env = {**env, "PROCESSGPT_EMBEDDED_DIR": str(tmp_path / "pg")}
+    for args in (["enqueue", "--agent-orch", "a", "--input", "x"], ["status"], ["asked"],
+                 ["health"], ["show", "abcd"], ["retry", "abcd"], ["respond", "j", "yes"],
+                 ["init-db"], ["demo"], ["serve", "tests.agents:quick", "--agent-orch", "a"]):
+        one_line_error(cli(*args, env=env, check=False), missing)
+    assert not (tmp_path / "pg").exists(), "the embedded database was never started"
+
+
+def test_global_options_go_before_or_after_the_command(database_url):
+    for args in (["--log-level", "debug", "status", "--database-url", database_url],
+                 ["status", "--database-url", database_url, "--log-level", "DEBUG"]):
+        result = cli(*args)
+        assert "DEBUG" in result.stderr, "--log-level is honoured by commands other than serve"
+    json_after = cli("health", "--database-url", database_url, "--log-format", "json",
+                     "--log-level", "info")
+    assert json_after.returncode == 0
+
+
+def test_bad_arguments_are_one_line_errors_with_exit_code_2(database_url):
+    one_line_error(cli("--log-level", "LOUD", "status", check=False), "invalid log level",
+                   "DEBUG, INFO")
+    one_line_error(cli("status", "--log-level", "LOUD", check=False), "invalid log level")
+    one_line_error(cli("status", "--bogus", check=False), "unrecognized arguments: --bogus")
+    one_line_error(cli(check=False), "required")
+    one_line_error(cli("status", "--database-url", database_url, check=False,
+                       env={"PROCESSGPT_LOG_LEVEL": "chatty"}), "PROCESSGPT_LOG_LEVEL")
+    one_line_error(cli("--env-file", "/nonexistent/.env", "status", check=False),
+                   "no such file")
+
+
+def test_version_and_help_texts():
+    from processgpt_sync import __version__
+    from processgpt_sync.cli import build_parser
+
+    assert cli("--version").stdout.strip() == f"processgpt-sync {__version__}"
+    top = cli("--help").stdout
+    assert "The only module" not in top and "before or after the command" in top
+    for name in ("init-db", "enqueue", "status", "show", "retry", "health", "serve", "asked",
+                 "respond", "demo"):
+        assert name in top
+    commands = next(a for a in build_parser()._actions
+                    if isinstance(a, __import__("argparse")._SubParsersAction))
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+            if action.default not in (None, False, "==SUPPRESS==") and action.option_strings:
+                assert "default" in action.help, f"{name} {action.option_strings} hides its " \
+                                                 "default"
+
+
+def test_executor_mistakes_are_found_at_start(database_url, tmp_path):
+    (tmp_path / "execs.py").write_text(
+        "def two(todo, events):\n    return {}\n"
+        "def handle(todo):\n    return {'echo': todo.input}\n"
+        "none = lambda: {}\n"
+        "class NeedsConfig:\n"
+        "    def __init__(self, model):\n        self.model = model\n"
+        "    def execute(self, todo, events):\n        return {}\n")
+    url = ["--database-url", database_url, "--agent-orch", "x"]
+
+    def serve(target, *extra):
+        return subprocess.run([sys.executable, "-m", "processgpt_sync", "serve", target, *url,
+                               *extra], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              capture_output=True, text=True, timeout=60)
+
+    one_line_error(serve("execs:two"), "two(todo, events)", "fn(todo)")
+    one_line_error(serve("execs:none"), "cannot be called as fn(todo)")
+    one_line_error(serve("execs:NeedsConfig"), "NeedsConfig() needs arguments",
+                   "execs:executor")
+    one_line_error(serve("./missing.py:handle"), "no such executor file")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        one_line_error(serve("./execs.py:handle", "--metrics-port", port, "--metrics-host",
+                             "127.0.0.1"), f"cannot serve metrics on 127.0.0.1:{port}")
+
+
+def test_serve_takes_a_file_path_and_logs_each_todo_and_the_metrics_address(database_url,
+                                                                            tmp_path):
+    pytest.importorskip("prometheus_client")
+    (tmp_path / "execs.py").write_text("def handle(todo):\n    return {'echo': todo.input}\n")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        todo_id = conn.execute("SELECT processgpt_sync_enqueue_v1('files', 'hi')").fetchone()[0]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "processgpt_sync", "serve", "./execs.py:handle", "--agent-orch",
+         "files", "--database-url", database_url, "--metrics-port", str(port),
+         "--metrics-host", "127.0.0.1"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            wait_for(lambda: conn.execute("SELECT output FROM todolist").fetchone()[0], timeout=30)
+            assert conn.execute("SELECT output FROM todolist").fetchone()[0] == {"echo": "hi"}
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert f"Prometheus metrics on http://127.0.0.1:{port}/metrics" in stderr
+    assert f"todo {todo_id} completed in" in stderr
+
+
+def test_status_tells_claimable_rows_from_rows_no_server_will_claim(database_url):
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO todolist (agent_orch, query) VALUES ('plain', 'x')")
+        conn.execute("SELECT processgpt_sync_enqueue_v1('plain', 'y')")
+    out = cli("status", "--database-url", database_url).stdout
+    assert "(claimable)" in out and "(not claimable)" in out
+    assert "1 todos without draft_status are not claimable" in out
+    assert "status IN_PROGRESS, agent_mode DRAFT or COMPLETE" in out
+
+
+def test_show_prints_input_state_output_and_events(database_url):
+    import processgpt_sync as ps
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        todo_id = str(conn.execute("SELECT processgpt_sync_enqueue_v1('show', 'count me')"
+                                   ).fetchone()[0])
+
+    def handle(todo):
+        todo.events.progress({"step": "counting"})
+        return {"words": 2}
+
+    with ps.start(handle, agent_orch="show", database_url=database_url) as server:
+        wait_for(lambda: server.stats()["completed"] == 1)
+    out = cli("show", todo_id[:8], "--database-url", database_url).stdout
+    assert todo_id in out and "count me" in out and "COMPLETED" in out
+    assert '{"words": 2}' in out
+    assert "task_working" in out and '{"step": "counting"}' in out and "crew_completed" in out
+    shown = json.loads(cli("show", todo_id, "--json", "--database-url", database_url).stdout)
+    assert shown["row"]["output"] == {"words": 2} and "claim_token" not in shown["row"]
+    assert [e["event_type"] for e in shown["events"]][-1] == "crew_completed"
+    one_line_error(cli("show", "0000", "--database-url", database_url, check=False),
+                   "no todo with id '0000'")
+    one_line_error(cli("show", "not-an-id", "--database-url", database_url, check=False),
+                   "no todo with id")
+
+
+def test_retry_makes_a_failed_todo_claimable_again_and_refuses_others(database_url):
+    import processgpt_sync as ps
+
+    url = ["--database-url", database_url]
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        failing, done = (str(conn.execute("SELECT processgpt_sync_enqueue_v1('retry', %s)",
+                                          (text,)).fetchone()[0]) for text in ("fail", "ok"))
+        plain = str(conn.execute("INSERT INTO todolist (agent_orch, query) VALUES "
+                                 "('retry', 'x') RETURNING id").fetchone()[0])
+
+    def handle(todo):
+        if todo.input == "fail" and todo.resume.attempt == 1 and not todo.row["log"]:
+            raise RuntimeError("the model was down")
+        return {"ok": todo.input}
+
+    with ps.start(handle, agent_orch="retry", database_url=database_url) as server:
+        wait_for(lambda: server.stats()["completed"] + server.stats()["failed"] == 2)
+        one_line_error(cli("retry", done, *url, check=False), "not retried",
+                       "it completed")
+        one_line_error(cli("retry", plain[:8], *url, check=False), "never ran",
+                       "status IN_PROGRESS")
+        assert f"todo {failing} is claimable again (was FAILED)" in cli(
+            "retry", failing, *url).stdout
+        wait_for(lambda: server.stats()["completed"] == 2)
+        one_line_error(cli("retry", failing, *url, check=False), "it completed")
+    with psycopg.connect(database_url) as conn:
+        output, log, claims = conn.execute(
+            "SELECT output, log, claim_count FROM todolist WHERE id = %s", (failing,)).fetchone()
+    assert output == {"ok": "fail"} and claims == 1
+    assert "RuntimeError: the model was down" in log and "retried (was FAILED)" in log
+
+
+def test_retry_refuses_a_running_todo(database_url):
+    import threading
+
+    import processgpt_sync as ps
+
+    release = threading.Event()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        todo_id = str(conn.execute("SELECT processgpt_sync_enqueue_v1('busy', 'x')"
+                                   ).fetchone()[0])
+    with ps.start(lambda todo: release.wait(30) and {"ok": 1}, agent_orch="busy",
+                  database_url=database_url) as server:
+        wait_for(lambda: server.stats()["running"] == 1)
+        one_line_error(cli("retry", todo_id, "--database-url", database_url, check=False),
+                       "it is running (draft_status STARTED")
+        release.set()
+
+
+def test_respond_to_an_answered_question_is_refused(database_url):
+    import processgpt_sync as ps
+
+    url = ["--database-url", database_url]
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("SELECT processgpt_sync_enqueue_v1('twice', 'x')")
+    with ps.start(lambda todo: {"answer": todo.ask_human("Ship it?", kind="confirm")},
+                  agent_orch="twice", database_url=database_url) as server:
+        listing = wait_for(lambda: "Ship it?" in (out := cli("asked", *url).stdout) and out)
+        job_id = next(line.split()[0] for line in listing.splitlines() if "Ship it?" in line)
+        cli("respond", *url, job_id, "true")
+        wait_for(lambda: server.stats()["completed"] == 1)
+    one_line_error(cli("respond", *url, job_id, "false", check=False),
+                   f"question {job_id} was already answered")
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM events WHERE event_type = 'human_response'"
+                            ).fetchone()[0] == 1
