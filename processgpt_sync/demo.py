@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import sys
 import time
 from pathlib import Path
@@ -49,15 +50,22 @@ def load_example(module: str) -> Any:
 
 
 def run(
-    *, database_url: str | None = None, todos: int = 8, workers: int = 4, out: TextIO = sys.stdout
+    *, database_url: str | None = None, todos: int = 8, workers: int = 4, out: TextIO = sys.stdout,
+    supabase_ignored: bool = False,
 ) -> int:
-    """Run the demo; return the process exit code (0 when every todo completed)."""
+    """Run the demo; return the process exit code (0 when every todo completed).
+
+    :param supabase_ignored: Supabase is configured; say the demo does not use it (it needs a
+        direct connection).
+    """
     print("processgpt-sync demo", file=out)
     if database_url:
         install_schema(database_url)
         print("  database: DATABASE_URL (schema installed)", file=out)
     else:
-        print(f"  database: embedded PostgreSQL in {embedded.data_dir()}", file=out)
+        note = " (SUPABASE_URL is not used: the demo needs a direct connection; set " \
+               "DATABASE_URL for that)" if supabase_ignored else ""
+        print(f"  database: embedded PostgreSQL in {embedded.data_dir()}{note}", file=out)
         database_url = embedded.start()
     storage = PostgresStorage(database_url, max_connections=workers + 4)
     inputs = [INPUTS[i % len(INPUTS)] for i in range(todos)]
@@ -74,9 +82,9 @@ def run(
         last = ""
         while time.monotonic() - began < DEADLINE:
             stats = server.stats()
-            finished = _finished(database_url, ids)
+            finished, events = _progress(database_url, ids)
             line = (f"  [{_bar(finished, len(ids))}] {finished}/{len(ids)} done, "
-                    f"{stats['running']} running, {stats['events_written']} events written")
+                    f"{stats['running']} running, {events} events stored")
             if line != last:
                 print(line, file=out, flush=True)
                 last = line
@@ -98,13 +106,16 @@ def _bar(done: int, total: int, width: int = 24) -> str:
     return "#" * filled + "." * (width - filled)
 
 
-def _finished(url: str, ids: list[str]) -> int:
+def _progress(url: str, ids: list[str]) -> tuple[int, int]:
+    """Finished todos and stored events, counted in the database as the final table is."""
     with psycopg.connect(url) as conn:
         row = conn.execute(
-            "SELECT count(*) FROM todolist WHERE id = ANY(%s::uuid[]) "
-            "AND draft_status IN ('COMPLETED', 'FAILED', 'CANCELLED')", (ids,)
+            """SELECT (SELECT count(*) FROM todolist WHERE id = ANY(%(ids)s::uuid[])
+                         AND draft_status IN ('COMPLETED', 'FAILED', 'CANCELLED')),
+                      (SELECT count(*) FROM events WHERE todo_id = ANY(%(ids)s::text[]))""",
+            {"ids": ids},
         ).fetchone()
-    return int(row[0]) if row else 0
+    return (int(row[0]), int(row[1])) if row else (0, 0)
 
 
 def _report(url: str, ids: list[str]) -> list[dict[str, Any]]:
@@ -122,7 +133,13 @@ def _print_table(rows: list[dict[str, Any]], out: TextIO) -> None:
     print(header, file=out)
     print("  " + "-" * (len(header) + 20), file=out)
     for r in rows:
-        result = str(r["result"])
+        result = json.dumps(r["result"], ensure_ascii=False)
         result = result if len(result) <= 48 else result[:45] + "..."
         print(f"  {r['id'][:8]:8}  {r['agent_mode']:8}  {r['status']:11}  "
               f"{r['draft_status'] or '-':9}  {r['events']:>6}  {result}", file=out)
+    if any(r["agent_mode"] == "DRAFT" for r in rows):
+        print("\n  DRAFT todos keep status IN_PROGRESS: their result is a draft for a person to "
+              "review in the\n  ProcessGPT UI, who then submits it; COMPLETE todos are "
+              "submitted at once (status SUBMITTED).", file=out)
+    print(f"  Look at one todo: processgpt-sync show {rows[0]['id'][:8]}" if rows else "",
+          file=out)
