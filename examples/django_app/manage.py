@@ -1,5 +1,9 @@
 #!/usr/bin/env python
-"""A tiny Django project whose executor uses the ORM: `python manage.py processgpt_worker`."""
+"""A tiny Django project whose executor uses the ORM. From this folder:
+
+    python manage.py migrate                  # creates the notes table
+    python manage.py processgpt_worker        # serves agent_orch django-notes
+"""
 
 from __future__ import annotations
 

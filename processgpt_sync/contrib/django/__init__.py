@@ -1,5 +1,6 @@
 """Django integration: add ``"processgpt_sync.contrib.django"`` to INSTALLED_APPS, then
 
+    python manage.py migrate
     python manage.py processgpt_worker --agent-orch NAME --workers 8 --executor myapp.agents:handle
 
 Every worker thread closes stale Django database connections before and after each todo, so ORM
