@@ -855,7 +855,8 @@ CREATE OR REPLACE FUNCTION processgpt_sync_claimable_v1(p_todo todolist)
 RETURNS boolean LANGUAGE sql STABLE AS $$
     SELECT (p_todo.draft_status IS NULL AND p_todo.status IS NOT DISTINCT FROM 'IN_PROGRESS'
             AND p_todo.agent_mode IN ('DRAFT', 'COMPLETE') AND p_todo.draft IS NULL)
-        OR p_todo.draft_status IS NOT DISTINCT FROM 'FB_REQUESTED'
+        OR (p_todo.draft_status IS NOT DISTINCT FROM 'FB_REQUESTED'
+            AND p_todo.status IS DISTINCT FROM 'CANCELLED')
 $$;
 
 -- Todo counts by agent_orch and draft_status (CLI `status`).
@@ -976,13 +977,18 @@ BEGIN
         RETURN jsonb_build_object('retried', false, 'matches', to_jsonb(v_ids));
     END IF;
     SELECT * INTO v_todo FROM todolist WHERE id = v_ids[1] FOR UPDATE;
-    v_was := coalesce(v_todo.draft_status::text, 'status ' || coalesce(v_todo.status::text, 'NULL'));
+    v_was := CASE WHEN v_todo.draft_status IS DISTINCT FROM 'FAILED'
+                       AND v_todo.status::text = 'CANCELLED' THEN 'CANCELLED'
+                  ELSE coalesce(v_todo.draft_status::text,
+                                'status ' || coalesce(v_todo.status::text, 'NULL')) END;
     v_reason := CASE
-        WHEN v_todo.draft_status IN ('FAILED', 'CANCELLED') THEN NULL
-        WHEN v_todo.draft_status IS NULL AND v_todo.status::text = 'CANCELLED' THEN NULL
+        WHEN v_todo.draft_status = 'HUMAN_ASKED' AND v_todo.consumer IS NULL THEN
+            'it waits for an answer to its question (see processgpt-sync asked)'
         WHEN v_todo.draft_status IN ('STARTED', 'HUMAN_ASKED') THEN format(
             'it is running (draft_status %s, on %s); cancel it in the ProcessGPT UI, or wait '
-            'until it ends', v_todo.draft_status, coalesce(v_todo.consumer, 'no server'))
+            'until it ends', v_todo.draft_status, v_todo.consumer)
+        WHEN v_todo.draft_status IN ('FAILED', 'CANCELLED') THEN NULL
+        WHEN v_todo.status::text = 'CANCELLED' THEN NULL
         WHEN v_todo.draft_status = 'COMPLETED' THEN
             'it completed and its result is stored; enqueue a new todo to run the work again'
         WHEN processgpt_sync_claimable_v1(v_todo) THEN

@@ -363,3 +363,14 @@ def test_respond_to_an_answered_question_is_refused(database_url):
     with psycopg.connect(database_url) as conn:
         assert conn.execute("SELECT count(*) FROM events WHERE event_type = 'human_response'"
                             ).fetchone()[0] == 1
+
+
+def test_retry_brings_back_a_todo_the_ui_cancelled(database_url):
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        todo_id = str(conn.execute("SELECT processgpt_sync_enqueue_v1('cancelled', 'x')"
+                                   ).fetchone()[0])
+        conn.execute("UPDATE todolist SET status = 'CANCELLED', draft_status = 'FB_REQUESTED'")
+        assert "(was CANCELLED)" in cli("retry", todo_id, "--database-url", database_url).stdout
+        row = conn.execute("SELECT status::text, draft_status, claim_count FROM todolist"
+                           ).fetchone()
+    assert row == ("IN_PROGRESS", None, 0)
