@@ -374,3 +374,21 @@ def test_retry_brings_back_a_todo_the_ui_cancelled(database_url):
         row = conn.execute("SELECT status::text, draft_status, claim_count FROM todolist"
                            ).fetchone()
     assert row == ("IN_PROGRESS", None, 0)
+
+
+def test_show_and_retry_work_over_supabase(database_url):
+    from tests.conftest import open_backend
+    from tests.postgrest_gateway import SERVICE_KEY
+
+    backend = open_backend("supabase", database_url)
+    store = next(backend)
+    try:
+        todo_id = store.enqueue("rest", "over rest")
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute("UPDATE todolist SET draft_status = 'FAILED', log = 'boom'")
+        env = {"SUPABASE_URL": store.gateway.url, "SUPABASE_KEY": SERVICE_KEY}
+        assert "over rest" in cli("show", todo_id, env=env).stdout
+        assert "(was FAILED)" in cli("retry", todo_id, env=env).stdout
+        one_line_error(cli("retry", todo_id, env=env, check=False), "already claimable")
+    finally:
+        next(backend, None)
