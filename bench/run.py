@@ -71,12 +71,12 @@ def noop(todo: ps.Todo) -> dict[str, Any]:
     return {"ok": True}
 
 
-def throughput(bench: Bench, workers: int) -> float:
+def throughput(bench: Bench, workers: int, **options: Any) -> float:
     url = bench.database()
     bench.enqueue(url, bench.todos)
     storage = PostgresStorage(url, max_connections=workers + 4)
     began = time.perf_counter()
-    server = ps.start(noop, agent_orch=AGENT, storage=storage, workers=workers)
+    server = ps.start(noop, agent_orch=AGENT, storage=storage, workers=workers, **options)
     while server.stats()["completed"] < bench.todos:
         time.sleep(0.02)
     elapsed = time.perf_counter() - began
@@ -95,7 +95,8 @@ def raw_sql(bench: Bench, batch: int = 16) -> float:
     with psycopg.connect(url, autocommit=True) as conn:
         while done < bench.todos:
             claimed = conn.execute(
-                "SELECT processgpt_sync_claim_v1(%s, 'raw', %s, 60, 3, NULL)", (AGENT, batch)
+                "SELECT processgpt_sync_claim_v2(%s, 'raw', %s, 60, 3, NULL, true, NULL, NULL)",
+                (AGENT, batch)
             ).fetchone()[0]
             items = [{"todo_id": c["row"]["id"], "token": c["token"], "outcome": "completed",
                       "result": {"ok": True},
@@ -284,10 +285,93 @@ def scale_out(bench: Bench, processes: int, workers: int) -> tuple[float, int, f
     return bench.todos / elapsed, int(double), peak / 2**20
 
 
+def tenant_b_pickups(bench: Bench, fair: bool) -> list[float]:
+    """Tenant A has a backlog of 20 ms todos on 8 workers; tenant B enqueues 20 todos one at a
+    time after it. Returns B's pickup latencies (enqueue to executor start), in ms."""
+    url = bench.database()
+    backlog = 1000 if bench.quick else 5000
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT processgpt_sync_enqueue_v1(%s, 'a' || g, 'COMPLETE', 'a') "
+                     "FROM generate_series(1, %s) g", (AGENT, backlog))
+    enqueued: dict[str, float] = {}
+    started: dict[str, float] = {}
+
+    def handle(todo: ps.Todo) -> dict[str, Any]:
+        if todo.tenant_id == "b":
+            started[todo.input] = time.monotonic()
+        time.sleep(0.02)
+        return {}
+
+    storage = PostgresStorage(url, max_connections=12)
+    server = ps.start(handle, agent_orch=AGENT, storage=storage, workers=8, fair=fair)
+    try:
+        time.sleep(0.5)
+        for i in range(20):
+            enqueued[f"b{i}"] = time.monotonic()
+            storage.enqueue(AGENT, f"b{i}", tenant_id="b")
+            time.sleep(0.05)
+        deadline = time.monotonic() + 120
+        while len(started) < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        server.stop(timeout=0)
+        storage.close()
+    return [(started[k] - enqueued[k]) * 1000 for k in started]
+
+
+def limit_max_observed(bench: Bench, cap: int) -> int:
+    """Most todos of one tenant seen running at once by sampling the database, with
+    ``max_running_per_tenant=cap``, two servers of 8 workers and a backlog of 30 ms todos."""
+    url = bench.database()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT processgpt_sync_enqueue_v1(%s, 'a' || g, 'COMPLETE', 'a') "
+                     "FROM generate_series(1, 200) g", (AGENT,))
+
+    def handle(todo: ps.Todo) -> dict[str, Any]:
+        time.sleep(0.03)
+        return {}
+
+    servers = [ps.start(handle, agent_orch=AGENT, database_url=url, workers=8,
+                        max_running_per_tenant=cap) for _ in range(2)]
+    peak = 0
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                (n,) = conn.execute("SELECT count(*) FROM todolist WHERE draft_status = "
+                                    "'STARTED'").fetchone()
+                peak = max(peak, n)
+    finally:
+        for server in servers:
+            server.stop(timeout=0)
+    return peak
+
+
+def fairness(bench: Bench, results: dict[str, Any]) -> None:
+    fair = tenant_b_pickups(bench, True)
+    fifo = tenant_b_pickups(bench, False)
+    results["fair_b_pickup_ms_p50"] = statistics.median(fair)
+    results["fair_b_pickup_ms_p95"] = percentile(fair, 0.95)
+    results["fifo_b_pickup_ms_p95"] = percentile(fifo, 0.95)
+    results["fair_b_started"], results["fifo_b_started"] = len(fair), len(fifo)
+    fair_rate = throughput(bench, 16)
+    fifo_rate = throughput(bench, 16, fair=False)
+    results["fair_throughput_16"], results["fifo_throughput_16"] = fair_rate, fifo_rate
+    results["fair_throughput_ratio"] = fair_rate / fifo_rate
+    results["limit_cap"] = 3
+    results["limit_max_observed"] = limit_max_observed(bench, 3)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer todos, shorter idle window")
     parser.add_argument("--json", action="store_true", help="print a JSON object last")
+    parser.add_argument("--only", choices=["fairness"], help="run just this section")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     # Expected here and not news: servers start before their todos are enqueued, and
@@ -299,6 +383,9 @@ def main() -> int:
     results: dict[str, Any] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                                f"Python {platform.python_version()}", "todos": bench.todos}
     try:
+        if args.only == "fairness":
+            fairness(bench, results)
+            return report(results, args.json)
         per_workers = {str(w): throughput(bench, w) for w in (1, 4, 8, 16, 32, 64)}
         results["throughput_by_workers"] = per_workers
         results["throughput_todos_per_s"] = max(per_workers.values())
@@ -322,14 +409,19 @@ def main() -> int:
         results["scaleout_todos_per_s"], results["double_runs"] = rate, double
         _, _, rss = scale_out(bench, 1, 16)
         results["peak_rss_mb_16_workers"] = rss
+        fairness(bench, results)
     finally:
         bench.close()
+    return report(results, args.json)
+
+
+def report(results: dict[str, Any], as_json: bool) -> int:
     for key, value in results.items():
         shown = f"{value:,.2f}" if isinstance(value, float) else value
         if isinstance(value, dict):
             shown = ", ".join(f"{k}: {v:,.0f}" for k, v in value.items())
         print(f"{key:32} {shown}")
-    if args.json:
+    if as_json:
         print(json.dumps(results))
     return 0
 

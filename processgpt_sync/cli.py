@@ -135,6 +135,16 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_tenant_load(rows: list[Any]) -> None:
+    """Queued and running todos per tenant: what fair claims balance and limits cap."""
+    if not rows:
+        return
+    print(f"\n{'agent_orch':30}  {'tenant':20}  {'queued':>7}  {'running':>7}")
+    for row in rows:
+        print(f"{row['agent_orch'] or '-':30}  {row['tenant_id'] or '-':20}  "
+              f"{row['queued']:>7}  {row['running']:>7}")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     storage = _storage(args)
     try:
@@ -157,6 +167,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(f"\n{unclaimable} todos without draft_status are not claimable: a server "
                       "claims rows with status IN_PROGRESS, agent_mode DRAFT or COMPLETE and no "
                       "draft (see README, Own database)")
+            _print_tenant_load(storage.tenant_load(args.agent_orch))
             if not args.watch:
                 return 0
             print(flush=True)

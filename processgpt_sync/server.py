@@ -217,10 +217,11 @@ class Server:
     def stats(self) -> dict[str, Any]:
         """Counters since start: claimed, running, completed, failed, events written, run times."""
         with self._cond:
-            running = len(self._runs)
+            tenants = [run.todo.tenant_id for run in self._runs.values()]
         return {
             **self._stats.snapshot(),
-            "running": running,
+            "running": len(tenants),
+            "tenants": self._stats.tenants(tenants),
             "events_pending": self._buffer.pending if self._buffer else 0,
             "listening": self._listening,
         }
@@ -256,6 +257,9 @@ class Server:
                     lease_seconds=self.settings.lease_seconds,
                     max_claims=self.settings.max_claims,
                     tenant_id=self.settings.tenant_id,
+                    fair=self.settings.fair,
+                    max_running=self.settings.max_running,
+                    max_running_per_tenant=self.settings.max_running_per_tenant,
                 )
             except StorageError as exc:
                 attempt += 1
@@ -289,6 +293,7 @@ class Server:
             self._runs[claim.todo_id] = run
             self._busy += 1
         self._stats.count("claimed")
+        self._stats.claimed_for(run.todo.tenant_id)
         if self._log.isEnabledFor(logging.DEBUG):
             self._log.debug("claimed todo %s (resume %s)", claim.todo_id, run.todo.resume.kind,
                             extra=self._todo_extra(run, "claim"))

@@ -38,6 +38,9 @@ ENVIRONMENT = {
     "PROCESSGPT_TIMEOUT": "timeout",
     "PROCESSGPT_CONSUMER": "consumer",
     "PROCESSGPT_TRANSACTION_POOLER": "transaction_pooler",
+    "PROCESSGPT_FAIR": "fair",
+    "PROCESSGPT_MAX_RUNNING": "max_running",
+    "PROCESSGPT_MAX_RUNNING_PER_TENANT": "max_running_per_tenant",
 }
 
 
@@ -64,6 +67,14 @@ class Settings:
     """Data directory of the embedded PostgreSQL (default: the user data folder)."""
     tenant_id: str | None = None
     """Claim only this tenant's todos."""
+    fair: bool = True
+    """Tenants take turns: each tenant's k-th oldest claimable todo has priority (its running
+    todos + k), so one tenant's backlog cannot hold up another's first todo. False: oldest
+    first across all tenants."""
+    max_running: int | None = None
+    """At most this many todos of the agent_orch run at once across every server."""
+    max_running_per_tenant: int | None = None
+    """At most this many todos of one tenant run at once across every server."""
     lease_seconds: int = DEFAULT_LEASE_SECONDS
     """How long a claim stays valid without a heartbeat."""
     max_claims: int = DEFAULT_MAX_CLAIMS
@@ -96,6 +107,9 @@ class Settings:
             raise ConfigurationError(f"grace_seconds must be >= 0, got {self.grace_seconds!r}")
         if self.timeout is not None:
             _positive("timeout", self.timeout)
+        for name in ("max_running", "max_running_per_tenant"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
         check_backend(self.database_url, self.supabase_url, self.supabase_key)
 
     @property
@@ -154,7 +168,7 @@ def _positive(name: str, value: float) -> None:
 def _convert(name: str, raw: str, variable: str) -> Any:
     kind = {f.name: f.type for f in dataclasses.fields(Settings)}[name]
     try:
-        if kind == "int":
+        if kind in ("int", "int | None"):
             return int(raw)
         if kind in ("float", "float | None"):
             return float(raw)

@@ -29,10 +29,25 @@ class ServerStats:
         self._run_times: deque[float] = deque(maxlen=SAMPLES_KEPT)
         self._pickups: deque[float] = deque(maxlen=SAMPLES_KEPT)
         self._executing = 0  # threads inside an executor call, including abandoned ones
+        self._claimed_by_tenant: dict[str, int] = {}
 
     def count(self, name: str, n: int = 1) -> None:
         with self._lock:
             self._counts[name] += n
+
+    def claimed_for(self, tenant_id: str | None) -> None:
+        """Count one claim of ``tenant_id``'s todo (fair claims and limits work per tenant)."""
+        with self._lock:
+            key = tenant_id or ""
+            self._claimed_by_tenant[key] = self._claimed_by_tenant.get(key, 0) + 1
+
+    def tenants(self, running: list[str | None]) -> dict[str, dict[str, int]]:
+        """Claimed and running counts per tenant, given the tenants of the running todos."""
+        with self._lock:
+            out = {t: {"claimed": n, "running": 0} for t, n in self._claimed_by_tenant.items()}
+        for tenant_id in running:
+            out.setdefault(tenant_id or "", {"claimed": 0, "running": 0})["running"] += 1
+        return out
 
     def executing(self, n: int) -> None:
         """Add ``n`` (1 on entering an executor call, -1 on leaving it)."""

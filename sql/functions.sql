@@ -88,19 +88,51 @@ BEGIN
 END
 $$;
 
+-- Whether a todo row may be claimed now: queued, answered / revision (unless the UI cancelled
+-- it), or abandoned (its claim's lease expired, claims left). The claim scans only rows of the
+-- partial claim indexes (draft_status NULL, FB_REQUESTED, STARTED, HUMAN_ASKED); this decides.
+CREATE OR REPLACE FUNCTION processgpt_sync_is_claimable_v1(p_todo todolist, p_max_claims integer)
+RETURNS boolean LANGUAGE sql STABLE AS $$
+    SELECT CASE
+        WHEN p_todo.draft_status IS NULL THEN
+            p_todo.status = 'IN_PROGRESS' AND p_todo.agent_mode IN ('DRAFT', 'COMPLETE')
+            AND p_todo.draft IS NULL
+        WHEN p_todo.status = 'CANCELLED' THEN false
+        WHEN p_todo.draft_status = 'FB_REQUESTED' THEN true
+        WHEN p_todo.draft_status IN ('STARTED', 'HUMAN_ASKED') THEN
+            p_todo.claim_count < p_max_claims AND EXISTS (
+                SELECT 1 FROM processgpt_sync_lease l
+                WHERE l.todo_id = p_todo.id AND l.claim_token = p_todo.claim_token
+                  AND l.expires_at < now())
+        ELSE false
+    END
+$$;
+
 -- Claim up to p_limit todos for one agent_orch in one call (SKIP LOCKED), each with a lease, a
 -- fencing token and its context extras. Expired claims (running, or waiting in a blocking
 -- ask_human) are settled first: CANCELLED when the UI cancelled them, FAILED past p_max_claims;
 -- the others are claimable again. The life of a todo is specified in docs/todo-life.md.
-CREATE OR REPLACE FUNCTION processgpt_sync_claim_v1(
+--
+-- Order: with p_fair, tenants take turns: a tenant's k-th oldest claimable todo has priority
+-- (its running todos + k), lowest first, oldest first on ties; so a tenant with a backlog cannot
+-- delay another tenant's first todo by more than the todos already running. Without, oldest
+-- first. Limits (across every server of the agent_orch, counted from live leases):
+-- p_max_running todos at once, p_max_running_per_tenant per tenant; claims of an agent_orch
+-- with limits take turns on an advisory lock, so concurrent claims never exceed them.
+CREATE OR REPLACE FUNCTION processgpt_sync_claim_v2(
     p_agent_orch text,
     p_consumer text,
     p_limit integer,
     p_lease_seconds integer DEFAULT 60,
     p_max_claims integer DEFAULT 3,
-    p_tenant_id text DEFAULT NULL)
+    p_tenant_id text DEFAULT NULL,
+    p_fair boolean DEFAULT true,
+    p_max_running integer DEFAULT NULL,
+    p_max_running_per_tenant integer DEFAULT NULL)
 RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
+    v_limit integer := p_limit;
+    v_ids uuid[];
     v_claimed jsonb;
 BEGIN
     IF p_limit IS NULL OR p_limit < 1 THEN
@@ -144,24 +176,89 @@ BEGIN
            clock_timestamp()
     FROM failed f;
 
-    WITH candidate AS MATERIALIZED (
+    IF p_max_running IS NOT NULL OR p_max_running_per_tenant IS NOT NULL THEN
+        PERFORM pg_advisory_xact_lock(hashtext('processgpt_sync_claim'), hashtext(p_agent_orch));
+    END IF;
+    IF p_max_running IS NOT NULL THEN
+        SELECT least(v_limit, p_max_running - count(*)) INTO v_limit
+        FROM processgpt_sync_lease l
+        JOIN todolist t ON t.id = l.todo_id AND t.claim_token = l.claim_token
+        WHERE l.expires_at >= now() AND t.agent_orch::text = p_agent_orch
+          AND t.draft_status IN ('STARTED', 'HUMAN_ASKED');
+        IF v_limit < 1 THEN
+            RETURN '[]'::jsonb;
+        END IF;
+    END IF;
+
+    IF p_fair OR p_max_running_per_tenant IS NOT NULL THEN
+        WITH RECURSIVE tenants(k) AS (  -- every tenant with claimable-looking rows (skip scan)
+            (SELECT coalesce(t.tenant_id, '') FROM todolist t
+             WHERE t.agent_orch::text = p_agent_orch AND p_tenant_id IS NULL
+               AND (t.draft_status IS NULL
+                    OR t.draft_status IN ('FB_REQUESTED', 'STARTED', 'HUMAN_ASKED'))
+             ORDER BY coalesce(t.tenant_id, '') LIMIT 1)
+            UNION ALL
+            SELECT (SELECT coalesce(t.tenant_id, '') FROM todolist t
+                    WHERE t.agent_orch::text = p_agent_orch AND coalesce(t.tenant_id, '') > g.k
+                      AND (t.draft_status IS NULL
+                           OR t.draft_status IN ('FB_REQUESTED', 'STARTED', 'HUMAN_ASKED'))
+                    ORDER BY coalesce(t.tenant_id, '') LIMIT 1)
+            FROM tenants g WHERE g.k IS NOT NULL
+        ), running AS (
+            SELECT coalesce(t.tenant_id, '') AS k, count(*) AS n
+            FROM processgpt_sync_lease l
+            JOIN todolist t ON t.id = l.todo_id AND t.claim_token = l.claim_token
+            WHERE l.expires_at >= now() AND t.agent_orch::text = p_agent_orch
+              AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
+            GROUP BY 1
+        ), groups AS (
+            SELECT g.k, coalesce(r.n, 0) AS running
+            FROM (SELECT k FROM tenants WHERE k IS NOT NULL
+                  UNION ALL SELECT p_tenant_id WHERE p_tenant_id IS NOT NULL) g
+            LEFT JOIN running r ON r.k = g.k
+        ), wanted AS MATERIALIZED (
+            SELECT c.id, c.start_date, g.running + c.n AS priority
+            FROM groups g
+            CROSS JOIN LATERAL (
+                SELECT t.id, t.start_date,
+                       row_number() OVER (ORDER BY t.start_date NULLS LAST, t.id) AS n
+                FROM todolist t
+                WHERE t.agent_orch::text = p_agent_orch AND coalesce(t.tenant_id, '') = g.k
+                  AND (t.draft_status IS NULL
+                       OR t.draft_status IN ('FB_REQUESTED', 'STARTED', 'HUMAN_ASKED'))
+                  AND processgpt_sync_is_claimable_v1(t, p_max_claims)
+                ORDER BY t.start_date NULLS LAST, t.id
+                LIMIT greatest(0, least(2 * v_limit,
+                                        coalesce(p_max_running_per_tenant - g.running,
+                                                 2 * v_limit)))) c
+            ORDER BY priority, c.start_date NULLS LAST, c.id
+            LIMIT 2 * v_limit  -- spares for rows a concurrent claim holds
+        )
+        SELECT array_agg(x.id) INTO v_ids FROM (
+            SELECT t.id FROM todolist t JOIN wanted w ON w.id = t.id
+            WHERE processgpt_sync_is_claimable_v1(t, p_max_claims)
+            ORDER BY w.priority, w.start_date NULLS LAST, t.id
+            LIMIT v_limit
+            FOR UPDATE OF t SKIP LOCKED) x;
+    ELSE
+        SELECT array_agg(x.id) INTO v_ids FROM (
+            SELECT t.id FROM todolist t
+            WHERE t.agent_orch::text = p_agent_orch
+              AND (p_tenant_id IS NULL OR t.tenant_id = p_tenant_id)
+              AND (t.draft_status IS NULL
+                   OR t.draft_status IN ('FB_REQUESTED', 'STARTED', 'HUMAN_ASKED'))
+              AND processgpt_sync_is_claimable_v1(t, p_max_claims)
+            ORDER BY t.start_date NULLS LAST, t.id
+            LIMIT v_limit
+            FOR UPDATE OF t SKIP LOCKED) x;
+    END IF;
+    IF v_ids IS NULL THEN
+        RETURN '[]'::jsonb;
+    END IF;
+
+    WITH candidate AS (
         SELECT t.id, t.draft_status AS prev_status, t.start_date
-        FROM todolist t
-        WHERE t.agent_orch::text = p_agent_orch
-          AND (p_tenant_id IS NULL OR t.tenant_id = p_tenant_id)
-          AND (
-                (t.draft_status IS NULL AND t.status = 'IN_PROGRESS'
-                 AND t.agent_mode IN ('DRAFT', 'COMPLETE') AND t.draft IS NULL)
-             OR (t.draft_status = 'FB_REQUESTED' AND t.status IS DISTINCT FROM 'CANCELLED')
-             OR (t.draft_status IN ('STARTED', 'HUMAN_ASKED')
-                 AND t.status IS DISTINCT FROM 'CANCELLED'
-                 AND t.claim_count < p_max_claims AND EXISTS (
-                    SELECT 1 FROM processgpt_sync_lease l
-                    WHERE l.todo_id = t.id AND l.claim_token = t.claim_token
-                      AND l.expires_at < now())))
-        ORDER BY t.start_date NULLS LAST, t.id
-        LIMIT p_limit
-        FOR UPDATE OF t SKIP LOCKED
+        FROM todolist t WHERE t.id = ANY (v_ids)
     ), claimed AS (
         UPDATE todolist t
         SET draft_status = 'STARTED', consumer = p_consumer, claim_token = gen_random_uuid(),
@@ -188,12 +285,25 @@ BEGIN
                'token', (c.todo).claim_token,
                'extras', processgpt_sync_context_v1(c.todo, processgpt_sync_resume_v1(
                    c.prev_status, (c.todo).claim_count, (c.todo).feedback)))
-               ORDER BY c.start_date NULLS LAST), '[]'::jsonb)
+               ORDER BY array_position(v_ids, (c.todo).id)), '[]'::jsonb)
     INTO v_claimed
     FROM claimed c;
 
     RETURN v_claimed;
 END
+$$;
+
+-- The first claim signature: oldest first, no limits (kept for servers of an earlier version).
+CREATE OR REPLACE FUNCTION processgpt_sync_claim_v1(
+    p_agent_orch text,
+    p_consumer text,
+    p_limit integer,
+    p_lease_seconds integer DEFAULT 60,
+    p_max_claims integer DEFAULT 3,
+    p_tenant_id text DEFAULT NULL)
+RETURNS jsonb LANGUAGE sql AS $$
+    SELECT processgpt_sync_claim_v2(p_agent_orch, p_consumer, p_limit, p_lease_seconds,
+                                    p_max_claims, p_tenant_id, false, NULL, NULL)
 $$;
 
 -- Why an event element cannot be written, or NULL when it can. The enum labels are passed in
@@ -849,14 +959,12 @@ RETURNS uuid LANGUAGE sql AS $$
     RETURNING id
 $$;
 
--- Whether a server would claim this todo now, apart from expired leases of running ones: the
--- same condition as processgpt_sync_claim_v1 (CLI `status` and `show`).
+-- Whether a server would claim this todo now, apart from expired leases of running ones
+-- (CLI `status` and `show`): the claim's own rule, for queued and answered todos.
 CREATE OR REPLACE FUNCTION processgpt_sync_claimable_v1(p_todo todolist)
 RETURNS boolean LANGUAGE sql STABLE AS $$
-    SELECT (p_todo.draft_status IS NULL AND p_todo.status IS NOT DISTINCT FROM 'IN_PROGRESS'
-            AND p_todo.agent_mode IN ('DRAFT', 'COMPLETE') AND p_todo.draft IS NULL)
-        OR (p_todo.draft_status IS NOT DISTINCT FROM 'FB_REQUESTED'
-            AND p_todo.status IS DISTINCT FROM 'CANCELLED')
+    SELECT (p_todo.draft_status IS NULL OR p_todo.draft_status = 'FB_REQUESTED')
+           AND coalesce(processgpt_sync_is_claimable_v1(p_todo, 1), false)
 $$;
 
 -- Todo counts by agent_orch and draft_status (CLI `status`).
@@ -875,6 +983,30 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
         WHERE p_agent_orch IS NULL OR t.agent_orch::text = p_agent_orch
         GROUP BY 1, 2, 3
     ) s
+$$;
+
+-- Queued and running todos per agent_orch and tenant (CLI `status`): the load fair claims
+-- balance and the limits cap. Running counts live leases only.
+CREATE OR REPLACE FUNCTION processgpt_sync_tenant_load_v1(p_agent_orch text DEFAULT NULL)
+RETURNS jsonb LANGUAGE sql STABLE AS $$
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+               'agent_orch', s.agent_orch, 'tenant_id', s.tenant_id, 'queued', s.queued,
+               'running', s.running) ORDER BY s.agent_orch, s.tenant_id NULLS FIRST), '[]'::jsonb)
+    FROM (
+        SELECT t.agent_orch::text AS agent_orch, t.tenant_id,
+               count(*) FILTER (WHERE processgpt_sync_claimable_v1(t)) AS queued,
+               count(*) FILTER (WHERE t.draft_status IN ('STARTED', 'HUMAN_ASKED')
+                                  AND EXISTS (SELECT 1 FROM processgpt_sync_lease l
+                                              WHERE l.todo_id = t.id
+                                                AND l.claim_token = t.claim_token
+                                                AND l.expires_at >= now())) AS running
+        FROM todolist t
+        WHERE (p_agent_orch IS NULL OR t.agent_orch::text = p_agent_orch)
+          AND (t.draft_status IS NULL
+               OR t.draft_status IN ('FB_REQUESTED', 'STARTED', 'HUMAN_ASKED'))
+        GROUP BY 1, 2
+    ) s
+    WHERE s.queued > 0 OR s.running > 0
 $$;
 
 -- A NOTIFY for `processgpt-sync health` to hear back on its LISTEN connection.

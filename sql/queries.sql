@@ -3,8 +3,8 @@
 -- Format: `-- name --`, one comment line saying what it does, then the SQL.
 
 -- claim --
--- Claim up to p_limit todos for an agent_orch, with leases, tokens and context extras
-SELECT processgpt_sync_claim_v1(p_agent_orch => %(p_agent_orch)s::text, p_consumer => %(p_consumer)s::text, p_limit => %(p_limit)s::integer, p_lease_seconds => %(p_lease_seconds)s::integer, p_max_claims => %(p_max_claims)s::integer, p_tenant_id => %(p_tenant_id)s::text)
+-- Claim up to p_limit todos for an agent_orch (tenants in turn, fleet-wide limits), with leases, tokens and context extras
+SELECT processgpt_sync_claim_v2(p_agent_orch => %(p_agent_orch)s::text, p_consumer => %(p_consumer)s::text, p_limit => %(p_limit)s::integer, p_lease_seconds => %(p_lease_seconds)s::integer, p_max_claims => %(p_max_claims)s::integer, p_tenant_id => %(p_tenant_id)s::text, p_fair => %(p_fair)s::boolean, p_max_running => %(p_max_running)s::integer, p_max_running_per_tenant => %(p_max_running_per_tenant)s::integer)
 
 -- record_events --
 -- Write a batch of events in order; invalid or unowned ones are rejected one by one
@@ -61,6 +61,10 @@ SELECT processgpt_sync_enqueue_v1(p_agent_orch => %(p_agent_orch)s::text, p_inpu
 -- status --
 -- Todo counts by agent_orch and draft_status
 SELECT processgpt_sync_status_v1(p_agent_orch => %(p_agent_orch)s::text)
+
+-- tenant_load --
+-- Queued and running todos per agent_orch and tenant
+SELECT processgpt_sync_tenant_load_v1(p_agent_orch => %(p_agent_orch)s::text)
 
 -- notify_health --
 -- Send a NOTIFY the health check's listener must hear

@@ -145,20 +145,29 @@ BEGIN
 END
 $$;
 
--- Claimable and in-flight todos only: finished rows (COMPLETED, FAILED, ...) stay out of it.
--- Old installs have an enum agent_orch, whose cast to text cannot be indexed: index by date only.
+-- Claimable and in-flight todos only: finished rows (COMPLETED, FAILED, ...) stay out of them.
+-- One index serves oldest-first claims, one the tenants' turns of fair claims (a skip scan over
+-- tenants, then each tenant's oldest todos). Old installs have an enum agent_orch, whose cast to
+-- text cannot be indexable: index by date only there.
+DROP INDEX IF EXISTS todolist_processgpt_sync_claim_idx;  -- before HUMAN_ASKED was reclaimable
 DO $$
 BEGIN
     IF (SELECT data_type FROM information_schema.columns
         WHERE table_schema = current_schema() AND table_name = 'todolist'
           AND column_name = 'agent_orch') = 'text' THEN
-        CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_claim_idx
-            ON todolist (agent_orch, start_date)
-            WHERE draft_status IS NULL OR draft_status IN ('FB_REQUESTED', 'STARTED');
+        CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_claimable_idx
+            ON todolist (agent_orch, start_date, id)
+            WHERE draft_status IS NULL
+               OR draft_status IN ('FB_REQUESTED', 'STARTED', 'HUMAN_ASKED');
+        CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_fair_idx
+            ON todolist (agent_orch, (coalesce(tenant_id, '')), start_date, id)
+            WHERE draft_status IS NULL
+               OR draft_status IN ('FB_REQUESTED', 'STARTED', 'HUMAN_ASKED');
     ELSE
-        CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_claim_idx
-            ON todolist (start_date)
-            WHERE draft_status IS NULL OR draft_status IN ('FB_REQUESTED', 'STARTED');
+        CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_claimable_idx
+            ON todolist (start_date, id)
+            WHERE draft_status IS NULL
+               OR draft_status IN ('FB_REQUESTED', 'STARTED', 'HUMAN_ASKED');
     END IF;
 END
 $$;

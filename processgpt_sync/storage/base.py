@@ -109,8 +109,12 @@ class Storage(abc.ABC):
         lease_seconds: int,
         max_claims: int,
         tenant_id: str | None = None,
+        fair: bool = True,
+        max_running: int | None = None,
+        max_running_per_tenant: int | None = None,
     ) -> list[Claim]:
-        """Claim up to ``limit`` todos in one call."""
+        """Claim up to ``limit`` todos in one call: tenants in turn (``fair``) or oldest first,
+        within the fleet-wide limits."""
         items = self.call(
             "claim",
             {
@@ -120,6 +124,9 @@ class Storage(abc.ABC):
                 "p_lease_seconds": int(lease_seconds),
                 "p_max_claims": max_claims,
                 "p_tenant_id": tenant_id,
+                "p_fair": fair,
+                "p_max_running": max_running,
+                "p_max_running_per_tenant": max_running_per_tenant,
             },
         )
         return [Claim.from_json(item) for item in items or []]
@@ -246,3 +253,7 @@ class Storage(abc.ABC):
     def status(self, agent_orch: str | None = None) -> list[Mapping[str, Any]]:
         """Todo counts by agent_orch and draft_status."""
         return list(self.call("status", {"p_agent_orch": agent_orch}) or [])
+
+    def tenant_load(self, agent_orch: str | None = None) -> list[Mapping[str, Any]]:
+        """Queued and running todos per agent_orch and tenant."""
+        return list(self.call("tenant_load", {"p_agent_orch": agent_orch}) or [])

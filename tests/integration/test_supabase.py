@@ -22,7 +22,7 @@ def test_missing_schema_names_the_functions_and_the_fix(empty_database_url):
     gateway = Gateway(empty_database_url)
     try:
         store = SupabaseStorage(gateway.url, SERVICE_KEY)
-        with pytest.raises(ps.SchemaMissing, match=r"processgpt_sync_claim_v1.*SQL editor"):
+        with pytest.raises(ps.SchemaMissing, match=r"processgpt_sync_claim_v2.*SQL editor"):
             store.check_schema()
         with pytest.raises(ps.SchemaMissing, match="not found by Supabase"):
             store.enqueue("a", "x")

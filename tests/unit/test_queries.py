@@ -24,8 +24,8 @@ def test_every_called_function_is_defined_in_functions_sql():
     functions = (ROOT / "sql/functions.sql").read_text()
     defined = set(re.findall(r"CREATE OR REPLACE FUNCTION (processgpt_sync_\w+)\(", functions))
     assert q.required_functions() <= defined
-    assert all(name.endswith("_v1") for name in defined), "functions carry a version suffix"
+    assert all(re.search(r"_v\d+$", name) for name in defined), "functions carry a version suffix"
 
 
 def test_function_name_reads_the_called_function():
-    assert q.function_name("claim") == "processgpt_sync_claim_v1"
+    assert q.function_name("claim") == "processgpt_sync_claim_v2"

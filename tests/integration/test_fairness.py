@@ -1,0 +1,172 @@
+"""Fair claims across tenants and fleet-wide limits, computed in the claim statement."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+import processgpt_sync as ps
+from processgpt_sync.storage.postgres import PostgresStorage
+from tests.conftest import open_backend, wait_for
+
+LEASE = {"lease_seconds": 60, "max_claims": 3}
+
+
+@pytest.fixture(params=["postgres", "supabase"])
+def storage(request, database_url):
+    yield from open_backend(request.param, database_url)
+
+
+def claim(storage, consumer="w1", limit=10, **kw):
+    return storage.claim(agent_orch="fair", consumer=consumer, limit=limit, **{**LEASE, **kw})
+
+
+def enqueue(storage, tenant, n):
+    return [storage.enqueue("fair", f"{tenant}{i}", tenant_id=tenant) for i in range(n)]
+
+
+def test_tenants_take_turns_oldest_first_within_each(storage):
+    enqueue(storage, "a", 5)
+    enqueue(storage, "b", 3)
+    enqueue(storage, "c", 2)
+    order = [c.row["query"] for c in claim(storage, limit=10)]
+    assert order == ["a0", "b0", "c0", "a1", "b1", "c1", "a2", "b2", "a3", "a4"]
+
+
+def test_a_tenant_with_running_todos_waits_behind_one_without(storage):
+    enqueue(storage, "a", 4)
+    claim(storage, limit=2)  # a0, a1 now running
+    enqueue(storage, "b", 2)
+    order = [c.row["query"] for c in claim(storage, consumer="w2", limit=3)]
+    assert order == ["b0", "b1", "a2"]
+
+
+def test_oldest_first_when_fairness_is_off(storage):
+    enqueue(storage, "a", 3)
+    enqueue(storage, "b", 2)
+    order = [c.row["query"] for c in claim(storage, limit=4, fair=False)]
+    assert order == ["a0", "a1", "a2", "b0"]
+
+
+def test_a_capped_tenant_with_a_backlog_does_not_block_other_tenants(storage):
+    enqueue(storage, "a", 6)
+    enqueue(storage, "b", 2)
+    first = claim(storage, limit=10, max_running_per_tenant=2)
+    assert sorted(c.row["query"] for c in first) == ["a0", "a1", "b0", "b1"]
+    assert claim(storage, consumer="w2", limit=10, max_running_per_tenant=2) == []
+    enqueue(storage, "c", 3)
+    again = claim(storage, consumer="w2", limit=10, max_running_per_tenant=2)
+    assert sorted(c.row["query"] for c in again) == ["c0", "c1"]
+
+
+def test_max_running_caps_the_whole_agent_orch(storage):
+    enqueue(storage, "a", 3)
+    enqueue(storage, "b", 3)
+    assert len(claim(storage, limit=10, max_running=4)) == 4
+    assert claim(storage, consumer="w2", limit=10, max_running=4) == []
+
+
+def test_reclaims_and_answers_are_claimed_within_the_limits(storage, db):
+    (a0,) = [c for c in claim_after(storage, "a", 1)]
+    db.execute("UPDATE processgpt_sync_lease SET expires_at = now() - interval '1 second'")
+    enqueue(storage, "a", 1)
+    revision = enqueue(storage, "b", 1)[0]
+    db.execute("UPDATE todolist SET draft_status = 'FB_REQUESTED', feedback = "
+               "'[{\"content\": \"again\"}]' WHERE id = %s", (revision,))
+    got = claim(storage, consumer="w2", limit=10, max_running_per_tenant=1)
+    kinds = {c.row["query"]: c.extras["resume"]["kind"] for c in got}
+    # the expired claim no longer counts as running; a's reclaim is older than a's new todo
+    assert kinds == {"a0": "reclaim", "b0": "revision"}
+    assert a0.todo_id in {c.todo_id for c in got}
+
+
+def claim_after(storage, tenant, n):
+    enqueue(storage, tenant, n)
+    return claim(storage, limit=n)
+
+
+def test_status_shows_queued_and_running_per_tenant(storage):
+    enqueue(storage, "a", 3)
+    enqueue(storage, "b", 1)
+    claim(storage, limit=1, fair=False)
+    load = {(r["tenant_id"], r["queued"], r["running"]) for r in storage.tenant_load("fair")}
+    assert load == {("a", 2, 1), ("b", 1, 0)}
+
+
+def test_a_flooding_tenant_does_not_hold_up_another_tenants_todo(database_url, db):
+    """B's todo runs at the next free slot when fair; behind A's whole backlog when not."""
+    started: list[str] = []
+    lock = threading.Lock()
+
+    def handle(todo):
+        with lock:
+            started.append(todo.input)
+        time.sleep(0.02)
+        return {}
+
+    def a_todos_run_before_b(fair):
+        store = PostgresStorage(database_url)
+        try:
+            db.execute("DELETE FROM todolist")
+            started.clear()
+            enqueue(store, "a", 60)
+            with ps.start(handle, agent_orch="fair", storage=store, workers=2,
+                          fair=fair) as server:
+                wait_for(lambda: len(started) >= 4)
+                with lock:
+                    before = len(started)
+                enqueue(store, "b", 1)
+                wait_for(lambda: "b0" in started, timeout=30)
+                with lock:
+                    after = started.index("b0")
+                server.stop(timeout=0)
+        finally:
+            store.close()
+        return after - before
+
+    fair = a_todos_run_before_b(True)
+    fifo = a_todos_run_before_b(False)
+    assert fair <= 2  # at most the claims already in flight when B arrived
+    assert fifo > 20
+
+
+@pytest.mark.slow
+def test_limits_hold_with_three_servers_claiming_at_once(database_url, db):
+    store = PostgresStorage(database_url)
+    try:
+        for tenant in ("a", "b", "c"):
+            enqueue(store, tenant, 40)
+    finally:
+        store.close()
+    peaks = {"total": 0}
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            rows = db.execute("SELECT tenant_id, count(*) AS n FROM todolist "
+                              "WHERE draft_status = 'STARTED' GROUP BY tenant_id").fetchall()
+            for r in rows:
+                peaks[r["tenant_id"]] = max(peaks.get(r["tenant_id"], 0), r["n"])
+            peaks["total"] = max(peaks["total"], sum(r["n"] for r in rows))
+            time.sleep(0.005)
+
+    def handle(todo):
+        time.sleep(0.03)
+        return {}
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    servers = [ps.start(handle, agent_orch="fair", workers=4, database_url=database_url,
+                        max_running=5, max_running_per_tenant=2) for _ in range(3)]
+    try:
+        wait_for(lambda: db.execute("SELECT count(*) AS n FROM todolist WHERE draft_status = "
+                                    "'COMPLETED'").fetchone()["n"] == 120, timeout=60)
+    finally:
+        for server in servers:
+            server.stop()
+        stop.set()
+        sampler.join()
+    assert peaks["total"] <= 5 and max(peaks[t] for t in "abc") <= 2
+    assert peaks["total"] >= 4  # the limits were reached, not just never approached
