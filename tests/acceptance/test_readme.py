@@ -18,11 +18,8 @@ from tests.conftest import wait_for
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 
-# Snippets not run yet, by heading, each with its reason.
-EXCLUDED = {
-    "Human in the loop": "its suspend_for_human flow is being reworked; run it once it reuses "
-                         "the answer",
-}
+# Snippets not run, by heading, each with its reason.
+EXCLUDED: dict[str, str] = {}
 
 A2A_EXECUTOR = """
 from a2a.server.agent_execution import AgentExecutor
@@ -110,7 +107,38 @@ def run_django_settings(code, database_url, tmp_path, monkeypatch):
     assert "CONN_HEALTH_CHECKS" not in namespace, "a per-database setting, not a top-level one"
 
 
+def run_hitl(code, database_url, tmp_path, monkeypatch):
+    """Answer every question as the UI does; the suspended todo resumes and finishes."""
+    import processgpt_sync as ps
+    from processgpt_sync.storage.postgres import PostgresStorage
+
+    namespace: dict = {}
+    exec(compile(code, "README Human in the loop", "exec"), namespace)
+    answers = {"How should I process this?": "careful", "Budget approved?": False,
+               "Approve anyway?": True}
+    store = PostgresStorage(database_url)
+    try:
+        todo_id = store.enqueue("readme-hitl", "order laptops")
+        with ps.start(namespace["handle"], agent_orch="readme-hitl", storage=store) as server:
+            def answer_open_questions():
+                for question in store.open_questions("readme-hitl"):
+                    store.respond(question["job_id"], answers[question["question"]["question"]])
+                return server.stats()["completed"] == 1
+
+            wait_for(answer_open_questions, timeout=30)
+    finally:
+        store.close()
+    with psycopg.connect(database_url) as conn:
+        output, asked = conn.execute(
+            "SELECT output, (SELECT count(*) FROM events WHERE todo_id = %s AND event_type = "
+            "'human_asked') FROM todolist", (todo_id,)).fetchone()
+    assert output == {"style": "careful", "approved": True}
+    assert asked == 3, "every question asked once, none again on the resumed run"
+
+
 HARNESSES = {
+    "Human in the loop": run_hitl,
+    "Fair claims across tenants, and fleet-wide limits": run_quickstart,
     "Quickstart": run_quickstart,
     "A2A `AgentExecutor`": run_a2a,
     "Jupyter": run_jupyter,
