@@ -2,6 +2,10 @@
 
 The schema is applied once to a template database; each test gets ``CREATE DATABASE ...
 TEMPLATE`` (about 20 ms) and it is dropped afterwards.
+
+``--schema platform`` (or ``PROCESSGPT_TEST_SCHEMA=platform``) runs the tests on a ProcessGPT
+platform database instead: ``tests/fixtures/platform_schema.sql`` with ``init-db`` applied on top,
+as a user would. Its "empty" database then holds the platform's tables without processgpt-sync.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -22,11 +27,47 @@ from psycopg.rows import dict_row
 from processgpt_sync import embedded
 from processgpt_sync.storage.postgres import PostgresStorage, install_schema
 
+SCHEMAS = ("ours", "platform")
+_SCHEMA_FROM_ENV = os.environ.get("PROCESSGPT_TEST_SCHEMA") or "ours"
 for _name in list(os.environ):
-    if _name.startswith(("PROCESSGPT_", "SUPABASE_")) or _name == "DATABASE_URL":
+    if (_name.startswith(("PROCESSGPT_", "SUPABASE_"))
+            or _name in ("DATABASE_URL", "SERVICE_ROLE_KEY")):
         del os.environ[_name]
 
 TEMPLATE = "processgpt_sync_template"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+PLATFORM_SQL = FIXTURES / "platform_schema.sql"
+UPSTREAM_LEASE_SQL = FIXTURES / "upstream_lease.sql"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--schema", choices=SCHEMAS, default=_SCHEMA_FROM_ENV,
+        help="database shape the tests run on: processgpt-sync's own schema (ours) or a "
+             "ProcessGPT platform database with init-db applied (platform)")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"database schema: {config.getoption('--schema')}"
+
+
+@pytest.fixture(scope="session")
+def schema(request: pytest.FixtureRequest) -> str:
+    """Which database shape this session runs on: "ours" or "platform"."""
+    return str(request.config.getoption("--schema"))
+
+
+def _template(pg_url: str, name: str, *scripts: Path, install: bool = True) -> str:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name}")
+        conn.execute(f"CREATE DATABASE {name}")
+    url = make_conninfo(pg_url, dbname=name)
+    with psycopg.connect(url, autocommit=True) as conn:
+        for script in scripts:
+            conn.execute(script.read_text(encoding="utf-8").encode())
+    if install:
+        install_schema(url)
+    return name
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -56,18 +97,40 @@ def pg_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def template(pg_url: str) -> str:
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE}")
-        conn.execute(f"CREATE DATABASE {TEMPLATE}")
-    install_schema(make_conninfo(pg_url, dbname=TEMPLATE))
-    return TEMPLATE
+def template(pg_url: str, schema: str) -> str:
+    if schema == "platform":
+        return _template(pg_url, f"{TEMPLATE}_platform", PLATFORM_SQL)
+    return _template(pg_url, TEMPLATE)
+
+
+@pytest.fixture(scope="session")
+def platform_bare_template(pg_url: str) -> str:
+    return _template(pg_url, f"{TEMPLATE}_platform_bare", PLATFORM_SQL, install=False)
+
+
+@pytest.fixture(scope="session")
+def upstream_template(pg_url: str) -> str:
+    return _template(pg_url, f"{TEMPLATE}_upstream", PLATFORM_SQL, UPSTREAM_LEASE_SQL)
 
 
 @pytest.fixture
-def empty_database_url(pg_url: str) -> Iterator[str]:
-    """A database with no schema at all."""
-    yield from _database(pg_url, None)
+def empty_database_url(pg_url: str, schema: str, request: pytest.FixtureRequest
+                       ) -> Iterator[str]:
+    """A database without processgpt-sync: nothing at all, or the platform's bare tables."""
+    source = request.getfixturevalue("platform_bare_template") if schema == "platform" else None
+    yield from _database(pg_url, source)
+
+
+@pytest.fixture
+def platform_database_url(pg_url: str, platform_bare_template: str) -> Iterator[str]:
+    """A ProcessGPT platform database without processgpt-sync, whatever ``--schema`` says."""
+    yield from _database(pg_url, platform_bare_template)
+
+
+@pytest.fixture
+def upstream_database_url(pg_url: str, upstream_template: str) -> Iterator[str]:
+    """A platform database with upstream's lease functions and processgpt-sync installed."""
+    yield from _database(pg_url, upstream_template)
 
 
 @pytest.fixture
