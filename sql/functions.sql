@@ -100,9 +100,12 @@ RETURNS boolean LANGUAGE sql STABLE AS $$
         WHEN p_todo.status = 'CANCELLED' THEN false
         WHEN p_todo.draft_status = 'FB_REQUESTED' THEN true
         WHEN p_todo.draft_status IN ('STARTED', 'HUMAN_ASKED') THEN
-            p_todo.claim_count < p_max_claims AND EXISTS (
+            p_todo.claim_count < p_max_claims
+            -- never a todo an upstream worker took over (its consumer, its live lease_until)
+            AND (p_todo.lease_until IS NULL OR p_todo.lease_until < now()) AND EXISTS (
                 SELECT 1 FROM processgpt_sync_lease l
                 WHERE l.todo_id = p_todo.id AND l.claim_token = p_todo.claim_token
+                  AND l.consumer IS NOT DISTINCT FROM p_todo.consumer
                   AND l.expires_at < now())
         ELSE false
     END
@@ -157,6 +160,8 @@ BEGIN
         JOIN processgpt_sync_lease l ON l.todo_id = t.id AND l.claim_token = t.claim_token
         WHERE l.expires_at < now() AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
           AND t.agent_orch::text = p_agent_orch AND t.claim_count >= p_max_claims
+          AND t.consumer IS NOT DISTINCT FROM l.consumer
+          AND (t.lease_until IS NULL OR t.lease_until < now())
         FOR UPDATE OF t SKIP LOCKED
     ), failed AS (
         UPDATE todolist t
@@ -165,16 +170,17 @@ BEGIN
                 'claimed %s times without finishing (max_claims=%s); marked FAILED',
                 t.claim_count, p_max_claims))
         FROM exhausted e WHERE t.id = e.id
-        RETURNING t.id, coalesce(t.root_proc_inst_id, t.proc_inst_id) AS proc_inst_id, t.claim_count
+        RETURNING t.id, coalesce(t.root_proc_inst_id, t.proc_inst_id) AS proc_inst_id, t.claim_count,
+                  t.tenant_id
     ), dropped AS (
         DELETE FROM processgpt_sync_lease l USING failed f WHERE l.todo_id = f.id
     )
-    INSERT INTO events (id, job_id, todo_id, proc_inst_id, crew_type, event_type, data, "timestamp")
+    INSERT INTO events (id, job_id, todo_id, proc_inst_id, crew_type, event_type, data, "timestamp",
+                        tenant_id)
     SELECT gen_random_uuid()::text, 'TASK_ERROR', f.id::text, f.proc_inst_id, 'agent', 'error',
-           jsonb_build_object('error', format(
-               'claimed %s times without finishing (max_claims=%s)', f.claim_count, p_max_claims)),
-           clock_timestamp()
-    FROM failed f;
+           jsonb_build_object('error', m.text, 'message', m.text), clock_timestamp(), f.tenant_id
+    FROM failed f, LATERAL (SELECT format('claimed %s times without finishing (max_claims=%s)',
+                                          f.claim_count, p_max_claims) AS text) m;
 
     IF p_max_running IS NOT NULL OR p_max_running_per_tenant IS NOT NULL THEN
         PERFORM pg_advisory_xact_lock(hashtext('processgpt_sync_claim'), hashtext(p_agent_orch));
@@ -264,6 +270,7 @@ BEGIN
         SET draft_status = 'STARTED', consumer = p_consumer, claim_token = gen_random_uuid(),
             claim_count = CASE WHEN c.prev_status IN ('STARTED', 'HUMAN_ASKED')
                                THEN t.claim_count + 1 ELSE 1 END,
+            lease_until = NULL,  -- upstream workers never take over a claim without expiry
             updated_at = now()
         FROM candidate c WHERE t.id = c.id
         RETURNING t AS todo, c.prev_status, c.start_date
@@ -366,22 +373,23 @@ BEGIN
                     THEN processgpt_sync_uuid_or_null_v1(e.value ->> 'token') END AS token
         FROM jsonb_array_elements(p_events) WITH ORDINALITY AS e
     ), owned AS (
-        SELECT t.id, t.claim_token, coalesce(t.root_proc_inst_id, t.proc_inst_id) AS proc_inst_id
+        SELECT t.id, t.claim_token, coalesce(t.root_proc_inst_id, t.proc_inst_id) AS proc_inst_id,
+               t.tenant_id
         FROM todolist t
         WHERE t.id IN (SELECT todo_id FROM input)
           AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
         FOR SHARE OF t
     ), checked AS MATERIALIZED (
-        SELECT i.n, i.ev, i.todo_id, o.proc_inst_id,
+        SELECT i.n, i.ev, i.todo_id, o.proc_inst_id, o.tenant_id,
                processgpt_sync_event_problem_v1(
                    i.ev, o.id IS NOT NULL AND o.claim_token IS NOT DISTINCT FROM i.token,
                    v_types, v_statuses) AS reason
         FROM input i LEFT JOIN owned o ON o.id = i.todo_id
     ), inserted AS (
         INSERT INTO events (id, job_id, todo_id, proc_inst_id, crew_type, event_type, data,
-                            status, "timestamp")
+                            status, "timestamp", tenant_id)
         SELECT r.id, r.job_id, r.todo_id, r.proc_inst_id, r.crew_type, r.event_type, r.data,
-               r.status, r.ts FROM checked c,
+               r.status, r.ts, c.tenant_id FROM checked c,
              LATERAL processgpt_sync_event_row_v1(c.ev, c.todo_id, c.proc_inst_id,
                                                   v_base + c.n * interval '1 microsecond') r
         WHERE c.reason IS NULL
@@ -454,10 +462,11 @@ BEGIN
     WHERE id = p_todo_id;
     DELETE FROM processgpt_sync_lease WHERE todo_id = p_todo_id;
 
-    INSERT INTO events (id, job_id, todo_id, proc_inst_id, crew_type, event_type, data, "timestamp")
+    INSERT INTO events (id, job_id, todo_id, proc_inst_id, crew_type, event_type, data, "timestamp",
+                        tenant_id)
     SELECT gen_random_uuid()::text, 'CREW_FINISHED', t.id::text,
            coalesce(t.root_proc_inst_id, t.proc_inst_id), 'crew', 'crew_completed', '{}'::jsonb,
-           clock_timestamp()
+           clock_timestamp(), t.tenant_id
     FROM todolist t WHERE t.id = p_todo_id;
     RETURN jsonb_build_object('applied', true, 'reason', 'ok', 'events', v_events);
 END
@@ -487,10 +496,11 @@ BEGIN
     WHERE id = p_todo_id;
     DELETE FROM processgpt_sync_lease WHERE todo_id = p_todo_id;
 
-    INSERT INTO events (id, job_id, todo_id, proc_inst_id, crew_type, event_type, data, "timestamp")
+    INSERT INTO events (id, job_id, todo_id, proc_inst_id, crew_type, event_type, data, "timestamp",
+                        tenant_id)
     SELECT gen_random_uuid()::text, 'TASK_ERROR', t.id::text,
            coalesce(t.root_proc_inst_id, t.proc_inst_id), 'agent', 'error',
-           jsonb_build_object('error', p_error), clock_timestamp()
+           jsonb_build_object('error', p_error, 'message', p_error), clock_timestamp(), t.tenant_id
     FROM todolist t WHERE t.id = p_todo_id;
     RETURN jsonb_build_object('applied', true, 'reason', 'ok', 'events', v_events);
 END
@@ -543,11 +553,11 @@ BEGIN
         FROM jsonb_array_elements(coalesce(p_items, '[]'::jsonb)) WITH ORDINALITY AS i
     ), locked AS MATERIALIZED (
         SELECT t.id, t.claim_token, t.draft_status, t.consumer,
-               coalesce(t.root_proc_inst_id, t.proc_inst_id) AS proc_inst_id
+               coalesce(t.root_proc_inst_id, t.proc_inst_id) AS proc_inst_id, t.tenant_id
         FROM todolist t WHERE t.id IN (SELECT todo_id FROM items)
         ORDER BY t.id FOR UPDATE OF t
     ), judged AS MATERIALIZED (
-        SELECT i.n, i.item, i.outcome, i.todo_id, i.token, l.proc_inst_id, i.n_events,
+        SELECT i.n, i.item, i.outcome, i.todo_id, i.token, l.proc_inst_id, l.tenant_id, i.n_events,
             -- each item's slot in the batch's timeline: its events, then its closing event
             sum(i.n_events + 1) OVER (ORDER BY i.n) - i.n_events - 1 AS slot,
             CASE
@@ -567,7 +577,8 @@ BEGIN
             END AS reason
         FROM items i LEFT JOIN locked l ON l.id = i.todo_id
     ), evs AS MATERIALIZED (
-        SELECT j.n, j.todo_id, j.proc_inst_id, e.value AS ev, e.ordinality AS k, j.slot,
+        SELECT j.n, j.todo_id, j.proc_inst_id, j.tenant_id, e.value AS ev, e.ordinality AS k,
+               j.slot,
                processgpt_sync_event_problem_v1(
                    e.value,
                    processgpt_sync_uuid_or_null_v1(e.value ->> 'todo_id') = j.todo_id
@@ -580,9 +591,9 @@ BEGIN
         WHERE j.reason = 'ok'
     ), inserted AS (
         INSERT INTO events (id, job_id, todo_id, proc_inst_id, crew_type, event_type, data,
-                            status, "timestamp")
+                            status, "timestamp", tenant_id)
         SELECT r.id, r.job_id, r.todo_id, r.proc_inst_id, r.crew_type, r.event_type, r.data,
-               r.status, r.ts FROM evs v,
+               r.status, r.ts, v.tenant_id FROM evs v,
              LATERAL processgpt_sync_event_row_v1(
                  v.ev, v.todo_id, v.proc_inst_id,
                  v_base + (v.slot + v.k) * interval '1 microsecond') r
@@ -607,7 +618,7 @@ BEGIN
         WHERE l.todo_id = j.todo_id AND j.reason = 'ok'
     ), closing AS (
         INSERT INTO events (id, job_id, todo_id, proc_inst_id, crew_type, event_type, data,
-                            "timestamp")
+                            "timestamp", tenant_id)
         SELECT gen_random_uuid()::text,
                CASE j.outcome WHEN 'completed' THEN 'CREW_FINISHED' ELSE 'TASK_ERROR' END,
                j.todo_id::text, j.proc_inst_id,
@@ -615,8 +626,9 @@ BEGIN
                CASE j.outcome WHEN 'completed' THEN 'crew_completed'
                               ELSE 'error' END::event_type_enum,
                CASE j.outcome WHEN 'completed' THEN '{}'::jsonb
-                              ELSE jsonb_build_object('error', j.item ->> 'error') END,
-               v_base + (j.slot + j.n_events + 1) * interval '1 microsecond'
+                              ELSE jsonb_build_object('error', j.item ->> 'error',
+                                                      'message', j.item ->> 'error') END,
+               v_base + (j.slot + j.n_events + 1) * interval '1 microsecond', j.tenant_id
         FROM judged j WHERE j.reason = 'ok' AND j.outcome IN ('completed', 'failed')
     )
     SELECT jsonb_agg(jsonb_build_object(
@@ -688,13 +700,14 @@ BEGIN
 
     SELECT * INTO v_todo FROM todolist WHERE id = p_todo_id;
     INSERT INTO events (id, job_id, todo_id, proc_inst_id, crew_type, event_type, data, status,
-                        "timestamp")
+                        "timestamp", tenant_id)
     VALUES (gen_random_uuid()::text, p_job_id, p_todo_id::text,
             coalesce(v_todo.root_proc_inst_id, v_todo.proc_inst_id), 'agent', 'human_asked',
-            p_question, 'ASKED', clock_timestamp());
+            p_question, 'ASKED', clock_timestamp(), v_todo.tenant_id);
     BEGIN  -- a platform notifications table of another shape must not stop the question
-        INSERT INTO notifications (user_id, tenant_id, title, description, type, url)
-        SELECT u.id::text, v_todo.tenant_id, coalesce(v_todo.activity_name, 'Question'),
+        INSERT INTO notifications (id, user_id, tenant_id, title, description, type, url)
+        SELECT gen_random_uuid(), u.id::text, v_todo.tenant_id,
+               coalesce(v_todo.activity_name, 'Question'),
                p_question ->> 'question', 'workitem_bpm', '/todolist/' || p_todo_id
         FROM users u
         WHERE u.id = ANY (ARRAY(SELECT processgpt_sync_uuid_or_null_v1(trim(x))
@@ -761,11 +774,11 @@ BEGIN
             USING HINT = format('processgpt-sync show %s shows the answer', v_question.todo_id);
     END IF;
     INSERT INTO events (id, job_id, todo_id, proc_inst_id, crew_type, event_type, data, status,
-                        "timestamp")
+                        "timestamp", tenant_id)
     VALUES (gen_random_uuid()::text, p_job_id, v_question.todo_id, v_question.proc_inst_id,
             v_question.crew_type, 'human_response',
             jsonb_build_object('answer', p_answer, 'user_id', p_user_id), 'APPROVED',
-            clock_timestamp());
+            clock_timestamp(), v_question.tenant_id);
     RETURN v_question.todo_id;
 END
 $$;
@@ -911,7 +924,8 @@ BEGIN
         SELECT p.todo_id, p.token FROM unnest(p_todo_ids, p_tokens) AS p(todo_id, token)
     ), state AS (
         SELECT p.todo_id, p.token,
-               t.claim_token IS NOT DISTINCT FROM p.token AS owned,
+               t.claim_token IS NOT DISTINCT FROM p.token
+                   AND t.consumer IS NOT DISTINCT FROM p_consumer AS owned,
                (t.draft_status = 'CANCELLED' OR t.status = 'CANCELLED') AS cancelled,
                t.draft_status IN ('STARTED', 'HUMAN_ASKED') AS running
         FROM pairs p LEFT JOIN todolist t ON t.id = p.todo_id
@@ -938,6 +952,9 @@ $$;
 
 -- Insert a claimable todo (CLI `enqueue`, the demo, tests). Returns its id. Values go through
 -- jsonb_populate_record so they take each column's own type (agent_orch is an enum in old installs).
+-- The id is generated here (the platform's todolist.id has no default), and start_date is given
+-- in UTC with a 'Z': a timestamptz column reads the instant, the platform's timestamp without
+-- time zone the UTC wall-clock time, whatever the session's TimeZone.
 CREATE OR REPLACE FUNCTION processgpt_sync_enqueue_v1(
     p_agent_orch text,
     p_input text,
@@ -947,11 +964,14 @@ CREATE OR REPLACE FUNCTION processgpt_sync_enqueue_v1(
     p_proc_inst_id text DEFAULT NULL,
     p_user_id text DEFAULT NULL)
 RETURNS uuid LANGUAGE sql AS $$
-    INSERT INTO todolist (agent_orch, query, description, agent_mode, status, tenant_id,
+    INSERT INTO todolist (id, agent_orch, query, description, agent_mode, status, tenant_id,
                           activity_name, proc_inst_id, root_proc_inst_id, user_id, start_date)
-    SELECT r.agent_orch, r.query, r.description, r.agent_mode, r.status, r.tenant_id,
-           r.activity_name, r.proc_inst_id, r.root_proc_inst_id, r.user_id, clock_timestamp()
+    SELECT gen_random_uuid(), r.agent_orch, r.query, r.description, r.agent_mode, r.status,
+           r.tenant_id, r.activity_name, r.proc_inst_id, r.root_proc_inst_id, r.user_id,
+           r.start_date
     FROM jsonb_populate_record(NULL::todolist, jsonb_build_object(
+        'start_date', to_char(clock_timestamp() AT TIME ZONE 'UTC',
+                              'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
         'agent_orch', p_agent_orch, 'query', p_input, 'description', p_input,
         'agent_mode', upper(p_agent_mode), 'status', 'IN_PROGRESS', 'tenant_id', p_tenant_id,
         'activity_name', p_activity_name, 'proc_inst_id', p_proc_inst_id,
@@ -1007,6 +1027,12 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
         GROUP BY 1, 2
     ) s
     WHERE s.queued > 0 OR s.running > 0
+$$;
+
+-- The labels of event_type_enum: the event types this database accepts (platforms add some).
+CREATE OR REPLACE FUNCTION processgpt_sync_event_types_v1()
+RETURNS jsonb LANGUAGE sql STABLE AS $$
+    SELECT to_jsonb(enum_range(NULL::event_type_enum)::text[])
 $$;
 
 -- A NOTIFY for `processgpt-sync health` to hear back on its LISTEN connection.

@@ -58,6 +58,10 @@ SELECT processgpt_sync_renew_v1(p_consumer => %(p_consumer)s::text, p_todo_ids =
 -- Insert a claimable todo and return its id
 SELECT processgpt_sync_enqueue_v1(p_agent_orch => %(p_agent_orch)s::text, p_input => %(p_input)s::text, p_agent_mode => %(p_agent_mode)s::text, p_tenant_id => %(p_tenant_id)s::text, p_activity_name => %(p_activity_name)s::text, p_proc_inst_id => %(p_proc_inst_id)s::text, p_user_id => %(p_user_id)s::text)
 
+-- event_types --
+-- The labels of the database's event_type_enum
+SELECT processgpt_sync_event_types_v1()
+
 -- status --
 -- Todo counts by agent_orch and draft_status
 SELECT processgpt_sync_status_v1(p_agent_orch => %(p_agent_orch)s::text)

@@ -1,7 +1,10 @@
 -- processgpt-sync schema: the ProcessGPT tables this library touches, plus its lease table.
 --
 -- Idempotent: running it again changes nothing. On an existing ProcessGPT database it only adds
--- what is missing (enum types, columns, the lease table, indexes) and never rewrites data.
+-- what is missing (enum types, columns, the lease table, indexes); it never rewrites data and
+-- never changes the type, default or nullability of a column that already exists. The shapes
+-- below serve fresh databases; where the platform's own DDL differs (todolist.id and events.id
+-- without defaults, start_date without time zone, ...) the functions work with either.
 -- Apply with `processgpt-sync init-db`, or paste it into the Supabase SQL editor before
 -- functions.sql. Needs PostgreSQL 13 or newer (gen_random_uuid is built in).
 
@@ -59,7 +62,9 @@ CREATE TABLE IF NOT EXISTS form_def (
     id text NOT NULL,
     tenant_id text,
     fields_json jsonb,
-    html text
+    html text,
+    proc_def_id text,
+    activity_id text
 );
 
 CREATE TABLE IF NOT EXISTS proc_inst_source (
@@ -97,6 +102,10 @@ ALTER TABLE todolist ADD COLUMN IF NOT EXISTS log text;
 -- Added by processgpt-sync: claims in the current run cycle, and the fencing token of the claim.
 ALTER TABLE todolist ADD COLUMN IF NOT EXISTS claim_count integer NOT NULL DEFAULT 0;
 ALTER TABLE todolist ADD COLUMN IF NOT EXISTS claim_token uuid;
+-- Shared with upstream agents (process-gpt-agent-sdk 0.11 adds both claim_count and this): their
+-- lease. processgpt-sync leases live in processgpt_sync_lease, and its claims set this to NULL,
+-- which upstream workers read as a claim they must never take over.
+ALTER TABLE todolist ADD COLUMN IF NOT EXISTS lease_until timestamptz;
 
 CREATE TABLE IF NOT EXISTS events (
     id text PRIMARY KEY DEFAULT gen_random_uuid()::text
@@ -109,6 +118,9 @@ ALTER TABLE events ADD COLUMN IF NOT EXISTS event_type event_type_enum;
 ALTER TABLE events ADD COLUMN IF NOT EXISTS data jsonb;
 ALTER TABLE events ADD COLUMN IF NOT EXISTS status event_status;
 ALTER TABLE events ADD COLUMN IF NOT EXISTS "timestamp" timestamptz DEFAULT now();
+-- The todo's tenant, so tenant-filtered views of the UI show the event (the platform's default
+-- reads the caller's JWT, which a service-role or direct connection does not have).
+ALTER TABLE events ADD COLUMN IF NOT EXISTS tenant_id text;
 
 CREATE INDEX IF NOT EXISTS events_todo_id_idx ON events (todo_id);
 CREATE INDEX IF NOT EXISTS events_job_id_idx ON events (job_id);
@@ -172,9 +184,9 @@ BEGIN
 END
 $$;
 
--- ProcessGPT notifications (minimal shape for fresh databases): a question to a human creates one.
+-- ProcessGPT notifications (the platform's shape): a question to a human creates one.
 CREATE TABLE IF NOT EXISTS notifications (
-    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    id uuid PRIMARY KEY,
     user_id text,
     tenant_id text,
     title text,
@@ -182,6 +194,7 @@ CREATE TABLE IF NOT EXISTS notifications (
     type text,
     url text,
     from_user_id text,
+    consumer text,
     is_checked boolean DEFAULT false,
-    time timestamptz DEFAULT now()
+    time_stamp timestamptz DEFAULT now()
 );
