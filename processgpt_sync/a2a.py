@@ -19,7 +19,7 @@ from collections.abc import Generator, Mapping
 from functools import cache
 from typing import Any
 
-from .events import EVENT_STATUSES, EVENT_TYPES
+from .events import EVENT_STATUSES
 from .loops import ThreadLoops
 from .models import AwaitingHuman, Todo
 from .payload import unwrap_text
@@ -169,7 +169,7 @@ class Recorder:
         metadata = event["metadata"]
         self.last_state = state or self.last_state
         event_type = metadata.get("event_type")
-        if event_type not in EVENT_TYPES:
+        if event_type not in self.todo.events.types:
             if event_type is not None:
                 logger.warning("unknown event_type %r from todo %s; using the state instead",
                                event_type, self.todo.id,

@@ -27,7 +27,7 @@ from .errors import (
     StorageError,
     StorageUnavailable,
 )
-from .settings import Settings, check_backend
+from .settings import Settings, check_backend, supabase_key_from
 from .storage import Storage, connect
 
 logger = logging.getLogger("processgpt_sync.cli")
@@ -82,7 +82,7 @@ def _backend_urls(args: argparse.Namespace) -> tuple[str | None, str | None, str
     Supabase configuration is an error rather than a silent switch to the embedded database."""
     database_url = getattr(args, "database_url", None) or os.environ.get("DATABASE_URL")
     supabase_url = getattr(args, "supabase_url", None) or os.environ.get("SUPABASE_URL")
-    supabase_key = os.environ.get("SUPABASE_KEY") or os.environ.get("SUPABASE_SERVICE_ROLE_KEY")
+    supabase_key = supabase_key_from(os.environ)
     check_backend(database_url, supabase_url, supabase_key)
     return database_url, supabase_url, supabase_key
 
@@ -106,6 +106,7 @@ def _storage(args: argparse.Namespace) -> Storage:
 
 def cmd_init_db(args: argparse.Namespace) -> int:
     from . import embedded
+    from .queries import SCHEMA_FILES, read_sql
     from .storage.postgres import install_schema
 
     url, supabase_url, _ = _backend_urls(args)
@@ -115,12 +116,16 @@ def cmd_init_db(args: argparse.Namespace) -> int:
             "connection string, or paste sql/schema.sql then sql/functions.sql into the "
             "Supabase SQL editor"
         )
-    if url:
-        install_schema(url)
-        print("schema installed")
-    else:
-        embedded.start()
-        print(f"schema installed in the embedded database ({embedded.data_dir()})")
+    where = "" if url else f" in the embedded database ({embedded.data_dir()})"
+    added: list[str] = []
+    install_schema(url or embedded.start(install=False), dry_run=args.dry_run, added=added)
+    if args.dry_run:
+        print("\n".join(read_sql(name) for name in SCHEMA_FILES))
+        print(f"-- dry run{where}: nothing was changed; this SQL would add:")
+        print("\n".join(f"--   {line}" for line in added) or "--   nothing (up to date)")
+        return 0
+    print("\n".join(added))
+    print(f"schema installed{where}: " + (f"{len(added)} additions" if added else "up to date"))
     return 0
 
 
@@ -504,8 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "$SUPABASE_URL and $SUPABASE_KEY, else the embedded database)")
         return sub
 
-    command("init-db", "install or upgrade the schema and functions (idempotent; adds only "
-            "what is missing to an existing ProcessGPT database)").set_defaults(func=cmd_init_db)
+    init_db = command("init-db", "install or upgrade the schema and functions (idempotent; adds "
+                      "only what is missing to an existing ProcessGPT database and prints it)")
+    init_db.add_argument("--dry-run", action="store_true",
+                         help="print the SQL and what it would add, change nothing")
+    init_db.set_defaults(func=cmd_init_db)
 
     enqueue = command("enqueue", "insert a claimable todo (status IN_PROGRESS, draft_status "
                       "empty) and print its id")

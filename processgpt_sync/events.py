@@ -21,6 +21,8 @@ from .storage.base import Storage
 
 logger = logging.getLogger(__name__)
 
+# The event types every ProcessGPT database has. A server checks events against the labels of
+# its own database's event_type_enum instead (newer platforms add types, e.g. gateway_decision).
 EVENT_TYPES = frozenset(
     {
         "task_started", "task_completed", "tool_usage_started", "tool_usage_finished",
@@ -46,11 +48,16 @@ def make_event(
     job_id: str | None = None,
     crew_type: str | None = None,
     status: str | None = None,
+    types: frozenset[str] = EVENT_TYPES,
 ) -> dict[str, Any]:
-    """Build one event row, validated here so a bad event fails at the executor's call site."""
-    if event_type not in EVENT_TYPES:
+    """Build one event row, validated here so a bad event fails at the executor's call site.
+
+    :param types: the event types the database accepts (its event_type_enum labels).
+    """
+    if event_type not in types:
         raise ValueError(
-            f"unknown event_type {event_type!r}; expected one of {', '.join(sorted(EVENT_TYPES))}"
+            f"unknown event_type {event_type!r}: this database's event_type_enum has "
+            f"{', '.join(sorted(types))}"
         )
     if status is not None and status not in EVENT_STATUSES:
         raise ValueError(f"unknown event status {status!r}; expected ASKED, APPROVED or REJECTED")
@@ -80,7 +87,10 @@ class EventBuffer:
         flush_interval: float,
         batch_size: int,
         on_written: Callable[[int], None] = lambda n: None,
+        event_types: frozenset[str] = EVENT_TYPES,
     ) -> None:
+        self.event_types = event_types
+        """The event types the database accepts; events are checked against them when made."""
         self._storage = storage
         self._flush_interval = flush_interval
         self._batch_size = batch_size
@@ -277,6 +287,11 @@ class Events:
         self._is_open = is_open
         self._on_result = on_result
 
+    @property
+    def types(self) -> frozenset[str]:
+        """The event types this todo's database accepts."""
+        return self._buffer.event_types
+
     def emit(
         self,
         event_type: str,
@@ -286,10 +301,11 @@ class Events:
         crew_type: str | None = None,
         status: str | None = None,
     ) -> None:
-        """Record one event of any ProcessGPT ``event_type``."""
+        """Record one event of an ``event_type`` the database's event_type_enum has; any other
+        type raises ValueError here, naming the types the database accepts."""
         event = make_event(
             self._todo_id, self._token, event_type, data,
-            job_id=job_id, crew_type=crew_type, status=status,
+            job_id=job_id, crew_type=crew_type, status=status, types=self.types,
         )
         if not self._is_open():
             logger.warning(
@@ -306,7 +322,12 @@ class Events:
 
     def progress(self, data: Any = None, *, job_id: str | None = None,
                  crew_type: str | None = None) -> None:
-        """``task_working``: an intermediate progress message."""
+        """``task_working``: an intermediate progress message. Plain text is stored as
+        ``{"message": text}``, the field the ProcessGPT UI shows for these events."""
+        if isinstance(data, str):
+            data = unwrap_text(data)
+            if isinstance(data, str):
+                data = {"message": data}
         self.emit("task_working", data, job_id=job_id, crew_type=crew_type)
 
     def tool_started(self, name: str, data: Any = None, *, job_id: str | None = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,12 +29,32 @@ class Claim:
     @classmethod
     def from_json(cls, item: Mapping[str, Any]) -> Claim:
         row = item["row"]
+        extras = dict(item.get("extras") or {})
+        if isinstance(extras.get("resume"), Mapping):
+            extras["resume"] = upstream_resume(extras["resume"], row)
         return cls(
             todo_id=str(row["id"]),
             token=str(item["token"]),
             row=MappingProxyType(dict(row)),
-            extras=MappingProxyType(dict(item.get("extras") or {})),
+            extras=MappingProxyType(extras),
         )
+
+
+def upstream_resume(resume: Mapping[str, Any], row: Mapping[str, Any]) -> dict[str, Any]:
+    """``resume`` plus the keys process-gpt-agent-sdk 0.11 executors read from
+    ``extras["resume"]``: ``key`` (the todo id, a stable key for checkpoints and sessions) and
+    ``answer_raw`` (the person's last input as text, JSON for structured answers; "" on a fresh
+    run or a reclaim)."""
+    answer_raw = ""
+    if resume.get("kind") in ("human_answer", "revision"):
+        feedback = row.get("feedback")
+        last = feedback[-1] if isinstance(feedback, list) and feedback else None
+        content = last.get("content") if isinstance(last, Mapping) else last
+        if isinstance(content, str):
+            answer_raw = content
+        elif content is not None:
+            answer_raw = json.dumps(content, ensure_ascii=False)
+    return {**resume, "key": str(row.get("id") or ""), "answer_raw": answer_raw}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +66,10 @@ class Resume:
     answer: Any = None
     job_id: str | None = None
     """The answered question's job_id (``human_answer``)."""
+    key: str = ""
+    """The todo id: what the original SDK's executors use as their resume key."""
+    answer_raw: str = ""
+    """The person's last input as text (the original SDK's name), "" when there is none."""
 
     @classmethod
     def from_json(cls, value: Mapping[str, Any] | None) -> Resume:
@@ -52,7 +77,8 @@ class Resume:
         kind = value.get("kind") if value.get("kind") in RESUME_KINDS else "fresh"
         attempt = int(value.get("attempt") or 1)
         return cls(kind=str(kind), attempt=attempt, answer=value.get("answer"),
-                   job_id=value.get("job_id"))
+                   job_id=value.get("job_id"), key=str(value.get("key") or ""),
+                   answer_raw=str(value.get("answer_raw") or ""))
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,7 @@ class Server:
         try:
             storage.check_schema()
             known = storage.status(self.settings.agent_orch)
+            event_types = storage.event_types()
         except BaseException:
             self._close_storage()
             raise
@@ -108,6 +109,7 @@ class Server:
             flush_interval=EVENT_FLUSH_INTERVAL,
             batch_size=EVENT_BATCH_SIZE,
             on_written=lambda n: self._stats.count("events_written", n),
+            event_types=event_types,
         )
         self._buffer.start()
         self._outcomes = OutcomeWriter(storage, abort=self._abort)

@@ -21,7 +21,8 @@ EVENT_FLUSH_INTERVAL = 0.05  # seconds an event may wait for its batch
 EVENT_BATCH_SIZE = 500  # events per write
 MAX_PENDING_EVENTS = 20_000  # unwritten events before claiming pauses
 
-# Environment variable -> field. SUPABASE_* keep the names supabase-py users already know.
+# Environment variable -> field, the first one set wins. SUPABASE_* keep the names supabase-py
+# users already know; SERVICE_ROLE_KEY is the name of the ProcessGPT platform's own `.env`.
 ENVIRONMENT = {
     "PROCESSGPT_AGENT_ORCH": "agent_orch",
     "PROCESSGPT_WORKERS": "workers",
@@ -29,6 +30,7 @@ ENVIRONMENT = {
     "SUPABASE_URL": "supabase_url",
     "SUPABASE_KEY": "supabase_key",
     "SUPABASE_SERVICE_ROLE_KEY": "supabase_key",
+    "SERVICE_ROLE_KEY": "supabase_key",
     "PROCESSGPT_EMBEDDED_DIR": "embedded_dir",
     "PROCESSGPT_TENANT_ID": "tenant_id",
     "PROCESSGPT_LEASE_SECONDS": "lease_seconds",
@@ -42,6 +44,14 @@ ENVIRONMENT = {
     "PROCESSGPT_MAX_RUNNING": "max_running",
     "PROCESSGPT_MAX_RUNNING_PER_TENANT": "max_running_per_tenant",
 }
+
+
+SUPABASE_KEY_VARIABLES = tuple(v for v, name in ENVIRONMENT.items() if name == "supabase_key")
+
+
+def supabase_key_from(environ: Mapping[str, str]) -> str | None:
+    """The Supabase service-role key from the first of its variables that is set."""
+    return next((environ[v] for v in SUPABASE_KEY_VARIABLES if environ.get(v)), None)
 
 
 def default_consumer() -> str:
@@ -155,8 +165,8 @@ def check_backend(database_url: str | None, supabase_url: str | None,
         missing = "SUPABASE_KEY" if supabase_url else "SUPABASE_URL"
         raise ConfigurationError(
             f"Supabase needs both SUPABASE_URL and SUPABASE_KEY; {missing} is not set "
-            "(SUPABASE_SERVICE_ROLE_KEY also serves as the key; unset the other to use the "
-            "embedded database, or set DATABASE_URL)"
+            "(SUPABASE_SERVICE_ROLE_KEY or SERVICE_ROLE_KEY also serve as the key; unset the other "
+            "to use the embedded database, or set DATABASE_URL)"
         )
 
 

@@ -10,7 +10,7 @@ import statistics
 import threading
 import time
 from collections import deque
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 COUNTERS = (
@@ -63,9 +63,12 @@ class ServerStats:
         if not isinstance(start_date, str):
             return
         try:
-            due = datetime.fromisoformat(start_date).timestamp()
+            moment = datetime.fromisoformat(start_date)
         except ValueError:
             return
+        if moment.tzinfo is None:  # ProcessGPT's `timestamp without time zone`: written in UTC
+            moment = moment.replace(tzinfo=timezone.utc)
+        due = moment.timestamp()
         with self._lock:
             self._pickups.append(max(0.0, time.time() - due))
 

@@ -250,6 +250,10 @@ class Storage(abc.ABC):
         }
         return str(self.call("enqueue", params))
 
+    def event_types(self) -> frozenset[str]:
+        """The labels of the database's event_type_enum: the event types it accepts."""
+        return frozenset(map(str, self.call("event_types", {}) or []))
+
     def status(self, agent_orch: str | None = None) -> list[Mapping[str, Any]]:
         """Todo counts by agent_orch and draft_status."""
         return list(self.call("status", {"p_agent_orch": agent_orch}) or [])

@@ -69,6 +69,47 @@ def _storage_error(exc: psycopg.Error) -> StorageError:
     return StorageError(f"{message}{detail}", code=exc.sqlstate, hint=diag.message_hint)
 
 
+# What init-db reports: every table, column (with its type), enum label, index, trigger and
+# function of the current schema, as {description: column type or ""}.
+_CATALOG = """
+SELECT 'table ' || c.relname, '' FROM pg_class c
+WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind IN ('r', 'p')
+UNION ALL
+SELECT 'column ' || c.relname || '.' || a.attname, format_type(a.atttypid, a.atttypmod)
+FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind IN ('r', 'p')
+  AND a.attnum > 0 AND NOT a.attisdropped
+UNION ALL
+SELECT 'enum value ' || t.typname || '.' || e.enumlabel, '' FROM pg_enum e
+JOIN pg_type t ON t.oid = e.enumtypid WHERE t.typnamespace = current_schema()::regnamespace
+UNION ALL
+SELECT 'index ' || c.relname, '' FROM pg_class c
+WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind = 'i'
+UNION ALL
+SELECT 'trigger ' || g.tgname || ' on ' || c.relname, '' FROM pg_trigger g
+JOIN pg_class c ON c.oid = g.tgrelid
+WHERE c.relnamespace = current_schema()::regnamespace AND NOT g.tgisinternal
+UNION ALL
+SELECT 'function ' || p.oid::regprocedure::text, '' FROM pg_proc p
+WHERE p.pronamespace = current_schema()::regnamespace AND p.proname LIKE 'processgpt\\_sync\\_%'
+"""
+
+
+def _catalog(conn: psycopg.Connection[Any]) -> dict[str, str]:
+    return {str(name): str(kind) for name, kind in conn.execute(_CATALOG).fetchall()}
+
+
+def _additions(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    """What ``after`` adds to ``before``; StorageError if an existing column changed its type."""
+    changed = [f"{name}: {before[name]} -> {kind}" for name, kind in after.items()
+               if name in before and before[name] != kind]
+    if changed:
+        raise StorageError("the schema would change existing column types, so nothing was "
+                           f"installed: {'; '.join(sorted(changed))}")
+    return sorted(f"add {name}" + (f" {kind}" if kind else "")
+                  for name, kind in after.items() if name not in before)
+
+
 def schema_version() -> str:
     """A digest of the shipped schema files: what ``install_schema`` records once applied."""
     digest = hashlib.sha256()
@@ -77,8 +118,14 @@ def schema_version() -> str:
     return f"processgpt-sync schema {digest.hexdigest()[:16]}"
 
 
-def install_schema(conninfo: str, *, if_changed: bool = False) -> bool:
+def install_schema(conninfo: str, *, if_changed: bool = False, dry_run: bool = False,
+                   added: list[str] | None = None) -> bool:
     """Apply sql/schema.sql and sql/functions.sql (idempotent; safe with concurrent callers).
+
+    One transaction; it only adds. ``added`` receives what it added, one line each ("add column
+    todolist.claim_token uuid", ...); with ``dry_run`` the transaction is rolled back, so it says
+    what would be added. A column whose type would change (never intended) stops the install with
+    StorageError and nothing is changed.
 
     The DDL takes strong locks on todolist and events: on a busy database it waits behind
     running statements, and every claim queues behind it. So it gives up a lock wait after
@@ -100,11 +147,16 @@ def install_schema(conninfo: str, *, if_changed: bool = False) -> bool:
                     if if_changed and _installed_version(conn) == version:
                         return False  # another process installed it while we waited
                     conn.execute(f"SET LOCAL lock_timeout = '{INSTALL_LOCK_TIMEOUT}s'")
+                    before = _catalog(conn)
                     for name in SCHEMA_FILES:
                         conn.execute(read_sql(name).encode())
                     conn.execute(sql.SQL("COMMENT ON FUNCTION processgpt_sync_schema_v1() IS {}")
                                  .format(sql.Literal(version)))
-                    conn.commit()
+                    additions = _additions(before, _catalog(conn))
+                    if dry_run:
+                        conn.rollback()
+                    else:
+                        conn.commit()
         except StorageUnavailable as exc:
             if exc.code not in _BUSY_STATES or attempt == INSTALL_ATTEMPTS:
                 raise
@@ -112,7 +164,12 @@ def install_schema(conninfo: str, *, if_changed: bool = False) -> bool:
                         "(attempt %d), retrying", attempt, extra={"action": "init_db"})
             time.sleep(random.uniform(0.1, 0.5) * attempt)
             continue
-        logger.info("schema installed", extra={"action": "init_db"})
+        if added is not None:
+            added[:] = additions
+        if dry_run:
+            return False
+        logger.info("schema installed (%d additions)", len(additions),
+                    extra={"action": "init_db"})
         return True
 
 

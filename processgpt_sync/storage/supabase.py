@@ -49,7 +49,7 @@ def wrap_exceptions(target: str) -> Iterator[None]:
         ):
             raise StorageError(
                 f"Supabase refused {target} ({code}): {message}; use the service-role key "
-                "(SUPABASE_KEY or SUPABASE_SERVICE_ROLE_KEY), not the anon key",
+                "(SUPABASE_KEY, SUPABASE_SERVICE_ROLE_KEY or SERVICE_ROLE_KEY), not the anon key",
                 code=code, hint=exc.hint,
             ) from exc
         hint = f" ({exc.hint})" if exc.hint else ""

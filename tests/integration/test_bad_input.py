@@ -14,15 +14,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_garbage_rows_and_payloads_each_end_with_a_clear_state(storage, db):
-    db.execute("""INSERT INTO todolist (agent_orch, status, agent_mode, query, description,
+    db.execute("""INSERT INTO todolist (id, agent_orch, status, agent_mode, query, description,
                   feedback, user_id, tool, start_date) VALUES
-        ('bad', 'IN_PROGRESS', 'COMPLETE', NULL, NULL, '"not a list"', 'x,,y', 'formHandler:',
-         now()),
-        ('bad', 'IN_PROGRESS', 'COMPLETE', 'big', NULL, NULL, NULL, NULL, now() + interval '1s'),
-        ('bad', 'IN_PROGRESS', 'COMPLETE', 'surrogate', NULL, NULL, NULL, NULL,
+        (gen_random_uuid(), 'bad', 'IN_PROGRESS', 'COMPLETE', NULL, NULL, '"not a list"', 'x,,y',
+         'formHandler:', now()),
+        (gen_random_uuid(), 'bad', 'IN_PROGRESS', 'COMPLETE', 'big', NULL, NULL, NULL, NULL,
+         now() + interval '1s'),
+        (gen_random_uuid(), 'bad', 'IN_PROGRESS', 'COMPLETE', 'surrogate', NULL, NULL, NULL, NULL,
          now() + interval '2s'),
-        ('bad', 'IN_PROGRESS', NULL, 'no mode: not ours to claim', NULL, NULL, NULL, NULL,
-         now() + interval '3s')""")
+        (gen_random_uuid(), 'bad', 'IN_PROGRESS', NULL, 'no mode: not ours to claim', NULL, NULL,
+         NULL, NULL, now() + interval '3s')""")
 
     def handle(todo):
         if todo.input == "big":

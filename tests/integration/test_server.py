@@ -95,7 +95,8 @@ def test_failing_executors_end_failed_with_the_message_and_the_server_continues(
     assert state[bad]["draft_status"] == "FAILED"
     assert message in state[bad]["log"]
     kinds = [(e["event_type"], e["data"]) for e in events_by_todo(db)[bad]]
-    assert kinds == [("task_started", "begin"), ("error", {"error": state[bad]["log"]})]
+    log = state[bad]["log"]
+    assert kinds == [("task_started", "begin"), ("error", {"error": log, "message": log})]
 
 
 def test_timed_out_executor_fails_and_frees_its_slot(storage, db):
@@ -241,7 +242,7 @@ def test_ui_cancel_runs_the_cancel_hook_and_writes_nothing_more(storage, db):
         server.stop(timeout=5)
     row = rows(db)[0]
     assert (row["draft_status"], row["output"], row["consumer"]) == ("CANCELLED", None, None)
-    assert [e["data"] for e in events_by_todo(db)[todo_id]] == ["before"]
+    assert [e["data"] for e in events_by_todo(db)[todo_id]] == [{"message": "before"}]
     assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
 
 

@@ -26,8 +26,9 @@ def event(c: Claim, event_type="task_working", data=None, **kw):
 
 
 def test_claim_under_concurrency_claims_every_todo_exactly_once(storage, db):
-    db.execute("""INSERT INTO todolist (agent_orch, query, status, agent_mode)
-                  SELECT 'a', 'q' || g, 'IN_PROGRESS', 'COMPLETE' FROM generate_series(1, 500) g""")
+    db.execute("""INSERT INTO todolist (id, agent_orch, query, status, agent_mode)
+                  SELECT gen_random_uuid(), 'a', 'q' || g, 'IN_PROGRESS', 'COMPLETE'
+                  FROM generate_series(1, 500) g""")
     claimed: list[str] = []
     lock = threading.Lock()
 
@@ -57,12 +58,13 @@ def test_claim_returns_oldest_first_and_respects_limit_and_agent(storage):
 
 
 def test_claim_skips_rows_that_are_not_claimable(storage, db):
-    db.execute("""INSERT INTO todolist (agent_orch, query, status, agent_mode, draft, draft_status)
-        VALUES ('a', 'done', 'IN_PROGRESS', 'COMPLETE', NULL, 'COMPLETED'),
-               ('a', 'has draft', 'IN_PROGRESS', 'DRAFT', '{"x":1}', NULL),
-               ('a', 'not in progress', 'TODO', 'COMPLETE', NULL, NULL),
-               ('a', 'no mode', 'IN_PROGRESS', NULL, NULL, NULL),
-               ('a', 'revision', 'SUBMITTED', 'COMPLETE', NULL, 'FB_REQUESTED')""")
+    db.execute("""INSERT INTO todolist (id, agent_orch, query, status, agent_mode, draft,
+                  draft_status) VALUES
+        (gen_random_uuid(), 'a', 'done', 'IN_PROGRESS', 'COMPLETE', NULL, 'COMPLETED'),
+        (gen_random_uuid(), 'a', 'has draft', 'IN_PROGRESS', 'DRAFT', '{"x":1}', NULL),
+        (gen_random_uuid(), 'a', 'not in progress', 'TODO', 'COMPLETE', NULL, NULL),
+        (gen_random_uuid(), 'a', 'no mode', 'IN_PROGRESS', NULL, NULL, NULL),
+        (gen_random_uuid(), 'a', 'revision', 'SUBMITTED', 'COMPLETE', NULL, 'FB_REQUESTED')""")
     got = claim(storage)
     assert [c.row["query"] for c in got] == ["revision"]
     assert got[0].extras["resume"]["kind"] == "fresh"
@@ -74,11 +76,13 @@ def test_claim_context_extras_come_from_the_todos_tenant_only(storage, db):
     db.execute("""INSERT INTO users (id, tenant_id, username, email, is_agent) VALUES
         (%s, 't1', 'bot', NULL, true), (%s, 't1', 'ann', 'ann@example.com', false),
         (%s, 't2', 'spy', 'spy@example.com', true)""", (agent, human, foreign))
-    db.execute("""INSERT INTO form_def (id, tenant_id, fields_json, html) VALUES
-        ('f1', 't1', '[{"key": "a"}]', '<form/>'), ('f1', 't2', '[{"key": "leak"}]', 'x')""")
-    db.execute("""INSERT INTO todolist (agent_orch, query, status, agent_mode, tenant_id, user_id,
-                  tool, proc_inst_id) VALUES ('a', 'q', 'IN_PROGRESS', 'COMPLETE', 't1', %s,
-                  'formHandler:f1', 'p1')""", (f"{agent}, {human},{foreign}, not-a-uuid",))
+    db.execute("""INSERT INTO form_def (id, tenant_id, fields_json, html, proc_def_id, activity_id)
+        VALUES ('f1', 't1', '[{"key": "a"}]', '<form/>', 'p', 'a'),
+               ('f1', 't2', '[{"key": "leak"}]', 'x', 'p', 'a')""")
+    db.execute("""INSERT INTO todolist (id, agent_orch, query, status, agent_mode, tenant_id,
+                  user_id, tool, proc_inst_id) VALUES (gen_random_uuid(), 'a', 'q', 'IN_PROGRESS',
+                  'COMPLETE', 't1', %s, 'formHandler:f1', 'p1')""",
+               (f"{agent}, {human},{foreign}, not-a-uuid",))
     db.execute("INSERT INTO proc_inst_source (proc_inst_id, file_name) VALUES ('p1', 'a.pdf')")
     (c,) = claim(storage)
     extras = c.extras
@@ -152,7 +156,8 @@ def test_fail_keeps_the_message_in_log_and_an_error_event(storage, db):
     assert row == {"draft_status": "FAILED", "log": "ValueError: boom"}
     events = db.execute("SELECT event_type::text, data FROM events ORDER BY timestamp").fetchall()
     assert [e["event_type"] for e in events] == ["task_working", "error"]
-    assert events[1]["data"] == {"error": "ValueError: boom"}
+    # `message` is the field the ProcessGPT UI shows for an error event.
+    assert events[1]["data"] == {"error": "ValueError: boom", "message": "ValueError: boom"}
 
 
 def test_lease_renewal_reports_renewed_lost_and_cancelled(storage, db):
@@ -179,7 +184,7 @@ def test_expired_lease_is_reclaimed_then_fails_after_max_claims(storage, db):
     db.execute(expire)
     (second,) = claim(storage, consumer="w2", max_claims=2)
     assert second.extras["resume"] == {"kind": "reclaim", "attempt": 2, "answer": None,
-                                     "job_id": None}
+                                       "job_id": None, "key": todo, "answer_raw": ""}
     assert not storage.save_result(first, {"late": True}).applied, "old owner is fenced"
     db.execute(expire)
     assert claim(storage, max_claims=2) == []
@@ -190,9 +195,10 @@ def test_expired_lease_is_reclaimed_then_fails_after_max_claims(storage, db):
 
 def test_release_returns_todos_to_the_state_they_were_claimed_from(storage, db):
     storage.enqueue("a", "fresh")
-    db.execute("""INSERT INTO todolist (agent_orch, query, status, agent_mode, draft_status,
-                  feedback, start_date) VALUES ('a', 'revise', 'SUBMITTED', 'COMPLETE',
-                  'FB_REQUESTED', '[{"content": "shorter", "kind": "revision"}]', now())""")
+    db.execute("""INSERT INTO todolist (id, agent_orch, query, status, agent_mode, draft_status,
+                  feedback, start_date) VALUES (gen_random_uuid(), 'a', 'revise', 'SUBMITTED',
+                  'COMPLETE', 'FB_REQUESTED', '[{"content": "shorter", "kind": "revision"}]',
+                  now())""")
     claims = claim(storage)
     assert storage.release(claims) == 2
     rows = db.execute("SELECT query, draft_status::text, claim_count, consumer FROM todolist "
