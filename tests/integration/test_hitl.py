@@ -67,9 +67,11 @@ def test_answer_arrives_and_the_executor_continues_with_it(storage, db):
     data = question["data"]
     assert (data["question"], data["type"], data["options"]) == (
         "Which way?", "select", ["fast", "careful"])
-    types = [r["event_type"] for r in db.execute(
-        "SELECT event_type::text FROM events ORDER BY timestamp")]
-    assert types == ["task_working", "human_asked", "human_response", "crew_completed"]
+    written = [(r["event_type"], r["tenant_id"]) for r in db.execute(
+        "SELECT event_type::text, tenant_id FROM events ORDER BY timestamp")]
+    # Every event the library writes carries the todo's tenant (the UI's answer has none here).
+    assert written == [("task_working", "t1"), ("human_asked", "t1"), ("human_response", None),
+                       ("crew_completed", "t1")]
     note = db.execute("SELECT user_id, url, description FROM notifications").fetchone()
     assert note == {"user_id": human, "url": f"/todolist/{todo_id}", "description": "Which way?"}
     assert latency < (1.0 if storage.backend == "postgres" else 2.5)
@@ -97,9 +99,11 @@ def test_timeout_raises_or_returns_the_default(storage, db):
 def test_suspend_survives_a_restart_and_resumes_with_the_answer(storage, db):
     todo_id = storage.enqueue("hitl", "needs approval")
     runs = []
+    upstream = []  # extras["resume"] as executors ported from process-gpt-agent-sdk 0.11 read it
 
     def handle(todo):
         runs.append((todo.resume.kind, todo.resume.answer))
+        upstream.append({k: todo.extras["resume"][k] for k in ("key", "answer_raw")})
         if todo.resume.kind != "human_answer":
             todo.suspend_for_human("Approve the purchase?", kind="confirm")
         return {"approved": todo.resume.answer}
@@ -114,6 +118,7 @@ def test_suspend_survives_a_restart_and_resumes_with_the_answer(storage, db):
     with ps.start(handle, agent_orch="hitl", storage=storage) as server:
         wait_for(lambda: server.stats()["completed"] == 1)
     assert runs == [("fresh", None), ("human_answer", "yes")]
+    assert upstream == [{"key": todo_id, "answer_raw": ""}, {"key": todo_id, "answer_raw": "yes"}]
     assert db.execute("SELECT output FROM todolist").fetchone()["output"] == {"approved": "yes"}
 
 

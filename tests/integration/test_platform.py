@@ -1,0 +1,296 @@
+"""Running on a ProcessGPT platform database, next to upstream agents (process-gpt-agent-sdk).
+
+The platform database comes from tests/fixtures/platform_schema.sql; "upstream" adds the lease
+functions of the original SDK (tests/fixtures/upstream_lease.sql), which claim from the same
+`todolist` with `fetch_pending_task`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+from psycopg.rows import dict_row
+
+import processgpt_sync as ps
+from processgpt_sync.errors import StorageError
+from processgpt_sync.stats import ServerStats
+from processgpt_sync.storage import postgres
+from processgpt_sync.storage.postgres import PostgresStorage, install_schema
+from tests.acceptance.test_cli import cli
+from tests.conftest import _database, wait_for
+
+
+def connect(url: str) -> psycopg.Connection:
+    return psycopg.connect(url, autocommit=True, row_factory=dict_row)
+
+
+def column(db: psycopg.Connection, table: str, name: str) -> dict:
+    return db.execute(
+        "SELECT data_type, column_default, is_nullable FROM information_schema.columns "
+        "WHERE table_name = %s AND column_name = %s", (table, name)).fetchone()
+
+
+def lease_table_exists(db: psycopg.Connection) -> bool:
+    found = db.execute("SELECT to_regclass('processgpt_sync_lease') AS t").fetchone()
+    return found["t"] is not None
+
+
+@pytest.fixture
+def upstream(upstream_database_url: str) -> Iterator[tuple[PostgresStorage, psycopg.Connection]]:
+    store = PostgresStorage(upstream_database_url, max_connections=6)
+    with connect(upstream_database_url) as db:
+        yield store, db
+    store.close()
+
+
+def fetch_upstream(db: psycopg.Connection, consumer: str = "upstream-w1", limit: int = 1,
+                   agent_orch: str = "shared") -> list[str]:
+    """Claim as an upstream worker does: fetch_pending_task with a 120 s lease."""
+    rows = db.execute("SELECT id FROM fetch_pending_task(%s, %s, %s, 'prod', 120, 3)",
+                      (agent_orch, consumer, limit)).fetchall()
+    return [str(r["id"]) for r in rows]
+
+
+def claim_ours(store: PostgresStorage, consumer: str = "ours-w1", limit: int = 1) -> list:
+    return store.claim(agent_orch="shared", consumer=consumer, limit=limit, lease_seconds=60,
+                       max_claims=3)
+
+
+# --- init-db on an existing platform database -------------------------------------------------
+
+def test_init_db_on_a_platform_database_prints_what_it_adds_and_keeps_platform_columns(
+        platform_database_url):
+    dry = cli("init-db", "--dry-run", "--database-url", platform_database_url).stdout
+    assert "CREATE TABLE IF NOT EXISTS processgpt_sync_lease" in dry, "the SQL is shown"
+    assert "--   add table processgpt_sync_lease" in dry
+    assert "--   add column todolist.claim_token uuid" in dry
+    with connect(platform_database_url) as db:
+        assert not lease_table_exists(db)
+        platform_before = {c: column(db, t, c) for t, c in (
+            ("todolist", "id"), ("todolist", "start_date"), ("todolist", "claim_count"),
+            ("events", "id"), ("events", "tenant_id"), ("notifications", "id"))}
+
+    done = cli("init-db", "--database-url", platform_database_url).stdout
+    added = [line for line in done.splitlines() if line.startswith("add ")]
+    assert added == [line.removeprefix("--   ") for line in dry.splitlines()
+                     if line.startswith("--   add ")], "a dry run names exactly what is added"
+    assert "add column todolist.lease_until timestamp with time zone" in added
+    assert not [a for a in added if a.startswith(("add column events.", "add table todolist"))]
+    assert "up to date" in cli("init-db", "--database-url", platform_database_url).stdout
+
+    with connect(platform_database_url) as db:
+        after = {c: column(db, t, c) for t, c in (
+            ("todolist", "id"), ("todolist", "start_date"), ("todolist", "claim_count"),
+            ("events", "id"), ("events", "tenant_id"), ("notifications", "id"))}
+    assert {k: v for k, v in after.items() if k != "claim_count"} == {
+        k: v for k, v in platform_before.items() if k != "claim_count"}
+    assert after["start_date"]["data_type"] == "timestamp without time zone"
+    assert after["id"]["column_default"] is None
+
+
+def test_init_db_refuses_to_change_the_type_of_an_existing_column(platform_database_url,
+                                                                   monkeypatch):
+    real = postgres.read_sql
+
+    def altered(name: str) -> str:
+        extra = "\nALTER TABLE todolist ALTER COLUMN start_date TYPE timestamptz;\n"
+        return real(name) + (extra if name == "schema.sql" else "")
+
+    monkeypatch.setattr(postgres, "read_sql", altered)
+    with pytest.raises(StorageError, match=r"column todolist.start_date: timestamp without "
+                                           r"time zone -> timestamp with time zone"):
+        install_schema(platform_database_url)
+    with connect(platform_database_url) as db:
+        assert column(db, "todolist", "start_date")["data_type"] == "timestamp without time zone"
+        assert not lease_table_exists(db)
+
+
+# --- side by side with upstream workers ---------------------------------------------------------
+
+def test_a_todo_we_run_is_never_taken_by_an_upstream_worker(upstream):
+    store, db = upstream
+    todo = store.enqueue("shared", "ours")
+    # An old lease from an earlier upstream claim, long expired, still on the row.
+    db.execute("UPDATE todolist SET lease_until = now() - interval '1 hour' WHERE id = %s",
+               (todo,))
+    (claim,) = claim_ours(store)
+    assert fetch_upstream(db) == [], "upstream reclaims a STARTED todo only past its lease_until"
+    row = db.execute("SELECT lease_until, consumer FROM todolist").fetchone()
+    assert row == {"lease_until": None, "consumer": "ours-w1"}
+    assert store.renew("ours-w1", [claim], 60).renewed == {todo}
+
+
+def test_our_heartbeat_reports_a_todo_lost_once_another_worker_holds_it(upstream):
+    store, db = upstream
+    todo = store.enqueue("shared", "ours")
+    (claim,) = claim_ours(store)
+    db.execute("UPDATE todolist SET consumer = 'upstream-w1', "
+               "lease_until = now() + interval '2 minutes' WHERE id = %s", (todo,))
+    report = store.renew("ours-w1", [claim], 60)
+    assert report.lost == {todo} and not report.renewed
+
+
+def test_we_never_take_a_todo_an_upstream_worker_holds(upstream):
+    store, db = upstream
+    theirs = store.enqueue("shared", "theirs")
+    assert fetch_upstream(db) == [theirs]
+    assert claim_ours(store) == [], "a live upstream lease is theirs"
+    # Even a todo we ran once, whose lease in our table expired, is left alone once an upstream
+    # worker holds it (its consumer on the row, its lease live).
+    ours = store.enqueue("shared", "ours first")
+    claim_ours(store)
+    db.execute("UPDATE processgpt_sync_lease SET expires_at = now() - interval '1 second'")
+    db.execute("UPDATE todolist SET consumer = 'upstream-w2', "
+               "lease_until = now() + interval '2 minutes' WHERE id = %s", (ours,))
+    assert claim_ours(store, consumer="ours-w2") == []
+    db.execute("UPDATE todolist SET lease_until = now() - interval '1 second' WHERE id = %s",
+               (ours,))
+    assert claim_ours(store, consumer="ours-w2") == [], "another worker's consumer is on the row"
+    rows = {r["id"]: r for r in db.execute("SELECT id::text, consumer FROM todolist")}
+    assert rows[theirs]["consumer"] == "upstream-w1" and rows[ours]["consumer"] == "upstream-w2"
+
+
+def test_our_claims_and_upstream_claims_interleave_without_running_a_todo_twice(upstream):
+    store, db = upstream
+    ids = {store.enqueue("shared", f"q{i}") for i in range(120)}
+    taken: dict[str, list[str]] = {"ours": [], "theirs": []}
+    errors: list[BaseException] = []
+
+    def ours() -> None:
+        try:
+            while batch := claim_ours(store, consumer=f"ours-{threading.get_ident()}", limit=3):
+                taken["ours"].extend(c.todo_id for c in batch)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    def theirs() -> None:
+        try:
+            with connect(db.info.dsn) as own:
+                while batch := fetch_upstream(own, consumer=f"up-{threading.get_ident()}",
+                                              limit=3):
+                    taken["theirs"].extend(batch)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=f) for f in (ours, theirs, ours, theirs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    everything = taken["ours"] + taken["theirs"]
+    assert sorted(everything) == sorted(ids), "every todo claimed exactly once"
+    assert taken["ours"] and taken["theirs"]
+    # Both kinds of claim stay put: neither side takes the other's over afterwards.
+    assert claim_ours(store, consumer="late", limit=200) == []
+    assert fetch_upstream(db, consumer="late", limit=200) == []
+
+
+def test_an_answer_to_an_upstream_agents_question_leaves_its_todo_alone(upstream):
+    store, db = upstream
+    todo = store.enqueue("shared", "theirs")
+    assert fetch_upstream(db) == [todo]
+    db.execute("UPDATE todolist SET draft_status = 'HUMAN_ASKED', consumer = NULL, "
+               "lease_until = NULL WHERE id = %s", (todo,))
+    db.execute("INSERT INTO events (id, job_id, todo_id, event_type, data, status) VALUES "
+               "(%s, 'upstream-q1', %s, 'human_asked', '{\"text\": \"ok?\"}', 'ASKED')",
+               (str(uuid.uuid4()), todo))
+    db.execute("INSERT INTO events (id, job_id, todo_id, event_type, data, status) VALUES "
+               "(%s, 'upstream-q1', %s, 'human_response', '{\"answer\": \"yes\"}', 'APPROVED')",
+               (str(uuid.uuid4()), todo))
+    row = db.execute("SELECT draft_status::text, feedback FROM todolist").fetchone()
+    assert row == {"draft_status": "HUMAN_ASKED", "feedback": None}
+
+
+# --- what the platform adds --------------------------------------------------------------------
+
+def test_event_types_are_the_databases_own(platform_database_url, pg_url):
+    install_schema(platform_database_url)
+    outcomes: dict[str, object] = {}
+
+    def handle(todo):
+        todo.events.emit("gateway_decision", {"selectedSequenceIds": ["Flow_3"]})
+        try:
+            todo.events.emit("gateway_verdict", {})
+        except ValueError as exc:
+            outcomes["unknown"] = str(exc)
+        return {"ok": True}
+
+    store = PostgresStorage(platform_database_url, max_connections=6)
+    try:
+        store.enqueue("platform", "x")
+        with ps.start(handle, agent_orch="platform", storage=store) as server:
+            wait_for(lambda: server.stats()["completed"] == 1)
+    finally:
+        store.close()
+    assert "unknown event_type 'gateway_verdict'" in str(outcomes["unknown"])
+    assert "gateway_decision_trace" in str(outcomes["unknown"]), "the message lists what exists"
+    with connect(platform_database_url) as db:
+        types = [r["event_type"] for r in db.execute(
+            "SELECT event_type::text FROM events ORDER BY timestamp")]
+    assert types == ["gateway_decision", "crew_completed"]
+
+    # Our own schema's enum has no gateway types: the same call fails at the call site there.
+    for own in _database(pg_url, None):
+        install_schema(own)
+        store = PostgresStorage(own, max_connections=4)
+        try:
+            assert "gateway_decision" not in store.event_types()
+            assert "task_working" in store.event_types()
+        finally:
+            store.close()
+
+
+def test_enqueue_writes_start_date_in_utc_whatever_the_session_time_zone(platform_database_url):
+    install_schema(platform_database_url)
+    stores = {zone: PostgresStorage(make_conninfo(platform_database_url,
+                                                  options=f"-c TimeZone={zone}"),
+                                    max_connections=2)
+              for zone in ("Asia/Seoul", "America/Los_Angeles")}
+    try:
+        first = stores["Asia/Seoul"].enqueue("tz", "enqueued first, in Seoul")
+        time.sleep(0.01)
+        second = stores["America/Los_Angeles"].enqueue("tz", "enqueued second, in LA")
+        claimed = [c.todo_id for c in stores["America/Los_Angeles"].claim(
+            agent_orch="tz", consumer="w", limit=2, lease_seconds=60, max_claims=3)]
+    finally:
+        for store in stores.values():
+            store.close()
+    assert claimed == [first, second], "pickup follows enqueue order across time zones"
+    with connect(platform_database_url) as db:
+        row = db.execute("SELECT start_date, now() AT TIME ZONE 'UTC' AS utc FROM todolist "
+                         "WHERE id = %s", (first,)).fetchone()
+    assert abs(row["utc"] - row["start_date"]) < timedelta(minutes=5)
+
+
+def test_pickup_time_reads_a_start_date_without_time_zone_as_utc(monkeypatch):
+    if not hasattr(time, "tzset"):
+        pytest.skip("needs time.tzset")
+    monkeypatch.setenv("TZ", "Asia/Seoul")
+    time.tzset()
+    try:
+        stats = ServerStats()
+        naive_utc = datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(seconds=2)
+        stats.pickup(naive_utc.isoformat())
+        p50 = stats.snapshot()["pickup_seconds_p50"]
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    assert 1.5 < p50 < 600, f"read as local time it would be 9 hours off: {p50}"
+
+
+def test_service_role_key_of_the_platforms_env_file_is_accepted():
+    settings = ps.Settings.from_env({"PROCESSGPT_AGENT_ORCH": "a", "SUPABASE_URL": "https://x",
+                                     "SERVICE_ROLE_KEY": "platform-key"})
+    assert settings.supabase_key == "platform-key" and settings.backend == "supabase"
+    preferred = ps.Settings.from_env({"PROCESSGPT_AGENT_ORCH": "a", "SUPABASE_URL": "https://x",
+                                      "SERVICE_ROLE_KEY": "platform-key", "SUPABASE_KEY": "k"})
+    assert preferred.supabase_key == "k"
+
