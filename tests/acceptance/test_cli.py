@@ -263,7 +263,8 @@ def test_serve_takes_a_file_path_and_logs_each_todo_and_the_metrics_address(data
 
 def test_status_tells_claimable_rows_from_rows_no_server_will_claim(database_url):
     with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("INSERT INTO todolist (agent_orch, query) VALUES ('plain', 'x')")
+        conn.execute("INSERT INTO todolist (id, agent_orch, query) "
+                     "VALUES (gen_random_uuid(), 'plain', 'x')")
         conn.execute("SELECT processgpt_sync_enqueue_v1('plain', 'y')")
     out = cli("status", "--database-url", database_url).stdout
     assert "(claimable)" in out and "(not claimable)" in out
@@ -304,8 +305,8 @@ def test_retry_makes_a_failed_todo_claimable_again_and_refuses_others(database_u
     with psycopg.connect(database_url, autocommit=True) as conn:
         failing, done = (str(conn.execute("SELECT processgpt_sync_enqueue_v1('retry', %s)",
                                           (text,)).fetchone()[0]) for text in ("fail", "ok"))
-        plain = str(conn.execute("INSERT INTO todolist (agent_orch, query) VALUES "
-                                 "('retry', 'x') RETURNING id").fetchone()[0])
+        plain = str(conn.execute("INSERT INTO todolist (id, agent_orch, query) VALUES "
+                                 "(gen_random_uuid(), 'retry', 'x') RETURNING id").fetchone()[0])
 
     def handle(todo):
         if todo.input == "fail" and todo.resume.attempt == 1 and not todo.row["log"]:
