@@ -231,7 +231,8 @@ def test_ui_cancel_runs_the_cancel_hook_and_writes_nothing_more(storage, db):
     server = ps.start(executor, agent_orch="a", storage=storage, workers=1)
     try:
         assert entered.wait(10)
-        time.sleep(0.1)  # let "before" be written
+        wait_for(lambda: db.execute("SELECT count(*) AS n FROM events WHERE todo_id = %s",
+                                    (todo_id,)).fetchone()["n"] == 1)  # "before" is written
         cancelled_at = time.monotonic()
         db.execute("UPDATE todolist SET draft_status = 'CANCELLED' WHERE id = %s", (todo_id,))
         limit = 1.0 if storage.backend == "postgres" else 2.5  # NOTIFY, or the heartbeat
