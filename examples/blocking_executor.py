@@ -8,7 +8,6 @@ steps. The demo (`processgpt-sync demo`) serves todos with it.
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 from typing import Any
 
@@ -28,13 +27,13 @@ class WordCountExecutor:
         events.started({"message": f"counting words of {todo.input!r}"},
                        job_id=job_id, crew_type="action")
         events.tool_started("word_counter", {"input": todo.input}, job_id=job_id)
-        time.sleep(self.step_seconds)
-        if todo.cancelled:
+        if todo.cancel_event.wait(self.step_seconds):  # a step; ends early on a UI cancel
             return {"cancelled": True}
         counts = Counter(word.strip(".,!?").lower() for word in todo.input.split())
         events.tool_finished("word_counter", {"distinct": len(counts)}, job_id=job_id)
         events.progress({"message": "writing the summary"}, job_id=job_id)
-        time.sleep(self.step_seconds)
+        if todo.cancel_event.wait(self.step_seconds):
+            return {"cancelled": True}
         events.completed({"message": "done"}, job_id=job_id, crew_type="action")
         return {"words": sum(counts.values()), "most_common": counts.most_common(3)}
 

@@ -1,7 +1,8 @@
 """Shared fixtures: one embedded PostgreSQL per test session, a fresh database per test.
 
-The schema is applied once to a template database; each test gets ``CREATE DATABASE ...
-TEMPLATE`` (about 20 ms) and it is dropped afterwards.
+The databases come from the package's own testing kit (``processgpt_sync.testing``, whose
+pytest plugin provides ``processgpt_databases``): the schema is applied once to a template
+database; each test gets ``CREATE DATABASE ... TEMPLATE`` (about 20 ms), dropped afterwards.
 
 ``--schema platform`` (or ``PROCESSGPT_TEST_SCHEMA=platform``) runs the tests on a ProcessGPT
 platform database instead: ``tests/fixtures/platform_schema.sql`` with ``init-db`` applied on top,
@@ -14,18 +15,17 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 
-from processgpt_sync import embedded
-from processgpt_sync.storage.postgres import PostgresStorage, install_schema
+from processgpt_sync.storage.postgres import PostgresStorage
+from processgpt_sync.testing import EmbeddedDatabases
+from processgpt_sync.testing.databases import TEMPLATE
 
 SCHEMAS = ("ours", "platform")
 _SCHEMA_FROM_ENV = os.environ.get("PROCESSGPT_TEST_SCHEMA") or "ours"
@@ -34,7 +34,6 @@ for _name in list(os.environ):
             or _name in ("DATABASE_URL", "SERVICE_ROLE_KEY")):
         del os.environ[_name]
 
-TEMPLATE = "processgpt_sync_template"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PLATFORM_SQL = FIXTURES / "platform_schema.sql"
 UPSTREAM_LEASE_SQL = FIXTURES / "upstream_lease.sql"
@@ -57,19 +56,6 @@ def schema(request: pytest.FixtureRequest) -> str:
     return str(request.config.getoption("--schema"))
 
 
-def _template(pg_url: str, name: str, *scripts: Path, install: bool = True) -> str:
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name}")
-        conn.execute(f"CREATE DATABASE {name}")
-    url = make_conninfo(pg_url, dbname=name)
-    with psycopg.connect(url, autocommit=True) as conn:
-        for script in scripts:
-            conn.execute(script.read_text(encoding="utf-8").encode())
-    if install:
-        install_schema(url)
-    return name
-
-
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     """Give each run its own temporary root: pytest's shared numbered folders are pruned by
@@ -89,64 +75,60 @@ _OWN_BASETEMP = pytest.StashKey[str]()
 
 
 @pytest.fixture(scope="session")
-def pg_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    directory = tmp_path_factory.mktemp("embedded") / "pgdata"
-    url = embedded.start(directory, install=False)
-    yield url
-    embedded.stop(directory)
+def pg_url(processgpt_databases: EmbeddedDatabases) -> str:
+    """The embedded server's maintenance database."""
+    return processgpt_databases.url
 
 
 @pytest.fixture(scope="session")
-def template(pg_url: str, schema: str) -> str:
+def template(processgpt_databases: EmbeddedDatabases, schema: str) -> str:
     if schema == "platform":
-        return _template(pg_url, f"{TEMPLATE}_platform", PLATFORM_SQL)
-    return _template(pg_url, TEMPLATE)
+        return processgpt_databases.template(f"{TEMPLATE}_platform", PLATFORM_SQL)
+    return TEMPLATE
 
 
 @pytest.fixture(scope="session")
-def platform_bare_template(pg_url: str) -> str:
-    return _template(pg_url, f"{TEMPLATE}_platform_bare", PLATFORM_SQL, install=False)
+def platform_bare_template(processgpt_databases: EmbeddedDatabases) -> str:
+    return processgpt_databases.template(f"{TEMPLATE}_platform_bare", PLATFORM_SQL,
+                                         install=False)
 
 
 @pytest.fixture(scope="session")
-def upstream_template(pg_url: str) -> str:
-    return _template(pg_url, f"{TEMPLATE}_upstream", PLATFORM_SQL, UPSTREAM_LEASE_SQL)
+def upstream_template(processgpt_databases: EmbeddedDatabases) -> str:
+    return processgpt_databases.template(f"{TEMPLATE}_upstream", PLATFORM_SQL,
+                                         UPSTREAM_LEASE_SQL)
 
 
 @pytest.fixture
-def empty_database_url(pg_url: str, schema: str, request: pytest.FixtureRequest
-                       ) -> Iterator[str]:
+def empty_database_url(processgpt_databases: EmbeddedDatabases, schema: str,
+                       request: pytest.FixtureRequest) -> Iterator[str]:
     """A database without processgpt-sync: nothing at all, or the platform's bare tables."""
     source = request.getfixturevalue("platform_bare_template") if schema == "platform" else None
-    yield from _database(pg_url, source)
+    with processgpt_databases.database(schema=False, template=source) as url:
+        yield url
 
 
 @pytest.fixture
-def platform_database_url(pg_url: str, platform_bare_template: str) -> Iterator[str]:
+def platform_database_url(processgpt_databases: EmbeddedDatabases,
+                          platform_bare_template: str) -> Iterator[str]:
     """A ProcessGPT platform database without processgpt-sync, whatever ``--schema`` says."""
-    yield from _database(pg_url, platform_bare_template)
+    with processgpt_databases.database(template=platform_bare_template) as url:
+        yield url
 
 
 @pytest.fixture
-def upstream_database_url(pg_url: str, upstream_template: str) -> Iterator[str]:
+def upstream_database_url(processgpt_databases: EmbeddedDatabases,
+                          upstream_template: str) -> Iterator[str]:
     """A platform database with upstream's lease functions and processgpt-sync installed."""
-    yield from _database(pg_url, upstream_template)
+    with processgpt_databases.database(template=upstream_template) as url:
+        yield url
 
 
 @pytest.fixture
-def database_url(pg_url: str, template: str) -> Iterator[str]:
-    """A fresh database with the processgpt-sync schema installed."""
-    yield from _database(pg_url, template)
-
-
-def _database(pg_url: str, template: str | None) -> Iterator[str]:
-    name = f"test_{uuid.uuid4().hex[:12]}"
-    source = f" TEMPLATE {template}" if template else ""
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}{source}")
-    yield make_conninfo(pg_url, dbname=name)
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+def database_url(processgpt_databases: EmbeddedDatabases, template: str) -> Iterator[str]:
+    """A fresh database with the processgpt-sync schema installed (on ``--schema``'s shape)."""
+    with processgpt_databases.database(template=template) as url:
+        yield url
 
 
 @pytest.fixture

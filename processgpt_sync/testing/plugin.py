@@ -1,0 +1,47 @@
+"""pytest fixtures, registered by installing processgpt-sync (entry point ``pytest11``).
+
+- ``processgpt_databases`` (session): an :class:`~processgpt_sync.testing.EmbeddedDatabases`
+  in the session's temporary folder, started on first use;
+- ``processgpt_database_url``: a fresh database with the schema, dropped after the test;
+- ``processgpt_run``: :func:`~processgpt_sync.testing.run_todo` bound to that database.
+
+Disable with ``-p no:processgpt_sync``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from . import EmbeddedDatabases, TodoRecord
+
+
+@pytest.fixture(scope="session")
+def processgpt_databases(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[EmbeddedDatabases]:
+    """One embedded PostgreSQL for the test session, with the schema in a template database."""
+    from . import EmbeddedDatabases
+
+    databases = EmbeddedDatabases(tmp_path_factory.mktemp("processgpt-sync") / "pgdata")
+    yield databases
+    databases.close()
+
+
+@pytest.fixture
+def processgpt_database_url(processgpt_databases: EmbeddedDatabases) -> Iterator[str]:
+    """A fresh database with the processgpt-sync schema, dropped after the test."""
+    with processgpt_databases.database() as url:
+        yield url
+
+
+@pytest.fixture
+def processgpt_run(processgpt_database_url: str) -> Callable[..., TodoRecord]:
+    """``run_todo(executor, input, ...)`` on this test's fresh database."""
+    from . import run_todo
+
+    return partial(run_todo, database_url=processgpt_database_url)

@@ -1,0 +1,186 @@
+"""processgpt_sync.testing: one todo through a real server, recorded; scripted people; UI cancel."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+
+import psycopg
+import pytest
+
+from processgpt_sync import Todo
+from processgpt_sync.testing import NO_ANSWER, RunTimedOut, UnansweredQuestion
+
+
+def test_a_result_is_recorded_with_its_events_in_order(processgpt_run):
+    def handle(todo: Todo):
+        todo.events.progress("one")
+        todo.events.tool_started("search", {"q": todo.input})
+        todo.events.progress("two")
+        return {"echo": todo.input}
+
+    record = processgpt_run(handle, "hello")
+    assert record.completed and record.status == "SUBMITTED"
+    assert record.result == {"echo": "hello"}
+    assert record.event_types == ["task_working", "tool_usage_started", "task_working",
+                                  "crew_completed"]
+    assert [e.data for e in record.events[:1]] == ["one"]
+    assert [run.kind for run in record.runs] == ["fresh"]
+    assert record.questions == [] and record.log is None
+
+
+def test_a_draft_mode_result_is_the_draft(processgpt_run):
+    record = processgpt_run(lambda todo: {"draft": True}, "x", agent_mode="DRAFT")
+    assert record.completed and record.result == {"draft": True}
+    assert record.row["output"] is None and record.status == "IN_PROGRESS"
+
+
+def test_a_failure_keeps_its_message_event_and_log_line(processgpt_run):
+    def handle(todo):
+        raise ValueError("no such customer")
+
+    record = processgpt_run(handle, "x")
+    assert record.failed and record.result is None
+    assert "no such customer" in record.log
+    assert record.event_types == ["error"]
+    assert any(line.startswith("WARNING executor failed") and "no such customer" in line
+               for line in record.logs)
+
+
+def asks_twice(todo: Todo):
+    style = todo.ask_human("Which style?", kind="select", options=["fast", "careful"])
+    ok = todo.ask_human("Go ahead?", kind="confirm")
+    return {"style": style, "ok": ok}
+
+
+@pytest.mark.parametrize("answers", [
+    ["careful", True],
+    {"Which style?": "careful", "Go ahead?": True},
+    lambda q: "careful" if q.text == "Which style?" else True,
+], ids=["list", "mapping", "function"])
+def test_blocking_questions_get_the_scripted_answers(processgpt_run, answers):
+    record = processgpt_run(asks_twice, "x", answers=answers)
+    assert record.result == {"style": "careful", "ok": True}
+    assert [(q.text, q.answer, q.answered) for q in record.questions] == [
+        ("Which style?", "careful", True), ("Go ahead?", True, True)]
+    assert record.questions[0].data["options"] == ["fast", "careful"]
+    assert record.event_types.count("human_response") == 2
+    assert [run.kind for run in record.runs] == ["fresh"]
+
+
+def test_a_blocking_question_without_an_answer_fails_the_run_and_names_it(processgpt_run):
+    with pytest.raises(UnansweredQuestion, match="Go ahead"):
+        processgpt_run(asks_twice, "x", answers=["careful"])
+
+
+def suspends(todo: Todo):
+    if todo.resume.kind == "human_answer":
+        return {"approved": todo.resume.answer}
+    todo.events.progress("needs approval")
+    todo.suspend_for_human("Approve?", kind="confirm")
+
+
+def test_a_suspended_todo_resumes_with_the_answer(processgpt_run):
+    record = processgpt_run(suspends, "x", answers=[True])
+    assert record.completed and record.result == {"approved": True}
+    assert [run.kind for run in record.runs] == ["fresh", "human_answer"]
+    assert record.runs[1].answer is True
+    assert [(q.text, q.answer) for q in record.questions] == [("Approve?", True)]
+
+
+def test_a_suspended_todo_without_an_answer_ends_the_run_waiting(processgpt_run):
+    record = processgpt_run(suspends, "x", answers=lambda q: NO_ANSWER)
+    assert record.waiting and not record.completed
+    assert [(q.text, q.answered) for q in record.questions] == [("Approve?", False)]
+    assert record.row["consumer"] is None  # the worker was freed
+
+
+class Waits:
+    """Reports progress, then waits until cancelled; records the cancel hook call."""
+
+    def __init__(self, steps: int = 1) -> None:
+        self.steps = steps
+        self.hook_called = threading.Event()
+
+    def execute(self, todo: Todo, events):
+        for i in range(self.steps):
+            events.progress({"step": i})
+        if todo.cancel_event.wait(30):
+            return {"cancelled": True}
+        return {"cancelled": False}
+
+    def cancel(self, todo: Todo) -> None:
+        self.hook_called.set()
+
+
+def test_cancel_after_n_events_cancels_as_the_ui_does(processgpt_run):
+    executor = Waits(steps=2)
+    record = processgpt_run(executor, "x", cancel_after=2)
+    assert record.cancelled and record.result is None
+    assert executor.hook_called.is_set()
+    assert record.event_types == ["task_working", "task_working"]
+
+
+def test_cancel_when_a_predicate_on_the_events_holds(processgpt_run):
+    executor = Waits(steps=3)
+    record = processgpt_run(executor, "x",
+                            cancel_when=lambda events: any(e.data == {"step": 2} for e in events))
+    assert record.cancelled and executor.hook_called.is_set()
+    assert "crew_completed" not in record.event_types
+
+
+def test_a_todo_that_never_settles_raises_and_the_server_stops(processgpt_run,
+                                                                 processgpt_database_url):
+    executor = Waits()
+    with pytest.raises(RunTimedOut, match="did not settle"):
+        processgpt_run(executor, "x", timeout=0.5)
+    assert executor.hook_called.is_set()  # the server stopped and cancelled it
+    with psycopg.connect(processgpt_database_url) as conn:
+        leases = conn.execute("SELECT count(*) FROM processgpt_sync_lease").fetchone()
+    assert leases == (0,)  # given back, not left to expire
+
+
+def test_a_per_todo_time_limit_fails_the_todo(processgpt_run):
+    record = processgpt_run(Waits(), "x", todo_timeout=0.2)
+    assert record.failed and "timed out" in record.log
+
+
+@pytest.mark.slow
+def test_the_kit_works_in_a_plain_script_without_pytest(tmp_path):
+    script = tmp_path / "check.py"
+    script.write_text(textwrap.dedent("""
+        from processgpt_sync.testing import runner
+
+        def handle(todo):
+            todo.events.progress("hi")
+            return {"n": len(todo.input)}
+
+        with runner() as run:
+            record = run(handle, "four")
+        assert record.result == {"n": 4}, record
+        assert record.event_types == ["task_working", "crew_completed"], record
+        print("ok")
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+@pytest.mark.slow
+def test_installing_the_package_gives_pytest_its_fixtures(tmp_path):
+    (tmp_path / "test_agent.py").write_text(textwrap.dedent("""
+        def handle(todo):
+            return {"answer": todo.ask_human("Name?")}
+
+        def test_agent(processgpt_run):
+            record = processgpt_run(handle, "x", answers=["Ann"])
+            assert record.result == {"answer": "Ann"}
+    """))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 passed" in done.stdout
