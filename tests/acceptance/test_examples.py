@@ -23,8 +23,11 @@ def test_word_count_reports_each_step(processgpt_run):
 
 
 def test_word_count_stops_when_the_ui_cancels(processgpt_run):
+    def tool_started(events):
+        return "tool_usage_started" in [event.type for event in events]
+
     record = processgpt_run(WordCountExecutor(step_seconds=30), "a long text",
-                            cancel_when=lambda events: "tool_usage_started" in [e.type for e in events])
+                            cancel_when=tool_started)
     assert record.cancelled and record.result is None
     assert "task_completed" not in record.event_types
 
