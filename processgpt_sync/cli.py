@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from . import terminal
 from .errors import (
     ConfigurationError,
     ProcessGPTSyncError,
@@ -140,45 +141,67 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_tenant_load(rows: list[Any]) -> None:
+def _tenant_load(rows: list[Any]) -> Any:
     """Queued and running todos per tenant: what fair claims balance and limits cap."""
-    if not rows:
-        return
-    print(f"\n{'agent_orch':30}  {'tenant':20}  {'queued':>7}  {'running':>7}")
-    for row in rows:
-        print(f"{row['agent_orch'] or '-':30}  {row['tenant_id'] or '-':20}  "
-              f"{row['queued']:>7}  {row['running']:>7}")
+    return terminal.table(
+        ("agent_orch", "tenant", "queued", "running"),
+        ((row["agent_orch"], row["tenant_id"], row["queued"], row["running"]) for row in rows),
+        right=("queued", "running"))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from rich.console import Group
+    from rich.live import Live
+
+    out = terminal.console()
     storage = _storage(args)
+
+    def counts() -> Any:
+        rows = storage.status(args.agent_orch)
+        load = storage.tenant_load(args.agent_orch)
+        if args.json:
+            return {"counts": [dict(row) for row in rows], "tenants": [dict(r) for r in load]}
+        table_rows, unclaimable = [], 0
+        for row in rows:
+            state = row["draft_status"]
+            if state is None:
+                claimable = row.get("claimable", True)
+                state = "(claimable)" if claimable else "(not claimable)"
+                unclaimable += 0 if claimable else int(row["count"])
+            table_rows.append((row["agent_orch"], state, row["count"]))
+        parts: list[Any] = [terminal.table(("agent_orch", "draft_status", "count"), table_rows,
+                                           right=("count",))]
+        if not rows:
+            parts.append("(no todos)")
+        if unclaimable:
+            parts.append(f"\n{unclaimable} todos without draft_status are not claimable: a "
+                         "server claims rows with status IN_PROGRESS, agent_mode DRAFT or "
+                         "COMPLETE and no draft (see README, Own database)")
+        if load:
+            parts += ["", _tenant_load(load)]
+        return Group(*parts)
+
     try:
-        while True:
-            rows = storage.status(args.agent_orch)
-            if args.watch and sys.stdout.isatty():
-                print("\033[2J\033[H", end="")  # clear the screen, cursor home
-            print(f"{'agent_orch':30}  {'draft_status':16}  {'count':>7}")
-            unclaimable = 0
-            for row in rows:
-                state = row["draft_status"]
-                if state is None:
-                    claimable = row.get("claimable", True)
-                    state = "(claimable)" if claimable else "(not claimable)"
-                    unclaimable += 0 if claimable else int(row["count"])
-                print(f"{row['agent_orch'] or '-':30}  {state:16}  {row['count']:>7}")
-            if not rows:
-                print("(no todos)")
-            if unclaimable:
-                print(f"\n{unclaimable} todos without draft_status are not claimable: a server "
-                      "claims rows with status IN_PROGRESS, agent_mode DRAFT or COMPLETE and no "
-                      "draft (see README, Own database)")
-            _print_tenant_load(storage.tenant_load(args.agent_orch))
-            if not args.watch:
-                return 0
-            print(flush=True)
-            time.sleep(args.interval)
+        if not args.watch:
+            _show(out, counts(), args.json)
+            return 0
+        if args.json or not out.is_terminal:  # one snapshot per interval, for logs and scripts
+            while True:
+                _show(out, counts(), args.json)
+                time.sleep(args.interval)
+        with Live(counts(), console=out, auto_refresh=False) as live:
+            while True:
+                time.sleep(args.interval)
+                live.update(counts(), refresh=True)
     finally:
         storage.close()
+
+
+def _show(out: Any, value: Any, as_json: bool) -> None:
+    if as_json:
+        terminal.print_json(value)
+    else:
+        out.print(value)
 
 
 HEALTH_UNREACHABLE, HEALTH_SCHEMA, HEALTH_LISTEN = 3, 4, 5
@@ -187,6 +210,26 @@ HEALTH_UNREACHABLE, HEALTH_SCHEMA, HEALTH_LISTEN = 3, 4, 5
 def cmd_health(args: argparse.Namespace) -> int:
     """Container probe: exit 0 healthy, 3 database unreachable, 4 schema missing or outdated,
     5 LISTEN/NOTIFY not working (Postgres backends only)."""
+    from rich.markup import escape
+
+    checks: list[dict[str, Any]] = []
+    code = _health_checks(args, checks)
+    if args.json:
+        terminal.print_json({"healthy": code == 0, "exit_code": code, "checks": checks})
+        return code
+    out = terminal.console()
+    for check in checks:
+        label = "[green]ok  [/green]" if check["ok"] else "[bold red]FAIL[/bold red]"
+        out.print(f"{label} {check['name']}: {escape(check['detail'])}")
+    return code
+
+
+def _health_checks(args: argparse.Namespace, checks: list[dict[str, Any]]) -> int:
+    """Run the checks in order, appending each to ``checks``; return the exit code."""
+
+    def check(name: str, ok: bool, detail: str) -> None:
+        checks.append({"name": name, "ok": ok, "detail": detail})
+
     database_url, supabase_url, supabase_key = _backend_urls(args)
     storage = connect(
         database_url=database_url,
@@ -202,20 +245,20 @@ def cmd_health(args: argparse.Namespace) -> int:
             else:
                 storage.status("processgpt-sync-health")
         except StorageUnavailable as exc:
-            print(f"FAIL database: {exc}")
+            check("database", False, str(exc))
             return HEALTH_UNREACHABLE
         except SchemaMissing:
             pass
-        print(f"ok   database reachable ({storage.backend})")
+        check("database", True, f"reachable ({storage.backend})")
         try:
             storage.check_schema()
         except SchemaMissing as exc:
-            print(f"FAIL schema: {exc}")
+            check("schema", False, str(exc))
             return HEALTH_SCHEMA
-        print("ok   schema: every required function installed")
+        check("schema", True, "every required function installed")
         listener = storage.listener(["processgpt_sync_health"])
         if listener is None:
-            print("ok   wake-ups by polling (no LISTEN on this backend)")
+            check("listen", True, "wake-ups by polling (no LISTEN on this backend)")
             return 0
         try:
             listener.connect()
@@ -223,15 +266,15 @@ def cmd_health(args: argparse.Namespace) -> int:
             heard = any(channel == "processgpt_sync_health" for channel, _ in
                         listener.wait(3.0))
         except StorageError as exc:
-            print(f"FAIL listen: {exc}")
+            check("listen", False, str(exc))
             return HEALTH_LISTEN
         finally:
             listener.close()
         if not heard:
-            print("FAIL listen: no NOTIFY received within 3 s (a transaction pooler? use a "
+            check("listen", False, "no NOTIFY received within 3 s (a transaction pooler? use a "
                   "session connection, e.g. Supabase port 5432)")
             return HEALTH_LISTEN
-        print("ok   LISTEN/NOTIFY round trip")
+        check("listen", True, "LISTEN/NOTIFY round trip")
         return 0
     finally:
         storage.close()
@@ -243,16 +286,17 @@ def cmd_asked(args: argparse.Namespace) -> int:
         questions = storage.open_questions(args.agent_orch)
     finally:
         storage.close()
-    if not questions:
-        print("(no open questions)")
+    if args.json:
+        terminal.print_json([dict(q) for q in questions])
         return 0
-    print(f"{'job_id':50}  {'todo':8}  {'agent_orch':20}  question")
-    for q in questions:
-        data = q["question"] if isinstance(q["question"], dict) else {"question": q["question"]}
-        text = str(data.get("question") or data.get("text") or data)
-        options = f" {data['options']}" if data.get("options") else ""
-        print(f"{q['job_id']:50}  {str(q['todo_id'])[:8]:8}  {q['agent_orch'] or '-':20}  "
-              f"{text}{options}")
+    out = terminal.console()
+    if not questions:
+        out.print("(no open questions)")
+        return 0
+    out.print(terminal.table(
+        ("job_id", "todo", "agent_orch", "question"),
+        ((q["job_id"], str(q["todo_id"])[:8], q["agent_orch"],
+          terminal.question_text(q["question"])) for q in questions), wrap=("question",)))
     return 0
 
 
@@ -531,6 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", action="store_true", help="refresh until Ctrl+C")
     status.add_argument("--interval", type=float, default=2.0,
                         help="seconds between refreshes (default: 2)")
+    status.add_argument("--json", action="store_true",
+                        help="print JSON (with --watch: one JSON document per line)")
     status.set_defaults(func=cmd_status)
 
     show = command("show", "one todo: input, state, lease, output or draft, log and events")
@@ -543,8 +589,10 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("todo_id", help="the todo's id, or a unique prefix of at least 4 characters")
     retry.set_defaults(func=cmd_retry)
 
-    command("health", "check the database, the schema and LISTEN; exit 0 when healthy, 3 "
-            "unreachable, 4 schema missing, 5 LISTEN not working").set_defaults(func=cmd_health)
+    health = command("health", "check the database, the schema and LISTEN; exit 0 when "
+                     "healthy, 3 unreachable, 4 schema missing, 5 LISTEN not working")
+    health.add_argument("--json", action="store_true", help="print the checks as JSON")
+    health.set_defaults(func=cmd_health)
 
     serve = command("serve", "serve an executor until SIGINT/SIGTERM (a second signal exits "
                     "at once)")
@@ -577,6 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     asked = command("asked", "questions to people that wait for an answer")
     asked.add_argument("--agent-orch", help="only this agent_orch (default: all)")
+    asked.add_argument("--json", action="store_true", help="print the questions as JSON")
     asked.set_defaults(func=cmd_asked)
 
     respond = command("respond", "answer a question as the ProcessGPT UI does (once)")

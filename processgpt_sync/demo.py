@@ -1,7 +1,8 @@
 """`processgpt-sync demo`: the whole loop on the embedded database, in a few seconds.
 
-Enqueues a handful of todos, serves them with ``examples/blocking_executor.py``, shows live
-counts, and ends with a table of every todo, its final state, its events, and the throughput.
+Enqueues a handful of todos, serves them with ``examples/blocking_executor.py``, shows a live
+progress bar (on a terminal), and ends with a table of every todo, its final state, its events,
+and the throughput.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from typing import Any, TextIO
 
 import psycopg
 from psycopg.rows import dict_row
+from rich.console import Console
+from rich.padding import Padding
+from rich.progress import Progress, TextColumn
 
-from . import embedded
+from . import embedded, terminal
 from .server import start
 from .storage.postgres import PostgresStorage, install_schema
 
@@ -58,14 +62,16 @@ def run(
     :param supabase_ignored: Supabase is configured; say the demo does not use it (it needs a
         direct connection).
     """
-    print("processgpt-sync demo", file=out)
+    console = terminal.console(out)
+    console.print("[bold]processgpt-sync demo[/bold]")
     if database_url:
         install_schema(database_url)
-        print("  database: DATABASE_URL (schema installed)", file=out)
+        console.print("  database: DATABASE_URL (schema installed)")
     else:
         note = " (SUPABASE_URL is not used: the demo needs a direct connection; set " \
                "DATABASE_URL for that)" if supabase_ignored else ""
-        print(f"  database: embedded PostgreSQL in {embedded.data_dir()}{note}", file=out)
+        console.print(f"  database: embedded PostgreSQL in {embedded.data_dir()}{note}",
+                      markup=False)
         database_url = embedded.start()
     storage = PostgresStorage(database_url, max_connections=workers + 4)
     inputs = [INPUTS[i % len(INPUTS)] for i in range(todos)]
@@ -74,36 +80,32 @@ def run(
                         activity_name="demo")
         for i, text in enumerate(inputs)
     ]
-    print(f"  enqueued {len(ids)} todos for agent_orch={DEMO_AGENT}; serving with {workers} "
-          "workers (examples/blocking_executor.py)", file=out)
+    console.print(f"  enqueued {len(ids)} todos for agent_orch={DEMO_AGENT}; serving with "
+                  f"{workers} workers (examples/blocking_executor.py)")
     executor = load_example("blocking_executor").WordCountExecutor(step_seconds=0.15)
     began = time.monotonic()
-    with start(executor, agent_orch=DEMO_AGENT, storage=storage, workers=workers) as server:
-        last = ""
+    # The bar redraws in place on a terminal; elsewhere its final state prints once.
+    columns = (TextColumn("  "), *Progress.get_default_columns()[:-1],
+               TextColumn("{task.completed}/{task.total} done, {task.fields[detail]}"))
+    with start(executor, agent_orch=DEMO_AGENT, storage=storage, workers=workers) as server, \
+            Progress(*columns, console=console) as progress:
+        task = progress.add_task("todos", total=len(ids), detail="")
         while time.monotonic() - began < DEADLINE:
             stats = server.stats()
             finished, events = _progress(database_url, ids)
-            line = (f"  [{_bar(finished, len(ids))}] {finished}/{len(ids)} done, "
-                    f"{stats['running']} running, {events} events stored")
-            if line != last:
-                print(line, file=out, flush=True)
-                last = line
+            progress.update(task, completed=finished,
+                            detail=f"{stats['running']} running, {events} events stored")
             if finished == len(ids):
                 break
             time.sleep(0.1)
         elapsed = time.monotonic() - began
     storage.close()
     rows = _report(database_url, ids)
-    _print_table(rows, out)
+    _print_table(rows, console)
     completed = sum(r["draft_status"] == "COMPLETED" for r in rows)
-    print(f"\n  {completed}/{len(ids)} completed in {elapsed:.2f}s "
-          f"({len(ids) / elapsed:.1f} todos/s with {workers} workers)", file=out)
+    console.print(f"\n  {completed}/{len(ids)} completed in {elapsed:.2f}s "
+                  f"({len(ids) / elapsed:.1f} todos/s with {workers} workers)")
     return 0 if completed == len(ids) else 1
-
-
-def _bar(done: int, total: int, width: int = 24) -> str:
-    filled = width * done // max(total, 1)
-    return "#" * filled + "." * (width - filled)
 
 
 def _progress(url: str, ids: list[str]) -> tuple[int, int]:
@@ -128,18 +130,20 @@ def _report(url: str, ids: list[str]) -> list[dict[str, Any]]:
         ).fetchall()
 
 
-def _print_table(rows: list[dict[str, Any]], out: TextIO) -> None:
-    header = f"\n  {'todo':8}  {'mode':8}  {'status':11}  {'draft':9}  {'events':>6}  result"
-    print(header, file=out)
-    print("  " + "-" * (len(header) + 20), file=out)
-    for r in rows:
-        result = json.dumps(r["result"], ensure_ascii=False)
-        result = result if len(result) <= 48 else result[:45] + "..."
-        print(f"  {r['id'][:8]:8}  {r['agent_mode']:8}  {r['status']:11}  "
-              f"{r['draft_status'] or '-':9}  {r['events']:>6}  {result}", file=out)
+def _short(result: Any, width: int = 48) -> str:
+    text = json.dumps(result, ensure_ascii=False)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _print_table(rows: list[dict[str, Any]], console: Console) -> None:
+    console.print()
+    console.print(Padding(terminal.table(
+        ("todo", "mode", "status", "draft", "events", "result"),
+        ((r["id"][:8], r["agent_mode"], r["status"], r["draft_status"], r["events"],
+          _short(r["result"])) for r in rows),
+        right=("events",), wrap=("result",)), (0, 0, 0, 2), expand=False))
     if any(r["agent_mode"] == "DRAFT" for r in rows):
-        print("\n  DRAFT todos keep status IN_PROGRESS: their result is a draft for a person to "
-              "review in the\n  ProcessGPT UI, who then submits it; COMPLETE todos are "
-              "submitted at once (status SUBMITTED).", file=out)
-    print(f"  Look at one todo: processgpt-sync show {rows[0]['id'][:8]}" if rows else "",
-          file=out)
+        console.print("\n  DRAFT todos keep status IN_PROGRESS: their result is a draft for a "
+                      "person to review in the\n  ProcessGPT UI, who then submits it; COMPLETE "
+                      "todos are submitted at once (status SUBMITTED).")
+    console.print(f"  Look at one todo: processgpt-sync show {rows[0]['id'][:8]}" if rows else "")

@@ -1,7 +1,7 @@
 """pytest fixtures, registered by installing processgpt-sync (entry point ``pytest11``).
 
 - ``processgpt_databases`` (session): an :class:`~processgpt_sync.testing.EmbeddedDatabases`
-  in the session's temporary folder, started on first use;
+  in a temporary folder of its own, started on first use;
 - ``processgpt_database_url``: a fresh database with the schema, dropped after the test;
 - ``processgpt_run``: :func:`~processgpt_sync.testing.run_todo` bound to that database.
 
@@ -21,13 +21,15 @@ if TYPE_CHECKING:
 
 
 @pytest.fixture(scope="session")
-def processgpt_databases(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[EmbeddedDatabases]:
-    """One embedded PostgreSQL for the test session, with the schema in a template database."""
+def processgpt_databases() -> Iterator[EmbeddedDatabases]:
+    """One embedded PostgreSQL for the test session, with the schema in a template database.
+
+    Its data lives in a folder of its own, not under pytest's numbered temporary folders, which
+    other pytest runs on the machine prune while this server may still use them.
+    """
     from . import EmbeddedDatabases
 
-    databases = EmbeddedDatabases(tmp_path_factory.mktemp("processgpt-sync") / "pgdata")
+    databases = EmbeddedDatabases()
     yield databases
     databases.close()
 

@@ -120,7 +120,8 @@ class UnansweredQuestion(AssertionError):
 class _ObservedStorage(PostgresStorage):
     """The real PostgreSQL backend; every call the server makes wakes the runner."""
 
-    def __init__(self, conninfo: str, on_call: Callable[[str, Any], None]) -> None:
+    def __init__(self, conninfo: str,
+                 on_call: Callable[[str, Mapping[str, Any], Any], None]) -> None:
         super().__init__(conninfo, max_connections=6)
         self._on_call = on_call
 
@@ -130,7 +131,7 @@ class _ObservedStorage(PostgresStorage):
             result = super().call(query, params)
             return result
         finally:
-            self._on_call(query, result)
+            self._on_call(query, params, result)
 
 
 class _LogLines(logging.Handler):
@@ -177,10 +178,14 @@ class _Run:
         self._cond = threading.Condition()
         self._calls = 0
         self.runs: list[Resume] = []
+        self.awaited: set[str] = set()
+        """job_ids of questions the executor blocks on (the server polls for their answer)."""
         self.storage = _ObservedStorage(database_url, self._on_call)
 
-    def _on_call(self, query: str, result: Any) -> None:
+    def _on_call(self, query: str, params: Mapping[str, Any], result: Any) -> None:
         with self._cond:
+            if query == "answer" and str(params.get("p_todo_id")) == self.todo_id:
+                self.awaited.add(str(params.get("p_job_id")))
             if query == "claim":
                 for item in result or []:
                     if str(item["row"]["id"]) == self.todo_id:
@@ -191,6 +196,10 @@ class _Run:
     def calls(self) -> int:
         with self._cond:
             return self._calls
+
+    def is_awaited(self, job_id: str) -> bool:
+        with self._cond:
+            return job_id in self.awaited
 
     def wait_for_call(self, seen: int, deadline: float) -> None:
         """Block until the server makes a call after the ``seen``-th one, or the deadline."""
@@ -331,7 +340,9 @@ def _drive(run: _Run, conn: psycopg.Connection[dict[str, Any]],
             continue
         if state == "HUMAN_ASKED":
             open_ = [q for q in _questions(events) if not q.answered and q.job_id not in given]
-            if open_:
+            # Answer once the todo is suspended (lease released) or the executor blocks on the
+            # question; a suspension being written holds the lease until it commits.
+            if open_ and (not leased or run.is_awaited(open_[-1].job_id)):
                 question = open_[-1]
                 answer = answer_for(question)
                 if answer is NO_ANSWER:

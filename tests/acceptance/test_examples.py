@@ -34,7 +34,7 @@ def test_word_count_stops_when_the_ui_cancels(processgpt_run):
 
 def test_hitl_with_a_budget_completes_in_one_run(processgpt_run):
     record = processgpt_run(hitl_handle, "order 12 laptops", answers=["fast", True])
-    assert record.result == {"request": "order 12 laptops", "style": "fast"}
+    assert record.result == {"request": "order 12 laptops", "style": "fast", "approved": True}
     assert [q.text for q in record.questions] == [
         "How should I process this?", "Is there budget for order 12 laptops?"]
     assert [run.kind for run in record.runs] == ["fresh"]
@@ -50,5 +50,6 @@ def test_hitl_without_budget_waits_for_the_manager(processgpt_run):
 def test_hitl_resumes_with_the_managers_approval(processgpt_run):
     record = processgpt_run(hitl_handle, "order 12 laptops", answers=["careful", False, True])
     assert record.completed
-    assert record.result == {"request": "order 12 laptops", "approved_by_manager": True}
+    assert record.result == {"request": "order 12 laptops", "style": "careful", "approved": True}
     assert [run.kind for run in record.runs] == ["fresh", "human_answer"]
+    assert len(record.questions) == 3  # the resumed run reuses the first two answers
