@@ -84,7 +84,8 @@ def test_the_wheel_in_a_fresh_virtualenv_imports_every_module(wheel, tmp_path):
     venv.create(env_dir, with_pip=False)
     python = env_dir / "bin" / "python"
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet",
-                    f"{wheel}[django,a2a-v03]"], check=True, capture_output=True, timeout=600)
+                    f"{wheel}[django,a2a-v03]", "pytest"],  # pytest: the testing kit's plugin
+                   check=True, capture_output=True, timeout=600)
     result = subprocess.run([str(python), "-c", CHECK, str(ROOT)], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
