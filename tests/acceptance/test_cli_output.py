@@ -104,7 +104,7 @@ def test_health_json_reports_each_check_and_keeps_the_exit_codes(database_url,
     report = json.loads(missing.stdout)
     assert missing.returncode == 4 and report == {**report, "healthy": False, "exit_code": 4}
     assert report["checks"][-1]["name"] == "schema"
-    assert "processgpt_sync_claim_v1" in report["checks"][-1]["detail"]
+    assert report["checks"][-1]["detail"].startswith("missing SQL functions: processgpt_sync_")
 
 
 def test_colours_only_on_a_terminal_without_no_color(database_url):

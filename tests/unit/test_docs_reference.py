@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from processgpt_sync.cli import build_parser
-from processgpt_sync.queries import queries
+from processgpt_sync.queries import function_name, queries
 from processgpt_sync.settings import ENVIRONMENT, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,7 +23,7 @@ def test_every_sql_function_is_in_the_sql_reference_with_its_signature():
     declared = re.findall(r"CREATE OR REPLACE FUNCTION (\w+)\(", text)
     parsed = reference.sql_functions(text)
     assert [f["name"] for f in parsed] == declared
-    claim = next(f for f in parsed if f["name"] == "processgpt_sync_claim_v1")
+    claim = next(f for f in parsed if f["name"] == function_name("claim"))
     assert claim["args"].startswith("p_agent_orch text, p_consumer text, p_limit integer")
     assert claim["returns"] == "jsonb" and "SKIP LOCKED" in claim["comment"]
 
