@@ -24,7 +24,7 @@ from processgpt_sync.stats import ServerStats
 from processgpt_sync.storage import postgres
 from processgpt_sync.storage.postgres import PostgresStorage, install_schema
 from tests.acceptance.test_cli import cli
-from tests.conftest import _database, wait_for
+from tests.conftest import wait_for
 
 
 def connect(url: str) -> psycopg.Connection:
@@ -211,7 +211,7 @@ def test_an_answer_to_an_upstream_agents_question_leaves_its_todo_alone(upstream
 
 # --- what the platform adds --------------------------------------------------------------------
 
-def test_event_types_are_the_databases_own(platform_database_url, pg_url):
+def test_event_types_are_the_databases_own(platform_database_url, processgpt_databases):
     install_schema(platform_database_url)
     outcomes: dict[str, object] = {}
 
@@ -238,7 +238,7 @@ def test_event_types_are_the_databases_own(platform_database_url, pg_url):
     assert types == ["gateway_decision", "crew_completed"]
 
     # Our own schema's enum has no gateway types: the same call fails at the call site there.
-    for own in _database(pg_url, None):
+    with processgpt_databases.database(schema=False) as own:
         install_schema(own)
         store = PostgresStorage(own, max_connections=4)
         try:
