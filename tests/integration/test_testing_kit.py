@@ -26,7 +26,7 @@ def test_a_result_is_recorded_with_its_events_in_order(processgpt_run):
     assert record.result == {"echo": "hello"}
     assert record.event_types == ["task_working", "tool_usage_started", "task_working",
                                   "crew_completed"]
-    assert [e.data for e in record.events[:1]] == ["one"]
+    assert [e.data for e in record.events[:1]] == [{"message": "one"}]  # as the UI reads it
     assert [run.kind for run in record.runs] == ["fresh"]
     assert record.questions == [] and record.log is None
 
