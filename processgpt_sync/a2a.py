@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections.abc
 import logging
 import threading
@@ -20,7 +21,7 @@ from functools import cache
 from typing import Any
 
 from .events import EVENT_STATUSES
-from .loops import ThreadLoops
+from .loops import LoopTask, ThreadLoops
 from .models import AwaitingHuman, Todo
 from .payload import unwrap_text
 
@@ -298,40 +299,45 @@ class A2AAdapter:
         self._executor = executor
         self._loops = ThreadLoops()
         self._lock = threading.Lock()
-        self._running: dict[str, tuple[Any, Any, Any, Any]] = {}
+        # Keyed by the Todo object: the same todo id may run twice here (a revision mid-run).
+        self._running: dict[int, tuple[LoopTask[Any], Any, Any]] = {}
 
     def run(self, todo: Todo) -> Any:
         recorder = Recorder(todo)
         queue = _queue_class()(recorder)
         context = _context_class()(todo)
-        portal = self._loops.portal()
-        future = portal.start_task_soon(self._executor.execute, context, queue)
+        task = self._loops.start(self._executor.execute, context, queue)
         with self._lock:
-            self._running[todo.id] = (portal, future, context, queue)
+            self._running[id(todo)] = (task, context, queue)
+        if todo.cancelled:  # cancelled before it was registered here
+            self.cancel(todo)
         try:
-            self._loops.result(future)
+            task.result()
         finally:
             recorder.closed = True
             with self._lock:
-                self._running.pop(todo.id, None)
+                self._running.pop(id(todo), None)
         return recorder.outcome()
 
     def cancel(self, todo: Todo) -> None:
-        """Await ``executor.cancel(context, queue)`` first, then cancel the running execute."""
+        """On the executor's loop, await ``executor.cancel(context, queue)`` (at most
+        ``CANCEL_HOOK_TIMEOUT``), then cancel the running execute. Returns at once: the
+        caller (heartbeat, listener, stop) never waits on a loop the executor may block."""
         with self._lock:
-            running = self._running.get(todo.id)
+            running = self._running.get(id(todo))
         if running is None:
             return
-        portal, future, context, queue = running
-        try:
-            hook = portal.start_task_soon(self._executor.cancel, context, queue)
-            hook.result(timeout=CANCEL_HOOK_TIMEOUT)
-        except TimeoutError:
-            logger.warning("executor.cancel() did not return within %gs for todo %s",
-                           CANCEL_HOOK_TIMEOUT, todo.id,
-                           extra={"action": "cancel", "todo_id": todo.id})
-        finally:
-            future.cancel()
+        task, context, queue = running
+
+        async def hook() -> None:
+            try:
+                await asyncio.wait_for(self._executor.cancel(context, queue), CANCEL_HOOK_TIMEOUT)
+            except asyncio.TimeoutError:
+                logger.warning("executor.cancel() did not return within %gs for todo %s",
+                               CANCEL_HOOK_TIMEOUT, todo.id,
+                               extra={"action": "cancel", "todo_id": todo.id})
+
+        task.cancel(before=hook)
 
     def close(self) -> None:
         self._loops.close()

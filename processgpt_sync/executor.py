@@ -15,10 +15,13 @@ import logging
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ConfigurationError
 from .models import Todo
+
+if TYPE_CHECKING:
+    from .loops import LoopTask
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +62,23 @@ class BlockingObjectAdapter:
         return self._obj.execute(todo, todo.events)
 
     def cancel(self, todo: Todo) -> None:
+        """Call ``obj.cancel(todo)`` on a thread of its own: the caller (heartbeat, listener,
+        stop) must not wait on executor code that may block."""
         cancel = getattr(self._obj, "cancel", None)
         if callable(cancel):
-            cancel(todo)
+            threading.Thread(target=_call_hook, args=(cancel, todo), daemon=True,
+                             name="processgpt-sync-cancel-hook").start()
 
     def close(self) -> None:
         pass
+
+
+def _call_hook(cancel: Callable[[Todo], Any], todo: Todo) -> None:
+    try:
+        cancel(todo)
+    except Exception:
+        logger.exception("the executor's cancel hook failed for todo %s", todo.id,
+                         extra={"action": "cancel", "todo_id": todo.id})
 
 
 class AsyncFunctionAdapter:
@@ -75,24 +89,28 @@ class AsyncFunctionAdapter:
 
         self._fn = fn
         self._loops = ThreadLoops()
-        self._futures: dict[str, Any] = {}
+        # Keyed by the Todo object: the same todo id may run twice here (a revision mid-run).
+        self._tasks: dict[int, LoopTask[Any]] = {}
         self._lock = threading.Lock()
 
     def run(self, todo: Todo) -> Any:
-        future = self._loops.portal().start_task_soon(self._fn, todo)
+        task = self._loops.start(self._fn, todo)
         with self._lock:
-            self._futures[todo.id] = future
+            self._tasks[id(todo)] = task
+        if todo.cancelled:  # cancelled before it was registered here
+            task.cancel()
         try:
-            return self._loops.result(future)
+            return task.result()
         finally:
             with self._lock:
-                self._futures.pop(todo.id, None)
+                self._tasks.pop(id(todo), None)
 
     def cancel(self, todo: Todo) -> None:
+        """Returns at once, even while the function blocks its loop."""
         with self._lock:
-            future = self._futures.get(todo.id)
-        if future is not None:
-            future.cancel()
+            task = self._tasks.get(id(todo))
+        if task is not None:
+            task.cancel()
 
     def close(self) -> None:
         self._loops.close()
