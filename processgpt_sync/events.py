@@ -15,8 +15,8 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .errors import PayloadError, StorageError, StorageUnavailable
-from .payload import check_json, unwrap_text
+from .errors import PayloadError, StorageUnavailable
+from .payload import snapshot_json, unwrap_text
 from .storage.base import Storage
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def make_event(
         raise ValueError(f"unknown event status {status!r}; expected ASKED, APPROVED or REJECTED")
     if isinstance(data, str):
         data = unwrap_text(data)
-    data = check_json(data, what=f"{event_type} event data")
+    data = snapshot_json(data, what=f"{event_type} event data")
     if event_type == "human_asked" and not job_id:
         job_id = f"human_asked_{uuid.uuid4()}"  # an answer names its question by job_id
     return {
@@ -77,8 +77,19 @@ def make_event(
     }
 
 
+Key = tuple[str, str]  # (todo id, fencing token): one claim of a todo
+
+
+def event_key(event: Mapping[str, Any]) -> Key:
+    return (event["todo_id"], event["token"])
+
+
 class EventBuffer:
-    """Collects events of running todos and writes them, in order, from one flusher thread."""
+    """Collects events of running todos and writes them, in order, from one flusher thread.
+
+    Queues are kept per claim (todo id and token), not per todo: a todo claimed again while an
+    earlier run of it still runs here has two queues, and neither run takes the other's events.
+    """
 
     def __init__(
         self,
@@ -88,16 +99,21 @@ class EventBuffer:
         batch_size: int,
         on_written: Callable[[int], None] = lambda n: None,
         event_types: frozenset[str] = EVENT_TYPES,
+        on_crash: Callable[[str, BaseException], None] | None = None,
     ) -> None:
+        """:param event_types: the event types the database accepts; events are checked against
+            them when made.
+        :param on_crash: called if the flusher thread dies anyway (it survives any single
+            bad event), so the server can stop visibly instead of silently writing nothing."""
         self.event_types = event_types
-        """The event types the database accepts; events are checked against them when made."""
         self._storage = storage
         self._flush_interval = flush_interval
         self._batch_size = batch_size
         self._on_written = on_written
+        self._on_crash = on_crash
         self._cond = threading.Condition()
-        self._pending: dict[str, list[dict[str, Any]]] = {}
-        self._inflight: set[str] = set()
+        self._pending: dict[Key, list[dict[str, Any]]] = {}
+        self._inflight: set[Key] = set()
         self._count = 0  # queued, not yet handed to the flusher
         self._writing = 0  # handed to the flusher, write in progress
         self._oldest = 0.0
@@ -121,28 +137,31 @@ class EventBuffer:
         with self._cond:
             if self._count == 0:
                 self._oldest = time.monotonic()
-            self._pending.setdefault(event["todo_id"], []).append(event)
+            self._pending.setdefault(event_key(event), []).append(event)
             self._count += 1
             if self._idle or self._count >= self._batch_size:
                 self._idle = False
                 self._cond.notify_all()
 
-    def take(self, todo_id: str) -> list[dict[str, Any]]:
-        """Remove and return a todo's unwritten events, after any write of them in flight."""
+    def take(self, todo_id: str, token: str) -> list[dict[str, Any]]:
+        """Remove and return the unwritten events of one claim of a todo, after any write of
+        them in flight."""
+        key = (todo_id, token)
         with self._cond:
-            while todo_id in self._inflight:
+            while key in self._inflight:
                 self._cond.wait()
-            events = self._pending.pop(todo_id, [])
+            events = self._pending.pop(key, [])
             self._count -= len(events)
             return events
 
-    def give_back(self, todo_id: str, events: list[dict[str, Any]]) -> None:
-        """Put events taken by ``take`` back in front of the todo's queue (a write failed)."""
+    def give_back(self, todo_id: str, token: str, events: list[dict[str, Any]]) -> None:
+        """Put events taken by ``take`` back in front of their queue (a write failed)."""
         if not events:
             return
+        key = (todo_id, token)
         with self._cond:
-            queue = self._pending.pop(todo_id, [])
-            self._pending = {todo_id: events + queue, **self._pending}
+            queue = self._pending.pop(key, [])
+            self._pending = {key: events + queue, **self._pending}
             self._count += len(events)
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -183,11 +202,11 @@ class EventBuffer:
                     self._cond.wait()
                     self._idle = False
             batch: list[dict[str, Any]] = []
-            for todo_id in list(self._pending):
-                if todo_id in self._inflight:
+            for key in list(self._pending):
+                if key in self._inflight:
                     continue
-                events = self._pending.pop(todo_id)
-                self._inflight.add(todo_id)
+                events = self._pending.pop(key)
+                self._inflight.add(key)
                 batch.extend(events)
                 self._count -= len(events)
                 if len(batch) >= self._batch_size:
@@ -202,6 +221,15 @@ class EventBuffer:
         return batch
 
     def _run(self) -> None:
+        try:
+            self._flush_forever()
+        except BaseException as exc:
+            logger.critical("the event writer thread died; no more events can be written",
+                            exc_info=exc, extra={"action": "write_events"})
+            if self._on_crash is not None:
+                self._on_crash("event writer", exc)
+
+    def _flush_forever(self) -> None:
         attempt = 0
         while (batch := self._next_batch()) is not None:
             try:
@@ -216,20 +244,23 @@ class EventBuffer:
                 self._requeue(batch)
                 time.sleep(backoff(attempt))
                 continue
+            except Exception:  # a bug, not a bad event (those are refused one by one)
+                logger.exception("writing a batch of %d events failed unexpectedly; it is not "
+                                 "retried", len(batch), extra={"action": "write_events"})
             finally:
                 with self._cond:
-                    self._inflight.difference_update(e["todo_id"] for e in batch)
+                    self._inflight.difference_update(event_key(e) for e in batch)
                     self._writing = 0
                     self._cond.notify_all()
 
     def _requeue(self, batch: list[dict[str, Any]]) -> None:
-        by_todo: dict[str, list[dict[str, Any]]] = {}
+        by_claim: dict[Key, list[dict[str, Any]]] = {}
         for event in batch:
-            by_todo.setdefault(event["todo_id"], []).append(event)
+            by_claim.setdefault(event_key(event), []).append(event)
         with self._cond:
-            for todo_id, events in by_todo.items():
-                queue = self._pending.pop(todo_id, [])
-                self._pending = {todo_id: events + queue, **self._pending}
+            for key, events in by_claim.items():
+                queue = self._pending.pop(key, [])
+                self._pending = {key: events + queue, **self._pending}
             self._count += len(batch)
             self._writing = 0
 
@@ -238,7 +269,7 @@ class EventBuffer:
             rejected = self._storage.record_events(batch)
         except StorageUnavailable:
             raise
-        except StorageError as exc:
+        except Exception as exc:  # StorageError, or an event the driver cannot encode
             # One malformed event must not lose the others: write them one at a time.
             logger.warning(
                 "event batch refused (%s); writing its %d events one by one", exc, len(batch),
@@ -252,7 +283,7 @@ class EventBuffer:
                     ]
                 except StorageUnavailable:
                     raise
-                except StorageError as single:
+                except Exception as single:
                     rejected.append({"index": index, "reason": str(single)})
         log_rejected(batch, rejected)
         self._on_written(len(batch) - len(rejected))
@@ -356,8 +387,7 @@ class Events:
         intermediate result is written to ``draft`` now, after the events before it."""
         if isinstance(data, str):
             data = unwrap_text(data)
-        data = check_json(data, what="result")
-        self._on_result(data, final)
+        self._on_result(snapshot_json(data, what="result"), final)
 
 
 def _tool_data(name: str, data: Any) -> Any:

@@ -71,7 +71,7 @@ def answer_value(data: Any) -> Any:
 class HumanDesk:
     """Questions in flight for one server, and the waiters the listener wakes."""
 
-    def __init__(self, storage: Storage, take_events: Callable[[str], list[dict[str, Any]]],
+    def __init__(self, storage: Storage, take_events: Callable[[str, str], list[dict[str, Any]]],
                  is_listening: Callable[[], bool],
                  cancel: Callable[[TodoRun, str], None]) -> None:
         self._storage = storage
@@ -101,7 +101,7 @@ class HumanDesk:
         earlier one when this todo asked the same question before, else the one that arrives
         (blocking), else raise SuspendForHuman (``suspend``: the worker is freed)."""
         data = question_data(question, options, kind)
-        events = self._take_events(run.todo_id)
+        events = self._take_events(run.todo_id, run.claim.token)
         new_job_id = f"human_asked_{uuid.uuid4()}"
         asked = self._call(lambda: self._storage.ask(run.claim, new_job_id, data, events=events))
         if not asked.applied:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import StorageError, StorageUnavailable
+from .errors import ServerFailed, StorageUnavailable
 from .events import backoff
 from .models import Claim
 from .storage.base import Storage, WriteOutcome
@@ -52,11 +53,16 @@ class Outcome:
 class OutcomeWriter:
     """Writes the outcomes of all workers, as many per call as are waiting."""
 
-    def __init__(self, storage: Storage, *, abort: threading.Event) -> None:
+    def __init__(self, storage: Storage, *, abort: threading.Event,
+                 on_crash: Callable[[str, BaseException], None] | None = None) -> None:
+        """:param on_crash: called if the writer thread dies anyway (it survives any single
+            bad outcome), so the server stops visibly instead of leaving workers waiting."""
         self._storage = storage
         self._abort = abort
+        self._on_crash = on_crash
         self._cond = threading.Condition()
         self._pending: list[Outcome] = []
+        self._writing: list[Outcome] = []
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="processgpt-sync-outcomes",
                                         daemon=True)
@@ -87,6 +93,19 @@ class OutcomeWriter:
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        try:
+            self._write_forever()
+        except BaseException as exc:
+            logger.critical("the outcome writer thread died", exc_info=exc,
+                            extra={"action": "finish"})
+            with self._cond:
+                self._closed = True  # later outcomes are written on their workers' threads
+                stranded, self._pending = self._writing + self._pending, []
+            self._fail_all(stranded, ServerFailed(f"the outcome writer thread died ({exc!r})"))
+            if self._on_crash is not None:
+                self._on_crash("outcome writer", exc)
+
+    def _write_forever(self) -> None:
         while True:
             with self._cond:
                 while not self._pending and not self._closed:
@@ -94,7 +113,10 @@ class OutcomeWriter:
                 if not self._pending:
                     return
                 batch, self._pending = self._pending[:BATCH_SIZE], self._pending[BATCH_SIZE:]
+                self._writing = batch
             self._write_batch(batch)
+            with self._cond:
+                self._writing = []
 
     def _write_batch(self, batch: list[Outcome]) -> None:
         attempt = 0
@@ -110,7 +132,7 @@ class OutcomeWriter:
                 logger.warning("writing %d todo outcomes failed (attempt %d), retrying: %s",
                                len(batch), attempt, exc, extra={"action": "finish"})
                 time.sleep(backoff(attempt))
-            except StorageError as exc:
+            except Exception as exc:  # refused, or an outcome the driver cannot encode
                 if len(batch) > 1:
                     # Isolate the item the database refused: write them one by one.
                     logger.warning("a batch of %d todo outcomes was refused (%s); writing them "
@@ -130,5 +152,6 @@ class OutcomeWriter:
     @staticmethod
     def _fail_all(batch: list[Outcome], exc: BaseException) -> None:
         for outcome in batch:
-            outcome.failure = exc
-            outcome.done.set()
+            if not outcome.done.is_set():
+                outcome.failure = exc
+                outcome.done.set()

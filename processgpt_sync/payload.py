@@ -17,6 +17,22 @@ def check_json(value: Any, *, what: str) -> Any:
     Read-only mappings (``todo.row``, ``todo.extras`` are ``MappingProxyType``) become plain
     dicts, so an executor may return or emit them; anything else comes back unchanged.
     """
+    text, converted = _dump(value, what=what)
+    return json.loads(text) if converted else value
+
+
+def snapshot_json(value: Any, *, what: str) -> Any:
+    """A copy of ``value`` as jsonb will store it, taken now: later changes to ``value`` (a dict
+    the executor keeps filling) do not reach what is written, and a value jsonb cannot hold is
+    refused here, at the caller, with PayloadError. Read-only mappings become plain dicts."""
+    text, _ = _dump(value, what=what)
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    return json.loads(text)
+
+
+def _dump(value: Any, *, what: str) -> tuple[str, bool]:
+    """The JSON text of ``value``, and whether a read-only mapping was turned into a dict."""
     converted = False
 
     def plain(item: Any) -> Any:
@@ -30,13 +46,15 @@ def check_json(value: Any, *, what: str) -> Any:
         text = json.dumps(value, ensure_ascii=False, allow_nan=False, default=plain)
     except (TypeError, ValueError) as exc:
         raise PayloadError(f"{what} is not JSON-serialisable: {exc}") from exc
+    except RecursionError as exc:
+        raise PayloadError(f"{what} is nested too deeply (or refers to itself)") from exc
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise PayloadError(f"{what} contains text that is not valid UTF-8: {exc}") from exc
     if "\\u0000" in text:
         raise PayloadError(f"{what} contains a NUL character (\\u0000), which jsonb cannot store")
-    return json.loads(text) if converted else value
+    return text, converted
 
 
 def unwrap_text(text: str) -> Any:

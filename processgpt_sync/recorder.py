@@ -16,7 +16,7 @@ from .errors import NoResultError, PayloadError, StorageUnavailable
 from .events import EventBuffer, backoff, log_rejected
 from .models import AwaitingHuman
 from .outcomes import Outcome, OutcomeWriter
-from .payload import check_json, error_text, unwrap_text
+from .payload import error_text, snapshot_json, unwrap_text
 from .runs import UNSET, TodoRun
 from .storage.base import Storage, WriteOutcome
 
@@ -91,7 +91,7 @@ class Recorder:
         try:
             if result is UNSET or result is None:
                 raise NoResultError(NO_RESULT)
-            result = check_json(result, what="result")
+            result = snapshot_json(result, what="result")
         except (NoResultError, PayloadError) as exc:
             self.fail(run, str(exc))
             return
@@ -105,9 +105,17 @@ class Recorder:
 
     def _record_result(self, run: TodoRun, result: Any) -> None:
         events = self._take_events(run)
-        stored = self._outcomes.write(
-            Outcome(run.claim, "completed", result=result, events=events)
-        )
+        try:
+            stored = self._outcomes.write(
+                Outcome(run.claim, "completed", result=result, events=events)
+            )
+        except StorageUnavailable:
+            raise
+        except Exception as exc:  # refused by the database: record why, not nothing
+            self._log.error("result of todo %s could not be stored: %s", run.todo_id, exc,
+                            extra=self._todo_extra(run, "save_result"))
+            self.fail(run, f"result could not be stored: {exc}", events=events)
+            return
         if stored.reason == "error":
             self._log.error("result of todo %s could not be stored: %s", run.todo_id,
                             stored.error, extra=self._todo_extra(run, "save_result"))
@@ -120,11 +128,19 @@ class Recorder:
         self, run: TodoRun, message: str, *, events: list[dict[str, Any]] | None = None
     ) -> None:
         events = self._take_events(run) if events is None else events
-        stored = self._outcomes.write(Outcome(run.claim, "failed", error=message,
-                                                 events=events))
-        if stored.reason == "error" and events:
+        try:
+            stored = self._outcomes.write(Outcome(run.claim, "failed", error=message,
+                                                  events=events))
+            problem = stored.error if stored.reason == "error" else None
+        except StorageUnavailable:
+            raise
+        except Exception as exc:
+            if not events:
+                raise
+            problem = str(exc)
+        if problem is not None and events:
             self._log.error("events of todo %s could not be stored (%s); recording the failure "
-                            "without them", run.todo_id, stored.error,
+                            "without them", run.todo_id, problem,
                             extra=self._todo_extra(run, "fail"))
             stored = self._outcomes.write(Outcome(run.claim, "failed", error=message))
             events = []
@@ -144,8 +160,9 @@ class Recorder:
                                extra=self._todo_extra(run, counter))
         else:
             self._count("lost")
-            self._log.warning("todo %s: %s write refused (%s)", run.todo_id, counter,
-                              outcome.reason, extra=self._todo_extra(run, counter))
+            self._log.warning("todo %s: %s write refused (%s); its %d unwritten events were "
+                              "dropped", run.todo_id, counter, outcome.reason, len(events),
+                              extra=self._todo_extra(run, counter))
 
     def save_intermediate(self, run: TodoRun, data: Any) -> None:
         """events.result(data, final=False): written now, after the todo's earlier events."""
@@ -162,7 +179,7 @@ class Recorder:
                               extra=self._todo_extra(run, "save_draft"))
 
     def _take_events(self, run: TodoRun) -> list[dict[str, Any]]:
-        return self._buffer.take(run.todo_id)
+        return self._buffer.take(run.todo_id, run.claim.token)
 
     def _discard_events(self, run: TodoRun) -> None:
         dropped = self._take_events(run)

@@ -33,8 +33,10 @@ class TodoRun:
         self.cancel_event = threading.Event()
         self.cancel_reason: str | None = None
         self.final_result: Any = UNSET
+        self.timeout = timeout
         self.started = time.monotonic()
-        self.deadline = None if timeout is None else self.started + timeout
+        self.deadline: float | None = None
+        """Set when the executor starts: a todo waiting for a worker thread cannot time out."""
         self.slot_released = False
         self.events = Events(
             claim.todo_id,
@@ -49,6 +51,23 @@ class TodoRun:
     @property
     def todo_id(self) -> str:
         return self.claim.todo_id
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """This claim of the todo: the same server may claim a todo again while it still runs
+        (a revision asked mid-run), so runs are told apart by their fencing token."""
+        return (self.claim.todo_id, self.claim.token)
+
+    def begin(self) -> bool:
+        """The executor is about to start on a worker thread: start its clock. False when the
+        todo's outcome was already decided (timed out or given back while it waited)."""
+        with self.lock:
+            if self.closed:
+                return False
+            self.started = time.monotonic()
+            if self.timeout is not None:
+                self.deadline = self.started + self.timeout
+            return True
 
     def is_open(self) -> bool:
         return not self.closed and not self.cancel_event.is_set()

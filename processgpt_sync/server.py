@@ -60,7 +60,7 @@ class Server:
         self._log = logger.getChild(settings.agent_orch)
         self._extra = {"agent_orch": settings.agent_orch}
         self._cond = threading.Condition()
-        self._runs: dict[str, TodoRun] = {}
+        self._runs: dict[tuple[str, str], TodoRun] = {}  # by claim: TodoRun.key
         self._busy = 0
         self._wake = threading.Event()
         self._maybe_more = True
@@ -110,9 +110,10 @@ class Server:
             batch_size=EVENT_BATCH_SIZE,
             on_written=lambda n: self._stats.count("events_written", n),
             event_types=event_types,
+            on_crash=self._thread_died,
         )
         self._buffer.start()
-        self._outcomes = OutcomeWriter(storage, abort=self._abort)
+        self._outcomes = OutcomeWriter(storage, abort=self._abort, on_crash=self._thread_died)
         self._outcomes.start()
         self._desk = HumanDesk(storage, self._buffer.take, lambda: self._listening,
                                self._cancel)
@@ -138,7 +139,7 @@ class Server:
             except StorageError as exc:
                 self._log.warning("LISTEN unavailable, polling instead: %s", exc, extra=self._extra)
         watched = Watched(
-            running=self._running_snapshot, running_todo=self._runs.get, cancel=self._cancel,
+            running=self._running_snapshot, running_todo=self._running_todo, cancel=self._cancel,
             time_out=self._time_out, work_may_wait=self._work_may_wait,
             answer_arrived=self._answer_arrived, count=self._stats.count,
             is_listening=lambda: self._listening, set_listening=self._set_listening,
@@ -292,8 +293,13 @@ class Server:
         run = TodoRun(claim, self._buffer, timeout=self.settings.timeout,
                       intermediate=self._recorder_().save_intermediate, asker=self._desk.ask)
         with self._cond:
-            self._runs[claim.todo_id] = run
+            # Claimed again while an earlier run of it still runs here (a revision asked
+            # mid-run): that run has lost the todo.
+            stale = [r for r in self._runs.values() if r.todo_id == claim.todo_id]
+            self._runs[run.key] = run
             self._busy += 1
+        for old in stale:
+            self._cancel(old, "lost")
         self._stats.count("claimed")
         self._stats.claimed_for(run.todo.tenant_id)
         if self._log.isEnabledFor(logging.DEBUG):
@@ -304,6 +310,9 @@ class Server:
     # -- running one todo ----------------------------------------------------------------------
 
     def _execute(self, run: TodoRun) -> None:
+        if not run.begin():  # timed out or given back while it waited for a thread
+            self._forget(run)
+            return
         token = CURRENT_RUN.set(run)
         value: Any = UNSET
         error: BaseException | None = None
@@ -311,11 +320,12 @@ class Server:
         if run.todo.resume.kind == "fresh":
             self._stats.pickup(run.claim.row.get("start_date"))
         try:
-            with self._around_todo():
-                value = self._adapter.run(run.todo)
+            if not run.cancel_event.is_set():  # else cancelled while it waited for a thread
+                with self._around_todo():
+                    value = self._adapter.run(run.todo)
         except SuspendForHuman as suspend:
             value = self._recorder_().suspend(run, suspend.question)
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit from argparse in a tool is this todo's failure
             error = exc
         finally:
             self._stats.executing(-1)
@@ -330,8 +340,8 @@ class Server:
 
     def _forget(self, run: TodoRun) -> None:
         with self._cond:
-            if self._runs.get(run.todo_id) is run:
-                del self._runs[run.todo_id]
+            if self._runs.get(run.key) is run:
+                del self._runs[run.key]
             self._release_slot(run)
             self._cond.notify_all()
         if self._maybe_more:
@@ -368,13 +378,20 @@ class Server:
             return
         self._log.warning("todo %s timed out after %gs", run.todo_id, timeout,
                           extra=self._todo_extra(run, "timeout"))
-        self._recorder_().fail(run, f"timed out after {timeout:g} s")
-        with self._cond:
-            # Free the slot now: a blocking executor may never return; a spare thread serves on.
-            self._runs.pop(run.todo_id, None)
-            self._release_slot(run)
-            self._cond.notify_all()
-        self._wake.set()
+        try:
+            self._recorder_().fail(run, f"timed out after {timeout:g} s")
+        except Exception:  # as on the normal path: the heartbeat must go on for the others
+            self._log.exception("recording the timeout of todo %s failed", run.todo_id,
+                                extra=self._todo_extra(run, "timeout"))
+        finally:
+            with self._cond:
+                # Free the slot now: a blocking executor may never return; a spare thread
+                # serves on.
+                if self._runs.get(run.key) is run:
+                    del self._runs[run.key]
+                self._release_slot(run)
+                self._cond.notify_all()
+            self._wake.set()
 
     # -- shutdown ------------------------------------------------------------------------------
 
@@ -429,6 +446,12 @@ class Server:
         with self._cond:
             return list(self._runs.values())
 
+    def _running_todo(self, todo_id: str) -> TodoRun | None:
+        """The latest claim of ``todo_id`` running here (earlier ones were told they lost it)."""
+        with self._cond:
+            runs = [r for r in self._runs.values() if r.todo_id == todo_id]
+        return runs[-1] if runs else None
+
     def _work_may_wait(self) -> None:
         """A NOTIFY said new work exists (or one may have been missed): claim now."""
         self._maybe_more = True
@@ -451,13 +474,17 @@ class Server:
             except Exception as exc:
                 self._log.exception("the %s thread died; stopping the server", name,
                                     extra={**self._extra, "action": name})
-                self.failure = ServerFailed(f"the {name} thread died ({exc!r}); the server "
-                                            "stopped, its todos were given back or expire")
-                threading.Thread(target=self.stop, daemon=True).start()
+                self._thread_died(name, exc)
 
         thread = threading.Thread(target=guarded, name=f"processgpt-sync-{name}", daemon=True)
         self._threads.append(thread)
         thread.start()
+
+    def _thread_died(self, name: str, exc: BaseException) -> None:
+        """A server thread died: stop serving, and say so (``serve()`` raises ServerFailed)."""
+        self.failure = ServerFailed(f"the {name} thread died ({exc!r}); the server "
+                                    "stopped, its todos were given back or expire")
+        threading.Thread(target=self.stop, daemon=True).start()
 
     def _join(self, name: str) -> None:
         for thread in self._threads:

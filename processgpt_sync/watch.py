@@ -72,7 +72,7 @@ class Watchers:
                     self._server.time_out(run)
             if now < next_renewal:
                 continue
-            live = [r for r in runs if not r.closed]
+            live = [r for r in runs if not r.closed and r.cancel_reason != "lost"]
             if not live:
                 next_renewal = now + interval
                 continue
