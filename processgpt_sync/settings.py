@@ -94,7 +94,7 @@ class Settings:
     poll_interval: float = DEFAULT_POLL_INTERVAL
     """Longest wait between polls when idle (LISTEN/NOTIFY usually wakes the server sooner)."""
     timeout: float | None = None
-    """Per-todo time limit in seconds; None for no limit."""
+    """Per-todo time limit in seconds, counted from the executor's start; None for no limit."""
     consumer: str = field(default_factory=default_consumer)
     """This server's name in `todolist.consumer`."""
     listen: bool = True

@@ -1,0 +1,421 @@
+"""A todo's life across the server's threads: cancels that never wait on executor code, one run
+per claim, every executor ending recorded, data snapshotted when handed over, writer threads
+that survive a bad item, deadlines counted from the executor's start."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import threading
+import time
+from typing import Any
+
+import pytest
+
+import processgpt_sync as ps
+from processgpt_sync.events import EventBuffer
+from processgpt_sync.models import Claim
+from processgpt_sync.outcomes import Outcome, OutcomeWriter
+from tests.conftest import wait_for
+
+a2a = pytest.importorskip("a2a")
+
+from a2a.server.agent_execution import AgentExecutor, RequestContext  # noqa: E402
+from a2a.server.events import EventQueue  # noqa: E402
+
+from tests import a2a_events as ev  # noqa: E402
+
+
+def row(db, todo_id):
+    return db.execute("SELECT *, id::text AS id, draft_status::text AS state FROM todolist "
+                      "WHERE id = %s", (todo_id,)).fetchone()
+
+
+def event_data(db, todo_id, event_type="task_working"):
+    return [e["data"] for e in db.execute(
+        "SELECT data FROM events WHERE todo_id = %s AND event_type = %s ORDER BY timestamp",
+        (todo_id, event_type))]
+
+
+# -- cancels never wait on executor code ---------------------------------------------------------
+
+
+class LoopBlocker(AgentExecutor):
+    """Blocks its event loop inside ``async def`` (CrewAI ``kickoff()``) until released; the
+    "well" todo awaits politely."""
+
+    def __init__(self, hold: threading.Event, runs: list[str]) -> None:
+        self.hold = hold
+        self.runs = runs
+        self.blocking = threading.Event()
+
+    async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+        text = context.get_user_input()
+        self.runs.append(text)
+        if text == "block":
+            self.blocking.set()
+            self.hold.wait(30)  # a blocking call: the loop cannot take anything meanwhile
+        else:
+            await asyncio.sleep(3)  # > 2 leases of 1 s
+            row = context.get_context_data()["row"]
+            event_queue.enqueue_event(ev.artifact({"well": True}, row["id"], row["id"]))
+
+    async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
+        pass
+
+
+def test_cancelling_an_executor_that_blocks_its_loop_does_not_stall_lease_renewal(
+        storage, db, database_url):
+    """The heartbeat cancels a todo whose event loop is blocked; it must go on renewing the
+    other todos' leases, or a rival server runs them a second time."""
+    hold = threading.Event()
+    runs: list[str] = []
+    block = storage.enqueue("a", "block")
+    well = storage.enqueue("a", "well")
+    executor = LoopBlocker(hold, runs)
+    first = ps.start(executor, agent_orch="a", storage=storage, workers=2, lease_seconds=1)
+    rival = None
+    try:
+        wait_for(lambda: sorted(runs) == ["block", "well"])
+        assert executor.blocking.wait(10)
+        # "block" loses its lease: the heartbeat cancels it (the executor's loop is blocked).
+        db.execute("UPDATE todolist SET claim_token = gen_random_uuid() WHERE id = %s", (block,))
+        rival = ps.start(lambda todo: runs.append(f"rival {todo.input}") or {"rival": True},
+                         agent_orch="a", database_url=database_url, workers=2,
+                         lease_seconds=1, poll_interval=0.2)
+        wait_for(lambda: row(db, well)["state"] == "COMPLETED", timeout=20)
+    finally:
+        hold.set()
+        if rival is not None:
+            rival.stop(timeout=5)
+        first.stop(timeout=5)
+    assert "rival well" not in runs, "the well-behaved todo ran once"
+    assert (row(db, well)["output"], row(db, well)["claim_count"]) == ({"well": True}, 1)
+
+
+def test_stop_returns_while_an_a2a_executor_blocks_its_event_loop(storage, db):
+    hold = threading.Event()
+    todo_id = storage.enqueue("a", "block")
+    executor = LoopBlocker(hold, [])
+    server = ps.start(executor, agent_orch="a", storage=storage, workers=1)
+    stopper = threading.Thread(target=server.stop, kwargs={"timeout": 0.2}, daemon=True)
+    try:
+        assert executor.blocking.wait(10)
+        stopper.start()
+        stopper.join(20)
+        stopped_while_blocked = not stopper.is_alive()
+    finally:
+        hold.set()
+        if stopper.ident is None:
+            server.stop(timeout=5)
+        stopper.join(30)
+    assert stopped_while_blocked, "stop() waited for the executor's blocked loop"
+    assert row(db, todo_id)["state"] is None, "given back"
+
+
+class StuckHook:
+    """A blocking executor object whose cancel hook never returns for the first todo."""
+
+    def __init__(self) -> None:
+        self.entered: dict[str, threading.Event] = {"stuck": threading.Event(),
+                                                    "next": threading.Event()}
+        self.release = threading.Event()
+
+    def execute(self, todo, events):
+        self.entered[todo.input].set()
+        todo.cancel_event.wait(30)
+        return {"cancelled": todo.cancelled}
+
+    def cancel(self, todo):
+        if todo.input == "stuck":
+            self.release.wait(30)
+
+
+def test_a_cancel_hook_that_never_returns_does_not_hold_up_other_cancels(storage, db):
+    executor = StuckHook()
+    stuck = storage.enqueue("a", "stuck")
+    nxt = storage.enqueue("a", "next")
+    server = ps.start(executor, agent_orch="a", storage=storage, workers=2)
+    try:
+        assert executor.entered["stuck"].wait(10) and executor.entered["next"].wait(10)
+        db.execute("UPDATE todolist SET draft_status = 'CANCELLED' WHERE id = %s", (stuck,))
+        wait_for(lambda: row(db, stuck)["consumer"] is None)  # cancelled and given back
+        db.execute("UPDATE todolist SET draft_status = 'CANCELLED' WHERE id = %s", (nxt,))
+        wait_for(lambda: server.stats()["cancelled"] == 2, timeout=10)
+    finally:
+        executor.release.set()
+        server.stop(timeout=5)
+    assert row(db, nxt)["state"] == "CANCELLED" and row(db, nxt)["consumer"] is None
+
+
+# -- one run per claim ---------------------------------------------------------------------------
+
+
+def test_a_revision_claimed_mid_run_tells_the_first_run_and_keeps_the_second_runs_events(
+        storage, db):
+    """The UI asks for a revision while the todo runs: the same server claims it again. The
+    first run learns it lost the todo; finishing, it must not take the second run's events."""
+    todo_id = storage.enqueue("a", "x")
+    first_started, second_emitted = threading.Event(), threading.Event()
+    seen: dict[str, Any] = {}
+
+    def handle(todo):
+        if todo.resume.kind == "fresh":
+            todo.events.progress("first")
+            first_started.set()
+            second_emitted.wait(10)
+            seen["first told"] = todo.cancelled
+            return {"run": "first"}
+        todo.events.progress("second")  # still queued when the first run finishes
+        second_emitted.set()
+        time.sleep(0.3)
+        return {"run": "second"}
+
+    server = ps.start(handle, agent_orch="a", storage=storage, workers=2)
+    try:
+        assert first_started.wait(10)
+        time.sleep(0.2)  # "first" is written
+        db.execute("UPDATE todolist SET draft_status = 'FB_REQUESTED', "
+                   "feedback = '[{\"content\": \"again\"}]' WHERE id = %s", (todo_id,))
+        wait_for(lambda: row(db, todo_id)["state"] == "COMPLETED")
+        wait_for(lambda: server.stats()["running"] == 0)
+    finally:
+        second_emitted.set()
+        server.stop(timeout=5)
+    assert seen["first told"], "the first run was told it lost the todo"
+    assert row(db, todo_id)["output"] == {"run": "second"}
+    assert event_data(db, todo_id) == ["first", "second"]
+    assert server.stats()["lost"] == 1
+
+
+# -- every executor ending is recorded -----------------------------------------------------------
+
+
+def exit_from_argparse(todo):
+    argparse.ArgumentParser(prog="tool").parse_args(["--nope"])
+
+
+def interrupt(todo):
+    raise KeyboardInterrupt
+
+
+def cancelled_error_from_asyncio_run(todo):
+    async def work():
+        raise asyncio.CancelledError
+
+    return asyncio.run(work())
+
+
+@pytest.mark.parametrize(("executor", "message"), [
+    (exit_from_argparse, "SystemExit: 2"),
+    (interrupt, "KeyboardInterrupt"),
+    (cancelled_error_from_asyncio_run, "CancelledError"),
+])
+def test_an_executor_raising_a_base_exception_fails_and_frees_its_slot(
+        storage, db, executor, message):
+    bad = storage.enqueue("a", "bad")
+    server = ps.start(lambda todo: executor(todo) if todo.input == "bad" else {"ok": True},
+                      agent_orch="a", storage=storage, workers=1)
+    try:
+        wait_for(lambda: row(db, bad)["state"] == "FAILED")
+        good = storage.enqueue("a", "good")  # the only slot is free again
+        wait_for(lambda: row(db, good)["state"] == "COMPLETED")
+    finally:
+        server.stop(timeout=5)
+    assert message in row(db, bad)["log"]
+    assert server.stats()["failed"] == 1
+
+
+# -- data is snapshotted where it is handed over --------------------------------------------------
+
+
+def test_events_and_results_keep_the_data_they_were_given(storage, db):
+    todo_id = storage.enqueue("a", "x")
+
+    def handle(todo):
+        step: dict[str, Any] = {}
+        for n in range(5):
+            step["n"] = n
+            todo.events.progress(step)
+        result = {"n": 5}
+        todo.events.result(result)
+        result["n"] = 6
+        return None
+
+    server = ps.start(handle, agent_orch="a", storage=storage, workers=1)
+    try:
+        wait_for(lambda: row(db, todo_id)["state"] == "COMPLETED")
+    finally:
+        server.stop(timeout=5)
+    assert event_data(db, todo_id) == [{"n": n} for n in range(5)]
+    assert row(db, todo_id)["output"] == {"n": 5}
+
+
+def test_a_value_that_is_not_json_added_after_it_was_handed_over_harms_nothing(storage, db):
+    first = storage.enqueue("a", "first")
+
+    def handle(todo):
+        data = {"step": 1}
+        todo.events.progress(data)
+        result = {"done": True}
+        todo.events.result(result)
+        if todo.input == "first":
+            data["late"] = object()
+            result["late"] = object()
+        return None
+
+    server = ps.start(handle, agent_orch="a", storage=storage, workers=1)
+    try:
+        wait_for(lambda: row(db, first)["state"] is not None
+                 and row(db, first)["state"] != "STARTED")
+        second = storage.enqueue("a", "second")
+        wait_for(lambda: row(db, second)["state"] == "COMPLETED")
+    finally:
+        server.stop(timeout=5)
+    assert row(db, first)["state"] == "COMPLETED" and row(db, first)["output"] == {"done": True}
+    assert event_data(db, first) == event_data(db, second) == [{"step": 1}]
+
+
+def claim_of(storage, agent_orch="w"):
+    (item,) = storage.claim(agent_orch=agent_orch, consumer="test", limit=1, lease_seconds=60,
+                            max_claims=5, tenant_id=None)
+    return item
+
+
+def event_row(claim: Claim, data: Any) -> dict[str, Any]:
+    return {"todo_id": claim.todo_id, "token": claim.token, "event_type": "task_working",
+            "data": data, "job_id": None, "crew_type": None, "status": None}
+
+
+def test_the_event_writer_survives_an_event_it_cannot_encode(storage, db, caplog):
+    storage.enqueue("w", "x")
+    claim = claim_of(storage)
+    buffer = EventBuffer(storage, flush_interval=0.01, batch_size=100)
+    buffer.start()
+    try:
+        with caplog.at_level(logging.WARNING):
+            buffer.add(event_row(claim, {"bad": object()}))  # bypasses the call-site check
+            buffer.add(event_row(claim, {"good": 1}))
+            assert buffer.flush(timeout=10)
+            buffer.add(event_row(claim, {"later": 2}))
+            assert buffer.flush(timeout=10)
+    finally:
+        buffer.close(timeout=5)
+    assert event_data(db, claim.todo_id) == [{"good": 1}, {"later": 2}]
+    assert "not JSON serializable" in caplog.text or "not JSON-serialisable" in caplog.text
+
+
+def test_the_outcome_writer_refuses_only_the_outcome_it_cannot_encode(storage, db):
+    storage.enqueue("w", "bad")
+    bad = claim_of(storage)
+    storage.enqueue("w", "good")
+    good = claim_of(storage)
+    writer = OutcomeWriter(storage, abort=threading.Event())
+    writer.start()
+    answers: dict[str, Any] = {}
+
+    def write(name, outcome):
+        try:
+            answers[name] = writer.write(outcome)
+        except Exception as exc:
+            answers[name] = exc
+
+    try:
+        outcomes = [("bad", Outcome(bad, "completed", result={"x": object()})),
+                    ("good", Outcome(good, "completed", result={"x": 1}))]
+        threads = [threading.Thread(target=write, args=item, daemon=True) for item in outcomes]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert not any(t.is_alive() for t in threads), "a writer waits for ever"
+    finally:
+        writer.close(timeout=5)
+    assert isinstance(answers["bad"], Exception)
+    assert answers["good"].applied
+    assert row(db, good.todo_id)["state"] == "COMPLETED"
+
+
+def test_a_writer_thread_that_dies_anyway_reports_it(storage):
+    died: list[tuple[str, BaseException]] = []
+
+    def boom(n: int) -> None:
+        raise SystemExit("counter broke")
+
+    storage.enqueue("w", "x")
+    claim = claim_of(storage)
+    buffer = EventBuffer(storage, flush_interval=0.01, batch_size=100, on_written=boom,
+                         on_crash=lambda name, exc: died.append((name, exc)))
+    buffer.start()
+    try:
+        buffer.add(event_row(claim, {"n": 1}))
+        wait_for(lambda: died)
+    finally:
+        buffer.close(timeout=1)
+    assert died[0][0] == "event writer" and isinstance(died[0][1], SystemExit)
+
+
+# -- refused writes on the timeout path ------------------------------------------------------------
+
+
+def test_a_refused_write_on_the_timeout_path_does_not_stop_the_server(storage, db):
+    db.execute("""
+        CREATE FUNCTION refuse_failed() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'refused by a site rule'; END $$;
+        CREATE TRIGGER refuse_failed BEFORE UPDATE ON todolist FOR EACH ROW
+        WHEN (NEW.draft_status = 'FAILED' AND NEW.query = 'hang') EXECUTE FUNCTION refuse_failed();
+    """)
+    release = threading.Event()
+    hung = storage.enqueue("a", "hang")
+
+    def handle(todo):
+        if todo.input == "hang":
+            release.wait(30)
+        return {"ok": True}
+
+    server = ps.start(handle, agent_orch="a", storage=storage, workers=1, timeout=0.3)
+    try:
+        wait_for(lambda: server.stats()["running"] == 0 and row(db, hung)["state"] == "STARTED")
+        time.sleep(0.5)
+        after = storage.enqueue("a", "after")
+        wait_for(lambda: row(db, after)["state"] == "COMPLETED")
+    finally:
+        release.set()
+        server.stop(timeout=5)
+    assert server.failure is None
+
+
+# -- deadlines count from the executor's start -----------------------------------------------------
+
+
+def test_a_queued_todo_times_out_only_after_it_starts_and_is_never_run_after_failing(
+        storage, db):
+    """Two executors ignore their timeout and hold both worker threads; the third todo waits
+    for a thread. It must neither time out while waiting nor run after being failed."""
+    release = threading.Event()
+    started: list[str] = []
+    ids = [storage.enqueue("a", name) for name in ("hang 1", "hang 2", "queued")]
+
+    def handle(todo):
+        started.append(todo.input)
+        if todo.input.startswith("hang"):
+            release.wait(30)  # ignores todo.cancelled
+        return {"ran": todo.input}
+
+    server = ps.start(handle, agent_orch="a", storage=storage, workers=1, timeout=0.5,
+                      poll_interval=0.1)
+    try:
+        wait_for(lambda: [row(db, i)["state"] for i in ids[:2]] == ["FAILED", "FAILED"])
+        wait_for(lambda: row(db, ids[2])["state"] == "STARTED")  # claimed, waiting for a thread
+        time.sleep(1.0)  # two timeouts' worth
+        queued_state = row(db, ids[2])["state"]
+        release.set()
+        wait_for(lambda: row(db, ids[2])["state"] not in (None, "STARTED"))
+        time.sleep(0.3)
+    finally:
+        release.set()
+        server.stop(timeout=5)
+    assert queued_state == "STARTED", "no timeout before the executor started"
+    assert row(db, ids[2])["state"] == "COMPLETED"
+    assert started.count("queued") == 1
