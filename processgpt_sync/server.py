@@ -361,6 +361,10 @@ class Server:
                 return
             run.cancel_reason = reason
             run.cancel_event.set()
+        self._stop_executor(run, reason)
+
+    def _stop_executor(self, run: TodoRun, reason: str) -> None:
+        """Tell the executor (its cancel hook, a question it waits on) that the todo ended."""
         self._log.info("cancelling todo %s (%s)", run.todo_id, reason,
                        extra=self._todo_extra(run, "cancel"))
         if self._desk is not None:
@@ -373,9 +377,13 @@ class Server:
 
     def _time_out(self, run: TodoRun) -> None:
         timeout = self.settings.timeout
-        self._cancel(run, "timeout")
-        if not run.close():
-            return
+        with run.lock:  # the outcome is the timeout's, whatever the executor returns now
+            if run.closed:
+                return
+            run.closed = True
+            run.cancel_reason = "timeout"
+            run.cancel_event.set()
+        self._stop_executor(run, "timeout")
         self._log.warning("todo %s timed out after %gs", run.todo_id, timeout,
                           extra=self._todo_extra(run, "timeout"))
         try:

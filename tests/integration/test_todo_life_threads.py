@@ -185,7 +185,7 @@ def test_a_revision_claimed_mid_run_tells_the_first_run_and_keeps_the_second_run
         server.stop(timeout=5)
     assert seen["first told"], "the first run was told it lost the todo"
     assert row(db, todo_id)["output"] == {"run": "second"}
-    assert event_data(db, todo_id) == ["first", "second"]
+    assert event_data(db, todo_id) == [{"message": "first"}, {"message": "second"}]
     assert server.stats()["lost"] == 1
 
 
