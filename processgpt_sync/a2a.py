@@ -289,6 +289,11 @@ def _context_class() -> type:
         def get_context_data(self) -> dict[str, Any]:
             return {"row": self.row, "extras": self.extras}
 
+        @property
+        def metadata(self) -> dict[str, Any]:
+            """The extras plus the row, as process-gpt-agent-sdk's context gave them."""
+            return {**self.extras, "row": self.row}
+
     return ProcessGPTRequestContext
 
 

@@ -181,6 +181,12 @@ class Todo:
         return list(self.extras.get("notify_emails") or [])
 
     @property
+    def summarized_feedback(self) -> str:
+        """What the reviewer asked to change: the latest feedback's text, or the summary made
+        by the ``summarize_feedback`` option; empty on a first run."""
+        return str(self.extras.get("summarized_feedback") or "")
+
+    @property
     def form_id(self) -> str | None:
         return self.extras.get("form_id")
 

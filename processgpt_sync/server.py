@@ -20,9 +20,10 @@ from contextlib import AbstractContextManager, nullcontext
 from types import TracebackType
 from typing import Any
 
-from .errors import ServerFailed, StorageError, StorageUnavailable
+from .errors import ConfigurationError, ServerFailed, StorageError, StorageUnavailable
 from .events import EventBuffer, backoff
-from .executor import Adapter, adapt
+from .executor import Adapter, adapt, check_thread_safety
+from .feedback import with_summary
 from .human import HumanDesk, SuspendForHuman
 from .models import Claim
 from .outcomes import OutcomeWriter
@@ -54,6 +55,7 @@ class Server:
         thread (Django closes stale connections with it)."""
         self.settings = settings
         self._around_todo = around_todo or nullcontext
+        check_thread_safety(executor, settings.workers)
         self._adapter: Adapter = adapt(executor)
         self._storage = storage
         self._owns_storage = storage is None
@@ -322,6 +324,7 @@ class Server:
         try:
             if not run.cancel_event.is_set():  # else cancelled while it waited for a thread
                 with self._around_todo():
+                    run.todo = with_summary(run.todo, self.settings.summarize_feedback)
                     value = self._adapter.run(run.todo)
         except SuspendForHuman as suspend:
             value = self._recorder_().suspend(run, suspend.question)
@@ -542,11 +545,15 @@ def serve(
     database_url: str | None = None,
     settings: Settings | None = None,
     env_file: str | None = None,
+    processes: int = 1,
     **options: Any,
 ) -> None:
     """Serve until SIGINT/SIGTERM, then stop gracefully and return.
 
     :param env_file: a ``.env`` file to load first (nothing is read unless asked).
+    :param processes: run this many server processes under one supervisor (see
+        :mod:`processgpt_sync.supervisor`); the executor must be picklable.
+    :raises ServerFailed: a server (or, with processes, a server process) failed.
     """
     if env_file is not None:
         from dotenv import load_dotenv
@@ -556,4 +563,16 @@ def serve(
         settings = Settings.from_env(
             agent_orch=agent_orch, workers=workers, database_url=database_url, **options
         )
-    Server(executor, settings).run_forever()
+    if processes == 1:
+        Server(executor, settings).run_forever()
+        return
+    from .supervisor import EXIT_CONFIG, EXIT_OK, ChildSpec, Supervisor, check_picklable
+
+    check_thread_safety(executor, settings.workers)
+    spec = ChildSpec(executor=executor, settings=settings)
+    check_picklable(spec)
+    code = Supervisor(spec, processes).run()
+    if code == EXIT_CONFIG:
+        raise ConfigurationError("a server process failed on its configuration; see its log")
+    if code != EXIT_OK:
+        raise ServerFailed(f"a server process failed (exit code {code}); see its log")

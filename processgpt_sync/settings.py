@@ -6,7 +6,7 @@ import dataclasses
 import os
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,6 +102,9 @@ class Settings:
     transaction_pooler: bool | None = None
     """The database URL goes through a transaction pooler (PgBouncer / Supavisor transaction
     mode, e.g. Supabase port 6543): no LISTEN, no prepared statements. None: detect port 6543."""
+    summarize_feedback: Callable[[list[Any], Any], str] | None = field(default=None, repr=False)
+    """``fn(feedback_items, previous_result) -> str`` making ``extras["summarized_feedback"]``
+    on a revision (default: the latest feedback's text). Runs on the todo's worker thread."""
 
     def __post_init__(self) -> None:
         if not self.agent_orch or not self.agent_orch.strip():

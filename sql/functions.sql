@@ -39,7 +39,10 @@ RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$
 $$;
 
 -- Context extras for one todo, from its own tenant only (agents, humans, form, MCP, sources).
--- plpgsql so its plans are cached; lookups a todo does not need are skipped.
+-- plpgsql so its plans are cached; lookups a todo does not need are skipped. The keys are a
+-- superset of process-gpt-agent-sdk 0.11's context (same names and types: notify_user_emails
+-- is a comma-separated string, form_id and form_fields fall back to a free-form field,
+-- summarized_feedback is the latest feedback's text); notify_emails is our list form.
 CREATE OR REPLACE FUNCTION processgpt_sync_context_v1(p_todo todolist, p_resume jsonb)
 RETURNS jsonb LANGUAGE plpgsql STABLE AS $$
 DECLARE
@@ -53,14 +56,16 @@ DECLARE
     v_mcp jsonb;
     v_sources jsonb := '[]'::jsonb;
     v_proc text := coalesce(p_todo.root_proc_inst_id, p_todo.proc_inst_id);
+    v_last jsonb := CASE WHEN jsonb_typeof(p_todo.feedback) = 'array'
+                         THEN p_todo.feedback -> -1 END;
+    v_feedback jsonb;
 BEGIN
     IF coalesce(p_todo.user_id, '') <> '' THEN
         SELECT array_agg(DISTINCT processgpt_sync_uuid_or_null_v1(trim(x))) INTO v_ids
         FROM unnest(string_to_array(p_todo.user_id, ',')) AS x;
         SELECT coalesce(jsonb_agg(to_jsonb(u) ORDER BY u.username)
                         FILTER (WHERE u.is_agent), '[]'::jsonb),
-               coalesce(jsonb_agg(jsonb_build_object('id', u.id, 'username', u.username,
-                                                     'email', u.email) ORDER BY u.username)
+               coalesce(jsonb_agg(to_jsonb(u) ORDER BY u.username)
                         FILTER (WHERE NOT coalesce(u.is_agent, false)), '[]'::jsonb),
                coalesce(jsonb_agg(DISTINCT u.email)
                         FILTER (WHERE NOT coalesce(u.is_agent, false) AND u.email IS NOT NULL),
@@ -74,6 +79,12 @@ BEGIN
         SELECT f.fields_json, f.html INTO v_fields, v_html FROM form_def f
         WHERE f.id = v_form_id AND f.tenant_id IS NOT DISTINCT FROM p_todo.tenant_id LIMIT 1;
     END IF;
+    IF v_fields IS NULL OR v_fields IN ('null'::jsonb, '[]'::jsonb) THEN
+        v_form_id := coalesce(nullif(v_form_id, ''), nullif(p_todo.tool, ''), 'freeform');
+        v_fields := '[{"key": "freeform", "type": "textarea", "text": "Free-form input",
+                       "placeholder": "Write anything"}]'::jsonb;
+    END IF;
+    v_feedback := CASE WHEN jsonb_typeof(v_last) = 'object' THEN v_last -> 'content' ELSE v_last END;
     IF p_todo.tenant_id IS NOT NULL THEN
         SELECT t.mcp INTO v_mcp FROM tenants t WHERE t.id = p_todo.tenant_id;
     END IF;
@@ -84,7 +95,15 @@ BEGIN
     RETURN jsonb_build_object(
         'agents', v_agents, 'users', v_users, 'notify_emails', v_emails,
         'form_id', v_form_id, 'form_fields', v_fields, 'form_html', v_html,
-        'tenant_mcp', v_mcp, 'sources', v_sources, 'resume', p_resume);
+        'tenant_mcp', v_mcp, 'sources', v_sources, 'resume', p_resume,
+        'id', p_todo.id, 'proc_inst_id', v_proc, 'root_proc_inst_id', p_todo.root_proc_inst_id,
+        'activity_name', p_todo.activity_name, 'request_kind', 'process',
+        'notify_user_emails', (SELECT coalesce(string_agg(e, ',' ORDER BY e), '')
+                               FROM jsonb_array_elements_text(v_emails) AS e),
+        'summarized_feedback', CASE
+            WHEN v_feedback IS NULL OR v_feedback = 'null'::jsonb THEN ''
+            WHEN jsonb_typeof(v_feedback) = 'string' THEN v_feedback #>> '{}'
+            ELSE v_feedback::text END);
 END
 $$;
 
