@@ -391,6 +391,25 @@ def cmd_retry(args: argparse.Namespace) -> int:
 def load_executor(target: str) -> Any:
     """Import ``module:attribute`` or ``path/to/file.py:attribute``; a class is instantiated
     without arguments. Anything that cannot work is a ConfigurationError, found now."""
+    obj = import_target(target)
+    if not isinstance(obj, type):
+        return obj
+    module_name, _, attribute = target.rpartition(":")
+    try:
+        inspect.signature(obj).bind()
+    except TypeError as exc:
+        raise ConfigurationError(
+            f"{attribute}() needs arguments ({exc}); the CLI instantiates a class without "
+            f"arguments, so create the instance in {module_name} (executor = {attribute}(...)) "
+            f"and serve {module_name}:executor"
+        ) from None
+    except ValueError:  # no signature to inspect: just try
+        pass
+    return obj()
+
+
+def import_target(target: str) -> Any:
+    """The object named by ``module:attribute`` or ``path/to/file.py:attribute``, as is."""
     module_name, _, attribute = target.rpartition(":")
     if not module_name or not attribute:
         raise ConfigurationError(f"executor must be given as module:attribute or "
@@ -407,19 +426,7 @@ def load_executor(target: str) -> Any:
         obj = getattr(module, attribute)
     except AttributeError:
         raise ConfigurationError(f"{module_name!r} has no attribute {attribute!r}") from None
-    if not isinstance(obj, type):
-        return obj
-    try:
-        inspect.signature(obj).bind()
-    except TypeError as exc:
-        raise ConfigurationError(
-            f"{attribute}() needs arguments ({exc}); the CLI instantiates a class without "
-            f"arguments, so create the instance in {module_name} (executor = {attribute}(...)) "
-            f"and serve {module_name}:executor"
-        ) from None
-    except ValueError:  # no signature to inspect: just try
-        pass
-    return obj()
+    return obj
 
 
 def _import_file(path: Path) -> Any:
@@ -444,7 +451,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from . import embedded
     from .server import Server
 
-    executor = load_executor(args.executor)
+    executor = load_executor(args.executor) if args.processes == 1 else None
     settings = Settings.from_env(
         agent_orch=args.agent_orch,
         workers=args.workers,
@@ -456,6 +463,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         tenant_id=args.tenant,
     )
+    if args.processes != 1:
+        return _serve_processes(args, settings)
     server = Server(executor, settings)
     if args.metrics_port is not None:
         from .metrics import serve_metrics
@@ -471,6 +480,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.shutdown()
         os._exit(0)
     return 0
+
+
+def _serve_processes(args: argparse.Namespace, settings: Settings) -> int:
+    """``serve --processes N``: each child imports the executor itself."""
+    import functools
+
+    from .executor import check_thread_safety
+    from .supervisor import ChildSpec, Supervisor
+
+    check_thread_safety(import_target(args.executor), settings.workers)
+    setup = functools.partial(configure_logging, args.log_level, args.log_format)
+    spec = ChildSpec(executor=args.executor, settings=settings, setup=setup,
+                     metrics_port=args.metrics_port)
+    return Supervisor(spec, args.processes).run()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -621,6 +644,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-host", default="0.0.0.0", metavar="HOST",
                        help="address the metrics port binds (default: 0.0.0.0, every "
                        "interface; 127.0.0.1 for this host only)")
+    serve.add_argument("--processes", type=int, default=1,
+                       help="server processes under one supervisor (for executors that are not "
+                       "thread-safe: --processes 8 --workers 1)")
     serve.set_defaults(func=cmd_serve)
 
     asked = command("asked", "questions to people that wait for an answer")

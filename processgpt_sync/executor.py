@@ -116,6 +116,17 @@ class AsyncFunctionAdapter:
         self._loops.close()
 
 
+def check_thread_safety(obj: Any, workers: int) -> None:
+    """Refuse ``workers > 1`` for an executor that declares ``thread_safe = False``."""
+    if workers > 1 and getattr(obj, "thread_safe", True) is False:
+        name = getattr(obj, "__qualname__", None) or type(obj).__qualname__
+        raise ConfigurationError(
+            f"{name} declares thread_safe = False, so it cannot run on {workers} worker "
+            f"threads: use workers=1 and scale with processes (--processes {workers} "
+            "--workers 1)"
+        )
+
+
 def is_a2a_executor(obj: Any) -> bool:
     """True for an a2a-sdk AgentExecutor, without importing a2a when nobody did."""
     module = sys.modules.get("a2a.server.agent_execution")

@@ -133,7 +133,8 @@ def test_a2a_executor_reads_every_upstream_key_and_the_feedback_on_a_revision(st
             row = data["row"]
             seen.update(feedback=extras["summarized_feedback"], row_id=row["id"],
                         meta_row=context.metadata["row"]["id"])
-            result = {extras["form_id"]: {"summary": "short", "note": extras["summarized_feedback"]}}
+            note = extras["summarized_feedback"]
+            result = {extras["form_id"]: {"summary": "short", "note": note}}
             event_queue.enqueue_event(ev.artifact(result, context.context_id, context.task_id))
 
         async def cancel(self, context, event_queue):
