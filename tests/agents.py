@@ -21,3 +21,21 @@ def quick(todo: Todo) -> dict[str, object]:
     todo.events.progress({"pid": os.getpid()})
     time.sleep(0.002)
     return {"pid": os.getpid()}
+
+
+class ProcessWide:
+    """Keeps process-wide state that concurrent todos would corrupt (like a global tool
+    loader shut down at the end of each todo), so it declares itself not thread-safe."""
+
+    thread_safe = False
+    busy = False
+
+    def execute(self, todo: Todo, events: object) -> dict[str, object]:
+        if ProcessWide.busy:
+            raise RuntimeError("two todos at once in one process")
+        ProcessWide.busy = True
+        try:
+            time.sleep(0.05)
+            return {"pid": os.getpid()}
+        finally:
+            ProcessWide.busy = False

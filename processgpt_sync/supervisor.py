@@ -1,0 +1,234 @@
+"""``serve --processes N``: one supervisor over N server processes on this host.
+
+Executors with process-wide state (tool loaders, global clients, anything not thread-safe) scale
+with processes instead of threads: ``--processes 8 --workers 1``. Each child is an ordinary
+server with its own consumer name; the supervisor holds no todo and no lease, the database
+stays the only coordinator. The supervisor:
+
+- forwards SIGINT/SIGTERM to every child (first signal: graceful stop, second: exit now);
+- restarts a child that died, with exponential back-off, and logs it;
+- does not restart a child that failed on its configuration (exit 2): the group stops;
+- exits 0 when every child stopped cleanly on request, 1 when one failed, 2 on a
+  configuration error.
+
+Children are started with ``multiprocessing``'s spawn method (no fork of a threaded process),
+so a script that calls ``serve(..., processes=N)`` needs the usual
+``if __name__ == "__main__":`` guard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from .errors import ConfigurationError, SchemaMissing, ServerFailed
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+BACKOFF_FIRST = 1.0  # seconds before the first restart of a child
+BACKOFF_MAX = 30.0  # longest wait between restarts
+STABLE_AFTER = 30.0  # a child that ran this long restarts again after BACKOFF_FIRST
+PARENT_CHECK = 1.0  # seconds between a child's checks that its supervisor still lives
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    """What each child serves; pickled to the children."""
+
+    executor: Any
+    """The executor object, or ``"module:attribute"`` imported in the child."""
+    settings: Settings
+    setup: Callable[[], None] | None = None
+    """Run first in each child (the CLI configures logging with it)."""
+    metrics_port: int | None = None
+    """Child ``i`` serves Prometheus metrics on ``metrics_port + i``."""
+
+
+def check_picklable(spec: ChildSpec) -> None:
+    """Fail now, with the fix, when the executor cannot be sent to a child process."""
+    try:
+        pickle.dumps(spec)
+    except Exception as exc:
+        raise ConfigurationError(
+            f"processes > 1 needs an executor that can be sent to another process ({exc}): "
+            "pass a module-level function or class instance, or serve 'module:attribute' "
+            "from the CLI"
+        ) from None
+
+
+class Supervisor:
+    """Runs N children until a signal, restarting the ones that die."""
+
+    def __init__(self, spec: ChildSpec, processes: int) -> None:
+        if not isinstance(processes, int) or processes < 1:
+            raise ConfigurationError(f"processes must be a positive integer, got {processes!r}")
+        self._spec = spec
+        self._count = processes
+        self._context = multiprocessing.get_context("spawn")
+        self._children: dict[int, Any] = {}
+        self._started_at: dict[int, float] = {}
+        self._backoff: dict[int, float] = {}
+        self._restart_at: dict[int, float] = {}
+        self._signals = 0
+        self._config_failed = False
+        self._failed = False
+        self._extra = {"agent_orch": spec.settings.agent_orch, "action": "supervise"}
+
+    def run(self) -> int:
+        """Serve until SIGINT/SIGTERM; return the group's exit code."""
+        previous = self._install_signals()
+        try:
+            for index in range(self._count):
+                self._start(index)
+            logger.info("supervising %d server processes (%d workers each)", self._count,
+                        self._spec.settings.workers, extra=self._extra)
+            while self._children or (self._restart_at and not self._signals):
+                self._watch()
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+        if self._config_failed:
+            return EXIT_CONFIG
+        return EXIT_FAILED if self._failed else EXIT_OK
+
+    def stop(self) -> None:
+        """Ask every child to stop gracefully (as the first SIGTERM does)."""
+        self._on_signal(signal.SIGTERM, None)
+
+    # -- children ------------------------------------------------------------------------------
+
+    def _start(self, index: int) -> None:
+        process = self._context.Process(target=child_main, args=(self._spec, index),
+                                        name=f"processgpt-sync-{index}", daemon=False)
+        process.start()
+        self._children[index] = process
+        self._started_at[index] = time.monotonic()
+        logger.info("started server process %d (pid %s)", index, process.pid, extra=self._extra)
+
+    def _watch(self) -> None:
+        now = time.monotonic()
+        due = min(self._restart_at.values(), default=now + 0.5)
+        sentinels = {p.sentinel: i for i, p in self._children.items()}
+        ready = multiprocessing.connection.wait(list(sentinels), timeout=max(0.0, due - now))
+        for sentinel in ready:
+            self._reap(sentinels[sentinel])
+        now = time.monotonic()
+        for index, when in list(self._restart_at.items()):
+            if when <= now and not self._signals:
+                del self._restart_at[index]
+                self._start(index)
+
+    def _reap(self, index: int) -> None:
+        process = self._children.pop(index)
+        process.join()
+        code = process.exitcode
+        ran = time.monotonic() - self._started_at.pop(index)
+        if self._signals:
+            if code != 0:
+                self._failed = True
+                logger.warning("server process %d (pid %s) exited with %s while stopping",
+                               index, process.pid, code, extra=self._extra)
+            return
+        if code == EXIT_CONFIG:
+            self._config_failed = True
+            logger.error("server process %d (pid %s) failed on its configuration; stopping "
+                         "the group", index, process.pid, extra=self._extra)
+            self.stop()
+            return
+        wait = BACKOFF_FIRST if ran >= STABLE_AFTER else min(
+            BACKOFF_MAX, 2 * self._backoff.get(index, BACKOFF_FIRST / 2))
+        self._backoff[index] = wait
+        self._restart_at[index] = time.monotonic() + wait
+        logger.warning("server process %d (pid %s) died with exit code %s after %.1fs; "
+                       "restarting in %gs", index, process.pid, code, ran, wait,
+                       extra=self._extra)
+
+    # -- signals -------------------------------------------------------------------------------
+
+    def _install_signals(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            logger.warning("not on the main thread: no signal handlers installed; call stop() "
+                           "to end", extra=self._extra)
+            return {}
+        return {sig: signal.signal(sig, self._on_signal)
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals += 1
+        self._restart_at.clear()
+        if self._signals == 1:
+            logger.info("signal %s: stopping %d server processes gracefully (again to exit "
+                        "now)", signal.Signals(signum).name, len(self._children),
+                        extra=self._extra)
+        for process in list(self._children.values()):
+            if process.pid is not None and process.exitcode is None:
+                try:
+                    os.kill(process.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+
+
+def child_main(spec: ChildSpec, index: int) -> None:
+    """One server process of the group: an ordinary server with its own consumer name."""
+    os.setpgrp()  # a terminal's Ctrl+C reaches only the supervisor, which forwards it once
+    if spec.setup is not None:
+        spec.setup()
+    _stop_when_orphaned(os.getppid())
+    from .server import Server
+
+    log = logging.getLogger(f"{__name__}.child")
+    try:
+        executor = spec.executor
+        if isinstance(executor, str):
+            from .cli import load_executor
+
+            executor = load_executor(executor)
+        settings = dataclasses.replace(
+            spec.settings, consumer=f"{spec.settings.consumer}/{index}:{os.getpid()}")
+        server = Server(executor, settings)
+        if spec.metrics_port:
+            from .metrics import serve_metrics
+
+            serve_metrics(server, spec.metrics_port + index)
+        server.run_forever()
+    except (ConfigurationError, SchemaMissing) as exc:
+        log.error("server process %d: %s", index, exc)
+        logging.shutdown()
+        os._exit(EXIT_CONFIG)
+    except ServerFailed as exc:
+        log.error("server process %d: %s", index, exc)
+        logging.shutdown()
+        os._exit(EXIT_FAILED)
+    except Exception:
+        log.exception("server process %d failed", index)
+        logging.shutdown()
+        os._exit(EXIT_FAILED)
+    logging.shutdown()
+    sys.stdout.flush()
+    # Every write is done; executors that ignore todo.cancelled must not hold the process.
+    os._exit(EXIT_OK)
+
+
+def _stop_when_orphaned(parent: int) -> None:
+    """A child whose supervisor died (kill -9) stops gracefully instead of serving on alone."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="processgpt-sync-orphan-watch", daemon=True).start()

@@ -1,0 +1,114 @@
+"""serve --processes N: a supervisor over N server processes, and thread_safe = False."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import processgpt_sync as ps
+from tests.agents import ProcessWide
+from tests.conftest import wait_for
+from tests.integration.test_reliability import ROOT, scalar, stop_process
+
+
+def supervise(database_url, *args, log):
+    return subprocess.Popen(
+        [sys.executable, "-m", "processgpt_sync", "serve", "tests.agents:ProcessWide",
+         "--database-url", database_url, "--agent-orch", "pw", *args],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def enqueue(url, n):
+    for _ in range(n):
+        scalar(url, "SELECT processgpt_sync_enqueue_v1('pw', 'x')::text")
+
+
+def pids(url):
+    with_outputs = ("SELECT array_agg(DISTINCT (output ->> 'pid')::int) FROM todolist "
+                    "WHERE output IS NOT NULL")
+    return set(scalar(url, with_outputs) or [])
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_not_thread_safe_executor_refuses_more_than_one_worker():
+    with pytest.raises(ps.ConfigurationError) as caught:
+        ps.start(ProcessWide(), agent_orch="pw", workers=4)
+    assert str(caught.value) == (
+        "ProcessWide declares thread_safe = False, so it cannot run on 4 worker threads: use "
+        "workers=1 and scale with processes (--processes 4 --workers 1)")
+
+
+def test_the_cli_refuses_it_in_one_line_before_starting_processes():
+    result = subprocess.run(
+        [sys.executable, "-m", "processgpt_sync", "serve", "tests.agents:ProcessWide",
+         "--agent-orch", "pw", "--workers", "2", "--processes", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "--processes 2 --workers 1" in result.stderr
+
+
+def test_processes_need_an_executor_that_can_reach_another_process():
+    with pytest.raises(ps.ConfigurationError, match="module-level function"):
+        ps.serve(lambda todo: {}, agent_orch="pw", workers=1, processes=2)
+
+
+@pytest.mark.slow
+def test_processes_serve_one_todo_each_restart_a_killed_child_and_stop_on_sigterm(
+        database_url, tmp_path):
+    enqueue(database_url, 12)
+    log_path = tmp_path / "log"
+    with open(log_path, "w") as log:
+        group = supervise(database_url, "--processes", "2", "--workers", "1", log=log)
+        try:
+            wait_for(lambda: scalar(database_url, "SELECT count(*) FROM todolist WHERE "
+                                    "draft_status = 'COMPLETED'") == 12, timeout=60)
+            first = pids(database_url)
+            assert len(first) == 2 and group.pid not in first, "two children served"
+            victim = min(first)
+            os.kill(victim, signal.SIGKILL)
+            wait_for(lambda: log_path.read_text().count("serving agent_orch=pw") == 3,
+                     timeout=30)
+            enqueue(database_url, 20)
+            wait_for(lambda: scalar(database_url, "SELECT count(*) FROM todolist WHERE "
+                                    "draft_status = 'COMPLETED'") == 32, timeout=60)
+            children = pids(database_url) - {victim}
+            assert len(children) == 2, "the restarted child serves beside the survivor"
+            group.send_signal(signal.SIGTERM)
+            assert group.wait(30) == 0
+        finally:
+            stop_process(group)
+    text = log_path.read_text()
+    assert f"(pid {victim}) died with exit code -9" in text and "restarting in 1s" in text
+    assert "two todos at once" not in text
+    deadline = time.monotonic() + 5
+    while any(alive(p) for p in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(p) for p in children), "the children stopped with the supervisor"
+    assert scalar(database_url, "SELECT count(*) FROM processgpt_sync_lease") == 0
+
+
+@pytest.mark.slow
+def test_a_child_failing_on_its_configuration_stops_the_group_with_exit_2(
+        empty_database_url, tmp_path):
+    with open(tmp_path / "log", "w") as log:
+        group = supervise(empty_database_url, "--processes", "2", "--workers", "1", log=log)
+        try:
+            assert group.wait(60) == 2
+        finally:
+            stop_process(group)
+    text = (tmp_path / "log").read_text()
+    assert "failed on its configuration; stopping the group" in text
+    assert "restarting in" not in text
