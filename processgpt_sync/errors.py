@@ -12,7 +12,8 @@ Our exception hierarchy::
     ├── ServerFailed
     └── ExecutorError
         ├── ExecutorTimeout
-        └── NoResultError
+        ├── NoResultError
+        └── BlockingCallInAsync
 
 Each class's docstring is its default message.
 """
@@ -72,3 +73,7 @@ class ExecutorTimeout(ExecutorError):
 
 class NoResultError(ExecutorError):
     """The executor returned without a result."""
+
+
+class BlockingCallInAsync(ExecutorError):
+    """Blocking code called inside ``async def`` refused to run in the running event loop."""

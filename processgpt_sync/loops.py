@@ -22,6 +22,8 @@ from typing import Any, Generic, TypeVar
 from anyio import CancelScope
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
+from .blocking import explain
+
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
@@ -50,8 +52,15 @@ class LoopTask(Generic[T]):
         raise concurrent.futures.CancelledError("cancelled by the server")
 
     def result(self) -> T:
-        """Wait for the coroutine's outcome (on the calling worker thread)."""
-        return self._future.result()
+        """Wait for the coroutine's outcome (on the calling worker thread); see
+        ``blocking.explain`` for one failure."""
+        try:
+            return self._future.result()
+        except RuntimeError as exc:
+            explained = explain(exc)
+            if explained is exc:
+                raise
+            raise explained from exc
 
     def cancel(self, before: Callable[[], Any] | None = None) -> None:
         """Cancel the coroutine, first awaiting ``before()`` (a cancel hook) on its loop;
