@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 import sys
 import threading
 from collections.abc import Callable
@@ -134,10 +135,30 @@ def is_a2a_executor(obj: Any) -> bool:
     return base is not None and isinstance(obj, base)
 
 
+A2A_SUPPORTED = "a2a-sdk >=0.3,<2"
+
+
+def check_a2a_version(version: str) -> None:
+    """Refuse a2a-sdk lines whose events and context the bridge does not read (0.2.x: other
+    message shapes; 2.x: not released when this was written)."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match and (0, 3) <= (int(match[1]), int(match[2])) < (2, 0):
+        return
+    raise ConfigurationError(
+        f"a2a-sdk {version} is installed; AgentExecutors run on {A2A_SUPPORTED} (0.3 and 1.x). "
+        "For executors written for a2a-sdk 0.2 / process-gpt-agent-sdk 0.2, install "
+        "'processgpt-sync[a2a-v03]' and see docs/porting.md"
+    )
+
+
 def adapt(obj: Any) -> Adapter:
     """Wrap any accepted executor in an Adapter; raise ConfigurationError for anything else."""
     if is_a2a_executor(obj):
+        from importlib.metadata import version
+
         from .a2a import A2AAdapter
+
+        check_a2a_version(version("a2a-sdk"))
 
         return A2AAdapter(obj)
     execute = getattr(obj, "execute", None)
