@@ -1,0 +1,174 @@
+"""CrewAI 1.x events → the running todo's ProcessGPT events, through the server's fenced path.
+
+One call, once per process, before crews run::
+
+    from processgpt_sync.contrib.crewai import install
+    install()                      # crew_type="action" by default, as the platform's crews use
+
+From then on every crew that runs inside a todo (kickoff or kickoff_async, on the worker thread
+or in an a2a executor) writes what the ProcessGPT UI shows for crews:
+
+==========================================  =====================  ==========================
+CrewAI event                                ``events.event_type``  ``data``
+==========================================  =====================  ==========================
+TaskStartedEvent                            task_started           role, goal, name,
+                                                                   agent_profile
+TaskCompletedEvent                          task_completed         result (JSON text parsed)
+TaskFailedEvent                             error                  error
+ToolUsageStartedEvent                       tool_usage_started     tool_name, query, args
+ToolUsageFinishedEvent / ToolUsageError     tool_usage_finished    tool_name, query, output
+                                                                   or error
+AgentExecutionStarted/Completed/Error       task_working           role, status (crew_type
+                                                                   ``agent``)
+CrewKickoffStarted/Completed/Failed         task_working           crew_name, status
+                                                                   (crew_type ``crew``)
+==========================================  =====================  ==========================
+
+Task and tool events share ``job_id`` = the CrewAI task id, so the UI pairs start and finish;
+``crew_completed`` stays the server's own, written once after the result. Events go through
+``todo.events`` (batched, ordered per todo, refused once the todo lost its lease or was
+cancelled); no Supabase client of the crew's own. Crews running outside a todo are ignored.
+
+CrewAI calls listeners on its own thread pool with the emitting code's contextvars, which is
+how the running todo is found (``processgpt_sync.runs.current_run``). It runs the handlers of
+one event concurrently with the next event's, so two events emitted within microseconds of
+each other may be recorded in swapped order; ``crew.kickoff()`` waits for every handler before
+it returns, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Any
+
+from ..payload import unwrap_text
+from ..runs import current_run
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROFILE = "/images/chat-icon.png"  # the UI's default agent picture
+_lock = threading.Lock()
+_listener: Any = None
+
+
+def install(*, crew_type: str = "action") -> Any:
+    """Register the listener on CrewAI's event bus (once per process; later calls return the
+    same listener). ``crew_type`` labels task and tool events (the platform uses action,
+    result, report, slide...)."""
+    global _listener
+    with _lock:
+        if _listener is None:
+            _listener = _listener_class()(crew_type)
+        return _listener
+
+
+def translate(event: Any, crew_type: str) -> tuple[str, Any, str | None, str] | None:
+    """``(event_type, data, job_id, crew_type)`` for a CrewAI event, or None to skip it."""
+    kind = type(event).__name__
+    task_job = _text(getattr(event, "task_id", None)) or _task_id(getattr(event, "task", None))
+    if kind == "TaskStartedEvent":
+        agent = getattr(getattr(event, "task", None), "agent", None)
+        role = getattr(agent, "role", None) or getattr(event, "agent_role", None)
+        return "task_started", {
+            "role": role,
+            "goal": getattr(agent, "goal", None),
+            "name": getattr(agent, "name", None) or role,
+            "agent_profile": getattr(agent, "profile", None) or DEFAULT_PROFILE,
+        }, task_job, crew_type
+    if kind == "TaskCompletedEvent":
+        output = getattr(event, "output", None)
+        raw = getattr(output, "raw", output)
+        return "task_completed", {"result": _parsed(raw)}, task_job, crew_type
+    if kind == "TaskFailedEvent":
+        return "error", {"error": _text(getattr(event, "error", None))}, task_job, crew_type
+    if kind.startswith("ToolUsage"):
+        args = getattr(event, "tool_args", None)
+        parsed = _parsed(args) if isinstance(args, str) else args
+        data: dict[str, Any] = {
+            "tool_name": getattr(event, "tool_name", None),
+            "query": parsed.get("query") if isinstance(parsed, dict) else None,
+            "args": parsed,
+        }
+        if kind == "ToolUsageStartedEvent":
+            return "tool_usage_started", data, task_job, crew_type
+        if kind == "ToolUsageFinishedEvent":
+            data["output"] = _parsed(getattr(event, "output", None))
+        else:
+            data["error"] = _text(getattr(event, "error", None))
+        return "tool_usage_finished", data, task_job, crew_type
+    if kind.startswith("AgentExecution"):
+        status = {"AgentExecutionStartedEvent": "started",
+                  "AgentExecutionCompletedEvent": "completed"}.get(kind, "failed")
+        role = getattr(getattr(event, "agent", None), "role", None) or getattr(
+            event, "agent_role", None)
+        return "task_working", {"role": role, "status": status}, task_job, "agent"
+    if kind.startswith("CrewKickoff"):
+        status = {"CrewKickoffStartedEvent": "started",
+                  "CrewKickoffCompletedEvent": "completed"}.get(kind, "failed")
+        data = {"crew_name": getattr(event, "crew_name", None), "status": status}
+        if status == "failed":
+            data["error"] = _text(getattr(event, "error", None))
+        return "task_working", data, None, "crew"
+    return None
+
+
+def record(event: Any, crew_type: str) -> None:
+    """Write one CrewAI event into the todo running in this context, if any."""
+    run = current_run()
+    if run is None:
+        return
+    translated = translate(event, crew_type)
+    if translated is None:
+        return
+    event_type, data, job_id, kind = translated
+    try:
+        run.todo.events.emit(event_type, _json_safe(data), job_id=job_id, crew_type=kind)
+    except Exception:
+        logger.exception("could not record CrewAI %s for todo %s", type(event).__name__,
+                         run.todo_id, extra={"action": "crewai_event", "todo_id": run.todo_id})
+
+
+def _listener_class() -> type:
+    from crewai import events as crewai_events
+    from crewai.events import BaseEventListener
+
+    names = ("TaskStartedEvent", "TaskCompletedEvent", "TaskFailedEvent",
+             "ToolUsageStartedEvent", "ToolUsageFinishedEvent", "ToolUsageErrorEvent",
+             "AgentExecutionStartedEvent", "AgentExecutionCompletedEvent",
+             "AgentExecutionErrorEvent", "CrewKickoffStartedEvent", "CrewKickoffCompletedEvent",
+             "CrewKickoffFailedEvent")
+
+    class ProcessGPTEventListener(BaseEventListener):  # type: ignore[misc]
+        """Routes crew, agent, task and tool events into the running todo's events."""
+
+        def __init__(self, crew_type: str) -> None:
+            self.crew_type = crew_type
+            super().__init__()
+
+        def setup_listeners(self, crewai_event_bus: Any) -> None:
+            for name in names:
+                crewai_event_bus.on(getattr(crewai_events, name))(self._on_event)
+
+        def _on_event(self, source: Any, event: Any) -> None:
+            record(event, self.crew_type)
+
+    return ProcessGPTEventListener
+
+
+def _task_id(task: Any) -> str | None:
+    return _text(getattr(task, "id", None))
+
+
+def _text(value: Any) -> str | None:
+    return None if value in (None, "") else str(value)
+
+
+def _parsed(value: Any) -> Any:
+    """JSON text becomes its value (as the original SDK stored it); other text stays text."""
+    return unwrap_text(value) if isinstance(value, str) else value
+
+
+def _json_safe(data: Any) -> Any:
+    return json.loads(json.dumps(data, ensure_ascii=False, default=str))
