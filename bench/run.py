@@ -1,7 +1,7 @@
 """Benchmarks: throughput, pickup latency, cancel latency, idle cost, scale-out, memory.
 
     pip install -r bench/requirements.txt
-    python bench/run.py [--quick] [--json]
+    python bench/run.py [--quick] [--json] [--compat]
 
 Starts its own embedded PostgreSQL (a temporary data directory), runs every measurement one
 after another on it, prints a table, and with --json a JSON object as the last line.
@@ -371,7 +371,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer todos, shorter idle window")
     parser.add_argument("--json", action="store_true", help="print a JSON object last")
-    parser.add_argument("--only", choices=["fairness"], help="run just this section")
+    parser.add_argument("--only", choices=["fairness", "compat"], help="run just this section")
+    parser.add_argument("--compat", action="store_true", help="add the compat section (needs "
+                        "crewai, langchain-core and langgraph; see bench/compat.py)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     # Expected here and not news: servers start before their todos are enqueued, and
@@ -385,6 +387,11 @@ def main() -> int:
     try:
         if args.only == "fairness":
             fairness(bench, results)
+            return report(results, args.json)
+        if args.only == "compat":
+            from bench.compat import measure
+
+            results.update(measure(bench, args.quick))
             return report(results, args.json)
         per_workers = {str(w): throughput(bench, w) for w in (1, 4, 8, 16, 32, 64)}
         results["throughput_by_workers"] = per_workers
@@ -410,6 +417,10 @@ def main() -> int:
         _, _, rss = scale_out(bench, 1, 16)
         results["peak_rss_mb_16_workers"] = rss
         fairness(bench, results)
+        if args.compat:
+            from bench.compat import measure
+
+            results.update(measure(bench, args.quick))
     finally:
         bench.close()
     return report(results, args.json)
