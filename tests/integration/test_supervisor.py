@@ -68,11 +68,13 @@ def test_processes_need_an_executor_that_can_reach_another_process():
 @pytest.mark.slow
 def test_processes_serve_one_todo_each_restart_a_killed_child_and_stop_on_sigterm(
         database_url, tmp_path):
-    enqueue(database_url, 12)
     log_path = tmp_path / "log"
     with open(log_path, "w") as log:
         group = supervise(database_url, "--processes", "2", "--workers", "1", log=log)
         try:
+            wait_for(lambda: log_path.read_text().count("serving agent_orch=pw") == 2,
+                     timeout=30)
+            enqueue(database_url, 12)
             wait_for(lambda: scalar(database_url, "SELECT count(*) FROM todolist WHERE "
                                     "draft_status = 'COMPLETED'") == 12, timeout=60)
             first = pids(database_url)
@@ -112,3 +114,32 @@ def test_a_child_failing_on_its_configuration_stops_the_group_with_exit_2(
     text = (tmp_path / "log").read_text()
     assert "failed on its configuration; stopping the group" in text
     assert "restarting in" not in text
+
+
+@pytest.mark.slow
+def test_serve_with_processes_from_python_runs_the_children_and_returns_on_sigterm(
+        database_url, tmp_path):
+    script = ("from processgpt_sync import serve\n"
+              "from tests.agents import ProcessWide\n"
+              "if __name__ == '__main__':\n"
+              f"    serve(ProcessWide(), agent_orch='pw', workers=1, processes=2, "
+              f"database_url={database_url!r})\n")
+    (tmp_path / "main.py").write_text(script)
+    with open(tmp_path / "log", "w") as log:
+        group = subprocess.Popen([sys.executable, str(tmp_path / "main.py")], cwd=ROOT,
+                                 stdout=log, stderr=subprocess.STDOUT,
+                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
+        try:
+            def both_served():
+                enqueue(database_url, 4)  # until both children (started at their pace) served
+                wait_for(lambda: scalar(database_url, "SELECT count(*) FROM todolist WHERE "
+                                        "draft_status IS DISTINCT FROM 'COMPLETED'") == 0,
+                         timeout=30)
+                return len(pids(database_url)) == 2
+
+            wait_for(both_served, timeout=60, interval=0.2)
+            assert group.pid not in pids(database_url)
+            group.send_signal(signal.SIGTERM)
+            assert group.wait(30) == 0
+        finally:
+            stop_process(group)
