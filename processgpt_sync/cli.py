@@ -490,9 +490,10 @@ def _serve_processes(args: argparse.Namespace, settings: Settings) -> int:
     from .supervisor import ChildSpec, Supervisor
 
     check_thread_safety(import_target(args.executor), settings.workers)
-    setup = functools.partial(configure_logging, args.log_level, args.log_format)
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel())  # as main() chose
+    setup = functools.partial(configure_logging, level, args.log_format)
     spec = ChildSpec(executor=args.executor, settings=settings, setup=setup,
-                     metrics_port=args.metrics_port)
+                     metrics_port=args.metrics_port, metrics_host=args.metrics_host)
     return Supervisor(spec, args.processes).run()
 
 

@@ -56,6 +56,7 @@ class ChildSpec:
     """Run first in each child (the CLI configures logging with it)."""
     metrics_port: int | None = None
     """Child ``i`` serves Prometheus metrics on ``metrics_port + i``."""
+    metrics_host: str = "0.0.0.0"
 
 
 def check_picklable(spec: ChildSpec) -> None:
@@ -185,13 +186,13 @@ class Supervisor:
 def child_main(spec: ChildSpec, index: int) -> None:
     """One server process of the group: an ordinary server with its own consumer name."""
     os.setpgrp()  # a terminal's Ctrl+C reaches only the supervisor, which forwards it once
-    if spec.setup is not None:
-        spec.setup()
     _stop_when_orphaned(os.getppid())
     from .server import Server
 
     log = logging.getLogger(f"{__name__}.child")
     try:
+        if spec.setup is not None:
+            spec.setup()
         executor = spec.executor
         if isinstance(executor, str):
             from .cli import load_executor
@@ -200,27 +201,32 @@ def child_main(spec: ChildSpec, index: int) -> None:
         settings = dataclasses.replace(
             spec.settings, consumer=f"{spec.settings.consumer}/{index}:{os.getpid()}")
         server = Server(executor, settings)
-        if spec.metrics_port:
+        if spec.metrics_port is not None:
             from .metrics import serve_metrics
 
-            serve_metrics(server, spec.metrics_port + index)
+            serve_metrics(server, spec.metrics_port + index, spec.metrics_host)
         server.run_forever()
     except (ConfigurationError, SchemaMissing) as exc:
         log.error("server process %d: %s", index, exc)
-        logging.shutdown()
-        os._exit(EXIT_CONFIG)
+        _exit(EXIT_CONFIG)
     except ServerFailed as exc:
         log.error("server process %d: %s", index, exc)
-        logging.shutdown()
-        os._exit(EXIT_FAILED)
+        _exit(EXIT_FAILED)
     except Exception:
         log.exception("server process %d failed", index)
-        logging.shutdown()
-        os._exit(EXIT_FAILED)
+        _exit(EXIT_FAILED)
+    # Every write is done; executors that ignore todo.cancelled must not hold the process.
+    _exit(EXIT_OK)
+
+
+def _exit(code: int) -> None:
+    """Leave now: threads of executors that ignore ``todo.cancelled`` must not hold us."""
+    from . import embedded
+
+    embedded.release()  # os._exit skips the exit hook that stops the embedded server
     logging.shutdown()
     sys.stdout.flush()
-    # Every write is done; executors that ignore todo.cancelled must not hold the process.
-    os._exit(EXIT_OK)
+    os._exit(code)
 
 
 def _stop_when_orphaned(parent: int) -> None:
