@@ -646,8 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="address the metrics port binds (default: 0.0.0.0, every "
                        "interface; 127.0.0.1 for this host only)")
     serve.add_argument("--processes", type=int, default=1,
-                       help="server processes under one supervisor (for executors that are not "
-                       "thread-safe: --processes 8 --workers 1)")
+                       help="server processes under one supervisor, for executors that are "
+                       "not thread-safe: --processes 8 --workers 1 (default: 1)")
     serve.set_defaults(func=cmd_serve)
 
     asked = command("asked", "questions to people that wait for an answer")
