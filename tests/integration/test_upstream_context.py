@@ -26,8 +26,8 @@ def revision(db, agent_orch="a", *, tool="formHandler:f1", feedback=FEEDBACK):
     db.execute("""INSERT INTO users (id, tenant_id, username, email, is_agent, tool_priority)
                   VALUES (%s, 't1', 'bot', NULL, true, '["search"]'),
                          (%s, 't1', 'ann', 'ann@example.com', false, NULL)""", (agent, human))
-    db.execute("""INSERT INTO form_def (id, tenant_id, fields_json, html)
-                  VALUES ('f1', 't1', '[{"key": "summary"}]', '<form/>')""")
+    db.execute("""INSERT INTO form_def (id, tenant_id, fields_json, html, proc_def_id,
+                  activity_id) VALUES ('f1', 't1', '[{"key": "summary"}]', '<form/>', 'p', 'a')""")
     db.execute("INSERT INTO proc_inst_source (proc_inst_id, file_name) VALUES ('p1', 'a.pdf')")
     return str(db.execute(
         """INSERT INTO todolist (id, agent_orch, query, status, agent_mode, tenant_id, user_id,
