@@ -31,7 +31,8 @@ EVENT_TYPES = frozenset(
     }
 )
 EVENT_STATUSES = frozenset({"ASKED", "APPROVED", "REJECTED"})
-RETRY_DELAY_MAX = 10.0  # seconds between write attempts during an outage
+RETRY_DELAY_MAX = 2.0  # seconds between write attempts during an outage (a healed network is used
+# within this; each attempt waits for a pooled connection first, so retries stay cheap)
 
 
 def backoff(attempt: int, *, base: float = 0.1, cap: float = RETRY_DELAY_MAX) -> float:

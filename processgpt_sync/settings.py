@@ -20,6 +20,8 @@ DEFAULT_POLL_INTERVAL = 5.0  # seconds between fallback polls when idle
 EVENT_FLUSH_INTERVAL = 0.05  # seconds an event may wait for its batch
 EVENT_BATCH_SIZE = 500  # events per write
 MAX_PENDING_EVENTS = 20_000  # unwritten events before claiming pauses
+DEFAULT_STATEMENT_TIMEOUT = 10.0  # seconds one SQL statement may run
+DEFAULT_TCP_TIMEOUT = 10.0  # seconds of silence before a database connection counts as dead
 
 # Environment variable -> field, the first one set wins. SUPABASE_* keep the names supabase-py
 # users already know; SERVICE_ROLE_KEY is the name of the ProcessGPT platform's own `.env`.
@@ -43,6 +45,8 @@ ENVIRONMENT = {
     "PROCESSGPT_FAIR": "fair",
     "PROCESSGPT_MAX_RUNNING": "max_running",
     "PROCESSGPT_MAX_RUNNING_PER_TENANT": "max_running_per_tenant",
+    "PROCESSGPT_STATEMENT_TIMEOUT": "statement_timeout",
+    "PROCESSGPT_TCP_TIMEOUT": "tcp_timeout",
 }
 
 
@@ -105,6 +109,13 @@ class Settings:
     summarize_feedback: Callable[[list[Any], Any], str] | None = field(default=None, repr=False)
     """``fn(feedback_items, previous_result) -> str`` making ``extras["summarized_feedback"]``
     on a revision (default: the latest feedback's text). Runs on the todo's worker thread."""
+    statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT
+    """Seconds one SQL call may run: ``statement_timeout`` on the server (unless the URL sets
+    it); a connection that has not answered a few seconds later is dropped by the client.
+    On Supabase, the HTTP read timeout of one call."""
+    tcp_timeout: float = DEFAULT_TCP_TIMEOUT
+    """Seconds of silence before a database connection counts as dead (TCP keepalives and
+    ``tcp_user_timeout``, unless the URL sets them)."""
 
     def __post_init__(self) -> None:
         if not self.agent_orch or not self.agent_orch.strip():
@@ -116,6 +127,8 @@ class Settings:
         _positive("lease_seconds", self.lease_seconds)
         _positive("max_claims", self.max_claims)
         _positive("poll_interval", self.poll_interval)
+        _positive("statement_timeout", self.statement_timeout)
+        _positive("tcp_timeout", self.tcp_timeout)
         if self.grace_seconds < 0:
             raise ConfigurationError(f"grace_seconds must be >= 0, got {self.grace_seconds!r}")
         if self.timeout is not None:

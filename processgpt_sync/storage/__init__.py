@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..settings import Settings, check_backend
+from ..settings import DEFAULT_STATEMENT_TIMEOUT, DEFAULT_TCP_TIMEOUT, Settings, check_backend
 from .base import LeaseReport, Listener, Storage, WriteOutcome
 
 __all__ = ["LeaseReport", "Listener", "Storage", "WriteOutcome", "connect", "open_storage"]
@@ -17,6 +17,8 @@ def open_storage(settings: Settings, *, max_connections: int | None = None) -> S
         embedded_dir=settings.embedded_dir,
         max_connections=max_connections or settings.workers + 4,
         prepare=not settings.behind_transaction_pooler,
+        statement_timeout=settings.statement_timeout,
+        tcp_timeout=settings.tcp_timeout,
     )
 
 
@@ -28,6 +30,8 @@ def connect(
     embedded_dir: str | None = None,
     max_connections: int = 8,
     prepare: bool = True,
+    statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT,
+    tcp_timeout: float = DEFAULT_TCP_TIMEOUT,
 ) -> Storage:
     """Postgres when a database URL is given, else Supabase with URL and key, else embedded;
     a Supabase URL without a key (or a key without a URL) is a ConfigurationError."""
@@ -35,12 +39,14 @@ def connect(
     if not database_url and supabase_url and supabase_key:
         from .supabase import SupabaseStorage
 
-        return SupabaseStorage(supabase_url, supabase_key)
+        return SupabaseStorage(supabase_url, supabase_key, timeout=statement_timeout)
 
     from .postgres import PostgresStorage
 
     if database_url:
-        return PostgresStorage(database_url, max_connections=max_connections, prepare=prepare)
+        return PostgresStorage(database_url, max_connections=max_connections, prepare=prepare,
+                               statement_timeout=statement_timeout, tcp_timeout=tcp_timeout)
     from .. import embedded
 
-    return PostgresStorage(embedded.start(embedded_dir), max_connections=max_connections)
+    return PostgresStorage(embedded.start(embedded_dir), max_connections=max_connections,
+                           statement_timeout=statement_timeout, tcp_timeout=tcp_timeout)

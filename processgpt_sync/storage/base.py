@@ -52,6 +52,8 @@ class LeaseReport:
     renewed: frozenset[str]
     cancelled: frozenset[str]
     lost: frozenset[str]
+    orphans: frozenset[str] = frozenset()
+    """Leases of this server it did not know (claims whose answer was lost), given back."""
 
     @classmethod
     def from_json(cls, value: Mapping[str, Any]) -> LeaseReport:
@@ -59,6 +61,7 @@ class LeaseReport:
             renewed=frozenset(map(str, value.get("renewed") or [])),
             cancelled=frozenset(map(str, value.get("cancelled") or [])),
             lost=frozenset(map(str, value.get("lost") or [])),
+            orphans=frozenset(map(str, value.get("orphans") or [])),
         )
 
 
@@ -78,6 +81,8 @@ class Storage(abc.ABC):
     """One database, reached through the processgpt-sync SQL functions."""
 
     backend = "base"
+    last_success = 0.0
+    """``time.monotonic()`` of the last call the database answered (0: none yet)."""
 
     @abc.abstractmethod
     def call(self, query: str, params: Mapping[str, Any]) -> Any:
@@ -226,6 +231,29 @@ class Storage(abc.ABC):
             "p_lease_seconds": int(lease_seconds),
         }
         return LeaseReport.from_json(self.call("renew", params))
+
+    def heartbeat(self, consumer: str, claims: Iterable[Claim], lease_seconds: int,
+                  server: Mapping[str, Any]) -> LeaseReport:
+        """Renew every lease and refresh this server's registry row, in one call."""
+        claims = list(claims)
+        params = {
+            "p_consumer": consumer,
+            "p_todo_ids": [c.todo_id for c in claims],
+            "p_tokens": [c.token for c in claims],
+            "p_lease_seconds": int(lease_seconds),
+            "p_server": dict(server),
+        }
+        return LeaseReport.from_json(self.call("heartbeat", params))
+
+    def server_stopped(self, consumer: str) -> bool:
+        """Remove a cleanly stopped server's registry row."""
+        return bool(self.call("server_stopped", {"p_consumer": consumer}))
+
+    def servers(self, agent_orch: str | None = None,
+                consumer: str | None = None) -> list[Mapping[str, Any]]:
+        """Registry rows (with ``alive`` and ``seen_seconds_ago``) of matching servers."""
+        params = {"p_agent_orch": agent_orch, "p_consumer": consumer}
+        return list(self.call("servers", params) or [])
 
     def enqueue(
         self,

@@ -4,26 +4,35 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
 import re
+import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import psycopg
 import psycopg_pool
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
 
 from ..errors import ConfigurationError, SchemaMissing, StorageError, StorageUnavailable
 from ..queries import SCHEMA_FILES, queries, read_sql
 from .base import INSTALL_HINT, Storage
+from .deadline import DEADLINES, DeadlineExceeded
 
 logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10  # seconds to open one connection
 POOL_TIMEOUT = 15.0  # seconds to wait for a pooled connection before reporting an outage
+TCP_TIMEOUT = 10.0  # seconds of silence from the peer before a connection counts as dead
+STATEMENT_TIMEOUT = 10.0  # seconds one statement may run (server side)
+DEADLINE_MARGIN = 3.0  # seconds past the statement timeout before the client drops the link
+PROBE_DEADLINE = 5.0  # seconds the listener's liveness probe may take
+DRAIN_INTERVAL = 1.0  # seconds between two drops of every idle pooled connection
 _JSONB_PARAM = re.compile(r"%\((\w+)\)s::jsonb")
 _MISSING_SCHEMA_STATES = {"42883", "42P01", "42704"}  # undefined function / table / object
 # A transaction aborted for another's sake (deadlock, serialisation, a lock wait given up):
@@ -46,6 +55,8 @@ def wrap_exceptions(target: str = "") -> Iterator[None]:
         yield
     except psycopg_pool.PoolTimeout as exc:
         raise StorageUnavailable(f"no database connection available{where}: {exc}") from exc
+    except DeadlineExceeded as exc:
+        raise StorageUnavailable(str(exc)) from exc
     except psycopg.OperationalError as exc:
         raise StorageUnavailable(
             f"database unreachable{where}: {str(exc).strip()}", code=exc.sqlstate
@@ -110,6 +121,36 @@ def _additions(before: dict[str, str], after: dict[str, str]) -> list[str]:
                   for name, kind in after.items() if name not in before)
 
 
+def link_conninfo(conninfo: str, *, tcp_timeout: float = TCP_TIMEOUT) -> str:
+    """``conninfo`` with dead-peer detection added: TCP keepalives, ``tcp_user_timeout`` and
+    ``connect_timeout``. Whatever the URL (or PGCONNECT_TIMEOUT) sets explicitly wins.
+
+    With the default 10 s an idle connection to a vanished peer is found dead after about
+    11 s (keepalive idle 5 s + 3 probes 2 s apart), a busy one after 10 s unacknowledged.
+    """
+    try:
+        given = conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError as exc:
+        raise ConfigurationError(f"invalid database URL: {exc}") from exc
+    defaults: dict[str, Any] = {
+        "keepalives": 1,
+        "keepalives_idle": max(1, round(tcp_timeout / 2)),
+        "keepalives_interval": max(1, round(tcp_timeout / 6)),
+        "keepalives_count": 3,
+        "tcp_user_timeout": int(tcp_timeout * 1000),
+    }
+    if not os.environ.get("PGCONNECT_TIMEOUT"):
+        defaults["connect_timeout"] = CONNECT_TIMEOUT
+    added = {key: value for key, value in defaults.items() if key not in given}
+    return make_conninfo(conninfo, **added) if added else conninfo
+
+
+def sets_statement_timeout(conninfo: str) -> bool:
+    """True when the URL (``options``) or PGOPTIONS already sets statement_timeout."""
+    options = str(conninfo_to_dict(conninfo).get("options") or "")
+    return "statement_timeout" in options + os.environ.get("PGOPTIONS", "")
+
+
 def schema_version() -> str:
     """A digest of the shipped schema files: what ``install_schema`` records once applied."""
     digest = hashlib.sha256()
@@ -140,7 +181,7 @@ def install_schema(conninfo: str, *, if_changed: bool = False, dry_run: bool = F
         attempt += 1
         try:
             with wrap_exceptions(redact(conninfo)):
-                with psycopg.connect(conninfo, connect_timeout=CONNECT_TIMEOUT) as conn:
+                with psycopg.connect(link_conninfo(conninfo)) as conn:
                     if if_changed and _installed_version(conn) == version:
                         return False
                     conn.execute("SELECT pg_advisory_xact_lock(hashtext('processgpt_sync_schema'))")
@@ -184,22 +225,47 @@ class PostgresStorage(Storage):
 
     backend = "postgres"
 
-    def __init__(self, conninfo: str, *, max_connections: int = 8, prepare: bool = True) -> None:
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        max_connections: int = 8,
+        prepare: bool = True,
+        statement_timeout: float | None = STATEMENT_TIMEOUT,
+        tcp_timeout: float = TCP_TIMEOUT,
+    ) -> None:
         """:param prepare: use server-side prepared statements (not behind a transaction
-        pooler)."""
+        pooler).
+        :param statement_timeout: seconds one statement may run, set on each connection
+            unless the URL sets it (None: not set); the client drops a connection that has
+            not answered ``DEADLINE_MARGIN`` seconds later.
+        :param tcp_timeout: seconds of silence before a connection counts as dead."""
         self.conninfo = conninfo
         self.prepare = prepare
+        self._link = link_conninfo(conninfo, tcp_timeout=tcp_timeout)
+        user_timeout = sets_statement_timeout(conninfo)
+        self._statement_ms = (
+            None if statement_timeout is None or user_timeout or not prepare
+            else int(statement_timeout * 1000))  # behind a transaction pooler SET is lost
+        self.deadline = (statement_timeout or STATEMENT_TIMEOUT) + DEADLINE_MARGIN
+        self._drain_lock = threading.Lock()
+        self._drained = 0.0
         self._pool = psycopg_pool.ConnectionPool(
-            conninfo,
+            self._link,
             min_size=1,
             max_size=max(2, max_connections),
-            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT,
-                    "prepare_threshold": 5 if prepare else None},
+            kwargs={"autocommit": True, "prepare_threshold": 5 if prepare else None},
+            configure=self._configure,
             timeout=POOL_TIMEOUT,
             name="processgpt-sync",
             open=False,
         )
         self._pool.open(wait=False)
+
+    def _configure(self, conn: psycopg.Connection[Any]) -> None:
+        if self._statement_ms is not None:
+            conn.execute("SELECT set_config('statement_timeout', %s, false)",
+                         (f"{self._statement_ms}ms",))
 
     def __repr__(self) -> str:
         return f"PostgresStorage({redact(self.conninfo)!r})"
@@ -210,24 +276,63 @@ class PostgresStorage(Storage):
             key: Jsonb(value) if key in _jsonb_params(query) else value
             for key, value in params.items()
         }
-        with wrap_exceptions(query), self._pool.connection() as conn:
-            row = conn.execute(text, values).fetchone()
+        try:
+            with wrap_exceptions(query), self._pool.connection() as conn:
+                with DEADLINES.watch(conn.fileno(), self.deadline, query, self) as watch:
+                    row = conn.execute(text, values).fetchone()
+                if watch.fired:  # answered just as the deadline fired: the socket is gone
+                    conn.close()
+        except StorageUnavailable as exc:
+            if isinstance(exc.__cause__, DeadlineExceeded) or conn_broken(exc):
+                self._drop_idle_connections()
+            raise
+        self.last_success = time.monotonic()
         return None if row is None else row[0]
+
+    def _drop_idle_connections(self) -> None:
+        """One connection died: the idle ones went through the same network path, so replace
+        them all rather than find each dead one by waiting on it."""
+        now = time.monotonic()
+        with self._drain_lock:
+            if now - self._drained < DRAIN_INTERVAL:
+                return
+            self._drained = now
+        drain = getattr(self._pool, "drain", None)  # psycopg_pool >= 3.3
+        if drain is not None:
+            logger.info("a database connection died: replacing the idle ones",
+                        extra={"action": "pool"})
+            drain()
 
     def ping(self) -> None:
         """Open one connection now, so a wrong URL fails at start with a clear message."""
         with wrap_exceptions(redact(self.conninfo)):
-            psycopg.connect(self.conninfo, connect_timeout=CONNECT_TIMEOUT).close()
+            psycopg.connect(self._link).close()
+        self.last_success = time.monotonic()
 
     def check_schema(self) -> None:
         self.ping()
         super().check_schema()
 
     def listener(self, channels: Sequence[str]) -> PostgresListener:
-        return PostgresListener(self.conninfo, channels)
+        return PostgresListener(self._link, channels, on_dead=self._listener_died)
+
+    def _listener_died(self, silent: bool) -> None:
+        """The LISTEN connection died; when it went silent (no answer, rather than closed),
+        statements in flight on the same path are as good as dead: end them now."""
+        if silent and DEADLINES.expire(self):
+            logger.warning("the listener's connection went silent: ending the statements in "
+                           "flight on the same path", extra={"action": "pool"})
+        self._drop_idle_connections()
 
     def close(self) -> None:
         self._pool.close()
+
+
+def conn_broken(exc: BaseException) -> bool:
+    """True when ``exc`` came from a connection that is unusable now (not a server refusal)."""
+    cause = exc.__cause__
+    return (isinstance(cause, psycopg.OperationalError) and cause.sqlstate is None
+            and not isinstance(cause, psycopg_pool.PoolTimeout))
 
 
 def _jsonb_params(query: str) -> frozenset[str]:
@@ -237,16 +342,20 @@ def _jsonb_params(query: str) -> frozenset[str]:
 class PostgresListener:
     """A dedicated LISTEN connection (``notifies()`` holds its connection's lock while waiting)."""
 
-    def __init__(self, conninfo: str, channels: Sequence[str]) -> None:
+    def __init__(self, conninfo: str, channels: Sequence[str], *,
+                 on_dead: Callable[[bool], None] | None = None) -> None:
+        """:param on_dead: called when the probe finds the connection dead, with True when it
+        went silent (the pool's connections likely went the same way)."""
         self._conninfo = conninfo
         self._channels = list(channels)
+        self._on_dead = on_dead
         self._conn: psycopg.Connection[Any] | None = None
 
     def connect(self) -> None:
         """(Re)open the connection and LISTEN on every channel."""
         self.close()
         with wrap_exceptions("listen"):
-            conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
+            conn = psycopg.connect(self._conninfo, autocommit=True)
             for channel in self._channels:
                 conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         self._conn = conn
@@ -270,8 +379,16 @@ class PostgresListener:
         can die silently, or sit behind a pooler that ignores LISTEN)."""
         if self._conn is None or self._conn.closed:
             return False
-        with wrap_exceptions("listen probe"):
-            rows = self._conn.execute("SELECT pg_listening_channels()").fetchall()
+        conn = self._conn
+        try:
+            with wrap_exceptions("listen probe"):
+                with DEADLINES.watch(conn.fileno(), PROBE_DEADLINE, "the listener probe"):
+                    rows = conn.execute("SELECT pg_listening_channels()").fetchall()
+        except StorageUnavailable as exc:
+            self.close()
+            if self._on_dead is not None:
+                self._on_dead(isinstance(exc.__cause__, DeadlineExceeded))
+            raise
         return {row[0] for row in rows} >= set(self._channels)
 
     def backend_pid(self) -> int | None:

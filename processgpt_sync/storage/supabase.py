@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -23,7 +24,11 @@ from .base import INSTALL_HINT, Storage
 
 logger = logging.getLogger(__name__)
 
-REQUEST_TIMEOUT = 15.0  # seconds per RPC
+REQUEST_TIMEOUT = 10.0  # seconds one RPC may take on the server
+READ_MARGIN = 3.0  # seconds past REQUEST_TIMEOUT before a silent connection is given up
+CONNECT_TIMEOUT = 10.0  # seconds to open one HTTP connection (TCP + TLS)
+POOL_TIMEOUT = 5.0  # seconds to wait for a free connection of the thread's client
+KEEPALIVE_EXPIRY = 5.0  # seconds an idle keep-alive connection is reused before it is dropped
 _UNAVAILABLE_CODES = {"PGRST000", "PGRST001", "PGRST002", "PGRST003", "57P01", "57P03", "08006"}
 
 
@@ -71,6 +76,8 @@ class SupabaseStorage(Storage):
         self._key = key
         self._timeout = timeout
         self._local = threading.local()
+        self._lock = threading.Lock()
+        self._http: list[httpx.Client] = []
 
     def __repr__(self) -> str:
         return f"SupabaseStorage({self._url!r})"  # never the key
@@ -81,9 +88,18 @@ class SupabaseStorage(Storage):
             from supabase import create_client
             from supabase.lib.client_options import SyncClientOptions
 
-            # The timeout lives on the HTTP client (supabase-py deprecates its own option).
+            # Timeouts live on the HTTP client (supabase-py deprecates its own option): a
+            # stalled gateway fails the call after the read timeout instead of hanging the
+            # worker, and the connection it stalled on is closed, so the retry opens a new one.
+            timeout = httpx.Timeout(self._timeout + READ_MARGIN, connect=CONNECT_TIMEOUT,
+                                    pool=POOL_TIMEOUT)
+            limits = httpx.Limits(max_connections=4, max_keepalive_connections=2,
+                                  keepalive_expiry=KEEPALIVE_EXPIRY)
+            http = httpx.Client(timeout=timeout, limits=limits)
+            with self._lock:
+                self._http.append(http)
             options = SyncClientOptions(
-                httpx_client=httpx.Client(timeout=self._timeout),
+                httpx_client=http,
                 postgrest_client_timeout=None,  # type: ignore[arg-type]
                 auto_refresh_token=False,
                 persist_session=False,
@@ -92,7 +108,16 @@ class SupabaseStorage(Storage):
             self._local.client = client
         return client
 
+    def close(self) -> None:
+        """Close every thread's HTTP connections."""
+        with self._lock:
+            clients, self._http = self._http, []
+        for client in clients:
+            client.close()
+
     def call(self, query: str, params: Mapping[str, Any]) -> Any:
         name = function_name(query)
         with wrap_exceptions(name):
-            return self._client().rpc(name, dict(params)).execute().data
+            data = self._client().rpc(name, dict(params)).execute().data
+        self.last_success = time.monotonic()
+        return data
