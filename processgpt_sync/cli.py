@@ -159,8 +159,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     def counts() -> Any:
         rows = storage.status(args.agent_orch)
         load = storage.tenant_load(args.agent_orch)
+        servers = storage.servers(args.agent_orch)
         if args.json:
-            return {"counts": [dict(row) for row in rows], "tenants": [dict(r) for r in load]}
+            return {"counts": [dict(row) for row in rows], "tenants": [dict(r) for r in load],
+                    "servers": [dict(r) for r in servers]}
         table_rows, unclaimable = [], 0
         for row in rows:
             state = row["draft_status"]
@@ -179,6 +181,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                          "COMPLETE and no draft (see README, Own database)")
         if load:
             parts += ["", _tenant_load(load)]
+        parts += ["", _servers(servers)]
         return Group(*parts)
 
     try:
@@ -204,12 +207,41 @@ def _show(out: Any, value: Any, as_json: bool) -> None:
         out.print(value)
 
 
-HEALTH_UNREACHABLE, HEALTH_SCHEMA, HEALTH_LISTEN = 3, 4, 5
+def _servers(servers: list[Any]) -> Any:
+    """The server registry: live servers, and rows whose heartbeat is stale marked DEAD."""
+    if not servers:
+        return "(no servers registered)"
+    return terminal.table(
+        ("agent_orch", "consumer", "state", "seen", "running", "completed", "version"),
+        [(row["agent_orch"], row["consumer"], "live" if row["alive"] else "DEAD",
+          f"{row['seen_seconds_ago']}s ago", row["running"], row["completed"], row["version"])
+         for row in servers],
+        right=("seen", "running", "completed"))
+
+
+HEALTH_UNREACHABLE, HEALTH_SCHEMA, HEALTH_LISTEN, HEALTH_SERVER = 3, 4, 5, 6
+
+
+def _server_checks(storage: Storage, agent_orch: str | None, consumer: str | None,
+                   check: Any) -> int:
+    """Running servers, from the registry: each must have sent a heartbeat lately (a server
+    cut off from the database, or stalled, stops doing so)."""
+    servers = storage.servers(agent_orch, consumer)
+    if not servers:
+        which = f"consumer {consumer!r}" if consumer else f"agent_orch {agent_orch!r}"
+        check("server", False, f"none registered for {which} (not started, or stopped)")
+        return HEALTH_SERVER
+    for row in servers:
+        check(f"server {row['consumer']}", bool(row["alive"]),
+              f"last heartbeat {row['seen_seconds_ago']}s ago (every "
+              f"{row['heartbeat_seconds']:g}s), {row['running']} running")
+    return 0 if all(row["alive"] for row in servers) else HEALTH_SERVER
 
 
 def cmd_health(args: argparse.Namespace) -> int:
     """Container probe: exit 0 healthy, 3 database unreachable, 4 schema missing or outdated,
-    5 LISTEN/NOTIFY not working (Postgres backends only)."""
+    5 LISTEN/NOTIFY not working (Postgres backends only), 6 a server named by --consumer or
+    --agent-orch is not registered or its heartbeat is stale (stalled, or cut off)."""
     from rich.markup import escape
 
     checks: list[dict[str, Any]] = []
@@ -256,6 +288,8 @@ def _health_checks(args: argparse.Namespace, checks: list[dict[str, Any]]) -> in
             check("schema", False, str(exc))
             return HEALTH_SCHEMA
         check("schema", True, "every required function installed")
+        if args.consumer or args.agent_orch:
+            return _server_checks(storage, args.agent_orch, args.consumer, check)
         listener = storage.listener(["processgpt_sync_health"])
         if listener is None:
             check("listen", True, "wake-ups by polling (no LISTEN on this backend)")
@@ -613,9 +647,14 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("todo_id", help="the todo's id, or a unique prefix of at least 4 characters")
     retry.set_defaults(func=cmd_retry)
 
-    health = command("health", "check the database, the schema and LISTEN; exit 0 when "
-                     "healthy, 3 unreachable, 4 schema missing, 5 LISTEN not working")
+    health = command("health", "check the database, the schema and LISTEN, or running servers; "
+                     "exit 0 when healthy, 3 unreachable, 4 schema missing, 5 LISTEN not "
+                     "working, 6 server not registered or stale")
     health.add_argument("--json", action="store_true", help="print the checks as JSON")
+    health.add_argument("--consumer", help="check this running server (its registry heartbeat) "
+                        "instead of LISTEN")
+    health.add_argument("--agent-orch", help="check every server of this agent_orch instead of "
+                        "LISTEN")
     health.set_defaults(func=cmd_health)
 
     serve = command("serve", "serve an executor until SIGINT/SIGTERM (a second signal exits "

@@ -10,6 +10,7 @@ Our exception hierarchy::
     ├── PayloadError
     ├── HumanTimeout
     ├── ServerFailed
+    ├── InfrastructureError
     └── ExecutorError
         ├── ExecutorTimeout
         ├── NoResultError
@@ -61,6 +62,11 @@ class HumanTimeout(ProcessGPTSyncError):
 
 class ServerFailed(ProcessGPTSyncError):
     """A thread of the server died and the server stopped; the log has the traceback."""
+
+
+class InfrastructureError(ProcessGPTSyncError):
+    """The host could not provide what running a todo needs (an event loop, a socket, a file
+    descriptor); the todo is given back, not failed."""
 
 
 class ExecutorError(ProcessGPTSyncError):

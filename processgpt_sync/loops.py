@@ -23,6 +23,7 @@ from anyio import CancelScope
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from .blocking import explain
+from .errors import InfrastructureError
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -114,7 +115,11 @@ class ThreadLoops:
         portal: BlockingPortal | None = getattr(self._local, "portal", None)
         if portal is None:
             manager = start_blocking_portal(backend="asyncio", name="processgpt-sync-loop")
-            portal = manager.__enter__()
+            try:
+                portal = manager.__enter__()
+            except (OSError, RuntimeError) as exc:  # EMFILE for the loop's self-pipe, no thread
+                raise InfrastructureError(
+                    f"cannot create an event loop for this worker thread: {exc}") from exc
             self._local.portal = portal
             with self._lock:
                 self._open.append(manager)

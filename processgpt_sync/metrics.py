@@ -1,12 +1,18 @@
-"""Prometheus metrics for a running server (extra ``prometheus``; CLI ``--metrics-port``).
+"""Prometheus metrics and a liveness endpoint for a running server (extra ``prometheus``; CLI
+``--metrics-port``).
 
 A custom collector reads ``Server.stats()`` at scrape time, so the hot path pays nothing.
+``/healthz`` answers 200 while the server serves and the database answered within a lease,
+503 otherwise, for container liveness probes.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigurationError
@@ -66,29 +72,68 @@ class ServerCollector:
                                       labels=["agent_orch"])
             gauge.add_metric(labels, 0.0 if value is None else value)
             yield gauge
+        age = GaugeMetricFamily("processgpt_sync_db_ok_seconds_ago",
+                                "Seconds since the database last answered",
+                                labels=["agent_orch"])
+        age.add_metric(labels, -1.0 if stats["db_ok_seconds_ago"] is None
+                       else stats["db_ok_seconds_ago"])
+        yield age
 
 
-def serve_metrics(server: Server, port: int, addr: str = "0.0.0.0") -> None:
-    """Register the server's collector and serve /metrics on ``addr:port`` (background thread).
+def serve_metrics(server: Server, port: int, addr: str = "0.0.0.0") -> ThreadingHTTPServer:
+    """Register the server's collector and serve /metrics and /healthz on ``addr:port``
+    (background thread); ``shutdown()`` the returned HTTP server to stop it.
 
     ``addr`` defaults to every interface, so a Prometheus in another container can scrape it;
     pass ``127.0.0.1`` to keep it on this host. The address is logged.
     """
     try:
-        from prometheus_client import REGISTRY, start_http_server
+        from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
     except ImportError:
         raise ConfigurationError(
             "metrics need prometheus-client: pip install prometheus-client (or install "
             "processgpt-sync with its extra from a checkout: pip install '.[prometheus]')"
         ) from None
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?")[0]
+            if path == "/healthz":
+                ok, detail = server.healthy()
+                stats = server.stats()
+                body = json.dumps({"healthy": ok, "detail": detail,
+                                   "db_ok_seconds_ago": stats["db_ok_seconds_ago"],
+                                   "running": stats["running"],
+                                   "listening": stats["listening"]}).encode()
+                self._answer(200 if ok else 503, "application/json", body)
+            elif path in ("/metrics", "/"):
+                self._answer(200, CONTENT_TYPE_LATEST, generate_latest(REGISTRY))
+            else:
+                self._answer(404, "text/plain", b"not found: try /metrics or /healthz\n")
+
+        def _answer(self, status: int, content_type: str, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            """Scrapes are not logged."""
+
     try:
-        start_http_server(port, addr=addr)
+        httpd = ThreadingHTTPServer((addr, port), Handler)
     except OSError as exc:
         raise ConfigurationError(
             f"cannot serve metrics on {addr}:{port}: {exc.strerror or exc} (choose another "
             "--metrics-port)"
         ) from None
+    httpd.daemon_threads = True
     REGISTRY.register(ServerCollector(server))
-    logger.info("Prometheus metrics on http://%s:%d/metrics%s", addr, port,
+    threading.Thread(target=httpd.serve_forever, name="processgpt-sync-metrics",
+                     daemon=True).start()
+    logger.info("Prometheus metrics on http://%s:%d/metrics (liveness: /healthz)%s", addr, port,
                 " (every interface)" if addr in ("0.0.0.0", "::", "") else "",
                 extra={"agent_orch": server.settings.agent_orch, "action": "metrics"})
+    return httpd
+

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -20,11 +22,12 @@ from contextlib import AbstractContextManager, nullcontext
 from types import TracebackType
 from typing import Any
 
-from .errors import ConfigurationError, ServerFailed, StorageError, StorageUnavailable
+from .errors import ConfigurationError, ServerFailed, StorageError
 from .events import EventBuffer, backoff
 from .executor import Adapter, adapt, check_thread_safety
 from .feedback import with_summary
 from .human import HumanDesk, SuspendForHuman
+from .infra import infrastructure_problem
 from .models import Claim
 from .outcomes import OutcomeWriter
 from .recorder import Recorder
@@ -38,6 +41,8 @@ from .watch import CHANNELS, Watched, Watchers
 logger = logging.getLogger(__name__)
 
 MIN_POLL = 0.05  # seconds: first back-off step of a polling-only backend
+STOP_MARGIN = 10.0  # seconds stop() may take beyond the grace period, whatever the network does
+STOP_TAIL = 0.5  # seconds each last step of stop() (deregistering, closing) gets at least
 
 
 class Server:
@@ -82,6 +87,10 @@ class Server:
         self._outcomes: OutcomeWriter | None = None
         self._desk: HumanDesk | None = None
         self._recorder: Recorder | None = None
+        self._started_at = time.time()
+        self._infra_attempt = 0
+        self._claim_pause_until = 0.0
+        self._claim_gate = threading.Lock()  # a claim call and the orphan check never overlap
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -145,6 +154,7 @@ class Server:
             time_out=self._time_out, work_may_wait=self._work_may_wait,
             answer_arrived=self._answer_arrived, count=self._stats.count,
             is_listening=lambda: self._listening, set_listening=self._set_listening,
+            registry=self._registry_row, claim_gate=lambda: self._claim_gate,
         )
         watchers = Watchers(watched, storage, self.settings, stop=self._threads_stop,
                             log=self._log, extra=self._extra)
@@ -161,7 +171,11 @@ class Server:
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop claiming, let running todos finish for ``timeout`` seconds (default
-        ``grace_seconds``), write every accepted event, give unfinished todos back, return."""
+        ``grace_seconds``), write every accepted event, give unfinished todos back, return.
+
+        Returns within the grace period plus ``STOP_MARGIN`` (and a few ``STOP_TAIL``) even
+        when the database is unreachable; what could not be written or given back is logged,
+        and those todos return to the queue when their leases expire."""
         with self._state_lock:
             first = not self._stopping.is_set()
             self._stopping.set()
@@ -173,23 +187,35 @@ class Server:
             self._stopped.wait()
             return
         grace = self.settings.grace_seconds if timeout is None else timeout
+        end = time.monotonic() + grace + STOP_MARGIN
+
+        def left(floor: float = 0.0) -> float:
+            return max(floor, end - time.monotonic())
+
         self._log.info("stopping: waiting up to %gs for %d running todos", grace, len(self._runs),
                        extra={**self._extra, "action": "stop_server"})
         self._wake.set()
-        self._join("claimer")
+        self._join("claimer", left())
         try:
-            self._drain(grace)
+            self._drain(grace, left)
         finally:
             self._threads_stop.set()
             for name in ("heartbeat", "listener"):
-                self._join(name)
+                self._join(name, left())
             assert self._buffer is not None and self._pool is not None
-            self._buffer.close(timeout=max(grace, 5.0))
             assert self._outcomes is not None
-            self._outcomes.close()
+            if not self._buffer.close(timeout=left()):
+                self._log.error("stopping: %d events could not be written in time (the database "
+                                "is unreachable); they are lost", self._buffer.pending,
+                                extra={**self._extra, "action": "stop_server"})
+            self._outcomes.close(timeout=left(STOP_TAIL))
+            # From here on nothing retries: a write still waiting fails instead of retrying
+            # for ever against the closed pool, so no thread outlives the server.
+            self._abort.set()
+            self._deregister(left(STOP_TAIL))
             self._pool.shutdown(wait=False, cancel_futures=True)
-            self._close_adapter()
-            self._close_storage()
+            self._close_adapter(left(STOP_TAIL))
+            self._close_storage(left(STOP_TAIL))
             self._stopped.set()
             self._log.info("stopped", extra={**self._extra, "action": "stopped"})
 
@@ -220,16 +246,31 @@ class Server:
             raise self.failure
 
     def stats(self) -> dict[str, Any]:
-        """Counters since start: claimed, running, completed, failed, events written, run times."""
+        """Counters since start: claimed, running, completed, failed, events written, run times,
+        and ``db_ok_seconds_ago``: seconds since the database last answered (None: never)."""
         with self._cond:
             tenants = [run.todo.tenant_id for run in self._runs.values()]
+        last = self._storage.last_success if self._storage is not None else 0.0
         return {
             **self._stats.snapshot(),
             "running": len(tenants),
             "tenants": self._stats.tenants(tenants),
             "events_pending": self._buffer.pending if self._buffer else 0,
             "listening": self._listening,
+            "db_ok_seconds_ago": round(time.monotonic() - last, 3) if last else None,
         }
+
+    def healthy(self) -> tuple[bool, str]:
+        """Whether this server serves: running, and the database answered within a lease."""
+        if self.failure is not None:
+            return False, str(self.failure)
+        if self._stopping.is_set() or not self._started:
+            return False, "not serving (stopped or not started)"
+        age = self.stats()["db_ok_seconds_ago"]
+        if age is None or age > self.settings.lease_seconds:
+            return False, (f"no answer from the database for {age}s (lease "
+                           f"{self.settings.lease_seconds}s)")
+        return True, f"serving; the database answered {age}s ago"
 
     def __enter__(self) -> Server:
         return self.start()
@@ -249,35 +290,31 @@ class Server:
         idle_wait = MIN_POLL
         while not self._stopping.is_set():
             free = self.settings.workers - self._busy
+            pause = self._claim_pause_until - time.monotonic()
+            if pause > 0:
+                self._stopping.wait(pause)
+                continue
             if free <= 0 or self._buffer.pending > MAX_PENDING_EVENTS:
                 self._wake.wait(self.settings.poll_interval)
                 self._wake.clear()
                 continue
             self._wake.clear()
             try:
-                claims = storage.claim(
-                    agent_orch=self.settings.agent_orch,
-                    consumer=self.settings.consumer,
-                    limit=free,
-                    lease_seconds=self.settings.lease_seconds,
-                    max_claims=self.settings.max_claims,
-                    tenant_id=self.settings.tenant_id,
-                    fair=self.settings.fair,
-                    max_running=self.settings.max_running,
-                    max_running_per_tenant=self.settings.max_running_per_tenant,
-                )
-            except StorageError as exc:
+                with self._claim_gate:
+                    claims = self._claim_and_submit(storage, free)
+            except (StorageError, OSError) as exc:
                 attempt += 1
-                self._log.warning("claim failed (attempt %d), retrying: %s", attempt, exc,
+                advice = infrastructure_problem(exc) or str(exc)
+                self._log.warning("claim failed (attempt %d), retrying: %s", attempt, advice,
                                   extra={**self._extra, "action": "claim"})
                 self._stopping.wait(backoff(attempt, base=0.25))
                 continue
             if attempt:
                 self._log.info("database reachable again", extra={**self._extra, "action": "claim"})
                 attempt = 0
+            if claims is None:
+                return
             self._maybe_more = len(claims) == free or self._wake.is_set()
-            for claim in claims:
-                self._submit(claim)
             if self._maybe_more:
                 idle_wait = MIN_POLL
                 continue
@@ -288,6 +325,34 @@ class Server:
                     idle_wait = MIN_POLL
                 self._wake.wait(idle_wait)
                 idle_wait = min(idle_wait * 2, self.settings.poll_interval)
+
+    def _claim_and_submit(self, storage: Storage, free: int) -> list[Claim] | None:
+        """One claim call, its todos handed to workers; None when stop() began meanwhile."""
+        claims = storage.claim(
+            agent_orch=self.settings.agent_orch,
+            consumer=self.settings.consumer,
+            limit=free,
+            lease_seconds=self.settings.lease_seconds,
+            max_claims=self.settings.max_claims,
+            tenant_id=self.settings.tenant_id,
+            fair=self.settings.fair,
+            max_running=self.settings.max_running,
+            max_running_per_tenant=self.settings.max_running_per_tenant,
+        )
+        if self._stopping.is_set():  # stop() began while this claim was in flight
+            self._give_back_now(claims)
+            return None
+        for index, claim in enumerate(claims):
+            try:
+                self._submit(claim)
+            except (OSError, RuntimeError) as exc:  # no thread or fd for it
+                self._log.error("cannot start todos (%s); giving %d back",
+                                infrastructure_problem(exc) or exc, len(claims) - index,
+                                extra={**self._extra, "action": "claim"})
+                self._forget_unstarted(claims[index:])
+                self._pause_claiming()
+                break
+        return claims
 
     def _submit(self, claim: Claim) -> None:
         assert self._buffer is not None and self._pool is not None
@@ -333,8 +398,13 @@ class Server:
         finally:
             self._stats.executing(-1)
             CURRENT_RUN.reset(token)
+        problem = infrastructure_problem(error)
         try:
-            self._recorder_().finish(run, value, error)
+            if problem is not None:
+                self._give_back_broken(run, problem)
+            else:
+                self._infra_attempt = 0
+                self._recorder_().finish(run, value, error)
         except Exception:
             self._log.exception("recording the outcome of todo %s failed", run.todo_id,
                                 extra=self._todo_extra(run, "finish"))
@@ -406,7 +476,7 @@ class Server:
 
     # -- shutdown ------------------------------------------------------------------------------
 
-    def _drain(self, grace: float) -> None:
+    def _drain(self, grace: float, left: Callable[[], float]) -> None:
         deadline = time.monotonic() + grace
         with self._cond:
             while self._runs and (remaining := deadline - time.monotonic()) > 0:
@@ -416,32 +486,110 @@ class Server:
             self._cancel(run, "shutdown")
             run.close()
         with self._cond:  # runs already writing their outcome: let them finish
-            writing_deadline = time.monotonic() + 10.0
             while any(r.closed and r not in leftovers for r in self._runs.values()):
-                remaining = writing_deadline - time.monotonic()
-                if remaining <= 0:
+                if left() <= 0:
+                    writing = [r.todo_id for r in self._runs.values() if r not in leftovers]
+                    self._log.error("stopping: the outcomes of todos %s could not be stored in "
+                                    "time; their leases expire in %ds and another worker runs "
+                                    "them again", ", ".join(writing),
+                                    self.settings.lease_seconds,
+                                    extra={**self._extra, "action": "stop_server"})
                     break
-                self._cond.wait(remaining)
+                self._cond.wait(left())
         if not leftovers:
             return
         assert self._buffer is not None
-        self._buffer.flush(timeout=10.0)
+        self._buffer.flush(timeout=left())
         storage = self._storage_()
-        for attempt in range(1, 6):
-            try:
-                released = storage.release([r.claim for r in leftovers])
-            except StorageUnavailable as exc:
-                self._log.warning("giving todos back failed (attempt %d): %s", attempt, exc,
-                                  extra={**self._extra, "action": "release"})
-                time.sleep(backoff(attempt, base=0.5, cap=2.0))
-                continue
-            self._stats.count("released", released)
-            self._log.info("gave back %d unfinished todos", released,
-                           extra={**self._extra, "action": "release"})
-            return
-        self._log.error("could not give back %d todos; their leases expire in %ds and another "
-                        "worker reclaims them", len(leftovers), self.settings.lease_seconds,
+        claims = [r.claim for r in leftovers]
+        attempt = 0
+        while left() > 0:
+            attempt += 1
+            done, released = _bounded(lambda: storage.release(claims), left(), "release")
+            if done and isinstance(released, int):
+                self._stats.count("released", released)
+                self._log.info("gave back %d unfinished todos", released,
+                               extra={**self._extra, "action": "release"})
+                return
+            self._log.warning("giving todos back failed (attempt %d): %s", attempt,
+                              released if done else "no answer",
+                              extra={**self._extra, "action": "release"})
+            self._stopping.wait(min(left(), backoff(attempt, base=0.5, cap=2.0)))
+        self._log.error("could not give back todos %s (the database is unreachable); their "
+                        "leases expire in %ds and another worker reclaims them",
+                        ", ".join(c.todo_id for c in claims), self.settings.lease_seconds,
                         extra={**self._extra, "action": "release"})
+
+    def _give_back_now(self, claims: list[Claim]) -> None:
+        """Claims that arrived as stop() began: release them at once (one try)."""
+        if not claims:
+            return
+        try:
+            self._storage_().release(claims)
+        except StorageError as exc:
+            self._log.warning("could not give back %d todos claimed as the server stopped (%s); "
+                              "their leases expire", len(claims), exc,
+                              extra={**self._extra, "action": "release"})
+
+    def _forget_unstarted(self, claims: list[Claim]) -> None:
+        with self._cond:
+            for claim in claims:
+                run = self._runs.get((claim.todo_id, claim.token))
+                if run is not None and run.claim is claim:
+                    run.close()
+                    del self._runs[run.key]
+                    self._release_slot(run)
+            self._cond.notify_all()
+        self._give_back_now(claims)
+
+    def _pause_claiming(self) -> None:
+        """Infrastructure trouble: wait a little (longer each time) before claiming again."""
+        self._infra_attempt += 1
+        pause = min(5.0, 0.25 * 2 ** min(self._infra_attempt, 5))
+        self._claim_pause_until = time.monotonic() + pause
+
+    def _give_back_broken(self, run: TodoRun, problem: str) -> None:
+        """The host, not the executor, broke this run: give the todo back to run again."""
+        if not run.close():
+            return
+        self._log.error("todo %s could not run here: %s; giving it back to run again (not "
+                        "recorded as failed)", run.todo_id, problem,
+                        extra=self._todo_extra(run, "release"))
+        dropped = (self._buffer.take(run.todo_id, run.claim.token)
+                   if self._buffer is not None else [])
+        if dropped:
+            self._log.info("dropped %d unwritten events of todo %s", len(dropped), run.todo_id,
+                           extra=self._todo_extra(run, "discard_events"))
+        self._pause_claiming()
+        self._recorder_().retry(lambda: self._storage_().release([run.claim]), run, "release")
+        self._stats.count("released")
+
+    def _registry_row(self, interval: float) -> dict[str, Any]:
+        """This server as the heartbeat writes it into the server registry, with every todo it
+        holds (the heartbeat gives back leases of this consumer it does not know: claims whose
+        answer was lost). Called under the claim gate, so no claim is in flight."""
+        stats = self.stats()
+        with self._cond:
+            known = sorted({run.todo_id for run in self._runs.values()})
+        return {
+            "known": known,
+            "agent_orch": self.settings.agent_orch, "host": socket.gethostname(),
+            "pid": os.getpid(), "version": _version(), "heartbeat_seconds": interval,
+            "running": stats["running"], "completed": stats["completed"],
+            "stats": {key: stats[key] for key in ("claimed", "failed", "released", "lost",
+                                                  "events_pending", "listening",
+                                                  "listener_reconnects")},
+        }
+
+    def _deregister(self, timeout: float) -> None:
+        storage = self._storage_()
+        done, result = _bounded(lambda: storage.server_stopped(self.settings.consumer),
+                                timeout, "deregister")
+        if not done or isinstance(result, BaseException):
+            self._log.warning("could not remove this server from the registry (%s); it shows "
+                              "as dead once its heartbeat is stale",
+                              result if done else "no answer",
+                              extra={**self._extra, "action": "stop_server"})
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -497,23 +645,51 @@ class Server:
                                     "stopped, its todos were given back or expire")
         threading.Thread(target=self.stop, daemon=True).start()
 
-    def _join(self, name: str) -> None:
+    def _join(self, name: str, timeout: float) -> None:
         for thread in self._threads:
             current = thread is threading.current_thread()
             if thread.name == f"processgpt-sync-{name}" and not current:
-                thread.join(timeout=10)
+                thread.join(timeout=timeout)
+                if thread.is_alive():
+                    self._log.warning("stopping: the %s thread is still waiting on the "
+                                      "database; leaving it behind", name,
+                                      extra={**self._extra, "action": "stop_server"})
 
-    def _close_adapter(self) -> None:
-        closer = threading.Thread(target=self._adapter.close, daemon=True)
-        closer.start()
-        closer.join(timeout=5)
-        if closer.is_alive():
+    def _close_adapter(self, timeout: float = 5.0) -> None:
+        done, _ = _bounded(self._adapter.close, timeout, "close executor")
+        if not done:
             self._log.warning("an async executor is still blocking its event loop after stop",
                               extra=self._extra)
 
-    def _close_storage(self) -> None:
+    def _close_storage(self, timeout: float = 5.0) -> None:
         if self._owns_storage and self._storage is not None:
-            self._storage.close()
+            done, _ = _bounded(self._storage.close, timeout, "close storage")
+            if not done:
+                self._log.warning("closing the database connections did not finish in %gs",
+                                  timeout, extra=self._extra)
+
+
+def _bounded(fn: Callable[[], Any], timeout: float, what: str) -> tuple[bool, Any]:
+    """Run ``fn`` on a daemon thread for at most ``timeout`` seconds: (finished, its result or
+    the exception it raised). A call stuck on a dead network path is left behind."""
+    box: list[Any] = []
+
+    def run() -> None:
+        try:
+            box.append(fn())
+        except Exception as exc:
+            box.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True, name=f"processgpt-sync-{what}")
+    thread.start()
+    thread.join(max(0.0, timeout))
+    return (True, box[0]) if box else (False, None)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 def start(

@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,8 @@ CANCEL_CHANNEL = "processgpt_sync_cancel"
 CHANNELS = (TODO_CHANNEL, CANCEL_CHANNEL, ANSWER_CHANNEL)
 WATCHDOG_TICK = 0.2  # seconds between timeout checks
 LISTEN_WAIT = 1.0  # seconds one LISTEN wait may block before checking for stop
-LISTEN_PROBE_INTERVAL = 15.0  # seconds between checks that the listener still listens
+LISTEN_PROBE_INTERVAL = 8.0  # seconds between checks that the listener still listens (each
+# bounded by the storage's probe deadline, 5 s: a dead LISTEN connection is found within 13 s)
 POLLING_HEARTBEAT = 2.0  # seconds between heartbeats when UI cancels cannot arrive by NOTIFY
 
 
@@ -42,6 +44,11 @@ class Watched:
     count: Callable[[str], None]
     is_listening: Callable[[], bool]
     set_listening: Callable[[bool], None]
+    registry: Callable[[float], dict[str, Any]]
+    """This server's registry row, given the heartbeat interval."""
+    claim_gate: Callable[[], AbstractContextManager[Any]]
+    """Held around each claim call; the heartbeat holds it too, so its list of known todos
+    is complete."""
 
 
 class Watchers:
@@ -57,13 +64,15 @@ class Watchers:
         self._extra = extra
 
     def heartbeat(self) -> None:
-        """Renew every in-flight lease in one call per interval; enforce timeouts."""
+        """Renew every in-flight lease and refresh the server registry row, in one call per
+        interval; enforce timeouts; say loudly when the database is out of reach too long."""
         storage = self._storage
-        interval = self.settings.lease_seconds / 4
+        interval = idle_interval = self.settings.lease_seconds / 4
         if not self._server.is_listening():
             # No NOTIFY for UI cancels: the heartbeat reports them sooner.
             interval = min(interval, POLLING_HEARTBEAT)
-        next_renewal = time.monotonic() + interval
+        next_renewal = time.monotonic()
+        next_alarm = 0.0
         while not self._stop.wait(WATCHDOG_TICK):
             now = time.monotonic()
             runs = self._server.running()
@@ -73,18 +82,32 @@ class Watchers:
             if now < next_renewal:
                 continue
             live = [r for r in runs if not r.closed and r.cancel_reason != "lost"]
-            if not live:
-                next_renewal = now + interval
-                continue
             try:
-                report = storage.renew(self.settings.consumer, [r.claim for r in live],
-                                       self.settings.lease_seconds)
+                with self._server.claim_gate():
+                    report = storage.heartbeat(self.settings.consumer, [r.claim for r in live],
+                                               self.settings.lease_seconds,
+                                               self._server.registry(idle_interval))
             except StorageError as exc:
-                self._log.warning("lease renewal failed, retrying: %s", exc,
+                self._log.warning("heartbeat failed, retrying: %s", exc,
                                   extra={**self._extra, "action": "heartbeat"})
-                next_renewal = now + min(interval, 1.0)
+                next_renewal = time.monotonic() + min(interval, 1.0)
+                silent = time.monotonic() - (storage.last_success or now)
+                if silent > self.settings.lease_seconds and time.monotonic() >= next_alarm:
+                    next_alarm = time.monotonic() + interval
+                    self._log.error(
+                        "the database has not answered for %.0fs, longer than the %ds lease: "
+                        "other servers may take over this server's %d running todos, and no "
+                        "new work is claimed until it answers", silent,
+                        self.settings.lease_seconds, len(live),
+                        extra={**self._extra, "action": "heartbeat"})
                 continue
-            next_renewal = now + interval
+            # Idle, only the registry row needs refreshing: no faster than leases need.
+            next_renewal = now + (interval if live else idle_interval)
+            if report.orphans:
+                self._log.warning("gave back %d todos claimed for this server whose claim "
+                                  "answer was lost (a dead connection): %s", len(report.orphans),
+                                  ", ".join(sorted(report.orphans)),
+                                  extra={**self._extra, "action": "heartbeat"})
             for run in live:
                 if run.todo_id in report.cancelled:
                     self._server.cancel(run, "cancelled")

@@ -1192,6 +1192,81 @@ BEGIN
 END
 $$;
 
+-- The heartbeat of one server: renew its leases (as processgpt_sync_renew_v1) and refresh its
+-- row in the server registry, in one call and one transaction. p_server holds agent_orch,
+-- host, pid, version, heartbeat_seconds, running, completed and any other counters (stats),
+-- plus `known`, every todo id the server holds (sent while none of its claims is in flight): a
+-- lease of this consumer that the server does not know is an orphan (a claim that ran after
+-- its caller gave up on a dead connection) and is given back at once instead of waiting for
+-- its expiry. Rows of servers unseen for a day are removed.
+CREATE OR REPLACE FUNCTION processgpt_sync_heartbeat_v1(
+    p_consumer text,
+    p_todo_ids uuid[],
+    p_tokens uuid[],
+    p_lease_seconds integer,
+    p_server jsonb)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    v_orphan_ids uuid[];
+    v_orphan_tokens uuid[];
+    v_orphans integer := 0;
+BEGIN
+    IF jsonb_typeof(p_server->'known') = 'array' THEN
+        SELECT array_agg(l.todo_id), array_agg(l.claim_token)
+        INTO v_orphan_ids, v_orphan_tokens
+        FROM processgpt_sync_lease l
+        WHERE l.consumer = p_consumer
+          AND NOT l.todo_id::text IN (SELECT jsonb_array_elements_text(p_server->'known'))
+          AND NOT l.todo_id = ANY(coalesce(p_todo_ids, '{}'));
+        IF v_orphan_ids IS NOT NULL THEN
+            v_orphans := processgpt_sync_release_v1(v_orphan_ids, v_orphan_tokens);
+        END IF;
+    END IF;
+    INSERT INTO processgpt_sync_server AS s
+        (consumer, agent_orch, host, pid, version, heartbeat_seconds, running, completed, stats)
+    VALUES (p_consumer, coalesce(p_server->>'agent_orch', ''), p_server->>'host',
+            (p_server->>'pid')::integer, p_server->>'version',
+            coalesce((p_server->>'heartbeat_seconds')::real, 15),
+            coalesce((p_server->>'running')::integer, 0),
+            coalesce((p_server->>'completed')::bigint, 0),
+            coalesce(p_server->'stats', '{}'::jsonb))
+    ON CONFLICT (consumer) DO UPDATE
+    SET last_seen = now(), heartbeat_seconds = EXCLUDED.heartbeat_seconds,
+        running = EXCLUDED.running, completed = EXCLUDED.completed, stats = EXCLUDED.stats;
+    DELETE FROM processgpt_sync_server WHERE last_seen < now() - interval '1 day';
+    RETURN processgpt_sync_renew_v1(p_consumer, coalesce(p_todo_ids, '{}'), coalesce(p_tokens, '{}'),
+                                    p_lease_seconds)
+           || jsonb_build_object('orphans', coalesce(to_jsonb(v_orphan_ids), '[]'::jsonb),
+                                 'orphans_released', v_orphans);
+END
+$$;
+
+-- A server stopped cleanly: remove its registry row. True if there was one.
+CREATE OR REPLACE FUNCTION processgpt_sync_server_stopped_v1(p_consumer text)
+RETURNS boolean LANGUAGE sql AS $$
+    WITH gone AS (DELETE FROM processgpt_sync_server WHERE consumer = p_consumer RETURNING 1)
+    SELECT EXISTS (SELECT 1 FROM gone)
+$$;
+
+-- The registry: servers (of one agent_orch, or one consumer, or all), each with `alive` false
+-- when its last heartbeat is older than three heartbeat intervals, and seconds since it.
+CREATE OR REPLACE FUNCTION processgpt_sync_servers_v1(
+    p_agent_orch text DEFAULT NULL,
+    p_consumer text DEFAULT NULL)
+RETURNS jsonb LANGUAGE sql STABLE AS $$
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+               'consumer', s.consumer, 'agent_orch', s.agent_orch, 'host', s.host,
+               'pid', s.pid, 'version', s.version, 'started_at', s.started_at,
+               'last_seen', s.last_seen, 'heartbeat_seconds', s.heartbeat_seconds,
+               'seen_seconds_ago', round(extract(epoch FROM now() - s.last_seen)::numeric, 1),
+               'alive', s.last_seen >= now() - make_interval(secs => 3 * s.heartbeat_seconds),
+               'running', s.running, 'completed', s.completed, 'stats', s.stats)
+               ORDER BY s.agent_orch, s.started_at), '[]'::jsonb)
+    FROM processgpt_sync_server s
+    WHERE (p_agent_orch IS NULL OR s.agent_orch = p_agent_orch)
+      AND (p_consumer IS NULL OR s.consumer = p_consumer)
+$$;
+
 -- Only the service role (Supabase) or the owner may call these; never anon or authenticated.
 DO $$
 DECLARE

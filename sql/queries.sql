@@ -54,6 +54,18 @@ SELECT processgpt_sync_release_v1(p_todo_ids => %(p_todo_ids)s::uuid[], p_tokens
 -- Renew the leases of all in-flight todos; report lost and cancelled ones
 SELECT processgpt_sync_renew_v1(p_consumer => %(p_consumer)s::text, p_todo_ids => %(p_todo_ids)s::uuid[], p_tokens => %(p_tokens)s::uuid[], p_lease_seconds => %(p_lease_seconds)s::integer)
 
+-- heartbeat --
+-- Renew the leases of all in-flight todos and refresh this server's registry row, in one call
+SELECT processgpt_sync_heartbeat_v1(p_consumer => %(p_consumer)s::text, p_todo_ids => %(p_todo_ids)s::uuid[], p_tokens => %(p_tokens)s::uuid[], p_lease_seconds => %(p_lease_seconds)s::integer, p_server => %(p_server)s::jsonb)
+
+-- server_stopped --
+-- Remove a cleanly stopped server's registry row
+SELECT processgpt_sync_server_stopped_v1(p_consumer => %(p_consumer)s::text)
+
+-- servers --
+-- The server registry, with each server's liveness
+SELECT processgpt_sync_servers_v1(p_agent_orch => %(p_agent_orch)s::text, p_consumer => %(p_consumer)s::text)
+
 -- enqueue --
 -- Insert a claimable todo and return its id
 SELECT processgpt_sync_enqueue_v1(p_agent_orch => %(p_agent_orch)s::text, p_input => %(p_input)s::text, p_agent_mode => %(p_agent_mode)s::text, p_tenant_id => %(p_tenant_id)s::text, p_activity_name => %(p_activity_name)s::text, p_proc_inst_id => %(p_proc_inst_id)s::text, p_user_id => %(p_user_id)s::text)

@@ -1,4 +1,5 @@
--- processgpt-sync schema: the ProcessGPT tables this library touches, plus its lease table.
+-- processgpt-sync schema: the ProcessGPT tables this library touches, plus its lease and server
+-- registry tables.
 --
 -- Idempotent: running it again changes nothing. On an existing ProcessGPT database it only adds
 -- what is missing (enum types, columns, the lease table, indexes); it never rewrites data and
@@ -153,6 +154,39 @@ BEGIN
         WHERE NOT EXISTS (SELECT 1 FROM todolist t WHERE t.id = l.todo_id);
         ALTER TABLE processgpt_sync_lease ADD CONSTRAINT processgpt_sync_lease_todo_fk
             FOREIGN KEY (todo_id) REFERENCES todolist (id) ON DELETE CASCADE;
+    END IF;
+END
+$$;
+
+-- Serving processes: one row per server, refreshed by its heartbeat (the same call that renews
+-- its leases), deleted when it stops cleanly. A row whose last_seen is older than three
+-- heartbeats belongs to a server that is dead, stalled or cut off from the database.
+CREATE TABLE IF NOT EXISTS processgpt_sync_server (
+    consumer text PRIMARY KEY,
+    agent_orch text NOT NULL,
+    host text,
+    pid integer,
+    version text,
+    started_at timestamptz NOT NULL DEFAULT now(),
+    last_seen timestamptz NOT NULL DEFAULT now(),
+    heartbeat_seconds real NOT NULL DEFAULT 15,
+    running integer NOT NULL DEFAULT 0,
+    completed bigint NOT NULL DEFAULT 0,
+    stats jsonb NOT NULL DEFAULT '{}'::jsonb
+);
+
+-- Supabase grants new public tables to anon and authenticated by default: take that back.
+DO $$
+DECLARE
+    r text;
+BEGIN
+    FOREACH r IN ARRAY ARRAY['anon', 'authenticated'] LOOP
+        IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) THEN
+            EXECUTE format('REVOKE ALL ON processgpt_sync_server FROM %I', r);
+        END IF;
+    END LOOP;
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'service_role') THEN
+        GRANT ALL ON processgpt_sync_server TO service_role;
     END IF;
 END
 $$;

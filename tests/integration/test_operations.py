@@ -96,7 +96,7 @@ def test_a_dead_server_thread_stops_serving_with_an_error_not_a_clean_exit(datab
     from processgpt_sync.storage.postgres import PostgresStorage
 
     class HeartbeatBug(PostgresStorage):
-        def renew(self, *args, **kwargs):
+        def heartbeat(self, *args, **kwargs):
             raise KeyError("a bug in the heartbeat")
 
     storage = HeartbeatBug(database_url)

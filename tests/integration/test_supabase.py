@@ -78,8 +78,9 @@ def test_polling_backs_off_when_idle(supabase):
     server = ps.start(lambda todo: {"ok": 1}, agent_orch="a", storage=supabase,
                       poll_interval=1.0)
     try:
-        # start-up makes 3 calls (schema, status, event types); then the first polls
-        wait_for(lambda: gateway.requests > 4, timeout=5)
+        # start-up makes 3 calls (schema, status, event types), the first heartbeat one (the
+        # server registry); then the first polls
+        wait_for(lambda: gateway.requests > 5, timeout=5)
         before = gateway.requests
         import time
 

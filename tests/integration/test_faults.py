@@ -1,0 +1,367 @@
+"""Network faults for real: the database reached through a fault-injecting TCP proxy.
+
+Half-open connections, a partition, a dead LISTEN connection, stop() during an outage, a
+stalled server seen by health/status, and a process that runs out of file descriptors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+import processgpt_sync as ps
+from processgpt_sync import cli
+from processgpt_sync.server import STOP_MARGIN, STOP_TAIL
+from processgpt_sync.storage.postgres import (
+    DEADLINE_MARGIN,
+    PostgresStorage,
+    link_conninfo,
+)
+from tests.conftest import wait_for
+from tests.faultproxy import FaultProxy
+
+ROOT = Path(__file__).resolve().parents[2]
+STATEMENT_TIMEOUT = 1.0  # short bounds keep the tests short: a dead link shows in ~4 s
+
+
+@pytest.fixture
+def proxy(pg_url: str) -> Iterator[FaultProxy]:
+    fault = FaultProxy(FaultProxy.socket_of(pg_url))
+    yield fault
+    fault.close()
+
+
+def proxied_storage(kind: str, proxy: FaultProxy, database_url: str) -> Any:
+    """A storage of ``kind`` whose every connection goes through ``proxy``."""
+    if kind == "postgres":
+        return PostgresStorage(proxy.url_for(database_url), max_connections=12,
+                               statement_timeout=STATEMENT_TIMEOUT)
+    from processgpt_sync.storage.supabase import SupabaseStorage
+    from tests.postgrest_gateway import SERVICE_KEY, Gateway
+
+    gateway = Gateway(database_url)
+    http = FaultProxy(("127.0.0.1", int(gateway.url.rsplit(":", 1)[1])))
+    store = SupabaseStorage(f"http://127.0.0.1:{http.port}", SERVICE_KEY,
+                            timeout=STATEMENT_TIMEOUT)
+    store.gateway, store.http_proxy = gateway, http
+    return store
+
+
+def close_storage(store: Any) -> None:
+    store.close()
+    if hasattr(store, "gateway"):
+        store.http_proxy.close()
+        store.gateway.close()
+
+
+def fault_target(store: Any, proxy: FaultProxy) -> FaultProxy:
+    """The proxy between ``store`` and the database: HTTP for Supabase, else PostgreSQL."""
+    return store.http_proxy if hasattr(store, "http_proxy") else proxy
+
+
+def enqueue(db: psycopg.Connection[Any], n: int, agent: str = "faults") -> list[str]:
+    rows = db.execute("SELECT processgpt_sync_enqueue_v1(%s, 'q' || g)::text AS id "
+                      "FROM generate_series(1, %s) g", (agent, n)).fetchall()
+    return [row["id"] for row in rows]
+
+
+def completed(db: psycopg.Connection[Any]) -> int:
+    return int(db.execute("SELECT count(*) AS n FROM todolist WHERE draft_status = "
+                          "'COMPLETED'").fetchone()["n"])
+
+
+def assert_exactly_once(db: psycopg.Connection[Any], n: int) -> None:
+    """Every todo completed, one result and one set of events each: nothing lost or doubled."""
+    assert completed(db) == n
+    per_todo = db.execute("SELECT todo_id, count(*) FILTER (WHERE event_type = 'crew_completed') "
+                          "AS done, count(*) FILTER (WHERE event_type = 'task_working') AS work "
+                          "FROM events GROUP BY todo_id").fetchall()
+    assert len(per_todo) == n
+    assert {(row["done"], row["work"]) for row in per_todo} == {(1, 2)}
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "processgpt_sync", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def two_steps(todo: ps.Todo) -> dict[str, Any]:
+    todo.events.progress({"step": 1})
+    time.sleep(0.05)
+    todo.events.progress({"step": 2})
+    return {"ok": todo.input}
+
+
+def test_connections_get_keepalives_and_bounds_unless_the_url_sets_them(database_url):
+    linked = psycopg.conninfo.conninfo_to_dict(link_conninfo(database_url, tcp_timeout=12))
+    assert (linked["keepalives"], linked["keepalives_idle"], linked["keepalives_count"],
+            linked["tcp_user_timeout"]) == ("1", "6", "3", "12000")
+    explicit = psycopg.conninfo.make_conninfo(database_url, keepalives_idle=60,
+                                              tcp_user_timeout=0)
+    mine = psycopg.conninfo.conninfo_to_dict(link_conninfo(explicit))
+    assert (mine["keepalives_idle"], mine["tcp_user_timeout"]) == ("60", "0"), "the URL wins"
+
+    storage = PostgresStorage(database_url, statement_timeout=2.5)
+    try:
+        with storage._pool.connection() as conn:
+            assert conn.execute("SHOW statement_timeout").fetchone()[0] == "2500ms"
+            used = {o.keyword.decode(): o.val for o in conn.pgconn.info}
+            assert (used["keepalives"], used["tcp_user_timeout"]) == (b"1", b"10000")
+    finally:
+        storage.close()
+    own = psycopg.conninfo.make_conninfo(database_url, options="-c statement_timeout=7s")
+    storage = PostgresStorage(own, statement_timeout=2.5)
+    try:
+        with storage._pool.connection() as conn:
+            assert conn.execute("SHOW statement_timeout").fetchone()[0] == "7s"
+    finally:
+        storage.close()
+
+
+@pytest.mark.parametrize("kind", ["postgres", "supabase"])
+def test_half_open_connections_are_dropped_and_every_todo_completes_once(
+        kind, proxy, database_url, db, caplog):
+    caplog.set_level(logging.WARNING)
+    store = proxied_storage(kind, proxy, database_url)
+    enqueue(db, 20)
+    try:
+        server = ps.start(two_steps, agent_orch="faults", storage=store, workers=4,
+                          lease_seconds=30, poll_interval=0.5)
+        try:
+            wait_for(lambda: completed(db) >= 5, timeout=20)
+            assert fault_target(store, proxy).stall() > 0, "connections were open"
+            enqueue(db, 20)
+            wait_for(lambda: completed(db) == 40, timeout=60)
+        finally:
+            server.stop(timeout=5)
+    finally:
+        close_storage(store)
+    assert_exactly_once(db, 40)
+    assert "no answer from the database" in caplog.text or "timed out" in caplog.text.lower()
+
+
+@pytest.mark.slow
+def test_a_30_second_partition_mid_run_resumes_after_the_heal(proxy, database_url, db, caplog):
+    caplog.set_level(logging.WARNING)
+    store = proxied_storage("postgres", proxy, database_url)
+    enqueue(db, 30)
+    try:
+        server = ps.start(two_steps, agent_orch="faults", storage=store, workers=4,
+                          lease_seconds=60, poll_interval=0.5)
+        try:
+            wait_for(lambda: completed(db) >= 5, timeout=20)
+            proxy.partition()
+            enqueue(db, 30)
+            time.sleep(30)
+            during = completed(db)
+            proxy.heal()
+            wait_for(lambda: completed(db) == 60, timeout=60)
+            assert server.stats()["db_ok_seconds_ago"] < 5
+        finally:
+            server.stop(timeout=5)
+    finally:
+        close_storage(store)
+    assert during < 60, "nothing could be recorded during the partition"
+    assert_exactly_once(db, 60)
+
+
+def test_a_dead_listen_connection_is_detected_and_reconnected(proxy, database_url, db, caplog,
+                                                              monkeypatch):
+    from processgpt_sync import watch
+
+    monkeypatch.setattr(watch, "LISTEN_PROBE_INTERVAL", 1.0)
+    caplog.set_level(logging.INFO)
+    store = proxied_storage("postgres", proxy, database_url)
+    started: dict[str, float] = {}
+
+    def handle(todo: ps.Todo) -> dict[str, Any]:
+        started[todo.input] = time.monotonic()
+        return {"ok": True}
+
+    try:
+        with ps.start(handle, agent_orch="faults", storage=store, poll_interval=60) as server:
+            wait_for(lambda: server.stats()["listening"])
+            proxy.stall()  # the LISTEN connection (and the pool's) are now half-open
+            wait_for(lambda: server.stats()["listener_reconnects"] == 1, timeout=20)
+            enqueue(db, 1)
+            wait_for(lambda: "q1" in started, timeout=10)
+    finally:
+        close_storage(store)
+    assert "listener connection lost" in caplog.text
+    assert "no answer from the database for the listener probe" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["postgres", "supabase"])
+def test_stop_is_bounded_while_the_database_is_partitioned(kind, proxy, database_url, db, caplog):
+    caplog.set_level(logging.INFO)
+    store = proxied_storage(kind, proxy, database_url)
+    ids = enqueue(db, 3)
+    release = threading.Event()
+
+    def handle(todo: ps.Todo) -> dict[str, Any]:
+        todo.events.progress({"step": 1})
+        release.wait(30)
+        todo.events.progress({"step": 2})
+        return {"ok": True}
+
+    try:
+        server = ps.start(handle, agent_orch="faults", storage=store, workers=4, lease_seconds=30)
+        wait_for(lambda: db.execute("SELECT count(*) AS n FROM events").fetchone()["n"] == 3,
+                 timeout=20)
+        fault_target(store, proxy).partition()
+        began = time.monotonic()
+        server.stop(timeout=1)
+        took = time.monotonic() - began
+        release.set()
+        fault_target(store, proxy).heal()
+        stuck = wait_for(lambda: not [t for t in threading.enumerate()
+                                      if t.name.startswith("processgpt-sync_") and t.is_alive()],
+                         timeout=2 * (STATEMENT_TIMEOUT + DEADLINE_MARGIN) + 12)
+    finally:
+        close_storage(store)
+    assert took <= 1 + STOP_MARGIN + 4 * STOP_TAIL + 1, f"stop() took {took:.1f}s"
+    assert stuck, "no worker thread outlives the server (the process can exit)"
+    assert "could not give back todos" in caplog.text
+    assert all(todo_id in caplog.text for todo_id in ids), "the log names each todo left behind"
+
+
+def test_health_and_status_show_a_server_cut_off_from_the_database_as_dead(
+        proxy, database_url, db, caplog):
+    caplog.set_level(logging.ERROR)
+    store = proxied_storage("postgres", proxy, database_url)
+    consumer = f"stalled-{os.getpid()}"
+    try:
+        server = ps.start(two_steps, agent_orch="faults", storage=store, lease_seconds=2,
+                          consumer=consumer)
+        try:
+            wait_for(lambda: db.execute("SELECT count(*) AS n FROM processgpt_sync_server")
+                     .fetchone()["n"] == 1)
+            assert run_cli("health", "--database-url", database_url, "--consumer",
+                           consumer).returncode == 0
+            assert server.healthy()[0]
+            proxy.partition()
+            wait_for(lambda: run_cli("health", "--database-url", database_url, "--consumer",
+                                     consumer).returncode == cli.HEALTH_SERVER, timeout=20)
+            assert run_cli("health", "--database-url", database_url, "--agent-orch",
+                           "faults").returncode == cli.HEALTH_SERVER
+            status = run_cli("status", "--database-url", database_url).stdout
+            wait_for(lambda: not server.healthy()[0], timeout=15)
+            wait_for(lambda: "the database has not answered for" in caplog.text, timeout=10)
+            assert server.stats()["db_ok_seconds_ago"] > 2
+        finally:
+            proxy.heal()
+            server.stop(timeout=2)
+    finally:
+        close_storage(store)
+    assert consumer in status and "DEAD" in status
+    assert db.execute("SELECT count(*) AS n FROM processgpt_sync_server").fetchone()["n"] == 0, (
+        "a clean stop removes the registry row")
+
+
+def test_healthz_answers_from_the_last_database_round_trip(proxy, database_url):
+    pytest.importorskip("prometheus_client")
+    from prometheus_client import REGISTRY
+
+    from processgpt_sync.metrics import serve_metrics
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    store = proxied_storage("postgres", proxy, database_url)
+    collectors_before = set(REGISTRY._collector_to_names)
+    server = ps.start(two_steps, agent_orch="faults", storage=store, lease_seconds=2)
+    httpd = serve_metrics(server, port, addr="127.0.0.1")
+    url = f"http://127.0.0.1:{port}/healthz"
+    try:
+        assert json.loads(urllib.request.urlopen(url, timeout=5).read())["healthy"] is True
+        proxy.partition()
+
+        def unhealthy() -> bool:
+            try:
+                urllib.request.urlopen(url, timeout=5)
+            except urllib.error.HTTPError as exc:
+                return exc.code == 503
+            return False
+
+        wait_for(unhealthy, timeout=20, interval=0.5)
+    finally:
+        proxy.heal()
+        httpd.shutdown()
+        httpd.server_close()
+        server.stop(timeout=2)
+        close_storage(store)
+        for collector in set(REGISTRY._collector_to_names) - collectors_before:
+            REGISTRY.unregister(collector)
+
+
+EMFILE_SCRIPT = r"""
+import json, logging, os, resource, sys, time
+import psycopg
+import processgpt_sync as ps
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+url = sys.argv[1]
+
+async def handle(todo):
+    todo.events.progress({"step": 1})
+    todo.events.progress({"step": 2})
+    return {"ok": todo.input}
+
+db = psycopg.connect(url, autocommit=True)
+server = ps.start(handle, agent_orch="fds", database_url=url, workers=8, poll_interval=0.5)
+time.sleep(0.5)
+hog = []
+try:
+    while True:
+        hog.append(open(os.devnull))
+except OSError:
+    pass
+hog.pop().close()  # one spare fd: the enqueue's NOTIFY reaches the server, loops cannot start
+db.execute("SELECT processgpt_sync_enqueue_v1('fds', 'q' || g) FROM generate_series(1, 20) g")
+deadline = time.monotonic() + 30
+while server.stats()["released"] < 3 and time.monotonic() < deadline:
+    time.sleep(0.1)
+given_back = server.stats()["released"]
+for f in hog:
+    f.close()
+deadline = time.monotonic() + 60
+while server.stats()["completed"] < 20 and time.monotonic() < deadline:
+    time.sleep(0.1)
+stats = server.stats()
+alive = server.failure is None
+server.stop(timeout=5)
+print(json.dumps({"given_back": given_back, "completed": stats["completed"],
+                  "failed": stats["failed"], "alive": alive}))
+"""
+
+
+@pytest.mark.slow
+def test_running_out_of_file_descriptors_gives_todos_back_and_they_run_later(
+        database_url, db, tmp_path):
+    proc = subprocess.run([sys.executable, "-c", EMFILE_SCRIPT, database_url], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["given_back"] >= 3, proc.stderr[-3000:]
+    assert (result["completed"], result["failed"], result["alive"]) == (20, 0, True)
+    assert "ulimit -n" in proc.stderr and "not recorded as failed" in proc.stderr
+    assert db.execute("SELECT count(*) AS n FROM todolist WHERE draft_status = 'FAILED'")\
+        .fetchone()["n"] == 0
+    assert_exactly_once(db, 20)
