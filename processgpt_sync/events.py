@@ -179,13 +179,14 @@ class EventBuffer:
         return True
 
     def close(self, timeout: float | None = None) -> bool:
-        """Flush, then stop the flusher thread."""
+        """Flush, then stop the flusher thread; ``timeout`` bounds both together."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         done = self.flush(timeout)
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
+        if self._thread.is_alive():  # a write stuck on a dead connection is left behind
+            self._thread.join(5 if deadline is None else max(0.1, deadline - time.monotonic()))
         return done
 
     def _next_batch(self) -> list[dict[str, Any]] | None:

@@ -217,7 +217,8 @@ class Server:
             self._close_adapter(left(STOP_TAIL))
             self._close_storage(left(STOP_TAIL))
             self._stopped.set()
-            self._log.info("stopped", extra={**self._extra, "action": "stopped"})
+            self._log.info("stopped in %.1fs", time.monotonic() - (end - grace - STOP_MARGIN),
+                           extra={**self._extra, "action": "stopped"})
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until the server has stopped; False if ``timeout`` ran out first."""
@@ -499,7 +500,7 @@ class Server:
         if not leftovers:
             return
         assert self._buffer is not None
-        self._buffer.flush(timeout=left())
+        self._buffer.flush(timeout=left() / 2)  # leave time to give the todos back
         storage = self._storage_()
         claims = [r.claim for r in leftovers]
         attempt = 0

@@ -211,10 +211,12 @@ def test_stop_is_bounded_while_the_database_is_partitioned(kind, proxy, database
     caplog.set_level(logging.INFO)
     store = proxied_storage(kind, proxy, database_url)
     ids = enqueue(db, 3)
-    release = threading.Event()
+    cut, release = threading.Event(), threading.Event()
 
     def handle(todo: ps.Todo) -> dict[str, Any]:
         todo.events.progress({"step": 1})
+        cut.wait(30)
+        todo.events.progress({"step": "during the partition"})
         release.wait(30)
         todo.events.progress({"step": 2})
         return {"ok": True}
@@ -224,10 +226,12 @@ def test_stop_is_bounded_while_the_database_is_partitioned(kind, proxy, database
         wait_for(lambda: db.execute("SELECT count(*) AS n FROM events").fetchone()["n"] == 3,
                  timeout=20)
         fault_target(store, proxy).partition()
+        cut.set()
         began = time.monotonic()
         server.stop(timeout=1)
         took = time.monotonic() - began
         release.set()
+        cut.set()
         fault_target(store, proxy).heal()
         stuck = wait_for(lambda: not [t for t in threading.enumerate()
                                       if t.name.startswith("processgpt-sync_") and t.is_alive()],
@@ -237,6 +241,7 @@ def test_stop_is_bounded_while_the_database_is_partitioned(kind, proxy, database
     assert took <= 1 + STOP_MARGIN + 4 * STOP_TAIL + 1, f"stop() took {took:.1f}s"
     assert stuck, "no worker thread outlives the server (the process can exit)"
     assert "could not give back todos" in caplog.text
+    assert "events could not be written in time" in caplog.text, "unwritten events are reported"
     assert all(todo_id in caplog.text for todo_id in ids), "the log names each todo left behind"
 
 
