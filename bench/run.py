@@ -1,7 +1,8 @@
-"""Benchmarks: throughput, pickup latency, cancel latency, idle cost, scale-out, memory.
+"""Benchmarks: throughput, pickup latency, cancel latency, idle cost, scale-out, memory, fairness,
+faults.
 
     pip install -r bench/requirements.txt
-    python bench/run.py [--quick] [--json] [--compat]
+    python bench/run.py [--quick] [--json] [--compat] [--only fairness|compat|faults]
 
 Starts its own embedded PostgreSQL (a temporary data directory), runs every measurement one
 after another on it, prints a table, and with --json a JSON object as the last line.
@@ -36,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 import processgpt_sync as ps  # noqa: E402
 from processgpt_sync import embedded  # noqa: E402
 from processgpt_sync.storage.postgres import PostgresStorage, install_schema  # noqa: E402
+from tests.faultproxy import FaultProxy  # noqa: E402
 
 AGENT = "bench"
 
@@ -367,11 +369,90 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
+def steady(todo: ps.Todo) -> dict[str, Any]:
+    todo.events.progress({"step": 1})
+    time.sleep(0.05)
+    todo.events.progress({"step": 2})
+    return {"ok": True}
+
+
+def faults(bench: Bench) -> dict[str, Any]:
+    """Default settings, the database behind a fault-injecting proxy: half-open connections,
+    a 30 s partition, a dead LISTEN connection. Times from the fault (or the heal) on."""
+    url = bench.database()
+    proxy = FaultProxy(FaultProxy.socket_of(url))
+    storage = PostgresStorage(proxy.url_for(url), max_connections=8)
+    db = psycopg.connect(url, autocommit=True)
+    total = 0
+
+    def enqueue(n: int) -> list[str]:
+        nonlocal total
+        total += n
+        return [row[0] for row in db.execute(
+            "SELECT processgpt_sync_enqueue_v1(%s, 'q' || g)::text FROM generate_series(1, %s) g",
+            (AGENT, n)).fetchall()]
+
+    def done(ids: list[str]) -> int:
+        return int(db.execute("SELECT count(*) FROM todolist WHERE id = ANY(%s::uuid[]) AND "
+                              "draft_status = 'COMPLETED'", (ids,)).fetchone()[0])
+
+    def until(predicate: Any, limit: float = 120.0) -> float:
+        began = time.monotonic()
+        while not predicate():
+            if time.monotonic() - began > limit:
+                raise RuntimeError(f"the server did not resume within {limit:g}s")
+            time.sleep(0.02)
+        return time.monotonic() - began
+
+    server = ps.start(steady, agent_orch=AGENT, storage=storage, workers=4)
+    out: dict[str, Any] = {}
+    try:
+        warm = enqueue(20)
+        until(lambda: done(warm) == 20)
+        # Half-open: every open connection (pool and LISTEN) stops answering, new ones work.
+        proxy.stall()
+        fresh = enqueue(20)
+        out["halfopen_resume_s"] = until(lambda: done(fresh) >= 1)
+        logging.warning("faults: half-open resumed after %.1fs", out["halfopen_resume_s"])
+        until(lambda: done(fresh) == 20)
+        # A dead LISTEN connection alone: found by the bounded probe, then reconnected.
+        until(lambda: server.stats()["listening"])
+        reconnects = server.stats()["listener_reconnects"]
+        proxy.stall()
+        out["dead_listener_detect_s"] = until(
+            lambda: server.stats()["listener_reconnects"] > reconnects)
+        logging.warning("faults: dead listener found in %.1fs", out["dead_listener_detect_s"])
+        # A 30 s full partition with work waiting, then the heal.
+        proxy.partition()
+        during = enqueue(20)
+        time.sleep(30.0)
+        proxy.heal()
+        out["partition_heal_first_s"] = until(lambda: done(during) >= 1)
+        out["partition_heal_resume_s"] = until(lambda: done(during) == 20) + out[
+            "partition_heal_first_s"]
+    finally:
+        server.stop(timeout=10)
+        storage.close()
+        proxy.close()
+    per_todo = db.execute("SELECT count(*) FILTER (WHERE event_type = 'crew_completed'), "
+                          "count(*) FILTER (WHERE event_type = 'task_working') FROM events "
+                          "GROUP BY todo_id").fetchall()
+    completed = db.execute("SELECT count(*) FROM todolist WHERE draft_status = 'COMPLETED'"
+                           ).fetchone()[0]
+    db.close()
+    out["faults_todos"] = total
+    out["faults_lost_events"] = 2 * total - sum(min(work, 2) for _, work in per_todo)
+    out["faults_double_results"] = sum(1 for done_, work in per_todo if done_ > 1 or work > 2)
+    out["faults_not_completed"] = total - int(completed)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer todos, shorter idle window")
     parser.add_argument("--json", action="store_true", help="print a JSON object last")
-    parser.add_argument("--only", choices=["fairness", "compat"], help="run just this section")
+    parser.add_argument("--only", choices=["fairness", "compat", "faults"],
+                        help="run just this section")
     parser.add_argument("--compat", action="store_true", help="add the compat section (needs "
                         "crewai, langchain-core and langgraph; see bench/compat.py)")
     args = parser.parse_args()
@@ -392,6 +473,9 @@ def main() -> int:
             from bench.compat import measure
 
             results.update(measure(bench, args.quick))
+            return report(results, args.json)
+        if args.only == "faults":
+            results.update(faults(bench))
             return report(results, args.json)
         per_workers = {str(w): throughput(bench, w) for w in (1, 4, 8, 16, 32, 64)}
         results["throughput_by_workers"] = per_workers
@@ -417,6 +501,7 @@ def main() -> int:
         _, _, rss = scale_out(bench, 1, 16)
         results["peak_rss_mb_16_workers"] = rss
         fairness(bench, results)
+        results.update(faults(bench))
         if args.compat:
             from bench.compat import measure
 

@@ -95,6 +95,7 @@ class FaultProxy:
     def close(self) -> None:
         self._run(self._unlisten())
         self._run(self._reset())
+        self._run(self._cancel_all())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         self._loop.close()
@@ -127,6 +128,12 @@ class FaultProxy:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+
+    async def _cancel_all(self) -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _stall(self) -> int:
         for link in self._links:
