@@ -54,6 +54,8 @@ def proxied_storage(kind: str, proxy: FaultProxy, database_url: str) -> Any:
     from tests.postgrest_gateway import SERVICE_KEY, Gateway
 
     gateway = Gateway(database_url)
+    # Keep-alive, as PostgREST behind Kong: connections outlive requests and can go half-open.
+    gateway.server.RequestHandlerClass.protocol_version = "HTTP/1.1"
     http = FaultProxy(("127.0.0.1", int(gateway.url.rsplit(":", 1)[1])))
     store = SupabaseStorage(f"http://127.0.0.1:{http.port}", SERVICE_KEY,
                             timeout=STATEMENT_TIMEOUT)
