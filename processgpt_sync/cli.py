@@ -1,5 +1,5 @@
 """The `processgpt-sync` command: init-db, enqueue, status, show, retry, health, serve, asked,
-respond, demo.
+respond, demo, console.
 
 The only module that configures logging or prints.
 """
@@ -536,7 +536,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     database_url, supabase_url, _ = _backend_urls(args)
     return demo.run(database_url=database_url, todos=args.todos, workers=args.workers,
-                    supabase_ignored=bool(supabase_url and not database_url))
+                    supabase_ignored=bool(supabase_url and not database_url),
+                    console_port=args.console_port if args.console else None)
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    from .console import ConsoleConfig, ConsoleServer
+    from .storage import open_storage
+
+    agent_orch = args.agent_orch or os.environ.get("PROCESSGPT_AGENT_ORCH")
+    database_url, supabase_url, _ = _backend_urls(args)
+    # The same settings and backend as `serve`; the console serves no agent_orch of its own
+    # (the one given only preselects the list's filter).
+    settings = Settings.from_env(agent_orch=agent_orch or "processgpt-sync-console",
+                                 database_url=database_url, supabase_url=supabase_url)
+    config = ConsoleConfig(host=args.host, port=args.port, read_only=args.read_only,
+                           token=args.token or os.environ.get("PROCESSGPT_CONSOLE_TOKEN") or None,
+                           agent_orch=agent_orch, user_id=args.user_id)
+    storage = open_storage(settings, max_connections=6)
+    try:
+        storage.check_schema()
+        server = ConsoleServer(storage, config)
+        print(f"processgpt-sync console ({storage.backend}{', read-only' if args.read_only else ''}"
+              f"): {server.url}", flush=True)
+        server.run()
+    finally:
+        storage.close()
+    return 0
 
 
 DESCRIPTION = """\
@@ -703,7 +729,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo = command("demo", "enqueue and serve a few todos on the embedded database")
     demo.add_argument("--todos", type=int, default=8, help="how many todos (default: 8)")
     demo.add_argument("--workers", type=int, default=4, help="worker threads (default: 4)")
+    demo.add_argument("--console", action="store_true", help="serve the console meanwhile")
+    demo.add_argument("--console-port", type=int, default=8710,
+                      help="the console's port (default: 8710)")
     demo.set_defaults(func=cmd_demo)
+
+    console = command("console", "watch, answer, cancel and enqueue todos in a browser "
+                      "(needs the [console] extra)")
+    console.add_argument("--host", default="127.0.0.1",
+                         help="address to bind (default: 127.0.0.1); any other needs --token")
+    console.add_argument("--port", type=int, default=8710, help="port (default: 8710)")
+    console.add_argument("--token", help="access token every request must carry "
+                         "(default: $PROCESSGPT_CONSOLE_TOKEN)")
+    console.add_argument("--read-only", action="store_true", help="hide and refuse every action")
+    console.add_argument("--agent-orch", help="the agent_orch the todo list opens on")
+    console.add_argument("--supabase-url", help="Supabase URL (the key comes from $SUPABASE_KEY)")
+    console.add_argument("--user-id", help="user id written with answers and feedback")
+    console.set_defaults(func=cmd_console)
     return parser
 
 

@@ -55,12 +55,13 @@ def load_example(module: str) -> Any:
 
 def run(
     *, database_url: str | None = None, todos: int = 8, workers: int = 4, out: TextIO = sys.stdout,
-    supabase_ignored: bool = False,
+    supabase_ignored: bool = False, console_port: int | None = None,
 ) -> int:
     """Run the demo; return the process exit code (0 when every todo completed).
 
     :param supabase_ignored: Supabase is configured; say the demo does not use it (it needs a
         direct connection).
+    :param console_port: serve the web console on this port meanwhile (0: any free port).
     """
     console = terminal.console(out)
     console.print("[bold]processgpt-sync demo[/bold]")
@@ -82,6 +83,7 @@ def run(
     ]
     console.print(f"  enqueued {len(ids)} todos for agent_orch={DEMO_AGENT}; serving with "
                   f"{workers} workers (examples/blocking_executor.py)")
+    web = None if console_port is None else _web_console(storage, console_port, console)
     executor = load_example("blocking_executor").WordCountExecutor(step_seconds=0.15)
     began = time.monotonic()
     # The bar redraws in place on a terminal; elsewhere its final state prints once.
@@ -99,13 +101,36 @@ def run(
                 break
             time.sleep(0.1)
         elapsed = time.monotonic() - began
-    storage.close()
     rows = _report(database_url, ids)
     _print_table(rows, console)
     completed = sum(r["draft_status"] == "COMPLETED" for r in rows)
     console.print(f"\n  {completed}/{len(ids)} completed in {elapsed:.2f}s "
                   f"({len(ids) / elapsed:.1f} todos/s with {workers} workers)")
+    if web is not None:
+        _keep_web_console_open(web, console)
+    storage.close()
     return 0 if completed == len(ids) else 1
+
+
+def _web_console(storage: PostgresStorage, port: int, console: Console) -> Any:
+    from .console import ConsoleConfig, ConsoleServer
+
+    web = ConsoleServer(storage, ConsoleConfig(port=port, agent_orch=DEMO_AGENT)).start()
+    console.print(f"  console: {web.url}", markup=False, highlight=False)
+    return web
+
+
+def _keep_web_console_open(web: Any, console: Console) -> None:
+    """In a terminal, leave the web console up to look around until Ctrl+C; then stop it."""
+    if sys.stdin.isatty():
+        console.print(f"  the console stays open at {web.url}; Ctrl+C to stop", markup=False,
+                      highlight=False)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    web.stop()
 
 
 def _progress(url: str, ids: list[str]) -> tuple[int, int]:

@@ -1267,6 +1267,195 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
       AND (p_consumer IS NULL OR s.consumer = p_consumer)
 $$;
 
+-- Console (`processgpt-sync console`): something about a todo changed, on
+-- 'processgpt_sync_event' with the todo id as payload: events were written for it, or its row
+-- was inserted or updated. One NOTIFY per todo and statement, so a batch of events costs one.
+CREATE OR REPLACE FUNCTION processgpt_sync_changed_notify_v1()
+RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_TABLE_NAME = 'events' THEN
+        PERFORM pg_notify('processgpt_sync_event', c.todo_id)
+        FROM (SELECT DISTINCT coalesce(n.todo_id::text, '') AS todo_id
+              FROM processgpt_sync_changed n) c;
+    ELSE
+        PERFORM pg_notify('processgpt_sync_event', c.id)
+        FROM (SELECT DISTINCT n.id::text AS id FROM processgpt_sync_changed n) c;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+DROP TRIGGER IF EXISTS processgpt_sync_event_changed ON events;
+CREATE TRIGGER processgpt_sync_event_changed
+    AFTER INSERT ON events REFERENCING NEW TABLE AS processgpt_sync_changed
+    FOR EACH STATEMENT EXECUTE FUNCTION processgpt_sync_changed_notify_v1();
+DROP TRIGGER IF EXISTS processgpt_sync_todo_inserted ON todolist;
+CREATE TRIGGER processgpt_sync_todo_inserted
+    AFTER INSERT ON todolist REFERENCING NEW TABLE AS processgpt_sync_changed
+    FOR EACH STATEMENT EXECUTE FUNCTION processgpt_sync_changed_notify_v1();
+DROP TRIGGER IF EXISTS processgpt_sync_todo_updated ON todolist;
+CREATE TRIGGER processgpt_sync_todo_updated
+    AFTER UPDATE ON todolist REFERENCING NEW TABLE AS processgpt_sync_changed
+    FOR EACH STATEMENT EXECUTE FUNCTION processgpt_sync_changed_notify_v1();
+
+-- The state a person reads: CANCELLED (either column), QUEUED (claimable, never run), else
+-- draft_status, else the platform's status. Text arguments: any install's column types fit.
+CREATE OR REPLACE FUNCTION processgpt_sync_state_v1(p_status text, p_draft_status text)
+RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN p_draft_status = 'CANCELLED' OR p_status = 'CANCELLED' THEN 'CANCELLED'
+        WHEN p_draft_status IS NOT NULL THEN p_draft_status
+        WHEN p_status = 'IN_PROGRESS' THEN 'QUEUED'
+        ELSE coalesce(p_status, 'NEW')
+    END
+$$;
+
+-- Console todo list: the newest p_limit todos matching the filters (NULL: any), with the
+-- agent_orch and tenant values to filter by and the counts per state.
+CREATE OR REPLACE FUNCTION processgpt_sync_console_todos_v1(
+    p_agent_orch text DEFAULT NULL,
+    p_tenant_id text DEFAULT NULL,
+    p_state text DEFAULT NULL,
+    p_limit integer DEFAULT 100)
+RETURNS jsonb LANGUAGE sql STABLE AS $$
+    WITH scoped AS (
+        SELECT t.id, t.agent_orch::text AS agent_orch, t.tenant_id, t.activity_name,
+               t.agent_mode::text AS agent_mode, t.status::text AS status,
+               t.draft_status::text AS draft_status, t.consumer, t.start_date, t.updated_at,
+               left(coalesce(t.query, t.description), 200) AS input,
+               processgpt_sync_state_v1(t.status::text, t.draft_status::text) AS state
+        FROM todolist t
+        WHERE (p_agent_orch IS NULL OR t.agent_orch::text = p_agent_orch)
+          AND (p_tenant_id IS NULL OR t.tenant_id = p_tenant_id)
+    )
+    SELECT jsonb_build_object(
+        'todos', (SELECT coalesce(jsonb_agg(to_jsonb(s) ORDER BY s.start_date DESC NULLS LAST,
+                                                              s.id), '[]'::jsonb)
+                  FROM (SELECT * FROM scoped WHERE p_state IS NULL OR state = p_state
+                        ORDER BY start_date DESC NULLS LAST, id
+                        LIMIT greatest(coalesce(p_limit, 100), 1)) s),
+        'counts', (SELECT coalesce(jsonb_object_agg(c.state, c.n), '{}'::jsonb)
+                   FROM (SELECT state, count(*) AS n FROM scoped GROUP BY state) c),
+        'agent_orchs', (SELECT coalesce(jsonb_agg(DISTINCT t.agent_orch::text), '[]'::jsonb)
+                        FROM todolist t WHERE t.agent_orch IS NOT NULL),
+        'tenants', (SELECT coalesce(jsonb_agg(DISTINCT t.tenant_id), '[]'::jsonb)
+                    FROM todolist t WHERE t.tenant_id IS NOT NULL))
+$$;
+
+-- Console todo page: the row (without its fencing token) and state, its events from p_since
+-- on (all when NULL; the newest p_limit), and its open questions. NULL for an unknown todo.
+CREATE OR REPLACE FUNCTION processgpt_sync_console_todo_v1(
+    p_todo_id uuid,
+    p_since timestamptz DEFAULT NULL,
+    p_limit integer DEFAULT 500)
+RETURNS jsonb LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object(
+        'todo', to_jsonb(t) - 'claim_token' || jsonb_build_object(
+                    'state', processgpt_sync_state_v1(t.status::text, t.draft_status::text)),
+        'events', (SELECT coalesce(jsonb_agg(to_jsonb(e) ORDER BY e."timestamp", e.id),
+                                   '[]'::jsonb)
+                   FROM (SELECT ev.id, ev.job_id, ev.event_type::text AS event_type,
+                                ev.crew_type, ev.status::text AS status, ev.data, ev."timestamp"
+                         FROM events ev
+                         WHERE ev.todo_id = t.id::text
+                           AND (p_since IS NULL OR ev."timestamp" >= p_since)
+                         ORDER BY ev."timestamp" DESC, ev.id DESC
+                         LIMIT greatest(coalesce(p_limit, 500), 1)) e),
+        'questions', (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                                 'job_id', q.job_id, 'question', q.data, 'asked_at', q."timestamp")
+                                 ORDER BY q."timestamp"), '[]'::jsonb)
+                      FROM events q
+                      WHERE q.todo_id = t.id::text AND q.event_type = 'human_asked'
+                        AND t.draft_status = 'HUMAN_ASKED'
+                        AND NOT EXISTS (SELECT 1 FROM events r
+                                        WHERE r.job_id = q.job_id
+                                          AND r.event_type = 'human_response')))
+    FROM todolist t WHERE t.id = p_todo_id
+$$;
+
+-- Cancel a todo as the ProcessGPT UI does: status and draft_status CANCELLED. A running
+-- server stops its executor at the next heartbeat (or at once through NOTIFY). Refused for
+-- a finished todo. Returns {applied, reason, state}.
+CREATE OR REPLACE FUNCTION processgpt_sync_cancel_v1(p_todo_id uuid)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    v_todo todolist;
+BEGIN
+    SELECT * INTO v_todo FROM todolist WHERE id = p_todo_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN jsonb_build_object('applied', false, 'reason', 'not_found');
+    END IF;
+    IF processgpt_sync_state_v1(v_todo.status::text, v_todo.draft_status::text)
+           IN ('COMPLETED', 'FAILED', 'CANCELLED') THEN
+        RETURN jsonb_build_object('applied', false, 'reason', 'finished', 'state',
+            processgpt_sync_state_v1(v_todo.status::text, v_todo.draft_status::text));
+    END IF;
+    UPDATE todolist SET status = 'CANCELLED', draft_status = 'CANCELLED', updated_at = now()
+    WHERE id = p_todo_id;
+    RETURN jsonb_build_object('applied', true, 'reason', 'ok', 'state', 'CANCELLED');
+END
+$$;
+
+-- Ask for a revision of a finished todo as the ProcessGPT UI does: the feedback appended to
+-- todolist.feedback as {time, content, user_id, kind: 'revision'} and draft_status
+-- FB_REQUESTED, so it is claimed again with resume kind 'revision'. Refused while it runs or
+-- waits. Returns {applied, reason, state}.
+CREATE OR REPLACE FUNCTION processgpt_sync_request_revision_v1(
+    p_todo_id uuid, p_feedback text, p_user_id text DEFAULT NULL)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    v_todo todolist;
+    v_state text;
+BEGIN
+    IF coalesce(btrim(p_feedback), '') = '' THEN
+        RETURN jsonb_build_object('applied', false, 'reason', 'empty_feedback');
+    END IF;
+    SELECT * INTO v_todo FROM todolist WHERE id = p_todo_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN jsonb_build_object('applied', false, 'reason', 'not_found');
+    END IF;
+    v_state := processgpt_sync_state_v1(v_todo.status::text, v_todo.draft_status::text);
+    IF v_state NOT IN ('COMPLETED', 'FAILED') THEN
+        RETURN jsonb_build_object('applied', false, 'reason', 'not_finished', 'state', v_state);
+    END IF;
+    UPDATE todolist t
+    SET draft_status = 'FB_REQUESTED', updated_at = now(),
+        feedback = CASE WHEN jsonb_typeof(t.feedback) = 'array' THEN t.feedback ELSE '[]'::jsonb
+                   END || jsonb_build_array(jsonb_build_object(
+                       'time', now(), 'content', p_feedback, 'user_id', p_user_id,
+                       'kind', 'revision'))
+    WHERE t.id = p_todo_id;
+    RETURN jsonb_build_object('applied', true, 'reason', 'ok', 'state', 'FB_REQUESTED');
+END
+$$;
+
+-- Console charts: finished todos per p_bucket_seconds over the last p_minutes, oldest first,
+-- with the mean time from start_date to the outcome.
+CREATE OR REPLACE FUNCTION processgpt_sync_console_activity_v1(
+    p_agent_orch text DEFAULT NULL,
+    p_minutes integer DEFAULT 10,
+    p_bucket_seconds integer DEFAULT 10)
+RETURNS jsonb LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object(
+        'now', now(), 'bucket_seconds', p_bucket_seconds,
+        'buckets', coalesce(jsonb_agg(jsonb_build_object(
+            'start', b.start, 'completed', b.completed, 'failed', b.failed,
+            'turnaround_seconds', b.turnaround) ORDER BY b.start), '[]'::jsonb))
+    FROM (
+        SELECT to_timestamp(floor(extract(epoch FROM t.updated_at) / p_bucket_seconds)
+                            * p_bucket_seconds) AS start,
+               count(*) FILTER (WHERE t.draft_status = 'COMPLETED') AS completed,
+               count(*) FILTER (WHERE t.draft_status = 'FAILED') AS failed,
+               round(avg(extract(epoch FROM t.updated_at - t.start_date))::numeric, 3)
+                   AS turnaround
+        FROM todolist t
+        WHERE t.draft_status IN ('COMPLETED', 'FAILED')
+          AND t.updated_at >= now() - make_interval(mins => p_minutes)
+          AND (p_agent_orch IS NULL OR t.agent_orch::text = p_agent_orch)
+        GROUP BY 1
+    ) b
+$$;
+
 -- Only the service role (Supabase) or the owner may call these; never anon or authenticated.
 DO $$
 DECLARE

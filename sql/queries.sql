@@ -97,3 +97,23 @@ SELECT processgpt_sync_show_v1(p_todo_id => %(p_todo_id)s::text)
 -- retry --
 -- Make a FAILED or CANCELLED todo claimable again, or say why not
 SELECT processgpt_sync_retry_v1(p_todo_id => %(p_todo_id)s::text)
+
+-- console_todos --
+-- Console: the newest todos matching agent_orch, tenant and state, with filter values and counts
+SELECT processgpt_sync_console_todos_v1(p_agent_orch => %(p_agent_orch)s::text, p_tenant_id => %(p_tenant_id)s::text, p_state => %(p_state)s::text, p_limit => %(p_limit)s::integer)
+
+-- console_todo --
+-- Console: one todo, its events from a time on, and its open questions
+SELECT processgpt_sync_console_todo_v1(p_todo_id => %(p_todo_id)s::uuid, p_since => %(p_since)s::timestamptz, p_limit => %(p_limit)s::integer)
+
+-- console_activity --
+-- Console: finished todos per time bucket over the last minutes
+SELECT processgpt_sync_console_activity_v1(p_agent_orch => %(p_agent_orch)s::text, p_minutes => %(p_minutes)s::integer, p_bucket_seconds => %(p_bucket_seconds)s::integer)
+
+-- cancel --
+-- Cancel a todo as the ProcessGPT UI does (status and draft_status CANCELLED)
+SELECT processgpt_sync_cancel_v1(p_todo_id => %(p_todo_id)s::uuid)
+
+-- request_revision --
+-- Ask for a revision of a finished todo with feedback, as the ProcessGPT UI does (FB_REQUESTED)
+SELECT processgpt_sync_request_revision_v1(p_todo_id => %(p_todo_id)s::uuid, p_feedback => %(p_feedback)s::text, p_user_id => %(p_user_id)s::text)

@@ -1,0 +1,79 @@
+"""`processgpt-sync console`: watch, answer, cancel and enqueue todos in a local browser.
+
+Needs the ``console`` extra (``pip install "processgpt-sync[console]"``): Starlette, uvicorn,
+Jinja2 and python-multipart. Serves on 127.0.0.1 unless given a host and an access token.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from typing import Any
+
+try:
+    import uvicorn
+except ModuleNotFoundError as exc:  # pragma: no cover - exercised without the extra only
+    from ..errors import ConfigurationError
+
+    raise ConfigurationError(
+        f"the console needs its extra: pip install \"processgpt-sync[console]\" ({exc})"
+    ) from exc
+
+from ..storage import Storage
+from .app import ConsoleConfig, create_app
+
+__all__ = ["ConsoleConfig", "ConsoleServer", "create_app"]
+
+STOP_SECONDS = 5  # longest wait for open streams to close on stop()
+
+
+class ConsoleServer:
+    """The console on its own uvicorn server: ``run()`` in the foreground, or ``start()`` in a
+    thread (the demo, tests) and ``stop()``. The socket is bound at construction, so ``url``
+    is known at once (port 0 picks a free one)."""
+
+    def __init__(self, storage: Storage, config: ConsoleConfig | None = None) -> None:
+        self.config = config or ConsoleConfig()
+        self.app = create_app(storage, self.config)
+        family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
+        self._socket = socket.socket(family, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind((self.config.host, self.config.port))
+        self.port = int(self._socket.getsockname()[1])
+        self._server = uvicorn.Server(uvicorn.Config(
+            self.app, log_level="warning", access_log=False, lifespan="on",
+            timeout_graceful_shutdown=STOP_SECONDS))
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """The address to open; with the access token when one is set."""
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        token = f"?token={self.config.token}" if self.config.token else ""
+        return f"http://{host}:{self.port}/{token}"
+
+    def run(self) -> None:
+        """Serve until SIGINT/SIGTERM (or stop() from another thread)."""
+        self._server.run(sockets=[self._socket])
+
+    def start(self) -> ConsoleServer:
+        """Serve from a background thread; return once the console accepts requests."""
+        self._thread = threading.Thread(target=self.run, name="processgpt-console", daemon=True)
+        self._thread.start()
+        while not self._server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError("the console server failed to start")
+            self._thread.join(0.02)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(STOP_SECONDS + 5)
+        self._socket.close()
+
+    def __enter__(self) -> ConsoleServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

@@ -1,0 +1,477 @@
+"""The console's web app: pages, live streams and actions on one Storage.
+
+Server-rendered (Jinja2, autoescaped) with two small scripts: vendored htmx for the filter form,
+the confirm dialogs and the servers panel, and ``console.js`` for the Server-Sent Events
+streams. Every read and write goes through the SQL functions all backends share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from ..errors import ConfigurationError, SchemaMissing, StorageError
+from ..storage import Storage
+from .feed import ChangeFeed, Subscription
+from .security import CSRF_FIELD, CSRF_HEADER, Guard, csrf_ok, csrf_token, is_loopback
+
+logger = logging.getLogger(__name__)
+
+HERE = Path(__file__).resolve().parent
+STATES = ("QUEUED", "STARTED", "HUMAN_ASKED", "FB_REQUESTED", "COMPLETED", "FAILED", "CANCELLED")
+LIST_LIMIT = 200  # todos on the list page
+EVENT_OVERLAP = timedelta(seconds=2)  # re-read window: events may commit out of time order
+KEEPALIVE = 15.0  # seconds between SSE comments on a quiet stream
+LIST_DEBOUNCE = 0.25  # seconds a list stream gathers changes before re-reading
+PANEL_INTERVAL = 5.0  # seconds between servers panel refreshes
+SAMPLES_KEPT = 120  # servers panel samples kept for the pickup latency chart
+CHART_MINUTES = 10
+CHART_BUCKET = 10  # seconds per bar
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConsoleConfig:
+    """How the console is served and what it may do."""
+
+    host: str = "127.0.0.1"
+    port: int = 8710
+    token: str | None = None
+    """Access token every request must carry; required to bind a non-loopback host."""
+    read_only: bool = False
+    """Hide and refuse every action (cancel, enqueue, answer, revision)."""
+    agent_orch: str | None = None
+    """The agent_orch the list opens filtered on."""
+    user_id: str | None = None
+    """Written as the user of answers and revision feedback."""
+
+    def __post_init__(self) -> None:
+        if not is_loopback(self.host) and not self.token:
+            raise ConfigurationError(
+                f"refusing to serve the console on {self.host!r} without an access token: "
+                "set --token (or PROCESSGPT_CONSOLE_TOKEN), or keep the default 127.0.0.1")
+        if self.token is not None and len(self.token) < 16:
+            raise ConfigurationError("the console access token must be at least 16 characters")
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"),
+                             autoescape=True, trim_blocks=True, lstrip_blocks=True)
+    env.filters["pretty"] = pretty
+    env.filters["clock"] = clock
+    env.filters["short"] = lambda value: str(value or "")[:8]
+    env.globals["STATES"] = STATES
+    return env
+
+
+def pretty(value: Any) -> str:
+    """A JSON value as readable text (strings as themselves); escaped later by the template."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, indent=2, ensure_ascii=False, default=str)
+
+
+def clock(value: Any) -> str:
+    """The time of day of an ISO timestamp, to the millisecond."""
+    text = str(value or "")
+    return text[11:23] if len(text) >= 19 else text
+
+
+def summary(event: Mapping[str, Any]) -> str:
+    """One line about an event: its message, question or tool, else its data."""
+    data = event.get("data")
+    if isinstance(data, Mapping):
+        for key in ("question", "message", "text", "answer", "error", "tool_name", "name"):
+            if key in data and data[key] is not None:
+                return pretty(data[key])
+    return pretty(data)
+
+
+class Console:
+    """The app's state: storage, feed, templates and the servers panel's samples."""
+
+    def __init__(self, storage: Storage, config: ConsoleConfig) -> None:
+        self.storage = storage
+        self.config = config
+        self.feed = ChangeFeed(storage)
+        self.env = _environment()
+        self.env.filters["summary"] = summary
+        self.samples: deque[dict[str, Any]] = deque(maxlen=SAMPLES_KEPT)
+
+    def render(self, request: Request, name: str, status: int = 200, **context: Any) -> Response:
+        return HTMLResponse(self.fragment(request, name, **context), status_code=status)
+
+    def fragment(self, request: Request, name: str, **context: Any) -> str:
+        context.update(csrf=csrf_token(request.scope), read_only=self.config.read_only,
+                       csrf_field=CSRF_FIELD)
+        return self.env.get_template(name).render(**context)
+
+    async def call(self, query: str, **params: Any) -> Any:
+        return await run_in_threadpool(self.storage.call, query, params)
+
+    # Reads ------------------------------------------------------------------------------
+
+    def filters(self, request: Request) -> dict[str, str | None]:
+        q = request.query_params
+        agent_orch = q.get("agent_orch", self.config.agent_orch or "")
+        state = q.get("state") or None
+        return {"agent_orch": agent_orch or None, "tenant": q.get("tenant") or None,
+                "state": state if state in STATES else None}
+
+    async def todos(self, filters: Mapping[str, str | None]) -> dict[str, Any]:
+        return dict(await self.call("console_todos", p_agent_orch=filters["agent_orch"],
+                                    p_tenant_id=filters["tenant"], p_state=filters["state"],
+                                    p_limit=LIST_LIMIT))
+
+    async def todo(self, todo_id: str, since: str | None = None) -> dict[str, Any] | None:
+        detail = await self.call("console_todo", p_todo_id=todo_id, p_since=since, p_limit=500)
+        return None if detail is None else dict(detail)
+
+    # Pages ------------------------------------------------------------------------------
+
+    async def list_page(self, request: Request) -> Response:
+        filters = self.filters(request)
+        data = await self.todos(filters)
+        name = "_rows.html" if request.headers.get("hx-request") else "todos.html"
+        return self.render(request, name, filters=filters, **data,
+                           stream_query=_query(filters))
+
+    async def list_stream(self, request: Request) -> Response:
+        filters = self.filters(request)
+
+        async def rows(subscription: Subscription) -> AsyncIterator[str]:
+            last, first = "", True  # the first read catches up with the page's render
+            while first or await self._changed(subscription, debounce=LIST_DEBOUNCE):
+                first = False
+                data = await self.todos(filters)
+                html = self.fragment(request, "_rows.html", filters=filters, **data)
+                if html != last:
+                    last = html
+                    yield _sse("rows", html)
+                else:
+                    yield ": unchanged\n\n"
+
+        return self._stream(None, rows)
+
+    async def todo_page(self, request: Request) -> Response:
+        todo_id = _uuid(request.path_params["todo_id"])
+        detail = None if todo_id is None else await self.todo(todo_id)
+        if detail is None:
+            return self.render(request, "error.html", 404, message="no such todo")
+        events = detail["events"]
+        return self.render(request, "todo.html", **detail,
+                           since=events[-1]["timestamp"] if events else "")
+
+    async def todo_stream(self, request: Request) -> Response:
+        todo_id = _uuid(request.path_params["todo_id"])
+        if todo_id is None:
+            return Response("no such todo", status_code=404)
+        since = _cursor(request.query_params.get("since"))
+
+        async def updates(subscription: Subscription) -> AsyncIterator[str]:
+            nonlocal since
+            sent: dict[str, datetime] = {}
+            shown = {"state": "", "questions": ""}
+            first = True
+            while first or await self._changed(subscription):
+                first = False
+                detail = await self.todo(todo_id, since.isoformat() if since else None)
+                if detail is None:
+                    return
+                fresh = [e for e in detail["events"] if e["id"] not in sent]
+                for event in detail["events"]:
+                    sent[event["id"]] = _parse_time(event["timestamp"])
+                if sent:
+                    since = max(sent.values()) - EVENT_OVERLAP
+                    sent = {k: v for k, v in sent.items() if v >= since}
+                if fresh:
+                    yield _sse("events", self.fragment(request, "_events.html", events=fresh))
+                for part, template in (("state", "_state.html"),
+                                       ("questions", "_questions.html")):
+                    html = self.fragment(request, template, **detail)
+                    if html != shown[part]:
+                        shown[part] = html
+                        yield _sse(part, html)
+
+        return self._stream(todo_id, updates)
+
+    async def questions_page(self, request: Request) -> Response:
+        agent_orch = request.query_params.get("agent_orch") or self.config.agent_orch
+        questions = await self.call("open_questions", p_agent_orch=agent_orch)
+        return self.render(request, "questions.html", questions=questions or [],
+                           agent_orch=agent_orch or "")
+
+    async def servers_page(self, request: Request) -> Response:
+        panel = await self.servers_panel_data()
+        name = "_servers.html" if request.headers.get("hx-request") else "servers.html"
+        return self.render(request, name, **panel, interval=PANEL_INTERVAL)
+
+    async def servers_panel_data(self) -> dict[str, Any]:
+        servers: list[Mapping[str, Any]] | None
+        try:
+            servers = list(await self.call("servers", p_agent_orch=None, p_consumer=None) or [])
+        except (KeyError, SchemaMissing):
+            servers = None  # a database without the server registry
+        activity = await self.call("console_activity", p_agent_orch=None,
+                                   p_minutes=CHART_MINUTES, p_bucket_seconds=CHART_BUCKET)
+        now = _parse_time(activity["now"])
+        if servers:
+            self._sample(now, servers)
+        return {"servers": servers, "throughput": throughput_chart(activity),
+                "pickup": pickup_chart(list(self.samples), now)}
+
+    def _sample(self, now: datetime, servers: list[Mapping[str, Any]]) -> None:
+        live = [s for s in servers if s.get("alive")]
+        p50s = [float(v) for s in live
+                if (v := (s.get("stats") or {}).get("pickup_seconds_p50")) is not None]
+        if self.samples and (now - self.samples[-1]["time"]).total_seconds() < PANEL_INTERVAL / 2:
+            return
+        self.samples.append({"time": now, "pickup_p50": max(p50s) if p50s else None})
+
+    # Actions ----------------------------------------------------------------------------
+
+    async def enqueue(self, request: Request) -> Response:
+        form = await self._form(request)
+        if isinstance(form, Response):
+            return form
+        agent_orch, text = form.get("agent_orch", "").strip(), form.get("input", "").strip()
+        mode = form.get("mode", "COMPLETE").upper()
+        if not agent_orch or not text or mode not in ("COMPLETE", "DRAFT"):
+            return self.render(request, "error.html", 400, message="enqueue needs an agent_orch,"
+                               " an input and a mode of COMPLETE or DRAFT")
+        todo_id = await run_in_threadpool(
+            lambda: self.storage.enqueue(agent_orch, text, agent_mode=mode,
+                                         tenant_id=form.get("tenant", "").strip() or None,
+                                         user_id=self.config.user_id))
+        return _done(request, f"/todos/{todo_id}")
+
+    async def cancel(self, request: Request) -> Response:
+        return await self._todo_action(request, "cancel")
+
+    async def revision(self, request: Request) -> Response:
+        return await self._todo_action(request, "request_revision")
+
+    async def _todo_action(self, request: Request, query: str) -> Response:
+        form = await self._form(request)
+        if isinstance(form, Response):
+            return form
+        todo_id = _uuid(request.path_params["todo_id"])
+        if todo_id is None:
+            return self.render(request, "error.html", 404, message="no such todo")
+        params: dict[str, Any] = {"p_todo_id": todo_id}
+        if query == "request_revision":
+            params.update(p_feedback=form.get("feedback", ""), p_user_id=self.config.user_id)
+        outcome = await run_in_threadpool(self.storage.call, query, params)
+        if not outcome.get("applied"):
+            message = {"not_found": "no such todo",
+                       "finished": f"the todo is already {outcome.get('state')}",
+                       "not_finished": "a revision can be asked only of a COMPLETED or FAILED "
+                                       f"todo (it is {outcome.get('state')})",
+                       "empty_feedback": "say what to revise: the feedback is empty",
+                       }.get(str(outcome.get("reason")), str(outcome.get("reason")))
+            return self.render(request, "error.html", 409, message=message)
+        return _done(request, f"/todos/{todo_id}")
+
+    async def answer(self, request: Request) -> Response:
+        form = await self._form(request)
+        if isinstance(form, Response):
+            return form
+        job_id = request.path_params["job_id"]
+        questions = await self.call("open_questions", p_agent_orch=None)
+        question = next((q for q in questions or [] if q["job_id"] == job_id), None)
+        if question is None:
+            return self.render(request, "error.html", 409,
+                               message="this question is no longer open")
+        value, problem = answer_from_form(question["question"], form)
+        if problem:
+            return self.render(request, "error.html", 400, message=problem)
+        todo_id = await run_in_threadpool(
+            lambda: self.storage.respond(job_id, value, user_id=self.config.user_id))
+        return _done(request, f"/todos/{todo_id}" if todo_id else "/questions")
+
+    async def _form(self, request: Request) -> dict[str, str] | Response:
+        """The posted form, after the read-only and CSRF checks."""
+        if self.config.read_only:
+            return self.render(request, "error.html", 403,
+                               message="this console is read-only")
+        form = await request.form()
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        supplied = fields.get(CSRF_FIELD) or request.headers.get(CSRF_HEADER)
+        if not csrf_ok(request.scope, supplied):
+            return self.render(request, "error.html", 403, message="CSRF check failed: reload "
+                               "the page and try again")
+        return fields
+
+    # Streams ----------------------------------------------------------------------------
+
+    def _stream(self, todo_id: str | None, body: Any) -> Response:
+        async def events() -> AsyncIterator[str]:
+            subscription = self.feed.subscribe(todo_id)
+            try:
+                yield "retry: 1000\n\n"
+                async for chunk in body(subscription):
+                    yield chunk
+            except StorageError as exc:
+                logger.warning("console stream ended: %s", exc)
+                yield _sse("failure", f"database error: {exc}")
+            finally:
+                self.feed.unsubscribe(subscription)
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"x-accel-buffering": "no"})
+
+    async def _changed(self, subscription: Subscription, debounce: float = 0.0) -> bool:
+        """Wait for a change (True) or the console's shutdown (False); keepalives meanwhile
+        come from the caller's loop through the timeout."""
+        while True:
+            try:
+                await asyncio.wait_for(subscription.changed.wait(), KEEPALIVE)
+            except asyncio.TimeoutError:
+                if subscription.closed:
+                    return False
+                return True  # re-read now and then: also a keepalive for the stream
+            if subscription.closed:
+                return False
+            if debounce:
+                await asyncio.sleep(debounce)
+            subscription.changed.clear()
+            return True
+
+
+def answer_from_form(question: Any, form: Mapping[str, str]) -> tuple[Any, str | None]:
+    """The answer value for a question's kind: the chosen option itself (select), a boolean
+    (confirm) or the text; or a message saying what is wrong."""
+    data = question if isinstance(question, Mapping) else {"question": question}
+    kind = data.get("type") or data.get("kind") or "text"
+    if kind == "select":
+        options = list(data.get("options") or [])
+        raw = form.get("choice", "")
+        if not raw.isdigit() or int(raw) >= len(options):
+            return None, "choose one of the options"
+        return options[int(raw)], None
+    if kind == "confirm":
+        raw = form.get("answer", "").lower()
+        if raw not in ("yes", "no"):
+            return None, "answer yes or no"
+        return raw == "yes", None
+    text = form.get("answer", "")
+    if not text.strip():
+        return None, "the answer is empty"
+    return text, None
+
+
+def throughput_chart(activity: Mapping[str, Any]) -> dict[str, Any]:
+    """Bars of finished todos per bucket over the last minutes (empty buckets included)."""
+    now = _parse_time(activity["now"])
+    size = int(activity["bucket_seconds"])
+    count = CHART_MINUTES * 60 // size
+    first = datetime.fromtimestamp((now.timestamp() // size - count + 1) * size, now.tzinfo)
+    by_start = {_parse_time(b["start"]).timestamp(): b for b in activity["buckets"]}
+    bars = []
+    for i in range(count):
+        bucket = by_start.get((first + timedelta(seconds=i * size)).timestamp(), {})
+        bars.append({"completed": int(bucket.get("completed", 0)),
+                     "failed": int(bucket.get("failed", 0))})
+    peak = max([b["completed"] + b["failed"] for b in bars] + [1])
+    total = sum(b["completed"] for b in bars)
+    return {"bars": bars, "peak": peak, "per_second": total / (CHART_MINUTES * 60),
+            "total": total, "failed": sum(b["failed"] for b in bars), "bucket": size}
+
+
+def pickup_chart(samples: list[dict[str, Any]], now: datetime) -> dict[str, Any]:
+    """Points of the live servers' pickup latency p50 (ms) over the last minutes."""
+    window = CHART_MINUTES * 60
+    points = [{"age": (now - s["time"]).total_seconds(), "ms": 1000 * s["pickup_p50"]}
+              for s in samples if s["pickup_p50"] is not None]
+    points = [p for p in points if p["age"] <= window]
+    peak = max([p["ms"] for p in points] + [1.0])
+    return {"points": points, "peak": peak, "window": window,
+            "last": points[-1]["ms"] if points else None}
+
+
+def _sse(event: str, data: str) -> str:
+    lines = "".join(f"data: {line}\n" for line in data.splitlines() or [""])
+    return f"event: {event}\n{lines}\n"
+
+
+def _done(request: Request, url: str) -> Response:
+    """After an action: htmx follows HX-Redirect; a plain form gets 303 See Other."""
+    if request.headers.get("hx-request"):
+        return Response(status_code=204, headers={"hx-redirect": url})
+    return RedirectResponse(url, status_code=303)
+
+
+def _query(filters: Mapping[str, str | None]) -> str:
+    from urllib.parse import urlencode
+
+    return urlencode({k: v for k, v in filters.items() if v})
+
+
+def _uuid(text: str) -> str | None:
+    import uuid
+
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        return None
+
+
+def _parse_time(value: Any) -> datetime:
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+def _cursor(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return _parse_time(value) - EVENT_OVERLAP
+    except ValueError:
+        return None
+
+
+def create_app(storage: Storage, config: ConsoleConfig | None = None) -> Starlette:
+    """The console as an ASGI app on ``storage`` (which the caller closes)."""
+    config = config or ConsoleConfig()
+    console = Console(storage, config)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        console.feed.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(console.feed.close)
+
+    routes = [
+        Route("/", lambda request: RedirectResponse("/todos", 303)),
+        Route("/todos", console.list_page),
+        Route("/todos", console.enqueue, methods=["POST"]),
+        Route("/todos/stream", console.list_stream),
+        Route("/todos/{todo_id}", console.todo_page),
+        Route("/todos/{todo_id}/stream", console.todo_stream),
+        Route("/todos/{todo_id}/cancel", console.cancel, methods=["POST"]),
+        Route("/todos/{todo_id}/revision", console.revision, methods=["POST"]),
+        Route("/questions", console.questions_page),
+        Route("/questions/{job_id}/answer", console.answer, methods=["POST"]),
+        Route("/servers", console.servers_page),
+        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.console = console
+    app.add_middleware(Guard, token=config.token)
+    return app

@@ -1,0 +1,429 @@
+"""The console over HTTP on the embedded database: pages, live streams, actions and its guard."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+import processgpt_sync as ps
+from processgpt_sync.console import ConsoleConfig, ConsoleServer
+from processgpt_sync.console.app import answer_from_form
+from processgpt_sync.console.security import CSRF_COOKIE
+from processgpt_sync.errors import ConfigurationError
+from tests.conftest import open_backend, wait_for
+
+XSS = "<script>alert(1)</script>"
+TOKEN = "a-long-enough-console-token"
+
+
+@pytest.fixture
+def console(storage) -> Iterator[ConsoleServer]:
+    with ConsoleServer(storage, ConsoleConfig(port=0)) as server:
+        yield server
+
+
+def client_of(server: ConsoleServer, **kwargs) -> httpx.Client:
+    return httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=10, **kwargs)
+
+
+@pytest.fixture
+def client(console) -> Iterator[httpx.Client]:
+    with client_of(console) as http:
+        yield http
+
+
+def csrf_of(client: httpx.Client) -> str:
+    if CSRF_COOKIE not in client.cookies:
+        client.get("/todos")
+    return client.cookies[CSRF_COOKIE]
+
+
+def post(client: httpx.Client, url: str, **fields: str) -> httpx.Response:
+    return client.post(url, data={"csrf_token": csrf_of(client), **fields})
+
+
+def read_stream(client: httpx.Client, url: str, until, timeout: float = 15.0) -> str:
+    """Read a Server-Sent Events stream until ``until(text so far)`` holds; return the text."""
+    seen = ""
+    deadline = time.monotonic() + timeout
+    with client.stream("GET", url) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            seen += line + "\n"
+            if until(seen):
+                return seen
+            if time.monotonic() > deadline:
+                break
+    raise AssertionError(f"stream {url} never showed what was expected; got:\n{seen[-2000:]}")
+
+
+def state_of(db, todo_id):
+    return db.execute("SELECT status::text, draft_status::text, feedback FROM todolist "
+                      "WHERE id = %s", (todo_id,)).fetchone()
+
+
+def test_todo_list_filters_by_agent_orch_tenant_and_state(storage, client, db):
+    a1 = storage.enqueue("agent-a", "first for a", tenant_id="t1")
+    a2 = storage.enqueue("agent-a", "second for a", tenant_id="t2")
+    b1 = storage.enqueue("agent-b", "only for b", tenant_id="t1")
+    storage.call("cancel", {"p_todo_id": a2})
+
+    page = client.get("/todos").text
+    assert all(todo_id[:8] in page for todo_id in (a1, a2, b1))
+    only_a = client.get("/todos", params={"agent_orch": "agent-a"}).text
+    assert a1[:8] in only_a and a2[:8] in only_a and b1[:8] not in only_a
+    only_t1 = client.get("/todos", params={"tenant": "t1"}).text
+    assert a1[:8] in only_t1 and b1[:8] in only_t1 and a2[:8] not in only_t1
+    cancelled = client.get("/todos", params={"state": "CANCELLED"}).text
+    assert a2[:8] in cancelled and a1[:8] not in cancelled and b1[:8] not in cancelled
+    queued = client.get("/todos", params={"agent_orch": "agent-a", "state": "QUEUED"},
+                        headers={"HX-Request": "true"}).text
+    assert "<html" not in queued, "htmx gets the rows fragment only"
+    assert a1[:8] in queued and a2[:8] not in queued
+
+
+def test_todo_page_shows_input_result_log_and_events_with_agent_text_escaped(storage, client):
+    def handle(todo):
+        todo.events.progress(XSS)
+        todo.events.emit("task_working", {"message": XSS, "html": "<img src=x onerror=alert(2)>"})
+        return {"answer": XSS}
+
+    todo_id = storage.enqueue("console", f"input {XSS}")
+    with ps.start(handle, agent_orch="console", storage=storage):
+        wait_for(lambda: client.get(f"/todos/{todo_id}").text.count("COMPLETED") > 0)
+    page = client.get(f"/todos/{todo_id}")
+    assert page.status_code == 200
+    text = page.text
+    assert "<script>alert(1)" not in text and "<img src=x" not in text
+    assert text.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 4  # input, 2 events, result
+    assert "&lt;img src=x onerror=alert(2)&gt;" in text
+    assert "crew_completed" in text and "task_working" in text
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert client.get(f"/todos/{uuid.uuid4()}").status_code == 404
+    assert client.get("/todos/not-a-uuid").status_code == 404
+
+
+def test_event_stream_shows_new_events_and_the_final_state_as_they_happen(storage, client, db):
+    gate = threading.Event()
+
+    def handle(todo):
+        todo.events.progress("first step")
+        gate.wait(10)
+        todo.events.progress(f"second step {XSS}")
+        return {"done": True}
+
+    todo_id = storage.enqueue("console", "stream me")
+    with ps.start(handle, agent_orch="console", storage=storage):
+        wait_for(lambda: db.execute("SELECT 1 FROM events WHERE todo_id = %s",
+                                    (todo_id,)).fetchone())
+        opened = []
+
+        def release_once_open(text: str) -> bool:
+            if "first step" in text and not opened:
+                opened.append(True)
+                gate.set()
+            return "COMPLETED" in text and "second step" in text
+
+        seen = read_stream(client, f"/todos/{todo_id}/stream", release_once_open)
+    assert "event: events" in seen and "event: state" in seen
+    assert "second step &lt;script&gt;alert(1)&lt;/script&gt;" in seen
+    assert XSS not in seen
+
+
+def test_list_stream_shows_a_new_todo(storage, client):
+    seen_first = threading.Event()
+    added: list[str] = []
+
+    def enqueue_later():
+        seen_first.wait(10)
+        added.append(storage.enqueue("console", "arrives later"))
+
+    thread = threading.Thread(target=enqueue_later)
+    thread.start()
+
+    def until(text: str) -> bool:
+        if "event: rows" in text:
+            seen_first.set()
+        return bool(added) and added[0][:8] in text
+
+    read_stream(client, "/todos/stream?agent_orch=console", until)
+    thread.join()
+
+
+def test_answering_a_select_question_writes_what_the_ui_writes_and_the_executor_continues(
+        storage, client, db):
+    def handle(todo):
+        style = todo.ask_human("Which way?", options=["fast", "careful"], kind="select")
+        return {"style": style}
+
+    todo_id = storage.enqueue("console", "ask me")
+    with ps.start(handle, agent_orch="console", storage=storage):
+        page = wait_for(lambda: next((t for t in [client.get(f"/todos/{todo_id}").text]
+                                      if "Which way?" in t), None))
+        assert '<select name="choice"' in page and "careful" in page
+        job_id = db.execute("SELECT job_id FROM events WHERE event_type = 'human_asked'"
+                            ).fetchone()["job_id"]
+        assert job_id in client.get("/questions").text
+        answered = post(client, f"/questions/{job_id}/answer", choice="1")
+        assert answered.status_code == 303
+        assert answered.headers["location"] == f"/todos/{todo_id}"
+        wait_for(lambda: state_of(db, todo_id)["draft_status"] == "COMPLETED")
+    response = db.execute("SELECT job_id, todo_id, data, status::text FROM events "
+                          "WHERE event_type = 'human_response'").fetchone()
+    assert response["job_id"] == job_id and response["todo_id"] == todo_id
+    assert response["data"]["answer"] == "careful" and response["status"] == "APPROVED"
+    output = db.execute("SELECT output FROM todolist WHERE id = %s", (todo_id,)).fetchone()
+    assert output["output"] == {"style": "careful"}
+    again = post(client, f"/questions/{job_id}/answer", choice="0")
+    assert again.status_code == 409, "an answered question is closed"
+
+
+def test_answer_form_gives_each_kind_its_value():
+    select = {"question": "?", "type": "select", "options": [1, {"k": "v"}]}
+    assert answer_from_form(select, {"choice": "1"}) == ({"k": "v"}, None)
+    assert answer_from_form(select, {"choice": "2"})[1] == "choose one of the options"
+    confirm = {"question": "?", "type": "confirm"}
+    assert answer_from_form(confirm, {"answer": "yes"}) == (True, None)
+    assert answer_from_form(confirm, {"answer": "no"}) == (False, None)
+    assert answer_from_form(confirm, {"answer": "maybe"})[1] == "answer yes or no"
+    assert answer_from_form({"question": "?", "type": "text"}, {"answer": "ok"}) == ("ok", None)
+    assert answer_from_form({"question": "?"}, {"answer": "  "})[1] == "the answer is empty"
+
+
+def test_cancel_stops_the_running_executor_as_a_ui_cancel_does(storage, client, db):
+    stopped = threading.Event()
+
+    def handle(todo):
+        todo.events.progress("working")
+        while not todo.cancelled:
+            time.sleep(0.02)
+        stopped.set()
+        return None
+
+    todo_id = storage.enqueue("console", "cancel me")
+    with ps.start(handle, agent_orch="console", storage=storage):
+        wait_for(lambda: state_of(db, todo_id)["draft_status"] == "STARTED")
+        response = post(client, f"/todos/{todo_id}/cancel")
+        assert response.status_code == 303
+        assert stopped.wait(10), "the executor saw the cancel"
+    row = state_of(db, todo_id)
+    assert (row["status"], row["draft_status"]) == ("CANCELLED", "CANCELLED")
+    refused = post(client, f"/todos/{todo_id}/cancel")
+    assert refused.status_code == 409 and "already CANCELLED" in refused.text
+
+
+def test_enqueue_inserts_a_claimable_todo(client, db):
+    response = post(client, "/todos", agent_orch="console", input="from the console",
+                    mode="DRAFT", tenant="t9")
+    assert response.status_code == 303
+    todo_id = response.headers["location"].rsplit("/", 1)[1]
+    row = db.execute("SELECT agent_orch, query, agent_mode::text, tenant_id, status::text, "
+                     "draft_status FROM todolist WHERE id = %s", (todo_id,)).fetchone()
+    assert row == {"agent_orch": "console", "query": "from the console", "agent_mode": "DRAFT",
+                   "tenant_id": "t9", "status": "IN_PROGRESS", "draft_status": None}
+    bad = post(client, "/todos", agent_orch="console", input="x", mode="FAST")
+    assert bad.status_code == 400
+    assert db.execute("SELECT count(*) AS n FROM todolist").fetchone()["n"] == 1
+
+
+def test_revision_request_appends_feedback_and_the_todo_runs_again(storage, client, db):
+    runs = []
+
+    def handle(todo):
+        runs.append(todo.resume.kind)
+        return {"run": len(runs)}
+
+    todo_id = storage.enqueue("console", "revise me")
+    with ps.start(handle, agent_orch="console", storage=storage):
+        wait_for(lambda: state_of(db, todo_id)["draft_status"] == "COMPLETED")
+        empty = post(client, f"/todos/{todo_id}/revision", feedback="  ")
+        assert empty.status_code == 409 and "feedback is empty" in empty.text
+        response = post(client, f"/todos/{todo_id}/revision", feedback=f"shorter {XSS}")
+        assert response.status_code == 303
+        wait_for(lambda: len(runs) == 2 and state_of(db, todo_id)["draft_status"] == "COMPLETED")
+    assert runs == ["fresh", "revision"]
+    feedback = state_of(db, todo_id)["feedback"]
+    assert len(feedback) == 1
+    item = feedback[0]
+    assert item["kind"] == "revision" and item["content"] == f"shorter {XSS}"
+    assert set(item) == {"time", "content", "user_id", "kind"}
+    assert "&lt;script&gt;" in client.get(f"/todos/{todo_id}").text
+
+
+def test_revision_is_refused_while_the_todo_waits(storage, client, db):
+    todo_id = storage.enqueue("console", "not yet run")
+    response = post(client, f"/todos/{todo_id}/revision", feedback="again")
+    assert response.status_code == 409 and "QUEUED" in response.text
+    assert state_of(db, todo_id)["draft_status"] is None
+
+
+def test_posts_without_the_csrf_token_or_from_another_site_are_refused(storage, client, db):
+    todo_id = storage.enqueue("console", "keep me")
+    token = csrf_of(client)
+    assert client.post(f"/todos/{todo_id}/cancel").status_code == 403
+    assert client.post(f"/todos/{todo_id}/cancel",
+                       data={"csrf_token": "x" * 43}).status_code == 403
+    assert client.post(f"/todos/{todo_id}/cancel", data={"csrf_token": token},
+                       headers={"Origin": "http://evil.example"}).status_code == 403
+    assert client.post(f"/todos/{todo_id}/cancel", data={"csrf_token": token},
+                       headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
+    with client_of_same(client) as stranger:  # a token from another browser's cookie
+        assert stranger.post(f"/todos/{todo_id}/cancel",
+                             data={"csrf_token": token}).status_code == 403
+    assert state_of(db, todo_id)["draft_status"] is None
+    origin = str(client.base_url).rstrip("/")
+    ok = client.post(f"/todos/{todo_id}/cancel", data={"csrf_token": token},
+                     headers={"Origin": origin, "Sec-Fetch-Site": "same-origin"})
+    assert ok.status_code == 303
+    assert state_of(db, todo_id)["draft_status"] == "CANCELLED"
+
+
+def client_of_same(client: httpx.Client) -> httpx.Client:
+    return httpx.Client(base_url=client.base_url, timeout=10)
+
+
+def test_htmx_posts_get_a_redirect_header(storage, client):
+    todo_id = storage.enqueue("console", "htmx")
+    response = client.post(f"/todos/{todo_id}/cancel", data={"csrf_token": csrf_of(client)},
+                           headers={"HX-Request": "true"})
+    assert response.status_code == 204 and response.headers["hx-redirect"] == f"/todos/{todo_id}"
+
+
+def test_read_only_console_hides_and_refuses_every_action(storage, db):
+    def handle(todo):
+        return {"style": todo.ask_human("Pick", options=["a", "b"], kind="select")}
+
+    todo_id = storage.enqueue("console", "look only")
+    with ConsoleServer(storage, ConsoleConfig(port=0, read_only=True)) as server, \
+            client_of(server) as client, ps.start(handle, agent_orch="console", storage=storage):
+        wait_for(lambda: state_of(db, todo_id)["draft_status"] == "HUMAN_ASKED")
+        job_id = db.execute("SELECT job_id FROM events WHERE event_type = 'human_asked'"
+                            ).fetchone()["job_id"]
+        for url in ("/todos", f"/todos/{todo_id}", "/questions"):
+            page = client.get(url).text
+            assert "<form method=\"post\"" not in page and "read-only" in page
+        assert "Pick" in client.get(f"/todos/{todo_id}").text
+        token = csrf_of(client)
+        for url, fields in ((f"/todos/{todo_id}/cancel", {}),
+                            (f"/todos/{todo_id}/revision", {"feedback": "x"}),
+                            ("/todos", {"agent_orch": "console", "input": "x"}),
+                            (f"/questions/{job_id}/answer", {"choice": "0"})):
+            assert client.post(url, data={"csrf_token": token, **fields}).status_code == 403
+        assert state_of(db, todo_id)["draft_status"] == "HUMAN_ASKED"
+        assert db.execute("SELECT count(*) AS n FROM todolist").fetchone()["n"] == 1
+        storage.respond(job_id, "a")  # let the executor finish before the server stops
+        wait_for(lambda: state_of(db, todo_id)["draft_status"] == "COMPLETED")
+
+
+def test_access_token_is_checked_on_every_request(storage):
+    with ConsoleServer(storage, ConsoleConfig(port=0, token=TOKEN)) as server:
+        assert server.url.endswith(f"/?token={TOKEN}")
+        with client_of(server) as anonymous:
+            for url in ("/todos", "/todos/stream", "/static/htmx.min.js", "/servers",
+                        "/questions"):
+                assert anonymous.get(url).status_code == 401, url
+            assert anonymous.get("/todos", params={"token": "wrong" * 5}).status_code == 401
+            assert anonymous.post("/todos", data={"agent_orch": "x"}).status_code == 401
+        with client_of(server) as browser:
+            first = browser.get("/todos", params={"token": TOKEN, "state": "QUEUED"})
+            assert first.status_code == 303 and first.headers["location"] == "/todos?state=QUEUED"
+            assert "HttpOnly" in first.headers["set-cookie"]
+            assert browser.get("/todos?state=QUEUED").status_code == 200
+            assert browser.get("/static/htmx.min.js").status_code == 200
+        with client_of(server, headers={"Authorization": f"Bearer {TOKEN}"}) as script:
+            assert script.get("/todos").status_code == 200
+
+
+def test_a_non_loopback_host_needs_a_token():
+    with pytest.raises(ConfigurationError, match="without an access token"):
+        ConsoleConfig(host="0.0.0.0")
+    with pytest.raises(ConfigurationError, match="at least 16"):
+        ConsoleConfig(host="0.0.0.0", token="short")
+    assert ConsoleConfig(host="0.0.0.0", token=TOKEN).token == TOKEN
+    assert ConsoleConfig(host="::1").token is None
+
+
+def test_console_command_refuses_a_non_loopback_host_without_token(capsys):
+    from processgpt_sync import cli
+
+    assert cli.main(["console", "--host", "0.0.0.0", "--database-url", "postgresql:///x"]) == 2
+    assert "without an access token" in capsys.readouterr().err
+
+
+def test_a_foreign_host_header_is_refused_without_a_token(client):
+    assert client.get("/todos", headers={"Host": "evil.example:8710"}).status_code == 403
+    assert client.get("/todos", headers={"Host": "localhost:8710"}).status_code == 200
+
+
+def test_servers_page_charts_finished_todos(storage, client):
+    def handle(todo):
+        if "fail" in todo.input:
+            raise RuntimeError("no")
+        return {"ok": True}
+
+    for text in ("one", "two", "fail"):
+        storage.enqueue("console", text)
+    with ps.start(handle, agent_orch="console", storage=storage) as server:
+        wait_for(lambda: server.stats()["completed"] + server.stats()["failed"] == 3)
+        page = client.get("/servers").text
+    assert "2 completed, 1 failed" in page
+    assert page.count('class="ok"') >= 1 and page.count('class="bad"') == 1
+    fragment = client.get("/servers", headers={"HX-Request": "true"}).text
+    assert "<html" not in fragment and "2 completed" in fragment
+
+
+def test_idle_console_holds_one_listen_connection(storage, console, db):
+    def listeners():
+        return db.execute("SELECT count(*) AS n FROM pg_stat_activity WHERE datname = "
+                          "current_database() AND query LIKE 'LISTEN%%'").fetchone()["n"]
+
+    assert wait_for(lambda: listeners() == 1)
+    assert console.app.state.console.feed.listening
+
+
+def test_demo_serves_the_console_and_prints_its_url(database_url):
+    from processgpt_sync import demo
+
+    out = io.StringIO()
+    assert demo.run(database_url=database_url, todos=2, workers=2, console_port=0, out=out) == 0
+    assert "console: http://127.0.0.1:" in out.getvalue()
+
+
+@pytest.fixture
+def supabase_storage(database_url):
+    yield from open_backend("supabase", database_url)
+
+
+def test_supabase_console_polls_and_never_sends_the_key(supabase_storage):
+    from tests.postgrest_gateway import SERVICE_KEY
+
+    gate = threading.Event()
+
+    def handle(todo):
+        todo.events.progress("before")
+        gate.wait(10)
+        todo.events.progress("after the gate")
+        return {"ok": True}
+
+    def until(text: str) -> bool:
+        gate.set()
+        return "after the gate" in text and "COMPLETED" in text
+
+    store = supabase_storage
+    todo_id = store.enqueue("console", "via supabase")
+    with ConsoleServer(store, ConsoleConfig(port=0)) as server, client_of(server) as client, \
+            ps.start(handle, agent_orch="console", storage=store):
+        assert server.app.state.console.feed.listening is False
+        wait_for(lambda: "before" in client.get(f"/todos/{todo_id}").text)
+        seen = read_stream(client, f"/todos/{todo_id}/stream", until)
+        bodies = [seen] + [client.get(url).text for url in
+                           ("/todos", f"/todos/{todo_id}", "/questions", "/servers",
+                            "/static/console.js")]
+    assert all(SERVICE_KEY not in body for body in bodies)
