@@ -1,5 +1,5 @@
 """Benchmarks: throughput, pickup latency, cancel latency, idle cost, scale-out, memory, fairness,
-faults.
+faults, console latency.
 
     pip install -r bench/requirements.txt
     python bench/run.py [--quick] [--json] [--compat] [--only fairness|compat|faults]
@@ -11,6 +11,7 @@ after another on it, prints a table, and with --json a JSON object as the last l
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import logging
 import os
@@ -233,6 +234,52 @@ def hitl_resume(bench: Bench, samples: int) -> float:
     server.stop()
     storage.close()
     return statistics.median(latencies)
+
+
+def console(bench: Bench, samples: int, idle_seconds: float) -> tuple[float, float, float]:
+    """Console (extra [console]): event emitted -> received on its SSE stream, p50 and p95 ms;
+    then the idle console's transactions per second (no page open). None without the extra."""
+    import httpx
+
+    from processgpt_sync.console import ConsoleConfig, ConsoleServer
+
+    url = bench.database()
+    dbname = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
+    go = threading.Event()
+
+    def emits(todo: ps.Todo) -> dict[str, Any]:
+        go.wait(30)
+        for i in range(samples):
+            todo.events.progress({"seq": i, "emitted": time.time()})
+            time.sleep(0.05)
+        return {}
+
+    storage = PostgresStorage(url)
+    latencies: list[float] = []
+    with ConsoleServer(storage, ConsoleConfig(port=0)) as server:
+        worker = ps.start(emits, agent_orch=AGENT, storage=storage, workers=1)
+        todo_id = storage.enqueue(AGENT, "console")
+        base = f"http://127.0.0.1:{server.port}"
+        with httpx.Client(timeout=30) as client, \
+                client.stream("GET", f"{base}/todos/{todo_id}/stream") as stream:
+            go.set()
+            for line in map(html.unescape, stream.iter_lines()):
+                if '"emitted": ' in line:
+                    emitted = float(line.split('"emitted": ')[1].split("}")[0])
+                    latencies.append((time.time() - emitted) * 1000)
+                if len(latencies) >= samples:
+                    break
+        worker.stop()
+        time.sleep(11)  # idle backends publish their transaction counts within 10 s
+        with psycopg.connect(bench.url, autocommit=True) as conn:
+            query = "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = %s"
+            first = conn.execute(query, (dbname,)).fetchone()[0]
+            time.sleep(idle_seconds)
+            last = conn.execute(query, (dbname,)).fetchone()[0]
+    storage.close()
+    latencies.sort()
+    return (statistics.median(latencies), latencies[int(0.95 * (len(latencies) - 1))],
+            (last - first) / idle_seconds)
 
 
 def idle_cost(bench: Bench, seconds: float) -> tuple[float, float]:
@@ -494,6 +541,12 @@ def main() -> int:
         results["pickup_ms_p50"], results["pickup_ms_p95"] = p50, p95
         results["cancel_ms_p50"] = cancel_latency(bench, 5 if args.quick else 10)
         results["hitl_resume_ms_p50"] = hitl_resume(bench, 10 if args.quick else 20)
+        try:
+            p50, p95, idle = console(bench, 20 if args.quick else 50, 5.0 if args.quick else 20.0)
+            results["console_event_ms_p50"], results["console_event_ms_p95"] = p50, p95
+            results["console_idle_db_xacts_per_s"] = idle
+        except ImportError:
+            logging.warning("console figures skipped: install processgpt-sync[console]")
         cpu, xacts = idle_cost(bench, 3.0 if args.quick else 10.0)
         results["idle_cpu_pct"], results["idle_db_xacts_per_s"] = cpu, xacts
         rate, double, _ = scale_out(bench, 4, 8)

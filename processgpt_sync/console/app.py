@@ -43,6 +43,7 @@ PANEL_INTERVAL = 5.0  # seconds between servers panel refreshes
 SAMPLES_KEPT = 120  # servers panel samples kept for the pickup latency chart
 CHART_MINUTES = 10
 CHART_BUCKET = 10  # seconds per bar
+PRETTY_WIDTH = 80  # JSON up to this many characters stays on one line
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,6 +84,9 @@ def pretty(value: Any) -> str:
     """A JSON value as readable text (strings as themselves); escaped later by the template."""
     if isinstance(value, str):
         return value
+    compact = json.dumps(value, ensure_ascii=False, default=str)
+    if len(compact) <= PRETTY_WIDTH:
+        return compact
     return json.dumps(value, indent=2, ensure_ascii=False, default=str)
 
 
@@ -90,16 +94,6 @@ def clock(value: Any) -> str:
     """The time of day of an ISO timestamp, to the millisecond."""
     text = str(value or "")
     return text[11:23] if len(text) >= 19 else text
-
-
-def summary(event: Mapping[str, Any]) -> str:
-    """One line about an event: its message, question or tool, else its data."""
-    data = event.get("data")
-    if isinstance(data, Mapping):
-        for key in ("question", "message", "text", "answer", "error", "tool_name", "name"):
-            if key in data and data[key] is not None:
-                return pretty(data[key])
-    return pretty(data)
 
 
 class Console:
@@ -110,7 +104,6 @@ class Console:
         self.config = config
         self.feed = ChangeFeed(storage)
         self.env = _environment()
-        self.env.filters["summary"] = summary
         self.samples: deque[dict[str, Any]] = deque(maxlen=SAMPLES_KEPT)
 
     def render(self, request: Request, name: str, status: int = 200, **context: Any) -> Response:

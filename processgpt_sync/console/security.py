@@ -28,7 +28,7 @@ SECURITY_HEADERS = {
                                "frame-ancestors 'none'; base-uri 'none'",
     "x-content-type-options": "nosniff",
     "x-frame-options": "DENY",
-    "referrer-policy": "no-referrer",
+    "referrer-policy": "same-origin",  # no-referrer would make browsers send Origin: null
     "cache-control": "no-store",
 }
 
@@ -102,7 +102,8 @@ class Guard:
             await refusal(scope, receive, send)
             return
         csrf = cookies.get(CSRF_COOKIE) or ""
-        new_csrf = len(csrf) < 32
+        # Static files load alongside the first page: a cookie from them would race its own.
+        new_csrf = len(csrf) < 32 and not scope["path"].startswith("/static/")
         if new_csrf:
             csrf = secrets.token_urlsafe(32)
         scope.setdefault("state", {})["csrf_token"] = csrf

@@ -47,7 +47,9 @@ import django
 django.setup()
 from django.core.management import get_commands
 from processgpt_sync.queries import read_sql
+from processgpt_sync.console.app import HERE as CONSOLE
 print(json.dumps({
+    "console": all((CONSOLE / f).is_file() for f in ("templates/base.html", "static/console.css")),
     "file": processgpt_sync.__file__, "modules": names,
     "command": get_commands().get("processgpt_worker"),
     "sql": read_sql("functions.sql") == (Path(sys.argv[1]) / "sql/functions.sql").read_text(),
@@ -71,7 +73,10 @@ def test_wheel_ships_the_sql_examples_and_django_app(wheel):
                      "processgpt_sync/sql/queries.sql", "processgpt_sync/examples/quickstart.py",
                      "processgpt_sync/examples/blocking_executor.py", "processgpt_sync/py.typed",
                      "processgpt_sync/contrib/django/apps.py",
-                     "processgpt_sync/contrib/django/management/commands/processgpt_worker.py"):
+                     "processgpt_sync/contrib/django/management/commands/processgpt_worker.py",
+                     "processgpt_sync/console/templates/todo.html",
+                     "processgpt_sync/console/static/htmx.min.js",
+                     "processgpt_sync/console/static/console.js"):
         assert required in names
     sql = archive.read("processgpt_sync/sql/functions.sql").decode()
     assert sql == (ROOT / "sql/functions.sql").read_text(), "the wheel ships the one source"
@@ -84,8 +89,8 @@ def test_the_wheel_in_a_fresh_virtualenv_imports_every_module(wheel, tmp_path):
     venv.create(env_dir, with_pip=False)
     python = env_dir / "bin" / "python"
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet",
-                    f"{wheel}[django,a2a-v03]", "pytest"],  # pytest: the testing kit's plugin
-                   check=True, capture_output=True, timeout=600)
+                    f"{wheel}[django,a2a-v03,console]", "pytest"],  # pytest: the testing kit's
+                   check=True, capture_output=True, timeout=600)           # plugin
     result = subprocess.run([str(python), "-c", CHECK, str(ROOT)], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -93,10 +98,12 @@ def test_the_wheel_in_a_fresh_virtualenv_imports_every_module(wheel, tmp_path):
     assert found["file"].startswith(str(env_dir)), "imported from the wheel, not the checkout"
     for module in ("processgpt_sync.contrib.django.management.commands.processgpt_worker",
                    "processgpt_sync.examples.blocking_executor", "processgpt_sync.examples.hitl",
-                   "processgpt_sync.storage.supabase", "processgpt_sync.cli"):
+                   "processgpt_sync.storage.supabase", "processgpt_sync.cli",
+                   "processgpt_sync.console.app"):
         assert module in found["modules"]
     assert found["command"] == "processgpt_sync.contrib.django"
     assert found["sql"]
+    assert found["console"], "the console's templates and static files are installed"
     version = subprocess.run([str(env_dir / "bin" / "processgpt-sync"), "--version"],
                              capture_output=True, text=True, timeout=60)
     assert version.stdout.startswith("processgpt-sync 0.1.0"), version.stderr

@@ -1,0 +1,188 @@
+"""The console in a real browser: Debian's headless Chromium driven by Playwright.
+
+Watches a running todo's events arrive live, answers its `select` question and sees it
+complete, cancels another todo, checks an agent's `<script>` stays text, and measures how
+long an event takes from the executor to the page and what an idle console costs the database.
+Set CONSOLE_SCREENSHOT to a path to keep the screenshot (the README's picture).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+
+import processgpt_sync as ps
+from processgpt_sync.console import ConsoleConfig, ConsoleServer
+from processgpt_sync.stats import percentile
+from tests.conftest import wait_for
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run"]
+XSS = "<script>alert(1)</script>"
+TIMED_EVENTS = 20
+IDLE_SECONDS = 16.0  # longer than the list stream's 15 s re-read
+SETTLE_SECONDS = 11.0  # idle backends publish their transaction counts within 10 s
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium: install Debian's "
+                       "chromium package (apt-get install chromium) to run the browser test"),
+]
+
+# Records when each event row appears in the page (the browser's wall clock, as time.time()).
+OBSERVE = """() => {
+    window.seenAt = {};
+    const body = document.getElementById("event-rows");
+    new MutationObserver((changes) => {
+        const now = Date.now();
+        for (const change of changes) {
+            for (const node of change.addedNodes) {
+                if (node.id && !(node.id in window.seenAt)) {
+                    window.seenAt[node.id] = {ms: now, text: node.textContent};
+                }
+            }
+        }
+    }).observe(body, {childList: true});
+}"""
+
+
+def idle_transactions(pg_url: str, dbname: str, seconds: float) -> tuple[int, float]:
+    """Transactions one database commits or rolls back over ``seconds``, read from another
+    database every half second; returns (count, seconds measured)."""
+    query = ("SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = %s")
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        first = conn.execute(query, (dbname,)).fetchone()[0]
+        began = time.monotonic()
+        while time.monotonic() - began < seconds:
+            time.sleep(0.5)
+            last = conn.execute(query, (dbname,)).fetchone()[0]
+        return int(last - first), time.monotonic() - began
+
+
+GO = threading.Event()
+
+
+def test_console_in_a_browser(storage, db, database_url, pg_url, tmp_path, capsys):
+    go = GO
+    go.clear()
+
+    def handle(todo):
+        if todo.input == "slow":
+            todo.events.progress("working until cancelled")
+            while not todo.cancelled:
+                time.sleep(0.02)
+            return None
+        go.wait(60)
+        for seq in range(TIMED_EVENTS):
+            todo.events.progress({"seq": seq, "emitted": time.time()})
+            time.sleep(0.08)
+        todo.events.progress(XSS)
+        style = todo.ask_human("Which way?", options=["fast", "careful"], kind="select")
+        todo.events.progress(f"going the {style} way")
+        return {"style": style}
+
+    server = ps.start(handle, agent_orch="browser", storage=storage, workers=2, grace_seconds=2)
+    try:
+        idle_rate, idle_count, latencies = drive(storage, db, database_url, pg_url, tmp_path,
+                                                 server)
+    finally:
+        GO.set()
+        server.stop()
+    # A count, not a speed: a console that polled would write several per second.
+    assert idle_count <= 5, f"{idle_count} transactions while idle"
+    with capsys.disabled():
+        sys.stdout.write(
+            f"\nconsole: event emitted -> visible p50 {statistics.median(latencies):.0f} ms, "
+            f"p95 {percentile(latencies, 0.95):.0f} ms ({len(latencies)} events); "
+            f"idle database cost {idle_rate:.2f} transactions/s\n")
+
+
+def drive(storage, db, database_url, pg_url, tmp_path, server):
+    """The browser session; returns the idle figures and the event latencies (ms)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    dialogs: list[str] = []
+    with ConsoleServer(storage, ConsoleConfig(port=0, agent_orch="browser")) as console, \
+            sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                             args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1100, "height": 760})
+        page.on("dialog", lambda d: (dialogs.append(f"{d.type}:{d.message}"), d.accept()))
+        base = console.url.rstrip("/")
+
+        # The list shows new todos live, filtered on the console's agent_orch.
+        page.goto(f"{base}/todos")
+        expect(page.locator("#rows")).to_contain_text("no todos")
+        stream_id = storage.enqueue("browser", "stream", tenant_id="acme")
+        slow_id = storage.enqueue("browser", "slow", tenant_id="acme")
+        expect(page.locator(f"#todo-{stream_id}")).to_contain_text("STARTED")
+        expect(page.locator(f"#todo-{slow_id}")).to_contain_text("STARTED")
+
+        # The running todo's events appear as they are written.
+        page.click(f"a[href='/todos/{stream_id}']")
+        page.wait_for_selector("#event-rows", state="attached")
+        page.evaluate(OBSERVE)
+        GO.set()
+        question = page.locator("select[name=choice]")
+        expect(question).to_be_visible(timeout=20_000)
+        seen = page.evaluate("window.seenAt")
+        latencies = []
+        for entry in seen.values():
+            if '"emitted"' in entry["text"]:
+                data = json.loads(entry["text"][entry["text"].index("{"):])
+                latencies.append(entry["ms"] - 1000 * data["emitted"])
+        assert len(latencies) == TIMED_EVENTS, "every event appeared live"
+        seqs = [json.loads(r[r.index("{"):])["seq"] for r in
+                page.locator("#event-rows tr").all_text_contents() if '"seq"' in r]
+        assert seqs == list(range(TIMED_EVENTS)), "in order, each once"
+
+        # The agent's <script> is shown as text and never runs.
+        row = page.locator("#event-rows tr", has_text="alert(1)")
+        expect(row).to_have_count(1)
+        assert XSS in row.inner_text()
+        assert page.locator("#event-rows script").count() == 0
+        if path := os.environ.get("CONSOLE_SCREENSHOT"):
+            page.screenshot(path=path, full_page=True)
+        page.screenshot(path=str(tmp_path / "console.png"))
+
+        # Answer the select question: the executor continues and the todo completes.
+        question.select_option(label="careful")
+        page.click("#questions button[type=submit]")
+        expect(page.locator("#state .state")).to_have_text("COMPLETED", timeout=20_000)
+        expect(page.locator("#event-rows")).to_contain_text("going the careful way")
+        expect(page.locator("#state .result")).to_contain_text("careful")
+
+        # Cancel the other one (the button asks for confirmation first).
+        page.goto(f"{base}/todos/{slow_id}")
+        page.click("#state button.danger")
+        expect(page.locator("#state .state")).to_have_text("CANCELLED", timeout=20_000)
+        row = db.execute("SELECT status::text, draft_status::text FROM todolist WHERE id = %s",
+                         (slow_id,)).fetchone()
+        assert (row["status"], row["draft_status"]) == ("CANCELLED", "CANCELLED")
+        assert dialogs == ["confirm:Cancel this todo?"], "no alert ever ran"
+
+        # Idle: no server, the list page stays open, nothing happens.
+        server.stop()
+        page.goto(f"{base}/todos")
+        expect(page.locator(f"#todo-{slow_id}")).to_contain_text("CANCELLED")
+        dbname = conninfo_to_dict(database_url)["dbname"]
+        wait_for(lambda: db.execute("SELECT count(*) AS n FROM pg_stat_activity WHERE "
+                                    "datname = current_database() AND state = 'active' AND "
+                                    "query NOT LIKE 'LISTEN%%' AND pid <> pg_backend_pid()"
+                                    ).fetchone()["n"] == 0)
+        db.close()
+        time.sleep(SETTLE_SECONDS)
+        idle_count, idle_window = idle_transactions(pg_url, dbname, IDLE_SECONDS)
+        browser.close()
+    return idle_count / idle_window, idle_count, latencies
