@@ -89,8 +89,9 @@ def test_the_wheel_in_a_fresh_virtualenv_imports_every_module(wheel, tmp_path):
     venv.create(env_dir, with_pip=False)
     python = env_dir / "bin" / "python"
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet",
-                    f"{wheel}[django,a2a-v03,console]", "pytest"],  # pytest: the testing kit's
-                   check=True, capture_output=True, timeout=600)           # plugin
+                    # pytest: the testing kit's plugin
+                    f"{wheel}[django,a2a-v03,console]", "pytest"],
+                   check=True, capture_output=True, timeout=600)
     result = subprocess.run([str(python), "-c", CHECK, str(ROOT)], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
