@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import jinja2
 from starlette.applications import Starlette
@@ -28,6 +30,7 @@ from starlette.staticfiles import StaticFiles
 
 from ..errors import ConfigurationError, SchemaMissing, StorageError
 from ..storage import Storage
+from .charts import CHART_BUCKET, CHART_MINUTES, parse_time, pickup_chart, throughput_chart
 from .feed import ChangeFeed, Subscription
 from .security import CSRF_FIELD, CSRF_HEADER, Guard, csrf_ok, csrf_token, is_loopback
 
@@ -41,8 +44,6 @@ KEEPALIVE = 15.0  # seconds between SSE comments on a quiet stream
 LIST_DEBOUNCE = 0.25  # seconds a list stream gathers changes before re-reading
 PANEL_INTERVAL = 5.0  # seconds between servers panel refreshes
 SAMPLES_KEPT = 120  # servers panel samples kept for the pickup latency chart
-CHART_MINUTES = 10
-CHART_BUCKET = 10  # seconds per bar
 PRETTY_WIDTH = 80  # JSON up to this many characters stays on one line
 
 
@@ -188,7 +189,7 @@ class Console:
                     return
                 fresh = [e for e in detail["events"] if e["id"] not in sent]
                 for event in detail["events"]:
-                    sent[event["id"]] = _parse_time(event["timestamp"])
+                    sent[event["id"]] = parse_time(event["timestamp"])
                 if sent:
                     since = max(sent.values()) - EVENT_OVERLAP
                     sent = {k: v for k, v in sent.items() if v >= since}
@@ -222,7 +223,7 @@ class Console:
             servers = None  # a database without the server registry
         activity = await self.call("console_activity", p_agent_orch=None,
                                    p_minutes=CHART_MINUTES, p_bucket_seconds=CHART_BUCKET)
-        now = _parse_time(activity["now"])
+        now = parse_time(activity["now"])
         if servers:
             self._sample(now, servers)
         return {"servers": servers, "throughput": throughput_chart(activity),
@@ -329,8 +330,8 @@ class Console:
                                  headers={"x-accel-buffering": "no"})
 
     async def _changed(self, subscription: Subscription, debounce: float = 0.0) -> bool:
-        """Wait for a change (True) or the console's shutdown (False); keepalives meanwhile
-        come from the caller's loop through the timeout."""
+        """Wait for a change, or KEEPALIVE seconds (True: read again), or the console's
+        shutdown (False)."""
         while True:
             try:
                 await asyncio.wait_for(subscription.changed.wait(), KEEPALIVE)
@@ -368,35 +369,6 @@ def answer_from_form(question: Any, form: Mapping[str, str]) -> tuple[Any, str |
     return text, None
 
 
-def throughput_chart(activity: Mapping[str, Any]) -> dict[str, Any]:
-    """Bars of finished todos per bucket over the last minutes (empty buckets included)."""
-    now = _parse_time(activity["now"])
-    size = int(activity["bucket_seconds"])
-    count = CHART_MINUTES * 60 // size
-    first = datetime.fromtimestamp((now.timestamp() // size - count + 1) * size, now.tzinfo)
-    by_start = {_parse_time(b["start"]).timestamp(): b for b in activity["buckets"]}
-    bars = []
-    for i in range(count):
-        bucket = by_start.get((first + timedelta(seconds=i * size)).timestamp(), {})
-        bars.append({"completed": int(bucket.get("completed", 0)),
-                     "failed": int(bucket.get("failed", 0))})
-    peak = max([b["completed"] + b["failed"] for b in bars] + [1])
-    total = sum(b["completed"] for b in bars)
-    return {"bars": bars, "peak": peak, "per_second": total / (CHART_MINUTES * 60),
-            "total": total, "failed": sum(b["failed"] for b in bars), "bucket": size}
-
-
-def pickup_chart(samples: list[dict[str, Any]], now: datetime) -> dict[str, Any]:
-    """Points of the live servers' pickup latency p50 (ms) over the last minutes."""
-    window = CHART_MINUTES * 60
-    points = [{"age": (now - s["time"]).total_seconds(), "ms": 1000 * s["pickup_p50"]}
-              for s in samples if s["pickup_p50"] is not None]
-    points = [p for p in points if p["age"] <= window]
-    peak = max([p["ms"] for p in points] + [1.0])
-    return {"points": points, "peak": peak, "window": window,
-            "last": points[-1]["ms"] if points else None}
-
-
 def _sse(event: str, data: str) -> str:
     lines = "".join(f"data: {line}\n" for line in data.splitlines() or [""])
     return f"event: {event}\n{lines}\n"
@@ -410,29 +382,21 @@ def _done(request: Request, url: str) -> Response:
 
 
 def _query(filters: Mapping[str, str | None]) -> str:
-    from urllib.parse import urlencode
-
     return urlencode({k: v for k, v in filters.items() if v})
 
 
 def _uuid(text: str) -> str | None:
-    import uuid
-
     try:
         return str(uuid.UUID(text))
     except ValueError:
         return None
 
 
-def _parse_time(value: Any) -> datetime:
-    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-
-
 def _cursor(value: str | None) -> datetime | None:
     if not value:
         return None
     try:
-        return _parse_time(value) - EVENT_OVERLAP
+        return parse_time(value) - EVENT_OVERLAP
     except ValueError:
         return None
 
