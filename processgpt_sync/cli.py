@@ -13,6 +13,7 @@ import inspect
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -559,6 +560,9 @@ def cmd_console(args: argparse.Namespace) -> int:
         server = ConsoleServer(storage, config)
         print(f"processgpt-sync console ({storage.backend}{', read-only' if args.read_only else ''}"
               f"): {server.url}", flush=True)
+        # uvicorn stops on SIGTERM, then raises it again to the handler found before it: make
+        # that one a no-op, so a stop on SIGTERM exits 0 as `serve` does.
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
         server.run()
     finally:
         storage.close()

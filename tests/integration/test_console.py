@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -355,6 +359,28 @@ def test_console_command_refuses_a_non_loopback_host_without_token(capsys):
 
     assert cli.main(["console", "--host", "0.0.0.0", "--database-url", "postgresql:///x"]) == 2
     assert "without an access token" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_console_command_serves_until_sigterm(database_url, storage):
+    todo_id = storage.enqueue("cli-console", "from the command line")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "processgpt_sync", "console", "--port", "0", "--read-only",
+         "--agent-orch", "cli-console", "--database-url", database_url],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PROCESSGPT_CONSOLE_TOKEN": TOKEN})
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "read-only" in line and f"/?token={TOKEN}" in line, line
+        url = line.rsplit(" ", 1)[1].strip()
+        with httpx.Client(timeout=10, follow_redirects=True) as browser:
+            page = browser.get(url)
+            assert page.status_code == 200 and todo_id[:8] in page.text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
 
 
 def test_a_foreign_host_header_is_refused_without_a_token(client):
