@@ -30,7 +30,14 @@ from starlette.staticfiles import StaticFiles
 
 from ..errors import ConfigurationError, SchemaMissing, StorageError
 from ..storage import Storage
-from .charts import CHART_BUCKET, CHART_MINUTES, parse_time, pickup_chart, throughput_chart
+from .charts import (
+    CHART_BUCKET,
+    CHART_MINUTES,
+    parse_time,
+    pickup_chart,
+    throughput_chart,
+    turnaround_chart,
+)
 from .feed import ChangeFeed, Subscription
 from .security import CSRF_FIELD, CSRF_HEADER, Guard, csrf_ok, csrf_token, is_loopback
 
@@ -227,7 +234,8 @@ class Console:
         if servers:
             self._sample(now, servers)
         return {"servers": servers, "throughput": throughput_chart(activity),
-                "pickup": pickup_chart(list(self.samples), now)}
+                "pickup": pickup_chart(list(self.samples), now),
+                "turnaround": turnaround_chart(activity)}
 
     def _sample(self, now: datetime, servers: list[Mapping[str, Any]]) -> None:
         live = [s for s in servers if s.get("alive")]

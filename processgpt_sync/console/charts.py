@@ -36,6 +36,18 @@ def throughput_chart(activity: Mapping[str, Any]) -> dict[str, Any]:
             "total": total, "failed": sum(b["failed"] for b in bars), "bucket": size}
 
 
+def turnaround_chart(activity: Mapping[str, Any]) -> dict[str, Any]:
+    """Points of the mean time from enqueue (start_date) to outcome, in ms, per bucket: the
+    latency the todos themselves record, for databases without the server registry."""
+    now = parse_time(activity["now"])
+    points = [{"age": (now - parse_time(b["start"])).total_seconds(),
+               "ms": 1000 * float(b["turnaround_seconds"])}
+              for b in activity["buckets"] if b.get("turnaround_seconds") is not None]
+    peak = max([p["ms"] for p in points] + [1.0])
+    return {"points": points, "peak": peak, "window": CHART_MINUTES * 60,
+            "last": points[-1]["ms"] if points else None}
+
+
 def pickup_chart(samples: list[dict[str, Any]], now: datetime) -> dict[str, Any]:
     """Points of the live servers' pickup latency p50 (ms) over the last minutes."""
     window = CHART_MINUTES * 60

@@ -401,6 +401,7 @@ def test_servers_page_charts_finished_todos(storage, client):
         page = client.get("/servers").text
     assert "2 completed, 1 failed" in page
     assert page.count('class="ok"') >= 1 and page.count('class="bad"') == 1
+    assert "Enqueue to outcome, mean per 10 s: " in page and "<polyline" in page
     fragment = client.get("/servers", headers={"HX-Request": "true"}).text
     assert "<html" not in fragment and "2 completed" in fragment
 
