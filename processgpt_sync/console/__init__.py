@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 try:
@@ -27,6 +29,19 @@ __all__ = ["ConsoleConfig", "ConsoleServer", "create_app"]
 STOP_SECONDS = 5  # longest wait for open streams to close on stop()
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, ending the open event streams first on a stop (they would otherwise
+    hold the graceful shutdown for its whole timeout)."""
+
+    def __init__(self, config: uvicorn.Config, end_streams: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.end_streams = end_streams
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        threading.Thread(target=self.end_streams, daemon=True).start()
+        super().handle_exit(sig, frame)
+
+
 class ConsoleServer:
     """The console on its own uvicorn server: ``run()`` in the foreground, or ``start()`` in a
     thread (the demo, tests) and ``stop()``. The socket is bound at construction, so ``url``
@@ -40,9 +55,9 @@ class ConsoleServer:
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._socket.bind((self.config.host, self.config.port))
         self.port = int(self._socket.getsockname()[1])
-        self._server = uvicorn.Server(uvicorn.Config(
+        self._server = _Server(uvicorn.Config(
             self.app, log_level="warning", access_log=False, lifespan="on",
-            timeout_graceful_shutdown=STOP_SECONDS))
+            timeout_graceful_shutdown=STOP_SECONDS), self.app.state.console.feed.close)
         self._thread: threading.Thread | None = None
 
     @property
@@ -67,6 +82,7 @@ class ConsoleServer:
         return self
 
     def stop(self) -> None:
+        self._server.end_streams()
         self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(STOP_SECONDS + 5)

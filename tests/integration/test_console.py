@@ -415,6 +415,30 @@ def test_idle_console_holds_one_listen_connection(storage, console, db):
     assert console.app.state.console.feed.listening
 
 
+def test_stopping_the_console_ends_open_streams_cleanly(storage):
+    todo_id = storage.enqueue("console", "watched while stopping")
+    server = ConsoleServer(storage, ConsoleConfig(port=0)).start()
+    opened, outcome = threading.Event(), []
+
+    def watch():
+        try:
+            with client_of(server) as client, \
+                    client.stream("GET", f"/todos/{todo_id}/stream") as response:
+                for line in response.iter_lines():
+                    if line.startswith("event: state"):
+                        opened.set()
+            outcome.append("ended")
+        except httpx.HTTPError as exc:  # cut off instead of finished
+            outcome.append(repr(exc))
+
+    reader = threading.Thread(target=watch)
+    reader.start()
+    assert opened.wait(10)
+    server.stop()
+    reader.join(30)
+    assert outcome == ["ended"]
+
+
 def test_demo_serves_the_console_and_prints_its_url(database_url):
     from processgpt_sync import demo
 
