@@ -54,6 +54,7 @@ class ConsoleServer:
         self._socket = socket.socket(family, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._socket.bind((self.config.host, self.config.port))
+        self._socket.listen(128)  # connections wait in the backlog until uvicorn has started
         self.port = int(self._socket.getsockname()[1])
         self._server = _Server(uvicorn.Config(
             self.app, log_level="warning", access_log=False, lifespan="on",
