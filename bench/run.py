@@ -2,7 +2,7 @@
 faults, console latency.
 
     pip install -r bench/requirements.txt
-    python bench/run.py [--quick] [--json] [--compat] [--only fairness|compat|faults]
+    python bench/run.py [--quick] [--json] [--compat] [--only fairness|compat|faults|console]
 
 Starts its own embedded PostgreSQL (a temporary data directory), runs every measurement one
 after another on it, prints a table, and with --json a JSON object as the last line.
@@ -238,7 +238,7 @@ def hitl_resume(bench: Bench, samples: int) -> float:
 
 def console(bench: Bench, samples: int, idle_seconds: float) -> tuple[float, float, float]:
     """Console (extra [console]): event emitted -> received on its SSE stream, p50 and p95 ms;
-    then the idle console's transactions per second (no page open). None without the extra."""
+    then the idle console's transactions per second (no page open)."""
     import httpx
 
     from processgpt_sync.console import ConsoleConfig, ConsoleServer
@@ -411,6 +411,18 @@ def fairness(bench: Bench, results: dict[str, Any]) -> None:
     results["limit_max_observed"] = limit_max_observed(bench, 3)
 
 
+def console_section(bench: Bench, results: dict[str, Any], quick: bool) -> None:
+    from processgpt_sync.errors import ConfigurationError
+
+    try:
+        p50, p95, idle = console(bench, 20 if quick else 50, 5.0 if quick else 20.0)
+    except (ImportError, ConfigurationError) as exc:
+        logging.warning("console figures skipped: %s", exc)
+        return
+    results["console_event_ms_p50"], results["console_event_ms_p95"] = p50, p95
+    results["console_idle_db_xacts_per_s"] = idle
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
@@ -498,7 +510,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer todos, shorter idle window")
     parser.add_argument("--json", action="store_true", help="print a JSON object last")
-    parser.add_argument("--only", choices=["fairness", "compat", "faults"],
+    parser.add_argument("--only", choices=["fairness", "compat", "faults", "console"],
                         help="run just this section")
     parser.add_argument("--compat", action="store_true", help="add the compat section (needs "
                         "crewai, langchain-core and langgraph; see bench/compat.py)")
@@ -515,6 +527,9 @@ def main() -> int:
     try:
         if args.only == "fairness":
             fairness(bench, results)
+            return report(results, args.json)
+        if args.only == "console":
+            console_section(bench, results, args.quick)
             return report(results, args.json)
         if args.only == "compat":
             from bench.compat import measure
@@ -541,12 +556,7 @@ def main() -> int:
         results["pickup_ms_p50"], results["pickup_ms_p95"] = p50, p95
         results["cancel_ms_p50"] = cancel_latency(bench, 5 if args.quick else 10)
         results["hitl_resume_ms_p50"] = hitl_resume(bench, 10 if args.quick else 20)
-        try:
-            p50, p95, idle = console(bench, 20 if args.quick else 50, 5.0 if args.quick else 20.0)
-            results["console_event_ms_p50"], results["console_event_ms_p95"] = p50, p95
-            results["console_idle_db_xacts_per_s"] = idle
-        except ImportError:
-            logging.warning("console figures skipped: install processgpt-sync[console]")
+        console_section(bench, results, args.quick)
         cpu, xacts = idle_cost(bench, 3.0 if args.quick else 10.0)
         results["idle_cpu_pct"], results["idle_db_xacts_per_s"] = cpu, xacts
         rate, double, _ = scale_out(bench, 4, 8)
