@@ -579,7 +579,8 @@ class Server:
             "running": stats["running"], "completed": stats["completed"],
             "stats": {key: stats[key] for key in ("claimed", "failed", "released", "lost",
                                                   "events_pending", "listening",
-                                                  "listener_reconnects")},
+                                                  "listener_reconnects", "pickup_seconds_p50",
+                                                  "pickup_seconds_p95")},
         }
 
     def _deregister(self, timeout: float) -> None:

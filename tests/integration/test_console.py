@@ -398,12 +398,27 @@ def test_servers_page_charts_finished_todos(storage, client):
         storage.enqueue("console", text)
     with ps.start(handle, agent_orch="console", storage=storage) as server:
         wait_for(lambda: server.stats()["completed"] + server.stats()["failed"] == 3)
-        page = client.get("/servers").text
+    page = client.get("/servers").text  # the server left the registry as it stopped
+    assert "No server has reported yet" in page
     assert "2 completed, 1 failed" in page
     assert page.count('class="ok"') >= 1 and page.count('class="bad"') == 1
     assert "Enqueue to outcome, mean per 10 s: " in page and "<polyline" in page
     fragment = client.get("/servers", headers={"HX-Request": "true"}).text
     assert "<html" not in fragment and "2 completed" in fragment
+
+
+def test_servers_page_lists_live_servers_with_counters_and_pickup_latency(storage, client):
+    storage.enqueue("console", "picked up")
+    with ps.start(lambda todo: {"ok": True}, agent_orch="console", storage=storage,
+                  lease_seconds=2) as server:
+        wait_for(lambda: server.stats()["completed"] == 1)
+        row = wait_for(lambda: next((s for s in storage.servers("console")
+                                     if s["completed"] == 1), None))
+        page = client.get("/servers").text
+    assert row["stats"]["pickup_seconds_p50"] is not None
+    assert server.settings.consumer in page and ">yes<" in page
+    assert "Pickup latency p50 of the live servers: " in page and " ms now" in page
+    assert "claimed=1" in page
 
 
 def test_idle_console_holds_one_listen_connection(storage, console, db):
