@@ -1,7 +1,8 @@
 """Run a2a-sdk ``AgentExecutor``s (0.3 pydantic or 1.x protobuf) unchanged on worker threads.
 
 - Each worker thread keeps its own event loop (``loops.ThreadLoops``): an executor that blocks
-  inside ``async def`` stalls only its own todo.
+  inside ``async def`` stalls only its own todo; or all run on one shared loop
+  (``loops.SharedLoop``).
 - The event queue is a subclass of the installed ``EventQueue`` whose ``enqueue_event`` records
   the event synchronously and returns an already-finished coroutine, so both the original SDK's
   un-awaited calls and ``await queue.enqueue_event(...)`` (and ``TaskUpdater``) work.
@@ -21,7 +22,7 @@ from functools import cache
 from typing import Any
 
 from .events import EVENT_STATUSES
-from .loops import LoopTask, ThreadLoops
+from .loops import Loops, LoopTask
 from .models import AwaitingHuman, Todo
 from .payload import unwrap_text
 
@@ -298,11 +299,13 @@ def _context_class() -> type:
 
 
 class A2AAdapter:
-    """Runs an async a2a ``AgentExecutor`` on the worker thread's own event loop."""
+    """Runs an async a2a ``AgentExecutor`` on the worker thread's own loop or the shared one."""
 
-    def __init__(self, executor: Any) -> None:
+    uses_loops = True
+
+    def __init__(self, executor: Any, loops: Loops) -> None:
         self._executor = executor
-        self._loops = ThreadLoops()
+        self._loops = loops
         self._lock = threading.Lock()
         # Keyed by the Todo object: the same todo id may run twice here (a revision mid-run).
         self._running: dict[int, tuple[LoopTask[Any], Any, Any]] = {}
@@ -311,7 +314,7 @@ class A2AAdapter:
         recorder = Recorder(todo)
         queue = _queue_class()(recorder)
         context = _context_class()(todo)
-        task = self._loops.start(self._executor.execute, context, queue)
+        task = self._loops.start(todo.id, self._executor.execute, context, queue)
         with self._lock:
             self._running[id(todo)] = (task, context, queue)
         if todo.cancelled:  # cancelled before it was registered here

@@ -497,6 +497,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         grace_seconds=args.grace_seconds,
         timeout=args.timeout,
         tenant_id=args.tenant,
+        loop=args.loop,
     )
     if args.processes != 1:
         return _serve_processes(args, settings)
@@ -709,6 +710,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: $PROCESSGPT_TIMEOUT, else none)")
     serve.add_argument("--tenant", help="serve only this tenant's todos (default: "
                        "$PROCESSGPT_TENANT_ID, else all)")
+    serve.add_argument("--loop", choices=("thread", "shared"),
+                       help="where async executors run: thread, an event loop per worker "
+                       "thread (a blocking executor stalls only its todo), or shared, one loop "
+                       "for all (async clients kept across todos work) (default: "
+                       "$PROCESSGPT_LOOP, else thread)")
     serve.add_argument("--metrics-port", type=int, metavar="PORT",
                        help="serve Prometheus metrics on this port (default: none)")
     serve.add_argument("--metrics-host", default="0.0.0.0", metavar="HOST",

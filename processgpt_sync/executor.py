@@ -22,7 +22,7 @@ from .errors import ConfigurationError
 from .models import Todo
 
 if TYPE_CHECKING:
-    from .loops import LoopTask
+    from .loops import Loops, LoopTask
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,9 @@ class Adapter(Protocol):
     def cancel(self, todo: Todo) -> None: ...
 
     def close(self) -> None: ...
+
+    uses_loops: bool
+    """True when todos run on asyncio loops (their fds and threads count in the budget)."""
 
 
 class FunctionAdapter:
@@ -51,6 +54,8 @@ class FunctionAdapter:
 
     def close(self) -> None:
         pass
+
+    uses_loops = False
 
 
 class BlockingObjectAdapter:
@@ -73,6 +78,8 @@ class BlockingObjectAdapter:
     def close(self) -> None:
         pass
 
+    uses_loops = False
+
 
 def _call_hook(cancel: Callable[[Todo], Any], todo: Todo) -> None:
     try:
@@ -83,19 +90,19 @@ def _call_hook(cancel: Callable[[Todo], Any], todo: Todo) -> None:
 
 
 class AsyncFunctionAdapter:
-    """``async def fn(todo)``: each worker thread keeps its own event loop (anyio portal)."""
+    """``async def fn(todo)``: on the worker thread's own loop, or the shared one."""
 
-    def __init__(self, fn: Callable[[Todo], Any]) -> None:
-        from .loops import ThreadLoops
+    uses_loops = True
 
+    def __init__(self, fn: Callable[[Todo], Any], loops: Loops) -> None:
         self._fn = fn
-        self._loops = ThreadLoops()
+        self._loops = loops
         # Keyed by the Todo object: the same todo id may run twice here (a revision mid-run).
         self._tasks: dict[int, LoopTask[Any]] = {}
         self._lock = threading.Lock()
 
     def run(self, todo: Todo) -> Any:
-        task = self._loops.start(self._fn, todo)
+        task = self._loops.start(todo.id, self._fn, todo)
         with self._lock:
             self._tasks[id(todo)] = task
         if todo.cancelled:  # cancelled before it was registered here
@@ -151,8 +158,12 @@ def check_a2a_version(version: str) -> None:
     )
 
 
-def adapt(obj: Any) -> Adapter:
-    """Wrap any accepted executor in an Adapter; raise ConfigurationError for anything else."""
+def adapt(obj: Any, loop: str = "thread") -> Adapter:
+    """Wrap any accepted executor in an Adapter; raise ConfigurationError for anything else.
+
+    :param loop: where async executors run: "thread" (a loop per worker thread) or "shared".
+    """
+    from .loops import make_loops
     if is_a2a_executor(obj):
         from importlib.metadata import version
 
@@ -160,7 +171,7 @@ def adapt(obj: Any) -> Adapter:
 
         check_a2a_version(version("a2a-sdk"))
 
-        return A2AAdapter(obj)
+        return A2AAdapter(obj, make_loops(loop))
     execute = getattr(obj, "execute", None)
     if execute is not None and callable(execute):
         if inspect.iscoroutinefunction(execute):
@@ -176,7 +187,7 @@ def adapt(obj: Any) -> Adapter:
         if inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(
             getattr(obj, "__call__", None)  # noqa: B004
         ):
-            return AsyncFunctionAdapter(obj)
+            return AsyncFunctionAdapter(obj, make_loops(loop))
         return FunctionAdapter(obj)
     raise ConfigurationError(
         f"{obj!r} is not an executor: pass a function fn(todo), an object with "

@@ -1,62 +1,83 @@
-"""One event loop per worker thread, kept for the thread's life (anyio blocking portals).
+"""Where async executors run: a loop per worker thread (default) or one shared loop.
 
-An executor that blocks inside ``async def`` (CrewAI ``kickoff()``) then stalls only its own
-thread. Trade-off: asyncio objects kept across todos are bound to the loop that made them.
+``thread`` mode: each worker thread owns an asyncio loop, created once for the thread's life,
+and runs the todo's coroutine on it itself (``run_until_complete``): no extra thread, 3 fds per
+loop (epoll and its self-pipe). An executor that blocks inside ``async def`` (CrewAI
+``kickoff()``) stalls only its own todo. Trade-off: asyncio objects kept across todos are bound
+to the loop that made them, and tasks a todo leaves behind are cancelled when it ends.
 
-Cancelling never waits for that loop: a blocked loop must not block the heartbeat, the listener
-or ``stop()``. The cancel is handed to the loop with ``call_soon_threadsafe`` and runs there
-once the loop is free.
+``shared`` mode: one loop thread for all async todos of a server, so async clients kept across
+todos (httpx.AsyncClient, asyncpg pools) work; a blocking executor stalls every todo, and a
+watchdog logs which todo blocked the loop and for how long.
+
+Cancelling never waits for a loop: a blocked loop must not block the heartbeat, the listener
+or ``stop()``. The cancel is handed over with ``call_soon_threadsafe`` and runs on the loop
+once it is free.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import inspect
 import logging
 import threading
+import time
+import weakref
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractContextManager
-from typing import Any, Generic, TypeVar
-
-from anyio import CancelScope
-from anyio.from_thread import BlockingPortal, start_blocking_portal
+from typing import Any, Generic, Protocol, TypeVar
 
 from .blocking import explain
-from .errors import InfrastructureError
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
+LOOP_MODES = ("thread", "shared")
+LOOP_FDS = 3  # an asyncio selector loop holds epoll and a self-pipe socket pair
+LAG_WARNING = 0.5  # seconds the shared loop may be blocked before the watchdog names the todo
+LAG_PROBE = 0.1  # seconds between watchdog probes
+LEFTOVER_WAIT = 1.0  # seconds tasks a todo left behind get to end once cancelled
+
+LABEL: contextvars.ContextVar[str | None] = contextvars.ContextVar("processgpt_sync_loop_label",
+                                                                  default=None)
+
 
 class LoopTask(Generic[T]):
-    """One coroutine on a worker thread's loop, cancellable from any thread without waiting."""
+    """One coroutine on a loop, cancellable from any thread without waiting."""
 
-    def __init__(self, portal: BlockingPortal, fn: Callable[..., Awaitable[T]],
-                 *args: Any) -> None:
+    def __init__(self, runner: Callable[[LoopTask[T]], T],
+                 fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> None:
+        self._runner = runner
+        self._fn = fn
+        self._args = args
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._scope: CancelScope | None = None
+        self._task: asyncio.Task[Any] | None = None
         self._cancelled = False
         self._hooks: set[asyncio.Task[None]] = set()
-        self._future: concurrent.futures.Future[T] = portal.start_task_soon(
-            self._guarded, fn, args)
 
-    async def _guarded(self, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> T:
-        with CancelScope() as scope:
-            with self._lock:
-                self._loop = asyncio.get_running_loop()
-                self._scope = scope
-                if self._cancelled:  # cancelled before the loop took the task
-                    scope.cancel()
-            return await fn(*args)
-        raise concurrent.futures.CancelledError("cancelled by the server")
+    async def guarded(self) -> T:
+        """The coroutine as the loop runs it: it ends with ``concurrent.futures.CancelledError``
+        when the server cancelled it."""
+        with self._lock:
+            self._loop = asyncio.get_running_loop()
+            self._task = asyncio.current_task()
+            cancelled = self._cancelled  # cancelled before the loop took the task
+        if cancelled:
+            raise concurrent.futures.CancelledError("cancelled by the server")
+        try:
+            return await self._fn(*self._args)
+        except asyncio.CancelledError:
+            if self._cancelled:
+                raise concurrent.futures.CancelledError("cancelled by the server") from None
+            raise
 
     def result(self) -> T:
-        """Wait for the coroutine's outcome (on the calling worker thread); see
+        """Run or wait for the coroutine's outcome on the calling worker thread; see
         ``blocking.explain`` for one failure."""
         try:
-            return self._future.result()
+            return self._runner(self)
         except RuntimeError as exc:
             explained = explain(exc)
             if explained is exc:
@@ -72,7 +93,7 @@ class LoopTask(Generic[T]):
             self._cancelled = True
             loop = self._loop
         if loop is None:
-            return  # _guarded cancels it as it starts
+            return  # guarded() cancels it as it starts
         try:
             loop.call_soon_threadsafe(self._start_cancel, before)
         except RuntimeError:
@@ -80,8 +101,10 @@ class LoopTask(Generic[T]):
 
     def _start_cancel(self, before: Callable[[], Any] | None) -> None:
         """On the loop."""
+        if self._task is None or self._task.done():
+            return  # ended meanwhile; the loop may already run another todo
         if before is None:
-            self._cancel_scope()
+            self._task.cancel()
             return
         task = asyncio.ensure_future(self._hook_then_cancel(before))
         self._hooks.add(task)  # the loop keeps only a weak reference
@@ -95,42 +118,182 @@ class LoopTask(Generic[T]):
         except Exception:
             logger.exception("the executor's cancel hook failed", extra={"action": "cancel"})
         finally:
-            self._cancel_scope()
+            if self._task is not None:
+                self._task.cancel()
 
-    def _cancel_scope(self) -> None:
-        if self._scope is not None:
-            self._scope.cancel()
+
+class Loops(Protocol):
+    """What the async adapters use: start a coroutine for a todo, close at stop."""
+
+    def start(self, label: str, fn: Callable[..., Awaitable[T]], *args: Any) -> LoopTask[T]: ...
+
+    def close(self) -> None: ...
+
+
+def make_loops(mode: str) -> Loops:
+    """The loops of ``mode`` ("thread" or "shared")."""
+    return SharedLoop() if mode == "shared" else ThreadLoops()
 
 
 class ThreadLoops:
-    """Hands each calling thread its own portal; ``close()`` stops them all."""
+    """Each calling thread runs coroutines on its own loop, made on first use."""
 
     def __init__(self) -> None:
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._open: list[AbstractContextManager[BlockingPortal]] = []
+        self._loops: list[asyncio.AbstractEventLoop] = []
+        self._closed = False
 
-    def portal(self) -> BlockingPortal:
-        """The calling thread's portal, started on first use."""
-        portal: BlockingPortal | None = getattr(self._local, "portal", None)
-        if portal is None:
-            manager = start_blocking_portal(backend="asyncio", name="processgpt-sync-loop")
-            try:
-                portal = manager.__enter__()
-            except (OSError, RuntimeError) as exc:  # EMFILE for the loop's self-pipe, no thread
-                raise InfrastructureError(
-                    f"cannot create an event loop for this worker thread: {exc}") from exc
-            self._local.portal = portal
+    def start(self, label: str, fn: Callable[..., Awaitable[T]], *args: Any) -> LoopTask[T]:
+        """``fn(*args)``, run on the calling thread's loop by ``result()``."""
+        return LoopTask(self._run, fn, args)
+
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        loop: asyncio.AbstractEventLoop | None = getattr(self._local, "loop", None)
+        if loop is None or loop.is_closed():
+            loop = asyncio.new_event_loop()
+            self._local.loop = loop
             with self._lock:
-                self._open.append(manager)
-        return portal
+                self._loops.append(loop)
+        return loop
 
-    def start(self, fn: Callable[..., Awaitable[T]], *args: Any) -> LoopTask[T]:
-        """Run ``fn(*args)`` on the calling thread's loop."""
-        return LoopTask(self.portal(), fn, *args)
+    def _run(self, task: LoopTask[T]) -> T:
+        loop = self._loop()
+        try:
+            return loop.run_until_complete(task.guarded())
+        finally:
+            self._end_leftovers(loop)
+            with self._lock:
+                if self._closed and not loop.is_closed():
+                    loop.close()
+
+    @staticmethod
+    def _end_leftovers(loop: asyncio.AbstractEventLoop) -> None:
+        """Cancel tasks the todo left running (as ``asyncio.run`` does): between todos the
+        loop does not run, so they would only resume inside another todo."""
+        leftovers = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        if not leftovers:
+            return
+        for leftover in leftovers:
+            leftover.cancel()
+        _, pending = loop.run_until_complete(asyncio.wait(leftovers, timeout=LEFTOVER_WAIT))
+        if pending:
+            logger.warning("%d tasks left behind by an async executor ignore cancellation",
+                           len(pending), extra={"action": "execute"})
 
     def close(self) -> None:
+        """Close every loop now idle; a loop still running closes when its todo ends."""
         with self._lock:
-            managers, self._open = self._open, []
-        for manager in managers:
-            manager.__exit__(None, None, None)
+            self._closed = True
+            loops, self._loops = self._loops, []
+            for loop in loops:
+                if not loop.is_running() and not loop.is_closed():
+                    loop.close()
+
+
+class SharedLoop:
+    """One loop thread for all async todos of a server, with a loop-lag watchdog."""
+
+    def __init__(self, lag_warning: float = LAG_WARNING) -> None:
+        self._lag_warning = lag_warning
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._watchdog: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._labels: weakref.WeakKeyDictionary[asyncio.Task[Any], str] = (
+            weakref.WeakKeyDictionary())
+
+    def start(self, label: str, fn: Callable[..., Awaitable[T]], *args: Any) -> LoopTask[T]:
+        """``fn(*args)`` on the shared loop; ``result()`` waits for it."""
+        LABEL.set(label)  # in the worker's context, which the loop task copies
+
+        def run(task: LoopTask[T]) -> T:
+            return self._submit(task).result()
+
+        return LoopTask(run, fn, args)
+
+    def _submit(self, task: LoopTask[T]) -> concurrent.futures.Future[T]:
+        loop = self._ensure_started()
+        outcome: concurrent.futures.Future[T] = concurrent.futures.Future()
+        context = contextvars.copy_context()  # contextvars of the worker thread: CURRENT_RUN
+
+        def done(finished: asyncio.Task[T]) -> None:
+            if finished.cancelled():
+                outcome.set_exception(concurrent.futures.CancelledError("cancelled"))
+            elif (error := finished.exception()) is not None:
+                outcome.set_exception(error)
+            else:
+                outcome.set_result(finished.result())
+
+        def begin() -> None:
+            created = context.run(loop.create_task, task.guarded())
+            created.add_done_callback(done)
+
+        loop.call_soon_threadsafe(begin)
+        return outcome
+
+    def _ensure_started(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                loop.set_task_factory(self._labelled_task)
+                self._thread = threading.Thread(target=loop.run_forever, daemon=True,
+                                                name="processgpt-sync-shared-loop")
+                self._thread.start()
+                self._watchdog = threading.Thread(target=self._watch, args=(loop,), daemon=True,
+                                                  name="processgpt-sync-loop-watchdog")
+                self._watchdog.start()
+                self._loop = loop
+            return self._loop
+
+    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Probe the loop; when a probe waits longer than ``lag_warning``, name the todo whose
+        task holds the loop, and say for how long once it lets go."""
+        while not self._stop.wait(LAG_PROBE):
+            answered = threading.Event()
+            sent = time.monotonic()
+            try:
+                loop.call_soon_threadsafe(answered.set)
+            except RuntimeError:
+                return  # closed
+            if answered.wait(self._lag_warning):
+                continue
+            holder = self._holder(loop)
+            logger.warning("todo %s is blocking the shared event loop (%.1fs so far); every "
+                           "async todo of this server waits", holder, time.monotonic() - sent,
+                           extra={"action": "loop_lag", "todo_id": holder})
+            while not answered.wait(1.0) and not self._stop.is_set():
+                pass
+            logger.warning("todo %s blocked the shared event loop for %.1fs", holder,
+                           time.monotonic() - sent,
+                           extra={"action": "loop_lag", "todo_id": holder})
+
+    def _labelled_task(self, loop: asyncio.AbstractEventLoop, coro: Any,
+                       context: contextvars.Context | None = None) -> asyncio.Task[Any]:
+        """Every task on the shared loop, tagged with the todo whose context created it."""
+        options: dict[str, Any] = {} if context is None else {"context": context}  # 3.11+
+        task = asyncio.Task(coro, loop=loop, **options)
+        label = (context.get(LABEL) if context is not None else None) or LABEL.get()
+        if label is not None:
+            self._labels[task] = label
+        return task
+
+    def _holder(self, loop: asyncio.AbstractEventLoop) -> str:
+        task = asyncio.current_task(loop)
+        if task is None:
+            return "(none: a callback, not a todo)"
+        return self._labels.get(task, "(unknown)")
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._lock:
+            loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        try:
+            loop.call_soon_threadsafe(loop.stop)
+        except RuntimeError:
+            return
+        thread.join()
+        loop.close()

@@ -38,6 +38,7 @@ class TodoRun:
         self.deadline: float | None = None
         """Set when the executor starts: a todo waiting for a worker thread cannot time out."""
         self.slot_released = False
+        self.executor_returned = False  # its thread is free again
         self.events = Events(
             claim.todo_id,
             claim.token,

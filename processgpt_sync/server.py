@@ -22,6 +22,7 @@ from contextlib import AbstractContextManager, nullcontext
 from types import TracebackType
 from typing import Any
 
+from . import budget
 from .errors import ConfigurationError, ServerFailed, StorageError
 from .events import EventBuffer, backoff
 from .executor import Adapter, adapt, check_thread_safety
@@ -61,7 +62,7 @@ class Server:
         self.settings = settings
         self._around_todo = around_todo or nullcontext
         check_thread_safety(executor, settings.workers)
-        self._adapter: Adapter = adapt(executor)
+        self._adapter: Adapter = adapt(executor, settings.loop)
         self._storage = storage
         self._owns_storage = storage is None
         self._log = logger.getChild(settings.agent_orch)
@@ -69,6 +70,7 @@ class Server:
         self._cond = threading.Condition()
         self._runs: dict[tuple[str, str], TodoRun] = {}  # by claim: TodoRun.key
         self._busy = 0
+        self._overdue: set[tuple[str, str]] = set()  # timed out, executor still on its thread
         self._wake = threading.Event()
         self._maybe_more = True
         self._stopping = threading.Event()
@@ -100,6 +102,9 @@ class Server:
             if self._started:
                 return self
             self._started = True
+        needs = budget.plan(self.settings.workers, self.settings.loop, self._adapter.uses_loops,
+                            connections=self.settings.workers + 4)
+        budget.ensure(needs, self._log, self._extra)
         if self._storage is None:
             self._storage = open_storage(self.settings)
         storage = self._storage
@@ -131,10 +136,11 @@ class Server:
         self._recorder = Recorder(storage, self._outcomes, self._buffer, log=self._log,
                                   extra=self._extra, count=self._stats.count,
                                   on_run_time=self._stats.run_time, abort=self._abort)
-        # Twice the slots: a todo that timed out keeps its thread until its executor returns.
+        # A todo that timed out keeps its thread until its executor returns: a few spare
+        # threads, made only when needed, serve on (the claimer counts the rest as busy).
         self._pool = ThreadPoolExecutor(
-            max_workers=self.settings.workers * 2, thread_name_prefix="processgpt-sync"
-        )
+            max_workers=self.settings.workers + budget.spare_threads(self.settings.workers),
+            thread_name_prefix="processgpt-sync")
         listener = None
         if self.settings.listen and self.settings.behind_transaction_pooler:
             self._log.warning("the database URL goes through a transaction pooler: LISTEN does "
@@ -290,7 +296,7 @@ class Server:
         attempt = 0
         idle_wait = MIN_POLL
         while not self._stopping.is_set():
-            free = self.settings.workers - self._busy
+            free = self.settings.workers - self._busy - self._threads_short()
             pause = self._claim_pause_until - time.monotonic()
             if pause > 0:
                 self._stopping.wait(pause)
@@ -399,6 +405,9 @@ class Server:
         finally:
             self._stats.executing(-1)
             CURRENT_RUN.reset(token)
+            with self._cond:
+                run.executor_returned = True
+                self._overdue.discard(run.key)
         problem = infrastructure_problem(error)
         try:
             if problem is not None:
@@ -420,6 +429,10 @@ class Server:
             self._cond.notify_all()
         if self._maybe_more:
             self._wake.set()
+
+    def _threads_short(self) -> int:
+        """Slots without a thread: timed-out executors still running beyond the spares."""
+        return max(0, len(self._overdue) - budget.spare_threads(self.settings.workers))
 
     def _release_slot(self, run: TodoRun) -> None:
         """Caller holds ``self._cond``."""
@@ -472,6 +485,8 @@ class Server:
                 if self._runs.get(run.key) is run:
                     del self._runs[run.key]
                 self._release_slot(run)
+                if not run.executor_returned:
+                    self._overdue.add(run.key)
                 self._cond.notify_all()
             self._wake.set()
 

@@ -47,6 +47,7 @@ ENVIRONMENT = {
     "PROCESSGPT_MAX_RUNNING_PER_TENANT": "max_running_per_tenant",
     "PROCESSGPT_STATEMENT_TIMEOUT": "statement_timeout",
     "PROCESSGPT_TCP_TIMEOUT": "tcp_timeout",
+    "PROCESSGPT_LOOP": "loop",
 }
 
 
@@ -106,6 +107,10 @@ class Settings:
     transaction_pooler: bool | None = None
     """The database URL goes through a transaction pooler (PgBouncer / Supavisor transaction
     mode, e.g. Supabase port 6543): no LISTEN, no prepared statements. None: detect port 6543."""
+    loop: str = "thread"
+    """Where async executors run: "thread", an event loop per worker thread (an executor that
+    blocks inside ``async def`` stalls only its own todo), or "shared", one loop thread for all
+    async todos (async clients kept across todos work; a blocking executor stalls them all)."""
     summarize_feedback: Callable[[list[Any], Any], str] | None = field(default=None, repr=False)
     """``fn(feedback_items, previous_result) -> str`` making ``extras["summarized_feedback"]``
     on a revision (default: the latest feedback's text). Runs on the todo's worker thread."""
@@ -136,6 +141,8 @@ class Settings:
         for name in ("max_running", "max_running_per_tenant"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
+        if self.loop not in ("thread", "shared"):
+            raise ConfigurationError(f"loop must be 'thread' or 'shared', got {self.loop!r}")
         check_backend(self.database_url, self.supabase_url, self.supabase_key)
 
     @property

@@ -1,0 +1,110 @@
+"""The open files and threads a server needs, checked before it starts.
+
+At a thousand workers every fd counts: an asyncio loop holds 3, a database connection 1, and the
+default soft ``RLIMIT_NOFILE`` of many systems is 1,024. Running out mid-flight fails todos with
+EMFILE; refusing at start, with the numbers and the fix, loses nothing. When the soft limit is
+too low but the hard limit allows, the soft limit is raised (as most servers do) and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+from .errors import ConfigurationError
+from .loops import LOOP_FDS
+
+SERVER_THREADS = 10  # claimer, heartbeat, listener, event and outcome writers, the pool's 4,
+#                      the shared loop and its watchdog
+EXTRA_CONNECTIONS = 2  # the LISTEN connection and the start-up check's own
+HEADROOM_FDS = 64  # logs, sockets the executors open, the metrics port, imported libraries
+MAX_SPARE_THREADS = 4
+
+
+def spare_threads(workers: int) -> int:
+    """Threads beyond ``workers`` in the pool: a todo that timed out keeps its thread until its
+    executor returns, and the next todo takes a spare one. Bounded, made only when needed."""
+    return min(workers, MAX_SPARE_THREADS)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What one server needs at most."""
+
+    workers: int
+    loop: str
+    loops: int
+    connections: int
+    fds: int
+    threads: int
+
+    def describe(self) -> str:
+        return (f"{self.workers} workers need up to {self.fds} open files ({self.connections} "
+                f"database connections, {self.loops} event loops x {LOOP_FDS}, the files open "
+                f"now, {HEADROOM_FDS} spare) and {self.threads} threads")
+
+
+def plan(workers: int, loop: str, uses_loops: bool, connections: int) -> Budget:
+    """The budget of a server with ``workers`` and pool size ``connections``."""
+    threads = threading.active_count() + workers + spare_threads(workers) + SERVER_THREADS
+    if not uses_loops:
+        loops = 0
+    elif loop == "shared":
+        loops = 1
+    else:
+        loops = workers + spare_threads(workers)
+    connections += EXTRA_CONNECTIONS
+    fds = open_fds() + connections + loops * LOOP_FDS + HEADROOM_FDS
+    return Budget(workers=workers, loop=loop, loops=loops, connections=connections, fds=fds,
+                  threads=threads)
+
+
+def open_fds() -> int:
+    """Files open in this process now (0 where /proc is absent)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 0
+
+
+def ensure(budget: Budget, log: logging.Logger, extra: dict[str, str]) -> None:
+    """Raise the soft ``RLIMIT_NOFILE`` when ``budget`` needs it; refuse what cannot fit.
+
+    :raises ConfigurationError: the hard limit is below what the workers need.
+    """
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit
+        return
+    unlimited = resource.RLIM_INFINITY
+    processes = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+    if processes != unlimited and budget.threads > processes:
+        raise ConfigurationError(
+            f"{budget.describe()}, but RLIMIT_NPROC allows {processes} threads: raise it "
+            f"(ulimit -u) or use fewer workers")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == unlimited or budget.fds <= soft:
+        return
+    if hard != unlimited and budget.fds > hard:
+        fits = max(0, workers_within(hard, budget))
+        raise ConfigurationError(
+            f"{budget.describe()}, but the open-file limit is {hard} (hard RLIMIT_NOFILE): "
+            f"raise it (ulimit -Hn {budget.fds}, or LimitNOFILE= in a systemd unit), or use at "
+            f"most {fits} workers" + (", or --loop shared" if budget.loops > 1 else ""))
+    target = hard if hard != unlimited else max(budget.fds, 65536)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):  # above the kernel's nr_open: ask for what is needed
+        target = budget.fds
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    log.info("raised the open-file limit (soft RLIMIT_NOFILE) from %d to %d: %s", soft, target,
+             budget.describe(), extra={**extra, "action": "start_server"})
+
+
+def workers_within(limit: int, budget: Budget) -> int:
+    """About how many workers fit in ``limit`` open files with the same loop mode."""
+    per_worker = 1 + (LOOP_FDS if budget.loops > 1 else 0)
+    fixed = budget.fds - budget.workers * per_worker
+    return (limit - fixed) // per_worker
