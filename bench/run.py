@@ -423,6 +423,39 @@ def console_section(bench: Bench, results: dict[str, Any], quick: bool) -> None:
     results["console_idle_db_xacts_per_s"] = idle
 
 
+def scale_run(bench: Bench, kind: str, workers: int, todos: int,
+              loop: str = "thread") -> dict[str, Any]:
+    """One bench/scale.py measurement in a process whose soft RLIMIT_NOFILE starts at 1,024."""
+    url = bench.database()
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.scale", "--url", url, "--kind", kind, "--loop", loop,
+         "--workers", str(workers), "--todos", str(todos), "--nofile", "1024"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+        timeout=1800, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"bench.scale failed: {out.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def scale(bench: Bench, results: dict[str, Any]) -> None:
+    """1,024 workers of a seed-style a2a executor (1 s sleeps), 4,096 on the shared loop, and
+    1,024 plain functions; --quick runs a quarter of the sizes."""
+    div = 4 if bench.quick else 1
+    run = scale_run(bench, "async", 1024 // div, 8192 // div)
+    results["async_1024"] = run
+    results["async_1024_efficiency"] = run["efficiency"]
+    results["async_1024_failed"] = run["failed"]
+    results["async_1024_threads"] = run["threads"]
+    results["async_1024_rss_mb"] = run["rss_mb"]
+    shared = scale_run(bench, "async", 4096 // div, 8192 // div, loop="shared")
+    results["shared_4096"] = shared
+    results["shared_4096_efficiency"] = shared["efficiency"]
+    plain_run = scale_run(bench, "plain", 1024 // div, 8192 // div)
+    results["plain_1024"] = plain_run
+    results["plain_1024_efficiency"] = plain_run["efficiency"]
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
@@ -510,7 +543,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer todos, shorter idle window")
     parser.add_argument("--json", action="store_true", help="print a JSON object last")
-    parser.add_argument("--only", choices=["fairness", "compat", "faults", "console"],
+    parser.add_argument("--only", choices=["fairness", "compat", "faults", "console", "scale"],
                         help="run just this section")
     parser.add_argument("--compat", action="store_true", help="add the compat section (needs "
                         "crewai, langchain-core and langgraph; see bench/compat.py)")
@@ -530,6 +563,9 @@ def main() -> int:
             return report(results, args.json)
         if args.only == "console":
             console_section(bench, results, args.quick)
+            return report(results, args.json)
+        if args.only == "scale":
+            scale(bench, results)
             return report(results, args.json)
         if args.only == "compat":
             from bench.compat import measure

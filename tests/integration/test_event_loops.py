@@ -1,0 +1,218 @@
+"""Where async executors run: a loop per worker thread (a blocking executor stalls only its own
+todo), or one shared loop (async clients kept across todos work; the lag watchdog names the todo
+that blocks it); and the open-file budget checked at start, under lowered RLIMIT_NOFILE."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import processgpt_sync as ps
+from tests.conftest import wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def states(db) -> dict[str, str | None]:
+    return {r["input"]: r["state"] for r in db.execute(
+        "SELECT query AS input, draft_status::text AS state FROM todolist")}
+
+
+def test_an_async_executor_blocking_its_loop_stalls_only_its_own_todo(storage, db):
+    hold = threading.Event()
+    for name in ["block", *(f"well {i}" for i in range(6))]:
+        storage.enqueue("a", name)
+
+    async def handle(todo):
+        if todo.input == "block":
+            hold.wait(30)  # a blocking call inside async def (CrewAI kickoff())
+        else:
+            await asyncio.sleep(0.05)
+        return {"done": todo.input}
+
+    server = ps.start(handle, agent_orch="a", storage=storage, workers=2)
+    try:
+        wait_for(lambda: sum(s == "COMPLETED" for s in states(db).values()) == 6)
+        blocked_state = states(db)["block"]
+        hold.set()
+        wait_for(lambda: states(db)["block"] == "COMPLETED")
+    finally:
+        hold.set()
+        server.stop(timeout=5)
+    assert blocked_state == "STARTED"
+
+
+class Hello(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: the client reuses its connection
+
+    def do_GET(self) -> None:  # noqa: N802
+        body = b'{"hello": true}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def http_url():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hello)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+def test_shared_loop_reuses_one_async_client_across_todos_of_different_worker_threads(
+        storage, db, http_url):
+    httpx = pytest.importorskip("httpx")
+
+    class Agent:
+        """Keeps one AsyncClient (its connection pool is bound to the loop that used it)."""
+
+        def __init__(self) -> None:
+            self.client: Any = None
+            self.clients = 0
+            self.loops: set[int] = set()
+            self.workers: set[int] = set()
+            self.running = 0
+            self.most = 0
+
+        async def __call__(self, todo: ps.Todo) -> dict[str, Any]:
+            if todo.input == "close":
+                await self.client.aclose()
+                return {"closed": True}
+            if self.client is None:
+                self.client = httpx.AsyncClient()
+                self.clients += 1
+            self.loops.add(id(asyncio.get_running_loop()))
+            self.running += 1
+            self.most = max(self.most, self.running)
+            try:
+                await asyncio.sleep(0.2)
+                response = await self.client.get(http_url)
+            finally:
+                self.running -= 1
+            return response.json()
+
+    agent = Agent()
+    for i in range(8):
+        storage.enqueue("a", f"t{i}")
+    server = ps.start(agent, agent_orch="a", storage=storage, workers=4, loop="shared")
+    try:
+        wait_for(lambda: list(states(db).values()).count("COMPLETED") == 8)
+        storage.enqueue("a", "close")
+        wait_for(lambda: states(db)["close"] == "COMPLETED")
+    finally:
+        server.stop(timeout=5)
+    outputs = [r["output"] for r in db.execute("SELECT output FROM todolist WHERE query <> "
+                                               "'close'")]
+    assert outputs == [{"hello": True}] * 8
+    assert agent.clients == 1 and len(agent.loops) == 1
+    assert agent.most >= 2, "todos of several worker threads ran at once on the one client"
+
+
+def test_the_loop_lag_warning_names_the_todo_that_blocked_the_shared_loop(storage, db, caplog):
+    blocker = storage.enqueue("a", "block")
+    polite = storage.enqueue("a", "polite")
+
+    async def handle(todo):
+        if todo.input == "block":
+            time.sleep(1.2)  # blocks the shared loop
+        else:
+            await asyncio.sleep(0.01)
+        return {"done": todo.input}
+
+    with caplog.at_level(logging.WARNING, logger="processgpt_sync.loops"):
+        with ps.start(handle, agent_orch="a", storage=storage, workers=2, loop="shared"):
+            wait_for(lambda: set(states(db).values()) == {"COMPLETED"})
+            wait_for(lambda: any("blocked the shared event loop for" in r.getMessage()
+                                 for r in caplog.records))
+    lag = [r for r in caplog.records if r.name == "processgpt_sync.loops"]
+    assert lag and all(getattr(r, "todo_id", None) == blocker for r in lag)
+    final = next(r.getMessage() for r in lag if "blocked the shared event loop for" in
+                 r.getMessage())
+    seconds = float(final.rsplit(" ", 1)[1].rstrip("s"))
+    assert final.startswith(f"todo {blocker} ") and 0.5 <= seconds
+    assert polite not in " ".join(r.getMessage() for r in lag)
+
+
+# -- the open-file budget, in processes with a lowered RLIMIT_NOFILE ------------------------------
+
+LIMITED = """
+import json, logging, resource, sys, threading, time
+soft, hard = {soft}, {hard}
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+import asyncio
+import processgpt_sync as ps
+from processgpt_sync.storage.postgres import PostgresStorage
+
+async def handle(todo):
+    await asyncio.sleep({sleep})
+    return {{"ok": True}}
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+url = sys.argv[1]
+storage = PostgresStorage(url, max_connections=16) if url else None
+try:
+    server = ps.start(handle, agent_orch="a", storage=storage, workers={workers},
+                      database_url=url or "postgresql://127.0.0.1:1/none")
+except ps.ConfigurationError as exc:
+    print(json.dumps({{"refused": str(exc)}}))
+    sys.exit(3)
+peak = 0
+while server.stats()["completed"] + server.stats()["failed"] < {todos}:
+    peak = max(peak, threading.active_count())
+    time.sleep(0.1)
+stats = server.stats()
+server.stop(timeout=10)
+print(json.dumps({{"completed": stats["completed"], "failed": stats["failed"], "threads": peak,
+                  "soft": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}}))
+"""
+
+
+def run_limited(url: str, *, soft: int, hard: int, workers: int, todos: int = 0,
+                sleep: float = 0.5, timeout: float = 120) -> tuple[int, dict[str, Any], str]:
+    script = LIMITED.format(soft=soft, hard=hard, workers=workers, todos=todos, sleep=sleep)
+    out = subprocess.run([sys.executable, "-c", script, url], cwd=ROOT, capture_output=True,
+                         text=True, timeout=timeout, check=False)
+    last = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "{}"
+    return out.returncode, json.loads(last), out.stderr
+
+
+def test_start_refuses_workers_the_hard_open_file_limit_cannot_fit(storage):
+    code, result, _ = run_limited("", soft=256, hard=256, workers=200)
+    assert code == 3
+    message = result["refused"]
+    assert "\n" not in message
+    assert message.startswith("200 workers need up to ")
+    assert "but the open-file limit is 256 (hard RLIMIT_NOFILE): raise it (ulimit -Hn " in message
+    assert "or use at most " in message and "--loop shared" in message
+
+
+@pytest.mark.slow
+def test_a_process_with_soft_limit_1024_serves_1024_async_workers_after_raising_it(
+        database_url, db):
+    db.execute("SELECT processgpt_sync_enqueue_v1('a', 'q' || g) "
+               "FROM generate_series(1, 1024) g")
+    code, result, stderr = run_limited(database_url, soft=1024, hard=8192, workers=1024,
+                                       todos=1024, timeout=300)
+    assert code == 0, stderr[-3000:]
+    assert result["completed"] == 1024 and result["failed"] == 0
+    assert result["soft"] == 8192
+    assert "raised the open-file limit (soft RLIMIT_NOFILE) from 1024 to 8192" in stderr
+    assert result["threads"] <= 1024 + 16
