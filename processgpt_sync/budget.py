@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 
 from .errors import ConfigurationError
-from .loops import LOOP_FDS
+from .loops import LOOP_FDS, thread_loop_fds
 
 SERVER_THREADS = 10  # claimer, heartbeat, listener, event and outcome writers, the pool's 4,
 #                      the shared loop and its watchdog
@@ -36,13 +36,14 @@ class Budget:
     workers: int
     loop: str
     loops: int
+    loop_fds: int
     connections: int
     fds: int
     threads: int
 
     def describe(self) -> str:
         return (f"{self.workers} workers need up to {self.fds} open files ({self.connections} "
-                f"database connections, {self.loops} event loops x {LOOP_FDS}, the files open "
+                f"database connections, {self.loops} event loops x {self.loop_fds}, the files open "
                 f"now, {HEADROOM_FDS} spare) and {self.threads} threads")
 
 
@@ -56,9 +57,10 @@ def plan(workers: int, loop: str, uses_loops: bool, connections: int) -> Budget:
     else:
         loops = workers + spare_threads(workers)
     connections += EXTRA_CONNECTIONS
-    fds = open_fds() + connections + loops * LOOP_FDS + HEADROOM_FDS
-    return Budget(workers=workers, loop=loop, loops=loops, connections=connections, fds=fds,
-                  threads=threads)
+    loop_fds = LOOP_FDS if loop == "shared" else thread_loop_fds()
+    fds = open_fds() + connections + loops * loop_fds + HEADROOM_FDS
+    return Budget(workers=workers, loop=loop, loops=loops, loop_fds=loop_fds,
+                  connections=connections, fds=fds, threads=threads)
 
 
 def open_fds() -> int:
@@ -105,6 +107,6 @@ def ensure(budget: Budget, log: logging.Logger, extra: dict[str, str]) -> None:
 
 def workers_within(limit: int, budget: Budget) -> int:
     """About how many workers fit in ``limit`` open files with the same loop mode."""
-    per_worker = 1 + (LOOP_FDS if budget.loops > 1 else 0)
+    per_worker = 1 + (budget.loop_fds if budget.loops > 1 else 0)
     fixed = budget.fds - budget.workers * per_worker
     return (limit - fixed) // per_worker

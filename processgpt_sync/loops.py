@@ -1,10 +1,12 @@
 """Where async executors run: a loop per worker thread (default) or one shared loop.
 
 ``thread`` mode: each worker thread owns an asyncio loop, created once for the thread's life,
-and runs the todo's coroutine on it itself (``run_until_complete``): no extra thread, 3 fds per
-loop (epoll and its self-pipe). An executor that blocks inside ``async def`` (CrewAI
-``kickoff()``) stalls only its own todo. Trade-off: asyncio objects kept across todos are bound
-to the loop that made them, and tasks a todo leaves behind are cancelled when it ends.
+and runs the todo's coroutine on it itself (``run_until_complete``): no extra thread, and 2 fds
+per loop (its self-pipe; the loop polls with ``poll()``, which needs no fd of its own, where
+epoll would take a third; one todo's few sockets do not need epoll). An executor that blocks
+inside ``async def`` (CrewAI ``kickoff()``) stalls only its own todo. Trade-off: asyncio objects
+kept across todos are bound to the loop that made them, and tasks a todo leaves behind are
+cancelled when it ends.
 
 ``shared`` mode: one loop thread for all async todos of a server, so async clients kept across
 todos (httpx.AsyncClient, asyncpg pools) work; a blocking executor stalls every todo, and a
@@ -22,6 +24,7 @@ import concurrent.futures
 import contextvars
 import inspect
 import logging
+import selectors
 import threading
 import time
 import weakref
@@ -34,7 +37,7 @@ T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 LOOP_MODES = ("thread", "shared")
-LOOP_FDS = 3  # an asyncio selector loop holds epoll and a self-pipe socket pair
+LOOP_FDS = 3  # the most one loop holds: epoll (where poll() is missing) and a self-pipe pair
 LAG_WARNING = 0.5  # seconds the shared loop may be blocked before the watchdog names the todo
 LAG_PROBE = 0.1  # seconds between watchdog probes
 LEFTOVER_WAIT = 1.0  # seconds tasks a todo left behind get to end once cancelled
@@ -151,7 +154,7 @@ class ThreadLoops:
     def _loop(self) -> asyncio.AbstractEventLoop:
         loop: asyncio.AbstractEventLoop | None = getattr(self._local, "loop", None)
         if loop is None or loop.is_closed():
-            loop = asyncio.new_event_loop()
+            loop = new_thread_loop()
             self._local.loop = loop
             with self._lock:
                 self._loops.append(loop)
@@ -189,6 +192,18 @@ class ThreadLoops:
             for loop in loops:
                 if not loop.is_running() and not loop.is_closed():
                     loop.close()
+
+
+def new_thread_loop() -> asyncio.AbstractEventLoop:
+    """A loop for one worker thread: ``poll()`` where the OS has it (one fd fewer than epoll)."""
+    if hasattr(selectors, "PollSelector"):
+        return asyncio.SelectorEventLoop(selectors.PollSelector())
+    return asyncio.new_event_loop()
+
+
+def thread_loop_fds() -> int:
+    """Open files one worker thread's loop holds."""
+    return LOOP_FDS - 1 if hasattr(selectors, "PollSelector") else LOOP_FDS
 
 
 class SharedLoop:

@@ -55,7 +55,7 @@ def test_an_async_executor_blocking_its_loop_stalls_only_its_own_todo(storage, d
 class Hello(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: the client reuses its connection
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         body = b'{"hello": true}'
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
