@@ -63,15 +63,22 @@ def plain(todo: ps.Todo) -> dict[str, Any]:
     return {"ok": True}
 
 
+async def async_plain(todo: ps.Todo) -> dict[str, Any]:
+    todo.events.progress({"step": "start"})
+    await asyncio.sleep(SLEEP)
+    return {"ok": True}
+
+
 def measure(url: str, kind: str, workers: int, todos: int, loop: str) -> dict[str, Any]:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("SELECT processgpt_sync_enqueue_v1(%s, 'q' || g) "
                      "FROM generate_series(1, %s) g", (AGENT, todos))
-    executor = plain if kind == "plain" else seed_executor()
+    executor = {"plain": plain, "async-def": async_plain}.get(kind) or seed_executor()
     process = psutil.Process()
     storage = PostgresStorage(url, max_connections=32)  # the embedded server allows 100
     peak = {"threads": 0, "rss": 0, "fds": 0}
     began = time.perf_counter()
+    cpu = process.cpu_times()
     server = ps.start(executor, agent_orch=AGENT, storage=storage, workers=workers, loop=loop,
                       poll_interval=0.5)
     try:
@@ -84,19 +91,21 @@ def measure(url: str, kind: str, workers: int, todos: int, loop: str) -> dict[st
                 break
             time.sleep(0.2)
         elapsed = time.perf_counter() - began
+        after = process.cpu_times()
     finally:
         server.stop(timeout=10)
     ideal = todos / workers * SLEEP
     return {"efficiency": round(ideal / elapsed, 3), "failed": stats["failed"],
             "completed": stats["completed"], "elapsed_s": round(elapsed, 1),
             "threads": peak["threads"], "rss_mb": round(peak["rss"] / 2**20, 1),
-            "fds": peak["fds"], "nofile_soft": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}
+            "fds": peak["fds"], "cpu_ms_per_todo": round(
+                (after.user + after.system - cpu.user - cpu.system) * 1000 / todos, 2), "nofile_soft": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--url", required=True)
-    parser.add_argument("--kind", choices=["async", "plain"], default="async")
+    parser.add_argument("--kind", choices=["async", "async-def", "plain"], default="async")
     parser.add_argument("--loop", choices=["thread", "shared"], default="thread")
     parser.add_argument("--workers", type=int, default=1024)
     parser.add_argument("--todos", type=int, default=8192)
