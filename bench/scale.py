@@ -98,8 +98,10 @@ def measure(url: str, kind: str, workers: int, todos: int, loop: str) -> dict[st
     return {"efficiency": round(ideal / elapsed, 3), "failed": stats["failed"],
             "completed": stats["completed"], "elapsed_s": round(elapsed, 1),
             "threads": peak["threads"], "rss_mb": round(peak["rss"] / 2**20, 1),
-            "fds": peak["fds"], "cpu_ms_per_todo": round(
-                (after.user + after.system - cpu.user - cpu.system) * 1000 / todos, 2), "nofile_soft": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}
+            "fds": peak["fds"],
+            "cpu_ms_per_todo": round(
+                (after.user + after.system - cpu.user - cpu.system) * 1000 / todos, 2),
+            "nofile_soft": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}
 
 
 def main() -> int:

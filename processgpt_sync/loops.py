@@ -317,14 +317,31 @@ class SharedLoop:
         return self._labels.get(task, "(unknown)")
 
     def close(self) -> None:
+        """Cancel the tasks still on the loop (todos were given back by then), then stop it."""
         self._stop.set()
         with self._lock:
             loop, thread = self._loop, self._thread
         if loop is None or thread is None:
             return
         try:
-            loop.call_soon_threadsafe(loop.stop)
+            ended = asyncio.run_coroutine_threadsafe(_end_tasks(), loop)
         except RuntimeError:
             return
+        try:
+            ended.result(timeout=LEFTOVER_WAIT + 1.0)
+        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+            logger.warning("the shared event loop did not end its tasks in time",
+                           extra={"action": "stop_server"})
+        loop.call_soon_threadsafe(loop.stop)
         thread.join()
         loop.close()
+
+
+async def _end_tasks() -> None:
+    """On the shared loop: cancel every other task and give them a moment to end."""
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in others:
+        task.cancel()
+    if others:
+        await asyncio.wait(others, timeout=LEFTOVER_WAIT)
+    await asyncio.get_running_loop().shutdown_asyncgens()
