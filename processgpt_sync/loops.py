@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Protocol, TypeVar
 
 from .blocking import explain
+from .errors import InfrastructureError
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -212,9 +213,13 @@ def _tracking_factory(tasks: weakref.WeakSet[asyncio.Task[Any]]) -> Any:
 
 def new_thread_loop() -> asyncio.AbstractEventLoop:
     """A loop for one worker thread: ``poll()`` where the OS has it (one fd fewer than epoll)."""
-    if hasattr(selectors, "PollSelector"):
-        return asyncio.SelectorEventLoop(selectors.PollSelector())
-    return asyncio.new_event_loop()
+    try:
+        if hasattr(selectors, "PollSelector"):
+            return asyncio.SelectorEventLoop(selectors.PollSelector())
+        return asyncio.new_event_loop()
+    except OSError as exc:  # EMFILE for the loop's self-pipe: the host's fault, not the todo's
+        raise InfrastructureError(
+            f"cannot create an event loop for this worker thread: {exc}") from exc
 
 
 def thread_loop_fds() -> int:
@@ -267,7 +272,11 @@ class SharedLoop:
     def _ensure_started(self) -> asyncio.AbstractEventLoop:
         with self._lock:
             if self._loop is None:
-                loop = asyncio.new_event_loop()
+                try:
+                    loop = asyncio.new_event_loop()
+                except OSError as exc:
+                    raise InfrastructureError(
+                        f"cannot create the shared event loop: {exc}") from exc
                 loop.set_task_factory(self._labelled_task)
                 self._thread = threading.Thread(target=loop.run_forever, daemon=True,
                                                 name="processgpt-sync-shared-loop")
