@@ -332,7 +332,7 @@ def conn_broken(exc: BaseException) -> bool:
     """True when ``exc`` came from a connection that is unusable now (not a server refusal)."""
     cause = exc.__cause__
     return (isinstance(cause, psycopg.OperationalError) and cause.sqlstate is None
-            and not isinstance(cause, psycopg_pool.PoolTimeout))
+            and not isinstance(cause, (psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed)))
 
 
 def _jsonb_params(query: str) -> frozenset[str]:

@@ -372,3 +372,14 @@ def test_running_out_of_file_descriptors_gives_todos_back_and_they_run_later(
     assert db.execute("SELECT count(*) AS n FROM todolist WHERE draft_status = 'FAILED'")\
         .fetchone()["n"] == 0
     assert_exactly_once(db, 20)
+
+
+def test_a_call_on_a_closed_storage_is_not_taken_for_a_dead_connection(database_url, caplog):
+    """stop() may leave a bounded call behind that runs after the pool closed: it fails as an
+    outage, and nothing claims a connection died or tries to replace the pool's connections."""
+    store = PostgresStorage(database_url, max_connections=2)
+    store.close()
+    with caplog.at_level(logging.INFO, logger="processgpt_sync"):
+        with pytest.raises(ps.StorageUnavailable, match="closed"):
+            store.call("status", {"p_agent_orch": None})
+    assert "connection died" not in caplog.text
