@@ -403,8 +403,13 @@ def fairness(bench: Bench, results: dict[str, Any]) -> None:
     results["fair_b_pickup_ms_p95"] = percentile(fair, 0.95)
     results["fifo_b_pickup_ms_p95"] = percentile(fifo, 0.95)
     results["fair_b_started"], results["fifo_b_started"] = len(fair), len(fifo)
-    fair_rate = throughput(bench, 16)
-    fifo_rate = throughput(bench, 16, fair=False)
+    # Alternated and best of two each: one run of each on this noisy machine differs by more
+    # than the effect measured.
+    fair_rates, fifo_rates = [], []
+    for _ in range(2):
+        fair_rates.append(throughput(bench, 16))
+        fifo_rates.append(throughput(bench, 16, fair=False))
+    fair_rate, fifo_rate = max(fair_rates), max(fifo_rates)
     results["fair_throughput_16"], results["fifo_throughput_16"] = fair_rate, fifo_rate
     results["fair_throughput_ratio"] = fair_rate / fifo_rate
     results["limit_cap"] = 3

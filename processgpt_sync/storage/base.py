@@ -223,26 +223,13 @@ class Storage(abc.ABC):
 
     def renew(self, consumer: str, claims: Iterable[Claim], lease_seconds: int) -> LeaseReport:
         """Renew every lease in one call."""
-        claims = list(claims)
-        params = {
-            "p_consumer": consumer,
-            "p_todo_ids": [c.todo_id for c in claims],
-            "p_tokens": [c.token for c in claims],
-            "p_lease_seconds": int(lease_seconds),
-        }
-        return LeaseReport.from_json(self.call("renew", params))
+        return LeaseReport.from_json(self.call("renew", _lease_params(consumer, claims,
+                                                                      lease_seconds)))
 
     def heartbeat(self, consumer: str, claims: Iterable[Claim], lease_seconds: int,
                   server: Mapping[str, Any]) -> LeaseReport:
         """Renew every lease and refresh this server's registry row, in one call."""
-        claims = list(claims)
-        params = {
-            "p_consumer": consumer,
-            "p_todo_ids": [c.todo_id for c in claims],
-            "p_tokens": [c.token for c in claims],
-            "p_lease_seconds": int(lease_seconds),
-            "p_server": dict(server),
-        }
+        params = {**_lease_params(consumer, claims, lease_seconds), "p_server": dict(server)}
         return LeaseReport.from_json(self.call("heartbeat", params))
 
     def server_stopped(self, consumer: str) -> bool:
@@ -289,3 +276,14 @@ class Storage(abc.ABC):
     def tenant_load(self, agent_orch: str | None = None) -> list[Mapping[str, Any]]:
         """Queued and running todos per agent_orch and tenant."""
         return list(self.call("tenant_load", {"p_agent_orch": agent_orch}) or [])
+
+
+def _lease_params(consumer: str, claims: Iterable[Claim], lease_seconds: int) -> dict[str, Any]:
+    """The arguments renew and heartbeat share: the consumer and its claims' ids and tokens."""
+    claims = list(claims)
+    return {
+        "p_consumer": consumer,
+        "p_todo_ids": [c.todo_id for c in claims],
+        "p_tokens": [c.token for c in claims],
+        "p_lease_seconds": int(lease_seconds),
+    }
