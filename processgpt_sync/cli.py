@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import terminal
+from . import cli_terminal as terminal
 from .errors import (
     ConfigurationError,
     ProcessGPTSyncError,

@@ -21,7 +21,8 @@ from rich.console import Console
 from rich.padding import Padding
 from rich.progress import Progress, TextColumn
 
-from . import embedded, terminal
+from . import cli_terminal as terminal
+from . import embedded
 from .server import start
 from .storage.postgres import PostgresStorage, install_schema
 
