@@ -23,10 +23,11 @@ from .errors import (
     StorageUnavailable,
 )
 from .events import Events
-from .models import Resume, Todo
+from .models import Resume
 from .runs import current_run
 from .server import Server, serve, start
 from .settings import Settings
+from .todo import Todo
 
 __version__ = "0.1.0"
 

@@ -23,8 +23,9 @@ from typing import Any
 
 from .events import EVENT_STATUSES
 from .loops import Loops, LoopTask
-from .models import AwaitingHuman, Todo
+from .models import AwaitingHuman
 from .payload import unwrap_text
+from .todo import Todo
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ConfigurationError
-from .models import Todo
+from .todo import Todo
 
 if TYPE_CHECKING:
     from .loops import Loops, LoopTask

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from types import MappingProxyType
 from typing import Any
 
-from .models import Todo
+from .todo import Todo
 
 Summarizer = Callable[[list[Any], Any], str]
 """``fn(feedback_items, previous_result) -> text``."""

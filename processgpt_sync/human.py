@@ -15,16 +15,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 from .errors import HumanTimeout, ProcessGPTSyncError, StorageUnavailable
-from .events import backoff
 from .models import NO_DEFAULT
 from .payload import check_json
-
-if TYPE_CHECKING:
-    from .runs import TodoRun
-    from .storage.base import Storage
+from .retrying import backoff
+from .runs import TodoRun
+from .storage.base import Storage
 
 ANSWER_CHANNEL = "processgpt_sync_answer"
 KINDS = ("text", "select", "confirm")

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ServerFailed, StorageUnavailable
-from .events import backoff
 from .models import Claim
+from .retrying import backoff
 from .storage.base import Storage, WriteOutcome
 
 logger = logging.getLogger(__name__)

@@ -13,10 +13,11 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from .errors import NoResultError, PayloadError, StorageUnavailable
-from .events import EventBuffer, backoff, log_rejected
+from .event_writer import EventBuffer, log_rejected
 from .models import AwaitingHuman
 from .outcomes import Outcome, OutcomeWriter
 from .payload import error_text, snapshot_json, unwrap_text
+from .retrying import backoff
 from .runs import UNSET, TodoRun
 from .storage.base import Storage, WriteOutcome
 

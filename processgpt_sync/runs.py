@@ -9,8 +9,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .events import EventBuffer, Events
-from .models import Claim, Todo
+from .events import EventQueue, Events
+from .models import Claim
+from .todo import Todo
 
 UNSET: Any = object()
 
@@ -23,7 +24,7 @@ class TodoRun:
     """One claimed todo: its view, its sink, its cancel flag and whether it reached its end."""
 
     def __init__(
-        self, claim: Claim, buffer: EventBuffer, *, timeout: float | None, intermediate: Any,
+        self, claim: Claim, buffer: EventQueue, *, timeout: float | None, intermediate: Any,
         asker: Callable[..., Any] | None = None,
     ) -> None:
         self.claim = claim

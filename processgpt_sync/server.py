@@ -24,7 +24,7 @@ from typing import Any
 
 from . import budget
 from .errors import ConfigurationError, ServerFailed, StorageError
-from .events import EventBuffer, backoff
+from .event_writer import EventBuffer
 from .executor import Adapter, adapt, check_thread_safety
 from .feedback import with_summary
 from .human import HumanDesk, SuspendForHuman
@@ -32,6 +32,7 @@ from .infra import infrastructure_problem
 from .models import Claim
 from .outcomes import OutcomeWriter
 from .recorder import Recorder
+from .retrying import backoff
 from .runs import CURRENT_RUN, UNSET, TodoRun
 from .settings import EVENT_BATCH_SIZE, EVENT_FLUSH_INTERVAL, MAX_PENDING_EVENTS, Settings
 from .signals import on_stop

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import StorageError
-from .events import backoff
 from .human import ANSWER_CHANNEL
+from .retrying import backoff
 from .runs import TodoRun
 from .settings import Settings
 from .storage import Storage

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import processgpt_sync as ps
-from processgpt_sync.events import EventBuffer
+from processgpt_sync.event_writer import EventBuffer
 from processgpt_sync.models import Claim
 from processgpt_sync.outcomes import Outcome, OutcomeWriter
 from tests.conftest import wait_for

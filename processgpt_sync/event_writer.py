@@ -1,0 +1,245 @@
+"""The event writer: one flusher thread writes the events of all running todos in batches.
+
+Events are written many per SQL call, in the order each todo emitted them. A todo's last
+events are taken out by the recorder and travel with its final write, so the result always
+lands after them and ``crew_completed`` last.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .errors import StorageUnavailable
+from .events import EVENT_TYPES
+from .retrying import backoff
+from .storage.base import Storage
+
+logger = logging.getLogger(__name__)
+
+Key = tuple[str, str]  # (todo id, fencing token): one claim of a todo
+
+
+def event_key(event: Mapping[str, Any]) -> Key:
+    return (event["todo_id"], event["token"])
+
+
+class EventBuffer:
+    """Collects events of running todos and writes them, in order, from one flusher thread.
+
+    Queues are kept per claim (todo id and token), not per todo: a todo claimed again while an
+    earlier run of it still runs here has two queues, and neither run takes the other's events.
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        flush_interval: float,
+        batch_size: int,
+        on_written: Callable[[int], None] = lambda n: None,
+        event_types: frozenset[str] = EVENT_TYPES,
+        on_crash: Callable[[str, BaseException], None] | None = None,
+    ) -> None:
+        """:param event_types: the event types the database accepts; events are checked against
+            them when made.
+        :param on_crash: called if the flusher thread dies anyway (it survives any single
+            bad event), so the server can stop visibly instead of silently writing nothing."""
+        self.event_types = event_types
+        self._storage = storage
+        self._flush_interval = flush_interval
+        self._batch_size = batch_size
+        self._on_written = on_written
+        self._on_crash = on_crash
+        self._cond = threading.Condition()
+        self._pending: dict[Key, list[dict[str, Any]]] = {}
+        self._inflight: set[Key] = set()
+        self._count = 0  # queued, not yet handed to the flusher
+        self._writing = 0  # handed to the flusher, write in progress
+        self._oldest = 0.0
+        self._closed = False
+        self._idle = False  # the flusher waits with no deadline: the next event must wake it
+        self._thread = threading.Thread(
+            target=self._run, name="processgpt-sync-events", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def pending(self) -> int:
+        """Events accepted but not yet written, including those being written now."""
+        with self._cond:
+            return self._count + self._writing
+
+    def add(self, event: dict[str, Any]) -> None:
+        """Queue one event for its todo; it is written within the flush interval."""
+        with self._cond:
+            if self._count == 0:
+                self._oldest = time.monotonic()
+            self._pending.setdefault(event_key(event), []).append(event)
+            self._count += 1
+            if self._idle or self._count >= self._batch_size:
+                self._idle = False
+                self._cond.notify_all()
+
+    def take(self, todo_id: str, token: str) -> list[dict[str, Any]]:
+        """Remove and return the unwritten events of one claim of a todo, after any write of
+        them in flight."""
+        key = (todo_id, token)
+        with self._cond:
+            while key in self._inflight:
+                self._cond.wait()
+            events = self._pending.pop(key, [])
+            self._count -= len(events)
+            return events
+
+    def give_back(self, todo_id: str, token: str, events: list[dict[str, Any]]) -> None:
+        """Put events taken by ``take`` back in front of their queue (a write failed)."""
+        if not events:
+            return
+        key = (todo_id, token)
+        with self._cond:
+            queue = self._pending.pop(key, [])
+            self._pending = {key: events + queue, **self._pending}
+            self._count += len(events)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every accepted event is written; False if ``timeout`` ran out first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            self._oldest = 0.0  # due now
+            self._cond.notify_all()
+            while self._count or self._inflight:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining if remaining is not None else 0.5)
+        return True
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Flush, then stop the flusher thread; ``timeout`` bounds both together."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        done = self.flush(timeout)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread.is_alive():  # a write stuck on a dead connection is left behind
+            self._thread.join(5 if deadline is None else max(0.1, deadline - time.monotonic()))
+        return done
+
+    def _next_batch(self) -> list[dict[str, Any]] | None:
+        with self._cond:
+            while True:
+                if self._closed:
+                    return None
+                if self._count:
+                    due = self._oldest + self._flush_interval - time.monotonic()
+                    if due <= 0 or self._count >= self._batch_size:
+                        break
+                    self._cond.wait(due)
+                else:
+                    self._idle = True
+                    self._cond.wait()
+                    self._idle = False
+            batch: list[dict[str, Any]] = []
+            for key in list(self._pending):
+                if key in self._inflight:
+                    continue
+                events = self._pending.pop(key)
+                self._inflight.add(key)
+                batch.extend(events)
+                self._count -= len(events)
+                if len(batch) >= self._batch_size:
+                    break
+            self._writing = len(batch)
+            self._oldest = time.monotonic()
+        # Ids make a retried write idempotent (the database skips ids it already has). Events
+        # that travel with a todo's final write need none: that write is fenced and atomic.
+        for event in batch:
+            if "id" not in event:
+                event["id"] = str(uuid.uuid4())
+        return batch
+
+    def _run(self) -> None:
+        try:
+            self._flush_forever()
+        except BaseException as exc:
+            logger.critical("the event writer thread died; no more events can be written",
+                            exc_info=exc, extra={"action": "write_events"})
+            if self._on_crash is not None:
+                self._on_crash("event writer", exc)
+
+    def _flush_forever(self) -> None:
+        attempt = 0
+        while (batch := self._next_batch()) is not None:
+            try:
+                self._write(batch)
+                attempt = 0
+            except StorageUnavailable as exc:
+                attempt += 1
+                logger.warning(
+                    "writing %d events failed, will retry: %s", len(batch), exc,
+                    extra={"action": "write_events"},
+                )
+                self._requeue(batch)
+                time.sleep(backoff(attempt))
+                continue
+            except Exception:  # a bug, not a bad event (those are refused one by one)
+                logger.exception("writing a batch of %d events failed unexpectedly; it is not "
+                                 "retried", len(batch), extra={"action": "write_events"})
+            finally:
+                with self._cond:
+                    self._inflight.difference_update(event_key(e) for e in batch)
+                    self._writing = 0
+                    self._cond.notify_all()
+
+    def _requeue(self, batch: list[dict[str, Any]]) -> None:
+        by_claim: dict[Key, list[dict[str, Any]]] = {}
+        for event in batch:
+            by_claim.setdefault(event_key(event), []).append(event)
+        with self._cond:
+            for key, events in by_claim.items():
+                queue = self._pending.pop(key, [])
+                self._pending = {key: events + queue, **self._pending}
+            self._count += len(batch)
+            self._writing = 0
+
+    def _write(self, batch: list[dict[str, Any]]) -> None:
+        try:
+            rejected = self._storage.record_events(batch)
+        except StorageUnavailable:
+            raise
+        except Exception as exc:  # StorageError, or an event the driver cannot encode
+            # One malformed event must not lose the others: write them one at a time.
+            logger.warning(
+                "event batch refused (%s); writing its %d events one by one", exc, len(batch),
+                extra={"action": "write_events"},
+            )
+            rejected = []
+            for index, event in enumerate(batch):
+                try:
+                    rejected += [
+                        {**r, "index": index} for r in self._storage.record_events([event])
+                    ]
+                except StorageUnavailable:
+                    raise
+                except Exception as single:
+                    rejected.append({"index": index, "reason": str(single)})
+        log_rejected(batch, rejected)
+        self._on_written(len(batch) - len(rejected))
+
+
+def log_rejected(batch: list[dict[str, Any]], rejected: list[Mapping[str, Any]]) -> None:
+    """Log each event the database refused, naming its todo, type and reason."""
+    for item in rejected:
+        event = batch[int(item["index"])]
+        logger.warning(
+            "event %s of todo %s not written: %s", event.get("event_type"), event.get("todo_id"),
+            item.get("reason"),
+            extra={"action": "write_events", "todo_id": event.get("todo_id")},
+        )

@@ -1,0 +1,15 @@
+"""How long to wait before trying a database call again: capped exponential back-off with
+full jitter, shared by every loop that retries through an outage."""
+
+from __future__ import annotations
+
+import random
+
+RETRY_DELAY_MAX = 2.0  # seconds between write attempts during an outage (a healed network is used
+# within this; each attempt waits for a pooled connection first, so retries stay cheap)
+
+
+
+def backoff(attempt: int, *, base: float = 0.1, cap: float = RETRY_DELAY_MAX) -> float:
+    """Capped exponential back-off with full jitter."""
+    return float(random.uniform(0, min(cap, base * 2 ** min(attempt, 16))))
