@@ -25,11 +25,11 @@ from .errors import (
 from .events import Events
 from .models import Resume
 from .runs import current_run
-from .server import Server, serve, start
+from .server import Server
+from .serving import serve, start
 from .settings import Settings
 from .todo import Todo
-
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def ask_human(question: str, **options: Any) -> Any:

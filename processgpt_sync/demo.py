@@ -23,7 +23,7 @@ from rich.progress import Progress, TextColumn
 
 from . import cli_terminal as terminal
 from . import embedded
-from .server import start
+from .serving import start
 from .storage.postgres import PostgresStorage, install_schema
 
 DEMO_AGENT = "processgpt-sync-demo"

@@ -13,14 +13,13 @@ import logging
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import ConfigurationError
+from .server import Server
 
 logger = logging.getLogger(__name__)
 
-if TYPE_CHECKING:
-    from .server import Server
 
 COUNTERS = {
     "claimed": "Todos claimed",

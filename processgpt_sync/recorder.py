@@ -62,14 +62,14 @@ class Recorder:
             return  # timed out or given back: its outcome is already recorded
         reason = run.cancel_reason
         if reason == "cancelled":
-            self._discard_events(run)
-            self.retry(lambda: self._storage.release([run.claim]), run, "release")
+            self.discard_events(run)
+            self.release(run)
             self._count("cancelled")
             self._log.info("todo %s cancelled by the UI", run.todo_id,
                            extra=self._todo_extra(run, "cancelled"))
             return
         if reason == "lost":
-            self._discard_events(run)
+            self.discard_events(run)
             self._count("lost")
             self._log.warning("todo %s: lease lost to another worker; its writes are dropped",
                               run.todo_id, extra=self._todo_extra(run, "lost"))
@@ -182,7 +182,12 @@ class Recorder:
     def _take_events(self, run: TodoRun) -> list[dict[str, Any]]:
         return self._buffer.take(run.todo_id, run.claim.token)
 
-    def _discard_events(self, run: TodoRun) -> None:
+    def release(self, run: TodoRun) -> None:
+        """Give the todo back to the queue, retrying through outages."""
+        self.retry(lambda: self._storage.release([run.claim]), run, "release")
+
+    def discard_events(self, run: TodoRun) -> None:
+        """Drop the todo's unwritten events (it is no longer ours to write for), saying so."""
         dropped = self._take_events(run)
         if dropped:
             self._log.info("dropped %d unwritten events of todo %s", len(dropped), run.todo_id,

@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
+from . import embedded
+
 logger = logging.getLogger(__name__)
 
 
@@ -32,8 +34,6 @@ def on_stop(requested: threading.Event, log: logging.Logger = logger,
     def on_signal(signum: int, frame: FrameType | None) -> None:
         if requested.is_set():
             log.critical("second signal: exiting now", extra=extra)
-            from . import embedded
-
             embedded.release()  # os._exit skips the exit hooks that stop the embedded server
             os._exit(1)
         log.info("signal %s: stopping gracefully (again to exit now)",

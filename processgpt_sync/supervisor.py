@@ -33,7 +33,10 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+from . import embedded
 from .errors import ConfigurationError, SchemaMissing, ServerFailed
+from .metrics import serve_metrics
+from .server import Server
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -187,8 +190,6 @@ def child_main(spec: ChildSpec, index: int) -> None:
     """One server process of the group: an ordinary server with its own consumer name."""
     os.setpgrp()  # a terminal's Ctrl+C reaches only the supervisor, which forwards it once
     _stop_when_orphaned(os.getppid())
-    from .server import Server
-
     log = logging.getLogger(f"{__name__}.child")
     try:
         if spec.setup is not None:
@@ -202,8 +203,6 @@ def child_main(spec: ChildSpec, index: int) -> None:
             spec.settings, consumer=f"{spec.settings.consumer}/{index}:{os.getpid()}")
         server = Server(executor, settings)
         if spec.metrics_port is not None:
-            from .metrics import serve_metrics
-
             serve_metrics(server, spec.metrics_port + index, spec.metrics_host)
         server.run_forever()
     except (ConfigurationError, SchemaMissing) as exc:
@@ -221,8 +220,6 @@ def child_main(spec: ChildSpec, index: int) -> None:
 
 def _exit(code: int) -> None:
     """Leave now: threads of executors that ignore ``todo.cancelled`` must not hold us."""
-    from . import embedded
-
     embedded.release()  # os._exit skips the exit hook that stops the embedded server
     logging.shutdown()
     sys.stdout.flush()

@@ -1,6 +1,8 @@
-"""The server's watchers: the heartbeat (leases, per-todo timeouts) and the listener (NOTIFY).
+"""The server's watchers: the heartbeat (leases, registry, per-todo timeouts) and the listener
+(NOTIFY: new work, UI cancels, answers).
 
-Each runs on its own thread and talks to the server only through the ``Watched`` interface.
+Each runs on its own thread. They read the server's state through ``InFlight`` and end runs
+through the ``TodoWorker``; they talk to the database, never run user code themselves.
 """
 
 from __future__ import annotations
@@ -9,17 +11,17 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from typing import Any
 
 from .errors import StorageError
-from .human import ANSWER_CHANNEL
+from .human import ANSWER_CHANNEL, HumanDesk
+from .inflight import InFlight
 from .retrying import backoff
-from .runs import TodoRun
 from .settings import Settings
+from .stats import ServerStats
 from .storage import Storage
 from .storage.base import Listener
+from .worker import TodoWorker
 
 TODO_CHANNEL = "processgpt_sync_todo"
 CANCEL_CHANNEL = "processgpt_sync_cancel"
@@ -31,32 +33,19 @@ LISTEN_PROBE_INTERVAL = 8.0  # seconds between checks that the listener still li
 POLLING_HEARTBEAT = 2.0  # seconds between heartbeats when UI cancels cannot arrive by NOTIFY
 
 
-@dataclass(frozen=True)
-class Watched:
-    """What the watchers need from the server, as plain callables."""
-
-    running: Callable[[], list[TodoRun]]
-    running_todo: Callable[[str], TodoRun | None]
-    cancel: Callable[[TodoRun, str], None]
-    time_out: Callable[[TodoRun], None]
-    work_may_wait: Callable[[], None]
-    answer_arrived: Callable[[str], None]
-    count: Callable[[str], None]
-    is_listening: Callable[[], bool]
-    set_listening: Callable[[bool], None]
-    registry: Callable[[float], dict[str, Any]]
-    """This server's registry row, given the heartbeat interval."""
-    claim_gate: Callable[[], AbstractContextManager[Any]]
-    """Held around each claim call; the heartbeat holds it too, so its list of known todos
-    is complete."""
-
-
 class Watchers:
     """Runs the heartbeat and listener loops for one server until ``stop`` is set."""
 
-    def __init__(self, server: Watched, storage: Storage, settings: Settings, *,
-                 stop: threading.Event, log: logging.Logger, extra: dict[str, Any]) -> None:
-        self._server = server
+    def __init__(self, storage: Storage, settings: Settings, *, inflight: InFlight,
+                 worker: TodoWorker, desk: HumanDesk, stats: ServerStats,
+                 registry: Callable[[float], dict[str, Any]], stop: threading.Event,
+                 log: logging.Logger, extra: dict[str, Any]) -> None:
+        """:param registry: this server's registry row, given the heartbeat interval."""
+        self._inflight = inflight
+        self._worker = worker
+        self._desk = desk
+        self._stats = stats
+        self._registry = registry
         self._storage = storage
         self.settings = settings
         self._stop = stop
@@ -68,25 +57,25 @@ class Watchers:
         interval; enforce timeouts; say loudly when the database is out of reach too long."""
         storage = self._storage
         interval = idle_interval = self.settings.lease_seconds / 4
-        if not self._server.is_listening():
+        if not self._inflight.listening:
             # No NOTIFY for UI cancels: the heartbeat reports them sooner.
             interval = min(interval, POLLING_HEARTBEAT)
         next_renewal = time.monotonic()
         next_alarm = 0.0
         while not self._stop.wait(WATCHDOG_TICK):
             now = time.monotonic()
-            runs = self._server.running()
+            runs = self._inflight.runs()
             for run in runs:
                 if run.deadline is not None and now > run.deadline and not run.closed:
-                    self._server.time_out(run)
+                    self._worker.time_out(run)
             if now < next_renewal:
                 continue
             live = [r for r in runs if not r.closed and r.cancel_reason != "lost"]
             try:
-                with self._server.claim_gate():
+                with self._inflight.claim_gate:
                     report = storage.heartbeat(self.settings.consumer, [r.claim for r in live],
                                                self.settings.lease_seconds,
-                                               self._server.registry(idle_interval))
+                                               self._registry(idle_interval))
             except StorageError as exc:
                 self._log.warning("heartbeat failed, retrying: %s", exc,
                                   extra={**self._extra, "action": "heartbeat"})
@@ -110,9 +99,9 @@ class Watchers:
                                   extra={**self._extra, "action": "heartbeat"})
             for run in live:
                 if run.todo_id in report.cancelled:
-                    self._server.cancel(run, "cancelled")
+                    self._worker.cancel(run, "cancelled")
                 elif run.todo_id in report.lost and not run.closed:
-                    self._server.cancel(run, "lost")
+                    self._worker.cancel(run, "lost")
 
     def listen(self, listener: Listener) -> None:
         """Wake the claimer on new work, cancel on UI cancels, wake question waiters."""
@@ -120,7 +109,7 @@ class Watchers:
         next_probe = time.monotonic() + LISTEN_PROBE_INTERVAL
         while not self._stop.is_set():
             try:
-                if time.monotonic() >= next_probe and self._server.is_listening():
+                if time.monotonic() >= next_probe and self._inflight.listening:
                     next_probe = time.monotonic() + LISTEN_PROBE_INTERVAL
                     if not listener.probe():
                         self._log.warning("the listener no longer listens (a transaction "
@@ -130,25 +119,25 @@ class Watchers:
                 notes = listener.wait(LISTEN_WAIT)
             except StorageError as exc:
                 attempt += 1
-                self._server.set_listening(False)
+                self._inflight.listening = False
                 self._log.warning("listener connection lost (attempt %d), reconnecting: %s",
                                   attempt, exc, extra={**self._extra, "action": "listen"})
                 self._stop.wait(backoff(attempt, base=0.25))
                 continue
-            if attempt or not self._server.is_listening():
+            if attempt or not self._inflight.listening:
                 if attempt:
-                    self._server.count("listener_reconnects")
+                    self._stats.count("listener_reconnects")
                 self._log.info("listener connected", extra={**self._extra, "action": "listen"})
                 attempt = 0
-                self._server.set_listening(True)
-                self._server.work_may_wait()  # notifications may have been missed meanwhile
+                self._inflight.listening = True
+                self._inflight.work_may_wait()  # notifications may have been missed meanwhile
             for channel, payload in notes:
                 if channel == TODO_CHANNEL and payload == self.settings.agent_orch:
-                    self._server.work_may_wait()
+                    self._inflight.work_may_wait()
                 elif channel == ANSWER_CHANNEL:
-                    self._server.answer_arrived(payload)
+                    self._desk.notify(payload)
                 elif channel == CANCEL_CHANNEL:
-                    run = self._server.running_todo(payload)
+                    run = self._inflight.latest(payload)
                     if run is not None:
-                        self._server.cancel(run, "cancelled")
+                        self._worker.cancel(run, "cancelled")
         listener.close()

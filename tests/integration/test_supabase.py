@@ -97,9 +97,9 @@ def test_polling_backs_off_when_idle(supabase):
 def test_claiming_pauses_while_unwritten_events_exceed_the_bound(supabase, db, monkeypatch):
     import threading
 
-    import processgpt_sync.server as server_module
+    import processgpt_sync.claimer as claimer_module
 
-    monkeypatch.setattr(server_module, "MAX_PENDING_EVENTS", 15)
+    monkeypatch.setattr(claimer_module, "MAX_PENDING_EVENTS", 15)
     gateway = supabase.gateway
     hold = threading.Event()
     chatty = supabase.enqueue("a", "chatty")

@@ -1,0 +1,135 @@
+"""The work loop: claim as many todos as there are free slots, hand each to a worker thread,
+sleep until woken (NOTIFY, a freed slot) or the poll interval.
+
+It talks to the database (the claim call) and never runs user code: each claimed todo goes to
+the pool as ``TodoWorker.run``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .errors import StorageError
+from .event_writer import EventBuffer
+from .human import HumanDesk
+from .inflight import InFlight
+from .infra import infrastructure_problem
+from .models import Claim
+from .recorder import Recorder
+from .retrying import backoff
+from .runs import TodoRun
+from .settings import MAX_PENDING_EVENTS, Settings
+from .shutdown import Shutdown
+from .stats import ServerStats
+from .storage import Storage
+from .worker import TodoWorker
+
+MIN_POLL = 0.05  # seconds: first back-off step of a polling-only backend
+
+
+class Claimer:
+    """Claims todos for one server until ``stopping`` is set."""
+
+    def __init__(
+        self, storage: Storage, settings: Settings, *, inflight: InFlight, buffer: EventBuffer,
+        recorder: Recorder, desk: HumanDesk, worker: TodoWorker, pool: ThreadPoolExecutor,
+        shutdown: Shutdown, stats: ServerStats, stopping: threading.Event,
+        context: contextvars.Context, log: logging.Logger, extra: dict[str, Any],
+    ) -> None:
+        self._storage = storage
+        self._settings = settings
+        self._inflight = inflight
+        self._buffer = buffer
+        self._recorder = recorder
+        self._desk = desk
+        self._worker = worker
+        self._pool = pool
+        self._shutdown = shutdown
+        self._stats = stats
+        self._stopping = stopping
+        self._log = log
+        self._extra = {**extra, "action": "claim"}
+        self._context = context  # the server creator's: each todo runs in a copy of it
+
+    def run(self) -> None:
+        """The claim loop (the claimer thread's body)."""
+        inflight = self._inflight
+        attempt = 0
+        idle_wait = MIN_POLL
+        while not self._stopping.is_set():
+            free = inflight.free_slots()
+            pause = inflight.claim_pause_left()
+            if pause > 0:
+                self._stopping.wait(pause)
+                continue
+            if free <= 0 or self._buffer.pending > MAX_PENDING_EVENTS:
+                inflight.wake.wait(self._settings.poll_interval)
+                inflight.wake.clear()
+                continue
+            inflight.wake.clear()
+            try:
+                with inflight.claim_gate:
+                    claims = self._claim(free)
+            except (StorageError, OSError) as exc:
+                attempt += 1
+                advice = infrastructure_problem(exc) or str(exc)
+                self._log.warning("claim failed (attempt %d), retrying: %s", attempt, advice,
+                                  extra=self._extra)
+                self._stopping.wait(backoff(attempt, base=0.25))
+                continue
+            if attempt:
+                self._log.info("database reachable again", extra=self._extra)
+                attempt = 0
+            if claims is None:
+                return
+            inflight.maybe_more = len(claims) == free or inflight.wake.is_set()
+            if inflight.maybe_more:
+                idle_wait = MIN_POLL
+            elif inflight.listening:
+                inflight.wake.wait(self._settings.poll_interval)
+            else:
+                if claims:
+                    idle_wait = MIN_POLL
+                inflight.wake.wait(idle_wait)
+                idle_wait = min(idle_wait * 2, self._settings.poll_interval)
+
+    def _claim(self, free: int) -> list[Claim] | None:
+        """One claim call, its todos handed to workers; None when stop() began meanwhile."""
+        settings = self._settings
+        claims = self._storage.claim(
+            agent_orch=settings.agent_orch, consumer=settings.consumer, limit=free,
+            lease_seconds=settings.lease_seconds, max_claims=settings.max_claims,
+            tenant_id=settings.tenant_id, fair=settings.fair, max_running=settings.max_running,
+            max_running_per_tenant=settings.max_running_per_tenant,
+        )
+        if self._stopping.is_set():  # stop() began while this claim was in flight
+            self._shutdown.give_back_now(claims)
+            return None
+        for index, claim in enumerate(claims):
+            try:
+                self._submit(claim)
+            except (OSError, RuntimeError) as exc:  # no thread or fd for it
+                self._log.error("cannot start todos (%s); giving %d back",
+                                infrastructure_problem(exc) or exc, len(claims) - index,
+                                extra=self._extra)
+                self._inflight.forget_unstarted(claims[index:])
+                self._shutdown.give_back_now(claims[index:])
+                self._inflight.pause_claiming()
+                break
+        return claims
+
+    def _submit(self, claim: Claim) -> None:
+        run = TodoRun(claim, self._buffer, timeout=self._settings.timeout,
+                      intermediate=self._recorder.save_intermediate, asker=self._desk.ask)
+        for stale in self._inflight.add(run):
+            self._worker.cancel(stale, "lost")
+        self._stats.count("claimed")
+        self._stats.claimed_for(run.todo.tenant_id)
+        if self._log.isEnabledFor(logging.DEBUG):
+            self._log.debug("claimed todo %s (resume %s)", claim.todo_id, run.todo.resume.kind,
+                            extra={**self._extra, "todo_id": claim.todo_id})
+        self._pool.submit(self._context.copy().run, self._worker.run, run)

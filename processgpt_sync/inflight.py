@@ -1,0 +1,166 @@
+"""What one server holds right now: its claimed todos, its free slots and the claimer's wake-up.
+
+The claim loop, the worker threads, the heartbeat and the listener all read and change this
+state; it lives here, behind one lock (``self.lock``), and nowhere else. It never talks to the
+database and never runs user code.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from .models import Claim
+from .runs import TodoRun
+
+Key = tuple[str, str]  # TodoRun.key: one claim of a todo
+CLAIM_PAUSE_MAX = 5.0  # seconds: longest pause after the host failed to start todos
+
+
+class InFlight:
+    """The todos this server holds, and when the claimer should claim more."""
+
+    def __init__(self, workers: int, spare_threads: int) -> None:
+        """:param spare_threads: threads beyond ``workers`` for timed-out executors that have
+            not returned yet; once they are used up, each such executor takes a slot."""
+        self.lock = threading.Condition()
+        self.wake = threading.Event()
+        """Set when the claimer should claim now (new work, a free slot, stop)."""
+        self.maybe_more = True
+        """The last claim filled every slot, or a NOTIFY came: work may be waiting."""
+        self.listening = False
+        """NOTIFY arrives (the listener is connected); else the claimer polls."""
+        self.claim_gate = threading.Lock()
+        """Held around each claim call and each heartbeat: the heartbeat's list of the todos
+        this server holds is then complete."""
+        self._workers = workers
+        self._spare = spare_threads
+        self._runs: dict[Key, TodoRun] = {}
+        self._busy = 0
+        self._overdue: set[Key] = set()  # timed out, executor still on its thread
+        self._infra_attempt = 0
+        self._claim_pause_until = 0.0
+
+    # -- slots ---------------------------------------------------------------------------------
+
+    def free_slots(self) -> int:
+        """Slots the claimer may fill: workers minus running todos minus timed-out executors
+        that hold a thread beyond the spares."""
+        with self.lock:
+            short = max(0, len(self._overdue) - self._spare)
+            return self._workers - self._busy - short
+
+    def add(self, run: TodoRun) -> list[TodoRun]:
+        """Hold ``run``; return earlier runs of the same todo still here (a revision claimed
+        while its first run still runs): they have lost the todo."""
+        with self.lock:
+            stale = [r for r in self._runs.values() if r.todo_id == run.todo_id]
+            self._runs[run.key] = run
+            self._busy += 1
+            return stale
+
+    def forget(self, run: TodoRun) -> None:
+        """``run`` ended here: free its slot and let the claimer claim again."""
+        with self.lock:
+            self._drop(run)
+            self.lock.notify_all()
+        if self.maybe_more:
+            self.wake.set()
+
+    def executor_returned(self, run: TodoRun) -> None:
+        """The executor of ``run`` gave its thread back (perhaps long after a timeout)."""
+        with self.lock:
+            run.executor_returned = True
+            self._overdue.discard(run.key)
+
+    def timed_out(self, run: TodoRun) -> None:
+        """Free the slot of a timed-out run now: a blocking executor may never return, and
+        until it does its thread counts against the spares."""
+        with self.lock:
+            self._drop(run)
+            if not run.executor_returned:
+                self._overdue.add(run.key)
+            self.lock.notify_all()
+        self.wake.set()
+
+    def forget_unstarted(self, claims: list[Claim]) -> None:
+        """Claims that never reached a worker thread: close and drop their runs."""
+        with self.lock:
+            for claim in claims:
+                run = self._runs.get((claim.todo_id, claim.token))
+                if run is not None and run.claim is claim:
+                    run.close()
+                    self._drop(run)
+            self.lock.notify_all()
+
+    def _drop(self, run: TodoRun) -> None:
+        if self._runs.get(run.key) is run:
+            del self._runs[run.key]
+        if not run.slot_released:
+            run.slot_released = True
+            self._busy -= 1
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def runs(self) -> list[TodoRun]:
+        with self.lock:
+            return list(self._runs.values())
+
+    def latest(self, todo_id: str) -> TodoRun | None:
+        """The latest claim of ``todo_id`` running here (earlier ones were told they lost it)."""
+        with self.lock:
+            runs = [r for r in self._runs.values() if r.todo_id == todo_id]
+        return runs[-1] if runs else None
+
+    def todo_ids(self) -> list[str]:
+        with self.lock:
+            return sorted({run.todo_id for run in self._runs.values()})
+
+    def tenants(self) -> list[str | None]:
+        """The tenant of each running todo."""
+        with self.lock:
+            return [run.todo.tenant_id for run in self._runs.values()]
+
+    # -- waking the claimer --------------------------------------------------------------------
+
+    def work_may_wait(self) -> None:
+        """A NOTIFY said new work exists (or one may have been missed): claim now."""
+        self.maybe_more = True
+        self.wake.set()
+
+    def pause_claiming(self) -> None:
+        """The host failed to start todos: claim again only after a pause, longer each time."""
+        with self.lock:
+            self._infra_attempt += 1
+            pause = min(CLAIM_PAUSE_MAX, 0.25 * 2 ** min(self._infra_attempt, 5))
+            self._claim_pause_until = time.monotonic() + pause
+
+    def host_recovered(self) -> None:
+        """A todo ran to its end: the next infrastructure pause starts short again."""
+        self._infra_attempt = 0
+
+    def claim_pause_left(self) -> float:
+        return self._claim_pause_until - time.monotonic()
+
+    # -- shutdown ------------------------------------------------------------------------------
+
+    def wait_empty(self, seconds: float) -> list[TodoRun]:
+        """Wait up to ``seconds`` for every run to end; return the runs still open."""
+        deadline = time.monotonic() + seconds
+        with self.lock:
+            while self._runs and (remaining := deadline - time.monotonic()) > 0:
+                self.lock.wait(remaining)
+            return [run for run in self._runs.values() if not run.closed]
+
+    def wait_written(self, except_runs: list[TodoRun], seconds: float) -> list[str]:
+        """Wait up to ``seconds`` for runs writing their outcome (closed, not in
+        ``except_runs``) to finish; return the todo ids still writing."""
+        deadline = time.monotonic() + seconds
+        with self.lock:
+            while writing := [r for r in self._runs.values()
+                              if r.closed and r not in except_runs]:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return [r.todo_id for r in writing]
+                self.lock.wait(remaining)
+            return []

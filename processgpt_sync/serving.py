@@ -1,0 +1,73 @@
+"""The two ways to serve: ``start`` (a handle, for Jupyter, Django and tests) and ``serve``
+(block until a signal; one process or a supervised group of them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dotenv import load_dotenv
+
+from .errors import ConfigurationError, ServerFailed
+from .executor import check_thread_safety
+from .server import Server
+from .settings import Settings
+from .storage import Storage
+from .supervisor import EXIT_CONFIG, EXIT_OK, ChildSpec, Supervisor, check_picklable
+
+
+def start(
+    executor: Any,
+    *,
+    agent_orch: str | None = None,
+    workers: int | None = None,
+    database_url: str | None = None,
+    settings: Settings | None = None,
+    storage: Storage | None = None,
+    **options: Any,
+) -> Server:
+    """Start a server in background threads and return its handle (Jupyter, Django, tests).
+
+    Options are :class:`Settings` fields; unset ones come from the environment.
+    """
+    if settings is None:
+        settings = Settings.from_env(
+            agent_orch=agent_orch, workers=workers, database_url=database_url, **options
+        )
+    return Server(executor, settings, storage=storage).start()
+
+
+def serve(
+    executor: Any,
+    *,
+    agent_orch: str | None = None,
+    workers: int | None = None,
+    database_url: str | None = None,
+    settings: Settings | None = None,
+    env_file: str | None = None,
+    processes: int = 1,
+    **options: Any,
+) -> None:
+    """Serve until SIGINT/SIGTERM, then stop gracefully and return.
+
+    :param env_file: a ``.env`` file to load first (nothing is read unless asked).
+    :param processes: run this many server processes under one supervisor (see
+        :mod:`processgpt_sync.supervisor`); the executor must be picklable.
+    :raises ServerFailed: a server (or, with processes, a server process) failed.
+    """
+    if env_file is not None:
+        load_dotenv(env_file)
+    if settings is None:
+        settings = Settings.from_env(
+            agent_orch=agent_orch, workers=workers, database_url=database_url, **options
+        )
+    if processes == 1:
+        Server(executor, settings).run_forever()
+        return
+    check_thread_safety(executor, settings.workers)
+    spec = ChildSpec(executor=executor, settings=settings)
+    check_picklable(spec)
+    code = Supervisor(spec, processes).run()
+    if code == EXIT_CONFIG:
+        raise ConfigurationError("a server process failed on its configuration; see its log")
+    if code != EXIT_OK:
+        raise ServerFailed(f"a server process failed (exit code {code}); see its log")

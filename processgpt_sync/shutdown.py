@@ -1,0 +1,111 @@
+"""Stopping a server within a bound, whatever the network does: let running todos finish for
+the grace period, give the rest back, leave the server registry.
+
+Every database call here has a deadline: a call stuck on a dead link is left behind on a daemon
+thread, and what could not be done is logged (those todos return when their leases expire).
+This module never runs user code; cancel hooks run through the worker's ``cancel``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from .errors import StorageError
+from .event_writer import EventBuffer
+from .inflight import InFlight
+from .models import Claim
+from .retrying import backoff
+from .runs import TodoRun
+from .settings import Settings
+from .stats import ServerStats
+from .storage import Storage
+
+
+def bounded(fn: Callable[[], Any], timeout: float, what: str) -> tuple[bool, Any]:
+    """Run ``fn`` on a daemon thread for at most ``timeout`` seconds: (finished, its result or
+    the exception it raised). A call stuck on a dead network path is left behind."""
+    box: list[Any] = []
+
+    def run() -> None:
+        try:
+            box.append(fn())
+        except Exception as exc:
+            box.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True, name=f"processgpt-sync-{what}")
+    thread.start()
+    thread.join(max(0.0, timeout))
+    return (True, box[0]) if box else (False, None)
+
+
+class Shutdown:
+    """The steps of ``Server.stop()`` that talk to the database, each bounded by ``left()``."""
+
+    def __init__(self, storage: Storage, settings: Settings, *, stats: ServerStats,
+                 log: logging.Logger, extra: dict[str, Any]) -> None:
+        self._storage = storage
+        self._settings = settings
+        self._stats = stats
+        self._log = log
+        self._extra = {**extra, "action": "stop_server"}
+
+    def drain(self, inflight: InFlight, buffer: EventBuffer, cancel: Callable[[TodoRun, str], None],
+              grace: float, left: Callable[[], float], stopping: threading.Event) -> None:
+        """Wait ``grace`` seconds for running todos; cancel the rest and give them back."""
+        leftovers = inflight.wait_empty(grace)
+        for run in leftovers:
+            cancel(run, "shutdown")
+            run.close()
+        writing = inflight.wait_written(leftovers, left())  # outcomes already being written
+        if writing:
+            self._log.error("stopping: the outcomes of todos %s could not be stored in time; "
+                            "their leases expire in %ds and another worker runs them again",
+                            ", ".join(writing), self._settings.lease_seconds, extra=self._extra)
+        if leftovers:
+            buffer.flush(timeout=left() / 2)  # leave time to give the todos back
+            self._release([r.claim for r in leftovers], left, stopping)
+
+    def _release(self, claims: list[Claim], left: Callable[[], float],
+                 stopping: threading.Event) -> None:
+        attempt = 0
+        while left() > 0:
+            attempt += 1
+            done, released = bounded(lambda: self._storage.release(claims), left(), "release")
+            if done and isinstance(released, int):
+                self._stats.count("released", released)
+                self._log.info("gave back %d unfinished todos", released,
+                               extra={**self._extra, "action": "release"})
+                return
+            self._log.warning("giving todos back failed (attempt %d): %s", attempt,
+                              released if done else "no answer",
+                              extra={**self._extra, "action": "release"})
+            stopping.wait(min(left(), backoff(attempt, base=0.5, cap=2.0)))
+        self._log.error("could not give back todos %s (the database is unreachable); their "
+                        "leases expire in %ds and another worker reclaims them",
+                        ", ".join(c.todo_id for c in claims), self._settings.lease_seconds,
+                        extra={**self._extra, "action": "release"})
+
+    def give_back_now(self, claims: list[Claim]) -> None:
+        """Claims that arrived as stop() began, or never reached a thread: release them at
+        once (one try; their leases expire otherwise)."""
+        if not claims:
+            return
+        try:
+            self._storage.release(claims)
+        except StorageError as exc:
+            self._log.warning("could not give back %d todos claimed as the server stopped (%s); "
+                              "their leases expire", len(claims), exc,
+                              extra={**self._extra, "action": "release"})
+
+    def deregister(self, timeout: float) -> None:
+        """Leave the server registry (``status`` no longer lists this server)."""
+        consumer = self._settings.consumer
+        done, result = bounded(lambda: self._storage.server_stopped(consumer), timeout,
+                               "deregister")
+        if not done or isinstance(result, BaseException):
+            self._log.warning("could not remove this server from the registry (%s); it shows "
+                              "as dead once its heartbeat is stale",
+                              result if done else "no answer", extra=self._extra)

@@ -1,0 +1,135 @@
+"""One todo's run on a worker thread: call the executor, then have its outcome recorded.
+
+Also the ways a run ends early: a cancel (UI, lost lease, shutdown), a timeout, or the host
+failing under it. This module runs user code (the executor and its cancel hook) and never
+talks to the database itself: writes go through the ``Recorder``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
+
+from .executor import Adapter
+from .feedback import with_summary
+from .human import HumanDesk, SuspendForHuman
+from .inflight import InFlight
+from .infra import infrastructure_problem
+from .recorder import Recorder
+from .runs import CURRENT_RUN, UNSET, TodoRun
+from .settings import Settings
+from .stats import ServerStats
+
+
+class TodoWorker:
+    """Runs the todos of one server, one per call of :meth:`run`, on the pool's threads."""
+
+    def __init__(
+        self, adapter: Adapter, settings: Settings, *, inflight: InFlight, recorder: Recorder,
+        desk: HumanDesk, stats: ServerStats,
+        around_todo: Callable[[], AbstractContextManager[Any]],
+        log: logging.Logger, extra: dict[str, Any],
+    ) -> None:
+        self._adapter = adapter
+        self._settings = settings
+        self._inflight = inflight
+        self._recorder = recorder
+        self._desk = desk
+        self._stats = stats
+        self._around_todo = around_todo
+        self._log = log
+        self._extra = extra
+
+    def run(self, run: TodoRun) -> None:
+        """Run the executor on this thread and record what came of it."""
+        if not run.begin():  # timed out or given back while it waited for a thread
+            self._inflight.forget(run)
+            return
+        context = CURRENT_RUN.set(run)
+        value: Any = UNSET
+        error: BaseException | None = None
+        self._stats.executing(1)
+        if run.todo.resume.kind == "fresh":
+            self._stats.pickup(run.claim.row.get("start_date"))
+        try:
+            if not run.cancel_event.is_set():  # else cancelled while it waited for a thread
+                with self._around_todo():
+                    run.todo = with_summary(run.todo, self._settings.summarize_feedback)
+                    value = self._adapter.run(run.todo)
+        except SuspendForHuman as suspend:
+            value = self._recorder.suspend(run, suspend.question)
+        except BaseException as exc:  # SystemExit from argparse in a tool is this todo's failure
+            error = exc
+        finally:
+            self._stats.executing(-1)
+            CURRENT_RUN.reset(context)
+            self._inflight.executor_returned(run)
+        problem = infrastructure_problem(error)
+        try:
+            if problem is not None:
+                self._give_back_broken(run, problem)
+            else:
+                self._inflight.host_recovered()
+                self._recorder.finish(run, value, error)
+        except Exception:
+            self._log.exception("recording the outcome of todo %s failed", run.todo_id,
+                                extra=self._todo_extra(run, "finish"))
+        finally:
+            self._inflight.forget(run)
+
+    def cancel(self, run: TodoRun, reason: str) -> None:
+        """End ``run`` early (``cancelled`` by the UI, ``lost`` lease, ``shutdown``)."""
+        with run.lock:
+            if run.cancel_event.is_set() or run.closed:
+                return
+            run.cancel_reason = reason
+            run.cancel_event.set()
+        self._stop_executor(run, reason)
+
+    def time_out(self, run: TodoRun) -> None:
+        """``run`` passed its deadline: record it failed now, whatever the executor does."""
+        timeout = self._settings.timeout
+        with run.lock:  # the outcome is the timeout's, whatever the executor returns now
+            if run.closed:
+                return
+            run.closed = True
+            run.cancel_reason = "timeout"
+            run.cancel_event.set()
+        self._stop_executor(run, "timeout")
+        self._log.warning("todo %s timed out after %gs", run.todo_id, timeout,
+                          extra=self._todo_extra(run, "timeout"))
+        try:
+            self._recorder.fail(run, f"timed out after {timeout:g} s")
+        except Exception:  # as on the normal path: the heartbeat must go on for the others
+            self._log.exception("recording the timeout of todo %s failed", run.todo_id,
+                                extra=self._todo_extra(run, "timeout"))
+        finally:
+            self._inflight.timed_out(run)
+
+    def _stop_executor(self, run: TodoRun, reason: str) -> None:
+        """Tell the executor (its cancel hook, a question it waits on) that the todo ended."""
+        self._log.info("cancelling todo %s (%s)", run.todo_id, reason,
+                       extra=self._todo_extra(run, "cancel"))
+        self._desk.wake(run.todo_id)
+        try:
+            self._adapter.cancel(run.todo)
+        except Exception:
+            self._log.exception("the executor's cancel hook failed for todo %s", run.todo_id,
+                                extra=self._todo_extra(run, "cancel"))
+
+    def _give_back_broken(self, run: TodoRun, problem: str) -> None:
+        """The host, not the executor, broke this run: give the todo back to run again."""
+        if not run.close():
+            return
+        self._log.error("todo %s could not run here: %s; giving it back to run again (not "
+                        "recorded as failed)", run.todo_id, problem,
+                        extra=self._todo_extra(run, "release"))
+        self._recorder.discard_events(run)
+        self._inflight.pause_claiming()
+        self._recorder.release(run)
+        self._stats.count("released")
+
+    def _todo_extra(self, run: TodoRun, action: str) -> dict[str, Any]:
+        return {**self._extra, "action": action, "todo_id": run.todo_id}
