@@ -7,9 +7,6 @@ The only module that configures logging or prints.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
-import inspect
 import json
 import logging
 import os
@@ -17,7 +14,6 @@ import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, NoReturn
 
 from . import cli_terminal as terminal
@@ -29,6 +25,7 @@ from .errors import (
     StorageError,
     StorageUnavailable,
 )
+from .loading import import_target, load_executor
 from .settings import Settings, check_backend, supabase_key_from
 from .storage import Storage, connect
 
@@ -421,65 +418,6 @@ def cmd_retry(args: argparse.Namespace) -> int:
         raise ConfigurationError(f"todo {todo_id} was not retried: {outcome['reason']}")
     print(f"todo {todo_id} is claimable again (was {outcome['draft_status']})")
     return 0
-
-
-def load_executor(target: str) -> Any:
-    """Import ``module:attribute`` or ``path/to/file.py:attribute``; a class is instantiated
-    without arguments. Anything that cannot work is a ConfigurationError, found now."""
-    obj = import_target(target)
-    if not isinstance(obj, type):
-        return obj
-    module_name, _, attribute = target.rpartition(":")
-    try:
-        inspect.signature(obj).bind()
-    except TypeError as exc:
-        raise ConfigurationError(
-            f"{attribute}() needs arguments ({exc}); the CLI instantiates a class without "
-            f"arguments, so create the instance in {module_name} (executor = {attribute}(...)) "
-            f"and serve {module_name}:executor"
-        ) from None
-    except ValueError:  # no signature to inspect: just try
-        pass
-    return obj()
-
-
-def import_target(target: str) -> Any:
-    """The object named by ``module:attribute`` or ``path/to/file.py:attribute``, as is."""
-    module_name, _, attribute = target.rpartition(":")
-    if not module_name or not attribute:
-        raise ConfigurationError(f"executor must be given as module:attribute or "
-                                 f"path/to/file.py:attribute, got {target!r}")
-    if module_name.endswith(".py") or "/" in module_name or os.sep in module_name:
-        module = _import_file(Path(module_name))
-    else:
-        sys.path.insert(0, os.getcwd())
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ConfigurationError(f"cannot import {module_name!r}: {exc}") from exc
-    try:
-        obj = getattr(module, attribute)
-    except AttributeError:
-        raise ConfigurationError(f"{module_name!r} has no attribute {attribute!r}") from None
-    return obj
-
-
-def _import_file(path: Path) -> Any:
-    """Import a Python file by path; its folder goes on sys.path for its own imports."""
-    path = path.expanduser().resolve()
-    if not path.is_file():
-        raise ConfigurationError(f"no such executor file: {path}")
-    sys.path.insert(0, str(path.parent))
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    if spec is None or spec.loader is None:
-        raise ConfigurationError(f"cannot import {path}: not a Python file")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module
-    try:
-        spec.loader.exec_module(module)
-    except ImportError as exc:
-        raise ConfigurationError(f"cannot import {path}: {exc}") from exc
-    return module
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -16,13 +16,11 @@ import re
 import sys
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from .errors import ConfigurationError
+from .loops import Loops, LoopTask, make_loops
 from .todo import Todo
-
-if TYPE_CHECKING:
-    from .loops import Loops, LoopTask
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +161,6 @@ def adapt(obj: Any, loop: str = "thread") -> Adapter:
 
     :param loop: where async executors run: "thread" (a loop per worker thread) or "shared".
     """
-    from .loops import make_loops
     if is_a2a_executor(obj):
         from importlib.metadata import version
 

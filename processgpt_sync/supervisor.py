@@ -35,6 +35,7 @@ from typing import Any
 
 from . import embedded
 from .errors import ConfigurationError, SchemaMissing, ServerFailed
+from .loading import load_executor
 from .metrics import serve_metrics
 from .server import Server
 from .settings import Settings
@@ -196,8 +197,6 @@ def child_main(spec: ChildSpec, index: int) -> None:
             spec.setup()
         executor = spec.executor
         if isinstance(executor, str):
-            from .cli import load_executor
-
             executor = load_executor(executor)
         settings = dataclasses.replace(
             spec.settings, consumer=f"{spec.settings.consumer}/{index}:{os.getpid()}")

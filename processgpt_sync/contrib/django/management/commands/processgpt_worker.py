@@ -7,9 +7,9 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from processgpt_sync.cli import load_executor
 from processgpt_sync.contrib.django import django_connections
 from processgpt_sync.errors import ProcessGPTSyncError
+from processgpt_sync.loading import load_executor
 from processgpt_sync.server import Server
 from processgpt_sync.settings import Settings
 
