@@ -35,7 +35,7 @@ from typing import Any
 
 from . import embedded
 from .errors import ConfigurationError, SchemaMissing, ServerFailed
-from .loading import load_executor
+from .executor_import import load_executor
 from .metrics import serve_metrics
 from .server import Server
 from .settings import Settings

@@ -9,7 +9,8 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from processgpt_sync.contrib.django import django_connections
 from processgpt_sync.errors import ProcessGPTSyncError
-from processgpt_sync.loading import load_executor
+from processgpt_sync.executor_import import load_executor
+from processgpt_sync.metrics import serve_metrics
 from processgpt_sync.server import Server
 from processgpt_sync.settings import Settings
 
@@ -60,8 +61,6 @@ class Command(BaseCommand):  # type: ignore[misc]
             )
             server = Server(executor, server_settings, around_todo=django_connections)
             if options["metrics_port"] is not None:
-                from processgpt_sync.metrics import serve_metrics
-
                 serve_metrics(server, options["metrics_port"], options["metrics_host"])
                 self.stdout.write(f"metrics on http://{options['metrics_host']}:"
                                   f"{options['metrics_port']}/metrics")

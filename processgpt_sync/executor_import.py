@@ -1,5 +1,9 @@
-"""Find the executor a command line or a supervisor names: ``module:attribute`` or
-``path/to/file.py:attribute``. Any problem is a ConfigurationError, found before serving."""
+"""Find the executor a command line names: ``module:attribute`` or ``path/to/file.py:attribute``.
+
+Shared by the ``serve`` command, the supervisor's child processes and the Django management
+command. Owns the import and the checks that make a bad name a ConfigurationError at start; it
+must not adapt, run or print anything.
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,135 @@
+"""Commands on one todo or question: ``enqueue``, ``show``, ``retry``, ``asked``, ``respond``.
+
+Owns their arguments' meaning and their output; every read and write is one storage call (the
+SQL functions all backends share). Must not change a todo other than the one named, and must
+not decide a todo's state itself: the database refuses what is not allowed (``retry`` of a
+running todo) and this module reports the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from .. import cli_terminal as terminal
+from ..errors import ConfigurationError
+from .backend import checked_storage
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    storage = checked_storage(args)
+    try:
+        for _ in range(args.count):
+            print(storage.enqueue(args.agent_orch, args.input, agent_mode=args.mode,
+                                  tenant_id=args.tenant))
+    finally:
+        storage.close()
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    shown = _call_on_todo(args, "show")
+    if args.json:
+        print(json.dumps(shown, ensure_ascii=False, indent=2, default=str))
+        return 0
+    row, lease = shown["row"], shown.get("lease")
+    state = row.get("draft_status") or ("claimable" if shown["claimable"] else "not claimable")
+    print(f"todo          {row['id']}")
+    print(f"agent_orch    {row.get('agent_orch')}   mode {row.get('agent_mode')}   "
+          f"tenant {row.get('tenant_id') or '-'}")
+    print(f"state         {state}   (status {row.get('status')}, claimed "
+          f"{row.get('claim_count') or 0} times)")
+    if lease:
+        print(f"lease         held by {lease['consumer']} until {lease['expires_at']}")
+    if row.get("draft_status") is None and not shown["claimable"]:
+        print("              a server claims rows with status IN_PROGRESS, agent_mode DRAFT or "
+              "COMPLETE and no draft")
+    print(f"input         {row.get('query') or row.get('description') or ''}")
+    for name in ("output", "draft", "feedback"):
+        if row.get(name) is not None:
+            print(f"{name:13} {_json_text(row[name])}")
+    if row.get("log"):
+        lines = str(row["log"]).splitlines()
+        print(f"log           {lines[0]}")
+        for line in lines[1:]:
+            print(f"              {line}")
+    events = shown.get("events") or []
+    print(f"events        {len(events)}")
+    for event in events:
+        stamp = str(event.get("timestamp") or "")[11:23]
+        print(f"  {stamp:12}  {event['event_type'] or '-':20}  {event.get('job_id') or '-':40}"
+              f"  {_json_text(event.get('data'), 100)}")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    outcome = _call_on_todo(args, "retry")
+    todo_id = outcome["matches"][0]
+    if not outcome["retried"]:
+        raise ConfigurationError(f"todo {todo_id} was not retried: {outcome['reason']}")
+    print(f"todo {todo_id} is claimable again (was {outcome['draft_status']})")
+    return 0
+
+
+def cmd_asked(args: argparse.Namespace) -> int:
+    storage = checked_storage(args)
+    try:
+        questions = storage.open_questions(args.agent_orch)
+    finally:
+        storage.close()
+    if args.json:
+        terminal.print_json([dict(q) for q in questions])
+        return 0
+    out = terminal.console()
+    if not questions:
+        out.print("(no open questions)")
+        return 0
+    out.print(terminal.table(
+        ("job_id", "todo", "agent_orch", "question"),
+        ((q["job_id"], str(q["todo_id"])[:8], q["agent_orch"],
+          terminal.question_text(q["question"])) for q in questions), wrap=("question",)))
+    return 0
+
+
+def cmd_respond(args: argparse.Namespace) -> int:
+    try:
+        answer = json.loads(args.answer)
+    except ValueError:
+        answer = args.answer
+    storage = checked_storage(args)
+    try:
+        todo_id = storage.respond(args.job_id, answer, user_id=args.user_id)
+    finally:
+        storage.close()
+    if todo_id is None:
+        raise ConfigurationError(f"no question with job_id {args.job_id!r}; see "
+                                 "`processgpt-sync asked`")
+    print(f"answered {args.job_id} (todo {todo_id})")
+    return 0
+
+
+def _call_on_todo(args: argparse.Namespace, function: str) -> Mapping[str, Any]:
+    """Call the SQL function ``function`` on the todo ``args.todo_id`` names (the whole id or
+    a unique prefix); its answer lists the matching ids in ``matches``."""
+    storage = checked_storage(args)
+    try:
+        result: Mapping[str, Any] = storage.call(function, {"p_todo_id": args.todo_id}) or {}
+    finally:
+        storage.close()
+    matches = list(result.get("matches") or [])
+    if not matches:
+        raise ConfigurationError(f"no todo with id {args.todo_id!r} (give the whole id or a "
+                                 "unique prefix of at least 4 characters)")
+    if len(matches) > 1:
+        raise ConfigurationError(f"{args.todo_id!r} matches several todos "
+                                 f"({', '.join(str(m)[:13] for m in matches)}...); give more of "
+                                 "the id")
+    return result
+
+
+def _json_text(value: Any, limit: int | None = None) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
+
