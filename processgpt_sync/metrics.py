@@ -20,7 +20,6 @@ from .server import Server
 
 logger = logging.getLogger(__name__)
 
-
 COUNTERS = {
     "claimed": "Todos claimed",
     "completed": "Todos completed with a result",

@@ -24,6 +24,7 @@ from ..models import Resume
 from ..server import Server
 from ..settings import Settings
 from ..storage.postgres import PostgresStorage
+from .databases import fresh_database
 
 AGENT_ORCH = "processgpt-sync-test"
 FINAL = ("COMPLETED", "FAILED", "CANCELLED")
@@ -275,8 +276,6 @@ def run_todo(
     :raises RunTimedOut: the todo did not settle in time.
     """
     if database_url is None:
-        from .databases import fresh_database
-
         with fresh_database() as url:
             return run_todo(executor, input, database_url=url, answers=answers,
                             cancel_after=cancel_after, cancel_when=cancel_when,
