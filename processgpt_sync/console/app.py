@@ -1,13 +1,16 @@
-"""The console's web app: pages, live streams and actions on one Storage.
+"""The console's web app: its routes, pages and actions on one Storage.
 
 Server-rendered (Jinja2, autoescaped) with two small scripts: vendored htmx for the filter form,
 the confirm dialogs and the servers panel, and ``console.js`` for the Server-Sent Events
-streams. Every read and write goes through the SQL functions all backends share.
+streams (:mod:`.streams`). Every read and write goes through the SQL functions all backends
+share. Owns what each page reads and shows and what each action may change; access (token,
+CSRF) is :mod:`.security`'s, the wake-ups :mod:`.feed`'s. Must not block the event loop: storage
+calls run in the thread pool.
 """
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import json
 import logging
 import uuid
@@ -15,7 +18,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -24,11 +27,11 @@ import jinja2
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from ..errors import ConfigurationError, SchemaMissing, StorageError
+from ..errors import ConfigurationError, SchemaMissing
 from ..storage import Storage
 from .charts import (
     CHART_BUCKET,
@@ -38,17 +41,15 @@ from .charts import (
     throughput_chart,
     turnaround_chart,
 )
-from .feed import ChangeFeed, Subscription
+from .feed import ChangeFeed
 from .security import CSRF_FIELD, CSRF_HEADER, Guard, csrf_ok, csrf_token, is_loopback
+from .streams import cursor, event_stream, list_updates, todo_updates
 
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 STATES = ("QUEUED", "STARTED", "HUMAN_ASKED", "FB_REQUESTED", "COMPLETED", "FAILED", "CANCELLED")
 LIST_LIMIT = 200  # todos on the list page
-EVENT_OVERLAP = timedelta(seconds=2)  # re-read window: events may commit out of time order
-KEEPALIVE = 15.0  # seconds between SSE comments on a quiet stream
-LIST_DEBOUNCE = 0.25  # seconds a list stream gathers changes before re-reading
 PANEL_INTERVAL = 5.0  # seconds between servers panel refreshes
 SAMPLES_KEPT = 120  # servers panel samples kept for the pickup latency chart
 PRETTY_WIDTH = 80  # JSON up to this many characters stays on one line
@@ -155,19 +156,13 @@ class Console:
     async def list_stream(self, request: Request) -> Response:
         filters = self.filters(request)
 
-        async def rows(subscription: Subscription) -> AsyncIterator[str]:
-            last, first = "", True  # the first read catches up with the page's render
-            while first or await self._changed(subscription, debounce=LIST_DEBOUNCE):
-                first = False
-                data = await self.todos(filters)
-                html = self.fragment(request, "_rows.html", filters=filters, **data)
-                if html != last:
-                    last = html
-                    yield _sse("rows", html)
-                else:
-                    yield ": unchanged\n\n"
+        async def read() -> Mapping[str, Any]:
+            return await self.todos(filters)
 
-        return self._stream(None, rows)
+        def render(data: Mapping[str, Any]) -> str:
+            return self.fragment(request, "_rows.html", filters=filters, **data)
+
+        return event_stream(self.feed, None, list_updates(read, render))
 
     async def todo_page(self, request: Request) -> Response:
         todo_id = _uuid(request.path_params["todo_id"])
@@ -182,34 +177,10 @@ class Console:
         todo_id = _uuid(request.path_params["todo_id"])
         if todo_id is None:
             return Response("no such todo", status_code=404)
-        since = _cursor(request.query_params.get("since"))
-
-        async def updates(subscription: Subscription) -> AsyncIterator[str]:
-            nonlocal since
-            sent: dict[str, datetime] = {}
-            shown = {"state": "", "questions": ""}
-            first = True
-            while first or await self._changed(subscription):
-                first = False
-                detail = await self.todo(todo_id, since.isoformat() if since else None)
-                if detail is None:
-                    return
-                fresh = [e for e in detail["events"] if e["id"] not in sent]
-                for event in detail["events"]:
-                    sent[event["id"]] = parse_time(event["timestamp"])
-                if sent:
-                    since = max(sent.values()) - EVENT_OVERLAP
-                    sent = {k: v for k, v in sent.items() if v >= since}
-                if fresh:
-                    yield _sse("events", self.fragment(request, "_events.html", events=fresh))
-                for part, template in (("state", "_state.html"),
-                                       ("questions", "_questions.html")):
-                    html = self.fragment(request, template, **detail)
-                    if html != shown[part]:
-                        shown[part] = html
-                        yield _sse(part, html)
-
-        return self._stream(todo_id, updates)
+        since = cursor(request.query_params.get("since"))
+        read = functools.partial(self.todo, todo_id)
+        render = functools.partial(self.fragment, request)
+        return event_stream(self.feed, todo_id, todo_updates(read, render, since))
 
     async def questions_page(self, request: Request) -> Response:
         agent_orch = request.query_params.get("agent_orch") or self.config.agent_orch
@@ -319,41 +290,6 @@ class Console:
                                "the page and try again")
         return fields
 
-    # Streams ----------------------------------------------------------------------------
-
-    def _stream(self, todo_id: str | None, body: Any) -> Response:
-        async def events() -> AsyncIterator[str]:
-            subscription = self.feed.subscribe(todo_id)
-            try:
-                yield "retry: 1000\n\n"
-                async for chunk in body(subscription):
-                    yield chunk
-            except StorageError as exc:
-                logger.warning("console stream ended: %s", exc)
-                yield _sse("failure", f"database error: {exc}")
-            finally:
-                self.feed.unsubscribe(subscription)
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"x-accel-buffering": "no"})
-
-    async def _changed(self, subscription: Subscription, debounce: float = 0.0) -> bool:
-        """Wait for a change, or KEEPALIVE seconds (True: read again), or the console's
-        shutdown (False)."""
-        while True:
-            try:
-                await asyncio.wait_for(subscription.changed.wait(), KEEPALIVE)
-            except asyncio.TimeoutError:
-                if subscription.closed:
-                    return False
-                return True  # re-read now and then: also a keepalive for the stream
-            if subscription.closed:
-                return False
-            if debounce:
-                await asyncio.sleep(debounce)
-            subscription.changed.clear()
-            return True
-
 
 def answer_from_form(question: Any, form: Mapping[str, str]) -> tuple[Any, str | None]:
     """The answer value for a question's kind: the chosen option itself (select), a boolean
@@ -377,11 +313,6 @@ def answer_from_form(question: Any, form: Mapping[str, str]) -> tuple[Any, str |
     return text, None
 
 
-def _sse(event: str, data: str) -> str:
-    lines = "".join(f"data: {line}\n" for line in data.splitlines() or [""])
-    return f"event: {event}\n{lines}\n"
-
-
 def _done(request: Request, url: str) -> Response:
     """After an action: htmx follows HX-Redirect; a plain form gets 303 See Other."""
     if request.headers.get("hx-request"):
@@ -396,15 +327,6 @@ def _query(filters: Mapping[str, str | None]) -> str:
 def _uuid(text: str) -> str | None:
     try:
         return str(uuid.UUID(text))
-    except ValueError:
-        return None
-
-
-def _cursor(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        return parse_time(value) - EVENT_OVERLAP
     except ValueError:
         return None
 

@@ -1,0 +1,134 @@
+"""The console's live updates: Server-Sent Events streams fed by the change feed.
+
+A stream waits for a change (or a keepalive interval), reads again and sends only what changed,
+as named events the page's ``console.js`` swaps in. Owns the stream's framing, its keepalives,
+the re-read cursor for a todo's events and the end of a stream on a database error. Must not
+query the database or choose what a page shows: the caller passes the read and the render.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+from starlette.responses import Response, StreamingResponse
+
+from ..errors import StorageError
+from .charts import parse_time
+from .feed import ChangeFeed, Subscription
+
+logger = logging.getLogger(__name__)
+
+EVENT_OVERLAP = timedelta(seconds=2)  # re-read window: events may commit out of time order
+KEEPALIVE = 15.0  # seconds between SSE comments on a quiet stream
+LIST_DEBOUNCE = 0.25  # seconds a list stream gathers changes before re-reading
+
+Body = Callable[[Subscription], AsyncIterator[str]]
+Render = Callable[..., str]
+"""``render(template_name, **context)``: a fragment of the page as HTML."""
+
+
+def event_stream(feed: ChangeFeed, todo_id: str | None, body: Body) -> Response:
+    """The SSE response: ``body``'s chunks while subscribed to the changes of ``todo_id`` (or
+    of every todo), then a ``failure`` event if the database failed."""
+
+    async def events() -> AsyncIterator[str]:
+        subscription = feed.subscribe(todo_id)
+        try:
+            yield "retry: 1000\n\n"
+            async for chunk in body(subscription):
+                yield chunk
+        except StorageError as exc:
+            logger.warning("console stream ended: %s", exc)
+            yield sse("failure", f"database error: {exc}")
+        finally:
+            feed.unsubscribe(subscription)
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"x-accel-buffering": "no"})
+
+
+def list_updates(read: Callable[[], Awaitable[Mapping[str, Any]]],
+                 render: Callable[[Mapping[str, Any]], str]) -> Body:
+    """The todo list's rows, sent again whenever they render differently."""
+
+    async def rows(subscription: Subscription) -> AsyncIterator[str]:
+        last, first = "", True  # the first read catches up with the page's render
+        while first or await changed(subscription, debounce=LIST_DEBOUNCE):
+            first = False
+            html = render(await read())
+            if html != last:
+                last = html
+                yield sse("rows", html)
+            else:
+                yield ": unchanged\n\n"
+
+    return rows
+
+
+def todo_updates(read: Callable[[str | None], Awaitable[Mapping[str, Any] | None]],
+                 render: Render, since: datetime | None) -> Body:
+    """One todo's new events (each sent once), and its state and questions panels whenever
+    they render differently. ``read(since)`` is the todo with its events from ``since`` on."""
+
+    async def updates(subscription: Subscription) -> AsyncIterator[str]:
+        nonlocal since
+        sent: dict[str, datetime] = {}
+        shown = {"state": "", "questions": ""}
+        first = True
+        while first or await changed(subscription):
+            first = False
+            detail = await read(since.isoformat() if since else None)
+            if detail is None:
+                return
+            fresh = [e for e in detail["events"] if e["id"] not in sent]
+            for event in detail["events"]:
+                sent[event["id"]] = parse_time(event["timestamp"])
+            if sent:
+                since = max(sent.values()) - EVENT_OVERLAP
+                sent = {k: v for k, v in sent.items() if v >= since}
+            if fresh:
+                yield sse("events", render("_events.html", events=fresh))
+            for part, template in (("state", "_state.html"), ("questions", "_questions.html")):
+                html = render(template, **detail)
+                if html != shown[part]:
+                    shown[part] = html
+                    yield sse(part, html)
+
+    return updates
+
+
+async def changed(subscription: Subscription, debounce: float = 0.0) -> bool:
+    """Wait for a change, or KEEPALIVE seconds (True: read again), or the console's
+    shutdown (False)."""
+    while True:
+        try:
+            await asyncio.wait_for(subscription.changed.wait(), KEEPALIVE)
+        except asyncio.TimeoutError:
+            if subscription.closed:
+                return False
+            return True  # re-read now and then: also a keepalive for the stream
+        if subscription.closed:
+            return False
+        if debounce:
+            await asyncio.sleep(debounce)
+        subscription.changed.clear()
+        return True
+
+
+def sse(event: str, data: str) -> str:
+    lines = "".join(f"data: {line}\n" for line in data.splitlines() or [""])
+    return f"event: {event}\n{lines}\n"
+
+
+def cursor(value: str | None) -> datetime | None:
+    """Where a todo page's stream starts reading events: a little before the page's last."""
+    if not value:
+        return None
+    try:
+        return parse_time(value) - EVENT_OVERLAP
+    except ValueError:
+        return None
