@@ -5,7 +5,9 @@
 - ``processgpt_database_url``: a fresh database with the schema, dropped after the test;
 - ``processgpt_run``: :func:`~processgpt_sync.testing.run_todo` bound to that database.
 
-Disable with ``-p no:processgpt_sync``.
+Disable with ``-p no:processgpt_sync``. pytest loads this module in every test run of an
+environment where the package is installed: the library is imported only when a fixture is
+used, so other test suites neither pay for it nor import it before their coverage starts.
 """
 
 from __future__ import annotations
