@@ -5,6 +5,8 @@ writes a ``human_response`` event with the question's job_id; a NOTIFY wakes the
 (polling with back-off where there is no LISTEN). ``todo.suspend_for_human(...)`` frees the
 worker instead: the todo waits in the database and runs again with ``resume.kind ==
 "human_answer"`` once answered, even after a restart.
+
+This module talks to the database for questions and answers; it never runs user code.
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ class InFlight:
         self._workers = workers
         self._spare = spare_threads
         self._runs: dict[Key, TodoRun] = {}
+        self._by_todo: dict[str, list[TodoRun]] = {}  # the same runs by todo id, oldest first
         self._busy = 0
         self._overdue: set[Key] = set()  # timed out, executor still on its thread
         self._infra_attempt = 0
@@ -54,7 +55,9 @@ class InFlight:
         """Hold ``run``; return earlier runs of the same todo still here (a revision claimed
         while its first run still runs): they have lost the todo."""
         with self.lock:
-            stale = [r for r in self._runs.values() if r.todo_id == run.todo_id]
+            same_todo = self._by_todo.setdefault(run.todo_id, [])
+            stale = list(same_todo)
+            same_todo.append(run)
             self._runs[run.key] = run
             self._busy += 1
             return stale
@@ -96,6 +99,10 @@ class InFlight:
     def _drop(self, run: TodoRun) -> None:
         if self._runs.get(run.key) is run:
             del self._runs[run.key]
+            same_todo = self._by_todo[run.todo_id]
+            same_todo.remove(run)
+            if not same_todo:
+                del self._by_todo[run.todo_id]
         if not run.slot_released:
             run.slot_released = True
             self._busy -= 1
@@ -109,12 +116,12 @@ class InFlight:
     def latest(self, todo_id: str) -> TodoRun | None:
         """The latest claim of ``todo_id`` running here (earlier ones were told they lost it)."""
         with self.lock:
-            runs = [r for r in self._runs.values() if r.todo_id == todo_id]
-        return runs[-1] if runs else None
+            runs = self._by_todo.get(todo_id)
+            return runs[-1] if runs else None
 
     def todo_ids(self) -> list[str]:
         with self.lock:
-            return sorted({run.todo_id for run in self._runs.values()})
+            return sorted(self._by_todo)
 
     def tenants(self) -> list[str | None]:
         """The tenant of each running todo."""

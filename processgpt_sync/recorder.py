@@ -2,6 +2,7 @@
 
 Result, failure, question or cancel: each is written once, through the group-commit writer,
 after the todo's remaining events; nothing is written for a todo that is no longer ours.
+It never runs user code.
 """
 
 from __future__ import annotations

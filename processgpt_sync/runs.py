@@ -1,4 +1,7 @@
-"""What the server tracks for one claimed todo while it runs, and the current-todo context."""
+"""What the server tracks for one claimed todo while it runs, and the current-todo context.
+
+Plain state under the run's own lock: no database, no user code, no knowledge of the server.
+"""
 
 from __future__ import annotations
 

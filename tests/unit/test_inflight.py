@@ -1,0 +1,63 @@
+"""The server's shared state: slots, runs of the same todo, timed-out executors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from processgpt_sync.events import EVENT_TYPES
+from processgpt_sync.inflight import InFlight
+from processgpt_sync.models import Claim
+from processgpt_sync.runs import TodoRun
+
+
+class ListQueue:
+    event_types = EVENT_TYPES
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def add(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+
+def make_run(todo_id: str, token: str) -> TodoRun:
+    claim = Claim.from_json({"row": {"id": todo_id, "query": "q"}, "token": token,
+                             "extras": {}})
+    return TodoRun(claim, ListQueue(), timeout=None, intermediate=lambda run, data: None)
+
+
+def test_a_second_claim_of_a_running_todo_reports_the_first_as_stale() -> None:
+    inflight = InFlight(workers=4, spare_threads=1)
+    first, other, second = make_run("a", "t1"), make_run("b", "t1"), make_run("a", "t2")
+    assert inflight.add(first) == []
+    assert inflight.add(other) == []
+    assert inflight.add(second) == [first]
+    assert inflight.latest("a") is second
+    assert inflight.todo_ids() == ["a", "b"]
+    assert inflight.free_slots() == 1
+
+
+def test_forgetting_runs_frees_their_slots_and_their_todo() -> None:
+    inflight = InFlight(workers=2, spare_threads=0)
+    first, second = make_run("a", "t1"), make_run("a", "t2")
+    inflight.add(first)
+    inflight.add(second)
+    inflight.forget(first)
+    assert inflight.latest("a") is second
+    inflight.forget(second)
+    inflight.forget(second)  # twice: the slot is freed once
+    assert inflight.latest("a") is None
+    assert inflight.todo_ids() == []
+    assert inflight.free_slots() == 2
+
+
+def test_a_timed_out_executor_beyond_the_spares_holds_a_slot_until_it_returns() -> None:
+    inflight = InFlight(workers=2, spare_threads=1)
+    runs = [make_run(str(i), "t") for i in range(2)]
+    for run in runs:
+        inflight.add(run)
+        inflight.timed_out(run)
+    assert inflight.free_slots() == 1  # two overdue, one spare thread
+    inflight.executor_returned(runs[0])
+    assert inflight.free_slots() == 2
+    assert inflight.runs() == []
