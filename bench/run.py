@@ -1,8 +1,9 @@
 """Benchmarks: throughput, pickup latency, cancel latency, idle cost, scale-out, memory, fairness,
-faults, console latency.
+faults, console latency, and the Supabase backend's idle cost and pickup.
 
     pip install -r bench/requirements.txt
-    python bench/run.py [--quick] [--json] [--compat] [--only fairness|compat|faults|console]
+    python bench/run.py [--quick] [--json] [--compat]
+                        [--only fairness|compat|faults|console|scale|supabase]
 
 Starts its own embedded PostgreSQL (a temporary data directory), runs every measurement one
 after another on it, prints a table, and with --json a JSON object as the last line.
@@ -16,6 +17,7 @@ import json
 import logging
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -38,7 +40,9 @@ sys.path.insert(0, str(ROOT))
 import processgpt_sync as ps  # noqa: E402
 from processgpt_sync import embedded  # noqa: E402
 from processgpt_sync.storage.postgres import PostgresStorage, install_schema  # noqa: E402
+from processgpt_sync.storage.supabase import SupabaseStorage  # noqa: E402
 from tests.faultproxy import FaultProxy  # noqa: E402
+from tests.postgrest_gateway import SERVICE_KEY, Gateway  # noqa: E402
 
 AGENT = "bench"
 
@@ -66,6 +70,19 @@ class Bench:
 
     def close(self) -> None:
         embedded.stop(self.directory)
+
+    def database_cpu_seconds(self) -> float:
+        """CPU time used so far by the embedded PostgreSQL: the postmaster and its backends."""
+        pid = int((self.directory / "postmaster.pid").read_text().split()[0])
+        postmaster = psutil.Process(pid)
+        total = 0.0
+        for process in (postmaster, *postmaster.children(recursive=True)):
+            try:
+                times = process.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += times.user + times.system
+        return total
 
 
 def noop(todo: ps.Todo) -> dict[str, Any]:
@@ -461,6 +478,58 @@ def scale(bench: Bench, results: dict[str, Any]) -> None:
     results["plain_1024_efficiency"] = plain_run["efficiency"]
 
 
+def supabase_section(bench: Bench, results: dict[str, Any], quick: bool,
+                     **options: Any) -> None:
+    """The Supabase backend through the PostgREST-protocol test gateway (real HTTP, the real
+    supabase-py client): requests per second of an idle server, counted at the gateway, and
+    pickup of todos enqueued one at a time at random moments into an otherwise idle server."""
+    url = bench.database()
+    gateway = Gateway(url)
+    storage = SupabaseStorage(gateway.url, SERVICE_KEY)
+    started: dict[str, float] = {}
+
+    def record(todo: ps.Todo) -> dict[str, Any]:
+        started[todo.input] = time.perf_counter()
+        return {}
+
+    server = ps.start(record, agent_orch=AGENT, storage=storage, workers=4, **options)
+    try:
+        time.sleep(3.0)  # start-up calls and the first heartbeat are not idle cost
+        window = 10.0 if quick else 30.0
+        before, calls = gateway.requests, gateway.calls.copy()
+        cpu = bench.database_cpu_seconds()
+        time.sleep(window)
+        results["supabase_idle_requests_per_s"] = (gateway.requests - before) / window
+        results["supabase_idle_db_cpu_pct"] = (100 * (bench.database_cpu_seconds() - cpu)
+                                               / window)
+        results["supabase_idle_calls"] = dict(gateway.calls - calls)
+        latencies = []
+        samples = 6 if quick else 16
+        gaps = random.Random(18)
+        before, began = gateway.requests, time.perf_counter()
+        with psycopg.connect(url, autocommit=True) as conn:
+            for i in range(samples):
+                time.sleep(gaps.uniform(1.0, 8.0))  # a random moment of the poll cycle
+                key = f"s{i}"
+                enqueued = time.perf_counter()
+                conn.execute("SELECT processgpt_sync_enqueue_v1(%s, %s)", (AGENT, key))
+                deadline = time.monotonic() + 15
+                while key not in started and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                if key in started:
+                    latencies.append((started[key] - enqueued) * 1000)
+        results["supabase_requests_per_pickup"] = (gateway.requests - before) / samples
+        results["supabase_mostly_idle_requests_per_s"] = ((gateway.requests - before)
+                                                          / (time.perf_counter() - began))
+    finally:
+        server.stop()
+        storage.close()
+        gateway.close()
+    latencies.sort()
+    results["supabase_pickup_ms_p50"] = statistics.median(latencies)
+    results["supabase_pickup_ms_p95"] = percentile(latencies, 0.95)
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
@@ -548,8 +617,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer todos, shorter idle window")
     parser.add_argument("--json", action="store_true", help="print a JSON object last")
-    parser.add_argument("--only", choices=["fairness", "compat", "faults", "console", "scale"],
-                        help="run just this section")
+    parser.add_argument("--only", choices=["fairness", "compat", "faults", "console", "scale",
+                                           "supabase"], help="run just this section")
     parser.add_argument("--compat", action="store_true", help="add the compat section (needs "
                         "crewai, langchain-core and langgraph; see bench/compat.py)")
     args = parser.parse_args()
@@ -571,6 +640,9 @@ def main() -> int:
             return report(results, args.json)
         if args.only == "scale":
             scale(bench, results)
+            return report(results, args.json)
+        if args.only == "supabase":
+            supabase_section(bench, results, args.quick)
             return report(results, args.json)
         if args.only == "compat":
             from bench.compat import measure
@@ -600,6 +672,7 @@ def main() -> int:
         console_section(bench, results, args.quick)
         cpu, xacts = idle_cost(bench, 3.0 if args.quick else 10.0)
         results["idle_cpu_pct"], results["idle_db_xacts_per_s"] = cpu, xacts
+        supabase_section(bench, results, args.quick)
         rate, double, _ = scale_out(bench, 4, 8)
         results["scaleout_todos_per_s"], results["double_runs"] = rate, double
         _, _, rss = scale_out(bench, 1, 16)

@@ -1,5 +1,6 @@
 """The work loop: claim as many todos as there are free slots, hand each to a worker thread,
-sleep until woken (NOTIFY, a freed slot) or the poll interval.
+sleep until woken (NOTIFY, a freed slot) or the poll interval; without NOTIFY on Supabase, wait
+for work on the database instead (``watch.WorkWaiter``).
 
 It talks to the database (the claim call) and never runs user code: each claimed todo goes to
 the pool as ``TodoWorker.run``.
@@ -26,6 +27,7 @@ from .settings import MAX_PENDING_EVENTS, Settings
 from .shutdown import Shutdown
 from .stats import ServerStats
 from .storage import Storage
+from .watch import WorkWaiter, work_waiter
 from .worker import TodoWorker
 
 MIN_POLL = 0.05  # seconds: first back-off step of a polling-only backend
@@ -54,6 +56,15 @@ class Claimer:
         self._log = log
         self._extra = {**extra, "action": "claim"}
         self._context = context  # the server creator's: each todo runs in a copy of it
+        waits = work_waiter(storage, settings)
+        self._waiter = (WorkWaiter(waits, settings, stop=stopping, log=log, extra=self._extra)
+                        if waits is not None else None)
+
+    @property
+    def waiting_for_work(self) -> bool:
+        """In a wait for work on the database: once stopping is set nothing is claimed after
+        it, so stop() need not wait for the call to end."""
+        return self._waiter is not None and self._waiter.waiting
 
     def run(self) -> None:
         """The claim loop (the claimer thread's body)."""
@@ -91,6 +102,8 @@ class Claimer:
                 idle_wait = MIN_POLL
             elif inflight.listening:
                 inflight.wake.wait(self._settings.poll_interval)
+            elif self._waiter is not None:
+                self._waiter.idle(bool(claims))
             else:
                 if claims:
                     idle_wait = MIN_POLL

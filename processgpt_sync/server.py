@@ -170,7 +170,8 @@ class Server:
         self._log.info("stopping: waiting up to %gs for %d running todos", grace,
                        len(self._inflight.runs()), extra={**self._extra, "action": "stop_server"})
         self._inflight.wake.set()
-        self._join("claimer", left())
+        if not parts.claimer.waiting_for_work:  # after a wait for work, no claim follows
+            self._join("claimer", left())
         try:
             parts.shutdown.drain(self._inflight, parts.buffer, parts.worker.cancel, grace, left,
                                  self._stopping)

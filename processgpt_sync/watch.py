@@ -1,5 +1,6 @@
 """The server's watchers: the heartbeat (leases, registry, per-todo timeouts) and the listener
-(NOTIFY: new work, UI cancels, answers).
+(NOTIFY: new work, UI cancels, answers); and where no NOTIFY can arrive (Supabase), the
+claimer's wait for work on the database.
 
 Each runs on its own thread. They read the server's state through ``InFlight`` and end runs
 through the ``TodoWorker``; they talk to the database, never run user code themselves.
@@ -11,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from .errors import StorageError
 from .human import ANSWER_CHANNEL, HumanDesk
@@ -31,6 +32,85 @@ LISTEN_WAIT = 1.0  # seconds one LISTEN wait may block before checking for stop
 LISTEN_PROBE_INTERVAL = 8.0  # seconds between checks that the listener still listens (each
 # bounded by the storage's probe deadline, 5 s: a dead LISTEN connection is found within 13 s)
 POLLING_HEARTBEAT = 2.0  # seconds between heartbeats when UI cancels cannot arrive by NOTIFY
+MIN_RETRY = 0.05  # seconds: first back-off step after a wait saw work a claim did not get
+
+
+def idle_interval(settings: Settings) -> float:
+    """Seconds between registry refreshes of an idle server: the row's ``heartbeat_seconds``."""
+    return settings.lease_seconds / 4
+
+
+@runtime_checkable
+class WaitsForWork(Protocol):
+    """A storage that can wait on the database until there is work (Supabase)."""
+
+    wait_seconds: float
+
+    def wait_for_work(self, *, agent_orch: str, consumer: str, seconds: float,
+                      tenant_id: str | None = None) -> bool: ...
+
+
+def work_waiter(storage: Storage, settings: Settings) -> WaitsForWork | None:
+    """The storage, if an idle server should wait for work through it instead of polling
+    (``listen=False`` turns instant wake-ups off here too: no connection held waiting)."""
+    if settings.listen and isinstance(storage, WaitsForWork) and storage.wait_seconds > 0:
+        return storage
+    return None
+
+
+class WorkWaiter:
+    """The claimer's idle wait where no NOTIFY can wake it: long calls that wait on the database
+    until a claim would find work, so an idle server makes one request per ``wait_seconds`` and
+    still starts new work within about 100 ms. Each call refreshes the server's registry row, so
+    an idle server needs no heartbeat."""
+
+    def __init__(self, storage: WaitsForWork, settings: Settings, *, stop: threading.Event,
+                 log: logging.Logger, extra: dict[str, Any]) -> None:
+        self._storage = storage
+        self.settings = settings
+        self._stop = stop
+        self._log = log
+        self._extra = extra
+        self._saw_work = False
+        self._retry = MIN_RETRY
+        self._failures = 0
+        self.waiting = False
+        """In a call: the claimer claims nothing after it once stop is set, so stop() need
+        not wait for it."""
+
+    def idle(self, claimed: bool) -> None:
+        """Return when a claim may find work, or on stop; ``claimed``: the last claim got
+        todos."""
+        if claimed or not self._saw_work:
+            self._retry = MIN_RETRY
+        else:  # work seen that the claim did not get (fleet limits, another server took it)
+            self._stop.wait(self._retry)
+            self._retry = min(self._retry * 2, self.settings.poll_interval)
+        self._saw_work = False
+        seconds = min(self._storage.wait_seconds, idle_interval(self.settings))
+        while not self._stop.is_set():
+            self.waiting = True
+            try:
+                found = self._storage.wait_for_work(
+                    agent_orch=self.settings.agent_orch, consumer=self.settings.consumer,
+                    seconds=seconds, tenant_id=self.settings.tenant_id)
+            except Exception as exc:
+                if self._stop.is_set():  # stop() closed the storage under this call
+                    self._log.debug("wait for work ended by stop: %r", exc, extra=self._extra)
+                    return
+                if not isinstance(exc, StorageError):
+                    raise
+                self._failures += 1
+                self._log.warning("waiting for work failed (attempt %d), claiming instead: %s",
+                                  self._failures, exc, extra=self._extra)
+                self._stop.wait(backoff(self._failures, base=0.25, cap=self.settings.poll_interval))
+                return
+            finally:
+                self.waiting = False
+            self._failures = 0
+            if found:
+                self._saw_work = True
+                return
 
 
 class Watchers:
@@ -56,10 +136,14 @@ class Watchers:
         """Renew every in-flight lease and refresh the server registry row, in one call per
         interval; enforce timeouts; say loudly when the database is out of reach too long."""
         storage = self._storage
-        interval = idle_interval = self.settings.lease_seconds / 4
+        interval = idle = idle_interval(self.settings)
         if not self._inflight.listening:
             # No NOTIFY for UI cancels: the heartbeat reports them sooner.
             interval = min(interval, POLLING_HEARTBEAT)
+        # Where the claimer's waits for work refresh the registry row, an idle server makes no
+        # heartbeat at all: after the first, and one more once its last todo finished.
+        quiet_when_idle = work_waiter(storage, self.settings) is not None
+        busy = True
         next_renewal = time.monotonic()
         next_alarm = 0.0
         while not self._stop.wait(WATCHDOG_TICK):
@@ -71,11 +155,14 @@ class Watchers:
             if now < next_renewal:
                 continue
             live = [r for r in runs if not r.closed and r.cancel_reason != "lost"]
+            if quiet_when_idle and not live and not busy and not self._inflight.listening:
+                next_renewal = now + idle
+                continue
             try:
                 with self._inflight.claim_gate:
                     report = storage.heartbeat(self.settings.consumer, [r.claim for r in live],
                                                self.settings.lease_seconds,
-                                               self._registry(idle_interval))
+                                               self._registry(idle))
             except StorageError as exc:
                 self._log.warning("heartbeat failed, retrying: %s", exc,
                                   extra={**self._extra, "action": "heartbeat"})
@@ -91,7 +178,8 @@ class Watchers:
                         extra={**self._extra, "action": "heartbeat"})
                 continue
             # Idle, only the registry row needs refreshing: no faster than leases need.
-            next_renewal = now + (interval if live else idle_interval)
+            next_renewal = now + (interval if live else idle)
+            busy = bool(live)
             if report.orphans:
                 self._log.warning("gave back %d todos claimed for this server whose claim "
                                   "answer was lost (a dead connection): %s", len(report.orphans),

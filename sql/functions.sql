@@ -1267,6 +1267,50 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
       AND (p_consumer IS NULL OR s.consumer = p_consumer)
 $$;
 
+-- Wait up to p_seconds for work a claim of p_agent_orch would act on (a claimable todo, or an
+-- expired claim to settle), checking every 100 ms; true as soon as there is some, false when the
+-- time is up. For servers that cannot LISTEN (Supabase, through PostgREST): one call replaces
+-- dozens of empty claims, at the price of one database connection held while it waits. The wait
+-- stays a second inside the caller's statement_timeout, so a role's timeout never cancels it.
+-- It ends by refreshing the caller's registry row (last_seen only), so an idle server stays
+-- alive in the registry without heartbeats. now() is the call's start: a lease that expires
+-- during the wait is seen by the next call.
+CREATE OR REPLACE FUNCTION processgpt_sync_wait_for_work_v1(
+    p_agent_orch text,
+    p_consumer text,
+    p_seconds real DEFAULT 5,
+    p_tenant_id text DEFAULT NULL)
+RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    v_timeout real := extract(epoch FROM current_setting('statement_timeout')::interval);
+    v_until timestamptz := clock_timestamp() + make_interval(secs => greatest(0, least(
+        coalesce(p_seconds, 0), 30, CASE WHEN v_timeout > 0 THEN v_timeout - 1 ELSE 30 END)));
+    v_found boolean;
+BEGIN
+    LOOP
+        SELECT EXISTS (
+            SELECT 1 FROM todolist t
+            WHERE t.agent_orch::text = p_agent_orch
+              AND (p_tenant_id IS NULL OR t.tenant_id = p_tenant_id)
+              AND (t.draft_status IS NULL
+                   OR t.draft_status IN ('FB_REQUESTED', 'STARTED', 'HUMAN_ASKED'))
+              AND CASE WHEN t.draft_status IN ('STARTED', 'HUMAN_ASKED') THEN EXISTS (
+                      SELECT 1 FROM processgpt_sync_lease l
+                      WHERE l.todo_id = t.id AND l.claim_token = t.claim_token
+                        AND l.expires_at < now()
+                        AND (t.status = 'CANCELLED'
+                             OR (l.consumer IS NOT DISTINCT FROM t.consumer
+                                 AND (t.lease_until IS NULL OR t.lease_until < now()))))
+                  ELSE processgpt_sync_is_claimable_v1(t, NULL) END)
+        INTO v_found;
+        EXIT WHEN v_found OR clock_timestamp() >= v_until;
+        PERFORM pg_sleep(0.1);
+    END LOOP;
+    UPDATE processgpt_sync_server SET last_seen = clock_timestamp() WHERE consumer = p_consumer;
+    RETURN v_found;
+END
+$$;
+
 -- Console (`processgpt-sync console`): something about a todo changed, on
 -- 'processgpt_sync_event' with the todo id as payload: events were written for it, or its row
 -- was inserted or updated. One NOTIFY per todo and statement, so a batch of events costs one.

@@ -58,6 +58,10 @@ SELECT processgpt_sync_renew_v1(p_consumer => %(p_consumer)s::text, p_todo_ids =
 -- Renew the leases of all in-flight todos and refresh this server's registry row, in one call
 SELECT processgpt_sync_heartbeat_v1(p_consumer => %(p_consumer)s::text, p_todo_ids => %(p_todo_ids)s::uuid[], p_tokens => %(p_tokens)s::uuid[], p_lease_seconds => %(p_lease_seconds)s::integer, p_server => %(p_server)s::jsonb)
 
+-- wait_for_work --
+-- Wait server-side until there is work to claim (or the time is up); refreshes the registry row
+SELECT processgpt_sync_wait_for_work_v1(p_agent_orch => %(p_agent_orch)s::text, p_consumer => %(p_consumer)s::text, p_seconds => %(p_seconds)s::real, p_tenant_id => %(p_tenant_id)s::text)
+
 -- server_stopped --
 -- Remove a cleanly stopped server's registry row
 SELECT processgpt_sync_server_stopped_v1(p_consumer => %(p_consumer)s::text)

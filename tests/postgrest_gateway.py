@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import Counter
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -45,13 +46,17 @@ class Gateway:
         self.pool = psycopg_pool.ConnectionPool(database_url, min_size=1, max_size=24,
                                                 kwargs={"autocommit": True}, open=True)
         self.requests = 0
+        self.calls: Counter[str] = Counter()  # requests by function name
+        self._count_lock = threading.Lock()
         self.down = False  # when True every call answers 503, like an unreachable database
         self.failing: set[str] = set()  # functions that answer 503 (a partial outage)
         gateway = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
-                gateway.requests += 1
+                with gateway._count_lock:
+                    gateway.requests += 1
+                    gateway.calls[self.path[len(RPC_PREFIX):].split("?")[0]] += 1
                 status, body = gateway.handle(self.path, dict(self.headers.items()),
                                               self.rfile.read(int(self.headers["Content-Length"]
                                                                   or 0)))

@@ -2,8 +2,9 @@
 
 PostgREST matches functions by argument names, so the parameters are exactly those of
 ``sql/queries.sql``. Each thread gets its own client: supabase-py's sync client keeps per-client
-session state, and one per thread avoids sharing it. REST has no LISTEN, so the server polls
-(adaptive back-off); users who can reach the database directly may set DATABASE_URL instead.
+session state, and one per thread avoids sharing it. REST has no LISTEN: an idle server waits
+for work in long calls that wait server-side (``wait_for_work``); users who can reach the
+database directly may set DATABASE_URL instead.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ READ_MARGIN = 3.0  # seconds past REQUEST_TIMEOUT before a silent connection is 
 CONNECT_TIMEOUT = 10.0  # seconds to open one HTTP connection (TCP + TLS)
 POOL_TIMEOUT = 5.0  # seconds to wait for a free connection of the thread's client
 KEEPALIVE_EXPIRY = 5.0  # seconds an idle keep-alive connection is reused before it is dropped
+WAIT_SECONDS = 8.0  # seconds one wait-for-work call may wait server-side; 0 polls instead
 _UNAVAILABLE_CODES = {"PGRST000", "PGRST001", "PGRST002", "PGRST003", "57P01", "57P03", "08006"}
 
 
@@ -69,15 +71,21 @@ class SupabaseStorage(Storage):
 
     backend = "supabase"
 
-    def __init__(self, url: str, key: str, *, timeout: float = REQUEST_TIMEOUT) -> None:
+    def __init__(self, url: str, key: str, *, timeout: float = REQUEST_TIMEOUT,
+                 wait_seconds: float = WAIT_SECONDS) -> None:
+        """:param wait_seconds: how long one call of an idle server waits for work on the
+            database (holding one PostgREST connection meanwhile); 0 polls with back-off."""
         if not url.startswith(("http://", "https://")):
             raise ConfigurationError(f"SUPABASE_URL must start with https:// (got {url!r})")
         self._url = url
         self._key = key
         self._timeout = timeout
+        self.wait_seconds = min(wait_seconds, timeout)  # inside the HTTP read timeout
         self._local = threading.local()
         self._lock = threading.Lock()
         self._http: list[httpx.Client] = []
+        self._busy: dict[httpx.Client, int] = {}  # calls in flight per client
+        self._closed = False
 
     def __repr__(self) -> str:
         return f"SupabaseStorage({self._url!r})"  # never the key
@@ -106,18 +114,47 @@ class SupabaseStorage(Storage):
             )
             client = create_client(self._url, self._key, options=options)
             self._local.client = client
+            self._local.http = http
         return client
 
     def close(self) -> None:
-        """Close every thread's HTTP connections."""
+        """Close every thread's HTTP connections; a client with a call in flight (a wait for
+        work left behind by stop) is closed when that call returns, never under it: closing a
+        socket another thread reads from could hand that thread a reused descriptor."""
         with self._lock:
-            clients, self._http = self._http, []
+            self._closed = True
+            clients = [c for c in self._http if not self._busy.get(c)]
+            self._http = [c for c in self._http if self._busy.get(c)]
         for client in clients:
             client.close()
 
     def call(self, query: str, params: Mapping[str, Any]) -> Any:
         name = function_name(query)
-        with wrap_exceptions(name):
-            data = self._client().rpc(name, dict(params)).execute().data
+        client = self._client()
+        http: httpx.Client = self._local.http
+        with self._lock:
+            self._busy[http] = self._busy.get(http, 0) + 1
+        try:
+            with wrap_exceptions(name):
+                data = client.rpc(name, dict(params)).execute().data
+        finally:
+            with self._lock:
+                self._busy[http] -= 1
+                last = self._closed and not self._busy[http]
+                if last:
+                    del self._busy[http]
+                    if http in self._http:
+                        self._http.remove(http)
+            if last:
+                self._local.client = None
+                http.close()
         self.last_success = time.monotonic()
         return data
+
+    def wait_for_work(self, *, agent_orch: str, consumer: str, seconds: float,
+                      tenant_id: str | None = None) -> bool:
+        """Wait on the database, up to ``seconds``, until a claim would find work; True if it
+        would. The call also refreshes this server's registry row (``last_seen``)."""
+        return bool(self.call("wait_for_work", {
+            "p_agent_orch": agent_orch, "p_consumer": consumer,
+            "p_seconds": min(seconds, self.wait_seconds), "p_tenant_id": tenant_id}))

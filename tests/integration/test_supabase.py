@@ -130,3 +130,158 @@ def test_claiming_pauses_while_unwritten_events_exceed_the_bound(supabase, db, m
     written = db.execute("SELECT count(*) AS n FROM events WHERE todo_id = %s AND "
                          "event_type = 'task_working'", (chatty,)).fetchone()["n"]
     assert written == 20 and len(later) == 2
+
+
+HEARTBEAT_CALLS = ("processgpt_sync_heartbeat_v1", "processgpt_sync_renew_v1")
+
+
+def calls_since(gateway, before):
+    """Requests by function name since the snapshot ``before``."""
+    return gateway.calls - before
+
+
+def health(gateway, agent_orch):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SUPABASE_URL": gateway.url, "SUPABASE_KEY": SERVICE_KEY}
+    return subprocess.run([sys.executable, "-m", "processgpt_sync", "health", "--agent-orch",
+                           agent_orch], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_an_idle_server_makes_no_heartbeat_calls_yet_stays_alive_in_the_registry(supabase):
+    gateway = supabase.gateway
+    # lease 4 s: the registry row says every 1 s, so it reads dead after 3 s without a refresh
+    server = ps.start(lambda todo: {"ok": 1}, agent_orch="a", storage=supabase, lease_seconds=4,
+                      consumer="idle-1")
+    try:
+        wait_for(lambda: supabase.servers(consumer="idle-1"))
+        time.sleep(0.5)  # the first heartbeat and claim are start-up, not idle
+        before = gateway.calls.copy()
+        time.sleep(4.0)
+        idle = calls_since(gateway, before)
+        (row,) = supabase.servers(consumer="idle-1")
+        probe = health(gateway, "a")
+    finally:
+        server.stop()
+    assert not any(idle[name] for name in HEARTBEAT_CALLS), f"idle server heartbeats: {idle}"
+    assert row["alive"] is True and row["seen_seconds_ago"] < 3, row
+    assert probe.returncode == 0, probe.stdout + probe.stderr
+    assert "server idle-1" in probe.stdout
+
+
+def test_a_todo_enqueued_while_idle_is_picked_up_without_polling_claims(supabase, db):
+    gateway = supabase.gateway
+    server = ps.start(lambda todo: {"ok": todo.input}, agent_orch="a", storage=supabase,
+                      poll_interval=0.5)
+    try:
+        wait_for(lambda: gateway.calls["processgpt_sync_claim_v2"] >= 1)
+        before = gateway.calls.copy()
+        time.sleep(3.0)  # idle: six polls of 0.5 s, were the server polling with claims
+        idle = calls_since(gateway, before)
+        todo = supabase.enqueue("a", "hello")
+        wait_for(lambda: server.stats()["completed"] == 1, timeout=20)
+    finally:
+        server.stop()
+    assert idle["processgpt_sync_claim_v2"] == 0, f"claims while idle: {idle}"
+    assert idle["processgpt_sync_wait_for_work_v1"] >= 1
+    state = db.execute("SELECT draft_status, output FROM todolist WHERE id = %s",
+                       (todo,)).fetchone()
+    assert state["draft_status"] == "COMPLETED" and state["output"] == {"ok": "hello"}
+
+
+def test_heartbeats_run_while_a_todo_is_in_flight_and_stop_once_idle(supabase, db):
+    import threading
+
+    gateway = supabase.gateway
+    release = threading.Event()
+
+    def handle(todo):
+        release.wait(30)
+        return {"ok": 1}
+
+    server = ps.start(handle, agent_orch="a", storage=supabase, lease_seconds=4,
+                      consumer="busy-1")
+    try:
+        wait_for(lambda: supabase.servers(consumer="busy-1"))
+        time.sleep(0.5)
+        before = gateway.calls.copy()
+        time.sleep(2.5)
+        idle_before = calls_since(gateway, before)
+        todo = supabase.enqueue("a", "long")
+        wait_for(lambda: server.stats()["running"] == 1, timeout=20)
+        before = gateway.calls.copy()
+        time.sleep(5.0)  # longer than the 4 s lease: only heartbeats keep the claim
+        busy = calls_since(gateway, before)
+        lease = db.execute("SELECT l.expires_at > now() AS live, t.claim_count FROM "
+                           "processgpt_sync_lease l JOIN todolist t ON t.id = l.todo_id "
+                           "WHERE t.id = %s", (todo,)).fetchone()
+        release.set()
+        wait_for(lambda: server.stats()["completed"] == 1, timeout=20)
+        time.sleep(1.5)  # the heartbeat that reports the todo done
+        before = gateway.calls.copy()
+        time.sleep(2.5)
+        idle_after = calls_since(gateway, before)
+    finally:
+        release.set()
+        server.stop()
+    assert not any(idle_before[name] for name in HEARTBEAT_CALLS), idle_before
+    assert busy["processgpt_sync_heartbeat_v1"] >= 3, busy
+    assert lease["live"] is True and lease["claim_count"] == 1, "the lease was renewed"
+    assert not any(idle_after[name] for name in HEARTBEAT_CALLS), idle_after
+
+
+def test_work_the_fleet_limit_holds_back_is_retried_with_back_off_not_in_a_loop(supabase):
+    import threading
+
+    gateway = supabase.gateway
+    release = threading.Event()
+
+    def handle(todo):
+        release.wait(30)
+        return {"ok": 1}
+
+    server = ps.start(handle, agent_orch="a", storage=supabase, workers=2, max_running=1,
+                      poll_interval=1.0)
+    try:
+        supabase.enqueue("a", "first")
+        wait_for(lambda: server.stats()["running"] == 1)
+        supabase.enqueue("a", "second")  # claimable, but the limit of one is reached
+        time.sleep(0.5)
+        before = gateway.requests
+        time.sleep(3.0)
+        calls = gateway.requests - before
+        release.set()
+        wait_for(lambda: server.stats()["completed"] == 2, timeout=20)
+    finally:
+        release.set()
+        server.stop()
+    assert calls <= 30, f"{calls} requests in 3 s while the limit held the work back"
+
+
+def test_listen_off_polls_with_claims_instead_of_waiting_on_the_database(supabase):
+    gateway = supabase.gateway
+    server = ps.start(lambda todo: {"ok": 1}, agent_orch="a", storage=supabase, listen=False,
+                      poll_interval=0.5)
+    try:
+        wait_for(lambda: gateway.calls["processgpt_sync_claim_v2"] >= 1)
+        before = gateway.calls.copy()
+        time.sleep(2.0)
+        idle = calls_since(gateway, before)
+    finally:
+        server.stop()
+    assert idle["processgpt_sync_wait_for_work_v1"] == 0 and idle["processgpt_sync_claim_v2"] >= 2
+
+
+def test_a_wait_for_work_ends_inside_the_statement_timeout_of_the_role(database_url, db):
+    name = db.execute("SELECT current_database() AS name").fetchone()["name"]
+    db.execute(f'ALTER DATABASE "{name}" SET statement_timeout = \'2s\'')  # as Supabase's roles
+    gateway = Gateway(database_url)
+    store = SupabaseStorage(gateway.url, SERVICE_KEY)
+    try:
+        found = store.wait_for_work(agent_orch="a", consumer="c", seconds=8)
+    finally:
+        store.close()
+        gateway.close()
+    assert found is False  # neither cancelled by the 2 s timeout nor any work
