@@ -185,7 +185,7 @@ def test_a_todo_enqueued_while_idle_is_picked_up_without_polling_claims(supabase
     finally:
         server.stop()
     assert idle["processgpt_sync_claim_v2"] == 0, f"claims while idle: {idle}"
-    assert idle["processgpt_sync_wait_for_work_v1"] >= 1
+    assert gateway.calls["processgpt_sync_wait_for_work_v1"] >= 1, "it waited on the database"
     state = db.execute("SELECT draft_status, output FROM todolist WHERE id = %s",
                        (todo,)).fetchone()
     assert state["draft_status"] == "COMPLETED" and state["output"] == {"ok": "hello"}
