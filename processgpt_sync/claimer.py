@@ -86,6 +86,7 @@ class Claimer:
                 with inflight.claim_gate:
                     claims = self._claim(free)
             except (StorageError, OSError) as exc:
+                inflight.claim_unanswered = True
                 attempt += 1
                 advice = infrastructure_problem(exc) or str(exc)
                 self._log.warning("claim failed (attempt %d), retrying: %s", attempt, advice,

@@ -30,6 +30,9 @@ class InFlight:
         """The last claim filled every slot, or a NOTIFY came: work may be waiting."""
         self.listening = False
         """NOTIFY arrives (the listener is connected); else the claimer polls."""
+        self.claim_unanswered = False
+        """A claim call failed without an answer: the database may hold claims of this server
+        it does not know of; the heartbeat runs at once to give them back."""
         self.claim_gate = threading.Lock()
         """Held around each claim call and each heartbeat: the heartbeat's list of the todos
         this server holds is then complete."""

@@ -146,24 +146,31 @@ class Watchers:
         busy = True
         next_renewal = time.monotonic()
         next_alarm = 0.0
+        failing = False
         while not self._stop.wait(WATCHDOG_TICK):
             now = time.monotonic()
             runs = self._inflight.runs()
             for run in runs:
                 if run.deadline is not None and now > run.deadline and not run.closed:
                     self._worker.time_out(run)
-            if now < next_renewal:
+            # A claim whose answer was lost: find its todos now, not at the next renewal.
+            orphans_possible = self._inflight.claim_unanswered
+            if now < next_renewal and (failing or not orphans_possible):
                 continue
             live = [r for r in runs if not r.closed and r.cancel_reason != "lost"]
-            if quiet_when_idle and not live and not busy and not self._inflight.listening:
+            if (quiet_when_idle and not live and not busy and not self._inflight.listening
+                    and not orphans_possible):
                 next_renewal = now + idle
                 continue
             try:
                 with self._inflight.claim_gate:
+                    self._inflight.claim_unanswered = False
                     report = storage.heartbeat(self.settings.consumer, [r.claim for r in live],
                                                self.settings.lease_seconds,
                                                self._registry(idle))
             except StorageError as exc:
+                failing = True
+                self._inflight.claim_unanswered |= orphans_possible
                 self._log.warning("heartbeat failed, retrying: %s", exc,
                                   extra={**self._extra, "action": "heartbeat"})
                 next_renewal = time.monotonic() + min(interval, 1.0)
@@ -177,6 +184,7 @@ class Watchers:
                         self.settings.lease_seconds, len(live),
                         extra={**self._extra, "action": "heartbeat"})
                 continue
+            failing = False
             # Idle, only the registry row needs refreshing: no faster than leases need.
             next_renewal = now + (interval if live else idle)
             busy = bool(live)

@@ -50,6 +50,8 @@ class Gateway:
         self._count_lock = threading.Lock()
         self.down = False  # when True every call answers 503, like an unreachable database
         self.failing: set[str] = set()  # functions that answer 503 (a partial outage)
+        self.lose_answer: set[str] = set()  # run and commit the next call, answer 503 instead
+        # (the link died after the database did the work); each name once
         gateway = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -124,6 +126,10 @@ class Gateway:
                 values = {arg: Jsonb(params[arg]) if kind == "jsonb" else params[arg]
                           for arg, kind in signature if arg in params}
                 row = conn.execute(query, values).fetchone()
+            if name in self.lose_answer:
+                self.lose_answer.discard(name)
+                return 503, {"code": "PGRST000", "message": "connection lost", "details": None,
+                             "hint": None}
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
             return 503, {"code": "PGRST000", "message": str(exc), "details": None, "hint": None}
         except psycopg.Error as exc:

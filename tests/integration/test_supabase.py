@@ -191,6 +191,27 @@ def test_a_todo_enqueued_while_idle_is_picked_up_without_polling_claims(supabase
     assert state["draft_status"] == "COMPLETED" and state["output"] == {"ok": "hello"}
 
 
+def test_an_idle_server_whose_claim_answer_was_lost_gives_the_todo_back_at_once(supabase, db):
+    gateway = supabase.gateway
+    server = ps.start(lambda todo: {"ok": todo.input}, agent_orch="a", storage=supabase,
+                      lease_seconds=60, consumer="lossy-1")
+    try:
+        wait_for(lambda: gateway.calls["processgpt_sync_wait_for_work_v1"] >= 1
+                 and gateway.calls["processgpt_sync_heartbeat_v1"] >= 1)
+        time.sleep(0.5)  # the start-up heartbeat is over: the server is idle and quiet
+        gateway.lose_answer.add("processgpt_sync_claim_v2")
+        todo = supabase.enqueue("a", "lost once")
+        # Without a heartbeat right after the failed claim, the todo would wait for its 60 s
+        # lease: an idle server on Supabase sends no heartbeat of its own.
+        wait_for(lambda: server.stats()["completed"] == 1, timeout=20)
+    finally:
+        server.stop()
+    state = db.execute("SELECT draft_status, output FROM todolist WHERE id = %s",
+                       (todo,)).fetchone()
+    assert state["draft_status"] == "COMPLETED" and state["output"] == {"ok": "lost once"}
+    assert not gateway.lose_answer, "the claim's answer was lost once"
+
+
 def test_heartbeats_run_while_a_todo_is_in_flight_and_stop_once_idle(supabase, db):
     import threading
 
