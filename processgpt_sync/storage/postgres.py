@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import cache
 from typing import Any
 
 import psycopg
@@ -32,6 +33,8 @@ TCP_TIMEOUT = 10.0  # seconds of silence from the peer before a connection count
 STATEMENT_TIMEOUT = 10.0  # seconds one statement may run (server side)
 DEADLINE_MARGIN = 3.0  # seconds past the statement timeout before the client drops the link
 PROBE_DEADLINE = 5.0  # seconds the listener's liveness probe may take
+CHANNEL_CHECK_EVERY = 8  # listener probes: the first after connecting and every 8th one ask
+# which channels the connection listens on (a transaction); the others only ask for an answer
 DRAIN_INTERVAL = 1.0  # seconds between two drops of every idle pooled connection
 _JSONB_PARAM = re.compile(r"%\((\w+)\)s::jsonb")
 _MISSING_SCHEMA_STATES = {"42883", "42P01", "42704"}  # undefined function / table / object
@@ -272,9 +275,9 @@ class PostgresStorage(Storage):
 
     def call(self, query: str, params: Mapping[str, Any]) -> Any:
         text = queries()[query]
+        wrapped = _jsonb_params(query)
         values = {
-            key: Jsonb(value) if key in _jsonb_params(query) else value
-            for key, value in params.items()
+            key: Jsonb(value) if key in wrapped else value for key, value in params.items()
         }
         try:
             with wrap_exceptions(query), self._pool.connection() as conn:
@@ -335,7 +338,9 @@ def conn_broken(exc: BaseException) -> bool:
             and not isinstance(cause, (psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed)))
 
 
+@cache
 def _jsonb_params(query: str) -> frozenset[str]:
+    """The parameters of a named query passed as jsonb (found once per query)."""
     return frozenset(_JSONB_PARAM.findall(queries()[query]))
 
 
@@ -350,6 +355,7 @@ class PostgresListener:
         self._channels = list(channels)
         self._on_dead = on_dead
         self._conn: psycopg.Connection[Any] | None = None
+        self._probes = 0
 
     def connect(self) -> None:
         """(Re)open the connection and LISTEN on every channel."""
@@ -359,6 +365,7 @@ class PostgresListener:
             for channel in self._channels:
                 conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         self._conn = conn
+        self._probes = 0
 
     def wait(self, timeout: float) -> list[tuple[str, str]]:
         if self._conn is None or self._conn.closed:
@@ -375,14 +382,22 @@ class PostgresListener:
             raise
 
     def probe(self) -> bool:
-        """Ask the server whether this connection still listens on every channel (a listener
-        can die silently, or sit behind a pooler that ignores LISTEN)."""
+        """Check that the server still answers on this connection (a listener can die
+        silently) and, on the first probe and every ``CHANNEL_CHECK_EVERY``-th, that it still
+        listens on every channel (a pooler may ignore LISTEN). The other probes send an empty
+        query: a round trip that starts no transaction, so an idle server costs the database
+        less."""
         if self._conn is None or self._conn.closed:
             return False
         conn = self._conn
+        check_channels = self._probes % CHANNEL_CHECK_EVERY == 0
+        self._probes += 1
         try:
             with wrap_exceptions("listen probe"):
                 with DEADLINES.watch(conn.fileno(), PROBE_DEADLINE, "the listener probe"):
+                    if not check_channels:
+                        conn.execute("")
+                        return True
                     rows = conn.execute("SELECT pg_listening_channels()").fetchall()
         except StorageUnavailable as exc:
             self.close()

@@ -116,3 +116,30 @@ def test_a_dead_server_thread_stops_serving_with_an_error_not_a_clean_exit(datab
     row = db.execute("SELECT draft_status FROM todolist WHERE id = %s", (todo,)).fetchone()
     assert row["draft_status"] is None, "the running todo was given back"
     assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
+
+
+
+def test_listener_probes_between_channel_checks_send_an_empty_query(database_url, db):
+    """An idle server probes its LISTEN connection every few seconds. Only the channel check
+    (the first probe, then every CHANNEL_CHECK_EVERY-th) runs a statement, a transaction; the
+    probes between send an empty query, a round trip the database answers without one."""
+    from processgpt_sync.storage.postgres import CHANNEL_CHECK_EVERY, PostgresListener
+    from processgpt_sync.watch import CHANNELS
+
+    listener = PostgresListener(database_url, CHANNELS)
+    listener.connect()
+
+    def last_statement() -> str:
+        return str(db.execute("SELECT query FROM pg_stat_activity WHERE pid = %s",
+                              (listener.backend_pid(),)).fetchone()["query"])
+
+    try:
+        assert listener.probe()
+        assert last_statement() == "SELECT pg_listening_channels()"
+        for _ in range(CHANNEL_CHECK_EVERY - 1):
+            assert listener.probe()
+            assert last_statement() == ""
+        assert listener.probe()
+        assert last_statement() == "SELECT pg_listening_channels()"
+    finally:
+        listener.close()
