@@ -141,6 +141,13 @@ $$;
 -- first. Limits (across every server of the agent_orch, counted from live leases):
 -- p_max_running todos at once, p_max_running_per_tenant per tenant; claims of an agent_orch
 -- with limits take turns on an advisory lock, so concurrent claims never exceed them.
+--
+-- The claim commits without waiting for its WAL flush (synchronous_commit off for this
+-- transaction only): it is visible at once as ever, and every later synchronous commit (the
+-- todo's events and outcome) flushes it first. Only a crash of the database in the first
+-- ~200 ms can forget it: the todo is then claimable again and the run's writes are refused by
+-- fencing, as when a lease is lost. Its statements keep one generic plan each
+-- (plan_cache_mode): a custom plan per call cost more to plan than the claim costs to run.
 CREATE OR REPLACE FUNCTION processgpt_sync_claim_v2(
     p_agent_orch text,
     p_consumer text,
@@ -151,7 +158,7 @@ CREATE OR REPLACE FUNCTION processgpt_sync_claim_v2(
     p_fair boolean DEFAULT true,
     p_max_running integer DEFAULT NULL,
     p_max_running_per_tenant integer DEFAULT NULL)
-RETURNS jsonb LANGUAGE plpgsql AS $$
+RETURNS jsonb LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_limit integer := p_limit;
     v_ids uuid[];
@@ -160,7 +167,10 @@ BEGIN
     IF p_limit IS NULL OR p_limit < 1 THEN
         RETURN '[]'::jsonb;
     END IF;
+    PERFORM set_config('synchronous_commit', 'off', true);
 
+    -- Settle expired claims; usually there are none, and one probe of the expiry index says so.
+    IF EXISTS (SELECT 1 FROM processgpt_sync_lease WHERE expires_at < now()) THEN
     WITH abandoned AS (
         SELECT t.id FROM todolist t
         JOIN processgpt_sync_lease l ON l.todo_id = t.id AND l.claim_token = t.claim_token
@@ -200,6 +210,7 @@ BEGIN
            jsonb_build_object('error', m.text, 'message', m.text), clock_timestamp(), f.tenant_id
     FROM failed f, LATERAL (SELECT format('claimed %s times without finishing (max_claims=%s)',
                                           f.claim_count, p_max_claims) AS text) m;
+    END IF;
 
     IF p_max_running IS NOT NULL OR p_max_running_per_tenant IS NOT NULL THEN
         PERFORM pg_advisory_xact_lock(hashtext('processgpt_sync_claim'), hashtext(p_agent_orch));
@@ -229,11 +240,14 @@ BEGIN
                            OR t.draft_status IN ('FB_REQUESTED', 'STARTED', 'HUMAN_ASKED'))
                     ORDER BY coalesce(t.tenant_id, '') LIMIT 1)
             FROM tenants g WHERE g.k IS NOT NULL
+        ), live AS MATERIALIZED (  -- from the leases (the todos in flight), not the queue
+            SELECT l.todo_id, l.claim_token FROM processgpt_sync_lease l
+            WHERE l.expires_at >= now()
         ), running AS (
             SELECT coalesce(t.tenant_id, '') AS k, count(*) AS n
-            FROM processgpt_sync_lease l
+            FROM live l
             JOIN todolist t ON t.id = l.todo_id AND t.claim_token = l.claim_token
-            WHERE l.expires_at >= now() AND t.agent_orch::text = p_agent_orch
+            WHERE t.agent_orch::text = p_agent_orch
               AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
             GROUP BY 1
         ), groups AS (

@@ -57,6 +57,20 @@ def test_claim_returns_oldest_first_and_respects_limit_and_agent(storage):
     assert claim(storage) == []
 
 
+
+def test_a_claim_commits_without_waiting_for_the_wal_flush_and_leaves_the_session_alone(
+        storage, database_url):
+    """Only the claim's own transaction skips the flush wait: the todo's events and outcome
+    (later synchronous commits) flush it, and the caller's session setting is untouched."""
+    storage.enqueue("a", "q")
+    with psycopg.connect(database_url) as conn:
+        claimed = conn.execute("SELECT processgpt_sync_claim_v2('a', 'w1', 5)").fetchone()[0]
+        assert len(claimed) == 1
+        assert conn.execute("SHOW synchronous_commit").fetchone()[0] == "off"
+        conn.commit()
+        assert conn.execute("SHOW synchronous_commit").fetchone()[0] == "on"
+        conn.rollback()
+
 def test_claim_skips_rows_that_are_not_claimable(storage, db):
     db.execute("""INSERT INTO todolist (id, agent_orch, query, status, agent_mode, draft,
                   draft_status) VALUES
