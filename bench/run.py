@@ -3,7 +3,7 @@ faults, console latency, and the Supabase backend's idle cost and pickup.
 
     pip install -r bench/requirements.txt
     python bench/run.py [--quick] [--json] [--compat]
-                        [--only fairness|compat|faults|console|scale|supabase]
+                        [--only hot|fairness|compat|faults|console|scale|supabase]
 
 Starts its own embedded PostgreSQL (a temporary data directory), runs every measurement one
 after another on it, prints a table, and with --json a JSON object as the last line.
@@ -85,24 +85,56 @@ class Bench:
         return total
 
 
+_EXECUTED = [0]  # calls of noop in this process (a close count: += is not atomic)
+
+
 def noop(todo: ps.Todo) -> dict[str, Any]:
     todo.events.progress({"step": 1})
     todo.events.progress({"step": 2})
+    _EXECUTED[0] += 1
     return {"ok": True}
 
 
-def throughput(bench: Bench, workers: int, **options: Any) -> float:
+def throughput(bench: Bench, workers: int, cpu: dict[str, float] | None = None,
+               **options: Any) -> float:
+    """Todos/s of one server; ``cpu`` receives the CPU ms per todo of this process and of
+    every PostgreSQL process, start-up included."""
     url = bench.database()
     bench.enqueue(url, bench.todos)
     storage = PostgresStorage(url, max_connections=workers + 4)
+    _EXECUTED[0] = 0
+    with psycopg.connect(url) as conn:
+        postgres = psutil.Process(conn.info.backend_pid).parent()
+    assert postgres is not None
+    postgres_before = _cpu_of(postgres.children())
+    python_before = time.process_time()
     began = time.perf_counter()
     server = ps.start(noop, agent_orch=AGENT, storage=storage, workers=workers, **options)
-    while server.stats()["completed"] < bench.todos:
+    # server.stats() takes percentiles of its recent run times: asked 50 times a second it
+    # would slow the server down; ask only once nearly every todo has run.
+    while _EXECUTED[0] < bench.todos - 2 * workers:
         time.sleep(0.02)
+    while server.stats()["completed"] < bench.todos:
+        time.sleep(0.005)
     elapsed = time.perf_counter() - began
+    if cpu is not None:
+        cpu["python"] = 1000 * (time.process_time() - python_before) / bench.todos
+        cpu["postgres"] = 1000 * (_cpu_of(postgres.children()) - postgres_before) / bench.todos
     server.stop()
     storage.close()
     return bench.todos / elapsed
+
+
+def _cpu_of(processes: list[psutil.Process]) -> float:
+    """CPU seconds of ``processes`` (of those still running)."""
+    total = 0.0
+    for proc in processes:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
 
 
 def raw_sql(bench: Bench, batch: int = 16) -> float:
@@ -299,12 +331,17 @@ def console(bench: Bench, samples: int, idle_seconds: float) -> tuple[float, flo
             (last - first) / idle_seconds)
 
 
-def idle_cost(bench: Bench, seconds: float) -> tuple[float, float]:
+def idle_cost(bench: Bench, seconds: float, serve: bool = True) -> tuple[float, float]:
+    """CPU % of this process and transactions/s in the server's database while it idles;
+    ``serve=False``: the same window with no server (what the database does on its own)."""
     url = bench.database()
     dbname = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
     storage = PostgresStorage(url)
-    server = ps.start(noop, agent_orch=AGENT, storage=storage, workers=4)
-    time.sleep(1.0)
+    server = ps.start(noop, agent_orch=AGENT, storage=storage, workers=4) if serve else None
+    # An idle backend publishes its counters up to 10 s late: wait until the start-up
+    # statements (schema check, first claim, first heartbeat) are counted, or they would be
+    # counted as idle ones.
+    time.sleep(11.0)
 
     def xacts() -> int:
         with psycopg.connect(bench.url, autocommit=True) as conn:
@@ -320,26 +357,43 @@ def idle_cost(bench: Bench, seconds: float) -> tuple[float, float]:
     wall = time.perf_counter() - began
     cpu_after = resource.getrusage(resource.RUSAGE_SELF)
     after_x = xacts()
-    server.stop()
+    if server is not None:
+        server.stop()
     storage.close()
     cpu = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
     return 100 * cpu / wall, (after_x - before_x) / (wall + 1.2)
 
 
-def scale_out(bench: Bench, processes: int, workers: int) -> tuple[float, int, float]:
+def scale_out(bench: Bench, processes: int, workers: int,
+              where: dict[str, Any] | None = None) -> tuple[float, int, float]:
+    """``processes`` CLI servers on one database. ``where`` receives where the CPU went while
+    they worked: seconds of the server processes, of their database backends and of the rest
+    of PostgreSQL, and the wait events seen in pg_stat_activity samples."""
     url = bench.database()
     bench.enqueue(url, bench.todos)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    began = time.perf_counter()
     procs = [subprocess.Popen([sys.executable, "-m", "processgpt_sync", "--log-level", "WARNING",
                                "serve", "bench.run:noop", "--agent-orch", AGENT, "--workers",
                                str(workers), "--database-url", url], env=env, cwd=ROOT)
              for _ in range(processes)]
+    began = time.perf_counter()
+    first = 0.0
     with psycopg.connect(url, autocommit=True) as conn:
-        while conn.execute("SELECT count(*) FROM todolist WHERE draft_status = 'COMPLETED'"
-                           ).fetchone()[0] < bench.todos:
+        sampler = _CpuSampler(procs, conn) if where is not None else None
+        while (completed := conn.execute("SELECT count(*) FROM todolist WHERE draft_status = "
+                                         "'COMPLETED'").fetchone()[0]) < bench.todos:
+            if completed and not first:
+                first = time.perf_counter() - began
+                if sampler is not None:
+                    sampler.mark(conn)
+            if sampler is not None:
+                sampler.sample(conn)
             time.sleep(0.01)
         elapsed = time.perf_counter() - began
+        if sampler is not None and where is not None:
+            where.update(sampler.report(elapsed - first))
+            where["scaleout_first_done_s"] = first  # start-up: imports, connections, schema
+            where["scaleout_after_first_todos_per_s"] = bench.todos / (elapsed - first)
         double = conn.execute("SELECT count(*) FROM (SELECT todo_id FROM events WHERE "
                               "event_type = 'task_working' GROUP BY todo_id "
                               "HAVING count(*) > 2) d").fetchone()[0]
@@ -349,6 +403,81 @@ def scale_out(bench: Bench, processes: int, workers: int) -> tuple[float, int, f
     for proc in procs:
         proc.wait(30)
     return bench.todos / elapsed, int(double), peak / 2**20
+
+
+class _CpuSampler:
+    """CPU seconds of the server processes, their PostgreSQL backends and the other PostgreSQL
+    processes (and of this script), from the first sample on; and pg_stat_activity wait events."""
+
+    def __init__(self, procs: list[subprocess.Popen[bytes]], conn: psycopg.Connection[Any]
+                 ) -> None:
+        self.dbname = conn.info.dbname
+        self.servers = [psutil.Process(p.pid) for p in procs]
+        postmaster = psutil.Process(conn.info.backend_pid).parent()
+        assert postmaster is not None
+        self.postmaster = postmaster
+        self.first: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        self.kind: dict[int, str] = {}
+        self.waits: dict[str, int] = {}
+        self.samples = 0
+        self.began_self = time.process_time()
+
+    def _cpu(self, proc: psutil.Process) -> float | None:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            return None
+        return float(times.user + times.system)
+
+    def sample(self, conn: psycopg.Connection[Any]) -> None:
+        if self.samples % 5 == 0:  # every ~50 ms: CPU of every process involved
+            ours = {s.pid for s in self.servers}
+            for proc in [*self.servers, *self.postmaster.children()]:
+                cpu = self._cpu(proc)
+                if cpu is None:
+                    continue
+                self.first.setdefault(proc.pid, cpu)
+                self.last[proc.pid] = cpu
+                if proc.pid not in self.kind:
+                    self.kind[proc.pid] = "server" if proc.pid in ours else "postgres"
+            backends = {int(pid) for (pid,) in conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> "
+                "pg_backend_pid()", (self.dbname,)).fetchall()}
+            for pid in backends:
+                if self.kind.get(pid) == "postgres":
+                    self.kind[pid] = "backend"
+            self.kind[conn.info.backend_pid] = "bench"
+        for event, n in conn.execute(
+                "SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU'), count(*) "
+                "FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid() "
+                "AND state = 'active' GROUP BY 1", (self.dbname,)).fetchall():
+            self.waits[event] = self.waits.get(event, 0) + int(n)
+        self.samples += 1
+
+    def mark(self, conn: psycopg.Connection[Any]) -> None:
+        """The first todo is done: start-up ends, count CPU and waits from here on."""
+        self.samples = 0
+        self.sample(conn)
+        self.first = dict(self.last)
+        self.waits = {}
+        self.began_self = time.process_time()
+
+    def report(self, elapsed: float) -> dict[str, Any]:
+        """CPU seconds and wait events from ``mark()`` (the first todo done) to the last."""
+        spent = {"server": 0.0, "backend": 0.0, "postgres": 0.0, "bench": 0.0}
+        for pid, cpu in self.last.items():
+            spent[self.kind[pid]] += cpu - self.first.get(pid, 0.0)
+        total = sum(self.waits.values()) or 1
+        return {
+            "scaleout_cpu_s_servers": spent["server"],
+            "scaleout_cpu_s_backends": spent["backend"],
+            "scaleout_cpu_s_other_postgres": spent["postgres"],
+            "scaleout_cpu_s_bench": time.process_time() - self.began_self + spent["bench"],
+            "scaleout_cores_busy": sum(spent.values()) / elapsed,
+            "scaleout_waits_pct": {k: round(100 * v / total, 1) for k, v in
+                               sorted(self.waits.items(), key=lambda kv: -kv[1])[:8]},
+        }
 
 
 def tenant_b_pickups(bench: Bench, fair: bool) -> list[float]:
@@ -530,6 +659,36 @@ def supabase_section(bench: Bench, results: dict[str, Any], quick: bool,
     results["supabase_pickup_ms_p95"] = percentile(latencies, 0.95)
 
 
+def hot(bench: Bench, results: dict[str, Any], quick: bool) -> None:
+    """The hot-path figures alone: pickup, throughput at 16 and 64 workers against the raw SQL
+    loop (alternated, best of two), idle cost (and the database's own idle transactions), and
+    4 processes x 8 workers with where the CPU went."""
+    p50, p95 = pickup(bench, 20 if quick else 40)
+    results["pickup_ms_p50"], results["pickup_ms_p95"] = p50, p95
+    per_workers: dict[str, float] = {}
+    raw: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    for _ in range(2):
+        for workers in (8, 16, 64):
+            rate = throughput(bench, workers, cpu if workers == 16 else None)
+            if workers == 16 and rate > per_workers.get("16", 0.0):
+                results["cpu_ms_per_todo_16_workers"] = dict(cpu)
+            per_workers[str(workers)] = max(per_workers.get(str(workers), 0.0), rate)
+        for batch in (16, 64):
+            raw[str(batch)] = max(raw.get(str(batch), 0.0), raw_sql(bench, batch))
+    results["throughput_by_workers"], results["raw_sql_by_batch"] = per_workers, raw
+    results["throughput_16_workers"] = per_workers["16"]
+    results["ratio_vs_raw"] = max(per_workers.values()) / max(raw.values())
+    cpu, xacts = idle_cost(bench, 10.0 if quick else 30.0)
+    results["idle_cpu_pct"], results["idle_db_xacts_per_s"] = cpu, xacts
+    results["idle_db_xacts_per_s_no_server"] = idle_cost(bench, 10.0 if quick else 30.0,
+                                                         serve=False)[1]
+    where: dict[str, Any] = {}
+    rate, double, _ = scale_out(bench, 4, 8, where)
+    results["scaleout_todos_per_s"], results["double_runs"] = rate, double
+    results.update(where)
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
@@ -617,8 +776,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer todos, shorter idle window")
     parser.add_argument("--json", action="store_true", help="print a JSON object last")
-    parser.add_argument("--only", choices=["fairness", "compat", "faults", "console", "scale",
-                                           "supabase"], help="run just this section")
+    parser.add_argument("--only", choices=["hot", "fairness", "compat", "faults", "console",
+                                           "scale", "supabase"], help="run just this section")
     parser.add_argument("--compat", action="store_true", help="add the compat section (needs "
                         "crewai, langchain-core and langgraph; see bench/compat.py)")
     args = parser.parse_args()
@@ -632,6 +791,9 @@ def main() -> int:
     results: dict[str, Any] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                                f"Python {platform.python_version()}", "todos": bench.todos}
     try:
+        if args.only == "hot":
+            hot(bench, results, args.quick)
+            return report(results, args.json)
         if args.only == "fairness":
             fairness(bench, results)
             return report(results, args.json)
@@ -659,6 +821,7 @@ def main() -> int:
         results["raw_sql_by_batch"] = raw
         results["raw_sql_todos_per_s"] = max(raw.values())
         results["ratio_vs_raw"] = results["throughput_todos_per_s"] / results["raw_sql_todos_per_s"]
+        results["throughput_16_workers"] = per_workers["16"]
         procrastinate = procrastinate_best(bench)
         if procrastinate:
             results["procrastinate_by_concurrency"] = procrastinate
@@ -692,7 +855,8 @@ def report(results: dict[str, Any], as_json: bool) -> int:
     for key, value in results.items():
         shown = f"{value:,.2f}" if isinstance(value, float) else value
         if isinstance(value, dict):
-            shown = ", ".join(f"{k}: {v:,.0f}" for k, v in value.items())
+            shown = ", ".join(f"{k}: {v:,.0f}" if abs(v) >= 10 else f"{k}: {v:.2f}"
+                              for k, v in value.items())
         print(f"{key:32} {shown}")
     if as_json:
         print(json.dumps(results))
