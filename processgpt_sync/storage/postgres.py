@@ -384,19 +384,21 @@ class PostgresListener:
     def probe(self) -> bool:
         """Check that the server still answers on this connection (a listener can die
         silently) and, on the first probe and every ``CHANNEL_CHECK_EVERY``-th, that it still
-        listens on every channel (a pooler may ignore LISTEN). The other probes send an empty
-        query: a round trip that starts no transaction, so an idle server costs the database
-        less."""
+        listens on every channel (a pooler may ignore LISTEN). The other probes send only a
+        protocol Sync: a round trip that starts no transaction (any statement, even an empty
+        one, would be one), so an idle server costs the database less."""
         if self._conn is None or self._conn.closed:
             return False
         conn = self._conn
-        check_channels = self._probes % CHANNEL_CHECK_EVERY == 0
+        check_channels = (self._probes % CHANNEL_CHECK_EVERY == 0
+                          or not psycopg.Pipeline.is_supported())
         self._probes += 1
         try:
             with wrap_exceptions("listen probe"):
                 with DEADLINES.watch(conn.fileno(), PROBE_DEADLINE, "the listener probe"):
                     if not check_channels:
-                        conn.execute("")
+                        with conn.pipeline():
+                            pass  # leaving it sends a Sync and waits for ReadyForQuery
                         return True
                     rows = conn.execute("SELECT pg_listening_channels()").fetchall()
         except StorageUnavailable as exc:
