@@ -215,6 +215,44 @@ def pickup(bench: Bench, samples: int) -> tuple[float, float]:
     return statistics.median(latencies), latencies[int(0.95 * (len(latencies) - 1))]
 
 
+def pickup_raw(bench: Bench, samples: int) -> tuple[float, float]:
+    """The floor for pickup on this machine: a bare psycopg thread that LISTENs and calls the
+    same claim function on each NOTIFY, enqueued as in ``pickup``; ms to the claim's answer."""
+    url = bench.database()
+    claimed: dict[str, float] = {}
+    ready, done = threading.Event(), threading.Event()
+
+    def listen() -> None:
+        with psycopg.connect(url, autocommit=True) as listener, \
+                psycopg.connect(url, autocommit=True) as conn:
+            listener.execute("LISTEN processgpt_sync_todo")
+            ready.set()
+            while not done.is_set():
+                for _ in listener.notifies(timeout=0.2, stop_after=1):
+                    for item in conn.execute(
+                            "SELECT processgpt_sync_claim_v2(%s, 'raw', 4, 60, 3, NULL, true, "
+                            "NULL, NULL)", (AGENT,)).fetchone()[0]:
+                        claimed[item["row"]["query"]] = time.perf_counter()
+
+    thread = threading.Thread(target=listen, daemon=True)
+    thread.start()
+    ready.wait(10)
+    enqueued: dict[str, float] = {}
+    with psycopg.connect(url, autocommit=True) as conn:
+        for i in range(samples):
+            key = f"r{i}"
+            enqueued[key] = time.perf_counter()
+            conn.execute("SELECT processgpt_sync_enqueue_v1(%s, %s)", (AGENT, key))
+            time.sleep(0.05)
+    deadline = time.monotonic() + 10
+    while len(claimed) < samples and time.monotonic() < deadline:
+        time.sleep(0.01)
+    done.set()
+    thread.join(5)
+    latencies = sorted((claimed[k] - enqueued[k]) * 1000 for k in claimed if k in enqueued)
+    return statistics.median(latencies), latencies[int(0.95 * (len(latencies) - 1))]
+
+
 def cancel_latency(bench: Bench, samples: int) -> float:
     url = bench.database()
     hook_called: dict[str, float] = {}
@@ -331,37 +369,39 @@ def console(bench: Bench, samples: int, idle_seconds: float) -> tuple[float, flo
             (last - first) / idle_seconds)
 
 
-def idle_cost(bench: Bench, seconds: float, serve: bool = True) -> tuple[float, float]:
-    """CPU % of this process and transactions/s in the server's database while it idles;
-    ``serve=False``: the same window with no server (what the database does on its own)."""
+def idle_cost(bench: Bench, seconds: float) -> tuple[float, float]:
+    """CPU % of this process while one server idles, and the server's database transactions
+    per second: the difference between an idle run ``seconds`` longer and a short one, each
+    counted once its connections closed (a backend publishes its counts reliably only when it
+    exits), so start-up and stop cancel out."""
+    short, _ = _idle_run(bench, 1.0)
+    long, cpu = _idle_run(bench, 1.0 + seconds)
+    return cpu, (long - short) / seconds
+
+
+def _idle_run(bench: Bench, seconds: float) -> tuple[int, float]:
+    """(transactions of the run, CPU % of this process during it after the first second)."""
     url = bench.database()
     dbname = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
     storage = PostgresStorage(url)
-    server = ps.start(noop, agent_orch=AGENT, storage=storage, workers=4) if serve else None
-    # An idle backend publishes its counters up to 10 s late: wait until the start-up
-    # statements (schema check, first claim, first heartbeat) are counted, or they would be
-    # counted as idle ones.
-    time.sleep(11.0)
-
-    def xacts() -> int:
-        with psycopg.connect(bench.url, autocommit=True) as conn:
-            conn.execute("SELECT pg_stat_force_next_flush()")
-            time.sleep(1.2)  # let other backends publish their counters
-            return int(conn.execute("SELECT xact_commit + xact_rollback FROM pg_stat_database "
-                                    "WHERE datname = %s", (dbname,)).fetchone()[0])
-
-    before_x = xacts()
+    server = ps.start(noop, agent_orch=AGENT, storage=storage, workers=4)
+    time.sleep(1.0)
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     began = time.perf_counter()
-    time.sleep(seconds)
+    time.sleep(seconds - 1.0)
     wall = time.perf_counter() - began
     cpu_after = resource.getrusage(resource.RUSAGE_SELF)
-    after_x = xacts()
-    if server is not None:
-        server.stop()
+    server.stop()
     storage.close()
     cpu = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
-    return 100 * cpu / wall, (after_x - before_x) / (wall + 1.2)
+    with psycopg.connect(bench.url, autocommit=True) as conn:
+        while conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s",
+                           (dbname,)).fetchone()[0]:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        xacts = conn.execute("SELECT xact_commit + xact_rollback FROM pg_stat_database "
+                             "WHERE datname = %s", (dbname,)).fetchone()[0]
+    return int(xacts), 100 * cpu / wall if wall > 0 else 0.0
 
 
 def scale_out(bench: Bench, processes: int, workers: int,
@@ -665,6 +705,8 @@ def hot(bench: Bench, results: dict[str, Any], quick: bool) -> None:
     4 processes x 8 workers with where the CPU went."""
     p50, p95 = pickup(bench, 20 if quick else 40)
     results["pickup_ms_p50"], results["pickup_ms_p95"] = p50, p95
+    results["pickup_raw_ms_p50"], results["pickup_raw_ms_p95"] = pickup_raw(
+        bench, 20 if quick else 40)
     per_workers: dict[str, float] = {}
     raw: dict[str, float] = {}
     cpu: dict[str, float] = {}
@@ -681,8 +723,6 @@ def hot(bench: Bench, results: dict[str, Any], quick: bool) -> None:
     results["ratio_vs_raw"] = max(per_workers.values()) / max(raw.values())
     cpu, xacts = idle_cost(bench, 10.0 if quick else 30.0)
     results["idle_cpu_pct"], results["idle_db_xacts_per_s"] = cpu, xacts
-    results["idle_db_xacts_per_s_no_server"] = idle_cost(bench, 10.0 if quick else 30.0,
-                                                         serve=False)[1]
     where: dict[str, Any] = {}
     rate, double, _ = scale_out(bench, 4, 8, where)
     results["scaleout_todos_per_s"], results["double_runs"] = rate, double
