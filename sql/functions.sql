@@ -1325,12 +1325,35 @@ BEGIN
 END
 $$;
 
+-- Console: an open console keeps change notifications on for p_seconds more (it calls this
+-- again before they run out). True.
+CREATE OR REPLACE FUNCTION processgpt_sync_console_watch_v1(p_console text, p_seconds integer)
+RETURNS boolean LANGUAGE sql AS $$
+    INSERT INTO processgpt_sync_console_watch AS w (console, expires_at)
+    VALUES (p_console, now() + make_interval(secs => p_seconds))
+    ON CONFLICT (console) DO UPDATE SET expires_at = EXCLUDED.expires_at
+    RETURNING true
+$$;
+
+-- Console: a console closed; its notifications stop (rows of consoles that expired go too).
+-- True if it was watching.
+CREATE OR REPLACE FUNCTION processgpt_sync_console_unwatch_v1(p_console text)
+RETURNS boolean LANGUAGE sql AS $$
+    WITH gone AS (DELETE FROM processgpt_sync_console_watch
+                  WHERE console = p_console OR expires_at < now() RETURNING console)
+    SELECT EXISTS (SELECT 1 FROM gone WHERE console = p_console)
+$$;
+
 -- Console (`processgpt-sync console`): something about a todo changed, on
 -- 'processgpt_sync_event' with the todo id as payload: events were written for it, or its row
--- was inserted or updated. One NOTIFY per todo and statement, so a batch of events costs one.
+-- was inserted or updated. One NOTIFY per todo and statement, so a batch of events costs one;
+-- none while no console watches (see processgpt_sync_console_watch).
 CREATE OR REPLACE FUNCTION processgpt_sync_changed_notify_v1()
 RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    IF NOT EXISTS (SELECT 1 FROM processgpt_sync_console_watch WHERE expires_at > now()) THEN
+        RETURN NULL;
+    END IF;
     IF TG_TABLE_NAME = 'events' THEN
         PERFORM pg_notify('processgpt_sync_event', c.todo_id)
         FROM (SELECT DISTINCT coalesce(n.todo_id::text, '') AS todo_id

@@ -102,6 +102,14 @@ SELECT processgpt_sync_show_v1(p_todo_id => %(p_todo_id)s::text)
 -- Make a FAILED or CANCELLED todo claimable again, or say why not
 SELECT processgpt_sync_retry_v1(p_todo_id => %(p_todo_id)s::text)
 
+-- console_watch --
+-- An open console keeps change notifications on for p_seconds more
+SELECT processgpt_sync_console_watch_v1(p_console => %(p_console)s::text, p_seconds => %(p_seconds)s::integer)
+
+-- console_unwatch --
+-- A console closed: its change notifications stop
+SELECT processgpt_sync_console_unwatch_v1(p_console => %(p_console)s::text)
+
 -- console_todos --
 -- Console: the newest todos matching agent_orch, tenant and state, with filter values and counts
 SELECT processgpt_sync_console_todos_v1(p_agent_orch => %(p_agent_orch)s::text, p_tenant_id => %(p_tenant_id)s::text, p_state => %(p_state)s::text, p_limit => %(p_limit)s::integer)

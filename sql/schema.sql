@@ -191,6 +191,31 @@ BEGIN
 END
 $$;
 
+-- Open consoles. The change triggers send their NOTIFY only while a console watches: a NOTIFY
+-- holds a cluster-wide lock until its transaction commits, which would serialise every claim
+-- and finish of every server. Each console refreshes its row; the row of one that died expires.
+-- Readable by every role (the triggers run as the role writing todolist and events).
+CREATE TABLE IF NOT EXISTS processgpt_sync_console_watch (
+    console text PRIMARY KEY,
+    expires_at timestamptz NOT NULL
+);
+
+DO $$
+DECLARE
+    r text;
+BEGIN
+    FOREACH r IN ARRAY ARRAY['anon', 'authenticated'] LOOP
+        IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) THEN
+            EXECUTE format('REVOKE ALL ON processgpt_sync_console_watch FROM %I', r);
+        END IF;
+    END LOOP;
+    GRANT SELECT ON processgpt_sync_console_watch TO PUBLIC;
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'service_role') THEN
+        GRANT ALL ON processgpt_sync_console_watch TO service_role;
+    END IF;
+END
+$$;
+
 -- Claimable and in-flight todos only: finished rows (COMPLETED, FAILED, ...) stay out of them.
 -- One index serves oldest-first claims, one the tenants' turns of fair claims (a skip scan over
 -- tenants, then each tenant's oldest todos). Old installs have an enum agent_orch, whose cast to

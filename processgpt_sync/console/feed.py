@@ -5,6 +5,10 @@ thread LISTENs on ``processgpt_sync_event`` (payload: the todo id) and wakes the
 subscribers on their event loop; pages then read what changed. On a backend without LISTEN
 (Supabase) the thread wakes every subscriber each ``poll_interval`` instead, and only while
 someone is watching, so an idle console costs the database nothing there.
+
+The database sends those notifications only while a console says it watches
+(``processgpt_sync_console_watch_v1``, refreshed every ``WATCH_REFRESH`` seconds): each NOTIFY
+takes a cluster-wide lock through commit, which servers should not pay for when nobody looks.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import asyncio
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from ..errors import StorageError
@@ -25,6 +30,8 @@ PROBE_INTERVAL = 30.0  # seconds of silence before checking the LISTEN connectio
 WAIT_STEP = 1.0  # seconds per wait, so close() is quick
 POLL_INTERVAL = 1.0  # seconds between wake-ups when the backend cannot LISTEN
 RETRY_MAX = 10.0  # seconds: longest wait before reconnecting a lost LISTEN connection
+WATCH_REFRESH = 20.0  # seconds between renewals of this console's watch
+WATCH_SECONDS = 60  # how long one renewal keeps notifications on (a dead console's expire)
 
 
 @dataclass(eq=False)
@@ -53,6 +60,8 @@ class ChangeFeed:
         self._thread: threading.Thread | None = None
         self.listening = False
         """True while the LISTEN connection is up (False on polling backends)."""
+        self._console = f"console-{uuid.uuid4()}"
+        self._watch_due = 0.0
 
     def start(self) -> None:
         self._listener = self._storage.listener([CHANNEL])
@@ -92,6 +101,11 @@ class ChangeFeed:
             self._thread.join(timeout=WAIT_STEP + 5)
         if self._listener is not None:
             self._listener.close()
+            try:
+                self._storage.call("console_unwatch", {"p_console": self._console})
+            except StorageError as exc:
+                logger.warning("console change feed: could not end its watch (%s); it expires "
+                               "in %d s", exc, WATCH_SECONDS)
 
     def _poll(self) -> None:
         while not self._stop.wait(self._poll_interval):
@@ -111,7 +125,14 @@ class ChangeFeed:
                     listener.connect()
                     self.listening = True
                     delay = 0.5
-                    self.dispatch(None)  # changes missed while disconnected
+                    self._watch_due = 0.0
+                if time.monotonic() >= self._watch_due:
+                    first = self._watch_due == 0.0
+                    self._storage.call("console_watch", {"p_console": self._console,
+                                                         "p_seconds": WATCH_SECONDS})
+                    self._watch_due = time.monotonic() + WATCH_REFRESH
+                    if first:  # changes made before the database notified this console
+                        self.dispatch(None)
                 notes = listener.wait(WAIT_STEP)
                 if notes:
                     heard = time.monotonic()

@@ -493,3 +493,36 @@ def test_supabase_console_polls_and_never_sends_the_key(supabase_storage):
                            ("/todos", f"/todos/{todo_id}", "/questions", "/servers",
                             "/static/console.js")]
     assert all(SERVICE_KEY not in body for body in bodies)
+
+
+def changes(listener, wait: float = 0.3) -> list[str]:
+    return [note.payload for note in listener.notifies(timeout=wait)]
+
+
+def test_the_database_notifies_changes_only_while_a_console_watches(storage, database_url):
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as listener:
+        listener.execute("LISTEN processgpt_sync_event")
+        storage.enqueue("feed", "nobody watches")
+        assert changes(listener) == [], "no console: claims and finishes send no NOTIFY"
+        storage.call("console_watch", {"p_console": "c1", "p_seconds": 60})
+        watched = storage.enqueue("feed", "a console watches")
+        assert watched in changes(listener)
+        assert storage.call("console_unwatch", {"p_console": "c1"}) is True
+        storage.enqueue("feed", "the console closed")
+        assert changes(listener) == []
+        storage.call("console_watch", {"p_console": "dead", "p_seconds": 0})
+        time.sleep(0.01)
+        storage.enqueue("feed", "the console died")
+        assert changes(listener) == [], "a console that stopped renewing its watch expires"
+
+
+def test_an_open_console_watches_and_stops_watching_when_closed(storage, db):
+    def watching() -> int:
+        return db.execute("SELECT count(*) AS n FROM processgpt_sync_console_watch "
+                          "WHERE expires_at > now()").fetchone()["n"]
+
+    with ConsoleServer(storage, ConsoleConfig(port=0)):
+        wait_for(lambda: watching() == 1)
+    assert watching() == 0
