@@ -175,22 +175,6 @@ CREATE TABLE IF NOT EXISTS processgpt_sync_server (
     stats jsonb NOT NULL DEFAULT '{}'::jsonb
 );
 
--- Supabase grants new public tables to anon and authenticated by default: take that back.
-DO $$
-DECLARE
-    r text;
-BEGIN
-    FOREACH r IN ARRAY ARRAY['anon', 'authenticated'] LOOP
-        IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) THEN
-            EXECUTE format('REVOKE ALL ON processgpt_sync_server FROM %I', r);
-        END IF;
-    END LOOP;
-    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'service_role') THEN
-        GRANT ALL ON processgpt_sync_server TO service_role;
-    END IF;
-END
-$$;
-
 -- Open consoles. The change triggers send their NOTIFY only while a console watches: a NOTIFY
 -- holds a cluster-wide lock until its transaction commits, which would serialise every claim
 -- and finish of every server. Each console refreshes its row; the row of one that died expires.
@@ -200,19 +184,23 @@ CREATE TABLE IF NOT EXISTS processgpt_sync_console_watch (
     expires_at timestamptz NOT NULL
 );
 
+-- Supabase grants new public tables to anon and authenticated by default: take that back.
 DO $$
 DECLARE
     r text;
+    t text;
 BEGIN
-    FOREACH r IN ARRAY ARRAY['anon', 'authenticated'] LOOP
-        IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) THEN
-            EXECUTE format('REVOKE ALL ON processgpt_sync_console_watch FROM %I', r);
+    FOREACH t IN ARRAY ARRAY['processgpt_sync_server', 'processgpt_sync_console_watch'] LOOP
+        FOREACH r IN ARRAY ARRAY['anon', 'authenticated'] LOOP
+            IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) THEN
+                EXECUTE format('REVOKE ALL ON %I FROM %I', t, r);
+            END IF;
+        END LOOP;
+        IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'service_role') THEN
+            EXECUTE format('GRANT ALL ON %I TO service_role', t);
         END IF;
     END LOOP;
     GRANT SELECT ON processgpt_sync_console_watch TO PUBLIC;
-    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'service_role') THEN
-        GRANT ALL ON processgpt_sync_console_watch TO service_role;
-    END IF;
 END
 $$;
 
