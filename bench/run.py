@@ -39,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 
 import processgpt_sync as ps  # noqa: E402
 from processgpt_sync import embedded  # noqa: E402
-from processgpt_sync.storage.postgres import PostgresStorage, install_schema  # noqa: E402
+from processgpt_sync.storage.install import install_schema  # noqa: E402
+from processgpt_sync.storage.postgres import PostgresStorage  # noqa: E402
 from processgpt_sync.storage.supabase import SupabaseStorage  # noqa: E402
 from tests.faultproxy import FaultProxy  # noqa: E402
 from tests.postgrest_gateway import SERVICE_KEY, Gateway  # noqa: E402

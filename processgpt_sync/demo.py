@@ -24,7 +24,8 @@ from rich.progress import Progress, TextColumn
 from . import cli_terminal as terminal
 from . import embedded
 from .serving import start
-from .storage.postgres import PostgresStorage, install_schema
+from .storage.install import install_schema
+from .storage.postgres import PostgresStorage
 
 DEMO_AGENT = "processgpt-sync-demo"
 INPUTS = [

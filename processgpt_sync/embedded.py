@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigurationError
-from .storage.postgres import install_schema
+from .storage.install import install_schema
 
 logger = logging.getLogger(__name__)
 

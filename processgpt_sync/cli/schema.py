@@ -12,7 +12,7 @@ import argparse
 from .. import embedded
 from ..errors import ConfigurationError
 from ..queries import SCHEMA_FILES, read_sql
-from ..storage.postgres import install_schema
+from ..storage.install import install_schema
 from .backend import backend_urls
 
 

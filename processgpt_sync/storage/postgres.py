@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import random
 import re
 import threading
 import time
@@ -21,7 +19,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
 
 from ..errors import ConfigurationError, SchemaMissing, StorageError, StorageUnavailable
-from ..queries import SCHEMA_FILES, queries, read_sql
+from ..queries import queries
 from .base import INSTALL_HINT, Storage
 from .deadline import DEADLINES, DeadlineExceeded
 
@@ -40,9 +38,6 @@ _JSONB_PARAM = re.compile(r"%\((\w+)\)s::jsonb")
 _MISSING_SCHEMA_STATES = {"42883", "42P01", "42704"}  # undefined function / table / object
 # A transaction aborted for another's sake (deadlock, serialisation, a lock wait given up):
 # psycopg raises these as OperationalError, so they are StorageUnavailable and retried.
-_BUSY_STATES = {"40P01", "40001", "55P03"}
-INSTALL_LOCK_TIMEOUT = 3  # seconds the schema install waits for one table lock per attempt
-INSTALL_ATTEMPTS = 20
 
 
 def redact(url: str) -> str:
@@ -83,47 +78,6 @@ def _storage_error(exc: psycopg.Error) -> StorageError:
     return StorageError(f"{message}{detail}", code=exc.sqlstate, hint=diag.message_hint)
 
 
-# What init-db reports: every table, column (with its type), enum label, index, trigger and
-# function of the current schema, as {description: column type or ""}.
-_CATALOG = """
-SELECT 'table ' || c.relname, '' FROM pg_class c
-WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind IN ('r', 'p')
-UNION ALL
-SELECT 'column ' || c.relname || '.' || a.attname, format_type(a.atttypid, a.atttypmod)
-FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
-WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind IN ('r', 'p')
-  AND a.attnum > 0 AND NOT a.attisdropped
-UNION ALL
-SELECT 'enum value ' || t.typname || '.' || e.enumlabel, '' FROM pg_enum e
-JOIN pg_type t ON t.oid = e.enumtypid WHERE t.typnamespace = current_schema()::regnamespace
-UNION ALL
-SELECT 'index ' || c.relname, '' FROM pg_class c
-WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind = 'i'
-UNION ALL
-SELECT 'trigger ' || g.tgname || ' on ' || c.relname, '' FROM pg_trigger g
-JOIN pg_class c ON c.oid = g.tgrelid
-WHERE c.relnamespace = current_schema()::regnamespace AND NOT g.tgisinternal
-UNION ALL
-SELECT 'function ' || p.oid::regprocedure::text, '' FROM pg_proc p
-WHERE p.pronamespace = current_schema()::regnamespace AND p.proname LIKE 'processgpt\\_sync\\_%'
-"""
-
-
-def _catalog(conn: psycopg.Connection[Any]) -> dict[str, str]:
-    return {str(name): str(kind) for name, kind in conn.execute(_CATALOG).fetchall()}
-
-
-def _additions(before: dict[str, str], after: dict[str, str]) -> list[str]:
-    """What ``after`` adds to ``before``; StorageError if an existing column changed its type."""
-    changed = [f"{name}: {before[name]} -> {kind}" for name, kind in after.items()
-               if name in before and before[name] != kind]
-    if changed:
-        raise StorageError("the schema would change existing column types, so nothing was "
-                           f"installed: {'; '.join(sorted(changed))}")
-    return sorted(f"add {name}" + (f" {kind}" if kind else "")
-                  for name, kind in after.items() if name not in before)
-
-
 def link_conninfo(conninfo: str, *, tcp_timeout: float = TCP_TIMEOUT) -> str:
     """``conninfo`` with dead-peer detection added: TCP keepalives, ``tcp_user_timeout`` and
     ``connect_timeout``. Whatever the URL (or PGCONNECT_TIMEOUT) sets explicitly wins.
@@ -152,75 +106,6 @@ def sets_statement_timeout(conninfo: str) -> bool:
     """True when the URL (``options``) or PGOPTIONS already sets statement_timeout."""
     options = str(conninfo_to_dict(conninfo).get("options") or "")
     return "statement_timeout" in options + os.environ.get("PGOPTIONS", "")
-
-
-def schema_version() -> str:
-    """A digest of the shipped schema files: what ``install_schema`` records once applied."""
-    digest = hashlib.sha256()
-    for name in SCHEMA_FILES:
-        digest.update(read_sql(name).encode())
-    return f"processgpt-sync schema {digest.hexdigest()[:16]}"
-
-
-def install_schema(conninfo: str, *, if_changed: bool = False, dry_run: bool = False,
-                   added: list[str] | None = None) -> bool:
-    """Apply sql/schema.sql and sql/functions.sql (idempotent; safe with concurrent callers).
-
-    One transaction; it only adds. ``added`` receives what it added, one line each ("add column
-    todolist.claim_token uuid", ...); with ``dry_run`` the transaction is rolled back, so it says
-    what would be added. A column whose type would change (never intended) stops the install with
-    StorageError and nothing is changed.
-
-    The DDL takes strong locks on todolist and events: on a busy database it waits behind
-    running statements, and every claim queues behind it. So it gives up a lock wait after
-    ``INSTALL_LOCK_TIMEOUT`` and tries again, instead of stalling (or deadlocking) the fleet.
-
-    :param if_changed: skip when this exact version is installed already (server start-up).
-    :returns: whether the schema was applied.
-    """
-    version = schema_version()
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            with wrap_exceptions(redact(conninfo)):
-                with psycopg.connect(link_conninfo(conninfo)) as conn:
-                    if if_changed and _installed_version(conn) == version:
-                        return False
-                    conn.execute("SELECT pg_advisory_xact_lock(hashtext('processgpt_sync_schema'))")
-                    if if_changed and _installed_version(conn) == version:
-                        return False  # another process installed it while we waited
-                    conn.execute(f"SET LOCAL lock_timeout = '{INSTALL_LOCK_TIMEOUT}s'")
-                    before = _catalog(conn)
-                    for name in SCHEMA_FILES:
-                        conn.execute(read_sql(name).encode())
-                    conn.execute(sql.SQL("COMMENT ON FUNCTION processgpt_sync_schema_v1() IS {}")
-                                 .format(sql.Literal(version)))
-                    additions = _additions(before, _catalog(conn))
-                    if dry_run:
-                        conn.rollback()
-                    else:
-                        conn.commit()
-        except StorageUnavailable as exc:
-            if exc.code not in _BUSY_STATES or attempt == INSTALL_ATTEMPTS:
-                raise
-            logger.info("schema install waited too long for a lock on a busy database "
-                        "(attempt %d), retrying", attempt, extra={"action": "init_db"})
-            time.sleep(random.uniform(0.1, 0.5) * attempt)
-            continue
-        if added is not None:
-            added[:] = additions
-        if dry_run:
-            return False
-        logger.info("schema installed (%d additions)", len(additions),
-                    extra={"action": "init_db"})
-        return True
-
-
-def _installed_version(conn: psycopg.Connection[Any]) -> str | None:
-    row = conn.execute("SELECT obj_description(to_regprocedure('processgpt_sync_schema_v1()'), "
-                       "'pg_proc')").fetchone()
-    return None if row is None else row[0]
 
 
 class PostgresStorage(Storage):

@@ -20,7 +20,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .. import embedded
-from ..storage.postgres import install_schema
+from ..storage.install import install_schema
 
 TEMPLATE = "processgpt_sync_template"
 

@@ -21,8 +21,9 @@ from psycopg.rows import dict_row
 import processgpt_sync as ps
 from processgpt_sync.errors import StorageError
 from processgpt_sync.stats import ServerStats
-from processgpt_sync.storage import postgres
-from processgpt_sync.storage.postgres import PostgresStorage, install_schema
+from processgpt_sync.storage import install
+from processgpt_sync.storage.install import install_schema
+from processgpt_sync.storage.postgres import PostgresStorage
 from tests.acceptance.test_cli import cli
 from tests.conftest import wait_for
 
@@ -97,13 +98,13 @@ def test_init_db_on_a_platform_database_prints_what_it_adds_and_keeps_platform_c
 
 def test_init_db_refuses_to_change_the_type_of_an_existing_column(platform_database_url,
                                                                    monkeypatch):
-    real = postgres.read_sql
+    real = install.read_sql
 
     def altered(name: str) -> str:
         extra = "\nALTER TABLE todolist ALTER COLUMN start_date TYPE timestamptz;\n"
         return real(name) + (extra if name == "schema.sql" else "")
 
-    monkeypatch.setattr(postgres, "read_sql", altered)
+    monkeypatch.setattr(install, "read_sql", altered)
     with pytest.raises(StorageError, match=r"column todolist.start_date: timestamp without "
                                            r"time zone -> timestamp with time zone"):
         install_schema(platform_database_url)

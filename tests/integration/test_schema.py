@@ -5,7 +5,8 @@ from __future__ import annotations
 import psycopg
 from psycopg.rows import dict_row
 
-from processgpt_sync.storage.postgres import PostgresStorage, install_schema
+from processgpt_sync.storage.install import install_schema
+from processgpt_sync.storage.postgres import PostgresStorage
 
 CATALOG = """
 SELECT 'column' AS kind, table_name || '.' || column_name || ':' || data_type AS item

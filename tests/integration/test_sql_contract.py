@@ -273,7 +273,7 @@ def test_functions_are_not_granted_to_anon(pg_url, database_url):
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'anon') "
                      "THEN CREATE ROLE anon; END IF; END $$")
-        from processgpt_sync.storage.postgres import install_schema
+        from processgpt_sync.storage.install import install_schema
 
         install_schema(database_url)
         allowed = conn.execute("SELECT has_function_privilege('anon', "

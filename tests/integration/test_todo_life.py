@@ -16,7 +16,8 @@ import pytest
 import processgpt_sync as ps
 from processgpt_sync.events import make_event
 from processgpt_sync.human import question_data
-from processgpt_sync.storage.postgres import PostgresStorage, install_schema
+from processgpt_sync.storage.install import install_schema
+from processgpt_sync.storage.postgres import PostgresStorage
 from tests.conftest import open_backend, wait_for
 
 LEASE = {"lease_seconds": 60, "max_claims": 3}

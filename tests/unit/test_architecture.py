@@ -17,8 +17,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "processgpt_sync"
 LAYERS: list[set[str]] = [
     {"errors", "version", "queries", "models", "payload", "retrying", "infra", "blocking",
      "stats", "settings"},
-    {"storage", "storage.base", "storage.deadline", "storage.postgres", "storage.supabase",
-     "embedded"},
+    {"storage", "storage.base", "storage.deadline", "storage.postgres", "storage.install",
+     "storage.supabase", "embedded"},
     {"events", "todo", "feedback", "loops", "budget", "executor", "a2a"},
     {"event_writer", "runs", "outcomes"},
     {"human", "recorder"},
