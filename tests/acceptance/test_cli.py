@@ -266,7 +266,7 @@ def test_status_tells_claimable_rows_from_rows_no_server_will_claim(database_url
         conn.execute("INSERT INTO todolist (id, agent_orch, query) "
                      "VALUES (gen_random_uuid(), 'plain', 'x')")
         conn.execute("SELECT processgpt_sync_enqueue_v1('plain', 'y')")
-    out = cli("status", "--database-url", database_url).stdout
+    out = " ".join(cli("status", "--database-url", database_url).stdout.split())  # any width
     assert "(claimable)" in out and "(not claimable)" in out
     assert "1 todos without draft_status are not claimable" in out
     assert "status IN_PROGRESS, agent_mode DRAFT or COMPLETE" in out
