@@ -140,13 +140,17 @@ def test_a_second_sigterm_exits_at_once_and_leaves_the_todo_to_its_lease(databas
 
 
 def test_scale_out_3_processes_run_1000_todos_exactly_once(database_url, tmp_path):
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("SELECT processgpt_sync_enqueue_v1('rel', 'q' || g) "
-                     "FROM generate_series(1, 1000) g")
     args = ["--agent-orch", "rel", "--workers", "4"]
     with open(tmp_path / "log", "w") as log:
         procs = [spawn(database_url, "tests.agents:quick", *args, log=log) for _ in range(3)]
         try:
+            # The work arrives once all three serve: one process alone can finish 1,000 quick
+            # todos before another has started.
+            wait_for(lambda: scalar(database_url, "SELECT count(*) FROM processgpt_sync_server "
+                                    "WHERE agent_orch = 'rel'") == 3, timeout=60)
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                conn.execute("SELECT processgpt_sync_enqueue_v1('rel', 'q' || g) "
+                             "FROM generate_series(1, 1000) g")
             wait_for(lambda: scalar(database_url, "SELECT count(*) FROM todolist WHERE "
                                     "draft_status = 'COMPLETED'") == 1000, timeout=120)
         finally:
