@@ -192,7 +192,6 @@ def procrastinate_best(bench: Bench) -> dict[str, float] | None:
 def pickup(bench: Bench, samples: int) -> tuple[float, float]:
     url = bench.database()
     started: dict[str, float] = {}
-    enqueued: dict[str, float] = {}
 
     def record(todo: ps.Todo) -> dict[str, Any]:
         started[todo.input] = time.perf_counter()
@@ -201,18 +200,32 @@ def pickup(bench: Bench, samples: int) -> tuple[float, float]:
     storage = PostgresStorage(url)
     server = ps.start(record, agent_orch=AGENT, storage=storage, workers=4)
     time.sleep(0.5)
+    enqueued = enqueue_spaced(url, "p", samples, started)
+    server.stop()
+    storage.close()
+    return latency_ms(enqueued, started)
+
+
+def enqueue_spaced(url: str, prefix: str, samples: int,
+                   seen: dict[str, float]) -> dict[str, float]:
+    """Enqueue ``samples`` todos 50 ms apart (their input: prefix + number) and wait up to 10 s
+    until ``seen`` has them all; return when each was enqueued."""
+    enqueued: dict[str, float] = {}
     with psycopg.connect(url, autocommit=True) as conn:
         for i in range(samples):
-            key = f"p{i}"
+            key = f"{prefix}{i}"
             enqueued[key] = time.perf_counter()
             conn.execute("SELECT processgpt_sync_enqueue_v1(%s, %s)", (AGENT, key))
             time.sleep(0.05)
     deadline = time.monotonic() + 10
-    while len(started) < samples and time.monotonic() < deadline:
+    while len(seen) < samples and time.monotonic() < deadline:
         time.sleep(0.01)
-    server.stop()
-    storage.close()
-    latencies = sorted((started[k] - enqueued[k]) * 1000 for k in started)
+    return enqueued
+
+
+def latency_ms(enqueued: dict[str, float], seen: dict[str, float]) -> tuple[float, float]:
+    """p50 and p95 of enqueue → seen, in ms."""
+    latencies = sorted((seen[k] - enqueued[k]) * 1000 for k in seen if k in enqueued)
     return statistics.median(latencies), latencies[int(0.95 * (len(latencies) - 1))]
 
 
@@ -238,20 +251,10 @@ def pickup_raw(bench: Bench, samples: int) -> tuple[float, float]:
     thread = threading.Thread(target=listen, daemon=True)
     thread.start()
     ready.wait(10)
-    enqueued: dict[str, float] = {}
-    with psycopg.connect(url, autocommit=True) as conn:
-        for i in range(samples):
-            key = f"r{i}"
-            enqueued[key] = time.perf_counter()
-            conn.execute("SELECT processgpt_sync_enqueue_v1(%s, %s)", (AGENT, key))
-            time.sleep(0.05)
-    deadline = time.monotonic() + 10
-    while len(claimed) < samples and time.monotonic() < deadline:
-        time.sleep(0.01)
+    enqueued = enqueue_spaced(url, "r", samples, claimed)
     done.set()
     thread.join(5)
-    latencies = sorted((claimed[k] - enqueued[k]) * 1000 for k in claimed if k in enqueued)
-    return statistics.median(latencies), latencies[int(0.95 * (len(latencies) - 1))]
+    return latency_ms(enqueued, claimed)
 
 
 def cancel_latency(bench: Bench, samples: int) -> float:
