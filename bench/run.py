@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -816,12 +817,29 @@ def faults(bench: Bench) -> dict[str, Any]:
     return out
 
 
+def compat_section(bench: Bench, results: dict[str, Any], quick: bool) -> None:
+    from bench.compat import measure  # needs crewai, langchain-core and langgraph
+
+    results.update(measure(bench, quick))
+
+
+# The sections ``--only`` runs alone, each (bench, results, quick).
+SECTIONS: dict[str, Callable[[Bench, dict[str, Any], bool], None]] = {
+    "hot": hot,
+    "fairness": lambda bench, results, quick: fairness(bench, results),
+    "console": console_section,
+    "scale": lambda bench, results, quick: scale(bench, results),
+    "supabase": supabase_section,
+    "compat": compat_section,
+    "faults": lambda bench, results, quick: results.update(faults(bench)),
+}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer todos, shorter idle window")
     parser.add_argument("--json", action="store_true", help="print a JSON object last")
-    parser.add_argument("--only", choices=["hot", "fairness", "compat", "faults", "console",
-                                           "scale", "supabase"], help="run just this section")
+    parser.add_argument("--only", choices=sorted(SECTIONS), help="run just this section")
     parser.add_argument("--compat", action="store_true", help="add the compat section (needs "
                         "crewai, langchain-core and langgraph; see bench/compat.py)")
     args = parser.parse_args()
@@ -835,28 +853,8 @@ def main() -> int:
     results: dict[str, Any] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                                f"Python {platform.python_version()}", "todos": bench.todos}
     try:
-        if args.only == "hot":
-            hot(bench, results, args.quick)
-            return report(results, args.json)
-        if args.only == "fairness":
-            fairness(bench, results)
-            return report(results, args.json)
-        if args.only == "console":
-            console_section(bench, results, args.quick)
-            return report(results, args.json)
-        if args.only == "scale":
-            scale(bench, results)
-            return report(results, args.json)
-        if args.only == "supabase":
-            supabase_section(bench, results, args.quick)
-            return report(results, args.json)
-        if args.only == "compat":
-            from bench.compat import measure
-
-            results.update(measure(bench, args.quick))
-            return report(results, args.json)
-        if args.only == "faults":
-            results.update(faults(bench))
+        if args.only is not None:
+            SECTIONS[args.only](bench, results, args.quick)
             return report(results, args.json)
         per_workers = {str(w): throughput(bench, w) for w in (1, 4, 8, 16, 32, 64)}
         results["throughput_by_workers"] = per_workers
@@ -887,9 +885,7 @@ def main() -> int:
         fairness(bench, results)
         results.update(faults(bench))
         if args.compat:
-            from bench.compat import measure
-
-            results.update(measure(bench, args.quick))
+            compat_section(bench, results, args.quick)
     finally:
         bench.close()
     return report(results, args.json)

@@ -64,3 +64,23 @@ def check_cancel(storage, db, executor, started: threading.Event):
     assert row(db)["draft_status"] == "CANCELLED" and row(db)["output"] is None
     assert "crew_completed" not in types(db)
     assert executor.cancel_called.is_set() and executor.saw_cancellation.is_set()
+
+
+class A2AScenarios:
+    """The scenarios as tests: a test module subclasses this (as ``Test...``) with its a2a
+    line's executor class, whose instances set ``started`` once ``execute`` runs."""
+
+    executor_class: type
+
+    def test_events_and_result(self, storage, db):
+        check_events_and_result(storage, db, self.executor_class())
+
+    def test_revision_feedback(self, storage, db):
+        check_revision(storage, db, self.executor_class())
+
+    def test_question_suspends_and_the_answer_resumes(self, storage, db):
+        check_question_and_answer(storage, db, self.executor_class())
+
+    def test_ui_cancel(self, storage, db):
+        executor = self.executor_class()
+        check_cancel(storage, db, executor, executor.started)

@@ -69,18 +69,5 @@ class ReportExecutor(AgentExecutor):
         self.cancel_called.set()
 
 
-def test_events_and_result(storage, db):
-    a2a_flow.check_events_and_result(storage, db, ReportExecutor())
-
-
-def test_revision_feedback(storage, db):
-    a2a_flow.check_revision(storage, db, ReportExecutor())
-
-
-def test_question_suspends_and_the_answer_resumes(storage, db):
-    a2a_flow.check_question_and_answer(storage, db, ReportExecutor())
-
-
-def test_ui_cancel(storage, db):
-    executor = ReportExecutor()
-    a2a_flow.check_cancel(storage, db, executor, executor.started)
+class TestReportExecutor(a2a_flow.A2AScenarios):
+    executor_class = ReportExecutor
