@@ -23,6 +23,13 @@ def quick(todo: Todo) -> dict[str, object]:
     return {"pid": os.getpid()}
 
 
+def steady(todo: Todo) -> dict[str, object]:
+    """As ``quick``, but 20 ms long: 1,000 of them keep a dozen workers busy for seconds."""
+    todo.events.progress({"pid": os.getpid()})
+    time.sleep(0.02)
+    return {"pid": os.getpid()}
+
+
 class ProcessWide:
     """Keeps process-wide state that concurrent todos would corrupt (like a global tool
     loader shut down at the end of each todo), so it declares itself not thread-safe."""
