@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections.abc
+import concurrent.futures
 import logging
 import threading
 import uuid
@@ -22,7 +23,7 @@ from functools import cache
 from typing import Any
 
 from .events import EVENT_STATUSES
-from .loops import Loops, LoopTask
+from .loops import Done, Loops, LoopTask
 from .models import AwaitingHuman
 from .payload import unwrap_text
 from .todo import Todo
@@ -311,7 +312,34 @@ class A2AAdapter:
         # Keyed by the Todo object: the same todo id may run twice here (a revision mid-run).
         self._running: dict[int, tuple[LoopTask[Any], Any, Any]] = {}
 
+    @property
+    def defers(self) -> bool:
+        return self._loops.defers
+
     def run(self, todo: Todo) -> Any:
+        task, recorder = self._begin(todo)
+        try:
+            task.result()
+        finally:
+            self._end(todo, recorder)
+        return recorder.outcome()
+
+    def start(self, todo: Todo, done: Done) -> None:
+        task, recorder = self._begin(todo)
+
+        def ended(future: concurrent.futures.Future[Any]) -> None:
+            self._end(todo, recorder)
+            try:
+                future.result()
+                value = recorder.outcome()
+            except BaseException as exc:  # as run() raises it on the worker thread
+                done(None, exc)
+                return
+            done(value, None)
+
+        task.then(ended)
+
+    def _begin(self, todo: Todo) -> tuple[LoopTask[Any], Recorder]:
         recorder = Recorder(todo)
         queue = _queue_class()(recorder)
         context = _context_class()(todo)
@@ -320,13 +348,12 @@ class A2AAdapter:
             self._running[id(todo)] = (task, context, queue)
         if todo.cancelled:  # cancelled before it was registered here
             self.cancel(todo)
-        try:
-            task.result()
-        finally:
-            recorder.closed = True
-            with self._lock:
-                self._running.pop(id(todo), None)
-        return recorder.outcome()
+        return task, recorder
+
+    def _end(self, todo: Todo, recorder: Recorder) -> None:
+        recorder.closed = True
+        with self._lock:
+            self._running.pop(id(todo), None)
 
     def cancel(self, todo: Todo) -> None:
         """On the executor's loop, await ``executor.cancel(context, queue)`` (at most

@@ -21,12 +21,21 @@ SERVER_THREADS = 10  # claimer, heartbeat, listener, event and outcome writers, 
 EXTRA_CONNECTIONS = 2  # the LISTEN connection and the start-up check's own
 HEADROOM_FDS = 64  # logs, sockets the executors open, the metrics port, imported libraries
 MAX_SPARE_THREADS = 4
+DEFERRED_THREADS = 64  # pool threads for todos on the shared loop: they hold one only to start
+#                        and to record their outcome, not while they await
 
 
 def spare_threads(workers: int) -> int:
     """Threads beyond ``workers`` in the pool: a todo that timed out keeps its thread until its
     executor returns, and the next todo takes a spare one. Bounded, made only when needed."""
     return min(workers, MAX_SPARE_THREADS)
+
+
+def pool_threads(workers: int, deferred: bool) -> int:
+    """Threads of the worker pool: one per worker plus the spares; when todos are deferred
+    (async on the shared loop), a few for their start and their outcome."""
+    threads = workers + spare_threads(workers)
+    return min(threads, DEFERRED_THREADS) if deferred else threads
 
 
 @dataclass(frozen=True)
@@ -47,9 +56,10 @@ class Budget:
                 f"now, {HEADROOM_FDS} spare) and {self.threads} threads")
 
 
-def plan(workers: int, loop: str, uses_loops: bool, connections: int) -> Budget:
+def plan(workers: int, loop: str, uses_loops: bool, connections: int,
+         deferred: bool = False) -> Budget:
     """The budget of a server with ``workers`` and pool size ``connections``."""
-    threads = threading.active_count() + workers + spare_threads(workers) + SERVER_THREADS
+    threads = threading.active_count() + pool_threads(workers, deferred) + SERVER_THREADS
     if not uses_loops:
         loops = 0
     elif loop == "shared":

@@ -10,6 +10,7 @@ The return value, when not None, is the todo's final result.
 
 from __future__ import annotations
 
+import concurrent.futures
 import inspect
 import logging
 import re
@@ -19,16 +20,23 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from .errors import ConfigurationError
-from .loops import Loops, LoopTask, make_loops
+from .loops import Done, Loops, LoopTask, make_loops
 from .todo import Todo
 
 logger = logging.getLogger(__name__)
 
 
 class Adapter(Protocol):
-    """The one shape the server runs: blocking ``run`` on a worker thread, ``cancel`` from any."""
+    """The one shape the server runs: blocking ``run`` on a worker thread, ``cancel`` from any;
+    where ``defers``, also ``start``, which returns at once and calls ``done`` at the end."""
 
     def run(self, todo: Todo) -> Any: ...
+
+    @property
+    def defers(self) -> bool:
+        """``start`` works: the todo need not hold a worker thread while its executor runs."""
+
+    def start(self, todo: Todo, done: Done) -> None: ...
 
     def cancel(self, todo: Todo) -> None: ...
 
@@ -36,6 +44,18 @@ class Adapter(Protocol):
 
     uses_loops: bool
     """True when todos run on asyncio loops (their fds and threads count in the budget)."""
+
+
+def _blocking_start(adapter: Any, todo: Todo, done: Done) -> None:
+    raise TypeError(f"{type(adapter).__name__} runs only on a worker thread (run)")
+
+
+def _ended(future: concurrent.futures.Future[Any]) -> tuple[Any, BaseException | None]:
+    """A finished coroutine's value, or what it raised."""
+    try:
+        return future.result(), None
+    except BaseException as exc:  # as run() would have raised it on the worker thread
+        return None, exc
 
 
 class FunctionAdapter:
@@ -54,6 +74,8 @@ class FunctionAdapter:
         pass
 
     uses_loops = False
+    defers = False
+    start = _blocking_start
 
 
 class BlockingObjectAdapter:
@@ -77,6 +99,8 @@ class BlockingObjectAdapter:
         pass
 
     uses_loops = False
+    defers = False
+    start = _blocking_start
 
 
 def _call_hook(cancel: Callable[[Todo], Any], todo: Todo) -> None:
@@ -99,17 +123,37 @@ class AsyncFunctionAdapter:
         self._tasks: dict[int, LoopTask[Any]] = {}
         self._lock = threading.Lock()
 
+    @property
+    def defers(self) -> bool:
+        return self._loops.defers
+
     def run(self, todo: Todo) -> Any:
+        task = self._begin(todo)
+        try:
+            return task.result()
+        finally:
+            self._end(todo)
+
+    def start(self, todo: Todo, done: Done) -> None:
+        task = self._begin(todo)
+
+        def ended(future: concurrent.futures.Future[Any]) -> None:
+            self._end(todo)
+            done(*_ended(future))
+
+        task.then(ended)
+
+    def _begin(self, todo: Todo) -> LoopTask[Any]:
         task = self._loops.start(todo.id, self._fn, todo)
         with self._lock:
             self._tasks[id(todo)] = task
         if todo.cancelled:  # cancelled before it was registered here
             task.cancel()
-        try:
-            return task.result()
-        finally:
-            with self._lock:
-                self._tasks.pop(id(todo), None)
+        return task
+
+    def _end(self, todo: Todo) -> None:
+        with self._lock:
+            self._tasks.pop(id(todo), None)
 
     def cancel(self, todo: Todo) -> None:
         """Returns at once, even while the function blocks its loop."""

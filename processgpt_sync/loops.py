@@ -10,7 +10,9 @@ cancelled when it ends.
 
 ``shared`` mode: one loop thread for all async todos of a server, so async clients kept across
 todos (httpx.AsyncClient, asyncpg pools) work; a blocking executor stalls every todo, and a
-watchdog logs which todo blocked the loop and for how long.
+watchdog logs which todo blocked the loop and for how long. A todo on the shared loop holds no
+worker thread while it awaits (``LoopTask.then``): thousands of them need a few threads, for
+the steps before and after.
 
 Cancelling never waits for a loop: a blocked loop must not block the heartbeat, the listener
 or ``stop()``. The cancel is handed over with ``call_soon_threadsafe`` and runs on the loop
@@ -35,6 +37,8 @@ from .blocking import explain
 from .errors import InfrastructureError
 
 T = TypeVar("T")
+Done = Callable[[Any, "BaseException | None"], None]
+"""Called once a todo's coroutine, started without waiting, ended: its value or its error."""
 logger = logging.getLogger(__name__)
 
 LOOP_MODES = ("thread", "shared")
@@ -51,8 +55,13 @@ class LoopTask(Generic[T]):
     """One coroutine on a loop, cancellable from any thread without waiting."""
 
     def __init__(self, runner: Callable[[LoopTask[T]], T],
-                 fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> None:
+                 fn: Callable[..., Awaitable[T]], args: tuple[Any, ...],
+                 submit: Callable[[LoopTask[T]], concurrent.futures.Future[T]] | None = None
+                 ) -> None:
+        """:param submit: schedules the coroutine on a loop of its own thread and returns
+            at once (the shared loop); without it only ``result()`` runs it."""
         self._runner = runner
+        self._submit = submit
         self._fn = fn
         self._args = args
         self._lock = threading.Lock()
@@ -87,6 +96,18 @@ class LoopTask(Generic[T]):
             if explained is exc:
                 raise
             raise explained from exc
+
+    def then(self, callback: Callable[[concurrent.futures.Future[T]], None]) -> None:
+        """Start the coroutine without waiting for it; ``callback(future)`` runs on the loop's
+        thread once it ended (only where a loop runs on a thread of its own: ``defers``)."""
+        if self._submit is None:
+            raise RuntimeError("this loop runs coroutines only on the calling thread")
+        self._submit(self).add_done_callback(callback)
+
+    @property
+    def defers(self) -> bool:
+        """``then`` works: the coroutine need not hold the calling thread."""
+        return self._submit is not None
 
     def cancel(self, before: Callable[[], Any] | None = None) -> None:
         """Cancel the coroutine, first awaiting ``before()`` (a cancel hook) on its loop;
@@ -129,6 +150,9 @@ class LoopTask(Generic[T]):
 class Loops(Protocol):
     """What the async adapters use: start a coroutine for a todo, close at stop."""
 
+    defers: bool
+    """Coroutines run on a loop thread of their own: a todo need not hold its worker thread."""
+
     def start(self, label: str, fn: Callable[..., Awaitable[T]], *args: Any) -> LoopTask[T]: ...
 
     def close(self) -> None: ...
@@ -141,6 +165,8 @@ def make_loops(mode: str) -> Loops:
 
 class ThreadLoops:
     """Each calling thread runs coroutines on its own loop, made on first use."""
+
+    defers = False
 
     def __init__(self) -> None:
         self._local = threading.local()
@@ -230,6 +256,8 @@ def thread_loop_fds() -> int:
 class SharedLoop:
     """One loop thread for all async todos of a server, with a loop-lag watchdog."""
 
+    defers = True
+
     def __init__(self, lag_warning: float = LAG_WARNING) -> None:
         self._lag_warning = lag_warning
         self._lock = threading.Lock()
@@ -247,7 +275,7 @@ class SharedLoop:
         def run(task: LoopTask[T]) -> T:
             return self._submit(task).result()
 
-        return LoopTask(run, fn, args)
+        return LoopTask(run, fn, args, submit=self._submit)
 
     def _submit(self, task: LoopTask[T]) -> concurrent.futures.Future[T]:
         loop = self._ensure_started()

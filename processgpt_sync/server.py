@@ -91,6 +91,9 @@ class Server:
         check_thread_safety(executor, settings.workers)
         self._adapter: Adapter = adapt(executor, settings.loop)
         self._around_todo = around_todo or nullcontext
+        # Async todos on the shared loop need no thread while they await; a context manager
+        # around each todo needs the todo on one thread from start to end.
+        self._deferred = self._adapter.defers and around_todo is None
         self._storage = storage
         self._owns_storage = storage is None
         self._log = logger.getChild(settings.agent_orch)
@@ -117,7 +120,7 @@ class Server:
                 return self
             self._started = True
         needs = budget.plan(self.settings.workers, self.settings.loop, self._adapter.uses_loops,
-                            connections=self.settings.workers + 4)
+                            connections=self.settings.workers + 4, deferred=self._deferred)
         budget.ensure(needs, self._log, self._extra)
         if self._storage is None:
             self._storage = open_storage(self.settings)
@@ -285,14 +288,15 @@ class Server:
             worker.cancel(run, reason)
 
         desk = HumanDesk(storage, buffer.take, lambda: self._inflight.listening, cancel)
-        worker = TodoWorker(self._adapter, self.settings, inflight=self._inflight,
-                            recorder=recorder, desk=desk, stats=stats,
-                            around_todo=self._around_todo, log=log, extra=extra)
         # A todo that timed out keeps its thread until its executor returns: a few spare
         # threads, made only when needed, serve on (the claimer counts the rest as busy).
         pool = ThreadPoolExecutor(
-            max_workers=self.settings.workers + budget.spare_threads(self.settings.workers),
+            max_workers=budget.pool_threads(self.settings.workers, self._deferred),
             thread_name_prefix="processgpt-sync")
+        worker = TodoWorker(self._adapter, self.settings, inflight=self._inflight,
+                            recorder=recorder, desk=desk, stats=stats,
+                            around_todo=self._around_todo, log=log, extra=extra,
+                            submit=pool.submit if self._deferred else None)
         shutdown = Shutdown(storage, self.settings, stats=stats, log=log, extra=extra)
         claimer = Claimer(storage, self.settings, inflight=self._inflight, buffer=buffer,
                           recorder=recorder, desk=desk, worker=worker, pool=pool,

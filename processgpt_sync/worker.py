@@ -7,7 +7,10 @@ talks to the database itself: writes go through the ``Recorder``.
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import logging
+import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -31,7 +34,10 @@ class TodoWorker:
         desk: HumanDesk, stats: ServerStats,
         around_todo: Callable[[], AbstractContextManager[Any]],
         log: logging.Logger, extra: dict[str, Any],
+        submit: Callable[..., Any] | None = None,
     ) -> None:
+        """:param submit: a thread pool's ``submit``: given (and the adapter ``defers``), an
+            async todo holds no thread while it awaits; its outcome is recorded there."""
         self._adapter = adapter
         self._settings = settings
         self._inflight = inflight
@@ -41,30 +47,67 @@ class TodoWorker:
         self._around_todo = around_todo
         self._log = log
         self._extra = extra
+        self._submit = submit if adapter.defers else None
 
     def run(self, run: TodoRun) -> None:
-        """Run the executor on this thread and record what came of it."""
+        """Run the executor on this thread and record what came of it; a deferred todo (an
+        async executor on the shared loop) gives the thread back while it awaits, and is
+        recorded by ``_ended`` on a pool thread once its coroutine ends."""
         if not run.begin():  # timed out or given back while it waited for a thread
             self._inflight.forget(run)
             return
-        context = CURRENT_RUN.set(run)
-        value: Any = UNSET
-        error: BaseException | None = None
         self._stats.executing(1)
         if run.todo.resume.kind == "fresh":
             self._stats.pickup(run.claim.row.get("start_date"))
+        context = CURRENT_RUN.set(run)
         try:
-            if not run.cancel_event.is_set():  # else cancelled while it waited for a thread
-                with self._around_todo():
-                    run.todo = with_summary(run.todo, self._settings.summarize_feedback)
-                    value = self._adapter.run(run.todo)
-        except SuspendForHuman as suspend:
-            value = self._recorder.suspend(run, suspend.question)
+            if self._submit is not None and not run.cancel_event.is_set():
+                value, error = self._start(run)
+                if error is None:
+                    return
+            else:
+                value, error = self._execute(run)
+        finally:
+            CURRENT_RUN.reset(context)
+        self._ended(run, value, error)
+
+    def _execute(self, run: TodoRun) -> tuple[Any, BaseException | None]:
+        try:
+            if run.cancel_event.is_set():  # cancelled while it waited for a thread
+                return UNSET, None
+            with self._around_todo():
+                run.todo = with_summary(run.todo, self._settings.summarize_feedback)
+                return self._adapter.run(run.todo), None
         except BaseException as exc:  # SystemExit from argparse in a tool is this todo's failure
-            error = exc
+            return UNSET, exc
+
+    def _start(self, run: TodoRun) -> tuple[Any, BaseException | None]:
+        """Start a deferred todo; what it raised if it could not start."""
+        try:
+            run.todo = with_summary(run.todo, self._settings.summarize_feedback)
+            self._adapter.start(run.todo, functools.partial(
+                self._deferred_end, run, contextvars.copy_context()))
+        except BaseException as exc:
+            return UNSET, exc
+        return UNSET, None
+
+    def _deferred_end(self, run: TodoRun, context: contextvars.Context, value: Any,
+                      error: BaseException | None) -> None:
+        """On the loop's thread: record the outcome on a pool thread, never on the loop."""
+        assert self._submit is not None
+        try:
+            self._submit(context.run, self._ended, run, value, error)
+        except RuntimeError:  # the pool is shut down: the server stops; record it anyway
+            threading.Thread(target=context.run, args=(self._ended, run, value, error),
+                             daemon=True, name="processgpt-sync-late-outcome").start()
+
+    def _ended(self, run: TodoRun, value: Any, error: BaseException | None) -> None:
+        """The executor ended: record what came of it and free the slot."""
+        try:
+            if isinstance(error, SuspendForHuman):
+                value, error = self._recorder.suspend(run, error.question), None
         finally:
             self._stats.executing(-1)
-            CURRENT_RUN.reset(context)
             self._inflight.executor_returned(run)
         problem = infrastructure_problem(error)
         try:

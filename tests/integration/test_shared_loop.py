@@ -1,0 +1,128 @@
+"""Async todos on the shared loop hold no worker thread while they await: a few pool threads
+start them and record their outcomes. Every way such a todo ends is still recorded: result,
+error, UI cancel, timeout, a2a artifact."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+
+import processgpt_sync as ps
+from processgpt_sync import budget
+from tests.conftest import wait_for
+
+TODOS = 300
+
+
+def row(db, todo_id: str) -> Any:
+    return db.execute("SELECT draft_status::text AS state, output, log FROM todolist "
+                      "WHERE id = %s", (todo_id,)).fetchone()
+
+
+def test_hundreds_of_awaiting_todos_hold_a_few_threads(storage, db):
+    inside = [0]
+    peak_threads = [0]
+    release = threading.Event()
+
+    async def wait_for_release(todo: ps.Todo) -> dict[str, Any]:
+        inside[0] += 1  # only the shared loop's thread runs this
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+        return {"n": todo.input}
+
+    db.execute("SELECT processgpt_sync_enqueue_v1('a', 'q' || g) FROM generate_series(1, %s) g",
+               (TODOS,))
+    server = ps.start(wait_for_release, agent_orch="a", storage=storage, workers=TODOS,
+                      loop="shared")
+    try:
+        wait_for(lambda: inside[0] == TODOS, timeout=30)
+        peak_threads[0] = threading.active_count()
+        release.set()
+        wait_for(lambda: server.stats()["completed"] == TODOS, timeout=30)
+    finally:
+        release.set()
+        server.stop(timeout=5)
+    assert peak_threads[0] <= budget.DEFERRED_THREADS + 20, (
+        f"{peak_threads[0]} threads for {TODOS} awaiting todos")
+    done = db.execute("SELECT count(*) AS n FROM todolist WHERE draft_status = 'COMPLETED'")
+    assert done.fetchone()["n"] == TODOS
+
+
+def test_a_deferred_todo_that_raises_fails_with_its_error_and_frees_its_slot(storage, db):
+    async def handle(todo: ps.Todo) -> dict[str, Any]:
+        await asyncio.sleep(0.01)
+        if todo.input == "bad":
+            raise ValueError("no such customer")
+        return {"ok": True}
+
+    bad = storage.enqueue("a", "bad")
+    good = storage.enqueue("a", "good")
+    with ps.start(handle, agent_orch="a", storage=storage, workers=1, loop="shared"):
+        wait_for(lambda: row(db, good)["state"] == "COMPLETED")
+    assert row(db, bad)["state"] == "FAILED"
+    assert "no such customer" in row(db, bad)["log"]
+
+
+def test_a_deferred_todo_cancelled_in_the_ui_ends_cancelled(storage, db):
+    started, ended = threading.Event(), threading.Event()
+
+    async def handle(todo: ps.Todo) -> dict[str, Any]:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        finally:
+            ended.set()
+        return {"ok": True}
+
+    todo_id = storage.enqueue("a", "long")
+    server = ps.start(handle, agent_orch="a", storage=storage, workers=1, loop="shared")
+    try:
+        assert started.wait(10)
+        db.execute("UPDATE todolist SET status = 'CANCELLED' WHERE id = %s", (todo_id,))
+        assert ended.wait(10), "the coroutine was cancelled"
+        wait_for(lambda: server.stats()["running"] == 0)
+        after = storage.enqueue("a", "next")  # the slot is free again
+        wait_for(lambda: started.is_set() and row(db, after)["state"] == "STARTED")
+    finally:
+        server.stop(timeout=2)
+    assert row(db, todo_id)["state"] == "CANCELLED"
+
+
+def test_a_deferred_todo_past_its_timeout_fails_and_the_next_one_runs(storage, db):
+    async def handle(todo: ps.Todo) -> dict[str, Any]:
+        await asyncio.sleep(60 if todo.input == "slow" else 0.01)
+        return {"ok": todo.input}
+
+    slow = storage.enqueue("a", "slow")
+    with ps.start(handle, agent_orch="a", storage=storage, workers=1, loop="shared",
+                  timeout=0.5) as server:
+        wait_for(lambda: row(db, slow)["state"] == "FAILED")
+        quick = storage.enqueue("a", "quick")
+        wait_for(lambda: row(db, quick)["state"] == "COMPLETED")
+        assert server.stats()["running"] == 0
+    assert "timed out after 0.5 s" in row(db, slow)["log"]
+
+
+def test_an_a2a_executor_on_the_shared_loop_records_its_artifact(storage, db):
+    pytest.importorskip("a2a")
+    from a2a.server.agent_execution import AgentExecutor
+
+    from tests import a2a_events as ev
+
+    class Echo(AgentExecutor):  # type: ignore[misc]
+        async def execute(self, context: Any, event_queue: Any) -> None:
+            todo_row = context.get_context_data()["row"]
+            await asyncio.sleep(0.01)
+            event_queue.enqueue_event(ev.artifact({"echo": context.get_user_input()},
+                                                  todo_row["id"], todo_row["id"]))
+
+        async def cancel(self, context: Any, event_queue: Any) -> None:
+            pass
+
+    ids = [storage.enqueue("a", f"t{i}") for i in range(20)]
+    with ps.start(Echo(), agent_orch="a", storage=storage, workers=8, loop="shared"):
+        wait_for(lambda: all(row(db, i)["state"] == "COMPLETED" for i in ids))
+    assert [row(db, i)["output"] for i in ids] == [{"echo": f"t{i}"} for i in range(20)]
