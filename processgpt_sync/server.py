@@ -30,11 +30,12 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from . import budget
+from . import budget, gc_tuning
 from .claimer import Claimer
 from .errors import ServerFailed, StorageError
 from .event_writer import EventBuffer
 from .executor import Adapter, adapt, check_thread_safety
+from .gc_tuning import GcThreshold
 from .human import HumanDesk
 from .inflight import InFlight
 from .outcomes import OutcomeWriter
@@ -94,6 +95,7 @@ class Server:
         # Async todos on the shared loop need no thread while they await; a context manager
         # around each todo needs the todo on one thread from start to end.
         self._deferred = self._adapter.defers and around_todo is None
+        self._gc = GcThreshold(gc_tuning.wanted(settings.workers, settings.gc_threshold))
         self._storage = storage
         self._owns_storage = storage is None
         self._log = logger.getChild(settings.agent_orch)
@@ -130,6 +132,7 @@ class Server:
             self._close_storage()
             raise
         parts = self._parts = self._assemble(self._storage, event_types)
+        self._gc.hold(self._log, self._extra)
         listener = self._listener(parts.storage)
         watchers = Watchers(parts.storage, self.settings, inflight=self._inflight,
                             worker=parts.worker, desk=parts.desk, stats=self._stats,
@@ -194,6 +197,7 @@ class Server:
             parts.pool.shutdown(wait=False, cancel_futures=True)
             self._close_adapter(left(STOP_TAIL))
             self._close_storage(left(STOP_TAIL))
+            self._gc.release()
             self._stopped.set()
             self._log.info("stopped in %.1fs", time.monotonic() - begun,
                            extra={**self._extra, "action": "stopped"})

@@ -5,6 +5,7 @@ that blocks it); and the open-file budget checked at start, under lowered RLIMIT
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import subprocess
@@ -216,3 +217,19 @@ def test_a_process_with_soft_limit_1024_serves_1024_async_workers_after_raising_
     assert result["soft"] == 8192
     assert "raised the open-file limit (soft RLIMIT_NOFILE) from 1024 to 8192" in stderr
     assert result["threads"] <= 1024 + 16
+
+
+def test_a_server_with_many_workers_raises_the_gc_threshold_while_it_runs(storage, db):
+    """Many running todos keep many objects alive: frequent collections would walk them all."""
+    before = gc.get_threshold()
+    seen: list[int] = []
+
+    def handle(todo: ps.Todo) -> dict[str, Any]:
+        seen.append(gc.get_threshold()[0])
+        return {"ok": True}
+
+    storage.enqueue("a", "x")
+    with ps.start(handle, agent_orch="a", storage=storage, workers=100):
+        wait_for(lambda: seen)
+    assert seen == [max(before[0], 50_000)]
+    assert gc.get_threshold() == before

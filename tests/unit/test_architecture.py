@@ -19,7 +19,7 @@ LAYERS: list[set[str]] = [
      "stats", "settings"},
     {"storage", "storage.base", "storage.deadline", "storage.postgres", "storage.install",
      "storage.supabase", "embedded"},
-    {"events", "todo", "feedback", "loops", "budget", "executor", "a2a"},
+    {"events", "todo", "feedback", "loops", "budget", "gc_tuning", "executor", "a2a"},
     {"event_writer", "runs", "outcomes"},
     {"human", "recorder"},
     {"inflight", "worker", "shutdown"},
