@@ -23,7 +23,7 @@ from functools import cache
 from typing import Any
 
 from .events import EVENT_STATUSES
-from .loops import Done, Loops, LoopTask
+from .loops import Done, Loops, LoopTask, result_of
 from .models import AwaitingHuman
 from .payload import unwrap_text
 from .todo import Todo
@@ -381,14 +381,18 @@ class A2AAdapter:
         def ended(future: concurrent.futures.Future[Any]) -> None:
             self._end(todo, recorder)
             try:
-                future.result()
+                result_of(future)
                 value = recorder.outcome()
             except BaseException as exc:  # as run() raises it on the worker thread
                 done(None, exc)
                 return
             done(value, None)
 
-        task.then(ended)
+        try:
+            task.then(ended)
+        except BaseException:
+            self._end(todo, recorder)
+            raise
 
     def _begin(self, todo: Todo) -> tuple[LoopTask[Any], Recorder]:
         recorder = Recorder(todo)

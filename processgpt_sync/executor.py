@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from .errors import ConfigurationError
-from .loops import Done, Loops, LoopTask, make_loops
+from .loops import Done, Loops, LoopTask, make_loops, result_of
 from .todo import Todo
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def _blocking_start(adapter: Any, todo: Todo, done: Done) -> None:
 def _ended(future: concurrent.futures.Future[Any]) -> tuple[Any, BaseException | None]:
     """A finished coroutine's value, or what it raised."""
     try:
-        return future.result(), None
+        return result_of(future), None
     except BaseException as exc:  # as run() would have raised it on the worker thread
         return None, exc
 
@@ -141,7 +141,11 @@ class AsyncFunctionAdapter:
             self._end(todo)
             done(*_ended(future))
 
-        task.then(ended)
+        try:
+            task.then(ended)
+        except BaseException:
+            self._end(todo)
+            raise
 
     def _begin(self, todo: Todo) -> LoopTask[Any]:
         task = self._loops.start(todo.id, self._fn, todo)

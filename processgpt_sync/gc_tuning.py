@@ -51,7 +51,7 @@ class GcThreshold:
         with _lock:
             current = gc.get_threshold()
             if current[0] < self._threshold:
-                if _previous is None:
+                if _previous is None or current[0] != _raised_to:  # not ours: put this back
                     _previous = current
                 gc.set_threshold(self._threshold, *current[1:])
                 _raised_to = self._threshold

@@ -155,20 +155,22 @@ class InFlight:
     # -- shutdown ------------------------------------------------------------------------------
 
     def wait_empty(self, seconds: float) -> list[TodoRun]:
-        """Wait up to ``seconds`` for every run to end; return the runs still open."""
+        """Wait up to ``seconds`` for every run to end; return the runs still open (executor
+        still running: an ended executor's outcome is on its way, see ``wait_written``)."""
         deadline = time.monotonic() + seconds
         with self.lock:
             while self._runs and (remaining := deadline - time.monotonic()) > 0:
                 self.lock.wait(remaining)
-            return [run for run in self._runs.values() if not run.closed]
+            return [run for run in self._runs.values()
+                    if not run.closed and not run.executor_returned]
 
     def wait_written(self, except_runs: list[TodoRun], seconds: float) -> list[str]:
-        """Wait up to ``seconds`` for runs writing their outcome (closed, not in
-        ``except_runs``) to finish; return the todo ids still writing."""
+        """Wait up to ``seconds`` for runs writing their outcome (closed, or their executor
+        ended; not in ``except_runs``) to finish; return the todo ids still writing."""
         deadline = time.monotonic() + seconds
         with self.lock:
             while writing := [r for r in self._runs.values()
-                              if r.closed and r not in except_runs]:
+                              if (r.closed or r.executor_returned) and r not in except_runs]:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return [r.todo_id for r in writing]

@@ -89,17 +89,12 @@ class LoopTask(Generic[T]):
     def result(self) -> T:
         """Run or wait for the coroutine's outcome on the calling worker thread; see
         ``blocking.explain`` for one failure."""
-        try:
-            return self._runner(self)
-        except RuntimeError as exc:
-            explained = explain(exc)
-            if explained is exc:
-                raise
-            raise explained from exc
+        return _explained(self._runner, self)
 
     def then(self, callback: Callable[[concurrent.futures.Future[T]], None]) -> None:
         """Start the coroutine without waiting for it; ``callback(future)`` runs on the loop's
-        thread once it ended (only where a loop runs on a thread of its own: ``defers``)."""
+        thread once it ended (only where a loop runs on a thread of its own: ``defers``); it
+        reads the outcome with ``result_of``."""
         if self._submit is None:
             raise RuntimeError("this loop runs coroutines only on the calling thread")
         self._submit(self).add_done_callback(callback)
@@ -145,6 +140,22 @@ class LoopTask(Generic[T]):
         finally:
             if self._task is not None:
                 self._task.cancel()
+
+
+def result_of(future: concurrent.futures.Future[T]) -> T:
+    """The outcome of a coroutine started with ``LoopTask.then``, failures explained as
+    ``LoopTask.result`` explains them (``blocking.explain``)."""
+    return _explained(future.result)
+
+
+def _explained(call: Callable[..., T], *args: Any) -> T:
+    try:
+        return call(*args)
+    except RuntimeError as exc:
+        explained = explain(exc)
+        if explained is exc:
+            raise
+        raise explained from exc
 
 
 class Loops(Protocol):

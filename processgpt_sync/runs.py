@@ -43,6 +43,7 @@ class TodoRun:
         """Set when the executor starts: a todo waiting for a worker thread cannot time out."""
         self.slot_released = False
         self.executor_returned = False  # its thread is free again
+        self._ended = False
         self.events = Events(
             claim.todo_id,
             claim.token,
@@ -76,6 +77,12 @@ class TodoRun:
 
     def is_open(self) -> bool:
         return not self.closed and not self.cancel_event.is_set()
+
+    def end_once(self) -> bool:
+        """The run's end is handled here: True the first time only."""
+        with self.lock:
+            first, self._ended = not self._ended, True
+            return first
 
     def close(self) -> bool:
         """Mark the outcome as decided; False if someone else already did."""

@@ -132,16 +132,20 @@ class Server:
             self._close_storage()
             raise
         parts = self._parts = self._assemble(self._storage, event_types)
-        self._gc.hold(self._log, self._extra)
         listener = self._listener(parts.storage)
         watchers = Watchers(parts.storage, self.settings, inflight=self._inflight,
                             worker=parts.worker, desk=parts.desk, stats=self._stats,
                             registry=self._registry_row, stop=self._threads_stop,
                             log=self._log, extra=self._extra)
-        if listener is not None:
-            self._spawn("listener", lambda: watchers.listen(listener))
-        self._spawn("heartbeat", watchers.heartbeat)
-        self._spawn("claimer", parts.claimer.run)
+        self._gc.hold(self._log, self._extra)  # before the first todo runs
+        try:
+            if listener is not None:
+                self._spawn("listener", lambda: watchers.listen(listener))
+            self._spawn("heartbeat", watchers.heartbeat)
+            self._spawn("claimer", parts.claimer.run)
+        except BaseException:  # no server to stop: give the threshold back now
+            self._gc.release()
+            raise
         self._log.info(
             "serving agent_orch=%s with %d workers on %s (consumer %s)",
             self.settings.agent_orch, self.settings.workers, parts.storage.backend,

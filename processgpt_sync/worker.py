@@ -93,16 +93,34 @@ class TodoWorker:
 
     def _deferred_end(self, run: TodoRun, context: contextvars.Context, value: Any,
                       error: BaseException | None) -> None:
-        """On the loop's thread: record the outcome on a pool thread, never on the loop."""
+        """On the loop's thread: the executor has ended (no timeout applies from now on, and
+        stop() waits for its outcome); record it on a pool thread, never on the loop."""
         assert self._submit is not None
+        with run.lock:
+            run.deadline = None
+        self._inflight.executor_returned(run)
         try:
             self._submit(context.run, self._ended, run, value, error)
-        except RuntimeError:  # the pool is shut down: the server stops; record it anyway
+            return
+        except RuntimeError:  # the pool is shut down (the server stops) or has no thread
+            pass
+        try:
             threading.Thread(target=context.run, args=(self._ended, run, value, error),
                              daemon=True, name="processgpt-sync-late-outcome").start()
+        except RuntimeError as exc:
+            self._log.error("cannot record the outcome of todo %s (%s): no thread for it; its "
+                            "lease expires and it runs again", run.todo_id,
+                            infrastructure_problem(exc) or exc,
+                            extra=self._todo_extra(run, "finish"))
+            if run.end_once():
+                self._stats.executing(-1)
+                self._inflight.forget(run)
 
     def _ended(self, run: TodoRun, value: Any, error: BaseException | None) -> None:
-        """The executor ended: record what came of it and free the slot."""
+        """The executor ended: record what came of it and free the slot (once, even if a
+        pool that failed to start a thread runs it late as well)."""
+        if not run.end_once():
+            return
         try:
             if isinstance(error, SuspendForHuman):
                 value, error = self._recorder.suspend(run, error.question), None
@@ -135,7 +153,7 @@ class TodoWorker:
         """``run`` passed its deadline: record it failed now, whatever the executor does."""
         timeout = self._settings.timeout
         with run.lock:  # the outcome is the timeout's, whatever the executor returns now
-            if run.closed:
+            if run.closed or run.deadline is None:  # decided, or its executor has ended
                 return
             run.closed = True
             run.cancel_reason = "timeout"

@@ -29,18 +29,20 @@ def legacy_sync_api() -> dict[str, int]:
         raise
 
 
-def serve_one(storage, executor, agent_orch="a"):
+def serve_one(storage, executor, agent_orch="a", loop="thread"):
     todo_id = storage.enqueue(agent_orch, "x")
-    with ps.start(executor, agent_orch=agent_orch, storage=storage, workers=1) as server:
+    with ps.start(executor, agent_orch=agent_orch, storage=storage, workers=1,
+                  loop=loop) as server:
         wait_for(lambda: server.stats()["completed"] + server.stats()["failed"] == 1)
     return todo_id
 
 
-def test_async_function_calling_blocking_api_fails_with_the_fix(storage, db):
+@pytest.mark.parametrize("loop", ["thread", "shared"])
+def test_async_function_calling_blocking_api_fails_with_the_fix(storage, db, loop):
     async def handle(todo):
         return legacy_sync_api()
 
-    serve_one(storage, handle)
+    serve_one(storage, handle, loop=loop)
     row = db.execute("SELECT draft_status::text, log FROM todolist").fetchone()
     assert row == {"draft_status": "FAILED", "log": FIX}
     errors = db.execute("SELECT data FROM events WHERE event_type = 'error'").fetchall()
@@ -57,7 +59,8 @@ def test_the_fix_works_running_the_blocking_api_on_a_thread(storage, db):
     assert db.execute("SELECT output FROM todolist").fetchone()["output"] == {"n": 1}
 
 
-def test_a2a_executor_calling_blocking_api_fails_with_the_fix(storage, db):
+@pytest.mark.parametrize("loop", ["thread", "shared"])
+def test_a2a_executor_calling_blocking_api_fails_with_the_fix(storage, db, loop):
     pytest.importorskip("a2a")
     from a2a.server.agent_execution import AgentExecutor
 
@@ -68,14 +71,15 @@ def test_a2a_executor_calling_blocking_api_fails_with_the_fix(storage, db):
         async def cancel(self, context, event_queue):
             pass
 
-    serve_one(storage, Legacy(), "a2a")
+    serve_one(storage, Legacy(), "a2a", loop=loop)
     assert db.execute("SELECT log FROM todolist").fetchone()["log"] == FIX
 
 
-def test_other_runtime_errors_keep_their_own_message(storage, db):
+@pytest.mark.parametrize("loop", ["thread", "shared"])
+def test_other_runtime_errors_keep_their_own_message(storage, db, loop):
     async def handle(todo):
         raise RuntimeError("the model is down")
 
-    serve_one(storage, handle)
+    serve_one(storage, handle, loop=loop)
     assert db.execute("SELECT log FROM todolist").fetchone()["log"] == (
         "RuntimeError: the model is down")

@@ -46,3 +46,30 @@ def test_executors_with_the_wrong_parameters_are_refused_at_start(executor, mess
 ])
 def test_executors_that_take_a_todo_are_accepted(executor):
     Server(executor, SETTINGS)
+
+
+def test_an_async_todo_that_cannot_start_on_the_shared_loop_leaves_nothing_behind():
+    """The shared loop is gone (closed at stop): start() raises, and the adapter forgets the
+    todo at once instead of holding its cancel handle for ever."""
+    import threading
+
+    from processgpt_sync.executor import AsyncFunctionAdapter
+    from processgpt_sync.loops import SharedLoop
+    from processgpt_sync.models import Claim
+    from processgpt_sync.todo import Todo
+
+    async def handle(todo: Todo) -> dict[str, bool]:
+        return {"ok": True}
+
+    def todo(n: int) -> Todo:
+        claim = Claim(todo_id=f"t{n}", token="k", row={"id": f"t{n}", "query": "x"}, extras={})
+        return Todo.from_claim(claim, events=None, cancel_event=threading.Event())  # type: ignore[arg-type]
+
+    adapter = AsyncFunctionAdapter(handle, SharedLoop())
+    ended = threading.Event()
+    adapter.start(todo(1), lambda value, error: ended.set())
+    assert ended.wait(5)
+    adapter.close()
+    with pytest.raises(RuntimeError):
+        adapter.start(todo(2), lambda value, error: None)
+    assert adapter._tasks == {}

@@ -74,3 +74,13 @@ def test_a_negative_setting_is_refused_with_the_meaning_of_0():
         Settings(agent_orch="a", gc_threshold=-1)
     assert Settings.from_env({"PROCESSGPT_AGENT_ORCH": "a",
                               "PROCESSGPT_GC_THRESHOLD": "0"}).gc_threshold == 0
+
+
+def test_a_value_the_application_set_between_two_servers_is_the_one_restored():
+    first, second = GcThreshold(50_000), GcThreshold(100_000)
+    first.hold(LOG, {})
+    gc.set_threshold(60_000)
+    second.hold(LOG, {})
+    first.release()
+    second.release()
+    assert gc.get_threshold()[0] == 60_000

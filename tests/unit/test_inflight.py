@@ -61,3 +61,40 @@ def test_a_timed_out_executor_beyond_the_spares_holds_a_slot_until_it_returns() 
     inflight.executor_returned(runs[0])
     assert inflight.free_slots() == 2
     assert inflight.runs() == []
+
+
+def test_at_stop_a_run_whose_executor_ended_is_waited_for_not_given_back() -> None:
+    """An async todo on the shared loop may end while its outcome waits for a pool thread:
+    stop() must wait for that outcome, not give the todo back to run again."""
+    import threading
+
+    inflight = InFlight(workers=4, spare_threads=1)
+    running, ended = make_run("a", "t"), make_run("b", "t")
+    inflight.add(running)
+    inflight.add(ended)
+    inflight.executor_returned(ended)  # outcome not written yet
+    assert inflight.wait_empty(0.01) == [running]
+    threading.Timer(0.1, inflight.forget, args=(ended,)).start()
+    assert inflight.wait_written([running], 5.0) == []
+    assert inflight.wait_written([running], 0.0) == []
+
+
+def test_a_run_whose_executor_ended_is_not_timed_out_while_its_outcome_waits() -> None:
+    """The deferred end clears the deadline: a wait for a pool thread to record the outcome is
+    not the executor's time, and its result must not be replaced by a timeout."""
+    import logging
+    from contextlib import nullcontext
+
+    from processgpt_sync.executor import FunctionAdapter
+    from processgpt_sync.settings import Settings
+    from processgpt_sync.worker import TodoWorker
+
+    run = make_run("a", "t")
+    assert run.begin()
+    run.deadline = None  # as TodoWorker._deferred_end leaves it
+    worker = TodoWorker(FunctionAdapter(lambda todo: None), Settings(agent_orch="a", timeout=1),
+                        inflight=InFlight(workers=1, spare_threads=1), recorder=None,  # type: ignore[arg-type]
+                        desk=None, stats=None, around_todo=nullcontext,  # type: ignore[arg-type]
+                        log=logging.getLogger("test"), extra={})
+    worker.time_out(run)
+    assert not run.closed and not run.cancel_event.is_set()
