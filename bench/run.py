@@ -77,14 +77,7 @@ class Bench:
         """CPU time used so far by the embedded PostgreSQL: the postmaster and its backends."""
         pid = int((self.directory / "postmaster.pid").read_text().split()[0])
         postmaster = psutil.Process(pid)
-        total = 0.0
-        for process in (postmaster, *postmaster.children(recursive=True)):
-            try:
-                times = process.cpu_times()
-            except psutil.NoSuchProcess:
-                continue
-            total += times.user + times.system
-        return total
+        return _cpu_of([postmaster, *postmaster.children(recursive=True)])
 
 
 _EXECUTED = [0]  # calls of noop in this process (a close count: += is not atomic)
