@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import collections.abc
-import concurrent.futures
 import logging
 import threading
 import uuid
@@ -23,7 +22,7 @@ from functools import cache
 from typing import Any
 
 from .events import EVENT_STATUSES
-from .loops import Done, Loops, LoopTask, result_of
+from .loops import Done, Finished, Loops, LoopTask, result_of
 from .models import AwaitingHuman
 from .payload import unwrap_text
 from .todo import Todo
@@ -378,7 +377,7 @@ class A2AAdapter:
     def start(self, todo: Todo, done: Done) -> None:
         task, recorder = self._begin(todo)
 
-        def ended(future: concurrent.futures.Future[Any]) -> None:
+        def ended(future: Finished[Any]) -> None:
             self._end(todo, recorder)
             try:
                 result_of(future)

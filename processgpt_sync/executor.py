@@ -10,7 +10,6 @@ The return value, when not None, is the todo's final result.
 
 from __future__ import annotations
 
-import concurrent.futures
 import inspect
 import logging
 import re
@@ -20,7 +19,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from .errors import ConfigurationError
-from .loops import Done, Loops, LoopTask, make_loops, result_of
+from .loops import Done, Finished, Loops, LoopTask, make_loops, result_of
 from .todo import Todo
 
 logger = logging.getLogger(__name__)
@@ -50,7 +49,7 @@ def _blocking_start(adapter: Any, todo: Todo, done: Done) -> None:
     raise TypeError(f"{type(adapter).__name__} runs only on a worker thread (run)")
 
 
-def _ended(future: concurrent.futures.Future[Any]) -> tuple[Any, BaseException | None]:
+def _ended(future: Finished[Any]) -> tuple[Any, BaseException | None]:
     """A finished coroutine's value, or what it raised."""
     try:
         return result_of(future), None
@@ -137,7 +136,7 @@ class AsyncFunctionAdapter:
     def start(self, todo: Todo, done: Done) -> None:
         task = self._begin(todo)
 
-        def ended(future: concurrent.futures.Future[Any]) -> None:
+        def ended(future: Finished[Any]) -> None:
             self._end(todo)
             done(*_ended(future))
 

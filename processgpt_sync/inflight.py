@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 
 from .models import Claim
 from .runs import TodoRun
@@ -41,6 +42,7 @@ class InFlight:
         self._runs: dict[Key, TodoRun] = {}
         self._by_todo: dict[str, list[TodoRun]] = {}  # the same runs by todo id, oldest first
         self._busy = 0
+        self._tenants: Counter[str | None] = Counter()  # running todos by tenant
         self._overdue: set[Key] = set()  # timed out, executor still on its thread
         self._infra_attempt = 0
         self._claim_pause_until = 0.0
@@ -62,6 +64,7 @@ class InFlight:
             stale = list(same_todo)
             same_todo.append(run)
             self._runs[run.key] = run
+            self._tenants[run.todo.tenant_id] += 1
             self._busy += 1
             return stale
 
@@ -102,6 +105,10 @@ class InFlight:
     def _drop(self, run: TodoRun) -> None:
         if self._runs.get(run.key) is run:
             del self._runs[run.key]
+            tenant = run.todo.tenant_id
+            self._tenants[tenant] -= 1
+            if not self._tenants[tenant]:
+                del self._tenants[tenant]
             same_todo = self._by_todo[run.todo_id]
             same_todo.remove(run)
             if not same_todo:
@@ -126,10 +133,10 @@ class InFlight:
         with self.lock:
             return sorted(self._by_todo)
 
-    def tenants(self) -> list[str | None]:
-        """The tenant of each running todo."""
+    def tenants(self) -> dict[str | None, int]:
+        """Running todos by tenant (kept as they come and go: stats() is asked often)."""
         with self.lock:
-            return [run.todo.tenant_id for run in self._runs.values()]
+            return dict(self._tenants)
 
     # -- waking the claimer --------------------------------------------------------------------
 

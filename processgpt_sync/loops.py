@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import functools
 import inspect
 import logging
 import selectors
@@ -56,7 +57,7 @@ class LoopTask(Generic[T]):
 
     def __init__(self, runner: Callable[[LoopTask[T]], T],
                  fn: Callable[..., Awaitable[T]], args: tuple[Any, ...],
-                 submit: Callable[[LoopTask[T]], concurrent.futures.Future[T]] | None = None
+                 submit: Callable[[LoopTask[T], Callable[[Finished[T]], None]], None] | None = None
                  ) -> None:
         """:param submit: schedules the coroutine on a loop of its own thread and returns
             at once (the shared loop); without it only ``result()`` runs it."""
@@ -91,13 +92,13 @@ class LoopTask(Generic[T]):
         ``blocking.explain`` for one failure."""
         return _explained(self._runner, self)
 
-    def then(self, callback: Callable[[concurrent.futures.Future[T]], None]) -> None:
-        """Start the coroutine without waiting for it; ``callback(future)`` runs on the loop's
-        thread once it ended (only where a loop runs on a thread of its own: ``defers``); it
-        reads the outcome with ``result_of``."""
+    def then(self, callback: Callable[[Finished[T]], None]) -> None:
+        """Start the coroutine without waiting for it; ``callback(finished)`` runs on the
+        loop's thread once it ended (only where a loop runs on a thread of its own:
+        ``defers``); it reads the outcome with ``result_of``."""
         if self._submit is None:
             raise RuntimeError("this loop runs coroutines only on the calling thread")
-        self._submit(self).add_done_callback(callback)
+        self._submit(self, callback)
 
     @property
     def defers(self) -> bool:
@@ -142,10 +143,36 @@ class LoopTask(Generic[T]):
                 self._task.cancel()
 
 
-def result_of(future: concurrent.futures.Future[T]) -> T:
+class Finished(Generic[T]):
+    """How a coroutine started with ``LoopTask.then`` ended: its value or its error (lighter
+    than a ``concurrent.futures.Future``, which holds a lock and a condition: nobody waits)."""
+
+    __slots__ = ("_error", "_value")
+
+    def __init__(self, task: asyncio.Task[T]) -> None:
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        if task.cancelled():
+            self._error = concurrent.futures.CancelledError("cancelled")
+        elif (error := task.exception()) is not None:
+            self._error = error
+        else:
+            self._value = task.result()
+
+    def result(self) -> T:
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+
+def _deliver(callback: Callable[[Finished[T]], None], task: asyncio.Task[T]) -> None:
+    callback(Finished(task))
+
+
+def result_of(finished: Finished[T]) -> T:
     """The outcome of a coroutine started with ``LoopTask.then``, failures explained as
     ``LoopTask.result`` explains them (``blocking.explain``)."""
-    return _explained(future.result)
+    return _explained(finished.result)
 
 
 def _explained(call: Callable[..., T], *args: Any) -> T:
@@ -278,35 +305,58 @@ class SharedLoop:
         self._stop = threading.Event()
         self._labels: weakref.WeakKeyDictionary[asyncio.Task[Any], str] = (
             weakref.WeakKeyDictionary())
+        self._queued: list[tuple[LoopTask[Any], Callable[[Finished[Any]], None],
+                                 contextvars.Context]] = []
+        self._wake_sent = False  # a call of _begin_queued is on its way to the loop
 
     def start(self, label: str, fn: Callable[..., Awaitable[T]], *args: Any) -> LoopTask[T]:
         """``fn(*args)`` on the shared loop; ``result()`` waits for it."""
         LABEL.set(label)  # in the worker's context, which the loop task copies
 
         def run(task: LoopTask[T]) -> T:
-            return self._submit(task).result()
+            outcome: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+            def deliver(finished: Finished[T]) -> None:
+                try:
+                    outcome.set_result(finished.result())
+                except BaseException as exc:  # handed to the waiting thread
+                    outcome.set_exception(exc)
+
+            self._submit(task, deliver)
+            return outcome.result()
 
         return LoopTask(run, fn, args, submit=self._submit)
 
-    def _submit(self, task: LoopTask[T]) -> concurrent.futures.Future[T]:
+    def _submit(self, task: LoopTask[T], callback: Callable[[Finished[T]], None]) -> None:
+        """Queue ``task`` for the loop; ``callback`` gets its outcome there. Tasks queued
+        while the loop has not yet taken the last ones share one wake-up of the loop."""
         loop = self._ensure_started()
-        outcome: concurrent.futures.Future[T] = concurrent.futures.Future()
-        context = contextvars.copy_context()  # contextvars of the worker thread: CURRENT_RUN
+        item = (task, callback, contextvars.copy_context())  # the worker's: CURRENT_RUN
+        with self._lock:
+            self._queued.append(item)
+            wake = not self._wake_sent
+            self._wake_sent = True
+        if not wake:
+            if loop.is_closed():
+                raise RuntimeError("the shared event loop is closed")
+            return
+        try:
+            loop.call_soon_threadsafe(self._begin_queued)
+        except BaseException:  # the loop is closed: nothing queued will start
+            with self._lock:
+                self._wake_sent = False
+                self._queued.clear()
+            raise
 
-        def done(finished: asyncio.Task[T]) -> None:
-            if finished.cancelled():
-                outcome.set_exception(concurrent.futures.CancelledError("cancelled"))
-            elif (error := finished.exception()) is not None:
-                outcome.set_exception(error)
-            else:
-                outcome.set_result(finished.result())
-
-        def begin() -> None:
+    def _begin_queued(self) -> None:
+        """On the loop: start every queued task."""
+        with self._lock:
+            queued, self._queued = self._queued, []
+            self._wake_sent = False
+        loop = asyncio.get_running_loop()
+        for task, callback, context in queued:
             created = context.run(loop.create_task, task.guarded())
-            created.add_done_callback(done)
-
-        loop.call_soon_threadsafe(begin)
-        return outcome
+            created.add_done_callback(functools.partial(_deliver, callback))
 
     def _ensure_started(self) -> asyncio.AbstractEventLoop:
         with self._lock:

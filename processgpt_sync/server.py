@@ -239,7 +239,7 @@ class Server:
         last = self._storage.last_success if self._storage is not None else 0.0
         return {
             **self._stats.snapshot(),
-            "running": len(tenants),
+            "running": sum(tenants.values()),
             "tenants": self._stats.tenants(tenants),
             "events_pending": self._parts.buffer.pending if self._parts else 0,
             "listening": self._inflight.listening,

@@ -41,12 +41,12 @@ class ServerStats:
             key = tenant_id or ""
             self._claimed_by_tenant[key] = self._claimed_by_tenant.get(key, 0) + 1
 
-    def tenants(self, running: list[str | None]) -> dict[str, dict[str, int]]:
-        """Claimed and running counts per tenant, given the tenants of the running todos."""
+    def tenants(self, running: dict[str | None, int]) -> dict[str, dict[str, int]]:
+        """Claimed and running counts per tenant, given the running todos by tenant."""
         with self._lock:
             out = {t: {"claimed": n, "running": 0} for t, n in self._claimed_by_tenant.items()}
-        for tenant_id in running:
-            out.setdefault(tenant_id or "", {"claimed": 0, "running": 0})["running"] += 1
+        for tenant_id, count in running.items():
+            out.setdefault(tenant_id or "", {"claimed": 0, "running": 0})["running"] += count
         return out
 
     def executing(self, n: int) -> None:

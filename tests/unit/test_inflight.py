@@ -98,3 +98,21 @@ def test_a_run_whose_executor_ended_is_not_timed_out_while_its_outcome_waits() -
                         log=logging.getLogger("test"), extra={})
     worker.time_out(run)
     assert not run.closed and not run.cancel_event.is_set()
+
+
+def test_running_todos_are_counted_by_tenant_as_they_come_and_go() -> None:
+    inflight = InFlight(workers=4, spare_threads=0)
+
+    def run_of(todo_id: str, tenant: str | None) -> TodoRun:
+        claim = Claim.from_json({"row": {"id": todo_id, "query": "q", "tenant_id": tenant},
+                                 "token": "t", "extras": {}})
+        return TodoRun(claim, ListQueue(), timeout=None, intermediate=lambda run, data: None)
+
+    a1, a2, b, none = run_of("1", "a"), run_of("2", "a"), run_of("3", "b"), run_of("4", None)
+    for run in (a1, a2, b, none):
+        inflight.add(run)
+    assert inflight.tenants() == {"a": 2, "b": 1, None: 1}
+    inflight.forget(a1)
+    inflight.forget(b)
+    inflight.forget(b)  # twice: counted once
+    assert inflight.tenants() == {"a": 1, None: 1}
