@@ -21,9 +21,11 @@ CLAIM_PAUSE_MAX = 5.0  # seconds: longest pause after the host failed to start t
 class InFlight:
     """The todos this server holds, and when the claimer should claim more."""
 
-    def __init__(self, workers: int, spare_threads: int) -> None:
+    def __init__(self, workers: int, spare_threads: int, *, fleet_limits: bool = False) -> None:
         """:param spare_threads: threads beyond ``workers`` for timed-out executors that have
-            not returned yet; once they are used up, each such executor takes a slot."""
+            not returned yet; once they are used up, each such executor takes a slot.
+        :param fleet_limits: the claim counts running todos in the database (``max_running``):
+            each written outcome may let the next claim through, so it wakes the claimer."""
         self.lock = threading.Condition()
         self.wake = threading.Event()
         """Set when the claimer should claim now (new work, a free slot, stop)."""
@@ -39,6 +41,7 @@ class InFlight:
         this server holds is then complete."""
         self._workers = workers
         self._spare = spare_threads
+        self._fleet_limits = fleet_limits
         self._runs: dict[Key, TodoRun] = {}
         self._by_todo: dict[str, list[TodoRun]] = {}  # the same runs by todo id, oldest first
         self._busy = 0
@@ -51,10 +54,12 @@ class InFlight:
 
     def free_slots(self) -> int:
         """Slots the claimer may fill: workers minus running todos minus timed-out executors
-        that hold a thread beyond the spares."""
+        that hold a thread beyond the spares; and no more than ``workers`` outcomes waiting to
+        be written (a slot is free once its executor returns, while its outcome is written)."""
         with self.lock:
             short = max(0, len(self._overdue) - self._spare)
-            return self._workers - self._busy - short
+            return min(self._workers - self._busy - short,
+                       2 * self._workers - len(self._runs))
 
     def add(self, run: TodoRun) -> list[TodoRun]:
         """Hold ``run``; return earlier runs of the same todo still here (a revision claimed
@@ -69,18 +74,27 @@ class InFlight:
             return stale
 
     def forget(self, run: TodoRun) -> None:
-        """``run`` ended here: free its slot and let the claimer claim again."""
+        """``run`` ended here (its outcome written): free its slot and let the claimer claim
+        again."""
         with self.lock:
             self._drop(run)
             self.lock.notify_all()
-        if self.maybe_more:
+        if self.maybe_more or self._fleet_limits:
             self.wake.set()
 
     def executor_returned(self, run: TodoRun) -> None:
-        """The executor of ``run`` gave its thread back (perhaps long after a timeout)."""
+        """The executor of ``run`` gave its thread back (perhaps long after a timeout): its
+        slot is free, so the claimer claims the next todo while this one's outcome is
+        written."""
         with self.lock:
             run.executor_returned = True
             self._overdue.discard(run.key)
+            if run.slot_released:
+                return
+            run.slot_released = True
+            self._busy -= 1
+        if self.maybe_more:
+            self.wake.set()
 
     def timed_out(self, run: TodoRun) -> None:
         """Free the slot of a timed-out run now: a blocking executor may never return, and

@@ -100,7 +100,10 @@ class Server:
         self._owns_storage = storage is None
         self._log = logger.getChild(settings.agent_orch)
         self._extra = {"agent_orch": settings.agent_orch}
-        self._inflight = InFlight(settings.workers, budget.spare_threads(settings.workers))
+        self._inflight = InFlight(
+            settings.workers, budget.spare_threads(settings.workers),
+            fleet_limits=(settings.max_running is not None
+                          or settings.max_running_per_tenant is not None))
         self._stats = ServerStats()
         self._context = contextvars.copy_context()
         self._parts: _Parts | None = None

@@ -72,7 +72,8 @@ class Settings:
     agent_orch: str = ""
     """The `todolist.agent_orch` value this server claims."""
     workers: int = DEFAULT_WORKERS
-    """Worker threads: how many todos run at once."""
+    """Worker threads: how many executors run at once (a todo whose executor returned frees
+    its worker while its outcome is written)."""
     database_url: str | None = None
     """A libpq URL or conninfo string; wins over Supabase and the embedded server."""
     supabase_url: str | None = None

@@ -116,3 +116,41 @@ def test_running_todos_are_counted_by_tenant_as_they_come_and_go() -> None:
     inflight.forget(b)
     inflight.forget(b)  # twice: counted once
     assert inflight.tenants() == {"a": 1, None: 1}
+
+
+def test_a_slot_is_free_once_its_executor_returns_and_at_most_workers_outcomes_wait() -> None:
+    """The claimer claims the next todo while an ended todo's outcome is written; outcomes
+    waiting to be written are bounded by the workers too."""
+    inflight = InFlight(workers=2, spare_threads=1)
+    first, second = make_run("a", "t"), make_run("b", "t")
+    inflight.add(first)
+    inflight.add(second)
+    assert inflight.free_slots() == 0
+    inflight.wake.clear()
+    inflight.executor_returned(first)
+    assert inflight.free_slots() == 1 and inflight.wake.is_set()
+    inflight.executor_returned(first)  # twice: freed once
+    assert inflight.free_slots() == 1
+    third = make_run("c", "t")
+    inflight.add(third)
+    inflight.executor_returned(second)
+    inflight.executor_returned(third)
+    assert inflight.free_slots() == 1  # no executor runs, but three outcomes wait: 4 - 3
+    inflight.forget(first)
+    assert inflight.free_slots() == 2
+    inflight.forget(second)
+    inflight.forget(third)
+    assert inflight.free_slots() == 2
+
+
+def test_with_fleet_limits_a_written_outcome_wakes_the_claimer_even_when_no_work_is_known() -> None:
+    """``max_running`` counts the todo in the database until its outcome is written: the claim
+    refused at the executor's return may succeed now."""
+    for limits in (False, True):
+        inflight = InFlight(workers=2, spare_threads=0, fleet_limits=limits)
+        run = make_run("a", "t")
+        inflight.add(run)
+        inflight.maybe_more = False  # the last claim got fewer todos than it asked for
+        inflight.executor_returned(run)
+        inflight.forget(run)
+        assert inflight.wake.is_set() is limits
