@@ -1,10 +1,11 @@
 """Group commit of todo outcomes.
 
 Worker threads hand their final write (result, failure or question, with the todo's last
-events) to one writer thread and block until it is stored. The writer records everything that
-is pending in one SQL call — one transaction, one fsync — so throughput is not bounded by one
-commit per todo. Nothing is fire-and-forget: a worker returns only once its outcome is stored
-(or refused by fencing), and outages are retried with back-off.
+events) to one writer thread. The writer records everything that is pending in one SQL call —
+one transaction, one fsync — so throughput is not bounded by one commit per todo. Nothing is
+fire-and-forget: each outcome carries what to do once it is stored (or refused by fencing, or
+could not be stored), run on the writer's thread after its commit; ``write`` waits for that.
+Outages are retried with back-off.
 """
 
 from __future__ import annotations
@@ -26,18 +27,21 @@ logger = logging.getLogger(__name__)
 BATCH_SIZE = 200  # outcomes per SQL call
 
 
+Stored = Callable[[WriteOutcome | None, BaseException | None], None]
+"""Called once an outcome's write ended: what the database said, or why it could not be
+stored (``StorageUnavailable`` only once the server exits now)."""
+
+
 @dataclass
 class Outcome:
-    """One todo's final write, and, once stored, what the database said."""
+    """One todo's final write."""
 
     claim: Claim
     kind: str  # completed | failed | asked
     result: Any = None
     error: str | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
-    stored: WriteOutcome | None = None
-    failure: BaseException | None = None
-    done: threading.Event = field(default_factory=threading.Event)
+    told: bool = False  # its ``then`` ran (or runs now): never twice
 
     def item(self) -> dict[str, Any]:
         return {
@@ -61,8 +65,8 @@ class OutcomeWriter:
         self._abort = abort
         self._on_crash = on_crash
         self._cond = threading.Condition()
-        self._pending: list[Outcome] = []
-        self._writing: list[Outcome] = []
+        self._pending: list[tuple[Outcome, Stored]] = []
+        self._writing: list[tuple[Outcome, Stored]] = []
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="processgpt-sync-outcomes",
                                         daemon=True)
@@ -70,20 +74,33 @@ class OutcomeWriter:
     def start(self) -> None:
         self._thread.start()
 
-    def write(self, outcome: Outcome) -> WriteOutcome:
-        """Store ``outcome`` (blocking); raise the storage error if it cannot be stored."""
+    def submit(self, outcome: Outcome, then: Stored) -> None:
+        """Store ``outcome`` with the next batch; ``then`` runs on the writer's thread once it
+        is stored or could not be (it may submit again, it must not wait for the writer)."""
         with self._cond:
             closed = self._closed
             if not closed:
-                self._pending.append(outcome)
+                self._pending.append((outcome, then))
                 self._cond.notify()
         if closed:  # a straggler after stop(): write it on the caller's thread
-            self._write_batch([outcome])
-        outcome.done.wait()
-        if outcome.failure is not None:
-            raise outcome.failure
-        assert outcome.stored is not None
-        return outcome.stored
+            self._write_batch([(outcome, then)])
+
+    def write(self, outcome: Outcome) -> WriteOutcome:
+        """Store ``outcome`` (blocking); raise the storage error if it cannot be stored."""
+        ended = threading.Event()
+        answer: list[Any] = [None, None]
+
+        def stored(result: WriteOutcome | None, failure: BaseException | None) -> None:
+            answer[:] = [result, failure]
+            ended.set()
+
+        self.submit(outcome, stored)
+        ended.wait()
+        if answer[1] is not None:
+            raise answer[1]
+        assert answer[0] is not None
+        result: WriteOutcome = answer[0]
+        return result
 
     def close(self, timeout: float = 10.0) -> None:
         """Write what is pending, then stop the writer thread."""
@@ -101,9 +118,11 @@ class OutcomeWriter:
             with self._cond:
                 self._closed = True  # later outcomes are written on their workers' threads
                 stranded, self._pending = self._writing + self._pending, []
-            self._fail_all(stranded, ServerFailed(f"the outcome writer thread died ({exc!r})"))
+            # Report first: what the stranded outcomes' handlers write now is written on this
+            # thread, and retries through an outage until the stopping server aborts them.
             if self._on_crash is not None:
                 self._on_crash("outcome writer", exc)
+            self._fail_all(stranded, ServerFailed(f"the outcome writer thread died ({exc!r})"))
 
     def _write_forever(self) -> None:
         while True:
@@ -118,11 +137,11 @@ class OutcomeWriter:
             with self._cond:
                 self._writing = []
 
-    def _write_batch(self, batch: list[Outcome]) -> None:
+    def _write_batch(self, batch: list[tuple[Outcome, Stored]]) -> None:
         attempt = 0
         while True:
             try:
-                stored = self._storage.finish([o.item() for o in batch])
+                stored = self._storage.finish([outcome.item() for outcome, _ in batch])
                 break
             except StorageUnavailable as exc:
                 attempt += 1
@@ -137,21 +156,31 @@ class OutcomeWriter:
                     # Isolate the item the database refused: write them one by one.
                     logger.warning("a batch of %d todo outcomes was refused (%s); writing them "
                                    "one by one", len(batch), exc, extra={"action": "finish"})
-                    for outcome in batch:
-                        self._write_batch([outcome])
+                    for item in batch:
+                        self._write_batch([item])
                     return
-                logger.error("writing the outcome of todo %s failed: %s",
-                             batch[0].claim.todo_id, exc,
-                             extra={"action": "finish", "todo_id": batch[0].claim.todo_id})
+                todo_id = batch[0][0].claim.todo_id
+                logger.error("writing the outcome of todo %s failed: %s", todo_id, exc,
+                             extra={"action": "finish", "todo_id": todo_id})
                 self._fail_all(batch, exc)
                 return
-        for outcome, result in zip(batch, stored, strict=True):
-            outcome.stored = result
-            outcome.done.set()
+        for (outcome, then), result in zip(batch, stored, strict=True):
+            _tell(outcome, then, result, None)
 
     @staticmethod
-    def _fail_all(batch: list[Outcome], exc: BaseException) -> None:
-        for outcome in batch:
-            if not outcome.done.is_set():
-                outcome.failure = exc
-                outcome.done.set()
+    def _fail_all(batch: list[tuple[Outcome, Stored]], exc: BaseException) -> None:
+        for outcome, then in batch:
+            _tell(outcome, then, None, exc)
+
+
+def _tell(outcome: Outcome, then: Stored, result: WriteOutcome | None,
+          failure: BaseException | None) -> None:
+    """Run one outcome's ``then``; one that raises must not keep the others' from running."""
+    if outcome.told:
+        return
+    outcome.told = True
+    try:
+        then(result, failure)
+    except Exception:
+        logger.exception("handling the stored outcome of todo %s failed", outcome.claim.todo_id,
+                         extra={"action": "finish", "todo_id": outcome.claim.todo_id})

@@ -56,11 +56,15 @@ class Recorder:
     def _todo_extra(self, run: TodoRun, action: str) -> dict[str, Any]:
         return {**self._extra, "action": action, "todo_id": run.todo_id}
 
-    def finish(self, run: TodoRun, value: Any, error: BaseException | None) -> None:
+    def finish(self, run: TodoRun, value: Any, error: BaseException | None,
+               then: Callable[[], None]) -> None:
         """Record what the executor's return ``value`` or ``error`` amounts to, unless the
-        todo's outcome was already decided (timeout, shutdown) or it is no longer ours."""
+        todo's outcome was already decided (timeout, shutdown) or it is no longer ours.
+        Returns once the write is handed to the outcome writer; ``then()`` runs once it is
+        recorded (on the writer's thread), or could not be. If this raises, it has not run."""
         if not run.close():
-            return  # timed out or given back: its outcome is already recorded
+            then()  # timed out or given back: its outcome is already recorded
+            return
         reason = run.cancel_reason
         if reason == "cancelled":
             self.discard_events(run)
@@ -68,24 +72,33 @@ class Recorder:
             self._count("cancelled")
             self._log.info("todo %s cancelled by the UI", run.todo_id,
                            extra=self._todo_extra(run, "cancelled"))
+            then()
             return
         if reason == "lost":
             self.discard_events(run)
             self._count("lost")
             self._log.warning("todo %s: lease lost to another worker; its writes are dropped",
                               run.todo_id, extra=self._todo_extra(run, "lost"))
+            then()
             return
         if reason == "shutdown":
-            return  # stop() gives it back
+            then()  # stop() gives it back
+            return
         if error is not None:
             self._log.warning("executor failed on todo %s: %s", run.todo_id, error_text(error),
                               exc_info=error, extra=self._todo_extra(run, "execute"))
-            self.fail(run, error_text(error))
+            self.fail_then(run, error_text(error), then)
             return
         if isinstance(value, AwaitingHuman):
             events = self._take_events(run)
-            stored = self._outcomes.write(Outcome(run.claim, "asked", events=events))
-            self._after_write(run, stored, events, "asked")
+
+            def asked(stored: WriteOutcome | None, failure: BaseException | None) -> None:
+                try:
+                    self._written(run, stored, failure, events, "asked")
+                finally:
+                    then()
+
+            self._outcomes.submit(Outcome(run.claim, "asked", events=events), asked)
             return
         result = run.final_result if value is None or value is UNSET else value
         if isinstance(result, str):
@@ -95,9 +108,9 @@ class Recorder:
                 raise NoResultError(NO_RESULT)
             result = snapshot_json(result, what="result")
         except (NoResultError, PayloadError) as exc:
-            self.fail(run, str(exc))
+            self.fail_then(run, str(exc), then)
             return
-        self._record_result(run, result)
+        self._record_result(run, result, then)
 
     @staticmethod
     def suspend(run: TodoRun, question: dict[str, Any]) -> Any:
@@ -105,52 +118,82 @@ class Recorder:
         the lease and the todo waits in the database (HUMAN_ASKED)."""
         return AwaitingHuman(question=question)
 
-    def _record_result(self, run: TodoRun, result: Any) -> None:
+    def _record_result(self, run: TodoRun, result: Any, then: Callable[[], None]) -> None:
         events = self._take_events(run)
-        try:
-            stored = self._outcomes.write(
-                Outcome(run.claim, "completed", result=result, events=events)
-            )
-        except StorageUnavailable:
-            raise
-        except Exception as exc:  # refused by the database: record why, not nothing
-            self._log.error("result of todo %s could not be stored: %s", run.todo_id, exc,
-                            extra=self._todo_extra(run, "save_result"))
-            self.fail(run, f"result could not be stored: {exc}", events=events)
-            return
-        if stored.reason == "error":
-            self._log.error("result of todo %s could not be stored: %s", run.todo_id,
-                            stored.error, extra=self._todo_extra(run, "save_result"))
-            self.fail(run, f"result could not be stored: {stored.error}",
-                                 events=events)
-            return
-        self._after_write(run, stored, events, "completed")
 
-    def fail(
-        self, run: TodoRun, message: str, *, events: list[dict[str, Any]] | None = None
-    ) -> None:
+        def stored(outcome: WriteOutcome | None, failure: BaseException | None) -> None:
+            handed_on = False  # to the failure's write, which runs then() once it ends
+            try:
+                problem: Any = None
+                if failure is not None and not isinstance(failure, StorageUnavailable):
+                    problem = failure  # refused by the database: record why, not nothing
+                elif outcome is not None and outcome.reason == "error":
+                    problem = outcome.error
+                if problem is None:
+                    self._written(run, outcome, failure, events, "completed")
+                    return
+                self._log.error("result of todo %s could not be stored: %s", run.todo_id,
+                                problem, extra=self._todo_extra(run, "save_result"))
+                self.fail_then(run, f"result could not be stored: {problem}", then,
+                               events=events)
+                handed_on = True
+            finally:
+                if not handed_on:
+                    then()
+
+        self._outcomes.submit(Outcome(run.claim, "completed", result=result, events=events),
+                              stored)
+
+    def fail(self, run: TodoRun, message: str) -> None:
+        """Record ``run`` failed with ``message``; return once it is recorded."""
+        recorded = threading.Event()
+        self.fail_then(run, message, recorded.set)
+        recorded.wait()
+
+    def fail_then(self, run: TodoRun, message: str, then: Callable[[], None], *,
+                  events: list[dict[str, Any]] | None = None) -> None:
+        """Record ``run`` failed with ``message`` and its events; if the events are refused,
+        the failure without them. ``then()`` runs once that is recorded, or could not be."""
         events = self._take_events(run) if events is None else events
-        try:
-            stored = self._outcomes.write(Outcome(run.claim, "failed", error=message,
-                                                  events=events))
-            problem = stored.error if stored.reason == "error" else None
-        except StorageUnavailable:
-            raise
-        except Exception as exc:
-            if not events:
-                raise
-            problem = str(exc)
-        if problem is not None and events:
-            self._log.error("events of todo %s could not be stored (%s); recording the failure "
-                            "without them", run.todo_id, problem,
-                            extra=self._todo_extra(run, "fail"))
-            stored = self._outcomes.write(Outcome(run.claim, "failed", error=message))
-            events = []
-        self._after_write(run, stored, events, "failed")
 
-    def _after_write(
-        self, run: TodoRun, outcome: WriteOutcome, events: list[dict[str, Any]], counter: str
-    ) -> None:
+        def without_events(outcome: WriteOutcome | None, failure: BaseException | None) -> None:
+            try:
+                self._written(run, outcome, failure, [], "failed")
+            finally:
+                then()
+
+        def stored(outcome: WriteOutcome | None, failure: BaseException | None) -> None:
+            handed_on = False  # to the write without events, which runs then() once it ends
+            try:
+                if failure is not None and not isinstance(failure, StorageUnavailable) and events:
+                    problem: str | None = str(failure)
+                elif outcome is not None and outcome.reason == "error" and events:
+                    problem = outcome.error
+                else:
+                    self._written(run, outcome, failure, events, "failed")
+                    return
+                self._log.error("events of todo %s could not be stored (%s); recording the "
+                                "failure without them", run.todo_id, problem,
+                                extra=self._todo_extra(run, "fail"))
+                self._outcomes.submit(Outcome(run.claim, "failed", error=message),
+                                      without_events)
+                handed_on = True
+            finally:
+                if not handed_on:
+                    then()
+
+        self._outcomes.submit(Outcome(run.claim, "failed", error=message, events=events),
+                              stored)
+
+    def _written(self, run: TodoRun, outcome: WriteOutcome | None,
+                 failure: BaseException | None, events: list[dict[str, Any]],
+                 counter: str) -> None:
+        """Count and log a stored outcome; log one that could not be stored (an outage while
+        the server exits now, or a refusal left after the fallbacks above)."""
+        if outcome is None:
+            self._log.error("the %s outcome of todo %s could not be recorded: %s", counter,
+                            run.todo_id, failure, extra=self._todo_extra(run, counter))
+            return
         log_rejected(events, outcome.rejected)
         if outcome.applied:
             self._count(counter)

@@ -7,7 +7,8 @@ server:
 
 - claimer (``claimer``): claims up to the number of free slots in one call, woken by NOTIFY
   or a slow poll;
-- worker pool (``ThreadPoolExecutor``): one todo per thread, from executor call to final write;
+- worker pool (``ThreadPoolExecutor``): one todo per thread, from executor call to handing its
+  outcome to the outcome writer;
 - heartbeat and listener (``watch``): leases, timeouts, the registry; NOTIFY wake-ups and UI
   cancels;
 - event writer (``event_writer``) and outcome writer (``outcomes``): batched writes.

@@ -128,17 +128,23 @@ class TodoWorker:
             self._stats.executing(-1)
             self._inflight.executor_returned(run)
         problem = infrastructure_problem(error)
+        recorded = functools.partial(self._inflight.forget, run)
         try:
             if problem is not None:
                 self._give_back_broken(run, problem)
+                recorded()
             else:
                 self._inflight.host_recovered()
-                self._recorder.finish(run, value, error)
+                # Returns once the outcome is handed to the writer: this thread is free for
+                # the next todo while it is written; the run is forgotten once it is.
+                self._recorder.finish(run, value, error, then=recorded)
         except Exception:
             self._log.exception("recording the outcome of todo %s failed", run.todo_id,
                                 extra=self._todo_extra(run, "finish"))
-        finally:
-            self._inflight.forget(run)
+            recorded()
+        except BaseException:
+            recorded()
+            raise
 
     def cancel(self, run: TodoRun, reason: str) -> None:
         """End ``run`` early (``cancelled`` by the UI, ``lost`` lease, ``shutdown``)."""

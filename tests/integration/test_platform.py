@@ -163,9 +163,11 @@ def test_our_claims_and_upstream_claims_interleave_without_running_a_todo_twice(
     ids = {store.enqueue("shared", f"q{i}") for i in range(120)}
     taken: dict[str, list[str]] = {"ours": [], "theirs": []}
     errors: list[BaseException] = []
+    together = threading.Barrier(4, timeout=30)  # all four start claiming at once
 
     def ours() -> None:
         try:
+            together.wait()
             while batch := claim_ours(store, consumer=f"ours-{threading.get_ident()}", limit=3):
                 taken["ours"].extend(c.todo_id for c in batch)
         except BaseException as exc:  # surfaced below
@@ -174,6 +176,7 @@ def test_our_claims_and_upstream_claims_interleave_without_running_a_todo_twice(
     def theirs() -> None:
         try:
             with connect(db.info.dsn) as own:
+                together.wait()
                 while batch := fetch_upstream(own, consumer=f"up-{threading.get_ident()}",
                                               limit=3):
                     taken["theirs"].extend(batch)

@@ -1,0 +1,125 @@
+"""Outcomes are written by one writer thread while worker threads go on: a worker's thread
+and slot are free once its executor returns, the run is held until its outcome is stored,
+and what cannot be stored is reported, never left waiting."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import psycopg
+
+import processgpt_sync as ps
+from processgpt_sync.errors import ServerFailed
+from processgpt_sync.outcomes import Outcome, OutcomeWriter
+from processgpt_sync.storage.postgres import PostgresStorage
+from tests.conftest import wait_for
+
+AGENT = "writes"
+
+
+def test_worker_threads_run_the_next_todos_while_earlier_outcomes_wait_to_be_written(
+        database_url, db):
+    """20 workers (36 pool threads): the first 20 todos' rows are locked once they run, so
+    their outcomes cannot be written; the next 20 todos all run meanwhile, which needs the
+    first 20 threads back (16 spares would not do)."""
+    workers = 20
+    storage = PostgresStorage(database_url)
+    for i in range(2 * workers):
+        storage.enqueue(AGENT, f"q{i}")
+    started: list[str] = []
+    lock = threading.Lock()
+    release_first = threading.Event()
+
+    def handle(todo: ps.Todo) -> dict[str, Any]:
+        with lock:
+            started.append(todo.id)
+            first_round = len(started) <= workers
+        if first_round:
+            release_first.wait(20)
+        return {"ok": True}
+
+    server = ps.start(handle, agent_orch=AGENT, storage=storage, workers=workers)
+    try:
+        wait_for(lambda: len(started) == workers, timeout=20)
+        with psycopg.connect(database_url) as blocker:
+            blocker.execute("SELECT id FROM todolist WHERE id = ANY(%s::uuid[]) FOR UPDATE",
+                            (list(started),))
+            release_first.set()
+            wait_for(lambda: len(started) == 2 * workers, timeout=20)
+            written = db.execute("SELECT count(*) AS n FROM todolist WHERE agent_orch = %s "
+                                 "AND draft_status = 'COMPLETED'", (AGENT,)).fetchone()["n"]
+            assert written == 0, "the first outcomes were written despite the lock"
+            assert server.stats()["running"] == 2 * workers  # held until written
+        wait_for(lambda: server.stats()["completed"] == 2 * workers, timeout=30)
+        assert server.stats()["running"] == 0
+    finally:
+        server.stop()
+        storage.close()
+
+
+class DiesOnFinish(PostgresStorage):
+    def finish(self, items: list[dict[str, Any]]) -> Any:
+        raise SystemExit("the driver broke")
+
+
+def test_a_dead_outcome_writer_reports_its_death_before_the_stranded_outcomes_are_handled(
+        database_url):
+    """What the stranded outcomes' handlers write next is written on the dying thread and may
+    retry through an outage: the server must hear of the death first, so it stops and aborts
+    those retries."""
+    storage = DiesOnFinish(database_url)
+    claim = storage.claim(agent_orch=AGENT, consumer="c", limit=1, lease_seconds=60,
+                          max_claims=3) if storage.enqueue(AGENT, "x") else []
+    order: list[str] = []
+    handled = threading.Event()
+
+    def stored(result: Any, failure: BaseException | None) -> None:
+        order.append(type(failure).__name__)
+        handled.set()
+
+    writer = OutcomeWriter(storage, abort=threading.Event(),
+                           on_crash=lambda name, exc: order.append(f"crash: {name}"))
+    writer.start()
+    try:
+        writer.submit(Outcome(claim[0], "completed", result={"ok": True}), stored)
+        assert handled.wait(10)
+    finally:
+        writer.close(timeout=5)
+        storage.close()
+    assert order == ["crash: outcome writer", ServerFailed.__name__]
+
+
+def test_a_failing_step_after_the_write_still_lets_the_run_go(database_url, db, caplog):
+    """Counting or logging a stored outcome raised: the outcome is stored, the error logged,
+    and the run is forgotten all the same (else its slot leaks and stop() waits for it)."""
+    import logging
+
+    from processgpt_sync.event_writer import EventBuffer
+    from processgpt_sync.recorder import Recorder
+    from processgpt_sync.runs import TodoRun
+
+    storage = PostgresStorage(database_url)
+    todo_id = storage.enqueue(AGENT, "x")
+    claim = storage.claim(agent_orch=AGENT, consumer="c", limit=1, lease_seconds=60,
+                          max_claims=3)[0]
+    buffer = EventBuffer(storage, flush_interval=0.05, batch_size=100)
+    writer = OutcomeWriter(storage, abort=threading.Event())
+    writer.start()
+
+    def count(name: str, n: int = 1) -> None:
+        raise RuntimeError("the counter broke")
+
+    recorder = Recorder(storage, writer, buffer, log=logging.getLogger("test"), extra={},
+                        count=count, on_run_time=lambda s: None, abort=threading.Event())
+    run = TodoRun(claim, buffer, timeout=None, intermediate=lambda run, data: None)
+    let_go = threading.Event()
+    try:
+        recorder.finish(run, {"ok": True}, None, then=let_go.set)
+        assert let_go.wait(10)
+    finally:
+        writer.close(timeout=5)
+        storage.close()
+    assert db.execute("SELECT draft_status::text AS s FROM todolist WHERE id = %s",
+                      (todo_id,)).fetchone()["s"] == "COMPLETED"
+    assert "the counter broke" in caplog.text
