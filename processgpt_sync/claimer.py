@@ -31,6 +31,7 @@ from .watch import WorkWaiter, work_waiter
 from .worker import TodoWorker
 
 MIN_POLL = 0.05  # seconds: first back-off step of a polling-only backend
+CLAIM_BATCH = 256  # most todos one claim call takes: the first start without waiting for all
 
 
 class Claimer:
@@ -84,7 +85,7 @@ class Claimer:
             inflight.wake.clear()
             try:
                 with inflight.claim_gate:
-                    claims = self._claim(free)
+                    claims = self._claim(min(free, CLAIM_BATCH))
             except (StorageError, OSError) as exc:
                 inflight.claim_unanswered = True
                 attempt += 1
@@ -98,7 +99,8 @@ class Claimer:
                 attempt = 0
             if claims is None:
                 return
-            inflight.maybe_more = len(claims) == free or inflight.wake.is_set()
+            inflight.maybe_more = (len(claims) == min(free, CLAIM_BATCH)
+                                   or inflight.wake.is_set())
             if inflight.maybe_more:
                 idle_wait = MIN_POLL
             elif inflight.listening:

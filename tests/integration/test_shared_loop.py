@@ -12,6 +12,7 @@ import pytest
 
 import processgpt_sync as ps
 from processgpt_sync import budget
+from processgpt_sync.claimer import CLAIM_BATCH
 from tests.conftest import wait_for
 
 TODOS = 300
@@ -35,6 +36,14 @@ def test_hundreds_of_awaiting_todos_hold_a_few_threads(storage, db):
 
     db.execute("SELECT processgpt_sync_enqueue_v1('a', 'q' || g) FROM generate_series(1, %s) g",
                (TODOS,))
+    limits: list[int] = []
+    claim = storage.claim
+
+    def claim_recorded(**kwargs: Any) -> Any:
+        limits.append(kwargs["limit"])
+        return claim(**kwargs)
+
+    storage.claim = claim_recorded  # the real claim, its limits noted
     before = threading.active_count()
     server = ps.start(wait_for_release, agent_orch="a", storage=storage, workers=TODOS,
                       loop="shared")
@@ -51,6 +60,8 @@ def test_hundreds_of_awaiting_todos_hold_a_few_threads(storage, db):
         f"{started} threads for {TODOS} awaiting todos")
     done = db.execute("SELECT count(*) AS n FROM todolist WHERE draft_status = 'COMPLETED'")
     assert done.fetchone()["n"] == TODOS
+    # The first todos start without waiting for one call to claim them all.
+    assert limits[0] == CLAIM_BATCH < TODOS and max(limits) <= CLAIM_BATCH
 
 
 def test_a_deferred_todo_that_raises_fails_with_its_error_and_frees_its_slot(storage, db):
