@@ -160,15 +160,19 @@ def test_we_never_take_a_todo_an_upstream_worker_holds(upstream):
 
 def test_our_claims_and_upstream_claims_interleave_without_running_a_todo_twice(upstream):
     store, db = upstream
-    ids = {store.enqueue("shared", f"q{i}") for i in range(120)}
+    ids = {store.enqueue("shared", f"q{i}") for i in range(240)}
     taken: dict[str, list[str]] = {"ours": [], "theirs": []}
     errors: list[BaseException] = []
-    together = threading.Barrier(4, timeout=30)  # all four start claiming at once
+    # All four start claiming at once, each on a connection opened before (opening one takes
+    # longer than the other side needs to claim everything).
+    together = threading.Barrier(4, timeout=30)
 
     def ours() -> None:
         try:
+            store.claim(agent_orch="nobody", consumer="warm-up", limit=1, lease_seconds=60,
+                        max_claims=3)
             together.wait()
-            while batch := claim_ours(store, consumer=f"ours-{threading.get_ident()}", limit=3):
+            while batch := claim_ours(store, consumer=f"ours-{threading.get_ident()}", limit=2):
                 taken["ours"].extend(c.todo_id for c in batch)
         except BaseException as exc:  # surfaced below
             errors.append(exc)
@@ -178,7 +182,7 @@ def test_our_claims_and_upstream_claims_interleave_without_running_a_todo_twice(
             with connect(db.info.dsn) as own:
                 together.wait()
                 while batch := fetch_upstream(own, consumer=f"up-{threading.get_ident()}",
-                                              limit=3):
+                                              limit=2):
                     taken["theirs"].extend(batch)
         except BaseException as exc:
             errors.append(exc)

@@ -144,13 +144,19 @@ def test_scale_out_3_processes_run_1000_todos_exactly_once(database_url, tmp_pat
     with open(tmp_path / "log", "w") as log:
         procs = [spawn(database_url, "tests.agents:steady", *args, log=log) for _ in range(3)]
         try:
-            # The work arrives once all three serve, and lasts seconds: one process alone can
-            # finish 1,000 instant todos before another has claimed any.
+            # The work arrives once all three serve and have each run a todo, and lasts
+            # seconds: two processes alone can finish 1,000 short todos before a third, slower
+            # to start on a busy machine, has claimed any.
             wait_for(lambda: scalar(database_url, "SELECT count(*) FROM processgpt_sync_server "
                                     "WHERE agent_orch = 'rel'") == 3, timeout=60)
             with psycopg.connect(database_url, autocommit=True) as conn:
+                conn.execute("SELECT processgpt_sync_enqueue_v1('rel', 'w' || g) "
+                             "FROM generate_series(1, 30) g")
+                wait_for(lambda: scalar(database_url, "SELECT count(DISTINCT output->>'pid') "
+                                        "FROM todolist WHERE draft_status = 'COMPLETED'") == 3,
+                         timeout=60)
                 conn.execute("SELECT processgpt_sync_enqueue_v1('rel', 'q' || g) "
-                             "FROM generate_series(1, 1000) g")
+                             "FROM generate_series(1, 970) g")
             wait_for(lambda: scalar(database_url, "SELECT count(*) FROM todolist WHERE "
                                     "draft_status = 'COMPLETED'") == 1000, timeout=120)
         finally:
@@ -160,7 +166,7 @@ def test_scale_out_3_processes_run_1000_todos_exactly_once(database_url, tmp_pat
                   "WHERE event_type = 'task_working' GROUP BY todo_id) s")
     assert len(runs) == 1000 and set(runs) == {1}, "each todo executed exactly once"
     served = scalar(database_url, "SELECT array_agg(n) FROM (SELECT count(*) AS n FROM todolist "
-                    "GROUP BY output->>'pid') s")
+                    "WHERE query LIKE 'q%%' GROUP BY output->>'pid') s")
     assert len(served) == 3, f"all three processes served (todos per process: {served})"
 
 
