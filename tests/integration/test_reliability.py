@@ -146,25 +146,31 @@ def test_scale_out_3_processes_run_1000_todos_exactly_once(database_url, tmp_pat
         try:
             # The work arrives once all three serve and have each run a todo, and lasts
             # seconds: two processes alone can finish 1,000 short todos before a third, slower
-            # to start on a busy machine, has claimed any.
+            # to start on a busy machine, has claimed any. Until then, a few todos at a time.
             wait_for(lambda: scalar(database_url, "SELECT count(*) FROM processgpt_sync_server "
                                     "WHERE agent_orch = 'rel'") == 3, timeout=60)
+            warm_up = 0
             with psycopg.connect(database_url, autocommit=True) as conn:
-                conn.execute("SELECT processgpt_sync_enqueue_v1('rel', 'w' || g) "
-                             "FROM generate_series(1, 30) g")
-                wait_for(lambda: scalar(database_url, "SELECT count(DISTINCT output->>'pid') "
-                                        "FROM todolist WHERE draft_status = 'COMPLETED'") == 3,
-                         timeout=60)
+                deadline = time.monotonic() + 60
+                while scalar(database_url, "SELECT count(DISTINCT output->>'pid') FROM todolist "
+                             "WHERE draft_status = 'COMPLETED'") < 3:
+                    assert time.monotonic() < deadline, "a process never ran a todo"
+                    conn.execute("SELECT processgpt_sync_enqueue_v1('rel', 'w' || g) "
+                                 "FROM generate_series(%s::int, %s::int) g",
+                                 (warm_up + 1, warm_up + 12))
+                    warm_up += 12
+                    time.sleep(0.2)
                 conn.execute("SELECT processgpt_sync_enqueue_v1('rel', 'q' || g) "
-                             "FROM generate_series(1, 970) g")
+                             "FROM generate_series(1, 1000) g")
+            total = warm_up + 1000
             wait_for(lambda: scalar(database_url, "SELECT count(*) FROM todolist WHERE "
-                                    "draft_status = 'COMPLETED'") == 1000, timeout=120)
+                                    "draft_status = 'COMPLETED'") == total, timeout=120)
         finally:
             for proc in procs:
                 stop_process(proc)
     runs = scalar(database_url, "SELECT array_agg(n) FROM (SELECT count(*) AS n FROM events "
                   "WHERE event_type = 'task_working' GROUP BY todo_id) s")
-    assert len(runs) == 1000 and set(runs) == {1}, "each todo executed exactly once"
+    assert len(runs) == total and set(runs) == {1}, "each todo executed exactly once"
     served = scalar(database_url, "SELECT array_agg(n) FROM (SELECT count(*) AS n FROM todolist "
                     "WHERE query LIKE 'q%%' GROUP BY output->>'pid') s")
     assert len(served) == 3, f"all three processes served (todos per process: {served})"
