@@ -124,11 +124,7 @@ class Recorder:
         def stored(outcome: WriteOutcome | None, failure: BaseException | None) -> None:
             handed_on = False  # to the failure's write, which runs then() once it ends
             try:
-                problem: Any = None
-                if failure is not None and not isinstance(failure, StorageUnavailable):
-                    problem = failure  # refused by the database: record why, not nothing
-                elif outcome is not None and outcome.reason == "error":
-                    problem = outcome.error
+                problem = self._refusal(outcome, failure)  # record why, not nothing
                 if problem is None:
                     self._written(run, outcome, failure, events, "completed")
                     return
@@ -165,11 +161,8 @@ class Recorder:
         def stored(outcome: WriteOutcome | None, failure: BaseException | None) -> None:
             handed_on = False  # to the write without events, which runs then() once it ends
             try:
-                if failure is not None and not isinstance(failure, StorageUnavailable) and events:
-                    problem: str | None = str(failure)
-                elif outcome is not None and outcome.reason == "error" and events:
-                    problem = outcome.error
-                else:
+                problem = self._refusal(outcome, failure) if events else None
+                if problem is None:
                     self._written(run, outcome, failure, events, "failed")
                     return
                 self._log.error("events of todo %s could not be stored (%s); recording the "
@@ -184,6 +177,15 @@ class Recorder:
 
         self._outcomes.submit(Outcome(run.claim, "failed", error=message, events=events),
                               stored)
+
+    @staticmethod
+    def _refusal(outcome: WriteOutcome | None, failure: BaseException | None) -> Any:
+        """Why the database refused a write (an error, not an outage), or None."""
+        if failure is not None and not isinstance(failure, StorageUnavailable):
+            return failure
+        if outcome is not None and outcome.reason == "error":
+            return outcome.error
+        return None
 
     def _written(self, run: TodoRun, outcome: WriteOutcome | None,
                  failure: BaseException | None, events: list[dict[str, Any]],
