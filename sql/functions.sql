@@ -163,6 +163,9 @@ DECLARE
     v_limit integer := p_limit;
     v_ids uuid[];
     v_claimed jsonb;
+    v_expired boolean;
+    v_abandoned uuid[] := '{}';
+    v_groups text[];
 BEGIN
     IF p_limit IS NULL OR p_limit < 1 THEN
         RETURN '[]'::jsonb;
@@ -170,7 +173,8 @@ BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
 
     -- Settle expired claims; usually there are none, and one probe of the expiry index says so.
-    IF EXISTS (SELECT 1 FROM processgpt_sync_lease WHERE expires_at < now()) THEN
+    v_expired := EXISTS (SELECT 1 FROM processgpt_sync_lease WHERE expires_at < now());
+    IF v_expired THEN
     WITH abandoned AS (
         SELECT t.id FROM todolist t
         JOIN processgpt_sync_lease l ON l.todo_id = t.id AND l.claim_token = t.claim_token
@@ -226,21 +230,44 @@ BEGIN
         END IF;
     END IF;
 
+    -- The abandoned claims that may run again (their lease expired): found from the leases, as
+    -- the waiting-todo indexes hold no running todos.
+    IF v_expired THEN
+        SELECT coalesce(array_agg(t.id), '{}') INTO v_abandoned
+        FROM processgpt_sync_lease l
+        JOIN todolist t ON t.id = l.todo_id AND t.claim_token = l.claim_token
+        WHERE l.expires_at < now() AND t.agent_orch::text = p_agent_orch
+          AND (p_tenant_id IS NULL OR t.tenant_id = p_tenant_id)
+          AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
+          AND processgpt_sync_is_claimable_v1(t, p_max_claims);
+    END IF;
+
     IF p_fair OR p_max_running_per_tenant IS NOT NULL THEN
-        WITH RECURSIVE tenants(k) AS (  -- every tenant with claimable-looking rows (skip scan)
+        -- The tenants with waiting todos (a skip scan over the fair index), with abandoned ones.
+        WITH RECURSIVE tenants(k) AS (
             (SELECT coalesce(t.tenant_id, '') FROM todolist t
              WHERE t.agent_orch::text = p_agent_orch AND p_tenant_id IS NULL
-               AND (t.draft_status IS NULL
-                    OR t.draft_status IN ('FB_REQUESTED', 'STARTED', 'HUMAN_ASKED'))
+               AND (t.draft_status IS NULL OR t.draft_status = 'FB_REQUESTED')
              ORDER BY coalesce(t.tenant_id, '') LIMIT 1)
             UNION ALL
             SELECT (SELECT coalesce(t.tenant_id, '') FROM todolist t
                     WHERE t.agent_orch::text = p_agent_orch AND coalesce(t.tenant_id, '') > g.k
-                      AND (t.draft_status IS NULL
-                           OR t.draft_status IN ('FB_REQUESTED', 'STARTED', 'HUMAN_ASKED'))
+                      AND (t.draft_status IS NULL OR t.draft_status = 'FB_REQUESTED')
                     ORDER BY coalesce(t.tenant_id, '') LIMIT 1)
             FROM tenants g WHERE g.k IS NOT NULL
-        ), live AS MATERIALIZED (  -- from the leases (the todos in flight), not the queue
+        )
+        SELECT array_agg(DISTINCT g.k) INTO v_groups FROM (
+            SELECT k FROM tenants WHERE k IS NOT NULL
+            UNION ALL SELECT p_tenant_id WHERE p_tenant_id IS NOT NULL
+            UNION ALL SELECT coalesce(t.tenant_id, '') FROM todolist t
+                      WHERE t.id = ANY (v_abandoned) AND p_tenant_id IS NULL) g;
+    END IF;
+
+    -- Turns between tenants need the running counts, which cost a look at every live lease;
+    -- with one tenant waiting (and no per-tenant cap) its turn is simply oldest first.
+    IF p_max_running_per_tenant IS NOT NULL
+       OR (p_fair AND (cardinality(v_groups) > 1 OR p_tenant_id IS NOT NULL)) THEN
+        WITH live AS MATERIALIZED (  -- from the leases (the todos in flight), not the queue
             SELECT l.todo_id, l.claim_token FROM processgpt_sync_lease l
             WHERE l.expires_at >= now()
         ), running AS (
@@ -251,25 +278,28 @@ BEGIN
               AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
             GROUP BY 1
         ), groups AS (
-            SELECT g.k, coalesce(r.n, 0) AS running
-            FROM (SELECT k FROM tenants WHERE k IS NOT NULL
-                  UNION ALL SELECT p_tenant_id WHERE p_tenant_id IS NOT NULL) g
+            SELECT g.k, coalesce(r.n, 0) AS running, greatest(0, least(
+                       2 * v_limit, coalesce(p_max_running_per_tenant - coalesce(r.n, 0),
+                                             2 * v_limit))) AS room
+            FROM unnest(v_groups) AS g(k)
             LEFT JOIN running r ON r.k = g.k
         ), wanted AS MATERIALIZED (
             SELECT c.id, c.start_date, g.running + c.n AS priority
             FROM groups g
             CROSS JOIN LATERAL (
-                SELECT t.id, t.start_date,
-                       row_number() OVER (ORDER BY t.start_date NULLS LAST, t.id) AS n
-                FROM todolist t
-                WHERE t.agent_orch::text = p_agent_orch AND coalesce(t.tenant_id, '') = g.k
-                  AND (t.draft_status IS NULL
-                       OR t.draft_status IN ('FB_REQUESTED', 'STARTED', 'HUMAN_ASKED'))
-                  AND processgpt_sync_is_claimable_v1(t, p_max_claims)
-                ORDER BY t.start_date NULLS LAST, t.id
-                LIMIT greatest(0, least(2 * v_limit,
-                                        coalesce(p_max_running_per_tenant - g.running,
-                                                 2 * v_limit)))) c
+                SELECT u.id, u.start_date,
+                       row_number() OVER (ORDER BY u.start_date NULLS LAST, u.id) AS n
+                FROM ((SELECT t.id, t.start_date FROM todolist t
+                       WHERE t.agent_orch::text = p_agent_orch AND coalesce(t.tenant_id, '') = g.k
+                         AND (t.draft_status IS NULL OR t.draft_status = 'FB_REQUESTED')
+                         AND processgpt_sync_is_claimable_v1(t, p_max_claims)
+                       ORDER BY t.start_date NULLS LAST, t.id
+                       LIMIT g.room)
+                      UNION ALL
+                      SELECT t.id, t.start_date FROM todolist t
+                      WHERE t.id = ANY (v_abandoned) AND coalesce(t.tenant_id, '') = g.k) u
+                ORDER BY u.start_date NULLS LAST, u.id
+                LIMIT g.room) c
             ORDER BY priority, c.start_date NULLS LAST, c.id
             LIMIT 2 * v_limit  -- spares for rows a concurrent claim holds
         )
@@ -279,13 +309,28 @@ BEGIN
             ORDER BY w.priority, w.start_date NULLS LAST, t.id
             LIMIT v_limit
             FOR UPDATE OF t SKIP LOCKED) x;
-    ELSE
+    ELSIF cardinality(v_abandoned) = 0 THEN
         SELECT array_agg(x.id) INTO v_ids FROM (
             SELECT t.id FROM todolist t
             WHERE t.agent_orch::text = p_agent_orch
               AND (p_tenant_id IS NULL OR t.tenant_id = p_tenant_id)
-              AND (t.draft_status IS NULL
-                   OR t.draft_status IN ('FB_REQUESTED', 'STARTED', 'HUMAN_ASKED'))
+              AND (t.draft_status IS NULL OR t.draft_status = 'FB_REQUESTED')
+              AND processgpt_sync_is_claimable_v1(t, p_max_claims)
+            ORDER BY t.start_date NULLS LAST, t.id
+            LIMIT v_limit
+            FOR UPDATE OF t SKIP LOCKED) x;
+    ELSE  -- abandoned claims compete with the oldest waiting todos (spares as above)
+        SELECT array_agg(x.id) INTO v_ids FROM (
+            SELECT t.id FROM todolist t
+            WHERE t.id IN (
+                (SELECT w.id FROM todolist w
+                 WHERE w.agent_orch::text = p_agent_orch
+                   AND (p_tenant_id IS NULL OR w.tenant_id = p_tenant_id)
+                   AND (w.draft_status IS NULL OR w.draft_status = 'FB_REQUESTED')
+                   AND processgpt_sync_is_claimable_v1(w, p_max_claims)
+                 ORDER BY w.start_date NULLS LAST, w.id
+                 LIMIT 2 * v_limit)
+                UNION ALL SELECT unnest(v_abandoned))
               AND processgpt_sync_is_claimable_v1(t, p_max_claims)
             ORDER BY t.start_date NULLS LAST, t.id
             LIMIT v_limit
@@ -1306,16 +1351,17 @@ BEGIN
             SELECT 1 FROM todolist t
             WHERE t.agent_orch::text = p_agent_orch
               AND (p_tenant_id IS NULL OR t.tenant_id = p_tenant_id)
-              AND (t.draft_status IS NULL
-                   OR t.draft_status IN ('FB_REQUESTED', 'STARTED', 'HUMAN_ASKED'))
-              AND CASE WHEN t.draft_status IN ('STARTED', 'HUMAN_ASKED') THEN EXISTS (
-                      SELECT 1 FROM processgpt_sync_lease l
-                      WHERE l.todo_id = t.id AND l.claim_token = t.claim_token
-                        AND l.expires_at < now()
-                        AND (t.status = 'CANCELLED'
-                             OR (l.consumer IS NOT DISTINCT FROM t.consumer
-                                 AND (t.lease_until IS NULL OR t.lease_until < now()))))
-                  ELSE processgpt_sync_is_claimable_v1(t, NULL) END)
+              AND (t.draft_status IS NULL OR t.draft_status = 'FB_REQUESTED')
+              AND processgpt_sync_is_claimable_v1(t, NULL))
+        OR EXISTS (
+            SELECT 1 FROM processgpt_sync_lease l
+            JOIN todolist t ON t.id = l.todo_id AND t.claim_token = l.claim_token
+            WHERE l.expires_at < now() AND t.agent_orch::text = p_agent_orch
+              AND (p_tenant_id IS NULL OR t.tenant_id = p_tenant_id)
+              AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
+              AND (t.status = 'CANCELLED'
+                   OR (l.consumer IS NOT DISTINCT FROM t.consumer
+                       AND (t.lease_until IS NULL OR t.lease_until < now()))))
         INTO v_found;
         EXIT WHEN v_found OR clock_timestamp() >= v_until;
         PERFORM pg_sleep(0.1);

@@ -204,29 +204,30 @@ BEGIN
 END
 $$;
 
--- Claimable and in-flight todos only: finished rows (COMPLETED, FAILED, ...) stay out of them.
+-- Waiting todos only (queued, or answered / sent back for revision): running and finished rows
+-- stay out, so a claim never walks past the todos in flight to reach the next one. Abandoned
+-- claims are found from their expired leases instead (processgpt_sync_lease_expires_idx).
 -- One index serves oldest-first claims, one the tenants' turns of fair claims (a skip scan over
 -- tenants, then each tenant's oldest todos). Old installs have an enum agent_orch, whose cast to
 -- text cannot be indexable: index by date only there.
 DROP INDEX IF EXISTS todolist_processgpt_sync_claim_idx;  -- before HUMAN_ASKED was reclaimable
+DROP INDEX IF EXISTS todolist_processgpt_sync_claimable_idx;  -- held running todos too
+DROP INDEX IF EXISTS todolist_processgpt_sync_fair_idx;  -- held running todos too
 DO $$
 BEGIN
     IF (SELECT data_type FROM information_schema.columns
         WHERE table_schema = current_schema() AND table_name = 'todolist'
           AND column_name = 'agent_orch') = 'text' THEN
-        CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_claimable_idx
+        CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_waiting_idx
             ON todolist (agent_orch, start_date, id)
-            WHERE draft_status IS NULL
-               OR draft_status IN ('FB_REQUESTED', 'STARTED', 'HUMAN_ASKED');
-        CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_fair_idx
+            WHERE draft_status IS NULL OR draft_status = 'FB_REQUESTED';
+        CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_waiting_fair_idx
             ON todolist (agent_orch, (coalesce(tenant_id, '')), start_date, id)
-            WHERE draft_status IS NULL
-               OR draft_status IN ('FB_REQUESTED', 'STARTED', 'HUMAN_ASKED');
+            WHERE draft_status IS NULL OR draft_status = 'FB_REQUESTED';
     ELSE
-        CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_claimable_idx
+        CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_waiting_idx
             ON todolist (start_date, id)
-            WHERE draft_status IS NULL
-               OR draft_status IN ('FB_REQUESTED', 'STARTED', 'HUMAN_ASKED');
+            WHERE draft_status IS NULL OR draft_status = 'FB_REQUESTED';
     END IF;
 END
 $$;

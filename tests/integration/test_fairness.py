@@ -82,6 +82,28 @@ def test_reclaims_and_answers_are_claimed_within_the_limits(storage, db):
     assert a0.todo_id in {c.todo_id for c in got}
 
 
+def test_an_abandoned_claim_takes_its_turn_by_age_among_waiting_todos(storage, db):
+    """Abandoned claims come from their expired leases, not from the waiting-todo index: a
+    tenant whose only todo was abandoned still gets its turn, oldest first on ties."""
+    claim_after(storage, "a", 1)
+    db.execute("UPDATE processgpt_sync_lease SET expires_at = now() - interval '1 second'")
+    enqueue(storage, "b", 2)
+    got = claim(storage, consumer="w2", limit=3)
+    assert [(c.row["query"], c.extras["resume"]["kind"]) for c in got] == [
+        ("a0", "reclaim"), ("b0", "fresh"), ("b1", "fresh")]
+
+
+@pytest.mark.parametrize("fair", [True, False])
+def test_an_older_abandoned_claim_goes_before_newer_waiting_todos(storage, db, fair):
+    claim_after(storage, "a", 1)
+    db.execute("UPDATE processgpt_sync_lease SET expires_at = now() - interval '1 second'")
+    for name in ("later1", "later2"):
+        storage.enqueue("fair", name, tenant_id="a")
+    got = claim(storage, consumer="w2", limit=2, fair=fair)
+    assert [(c.row["query"], c.extras["resume"]["kind"]) for c in got] == [
+        ("a0", "reclaim"), ("later1", "fresh")]
+
+
 def claim_after(storage, tenant, n):
     enqueue(storage, tenant, n)
     return claim(storage, limit=n)

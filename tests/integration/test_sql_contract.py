@@ -108,6 +108,33 @@ def test_claim_context_extras_come_from_the_todos_tenant_only(storage, db):
     assert [s["file_name"] for s in extras["sources"]] == ["a.pdf"]
 
 
+def todolist_index_tuples_read(conn: psycopg.Connection) -> int:
+    conn.execute("SELECT pg_stat_force_next_flush()")  # this backend's counts, at its commit
+    return conn.execute("SELECT sum(idx_tup_read)::bigint FROM pg_stat_user_indexes "
+                        "WHERE relname = 'todolist'").fetchone()[0]
+
+
+@pytest.mark.parametrize("fair", [True, False])
+def test_a_claim_does_not_walk_past_the_todos_in_flight(database_url, db, fair):
+    """The claim's cost must not grow with the number of running todos: its indexes hold only
+    waiting todos, and abandoned claims are found from their expired leases."""
+    db.execute("""INSERT INTO todolist (id, agent_orch, query, status, agent_mode, start_date)
+                  SELECT gen_random_uuid(), 'a', 'q' || g, 'IN_PROGRESS', 'COMPLETE',
+                         now() - interval '1 hour' FROM generate_series(1, 2000) g""")
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        call = "SELECT jsonb_array_length(processgpt_sync_claim_v2('a', 'w1', %s, 60, 3, " \
+               "NULL, %s))"
+        assert conn.execute(call, (2000, fair)).fetchone()[0] == 2000
+        # the first scan after the claims marks the entries of the rows' old versions dead
+        assert conn.execute(call, (10, fair)).fetchone()[0] == 0
+        conn.execute("INSERT INTO todolist (id, agent_orch, query, status, agent_mode) "
+                     "VALUES (gen_random_uuid(), 'a', 'next', 'IN_PROGRESS', 'COMPLETE')")
+        before = todolist_index_tuples_read(conn)
+        assert conn.execute(call, (10, fair)).fetchone()[0] == 1
+        read = todolist_index_tuples_read(conn) - before
+    assert read < 50, f"one claim read {read} index entries of todolist with 2,000 running"
+
+
 def test_event_batch_with_one_invalid_type_keeps_the_others(storage, db):
     storage.enqueue("a", "q")
     (c,) = claim(storage)
