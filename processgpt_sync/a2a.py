@@ -61,8 +61,10 @@ class DoneCoroutine(collections.abc.Coroutine[Any, Any, None]):
         yield from ()
 
 
+@cache
 def is_v1() -> bool:
-    """True when the installed a2a-sdk is the 1.x (protobuf) line."""
+    """True when the installed a2a-sdk is the 1.x (protobuf) line; asked once, as a protobuf
+    enum's attribute lookup costs more than a todo's own bookkeeping."""
     from a2a.types import TaskState
 
     return hasattr(TaskState, "TASK_STATE_WORKING")
