@@ -109,7 +109,7 @@ $$;
 
 -- Whether a todo row may be claimed now: queued, answered / revision (unless the UI cancelled
 -- it), or abandoned (its claim's lease expired, claims left). The claim scans only rows of the
--- partial claim indexes (draft_status NULL, FB_REQUESTED, STARTED, HUMAN_ASKED); this decides.
+-- waiting-todo indexes (draft_status NULL, FB_REQUESTED) and the expired leases; this decides.
 CREATE OR REPLACE FUNCTION processgpt_sync_is_claimable_v1(p_todo todolist, p_max_claims integer)
 RETURNS boolean LANGUAGE sql STABLE AS $$
     SELECT CASE
