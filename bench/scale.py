@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import logging
 import resource
@@ -82,14 +83,17 @@ def measure(url: str, kind: str, workers: int, todos: int, loop: str) -> dict[st
     server = ps.start(executor, agent_orch=AGENT, storage=storage, workers=workers, loop=loop,
                       poll_interval=0.5)
     try:
-        while True:
+        # the end is seen within 20 ms (a 2 s run loses no more than 1 % to the polling); the
+        # process's resources are sampled every 200 ms
+        for tick in itertools.count():
             stats = server.stats()
-            peak["threads"] = max(peak["threads"], threading.active_count())
-            peak["rss"] = max(peak["rss"], process.memory_info().rss)
-            peak["fds"] = max(peak["fds"], process.num_fds())
+            if tick % 10 == 0:
+                peak["threads"] = max(peak["threads"], threading.active_count())
+                peak["rss"] = max(peak["rss"], process.memory_info().rss)
+                peak["fds"] = max(peak["fds"], process.num_fds())
             if stats["completed"] + stats["failed"] >= todos:
                 break
-            time.sleep(0.2)
+            time.sleep(0.02)
         elapsed = time.perf_counter() - began
         after = process.cpu_times()
     finally:
