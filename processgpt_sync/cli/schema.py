@@ -29,9 +29,9 @@ def cmd_init_db(args: argparse.Namespace) -> int:
     install_schema(url or embedded.start(install=False), dry_run=args.dry_run, added=added)
     if args.dry_run:
         print("\n".join(read_sql(name) for name in SCHEMA_FILES))
-        print(f"-- dry run{where}: nothing was changed; this SQL would add:")
+        print(f"-- dry run{where}: nothing was changed; this SQL would make these changes:")
         print("\n".join(f"--   {line}" for line in added) or "--   nothing (up to date)")
         return 0
     print("\n".join(added))
-    print(f"schema installed{where}: " + (f"{len(added)} additions" if added else "up to date"))
+    print(f"schema installed{where}: " + (f"{len(added)} changes" if added else "up to date"))
     return 0

@@ -55,15 +55,18 @@ def _catalog(conn: psycopg.Connection[Any]) -> dict[str, str]:
     return {str(name): str(kind) for name, kind in conn.execute(_CATALOG).fetchall()}
 
 
-def _additions(before: dict[str, str], after: dict[str, str]) -> list[str]:
-    """What ``after`` adds to ``before``; StorageError if an existing column changed its type."""
+def _changes(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    """What ``after`` adds to ``before``, then what it dropped (only this library's own indexes
+    of earlier versions, which the schema replaces); StorageError if an existing column changed
+    its type."""
     changed = [f"{name}: {before[name]} -> {kind}" for name, kind in after.items()
                if name in before and before[name] != kind]
     if changed:
         raise StorageError("the schema would change existing column types, so nothing was "
                            f"installed: {'; '.join(sorted(changed))}")
-    return sorted(f"add {name}" + (f" {kind}" if kind else "")
-                  for name, kind in after.items() if name not in before)
+    return (sorted(f"add {name}" + (f" {kind}" if kind else "")
+                   for name, kind in after.items() if name not in before)
+            + sorted(f"drop {name}" for name in before if name not in after))
 
 
 def schema_version() -> str:
@@ -78,10 +81,12 @@ def install_schema(conninfo: str, *, if_changed: bool = False, dry_run: bool = F
                    added: list[str] | None = None) -> bool:
     """Apply sql/schema.sql and sql/functions.sql (idempotent; safe with concurrent callers).
 
-    One transaction; it only adds. ``added`` receives what it added, one line each ("add column
-    todolist.claim_token uuid", ...); with ``dry_run`` the transaction is rolled back, so it says
-    what would be added. A column whose type would change (never intended) stops the install with
-    StorageError and nothing is changed.
+    One transaction; it only adds, apart from replacing this library's own indexes of earlier
+    versions. ``added`` receives what it changed, one line each ("add column
+    todolist.claim_token uuid", ..., "drop index todolist_processgpt_sync_claimable_idx"); with
+    ``dry_run`` the transaction is rolled back, so it says what would change. A column whose
+    type would change (never intended) stops the install with StorageError and nothing is
+    changed.
 
     The DDL takes strong locks on todolist and events: on a busy database it waits behind
     running statements, and every claim queues behind it. So it gives up a lock wait after
@@ -108,7 +113,7 @@ def install_schema(conninfo: str, *, if_changed: bool = False, dry_run: bool = F
                         conn.execute(read_sql(name).encode())
                     conn.execute(sql.SQL("COMMENT ON FUNCTION processgpt_sync_schema_v1() IS {}")
                                  .format(sql.Literal(version)))
-                    additions = _additions(before, _catalog(conn))
+                    changes = _changes(before, _catalog(conn))
                     if dry_run:
                         conn.rollback()
                     else:
@@ -121,10 +126,10 @@ def install_schema(conninfo: str, *, if_changed: bool = False, dry_run: bool = F
             time.sleep(random.uniform(0.1, 0.5) * attempt)
             continue
         if added is not None:
-            added[:] = additions
+            added[:] = changes
         if dry_run:
             return False
-        logger.info("schema installed (%d additions)", len(additions),
+        logger.info("schema installed (%d changes)", len(changes),
                     extra={"action": "init_db"})
         return True
 

@@ -98,3 +98,23 @@ def test_upgrade_of_an_existing_processgpt_database_keeps_its_data(empty_databas
     assert written == [("j2", "task_working", {"step": 1}, "action"),
                        ("j2", "task_working", {"step": 2}, "action"),
                        ("CREW_FINISHED", "crew_completed", {}, "crew")]
+
+
+def test_an_upgrade_replaces_the_claim_indexes_of_earlier_versions_and_says_so(database_url):
+    """Earlier claim indexes held running todos too; the install drops them (only its own) and
+    reports it, and a second install changes nothing."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("""CREATE INDEX todolist_processgpt_sync_claimable_idx
+                        ON todolist (agent_orch, start_date, id)
+                        WHERE draft_status IS NULL
+                           OR draft_status IN ('FB_REQUESTED', 'STARTED', 'HUMAN_ASKED')""")
+    changes: list[str] = []
+    install_schema(database_url, added=changes)
+    assert changes == ["drop index todolist_processgpt_sync_claimable_idx"]
+    with psycopg.connect(database_url) as conn:
+        names = {r[0] for r in conn.execute(
+            "SELECT indexname FROM pg_indexes WHERE tablename = 'todolist'")}
+    assert "todolist_processgpt_sync_claimable_idx" not in names
+    assert "todolist_processgpt_sync_waiting_idx" in names
+    install_schema(database_url, added=changes)
+    assert changes == []
