@@ -182,6 +182,14 @@ class EventBuffer:
                 attempt = 0
             except StorageUnavailable as exc:
                 attempt += 1
+                with self._cond:
+                    closed = self._closed
+                if closed:  # stop() gave up waiting on this write and closed the storage
+                    logger.warning(
+                        "%d events not written: the server stopped while writing them failed "
+                        "(%s)", len(batch), exc, extra={"action": "write_events"},
+                    )
+                    return
                 logger.warning(
                     "writing %d events failed, will retry: %s", len(batch), exc,
                     extra={"action": "write_events"},

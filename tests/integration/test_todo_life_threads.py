@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Any
 
+import psycopg
 import pytest
 
 import processgpt_sync as ps
@@ -304,6 +305,30 @@ def test_the_event_writer_survives_an_event_it_cannot_encode(storage, db, caplog
         buffer.close(timeout=5)
     assert event_data(db, claim.todo_id) == [{"good": 1}, {"later": 2}]
     assert "not JSON serializable" in caplog.text or "not JSON-serialisable" in caplog.text
+
+
+def test_an_event_write_that_fails_after_stop_gave_up_on_it_ends_the_writer(
+        storage, db, database_url, caplog):
+    """stop() waits for event writes within its bound, then closes the buffer; a write still
+    under way that fails afterwards is reported as not written (not "will retry") and the
+    writer thread ends instead of retrying against a stopped server."""
+    storage.enqueue("w", "x")
+    claim = claim_of(storage)
+    buffer = EventBuffer(storage, flush_interval=0.01, batch_size=100)
+    buffer.start()
+    with psycopg.connect(database_url) as blocker:
+        blocker.execute("SELECT 1 FROM todolist WHERE id = %s FOR UPDATE", (claim.todo_id,))
+        buffer.add(event_row(claim, {"n": 1}))  # its write waits on the row lock
+        waiting = wait_for(lambda: db.execute(
+            "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND query LIKE '%%record_events%%'").fetchone())
+        with caplog.at_level(logging.WARNING):
+            assert not buffer.close(timeout=0.2), "the write is still under way"
+            db.execute("SELECT pg_terminate_backend(%s)", (waiting["pid"],))
+            wait_for(lambda: not buffer._thread.is_alive())
+    assert "1 events not written: the server stopped" in caplog.text
+    assert "will retry" not in caplog.text
+    assert event_data(db, claim.todo_id) == []
 
 
 def test_the_outcome_writer_refuses_only_the_outcome_it_cannot_encode(storage, db):
