@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from .errors import NoResultError, PayloadError, StorageUnavailable
 from .event_writer import EventBuffer, log_rejected
 from .models import AwaitingHuman
-from .outcomes import Outcome, OutcomeWriter
+from .outcomes import Outcome, OutcomeWriter, Stored
 from .payload import error_text, snapshot_json, unwrap_text
 from .retrying import backoff
 from .runs import UNSET, TodoRun
@@ -121,24 +121,13 @@ class Recorder:
     def _record_result(self, run: TodoRun, result: Any, then: Callable[[], None]) -> None:
         events = self._take_events(run)
 
-        def stored(outcome: WriteOutcome | None, failure: BaseException | None) -> None:
-            handed_on = False  # to the failure's write, which runs then() once it ends
-            try:
-                problem = self._refusal(outcome, failure)  # record why, not nothing
-                if problem is None:
-                    self._written(run, outcome, failure, events, "completed")
-                    return
-                self._log.error("result of todo %s could not be stored: %s", run.todo_id,
-                                problem, extra=self._todo_extra(run, "save_result"))
-                self.fail_then(run, f"result could not be stored: {problem}", then,
-                               events=events)
-                handed_on = True
-            finally:
-                if not handed_on:
-                    then()
+        def refused(problem: Any) -> None:  # record why, not nothing
+            self._log.error("result of todo %s could not be stored: %s", run.todo_id,
+                            problem, extra=self._todo_extra(run, "save_result"))
+            self.fail_then(run, f"result could not be stored: {problem}", then, events=events)
 
         self._outcomes.submit(Outcome(run.claim, "completed", result=result, events=events),
-                              stored)
+                              self._after_write(run, events, "completed", then, refused))
 
     def fail(self, run: TodoRun, message: str) -> None:
         """Record ``run`` failed with ``message``; return once it is recorded."""
@@ -158,25 +147,38 @@ class Recorder:
             finally:
                 then()
 
+        def refused(problem: Any) -> None:
+            self._log.error("events of todo %s could not be stored (%s); recording the "
+                            "failure without them", run.todo_id, problem,
+                            extra=self._todo_extra(run, "fail"))
+            self._outcomes.submit(Outcome(run.claim, "failed", error=message), without_events)
+
+        self._outcomes.submit(
+            Outcome(run.claim, "failed", error=message, events=events),
+            self._after_write(run, events, "failed", then, refused if events else None))
+
+    def _after_write(self, run: TodoRun, events: list[dict[str, Any]], kind: str,
+                     then: Callable[[], None],
+                     refused: Callable[[Any], None] | None) -> Stored:
+        """What runs once an outcome's write ended: count and log it; or, when the database
+        refused it (and ``refused`` is given), ``refused(problem)``, which writes something
+        else and runs ``then()`` itself once that ends. Otherwise ``then()`` runs here, even
+        if a step before it raised."""
+
         def stored(outcome: WriteOutcome | None, failure: BaseException | None) -> None:
-            handed_on = False  # to the write without events, which runs then() once it ends
+            handed_on = False
             try:
-                problem = self._refusal(outcome, failure) if events else None
-                if problem is None:
-                    self._written(run, outcome, failure, events, "failed")
+                problem = self._refusal(outcome, failure)
+                if refused is None or problem is None:
+                    self._written(run, outcome, failure, events, kind)
                     return
-                self._log.error("events of todo %s could not be stored (%s); recording the "
-                                "failure without them", run.todo_id, problem,
-                                extra=self._todo_extra(run, "fail"))
-                self._outcomes.submit(Outcome(run.claim, "failed", error=message),
-                                      without_events)
+                refused(problem)
                 handed_on = True
             finally:
                 if not handed_on:
                     then()
 
-        self._outcomes.submit(Outcome(run.claim, "failed", error=message, events=events),
-                              stored)
+        return stored
 
     @staticmethod
     def _refusal(outcome: WriteOutcome | None, failure: BaseException | None) -> Any:
