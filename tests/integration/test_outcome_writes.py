@@ -123,3 +123,63 @@ def test_a_failing_step_after_the_write_still_lets_the_run_go(database_url, db, 
     assert db.execute("SELECT draft_status::text AS s FROM todolist WHERE id = %s",
                       (todo_id,)).fetchone()["s"] == "COMPLETED"
     assert "the counter broke" in caplog.text
+
+
+REFUSING_TRIGGERS = """
+CREATE FUNCTION refuse_marked_result() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.output ? 'refuse me' THEN
+        RAISE EXCEPTION 'result refused by a trigger';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE FUNCTION refuse_marked_event() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.data ? 'refuse me' THEN
+        RAISE EXCEPTION 'event refused by a trigger';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER refuse_marked BEFORE UPDATE ON todolist
+    FOR EACH ROW EXECUTE FUNCTION refuse_marked_result();
+CREATE TRIGGER refuse_marked BEFORE INSERT ON events
+    FOR EACH ROW EXECUTE FUNCTION refuse_marked_event();
+"""
+
+
+def test_what_the_database_refuses_is_recorded_as_a_failure_with_the_reason(
+        storage, db, caplog, monkeypatch):
+    """A platform trigger or constraint may refuse a todo's write (an error, not an outage):
+    a refused result is recorded as FAILED with why, keeping its events; when its events are
+    what is refused, the failure is recorded without them. Neither todo is left running."""
+    db.execute(REFUSING_TRIGGERS)
+    # events wait for their todo's outcome and are written with it, never on their own first
+    monkeypatch.setattr("processgpt_sync.server.EVENT_FLUSH_INTERVAL", 60.0)
+    result_refused = storage.enqueue(AGENT, "result")
+    events_refused = storage.enqueue(AGENT, "events")
+
+    def handle(todo: ps.Todo) -> dict[str, Any]:
+        if todo.input == "result":
+            todo.events.progress({"step": 1})
+            return {"refuse me": True}
+        todo.events.progress({"refuse me": True})
+        return {"ok": True}
+
+    with ps.start(handle, agent_orch=AGENT, storage=storage) as server:
+        wait_for(lambda: server.stats()["failed"] == 2, timeout=20)
+    rows = {r["id"]: r for r in db.execute(
+        "SELECT id::text, draft_status::text, log, output FROM todolist")}
+    for todo_id in (result_refused, events_refused):
+        assert rows[todo_id]["draft_status"] == "FAILED"
+        assert "result could not be stored" in rows[todo_id]["log"]
+        assert rows[todo_id]["output"] is None
+    assert "result refused by a trigger" in rows[result_refused]["log"]
+    assert "event refused by a trigger" in rows[events_refused]["log"]
+    kept = [r["data"] for r in db.execute(
+        "SELECT data FROM events WHERE todo_id = %s AND event_type = 'task_working'",
+        (result_refused,))]
+    assert kept == [{"step": 1}], "the refused result's progress events are kept"
+    assert db.execute("SELECT count(*) AS n FROM events WHERE data ? 'refuse me'"
+                      ).fetchone()["n"] == 0
+    assert "recording the failure without them" in caplog.text
+    assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
