@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextvars
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .errors import StorageError
@@ -20,6 +19,7 @@ from .human import HumanDesk
 from .inflight import InFlight
 from .infra import infrastructure_problem
 from .models import Claim
+from .pool import WorkerPool
 from .recorder import Recorder
 from .retrying import backoff
 from .runs import TodoRun
@@ -39,7 +39,7 @@ class Claimer:
 
     def __init__(
         self, storage: Storage, settings: Settings, *, inflight: InFlight, buffer: EventBuffer,
-        recorder: Recorder, desk: HumanDesk, worker: TodoWorker, pool: ThreadPoolExecutor,
+        recorder: Recorder, desk: HumanDesk, worker: TodoWorker, pool: WorkerPool,
         shutdown: Shutdown, stats: ServerStats, stopping: threading.Event,
         context: contextvars.Context, log: logging.Logger, extra: dict[str, Any],
     ) -> None:

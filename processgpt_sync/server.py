@@ -7,7 +7,7 @@ server:
 
 - claimer (``claimer``): claims up to the number of free slots in one call, woken by NOTIFY
   or a slow poll;
-- worker pool (``ThreadPoolExecutor``): one todo per thread, from executor call to handing its
+- worker pool (``pool.WorkerPool``): one todo per thread, from executor call to handing its
   outcome to the outcome writer;
 - heartbeat and listener (``watch``): leases, timeouts, the registry; NOTIFY wake-ups and UI
   cancels;
@@ -18,6 +18,7 @@ The state they share is ``inflight.InFlight``; this module holds no todo state o
 
 from __future__ import annotations
 
+import atexit
 import contextvars
 import logging
 import os
@@ -25,7 +26,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from types import TracebackType
@@ -40,6 +40,7 @@ from .gc_tuning import GcThreshold
 from .human import HumanDesk
 from .inflight import InFlight
 from .outcomes import OutcomeWriter
+from .pool import WorkerPool
 from .recorder import Recorder
 from .runs import TodoRun
 from .settings import EVENT_BATCH_SIZE, EVENT_FLUSH_INTERVAL, Settings
@@ -70,7 +71,7 @@ class _Parts:
     desk: HumanDesk
     recorder: Recorder
     worker: TodoWorker
-    pool: ThreadPoolExecutor
+    pool: WorkerPool
     shutdown: Shutdown
     claimer: Claimer
 
@@ -150,6 +151,9 @@ class Server:
         except BaseException:  # no server to stop: give the threshold back now
             self._gc.release()
             raise
+        # A script that ends without stop() (a notebook closed, a management command that
+        # returned) stops gracefully rather than dropping its running todos mid-write.
+        atexit.register(self.stop)
         self._log.info(
             "serving agent_orch=%s with %d workers on %s (consumer %s)",
             self.settings.agent_orch, self.settings.workers, parts.storage.backend,
@@ -171,6 +175,7 @@ class Server:
         if parts is None:
             self._stopped.set()
             return
+        atexit.unregister(self.stop)
         if not first:
             self._stopped.wait()
             return
@@ -202,7 +207,12 @@ class Server:
             # for ever against the closed pool, so no thread outlives the server.
             self._abort.set()
             parts.shutdown.deregister(left(STOP_TAIL))
-            parts.pool.shutdown(wait=False, cancel_futures=True)
+            dropped = parts.pool.shutdown()
+            if dropped:
+                self._log.warning("stopping: %d calls queued for a worker thread (todos to "
+                                  "start, outcomes to record) were not run; those todos' leases "
+                                  "expire and they run again", dropped,
+                                  extra={**self._extra, "action": "stop_server"})
             self._close_adapter(left(STOP_TAIL))
             self._close_storage(left(STOP_TAIL))
             self._gc.release()
@@ -302,9 +312,8 @@ class Server:
         desk = HumanDesk(storage, buffer.take, lambda: self._inflight.listening, cancel)
         # A todo that timed out keeps its thread until its executor returns: a few spare
         # threads, made only when needed, serve on (the claimer counts the rest as busy).
-        pool = ThreadPoolExecutor(
-            max_workers=budget.pool_threads(self.settings.workers, self._deferred),
-            thread_name_prefix="processgpt-sync")
+        pool = WorkerPool(budget.pool_threads(self.settings.workers, self._deferred),
+                          name="processgpt-sync")
         worker = TodoWorker(self._adapter, self.settings, inflight=self._inflight,
                             recorder=recorder, desk=desk, stats=stats,
                             around_todo=self._around_todo, log=log, extra=extra,

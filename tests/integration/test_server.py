@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -418,3 +422,40 @@ def test_connections_stay_within_the_documented_budget(database_url, db):
         done.set()
         sampler.join()
     assert 2 <= peak <= 8 + 4 + 1, f"{peak} connections"
+
+
+AT_EXIT_SCRIPT = r"""
+import logging, sys, time
+import processgpt_sync as ps
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+
+def slow(todo):
+    time.sleep(1.0)
+    return {"done": todo.input}
+
+server = ps.start(slow, agent_orch="a", database_url=sys.argv[1], workers=2, grace_seconds=10)
+deadline = time.monotonic() + 20
+while server.stats()["running"] < 1 and time.monotonic() < deadline:
+    time.sleep(0.01)
+print("running", server.stats()["running"], flush=True)
+# the script ends here without stop(): a notebook closed, a management command returned
+"""
+
+
+@pytest.mark.slow
+def test_a_server_not_stopped_is_stopped_gracefully_when_the_interpreter_exits(database_url, db):
+    """The running todo finishes and its outcome is written before the process ends, instead
+    of the process dying mid-run and the todo waiting for its lease to expire."""
+    todo = str(db.execute("SELECT processgpt_sync_enqueue_v1('a', 'q1') AS id").fetchone()["id"])
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", AT_EXIT_SCRIPT, database_url], cwd=root,
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["running", "1"]
+    assert "stopping: waiting up to 10s for 1 running todos" in proc.stderr
+    row = db.execute("SELECT draft_status, output FROM todolist WHERE id = %s",
+                     (todo,)).fetchone()
+    assert row["draft_status"] == "COMPLETED", proc.stderr[-3000:]
+    assert row["output"] == {"done": "q1"}
