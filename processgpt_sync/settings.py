@@ -125,8 +125,9 @@ class Settings:
     ``tcp_user_timeout``, unless the URL sets them)."""
     gc_threshold: int | None = None
     """The garbage collector's first threshold (``gc.set_threshold``) while the server runs,
-    restored at stop; never lowered. None: 50,000 above 64 workers, where the objects of many
-    running todos make frequent collections costly; 0: the interpreter's own."""
+    restored at stop; never lowered. None: 10,000 from 16 workers, where the objects of
+    running todos and a busy server's allocations make frequent collections costly; 0: the
+    interpreter's own."""
 
     def __post_init__(self) -> None:
         if not self.agent_orch or not self.agent_orch.strip():

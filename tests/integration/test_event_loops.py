@@ -231,5 +231,5 @@ def test_a_server_with_many_workers_raises_the_gc_threshold_while_it_runs(storag
     storage.enqueue("a", "x")
     with ps.start(handle, agent_orch="a", storage=storage, workers=100):
         wait_for(lambda: seen)
-    assert seen == [max(before[0], 50_000)]
+    assert seen == [max(before[0], 10_000)]
     assert gc.get_threshold() == before

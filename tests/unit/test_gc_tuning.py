@@ -1,4 +1,4 @@
-"""The garbage collector's first threshold: raised only for many workers or when asked, never
+"""The garbage collector's first threshold: raised only from 16 workers or when asked, never
 lowered, restored when the last server holding it stops, unless changed by someone else."""
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ def interpreter_threshold():
     gc.set_threshold(*before)
 
 
-def test_automatic_only_above_64_workers_and_0_leaves_it():
-    assert gc_tuning.wanted(64, None) is None
-    assert gc_tuning.wanted(65, None) == gc_tuning.AUTO_THRESHOLD
+def test_automatic_only_from_16_workers_and_0_leaves_it():
+    assert gc_tuning.wanted(15, None) is None
+    assert gc_tuning.wanted(16, None) == gc_tuning.AUTO_THRESHOLD == 10_000
+    assert gc_tuning.wanted(1024, None) == 10_000
     assert gc_tuning.wanted(1024, 0) is None
     assert gc_tuning.wanted(4, 20_000) == 20_000
 
