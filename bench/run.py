@@ -12,6 +12,7 @@ after another on it, prints a table, and with --json a JSON object as the last l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import html
 import json
 import logging
@@ -27,7 +28,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -375,10 +376,26 @@ def idle_cost(bench: Bench, seconds: float) -> tuple[float, float]:
     """CPU % of this process while one server idles, and the server's database transactions
     per second: the difference between an idle run ``seconds`` longer and a short one, each
     counted once its connections closed (a backend publishes its counts reliably only when it
-    exits), so start-up and stop cancel out."""
-    short, _ = _idle_run(bench, 1.0)
-    long, cpu = _idle_run(bench, 1.0 + seconds)
+    exits), so start-up and stop cancel out. Autovacuum is off meanwhile: its workers visit
+    every database about once a minute and their transactions count in that database's
+    totals, adding 0-3 to a run that are not the server's."""
+    with autovacuum_off(bench):
+        short, _ = _idle_run(bench, 1.0)
+        long, cpu = _idle_run(bench, 1.0 + seconds)
     return cpu, (long - short) / seconds
+
+
+@contextlib.contextmanager
+def autovacuum_off(bench: Bench) -> Iterator[None]:
+    with psycopg.connect(bench.url, autocommit=True) as conn:
+        conn.execute("ALTER SYSTEM SET autovacuum = off")
+        conn.execute("SELECT pg_reload_conf()")
+    try:
+        yield
+    finally:
+        with psycopg.connect(bench.url, autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM RESET autovacuum")
+            conn.execute("SELECT pg_reload_conf()")
 
 
 def _idle_run(bench: Bench, seconds: float) -> tuple[int, float]:
