@@ -27,7 +27,7 @@ COUNTERS = {
     "asked": "Todos suspended to wait for a person",
     "cancelled": "Todos cancelled by the UI while running",
     "lost": "Leases lost to another worker (writes refused)",
-    "released": "Unfinished todos given back at shutdown",
+    "released": "Todos given back unfinished: at shutdown, or when this host could not run them",
     "events_written": "Events written",
     "listener_reconnects": "Reconnections of the LISTEN connection",
 }

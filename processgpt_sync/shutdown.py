@@ -94,11 +94,13 @@ class Shutdown:
         if not claims:
             return
         try:
-            self._storage.release(claims)
+            released = self._storage.release(claims)
         except StorageError as exc:
-            self._log.warning("could not give back %d todos claimed as the server stopped (%s); "
+            self._log.warning("could not give back %d todos this server could not start (%s); "
                               "their leases expire", len(claims), exc,
                               extra={**self._extra, "action": "release"})
+            return
+        self._stats.count("released", released)
 
     def deregister(self, timeout: float) -> None:
         """Leave the server registry (``status`` no longer lists this server)."""

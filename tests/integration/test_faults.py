@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -383,3 +384,81 @@ def test_a_call_on_a_closed_storage_is_not_taken_for_a_dead_connection(database_
         with pytest.raises(ps.StorageUnavailable, match="closed"):
             store.call("status", {"p_agent_orch": None})
     assert "connection died" not in caplog.text
+
+
+THREADS_SCRIPT = r"""
+import json, logging, sys, threading, time
+import psycopg
+import processgpt_sync as ps
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+url = sys.argv[1]
+release = threading.Event()
+
+def handle(todo):
+    release.wait(30)
+    return {"ok": todo.input}
+
+server = ps.start(handle, agent_orch="threads", database_url=url, workers=8, poll_interval=0.5)
+time.sleep(0.5)
+fillers = []
+try:
+    while True:  # take every thread RLIMIT_NPROC still allows
+        ends = threading.Event()
+        filler = threading.Thread(target=ends.wait, daemon=True)
+        filler.start()
+        fillers.append((filler, ends))
+except RuntimeError:
+    pass
+for filler, ends in fillers[:3]:  # and give back only three of them
+    ends.set()
+    filler.join()
+with psycopg.connect(url, autocommit=True) as db:
+    db.execute("SELECT processgpt_sync_enqueue_v1('threads', 'q' || g) "
+               "FROM generate_series(1, 8) g")
+    deadline = time.monotonic() + 30
+    while server.stats()["released"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    running_at_most = server.stats()["running"]
+    given_back = server.stats()["released"]
+    for filler, ends in fillers[3:]:
+        ends.set()
+        filler.join()
+    release.set()
+    deadline = time.monotonic() + 60
+    while server.stats()["completed"] < 8 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stats = server.stats()
+    alive = server.failure is None
+    server.stop(timeout=5)
+    failed = db.execute("SELECT count(*) FROM todolist WHERE draft_status = 'FAILED'").fetchone()[0]
+print(json.dumps({"filled": len(fillers), "given_back": given_back, "completed": stats["completed"],
+                  "failed": stats["failed"], "failed_rows": failed, "alive": alive}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="lowers RLIMIT_NPROC for another user: needs root")
+def test_a_host_out_of_threads_gives_todos_back_and_runs_them_later(database_url, db, proxy):
+    """Thread limits (ulimit -u, a container's pids limit) refuse a worker thread: the todos
+    it was for go back to the queue, nothing is recorded as failed, and they run once threads
+    are free again."""
+    def as_nobody_with_few_threads() -> None:
+        os.setgid(65534)
+        os.setuid(65534)
+        resource.setrlimit(resource.RLIMIT_NPROC, (200, 200))
+
+    # the unix socket's directory is the test user's: the other user connects through TCP
+    url = proxy.url_for(database_url)
+    proc = subprocess.run([sys.executable, "-c", THREADS_SCRIPT, url], cwd="/",
+                          capture_output=True, text=True, timeout=120,
+                          preexec_fn=as_nobody_with_few_threads,
+                          env={**os.environ, "PYTHONPATH": str(ROOT),
+                               "PYTHONDONTWRITEBYTECODE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["filled"] > 0 and result["given_back"] >= 1, proc.stderr[-3000:]
+    assert "cannot start todos" in proc.stderr and "giving" in proc.stderr
+    assert (result["completed"], result["failed"], result["failed_rows"], result["alive"]) \
+        == (8, 0, 0, True), proc.stderr[-3000:]
+    assert completed(db) == 8
