@@ -32,12 +32,18 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._threads = 0  # started and not yet told to end
         self._idle = 0  # waiting for a call and not yet promised one
+        self._backlog = 0  # calls queued with every thread busy: the next free ones take them
         self._closed = False
 
     @property
     def threads(self) -> int:
-        """Threads started so far (they stay until :meth:`shutdown`)."""
+        """Threads started and not yet told to end (they stay until :meth:`shutdown`)."""
         return self._threads
+
+    @property
+    def idle(self) -> int:
+        """Threads waiting for a call that no queued call is promised to."""
+        return self._idle
 
     def submit(self, fn: Callable[..., object], *args: Any) -> None:
         """Run ``fn(*args)`` on a pool thread.
@@ -55,6 +61,8 @@ class WorkerPool:
                                           name=f"{self._name}_{self._threads}")
                 thread.start()  # RuntimeError when no thread can be made: nothing queued
                 self._threads += 1
+            else:
+                self._backlog += 1
             self._queue.put((fn, args))
 
     def shutdown(self) -> int:
@@ -73,7 +81,7 @@ class WorkerPool:
                 dropped += item is not None
             for _ in range(self._threads):
                 self._queue.put(None)
-            self._threads = self._idle = 0
+            self._threads = self._idle = self._backlog = 0
         return dropped
 
     def _work(self) -> None:
@@ -87,4 +95,7 @@ class WorkerPool:
             with self._lock:
                 if self._closed:
                     return
-                self._idle += 1
+                if self._backlog:
+                    self._backlog -= 1
+                else:
+                    self._idle += 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -33,7 +34,7 @@ def test_calls_run_in_order_and_an_idle_thread_is_reused_before_a_new_one_is_mad
     try:
         for n in range(50):
             pool.submit(seen.append, n)
-            assert settle(lambda n=n: len(seen) == n + 1)  # one at a time: never two busy
+            assert settle(lambda n=n: len(seen) == n + 1 and pool.idle == 1)  # one at a time
         pool.submit(done.set)
         assert done.wait(5)
         assert seen == list(range(50))
@@ -46,15 +47,18 @@ def test_threads_grow_with_concurrent_calls_up_to_the_bound_and_the_rest_wait_th
     pool = WorkerPool(3, name="bound")
     release = threading.Event()
     started: list[int] = []
+    finished: list[int] = []
     try:
         for n in range(5):
-            pool.submit(lambda n=n: (started.append(n), release.wait(10)))
+            pool.submit(lambda n=n: (started.append(n), release.wait(10), finished.append(n)))
         assert settle(lambda: len(started) == 3)
         time.sleep(0.1)
         assert sorted(started) == [0, 1, 2], "calls beyond the bound wait for a thread"
         assert pool.threads == 3 and len(pool_threads("bound")) == 3
         release.set()
-        assert settle(lambda: sorted(started) == [0, 1, 2, 3, 4])
+        assert settle(lambda: len(finished) == 5)
+        time.sleep(0.05)  # the last thread counts itself idle just after its call
+        assert pool.idle == 3, "threads that took a waiting call were owed to it, not idle"
         assert pool.threads == 3
     finally:
         release.set()
@@ -103,7 +107,7 @@ def test_idle_threads_end_at_shutdown():
     for _ in range(4):
         pool.submit(release.wait, 10)
     release.set()
-    assert settle(lambda: len(pool_threads("idle")) == 4)
+    assert settle(lambda: pool.idle == 4), "all four wait for a call"
     pool.shutdown()
     assert settle(lambda: not pool_threads("idle"))
 
@@ -123,7 +127,7 @@ def test_a_thread_the_system_refuses_raises_and_queues_nothing(monkeypatch):
             def start(self) -> None:
                 raise RuntimeError("can't start new thread")
 
-        monkeypatch.setattr(pool_module.threading, "Thread", Refused)
+        monkeypatch.setattr(pool_module, "threading", SimpleNamespace(Thread=Refused))
         with pytest.raises(RuntimeError, match="can't start new thread"):
             pool.submit(ran.append, "given back")
         monkeypatch.undo()
