@@ -18,7 +18,6 @@ The state they share is ``inflight.InFlight``; this module holds no todo state o
 
 from __future__ import annotations
 
-import atexit
 import contextvars
 import logging
 import os
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from . import budget, gc_tuning
+from . import budget, exit_stop, gc_tuning
 from .claimer import Claimer
 from .errors import ServerFailed, StorageError
 from .event_writer import EventBuffer
@@ -151,9 +150,7 @@ class Server:
         except BaseException:  # no server to stop: give the threshold back now
             self._gc.release()
             raise
-        # A script that ends without stop() (a notebook closed, a management command that
-        # returned) stops gracefully rather than dropping its running todos mid-write.
-        atexit.register(self.stop)
+        exit_stop.track(self)  # a script that ends without stop() still stops gracefully
         self._log.info(
             "serving agent_orch=%s with %d workers on %s (consumer %s)",
             self.settings.agent_orch, self.settings.workers, parts.storage.backend,
@@ -175,7 +172,6 @@ class Server:
         if parts is None:
             self._stopped.set()
             return
-        atexit.unregister(self.stop)
         if not first:
             self._stopped.wait()
             return
@@ -208,15 +204,15 @@ class Server:
             self._abort.set()
             parts.shutdown.deregister(left(STOP_TAIL))
             dropped = parts.pool.shutdown()
-            if dropped:
-                self._log.warning("stopping: %d calls queued for a worker thread (todos to "
-                                  "start, outcomes to record) were not run; those todos' leases "
-                                  "expire and they run again", dropped,
-                                  extra={**self._extra, "action": "stop_server"})
+            if dropped:  # todos not started were given back by the drain: these are outcomes
+                self._log.warning("stopping: %d outcomes still waiting for a worker thread were "
+                                  "not recorded; those todos run again when their leases expire",
+                                  dropped, extra={**self._extra, "action": "stop_server"})
             self._close_adapter(left(STOP_TAIL))
             self._close_storage(left(STOP_TAIL))
             self._gc.release()
             self._stopped.set()
+            exit_stop.untrack(self)
             self._log.info("stopped in %.1fs", time.monotonic() - begun,
                            extra={**self._extra, "action": "stopped"})
 

@@ -96,7 +96,7 @@ class Shutdown:
         try:
             released = self._storage.release(claims)
         except StorageError as exc:
-            self._log.warning("could not give back %d todos this server could not start (%s); "
+            self._log.warning("could not give back %d todos claimed but not started here (%s); "
                               "their leases expire", len(claims), exc,
                               extra={**self._extra, "action": "release"})
             return

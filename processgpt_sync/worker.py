@@ -117,8 +117,8 @@ class TodoWorker:
                 self._inflight.forget(run)
 
     def _ended(self, run: TodoRun, value: Any, error: BaseException | None) -> None:
-        """The executor ended: record what came of it and free the slot (once, even if a
-        pool that failed to start a thread runs it late as well)."""
+        """The executor ended: record what came of it and free the slot (once, whichever
+        path gets here first)."""
         if not run.end_once():
             return
         try:

@@ -432,7 +432,8 @@ with psycopg.connect(url, autocommit=True) as db:
     alive = server.failure is None
     server.stop(timeout=5)
     failed = db.execute("SELECT count(*) FROM todolist WHERE draft_status = 'FAILED'").fetchone()[0]
-print(json.dumps({"filled": len(fillers), "given_back": given_back, "completed": stats["completed"],
+print(json.dumps({"filled": len(fillers), "given_back": given_back, "ran_at_once": running_at_most,
+                  "completed": stats["completed"],
                   "failed": stats["failed"], "failed_rows": failed, "alive": alive}))
 """
 
@@ -444,6 +445,7 @@ def test_a_host_out_of_threads_gives_todos_back_and_runs_them_later(database_url
     it was for go back to the queue, nothing is recorded as failed, and they run once threads
     are free again."""
     def as_nobody_with_few_threads() -> None:
+        os.setgroups([])
         os.setgid(65534)
         os.setuid(65534)
         resource.setrlimit(resource.RLIMIT_NPROC, (200, 200))
@@ -458,6 +460,7 @@ def test_a_host_out_of_threads_gives_todos_back_and_runs_them_later(database_url
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["filled"] > 0 and result["given_back"] >= 1, proc.stderr[-3000:]
+    assert result["ran_at_once"] == 3, "one todo per thread left free"
     assert "cannot start todos" in proc.stderr and "giving" in proc.stderr
     assert (result["completed"], result["failed"], result["failed_rows"], result["alive"]) \
         == (8, 0, 0, True), proc.stderr[-3000:]

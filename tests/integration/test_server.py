@@ -425,37 +425,51 @@ def test_connections_stay_within_the_documented_budget(database_url, db):
 
 
 AT_EXIT_SCRIPT = r"""
-import logging, sys, time
+import asyncio, logging, os, sys, time
 import processgpt_sync as ps
 
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 
-def slow(todo):
-    time.sleep(1.0)
+async def slow(todo):
+    await asyncio.sleep(1.0)
+    # the loop's default executor still works while the server stops at exit
+    await asyncio.get_running_loop().getaddrinfo("localhost", 80)
     return {"done": todo.input}
 
-server = ps.start(slow, agent_orch="a", database_url=sys.argv[1], workers=2, grace_seconds=10)
+servers = [ps.start(slow, agent_orch=name, database_url=sys.argv[1], workers=2,
+                    grace_seconds=10) for name in ("a", "b")]
 deadline = time.monotonic() + 20
-while server.stats()["running"] < 1 and time.monotonic() < deadline:
+while sum(s.stats()["running"] for s in servers) < 2 and time.monotonic() < deadline:
     time.sleep(0.01)
-print("running", server.stats()["running"], flush=True)
+print("running", sum(s.stats()["running"] for s in servers), flush=True)
+child = os.fork()
+if child == 0:
+    sys.exit(0)  # a forked child's normal exit leaves its parent's servers alone
+began = time.monotonic()
+os.waitpid(child, 0)
+print("child", round(time.monotonic() - began, 1), flush=True)
 # the script ends here without stop(): a notebook closed, a management command returned
 """
 
 
 @pytest.mark.slow
-def test_a_server_not_stopped_is_stopped_gracefully_when_the_interpreter_exits(database_url, db):
-    """The running todo finishes and its outcome is written before the process ends, instead
-    of the process dying mid-run and the todo waiting for its lease to expire."""
-    todo = str(db.execute("SELECT processgpt_sync_enqueue_v1('a', 'q1') AS id").fetchone()["id"])
+def test_servers_not_stopped_are_stopped_gracefully_when_the_interpreter_exits(database_url, db):
+    """The running todos finish (async ones can still resolve names through the loop's
+    executor) and their outcomes are written before the process ends, instead of the process
+    dying mid-run and the todos waiting for their leases to expire; both servers stop at once;
+    a forked child does not stop its parent's servers."""
+    todos = [str(db.execute("SELECT processgpt_sync_enqueue_v1(%s, 'q1') AS id",
+                            (name,)).fetchone()["id"]) for name in ("a", "b")]
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, "-c", AT_EXIT_SCRIPT, database_url], cwd=root,
                           capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(root)})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split() == ["running", "1"]
-    assert "stopping: waiting up to 10s for 1 running todos" in proc.stderr
-    row = db.execute("SELECT draft_status, output FROM todolist WHERE id = %s",
-                     (todo,)).fetchone()
-    assert row["draft_status"] == "COMPLETED", proc.stderr[-3000:]
-    assert row["output"] == {"done": "q1"}
+    lines = proc.stdout.split("\n")
+    assert lines[0] == "running 2", proc.stderr[-3000:]
+    assert float(lines[1].split()[1]) < 5, "the child did not wait out its parent's grace period"
+    assert proc.stderr.count("stopping: waiting up to 10s for 1 running todos") == 2
+    rows = db.execute("SELECT draft_status::text, output FROM todolist WHERE id = ANY(%s::uuid[])",
+                      (todos,)).fetchall()
+    outcomes = [(r["draft_status"], r["output"]) for r in rows]
+    assert outcomes == [("COMPLETED", {"done": "q1"})] * 2, proc.stderr[-3000:]
