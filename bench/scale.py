@@ -7,7 +7,8 @@ raise it as a user's would:
     python -m bench.scale --url URL --kind async --workers 1024 --todos 8192 --nofile 1024
 
 prints one JSON object: efficiency (ideal time / elapsed), failed, peak threads, peak RSS,
-peak open files, and the soft limit the server ran with.
+peak open files, CPU per todo (and the kernel's share of it: thread switches, system calls),
+and the soft limit the server ran with.
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ def measure(url: str, kind: str, workers: int, todos: int, loop: str) -> dict[st
             "completed": stats["completed"], "elapsed_s": round(elapsed, 1),
             "threads": peak["threads"], "rss_mb": round(peak["rss"] / 2**20, 1),
             "fds": peak["fds"],
+            "sys_ms_per_todo": round((after.system - cpu.system) * 1000 / todos, 3),
             "cpu_ms_per_todo": round(
                 (after.user + after.system - cpu.user - cpu.system) * 1000 / todos, 2),
             "nofile_soft": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}
