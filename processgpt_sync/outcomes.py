@@ -136,6 +136,7 @@ class OutcomeWriter:
             self._write_batch(batch)
             with self._cond:
                 self._writing = []
+            del batch  # its todos (their outputs too) are freed now, not when the next arrive
 
     def _write_batch(self, batch: list[tuple[Outcome, Stored]]) -> None:
         attempt = 0
