@@ -70,6 +70,7 @@ class TodoWorker:
         finally:
             CURRENT_RUN.reset(context)
         self._ended(run, value, error)
+        del value, error  # a failure's traceback holds this frame: no cycle through it
 
     def _execute(self, run: TodoRun) -> tuple[Any, BaseException | None]:
         try:
