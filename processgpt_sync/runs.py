@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import logging
 import threading
 import time
 import weakref
@@ -19,6 +20,7 @@ from .models import Claim
 from .todo import Todo
 
 UNSET: Any = object()
+logger = logging.getLogger(__name__)
 
 CURRENT_RUN: contextvars.ContextVar[TodoRun | None] = contextvars.ContextVar(
     "processgpt_sync_current_run", default=None
@@ -59,7 +61,7 @@ class TodoRun:
             claim.token,
             buffer,
             is_open=functools.partial(_is_open, me),
-            on_result=functools.partial(_on_result, me, intermediate),
+            on_result=functools.partial(_on_result, me, claim.todo_id, intermediate),
         )
         ask = None if asker is None else functools.partial(_ask, me, claim.todo_id, asker)
         self.todo = Todo.from_claim(claim, self.events, self.cancel_event, ask)
@@ -114,10 +116,14 @@ def _is_open(run: weakref.ref[TodoRun]) -> bool:
     return alive is not None and alive.is_open()
 
 
-def _on_result(run: weakref.ref[TodoRun], intermediate: Any, data: Any, final: bool) -> None:
+def _on_result(run: weakref.ref[TodoRun], todo_id: str, intermediate: Any, data: Any,
+               final: bool) -> None:
     alive = run()
-    if alive is not None:  # else its outcome is written and nothing reads a result any more
-        alive._on_result(data, final, intermediate)
+    if alive is None or alive.closed:  # its outcome is decided: nothing reads a result now
+        logger.warning("a result of todo %s dropped: the todo is no longer running here",
+                       todo_id, extra={"action": "result", "todo_id": todo_id})
+        return
+    alive._on_result(data, final, intermediate)
 
 
 def _ask(run: weakref.ref[TodoRun], todo_id: str, asker: Callable[..., Any], *args: Any,
