@@ -207,6 +207,11 @@ class Recorder:
             if self._log.isEnabledFor(logging.INFO):
                 self._log.info("todo %s %s in %.2fs", run.todo_id, counter, seconds,
                                extra=self._todo_extra(run, counter))
+        elif outcome.reason == "cancelled":  # the write met the UI's cancel: the todo ended so
+            self._count("cancelled")
+            self._log.info("todo %s cancelled by the UI before its outcome was written; %s "
+                           "not stored", run.todo_id, counter,
+                           extra=self._todo_extra(run, "cancelled"))
         else:
             self._count("lost")
             self._log.warning("todo %s: %s write refused (%s); its %d unwritten events were "

@@ -456,6 +456,7 @@ BEGIN
         FROM todolist t
         WHERE t.id IN (SELECT todo_id FROM input)
           AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
+          AND t.status IS DISTINCT FROM 'CANCELLED'
         FOR SHARE OF t
     ), checked AS MATERIALIZED (
         SELECT i.n, i.ev, i.todo_id, o.proc_inst_id, o.tenant_id,
@@ -486,14 +487,17 @@ END
 $$;
 
 -- Lock a todo for a fenced write. Returns NULL when the caller owns it and it is still running,
--- else the reason ('missing', 'not_owner', or the row's draft_status in lower case).
+-- else the reason ('missing', 'not_owner', 'cancelled' when the UI cancelled it by either
+-- column, or the row's draft_status in lower case).
 CREATE OR REPLACE FUNCTION processgpt_sync_fence_v1(p_todo_id uuid, p_token uuid)
 RETURNS text LANGUAGE plpgsql AS $$
 DECLARE
     v_token uuid;
     v_status draft_status;
+    v_cancelled boolean;
 BEGIN
-    SELECT claim_token, draft_status INTO v_token, v_status
+    SELECT claim_token, draft_status, status::text = 'CANCELLED'
+    INTO v_token, v_status, v_cancelled
     FROM todolist WHERE id = p_todo_id FOR UPDATE;
     IF NOT FOUND THEN
         RETURN 'missing';
@@ -501,8 +505,20 @@ BEGIN
         RETURN 'not_owner';
     ELSIF v_status IS NULL OR v_status NOT IN ('STARTED', 'HUMAN_ASKED') THEN
         RETURN lower(coalesce(v_status::text, 'released'));
+    ELSIF v_cancelled THEN
+        RETURN 'cancelled';
     END IF;
     RETURN NULL;
+END
+$$;
+
+-- A final write (result, failure, suspend) that met the UI's cancel: the todo ends CANCELLED
+-- now, its lease dropped, instead of staying STARTED until the lease expires. Only the owner's
+-- claims are settled (release_v1 matches the token and the lease).
+CREATE OR REPLACE FUNCTION processgpt_sync_settle_cancelled_v1(p_todo_ids uuid[], p_tokens uuid[])
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM processgpt_sync_release_v1(p_todo_ids, p_tokens);
 END
 $$;
 
@@ -523,6 +539,9 @@ BEGIN
     IF v_refused = 'completed' AND p_final THEN
         RETURN jsonb_build_object('applied', true, 'reason', 'already_applied');
     ELSIF v_refused IS NOT NULL THEN
+        IF v_refused = 'cancelled' AND p_final THEN
+            PERFORM processgpt_sync_settle_cancelled_v1(ARRAY[p_todo_id], ARRAY[p_token]);
+        END IF;
         RETURN jsonb_build_object('applied', false, 'reason', v_refused);
     END IF;
 
@@ -564,6 +583,9 @@ BEGIN
     IF v_refused = 'failed' THEN
         RETURN jsonb_build_object('applied', true, 'reason', 'already_applied');
     ELSIF v_refused IS NOT NULL THEN
+        IF v_refused = 'cancelled' THEN
+            PERFORM processgpt_sync_settle_cancelled_v1(ARRAY[p_todo_id], ARRAY[p_token]);
+        END IF;
         RETURN jsonb_build_object('applied', false, 'reason', v_refused);
     END IF;
 
@@ -599,6 +621,9 @@ BEGIN
         v_refused := NULL;
     END IF;
     IF v_refused IS NOT NULL THEN
+        IF v_refused = 'cancelled' THEN
+            PERFORM processgpt_sync_settle_cancelled_v1(ARRAY[p_todo_id], ARRAY[p_token]);
+        END IF;
         RETURN jsonb_build_object('applied', false, 'reason', v_refused);
     END IF;
     v_events := processgpt_sync_record_events_v1(p_events);
@@ -630,7 +655,7 @@ BEGIN
                     THEN jsonb_array_length(i.value -> 'events') ELSE 0 END AS n_events
         FROM jsonb_array_elements(coalesce(p_items, '[]'::jsonb)) WITH ORDINALITY AS i
     ), locked AS MATERIALIZED (
-        SELECT t.id, t.claim_token, t.draft_status, t.consumer,
+        SELECT t.id, t.claim_token, t.draft_status, t.consumer, t.status::text AS status,
                coalesce(t.root_proc_inst_id, t.proc_inst_id) AS proc_inst_id, t.tenant_id
         FROM todolist t WHERE t.id IN (SELECT todo_id FROM items)
         ORDER BY t.id FOR UPDATE OF t
@@ -647,6 +672,8 @@ BEGIN
                 WHEN i.outcome = 'asked' AND l.consumer IS NULL
                      AND l.draft_status IN ('HUMAN_ASKED', 'FB_REQUESTED')
                     THEN 'already_applied'
+                WHEN l.draft_status IN ('STARTED', 'HUMAN_ASKED') AND l.status = 'CANCELLED'
+                    THEN 'cancelled'
                 WHEN l.draft_status IN ('STARTED', 'HUMAN_ASKED') THEN 'ok'
                 WHEN (i.outcome, l.draft_status) IN (('completed', 'COMPLETED'),
                                                      ('failed', 'FAILED'))
@@ -728,6 +755,15 @@ BEGIN
     FROM jsonb_array_elements(coalesce(p_items, '[]'::jsonb)) WITH ORDINALITY AS i(value, n)
     JOIN jsonb_array_elements(v_out) WITH ORDINALITY AS o(value, n) ON o.n = i.n
     WHERE i.value ->> 'outcome' = 'asked' AND o.value ->> 'reason' = 'ok';
+
+    -- An outcome that met the UI's cancel: the todo ends CANCELLED now.
+    PERFORM processgpt_sync_settle_cancelled_v1(
+        array_agg(processgpt_sync_uuid_or_null_v1(i.value ->> 'todo_id')),
+        array_agg(processgpt_sync_uuid_or_null_v1(i.value ->> 'token')))
+    FROM jsonb_array_elements(coalesce(p_items, '[]'::jsonb)) WITH ORDINALITY AS i(value, n)
+    JOIN jsonb_array_elements(v_out) WITH ORDINALITY AS o(value, n) ON o.n = i.n
+    WHERE o.value ->> 'reason' = 'cancelled'
+    HAVING count(*) > 0;
     RETURN coalesce(v_out, '[]'::jsonb);
 END
 $$;
@@ -871,6 +907,7 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
     FROM events q
     JOIN todolist t ON t.id = processgpt_sync_uuid_or_null_v1(q.todo_id)
     WHERE q.event_type = 'human_asked' AND t.draft_status = 'HUMAN_ASKED'
+      AND t.status IS DISTINCT FROM 'CANCELLED'
       AND (p_agent_orch IS NULL OR t.agent_orch::text = p_agent_orch)
       AND NOT EXISTS (SELECT 1 FROM events r
                       WHERE r.job_id = q.job_id AND r.event_type = 'human_response')
@@ -1218,6 +1255,8 @@ BEGIN
                   ELSE coalesce(v_todo.draft_status::text,
                                 'status ' || coalesce(v_todo.status::text, 'NULL')) END;
     v_reason := CASE
+        WHEN v_todo.draft_status = 'HUMAN_ASKED' AND v_todo.consumer IS NULL
+             AND v_todo.status::text = 'CANCELLED' THEN NULL  -- suspended, then cancelled
         WHEN v_todo.draft_status = 'HUMAN_ASKED' AND v_todo.consumer IS NULL THEN
             'it waits for an answer to its question (see processgpt-sync asked)'
         WHEN v_todo.draft_status IN ('STARTED', 'HUMAN_ASKED') THEN format(

@@ -83,6 +83,71 @@ def test_a_running_revision_cancelled_by_the_ui_ends_cancelled_and_runs_once(sto
     assert state(db, todo_id)["draft_status"] == "CANCELLED"
 
 
+def test_writes_after_a_cancel_by_status_alone_are_refused_and_the_outcome_settles_it(
+        storage, db):
+    # row 13 with the UI's other column: status CANCELLED, draft_status still STARTED
+    todo_id = storage.enqueue("life", "q")
+    (held,) = claim(storage)
+    db.execute("UPDATE todolist SET status = 'CANCELLED' WHERE id = %s", (todo_id,))
+    event = make_event(str(todo_id), held.token, "task_working", {"step": 1})
+    assert [r["reason"] for r in storage.record_events([event])] == [
+        "not the owner of this todo (lease lost, cancelled or finished)"]
+    draft = storage.save_result(held, {"partial": 1}, final=False)
+    asked = storage.ask(held, "job-1", question_data("ok?", None, "confirm"))
+    assert (draft.applied, draft.reason, asked.applied, asked.reason) == (
+        False, "cancelled", False, "cancelled")
+    assert state(db, todo_id)["draft_status"] == "STARTED"  # the run is told by its heartbeat
+
+    (outcome,) = storage.finish([{"todo_id": held.todo_id, "token": held.token,
+                                  "outcome": "completed", "result": {"done": True},
+                                  "events": [event]}])
+    assert (outcome.applied, outcome.reason) == (False, "cancelled")
+    row = db.execute("SELECT draft_status::text, status::text, output, consumer FROM todolist "
+                     "WHERE id = %s", (todo_id,)).fetchone()
+    assert row == {"draft_status": "CANCELLED", "status": "CANCELLED", "output": None,
+                   "consumer": None}
+    assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
+    assert db.execute("SELECT count(*) AS n FROM events WHERE todo_id = %s",
+                      (todo_id,)).fetchone()["n"] == 0
+
+
+@pytest.mark.parametrize("outcome", ["completed", "failed"])
+def test_a_result_returned_as_the_ui_cancels_by_status_ends_cancelled(storage, db, outcome):
+    # the executor returns before the server hears of the cancel: its outcome must not undo it
+    todo_id = storage.enqueue("life", "q", agent_mode="COMPLETE")
+
+    def cancel_then_return(todo):
+        db.execute("UPDATE todolist SET status = 'CANCELLED' WHERE id = %s", (todo.id,))
+        if outcome == "failed":
+            raise ValueError("gave up")
+        return {"done": True}
+
+    with ps.start(cancel_then_return, agent_orch="life", storage=storage) as server:
+        wait_for(lambda: server.stats()["cancelled"] == 1)
+        assert server.stats()["completed"] == server.stats()["failed"] == 0
+    row = db.execute("SELECT draft_status::text, status::text, output, consumer FROM todolist "
+                     "WHERE id = %s", (todo_id,)).fetchone()
+    assert row == {"draft_status": "CANCELLED", "status": "CANCELLED", "output": None,
+                   "consumer": None}
+
+
+def test_a_suspended_todo_cancelled_by_status_is_not_listed_as_asking_and_can_be_retried(
+        storage, db):
+    todo_id = storage.enqueue("life", "q")
+    (held,) = claim(storage)
+    job = storage.ask(held, "job-1", question_data("ok?", None, "confirm"))
+    assert job.applied and storage.suspend(held).applied
+    assert [q["todo_id"] for q in storage.open_questions("life")] == [str(todo_id)]
+    db.execute("UPDATE todolist SET status = 'CANCELLED' WHERE id = %s", (todo_id,))
+    assert storage.open_questions("life") == []
+    answer_as_the_ui(db, "job-1", "yes")  # too late: a cancelled todo is not resumed
+    assert state(db, todo_id)["draft_status"] == "HUMAN_ASKED" and claim(storage) == []
+    retried = storage.call("retry", {"p_todo_id": str(todo_id)})
+    assert retried["retried"] is True and retried["draft_status"] == "CANCELLED"
+    (again,) = claim(storage)
+    assert again.todo_id == todo_id
+
+
 def test_an_expired_claim_of_a_cancelled_todo_is_settled_cancelled(storage, db):
     todo_id = storage.enqueue("life", "q")
     claim(storage)
