@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 import time
 import uuid
@@ -20,11 +21,14 @@ from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 from .errors import HumanTimeout, ProcessGPTSyncError, StorageUnavailable
+from .event_writer import EventBuffer
 from .models import NO_DEFAULT
 from .payload import check_json
 from .retrying import backoff
 from .runs import TodoRun
 from .storage.base import Storage
+
+logger = logging.getLogger(__name__)
 
 ANSWER_CHANNEL = "processgpt_sync_answer"
 KINDS = ("text", "select", "confirm")
@@ -71,12 +75,12 @@ def answer_value(data: Any) -> Any:
 class HumanDesk:
     """Questions in flight for one server, and the waiters the listener wakes."""
 
-    def __init__(self, storage: Storage, take_events: Callable[[str, str], list[dict[str, Any]]],
+    def __init__(self, storage: Storage, buffer: EventBuffer,
                  is_listening: Callable[[], bool],
                  cancel: Callable[[TodoRun, str], None]) -> None:
         self._storage = storage
         self._cancel = cancel
-        self._take_events = take_events
+        self._buffer = buffer
         self._is_listening = is_listening
         self._lock = threading.Lock()
         self._waiters: dict[str, tuple[str, threading.Event]] = {}
@@ -101,9 +105,15 @@ class HumanDesk:
         earlier one when this todo asked the same question before, else the one that arrives
         (blocking), else raise SuspendForHuman (``suspend``: the worker is freed)."""
         data = question_data(question, options, kind)
-        events = self._take_events(run.todo_id, run.claim.token)
+        events = self._buffer.take(run.todo_id, run.claim.token)
         new_job_id = f"human_asked_{uuid.uuid4()}"
-        asked = self._call(lambda: self._storage.ask(run.claim, new_job_id, data, events=events))
+        try:
+            asked = self._call(run, "ask",
+                               lambda: self._storage.ask(run.claim, new_job_id, data,
+                                                         events=events))
+        except BaseException:  # not written: the events go out with the todo's next write
+            self._buffer.give_back(run.todo_id, run.claim.token, events)
+            raise
         if not asked.applied:
             self._refused(run, asked.reason)
         if asked.reason == "answered_before":
@@ -128,14 +138,15 @@ class HumanDesk:
             if run.cancel_event.is_set():
                 raise ProcessGPTSyncError(f"todo {run.todo_id} was cancelled while waiting for "
                                           "an answer")
-            got = self._call(lambda: self._storage.answer(run.claim, job_id))
+            got = self._call(run, "answer", lambda: self._storage.answer(run.claim, job_id))
             if not got.applied:
                 self._refused(run, got.reason)
             if got.reason == "answered":
                 return answer_value(got.answer)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self._call(lambda: self._storage.resume_asking(run.claim))
+                self._call(run, "resume_asking",
+                           lambda: self._storage.resume_asking(run.claim))
                 if default is not NO_DEFAULT:
                     return default
                 raise HumanTimeout(f"no answer within {timeout:g} s to: {question}")
@@ -150,13 +161,18 @@ class HumanDesk:
         raise ProcessGPTSyncError(f"todo {run.todo_id} is no longer running here ({reason})")
 
     @staticmethod
-    def _call(request: Callable[[], Any]) -> Any:
+    def _call(run: TodoRun, action: str, request: Callable[[], Any]) -> Any:
+        """``request()``, retried through a short outage (then StorageUnavailable reaches the
+        executor, and the todo is given back unless the executor handles it)."""
         attempt = 0
         while True:
             try:
                 return request()
-            except StorageUnavailable:
+            except StorageUnavailable as exc:
                 attempt += 1
                 if attempt > 8:
                     raise
+                logger.warning("%s for todo %s failed (attempt %d), retrying: %s", action,
+                               run.todo_id, attempt, exc,
+                               extra={"action": action, "todo_id": run.todo_id})
                 time.sleep(backoff(attempt))

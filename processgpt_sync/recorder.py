@@ -223,10 +223,14 @@ class Recorder:
         if not run.is_open():
             return
         events = self._take_events(run)
-        outcome = self.retry(
-            lambda: self._storage.save_result(run.claim, data, final=False, events=events),
-            run, "save_draft",
-        )
+        try:
+            outcome = self.retry(
+                lambda: self._storage.save_result(run.claim, data, final=False, events=events),
+                run, "save_draft",
+            )
+        except BaseException:  # not written: the events go out with the todo's next write
+            self._buffer.give_back(run.todo_id, run.claim.token, events)
+            raise
         log_rejected(events, outcome.rejected)
         if not outcome.applied:
             self._log.warning("draft of todo %s refused (%s)", run.todo_id, outcome.reason,

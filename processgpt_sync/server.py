@@ -305,7 +305,7 @@ class Server:
         def cancel(run: TodoRun, reason: str) -> None:  # the desk is made before the worker
             worker.cancel(run, reason)
 
-        desk = HumanDesk(storage, buffer.take, lambda: self._inflight.listening, cancel)
+        desk = HumanDesk(storage, buffer, lambda: self._inflight.listening, cancel)
         # A todo that timed out keeps its thread until its executor returns: a few spare
         # threads, made only when needed, serve on (the claimer counts the rest as busy).
         pool = WorkerPool(budget.pool_threads(self.settings.workers, self._deferred),

@@ -29,6 +29,11 @@ def question_of(db, todo_id=None):
     return row
 
 
+def draft_status(db, todo_id):
+    return db.execute("SELECT draft_status::text AS s FROM todolist WHERE id = %s",
+                      (todo_id,)).fetchone()["s"]
+
+
 def answer_as_the_ui(db, job_id, answer):
     db.execute("INSERT INTO events (id, job_id, event_type, data, status) VALUES "
                "(%s, %s, 'human_response', jsonb_build_object('answer', %s::jsonb), 'APPROVED')",
@@ -44,11 +49,12 @@ def human_todo(storage, db, text="q"):
 
 def test_answer_arrives_and_the_executor_continues_with_it(storage, db):
     todo_id, human = human_todo(storage, db)
-    seen_waiting = []
+    seen_waiting, seen_running = [], []
 
     def handle(todo):
         todo.events.progress("before asking")
         choice = todo.ask_human("Which way?", options=["fast", "careful"], kind="select")
+        seen_running.append(draft_status(db, todo.id))  # row 5: asking -> running
         return {"choice": choice}
 
     with ps.start(handle, agent_orch="hitl", storage=storage) as server:
@@ -62,7 +68,7 @@ def test_answer_arrives_and_the_executor_continues_with_it(storage, db):
         latency = time.monotonic() - answered_at
     row = db.execute("SELECT output, draft_status::text FROM todolist").fetchone()
     assert row == {"output": {"choice": "careful"}, "draft_status": "COMPLETED"}
-    assert seen_waiting == ["HUMAN_ASKED"]
+    assert seen_waiting == ["HUMAN_ASKED"] and seen_running == ["STARTED"]
     assert question["job_id"].startswith("human_asked_") and question["status"] == "ASKED"
     data = question["data"]
     assert (data["question"], data["type"], data["options"]) == (
@@ -77,18 +83,52 @@ def test_answer_arrives_and_the_executor_continues_with_it(storage, db):
     assert latency < (1.0 if storage.backend == "postgres" else 2.5)
 
 
+def test_events_sent_with_a_question_the_database_refused_are_written_later(storage, db):
+    """The question's write fails (here a site rule refuses it): the progress events taken to
+    go with it are not lost; they are written with the todo's outcome."""
+    db.execute("""
+        CREATE FUNCTION refuse_questions() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'questions are refused by a site rule'; END $$;
+        CREATE TRIGGER refuse_questions BEFORE INSERT ON events FOR EACH ROW
+        WHEN (NEW.event_type = 'human_asked') EXECUTE FUNCTION refuse_questions();
+    """)
+    storage.enqueue("hitl", "q")
+    refusals = []
+
+    def handle(todo):
+        todo.events.progress("before asking")
+        try:
+            todo.ask_human("Proceed?", kind="confirm")
+        except ps.StorageError as exc:
+            refusals.append(str(exc))
+        return {"asked": False}
+
+    with ps.start(handle, agent_orch="hitl", storage=storage) as server:
+        wait_for(lambda: server.stats()["completed"] == 1)
+    assert len(refusals) == 1 and "site rule" in refusals[0]
+    written = [(r["event_type"], r["data"]) for r in db.execute(
+        "SELECT event_type::text, data FROM events ORDER BY timestamp")]
+    assert written == [("task_working", {"message": "before asking"}), ("crew_completed", {})]
+
+
 def test_timeout_raises_or_returns_the_default(storage, db):
     storage.enqueue("hitl", "raise")
     storage.enqueue("hitl", "default")
 
+    after_timeout = {}
+
     def handle(todo):
-        if todo.input == "default":
-            return {"got": todo.ask_human("Proceed?", kind="confirm", timeout=0.3,
-                                          default="no answer")}
-        return {"got": todo.ask_human("Proceed?", kind="confirm", timeout=0.3)}
+        try:
+            if todo.input == "default":
+                return {"got": todo.ask_human("Proceed?", kind="confirm", timeout=0.3,
+                                              default="no answer")}
+            return {"got": todo.ask_human("Proceed?", kind="confirm", timeout=0.3)}
+        finally:  # row 6: asking -> running, whichever way the wait ended
+            after_timeout[todo.input] = draft_status(db, todo.id)
 
     with ps.start(handle, agent_orch="hitl", storage=storage) as server:
         wait_for(lambda: server.stats()["completed"] + server.stats()["failed"] == 2)
+    assert after_timeout == {"raise": "STARTED", "default": "STARTED"}
     rows = {r["query"]: r for r in db.execute(
         "SELECT query, output, draft_status::text, log FROM todolist")}
     assert rows["default"]["output"] == {"got": "no answer"}
