@@ -361,20 +361,34 @@ class SharedLoop:
     def _ensure_started(self) -> asyncio.AbstractEventLoop:
         with self._lock:
             if self._loop is None:
-                try:
-                    loop = asyncio.new_event_loop()
-                except OSError as exc:
-                    raise InfrastructureError(
-                        f"cannot create the shared event loop: {exc}") from exc
-                loop.set_task_factory(self._labelled_task)
-                self._thread = threading.Thread(target=loop.run_forever, daemon=True,
-                                                name="processgpt-sync-shared-loop")
-                self._thread.start()
-                self._watchdog = threading.Thread(target=self._watch, args=(loop,), daemon=True,
-                                                  name="processgpt-sync-loop-watchdog")
-                self._watchdog.start()
-                self._loop = loop
+                self._loop = self._start_loop()
             return self._loop
+
+    def _start_loop(self) -> asyncio.AbstractEventLoop:
+        """A new loop on its thread, with its watchdog. The host's refusal (no fd, no thread)
+        is an InfrastructureError, so the todo is given back rather than failed, and leaves
+        nothing behind to try again with."""
+        try:
+            loop = asyncio.new_event_loop()
+        except OSError as exc:
+            raise InfrastructureError(f"cannot create the shared event loop: {exc}") from exc
+        loop.set_task_factory(self._labelled_task)
+        thread = threading.Thread(target=loop.run_forever, daemon=True,
+                                  name="processgpt-sync-shared-loop")
+        watchdog = threading.Thread(target=self._watch, args=(loop,), daemon=True,
+                                    name="processgpt-sync-loop-watchdog")
+        try:
+            thread.start()
+            watchdog.start()
+        except RuntimeError as exc:  # "can't start new thread"
+            if thread.is_alive():
+                loop.call_soon_threadsafe(loop.stop)
+                thread.join()
+            loop.close()
+            raise InfrastructureError(
+                f"cannot start the shared event loop's threads: {exc}") from exc
+        self._thread, self._watchdog = thread, watchdog
+        return loop
 
     def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
         """Probe the loop; when a probe waits longer than ``lag_warning``, name the todo whose

@@ -12,6 +12,7 @@ as a user would. Its "empty" database then holds the platform's tables without p
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -162,6 +163,19 @@ def open_backend(name: str, database_url: str) -> Iterator[Any]:
     yield store
     store.close()
     gateway.close()
+
+
+def as_nobody_with_threads(limit: int) -> Callable[[], None]:
+    """A ``preexec_fn`` for a subprocess that may start at most ``limit`` threads (as ``ulimit
+    -u`` or a container's pids limit would allow): RLIMIT_NPROC binds only a user other than
+    root, so the child runs as nobody."""
+    def preexec() -> None:
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+        resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
+
+    return preexec
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:

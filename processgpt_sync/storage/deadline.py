@@ -56,24 +56,32 @@ class Deadlines:
             self._next_key += 1
             self._watched[key] = entry
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, daemon=True,
-                                                 name="processgpt-sync-deadlines")
-                self._thread.start()
+                self._start_watchdog(what)
             elif entry.deadline < self._wake_at:
                 self._cond.notify()
         try:
             yield entry
         except Exception as exc:
-            with self._cond:
-                self._watched.pop(key, None)
             if entry.fired:
                 raise DeadlineExceeded(
                     f"no answer from the database within {seconds:g}s ({what}); the connection "
                     "was dropped (a dead network path?)") from exc
             raise
-        else:
+        finally:  # whatever ends the block: a stale entry would later shut down another fd
             with self._cond:
                 self._watched.pop(key, None)
+
+    def _start_watchdog(self, what: str) -> None:
+        """Start the watchdog thread (the caller holds the condition). A host out of threads
+        must not fail the statement too: it runs unwatched until a later one starts it."""
+        thread = threading.Thread(target=self._run, daemon=True, name="processgpt-sync-deadlines")
+        try:
+            thread.start()
+        except RuntimeError as exc:  # "can't start new thread"
+            logger.warning("cannot start the statement deadline watchdog (%s): %s runs without "
+                           "a client-side deadline", exc, what, extra={"action": "deadline"})
+            return
+        self._thread = thread
 
     def expire(self, owner: object) -> int:
         """End every statement of ``owner`` in flight now (its network path went silent);

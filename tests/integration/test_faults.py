@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from processgpt_sync.storage.postgres import (
     PostgresStorage,
     link_conninfo,
 )
-from tests.conftest import wait_for
+from tests.conftest import as_nobody_with_threads, wait_for
 from tests.faultproxy import FaultProxy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -444,17 +443,11 @@ def test_a_host_out_of_threads_gives_todos_back_and_runs_them_later(database_url
     """Thread limits (ulimit -u, a container's pids limit) refuse a worker thread: the todos
     it was for go back to the queue, nothing is recorded as failed, and they run once threads
     are free again."""
-    def as_nobody_with_few_threads() -> None:
-        os.setgroups([])
-        os.setgid(65534)
-        os.setuid(65534)
-        resource.setrlimit(resource.RLIMIT_NPROC, (200, 200))
-
     # the unix socket's directory is the test user's: the other user connects through TCP
     url = proxy.url_for(database_url)
     proc = subprocess.run([sys.executable, "-c", THREADS_SCRIPT, url], cwd="/",
                           capture_output=True, text=True, timeout=120,
-                          preexec_fn=as_nobody_with_few_threads,
+                          preexec_fn=as_nobody_with_threads(200),
                           env={**os.environ, "PYTHONPATH": str(ROOT),
                                "PYTHONDONTWRITEBYTECODE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]

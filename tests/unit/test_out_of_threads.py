@@ -1,0 +1,119 @@
+"""A host out of threads (``ulimit -u``, a container's pids limit), for real: each test runs
+a child process as nobody with RLIMIT_NPROC lowered, takes every thread it may still start,
+and checks that the library blames the host, not the todo, and leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import as_nobody_with_threads
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0,
+                       reason="lowers RLIMIT_NPROC for another user: needs root"),
+]
+
+
+def run_with_few_threads(script: str) -> dict[str, object]:
+    proc = subprocess.run([sys.executable, "-c", script], cwd="/", capture_output=True,
+                          text=True, timeout=60, preexec_fn=as_nobody_with_threads(60),
+                          env={**os.environ, "PYTHONPATH": str(ROOT),
+                               "PYTHONDONTWRITEBYTECODE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["stderr"] = proc.stderr
+    return result
+
+
+OUT_OF_THREADS = r"""
+import asyncio, json, os, threading
+from processgpt_sync.errors import InfrastructureError
+from processgpt_sync.infra import infrastructure_problem
+from processgpt_sync.loops import SharedLoop
+
+async def answer():
+    return 42
+
+loop = SharedLoop()
+fillers = []
+try:
+    while True:  # take every thread RLIMIT_NPROC allows
+        ends = threading.Event()
+        filler = threading.Thread(target=ends.wait, daemon=True)
+        filler.start()
+        fillers.append(ends)
+except RuntimeError:
+    pass
+fds = len(os.listdir("/proc/self/fd"))
+errors = []
+for _ in range(3):
+    try:
+        loop.start("t", answer).result()
+    except InfrastructureError as exc:
+        errors.append(infrastructure_problem(exc) is not None)
+leaked = len(os.listdir("/proc/self/fd")) - fds
+for ends in fillers:
+    ends.set()
+while threading.active_count() > 1:
+    threading.Event().wait(0.01)
+value = loop.start("t", answer).result()
+loop.close()
+print(json.dumps({"filled": len(fillers), "errors": errors, "leaked_fds": leaked,
+                  "later": value}))
+"""
+
+
+def test_a_shared_loop_that_gets_no_thread_is_the_hosts_fault_and_leaks_nothing() -> None:
+    """No thread for the loop (ulimit -u, a pids limit): each start raises an
+    InfrastructureError (its todo is given back, not failed), closes what it opened, and the
+    loop starts once threads are free."""
+    result = run_with_few_threads(OUT_OF_THREADS)
+    assert isinstance(result["filled"], int) and result["filled"] > 0
+    assert (result["errors"], result["leaked_fds"], result["later"]) == ([True] * 3, 0, 42)
+
+
+OUT_OF_THREADS_DEADLINE = r"""
+import json, socket, threading, time
+from processgpt_sync.storage.deadline import DEADLINES
+
+fillers = []
+try:
+    while True:
+        ends = threading.Event()
+        filler = threading.Thread(target=ends.wait, daemon=True)
+        filler.start()
+        fillers.append(ends)
+except RuntimeError:
+    pass
+mine, peer = socket.socketpair()
+with DEADLINES.watch(mine.fileno(), 0.1, "a statement with no watchdog"):
+    mine.sendall(b"ran")
+for ends in fillers:
+    ends.set()
+while threading.active_count() > 1:
+    time.sleep(0.01)
+time.sleep(0.2)  # the first statement's deadline has passed
+other, _ = socket.socketpair()
+with DEADLINES.watch(other.fileno(), 10, "a later statement"):  # starts the watchdog
+    time.sleep(0.3)
+mine.sendall(b" still open")
+print(json.dumps({"filled": len(fillers), "read": peer.recv(100).decode()}))
+"""
+
+
+def test_a_statement_watched_while_no_thread_can_start_runs_and_leaves_no_stale_deadline() -> None:
+    """The deadline watchdog cannot start (no thread): the statement runs unwatched, with a
+    warning, and its entry is gone once it ends, so the watchdog, started later, does not shut
+    down the socket that now has that fd."""
+    result = run_with_few_threads(OUT_OF_THREADS_DEADLINE)
+    assert isinstance(result["filled"], int) and result["filled"] > 0
+    assert result["read"] == "ran still open"
+    assert "cannot start the statement deadline watchdog" in str(result["stderr"])
