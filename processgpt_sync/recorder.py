@@ -129,12 +129,6 @@ class Recorder:
         self._outcomes.submit(Outcome(run.claim, "completed", result=result, events=events),
                               self._after_write(run, events, "completed", then, refused))
 
-    def fail(self, run: TodoRun, message: str) -> None:
-        """Record ``run`` failed with ``message``; return once it is recorded."""
-        recorded = threading.Event()
-        self.fail_then(run, message, recorded.set)
-        recorded.wait()
-
     def fail_then(self, run: TodoRun, message: str, then: Callable[[], None], *,
                   events: list[dict[str, Any]] | None = None) -> None:
         """Record ``run`` failed with ``message`` and its events; if the events are refused,

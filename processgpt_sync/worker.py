@@ -168,13 +168,14 @@ class TodoWorker:
         self._stop_executor(run, "timeout")
         self._log.warning("todo %s timed out after %gs", run.todo_id, timeout,
                           extra=self._todo_extra(run, "timeout"))
-        try:
-            self._recorder.fail(run, f"timed out after {timeout:g} s")
+        freed = functools.partial(self._inflight.timed_out, run)
+        try:  # handed to the outcome writer: the heartbeat, which called this, goes on with
+            # the other todos' deadlines and leases while the database is slow or away
+            self._recorder.fail_then(run, f"timed out after {timeout:g} s", freed)
         except Exception:  # as on the normal path: the heartbeat must go on for the others
             self._log.exception("recording the timeout of todo %s failed", run.todo_id,
                                 extra=self._todo_extra(run, "timeout"))
-        finally:
-            self._inflight.timed_out(run)
+            freed()
 
     def _stop_executor(self, run: TodoRun, reason: str) -> None:
         """Tell the executor (its cancel hook, a question it waits on) that the todo ended."""

@@ -182,6 +182,43 @@ def test_a_30_second_partition_mid_run_resumes_after_the_heal(proxy, database_ur
     assert_exactly_once(db, 60)
 
 
+def test_timeouts_are_enforced_for_every_todo_while_the_database_is_away(proxy, database_url, db):
+    """The heartbeat times todos out; recording one timeout must not hold it (the write waits
+    for the database) while the other todos' deadlines pass. Its own calls are bounded by
+    their deadline."""
+    store = proxied_storage("postgres", proxy, database_url)
+    enqueue(db, 2)
+    started: dict[str, float] = {}
+    told: dict[str, float] = {}
+
+    def waits_for_its_timeout(todo: ps.Todo) -> dict[str, Any]:
+        started[todo.input] = time.monotonic()
+        todo.cancel_event.wait(30)
+        told[todo.input] = time.monotonic()
+        return {}
+
+    try:
+        server = ps.start(waits_for_its_timeout, agent_orch="faults", storage=store,
+                          workers=2, timeout=1.0, lease_seconds=60, poll_interval=0.5)
+        try:
+            wait_for(lambda: len(started) == 2)
+            proxy.partition()
+            wait_for(lambda: len(told) == 2, timeout=8)
+            proxy.heal()
+            wait_for(lambda: db.execute("SELECT count(*) AS n FROM todolist WHERE draft_status "
+                                        "= 'FAILED'").fetchone()["n"] == 2, timeout=30)
+        finally:
+            proxy.heal()
+            server.stop(timeout=5)
+    finally:
+        close_storage(store)
+    # each within its timeout plus one heartbeat call the partition holds to its deadline
+    bound = 1.0 + STATEMENT_TIMEOUT + DEADLINE_MARGIN + 1.0
+    assert all(told[name] - started[name] < bound for name in told), (started, told)
+    logs = [row["log"] for row in db.execute("SELECT log FROM todolist")]
+    assert logs == ["timed out after 1 s"] * 2
+
+
 def test_a_dead_listen_connection_is_detected_and_reconnected(proxy, database_url, db, caplog,
                                                               monkeypatch):
     from processgpt_sync import watch
