@@ -76,11 +76,24 @@ class TodoWorker:
         try:
             if run.cancel_event.is_set():  # cancelled while it waited for a thread
                 return UNSET, None
-            with self._around_todo():
-                run.todo = with_summary(run.todo, self._settings.summarize_feedback)
-                return self._adapter.run(run.todo), None
-        except BaseException as exc:  # SystemExit from argparse in a tool is this todo's failure
+            around = self._around_todo()
+            around.__enter__()
+        except BaseException as exc:
             return UNSET, exc
+        try:
+            run.todo = with_summary(run.todo, self._settings.summarize_feedback)
+            value, error = self._adapter.run(run.todo), None
+        except BaseException as exc:  # SystemExit from argparse in a tool is this todo's failure
+            value, error = UNSET, exc
+        try:  # told of the todo's error, as a with-statement would tell it
+            around.__exit__(type(error) if error else None, error,
+                            error.__traceback__ if error else None)
+        except BaseException as exc:
+            if exc is not error:  # the todo has ended: a failure after it is not its outcome
+                self._log.error("leaving the context around todo %s failed (%s); the todo's "
+                                "outcome stands", run.todo_id, exc, exc_info=exc,
+                                extra=self._todo_extra(run, "execute"))
+        return value, error
 
     def _start(self, run: TodoRun) -> tuple[Any, BaseException | None]:
         """Start a deferred todo; what it raised if it could not start."""

@@ -221,6 +221,29 @@ def test_stop_after_the_grace_period_gives_unfinished_todos_back(storage, db):
     assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
 
 
+def test_a_failure_leaving_the_context_around_a_todo_does_not_change_its_outcome(
+        storage, db, caplog):
+    """Django closes its connections after each todo; if that raises, the todo has ended:
+    its result stands and the error is logged, not recorded as the executor's failure."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def closes_connections():
+        yield
+        raise RuntimeError("connection already closed")
+
+    storage.enqueue("t", "q")
+    server = ps.Server(lambda todo: {"ok": todo.input}, ps.Settings(agent_orch="t"),
+                       storage=storage, around_todo=closes_connections)
+    with server:
+        wait_for(lambda: server.stats()["completed"] + server.stats()["failed"] == 1)
+    assert server.stats()["completed"] == 1
+    assert [(r["draft_status"], r["output"] or r["draft"]) for r in rows(db)] == [
+        ("COMPLETED", {"ok": "q"})]
+    assert any("leaving the context around todo" in r.getMessage()
+               and "connection already closed" in r.getMessage() for r in caplog.records)
+
+
 def test_ui_cancel_runs_the_cancel_hook_and_writes_nothing_more(storage, db):
     todo_id = storage.enqueue("a", "x")
     entered = threading.Event()
