@@ -29,10 +29,8 @@ def start(
 
     Options are :class:`Settings` fields; unset ones come from the environment.
     """
-    if settings is None:
-        settings = Settings.from_env(
-            agent_orch=agent_orch, workers=workers, database_url=database_url, **options
-        )
+    settings = _settings_from(settings, agent_orch=agent_orch, workers=workers,
+                              database_url=database_url, **options)
     return Server(executor, settings, storage=storage).start()
 
 
@@ -56,10 +54,8 @@ def serve(
     """
     if env_file is not None:
         load_dotenv(env_file)
-    if settings is None:
-        settings = Settings.from_env(
-            agent_orch=agent_orch, workers=workers, database_url=database_url, **options
-        )
+    settings = _settings_from(settings, agent_orch=agent_orch, workers=workers,
+                              database_url=database_url, **options)
     if processes == 1:
         Server(executor, settings).run_forever()
         return
@@ -71,3 +67,20 @@ def serve(
         raise ConfigurationError("a server process failed on its configuration; see its log")
     if code != EXIT_OK:
         raise ServerFailed(f"a server process failed (exit code {code}); see its log")
+
+
+def _settings_from(settings: Settings | None, **options: Any) -> Settings:
+    """``settings`` as given, or built from the options and the environment. Both at once is
+    refused: which of the two wins would be a guess."""
+    if settings is None:
+        return Settings.from_env(**options)
+    if not isinstance(settings, Settings):
+        raise ConfigurationError(
+            f"settings must be a processgpt_sync.Settings, got {type(settings).__name__}; "
+            "pass options such as workers=... directly instead")
+    given = sorted(name for name, value in options.items() if value is not None)
+    if given:
+        raise ConfigurationError(
+            f"pass either settings=... or options, not both (given: {', '.join(given)}); "
+            f"use dataclasses.replace(settings, {given[0]}=...) to change one")
+    return settings

@@ -130,27 +130,40 @@ class Settings:
     interpreter's own."""
 
     def __post_init__(self) -> None:
+        for name in ("agent_orch", "consumer", "loop", "database_url", "supabase_url",
+                     "supabase_key", "embedded_dir", "tenant_id"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ConfigurationError(
+                    f"{name} must be a string, got {type(value).__name__} {value!r}"
+                    if name != "supabase_key" else
+                    f"supabase_key must be a string, got {type(value).__name__}")
         if not self.agent_orch or not self.agent_orch.strip():
             raise ConfigurationError(
                 "agent_orch is required: pass agent_orch=... or set PROCESSGPT_AGENT_ORCH "
                 "(it must match todolist.agent_orch of the todos to serve)"
             )
-        _positive("workers", self.workers)
-        _positive("lease_seconds", self.lease_seconds)
-        _positive("max_claims", self.max_claims)
+        for name in ("workers", "lease_seconds", "max_claims"):
+            _positive_int(name, getattr(self, name))
         _positive("poll_interval", self.poll_interval)
         _positive("statement_timeout", self.statement_timeout)
         _positive("tcp_timeout", self.tcp_timeout)
-        if self.gc_threshold is not None and self.gc_threshold < 0:
+        if self.gc_threshold is not None and (
+                not _is_int(self.gc_threshold) or self.gc_threshold < 0):
             raise ConfigurationError(
-                f"gc_threshold must be >= 0 (0 keeps the interpreter's), got {self.gc_threshold!r}")
-        if self.grace_seconds < 0:
+                f"gc_threshold must be a whole number >= 0 (0 keeps the interpreter's), got "
+                f"{self.gc_threshold!r}")
+        if not _is_number(self.grace_seconds) or self.grace_seconds < 0:
             raise ConfigurationError(f"grace_seconds must be >= 0, got {self.grace_seconds!r}")
         if self.timeout is not None:
             _positive("timeout", self.timeout)
         for name in ("max_running", "max_running_per_tenant"):
             if getattr(self, name) is not None:
-                _positive(name, getattr(self, name))
+                _positive_int(name, getattr(self, name))
+        if self.summarize_feedback is not None and not callable(self.summarize_feedback):
+            raise ConfigurationError(
+                "summarize_feedback must be a function (feedback_items, previous_result) -> "
+                f"str, got {type(self.summarize_feedback).__name__}")
         if self.loop not in ("thread", "shared"):
             raise ConfigurationError(f"loop must be 'thread' or 'shared', got {self.loop!r}")
         check_backend(self.database_url, self.supabase_url, self.supabase_key)
@@ -203,9 +216,22 @@ def check_backend(database_url: str | None, supabase_url: str | None,
         )
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _positive(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or value <= 0:
+    if not _is_number(value) or value <= 0:
         raise ConfigurationError(f"{name} must be a positive number, got {value!r}")
+
+
+def _positive_int(name: str, value: int) -> None:
+    if not _is_int(value) or value <= 0:
+        raise ConfigurationError(f"{name} must be a positive whole number, got {value!r}")
 
 
 def _convert(name: str, raw: str, variable: str) -> Any:

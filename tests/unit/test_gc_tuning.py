@@ -71,7 +71,8 @@ def test_a_threshold_changed_meanwhile_by_the_application_is_left_alone():
 
 
 def test_a_negative_setting_is_refused_with_the_meaning_of_0():
-    with pytest.raises(ConfigurationError, match=r"gc_threshold must be >= 0 \(0 keeps"):
+    with pytest.raises(ConfigurationError,
+                       match=r"gc_threshold must be a whole number >= 0 \(0 keeps"):
         Settings(agent_orch="a", gc_threshold=-1)
     assert Settings.from_env({"PROCESSGPT_AGENT_ORCH": "a",
                               "PROCESSGPT_GC_THRESHOLD": "0"}).gc_threshold == 0

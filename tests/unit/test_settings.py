@@ -36,12 +36,42 @@ def test_service_role_variable_is_accepted_and_the_key_is_not_in_repr():
 
 @pytest.mark.parametrize(("env", "message"), [
     ({"PROCESSGPT_WORKERS": "many"}, r"PROCESSGPT_WORKERS='many' is not a valid int"),
-    ({"PROCESSGPT_WORKERS": "0"}, "workers must be a positive number"),
+    ({"PROCESSGPT_WORKERS": "0"}, "workers must be a positive whole number"),
     ({"SUPABASE_URL": "https://x"}, "SUPABASE_KEY is not set"),
 ])
 def test_bad_values_get_specific_errors(env, message):
     with pytest.raises(ConfigurationError, match=message):
         Settings.from_env({"PROCESSGPT_AGENT_ORCH": "a", **env})
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"agent_orch": 123}, "agent_orch must be a string, got int 123"),
+    ({"database_url": 5}, "database_url must be a string, got int 5"),
+    ({"supabase_key": b"k"}, "supabase_key must be a string, got bytes$"),
+    ({"workers": 2.5}, "workers must be a positive whole number, got 2.5"),
+    ({"workers": True}, "workers must be a positive whole number, got True"),
+    ({"lease_seconds": 30.0}, "lease_seconds must be a positive whole number"),
+    ({"max_running": 0}, "max_running must be a positive whole number"),
+    ({"gc_threshold": 1.5}, "gc_threshold must be a whole number >= 0"),
+    ({"grace_seconds": "5"}, "grace_seconds must be >= 0, got '5'"),
+    ({"summarize_feedback": "x"}, "summarize_feedback must be a function"),
+])
+def test_options_of_the_wrong_type_are_refused_when_the_settings_are_built(options, message):
+    """Caught here, not on the first todo (summarize_feedback), in SQL (a fractional lease) or
+    halfway through start (gc_threshold), where they would fail todos or leak threads."""
+    with pytest.raises(ConfigurationError, match=message):
+        Settings(**{"agent_orch": "a", **options})
+
+
+def test_settings_and_options_together_are_refused():
+    from processgpt_sync import start
+
+    settings = Settings(agent_orch="a")
+    with pytest.raises(ConfigurationError, match=r"not both \(given: workers\)"):
+        start(print, settings=settings, workers=16)
+    with pytest.raises(ConfigurationError,
+                       match=r"settings must be a processgpt_sync\.Settings, got dict"):
+        start(print, settings={"agent_orch": "a"})  # type: ignore[arg-type]
 
 
 def test_unknown_option_is_named():
