@@ -98,7 +98,10 @@ def forget_dead_users(path: str | os.PathLike[str] | None = None) -> list[int]:
     with _pgserver().PostgresServer._lock:
         try:
             pids = [int(pid) for pid in json.loads(handles.read_text() or "[]")]
-        except (OSError, ValueError):
+        except (OSError, ValueError) as exc:
+            logger.warning("embedded PostgreSQL in %s: cannot read its users (%s: %s); it may "
+                           "keep running after the last one exits", directory, handles, exc,
+                           extra={"action": "embedded_start"})
             return []
         dead = [pid for pid in pids if pid != os.getpid() and not _alive(pid)]
         if dead:

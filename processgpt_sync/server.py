@@ -387,14 +387,20 @@ class Server:
                                       extra={**self._extra, "action": "stop_server"})
 
     def _close_adapter(self, timeout: float = 5.0) -> None:
-        done, _ = bounded(self._adapter.close, timeout, "close executor")
+        done, result = bounded(self._adapter.close, timeout, "close executor")
         if not done:
             self._log.warning("an async executor is still blocking its event loop after stop",
                               extra=self._extra)
+        elif isinstance(result, Exception):
+            self._log.error("closing the executor's event loops failed: %s", result,
+                            exc_info=result, extra={**self._extra, "action": "stop_server"})
 
     def _close_storage(self, timeout: float = 5.0) -> None:
         if self._owns_storage and self._storage is not None:
-            done, _ = bounded(self._storage.close, timeout, "close storage")
+            done, result = bounded(self._storage.close, timeout, "close storage")
             if not done:
                 self._log.warning("closing the database connections did not finish in %gs",
                                   timeout, extra=self._extra)
+            elif isinstance(result, Exception):
+                self._log.error("closing the database connections failed: %s", result,
+                                exc_info=result, extra={**self._extra, "action": "stop_server"})
