@@ -93,7 +93,10 @@ class TodoWorker:
                 self._log.error("leaving the context around todo %s failed (%s); the todo's "
                                 "outcome stands", run.todo_id, exc, exc_info=exc,
                                 extra=self._todo_extra(run, "execute"))
-        return value, error
+        try:
+            return value, error
+        finally:  # the error's traceback holds this frame: no cycle through its locals
+            del value, error
 
     def _start(self, run: TodoRun) -> tuple[Any, BaseException | None]:
         """Start a deferred todo; what it raised if it could not start."""
