@@ -79,7 +79,8 @@ def test_worker_command_says_what_it_serves_and_takes_the_serve_options(database
                    env=env, check=True, timeout=120)
     refused = subprocess.run([sys.executable, "manage.py", "processgpt_worker", "--max-claims",
                               "0"], cwd=APP, env=env, capture_output=True, text=True, timeout=120)
-    assert refused.returncode != 0 and "max_claims must be a positive number" in refused.stderr
+    assert refused.returncode != 0
+    assert "max_claims must be a positive whole number" in refused.stderr
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
