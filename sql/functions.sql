@@ -187,6 +187,11 @@ BEGIN
         RETURNING t.id
     )
     DELETE FROM processgpt_sync_lease l USING settled s WHERE l.todo_id = s.id;
+    -- The expired lease of a todo that ended without its owner (the UI cancelled it by
+    -- draft_status, then the owner died) would keep this probe true on every claim.
+    DELETE FROM processgpt_sync_lease l USING todolist t
+    WHERE l.todo_id = t.id AND l.expires_at < now() AND t.agent_orch::text = p_agent_orch
+      AND t.draft_status IN ('CANCELLED', 'COMPLETED', 'FAILED');
 
     WITH exhausted AS (
         SELECT t.id FROM todolist t
@@ -798,7 +803,7 @@ BEGIN
     LEFT JOIN LATERAL (
         SELECT a.data FROM events a
         WHERE a.job_id = q.job_id AND a.event_type = 'human_response'
-        ORDER BY a."timestamp" DESC LIMIT 1) r ON true
+        ORDER BY a."timestamp" LIMIT 1) r ON true
     WHERE q.todo_id = p_todo_id::text AND q.event_type = 'human_asked'
       AND q.data ->> 'signature' = p_question ->> 'signature'
     ORDER BY r.data IS NOT NULL DESC, q."timestamp" DESC LIMIT 1;
@@ -850,7 +855,7 @@ BEGIN
     END IF;
     SELECT data INTO v_answer FROM events
     WHERE job_id = p_job_id AND event_type = 'human_response'
-    ORDER BY "timestamp" DESC LIMIT 1;
+    ORDER BY "timestamp" LIMIT 1;  -- the first answer is the answer, as take_answer_v1 has it
     IF NOT FOUND THEN
         RETURN jsonb_build_object('applied', true, 'reason', 'waiting');
     END IF;
@@ -933,7 +938,7 @@ BEGIN
     END IF;
     SELECT * INTO v_answer FROM events r
     WHERE r.job_id = v_job_id AND r.event_type = 'human_response'
-    ORDER BY r."timestamp" DESC LIMIT 1;
+    ORDER BY r."timestamp" LIMIT 1;
     IF NOT FOUND THEN
         RETURN false;
     END IF;
@@ -1263,9 +1268,9 @@ BEGIN
             'it is running (draft_status %s, on %s); cancel it in the ProcessGPT UI, or wait '
             'until it ends', v_todo.draft_status, v_todo.consumer)
         WHEN v_todo.draft_status IN ('FAILED', 'CANCELLED') THEN NULL
-        WHEN v_todo.status::text = 'CANCELLED' THEN NULL
-        WHEN v_todo.draft_status = 'COMPLETED' THEN
+        WHEN v_todo.draft_status = 'COMPLETED' THEN  -- even if cancelled later: keep its result
             'it completed and its result is stored; enqueue a new todo to run the work again'
+        WHEN v_todo.status::text = 'CANCELLED' THEN NULL
         WHEN processgpt_sync_claimable_v1(v_todo) THEN
             'it is already claimable; a server for its agent_orch picks it up'
         ELSE format('it never ran and is not claimable (status %s, agent_mode %s, draft %s); '

@@ -158,6 +158,29 @@ def test_an_expired_claim_of_a_cancelled_todo_is_settled_cancelled(storage, db):
     assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
 
 
+def test_the_expired_lease_of_a_todo_the_ui_cancelled_by_draft_status_is_removed(storage, db):
+    todo_id = storage.enqueue("life", "q")
+    claim(storage)
+    db.execute("UPDATE todolist SET draft_status = 'CANCELLED' WHERE id = %s", (todo_id,))
+    expire_leases(db)  # its owner died before hearing of the cancel
+    assert claim(storage, consumer="w2") == []
+    assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
+    assert state(db, todo_id)["draft_status"] == "CANCELLED"
+
+
+def test_retry_refuses_a_completed_todo_the_ui_cancelled_afterwards(storage, db):
+    # row 21: its result (the draft, in DRAFT mode) is kept
+    todo_id = storage.enqueue("life", "q", agent_mode="DRAFT")
+    (c,) = claim(storage)
+    storage.finish([{"todo_id": c.todo_id, "token": c.token, "outcome": "completed",
+                     "result": {"r": 1}}])
+    db.execute("UPDATE todolist SET status = 'CANCELLED' WHERE id = %s", (todo_id,))
+    retried = storage.call("retry", {"p_todo_id": str(todo_id)})
+    assert retried["retried"] is False and retried["reason"].startswith("it completed")
+    assert (state(db, todo_id)["draft_status"], state(db, todo_id)["draft"]) == (
+        "COMPLETED", {"r": 1})
+
+
 # -- release ---------------------------------------------------------------------------------------
 
 
@@ -287,6 +310,24 @@ def test_a_late_answer_to_an_earlier_question_does_not_resume_the_current_one(st
     (c3,) = claim(storage, consumer="w3")
     assert (c3.extras["resume"]["job_id"], c3.extras["resume"]["answer"]) == (
         "human_asked_q2", False)
+
+
+def test_a_second_answer_to_the_same_question_changes_nothing_the_first_is_the_answer(
+        storage, db):
+    # row 9, "a second answer": the rerun's resume and its repeated question agree
+    storage.enqueue("life", "q")
+    (c,) = claim(storage)
+    data = question_data("Ship it?", None, "confirm")
+    storage.ask(c, "human_asked_q1", data)
+    storage.finish([{"todo_id": c.todo_id, "token": c.token, "outcome": "asked"}])
+    answer_as_the_ui(db, "human_asked_q1", "first")
+    time.sleep(0.01)
+    answer_as_the_ui(db, "human_asked_q1", "second")  # a second submit of the form
+    (again,) = claim(storage, consumer="w2")
+    assert again.extras["resume"]["answer"] == "first"
+    asked_again = storage.ask(again, "human_asked_new", data)
+    assert (asked_again.reason, asked_again.answer) == ("answered_before", {"answer": "first"})
+    assert storage.answer(again, "human_asked_q1").answer == {"answer": "first"}
 
 
 def test_suspend_for_human_returns_the_answer_when_the_resumed_run_asks_again(storage, db):
