@@ -45,6 +45,22 @@ def redact(url: str) -> str:
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", re.sub(r"password=\S+", "password=***", url))
 
 
+def url_problem(exc: Exception, conninfo: str) -> str:
+    """libpq's complaint about a URL it cannot parse, without the text it quotes from the
+    user and password part (often the password: a stray ``%`` or space in it)."""
+    secrets = re.findall(r"://([^/?#]*)@", conninfo) + re.findall(r"password\s*=\s*(\S+)",
+                                                                  conninfo)
+
+    def hide(quoted: re.Match[str]) -> str:
+        text = quoted.group(1)
+        return '"***"' if text and any(text in secret for secret in secrets) else quoted.group(0)
+
+    problem = re.sub(r'"([^"]*)"', hide, str(exc).strip())
+    if problem == str(exc).strip():
+        return problem
+    return f"{problem} (special characters in the user or password must be percent-encoded)"
+
+
 @contextmanager
 def wrap_exceptions(target: str = "") -> Iterator[None]:
     """Turn psycopg errors into the library's own, with a message that says what to do."""
@@ -88,7 +104,7 @@ def link_conninfo(conninfo: str, *, tcp_timeout: float = TCP_TIMEOUT) -> str:
     try:
         given = conninfo_to_dict(conninfo)
     except psycopg.ProgrammingError as exc:
-        raise ConfigurationError(f"invalid database URL: {exc}") from exc
+        raise ConfigurationError(f"invalid database URL: {url_problem(exc, conninfo)}") from exc
     defaults: dict[str, Any] = {
         "keepalives": 1,
         "keepalives_idle": max(1, round(tcp_timeout / 2)),

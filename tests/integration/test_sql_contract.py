@@ -294,6 +294,10 @@ def test_wrong_url_is_a_clear_configuration_or_connection_error(tmp_path):
         store.close()
     with pytest.raises(ConfigurationError, match="invalid database URL"):
         PostgresStorage("postgresql://x/db?bogus_option=1").ping()
+    for password in ("hun%zzter2", "my secret"):  # a stray % or space: libpq quotes the text
+        with pytest.raises(ConfigurationError, match="must be percent-encoded") as refused:
+            PostgresStorage(f"postgresql://u:{password}@127.0.0.1:1/db")
+        assert password not in str(refused.value)
 
 
 def test_functions_are_not_granted_to_anon(pg_url, database_url):
