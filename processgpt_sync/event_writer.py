@@ -87,16 +87,20 @@ class EventBuffer:
                 self._idle = False
                 self._cond.notify_all()
 
-    def take(self, todo_id: str, token: str) -> list[dict[str, Any]]:
+    def take(self, todo_id: str, token: str, *, ids: bool = False) -> list[dict[str, Any]]:
         """Remove and return the unwritten events of one claim of a todo, after any write of
-        them in flight."""
+        them in flight. ``ids``: give each an id, for a write that is retried without being
+        idempotent itself (a draft, a question), so a retry after a lost answer skips them."""
         key = (todo_id, token)
         with self._cond:
             while key in self._inflight:
                 self._cond.wait()
             events = self._pending.pop(key, [])
             self._count -= len(events)
-            return events
+        if ids:
+            for event in events:
+                event.setdefault("id", str(uuid.uuid4()))
+        return events
 
     def give_back(self, todo_id: str, token: str, events: list[dict[str, Any]]) -> None:
         """Put events taken by ``take`` back in front of their queue (a write failed)."""
@@ -159,7 +163,8 @@ class EventBuffer:
             self._writing = len(batch)
             self._oldest = time.monotonic()
         # Ids make a retried write idempotent (the database skips ids it already has). Events
-        # that travel with a todo's final write need none: that write is fenced and atomic.
+        # that travel with a todo's final write need none: that write is fenced and atomic
+        # (a retry finds it already applied and writes nothing).
         for event in batch:
             if "id" not in event:
                 event["id"] = str(uuid.uuid4())

@@ -105,7 +105,7 @@ class HumanDesk:
         earlier one when this todo asked the same question before, else the one that arrives
         (blocking), else raise SuspendForHuman (``suspend``: the worker is freed)."""
         data = question_data(question, options, kind)
-        events = self._buffer.take(run.todo_id, run.claim.token)
+        events = self._buffer.take(run.todo_id, run.claim.token, ids=True)
         new_job_id = f"human_asked_{uuid.uuid4()}"
         try:
             asked = self._call(run, "ask",

@@ -216,7 +216,7 @@ class Recorder:
         """events.result(data, final=False): written now, after the todo's earlier events."""
         if not run.is_open():
             return
-        events = self._take_events(run)
+        events = self._buffer.take(run.todo_id, run.claim.token, ids=True)
         try:
             outcome = self.retry(
                 lambda: self._storage.save_result(run.claim, data, final=False, events=events),

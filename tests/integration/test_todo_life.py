@@ -184,6 +184,24 @@ def test_retry_refuses_a_completed_todo_the_ui_cancelled_afterwards(storage, db)
 # -- release ---------------------------------------------------------------------------------------
 
 
+def test_a_draft_write_retried_after_a_lost_answer_writes_its_events_once(storage, db):
+    """A draft (or a question) takes the todo's pending events along; the write is retried
+    when its answer is lost after the commit, so those events carry ids the database skips."""
+    from processgpt_sync.event_writer import EventBuffer
+
+    todo_id = storage.enqueue("life", "q", agent_mode="DRAFT")
+    (held,) = claim(storage)
+    buffer = EventBuffer(storage, flush_interval=60, batch_size=100)  # never flushed here
+    for step in (1, 2):
+        buffer.add(make_event(str(todo_id), held.token, "task_working", {"step": step}))
+    events = buffer.take(str(todo_id), held.token, ids=True)
+    for _ in range(2):  # the first answer lost: the same call again
+        assert storage.save_result(held, {"partial": 1}, final=False, events=events).applied
+    steps = [r["data"]["step"] for r in db.execute(
+        "SELECT data FROM events WHERE todo_id = %s ORDER BY timestamp", (str(todo_id),))]
+    assert steps == [1, 2]
+
+
 def test_a_released_todo_with_an_intermediate_draft_is_claimable_again(storage, db):
     todo_id = storage.enqueue("life", "q", agent_mode="DRAFT")
     (first,) = claim(storage)
