@@ -26,6 +26,7 @@ EVENT_TYPES = frozenset(
     }
 )
 EVENT_STATUSES = frozenset({"ASKED", "APPROVED", "REJECTED"})
+MAX_JOB_ID = 1000  # characters; PostgreSQL's btree takes index rows of up to about 2,700 bytes
 
 
 def make_event(
@@ -50,6 +51,9 @@ def make_event(
         )
     if status is not None and status not in EVENT_STATUSES:
         raise ValueError(f"unknown event status {status!r}; expected ASKED, APPROVED or REJECTED")
+    if job_id is not None and len(job_id) > MAX_JOB_ID:
+        raise ValueError(f"job_id is {len(job_id):,} characters long; at most {MAX_JOB_ID:,} "
+                         "(events.job_id is indexed: a longer one cannot be stored)")
     if isinstance(data, str):
         data = unwrap_text(data)
     data = snapshot_json(data, what=f"{event_type} event data")

@@ -118,13 +118,25 @@ class Recorder:
         the lease and the todo waits in the database (HUMAN_ASKED)."""
         return AwaitingHuman(question=question)
 
-    def _record_result(self, run: TodoRun, result: Any, then: Callable[[], None]) -> None:
-        events = self._take_events(run)
+    def _record_result(self, run: TodoRun, result: Any, then: Callable[[], None], *,
+                       events: list[dict[str, Any]] | None = None,
+                       held_back: list[dict[str, Any]] | None = None) -> None:
+        """Store the result with the todo's events; refused, the result alone (an event the
+        database cannot take must not cost the result); refused again, the failure, with the
+        events if the database takes them then."""
+        events = self._take_events(run) if events is None else events
 
         def refused(problem: Any) -> None:  # record why, not nothing
+            if events:
+                self._log.error("events of todo %s could not be stored (%s); storing its "
+                                "result without them", run.todo_id, problem,
+                                extra=self._todo_extra(run, "save_result"))
+                self._record_result(run, result, then, events=[], held_back=events)
+                return
             self._log.error("result of todo %s could not be stored: %s", run.todo_id,
                             problem, extra=self._todo_extra(run, "save_result"))
-            self.fail_then(run, f"result could not be stored: {problem}", then, events=events)
+            self.fail_then(run, f"result could not be stored: {problem}", then,
+                           events=held_back or [])
 
         self._outcomes.submit(Outcome(run.claim, "completed", result=result, events=events),
                               self._after_write(run, events, "completed", then, refused))

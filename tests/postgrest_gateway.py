@@ -52,6 +52,9 @@ class Gateway:
         self.failing: set[str] = set()  # functions that answer 503 (a partial outage)
         self.lose_answer: set[str] = set()  # run and commit the next call, answer 503 instead
         # (the link died after the database did the work); each name once
+        # the API gateway's own answers (Kong's 502/503/504, a rate limit's 429), given to the
+        # next calls of a function instead of calling it: (status, body) in order
+        self.gateway_answers: dict[str, list[tuple[int, Any]]] = {}
         gateway = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -91,6 +94,9 @@ class Gateway:
         if not path.startswith(RPC_PREFIX):
             return 404, {"code": "PGRST125", "message": "Invalid path specified in request URL",
                          "details": None, "hint": None}
+        answers = self.gateway_answers.get(path[len(RPC_PREFIX):].split("?")[0])
+        if answers:
+            return answers.pop(0)
         if self.down:
             return 503, {"code": "PGRST001", "message": "Database client error. Retrying the "
                          "connection.", "details": None, "hint": None}
@@ -130,8 +136,17 @@ class Gateway:
                 self.lose_answer.discard(name)
                 return 503, {"code": "PGRST000", "message": "connection lost", "details": None,
                              "hint": None}
-        except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+        except psycopg_pool.PoolTimeout as exc:
             return 503, {"code": "PGRST000", "message": str(exc), "details": None, "hint": None}
+        except psycopg.OperationalError as exc:
+            if exc.sqlstate is None or exc.sqlstate.startswith("08"):  # the connection itself
+                return 503, {"code": "PGRST000", "message": str(exc), "details": None,
+                             "hint": None}
+            diag = exc.diag  # the database answered (a deadlock, a program limit): its code
+            return status_for(exc.sqlstate), {"code": exc.sqlstate,
+                                              "message": diag.message_primary or str(exc),
+                                              "details": diag.message_detail,
+                                              "hint": diag.message_hint}
         except psycopg.Error as exc:
             diag = exc.diag
             return status_for(exc.sqlstate), {"code": exc.sqlstate,

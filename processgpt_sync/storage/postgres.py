@@ -72,6 +72,8 @@ def wrap_exceptions(target: str = "") -> Iterator[None]:
     except DeadlineExceeded as exc:
         raise StorageUnavailable(str(exc)) from exc
     except psycopg.OperationalError as exc:
+        if (exc.sqlstate or "").startswith("54"):  # a program limit (an index row too large):
+            raise _storage_error(exc) from exc  # a refusal, which no retry would change
         raise StorageUnavailable(
             f"database unreachable{where}: {str(exc).strip()}", code=exc.sqlstate
         ) from exc

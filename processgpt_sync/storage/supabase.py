@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -31,12 +31,34 @@ CONNECT_TIMEOUT = 10.0  # seconds to open one HTTP connection (TCP + TLS)
 POOL_TIMEOUT = 5.0  # seconds to wait for a free connection of the thread's client
 KEEPALIVE_EXPIRY = 5.0  # seconds an idle keep-alive connection is reused before it is dropped
 WAIT_SECONDS = 8.0  # seconds one wait-for-work call may wait server-side; 0 polls instead
-_UNAVAILABLE_CODES = {"PGRST000", "PGRST001", "PGRST002", "PGRST003", "57P01", "57P03", "08006"}
+_UNAVAILABLE_CODES = {"PGRST000", "PGRST001", "PGRST002", "PGRST003"}
+# PostgreSQL's own: the connection or the server (08, 53 resources, 57 operator intervention
+# and statement timeout, 58 system), or a transaction given up for another's sake. Class 54 (a
+# program limit: an index row too large) is a refusal: retrying it would never end.
+_UNAVAILABLE_CLASSES = ("08", "53", "57", "58")
+_RETRYABLE_STATES = {"40001", "40P01", "55P03"}
+_GATEWAY_STATUSES = {408, 429}  # and every 5xx that carries no PostgreSQL error
+
+
+def unavailable(code: str | None, status: int | None) -> bool:
+    """Whether an error answer means "try again later" rather than a refusal. ``code`` is
+    PostgREST's (a SQLSTATE, a PGRST code, or the HTTP status when the body was not JSON);
+    ``status`` the HTTP status: a gateway's own 502/503/504/429 often has a JSON body with no
+    code at all."""
+    if code in _UNAVAILABLE_CODES or code in _RETRYABLE_STATES:
+        return True
+    if code is not None and len(code) == 5 and not code.startswith("PGRST"):  # a SQLSTATE
+        return code[:2] in _UNAVAILABLE_CLASSES
+    if code is not None and code.isdigit():  # the HTTP status, given as the code
+        status = int(code)
+    return status is not None and (status in _GATEWAY_STATUSES or status >= 500)
 
 
 @contextmanager
-def wrap_exceptions(target: str) -> Iterator[None]:
-    """Turn supabase-py / PostgREST / HTTP errors into the library's own."""
+def wrap_exceptions(target: str, status: Callable[[], int | None] = lambda: None
+                    ) -> Iterator[None]:
+    """Turn supabase-py / PostgREST / HTTP errors into the library's own; ``status()`` is the
+    HTTP status of the failed answer, when known."""
     try:
         yield
     except APIError as exc:
@@ -47,7 +69,7 @@ def wrap_exceptions(target: str) -> Iterator[None]:
                 f"function {target} not found by Supabase: {message}; {INSTALL_HINT}",
                 code=code, hint=exc.hint,
             ) from exc
-        if code in _UNAVAILABLE_CODES or (code or "").startswith("5"):
+        if unavailable(code, status()):
             raise StorageUnavailable(f"Supabase unavailable ({target}): {message}",
                                      code=code, hint=exc.hint) from exc
         auth_words = ("API key", "JWT", "permission denied")
@@ -64,6 +86,10 @@ def wrap_exceptions(target: str) -> Iterator[None]:
                            code=code, hint=exc.hint) from exc
     except httpx.HTTPError as exc:
         raise StorageUnavailable(f"Supabase unreachable ({target}): {exc!r}") from exc
+    except RuntimeError as exc:  # httpx: this thread's client was closed by close() meanwhile
+        if "has been closed" not in str(exc):
+            raise
+        raise StorageUnavailable(f"Supabase client closed ({target}): {exc}") from exc
 
 
 class SupabaseStorage(Storage):
@@ -103,7 +129,13 @@ class SupabaseStorage(Storage):
                                     pool=POOL_TIMEOUT)
             limits = httpx.Limits(max_connections=4, max_keepalive_connections=2,
                                   keepalive_expiry=KEEPALIVE_EXPIRY)
-            http = httpx.Client(timeout=timeout, limits=limits)
+            local = self._local
+
+            def keep_status(response: httpx.Response) -> None:
+                local.status = response.status_code
+
+            http = httpx.Client(timeout=timeout, limits=limits,
+                                event_hooks={"response": [keep_status]})
             with self._lock:
                 self._http.append(http)
             options = SyncClientOptions(
@@ -134,8 +166,10 @@ class SupabaseStorage(Storage):
         http: httpx.Client = self._local.http
         with self._lock:
             self._busy[http] = self._busy.get(http, 0) + 1
+        local = self._local
+        local.status = None
         try:
-            with wrap_exceptions(name):
+            with wrap_exceptions(name, lambda: getattr(local, "status", None)):
                 data = client.rpc(name, dict(params)).execute().data
         finally:
             with self._lock:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import pytest
@@ -71,6 +72,77 @@ def test_an_outage_is_retried_and_nothing_is_lost(supabase, db, caplog):
                       ).fetchone()["n"]
     assert done == len(ids)
     assert db.execute("SELECT count(*) AS n FROM events").fetchone()["n"] == 20
+
+
+GATEWAY_ERRORS = [
+    (502, {"message": "An invalid response was received from the upstream server"}),
+    (503, {"message": "name resolution failed"}),
+    (504, {"message": "The upstream server is timing out"}),
+    (429, {"message": "API rate limit exceeded"}),
+    (429, "Too Many Requests"),  # not a JSON object: postgrest takes the status as the code
+]
+
+
+def test_the_api_gateways_own_errors_are_an_outage_not_a_refusal(supabase, db):
+    """Kong answers 502/503/504 (and a rate limit 429) with a JSON body that has no code: a
+    result written through such a blip is retried and stored, not recorded as failed."""
+    gateway = supabase.gateway
+    gateway.gateway_answers["processgpt_sync_enqueue_v1"] = list(GATEWAY_ERRORS)
+    for status, _ in GATEWAY_ERRORS:
+        with pytest.raises(ps.StorageUnavailable):
+            supabase.enqueue("a", f"blip {status}")
+    gateway.gateway_answers["processgpt_sync_finish_v1"] = [GATEWAY_ERRORS[0]]
+    supabase.enqueue("a", "q")
+    with ps.start(lambda todo: {"ok": todo.input}, agent_orch="a", storage=supabase) as server:
+        wait_for(lambda: server.stats()["completed"] + server.stats()["failed"] == 1)
+    assert gateway.gateway_answers["processgpt_sync_finish_v1"] == []  # the blip was met
+    row = db.execute("SELECT draft_status::text, output FROM todolist").fetchone()
+    assert row == {"draft_status": "COMPLETED", "output": {"ok": "q"}}
+
+
+def test_a_program_limit_is_a_refusal_on_both_backends_not_an_outage(supabase, storage, db):
+    """A site's index on event data turns a large event into "index row too large" (class 54),
+    which no retry changes: a flushed batch drops that event alone, and a result written with
+    it is stored without the todo's events; nothing is retried for ever, on either backend."""
+    db.execute("CREATE INDEX site_event_text ON events ((data ->> 'text'))")
+    huge = os.urandom(6000).hex()  # incompressible: too large for that index
+    for backend in (storage, supabase):
+        flushed, with_result = (backend.enqueue("a", f"{kind} {backend.backend}")
+                                for kind in ("flushed", "with result"))
+
+        def handle(todo):
+            todo.events.progress("fine")
+            todo.events.progress({"text": huge})
+            if todo.input.startswith("flushed"):
+                time.sleep(0.5)  # the event writer meets it first
+            return {"ok": todo.input}
+
+        with ps.start(handle, agent_orch="a", storage=backend, workers=1) as server:
+            wait_for(lambda: server.stats()["completed"] + server.stats()["failed"] == 2)
+        for todo_id, kept in ((flushed, [{"message": "fine"}]), (with_result, [])):
+            row = db.execute("SELECT draft_status::text AS s, output FROM todolist "
+                             "WHERE id = %s", (todo_id,)).fetchone()
+            assert row["s"] == "COMPLETED" and row["output"]["ok"], (backend.backend, row)
+            assert [r["data"] for r in db.execute(
+                "SELECT data FROM events WHERE todo_id = %s AND event_type = 'task_working'",
+                (str(todo_id),))] == kept, backend.backend
+
+
+def test_an_indexed_job_id_too_long_to_store_is_refused_where_it_is_made(supabase):
+    supabase.enqueue("a", "q")
+    refusals = []
+
+    def handle(todo):
+        try:
+            todo.events.emit("task_working", {}, job_id="j" * 1001)
+        except ValueError as exc:
+            refusals.append(str(exc))
+        return {}
+
+    with ps.start(handle, agent_orch="a", storage=supabase) as server:
+        wait_for(lambda: server.stats()["completed"] == 1)
+    assert refusals == ["job_id is 1,001 characters long; at most 1,000 (events.job_id is "
+                        "indexed: a longer one cannot be stored)"]
 
 
 def test_polling_backs_off_when_idle(supabase):
