@@ -53,15 +53,18 @@ def _health_checks(args: argparse.Namespace, checks: list[dict[str, Any]]) -> in
                 ping()
             else:
                 storage.status("processgpt-sync-health")
-        except StorageUnavailable as exc:
-            check("database", False, str(exc))
-            return HEALTH_UNREACHABLE
         except SchemaMissing:
             pass
+        except StorageError as exc:  # unreachable, or refused (a wrong key, no permission)
+            check("database", False, str(exc))
+            return HEALTH_UNREACHABLE
         check("database", True, f"reachable ({storage.backend})")
         try:
             storage.check_schema()
-        except SchemaMissing as exc:
+        except StorageUnavailable as exc:
+            check("schema", False, f"could not be checked: {exc}")
+            return HEALTH_UNREACHABLE
+        except StorageError as exc:  # missing, or not readable by this role
             check("schema", False, str(exc))
             return HEALTH_SCHEMA
         check("schema", True, "every required function installed")
@@ -76,7 +79,11 @@ def _server_checks(storage: Storage, agent_orch: str | None, consumer: str | Non
                    check: Check) -> int:
     """Running servers, from the registry: each must have sent a heartbeat lately (a server
     cut off from the database, or stalled, stops doing so)."""
-    servers = storage.servers(agent_orch, consumer)
+    try:
+        servers = storage.servers(agent_orch, consumer)
+    except StorageError as exc:
+        check("server", False, f"the server registry could not be read: {exc}")
+        return HEALTH_SERVER
     if not servers:
         which = f"consumer {consumer!r}" if consumer else f"agent_orch {agent_orch!r}"
         check("server", False, f"none registered for {which} (not started, or stopped)")

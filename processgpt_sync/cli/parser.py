@@ -47,6 +47,28 @@ examples:
 errors: one line on stderr, exit code 2 (serve exits 1 when the server failed)."""
 
 
+def positive_int(value: str) -> int:
+    """An argparse type: a whole number above 0."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+    return number
+
+
+def positive_float(value: str) -> float:
+    """An argparse type: a number of seconds above 0."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, not {value}")
+    return number
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors: `processgpt-sync: error: ...`, exit code 2."""
 
@@ -109,13 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="agent_mode: COMPLETE writes output, DRAFT writes draft "
                          "(default: COMPLETE)")
     enqueue.add_argument("--tenant", metavar="TENANT_ID", help="tenant_id (default: none)")
-    enqueue.add_argument("--count", type=int, default=1, help="how many (default: 1)")
+    enqueue.add_argument("--count", type=positive_int, default=1, help="how many (default: 1)")
     enqueue.set_defaults(func=cmd_enqueue)
 
     status = command("status", "todo counts by agent_orch and draft_status")
     status.add_argument("--agent-orch", help="only this agent_orch (default: all)")
     status.add_argument("--watch", action="store_true", help="refresh until Ctrl+C")
-    status.add_argument("--interval", type=float, default=2.0,
+    status.add_argument("--interval", type=positive_float, default=2.0,
                         help="seconds between refreshes (default: 2)")
     status.add_argument("--json", action="store_true",
                         help="print JSON (with --watch: one JSON document per line)")
@@ -190,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     respond.set_defaults(func=cmd_respond)
 
     demo = command("demo", "enqueue and serve a few todos on the embedded database")
-    demo.add_argument("--todos", type=int, default=8, help="how many todos (default: 8)")
+    demo.add_argument("--todos", type=positive_int, default=8, help="how many todos (default: 8)")
     demo.add_argument("--workers", type=int, default=4, help="worker threads (default: 4)")
     demo.add_argument("--console", action="store_true", help="serve the console meanwhile")
     demo.add_argument("--console-port", type=int, default=8710,

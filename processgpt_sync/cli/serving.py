@@ -94,8 +94,11 @@ def cmd_console(args: argparse.Namespace) -> int:
     try:
         storage.check_schema()
         server = ConsoleServer(storage, config)
+        # a token typed on the command line is shown back; one from the environment is not
+        # printed into the service's logs
+        url = server.url if args.token else server.url.split("?token=", 1)[0]
         print(f"processgpt-sync console ({storage.backend}{', read-only' if args.read_only else ''}"
-              f"): {server.url}", flush=True)
+              f"): {url}", flush=True)
         # uvicorn stops on SIGTERM, then raises it again to the handler found before it: make
         # that one a no-op, so a stop on SIGTERM exits 0 as `serve` does.
         signal.signal(signal.SIGTERM, lambda signum, frame: None)

@@ -21,6 +21,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised without the e
         f"the console needs its extra: pip install \"processgpt-sync[console]\" ({exc})"
     ) from exc
 
+from ..errors import ConfigurationError
 from ..storage import Storage
 from .app import ConsoleConfig, create_app
 
@@ -49,13 +50,9 @@ class ConsoleServer:
 
     def __init__(self, storage: Storage, config: ConsoleConfig | None = None) -> None:
         self.config = config or ConsoleConfig()
-        self.app = create_app(storage, self.config)
-        family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
-        self._socket = socket.socket(family, socket.SOCK_STREAM)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind((self.config.host, self.config.port))
-        self._socket.listen(128)  # connections wait in the backlog until uvicorn has started
+        self._socket = _listening_socket(self.config.host, self.config.port)
         self.port = int(self._socket.getsockname()[1])
+        self.app = create_app(storage, self.config)
         self._server = _Server(uvicorn.Config(
             self.app, log_level="warning", access_log=False, lifespan="on",
             timeout_graceful_shutdown=STOP_SECONDS), self.app.state.console.feed.close)
@@ -94,3 +91,19 @@ class ConsoleServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """The console's socket, bound and listening (connections wait in the backlog until
+    uvicorn has started); a port in use or out of range, or an unknown host, is a
+    ConfigurationError saying which."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except (OSError, OverflowError) as exc:
+        sock.close()
+        raise ConfigurationError(f"cannot serve the console on {host}:{port}: {exc}") from exc
+    return sock

@@ -299,7 +299,7 @@ def answer_from_form(question: Any, form: Mapping[str, str]) -> tuple[Any, str |
     if kind == "select":
         options = list(data.get("options") or [])
         raw = form.get("choice", "")
-        if not raw.isdigit() or int(raw) >= len(options):
+        if not (raw.isascii() and raw.isdigit()) or int(raw) >= len(options):
             return None, "choose one of the options"
         return options[int(raw)], None
     if kind == "confirm":

@@ -20,7 +20,6 @@ TOKEN_COOKIE = "processgpt_console_token"
 CSRF_COOKIE = "processgpt_console_csrf"
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "x-csrf-token"
-LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 SECURITY_HEADERS = {
     # Everything the page runs is ours: an agent's text can never run as script.
     "content-security-policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
@@ -124,7 +123,7 @@ class Guard:
     def _refusal(self, scope: Scope, headers: Headers,
                  cookies: Mapping[str, str]) -> Any | None:
         if self.token is None:
-            if host_name(headers.get("host", "")) not in LOOPBACK_NAMES:
+            if not is_loopback(host_name(headers.get("host", ""))):  # a DNS rebinding name
                 return PlainTextResponse("unexpected Host header: open the console through "
                                          "127.0.0.1 or localhost", status_code=403)
             return None
@@ -140,7 +139,8 @@ class Guard:
             response.headers.append("set-cookie", _cookie(TOKEN_COOKIE, self.token).decode())
             return response
         return PlainTextResponse("access token required: open the URL that "
-                                 "`processgpt-sync console` printed", status_code=401)
+                                 "`processgpt-sync console` printed, adding ?token=... when the "
+                                 "token came from PROCESSGPT_CONSOLE_TOKEN", status_code=401)
 
 
 def _cookie(name: str, value: str) -> bytes:

@@ -82,7 +82,8 @@ def todo_updates(read: Callable[[str | None], Awaitable[Mapping[str, Any] | None
         while first or await changed(subscription):
             first = False
             detail = await read(since.isoformat() if since else None)
-            if detail is None:
+            if detail is None:  # deleted: the page stops following it (no reconnects)
+                yield sse("gone", "this todo no longer exists")
                 return
             fresh = [e for e in detail["events"] if e["id"] not in sent]
             for event in detail["events"]:

@@ -49,6 +49,11 @@ def test_errors_are_one_clear_line_without_a_traceback(empty_database_url, tmp_p
     bad_target = cli("serve", "no_such_module:handle", "--agent-orch", "a",
                      "--database-url", empty_database_url, check=False)
     assert bad_target.returncode == 2 and "cannot import 'no_such_module'" in bad_target.stderr
+    for args, message in ((["enqueue", "--agent-orch", "a", "--input", "x", "--count", "0"],
+                           "argument --count: must be at least 1, not 0"),
+                          (["status", "--watch", "--interval", "-1"],
+                           "argument --interval: must be above 0, not -1")):
+        one_line_error(cli(*args, "--database-url", empty_database_url, check=False), message)
 
 
 def test_demo_on_a_fresh_embedded_database(tmp_path):
@@ -126,6 +131,24 @@ def test_health_exit_codes_for_container_probes(database_url, empty_database_url
     unreachable = cli("health", "--database-url", f"postgresql://u@/db?host={tmp_path}",
                       check=False)
     assert unreachable.returncode == 3 and "FAIL database" in unreachable.stdout
+
+
+def test_health_json_reports_a_role_without_rights_as_a_schema_problem(database_url):
+    """Any refusal the probe meets is a check that failed, with its JSON and exit code."""
+    role = f"probe_{os.getpid()}"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        url = psycopg.conninfo.make_conninfo(database_url, user=role)
+        refused = cli("health", "--json", "--database-url", url, check=False)
+    finally:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(f"DROP ROLE {role}")
+    report = json.loads(refused.stdout)
+    assert (refused.returncode, report["healthy"], report["exit_code"]) == (4, False, 4)
+    assert [(c["name"], c["ok"]) for c in report["checks"]] == [("database", True),
+                                                                 ("schema", False)]
+    assert "permission denied" in report["checks"][1]["detail"]
 
 
 def test_status_watch_refreshes_until_interrupted(database_url):

@@ -184,5 +184,19 @@ def drive(storage, db, database_url, pg_url, tmp_path, server):
         db.close()
         time.sleep(SETTLE_SECONDS)
         idle_count, idle_window = idle_transactions(pg_url, dbname, IDLE_SECONDS)
+
+        # A todo deleted while its page is open (measured after the idle window: the delete's
+        # dead rows bring autovacuum): the page says so and stops following it.
+        page.goto(f"{base}/todos/{slow_id}")
+        expect(page.locator("#state .state")).to_have_text("CANCELLED")
+        streams: list[str] = []
+        page.on("request", lambda r: streams.append(r.url) if "/stream" in r.url else None)
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute("DELETE FROM todolist WHERE id = %s", (slow_id,))
+        expect(page.locator("#stream-status")).to_have_text("this todo no longer exists",
+                                                            timeout=20_000)
+        asked = len(streams)
+        time.sleep(2.5)  # the browser would reconnect every second
+        assert len(streams) == asked, streams
         browser.close()
     return idle_count / idle_window, idle_count, latencies
