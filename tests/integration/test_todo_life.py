@@ -202,6 +202,19 @@ def test_a_draft_write_retried_after_a_lost_answer_writes_its_events_once(storag
     assert steps == [1, 2]
 
 
+def test_a_todo_given_back_while_it_asks_returns_to_the_state_it_was_claimed_from(storage, db):
+    # row 16 from "asking": a question stays asked (its event), the todo is queued again
+    todo_id = storage.enqueue("life", "q")
+    (held,) = claim(storage)
+    assert storage.ask(held, "human_asked_q1", question_data("Ok?", None, "confirm")).applied
+    assert state(db, todo_id)["draft_status"] == "HUMAN_ASKED"
+    assert storage.release([held]) == 1
+    assert (state(db, todo_id)["draft_status"], state(db, todo_id)["consumer"]) == (None, None)
+    (again,) = claim(storage, consumer="w2")
+    assert again.extras["resume"]["kind"] == "fresh"
+    assert questions(db, todo_id) == ["human_asked_q1"]  # asked again, it is waited on
+
+
 def test_a_released_todo_with_an_intermediate_draft_is_claimable_again(storage, db):
     todo_id = storage.enqueue("life", "q", agent_mode="DRAFT")
     (first,) = claim(storage)
