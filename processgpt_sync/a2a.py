@@ -205,6 +205,7 @@ class Recorder:
         self.final: Any = None
         self.last_artifact: Any = None
         self.error: Any = None
+        self.reply: Any = None  # an agent Message, or the message of the completed status
         self.closed = False
 
     def record(self, event: Any) -> None:
@@ -217,6 +218,8 @@ class Recorder:
             self._status(normal)
         elif normal["kind"] == "artifact":
             self._artifact(normal)
+        elif normal["kind"] == "message" and (normal["texts"] or normal["data"]):
+            self.reply = payload(normal)  # a2a's "immediate response": the result, if no other
         else:
             logger.debug("a2a %s for todo %s not recorded", normal["kind"], self.todo.id)
 
@@ -237,8 +240,10 @@ class Recorder:
         if event_type == "human_asked":
             self.asked = True
             self.question = data
-        if state == "failed":
+        if state in ("failed", "rejected"):
             self.error = data
+        elif state == "completed" and (event["texts"] or event["data"]):
+            self.reply = data
         status = metadata.get("status")
         self.todo.events.emit(
             event_type,
@@ -258,8 +263,9 @@ class Recorder:
 
     def outcome(self) -> Any:
         """What the finished ``execute`` amounts to: a result, a question, or a failure."""
-        if self.last_state == "failed":
-            raise RuntimeError(f"executor reported failure: {self.error}")
+        if self.last_state in ("failed", "rejected"):
+            word = "failure" if self.last_state == "failed" else "rejection of the task"
+            raise RuntimeError(f"executor reported {word}: {self.error}")
         if self.asked and self.last_state in ("input_required", "auth_required"):
             return AwaitingHuman(question=self.question)
         if self.final is not None:
@@ -268,7 +274,7 @@ class Recorder:
             return self.last_artifact
         if self.asked:
             return AwaitingHuman(question=self.question)
-        return None
+        return self.reply
 
 
 def _text_or_none(value: Any) -> str | None:

@@ -52,6 +52,11 @@ LABEL: contextvars.ContextVar[str | None] = contextvars.ContextVar("processgpt_s
                                                                   default=None)
 
 
+class ExecutorExit(Exception):
+    """An async executor raised SystemExit or KeyboardInterrupt (a tool calling ``sys.exit``
+    or argparse): its todo fails; the loop it ran on serves on."""
+
+
 class LoopTask(Generic[T]):
     """One coroutine on a loop, cancellable from any thread without waiting."""
 
@@ -86,6 +91,9 @@ class LoopTask(Generic[T]):
             if self._cancelled:
                 raise concurrent.futures.CancelledError("cancelled by the server") from None
             raise
+        except (SystemExit, KeyboardInterrupt) as exc:  # asyncio would re-raise these out of
+            # the loop, ending it under every other todo: this todo's failure, as on a thread
+            raise ExecutorExit(f"the executor raised {exc!r}") from exc
 
     def result(self) -> T:
         """Run or wait for the coroutine's outcome on the calling worker thread; see

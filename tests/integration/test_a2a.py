@@ -137,6 +137,27 @@ class Cancellable(AgentExecutor):
         self.cancel_called.set()
 
 
+class Replying(AgentExecutor):
+    """a2a's three ways to end without an artifact: a Message as the whole answer (its
+    "immediate response"), complete(message=...), and reject(message=...)."""
+
+    async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+        context_id, task_id = ids(context)
+        how = context.get_user_input()
+        if how == "message":
+            await event_queue.enqueue_event(
+                ev.text_message(json.dumps({"answer": 7}), context_id, task_id))
+            return
+        updater = TaskUpdater(event_queue, task_id, context_id)
+        reply = ev.text_message(f"{how}: not for me" if how == "reject" else "3 files renamed",
+                                context_id, task_id)
+        await (updater.reject(message=reply) if how == "reject"
+               else updater.complete(message=reply))
+
+    async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
+        pass
+
+
 def run(storage, executor, n=1, *, workers=2, inputs=None):
     todo_ids = [storage.enqueue("a2a", (inputs or ["hello"])[i % len(inputs or ["hello"])],
                                 proc_inst_id=None) for i in range(n)]
@@ -189,6 +210,19 @@ def test_raising_executor_fails_and_keeps_the_event_before(storage, db):
     row = todo(db)
     assert row["draft_status"] == "FAILED" and row["log"] == "RuntimeError: boom"
     assert [e[0] for e in events(db)] == ["task_working", "error"]
+
+
+def test_a_reply_without_an_artifact_is_the_result_and_a_rejection_fails(storage, db):
+    run(storage, Replying(), 3, inputs=["message", "complete", "reject"])
+    rows = {r["query"]: r for r in db.execute(
+        "SELECT query, draft_status::text, output, log FROM todolist")}
+    assert (rows["message"]["draft_status"], rows["message"]["output"]) == (
+        "COMPLETED", {"answer": 7})
+    assert (rows["complete"]["draft_status"], rows["complete"]["output"]) == (
+        "COMPLETED", "3 files renamed")
+    assert rows["reject"]["draft_status"] == "FAILED"
+    assert rows["reject"]["log"] == ("RuntimeError: executor reported rejection of the task: "
+                                     "reject: not for me")
 
 
 def test_a_non_a2a_object_raises_type_error_at_the_call_site(storage, db):

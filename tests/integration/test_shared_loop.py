@@ -79,6 +79,26 @@ def test_a_deferred_todo_that_raises_fails_with_its_error_and_frees_its_slot(sto
     assert "no such customer" in row(db, bad)["log"]
 
 
+@pytest.mark.parametrize("loop", ["shared", "thread"])
+def test_an_async_executor_raising_system_exit_fails_its_todo_and_the_loop_serves_on(
+        storage, db, loop):
+    """A tool calling sys.exit (argparse on bad arguments) inside an async executor: asyncio
+    lets SystemExit out of the loop, which would end the shared loop under every todo."""
+    async def handle(todo: ps.Todo) -> dict[str, Any]:
+        await asyncio.sleep(0.01)
+        if todo.input in ("exit", "interrupt"):
+            raise SystemExit(2) if todo.input == "exit" else KeyboardInterrupt()
+        return {"ok": True}
+
+    gone = [storage.enqueue("a", name) for name in ("exit", "interrupt")]
+    with ps.start(handle, agent_orch="a", storage=storage, workers=1, loop=loop) as server:
+        wait_for(lambda: server.stats()["failed"] == 2)
+        after = storage.enqueue("a", "after")
+        wait_for(lambda: row(db, after)["state"] == "COMPLETED")
+    logs = [row(db, todo_id)["log"] for todo_id in gone]
+    assert ["SystemExit(2)" in logs[0], "KeyboardInterrupt()" in logs[1]] == [True, True], logs
+
+
 def test_a_deferred_todo_cancelled_in_the_ui_ends_cancelled(storage, db):
     started, ended = threading.Event(), threading.Event()
 
