@@ -47,6 +47,7 @@ BACKOFF_FIRST = 1.0  # seconds before the first restart of a child
 BACKOFF_MAX = 30.0  # longest wait between restarts
 STABLE_AFTER = 30.0  # a child that ran this long restarts again after BACKOFF_FIRST
 PARENT_CHECK = 1.0  # seconds between a child's checks that its supervisor still lives
+CHILD_STOP_MARGIN = 10.0  # seconds past grace_seconds a failing supervisor waits for a child
 
 
 @dataclass(frozen=True)
@@ -98,12 +99,16 @@ class Supervisor:
         previous = self._install_signals()
         try:
             for index in range(self._count):
+                if self._signals:  # stopped while starting: start no more
+                    break
                 self._start(index)
             logger.info("supervising %d server processes (%d workers each)", self._count,
                         self._spec.settings.workers, extra=self._extra)
             while self._children or (self._restart_at and not self._signals):
                 self._watch()
         finally:
+            if self._children:  # leaving on an error: the children must not serve on alone
+                self._stop_children()
             for number, handler in previous.items():
                 signal.signal(number, handler)
         if self._config_failed:
@@ -117,12 +122,38 @@ class Supervisor:
     # -- children ------------------------------------------------------------------------------
 
     def _start(self, index: int) -> None:
-        process = self._context.Process(target=child_main, args=(self._spec, index),
+        process = self._context.Process(target=child_main,
+                                        args=(self._spec, index, os.getpid()),
                                         name=f"processgpt-sync-{index}", daemon=False)
         process.start()
         self._children[index] = process
         self._started_at[index] = time.monotonic()
         logger.info("started server process %d (pid %s)", index, process.pid, extra=self._extra)
+        if self._signals:  # a signal came while it started: it missed the forwarding
+            self._signal_child(process)
+
+    def _stop_children(self) -> None:
+        """The supervisor fails: stop every child gracefully, within its grace period and a
+        margin, then kill what is left."""
+        logger.error("the supervisor failed; stopping its %d server processes",
+                     len(self._children), extra=self._extra)
+        for process in self._children.values():
+            self._signal_child(process)
+        deadline = time.monotonic() + self._spec.settings.grace_seconds + CHILD_STOP_MARGIN
+        for process in self._children.values():
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.exitcode is None:
+                process.kill()
+                process.join()
+        self._children.clear()
+
+    @staticmethod
+    def _signal_child(process: Any) -> None:
+        if process.pid is not None and process.exitcode is None:
+            try:
+                os.kill(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
     def _watch(self) -> None:
         now = time.monotonic()
@@ -133,8 +164,10 @@ class Supervisor:
             self._reap(sentinels[sentinel])
         now = time.monotonic()
         for index, when in list(self._restart_at.items()):
-            if when <= now and not self._signals:
-                del self._restart_at[index]
+            if when > now or self._signals:
+                continue
+            # pop: a signal handler may have cleared the schedule since it was read
+            if self._restart_at.pop(index, None) is not None:
                 self._start(index)
 
     def _reap(self, index: int) -> None:
@@ -143,7 +176,8 @@ class Supervisor:
         code = process.exitcode
         ran = time.monotonic() - self._started_at.pop(index)
         if self._signals:
-            if code != 0:
+            # a child told to stop before it set its handlers ends by SIGTERM: a clean stop
+            if code not in (0, -signal.SIGTERM):
                 self._failed = True
                 logger.warning("server process %d (pid %s) exited with %s while stopping",
                                index, process.pid, code, extra=self._extra)
@@ -180,17 +214,16 @@ class Supervisor:
                         "now)", signal.Signals(signum).name, len(self._children),
                         extra=self._extra)
         for process in list(self._children.values()):
-            if process.pid is not None and process.exitcode is None:
-                try:
-                    os.kill(process.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+            self._signal_child(process)
 
 
-def child_main(spec: ChildSpec, index: int) -> None:
-    """One server process of the group: an ordinary server with its own consumer name."""
+def child_main(spec: ChildSpec, index: int, supervisor: int | None = None) -> None:
+    """One server process of the group: an ordinary server with its own consumer name.
+
+    :param supervisor: the supervisor's pid (read by the parent: a child that read its own
+        parent's pid after the supervisor died would get a stranger's, and serve on alone)."""
     os.setpgrp()  # a terminal's Ctrl+C reaches only the supervisor, which forwards it once
-    _stop_when_orphaned(os.getppid())
+    _stop_when_orphaned(supervisor if supervisor is not None else os.getppid())
     log = logging.getLogger(f"{__name__}.child")
     try:
         if spec.setup is not None:

@@ -103,6 +103,32 @@ def test_processes_serve_one_todo_each_restart_a_killed_child_and_stop_on_sigter
 
 
 @pytest.mark.slow
+def test_a_stop_while_the_children_still_start_is_a_clean_stop_of_all_of_them(
+        database_url, tmp_path):
+    """SIGTERM right after the children were started, before they set their own handlers:
+    each ends, none is left serving, and the group exits 0 (a stop asked for, not a crash)."""
+    log_path = tmp_path / "log"
+    with open(log_path, "w") as log:
+        group = supervise(database_url, "--processes", "2", "--workers", "1", log=log)
+        try:
+            wait_for(lambda: "supervising 2 server processes" in log_path.read_text(),
+                     timeout=30, interval=0.005)
+            group.send_signal(signal.SIGTERM)
+            assert group.wait(30) == 0, log_path.read_text()
+        finally:
+            stop_process(group)
+    text = log_path.read_text()
+    children = [int(line.split("(pid ")[1].split(")")[0]) for line in text.splitlines()
+                if "started server process" in line]
+    assert len(children) == 2, text
+    deadline = time.monotonic() + 5
+    while any(alive(p) for p in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(p) for p in children), "no child serves on alone"
+    assert "exited with" not in text, text
+
+
+@pytest.mark.slow
 def test_a_child_failing_on_its_configuration_stops_the_group_with_exit_2(
         empty_database_url, tmp_path):
     with open(tmp_path / "log", "w") as log:
