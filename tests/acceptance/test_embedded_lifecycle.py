@@ -120,3 +120,35 @@ def test_a_killed_user_does_not_keep_the_embedded_server_running(tmp_path):
             killed.wait()
         killed.stdout.close()
         stop_leftover(pgdata)
+
+
+def test_the_last_user_stops_the_server_after_another_user_was_killed(tmp_path):
+    """Two users share the server; one is killed while the other runs on. The survivor, the
+    last user left, stops the server when it exits."""
+    pgdata = tmp_path / "pg"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    start = ("import sys\nfrom processgpt_sync import embedded\n"
+             f"embedded.start({str(pgdata)!r}, install=False)\nprint('up', flush=True)\n"
+             "sys.stdin.readline()\n")
+    users = [subprocess.Popen([sys.executable, "-c", start], env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        for user in users:
+            assert user.stdout.readline().strip() == "up"
+        survivor, killed = users
+        killed.kill()
+        killed.wait()
+        pid = postmaster_pid(pgdata)
+        assert running(pid)
+        survivor.stdin.write("exit\n")
+        survivor.stdin.flush()
+        assert survivor.wait(60) == 0
+        wait_for(lambda: stopped(pgdata, pid), timeout=15)
+    finally:
+        for user in users:
+            if user.poll() is None:
+                user.kill()
+                user.wait()
+            user.stdin.close()
+            user.stdout.close()
+        stop_leftover(pgdata)
