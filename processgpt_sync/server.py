@@ -110,6 +110,8 @@ class Server:
         self._parts: _Parts | None = None
         self._state_lock = threading.Lock()
         self._started = False
+        self._start_done = threading.Event()  # start() returned or raised (or never ran)
+        self._start_done.set()
         self._stopping = threading.Event()  # stop() began: claim nothing more
         self._stopped = threading.Event()
         self._threads_stop = threading.Event()  # heartbeat and listener end
@@ -120,11 +122,29 @@ class Server:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> Server:
-        """Connect, check the schema, start the threads; return at once."""
+        """Connect, check the schema, start the threads; return at once. If it raises before
+        anything runs (the database unreachable, the schema missing) it may be called again;
+        if it raises later, what it started is stopped."""
         with self._state_lock:
             if self._started:
                 return self
             self._started = True
+            self._start_done.clear()
+        try:
+            self._start()
+        except BaseException:
+            with self._state_lock:
+                assembled = self._parts is not None
+                if not assembled and not self._stopping.is_set():
+                    self._started = False  # nothing runs: start() may be called again
+            self._start_done.set()
+            if assembled:
+                self.stop(timeout=0)  # the writer threads, the pool, the connections
+            raise
+        self._start_done.set()
+        return self
+
+    def _start(self) -> None:
         needs = budget.plan(self.settings.workers, self.settings.loop, self._adapter.uses_loops,
                             connections=self.settings.workers + 4, deferred=self._deferred)
         budget.ensure(needs, self._log, self._extra)
@@ -134,8 +154,12 @@ class Server:
             event_types = self._check_database(self._storage)
         except BaseException:
             self._close_storage()
+            if self._owns_storage:
+                self._storage = None  # a second start() opens a new one
             raise
-        parts = self._parts = self._assemble(self._storage, event_types)
+        parts = self._assemble(self._storage, event_types)
+        with self._state_lock:
+            self._parts = parts
         listener = self._listener(parts.storage)
         watchers = Watchers(parts.storage, self.settings, inflight=self._inflight,
                             worker=parts.worker, desk=parts.desk, stats=self._stats,
@@ -156,7 +180,6 @@ class Server:
             self.settings.agent_orch, self.settings.workers, parts.storage.backend,
             self.settings.consumer, extra={**self._extra, "action": "start_server"},
         )
-        return self
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop claiming, let running todos finish for ``timeout`` seconds (default
@@ -168,6 +191,9 @@ class Server:
         with self._state_lock:
             first = not self._stopping.is_set()
             self._stopping.set()
+        # stop() while start() runs (another thread): what start() makes is stopped here
+        self._start_done.wait()
+        with self._state_lock:
             parts = self._parts  # None: start() did not get past its checks
         if parts is None:
             self._stopped.set()

@@ -219,6 +219,37 @@ def test_timeouts_are_enforced_for_every_todo_while_the_database_is_away(proxy, 
     assert logs == ["timed out after 1 s"] * 2
 
 
+def test_a_stop_while_start_waits_on_the_database_stops_what_start_then_makes(
+        proxy, database_url):
+    """Jupyter: stop() from another cell while start() still waits on a slow database. It
+    returns once start() has finished, with nothing of the server left running."""
+    existing = set(threading.enumerate())
+    proxy.latency(0.3)  # each round trip: start() needs a few
+    store = proxied_storage("postgres", proxy, database_url)
+    server = ps.Server(two_steps, ps.Settings(agent_orch="faults"), storage=store)
+    try:
+        starter = threading.Thread(target=server.start)
+        starter.start()
+        time.sleep(0.2)
+        server.stop(timeout=1)
+        starter.join(30)
+        assert not starter.is_alive() and server.join(0)
+
+        def left_running() -> list[str]:  # the server's threads, not the given storage's pool
+            return [t.name for t in set(threading.enumerate()) - existing
+                    if t.name.startswith("processgpt-sync")
+                    and not t.name.startswith(("processgpt-sync-worker-",
+                                               "processgpt-sync-scheduler",
+                                               "processgpt-sync-deadlines"))]
+
+        wait_for(lambda: not left_running(), timeout=10)
+    except AssertionError:
+        raise AssertionError(f"left running: {left_running()}") from None
+    finally:
+        proxy.heal()
+        close_storage(store)
+
+
 def test_a_dead_listen_connection_is_detected_and_reconnected(proxy, database_url, db, caplog,
                                                               monkeypatch):
     from processgpt_sync import watch

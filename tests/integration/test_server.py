@@ -244,6 +244,24 @@ def test_a_failure_leaving_the_context_around_a_todo_does_not_change_its_outcome
                and "connection already closed" in r.getMessage() for r in caplog.records)
 
 
+def test_a_start_that_failed_on_its_checks_can_be_called_again(empty_database_url):
+    from processgpt_sync.storage.install import install_schema
+
+    server = ps.Server(lambda todo: {"ok": todo.input},
+                       ps.Settings(agent_orch="again", database_url=empty_database_url))
+    with pytest.raises(ps.SchemaMissing):
+        server.start()
+    install_schema(empty_database_url)
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute("SELECT processgpt_sync_enqueue_v1('again', 'q')")
+        server.start()
+        try:
+            wait_for(lambda: server.stats()["completed"] == 1)
+        finally:
+            server.stop()
+        assert conn.execute("SELECT output FROM todolist").fetchone()[0] == {"ok": "q"}
+
+
 def test_ui_cancel_runs_the_cancel_hook_and_writes_nothing_more(storage, db):
     todo_id = storage.enqueue("a", "x")
     entered = threading.Event()
