@@ -107,6 +107,8 @@ def normalize(event: Any) -> dict[str, Any]:
         "metadata": _narrow(raw.get("metadata") or {}),
         "final": state in TERMINAL_STATES if final is None else bool(final),
         "last_chunk": bool(raw.get("last_chunk")),
+        "append": bool(raw.get("append")),
+        "artifact_id": (raw.get("artifact") or {}).get("artifact_id"),
     }
 
 
@@ -128,11 +130,13 @@ def _proto_fields(event: Any, kind: str) -> dict[str, Any]:
         }
     if kind == "artifact" and event.HasField("artifact"):
         raw["artifact"] = {"parts": _proto_parts(event.artifact.parts)}
+        if event.artifact.artifact_id:
+            raw["artifact"]["artifact_id"] = event.artifact.artifact_id
     elif kind == "message":
         raw["parts"] = _proto_parts(event.parts)
     if "metadata" in fields and event.HasField("metadata"):
         raw["metadata"] = {k: _proto_value(v) for k, v in event.metadata.fields.items()}
-    for flag in ("final", "last_chunk"):
+    for flag in ("final", "last_chunk", "append"):
         if flag in fields and getattr(event, flag):
             raw[flag] = True
     return raw
@@ -206,6 +210,7 @@ class Recorder:
         self.last_artifact: Any = None
         self.error: Any = None
         self.reply: Any = None  # an agent Message, or the message of the completed status
+        self.chunk: tuple[Any, str] | None = None  # the artifact streamed so far: id, text
         self.closed = False
 
     def record(self, event: Any) -> None:
@@ -254,6 +259,13 @@ class Recorder:
         )
 
     def _artifact(self, event: dict[str, Any]) -> None:
+        texts = event["texts"]
+        chunk = self.chunk
+        if event["append"] and texts and chunk is not None and chunk[0] == event["artifact_id"]:
+            # a chunk of a streamed artifact: its text continues the one before
+            event = {**event, "texts": [chunk[1] + texts[0], *texts[1:]]}
+        if event["texts"]:
+            self.chunk = (event["artifact_id"], event["texts"][0])
         data = payload(event)
         if event["last_chunk"] or event["final"]:
             self.final = data
@@ -275,6 +287,12 @@ class Recorder:
         if self.asked:
             return AwaitingHuman(question=self.question)
         return self.reply
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Mark a cancel hook's outcome as seen (a late one is not ours to report again)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _text_or_none(value: Any) -> str | None:
@@ -428,12 +446,18 @@ class A2AAdapter:
         task, context, queue = running
 
         async def hook() -> None:
-            try:
-                await asyncio.wait_for(self._executor.cancel(context, queue), CANCEL_HOOK_TIMEOUT)
-            except asyncio.TimeoutError:
-                logger.warning("executor.cancel() did not return within %gs for todo %s",
-                               CANCEL_HOOK_TIMEOUT, todo.id,
-                               extra={"action": "cancel", "todo_id": todo.id})
+            # not wait_for: it waits for the hook to end once cancelled, and a hook that
+            # swallows its cancellation would keep execute from ever being cancelled
+            called = asyncio.ensure_future(self._executor.cancel(context, queue))
+            called.add_done_callback(_retrieved)
+            await asyncio.wait({called}, timeout=CANCEL_HOOK_TIMEOUT)
+            if called.done():
+                called.result()  # what it raised is logged by the caller
+                return
+            called.cancel()
+            logger.warning("executor.cancel() did not return within %gs for todo %s",
+                           CANCEL_HOOK_TIMEOUT, todo.id,
+                           extra={"action": "cancel", "todo_id": todo.id})
 
         task.cancel(before=hook)
 

@@ -58,6 +58,22 @@ def artifact(payload: Any, context_id: str, task_id: str, last_chunk: bool = Tru
                                    taskId=task_id)
 
 
+def chunk(text: str, artifact_id: str, context_id: str, task_id: str, *, append: bool,
+          last: bool) -> Any:
+    """One chunk of a streamed text artifact: ``append`` continues the artifact's text."""
+    if V1:
+        from a2a.types import Artifact, Part
+
+        return TaskArtifactUpdateEvent(
+            task_id=task_id, context_id=context_id, append=append, last_chunk=last,
+            artifact=Artifact(artifact_id=artifact_id, parts=[Part(text=text)]))
+    from a2a.types import Artifact
+
+    return TaskArtifactUpdateEvent(
+        artifact=Artifact(artifactId=artifact_id, parts=[text_part(text)]), append=append,
+        lastChunk=last, contextId=context_id, taskId=task_id)
+
+
 def text_part(text: str) -> Any:
     from a2a.types import Part
 

@@ -158,6 +158,21 @@ class Replying(AgentExecutor):
         pass
 
 
+class Streaming(AgentExecutor):
+    """An artifact streamed in chunks (append=True), as an LLM's tokens arrive."""
+
+    async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+        context_id, task_id = ids(context)
+        pieces = (["Hel", "lo ", "world"] if context.get_user_input() == "text"
+                  else ['{"a":', ' 1, "b"', ': [2]}'])
+        for n, piece in enumerate(pieces):
+            await event_queue.enqueue_event(ev.chunk(piece, "answer", context_id, task_id,
+                                                     append=n > 0, last=n == len(pieces) - 1))
+
+    async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
+        pass
+
+
 def run(storage, executor, n=1, *, workers=2, inputs=None):
     todo_ids = [storage.enqueue("a2a", (inputs or ["hello"])[i % len(inputs or ["hello"])],
                                 proc_inst_id=None) for i in range(n)]
@@ -225,6 +240,12 @@ def test_a_reply_without_an_artifact_is_the_result_and_a_rejection_fails(storage
                                      "reject: not for me")
 
 
+def test_a_streamed_artifact_is_the_whole_of_its_chunks(storage, db):
+    run(storage, Streaming(), 2, inputs=["text", "json"])
+    outputs = {r["query"]: r["output"] for r in db.execute("SELECT query, output FROM todolist")}
+    assert outputs == {"text": "Hello world", "json": {"a": 1, "b": [2]}}
+
+
 def test_a_non_a2a_object_raises_type_error_at_the_call_site(storage, db):
     run(storage, NotAnEvent())
     assert todo(db)["log"] == "TypeError: not an A2A event: dict"
@@ -257,6 +278,38 @@ def test_ui_cancel_awaits_executor_cancel_then_cancels_execute(storage, db):
         assert executor.cancel_called.wait(2)
         assert executor.saw_cancellation.wait(2)
         wait_for(lambda: server.stats()["cancelled"] == 1)
+    assert todo(db)["draft_status"] == "CANCELLED"
+
+
+class StubbornCancel(Cancellable):
+    """A cancel hook that swallows its own cancellation for a while (catches CancelledError
+    around a sleep): the hook's time limit must still cancel execute."""
+
+    hook_ended = threading.Event()
+
+    async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
+        self.cancel_called.set()
+        for _ in range(10):
+            try:
+                await asyncio.sleep(0.1)
+            except asyncio.CancelledError:
+                continue
+        self.hook_ended.set()
+
+
+def test_a_cancel_hook_that_ignores_its_time_limit_does_not_keep_execute_running(
+        storage, db, monkeypatch):
+    monkeypatch.setattr("processgpt_sync.a2a.CANCEL_HOOK_TIMEOUT", 0.3)
+    executor = StubbornCancel()
+    todo_id = storage.enqueue("a2a", "x")
+    with ps.start(executor, agent_orch="a2a", storage=storage, workers=1) as server:
+        assert executor.entered.wait(10)
+        db.execute("UPDATE todolist SET draft_status = 'CANCELLED' WHERE id = %s", (todo_id,))
+        assert executor.cancel_called.wait(2)
+        # the hook runs for at least 1 s: execute is cancelled at its 0.3 s limit, not after it
+        assert executor.saw_cancellation.wait(0.9), "execute cancelled after the hook's limit"
+        wait_for(lambda: server.stats()["cancelled"] == 1)
+        assert executor.hook_ended.wait(3)  # left to end on its own, before the loop closes
     assert todo(db)["draft_status"] == "CANCELLED"
 
 
