@@ -52,11 +52,16 @@ class EmbeddedDatabases:
         with self._lock:
             if self._url is None:
                 url = embedded.start(self.directory, install=False)
-                with psycopg.connect(url, autocommit=True) as conn:
-                    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(
-                        sql.Identifier(TEMPLATE)))
-                    conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEMPLATE)))
-                install_schema(make_conninfo(url, dbname=TEMPLATE))
+                try:
+                    with psycopg.connect(url, autocommit=True) as conn:
+                        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(
+                            sql.Identifier(TEMPLATE)))
+                        conn.execute(sql.SQL("CREATE DATABASE {}").format(
+                            sql.Identifier(TEMPLATE)))
+                    install_schema(make_conninfo(url, dbname=TEMPLATE))
+                except BaseException:  # close() would remove the folder under a running server
+                    embedded.stop(self.directory)
+                    raise
                 self._url = url
         return self
 

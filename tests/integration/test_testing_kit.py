@@ -184,3 +184,16 @@ def test_installing_the_package_gives_pytest_its_fixtures(tmp_path):
                           cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "1 passed" in done.stdout
+
+
+def test_a_kit_server_whose_template_cannot_be_built_is_stopped(tmp_path, monkeypatch):
+    """The template database fails to build (here every transaction is read-only): the
+    embedded server just started is stopped, not left running over a folder close() removes."""
+    from processgpt_sync.testing import EmbeddedDatabases
+
+    monkeypatch.setenv("PGOPTIONS", "-c default_transaction_read_only=on")
+    databases = EmbeddedDatabases(tmp_path / "pg")
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        databases.start()
+    assert not (tmp_path / "pg" / "postmaster.pid").exists(), "the server was left running"
+    databases.close()
