@@ -6,6 +6,7 @@ import asyncio
 import json
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -269,16 +270,24 @@ def test_input_required_without_result_suspends_for_a_human(storage, db):
     assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
 
 
-def test_ui_cancel_awaits_executor_cancel_then_cancels_execute(storage, db):
-    executor = Cancellable()
+@contextmanager
+def cancelled_in_the_ui(storage, db, executor, *, execute_cancelled_within):
+    """Run one todo of ``executor``, cancel it as the UI does once execute runs; the hook is
+    called, execute is cancelled within the time given, and the todo ends CANCELLED."""
     todo_id = storage.enqueue("a2a", "x")
     with ps.start(executor, agent_orch="a2a", storage=storage, workers=1) as server:
         assert executor.entered.wait(10)
         db.execute("UPDATE todolist SET draft_status = 'CANCELLED' WHERE id = %s", (todo_id,))
         assert executor.cancel_called.wait(2)
-        assert executor.saw_cancellation.wait(2)
+        assert executor.saw_cancellation.wait(execute_cancelled_within)
         wait_for(lambda: server.stats()["cancelled"] == 1)
+        yield
     assert todo(db)["draft_status"] == "CANCELLED"
+
+
+def test_ui_cancel_awaits_executor_cancel_then_cancels_execute(storage, db):
+    with cancelled_in_the_ui(storage, db, Cancellable(), execute_cancelled_within=2):
+        pass
 
 
 class StubbornCancel(Cancellable):
@@ -301,16 +310,9 @@ def test_a_cancel_hook_that_ignores_its_time_limit_does_not_keep_execute_running
         storage, db, monkeypatch):
     monkeypatch.setattr("processgpt_sync.a2a.CANCEL_HOOK_TIMEOUT", 0.3)
     executor = StubbornCancel()
-    todo_id = storage.enqueue("a2a", "x")
-    with ps.start(executor, agent_orch="a2a", storage=storage, workers=1) as server:
-        assert executor.entered.wait(10)
-        db.execute("UPDATE todolist SET draft_status = 'CANCELLED' WHERE id = %s", (todo_id,))
-        assert executor.cancel_called.wait(2)
-        # the hook runs for at least 1 s: execute is cancelled at its 0.3 s limit, not after it
-        assert executor.saw_cancellation.wait(0.9), "execute cancelled after the hook's limit"
-        wait_for(lambda: server.stats()["cancelled"] == 1)
+    # the hook runs for at least 1 s: execute is cancelled at its 0.3 s limit, not after it
+    with cancelled_in_the_ui(storage, db, executor, execute_cancelled_within=0.9):
         assert executor.hook_ended.wait(3)  # left to end on its own, before the loop closes
-    assert todo(db)["draft_status"] == "CANCELLED"
 
 
 def test_context_offers_row_extras_and_user_input(storage, db):

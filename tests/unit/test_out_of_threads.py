@@ -33,7 +33,21 @@ def run_with_few_threads(script: str) -> dict[str, object]:
     return result
 
 
-OUT_OF_THREADS = r"""
+TAKE_EVERY_THREAD = """
+import threading
+
+fillers = []  # each holds a thread until its event is set
+try:
+    while True:  # take every thread RLIMIT_NPROC allows
+        ends = threading.Event()
+        filler = threading.Thread(target=ends.wait, daemon=True)
+        filler.start()
+        fillers.append(ends)
+except RuntimeError:
+    pass
+"""
+
+SHARED_LOOP_SETUP = r"""
 import asyncio, json, os, threading
 from processgpt_sync.errors import InfrastructureError
 from processgpt_sync.infra import infrastructure_problem
@@ -43,15 +57,9 @@ async def answer():
     return 42
 
 loop = SharedLoop()
-fillers = []
-try:
-    while True:  # take every thread RLIMIT_NPROC allows
-        ends = threading.Event()
-        filler = threading.Thread(target=ends.wait, daemon=True)
-        filler.start()
-        fillers.append(ends)
-except RuntimeError:
-    pass
+"""
+
+USE_THE_LOOP = r"""
 fds = len(os.listdir("/proc/self/fd"))
 errors = []
 for _ in range(3):
@@ -75,24 +83,17 @@ def test_a_shared_loop_that_gets_no_thread_is_the_hosts_fault_and_leaks_nothing(
     """No thread for the loop (ulimit -u, a pids limit): each start raises an
     InfrastructureError (its todo is given back, not failed), closes what it opened, and the
     loop starts once threads are free."""
-    result = run_with_few_threads(OUT_OF_THREADS)
+    result = run_with_few_threads(SHARED_LOOP_SETUP + TAKE_EVERY_THREAD + USE_THE_LOOP)
     assert isinstance(result["filled"], int) and result["filled"] > 0
     assert (result["errors"], result["leaked_fds"], result["later"]) == ([True] * 3, 0, 42)
 
 
-OUT_OF_THREADS_DEADLINE = r"""
+DEADLINE_SETUP = r"""
 import json, socket, threading, time
 from processgpt_sync.storage.deadline import DEADLINES
+"""
 
-fillers = []
-try:
-    while True:
-        ends = threading.Event()
-        filler = threading.Thread(target=ends.wait, daemon=True)
-        filler.start()
-        fillers.append(ends)
-except RuntimeError:
-    pass
+WATCH_A_STATEMENT = r"""
 mine, peer = socket.socketpair()
 with DEADLINES.watch(mine.fileno(), 0.1, "a statement with no watchdog"):
     mine.sendall(b"ran")
@@ -113,7 +114,7 @@ def test_a_statement_watched_while_no_thread_can_start_runs_and_leaves_no_stale_
     """The deadline watchdog cannot start (no thread): the statement runs unwatched, with a
     warning, and its entry is gone once it ends, so the watchdog, started later, does not shut
     down the socket that now has that fd."""
-    result = run_with_few_threads(OUT_OF_THREADS_DEADLINE)
+    result = run_with_few_threads(DEADLINE_SETUP + TAKE_EVERY_THREAD + WATCH_A_STATEMENT)
     assert isinstance(result["filled"], int) and result["filled"] > 0
     assert result["read"] == "ran still open"
     assert "cannot start the statement deadline watchdog" in str(result["stderr"])
