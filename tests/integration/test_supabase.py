@@ -47,6 +47,21 @@ def test_the_anon_key_is_refused_with_advice_and_never_logged(database_url, capl
     assert anon not in caplog.text
 
 
+def test_a_call_through_a_client_that_close_closed_is_an_outage_not_a_crash(database_url):
+    """A thread that calls again after close() (a writer still retrying while the server
+    stops) finds its HTTP client closed: a StorageUnavailable, which the server treats as the
+    database being gone (the todo is given back, never failed), not a RuntimeError."""
+    gateway = Gateway(database_url)
+    store = SupabaseStorage(gateway.url, SERVICE_KEY)
+    try:
+        store.status()  # this thread's client is made, then closed by close()
+        store.close()
+        with pytest.raises(ps.StorageUnavailable, match="Supabase client closed"):
+            store.status()
+    finally:
+        gateway.close()
+
+
 def test_an_outage_is_retried_and_nothing_is_lost(supabase, db, caplog):
     gateway = supabase.gateway
     caplog.set_level(logging.WARNING)

@@ -169,3 +169,29 @@ def test_serve_with_processes_from_python_runs_the_children_and_returns_on_sigte
             assert group.wait(30) == 0
         finally:
             stop_process(group)
+
+
+@pytest.mark.slow
+def test_a_supervisor_that_fails_stops_its_children_before_the_error_reaches_the_caller(
+        database_url):
+    """The supervisor's own loop raising (here: its watch step, once both children served)
+    must not leave the children serving on without it: they are stopped gracefully before
+    run() raises."""
+    from processgpt_sync.settings import Settings
+    from processgpt_sync.supervisor import ChildSpec, Supervisor
+
+    class FailsWhileWatching(Supervisor):
+        def _watch(self) -> None:
+            enqueue(database_url, 4)
+            wait_for(lambda: len(pids(database_url)) == 2, timeout=60, interval=0.2)
+            raise RuntimeError("the supervisor's loop failed")
+
+    spec = ChildSpec(executor="tests.agents:ProcessWide",
+                     settings=Settings(agent_orch="pw", workers=1, database_url=database_url,
+                                       grace_seconds=5))
+    with pytest.raises(RuntimeError, match="loop failed"):
+        FailsWhileWatching(spec, 2).run()
+    children = pids(database_url)
+    assert len(children) == 2
+    assert not any(alive(p) for p in children), "no child serves on without its supervisor"
+    assert scalar(database_url, "SELECT count(*) FROM processgpt_sync_lease") == 0
