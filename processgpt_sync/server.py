@@ -124,8 +124,12 @@ class Server:
     def start(self) -> Server:
         """Connect, check the schema, start the threads; return at once. If it raises before
         anything runs (the database unreachable, the schema missing) it may be called again;
-        if it raises later, what it started is stopped."""
+        if it raises later, what it started is stopped. A stopped server cannot start again.
+        """
         with self._state_lock:
+            if self._stopping.is_set():
+                raise RuntimeError("this server was stopped and cannot start again: make a new "
+                                   "one (processgpt_sync.start(...) or Server(...).start())")
             if self._started:
                 return self
             self._started = True

@@ -262,6 +262,18 @@ def test_a_start_that_failed_on_its_checks_can_be_called_again(empty_database_ur
         assert conn.execute("SELECT output FROM todolist").fetchone()[0] == {"ok": "q"}
 
 
+def test_a_stopped_server_refuses_to_start_again_instead_of_seeming_to_serve(storage):
+    """start() after stop() used to return at once as if serving, while nothing ran."""
+    server = ps.start(lambda todo: {}, agent_orch="again", storage=storage)
+    server.stop()
+    with pytest.raises(RuntimeError, match="stopped and cannot start again: make a new one"):
+        server.start()
+    never_started = ps.Server(lambda todo: {}, ps.Settings(agent_orch="again"), storage=storage)
+    never_started.stop()
+    with pytest.raises(RuntimeError, match="stopped and cannot start again"):
+        never_started.start()
+
+
 def test_ui_cancel_runs_the_cancel_hook_and_writes_nothing_more(storage, db):
     todo_id = storage.enqueue("a", "x")
     entered = threading.Event()
