@@ -92,12 +92,14 @@ class Todo:
 
     @property
     def agents(self) -> list[Any]:
-        """Agent users named in ``todolist.user_id``, from the todo's own tenant."""
+        """Agent users named in ``todolist.user_id``, from the todo's own tenant: each agent's
+        whole ``users`` row (its persona, tools, model) but a push token."""
         return list(self.extras.get("agents") or [])
 
     @property
     def users(self) -> list[Any]:
-        """Human users named in ``todolist.user_id`` (id, username, email)."""
+        """Human users named in ``todolist.user_id``: id, tenant_id, username, email, role and
+        profile only (never the platform's device tokens, admin flags or activity times)."""
         return list(self.extras.get("users") or [])
 
     @property

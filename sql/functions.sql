@@ -63,9 +63,16 @@ BEGIN
     IF coalesce(p_todo.user_id, '') <> '' THEN
         SELECT array_agg(DISTINCT processgpt_sync_uuid_or_null_v1(trim(x))) INTO v_ids
         FROM unnest(string_to_array(p_todo.user_id, ',')) AS x;
-        SELECT coalesce(jsonb_agg(to_jsonb(u) ORDER BY u.username)
+        -- An agent's row is its configuration (persona, tools, model): all of it but a push
+        -- token. Of a person, only who they are: the platform's users rows also hold device
+        -- tokens, admin flags and activity times, which are no executor's business.
+        SELECT coalesce(jsonb_agg(to_jsonb(u) - 'device_token' ORDER BY u.username)
                         FILTER (WHERE u.is_agent), '[]'::jsonb),
-               coalesce(jsonb_agg(to_jsonb(u) ORDER BY u.username)
+               coalesce(jsonb_agg((SELECT jsonb_object_agg(f.key, f.value)
+                                   FROM jsonb_each(to_jsonb(u)) AS f
+                                   WHERE f.key IN ('id', 'tenant_id', 'username', 'email', 'role',
+                                                   'profile'))
+                                  ORDER BY u.username)
                         FILTER (WHERE NOT coalesce(u.is_agent, false)), '[]'::jsonb),
                coalesce(jsonb_agg(DISTINCT u.email)
                         FILTER (WHERE NOT coalesce(u.is_agent, false) AND u.email IS NOT NULL),

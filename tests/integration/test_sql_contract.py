@@ -87,9 +87,11 @@ def test_claim_skips_rows_that_are_not_claimable(storage, db):
 def test_claim_context_extras_come_from_the_todos_tenant_only(storage, db):
     agent, human, foreign = (str(uuid.uuid4()) for _ in range(3))
     db.execute("INSERT INTO tenants (id, mcp) VALUES ('t1', '{\"servers\": 1}')")
-    db.execute("""INSERT INTO users (id, tenant_id, username, email, is_agent) VALUES
-        (%s, 't1', 'bot', NULL, true), (%s, 't1', 'ann', 'ann@example.com', false),
-        (%s, 't2', 'spy', 'spy@example.com', true)""", (agent, human, foreign))
+    db.execute("ALTER TABLE users ADD COLUMN IF NOT EXISTS device_token text")  # the platform's
+    db.execute("""INSERT INTO users (id, tenant_id, username, email, is_agent, device_token)
+        VALUES (%s, 't1', 'bot', NULL, true, 'push-1'),
+               (%s, 't1', 'ann', 'ann@example.com', false, 'push-2'),
+               (%s, 't2', 'spy', 'spy@example.com', true, NULL)""", (agent, human, foreign))
     db.execute("""INSERT INTO form_def (id, tenant_id, fields_json, html, proc_def_id, activity_id)
         VALUES ('f1', 't1', '[{"key": "a"}]', '<form/>', 'p', 'a'),
                ('f1', 't2', '[{"key": "leak"}]', 'x', 'p', 'a')""")
@@ -102,6 +104,9 @@ def test_claim_context_extras_come_from_the_todos_tenant_only(storage, db):
     extras = c.extras
     assert [a["username"] for a in extras["agents"]] == ["bot"]
     assert [u["email"] for u in extras["users"]] == ["ann@example.com"]
+    assert set(extras["users"][0]) <= {"id", "tenant_id", "username", "email", "role", "profile"}
+    assert "device_token" not in extras["agents"][0], "a person's push token reaches no executor"
+    assert extras["agents"][0]["is_agent"] is True, "an agent's configuration comes whole"
     assert extras["notify_emails"] == ["ann@example.com"]
     assert extras["form_fields"] == [{"key": "a"}] and extras["form_html"] == "<form/>"
     assert extras["tenant_mcp"] == {"servers": 1}
