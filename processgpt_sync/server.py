@@ -32,8 +32,9 @@ from typing import Any
 
 from . import budget, exit_stop, gc_tuning
 from .claimer import Claimer
-from .errors import ServerFailed, StorageError
+from .errors import SchemaMissing, ServerFailed, StorageError
 from .event_writer import EventBuffer
+from .events import EVENT_TYPES
 from .executor import Adapter, adapt, check_thread_safety
 from .gc_tuning import GcThreshold
 from .human import HumanDesk
@@ -47,7 +48,7 @@ from .shutdown import Shutdown, bounded
 from .signals import on_stop
 from .stats import ServerStats
 from .storage import Storage, open_storage
-from .storage.base import Listener
+from .storage.base import INSTALL_HINT, Listener
 from .version import __version__
 from .watch import CHANNELS, Watchers
 from .worker import TodoWorker
@@ -310,14 +311,23 @@ class Server:
     # -- assembly --------------------------------------------------------------------------
 
     def _check_database(self, storage: Storage) -> frozenset[str]:
-        """Check the schema; warn when no todo has this agent_orch; return the event types."""
+        """Check the schema; warn when no todo has this agent_orch; return the event types.
+        A database without every event type this library writes is refused now: otherwise a
+        progress event or an a2a status would fail its todo mid-run."""
         storage.check_schema()
+        event_types = storage.event_types()
+        missing = EVENT_TYPES - event_types
+        if missing:
+            raise SchemaMissing(
+                f"events.event_type lacks {', '.join(sorted(missing))}, which this library "
+                f"writes (databases installed from older ProcessGPT files have fewer event "
+                f"types): {INSTALL_HINT}, which adds them")
         if not storage.status(self.settings.agent_orch):
             self._log.warning(
                 "no todo has agent_orch=%r yet: check it matches todolist.agent_orch of the "
                 "work this server should do", self.settings.agent_orch,
                 extra={**self._extra, "action": "start_server"})
-        return storage.event_types()
+        return event_types
 
     def _assemble(self, storage: Storage, event_types: frozenset[str]) -> _Parts:
         """Make and start the writers, the question desk, the recorder and the worker."""

@@ -36,6 +36,25 @@ BEGIN
 END
 $$;
 
+-- Databases installed from older ProcessGPT files have fewer event types (no task_working,
+-- task_cancelled, ...) than this library writes: add the missing labels, as the platform's own
+-- migration does. Adding a label changes nothing that exists.
+DO $$
+DECLARE
+    v_label text;
+BEGIN
+    FOREACH v_label IN ARRAY ARRAY[
+            'task_started', 'task_completed', 'tool_usage_started', 'tool_usage_finished',
+            'crew_completed', 'human_asked', 'human_response', 'human_checked', 'task_working',
+            'error', 'waiting_for_user', 'task_cancelled', 'human_feedback_submitted'] LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_enum
+                       WHERE enumtypid = 'event_type_enum'::regtype AND enumlabel = v_label) THEN
+            EXECUTE format('ALTER TYPE event_type_enum ADD VALUE %L', v_label);
+        END IF;
+    END LOOP;
+END
+$$;
+
 -- Read-only context tables (owned by ProcessGPT; minimal shapes for fresh databases).
 CREATE TABLE IF NOT EXISTS tenants (
     id text PRIMARY KEY,

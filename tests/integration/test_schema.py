@@ -118,3 +118,47 @@ def test_an_upgrade_replaces_the_claim_indexes_of_earlier_versions_and_says_so(d
     assert "todolist_processgpt_sync_waiting_idx" in names
     install_schema(database_url, added=changes)
     assert changes == []
+
+
+OLDER_EVENT_TYPES = ("task_started", "task_completed", "tool_usage_started",
+                     "tool_usage_finished", "crew_completed", "human_asked", "human_response",
+                     "error")  # the platform's migration.sql creates only these when absent
+
+
+def test_init_db_adds_the_event_types_an_older_platform_install_lacks(empty_database_url):
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute("DROP TYPE IF EXISTS event_type_enum CASCADE")
+        conn.execute(psycopg.sql.SQL("CREATE TYPE event_type_enum AS ENUM ({})").format(
+            psycopg.sql.SQL(", ").join(map(psycopg.sql.Literal, OLDER_EVENT_TYPES))))
+    added: list[str] = []
+    install_schema(empty_database_url, added=added)
+    new = {"human_checked", "task_working", "waiting_for_user", "task_cancelled",
+           "human_feedback_submitted"}
+    assert {f"add enum value event_type_enum.{label}" for label in new} <= set(added)
+    store = PostgresStorage(empty_database_url)
+    try:
+        assert new <= store.event_types()
+    finally:
+        store.close()
+
+
+def test_a_server_refuses_a_database_without_the_event_types_it_writes(database_url):
+    """A database installed from older platform files, without init-db: refused at start
+    with the fix, rather than failing todos when a progress event or an a2a cancel is
+    written; init-db adds the labels and the server starts."""
+    import pytest
+
+    import processgpt_sync as ps
+
+    with psycopg.connect(database_url, autocommit=True) as conn:  # as an older install
+        conn.execute("DELETE FROM pg_enum WHERE enumtypid = 'event_type_enum'::regtype "
+                     "AND enumlabel IN ('task_working', 'task_cancelled')")
+    server = ps.Server(lambda todo: {}, ps.Settings(agent_orch="a", database_url=database_url))
+    with pytest.raises(ps.SchemaMissing) as refused:
+        server.start()
+    assert str(refused.value).startswith(
+        "events.event_type lacks task_cancelled, task_working, which this library writes")
+    assert "processgpt-sync init-db" in str(refused.value)
+    install_schema(database_url)
+    server.start()
+    server.stop()
