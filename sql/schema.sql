@@ -142,7 +142,24 @@ ALTER TABLE events ADD COLUMN IF NOT EXISTS "timestamp" timestamptz DEFAULT now(
 -- reads the caller's JWT, which a service-role or direct connection does not have).
 ALTER TABLE events ADD COLUMN IF NOT EXISTS tenant_id text;
 
-CREATE INDEX IF NOT EXISTS events_todo_id_idx ON events (todo_id);
+-- Events are read by todo. ProcessGPT databases index that already (idx_events_todo_id): a
+-- second index would only slow every event write, so ours is made only where none exists (and
+-- dropped where an earlier version added it beside the platform's).
+DO $$
+DECLARE
+    v_others boolean := EXISTS (
+        SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+        WHERE i.indrelid = 'events'::regclass AND a.attname = 'todo_id'
+          AND i.indpred IS NULL AND i.indexprs IS NULL AND c.relname <> 'events_todo_id_idx');
+BEGIN
+    IF v_others THEN
+        DROP INDEX IF EXISTS events_todo_id_idx;
+    ELSE
+        CREATE INDEX IF NOT EXISTS events_todo_id_idx ON events (todo_id);
+    END IF;
+END
+$$;
 CREATE INDEX IF NOT EXISTS events_job_id_idx ON events (job_id);
 
 -- Leases live beside todolist so heartbeats never rewrite todolist rows (ProcessGPT has update

@@ -162,3 +162,28 @@ def test_a_server_refuses_a_database_without_the_event_types_it_writes(database_
     install_schema(database_url)
     server.start()
     server.stop()
+
+
+def test_init_db_keeps_one_index_on_events_todo_id_beside_the_platforms(platform_database_url):
+    """The platform indexes events(todo_id) as idx_events_todo_id: init-db adds no second
+    one, and drops the duplicate an earlier version added; a fresh database gets ours."""
+    def todo_id_indexes(url):
+        with psycopg.connect(url) as conn:
+            return sorted(r[0] for r in conn.execute(
+                "SELECT indexname FROM pg_indexes WHERE tablename = 'events' "
+                "AND indexdef LIKE '%(todo_id)'"))
+
+    added: list[str] = []
+    install_schema(platform_database_url, added=added)
+    assert todo_id_indexes(platform_database_url) == ["idx_events_todo_id"]
+    assert not any("events_todo_id_idx" in line for line in added)
+    with psycopg.connect(platform_database_url, autocommit=True) as conn:  # an earlier install's
+        conn.execute("CREATE INDEX events_todo_id_idx ON events (todo_id)")
+    install_schema(platform_database_url, added=added)
+    assert added == ["drop index events_todo_id_idx"]
+    assert todo_id_indexes(platform_database_url) == ["idx_events_todo_id"]
+
+
+def test_a_fresh_database_gets_its_index_on_events_todo_id(database_url):
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT to_regclass('events_todo_id_idx') IS NOT NULL").fetchone()[0]
