@@ -3,7 +3,7 @@
 `event_queue.enqueue_event(...)` without await, `get_context_data()["row"]`, JSON text in
 messages and a final artifact with lastChunk=True — exactly as the 0.3.13 README wrote them.
 An executor written for a2a-sdk 1.x (protobuf types, awaited calls, TaskUpdater) is served the
-same way when 1.x is installed.
+same way when 1.x is installed; this file itself needs 0.3 (its `a2a.utils` imports fail on 1.x).
 
     python examples/a2a_executor.py
     processgpt-sync enqueue --agent-orch my-agent --input "hello"

@@ -197,9 +197,10 @@ def check_a2a_version(version: str) -> None:
     if match and (0, 3) <= (int(match[1]), int(match[2])) < (2, 0):
         return
     raise ConfigurationError(
-        f"a2a-sdk {version} is installed; AgentExecutors run on {A2A_SUPPORTED} (0.3 and 1.x). "
-        "For executors written for a2a-sdk 0.2 / process-gpt-agent-sdk 0.2, install "
-        "'processgpt-sync[a2a-v03]' and see docs/porting.md"
+        f"a2a-sdk {version} is installed; AgentExecutors run on {A2A_SUPPORTED} (0.3 and 1.x): "
+        "from a checkout of processgpt-sync, pip install '.[a2a]' (or '.[a2a-v03]' for "
+        "executors written for a2a-sdk 0.3). Executors written for a2a-sdk 0.2 / "
+        "process-gpt-agent-sdk 0.2 use another contract and must be ported: see docs/porting.md"
     )
 
 

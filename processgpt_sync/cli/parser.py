@@ -32,8 +32,10 @@ Serve ProcessGPT todos (the todolist rows of an agent_orch) with ordinary Python
 manage them: install the schema, enqueue, watch, inspect, retry, answer questions.
 
 Global options (--log-level, --log-format, --env-file) go before or after the command.
-Database: --database-url, else $DATABASE_URL, else Supabase ($SUPABASE_URL and $SUPABASE_KEY),
-else the embedded PostgreSQL (data in $PROCESSGPT_EMBEDDED_DIR or the user data folder)."""
+Database: --database-url, else $DATABASE_URL, else Supabase ($SUPABASE_URL and the key in
+$SUPABASE_KEY, $SUPABASE_SERVICE_ROLE_KEY or $SERVICE_ROLE_KEY), else the embedded PostgreSQL
+(data in $PROCESSGPT_EMBEDDED_DIR or the user data folder). The demo uses the embedded
+database unless given --database-url."""
 
 EPILOG = """\
 examples:
@@ -44,7 +46,10 @@ examples:
   processgpt-sync status
   processgpt-sync show 3f2a9c1e
 
-errors: one line on stderr, exit code 2 (serve exits 1 when the server failed)."""
+errors: one line on stderr. exit codes: 0 success; 1 serve failed or a second signal ended it
+(demo: not every todo completed); 2 usage, configuration, database or schema error (serve
+--processes: a server process failed on its configuration); 3-6 health (see health --help);
+130 interrupted."""
 
 
 def positive_int(value: str) -> int:
@@ -109,12 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     _global_options(parser, defaults=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+    def command(name: str, help_text: str,
+                database_help: str = "PostgreSQL URL (default: $DATABASE_URL, else Supabase "
+                "from $SUPABASE_URL and its key, else the embedded database)",
+                ) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         _global_options(sub, defaults=False)
-        sub.add_argument("--database-url", metavar="URL",
-                         help="PostgreSQL URL (default: $DATABASE_URL, else Supabase from "
-                         "$SUPABASE_URL and $SUPABASE_KEY, else the embedded database)")
+        sub.add_argument("--database-url", metavar="URL", help=database_help)
         return sub
 
     init_db = command("init-db", "install or upgrade the schema and functions (idempotent; adds "
@@ -174,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "$PROCESSGPT_WORKERS, else 4)")
     serve.add_argument("--supabase-url", metavar="URL",
                        help="Supabase URL (default: $SUPABASE_URL; the key comes from "
-                       "$SUPABASE_KEY)")
+                       "$SUPABASE_KEY, $SUPABASE_SERVICE_ROLE_KEY or $SERVICE_ROLE_KEY, the "
+                       "first one set)")
     serve.add_argument("--lease-seconds", type=int, help="claim lease (default: "
                        "$PROCESSGPT_LEASE_SECONDS, else 60)")
     serve.add_argument("--max-claims", type=int, help="claims before a todo becomes FAILED "
@@ -211,7 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     respond.add_argument("--user-id", help="who answered (default: none)")
     respond.set_defaults(func=cmd_respond)
 
-    demo = command("demo", "enqueue and serve a few todos on the embedded database")
+    demo = command("demo", "enqueue and serve a few todos on the embedded database, or on "
+                   "--database-url when given",
+                   database_help="PostgreSQL URL to run the demo on (default: the embedded "
+                   "database)")
     demo.add_argument("--todos", type=positive_int, default=8, help="how many todos (default: 8)")
     demo.add_argument("--workers", type=int, default=4, help="worker threads (default: 4)")
     demo.add_argument("--console", action="store_true", help="serve the console meanwhile")
@@ -228,7 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: $PROCESSGPT_CONSOLE_TOKEN)")
     console.add_argument("--read-only", action="store_true", help="hide and refuse every action")
     console.add_argument("--agent-orch", help="the agent_orch the todo list opens on")
-    console.add_argument("--supabase-url", help="Supabase URL (the key comes from $SUPABASE_KEY)")
+    console.add_argument("--supabase-url", metavar="URL",
+                         help="Supabase URL (default: $SUPABASE_URL; the key comes from "
+                         "$SUPABASE_KEY, $SUPABASE_SERVICE_ROLE_KEY or $SERVICE_ROLE_KEY, the "
+                         "first one set)")
     console.add_argument("--user-id", help="user id written with answers and feedback")
     console.set_defaults(func=cmd_console)
     return parser

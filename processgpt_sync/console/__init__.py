@@ -1,7 +1,7 @@
 """`processgpt-sync console`: watch, answer, cancel and enqueue todos in a local browser.
 
-Needs the ``console`` extra (``pip install "processgpt-sync[console]"``): Starlette, uvicorn,
-Jinja2 and python-multipart. Serves on 127.0.0.1 unless given a host and an access token.
+Needs the ``console`` extra (from a checkout: ``pip install ".[console]"``): Starlette,
+uvicorn, Jinja2 and python-multipart. Serves on 127.0.0.1 unless given a host and an access token.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised without the e
     from ..errors import ConfigurationError
 
     raise ConfigurationError(
-        f"the console needs its extra: pip install \"processgpt-sync[console]\" ({exc})"
+        "the console needs its extra: from a checkout of processgpt-sync, pip install "
+        f"'.[console]' ({exc})"
     ) from exc
 
 from ..errors import ConfigurationError
