@@ -12,6 +12,7 @@ import importlib.util
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -57,22 +58,22 @@ def load_example(module: str) -> Any:
 
 def run(
     *, database_url: str | None = None, todos: int = 8, workers: int = 4, out: TextIO = sys.stdout,
-    supabase_ignored: bool = False, console_port: int | None = None,
+    ignored: Sequence[str] = (), console_port: int | None = None,
 ) -> int:
     """Run the demo; return the process exit code (0 when every todo completed).
 
-    :param supabase_ignored: Supabase is configured; say the demo does not use it (it needs a
-        direct connection).
+    :param ignored: environment variables that configure a database for real work
+        (``DATABASE_URL``, ``SUPABASE_URL``): the demo says it does not use them.
     :param console_port: serve the web console on this port meanwhile (0: any free port).
     """
     console = terminal.console(out)
     console.print("[bold]processgpt-sync demo[/bold]")
     if database_url:
         install_schema(database_url)
-        console.print("  database: DATABASE_URL (schema installed)")
+        console.print("  database: --database-url (schema installed)")
     else:
-        note = " (SUPABASE_URL is not used: the demo needs a direct connection; set " \
-               "DATABASE_URL for that)" if supabase_ignored else ""
+        note = (f" ({' and '.join(ignored)} not used: the demo never fills a database set for "
+                "real work; pass --database-url to run it there)") if ignored else ""
         console.print(f"  database: embedded PostgreSQL in {embedded.data_dir()}{note}",
                       markup=False)
         database_url = embedded.start()

@@ -70,10 +70,13 @@ def _serve_processes(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    database_url, supabase_url, _ = backend_urls(args)
-    return demo.run(database_url=database_url, todos=args.todos, workers=args.workers,
-                    supabase_ignored=bool(supabase_url and not database_url),
-                    console_port=args.console_port if args.console else None)
+    """The demo runs on the embedded database unless given --database-url: a DATABASE_URL
+    exported for real work is never filled with demo todos."""
+    backend_urls(args)  # a half-made Supabase configuration is still an error here
+    ignored = [] if args.database_url else [
+        name for name in ("DATABASE_URL", "SUPABASE_URL") if os.environ.get(name)]
+    return demo.run(database_url=args.database_url, todos=args.todos, workers=args.workers,
+                    ignored=ignored, console_port=args.console_port if args.console else None)
 
 
 def cmd_console(args: argparse.Namespace) -> int:

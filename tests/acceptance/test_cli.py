@@ -56,8 +56,12 @@ def test_errors_are_one_clear_line_without_a_traceback(empty_database_url, tmp_p
         one_line_error(cli(*args, "--database-url", empty_database_url, check=False), message)
 
 
-def test_demo_on_a_fresh_embedded_database(tmp_path):
-    result = cli("demo", "--todos", "6", env={"PROCESSGPT_EMBEDDED_DIR": str(tmp_path / "pg")})
+def test_demo_on_a_fresh_embedded_database_never_on_the_database_url_of_real_work(tmp_path):
+    """A DATABASE_URL exported for real work is not filled with demo todos: only
+    --database-url moves the demo off the embedded database."""
+    result = cli("demo", "--todos", "6", env={"PROCESSGPT_EMBEDDED_DIR": str(tmp_path / "pg"),
+                                             "DATABASE_URL": "postgresql://nobody@127.0.0.1:9/x"})
+    assert "DATABASE_URL not used" in " ".join(result.stdout.split())
     assert "6/6 completed" in result.stdout
     assert result.stdout.count("COMPLETED") == 6
     subprocess.run([sys.executable, "-c", "from processgpt_sync import embedded; "
