@@ -126,13 +126,17 @@ RETURNS boolean LANGUAGE sql STABLE AS $$
         WHEN p_todo.status = 'CANCELLED' THEN false
         WHEN p_todo.draft_status = 'FB_REQUESTED' THEN true
         WHEN p_todo.draft_status IN ('STARTED', 'HUMAN_ASKED') THEN
-            p_todo.claim_count < p_max_claims
-            -- never a todo an upstream worker took over (its consumer, its live lease_until)
-            AND (p_todo.lease_until IS NULL OR p_todo.lease_until < now()) AND EXISTS (
-                SELECT 1 FROM processgpt_sync_lease l
-                WHERE l.todo_id = p_todo.id AND l.claim_token = p_todo.claim_token
-                  AND l.consumer IS NOT DISTINCT FROM p_todo.consumer
-                  AND l.expires_at < now())
+            p_todo.claim_count < p_max_claims AND (
+                -- an upstream worker's claim (they set lease_until; this library never does)
+                -- whose lease ran out: abandoned by the upstream SDK's own rule
+                (p_todo.draft_status = 'STARTED' AND p_todo.status = 'IN_PROGRESS'
+                 AND p_todo.lease_until < now())
+                -- ours: never while an upstream worker holds it (its consumer, its live lease)
+                OR ((p_todo.lease_until IS NULL OR p_todo.lease_until < now()) AND EXISTS (
+                    SELECT 1 FROM processgpt_sync_lease l
+                    WHERE l.todo_id = p_todo.id AND l.claim_token = p_todo.claim_token
+                      AND l.consumer IS NOT DISTINCT FROM p_todo.consumer
+                      AND l.expires_at < now())))
         ELSE false
     END
 $$;
@@ -179,9 +183,20 @@ BEGIN
     END IF;
     PERFORM set_config('synchronous_commit', 'off', true);
 
-    -- Settle expired claims; usually there are none, and one probe of the expiry index says so.
-    v_expired := EXISTS (SELECT 1 FROM processgpt_sync_lease WHERE expires_at < now());
+    -- Settle expired claims, ours and upstream workers' (lease_until set and past); usually
+    -- there are none, and one probe of each expiry index says so.
+    v_expired := EXISTS (SELECT 1 FROM processgpt_sync_lease WHERE expires_at < now())
+                 OR EXISTS (SELECT 1 FROM todolist t
+                            WHERE t.draft_status = 'STARTED' AND t.lease_until < now()
+                              AND t.agent_orch::text = p_agent_orch);
     IF v_expired THEN
+    -- An upstream worker's claim that ran out after the UI cancelled it: cancelled.
+    UPDATE todolist t SET draft_status = 'CANCELLED', consumer = NULL, lease_until = NULL,
+                          updated_at = now()
+    WHERE t.id IN (SELECT u.id FROM todolist u
+                   WHERE u.draft_status = 'STARTED' AND u.lease_until < now()
+                     AND u.agent_orch::text = p_agent_orch AND u.status = 'CANCELLED'
+                   FOR UPDATE OF u SKIP LOCKED);
     WITH abandoned AS (
         SELECT t.id FROM todolist t
         JOIN processgpt_sync_lease l ON l.todo_id = t.id AND l.claim_token = t.claim_token
@@ -200,7 +215,7 @@ BEGIN
     WHERE l.todo_id = t.id AND l.expires_at < now() AND t.agent_orch::text = p_agent_orch
       AND t.draft_status IN ('CANCELLED', 'COMPLETED', 'FAILED');
 
-    WITH exhausted AS (
+    WITH exhausted_ours AS (
         SELECT t.id FROM todolist t
         JOIN processgpt_sync_lease l ON l.todo_id = t.id AND l.claim_token = t.claim_token
         WHERE l.expires_at < now() AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
@@ -208,9 +223,17 @@ BEGIN
           AND t.consumer IS NOT DISTINCT FROM l.consumer
           AND (t.lease_until IS NULL OR t.lease_until < now())
         FOR UPDATE OF t SKIP LOCKED
+    ), exhausted_upstream AS (  -- as the upstream SDK fails them
+        SELECT t.id FROM todolist t
+        WHERE t.draft_status = 'STARTED' AND t.lease_until < now()
+          AND t.agent_orch::text = p_agent_orch AND t.claim_count >= p_max_claims
+          AND t.status = 'IN_PROGRESS'
+        FOR UPDATE OF t SKIP LOCKED
+    ), exhausted AS (
+        SELECT id FROM exhausted_ours UNION SELECT id FROM exhausted_upstream
     ), failed AS (
         UPDATE todolist t
-        SET draft_status = 'FAILED', consumer = NULL, updated_at = now(),
+        SET draft_status = 'FAILED', consumer = NULL, lease_until = NULL, updated_at = now(),
             log = concat_ws(E'\n', t.log, format(
                 'claimed %s times without finishing (max_claims=%s); marked FAILED',
                 t.claim_count, p_max_claims))
@@ -245,13 +268,19 @@ BEGIN
     -- The abandoned claims that may run again (their lease expired): found from the leases, as
     -- the waiting-todo indexes hold no running todos.
     IF v_expired THEN
-        SELECT coalesce(array_agg(t.id), '{}') INTO v_abandoned
-        FROM processgpt_sync_lease l
-        JOIN todolist t ON t.id = l.todo_id AND t.claim_token = l.claim_token
-        WHERE l.expires_at < now() AND t.agent_orch::text = p_agent_orch
-          AND (p_tenant_id IS NULL OR t.tenant_id = p_tenant_id)
-          AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
-          AND processgpt_sync_is_claimable_v1(t, p_max_claims);
+        SELECT coalesce(array_agg(a.id), '{}') INTO v_abandoned FROM (
+            SELECT t.id FROM processgpt_sync_lease l
+            JOIN todolist t ON t.id = l.todo_id AND t.claim_token = l.claim_token
+            WHERE l.expires_at < now() AND t.agent_orch::text = p_agent_orch
+              AND (p_tenant_id IS NULL OR t.tenant_id = p_tenant_id)
+              AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
+              AND processgpt_sync_is_claimable_v1(t, p_max_claims)
+            UNION
+            SELECT t.id FROM todolist t
+            WHERE t.draft_status = 'STARTED' AND t.lease_until < now()
+              AND t.agent_orch::text = p_agent_orch
+              AND (p_tenant_id IS NULL OR t.tenant_id = p_tenant_id)
+              AND processgpt_sync_is_claimable_v1(t, p_max_claims)) a;
     END IF;
 
     IF p_fair OR p_max_running_per_tenant IS NOT NULL THEN
@@ -1022,6 +1051,10 @@ BEGIN
                          ELSE t.draft END,
             claim_count = CASE WHEN j.state = 'running' THEN greatest(t.claim_count - 1, 0)
                                ELSE t.claim_count END,
+            -- a claim taken over from an upstream worker goes back to an expired one, which
+            -- any worker, theirs or ours, may claim again
+            lease_until = CASE WHEN j.state = 'running' AND j.prev_draft_status = 'STARTED'
+                               THEN now() ELSE t.lease_until END,
             consumer = NULL, updated_at = now()
         FROM judged j
         WHERE t.id = j.id
@@ -1271,6 +1304,8 @@ BEGIN
              AND v_todo.status::text = 'CANCELLED' THEN NULL  -- suspended, then cancelled
         WHEN v_todo.draft_status = 'HUMAN_ASKED' AND v_todo.consumer IS NULL THEN
             'it waits for an answer to its question (see processgpt-sync asked)'
+        WHEN v_todo.draft_status = 'STARTED' AND v_todo.lease_until < now() THEN
+            NULL  -- an upstream worker's claim whose lease ran out: abandoned
         WHEN v_todo.draft_status IN ('STARTED', 'HUMAN_ASKED') THEN format(
             'it is running (draft_status %s, on %s); cancel it in the ProcessGPT UI, or wait '
             'until it ends', v_todo.draft_status, v_todo.consumer)

@@ -3,7 +3,7 @@
 --
 -- Idempotent: running it again changes nothing. On an existing ProcessGPT database it only adds
 -- what is missing (enum types, columns, the lease table, indexes); it never rewrites data and
--- never changes the type, default or nullability of a column that already exists. The shapes
+-- never changes the type of a column that already exists (init-db stops if it would). The shapes
 -- below serve fresh databases; where the platform's own DDL differs (todolist.id and events.id
 -- without defaults, start_date without time zone, ...) the functions work with either.
 -- Apply with `processgpt-sync init-db`, or paste it into the Supabase SQL editor before
@@ -173,6 +173,10 @@ CREATE TABLE IF NOT EXISTS processgpt_sync_lease (
     claimed_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS processgpt_sync_lease_expires_idx ON processgpt_sync_lease (expires_at);
+-- Upstream workers' claims by the end of their lease (they set lease_until; this library never
+-- does): one probe per claim finds any that ran out, which are then claimable here too.
+CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_upstream_lease_idx ON todolist (lease_until)
+    WHERE draft_status = 'STARTED' AND lease_until IS NOT NULL;
 
 -- A deleted todo takes its lease with it (the cascade runs with the table owner's rights, so the
 -- UI deleting a todo needs no right on the lease table). Needs a unique todolist.id, as

@@ -143,19 +143,75 @@ def test_we_never_take_a_todo_an_upstream_worker_holds(upstream):
     theirs = store.enqueue("shared", "theirs")
     assert fetch_upstream(db) == [theirs]
     assert claim_ours(store) == [], "a live upstream lease is theirs"
-    # Even a todo we ran once, whose lease in our table expired, is left alone once an upstream
-    # worker holds it (its consumer on the row, its lease live).
+    # Even a todo we ran once, whose lease in our table expired, is left alone while an
+    # upstream worker holds it (its consumer on the row, its lease live).
     ours = store.enqueue("shared", "ours first")
     claim_ours(store)
     db.execute("UPDATE processgpt_sync_lease SET expires_at = now() - interval '1 second'")
     db.execute("UPDATE todolist SET consumer = 'upstream-w2', "
                "lease_until = now() + interval '2 minutes' WHERE id = %s", (ours,))
     assert claim_ours(store, consumer="ours-w2") == []
-    db.execute("UPDATE todolist SET lease_until = now() - interval '1 second' WHERE id = %s",
-               (ours,))
-    assert claim_ours(store, consumer="ours-w2") == [], "another worker's consumer is on the row"
     rows = {r["id"]: r for r in db.execute("SELECT id::text, consumer FROM todolist")}
     assert rows[theirs]["consumer"] == "upstream-w1" and rows[ours]["consumer"] == "upstream-w2"
+
+
+def expire_upstream_lease(db: psycopg.Connection, todo_id: str) -> None:
+    db.execute("UPDATE todolist SET lease_until = now() - interval '1 second' WHERE id = %s",
+               (todo_id,))
+
+
+def test_an_upstream_claim_whose_lease_ran_out_is_taken_over_as_upstream_workers_would(upstream):
+    """Servers that replace upstream agents on an agent_orch inherit what those held: by the
+    SDK's own rule a STARTED todo past its lease_until is abandoned, so we reclaim it (one more
+    claim), and the upstream worker, should it come back, finds it is no longer its own."""
+    store, db = upstream
+    todo = store.enqueue("shared", "held by a worker that died")
+    assert fetch_upstream(db) == [todo]
+    expire_upstream_lease(db, todo)
+    (claim,) = claim_ours(store)
+    assert claim.todo_id == todo
+    assert claim.extras["resume"]["kind"] == "reclaim"
+    row = db.execute("SELECT consumer, lease_until, claim_count, draft_status::text "
+                     "FROM todolist").fetchone()
+    assert row == {"consumer": "ours-w1", "lease_until": None, "claim_count": 2,
+                   "draft_status": "STARTED"}
+    (renew,) = db.execute("SELECT renew_task_lease(%s, 'upstream-w1', 120) AS r",
+                          (todo,)).fetchone().values()
+    assert renew == {"renewed": False, "reason": "not_owner"}
+    # Given back (our server stops): an expired upstream-style claim again, claimable by either.
+    assert store.release([claim]) == 0
+    row = db.execute("SELECT consumer, draft_status::text, lease_until < now() AS expired "
+                     "FROM todolist").fetchone()
+    assert row == {"consumer": None, "draft_status": "STARTED", "expired": True}
+    assert fetch_upstream(db, consumer="upstream-w2") == [todo]
+
+
+def test_an_upstream_claim_that_ran_out_is_settled_cancelled_or_failed_and_can_be_retried(
+        upstream):
+    store, db = upstream
+    cancelled, exhausted, stuck = (store.enqueue("shared", q) for q in ("c", "x", "s"))
+    assert sorted(fetch_upstream(db, limit=3)) == sorted([cancelled, exhausted, stuck])
+    db.execute("UPDATE todolist SET status = 'CANCELLED' WHERE id = %s", (cancelled,))
+    db.execute("UPDATE todolist SET claim_count = 3 WHERE id = %s", (exhausted,))
+    for todo in (cancelled, exhausted, stuck):
+        expire_upstream_lease(db, todo)
+    (claim,) = claim_ours(store, limit=3)
+    assert claim.todo_id == stuck
+    states = {r["id"]: r["draft_status"] for r in db.execute(
+        "SELECT id::text, draft_status::text FROM todolist")}
+    assert states == {cancelled: "CANCELLED", exhausted: "FAILED", stuck: "STARTED"}
+    (error,) = db.execute("SELECT data->>'error' AS e FROM events WHERE todo_id = %s",
+                          (exhausted,)).fetchall()
+    assert error["e"] == "claimed 3 times without finishing (max_claims=3)"
+    # An expired upstream claim is abandoned, so retry takes it (a live one is refused).
+    other = store.enqueue("shared", "o")
+    assert fetch_upstream(db) == [other]
+    assert "it is running" in cli("retry", other, "--database-url", db.info.dsn,
+                                  check=False).stderr
+    expire_upstream_lease(db, other)
+    cli("retry", other, "--database-url", db.info.dsn)
+    assert db.execute("SELECT draft_status, consumer FROM todolist WHERE id = %s",
+                      (other,)).fetchone() == {"draft_status": None, "consumer": None}
 
 
 def test_our_claims_and_upstream_claims_interleave_without_running_a_todo_twice(upstream):
