@@ -809,6 +809,19 @@ BEGIN
 END
 $$;
 
+-- The first answer to one question: a human_response with the question's job_id, for its todo
+-- (or naming none), written after it. Executors reuse job ids (one fixed id, or one per task),
+-- so the job_id alone would let another todo's answer, or the answer to an earlier question,
+-- answer this one. Executable by every role (the answer trigger runs as the UI's).
+CREATE OR REPLACE FUNCTION processgpt_sync_answer_to_v1(
+    p_job_id text, p_todo_id text, p_asked_at timestamptz)
+RETURNS SETOF events LANGUAGE sql STABLE AS $$
+    SELECT r.* FROM events r
+    WHERE r.job_id = p_job_id AND r.event_type = 'human_response'
+      AND (r.todo_id IS NULL OR r.todo_id = p_todo_id) AND r."timestamp" >= p_asked_at
+    ORDER BY r."timestamp" LIMIT 1
+$$;
+
 -- Ask a person (ask_human, suspend_for_human): the pending events first, then the question.
 -- The same question (same signature) asked before in this todo is not asked again: its answer is
 -- returned ('answered_before'), or, while unanswered, its job_id is waited on again
@@ -836,10 +849,7 @@ BEGIN
     v_events := processgpt_sync_record_events_v1(p_events);
     SELECT q.job_id, r.data INTO v_job_id, v_answer
     FROM events q
-    LEFT JOIN LATERAL (
-        SELECT a.data FROM events a
-        WHERE a.job_id = q.job_id AND a.event_type = 'human_response'
-        ORDER BY a."timestamp" LIMIT 1) r ON true
+    LEFT JOIN LATERAL processgpt_sync_answer_to_v1(q.job_id, q.todo_id, q."timestamp") r ON true
     WHERE q.todo_id = p_todo_id::text AND q.event_type = 'human_asked'
       AND q.data ->> 'signature' = p_question ->> 'signature'
     ORDER BY r.data IS NOT NULL DESC, q."timestamp" DESC LIMIT 1;
@@ -889,9 +899,11 @@ BEGIN
     IF v_refused IS NOT NULL THEN
         RETURN jsonb_build_object('applied', false, 'reason', v_refused);
     END IF;
-    SELECT data INTO v_answer FROM events
-    WHERE job_id = p_job_id AND event_type = 'human_response'
-    ORDER BY "timestamp" LIMIT 1;  -- the first answer is the answer, as take_answer_v1 has it
+    SELECT r.data INTO v_answer FROM (
+        SELECT q."timestamp" FROM events q
+        WHERE q.todo_id = p_todo_id::text AND q.job_id = p_job_id AND q.event_type = 'human_asked'
+        ORDER BY q."timestamp" DESC LIMIT 1) q
+    CROSS JOIN LATERAL processgpt_sync_answer_to_v1(p_job_id, p_todo_id::text, q."timestamp") r;
     IF NOT FOUND THEN
         RETURN jsonb_build_object('applied', true, 'reason', 'waiting');
     END IF;
@@ -924,7 +936,8 @@ BEGIN
     END IF;
     -- One answer per question: a second one would be ignored by the waiting todo anyway.
     PERFORM pg_advisory_xact_lock(hashtext('processgpt_sync_respond'), hashtext(p_job_id));
-    IF EXISTS (SELECT 1 FROM events WHERE job_id = p_job_id AND event_type = 'human_response') THEN
+    IF EXISTS (SELECT 1 FROM processgpt_sync_answer_to_v1(p_job_id, v_question.todo_id,
+                                                          v_question."timestamp")) THEN
         RAISE EXCEPTION 'question % was already answered', p_job_id
             USING HINT = format('processgpt-sync show %s shows the answer', v_question.todo_id);
     END IF;
@@ -950,8 +963,8 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
     WHERE q.event_type = 'human_asked' AND t.draft_status = 'HUMAN_ASKED'
       AND t.status IS DISTINCT FROM 'CANCELLED'
       AND (p_agent_orch IS NULL OR t.agent_orch::text = p_agent_orch)
-      AND NOT EXISTS (SELECT 1 FROM events r
-                      WHERE r.job_id = q.job_id AND r.event_type = 'human_response')
+      AND NOT EXISTS (SELECT 1 FROM processgpt_sync_answer_to_v1(q.job_id, q.todo_id,
+                                                                 q."timestamp"))
 $$;
 
 -- A suspended todo (HUMAN_ASKED, no owner) whose latest question has an answer becomes
@@ -964,17 +977,16 @@ CREATE OR REPLACE FUNCTION processgpt_sync_take_answer_v1(p_todo_id uuid)
 RETURNS boolean LANGUAGE plpgsql AS $$
 DECLARE
     v_job_id text;
+    v_asked_at timestamptz;
     v_answer events;
 BEGIN
-    SELECT q.job_id INTO v_job_id FROM events q
+    SELECT q.job_id, q."timestamp" INTO v_job_id, v_asked_at FROM events q
     WHERE q.todo_id = p_todo_id::text AND q.event_type = 'human_asked'
     ORDER BY q."timestamp" DESC LIMIT 1;
     IF NOT FOUND THEN
         RETURN false;
     END IF;
-    SELECT * INTO v_answer FROM events r
-    WHERE r.job_id = v_job_id AND r.event_type = 'human_response'
-    ORDER BY r."timestamp" LIMIT 1;
+    SELECT * INTO v_answer FROM processgpt_sync_answer_to_v1(v_job_id, p_todo_id::text, v_asked_at);
     IF NOT FOUND THEN
         RETURN false;
     END IF;
@@ -1003,12 +1015,14 @@ BEGIN
         RETURN NULL;
     END IF;
     PERFORM pg_notify('processgpt_sync_answer', NEW.job_id);
-    SELECT processgpt_sync_uuid_or_null_v1(q.todo_id) INTO v_todo_id FROM events q
-    WHERE q.job_id = NEW.job_id AND q.event_type = 'human_asked'
-    ORDER BY q."timestamp" DESC LIMIT 1;
+    v_todo_id := processgpt_sync_uuid_or_null_v1(NEW.todo_id);  -- the answer's own todo first
+    IF v_todo_id IS NULL THEN
+        SELECT processgpt_sync_uuid_or_null_v1(q.todo_id) INTO v_todo_id FROM events q
+        WHERE q.job_id = NEW.job_id AND q.event_type = 'human_asked'
+        ORDER BY q."timestamp" DESC LIMIT 1;
+    END IF;
     BEGIN
-        PERFORM processgpt_sync_take_answer_v1(
-            coalesce(v_todo_id, processgpt_sync_uuid_or_null_v1(NEW.todo_id)));
+        PERFORM processgpt_sync_take_answer_v1(v_todo_id);
     EXCEPTION WHEN insufficient_privilege THEN
         RAISE WARNING 'processgpt-sync: answer % stored, todo not requeued: %', NEW.job_id, SQLERRM;
     END;
@@ -1580,9 +1594,8 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
                       FROM events q
                       WHERE q.todo_id = t.id::text AND q.event_type = 'human_asked'
                         AND t.draft_status = 'HUMAN_ASKED'
-                        AND NOT EXISTS (SELECT 1 FROM events r
-                                        WHERE r.job_id = q.job_id
-                                          AND r.event_type = 'human_response')))
+                        AND NOT EXISTS (SELECT 1 FROM processgpt_sync_answer_to_v1(
+                                            q.job_id, q.todo_id, q."timestamp"))))
     FROM todolist t WHERE t.id = p_todo_id
 $$;
 
@@ -1703,5 +1716,6 @@ BEGIN
     -- privileges.
     GRANT EXECUTE ON FUNCTION processgpt_sync_uuid_or_null_v1(text) TO PUBLIC;
     GRANT EXECUTE ON FUNCTION processgpt_sync_take_answer_v1(uuid) TO PUBLIC;
+    GRANT EXECUTE ON FUNCTION processgpt_sync_answer_to_v1(text, text, timestamptz) TO PUBLIC;
 END
 $$;

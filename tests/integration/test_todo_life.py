@@ -492,3 +492,30 @@ def test_a_schema_upgrade_on_a_busy_database_neither_deadlocks_nor_fails_todos(d
     finally:
         store.close()
     assert errors == [] and failed == 0
+
+
+def test_a_job_id_reused_across_todos_and_questions_is_answered_per_todo_and_per_question(
+        storage, db):
+    """Executors reuse job ids (the seed's fixed "job-demo-0001", or job-{task_id} on every
+    event of a task): an answer belongs to the question of its own todo that was asked before
+    it, never to another todo's, nor to a later question under the same id."""
+    a, b = storage.enqueue("life", "a"), storage.enqueue("life", "b")
+    claims = {c.todo_id: c for c in claim(storage, limit=2)}
+    for c in claims.values():
+        assert storage.ask(c, "job-demo-0001", question_data(f"Approve {c.todo_id}?", None,
+                                                             "confirm")).reason == "ok"
+        storage.finish([{"todo_id": c.todo_id, "token": c.token, "outcome": "asked"}])
+    db.execute("INSERT INTO events (id, job_id, todo_id, event_type, data, status) VALUES "
+               "(%s, 'job-demo-0001', %s, 'human_response', '{\"answer\": \"yes for a\"}', "
+               "'APPROVED')", (str(uuid.uuid4()), a))
+    assert state(db, a)["draft_status"] == "FB_REQUESTED"
+    assert state(db, b)["draft_status"] == "HUMAN_ASKED", "a's answer is not b's"
+    assert [q["todo_id"] for q in storage.open_questions("life")] == [b]
+    (resumed,) = claim(storage)
+    assert resumed.todo_id == a and resumed.extras["resume"]["answer_raw"] == "yes for a"
+    second = storage.ask(resumed, "job-demo-0001", question_data("And the amount?", None, "text"))
+    assert second.reason == "ok", "a new question under the same id is asked"
+    assert storage.answer(resumed, "job-demo-0001").reason == "waiting"
+    assert storage.respond("job-demo-0001", "12") == a
+    assert storage.answer(resumed, "job-demo-0001").answer == {"answer": "12", "user_id": None}
+    assert state(db, b)["draft_status"] == "HUMAN_ASKED"
