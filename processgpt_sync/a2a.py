@@ -240,12 +240,12 @@ class Recorder:
                                extra={"action": "a2a_event", "todo_id": self.todo.id})
             event_type = STATE_EVENT_TYPES.get(state or "", "task_working")
         if state in ("input_required", "auth_required"):
-            event_type = "human_asked" if event_type == "task_working" else event_type
+            event_type = "human_asked"  # over any event_type it names, as the original SDK
         data = payload(event)
         if event_type == "human_asked":
             self.asked = True
             self.question = data
-        if state in ("failed", "rejected"):
+        if state in ("failed", "rejected", "canceled"):
             self.error = data
         elif state == "completed" and (event["texts"] or event["data"]):
             self.reply = data
@@ -261,9 +261,13 @@ class Recorder:
     def _artifact(self, event: dict[str, Any]) -> None:
         texts = event["texts"]
         chunk = self.chunk
-        if event["append"] and texts and chunk is not None and chunk[0] == event["artifact_id"]:
-            # a chunk of a streamed artifact: its text continues the one before
-            event = {**event, "texts": [chunk[1] + texts[0], *texts[1:]]}
+        if event["append"] and chunk is not None and chunk[0] == event["artifact_id"]:
+            # a chunk of a streamed artifact: its text continues the one before (an empty
+            # closing chunk only closes it)
+            if texts:
+                event = {**event, "texts": [chunk[1] + texts[0], *texts[1:]]}
+            elif not event["data"]:
+                event = {**event, "texts": [chunk[1]]}
         if event["texts"]:
             self.chunk = (event["artifact_id"], event["texts"][0])
         data = payload(event)
@@ -275,15 +279,19 @@ class Recorder:
 
     def outcome(self) -> Any:
         """What the finished ``execute`` amounts to: a result, a question, or a failure."""
-        if self.last_state in ("failed", "rejected"):
-            word = "failure" if self.last_state == "failed" else "rejection of the task"
+        if self.last_state in ("failed", "rejected", "canceled"):
+            word = {"failed": "failure", "rejected": "rejection of the task",
+                    "canceled": "cancellation of the task"}[self.last_state]
             raise RuntimeError(f"executor reported {word}: {self.error}")
         if self.asked and self.last_state in ("input_required", "auth_required"):
             return AwaitingHuman(question=self.question)
         if self.final is not None:
             return self.final
-        if self.last_state == "completed" and self.last_artifact is not None:
-            return self.last_artifact
+        if self.last_state == "completed":  # its answer, even after an earlier question
+            if self.last_artifact is not None:
+                return self.last_artifact
+            if self.reply is not None:
+                return self.reply
         if self.asked:
             return AwaitingHuman(question=self.question)
         return self.reply

@@ -174,6 +174,37 @@ class Streaming(AgentExecutor):
         pass
 
 
+class Edges(AgentExecutor):
+    """Shapes a2a executors end in, one per input: a question naming its own event_type, a
+    question then a completed reply, a stream closed by an empty chunk, a self-cancel."""
+
+    async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+        context_id, task_id = ids(context)
+        how = context.get_user_input()
+        updater = TaskUpdater(event_queue, task_id, context_id)
+        if how == "named-question":
+            await event_queue.enqueue_event(ev.status(
+                "input_required", {"question": "which?"}, context_id, task_id,
+                {"event_type": "task_started", "job_id": "job-named"}))
+        elif how == "ask-then-reply":
+            await event_queue.enqueue_event(ev.status(
+                "input_required", {"question": "which tone?"}, context_id, task_id))
+            await updater.complete(message=ev.text_message(json.dumps({"tone": "formal"}),
+                                                           context_id, task_id))
+        elif how == "empty-close":
+            for n, piece in enumerate(["The ", "answer"]):
+                await event_queue.enqueue_event(ev.chunk(piece, "a", context_id, task_id,
+                                                         append=n > 0, last=False))
+            await updater.add_artifact([], artifact_id="a", append=True, last_chunk=True)
+            await updater.complete()
+        elif how == "self-cancel":
+            await updater.cancel(message=ev.text_message("the user asked to stop", context_id,
+                                                         task_id))
+
+    async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
+        pass
+
+
 def run(storage, executor, n=1, *, workers=2, inputs=None):
     todo_ids = [storage.enqueue("a2a", (inputs or ["hello"])[i % len(inputs or ["hello"])],
                                 proc_inst_id=None) for i in range(n)]
@@ -344,3 +375,23 @@ def test_the_a2a_example_runs_on_a2a_sdk_0_3(storage, db):
     (_todo_id,) = run(storage, load_example("a2a_executor").MyExecutor(), inputs=["hi"])
     assert todo(db)["output"] == {"input": "hi", "output": "HI"}
     assert [e[0] for e in events(db)] == ["task_started", "task_completed", "crew_completed"]
+
+
+def test_how_an_a2a_executor_ends_decides_the_todos_state(storage, db):
+    """input_required is a question whatever event_type it names (as the original SDK has it);
+    a reply after a question completes the todo (it no longer waits); an empty closing chunk
+    keeps the streamed text; a self-reported cancel is said so, not a missing result."""
+    run(storage, Edges(), 4,
+        inputs=["named-question", "ask-then-reply", "empty-close", "self-cancel"])
+    rows = {r["query"]: r for r in db.execute(
+        "SELECT query, draft_status::text, output, log FROM todolist")}
+    assert rows["named-question"]["draft_status"] == "HUMAN_ASKED"
+    assert db.execute("SELECT event_type::text FROM events WHERE job_id = 'job-named'"
+                      ).fetchone()["event_type"] == "human_asked"
+    assert (rows["ask-then-reply"]["draft_status"], rows["ask-then-reply"]["output"]) == (
+        "COMPLETED", {"tone": "formal"})
+    assert (rows["empty-close"]["draft_status"], rows["empty-close"]["output"]) == (
+        "COMPLETED", "The answer")
+    assert rows["self-cancel"]["draft_status"] == "FAILED"
+    assert rows["self-cancel"]["log"] == ("RuntimeError: executor reported cancellation of the "
+                                          "task: the user asked to stop")
