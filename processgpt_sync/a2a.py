@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections.abc
 import logging
 import threading
@@ -102,14 +103,35 @@ def normalize(event: Any) -> dict[str, Any]:
     return {
         "kind": kind,
         "state": state,
-        "texts": [p["text"] for p in parts if isinstance(p, Mapping) and "text" in p],
-        "data": [p["data"] for p in parts if isinstance(p, Mapping) and "data" in p],
+        **_contents(parts),
+        "artifacts": [{**_contents(a.get("parts") or []), "artifact_id": a.get("artifact_id")}
+                      for a in raw.get("artifacts") or []],
         "metadata": _narrow(raw.get("metadata") or {}),
         "final": state in TERMINAL_STATES if final is None else bool(final),
         "last_chunk": bool(raw.get("last_chunk")),
         "append": bool(raw.get("append")),
         "artifact_id": (raw.get("artifact") or {}).get("artifact_id"),
     }
+
+
+def _contents(parts: list[Any]) -> dict[str, list[Any]]:
+    """The text, data and file parts of a message or artifact."""
+    parts = [p for p in parts if isinstance(p, Mapping)]
+    return {"texts": [p["text"] for p in parts if "text" in p],
+            "data": [p["data"] for p in parts if "data" in p],
+            "files": [_file(p) for p in parts if "file" in p or "raw" in p or "url" in p]}
+
+
+def _file(part: Mapping[str, Any]) -> dict[str, Any]:
+    """A file part (0.3: ``file`` with name, mime_type, bytes or uri; 1.x: filename,
+    media_type, raw or url) as a result holds it: name, media type, URL or base64 bytes."""
+    nested = part.get("file")
+    file: Mapping[str, Any] = nested if isinstance(nested, Mapping) else {}
+    found = {"name": file.get("name") or part.get("filename"),
+             "media_type": file.get("mime_type") or part.get("media_type"),
+             "url": file.get("uri") or part.get("url"),
+             "bytes": file.get("bytes") or part.get("raw")}
+    return {key: value for key, value in found.items() if value}
 
 
 def _proto_fields(event: Any, kind: str) -> dict[str, Any]:
@@ -132,6 +154,9 @@ def _proto_fields(event: Any, kind: str) -> dict[str, Any]:
         raw["artifact"] = {"parts": _proto_parts(event.artifact.parts)}
         if event.artifact.artifact_id:
             raw["artifact"]["artifact_id"] = event.artifact.artifact_id
+    elif kind == "task":
+        raw["artifacts"] = [{"parts": _proto_parts(a.parts), "artifact_id": a.artifact_id}
+                            for a in event.artifacts]
     elif kind == "message":
         raw["parts"] = _proto_parts(event.parts)
     if "metadata" in fields and event.HasField("metadata"):
@@ -150,6 +175,13 @@ def _proto_parts(parts: Any) -> list[dict[str, Any]]:
             out.append({"text": part.text})
         elif content == "data":
             out.append({"data": _proto_value(part.data)})
+        elif content in ("raw", "url"):  # a file, as MessageToDict gives it
+            file = {"raw": base64.b64encode(part.raw).decode("ascii")} if content == "raw" \
+                else {"url": part.url}
+            for field in ("filename", "media_type"):
+                if getattr(part, field):
+                    file[field] = getattr(part, field)
+            out.append(file)
         else:
             out.append({})
     return out
@@ -187,11 +219,13 @@ def _narrow(value: Any) -> Any:
 
 def payload(event: Mapping[str, Any]) -> Any:
     """The message payload with its wrapper removed: first text part (JSON-parsed when it is
-    JSON), else the first data part, else an empty object."""
+    JSON), else the first data part, else its files ({"files": [...]}), else an empty object."""
     if event["texts"]:
         return unwrap_text(event["texts"][0])
     if event["data"]:
         return event["data"][0]
+    if event["files"]:
+        return {"files": event["files"]}
     return {}
 
 
@@ -223,7 +257,10 @@ class Recorder:
             self._status(normal)
         elif normal["kind"] == "artifact":
             self._artifact(normal)
-        elif normal["kind"] == "message" and (normal["texts"] or normal["data"]):
+        elif normal["kind"] == "task":
+            self._task(normal)
+        elif normal["kind"] == "message" and (normal["texts"] or normal["data"]
+                                              or normal["files"]):
             self.reply = payload(normal)  # a2a's "immediate response": the result, if no other
         else:
             logger.debug("a2a %s for todo %s not recorded", normal["kind"], self.todo.id)
@@ -258,6 +295,15 @@ class Recorder:
             status=status if status in EVENT_STATUSES else None,
         )
 
+    def _task(self, event: dict[str, Any]) -> None:
+        """A whole Task enqueued (a snapshot): its artifacts (the result, when it completed),
+        then its state once past working; a new task (submitted, working) records nothing."""
+        for artifact in event["artifacts"]:
+            self._artifact({**artifact, "append": False, "last_chunk": False,
+                            "final": event["state"] == "completed"})
+        if event["state"] not in (None, "submitted", "working", "unknown"):
+            self._status(event)
+
     def _artifact(self, event: dict[str, Any]) -> None:
         texts = event["texts"]
         chunk = self.chunk
@@ -266,7 +312,7 @@ class Recorder:
             # closing chunk only closes it)
             if texts:
                 event = {**event, "texts": [chunk[1] + texts[0], *texts[1:]]}
-            elif not event["data"]:
+            elif not event["data"] and not event["files"]:
                 event = {**event, "texts": [chunk[1]]}
         if event["texts"]:
             self.chunk = (event["artifact_id"], event["texts"][0])

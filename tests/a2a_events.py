@@ -84,5 +84,30 @@ def text_part(text: str) -> Any:
     return Part(root=TextPart(text=text))
 
 
+def file_part(raw: bytes, name: str, media_type: str) -> Any:
+    from a2a.types import Part
+
+    if V1:
+        return Part(raw=raw, filename=name, media_type=media_type)
+    import base64
+
+    from a2a.types import FilePart, FileWithBytes
+
+    return Part(root=FilePart(file=FileWithBytes(
+        bytes=base64.b64encode(raw).decode(), name=name, mime_type=media_type)))
+
+
+def task(name: str, payload: Any, context_id: str, task_id: str) -> Any:
+    """A whole Task in state ``name`` with one text artifact holding ``payload``."""
+    text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    from a2a.types import Artifact, Task, TaskStatus
+
+    if V1:
+        return Task(id=task_id, context_id=context_id, status=TaskStatus(state=state(name)),
+                    artifacts=[Artifact(artifact_id="result", parts=[text_part(text)])])
+    return Task(id=task_id, contextId=context_id, status=TaskStatus(state=state(name)),
+                artifacts=[Artifact(artifactId="result", parts=[text_part(text)])])
+
+
 def new_id() -> str:
     return str(uuid.uuid4())

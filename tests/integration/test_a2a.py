@@ -197,6 +197,13 @@ class Edges(AgentExecutor):
                                                          append=n > 0, last=False))
             await updater.add_artifact([], artifact_id="a", append=True, last_chunk=True)
             await updater.complete()
+        elif how == "file-only":
+            await updater.add_artifact([ev.file_part(b"%PDF", "r.pdf", "application/pdf")],
+                                       last_chunk=True)
+            await updater.complete()
+        elif how == "task-snapshot":
+            await event_queue.enqueue_event(ev.task("completed", {"answer": 42}, context_id,
+                                                    task_id))
         elif how == "self-cancel":
             await updater.cancel(message=ev.text_message("the user asked to stop", context_id,
                                                          task_id))
@@ -380,9 +387,11 @@ def test_the_a2a_example_runs_on_a2a_sdk_0_3(storage, db):
 def test_how_an_a2a_executor_ends_decides_the_todos_state(storage, db):
     """input_required is a question whatever event_type it names (as the original SDK has it);
     a reply after a question completes the todo (it no longer waits); an empty closing chunk
-    keeps the streamed text; a self-reported cancel is said so, not a missing result."""
-    run(storage, Edges(), 4,
-        inputs=["named-question", "ask-then-reply", "empty-close", "self-cancel"])
+    keeps the streamed text; a self-reported cancel is said so, not a missing result; a
+    file-only artifact is its files, not an empty object; a completed Task carries its
+    artifacts."""
+    run(storage, Edges(), 6, inputs=["named-question", "ask-then-reply", "empty-close",
+                                     "self-cancel", "file-only", "task-snapshot"])
     rows = {r["query"]: r for r in db.execute(
         "SELECT query, draft_status::text, output, log FROM todolist")}
     assert rows["named-question"]["draft_status"] == "HUMAN_ASKED"
@@ -392,6 +401,10 @@ def test_how_an_a2a_executor_ends_decides_the_todos_state(storage, db):
         "COMPLETED", {"tone": "formal"})
     assert (rows["empty-close"]["draft_status"], rows["empty-close"]["output"]) == (
         "COMPLETED", "The answer")
+    assert rows["file-only"]["output"] == {"files": [
+        {"name": "r.pdf", "media_type": "application/pdf", "bytes": "JVBERg=="}]}
+    assert (rows["task-snapshot"]["draft_status"], rows["task-snapshot"]["output"]) == (
+        "COMPLETED", {"answer": 42})
     assert rows["self-cancel"]["draft_status"] == "FAILED"
     assert rows["self-cancel"]["log"] == ("RuntimeError: executor reported cancellation of the "
                                           "task: the user asked to stop")
