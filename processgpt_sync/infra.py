@@ -18,8 +18,28 @@ FD_ADVICE = (
 )
 
 
+def is_group(error: BaseException) -> bool:
+    """An exception group (asyncio.TaskGroup, anyio's task groups, as MCP clients use):
+    the built-in one or the ``exceptiongroup`` backport of Python 3.10."""
+    return any(cls.__name__ == "BaseExceptionGroup" for cls in type(error).__mro__)
+
+
+def inner_errors(error: BaseException) -> list[BaseException]:
+    """The exceptions an exception group holds, however deeply nested; ``[error]`` for any
+    other exception."""
+    if not is_group(error):
+        return [error]
+    return [leaf for inner in getattr(error, "exceptions", ()) for leaf in inner_errors(inner)]
+
+
 def infrastructure_problem(error: BaseException | None) -> str | None:
-    """Why ``error`` is the infrastructure's fault (with advice), or None if it is not."""
+    """Why ``error`` is the infrastructure's fault (with advice), or None if it is not; inside
+    an exception group, the first of its exceptions that is."""
+    if error is not None and is_group(error):
+        for inner in inner_errors(error):
+            if (problem := infrastructure_problem(inner)) is not None:
+                return problem
+        return None
     seen: set[int] = set()
     current = error
     while current is not None and id(current) not in seen:

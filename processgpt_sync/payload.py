@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .errors import PayloadError
+from .infra import inner_errors, is_group
 
 MAX_ERROR_CHARS = 8000
 
@@ -72,9 +73,12 @@ def unwrap_text(text: str) -> Any:
 
 
 def error_text(exc: BaseException) -> str:
-    """A one-line, bounded description of an exception for ``todolist.log`` and error events."""
+    """A one-line, bounded description of an exception for ``todolist.log`` and error events;
+    an exception group's names the exceptions it holds (its own message only counts them)."""
     message = str(exc) or exc.__class__.__doc__ or ""
     text = f"{type(exc).__name__}: {message.strip()}"
+    if is_group(exc):
+        text += ": " + "; ".join(error_text(inner) for inner in inner_errors(exc))
     return safe_text(text)[:MAX_ERROR_CHARS]
 
 

@@ -19,7 +19,7 @@ from .executor import Adapter
 from .feedback import with_summary
 from .human import HumanDesk, SuspendForHuman
 from .inflight import InFlight
-from .infra import infrastructure_problem
+from .infra import infrastructure_problem, inner_errors
 from .recorder import Recorder
 from .runs import CURRENT_RUN, UNSET, TodoRun
 from .settings import Settings
@@ -139,8 +139,10 @@ class TodoWorker:
         if not run.end_once():
             return
         try:
-            if isinstance(error, SuspendForHuman):
-                value, error = self._recorder.suspend(run, error.question), None
+            suspend = next((e for e in inner_errors(error) if isinstance(e, SuspendForHuman)),
+                           None) if error is not None else None
+            if suspend is not None:  # also from inside a task group
+                value, error = self._recorder.suspend(run, suspend.question), None
         finally:
             self._stats.executing(-1)
             self._inflight.executor_returned(run)

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 import processgpt_sync as ps
+from processgpt_sync.errors import InfrastructureError
 from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -233,3 +234,40 @@ def test_a_server_with_many_workers_raises_the_gc_threshold_while_it_runs(storag
         wait_for(lambda: seen)
     assert seen == [max(before[0], 10_000)]
     assert gc.get_threshold() == before
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.TaskGroup is Python 3.11+")
+@pytest.mark.parametrize("loop", ["thread", "shared"])
+def test_what_a_task_group_raises_is_judged_by_the_exceptions_inside_it(storage, db, loop):
+    """asyncio.TaskGroup (and anyio's task groups, which MCP clients use) wrap what their
+    tasks raise in an exception group: a suspend inside one still suspends the todo, a host
+    failure inside one still gives it back (it runs again), and a failure's log names the
+    error inside, not only "unhandled errors in a TaskGroup"."""
+    runs: dict[str, int] = {}
+
+    async def handle(todo: ps.Todo) -> dict[str, Any]:
+        runs[todo.input] = runs.get(todo.input, 0) + 1
+
+        async def step() -> None:
+            await asyncio.sleep(0)
+            if todo.input == "ask":
+                todo.suspend_for_human("which region?")
+            if todo.input == "host" and runs["host"] == 1:
+                raise InfrastructureError("could not create an event loop: too many open "
+                                          "files")
+            if todo.input == "fail":
+                raise ValueError("503 Service Unavailable")
+
+        async with asyncio.TaskGroup() as group:
+            group.create_task(step())
+        return {"runs": runs[todo.input]}
+
+    for name in ("ask", "host", "fail"):
+        storage.enqueue("a", name)
+    with ps.start(handle, agent_orch="a", storage=storage, workers=3, loop=loop) as server:
+        wait_for(lambda: server.stats()["completed"] + server.stats()["failed"]
+                 + server.stats()["asked"] == 3, timeout=20)
+    assert states(db) == {"ask": "HUMAN_ASKED", "host": "COMPLETED", "fail": "FAILED"}
+    rows = {r["query"]: r for r in db.execute("SELECT query, output, log FROM todolist")}
+    assert rows["host"]["output"] == {"runs": 2}, "given back, then run again"
+    assert "ValueError: 503 Service Unavailable" in rows["fail"]["log"]
