@@ -24,6 +24,12 @@ CrewKickoffStarted/Completed/Failed         task_working           crew_name, st
                                                                    (crew_type ``crew``)
 ==========================================  =====================  ==========================
 
+A todo that runs several crews (the platform's planning, report and slide crews) labels each
+one's events with its own ``crew_type``::
+
+    with crew_label("report"):
+        report_crew.kickoff()
+
 Task and tool events share ``job_id`` = the CrewAI task id, so the UI pairs start and finish;
 ``crew_completed`` stays the server's own, written once after the result. Events go through
 ``todo.events`` (batched, ordered per todo, refused once the todo lost its lease or was
@@ -38,9 +44,12 @@ it returns, so nothing is lost.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ..payload import unwrap_text
@@ -51,17 +60,37 @@ logger = logging.getLogger(__name__)
 DEFAULT_PROFILE = "/images/chat-icon.png"  # the UI's default agent picture
 _lock = threading.Lock()
 _listener: Any = None
+_label: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "processgpt_sync_crew_label", default=None)
 
 
 def install(*, crew_type: str = "action") -> Any:
     """Register the listener on CrewAI's event bus (once per process; later calls return the
     same listener). ``crew_type`` labels task and tool events (the platform uses action,
-    result, report, slide...)."""
+    result, report, slide...) unless ``crew_label`` says otherwise around a crew."""
     global _listener
     with _lock:
         if _listener is None:
             _listener = _listener_class()(crew_type)
+        elif crew_type != _listener.crew_type:
+            logger.warning("CrewAI events are already labelled crew_type=%r by an earlier "
+                           "install(); %r is ignored: label one crew's events with "
+                           "`with crew_label(%r): ...`", _listener.crew_type, crew_type,
+                           crew_type, extra={"action": "crewai_install"})
         return _listener
+
+
+@contextmanager
+def crew_label(crew_type: str) -> Iterator[None]:
+    """Label the events of the crews run inside with ``crew_type`` instead of install()'s.
+    CrewAI calls listeners with the emitting code's contextvars, so this holds for
+    ``kickoff()``, ``kickoff_async()`` and crews run through ``anyio.to_thread`` or
+    ``asyncio.to_thread`` (which carry them), not on a bare ``threading.Thread``."""
+    token = _label.set(crew_type)
+    try:
+        yield
+    finally:
+        _label.reset(token)
 
 
 def translate(event: Any, crew_type: str) -> tuple[str, Any, str | None, str] | None:
@@ -152,7 +181,7 @@ def _listener_class() -> type:
                 crewai_event_bus.on(getattr(crewai_events, name))(self._on_event)
 
         def _on_event(self, source: Any, event: Any) -> None:
-            record(event, self.crew_type)
+            record(event, _label.get() or self.crew_type)
 
     return ProcessGPTEventListener
 

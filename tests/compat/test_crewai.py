@@ -85,3 +85,19 @@ def test_legacy_kickoff_inside_async_execute_fails_with_the_fix(storage, db):
     assert log.startswith("BlockingCallInAsync: blocking code called inside async def refused")
     assert "Agent execution was invoked synchronously from within a running event loop" in log
     assert "kickoff_async" in log and "anyio.to_thread.run_sync(crew.kickoff)" in log
+
+
+def test_each_crew_of_a_todo_labels_its_events_with_its_own_crew_type(storage, db):
+    """The platform runs planning, report and slide crews within one todo, each labelled."""
+    from processgpt_sync.contrib.crewai import crew_label
+
+    def two_crews(todo):
+        for label in ("report", "slide"):
+            with crew_label(label):
+                agents.build_crew(todo.input, "", "lookup").kickoff()
+        return {"done": True}
+
+    enqueue(storage, "crew", "lookup the quarterly report")
+    assert serve(storage, two_crews, "crew")["completed"] == 1
+    labels = [e[3] for e in events(db) if e[0] in ("task_started", "tool_usage_started")]
+    assert labels == ["report", "report", "slide", "slide"]
