@@ -124,7 +124,9 @@ RETURNS boolean LANGUAGE sql STABLE AS $$
             p_todo.status = 'IN_PROGRESS' AND p_todo.agent_mode IN ('DRAFT', 'COMPLETE')
             AND p_todo.draft IS NULL
         WHEN p_todo.status = 'CANCELLED' THEN false
-        WHEN p_todo.draft_status = 'FB_REQUESTED' THEN true
+        -- a revision of a todo whose process already took its result and moved on (DONE) is
+        -- left alone, as upstream workers leave it
+        WHEN p_todo.draft_status = 'FB_REQUESTED' THEN p_todo.status IS DISTINCT FROM 'DONE'
         WHEN p_todo.draft_status IN ('STARTED', 'HUMAN_ASKED') THEN
             p_todo.claim_count < p_max_claims AND (
                 -- an upstream worker's claim (they set lease_until; this library never does)
@@ -1643,6 +1645,10 @@ BEGIN
     v_state := processgpt_sync_state_v1(v_todo.status::text, v_todo.draft_status::text);
     IF v_state NOT IN ('COMPLETED', 'FAILED') THEN
         RETURN jsonb_build_object('applied', false, 'reason', 'not_finished', 'state', v_state);
+    END IF;
+    IF v_todo.status::text = 'DONE' THEN  -- the process took its result and moved on
+        RETURN jsonb_build_object('applied', false, 'reason', 'process_moved_on',
+                                  'state', v_state);
     END IF;
     UPDATE todolist t
     SET draft_status = 'FB_REQUESTED', updated_at = now(),

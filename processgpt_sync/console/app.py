@@ -256,6 +256,8 @@ class Console:
                        "not_finished": "a revision can be asked only of a COMPLETED or FAILED "
                                        f"todo (it is {outcome.get('state')})",
                        "empty_feedback": "say what to revise: the feedback is empty",
+                       "process_moved_on": "its process took the result and moved on (status "
+                                           "DONE): a revision would rewrite history",
                        }.get(str(outcome.get("reason")), str(outcome.get("reason")))
             return self.render(request, "error.html", 409, message=message)
         return _done(request, f"/todos/{todo_id}")

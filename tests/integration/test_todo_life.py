@@ -519,3 +519,21 @@ def test_a_job_id_reused_across_todos_and_questions_is_answered_per_todo_and_per
     assert storage.respond("job-demo-0001", "12") == a
     assert storage.answer(resumed, "job-demo-0001").answer == {"answer": "12", "user_id": None}
     assert state(db, b)["draft_status"] == "HUMAN_ASKED"
+
+
+def test_a_todo_whose_process_moved_on_gets_no_revision(storage, db):
+    """Once the engine took the result and moved on (status DONE), a revision would rewrite
+    history: the console's request is refused, and a revision the UI set anyway is not claimed
+    (as upstream workers leave it)."""
+    todo_id = storage.enqueue("life", "q")
+    (c,) = claim(storage)
+    storage.finish([{"todo_id": c.todo_id, "token": c.token, "outcome": "completed",
+                     "result": {"v": 1}}])
+    db.execute("UPDATE todolist SET status = 'DONE' WHERE id = %s", (todo_id,))
+    refused = storage.call("request_revision", {"p_todo_id": todo_id, "p_feedback": "shorter",
+                                                "p_user_id": None})
+    assert (refused["applied"], refused["reason"]) == (False, "process_moved_on")
+    db.execute("UPDATE todolist SET draft_status = 'FB_REQUESTED' WHERE id = %s", (todo_id,))
+    assert claim(storage) == []
+    db.execute("UPDATE todolist SET status = 'IN_PROGRESS' WHERE id = %s", (todo_id,))
+    assert [c.todo_id for c in claim(storage)] == [todo_id], "reopened by the UI: claimed"
