@@ -411,13 +411,14 @@ def _context_class() -> type:
             self.extras = dict(todo.extras)
             context_id = str(todo.proc_inst_id or todo.id)
             request = _user_message(todo.input, context_id, todo.id)
-            if is_v1():
-                from a2a.server.context import ServerCallContext
+            from a2a.server.context import ServerCallContext
 
+            if is_v1():
                 super().__init__(ServerCallContext(), request=request, task_id=todo.id,
                                  context_id=context_id)
-            else:
-                super().__init__(request=request, task_id=todo.id, context_id=context_id)
+            else:  # a call context too, as a served request has one (its state, its user)
+                super().__init__(request=request, task_id=todo.id, context_id=context_id,
+                                 call_context=ServerCallContext())
 
         def get_context_data(self) -> dict[str, Any]:
             return {"row": self.row, "extras": self.extras}

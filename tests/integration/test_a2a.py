@@ -361,7 +361,8 @@ def test_context_offers_row_extras_and_user_input(storage, db):
             data = context.get_context_data()
             seen.update(input=context.get_user_input(), task_id=context.task_id,
                         context_id=context.context_id, resume=data["extras"]["resume"]["kind"],
-                        id_type=type(data["row"]["id"]).__name__)
+                        id_type=type(data["row"]["id"]).__name__,
+                        call_context=type(context.call_context).__name__)
             context_id, task_id = ids(context)
             await event_queue.enqueue_event(ev.artifact("plain text", context_id, task_id))
 
@@ -370,7 +371,7 @@ def test_context_offers_row_extras_and_user_input(storage, db):
 
     (todo_id,) = run(storage, Inspect(), inputs=["  what to do  "])
     assert seen == {"input": "what to do", "task_id": todo_id, "context_id": todo_id,
-                    "resume": "fresh", "id_type": "str"}
+                    "resume": "fresh", "id_type": "str", "call_context": "ServerCallContext"}
     assert todo(db)["output"] == "plain text"
 
 
