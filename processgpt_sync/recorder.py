@@ -7,6 +7,7 @@ It never runs user code.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -43,7 +44,11 @@ class Recorder:
         count: Callable[..., None],
         on_run_time: Callable[[float], None],
         abort: threading.Event,
+        defer: Callable[..., None] | None = None,
     ) -> None:
+        """:param defer: runs a call on a pool thread (``WorkerPool.submit``); given when
+        async todos share one event loop, whose drafts are then written off that loop."""
+        self._defer = defer
         self._storage = storage
         self._outcomes = outcomes
         self._buffer = buffer
@@ -225,7 +230,45 @@ class Recorder:
                               extra=self._todo_extra(run, counter))
 
     def save_intermediate(self, run: TodoRun, data: Any) -> None:
-        """events.result(data, final=False): written now, after the todo's earlier events."""
+        """events.result(data, final=False): written now, after the todo's earlier events. On
+        the shared event loop (which serves every async todo) a pool thread writes it instead,
+        and only the latest of a todo's drafts still waiting (a streamed artifact sends one
+        per chunk): a slow or unreachable database never stalls the loop."""
+        if self._defer is not None and _on_event_loop():
+            self._save_later(run, data)
+            return
+        self._save_draft(run, data)
+
+    def _save_later(self, run: TodoRun, data: Any) -> None:
+        with run.lock:
+            run.pending_draft = data
+            if run.draft_scheduled:
+                return
+            run.draft_scheduled = True
+        assert self._defer is not None
+        try:
+            self._defer(self._write_pending_drafts, run)
+        except RuntimeError as exc:  # the pool is shut down, or no thread: the next one may
+            with run.lock:
+                run.draft_scheduled = False
+            self._log.warning("draft of todo %s not written now (%s); the next draft or its "
+                              "result will be", run.todo_id, exc,
+                              extra=self._todo_extra(run, "save_draft"))
+
+    def _write_pending_drafts(self, run: TodoRun) -> None:
+        while True:
+            with run.lock:
+                data, run.pending_draft = run.pending_draft, UNSET
+                if data is UNSET:
+                    run.draft_scheduled = False
+                    return
+            try:
+                self._save_draft(run, data)
+            except Exception:
+                self._log.exception("writing a draft of todo %s failed", run.todo_id,
+                                    extra=self._todo_extra(run, "save_draft"))
+
+    def _save_draft(self, run: TodoRun, data: Any) -> None:
         if not run.is_open():
             return
         events = self._buffer.take(run.todo_id, run.claim.token, ids=True)
@@ -270,3 +313,12 @@ class Recorder:
                 self._log.warning("%s for todo %s failed (attempt %d), retrying: %s", action,
                                   run.todo_id, attempt, exc, extra=self._todo_extra(run, action))
                 time.sleep(backoff(attempt))
+
+
+def _on_event_loop() -> bool:
+    """Whether this thread is running an asyncio event loop (it serves other tasks too)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

@@ -48,6 +48,8 @@ class TodoRun:
         self.cancel_event = threading.Event()
         self.cancel_reason: str | None = None
         self.final_result: Any = UNSET
+        self.pending_draft: Any = UNSET  # the latest draft a pool thread is to write
+        self.draft_scheduled = False
         self.timeout = timeout
         self.started = time.monotonic()
         self.deadline: float | None = None

@@ -339,17 +339,18 @@ class Server:
         buffer.start()
         outcomes = OutcomeWriter(storage, abort=self._abort, on_crash=self._thread_died)
         outcomes.start()
+        # A todo that timed out keeps its thread until its executor returns: a few spare
+        # threads, made only when needed, serve on (the claimer counts the rest as busy).
+        pool = WorkerPool(budget.pool_threads(self.settings.workers, self._deferred),
+                          name="processgpt-sync")
         recorder = Recorder(storage, outcomes, buffer, log=log, extra=extra, count=stats.count,
-                            on_run_time=stats.run_time, abort=self._abort)
+                            on_run_time=stats.run_time, abort=self._abort,
+                            defer=pool.submit if self._deferred else None)
 
         def cancel(run: TodoRun, reason: str) -> None:  # the desk is made before the worker
             worker.cancel(run, reason)
 
         desk = HumanDesk(storage, buffer, lambda: self._inflight.listening, cancel)
-        # A todo that timed out keeps its thread until its executor returns: a few spare
-        # threads, made only when needed, serve on (the claimer counts the rest as busy).
-        pool = WorkerPool(budget.pool_threads(self.settings.workers, self._deferred),
-                          name="processgpt-sync")
         worker = TodoWorker(self._adapter, self.settings, inflight=self._inflight,
                             recorder=recorder, desk=desk, stats=stats,
                             around_todo=self._around_todo, log=log, extra=extra,

@@ -159,3 +159,40 @@ def test_an_a2a_executor_on_the_shared_loop_records_its_artifact(storage, db):
     with ps.start(Echo(), agent_orch="a", storage=storage, workers=8, loop="shared"):
         wait_for(lambda: all(row(db, i)["state"] == "COMPLETED" for i in ids))
     assert [row(db, i)["output"] for i in ids] == [{"echo": f"t{i}"} for i in range(20)]
+
+
+def test_drafts_written_while_the_database_stalls_do_not_stall_the_shared_loop(
+        storage, db, database_url):
+    """A draft (``events.result(final=False)``, a streamed a2a artifact's chunk) from a todo
+    on the shared loop is written by a pool thread, the latest one only: here the todo's row is
+    locked by another transaction, so its draft writes wait, and another todo on the same loop
+    runs and completes meanwhile."""
+    import psycopg
+
+    locked, unlocked = threading.Event(), threading.Event()
+
+    async def handle(todo: ps.Todo) -> dict[str, Any]:
+        if todo.input == "drafts":
+            while not locked.is_set():
+                await asyncio.sleep(0.01)
+            for n in range(50):
+                todo.events.result({"draft": n}, final=False)
+            while not unlocked.is_set():
+                await asyncio.sleep(0.01)
+            return {"final": True}
+        await asyncio.sleep(0.2)
+        return {"quick": True}
+
+    drafts = storage.enqueue("a", "drafts")
+    with ps.start(handle, agent_orch="a", storage=storage, workers=4, loop="shared") as server:
+        wait_for(lambda: row(db, drafts)["state"] == "STARTED")
+        with psycopg.connect(database_url) as holder:  # a transaction holding the todo's row
+            holder.execute("SELECT 1 FROM todolist WHERE id = %s FOR UPDATE", (drafts,))
+            locked.set()
+            quick = storage.enqueue("a", "quick")
+            wait_for(lambda: row(db, quick)["state"] == "COMPLETED", timeout=10)
+            assert row(db, drafts)["state"] == "STARTED", "its draft is still waiting"
+            holder.rollback()
+        unlocked.set()
+        wait_for(lambda: server.stats()["completed"] == 2)
+    assert row(db, drafts)["output"] == {"final": True}
