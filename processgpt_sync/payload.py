@@ -32,6 +32,32 @@ def snapshot_json(value: Any, *, what: str) -> Any:
     return json.loads(text)
 
 
+def _first_unstorable(value: Any, path: str, depth: int = 0) -> str | None:
+    """Where in ``value`` the first item JSON cannot hold is (``['messages'][3]``), so a
+    refused result names it; only walked once a value was refused."""
+    if depth > 100:
+        return None
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                return f"{path}[{key!r}]"
+            found = _first_unstorable(item, f"{path}[{key!r}]", depth + 1)
+            if found is not None:
+                return found
+        return None
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            found = _first_unstorable(item, f"{path}[{index}]", depth + 1)
+            if found is not None:
+                return found
+        return None
+    if value is None or isinstance(value, (str, int, bool)):
+        return None
+    if isinstance(value, float):
+        return None if value == value and value not in (float("inf"), float("-inf")) else path
+    return path
+
+
 def _dump(value: Any, *, what: str) -> tuple[str, bool]:
     """The JSON text of ``value``, and whether a read-only mapping was turned into a dict."""
     converted = False
@@ -46,7 +72,9 @@ def _dump(value: Any, *, what: str) -> tuple[str, bool]:
     try:
         text = json.dumps(value, ensure_ascii=False, allow_nan=False, default=plain)
     except (TypeError, ValueError) as exc:
-        raise PayloadError(f"{what} is not JSON-serialisable: {exc}") from exc
+        where = _first_unstorable(value, "")
+        at = f" (at {what}{where})" if where else ""
+        raise PayloadError(f"{what} is not JSON-serialisable: {exc}{at}") from exc
     except RecursionError as exc:
         raise PayloadError(f"{what} is nested too deeply (or refers to itself)") from exc
     try:

@@ -27,6 +27,19 @@ def test_values_jsonb_cannot_store_are_refused_with_the_reason(value, message):
         check_json(value, what="result")
 
 
+def test_a_refused_value_names_where_in_it_the_unstorable_item_is():
+    """A LangGraph state holding message objects deep inside: the error says which."""
+    class Message:
+        pass
+
+    state = {"summary": "ok", "messages": [{"role": "user"}, Message()], "n": 1}
+    with pytest.raises(PayloadError) as refused:
+        check_json(state, what="result")
+    assert str(refused.value).endswith("(at result['messages'][1])")
+    with pytest.raises(PayloadError, match=r"\(at result\['scores'\]\[0\]\)$"):
+        check_json({"scores": [math.inf]}, what="result")
+
+
 def test_unwrap_text_parses_json_objects_and_arrays_only():
     assert unwrap_text('{"a": 1}') == {"a": 1}
     assert unwrap_text(" [1, 2] ") == [1, 2]
