@@ -164,6 +164,12 @@ class Settings:
             raise ConfigurationError(
                 "summarize_feedback must be a function (feedback_items, previous_result) -> "
                 f"str, got {type(self.summarize_feedback).__name__}")
+        for name in ("listen", "fair", "transaction_pooler"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (name == "transaction_pooler"
+                                                    and value is None):
+                raise ConfigurationError(
+                    f"{name} must be True or False, got {type(value).__name__} {value!r}")
         if self.loop not in ("thread", "shared"):
             raise ConfigurationError(f"loop must be 'thread' or 'shared', got {self.loop!r}")
         check_backend(self.database_url, self.supabase_url, self.supabase_key)

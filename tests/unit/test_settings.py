@@ -55,6 +55,9 @@ def test_bad_values_get_specific_errors(env, message):
     ({"gc_threshold": 1.5}, "gc_threshold must be a whole number >= 0"),
     ({"grace_seconds": "5"}, "grace_seconds must be >= 0, got '5'"),
     ({"summarize_feedback": "x"}, "summarize_feedback must be a function"),
+    ({"fair": "no"}, "fair must be True or False, got str 'no'"),
+    ({"listen": 0}, "listen must be True or False, got int 0"),
+    ({"transaction_pooler": "yes"}, "transaction_pooler must be True or False"),
 ])
 def test_options_of_the_wrong_type_are_refused_when_the_settings_are_built(options, message):
     """Caught here, not on the first todo (summarize_feedback), in SQL (a fractional lease) or
