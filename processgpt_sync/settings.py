@@ -43,6 +43,7 @@ ENVIRONMENT = {
     "PROCESSGPT_CONSUMER": "consumer",
     "PROCESSGPT_TRANSACTION_POOLER": "transaction_pooler",
     "PROCESSGPT_FAIR": "fair",
+    "PROCESSGPT_LISTEN": "listen",
     "PROCESSGPT_MAX_RUNNING": "max_running",
     "PROCESSGPT_MAX_RUNNING_PER_TENANT": "max_running_per_tenant",
     "PROCESSGPT_STATEMENT_TIMEOUT": "statement_timeout",
@@ -248,7 +249,13 @@ def _convert(name: str, raw: str, variable: str) -> Any:
         if kind in ("float", "float | None"):
             return float(raw)
         if kind in ("bool", "bool | None"):
-            return raw.strip().lower() in ("1", "true", "yes", "on")
+            word = raw.strip().lower()
+            if word in ("1", "true", "yes", "on"):
+                return True
+            if word in ("0", "false", "no", "off"):
+                return False
+            raise ConfigurationError(f"{variable}={raw!r} is not true or false (1/0, yes/no, "
+                                     "on/off also do)")
     except ValueError:
         raise ConfigurationError(f"{variable}={raw!r} is not a valid {kind}") from None
     return raw

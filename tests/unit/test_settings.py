@@ -92,3 +92,13 @@ def test_a_transaction_pooler_is_detected_by_port_or_set_explicitly():
                                 "PROCESSGPT_TRANSACTION_POOLER": "yes",
                                 "DATABASE_URL": "postgresql://u@db/x"})
     assert forced.behind_transaction_pooler
+
+
+def test_a_yes_or_no_variable_that_is_neither_is_refused_not_read_as_no():
+    """PROCESSGPT_FAIR=ture used to turn fairness off without a word."""
+    assert Settings.from_env({"PROCESSGPT_AGENT_ORCH": "a", "PROCESSGPT_FAIR": "off",
+                              "PROCESSGPT_LISTEN": "No"}).fair is False
+    assert Settings.from_env({"PROCESSGPT_AGENT_ORCH": "a", "PROCESSGPT_LISTEN": "0"}
+                             ).listen is False
+    with pytest.raises(ConfigurationError, match="PROCESSGPT_FAIR='ture' is not true or false"):
+        Settings.from_env({"PROCESSGPT_AGENT_ORCH": "a", "PROCESSGPT_FAIR": "ture"})
