@@ -233,7 +233,8 @@ class Recorder:
         """events.result(data, final=False): written now, after the todo's earlier events. On
         the shared event loop (which serves every async todo) a pool thread writes it instead,
         and only the latest of a todo's drafts still waiting (a streamed artifact sends one
-        per chunk): a slow or unreachable database never stalls the loop."""
+        per chunk): a slow or unreachable database never stalls the loop. Those drafts go
+        alone; the todo's events go with its next write as ever."""
         if self._defer is not None and _on_event_loop():
             self._save_later(run, data)
             return
@@ -263,13 +264,27 @@ class Recorder:
                     run.draft_scheduled = False
                     return
             try:
-                self._save_draft(run, data)
+                self._save_draft(run, data, deferred=True)
+            except StorageUnavailable as exc:  # superseded by the next draft or the result
+                self._log.warning("draft of todo %s not written (%s); the next draft or its "
+                                  "result will be", run.todo_id, exc,
+                                  extra=self._todo_extra(run, "save_draft"))
             except Exception:
                 self._log.exception("writing a draft of todo %s failed", run.todo_id,
                                     extra=self._todo_extra(run, "save_draft"))
 
-    def _save_draft(self, run: TodoRun, data: Any) -> None:
+    def _save_draft(self, run: TodoRun, data: Any, *, deferred: bool = False) -> None:
+        """Write one draft. Inline, with the todo's waiting events and retried through
+        outages, as the executor's own call. Deferred, alone and tried once: it may meet the
+        todo's outcome, which must not be refused its events, and a pool thread must not sit
+        out an outage for a value the next draft or the result replaces."""
         if not run.is_open():
+            return
+        if deferred:
+            outcome = self._storage.save_result(run.claim, data, final=False, events=[])
+            if not outcome.applied and run.is_open():
+                self._log.warning("draft of todo %s refused (%s)", run.todo_id,
+                                  outcome.reason, extra=self._todo_extra(run, "save_draft"))
             return
         events = self._buffer.take(run.todo_id, run.claim.token, ids=True)
         try:

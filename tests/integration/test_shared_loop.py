@@ -196,3 +196,37 @@ def test_drafts_written_while_the_database_stalls_do_not_stall_the_shared_loop(
         unlocked.set()
         wait_for(lambda: server.stats()["completed"] == 2)
     assert row(db, drafts)["output"] == {"final": True}
+
+
+def test_a_draft_that_meets_the_todos_result_costs_no_event(database_url, db):
+    """The pool thread's draft can reach the database after the todo's result (here each
+    draft's write waits 0.3 s, as on a slow link): the events written before it are not lost,
+    and the result stands."""
+    import time
+
+    from processgpt_sync.storage.postgres import PostgresStorage
+
+    class SlowDrafts(PostgresStorage):
+        def save_result(self, claim, result, *, final=True, events=()):
+            if not final:
+                time.sleep(0.3)
+            return super().save_result(claim, result, final=final, events=events)
+
+    async def handle(todo: ps.Todo) -> dict[str, Any]:
+        todo.events.progress({"step": "before the draft"})
+        todo.events.result({"partial": 1}, final=False)
+        return {"final": True}
+
+    storage = SlowDrafts(database_url, max_connections=6)
+    try:
+        todo_id = storage.enqueue("a", "q")
+        with ps.start(handle, agent_orch="a", storage=storage, workers=2,
+                      loop="shared") as server:
+            wait_for(lambda: server.stats()["completed"] == 1)
+            time.sleep(0.5)  # the late draft has met the result
+    finally:
+        storage.close()
+    assert row(db, todo_id)["output"] == {"final": True}
+    assert [(e["event_type"], e["data"]) for e in db.execute(
+        "SELECT event_type::text, data FROM events ORDER BY timestamp")] == [
+        ("task_working", {"step": "before the draft"}), ("crew_completed", {})]
