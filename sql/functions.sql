@@ -1071,6 +1071,9 @@ BEGIN
             -- any worker, theirs or ours, may claim again
             lease_until = CASE WHEN j.state = 'running' AND j.prev_draft_status = 'STARTED'
                                THEN now() ELSE t.lease_until END,
+            -- the given-back run's token no longer passes the fence, even when the next
+            -- owner is an upstream worker (which never sets a token of its own)
+            claim_token = CASE WHEN j.state = 'running' THEN NULL ELSE t.claim_token END,
             consumer = NULL, updated_at = now()
         FROM judged j
         WHERE t.id = j.id

@@ -184,6 +184,9 @@ def test_an_upstream_claim_whose_lease_ran_out_is_taken_over_as_upstream_workers
                      "FROM todolist").fetchone()
     assert row == {"consumer": None, "draft_status": "STARTED", "expired": True}
     assert fetch_upstream(db, consumer="upstream-w2") == [todo]
+    late = store.save_result(claim, {"stale": True})  # our run, still going after the stop
+    assert not late.applied, "a given-back run's writes are refused once another worker has it"
+    assert db.execute("SELECT output FROM todolist").fetchone() == {"output": None}
 
 
 def test_an_upstream_claim_that_ran_out_is_settled_cancelled_or_failed_and_can_be_retried(
