@@ -143,6 +143,19 @@ RETURNS boolean LANGUAGE sql STABLE AS $$
     END
 $$;
 
+-- Whether any claim has expired that a claim of p_agent_orch would settle or take: a lease of
+-- ours, or an upstream worker's claim (lease_until set and past) that can be settled or
+-- claimed (status IN_PROGRESS or CANCELLED; one the UI finished meanwhile never counts, or
+-- every claim would walk it). One probe of each expiry index.
+CREATE OR REPLACE FUNCTION processgpt_sync_claims_expired_v1(p_agent_orch text)
+RETURNS boolean LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (SELECT 1 FROM processgpt_sync_lease WHERE expires_at < now())
+        OR EXISTS (SELECT 1 FROM todolist t
+                   WHERE t.draft_status = 'STARTED' AND t.lease_until < now()
+                     AND t.status IN ('IN_PROGRESS', 'CANCELLED')
+                     AND t.agent_orch::text = p_agent_orch)
+$$;
+
 -- Claim up to p_limit todos for one agent_orch in one call (SKIP LOCKED), each with a lease, a
 -- fencing token and its context extras. Expired claims (running, or waiting in a blocking
 -- ask_human) are settled first: CANCELLED when the UI cancelled them, FAILED past p_max_claims;
@@ -185,12 +198,8 @@ BEGIN
     END IF;
     PERFORM set_config('synchronous_commit', 'off', true);
 
-    -- Settle expired claims, ours and upstream workers' (lease_until set and past); usually
-    -- there are none, and one probe of each expiry index says so.
-    v_expired := EXISTS (SELECT 1 FROM processgpt_sync_lease WHERE expires_at < now())
-                 OR EXISTS (SELECT 1 FROM todolist t
-                            WHERE t.draft_status = 'STARTED' AND t.lease_until < now()
-                              AND t.agent_orch::text = p_agent_orch);
+    -- Settle expired claims, ours and upstream workers'; usually there are none.
+    v_expired := processgpt_sync_claims_expired_v1(p_agent_orch);
     IF v_expired THEN
     -- An upstream worker's claim that ran out after the UI cancelled it: cancelled.
     UPDATE todolist t SET draft_status = 'CANCELLED', consumer = NULL, lease_until = NULL,
@@ -280,7 +289,7 @@ BEGIN
             UNION
             SELECT t.id FROM todolist t
             WHERE t.draft_status = 'STARTED' AND t.lease_until < now()
-              AND t.agent_orch::text = p_agent_orch
+              AND t.status = 'IN_PROGRESS' AND t.agent_orch::text = p_agent_orch
               AND (p_tenant_id IS NULL OR t.tenant_id = p_tenant_id)
               AND processgpt_sync_is_claimable_v1(t, p_max_claims)) a;
     END IF;

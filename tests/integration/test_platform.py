@@ -361,3 +361,23 @@ def test_service_role_key_of_the_platforms_env_file_is_accepted():
                                       "SERVICE_ROLE_KEY": "platform-key", "SUPABASE_KEY": "k"})
     assert preferred.supabase_key == "k"
 
+
+
+def test_only_an_upstream_claim_that_can_be_settled_or_claimed_counts_as_expired(upstream):
+    """A STARTED todo past its lease_until that the UI finished meanwhile (status DONE) is
+    neither settled nor claimed: it must not send every claim down the expiry path."""
+    store, db = upstream
+    todo = store.enqueue("shared", "finished in the UI")
+    assert fetch_upstream(db) == [todo]
+    expire_upstream_lease(db, todo)
+
+    def expired() -> bool:
+        return db.execute("SELECT processgpt_sync_claims_expired_v1('shared') AS e"
+                          ).fetchone()["e"]
+
+    assert expired(), "IN_PROGRESS: claimable"
+    db.execute("UPDATE todolist SET status = 'DONE' WHERE id = %s", (todo,))
+    assert not expired()
+    assert claim_ours(store) == []
+    db.execute("UPDATE todolist SET status = 'CANCELLED' WHERE id = %s", (todo,))
+    assert expired(), "CANCELLED: to be settled"
