@@ -124,9 +124,7 @@ RETURNS boolean LANGUAGE sql STABLE AS $$
             p_todo.status = 'IN_PROGRESS' AND p_todo.agent_mode IN ('DRAFT', 'COMPLETE')
             AND p_todo.draft IS NULL
         WHEN p_todo.status = 'CANCELLED' THEN false
-        -- a revision of a todo whose process already took its result and moved on (DONE) is
-        -- left alone, as upstream workers leave it
-        WHEN p_todo.draft_status = 'FB_REQUESTED' THEN p_todo.status IS DISTINCT FROM 'DONE'
+        WHEN p_todo.draft_status = 'FB_REQUESTED' THEN true
         WHEN p_todo.draft_status IN ('STARTED', 'HUMAN_ASKED') THEN
             p_todo.claim_count < p_max_claims AND (
                 -- an upstream worker's claim (they set lease_until; this library never does)
