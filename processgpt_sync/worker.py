@@ -7,6 +7,7 @@ talks to the database itself: writes go through the ``Recorder``.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import logging
@@ -19,7 +20,8 @@ from .executor import Adapter
 from .feedback import with_summary
 from .human import HumanDesk, SuspendForHuman
 from .inflight import InFlight
-from .infra import infrastructure_problem, inner_errors
+from .infra import infrastructure_problem, inner_errors, is_group
+from .payload import error_text
 from .recorder import Recorder
 from .runs import CURRENT_RUN, UNSET, TodoRun
 from .settings import Settings
@@ -139,8 +141,7 @@ class TodoWorker:
         if not run.end_once():
             return
         try:
-            suspend = next((e for e in inner_errors(error) if isinstance(e, SuspendForHuman)),
-                           None) if error is not None else None
+            suspend = _suspension(error)
             if suspend is not None:  # also from inside a task group
                 value, error = self._recorder.suspend(run, suspend.question), None
         finally:
@@ -149,6 +150,11 @@ class TodoWorker:
         problem = infrastructure_problem(error)
         recorded = functools.partial(self._inflight.forget, run)
         try:
+            if problem is not None and error is not None and is_group(error):
+                self._log.warning("todo %s raised an exception group holding a host failure; "
+                                  "it is given back; the group held: %s", run.todo_id,
+                                  error_text(error), exc_info=error,
+                                  extra=self._todo_extra(run, "execute"))
             if problem is not None:
                 self._give_back_broken(run, problem)
                 recorded()
@@ -220,3 +226,17 @@ class TodoWorker:
 
     def _todo_extra(self, run: TodoRun, action: str) -> dict[str, Any]:
         return {**self._extra, "action": action, "todo_id": run.todo_id}
+
+
+def _suspension(error: BaseException | None) -> SuspendForHuman | None:
+    """The suspend ``error`` amounts to: a SuspendForHuman, alone or in an exception group
+    whose other members are only the cancellations it caused; None when anything else failed
+    with it (that failure is the outcome)."""
+    if error is None:
+        return None
+    inner = inner_errors(error)
+    suspend = next((e for e in inner if isinstance(e, SuspendForHuman)), None)
+    if suspend is None or not all(isinstance(e, (SuspendForHuman, asyncio.CancelledError))
+                                  for e in inner):
+        return None
+    return suspend

@@ -250,7 +250,7 @@ def test_what_a_task_group_raises_is_judged_by_the_exceptions_inside_it(storage,
 
         async def step() -> None:
             await asyncio.sleep(0)
-            if todo.input == "ask":
+            if todo.input in ("ask", "ask-and-fail"):
                 todo.suspend_for_human("which region?")
             if todo.input == "host" and runs["host"] == 1:
                 raise InfrastructureError("could not create an event loop: too many open "
@@ -258,16 +258,25 @@ def test_what_a_task_group_raises_is_judged_by_the_exceptions_inside_it(storage,
             if todo.input == "fail":
                 raise ValueError("503 Service Unavailable")
 
+        async def sibling() -> None:
+            await asyncio.sleep(0)
+            if todo.input == "ask-and-fail":
+                raise KeyError("the other task's own failure")
+            await asyncio.sleep(0.05)
+
         async with asyncio.TaskGroup() as group:
             group.create_task(step())
+            group.create_task(sibling())
         return {"runs": runs[todo.input]}
 
-    for name in ("ask", "host", "fail"):
+    for name in ("ask", "host", "fail", "ask-and-fail"):
         storage.enqueue("a", name)
     with ps.start(handle, agent_orch="a", storage=storage, workers=3, loop=loop) as server:
         wait_for(lambda: server.stats()["completed"] + server.stats()["failed"]
-                 + server.stats()["asked"] == 3, timeout=20)
-    assert states(db) == {"ask": "HUMAN_ASKED", "host": "COMPLETED", "fail": "FAILED"}
+                 + server.stats()["asked"] == 4, timeout=20)
+    assert states(db) == {"ask": "HUMAN_ASKED", "host": "COMPLETED", "fail": "FAILED",
+                          "ask-and-fail": "FAILED"}, "a failure beside a suspend is a failure"
     rows = {r["query"]: r for r in db.execute("SELECT query, output, log FROM todolist")}
     assert rows["host"]["output"] == {"runs": 2}, "given back, then run again"
     assert "ValueError: 503 Service Unavailable" in rows["fail"]["log"]
+    assert "KeyError: \"the other task's own failure\"" in rows["ask-and-fail"]["log"]
