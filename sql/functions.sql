@@ -827,7 +827,8 @@ CREATE OR REPLACE FUNCTION processgpt_sync_answer_to_v1(
 RETURNS SETOF events LANGUAGE sql STABLE AS $$
     SELECT r.* FROM events r
     WHERE r.job_id = p_job_id AND r.event_type = 'human_response'
-      AND (r.todo_id IS NULL OR r.todo_id = p_todo_id) AND r."timestamp" >= p_asked_at
+      AND (r.todo_id IS NULL OR r.todo_id = p_todo_id)
+      AND (r."timestamp" IS NULL OR r."timestamp" >= p_asked_at)
     ORDER BY r."timestamp" LIMIT 1
 $$;
 
@@ -931,22 +932,37 @@ RETURNS boolean LANGUAGE sql AS $$
 $$;
 
 -- Answer a question as the ProcessGPT UI does: a `human_response` event with the question's
--- job_id (CLI `respond`). Returns the todo id, or NULL when no such question exists.
-CREATE OR REPLACE FUNCTION processgpt_sync_respond_v1(
-    p_job_id text, p_answer jsonb, p_user_id text DEFAULT NULL)
+-- job_id (CLI `respond`, the console). The question is the open one with that job_id, of todo
+-- p_todo_id when given: executors reuse job ids across todos, so where that leaves several
+-- open questions the todo must be named. Returns the todo id, or NULL when no such question
+-- exists; raises when it was answered already, or which one is meant is ambiguous.
+CREATE OR REPLACE FUNCTION processgpt_sync_respond_v2(
+    p_job_id text, p_answer jsonb, p_user_id text DEFAULT NULL, p_todo_id text DEFAULT NULL)
 RETURNS text LANGUAGE plpgsql AS $$
 DECLARE
     v_question events;
+    v_todos text[];
 BEGIN
-    SELECT * INTO v_question FROM events
-    WHERE job_id = p_job_id AND event_type = 'human_asked' ORDER BY "timestamp" DESC LIMIT 1;
+    -- One answer per question: a second one would be ignored by the waiting todo anyway.
+    PERFORM pg_advisory_xact_lock(hashtext('processgpt_sync_respond'), hashtext(p_job_id));
+    SELECT array_agg(DISTINCT q.todo_id) INTO v_todos FROM events q
+    WHERE q.job_id = p_job_id AND q.event_type = 'human_asked'
+      AND (p_todo_id IS NULL OR q.todo_id = p_todo_id)
+      AND NOT EXISTS (SELECT 1 FROM processgpt_sync_answer_to_v1(q.job_id, q.todo_id,
+                                                                 q."timestamp"));
+    IF cardinality(v_todos) > 1 THEN
+        RAISE EXCEPTION 'question % is open in % todos (%): name the todo', p_job_id,
+            cardinality(v_todos), array_to_string(v_todos, ', ')
+            USING HINT = 'processgpt-sync respond JOB_ID ANSWER --todo TODO_ID';
+    END IF;
+    SELECT * INTO v_question FROM events q
+    WHERE q.job_id = p_job_id AND q.event_type = 'human_asked'
+      AND q.todo_id = coalesce(v_todos[1], p_todo_id, q.todo_id)
+    ORDER BY q."timestamp" DESC LIMIT 1;
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
-    -- One answer per question: a second one would be ignored by the waiting todo anyway.
-    PERFORM pg_advisory_xact_lock(hashtext('processgpt_sync_respond'), hashtext(p_job_id));
-    IF EXISTS (SELECT 1 FROM processgpt_sync_answer_to_v1(p_job_id, v_question.todo_id,
-                                                          v_question."timestamp")) THEN
+    IF v_todos IS NULL THEN
         RAISE EXCEPTION 'question % was already answered', p_job_id
             USING HINT = format('processgpt-sync show %s shows the answer', v_question.todo_id);
     END IF;
@@ -958,6 +974,13 @@ BEGIN
             clock_timestamp(), v_question.tenant_id);
     RETURN v_question.todo_id;
 END
+$$;
+
+-- The first respond signature (kept for servers of an earlier version).
+CREATE OR REPLACE FUNCTION processgpt_sync_respond_v1(
+    p_job_id text, p_answer jsonb, p_user_id text DEFAULT NULL)
+RETURNS text LANGUAGE sql AS $$
+    SELECT processgpt_sync_respond_v2(p_job_id, p_answer, p_user_id, NULL)
 $$;
 
 -- Questions still waiting for an answer (CLI `asked`).
@@ -1601,7 +1624,8 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
                          ORDER BY ev."timestamp" DESC, ev.id DESC
                          LIMIT greatest(coalesce(p_limit, 500), 1)) e),
         'questions', (SELECT coalesce(jsonb_agg(jsonb_build_object(
-                                 'job_id', q.job_id, 'question', q.data, 'asked_at', q."timestamp")
+                                 'job_id', q.job_id, 'todo_id', q.todo_id, 'question', q.data,
+                                 'asked_at', q."timestamp")
                                  ORDER BY q."timestamp"), '[]'::jsonb)
                       FROM events q
                       WHERE q.todo_id = t.id::text AND q.event_type = 'human_asked'

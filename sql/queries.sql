@@ -40,7 +40,7 @@ SELECT processgpt_sync_resume_asking_v1(p_todo_id => %(p_todo_id)s::uuid, p_toke
 
 -- respond --
 -- Answer a question as the ProcessGPT UI does
-SELECT processgpt_sync_respond_v1(p_job_id => %(p_job_id)s::text, p_answer => %(p_answer)s::jsonb, p_user_id => %(p_user_id)s::text)
+SELECT processgpt_sync_respond_v2(p_job_id => %(p_job_id)s::text, p_answer => %(p_answer)s::jsonb, p_user_id => %(p_user_id)s::text, p_todo_id => %(p_todo_id)s::text)
 
 -- open_questions --
 -- Questions still waiting for an answer

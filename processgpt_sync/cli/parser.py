@@ -216,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     respond.add_argument("job_id", help="the question's job_id, from `processgpt-sync asked`")
     respond.add_argument("answer", help="the answer (JSON if it parses as JSON, else text)")
     respond.add_argument("--user-id", help="who answered (default: none)")
+    respond.add_argument("--todo", help="the todo whose question it is, when the job_id is "
+                         "open in several (executors may reuse job ids)")
     respond.set_defaults(func=cmd_respond)
 
     demo = command("demo", "enqueue and serve a few todos on the embedded database, or on "

@@ -100,7 +100,7 @@ def cmd_respond(args: argparse.Namespace) -> int:
         answer = args.answer
     storage = checked_storage(args)
     try:
-        todo_id = storage.respond(args.job_id, answer, user_id=args.user_id)
+        todo_id = storage.respond(args.job_id, answer, user_id=args.user_id, todo_id=args.todo)
     finally:
         storage.close()
     if todo_id is None:

@@ -267,8 +267,10 @@ class Console:
         if isinstance(form, Response):
             return form
         job_id = request.path_params["job_id"]
+        todo = request.query_params.get("todo")  # job ids may repeat across todos
         questions = await self.call("open_questions", p_agent_orch=None)
-        question = next((q for q in questions or [] if q["job_id"] == job_id), None)
+        question = next((q for q in questions or [] if q["job_id"] == job_id
+                         and (todo is None or q["todo_id"] == todo)), None)
         if question is None:
             return self.render(request, "error.html", 409,
                                message="this question is no longer open")
@@ -276,7 +278,8 @@ class Console:
         if problem:
             return self.render(request, "error.html", 400, message=problem)
         todo_id = await run_in_threadpool(
-            lambda: self.storage.respond(job_id, value, user_id=self.config.user_id))
+            lambda: self.storage.respond(job_id, value, user_id=self.config.user_id,
+                                         todo_id=question["todo_id"]))
         return _done(request, f"/todos/{todo_id}" if todo_id else "/questions")
 
     async def _form(self, request: Request) -> dict[str, str] | Response:

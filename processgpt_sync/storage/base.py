@@ -203,9 +203,12 @@ class Storage(abc.ABC):
         """Stop waiting for an answer; the todo runs on."""
         self.call("resume_asking", {"p_todo_id": claim.todo_id, "p_token": claim.token})
 
-    def respond(self, job_id: str, answer: Any, *, user_id: str | None = None) -> str | None:
-        """Answer question ``job_id`` as the UI does; the todo id, or None if no such question."""
-        params = {"p_job_id": job_id, "p_answer": answer, "p_user_id": user_id}
+    def respond(self, job_id: str, answer: Any, *, user_id: str | None = None,
+                todo_id: str | None = None) -> str | None:
+        """Answer question ``job_id`` (of ``todo_id``, needed when executors reused the job id
+        across todos) as the UI does; the todo id, or None if no such question."""
+        params = {"p_job_id": job_id, "p_answer": answer, "p_user_id": user_id,
+                  "p_todo_id": todo_id}
         todo_id = self.call("respond", params)
         return None if todo_id is None else str(todo_id)
 

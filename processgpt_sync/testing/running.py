@@ -351,7 +351,7 @@ def _drive(run: _Run, conn: psycopg.Connection[dict[str, Any]],
                         f"the executor asked {question.text!r} and no answer was scripted: "
                         "pass answers=[...], answers={question: answer} or a function")
                 given.add(question.job_id)
-                run.storage.respond(question.job_id, answer)
+                run.storage.respond(question.job_id, answer, todo_id=run.todo_id)
                 continue
         if time.monotonic() >= deadline:
             raise RunTimedOut(

@@ -190,6 +190,27 @@ def test_answering_a_select_question_writes_what_the_ui_writes_and_the_executor_
     assert again.status_code == 409, "an answered question is closed"
 
 
+def test_a_job_id_two_todos_share_is_answered_on_the_todo_whose_form_was_used(
+        storage, client, db):
+    """Executors reuse job ids across todos: each todo's form answers its own question."""
+    from processgpt_sync.human import question_data
+
+    for name in ("a", "b"):
+        storage.enqueue("console", name)
+    claims = storage.claim(agent_orch="console", consumer="w", limit=2, lease_seconds=60,
+                           max_claims=3)
+    for c in claims:
+        storage.ask(c, "job-shared", question_data(f"Approve {c.todo_id}?", None, "text"))
+        storage.finish([{"todo_id": c.todo_id, "token": c.token, "outcome": "asked"}])
+    first, second = (c.todo_id for c in claims)
+    page = client.get(f"/todos/{second}").text
+    assert f"/questions/job-shared/answer?todo={second}" in page
+    answered = post(client, f"/questions/job-shared/answer?todo={second}", answer="for b")
+    assert answered.headers["location"] == f"/todos/{second}"
+    assert state_of(db, second)["draft_status"] == "FB_REQUESTED"
+    assert state_of(db, first)["draft_status"] == "HUMAN_ASKED"
+
+
 def test_answer_form_gives_each_kind_its_value():
     select = {"question": "?", "type": "select", "options": [1, {"k": "v"}]}
     assert answer_from_form(select, {"choice": "1"}) == ({"k": "v"}, None)

@@ -516,9 +516,15 @@ def test_a_job_id_reused_across_todos_and_questions_is_answered_per_todo_and_per
     second = storage.ask(resumed, "job-demo-0001", question_data("And the amount?", None, "text"))
     assert second.reason == "ok", "a new question under the same id is asked"
     assert storage.answer(resumed, "job-demo-0001").reason == "waiting"
-    assert storage.respond("job-demo-0001", "12") == a
+    with pytest.raises(ps.StorageError, match="open in 2 todos .*: name the todo"):
+        storage.respond("job-demo-0001", "12")  # whose? a's second question, or b's first
+    assert storage.respond("job-demo-0001", "12", todo_id=a) == a
     assert storage.answer(resumed, "job-demo-0001").answer == {"answer": "12", "user_id": None}
     assert state(db, b)["draft_status"] == "HUMAN_ASKED"
+    assert storage.respond("job-demo-0001", "yes for b") == b, "the one still open"
+    assert state(db, b)["draft_status"] == "FB_REQUESTED"
+    with pytest.raises(ps.StorageError, match="already answered"):
+        storage.respond("job-demo-0001", "again", todo_id=b)
 
 
 def test_a_todo_whose_process_moved_on_gets_no_revision_from_the_console(storage, db):
