@@ -516,7 +516,7 @@ def test_a_job_id_reused_across_todos_and_questions_is_answered_per_todo_and_per
     second = storage.ask(resumed, "job-demo-0001", question_data("And the amount?", None, "text"))
     assert second.reason == "ok", "a new question under the same id is asked"
     assert storage.answer(resumed, "job-demo-0001").reason == "waiting"
-    with pytest.raises(ps.StorageError, match="open in 2 todos .*: name the todo"):
+    with pytest.raises(ps.StorageError, match=r"open in 2 todos .*: name the todo"):
         storage.respond("job-demo-0001", "12")  # whose? a's second question, or b's first
     assert storage.respond("job-demo-0001", "12", todo_id=a) == a
     assert storage.answer(resumed, "job-demo-0001").answer == {"answer": "12", "user_id": None}
