@@ -173,27 +173,6 @@ CREATE TABLE IF NOT EXISTS processgpt_sync_lease (
     claimed_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS processgpt_sync_lease_expires_idx ON processgpt_sync_lease (expires_at);
--- Upstream workers' claims by the end of their lease (they set lease_until; this library never
--- does): one probe per claim finds any that ran out and can be settled or claimed here (status
--- IN_PROGRESS or CANCELLED; others, e.g. a todo the UI finished meanwhile, never count).
-DROP INDEX IF EXISTS todolist_processgpt_sync_upstream_lease_idx;  -- counted every status
-DO $$
-BEGIN
-    IF (SELECT data_type FROM information_schema.columns
-        WHERE table_schema = current_schema() AND table_name = 'todolist'
-          AND column_name = 'agent_orch') = 'text' THEN
-        CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_upstream_expiry_idx
-            ON todolist (agent_orch, lease_until)
-            WHERE draft_status = 'STARTED' AND lease_until IS NOT NULL
-              AND status IN ('IN_PROGRESS', 'CANCELLED');
-    ELSE
-        CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_upstream_expiry_idx
-            ON todolist (lease_until)
-            WHERE draft_status = 'STARTED' AND lease_until IS NOT NULL
-              AND status IN ('IN_PROGRESS', 'CANCELLED');
-    END IF;
-END
-$$;
 
 -- A deleted todo takes its lease with it (the cascade runs with the table owner's rights, so the
 -- UI deleting a todo needs no right on the lease table). Needs a unique todolist.id, as
@@ -267,9 +246,14 @@ $$;
 -- One index serves oldest-first claims, one the tenants' turns of fair claims (a skip scan over
 -- tenants, then each tenant's oldest todos). Old installs have an enum agent_orch, whose cast to
 -- text cannot be indexable: index by date only there.
+-- Upstream workers' claims by the end of their lease (they set lease_until; this library never
+-- does), indexed the same way: one probe per claim finds any that ran out and can be settled
+-- or claimed here (status IN_PROGRESS or CANCELLED; others, e.g. a todo the UI finished
+-- meanwhile, never count).
 DROP INDEX IF EXISTS todolist_processgpt_sync_claim_idx;  -- before HUMAN_ASKED was reclaimable
 DROP INDEX IF EXISTS todolist_processgpt_sync_claimable_idx;  -- held running todos too
 DROP INDEX IF EXISTS todolist_processgpt_sync_fair_idx;  -- held running todos too
+DROP INDEX IF EXISTS todolist_processgpt_sync_upstream_lease_idx;  -- counted every status
 DO $$
 BEGIN
     IF (SELECT data_type FROM information_schema.columns
@@ -281,10 +265,18 @@ BEGIN
         CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_waiting_fair_idx
             ON todolist (agent_orch, (coalesce(tenant_id, '')), start_date, id)
             WHERE draft_status IS NULL OR draft_status = 'FB_REQUESTED';
+        CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_upstream_expiry_idx
+            ON todolist (agent_orch, lease_until)
+            WHERE draft_status = 'STARTED' AND lease_until IS NOT NULL
+              AND status IN ('IN_PROGRESS', 'CANCELLED');
     ELSE
         CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_waiting_idx
             ON todolist (start_date, id)
             WHERE draft_status IS NULL OR draft_status = 'FB_REQUESTED';
+        CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_upstream_expiry_idx
+            ON todolist (lease_until)
+            WHERE draft_status = 'STARTED' AND lease_until IS NOT NULL
+              AND status IN ('IN_PROGRESS', 'CANCELLED');
     END IF;
 END
 $$;
