@@ -5,7 +5,8 @@ events) to one writer thread. The writer records everything that is pending in o
 one transaction, one fsync — so throughput is not bounded by one commit per todo. Nothing is
 fire-and-forget: each outcome carries what to do once it is stored (or refused by fencing, or
 could not be stored), run on the writer's thread after its commit; ``write`` waits for that.
-Outages are retried with back-off.
+Outages are retried with back-off; an outcome whose todo row another transaction holds is
+tried again a little later, while the rest of its batch is written now.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from .storage.base import Storage, WriteOutcome
 logger = logging.getLogger(__name__)
 
 BATCH_SIZE = 200  # outcomes per SQL call
+BUSY_RETRY_FIRST = 0.02  # seconds before an outcome whose row was held is tried again
+BUSY_RETRY_MAX = 1.0
+BUSY_WARN_AFTER = 5.0  # seconds of a held row before it is logged
 
 
 Stored = Callable[[WriteOutcome | None, BaseException | None], None]
@@ -42,6 +46,9 @@ class Outcome:
     error: str | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
     told: bool = False  # its ``then`` ran (or runs now): never twice
+    busy_since: float | None = None  # when its row was first found held by another transaction
+    busy_tries: int = 0
+    busy_logged: bool = False
 
     def item(self) -> dict[str, Any]:
         return {
@@ -67,6 +74,7 @@ class OutcomeWriter:
         self._cond = threading.Condition()
         self._pending: list[tuple[Outcome, Stored]] = []
         self._writing: list[tuple[Outcome, Stored]] = []
+        self._held: list[tuple[float, Outcome, Stored]] = []  # (when to try again, ...)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="processgpt-sync-outcomes",
                                         daemon=True)
@@ -83,7 +91,7 @@ class OutcomeWriter:
                 self._pending.append((outcome, then))
                 self._cond.notify()
         if closed:  # a straggler after stop(): write it on the caller's thread
-            self._write_batch([(outcome, then)])
+            self._write_straggler((outcome, then))
 
     def write(self, outcome: Outcome) -> WriteOutcome:
         """Store ``outcome`` (blocking); raise the storage error if it cannot be stored."""
@@ -117,7 +125,9 @@ class OutcomeWriter:
                             extra={"action": "finish"})
             with self._cond:
                 self._closed = True  # later outcomes are written on their workers' threads
-                stranded, self._pending = self._writing + self._pending, []
+                held = [(outcome, then) for _, outcome, then in self._held]
+                stranded, self._pending = self._writing + self._pending + held, []
+                self._held = []
             # Report first: what the stranded outcomes' handlers write now is written on this
             # thread, and retries through an outage until the stopping server aborts them.
             if self._on_crash is not None:
@@ -127,18 +137,73 @@ class OutcomeWriter:
     def _write_forever(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self._closed:
-                    self._cond.wait()
+                while True:
+                    self._take_due_held()
+                    if self._pending or (self._closed and not self._held):
+                        break
+                    if self._held and self._abort.is_set():
+                        self._fail_held()
+                        continue
+                    wake = min(due for due, _, _ in self._held) if self._held else None
+                    self._cond.wait(None if wake is None else max(0.0, wake - time.monotonic()))
                 if not self._pending:
                     return
                 batch, self._pending = self._pending[:BATCH_SIZE], self._pending[BATCH_SIZE:]
                 self._writing = batch
-            self._write_batch(batch)
+            held = self._write_batch(batch)
             with self._cond:
                 self._writing = []
-            del batch  # its todos (their outputs too) are freed now, not when the next arrive
+                for outcome, then in held:
+                    self._held.append((self._next_try(outcome), outcome, then))
+            del batch, held  # their todos (outputs too) are freed now, not when the next arrive
 
-    def _write_batch(self, batch: list[tuple[Outcome, Stored]]) -> None:
+    def _take_due_held(self) -> None:
+        """Move the held outcomes whose time has come back to the pending ones (lock held)."""
+        now = time.monotonic()
+        due = [(outcome, then) for when, outcome, then in self._held if when <= now]
+        if due:
+            self._held = [entry for entry in self._held if entry[0] > now]
+            self._pending.extend(due)
+
+    def _fail_held(self) -> None:
+        """The server exits now: the held outcomes are not stored (their leases lapse)."""
+        held, self._held = self._held, []
+        self._cond.release()
+        try:
+            self._fail_all([(outcome, then) for _, outcome, then in held], StorageUnavailable(
+                "the todo's row was held by another transaction until the server stopped"))
+        finally:
+            self._cond.acquire()
+
+    @staticmethod
+    def _next_try(outcome: Outcome) -> float:
+        """When to try again an outcome whose row another transaction held; logged once when
+        that lasts (the batch's other todos were written meanwhile)."""
+        now = time.monotonic()
+        if outcome.busy_since is None:
+            outcome.busy_since = now
+        outcome.busy_tries += 1
+        if not outcome.busy_logged and now - outcome.busy_since >= BUSY_WARN_AFTER:
+            outcome.busy_logged = True
+            todo_id = outcome.claim.todo_id
+            logger.warning("the row of todo %s has been held by another transaction for %.0fs; "
+                           "its outcome waits for it", todo_id, now - outcome.busy_since,
+                           extra={"action": "finish", "todo_id": todo_id})
+        delay: float = BUSY_RETRY_FIRST * 2.0 ** min(outcome.busy_tries - 1, 16)
+        return now + min(BUSY_RETRY_MAX, delay)
+
+    def _write_straggler(self, entry: tuple[Outcome, Stored]) -> None:
+        """Write one outcome after stop() on the caller's thread, waiting out a held row."""
+        while self._write_batch([entry]):
+            if self._abort.is_set():
+                self._fail_all([entry], StorageUnavailable(
+                    "the todo's row was held by another transaction until the server stopped"))
+                return
+            time.sleep(self._next_try(entry[0]) - time.monotonic())
+
+    def _write_batch(self, batch: list[tuple[Outcome, Stored]]) -> list[tuple[Outcome, Stored]]:
+        """Write ``batch`` and tell each outcome what became of it, except those whose row
+        another transaction held: returned, to be tried again."""
         attempt = 0
         while True:
             try:
@@ -148,7 +213,7 @@ class OutcomeWriter:
                 attempt += 1
                 if self._abort.is_set():
                     self._fail_all(batch, exc)
-                    return
+                    return []
                 logger.warning("writing %d todo outcomes failed (attempt %d), retrying: %s",
                                len(batch), attempt, exc, extra={"action": "finish"})
                 time.sleep(backoff(attempt))
@@ -157,16 +222,19 @@ class OutcomeWriter:
                     # Isolate the item the database refused: write them one by one.
                     logger.warning("a batch of %d todo outcomes was refused (%s); writing them "
                                    "one by one", len(batch), exc, extra={"action": "finish"})
-                    for item in batch:
-                        self._write_batch([item])
-                    return
+                    return [held for item in batch for held in self._write_batch([item])]
                 todo_id = batch[0][0].claim.todo_id
                 logger.error("writing the outcome of todo %s failed: %s", todo_id, exc,
                              extra={"action": "finish", "todo_id": todo_id})
                 self._fail_all(batch, exc)
-                return
+                return []
+        held = []
         for (outcome, then), result in zip(batch, stored, strict=True):
-            _tell(outcome, then, result, None)
+            if result.reason == "busy":
+                held.append((outcome, then))
+            else:
+                _tell(outcome, then, result, None)
+        return held
 
     @staticmethod
     def _fail_all(batch: list[tuple[Outcome, Stored]], exc: BaseException) -> None:

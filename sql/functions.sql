@@ -688,7 +688,8 @@ $$;
 -- Record the outcomes of many todos in one statement (one commit for all: group commit).
 -- Each item: {todo_id, token, outcome: completed|failed|asked, result?, error?, events?}; it is
 -- fenced like save_result / fail / suspend and has the same effects, the item's events first.
--- Returns one {applied, reason, events: {rejected}, error?} per item, in order.
+-- Returns one {applied, reason, events: {rejected}, error?} per item, in order; reason 'busy'
+-- (nothing written) when another transaction holds the todo's row: the caller tries it again.
 CREATE OR REPLACE FUNCTION processgpt_sync_finish_v1(p_items jsonb)
 RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
@@ -708,7 +709,12 @@ BEGIN
         SELECT t.id, t.claim_token, t.draft_status, t.consumer, t.status::text AS status,
                coalesce(t.root_proc_inst_id, t.proc_inst_id) AS proc_inst_id, t.tenant_id
         FROM todolist t WHERE t.id IN (SELECT todo_id FROM items)
-        ORDER BY t.id FOR UPDATE OF t
+        ORDER BY t.id FOR UPDATE OF t SKIP LOCKED
+    ), busy AS MATERIALIZED (
+        -- rows another transaction holds: 'busy', written in a later call, so one held row
+        -- does not hold up the batch's other todos
+        SELECT t.id FROM todolist t
+        WHERE t.id IN (SELECT todo_id FROM items) AND t.id NOT IN (SELECT id FROM locked)
     ), judged AS MATERIALIZED (
         SELECT i.n, i.item, i.outcome, i.todo_id, i.token, l.proc_inst_id, l.tenant_id, i.n_events,
             -- each item's slot in the batch's timeline: its events, then its closing event
@@ -717,6 +723,7 @@ BEGIN
                 WHEN i.outcome IS NULL OR i.outcome NOT IN ('completed', 'failed', 'asked')
                     THEN 'error'
                 WHEN i.outcome = 'completed' AND i.item -> 'result' IS NULL THEN 'error'
+                WHEN l.id IS NULL AND i.todo_id IN (SELECT id FROM busy) THEN 'busy'
                 WHEN l.id IS NULL THEN 'missing'
                 WHEN l.claim_token IS DISTINCT FROM i.token THEN 'not_owner'
                 WHEN i.outcome = 'asked' AND l.consumer IS NULL

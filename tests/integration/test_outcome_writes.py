@@ -19,10 +19,12 @@ AGENT = "writes"
 
 
 def test_worker_threads_run_the_next_todos_while_earlier_outcomes_wait_to_be_written(
-        database_url, db):
+        database_url, db, caplog, monkeypatch):
     """20 workers (36 pool threads): the first 20 todos' rows are locked once they run, so
     their outcomes cannot be written; the next 20 todos all run meanwhile, which needs the
-    first 20 threads back (16 spares would not do)."""
+    first 20 threads back (16 spares would not do), and their outcomes are written: rows
+    another transaction holds do not hold up the others' writes."""
+    monkeypatch.setattr("processgpt_sync.outcomes.BUSY_WARN_AFTER", 0.3)
     workers = 20
     storage = PostgresStorage(database_url)
     for i in range(2 * workers):
@@ -47,15 +49,60 @@ def test_worker_threads_run_the_next_todos_while_earlier_outcomes_wait_to_be_wri
                             (list(started),))
             release_first.set()
             wait_for(lambda: len(started) == 2 * workers, timeout=20)
-            written = db.execute("SELECT count(*) AS n FROM todolist WHERE agent_orch = %s "
-                                 "AND draft_status = 'COMPLETED'", (AGENT,)).fetchone()["n"]
+            wait_for(lambda: server.stats()["completed"] == workers, timeout=20)
+            written = db.execute("SELECT count(*) AS n FROM todolist WHERE id = ANY(%s::uuid[]) "
+                                 "AND draft_status = 'COMPLETED'",
+                                 (started[:workers],)).fetchone()["n"]
             assert written == 0, "the first outcomes were written despite the lock"
-            assert server.stats()["running"] == 2 * workers  # held until written
+            assert server.stats()["running"] == workers  # held until written
+            wait_for(lambda: all(f"todo {todo_id} has been held" in caplog.text
+                                 for todo_id in started[:workers]), timeout=10)
         wait_for(lambda: server.stats()["completed"] == 2 * workers, timeout=30)
         assert server.stats()["running"] == 0
     finally:
         server.stop()
         storage.close()
+
+
+def test_an_outcome_whose_row_stays_held_is_reported_unstored_once_the_server_aborts(
+        database_url, db):
+    """The writer waits for a held row, the other outcome of its batch written at once; when
+    the stopping server aborts the writes, the waiting outcome is reported as not stored (so
+    its lease, not the writer, decides what becomes of it) and the writer thread ends."""
+    storage = PostgresStorage(database_url)
+    held_id, free_id = storage.enqueue(AGENT, "held"), storage.enqueue(AGENT, "free")
+    claims = {c.todo_id: c for c in storage.claim(agent_orch=AGENT, consumer="c", limit=2,
+                                                  lease_seconds=60, max_claims=3)}
+    abort = threading.Event()
+    writer = OutcomeWriter(storage, abort=abort)
+    writer.start()
+    told: dict[str, tuple[Any, BaseException | None]] = {}
+
+    def stored_as(todo_id: str) -> Any:
+        return lambda result, failure: told.__setitem__(todo_id, (result, failure))
+
+    try:
+        with psycopg.connect(database_url) as blocker:
+            blocker.execute("SELECT id FROM todolist WHERE id = %s FOR UPDATE", (held_id,))
+            for todo_id in (held_id, free_id):
+                writer.submit(Outcome(claims[todo_id], "completed", result={"ok": 1}),
+                              stored_as(todo_id))
+            wait_for(lambda: free_id in told, timeout=10)
+            assert told[free_id][0].applied
+            assert held_id not in told
+            writer.close(timeout=0.3)  # the row is still held: close gives up waiting
+            abort.set()
+            wait_for(lambda: held_id in told, timeout=5)
+            result, failure = told[held_id]
+            assert result is None and isinstance(failure, ps.StorageUnavailable)
+            assert "held by another transaction" in str(failure)
+        writer._thread.join(5)
+        assert not writer._thread.is_alive()
+    finally:
+        storage.close()
+    rows = {r["id"]: r["draft_status"] for r in db.execute(
+        "SELECT id::text, draft_status::text FROM todolist")}
+    assert rows == {free_id: "COMPLETED", held_id: "STARTED"}
 
 
 class DiesOnFinish(PostgresStorage):
