@@ -714,7 +714,8 @@ BEGIN
         -- rows another transaction holds: 'busy', written in a later call, so one held row
         -- does not hold up the batch's other todos
         SELECT t.id FROM todolist t
-        WHERE t.id IN (SELECT todo_id FROM items) AND t.id NOT IN (SELECT id FROM locked)
+        WHERE (SELECT count(*) FROM locked) < (SELECT count(*) FROM items)  -- else not scanned
+          AND t.id IN (SELECT todo_id FROM items) AND t.id NOT IN (SELECT id FROM locked)
     ), judged AS MATERIALIZED (
         SELECT i.n, i.item, i.outcome, i.todo_id, i.token, l.proc_inst_id, l.tenant_id, i.n_events,
             -- each item's slot in the batch's timeline: its events, then its closing event
