@@ -2,7 +2,8 @@
 
 Events are written many per SQL call, in the order each todo emitted them. A todo's last
 events are taken out by the recorder and travel with its final write, so the result always
-lands after them and ``crew_completed`` last.
+lands after them and ``crew_completed`` last. Events whose todo row another transaction holds
+are set aside and sent again a little later; the other todos' events go on being written.
 """
 
 from __future__ import annotations
@@ -12,16 +13,31 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import StorageUnavailable
 from .events import EVENT_TYPES
-from .retrying import backoff
+from .retrying import HELD_ROW_WARN_AFTER, backoff
 from .storage.base import Storage
 
 logger = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (todo id, fencing token): one claim of a todo
+
+HELD_RETRY_FIRST = 0.02  # seconds before events of a held todo row are sent again
+HELD_RETRY_MAX = 1.0
+
+
+@dataclass
+class Held:
+    """A claim whose todo row another transaction held when its events were sent."""
+
+    since: float
+    tries: int = 0
+    logged: bool = False
+    retry_at: float = 0.0
+    events: list[dict[str, Any]] = field(default_factory=list)  # set aside until retry_at
 
 
 def event_key(event: Mapping[str, Any]) -> Key:
@@ -58,7 +74,9 @@ class EventBuffer:
         self._cond = threading.Condition()
         self._pending: dict[Key, list[dict[str, Any]]] = {}
         self._inflight: set[Key] = set()
+        self._held: dict[Key, Held] = {}  # rows held by another transaction at the last write
         self._count = 0  # queued, not yet handed to the flusher
+        self._set_aside = 0  # of held claims, waiting for their retry_at
         self._writing = 0  # handed to the flusher, write in progress
         self._oldest = 0.0
         self._closed = False
@@ -74,7 +92,7 @@ class EventBuffer:
     def pending(self) -> int:
         """Events accepted but not yet written, including those being written now."""
         with self._cond:
-            return self._count + self._writing
+            return self._count + self._set_aside + self._writing
 
     def add(self, event: dict[str, Any]) -> None:
         """Queue one event for its todo; it is written within the flush interval."""
@@ -95,8 +113,12 @@ class EventBuffer:
         with self._cond:
             while key in self._inflight:
                 self._cond.wait()
+            held = self._held.pop(key, None)
             events = self._pending.pop(key, [])
             self._count -= len(events)
+            if held is not None and held.events:
+                self._set_aside -= len(held.events)
+                events = held.events + events
         if ids:
             for event in events:
                 event.setdefault("id", str(uuid.uuid4()))
@@ -118,7 +140,7 @@ class EventBuffer:
         with self._cond:
             self._oldest = 0.0  # due now
             self._cond.notify_all()
-            while self._count or self._inflight:
+            while self._count or self._set_aside or self._inflight:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
@@ -141,25 +163,23 @@ class EventBuffer:
             while True:
                 if self._closed:
                     return None
+                retry_in = self._bring_back_held()
                 if self._count:
-                    due = self._oldest + self._flush_interval - time.monotonic()
-                    if due <= 0 or self._count >= self._batch_size:
-                        break
+                    due: float | None = self._oldest + self._flush_interval - time.monotonic()
+                    if due is not None and (due <= 0 or self._count >= self._batch_size):
+                        if batch := self._take_batch():
+                            break
+                        due = None  # only newer events of set-aside claims: wait for those
+                    # with no deadline of its own, the next event of another claim wakes it
+                    self._idle = due is None
+                    if retry_in is not None:
+                        due = retry_in if due is None else min(due, retry_in)
                     self._cond.wait(due)
+                    self._idle = False
                 else:
                     self._idle = True
-                    self._cond.wait()
+                    self._cond.wait(retry_in)
                     self._idle = False
-            batch: list[dict[str, Any]] = []
-            for key in list(self._pending):
-                if key in self._inflight:
-                    continue
-                events = self._pending.pop(key)
-                self._inflight.add(key)
-                batch.extend(events)
-                self._count -= len(events)
-                if len(batch) >= self._batch_size:
-                    break
             self._writing = len(batch)
             self._oldest = time.monotonic()
         # Ids make a retried write idempotent (the database skips ids it already has). Events
@@ -211,6 +231,62 @@ class EventBuffer:
                     self._writing = 0
                     self._cond.notify_all()
 
+    def _take_batch(self) -> list[dict[str, Any]]:
+        """Up to a batch of pending events, whole claims at a time (lock held)."""
+        batch: list[dict[str, Any]] = []
+        for key in list(self._pending):
+            held = self._held.get(key)
+            if key in self._inflight or (held is not None and held.events):
+                continue  # a set-aside claim's events go before its newer ones
+            events = self._pending.pop(key)
+            self._inflight.add(key)
+            batch.extend(events)
+            self._count -= len(events)
+            if len(batch) >= self._batch_size:
+                break
+        return batch
+
+    def _bring_back_held(self) -> float | None:
+        """Put set-aside events whose time has come back in front of their queues, due now
+        (lock held); return the seconds until the next set-aside ones are due, if any."""
+        now = time.monotonic()
+        wait: float | None = None
+        for key, held in self._held.items():
+            if not held.events:
+                continue
+            if held.retry_at > now:
+                wait = held.retry_at - now if wait is None else min(wait, held.retry_at - now)
+                continue
+            queue = self._pending.pop(key, [])
+            self._pending = {key: held.events + queue, **self._pending}
+            self._count += len(held.events)
+            self._set_aside -= len(held.events)
+            held.events = []
+            self._oldest = 0.0
+        return wait
+
+    def _set_held_aside(self, events: list[dict[str, Any]]) -> None:
+        """Events whose todo row another transaction held: set aside, each claim's to be sent
+        again after a back-off (20 ms doubling to 1 s), or with its todo's outcome; a row held
+        for long is logged once."""
+        now = time.monotonic()
+        by_claim: dict[Key, list[dict[str, Any]]] = {}
+        for event in events:
+            by_claim.setdefault(event_key(event), []).append(event)
+        with self._cond:
+            for key, claim_events in by_claim.items():
+                held = self._held.setdefault(key, Held(since=now))
+                held.tries += 1
+                held.retry_at = now + min(HELD_RETRY_MAX,
+                                          HELD_RETRY_FIRST * 2.0 ** min(held.tries - 1, 16))
+                held.events = claim_events
+                self._set_aside += len(claim_events)
+                if not held.logged and now - held.since >= HELD_ROW_WARN_AFTER:
+                    held.logged = True
+                    logger.warning("the row of todo %s has been held by another transaction "
+                                   "for %.0fs; its events wait for it", key[0], now - held.since,
+                                   extra={"action": "write_events", "todo_id": key[0]})
+
     def _requeue(self, batch: list[dict[str, Any]]) -> None:
         by_claim: dict[Key, list[dict[str, Any]]] = {}
         for event in batch:
@@ -243,8 +319,16 @@ class EventBuffer:
                     raise
                 except Exception as single:
                     rejected.append({"index": index, "reason": str(single)})
+        held = [batch[int(r["index"])] for r in rejected if r.get("reason") == "busy"]
+        if held:
+            rejected = [r for r in rejected if r.get("reason") != "busy"]
+            self._set_held_aside(held)
+        if self._held:  # claims written now are no longer held
+            with self._cond:
+                for key in {event_key(e) for e in batch} - {event_key(e) for e in held}:
+                    self._held.pop(key, None)
         log_rejected(batch, rejected)
-        self._on_written(len(batch) - len(rejected))
+        self._on_written(len(batch) - len(rejected) - len(held))
 
 
 def log_rejected(batch: list[dict[str, Any]], rejected: list[Mapping[str, Any]]) -> None:

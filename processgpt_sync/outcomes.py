@@ -20,7 +20,7 @@ from typing import Any
 
 from .errors import ServerFailed, StorageUnavailable
 from .models import Claim
-from .retrying import backoff
+from .retrying import HELD_ROW_WARN_AFTER, backoff
 from .storage.base import Storage, WriteOutcome
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,6 @@ logger = logging.getLogger(__name__)
 BATCH_SIZE = 200  # outcomes per SQL call
 BUSY_RETRY_FIRST = 0.02  # seconds before an outcome whose row was held is tried again
 BUSY_RETRY_MAX = 1.0
-BUSY_WARN_AFTER = 5.0  # seconds of a held row before it is logged
 
 
 Stored = Callable[[WriteOutcome | None, BaseException | None], None]
@@ -183,7 +182,7 @@ class OutcomeWriter:
         if outcome.busy_since is None:
             outcome.busy_since = now
         outcome.busy_tries += 1
-        if not outcome.busy_logged and now - outcome.busy_since >= BUSY_WARN_AFTER:
+        if not outcome.busy_logged and now - outcome.busy_since >= HELD_ROW_WARN_AFTER:
             outcome.busy_logged = True
             todo_id = outcome.claim.todo_id
             logger.warning("the row of todo %s has been held by another transaction for %.0fs; "

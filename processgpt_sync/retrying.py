@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 
+HELD_ROW_WARN_AFTER = 5.0  # seconds a todo row held by another transaction may delay its writes
+# before a warning names it (the other todos' writes go on meanwhile)
 RETRY_DELAY_MAX = 2.0  # seconds between write attempts during an outage (a healed network is used
 # within this; each attempt waits for a pooled connection first, so retries stay cheap)
 

@@ -479,7 +479,8 @@ $$;
 -- Record a batch of events (possibly for many todos) in order. Each element:
 -- {todo_id, token, id?, job_id?, crew_type?, event_type, data?, status?}. An element with an
 -- unknown event_type or status, or from a worker that no longer owns its todo, is rejected on its
--- own; the others are written. Returns {inserted, rejected: [{index, reason}]}.
+-- own; the others are written. Returns {inserted, rejected: [{index, reason}]}; reason 'busy'
+-- when another transaction holds the todo's row: the caller sends those events again.
 CREATE OR REPLACE FUNCTION processgpt_sync_record_events_v1(p_events jsonb)
 RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
@@ -507,12 +508,20 @@ BEGIN
         WHERE t.id IN (SELECT todo_id FROM input)
           AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
           AND t.status IS DISTINCT FROM 'CANCELLED'
-        FOR SHARE OF t
+        FOR SHARE OF t SKIP LOCKED
+    ), busy AS MATERIALIZED (
+        -- running todos whose row another transaction holds: their events are refused as
+        -- 'busy' and sent again later, so one held row does not hold up the others' events
+        SELECT t.id FROM todolist t
+        WHERE (SELECT count(*) FROM owned) < (SELECT count(DISTINCT todo_id) FROM input)
+          AND t.id IN (SELECT todo_id FROM input) AND t.id NOT IN (SELECT id FROM owned)
+          AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
     ), checked AS MATERIALIZED (
         SELECT i.n, i.ev, i.todo_id, o.proc_inst_id, o.tenant_id,
-               processgpt_sync_event_problem_v1(
-                   i.ev, o.id IS NOT NULL AND o.claim_token IS NOT DISTINCT FROM i.token,
-                   v_types, v_statuses) AS reason
+               CASE WHEN o.id IS NULL AND i.todo_id IN (SELECT id FROM busy) THEN 'busy'
+                    ELSE processgpt_sync_event_problem_v1(
+                        i.ev, o.id IS NOT NULL AND o.claim_token IS NOT DISTINCT FROM i.token,
+                        v_types, v_statuses) END AS reason
         FROM input i LEFT JOIN owned o ON o.id = i.todo_id
     ), inserted AS (
         INSERT INTO events (id, job_id, todo_id, proc_inst_id, crew_type, event_type, data,

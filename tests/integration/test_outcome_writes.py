@@ -24,7 +24,7 @@ def test_worker_threads_run_the_next_todos_while_earlier_outcomes_wait_to_be_wri
     their outcomes cannot be written; the next 20 todos all run meanwhile, which needs the
     first 20 threads back (16 spares would not do), and their outcomes are written: rows
     another transaction holds do not hold up the others' writes."""
-    monkeypatch.setattr("processgpt_sync.outcomes.BUSY_WARN_AFTER", 0.3)
+    monkeypatch.setattr("processgpt_sync.outcomes.HELD_ROW_WARN_AFTER", 0.3)
     workers = 20
     storage = PostgresStorage(database_url)
     for i in range(2 * workers):
@@ -62,6 +62,47 @@ def test_worker_threads_run_the_next_todos_while_earlier_outcomes_wait_to_be_wri
     finally:
         server.stop()
         storage.close()
+
+
+def test_events_of_a_todo_whose_row_is_held_wait_without_holding_up_other_todos_events(
+        database_url, db, caplog, monkeypatch):
+    """Another transaction holds one running todo's row: the other todo's progress events are
+    written meanwhile; the held todo's are sent again until the row is free, in order, and a
+    warning names the todo."""
+    monkeypatch.setattr("processgpt_sync.event_writer.HELD_ROW_WARN_AFTER", 0.3)
+    storage = PostgresStorage(database_url)
+    held_id, free_id = storage.enqueue(AGENT, "held"), storage.enqueue(AGENT, "free")
+    go, finish = threading.Event(), threading.Event()
+
+    def handle(todo: ps.Todo) -> dict[str, Any]:
+        go.wait(20)
+        for step in range(3):
+            todo.events.progress({"step": step})
+        finish.wait(20)
+        return {"ok": True}
+
+    def steps(todo_id: str) -> list[int]:
+        return [r["data"]["step"] for r in db.execute(
+            "SELECT data FROM events WHERE todo_id = %s AND event_type = 'task_working' "
+            "ORDER BY timestamp", (todo_id,))]
+
+    server = ps.start(handle, agent_orch=AGENT, storage=storage, workers=2)
+    try:
+        wait_for(lambda: server.stats()["running"] == 2, timeout=20)
+        with psycopg.connect(database_url) as blocker:
+            blocker.execute("SELECT id FROM todolist WHERE id = %s FOR UPDATE", (held_id,))
+            go.set()
+            wait_for(lambda: steps(free_id) == [0, 1, 2], timeout=10)
+            wait_for(lambda: f"todo {held_id} has been held" in caplog.text, timeout=10)
+            assert steps(held_id) == []
+        wait_for(lambda: steps(held_id) == [0, 1, 2], timeout=10)
+        finish.set()
+        wait_for(lambda: server.stats()["completed"] == 2, timeout=20)
+    finally:
+        finish.set()
+        server.stop()
+        storage.close()
+    assert f"todo {free_id} has been held" not in caplog.text
 
 
 def test_an_outcome_whose_row_stays_held_is_reported_unstored_once_the_server_aborts(
