@@ -157,7 +157,9 @@ class Watchers:
             orphans_possible = self._inflight.claim_unanswered
             if now < next_renewal and (failing or not orphans_possible):
                 continue
-            live = [r for r in runs if not r.closed and r.cancel_reason != "lost"]
+            # A closed run's outcome is still being written (the database may be slow, or its
+            # row held): its lease is renewed until then, so no other server takes it over.
+            live = [r for r in runs if r.cancel_reason != "lost"]
             if (quiet_when_idle and not live and not busy and not self._inflight.listening
                     and not orphans_possible):
                 next_renewal = now + idle

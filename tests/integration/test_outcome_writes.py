@@ -5,6 +5,7 @@ and what cannot be stored is reported, never left waiting."""
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import psycopg
@@ -144,6 +145,46 @@ def test_an_outcome_whose_row_stays_held_is_reported_unstored_once_the_server_ab
     rows = {r["id"]: r["draft_status"] for r in db.execute(
         "SELECT id::text, draft_status::text FROM todolist")}
     assert rows == {free_id: "COMPLETED", held_id: "STARTED"}
+
+
+class FinishUnreachable(PostgresStorage):
+    """The outcome write cannot reach the database until ``healed`` is set; every other call
+    (the heartbeat too) can."""
+
+    healed = threading.Event()
+
+    def finish(self, items: list[dict[str, Any]]) -> Any:
+        if not self.healed.is_set():
+            raise ps.StorageUnavailable("the write's connection broke")
+        return super().finish(items)
+
+
+def test_a_lease_is_renewed_while_the_todos_outcome_waits_to_be_written(database_url, db):
+    """The executor returned, its outcome cannot be written yet: the todo is still this
+    server's, so its lease is renewed and no other server takes it over; once the write
+    goes through, the result is stored."""
+    FinishUnreachable.healed = threading.Event()
+    storage = FinishUnreachable(database_url)
+    other = PostgresStorage(database_url)
+    todo_id = storage.enqueue(AGENT, "x")
+    server = ps.start(lambda todo: {"ok": True}, agent_orch=AGENT, storage=storage,
+                      lease_seconds=2)
+    try:
+        wait_for(lambda: db.execute("SELECT 1 FROM processgpt_sync_lease").fetchone(),
+                 timeout=10)
+        time.sleep(4)  # two leases' time: only heartbeats keep it
+        assert other.claim(agent_orch=AGENT, consumer="other", limit=1, lease_seconds=60,
+                           max_claims=3) == []
+        FinishUnreachable.healed.set()
+        wait_for(lambda: server.stats()["completed"] == 1, timeout=20)
+    finally:
+        FinishUnreachable.healed.set()
+        server.stop()
+        storage.close()
+        other.close()
+    row = db.execute("SELECT draft_status::text AS s, output, claim_count FROM todolist "
+                     "WHERE id = %s", (todo_id,)).fetchone()
+    assert (row["s"], row["output"], row["claim_count"]) == ("COMPLETED", {"ok": True}, 1)
 
 
 class DiesOnFinish(PostgresStorage):
