@@ -36,6 +36,7 @@ CHANNEL_CHECK_EVERY = 8  # listener probes: the first after connecting and every
 DRAIN_INTERVAL = 1.0  # seconds between two drops of every idle pooled connection
 _JSONB_PARAM = re.compile(r"%\((\w+)\)s::jsonb")
 _MISSING_SCHEMA_STATES = {"42883", "42P01", "42704"}  # undefined function / table / object
+_SERVER_ENDED_STATES = {"57P01", "57P02", "57P03"}  # admin or crash shutdown, cannot connect now
 # A transaction aborted for another's sake (deadlock, serialisation, a lock wait given up):
 # psycopg raises these as OperationalError, so they are StorageUnavailable and retried.
 
@@ -77,6 +78,10 @@ def wrap_exceptions(target: str = "") -> Iterator[None]:
         raise StorageUnavailable(
             f"database unreachable{where}: {str(exc).strip()}", code=exc.sqlstate
         ) from exc
+    except psycopg.errors.ReadOnlySqlTransaction as exc:
+        raise StorageUnavailable(
+            f"the database is read-only{where} (a failover under way, or the URL names a "
+            f"replica): {str(exc).strip()}", code=exc.sqlstate) from exc
     except psycopg.ProgrammingError as exc:
         if exc.sqlstate is None:  # raised by libpq before any query: a malformed conninfo
             raise ConfigurationError(f"invalid database URL{where}: {exc}") from exc
@@ -235,10 +240,18 @@ class PostgresStorage(Storage):
 
 
 def conn_broken(exc: BaseException) -> bool:
-    """True when ``exc`` came from a connection that is unusable now (not a server refusal)."""
+    """True when ``exc`` came from a connection that is unusable now (not a server refusal):
+    dropped, ended by the server (a restart, a terminated backend), or left on a server that
+    turned read-only (a failover: a new connection reaches the new primary)."""
     cause = exc.__cause__
-    return (isinstance(cause, psycopg.OperationalError) and cause.sqlstate is None
-            and not isinstance(cause, (psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed)))
+    if isinstance(cause, (psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed)):
+        return False
+    if isinstance(cause, psycopg.errors.ReadOnlySqlTransaction):
+        return True
+    if not isinstance(cause, psycopg.OperationalError):
+        return False
+    state = cause.sqlstate
+    return state is None or state.startswith("08") or state in _SERVER_ENDED_STATES
 
 
 @cache

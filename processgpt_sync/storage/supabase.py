@@ -36,7 +36,8 @@ _UNAVAILABLE_CODES = {"PGRST000", "PGRST001", "PGRST002", "PGRST003"}
 # and statement timeout, 58 system), or a transaction given up for another's sake. Class 54 (a
 # program limit: an index row too large) is a refusal: retrying it would never end.
 _UNAVAILABLE_CLASSES = ("08", "53", "57", "58")
-_RETRYABLE_STATES = {"40001", "40P01", "55P03"}
+_RETRYABLE_STATES = {"40001", "40P01", "55P03",
+                     "25006"}  # read-only: a failover, or Supabase's read-only mode (disk full)
 _GATEWAY_STATUSES = {408, 429}  # and every 5xx that carries no PostgreSQL error
 
 

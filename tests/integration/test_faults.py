@@ -526,3 +526,41 @@ def test_a_host_out_of_threads_gives_todos_back_and_runs_them_later(database_url
     assert (result["completed"], result["failed"], result["failed_rows"], result["alive"]) \
         == (8, 0, 0, True), proc.stderr[-3000:]
     assert completed(db) == 8
+
+
+def test_a_failover_to_a_read_only_server_is_an_outage_not_the_executors_failure(
+        database_url, db, storage, caplog):
+    """A failover: the server ends every connection (57P01) and new ones land on a read-only
+    server (25006) for a while. The executor's draft and result are kept and written once the
+    database takes writes again, on fresh connections; nothing is recorded FAILED."""
+    from psycopg import sql
+
+    todo_id = storage.enqueue("failover", "x")
+    go = threading.Event()
+
+    def handle(todo: ps.Todo) -> dict[str, Any]:
+        go.wait(20)
+        todo.events.result({"partial": True}, final=False)
+        return {"ok": True}
+
+    name = sql.Identifier(db.execute("SELECT current_database() AS d").fetchone()["d"])
+    end_others = ("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                  "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    server = ps.start(handle, agent_orch="failover", storage=storage)
+    try:
+        wait_for(lambda: server.stats()["running"] == 1, timeout=20)
+        db.execute(sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on")
+                   .format(name))
+        db.execute(end_others)
+        go.set()
+        wait_for(lambda: "the database is read-only" in caplog.text, timeout=20)
+        assert server.stats()["failed"] == 0
+        db.execute(sql.SQL("ALTER DATABASE {} RESET default_transaction_read_only")
+                   .format(name))
+        wait_for(lambda: server.stats()["completed"] == 1, timeout=30)
+    finally:
+        db.execute(sql.SQL("ALTER DATABASE {} RESET default_transaction_read_only").format(name))
+        server.stop()
+    row = db.execute("SELECT draft_status::text AS s, output, log FROM todolist WHERE id = %s",
+                     (todo_id,)).fetchone()
+    assert (row["s"], row["output"], row["log"]) == ("COMPLETED", {"ok": True}, None)

@@ -115,6 +115,24 @@ def test_the_api_gateways_own_errors_are_an_outage_not_a_refusal(supabase, db):
     assert row == {"draft_status": "COMPLETED", "output": {"ok": "q"}}
 
 
+def test_a_read_only_database_is_an_outage_not_a_refusal(supabase, db):
+    """PostgREST answers 405 with SQLSTATE 25006 while the database is read-only (a failover,
+    or Supabase's read-only mode when the disk is full): retried, the result is stored."""
+    read_only = (405, {"code": "25006", "message": "cannot execute UPDATE in a read-only "
+                       "transaction", "details": None, "hint": None})
+    gateway = supabase.gateway
+    gateway.gateway_answers["processgpt_sync_enqueue_v1"] = [read_only]
+    with pytest.raises(ps.StorageUnavailable):
+        supabase.enqueue("a", "refused")
+    gateway.gateway_answers["processgpt_sync_finish_v1"] = [read_only, read_only]
+    supabase.enqueue("a", "q")
+    with ps.start(lambda todo: {"ok": todo.input}, agent_orch="a", storage=supabase) as server:
+        wait_for(lambda: server.stats()["completed"] + server.stats()["failed"] == 1)
+    assert gateway.gateway_answers["processgpt_sync_finish_v1"] == []
+    row = db.execute("SELECT draft_status::text, output FROM todolist").fetchone()
+    assert row == {"draft_status": "COMPLETED", "output": {"ok": "q"}}
+
+
 def test_a_program_limit_is_a_refusal_on_both_backends_not_an_outage(supabase, storage, db):
     """A site's index on event data turns a large event into "index row too large" (class 54),
     which no retry changes: a flushed batch drops that event alone, and a result written with
