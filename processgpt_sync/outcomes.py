@@ -5,8 +5,10 @@ events) to one writer thread. The writer records everything that is pending in o
 one transaction, one fsync — so throughput is not bounded by one commit per todo. Nothing is
 fire-and-forget: each outcome carries what to do once it is stored (or refused by fencing, or
 could not be stored), run on the writer's thread after its commit; ``write`` waits for that.
-Outages are retried with back-off; an outcome whose todo row another transaction holds is
-tried again a little later, while the rest of its batch is written now.
+Outages are retried with back-off. An outcome that cannot be written now for its own sake —
+its todo row held by another transaction, or too heavy to write within the statement timeout —
+waits and is tried again a little later, while the others are written (a batch that times out
+is written in halves first).
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from .storage.base import Storage, WriteOutcome
 logger = logging.getLogger(__name__)
 
 BATCH_SIZE = 200  # outcomes per SQL call
-BUSY_RETRY_FIRST = 0.02  # seconds before an outcome whose row was held is tried again
-BUSY_RETRY_MAX = 1.0
+WAIT_RETRY_FIRST = 0.02  # seconds before an outcome that had to wait is tried again
+WAIT_RETRY_MAX = 1.0
+STATEMENT_TIMEOUT = "57014"  # SQLSTATE query_canceled: the server ended a statement it ran
 
 
 Stored = Callable[[WriteOutcome | None, BaseException | None], None]
@@ -45,9 +48,10 @@ class Outcome:
     error: str | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
     told: bool = False  # its ``then`` ran (or runs now): never twice
-    busy_since: float | None = None  # when its row was first found held by another transaction
-    busy_tries: int = 0
-    busy_logged: bool = False
+    waits_for: str = ""  # why it could not be written yet: what the log says after a while
+    waiting_since: float | None = None
+    wait_tries: int = 0
+    wait_logged: bool = False
 
     def item(self) -> dict[str, Any]:
         return {
@@ -169,40 +173,40 @@ class OutcomeWriter:
         held, self._held = self._held, []
         self._cond.release()
         try:
-            self._fail_all([(outcome, then) for _, outcome, then in held], StorageUnavailable(
-                "the todo's row was held by another transaction until the server stopped"))
+            for _, outcome, then in held:
+                self._fail_all([(outcome, then)], _not_written(outcome))
         finally:
             self._cond.acquire()
 
     @staticmethod
     def _next_try(outcome: Outcome) -> float:
-        """When to try again an outcome whose row another transaction held; logged once when
-        that lasts (the batch's other todos were written meanwhile)."""
+        """When to try again an outcome that had to wait; logged once when that lasts (the
+        other todos' outcomes are written meanwhile)."""
         now = time.monotonic()
-        if outcome.busy_since is None:
-            outcome.busy_since = now
-        outcome.busy_tries += 1
-        if not outcome.busy_logged and now - outcome.busy_since >= HELD_ROW_WARN_AFTER:
-            outcome.busy_logged = True
+        if outcome.waiting_since is None:
+            outcome.waiting_since = now
+        outcome.wait_tries += 1
+        if not outcome.wait_logged and now - outcome.waiting_since >= HELD_ROW_WARN_AFTER:
+            outcome.wait_logged = True
             todo_id = outcome.claim.todo_id
-            logger.warning("the row of todo %s has been held by another transaction for %.0fs; "
-                           "its outcome waits for it", todo_id, now - outcome.busy_since,
+            logger.warning("the outcome of todo %s has waited %.0fs to be written: %s",
+                           todo_id, now - outcome.waiting_since, outcome.waits_for,
                            extra={"action": "finish", "todo_id": todo_id})
-        delay: float = BUSY_RETRY_FIRST * 2.0 ** min(outcome.busy_tries - 1, 16)
-        return now + min(BUSY_RETRY_MAX, delay)
+        delay: float = WAIT_RETRY_FIRST * 2.0 ** min(outcome.wait_tries - 1, 16)
+        return now + min(WAIT_RETRY_MAX, delay)
 
     def _write_straggler(self, entry: tuple[Outcome, Stored]) -> None:
-        """Write one outcome after stop() on the caller's thread, waiting out a held row."""
+        """Write one outcome after stop() on the caller's thread, waiting as needed."""
         while self._write_batch([entry]):
             if self._abort.is_set():
-                self._fail_all([entry], StorageUnavailable(
-                    "the todo's row was held by another transaction until the server stopped"))
+                self._fail_all([entry], _not_written(entry[0]))
                 return
-            time.sleep(self._next_try(entry[0]) - time.monotonic())
+            time.sleep(max(0.0, self._next_try(entry[0]) - time.monotonic()))
 
     def _write_batch(self, batch: list[tuple[Outcome, Stored]]) -> list[tuple[Outcome, Stored]]:
-        """Write ``batch`` and tell each outcome what became of it, except those whose row
-        another transaction held: returned, to be tried again."""
+        """Write ``batch`` and tell each outcome what became of it, except those that must
+        wait (their row held, or too heavy for the statement timeout): returned, to be tried
+        again."""
         attempt = 0
         while True:
             try:
@@ -213,6 +217,8 @@ class OutcomeWriter:
                 if self._abort.is_set():
                     self._fail_all(batch, exc)
                     return []
+                if exc.code == STATEMENT_TIMEOUT:  # the database is up; this write is heavy
+                    return self._timed_out(batch, exc)
                 logger.warning("writing %d todo outcomes failed (attempt %d), retrying: %s",
                                len(batch), attempt, exc, extra={"action": "finish"})
                 time.sleep(backoff(attempt))
@@ -230,15 +236,37 @@ class OutcomeWriter:
         held = []
         for (outcome, then), result in zip(batch, stored, strict=True):
             if result.reason == "busy":
+                outcome.waits_for = "another transaction holds its todo row"
                 held.append((outcome, then))
             else:
                 _tell(outcome, then, result, None)
         return held
 
+    def _timed_out(self, batch: list[tuple[Outcome, Stored]],
+                   exc: StorageUnavailable) -> list[tuple[Outcome, Stored]]:
+        """The database ended the write at its statement timeout: the same batch would time
+        out again. Write it in halves; one outcome alone waits and is tried again later, so it
+        does not hold up the others."""
+        if len(batch) > 1:
+            logger.warning("writing %d todo outcomes ran past the statement timeout; writing "
+                           "them in halves", len(batch), extra={"action": "finish"})
+            half = len(batch) // 2
+            return self._write_batch(batch[:half]) + self._write_batch(batch[half:])
+        outcome = batch[0][0]
+        outcome.waits_for = f"writing it ran past the statement timeout ({exc})"
+        logger.warning("writing the outcome of todo %s ran past the statement timeout; trying "
+                       "it again after the others", outcome.claim.todo_id,
+                       extra={"action": "finish", "todo_id": outcome.claim.todo_id})
+        return list(batch)
+
     @staticmethod
     def _fail_all(batch: list[tuple[Outcome, Stored]], exc: BaseException) -> None:
         for outcome, then in batch:
             _tell(outcome, then, None, exc)
+
+
+def _not_written(outcome: Outcome) -> StorageUnavailable:
+    return StorageUnavailable(f"not written before the server stopped: {outcome.waits_for}")
 
 
 def _tell(outcome: Outcome, then: Stored, result: WriteOutcome | None,

@@ -56,7 +56,7 @@ def test_worker_threads_run_the_next_todos_while_earlier_outcomes_wait_to_be_wri
                                  (started[:workers],)).fetchone()["n"]
             assert written == 0, "the first outcomes were written despite the lock"
             assert server.stats()["running"] == workers  # held until written
-            wait_for(lambda: all(f"todo {todo_id} has been held" in caplog.text
+            wait_for(lambda: all(f"outcome of todo {todo_id} has waited" in caplog.text
                                  for todo_id in started[:workers]), timeout=10)
         wait_for(lambda: server.stats()["completed"] == 2 * workers, timeout=30)
         assert server.stats()["running"] == 0
@@ -137,7 +137,7 @@ def test_an_outcome_whose_row_stays_held_is_reported_unstored_once_the_server_ab
             wait_for(lambda: held_id in told, timeout=5)
             result, failure = told[held_id]
             assert result is None and isinstance(failure, ps.StorageUnavailable)
-            assert "held by another transaction" in str(failure)
+            assert "another transaction holds its todo row" in str(failure)
         writer._thread.join(5)
         assert not writer._thread.is_alive()
     finally:
@@ -145,6 +145,53 @@ def test_an_outcome_whose_row_stays_held_is_reported_unstored_once_the_server_ab
     rows = {r["id"]: r["draft_status"] for r in db.execute(
         "SELECT id::text, draft_status::text FROM todolist")}
     assert rows == {free_id: "COMPLETED", held_id: "STARTED"}
+
+
+SLOW_TRIGGER = """
+CREATE FUNCTION slow_result() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_sleep(CASE WHEN NEW.output ? 'heavy' THEN 5 ELSE 0.1 END);
+    RETURN NEW;
+END $$;
+CREATE TRIGGER slow_result BEFORE UPDATE ON todolist
+    FOR EACH ROW WHEN (NEW.output IS NOT NULL) EXECUTE FUNCTION slow_result();
+"""
+
+
+def test_a_batch_past_the_statement_timeout_is_written_in_halves_and_a_heavy_one_waits(
+        database_url, db, caplog):
+    """A site's trigger makes each result slow to store: 12 outcomes in one statement run past
+    the statement timeout, the same batch would for ever; halves are written instead. One
+    outcome too heavy on its own waits and is tried again without holding up the others, and
+    is stored once it fits."""
+    db.execute(SLOW_TRIGGER)
+    storage = PostgresStorage(database_url, statement_timeout=0.5)
+    for i in range(12):
+        storage.enqueue(AGENT, f"q{i}")
+    claims = storage.claim(agent_orch=AGENT, consumer="c", limit=12, lease_seconds=60,
+                           max_claims=3)
+    heavy = claims[5].todo_id
+    writer = OutcomeWriter(storage, abort=threading.Event())
+    writer.start()
+    told: dict[str, Any] = {}
+    try:
+        for claim in claims:
+            result = {"heavy": True} if claim.todo_id == heavy else {"ok": True}
+            writer.submit(Outcome(claim, "completed", result=result),
+                          lambda r, f, todo_id=claim.todo_id: told.__setitem__(todo_id, (r, f)))
+        wait_for(lambda: len(told) == 11, timeout=30)
+        assert all(r.applied for r, _ in told.values()) and heavy not in told
+        assert "writing them in halves" in caplog.text
+        assert f"writing the outcome of todo {heavy} ran past the statement timeout" in (
+            caplog.text)
+        db.execute("DROP TRIGGER slow_result ON todolist")
+        wait_for(lambda: heavy in told, timeout=10)
+        assert told[heavy][0].applied
+    finally:
+        writer.close(timeout=5)
+        storage.close()
+    assert db.execute("SELECT count(*) AS n FROM todolist WHERE draft_status = 'COMPLETED'"
+                      ).fetchone()["n"] == 12
 
 
 class FinishUnreachable(PostgresStorage):
