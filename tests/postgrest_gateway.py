@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import Counter
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -37,6 +38,14 @@ def status_for(sqlstate: str | None) -> int:
                 "55": 500, "57": 503, "58": 500, "F0": 500, "HV": 500, "XX": 500}
     return by_class.get(code[:2], 400)
 
+
+
+@dataclass(frozen=True)
+class RawBody:
+    """An answer body sent as it is, not as JSON: a proxy's or a firewall's page."""
+
+    text: str
+    content_type: str = "text/html"
 
 class Gateway:
     """Serves RPC calls for one database on 127.0.0.1 until ``close()``."""
@@ -65,9 +74,10 @@ class Gateway:
                 status, body = gateway.handle(self.path, dict(self.headers.items()),
                                               self.rfile.read(int(self.headers["Content-Length"]
                                                                   or 0)))
-                payload = json.dumps(body).encode()
+                raw = isinstance(body, RawBody)
+                payload = body.text.encode() if raw else json.dumps(body).encode()
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", body.content_type if raw else "application/json")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)

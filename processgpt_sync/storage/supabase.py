@@ -134,6 +134,7 @@ class SupabaseStorage(Storage):
 
             def keep_status(response: httpx.Response) -> None:
                 local.status = response.status_code
+                local.content_type = response.headers.get("content-type", "")
 
             http = httpx.Client(timeout=timeout, limits=limits,
                                 event_hooks={"response": [keep_status]})
@@ -169,9 +170,17 @@ class SupabaseStorage(Storage):
             self._busy[http] = self._busy.get(http, 0) + 1
         local = self._local
         local.status = None
+        local.content_type = ""
         try:
             with wrap_exceptions(name, lambda: getattr(local, "status", None)):
-                data = client.rpc(name, dict(params)).execute().data
+                response = client.rpc(name, dict(params)).execute()
+            data = response.data
+            if data and "json" not in local.content_type:
+                # a success status with a proxy's or a firewall's page: not PostgREST's answer
+                raise StorageUnavailable(
+                    f"Supabase answered {name} with HTTP {local.status} and a "
+                    f"{local.content_type or 'untyped'} body, not JSON: is a proxy in the way? "
+                    f"({str(data)[:120]!r})")
         finally:
             with self._lock:
                 self._busy[http] -= 1

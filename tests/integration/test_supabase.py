@@ -11,7 +11,7 @@ import pytest
 import processgpt_sync as ps
 from processgpt_sync.storage.supabase import SupabaseStorage
 from tests.conftest import open_backend, wait_for
-from tests.postgrest_gateway import SERVICE_KEY, Gateway
+from tests.postgrest_gateway import SERVICE_KEY, Gateway, RawBody
 
 
 @pytest.fixture
@@ -129,6 +129,25 @@ def test_a_read_only_database_is_an_outage_not_a_refusal(supabase, db):
     with ps.start(lambda todo: {"ok": todo.input}, agent_orch="a", storage=supabase) as server:
         wait_for(lambda: server.stats()["completed"] + server.stats()["failed"] == 1)
     assert gateway.gateway_answers["processgpt_sync_finish_v1"] == []
+    row = db.execute("SELECT draft_status::text, output FROM todolist").fetchone()
+    assert row == {"draft_status": "COMPLETED", "output": {"ok": "q"}}
+
+
+def test_a_proxy_page_with_a_success_status_is_an_outage_not_a_crash(supabase, db, caplog):
+    """A web firewall or captive proxy answers 200 with its own HTML page: not PostgREST's
+    answer, so an outage (retried), never a claim or heartbeat read as garbage that stops the
+    server."""
+    page = RawBody("<html><body>Request blocked</body></html>")
+    gateway = supabase.gateway
+    gateway.gateway_answers["processgpt_sync_claim_v2"] = [(200, page)]
+    gateway.gateway_answers["processgpt_sync_finish_v1"] = [(200, page)]
+    supabase.enqueue("a", "q")
+    with ps.start(lambda todo: {"ok": todo.input}, agent_orch="a", storage=supabase) as server:
+        wait_for(lambda: server.stats()["completed"] + server.stats()["failed"] == 1)
+        assert server.healthy()[0], server.healthy()[1]
+    assert gateway.gateway_answers["processgpt_sync_claim_v2"] == []
+    assert gateway.gateway_answers["processgpt_sync_finish_v1"] == []
+    assert "not JSON: is a proxy in the way?" in caplog.text
     row = db.execute("SELECT draft_status::text, output FROM todolist").fetchone()
     assert row == {"draft_status": "COMPLETED", "output": {"ok": "q"}}
 
