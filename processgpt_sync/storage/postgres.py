@@ -36,6 +36,8 @@ CHANNEL_CHECK_EVERY = 8  # listener probes: the first after connecting and every
 DRAIN_INTERVAL = 1.0  # seconds between two drops of every idle pooled connection
 _JSONB_PARAM = re.compile(r"%\((\w+)\)s::jsonb")
 _MISSING_SCHEMA_STATES = {"42883", "42P01", "42704"}  # undefined function / table / object
+_TIMEOUT_OPTION = re.compile(r"statement[_-]timeout\s*=\s*'?(\d+(?:\.\d+)?)\s*(us|ms|s|min|h|d)?\b")
+_TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
 _SERVER_ENDED_STATES = {"57P01", "57P02", "57P03"}  # admin or crash shutdown, cannot connect now
 # A transaction aborted for another's sake (deadlock, serialisation, a lock wait given up):
 # psycopg raises these as OperationalError, so they are StorageUnavailable and retried.
@@ -127,8 +129,23 @@ def link_conninfo(conninfo: str, *, tcp_timeout: float = TCP_TIMEOUT) -> str:
 
 def sets_statement_timeout(conninfo: str) -> bool:
     """True when the URL (``options``) or PGOPTIONS already sets statement_timeout."""
-    options = str(conninfo_to_dict(conninfo).get("options") or "")
-    return "statement_timeout" in options + os.environ.get("PGOPTIONS", "")
+    return "statement_timeout" in _options(conninfo)
+
+
+def given_statement_timeout(conninfo: str) -> float | None:
+    """The statement_timeout in seconds the URL (``options``) or PGOPTIONS sets, when it sets
+    a limit (not 0) in a form PostgreSQL reads: a number of milliseconds, or with a unit."""
+    found = _TIMEOUT_OPTION.findall(_options(conninfo))
+    if not found:
+        return None
+    number, unit = found[-1]  # the last one wins, as in PostgreSQL
+    seconds = float(number) * _TIME_UNITS[unit or "ms"]
+    return seconds or None
+
+
+def _options(conninfo: str) -> str:
+    return " ".join((str(conninfo_to_dict(conninfo).get("options") or ""),
+                     os.environ.get("PGOPTIONS", "")))
 
 
 class PostgresStorage(Storage):
@@ -158,7 +175,9 @@ class PostgresStorage(Storage):
         self._statement_ms = (
             None if statement_timeout is None or user_timeout or not prepare
             else int(statement_timeout * 1000))  # behind a transaction pooler SET is lost
-        self.deadline = (statement_timeout or STATEMENT_TIMEOUT) + DEADLINE_MARGIN
+        # the client gives a statement as long as the server does
+        limit = given_statement_timeout(conninfo) if user_timeout else statement_timeout
+        self.deadline = (limit or STATEMENT_TIMEOUT) + DEADLINE_MARGIN
         self._drain_lock = threading.Lock()
         self._drained = 0.0
         self._pool = psycopg_pool.ConnectionPool(

@@ -131,7 +131,14 @@ def test_connections_get_keepalives_and_bounds_unless_the_url_sets_them(database
     try:
         with storage._pool.connection() as conn:
             assert conn.execute("SHOW statement_timeout").fetchone()[0] == "7s"
+        # the client waits as long as the server lets a statement run, not the default
+        assert storage.deadline == 7 + DEADLINE_MARGIN
     finally:
+        storage.close()
+    for options, deadline in (("-c statement_timeout=90000", 90), ("-c statement_timeout=2min",
+                                                                   120)):
+        storage = PostgresStorage(psycopg.conninfo.make_conninfo(database_url, options=options))
+        assert storage.deadline == deadline + DEADLINE_MARGIN, options
         storage.close()
 
 
