@@ -1654,7 +1654,8 @@ $$;
 
 -- Cancel a todo as the ProcessGPT UI does: status and draft_status CANCELLED. A running
 -- server stops its executor at the next heartbeat (or at once through NOTIFY). Refused for
--- a finished todo. Returns {applied, reason, state}.
+-- a finished todo, and for a todo that is not an agent's work in progress (a person's task, a
+-- step its process moved past or has not reached). Returns {applied, reason, state}.
 CREATE OR REPLACE FUNCTION processgpt_sync_cancel_v1(p_todo_id uuid)
 RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
@@ -1667,6 +1668,13 @@ BEGIN
     IF processgpt_sync_state_v1(v_todo.status::text, v_todo.draft_status::text)
            IN ('COMPLETED', 'FAILED', 'CANCELLED') THEN
         RETURN jsonb_build_object('applied', false, 'reason', 'finished', 'state',
+            processgpt_sync_state_v1(v_todo.status::text, v_todo.draft_status::text));
+    END IF;
+    -- Only an agent's work in progress: a person's task, or a step its process already took
+    -- (SUBMITTED, DONE) or has not reached (TODO, PENDING), is the process's own business.
+    IF processgpt_sync_state_v1(v_todo.status::text, v_todo.draft_status::text)
+           NOT IN ('QUEUED', 'STARTED', 'HUMAN_ASKED', 'FB_REQUESTED') THEN
+        RETURN jsonb_build_object('applied', false, 'reason', 'not_agent_work', 'state',
             processgpt_sync_state_v1(v_todo.status::text, v_todo.draft_status::text));
     END IF;
     UPDATE todolist SET status = 'CANCELLED', draft_status = 'CANCELLED', updated_at = now()

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
+from urllib.parse import quote
 
 try:
     import uvicorn
@@ -63,7 +64,7 @@ class ConsoleServer:
     def url(self) -> str:
         """The address to open; with the access token when one is set."""
         host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
-        token = f"?token={self.config.token}" if self.config.token else ""
+        token = f"?token={quote(self.config.token, safe='')}" if self.config.token else ""
         return f"http://{host}:{self.port}/{token}"
 
     def run(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
@@ -31,7 +32,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from ..errors import ConfigurationError, SchemaMissing
+from ..errors import ConfigurationError, SchemaMissing, StorageError, StorageUnavailable
 from ..storage import Storage
 from .charts import (
     CHART_BUCKET,
@@ -43,7 +44,7 @@ from .charts import (
 )
 from .feed import ChangeFeed
 from .security import CSRF_FIELD, CSRF_HEADER, Guard, csrf_ok, csrf_token, is_loopback
-from .streams import cursor, event_stream, list_updates, todo_updates
+from .streams import PANELS, cursor, digest, event_stream, list_updates, todo_updates
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ LIST_LIMIT = 200  # todos on the list page
 PANEL_INTERVAL = 5.0  # seconds between servers panel refreshes
 SAMPLES_KEPT = 120  # servers panel samples kept for the pickup latency chart
 PRETTY_WIDTH = 80  # JSON up to this many characters stays on one line
+TOKEN_CHARACTERS = re.compile(r"[A-Za-z0-9._~+/=-]+")  # URL-safe and base64 alphabets
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +79,10 @@ class ConsoleConfig:
                 "set --token (or PROCESSGPT_CONSOLE_TOKEN), or keep the default 127.0.0.1")
         if self.token is not None and len(self.token) < 16:
             raise ConfigurationError("the console access token must be at least 16 characters")
+        if self.token is not None and not TOKEN_CHARACTERS.fullmatch(self.token):
+            raise ConfigurationError(
+                "the console access token may hold letters, digits and - . _ ~ + / = only "
+                "(it travels in a URL and a cookie): `openssl rand -hex 24` makes one")
 
 
 def _environment() -> jinja2.Environment:
@@ -149,7 +155,7 @@ class Console:
     async def list_page(self, request: Request) -> Response:
         filters = self.filters(request)
         data = await self.todos(filters)
-        name = "_rows.html" if request.headers.get("hx-request") else "todos.html"
+        name = "_rows.html" if _fragment_wanted(request) else "todos.html"
         return self.render(request, name, filters=filters, **data,
                            stream_query=_query(filters))
 
@@ -170,8 +176,11 @@ class Console:
         if detail is None:
             return self.render(request, "error.html", 404, message="no such todo")
         events = detail["events"]
+        shown = {part: digest(self.fragment(request, template, **detail))
+                 for part, template in PANELS}
         return self.render(request, "todo.html", **detail,
-                           since=events[-1]["timestamp"] if events else "")
+                           since=events[-1]["timestamp"] if events else "",
+                           shown=urlencode(shown))
 
     async def todo_stream(self, request: Request) -> Response:
         todo_id = _uuid(request.path_params["todo_id"])
@@ -180,7 +189,8 @@ class Console:
         since = cursor(request.query_params.get("since"))
         read = functools.partial(self.todo, todo_id)
         render = functools.partial(self.fragment, request)
-        return event_stream(self.feed, todo_id, todo_updates(read, render, since))
+        shown = {part: request.query_params.get(part, "") for part, _ in PANELS}
+        return event_stream(self.feed, todo_id, todo_updates(read, render, since, shown))
 
     async def questions_page(self, request: Request) -> Response:
         agent_orch = request.query_params.get("agent_orch") or self.config.agent_orch
@@ -190,7 +200,7 @@ class Console:
 
     async def servers_page(self, request: Request) -> Response:
         panel = await self.servers_panel_data()
-        name = "_servers.html" if request.headers.get("hx-request") else "servers.html"
+        name = "_servers.html" if _fragment_wanted(request) else "servers.html"
         return self.render(request, name, **panel, interval=PANEL_INTERVAL)
 
     async def servers_panel_data(self) -> dict[str, Any]:
@@ -258,6 +268,8 @@ class Console:
                        "empty_feedback": "say what to revise: the feedback is empty",
                        "process_moved_on": "its process took the result and moved on (status "
                                            "DONE): a revision would rewrite history",
+                       "not_agent_work": "only an agent's work in progress can be cancelled "
+                                         f"here (this todo is {outcome.get('state')})",
                        }.get(str(outcome.get("reason")), str(outcome.get("reason")))
             return self.render(request, "error.html", 409, message=message)
         return _done(request, f"/todos/{todo_id}")
@@ -318,6 +330,12 @@ def answer_from_form(question: Any, form: Mapping[str, str]) -> tuple[Any, str |
     return text, None
 
 
+def _fragment_wanted(request: Request) -> bool:
+    """htmx asks for the part it swaps; but restoring a page from history wants all of it."""
+    headers = request.headers
+    return bool(headers.get("hx-request")) and not headers.get("hx-history-restore-request")
+
+
 def _done(request: Request, url: str) -> Response:
     """After an action: htmx follows HX-Redirect; a plain form gets 303 See Other."""
     if request.headers.get("hx-request"):
@@ -363,7 +381,20 @@ def create_app(storage: Storage, config: ConsoleConfig | None = None) -> Starlet
         Route("/servers", console.servers_page),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    async def database_error(request: Request, exc: Exception) -> Response:
+        """A database error under a page or an action: said on a page with the right status,
+        never a bare 500 (an outage is 503, try again; a refusal 409, with the reason)."""
+        if isinstance(exc, StorageUnavailable):
+            logger.warning("console: %s %s: %s", request.method, request.url.path, exc,
+                           extra={"action": "console"})
+            return console.render(request, "error.html", 503, message="the database did not "
+                                  f"answer; try again in a moment ({exc})")
+        logger.warning("console: %s %s refused: %s", request.method, request.url.path, exc,
+                       extra={"action": "console"})
+        return console.render(request, "error.html", 409, message=str(exc))
+
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={StorageError: database_error})
     app.state.console = console
     app.add_middleware(Guard, token=config.token)
     return app

@@ -9,6 +9,7 @@ query the database or choose what a page shows: the caller passes the read and t
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
@@ -69,15 +70,26 @@ def list_updates(read: Callable[[], Awaitable[Mapping[str, Any]]],
     return rows
 
 
+PANELS = (("state", "_state.html"), ("questions", "_questions.html"))
+
+
+def digest(html: str) -> str:
+    """A short fingerprint of a rendered panel: what the page shows, named in its stream URL."""
+    return hashlib.sha256(html.encode()).hexdigest()[:16]
+
+
 def todo_updates(read: Callable[[str | None], Awaitable[Mapping[str, Any] | None]],
-                 render: Render, since: datetime | None) -> Body:
+                 render: Render, since: datetime | None,
+                 shown: Mapping[str, str] | None = None) -> Body:
     """One todo's new events (each sent once), and its state and questions panels whenever
-    they render differently. ``read(since)`` is the todo with its events from ``since`` on."""
+    they render differently from what the page shows (``shown``: each panel's digest as the
+    page rendered it, so a form being filled in is not replaced by the same panel on
+    connect). ``read(since)`` is the todo with its events from ``since`` on."""
 
     async def updates(subscription: Subscription) -> AsyncIterator[str]:
         nonlocal since
         sent: dict[str, datetime] = {}
-        shown = {"state": "", "questions": ""}
+        on_page = {part: (shown or {}).get(part, "") for part, _ in PANELS}
         first = True
         while first or await changed(subscription):
             first = False
@@ -93,10 +105,10 @@ def todo_updates(read: Callable[[str | None], Awaitable[Mapping[str, Any] | None
                 sent = {k: v for k, v in sent.items() if v >= since}
             if fresh:
                 yield sse("events", render("_events.html", events=fresh))
-            for part, template in (("state", "_state.html"), ("questions", "_questions.html")):
+            for part, template in PANELS:
                 html = render(template, **detail)
-                if html != shown[part]:
-                    shown[part] = html
+                if digest(html) != on_page[part]:
+                    on_page[part] = digest(html)
                     yield sse(part, html)
 
     return updates

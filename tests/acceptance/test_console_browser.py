@@ -163,6 +163,29 @@ def drive(storage, db, database_url, pg_url, tmp_path, server):
         expect(page.locator("#event-rows")).to_contain_text("going the careful way")
         expect(page.locator("#state .result")).to_contain_text("careful")
 
+        # Feedback being typed survives a live update of the panel it sits in; the update is
+        # shown once the box is left empty.
+        feedback = page.locator("#state textarea[name=feedback]")
+        feedback.fill("shorter, please")
+        with psycopg.connect(database_url, autocommit=True) as conn, conn.transaction():
+            conn.execute("UPDATE todolist SET log = 'noted while typing' WHERE id = %s",
+                         (stream_id,))
+            conn.execute("INSERT INTO events (job_id, todo_id, event_type, data) VALUES "
+                         "('note', %s, 'task_working', '{\"note\": \"same update\"}')",
+                         (stream_id,))
+        expect(page.locator("#event-rows")).to_contain_text("same update")
+        assert feedback.input_value() == "shorter, please"
+        expect(page.locator("#state")).not_to_contain_text("noted while typing")
+        feedback.fill("")
+        feedback.blur()
+        expect(page.locator("#state")).to_contain_text("noted while typing")
+
+        # An action the server refuses says why (here a forged CSRF token: 403).
+        page.goto(f"{base}/todos/{slow_id}")
+        page.evaluate("document.querySelector('#state input[name=csrf_token]').value = 'forged'")
+        page.click("#state button.danger")
+        expect(page.locator("#stream-status")).to_contain_text("CSRF check failed")
+
         # Cancel the other one (the button asks for confirmation first).
         page.goto(f"{base}/todos/{slow_id}")
         page.click("#state button.danger")
@@ -170,7 +193,7 @@ def drive(storage, db, database_url, pg_url, tmp_path, server):
         row = db.execute("SELECT status::text, draft_status::text FROM todolist WHERE id = %s",
                          (slow_id,)).fetchone()
         assert (row["status"], row["draft_status"]) == ("CANCELLED", "CANCELLED")
-        assert dialogs == ["confirm:Cancel this todo?"], "no alert ever ran"
+        assert dialogs == ["confirm:Cancel this todo?"] * 2, "no alert ever ran"
 
         # Idle: no server, the list page stays open, nothing happens.
         server.stop()

@@ -21,6 +21,7 @@ from processgpt_sync.console import ConsoleConfig, ConsoleServer
 from processgpt_sync.console.app import answer_from_form
 from processgpt_sync.console.security import CSRF_COOKIE
 from processgpt_sync.errors import ConfigurationError
+from processgpt_sync.storage.postgres import PostgresStorage
 from tests.conftest import open_backend, wait_for
 
 XSS = "<script>alert(1)</script>"
@@ -246,6 +247,50 @@ def test_cancel_stops_the_running_executor_as_a_ui_cancel_does(storage, client, 
     assert refused.status_code == 409 and "already CANCELLED" in refused.text
 
 
+def test_cancel_is_only_offered_and_allowed_for_an_agents_work_in_progress(storage, client, db):
+    """A person's task, or a step its process already took, has no draft_status: the console
+    leaves it to the process (no Cancel button, a 409 with the reason, the row unchanged)."""
+    todo_id = storage.enqueue("console", "a person's task")
+    for status in ("DONE", "SUBMITTED", "TODO", "PENDING"):
+        db.execute("UPDATE todolist SET status = %s WHERE id = %s", (status, todo_id))
+        assert "Cancel todo" not in client.get(f"/todos/{todo_id}").text
+        refused = post(client, f"/todos/{todo_id}/cancel")
+        assert refused.status_code == 409, status
+        assert f"can be cancelled here (this todo is {status})" in refused.text
+        row = state_of(db, todo_id)
+        assert (row["status"], row["draft_status"]) == (status, None)
+    db.execute("UPDATE todolist SET status = 'IN_PROGRESS' WHERE id = %s", (todo_id,))
+    assert "Cancel todo" in client.get(f"/todos/{todo_id}").text  # queued: the agent's
+
+
+class ConsoleDatabaseTrouble(PostgresStorage):
+    """The todo list cannot be read (an outage); a cancel is refused by the database."""
+
+    def call(self, query, params):
+        if query == "console_todos":
+            raise ps.StorageUnavailable("database unreachable (console_todos): no route")
+        if query == "cancel":
+            raise ps.StorageError("the todo is locked by a migration", code="P0001")
+        return super().call(query, params)
+
+
+def test_database_errors_under_pages_and_actions_are_said_with_their_status(database_url):
+    """An outage is a 503 page saying to try again; a refusal a 409 with its reason; never a
+    bare 500."""
+    storage = ConsoleDatabaseTrouble(database_url)
+    todo_id = storage.enqueue("console", "x")
+    try:
+        with ConsoleServer(storage, ConsoleConfig(port=0)) as server, client_of(server) as http:
+            page = http.get("/todos")
+            assert page.status_code == 503
+            assert "the database did not answer; try again in a moment" in page.text
+            refused = post(http, f"/todos/{todo_id}/cancel")
+            assert refused.status_code == 409
+            assert "the todo is locked by a migration" in refused.text
+    finally:
+        storage.close()
+
+
 def test_enqueue_inserts_a_claimable_todo(client, db):
     response = post(client, "/todos", agent_orch="console", input="from the console",
                     mode="DRAFT", tenant="t9")
@@ -316,6 +361,17 @@ def client_of_same(client: httpx.Client) -> httpx.Client:
     return httpx.Client(base_url=client.base_url, timeout=10)
 
 
+def test_back_and_forward_restoring_a_page_get_the_whole_page_not_the_fragment(client):
+    """htmx asks for the rows when a filter changes, but for the whole page when Back or
+    Forward restores one it did not keep: a fragment would replace the page's body."""
+    swap = client.get("/todos", headers={"HX-Request": "true"})
+    assert "<nav" not in swap.text and 'id="rows"' not in swap.text
+    for url in ("/todos", "/servers"):
+        restored = client.get(url, headers={"HX-Request": "true",
+                                            "HX-History-Restore-Request": "true"})
+        assert restored.status_code == 200 and "<nav" in restored.text, url
+
+
 def test_htmx_posts_get_a_redirect_header(storage, client):
     todo_id = storage.enqueue("console", "htmx")
     response = client.post(f"/todos/{todo_id}/cancel", data={"csrf_token": csrf_of(client)},
@@ -375,6 +431,18 @@ def test_a_non_loopback_host_needs_a_token():
         ConsoleConfig(host="0.0.0.0", token="short")
     assert ConsoleConfig(host="0.0.0.0", token=TOKEN).token == TOKEN
     assert ConsoleConfig(host="::1").token is None
+    with pytest.raises(ConfigurationError, match="letters, digits"):
+        ConsoleConfig(host="0.0.0.0", token="a token; with spaces")
+
+
+def test_a_base64_token_works_from_the_printed_url(storage):
+    """``openssl rand -base64`` makes tokens with + / =: the printed URL carries them
+    encoded, so opening it signs in (a raw + would arrive as a space)."""
+    token = "Ab+cd/efGHijkLMNop0123=="
+    with ConsoleServer(storage, ConsoleConfig(port=0, token=token)) as server:
+        with httpx.Client(timeout=10, follow_redirects=True) as browser:
+            page = browser.get(server.url)
+            assert page.status_code == 200 and page.url.path == "/todos"
 
 
 def test_console_command_refuses_a_non_loopback_host_without_token(capsys):

@@ -8,13 +8,43 @@
     return template.content;
   }
 
+  // A form someone is filling in (focused, or changed from what was rendered).
+  function editing(target) {
+    var fields = target.querySelectorAll("textarea, input[type=text], select");
+    for (var i = 0; i < fields.length; i++) {
+      var field = fields[i];
+      if (field === document.activeElement) { return true; }
+      if (field.tagName === "SELECT") {
+        var rendered = 0;
+        for (var j = 0; j < field.options.length; j++) {
+          if (field.options[j].defaultSelected) { rendered = j; }
+        }
+        if (field.selectedIndex !== rendered) { return true; }
+      } else if (field.value !== field.defaultValue) { return true; }
+    }
+    return false;
+  }
+
+  // Updates that would wipe what someone is typing wait until the form is left unchanged.
+  var waiting = {};
   function replace(target, html) {
+    if (target.id && editing(target)) { waiting[target.id] = html; return; }
+    delete waiting[target.id];
     target.replaceChildren(parse(html));
     if (window.htmx) { window.htmx.process(target); }
   }
+  document.addEventListener("focusout", function () {
+    setTimeout(function () {
+      Object.keys(waiting).forEach(function (id) {
+        var target = document.getElementById(id);
+        if (!target) { delete waiting[id]; } else { replace(target, waiting[id]); }
+      });
+    }, 0);
+  });
 
-  // A line above the page saying the live updates stopped (shown until the next update).
-  function showStatus(text) {
+  // A line above the page saying the live updates stopped (shown until the next update), or
+  // why an action was refused (shown until the next action).
+  function showStatus(text, why) {
     var line = document.getElementById("stream-status");
     if (!line) {
       line = document.createElement("p");
@@ -25,6 +55,12 @@
     }
     line.textContent = text;
     line.hidden = !text;
+    line.dataset.why = why || "stream";
+  }
+
+  function clearStreamStatus() {
+    var line = document.getElementById("stream-status");
+    if (line && line.dataset.why === "stream") { showStatus(""); }
   }
 
   // The server reports a database error on the stream before it ends; the browser then
@@ -34,7 +70,7 @@
       showStatus(message.data + " (live updates paused, retrying)");
     });
     parts.forEach(function (part) {
-      source.addEventListener(part, function () { showStatus(""); });
+      source.addEventListener(part, clearStreamStatus);
     });
   }
 
@@ -67,14 +103,26 @@
     listSource.addEventListener("rows", function (message) { replace(box, message.data); });
   }
 
+  // An action the server refused (a 409, a CSRF failure, the database away): say why.
+  document.addEventListener("htmx:responseError", function (event) {
+    var xhr = event.detail.xhr;
+    var said = parse(xhr.responseText || "").querySelector(".panel.error p");
+    showStatus(said ? said.textContent : "the request failed (HTTP " + xhr.status + ")",
+               "action");
+  });
+
+  // The list follows its current filters: after a filter changed the URL, and after Back or
+  // Forward restored an earlier page (whose list element is a new one).
+  function followCurrentList() {
+    var rows = document.getElementById("rows");
+    if (rows && rows.dataset.stream) { followList(rows); }
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
     var events = document.getElementById("events");
     if (events && events.dataset.stream) { followTodo(events); }
-    var rows = document.getElementById("rows");
-    if (rows && rows.dataset.stream) {
-      followList(rows);
-      // The filters changed the URL: follow the new selection.
-      document.body.addEventListener("htmx:pushedIntoHistory", function () { followList(rows); });
-    }
+    followCurrentList();
+    document.addEventListener("htmx:pushedIntoHistory", followCurrentList);
+    document.addEventListener("htmx:historyRestore", followCurrentList);
   });
 })();
