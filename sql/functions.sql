@@ -1007,9 +1007,9 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
                'job_id', q.job_id, 'todo_id', q.todo_id, 'agent_orch', t.agent_orch::text,
                'question', q.data, 'asked_at', q."timestamp", 'waiting', t.consumer IS NOT NULL)
                ORDER BY q."timestamp"), '[]'::jsonb)
-    FROM events q
-    JOIN todolist t ON t.id = processgpt_sync_uuid_or_null_v1(q.todo_id)
-    WHERE q.event_type = 'human_asked' AND t.draft_status = 'HUMAN_ASKED'
+    FROM todolist t  -- from the waiting todos: their questions by the index on events(todo_id)
+    JOIN events q ON q.todo_id = t.id::text AND q.event_type = 'human_asked'
+    WHERE t.draft_status = 'HUMAN_ASKED'
       AND t.status IS DISTINCT FROM 'CANCELLED'
       AND (p_agent_orch IS NULL OR t.agent_orch::text = p_agent_orch)
       AND NOT EXISTS (SELECT 1 FROM processgpt_sync_answer_to_v1(q.job_id, q.todo_id,
