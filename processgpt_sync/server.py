@@ -19,6 +19,7 @@ The state they share is ``inflight.InFlight``; this module holds no todo state o
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import logging
 import os
 import socket
@@ -74,6 +75,7 @@ class _Parts:
     pool: WorkerPool
     shutdown: Shutdown
     claimer: Claimer
+    listener: Listener | None = None
 
 
 class Server:
@@ -166,6 +168,8 @@ class Server:
         with self._state_lock:
             self._parts = parts
         listener = self._listener(parts.storage)
+        with self._state_lock:
+            self._parts = parts = dataclasses.replace(parts, listener=listener)
         watchers = Watchers(parts.storage, self.settings, inflight=self._inflight,
                             worker=parts.worker, desk=parts.desk, stats=self._stats,
                             registry=self._registry_row, stop=self._threads_stop,
@@ -223,6 +227,8 @@ class Server:
                                  self._stopping)
         finally:
             self._threads_stop.set()
+            if parts.listener is not None:
+                parts.listener.wake()  # else its wait for a notification ends within 1 s
             for name in ("heartbeat", "listener"):
                 self._join(name, left())
             if not parts.buffer.close(timeout=left()):

@@ -74,6 +74,9 @@ class Listener(Protocol):
 
     def probe(self) -> bool: ...
 
+    def wake(self) -> None:
+        """Make a ``wait`` in progress (on another thread) return now: the server stops."""
+
     def close(self) -> None: ...
 
 

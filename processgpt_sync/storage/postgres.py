@@ -7,6 +7,7 @@ import os
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import cache
@@ -244,7 +245,14 @@ class PostgresStorage(Storage):
         super().check_schema()
 
     def listener(self, channels: Sequence[str]) -> PostgresListener:
-        return PostgresListener(self._link, channels, on_dead=self._listener_died)
+        return PostgresListener(self._link, channels, on_dead=self._listener_died,
+                                notify=self._notify)
+
+    def _notify(self, channel: str) -> None:
+        """NOTIFY ``channel`` on a pooled connection (the listener's own is busy waiting)."""
+        with wrap_exceptions("notify"), self._pool.connection() as conn:
+            with DEADLINES.watch(conn.fileno(), self.deadline, "notify", self):
+                conn.execute("SELECT pg_notify(%s, '')", (channel,))
 
     def _listener_died(self, silent: bool) -> None:
         """The LISTEN connection died; when it went silent (no answer, rather than closed),
@@ -283,11 +291,16 @@ class PostgresListener:
     """A dedicated LISTEN connection (``notifies()`` holds its connection's lock while waiting)."""
 
     def __init__(self, conninfo: str, channels: Sequence[str], *,
-                 on_dead: Callable[[bool], None] | None = None) -> None:
+                 on_dead: Callable[[bool], None] | None = None,
+                 notify: Callable[[str], None] | None = None) -> None:
         """:param on_dead: called when the probe finds the connection dead, with True when it
-        went silent (the pool's connections likely went the same way)."""
+        went silent (the pool's connections likely went the same way).
+        :param notify: sends a NOTIFY on another connection: ``wake`` uses it on a channel
+            only this listener listens on."""
         self._conninfo = conninfo
-        self._channels = list(channels)
+        self._wake_channel = f"processgpt_sync_wake_{uuid.uuid4().hex}"
+        self._channels = [*channels, self._wake_channel]
+        self._notify = notify
         self._on_dead = on_dead
         self._conn: psycopg.Connection[Any] | None = None
         self._probes = 0
@@ -315,6 +328,15 @@ class PostgresListener:
         except StorageUnavailable:
             self.close()
             raise
+
+    def wake(self) -> None:
+        """Make a wait in progress return now, through a NOTIFY on this listener's own
+        channel; without one, the wait ends within its timeout."""
+        if self._notify is not None and self._conn is not None and not self._conn.closed:
+            try:
+                self._notify(self._wake_channel)
+            except StorageError as exc:
+                logger.debug("waking the listener failed: %s", exc)
 
     def probe(self) -> bool:
         """Check that the server still answers on this connection (a listener can die

@@ -197,6 +197,18 @@ def test_stop_with_work_in_flight_writes_every_accepted_event(storage, db):
     assert server.stats()["events_pending"] == 0
 
 
+def test_stop_wakes_the_listener_instead_of_waiting_out_its_wait(database_url, monkeypatch):
+    """The listener waits for notifications in long stretches; stop() wakes it with one on a
+    channel of its own, so stopping (every test that runs a server) does not wait them out."""
+    monkeypatch.setattr("processgpt_sync.watch.LISTEN_WAIT", 60.0)
+    server = ps.start(lambda todo: {"ok": True}, agent_orch="wake", database_url=database_url)
+    wait_for(lambda: server.stats()["listening"], timeout=10)
+    stopper = threading.Thread(target=server.stop)
+    stopper.start()
+    stopper.join(20)  # far less than the wait: only a wake-up ends it this soon
+    assert not stopper.is_alive(), "stop() waited out the listener's wait"
+
+
 def test_stop_after_the_grace_period_gives_unfinished_todos_back(storage, db):
     for i in range(3):
         storage.enqueue("a", f"q{i}")
