@@ -127,7 +127,11 @@ class EmbeddedDatabases:
                 self._owned_dir = None
 
     def __enter__(self) -> EmbeddedDatabases:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # no __exit__ follows: remove the temporary folder now
+            self.close()
+            raise
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:

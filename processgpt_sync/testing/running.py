@@ -8,6 +8,7 @@ database calls (each one wakes the runner, which then reads the todo), never on 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -19,7 +20,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from ..errors import ProcessGPTSyncError
+from ..errors import ConfigurationError, ProcessGPTSyncError
 from ..models import Resume
 from ..server import Server
 from ..settings import Settings
@@ -29,7 +30,9 @@ from .databases import fresh_database
 AGENT_ORCH = "processgpt-sync-test"
 FINAL = ("COMPLETED", "FAILED", "CANCELLED")
 NO_ANSWER: Any = object()
-"""Returned by an answers callable to leave a question unanswered."""
+"""Returned by an answers callable to leave a question unanswered: a suspended todo then ends
+the run waiting, and a blocking ``ask_human`` waits out its own ``timeout`` (its default or
+``HumanTimeout``)."""
 
 Answers = Sequence[Any] | Mapping[str, Any] | Callable[["Question"], Any] | None
 EventPredicate = Callable[[list["Event"]], bool]
@@ -136,18 +139,25 @@ class _ObservedStorage(PostgresStorage):
 
 
 class _LogLines(logging.Handler):
+    """The library's log lines while one todo runs, without those about other todos (the
+    executor of an earlier run that timed out may still be going)."""
+
     def __init__(self) -> None:
         super().__init__(logging.INFO)
         self.lines: list[str] = []
+        self.todo_id: str | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(f"{record.levelname} {record.getMessage()}")
+        about = getattr(record, "todo_id", None)
+        if about is None or self.todo_id is None or str(about) == self.todo_id:
+            self.lines.append(f"{record.levelname} {record.getMessage()}")
 
 
 @contextmanager
-def _capture_logs() -> Iterator[list[str]]:
+def _capture_logs(todo_id: str) -> Iterator[list[str]]:
     library = logging.getLogger("processgpt_sync")
     handler = _LogLines()
+    handler.todo_id = todo_id
     level = library.level
     if library.getEffectiveLevel() > logging.INFO:
         library.setLevel(logging.INFO)
@@ -290,21 +300,24 @@ def run_todo(
         def should_cancel(events: list[Event]) -> bool:
             return len(events) >= cancel_after or bool(cancel_when and cancel_when(events))
 
+    config = _settings(agent_orch=agent_orch, database_url=database_url, **settings)
     run = _Run(database_url)
     try:
         run.todo_id = run.storage.enqueue(
             agent_orch, input, agent_mode=agent_mode, tenant_id=tenant_id, user_id=user_id,
             activity_name=activity_name, proc_inst_id=proc_inst_id)
-        config = Settings(**{"agent_orch": agent_orch, "database_url": database_url,
-                             "workers": 1, **settings})
-        with _capture_logs() as logs, psycopg.connect(
+        with _capture_logs(run.todo_id) as logs, psycopg.connect(
                 database_url, autocommit=True, row_factory=dict_row) as conn:
             server = Server(executor, config, storage=run.storage)
             server.start()
             try:
-                _drive(run, conn, answer_for, should_cancel, timeout)
+                _drive(run, conn, answer_for, should_cancel, timeout, explicit=callable(answers))
             except BaseException:
                 server.stop(timeout=0)
+                # Given back by the stop: cancelled as the UI would, so a later run on this
+                # database does not take it up with another executor.
+                conn.execute("UPDATE todolist SET status = 'CANCELLED', draft_status = "
+                             "'CANCELLED' WHERE id = %s", (run.todo_id,))
                 raise
             server.stop()
             row, events, _ = _read(conn, run.todo_id)
@@ -318,10 +331,26 @@ def run_todo(
         run.storage.close()
 
 
+def _settings(**fields: Any) -> Settings:
+    """The server's settings, checked before anything is written: a misspelt name is a clear
+    error naming the valid ones."""
+    names = {f.name for f in dataclasses.fields(Settings)}
+    unknown = sorted(set(fields) - names)
+    if unknown:
+        raise ConfigurationError(
+            f"run_todo got unknown settings {', '.join(unknown)}: besides its own parameters it "
+            f"takes Settings fields ({', '.join(sorted(names))}); the per-todo time limit is "
+            "todo_timeout")
+    return Settings(**{"workers": 1, **fields})
+
+
 def _drive(run: _Run, conn: psycopg.Connection[dict[str, Any]],
            answer_for: Callable[[Question], Any], should_cancel: EventPredicate | None,
-           timeout: float) -> None:
-    """Act as the UI until the todo settles: answer questions, cancel, or stop waiting."""
+           timeout: float, *, explicit: bool) -> None:
+    """Act as the UI until the todo settles: answer questions, cancel, or stop waiting.
+    ``explicit``: a function chose NO_ANSWER for a blocking question, so it is meant (the
+    executor's own timeout decides); a list run out or a question a mapping lacks is a
+    missing answer."""
     assert run.todo_id is not None
     deadline = time.monotonic() + timeout
     cancelled = False
@@ -347,6 +376,9 @@ def _drive(run: _Run, conn: psycopg.Connection[dict[str, Any]],
                 if answer is NO_ANSWER:
                     if not leased:
                         return  # suspended: the todo waits in the database
+                    if explicit:  # left open on purpose: ask_human's own timeout decides
+                        given.add(question.job_id)
+                        continue
                     raise UnansweredQuestion(
                         f"the executor asked {question.text!r} and no answer was scripted: "
                         "pass answers=[...], answers={question: answer} or a function")

@@ -11,6 +11,7 @@ import psycopg
 import pytest
 
 from processgpt_sync import Todo
+from processgpt_sync.errors import ConfigurationError
 from processgpt_sync.testing import NO_ANSWER, RunTimedOut, UnansweredQuestion
 
 
@@ -142,6 +143,54 @@ def test_a_todo_that_never_settles_raises_and_the_server_stops(processgpt_run,
     assert leases == (0,)  # given back, not left to expire
 
 
+def test_a_run_that_timed_out_leaves_nothing_for_the_next_run_on_the_database(
+        processgpt_run, processgpt_database_url):
+    """The first run's executor ignores the cancel and goes on after its run gave up: its todo
+    ends CANCELLED (not claimable by the next run's executor), and what it does later is not in
+    the next run's log lines."""
+    release = threading.Event()
+
+    def stubborn(todo: Todo):
+        release.wait(10)
+        todo.events.progress("too late")
+        return {"late": True}
+
+    with pytest.raises(RunTimedOut):
+        processgpt_run(stubborn, "first", timeout=0.3)
+    seen: list[str] = []
+
+    def second(todo: Todo):
+        seen.append(todo.input)
+        release.set()  # the first executor now writes, for a todo that is no longer its
+        todo.events.progress("second")
+        return {"ok": todo.input}
+
+    record = processgpt_run(second, "second")
+    assert record.completed and seen == ["second"]
+    with psycopg.connect(processgpt_database_url) as conn:
+        states = conn.execute("SELECT query, status::text, draft_status::text FROM todolist "
+                              "ORDER BY query").fetchall()
+    assert states == [("first", "CANCELLED", "CANCELLED"), ("second", "SUBMITTED", "COMPLETED")]
+    assert not any("too late" in line or "first" in line for line in record.logs), record.logs
+
+
+def test_a_question_left_open_on_purpose_waits_out_ask_humans_own_timeout(processgpt_run):
+    def handle(todo: Todo):
+        return {"answer": todo.ask_human("Proceed?", timeout=0.3, default="no answer")}
+
+    record = processgpt_run(handle, "x", answers=lambda question: NO_ANSWER)
+    assert record.completed and record.result == {"answer": "no answer"}
+    assert [q.answered for q in record.questions] == [False]
+
+
+def test_a_misspelt_setting_is_refused_before_anything_is_written(processgpt_run,
+                                                                  processgpt_database_url):
+    with pytest.raises(ConfigurationError, match="unknown settings max_claim: .*max_claims"):
+        processgpt_run(lambda todo: {}, "x", max_claim=2)
+    with psycopg.connect(processgpt_database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM todolist").fetchone() == (0,)
+
+
 def test_a_per_todo_time_limit_fails_the_todo(processgpt_run):
     record = processgpt_run(Waits(), "x", todo_timeout=0.2)
     assert record.failed and "timed out" in record.log
@@ -197,3 +246,18 @@ def test_a_kit_server_whose_template_cannot_be_built_is_stopped(tmp_path, monkey
         databases.start()
     assert not (tmp_path / "pg" / "postmaster.pid").exists(), "the server was left running"
     databases.close()
+
+
+def test_a_kit_database_that_failed_to_start_in_a_with_block_leaves_no_folder(
+        tmp_path, monkeypatch):
+    """``with EmbeddedDatabases():`` that fails to start runs no ``__exit__``: its temporary
+    folder (a whole initdb) is removed all the same."""
+    import tempfile
+
+    from processgpt_sync.testing import EmbeddedDatabases
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("PGOPTIONS", "-c default_transaction_read_only=on")
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction), EmbeddedDatabases():
+        pass
+    assert list(tmp_path.iterdir()) == []
