@@ -185,7 +185,7 @@ def test_a_question_left_open_on_purpose_waits_out_ask_humans_own_timeout(proces
 
 def test_a_misspelt_setting_is_refused_before_anything_is_written(processgpt_run,
                                                                   processgpt_database_url):
-    with pytest.raises(ConfigurationError, match="unknown settings max_claim: .*max_claims"):
+    with pytest.raises(ConfigurationError, match=r"unknown settings max_claim: .*max_claims"):
         processgpt_run(lambda todo: {}, "x", max_claim=2)
     with psycopg.connect(processgpt_database_url) as conn:
         assert conn.execute("SELECT count(*) FROM todolist").fetchone() == (0,)
