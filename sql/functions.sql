@@ -1597,7 +1597,8 @@ CREATE OR REPLACE FUNCTION processgpt_sync_console_todos_v1(
     p_state text DEFAULT NULL,
     p_limit integer DEFAULT 100)
 RETURNS jsonb LANGUAGE sql STABLE AS $$
-    WITH scoped AS (
+    -- not materialized: the page's rows are the newest p_limit, the counts need the state only
+    WITH scoped AS NOT MATERIALIZED (
         SELECT t.id, t.agent_orch::text AS agent_orch, t.tenant_id, t.activity_name,
                t.agent_mode::text AS agent_mode, t.status::text AS status,
                t.draft_status::text AS draft_status, t.consumer, t.start_date, t.updated_at,
