@@ -29,7 +29,9 @@ class EmbeddedDatabases:
     """An embedded PostgreSQL that hands out fresh databases, with or without the schema.
 
     ``directory`` is the server's data folder; by default a temporary one, removed on
-    :meth:`close`. Use it as a context manager, or call :meth:`start` and :meth:`close`.
+    :meth:`close`. A given one must be this object's alone: :meth:`start` rebuilds the template
+    there and :meth:`close` stops that server. Use it as a context manager, or call
+    :meth:`start` and :meth:`close`.
     """
 
     def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
