@@ -516,6 +516,7 @@ BEGIN
         WHERE (SELECT count(*) FROM owned) < (SELECT count(DISTINCT todo_id) FROM input)
           AND t.id IN (SELECT todo_id FROM input) AND t.id NOT IN (SELECT id FROM owned)
           AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
+          AND t.status IS DISTINCT FROM 'CANCELLED'
     ), checked AS MATERIALIZED (
         SELECT i.n, i.ev, i.todo_id, o.proc_inst_id, o.tenant_id,
                CASE WHEN o.id IS NULL AND i.todo_id IN (SELECT id FROM busy) THEN 'busy'
@@ -1674,7 +1675,8 @@ BEGIN
     -- Only an agent's work in progress: a person's task, or a step its process already took
     -- (SUBMITTED, DONE) or has not reached (TODO, PENDING), is the process's own business.
     IF processgpt_sync_state_v1(v_todo.status::text, v_todo.draft_status::text)
-           NOT IN ('QUEUED', 'STARTED', 'HUMAN_ASKED', 'FB_REQUESTED') THEN
+           NOT IN ('QUEUED', 'STARTED', 'HUMAN_ASKED', 'FB_REQUESTED')
+       OR v_todo.agent_mode IS NULL OR v_todo.agent_mode::text NOT IN ('DRAFT', 'COMPLETE') THEN
         RETURN jsonb_build_object('applied', false, 'reason', 'not_agent_work', 'state',
             processgpt_sync_state_v1(v_todo.status::text, v_todo.draft_status::text));
     END IF;

@@ -259,7 +259,11 @@ def test_cancel_is_only_offered_and_allowed_for_an_agents_work_in_progress(stora
         assert f"can be cancelled here (this todo is {status})" in refused.text
         row = state_of(db, todo_id)
         assert (row["status"], row["draft_status"]) == (status, None)
-    db.execute("UPDATE todolist SET status = 'IN_PROGRESS' WHERE id = %s", (todo_id,))
+    db.execute("UPDATE todolist SET status = 'IN_PROGRESS', agent_mode = NULL WHERE id = %s",
+               (todo_id,))  # a person's task in progress
+    assert "Cancel todo" not in client.get(f"/todos/{todo_id}").text
+    assert post(client, f"/todos/{todo_id}/cancel").status_code == 409
+    db.execute("UPDATE todolist SET agent_mode = 'COMPLETE' WHERE id = %s", (todo_id,))
     assert "Cancel todo" in client.get(f"/todos/{todo_id}").text  # queued: the agent's
 
 

@@ -154,6 +154,17 @@ def test_event_batch_with_one_invalid_type_keeps_the_others(storage, db):
     assert all(r["job_id"] == c.todo_id for r in rows), "job_id defaults to the todo id"
 
 
+def test_events_of_a_todo_the_ui_cancelled_by_status_are_refused_not_held(storage, db):
+    """'busy' is only for a row another transaction holds: a todo cancelled by its status
+    alone (draft_status still STARTED) is not written to, whoever holds what."""
+    storage.enqueue("a", "q")
+    (c,) = claim(storage)
+    db.execute("UPDATE todolist SET status = 'CANCELLED' WHERE id = %s", (c.todo_id,))
+    (rejected,) = storage.record_events([event(c)])
+    assert rejected["reason"] != "busy"
+    assert db.execute("SELECT count(*) AS n FROM events").fetchone()["n"] == 0
+
+
 def test_event_writes_are_idempotent_by_event_id(storage, db):
     storage.enqueue("a", "q")
     (c,) = claim(storage)
