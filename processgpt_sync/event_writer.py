@@ -310,15 +310,21 @@ class EventBuffer:
                 extra={"action": "write_events"},
             )
             rejected = []
+            busy: set[Key] = set()  # a claim's later events wait with its first held one
             for index, event in enumerate(batch):
+                if event_key(event) in busy:
+                    rejected.append({"index": index, "reason": "busy"})
+                    continue
                 try:
-                    rejected += [
-                        {**r, "index": index} for r in self._storage.record_events([event])
-                    ]
+                    answers = self._storage.record_events([event])
                 except StorageUnavailable:
                     raise
                 except Exception as single:
-                    rejected.append({"index": index, "reason": str(single)})
+                    answers = [{"index": 0, "reason": str(single)}]
+                for answer in answers:
+                    rejected.append({**answer, "index": index})
+                    if answer.get("reason") == "busy":
+                        busy.add(event_key(event))
         held = [batch[int(r["index"])] for r in rejected if r.get("reason") == "busy"]
         if held:
             rejected = [r for r in rejected if r.get("reason") != "busy"]

@@ -323,6 +323,55 @@ CREATE TRIGGER refuse_marked BEFORE INSERT ON events
 """
 
 
+class HolderCommitsMidway(PostgresStorage):
+    """The transaction holding a todo row commits right after the first event written alone."""
+
+    holder: psycopg.Connection[Any] | None = None
+
+    def record_events(self, events: Any) -> Any:
+        answer = super().record_events(events)
+        if len(events) == 1 and self.holder is not None:
+            self.holder.commit()
+            self.holder = None
+        return answer
+
+
+def test_a_refused_batch_written_one_by_one_keeps_a_held_todos_events_in_order(
+        database_url, db):
+    """A batch refused as a whole is written event by event; the first event of a todo whose
+    row is held waits, and so do that todo's later ones, even if the row is freed meanwhile:
+    its events still land in the order it emitted them."""
+    from processgpt_sync.event_writer import EventBuffer
+
+    db.execute(REFUSING_TRIGGERS)
+    storage = HolderCommitsMidway(database_url)
+    held_id, other_id = storage.enqueue(AGENT, "held"), storage.enqueue(AGENT, "other")
+    claims = {c.todo_id: c for c in storage.claim(agent_orch=AGENT, consumer="c", limit=2,
+                                                  lease_seconds=60, max_claims=3)}
+
+    def event(todo_id: str, data: dict[str, Any]) -> dict[str, Any]:
+        return {"todo_id": todo_id, "token": claims[todo_id].token,
+                "event_type": "task_working", "data": data}
+
+    buffer = EventBuffer(storage, flush_interval=0.05, batch_size=100)
+    holder = psycopg.connect(database_url)
+    holder.execute("SELECT id FROM todolist WHERE id = %s FOR UPDATE", (held_id,))
+    storage.holder = holder
+    try:
+        buffer.add(event(held_id, {"n": 1}))
+        buffer.add(event(held_id, {"n": 2}))
+        buffer.add(event(other_id, {"refuse me": True}))  # refuses the batch
+        buffer.start()
+        assert buffer.flush(timeout=10)
+    finally:
+        buffer.close(timeout=5)
+        holder.close()
+        storage.close()
+    written = [r["data"]["n"] for r in db.execute(
+        "SELECT data FROM events WHERE todo_id = %s ORDER BY timestamp", (held_id,))]
+    assert written == [1, 2]
+
+
 def test_what_the_database_refuses_is_recorded_as_a_failure_with_the_reason(
         storage, db, caplog, monkeypatch):
     """A platform trigger or constraint may refuse a todo's write (an error, not an outage):
