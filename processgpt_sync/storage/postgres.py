@@ -34,6 +34,7 @@ DEADLINE_MARGIN = 3.0  # seconds past the statement timeout before the client dr
 PROBE_DEADLINE = 5.0  # seconds the listener's liveness probe may take
 CHANNEL_CHECK_EVERY = 8  # listener probes: the first after connecting and every 8th one ask
 # which channels the connection listens on (a transaction); the others only ask for an answer
+UNLIMITED_DEADLINE = 300.0  # seconds a statement may take when the URL lifts statement_timeout
 DRAIN_INTERVAL = 1.0  # seconds between two drops of every idle pooled connection
 _JSONB_PARAM = re.compile(r"%\((\w+)\)s::jsonb")
 _MISSING_SCHEMA_STATES = {"42883", "42P01", "42704"}  # undefined function / table / object
@@ -134,19 +135,21 @@ def sets_statement_timeout(conninfo: str) -> bool:
 
 
 def given_statement_timeout(conninfo: str) -> float | None:
-    """The statement_timeout in seconds the URL (``options``) or PGOPTIONS sets, when it sets
-    a limit (not 0) in a form PostgreSQL reads: a number of milliseconds, or with a unit."""
+    """The statement_timeout in seconds the URL (``options``) or PGOPTIONS sets, in a form
+    PostgreSQL reads (milliseconds, or with a unit); 0 when it lifts the limit, None when it
+    sets none."""
     found = _TIMEOUT_OPTION.findall(_options(conninfo))
     if not found:
         return None
     number, unit = found[-1]  # the last one wins, as in PostgreSQL
-    seconds = float(number) * _TIME_UNITS[unit or "ms"]
-    return seconds or None
+    return float(number) * _TIME_UNITS[unit or "ms"]
 
 
 def _options(conninfo: str) -> str:
-    return " ".join((str(conninfo_to_dict(conninfo).get("options") or ""),
-                     os.environ.get("PGOPTIONS", "")))
+    """The server options a connection gets: the URL's, else PGOPTIONS (libpq reads the
+    environment only for what the URL leaves out)."""
+    given = str(conninfo_to_dict(conninfo).get("options") or "")
+    return given or os.environ.get("PGOPTIONS", "")
 
 
 class PostgresStorage(Storage):
@@ -176,9 +179,11 @@ class PostgresStorage(Storage):
         self._statement_ms = (
             None if statement_timeout is None or user_timeout or not prepare
             else int(statement_timeout * 1000))  # behind a transaction pooler SET is lost
-        # the client gives a statement as long as the server does
+        # the client gives a statement as long as the server does (a URL that lifts the
+        # server's limit still gets a last-resort deadline against a path that never answers)
         limit = given_statement_timeout(conninfo) if user_timeout else statement_timeout
-        self.deadline = (limit or STATEMENT_TIMEOUT) + DEADLINE_MARGIN
+        self.deadline = (UNLIMITED_DEADLINE if limit == 0
+                         else (limit or STATEMENT_TIMEOUT) + DEADLINE_MARGIN)
         self._drain_lock = threading.Lock()
         self._drained = 0.0
         self._pool = psycopg_pool.ConnectionPool(

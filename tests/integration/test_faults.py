@@ -28,6 +28,7 @@ from processgpt_sync import cli
 from processgpt_sync.server import STOP_MARGIN, STOP_TAIL
 from processgpt_sync.storage.postgres import (
     DEADLINE_MARGIN,
+    UNLIMITED_DEADLINE,
     PostgresStorage,
     link_conninfo,
 )
@@ -109,7 +110,8 @@ def two_steps(todo: ps.Todo) -> dict[str, Any]:
     return {"ok": todo.input}
 
 
-def test_connections_get_keepalives_and_bounds_unless_the_url_sets_them(database_url):
+def test_connections_get_keepalives_and_bounds_unless_the_url_sets_them(database_url,
+                                                                         monkeypatch):
     linked = psycopg.conninfo.conninfo_to_dict(link_conninfo(database_url, tcp_timeout=12))
     assert (linked["keepalives"], linked["keepalives_idle"], linked["keepalives_count"],
             linked["tcp_user_timeout"]) == ("1", "6", "3", "12000")
@@ -135,11 +137,16 @@ def test_connections_get_keepalives_and_bounds_unless_the_url_sets_them(database
         assert storage.deadline == 7 + DEADLINE_MARGIN
     finally:
         storage.close()
-    for options, deadline in (("-c statement_timeout=90000", 90), ("-c statement_timeout=2min",
-                                                                   120)):
+    for options, deadline in (("-c statement_timeout=90000", 90 + DEADLINE_MARGIN),
+                              ("-c statement_timeout=2min", 120 + DEADLINE_MARGIN),
+                              ("-c statement_timeout=0", UNLIMITED_DEADLINE)):
         storage = PostgresStorage(psycopg.conninfo.make_conninfo(database_url, options=options))
-        assert storage.deadline == deadline + DEADLINE_MARGIN, options
+        assert storage.deadline == deadline, options
         storage.close()
+    monkeypatch.setenv("PGOPTIONS", "-c statement_timeout=50s")  # libpq: the URL's win
+    storage = PostgresStorage(own)
+    assert storage.deadline == 7 + DEADLINE_MARGIN
+    storage.close()
 
 
 @pytest.mark.parametrize("kind", ["postgres", "supabase"])
