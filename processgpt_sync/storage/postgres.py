@@ -35,6 +35,7 @@ PROBE_DEADLINE = 5.0  # seconds the listener's liveness probe may take
 CHANNEL_CHECK_EVERY = 8  # listener probes: the first after connecting and every 8th one ask
 # which channels the connection listens on (a transaction); the others only ask for an answer
 UNLIMITED_DEADLINE = 300.0  # seconds a statement may take when the URL lifts statement_timeout
+WAKE_TIMEOUT = 1.0  # seconds each step of waking the listener may take (at stop)
 DRAIN_INTERVAL = 1.0  # seconds between two drops of every idle pooled connection
 _JSONB_PARAM = re.compile(r"%\((\w+)\)s::jsonb")
 _MISSING_SCHEMA_STATES = {"42883", "42P01", "42704"}  # undefined function / table / object
@@ -254,9 +255,10 @@ class PostgresStorage(Storage):
                                 notify=self._notify)
 
     def _notify(self, channel: str) -> None:
-        """NOTIFY ``channel`` on a pooled connection (the listener's own is busy waiting)."""
-        with wrap_exceptions("notify"), self._pool.connection() as conn:
-            with DEADLINES.watch(conn.fileno(), self.deadline, "notify", self):
+        """NOTIFY ``channel`` on a pooled connection (the listener's own is busy waiting),
+        within about a second: it only saves a wait that ends on its own."""
+        with wrap_exceptions("notify"), self._pool.connection(timeout=WAKE_TIMEOUT) as conn:
+            with DEADLINES.watch(conn.fileno(), WAKE_TIMEOUT, "notify", self):
                 conn.execute("SELECT pg_notify(%s, '')", (channel,))
 
     def _listener_died(self, silent: bool) -> None:
