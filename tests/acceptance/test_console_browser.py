@@ -186,9 +186,11 @@ def drive(storage, db, database_url, pg_url, tmp_path, server):
         page.click("#state button.danger")
         expect(page.locator("#stream-status")).to_contain_text("CSRF check failed")
 
-        # Cancel the other one (the button asks for confirmation first).
+        # Cancel the other one (the button asks for confirmation first, then the page
+        # follows the answer's HX-Redirect to itself).
         page.goto(f"{base}/todos/{slow_id}")
-        page.click("#state button.danger")
+        with page.expect_navigation(url=f"{base}/todos/{slow_id}"):
+            page.click("#state button.danger")
         expect(page.locator("#state .state")).to_have_text("CANCELLED", timeout=20_000)
         row = db.execute("SELECT status::text, draft_status::text FROM todolist WHERE id = %s",
                          (slow_id,)).fetchone()

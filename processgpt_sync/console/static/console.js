@@ -74,10 +74,20 @@
     });
   }
 
-  function followTodo(table) {
+  // The stream URL names the panels as the page rendered them, so the first connection
+  // sends only what changed since; a reconnect must not compare with that old render (the
+  // panels may have changed and changed back meanwhile): it reopens without those names, and
+  // the server sends both panels afresh.
+  function followTodo(table, url) {
     var body = table.tBodies[0];
-    var source = new EventSource(table.dataset.stream);
+    var source = new EventSource(url);
     reportFailures(source, ["events", "state", "questions"]);
+    source.addEventListener("error", function () {
+      source.close();
+      setTimeout(function () {
+        followTodo(table, url.replace(/&(state|questions)=[^&]*/g, ""));
+      }, 1000);
+    });
     source.addEventListener("gone", function (message) {
       source.close();
       showStatus(message.data);
@@ -120,7 +130,7 @@
 
   document.addEventListener("DOMContentLoaded", function () {
     var events = document.getElementById("events");
-    if (events && events.dataset.stream) { followTodo(events); }
+    if (events && events.dataset.stream) { followTodo(events, events.dataset.stream); }
     followCurrentList();
     document.addEventListener("htmx:pushedIntoHistory", followCurrentList);
     document.addEventListener("htmx:historyRestore", followCurrentList);
