@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ServerFailed, StorageUnavailable
+from .errors import ServerFailed, StorageError, StorageUnavailable
 from .models import Claim
 from .retrying import HELD_ROW_WARN_AFTER, backoff
 from .storage.base import Storage, WriteOutcome
@@ -31,6 +31,8 @@ BATCH_SIZE = 200  # outcomes per SQL call
 WAIT_RETRY_FIRST = 0.02  # seconds before an outcome that had to wait is tried again
 WAIT_RETRY_MAX = 1.0
 STATEMENT_TIMEOUT = "57014"  # SQLSTATE query_canceled: the server ended a statement it ran
+TIMEOUTS_BEFORE_OUTAGE = 3  # writes timing out in a row: the database is slow, not one write
+TIMEOUTS_ALONE_MAX = 3  # an outcome timing out alone this often is given up as refused
 
 
 Stored = Callable[[WriteOutcome | None, BaseException | None], None]
@@ -52,6 +54,7 @@ class Outcome:
     waiting_since: float | None = None
     wait_tries: int = 0
     wait_logged: bool = False
+    timeouts: int = 0  # times it ran past the statement timeout alone: it is then sent alone
 
     def item(self) -> dict[str, Any]:
         return {
@@ -78,6 +81,8 @@ class OutcomeWriter:
         self._pending: list[tuple[Outcome, Stored]] = []
         self._writing: list[tuple[Outcome, Stored]] = []
         self._held: list[tuple[float, Outcome, Stored]] = []  # (when to try again, ...)
+        self._alone: list[tuple[Outcome, Stored]] = []  # due, each written in a call of its own
+        self._timeouts_in_row = 0
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="processgpt-sync-outcomes",
                                         daemon=True)
@@ -129,8 +134,8 @@ class OutcomeWriter:
             with self._cond:
                 self._closed = True  # later outcomes are written on their workers' threads
                 held = [(outcome, then) for _, outcome, then in self._held]
-                stranded, self._pending = self._writing + self._pending + held, []
-                self._held = []
+                stranded = self._writing + self._alone + self._pending + held
+                self._pending, self._alone, self._held = [], [], []
             # Report first: what the stranded outcomes' handlers write now is written on this
             # thread, and retries through an outage until the stopping server aborts them.
             if self._on_crash is not None:
@@ -142,16 +147,20 @@ class OutcomeWriter:
             with self._cond:
                 while True:
                     self._take_due_held()
-                    if self._pending or (self._closed and not self._held):
+                    if self._pending or self._alone or (self._closed and not self._held):
                         break
                     if self._held and self._abort.is_set():
                         self._fail_held()
                         continue
                     wake = min(due for due, _, _ in self._held) if self._held else None
                     self._cond.wait(None if wake is None else max(0.0, wake - time.monotonic()))
-                if not self._pending:
+                if self._alone:  # too heavy to share a statement with others
+                    batch = [self._alone.pop(0)]
+                elif self._pending:
+                    batch = self._pending[:BATCH_SIZE]
+                    self._pending = self._pending[BATCH_SIZE:]
+                else:
                     return
-                batch, self._pending = self._pending[:BATCH_SIZE], self._pending[BATCH_SIZE:]
                 self._writing = batch
             held = self._write_batch(batch)
             with self._cond:
@@ -166,7 +175,8 @@ class OutcomeWriter:
         due = [(outcome, then) for when, outcome, then in self._held if when <= now]
         if due:
             self._held = [entry for entry in self._held if entry[0] > now]
-            self._pending.extend(due)
+            for entry in due:
+                (self._alone if entry[0].timeouts else self._pending).append(entry)
 
     def _fail_held(self) -> None:
         """The server exits now: the held outcomes are not stored (their leases lapse)."""
@@ -211,14 +221,18 @@ class OutcomeWriter:
         while True:
             try:
                 stored = self._storage.finish([outcome.item() for outcome, _ in batch])
+                self._timeouts_in_row = 0
                 break
             except StorageUnavailable as exc:
                 attempt += 1
                 if self._abort.is_set():
                     self._fail_all(batch, exc)
                     return []
-                if exc.code == STATEMENT_TIMEOUT:  # the database is up; this write is heavy
-                    return self._timed_out(batch, exc)
+                if exc.code == STATEMENT_TIMEOUT:
+                    self._timeouts_in_row += 1
+                    if self._timeouts_in_row <= TIMEOUTS_BEFORE_OUTAGE:  # this write is heavy
+                        return self._timed_out(batch, exc)
+                    # every write of late timed out: the database is slow, retried as an outage
                 logger.warning("writing %d todo outcomes failed (attempt %d), retrying: %s",
                                len(batch), attempt, exc, extra={"action": "finish"})
                 time.sleep(backoff(attempt))
@@ -244,19 +258,31 @@ class OutcomeWriter:
 
     def _timed_out(self, batch: list[tuple[Outcome, Stored]],
                    exc: StorageUnavailable) -> list[tuple[Outcome, Stored]]:
-        """The database ended the write at its statement timeout: the same batch would time
-        out again. Write it in halves; one outcome alone waits and is tried again later, so it
-        does not hold up the others."""
+        """The database ended the write at its statement timeout while others went through:
+        the same batch would time out again. Write it in halves; one outcome alone waits and
+        is tried again later, alone, so it does not hold up the others; timing out alone
+        ``TIMEOUTS_ALONE_MAX`` times, it is refused (the recorder then stores the result
+        without its events, or the failure)."""
         if len(batch) > 1:
             logger.warning("writing %d todo outcomes ran past the statement timeout; writing "
                            "them in halves", len(batch), extra={"action": "finish"})
             half = len(batch) // 2
             return self._write_batch(batch[:half]) + self._write_batch(batch[half:])
-        outcome = batch[0][0]
+        outcome, then = batch[0]
+        todo_id = outcome.claim.todo_id
+        outcome.timeouts += 1
+        if outcome.timeouts >= TIMEOUTS_ALONE_MAX:
+            logger.error("the outcome of todo %s ran past the statement timeout %d times "
+                         "alone; giving it up", todo_id, outcome.timeouts,
+                         extra={"action": "finish", "todo_id": todo_id})
+            _tell(outcome, then, None, StorageError(
+                f"writing it ran past the statement timeout {outcome.timeouts} times ({exc})",
+                code=STATEMENT_TIMEOUT))
+            return []
         outcome.waits_for = f"writing it ran past the statement timeout ({exc})"
         logger.warning("writing the outcome of todo %s ran past the statement timeout; trying "
-                       "it again after the others", outcome.claim.todo_id,
-                       extra={"action": "finish", "todo_id": outcome.claim.todo_id})
+                       "it again alone, after the others", todo_id,
+                       extra={"action": "finish", "todo_id": todo_id})
         return list(batch)
 
     @staticmethod

@@ -159,11 +159,12 @@ CREATE TRIGGER slow_result BEFORE UPDATE ON todolist
 
 
 def test_a_batch_past_the_statement_timeout_is_written_in_halves_and_a_heavy_one_waits(
-        database_url, db, caplog):
+        database_url, db, caplog, monkeypatch):
     """A site's trigger makes each result slow to store: 12 outcomes in one statement run past
     the statement timeout, the same batch would for ever; halves are written instead. One
-    outcome too heavy on its own waits and is tried again without holding up the others, and
-    is stored once it fits."""
+    outcome too heavy on its own waits and is tried again alone without holding up the
+    others, and is stored once it fits."""
+    monkeypatch.setattr("processgpt_sync.outcomes.TIMEOUTS_ALONE_MAX", 1000)
     db.execute(SLOW_TRIGGER)
     storage = PostgresStorage(database_url, statement_timeout=0.5)
     for i in range(12):
@@ -184,6 +185,7 @@ def test_a_batch_past_the_statement_timeout_is_written_in_halves_and_a_heavy_one
         assert "writing them in halves" in caplog.text
         assert f"writing the outcome of todo {heavy} ran past the statement timeout" in (
             caplog.text)
+        wait_for(lambda: caplog.text.count(f"todo {heavy} ran past") >= 3, timeout=10)
         db.execute("DROP TRIGGER slow_result ON todolist")
         wait_for(lambda: heavy in told, timeout=10)
         assert told[heavy][0].applied
@@ -192,6 +194,35 @@ def test_a_batch_past_the_statement_timeout_is_written_in_halves_and_a_heavy_one
         storage.close()
     assert db.execute("SELECT count(*) AS n FROM todolist WHERE draft_status = 'COMPLETED'"
                       ).fetchone()["n"] == 12
+
+
+def test_an_outcome_that_keeps_timing_out_alone_is_given_up_as_refused(database_url, db,
+                                                                       monkeypatch):
+    """Alone, it times out again and again while the others are written: after a few tries it
+    is refused (so the recorder falls back to storing less), not retried for ever with its
+    lease renewed."""
+    monkeypatch.setattr("processgpt_sync.outcomes.TIMEOUTS_ALONE_MAX", 2)
+    db.execute(SLOW_TRIGGER)
+    storage = PostgresStorage(database_url, statement_timeout=0.5)
+    heavy_id, light_id = storage.enqueue(AGENT, "heavy"), storage.enqueue(AGENT, "light")
+    claims = {c.todo_id: c for c in storage.claim(agent_orch=AGENT, consumer="c", limit=2,
+                                                  lease_seconds=60, max_claims=3)}
+    writer = OutcomeWriter(storage, abort=threading.Event())
+    writer.start()
+    told: dict[str, Any] = {}
+    try:
+        for todo_id, result in ((heavy_id, {"heavy": True}), (light_id, {"ok": True})):
+            writer.submit(Outcome(claims[todo_id], "completed", result=result),
+                          lambda r, f, todo_id=todo_id: told.__setitem__(todo_id, (r, f)))
+        wait_for(lambda: len(told) == 2, timeout=20)
+    finally:
+        writer.close(timeout=5)
+        storage.close()
+    assert told[light_id][0].applied
+    result, failure = told[heavy_id]
+    assert result is None and isinstance(failure, ps.StorageError)
+    assert not isinstance(failure, ps.StorageUnavailable)
+    assert "ran past the statement timeout 2 times" in str(failure)
 
 
 class FinishUnreachable(PostgresStorage):
