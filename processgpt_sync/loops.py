@@ -273,14 +273,21 @@ class ThreadLoops:
 
 
 def _tracking_factory(tasks: weakref.WeakSet[asyncio.Task[Any]]) -> Any:
-    def factory(loop: asyncio.AbstractEventLoop, coro: Any,
-                context: contextvars.Context | None = None) -> asyncio.Task[Any]:
-        options: dict[str, Any] = {} if context is None else {"context": context}  # 3.11+
-        task = asyncio.Task(coro, loop=loop, **options)
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **options: Any) -> asyncio.Task[Any]:
+        task = _task(loop, coro, options)
         tasks.add(task)
         return task
 
     return factory
+
+
+def _task(loop: asyncio.AbstractEventLoop, coro: Any,
+          options: dict[str, Any]) -> asyncio.Task[Any]:
+    """A task as ``loop.create_task`` makes it: ``context`` (3.11+), and ``name`` and
+    ``eager_start`` which Python 3.13.3+ hands the task factory too."""
+    if options.get("context") is None:
+        options.pop("context", None)
+    return asyncio.Task(coro, loop=loop, **options)
 
 
 def new_thread_loop() -> asyncio.AbstractEventLoop:
@@ -381,7 +388,7 @@ class SharedLoop:
         except OSError as exc:
             raise InfrastructureError(f"cannot create the shared event loop: {exc}") from exc
         loop.set_task_factory(self._labelled_task)
-        thread = threading.Thread(target=loop.run_forever, daemon=True,
+        thread = threading.Thread(target=self._serve, args=(loop,), daemon=True,
                                   name="processgpt-sync-shared-loop")
         watchdog = threading.Thread(target=self._watch, args=(loop,), daemon=True,
                                     name="processgpt-sync-loop-watchdog")
@@ -397,6 +404,21 @@ class SharedLoop:
                 f"cannot start the shared event loop's threads: {exc}") from exc
         self._thread, self._watchdog = thread, watchdog
         return loop
+
+    @staticmethod
+    def _serve(loop: asyncio.AbstractEventLoop) -> None:
+        """Run the loop until ``close()`` stops it. A task of an executor's own (a tool in a
+        task group) that raises SystemExit or KeyboardInterrupt ends that task, and asyncio
+        lets the exception out of the loop: the loop runs on, and the todo awaiting that
+        task meets it and fails (as one raised in the executor's own task does)."""
+        while True:
+            try:
+                loop.run_forever()
+                return
+            except (SystemExit, KeyboardInterrupt) as exc:
+                logger.warning("a task on the shared event loop raised %r; the loop serves on, "
+                               "the todo awaiting that task fails", exc,
+                               extra={"action": "execute"})
 
     def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
         """Probe the loop; when a probe waits longer than ``lag_warning``, name the todo whose
@@ -421,10 +443,10 @@ class SharedLoop:
                            extra={"action": "loop_lag", "todo_id": holder})
 
     def _labelled_task(self, loop: asyncio.AbstractEventLoop, coro: Any,
-                       context: contextvars.Context | None = None) -> asyncio.Task[Any]:
+                       **options: Any) -> asyncio.Task[Any]:
         """Every task on the shared loop, tagged with the todo whose context created it."""
-        options: dict[str, Any] = {} if context is None else {"context": context}  # 3.11+
-        task = asyncio.Task(coro, loop=loop, **options)
+        task = _task(loop, coro, options)
+        context: contextvars.Context | None = options.get("context")
         label = (context.get(LABEL) if context is not None else None) or LABEL.get()
         if label is not None:
             self._labels[task] = label

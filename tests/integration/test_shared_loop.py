@@ -84,19 +84,26 @@ def test_an_async_executor_raising_system_exit_fails_its_todo_and_the_loop_serve
         storage, db, loop):
     """A tool calling sys.exit (argparse on bad arguments) inside an async executor: asyncio
     lets SystemExit out of the loop, which would end the shared loop under every todo."""
+    async def tool() -> None:
+        await asyncio.sleep(0.01)
+        raise SystemExit(3)
+
     async def handle(todo: ps.Todo) -> dict[str, Any]:
         await asyncio.sleep(0.01)
         if todo.input in ("exit", "interrupt"):
             raise SystemExit(2) if todo.input == "exit" else KeyboardInterrupt()
+        if todo.input == "child exit":  # in a task of its own, as a task group runs tools
+            await asyncio.gather(asyncio.create_task(tool()))
         return {"ok": True}
 
-    gone = [storage.enqueue("a", name) for name in ("exit", "interrupt")]
+    gone = [storage.enqueue("a", name) for name in ("exit", "interrupt", "child exit")]
     with ps.start(handle, agent_orch="a", storage=storage, workers=1, loop=loop) as server:
-        wait_for(lambda: server.stats()["failed"] == 2)
+        wait_for(lambda: server.stats()["failed"] == 3)
         after = storage.enqueue("a", "after")
         wait_for(lambda: row(db, after)["state"] == "COMPLETED")
     logs = [row(db, todo_id)["log"] for todo_id in gone]
-    assert ["SystemExit(2)" in logs[0], "KeyboardInterrupt()" in logs[1]] == [True, True], logs
+    assert ["SystemExit(2)" in logs[0], "KeyboardInterrupt()" in logs[1],
+            "SystemExit" in logs[2]] == [True, True, True], logs
 
 
 def test_a_deferred_todo_cancelled_in_the_ui_ends_cancelled(storage, db):

@@ -78,3 +78,20 @@ def test_a_cancelled_start_ends_with_a_cancelled_error_and_result_still_waits() 
         assert loop.start("short", echo, 5).result() == (5, "nobody")
     finally:
         loop.close()
+
+
+def test_task_factories_take_every_keyword_create_task_hands_them() -> None:
+    """Python 3.13.3+ hands the task factory ``name`` (anyio task groups, MCP clients always
+    give one) and ``eager_start`` besides ``context``: both loops' factories must take them."""
+    import weakref
+
+    from processgpt_sync.loops import _tracking_factory
+
+    loop = asyncio.new_event_loop()
+    try:
+        for factory in (_tracking_factory(weakref.WeakSet()), SharedLoop()._labelled_task):
+            task = factory(loop, echo(7), name="mcp-reader", context=contextvars.copy_context())
+            assert task.get_name() == "mcp-reader"
+            assert loop.run_until_complete(task) == (7, "nobody")
+    finally:
+        loop.close()
