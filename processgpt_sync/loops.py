@@ -73,6 +73,7 @@ class LoopTask(Generic[T]):
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[Any] | None = None
+        self._context: contextvars.Context | None = None  # the task's: its todo's label, run
         self._cancelled = False
         self._hooks: set[asyncio.Task[None]] = set()
 
@@ -82,6 +83,7 @@ class LoopTask(Generic[T]):
         with self._lock:
             self._loop = asyncio.get_running_loop()
             self._task = asyncio.current_task()
+            self._context = contextvars.copy_context()
             cancelled = self._cancelled  # cancelled before the loop took the task
         if cancelled:
             raise concurrent.futures.CancelledError("cancelled by the server")
@@ -120,11 +122,11 @@ class LoopTask(Generic[T]):
             if self._cancelled:
                 return
             self._cancelled = True
-            loop = self._loop
+            loop, context = self._loop, self._context
         if loop is None:
             return  # guarded() cancels it as it starts
-        try:
-            loop.call_soon_threadsafe(self._start_cancel, before)
+        try:  # the hook runs as part of its todo: the watchdog names it, current_run() is it
+            loop.call_soon_threadsafe(self._start_cancel, before, context=context)
         except RuntimeError:
             pass  # the loop is closed: the coroutine has ended
 

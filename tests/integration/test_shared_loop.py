@@ -131,6 +131,37 @@ def test_a_deferred_todo_cancelled_in_the_ui_ends_cancelled(storage, db):
     assert row(db, todo_id)["state"] == "CANCELLED"
 
 
+def test_an_a2a_cancel_hook_runs_as_part_of_its_todo(storage, db):
+    """The UI's cancel reaches the executor's ``cancel`` from the heartbeat or the listener
+    thread; on the shared loop the hook still runs in its todo's context, so the loop-lag
+    watchdog can name the todo if the hook blocks, and ``current_run()`` is that todo."""
+    from a2a.server.agent_execution import AgentExecutor
+
+    from processgpt_sync.runs import current_run
+
+    started = threading.Event()
+    hooked: list[str | None] = []
+
+    class Hooked(AgentExecutor):  # type: ignore[misc]
+        async def execute(self, context: Any, event_queue: Any) -> None:
+            started.set()
+            await asyncio.sleep(60)
+
+        async def cancel(self, context: Any, event_queue: Any) -> None:
+            run = current_run()
+            hooked.append(None if run is None else run.todo_id)
+
+    todo_id = storage.enqueue("a", "long")
+    server = ps.start(Hooked(), agent_orch="a", storage=storage, workers=1, loop="shared")
+    try:
+        assert started.wait(10)
+        db.execute("UPDATE todolist SET status = 'CANCELLED' WHERE id = %s", (todo_id,))
+        wait_for(lambda: hooked, timeout=10)
+    finally:
+        server.stop(timeout=2)
+    assert hooked == [todo_id]
+
+
 def test_a_deferred_todo_past_its_timeout_fails_and_the_next_one_runs(storage, db):
     async def handle(todo: ps.Todo) -> dict[str, Any]:
         await asyncio.sleep(60 if todo.input == "slow" else 0.01)
