@@ -90,9 +90,16 @@ class BlockingObjectAdapter:
         """Call ``obj.cancel(todo)`` on a thread of its own: the caller (heartbeat, listener,
         stop) must not wait on executor code that may block."""
         cancel = getattr(self._obj, "cancel", None)
-        if callable(cancel):
-            threading.Thread(target=_call_hook, args=(cancel, todo), daemon=True,
-                             name="processgpt-sync-cancel-hook").start()
+        if not callable(cancel):
+            return
+        hook = threading.Thread(target=_call_hook, args=(cancel, todo), daemon=True,
+                                name="processgpt-sync-cancel-hook")
+        try:
+            hook.start()
+        except RuntimeError as exc:  # "can't start new thread": the host's limit, not the hook's
+            logger.warning("cannot start a thread for the cancel hook of todo %s (%s): the "
+                           "host is out of threads; the executor sees todo.cancelled only",
+                           todo.id, exc, extra={"action": "cancel", "todo_id": todo.id})
 
     def close(self) -> None:
         pass

@@ -118,3 +118,47 @@ def test_a_statement_watched_while_no_thread_can_start_runs_and_leaves_no_stale_
     assert isinstance(result["filled"], int) and result["filled"] > 0
     assert result["read"] == "ran still open"
     assert "cannot start the statement deadline watchdog" in str(result["stderr"])
+
+
+CANCEL_HOOK = r"""
+import json, logging, threading
+from processgpt_sync.executor import BlockingObjectAdapter
+
+class Records(logging.Handler):
+    lines = []
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+logging.getLogger("processgpt_sync").addHandler(Records())
+called = []
+
+class Executor:
+    def execute(self, todo, events):
+        return {}
+    def cancel(self, todo):
+        called.append(todo.id)
+
+class Todo:
+    id = "t-1"
+
+raised = None
+try:
+    BlockingObjectAdapter(Executor()).cancel(Todo())
+except Exception as exc:
+    raised = repr(exc)
+for ends in fillers:
+    ends.set()
+print(json.dumps({"filled": len(fillers), "raised": raised, "called": called,
+                  "said": Records.lines}))
+"""
+
+
+def test_a_cancel_hook_that_gets_no_thread_is_the_hosts_fault_not_the_hooks() -> None:
+    """The UI cancels a blocking object executor while the host has no thread to spare for
+    its cancel hook: said as the host's limit (the executor still sees ``todo.cancelled``),
+    not raised into the heartbeat as the hook's failure."""
+    result = run_with_few_threads(TAKE_EVERY_THREAD + CANCEL_HOOK)
+    assert result["filled"], "the child could not start any thread"
+    assert result["raised"] is None and result["called"] == []
+    assert any("host is out of threads" in line and "t-1" in line
+               for line in result["said"]), result["said"]
