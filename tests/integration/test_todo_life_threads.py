@@ -317,8 +317,8 @@ def test_an_event_write_that_fails_after_stop_gave_up_on_it_ends_the_writer(
     buffer = EventBuffer(storage, flush_interval=0.01, batch_size=100)
     buffer.start()
     with psycopg.connect(database_url) as blocker:
-        blocker.execute("SELECT 1 FROM todolist WHERE id = %s FOR UPDATE", (claim.todo_id,))
-        buffer.add(event_row(claim, {"n": 1}))  # its write waits on the row lock
+        blocker.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        buffer.add(event_row(claim, {"n": 1}))  # its write waits on the table lock
         waiting = wait_for(lambda: db.execute(
             "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
             "AND query LIKE '%%record_events%%'").fetchone())
