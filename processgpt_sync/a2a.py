@@ -244,7 +244,7 @@ class Recorder:
         self.last_artifact: Any = None
         self.error: Any = None
         self.reply: Any = None  # an agent Message, or the message of the completed status
-        self.chunk: tuple[Any, str] | None = None  # the artifact streamed so far: id, text
+        self.streamed: dict[Any, str] = {}  # each streamed artifact's text so far, by id
         self.closed = False
 
     def record(self, event: Any) -> None:
@@ -284,7 +284,7 @@ class Recorder:
             self.question = data
         if state in ("failed", "rejected", "canceled"):
             self.error = data
-        elif state == "completed" and (event["texts"] or event["data"]):
+        elif state == "completed" and (event["texts"] or event["data"] or event["files"]):
             self.reply = data
         status = metadata.get("status")
         self.todo.events.emit(
@@ -306,16 +306,16 @@ class Recorder:
 
     def _artifact(self, event: dict[str, Any]) -> None:
         texts = event["texts"]
-        chunk = self.chunk
-        if event["append"] and chunk is not None and chunk[0] == event["artifact_id"]:
-            # a chunk of a streamed artifact: its text continues the one before (an empty
-            # closing chunk only closes it)
+        so_far = self.streamed.get(event["artifact_id"])
+        if event["append"] and so_far is not None:
+            # a chunk of a streamed artifact (others may be streamed between its chunks): its
+            # text continues that artifact's so far (an empty closing chunk only closes it)
             if texts:
-                event = {**event, "texts": [chunk[1] + texts[0], *texts[1:]]}
+                event = {**event, "texts": [so_far + texts[0], *texts[1:]]}
             elif not event["data"] and not event["files"]:
-                event = {**event, "texts": [chunk[1]]}
+                event = {**event, "texts": [so_far]}
         if event["texts"]:
-            self.chunk = (event["artifact_id"], event["texts"][0])
+            self.streamed[event["artifact_id"]] = event["texts"][0]
         data = payload(event)
         if event["last_chunk"] or event["final"]:
             self.final = data

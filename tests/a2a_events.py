@@ -97,6 +97,19 @@ def file_part(raw: bytes, name: str, media_type: str) -> Any:
         bytes=base64.b64encode(raw).decode(), name=name, mime_type=media_type)))
 
 
+def file_message(raw: bytes, name: str, media_type: str, context_id: str,
+                 task_id: str) -> Any:
+    """An agent message carrying one file and no text."""
+    from a2a.types import Message, Role
+
+    part = file_part(raw, name, media_type)
+    if V1:
+        return Message(role=Role.ROLE_AGENT, parts=[part], message_id=new_id(),
+                       context_id=context_id, task_id=task_id)
+    return Message(role=Role.agent, parts=[part], messageId=new_id(), contextId=context_id,
+                   taskId=task_id)
+
+
 def task(name: str, payload: Any, context_id: str, task_id: str) -> Any:
     """A whole Task in state ``name`` with one text artifact holding ``payload``."""
     text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)

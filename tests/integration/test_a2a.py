@@ -207,6 +207,16 @@ class Edges(AgentExecutor):
         elif how == "self-cancel":
             await updater.cancel(message=ev.text_message("the user asked to stop", context_id,
                                                          task_id))
+        elif how == "interleaved":  # notes streamed between the answer's chunks
+            for text, artifact_id, append, last in (('{"a": ', "answer", False, False),
+                                                    ("some notes", "notes", False, False),
+                                                    ("1}", "answer", True, True)):
+                await event_queue.enqueue_event(ev.chunk(text, artifact_id, context_id,
+                                                         task_id, append=append, last=last))
+            await updater.complete()
+        elif how == "file-reply":
+            await updater.complete(message=ev.file_message(
+                b"%PDF", "report.pdf", "application/pdf", context_id, task_id))
 
     async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
         pass
@@ -390,9 +400,11 @@ def test_how_an_a2a_executor_ends_decides_the_todos_state(storage, db):
     a reply after a question completes the todo (it no longer waits); an empty closing chunk
     keeps the streamed text; a self-reported cancel is said so, not a missing result; a
     file-only artifact is its files, not an empty object; a completed Task carries its
-    artifacts."""
-    run(storage, Edges(), 6, inputs=["named-question", "ask-then-reply", "empty-close",
-                                     "self-cancel", "file-only", "task-snapshot"])
+    artifacts; chunks of two artifacts streamed in turn each continue their own; a reply of
+    a file alone is the result."""
+    run(storage, Edges(), 8, inputs=["named-question", "ask-then-reply", "empty-close",
+                                     "self-cancel", "file-only", "task-snapshot",
+                                     "interleaved", "file-reply"])
     rows = {r["query"]: r for r in db.execute(
         "SELECT query, draft_status::text, output, log FROM todolist")}
     assert rows["named-question"]["draft_status"] == "HUMAN_ASKED"
@@ -406,6 +418,11 @@ def test_how_an_a2a_executor_ends_decides_the_todos_state(storage, db):
         {"name": "r.pdf", "media_type": "application/pdf", "bytes": "JVBERg=="}]}
     assert (rows["task-snapshot"]["draft_status"], rows["task-snapshot"]["output"]) == (
         "COMPLETED", {"answer": 42})
+    assert (rows["interleaved"]["draft_status"], rows["interleaved"]["output"]) == (
+        "COMPLETED", {"a": 1})
+    assert (rows["file-reply"]["draft_status"], rows["file-reply"]["output"]) == (
+        "COMPLETED", {"files": [{"name": "report.pdf", "media_type": "application/pdf",
+                                 "bytes": "JVBERg=="}]})
     assert rows["self-cancel"]["draft_status"] == "FAILED"
     assert rows["self-cancel"]["log"] == ("RuntimeError: executor reported cancellation of the "
                                           "task: the user asked to stop")
