@@ -35,11 +35,14 @@ Task and tool events share ``job_id`` = the CrewAI task id, so the UI pairs star
 ``todo.events`` (batched, ordered per todo, refused once the todo lost its lease or was
 cancelled); no Supabase client of the crew's own. Crews running outside a todo are ignored.
 
-CrewAI calls listeners on its own thread pool with the emitting code's contextvars, which is
-how the running todo is found (``processgpt_sync.runs.current_run``). It runs the handlers of
-one event concurrently with the next event's, so two events emitted within microseconds of
-each other may be recorded in swapped order; ``crew.kickoff()`` waits for every handler before
-it returns, so nothing is lost.
+CrewAI (1.5 and later) calls listeners on its own thread pool with the emitting code's
+contextvars, which is how the running todo is found (``processgpt_sync.runs.current_run``);
+earlier 1.x releases do not carry them, so nothing is recorded there (``install()`` warns). It
+runs the handlers of one event concurrently with the next event's, so two events emitted
+within microseconds of each other may be recorded in swapped order. ``crew.kickoff()`` waits
+for the handlers of the events emitted before its result (CrewAI 1.10 and later); an event
+CrewAI emits after that (its own kickoff-completed event) may reach the todo after the result
+was written, and is then refused with a warning like any late write.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_PROFILE = "/images/chat-icon.png"  # the UI's default agent picture
 _lock = threading.Lock()
 _listener: Any = None
+_said_outside = False  # an event with no todo in its context was logged once
+CONTEXT_SINCE = (1, 5)  # the first CrewAI release whose event handlers see the emitter's context
 _label: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "processgpt_sync_crew_label", default=None)
 
@@ -71,6 +76,7 @@ def install(*, crew_type: str = "action") -> Any:
     global _listener
     with _lock:
         if _listener is None:
+            _warn_if_context_is_lost()
             _listener = _listener_class()(crew_type)
         elif crew_type != _listener.crew_type:
             logger.warning("CrewAI events are already labelled crew_type=%r by an earlier "
@@ -78,6 +84,23 @@ def install(*, crew_type: str = "action") -> Any:
                            "`with crew_label(%r): ...`", _listener.crew_type, crew_type,
                            crew_type, extra={"action": "crewai_install"})
         return _listener
+
+
+def _warn_if_context_is_lost() -> None:
+    """CrewAI before 1.5 calls event handlers without the emitting code's contextvars: the
+    todo a crew runs in cannot be found, so its events would be dropped without a word."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("crewai")
+    except PackageNotFoundError:
+        return
+    numbers = tuple(int(part) for part in installed.split(".")[:2] if part.isdigit())
+    if len(numbers) == 2 and numbers < CONTEXT_SINCE:
+        logger.warning("crewai %s calls event listeners without the crew's context, so no "
+                       "todo can be found for them and no crew events are recorded; "
+                       "upgrade to crewai>=1.5", installed,
+                       extra={"action": "crewai_install"})
 
 
 @contextmanager
@@ -145,8 +168,16 @@ def translate(event: Any, crew_type: str) -> tuple[str, Any, str | None, str] | 
 
 def record(event: Any, crew_type: str) -> None:
     """Write one CrewAI event into the todo running in this context, if any."""
+    global _said_outside
     run = current_run()
     if run is None:
+        if not _said_outside:  # once: crews may run outside todos on purpose
+            _said_outside = True
+            logger.warning("a CrewAI %s arrived outside any todo and was not recorded (said "
+                           "once): a crew run outside a todo is ignored; inside one, start it "
+                           "where contextvars carry over (kickoff, kickoff_async, "
+                           "asyncio.to_thread), not on a bare thread or run_in_executor",
+                           type(event).__name__, extra={"action": "crewai_event"})
         return
     translated = translate(event, crew_type)
     if translated is None:
