@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import socket
 import uuid
@@ -155,7 +156,8 @@ class Settings:
                 f"gc_threshold must be a whole number >= 0 (0 keeps the interpreter's), got "
                 f"{self.gc_threshold!r}")
         if not _is_number(self.grace_seconds) or self.grace_seconds < 0:
-            raise ConfigurationError(f"grace_seconds must be >= 0, got {self.grace_seconds!r}")
+            raise ConfigurationError(
+                f"grace_seconds must be a finite number >= 0, got {self.grace_seconds!r}")
         if self.timeout is not None:
             _positive("timeout", self.timeout)
         for name in ("max_running", "max_running_per_tenant"):
@@ -224,7 +226,9 @@ def check_backend(database_url: str | None, supabase_url: str | None,
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float (inf and nan would break every wait and deadline made of it)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 def _is_int(value: object) -> bool:
@@ -233,7 +237,7 @@ def _is_int(value: object) -> bool:
 
 def _positive(name: str, value: float) -> None:
     if not _is_number(value) or value <= 0:
-        raise ConfigurationError(f"{name} must be a positive number, got {value!r}")
+        raise ConfigurationError(f"{name} must be a positive finite number, got {value!r}")
 
 
 def _positive_int(name: str, value: int) -> None:

@@ -41,7 +41,7 @@ def on_stop(requested: threading.Event, log: logging.Logger = logger,
         requested.set()
 
     previous: dict[int, Callable[..., Any] | int | None] = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal closed
         previous[sig] = signal.signal(sig, on_signal)
     try:
         yield

@@ -204,7 +204,7 @@ class Supervisor:
                            "to end", extra=self._extra)
             return {}
         return {sig: signal.signal(sig, self._on_signal)
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals += 1

@@ -44,6 +44,7 @@ def configure_logging(level: str, log_format: str) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.captureWarnings(True)  # an executor's warnings.warn() in the same format
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(level if level == "DEBUG" else "WARNING")
 

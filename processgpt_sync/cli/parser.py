@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
+from types import FrameType
 from typing import Any, NoReturn
 
 from dotenv import load_dotenv
@@ -197,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "thread (a blocking executor stalls only its todo), or shared, one loop "
                        "for all (async clients kept across todos work) (default: "
                        "$PROCESSGPT_LOOP, else thread)")
-    serve.add_argument("--metrics-port", type=int, metavar="PORT",
+    serve.add_argument("--metrics-port", type=port, metavar="PORT",
                        help="serve Prometheus metrics on this port (default: none)")
     serve.add_argument("--metrics-host", default="0.0.0.0", metavar="HOST",
                        help="address the metrics port binds (default: 0.0.0.0, every "
@@ -227,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--todos", type=positive_int, default=8, help="how many todos (default: 8)")
     demo.add_argument("--workers", type=int, default=4, help="worker threads (default: 4)")
     demo.add_argument("--console", action="store_true", help="serve the console meanwhile")
-    demo.add_argument("--console-port", type=int, default=8710,
+    demo.add_argument("--console-port", type=port, default=8710,
                       help="the console's port (default: 8710)")
     demo.set_defaults(func=cmd_demo)
 
@@ -235,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "(needs the [console] extra)")
     console.add_argument("--host", default="127.0.0.1",
                          help="address to bind (default: 127.0.0.1); any other needs --token")
-    console.add_argument("--port", type=int, default=8710, help="port (default: 8710)")
+    console.add_argument("--port", type=port, default=8710, help="port (default: 8710)")
     console.add_argument("--token", help="access token every request must carry "
                          "(default: $PROCESSGPT_CONSOLE_TOKEN)")
     console.add_argument("--read-only", action="store_true", help="hide and refuse every action")
@@ -253,13 +256,36 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+def port(value: str) -> int:
+    """An argparse type: a TCP port number, 0 (any free one) to 65535."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"port {number} is out of range (0-65535)")
+    return number
+
+
+def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM or SIGHUP outside ``serve``'s own handling: exit through the interpreter's
+    exit hooks (which stop the embedded PostgreSQL this process started), not at once."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(number, _exit_on_signal)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.env_file:
         if not os.path.isfile(args.env_file):
             parser.error(f"--env-file {args.env_file!r}: no such file")
-        load_dotenv(args.env_file)
+        try:
+            load_dotenv(args.env_file)
+        except UnicodeDecodeError as exc:
+            parser.error(f"--env-file {args.env_file!r} is not UTF-8 text: {exc}")
     level = args.log_level
     if level is None and os.environ.get("PROCESSGPT_LOG_LEVEL"):
         try:
@@ -278,5 +304,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ProcessGPTSyncError as exc:
         print(f"processgpt-sync: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except UnicodeError as exc:  # an argument or variable that is not UTF-8 text
+        print(f"processgpt-sync: error: not UTF-8 text: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `... --json | head`: the reader left, as every CLI treats it
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         return 130

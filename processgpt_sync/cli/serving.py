@@ -15,6 +15,7 @@ import os
 import signal
 
 from .. import demo, embedded
+from ..errors import ConfigurationError
 from ..executor import check_thread_safety
 from ..executor_import import import_target, load_executor
 from ..metrics import serve_metrics
@@ -62,6 +63,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _serve_processes(args: argparse.Namespace, settings: Settings) -> int:
     """``serve --processes N``: each child imports the executor itself."""
     check_thread_safety(import_target(args.executor), settings.workers)
+    if args.metrics_port and args.metrics_port + args.processes - 1 > 65535:
+        raise ConfigurationError(
+            f"--metrics-port {args.metrics_port} with --processes {args.processes}: child i "
+            f"serves on port {args.metrics_port} + i, past 65535; choose a lower port")
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel())  # as main() chose
     setup = functools.partial(configure_logging, level, args.log_format)
     spec = ChildSpec(executor=args.executor, settings=settings, setup=setup,

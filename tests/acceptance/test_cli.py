@@ -211,6 +211,54 @@ def test_bad_arguments_are_one_line_errors_with_exit_code_2(database_url):
                    "no such file")
 
 
+def test_out_of_range_and_non_utf8_input_are_one_line_errors(database_url, tmp_path):
+    """A port past 65535, text that is not UTF-8 in an argument or the env file: one line
+    naming the problem, exit 2, never a traceback."""
+    one_line_error(cli("serve", "x:y", "--agent-orch", "a", "--metrics-port", "70000",
+                       check=False), "out of range")
+    latin1 = tmp_path / "latin1.env"
+    latin1.write_bytes(b"PROCESSGPT_AGENT_ORCH=caf\xe9\n")
+    one_line_error(cli("--env-file", str(latin1), "status", check=False), "not UTF-8")
+    result = subprocess.run([sys.executable, "-m", "processgpt_sync", "show", b"\xff\xfe"],
+                            cwd=ROOT, capture_output=True, timeout=60,
+                            env={**os.environ, "DATABASE_URL": database_url})
+    assert result.returncode == 2 and b"Traceback" not in result.stderr, result.stderr
+    assert b"not UTF-8" in result.stderr
+
+
+def test_a_reader_that_leaves_a_json_stream_early_ends_it_quietly(database_url):
+    """`status --watch --json | head`: the reader closes the pipe; the command ends without a
+    traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "processgpt_sync", "status", "--watch",
+                             "--json", "--interval", "0.2", "--database-url", database_url],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.read(20)
+    proc.stdout.close()  # as `head -c 20` does once it has its bytes
+    _, err = proc.communicate(timeout=30)
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err
+    assert proc.returncode == 141
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGHUP], ids=["TERM", "HUP"])
+def test_sigterm_or_sighup_ends_a_command_through_its_exit_hooks(tmp_path, number):
+    """A command that started the embedded database itself stops it when a signal ends the
+    command (SIGTERM from a supervisor, SIGHUP when the terminal closes), not only on Ctrl-C."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DATABASE_URL", "SUPABASE_URL", "PROCESSGPT_DATABASE_URL")}
+    with subprocess.Popen([sys.executable, "-m", "processgpt_sync", "status", "--watch",
+                           "--interval", "0.2"], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL,
+                          env={**env, "PROCESSGPT_EMBEDDED_DIR": str(tmp_path / "pg")}) as proc:
+        assert proc.stdout is not None
+        assert proc.stdout.read(1), "status printed nothing"  # the database is up by then
+        assert (tmp_path / "pg" / "postmaster.pid").exists()
+        proc.send_signal(number)
+        assert proc.wait(timeout=60) == 128 + number
+    wait_for(lambda: not (tmp_path / "pg" / "postmaster.pid").exists(), timeout=30)
+
+
 def test_version_and_help_texts():
     from processgpt_sync import __version__
     from processgpt_sync.cli import build_parser
