@@ -57,6 +57,7 @@ from .worker import TodoWorker
 logger = logging.getLogger(__name__)
 
 STOP_MARGIN = 10.0  # seconds stop() may take beyond the grace period, whatever the network does
+WAKE_WAIT = 0.3  # seconds stop() waits for its wake-up of the listener to be sent
 STOP_TAIL = 0.5  # seconds each last step of stop() (deregistering, closing) gets at least
 REGISTRY_STATS = ("claimed", "failed", "released", "lost", "events_pending", "listening",
                   "listener_reconnects", "pickup_seconds_p50", "pickup_seconds_p95")
@@ -227,8 +228,11 @@ class Server:
                                  self._stopping)
         finally:
             self._threads_stop.set()
-            if parts.listener is not None:
-                parts.listener.wake()  # else its wait for a notification ends within 1 s
+            if parts.listener is not None and self._inflight.listening:
+                # else its wait for a notification ends within 1 s; on a dead network path
+                # the wake is left behind (it ends within 2 s) rather than take the time of
+                # the steps below
+                bounded(parts.listener.wake, min(WAKE_WAIT, left()), "wake-listener")
             for name in ("heartbeat", "listener"):
                 self._join(name, left())
             if not parts.buffer.close(timeout=left()):

@@ -231,8 +231,9 @@ def child_main(spec: ChildSpec, index: int, supervisor: int | None = None) -> No
         executor = spec.executor
         if isinstance(executor, str):
             executor = load_executor(executor)
-        settings = dataclasses.replace(
-            spec.settings, consumer=f"{spec.settings.consumer}/{index}:{os.getpid()}")
+        # A stable name per slot: a restarted process takes over its predecessor's registry
+        # row (no dead row left for health to report) and gives back its leases at once.
+        settings = dataclasses.replace(spec.settings, consumer=f"{spec.settings.consumer}/{index}")
         server = Server(executor, settings)
         if spec.metrics_port is not None:
             serve_metrics(server, spec.metrics_port + index, spec.metrics_host)

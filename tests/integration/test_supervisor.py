@@ -88,6 +88,9 @@ def test_processes_serve_one_todo_each_restart_a_killed_child_and_stop_on_sigter
                                     "draft_status = 'COMPLETED'") == 32, timeout=60)
             children = pids(database_url) - {victim}
             assert len(children) == 2, "the restarted child serves beside the survivor"
+            registered = scalar(database_url, "SELECT array_agg(consumer ORDER BY consumer) "
+                                "FROM processgpt_sync_server WHERE agent_orch = 'pw'")
+            assert len(registered) == 2, "the restarted child took over its slot's row"
             group.send_signal(signal.SIGTERM)
             assert group.wait(30) == 0
         finally:
@@ -100,6 +103,8 @@ def test_processes_serve_one_todo_each_restart_a_killed_child_and_stop_on_sigter
         time.sleep(0.05)
     assert not any(alive(p) for p in children), "the children stopped with the supervisor"
     assert scalar(database_url, "SELECT count(*) FROM processgpt_sync_lease") == 0
+    assert scalar(database_url, "SELECT count(*) FROM processgpt_sync_server") == 0, (
+        "no row left behind for health to report dead")
 
 
 @pytest.mark.slow
