@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import math
 import os
 import socket
@@ -12,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigurationError
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_WORKERS = 4
 DEFAULT_LEASE_SECONDS = 60  # seconds
@@ -55,6 +59,7 @@ ENVIRONMENT = {
 
 
 SUPABASE_KEY_VARIABLES = tuple(v for v, name in ENVIRONMENT.items() if name == "supabase_key")
+OTHER_VARIABLES = ("PROCESSGPT_LOG_LEVEL", "PROCESSGPT_CONSOLE_TOKEN")  # read by the CLI
 
 
 def supabase_key_from(environ: Mapping[str, str]) -> str | None:
@@ -200,6 +205,7 @@ class Settings:
     ) -> Settings:
         """Build settings from ``environ`` (default ``os.environ``); non-None overrides win."""
         environ = os.environ if environ is None else environ
+        _warn_unknown_variables(environ)
         values: dict[str, Any] = {}
         for variable, name in ENVIRONMENT.items():
             raw = environ.get(variable)
@@ -210,6 +216,20 @@ class Settings:
             raise ConfigurationError(f"unknown option(s): {', '.join(sorted(unknown))}")
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+def _warn_unknown_variables(environ: Mapping[str, str]) -> None:
+    """A misspelt PROCESSGPT_ variable is ignored like any other: say so, with the likely
+    name (PROCESSGPT_DATABASE_URL would otherwise serve the embedded database unnoticed)."""
+    known = [*ENVIRONMENT, *OTHER_VARIABLES]
+    for variable in sorted(environ):
+        if not variable.startswith("PROCESSGPT_") or variable in known:
+            continue
+        guess = difflib.get_close_matches(variable, known, n=1) or difflib.get_close_matches(
+            variable.removeprefix("PROCESSGPT_"), known, n=1)
+        hint = f" (did you mean {guess[0]}?)" if guess else ""
+        logger.warning("%s is not a processgpt-sync variable and is ignored%s", variable, hint,
+                       extra={"action": "settings"})
 
 
 def check_backend(database_url: str | None, supabase_url: str | None,

@@ -105,3 +105,19 @@ def test_a_yes_or_no_variable_that_is_neither_is_refused_not_read_as_no():
                              ).listen is False
     with pytest.raises(ConfigurationError, match="PROCESSGPT_FAIR='ture' is not true or false"):
         Settings.from_env({"PROCESSGPT_AGENT_ORCH": "a", "PROCESSGPT_FAIR": "ture"})
+
+
+def test_a_misspelt_variable_is_said_with_the_likely_name(caplog):
+    """PROCESSGPT_DATABASE_URL (a Django setting's name) or a typo would be ignored without a
+    word, and the server would serve the embedded database instead."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="processgpt_sync"):
+        Settings.from_env({"PROCESSGPT_AGENT_ORCH": "a", "PROCESSGPT_DATABASE_URL": "x",
+                           "PROCESSGPT_WROKERS": "3", "PROCESSGPT_LOG_LEVEL": "INFO"})
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [
+        "PROCESSGPT_DATABASE_URL is not a processgpt-sync variable and is ignored "
+        "(did you mean DATABASE_URL?)",
+        "PROCESSGPT_WROKERS is not a processgpt-sync variable and is ignored "
+        "(did you mean PROCESSGPT_WORKERS?)"]
