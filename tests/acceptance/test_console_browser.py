@@ -23,6 +23,7 @@ from psycopg.conninfo import conninfo_to_dict
 import processgpt_sync as ps
 from processgpt_sync.console import ConsoleConfig, ConsoleServer
 from processgpt_sync.stats import percentile
+from processgpt_sync.storage.postgres import PostgresStorage
 from tests.conftest import wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -39,6 +40,19 @@ pytestmark = [
     pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium: install Debian's "
                        "chromium package (apt-get install chromium) to run the browser test"),
 ]
+
+class OneFailedRead(PostgresStorage):
+    """The console's storage: its next read of a todo page fails once when asked (the
+    database gone for a moment), so that page's stream ends and the browser reconnects."""
+
+    fail_next_read = threading.Event()
+
+    def call(self, query, params):
+        if query == "console_todo" and self.fail_next_read.is_set():
+            self.fail_next_read.clear()
+            raise ps.StorageUnavailable("database unreachable (console_todo): for a moment")
+        return super().call(query, params)
+
 
 # Records when each event row appears in the page (the browser's wall clock, as time.time()).
 OBSERVE = """() => {
@@ -113,7 +127,8 @@ def drive(storage, db, database_url, pg_url, tmp_path, server):
     from playwright.sync_api import expect, sync_playwright
 
     dialogs: list[str] = []
-    with ConsoleServer(storage, ConsoleConfig(port=0, agent_orch="browser")) as console, \
+    console_storage = OneFailedRead(database_url)
+    with ConsoleServer(console_storage, ConsoleConfig(port=0, agent_orch="browser")) as console, \
             sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True,
                                              args=CHROMIUM_FLAGS)
@@ -180,6 +195,19 @@ def drive(storage, db, database_url, pg_url, tmp_path, server):
         feedback.blur()
         expect(page.locator("#state")).to_contain_text("noted while typing")
 
+        # The page's stream ends on a database error and reconnects: it asks for both panels
+        # afresh (not compared with the page's first render), and the status line clears.
+        page.goto(f"{base}/todos/{slow_id}")
+        streams: list[str] = []
+        page.on("request", lambda r: streams.append(r.url) if "/stream" in r.url else None)
+        OneFailedRead.fail_next_read.set()
+        db.execute("INSERT INTO events (job_id, todo_id, event_type, data) VALUES "
+                   "('note', %s, 'task_working', '{\"note\": \"wakes the stream\"}')",
+                   (slow_id,))
+        expect(page.locator("#stream-status")).to_contain_text("live updates paused")
+        expect(page.locator("#stream-status")).to_be_hidden(timeout=10_000)
+        assert streams and "state=" not in streams[-1], streams  # the reconnect
+
         # An action the server refuses says why (here a forged CSRF token: 403).
         page.goto(f"{base}/todos/{slow_id}")
         page.evaluate("document.querySelector('#state input[name=csrf_token]').value = 'forged'")
@@ -224,4 +252,5 @@ def drive(storage, db, database_url, pg_url, tmp_path, server):
         time.sleep(2.5)  # the browser would reconnect every second
         assert len(streams) == asked, streams
         browser.close()
+    console_storage.close()
     return idle_count / idle_window, idle_count, latencies
