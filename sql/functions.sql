@@ -596,7 +596,9 @@ DECLARE
     v_refused text := processgpt_sync_fence_v1(p_todo_id, p_token);
     v_events jsonb;
 BEGIN
-    IF v_refused = 'completed' AND p_final THEN
+    IF v_refused = 'completed' AND p_final AND NOT EXISTS (  -- our own write dropped our lease
+            SELECT 1 FROM processgpt_sync_lease l
+            WHERE l.todo_id = p_todo_id AND l.claim_token = p_token) THEN
         RETURN jsonb_build_object('applied', true, 'reason', 'already_applied');
     ELSIF v_refused IS NOT NULL THEN
         IF v_refused = 'cancelled' AND p_final THEN
@@ -640,7 +642,9 @@ DECLARE
     v_refused text := processgpt_sync_fence_v1(p_todo_id, p_token);
     v_events jsonb;
 BEGIN
-    IF v_refused = 'failed' THEN
+    IF v_refused = 'failed' AND NOT EXISTS (  -- our own write dropped our lease
+            SELECT 1 FROM processgpt_sync_lease l
+            WHERE l.todo_id = p_todo_id AND l.claim_token = p_token) THEN
         RETURN jsonb_build_object('applied', true, 'reason', 'already_applied');
     ELSIF v_refused IS NOT NULL THEN
         IF v_refused = 'cancelled' THEN
@@ -743,8 +747,12 @@ BEGIN
                 WHEN l.draft_status IN ('STARTED', 'HUMAN_ASKED') AND l.status = 'CANCELLED'
                     THEN 'cancelled'
                 WHEN l.draft_status IN ('STARTED', 'HUMAN_ASKED') THEN 'ok'
+                -- ours only if our own write dropped our lease: the UI (or anyone) finishing
+                -- the todo while our claim ran leaves it, and our result was never stored
                 WHEN (i.outcome, l.draft_status) IN (('completed', 'COMPLETED'),
                                                      ('failed', 'FAILED'))
+                     AND NOT EXISTS (SELECT 1 FROM processgpt_sync_lease x
+                                     WHERE x.todo_id = i.todo_id AND x.claim_token = i.token)
                     THEN 'already_applied'
                 ELSE lower(coalesce(l.draft_status::text, 'released'))
             END AS reason

@@ -350,3 +350,28 @@ def test_finish_records_many_outcomes_in_one_call_and_isolates_a_bad_item(storag
     states = {r["id"]: r["draft_status"] for r in db.execute(
         "SELECT id::text, draft_status::text FROM todolist")}
     assert [states[x.todo_id] for x in c] == ["COMPLETED", "FAILED", "STARTED", "STARTED"]
+
+
+def test_a_todo_finished_by_someone_else_while_claimed_is_not_taken_for_our_result(storage,
+                                                                                   db):
+    """The UI (or a person in SQL) completes a todo while our claim runs: our result was
+    never stored, so it is refused as finished, not reported as already applied; a retry of
+    a write that did commit is still already applied."""
+    for kind in ("finish", "save_result", "fail"):
+        storage.enqueue("a", kind)
+        (c,) = claim(storage)
+        finished = "FAILED" if kind == "fail" else "COMPLETED"
+        db.execute("UPDATE todolist SET draft_status = %s, output = '{\"by\": \"person\"}' "
+                   "WHERE id = %s", (finished, c.todo_id))
+        if kind == "finish":
+            (answer,) = storage.finish([{"todo_id": c.todo_id, "token": c.token,
+                                         "outcome": "completed", "result": {"by": "agent"},
+                                         "events": []}])
+        elif kind == "save_result":
+            answer = storage.save_result(c, {"by": "agent"})
+        else:
+            answer = storage.fail(c, "boom")
+        assert (answer.applied, answer.reason) == (False, finished.lower()), kind
+        output = db.execute("SELECT output FROM todolist WHERE id = %s",
+                            (c.todo_id,)).fetchone()["output"]
+        assert output == {"by": "person"}, kind
