@@ -164,22 +164,19 @@ class EventBuffer:
                 if self._closed:
                     return None
                 retry_in = self._bring_back_held()
-                if self._count:
-                    due: float | None = self._oldest + self._flush_interval - time.monotonic()
-                    if due is not None and (due <= 0 or self._count >= self._batch_size):
-                        if batch := self._take_batch():
-                            break
-                        due = None  # only newer events of set-aside claims: wait for those
-                    # with no deadline of its own, the next event of another claim wakes it
-                    self._idle = due is None
-                    if retry_in is not None:
-                        due = retry_in if due is None else min(due, retry_in)
-                    self._cond.wait(due)
-                    self._idle = False
-                else:
-                    self._idle = True
-                    self._cond.wait(retry_in)
-                    self._idle = False
+                due = self._oldest + self._flush_interval - time.monotonic()
+                ready = bool(self._count) and (due <= 0 or self._count >= self._batch_size)
+                if ready and (batch := self._take_batch()):
+                    break
+                # A deadline of its own only for events not yet due. Otherwise (none pending,
+                # or only newer events of set-aside claims) the next event wakes it, or a
+                # set-aside claim's turn.
+                wait = due if self._count and not ready else None
+                self._idle = wait is None
+                if retry_in is not None:
+                    wait = retry_in if wait is None else min(wait, retry_in)
+                self._cond.wait(wait)
+                self._idle = False
             self._writing = len(batch)
             self._oldest = time.monotonic()
         # Ids make a retried write idempotent (the database skips ids it already has). Events
