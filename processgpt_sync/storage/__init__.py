@@ -48,5 +48,7 @@ def connect(
                                statement_timeout=statement_timeout, tcp_timeout=tcp_timeout)
     from .. import embedded
 
-    return PostgresStorage(embedded.start(embedded_dir), max_connections=max_connections,
-                           statement_timeout=statement_timeout, tcp_timeout=tcp_timeout)
+    storage = PostgresStorage(embedded.start(embedded_dir), max_connections=max_connections,
+                              statement_timeout=statement_timeout, tcp_timeout=tcp_timeout)
+    storage.backend = "embedded"  # what health, the console and the start-up log name
+    return storage

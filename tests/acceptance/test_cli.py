@@ -64,6 +64,9 @@ def test_demo_on_a_fresh_embedded_database_never_on_the_database_url_of_real_wor
     assert "DATABASE_URL not used" in " ".join(result.stdout.split())
     assert "6/6 completed" in result.stdout
     assert result.stdout.count("COMPLETED") == 6
+    health = cli("health", "--json", env={"PROCESSGPT_EMBEDDED_DIR": str(tmp_path / "pg"),
+                                          "DATABASE_URL": ""})
+    assert json.loads(health.stdout)["checks"][0]["detail"] == "reachable (embedded)"
     subprocess.run([sys.executable, "-c", "from processgpt_sync import embedded; "
                     f"embedded.stop({str(tmp_path / 'pg')!r})"], check=True, timeout=60)
 
