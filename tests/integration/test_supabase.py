@@ -430,3 +430,43 @@ def test_a_wait_for_work_ends_inside_the_statement_timeout_of_the_role(database_
         store.close()
         gateway.close()
     assert found is False  # neither cancelled by the 2 s timeout nor any work
+
+
+def test_a_todo_whose_row_is_held_waits_without_holding_up_the_others_outcomes(
+        supabase, database_url, db):
+    """Through the REST API as directly: another transaction holds one finished todo's row;
+    the other todo's events and result are written meanwhile, the held one's once it is free."""
+    import threading
+
+    import psycopg
+
+    held_id, free_id = supabase.enqueue("a", "held"), supabase.enqueue("a", "free")
+    go = threading.Event()
+
+    def handle(todo):
+        go.wait(20)
+        todo.events.progress({"step": 1})
+        return {"ok": todo.input}
+
+    def written(todo_id):
+        row = db.execute("SELECT coalesce(t.output, t.draft) AS result, (SELECT count(*) "
+                         "FROM events e WHERE e.todo_id = t.id::text AND e.event_type = "
+                         "'task_working') AS steps FROM todolist t WHERE t.id = %s",
+                         (todo_id,)).fetchone()
+        return row["result"], row["steps"]
+
+    server = ps.start(handle, agent_orch="a", storage=supabase, workers=2)
+    try:
+        wait_for(lambda: server.stats()["running"] == 2, timeout=20)
+        with psycopg.connect(database_url) as blocker:
+            blocker.execute("SELECT id FROM todolist WHERE id = %s FOR UPDATE", (held_id,))
+            go.set()
+            wait_for(lambda: written(free_id) == ({"ok": "free"}, 1), timeout=15)
+            time.sleep(0.5)
+            assert written(held_id) == (None, 0), "nothing of the held todo is written"
+            assert server.stats()["running"] == 1
+        wait_for(lambda: server.stats()["completed"] == 2, timeout=20)
+    finally:
+        go.set()
+        server.stop()
+    assert written(held_id) == ({"ok": "held"}, 1)
