@@ -470,3 +470,45 @@ def test_a_todo_whose_row_is_held_waits_without_holding_up_the_others_outcomes(
         go.set()
         server.stop()
     assert written(held_id) == ({"ok": "held"}, 1)
+
+
+def test_outcomes_past_the_roles_statement_timeout_are_written_in_halves_or_refused(
+        database_url, db, caplog, monkeypatch):
+    """As on PostgreSQL directly: a batch the role's statement timeout ends through the REST
+    API is written in halves; one that times out alone again and again is refused with the
+    timeout's code, while the others are stored."""
+    import threading
+
+    from processgpt_sync.outcomes import Outcome, OutcomeWriter
+    from tests.integration.test_outcome_writes import SLOW_TRIGGER
+
+    monkeypatch.setattr("processgpt_sync.outcomes.TIMEOUTS_ALONE_MAX", 2)
+    db.execute(SLOW_TRIGGER)
+    name = db.execute("SELECT current_database() AS name").fetchone()["name"]
+    db.execute(f'ALTER DATABASE "{name}" SET statement_timeout = \'500ms\'')
+    gateway = Gateway(database_url)
+    store = SupabaseStorage(gateway.url, SERVICE_KEY)
+    writer = OutcomeWriter(store, abort=threading.Event())
+    told: dict = {}
+    try:
+        for i in range(8):
+            store.enqueue("a", f"q{i}")
+        claims = store.claim(agent_orch="a", consumer="c", limit=8, lease_seconds=60,
+                             max_claims=3)
+        heavy = claims[3].todo_id
+        writer.start()
+        for claim in claims:
+            result = {"heavy": True} if claim.todo_id == heavy else {"ok": True}
+            writer.submit(Outcome(claim, "completed", result=result),
+                          lambda r, f, todo_id=claim.todo_id: told.__setitem__(todo_id, (r, f)))
+        wait_for(lambda: len(told) == 8, timeout=40)
+    finally:
+        writer.close(timeout=5)
+        store.close()
+        gateway.close()
+    assert "writing them in halves" in caplog.text
+    assert all(told[c.todo_id][0].applied for c in claims if c.todo_id != heavy)
+    result, failure = told[heavy]
+    assert result is None and failure.code == "57014", (result, failure)
+    assert db.execute("SELECT count(*) AS n FROM todolist WHERE output IS NOT NULL OR "
+                      "draft IS NOT NULL").fetchone()["n"] == 7
