@@ -11,6 +11,7 @@ as a user would. Its "empty" database then holds the platform's tables without p
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
 import shutil
@@ -168,14 +169,53 @@ def open_backend(name: str, database_url: str) -> Iterator[Any]:
 def as_nobody_with_threads(limit: int) -> Callable[[], None]:
     """A ``preexec_fn`` for a subprocess that may start at most ``limit`` threads (as ``ulimit
     -u`` or a container's pids limit would allow): RLIMIT_NPROC binds only a user other than
-    root, so the child runs as nobody."""
+    root, so the child runs as nobody. Nobody keeps one capability, to read and search any
+    directory, so that it can run an interpreter installed where only root may look (a
+    ``/root`` of mode 700); nothing else of root's."""
     def preexec() -> None:
+        _keep_capabilities(True)
         os.setgroups([])
         os.setgid(65534)
         os.setuid(65534)
+        _keep_only(CAP_DAC_READ_SEARCH)
         resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
 
     return preexec
+
+
+CAP_DAC_READ_SEARCH = 2  # linux/capability.h
+_PR_SET_KEEPCAPS, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE = 8, 47, 2  # linux/prctl.h
+_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def _libc_call(name: str, *args: Any) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if getattr(libc, name)(*args) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{name}: {os.strerror(errno)}")
+
+
+def _keep_capabilities(keep: bool) -> None:
+    """Keep the permitted capabilities across the coming setuid (prctl PR_SET_KEEPCAPS)."""
+    _libc_call("prctl", _PR_SET_KEEPCAPS, int(keep), 0, 0, 0)
+
+
+def _keep_only(capability: int) -> None:
+    """Drop every capability but ``capability``, and make it ambient, so that it survives the
+    exec of a program that has no file capabilities."""
+    bit = 1 << capability
+    data = (_CapData * 2)(_CapData(bit, bit, bit), _CapData(0, 0, 0))
+    _libc_call("capset", ctypes.byref(_CapHeader(_CAPABILITY_VERSION_3, 0)), data)
+    _libc_call("prctl", _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE, capability, 0, 0)
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
