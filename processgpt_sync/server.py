@@ -25,6 +25,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -110,6 +111,7 @@ class Server:
             fleet_limits=(settings.max_running is not None
                           or settings.max_running_per_tenant is not None))
         self._stats = ServerStats()
+        self._instance = uuid.uuid4().hex  # this run: its late heartbeats are known once it stops
         self._context = contextvars.copy_context()
         self._parts: _Parts | None = None
         self._state_lock = threading.Lock()
@@ -401,7 +403,8 @@ class Server:
         return {
             "known": self._inflight.todo_ids(),
             "agent_orch": self.settings.agent_orch, "host": socket.gethostname(),
-            "pid": os.getpid(), "version": __version__, "heartbeat_seconds": interval,
+            "pid": os.getpid(), "instance": self._instance, "version": __version__,
+            "heartbeat_seconds": interval,
             "running": stats["running"], "completed": stats["completed"],
             "stats": {key: stats[key] for key in REGISTRY_STATS},
         }

@@ -1418,7 +1418,9 @@ $$;
 -- plus `known`, every todo id the server holds (sent while none of its claims is in flight): a
 -- lease of this consumer that the server does not know is an orphan (a claim that ran after
 -- its caller gave up on a dead connection) and is given back at once instead of waiting for
--- its expiry. Rows of servers unseen for a day are removed.
+-- its expiry, and `instance`, this run of the server: a heartbeat of an instance that has
+-- stopped cleanly (one the network delayed) does nothing. Rows of servers unseen for a day are
+-- removed.
 CREATE OR REPLACE FUNCTION processgpt_sync_heartbeat_v1(
     p_consumer text,
     p_todo_ids uuid[],
@@ -1431,6 +1433,13 @@ DECLARE
     v_orphan_tokens uuid[];
     v_orphans integer := 0;
 BEGIN
+    IF EXISTS (SELECT 1 FROM processgpt_sync_server_stopped
+               WHERE instance = p_server->>'instance') THEN
+        -- sent before its server stopped, delivered after: it renews and registers nothing
+        RETURN jsonb_build_object('renewed', '[]'::jsonb, 'cancelled', '[]'::jsonb,
+                                  'lost', coalesce(to_jsonb(p_todo_ids), '[]'::jsonb),
+                                  'orphans', '[]'::jsonb, 'orphans_released', 0);
+    END IF;
     IF jsonb_typeof(p_server->'known') = 'array' THEN
         SELECT array_agg(l.todo_id), array_agg(l.claim_token)
         INTO v_orphan_ids, v_orphan_tokens
@@ -1443,16 +1452,18 @@ BEGIN
         END IF;
     END IF;
     INSERT INTO processgpt_sync_server AS s
-        (consumer, agent_orch, host, pid, version, heartbeat_seconds, running, completed, stats)
+        (consumer, agent_orch, host, pid, version, heartbeat_seconds, running, completed, stats,
+         instance)
     VALUES (p_consumer, coalesce(p_server->>'agent_orch', ''), p_server->>'host',
             (p_server->>'pid')::integer, p_server->>'version',
             coalesce((p_server->>'heartbeat_seconds')::real, 15),
             coalesce((p_server->>'running')::integer, 0),
             coalesce((p_server->>'completed')::bigint, 0),
-            coalesce(p_server->'stats', '{}'::jsonb))
+            coalesce(p_server->'stats', '{}'::jsonb), p_server->>'instance')
     ON CONFLICT (consumer) DO UPDATE
     SET last_seen = now(), heartbeat_seconds = EXCLUDED.heartbeat_seconds,
-        running = EXCLUDED.running, completed = EXCLUDED.completed, stats = EXCLUDED.stats;
+        running = EXCLUDED.running, completed = EXCLUDED.completed, stats = EXCLUDED.stats,
+        instance = EXCLUDED.instance;
     DELETE FROM processgpt_sync_server WHERE last_seen < now() - interval '1 day';
     RETURN processgpt_sync_renew_v1(p_consumer, coalesce(p_todo_ids, '{}'), coalesce(p_tokens, '{}'),
                                     p_lease_seconds)
@@ -1461,10 +1472,17 @@ BEGIN
 END
 $$;
 
--- A server stopped cleanly: remove its registry row. True if there was one.
+-- A server stopped cleanly: remove its registry row, and remember its instance so that a
+-- heartbeat of it still on its way is ignored. True if there was a row.
 CREATE OR REPLACE FUNCTION processgpt_sync_server_stopped_v1(p_consumer text)
 RETURNS boolean LANGUAGE sql AS $$
-    WITH gone AS (DELETE FROM processgpt_sync_server WHERE consumer = p_consumer RETURNING 1)
+    WITH gone AS (DELETE FROM processgpt_sync_server WHERE consumer = p_consumer
+                  RETURNING instance),
+    remembered AS (INSERT INTO processgpt_sync_server_stopped (instance)
+                   SELECT instance FROM gone WHERE instance IS NOT NULL
+                   ON CONFLICT (instance) DO NOTHING),
+    forgotten AS (DELETE FROM processgpt_sync_server_stopped
+                  WHERE stopped_at < now() - interval '1 day')
     SELECT EXISTS (SELECT 1 FROM gone)
 $$;
 

@@ -210,6 +210,15 @@ CREATE TABLE IF NOT EXISTS processgpt_sync_server (
     completed bigint NOT NULL DEFAULT 0,
     stats jsonb NOT NULL DEFAULT '{}'::jsonb
 );
+ALTER TABLE processgpt_sync_server ADD COLUMN IF NOT EXISTS instance text;
+
+-- Server instances that stopped cleanly (kept a day). A heartbeat the network delivers after
+-- its server left the registry must not bring the row back, as a dead server, nor touch the
+-- leases of a new instance under the same consumer name.
+CREATE TABLE IF NOT EXISTS processgpt_sync_server_stopped (
+    instance text PRIMARY KEY,
+    stopped_at timestamptz NOT NULL DEFAULT now()
+);
 
 -- Open consoles. The change triggers send their NOTIFY only while a console watches: a NOTIFY
 -- holds a cluster-wide lock until its transaction commits, which would serialise every claim
@@ -226,7 +235,8 @@ DECLARE
     r text;
     t text;
 BEGIN
-    FOREACH t IN ARRAY ARRAY['processgpt_sync_server', 'processgpt_sync_console_watch'] LOOP
+    FOREACH t IN ARRAY ARRAY['processgpt_sync_server', 'processgpt_sync_server_stopped',
+                             'processgpt_sync_console_watch'] LOOP
         FOREACH r IN ARRAY ARRAY['anon', 'authenticated'] LOOP
             IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) THEN
                 EXECUTE format('REVOKE ALL ON %I FROM %I', t, r);

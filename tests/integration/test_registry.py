@@ -54,6 +54,27 @@ def test_the_heartbeat_gives_back_a_claim_whose_answer_was_lost(backend, db):
     assert backend.heartbeat("c1", [claims[first]], 60, {"agent_orch": "reg"}).orphans == set()
 
 
+def test_a_heartbeat_delivered_after_its_server_stopped_changes_nothing(backend, db):
+    """The network may deliver a heartbeat after the stop that followed it: it neither brings
+    the row back (a clean stop would show as a dead server for a day) nor touches the claims
+    of a new instance of the same consumer; that new instance registers as usual."""
+    old = {"agent_orch": "reg", "instance": "run-1", "known": []}
+    backend.heartbeat("c1", [], 60, old)
+    assert backend.server_stopped("c1") is True
+    first = backend.enqueue("reg", "a")
+    claims = {c.todo_id: c for c in backend.claim(agent_orch="reg", consumer="c1", limit=1,
+                                                    lease_seconds=60, max_claims=3)}
+    assert set(claims) == {first}
+    late = backend.heartbeat("c1", [claims[first]], 60, old)
+    assert backend.servers("reg") == [], "the stopped server stays out of the registry"
+    assert late.renewed == frozenset() and late.orphans == frozenset()
+    assert db.execute("SELECT draft_status FROM todolist WHERE id = %s",
+                      (first,)).fetchone()["draft_status"] == "STARTED", "the claim is kept"
+    new = {"agent_orch": "reg", "instance": "run-2", "known": [first]}
+    assert backend.heartbeat("c1", [claims[first]], 60, new).renewed == {first}
+    assert [row["consumer"] for row in backend.servers("reg")] == ["c1"]
+
+
 def test_a_serving_server_is_listed_while_it_runs_and_removed_when_it_stops(backend, db):
     with ps.start(lambda todo: {"ok": 1}, agent_orch="reg", storage=backend,
                   lease_seconds=4, consumer="serving-1") as server:
