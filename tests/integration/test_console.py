@@ -641,3 +641,41 @@ def test_an_open_console_watches_and_stops_watching_when_closed(storage, db):
     with ConsoleServer(storage, ConsoleConfig(port=0)):
         wait_for(lambda: watching() == 1)
     assert watching() == 0
+
+
+def test_an_open_list_waits_longer_between_reads_that_cost_the_database_more(
+        storage, database_url, pg_url):
+    """The list page reads again on changes. A read that takes long (the counts scan a
+    todolist of millions of rows; here a slow network path to the database) makes the next
+    wait ten times as long, so an open console costs a busy database a bounded share."""
+    from tests.faultproxy import FaultProxy
+
+    proxy = FaultProxy(FaultProxy.socket_of(pg_url))
+    slow = PostgresStorage(proxy.url_for(database_url))
+    stop = threading.Event()
+
+    def churn():  # a busy server: todos change all the time
+        while not stop.wait(0.05):
+            storage.enqueue("console", "churn")
+
+    thread = threading.Thread(target=churn)
+    reads = 0
+    try:
+        with ConsoleServer(slow, ConsoleConfig(port=0)) as server, client_of(server) as http:
+            http.get("/todos")
+            proxy.delay = 0.1  # each read: two trips through the path, 0.2 s at least
+            thread.start()
+            with http.stream("GET", "/todos/stream") as response:
+                began = time.monotonic()
+                for line in response.iter_lines():
+                    reads += line.startswith(("event: rows", ": unchanged"))
+                    if time.monotonic() - began > 4.0:
+                        break
+    finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join()
+        slow.close()
+        proxy.close()
+    # unpaced, a read every 0.25 s + 0.2 s: about nine in 4 s; paced, one every 2 s
+    assert 2 <= reads <= 3, reads
