@@ -169,8 +169,8 @@ def raw_sql(bench: Bench, batch: int = 16) -> float:
     with psycopg.connect(url, autocommit=True) as conn:
         while done < bench.todos:
             claimed = conn.execute(
-                "SELECT processgpt_sync_claim_v2(%s, 'raw', %s, 60, 3, NULL, true, NULL, NULL)",
-                (AGENT, batch)
+                "SELECT processgpt_sync_claim_v3(%s, 'raw', %s, 60, 3, NULL, true, NULL, NULL, "
+                "%s)", (AGENT, batch, uuid.uuid4())
             ).fetchone()[0]
             items = [{"todo_id": c["row"]["id"], "token": c["token"], "outcome": "completed",
                       "result": {"ok": True},
@@ -265,8 +265,8 @@ def pickup_raw(bench: Bench, samples: int) -> tuple[float, float]:
             while not done.is_set():
                 for _ in listener.notifies(timeout=0.2, stop_after=1):
                     for item in conn.execute(
-                            "SELECT processgpt_sync_claim_v2(%s, 'raw', 4, 60, 3, NULL, true, "
-                            "NULL, NULL)", (AGENT,)).fetchone()[0]:
+                            "SELECT processgpt_sync_claim_v3(%s, 'raw', 4, 60, 3, NULL, true, "
+                            "NULL, NULL, %s)", (AGENT, uuid.uuid4())).fetchone()[0]:
                         claimed[item["row"]["query"]] = time.perf_counter()
 
     thread = threading.Thread(target=listen, daemon=True)

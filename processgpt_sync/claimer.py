@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import threading
+import uuid
 from typing import Any
 
 from .errors import StorageError
@@ -83,11 +84,11 @@ class Claimer:
                 inflight.wake.clear()
                 continue
             inflight.wake.clear()
+            call_id = str(uuid.uuid4())
             try:
-                with inflight.claim_gate:
-                    claims = self._claim(min(free, CLAIM_BATCH))
+                claims = self._claim(min(free, CLAIM_BATCH), call_id)
             except (StorageError, OSError) as exc:
-                inflight.claim_unanswered = True
+                inflight.claim_failed(call_id)
                 attempt += 1
                 advice = infrastructure_problem(exc) or str(exc)
                 self._log.warning("claim failed (attempt %d), retrying: %s", attempt, advice,
@@ -113,14 +114,14 @@ class Claimer:
                 inflight.wake.wait(idle_wait)
                 idle_wait = min(idle_wait * 2, self._settings.poll_interval)
 
-    def _claim(self, free: int) -> list[Claim] | None:
+    def _claim(self, free: int, call_id: str) -> list[Claim] | None:
         """One claim call, its todos handed to workers; None when stop() began meanwhile."""
         settings = self._settings
         claims = self._storage.claim(
             agent_orch=settings.agent_orch, consumer=settings.consumer, limit=free,
             lease_seconds=settings.lease_seconds, max_claims=settings.max_claims,
             tenant_id=settings.tenant_id, fair=settings.fair, max_running=settings.max_running,
-            max_running_per_tenant=settings.max_running_per_tenant,
+            max_running_per_tenant=settings.max_running_per_tenant, call_id=call_id,
         )
         if self._stopping.is_set():  # stop() began while this claim was in flight
             self._shutdown.give_back_now(claims)

@@ -33,12 +33,11 @@ class InFlight:
         """The last claim filled every slot, or a NOTIFY came: work may be waiting."""
         self.listening = False
         """NOTIFY arrives (the listener is connected); else the claimer polls."""
+        self._unanswered: dict[str, float] = {}  # claim call id -> when it failed
         self.claim_unanswered = False
-        """A claim call failed without an answer: the database may hold claims of this server
-        it does not know of; the heartbeat runs at once to give them back."""
-        self.claim_gate = threading.Lock()
-        """Held around each claim call and each heartbeat: the heartbeat's list of the todos
-        this server holds is then complete."""
+        """A claim call failed without an answer since the last heartbeat: the database may
+        hold claims of this server it does not know of; the heartbeat runs at once to give them
+        back."""
         self._workers = workers
         self._spare = spare_threads
         self._fleet_limits = fleet_limits
@@ -49,6 +48,23 @@ class InFlight:
         self._overdue: set[Key] = set()  # timed out, executor still on its thread
         self._infra_attempt = 0
         self._claim_pause_until = 0.0
+
+    # -- claim calls without an answer ---------------------------------------------------------
+
+    def claim_failed(self, call_id: str) -> None:
+        """A claim call got no answer: it may still run on the database, now or later."""
+        with self.lock:
+            self._unanswered[call_id] = time.monotonic()
+            self.claim_unanswered = True
+
+    def unanswered_claims(self, keep_seconds: float) -> list[str]:
+        """The claim calls that got no answer in the last ``keep_seconds``: the heartbeat names
+        them, so their todos are given back, even those of a call the network delivers late."""
+        oldest = time.monotonic() - keep_seconds
+        with self.lock:
+            for call_id in [c for c, at in self._unanswered.items() if at < oldest]:
+                del self._unanswered[call_id]
+            return list(self._unanswered)
 
     # -- slots ---------------------------------------------------------------------------------
 

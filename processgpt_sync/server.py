@@ -396,12 +396,13 @@ class Server:
         return listener
 
     def _registry_row(self, interval: float) -> dict[str, Any]:
-        """This server as the heartbeat writes it into the server registry, with every todo it
-        holds (the heartbeat gives back leases of this consumer it does not know: claims whose
-        answer was lost). Called under the claim gate, so no claim is in flight."""
+        """This server as the heartbeat writes it into the server registry, with the claim
+        calls that got no answer lately (the heartbeat gives their todos back; a call the
+        network delivers late is named until its lease would have run out twice)."""
         stats = self.stats()
+        unanswered = self._inflight.unanswered_claims(2.0 * self.settings.lease_seconds)
         return {
-            "known": self._inflight.todo_ids(),
+            **({"unanswered": unanswered} if unanswered else {}),
             "agent_orch": self.settings.agent_orch, "host": socket.gethostname(),
             "pid": os.getpid(), "instance": self._instance, "version": __version__,
             "heartbeat_seconds": interval,

@@ -165,11 +165,9 @@ class Watchers:
                 next_renewal = now + idle
                 continue
             try:
-                with self._inflight.claim_gate:
-                    self._inflight.claim_unanswered = False
-                    report = storage.heartbeat(self.settings.consumer, [r.claim for r in live],
-                                               self.settings.lease_seconds,
-                                               self._registry(idle))
+                self._inflight.claim_unanswered = False
+                report = storage.heartbeat(self.settings.consumer, [r.claim for r in live],
+                                           self.settings.lease_seconds, self._registry(idle))
             except StorageError as exc:
                 failing = True
                 self._inflight.claim_unanswered |= orphans_possible

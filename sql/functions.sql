@@ -172,7 +172,10 @@ $$;
 -- ~200 ms can forget it: the todo is then claimable again and the run's writes are refused by
 -- fencing, as when a lease is lost. Its statements keep one generic plan each
 -- (plan_cache_mode): a custom plan per call cost more to plan than the claim costs to run.
-CREATE OR REPLACE FUNCTION processgpt_sync_claim_v2(
+--
+-- p_call names this call (the caller's random id) on each lease it makes: a caller that got no
+-- answer reports the call in its heartbeat, which gives back exactly the todos it claimed.
+CREATE OR REPLACE FUNCTION processgpt_sync_claim_v3(
     p_agent_orch text,
     p_consumer text,
     p_limit integer,
@@ -181,7 +184,8 @@ CREATE OR REPLACE FUNCTION processgpt_sync_claim_v2(
     p_tenant_id text DEFAULT NULL,
     p_fair boolean DEFAULT true,
     p_max_running integer DEFAULT NULL,
-    p_max_running_per_tenant integer DEFAULT NULL)
+    p_max_running_per_tenant integer DEFAULT NULL,
+    p_call uuid DEFAULT NULL)
 RETURNS jsonb LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_limit integer := p_limit;
@@ -404,13 +408,14 @@ BEGIN
         RETURNING t AS todo, c.prev_status, c.start_date
     ), leased AS (
         INSERT INTO processgpt_sync_lease AS l
-            (todo_id, claim_token, consumer, expires_at, prev_draft_status)
+            (todo_id, claim_token, consumer, expires_at, prev_draft_status, claim_call)
         SELECT (c.todo).id, (c.todo).claim_token, p_consumer,
-               now() + make_interval(secs => p_lease_seconds), c.prev_status
+               now() + make_interval(secs => p_lease_seconds), c.prev_status, p_call
         FROM claimed c
         ON CONFLICT (todo_id) DO UPDATE
         SET claim_token = EXCLUDED.claim_token, consumer = EXCLUDED.consumer,
             expires_at = EXCLUDED.expires_at, claimed_at = now(),
+            claim_call = EXCLUDED.claim_call,
             prev_draft_status = CASE WHEN EXCLUDED.prev_draft_status IN ('STARTED', 'HUMAN_ASKED')
                                      THEN l.prev_draft_status
                                      ELSE EXCLUDED.prev_draft_status END
@@ -428,7 +433,24 @@ BEGIN
 END
 $$;
 
--- The first claim signature: oldest first, no limits (kept for servers of an earlier version).
+-- The earlier claim signatures, kept for servers of an earlier version: v2 names no call,
+-- v1 claims oldest first without limits.
+CREATE OR REPLACE FUNCTION processgpt_sync_claim_v2(
+    p_agent_orch text,
+    p_consumer text,
+    p_limit integer,
+    p_lease_seconds integer DEFAULT 60,
+    p_max_claims integer DEFAULT 3,
+    p_tenant_id text DEFAULT NULL,
+    p_fair boolean DEFAULT true,
+    p_max_running integer DEFAULT NULL,
+    p_max_running_per_tenant integer DEFAULT NULL)
+RETURNS jsonb LANGUAGE sql AS $$
+    SELECT processgpt_sync_claim_v3(p_agent_orch, p_consumer, p_limit, p_lease_seconds,
+                                    p_max_claims, p_tenant_id, p_fair, p_max_running,
+                                    p_max_running_per_tenant, NULL)
+$$;
+
 CREATE OR REPLACE FUNCTION processgpt_sync_claim_v1(
     p_agent_orch text,
     p_consumer text,
@@ -437,8 +459,8 @@ CREATE OR REPLACE FUNCTION processgpt_sync_claim_v1(
     p_max_claims integer DEFAULT 3,
     p_tenant_id text DEFAULT NULL)
 RETURNS jsonb LANGUAGE sql AS $$
-    SELECT processgpt_sync_claim_v2(p_agent_orch, p_consumer, p_limit, p_lease_seconds,
-                                    p_max_claims, p_tenant_id, false, NULL, NULL)
+    SELECT processgpt_sync_claim_v3(p_agent_orch, p_consumer, p_limit, p_lease_seconds,
+                                    p_max_claims, p_tenant_id, false, NULL, NULL, NULL)
 $$;
 
 -- Why an event element cannot be written, or NULL when it can. The enum labels are passed in
@@ -1415,12 +1437,14 @@ $$;
 -- The heartbeat of one server: renew its leases (as processgpt_sync_renew_v1) and refresh its
 -- row in the server registry, in one call and one transaction. p_server holds agent_orch,
 -- host, pid, version, heartbeat_seconds, running, completed and any other counters (stats),
--- plus `known`, every todo id the server holds (sent while none of its claims is in flight): a
--- lease of this consumer that the server does not know is an orphan (a claim that ran after
--- its caller gave up on a dead connection) and is given back at once instead of waiting for
--- its expiry, and `instance`, this run of the server: a heartbeat of an instance that has
--- stopped cleanly (one the network delayed) does nothing. Rows of servers unseen for a day are
--- removed.
+-- plus `unanswered`, the claim calls (p_call of processgpt_sync_claim_v3) the server got no
+-- answer to: their leases are orphans (a claim that ran after its caller gave up on a dead
+-- connection), given back at once instead of waiting for their expiry. Naming the calls, not
+-- the todos the server holds, keeps a heartbeat the network delivers late from giving back
+-- todos claimed after it was sent. And `instance`, this run of the server: a heartbeat of an
+-- instance that has stopped cleanly (one the network delayed) does nothing. `known` (every
+-- todo id the server holds; leases of this consumer not in it are orphans) is still read from
+-- servers of an earlier version. Rows of servers unseen for a day are removed.
 CREATE OR REPLACE FUNCTION processgpt_sync_heartbeat_v1(
     p_consumer text,
     p_todo_ids uuid[],
@@ -1440,16 +1464,24 @@ BEGIN
                                   'lost', coalesce(to_jsonb(p_todo_ids), '[]'::jsonb),
                                   'orphans', '[]'::jsonb, 'orphans_released', 0);
     END IF;
-    IF jsonb_typeof(p_server->'known') = 'array' THEN
+    IF jsonb_typeof(p_server->'unanswered') = 'array' THEN
+        SELECT array_agg(l.todo_id), array_agg(l.claim_token)
+        INTO v_orphan_ids, v_orphan_tokens
+        FROM processgpt_sync_lease l
+        WHERE l.consumer = p_consumer
+          AND l.claim_call IN (SELECT processgpt_sync_uuid_or_null_v1(c)
+                               FROM jsonb_array_elements_text(p_server->'unanswered') c)
+          AND NOT l.todo_id = ANY(coalesce(p_todo_ids, '{}'));
+    ELSIF jsonb_typeof(p_server->'known') = 'array' THEN
         SELECT array_agg(l.todo_id), array_agg(l.claim_token)
         INTO v_orphan_ids, v_orphan_tokens
         FROM processgpt_sync_lease l
         WHERE l.consumer = p_consumer
           AND NOT l.todo_id::text IN (SELECT jsonb_array_elements_text(p_server->'known'))
           AND NOT l.todo_id = ANY(coalesce(p_todo_ids, '{}'));
-        IF v_orphan_ids IS NOT NULL THEN
-            v_orphans := processgpt_sync_release_v1(v_orphan_ids, v_orphan_tokens);
-        END IF;
+    END IF;
+    IF v_orphan_ids IS NOT NULL THEN
+        v_orphans := processgpt_sync_release_v1(v_orphan_ids, v_orphan_tokens);
     END IF;
     INSERT INTO processgpt_sync_server AS s
         (consumer, agent_orch, host, pid, version, heartbeat_seconds, running, completed, stats,

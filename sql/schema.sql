@@ -172,6 +172,9 @@ CREATE TABLE IF NOT EXISTS processgpt_sync_lease (
     prev_draft_status draft_status,
     claimed_at timestamptz NOT NULL DEFAULT now()
 );
+-- The claim call that made the lease (its caller's id): a call that got no answer is named in
+-- the heartbeat, which gives its todos back.
+ALTER TABLE processgpt_sync_lease ADD COLUMN IF NOT EXISTS claim_call uuid;
 CREATE INDEX IF NOT EXISTS processgpt_sync_lease_expires_idx ON processgpt_sync_lease (expires_at);
 
 -- A deleted todo takes its lease with it (the cascade runs with the table owner's rights, so the

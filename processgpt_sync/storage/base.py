@@ -120,9 +120,11 @@ class Storage(abc.ABC):
         fair: bool = True,
         max_running: int | None = None,
         max_running_per_tenant: int | None = None,
+        call_id: str | None = None,
     ) -> list[Claim]:
         """Claim up to ``limit`` todos in one call: tenants in turn (``fair``) or oldest first,
-        within the fleet-wide limits."""
+        within the fleet-wide limits. ``call_id`` (a random UUID) names the call on its leases:
+        if no answer arrives, the heartbeat names it and its todos are given back."""
         items = self.call(
             "claim",
             {
@@ -135,6 +137,7 @@ class Storage(abc.ABC):
                 "p_fair": fair,
                 "p_max_running": max_running,
                 "p_max_running_per_tenant": max_running_per_tenant,
+                "p_call": call_id,
             },
         )
         return [Claim.from_json(item) for item in items or []]

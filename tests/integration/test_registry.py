@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 
 import pytest
 
@@ -35,30 +36,79 @@ def test_a_heartbeat_registers_the_server_and_a_stale_one_shows_dead(backend, db
 
 def test_the_heartbeat_gives_back_a_claim_whose_answer_was_lost(backend, db):
     first, lost = backend.enqueue("reg", "a"), backend.enqueue("reg", "b")
-    claims = {c.todo_id: c for c in backend.claim(agent_orch="reg", consumer="c1", limit=2,
-                                                    lease_seconds=60, max_claims=3)}
-    assert set(claims) == {first, lost}
-    # The server only learned of `first`; the answer naming `lost` never arrived.
-    report = backend.heartbeat("c1", [claims[first]], 60,
-                               {"agent_orch": "reg", "known": [first]})
+    (answered,) = backend.claim(agent_orch="reg", consumer="c1", limit=1, lease_seconds=60,
+                                max_claims=3, call_id=str(uuid.uuid4()))
+    assert answered.todo_id == first
+    # The server never saw the answer of this call; it names the call in its heartbeat.
+    call = str(uuid.uuid4())
+    assert [c.todo_id for c in backend.claim(agent_orch="reg", consumer="c1", limit=1,
+                                             lease_seconds=60, max_claims=3,
+                                             call_id=call)] == [lost]
+    report = backend.heartbeat("c1", [answered], 60, {"agent_orch": "reg", "unanswered": [call]})
     assert report.renewed == {first} and report.orphans == {lost}
     rows = {str(r["id"]): r for r in db.execute(
         "SELECT id, draft_status, claim_count FROM todolist").fetchall()}
     assert rows[lost]["draft_status"] is None and rows[lost]["claim_count"] == 0, (
         "claimable again, the lost claim not counted")
     assert rows[first]["draft_status"] == "STARTED"
-    # Without `known` (a claim call in flight) nothing is given back.
+    # Claimed again by a call that was answered: a heartbeat naming the old call again (the
+    # server names it for a while) leaves it alone.
     again = backend.claim(agent_orch="reg", consumer="c1", limit=1, lease_seconds=60,
-                          max_claims=3)
+                          max_claims=3, call_id=str(uuid.uuid4()))
     assert [c.todo_id for c in again] == [lost]
-    assert backend.heartbeat("c1", [claims[first]], 60, {"agent_orch": "reg"}).orphans == set()
+    assert backend.heartbeat("c1", [answered, *again], 60,
+                             {"agent_orch": "reg", "unanswered": [call]}).orphans == set()
+
+
+def test_a_heartbeat_the_network_delivers_late_gives_back_nothing_claimed_after_it(backend, db):
+    """A heartbeat sent, held up on the way past its caller's deadline, and delivered after
+    the server claimed more todos on a new connection: it names only the calls that had failed
+    when it was sent, so the new claims stay this server's (a heartbeat that listed every todo
+    the server held gave them back, and another server ran them again)."""
+    import threading
+
+    release = threading.Event()
+
+    def handle(todo):
+        release.wait(30)
+        return {"ok": 1}
+
+    held = backend.enqueue("reg", "held")
+    server = ps.start(handle, agent_orch="reg", storage=backend, workers=2, lease_seconds=60,
+                      consumer="late-1")
+    try:
+        wait_for(lambda: server.stats()["running"] == 1)
+        # the heartbeat as the server sends it now, delivered only below
+        late = (server._registry_row(15.0), [run.claim for run in server._inflight.runs()])
+        fresh = backend.enqueue("reg", "fresh")
+        wait_for(lambda: server.stats()["running"] == 2)
+        report = backend.heartbeat("late-1", late[1], 60, late[0])
+        assert report.orphans == frozenset() and report.renewed == {held}
+        assert db.execute("SELECT draft_status FROM todolist WHERE id = %s",
+                          (fresh,)).fetchone()["draft_status"] == "STARTED"
+        release.set()
+        wait_for(lambda: server.stats()["completed"] == 2, timeout=20)
+    finally:
+        release.set()
+        server.stop()
+    assert server.stats()["lost"] == 0, "the fresh todo's run was not told it lost it"
+
+
+def test_a_server_of_an_earlier_version_still_has_its_unknown_leases_given_back(backend, db):
+    """Servers of the previous version list every todo they hold (`known`) instead."""
+    first, lost = backend.enqueue("reg", "a"), backend.enqueue("reg", "b")
+    claims = {c.todo_id: c for c in backend.claim(agent_orch="reg", consumer="c1", limit=2,
+                                                    lease_seconds=60, max_claims=3)}
+    report = backend.heartbeat("c1", [claims[first]], 60,
+                               {"agent_orch": "reg", "known": [first]})
+    assert report.renewed == {first} and report.orphans == {lost}
 
 
 def test_a_heartbeat_delivered_after_its_server_stopped_changes_nothing(backend, db):
     """The network may deliver a heartbeat after the stop that followed it: it neither brings
     the row back (a clean stop would show as a dead server for a day) nor touches the claims
     of a new instance of the same consumer; that new instance registers as usual."""
-    old = {"agent_orch": "reg", "instance": "run-1", "known": []}
+    old = {"agent_orch": "reg", "instance": "run-1"}
     backend.heartbeat("c1", [], 60, old)
     assert backend.server_stopped("c1") is True
     first = backend.enqueue("reg", "a")
@@ -70,7 +120,7 @@ def test_a_heartbeat_delivered_after_its_server_stopped_changes_nothing(backend,
     assert late.renewed == frozenset() and late.orphans == frozenset()
     assert db.execute("SELECT draft_status FROM todolist WHERE id = %s",
                       (first,)).fetchone()["draft_status"] == "STARTED", "the claim is kept"
-    new = {"agent_orch": "reg", "instance": "run-2", "known": [first]}
+    new = {"agent_orch": "reg", "instance": "run-2"}
     assert backend.heartbeat("c1", [claims[first]], 60, new).renewed == {first}
     assert [row["consumer"] for row in backend.servers("reg")] == ["c1"]
 
