@@ -43,8 +43,11 @@ class Claimer:
         recorder: Recorder, desk: HumanDesk, worker: TodoWorker, pool: WorkerPool,
         shutdown: Shutdown, stats: ServerStats, stopping: threading.Event,
         context: contextvars.Context, log: logging.Logger, extra: dict[str, Any],
+        instance: str | None = None,
     ) -> None:
+        """:param instance: this run of the server, named on every claim."""
         self._storage = storage
+        self._instance = instance
         self._settings = settings
         self._inflight = inflight
         self._buffer = buffer
@@ -122,6 +125,7 @@ class Claimer:
             lease_seconds=settings.lease_seconds, max_claims=settings.max_claims,
             tenant_id=settings.tenant_id, fair=settings.fair, max_running=settings.max_running,
             max_running_per_tenant=settings.max_running_per_tenant, call_id=call_id,
+            instance=self._instance,
         )
         if self._stopping.is_set():  # stop() began while this claim was in flight
             self._shutdown.give_back_now(claims)

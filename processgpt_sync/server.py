@@ -111,7 +111,7 @@ class Server:
             fleet_limits=(settings.max_running is not None
                           or settings.max_running_per_tenant is not None))
         self._stats = ServerStats()
-        self._instance = uuid.uuid4().hex  # this run: its late heartbeats are known once it stops
+        self._instance = uuid.uuid4().hex  # this run, on its leases and its registry row
         self._context = contextvars.copy_context()
         self._parts: _Parts | None = None
         self._state_lock = threading.Lock()
@@ -367,11 +367,13 @@ class Server:
                             recorder=recorder, desk=desk, stats=stats,
                             around_todo=self._around_todo, log=log, extra=extra,
                             submit=pool.submit if self._deferred else None)
-        shutdown = Shutdown(storage, self.settings, stats=stats, log=log, extra=extra)
+        shutdown = Shutdown(storage, self.settings, stats=stats, log=log, extra=extra,
+                            instance=self._instance)
         claimer = Claimer(storage, self.settings, inflight=self._inflight, buffer=buffer,
                           recorder=recorder, desk=desk, worker=worker, pool=pool,
                           shutdown=shutdown, stats=stats, stopping=self._stopping,
-                          context=self._context, log=log, extra=extra)
+                          context=self._context, log=log, extra=extra,
+                          instance=self._instance)
         return _Parts(storage, buffer, outcomes, desk, recorder, worker, pool, shutdown, claimer)
 
     def _listener(self, storage: Storage) -> Listener | None:

@@ -45,8 +45,10 @@ class Shutdown:
     """The steps of ``Server.stop()`` that talk to the database, each bounded by ``left()``."""
 
     def __init__(self, storage: Storage, settings: Settings, *, stats: ServerStats,
-                 log: logging.Logger, extra: dict[str, Any]) -> None:
+                 log: logging.Logger, extra: dict[str, Any], instance: str | None = None) -> None:
+        """:param instance: this run of the server: deregistering removes only its row."""
         self._storage = storage
+        self._instance = instance
         self._settings = settings
         self._stats = stats
         self._log = log
@@ -105,8 +107,8 @@ class Shutdown:
     def deregister(self, timeout: float) -> None:
         """Leave the server registry (``status`` no longer lists this server)."""
         consumer = self._settings.consumer
-        done, result = bounded(lambda: self._storage.server_stopped(consumer), timeout,
-                               "deregister")
+        done, result = bounded(lambda: self._storage.server_stopped(consumer, self._instance),
+                               timeout, "deregister")
         if not done or isinstance(result, BaseException):
             self._log.warning("could not remove this server from the registry (%s); it shows "
                               "as dead once its heartbeat is stale",

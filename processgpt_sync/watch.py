@@ -147,6 +147,7 @@ class Watchers:
         next_renewal = time.monotonic()
         next_alarm = 0.0
         failing = False
+        superseded = False
         while not self._stop.wait(WATCHDOG_TICK):
             now = time.monotonic()
             runs = self._inflight.runs()
@@ -160,8 +161,10 @@ class Watchers:
             # A closed run's outcome is still being written (the database may be slow, or its
             # row held): its lease is renewed until then, so no other server takes it over.
             live = [r for r in runs if r.cancel_reason != "lost"]
+            # a claim without an answer may still reach the database: named until it expires
+            unanswered = bool(self._inflight.unanswered_claims(2.0 * self.settings.lease_seconds))
             if (quiet_when_idle and not live and not busy and not self._inflight.listening
-                    and not orphans_possible):
+                    and not orphans_possible and not unanswered):
                 next_renewal = now + idle
                 continue
             try:
@@ -185,6 +188,13 @@ class Watchers:
                         extra={**self._extra, "action": "heartbeat"})
                 continue
             failing = False
+            if report.superseded and not superseded:
+                superseded = True
+                self._log.error("this server's heartbeats are refused: a newer server runs under "
+                                "the same consumer name %r (set a distinct PROCESSGPT_CONSUMER "
+                                "per server), or this one was stopped; it claims nothing more",
+                                self.settings.consumer,
+                                extra={**self._extra, "action": "heartbeat"})
             # Idle, only the registry row needs refreshing: no faster than leases need.
             next_renewal = now + (interval if live else idle)
             busy = bool(live)

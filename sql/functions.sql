@@ -175,6 +175,8 @@ $$;
 --
 -- p_call names this call (the caller's random id) on each lease it makes: a caller that got no
 -- answer reports the call in its heartbeat, which gives back exactly the todos it claimed.
+-- p_instance names the caller's run: a run that stopped, or that a newer run under the same
+-- consumer name superseded, claims nothing.
 CREATE OR REPLACE FUNCTION processgpt_sync_claim_v3(
     p_agent_orch text,
     p_consumer text,
@@ -185,7 +187,8 @@ CREATE OR REPLACE FUNCTION processgpt_sync_claim_v3(
     p_fair boolean DEFAULT true,
     p_max_running integer DEFAULT NULL,
     p_max_running_per_tenant integer DEFAULT NULL,
-    p_call uuid DEFAULT NULL)
+    p_call uuid DEFAULT NULL,
+    p_instance text DEFAULT NULL)
 RETURNS jsonb LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_limit integer := p_limit;
@@ -195,7 +198,8 @@ DECLARE
     v_abandoned uuid[] := '{}';
     v_groups text[];
 BEGIN
-    IF p_limit IS NULL OR p_limit < 1 THEN
+    IF p_limit IS NULL OR p_limit < 1
+       OR EXISTS (SELECT 1 FROM processgpt_sync_server_stopped WHERE instance = p_instance) THEN
         RETURN '[]'::jsonb;
     END IF;
     PERFORM set_config('synchronous_commit', 'off', true);
@@ -408,14 +412,14 @@ BEGIN
         RETURNING t AS todo, c.prev_status, c.start_date
     ), leased AS (
         INSERT INTO processgpt_sync_lease AS l
-            (todo_id, claim_token, consumer, expires_at, prev_draft_status, claim_call)
+            (todo_id, claim_token, consumer, expires_at, prev_draft_status, claim_call, instance)
         SELECT (c.todo).id, (c.todo).claim_token, p_consumer,
-               now() + make_interval(secs => p_lease_seconds), c.prev_status, p_call
+               now() + make_interval(secs => p_lease_seconds), c.prev_status, p_call, p_instance
         FROM claimed c
         ON CONFLICT (todo_id) DO UPDATE
         SET claim_token = EXCLUDED.claim_token, consumer = EXCLUDED.consumer,
             expires_at = EXCLUDED.expires_at, claimed_at = now(),
-            claim_call = EXCLUDED.claim_call,
+            claim_call = EXCLUDED.claim_call, instance = EXCLUDED.instance,
             prev_draft_status = CASE WHEN EXCLUDED.prev_draft_status IN ('STARTED', 'HUMAN_ASKED')
                                      THEN l.prev_draft_status
                                      ELSE EXCLUDED.prev_draft_status END
@@ -448,7 +452,7 @@ CREATE OR REPLACE FUNCTION processgpt_sync_claim_v2(
 RETURNS jsonb LANGUAGE sql AS $$
     SELECT processgpt_sync_claim_v3(p_agent_orch, p_consumer, p_limit, p_lease_seconds,
                                     p_max_claims, p_tenant_id, p_fair, p_max_running,
-                                    p_max_running_per_tenant, NULL)
+                                    p_max_running_per_tenant, NULL, NULL)
 $$;
 
 CREATE OR REPLACE FUNCTION processgpt_sync_claim_v1(
@@ -460,7 +464,7 @@ CREATE OR REPLACE FUNCTION processgpt_sync_claim_v1(
     p_tenant_id text DEFAULT NULL)
 RETURNS jsonb LANGUAGE sql AS $$
     SELECT processgpt_sync_claim_v3(p_agent_orch, p_consumer, p_limit, p_lease_seconds,
-                                    p_max_claims, p_tenant_id, false, NULL, NULL, NULL)
+                                    p_max_claims, p_tenant_id, false, NULL, NULL, NULL, NULL)
 $$;
 
 -- Why an event element cannot be written, or NULL when it can. The enum labels are passed in
@@ -1441,10 +1445,13 @@ $$;
 -- answer to: their leases are orphans (a claim that ran after its caller gave up on a dead
 -- connection), given back at once instead of waiting for their expiry. Naming the calls, not
 -- the todos the server holds, keeps a heartbeat the network delivers late from giving back
--- todos claimed after it was sent. And `instance`, this run of the server: a heartbeat of an
--- instance that has stopped cleanly (one the network delayed) does nothing. `known` (every
--- todo id the server holds; leases of this consumer not in it are orphans) is still read from
--- servers of an earlier version. Rows of servers unseen for a day are removed.
+-- todos claimed after it was sent. And `instance`, this run of the server: the first heartbeat
+-- of a new run under a consumer name gives back the leases of the runs before it (one that
+-- ended without a clean stop: a supervisor's restarted process, a restarted container) and
+-- supersedes them; a heartbeat of a run that stopped cleanly or was superseded (one the network
+-- delayed) does nothing and says so (`superseded`). `known` (every todo id the server holds;
+-- leases of this consumer not in it are orphans) is still read from servers of an earlier
+-- version. Rows of servers unseen for a day are removed.
 CREATE OR REPLACE FUNCTION processgpt_sync_heartbeat_v1(
     p_consumer text,
     p_todo_ids uuid[],
@@ -1453,33 +1460,44 @@ CREATE OR REPLACE FUNCTION processgpt_sync_heartbeat_v1(
     p_server jsonb)
 RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
+    v_instance text := p_server->>'instance';
+    v_current text;
+    v_new_run boolean := false;
     v_orphan_ids uuid[];
     v_orphan_tokens uuid[];
     v_orphans integer := 0;
 BEGIN
-    IF EXISTS (SELECT 1 FROM processgpt_sync_server_stopped
-               WHERE instance = p_server->>'instance') THEN
-        -- sent before its server stopped, delivered after: it renews and registers nothing
+    -- one registry change per consumer at a time (a stop and a late heartbeat may cross)
+    PERFORM pg_advisory_xact_lock(hashtext('processgpt_sync_server'), hashtext(p_consumer));
+    IF EXISTS (SELECT 1 FROM processgpt_sync_server_stopped WHERE instance = v_instance) THEN
+        -- sent before its run stopped (or a newer run took its name), delivered after: it
+        -- renews, registers and gives back nothing
         RETURN jsonb_build_object('renewed', '[]'::jsonb, 'cancelled', '[]'::jsonb,
                                   'lost', coalesce(to_jsonb(p_todo_ids), '[]'::jsonb),
-                                  'orphans', '[]'::jsonb, 'orphans_released', 0);
+                                  'orphans', '[]'::jsonb, 'orphans_released', 0,
+                                  'superseded', true);
     END IF;
-    IF jsonb_typeof(p_server->'unanswered') = 'array' THEN
-        SELECT array_agg(l.todo_id), array_agg(l.claim_token)
-        INTO v_orphan_ids, v_orphan_tokens
-        FROM processgpt_sync_lease l
-        WHERE l.consumer = p_consumer
-          AND l.claim_call IN (SELECT processgpt_sync_uuid_or_null_v1(c)
-                               FROM jsonb_array_elements_text(p_server->'unanswered') c)
-          AND NOT l.todo_id = ANY(coalesce(p_todo_ids, '{}'));
-    ELSIF jsonb_typeof(p_server->'known') = 'array' THEN
-        SELECT array_agg(l.todo_id), array_agg(l.claim_token)
-        INTO v_orphan_ids, v_orphan_tokens
-        FROM processgpt_sync_lease l
-        WHERE l.consumer = p_consumer
-          AND NOT l.todo_id::text IN (SELECT jsonb_array_elements_text(p_server->'known'))
-          AND NOT l.todo_id = ANY(coalesce(p_todo_ids, '{}'));
+    IF v_instance IS NOT NULL THEN
+        SELECT s.instance INTO v_current FROM processgpt_sync_server s
+        WHERE s.consumer = p_consumer;
+        v_new_run := v_current IS DISTINCT FROM v_instance;
+        IF v_new_run AND v_current IS NOT NULL THEN
+            -- a new run under this name: the previous one ended without a clean stop
+            INSERT INTO processgpt_sync_server_stopped (instance) VALUES (v_current)
+            ON CONFLICT (instance) DO NOTHING;
+        END IF;
     END IF;
+    SELECT array_agg(l.todo_id), array_agg(l.claim_token)
+    INTO v_orphan_ids, v_orphan_tokens
+    FROM processgpt_sync_lease l
+    WHERE l.consumer = p_consumer
+      AND NOT l.todo_id = ANY(coalesce(p_todo_ids, '{}'))
+      AND ((jsonb_typeof(p_server->'unanswered') = 'array'
+            AND l.claim_call IN (SELECT processgpt_sync_uuid_or_null_v1(c)
+                                 FROM jsonb_array_elements_text(p_server->'unanswered') c))
+           OR (v_new_run AND l.instance IS DISTINCT FROM v_instance)
+           OR (v_instance IS NULL AND jsonb_typeof(p_server->'known') = 'array'
+               AND NOT l.todo_id::text IN (SELECT jsonb_array_elements_text(p_server->'known'))));
     IF v_orphan_ids IS NOT NULL THEN
         v_orphans := processgpt_sync_release_v1(v_orphan_ids, v_orphan_tokens);
     END IF;
@@ -1491,11 +1509,16 @@ BEGIN
             coalesce((p_server->>'heartbeat_seconds')::real, 15),
             coalesce((p_server->>'running')::integer, 0),
             coalesce((p_server->>'completed')::bigint, 0),
-            coalesce(p_server->'stats', '{}'::jsonb), p_server->>'instance')
+            coalesce(p_server->'stats', '{}'::jsonb), v_instance)
     ON CONFLICT (consumer) DO UPDATE
     SET last_seen = now(), heartbeat_seconds = EXCLUDED.heartbeat_seconds,
         running = EXCLUDED.running, completed = EXCLUDED.completed, stats = EXCLUDED.stats,
-        instance = EXCLUDED.instance;
+        instance = EXCLUDED.instance,
+        agent_orch = CASE WHEN v_new_run THEN EXCLUDED.agent_orch ELSE s.agent_orch END,
+        host = CASE WHEN v_new_run THEN EXCLUDED.host ELSE s.host END,
+        pid = CASE WHEN v_new_run THEN EXCLUDED.pid ELSE s.pid END,
+        version = CASE WHEN v_new_run THEN EXCLUDED.version ELSE s.version END,
+        started_at = CASE WHEN v_new_run THEN now() ELSE s.started_at END;
     DELETE FROM processgpt_sync_server WHERE last_seen < now() - interval '1 day';
     RETURN processgpt_sync_renew_v1(p_consumer, coalesce(p_todo_ids, '{}'), coalesce(p_tokens, '{}'),
                                     p_lease_seconds)
@@ -1504,17 +1527,33 @@ BEGIN
 END
 $$;
 
--- A server stopped cleanly: remove its registry row, and remember its instance so that a
--- heartbeat of it still on its way is ignored. True if there was a row.
+-- A server stopped cleanly: remove its registry row, and remember its run (p_instance) so that
+-- a heartbeat of it still on its way is ignored. Only that run's row is removed: a stop the
+-- network delivers after a new run took the name leaves the new run alone. True if there was
+-- a row.
+CREATE OR REPLACE FUNCTION processgpt_sync_server_stopped_v2(p_consumer text, p_instance text)
+RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    v_gone boolean;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('processgpt_sync_server'), hashtext(p_consumer));
+    DELETE FROM processgpt_sync_server_stopped WHERE stopped_at < now() - interval '1 day';
+    IF p_instance IS NOT NULL THEN
+        INSERT INTO processgpt_sync_server_stopped (instance) VALUES (p_instance)
+        ON CONFLICT (instance) DO NOTHING;
+    END IF;
+    WITH gone AS (DELETE FROM processgpt_sync_server
+                  WHERE consumer = p_consumer AND instance IS NOT DISTINCT FROM p_instance
+                  RETURNING 1)
+    SELECT EXISTS (SELECT 1 FROM gone) INTO v_gone;
+    RETURN v_gone;
+END
+$$;
+
+-- The stop of servers of an earlier version (they name no run): remove the row.
 CREATE OR REPLACE FUNCTION processgpt_sync_server_stopped_v1(p_consumer text)
 RETURNS boolean LANGUAGE sql AS $$
-    WITH gone AS (DELETE FROM processgpt_sync_server WHERE consumer = p_consumer
-                  RETURNING instance),
-    remembered AS (INSERT INTO processgpt_sync_server_stopped (instance)
-                   SELECT instance FROM gone WHERE instance IS NOT NULL
-                   ON CONFLICT (instance) DO NOTHING),
-    forgotten AS (DELETE FROM processgpt_sync_server_stopped
-                  WHERE stopped_at < now() - interval '1 day')
+    WITH gone AS (DELETE FROM processgpt_sync_server WHERE consumer = p_consumer RETURNING 1)
     SELECT EXISTS (SELECT 1 FROM gone)
 $$;
 

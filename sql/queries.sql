@@ -4,7 +4,7 @@
 
 -- claim --
 -- Claim up to p_limit todos for an agent_orch (tenants in turn, fleet-wide limits), with leases, tokens and context extras
-SELECT processgpt_sync_claim_v3(p_agent_orch => %(p_agent_orch)s::text, p_consumer => %(p_consumer)s::text, p_limit => %(p_limit)s::integer, p_lease_seconds => %(p_lease_seconds)s::integer, p_max_claims => %(p_max_claims)s::integer, p_tenant_id => %(p_tenant_id)s::text, p_fair => %(p_fair)s::boolean, p_max_running => %(p_max_running)s::integer, p_max_running_per_tenant => %(p_max_running_per_tenant)s::integer, p_call => %(p_call)s::uuid)
+SELECT processgpt_sync_claim_v3(p_agent_orch => %(p_agent_orch)s::text, p_consumer => %(p_consumer)s::text, p_limit => %(p_limit)s::integer, p_lease_seconds => %(p_lease_seconds)s::integer, p_max_claims => %(p_max_claims)s::integer, p_tenant_id => %(p_tenant_id)s::text, p_fair => %(p_fair)s::boolean, p_max_running => %(p_max_running)s::integer, p_max_running_per_tenant => %(p_max_running_per_tenant)s::integer, p_call => %(p_call)s::uuid, p_instance => %(p_instance)s::text)
 
 -- record_events --
 -- Write a batch of events in order; invalid or unowned ones are rejected one by one
@@ -64,7 +64,7 @@ SELECT processgpt_sync_wait_for_work_v1(p_agent_orch => %(p_agent_orch)s::text, 
 
 -- server_stopped --
 -- Remove a cleanly stopped server's registry row
-SELECT processgpt_sync_server_stopped_v1(p_consumer => %(p_consumer)s::text)
+SELECT processgpt_sync_server_stopped_v2(p_consumer => %(p_consumer)s::text, p_instance => %(p_instance)s::text)
 
 -- servers --
 -- The server registry, with each server's liveness

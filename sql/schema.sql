@@ -175,6 +175,9 @@ CREATE TABLE IF NOT EXISTS processgpt_sync_lease (
 -- The claim call that made the lease (its caller's id): a call that got no answer is named in
 -- the heartbeat, which gives its todos back.
 ALTER TABLE processgpt_sync_lease ADD COLUMN IF NOT EXISTS claim_call uuid;
+-- The run of the server that made it: a new run under the same consumer name gives back the
+-- leases of the runs before it.
+ALTER TABLE processgpt_sync_lease ADD COLUMN IF NOT EXISTS instance text;
 CREATE INDEX IF NOT EXISTS processgpt_sync_lease_expires_idx ON processgpt_sync_lease (expires_at);
 
 -- A deleted todo takes its lease with it (the cascade runs with the table owner's rights, so the
@@ -215,9 +218,9 @@ CREATE TABLE IF NOT EXISTS processgpt_sync_server (
 );
 ALTER TABLE processgpt_sync_server ADD COLUMN IF NOT EXISTS instance text;
 
--- Server instances that stopped cleanly (kept a day). A heartbeat the network delivers after
--- its server left the registry must not bring the row back, as a dead server, nor touch the
--- leases of a new instance under the same consumer name.
+-- Server runs that stopped cleanly or that a newer run under the same consumer name superseded
+-- (kept a day). A heartbeat the network delivers after its run ended must not bring the row
+-- back, as a dead server, nor touch the leases of the run that has the name now.
 CREATE TABLE IF NOT EXISTS processgpt_sync_server_stopped (
     instance text PRIMARY KEY,
     stopped_at timestamptz NOT NULL DEFAULT now()

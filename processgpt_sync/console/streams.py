@@ -28,8 +28,9 @@ EVENT_OVERLAP = timedelta(seconds=2)  # re-read window: events may commit out of
 KEEPALIVE = 15.0  # seconds between SSE comments on a quiet stream
 LIST_DEBOUNCE = 0.25  # seconds a list stream gathers changes before re-reading
 LIST_READ_PACE = 10.0  # a list stream waits this many times its last read's duration before
-# the next: on a todolist of millions of rows (a read scans it for the counts) an open list
-# costs the database a tenth of one backend at most, however busy the servers keep it
+# the next (at most KEEPALIVE, so proxies see the stream alive): on a todolist of a few million
+# rows (a read scans it for the counts) an open list costs the database a tenth of one backend
+# at most, however busy the servers keep it
 
 Body = Callable[[Subscription], AsyncIterator[str]]
 Render = Callable[..., str]
@@ -63,8 +64,8 @@ def list_updates(read: Callable[[], Awaitable[Mapping[str, Any]]],
     async def rows(subscription: Subscription) -> AsyncIterator[str]:
         last, first = "", True  # the first read catches up with the page's render
         took = 0.0
-        while first or await changed(subscription,
-                                     debounce=max(LIST_DEBOUNCE, LIST_READ_PACE * took)):
+        while first or await changed(subscription, debounce=min(
+                KEEPALIVE, max(LIST_DEBOUNCE, LIST_READ_PACE * took))):
             first = False
             began = time.monotonic()
             data = await read()

@@ -54,6 +54,8 @@ class LeaseReport:
     lost: frozenset[str]
     orphans: frozenset[str] = frozenset()
     """Leases of this server it did not know (claims whose answer was lost), given back."""
+    superseded: bool = False
+    """This run stopped, or a newer run took its consumer name: the heartbeat did nothing."""
 
     @classmethod
     def from_json(cls, value: Mapping[str, Any]) -> LeaseReport:
@@ -62,6 +64,7 @@ class LeaseReport:
             cancelled=frozenset(map(str, value.get("cancelled") or [])),
             lost=frozenset(map(str, value.get("lost") or [])),
             orphans=frozenset(map(str, value.get("orphans") or [])),
+            superseded=bool(value.get("superseded")),
         )
 
 
@@ -121,10 +124,12 @@ class Storage(abc.ABC):
         max_running: int | None = None,
         max_running_per_tenant: int | None = None,
         call_id: str | None = None,
+        instance: str | None = None,
     ) -> list[Claim]:
         """Claim up to ``limit`` todos in one call: tenants in turn (``fair``) or oldest first,
         within the fleet-wide limits. ``call_id`` (a random UUID) names the call on its leases:
-        if no answer arrives, the heartbeat names it and its todos are given back."""
+        if no answer arrives, the heartbeat names it and its todos are given back. ``instance``
+        names the server's run: a run that stopped or was superseded claims nothing."""
         items = self.call(
             "claim",
             {
@@ -138,6 +143,7 @@ class Storage(abc.ABC):
                 "p_max_running": max_running,
                 "p_max_running_per_tenant": max_running_per_tenant,
                 "p_call": call_id,
+                "p_instance": instance,
             },
         )
         return [Claim.from_json(item) for item in items or []]
@@ -241,9 +247,11 @@ class Storage(abc.ABC):
         params = {**_lease_params(consumer, claims, lease_seconds), "p_server": dict(server)}
         return LeaseReport.from_json(self.call("heartbeat", params))
 
-    def server_stopped(self, consumer: str) -> bool:
-        """Remove a cleanly stopped server's registry row."""
-        return bool(self.call("server_stopped", {"p_consumer": consumer}))
+    def server_stopped(self, consumer: str, instance: str | None = None) -> bool:
+        """Remove a cleanly stopped server's registry row (only its run's ``instance``) and
+        remember the run, so that its heartbeats still on the way do nothing."""
+        return bool(self.call("server_stopped", {"p_consumer": consumer,
+                                                 "p_instance": instance}))
 
     def servers(self, agent_orch: str | None = None,
                 consumer: str | None = None) -> list[Mapping[str, Any]]:

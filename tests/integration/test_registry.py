@@ -94,6 +94,32 @@ def test_a_heartbeat_the_network_delivers_late_gives_back_nothing_claimed_after_
     assert server.stats()["lost"] == 0, "the fresh todo's run was not told it lost it"
 
 
+def test_a_new_run_under_the_same_name_takes_over_and_the_old_one_can_do_nothing(backend, db):
+    """A supervisor restarts a killed process under its consumer name: the new run's first
+    heartbeat gives back the killed run's claims at once (not after their lease) and supersedes
+    it, so the old run's heartbeats and claims the network still delivers do nothing, and its
+    stop, delivered late, leaves the new run's row alone."""
+    todo = backend.enqueue("reg", "a")
+    (old_claim,) = backend.claim(agent_orch="reg", consumer="c1", limit=1, lease_seconds=60,
+                                 max_claims=3, call_id=str(uuid.uuid4()), instance="run-1")
+    backend.heartbeat("c1", [old_claim], 60, {"agent_orch": "reg", "instance": "run-1"})
+    report = backend.heartbeat("c1", [], 60, {"agent_orch": "reg", "instance": "run-2"})
+    assert report.orphans == {todo} and not report.superseded
+    assert db.execute("SELECT draft_status FROM todolist WHERE id = %s",
+                      (todo,)).fetchone()["draft_status"] is None, "claimable again"
+    late = backend.heartbeat("c1", [old_claim], 60, {"agent_orch": "reg", "instance": "run-1"})
+    assert late.superseded and late.renewed == frozenset() and late.lost == {todo}
+    assert backend.claim(agent_orch="reg", consumer="c1", limit=1, lease_seconds=60,
+                         max_claims=3, call_id=str(uuid.uuid4()), instance="run-1") == []
+    (new_claim,) = backend.claim(agent_orch="reg", consumer="c1", limit=1, lease_seconds=60,
+                                 max_claims=3, call_id=str(uuid.uuid4()), instance="run-2")
+    assert backend.server_stopped("c1", "run-1") is False
+    (row,) = backend.servers(consumer="c1")
+    assert row["alive"]
+    again = backend.heartbeat("c1", [new_claim], 60, {"agent_orch": "reg", "instance": "run-2"})
+    assert again.renewed == {todo} and again.orphans == frozenset()
+
+
 def test_a_server_of_an_earlier_version_still_has_its_unknown_leases_given_back(backend, db):
     """Servers of the previous version list every todo they hold (`known`) instead."""
     first, lost = backend.enqueue("reg", "a"), backend.enqueue("reg", "b")
@@ -110,7 +136,7 @@ def test_a_heartbeat_delivered_after_its_server_stopped_changes_nothing(backend,
     of a new instance of the same consumer; that new instance registers as usual."""
     old = {"agent_orch": "reg", "instance": "run-1"}
     backend.heartbeat("c1", [], 60, old)
-    assert backend.server_stopped("c1") is True
+    assert backend.server_stopped("c1", "run-1") is True
     first = backend.enqueue("reg", "a")
     claims = {c.todo_id: c for c in backend.claim(agent_orch="reg", consumer="c1", limit=1,
                                                     lease_seconds=60, max_claims=3)}

@@ -74,6 +74,46 @@ def test_kill_9_mid_todo_is_reclaimed_by_another_process(database_url, tmp_path)
                   "'crew_completed'") == 1
 
 
+def test_a_process_restarted_under_its_name_gives_back_the_killed_ones_claims_at_once(
+        database_url, tmp_path):
+    """A supervisor (or a container restart) brings a killed server back under the same
+    consumer name: its first heartbeat gives the killed run's claim back, so the todo runs
+    again within seconds, long before the killed run's 60 s lease would have run out."""
+    (tmp_path / "restart_agent.py").write_text(
+        "import os, time\n"
+        "def handle(todo):\n"
+        "    marker = os.environ['MARKER']\n"
+        "    if not os.path.exists(marker):\n"
+        "        open(marker, 'w').close()\n"
+        "        time.sleep(120)\n"
+        "    return {'pid': os.getpid()}\n")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}",
+           "MARKER": str(tmp_path / "ran"), "PROCESSGPT_CONSUMER": "same-name"}
+    args = [sys.executable, "-m", "processgpt_sync", "serve", "restart_agent:handle",
+            "--database-url", database_url, "--agent-orch", "rel", "--lease-seconds", "60"]
+    todo = scalar(database_url, "SELECT processgpt_sync_enqueue_v1('rel', 'x')::text")
+    with open(tmp_path / "log", "w") as log:
+        first = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_for(lambda: (tmp_path / "ran").exists(), timeout=30)
+            first.kill()
+            first.wait()
+            killed_at = time.monotonic()
+            second = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                      env=env)
+            try:
+                wait_for(lambda: scalar(database_url, "SELECT draft_status::text FROM "
+                                        "todolist") == "COMPLETED", timeout=40)
+                rerun_after = time.monotonic() - killed_at
+            finally:
+                stop_process(second)
+        finally:
+            stop_process(first)
+    assert rerun_after < 20, f"{rerun_after:.1f} s: the 60 s lease was waited out"
+    output = scalar(database_url, "SELECT output FROM todolist WHERE id = %s::uuid", todo)
+    assert output["pid"] == second.pid
+
+
 def test_a_paused_worker_whose_lease_was_taken_over_cannot_overwrite(database_url, tmp_path):
     scalar(database_url, "SELECT processgpt_sync_enqueue_v1('rel', '1.5')::text")
     args = ["--agent-orch", "rel", "--workers", "1", "--lease-seconds", "1"]

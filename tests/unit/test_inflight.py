@@ -154,3 +154,22 @@ def test_with_fleet_limits_a_written_outcome_wakes_the_claimer_even_when_no_work
         inflight.executor_returned(run)
         inflight.forget(run)
         assert inflight.wake.is_set() is limits
+
+
+def test_claim_calls_without_an_answer_are_named_until_they_could_no_longer_matter(
+        monkeypatch):
+    import processgpt_sync.inflight as module
+
+    clock = [100.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: clock[0])
+    inflight = InFlight(workers=2, spare_threads=0)
+    assert inflight.unanswered_claims(120) == [] and not inflight.claim_unanswered
+    inflight.claim_failed("call-1")
+    clock[0] += 60
+    inflight.claim_failed("call-2")
+    assert inflight.claim_unanswered
+    assert inflight.unanswered_claims(120) == ["call-1", "call-2"]
+    clock[0] += 61  # call-1 failed 121 s ago: a lease it made would have run out twice
+    assert inflight.unanswered_claims(120) == ["call-2"]
+    clock[0] += 60
+    assert inflight.unanswered_claims(120) == []
