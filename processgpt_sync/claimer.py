@@ -12,6 +12,7 @@ import contextvars
 import logging
 import threading
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from .errors import StorageError
@@ -33,6 +34,7 @@ from .worker import TodoWorker
 
 MIN_POLL = 0.05  # seconds: first back-off step of a polling-only backend
 CLAIM_BATCH = 256  # most todos one claim call takes: the first start without waiting for all
+SUPERSEDED = "PS001"  # SQLSTATE of a claim by a run a newer one under its consumer name replaced
 
 
 class Claimer:
@@ -43,11 +45,14 @@ class Claimer:
         recorder: Recorder, desk: HumanDesk, worker: TodoWorker, pool: WorkerPool,
         shutdown: Shutdown, stats: ServerStats, stopping: threading.Event,
         context: contextvars.Context, log: logging.Logger, extra: dict[str, Any],
-        instance: str | None = None,
+        instance: str | None = None, superseded: Callable[[str], None] | None = None,
     ) -> None:
-        """:param instance: this run of the server, named on every claim."""
+        """:param instance: this run of the server, named on every claim.
+        :param superseded: called with the reason when the database refuses claims of this run
+            because a newer run took its consumer name; the claimer then ends."""
         self._storage = storage
         self._instance = instance
+        self._superseded = superseded
         self._settings = settings
         self._inflight = inflight
         self._buffer = buffer
@@ -91,6 +96,12 @@ class Claimer:
             try:
                 claims = self._claim(min(free, CLAIM_BATCH), call_id)
             except (StorageError, OSError) as exc:
+                if isinstance(exc, StorageError) and exc.code == SUPERSEDED:
+                    self._log.error("%s; this server stops", exc, extra=self._extra)
+                    if self._superseded is not None:
+                        self._superseded(f"{exc}; this server stopped (give each server a "
+                                         "PROCESSGPT_CONSUMER of its own)")
+                    return
                 inflight.claim_failed(call_id)
                 attempt += 1
                 advice = infrastructure_problem(exc) or str(exc)

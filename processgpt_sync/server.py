@@ -176,7 +176,7 @@ class Server:
         watchers = Watchers(parts.storage, self.settings, inflight=self._inflight,
                             worker=parts.worker, desk=parts.desk, stats=self._stats,
                             registry=self._registry_row, stop=self._threads_stop,
-                            log=self._log, extra=self._extra)
+                            log=self._log, extra=self._extra, superseded=self._fail)
         self._gc.hold(self._log, self._extra)  # before the first todo runs
         try:
             if listener is not None:
@@ -373,7 +373,7 @@ class Server:
                           recorder=recorder, desk=desk, worker=worker, pool=pool,
                           shutdown=shutdown, stats=stats, stopping=self._stopping,
                           context=self._context, log=log, extra=extra,
-                          instance=self._instance)
+                          instance=self._instance, superseded=self._fail)
         return _Parts(storage, buffer, outcomes, desk, recorder, worker, pool, shutdown, claimer)
 
     def _listener(self, storage: Storage) -> Listener | None:
@@ -429,8 +429,13 @@ class Server:
 
     def _thread_died(self, name: str, exc: BaseException) -> None:
         """A server thread died: stop serving, and say so (``serve()`` raises ServerFailed)."""
-        self.failure = ServerFailed(f"the {name} thread died ({exc!r}); the server "
-                                    "stopped, its todos were given back or expire")
+        self._fail(f"the {name} thread died ({exc!r}); the server stopped, its todos were "
+                   "given back or expire")
+
+    def _fail(self, reason: str) -> None:
+        """Stop serving for ``reason``: unhealthy from now on, and ``serve()`` raises
+        ServerFailed with it."""
+        self.failure = ServerFailed(reason)
         threading.Thread(target=self.stop, daemon=True).start()
 
     def _join(self, name: str, timeout: float) -> None:

@@ -119,8 +119,12 @@ class Watchers:
     def __init__(self, storage: Storage, settings: Settings, *, inflight: InFlight,
                  worker: TodoWorker, desk: HumanDesk, stats: ServerStats,
                  registry: Callable[[float], dict[str, Any]], stop: threading.Event,
-                 log: logging.Logger, extra: dict[str, Any]) -> None:
-        """:param registry: this server's registry row, given the heartbeat interval."""
+                 log: logging.Logger, extra: dict[str, Any],
+                 superseded: Callable[[str], None] | None = None) -> None:
+        """:param registry: this server's registry row, given the heartbeat interval.
+        :param superseded: called (once) with the reason when the database says a newer run
+            took this server's consumer name: the server stops."""
+        self._superseded = superseded
         self._inflight = inflight
         self._worker = worker
         self._desk = desk
@@ -190,11 +194,12 @@ class Watchers:
             failing = False
             if report.superseded and not superseded:
                 superseded = True
-                self._log.error("this server's heartbeats are refused: a newer server runs under "
-                                "the same consumer name %r (set a distinct PROCESSGPT_CONSUMER "
-                                "per server), or this one was stopped; it claims nothing more",
-                                self.settings.consumer,
-                                extra={**self._extra, "action": "heartbeat"})
+                reason = (f"this server's heartbeats are refused: a newer server runs under the "
+                          f"same consumer name {self.settings.consumer!r} (give each server a "
+                          f"PROCESSGPT_CONSUMER of its own); this one stops")
+                self._log.error(reason, extra={**self._extra, "action": "heartbeat"})
+                if self._superseded is not None:
+                    self._superseded(reason)
             # Idle, only the registry row needs refreshing: no faster than leases need.
             next_renewal = now + (interval if live else idle)
             busy = bool(live)

@@ -176,7 +176,7 @@ $$;
 -- p_call names this call (the caller's random id) on each lease it makes: a caller that got no
 -- answer reports the call in its heartbeat, which gives back exactly the todos it claimed.
 -- p_instance names the caller's run: a run that stopped, or that a newer run under the same
--- consumer name superseded, claims nothing.
+-- consumer name superseded, claims nothing (SQLSTATE PS001 says so).
 CREATE OR REPLACE FUNCTION processgpt_sync_claim_v3(
     p_agent_orch text,
     p_consumer text,
@@ -198,8 +198,11 @@ DECLARE
     v_abandoned uuid[] := '{}';
     v_groups text[];
 BEGIN
-    IF p_limit IS NULL OR p_limit < 1
-       OR EXISTS (SELECT 1 FROM processgpt_sync_server_stopped WHERE instance = p_instance) THEN
+    IF EXISTS (SELECT 1 FROM processgpt_sync_server_stopped WHERE instance = p_instance) THEN
+        RAISE EXCEPTION 'server run % was superseded: a newer run took the consumer name %',
+            p_instance, p_consumer USING ERRCODE = 'PS001';
+    END IF;
+    IF p_limit IS NULL OR p_limit < 1 THEN
         RETURN '[]'::jsonb;
     END IF;
     PERFORM set_config('synchronous_commit', 'off', true);
@@ -1469,9 +1472,10 @@ DECLARE
 BEGIN
     -- one registry change per consumer at a time (a stop and a late heartbeat may cross)
     PERFORM pg_advisory_xact_lock(hashtext('processgpt_sync_server'), hashtext(p_consumer));
-    IF EXISTS (SELECT 1 FROM processgpt_sync_server_stopped WHERE instance = v_instance) THEN
-        -- sent before its run stopped (or a newer run took its name), delivered after: it
-        -- renews, registers and gives back nothing
+    -- sent before its run stopped (or a newer run took its name), delivered after: it renews,
+    -- registers and gives back nothing; a superseded run still sending keeps its mark fresh
+    UPDATE processgpt_sync_server_stopped SET stopped_at = now() WHERE instance = v_instance;
+    IF FOUND THEN
         RETURN jsonb_build_object('renewed', '[]'::jsonb, 'cancelled', '[]'::jsonb,
                                   'lost', coalesce(to_jsonb(p_todo_ids), '[]'::jsonb),
                                   'orphans', '[]'::jsonb, 'orphans_released', 0,

@@ -109,8 +109,10 @@ def test_a_new_run_under_the_same_name_takes_over_and_the_old_one_can_do_nothing
                       (todo,)).fetchone()["draft_status"] is None, "claimable again"
     late = backend.heartbeat("c1", [old_claim], 60, {"agent_orch": "reg", "instance": "run-1"})
     assert late.superseded and late.renewed == frozenset() and late.lost == {todo}
-    assert backend.claim(agent_orch="reg", consumer="c1", limit=1, lease_seconds=60,
-                         max_claims=3, call_id=str(uuid.uuid4()), instance="run-1") == []
+    with pytest.raises(ps.StorageError) as refused:
+        backend.claim(agent_orch="reg", consumer="c1", limit=1, lease_seconds=60,
+                      max_claims=3, call_id=str(uuid.uuid4()), instance="run-1")
+    assert refused.value.code == "PS001" and "superseded" in str(refused.value)
     (new_claim,) = backend.claim(agent_orch="reg", consumer="c1", limit=1, lease_seconds=60,
                                  max_claims=3, call_id=str(uuid.uuid4()), instance="run-2")
     assert backend.server_stopped("c1", "run-1") is False
@@ -159,3 +161,27 @@ def test_a_serving_server_is_listed_while_it_runs_and_removed_when_it_stops(back
         assert row["alive"] and row["version"] == ps.__version__
         assert server.stats()["db_ok_seconds_ago"] < 4
     assert backend.servers("reg") == []
+
+
+def test_a_server_superseded_by_a_newer_run_under_its_name_stops_and_says_why(backend, db):
+    """Two servers under one consumer name (a misconfiguration, or a run thought dead): once a
+    newer run takes the name, the older one stops, unhealthy, with the reason, rather than go
+    on claiming todos whose leases it can no longer renew."""
+    server = ps.start(lambda todo: {"ok": 1}, agent_orch="reg", storage=backend,
+                      lease_seconds=4, consumer="dup")
+    try:
+        wait_for(lambda: backend.servers(consumer="dup"))
+        backend.heartbeat("dup", [], 60, {"agent_orch": "reg", "instance": "newer-run"})
+        todo = backend.enqueue("reg", "for the newer run")  # an idle Supabase server claims
+        wait_for(lambda: server.failure is not None, timeout=10)
+        reason = str(server.failure)
+        assert "newer" in reason and "dup" in reason and "PROCESSGPT_CONSUMER" in reason, reason
+        assert not server.healthy()[0]
+        wait_for(lambda: server.join(0.1), timeout=20)
+    finally:
+        server.stop()
+    (row,) = backend.servers(consumer="dup")
+    assert row["alive"], "the newer run's row stays"
+    assert server.stats()["claimed"] == 0
+    assert db.execute("SELECT draft_status FROM todolist WHERE id = %s",
+                      (todo,)).fetchone()["draft_status"] is None, "left for the newer run"
