@@ -176,7 +176,10 @@ $$;
 -- p_call names this call (the caller's random id) on each lease it makes: a caller that got no
 -- answer reports the call in its heartbeat, which gives back exactly the todos it claimed.
 -- p_instance names the caller's run: a run that stopped, or that a newer run under the same
--- consumer name superseded, claims nothing (SQLSTATE PS001 says so).
+-- consumer name superseded, claims nothing (SQLSTATE PS001 says so). The claim holds its
+-- consumer's registry lock shared (claims never wait for each other), so a heartbeat taking the
+-- name over waits for a claim already under way and gives its todos back, and a claim arriving
+-- during the takeover waits for it and is refused.
 CREATE OR REPLACE FUNCTION processgpt_sync_claim_v3(
     p_agent_orch text,
     p_consumer text,
@@ -198,6 +201,10 @@ DECLARE
     v_abandoned uuid[] := '{}';
     v_groups text[];
 BEGIN
+    IF p_instance IS NOT NULL THEN
+        PERFORM pg_advisory_xact_lock_shared(hashtext('processgpt_sync_server'),
+                                             hashtext(p_consumer));
+    END IF;
     IF EXISTS (SELECT 1 FROM processgpt_sync_server_stopped WHERE instance = p_instance) THEN
         RAISE EXCEPTION 'server run % was superseded: a newer run took the consumer name %',
             p_instance, p_consumer USING ERRCODE = 'PS001';

@@ -122,6 +122,45 @@ def test_a_new_run_under_the_same_name_takes_over_and_the_old_one_can_do_nothing
     assert again.renewed == {todo} and again.orphans == frozenset()
 
 
+def test_a_claim_crossing_a_takeover_waits_for_it_and_claims_nothing(backend, db,
+                                                                      database_url):
+    """The old run's claim arrives while the new run's first heartbeat is taking the name
+    over: it waits for the takeover and is refused. Had it gone ahead, its leases (made after
+    the heartbeat gave the old run's back) would hold the todo for a run that can no longer
+    renew them, and the todo would wait out the lease."""
+    import threading
+
+    import psycopg
+
+    todo = backend.enqueue("reg", "a")
+    backend.heartbeat("c1", [], 60, {"agent_orch": "reg", "instance": "run-1"})
+    outcome: list[object] = []
+
+    def old_run_claims() -> None:
+        try:
+            outcome.append(backend.claim(agent_orch="reg", consumer="c1", limit=1,
+                                         lease_seconds=60, max_claims=3,
+                                         call_id=str(uuid.uuid4()), instance="run-1"))
+        except ps.StorageError as exc:
+            outcome.append(exc)
+
+    with psycopg.connect(database_url) as takeover:
+        takeover.execute("SELECT processgpt_sync_heartbeat_v1('c1', '{}', '{}', 60, %s)",
+                         ('{"agent_orch": "reg", "instance": "run-2"}',))
+        claimer = threading.Thread(target=old_run_claims)
+        claimer.start()
+        wait_for(lambda: outcome or db.execute(
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND query LIKE '%%claim_v3%%'").fetchone()["n"] == 1, timeout=10)
+        takeover.commit()
+    claimer.join(20)
+    (result,) = outcome
+    assert isinstance(result, ps.StorageError) and result.code == "PS001", result
+    assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
+    assert db.execute("SELECT draft_status FROM todolist WHERE id = %s",
+                      (todo,)).fetchone()["draft_status"] is None, "claimable by the new run"
+
+
 def test_a_server_of_an_earlier_version_still_has_its_unknown_leases_given_back(backend, db):
     """Servers of the previous version list every todo they hold (`known`) instead."""
     first, lost = backend.enqueue("reg", "a"), backend.enqueue("reg", "b")
