@@ -5,7 +5,7 @@
 - :func:`run_todo`: one todo through a real server, with scripted answers to questions and a
   simulated UI cancel; returns a :class:`TodoRecord`.
 - With pytest, installing the package registers the fixtures ``processgpt_databases``,
-  ``processgpt_database_url`` and ``processgpt_run`` (see :mod:`processgpt_sync.testing.plugin`).
+  ``processgpt_database_url`` and ``processgpt_run`` (see :mod:`processgpt_sync_pytest`).
 """
 
 from __future__ import annotations

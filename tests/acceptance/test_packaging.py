@@ -76,7 +76,8 @@ def test_wheel_ships_the_sql_examples_and_django_app(wheel):
                      "processgpt_sync/contrib/django/management/commands/processgpt_worker.py",
                      "processgpt_sync/console/templates/todo.html",
                      "processgpt_sync/console/static/htmx.min.js",
-                     "processgpt_sync/console/static/console.js"):
+                     "processgpt_sync/console/static/console.js",
+                     "processgpt_sync_pytest.py"):
         assert required in names
     sql = archive.read("processgpt_sync/sql/functions.sql").decode()
     assert sql == (ROOT / "sql/functions.sql").read_text(), "the wheel ships the one source"

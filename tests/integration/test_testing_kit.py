@@ -221,6 +221,12 @@ def test_the_kit_works_in_a_plain_script_without_pytest(tmp_path):
 @pytest.mark.slow
 def test_installing_the_package_gives_pytest_its_fixtures(tmp_path):
     (tmp_path / "test_agent.py").write_text(textwrap.dedent("""
+        import sys
+
+        def test_the_plugin_alone_imports_nothing_of_the_library(request):
+            assert request.config.pluginmanager.has_plugin("processgpt_sync")
+            assert "processgpt_sync" not in sys.modules
+
         def handle(todo):
             return {"answer": todo.ask_human("Name?")}
 
@@ -232,7 +238,7 @@ def test_installing_the_package_gives_pytest_its_fixtures(tmp_path):
                            str(tmp_path)], capture_output=True, text=True, timeout=120,
                           cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "1 passed" in done.stdout
+    assert "2 passed" in done.stdout
 
 
 def test_a_kit_server_whose_template_cannot_be_built_is_stopped(tmp_path, monkeypatch):

@@ -6,8 +6,10 @@
 - ``processgpt_run``: :func:`~processgpt_sync.testing.run_todo` bound to that database.
 
 Disable with ``-p no:processgpt_sync``. pytest loads this module in every test run of an
-environment where the package is installed: the library is imported only when a fixture is
-used, so other test suites neither pay for it nor import it before their coverage starts.
+environment where the package is installed, so it lives outside the package (importing a
+module of ``processgpt_sync`` imports the whole library, about 0.2 s): the library is imported
+only when a fixture is used, and other test suites neither pay for it nor import it before
+their coverage starts.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from . import EmbeddedDatabases, TodoRecord
+    from processgpt_sync.testing import EmbeddedDatabases, TodoRecord
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +31,7 @@ def processgpt_databases() -> Iterator[EmbeddedDatabases]:
     Its data lives in a folder of its own, not under pytest's numbered temporary folders, which
     other pytest runs on the machine prune while this server may still use them.
     """
-    from . import EmbeddedDatabases
+    from processgpt_sync.testing import EmbeddedDatabases
 
     databases = EmbeddedDatabases()
     yield databases
@@ -46,6 +48,6 @@ def processgpt_database_url(processgpt_databases: EmbeddedDatabases) -> Iterator
 @pytest.fixture
 def processgpt_run(processgpt_database_url: str) -> Callable[..., TodoRecord]:
     """``run_todo(executor, input, ...)`` on this test's fresh database."""
-    from . import run_todo
+    from processgpt_sync.testing import run_todo
 
     return partial(run_todo, database_url=processgpt_database_url)
