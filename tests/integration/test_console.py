@@ -95,6 +95,39 @@ def test_todo_list_filters_by_agent_orch_tenant_and_state(storage, client, db):
     assert a1[:8] in queued and a2[:8] not in queued
 
 
+def test_a_list_read_gives_the_newest_page_the_counts_it_filters_and_every_filter_value(
+        storage, db):
+    """What the list shows, read once: the newest todos matching the filters, the counts per
+    state under the agent_orch and tenant filters (not the state filter: they are its tabs),
+    and every agent_orch and tenant in the table to filter by."""
+    made = [storage.enqueue(orch, f"{orch} {tenant} {n}", tenant_id=tenant)
+            for orch, tenant, n in [("agent-a", "t1", 0), ("agent-a", "t2", 1),
+                                    ("agent-a", "t1", 2), ("agent-b", "t3", 3)]]
+    storage.call("cancel", {"p_todo_id": made[1]})
+
+    def read(orch=None, tenant=None, state=None, limit=100):
+        return db.execute("SELECT processgpt_sync_console_todos_v1(%s, %s, %s, %s) AS r",
+                          (orch, tenant, state, limit)).fetchone()["r"]
+
+    everything = read()
+    assert [t["id"] for t in everything["todos"]] == [str(i) for i in reversed(made)]
+    assert everything["counts"] == {"QUEUED": 3, "CANCELLED": 1}
+    assert everything["agent_orchs"] == ["agent-a", "agent-b"]
+    assert everything["tenants"] == ["t1", "t2", "t3"]
+    newest_a = read("agent-a", limit=2)
+    assert [t["id"] for t in newest_a["todos"]] == [str(made[2]), str(made[1])]
+    assert newest_a["counts"] == {"QUEUED": 2, "CANCELLED": 1}
+    assert newest_a["agent_orchs"] == ["agent-a", "agent-b"], "the filters do not hide values"
+    (row,) = read("agent-a", "t2")["todos"]
+    assert (row["state"], row["input"], row["tenant_id"]) == ("CANCELLED", "agent-a t2 1", "t2")
+    assert read("agent-a", "t1")["counts"] == {"QUEUED": 2}
+    queued_a = read("agent-a", state="QUEUED")
+    assert [t["id"] for t in queued_a["todos"]] == [str(made[2]), str(made[0])]
+    assert queued_a["counts"] == {"QUEUED": 2, "CANCELLED": 1}
+    assert read("nobody") | {"agent_orchs": [], "tenants": []} == {
+        "todos": [], "counts": {}, "agent_orchs": [], "tenants": []}
+
+
 def test_todo_page_shows_input_result_log_and_events_with_agent_text_escaped(storage, client):
     def handle(todo):
         todo.events.progress(XSS)
