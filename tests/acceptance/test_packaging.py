@@ -59,8 +59,10 @@ print(json.dumps({
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
+    """Built as a release is: the source distribution first, then the wheel from it (a wheel
+    built in the checkout would also ship whatever an earlier build left in its build/)."""
     outdir = tmp_path_factory.mktemp("dist")
-    subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(outdir), str(ROOT)],
+    subprocess.run([sys.executable, "-m", "build", "--outdir", str(outdir), str(ROOT)],
                    check=True, capture_output=True, timeout=300)
     (built,) = outdir.glob("processgpt_sync-*.whl")
     return built
