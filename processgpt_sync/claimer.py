@@ -29,7 +29,7 @@ from .settings import MAX_PENDING_EVENTS, Settings
 from .shutdown import Shutdown
 from .stats import ServerStats
 from .storage import Storage
-from .watch import WorkWaiter, work_waiter
+from .watch import WorkWaiter, listening_poll_interval, work_waiter
 from .worker import TodoWorker
 
 MIN_POLL = 0.05  # seconds: first back-off step of a polling-only backend
@@ -119,7 +119,7 @@ class Claimer:
             if inflight.maybe_more:
                 idle_wait = MIN_POLL
             elif inflight.listening:
-                inflight.wake.wait(self._settings.poll_interval)
+                inflight.wake.wait(listening_poll_interval(self._settings))
             elif self._waiter is not None:
                 self._waiter.idle(bool(claims))
             else:

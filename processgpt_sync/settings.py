@@ -106,7 +106,9 @@ class Settings:
     grace_seconds: float = DEFAULT_GRACE_SECONDS
     """On stop: how long in-flight todos may finish before they are given back."""
     poll_interval: float = DEFAULT_POLL_INTERVAL
-    """Longest wait between polls when idle (LISTEN/NOTIFY usually wakes the server sooner)."""
+    """Longest wait between polls when idle and no NOTIFY can wake the server (Supabase, a
+    transaction pooler, ``listen=False``); with fleet-wide limits also while listening. A
+    listening server without them polls every lease/4 (or this, if longer)."""
     timeout: float | None = None
     """Per-todo time limit in seconds, counted from the executor's start; None for no limit."""
     consumer: str = field(default_factory=default_consumer)

@@ -40,6 +40,17 @@ def idle_interval(settings: Settings) -> float:
     return settings.lease_seconds / 4
 
 
+def listening_poll_interval(settings: Settings) -> float:
+    """Seconds between the claims of a listening server that nothing wakes. NOTIFY announces
+    new, answered and revised work; what sends none is a lease running out (looked for as
+    often as the server refreshes its registry row, lease/4, so work of a server that died is
+    claimed again within 1.25 leases) and, under fleet-wide limits, a slot another server
+    frees (looked for every ``poll_interval``)."""
+    if settings.max_running is not None or settings.max_running_per_tenant is not None:
+        return settings.poll_interval
+    return max(settings.poll_interval, idle_interval(settings))
+
+
 @runtime_checkable
 class WaitsForWork(Protocol):
     """A storage that can wait on the database until there is work (Supabase)."""

@@ -209,6 +209,32 @@ def test_stop_wakes_the_listener_instead_of_waiting_out_its_wait(database_url, m
     assert not stopper.is_alive(), "stop() waited out the listener's wait"
 
 
+@pytest.mark.parametrize("limits, most", [({}, 1), ({"max_running": 5}, 12)])
+def test_a_listening_idle_server_polls_at_lease_over_four_unless_fleet_limits_need_more(
+        database_url, limits, most):
+    """NOTIFY wakes a listening server for new work; it polls only for what sends none: leases
+    running out, looked for every lease/4, and under fleet-wide limits slots other servers
+    free, every poll_interval."""
+    from processgpt_sync.storage.postgres import PostgresStorage
+
+    class CountingStorage(PostgresStorage):
+        claims = 0
+
+        def claim(self, **kwargs):
+            CountingStorage.claims += 1
+            return super().claim(**kwargs)
+
+    storage = CountingStorage(database_url)
+    with ps.start(lambda todo: {"ok": True}, agent_orch="idle", storage=storage,
+                  lease_seconds=12, poll_interval=0.25, **limits) as server:
+        wait_for(lambda: server.stats()["listening"] and CountingStorage.claims, timeout=10)
+        before = CountingStorage.claims
+        time.sleep(2.5)
+        polls = CountingStorage.claims - before
+    storage.close()
+    assert polls <= most and (limits == {} or polls >= 5), polls
+
+
 def test_stop_after_the_grace_period_gives_unfinished_todos_back(storage, db):
     for i in range(3):
         storage.enqueue("a", f"q{i}")
