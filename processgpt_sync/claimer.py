@@ -35,6 +35,7 @@ from .worker import TodoWorker
 MIN_POLL = 0.05  # seconds: first back-off step of a polling-only backend
 CLAIM_BATCH = 256  # most todos one claim call takes: the first start without waiting for all
 SUPERSEDED = "PS001"  # SQLSTATE of a claim by a run a newer one under its consumer name replaced
+WRONG_ISOLATION = "PS002"  # SQLSTATE of a claim in a transaction stricter than READ COMMITTED
 
 
 class Claimer:
@@ -45,14 +46,15 @@ class Claimer:
         recorder: Recorder, desk: HumanDesk, worker: TodoWorker, pool: WorkerPool,
         shutdown: Shutdown, stats: ServerStats, stopping: threading.Event,
         context: contextvars.Context, log: logging.Logger, extra: dict[str, Any],
-        instance: str | None = None, superseded: Callable[[str], None] | None = None,
+        instance: str | None = None, refused: Callable[[str], None] | None = None,
     ) -> None:
         """:param instance: this run of the server, named on every claim.
-        :param superseded: called with the reason when the database refuses claims of this run
-            because a newer run took its consumer name; the claimer then ends."""
+        :param refused: called with the reason when the database refuses every claim of this
+            run (a newer run took its consumer name, or the transactions are too strict); the
+            claimer then ends."""
         self._storage = storage
         self._instance = instance
-        self._superseded = superseded
+        self._refused = refused
         self._settings = settings
         self._inflight = inflight
         self._buffer = buffer
@@ -96,11 +98,11 @@ class Claimer:
             try:
                 claims = self._claim(min(free, CLAIM_BATCH), call_id)
             except (StorageError, OSError) as exc:
-                if isinstance(exc, StorageError) and exc.code == SUPERSEDED:
+                reason = _refusal(exc)
+                if reason is not None:  # no retry can succeed: stop before claiming anything
                     self._log.error("%s; this server stops", exc, extra=self._extra)
-                    if self._superseded is not None:
-                        self._superseded(f"{exc}; this server stopped (give each server a "
-                                         "PROCESSGPT_CONSUMER of its own)")
+                    if self._refused is not None:
+                        self._refused(reason)
                     return
                 inflight.claim_failed(call_id)
                 attempt += 1
@@ -165,3 +167,15 @@ class Claimer:
             self._log.debug("claimed todo %s (resume %s)", claim.todo_id, run.todo.resume.kind,
                             extra={**self._extra, "todo_id": claim.todo_id})
         self._pool.submit(self._context.copy().run, self._worker.run, run)
+
+
+def _refusal(exc: Exception) -> str | None:
+    """Why the database refuses every claim of this run, or None for a failure worth a retry."""
+    if not isinstance(exc, StorageError):
+        return None
+    if exc.code == SUPERSEDED:
+        return (f"{exc}; this server stopped (give each server a PROCESSGPT_CONSUMER of its "
+                "own)")
+    if exc.code == WRONG_ISOLATION:
+        return f"{exc}; this server stopped before claiming anything"
+    return None

@@ -373,7 +373,7 @@ class Server:
                           recorder=recorder, desk=desk, worker=worker, pool=pool,
                           shutdown=shutdown, stats=stats, stopping=self._stopping,
                           context=self._context, log=log, extra=extra,
-                          instance=self._instance, superseded=self._fail)
+                          instance=self._instance, refused=self._fail)
         return _Parts(storage, buffer, outcomes, desk, recorder, worker, pool, shutdown, claimer)
 
     def _listener(self, storage: Storage) -> Listener | None:

@@ -180,6 +180,8 @@ $$;
 -- consumer's registry lock shared (claims never wait for each other), so a heartbeat taking the
 -- name over waits for a claim already under way and gives its todos back, and a claim arriving
 -- during the takeover waits for it and is refused.
+-- Claims and every write after them rely on READ COMMITTED (a lock waited for, then the rows as
+-- they are now): in a stricter transaction the claim refuses to run (SQLSTATE PS002).
 CREATE OR REPLACE FUNCTION processgpt_sync_claim_v3(
     p_agent_orch text,
     p_consumer text,
@@ -201,6 +203,13 @@ DECLARE
     v_abandoned uuid[] := '{}';
     v_groups text[];
 BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'claims need READ COMMITTED transactions, and this one is %',
+            upper(current_setting('transaction_isolation')) USING ERRCODE = 'PS002',
+            HINT = format('the database''s or role''s default is stricter; for this role: '
+                          'ALTER ROLE %I SET default_transaction_isolation = '
+                          '''read committed''', current_user);
+    END IF;
     IF p_instance IS NOT NULL THEN
         PERFORM pg_advisory_xact_lock_shared(hashtext('processgpt_sync_server'),
                                              hashtext(p_consumer));

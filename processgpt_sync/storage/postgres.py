@@ -200,9 +200,15 @@ class PostgresStorage(Storage):
         self._pool.open(wait=False)
 
     def _configure(self, conn: psycopg.Connection[Any]) -> None:
+        """Claims and writes rely on READ COMMITTED (a lock waited for, then the rows as they
+        are now), so a database or role whose default is stricter must not apply here."""
+        if not self.prepare:  # behind a transaction pooler a SET is lost: claims check it
+            return
+        settings = {"default_transaction_isolation": "read committed"}
         if self._statement_ms is not None:
-            conn.execute("SELECT set_config('statement_timeout', %s, false)",
-                         (f"{self._statement_ms}ms",))
+            settings["statement_timeout"] = f"{self._statement_ms}ms"
+        calls = ", ".join("set_config(%s, %s, false)" for _ in settings)
+        conn.execute(f"SELECT {calls}", [item for pair in settings.items() for item in pair])
 
     def __repr__(self) -> str:
         return f"PostgresStorage({redact(self.conninfo)!r})"

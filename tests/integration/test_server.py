@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
 
 import processgpt_sync as ps
 from tests.conftest import open_backend, wait_for
@@ -298,6 +299,52 @@ def test_a_start_that_failed_on_its_checks_can_be_called_again(empty_database_ur
         finally:
             server.stop()
         assert conn.execute("SELECT output FROM todolist").fetchone()[0] == {"ok": "q"}
+
+
+def _default_repeatable_read(db) -> None:
+    """Make the test database's default stricter than READ COMMITTED, as a site may."""
+    db.execute(sql.SQL("ALTER DATABASE {} SET default_transaction_isolation = "
+                       "'repeatable read'").format(sql.Identifier(
+                           db.execute("SELECT current_database() AS d").fetchone()["d"])))
+
+
+def test_a_database_defaulting_to_repeatable_read_still_gets_read_committed_claims(
+        database_url, db):
+    """Under REPEATABLE READ a claim would not see a takeover it waited for, and its locks
+    would fail on rows changed since it began: the server's own connections set READ
+    COMMITTED, and a claim in a stricter transaction refuses with the fix, claiming nothing."""
+    _default_repeatable_read(db)
+    todo = db.execute("SELECT processgpt_sync_enqueue_v1('rr', 'q')::text AS id").fetchone()["id"]
+    with psycopg.connect(database_url, autocommit=True) as strict:
+        with pytest.raises(psycopg.Error) as refused:
+            strict.execute("SELECT processgpt_sync_claim_v3('rr', 'c1', 1)")
+    assert refused.value.sqlstate == "PS002"
+    assert "READ COMMITTED" in str(refused.value) and "REPEATABLE READ" in str(refused.value)
+    assert "default_transaction_isolation" in (refused.value.diag.message_hint or "")
+    assert db.execute("SELECT draft_status FROM todolist").fetchone()["draft_status"] is None
+
+    with ps.start(lambda todo: {"ok": todo.input}, agent_orch="rr",
+                  database_url=database_url) as server:
+        wait_for(lambda: server.stats()["completed"] == 1)
+    row = db.execute("SELECT output, draft_status FROM todolist WHERE id = %s",
+                     (todo,)).fetchone()
+    assert (row["output"], row["draft_status"]) == ({"ok": "q"}, "COMPLETED")
+
+
+def test_behind_a_pooler_a_repeatable_read_default_stops_the_server_before_any_claim(
+        database_url, db):
+    """Behind a transaction pooler a session setting does not last, so the claim's check is
+    what stops a server there: with the reason and the fix, and the todo left for others."""
+    _default_repeatable_read(db)
+    db.execute("SELECT processgpt_sync_enqueue_v1('rr', 'q')")
+    server = ps.Server(lambda todo: {"ok": todo.input},
+                       ps.Settings(agent_orch="rr", database_url=database_url,
+                                   transaction_pooler=True))
+    with pytest.raises(ps.ServerFailed, match=r"READ COMMITTED.*ALTER ROLE"):
+        server.run_forever()
+    row = db.execute("SELECT draft_status, consumer FROM todolist").fetchone()
+    assert (row["draft_status"], row["consumer"]) == (None, None)
+    assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
 
 
 def test_a_stopped_server_refuses_to_start_again_instead_of_seeming_to_serve(storage):
