@@ -347,6 +347,26 @@ def test_behind_a_pooler_a_repeatable_read_default_stops_the_server_before_any_c
     assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
 
 
+def test_on_supabase_a_repeatable_read_default_stops_the_server_before_any_claim(
+        database_url, db):
+    """Each PostgREST request is a transaction in the role's default isolation, which the
+    server cannot set: the claim's check stops it, and the reason and fix reach the log."""
+    _default_repeatable_read(db)
+    db.execute("SELECT processgpt_sync_enqueue_v1('rr', 'q')")
+    supabase = open_backend("supabase", database_url)
+    store = next(supabase)
+    try:
+        server = ps.Server(lambda todo: {"ok": todo.input}, ps.Settings(agent_orch="rr"),
+                           storage=store)
+        with pytest.raises(ps.ServerFailed, match=r"READ COMMITTED.*REPEATABLE READ"):
+            server.run_forever()
+    finally:
+        supabase.close()
+    row = db.execute("SELECT draft_status, consumer FROM todolist").fetchone()
+    assert (row["draft_status"], row["consumer"]) == (None, None)
+    assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
+
+
 def test_a_stopped_server_refuses_to_start_again_instead_of_seeming_to_serve(storage):
     """start() after stop() used to return at once as if serving, while nothing ran."""
     server = ps.start(lambda todo: {}, agent_orch="again", storage=storage)
