@@ -331,37 +331,26 @@ def test_a_database_defaulting_to_repeatable_read_still_gets_read_committed_clai
     assert (row["output"], row["draft_status"]) == ({"ok": "q"}, "COMPLETED")
 
 
-def test_behind_a_pooler_a_repeatable_read_default_stops_the_server_before_any_claim(
-        database_url, db):
-    """Behind a transaction pooler a session setting does not last, so the claim's check is
-    what stops a server there: with the reason and the fix, and the todo left for others."""
+@pytest.mark.parametrize("where", ["pooler", "supabase"])
+def test_where_the_server_cannot_set_read_committed_a_stricter_default_stops_it_before_any_claim(
+        where, database_url, db):
+    """Behind a transaction pooler a session setting does not last, and on Supabase each
+    request is a transaction in the role's default isolation: the claim's check is what stops
+    a server there, with the reason and the fix, and the todo left for others."""
     _default_repeatable_read(db)
     db.execute("SELECT processgpt_sync_enqueue_v1('rr', 'q')")
-    server = ps.Server(lambda todo: {"ok": todo.input},
-                       ps.Settings(agent_orch="rr", database_url=database_url,
-                                   transaction_pooler=True))
-    with pytest.raises(ps.ServerFailed, match=r"READ COMMITTED.*ALTER ROLE"):
-        server.run_forever()
-    row = db.execute("SELECT draft_status, consumer FROM todolist").fetchone()
-    assert (row["draft_status"], row["consumer"]) == (None, None)
-    assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
-
-
-def test_on_supabase_a_repeatable_read_default_stops_the_server_before_any_claim(
-        database_url, db):
-    """Each PostgREST request is a transaction in the role's default isolation, which the
-    server cannot set: the claim's check stops it, and the reason and fix reach the log."""
-    _default_repeatable_read(db)
-    db.execute("SELECT processgpt_sync_enqueue_v1('rr', 'q')")
-    supabase = open_backend("supabase", database_url)
-    store = next(supabase)
-    try:
-        server = ps.Server(lambda todo: {"ok": todo.input}, ps.Settings(agent_orch="rr"),
-                           storage=store)
-        with pytest.raises(ps.ServerFailed, match=r"READ COMMITTED.*REPEATABLE READ"):
+    if where == "pooler":
+        server = ps.Server(lambda todo: {"ok": todo.input},
+                           ps.Settings(agent_orch="rr", database_url=database_url,
+                                       transaction_pooler=True))
+        with pytest.raises(ps.ServerFailed, match=r"READ COMMITTED.*ALTER ROLE"):
             server.run_forever()
-    finally:
-        supabase.close()
+    else:
+        for store in open_backend("supabase", database_url):
+            server = ps.Server(lambda todo: {"ok": todo.input}, ps.Settings(agent_orch="rr"),
+                               storage=store)
+            with pytest.raises(ps.ServerFailed, match=r"READ COMMITTED.*ALTER ROLE"):
+                server.run_forever()
     row = db.execute("SELECT draft_status, consumer FROM todolist").fetchone()
     assert (row["draft_status"], row["consumer"]) == (None, None)
     assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
