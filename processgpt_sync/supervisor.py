@@ -8,8 +8,8 @@ stays the only coordinator. The supervisor:
 - forwards SIGINT/SIGTERM to every child (first signal: graceful stop, second: exit now);
 - restarts a child that died, with exponential back-off, and logs it;
 - does not restart a child that failed on its configuration (exit 2): the group stops;
-- exits 0 when every child stopped cleanly on request, 1 when one failed, 2 on a
-  configuration error.
+- exits 0 when every child stopped cleanly on request, 1 when one did not stop cleanly once
+  the group was stopping (one that dies while serving is restarted), 2 on a configuration error.
 
 Children are started with ``multiprocessing``'s spawn method (no fork of a threaded process),
 so a script that calls ``serve(..., processes=N)`` needs the usual

@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     console = command("console", "watch, answer, cancel and enqueue todos in a browser "
                       "(needs the [console] extra)")
     console.add_argument("--host", default="127.0.0.1",
-                         help="address to bind (default: 127.0.0.1); any other needs --token")
+                         help="address to bind (default: 127.0.0.1); one that is not a "
+                              "loopback address needs --token")
     console.add_argument("--port", type=port, default=8710, help="port (default: 8710)")
     console.add_argument("--token", help="access token every request must carry "
                          "(default: $PROCESSGPT_CONSOLE_TOKEN)")
