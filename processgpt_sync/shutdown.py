@@ -56,19 +56,21 @@ class Shutdown:
 
     def drain(self, inflight: InFlight, buffer: EventBuffer, cancel: Callable[[TodoRun, str], None],
               grace: float, left: Callable[[], float], stopping: threading.Event) -> None:
-        """Wait ``grace`` seconds for running todos; cancel the rest and give them back."""
+        """Wait ``grace`` seconds for running todos; cancel the rest and give them back, then
+        wait for the outcomes already being written. The give-back comes first: an outcome
+        waiting for a row another transaction holds must not take the time it needs."""
         leftovers = inflight.wait_empty(grace)
         for run in leftovers:
             cancel(run, "shutdown")
             run.close()
-        writing = inflight.wait_written(leftovers, left())  # outcomes already being written
+        if leftovers:
+            buffer.flush(timeout=left() / 2)  # leave time to give the todos back
+            self._release([r.claim for r in leftovers], left, stopping)
+        writing = inflight.wait_written(leftovers, left())
         if writing:
             self._log.error("stopping: the outcomes of todos %s could not be stored in time; "
                             "their leases expire in %ds and another worker runs them again",
                             ", ".join(writing), self._settings.lease_seconds, extra=self._extra)
-        if leftovers:
-            buffer.flush(timeout=left() / 2)  # leave time to give the todos back
-            self._release([r.claim for r in leftovers], left, stopping)
 
     def _release(self, claims: list[Claim], left: Callable[[], float],
                  stopping: threading.Event) -> None:

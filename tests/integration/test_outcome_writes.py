@@ -147,6 +147,42 @@ def test_an_outcome_whose_row_stays_held_is_reported_unstored_once_the_server_ab
     assert rows == {free_id: "COMPLETED", held_id: "STARTED"}
 
 
+def test_stop_gives_an_unfinished_todo_back_while_another_outcome_waits_for_its_held_row(
+        database_url, db, monkeypatch):
+    """At stop, one todo's outcome waits for a row another transaction holds and another
+    todo's executor is still running after the grace period: the running one is given back
+    (its claim not counted) instead of waiting out the whole stop behind the held row."""
+    monkeypatch.setattr("processgpt_sync.server.STOP_MARGIN", 2.0)
+    storage = PostgresStorage(database_url)
+    held_id, slow_id = storage.enqueue(AGENT, "held"), storage.enqueue(AGENT, "slow")
+    go, returned, finish = threading.Event(), threading.Event(), threading.Event()
+
+    def handle(todo: ps.Todo) -> dict[str, Any]:
+        if todo.id == held_id:
+            go.wait(20)
+            returned.set()
+        else:
+            finish.wait(20)
+        return {"ok": True}
+
+    server = ps.start(handle, agent_orch=AGENT, storage=storage, workers=2)
+    try:
+        wait_for(lambda: server.stats()["running"] == 2, timeout=20)
+        with psycopg.connect(database_url) as blocker:
+            blocker.execute("SELECT id FROM todolist WHERE id = %s FOR UPDATE", (held_id,))
+            go.set()
+            assert returned.wait(10)
+            server.stop(timeout=0.2)
+            slow = db.execute("SELECT draft_status, consumer, claim_count FROM todolist "
+                              "WHERE id = %s", (slow_id,)).fetchone()
+            assert slow == {"draft_status": None, "consumer": None, "claim_count": 0}
+            assert server.stats()["released"] == 1
+    finally:
+        finish.set()
+        server.stop()
+        storage.close()
+
+
 SLOW_TRIGGER = """
 CREATE FUNCTION slow_result() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
