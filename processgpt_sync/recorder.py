@@ -95,15 +95,7 @@ class Recorder:
             self.fail_then(run, error_text(error), then)
             return
         if isinstance(value, AwaitingHuman):
-            events = self._take_events(run)
-
-            def asked(stored: WriteOutcome | None, failure: BaseException | None) -> None:
-                try:
-                    self._written(run, stored, failure, events, "asked")
-                finally:
-                    then()
-
-            self._outcomes.submit(Outcome(run.claim, "asked", events=events), asked)
+            self._record_asked(run, then)
             return
         result = run.final_result if value is None or value is UNSET else value
         if isinstance(result, str):
@@ -145,6 +137,21 @@ class Recorder:
 
         self._outcomes.submit(Outcome(run.claim, "completed", result=result, events=events),
                               self._after_write(run, events, "completed", then, refused))
+
+    def _record_asked(self, run: TodoRun, then: Callable[[], None], *,
+                      events: list[dict[str, Any]] | None = None) -> None:
+        """Store the suspend with the todo's events; refused, the suspend alone: the question
+        is written already, and the todo must wait for its answer, not for its lease."""
+        events = self._take_events(run) if events is None else events
+
+        def refused(problem: Any) -> None:
+            self._log.error("events of todo %s could not be stored (%s); suspending it without "
+                            "them", run.todo_id, problem, extra=self._todo_extra(run, "asked"))
+            self._record_asked(run, then, events=[])
+
+        self._outcomes.submit(Outcome(run.claim, "asked", events=events),
+                              self._after_write(run, events, "asked", then,
+                                                refused if events else None))
 
     def fail_then(self, run: TodoRun, message: str, then: Callable[[], None], *,
                   events: list[dict[str, Any]] | None = None) -> None:

@@ -390,6 +390,30 @@ CREATE TRIGGER refuse_marked BEFORE INSERT ON events
 """
 
 
+def test_a_suspend_whose_events_are_refused_is_stored_without_them(storage, db, caplog,
+                                                                   monkeypatch):
+    """An event written after the question (here from a ``finally``) is refused with the
+    suspend: the todo still waits for its answer in the database, its lease given up, rather
+    than staying claimed until the lease runs out and running again."""
+    db.execute(REFUSING_TRIGGERS)
+    monkeypatch.setattr("processgpt_sync.server.EVENT_FLUSH_INTERVAL", 60.0)
+    todo_id = storage.enqueue(AGENT, "ask")
+
+    def handle(todo: ps.Todo) -> dict[str, Any]:
+        try:
+            return todo.suspend_for_human("go on?")  # type: ignore[no-any-return]
+        finally:
+            todo.events.progress({"refuse me": True})
+
+    with ps.start(handle, agent_orch=AGENT, storage=storage) as server:
+        wait_for(lambda: server.stats()["asked"] == 1, timeout=20)
+    row = db.execute("SELECT draft_status::text, consumer FROM todolist WHERE id = %s",
+                     (todo_id,)).fetchone()
+    assert row == {"draft_status": "HUMAN_ASKED", "consumer": None}
+    assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
+    assert "suspending it without them" in caplog.text
+
+
 class HolderCommitsMidway(PostgresStorage):
     """The transaction holding a todo row commits right after the first event written alone."""
 
