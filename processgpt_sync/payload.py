@@ -102,8 +102,13 @@ def unwrap_text(text: str) -> Any:
 
 def error_text(exc: BaseException) -> str:
     """A one-line, bounded description of an exception for ``todolist.log`` and error events;
-    an exception group's names the exceptions it holds (its own message only counts them)."""
-    message = str(exc) or exc.__class__.__doc__ or ""
+    an exception group's names the exceptions it holds (its own message only counts them).
+    An exception whose ``__str__`` raises (a client error reading a body it did not get) is
+    still described: the todo's failure must be recorded whatever its message does."""
+    try:
+        message = str(exc) or exc.__class__.__doc__ or ""
+    except Exception as broken:
+        message = f"(its message could not be read: {type(broken).__name__})"
     text = f"{type(exc).__name__}: {message.strip()}"
     if is_group(exc):
         text += ": " + "; ".join(error_text(inner) for inner in inner_errors(exc))

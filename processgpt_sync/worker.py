@@ -16,6 +16,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
+from .errors import StorageError
 from .executor import Adapter
 from .feedback import with_summary
 from .human import HumanDesk, SuspendForHuman
@@ -163,13 +164,30 @@ class TodoWorker:
                 # Returns once the outcome is handed to the writer: this thread is free for
                 # the next todo while it is written; the run is forgotten once it is.
                 self._recorder.finish(run, value, error, then=recorded)
-        except Exception:
+        except Exception as exc:
             self._log.exception("recording the outcome of todo %s failed", run.todo_id,
                                 extra=self._todo_extra(run, "finish"))
-            recorded()
+            self._record_failure_instead(run, exc, recorded)
         except BaseException:
             recorded()
             raise
+
+    def _record_failure_instead(self, run: TodoRun, exc: Exception,
+                                recorded: Callable[[], None]) -> None:
+        """Recording what the executor returned raised: record the todo failed with why, so
+        that it ends now rather than run again once its lease runs out (no automatic retry).
+        A database error is not the executor's: that todo is left to its lease."""
+        if isinstance(exc, StorageError):
+            recorded()
+            return
+        try:
+            self._recorder.fail_then(
+                run, f"its outcome could not be recorded: {type(exc).__name__}", recorded)
+        except Exception:
+            self._log.exception("recording todo %s failed did not work either; its lease "
+                                "expires and it runs again", run.todo_id,
+                                extra=self._todo_extra(run, "finish"))
+            recorded()
 
     def cancel(self, run: TodoRun, reason: str) -> None:
         """End ``run`` early (``cancelled`` by the UI, ``lost`` lease, ``shutdown``)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import processgpt_sync as ps
@@ -45,6 +46,45 @@ def test_garbage_rows_and_payloads_each_end_with_a_clear_state(storage, db):
     assert "not valid UTF-8" in rows["surrogate"]["log"]
     assert rows["no mode: not ours to claim"]["draft_status"] is None
 
+
+
+class UnreadableError(Exception):
+    """A client library's error whose message reads a response body it never got."""
+
+    def __str__(self) -> str:
+        raise KeyError("error")
+
+
+def test_an_error_whose_message_raises_fails_the_todo_once(storage, db, monkeypatch):
+    """The todo is recorded FAILED at once, not left to its lease and run again; and if
+    recording the outcome itself raises, the todo is still recorded FAILED with why."""
+    calls: list[str] = []
+
+    def handle(todo):
+        calls.append(todo.input)
+        raise UnreadableError
+
+    storage.enqueue("unreadable", "broken message")
+    with ps.start(handle, agent_orch="unreadable", storage=storage, lease_seconds=2) as server:
+        wait_for(lambda: server.stats()["failed"] == 1)
+    row = db.execute("SELECT draft_status::text, log FROM todolist").fetchone()
+    assert row["draft_status"] == "FAILED"
+    assert "UnreadableError: (its message could not be read: KeyError)" in row["log"]
+
+    def broken_finish(*args, **kwargs):
+        raise TypeError("a result the recorder cannot handle")
+
+    monkeypatch.setattr("processgpt_sync.recorder.Recorder.finish", broken_finish)
+    todo_id = storage.enqueue("unreadable", "recording fails")
+    with ps.start(lambda todo: calls.append(todo.input) or {"ok": True},
+                  agent_orch="unreadable", storage=storage, lease_seconds=2) as server:
+        wait_for(lambda: server.stats()["failed"] == 1)
+        time.sleep(2.5)  # past a lease: the todo is not run again
+    row = db.execute("SELECT draft_status::text, log FROM todolist WHERE id = %s",
+                     (todo_id,)).fetchone()
+    assert row["draft_status"] == "FAILED"
+    assert "its outcome could not be recorded: TypeError" in row["log"]
+    assert calls == ["broken message", "recording fails"]
 
 def test_an_executor_that_swallows_cancellation_cannot_write_after_a_ui_cancel(storage, db):
     todo_id = storage.enqueue("stubborn", "x")

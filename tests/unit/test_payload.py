@@ -58,3 +58,12 @@ def test_make_event_rejects_unknown_types_at_the_call_site():
 def test_error_text_is_bounded_and_storable():
     text = error_text(RuntimeError("x" * 20000 + "\x00"))
     assert text.startswith("RuntimeError: x") and len(text) <= 8000 and "\x00" not in text
+
+
+def test_an_exception_whose_message_raises_is_still_described():
+    class ClientError(Exception):
+        def __str__(self) -> str:
+            raise KeyError("error")
+
+    assert error_text(ClientError()) == (
+        "ClientError: (its message could not be read: KeyError)")
