@@ -88,6 +88,8 @@ class TodoWorker:
             value, error = self._adapter.run(run.todo), None
         except BaseException as exc:  # SystemExit from argparse in a tool is this todo's failure
             value, error = UNSET, exc
+        with run.lock:  # the executor has ended in time: a slow exit below is not its timeout
+            run.deadline = None
         try:  # told of the todo's error, as a with-statement would tell it
             around.__exit__(type(error) if error else None, error,
                             error.__traceback__ if error else None)

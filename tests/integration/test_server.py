@@ -283,6 +283,24 @@ def test_a_failure_leaving_the_context_around_a_todo_does_not_change_its_outcome
                and "connection already closed" in r.getMessage() for r in caplog.records)
 
 
+
+def test_a_slow_exit_from_the_context_around_a_todo_is_not_its_timeout(storage, db):
+    """The executor returned within its timeout; closing its context (Django's connections)
+    took longer: the result stands, as the executor's time is all a timeout limits."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def slow_to_close():
+        yield
+        time.sleep(1.5)
+
+    storage.enqueue("t", "q")
+    server = ps.Server(lambda todo: {"ok": todo.input}, ps.Settings(agent_orch="t", timeout=1),
+                       storage=storage, around_todo=slow_to_close)
+    with server:
+        wait_for(lambda: server.stats()["completed"] + server.stats()["failed"] == 1)
+    assert [(r["draft_status"], r["output"]) for r in rows(db)] == [("COMPLETED", {"ok": "q"})]
+
 def test_a_start_that_failed_on_its_checks_can_be_called_again(empty_database_url):
     from processgpt_sync.storage.install import install_schema
 
