@@ -1,7 +1,7 @@
 """Tell infrastructure failures apart from executor failures.
 
-A todo whose run broke because the host ran out of file descriptors, could not create an
-event loop, or lost the database is given back to be run again; recording it FAILED would
+A todo whose run broke because the host ran out of file descriptors or threads, could not
+create an event loop, or lost the database is given back to be run again; recording it FAILED would
 blame the executor for the host's problem.
 """
 
@@ -15,6 +15,11 @@ FD_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE})
 FD_ADVICE = (
     "the process ran out of file descriptors: raise the limit (`ulimit -n`, LimitNOFILE= "
     "in systemd, nofile in Docker/Kubernetes) or run fewer workers"
+)
+NO_THREAD = "can't start new thread"  # CPython's RuntimeError when the OS refuses a thread
+THREAD_ADVICE = (
+    "the host refused a new thread: raise the thread limit (`ulimit -u`, TasksMax= in "
+    "systemd, the pids limit in Docker/Kubernetes) or run fewer workers"
 )
 
 
@@ -46,6 +51,8 @@ def infrastructure_problem(error: BaseException | None) -> str | None:
         seen.add(id(current))
         if isinstance(current, OSError) and current.errno in FD_ERRNOS:
             return f"{current}; {FD_ADVICE}"
+        if type(current) is RuntimeError and str(current).startswith(NO_THREAD):
+            return f"{current}; {THREAD_ADVICE}"
         if isinstance(current, (InfrastructureError, StorageUnavailable)):
             if "many open files" in str(current):  # libpq reports EMFILE as text
                 return f"{current}; {FD_ADVICE}"

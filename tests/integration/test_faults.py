@@ -467,6 +467,30 @@ def test_a_call_on_a_closed_storage_is_not_taken_for_a_dead_connection(database_
     assert "connection died" not in caplog.text
 
 
+
+def test_an_executor_refused_a_thread_of_its_own_is_the_hosts_fault(storage, db, caplog):
+    """An executor whose own thread pool cannot start a thread (the host's thread limit, as
+    CPython reports it) gets its todo given back, not recorded FAILED; it runs again."""
+    calls: list[str] = []
+
+    def handle(todo: ps.Todo) -> dict[str, Any]:
+        calls.append(todo.id)
+        if len(calls) == 1:
+            try:
+                raise RuntimeError("can't start new thread")
+            except RuntimeError as exc:  # as a client library wraps it
+                raise ConnectionError("the request could not be sent") from exc
+        return {"ok": True}
+
+    todo_id = storage.enqueue("no-thread", "x")
+    with ps.start(handle, agent_orch="no-thread", storage=storage) as server:
+        wait_for(lambda: server.stats()["completed"] == 1, timeout=20)
+        assert server.stats()["failed"] == 0
+    assert calls == [todo_id, todo_id]
+    assert "the host refused a new thread" in caplog.text
+    assert db.execute("SELECT draft_status::text AS s FROM todolist").fetchone()["s"] == (
+        "COMPLETED")
+
 THREADS_SCRIPT = r"""
 import json, logging, sys, threading, time
 import psycopg
