@@ -276,7 +276,7 @@ class Server:
         with on_stop(requested, self._log, self._extra):
             try:
                 self.start()
-                while not requested.wait(0.5) and not self._stopping.is_set():
+                while not (requested.wait(0.5) or self._stopping.is_set() or self.failure):
                     pass
             except KeyboardInterrupt:
                 self._log.info("interrupted: stopping gracefully", extra=self._extra)
@@ -436,7 +436,11 @@ class Server:
         """Stop serving for ``reason``: unhealthy from now on, and ``serve()`` raises
         ServerFailed with it."""
         self.failure = ServerFailed(reason)
-        threading.Thread(target=self.stop, daemon=True).start()
+        try:
+            threading.Thread(target=self.stop, daemon=True).start()
+        except RuntimeError as exc:  # no thread: run_forever() stops it; a handle's owner must
+            self._log.error("cannot start a thread to stop the failed server (%s); stop() it",
+                            exc, extra={**self._extra, "action": "stop_server"})
 
     def _join(self, name: str, timeout: float) -> None:
         for thread in self._threads:

@@ -26,7 +26,9 @@ from .storage import Storage
 
 def bounded(fn: Callable[[], Any], timeout: float, what: str) -> tuple[bool, Any]:
     """Run ``fn`` on a daemon thread for at most ``timeout`` seconds: (finished, its result or
-    the exception it raised). A call stuck on a dead network path is left behind."""
+    the exception it raised). A call stuck on a dead network path is left behind. With no
+    thread to run it on (the host's thread limit), the call is not made: (True, that error),
+    so that a stop goes on with its next step."""
     box: list[Any] = []
 
     def run() -> None:
@@ -36,7 +38,10 @@ def bounded(fn: Callable[[], Any], timeout: float, what: str) -> tuple[bool, Any
             box.append(exc)
 
     thread = threading.Thread(target=run, daemon=True, name=f"processgpt-sync-{what}")
-    thread.start()
+    try:
+        thread.start()
+    except RuntimeError as exc:  # "can't start new thread"
+        return True, exc
     thread.join(max(0.0, timeout))
     return (True, box[0]) if box else (False, None)
 

@@ -162,3 +162,27 @@ def test_a_cancel_hook_that_gets_no_thread_is_the_hosts_fault_not_the_hooks() ->
     assert result["raised"] is None and result["called"] == []
     assert any("host is out of threads" in line and "t-1" in line
                for line in result["said"]), result["said"]
+
+
+BOUNDED_CALL = r"""
+import json, threading
+from processgpt_sync.shutdown import bounded
+
+done, result = bounded(lambda: "made", 1.0, "release")
+for ends in fillers:
+    ends.set()
+while threading.active_count() > 1:
+    threading.Event().wait(0.01)
+print(json.dumps({"filled": len(fillers), "done": done, "result": repr(result),
+                  "later": bounded(lambda: "made", 1.0, "release")}))
+"""
+
+
+def test_a_stop_step_that_gets_no_thread_fails_at_once_so_the_stop_goes_on() -> None:
+    """Each of stop()'s database steps runs on a thread of its own, with a deadline: with no
+    thread to be had, the step fails with the host's error instead of raising out of stop(),
+    which would leave ``join()`` waiting for ever."""
+    result = run_with_few_threads(TAKE_EVERY_THREAD + BOUNDED_CALL)
+    assert result["filled"], "the child could not start any thread"
+    assert result["done"] is True and "can't start new thread" in str(result["result"])
+    assert result["later"] == [True, "made"]
