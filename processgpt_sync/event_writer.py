@@ -18,7 +18,7 @@ from typing import Any
 
 from .errors import StorageUnavailable
 from .events import EVENT_TYPES
-from .retrying import HELD_ROW_WARN_AFTER, backoff
+from .retrying import HELD_ROW_WARN_AFTER, STATEMENT_TIMEOUT, backoff
 from .storage.base import Storage
 
 logger = logging.getLogger(__name__)
@@ -298,8 +298,17 @@ class EventBuffer:
     def _write(self, batch: list[dict[str, Any]]) -> None:
         try:
             rejected = self._storage.record_events(batch)
-        except StorageUnavailable:
-            raise
+        except StorageUnavailable as exc:
+            if exc.code != STATEMENT_TIMEOUT or len(batch) == 1:
+                raise
+            # Ended at the statement timeout (slow site triggers, heavy events): the same
+            # batch would be again. Halves go in order; ids make a retry of both idempotent.
+            logger.warning("writing %d events ran past the statement timeout; writing them in "
+                           "halves", len(batch), extra={"action": "write_events"})
+            half = len(batch) // 2
+            self._write(batch[:half])
+            self._write(batch[half:])
+            return
         except Exception as exc:  # StorageError, or an event the driver cannot encode
             # One malformed event must not lose the others: write them one at a time.
             logger.warning(

@@ -22,7 +22,7 @@ from typing import Any
 
 from .errors import ServerFailed, StorageError, StorageUnavailable
 from .models import Claim
-from .retrying import HELD_ROW_WARN_AFTER, backoff
+from .retrying import HELD_ROW_WARN_AFTER, STATEMENT_TIMEOUT, backoff
 from .storage.base import Storage, WriteOutcome
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,6 @@ logger = logging.getLogger(__name__)
 BATCH_SIZE = 200  # outcomes per SQL call
 WAIT_RETRY_FIRST = 0.02  # seconds before an outcome that had to wait is tried again
 WAIT_RETRY_MAX = 1.0
-STATEMENT_TIMEOUT = "57014"  # SQLSTATE query_canceled: the server ended a statement it ran
 TIMEOUTS_BEFORE_OUTAGE = 3  # writes timing out in a row: the database is slow, not one write
 TIMEOUTS_ALONE_MAX = 3  # an outcome timing out alone this often is given up as refused
 

@@ -12,6 +12,7 @@ import psycopg
 
 import processgpt_sync as ps
 from processgpt_sync.errors import ServerFailed
+from processgpt_sync.event_writer import EventBuffer
 from processgpt_sync.outcomes import Outcome, OutcomeWriter
 from processgpt_sync.storage.postgres import PostgresStorage
 from tests.conftest import wait_for
@@ -231,6 +232,36 @@ def test_a_batch_past_the_statement_timeout_is_written_in_halves_and_a_heavy_one
     assert db.execute("SELECT count(*) AS n FROM todolist WHERE draft_status = 'COMPLETED'"
                       ).fetchone()["n"] == 12
 
+
+def test_a_batch_of_events_past_the_statement_timeout_is_written_in_halves(
+        database_url, db, caplog):
+    """A site's trigger makes each event slow to store: 16 events in one statement run past
+    the statement timeout, and the same batch would for ever; halves are written instead, in
+    the order the events were emitted."""
+    db.execute("""
+        CREATE FUNCTION slow_event() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN PERFORM pg_sleep(0.08); RETURN NEW; END $$;
+        CREATE TRIGGER slow_event BEFORE INSERT ON events
+            FOR EACH ROW EXECUTE FUNCTION slow_event();""")
+    storage = PostgresStorage(database_url, statement_timeout=0.5)
+    storage.enqueue(AGENT, "x")
+    (claim,) = storage.claim(agent_orch=AGENT, consumer="c", limit=1, lease_seconds=60,
+                             max_claims=3)
+    buffer = EventBuffer(storage, flush_interval=60, batch_size=100)
+    buffer.start()
+    try:
+        for step in range(16):
+            buffer.add({"todo_id": claim.todo_id, "token": claim.token,
+                        "event_type": "task_working", "data": {"step": step}, "job_id": None,
+                        "crew_type": None, "status": None})
+        assert buffer.flush(timeout=20)
+    finally:
+        buffer.close(timeout=5)
+        storage.close()
+    steps = [r["data"]["step"] for r in db.execute(
+        "SELECT data FROM events WHERE todo_id = %s ORDER BY timestamp", (claim.todo_id,))]
+    assert steps == list(range(16))
+    assert "writing 16 events ran past the statement timeout" in caplog.text
 
 def test_an_outcome_that_keeps_timing_out_alone_is_given_up_as_refused(database_url, db,
                                                                        monkeypatch):
