@@ -245,6 +245,7 @@ class Recorder:
         self.error: Any = None
         self.reply: Any = None  # an agent Message, or the message of the completed status
         self.streamed: dict[Any, str] = {}  # each streamed artifact's text so far, by id
+        self.artifacts: dict[Any, Any] = {}  # each artifact's payload so far, by id
         self.closed = False
 
     def record(self, event: Any) -> None:
@@ -306,17 +307,19 @@ class Recorder:
 
     def _artifact(self, event: dict[str, Any]) -> None:
         texts = event["texts"]
-        so_far = self.streamed.get(event["artifact_id"])
-        if event["append"] and so_far is not None:
-            # a chunk of a streamed artifact (others may be streamed between its chunks): its
-            # text continues that artifact's so far (an empty closing chunk only closes it)
-            if texts:
+        artifact_id = event["artifact_id"]
+        empty = not texts and not event["data"] and not event["files"]
+        if event["append"] and empty and artifact_id in self.artifacts:
+            data = self.artifacts[artifact_id]  # an empty closing chunk only closes it
+        else:
+            so_far = self.streamed.get(artifact_id)
+            if event["append"] and so_far is not None and texts:
+                # a chunk of a streamed artifact (others may be streamed between its chunks):
+                # its text continues that artifact's so far
                 event = {**event, "texts": [so_far + texts[0], *texts[1:]]}
-            elif not event["data"] and not event["files"]:
-                event = {**event, "texts": [so_far]}
-        if event["texts"]:
-            self.streamed[event["artifact_id"]] = event["texts"][0]
-        data = payload(event)
+            if event["texts"]:
+                self.streamed[artifact_id] = event["texts"][0]
+            data = self.artifacts[artifact_id] = payload(event)
         if event["last_chunk"] or event["final"]:
             self.final = data
         else:
@@ -338,7 +341,7 @@ class Recorder:
                 return self.last_artifact
             if self.reply is not None:
                 return self.reply
-        if self.asked:
+        if self.asked and self.last_state != "completed":  # a completed task waits for nobody
             return AwaitingHuman(question=self.question)
         return self.reply
 

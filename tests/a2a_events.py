@@ -84,6 +84,18 @@ def text_part(text: str) -> Any:
     return Part(root=TextPart(text=text))
 
 
+def data_part(data: dict[str, Any]) -> Any:
+    from a2a.types import Part
+
+    if V1:
+        from google.protobuf import json_format, struct_pb2
+
+        return Part(data=json_format.ParseDict(data, struct_pb2.Value()))
+    from a2a.types import DataPart
+
+    return Part(root=DataPart(data=data))
+
+
 def file_part(raw: bytes, name: str, media_type: str) -> Any:
     from a2a.types import Part
 

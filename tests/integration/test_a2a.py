@@ -214,6 +214,17 @@ class Edges(AgentExecutor):
                 await event_queue.enqueue_event(ev.chunk(text, artifact_id, context_id,
                                                          task_id, append=append, last=last))
             await updater.complete()
+        elif how == "data-stream":  # data chunks closed by an empty one, as for text
+            await updater.add_artifact([ev.data_part({"rows": 1})], artifact_id="d",
+                                       last_chunk=False)
+            await updater.add_artifact([ev.data_part({"rows": 2})], artifact_id="d",
+                                       append=True, last_chunk=False)
+            await updater.add_artifact([], artifact_id="d", append=True, last_chunk=True)
+            await updater.complete()
+        elif how == "ask-then-complete-empty":  # nothing to answer with, and no one to ask
+            await event_queue.enqueue_event(ev.status(
+                "input_required", {"question": "which tone?"}, context_id, task_id))
+            await updater.complete()
         elif how == "file-reply":
             await updater.complete(message=ev.file_message(
                 b"%PDF", "report.pdf", "application/pdf", context_id, task_id))
@@ -401,10 +412,13 @@ def test_how_an_a2a_executor_ends_decides_the_todos_state(storage, db):
     keeps the streamed text; a self-reported cancel is said so, not a missing result; a
     file-only artifact is its files, not an empty object; a completed Task carries its
     artifacts; chunks of two artifacts streamed in turn each continue their own; a reply of
-    a file alone is the result."""
-    run(storage, Edges(), 8, inputs=["named-question", "ask-then-reply", "empty-close",
-                                     "self-cancel", "file-only", "task-snapshot",
-                                     "interleaved", "file-reply"])
+    a file alone is the result; a data stream closed by an empty chunk is its last data; a
+    task completed after a question, with nothing to answer, fails for want of a result
+    instead of waiting for an answer."""
+    run(storage, Edges(), 10, inputs=["named-question", "ask-then-reply", "empty-close",
+                                      "self-cancel", "file-only", "task-snapshot",
+                                      "interleaved", "file-reply", "data-stream",
+                                      "ask-then-complete-empty"])
     rows = {r["query"]: r for r in db.execute(
         "SELECT query, draft_status::text, output, log FROM todolist")}
     assert rows["named-question"]["draft_status"] == "HUMAN_ASKED"
@@ -423,6 +437,10 @@ def test_how_an_a2a_executor_ends_decides_the_todos_state(storage, db):
     assert (rows["file-reply"]["draft_status"], rows["file-reply"]["output"]) == (
         "COMPLETED", {"files": [{"name": "report.pdf", "media_type": "application/pdf",
                                  "bytes": "JVBERg=="}]})
+    assert (rows["data-stream"]["draft_status"], rows["data-stream"]["output"]) == (
+        "COMPLETED", {"rows": 2})
+    assert rows["ask-then-complete-empty"]["draft_status"] == "FAILED"
+    assert "without a result" in rows["ask-then-complete-empty"]["log"]
     assert rows["self-cancel"]["draft_status"] == "FAILED"
     assert rows["self-cancel"]["log"] == ("RuntimeError: executor reported cancellation of the "
                                           "task: the user asked to stop")
