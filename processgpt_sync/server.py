@@ -357,7 +357,7 @@ class Server:
                           name="processgpt-sync")
         recorder = Recorder(storage, outcomes, buffer, log=log, extra=extra, count=stats.count,
                             on_run_time=stats.run_time, abort=self._abort,
-                            defer=pool.submit if self._deferred else None)
+                            defer=pool.submit if self._adapter.defers else None)
 
         def cancel(run: TodoRun, reason: str) -> None:  # the desk is made before the worker
             worker.cancel(run, reason)

@@ -5,6 +5,7 @@ error, UI cancel, timeout, a2a artifact."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from typing import Any
 
@@ -199,12 +200,15 @@ def test_an_a2a_executor_on_the_shared_loop_records_its_artifact(storage, db):
     assert [row(db, i)["output"] for i in ids] == [{"echo": f"t{i}"} for i in range(20)]
 
 
+@pytest.mark.parametrize("around_todo", [None, contextlib.nullcontext],
+                         ids=["deferred", "around-todo"])
 def test_drafts_written_while_the_database_stalls_do_not_stall_the_shared_loop(
-        storage, db, database_url):
+        storage, db, database_url, around_todo):
     """A draft (``events.result(final=False)``, a streamed a2a artifact's chunk) from a todo
     on the shared loop is written by a pool thread, the latest one only: here the todo's row is
     locked by another transaction, so its draft writes wait, and another todo on the same loop
-    runs and completes meanwhile."""
+    runs and completes meanwhile. The same with a context around each todo (Django's), where
+    each todo holds its worker thread from start to end."""
     import psycopg
 
     locked, unlocked = threading.Event(), threading.Event()
@@ -222,7 +226,9 @@ def test_drafts_written_while_the_database_stalls_do_not_stall_the_shared_loop(
         return {"quick": True}
 
     drafts = storage.enqueue("a", "drafts")
-    with ps.start(handle, agent_orch="a", storage=storage, workers=4, loop="shared") as server:
+    server = ps.Server(handle, ps.Settings(agent_orch="a", workers=4, loop="shared"),
+                       storage=storage, around_todo=around_todo)
+    with server:
         wait_for(lambda: row(db, drafts)["state"] == "STARTED")
         with psycopg.connect(database_url) as holder:  # a transaction holding the todo's row
             holder.execute("SELECT 1 FROM todolist WHERE id = %s FOR UPDATE", (drafts,))
