@@ -1,7 +1,8 @@
 """The open files and threads a server needs, checked before it starts.
 
-At a thousand workers every fd counts: an asyncio loop holds 3, a database connection 1, and the
-default soft ``RLIMIT_NOFILE`` of many systems is 1,024. Running out mid-flight fails todos with
+At a thousand workers every fd counts: an asyncio loop holds 3, a database connection 1, a
+running todo's own connection (to its model, a tool) 1, and the default soft ``RLIMIT_NOFILE``
+of many systems is 1,024. Running out mid-flight fails todos with
 EMFILE; refusing at start, with the numbers and the fix, loses nothing. When the soft limit is
 too low but the hard limit allows, the soft limit is raised (as most servers do) and logged.
 """
@@ -19,7 +20,8 @@ from .loops import LOOP_FDS, thread_loop_fds
 SERVER_THREADS = 10  # claimer, heartbeat, listener, event and outcome writers, the pool's 4,
 #                      the shared loop and its watchdog
 EXTRA_CONNECTIONS = 2  # the LISTEN connection and the start-up check's own
-HEADROOM_FDS = 64  # logs, sockets the executors open, the metrics port, imported libraries
+HEADROOM_FDS = 64  # logs, the metrics port, imported libraries
+EXECUTOR_FDS = 1  # per worker: the socket a running todo's model or tool call holds
 MAX_SPARE_THREADS = 4
 DEFERRED_THREADS = 64  # pool threads for todos on the shared loop: they hold one only to start
 #                        and to record their outcome, not while they await
@@ -52,8 +54,9 @@ class Budget:
 
     def describe(self) -> str:
         return (f"{self.workers} workers need up to {self.fds} open files ({self.connections} "
-                f"database connections, {self.loops} event loops x {self.loop_fds}, the files open "
-                f"now, {HEADROOM_FDS} spare) and {self.threads} threads")
+                f"database connections, {self.loops} event loops x {self.loop_fds}, one socket "
+                f"per running todo, the files open now, {HEADROOM_FDS} spare) and "
+                f"{self.threads} threads")
 
 
 def plan(workers: int, loop: str, uses_loops: bool, connections: int,
@@ -68,7 +71,7 @@ def plan(workers: int, loop: str, uses_loops: bool, connections: int,
         loops = workers + spare_threads(workers)
     connections += EXTRA_CONNECTIONS
     loop_fds = LOOP_FDS if loop == "shared" else thread_loop_fds()
-    fds = open_fds() + connections + loops * loop_fds + HEADROOM_FDS
+    fds = open_fds() + connections + loops * loop_fds + workers * EXECUTOR_FDS + HEADROOM_FDS
     return Budget(workers=workers, loop=loop, loops=loops, loop_fds=loop_fds,
                   connections=connections, fds=fds, threads=threads)
 
@@ -91,11 +94,7 @@ def ensure(budget: Budget, log: logging.Logger, extra: dict[str, str]) -> None:
     except ImportError:  # Windows: no such limit
         return
     unlimited = resource.RLIM_INFINITY
-    processes = resource.getrlimit(resource.RLIMIT_NPROC)[0]
-    if processes != unlimited and budget.threads > processes:
-        raise ConfigurationError(
-            f"{budget.describe()}, but RLIMIT_NPROC allows {processes} threads: raise it "
-            f"(ulimit -u) or use fewer workers")
+    _ensure_threads(budget, log, extra)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == unlimited or budget.fds <= soft:
         return
@@ -115,8 +114,29 @@ def ensure(budget: Budget, log: logging.Logger, extra: dict[str, str]) -> None:
              budget.describe(), extra={**extra, "action": "start_server"})
 
 
+def _ensure_threads(budget: Budget, log: logging.Logger, extra: dict[str, str]) -> None:
+    """Raise the soft ``RLIMIT_NPROC`` toward the hard one when the threads need it; refuse
+    what the hard one cannot fit. The kernel does not apply it to root. It counts every
+    process and thread of the user, so this only catches a limit too low for this server."""
+    import resource
+
+    unlimited = resource.RLIM_INFINITY
+    soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+    if soft == unlimited or budget.threads <= soft or os.getuid() == 0:
+        return
+    if hard != unlimited and budget.threads > hard:
+        raise ConfigurationError(
+            f"{budget.describe()}, but RLIMIT_NPROC allows {hard} threads: raise it "
+            f"(ulimit -u, TasksMax= in systemd, the pids limit of a container) or use fewer "
+            f"workers")
+    resource.setrlimit(resource.RLIMIT_NPROC, (hard, hard))
+    log.info("raised the thread limit (soft RLIMIT_NPROC) from %d to %s: %s", soft,
+             "unlimited" if hard == unlimited else hard, budget.describe(),
+             extra={**extra, "action": "start_server"})
+
+
 def workers_within(limit: int, budget: Budget) -> int:
     """About how many workers fit in ``limit`` open files with the same loop mode."""
-    per_worker = 1 + (budget.loop_fds if budget.loops > 1 else 0)
+    per_worker = 1 + EXECUTOR_FDS + (budget.loop_fds if budget.loops > 1 else 0)
     fixed = budget.fds - budget.workers * per_worker
     return (limit - fixed) // per_worker

@@ -14,6 +14,11 @@ watchdog logs which todo blocked the loop and for how long. A todo on the shared
 worker thread while it awaits (``LoopTask.then``): thousands of them need a few threads, for
 the steps before and after.
 
+In both modes asyncio's default executor (``asyncio.to_thread``, ``run_in_executor(None, ...)``,
+the DNS lookups of httpx and anyio) is one pool for all of a server's loops, its threads made
+as calls need them and shared: a loop of its own would keep up to ``min(32, cpus + 4)`` threads
+for the loop's life, per worker.
+
 Cancelling never waits for a loop: a blocked loop must not block the heartbeat, the listener
 or ``stop()``. The cancel is handed over with ``call_soon_threadsafe`` and runs on the loop
 once it is free.
@@ -47,6 +52,7 @@ LOOP_FDS = 3  # the most one loop holds: epoll (where poll() is missing) and a s
 LAG_WARNING = 0.5  # seconds the shared loop may be blocked before the watchdog names the todo
 LAG_PROBE = 0.1  # seconds between watchdog probes
 LEFTOVER_WAIT = 1.0  # seconds tasks a todo left behind get to end once cancelled
+TO_THREAD_MAX = 1024  # threads of the loops' shared default executor, made only as calls need
 
 LABEL: contextvars.ContextVar[str | None] = contextvars.ContextVar("processgpt_sync_loop_label",
                                                                   default=None)
@@ -206,6 +212,20 @@ class Loops(Protocol):
     def close(self) -> None: ...
 
 
+class ToThreadPool(concurrent.futures.ThreadPoolExecutor):
+    """The default executor of every loop of one ``Loops``. ``loop.close()`` shuts its loop's
+    default executor down: this one is shut down only by ``close()``, with the last loop."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=TO_THREAD_MAX, thread_name_prefix="processgpt-sync-to-thread")
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Shared by other loops: left running (see ``close``)."""
+
+    def close(self) -> None:
+        super().shutdown(wait=False)
+
+
 def make_loops(mode: str) -> Loops:
     """The loops of ``mode`` ("thread" or "shared")."""
     return SharedLoop() if mode == "shared" else ThreadLoops()
@@ -221,6 +241,7 @@ class ThreadLoops:
         self._lock = threading.Lock()
         self._loops: list[asyncio.AbstractEventLoop] = []
         self._closed = False
+        self._to_thread = ToThreadPool()
 
     def start(self, label: str, fn: Callable[..., Awaitable[T]], *args: Any) -> LoopTask[T]:
         """``fn(*args)``, run on the calling thread's loop by ``result()``."""
@@ -230,6 +251,7 @@ class ThreadLoops:
         loop: asyncio.AbstractEventLoop | None = getattr(self._local, "loop", None)
         if loop is None or loop.is_closed():
             loop = new_thread_loop()
+            loop.set_default_executor(self._to_thread)
             tasks: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
             loop.set_task_factory(_tracking_factory(tasks))
             self._local.loop = loop
@@ -272,6 +294,8 @@ class ThreadLoops:
             for loop in loops:
                 if not loop.is_running() and not loop.is_closed():
                     loop.close()
+            pool, self._to_thread = self._to_thread, ToThreadPool()  # threads only once used
+        pool.close()
 
 
 def _tracking_factory(tasks: weakref.WeakSet[asyncio.Task[Any]]) -> Any:
@@ -319,6 +343,7 @@ class SharedLoop:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._watchdog: threading.Thread | None = None
+        self._to_thread = ToThreadPool()
         self._stop = threading.Event()
         self._labels: weakref.WeakKeyDictionary[asyncio.Task[Any], str] = (
             weakref.WeakKeyDictionary())
@@ -390,6 +415,7 @@ class SharedLoop:
         except OSError as exc:
             raise InfrastructureError(f"cannot create the shared event loop: {exc}") from exc
         loop.set_task_factory(self._labelled_task)
+        loop.set_default_executor(self._to_thread)
         thread = threading.Thread(target=self._serve, args=(loop,), daemon=True,
                                   name="processgpt-sync-shared-loop")
         watchdog = threading.Thread(target=self._watch, args=(loop,), daemon=True,
@@ -479,6 +505,7 @@ class SharedLoop:
         loop.call_soon_threadsafe(loop.stop)
         thread.join()
         loop.close()
+        self._to_thread.close()
 
 
 async def _end_tasks() -> None:

@@ -153,6 +153,33 @@ def test_the_loop_lag_warning_names_the_todo_that_blocked_the_shared_loop(storag
     assert polite not in " ".join(r.getMessage() for r in lag)
 
 
+
+@pytest.mark.parametrize("loop", ["thread", "shared"])
+def test_to_thread_and_dns_lookups_share_one_pool_across_the_loops(storage, db, loop):
+    """asyncio's default executor (``to_thread``, ``getaddrinfo`` as httpx and anyio call it)
+    is one pool for every loop of the server, its threads made only as calls overlap: not a
+    pool per worker's loop, kept for the loop's life; and on the shared loop not asyncio's
+    ``min(32, cpus + 4)``, which would run only a few todos' blocking calls at a time."""
+    workers = 8
+    overlap = threading.Barrier(workers, timeout=10)
+
+    async def handle(todo: ps.Todo) -> dict[str, Any]:
+        running = asyncio.get_running_loop()
+        await running.getaddrinfo("localhost", 80)
+        await asyncio.to_thread(overlap.wait)  # every todo's blocking call at once
+        return {"ok": True}
+
+    for i in range(2 * workers):
+        storage.enqueue("a", f"q{i}")
+    with ps.start(handle, agent_orch="a", storage=storage, workers=workers,
+                  loop=loop) as server:
+        wait_for(lambda: server.stats()["completed"] == 2 * workers, timeout=30)
+        names = [t.name for t in threading.enumerate()]
+    assert not [n for n in names if n.startswith("asyncio_")], names
+    pool = [n for n in names if n.startswith("processgpt-sync-to-thread")]
+    # one per overlapping call (a thread that just ended a call may not count as idle yet)
+    assert workers <= len(pool) <= 2 * workers, pool
+
 # -- the open-file budget, in processes with a lowered RLIMIT_NOFILE ------------------------------
 
 LIMITED = """

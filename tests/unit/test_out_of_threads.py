@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -186,3 +187,45 @@ def test_a_stop_step_that_gets_no_thread_fails_at_once_so_the_stop_goes_on() -> 
     assert result["filled"], "the child could not start any thread"
     assert result["done"] is True and "can't start new thread" in str(result["result"])
     assert result["later"] == [True, "made"]
+
+
+THREAD_BUDGET = r"""
+import json, logging, resource, sys
+import processgpt_sync as ps
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+outcome = {}
+for workers in (100, 500):
+    try:
+        ps.start(lambda todo: {}, agent_orch="a", workers=workers,
+                 database_url="postgresql://127.0.0.1:1/none", statement_timeout=1)
+    except ps.ProcessGPTSyncError as exc:
+        outcome[workers] = [type(exc).__name__, str(exc)]
+outcome["soft"] = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+print(json.dumps(outcome))
+"""
+
+
+def test_the_thread_limit_is_raised_toward_the_hard_one_or_start_refuses_clearly() -> None:
+    """A soft RLIMIT_NPROC below what the workers need is raised to the hard one, and said
+    so (the start then fails only on the unreachable database); workers the hard limit
+    cannot fit are refused with the numbers and the fix."""
+    lower = as_nobody_with_threads(400)
+
+    def preexec() -> None:
+        lower()
+        resource.setrlimit(resource.RLIMIT_NPROC, (40, 400))
+
+    proc = subprocess.run([sys.executable, "-c", THREAD_BUDGET], cwd="/", capture_output=True,
+                          text=True, timeout=60, preexec_fn=preexec,
+                          env={**os.environ, "PYTHONPATH": str(ROOT),
+                               "PYTHONDONTWRITEBYTECODE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "raised the thread limit (soft RLIMIT_NPROC) from 40 to 400" in proc.stderr
+    assert result["soft"] == 400
+    assert result["100"][0] != "ConfigurationError", result
+    kind, message = result["500"]
+    assert kind == "ConfigurationError"
+    assert message.startswith("500 workers need up to ")
+    assert "but RLIMIT_NPROC allows 400 threads: raise it (ulimit -u" in message
