@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -204,19 +205,20 @@ class EventBuffer:
                 attempt = 0
             except StorageUnavailable as exc:
                 attempt += 1
+                again = exc.remaining if isinstance(exc, PartlyWritten) else batch
                 with self._cond:
                     closed = self._closed
                 if closed:  # stop() gave up waiting on this write and closed the storage
                     logger.warning(
                         "%d events not written: the server stopped while writing them failed "
-                        "(%s)", len(batch), exc, extra={"action": "write_events"},
+                        "(%s)", len(again), exc, extra={"action": "write_events"},
                     )
                     return
                 logger.warning(
-                    "writing %d events failed, will retry: %s", len(batch), exc,
+                    "writing %d events failed, will retry: %s", len(again), exc,
                     extra={"action": "write_events"},
                 )
-                self._requeue(batch)
+                self._requeue(again)
                 time.sleep(backoff(attempt))
                 continue
             except Exception:  # a bug, not a bad event (those are refused one by one)
@@ -285,6 +287,8 @@ class EventBuffer:
                                    extra={"action": "write_events", "todo_id": key[0]})
 
     def _requeue(self, batch: list[dict[str, Any]]) -> None:
+        """Put events that could not be written back in front, due at the next try (they
+        were due already: a flush interval more is not theirs to wait)."""
         by_claim: dict[Key, list[dict[str, Any]]] = {}
         for event in batch:
             by_claim.setdefault(event_key(event), []).append(event)
@@ -294,20 +298,28 @@ class EventBuffer:
                 self._pending = {key: events + queue, **self._pending}
             self._count += len(batch)
             self._writing = 0
+            self._oldest = 0.0
 
     def _write(self, batch: list[dict[str, Any]]) -> None:
         try:
             rejected = self._storage.record_events(batch)
         except StorageUnavailable as exc:
-            if exc.code != STATEMENT_TIMEOUT or len(batch) == 1:
+            halves = _split_by_claims(batch) if exc.code == STATEMENT_TIMEOUT else None
+            if halves is None:
                 raise
             # Ended at the statement timeout (slow site triggers, heavy events): the same
-            # batch would be again. Halves go in order; ids make a retry of both idempotent.
+            # batch would be again. Halves of whole claims go in order; if the second cannot
+            # be written, only it (and what the first left) goes back to be sent again.
             logger.warning("writing %d events ran past the statement timeout; writing them in "
                            "halves", len(batch), extra={"action": "write_events"})
-            half = len(batch) // 2
-            self._write(batch[:half])
-            self._write(batch[half:])
+            first, second = halves
+            self._write(first)  # raising here, nothing of the batch was written
+            try:
+                self._write(second)
+            except PartlyWritten:
+                raise
+            except StorageUnavailable as later:
+                raise PartlyWritten(str(later), second, code=later.code) from later
             return
         except Exception as exc:  # StorageError, or an event the driver cannot encode
             # One malformed event must not lose the others: write them one at a time.
@@ -341,6 +353,35 @@ class EventBuffer:
                     self._held.pop(key, None)
         log_rejected(batch, rejected)
         self._on_written(len(batch) - len(rejected) - len(held))
+
+
+class PartlyWritten(StorageUnavailable):
+    """A batch written in halves failed after its first half was written (or set aside):
+    only ``remaining`` is to be sent again."""
+
+    def __init__(self, message: str, remaining: list[dict[str, Any]], *,
+                 code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.remaining = remaining
+
+
+def _split_by_claims(batch: list[dict[str, Any]]
+                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
+    """``batch`` in two, about half each, never splitting one claim's events (each claim's
+    are whole, in order, so that a held row sets all of them aside at once); None for the
+    events of a single claim."""
+    sizes = Counter(event_key(e) for e in batch)  # in the order of the claims' first events
+    if len(sizes) < 2:
+        return None
+    firsts: set[Key] = set()
+    count = 0
+    for key in list(sizes)[:-1]:
+        firsts.add(key)
+        count += sizes[key]
+        if count >= len(batch) // 2:
+            break
+    return ([e for e in batch if event_key(e) in firsts],
+            [e for e in batch if event_key(e) not in firsts])
 
 
 def log_rejected(batch: list[dict[str, Any]], rejected: list[Mapping[str, Any]]) -> None:

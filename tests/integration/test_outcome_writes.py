@@ -235,33 +235,89 @@ def test_a_batch_past_the_statement_timeout_is_written_in_halves_and_a_heavy_one
 
 def test_a_batch_of_events_past_the_statement_timeout_is_written_in_halves(
         database_url, db, caplog):
-    """A site's trigger makes each event slow to store: 16 events in one statement run past
-    the statement timeout, and the same batch would for ever; halves are written instead, in
-    the order the events were emitted."""
+    """A site's trigger makes each event slow to store: 16 events of 4 todos (2, 5, 5 and 4)
+    in one statement run past the statement timeout, and the same batch would for ever;
+    halves of whole todos are written instead, each todo's events in the order emitted. One
+    todo's row is held by another transaction meanwhile: its events wait, all of them, and
+    follow once it is free."""
     db.execute("""
         CREATE FUNCTION slow_event() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN PERFORM pg_sleep(0.08); RETURN NEW; END $$;
         CREATE TRIGGER slow_event BEFORE INSERT ON events
             FOR EACH ROW EXECUTE FUNCTION slow_event();""")
     storage = PostgresStorage(database_url, statement_timeout=0.5)
-    storage.enqueue(AGENT, "x")
-    (claim,) = storage.claim(agent_orch=AGENT, consumer="c", limit=1, lease_seconds=60,
-                             max_claims=3)
+    for i in range(4):
+        storage.enqueue(AGENT, f"q{i}")
+    claims = storage.claim(agent_orch=AGENT, consumer="c", limit=4, lease_seconds=60,
+                           max_claims=3)
+    sizes = dict(zip((c.todo_id for c in claims), (2, 5, 5, 4), strict=True))
+    held = claims[2].todo_id  # its events straddle the middle of the batch
     buffer = EventBuffer(storage, flush_interval=60, batch_size=100)
     buffer.start()
     try:
-        for step in range(16):
-            buffer.add({"todo_id": claim.todo_id, "token": claim.token,
-                        "event_type": "task_working", "data": {"step": step}, "job_id": None,
-                        "crew_type": None, "status": None})
+        with psycopg.connect(database_url) as blocker:
+            blocker.execute("SELECT id FROM todolist WHERE id = %s FOR UPDATE", (held,))
+            for claim in claims:
+                for step in range(sizes[claim.todo_id]):
+                    buffer.add({"todo_id": claim.todo_id, "token": claim.token,
+                                "event_type": "task_working", "data": {"step": step},
+                                "job_id": None, "crew_type": None, "status": None})
+            assert not buffer.flush(timeout=3), "the held todo's events still wait"
         assert buffer.flush(timeout=20)
     finally:
         buffer.close(timeout=5)
         storage.close()
-    steps = [r["data"]["step"] for r in db.execute(
-        "SELECT data FROM events WHERE todo_id = %s ORDER BY timestamp", (claim.todo_id,))]
-    assert steps == list(range(16))
+    for claim in claims:
+        steps = [r["data"]["step"] for r in db.execute(
+            "SELECT data FROM events WHERE todo_id = %s ORDER BY timestamp", (claim.todo_id,))]
+        assert steps == list(range(sizes[claim.todo_id])), (claim.todo_id == held, steps)
     assert "writing 16 events ran past the statement timeout" in caplog.text
+
+
+class OutageOnThirdCall(PostgresStorage):
+    """The third events write meets a dropped connection; the others reach the database."""
+
+    calls = 0
+
+    def record_events(self, events: Any) -> Any:
+        OutageOnThirdCall.calls += 1
+        if OutageOnThirdCall.calls == 3:
+            raise ps.StorageUnavailable("the connection dropped")
+        return super().record_events(events)
+
+
+def test_when_the_second_half_of_a_batch_meets_an_outage_only_it_is_sent_again(
+        database_url, db, caplog):
+    """8 events of 2 todos time out together; the first todo's half is written, the second's
+    meets an outage: only those 4 are sent again, and every event is stored once, in order."""
+    db.execute("""
+        CREATE FUNCTION slow_event() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN PERFORM pg_sleep(0.08); RETURN NEW; END $$;
+        CREATE TRIGGER slow_event BEFORE INSERT ON events
+            FOR EACH ROW EXECUTE FUNCTION slow_event();""")
+    OutageOnThirdCall.calls = 0
+    storage = OutageOnThirdCall(database_url, statement_timeout=0.5)
+    for i in range(2):
+        storage.enqueue(AGENT, f"q{i}")
+    claims = storage.claim(agent_orch=AGENT, consumer="c", limit=2, lease_seconds=60,
+                           max_claims=3)
+    buffer = EventBuffer(storage, flush_interval=60, batch_size=100)
+    buffer.start()
+    try:
+        for claim in claims:
+            for step in range(4):
+                buffer.add({"todo_id": claim.todo_id, "token": claim.token,
+                            "event_type": "task_working", "data": {"step": step},
+                            "job_id": None, "crew_type": None, "status": None})
+        assert buffer.flush(timeout=20)
+    finally:
+        buffer.close(timeout=5)
+        storage.close()
+    for claim in claims:
+        steps = [r["data"]["step"] for r in db.execute(
+            "SELECT data FROM events WHERE todo_id = %s ORDER BY timestamp", (claim.todo_id,))]
+        assert steps == [0, 1, 2, 3]
+    assert "writing 4 events failed, will retry: the connection dropped" in caplog.text
 
 def test_an_outcome_that_keeps_timing_out_alone_is_given_up_as_refused(database_url, db,
                                                                        monkeypatch):
