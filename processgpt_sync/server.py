@@ -226,8 +226,7 @@ class Server:
         if not parts.claimer.waiting_for_work:  # after a wait for work, no claim follows
             self._join("claimer", left())
         try:
-            parts.shutdown.drain(self._inflight, parts.buffer, parts.worker.cancel, grace, left,
-                                 self._stopping)
+            parts.shutdown.drain(self._inflight, parts.buffer, parts.worker.cancel, grace, left)
         finally:
             self._threads_stop.set()
             if parts.listener is not None and self._inflight.listening:

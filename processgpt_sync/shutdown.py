@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,8 +28,8 @@ from .storage import Storage
 def bounded(fn: Callable[[], Any], timeout: float, what: str) -> tuple[bool, Any]:
     """Run ``fn`` on a daemon thread for at most ``timeout`` seconds: (finished, its result or
     the exception it raised). A call stuck on a dead network path is left behind. With no
-    thread to run it on (the host's thread limit), the call is not made: (True, that error),
-    so that a stop goes on with its next step."""
+    thread to run it on (the host's thread limit), it runs here, bounded only by its own
+    timeouts (the connection's TCP and statement timeouts)."""
     box: list[Any] = []
 
     def run() -> None:
@@ -40,8 +41,9 @@ def bounded(fn: Callable[[], Any], timeout: float, what: str) -> tuple[bool, Any
     thread = threading.Thread(target=run, daemon=True, name=f"processgpt-sync-{what}")
     try:
         thread.start()
-    except RuntimeError as exc:  # "can't start new thread"
-        return True, exc
+    except RuntimeError:  # "can't start new thread"
+        run()
+        return True, box[0]
     thread.join(max(0.0, timeout))
     return (True, box[0]) if box else (False, None)
 
@@ -60,7 +62,7 @@ class Shutdown:
         self._extra = {**extra, "action": "stop_server"}
 
     def drain(self, inflight: InFlight, buffer: EventBuffer, cancel: Callable[[TodoRun, str], None],
-              grace: float, left: Callable[[], float], stopping: threading.Event) -> None:
+              grace: float, left: Callable[[], float]) -> None:
         """Wait ``grace`` seconds for running todos; cancel the rest and give them back, then
         wait for the outcomes already being written. The give-back comes first: an outcome
         waiting for a row another transaction holds must not take the time it needs."""
@@ -70,15 +72,14 @@ class Shutdown:
             run.close()
         if leftovers:
             buffer.flush(timeout=left() / 2)  # leave time to give the todos back
-            self._release([r.claim for r in leftovers], left, stopping)
+            self._release([r.claim for r in leftovers], left)
         writing = inflight.wait_written(leftovers, left())
         if writing:
             self._log.error("stopping: the outcomes of todos %s could not be stored in time; "
                             "their leases expire in %ds and another worker runs them again",
                             ", ".join(writing), self._settings.lease_seconds, extra=self._extra)
 
-    def _release(self, claims: list[Claim], left: Callable[[], float],
-                 stopping: threading.Event) -> None:
+    def _release(self, claims: list[Claim], left: Callable[[], float]) -> None:
         attempt = 0
         while left() > 0:
             attempt += 1
@@ -91,7 +92,7 @@ class Shutdown:
             self._log.warning("giving todos back failed (attempt %d): %s", attempt,
                               released if done else "no answer",
                               extra={**self._extra, "action": "release"})
-            stopping.wait(min(left(), backoff(attempt, base=0.5, cap=2.0)))
+            time.sleep(min(left(), backoff(attempt, base=0.5, cap=2.0)))
         self._log.error("could not give back todos %s (the database is unreachable); their "
                         "leases expire in %ds and another worker reclaims them",
                         ", ".join(c.todo_id for c in claims), self._settings.lease_seconds,

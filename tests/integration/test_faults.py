@@ -290,6 +290,37 @@ def test_a_dead_listen_connection_is_detected_and_reconnected(proxy, database_ur
     assert "no answer from the database for the listener probe" in caplog.text
 
 
+
+def test_giving_todos_back_to_a_database_refusing_connections_backs_off_between_tries(
+        proxy, database_url, db, caplog, monkeypatch):
+    """At stop the database refuses every connection, so each try to give the unfinished
+    todos back fails at once: the tries are spaced by a back-off over the stop's bound, not
+    repeated as fast as they fail, and what could not be given back is reported."""
+    monkeypatch.setattr("processgpt_sync.server.STOP_MARGIN", 3.0)
+    store = proxied_storage("supabase", proxy, database_url)  # a refused request fails at once
+    ids = enqueue(db, 2)
+    started, release = threading.Semaphore(0), threading.Event()
+
+    def handle(todo: ps.Todo) -> dict[str, Any]:
+        started.release()
+        release.wait(30)
+        return {"ok": True}
+
+    try:
+        server = ps.start(handle, agent_orch="faults", storage=store, workers=2)
+        for _ in ids:
+            assert started.acquire(timeout=20)
+        fault_target(store, proxy).refuse()
+        fault_target(store, proxy).reset()
+        server.stop(timeout=0.2)
+    finally:
+        release.set()
+        fault_target(store, proxy).heal()
+        close_storage(store)
+    tries = caplog.text.count("giving todos back failed (attempt")
+    assert 1 <= tries <= 10, tries
+    assert "could not give back todos" in caplog.text
+
 @pytest.mark.parametrize("kind", ["postgres", "supabase"])
 def test_stop_is_bounded_while_the_database_is_partitioned(kind, proxy, database_url, db, caplog):
     caplog.set_level(logging.INFO)
