@@ -140,14 +140,27 @@ class Recorder:
 
     def _record_asked(self, run: TodoRun, then: Callable[[], None], *,
                       events: list[dict[str, Any]] | None = None) -> None:
-        """Store the suspend with the todo's events; refused, the suspend alone: the question
-        is written already, and the todo must wait for its answer, not for its lease."""
+        """Store the suspend with the todo's events; refused, with its question alone (an
+        a2a executor's ``input_required`` travels with the suspend; ``suspend_for_human``
+        wrote its own already), so that the todo waits for its answer, not for its lease;
+        the question itself refused, the todo is recorded FAILED with why: nobody could
+        answer a question nobody sees."""
         events = self._take_events(run) if events is None else events
 
         def refused(problem: Any) -> None:
-            self._log.error("events of todo %s could not be stored (%s); suspending it without "
-                            "them", run.todo_id, problem, extra=self._todo_extra(run, "asked"))
-            self._record_asked(run, then, events=[])
+            questions = [e for e in events if e.get("event_type") == "human_asked"]
+            if len(questions) == len(events):
+                self._log.error("the question of todo %s could not be stored (%s); recording "
+                                "it failed", run.todo_id, problem,
+                                extra=self._todo_extra(run, "asked"))
+                self.fail_then(run, f"its question could not be stored: {problem}", then,
+                               events=[])
+                return
+            self._log.error("events of todo %s could not be stored (%s); suspending it %s",
+                            run.todo_id, problem,
+                            "with its question alone" if questions else "without them",
+                            extra=self._todo_extra(run, "asked"))
+            self._record_asked(run, then, events=questions)
 
         self._outcomes.submit(Outcome(run.claim, "asked", events=events),
                               self._after_write(run, events, "asked", then,

@@ -233,6 +233,24 @@ class Edges(AgentExecutor):
         pass
 
 
+
+class AsksAfterARefusedEvent(AgentExecutor):
+    """A progress event a site's trigger refuses, then a question (itself refused for
+    ``question-refused``)."""
+
+    async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+        context_id, task_id = ids(context)
+        refused_question = context.get_user_input() == "question-refused"
+        await event_queue.enqueue_event(ev.status(
+            "working", {"refuse me": True}, context_id, task_id))
+        question = {"question": "which tone?", **({"refuse me": True} if refused_question
+                                                  else {})}
+        await event_queue.enqueue_event(ev.status("input_required", question, context_id,
+                                                  task_id))
+
+    async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
+        pass
+
 def run(storage, executor, n=1, *, workers=2, inputs=None):
     todo_ids = [storage.enqueue("a2a", (inputs or ["hello"])[i % len(inputs or ["hello"])],
                                 proc_inst_id=None) for i in range(n)]
@@ -444,3 +462,27 @@ def test_how_an_a2a_executor_ends_decides_the_todos_state(storage, db):
     assert rows["self-cancel"]["draft_status"] == "FAILED"
     assert rows["self-cancel"]["log"] == ("RuntimeError: executor reported cancellation of the "
                                           "task: the user asked to stop")
+
+
+
+def test_a_question_kept_from_refused_events_still_suspends_and_a_refused_one_fails(
+        storage, db, monkeypatch):
+    """The question of an a2a executor ending on input_required travels with the suspend: when
+    the database refuses another of its events, the todo still waits with its question; when
+    it refuses the question itself, the todo is FAILED with why rather than waiting for an
+    answer to a question nobody can see."""
+    from tests.integration.test_outcome_writes import REFUSING_TRIGGERS
+
+    db.execute(REFUSING_TRIGGERS)
+    monkeypatch.setattr("processgpt_sync.server.EVENT_FLUSH_INTERVAL", 60.0)
+    run(storage, AsksAfterARefusedEvent(), 2, inputs=["event-refused", "question-refused"])
+    rows = {r["query"]: r for r in db.execute(
+        "SELECT query, id::text, draft_status::text, consumer, log FROM todolist")}
+    kept = rows["event-refused"]
+    assert (kept["draft_status"], kept["consumer"]) == ("HUMAN_ASKED", None)
+    assert [e["data"] for e in db.execute(
+        "SELECT data FROM events WHERE todo_id = %s AND event_type = 'human_asked'",
+        (kept["id"],))] == [{"question": "which tone?"}]
+    lost = rows["question-refused"]
+    assert lost["draft_status"] == "FAILED"
+    assert "its question could not be stored" in lost["log"]
