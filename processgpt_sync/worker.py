@@ -12,6 +12,7 @@ import contextvars
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -27,6 +28,8 @@ from .recorder import Recorder
 from .runs import CURRENT_RUN, UNSET, TodoRun
 from .settings import Settings
 from .stats import ServerStats
+
+EXIT_ALLOWANCE = 30.0  # seconds an ``around_todo`` exit may take once the executor returned
 
 
 class TodoWorker:
@@ -88,8 +91,9 @@ class TodoWorker:
             value, error = self._adapter.run(run.todo), None
         except BaseException as exc:  # SystemExit from argparse in a tool is this todo's failure
             value, error = UNSET, exc
-        with run.lock:  # the executor has ended in time: a slow exit below is not its timeout
-            run.deadline = None
+        with run.lock:  # the executor has ended in time: a slow exit below is not its timeout,
+            if run.deadline is not None:  # but one that hangs still ends, a while later
+                run.deadline = max(run.deadline, time.monotonic() + EXIT_ALLOWANCE)
         try:  # told of the todo's error, as a with-statement would tell it
             around.__exit__(type(error) if error else None, error,
                             error.__traceback__ if error else None)
@@ -169,7 +173,10 @@ class TodoWorker:
         except Exception as exc:
             self._log.exception("recording the outcome of todo %s failed", run.todo_id,
                                 extra=self._todo_extra(run, "finish"))
-            self._record_failure_instead(run, exc, recorded)
+            if problem is None:
+                self._record_failure_instead(run, exc, recorded)
+            else:  # it was being given back for the host's failure: not the executor's either
+                recorded()
         except BaseException:
             recorded()
             raise
@@ -178,8 +185,8 @@ class TodoWorker:
                                 recorded: Callable[[], None]) -> None:
         """Recording what the executor returned raised: record the todo failed with why, so
         that it ends now rather than run again once its lease runs out (no automatic retry).
-        A database error is not the executor's: that todo is left to its lease."""
-        if isinstance(exc, StorageError):
+        A database or host error is not the executor's: that todo is left to its lease."""
+        if isinstance(exc, StorageError) or infrastructure_problem(exc) is not None:
             recorded()
             return
         try:

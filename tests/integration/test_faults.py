@@ -522,6 +522,40 @@ def test_an_executor_refused_a_thread_of_its_own_is_the_hosts_fault(storage, db,
     assert db.execute("SELECT draft_status::text AS s FROM todolist").fetchone()["s"] == (
         "COMPLETED")
 
+
+def test_a_give_back_that_fails_leaves_the_todo_to_its_lease_not_failed(
+        storage, db, monkeypatch):
+    """The host broke a todo's run (no file descriptor) and giving it back fails too: the todo
+    is not recorded FAILED, as neither failure is its executor's; its lease runs out and it
+    runs again."""
+    import errno
+
+    from processgpt_sync.recorder import Recorder
+
+    calls: list[str] = []
+    release = Recorder.release
+
+    def release_once_broken(self: Recorder, run: Any) -> None:
+        if len(calls) == 1:
+            raise TypeError("the give-back broke")
+        release(self, run)
+
+    monkeypatch.setattr(Recorder, "release", release_once_broken)
+
+    def handle(todo: ps.Todo) -> dict[str, Any]:
+        calls.append(todo.id)
+        if len(calls) == 1:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return {"ok": True}
+
+    storage.enqueue("give-back", "x")
+    with ps.start(handle, agent_orch="give-back", storage=storage, lease_seconds=2) as server:
+        wait_for(lambda: server.stats()["completed"] == 1, timeout=20)
+        assert server.stats()["failed"] == 0
+    assert len(calls) == 2
+    assert db.execute("SELECT draft_status::text AS s FROM todolist").fetchone()["s"] == (
+        "COMPLETED")
+
 THREADS_SCRIPT = r"""
 import json, logging, sys, threading, time
 import psycopg

@@ -301,6 +301,34 @@ def test_a_slow_exit_from_the_context_around_a_todo_is_not_its_timeout(storage, 
         wait_for(lambda: server.stats()["completed"] + server.stats()["failed"] == 1)
     assert [(r["draft_status"], r["output"]) for r in rows(db)] == [("COMPLETED", {"ok": "q"})]
 
+
+def test_an_exit_from_the_context_around_a_todo_that_hangs_still_times_the_todo_out(
+        storage, db, monkeypatch):
+    """A hang while closing the context (a connection close on a dead link) is bounded: once
+    the allowance after the executor's return has passed too, the todo is FAILED, not left
+    running for ever."""
+    from contextlib import contextmanager
+
+    monkeypatch.setattr("processgpt_sync.worker.EXIT_ALLOWANCE", 0.5)
+    hang = threading.Event()
+
+    @contextmanager
+    def hangs_on_close():
+        yield
+        hang.wait(20)
+
+    storage.enqueue("t", "q")
+    server = ps.Server(lambda todo: {"ok": todo.input}, ps.Settings(agent_orch="t", timeout=0.5),
+                       storage=storage, around_todo=hangs_on_close)
+    try:
+        with server:
+            wait_for(lambda: server.stats()["failed"] == 1, timeout=10)
+            hang.set()
+    finally:
+        hang.set()
+    assert [(r["draft_status"], r["log"]) for r in rows(db)] == [
+        ("FAILED", "timed out after 0.5 s")]
+
 def test_a_start_that_failed_on_its_checks_can_be_called_again(empty_database_url):
     from processgpt_sync.storage.install import install_schema
 
