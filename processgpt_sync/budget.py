@@ -122,13 +122,14 @@ def _ensure_threads(budget: Budget, log: logging.Logger, extra: dict[str, str]) 
 
     unlimited = resource.RLIM_INFINITY
     soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
-    if soft == unlimited or budget.threads <= soft or os.getuid() == 0:
+    if soft == unlimited or budget.threads <= soft:
         return
     if hard != unlimited and budget.threads > hard:
+        if os.getuid() == 0:  # not applied to the host's root
+            return
         raise ConfigurationError(
             f"{budget.describe()}, but RLIMIT_NPROC allows {hard} threads: raise it "
-            f"(ulimit -u, TasksMax= in systemd, the pids limit of a container) or use fewer "
-            f"workers")
+            f"(ulimit -u, LimitNPROC= in systemd) or use fewer workers")
     resource.setrlimit(resource.RLIMIT_NPROC, (hard, hard))
     log.info("raised the thread limit (soft RLIMIT_NPROC) from %d to %s: %s", soft,
              "unlimited" if hard == unlimited else hard, budget.describe(),

@@ -286,6 +286,21 @@ class EventBuffer:
                                    "for %.0fs; its events wait for it", key[0], now - held.since,
                                    extra={"action": "write_events", "todo_id": key[0]})
 
+    def _hold_behind(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Of the second half of a batch, set aside the events of the todo whose earlier ones
+        the first half had to set aside (its row is held): after them, not written before
+        them. The others are returned, to be written now."""
+        with self._cond:
+            rest = []
+            for event in events:
+                held = self._held.get(event_key(event))
+                if held is not None and held.events:
+                    held.events.append(event)
+                    self._set_aside += 1
+                else:
+                    rest.append(event)
+            return rest
+
     def _requeue(self, batch: list[dict[str, Any]]) -> None:
         """Put events that could not be written back in front, due at the next try (they
         were due already: a flush interval more is not theirs to wait)."""
@@ -304,22 +319,27 @@ class EventBuffer:
         try:
             rejected = self._storage.record_events(batch)
         except StorageUnavailable as exc:
-            halves = _split_by_claims(batch) if exc.code == STATEMENT_TIMEOUT else None
+            halves = _halves(batch) if exc.code == STATEMENT_TIMEOUT else None
             if halves is None:
                 raise
             # Ended at the statement timeout (slow site triggers, heavy events): the same
-            # batch would be again. Halves of whole claims go in order; if the second cannot
-            # be written, only it (and what the first left) goes back to be sent again.
+            # batch would be again. Halves go in order; if a later part cannot be written,
+            # only what is not written yet goes back to be sent again.
             logger.warning("writing %d events ran past the statement timeout; writing them in "
                            "halves", len(batch), extra={"action": "write_events"})
             first, second = halves
-            self._write(first)  # raising here, nothing of the batch was written
             try:
-                self._write(second)
+                self._write(first)  # a plain outage here: nothing of the batch was written
+            except PartlyWritten as part:
+                raise PartlyWritten(str(part), part.remaining + second, code=part.code) from part
+            rest = self._hold_behind(second)
+            try:
+                if rest:
+                    self._write(rest)
             except PartlyWritten:
                 raise
             except StorageUnavailable as later:
-                raise PartlyWritten(str(later), second, code=later.code) from later
+                raise PartlyWritten(str(later), rest, code=later.code) from later
             return
         except Exception as exc:  # StorageError, or an event the driver cannot encode
             # One malformed event must not lose the others: write them one at a time.
@@ -365,14 +385,15 @@ class PartlyWritten(StorageUnavailable):
         self.remaining = remaining
 
 
-def _split_by_claims(batch: list[dict[str, Any]]
-                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
-    """``batch`` in two, about half each, never splitting one claim's events (each claim's
-    are whole, in order, so that a held row sets all of them aside at once); None for the
-    events of a single claim."""
+def _halves(batch: list[dict[str, Any]]
+            ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
+    """``batch`` in two, about half each, in order: on a boundary between claims where it has
+    several, so that a claim's events go together; else the one claim's in two (None for a
+    single event)."""
     sizes = Counter(event_key(e) for e in batch)  # in the order of the claims' first events
     if len(sizes) < 2:
-        return None
+        half = len(batch) // 2
+        return (batch[:half], batch[half:]) if half else None
     firsts: set[Key] = set()
     count = 0
     for key in list(sizes)[:-1]:

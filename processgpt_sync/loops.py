@@ -503,7 +503,11 @@ class SharedLoop:
             logger.warning("the shared event loop did not end its tasks in time",
                            extra={"action": "stop_server"})
         loop.call_soon_threadsafe(loop.stop)
-        thread.join()
+        thread.join(LEFTOVER_WAIT + 1.0)
+        if thread.is_alive():  # an executor blocks the loop: it is left behind, still open
+            logger.warning("the shared event loop is still blocked by an executor; leaving it",
+                           extra={"action": "stop_server"})
+            return
         loop.close()
         self._to_thread.close()
 

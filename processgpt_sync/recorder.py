@@ -150,11 +150,11 @@ class Recorder:
         def refused(problem: Any) -> None:
             questions = [e for e in events if e.get("event_type") == "human_asked"]
             if len(questions) == len(events):
-                self._log.error("the question of todo %s could not be stored (%s); recording "
-                                "it failed", run.todo_id, problem,
+                self._log.error("the suspend of todo %s with its question could not be stored "
+                                "(%s); recording it failed", run.todo_id, problem,
                                 extra=self._todo_extra(run, "asked"))
-                self.fail_then(run, f"its question could not be stored: {problem}", then,
-                               events=[])
+                self.fail_then(run, f"its suspend with its question could not be stored: "
+                               f"{problem}", then, events=[])
                 return
             self._log.error("events of todo %s could not be stored (%s); suspending it %s",
                             run.todo_id, problem,

@@ -198,8 +198,9 @@ class Server:
         ``grace_seconds``), write every accepted event, give unfinished todos back, return.
 
         Returns within the grace period plus ``STOP_MARGIN`` (and a few ``STOP_TAIL``) even
-        when the database is unreachable; what could not be written or given back is logged,
-        and those todos return to the queue when their leases expire."""
+        when the database is unreachable (not when the host has no thread left to bound a
+        step with: see ``shutdown``); what could not be written or given back is logged, and
+        those todos return to the queue when their leases expire."""
         with self._state_lock:
             first = not self._stopping.is_set()
             self._stopping.set()

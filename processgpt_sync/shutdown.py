@@ -3,6 +3,8 @@ the grace period, give the rest back, leave the server registry.
 
 Every database call here has a deadline: a call stuck on a dead link is left behind on a daemon
 thread, and what could not be done is logged (those todos return when their leases expire).
+With no thread to be had (the host's thread limit), a call runs on the stopping thread, bounded
+only by the connection's own timeouts, so stop() may then take longer than its bound.
 This module never runs user code; cancel hooks run through the worker's ``cancel``.
 """
 

@@ -485,4 +485,4 @@ def test_a_question_kept_from_refused_events_still_suspends_and_a_refused_one_fa
         (kept["id"],))] == [{"question": "which tone?"}]
     lost = rows["question-refused"]
     assert lost["draft_status"] == "FAILED"
-    assert "its question could not be stored" in lost["log"]
+    assert "its suspend with its question could not be stored" in lost["log"]

@@ -171,10 +171,11 @@ def test_to_thread_and_dns_lookups_share_one_pool_across_the_loops(storage, db, 
 
     for i in range(2 * workers):
         storage.enqueue("a", f"q{i}")
+    before = set(threading.enumerate())  # threads other tests left behind do not count
     with ps.start(handle, agent_orch="a", storage=storage, workers=workers,
                   loop=loop) as server:
         wait_for(lambda: server.stats()["completed"] == 2 * workers, timeout=30)
-        names = [t.name for t in threading.enumerate()]
+        names = [t.name for t in set(threading.enumerate()) - before]
     assert not [n for n in names if n.startswith("asyncio_")], names
     pool = [n for n in names if n.startswith("processgpt-sync-to-thread")]
     # one per overlapping call (a thread that just ended a call may not count as idle yet)

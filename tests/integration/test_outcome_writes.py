@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import psycopg
+import pytest
 
 import processgpt_sync as ps
 from processgpt_sync.errors import ServerFailed
@@ -233,32 +234,34 @@ def test_a_batch_past_the_statement_timeout_is_written_in_halves_and_a_heavy_one
                       ).fetchone()["n"] == 12
 
 
+@pytest.mark.parametrize(("sizes", "held_index"), [((2, 5, 5, 4), 2), ((16,), 0)],
+                         ids=["four-todos", "one-todo"])
 def test_a_batch_of_events_past_the_statement_timeout_is_written_in_halves(
-        database_url, db, caplog):
-    """A site's trigger makes each event slow to store: 16 events of 4 todos (2, 5, 5 and 4)
-    in one statement run past the statement timeout, and the same batch would for ever;
-    halves of whole todos are written instead, each todo's events in the order emitted. One
-    todo's row is held by another transaction meanwhile: its events wait, all of them, and
-    follow once it is free."""
+        database_url, db, caplog, sizes, held_index):
+    """A site's trigger makes each event slow to store: 16 events in one statement run past
+    the statement timeout, and the same batch would for ever; halves are written instead, on
+    a boundary between todos where there are several, each todo's events in the order
+    emitted. One todo's row is held by another transaction meanwhile: its events wait, all
+    of them, and follow once it is free."""
     db.execute("""
         CREATE FUNCTION slow_event() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN PERFORM pg_sleep(0.08); RETURN NEW; END $$;
         CREATE TRIGGER slow_event BEFORE INSERT ON events
             FOR EACH ROW EXECUTE FUNCTION slow_event();""")
     storage = PostgresStorage(database_url, statement_timeout=0.5)
-    for i in range(4):
+    for i in range(len(sizes)):
         storage.enqueue(AGENT, f"q{i}")
-    claims = storage.claim(agent_orch=AGENT, consumer="c", limit=4, lease_seconds=60,
-                           max_claims=3)
-    sizes = dict(zip((c.todo_id for c in claims), (2, 5, 5, 4), strict=True))
-    held = claims[2].todo_id  # its events straddle the middle of the batch
+    claims = storage.claim(agent_orch=AGENT, consumer="c", limit=len(sizes),
+                           lease_seconds=60, max_claims=3)
+    counts = dict(zip((c.todo_id for c in claims), sizes, strict=True))
+    held = claims[held_index].todo_id  # its events straddle the middle of the batch
     buffer = EventBuffer(storage, flush_interval=60, batch_size=100)
     buffer.start()
     try:
         with psycopg.connect(database_url) as blocker:
             blocker.execute("SELECT id FROM todolist WHERE id = %s FOR UPDATE", (held,))
             for claim in claims:
-                for step in range(sizes[claim.todo_id]):
+                for step in range(counts[claim.todo_id]):
                     buffer.add({"todo_id": claim.todo_id, "token": claim.token,
                                 "event_type": "task_working", "data": {"step": step},
                                 "job_id": None, "crew_type": None, "status": None})
@@ -270,42 +273,51 @@ def test_a_batch_of_events_past_the_statement_timeout_is_written_in_halves(
     for claim in claims:
         steps = [r["data"]["step"] for r in db.execute(
             "SELECT data FROM events WHERE todo_id = %s ORDER BY timestamp", (claim.todo_id,))]
-        assert steps == list(range(sizes[claim.todo_id])), (claim.todo_id == held, steps)
+        assert steps == list(range(counts[claim.todo_id])), (claim.todo_id == held, steps)
     assert "writing 16 events ran past the statement timeout" in caplog.text
 
 
-class OutageOnThirdCall(PostgresStorage):
-    """The third events write meets a dropped connection; the others reach the database."""
+class OutageOnOneCall(PostgresStorage):
+    """The events write numbered ``fail_on`` meets a dropped connection; the others reach the
+    database."""
 
     calls = 0
+    fail_on = 0
 
     def record_events(self, events: Any) -> Any:
-        OutageOnThirdCall.calls += 1
-        if OutageOnThirdCall.calls == 3:
+        OutageOnOneCall.calls += 1
+        if OutageOnOneCall.calls == OutageOnOneCall.fail_on:
             raise ps.StorageUnavailable("the connection dropped")
         return super().record_events(events)
 
 
-def test_when_the_second_half_of_a_batch_meets_an_outage_only_it_is_sent_again(
-        database_url, db, caplog):
-    """8 events of 2 todos time out together; the first todo's half is written, the second's
-    meets an outage: only those 4 are sent again, and every event is stored once, in order."""
+@pytest.mark.parametrize(("sizes", "fail_on", "sent_again"), [((4, 4), 3, 4), ((1, 6, 1), 5, 7)],
+                         ids=["second-half", "inside-the-first-half"])
+def test_when_part_of_a_halved_batch_meets_an_outage_only_what_is_unwritten_is_sent_again(
+        database_url, db, caplog, sizes, fail_on, sent_again):
+    """Events time out together (at most 4 fit in a statement here) and are written in
+    halves, and one of those writes meets an outage: what was written stays written, what
+    was not (the rest of that half, and every later half) is sent again, and every event is
+    stored once, in order. 2 todos: the first half written, the second's outage. 3 todos
+    (1, 6 and 1 events): the 6 split again inside the first half, whose first part meets the
+    outage: those 6 and the last todo's event go back."""
     db.execute("""
         CREATE FUNCTION slow_event() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN PERFORM pg_sleep(0.08); RETURN NEW; END $$;
+        BEGIN PERFORM pg_sleep(0.1); RETURN NEW; END $$;
         CREATE TRIGGER slow_event BEFORE INSERT ON events
             FOR EACH ROW EXECUTE FUNCTION slow_event();""")
-    OutageOnThirdCall.calls = 0
-    storage = OutageOnThirdCall(database_url, statement_timeout=0.5)
-    for i in range(2):
+    OutageOnOneCall.calls, OutageOnOneCall.fail_on = 0, fail_on
+    storage = OutageOnOneCall(database_url, statement_timeout=0.5)
+    for i in range(len(sizes)):
         storage.enqueue(AGENT, f"q{i}")
-    claims = storage.claim(agent_orch=AGENT, consumer="c", limit=2, lease_seconds=60,
-                           max_claims=3)
+    claims = storage.claim(agent_orch=AGENT, consumer="c", limit=len(sizes),
+                           lease_seconds=60, max_claims=3)
+    counts = dict(zip((c.todo_id for c in claims), sizes, strict=True))
     buffer = EventBuffer(storage, flush_interval=60, batch_size=100)
     buffer.start()
     try:
         for claim in claims:
-            for step in range(4):
+            for step in range(counts[claim.todo_id]):
                 buffer.add({"todo_id": claim.todo_id, "token": claim.token,
                             "event_type": "task_working", "data": {"step": step},
                             "job_id": None, "crew_type": None, "status": None})
@@ -316,8 +328,9 @@ def test_when_the_second_half_of_a_batch_meets_an_outage_only_it_is_sent_again(
     for claim in claims:
         steps = [r["data"]["step"] for r in db.execute(
             "SELECT data FROM events WHERE todo_id = %s ORDER BY timestamp", (claim.todo_id,))]
-        assert steps == [0, 1, 2, 3]
-    assert "writing 4 events failed, will retry: the connection dropped" in caplog.text
+        assert steps == list(range(counts[claim.todo_id]))
+    assert f"writing {sent_again} events failed, will retry: the connection dropped" in (
+        caplog.text)
 
 def test_an_outcome_that_keeps_timing_out_alone_is_given_up_as_refused(database_url, db,
                                                                        monkeypatch):

@@ -234,4 +234,4 @@ def test_the_thread_limit_is_raised_toward_the_hard_one_or_start_refuses_clearly
     kind, message = result["500"]
     assert kind == "ConfigurationError"
     assert message.startswith("500 workers need up to ")
-    assert "but RLIMIT_NPROC allows 400 threads: raise it (ulimit -u" in message
+    assert "but RLIMIT_NPROC allows 400 threads: raise it (ulimit -u, LimitNPROC=" in message
