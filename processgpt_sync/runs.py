@@ -56,6 +56,7 @@ class TodoRun:
         """Set when the executor starts: a todo waiting for a worker thread cannot time out."""
         self.slot_released = False
         self.executor_returned = False  # its thread is free again
+        self.leaving = False  # its executor returned; the context around it is being left
         self._ended = False
         me = weakref.ref(self)
         self.events = Events(

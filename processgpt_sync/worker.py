@@ -94,6 +94,7 @@ class TodoWorker:
         with run.lock:  # the executor has ended in time: a slow exit below is not its timeout,
             if run.deadline is not None:  # but one that hangs still ends, a while later
                 run.deadline = max(run.deadline, time.monotonic() + EXIT_ALLOWANCE)
+                run.leaving = True
         try:  # told of the todo's error, as a with-statement would tell it
             around.__exit__(type(error) if error else None, error,
                             error.__traceback__ if error else None)
@@ -217,12 +218,13 @@ class TodoWorker:
             run.cancel_reason = "timeout"
             run.cancel_event.set()
         self._stop_executor(run, "timeout")
-        self._log.warning("todo %s timed out after %gs", run.todo_id, timeout,
-                          extra=self._todo_extra(run, "timeout"))
+        why = (f"its executor returned, but leaving the context around it did not end within "
+               f"{EXIT_ALLOWANCE:g} s" if run.leaving else f"timed out after {timeout:g} s")
+        self._log.warning("todo %s: %s", run.todo_id, why, extra=self._todo_extra(run, "timeout"))
         freed = functools.partial(self._inflight.timed_out, run)
         try:  # handed to the outcome writer: the heartbeat, which called this, goes on with
             # the other todos' deadlines and leases while the database is slow or away
-            self._recorder.fail_then(run, f"timed out after {timeout:g} s", freed)
+            self._recorder.fail_then(run, why, freed)
         except Exception:  # as on the normal path: the heartbeat must go on for the others
             self._log.exception("recording the timeout of todo %s failed", run.todo_id,
                                 extra=self._todo_extra(run, "timeout"))
