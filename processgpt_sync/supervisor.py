@@ -34,7 +34,13 @@ from types import FrameType
 from typing import Any
 
 from . import embedded
-from .errors import ConfigurationError, SchemaMissing, ServerFailed
+from .errors import (
+    ConfigurationError,
+    SchemaMissing,
+    ServerFailed,
+    StorageError,
+    StorageUnavailable,
+)
 from .executor_import import load_executor
 from .metrics import serve_metrics
 from .server import Server
@@ -241,6 +247,11 @@ def child_main(spec: ChildSpec, index: int, supervisor: int | None = None) -> No
     except (ConfigurationError, SchemaMissing) as exc:
         log.error("server process %d: %s", index, exc)
         _exit(EXIT_CONFIG)
+    except StorageError as exc:
+        log.error("server process %d: %s", index, exc)
+        # Refused at start (a wrong key, no permission): a restart would be refused again.
+        # An outage is worth one.
+        _exit(EXIT_FAILED if isinstance(exc, StorageUnavailable) else EXIT_CONFIG)
     except ServerFailed as exc:
         log.error("server process %d: %s", index, exc)
         _exit(EXIT_FAILED)

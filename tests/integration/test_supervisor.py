@@ -147,6 +147,36 @@ def test_a_child_failing_on_its_configuration_stops_the_group_with_exit_2(
     assert "restarting in" not in text
 
 
+
+def test_a_child_the_database_refuses_at_start_stops_the_group_with_exit_2(
+        database_url, db, tmp_path):
+    """A role that may not call the library's functions (a wrong key, no grant) is refused
+    at start: a restart would be refused again, so the group stops with 2, as one process
+    does, instead of restarting for ever."""
+    import uuid
+
+    from psycopg.conninfo import make_conninfo
+
+    role = f"no_grant_{uuid.uuid4().hex[:8]}"
+    db.execute(f"CREATE ROLE {role} LOGIN")
+    db.execute("REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA public FROM PUBLIC")
+    try:
+        with open(tmp_path / "log", "w") as log:
+            group = supervise(make_conninfo(database_url, user=role), "--processes", "2",
+                              "--workers", "1", log=log)
+            try:
+                assert group.wait(60) == 2
+            finally:
+                stop_process(group)
+    finally:
+        db.execute("GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO PUBLIC")
+        db.execute(f"DROP OWNED BY {role}")
+        db.execute(f"DROP ROLE {role}")
+    text = (tmp_path / "log").read_text()
+    assert "permission denied" in text
+    assert "failed on its configuration; stopping the group" in text
+    assert "restarting in" not in text
+
 @pytest.mark.slow
 def test_serve_with_processes_from_python_runs_the_children_and_returns_on_sigterm(
         database_url, tmp_path):
