@@ -267,10 +267,10 @@ BEGIN
         FOR UPDATE OF t SKIP LOCKED
     ), exhausted AS (
         SELECT id FROM exhausted_ours UNION SELECT id FROM exhausted_upstream
-    ), failed AS (
+    ), failed AS (  -- the token cleared: the lost claim's late write is refused, not "applied"
         UPDATE todolist t
-        SET draft_status = 'FAILED', consumer = NULL, lease_until = NULL, updated_at = now(),
-            log = concat_ws(E'\n', t.log, format(
+        SET draft_status = 'FAILED', consumer = NULL, lease_until = NULL, claim_token = NULL,
+            updated_at = now(), log = concat_ws(E'\n', t.log, format(
                 'claimed %s times without finishing (max_claims=%s); marked FAILED',
                 t.claim_count, p_max_claims))
         FROM exhausted e WHERE t.id = e.id
@@ -1083,6 +1083,10 @@ DECLARE
     v_asked_at timestamptz;
     v_answer events;
 BEGIN
+    -- The row first: a suspend being committed meanwhile (its outcome holds the row) is
+    -- waited for, so that the reads below see it; else this answer, committed after the
+    -- suspend looked for one, would find the todo still owned and requeue nothing, ever.
+    PERFORM 1 FROM todolist t WHERE t.id = p_todo_id FOR NO KEY UPDATE;
     SELECT q.job_id, q."timestamp" INTO v_job_id, v_asked_at FROM events q
     WHERE q.todo_id = p_todo_id::text AND q.event_type = 'human_asked'
     ORDER BY q."timestamp" DESC LIMIT 1;

@@ -299,6 +299,50 @@ def test_an_answer_written_before_the_suspend_commits_requeues_the_todo(storage,
     assert again.extras["resume"]["job_id"] == "human_asked_a"
 
 
+
+def test_an_answer_inserted_while_the_suspend_commits_requeues_the_todo(database_url, db):
+    """The suspend's transaction has looked for an answer and not committed yet when the UI
+    inserts one: the UI's insert waits for it, and the todo is requeued, not left suspended
+    with its question answered and nobody to run it."""
+    store = PostgresStorage(database_url)
+    try:
+        todo_id = store.enqueue("life", "q")
+        (c,) = claim(store)
+        store.ask(c, "human_asked_a", question_data("Ship it?", None, "confirm"))
+    finally:
+        store.close()
+    items = json.dumps([{"todo_id": c.todo_id, "token": str(c.token), "outcome": "asked"}])
+
+    def answer() -> None:
+        with psycopg.connect(database_url, autocommit=True) as ui:
+            ui.execute("INSERT INTO events (id, job_id, event_type, data, status) VALUES "
+                       "(%s, 'human_asked_a', 'human_response', '{\"answer\": true}', "
+                       "'APPROVED')", (str(uuid.uuid4()),))
+
+    with psycopg.connect(database_url) as worker:  # one transaction, open until commit()
+        worker.execute("SELECT processgpt_sync_finish_v1(%s::jsonb)", (items,))
+        ui = threading.Thread(target=answer)
+        ui.start()
+        ui.join(1.0)  # the answer's insert waits on the todo's row, or ran without waiting
+        worker.commit()
+    ui.join(10)
+    assert state(db, todo_id)["draft_status"] == "FB_REQUESTED"
+
+
+def test_a_late_failure_from_a_claim_that_ran_out_of_claims_is_refused_not_applied(
+        storage, db):
+    """The todo was FAILED for running out of claims while its last owner was cut off; that
+    owner's own failure, written later, is not reported stored (it was not, nor its
+    events): the owner learns its claim is gone."""
+    todo_id = storage.enqueue("life", "q")
+    (c,) = claim(storage, max_claims=1)
+    expire_leases(db)
+    assert claim(storage, consumer="w2", max_claims=1) == []
+    assert state(db, todo_id)["draft_status"] == "FAILED"
+    (late,) = storage.finish([{"todo_id": c.todo_id, "token": c.token, "outcome": "failed",
+                               "error": "boom"}])
+    assert (late.applied, late.reason) == (False, "not_owner")
+
 def test_a_retried_asked_outcome_writes_its_question_and_events_once(storage, db):
     todo_id = storage.enqueue("life", "q")
     (c,) = claim(storage)
