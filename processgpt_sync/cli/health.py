@@ -81,9 +81,9 @@ def _server_checks(storage: Storage, agent_orch: str | None, consumer: str | Non
     cut off from the database, or stalled, stops doing so)."""
     try:
         servers = storage.servers(agent_orch, consumer)
-    except StorageError as exc:
+    except StorageError as exc:  # the database's answer, not the server's: 3, as above
         check("server", False, f"the server registry could not be read: {exc}")
-        return HEALTH_SERVER
+        return HEALTH_UNREACHABLE
     if not servers:
         which = f"consumer {consumer!r}" if consumer else f"agent_orch {agent_orch!r}"
         check("server", False, f"none registered for {which} (not started, or stopped)")

@@ -323,8 +323,13 @@ class PostgresListener:
         self.close()
         with wrap_exceptions("listen"):
             conn = psycopg.connect(self._conninfo, autocommit=True)
-            for channel in self._channels:
-                conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+            try:
+                with DEADLINES.watch(conn.fileno(), PROBE_DEADLINE, "LISTEN"):
+                    for channel in self._channels:
+                        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+            except BaseException:
+                conn.close()
+                raise
         self._conn = conn
         self._probes = 0
 

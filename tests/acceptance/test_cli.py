@@ -158,6 +158,27 @@ def test_health_json_reports_a_role_without_rights_as_a_schema_problem(database_
     assert "permission denied" in report["checks"][1]["detail"]
 
 
+
+def test_health_of_a_server_whose_registry_cannot_be_read_is_a_database_problem(database_url):
+    """The database refuses the registry read (no grant): exit 3, as for the database step,
+    not 6, which says the server is not running and gets it replaced."""
+    role = f"probe_{os.getpid()}"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")  # it may check the schema, nothing more
+        conn.execute(f"GRANT EXECUTE ON FUNCTION processgpt_sync_schema_v1 TO {role}")
+    try:
+        url = psycopg.conninfo.make_conninfo(database_url, user=role)
+        refused = cli("health", "--json", "--consumer", "w1", "--database-url", url,
+                      check=False)
+    finally:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
+    report = json.loads(refused.stdout)
+    assert (refused.returncode, report["exit_code"]) == (3, 3), refused.stdout
+    assert report["checks"][-1]["name"] == "server"
+    assert "permission denied" in report["checks"][-1]["detail"]
+
 def test_status_watch_refreshes_until_interrupted(database_url):
     proc = subprocess.Popen([sys.executable, "-m", "processgpt_sync", "status", "--watch",
                              "--interval", "0.2", "--database-url", database_url], cwd=ROOT,
