@@ -1523,6 +1523,19 @@ BEGIN
            OR (v_instance IS NULL AND jsonb_typeof(p_server->'known') = 'array'
                AND NOT l.todo_id::text IN (SELECT jsonb_array_elements_text(p_server->'known'))));
     IF v_orphan_ids IS NOT NULL THEN
+        -- Only rows no other transaction holds (a person's open UPDATE): waiting here would
+        -- hold up the renewal of every other lease of this server until they expire. A held
+        -- one is named by the next heartbeat, or its lease runs out.
+        WITH lockable AS (
+            SELECT o.todo_id, o.token
+            FROM unnest(v_orphan_ids, v_orphan_tokens) AS o(todo_id, token)
+            JOIN todolist t ON t.id = o.todo_id
+            FOR UPDATE OF t SKIP LOCKED
+        )
+        SELECT array_agg(todo_id), array_agg(token) INTO v_orphan_ids, v_orphan_tokens
+        FROM lockable;
+    END IF;
+    IF v_orphan_ids IS NOT NULL THEN
         v_orphans := processgpt_sync_release_v1(v_orphan_ids, v_orphan_tokens);
     END IF;
     INSERT INTO processgpt_sync_server AS s

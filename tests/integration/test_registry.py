@@ -60,6 +60,33 @@ def test_the_heartbeat_gives_back_a_claim_whose_answer_was_lost(backend, db):
                              {"agent_orch": "reg", "unanswered": [call]}).orphans == set()
 
 
+
+def test_a_heartbeat_renews_its_leases_while_an_orphans_row_is_held(backend, db,
+                                                                     database_url):
+    """Another transaction holds the row of a todo the heartbeat would give back: the
+    heartbeat does not wait for it (every other lease would expire meanwhile); it renews the
+    others, and the next heartbeat gives that todo back once the row is free."""
+    import psycopg
+
+    backend.enqueue("reg", "a")
+    backend.enqueue("reg", "b")
+    (answered,) = backend.claim(agent_orch="reg", consumer="c1", limit=1, lease_seconds=60,
+                                max_claims=3, call_id=str(uuid.uuid4()))
+    call = str(uuid.uuid4())
+    (lost,) = backend.claim(agent_orch="reg", consumer="c1", limit=1, lease_seconds=60,
+                            max_claims=3, call_id=call)
+    server = {"agent_orch": "reg", "unanswered": [call]}
+    with psycopg.connect(database_url) as holder:
+        holder.execute("SELECT 1 FROM todolist WHERE id = %s FOR UPDATE", (lost.todo_id,))
+        began = time.monotonic()
+        report = backend.heartbeat("c1", [answered], 60, server)
+        assert time.monotonic() - began < 5, "it did not wait for the held row"
+        assert report.renewed == {answered.todo_id} and report.orphans == frozenset()
+    report = backend.heartbeat("c1", [answered], 60, server)
+    assert report.orphans == {lost.todo_id}
+    assert db.execute("SELECT draft_status FROM todolist WHERE id = %s",
+                      (lost.todo_id,)).fetchone()["draft_status"] is None
+
 def test_a_heartbeat_the_network_delivers_late_gives_back_nothing_claimed_after_it(backend, db):
     """A heartbeat sent, held up on the way past its caller's deadline, and delivered after
     the server claimed more todos on a new connection: it names only the calls that had failed
