@@ -92,7 +92,7 @@ class TodoWorker:
         except BaseException as exc:  # SystemExit from argparse in a tool is this todo's failure
             value, error = UNSET, exc
         with run.lock:  # the executor has ended in time: a slow exit below is not its timeout,
-            if run.deadline is not None:  # but one that hangs still ends, a while later
+            if run.deadline is not None and not run.closed:  # one that hangs still ends, later
                 run.deadline = max(run.deadline, time.monotonic() + EXIT_ALLOWANCE)
                 run.leaving = True
         try:  # told of the todo's error, as a with-statement would tell it
@@ -217,9 +217,10 @@ class TodoWorker:
             run.closed = True
             run.cancel_reason = "timeout"
             run.cancel_event.set()
+            leaving = run.leaving  # read before the cancel below lets the executor return
         self._stop_executor(run, "timeout")
         why = (f"its executor returned, but leaving the context around it did not end within "
-               f"{EXIT_ALLOWANCE:g} s" if run.leaving else f"timed out after {timeout:g} s")
+               f"{EXIT_ALLOWANCE:g} s" if leaving else f"timed out after {timeout:g} s")
         self._log.warning("todo %s: %s", run.todo_id, why, extra=self._todo_extra(run, "timeout"))
         freed = functools.partial(self._inflight.timed_out, run)
         try:  # handed to the outcome writer: the heartbeat, which called this, goes on with
