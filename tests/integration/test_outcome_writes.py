@@ -234,6 +234,29 @@ def test_a_batch_past_the_statement_timeout_is_written_in_halves_and_a_heavy_one
                       ).fetchone()["n"] == 12
 
 
+def slow_events(db: Any, seconds: float) -> None:
+    """A site's trigger that takes ``seconds`` to store each event."""
+    db.execute(f"""
+        CREATE FUNCTION slow_event() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN PERFORM pg_sleep({seconds}); RETURN NEW; END $$;
+        CREATE TRIGGER slow_event BEFORE INSERT ON events
+            FOR EACH ROW EXECUTE FUNCTION slow_event();""")
+
+
+def add_steps(buffer: EventBuffer, claims: list[Any], counts: dict[str, int]) -> None:
+    """Each claim's progress events, numbered from 0, todo after todo."""
+    for claim in claims:
+        for step in range(counts[claim.todo_id]):
+            buffer.add({"todo_id": claim.todo_id, "token": claim.token,
+                        "event_type": "task_working", "data": {"step": step}, "job_id": None,
+                        "crew_type": None, "status": None})
+
+
+def stored_steps(db: Any, todo_id: str) -> list[int]:
+    return [r["data"]["step"] for r in db.execute(
+        "SELECT data FROM events WHERE todo_id = %s ORDER BY timestamp", (todo_id,))]
+
+
 @pytest.mark.parametrize(("sizes", "held_index"), [((2, 5, 5, 4), 2), ((16,), 0)],
                          ids=["four-todos", "one-todo"])
 def test_a_batch_of_events_past_the_statement_timeout_is_written_in_halves(
@@ -243,11 +266,7 @@ def test_a_batch_of_events_past_the_statement_timeout_is_written_in_halves(
     a boundary between todos where there are several, each todo's events in the order
     emitted. One todo's row is held by another transaction meanwhile: its events wait, all
     of them, and follow once it is free."""
-    db.execute("""
-        CREATE FUNCTION slow_event() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN PERFORM pg_sleep(0.08); RETURN NEW; END $$;
-        CREATE TRIGGER slow_event BEFORE INSERT ON events
-            FOR EACH ROW EXECUTE FUNCTION slow_event();""")
+    slow_events(db, 0.08)
     storage = PostgresStorage(database_url, statement_timeout=0.5)
     for i in range(len(sizes)):
         storage.enqueue(AGENT, f"q{i}")
@@ -260,19 +279,14 @@ def test_a_batch_of_events_past_the_statement_timeout_is_written_in_halves(
     try:
         with psycopg.connect(database_url) as blocker:
             blocker.execute("SELECT id FROM todolist WHERE id = %s FOR UPDATE", (held,))
-            for claim in claims:
-                for step in range(counts[claim.todo_id]):
-                    buffer.add({"todo_id": claim.todo_id, "token": claim.token,
-                                "event_type": "task_working", "data": {"step": step},
-                                "job_id": None, "crew_type": None, "status": None})
+            add_steps(buffer, claims, counts)
             assert not buffer.flush(timeout=3), "the held todo's events still wait"
         assert buffer.flush(timeout=20)
     finally:
         buffer.close(timeout=5)
         storage.close()
     for claim in claims:
-        steps = [r["data"]["step"] for r in db.execute(
-            "SELECT data FROM events WHERE todo_id = %s ORDER BY timestamp", (claim.todo_id,))]
+        steps = stored_steps(db, claim.todo_id)
         assert steps == list(range(counts[claim.todo_id])), (claim.todo_id == held, steps)
     assert "writing 16 events ran past the statement timeout" in caplog.text
 
@@ -301,11 +315,7 @@ def test_when_part_of_a_halved_batch_meets_an_outage_only_what_is_unwritten_is_s
     stored once, in order. 2 todos: the first half written, the second's outage. 3 todos
     (1, 6 and 1 events): the 6 split again inside the first half, whose first part meets the
     outage: those 6 and the last todo's event go back."""
-    db.execute("""
-        CREATE FUNCTION slow_event() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN PERFORM pg_sleep(0.1); RETURN NEW; END $$;
-        CREATE TRIGGER slow_event BEFORE INSERT ON events
-            FOR EACH ROW EXECUTE FUNCTION slow_event();""")
+    slow_events(db, 0.1)
     OutageOnOneCall.calls, OutageOnOneCall.fail_on = 0, fail_on
     storage = OutageOnOneCall(database_url, statement_timeout=0.5)
     for i in range(len(sizes)):
@@ -316,21 +326,16 @@ def test_when_part_of_a_halved_batch_meets_an_outage_only_what_is_unwritten_is_s
     buffer = EventBuffer(storage, flush_interval=60, batch_size=100)
     buffer.start()
     try:
-        for claim in claims:
-            for step in range(counts[claim.todo_id]):
-                buffer.add({"todo_id": claim.todo_id, "token": claim.token,
-                            "event_type": "task_working", "data": {"step": step},
-                            "job_id": None, "crew_type": None, "status": None})
+        add_steps(buffer, claims, counts)
         assert buffer.flush(timeout=20)
     finally:
         buffer.close(timeout=5)
         storage.close()
     for claim in claims:
-        steps = [r["data"]["step"] for r in db.execute(
-            "SELECT data FROM events WHERE todo_id = %s ORDER BY timestamp", (claim.todo_id,))]
-        assert steps == list(range(counts[claim.todo_id]))
+        assert stored_steps(db, claim.todo_id) == list(range(counts[claim.todo_id]))
     assert f"writing {sent_again} events failed, will retry: the connection dropped" in (
         caplog.text)
+
 
 def test_an_outcome_that_keeps_timing_out_alone_is_given_up_as_refused(database_url, db,
                                                                        monkeypatch):
