@@ -4,8 +4,10 @@ and what cannot be stored is reported, never left waiting."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -19,6 +21,15 @@ from processgpt_sync.storage.postgres import PostgresStorage
 from tests.conftest import wait_for
 
 AGENT = "writes"
+
+
+@contextlib.contextmanager
+def holding_rows(database_url: str, todo_ids: list[str]) -> Iterator[None]:
+    """Another transaction holds these todo rows (a person's open UPDATE) until the block ends."""
+    with psycopg.connect(database_url) as holder:
+        holder.execute("SELECT id FROM todolist WHERE id = ANY(%s::uuid[]) FOR UPDATE",
+                       (list(todo_ids),))
+        yield
 
 
 def test_worker_threads_run_the_next_todos_while_earlier_outcomes_wait_to_be_written(
@@ -47,9 +58,7 @@ def test_worker_threads_run_the_next_todos_while_earlier_outcomes_wait_to_be_wri
     server = ps.start(handle, agent_orch=AGENT, storage=storage, workers=workers)
     try:
         wait_for(lambda: len(started) == workers, timeout=20)
-        with psycopg.connect(database_url) as blocker:
-            blocker.execute("SELECT id FROM todolist WHERE id = ANY(%s::uuid[]) FOR UPDATE",
-                            (list(started),))
+        with holding_rows(database_url, started):
             release_first.set()
             wait_for(lambda: len(started) == 2 * workers, timeout=20)
             wait_for(lambda: server.stats()["completed"] == workers, timeout=20)
@@ -92,8 +101,7 @@ def test_events_of_a_todo_whose_row_is_held_wait_without_holding_up_other_todos_
     server = ps.start(handle, agent_orch=AGENT, storage=storage, workers=2)
     try:
         wait_for(lambda: server.stats()["running"] == 2, timeout=20)
-        with psycopg.connect(database_url) as blocker:
-            blocker.execute("SELECT id FROM todolist WHERE id = %s FOR UPDATE", (held_id,))
+        with holding_rows(database_url, [held_id]):
             go.set()
             wait_for(lambda: steps(free_id) == [0, 1, 2], timeout=10)
             wait_for(lambda: f"todo {held_id} has been held" in caplog.text, timeout=10)
@@ -126,8 +134,7 @@ def test_an_outcome_whose_row_stays_held_is_reported_unstored_once_the_server_ab
         return lambda result, failure: told.__setitem__(todo_id, (result, failure))
 
     try:
-        with psycopg.connect(database_url) as blocker:
-            blocker.execute("SELECT id FROM todolist WHERE id = %s FOR UPDATE", (held_id,))
+        with holding_rows(database_url, [held_id]):
             for todo_id in (held_id, free_id):
                 writer.submit(Outcome(claims[todo_id], "completed", result={"ok": 1}),
                               stored_as(todo_id))
@@ -170,8 +177,7 @@ def test_stop_gives_an_unfinished_todo_back_while_another_outcome_waits_for_its_
     server = ps.start(handle, agent_orch=AGENT, storage=storage, workers=2)
     try:
         wait_for(lambda: server.stats()["running"] == 2, timeout=20)
-        with psycopg.connect(database_url) as blocker:
-            blocker.execute("SELECT id FROM todolist WHERE id = %s FOR UPDATE", (held_id,))
+        with holding_rows(database_url, [held_id]):
             go.set()
             assert returned.wait(10)
             server.stop(timeout=0.2)
@@ -277,8 +283,7 @@ def test_a_batch_of_events_past_the_statement_timeout_is_written_in_halves(
     buffer = EventBuffer(storage, flush_interval=60, batch_size=100)
     buffer.start()
     try:
-        with psycopg.connect(database_url) as blocker:
-            blocker.execute("SELECT id FROM todolist WHERE id = %s FOR UPDATE", (held,))
+        with holding_rows(database_url, [held]):
             add_steps(buffer, claims, counts)
             assert not buffer.flush(timeout=3), "the held todo's events still wait"
         assert buffer.flush(timeout=20)
