@@ -15,6 +15,11 @@ from . import embedded
 
 logger = logging.getLogger(__name__)
 
+REPEATED_SIGTERM_EXITS = True
+"""Whether a second SIGTERM exits at once. A supervised server process turns it off: systemd's
+default stop sends SIGTERM to every process of the unit while the supervisor forwards its own,
+so a child gets two for one stop; the supervisor asks for an exit now with SIGINT instead."""
+
 
 @contextmanager
 def on_stop(requested: threading.Event, log: logging.Logger = logger,
@@ -32,6 +37,9 @@ def on_stop(requested: threading.Event, log: logging.Logger = logger,
         return
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
+        if requested.is_set() and signum == signal.SIGTERM and not REPEATED_SIGTERM_EXITS:
+            log.info("SIGTERM again: already stopping gracefully", extra=extra)
+            return
         if requested.is_set():
             log.critical("second signal: exiting now", extra=extra)
             embedded.release()  # os._exit skips the exit hooks that stop the embedded server

@@ -5,7 +5,9 @@ with processes instead of threads: ``--processes 8 --workers 1``. Each child is 
 server with its own consumer name; the supervisor holds no todo and no lease, the database
 stays the only coordinator. The supervisor:
 
-- forwards SIGINT/SIGTERM to every child (first signal: graceful stop, second: exit now);
+- forwards SIGINT/SIGTERM to every child (first signal: graceful stop, as SIGTERM; second:
+  exit now, as SIGINT, so that a SIGTERM a child gets twice for one stop, from systemd and from
+  the supervisor, still stops it gracefully);
 - restarts a child that died, with exponential back-off, and logs it;
 - does not restart a child that failed on its configuration (exit 2): the group stops;
 - exits 0 when every child stopped cleanly on request, 1 when one did not stop cleanly once
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from . import embedded
+from . import embedded, signals
 from .errors import (
     ConfigurationError,
     SchemaMissing,
@@ -136,7 +138,7 @@ class Supervisor:
         self._started_at[index] = time.monotonic()
         logger.info("started server process %d (pid %s)", index, process.pid, extra=self._extra)
         if self._signals:  # a signal came while it started: it missed the forwarding
-            self._signal_child(process)
+            self._signal_child(process, signal.SIGTERM)
 
     def _stop_children(self) -> None:
         """The supervisor fails: stop every child gracefully, within its grace period and a
@@ -144,7 +146,7 @@ class Supervisor:
         logger.error("the supervisor failed; stopping its %d server processes",
                      len(self._children), extra=self._extra)
         for process in self._children.values():
-            self._signal_child(process)
+            self._signal_child(process, signal.SIGTERM)
         deadline = time.monotonic() + self._spec.settings.grace_seconds + CHILD_STOP_MARGIN
         for process in self._children.values():
             process.join(max(0.0, deadline - time.monotonic()))
@@ -154,10 +156,10 @@ class Supervisor:
         self._children.clear()
 
     @staticmethod
-    def _signal_child(process: Any) -> None:
+    def _signal_child(process: Any, number: int) -> None:
         if process.pid is not None and process.exitcode is None:
             try:
-                os.kill(process.pid, signal.SIGTERM)
+                os.kill(process.pid, number)
             except ProcessLookupError:
                 pass
 
@@ -219,8 +221,9 @@ class Supervisor:
             logger.info("signal %s: stopping %d server processes gracefully (again to exit "
                         "now)", signal.Signals(signum).name, len(self._children),
                         extra=self._extra)
+        forwarded = signal.SIGTERM if self._signals == 1 else signal.SIGINT  # graceful, now
         for process in list(self._children.values()):
-            self._signal_child(process)
+            self._signal_child(process, forwarded)
 
 
 def child_main(spec: ChildSpec, index: int, supervisor: int | None = None) -> None:
@@ -229,6 +232,7 @@ def child_main(spec: ChildSpec, index: int, supervisor: int | None = None) -> No
     :param supervisor: the supervisor's pid (read by the parent: a child that read its own
         parent's pid after the supervisor died would get a stranger's, and serve on alone)."""
     os.setpgrp()  # a terminal's Ctrl+C reaches only the supervisor, which forwards it once
+    signals.REPEATED_SIGTERM_EXITS = False  # the supervisor's "exit now" is SIGINT
     _stop_when_orphaned(supervisor if supervisor is not None else os.getppid())
     log = logging.getLogger(f"{__name__}.child")
     try:

@@ -107,6 +107,65 @@ def test_processes_serve_one_todo_each_restart_a_killed_child_and_stop_on_sigter
         "no row left behind for health to report dead")
 
 
+def started_children(text):
+    return [int(line.split("(pid ")[1].split(")")[0]) for line in text.splitlines()
+            if "started server process" in line]
+
+
+def serve_patient(database_url, grace, log):
+    return subprocess.Popen(
+        [sys.executable, "-m", "processgpt_sync", "serve", "tests.agents:patient",
+         "--database-url", database_url, "--agent-orch", "rel", "--processes", "2",
+         "--workers", "1", "--grace-seconds", str(grace)],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.mark.slow
+def test_a_stop_that_signals_every_process_of_the_group_still_lets_the_todo_finish(
+        database_url, tmp_path):
+    """systemd's default stop sends SIGTERM to every process of the unit while the supervisor
+    forwards its own: each child gets two SIGTERMs for one stop (here one after the other, as
+    when the child handled systemd's before the supervisor's came), and still stops gracefully.
+    A second signal to the supervisor is still an exit now."""
+    log_path = tmp_path / "log"
+    with open(log_path, "w") as log:
+        group = serve_patient(database_url, 30, log)
+        try:
+            wait_for(lambda: log_path.read_text().count("serving agent_orch=rel") == 2,
+                     timeout=30)
+            scalar(database_url, "SELECT processgpt_sync_enqueue_v1('rel', '2')::text")
+            wait_for(lambda: scalar(database_url, "SELECT count(*) FROM events") == 1,
+                     timeout=30)
+            for pid in started_children(log_path.read_text()):  # systemd's SIGTERM first
+                os.kill(pid, signal.SIGTERM)
+            wait_for(lambda: log_path.read_text().count("SIGTERM: stopping gracefully") == 2,
+                     timeout=10)
+            group.send_signal(signal.SIGTERM)  # then the supervisor's, forwarded
+            assert group.wait(30) == 0, log_path.read_text()
+        finally:
+            stop_process(group)
+    assert scalar(database_url, "SELECT draft_status::text FROM todolist") == "COMPLETED"
+    assert "second signal" not in log_path.read_text()
+
+    todo = scalar(database_url, "SELECT processgpt_sync_enqueue_v1('rel', '30')::text")
+    with open(log_path, "w") as log:
+        group = serve_patient(database_url, 60, log)
+        try:
+            wait_for(lambda: scalar(database_url, "SELECT count(*) FROM events "
+                                    f"WHERE todo_id = '{todo}'") == 1, timeout=30)
+            group.send_signal(signal.SIGTERM)
+            wait_for(lambda: "stopping 2 server processes gracefully" in log_path.read_text(),
+                     timeout=10)
+            group.send_signal(signal.SIGTERM)
+            assert group.wait(10) == 1, "the second signal does not wait for the 60 s grace"
+        finally:
+            stop_process(group)
+    assert "second signal: exiting now" in log_path.read_text()
+    assert scalar(database_url, "SELECT draft_status::text FROM todolist "
+                  f"WHERE id = '{todo}'") == "STARTED", "left to its lease"
+
+
 @pytest.mark.slow
 def test_a_stop_while_the_children_still_start_is_a_clean_stop_of_all_of_them(
         database_url, tmp_path):
@@ -123,8 +182,7 @@ def test_a_stop_while_the_children_still_start_is_a_clean_stop_of_all_of_them(
         finally:
             stop_process(group)
     text = log_path.read_text()
-    children = [int(line.split("(pid ")[1].split(")")[0]) for line in text.splitlines()
-                if "started server process" in line]
+    children = started_children(text)
     assert len(children) == 2, text
     deadline = time.monotonic() + 5
     while any(alive(p) for p in children) and time.monotonic() < deadline:
