@@ -142,12 +142,14 @@ RETURNS boolean LANGUAGE sql STABLE AS $$
 $$;
 
 -- Whether any claim has expired that a claim of p_agent_orch would settle or take: a lease of
--- ours, or an upstream worker's claim (lease_until set and past) that can be settled or
--- claimed (status IN_PROGRESS or CANCELLED; one the UI finished meanwhile never counts, or
--- every claim would walk it). One probe of each expiry index.
+-- one of its todos (another agent's are its own claims' to settle), or an upstream worker's
+-- claim (lease_until set and past) that can be settled or claimed (status IN_PROGRESS or
+-- CANCELLED; one the UI finished meanwhile never counts, or every claim would walk it). One
+-- probe of each expiry index.
 CREATE OR REPLACE FUNCTION processgpt_sync_claims_expired_v1(p_agent_orch text)
 RETURNS boolean LANGUAGE sql STABLE AS $$
-    SELECT EXISTS (SELECT 1 FROM processgpt_sync_lease WHERE expires_at < now())
+    SELECT EXISTS (SELECT 1 FROM processgpt_sync_lease l JOIN todolist t ON t.id = l.todo_id
+                   WHERE l.expires_at < now() AND t.agent_orch::text = p_agent_orch)
         OR EXISTS (SELECT 1 FROM todolist t
                    WHERE t.draft_status = 'STARTED' AND t.lease_until < now()
                      AND t.status IN ('IN_PROGRESS', 'CANCELLED')
@@ -245,11 +247,15 @@ BEGIN
         RETURNING t.id
     )
     DELETE FROM processgpt_sync_lease l USING settled s WHERE l.todo_id = s.id;
-    -- The expired lease of a todo that ended without its owner (the UI cancelled it by
-    -- draft_status, then the owner died) would keep this probe true on every claim.
+    -- An expired lease no claim would settle would keep this probe true on every claim: its
+    -- todo ended without its owner (the UI cancelled it by draft_status, then the owner died),
+    -- or left its claim (a revision the UI cancelled, a todo given back to a person), or
+    -- another worker took it over.
     DELETE FROM processgpt_sync_lease l USING todolist t
     WHERE l.todo_id = t.id AND l.expires_at < now() AND t.agent_orch::text = p_agent_orch
-      AND t.draft_status IN ('CANCELLED', 'COMPLETED', 'FAILED');
+      AND (t.draft_status IS NULL OR t.draft_status NOT IN ('STARTED', 'HUMAN_ASKED')
+           OR t.claim_token IS DISTINCT FROM l.claim_token
+           OR t.consumer IS DISTINCT FROM l.consumer);
 
     WITH exhausted_ours AS (
         SELECT t.id FROM todolist t

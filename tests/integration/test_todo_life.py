@@ -168,6 +168,34 @@ def test_the_expired_lease_of_a_todo_the_ui_cancelled_by_draft_status_is_removed
     assert state(db, todo_id)["draft_status"] == "CANCELLED"
 
 
+def test_expired_leases_that_no_claim_would_settle_are_removed(storage, db):
+    """Row 19's rule for every lease no claim would settle, whose owner died: the UI asked for
+    a revision and cancelled it, handed the todo back to a person, or gave it to another agent
+    that does not run. Such a lease kept every claim of every agent on its slow path (settling
+    expired claims) for good."""
+    revision_cancelled, with_a_person, elsewhere = (storage.enqueue("life", "q")
+                                                    for _ in range(3))
+    assert len(claim(storage)) == 3
+    db.execute("UPDATE todolist SET draft_status = 'FB_REQUESTED', status = 'CANCELLED' "
+               "WHERE id = %s", (revision_cancelled,))
+    db.execute("UPDATE todolist SET draft_status = NULL, status = 'TODO' WHERE id = %s",
+               (with_a_person,))
+    db.execute("UPDATE todolist SET agent_orch = 'retired' WHERE id = %s", (elsewhere,))
+    expire_leases(db)
+
+    def settling():
+        return db.execute("SELECT processgpt_sync_claims_expired_v1('life') AS e").fetchone()["e"]
+
+    assert settling()
+    assert claim(storage, consumer="w2") == []
+    assert not settling(), "the next claims take the fast path"
+    leases = db.execute("SELECT todo_id FROM processgpt_sync_lease").fetchall()
+    assert [str(r["todo_id"]) for r in leases] == [str(elsewhere)], (
+        "the other agent's abandoned claim is its own to settle")
+    assert [state(db, t)["draft_status"] for t in (revision_cancelled, with_a_person)] == [
+        "FB_REQUESTED", None], "the todos themselves are left as the UI put them"
+
+
 def test_retry_refuses_a_completed_todo_the_ui_cancelled_afterwards(storage, db):
     # row 21: its result (the draft, in DRAFT mode) is kept
     todo_id = storage.enqueue("life", "q", agent_mode="DRAFT")
