@@ -65,11 +65,18 @@ def question_data(question: str, options: list[Any] | None, kind: str) -> dict[s
     return check_json(data, what="question")  # type: ignore[no-any-return]
 
 
-def answer_value(data: Any) -> Any:
-    """The answer itself from a ``human_response`` event's data (``data.answer`` by contract)."""
-    if isinstance(data, Mapping) and "answer" in data:
-        return data["answer"]
-    return data
+def answer_value(data: Any, status: str | None = None, kind: str = "text") -> Any:
+    """The answer itself from a ``human_response`` event's data (``data.answer`` by contract).
+
+    A confirm question's answer is whether the person confirmed: the UI's Cancel writes status
+    REJECTED with the text ``"rejected"`` (or what they typed), which as text would read true.
+    """
+    answer = data["answer"] if isinstance(data, Mapping) and "answer" in data else data
+    if kind != "confirm":
+        return answer
+    if status == "REJECTED":
+        return False
+    return answer if isinstance(answer, bool) else True
 
 
 class HumanDesk:
@@ -117,7 +124,7 @@ class HumanDesk:
         if not asked.applied:
             self._refused(run, asked.reason)
         if asked.reason == "answered_before":
-            return answer_value(asked.answer)
+            return answer_value(asked.answer, asked.answer_status, kind)
         job_id = asked.job_id or new_job_id  # 'asked_before': wait for the open one
         if suspend:
             raise SuspendForHuman(data, job_id)
@@ -125,13 +132,13 @@ class HumanDesk:
         with self._lock:
             self._waiters[job_id] = (run.todo_id, waiter)
         try:
-            return self._wait(run, job_id, waiter, question, timeout, default)
+            return self._wait(run, job_id, waiter, question, kind, timeout, default)
         finally:
             with self._lock:
                 self._waiters.pop(job_id, None)
 
     def _wait(self, run: TodoRun, job_id: str, waiter: threading.Event, question: str,
-              timeout: float, default: Any) -> Any:
+              kind: str, timeout: float, default: Any) -> Any:
         deadline = time.monotonic() + timeout
         delay = 0.05
         while True:
@@ -142,7 +149,7 @@ class HumanDesk:
             if not got.applied:
                 self._refused(run, got.reason)
             if got.reason == "answered":
-                return answer_value(got.answer)
+                return answer_value(got.answer, got.answer_status, kind)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self._call(run, "resume_asking",

@@ -928,13 +928,14 @@ DECLARE
     v_todo todolist;
     v_job_id text;
     v_answer jsonb;
+    v_answer_status text;
     v_events jsonb;
 BEGIN
     IF v_refused IS NOT NULL THEN
         RETURN jsonb_build_object('applied', false, 'reason', v_refused);
     END IF;
     v_events := processgpt_sync_record_events_v1(p_events);
-    SELECT q.job_id, r.data INTO v_job_id, v_answer
+    SELECT q.job_id, r.data, r.status INTO v_job_id, v_answer, v_answer_status
     FROM events q
     LEFT JOIN LATERAL processgpt_sync_answer_to_v1(q.job_id, q.todo_id, q."timestamp") r ON true
     WHERE q.todo_id = p_todo_id::text AND q.event_type = 'human_asked'
@@ -942,7 +943,8 @@ BEGIN
     ORDER BY r.data IS NOT NULL DESC, q."timestamp" DESC LIMIT 1;
     IF FOUND AND v_answer IS NOT NULL THEN
         RETURN jsonb_build_object('applied', true, 'reason', 'answered_before', 'job_id', v_job_id,
-                                  'answer', v_answer, 'events', v_events);
+                                  'answer', v_answer, 'answer_status', v_answer_status,
+                                  'events', v_events);
     END IF;
     UPDATE todolist SET draft_status = 'HUMAN_ASKED', updated_at = now() WHERE id = p_todo_id;
     IF v_job_id IS NOT NULL THEN
@@ -976,17 +978,19 @@ END
 $$;
 
 -- The answer to a question (job_id), if there is one yet; when found, the todo is running
--- again (draft_status STARTED). Fenced. Returns {applied, reason, answer?}.
+-- again (draft_status STARTED). Fenced. Returns {applied, reason, answer?, answer_status?}: the
+-- status is REJECTED when the person declined (the UI's Cancel), APPROVED otherwise.
 CREATE OR REPLACE FUNCTION processgpt_sync_answer_v1(p_todo_id uuid, p_token uuid, p_job_id text)
 RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
     v_refused text := processgpt_sync_fence_v1(p_todo_id, p_token);
     v_answer jsonb;
+    v_answer_status text;
 BEGIN
     IF v_refused IS NOT NULL THEN
         RETURN jsonb_build_object('applied', false, 'reason', v_refused);
     END IF;
-    SELECT r.data INTO v_answer FROM (
+    SELECT r.data, r.status INTO v_answer, v_answer_status FROM (
         SELECT q."timestamp" FROM events q
         WHERE q.todo_id = p_todo_id::text AND q.job_id = p_job_id AND q.event_type = 'human_asked'
         ORDER BY q."timestamp" DESC LIMIT 1) q
@@ -996,7 +1000,8 @@ BEGIN
     END IF;
     UPDATE todolist SET draft_status = 'STARTED', updated_at = now()
     WHERE id = p_todo_id AND draft_status = 'HUMAN_ASKED';
-    RETURN jsonb_build_object('applied', true, 'reason', 'answered', 'answer', v_answer);
+    RETURN jsonb_build_object('applied', true, 'reason', 'answered', 'answer', v_answer,
+                              'answer_status', v_answer_status);
 END
 $$;
 
@@ -1011,8 +1016,9 @@ $$;
 -- Answer a question as the ProcessGPT UI does: a `human_response` event with the question's
 -- job_id (CLI `respond`, the console). The question is the open one with that job_id, of todo
 -- p_todo_id when given: executors reuse job ids across todos, so where that leaves several
--- open questions the todo must be named. Returns the todo id, or NULL when no such question
--- exists; raises when it was answered already, or which one is meant is ambiguous.
+-- open questions the todo must be named. An answer of JSON false declines, as the UI's Cancel
+-- does (status REJECTED). Returns the todo id, or NULL when no such question exists; raises
+-- when it was answered already, or which one is meant is ambiguous.
 CREATE OR REPLACE FUNCTION processgpt_sync_respond_v2(
     p_job_id text, p_answer jsonb, p_user_id text DEFAULT NULL, p_todo_id text DEFAULT NULL)
 RETURNS text LANGUAGE plpgsql AS $$
@@ -1047,7 +1053,8 @@ BEGIN
                         "timestamp", tenant_id)
     VALUES (gen_random_uuid()::text, p_job_id, v_question.todo_id, v_question.proc_inst_id,
             v_question.crew_type, 'human_response',
-            jsonb_build_object('answer', p_answer, 'user_id', p_user_id), 'APPROVED',
+            jsonb_build_object('answer', p_answer, 'user_id', p_user_id),
+            (CASE WHEN p_answer = 'false'::jsonb THEN 'REJECTED' ELSE 'APPROVED' END)::event_status,
             clock_timestamp(), v_question.tenant_id);
     RETURN v_question.todo_id;
 END

@@ -30,6 +30,8 @@ class WriteOutcome:
     rejected: list[Mapping[str, Any]] = field(default_factory=list)
     error: str | None = None
     answer: Any = None
+    answer_status: str | None = None
+    """The answer's event status: REJECTED when the person declined (the UI's Cancel)."""
     job_id: str | None = None
 
     @classmethod
@@ -41,6 +43,7 @@ class WriteOutcome:
             rejected=list(events.get("rejected") or []),
             error=value.get("error"),
             answer=value.get("answer"),
+            answer_status=value.get("answer_status"),
             job_id=value.get("job_id"),
         )
 

@@ -165,6 +165,52 @@ def test_suspend_survives_a_restart_and_resumes_with_the_answer(storage, db):
     assert db.execute("SELECT output FROM todolist").fetchone()["output"] == {"approved": "yes"}
 
 
+def answer_by_button(db, job_id, button):
+    """The rows the UI's Confirm and Cancel buttons write: the typed text (none here) or a
+    default answer, and the status."""
+    answer, status = {"confirm": ("confirmed", "APPROVED"), "cancel": ("rejected", "REJECTED")}[
+        button]
+    db.execute("INSERT INTO events (id, job_id, event_type, data, status) VALUES "
+               "(%s, %s, 'human_response', jsonb_build_object('answer', %s::text), %s)",
+               (str(uuid.uuid4()), job_id, answer, status))
+
+
+@pytest.mark.parametrize("button", ["confirm", "cancel"])
+def test_a_confirm_question_declined_in_the_ui_answers_false(storage, db, button):
+    """The UI's Cancel answers a confirm question with the text "rejected" (true as text) and
+    status REJECTED: the executor gets False, waiting or suspended; Confirm gets True."""
+    blocking, suspended = storage.enqueue("hitl", "wait"), storage.enqueue("hitl", "suspend")
+
+    def handle(todo):
+        if todo.input == "wait":
+            return {"approved": todo.ask_human("Budget approved?", kind="confirm")}
+        return {"approved": todo.suspend_for_human("Approve anyway?", kind="confirm")}
+
+    with ps.start(handle, agent_orch="hitl", storage=storage, workers=2) as server:
+        for todo_id in (blocking, suspended):
+            answer_by_button(db, wait_for(lambda t=todo_id: question_of(db, t))["job_id"],
+                             button)
+        wait_for(lambda: server.stats()["completed"] == 2)
+    outputs = [db.execute("SELECT output FROM todolist WHERE id = %s", (t,)).fetchone()["output"]
+               for t in (blocking, suspended)]
+    assert outputs == [{"approved": button == "confirm"}] * 2
+
+
+def test_answering_false_declines_as_the_uis_cancel_does(storage, db):
+    todo_id = storage.enqueue("hitl", "q")
+
+    def handle(todo):
+        return {"approved": todo.suspend_for_human("Approve?", kind="confirm")}
+
+    with ps.start(handle, agent_orch="hitl", storage=storage) as server:
+        wait_for(lambda: server.stats()["asked"] == 1)
+        storage.respond(question_of(db, todo_id)["job_id"], False)
+        wait_for(lambda: server.stats()["completed"] == 1)
+    assert db.execute("SELECT status::text FROM events WHERE event_type = 'human_response'"
+                      ).fetchone()["status"] == "REJECTED"
+    assert db.execute("SELECT output FROM todolist").fetchone()["output"] == {"approved": False}
+
+
 def test_two_todos_waiting_at_once_get_their_own_answers(storage, db):
     first = storage.enqueue("hitl", "one")
     second = storage.enqueue("hitl", "two")
