@@ -257,7 +257,9 @@ END
 $$;
 
 -- Waiting todos only (queued, or answered / sent back for revision): running and finished rows
--- stay out, so a claim never walks past the todos in flight to reach the next one. Abandoned
+-- stay out, so a claim never walks past the todos in flight to reach the next one, nor past the
+-- agent todos that ended without an agent run (completed by a person, their process
+-- cancelled), which keep draft_status NULL for good: only IN_PROGRESS ones can be queued. Abandoned
 -- claims are found from their expired leases instead (processgpt_sync_lease_expires_idx).
 -- One index serves oldest-first claims, one the tenants' turns of fair claims (a skip scan over
 -- tenants, then each tenant's oldest todos). Old installs have an enum agent_orch, whose cast to
@@ -270,25 +272,30 @@ DROP INDEX IF EXISTS todolist_processgpt_sync_claim_idx;  -- before HUMAN_ASKED 
 DROP INDEX IF EXISTS todolist_processgpt_sync_claimable_idx;  -- held running todos too
 DROP INDEX IF EXISTS todolist_processgpt_sync_fair_idx;  -- held running todos too
 DROP INDEX IF EXISTS todolist_processgpt_sync_upstream_lease_idx;  -- counted every status
+DROP INDEX IF EXISTS todolist_processgpt_sync_waiting_idx;  -- held todos that never run again
+DROP INDEX IF EXISTS todolist_processgpt_sync_waiting_fair_idx;  -- the same
 DO $$
 BEGIN
     IF (SELECT data_type FROM information_schema.columns
         WHERE table_schema = current_schema() AND table_name = 'todolist'
           AND column_name = 'agent_orch') = 'text' THEN
-        CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_waiting_idx
+        CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_queued_idx
             ON todolist (agent_orch, start_date, id)
-            WHERE draft_status IS NULL OR draft_status = 'FB_REQUESTED';
-        CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_waiting_fair_idx
+            WHERE (draft_status IS NULL AND status = 'IN_PROGRESS')
+               OR draft_status = 'FB_REQUESTED';
+        CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_queued_fair_idx
             ON todolist (agent_orch, (coalesce(tenant_id, '')), start_date, id)
-            WHERE draft_status IS NULL OR draft_status = 'FB_REQUESTED';
+            WHERE (draft_status IS NULL AND status = 'IN_PROGRESS')
+               OR draft_status = 'FB_REQUESTED';
         CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_upstream_expiry_idx
             ON todolist (agent_orch, lease_until)
             WHERE draft_status = 'STARTED' AND lease_until IS NOT NULL
               AND status IN ('IN_PROGRESS', 'CANCELLED');
     ELSE
-        CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_waiting_idx
+        CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_queued_idx
             ON todolist (start_date, id)
-            WHERE draft_status IS NULL OR draft_status = 'FB_REQUESTED';
+            WHERE (draft_status IS NULL AND status = 'IN_PROGRESS')
+               OR draft_status = 'FB_REQUESTED';
         CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_upstream_expiry_idx
             ON todolist (lease_until)
             WHERE draft_status = 'STARTED' AND lease_until IS NOT NULL

@@ -84,6 +84,35 @@ def test_claim_skips_rows_that_are_not_claimable(storage, db):
     assert got[0].extras["resume"]["kind"] == "fresh"
 
 
+@pytest.mark.parametrize("fair", [True, False], ids=["fair", "oldest-first"])
+def test_claims_and_waits_for_work_skip_agent_todos_that_ended_without_a_run(db, fair):
+    """An agent's todos that a person completed, or whose process was cancelled, keep
+    draft_status NULL for good; on a platform they pile up by the hundred thousand. A claim, and
+    the idle wait for work, must find the few queued todos without reading them."""
+    db.execute("""INSERT INTO todolist (id, agent_orch, query, status, agent_mode, start_date)
+                  SELECT gen_random_uuid(), 'a', 'q', (CASE WHEN g % 2 = 0 THEN 'DONE'
+                                                      ELSE 'CANCELLED' END)::todo_status,
+                         'COMPLETE', now() - interval '30 days'
+                  FROM generate_series(1, 5000) g""")
+    queued = db.execute("SELECT processgpt_sync_enqueue_v1('a', 'q')::text AS id").fetchone()["id"]
+    db.execute("ANALYZE todolist")
+
+    def rows_read(statement, **params):
+        with db.transaction():
+            got = next(iter(db.execute(statement, params).fetchone().values()))
+            read = db.execute("SELECT pg_stat_get_xact_tuples_fetched('todolist'::regclass) "
+                              "+ pg_stat_get_xact_tuples_returned('todolist'::regclass) AS n"
+                              ).fetchone()["n"]
+        return got, read
+
+    found, read = rows_read("SELECT processgpt_sync_wait_for_work_v1('a', 'w', 0)")
+    assert found is True and read < 50, f"the wait for work read {read} rows"
+    claimed, read = rows_read("SELECT processgpt_sync_claim_v3('a', 'w', 4, p_fair => "
+                                 "%(fair)s)", fair=fair)
+    assert [c["row"]["id"] for c in claimed] == [queued]
+    assert read < 50, f"the claim read {read} rows"
+
+
 def test_claim_context_extras_come_from_the_todos_tenant_only(storage, db):
     agent, human, foreign = (str(uuid.uuid4()) for _ in range(3))
     db.execute("INSERT INTO tenants (id, mcp) VALUES ('t1', '{\"servers\": 1}')")
