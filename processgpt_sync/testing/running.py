@@ -176,6 +176,11 @@ def _answer_function(answers: Answers) -> Callable[[Question], Any]:
         return answers
     if isinstance(answers, Mapping):
         return lambda question: answers.get(question.text, NO_ANSWER)
+    if isinstance(answers, (str, bytes)) or not isinstance(answers, Sequence):
+        raise ConfigurationError(
+            f"run_todo answers must be a list (answers in the order asked), a mapping from "
+            f"question text or a function of the Question, not {type(answers).__name__} "
+            f"{answers!r}: for one answer pass answers=[{answers!r}]")
     queue = list(answers)
     return lambda question: queue.pop(0) if queue else NO_ANSWER
 
@@ -292,6 +297,7 @@ def run_todo(
                             agent_orch=agent_orch, agent_mode=agent_mode, tenant_id=tenant_id,
                             user_id=user_id, activity_name=activity_name,
                             proc_inst_id=proc_inst_id, timeout=timeout, **settings)
+    _check_run_limits(cancel_after=cancel_after, timeout=timeout)
     if "todo_timeout" in settings:
         settings["timeout"] = settings.pop("todo_timeout")
     answer_for = _answer_function(answers)
@@ -303,12 +309,14 @@ def run_todo(
     config = _settings(agent_orch=agent_orch, database_url=database_url, **settings)
     run = _Run(database_url)
     try:
+        # Built before the todo is written: an executor the server refuses leaves no todo
+        # behind for the next run on this database.
+        server = Server(executor, config, storage=run.storage)
         run.todo_id = run.storage.enqueue(
             agent_orch, input, agent_mode=agent_mode, tenant_id=tenant_id, user_id=user_id,
             activity_name=activity_name, proc_inst_id=proc_inst_id)
         with _capture_logs(run.todo_id) as logs, psycopg.connect(
                 database_url, autocommit=True, row_factory=dict_row) as conn:
-            server = Server(executor, config, storage=run.storage)
             server.start()
             try:
                 _drive(run, conn, answer_for, should_cancel, timeout, explicit=callable(answers))
@@ -316,8 +324,7 @@ def run_todo(
                 server.stop(timeout=0)
                 # Given back by the stop: cancelled as the UI would, so a later run on this
                 # database does not take it up with another executor.
-                conn.execute("UPDATE todolist SET status = 'CANCELLED', draft_status = "
-                             "'CANCELLED' WHERE id = %s", (run.todo_id,))
+                _cancel(conn, run.todo_id, status=True)
                 raise
             server.stop()
             row, events, _ = _read(conn, run.todo_id)
@@ -341,7 +348,37 @@ def _settings(**fields: Any) -> Settings:
             f"run_todo got unknown settings {', '.join(unknown)}: besides its own parameters it "
             f"takes Settings fields ({', '.join(sorted(names))}); the per-todo time limit is "
             "todo_timeout")
-    return Settings(**{"workers": 1, **fields})
+    try:
+        return Settings(**{"workers": 1, **fields})
+    except ConfigurationError as error:
+        if "timeout" in fields and str(error).startswith("timeout "):
+            raise ConfigurationError(f"run_todo todo_timeout{str(error)[len('timeout'):]} "
+                                     "(the per-todo limit the server enforces)") from None
+        raise
+
+
+def _check_run_limits(*, cancel_after: Any, timeout: Any) -> None:
+    """The runner's own numbers, checked before anything is written."""
+    if cancel_after is not None and (isinstance(cancel_after, bool)
+                                     or not isinstance(cancel_after, int) or cancel_after < 0):
+        raise ConfigurationError(
+            f"run_todo cancel_after must be a whole number of events (0 or more), not "
+            f"{cancel_after!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ConfigurationError(
+            f"run_todo timeout must be a positive number of seconds the run may take, not "
+            f"{timeout!r}; the per-todo limit the server enforces is todo_timeout")
+
+
+def _cancel(conn: psycopg.Connection[dict[str, Any]], todo_id: str, *,
+            status: bool = False) -> None:
+    """Cancel as the UI does, unless the todo has already ended: a result or failure that
+    came in first stays what the record reports. ``status``: also set ``status`` CANCELLED,
+    as for a run given up, so no later run on the database claims it."""
+    columns = "status = 'CANCELLED', draft_status = 'CANCELLED'" if status else \
+        "draft_status = 'CANCELLED'"
+    conn.execute(f"UPDATE todolist SET {columns} WHERE id = %s AND (draft_status IS NULL "
+                 "OR draft_status::text <> ALL(%s))", (todo_id, list(FINAL)))
 
 
 def _drive(run: _Run, conn: psycopg.Connection[dict[str, Any]],
@@ -362,8 +399,7 @@ def _drive(run: _Run, conn: psycopg.Connection[dict[str, Any]],
         if state in FINAL and not leased:
             return
         if should_cancel is not None and not cancelled and should_cancel(events):
-            conn.execute("UPDATE todolist SET draft_status = 'CANCELLED' WHERE id = %s",
-                         (run.todo_id,))
+            _cancel(conn, run.todo_id)
             cancelled = True
             continue
         if state == "HUMAN_ASKED":

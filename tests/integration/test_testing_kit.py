@@ -191,6 +191,66 @@ def test_a_misspelt_setting_is_refused_before_anything_is_written(processgpt_run
         assert conn.execute("SELECT count(*) FROM todolist").fetchone() == (0,)
 
 
+@pytest.mark.parametrize(("arguments", "message"), [
+    ({"answers": "careful"}, r"answers must be a list .* not str 'careful'.*answers=\['careful'\]"),
+    ({"answers": 3}, r"answers must be a list .* not int"),
+    ({"cancel_after": "2"}, r"cancel_after must be a whole number of events .* not '2'"),
+    ({"cancel_after": -1}, r"cancel_after must be a whole number"),
+    ({"timeout": 0}, r"timeout must be a positive number .*per-todo limit .* is todo_timeout"),
+    ({"todo_timeout": -1}, r"run_todo todo_timeout must be a positive finite number"),
+], ids=["answers-text", "answers-number", "cancel_after-text", "cancel_after-negative",
+        "timeout-zero", "todo_timeout-negative"])
+def test_bad_runner_arguments_are_refused_before_anything_is_written(
+        processgpt_run, processgpt_database_url, arguments, message):
+    with pytest.raises(ConfigurationError, match=message):
+        processgpt_run(lambda todo: {}, "x", **arguments)
+    with psycopg.connect(processgpt_database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM todolist").fetchone() == (0,)
+
+
+def test_an_executor_the_server_refuses_leaves_no_todo_for_the_next_run(
+        processgpt_run, processgpt_database_url):
+    with pytest.raises(ConfigurationError, match="is not an executor"):
+        processgpt_run(object(), "refused")
+    record = processgpt_run(lambda todo: {"ok": todo.input}, "next")
+    assert record.completed and record.result == {"ok": "next"}
+    with psycopg.connect(processgpt_database_url) as conn:
+        assert conn.execute("SELECT query FROM todolist").fetchall() == [("next",)]
+
+
+def _wait_until_completed(database_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for _ in range(500):
+            if conn.execute("SELECT 1 FROM todolist WHERE draft_status = 'COMPLETED'"
+                            ).fetchone():
+                return
+            conn.execute("SELECT pg_sleep(0.01)")
+    raise AssertionError("the todo did not complete")
+
+
+def test_a_cancel_that_comes_after_the_result_leaves_the_result(processgpt_run,
+                                                               processgpt_database_url):
+    def late_cancel(events):
+        _wait_until_completed(processgpt_database_url)
+        return True  # the UI's cancel arrives once the result is in
+
+    record = processgpt_run(lambda todo: {"done": True}, "x", cancel_when=late_cancel)
+    assert record.completed and record.result == {"done": True}
+
+
+def test_a_run_given_up_after_the_result_came_in_keeps_the_result(processgpt_run,
+                                                                 processgpt_database_url):
+    def breaks(events):
+        _wait_until_completed(processgpt_database_url)
+        raise RuntimeError("the predicate broke")
+
+    with pytest.raises(RuntimeError, match="the predicate broke"):
+        processgpt_run(lambda todo: {"done": True}, "x", cancel_when=breaks)
+    with psycopg.connect(processgpt_database_url) as conn:
+        assert conn.execute("SELECT status::text, draft_status::text FROM todolist"
+                            ).fetchall() == [("SUBMITTED", "COMPLETED")]
+
+
 def test_a_per_todo_time_limit_fails_the_todo(processgpt_run):
     record = processgpt_run(Waits(), "x", todo_timeout=0.2)
     assert record.failed and "timed out" in record.log
