@@ -123,7 +123,7 @@ RETURNS boolean LANGUAGE sql STABLE AS $$
         WHEN p_todo.draft_status IS NULL THEN
             p_todo.status = 'IN_PROGRESS' AND p_todo.agent_mode IN ('DRAFT', 'COMPLETE')
             AND p_todo.draft IS NULL
-        WHEN p_todo.status = 'CANCELLED' THEN false
+        WHEN p_todo.status IN ('CANCELLED', 'DONE') THEN false
         WHEN p_todo.draft_status = 'FB_REQUESTED' THEN true
         WHEN p_todo.draft_status IN ('STARTED', 'HUMAN_ASKED') THEN
             p_todo.claim_count < p_max_claims AND (
@@ -239,7 +239,7 @@ BEGIN
         SELECT t.id FROM todolist t
         JOIN processgpt_sync_lease l ON l.todo_id = t.id AND l.claim_token = t.claim_token
         WHERE l.expires_at < now() AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
-          AND t.agent_orch::text = p_agent_orch AND t.status = 'CANCELLED'
+          AND t.agent_orch::text = p_agent_orch AND t.status IN ('CANCELLED', 'DONE')
         FOR UPDATE OF t SKIP LOCKED
     ), settled AS (
         UPDATE todolist t SET draft_status = 'CANCELLED', consumer = NULL, updated_at = now()
@@ -558,7 +558,7 @@ BEGIN
         FROM todolist t
         WHERE t.id IN (SELECT todo_id FROM input)
           AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
-          AND t.status IS DISTINCT FROM 'CANCELLED'
+          AND coalesce(t.status NOT IN ('CANCELLED', 'DONE'), true)
         FOR SHARE OF t SKIP LOCKED
     ), busy AS MATERIALIZED (
         -- running todos whose row another transaction holds: their events are refused as
@@ -567,7 +567,7 @@ BEGIN
         WHERE (SELECT count(*) FROM owned) < (SELECT count(DISTINCT todo_id) FROM input)
           AND t.id IN (SELECT todo_id FROM input) AND t.id NOT IN (SELECT id FROM owned)
           AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
-          AND t.status IS DISTINCT FROM 'CANCELLED'
+          AND coalesce(t.status NOT IN ('CANCELLED', 'DONE'), true)
     ), checked AS MATERIALIZED (
         SELECT i.n, i.ev, i.todo_id, o.proc_inst_id, o.tenant_id,
                CASE WHEN o.id IS NULL AND i.todo_id IN (SELECT id FROM busy) THEN 'busy'
@@ -607,7 +607,7 @@ DECLARE
     v_status draft_status;
     v_cancelled boolean;
 BEGIN
-    SELECT claim_token, draft_status, status::text = 'CANCELLED'
+    SELECT claim_token, draft_status, status::text IN ('CANCELLED', 'DONE')
     INTO v_token, v_status, v_cancelled
     FROM todolist WHERE id = p_todo_id FOR UPDATE;
     IF NOT FOUND THEN
@@ -795,7 +795,8 @@ BEGIN
                 WHEN i.outcome = 'asked' AND l.consumer IS NULL
                      AND l.draft_status IN ('HUMAN_ASKED', 'FB_REQUESTED')
                     THEN 'already_applied'
-                WHEN l.draft_status IN ('STARTED', 'HUMAN_ASKED') AND l.status = 'CANCELLED'
+                WHEN l.draft_status IN ('STARTED', 'HUMAN_ASKED')
+                     AND l.status IN ('CANCELLED', 'DONE')
                     THEN 'cancelled'
                 WHEN l.draft_status IN ('STARTED', 'HUMAN_ASKED') THEN 'ok'
                 -- ours only if our own write dropped our lease: the UI (or anyone) finishing
@@ -1077,7 +1078,7 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
     FROM todolist t  -- from the waiting todos: their questions by the index on events(todo_id)
     JOIN events q ON q.todo_id = t.id::text AND q.event_type = 'human_asked'
     WHERE t.draft_status = 'HUMAN_ASKED'
-      AND t.status IS DISTINCT FROM 'CANCELLED'
+      AND coalesce(t.status NOT IN ('CANCELLED', 'DONE'), true)
       AND (p_agent_orch IS NULL OR t.agent_orch::text = p_agent_orch)
       AND NOT EXISTS (SELECT 1 FROM processgpt_sync_answer_to_v1(q.job_id, q.todo_id,
                                                                  q."timestamp"))
@@ -1118,7 +1119,7 @@ BEGIN
                        'content', coalesce(v_answer.data -> 'answer', v_answer.data),
                        'user_id', v_answer.data ->> 'user_id'))
     WHERE t.id = p_todo_id AND t.draft_status = 'HUMAN_ASKED' AND t.consumer IS NULL
-      AND t.claim_token IS NOT NULL AND t.status IS DISTINCT FROM 'CANCELLED';
+      AND t.claim_token IS NOT NULL AND coalesce(t.status NOT IN ('CANCELLED', 'DONE'), true);
     RETURN FOUND;
 END
 $$;
@@ -1169,7 +1170,8 @@ BEGIN
         SELECT p.todo_id, p.token FROM unnest(p_todo_ids, p_tokens) AS p(todo_id, token)
     ), judged AS (
         SELECT t.id, l.prev_draft_status,
-               CASE WHEN t.status = 'CANCELLED' OR t.draft_status = 'CANCELLED' THEN 'cancelled'
+               CASE WHEN t.status IN ('CANCELLED', 'DONE') OR t.draft_status = 'CANCELLED'
+                    THEN 'cancelled'
                     WHEN t.draft_status IN ('STARTED', 'HUMAN_ASKED') THEN 'running'
                     ELSE 'finished' END AS state
         FROM pairs p
@@ -1223,7 +1225,7 @@ BEGIN
         SELECT p.todo_id, p.token,
                t.claim_token IS NOT DISTINCT FROM p.token
                    AND t.consumer IS NOT DISTINCT FROM p_consumer AS owned,
-               (t.draft_status = 'CANCELLED' OR t.status = 'CANCELLED') AS cancelled,
+               (t.draft_status = 'CANCELLED' OR t.status IN ('CANCELLED', 'DONE')) AS cancelled,
                t.draft_status IN ('STARTED', 'HUMAN_ASKED') AS running
         FROM pairs p LEFT JOIN todolist t ON t.id = p.todo_id
     ), renewed AS (
@@ -1356,10 +1358,11 @@ RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF (NEW.draft_status IS NULL AND NEW.status = 'IN_PROGRESS'
         AND NEW.agent_mode IN ('DRAFT', 'COMPLETE') AND NEW.draft IS NULL)
-       OR (NEW.draft_status = 'FB_REQUESTED' AND NEW.status IS DISTINCT FROM 'CANCELLED') THEN
+       OR (NEW.draft_status = 'FB_REQUESTED'
+           AND coalesce(NEW.status NOT IN ('CANCELLED', 'DONE'), true)) THEN
         PERFORM pg_notify('processgpt_sync_todo', coalesce(NEW.agent_orch::text, ''));
     ELSIF TG_OP = 'UPDATE' AND NEW.consumer IS NOT NULL
-          AND (NEW.draft_status = 'CANCELLED' OR NEW.status = 'CANCELLED')
+          AND (NEW.draft_status = 'CANCELLED' OR NEW.status IN ('CANCELLED', 'DONE'))
           AND (OLD.draft_status IS DISTINCT FROM NEW.draft_status
                OR OLD.status IS DISTINCT FROM NEW.status) THEN
         PERFORM pg_notify('processgpt_sync_cancel', NEW.id::text);
@@ -1659,7 +1662,7 @@ BEGIN
             WHERE l.expires_at < now() AND t.agent_orch::text = p_agent_orch
               AND (p_tenant_id IS NULL OR t.tenant_id = p_tenant_id)
               AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
-              AND (t.status = 'CANCELLED'
+              AND (t.status IN ('CANCELLED', 'DONE')
                    OR (l.consumer IS NOT DISTINCT FROM t.consumer
                        AND (t.lease_until IS NULL OR t.lease_until < now()))))
         INTO v_found;

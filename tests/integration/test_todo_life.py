@@ -56,10 +56,16 @@ def questions(db, todo_id):
 # -- revision and cancel ---------------------------------------------------------------------------
 
 
-def test_a_revision_the_ui_cancelled_is_not_claimed(storage, db):
+# A status the UI or the process sets to end a step: CANCELLED, or DONE when a person (or the
+# process) finished the step while the agent worked on it. Both stop the run the same way.
+ENDED = pytest.mark.parametrize("ended", ["CANCELLED", "DONE"])
+
+
+@ENDED
+def test_a_revision_the_ui_cancelled_is_not_claimed(storage, db, ended):
     todo_id = storage.enqueue("life", "q")
-    db.execute("UPDATE todolist SET draft_status = 'FB_REQUESTED', status = 'CANCELLED' "
-               "WHERE id = %s", (todo_id,))
+    db.execute("UPDATE todolist SET draft_status = 'FB_REQUESTED', status = %s "
+               "WHERE id = %s", (ended, todo_id))
     assert claim(storage) == []
 
 
@@ -83,12 +89,15 @@ def test_a_running_revision_cancelled_by_the_ui_ends_cancelled_and_runs_once(sto
     assert state(db, todo_id)["draft_status"] == "CANCELLED"
 
 
+@ENDED
 def test_writes_after_a_cancel_by_status_alone_are_refused_and_the_outcome_settles_it(
-        storage, db):
-    # row 13 with the UI's other column: status CANCELLED, draft_status still STARTED
+        storage, db, ended):
+    # row 13 with the UI's other column: status CANCELLED (or DONE), draft_status still STARTED
     todo_id = storage.enqueue("life", "q")
     (held,) = claim(storage)
-    db.execute("UPDATE todolist SET status = 'CANCELLED' WHERE id = %s", (todo_id,))
+    assert storage.renew("w1", [held], lease_seconds=60).renewed == {str(todo_id)}
+    db.execute("UPDATE todolist SET status = %s WHERE id = %s", (ended, todo_id))
+    assert storage.renew("w1", [held], lease_seconds=60).cancelled == {str(todo_id)}
     event = make_event(str(todo_id), held.token, "task_working", {"step": 1})
     assert [r["reason"] for r in storage.record_events([event])] == [
         "not the owner of this todo (lease lost, cancelled or finished)"]
@@ -104,20 +113,23 @@ def test_writes_after_a_cancel_by_status_alone_are_refused_and_the_outcome_settl
     assert (outcome.applied, outcome.reason) == (False, "cancelled")
     row = db.execute("SELECT draft_status::text, status::text, output, consumer FROM todolist "
                      "WHERE id = %s", (todo_id,)).fetchone()
-    assert row == {"draft_status": "CANCELLED", "status": "CANCELLED", "output": None,
+    assert row == {"draft_status": "CANCELLED", "status": ended, "output": None,
                    "consumer": None}
     assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
     assert db.execute("SELECT count(*) AS n FROM events WHERE todo_id = %s",
                       (todo_id,)).fetchone()["n"] == 0
 
 
+@ENDED
 @pytest.mark.parametrize("outcome", ["completed", "failed"])
-def test_a_result_returned_as_the_ui_cancels_by_status_ends_cancelled(storage, db, outcome):
+def test_a_result_returned_as_the_ui_cancels_by_status_ends_cancelled(storage, db, outcome,
+                                                                     ended):
     # the executor returns before the server hears of the cancel: its outcome must not undo it
+    # (a step a person finished meanwhile keeps status DONE, not SUBMITTED, and their output)
     todo_id = storage.enqueue("life", "q", agent_mode="COMPLETE")
 
     def cancel_then_return(todo):
-        db.execute("UPDATE todolist SET status = 'CANCELLED' WHERE id = %s", (todo.id,))
+        db.execute("UPDATE todolist SET status = %s WHERE id = %s", (ended, todo.id))
         if outcome == "failed":
             raise ValueError("gave up")
         return {"done": True}
@@ -127,7 +139,7 @@ def test_a_result_returned_as_the_ui_cancels_by_status_ends_cancelled(storage, d
         assert server.stats()["completed"] == server.stats()["failed"] == 0
     row = db.execute("SELECT draft_status::text, status::text, output, consumer FROM todolist "
                      "WHERE id = %s", (todo_id,)).fetchone()
-    assert row == {"draft_status": "CANCELLED", "status": "CANCELLED", "output": None,
+    assert row == {"draft_status": "CANCELLED", "status": ended, "output": None,
                    "consumer": None}
 
 
@@ -148,10 +160,11 @@ def test_a_suspended_todo_cancelled_by_status_is_not_listed_as_asking_and_can_be
     assert again.todo_id == todo_id
 
 
-def test_an_expired_claim_of_a_cancelled_todo_is_settled_cancelled(storage, db):
+@ENDED
+def test_an_expired_claim_of_a_cancelled_todo_is_settled_cancelled(storage, db, ended):
     todo_id = storage.enqueue("life", "q")
     claim(storage)
-    db.execute("UPDATE todolist SET status = 'CANCELLED' WHERE id = %s", (todo_id,))
+    db.execute("UPDATE todolist SET status = %s WHERE id = %s", (ended, todo_id))
     expire_leases(db)
     assert claim(storage, consumer="w2") == []
     assert state(db, todo_id)["draft_status"] == "CANCELLED"
@@ -601,8 +614,9 @@ def test_a_job_id_reused_across_todos_and_questions_is_answered_per_todo_and_per
 
 def test_a_todo_whose_process_moved_on_gets_no_revision_from_the_console(storage, db):
     """Once the engine took the result and moved on (status DONE), a revision would rewrite
-    history: the console's request is refused. A revision the UI sets anyway is the UI's
-    call, and is claimed."""
+    history: the console's request is refused. A revision set on it anyway (the UI never
+    does: it offers feedback only before DONE) is not claimed, as upstream agents claim none
+    outside IN_PROGRESS: the step is over."""
     todo_id = storage.enqueue("life", "q")
     (c,) = claim(storage)
     storage.finish([{"todo_id": c.todo_id, "token": c.token, "outcome": "completed",
@@ -612,4 +626,4 @@ def test_a_todo_whose_process_moved_on_gets_no_revision_from_the_console(storage
                                                 "p_user_id": None})
     assert (refused["applied"], refused["reason"]) == (False, "process_moved_on")
     db.execute("UPDATE todolist SET draft_status = 'FB_REQUESTED' WHERE id = %s", (todo_id,))
-    assert [c.todo_id for c in claim(storage)] == [todo_id]
+    assert claim(storage) == []
