@@ -64,7 +64,7 @@ class FunctionAdapter:
         self._fn = fn
 
     def run(self, todo: Todo) -> Any:
-        return self._fn(todo)
+        return _plain_result(self._fn(todo), self._fn)
 
     def cancel(self, todo: Todo) -> None:
         """Blocking functions stop cooperatively: they check ``todo.cancelled``."""
@@ -84,7 +84,7 @@ class BlockingObjectAdapter:
         self._obj = obj
 
     def run(self, todo: Todo) -> Any:
-        return self._obj.execute(todo, todo.events)
+        return _plain_result(self._obj.execute(todo, todo.events), self._obj.execute)
 
     def cancel(self, todo: Todo) -> None:
         """Call ``obj.cancel(todo)`` on a thread of its own: the caller (heartbeat, listener,
@@ -107,6 +107,22 @@ class BlockingObjectAdapter:
     uses_loops = False
     defers = False
     start = _blocking_start
+
+
+def _plain_result(result: Any, fn: Any) -> Any:
+    """A blocking executor's result; a coroutine or generator is refused by name (a sync
+    wrapper around async or generator code, which start cannot see), instead of failing
+    later as a value that cannot be stored."""
+    if inspect.iscoroutine(result) or inspect.isgenerator(result):
+        result.close()  # never run: no "was never awaited" warning on top of this error
+    elif not (inspect.isawaitable(result) or inspect.isasyncgen(result)):
+        return result
+    name = getattr(fn, "__qualname__", None) or repr(fn)
+    raise TypeError(
+        f"{name} returned a {type(result).__name__} instead of a result: an executor that "
+        "awaits must be declared async def (inspect.markcoroutinefunction marks a sync "
+        "wrapper), and one that yields must return its result and send progress with "
+        "todo.events")
 
 
 def _call_hook(cancel: Callable[[Todo], Any], todo: Todo) -> None:
@@ -216,6 +232,11 @@ def adapt(obj: Any, loop: str = "thread") -> Adapter:
 
     :param loop: where async executors run: "thread" (a loop per worker thread) or "shared".
     """
+    if inspect.isclass(obj) and (callable(getattr(obj, "execute", None))
+                                 or _is_a2a_class(obj)):
+        raise ConfigurationError(
+            f"{obj.__qualname__} is a class: pass an instance, e.g. serve({obj.__qualname__}()), "
+            "so that its execute runs on it")
     if is_a2a_executor(obj):
         from importlib.metadata import version
 
@@ -233,9 +254,13 @@ def adapt(obj: Any, loop: str = "thread") -> Adapter:
                 "execute(todo, events) a plain def"
             )
         _check_call(execute, 2, f"{type(obj).__name__}.execute", "execute(todo, events)")
+        _check_not_generator(execute, f"{type(obj).__name__}.execute")
         return BlockingObjectAdapter(obj)
     if callable(obj):
         _check_call(obj, 1, getattr(obj, "__qualname__", repr(obj)), "fn(todo)")
+        _check_not_generator(obj, getattr(obj, "__qualname__", repr(obj)))
+        _check_not_generator(getattr(obj, "__call__", None),  # noqa: B004
+                             getattr(obj, "__qualname__", None) or type(obj).__qualname__)
         if inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(
             getattr(obj, "__call__", None)  # noqa: B004
         ):
@@ -245,6 +270,21 @@ def adapt(obj: Any, loop: str = "thread") -> Adapter:
         f"{obj!r} is not an executor: pass a function fn(todo), an object with "
         "execute(todo, events), or an a2a-sdk AgentExecutor"
     )
+
+
+def _is_a2a_class(cls: type) -> bool:
+    module = sys.modules.get("a2a.server.agent_execution")
+    base = getattr(module, "AgentExecutor", None)
+    return base is not None and issubclass(cls, base)
+
+
+def _check_not_generator(fn: Any, name: str) -> None:
+    """A generator function returns before its body runs: every todo would fail on it."""
+    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+        raise ConfigurationError(
+            f"{name} is a generator function (it yields): an executor returns its result; "
+            "send intermediate output with todo.events.progress(...) or "
+            "todo.events.result(draft, final=False)")
 
 
 def _check_call(fn: Any, arguments: int, name: str, expected: str) -> None:

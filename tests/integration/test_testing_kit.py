@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 
 import psycopg
 import pytest
@@ -327,3 +328,25 @@ def test_a_kit_database_that_failed_to_start_in_a_with_block_leaves_no_folder(
     with pytest.raises(psycopg.errors.ReadOnlySqlTransaction), EmbeddedDatabases():
         pass
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sync_wrapper_that_returns_a_coroutine_fails_the_todo_naming_the_fix(processgpt_run):
+    """A decorator that hides ``async def`` passes every check at start; its coroutine is
+    refused by name (and closed, so no 'never awaited' warning), not stored as a value."""
+    async def work(todo):
+        return {"ok": True}
+
+    def wrapped(todo):  # what a plain decorator around an async function looks like
+        return work(todo)
+
+    class Wrapped:
+        def execute(self, todo, events):
+            return work(todo)
+
+    for executor in (wrapped, Wrapped()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            record = processgpt_run(executor, "x")
+        assert record.failed
+        assert "returned a coroutine instead of a result" in record.log
+        assert "declared async def" in record.log

@@ -29,12 +29,35 @@ class Fine:
         return {}
 
 
+def yields(todo):
+    yield {"step": 1}
+
+
+async def yields_async(todo):
+    yield {"step": 1}
+
+
+class ExecuteYields:
+    def execute(self, todo, events):
+        yield {}
+
+
+class CallYields:
+    def __call__(self, todo):
+        yield {}
+
+
 @pytest.mark.parametrize(("executor", "message"), [
     (two, r"two\(todo, events\) cannot be called as fn\(todo\)"),
     (lambda: {}, r"cannot be called as fn\(todo\)"),
     (NeedsEvents(), r"NeedsEvents.execute\(todo\) cannot be called as execute\(todo, events\)"),
-    (Fine, r"cannot be called as execute\(todo, events\)"),  # the class, not an instance
-])
+    (Fine, r"Fine is a class: pass an instance, e.g. serve\(Fine\(\)\)"),
+    (yields, r"yields is a generator function .*an executor returns its result"),
+    (yields_async, r"yields_async is a generator function"),
+    (ExecuteYields(), r"ExecuteYields.execute is a generator function"),
+    (CallYields(), r"CallYields.*is a generator function"),
+], ids=["two-arguments", "no-argument", "execute-one-argument", "a-class", "generator",
+        "async-generator", "execute-generator", "call-generator"])
 def test_executors_with_the_wrong_parameters_are_refused_at_start(executor, message):
     with pytest.raises(ConfigurationError, match=message):
         Server(executor, SETTINGS)
