@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -90,14 +91,27 @@ def unwrap_text(text: str) -> Any:
     """Return the JSON value a text holds when it is a JSON object or array, else the text.
 
     Executors send ``json.dumps(payload)`` as message text; ProcessGPT stores the payload itself.
+    Python's own extensions (NaN, Infinity, 1e999) are not JSON a database column can hold:
+    such a text stays text, as any other that does not parse.
     """
     stripped = text.strip()
     if stripped[:1] in ("{", "["):
         try:
-            return json.loads(stripped)
+            return json.loads(stripped, parse_constant=_not_json, parse_float=_finite)
         except ValueError:
             return text
     return text
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _finite(number: str) -> float:
+    value = float(number)
+    if not math.isfinite(value):
+        raise ValueError(f"{number} does not fit a JSON number")
+    return value
 
 
 def error_text(exc: BaseException) -> str:

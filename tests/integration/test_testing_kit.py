@@ -350,3 +350,8 @@ def test_a_sync_wrapper_that_returns_a_coroutine_fails_the_todo_naming_the_fix(p
         assert record.failed
         assert "returned a coroutine instead of a result" in record.log
         assert "declared async def" in record.log
+
+
+def test_a_text_result_with_python_only_numbers_is_stored_as_the_text(processgpt_run):
+    record = processgpt_run(lambda todo: '{"score": NaN}', "x")
+    assert record.completed and record.result == '{"score": NaN}'

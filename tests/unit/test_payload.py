@@ -48,6 +48,12 @@ def test_unwrap_text_parses_json_objects_and_arrays_only():
     assert unwrap_text("42") == "42"
 
 
+@pytest.mark.parametrize("text", ['{"score": NaN}', '[Infinity]', '{"x": -Infinity}',
+                                  '{"big": 1e999}'])
+def test_text_that_only_python_reads_as_json_stays_text(text):
+    assert unwrap_text(text) == text  # NaN and infinities have no JSON form to store
+
+
 def test_make_event_rejects_unknown_types_at_the_call_site():
     with pytest.raises(ValueError, match="unknown event_type 'notice'"):
         make_event("t", "k", "notice", "hi")
