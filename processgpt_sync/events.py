@@ -157,7 +157,13 @@ class Events:
 
     def error(self, data: Any = None, *, job_id: str | None = None,
               crew_type: str | None = None) -> None:
-        """``error``: report a problem without ending the todo (raise to fail it)."""
+        """``error``: report a problem without ending the todo (raise to fail it). Plain text
+        is stored as ``{"error": text, "message": text}``, the shape of the event a failure
+        writes: the ProcessGPT UI shows ``message``."""
+        if isinstance(data, str):
+            data = unwrap_text(data)
+            if isinstance(data, str):
+                data = {"error": data, "message": data}
         self.emit("error", data, job_id=job_id, crew_type=crew_type)
 
     def result(self, data: Any, *, final: bool = True) -> None:

@@ -134,7 +134,8 @@ def translate(event: Any, crew_type: str) -> tuple[str, Any, str | None, str] | 
         raw = getattr(output, "raw", output)
         return "task_completed", {"result": _parsed(raw)}, task_job, crew_type
     if kind == "TaskFailedEvent":
-        return "error", {"error": _text(getattr(event, "error", None))}, task_job, crew_type
+        error = _text(getattr(event, "error", None))
+        return "error", {"error": error, "message": error}, task_job, crew_type
     if kind.startswith("ToolUsage"):
         args = getattr(event, "tool_args", None)
         parsed = _parsed(args) if isinstance(args, str) else args

@@ -355,3 +355,15 @@ def test_a_sync_wrapper_that_returns_a_coroutine_fails_the_todo_naming_the_fix(p
 def test_a_text_result_with_python_only_numbers_is_stored_as_the_text(processgpt_run):
     record = processgpt_run(lambda todo: '{"score": NaN}', "x")
     assert record.completed and record.result == '{"score": NaN}'
+
+
+def test_an_error_reported_as_text_is_stored_as_a_failure_event_is(processgpt_run):
+    """The UI shows an error event's ``message``: a reported problem reads as a failure's."""
+    def handle(todo: Todo):
+        todo.events.error("the CRM timed out, retrying")
+        return {"ok": True}
+
+    record = processgpt_run(handle, "x")
+    assert record.completed and record.event_types == ["error", "crew_completed"]
+    assert record.events[0].data == {"error": "the CRM timed out, retrying",
+                                     "message": "the CRM timed out, retrying"}
