@@ -120,8 +120,8 @@ def _plain_result(result: Any, fn: Any) -> Any:
     name = getattr(fn, "__qualname__", None) or repr(fn)
     raise TypeError(
         f"{name} returned a {type(result).__name__} instead of a result: an executor that "
-        "awaits must be declared async def (inspect.markcoroutinefunction marks a sync "
-        "wrapper), and one that yields must return its result and send progress with "
+        "awaits must be declared async def (on Python 3.12+, inspect.markcoroutinefunction "
+        "marks a sync wrapper), and one that yields must return its result and send progress with "
         "todo.events")
 
 
