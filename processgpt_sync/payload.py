@@ -20,7 +20,8 @@ def check_json(value: Any, *, what: str) -> Any:
     dicts, so an executor may return or emit them; anything else comes back unchanged.
     """
     text, converted = _dump(value, what=what)
-    return json.loads(text) if converted else value
+    stored = _load(text, what=what)
+    return stored if converted else value
 
 
 def snapshot_json(value: Any, *, what: str) -> Any:
@@ -30,7 +31,23 @@ def snapshot_json(value: Any, *, what: str) -> Any:
     text, _ = _dump(value, what=what)
     if value is None or isinstance(value, (str, int, bool)):
         return value
-    return json.loads(text)
+    return _load(text, what=what)
+
+
+def _load(text: str, *, what: str) -> Any:
+    """Read back the JSON text of a value; keys that became the same text (``1`` and
+    ``"1"``, ``True`` and ``"true"``) are refused: jsonb would keep one and drop the other."""
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        mapping = dict(pairs)
+        if len(mapping) != len(pairs):
+            keys = [key for key, _ in pairs]
+            twice = next(key for index, key in enumerate(keys) if key in keys[:index])
+            raise PayloadError(
+                f"{what} has two keys that both become {twice!r} in JSON (such as 1 and "
+                "'1'): only one would be stored; give them different names")
+        return mapping
+
+    return json.loads(text, object_pairs_hook=unique)
 
 
 def _first_unstorable(value: Any, path: str, depth: int = 0) -> str | None:

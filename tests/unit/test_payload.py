@@ -7,7 +7,7 @@ import pytest
 
 from processgpt_sync import PayloadError
 from processgpt_sync.events import make_event
-from processgpt_sync.payload import check_json, error_text, unwrap_text
+from processgpt_sync.payload import check_json, error_text, snapshot_json, unwrap_text
 
 
 def test_json_values_pass_unchanged():
@@ -73,3 +73,11 @@ def test_an_exception_whose_message_raises_is_still_described():
 
     assert error_text(ClientError()) == (
         "ClientError: (its message could not be read: KeyError)")
+
+
+@pytest.mark.parametrize("value", [{1: "a", "1": "b"}, {"outer": [{True: 1, "true": 2}]}])
+def test_keys_that_become_the_same_json_text_are_refused_not_one_dropped(value):
+    with pytest.raises(PayloadError, match=r"result has two keys that both become '(1|true)'"):
+        snapshot_json(value, what="result")
+    with pytest.raises(PayloadError, match="two keys"):
+        check_json(value, what="question")
