@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..errors import SchemaMissing
+from ..errors import PayloadError, SchemaMissing
 from ..models import Claim
 from ..queries import required_functions
 
@@ -274,6 +274,10 @@ class Storage(abc.ABC):
         user_id: str | None = None,
     ) -> str:
         """Insert a claimable todo; return its id."""
+        if not isinstance(text, str):
+            raise PayloadError(
+                f"a todo's input (todolist.query) is text, not {type(text).__name__}: pass a "
+                "str, e.g. json.dumps(data) for structured input")
         params = {
             "p_agent_orch": agent_orch,
             "p_input": text,

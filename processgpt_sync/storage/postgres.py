@@ -88,8 +88,9 @@ def wrap_exceptions(target: str = "") -> Iterator[None]:
             f"the database is read-only{where} (a failover under way, or the URL names a "
             f"replica): {str(exc).strip()}", code=exc.sqlstate) from exc
     except psycopg.ProgrammingError as exc:
-        if exc.sqlstate is None:  # raised by libpq before any query: a malformed conninfo
-            raise ConfigurationError(f"invalid database URL{where}: {exc}") from exc
+        if exc.sqlstate is None:  # refused by the driver before it reached the database (a
+            # value it cannot send); the URL was parsed, and any problem named, at the start
+            raise StorageError(f"the database driver refused the call{where}: {exc}") from exc
         raise _storage_error(exc) from exc
     except psycopg.Error as exc:
         raise _storage_error(exc) from exc

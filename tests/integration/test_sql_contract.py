@@ -327,8 +327,8 @@ def test_bad_input_gets_one_clear_error(storage):
         storage.enqueue("a", "q", agent_mode="SOMETIMES")
 
 
-def test_wrong_url_is_a_clear_configuration_or_connection_error(tmp_path):
-    from processgpt_sync import ConfigurationError, StorageUnavailable
+def test_wrong_url_is_a_clear_configuration_or_connection_error(tmp_path, database_url):
+    from processgpt_sync import ConfigurationError, StorageError, StorageUnavailable
     from processgpt_sync.storage.postgres import PostgresStorage
 
     store = PostgresStorage(f"postgresql://nobody@/nodb?host={tmp_path}")
@@ -339,6 +339,17 @@ def test_wrong_url_is_a_clear_configuration_or_connection_error(tmp_path):
         store.close()
     with pytest.raises(ConfigurationError, match="invalid database URL"):
         PostgresStorage("postgresql://x/db?bogus_option=1").ping()
+    store = PostgresStorage(database_url)
+    try:  # a value the driver cannot send is the call's problem, not the URL's
+        with pytest.raises(StorageError, match=r"driver refused the call \(enqueue\): cannot "
+                                               r"adapt type 'object'") as refused:
+            store.call("enqueue", {"p_agent_orch": "x", "p_input": object(),
+                                   "p_agent_mode": "COMPLETE", "p_tenant_id": None,
+                                   "p_activity_name": None, "p_proc_inst_id": None,
+                                   "p_user_id": None})
+        assert not isinstance(refused.value, ConfigurationError)
+    finally:
+        store.close()
     for password in ("hun%zzter2", "my secret"):  # a stray % or space: libpq quotes the text
         with pytest.raises(ConfigurationError, match="must be percent-encoded") as refused:
             PostgresStorage(f"postgresql://u:{password}@127.0.0.1:1/db")

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from processgpt_sync import Todo
-from processgpt_sync.errors import ConfigurationError
+from processgpt_sync.errors import ConfigurationError, PayloadError
 from processgpt_sync.testing import NO_ANSWER, RunTimedOut, UnansweredQuestion
 
 
@@ -367,3 +367,11 @@ def test_an_error_reported_as_text_is_stored_as_a_failure_event_is(processgpt_ru
     assert record.completed and record.event_types == ["error", "crew_completed"]
     assert record.events[0].data == {"error": "the CRM timed out, retrying",
                                      "message": "the CRM timed out, retrying"}
+
+
+def test_a_todo_input_that_is_not_text_is_refused_before_anything_is_written(
+        processgpt_run, processgpt_database_url):
+    with pytest.raises(PayloadError, match=r"input \(todolist.query\) is text, not dict.*json"):
+        processgpt_run(lambda todo: {}, {"customer": 1})
+    with psycopg.connect(processgpt_database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM todolist").fetchone() == (0,)
