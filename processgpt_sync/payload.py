@@ -114,10 +114,16 @@ def unwrap_text(text: str) -> Any:
     stripped = text.strip()
     if stripped[:1] in ("{", "["):
         try:
-            return json.loads(stripped, parse_constant=_not_json, parse_float=_finite)
+            return strict_json(stripped)
         except ValueError:
             return text
     return text
+
+
+def strict_json(text: str) -> Any:
+    """``json.loads`` without Python's extensions (NaN, Infinity, 1e999): ValueError for
+    them, as for any text that is not JSON a database column can hold."""
+    return json.loads(text, parse_constant=_not_json, parse_float=_finite)
 
 
 def _not_json(constant: str) -> Any:

@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
                    database_help="PostgreSQL URL to run the demo on (default: the embedded "
                    "database)")
     demo.add_argument("--todos", type=positive_int, default=8, help="how many todos (default: 8)")
-    demo.add_argument("--workers", type=int, default=4, help="worker threads (default: 4)")
+    demo.add_argument("--workers", type=positive_int, default=4,
+                      help="worker threads (default: 4)")
     demo.add_argument("--console", action="store_true", help="serve the console meanwhile")
     demo.add_argument("--console-port", type=port, default=8710,
                       help="the console's port (default: 8710)")

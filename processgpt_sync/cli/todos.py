@@ -15,6 +15,7 @@ from typing import Any
 
 from .. import cli_terminal as terminal
 from ..errors import ConfigurationError
+from ..payload import strict_json
 from .backend import checked_storage
 
 
@@ -95,8 +96,8 @@ def cmd_asked(args: argparse.Namespace) -> int:
 
 def cmd_respond(args: argparse.Namespace) -> int:
     try:
-        answer = json.loads(args.answer)
-    except ValueError:
+        answer = strict_json(args.answer)
+    except ValueError:  # plain text, or a number JSON has no form for ('NaN'): the text
         answer = args.answer
     storage = checked_storage(args)
     try:

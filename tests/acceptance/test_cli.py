@@ -52,7 +52,9 @@ def test_errors_are_one_clear_line_without_a_traceback(empty_database_url, tmp_p
     for args, message in ((["enqueue", "--agent-orch", "a", "--input", "x", "--count", "0"],
                            "argument --count: must be at least 1, not 0"),
                           (["status", "--watch", "--interval", "-1"],
-                           "argument --interval: must be above 0, not -1")):
+                           "argument --interval: must be above 0, not -1"),
+                          (["demo", "--workers", "0"],  # refused before a todo is enqueued
+                           "argument --workers: must be at least 1, not 0")):
         one_line_error(cli(*args, "--database-url", empty_database_url, check=False), message)
 
 
@@ -458,7 +460,8 @@ def test_respond_to_an_answered_question_is_refused(database_url):
         job_id = next(line.split()[0] for line in listing.splitlines() if "Ship it?" in line)
         cli("respond", *url, job_id, "true")
         wait_for(lambda: server.stats()["completed"] == 1)
-    one_line_error(cli("respond", *url, job_id, "false", check=False),
+    # 'NaN' is text (JSON has no NaN): it reaches the check, not a JSON error
+    one_line_error(cli("respond", *url, job_id, "NaN", check=False),
                    f"question {job_id} was already answered")
     with psycopg.connect(database_url) as conn:
         assert conn.execute("SELECT count(*) FROM events WHERE event_type = 'human_response'"
