@@ -31,14 +31,19 @@ class EmbeddedDatabases:
     ``directory`` is the server's data folder; by default a temporary one, removed on
     :meth:`close`. A given one must be this object's alone: :meth:`start` rebuilds the template
     there and :meth:`close` stops that server. Use it as a context manager, or call
-    :meth:`start` and :meth:`close`.
+    :meth:`start` and :meth:`close`; with ``close_at_exit``, :meth:`close` also runs at
+    interpreter exit.
     """
 
-    def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, directory: str | os.PathLike[str] | None = None, *,
+                 close_at_exit: bool = False) -> None:
+        self._close_at_exit = close_at_exit
         self._owned_dir: str | None = None
         if directory is None:
             self._owned_dir = tempfile.mkdtemp(prefix="processgpt-sync-test-")
             directory = Path(self._owned_dir) / "pgdata"
+        if close_at_exit:  # the folder, even if no server ever starts (start adds the server)
+            atexit.register(self.close)
         self.directory = Path(directory)
         self._url: str | None = None
         self._templates: set[str] = set()
@@ -65,6 +70,11 @@ class EmbeddedDatabases:
                     embedded.stop(self.directory)
                     raise
                 self._url = url
+                if self._close_at_exit:
+                    # Registered after the embedded server's own exit handler, so it runs
+                    # before it: stopping a server that handler already stopped would start
+                    # it again first.
+                    atexit.register(self.close)
         return self
 
     def template(self, name: str, *scripts: Path, install: bool = True) -> str:
@@ -149,8 +159,7 @@ def shared_databases() -> EmbeddedDatabases:
     global _shared
     with _shared_lock:
         if _shared is None:
-            _shared = EmbeddedDatabases()
-            atexit.register(_shared.close)
+            _shared = EmbeddedDatabases(close_at_exit=True)
         return _shared
 
 

