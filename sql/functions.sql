@@ -585,6 +585,9 @@ BEGIN
         WHERE c.reason IS NULL
           AND NOT EXISTS (SELECT 1 FROM events x WHERE x.id = c.ev ->> 'id')
         ORDER BY c.n
+        -- the same events sent again while their first write still commits (it was cut off
+        -- from its caller): the write that commits first keeps them
+        ON CONFLICT DO NOTHING
         RETURNING 1
     )
     SELECT (SELECT count(*) FROM inserted),
@@ -1440,6 +1443,9 @@ BEGIN
                   ELSE coalesce(v_todo.draft_status::text,
                                 'status ' || coalesce(v_todo.status::text, 'NULL')) END;
     v_reason := CASE
+        WHEN v_todo.status::text = 'DONE' THEN  -- a person or the process finished the step
+            'its process finished this step (status DONE); enqueue a new todo to run the work '
+            'again'
         WHEN v_todo.draft_status = 'HUMAN_ASKED' AND v_todo.consumer IS NULL
              AND v_todo.status::text = 'CANCELLED' THEN NULL  -- suspended, then cancelled
         WHEN v_todo.draft_status = 'HUMAN_ASKED' AND v_todo.consumer IS NULL THEN
@@ -1728,12 +1734,15 @@ CREATE TRIGGER processgpt_sync_todo_updated
     AFTER UPDATE ON todolist REFERENCING NEW TABLE AS processgpt_sync_changed
     FOR EACH STATEMENT EXECUTE FUNCTION processgpt_sync_changed_notify_v1();
 
--- The state a person reads: CANCELLED (either column), QUEUED (claimable, never run), else
--- draft_status, else the platform's status. Text arguments: any install's column types fit.
+-- The state a person reads: CANCELLED (either column, or a run or wait its step's status DONE
+-- ended), QUEUED (claimable, never run), else draft_status, else the platform's status. Text
+-- arguments: any install's column types fit.
 CREATE OR REPLACE FUNCTION processgpt_sync_state_v1(p_status text, p_draft_status text)
 RETURNS text LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE
         WHEN p_draft_status = 'CANCELLED' OR p_status = 'CANCELLED' THEN 'CANCELLED'
+        WHEN p_status = 'DONE' AND p_draft_status IN ('STARTED', 'HUMAN_ASKED', 'FB_REQUESTED')
+            THEN 'CANCELLED'
         WHEN p_draft_status IS NOT NULL THEN p_draft_status
         WHEN p_status = 'IN_PROGRESS' THEN 'QUEUED'
         ELSE coalesce(p_status, 'NEW')
@@ -1813,6 +1822,7 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
                       FROM events q
                       WHERE q.todo_id = t.id::text AND q.event_type = 'human_asked'
                         AND t.draft_status = 'HUMAN_ASKED'
+                        AND coalesce(t.status::text NOT IN ('CANCELLED', 'DONE'), true)
                         AND NOT EXISTS (SELECT 1 FROM processgpt_sync_answer_to_v1(
                                             q.job_id, q.todo_id, q."timestamp"))))
     FROM todolist t WHERE t.id = p_todo_id

@@ -8,10 +8,12 @@ from collections import Counter
 
 import psycopg
 import pytest
+from psycopg.types.json import Jsonb
 
 from processgpt_sync import SchemaMissing, StorageError
 from processgpt_sync.events import make_event
 from processgpt_sync.models import Claim
+from tests.conftest import wait_for
 
 CLAIM = {"lease_seconds": 60, "max_claims": 3}
 
@@ -415,3 +417,33 @@ def test_a_todo_finished_by_someone_else_while_claimed_is_not_taken_for_our_resu
         output = db.execute("SELECT output FROM todolist WHERE id = %s",
                             (c.todo_id,)).fetchone()["output"]
         assert output == {"by": "person"}, kind
+
+
+def test_events_sent_again_while_their_first_write_commits_are_stored_once(storage, db,
+                                                                           database_url):
+    """A batch cut off from its caller can still be committing when the writer sends it again:
+    the second write waits for the first and keeps its events, instead of failing on their
+    ids (a unique violation, which the writer would take for a refusal of the batch)."""
+    storage.enqueue("a", "q")
+    (held,) = claim(storage)
+    sent = {**event(held), "id": str(uuid.uuid4())}
+    answers = []
+    with psycopg.connect(database_url) as first:  # the first write, not committed yet
+        first.execute("SELECT processgpt_sync_record_events_v1(%s::jsonb)", (Jsonb([sent]),))
+
+        def send_again():
+            try:
+                answers.append(storage.record_events([sent]))
+            except StorageError as exc:
+                answers.append(exc)
+
+        again = threading.Thread(target=send_again)
+        again.start()
+        wait_for(lambda: db.execute(
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock'").fetchone()["n"] == 1)
+        first.commit()
+        again.join(10)
+    assert answers == [[]]  # nothing refused
+    assert db.execute("SELECT count(*) AS n FROM events WHERE id = %s",
+                      (sent["id"],)).fetchone()["n"] == 1

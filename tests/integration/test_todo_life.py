@@ -160,6 +160,24 @@ def test_a_suspended_todo_cancelled_by_status_is_not_listed_as_asking_and_can_be
     assert again.todo_id == todo_id
 
 
+def test_a_step_finished_while_its_agent_asked_is_neither_waiting_nor_retried(storage, db):
+    """Status DONE ends the agent's part of the step: the console shows the run cancelled,
+    offers no answer and no Cancel, and `retry` does not reopen the step."""
+    todo_id = storage.enqueue("life", "q")
+    (held,) = claim(storage)
+    assert storage.ask(held, "job-1", question_data("ok?", None, "confirm")).applied
+    assert storage.suspend(held).applied
+    db.execute("UPDATE todolist SET status = 'DONE' WHERE id = %s", (todo_id,))
+    shown = db.execute("SELECT processgpt_sync_console_todo_v1(%s) AS v",
+                       (todo_id,)).fetchone()["v"]
+    assert (shown["todo"]["state"], shown["questions"]) == ("CANCELLED", [])
+    cancel = db.execute("SELECT processgpt_sync_cancel_v1(%s) AS v", (todo_id,)).fetchone()["v"]
+    assert (cancel["applied"], cancel["reason"]) == (False, "finished")
+    retried = storage.call("retry", {"p_todo_id": str(todo_id)})
+    assert retried["retried"] is False and "status DONE" in retried["reason"]
+    assert state(db, todo_id)["status"] == "DONE" and claim(storage) == []
+
+
 @ENDED
 def test_an_expired_claim_of_a_cancelled_todo_is_settled_cancelled(storage, db, ended):
     todo_id = storage.enqueue("life", "q")
