@@ -15,10 +15,12 @@ from . import embedded
 
 logger = logging.getLogger(__name__)
 
-REPEATED_SIGTERM_EXITS = True
-"""Whether a second SIGTERM exits at once. A supervised server process turns it off: systemd's
-default stop sends SIGTERM to every process of the unit while the supervisor forwards its own,
-so a child gets two for one stop; the supervisor asks for an exit now with SIGINT instead."""
+EXIT_NOW_SIGNAL: int | None = None
+"""A signal that always exits at once; a supervised server process sets it (SIGUSR1), and then
+a second SIGTERM is the same stop: systemd's default stop sends SIGTERM to every process of the
+unit while the supervisor forwards its own, so a child gets two for one stop. A signal of its
+own, not SIGINT: Python runs pending handlers lowest number first, so a SIGINT sent after a
+SIGTERM could be taken first, as the graceful stop, and the SIGTERM then ignored."""
 
 
 @contextmanager
@@ -37,10 +39,10 @@ def on_stop(requested: threading.Event, log: logging.Logger = logger,
         return
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        if requested.is_set() and signum == signal.SIGTERM and not REPEATED_SIGTERM_EXITS:
+        if requested.is_set() and signum == signal.SIGTERM and EXIT_NOW_SIGNAL is not None:
             log.info("SIGTERM again: already stopping gracefully", extra=extra)
             return
-        if requested.is_set():
+        if requested.is_set() or signum == EXIT_NOW_SIGNAL:
             log.critical("second signal: exiting now", extra=extra)
             embedded.release()  # os._exit skips the exit hooks that stop the embedded server
             os._exit(1)
@@ -49,7 +51,10 @@ def on_stop(requested: threading.Event, log: logging.Logger = logger,
         requested.set()
 
     previous: dict[int, Callable[..., Any] | int | None] = {}
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal closed
+    handled = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]  # SIGHUP: the terminal closed
+    if EXIT_NOW_SIGNAL is not None:
+        handled.append(signal.Signals(EXIT_NOW_SIGNAL))
+    for sig in handled:
         previous[sig] = signal.signal(sig, on_signal)
     try:
         yield

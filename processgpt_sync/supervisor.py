@@ -6,8 +6,8 @@ server with its own consumer name; the supervisor holds no todo and no lease, th
 stays the only coordinator. The supervisor:
 
 - forwards SIGINT/SIGTERM to every child (first signal: graceful stop, as SIGTERM; second:
-  exit now, as SIGINT, so that a SIGTERM a child gets twice for one stop, from systemd and from
-  the supervisor, still stops it gracefully);
+  exit now, as SIGUSR1, so that a SIGTERM a child gets twice for one stop, from systemd and
+  from the supervisor, still stops it gracefully);
 - restarts a child that died, with exponential back-off, and logs it;
 - does not restart a child that failed on its configuration (exit 2): the group stops;
 - exits 0 when every child stopped cleanly on request, 1 when one did not stop cleanly once
@@ -56,6 +56,7 @@ BACKOFF_MAX = 30.0  # longest wait between restarts
 STABLE_AFTER = 30.0  # a child that ran this long restarts again after BACKOFF_FIRST
 PARENT_CHECK = 1.0  # seconds between a child's checks that its supervisor still lives
 CHILD_STOP_MARGIN = 10.0  # seconds past grace_seconds a failing supervisor waits for a child
+EXIT_NOW = signal.SIGUSR1  # the second signal, forwarded: a child exits at once
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,7 @@ class Supervisor:
             logger.info("signal %s: stopping %d server processes gracefully (again to exit "
                         "now)", signal.Signals(signum).name, len(self._children),
                         extra=self._extra)
-        forwarded = signal.SIGTERM if self._signals == 1 else signal.SIGINT  # graceful, now
+        forwarded = signal.SIGTERM if self._signals == 1 else EXIT_NOW  # graceful, now
         for process in list(self._children.values()):
             self._signal_child(process, forwarded)
 
@@ -232,7 +233,7 @@ def child_main(spec: ChildSpec, index: int, supervisor: int | None = None) -> No
     :param supervisor: the supervisor's pid (read by the parent: a child that read its own
         parent's pid after the supervisor died would get a stranger's, and serve on alone)."""
     os.setpgrp()  # a terminal's Ctrl+C reaches only the supervisor, which forwards it once
-    signals.REPEATED_SIGTERM_EXITS = False  # the supervisor's "exit now" is SIGINT
+    signals.EXIT_NOW_SIGNAL = EXIT_NOW  # the supervisor's "exit now"
     _stop_when_orphaned(supervisor if supervisor is not None else os.getppid())
     log = logging.getLogger(f"{__name__}.child")
     try:
