@@ -232,8 +232,7 @@ def adapt(obj: Any, loop: str = "thread") -> Adapter:
 
     :param loop: where async executors run: "thread" (a loop per worker thread) or "shared".
     """
-    if inspect.isclass(obj) and (callable(getattr(obj, "execute", None))
-                                 or _is_a2a_class(obj)):
+    if inspect.isclass(obj) and (_is_a2a_class(obj) or _needs_an_instance(obj)):
         raise ConfigurationError(
             f"{obj.__qualname__} is a class: pass an instance, e.g. serve({obj.__qualname__}()), "
             "so that its execute runs on it")
@@ -276,6 +275,21 @@ def _is_a2a_class(cls: type) -> bool:
     module = sys.modules.get("a2a.server.agent_execution")
     base = getattr(module, "AgentExecutor", None)
     return base is not None and issubclass(cls, base)
+
+
+def _needs_an_instance(cls: type) -> bool:
+    """A class whose ``execute`` is an instance method (a static or class method
+    ``execute(todo, events)`` runs on the class itself)."""
+    execute = getattr(cls, "execute", None)
+    if not callable(execute):
+        return False
+    try:
+        inspect.signature(execute).bind(None, None)
+    except TypeError:
+        return True
+    except ValueError:  # no signature to read: leave it to the call
+        return False
+    return False
 
 
 def _check_not_generator(fn: Any, name: str) -> None:

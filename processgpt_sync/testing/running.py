@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -317,8 +318,8 @@ def run_todo(
             activity_name=activity_name, proc_inst_id=proc_inst_id)
         with _capture_logs(run.todo_id) as logs, psycopg.connect(
                 database_url, autocommit=True, row_factory=dict_row) as conn:
-            server.start()
             try:
+                server.start()
                 _drive(run, conn, answer_for, should_cancel, timeout, explicit=callable(answers))
             except BaseException:
                 server.stop(timeout=0)
@@ -364,7 +365,8 @@ def _check_run_limits(*, cancel_after: Any, timeout: Any) -> None:
         raise ConfigurationError(
             f"run_todo cancel_after must be a whole number of events (0 or more), not "
             f"{cancel_after!r}")
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
+            0 < timeout < math.inf):
         raise ConfigurationError(
             f"run_todo timeout must be a positive number of seconds the run may take, not "
             f"{timeout!r}; the per-todo limit the server enforces is todo_timeout")

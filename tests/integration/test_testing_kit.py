@@ -11,7 +11,7 @@ import warnings
 import psycopg
 import pytest
 
-from processgpt_sync import Todo
+from processgpt_sync import Server, Todo
 from processgpt_sync.errors import ConfigurationError, PayloadError
 from processgpt_sync.testing import NO_ANSWER, RunTimedOut, UnansweredQuestion
 
@@ -198,9 +198,10 @@ def test_a_misspelt_setting_is_refused_before_anything_is_written(processgpt_run
     ({"cancel_after": "2"}, r"cancel_after must be a whole number of events .* not '2'"),
     ({"cancel_after": -1}, r"cancel_after must be a whole number"),
     ({"timeout": 0}, r"timeout must be a positive number .*per-todo limit .* is todo_timeout"),
+    ({"timeout": float("inf")}, r"timeout must be a positive number"),
     ({"todo_timeout": -1}, r"run_todo todo_timeout must be a positive finite number"),
 ], ids=["answers-text", "answers-number", "cancel_after-text", "cancel_after-negative",
-        "timeout-zero", "todo_timeout-negative"])
+        "timeout-zero", "timeout-infinite", "todo_timeout-negative"])
 def test_bad_runner_arguments_are_refused_before_anything_is_written(
         processgpt_run, processgpt_database_url, arguments, message):
     with pytest.raises(ConfigurationError, match=message):
@@ -388,3 +389,16 @@ def test_a_todo_input_that_is_not_text_is_refused_before_anything_is_written(
         processgpt_run(lambda todo: {}, {"customer": 1})
     with psycopg.connect(processgpt_database_url) as conn:
         assert conn.execute("SELECT count(*) FROM todolist").fetchone() == (0,)
+
+
+def test_a_server_that_fails_to_start_leaves_no_todo_for_the_next_run(
+        processgpt_run, processgpt_database_url, monkeypatch):
+    def fails(self):
+        raise RuntimeError("the host refused a thread")
+
+    monkeypatch.setattr(Server, "start", fails)
+    with pytest.raises(RuntimeError, match="refused a thread"):
+        processgpt_run(lambda todo: {}, "x")
+    with psycopg.connect(processgpt_database_url) as conn:
+        assert conn.execute("SELECT status::text, draft_status::text FROM todolist"
+                            ).fetchall() == [("CANCELLED", "CANCELLED")]

@@ -96,3 +96,20 @@ def test_an_async_todo_that_cannot_start_on_the_shared_loop_leaves_nothing_behin
     with pytest.raises(RuntimeError):
         adapter.start(todo(2), lambda value, error: None)
     assert adapter._tasks == {}
+
+
+class StaticExecute:
+    @staticmethod
+    def execute(todo, events):
+        return {}
+
+
+class ClassExecute:
+    @classmethod
+    def execute(cls, todo, events):
+        return {}
+
+
+@pytest.mark.parametrize("executor", [StaticExecute, ClassExecute])
+def test_a_class_whose_execute_runs_on_the_class_is_accepted(executor):
+    Server(executor, SETTINGS)
