@@ -574,8 +574,11 @@ def test_idle_console_holds_one_listen_connection(storage, console, db):
         return db.execute("SELECT count(*) AS n FROM pg_stat_activity WHERE datname = "
                           "current_database() AND query LIKE 'LISTEN%%'").fetchone()["n"]
 
-    assert wait_for(lambda: listeners() == 1)
-    assert console.app.state.console.feed.listening
+    feed = console.app.state.console.feed
+    # LISTEN shows in pg_stat_activity as the feed sets `listening`: wait for both
+    assert wait_for(lambda: feed.listening and listeners() == 1)
+    time.sleep(0.3)  # and no second connection follows
+    assert feed.listening and listeners() == 1
 
 
 def test_stopping_the_console_ends_open_streams_cleanly(storage):
