@@ -14,10 +14,11 @@ CrewAI event                                ``events.event_type``  ``data``
 TaskStartedEvent                            task_started           role, goal, name,
                                                                    agent_profile
 TaskCompletedEvent                          task_completed         result (JSON text parsed)
-TaskFailedEvent                             error                  error
+TaskFailedEvent                             error                  error, message
 ToolUsageStartedEvent                       tool_usage_started     tool_name, query, args
-ToolUsageFinishedEvent / ToolUsageError     tool_usage_finished    tool_name, query, output
-                                                                   or error
+ToolUsageFinishedEvent / ToolUsageError     tool_usage_finished    tool_name, query, info (the
+                                                                   output), or error and
+                                                                   message
 AgentExecutionStarted/Completed/Error       task_working           role, status (crew_type
                                                                    ``agent``)
 CrewKickoffStarted/Completed/Failed         task_working           crew_name, status
@@ -147,9 +148,10 @@ def translate(event: Any, crew_type: str) -> tuple[str, Any, str | None, str] | 
         if kind == "ToolUsageStartedEvent":
             return "tool_usage_started", data, task_job, crew_type
         if kind == "ToolUsageFinishedEvent":
-            data["output"] = _parsed(getattr(event, "output", None))
+            # `info`: the field the ProcessGPT UI shows under a finished tool
+            data["info"] = _parsed(getattr(event, "output", None))
         else:
-            data["error"] = _text(getattr(event, "error", None))
+            data["error"] = data["message"] = _text(getattr(event, "error", None))
         return "tool_usage_finished", data, task_job, crew_type
     if kind.startswith("AgentExecution"):
         status = {"AgentExecutionStartedEvent": "started",

@@ -44,7 +44,8 @@ def test_a_crew_with_a_tool_writes_task_and_tool_events_then_its_result(storage,
     started = next(e for e in bridged if e[0] == "task_started")[1]
     assert (started["role"], started["goal"]) == ("report writer", "write the report")
     tool = next(e for e in bridged if e[0] == "tool_usage_finished")[1]
-    assert (tool["tool_name"], tool["query"], tool["output"]) == ("lookup", "tone", "found tone")
+    # the tool's output under `info`, which the ProcessGPT UI shows for a finished tool
+    assert (tool["tool_name"], tool["query"], tool["info"]) == ("lookup", "tone", "found tone")
     assert types(db)[-1] == "crew_completed"
 
 
