@@ -330,12 +330,16 @@ BEGIN
         WITH RECURSIVE tenants(k) AS (
             (SELECT coalesce(t.tenant_id, '') FROM todolist t
              WHERE t.agent_orch::text = p_agent_orch AND p_tenant_id IS NULL
-               AND ((t.draft_status IS NULL AND t.status = 'IN_PROGRESS') OR t.draft_status = 'FB_REQUESTED')
+               AND ((t.draft_status IS NULL AND t.status = 'IN_PROGRESS')
+                    OR (t.draft_status = 'FB_REQUESTED' AND t.status IS DISTINCT FROM 'CANCELLED'
+                        AND t.status IS DISTINCT FROM 'DONE'))
              ORDER BY coalesce(t.tenant_id, '') LIMIT 1)
             UNION ALL
             SELECT (SELECT coalesce(t.tenant_id, '') FROM todolist t
                     WHERE t.agent_orch::text = p_agent_orch AND coalesce(t.tenant_id, '') > g.k
-                      AND ((t.draft_status IS NULL AND t.status = 'IN_PROGRESS') OR t.draft_status = 'FB_REQUESTED')
+                      AND ((t.draft_status IS NULL AND t.status = 'IN_PROGRESS')
+                           OR (t.draft_status = 'FB_REQUESTED' AND t.status IS DISTINCT FROM 'CANCELLED'
+                               AND t.status IS DISTINCT FROM 'DONE'))
                     ORDER BY coalesce(t.tenant_id, '') LIMIT 1)
             FROM tenants g WHERE g.k IS NOT NULL
         )
@@ -374,7 +378,9 @@ BEGIN
                        row_number() OVER (ORDER BY u.start_date NULLS LAST, u.id) AS n
                 FROM ((SELECT t.id, t.start_date FROM todolist t
                        WHERE t.agent_orch::text = p_agent_orch AND coalesce(t.tenant_id, '') = g.k
-                         AND ((t.draft_status IS NULL AND t.status = 'IN_PROGRESS') OR t.draft_status = 'FB_REQUESTED')
+                         AND ((t.draft_status IS NULL AND t.status = 'IN_PROGRESS')
+                              OR (t.draft_status = 'FB_REQUESTED' AND t.status IS DISTINCT FROM 'CANCELLED'
+                                  AND t.status IS DISTINCT FROM 'DONE'))
                          AND processgpt_sync_is_claimable_v1(t, p_max_claims)
                        ORDER BY t.start_date NULLS LAST, t.id
                        LIMIT g.room)
@@ -397,7 +403,9 @@ BEGIN
             SELECT t.id FROM todolist t
             WHERE t.agent_orch::text = p_agent_orch
               AND (p_tenant_id IS NULL OR t.tenant_id = p_tenant_id)
-              AND ((t.draft_status IS NULL AND t.status = 'IN_PROGRESS') OR t.draft_status = 'FB_REQUESTED')
+              AND ((t.draft_status IS NULL AND t.status = 'IN_PROGRESS')
+                   OR (t.draft_status = 'FB_REQUESTED' AND t.status IS DISTINCT FROM 'CANCELLED'
+                       AND t.status IS DISTINCT FROM 'DONE'))
               AND processgpt_sync_is_claimable_v1(t, p_max_claims)
             ORDER BY t.start_date NULLS LAST, t.id
             LIMIT v_limit
@@ -409,7 +417,9 @@ BEGIN
                 (SELECT w.id FROM todolist w
                  WHERE w.agent_orch::text = p_agent_orch
                    AND (p_tenant_id IS NULL OR w.tenant_id = p_tenant_id)
-                   AND ((w.draft_status IS NULL AND w.status = 'IN_PROGRESS') OR w.draft_status = 'FB_REQUESTED')
+                   AND ((w.draft_status IS NULL AND w.status = 'IN_PROGRESS')
+                        OR (w.draft_status = 'FB_REQUESTED' AND w.status IS DISTINCT FROM 'CANCELLED'
+                            AND w.status IS DISTINCT FROM 'DONE'))
                    AND processgpt_sync_is_claimable_v1(w, p_max_claims)
                  ORDER BY w.start_date NULLS LAST, w.id
                  LIMIT 2 * v_limit)
@@ -1660,7 +1670,9 @@ BEGIN
             SELECT 1 FROM todolist t
             WHERE t.agent_orch::text = p_agent_orch
               AND (p_tenant_id IS NULL OR t.tenant_id = p_tenant_id)
-              AND ((t.draft_status IS NULL AND t.status = 'IN_PROGRESS') OR t.draft_status = 'FB_REQUESTED')
+              AND ((t.draft_status IS NULL AND t.status = 'IN_PROGRESS')
+                   OR (t.draft_status = 'FB_REQUESTED' AND t.status IS DISTINCT FROM 'CANCELLED'
+                       AND t.status IS DISTINCT FROM 'DONE'))
               AND processgpt_sync_is_claimable_v1(t, NULL))
         OR EXISTS (
             SELECT 1 FROM processgpt_sync_lease l

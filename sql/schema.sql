@@ -282,11 +282,13 @@ BEGIN
         CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_queued_idx
             ON todolist (agent_orch, start_date, id)
             WHERE (draft_status IS NULL AND status = 'IN_PROGRESS')
-               OR draft_status = 'FB_REQUESTED';
+               OR (draft_status = 'FB_REQUESTED' AND status IS DISTINCT FROM 'CANCELLED'
+                   AND status IS DISTINCT FROM 'DONE');
         CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_queued_fair_idx
             ON todolist (agent_orch, (coalesce(tenant_id, '')), start_date, id)
             WHERE (draft_status IS NULL AND status = 'IN_PROGRESS')
-               OR draft_status = 'FB_REQUESTED';
+               OR (draft_status = 'FB_REQUESTED' AND status IS DISTINCT FROM 'CANCELLED'
+                   AND status IS DISTINCT FROM 'DONE');
         CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_upstream_expiry_idx
             ON todolist (agent_orch, lease_until)
             WHERE draft_status = 'STARTED' AND lease_until IS NOT NULL
@@ -295,7 +297,8 @@ BEGIN
         CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_queued_idx
             ON todolist (start_date, id)
             WHERE (draft_status IS NULL AND status = 'IN_PROGRESS')
-               OR draft_status = 'FB_REQUESTED';
+               OR (draft_status = 'FB_REQUESTED' AND status IS DISTINCT FROM 'CANCELLED'
+                   AND status IS DISTINCT FROM 'DONE');
         CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_upstream_expiry_idx
             ON todolist (lease_until)
             WHERE draft_status = 'STARTED' AND lease_until IS NOT NULL
