@@ -280,16 +280,7 @@ def _is_a2a_class(cls: type) -> bool:
 def _needs_an_instance(cls: type) -> bool:
     """A class whose ``execute`` is an instance method (a static or class method
     ``execute(todo, events)`` runs on the class itself)."""
-    execute = getattr(cls, "execute", None)
-    if not callable(execute):
-        return False
-    try:
-        inspect.signature(execute).bind(None, None)
-    except TypeError:
-        return True
-    except ValueError:  # no signature to read: leave it to the call
-        return False
-    return False
+    return inspect.isfunction(inspect.getattr_static(cls, "execute", None))
 
 
 def _check_not_generator(fn: Any, name: str) -> None:

@@ -234,6 +234,8 @@ def child_main(spec: ChildSpec, index: int, supervisor: int | None = None) -> No
         parent's pid after the supervisor died would get a stranger's, and serve on alone)."""
     os.setpgrp()  # a terminal's Ctrl+C reaches only the supervisor, which forwards it once
     signals.EXIT_NOW_SIGNAL = EXIT_NOW  # the supervisor's "exit now"
+    # before serving and after: exit now through _exit, which lets go of the embedded server
+    signal.signal(EXIT_NOW, _exit_now)
     _stop_when_orphaned(supervisor if supervisor is not None else os.getppid())
     log = logging.getLogger(f"{__name__}.child")
     try:
@@ -265,6 +267,10 @@ def child_main(spec: ChildSpec, index: int, supervisor: int | None = None) -> No
         _exit(EXIT_FAILED)
     # Every write is done; executors that ignore todo.cancelled must not hold the process.
     _exit(EXIT_OK)
+
+
+def _exit_now(signum: int, frame: FrameType | None) -> None:
+    _exit(EXIT_FAILED)
 
 
 def _exit(code: int) -> None:

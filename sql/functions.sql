@@ -1435,7 +1435,8 @@ $$;
 -- `processgpt-sync retry`: a FAILED or CANCELLED todo becomes claimable again as if new
 -- (draft_status NULL, status IN_PROGRESS, claim count 0, no owner, no partial draft); its log
 -- keeps the history and gains a line. Running, waiting, completed and already claimable todos
--- are refused with the reason. When the id matches no todo or several, only `matches`.
+-- are refused with the reason, as is a step its process finished (status DONE). When the id
+-- matches no todo or several, only `matches`.
 CREATE OR REPLACE FUNCTION processgpt_sync_retry_v1(p_todo_id text)
 RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE

@@ -42,6 +42,11 @@ class ExecuteYields:
         yield {}
 
 
+class LooseExecute:  # binds two arguments on the class, but the first would be the todo
+    def execute(self, *args, **kwargs):
+        return {}
+
+
 class CallYields:
     def __call__(self, todo):
         yield {}
@@ -52,11 +57,13 @@ class CallYields:
     (lambda: {}, r"cannot be called as fn\(todo\)"),
     (NeedsEvents(), r"NeedsEvents.execute\(todo\) cannot be called as execute\(todo, events\)"),
     (Fine, r"Fine is a class: pass an instance, e.g. serve\(Fine\(\)\)"),
+    (LooseExecute, r"LooseExecute is a class: pass an instance"),
     (yields, r"yields is a generator function .*an executor returns its result"),
     (yields_async, r"yields_async is a generator function"),
     (ExecuteYields(), r"ExecuteYields.execute is a generator function"),
     (CallYields(), r"CallYields.*is a generator function"),
-], ids=["two-arguments", "no-argument", "execute-one-argument", "a-class", "generator",
+], ids=["two-arguments", "no-argument", "execute-one-argument", "a-class", "a-class-loose",
+         "generator",
         "async-generator", "execute-generator", "call-generator"])
 def test_executors_with_the_wrong_parameters_are_refused_at_start(executor, message):
     with pytest.raises(ConfigurationError, match=message):
