@@ -133,11 +133,8 @@ class Events:
                  crew_type: str | None = None) -> None:
         """``task_working``: an intermediate progress message. Plain text is stored as
         ``{"message": text}``, the field the ProcessGPT UI shows for these events."""
-        if isinstance(data, str):
-            data = unwrap_text(data)
-            if isinstance(data, str):
-                data = {"message": data}
-        self.emit("task_working", data, job_id=job_id, crew_type=crew_type)
+        self.emit("task_working", _text_under(data, "message"), job_id=job_id,
+                  crew_type=crew_type)
 
     def tool_started(self, name: str, data: Any = None, *, job_id: str | None = None,
                      crew_type: str | None = None) -> None:
@@ -160,11 +157,8 @@ class Events:
         """``error``: report a problem without ending the todo (raise to fail it). Plain text
         is stored as ``{"error": text, "message": text}``, the shape of the event a failure
         writes: the ProcessGPT UI shows ``message``."""
-        if isinstance(data, str):
-            data = unwrap_text(data)
-            if isinstance(data, str):
-                data = {"error": data, "message": data}
-        self.emit("error", data, job_id=job_id, crew_type=crew_type)
+        self.emit("error", _text_under(data, "error", "message"), job_id=job_id,
+                  crew_type=crew_type)
 
     def result(self, data: Any, *, final: bool = True) -> None:
         """Set the todo's result: ``final`` is written when the executor returns; an
@@ -172,6 +166,16 @@ class Events:
         if isinstance(data, str):
             data = unwrap_text(data)
         self._on_result(snapshot_json(data, what="result"), final)
+
+
+def _text_under(data: Any, *keys: str) -> Any:
+    """Event data from an executor: JSON text as the value it holds, other text under
+    ``keys`` (the fields the ProcessGPT UI shows), anything else as given."""
+    if isinstance(data, str):
+        data = unwrap_text(data)
+        if isinstance(data, str):
+            return dict.fromkeys(keys, data)
+    return data
 
 
 def _tool_data(name: str, data: Any) -> Any:

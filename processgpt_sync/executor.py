@@ -203,10 +203,15 @@ def check_thread_safety(obj: Any, workers: int) -> None:
         )
 
 
+def _a2a_base() -> type | None:
+    """a2a-sdk's AgentExecutor class, without importing a2a when nobody did."""
+    module = sys.modules.get("a2a.server.agent_execution")
+    return getattr(module, "AgentExecutor", None)
+
+
 def is_a2a_executor(obj: Any) -> bool:
     """True for an a2a-sdk AgentExecutor, without importing a2a when nobody did."""
-    module = sys.modules.get("a2a.server.agent_execution")
-    base = getattr(module, "AgentExecutor", None)
+    base = _a2a_base()
     return base is not None and isinstance(obj, base)
 
 
@@ -256,10 +261,10 @@ def adapt(obj: Any, loop: str = "thread") -> Adapter:
         _check_not_generator(execute, f"{type(obj).__name__}.execute")
         return BlockingObjectAdapter(obj)
     if callable(obj):
+        name = getattr(obj, "__qualname__", None) or type(obj).__qualname__
         _check_call(obj, 1, getattr(obj, "__qualname__", repr(obj)), "fn(todo)")
-        _check_not_generator(obj, getattr(obj, "__qualname__", repr(obj)))
-        _check_not_generator(getattr(obj, "__call__", None),  # noqa: B004
-                             getattr(obj, "__qualname__", None) or type(obj).__qualname__)
+        _check_not_generator(obj, name)
+        _check_not_generator(getattr(obj, "__call__", None), name)  # noqa: B004
         if inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(
             getattr(obj, "__call__", None)  # noqa: B004
         ):
@@ -272,8 +277,7 @@ def adapt(obj: Any, loop: str = "thread") -> Adapter:
 
 
 def _is_a2a_class(cls: type) -> bool:
-    module = sys.modules.get("a2a.server.agent_execution")
-    base = getattr(module, "AgentExecutor", None)
+    base = _a2a_base()
     return base is not None and issubclass(cls, base)
 
 
