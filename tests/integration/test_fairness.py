@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+import psycopg
 import pytest
 
 import processgpt_sync as ps
@@ -12,6 +13,14 @@ from processgpt_sync.storage.postgres import PostgresStorage
 from tests.conftest import open_backend, wait_for
 
 LEASE = {"lease_seconds": 60, "max_claims": 3}
+
+
+@pytest.fixture(autouse=True)
+def tenants(database_url):
+    """The tenants these todos name, as a platform database holds them (its todolist's
+    tenant_id references tenants)."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO tenants (id) VALUES ('a'), ('b'), ('c') ON CONFLICT DO NOTHING")
 
 
 @pytest.fixture(params=["postgres", "supabase"])

@@ -42,6 +42,7 @@ def answer_as_the_ui(db, job_id, answer):
 
 def human_todo(storage, db, text="q"):
     human = str(uuid.uuid4())
+    db.execute("INSERT INTO tenants (id) VALUES ('t1') ON CONFLICT DO NOTHING")
     db.execute("INSERT INTO users (id, tenant_id, username, email, is_agent) "
                "VALUES (%s, 't1', 'ann', 'ann@example.com', false)", (human,))
     return storage.enqueue("hitl", text, tenant_id="t1", user_id=human), human

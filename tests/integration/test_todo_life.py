@@ -511,20 +511,32 @@ ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT ALL ON FUNCTIONS
 """
 
 
+def signed_in(database_url, tenant):
+    """A connection as the ProcessGPT UI's: role authenticated, a JWT of ``tenant``."""
+    ui = psycopg.connect(database_url, autocommit=True)
+    ui.execute("SELECT set_config('request.jwt.claims', %s, false)", (json.dumps(
+        {"sub": str(uuid.uuid4()), "role": "authenticated",
+         "app_metadata": {"tenant_id": tenant}}),))
+    ui.execute("SET ROLE authenticated")
+    return ui
+
+
 def test_an_answer_inserted_by_a_signed_in_user_requeues_the_suspended_todo(database_url, db):
     db.execute(SUPABASE_ROLES)
     db.execute(SUPABASE_GRANTS)
     install_schema(database_url)  # the grants as a Supabase project gets them
+    db.execute("INSERT INTO tenants (id) VALUES ('acme')")
     store = PostgresStorage(database_url)
     try:
-        todo_id = store.enqueue("life", "q")
+        todo_id = store.enqueue("life", "q", tenant_id="acme")
         (c,) = claim(store)
         store.ask(c, "human_asked_a", question_data("Ship it?", None, "confirm"))
         store.finish([{"todo_id": c.todo_id, "token": c.token, "outcome": "asked"}])
     finally:
         store.close()
-    with psycopg.connect(database_url, autocommit=True) as ui:
-        ui.execute("SET ROLE authenticated")
+    # a user of the todo's tenant: on a platform database row level security lets them see
+    # and change only that tenant's todos
+    with signed_in(database_url, "acme") as ui:
         ui.execute("INSERT INTO events (id, job_id, event_type, data, status) VALUES "
                    "(%s, 'human_asked_a', 'human_response', '{\"answer\": true}', 'APPROVED')",
                    (str(uuid.uuid4()),))
@@ -532,6 +544,38 @@ def test_an_answer_inserted_by_a_signed_in_user_requeues_the_suspended_todo(data
                             "integer,integer,integer,text)', 'EXECUTE')").fetchone()
     assert state(db, todo_id)["draft_status"] == "FB_REQUESTED"
     assert denied == (False,)
+
+
+def test_the_uis_writes_as_a_signed_in_user_reach_a_running_server(database_url, db):
+    """A todo the UI adds, its revision request and its cancel, each written as a signed-in
+    user (on a platform database under its row level security) fire this library's triggers
+    with that user's rights: none fails, and the server acts on each."""
+    db.execute(SUPABASE_ROLES)
+    db.execute(SUPABASE_GRANTS)
+    install_schema(database_url)
+    db.execute("INSERT INTO tenants (id) VALUES ('acme')")
+    runs = []
+
+    def handle(todo):
+        runs.append(todo.resume.kind)
+        if todo.resume.kind == "revision":
+            while not todo.cancelled:
+                time.sleep(0.01)
+        return {"n": len(runs)}
+
+    with signed_in(database_url, "acme") as ui, ps.start(
+            handle, agent_orch="life", database_url=database_url, poll_interval=30) as server:
+        (todo_id,) = ui.execute(
+            "INSERT INTO todolist (id, agent_orch, query, status, agent_mode, tenant_id) "
+            "VALUES (gen_random_uuid(), 'life', 'q', 'IN_PROGRESS', 'COMPLETE', 'acme') "
+            "RETURNING id").fetchone()
+        wait_for(lambda: state(db, todo_id)["draft_status"] == "COMPLETED")
+        ui.execute("UPDATE todolist SET draft_status = 'FB_REQUESTED', "
+                   "feedback = '[{\"content\": \"shorter\"}]' WHERE id = %s", (todo_id,))
+        wait_for(lambda: runs == ["fresh", "revision"])
+        ui.execute("UPDATE todolist SET status = 'CANCELLED' WHERE id = %s", (todo_id,))
+        wait_for(lambda: server.stats()["cancelled"] == 1)
+    assert state(db, todo_id)["draft_status"] == "CANCELLED"
 
 
 def test_outcomes_written_together_are_not_stamped_in_the_future(storage, db):
