@@ -19,6 +19,7 @@ INSTALL_HINT = (
     "run `processgpt-sync init-db` (or paste sql/schema.sql and sql/functions.sql into the "
     "Supabase SQL editor)"
 )
+FOREIGN_KEY_VIOLATION = "23503"  # SQLSTATE: its detail names the key and the table it is not in
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from psycopg.types.json import Jsonb
 
 from ..errors import ConfigurationError, SchemaMissing, StorageError, StorageUnavailable
 from ..queries import queries
-from .base import INSTALL_HINT, Storage
+from .base import FOREIGN_KEY_VIOLATION, INSTALL_HINT, Storage
 from .deadline import DEADLINES, DeadlineExceeded
 
 logger = logging.getLogger(__name__)
@@ -103,6 +103,8 @@ def _storage_error(exc: psycopg.Error) -> StorageError:
         return SchemaMissing(
             f"{message}; {INSTALL_HINT}", code=exc.sqlstate, hint=diag.message_hint
         )
+    if exc.sqlstate == FOREIGN_KEY_VIOLATION and diag.message_detail:
+        message = f"{message}: {diag.message_detail}"
     detail = f" ({diag.message_hint})" if diag.message_hint else ""
     return StorageError(f"{message}{detail}", code=exc.sqlstate, hint=diag.message_hint)
 

@@ -21,7 +21,7 @@ from postgrest.exceptions import APIError
 
 from ..errors import ConfigurationError, SchemaMissing, StorageError, StorageUnavailable
 from ..queries import function_name
-from .base import INSTALL_HINT, Storage
+from .base import FOREIGN_KEY_VIOLATION, INSTALL_HINT, Storage
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,8 @@ def wrap_exceptions(target: str, status: Callable[[], int | None] = lambda: None
                 "(SUPABASE_KEY, SUPABASE_SERVICE_ROLE_KEY or SERVICE_ROLE_KEY), not the anon key",
                 code=code, hint=exc.hint,
             ) from exc
+        if code == FOREIGN_KEY_VIOLATION and exc.details:
+            message = f"{message}: {exc.details}"
         hint = f" ({exc.hint})" if exc.hint else ""
         raise StorageError(f"Supabase {target} failed ({code}): {message}{hint}",
                            code=code, hint=exc.hint) from exc

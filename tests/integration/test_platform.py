@@ -25,7 +25,7 @@ from processgpt_sync.storage import install
 from processgpt_sync.storage.install import install_schema
 from processgpt_sync.storage.postgres import PostgresStorage
 from tests.acceptance.test_cli import cli
-from tests.conftest import wait_for
+from tests.conftest import open_backend, wait_for
 
 
 def connect(url: str) -> psycopg.Connection:
@@ -335,6 +335,27 @@ def test_enqueue_writes_start_date_in_utc_whatever_the_session_time_zone(platfor
         row = db.execute("SELECT start_date, now() AT TIME ZONE 'UTC' AS utc FROM todolist "
                          "WHERE id = %s", (first,)).fetchone()
     assert abs(row["utc"] - row["start_date"]) < timedelta(minutes=5)
+
+
+@pytest.mark.parametrize("backend", ["postgres", "supabase"])
+def test_a_todo_for_a_tenant_the_platform_lacks_is_refused_naming_it(platform_database_url,
+                                                                      backend):
+    """todolist.tenant_id references tenants on the platform: the refusal names the key."""
+    install_schema(platform_database_url)
+    with connect(platform_database_url) as db:
+        db.execute("INSERT INTO tenants (id) VALUES ('acme')")
+    store = next(backends := open_backend(backend, platform_database_url))
+    try:
+        assert store.enqueue("tenants", "q", tenant_id="acme")
+        with pytest.raises(StorageError, match=r'todolist_tenant_id_fkey.*Key \(tenant_id\)='
+                                               r'\(acme-typo\) is not present in table "tenants"'):
+            store.enqueue("tenants", "q", tenant_id="acme-typo")
+    finally:
+        next(backends, None)
+    refused = cli("enqueue", "--database-url", platform_database_url, "--agent-orch", "tenants",
+                  "--input", "q", "--tenant", "acme-typo", check=False)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert '(tenant_id)=(acme-typo) is not present in table "tenants"' in refused.stderr
 
 
 def test_pickup_time_reads_a_start_date_without_time_zone_as_utc(monkeypatch):
