@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -102,13 +103,38 @@ def cmd_respond(args: argparse.Namespace) -> int:
     storage = checked_storage(args)
     try:
         todo_id = storage.respond(args.job_id, answer, user_id=args.user_id, todo_id=args.todo)
+        shown = storage.call("show", {"p_todo_id": todo_id}) if todo_id is not None else None
     finally:
         storage.close()
     if todo_id is None:
         raise ConfigurationError(f"no question with job_id {args.job_id!r}; see "
                                  "`processgpt-sync asked`")
     print(f"answered {args.job_id} (todo {todo_id})")
+    note = _unheard(todo_id, (shown or {}).get("row") or {})
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     return 0
+
+
+def _unheard(todo_id: str, row: Mapping[str, Any]) -> str | None:
+    """Why no run will read an answer to this todo now (it is kept all the same), or None."""
+    if not row:
+        return f"todo {todo_id} no longer exists: nothing will read this answer"
+    status, draft_status = row.get("status"), row.get("draft_status")
+    if status == "DONE":
+        return (f"todo {todo_id} is a step its process finished (status DONE): nothing will "
+                "read this answer")
+    again = "asks this question again, it gets this answer"
+    if "CANCELLED" in (status, draft_status):
+        return (f"todo {todo_id} was cancelled: nothing waits for this answer; if "
+                f"`processgpt-sync retry {todo_id}` runs it and it {again}")
+    if draft_status == "FAILED":
+        return (f"todo {todo_id} failed: nothing waits for this answer; if `processgpt-sync "
+                f"retry {todo_id}` runs it and it {again}")
+    if draft_status == "COMPLETED":
+        return (f"todo {todo_id} completed without this answer: nothing waits for it; if a "
+                f"revision runs it and it {again}")
+    return None
 
 
 def _call_on_todo(args: argparse.Namespace, function: str) -> Mapping[str, Any]:

@@ -120,7 +120,8 @@ def test_asked_lists_open_questions_and_respond_answers_them(database_url):
             listing = wait_for(lambda: "Ship it?" in (out := cli("asked", *url).stdout) and out)
             job_id = next(line.split()[0] for line in listing.splitlines()
                           if "Ship it?" in line)
-            assert "answered" in cli("respond", *url, job_id, "true").stdout
+            answered = cli("respond", *url, job_id, "true")
+            assert "answered" in answered.stdout and "note:" not in answered.stderr
             wait_for(lambda: server.stats()["completed"] == 1)
         assert "(no open questions)" in cli("asked", *url).stdout
         unknown = cli("respond", *url, "human_asked_nope", "x", check=False)
@@ -446,6 +447,38 @@ def test_retry_refuses_a_running_todo(database_url):
         one_line_error(cli("retry", todo_id, "--database-url", database_url, check=False),
                        "it is running (draft_status STARTED")
         release.set()
+
+
+def test_respond_to_a_cancelled_todos_question_keeps_the_answer_and_says_nothing_waits(
+        database_url):
+    import processgpt_sync as ps
+
+    url = ["--database-url", database_url]
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        todo_id = str(conn.execute("SELECT processgpt_sync_enqueue_v1('late', 'x')"
+                                   ).fetchone()[0])
+    runs = []
+
+    def handle(todo):
+        runs.append(todo.resume.kind)
+        return {"shipped": todo.suspend_for_human("Ship it?", kind="confirm")}
+
+    with ps.start(handle, agent_orch="late", database_url=database_url) as server:
+        listing = wait_for(lambda: "Ship it?" in (out := cli("asked", *url).stdout) and out)
+        job_id = next(line.split()[0] for line in listing.splitlines() if "Ship it?" in line)
+        wait_for(lambda: server.stats()["asked"] == 1)
+        with psycopg.connect(database_url, autocommit=True) as conn:  # the UI's cancel
+            conn.execute("UPDATE todolist SET status = 'CANCELLED' WHERE id = %s", (todo_id,))
+        answered = cli("respond", *url, job_id, "true")
+        assert f"answered {job_id}" in answered.stdout
+        assert (f"note: todo {todo_id} was cancelled: nothing waits for this answer"
+                in answered.stderr)
+        # as the note says: run again, the same question gets the answer kept
+        cli("retry", *url, todo_id)
+        wait_for(lambda: server.stats()["completed"] == 1)
+    assert runs == ["fresh", "fresh"]
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT output FROM todolist").fetchone()[0] == {"shipped": True}
 
 
 def test_respond_to_an_answered_question_is_refused(database_url):
