@@ -124,7 +124,10 @@ RETURNS boolean LANGUAGE sql STABLE AS $$
             p_todo.status = 'IN_PROGRESS' AND p_todo.agent_mode IN ('DRAFT', 'COMPLETE')
             AND p_todo.draft IS NULL
         WHEN p_todo.status IN ('CANCELLED', 'DONE') THEN false
-        WHEN p_todo.draft_status = 'FB_REQUESTED' THEN true
+        -- as upstream's fetch_pending_task: a revision of a step its process has not reached
+        -- (TODO, NEW, PENDING) or has taken (SUBMITTED) waits until the step is in progress
+        WHEN p_todo.draft_status = 'FB_REQUESTED' THEN coalesce(p_todo.status = 'IN_PROGRESS',
+                                                                false)
         WHEN p_todo.draft_status IN ('STARTED', 'HUMAN_ASKED') THEN
             p_todo.claim_count < p_max_claims AND (
                 -- an upstream worker's claim (they set lease_until; this library never does)
@@ -330,16 +333,14 @@ BEGIN
         WITH RECURSIVE tenants(k) AS (
             (SELECT coalesce(t.tenant_id, '') FROM todolist t
              WHERE t.agent_orch::text = p_agent_orch AND p_tenant_id IS NULL
-               AND ((t.draft_status IS NULL AND t.status = 'IN_PROGRESS')
-                    OR (t.draft_status = 'FB_REQUESTED' AND t.status IS DISTINCT FROM 'CANCELLED'
-                        AND t.status IS DISTINCT FROM 'DONE'))
+               AND t.status = 'IN_PROGRESS'
+               AND (t.draft_status IS NULL OR t.draft_status = 'FB_REQUESTED')
              ORDER BY coalesce(t.tenant_id, '') LIMIT 1)
             UNION ALL
             SELECT (SELECT coalesce(t.tenant_id, '') FROM todolist t
                     WHERE t.agent_orch::text = p_agent_orch AND coalesce(t.tenant_id, '') > g.k
-                      AND ((t.draft_status IS NULL AND t.status = 'IN_PROGRESS')
-                           OR (t.draft_status = 'FB_REQUESTED' AND t.status IS DISTINCT FROM 'CANCELLED'
-                               AND t.status IS DISTINCT FROM 'DONE'))
+                      AND t.status = 'IN_PROGRESS'
+                      AND (t.draft_status IS NULL OR t.draft_status = 'FB_REQUESTED')
                     ORDER BY coalesce(t.tenant_id, '') LIMIT 1)
             FROM tenants g WHERE g.k IS NOT NULL
         )
@@ -378,9 +379,8 @@ BEGIN
                        row_number() OVER (ORDER BY u.start_date NULLS LAST, u.id) AS n
                 FROM ((SELECT t.id, t.start_date FROM todolist t
                        WHERE t.agent_orch::text = p_agent_orch AND coalesce(t.tenant_id, '') = g.k
-                         AND ((t.draft_status IS NULL AND t.status = 'IN_PROGRESS')
-                              OR (t.draft_status = 'FB_REQUESTED' AND t.status IS DISTINCT FROM 'CANCELLED'
-                                  AND t.status IS DISTINCT FROM 'DONE'))
+                         AND t.status = 'IN_PROGRESS'
+                         AND (t.draft_status IS NULL OR t.draft_status = 'FB_REQUESTED')
                          AND processgpt_sync_is_claimable_v1(t, p_max_claims)
                        ORDER BY t.start_date NULLS LAST, t.id
                        LIMIT g.room)
@@ -403,9 +403,8 @@ BEGIN
             SELECT t.id FROM todolist t
             WHERE t.agent_orch::text = p_agent_orch
               AND (p_tenant_id IS NULL OR t.tenant_id = p_tenant_id)
-              AND ((t.draft_status IS NULL AND t.status = 'IN_PROGRESS')
-                   OR (t.draft_status = 'FB_REQUESTED' AND t.status IS DISTINCT FROM 'CANCELLED'
-                       AND t.status IS DISTINCT FROM 'DONE'))
+              AND t.status = 'IN_PROGRESS'
+              AND (t.draft_status IS NULL OR t.draft_status = 'FB_REQUESTED')
               AND processgpt_sync_is_claimable_v1(t, p_max_claims)
             ORDER BY t.start_date NULLS LAST, t.id
             LIMIT v_limit
@@ -417,9 +416,8 @@ BEGIN
                 (SELECT w.id FROM todolist w
                  WHERE w.agent_orch::text = p_agent_orch
                    AND (p_tenant_id IS NULL OR w.tenant_id = p_tenant_id)
-                   AND ((w.draft_status IS NULL AND w.status = 'IN_PROGRESS')
-                        OR (w.draft_status = 'FB_REQUESTED' AND w.status IS DISTINCT FROM 'CANCELLED'
-                            AND w.status IS DISTINCT FROM 'DONE'))
+                   AND w.status = 'IN_PROGRESS'
+                   AND (w.draft_status IS NULL OR w.draft_status = 'FB_REQUESTED')
                    AND processgpt_sync_is_claimable_v1(w, p_max_claims)
                  ORDER BY w.start_date NULLS LAST, w.id
                  LIMIT 2 * v_limit)
@@ -1371,8 +1369,7 @@ RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF (NEW.draft_status IS NULL AND NEW.status = 'IN_PROGRESS'
         AND NEW.agent_mode IN ('DRAFT', 'COMPLETE') AND NEW.draft IS NULL)
-       OR (NEW.draft_status = 'FB_REQUESTED'
-           AND coalesce(NEW.status NOT IN ('CANCELLED', 'DONE'), true)) THEN
+       OR (NEW.draft_status = 'FB_REQUESTED' AND NEW.status = 'IN_PROGRESS') THEN
         PERFORM pg_notify('processgpt_sync_todo', coalesce(NEW.agent_orch::text, ''));
     ELSIF TG_OP = 'UPDATE' AND NEW.consumer IS NOT NULL
           AND (NEW.draft_status = 'CANCELLED' OR NEW.status IN ('CANCELLED', 'DONE'))
@@ -1671,9 +1668,8 @@ BEGIN
             SELECT 1 FROM todolist t
             WHERE t.agent_orch::text = p_agent_orch
               AND (p_tenant_id IS NULL OR t.tenant_id = p_tenant_id)
-              AND ((t.draft_status IS NULL AND t.status = 'IN_PROGRESS')
-                   OR (t.draft_status = 'FB_REQUESTED' AND t.status IS DISTINCT FROM 'CANCELLED'
-                       AND t.status IS DISTINCT FROM 'DONE'))
+              AND t.status = 'IN_PROGRESS'
+              AND (t.draft_status IS NULL OR t.draft_status = 'FB_REQUESTED')
               AND processgpt_sync_is_claimable_v1(t, NULL))
         OR EXISTS (
             SELECT 1 FROM processgpt_sync_lease l
@@ -1875,8 +1871,10 @@ $$;
 
 -- Ask for a revision of a finished todo as the ProcessGPT UI does: the feedback appended to
 -- todolist.feedback as {time, content, user_id, kind: 'revision'} and draft_status
--- FB_REQUESTED, so it is claimed again with resume kind 'revision'. Refused while it runs or
--- waits. Returns {applied, reason, state}.
+-- FB_REQUESTED, so it is claimed again with resume kind 'revision'. A result submitted to the
+-- process (COMPLETE mode: status SUBMITTED) is taken back (status IN_PROGRESS) while no
+-- platform worker holds it (consumer NULL); once one does, or the process took it (DONE), the
+-- request is refused, as it is while the todo runs or waits. Returns {applied, reason, state}.
 CREATE OR REPLACE FUNCTION processgpt_sync_request_revision_v1(
     p_todo_id uuid, p_feedback text, p_user_id text DEFAULT NULL)
 RETURNS jsonb LANGUAGE plpgsql AS $$
@@ -1899,8 +1897,15 @@ BEGIN
         RETURN jsonb_build_object('applied', false, 'reason', 'process_moved_on',
                                   'state', v_state);
     END IF;
+    IF v_todo.status::text = 'SUBMITTED' AND v_todo.consumer IS NOT NULL THEN
+        -- a platform worker is completing the step with the submitted result
+        RETURN jsonb_build_object('applied', false, 'reason', 'process_taking',
+                                  'state', v_state, 'consumer', v_todo.consumer);
+    END IF;
     UPDATE todolist t
     SET draft_status = 'FB_REQUESTED', updated_at = now(),
+        status = CASE WHEN t.status::text = 'SUBMITTED' THEN 'IN_PROGRESS'::todo_status
+                      ELSE t.status END,
         feedback = CASE WHEN jsonb_typeof(t.feedback) = 'array' THEN t.feedback ELSE '[]'::jsonb
                    END || jsonb_build_array(jsonb_build_object(
                        'time', now(), 'content', p_feedback, 'user_id', p_user_id,

@@ -256,11 +256,12 @@ BEGIN
 END
 $$;
 
--- Waiting todos only (queued, or answered / sent back for revision): running and finished rows
--- stay out, so a claim never walks past the todos in flight to reach the next one, nor past the
--- agent todos that ended without an agent run (completed by a person, their process
--- cancelled), which keep draft_status NULL for good: only IN_PROGRESS ones can be queued. Abandoned
--- claims are found from their expired leases instead (processgpt_sync_lease_expires_idx).
+-- Waiting todos only (queued, or answered / sent back for revision) of steps in progress:
+-- running and finished rows stay out, so a claim never walks past the todos in flight to reach
+-- the next one, nor past the agent todos that ended without an agent run (completed by a
+-- person, their process cancelled), which keep draft_status NULL for good, nor past revisions
+-- of steps the process has not reached or has taken. Abandoned claims are found from their
+-- expired leases instead (processgpt_sync_lease_expires_idx).
 -- One index serves oldest-first claims, one the tenants' turns of fair claims (a skip scan over
 -- tenants, then each tenant's oldest todos). Old installs have an enum agent_orch, whose cast to
 -- text cannot be indexable: index by date only there.
@@ -274,31 +275,30 @@ DROP INDEX IF EXISTS todolist_processgpt_sync_fair_idx;  -- held running todos t
 DROP INDEX IF EXISTS todolist_processgpt_sync_upstream_lease_idx;  -- counted every status
 DROP INDEX IF EXISTS todolist_processgpt_sync_waiting_idx;  -- held todos that never run again
 DROP INDEX IF EXISTS todolist_processgpt_sync_waiting_fair_idx;  -- the same
+DROP INDEX IF EXISTS todolist_processgpt_sync_queued_idx;  -- held revisions of steps not in
+DROP INDEX IF EXISTS todolist_processgpt_sync_queued_fair_idx;  -- progress, which never run
 DO $$
 BEGIN
     IF (SELECT data_type FROM information_schema.columns
         WHERE table_schema = current_schema() AND table_name = 'todolist'
           AND column_name = 'agent_orch') = 'text' THEN
-        CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_queued_idx
+        CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_ready_idx
             ON todolist (agent_orch, start_date, id)
-            WHERE (draft_status IS NULL AND status = 'IN_PROGRESS')
-               OR (draft_status = 'FB_REQUESTED' AND status IS DISTINCT FROM 'CANCELLED'
-                   AND status IS DISTINCT FROM 'DONE');
-        CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_queued_fair_idx
+            WHERE status = 'IN_PROGRESS'
+              AND (draft_status IS NULL OR draft_status = 'FB_REQUESTED');
+        CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_ready_fair_idx
             ON todolist (agent_orch, (coalesce(tenant_id, '')), start_date, id)
-            WHERE (draft_status IS NULL AND status = 'IN_PROGRESS')
-               OR (draft_status = 'FB_REQUESTED' AND status IS DISTINCT FROM 'CANCELLED'
-                   AND status IS DISTINCT FROM 'DONE');
+            WHERE status = 'IN_PROGRESS'
+              AND (draft_status IS NULL OR draft_status = 'FB_REQUESTED');
         CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_upstream_expiry_idx
             ON todolist (agent_orch, lease_until)
             WHERE draft_status = 'STARTED' AND lease_until IS NOT NULL
               AND status IN ('IN_PROGRESS', 'CANCELLED');
     ELSE
-        CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_queued_idx
+        CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_ready_idx
             ON todolist (start_date, id)
-            WHERE (draft_status IS NULL AND status = 'IN_PROGRESS')
-               OR (draft_status = 'FB_REQUESTED' AND status IS DISTINCT FROM 'CANCELLED'
-                   AND status IS DISTINCT FROM 'DONE');
+            WHERE status = 'IN_PROGRESS'
+              AND (draft_status IS NULL OR draft_status = 'FB_REQUESTED');
         CREATE INDEX IF NOT EXISTS todolist_processgpt_sync_upstream_expiry_idx
             ON todolist (lease_until)
             WHERE draft_status = 'STARTED' AND lease_until IS NOT NULL

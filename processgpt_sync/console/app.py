@@ -268,6 +268,9 @@ class Console:
                        "empty_feedback": "say what to revise: the feedback is empty",
                        "process_moved_on": "its process took the result and moved on (status "
                                            "DONE): a revision would rewrite history",
+                       "process_taking": "its process is taking the submitted result (held "
+                                         f"by {outcome.get('consumer')}): a revision would "
+                                         "race it",
                        "not_agent_work": "only an agent's work in progress can be cancelled "
                                          f"here (this todo is {outcome.get('state')})",
                        }.get(str(outcome.get("reason")), str(outcome.get("reason")))

@@ -394,6 +394,10 @@ def test_show_prints_input_state_output_and_events(database_url):
     shown = json.loads(cli("show", todo_id, "--json", "--database-url", database_url).stdout)
     assert shown["row"]["output"] == {"words": 2} and "claim_token" not in shown["row"]
     assert [e["event_type"] for e in shown["events"]][-1] == "crew_completed"
+    with psycopg.connect(database_url, autocommit=True) as conn:  # the UI's feedback, on a
+        conn.execute("UPDATE todolist SET draft_status = 'FB_REQUESTED'")  # submitted result
+    waiting = cli("show", todo_id, "--database-url", database_url).stdout
+    assert "a revision runs once its process puts the step IN_PROGRESS" in waiting
     one_line_error(cli("show", "0000", "--database-url", database_url, check=False),
                    "no todo with id '0000'")
     one_line_error(cli("show", "not-an-id", "--database-url", database_url, check=False),

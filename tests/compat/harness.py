@@ -24,7 +24,7 @@ def enqueue_revision(db, agent_orch: str, text: str = "the quarterly report") ->
     return str(db.execute(
         """INSERT INTO todolist (id, agent_orch, query, status, agent_mode, draft_status,
                output, feedback, start_date)
-           VALUES (gen_random_uuid(), %s, %s, 'SUBMITTED', 'COMPLETE', 'FB_REQUESTED',
+           VALUES (gen_random_uuid(), %s, %s, 'IN_PROGRESS', 'COMPLETE', 'FB_REQUESTED',
                '{"answer": "a long first version"}', %s, now()) RETURNING id""",
         (agent_orch, text, json.dumps(feedback))).fetchone()["id"])
 

@@ -358,12 +358,30 @@ def test_revision_request_appends_feedback_and_the_todo_runs_again(storage, clie
         assert response.status_code == 303
         wait_for(lambda: len(runs) == 2 and state_of(db, todo_id)["draft_status"] == "COMPLETED")
     assert runs == ["fresh", "revision"]
+    assert state_of(db, todo_id)["status"] == "SUBMITTED", "taken back, then submitted again"
     feedback = state_of(db, todo_id)["feedback"]
     assert len(feedback) == 1
     item = feedback[0]
     assert item["kind"] == "revision" and item["content"] == f"shorter {XSS}"
     assert set(item) == {"time", "content", "user_id", "kind"}
     assert "&lt;script&gt;" in client.get(f"/todos/{todo_id}").text
+
+
+def test_revision_is_refused_once_a_platform_worker_takes_the_submitted_result(storage, client,
+                                                                                db):
+    """A COMPLETE-mode result is submitted (status SUBMITTED); the platform's polling service
+    then holds the row (its consumer) while it completes the step. Before that a revision
+    takes the result back (status IN_PROGRESS, above); after, it would race the process."""
+    todo_id = storage.enqueue("console", "submitted")
+    (c,) = storage.claim(agent_orch="console", consumer="w", limit=1, lease_seconds=60,
+                         max_claims=3)
+    storage.save_result(c, {"ok": 1})
+    db.execute("UPDATE todolist SET consumer = 'polling-pod-1' WHERE id = %s", (todo_id,))
+    response = post(client, f"/todos/{todo_id}/revision", feedback="again")
+    assert response.status_code == 409 and "polling-pod-1" in response.text
+    row = state_of(db, todo_id)
+    assert (row["status"], row["draft_status"], row["feedback"]) == ("SUBMITTED", "COMPLETED",
+                                                                     None)
 
 
 def test_revision_is_refused_while_the_todo_waits(storage, client, db):

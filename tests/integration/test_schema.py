@@ -115,7 +115,7 @@ def test_an_upgrade_replaces_the_claim_indexes_of_earlier_versions_and_says_so(d
         names = {r[0] for r in conn.execute(
             "SELECT indexname FROM pg_indexes WHERE tablename = 'todolist'")}
     assert "todolist_processgpt_sync_claimable_idx" not in names
-    assert "todolist_processgpt_sync_queued_idx" in names
+    assert "todolist_processgpt_sync_ready_idx" in names
     install_schema(database_url, added=changes)
     assert changes == []
 

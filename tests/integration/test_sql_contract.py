@@ -80,7 +80,11 @@ def test_claim_skips_rows_that_are_not_claimable(storage, db):
         (gen_random_uuid(), 'a', 'has draft', 'IN_PROGRESS', 'DRAFT', '{"x":1}', NULL),
         (gen_random_uuid(), 'a', 'not in progress', 'TODO', 'COMPLETE', NULL, NULL),
         (gen_random_uuid(), 'a', 'no mode', 'IN_PROGRESS', NULL, NULL, NULL),
-        (gen_random_uuid(), 'a', 'revision', 'SUBMITTED', 'COMPLETE', NULL, 'FB_REQUESTED')""")
+        (gen_random_uuid(), 'a', 'revision', 'IN_PROGRESS', 'COMPLETE', NULL, 'FB_REQUESTED'),
+        (gen_random_uuid(), 'a', 'revision, result submitted', 'SUBMITTED', 'COMPLETE', NULL,
+         'FB_REQUESTED'),
+        (gen_random_uuid(), 'a', 'revision, step not reached', 'TODO', 'COMPLETE', NULL,
+         'FB_REQUESTED')""")
     got = claim(storage)
     assert [c.row["query"] for c in got] == ["revision"]
     assert got[0].extras["resume"]["kind"] == "fresh"
@@ -289,7 +293,7 @@ def test_expired_lease_is_reclaimed_then_fails_after_max_claims(storage, db):
 def test_release_returns_todos_to_the_state_they_were_claimed_from(storage, db):
     storage.enqueue("a", "fresh")
     db.execute("""INSERT INTO todolist (id, agent_orch, query, status, agent_mode, draft_status,
-                  feedback, start_date) VALUES (gen_random_uuid(), 'a', 'revise', 'SUBMITTED',
+                  feedback, start_date) VALUES (gen_random_uuid(), 'a', 'revise', 'IN_PROGRESS',
                   'COMPLETE', 'FB_REQUESTED', '[{"content": "shorter", "kind": "revision"}]',
                   now())""")
     claims = claim(storage)

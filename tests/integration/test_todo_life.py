@@ -69,9 +69,37 @@ def test_a_revision_the_ui_cancelled_is_not_claimed(storage, db, ended):
     assert claim(storage) == []
 
 
+@pytest.mark.parametrize("status", ["TODO", "NEW", "PENDING", "SUBMITTED"])
+def test_a_revision_of_a_step_not_in_progress_waits_until_the_process_puts_it_in_progress(
+        storage, db, database_url, status):
+    """The UI sends feedback (FB_REQUESTED) on any step not DONE: one its process has not
+    reached (TODO, NEW, PENDING) or whose result it is taking (SUBMITTED). Upstream agents
+    claim only steps IN_PROGRESS, and so does this library: run now, a COMPLETE-mode result
+    would submit a step out of order. Once the process puts the step in progress, NOTIFY
+    announces it and it runs as a revision."""
+    todo_id = storage.enqueue("life", "q")
+    store = PostgresStorage(database_url, max_connections=2)
+    listener = store.listener(["processgpt_sync_todo"])
+    listener.connect()
+    try:
+        listener.wait(2.0)  # the enqueue's own announcement
+        db.execute("UPDATE todolist SET status = %s, draft_status = 'FB_REQUESTED', "
+                   "feedback = '[{\"content\": \"shorter\"}]' WHERE id = %s",
+                   (status, todo_id))
+        assert listener.wait(0.5) == [], "not announced: no server may claim it"
+        assert claim(storage) == []
+        db.execute("UPDATE todolist SET status = 'IN_PROGRESS' WHERE id = %s", (todo_id,))
+        assert listener.wait(2.0) == [("processgpt_sync_todo", "life")]
+    finally:
+        listener.close()
+        store.close()
+    (c,) = claim(storage)
+    assert c.extras["resume"]["kind"] == "revision"
+
+
 def test_a_running_revision_cancelled_by_the_ui_ends_cancelled_and_runs_once(storage, db):
     todo_id = storage.enqueue("life", "q")
-    db.execute("UPDATE todolist SET draft_status = 'FB_REQUESTED', status = 'SUBMITTED', "
+    db.execute("UPDATE todolist SET draft_status = 'FB_REQUESTED', "
                "feedback = '[{\"content\": \"shorter\"}]' WHERE id = %s", (todo_id,))
     starts = []
 
@@ -547,9 +575,9 @@ def test_an_answer_inserted_by_a_signed_in_user_requeues_the_suspended_todo(data
 
 
 def test_the_uis_writes_as_a_signed_in_user_reach_a_running_server(database_url, db):
-    """A todo the UI adds, its revision request and its cancel, each written as a signed-in
-    user (on a platform database under its row level security) fire this library's triggers
-    with that user's rights: none fails, and the server acts on each."""
+    """A todo the UI adds, its revision request on the draft and its cancel, each written as a
+    signed-in user (on a platform database under its row level security), fire this library's
+    triggers with that user's rights: none fails, and the server acts on each."""
     db.execute(SUPABASE_ROLES)
     db.execute(SUPABASE_GRANTS)
     install_schema(database_url)
@@ -567,7 +595,7 @@ def test_the_uis_writes_as_a_signed_in_user_reach_a_running_server(database_url,
             handle, agent_orch="life", database_url=database_url, poll_interval=30) as server:
         (todo_id,) = ui.execute(
             "INSERT INTO todolist (id, agent_orch, query, status, agent_mode, tenant_id) "
-            "VALUES (gen_random_uuid(), 'life', 'q', 'IN_PROGRESS', 'COMPLETE', 'acme') "
+            "VALUES (gen_random_uuid(), 'life', 'q', 'IN_PROGRESS', 'DRAFT', 'acme') "
             "RETURNING id").fetchone()
         wait_for(lambda: state(db, todo_id)["draft_status"] == "COMPLETED")
         ui.execute("UPDATE todolist SET draft_status = 'FB_REQUESTED', "

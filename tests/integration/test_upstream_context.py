@@ -32,7 +32,7 @@ def revision(db, agent_orch="a", *, tool="formHandler:f1", feedback=FEEDBACK):
     return str(db.execute(
         """INSERT INTO todolist (id, agent_orch, query, status, agent_mode, tenant_id, user_id,
                tool, proc_inst_id, activity_name, draft_status, output, feedback, start_date)
-           VALUES (gen_random_uuid(), %s, 'write the report', 'SUBMITTED', 'COMPLETE', 't1', %s,
+           VALUES (gen_random_uuid(), %s, 'write the report', 'IN_PROGRESS', 'COMPLETE', 't1', %s,
                %s, 'p1', 'Write report', 'FB_REQUESTED', '{"summary": "a long text"}', %s, now())
            RETURNING id""",
         (agent_orch, f"{agent},{human}", tool, json.dumps(feedback))).fetchone()["id"])
