@@ -1859,6 +1859,9 @@ BEGIN
     -- (SUBMITTED, DONE) or has not reached (TODO, PENDING), is the process's own business.
     IF processgpt_sync_state_v1(v_todo.status::text, v_todo.draft_status::text)
            NOT IN ('QUEUED', 'STARTED', 'HUMAN_ASKED', 'FB_REQUESTED')
+       -- a revision the UI asked of a step not in progress waits for the process
+       OR (v_todo.draft_status::text = 'FB_REQUESTED'
+           AND v_todo.status::text IS DISTINCT FROM 'IN_PROGRESS')
        OR v_todo.agent_mode IS NULL OR v_todo.agent_mode::text NOT IN ('DRAFT', 'COMPLETE') THEN
         RETURN jsonb_build_object('applied', false, 'reason', 'not_agent_work', 'state',
             processgpt_sync_state_v1(v_todo.status::text, v_todo.draft_status::text));

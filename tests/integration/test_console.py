@@ -281,8 +281,9 @@ def test_cancel_stops_the_running_executor_as_a_ui_cancel_does(storage, client, 
 
 
 def test_cancel_is_only_offered_and_allowed_for_an_agents_work_in_progress(storage, client, db):
-    """A person's task, or a step its process already took, has no draft_status: the console
-    leaves it to the process (no Cancel button, a 409 with the reason, the row unchanged)."""
+    """A person's task, or a step its process already took or has not reached (with no
+    draft_status, or only the UI's revision request waiting for the step), is left to the
+    process: no Cancel button, a 409 with the reason, the row unchanged."""
     todo_id = storage.enqueue("console", "a person's task")
     for status in ("DONE", "SUBMITTED", "TODO", "PENDING"):
         db.execute("UPDATE todolist SET status = %s WHERE id = %s", (status, todo_id))
@@ -292,6 +293,15 @@ def test_cancel_is_only_offered_and_allowed_for_an_agents_work_in_progress(stora
         assert f"can be cancelled here (this todo is {status})" in refused.text
         row = state_of(db, todo_id)
         assert (row["status"], row["draft_status"]) == (status, None)
+    for status in ("SUBMITTED", "TODO", "PENDING"):  # the UI's feedback on it: still the
+        db.execute("UPDATE todolist SET status = %s, draft_status = 'FB_REQUESTED' "  # process's
+                   "WHERE id = %s", (status, todo_id))
+        assert "Cancel todo" not in client.get(f"/todos/{todo_id}").text
+        refused = post(client, f"/todos/{todo_id}/cancel")
+        assert refused.status_code == 409 and "can be cancelled here" in refused.text, status
+        row = state_of(db, todo_id)
+        assert (row["status"], row["draft_status"]) == (status, "FB_REQUESTED")
+    db.execute("UPDATE todolist SET draft_status = NULL WHERE id = %s", (todo_id,))
     db.execute("UPDATE todolist SET status = 'IN_PROGRESS', agent_mode = NULL WHERE id = %s",
                (todo_id,))  # a person's task in progress
     assert "Cancel todo" not in client.get(f"/todos/{todo_id}").text
