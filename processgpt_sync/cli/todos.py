@@ -127,11 +127,9 @@ def _unheard(todo_id: str, row: Mapping[str, Any]) -> str | None:
         return (f"todo {todo_id} is a step its process finished (status DONE): nothing will "
                 "read this answer")
     again = "asks this question again, it gets this answer"
-    if "CANCELLED" in (status, draft_status):
-        return (f"todo {todo_id} was cancelled: nothing waits for this answer; if "
-                f"`processgpt-sync retry {todo_id}` runs it and it {again}")
-    if draft_status == "FAILED":
-        return (f"todo {todo_id} failed: nothing waits for this answer; if `processgpt-sync "
+    if "CANCELLED" in (status, draft_status) or draft_status == "FAILED":
+        ended = "was cancelled" if "CANCELLED" in (status, draft_status) else "failed"
+        return (f"todo {todo_id} {ended}: nothing waits for this answer; if `processgpt-sync "
                 f"retry {todo_id}` runs it and it {again}")
     if draft_status == "COMPLETED":
         return (f"todo {todo_id} completed without this answer: nothing waits for it; if a "
