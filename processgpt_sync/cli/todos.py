@@ -48,7 +48,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     if row.get("draft_status") is None and not shown["claimable"]:
         print("              a server claims rows with status IN_PROGRESS, agent_mode DRAFT or "
               "COMPLETE and no draft")
-    elif row.get("draft_status") == "FB_REQUESTED" and not shown["claimable"]:
+    elif (row.get("draft_status") == "FB_REQUESTED" and not shown["claimable"]
+          and row.get("status") not in ("CANCELLED", "DONE")):
         print("              a revision runs once its process puts the step IN_PROGRESS")
     print(f"input         {row.get('query') or row.get('description') or ''}")
     for name in ("output", "draft", "feedback"):

@@ -398,6 +398,9 @@ def test_show_prints_input_state_output_and_events(database_url):
         conn.execute("UPDATE todolist SET draft_status = 'FB_REQUESTED'")  # submitted result
     waiting = cli("show", todo_id, "--database-url", database_url).stdout
     assert "a revision runs once its process puts the step IN_PROGRESS" in waiting
+    with psycopg.connect(database_url, autocommit=True) as conn:  # the step then finished
+        conn.execute("UPDATE todolist SET status = 'DONE'")
+    assert "a revision runs" not in cli("show", todo_id, "--database-url", database_url).stdout
     one_line_error(cli("show", "0000", "--database-url", database_url, check=False),
                    "no todo with id '0000'")
     one_line_error(cli("show", "not-an-id", "--database-url", database_url, check=False),
