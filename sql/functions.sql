@@ -128,12 +128,13 @@ RETURNS boolean LANGUAGE sql STABLE AS $$
         -- (TODO, NEW, PENDING) or has taken (SUBMITTED) waits until the step is in progress
         WHEN p_todo.draft_status = 'FB_REQUESTED' THEN coalesce(p_todo.status = 'IN_PROGRESS',
                                                                 false)
+        -- abandoned: runs again only while its step is in progress (else it is given back)
         WHEN p_todo.draft_status IN ('STARTED', 'HUMAN_ASKED') THEN
-            p_todo.claim_count < p_max_claims AND (
+            p_todo.claim_count < p_max_claims AND coalesce(p_todo.status = 'IN_PROGRESS', false)
+            AND (
                 -- an upstream worker's claim (they set lease_until; this library never does)
                 -- whose lease ran out: abandoned by the upstream SDK's own rule
-                (p_todo.draft_status = 'STARTED' AND p_todo.status = 'IN_PROGRESS'
-                 AND p_todo.lease_until < now())
+                (p_todo.draft_status = 'STARTED' AND p_todo.lease_until < now())
                 -- ours: never while an upstream worker holds it (its consumer, its live lease)
                 OR ((p_todo.lease_until IS NULL OR p_todo.lease_until < now()) AND EXISTS (
                     SELECT 1 FROM processgpt_sync_lease l
@@ -250,6 +251,34 @@ BEGIN
         RETURNING t.id
     )
     DELETE FROM processgpt_sync_lease l USING settled s WHERE l.todo_id = s.id;
+    -- Ours, abandoned after its process took the step out of progress (back to TODO or
+    -- PENDING, or handed on): given back to the state it was claimed from, as a stop gives
+    -- a todo back, so it runs once the step is in progress again and not before (upstream
+    -- workers take over only IN_PROGRESS steps).
+    WITH away AS (
+        SELECT t.id, l.prev_draft_status FROM todolist t
+        JOIN processgpt_sync_lease l ON l.todo_id = t.id AND l.claim_token = t.claim_token
+        WHERE l.expires_at < now() AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
+          AND t.agent_orch::text = p_agent_orch AND t.status IS DISTINCT FROM 'IN_PROGRESS'
+          AND t.consumer IS NOT DISTINCT FROM l.consumer
+          AND (t.lease_until IS NULL OR t.lease_until < now())
+        FOR UPDATE OF t SKIP LOCKED
+    ), given_back AS (
+        UPDATE todolist t
+        SET draft_status = a.prev_draft_status,
+            draft = CASE WHEN a.prev_draft_status IS NULL THEN NULL ELSE t.draft END,
+            -- taken over from an upstream worker: back to an expired claim of theirs
+            lease_until = CASE WHEN a.prev_draft_status = 'STARTED' THEN now()
+                               ELSE t.lease_until END,
+            claim_token = NULL, consumer = NULL, updated_at = now(),
+            log = concat_ws(E'\n', t.log, format(
+                '%s: its server stopped while the step was %s; given back, it runs when the '
+                'step is IN_PROGRESS again', to_char(now(), 'YYYY-MM-DD HH24:MI:SS TZ'),
+                coalesce(t.status::text, 'NULL')))
+        FROM away a WHERE t.id = a.id
+        RETURNING t.id
+    )
+    DELETE FROM processgpt_sync_lease l USING given_back g WHERE l.todo_id = g.id;
     -- An expired lease no claim would settle would keep this probe true on every claim: its
     -- todo ended without its owner (the UI cancelled it by draft_status, then the owner died),
     -- or left its claim (a revision the UI cancelled, a todo given back to a person), or
@@ -265,7 +294,7 @@ BEGIN
         JOIN processgpt_sync_lease l ON l.todo_id = t.id AND l.claim_token = t.claim_token
         WHERE l.expires_at < now() AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
           AND t.agent_orch::text = p_agent_orch AND t.claim_count >= p_max_claims
-          AND t.consumer IS NOT DISTINCT FROM l.consumer
+          AND t.status = 'IN_PROGRESS' AND t.consumer IS NOT DISTINCT FROM l.consumer
           AND (t.lease_until IS NULL OR t.lease_until < now())
         FOR UPDATE OF t SKIP LOCKED
     ), exhausted_upstream AS (  -- as the upstream SDK fails them

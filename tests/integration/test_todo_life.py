@@ -255,6 +255,40 @@ def test_expired_leases_that_no_claim_would_settle_are_removed(storage, db):
         "FB_REQUESTED", None], "the todos themselves are left as the UI put them"
 
 
+@pytest.mark.parametrize("status", ["TODO", "PENDING", "SUBMITTED"])
+def test_an_abandoned_claim_of_a_step_taken_out_of_progress_is_given_back_not_run(
+        storage, db, status):
+    """Row 17a: the owner died after the process moved the step out of progress (a loop back
+    to TODO, PENDING, or SUBMITTED with the holder kept). Running it again, as a reclaim
+    would, runs a step the process does not have in progress; upstream workers take over
+    only IN_PROGRESS steps. It is given back to what it was claimed from and runs once the
+    step is in progress again."""
+    fresh, revision, asking = (storage.enqueue("life", "q") for _ in range(3))
+    db.execute("UPDATE todolist SET draft_status = 'FB_REQUESTED', "
+               "feedback = '[{\"content\": \"shorter\"}]' WHERE id = %s", (revision,))
+    held = {c.todo_id: c for c in claim(storage)}
+    assert set(held) == {str(fresh), str(revision), str(asking)}
+    assert storage.ask(held[str(asking)], "human_asked_q", question_data("Ok?", None,
+                                                                         "confirm")).applied
+    db.execute("UPDATE todolist SET status = %s WHERE id = ANY(%s)",
+               (status, [fresh, revision, asking]))
+    expire_leases(db)  # the owner died
+    assert claim(storage, consumer="w2") == []
+    assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
+    assert [(state(db, t)["draft_status"], state(db, t)["consumer"])
+            for t in (fresh, revision, asking)] == [
+        (None, None), ("FB_REQUESTED", None), (None, None)]
+    late = storage.save_result(held[str(fresh)], {"late": True})
+    assert not late.applied, "the dead owner's late write is refused"
+    log = db.execute("SELECT log FROM todolist WHERE id = %s", (fresh,)).fetchone()["log"]
+    assert f"while the step was {status}" in log
+
+    db.execute("UPDATE todolist SET status = 'IN_PROGRESS' WHERE id = ANY(%s)",
+               ([fresh, revision, asking],))
+    again = {c.todo_id: c.extras["resume"]["kind"] for c in claim(storage, consumer="w3")}
+    assert again == {str(fresh): "fresh", str(revision): "revision", str(asking): "fresh"}
+
+
 def test_retry_refuses_a_completed_todo_the_ui_cancelled_afterwards(storage, db):
     # row 21: its result (the draft, in DRAFT mode) is kept
     todo_id = storage.enqueue("life", "q", agent_mode="DRAFT")
