@@ -1496,6 +1496,11 @@ BEGIN
         WHEN v_todo.draft_status = 'COMPLETED' THEN  -- even if cancelled later: keep its result
             'it completed and its result is stored; enqueue a new todo to run the work again'
         WHEN v_todo.status::text = 'CANCELLED' THEN NULL
+        WHEN v_todo.draft_status = 'FB_REQUESTED'
+             AND v_todo.status::text IS DISTINCT FROM 'IN_PROGRESS' THEN format(
+            'it waits for its process to put the step in progress (status %s): its answer or '
+            'revision runs then, and running it now would run a step out of order',
+            coalesce(v_todo.status::text, 'NULL'))
         WHEN processgpt_sync_claimable_v1(v_todo) THEN
             'it is already claimable; a server for its agent_orch picks it up'
         ELSE format('it never ran and is not claimable (status %s, agent_mode %s, draft %s); '
@@ -1781,6 +1786,10 @@ RETURNS text LANGUAGE sql IMMUTABLE AS $$
         WHEN p_draft_status = 'CANCELLED' OR p_status = 'CANCELLED' THEN 'CANCELLED'
         WHEN p_status = 'DONE' AND p_draft_status IN ('STARTED', 'HUMAN_ASKED', 'FB_REQUESTED')
             THEN 'CANCELLED'
+        -- answered or revised, of a step its process has not reached or has taken: it runs
+        -- once the step is IN_PROGRESS (FB_REQUESTED alone is the claimable kind)
+        WHEN p_draft_status = 'FB_REQUESTED' AND p_status IS DISTINCT FROM 'IN_PROGRESS'
+            THEN 'WAITING_FOR_STEP'
         WHEN p_draft_status IS NOT NULL THEN p_draft_status
         WHEN p_status = 'IN_PROGRESS' THEN 'QUEUED'
         ELSE coalesce(p_status, 'NEW')
@@ -1887,10 +1896,7 @@ BEGIN
     -- Only an agent's work in progress: a person's task, or a step its process already took
     -- (SUBMITTED, DONE) or has not reached (TODO, PENDING), is the process's own business.
     IF processgpt_sync_state_v1(v_todo.status::text, v_todo.draft_status::text)
-           NOT IN ('QUEUED', 'STARTED', 'HUMAN_ASKED', 'FB_REQUESTED')
-       -- a revision the UI asked of a step not in progress waits for the process
-       OR (v_todo.draft_status::text = 'FB_REQUESTED'
-           AND v_todo.status::text IS DISTINCT FROM 'IN_PROGRESS')
+           NOT IN ('QUEUED', 'STARTED', 'HUMAN_ASKED', 'FB_REQUESTED')  -- not WAITING_FOR_STEP
        OR v_todo.agent_mode IS NULL OR v_todo.agent_mode::text NOT IN ('DRAFT', 'COMPLETE') THEN
         RETURN jsonb_build_object('applied', false, 'reason', 'not_agent_work', 'state',
             processgpt_sync_state_v1(v_todo.status::text, v_todo.draft_status::text));
@@ -1942,8 +1948,10 @@ BEGIN
                    END || jsonb_build_array(jsonb_build_object(
                        'time', now(), 'content', p_feedback, 'user_id', p_user_id,
                        'kind', 'revision'))
-    WHERE t.id = p_todo_id;
-    RETURN jsonb_build_object('applied', true, 'reason', 'ok', 'state', 'FB_REQUESTED');
+    WHERE t.id = p_todo_id
+    RETURNING processgpt_sync_state_v1(t.status::text, t.draft_status::text) INTO v_state;
+    -- FB_REQUESTED, or WAITING_FOR_STEP for a step its process has not reached (TODO, PENDING)
+    RETURN jsonb_build_object('applied', true, 'reason', 'ok', 'state', v_state);
 END
 $$;
 

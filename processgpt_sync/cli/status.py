@@ -45,13 +45,15 @@ def _snapshot(storage: Storage, args: argparse.Namespace) -> Any:
     if args.json:
         return {"counts": [dict(row) for row in rows], "tenants": [dict(r) for r in load],
                 "servers": [dict(r) for r in servers]}
-    table_rows, unclaimable = [], 0
+    table_rows, unclaimable, waiting = [], 0, 0
     for row in rows:
-        state = row["draft_status"]
+        state, claimable = row["draft_status"], row.get("claimable", True)
         if state is None:
-            claimable = row.get("claimable", True)
             state = "(claimable)" if claimable else "(not claimable)"
             unclaimable += 0 if claimable else int(row["count"])
+        elif state == "FB_REQUESTED" and not claimable:
+            state = "FB_REQUESTED (not claimable)"
+            waiting += int(row["count"])
         table_rows.append((row["agent_orch"], state, row["count"]))
     parts: list[Any] = [terminal.table(("agent_orch", "draft_status", "count"), table_rows,
                                        right=("count",))]
@@ -61,6 +63,10 @@ def _snapshot(storage: Storage, args: argparse.Namespace) -> Any:
         parts.append(f"\n{unclaimable} todos without draft_status are not claimable: a "
                      "server claims rows with status IN_PROGRESS, agent_mode DRAFT or "
                      "COMPLETE and no draft (see README, Own database)")
+    if waiting:
+        parts.append(f"\n{waiting} answered or revised todos are not claimable: their step is "
+                     "not IN_PROGRESS (they run once their process puts it in progress), or "
+                     "the UI cancelled them")
     if load:
         parts += ["", _tenant_load(load)]
     parts += ["", _servers(servers)]

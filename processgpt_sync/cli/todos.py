@@ -120,7 +120,7 @@ def cmd_respond(args: argparse.Namespace) -> int:
 
 
 def _unheard(todo_id: str, row: Mapping[str, Any]) -> str | None:
-    """Why no run will read an answer to this todo now (it is kept all the same), or None."""
+    """Why no run reads an answer to this todo now (it is kept all the same), or None."""
     if not row:
         return f"todo {todo_id} no longer exists: nothing will read this answer"
     status, draft_status = row.get("status"), row.get("draft_status")
@@ -135,6 +135,9 @@ def _unheard(todo_id: str, row: Mapping[str, Any]) -> str | None:
     if draft_status == "COMPLETED":
         return (f"todo {todo_id} completed without this answer: nothing waits for it; if a "
                 f"revision runs it and it {again}")
+    if draft_status == "FB_REQUESTED" and status != "IN_PROGRESS":
+        return (f"todo {todo_id} resumes with this answer once its process puts the step in "
+                f"progress (its status is {status})")
     return None
 
 

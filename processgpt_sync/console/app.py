@@ -49,7 +49,8 @@ from .streams import PANELS, cursor, digest, event_stream, list_updates, todo_up
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
-STATES = ("QUEUED", "STARTED", "HUMAN_ASKED", "FB_REQUESTED", "COMPLETED", "FAILED", "CANCELLED")
+STATES = ("QUEUED", "STARTED", "HUMAN_ASKED", "FB_REQUESTED", "WAITING_FOR_STEP", "COMPLETED",
+          "FAILED", "CANCELLED")
 LIST_LIMIT = 200  # todos on the list page
 PANEL_INTERVAL = 5.0  # seconds between servers panel refreshes
 SAMPLES_KEPT = 120  # servers panel samples kept for the pickup latency chart

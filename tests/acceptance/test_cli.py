@@ -488,6 +488,49 @@ def test_respond_to_a_cancelled_todos_question_keeps_the_answer_and_says_nothing
         assert conn.execute("SELECT output FROM todolist").fetchone()[0] == {"shipped": True}
 
 
+def test_an_answer_to_a_todo_whose_step_left_progress_waits_for_the_step_and_says_so(
+        database_url):
+    """The process moved the suspended todo's step out of progress (PENDING) before the
+    answer: the answer makes it FB_REQUESTED, which runs only once the step is IN_PROGRESS
+    again. respond, status and retry say so rather than leave it looking claimable, answered
+    and lost, or never run."""
+    import processgpt_sync as ps
+
+    url = ["--database-url", database_url]
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        todo_id = str(conn.execute("SELECT processgpt_sync_enqueue_v1('paused', 'x')"
+                                   ).fetchone()[0])
+    runs = []
+
+    def handle(todo):
+        runs.append(todo.resume.kind)
+        return {"shipped": todo.suspend_for_human("Ship it?", kind="confirm")}
+
+    with ps.start(handle, agent_orch="paused", database_url=database_url) as server:
+        listing = wait_for(lambda: "Ship it?" in (out := cli("asked", *url).stdout) and out)
+        job_id = next(line.split()[0] for line in listing.splitlines() if "Ship it?" in line)
+        wait_for(lambda: server.stats()["asked"] == 1)
+        with psycopg.connect(database_url, autocommit=True) as conn:  # the process's move
+            conn.execute("UPDATE todolist SET status = 'PENDING' WHERE id = %s", (todo_id,))
+        answered = cli("respond", *url, job_id, "true")
+        assert (f"note: todo {todo_id} resumes with this answer once its process puts the "
+                "step in progress (its status is PENDING)" in answered.stderr)
+        status = cli("status", *url, "--agent-orch", "paused").stdout
+        assert "FB_REQUESTED (not claimable)" in status
+        assert "1 answered or revised todos are not claimable" in status
+        one_line_error(cli("retry", *url, todo_id, check=False),
+                       "it waits for its process to put the step in progress (status PENDING)")
+        time.sleep(0.5)
+        assert server.stats()["completed"] == 0 and runs == ["fresh"]
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute("UPDATE todolist SET status = 'IN_PROGRESS' WHERE id = %s", (todo_id,))
+        wait_for(lambda: server.stats()["completed"] == 1)
+    assert runs == ["fresh", "human_answer"]
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT output FROM todolist WHERE id = %s", (todo_id,)
+                            ).fetchone()[0] == {"shipped": True}
+
+
 def test_respond_to_an_answered_question_is_refused(database_url):
     import processgpt_sync as ps
 

@@ -296,11 +296,17 @@ def test_cancel_is_only_offered_and_allowed_for_an_agents_work_in_progress(stora
     for status in ("SUBMITTED", "TODO", "PENDING"):  # the UI's feedback on it: still the
         db.execute("UPDATE todolist SET status = %s, draft_status = 'FB_REQUESTED' "  # process's
                    "WHERE id = %s", (status, todo_id))
-        assert "Cancel todo" not in client.get(f"/todos/{todo_id}").text
+        page = client.get(f"/todos/{todo_id}").text
+        assert "Cancel todo" not in page and "WAITING_FOR_STEP" in page
+        assert "runs once its process puts the step in progress" in page
         refused = post(client, f"/todos/{todo_id}/cancel")
-        assert refused.status_code == 409 and "can be cancelled here" in refused.text, status
+        assert refused.status_code == 409, status
+        assert "can be cancelled here (this todo is WAITING_FOR_STEP)" in refused.text
         row = state_of(db, todo_id)
         assert (row["status"], row["draft_status"]) == (status, "FB_REQUESTED")
+        waiting = client.get("/todos", params={"state": "WAITING_FOR_STEP"}).text
+        ready = client.get("/todos", params={"state": "FB_REQUESTED"}).text
+        assert todo_id[:8] in waiting and todo_id[:8] not in ready, "told apart in the list"
     db.execute("UPDATE todolist SET draft_status = NULL WHERE id = %s", (todo_id,))
     db.execute("UPDATE todolist SET status = 'IN_PROGRESS', agent_mode = NULL WHERE id = %s",
                (todo_id,))  # a person's task in progress
@@ -392,6 +398,31 @@ def test_revision_is_refused_once_a_platform_worker_takes_the_submitted_result(s
     row = state_of(db, todo_id)
     assert (row["status"], row["draft_status"], row["feedback"]) == ("SUBMITTED", "COMPLETED",
                                                                      None)
+
+
+def test_a_revision_of_a_step_its_process_has_not_reached_says_it_waits(storage, client, db):
+    """The process looped back: a finished todo's step is TODO again. The revision is kept
+    (as the UI's own) and shown WAITING_FOR_STEP, not FB_REQUESTED as if a server would pick
+    it up; it runs once the step is IN_PROGRESS."""
+    todo_id = storage.enqueue("console", "looped back", agent_mode="DRAFT")
+    (c,) = storage.claim(agent_orch="console", consumer="w", limit=1, lease_seconds=60,
+                         max_claims=3)
+    storage.save_result(c, {"ok": 1})
+    db.execute("UPDATE todolist SET status = 'TODO' WHERE id = %s", (todo_id,))
+    assert storage.call("request_revision", {"p_todo_id": todo_id, "p_feedback": "again",
+                                             "p_user_id": None}) == {
+        "applied": True, "reason": "ok", "state": "WAITING_FOR_STEP"}
+    db.execute("UPDATE todolist SET draft_status = 'COMPLETED' WHERE id = %s", (todo_id,))
+    assert post(client, f"/todos/{todo_id}/revision", feedback="again").status_code == 303
+    page = client.get(f"/todos/{todo_id}").text
+    assert "WAITING_FOR_STEP" in page and "runs once its process puts the step" in page
+    assert storage.claim(agent_orch="console", consumer="w", limit=1, lease_seconds=60,
+                         max_claims=3) == []
+    db.execute("UPDATE todolist SET status = 'IN_PROGRESS' WHERE id = %s", (todo_id,))
+    assert "FB_REQUESTED" in client.get(f"/todos/{todo_id}").text
+    (again,) = storage.claim(agent_orch="console", consumer="w", limit=1, lease_seconds=60,
+                             max_claims=3)
+    assert again.extras["resume"]["kind"] == "revision"
 
 
 def test_revision_is_refused_while_the_todo_waits(storage, client, db):
