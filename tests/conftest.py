@@ -37,6 +37,7 @@ for _name in list(os.environ):
         del os.environ[_name]
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+SUPABASE_ROLES_SQL = FIXTURES / "supabase_roles.sql"
 PLATFORM_SQL = FIXTURES / "platform_schema.sql"
 UPSTREAM_LEASE_SQL = FIXTURES / "upstream_lease.sql"
 
@@ -85,19 +86,20 @@ def pg_url(processgpt_databases: EmbeddedDatabases) -> str:
 @pytest.fixture(scope="session")
 def template(processgpt_databases: EmbeddedDatabases, schema: str) -> str:
     if schema == "platform":
-        return processgpt_databases.template(f"{TEMPLATE}_platform", PLATFORM_SQL)
+        return processgpt_databases.template(f"{TEMPLATE}_platform", SUPABASE_ROLES_SQL,
+                                             PLATFORM_SQL)
     return TEMPLATE
 
 
 @pytest.fixture(scope="session")
 def platform_bare_template(processgpt_databases: EmbeddedDatabases) -> str:
-    return processgpt_databases.template(f"{TEMPLATE}_platform_bare", PLATFORM_SQL,
-                                         install=False)
+    return processgpt_databases.template(f"{TEMPLATE}_platform_bare", SUPABASE_ROLES_SQL,
+                                         PLATFORM_SQL, install=False)
 
 
 @pytest.fixture(scope="session")
 def upstream_template(processgpt_databases: EmbeddedDatabases) -> str:
-    return processgpt_databases.template(f"{TEMPLATE}_upstream", PLATFORM_SQL,
+    return processgpt_databases.template(f"{TEMPLATE}_upstream", SUPABASE_ROLES_SQL, PLATFORM_SQL,
                                          UPSTREAM_LEASE_SQL)
 
 

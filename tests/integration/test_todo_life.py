@@ -18,7 +18,7 @@ from processgpt_sync.events import make_event
 from processgpt_sync.human import question_data
 from processgpt_sync.storage.install import install_schema
 from processgpt_sync.storage.postgres import PostgresStorage
-from tests.conftest import open_backend, wait_for
+from tests.conftest import SUPABASE_ROLES_SQL, open_backend, wait_for
 
 LEASE = {"lease_seconds": 60, "max_claims": 3}
 
@@ -552,17 +552,7 @@ def test_suspend_for_human_returns_the_answer_when_the_resumed_run_asks_again(st
 # -- roles, timestamps, deletes ------------------------------------------------------------------
 
 
-SUPABASE_ROLES = """
-DO $$
-DECLARE r text;
-BEGIN
-    FOREACH r IN ARRAY ARRAY['anon', 'authenticated', 'service_role'] LOOP
-        IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) THEN
-            EXECUTE format('CREATE ROLE %I NOLOGIN', r);
-        END IF;
-    END LOOP;
-END $$;
-"""
+SUPABASE_ROLES = SUPABASE_ROLES_SQL.read_text(encoding="utf-8")
 # Supabase's default privileges: the API roles may use the tables of `public` (row security
 # decides which rows), and new functions are executable by them unless revoked.
 SUPABASE_GRANTS = """
