@@ -146,14 +146,22 @@ RETURNS boolean LANGUAGE sql STABLE AS $$
 $$;
 
 -- Whether any claim has expired that a claim of p_agent_orch would settle or take: a lease of
--- one of its todos (another agent's are its own claims' to settle), or an upstream worker's
+-- one of its todos (another agent's are its own claims' to settle; an abandoned claim whose
+-- step is out of progress waits, and counts again once the step is), or an upstream worker's
 -- claim (lease_until set and past) that can be settled or claimed (status IN_PROGRESS or
 -- CANCELLED; one the UI finished meanwhile never counts, or every claim would walk it). One
 -- probe of each expiry index.
 CREATE OR REPLACE FUNCTION processgpt_sync_claims_expired_v1(p_agent_orch text)
 RETURNS boolean LANGUAGE sql STABLE AS $$
     SELECT EXISTS (SELECT 1 FROM processgpt_sync_lease l JOIN todolist t ON t.id = l.todo_id
-                   WHERE l.expires_at < now() AND t.agent_orch::text = p_agent_orch)
+                   WHERE l.expires_at < now() AND t.agent_orch::text = p_agent_orch
+                     -- not one of ours abandoned while its step is out of progress: it waits
+                     -- for the step, as a revision does (settled cancelled once it ends)
+                     AND NOT (coalesce(t.draft_status IN ('STARTED', 'HUMAN_ASKED'), false)
+                              AND t.claim_token IS NOT DISTINCT FROM l.claim_token
+                              AND t.consumer IS NOT DISTINCT FROM l.consumer
+                              AND coalesce(t.status NOT IN ('IN_PROGRESS', 'CANCELLED', 'DONE'),
+                                           true)))
         OR EXISTS (SELECT 1 FROM todolist t
                    WHERE t.draft_status = 'STARTED' AND t.lease_until < now()
                      AND t.status IN ('IN_PROGRESS', 'CANCELLED')
@@ -251,34 +259,6 @@ BEGIN
         RETURNING t.id
     )
     DELETE FROM processgpt_sync_lease l USING settled s WHERE l.todo_id = s.id;
-    -- Ours, abandoned after its process took the step out of progress (back to TODO or
-    -- PENDING, or handed on): given back to the state it was claimed from, as a stop gives
-    -- a todo back, so it runs once the step is in progress again and not before (upstream
-    -- workers take over only IN_PROGRESS steps).
-    WITH away AS (
-        SELECT t.id, l.prev_draft_status FROM todolist t
-        JOIN processgpt_sync_lease l ON l.todo_id = t.id AND l.claim_token = t.claim_token
-        WHERE l.expires_at < now() AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
-          AND t.agent_orch::text = p_agent_orch AND t.status IS DISTINCT FROM 'IN_PROGRESS'
-          AND t.consumer IS NOT DISTINCT FROM l.consumer
-          AND (t.lease_until IS NULL OR t.lease_until < now())
-        FOR UPDATE OF t SKIP LOCKED
-    ), given_back AS (
-        UPDATE todolist t
-        SET draft_status = a.prev_draft_status,
-            draft = CASE WHEN a.prev_draft_status IS NULL THEN NULL ELSE t.draft END,
-            -- taken over from an upstream worker: back to an expired claim of theirs
-            lease_until = CASE WHEN a.prev_draft_status = 'STARTED' THEN now()
-                               ELSE t.lease_until END,
-            claim_token = NULL, consumer = NULL, updated_at = now(),
-            log = concat_ws(E'\n', t.log, format(
-                '%s: its server stopped while the step was %s; given back, it runs when the '
-                'step is IN_PROGRESS again', to_char(now(), 'YYYY-MM-DD HH24:MI:SS TZ'),
-                coalesce(t.status::text, 'NULL')))
-        FROM away a WHERE t.id = a.id
-        RETURNING t.id
-    )
-    DELETE FROM processgpt_sync_lease l USING given_back g WHERE l.todo_id = g.id;
     -- An expired lease no claim would settle would keep this probe true on every claim: its
     -- todo ended without its owner (the UI cancelled it by draft_status, then the owner died),
     -- or left its claim (a revision the UI cancelled, a todo given back to a person), or
@@ -1398,7 +1378,11 @@ RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF (NEW.draft_status IS NULL AND NEW.status = 'IN_PROGRESS'
         AND NEW.agent_mode IN ('DRAFT', 'COMPLETE') AND NEW.draft IS NULL)
-       OR (NEW.draft_status = 'FB_REQUESTED' AND NEW.status = 'IN_PROGRESS') THEN
+       OR (NEW.draft_status = 'FB_REQUESTED' AND NEW.status = 'IN_PROGRESS')
+       -- a claim whose step left progress, back in progress: if its owner died meanwhile,
+       -- a claim takes it over now rather than at the next look for expired leases
+       OR (TG_OP = 'UPDATE' AND NEW.draft_status IN ('STARTED', 'HUMAN_ASKED')
+           AND NEW.status = 'IN_PROGRESS' AND OLD.status IS DISTINCT FROM 'IN_PROGRESS') THEN
         PERFORM pg_notify('processgpt_sync_todo', coalesce(NEW.agent_orch::text, ''));
     ELSIF TG_OP = 'UPDATE' AND NEW.consumer IS NOT NULL
           AND (NEW.draft_status = 'CANCELLED' OR NEW.status IN ('CANCELLED', 'DONE'))
@@ -1487,8 +1471,13 @@ BEGIN
              AND v_todo.status::text = 'CANCELLED' THEN NULL  -- suspended, then cancelled
         WHEN v_todo.draft_status = 'HUMAN_ASKED' AND v_todo.consumer IS NULL THEN
             'it waits for an answer to its question (see processgpt-sync asked)'
-        WHEN v_todo.draft_status = 'STARTED' AND v_todo.lease_until < now() THEN
+        WHEN v_todo.draft_status = 'STARTED' AND v_todo.lease_until < now()
+             AND v_todo.status::text IN ('IN_PROGRESS', 'CANCELLED') THEN
             NULL  -- an upstream worker's claim whose lease ran out: abandoned
+        WHEN v_todo.draft_status = 'STARTED' AND v_todo.lease_until < now() THEN format(
+            'its worker''s claim ran out while the step is not in progress (status %s); it is '
+            'taken over once its process puts the step in progress, and running it now would '
+            'run a step out of order', coalesce(v_todo.status::text, 'NULL'))
         WHEN v_todo.draft_status IN ('STARTED', 'HUMAN_ASKED') THEN format(
             'it is running (draft_status %s, on %s); cancel it in the ProcessGPT UI, or wait '
             'until it ends', v_todo.draft_status, v_todo.consumer)
@@ -1712,7 +1701,7 @@ BEGIN
               AND (p_tenant_id IS NULL OR t.tenant_id = p_tenant_id)
               AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
               AND (t.status IN ('CANCELLED', 'DONE')
-                   OR (l.consumer IS NOT DISTINCT FROM t.consumer
+                   OR (t.status = 'IN_PROGRESS' AND l.consumer IS NOT DISTINCT FROM t.consumer
                        AND (t.lease_until IS NULL OR t.lease_until < now()))))
         INTO v_found;
         EXIT WHEN v_found OR clock_timestamp() >= v_until;
@@ -1897,6 +1886,8 @@ BEGIN
     -- (SUBMITTED, DONE) or has not reached (TODO, PENDING), is the process's own business.
     IF processgpt_sync_state_v1(v_todo.status::text, v_todo.draft_status::text)
            NOT IN ('QUEUED', 'STARTED', 'HUMAN_ASKED', 'FB_REQUESTED')  -- not WAITING_FOR_STEP
+       -- a run (or a dead one) of a step the process took out of progress is the process's
+       OR v_todo.status::text IS DISTINCT FROM 'IN_PROGRESS'
        OR v_todo.agent_mode IS NULL OR v_todo.agent_mode::text NOT IN ('DRAFT', 'COMPLETE') THEN
         RETURN jsonb_build_object('applied', false, 'reason', 'not_agent_work', 'state',
             processgpt_sync_state_v1(v_todo.status::text, v_todo.draft_status::text));

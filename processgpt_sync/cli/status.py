@@ -66,7 +66,7 @@ def _snapshot(storage: Storage, args: argparse.Namespace) -> Any:
     if waiting:
         parts.append(f"\n{waiting} answered or revised todos are not claimable: their step is "
                      "not IN_PROGRESS (they run once their process puts it in progress), or "
-                     "the UI cancelled them")
+                     "the UI cancelled them, or the process finished the step (DONE)")
     if load:
         parts += ["", _tenant_load(load)]
     parts += ["", _servers(servers)]

@@ -137,7 +137,7 @@ def _unheard(todo_id: str, row: Mapping[str, Any]) -> str | None:
                 f"revision runs it and it {again}")
     if draft_status == "FB_REQUESTED" and status != "IN_PROGRESS":
         return (f"todo {todo_id} resumes with this answer once its process puts the step in "
-                f"progress (its status is {status})")
+                f"progress (its status is {status or 'NULL'})")
     return None
 
 

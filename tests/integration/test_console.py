@@ -307,6 +307,17 @@ def test_cancel_is_only_offered_and_allowed_for_an_agents_work_in_progress(stora
         waiting = client.get("/todos", params={"state": "WAITING_FOR_STEP"}).text
         ready = client.get("/todos", params={"state": "FB_REQUESTED"}).text
         assert todo_id[:8] in waiting and todo_id[:8] not in ready, "told apart in the list"
+    db.execute("UPDATE todolist SET status = 'IN_PROGRESS', draft_status = NULL WHERE id = %s",
+               (todo_id,))
+    (c,) = storage.claim(agent_orch="console", consumer="w", limit=1, lease_seconds=60,
+                         max_claims=3)
+    for status in ("TODO", "PENDING"):  # its run, of a step the process took out of progress
+        db.execute("UPDATE todolist SET status = %s WHERE id = %s", (status, todo_id))
+        assert "Cancel todo" not in client.get(f"/todos/{todo_id}").text
+        refused = post(client, f"/todos/{todo_id}/cancel")
+        assert refused.status_code == 409 and "(this todo is STARTED)" in refused.text, status
+        assert state_of(db, todo_id)["status"] == status
+    storage.release([c])
     db.execute("UPDATE todolist SET draft_status = NULL WHERE id = %s", (todo_id,))
     db.execute("UPDATE todolist SET status = 'IN_PROGRESS', agent_mode = NULL WHERE id = %s",
                (todo_id,))  # a person's task in progress

@@ -212,6 +212,12 @@ def test_an_upstream_claim_that_ran_out_is_settled_cancelled_or_failed_and_can_b
     assert "it is running" in cli("retry", other, "--database-url", db.info.dsn,
                                   check=False).stderr
     expire_upstream_lease(db, other)
+    # ... while its step is in progress: once the process moved it on, it is the process's
+    db.execute("UPDATE todolist SET status = 'PENDING' WHERE id = %s", (other,))
+    refused = cli("retry", other, "--database-url", db.info.dsn, check=False)
+    assert "ran out while the step is not in progress (status PENDING)" in refused.stderr
+    assert claim_ours(store, limit=3) == [], "nor is it taken over"
+    db.execute("UPDATE todolist SET status = 'IN_PROGRESS' WHERE id = %s", (other,))
     cli("retry", other, "--database-url", db.info.dsn)
     assert db.execute("SELECT draft_status, consumer FROM todolist WHERE id = %s",
                       (other,)).fetchone() == {"draft_status": None, "consumer": None}

@@ -256,37 +256,65 @@ def test_expired_leases_that_no_claim_would_settle_are_removed(storage, db):
 
 
 @pytest.mark.parametrize("status", ["TODO", "PENDING", "SUBMITTED"])
-def test_an_abandoned_claim_of_a_step_taken_out_of_progress_is_given_back_not_run(
-        storage, db, status):
+def test_an_abandoned_claim_of_a_step_taken_out_of_progress_waits_for_the_step(
+        storage, db, database_url, status):
     """Row 17a: the owner died after the process moved the step out of progress (a loop back
-    to TODO, PENDING, or SUBMITTED with the holder kept). Running it again, as a reclaim
-    would, runs a step the process does not have in progress; upstream workers take over
-    only IN_PROGRESS steps. It is given back to what it was claimed from and runs once the
-    step is in progress again."""
+    to TODO, PENDING, or SUBMITTED with the holder kept). Running it again now would run a
+    step the process does not have in progress; upstream workers take over only IN_PROGRESS
+    steps. It stays abandoned, neither claimed nor failed nor keeping claims on their slow
+    path, and is taken over (a reclaim, announced) once the step is in progress again."""
     fresh, revision, asking = (storage.enqueue("life", "q") for _ in range(3))
     db.execute("UPDATE todolist SET draft_status = 'FB_REQUESTED', "
                "feedback = '[{\"content\": \"shorter\"}]' WHERE id = %s", (revision,))
-    held = {c.todo_id: c for c in claim(storage)}
+    held = {c.todo_id: c for c in claim(storage, max_claims=2)}
     assert set(held) == {str(fresh), str(revision), str(asking)}
     assert storage.ask(held[str(asking)], "human_asked_q", question_data("Ok?", None,
                                                                          "confirm")).applied
     db.execute("UPDATE todolist SET status = %s WHERE id = ANY(%s)",
                (status, [fresh, revision, asking]))
     expire_leases(db)  # the owner died
-    assert claim(storage, consumer="w2") == []
-    assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
-    assert [(state(db, t)["draft_status"], state(db, t)["consumer"])
-            for t in (fresh, revision, asking)] == [
-        (None, None), ("FB_REQUESTED", None), (None, None)]
+
+    def settling():
+        return db.execute("SELECT processgpt_sync_claims_expired_v1('life') AS e").fetchone()["e"]
+
+    assert not settling(), "claims keep their fast path"
+    assert not db.execute("SELECT processgpt_sync_wait_for_work_v1('life', 'w2', 0) AS w"
+                          ).fetchone()["w"], "nor does a Supabase server's wait"
+    assert claim(storage, consumer="w2", max_claims=2) == []
+    assert [state(db, t)["draft_status"] for t in (fresh, revision, asking)] == [
+        "STARTED", "STARTED", "HUMAN_ASKED"], "neither run nor failed (max_claims 2)"
+    assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 3
+
+    store = PostgresStorage(database_url, max_connections=2)
+    listener = store.listener(["processgpt_sync_todo"])
+    listener.connect()
+    try:
+        db.execute("UPDATE todolist SET status = 'IN_PROGRESS' WHERE id = ANY(%s)",
+                   ([fresh, revision, asking],))
+        assert listener.wait(2.0) == [("processgpt_sync_todo", "life")]
+    finally:
+        listener.close()
+        store.close()
+    assert db.execute("SELECT processgpt_sync_wait_for_work_v1('life', 'w3', 0) AS w"
+                      ).fetchone()["w"]
+    again = {c.todo_id: (c.extras["resume"]["kind"], c.extras["resume"]["attempt"])
+             for c in claim(storage, consumer="w3", max_claims=2)}
+    assert again == {t: ("reclaim", 2) for t in held}
     late = storage.save_result(held[str(fresh)], {"late": True})
     assert not late.applied, "the dead owner's late write is refused"
-    log = db.execute("SELECT log FROM todolist WHERE id = %s", (fresh,)).fetchone()["log"]
-    assert f"while the step was {status}" in log
 
-    db.execute("UPDATE todolist SET status = 'IN_PROGRESS' WHERE id = ANY(%s)",
-               ([fresh, revision, asking],))
-    again = {c.todo_id: c.extras["resume"]["kind"] for c in claim(storage, consumer="w3")}
-    assert again == {str(fresh): "fresh", str(revision): "revision", str(asking): "fresh"}
+
+def test_a_dead_claim_of_a_step_the_process_then_finished_is_settled_cancelled(storage, db):
+    # row 17a, then 19: the waiting claim's step ends (DONE): settled like any other
+    todo_id = storage.enqueue("life", "q")
+    claim(storage)
+    db.execute("UPDATE todolist SET status = 'PENDING' WHERE id = %s", (todo_id,))
+    expire_leases(db)
+    assert claim(storage, consumer="w2") == []
+    db.execute("UPDATE todolist SET status = 'DONE' WHERE id = %s", (todo_id,))
+    assert claim(storage, consumer="w2") == []
+    assert state(db, todo_id)["draft_status"] == "CANCELLED"
+    assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
 
 
 def test_retry_refuses_a_completed_todo_the_ui_cancelled_afterwards(storage, db):
