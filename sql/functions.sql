@@ -1432,7 +1432,8 @@ BEGIN
         'row', to_jsonb(v_todo) - 'claim_token',
         'claimable', processgpt_sync_claimable_v1(v_todo),
         'lease', (SELECT jsonb_build_object('consumer', l.consumer, 'expires_at', l.expires_at,
-                                            'claimed_at', l.claimed_at)
+                                            'claimed_at', l.claimed_at,
+                                            'expired', l.expires_at < now())
                   FROM processgpt_sync_lease l WHERE l.todo_id = v_todo.id),
         'events', (SELECT coalesce(jsonb_agg(jsonb_build_object(
                        'timestamp', e."timestamp", 'event_type', e.event_type::text,

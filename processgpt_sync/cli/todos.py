@@ -45,6 +45,10 @@ def cmd_show(args: argparse.Namespace) -> int:
           f"{row.get('claim_count') or 0} times)")
     if lease:
         print(f"lease         held by {lease['consumer']} until {lease['expires_at']}")
+        if lease.get("expired") and row.get("draft_status") in ("STARTED", "HUMAN_ASKED"):
+            print("              expired: its server stopped renewing it; a server takes the "
+                  "todo over" + ("" if row.get("status") == "IN_PROGRESS" else
+                                 " once its process puts the step IN_PROGRESS"))
     if row.get("draft_status") is None and not shown["claimable"]:
         print("              a server claims rows with status IN_PROGRESS, agent_mode DRAFT or "
               "COMPLETE and no draft")

@@ -403,6 +403,15 @@ def test_show_prints_input_state_output_and_events(database_url):
     assert "a revision runs" not in cli("show", todo_id, "--database-url", database_url).stdout
     one_line_error(cli("show", "0000", "--database-url", database_url, check=False),
                    "no todo with id '0000'")
+    with psycopg.connect(database_url, autocommit=True) as conn:  # a claim whose server died
+        dead = str(conn.execute("SELECT processgpt_sync_enqueue_v1('show', 'x')").fetchone()[0])
+        conn.execute("SELECT processgpt_sync_claim_v3('show', 'gone-host', 1)")
+        conn.execute("UPDATE processgpt_sync_lease SET expires_at = now() - interval '1 s'")
+        conn.execute("UPDATE todolist SET status = 'PENDING' WHERE id = %s", (dead,))
+    shown = cli("show", dead, "--database-url", database_url).stdout
+    assert "held by gone-host" in shown
+    assert ("expired: its server stopped renewing it; a server takes the todo over once its "
+            "process puts the step IN_PROGRESS") in shown
     one_line_error(cli("show", "not-an-id", "--database-url", database_url, check=False),
                    "no todo with id")
 
