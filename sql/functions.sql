@@ -114,6 +114,27 @@ BEGIN
 END
 $$;
 
+-- The platform's trigger on todolist (trigger_update_bpm_proc_inst_updated_at) touches the
+-- todo's bpm_proc_inst row on every update, in whatever order a batch's plan visits its todos;
+-- two batches of todos sharing process instances then deadlock, each waiting deadlock_timeout
+-- (1 s by default) before one is aborted. Taking those rows first, sorted, makes every batch
+-- wait in the same order. Nothing to do for one todo, or where the table does not exist.
+CREATE OR REPLACE FUNCTION processgpt_sync_lock_proc_insts_v1(p_todo_ids uuid[])
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF cardinality(p_todo_ids) > 1 AND EXISTS (
+            SELECT 1 FROM pg_attribute a
+            WHERE a.attrelid = to_regclass('bpm_proc_inst') AND a.attname = 'proc_inst_id'
+              AND NOT a.attisdropped) THEN
+        PERFORM 1 FROM bpm_proc_inst p
+        WHERE p.proc_inst_id IN (SELECT t.proc_inst_id FROM todolist t
+                                 WHERE t.id = ANY (p_todo_ids) AND t.proc_inst_id IS NOT NULL)
+        ORDER BY p.proc_inst_id
+        FOR NO KEY UPDATE OF p;
+    END IF;
+END
+$$;
+
 -- Whether a todo row may be claimed now: queued, answered / revision (unless the UI cancelled
 -- it), or abandoned (its claim's lease expired, claims left). The claim scans only rows of the
 -- waiting-todo indexes (draft_status NULL, FB_REQUESTED) and the expired leases; this decides.
@@ -439,6 +460,7 @@ BEGIN
     IF v_ids IS NULL THEN
         RETURN '[]'::jsonb;
     END IF;
+    PERFORM processgpt_sync_lock_proc_insts_v1(v_ids);
 
     WITH candidate AS (
         SELECT t.id, t.draft_status AS prev_status, t.start_date
@@ -783,6 +805,10 @@ DECLARE
     v_statuses text[] := enum_range(NULL::event_status)::text[];
     v_out jsonb;
 BEGIN
+    PERFORM processgpt_sync_lock_proc_insts_v1(ARRAY(
+        SELECT processgpt_sync_uuid_or_null_v1(i ->> 'todo_id')
+        FROM jsonb_array_elements(coalesce(p_items, '[]'::jsonb)) AS i
+        WHERE jsonb_typeof(i) = 'object'));
     WITH items AS MATERIALIZED (
         SELECT i.ordinality AS n, i.value AS item, i.value ->> 'outcome' AS outcome,
                processgpt_sync_uuid_or_null_v1(i.value ->> 'todo_id') AS todo_id,
@@ -1186,6 +1212,7 @@ RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
     v_released integer;
 BEGIN
+    PERFORM processgpt_sync_lock_proc_insts_v1(p_todo_ids);
     WITH pairs AS (
         SELECT p.todo_id, p.token FROM unnest(p_todo_ids, p_tokens) AS p(todo_id, token)
     ), judged AS (

@@ -408,3 +408,41 @@ def test_only_an_upstream_claim_that_can_be_settled_or_claimed_counts_as_expired
     assert claim_ours(store) == []
     db.execute("UPDATE todolist SET status = 'CANCELLED' WHERE id = %s", (todo,))
     assert expired(), "CANCELLED: to be settled"
+
+
+def test_batches_of_todos_sharing_process_instances_never_deadlock_on_the_platforms_trigger(
+        upstream_database_url):
+    """The platform's trigger touches a todo's bpm_proc_inst row on every update of it. Claims
+    and finishes of many todos each took those rows in their own plan's order, so two of them
+    sharing process instances deadlocked (PostgreSQL's detector aborts one after a second of
+    waiting; the server retried it). Every batch now takes them sorted first."""
+    with connect(upstream_database_url) as db:
+        db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) SELECT 'p' || g "
+                   "FROM generate_series(0, 5) g")
+        db.execute("SELECT processgpt_sync_enqueue_v1('parallel', 'q' || g, 'COMPLETE', NULL, "
+                   "'step', 'p' || (g % 6)) FROM generate_series(1, 2400) g")
+        deadlocks = ("SELECT deadlocks FROM pg_stat_database "
+                     "WHERE datname = current_database()")
+        before = db.execute(deadlocks).fetchone()["deadlocks"]
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        store = PostgresStorage(upstream_database_url, max_connections=1)
+        try:
+            while batch := store.claim(agent_orch="parallel", consumer=f"w{n}", limit=16,
+                                       lease_seconds=60, max_claims=3):
+                store.finish([{"todo_id": c.todo_id, "token": c.token, "outcome": "completed",
+                               "result": {"n": n}, "events": []} for c in batch])
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+        finally:
+            store.close()
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    with connect(upstream_database_url) as db:
+        assert db.execute(deadlocks).fetchone()["deadlocks"] - before == 0
+    assert errors == []
