@@ -117,21 +117,38 @@ $$;
 -- The platform's trigger on todolist (trigger_update_bpm_proc_inst_updated_at) touches the
 -- todo's bpm_proc_inst row on every update, in whatever order a batch's plan visits its todos;
 -- two batches of todos sharing process instances then deadlock, each waiting deadlock_timeout
--- (1 s by default) before one is aborted. Taking those rows first, sorted, makes every batch
--- wait in the same order. Nothing to do for one todo, or where the table does not exist.
-CREATE OR REPLACE FUNCTION processgpt_sync_lock_proc_insts_v1(p_todo_ids uuid[])
-RETURNS void LANGUAGE plpgsql AS $$
+-- (1 s by default) before one is aborted. So a batch takes its todos' rows (sorted by id; with
+-- p_skip_locked, only those no other transaction holds) and then their process instances'
+-- rows (sorted), before it updates: every transaction takes them in one order, todos first as
+-- a single-row write does. Returns the todos held, or NULL where nothing needs it: one todo,
+-- or no bpm_proc_inst table.
+CREATE OR REPLACE FUNCTION processgpt_sync_lock_proc_insts_v1(p_todo_ids uuid[],
+                                                              p_skip_locked boolean)
+RETURNS uuid[] LANGUAGE plpgsql AS $$
+DECLARE
+    v_held uuid[];
 BEGIN
-    IF cardinality(p_todo_ids) > 1 AND EXISTS (
+    IF coalesce(cardinality(p_todo_ids), 0) < 2 OR NOT EXISTS (
             SELECT 1 FROM pg_attribute a
             WHERE a.attrelid = to_regclass('bpm_proc_inst') AND a.attname = 'proc_inst_id'
               AND NOT a.attisdropped) THEN
-        PERFORM 1 FROM bpm_proc_inst p
-        WHERE p.proc_inst_id IN (SELECT t.proc_inst_id FROM todolist t
-                                 WHERE t.id = ANY (p_todo_ids) AND t.proc_inst_id IS NOT NULL)
-        ORDER BY p.proc_inst_id
-        FOR NO KEY UPDATE OF p;
+        RETURN NULL;
     END IF;
+    IF p_skip_locked THEN
+        SELECT coalesce(array_agg(x.id), '{}') INTO v_held FROM (
+            SELECT t.id FROM todolist t WHERE t.id = ANY (p_todo_ids)
+            ORDER BY t.id FOR UPDATE OF t SKIP LOCKED) x;
+    ELSE
+        SELECT coalesce(array_agg(x.id), '{}') INTO v_held FROM (
+            SELECT t.id FROM todolist t WHERE t.id = ANY (p_todo_ids)
+            ORDER BY t.id FOR UPDATE OF t) x;
+    END IF;
+    PERFORM 1 FROM bpm_proc_inst p
+    WHERE p.proc_inst_id IN (SELECT t.proc_inst_id FROM todolist t
+                             WHERE t.id = ANY (v_held) AND t.proc_inst_id IS NOT NULL)
+    ORDER BY p.proc_inst_id
+    FOR NO KEY UPDATE OF p;
+    RETURN v_held;
 END
 $$;
 
@@ -460,7 +477,7 @@ BEGIN
     IF v_ids IS NULL THEN
         RETURN '[]'::jsonb;
     END IF;
-    PERFORM processgpt_sync_lock_proc_insts_v1(v_ids);
+    PERFORM processgpt_sync_lock_proc_insts_v1(v_ids, true);  -- held already: sorts the rest
 
     WITH candidate AS (
         SELECT t.id, t.draft_status AS prev_status, t.start_date
@@ -804,11 +821,12 @@ DECLARE
     v_types text[] := enum_range(NULL::event_type_enum)::text[];
     v_statuses text[] := enum_range(NULL::event_status)::text[];
     v_out jsonb;
+    v_held uuid[];  -- NULL: no order to keep (see processgpt_sync_lock_proc_insts_v1)
 BEGIN
-    PERFORM processgpt_sync_lock_proc_insts_v1(ARRAY(
+    v_held := processgpt_sync_lock_proc_insts_v1(ARRAY(
         SELECT processgpt_sync_uuid_or_null_v1(i ->> 'todo_id')
         FROM jsonb_array_elements(coalesce(p_items, '[]'::jsonb)) AS i
-        WHERE jsonb_typeof(i) = 'object'));
+        WHERE jsonb_typeof(i) = 'object'), true);
     WITH items AS MATERIALIZED (
         SELECT i.ordinality AS n, i.value AS item, i.value ->> 'outcome' AS outcome,
                processgpt_sync_uuid_or_null_v1(i.value ->> 'todo_id') AS todo_id,
@@ -820,6 +838,7 @@ BEGIN
         SELECT t.id, t.claim_token, t.draft_status, t.consumer, t.status::text AS status,
                coalesce(t.root_proc_inst_id, t.proc_inst_id) AS proc_inst_id, t.tenant_id
         FROM todolist t WHERE t.id IN (SELECT todo_id FROM items)
+          AND (v_held IS NULL OR t.id = ANY (v_held))  -- a row freed meanwhile: a later call
         ORDER BY t.id FOR UPDATE OF t SKIP LOCKED
     ), busy AS MATERIALIZED (
         -- rows another transaction holds: 'busy', written in a later call, so one held row
@@ -1212,7 +1231,7 @@ RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
     v_released integer;
 BEGIN
-    PERFORM processgpt_sync_lock_proc_insts_v1(p_todo_ids);
+    PERFORM processgpt_sync_lock_proc_insts_v1(p_todo_ids, false);
     WITH pairs AS (
         SELECT p.todo_id, p.token FROM unnest(p_todo_ids, p_tokens) AS p(todo_id, token)
     ), judged AS (

@@ -446,3 +446,38 @@ def test_batches_of_todos_sharing_process_instances_never_deadlock_on_the_platfo
     with connect(upstream_database_url) as db:
         assert db.execute(deadlocks).fetchone()["deadlocks"] - before == 0
     assert errors == []
+
+
+def test_giving_todos_back_waits_for_a_single_write_without_deadlocking_on_the_trigger(
+        upstream_database_url):
+    """A stop gives back todos of two process instances while a single-row write (the UI's,
+    an intermediate draft) holds one of them, then touches a todo of the other instance. The
+    release takes its todos first, as the single write does, and its process instances
+    after: it waits, and both end."""
+    with connect(upstream_database_url) as db:
+        db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('p1'), ('p2')")
+        a, b, other = (str(db.execute(
+            "SELECT processgpt_sync_enqueue_v1(%s, 'q', 'COMPLETE', NULL, 'step', %s) AS id",
+            (agent, inst)).fetchone()["id"])
+            for agent, inst in (("rel", "p1"), ("rel", "p2"), ("elsewhere", "p1")))
+        deadlocks = ("SELECT deadlocks FROM pg_stat_database "
+                     "WHERE datname = current_database()")
+        before = db.execute(deadlocks).fetchone()["deadlocks"]
+    store = PostgresStorage(upstream_database_url, max_connections=2)
+    claims = store.claim(agent_orch="rel", consumer="w", limit=2, lease_seconds=60,
+                         max_claims=3)
+    assert {c.todo_id for c in claims} == {a, b}
+    released: list[int] = []
+    with psycopg.connect(upstream_database_url) as writer, connect(upstream_database_url) as db:
+        writer.execute("UPDATE todolist SET updated_at = now() WHERE id = %s", (b,))
+        giving_back = threading.Thread(target=lambda: released.append(store.release(claims)))
+        giving_back.start()
+        wait_for(lambda: db.execute(
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND datname = current_database()").fetchone()["n"] == 1)
+        writer.execute("UPDATE todolist SET updated_at = now() WHERE id = %s", (other,))
+        writer.commit()
+        giving_back.join(30)
+        assert released == [2]
+        assert db.execute(deadlocks).fetchone()["deadlocks"] - before == 0
+    store.close()
