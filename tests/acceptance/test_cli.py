@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -465,13 +466,14 @@ def test_retry_refuses_a_running_todo(database_url):
         release.set()
 
 
-def test_respond_to_a_cancelled_todos_question_keeps_the_answer_and_says_nothing_waits(
-        database_url):
+@contextlib.contextmanager
+def suspended_on_a_question(database_url, agent_orch):
+    """A server whose todo suspends on "Ship it?": yields the server, the todo id, the
+    question's job_id as `asked` lists it, and the resume kinds of the todo's runs."""
     import processgpt_sync as ps
 
-    url = ["--database-url", database_url]
     with psycopg.connect(database_url, autocommit=True) as conn:
-        todo_id = str(conn.execute("SELECT processgpt_sync_enqueue_v1('late', 'x')"
+        todo_id = str(conn.execute("SELECT processgpt_sync_enqueue_v1(%s, 'x')", (agent_orch,)
                                    ).fetchone()[0])
     runs = []
 
@@ -479,10 +481,18 @@ def test_respond_to_a_cancelled_todos_question_keeps_the_answer_and_says_nothing
         runs.append(todo.resume.kind)
         return {"shipped": todo.suspend_for_human("Ship it?", kind="confirm")}
 
-    with ps.start(handle, agent_orch="late", database_url=database_url) as server:
-        listing = wait_for(lambda: "Ship it?" in (out := cli("asked", *url).stdout) and out)
+    with ps.start(handle, agent_orch=agent_orch, database_url=database_url) as server:
+        listing = wait_for(lambda: "Ship it?" in (
+            out := cli("asked", "--database-url", database_url).stdout) and out)
         job_id = next(line.split()[0] for line in listing.splitlines() if "Ship it?" in line)
         wait_for(lambda: server.stats()["asked"] == 1)
+        yield server, todo_id, job_id, runs
+
+
+def test_respond_to_a_cancelled_todos_question_keeps_the_answer_and_says_nothing_waits(
+        database_url):
+    url = ["--database-url", database_url]
+    with suspended_on_a_question(database_url, "late") as (server, todo_id, job_id, runs):
         with psycopg.connect(database_url, autocommit=True) as conn:  # the UI's cancel
             conn.execute("UPDATE todolist SET status = 'CANCELLED' WHERE id = %s", (todo_id,))
         answered = cli("respond", *url, job_id, "true")
@@ -503,22 +513,8 @@ def test_an_answer_to_a_todo_whose_step_left_progress_waits_for_the_step_and_say
     answer: the answer makes it FB_REQUESTED, which runs only once the step is IN_PROGRESS
     again. respond, status and retry say so rather than leave it looking claimable, answered
     and lost, or never run."""
-    import processgpt_sync as ps
-
     url = ["--database-url", database_url]
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        todo_id = str(conn.execute("SELECT processgpt_sync_enqueue_v1('paused', 'x')"
-                                   ).fetchone()[0])
-    runs = []
-
-    def handle(todo):
-        runs.append(todo.resume.kind)
-        return {"shipped": todo.suspend_for_human("Ship it?", kind="confirm")}
-
-    with ps.start(handle, agent_orch="paused", database_url=database_url) as server:
-        listing = wait_for(lambda: "Ship it?" in (out := cli("asked", *url).stdout) and out)
-        job_id = next(line.split()[0] for line in listing.splitlines() if "Ship it?" in line)
-        wait_for(lambda: server.stats()["asked"] == 1)
+    with suspended_on_a_question(database_url, "paused") as (server, todo_id, job_id, runs):
         with psycopg.connect(database_url, autocommit=True) as conn:  # the process's move
             conn.execute("UPDATE todolist SET status = 'PENDING' WHERE id = %s", (todo_id,))
         answered = cli("respond", *url, job_id, "true")
