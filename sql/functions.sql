@@ -166,7 +166,7 @@ RETURNS boolean LANGUAGE sql STABLE AS $$
         -- (TODO, NEW, PENDING) or has taken (SUBMITTED) waits until the step is in progress
         WHEN p_todo.draft_status = 'FB_REQUESTED' THEN coalesce(p_todo.status = 'IN_PROGRESS',
                                                                 false)
-        -- abandoned: runs again only while its step is in progress (else it is given back)
+        -- abandoned: runs again only while its step is in progress (else it waits for the step)
         WHEN p_todo.draft_status IN ('STARTED', 'HUMAN_ASKED') THEN
             p_todo.claim_count < p_max_claims AND coalesce(p_todo.status = 'IN_PROGRESS', false)
             AND (
