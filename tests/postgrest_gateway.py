@@ -42,9 +42,10 @@ def status_for(sqlstate: str | None) -> int:
 
 @dataclass(frozen=True)
 class RawBody:
-    """An answer body sent as it is, not as JSON: a proxy's or a firewall's page."""
+    """An answer body sent as it is, not as JSON: a proxy's or a firewall's page (bytes: not
+    even text)."""
 
-    text: str
+    text: str | bytes
     content_type: str = "text/html"
 
 class Gateway:
@@ -75,7 +76,10 @@ class Gateway:
                                               self.rfile.read(int(self.headers["Content-Length"]
                                                                   or 0)))
                 raw = isinstance(body, RawBody)
-                payload = body.text.encode() if raw else json.dumps(body).encode()
+                if raw:
+                    payload = body.text if isinstance(body.text, bytes) else body.text.encode()
+                else:
+                    payload = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", body.content_type if raw else "application/json")
                 self.send_header("Content-Length", str(len(payload)))

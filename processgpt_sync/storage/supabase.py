@@ -9,6 +9,7 @@ database directly may set DATABASE_URL instead.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -89,10 +90,29 @@ def wrap_exceptions(target: str, status: Callable[[], int | None] = lambda: None
                            code=code, hint=exc.hint) from exc
     except httpx.HTTPError as exc:
         raise StorageUnavailable(f"Supabase unreachable ({target}): {exc!r}") from exc
+    except UnicodeDecodeError as exc:  # a 2xx body postgrest-py could not even read as text
+        raise StorageUnavailable(f"Supabase answered {target} with a body that is not text, "
+                                 f"not PostgREST's answer: is a proxy in the way? ({exc})"
+                                 ) from exc
     except RuntimeError as exc:  # httpx: this thread's client was closed by close() meanwhile
         if "has been closed" not in str(exc):
             raise
         raise StorageUnavailable(f"Supabase client closed ({target}): {exc}") from exc
+
+
+def _check_json(target: str, status: int | None, response: httpx.Response | None) -> None:
+    """Raise StorageUnavailable unless ``response`` has a JSON body: PostgREST always answers
+    with one, so an empty or undecodable body came from something in between."""
+    body = b"" if response is None else response.content
+    if not body.strip():
+        raise StorageUnavailable(f"Supabase answered {target} with HTTP {status} and an empty "
+                                 "body, not PostgREST's answer: is a proxy in the way?")
+    try:
+        json.loads(body)
+    except ValueError as exc:
+        raise StorageUnavailable(f"Supabase answered {target} with HTTP {status} and a body "
+                                 f"that is not JSON: is a proxy in the way? ({exc}; "
+                                 f"{body[:120]!r})") from exc
 
 
 class SupabaseStorage(Storage):
@@ -112,7 +132,7 @@ class SupabaseStorage(Storage):
         self.wait_seconds = min(wait_seconds, timeout)  # inside the HTTP read timeout
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._http: list[httpx.Client] = []
+        self._http: dict[httpx.Client, threading.Thread] = {}  # each client's thread
         self._busy: dict[httpx.Client, int] = {}  # calls in flight per client
         self._closed = False
 
@@ -122,35 +142,52 @@ class SupabaseStorage(Storage):
     def _client(self) -> Any:
         client = getattr(self._local, "client", None)
         if client is None:
-            from supabase import create_client
-            from supabase.lib.client_options import SyncClientOptions
+            try:
+                client = self._new_client()
+            except OSError as exc:  # no descriptor for the CA bundle: the host's limit
+                raise StorageUnavailable(f"Supabase client could not be created: {exc}") from exc
+        return client
 
-            # Timeouts live on the HTTP client (supabase-py deprecates its own option): a
-            # stalled gateway fails the call after the read timeout instead of hanging the
-            # worker, and the connection it stalled on is closed, so the retry opens a new one.
-            timeout = httpx.Timeout(self._timeout + READ_MARGIN, connect=CONNECT_TIMEOUT,
-                                    pool=POOL_TIMEOUT)
-            limits = httpx.Limits(max_connections=4, max_keepalive_connections=2,
-                                  keepalive_expiry=KEEPALIVE_EXPIRY)
-            local = self._local
+    def _new_client(self) -> Any:
+        """This thread's client; the clients of threads that have ended are closed first, so
+        short-lived threads (a web framework's thread pool) do not leave sockets behind."""
+        from supabase import create_client
+        from supabase.lib.client_options import SyncClientOptions
 
-            def keep_status(response: httpx.Response) -> None:
-                local.status = response.status_code
-                local.content_type = response.headers.get("content-type", "")
+        # Timeouts live on the HTTP client (supabase-py deprecates its own option): a stalled
+        # gateway fails the call after the read timeout instead of hanging the worker, and the
+        # connection it stalled on is closed, so the retry opens a new one.
+        timeout = httpx.Timeout(self._timeout + READ_MARGIN, connect=CONNECT_TIMEOUT,
+                                pool=POOL_TIMEOUT)
+        limits = httpx.Limits(max_connections=4, max_keepalive_connections=2,
+                              keepalive_expiry=KEEPALIVE_EXPIRY)
+        local = self._local
 
-            http = httpx.Client(timeout=timeout, limits=limits,
-                                event_hooks={"response": [keep_status]})
-            with self._lock:
-                self._http.append(http)
-            options = SyncClientOptions(
-                httpx_client=http,
-                postgrest_client_timeout=None,  # type: ignore[arg-type]
-                auto_refresh_token=False,
-                persist_session=False,
-            )
-            client = create_client(self._url, self._key, options=options)
-            self._local.client = client
-            self._local.http = http
+        def keep_response(response: httpx.Response) -> None:
+            local.status = response.status_code
+            local.content_type = response.headers.get("content-type", "")
+            local.response = response
+
+        http = httpx.Client(timeout=timeout, limits=limits,
+                            event_hooks={"response": [keep_response]})
+        with self._lock:
+            ended = [c for c, thread in self._http.items()
+                     if not thread.is_alive() and not self._busy.get(c)]
+            for ended_client in ended:
+                del self._http[ended_client]
+                self._busy.pop(ended_client, None)
+            self._http[http] = threading.current_thread()
+        for ended_client in ended:
+            ended_client.close()
+        options = SyncClientOptions(
+            httpx_client=http,
+            postgrest_client_timeout=None,  # type: ignore[arg-type]
+            auto_refresh_token=False,
+            persist_session=False,
+        )
+        client = create_client(self._url, self._key, options=options)
+        self._local.client = client
+        self._local.http = http
         return client
 
     def close(self) -> None:
@@ -160,7 +197,7 @@ class SupabaseStorage(Storage):
         with self._lock:
             self._closed = True
             clients = [c for c in self._http if not self._busy.get(c)]
-            self._http = [c for c in self._http if self._busy.get(c)]
+            self._http = {c: t for c, t in self._http.items() if self._busy.get(c)}
         for client in clients:
             client.close()
 
@@ -173,6 +210,7 @@ class SupabaseStorage(Storage):
         local = self._local
         local.status = None
         local.content_type = ""
+        local.response = None
         try:
             with wrap_exceptions(name, lambda: getattr(local, "status", None)):
                 response = client.rpc(name, dict(params)).execute()
@@ -183,14 +221,19 @@ class SupabaseStorage(Storage):
                     f"Supabase answered {name} with HTTP {local.status} and a "
                     f"{local.content_type or 'untyped'} body, not JSON: is a proxy in the way? "
                     f"({str(data)[:120]!r})")
+            if isinstance(data, str) or data == []:
+                # postgrest-py's answer for an empty body ([]) or one it could not parse (its
+                # text): tell them from a JSON string or an empty list by the body itself
+                _check_json(name, local.status, local.response)
         finally:
+            local.response = None
             with self._lock:
                 self._busy[http] -= 1
                 last = self._closed and not self._busy[http]
                 if last:
                     del self._busy[http]
                     if http in self._http:
-                        self._http.remove(http)
+                        del self._http[http]
             if last:
                 self._local.client = None
                 http.close()

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import resource
+import threading
 import time
+from typing import Any
 
 import pytest
 
 import processgpt_sync as ps
+from processgpt_sync.infra import infrastructure_problem
 from processgpt_sync.storage.supabase import SupabaseStorage
 from tests.conftest import open_backend, wait_for
 from tests.postgrest_gateway import SERVICE_KEY, Gateway, RawBody
@@ -152,6 +157,100 @@ def test_a_proxy_page_with_a_success_status_is_an_outage_not_a_crash(supabase, d
     assert row == {"draft_status": "COMPLETED", "output": {"ok": "q"}}
 
 
+def test_an_empty_or_undecodable_success_body_is_an_outage_not_the_todos_failure(
+        supabase, db, caplog):
+    """A success status whose body PostgREST never sent: empty, not text, or not JSON though
+    labelled so. postgrest-py hands the first two back as data ([] or the text) and lets the
+    last escape as UnicodeDecodeError; each is an outage (retried) on the claim, the heartbeat
+    and the finish, never a dead heartbeat thread or a finished todo recorded FAILED."""
+    gateway = supabase.gateway
+    empty, not_text = RawBody("", "text/html"), RawBody(b"\x80\x81", "application/json")
+    not_json = RawBody("<html>Request blocked</html>", "application/json; charset=utf-8")
+    gateway.gateway_answers["processgpt_sync_claim_v3"] = [(200, empty), (200, not_json)]
+    gateway.gateway_answers["processgpt_sync_heartbeat_v1"] = [(200, empty), (200, not_text)]
+    gateway.gateway_answers["processgpt_sync_finish_v1"] = [(200, empty), (200, not_text),
+                                                            (200, not_json)]
+    release = threading.Event()
+
+    def handle(todo: ps.Todo) -> dict[str, Any]:
+        release.wait(20)  # in flight while the heartbeat meets its two bad answers
+        return {"ok": todo.input}
+
+    supabase.enqueue("a", "q")
+    with ps.start(handle, agent_orch="a", storage=supabase, lease_seconds=2) as server:
+        wait_for(lambda: not gateway.gateway_answers["processgpt_sync_heartbeat_v1"],
+                 timeout=20)
+        release.set()
+        wait_for(lambda: server.stats()["completed"] + server.stats()["failed"] == 1)
+        assert server.healthy()[0], server.healthy()[1]
+        assert server.failure is None
+    assert all(not answers for answers in gateway.gateway_answers.values())
+    assert "an empty body, not PostgREST's answer" in caplog.text
+    assert "a body that is not JSON" in caplog.text
+    assert "a body that is not text" in caplog.text
+    row = db.execute("SELECT draft_status::text, output FROM todolist").fetchone()
+    assert row == {"draft_status": "COMPLETED", "output": {"ok": "q"}}
+    assert server.stats()["failed"] == 0
+
+
+def test_a_json_string_or_an_empty_list_answer_is_data_not_an_outage(supabase):
+    """The checks above look at the body only where postgrest-py's data is ambiguous: a
+    function's own JSON string or empty set is an answer."""
+    assert supabase.open_questions("a") == []  # an empty JSON array, as PostgREST sends it
+    assert supabase.status("a") == []
+    gateway = supabase.gateway
+    gateway.gateway_answers["processgpt_sync_respond_v2"] = [(200, "a-todo-id")]
+    assert supabase.respond("job", {"answer": 1}) == "a-todo-id"
+
+
+def test_the_clients_of_threads_that_ended_are_closed_not_kept(supabase):
+    """Each thread gets its own HTTP client; a web framework's pool ends idle threads and makes
+    new ones, so a long-lived console would keep a client (and its sockets) per thread that
+    ever called, unless a new client first closes those of threads that have ended."""
+    ended = []
+    for _ in range(20):
+        thread = threading.Thread(target=supabase.status)
+        thread.start()
+        thread.join()
+        ended.append(thread)
+    clients = list(supabase._http.items())
+    assert len(clients) <= 2, f"{len(clients)} clients kept for 20 short-lived threads"
+    assert all(thread.is_alive() or thread is ended[-1] for _, thread in clients)
+    supabase.status()  # this thread's client closes the last ended thread's
+    assert ended[-1] not in supabase._http.values()
+
+
+def test_no_descriptor_for_a_new_client_is_an_outage_that_names_the_limit(supabase):
+    """A thread's first call builds its HTTP client, which opens the CA bundle: out of file
+    descriptors that is the host's problem (StorageUnavailable, with the advice), not a raw
+    OSError that would be taken for the caller's failure."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    caught: list[BaseException | None] = []
+
+    def first_call() -> None:
+        try:
+            supabase.status()
+            caught.append(None)
+        except BaseException as exc:  # the test looks at what escaped
+            caught.append(exc)
+
+    held = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 20, hard))
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(os.open("/dev/null", os.O_RDONLY))
+        thread = threading.Thread(target=first_call)
+        thread.start()
+        thread.join()
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert isinstance(caught[0], ps.StorageUnavailable), caught
+    assert "ran out of file descriptors" in (infrastructure_problem(caught[0]) or "")
+
+
 def test_a_program_limit_is_a_refusal_on_both_backends_not_an_outage(supabase, storage, db):
     """A site's index on event data turns a large event into "index row too large" (class 54),
     which no retry changes: a flushed batch drops that event alone, and a result written with
@@ -219,7 +318,6 @@ def test_polling_backs_off_when_idle(supabase):
 
 
 def test_claiming_pauses_while_unwritten_events_exceed_the_bound(supabase, db, monkeypatch):
-    import threading
 
     import processgpt_sync.claimer as claimer_module
 
@@ -337,7 +435,6 @@ def test_an_idle_server_whose_claim_answer_was_lost_gives_the_todo_back_at_once(
 
 
 def test_heartbeats_run_while_a_todo_is_in_flight_and_stop_once_idle(supabase, db):
-    import threading
 
     gateway = supabase.gateway
     release = threading.Event()
@@ -378,7 +475,6 @@ def test_heartbeats_run_while_a_todo_is_in_flight_and_stop_once_idle(supabase, d
 
 
 def test_work_the_fleet_limit_holds_back_is_retried_with_back_off_not_in_a_loop(supabase):
-    import threading
 
     gateway = supabase.gateway
     release = threading.Event()
@@ -436,7 +532,6 @@ def test_a_todo_whose_row_is_held_waits_without_holding_up_the_others_outcomes(
         supabase, database_url, db):
     """Through the REST API as directly: another transaction holds one finished todo's row;
     the other todo's events and result are written meanwhile, the held one's once it is free."""
-    import threading
 
     import psycopg
 
@@ -477,7 +572,6 @@ def test_outcomes_past_the_roles_statement_timeout_are_written_in_halves_or_refu
     """As on PostgreSQL directly: a batch the role's statement timeout ends through the REST
     API is written in halves; one that times out alone again and again is refused with the
     timeout's code, while the others are stored."""
-    import threading
 
     from processgpt_sync.outcomes import Outcome, OutcomeWriter
     from tests.integration.test_outcome_writes import SLOW_TRIGGER
