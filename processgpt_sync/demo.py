@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ from rich.progress import Progress, TextColumn
 from . import cli_terminal as terminal
 from . import embedded
 from .serving import start
+from .settings import SUPABASE_KEY_VARIABLES
 from .storage.install import install_schema
 from .storage.postgres import PostgresStorage
 
@@ -68,6 +70,7 @@ def run(
     """
     console = terminal.console(out)
     console.print("[bold]processgpt-sync demo[/bold]")
+    given_url = bool(database_url)
     if database_url:
         install_schema(database_url)
         console.print("  database: --database-url (schema installed)")
@@ -105,7 +108,7 @@ def run(
             time.sleep(0.1)
         elapsed = time.monotonic() - began
     rows = _report(database_url, ids)
-    _print_table(rows, console)
+    _print_table(rows, console, _show_command(given_url, ignored))
     completed = sum(r["draft_status"] == "COMPLETED" for r in rows)
     console.print(f"\n  {completed}/{len(ids)} completed in {elapsed:.2f}s "
                   f"({len(ids) / elapsed:.1f} todos/s with {workers} workers)")
@@ -163,7 +166,22 @@ def _short(result: Any, width: int = 48) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def _print_table(rows: list[dict[str, Any]], console: Console) -> None:
+def _show_command(given_url: bool, ignored: Sequence[str]) -> str:
+    """The command that shows one of the demo's todos. Commands look where ``serve`` does, so
+    an exported DATABASE_URL or SUPABASE_URL (ignored by the demo) must be unset for it (the
+    embedded database stops with the demo, and the command starts it again); a
+    --database-url is not remembered."""
+    if given_url:
+        return "processgpt-sync show {todo} --database-url URL (the demo's)"
+    unset = list(ignored)
+    if "SUPABASE_URL" in unset:  # a key without its URL would be a half-made configuration
+        unset += [name for name in SUPABASE_KEY_VARIABLES if os.environ.get(name)]
+    prefix = "".join(f"-u {name} " for name in unset)
+    return f"env {prefix}processgpt-sync show {{todo}}" if unset else "processgpt-sync show {todo}"
+
+
+def _print_table(rows: list[dict[str, Any]], console: Console, show: str) -> None:
+    """The todos, their results, and the command that shows one."""
     console.print()
     console.print(Padding(terminal.table(
         ("todo", "mode", "status", "draft", "events", "result"),
@@ -174,4 +192,7 @@ def _print_table(rows: list[dict[str, Any]], console: Console) -> None:
         console.print("\n  DRAFT todos keep status IN_PROGRESS: their result is a draft for a "
                       "person to review in the\n  ProcessGPT UI, who then submits it; COMPLETE "
                       "todos are submitted at once (status SUBMITTED).")
-    console.print(f"  Look at one todo: processgpt-sync show {rows[0]['id'][:8]}" if rows else "")
+    if rows:
+        command = show.format(todo=rows[0]["id"][:8])
+        console.print(f"  Look at one todo: {command}",
+                      markup=False, highlight=False, soft_wrap=True)  # one line to copy

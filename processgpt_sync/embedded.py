@@ -54,9 +54,9 @@ def start(path: str | os.PathLike[str] | None = None, *, install: bool = True) -
     :param install: apply the processgpt-sync schema if it is missing (idempotent).
     """
     directory = data_dir(path)
-    directory.parent.mkdir(parents=True, exist_ok=True)
     pgserver = _pgserver()
     try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
         forget_dead_users(directory)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

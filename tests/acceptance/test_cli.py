@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -67,6 +68,14 @@ def test_demo_on_a_fresh_embedded_database_never_on_the_database_url_of_real_wor
     assert "DATABASE_URL not used" in " ".join(result.stdout.split())
     assert "6/6 completed" in result.stdout
     assert result.stdout.count("COMPLETED") == 6
+    # the command it suggests finds the demo's todo although DATABASE_URL stays exported
+    words = shlex.split(result.stdout.split("Look at one todo: ", 1)[1].splitlines()[0])
+    assert words[:4] == ["env", "-u", "DATABASE_URL", "processgpt-sync"], words
+    shown = subprocess.run([*words[:3], sys.executable, "-m", "processgpt_sync", *words[4:]],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120, check=True,
+                           env={**os.environ, "PROCESSGPT_EMBEDDED_DIR": str(tmp_path / "pg"),
+                                "DATABASE_URL": "postgresql://nobody@127.0.0.1:9/x"})
+    assert "COMPLETED" in shown.stdout
     health = cli("health", "--json", env={"PROCESSGPT_EMBEDDED_DIR": str(tmp_path / "pg"),
                                           "DATABASE_URL": ""})
     assert json.loads(health.stdout)["checks"][0]["detail"] == "reachable (embedded)"
@@ -215,6 +224,18 @@ def test_a_half_configured_supabase_fails_every_command(tmp_path, env, missing):
                  ["init-db"], ["demo"], ["serve", "tests.agents:quick", "--agent-orch", "a"]):
         one_line_error(cli(*args, env=env, check=False), missing)
     assert not (tmp_path / "pg").exists(), "the embedded database was never started"
+
+
+def test_an_embedded_directory_that_cannot_be_made_is_a_one_line_error(tmp_path):
+    """Its parent is a file (or a folder the user may not write): the same one line, naming the
+    folder and the fix, whether the parent or the data directory is what cannot be made."""
+    (tmp_path / "a-file").write_text("")
+    for place in (tmp_path / "a-file" / "sub" / "pg", tmp_path / "a-file" / "pg"):
+        line = one_line_error(cli("status", env={"PROCESSGPT_EMBEDDED_DIR": str(place),
+                                                 "DATABASE_URL": ""}, check=False),
+                              "cannot start the embedded PostgreSQL in",
+                              "PROCESSGPT_EMBEDDED_DIR to a writable folder")
+        assert str(place) in line
 
 
 def test_global_options_go_before_or_after_the_command(database_url):
