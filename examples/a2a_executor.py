@@ -55,5 +55,6 @@ class MyExecutor(AgentExecutor):
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
+    logging.basicConfig(level=logging.WARNING)  # other libraries: warnings only
+    logging.getLogger("processgpt_sync").setLevel(logging.INFO)  # the server's own lines
     serve(MyExecutor(), agent_orch="my-agent", workers=4)

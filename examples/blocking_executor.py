@@ -43,5 +43,6 @@ class WordCountExecutor:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
+    logging.basicConfig(level=logging.WARNING)  # other libraries: warnings only
+    logging.getLogger("processgpt_sync").setLevel(logging.INFO)  # the server's own lines
     serve(WordCountExecutor(step_seconds=1.0), agent_orch="word-count", workers=4)

@@ -33,5 +33,6 @@ def handle(todo: Todo) -> dict[str, object]:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
+    logging.basicConfig(level=logging.WARNING)  # other libraries: warnings only
+    logging.getLogger("processgpt_sync").setLevel(logging.INFO)  # the server's own lines
     serve(handle, agent_orch="hitl-demo", workers=4)
