@@ -25,7 +25,7 @@ from .errors import (
 from .events import Events
 from .models import Resume
 from .runs import current_run
-from .server import Server
+from .server import Health, Server
 from .serving import serve, start
 from .settings import Settings
 from .todo import Todo
@@ -52,6 +52,7 @@ __all__ = [
     "Events",
     "ExecutorError",
     "ExecutorTimeout",
+    "Health",
     "HumanTimeout",
     "NoResultError",
     "PayloadError",

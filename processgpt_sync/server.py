@@ -30,7 +30,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import budget, exit_stop, gc_tuning
 from .claimer import Claimer
@@ -78,6 +78,17 @@ class _Parts:
     shutdown: Shutdown
     claimer: Claimer
     listener: Listener | None = None
+
+
+class Health(NamedTuple):
+    """What :meth:`Server.healthy` answers: ``ok, reason = server.healthy()`` unpacks it, and
+    ``if not server.healthy():`` tests ``ok`` (a plain pair would always be true)."""
+
+    ok: bool
+    reason: str
+
+    def __bool__(self) -> bool:
+        return self.ok
 
 
 class Server:
@@ -299,17 +310,17 @@ class Server:
             "db_ok_seconds_ago": round(time.monotonic() - last, 3) if last else None,
         }
 
-    def healthy(self) -> tuple[bool, str]:
+    def healthy(self) -> Health:
         """Whether this server serves: running, and the database answered within a lease."""
         if self.failure is not None:
-            return False, str(self.failure)
+            return Health(False, str(self.failure))
         if self._stopping.is_set() or not self._started:
-            return False, "not serving (stopped or not started)"
+            return Health(False, "not serving (stopped or not started)")
         age = self.stats()["db_ok_seconds_ago"]
         if age is None or age > self.settings.lease_seconds:
-            return False, (f"no answer from the database for {age}s (lease "
-                           f"{self.settings.lease_seconds}s)")
-        return True, f"serving; the database answered {age}s ago"
+            return Health(False, f"no answer from the database for {age}s (lease "
+                                 f"{self.settings.lease_seconds}s)")
+        return Health(True, f"serving; the database answered {age}s ago")
 
     def __enter__(self) -> Server:
         return self.start()

@@ -373,14 +373,16 @@ def test_health_and_status_show_a_server_cut_off_from_the_database_as_dead(
                      .fetchone()["n"] == 1)
             assert run_cli("health", "--database-url", database_url, "--consumer",
                            consumer).returncode == 0
-            assert server.healthy()[0]
+            assert server.healthy() and server.healthy().ok  # true as a whole, as its ok
             proxy.partition()
             wait_for(lambda: run_cli("health", "--database-url", database_url, "--consumer",
                                      consumer).returncode == cli.HEALTH_SERVER, timeout=20)
             assert run_cli("health", "--database-url", database_url, "--agent-orch",
                            "faults").returncode == cli.HEALTH_SERVER
             status = run_cli("status", "--database-url", database_url).stdout
-            wait_for(lambda: not server.healthy()[0], timeout=15)
+            wait_for(lambda: not server.healthy(), timeout=15)  # false once cut off
+            ok, reason = server.healthy()
+            assert not ok and "no answer from the database" in reason
             wait_for(lambda: "the database has not answered for" in caplog.text, timeout=10)
             assert server.stats()["db_ok_seconds_ago"] > 2
         finally:
