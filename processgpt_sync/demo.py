@@ -174,7 +174,7 @@ def _show_command(given_url: bool, ignored: Sequence[str]) -> str:
     if given_url:
         return "processgpt-sync show {todo} --database-url URL (the demo's)"
     unset = list(ignored)
-    if "SUPABASE_URL" in unset:  # a key without its URL would be a half-made configuration
+    if unset:  # SUPABASE_URL is unset for the command: a key without it is a half-made setup
         unset += [name for name in SUPABASE_KEY_VARIABLES if os.environ.get(name)]
     prefix = "".join(f"-u {name} " for name in unset)
     return f"env {prefix}processgpt-sync show {{todo}}" if unset else "processgpt-sync show {todo}"

@@ -101,8 +101,11 @@ def wrap_exceptions(target: str, status: Callable[[], int | None] = lambda: None
 
 
 def _check_json(target: str, status: int | None, response: httpx.Response | None) -> None:
-    """Raise StorageUnavailable unless ``response`` has a JSON body: PostgREST always answers
-    with one, so an empty or undecodable body came from something in between."""
+    """Raise StorageUnavailable unless ``response`` has a JSON body: PostgREST answers every
+    function with one (204 No Content is for void functions alone), so an empty or undecodable
+    body came from something in between."""
+    if status == 204:
+        return
     body = b"" if response is None else response.content
     if not body.strip():
         raise StorageUnavailable(f"Supabase answered {target} with HTTP {status} and an empty "
@@ -178,7 +181,11 @@ class SupabaseStorage(Storage):
                 self._busy.pop(ended_client, None)
             self._http[http] = threading.current_thread()
         for ended_client in ended:
-            ended_client.close()
+            try:
+                ended_client.close()
+            except Exception:  # the new client stands; the old one's sockets are the OS's now
+                logger.warning("closing the HTTP client of an ended thread failed",
+                               exc_info=True)
         options = SyncClientOptions(
             httpx_client=http,
             postgrest_client_timeout=None,  # type: ignore[arg-type]

@@ -63,18 +63,21 @@ def test_errors_are_one_clear_line_without_a_traceback(empty_database_url, tmp_p
 def test_demo_on_a_fresh_embedded_database_never_on_the_database_url_of_real_work(tmp_path):
     """A DATABASE_URL exported for real work is not filled with demo todos: only
     --database-url moves the demo off the embedded database."""
+    real_work = {"DATABASE_URL": "postgresql://nobody@127.0.0.1:9/x",
+                 "SUPABASE_SERVICE_ROLE_KEY": "a-key"}  # a key alone, DATABASE_URL winning
     result = cli("demo", "--todos", "6", env={"PROCESSGPT_EMBEDDED_DIR": str(tmp_path / "pg"),
-                                             "DATABASE_URL": "postgresql://nobody@127.0.0.1:9/x"})
+                                             **real_work})
     assert "DATABASE_URL not used" in " ".join(result.stdout.split())
     assert "6/6 completed" in result.stdout
     assert result.stdout.count("COMPLETED") == 6
     # the command it suggests finds the demo's todo although DATABASE_URL stays exported
     words = shlex.split(result.stdout.split("Look at one todo: ", 1)[1].splitlines()[0])
-    assert words[:4] == ["env", "-u", "DATABASE_URL", "processgpt-sync"], words
-    shown = subprocess.run([*words[:3], sys.executable, "-m", "processgpt_sync", *words[4:]],
+    assert words[:6] == ["env", "-u", "DATABASE_URL", "-u", "SUPABASE_SERVICE_ROLE_KEY",
+                         "processgpt-sync"], words
+    shown = subprocess.run([*words[:5], sys.executable, "-m", "processgpt_sync", *words[6:]],
                            cwd=ROOT, capture_output=True, text=True, timeout=120, check=True,
                            env={**os.environ, "PROCESSGPT_EMBEDDED_DIR": str(tmp_path / "pg"),
-                                "DATABASE_URL": "postgresql://nobody@127.0.0.1:9/x"})
+                                **real_work})
     assert "COMPLETED" in shown.stdout
     health = cli("health", "--json", env={"PROCESSGPT_EMBEDDED_DIR": str(tmp_path / "pg"),
                                           "DATABASE_URL": ""})

@@ -195,12 +195,16 @@ def test_an_empty_or_undecodable_success_body_is_an_outage_not_the_todos_failure
 
 def test_a_json_string_or_an_empty_list_answer_is_data_not_an_outage(supabase):
     """The checks above look at the body only where postgrest-py's data is ambiguous: a
-    function's own JSON string or empty set is an answer."""
+    function's own JSON string or empty set, or a void function's 204, is an answer."""
     assert supabase.open_questions("a") == []  # an empty JSON array, as PostgREST sends it
     assert supabase.status("a") == []
     gateway = supabase.gateway
     gateway.gateway_answers["processgpt_sync_respond_v2"] = [(200, "a-todo-id")]
     assert supabase.respond("job", {"answer": 1}) == "a-todo-id"
+    # PostgREST's answer to a function returning void: 204, no body
+    gateway.gateway_answers["processgpt_sync_respond_v2"] = [(204, RawBody(""))]
+    assert supabase.call("respond", {"p_job_id": "job", "p_answer": 1, "p_user_id": None,
+                                     "p_todo_id": None}) == []
 
 
 def test_the_clients_of_threads_that_ended_are_closed_not_kept(supabase):
