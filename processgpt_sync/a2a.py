@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections.abc
+import json
 import logging
 import threading
 import uuid
@@ -188,13 +189,16 @@ def _proto_parts(parts: Any) -> list[dict[str, Any]]:
 
 
 def _proto_value(value: Any) -> Any:
-    """A ``google.protobuf.Value`` as JSON data (numbers stay floats, as in MessageToDict)."""
+    """A ``google.protobuf.Value`` as JSON data. Its numbers are doubles: integral ones are
+    given back as ints, so a DataPart's ``{"rows": 2}`` is stored as on a2a-sdk 0.3."""
     kind = value.WhichOneof("kind")
     if kind == "struct_value":
         return {k: _proto_value(v) for k, v in value.struct_value.fields.items()}
     if kind == "list_value":
         return [_proto_value(v) for v in value.list_value.values]
-    if kind in ("number_value", "string_value", "bool_value"):
+    if kind == "number_value":
+        return _narrow(value.number_value)
+    if kind in ("string_value", "bool_value"):
         return getattr(value, kind)
     return None
 
@@ -218,14 +222,22 @@ def _narrow(value: Any) -> Any:
 
 
 def payload(event: Mapping[str, Any]) -> Any:
-    """The message payload with its wrapper removed: first text part (JSON-parsed when it is
-    JSON), else the first data part, else its files ({"files": [...]}), else an empty object."""
-    if event["texts"]:
-        return unwrap_text(event["texts"][0])
-    if event["data"]:
-        return event["data"][0]
-    if event["files"]:
-        return {"files": event["files"]}
+    """The payload of a message or artifact, nothing of it dropped: its text (several text
+    parts joined by newlines, as a2a's ``get_message_text`` joins them; JSON-parsed when it is
+    JSON), else its data (a list when several parts), else its files ({"files": [...]}), else
+    an empty object. Parts of several kinds: {"text": ..., "data": ..., "files": [...]}."""
+    texts, data, files = event["texts"], event["data"], event["files"]
+    text = unwrap_text("\n".join(texts)) if texts else None
+    datum = (data[0] if len(data) == 1 else data) if data else None
+    if bool(texts) + bool(data) + bool(files) > 1:
+        kinds = {"text": text, "data": datum, "files": files or None}
+        return {key: value for key, value in kinds.items() if value is not None}
+    if texts:
+        return text
+    if data:
+        return datum
+    if files:
+        return {"files": files}
     return {}
 
 
@@ -268,6 +280,12 @@ class Recorder:
 
     def _status(self, event: dict[str, Any]) -> None:
         state = event["state"]
+        if self.last_state in TERMINAL_STATES and state and state != self.last_state:
+            # a2a's TaskUpdater refuses this too: the task's end stands
+            logger.warning("a2a status %r after the task ended %r, for todo %s; dropped",
+                           state, self.last_state, self.todo.id,
+                           extra={"action": "a2a_event", "todo_id": self.todo.id})
+            return
         metadata = event["metadata"]
         self.last_state = state or self.last_state
         event_type = metadata.get("event_type")
@@ -331,7 +349,11 @@ class Recorder:
         if self.last_state in ("failed", "rejected", "canceled"):
             word = {"failed": "failure", "rejected": "rejection of the task",
                     "canceled": "cancellation of the task"}[self.last_state]
-            raise RuntimeError(f"executor reported {word}: {self.error}")
+            if self.error in (None, {}, ""):
+                raise RuntimeError(f"executor reported {word}, with no message")
+            why = self.error if isinstance(self.error, str) else json.dumps(
+                self.error, ensure_ascii=False, default=str)
+            raise RuntimeError(f"executor reported {word}: {why}")
         if self.asked and self.last_state in ("input_required", "auth_required"):
             return AwaitingHuman(question=self.question)
         if self.final is not None:
@@ -481,7 +503,17 @@ class A2AAdapter:
         recorder = Recorder(todo)
         queue = _queue_class()(recorder)
         context = _context_class()(todo)
-        task = self._loops.start(todo.id, self._executor.execute, context, queue)
+        execute = self._executor.execute
+
+        async def execute_then_close(context: Any, queue: Any) -> Any:
+            # the todo's events end with execute itself: a task it left running may still
+            # enqueue while it is cancelled (on either loop mode), and is dropped, not recorded
+            try:
+                return await execute(context, queue)
+            finally:
+                recorder.closed = True
+
+        task = self._loops.start(todo.id, execute_then_close, context, queue)
         with self._lock:
             self._running[id(todo)] = (task, context, queue)
         if todo.cancelled:  # cancelled before it was registered here

@@ -233,6 +233,51 @@ class Edges(AgentExecutor):
         pass
 
 
+class Parts(AgentExecutor):
+    """Results of several parts, numbers in data, and what comes after the task's end."""
+
+    async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+        context_id, task_id = ids(context)
+        how = context.get_user_input()
+        updater = TaskUpdater(event_queue, task_id, context_id)
+        if how == "text-and-data":
+            await updater.add_artifact([ev.text_part("part one"), ev.data_part({"x": 1})],
+                                       last_chunk=True)
+        elif how == "data-and-caption":
+            await updater.add_artifact([ev.data_part({"d": 1}), ev.text_part("caption")],
+                                       last_chunk=True)
+        elif how == "two-texts":
+            await updater.add_artifact([ev.text_part("Paragraph one."),
+                                        ev.text_part("Paragraph two.")], last_chunk=True)
+        elif how == "integers":
+            await updater.add_artifact([ev.data_part({"ids": [1, 2], "rows": 2,
+                                                      "share": 0.5})], last_chunk=True)
+        elif how == "failed-after-complete":  # a raw status after the end
+            await updater.add_artifact([ev.text_part("done")], last_chunk=True)
+            await updater.complete()
+            await event_queue.enqueue_event(ev.status("failed", "oops", context_id, task_id))
+            return
+        elif how == "pinger-left-behind":  # its finally enqueues while it is cancelled
+            async def ping() -> None:
+                try:
+                    while True:
+                        await asyncio.sleep(0.05)
+                finally:
+                    await event_queue.enqueue_event(ev.status(
+                        "working", "progress reporter stopped", context_id, task_id))
+
+            asyncio.get_running_loop().create_task(ping())
+            await asyncio.sleep(0.01)
+            await updater.add_artifact([ev.text_part("the report")], last_chunk=True)
+            return  # the final artifact is the result; the task stays not ended
+        elif how == "failed-silently":
+            await updater.failed()
+            return
+        await updater.complete()
+
+    async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
+        pass
+
 
 class AsksAfterARefusedEvent(AgentExecutor):
     """A progress event a site's trigger refuses, then a question (itself refused for
@@ -251,10 +296,11 @@ class AsksAfterARefusedEvent(AgentExecutor):
     async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
         pass
 
-def run(storage, executor, n=1, *, workers=2, inputs=None):
+def run(storage, executor, n=1, *, workers=2, inputs=None, loop="thread"):
     todo_ids = [storage.enqueue("a2a", (inputs or ["hello"])[i % len(inputs or ["hello"])],
                                 proc_inst_id=None) for i in range(n)]
-    with ps.start(executor, agent_orch="a2a", storage=storage, workers=workers) as server:
+    with ps.start(executor, agent_orch="a2a", storage=storage, workers=workers,
+                  loop=loop) as server:
         wait_for(lambda: sum(server.stats()[k] for k in ("completed", "failed", "asked")) == n)
     return todo_ids
 
@@ -486,3 +532,30 @@ def test_a_question_kept_from_refused_events_still_suspends_and_a_refused_one_fa
     lost = rows["question-refused"]
     assert lost["draft_status"] == "FAILED"
     assert "its suspend with its question could not be stored" in lost["log"]
+
+
+@pytest.mark.parametrize("loop", ["thread", "shared"])
+def test_nothing_of_a_result_is_dropped_and_the_tasks_end_stands(storage, db, caplog, loop):
+    """An artifact of several parts keeps them all (texts joined as a2a's get_message_text
+    joins them); a DataPart's integers stay integers on a2a-sdk 1.x (protobuf doubles); a
+    status after the task's end, or from a task the executor left running, is dropped with a
+    warning instead of turning a completed todo FAILED; a failure without a message says so."""
+    inputs = ["text-and-data", "data-and-caption", "two-texts", "integers",
+              "failed-after-complete", "pinger-left-behind", "failed-silently"]
+    run(storage, Parts(), len(inputs), inputs=inputs, loop=loop)
+    rows = {r["query"]: r for r in db.execute(
+        "SELECT query, draft_status::text, output, output::text AS text, log FROM todolist")}
+    assert rows["text-and-data"]["output"] == {"text": "part one", "data": {"x": 1}}
+    assert rows["data-and-caption"]["output"] == {"text": "caption", "data": {"d": 1}}
+    assert rows["two-texts"]["output"] == "Paragraph one.\nParagraph two."
+    assert rows["integers"]["text"] == '{"ids": [1, 2], "rows": 2, "share": 0.5}'
+    after = rows["failed-after-complete"]
+    assert (after["draft_status"], after["output"]) == ("COMPLETED", "done"), after["log"]
+    assert "a2a status 'failed' after the task ended 'completed'" in caplog.text
+    pinger = rows["pinger-left-behind"]
+    assert (pinger["draft_status"], pinger["output"]) == ("COMPLETED", "the report"), (
+        pinger["log"])
+    assert "progress reporter stopped" not in json.dumps(events(db), ensure_ascii=False)
+    silent = rows["failed-silently"]
+    assert silent["draft_status"] == "FAILED"
+    assert silent["log"] == "RuntimeError: executor reported failure, with no message"
