@@ -438,9 +438,9 @@ def _context_class() -> type:
             request = _user_message(todo.input, context_id, todo.id)
             from a2a.server.context import ServerCallContext
 
-            if is_v1():
-                super().__init__(ServerCallContext(), request=request, task_id=todo.id,
-                                 context_id=context_id)
+            if is_v1():  # the todo's tenant is the request's (context.tenant)
+                super().__init__(ServerCallContext(tenant=todo.tenant_id or ""),
+                                 request=request, task_id=todo.id, context_id=context_id)
             else:  # a call context too, as a served request has one (its state, its user)
                 super().__init__(request=request, task_id=todo.id, context_id=context_id,
                                  call_context=ServerCallContext())

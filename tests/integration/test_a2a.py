@@ -296,9 +296,9 @@ class AsksAfterARefusedEvent(AgentExecutor):
     async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
         pass
 
-def run(storage, executor, n=1, *, workers=2, inputs=None, loop="thread"):
+def run(storage, executor, n=1, *, workers=2, inputs=None, loop="thread", tenant_id=None):
     todo_ids = [storage.enqueue("a2a", (inputs or ["hello"])[i % len(inputs or ["hello"])],
-                                proc_inst_id=None) for i in range(n)]
+                                proc_inst_id=None, tenant_id=tenant_id) for i in range(n)]
     with ps.start(executor, agent_orch="a2a", storage=storage, workers=workers,
                   loop=loop) as server:
         wait_for(lambda: sum(server.stats()[k] for k in ("completed", "failed", "asked")) == n)
@@ -447,16 +447,18 @@ def test_context_offers_row_extras_and_user_input(storage, db):
             seen.update(input=context.get_user_input(), task_id=context.task_id,
                         context_id=context.context_id, resume=data["extras"]["resume"]["kind"],
                         id_type=type(data["row"]["id"]).__name__,
-                        call_context=type(context.call_context).__name__)
+                        call_context=type(context.call_context).__name__,
+                        tenant=getattr(context, "tenant", None))  # a2a-sdk 1.x has it
             context_id, task_id = ids(context)
             await event_queue.enqueue_event(ev.artifact("plain text", context_id, task_id))
 
         async def cancel(self, context, event_queue):
             pass
 
-    (todo_id,) = run(storage, Inspect(), inputs=["  what to do  "])
+    (todo_id,) = run(storage, Inspect(), inputs=["  what to do  "], tenant_id="acme")
     assert seen == {"input": "what to do", "task_id": todo_id, "context_id": todo_id,
-                    "resume": "fresh", "id_type": "str", "call_context": "ServerCallContext"}
+                    "resume": "fresh", "id_type": "str", "call_context": "ServerCallContext",
+                    "tenant": "acme" if ev.V1 else None}
     assert todo(db)["output"] == "plain text"
 
 
