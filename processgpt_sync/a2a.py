@@ -409,17 +409,27 @@ def _queue_class() -> type:
 
 
 def _user_message(text: str, context_id: str, task_id: str) -> Any:
+    """The todo's input as the request's user message. An empty input is a data part naming
+    the todo: a2a refuses an empty text part (``new_task(context.message)`` raises), and
+    ``get_user_input()`` still answers ""."""
     message_id = str(uuid.uuid4())
     if is_v1():
         from a2a.types import Message, Part, Role, SendMessageRequest
+        from google.protobuf import struct_pb2
 
-        message = Message(role=Role.ROLE_USER, parts=[Part(text=text)], message_id=message_id,
+        if text:
+            part = Part(text=text)
+        else:
+            part = Part(data=struct_pb2.Value(struct_value=struct_pb2.Struct(
+                fields={"todo_id": struct_pb2.Value(string_value=task_id)})))
+        message = Message(role=Role.ROLE_USER, parts=[part], message_id=message_id,
                           context_id=context_id, task_id=task_id)
         return SendMessageRequest(message=message)
-    from a2a.types import Message, MessageSendParams, Part, Role, TextPart
+    from a2a.types import DataPart, Message, MessageSendParams, Part, Role, TextPart
 
-    message = Message(role=Role.user, parts=[Part(root=TextPart(text=text))],
-                      message_id=message_id, context_id=context_id, task_id=task_id)
+    root = TextPart(text=text) if text else DataPart(data={"todo_id": task_id})
+    message = Message(role=Role.user, parts=[Part(root=root)], message_id=message_id,
+                      context_id=context_id, task_id=task_id)
     return MessageSendParams(message=message)
 
 

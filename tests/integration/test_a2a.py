@@ -561,3 +561,31 @@ def test_nothing_of_a_result_is_dropped_and_the_tasks_end_stands(storage, db, ca
     silent = rows["failed-silently"]
     assert silent["draft_status"] == "FAILED"
     assert silent["log"] == "RuntimeError: executor reported failure, with no message"
+
+
+def test_a_todo_without_input_still_gives_a_message_a2a_can_make_a_task_of(storage, db):
+    """The canonical ``context.current_task or new_task(context.message)``: a2a refuses a
+    message whose text part is empty, so an empty input is a data part naming the todo, and
+    get_user_input() still answers ""."""
+    if ev.V1:
+        from a2a.helpers import new_task_from_user_message as new_task
+    else:
+        from a2a.utils import new_task
+    seen = []
+
+    class Canonical(AgentExecutor):
+        async def execute(self, context, event_queue):
+            task = context.current_task or new_task(context.message)
+            seen.append(context.get_user_input())
+            updater = TaskUpdater(event_queue, task.id, task.context_id)
+            await updater.add_artifact([ev.text_part(f"got {context.get_user_input()!r}")],
+                                       last_chunk=True)
+            await updater.complete()
+
+        async def cancel(self, context, event_queue):
+            pass
+
+    run(storage, Canonical(), 2, inputs=["", "something"])
+    assert sorted(seen) == ["", "something"]
+    assert sorted(r["output"] for r in db.execute("SELECT output FROM todolist")) == [
+        "got ''", "got 'something'"]
