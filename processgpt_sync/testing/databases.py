@@ -20,6 +20,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .. import embedded
+from ..errors import ConfigurationError
 from ..storage.install import install_schema
 
 TEMPLATE = "processgpt_sync_template"
@@ -58,7 +59,20 @@ class EmbeddedDatabases:
         """Start the server and build the template database once; idempotent."""
         with self._lock:
             if self._url is None:
-                url = embedded.start(self.directory, install=False)
+                try:
+                    url = embedded.start(self.directory, install=False)
+                except ConfigurationError as exc:
+                    embedded.stop_if_running(self.directory)
+                    raise ConfigurationError(
+                        f"cannot start the test databases' PostgreSQL in {self.directory}: "
+                        f"{exc.__cause__ or exc} (it needs a writable folder with a short path, "
+                        "its socket's included: set TMPDIR to one, or pass one as "
+                        "EmbeddedDatabases(directory))"
+                    ) from exc
+                except BaseException:  # interrupted: the folder is this object's alone, and
+                    # close() would remove it under a server the start left running
+                    embedded.stop_if_running(self.directory)
+                    raise
                 try:
                     with psycopg.connect(url, autocommit=True) as conn:
                         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(

