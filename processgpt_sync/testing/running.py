@@ -31,9 +31,10 @@ from .databases import fresh_database
 AGENT_ORCH = "processgpt-sync-test"
 FINAL = ("COMPLETED", "FAILED", "CANCELLED")
 NO_ANSWER: Any = object()
-"""Returned by an answers callable to leave a question unanswered: a suspended todo then ends
-the run waiting, and a blocking ``ask_human`` waits out its own ``timeout`` (its default or
-``HumanTimeout``)."""
+"""The answer that leaves a question unanswered on purpose, in a list, a mapping or from a
+function: a suspended todo then ends the run waiting, and a blocking ``ask_human`` waits out
+its own ``timeout`` (its default or ``HumanTimeout``); make that timeout shorter than the
+run's."""
 
 Answers = Sequence[Any] | Mapping[str, Any] | Callable[["Question"], Any] | None
 EventPredicate = Callable[[list["Event"]], bool]
@@ -170,20 +171,25 @@ def _capture_logs(todo_id: str) -> Iterator[list[str]]:
         library.setLevel(level)
 
 
+_MISSING: Any = object()  # no answer scripted for a question (NO_ANSWER: left open on purpose)
+
+
 def _answer_function(answers: Answers) -> Callable[[Question], Any]:
+    """The script as a function of the question: the answer, NO_ANSWER where the script leaves
+    the question open on purpose, or _MISSING where it has nothing for it."""
     if answers is None:
-        return lambda question: NO_ANSWER
+        return lambda question: _MISSING
     if callable(answers):
         return answers
     if isinstance(answers, Mapping):
-        return lambda question: answers.get(question.text, NO_ANSWER)
+        return lambda question: answers.get(question.text, _MISSING)
     if isinstance(answers, (str, bytes)) or not isinstance(answers, Sequence):
         raise ConfigurationError(
             f"run_todo answers must be a list (answers in the order asked), a mapping from "
             f"question text or a function of the Question, not {type(answers).__name__} "
             f"{answers!r}: for one answer pass answers=[{answers!r}]")
     queue = list(answers)
-    return lambda question: queue.pop(0) if queue else NO_ANSWER
+    return lambda question: queue.pop(0) if queue else _MISSING
 
 
 class _Run:
@@ -281,8 +287,8 @@ def run_todo(
         shared embedded server (see :func:`fresh_database`), dropped afterwards.
     :param answers: answers to ``ask_human``, ``suspend_for_human`` and a2a
         ``input_required``, given as the UI does: a list (in the order asked), a mapping from
-        question text, or a function of the :class:`Question` (return :data:`NO_ANSWER` to
-        leave one open). A suspended todo left without an answer ends the run waiting.
+        question text, or a function of the :class:`Question` (:data:`NO_ANSWER` in any of them
+        leaves one open). A suspended todo left without an answer ends the run waiting.
     :param cancel_after: cancel as the UI does once this many events were written.
     :param cancel_when: cancel as the UI does once this predicate on the events holds.
     :param timeout: seconds the todo may take to settle before :class:`RunTimedOut`.
@@ -320,7 +326,7 @@ def run_todo(
                 database_url, autocommit=True, row_factory=dict_row) as conn:
             try:
                 server.start()
-                _drive(run, conn, answer_for, should_cancel, timeout, explicit=callable(answers))
+                _drive(run, conn, answer_for, should_cancel, timeout)
             except BaseException:
                 server.stop(timeout=0)
                 # Given back by the stop: cancelled as the UI would, so a later run on this
@@ -385,11 +391,10 @@ def _cancel(conn: psycopg.Connection[dict[str, Any]], todo_id: str, *,
 
 def _drive(run: _Run, conn: psycopg.Connection[dict[str, Any]],
            answer_for: Callable[[Question], Any], should_cancel: EventPredicate | None,
-           timeout: float, *, explicit: bool) -> None:
+           timeout: float) -> None:
     """Act as the UI until the todo settles: answer questions, cancel, or stop waiting.
-    ``explicit``: a function chose NO_ANSWER for a blocking question, so it is meant (the
-    executor's own timeout decides); a list run out or a question a mapping lacks is a
-    missing answer."""
+    NO_ANSWER for a blocking question is meant (the executor's own timeout decides); a list
+    run out or a question a mapping lacks is a missing answer."""
     assert run.todo_id is not None
     deadline = time.monotonic() + timeout
     cancelled = False
@@ -411,10 +416,10 @@ def _drive(run: _Run, conn: psycopg.Connection[dict[str, Any]],
             if open_ and (not leased or run.is_awaited(open_[-1].job_id)):
                 question = open_[-1]
                 answer = answer_for(question)
-                if answer is NO_ANSWER:
+                if answer is NO_ANSWER or answer is _MISSING:
                     if not leased:
                         return  # suspended: the todo waits in the database
-                    if explicit:  # left open on purpose: ask_human's own timeout decides
+                    if answer is NO_ANSWER:  # left open on purpose: ask_human's timeout decides
                         given.add(question.job_id)
                         continue
                     raise UnansweredQuestion(

@@ -179,9 +179,10 @@ def test_a_question_left_open_on_purpose_waits_out_ask_humans_own_timeout(proces
     def handle(todo: Todo):
         return {"answer": todo.ask_human("Proceed?", timeout=0.3, default="no answer")}
 
-    record = processgpt_run(handle, "x", answers=lambda question: NO_ANSWER)
-    assert record.completed and record.result == {"answer": "no answer"}
-    assert [q.answered for q in record.questions] == [False]
+    for script in (lambda question: NO_ANSWER, [NO_ANSWER], {"Proceed?": NO_ANSWER}):
+        record = processgpt_run(handle, "x", answers=script)  # the same in each form
+        assert record.completed and record.result == {"answer": "no answer"}
+        assert [q.answered for q in record.questions] == [False]
 
 
 def test_a_misspelt_setting_is_refused_before_anything_is_written(processgpt_run,
