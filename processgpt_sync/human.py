@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from .errors import HumanTimeout, ProcessGPTSyncError, StorageUnavailable
@@ -55,6 +55,10 @@ def question_data(question: str, options: list[Any] | None, kind: str) -> dict[s
         raise ValueError("the question must be a non-empty string")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if options is not None and (isinstance(options, (str, bytes, Mapping))
+                                or not isinstance(options, Sequence)):
+        raise ValueError(f"options must be a list, not {type(options).__name__} {options!r}")
+    options = None if options is None else list(options)
     if kind == "select" and not options:
         raise ValueError("kind='select' needs options")
     signature = hashlib.sha256(

@@ -1958,7 +1958,9 @@ DECLARE
     v_todo todolist;
     v_state text;
 BEGIN
-    IF coalesce(btrim(p_feedback), '') = '' THEN
+    -- blank: nothing but white space, Unicode's included (a lone newline, NBSP, U+3000)
+    IF coalesce(p_feedback, '') ~ ('^[[:space:]\u0085\u00a0\u1680\u2000-\u200b\u2028\u2029'
+                                   || '\u202f\u205f\u3000\ufeff]*$') THEN
         RETURN jsonb_build_object('applied', false, 'reason', 'empty_feedback');
     END IF;
     SELECT * INTO v_todo FROM todolist WHERE id = p_todo_id FOR UPDATE;

@@ -282,7 +282,8 @@ class Console:
         form = await self._form(request)
         if isinstance(form, Response):
             return form
-        job_id = request.path_params["job_id"]
+        # in the query: a job id is any text, "/" and ".." included, which no path keeps
+        job_id = request.query_params.get("job") or request.path_params.get("job_id", "")
         todo = request.query_params.get("todo")  # job ids may repeat across todos
         questions = await self.call("open_questions", p_agent_orch=None)
         question = next((q for q in questions or [] if q["job_id"] == job_id
@@ -312,13 +313,20 @@ class Console:
         return fields
 
 
+def select_options(data: Mapping[str, Any]) -> list[Any]:
+    """A select question's options; none when another writer gave them in another shape (the
+    question is then answered as text)."""
+    options = data.get("options")
+    return list(options) if isinstance(options, list) else []
+
+
 def answer_from_form(question: Any, form: Mapping[str, str]) -> tuple[Any, str | None]:
     """The answer value for a question's kind: the chosen option itself (select), a boolean
     (confirm) or the text; or a message saying what is wrong."""
     data = question if isinstance(question, Mapping) else {"question": question}
     kind = data.get("type") or data.get("kind") or "text"
-    if kind == "select":
-        options = list(data.get("options") or [])
+    options = select_options(data)
+    if kind == "select" and options:
         raw = form.get("choice", "")
         if not (raw.isascii() and raw.isdigit()) or int(raw) >= len(options):
             return None, "choose one of the options"
@@ -381,7 +389,8 @@ def create_app(storage: Storage, config: ConsoleConfig | None = None) -> Starlet
         Route("/todos/{todo_id}/cancel", console.cancel, methods=["POST"]),
         Route("/todos/{todo_id}/revision", console.revision, methods=["POST"]),
         Route("/questions", console.questions_page),
-        Route("/questions/{job_id}/answer", console.answer, methods=["POST"]),
+        Route("/questions/answer", console.answer, methods=["POST"]),
+        Route("/questions/{job_id}/answer", console.answer, methods=["POST"]),  # the first form
         Route("/servers", console.servers_page),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]

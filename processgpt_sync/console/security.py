@@ -32,6 +32,13 @@ SECURITY_HEADERS = {
 }
 
 
+def same_secret(supplied: str, expected: str) -> bool:
+    """Compare in constant time; a supplied value of any characters is simply not the secret
+    (``compare_digest`` refuses non-ASCII text with TypeError)."""
+    return secrets.compare_digest(supplied.encode("utf-8", "surrogateescape"),
+                                  expected.encode("utf-8", "surrogateescape"))
+
+
 def is_loopback(host: str) -> bool:
     """True for a name or address that only this machine reaches."""
     host = host.strip().strip("[]")
@@ -65,7 +72,7 @@ def csrf_ok(scope: Scope, supplied: str | None) -> bool:
     if origin is not None and origin.split("://", 1)[-1] != headers.get("host", ""):
         return False
     cookie = _cookies(headers).get(CSRF_COOKIE)
-    return bool(cookie and supplied and secrets.compare_digest(cookie, supplied))
+    return bool(cookie and supplied and same_secret(cookie, supplied))
 
 
 def _cookies(headers: Headers) -> Mapping[str, str]:
@@ -129,11 +136,11 @@ class Guard:
             return None
         auth = headers.get("authorization", "")
         supplied = cookies.get(TOKEN_COOKIE) or (auth[7:] if auth.startswith("Bearer ") else "")
-        if supplied and secrets.compare_digest(supplied, self.token):
+        if supplied and same_secret(supplied, self.token):
             return None
         query = parse_qsl(scope.get("query_string", b"").decode("latin-1"))
         given = dict(query).get("token", "")
-        if given and secrets.compare_digest(given, self.token) and scope["method"] == "GET":
+        if given and same_secret(given, self.token) and scope["method"] == "GET":
             rest = urlencode([(k, v) for k, v in query if k != "token"])
             response = RedirectResponse(scope["path"] + (f"?{rest}" if rest else ""), 303)
             response.headers.append("set-cookie", _cookie(TOKEN_COOKIE, self.token).decode())

@@ -153,5 +153,5 @@ def cursor(value: str | None) -> datetime | None:
         return None
     try:
         return parse_time(value) - EVENT_OVERLAP
-    except ValueError:
+    except (ValueError, OverflowError):  # not a time, or one at the calendar's very start
         return None

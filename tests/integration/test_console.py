@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import html
 import io
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,6 +22,7 @@ import processgpt_sync as ps
 from processgpt_sync.console import ConsoleConfig, ConsoleServer
 from processgpt_sync.console.app import answer_from_form
 from processgpt_sync.console.security import CSRF_COOKIE
+from processgpt_sync.console.streams import cursor
 from processgpt_sync.errors import ConfigurationError
 from processgpt_sync.storage.postgres import PostgresStorage
 from tests.conftest import open_backend, wait_for
@@ -224,6 +227,38 @@ def test_answering_a_select_question_writes_what_the_ui_writes_and_the_executor_
     assert again.status_code == 409, "an answered question is closed"
 
 
+def answer_action(page: str) -> str:
+    """The URL the page's (only) answer form posts to."""
+    (action,) = re.findall(r'action="([^"]*/answer[^"]*)"', page)
+    return html.unescape(action)
+
+
+def test_questions_whose_job_ids_no_path_keeps_or_whose_options_are_odd_are_answered(
+        storage, client, db):
+    """Job ids are any text (a2a and upstream agents write their own): "/" and ".." in one
+    still reach its question. A select question whose options another writer gave as a
+    number is answered as text, not a page that fails for every question."""
+    from processgpt_sync.human import question_data
+
+    for name in ("slash", "dots", "odd"):
+        storage.enqueue("console", name)
+    claims = storage.claim(agent_orch="console", consumer="w", limit=3, lease_seconds=60,
+                           max_claims=3)
+    asked = {"task/1": "slash?", "..": "dots?", "odd-options": "odd?"}
+    for claim, (job_id, text) in zip(claims, asked.items(), strict=True):
+        data = question_data(text, None, "text")
+        if job_id == "odd-options":
+            data = {**data, "type": "select", "options": 5}
+        storage.ask(claim, job_id, data)
+        storage.finish([{"todo_id": claim.todo_id, "token": claim.token, "outcome": "asked"}])
+    assert client.get("/questions").status_code == 200
+    for claim in claims:
+        answered = post(client, answer_action(client.get(f"/todos/{claim.todo_id}").text),
+                        answer="go on")
+        assert answered.status_code == 303, answered.text
+        assert state_of(db, claim.todo_id)["draft_status"] == "FB_REQUESTED"
+
+
 def test_a_job_id_two_todos_share_is_answered_on_the_todo_whose_form_was_used(
         storage, client, db):
     """Executors reuse job ids across todos: each todo's form answers its own question."""
@@ -237,9 +272,9 @@ def test_a_job_id_two_todos_share_is_answered_on_the_todo_whose_form_was_used(
         storage.ask(c, "job-shared", question_data(f"Approve {c.todo_id}?", None, "text"))
         storage.finish([{"todo_id": c.todo_id, "token": c.token, "outcome": "asked"}])
     first, second = (c.todo_id for c in claims)
-    page = client.get(f"/todos/{second}").text
-    assert f"/questions/job-shared/answer?todo={second}" in page
-    answered = post(client, f"/questions/job-shared/answer?todo={second}", answer="for b")
+    action = answer_action(client.get(f"/todos/{second}").text)
+    assert action == f"/questions/answer?job=job-shared&todo={second}"
+    answered = post(client, action, answer="for b")
     assert answered.headers["location"] == f"/todos/{second}"
     assert state_of(db, second)["draft_status"] == "FB_REQUESTED"
     assert state_of(db, first)["draft_status"] == "HUMAN_ASKED"
@@ -256,6 +291,10 @@ def test_answer_form_gives_each_kind_its_value():
     assert answer_from_form(confirm, {"answer": "maybe"})[1] == "answer yes or no"
     assert answer_from_form({"question": "?", "type": "text"}, {"answer": "ok"}) == ("ok", None)
     assert answer_from_form({"question": "?"}, {"answer": "  "})[1] == "the answer is empty"
+    for odd in (5, True, "ab", {"a": 1}):  # another writer's options: answered as text
+        assert answer_from_form({"question": "?", "type": "select", "options": odd},
+                                {"answer": "as text"}) == ("as text", None)
+    assert cursor("0001-01-01") is None, "a cursor before the calendar starts reads from the top"
 
 
 def test_cancel_stops_the_running_executor_as_a_ui_cancel_does(storage, client, db):
@@ -379,8 +418,9 @@ def test_revision_request_appends_feedback_and_the_todo_runs_again(storage, clie
     todo_id = storage.enqueue("console", "revise me")
     with ps.start(handle, agent_orch="console", storage=storage):
         wait_for(lambda: state_of(db, todo_id)["draft_status"] == "COMPLETED")
-        empty = post(client, f"/todos/{todo_id}/revision", feedback="  ")
-        assert empty.status_code == 409 and "feedback is empty" in empty.text
+        for blank in ("  ", "\n", "\t\r\n", "\u00a0", "\u3000"):  # what `required` lets by
+            empty = post(client, f"/todos/{todo_id}/revision", feedback=blank)
+            assert empty.status_code == 409 and "feedback is empty" in empty.text, repr(blank)
         response = post(client, f"/todos/{todo_id}/revision", feedback=f"shorter {XSS}")
         assert response.status_code == 303
         wait_for(lambda: len(runs) == 2 and state_of(db, todo_id)["draft_status"] == "COMPLETED")
@@ -449,6 +489,8 @@ def test_posts_without_the_csrf_token_or_from_another_site_are_refused(storage, 
     assert client.post(f"/todos/{todo_id}/cancel").status_code == 403
     assert client.post(f"/todos/{todo_id}/cancel",
                        data={"csrf_token": "x" * 43}).status_code == 403
+    assert client.post(f"/todos/{todo_id}/cancel",
+                       data={"csrf_token": "é" * 43}).status_code == 403
     assert client.post(f"/todos/{todo_id}/cancel", data={"csrf_token": token},
                        headers={"Origin": "http://evil.example"}).status_code == 403
     assert client.post(f"/todos/{todo_id}/cancel", data={"csrf_token": token},
@@ -520,6 +562,10 @@ def test_access_token_is_checked_on_every_request(storage):
                         "/questions"):
                 assert anonymous.get(url).status_code == 401, url
             assert anonymous.get("/todos", params={"token": "wrong" * 5}).status_code == 401
+            # any characters are simply not the token (compare_digest refuses non-ASCII text)
+            assert anonymous.get("/todos", params={"token": "é" * 20}).status_code == 401
+            assert anonymous.get("/todos", headers={
+                "Authorization": "Bearer é".encode()}).status_code == 401
             assert anonymous.post("/todos", data={"agent_orch": "x"}).status_code == 401
         with client_of(server) as browser:
             first = browser.get("/todos", params={"token": TOKEN, "state": "QUEUED"})

@@ -256,15 +256,19 @@ def test_ask_human_outside_a_todo_is_a_clear_error():
 
 
 def test_bad_questions_fail_at_the_call_site(storage, db):
-    storage.enqueue("hitl", "x")
+    asked = {"no options": {}, "a number": {"options": 5}, "a text": {"options": "ab"}}
+    for name in asked:
+        storage.enqueue("hitl", name)
 
     def handle(todo):
-        todo.ask_human("Pick one", kind="select")
+        todo.ask_human("Pick one", kind="select", **asked[todo.input])
 
     with ps.start(handle, agent_orch="hitl", storage=storage) as server:
-        wait_for(lambda: server.stats()["failed"] == 1)
-    assert db.execute("SELECT log FROM todolist").fetchone()["log"] == (
-        "ValueError: kind='select' needs options")
+        wait_for(lambda: server.stats()["failed"] == 3)
+    logs = {r["query"]: r["log"] for r in db.execute("SELECT query, log FROM todolist")}
+    assert logs == {"no options": "ValueError: kind='select' needs options",
+                    "a number": "ValueError: options must be a list, not int 5",
+                    "a text": "ValueError: options must be a list, not str 'ab'"}
 
 
 def test_a_cancel_while_waiting_stops_the_wait(storage, db):
