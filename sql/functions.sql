@@ -1084,13 +1084,15 @@ $$;
 -- p_todo_id when given: executors reuse job ids across todos, so where that leaves several
 -- open questions the todo must be named. An answer of JSON false declines, as the UI's Cancel
 -- does (status REJECTED). Returns the todo id, or NULL when no such question exists; raises
--- when it was answered already, or which one is meant is ambiguous.
+-- when it was answered already, when its todo waits on a later question (see
+-- awaited_question_v1), or when which one is meant is ambiguous.
 CREATE OR REPLACE FUNCTION processgpt_sync_respond_v2(
     p_job_id text, p_answer jsonb, p_user_id text DEFAULT NULL, p_todo_id text DEFAULT NULL)
 RETURNS text LANGUAGE plpgsql AS $$
 DECLARE
     v_question events;
     v_todos text[];
+    v_awaited text;
 BEGIN
     -- One answer per question: a second one would be ignored by the waiting todo anyway.
     PERFORM pg_advisory_xact_lock(hashtext('processgpt_sync_respond'), hashtext(p_job_id));
@@ -1115,6 +1117,16 @@ BEGIN
         RAISE EXCEPTION 'question % was already answered', p_job_id
             USING HINT = format('processgpt-sync show %s shows the answer', v_question.todo_id);
     END IF;
+    SELECT a.job_id INTO v_awaited FROM todolist t
+    CROSS JOIN LATERAL processgpt_sync_awaited_question_v1(t) a
+    WHERE t.id = processgpt_sync_uuid_or_null_v1(v_question.todo_id) AND a.id <> v_question.id;
+    IF FOUND THEN
+        -- the todo waits on a later question: this answer would resume nothing. (A todo that
+        -- waits on none keeps it, for the same question asked again after a retry.)
+        RAISE EXCEPTION 'question % is no longer awaited: todo % waits on question %',
+            p_job_id, v_question.todo_id, v_awaited
+            USING HINT = format('processgpt-sync asked lists the questions awaited');
+    END IF;
     INSERT INTO events (id, job_id, todo_id, proc_inst_id, crew_type, event_type, data, status,
                         "timestamp", tenant_id)
     VALUES (gen_random_uuid()::text, p_job_id, v_question.todo_id, v_question.proc_inst_id,
@@ -1134,6 +1146,18 @@ RETURNS text LANGUAGE sql AS $$
 $$;
 
 -- Questions still waiting for an answer (CLI `asked`).
+-- The question a todo waits on: its latest human_asked, while it is HUMAN_ASKED. An earlier
+-- one (timed out, then another asked) resumes nothing when answered (take_answer_v1 reads the
+-- latest alone), so it is neither listed nor answerable.
+CREATE OR REPLACE FUNCTION processgpt_sync_awaited_question_v1(p_todo todolist)
+RETURNS SETOF events LANGUAGE sql STABLE AS $$
+    SELECT q.* FROM events q
+    WHERE q.todo_id = p_todo.id::text AND q.event_type = 'human_asked'
+      AND p_todo.draft_status = 'HUMAN_ASKED'
+      AND coalesce(p_todo.status NOT IN ('CANCELLED', 'DONE'), true)
+    ORDER BY q."timestamp" DESC LIMIT 1
+$$;
+
 CREATE OR REPLACE FUNCTION processgpt_sync_open_questions_v1(p_agent_orch text DEFAULT NULL)
 RETURNS jsonb LANGUAGE sql STABLE AS $$
     SELECT coalesce(jsonb_agg(jsonb_build_object(
@@ -1141,9 +1165,8 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
                'question', q.data, 'asked_at', q."timestamp", 'waiting', t.consumer IS NOT NULL)
                ORDER BY q."timestamp"), '[]'::jsonb)
     FROM todolist t  -- from the waiting todos: their questions by the index on events(todo_id)
-    JOIN events q ON q.todo_id = t.id::text AND q.event_type = 'human_asked'
+    CROSS JOIN LATERAL processgpt_sync_awaited_question_v1(t) q
     WHERE t.draft_status = 'HUMAN_ASKED'
-      AND coalesce(t.status NOT IN ('CANCELLED', 'DONE'), true)
       AND (p_agent_orch IS NULL OR t.agent_orch::text = p_agent_orch)
       AND NOT EXISTS (SELECT 1 FROM processgpt_sync_answer_to_v1(q.job_id, q.todo_id,
                                                                  q."timestamp"))
@@ -1902,11 +1925,8 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
                                  'job_id', q.job_id, 'todo_id', q.todo_id, 'question', q.data,
                                  'asked_at', q."timestamp")
                                  ORDER BY q."timestamp"), '[]'::jsonb)
-                      FROM events q
-                      WHERE q.todo_id = t.id::text AND q.event_type = 'human_asked'
-                        AND t.draft_status = 'HUMAN_ASKED'
-                        AND coalesce(t.status::text NOT IN ('CANCELLED', 'DONE'), true)
-                        AND NOT EXISTS (SELECT 1 FROM processgpt_sync_answer_to_v1(
+                      FROM processgpt_sync_awaited_question_v1(t) q
+                      WHERE NOT EXISTS (SELECT 1 FROM processgpt_sync_answer_to_v1(
                                             q.job_id, q.todo_id, q."timestamp"))))
     FROM todolist t WHERE t.id = p_todo_id
 $$;

@@ -288,3 +288,27 @@ def test_a_cancel_while_waiting_stops_the_wait(storage, db):
         wait_for(lambda: server.stats()["cancelled"] == 1)
     assert db.execute("SELECT draft_status::text AS s FROM todolist").fetchone()["s"] == (
         "CANCELLED")
+
+
+def test_only_the_question_a_todo_waits_on_is_open_and_answerable(storage, db):
+    """A blocking question that timed out, then another asked: answering the first would
+    resume nothing (only the latest question is taken), so it is neither listed nor accepted
+    while the todo waits on the other; once the todo waits on none, an answer is kept (as
+    for a cancelled todo's question: the same question asked again takes it)."""
+    from processgpt_sync.human import question_data
+
+    todo_id = storage.enqueue("hitl", "x")
+    (claim,) = storage.claim(agent_orch="hitl", consumer="w", limit=1, lease_seconds=60,
+                             max_claims=3)
+    storage.ask(claim, "job-first", question_data("first?", None, "text"))
+    storage.resume_asking(claim)  # its wait timed out; the todo ran on
+    storage.ask(claim, "job-second", question_data("second?", None, "text"))
+    storage.finish([{"todo_id": claim.todo_id, "token": claim.token, "outcome": "asked"}])
+    assert [q["job_id"] for q in storage.open_questions("hitl")] == ["job-second"]
+    with pytest.raises(ps.StorageError, match=r"question job-first is no longer awaited: todo "
+                       r".* waits on question job-second"):
+        storage.respond("job-first", "late")
+    assert storage.respond("job-second", "now") == todo_id
+    assert draft_status(db, todo_id) == "FB_REQUESTED"
+    assert storage.open_questions("hitl") == []
+    assert storage.respond("job-first", "late") == todo_id
