@@ -237,6 +237,10 @@ class Watchers:
                         self._log.warning("the listener no longer listens (a transaction "
                                           "pooler?); reconnecting, polling meanwhile",
                                           extra={**self._extra, "action": "listen"})
+                        # polled meanwhile; once listening again, a claim looks for what was
+                        # announced while it did not listen
+                        self._inflight.listening = False
+                        self._stats.count("listener_reconnects")
                         listener.close()
                 notes = listener.wait(LISTEN_WAIT)
             except StorageError as exc:

@@ -41,7 +41,9 @@ _JSONB_PARAM = re.compile(r"%\((\w+)\)s::jsonb")
 _MISSING_SCHEMA_STATES = {"42883", "42P01", "42704"}  # undefined function / table / object
 _TIMEOUT_OPTION = re.compile(r"statement[_-]timeout\s*=\s*'?(\d+(?:\.\d+)?)\s*(us|ms|s|min|h|d)?\b")
 _TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
-_SERVER_ENDED_STATES = {"57P01", "57P02", "57P03"}  # admin or crash shutdown, cannot connect now
+# admin or crash shutdown, cannot connect now, its database dropped, idle_session_timeout: the
+# server ended the session, so every idle connection of the pool is as dead
+_SERVER_ENDED_STATES = {"57P01", "57P02", "57P03", "57P04", "57P05"}
 # A transaction aborted for another's sake (deadlock, serialisation, a lock wait given up):
 # psycopg raises these as OperationalError, so they are StorageUnavailable and retried.
 
@@ -211,7 +213,10 @@ class PostgresStorage(Storage):
         if self._statement_ms is not None:
             settings["statement_timeout"] = f"{self._statement_ms}ms"
         calls = ", ".join("set_config(%s, %s, false)" for _ in settings)
-        conn.execute(f"SELECT {calls}", [item for pair in settings.items() for item in pair])
+        # before its statement_timeout applies, on a link that may have gone silent since the
+        # handshake: unwatched, the pool's worker opening it would wait for ever
+        with DEADLINES.watch(conn.fileno(), PROBE_DEADLINE, "configure", self):
+            conn.execute(f"SELECT {calls}", [item for pair in settings.items() for item in pair])
 
     def __repr__(self) -> str:
         return f"PostgresStorage({redact(self.conninfo)!r})"

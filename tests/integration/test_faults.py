@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,9 @@ import psycopg
 import pytest
 
 import processgpt_sync as ps
-from processgpt_sync import cli
+from processgpt_sync import cli, watch
 from processgpt_sync.server import STOP_MARGIN, STOP_TAIL
+from processgpt_sync.storage import postgres
 from processgpt_sync.storage.postgres import (
     DEADLINE_MARGIN,
     UNLIMITED_DEADLINE,
@@ -669,3 +671,90 @@ def test_a_failover_to_a_read_only_server_is_an_outage_not_the_executors_failure
     row = db.execute("SELECT draft_status::text AS s, output, log FROM todolist WHERE id = %s",
                      (todo_id,)).fetchone()
     assert (row["s"], row["output"], row["log"]) == ("COMPLETED", {"ok": True}, None)
+
+
+def succeeds_within(store: PostgresStorage, seconds: float) -> float | None:
+    """Seconds until a call of ``store`` succeeds (calling every 0.2 s), or None."""
+    began = time.monotonic()
+    while time.monotonic() - began < seconds:
+        try:
+            store.event_types()
+            return time.monotonic() - began
+        except ps.StorageUnavailable:
+            time.sleep(0.2)
+    return None
+
+
+def test_a_link_silent_while_a_pool_connection_is_set_up_costs_no_worker(
+        proxy: FaultProxy, database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The link goes silent right after the handshake, before the session settings are
+    answered (a paused server behind a proxy that still acknowledges), three times: each of
+    psycopg_pool's three workers would wait there for ever and the pool never open another
+    connection. Watched (the probe deadline, shortened here), each gives up and retries."""
+    monkeypatch.setattr(postgres, "PROBE_DEADLINE", 1.0)
+    store = PostgresStorage(proxy.url_for(database_url), max_connections=4,
+                            statement_timeout=1.0)
+    try:
+        store.event_types()
+        configure, stalled = store._pool._configure, []
+
+        def stalls_first(conn: psycopg.Connection[Any]) -> None:
+            if len(stalled) < 3:
+                stalled.append(proxy.stall())
+            configure(conn)
+
+        store._pool._configure = stalls_first
+        store._pool.drain()  # the idle connection is replaced: a new one is set up
+        took = succeeds_within(store, 40)
+        assert len(stalled) == 3 and took is not None, (stalled, took)
+    finally:
+        proxy.heal()
+        store.close()
+
+
+def test_sessions_the_server_ended_for_idleness_are_dropped_together(
+        database_url: str) -> None:
+    """idle_session_timeout (57P05) ends every idle session: one failed call drops the
+    pool's idle connections, as for a server shutdown, instead of each failing a call."""
+    with psycopg.connect(database_url, autocommit=True) as db:
+        db.execute(f'ALTER DATABASE "{db.info.dbname}" SET idle_session_timeout = 1000')
+    store = PostgresStorage(database_url, max_connections=4)
+    try:
+        with ThreadPoolExecutor(4) as pool:  # four connections in the pool
+            list(pool.map(lambda _: store.event_types() and time.sleep(0.3), range(8)))
+        time.sleep(2.5)  # the server ends every idle session
+        failures = 0
+        for _ in range(6):
+            try:
+                store.event_types()
+            except ps.StorageUnavailable:
+                failures += 1
+        assert failures <= 1, f"{failures} calls failed on sessions already ended"
+    finally:
+        store.close()
+
+
+def test_a_listener_that_stopped_listening_claims_what_it_missed_once_listening_again(
+        database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its connection stops listening (a pooler switching backends): the probe notices and
+    reconnects, and the server then claims at once instead of waiting out the idle poll
+    (15 s), for a todo announced while it did not listen."""
+    monkeypatch.setattr(watch, "LISTEN_PROBE_INTERVAL", 1.0)
+    monkeypatch.setattr(postgres, "CHANNEL_CHECK_EVERY", 1)
+    started: dict[str, float] = {}
+    store = PostgresStorage(database_url)
+    try:
+        with psycopg.connect(database_url, autocommit=True) as db, ps.start(
+                lambda todo: started.setdefault(todo.input, time.monotonic()) and {"ok": 1},
+                agent_orch="relisten", storage=store) as server:
+            wait_for(lambda: server.stats()["listening"])
+            time.sleep(1.5)  # idle: the claimer waits for a NOTIFY or the idle poll
+            assert server._parts is not None and server._parts.listener is not None
+            server._parts.listener._conn.execute("UNLISTEN *")  # type: ignore[attr-defined]
+            sent = time.monotonic()
+            db.execute("SELECT processgpt_sync_enqueue_v1('relisten', 'missed')")
+            wait_for(lambda: "missed" in started, timeout=20)
+            assert started["missed"] - sent < 5, started["missed"] - sent
+            assert server.stats()["listener_reconnects"] >= 1
+    finally:
+        store.close()
