@@ -212,6 +212,11 @@ class PostgresStorage(Storage):
         settings = {"default_transaction_isolation": "read committed"}
         if self._statement_ms is not None:
             settings["statement_timeout"] = f"{self._statement_ms}ms"
+            if self._statement_ms:
+                # a row another transaction holds (the platform's trigger waits on the process
+                # instance's) ends the wait as a lock timeout, an outage retried until it is
+                # free, before the statement timeout would take the write for a heavy one
+                settings["lock_timeout"] = f"{max(1, self._statement_ms // 2)}ms"
         calls = ", ".join("set_config(%s, %s, false)" for _ in settings)
         # before its statement_timeout applies, on a link that may have gone silent since the
         # handshake: unwatched, the pool's worker opening it would wait for ever

@@ -481,3 +481,38 @@ def test_giving_todos_back_waits_for_a_single_write_without_deadlocking_on_the_t
         assert released == [2]
         assert db.execute(deadlocks).fetchone()["deadlocks"] - before == 0
     store.close()
+
+
+def test_a_write_waiting_on_a_process_instance_another_transaction_holds_is_not_a_failure(
+        upstream_database_url: str) -> None:
+    """The platform's trigger touches the todo's bpm_proc_inst row on every update. Another
+    transaction (the BPM engine, a migration) holds that row past the statement timeout when
+    the result is written: a lock wait, retried until the row is free, not a write too heavy
+    to store that the todo's FAILED for."""
+    with psycopg.connect(upstream_database_url, autocommit=True, row_factory=dict_row) as db:
+        db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('held')")
+        todo = str(db.execute("SELECT processgpt_sync_enqueue_v1('held', 'q', 'COMPLETE', NULL, "
+                              "'step', 'held') AS id").fetchone()["id"])
+        with psycopg.connect(upstream_database_url) as blocker:
+            ran = threading.Event()
+
+            def handle(t: ps.Todo) -> dict[str, bool]:
+                blocker.execute("SELECT 1 FROM bpm_proc_inst WHERE proc_inst_id = 'held' "
+                                "FOR UPDATE")
+                ran.set()
+                return {"ok": True}
+
+            store = PostgresStorage(upstream_database_url, statement_timeout=1.0)
+            try:
+                with ps.start(handle, agent_orch="held", storage=store, lease_seconds=120):
+                    assert ran.wait(20)
+                    time.sleep(5)  # five statement timeouts: three gave the result up before
+                    blocker.commit()
+                    wait_for(lambda: db.execute(
+                        "SELECT draft_status::text AS s FROM todolist WHERE id = %s",
+                        (todo,)).fetchone()["s"] in ("COMPLETED", "FAILED"), timeout=30)
+            finally:
+                store.close()
+        row = db.execute("SELECT draft_status::text, output, log FROM todolist WHERE id = %s",
+                         (todo,)).fetchone()
+    assert (row["draft_status"], row["output"]) == ("COMPLETED", {"ok": True}), row["log"]
