@@ -455,6 +455,7 @@ def test_context_offers_row_extras_and_user_input(storage, db):
         async def cancel(self, context, event_queue):
             pass
 
+    db.execute("INSERT INTO tenants (id) VALUES ('acme') ON CONFLICT DO NOTHING")  # platform FK
     (todo_id,) = run(storage, Inspect(), inputs=["  what to do  "], tenant_id="acme")
     assert seen == {"input": "what to do", "task_id": todo_id, "context_id": todo_id,
                     "resume": "fresh", "id_type": "str", "call_context": "ServerCallContext",
