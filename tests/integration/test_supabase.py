@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import resource
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 import processgpt_sync as ps
-from processgpt_sync.infra import infrastructure_problem
 from processgpt_sync.storage.supabase import SupabaseStorage
 from tests.conftest import open_backend, wait_for
 from tests.postgrest_gateway import SERVICE_KEY, Gateway, RawBody
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -224,35 +226,43 @@ def test_the_clients_of_threads_that_ended_are_closed_not_kept(supabase):
     assert ended[-1] not in supabase._http.values()
 
 
+CLIENT_WITHOUT_DESCRIPTORS = """
+import os, resource, sys
+from processgpt_sync.infra import infrastructure_problem
+from processgpt_sync.storage.supabase import SupabaseStorage
+
+import supabase.lib.client_options  # what building a client imports and reads, first
+from processgpt_sync.queries import queries
+
+queries()
+store = SupabaseStorage(sys.argv[1], sys.argv[2])
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 16, hard))
+held = []
+try:
+    while True:
+        held.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+try:
+    store.status()  # this thread's first call builds its client
+    print("answered")
+except Exception as exc:
+    print(type(exc).__name__, "|", infrastructure_problem(exc))
+"""
+
+
 def test_no_descriptor_for_a_new_client_is_an_outage_that_names_the_limit(supabase):
     """A thread's first call builds its HTTP client, which opens the CA bundle: out of file
-    descriptors that is the host's problem (StorageUnavailable, with the advice), not a raw
-    OSError that would be taken for the caller's failure."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    caught: list[BaseException | None] = []
-
-    def first_call() -> None:
-        try:
-            supabase.status()
-            caught.append(None)
-        except BaseException as exc:  # the test looks at what escaped
-            caught.append(exc)
-
-    held = []
-    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 20, hard))
-    try:
-        with contextlib.suppress(OSError):
-            while True:
-                held.append(os.open("/dev/null", os.O_RDONLY))
-        thread = threading.Thread(target=first_call)
-        thread.start()
-        thread.join()
-    finally:
-        for fd in held:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    assert isinstance(caught[0], ps.StorageUnavailable), caught
-    assert "ran out of file descriptors" in (infrastructure_problem(caught[0]) or "")
+    descriptors (a lowered RLIMIT_NOFILE, filled, in a process of its own) that is the host's
+    problem (StorageUnavailable, with the advice), not a raw OSError that would be taken for
+    the caller's failure."""
+    out = subprocess.run([sys.executable, "-c", CLIENT_WITHOUT_DESCRIPTORS,
+                          supabase.gateway.url, SERVICE_KEY], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    kind, _, problem = out.stdout.strip().partition(" | ")
+    assert kind == "StorageUnavailable", out.stdout + out.stderr
+    assert "ran out of file descriptors" in problem, problem
 
 
 def test_a_program_limit_is_a_refusal_on_both_backends_not_an_outage(supabase, storage, db):
