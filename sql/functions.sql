@@ -1212,6 +1212,14 @@ BEGIN
 END
 $$;
 
+-- NOTIFY that never makes the writer's statement fail: PostgreSQL refuses a payload of 8,000
+-- bytes or more, and these triggers run inside other writers' inserts (the platform's UI and
+-- agents). A payload that long is sent empty; listeners read an empty payload as "look again".
+CREATE OR REPLACE FUNCTION processgpt_sync_notify_text_v1(p_channel text, p_payload text)
+RETURNS void LANGUAGE sql AS $$
+    SELECT pg_notify(p_channel, CASE WHEN octet_length(p_payload) < 8000 THEN p_payload ELSE '' END)
+$$;
+
 -- An answer arrives: wake the waiting worker ('processgpt_sync_answer', payload job_id), and
 -- requeue the todo it answers if that todo is suspended waiting for it. Never makes the UI's
 -- insert fail: a role that may not update todolist only loses the requeue (logged).
@@ -1223,7 +1231,7 @@ BEGIN
     IF NEW.event_type IS DISTINCT FROM 'human_response' THEN
         RETURN NULL;
     END IF;
-    PERFORM pg_notify('processgpt_sync_answer', NEW.job_id);
+    PERFORM processgpt_sync_notify_text_v1('processgpt_sync_answer', NEW.job_id);
     v_todo_id := processgpt_sync_uuid_or_null_v1(NEW.todo_id);  -- the answer's own todo first
     IF v_todo_id IS NULL THEN
         SELECT processgpt_sync_uuid_or_null_v1(q.todo_id) INTO v_todo_id FROM events q
@@ -1452,7 +1460,8 @@ BEGIN
        -- a claim takes it over now rather than at the next look for expired leases
        OR (TG_OP = 'UPDATE' AND NEW.draft_status IN ('STARTED', 'HUMAN_ASKED')
            AND NEW.status = 'IN_PROGRESS' AND OLD.status IS DISTINCT FROM 'IN_PROGRESS') THEN
-        PERFORM pg_notify('processgpt_sync_todo', coalesce(NEW.agent_orch::text, ''));
+        PERFORM processgpt_sync_notify_text_v1('processgpt_sync_todo',
+                                               coalesce(NEW.agent_orch::text, ''));
     ELSIF TG_OP = 'UPDATE' AND NEW.consumer IS NOT NULL
           AND (NEW.draft_status = 'CANCELLED' OR NEW.status IN ('CANCELLED', 'DONE'))
           AND (OLD.draft_status IS DISTINCT FROM NEW.draft_status
@@ -1812,7 +1821,7 @@ BEGIN
         RETURN NULL;
     END IF;
     IF TG_TABLE_NAME = 'events' THEN
-        PERFORM pg_notify('processgpt_sync_event', c.todo_id)
+        PERFORM processgpt_sync_notify_text_v1('processgpt_sync_event', c.todo_id)
         FROM (SELECT DISTINCT coalesce(n.todo_id::text, '') AS todo_id
               FROM processgpt_sync_changed n) c;
     ELSE

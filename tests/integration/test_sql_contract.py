@@ -456,3 +456,27 @@ def test_events_sent_again_while_their_first_write_commits_are_stored_once(stora
     assert answers == [[]]  # nothing refused
     assert db.execute("SELECT count(*) AS n FROM events WHERE id = %s",
                       (sent["id"],)).fetchone()["n"] == 1
+
+
+def test_a_payload_too_long_to_notify_never_fails_another_writers_insert(db, database_url):
+    """PostgreSQL refuses a NOTIFY payload of 8,000 bytes; our triggers run inside the UI's and
+    other agents' inserts, so a value that long is announced empty instead of failing them."""
+    long = "x" * 9000
+    with psycopg.connect(database_url, autocommit=True) as listener:
+        for channel in ("processgpt_sync_answer", "processgpt_sync_todo", "processgpt_sync_event"):
+            listener.execute(f"LISTEN {channel}")
+        db.execute("SELECT processgpt_sync_console_watch_v1('long-payloads', 60)")
+        db.execute("INSERT INTO events (id, job_id, todo_id, event_type, data) "
+                   "VALUES (%s, %s, %s, 'human_response', '{}')",
+                   (str(uuid.uuid4()), long, long))
+        todo_id = uuid.uuid4()
+        db.execute("INSERT INTO todolist (id, agent_orch, query, status, agent_mode) "
+                   "VALUES (%s, %s, 'q', 'IN_PROGRESS', 'COMPLETE')", (todo_id, long))
+        db.execute("SELECT processgpt_sync_console_unwatch_v1('long-payloads')")
+        heard = {(n.channel, n.payload) for n in listener.notifies(timeout=1, stop_after=4)}
+    assert db.execute("SELECT count(*) AS n FROM events WHERE job_id = %s",
+                      (long,)).fetchone()["n"] == 1
+    assert db.execute("SELECT agent_orch FROM todolist WHERE id = %s",
+                      (todo_id,)).fetchone()["agent_orch"] == long
+    assert {("processgpt_sync_answer", ""), ("processgpt_sync_todo", ""),
+            ("processgpt_sync_event", ""), ("processgpt_sync_event", str(todo_id))} <= heard
