@@ -1864,6 +1864,23 @@ RETURNS text LANGUAGE sql IMMUTABLE AS $$
     END
 $$;
 
+-- The state a person reads (v2: QUEUED only for a todo a server would claim; v1 showed a
+-- person's task, or an agent's step whose draft someone already wrote, as QUEUED too):
+-- CANCELLED (either column, or a run or wait its step's status DONE ended), QUEUED (an agent's
+-- step in progress with neither draft_status nor draft), else draft_status, else the
+-- platform's status. Text arguments: any install's column types fit.
+CREATE OR REPLACE FUNCTION processgpt_sync_state_v2(
+    p_status text, p_draft_status text, p_agent_mode text, p_has_draft boolean)
+RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN p_draft_status IS NULL AND p_status = 'IN_PROGRESS'
+             AND p_agent_mode IN ('DRAFT', 'COMPLETE') AND NOT coalesce(p_has_draft, false)
+            THEN 'QUEUED'
+        WHEN p_draft_status IS NULL AND p_status = 'IN_PROGRESS' THEN 'IN_PROGRESS'
+        ELSE processgpt_sync_state_v1(p_status, p_draft_status)
+    END
+$$;
+
 -- Console todo list: the newest p_limit todos matching the filters (NULL: any), with the
 -- agent_orch and tenant values to filter by and the counts per state. Two passes over todolist
 -- (which has no index for them on a platform database): the page finds its ids first and
@@ -1880,12 +1897,14 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
         WHERE (p_agent_orch IS NULL OR t.agent_orch::text = p_agent_orch)
           AND (p_tenant_id IS NULL OR t.tenant_id = p_tenant_id)
           AND (p_state IS NULL
-               OR processgpt_sync_state_v1(t.status::text, t.draft_status::text) = p_state)
+               OR processgpt_sync_state_v2(t.status::text, t.draft_status::text,
+                                           t.agent_mode::text, t.draft IS NOT NULL) = p_state)
         ORDER BY t.start_date DESC NULLS LAST, t.id
         LIMIT greatest(coalesce(p_limit, 100), 1)
     ), groups AS MATERIALIZED (
         SELECT t.agent_orch::text AS agent_orch, t.tenant_id,
-               processgpt_sync_state_v1(t.status::text, t.draft_status::text) AS state,
+               processgpt_sync_state_v2(t.status::text, t.draft_status::text,
+                                        t.agent_mode::text, t.draft IS NOT NULL) AS state,
                count(*) AS n
         FROM todolist t GROUP BY 1, 2, 3
     )
@@ -1897,8 +1916,9 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
                                t.status::text AS status, t.draft_status::text AS draft_status,
                                t.consumer, t.start_date, t.updated_at,
                                left(coalesce(t.query, t.description), 200) AS input,
-                               processgpt_sync_state_v1(t.status::text, t.draft_status::text)
-                                   AS state
+                               processgpt_sync_state_v2(
+                                   t.status::text, t.draft_status::text, t.agent_mode::text,
+                                   t.draft IS NOT NULL) AS state
                         FROM todolist t JOIN page p ON p.id = t.id) s),
         'counts', (SELECT coalesce(jsonb_object_agg(c.state, c.n), '{}'::jsonb)
                    FROM (SELECT g.state, sum(g.n)::bigint AS n FROM groups g
@@ -1920,7 +1940,8 @@ CREATE OR REPLACE FUNCTION processgpt_sync_console_todo_v1(
 RETURNS jsonb LANGUAGE sql STABLE AS $$
     SELECT jsonb_build_object(
         'todo', to_jsonb(t) - 'claim_token' || jsonb_build_object(
-                    'state', processgpt_sync_state_v1(t.status::text, t.draft_status::text)),
+                    'state', processgpt_sync_state_v2(t.status::text, t.draft_status::text,
+                                                      t.agent_mode::text, t.draft IS NOT NULL)),
         'events', (SELECT coalesce(jsonb_agg(to_jsonb(e) ORDER BY e."timestamp", e.id),
                                    '[]'::jsonb)
                    FROM (SELECT ev.id, ev.job_id, ev.event_type::text AS event_type,
@@ -1948,25 +1969,25 @@ CREATE OR REPLACE FUNCTION processgpt_sync_cancel_v1(p_todo_id uuid)
 RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
     v_todo todolist;
+    v_state text;
 BEGIN
     SELECT * INTO v_todo FROM todolist WHERE id = p_todo_id FOR UPDATE;
     IF NOT FOUND THEN
         RETURN jsonb_build_object('applied', false, 'reason', 'not_found');
     END IF;
-    IF processgpt_sync_state_v1(v_todo.status::text, v_todo.draft_status::text)
-           IN ('COMPLETED', 'FAILED', 'CANCELLED') THEN
-        RETURN jsonb_build_object('applied', false, 'reason', 'finished', 'state',
-            processgpt_sync_state_v1(v_todo.status::text, v_todo.draft_status::text));
+    v_state := processgpt_sync_state_v2(v_todo.status::text, v_todo.draft_status::text,
+                                        v_todo.agent_mode::text, v_todo.draft IS NOT NULL);
+    IF v_state IN ('COMPLETED', 'FAILED', 'CANCELLED') THEN
+        RETURN jsonb_build_object('applied', false, 'reason', 'finished', 'state', v_state);
     END IF;
     -- Only an agent's work in progress: a person's task, or a step its process already took
     -- (SUBMITTED, DONE) or has not reached (TODO, PENDING), is the process's own business.
-    IF processgpt_sync_state_v1(v_todo.status::text, v_todo.draft_status::text)
-           NOT IN ('QUEUED', 'STARTED', 'HUMAN_ASKED', 'FB_REQUESTED')  -- not WAITING_FOR_STEP
+    IF v_state NOT IN ('QUEUED', 'STARTED', 'HUMAN_ASKED', 'FB_REQUESTED')  -- not WAITING_FOR_STEP
        -- a run (or a dead one) of a step the process took out of progress is the process's
        OR v_todo.status::text IS DISTINCT FROM 'IN_PROGRESS'
        OR v_todo.agent_mode IS NULL OR v_todo.agent_mode::text NOT IN ('DRAFT', 'COMPLETE') THEN
-        RETURN jsonb_build_object('applied', false, 'reason', 'not_agent_work', 'state',
-            processgpt_sync_state_v1(v_todo.status::text, v_todo.draft_status::text));
+        RETURN jsonb_build_object('applied', false, 'reason', 'not_agent_work',
+                                  'state', v_state);
     END IF;
     UPDATE todolist SET status = 'CANCELLED', draft_status = 'CANCELLED', updated_at = now()
     WHERE id = p_todo_id;
@@ -1996,7 +2017,8 @@ BEGIN
     IF NOT FOUND THEN
         RETURN jsonb_build_object('applied', false, 'reason', 'not_found');
     END IF;
-    v_state := processgpt_sync_state_v1(v_todo.status::text, v_todo.draft_status::text);
+    v_state := processgpt_sync_state_v2(v_todo.status::text, v_todo.draft_status::text,
+                                        v_todo.agent_mode::text, v_todo.draft IS NOT NULL);
     IF v_state NOT IN ('COMPLETED', 'FAILED') THEN
         RETURN jsonb_build_object('applied', false, 'reason', 'not_finished', 'state', v_state);
     END IF;
@@ -2018,7 +2040,8 @@ BEGIN
                        'time', now(), 'content', p_feedback, 'user_id', p_user_id,
                        'kind', 'revision'))
     WHERE t.id = p_todo_id
-    RETURNING processgpt_sync_state_v1(t.status::text, t.draft_status::text) INTO v_state;
+    RETURNING processgpt_sync_state_v2(t.status::text, t.draft_status::text,
+                                       t.agent_mode::text, t.draft IS NOT NULL) INTO v_state;
     -- FB_REQUESTED, or WAITING_FOR_STEP for a step its process has not reached (TODO, PENDING)
     RETURN jsonb_build_object('applied', true, 'reason', 'ok', 'state', v_state);
 END

@@ -360,10 +360,19 @@ def test_cancel_is_only_offered_and_allowed_for_an_agents_work_in_progress(stora
     db.execute("UPDATE todolist SET draft_status = NULL WHERE id = %s", (todo_id,))
     db.execute("UPDATE todolist SET status = 'IN_PROGRESS', agent_mode = NULL WHERE id = %s",
                (todo_id,))  # a person's task in progress
-    assert "Cancel todo" not in client.get(f"/todos/{todo_id}").text
-    assert post(client, f"/todos/{todo_id}/cancel").status_code == 409
+    db.execute("UPDATE todolist SET agent_mode = 'COMPLETE', draft = '{\"text\": \"d\"}' "
+               "WHERE id = %s", (todo_id,))  # an agent's step whose draft is written: no claim
+    for _ in range(2):
+        page = client.get(f"/todos/{todo_id}").text
+        assert "Cancel todo" not in page and 'class="state state-in_progress"' in page
+        refused = post(client, f"/todos/{todo_id}/cancel")
+        assert refused.status_code == 409 and "(this todo is IN_PROGRESS)" in refused.text
+        assert todo_id[:8] not in client.get("/todos", params={"state": "QUEUED"}).text
+        db.execute("UPDATE todolist SET agent_mode = NULL, draft = NULL WHERE id = %s",
+                   (todo_id,))
     db.execute("UPDATE todolist SET agent_mode = 'COMPLETE' WHERE id = %s", (todo_id,))
     assert "Cancel todo" in client.get(f"/todos/{todo_id}").text  # queued: the agent's
+    assert todo_id[:8] in client.get("/todos", params={"state": "QUEUED"}).text
 
 
 class ConsoleDatabaseTrouble(PostgresStorage):
