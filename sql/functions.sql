@@ -2103,9 +2103,10 @@ BEGIN
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'service_role') THEN
         GRANT ALL ON processgpt_sync_lease TO service_role;
     END IF;
-    -- The answer trigger runs as the role inserting the answer (the ProcessGPT UI's): what it
-    -- calls must be executable by that role. Neither function reaches past the caller's own
-    -- privileges.
+    -- The triggers run as the role writing the row (the ProcessGPT UI's, another agent's):
+    -- what they call must be executable by that role. None of these functions reaches past
+    -- the caller's own privileges.
+    GRANT EXECUTE ON FUNCTION processgpt_sync_notify_text_v1(text, text) TO PUBLIC;
     GRANT EXECUTE ON FUNCTION processgpt_sync_uuid_or_null_v1(text) TO PUBLIC;
     GRANT EXECUTE ON FUNCTION processgpt_sync_take_answer_v1(uuid) TO PUBLIC;
     GRANT EXECUTE ON FUNCTION processgpt_sync_answer_to_v1(text, text, timestamptz) TO PUBLIC;
