@@ -1961,6 +1961,48 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
     FROM todolist t WHERE t.id = p_todo_id
 $$;
 
+-- Console todo page (v2: a page of events from a place on, so a live page reads a burst
+-- larger than one page in full; v1 gave the newest p_limit from p_since and skipped the rest).
+-- The row (without its fencing token) and state, its open questions, and its events in
+-- ("timestamp", id) order: with p_since NULL the newest p_limit; else the first p_limit after
+-- (p_since, p_after_id), p_since itself included when p_after_id is NULL.
+CREATE OR REPLACE FUNCTION processgpt_sync_console_todo_v2(
+    p_todo_id uuid,
+    p_since timestamptz DEFAULT NULL,
+    p_after_id text DEFAULT NULL,
+    p_limit integer DEFAULT 500)
+RETURNS jsonb LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object(
+        'todo', to_jsonb(t) - 'claim_token' || jsonb_build_object(
+                    'state', processgpt_sync_state_v2(t.status::text, t.draft_status::text,
+                                                      t.agent_mode::text, t.draft IS NOT NULL)),
+        'events', (SELECT coalesce(jsonb_agg(to_jsonb(e) ORDER BY e."timestamp", e.id),
+                                   '[]'::jsonb)
+                   FROM ((SELECT ev.id::text AS id, ev.job_id,
+                                 ev.event_type::text AS event_type, ev.crew_type,
+                                 ev.status::text AS status, ev.data, ev."timestamp"
+                          FROM events ev
+                          WHERE p_since IS NULL AND ev.todo_id = t.id::text
+                          ORDER BY ev."timestamp" DESC, ev.id::text DESC
+                          LIMIT greatest(coalesce(p_limit, 500), 1))
+                         UNION ALL
+                         (SELECT ev.id::text, ev.job_id, ev.event_type::text, ev.crew_type,
+                                 ev.status::text, ev.data, ev."timestamp"
+                          FROM events ev
+                          WHERE p_since IS NOT NULL AND ev.todo_id = t.id::text
+                            AND (ev."timestamp", ev.id::text) > (p_since, coalesce(p_after_id, ''))
+                          ORDER BY ev."timestamp", ev.id::text
+                          LIMIT greatest(coalesce(p_limit, 500), 1))) e),
+        'questions', (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                                 'job_id', q.job_id, 'todo_id', q.todo_id, 'question', q.data,
+                                 'asked_at', q."timestamp")
+                                 ORDER BY q."timestamp"), '[]'::jsonb)
+                      FROM processgpt_sync_awaited_question_v1(t) q
+                      WHERE NOT EXISTS (SELECT 1 FROM processgpt_sync_answer_to_v1(
+                                            q.job_id, q.todo_id, q."timestamp"))))
+    FROM todolist t WHERE t.id = p_todo_id
+$$;
+
 -- Cancel a todo as the ProcessGPT UI does: status and draft_status CANCELLED. A running
 -- server stops its executor at the next heartbeat (or at once through NOTIFY). Refused for
 -- a finished todo, and for a todo that is not an agent's work in progress (a person's task, a

@@ -115,8 +115,8 @@ SELECT processgpt_sync_console_unwatch_v1(p_console => %(p_console)s::text)
 SELECT processgpt_sync_console_todos_v1(p_agent_orch => %(p_agent_orch)s::text, p_tenant_id => %(p_tenant_id)s::text, p_state => %(p_state)s::text, p_limit => %(p_limit)s::integer)
 
 -- console_todo --
--- Console: one todo, its events from a time on, and its open questions
-SELECT processgpt_sync_console_todo_v1(p_todo_id => %(p_todo_id)s::uuid, p_since => %(p_since)s::timestamptz, p_limit => %(p_limit)s::integer)
+-- Console: one todo, a page of its events (the newest, or the first after a place), and its open questions
+SELECT processgpt_sync_console_todo_v2(p_todo_id => %(p_todo_id)s::uuid, p_since => %(p_since)s::timestamptz, p_after_id => %(p_after_id)s::text, p_limit => %(p_limit)s::integer)
 
 -- console_activity --
 -- Console: finished todos per time bucket over the last minutes

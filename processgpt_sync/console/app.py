@@ -44,13 +44,13 @@ from .charts import (
 )
 from .feed import ChangeFeed
 from .security import CSRF_FIELD, CSRF_HEADER, Guard, csrf_ok, csrf_token, is_loopback
-from .streams import PANELS, cursor, digest, event_stream, list_updates, todo_updates
+from .streams import EVENT_PAGE, PANELS, cursor, digest, event_stream, list_updates, todo_updates
 
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 STATES = ("QUEUED", "STARTED", "HUMAN_ASKED", "FB_REQUESTED", "WAITING_FOR_STEP", "COMPLETED",
-          "FAILED", "CANCELLED")
+          "FAILED", "CANCELLED", "IN_PROGRESS")  # the last: a person's, or a drafted step
 LIST_LIMIT = 200  # todos on the list page
 PANEL_INTERVAL = 5.0  # seconds between servers panel refreshes
 SAMPLES_KEPT = 120  # servers panel samples kept for the pickup latency chart
@@ -147,8 +147,10 @@ class Console:
                                     p_tenant_id=filters["tenant"], p_state=filters["state"],
                                     p_limit=LIST_LIMIT))
 
-    async def todo(self, todo_id: str, since: str | None = None) -> dict[str, Any] | None:
-        detail = await self.call("console_todo", p_todo_id=todo_id, p_since=since, p_limit=500)
+    async def todo(self, todo_id: str, since: str | None = None,
+                   after_id: str | None = None) -> dict[str, Any] | None:
+        detail = await self.call("console_todo", p_todo_id=todo_id, p_since=since,
+                                 p_after_id=after_id, p_limit=EVENT_PAGE)
         return None if detail is None else dict(detail)
 
     # Pages ------------------------------------------------------------------------------

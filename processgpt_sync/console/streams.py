@@ -13,7 +13,7 @@ import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from starlette.responses import Response, StreamingResponse
@@ -25,6 +25,8 @@ from .feed import ChangeFeed, Subscription
 logger = logging.getLogger(__name__)
 
 EVENT_OVERLAP = timedelta(seconds=2)  # re-read window: events may commit out of time order
+EVENT_PAGE = 500  # events a todo page reads at a time
+FIRST_EVENT = datetime(1970, 1, 1, tzinfo=timezone.utc)  # before any event a todo can have
 KEEPALIVE = 15.0  # seconds between SSE comments on a quiet stream
 LIST_DEBOUNCE = 0.25  # seconds a list stream gathers changes before re-reading
 LIST_READ_PACE = 10.0  # a list stream waits this many times its last read's duration before
@@ -34,6 +36,7 @@ LIST_READ_PACE = 10.0  # a list stream waits this many times its last read's dur
 
 Body = Callable[[Subscription], AsyncIterator[str]]
 Render = Callable[..., str]
+ReadTodo = Callable[[str, str | None], Awaitable[Mapping[str, Any] | None]]
 """``render(template_name, **context)``: a fragment of the page as HTML."""
 
 
@@ -88,30 +91,35 @@ def digest(html: str) -> str:
     return hashlib.sha256(html.encode()).hexdigest()[:16]
 
 
-def todo_updates(read: Callable[[str | None], Awaitable[Mapping[str, Any] | None]],
-                 render: Render, since: datetime | None,
+def todo_updates(read: ReadTodo, render: Render, since: datetime,
                  shown: Mapping[str, str] | None = None) -> Body:
     """One todo's new events (each sent once), and its state and questions panels whenever
     they render differently from what the page shows (``shown``: each panel's digest as the
     page rendered it, so a form being filled in is not replaced by the same panel on
-    connect). ``read(since)`` is the todo with its events from ``since`` on."""
+    connect). ``read(since, after_id)`` is the todo with the first EVENT_PAGE of its events
+    from ``since`` on (after ``after_id`` at ``since`` itself): a full page is followed by
+    the next at once, so a burst larger than a page is shown whole."""
 
     async def updates(subscription: Subscription) -> AsyncIterator[str]:
         nonlocal since
         sent: dict[str, datetime] = {}
         on_page = {part: (shown or {}).get(part, "") for part, _ in PANELS}
+        after: str | None = None  # set while paging through a burst
         first = True
-        while first or await changed(subscription):
+        while first or after is not None or await changed(subscription):
             first = False
-            detail = await read(since.isoformat() if since else None)
+            detail = await read(since.isoformat(), after)
             if detail is None:  # deleted: the page stops following it (no reconnects)
                 yield sse("gone", "this todo no longer exists")
                 return
-            fresh = [e for e in detail["events"] if e["id"] not in sent]
-            for event in detail["events"]:
+            events = detail["events"]
+            fresh = [e for e in events if e["id"] not in sent]
+            for event in events:
                 sent[event["id"]] = parse_time(event["timestamp"])
-            if sent:
-                since = max(sent.values()) - EVENT_OVERLAP
+            if len(events) >= EVENT_PAGE:  # more may follow this page's last event
+                since, after = parse_time(events[-1]["timestamp"]), events[-1]["id"]
+            elif sent:
+                since, after = max(sent.values()) - EVENT_OVERLAP, None
                 sent = {k: v for k, v in sent.items() if v >= since}
             if fresh:
                 yield sse("events", render("_events.html", events=fresh))
@@ -147,11 +155,13 @@ def sse(event: str, data: str) -> str:
     return f"event: {event}\n{lines}\n"
 
 
-def cursor(value: str | None) -> datetime | None:
-    """Where a todo page's stream starts reading events: a little before the page's last."""
+def cursor(value: str | None) -> datetime:
+    """Where a todo page's stream starts reading events: a little before the page's last, or
+    from the first when the page showed none (every event is then new to it)."""
     if not value:
-        return None
+        return FIRST_EVENT
     try:
-        return parse_time(value) - EVENT_OVERLAP
+        start = parse_time(value) - EVENT_OVERLAP
     except (ValueError, OverflowError):  # not a time, or one at the calendar's very start
-        return None
+        return FIRST_EVENT
+    return max(start if start.tzinfo else start.replace(tzinfo=timezone.utc), FIRST_EVENT)

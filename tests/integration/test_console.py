@@ -22,7 +22,7 @@ import processgpt_sync as ps
 from processgpt_sync.console import ConsoleConfig, ConsoleServer
 from processgpt_sync.console.app import answer_from_form
 from processgpt_sync.console.security import CSRF_COOKIE
-from processgpt_sync.console.streams import cursor
+from processgpt_sync.console.streams import FIRST_EVENT, cursor
 from processgpt_sync.errors import ConfigurationError
 from processgpt_sync.storage.postgres import PostgresStorage
 from tests.conftest import open_backend, wait_for
@@ -179,6 +179,34 @@ def test_event_stream_shows_new_events_and_the_final_state_as_they_happen(storag
     assert XSS not in seen
 
 
+def test_a_burst_of_events_larger_than_a_page_reaches_an_open_page_whole(console, client, db,
+                                                                         storage):
+    """A live page reads events a page at a time; a burst of 1,200 written in one statement
+    (one timestamp for all) is shown whole, each event once, and later events still follow."""
+    todo_id = storage.enqueue("console", "a chatty agent")
+    insert = ("INSERT INTO events (id, todo_id, event_type, data) SELECT gen_random_uuid(), "
+              "%s, 'task_working', jsonb_build_object('n', g) FROM generate_series(1, %s) g")
+
+    def shown(text: str) -> list[str]:
+        return re.findall(r'<tr id="ev-([0-9a-f-]+)"', text)
+
+    def burst_then_one(text: str) -> bool:
+        if "event: state" in text and not written:  # the stream is open
+            written.append(1200)
+            db.execute(insert, (todo_id, 1200))
+        if len(shown(text)) == 1200 and len(written) == 1:
+            written.append(1)
+            db.execute(insert, (todo_id, 1))
+        return len(shown(text)) >= 1201
+
+    written: list[int] = []
+    assert wait_for(lambda: console.app.state.console.feed.listening)
+    ids = shown(read_stream(client, f"/todos/{todo_id}/stream", burst_then_one, timeout=60))
+    assert len(ids) == len(set(ids)) == 1201
+    stored = db.execute("SELECT id FROM events WHERE todo_id = %s", (todo_id,)).fetchall()
+    assert set(ids) == {row["id"] for row in stored}
+
+
 def test_list_stream_shows_a_new_todo(storage, client):
     seen_first = threading.Event()
     added: list[str] = []
@@ -294,7 +322,9 @@ def test_answer_form_gives_each_kind_its_value():
     for odd in (5, True, "ab", {"a": 1}):  # another writer's options: answered as text
         assert answer_from_form({"question": "?", "type": "select", "options": odd},
                                 {"answer": "as text"}) == ("as text", None)
-    assert cursor("0001-01-01") is None, "a cursor before the calendar starts reads from the top"
+    for early in ("0001-01-01", "1969-12-31", "", "not a time"):  # read from the first event
+        assert cursor(early) == FIRST_EVENT, early
+    assert cursor("2026-05-01T10:00:02") == cursor("2026-05-01T10:00:02+00:00")  # no zone: UTC
 
 
 def test_cancel_stops_the_running_executor_as_a_ui_cancel_does(storage, client, db):
@@ -330,6 +360,8 @@ def test_cancel_is_only_offered_and_allowed_for_an_agents_work_in_progress(stora
         refused = post(client, f"/todos/{todo_id}/cancel")
         assert refused.status_code == 409, status
         assert f"can be cancelled here (this todo is {status})" in refused.text
+        counts = client.get("/todos").text.split('<table class="todos">')[0]
+        assert f'state-{status.lower()}">{status}</span> 1' in counts, "counted in the list"
         row = state_of(db, todo_id)
         assert (row["status"], row["draft_status"]) == (status, None)
     for status in ("SUBMITTED", "TODO", "PENDING"):  # the UI's feedback on it: still the
@@ -368,6 +400,7 @@ def test_cancel_is_only_offered_and_allowed_for_an_agents_work_in_progress(stora
         refused = post(client, f"/todos/{todo_id}/cancel")
         assert refused.status_code == 409 and "(this todo is IN_PROGRESS)" in refused.text
         assert todo_id[:8] not in client.get("/todos", params={"state": "QUEUED"}).text
+        assert todo_id[:8] in client.get("/todos", params={"state": "IN_PROGRESS"}).text
         db.execute("UPDATE todolist SET agent_mode = NULL, draft = NULL WHERE id = %s",
                    (todo_id,))
     db.execute("UPDATE todolist SET agent_mode = 'COMPLETE' WHERE id = %s", (todo_id,))
