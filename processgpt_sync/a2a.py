@@ -227,18 +227,14 @@ def payload(event: Mapping[str, Any]) -> Any:
     JSON), else its data (a list when several parts), else its files ({"files": [...]}), else
     an empty object. Parts of several kinds: {"text": ..., "data": ..., "files": [...]}."""
     texts, data, files = event["texts"], event["data"], event["files"]
-    text = unwrap_text("\n".join(texts)) if texts else None
-    datum = (data[0] if len(data) == 1 else data) if data else None
-    if bool(texts) + bool(data) + bool(files) > 1:
-        kinds = {"text": text, "data": datum, "files": files or None}
-        return {key: value for key, value in kinds.items() if value is not None}
+    kinds: dict[str, Any] = {}
     if texts:
-        return text
+        kinds["text"] = unwrap_text("\n".join(texts))
     if data:
-        return datum
+        kinds["data"] = data[0] if len(data) == 1 else data
     if files:
-        return {"files": files}
-    return {}
+        kinds["files"] = files
+    return next(iter(kinds.values())) if len(kinds) == 1 and not files else kinds
 
 
 # -- the recorder behind the queue ----------------------------------------------------------------

@@ -1125,7 +1125,7 @@ BEGIN
         -- waits on none keeps it, for the same question asked again after a retry.)
         RAISE EXCEPTION 'question % is no longer awaited: todo % waits on question %',
             p_job_id, v_question.todo_id, v_awaited
-            USING HINT = format('processgpt-sync asked lists the questions awaited');
+            USING HINT = 'processgpt-sync asked lists the questions awaited';
     END IF;
     INSERT INTO events (id, job_id, todo_id, proc_inst_id, crew_type, event_type, data, status,
                         "timestamp", tenant_id)
@@ -1145,7 +1145,6 @@ RETURNS text LANGUAGE sql AS $$
     SELECT processgpt_sync_respond_v2(p_job_id, p_answer, p_user_id, NULL)
 $$;
 
--- Questions still waiting for an answer (CLI `asked`).
 -- The question a todo waits on: its latest human_asked, while it is HUMAN_ASKED. An earlier
 -- one (timed out, then another asked) resumes nothing when answered (take_answer_v1 reads the
 -- latest alone), so it is neither listed nor answerable.
@@ -1158,6 +1157,7 @@ RETURNS SETOF events LANGUAGE sql STABLE AS $$
     ORDER BY q."timestamp" DESC LIMIT 1
 $$;
 
+-- Questions still waiting for an answer (CLI `asked`).
 CREATE OR REPLACE FUNCTION processgpt_sync_open_questions_v1(p_agent_orch text DEFAULT NULL)
 RETURNS jsonb LANGUAGE sql STABLE AS $$
     SELECT coalesce(jsonb_agg(jsonb_build_object(

@@ -100,11 +100,18 @@ def wrap_exceptions(target: str, status: Callable[[], int | None] = lambda: None
         raise StorageUnavailable(f"Supabase client closed ({target}): {exc}") from exc
 
 
-def _check_json(target: str, status: int | None, response: httpx.Response | None) -> None:
-    """Raise StorageUnavailable unless ``response`` has a JSON body: PostgREST answers every
-    function with one (204 No Content is for void functions alone), so an empty or undecodable
-    body came from something in between."""
-    if status == 204:
+def _check_answer(target: str, data: Any, response: httpx.Response | None) -> None:
+    """Raise StorageUnavailable unless ``response`` is PostgREST's answer: a JSON body (204 No
+    Content is for void functions alone). postgrest-py gives ``[]`` for an empty body and the
+    text for one it could not parse, so those are told from a real answer by the body itself;
+    a body another server sent (a proxy's or a firewall's page) is not JSON-typed."""
+    status = None if response is None else response.status_code
+    content_type = "" if response is None else response.headers.get("content-type", "")
+    if data and "json" not in content_type:
+        raise StorageUnavailable(
+            f"Supabase answered {target} with HTTP {status} and a {content_type or 'untyped'} "
+            f"body, not JSON: is a proxy in the way? ({str(data)[:120]!r})")
+    if not (isinstance(data, str) or data == []) or status == 204:
         return
     body = b"" if response is None else response.content
     if not body.strip():
@@ -167,8 +174,6 @@ class SupabaseStorage(Storage):
         local = self._local
 
         def keep_response(response: httpx.Response) -> None:
-            local.status = response.status_code
-            local.content_type = response.headers.get("content-type", "")
             local.response = response
 
         http = httpx.Client(timeout=timeout, limits=limits,
@@ -215,23 +220,16 @@ class SupabaseStorage(Storage):
         with self._lock:
             self._busy[http] = self._busy.get(http, 0) + 1
         local = self._local
-        local.status = None
-        local.content_type = ""
         local.response = None
+
+        def status() -> int | None:
+            return None if local.response is None else int(local.response.status_code)
+
         try:
-            with wrap_exceptions(name, lambda: getattr(local, "status", None)):
+            with wrap_exceptions(name, status):
                 response = client.rpc(name, dict(params)).execute()
             data = response.data
-            if data and "json" not in local.content_type:
-                # a success status with a proxy's or a firewall's page: not PostgREST's answer
-                raise StorageUnavailable(
-                    f"Supabase answered {name} with HTTP {local.status} and a "
-                    f"{local.content_type or 'untyped'} body, not JSON: is a proxy in the way? "
-                    f"({str(data)[:120]!r})")
-            if isinstance(data, str) or data == []:
-                # postgrest-py's answer for an empty body ([]) or one it could not parse (its
-                # text): tell them from a JSON string or an empty list by the body itself
-                _check_json(name, local.status, local.response)
+            _check_answer(name, data, local.response)
         finally:
             local.response = None
             with self._lock:

@@ -61,18 +61,17 @@ class EmbeddedDatabases:
             if self._url is None:
                 try:
                     url = embedded.start(self.directory, install=False)
-                except ConfigurationError as exc:
+                except BaseException as exc:  # failed or interrupted: the folder is this
+                    # object's alone, and close() would remove it under a server left running
                     embedded.stop_if_running(self.directory)
+                    if not isinstance(exc, ConfigurationError):
+                        raise
                     raise ConfigurationError(
                         f"cannot start the test databases' PostgreSQL in {self.directory}: "
                         f"{exc.__cause__ or exc} (it needs a writable folder with a short path, "
                         "its socket's included: set TMPDIR to one, or pass one as "
                         "EmbeddedDatabases(directory))"
                     ) from exc
-                except BaseException:  # interrupted: the folder is this object's alone, and
-                    # close() would remove it under a server the start left running
-                    embedded.stop_if_running(self.directory)
-                    raise
                 try:
                     with psycopg.connect(url, autocommit=True) as conn:
                         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(
