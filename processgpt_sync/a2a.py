@@ -25,7 +25,7 @@ from typing import Any
 
 from .events import EVENT_STATUSES
 from .loops import Done, Finished, Loops, LoopTask, result_of
-from .models import AwaitingHuman
+from .models import AwaitingHuman, Resume
 from .payload import unwrap_text
 from .todo import Todo
 
@@ -453,6 +453,17 @@ def _context_class() -> type:
 
         def get_context_data(self) -> dict[str, Any]:
             return {"row": self.row, "extras": self.extras}
+
+        @property
+        def resume(self) -> Resume:
+            """Why this run happens (``kind``, ``attempt``, ``key``, ``answer_raw`` and the
+            answer), where process-gpt-agent-sdk 0.11's executors read it."""
+            return self.todo.resume
+
+        @property
+        def task_state(self) -> str:
+            """The row's draft_status, as process-gpt-agent-sdk 0.11's context names it."""
+            return str(self.row.get("draft_status") or "")
 
         @property
         def metadata(self) -> dict[str, Any]:

@@ -463,6 +463,42 @@ def test_context_offers_row_extras_and_user_input(storage, db):
     assert todo(db)["output"] == "plain text"
 
 
+class ResumesFromItsContext(AgentExecutor):
+    """Reads its rerun as process-gpt-agent-sdk 0.11's executors do: the task from
+    get_user_input() on every run, the person's answer from context.resume."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[str, str, str, int]] = []
+
+    async def execute(self, context, event_queue):
+        context_id, task_id = ids(context)
+        resume = context.resume
+        self.runs.append((resume.kind, context.task_state, resume.key, resume.attempt))
+        if resume.kind != "human_answer":
+            await event_queue.enqueue_event(ev.status(
+                "input_required", {"question": "Which tone?"}, context_id, task_id, final=True))
+            return
+        await event_queue.enqueue_event(ev.artifact(
+            f"{context.get_user_input()}, in a {resume.answer_raw} tone", context_id, task_id))
+
+    async def cancel(self, context, event_queue):
+        pass
+
+
+def test_a_rerun_after_an_answer_offers_the_resume_where_upstream_executors_read_it(
+        storage, db):
+    executor = ResumesFromItsContext()
+    todo_id = storage.enqueue("a2a", "write the note", proc_inst_id=None)
+    with ps.start(executor, agent_orch="a2a", storage=storage, workers=1) as server:
+        wait_for(lambda: server.stats()["asked"] == 1)
+        (question,) = storage.open_questions("a2a")
+        storage.respond(question["job_id"], "friendly")
+        wait_for(lambda: server.stats()["completed"] == 1)
+    assert todo(db)["output"] == "write the note, in a friendly tone"
+    assert executor.runs == [("fresh", "STARTED", todo_id, 1),
+                             ("human_answer", "STARTED", todo_id, 1)]
+
+
 def test_the_a2a_example_runs_on_a2a_sdk_0_3(storage, db):
     if ev.V1:
         pytest.skip("examples/a2a_executor.py is written for a2a-sdk 0.3, as the original SDK")
