@@ -837,6 +837,14 @@ def faults(bench: Bench) -> dict[str, Any]:
         out["partition_heal_first_s"] = until(lambda: done(during) >= 1)
         out["partition_heal_resume_s"] = until(lambda: done(during) == 20) + out[
             "partition_heal_first_s"]
+        # The database down for 40 s (connections reset, new ones refused), work waiting.
+        proxy.refuse()
+        proxy.reset()
+        down = enqueue(20)
+        time.sleep(40.0)
+        proxy.heal()
+        out["db_down_resume_s"] = until(lambda: done(down) >= 1)
+        until(lambda: done(down) == 20)
     finally:
         server.stop(timeout=10)
         storage.close()

@@ -28,6 +28,10 @@ logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10  # seconds to open one connection
 POOL_TIMEOUT = 15.0  # seconds to wait for a pooled connection before reporting an outage
+# seconds one chain of reconnection attempts lasts: psycopg_pool doubles its wait between
+# attempts (1, 2, 4, 8 s ...) for that long, so after a long outage the next attempt could be
+# a minute past the heal; a short chain gives up and the next checkout starts one from 1 s
+RECONNECT_WINDOW = 10.0
 TCP_TIMEOUT = 10.0  # seconds of silence from the peer before a connection counts as dead
 STATEMENT_TIMEOUT = 10.0  # seconds one statement may run (server side)
 DEADLINE_MARGIN = 3.0  # seconds past the statement timeout before the client drops the link
@@ -199,6 +203,7 @@ class PostgresStorage(Storage):
             kwargs={"autocommit": True, "prepare_threshold": 5 if prepare else None},
             configure=self._configure,
             timeout=POOL_TIMEOUT,
+            reconnect_timeout=RECONNECT_WINDOW,
             name="processgpt-sync",
             open=False,
         )

@@ -198,6 +198,35 @@ def test_a_30_second_partition_mid_run_resumes_after_the_heal(proxy, database_ur
     assert_exactly_once(db, 60)
 
 
+@pytest.mark.slow
+def test_a_database_back_after_40_seconds_down_is_used_within_seconds(proxy, database_url, db):
+    """The pool doubles its wait between reconnection attempts; over a long outage that wait
+    grows past the outage itself (before: the first todo 17 s after the database was back).
+    Its attempts restart from 1 s every few seconds instead, so the return is noticed soon."""
+    store = proxied_storage("postgres", proxy, database_url)
+    enqueue(db, 5)
+    try:
+        server = ps.start(two_steps, agent_orch="faults", storage=store, workers=4,
+                          lease_seconds=60)
+        try:
+            wait_for(lambda: completed(db) == 5, timeout=20)
+            proxy.refuse()  # down: new connections refused, open ones reset
+            proxy.reset()
+            enqueue(db, 5)
+            time.sleep(40)
+            proxy.heal()
+            back = time.monotonic()
+            wait_for(lambda: completed(db) > 5, timeout=60)
+            resumed_after = time.monotonic() - back
+            wait_for(lambda: completed(db) == 10, timeout=20)
+        finally:
+            server.stop(timeout=5)
+    finally:
+        close_storage(store)
+    assert resumed_after < 8, f"the first todo once the database was back: {resumed_after:.1f}s"
+    assert_exactly_once(db, 10)
+
+
 def test_timeouts_are_enforced_for_every_todo_while_the_database_is_away(proxy, database_url, db):
     """The heartbeat times todos out; recording one timeout must not hold it (the write waits
     for the database) while the other todos' deadlines pass. Its own calls are bounded by
