@@ -118,7 +118,7 @@ class Console:
     def __init__(self, storage: Storage, config: ConsoleConfig) -> None:
         self.storage = storage
         self.config = config
-        self.feed = ChangeFeed(storage)
+        self.feed = ChangeFeed(storage, listen=not config.read_only)
         self.env = _environment()
         self.samples: deque[dict[str, Any]] = deque(maxlen=SAMPLES_KEPT)
 

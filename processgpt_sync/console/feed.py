@@ -20,7 +20,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from ..errors import StorageError
+from ..errors import StorageError, StorageUnavailable
 from ..storage import Listener, Storage
 
 logger = logging.getLogger(__name__)
@@ -50,8 +50,12 @@ class Subscription:
 class ChangeFeed:
     """Dispatches change notifications to subscriptions; start() once, close() at shutdown."""
 
-    def __init__(self, storage: Storage, *, poll_interval: float = POLL_INTERVAL) -> None:
+    def __init__(self, storage: Storage, *, poll_interval: float = POLL_INTERVAL,
+                 listen: bool = True) -> None:
+        """:param listen: False polls instead, writing nothing (a read-only console's
+            notifications would need its watch row)."""
         self._storage = storage
+        self._listen_wanted = listen
         self._poll_interval = poll_interval
         self._lock = threading.Lock()
         self._subscriptions: set[Subscription] = set()
@@ -62,9 +66,10 @@ class ChangeFeed:
         """True while the LISTEN connection is up (False on polling backends)."""
         self._console = f"console-{uuid.uuid4()}"
         self._watch_due = 0.0
+        self._watched = False  # a watch row was written: close() removes it
 
     def start(self) -> None:
-        self._listener = self._storage.listener([CHANNEL])
+        self._listener = self._storage.listener([CHANNEL]) if self._listen_wanted else None
         target = self._poll if self._listener is None else self._listen
         self._thread = threading.Thread(target=target, name="processgpt-console-feed",
                                         daemon=True)
@@ -101,6 +106,7 @@ class ChangeFeed:
             self._thread.join(timeout=WAIT_STEP + 5)
         if self._listener is not None:
             self._listener.close()
+        if self._watched:
             try:
                 self._storage.call("console_unwatch", {"p_console": self._console})
             except StorageError as exc:
@@ -128,8 +134,8 @@ class ChangeFeed:
                     self._watch_due = 0.0
                 if time.monotonic() >= self._watch_due:
                     first = self._watch_due == 0.0
-                    self._storage.call("console_watch", {"p_console": self._console,
-                                                         "p_seconds": WATCH_SECONDS})
+                    if not self._watch():
+                        break
                     self._watch_due = time.monotonic() + WATCH_REFRESH
                     if first:  # changes made before the database notified this console
                         self.dispatch(None)
@@ -152,3 +158,22 @@ class ChangeFeed:
             for _channel, payload in notes:
                 self.dispatch(payload or None)
         self.listening = False
+        if not self._stop.is_set():  # the watch was refused: poll, as a read-only console does
+            listener.close()
+            self._poll()
+
+    def _watch(self) -> bool:
+        """Keep this console's notifications on; False when the database refuses the write (a
+        role that may only read): the open pages are then polled instead. An outage raises."""
+        try:
+            self._storage.call("console_watch", {"p_console": self._console,
+                                                 "p_seconds": WATCH_SECONDS})
+        except StorageUnavailable:
+            raise
+        except StorageError as exc:
+            logger.warning("console change feed: the database refused this console's watch "
+                           "(%s): open pages are read again every %g s instead", exc,
+                           self._poll_interval)
+            return False
+        self._watched = True
+        return True

@@ -593,7 +593,42 @@ def test_read_only_console_hides_and_refuses_every_action(storage, db):
         assert state_of(db, todo_id)["draft_status"] == "HUMAN_ASKED"
         assert db.execute("SELECT count(*) AS n FROM todolist").fetchone()["n"] == 1
         storage.respond(job_id, "a")  # let the executor finish before the server stops
-        wait_for(lambda: state_of(db, todo_id)["draft_status"] == "COMPLETED")
+        # its open pages are polled: it writes no watch row for notifications
+        read_stream(client, f"/todos/{todo_id}/stream", lambda text: "COMPLETED" in text)
+        assert not server.app.state.console.feed.listening
+        assert db.execute("SELECT count(*) AS n FROM processgpt_sync_console_watch"
+                          ).fetchone()["n"] == 0
+
+
+def test_a_console_the_database_refuses_a_watch_polls_its_pages_instead(storage, db, caplog):
+    """A role that may only read cannot keep notifications on: the console says so once and
+    reads its open pages again every second, rather than reconnecting for ever."""
+    db.execute("""CREATE FUNCTION refuse_watch() RETURNS trigger LANGUAGE plpgsql AS $$
+                  BEGIN RAISE EXCEPTION 'permission denied for table processgpt_sync_console_watch'
+                        USING ERRCODE = '42501'; END $$""")
+    db.execute("CREATE TRIGGER refuse_watch BEFORE INSERT OR UPDATE ON "
+               "processgpt_sync_console_watch FOR EACH ROW EXECUTE FUNCTION refuse_watch()")
+    gate = threading.Event()
+
+    def handle(todo):
+        gate.wait(10)
+        todo.events.progress("after the gate")
+        return {"ok": True}
+
+    todo_id = storage.enqueue("console", "watched by a reader")
+    with ConsoleServer(storage, ConsoleConfig(port=0)) as server, client_of(server) as client, \
+            ps.start(handle, agent_orch="console", storage=storage):
+        feed = server.app.state.console.feed
+        wait_for(lambda: "refused this console's watch" in caplog.text)
+        assert not feed.listening
+
+        def until(text: str) -> bool:
+            gate.set()
+            return "after the gate" in text and "COMPLETED" in text
+
+        read_stream(client, f"/todos/{todo_id}/stream", until)
+    assert caplog.text.count("refused this console's watch") == 1
+    assert "could not end its watch" not in caplog.text
 
 
 def test_access_token_is_checked_on_every_request(storage):
