@@ -19,6 +19,7 @@ import json
 import logging
 import threading
 import uuid
+import weakref
 from collections.abc import Generator, Mapping
 from functools import cache
 from typing import Any
@@ -404,13 +405,13 @@ def _queue_class() -> type:
     return BridgeEventQueue
 
 
-def _user_message(text: str, context_id: str, task_id: str) -> Any:
-    """The todo's input as the request's user message. An empty input is a data part naming
-    the todo: a2a refuses an empty text part (``new_task(context.message)`` raises), and
-    ``get_user_input()`` still answers ""."""
+def _message(text: str, context_id: str, task_id: str) -> Any:
+    """A user message of ``text``. An empty one is a data part naming the todo: a2a refuses
+    an empty text part (``new_task(context.message)`` raises), and ``get_user_input()`` still
+    answers ""."""
     message_id = str(uuid.uuid4())
     if is_v1():
-        from a2a.types import Message, Part, Role, SendMessageRequest
+        from a2a.types import Message, Part, Role
         from google.protobuf import struct_pb2
 
         if text:
@@ -418,15 +419,37 @@ def _user_message(text: str, context_id: str, task_id: str) -> Any:
         else:
             part = Part(data=struct_pb2.Value(struct_value=struct_pb2.Struct(
                 fields={"todo_id": struct_pb2.Value(string_value=task_id)})))
-        message = Message(role=Role.ROLE_USER, parts=[part], message_id=message_id,
-                          context_id=context_id, task_id=task_id)
-        return SendMessageRequest(message=message)
-    from a2a.types import DataPart, Message, MessageSendParams, Part, Role, TextPart
+        return Message(role=Role.ROLE_USER, parts=[part], message_id=message_id,
+                       context_id=context_id, task_id=task_id)
+    from a2a.types import DataPart, Message, Part, Role, TextPart
 
     root = TextPart(text=text) if text else DataPart(data={"todo_id": task_id})
-    message = Message(role=Role.user, parts=[Part(root=root)], message_id=message_id,
-                      context_id=context_id, task_id=task_id)
+    return Message(role=Role.user, parts=[Part(root=root)], message_id=message_id,
+                   context_id=context_id, task_id=task_id)
+
+
+def _request(message: Any) -> Any:
+    """``message`` as the request a served a2a call carries."""
+    if is_v1():
+        from a2a.types import SendMessageRequest
+
+        return SendMessageRequest(message=message)
+    from a2a.types import MessageSendParams
+
     return MessageSendParams(message=message)
+
+
+def _waiting_task(todo: Todo, context_id: str) -> Any:
+    """The todo as the task an a2a server keeps while it waits for the user's input: state
+    input_required, its history the todo's input."""
+    from a2a.types import Task, TaskState, TaskStatus
+
+    asked = _message(todo.input, context_id, todo.id)
+    if is_v1():
+        return Task(id=todo.id, context_id=context_id, history=[asked],
+                    status=TaskStatus(state=TaskState.TASK_STATE_INPUT_REQUIRED))
+    return Task(id=todo.id, context_id=context_id, history=[asked],
+                status=TaskStatus(state=TaskState.input_required))
 
 
 @cache
@@ -436,20 +459,26 @@ def _context_class() -> type:
     class ProcessGPTRequestContext(RequestContext):  # type: ignore[misc]
         """The installed RequestContext plus the todo row and extras, as the original SDK gave."""
 
-        def __init__(self, todo: Todo) -> None:
+        def __init__(self, todo: Todo, *, follow_up: bool = False) -> None:
+            """:param follow_up: a run after a person's answer is given as an a2a server
+                gives a follow-up message (see ``answers_as_follow_ups``)."""
             self.todo = todo
             self.row = dict(todo.row)
             self.extras = dict(todo.extras)
             context_id = str(todo.proc_inst_id or todo.id)
-            request = _user_message(todo.input, context_id, todo.id)
+            answered = follow_up and todo.resume.kind == "human_answer"
+            text = todo.resume.answer_raw if answered else todo.input
+            request = _request(_message(text, context_id, todo.id))
+            task = _waiting_task(todo, context_id) if answered else None
             from a2a.server.context import ServerCallContext
 
             if is_v1():  # the todo's tenant is the request's (context.tenant)
                 super().__init__(ServerCallContext(tenant=todo.tenant_id or ""),
-                                 request=request, task_id=todo.id, context_id=context_id)
+                                 request=request, task_id=todo.id, context_id=context_id,
+                                 task=task)
             else:  # a call context too, as a served request has one (its state, its user)
                 super().__init__(request=request, task_id=todo.id, context_id=context_id,
-                                 call_context=ServerCallContext())
+                                 task=task, call_context=ServerCallContext())
 
         def get_context_data(self) -> dict[str, Any]:
             return {"row": self.row, "extras": self.extras}
@@ -471,6 +500,50 @@ def _context_class() -> type:
             return {**self.extras, "row": self.row}
 
     return ProcessGPTRequestContext
+
+
+def answers_as_follow_ups(executor: Any) -> Any:
+    """``executor``, for an AgentExecutor written for a plain a2a server: on the run after a
+    person answers its ``input_required``, ``get_user_input()`` is the answer and
+    ``current_task`` the task waiting for it (state input_required, history the todo's input),
+    as an a2a server gives a follow-up message. Without it, that run gets the todo's input again
+    and the answer in ``context.resume``, as process-gpt-agent-sdk's executors expect."""
+    return _follow_up_class()(executor)
+
+
+@cache
+def _follow_up_class() -> type:
+    from a2a.server.agent_execution import AgentExecutor
+
+    class FollowUps(AgentExecutor):  # type: ignore[misc]
+        """Passes a run after an answer to the wrapped executor as an a2a follow-up."""
+
+        def __init__(self, executor: Any) -> None:
+            if not isinstance(executor, AgentExecutor):
+                raise TypeError(f"answers_as_follow_ups takes an a2a AgentExecutor, not "
+                                f"{type(executor).__name__}")
+            self.executor = executor
+            self._lock = threading.Lock()
+            # the context execute got is the one cancel gets, as on an a2a server
+            self._made: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+        def _follow_up(self, context: Any) -> Any:
+            todo = getattr(context, "todo", None)
+            if todo is None or todo.resume.kind != "human_answer":
+                return context
+            with self._lock:
+                made = self._made.get(context)
+                if made is None:
+                    made = self._made[context] = _context_class()(todo, follow_up=True)
+            return made
+
+        async def execute(self, context: Any, event_queue: Any) -> None:
+            await self.executor.execute(self._follow_up(context), event_queue)
+
+        async def cancel(self, context: Any, event_queue: Any) -> None:
+            await self.executor.cancel(self._follow_up(context), event_queue)
+
+    return FollowUps
 
 
 class A2AAdapter:

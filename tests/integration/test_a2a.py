@@ -499,6 +499,46 @@ def test_a_rerun_after_an_answer_offers_the_resume_where_upstream_executors_read
                              ("human_answer", "STARTED", todo_id, 1)]
 
 
+class TakesFollowUps(AgentExecutor):
+    """Written for a plain a2a server: a request with no task asks which tone; a follow-up
+    message continues the task that waits for it."""
+
+    async def execute(self, context, event_queue):
+        context_id, task_id = ids(context)
+        task = context.current_task
+        if task is None:
+            await event_queue.enqueue_event(ev.status(
+                "input_required", {"question": "Which tone?"}, context_id, task_id, final=True))
+            return
+        assert task.status.state == ev.state("input_required") and task.id == task_id
+        if ev.V1:
+            from a2a.helpers import get_message_text
+        else:
+            from a2a.utils import get_message_text
+        original = get_message_text(task.history[0])
+        await event_queue.enqueue_event(ev.artifact(
+            f"{original}, in a {context.get_user_input()} tone", context_id, task_id))
+
+    async def cancel(self, context, event_queue):
+        pass
+
+
+def test_answers_reach_an_executor_written_for_plain_a2a_as_follow_up_messages(storage, db):
+    from processgpt_sync.a2a import answers_as_follow_ups
+
+    with pytest.raises(TypeError, match="takes an a2a AgentExecutor"):
+        answers_as_follow_ups(lambda todo: None)
+    todo_id = storage.enqueue("a2a", "write the note", proc_inst_id=None)
+    with ps.start(answers_as_follow_ups(TakesFollowUps()), agent_orch="a2a",
+                  storage=storage, workers=1) as server:
+        wait_for(lambda: server.stats()["asked"] == 1)
+        (question,) = storage.open_questions("a2a")
+        storage.respond(question["job_id"], "friendly")
+        wait_for(lambda: server.stats()["completed"] == 1)
+    row = todo(db)
+    assert (row["id"], row["output"]) == (todo_id, "write the note, in a friendly tone")
+
+
 def test_the_a2a_example_runs_on_a2a_sdk_0_3(storage, db):
     if ev.V1:
         pytest.skip("examples/a2a_executor.py is written for a2a-sdk 0.3, as the original SDK")
