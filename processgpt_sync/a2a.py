@@ -491,7 +491,8 @@ def _context_class() -> type:
 
         @property
         def task_state(self) -> str:
-            """The row's draft_status, as process-gpt-agent-sdk 0.11's context names it."""
+            """The row's draft_status as the claim left it (STARTED), as process-gpt-agent-sdk
+            0.11's context gives it; ``resume`` says why the todo runs."""
             return str(self.row.get("draft_status") or "")
 
         @property

@@ -1214,7 +1214,8 @@ $$;
 
 -- NOTIFY that never makes the writer's statement fail: PostgreSQL refuses a payload of 8,000
 -- bytes or more, and these triggers run inside other writers' inserts (the platform's UI and
--- agents). A payload that long is sent empty; listeners read an empty payload as "look again".
+-- agents). A payload that long is sent empty: the console reads it as "look again", a server
+-- as nobody's (no agent_orch or job_id of ours is that long).
 CREATE OR REPLACE FUNCTION processgpt_sync_notify_text_v1(p_channel text, p_payload text)
 RETURNS void LANGUAGE sql AS $$
     SELECT pg_notify(p_channel, CASE WHEN octet_length(p_payload) < 8000 THEN p_payload ELSE '' END)
@@ -1976,14 +1977,14 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
         'todo', to_jsonb(t) - 'claim_token' || jsonb_build_object(
                     'state', processgpt_sync_state_v2(t.status::text, t.draft_status::text,
                                                       t.agent_mode::text, t.draft IS NOT NULL)),
-        'events', (SELECT coalesce(jsonb_agg(to_jsonb(e) ORDER BY e."timestamp", e.id),
-                                   '[]'::jsonb)
+        'events', (SELECT coalesce(jsonb_agg(to_jsonb(e) ORDER BY e."timestamp" NULLS FIRST,
+                                                               e.id), '[]'::jsonb)
                    FROM ((SELECT ev.id::text AS id, ev.job_id,
                                  ev.event_type::text AS event_type, ev.crew_type,
                                  ev.status::text AS status, ev.data, ev."timestamp"
                           FROM events ev
                           WHERE p_since IS NULL AND ev.todo_id = t.id::text
-                          ORDER BY ev."timestamp" DESC, ev.id::text DESC
+                          ORDER BY ev."timestamp" DESC NULLS LAST, ev.id::text DESC
                           LIMIT greatest(coalesce(p_limit, 500), 1))
                          UNION ALL
                          (SELECT ev.id::text, ev.job_id, ev.event_type::text, ev.crew_type,

@@ -44,7 +44,16 @@ from .charts import (
 )
 from .feed import ChangeFeed
 from .security import CSRF_FIELD, CSRF_HEADER, Guard, csrf_ok, csrf_token, is_loopback
-from .streams import EVENT_PAGE, PANELS, cursor, digest, event_stream, list_updates, todo_updates
+from .streams import (
+    EVENT_PAGE,
+    PANELS,
+    cursor,
+    digest,
+    event_stream,
+    floor_of,
+    list_updates,
+    todo_updates,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -178,22 +187,29 @@ class Console:
         detail = None if todo_id is None else await self.todo(todo_id)
         if detail is None:
             return self.render(request, "error.html", 404, message="no such todo")
-        events = detail["events"]
+        last = detail["events"][-1] if detail["events"] else {}
+        # the stream goes on from the page's last event; after a full page (only the newest
+        # shown) it sends none before it, which would land below the newest
+        position = {"since": last.get("timestamp") or ""}
+        if len(detail["events"]) >= EVENT_PAGE:
+            position["after"] = last["id"]
         shown = {part: digest(self.fragment(request, template, **detail))
                  for part, template in PANELS}
         return self.render(request, "todo.html", **detail,
-                           since=events[-1]["timestamp"] if events else "",
-                           shown=urlencode(shown))
+                           stream_query=urlencode({**position, **shown}))
 
     async def todo_stream(self, request: Request) -> Response:
         todo_id = _uuid(request.path_params["todo_id"])
         if todo_id is None:
             return Response("no such todo", status_code=404)
-        since = cursor(request.query_params.get("since"))
+        query = request.query_params
+        since = cursor(query.get("since"))
+        floor = floor_of(query.get("since"), query.get("after"))
         read = functools.partial(self.todo, todo_id)
         render = functools.partial(self.fragment, request)
-        shown = {part: request.query_params.get(part, "") for part, _ in PANELS}
-        return event_stream(self.feed, todo_id, todo_updates(read, render, since, shown))
+        shown = {part: query.get(part, "") for part, _ in PANELS}
+        return event_stream(self.feed, todo_id,
+                            todo_updates(read, render, since, shown, floor))
 
     async def questions_page(self, request: Request) -> Response:
         agent_orch = request.query_params.get("agent_orch") or self.config.agent_orch

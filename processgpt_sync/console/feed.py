@@ -32,6 +32,7 @@ POLL_INTERVAL = 1.0  # seconds between wake-ups when the backend cannot LISTEN
 RETRY_MAX = 10.0  # seconds: longest wait before reconnecting a lost LISTEN connection
 WATCH_REFRESH = 20.0  # seconds between renewals of this console's watch
 WATCH_SECONDS = 60  # how long one renewal keeps notifications on (a dead console's expire)
+READ_ONLY = "25006"  # SQLSTATE of a write to a read-only database (a replica)
 
 
 @dataclass(eq=False)
@@ -151,6 +152,10 @@ class ChangeFeed:
                     break
                 self.listening = False
                 listener.close()
+                if exc.code == READ_ONLY:  # LISTEN on a replica: no notifications come
+                    logger.warning("console change feed: %s: open pages are read again every "
+                                   "%g s instead", exc, self._poll_interval)
+                    break
                 logger.warning("console change feed: %s; reconnecting in %.1f s", exc, delay)
                 self._stop.wait(delay)
                 delay = min(delay * 2, RETRY_MAX)
@@ -164,13 +169,14 @@ class ChangeFeed:
 
     def _watch(self) -> bool:
         """Keep this console's notifications on; False when the database refuses the write (a
-        role that may only read): the open pages are then polled instead. An outage raises."""
+        role that may only read, a read-only replica): the open pages are then polled
+        instead. An outage raises."""
         try:
             self._storage.call("console_watch", {"p_console": self._console,
                                                  "p_seconds": WATCH_SECONDS})
-        except StorageUnavailable:
-            raise
         except StorageError as exc:
+            if isinstance(exc, StorageUnavailable) and exc.code != READ_ONLY:
+                raise
             logger.warning("console change feed: the database refused this console's watch "
                            "(%s): open pages are read again every %g s instead", exc,
                            self._poll_interval)

@@ -92,23 +92,25 @@ def digest(html: str) -> str:
 
 
 def todo_updates(read: ReadTodo, render: Render, since: datetime,
-                 shown: Mapping[str, str] | None = None) -> Body:
+                 shown: Mapping[str, str] | None = None,
+                 floor: tuple[datetime, str] | None = None) -> Body:
     """One todo's new events (each sent once), and its state and questions panels whenever
     they render differently from what the page shows (``shown``: each panel's digest as the
     page rendered it, so a form being filled in is not replaced by the same panel on
     connect). ``read(since, after_id)`` is the todo with the first EVENT_PAGE of its events
     from ``since`` on (after ``after_id`` at ``since`` itself): a full page is followed by
-    the next at once, so a burst larger than a page is shown whole."""
+    the next at once, so a burst larger than a page is shown whole. ``floor``: the page's
+    last event when the page showed only the newest events; none up to it is sent (an older
+    one would land below the newest), not even by the re-read of the last seconds."""
 
     async def updates(subscription: Subscription) -> AsyncIterator[str]:
-        nonlocal since
         sent: dict[str, datetime] = {}
         on_page = {part: (shown or {}).get(part, "") for part, _ in PANELS}
-        after: str | None = None  # set while paging through a burst
-        first = True
-        while first or after is not None or await changed(subscription):
+        start, after = floor or (since, None)
+        more = first = True
+        while first or more or await changed(subscription):
             first = False
-            detail = await read(since.isoformat(), after)
+            detail = await read(start.isoformat(), after)
             if detail is None:  # deleted: the page stops following it (no reconnects)
                 yield sse("gone", "this todo no longer exists")
                 return
@@ -116,11 +118,14 @@ def todo_updates(read: ReadTodo, render: Render, since: datetime,
             fresh = [e for e in events if e["id"] not in sent]
             for event in events:
                 sent[event["id"]] = parse_time(event["timestamp"])
-            if len(events) >= EVENT_PAGE:  # more may follow this page's last event
-                since, after = parse_time(events[-1]["timestamp"]), events[-1]["id"]
-            elif sent:
-                since, after = max(sent.values()) - EVENT_OVERLAP, None
-                sent = {k: v for k, v in sent.items() if v >= since}
+            more = len(events) >= EVENT_PAGE  # more may follow this page's last event
+            if more:
+                start, after = parse_time(events[-1]["timestamp"]), events[-1]["id"]
+            elif sent:  # next: the last seconds again, for events that committed late
+                start, after = max(sent.values()) - EVENT_OVERLAP, None
+                sent = {k: v for k, v in sent.items() if v >= start}
+                if floor is not None and start <= floor[0]:
+                    start, after = floor
             if fresh:
                 yield sse("events", render("_events.html", events=fresh))
             for part, template in PANELS:
@@ -158,10 +163,28 @@ def sse(event: str, data: str) -> str:
 def cursor(value: str | None) -> datetime:
     """Where a todo page's stream starts reading events: a little before the page's last, or
     from the first when the page showed none (every event is then new to it)."""
+    at = _time(value)
+    return FIRST_EVENT if at is None else max(at - EVENT_OVERLAP, FIRST_EVENT)
+
+
+def floor_of(value: str | None, after: str | None) -> tuple[datetime, str] | None:
+    """The page's last event, ``value`` its time and ``after`` its id, when the page said it
+    showed only the newest events (it sends ``after`` then); None otherwise."""
+    at = _time(value)
+    return None if at is None or not after else (max(at, FIRST_EVENT), after)
+
+
+def _time(value: str | None) -> datetime | None:
     if not value:
-        return FIRST_EVENT
+        return None
     try:
-        start = parse_time(value) - EVENT_OVERLAP
-    except (ValueError, OverflowError):  # not a time, or one at the calendar's very start
-        return FIRST_EVENT
-    return max(start if start.tzinfo else start.replace(tzinfo=timezone.utc), FIRST_EVENT)
+        at = parse_time(value)
+    except (ValueError, OverflowError):  # not a time
+        return None
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=timezone.utc)
+    try:
+        at - EVENT_OVERLAP
+    except OverflowError:  # one at the calendar's very start
+        return None
+    return at

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from psycopg.conninfo import make_conninfo
 
 import processgpt_sync as ps
 from processgpt_sync.console import ConsoleConfig, ConsoleServer
@@ -184,8 +185,9 @@ def test_a_burst_of_events_larger_than_a_page_reaches_an_open_page_whole(console
     """A live page reads events a page at a time; a burst of 1,200 written in one statement
     (one timestamp for all) is shown whole, each event once, and later events still follow."""
     todo_id = storage.enqueue("console", "a chatty agent")
-    insert = ("INSERT INTO events (id, todo_id, event_type, data) SELECT gen_random_uuid(), "
-              "%s, 'task_working', jsonb_build_object('n', g) FROM generate_series(1, %s) g")
+    insert = ("INSERT INTO events (id, job_id, todo_id, event_type, data) SELECT "
+              "gen_random_uuid(), 'burst', %s, 'task_working', jsonb_build_object('n', g) "
+              "FROM generate_series(1, %s) g")
 
     def shown(text: str) -> list[str]:
         return re.findall(r'<tr id="ev-([0-9a-f-]+)"', text)
@@ -205,6 +207,24 @@ def test_a_burst_of_events_larger_than_a_page_reaches_an_open_page_whole(console
     assert len(ids) == len(set(ids)) == 1201
     stored = db.execute("SELECT id FROM events WHERE todo_id = %s", (todo_id,)).fetchall()
     assert set(ids) == {row["id"] for row in stored}
+    # a page opened now shows the newest 500; its stream sends what comes next, never the
+    # older ones of the burst (they would land below the newest)
+    page = client.get(f"/todos/{todo_id}").text
+    on_page = shown(page)
+    url = html.unescape(re.search(r'data-stream="([^"]+)"', page).group(1))
+    assert len(on_page) == 500 and "after=" in url
+    url = re.sub(r"&(state|questions)=[^&]*", "", url)  # as a reconnect: panels sent first
+
+    def one_more(text: str) -> bool:
+        if "event: state" in text and len(written) == 2:
+            written.append(1)
+            db.execute(insert, (todo_id, 1))
+        return bool(shown(text))
+
+    later = shown(read_stream(client, url, one_more))
+    newest = db.execute("SELECT id FROM events WHERE todo_id = %s ORDER BY timestamp DESC "
+                        "LIMIT 1", (todo_id,)).fetchone()["id"]
+    assert later == [newest]
 
 
 def test_list_stream_shows_a_new_todo(storage, client):
@@ -600,14 +620,21 @@ def test_read_only_console_hides_and_refuses_every_action(storage, db):
                           ).fetchone()["n"] == 0
 
 
-def test_a_console_the_database_refuses_a_watch_polls_its_pages_instead(storage, db, caplog):
-    """A role that may only read cannot keep notifications on: the console says so once and
-    reads its open pages again every second, rather than reconnecting for ever."""
-    db.execute("""CREATE FUNCTION refuse_watch() RETURNS trigger LANGUAGE plpgsql AS $$
-                  BEGIN RAISE EXCEPTION 'permission denied for table processgpt_sync_console_watch'
-                        USING ERRCODE = '42501'; END $$""")
-    db.execute("CREATE TRIGGER refuse_watch BEFORE INSERT OR UPDATE ON "
-               "processgpt_sync_console_watch FOR EACH ROW EXECUTE FUNCTION refuse_watch()")
+@pytest.mark.parametrize("reader", ["a role that may only read", "a read-only database"])
+def test_a_console_the_database_refuses_a_watch_polls_its_pages_instead(storage, db, caplog,
+                                                                        database_url, reader):
+    """A role that may only read, or a replica, cannot keep notifications on: the console says
+    so once and reads its open pages again every second, rather than reconnecting for ever."""
+    console_storage = storage
+    if reader == "a role that may only read":
+        db.execute("""CREATE FUNCTION refuse_watch() RETURNS trigger LANGUAGE plpgsql AS $$
+                      BEGIN RAISE EXCEPTION 'permission denied for processgpt_sync_console_watch'
+                            USING ERRCODE = '42501'; END $$""")
+        db.execute("CREATE TRIGGER refuse_watch BEFORE INSERT OR UPDATE ON "
+                   "processgpt_sync_console_watch FOR EACH ROW EXECUTE FUNCTION refuse_watch()")
+    else:
+        console_storage = PostgresStorage(
+            make_conninfo(database_url, options="-c default_transaction_read_only=on"))
     gate = threading.Event()
 
     def handle(todo):
@@ -616,8 +643,8 @@ def test_a_console_the_database_refuses_a_watch_polls_its_pages_instead(storage,
         return {"ok": True}
 
     todo_id = storage.enqueue("console", "watched by a reader")
-    with ConsoleServer(storage, ConsoleConfig(port=0)) as server, client_of(server) as client, \
-            ps.start(handle, agent_orch="console", storage=storage):
+    with ConsoleServer(console_storage, ConsoleConfig(port=0)) as server, \
+            client_of(server) as client, ps.start(handle, agent_orch="console", storage=storage):
         feed = server.app.state.console.feed
         wait_for(lambda: "refused this console's watch" in caplog.text)
         assert not feed.listening
@@ -627,6 +654,8 @@ def test_a_console_the_database_refuses_a_watch_polls_its_pages_instead(storage,
             return "after the gate" in text and "COMPLETED" in text
 
         read_stream(client, f"/todos/{todo_id}/stream", until)
+    if console_storage is not storage:
+        console_storage.close()
     assert caplog.text.count("refused this console's watch") == 1
     assert "could not end its watch" not in caplog.text
 

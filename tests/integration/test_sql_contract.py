@@ -480,3 +480,28 @@ def test_a_payload_too_long_to_notify_never_fails_another_writers_insert(db, dat
                       (todo_id,)).fetchone()["agent_orch"] == long
     assert {("processgpt_sync_answer", ""), ("processgpt_sync_todo", ""),
             ("processgpt_sync_event", ""), ("processgpt_sync_event", str(todo_id))} <= heard
+
+
+def test_console_todo_pages_events_in_time_and_id_order(storage, db):
+    """The newest p_limit with no place given; else the first p_limit after (p_since,
+    p_after_id), p_since itself included without an id: a page may end inside one timestamp
+    and the next goes on from there. An event with no time is shown only when room is left."""
+    todo_id = storage.enqueue("a", "paged")
+    db.execute("INSERT INTO events (id, job_id, data, todo_id, event_type, \"timestamp\") SELECT "
+               "'e' || lpad(g::text, 2, '0'), 'j', '{}', %s, 'task_working', '2026-01-01 10:00+00'"
+               "::timestamptz + (g / 4) * interval '1 second' FROM generate_series(0, 11) g",
+               (todo_id,))
+    db.execute("INSERT INTO events (id, job_id, data, todo_id, event_type, \"timestamp\") "
+               "VALUES ('no-time', 'j', '{}', %s, 'task_working', NULL)", (todo_id,))
+
+    def page(since=None, after=None, limit=5):
+        detail = storage.call("console_todo", {"p_todo_id": todo_id, "p_since": since,
+                                               "p_after_id": after, "p_limit": limit})
+        return [e["id"] for e in detail["events"]]
+
+    assert page() == ["e07", "e08", "e09", "e10", "e11"]
+    assert page(limit=20)[0] == "no-time"  # first, so the page's last event has a time
+    assert page("2026-01-01 10:00:01+00") == ["e04", "e05", "e06", "e07", "e08"]
+    assert page("2026-01-01 10:00:01+00", "e05") == ["e06", "e07", "e08", "e09", "e10"]
+    assert page("2026-01-01 10:00:02+00", "e10", limit=20) == ["e11"]
+    assert page("2026-01-01 10:00:02+00", "e11") == []

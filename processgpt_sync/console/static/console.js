@@ -77,16 +77,25 @@
   // The stream URL names the panels as the page rendered them, so the first connection
   // sends only what changed since; a reconnect must not compare with that old render (the
   // panels may have changed and changed back meanwhile): it reopens without those names, and
-  // the server sends both panels afresh.
+  // the server sends both panels afresh. It goes on from the last event the page has, not
+  // from where the page started, so it reads only what it missed.
+  function resumeUrl(url, body) {
+    var next = url.replace(/&(state|questions)=[^&]*/g, "");
+    var last = body.rows.length ? body.rows[body.rows.length - 1] : null;
+    if (last && last.dataset.at) {
+      next = next.replace(/([?&]since=)[^&]*/, "$1" + encodeURIComponent(last.dataset.at));
+      next = next.replace(/([?&]after=)[^&]*/, "$1" + encodeURIComponent(last.id.slice(3)));
+    }
+    return next;
+  }
+
   function followTodo(table, url) {
     var body = table.tBodies[0];
     var source = new EventSource(url);
     reportFailures(source, ["events", "state", "questions"]);
     source.addEventListener("error", function () {
       source.close();
-      setTimeout(function () {
-        followTodo(table, url.replace(/&(state|questions)=[^&]*/g, ""));
-      }, 1000);
+      setTimeout(function () { followTodo(table, resumeUrl(url, body)); }, 1000);
     });
     source.addEventListener("gone", function (message) {
       source.close();
