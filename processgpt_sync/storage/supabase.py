@@ -83,6 +83,15 @@ def wrap_exceptions(target: str, status: Callable[[], int | None] = lambda: None
                 "(SUPABASE_KEY, SUPABASE_SERVICE_ROLE_KEY or SERVICE_ROLE_KEY), not the anon key",
                 code=code, hint=exc.hint,
             ) from exc
+        if (code is None or code == "404") and status() == 404:
+            # PostgREST names every error it sends (PGRST202 for a missing function): a 404
+            # without a code is the API gateway's own, a route missing while it restarts or
+            # reloads. Retried, so no todo's result is refused for it; at start it stops the
+            # server with this message. (A 413 or a 403 stays a refusal: no retry changes it.)
+            raise StorageUnavailable(
+                f"Supabase answered {target} with HTTP 404 and no PostgREST error ({message}): "
+                "the API gateway's own answer (is SUPABASE_URL the project's API URL? is the "
+                "gateway restarting?)", code=code) from exc
         if code == FOREIGN_KEY_VIOLATION and exc.details:
             message = f"{message}: {exc.details}"
         hint = f" ({exc.hint})" if exc.hint else ""

@@ -102,18 +102,23 @@ GATEWAY_ERRORS = [
     (504, {"message": "The upstream server is timing out"}),
     (429, {"message": "API rate limit exceeded"}),
     (429, "Too Many Requests"),  # not a JSON object: postgrest takes the status as the code
+    # a 404 without PostgREST's code: a route missing while the gateway restarts or reloads
+    (404, {"message": "no Route matched with those values"}),
+    (404, "<html><body>Not Found</body></html>"),
 ]
 
 
 def test_the_api_gateways_own_errors_are_an_outage_not_a_refusal(supabase, db):
-    """Kong answers 502/503/504 (and a rate limit 429) with a JSON body that has no code: a
-    result written through such a blip is retried and stored, not recorded as failed."""
+    """Kong answers 502/503/504 (and a rate limit 429, or a 404 while its routes reload) with
+    a JSON body that has no code: a result written through such a blip is retried and stored,
+    not recorded as failed. PostgREST's own 4xx carry a code and stay refusals."""
     gateway = supabase.gateway
     gateway.gateway_answers["processgpt_sync_enqueue_v1"] = list(GATEWAY_ERRORS)
     for status, _ in GATEWAY_ERRORS:
         with pytest.raises(ps.StorageUnavailable):
             supabase.enqueue("a", f"blip {status}")
-    gateway.gateway_answers["processgpt_sync_finish_v1"] = [GATEWAY_ERRORS[0]]
+    gateway.gateway_answers["processgpt_sync_finish_v1"] = [GATEWAY_ERRORS[0],
+                                                            GATEWAY_ERRORS[-2]]
     supabase.enqueue("a", "q")
     with ps.start(lambda todo: {"ok": todo.input}, agent_orch="a", storage=supabase) as server:
         wait_for(lambda: server.stats()["completed"] + server.stats()["failed"] == 1)
