@@ -620,6 +620,33 @@ def test_read_only_console_hides_and_refuses_every_action(storage, db):
                           ).fetchone()["n"] == 0
 
 
+class WatchOutage(PostgresStorage):
+    """The first renewals of the console's watch meet an outage (not a refusal)."""
+
+    outages = 2
+
+    def call(self, query, params):
+        if query == "console_watch" and self.outages:
+            self.outages -= 1
+            raise ps.StorageUnavailable("database unreachable (console_watch): no route")
+        return super().call(query, params)
+
+
+def test_an_outage_while_a_console_renews_its_watch_is_waited_out_not_taken_for_a_refusal(
+        database_url, db, caplog):
+    store = WatchOutage(database_url)
+    try:
+        with ConsoleServer(store, ConsoleConfig(port=0)) as server:
+            feed = server.app.state.console.feed
+            wait_for(lambda: db.execute("SELECT count(*) AS n FROM "
+                                        "processgpt_sync_console_watch").fetchone()["n"] == 1,
+                     timeout=15)
+            assert feed.listening and store.outages == 0  # notified again, not polled
+    finally:
+        store.close()
+    assert caplog.text.count("no route") == 2 and "refused this console's watch" not in caplog.text
+
+
 @pytest.mark.parametrize("reader", ["a role that may only read", "a read-only database"])
 def test_a_console_the_database_refuses_a_watch_polls_its_pages_instead(storage, db, caplog,
                                                                         database_url, reader):
