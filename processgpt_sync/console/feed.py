@@ -163,7 +163,7 @@ class ChangeFeed:
             for _channel, payload in notes:
                 self.dispatch(payload or None)
         self.listening = False
-        if not self._stop.is_set():  # the watch was refused: poll, as a read-only console does
+        if not self._stop.is_set():  # its watch or LISTEN refused: poll, as --read-only does
             listener.close()
             self._poll()
 

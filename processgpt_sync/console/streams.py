@@ -36,8 +36,9 @@ LIST_READ_PACE = 10.0  # a list stream waits this many times its last read's dur
 
 Body = Callable[[Subscription], AsyncIterator[str]]
 Render = Callable[..., str]
-ReadTodo = Callable[[str, str | None], Awaitable[Mapping[str, Any] | None]]
 """``render(template_name, **context)``: a fragment of the page as HTML."""
+ReadTodo = Callable[[str, str | None], Awaitable[Mapping[str, Any] | None]]
+"""``read(since, after_id)``: the todo with a page of its events (see ``todo_updates``)."""
 
 
 def event_stream(feed: ChangeFeed, todo_id: str | None, body: Body) -> Response:
@@ -164,7 +165,9 @@ def cursor(value: str | None) -> datetime:
     """Where a todo page's stream starts reading events: a little before the page's last, or
     from the first when the page showed none (every event is then new to it)."""
     at = _time(value)
-    return FIRST_EVENT if at is None else max(at - EVENT_OVERLAP, FIRST_EVENT)
+    if at is None or at - FIRST_EVENT <= EVENT_OVERLAP:
+        return FIRST_EVENT
+    return at - EVENT_OVERLAP
 
 
 def floor_of(value: str | None, after: str | None) -> tuple[datetime, str] | None:
@@ -181,10 +184,4 @@ def _time(value: str | None) -> datetime | None:
         at = parse_time(value)
     except (ValueError, OverflowError):  # not a time
         return None
-    if at.tzinfo is None:
-        at = at.replace(tzinfo=timezone.utc)
-    try:
-        at - EVENT_OVERLAP
-    except OverflowError:  # one at the calendar's very start
-        return None
-    return at
+    return at if at.tzinfo else at.replace(tzinfo=timezone.utc)
