@@ -539,6 +539,17 @@ def test_answers_reach_an_executor_written_for_plain_a2a_as_follow_up_messages(s
     assert (row["id"], row["output"]) == (todo_id, "write the note, in a friendly tone")
 
 
+def test_the_testing_kit_answers_a_plain_a2a_executors_question_as_a_follow_up(
+        processgpt_run):
+    from processgpt_sync.a2a import answers_as_follow_ups
+
+    record = processgpt_run(answers_as_follow_ups(TakesFollowUps()), "write the note",
+                            answers=["friendly"])
+    assert record.completed and record.result == "write the note, in a friendly tone"
+    assert [run.kind for run in record.runs] == ["fresh", "human_answer"]
+    assert [(q.text, q.answer) for q in record.questions] == [("Which tone?", "friendly")]
+
+
 def test_the_a2a_example_runs_on_a2a_sdk_0_3(storage, db):
     if ev.V1:
         pytest.skip("examples/a2a_executor.py is written for a2a-sdk 0.3, as the original SDK")
