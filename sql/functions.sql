@@ -1932,35 +1932,6 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
                     FROM groups g WHERE g.tenant_id IS NOT NULL))
 $$;
 
--- Console todo page: the row (without its fencing token) and state, its events from p_since
--- on (all when NULL; the newest p_limit), and its open questions. NULL for an unknown todo.
-CREATE OR REPLACE FUNCTION processgpt_sync_console_todo_v1(
-    p_todo_id uuid,
-    p_since timestamptz DEFAULT NULL,
-    p_limit integer DEFAULT 500)
-RETURNS jsonb LANGUAGE sql STABLE AS $$
-    SELECT jsonb_build_object(
-        'todo', to_jsonb(t) - 'claim_token' || jsonb_build_object(
-                    'state', processgpt_sync_state_v2(t.status::text, t.draft_status::text,
-                                                      t.agent_mode::text, t.draft IS NOT NULL)),
-        'events', (SELECT coalesce(jsonb_agg(to_jsonb(e) ORDER BY e."timestamp", e.id),
-                                   '[]'::jsonb)
-                   FROM (SELECT ev.id, ev.job_id, ev.event_type::text AS event_type,
-                                ev.crew_type, ev.status::text AS status, ev.data, ev."timestamp"
-                         FROM events ev
-                         WHERE ev.todo_id = t.id::text
-                           AND (p_since IS NULL OR ev."timestamp" >= p_since)
-                         ORDER BY ev."timestamp" DESC, ev.id DESC
-                         LIMIT greatest(coalesce(p_limit, 500), 1)) e),
-        'questions', (SELECT coalesce(jsonb_agg(jsonb_build_object(
-                                 'job_id', q.job_id, 'todo_id', q.todo_id, 'question', q.data,
-                                 'asked_at', q."timestamp")
-                                 ORDER BY q."timestamp"), '[]'::jsonb)
-                      FROM processgpt_sync_awaited_question_v1(t) q
-                      WHERE NOT EXISTS (SELECT 1 FROM processgpt_sync_answer_to_v1(
-                                            q.job_id, q.todo_id, q."timestamp"))))
-    FROM todolist t WHERE t.id = p_todo_id
-$$;
 
 -- Console todo page (v2: a page of events from a place on, so a live page reads a burst
 -- larger than one page in full; v1 gave the newest p_limit from p_since and skipped the rest).
@@ -2002,6 +1973,27 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
                       WHERE NOT EXISTS (SELECT 1 FROM processgpt_sync_answer_to_v1(
                                             q.job_id, q.todo_id, q."timestamp"))))
     FROM todolist t WHERE t.id = p_todo_id
+$$;
+
+-- The first console todo page (kept for consoles of an earlier version): v2's row, state and
+-- questions, with the newest p_limit events from p_since on. NULL for an unknown todo.
+CREATE OR REPLACE FUNCTION processgpt_sync_console_todo_v1(
+    p_todo_id uuid,
+    p_since timestamptz DEFAULT NULL,
+    p_limit integer DEFAULT 500)
+RETURNS jsonb LANGUAGE sql STABLE AS $$
+    SELECT d || jsonb_build_object(
+        'events', (SELECT coalesce(jsonb_agg(to_jsonb(e) ORDER BY e."timestamp", e.id),
+                                   '[]'::jsonb)
+                   FROM (SELECT ev.id, ev.job_id, ev.event_type::text AS event_type,
+                                ev.crew_type, ev.status::text AS status, ev.data, ev."timestamp"
+                         FROM events ev
+                         WHERE ev.todo_id = p_todo_id::text
+                           AND (p_since IS NULL OR ev."timestamp" >= p_since)
+                         ORDER BY ev."timestamp" DESC, ev.id DESC
+                         LIMIT greatest(coalesce(p_limit, 500), 1)) e))
+    FROM processgpt_sync_console_todo_v2(p_todo_id, NULL, NULL, 1) d
+    WHERE d IS NOT NULL
 $$;
 
 -- Cancel a todo as the ProcessGPT UI does: status and draft_status CANCELLED. A running
