@@ -25,6 +25,8 @@ class Claim:
     token: str
     row: Mapping[str, Any]
     extras: Mapping[str, Any]
+    unreadable: str | None = None
+    """Why no executor can be given this todo (a value nested too deeply): it is failed unrun."""
 
     @classmethod
     def from_json(cls, item: Mapping[str, Any]) -> Claim:
@@ -38,6 +40,19 @@ class Claim:
             row=MappingProxyType(dict(row)),
             extras=MappingProxyType(extras),
         )
+
+    @classmethod
+    def unrunnable(cls, item: Mapping[str, Any], part: str, key: str) -> Claim:
+        """A claimed todo whose ``item[part][key]`` Python cannot handle for nesting: kept
+        without that value, with why, so that it is failed rather than run."""
+        row = dict(item["row"])
+        if part == "row":
+            row[key] = None
+        where = f"todolist.{key}" if part == "row" else f"the claim's {key!r} context"
+        why = (f"{where} is nested deeper than Python's JSON handling allows, so no executor "
+               "can be given this todo; the value is left unchanged in the database")
+        return cls(todo_id=str(row["id"]), token=str(item["token"]),
+                   row=MappingProxyType(row), extras=MappingProxyType({}), unreadable=why)
 
 
 def upstream_resume(resume: Mapping[str, Any], row: Mapping[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
-from .errors import StorageError
+from .errors import PayloadError, StorageError
 from .executor import Adapter
 from .feedback import with_summary
 from .human import HumanDesk, SuspendForHuman
@@ -63,6 +63,11 @@ class TodoWorker:
             self._inflight.forget(run)
             return
         self._stats.executing(1)
+        if run.claim.unreadable is not None:  # the row's data, not the executor, is at fault
+            self._log.error("todo %s cannot run: %s", run.todo_id, run.claim.unreadable,
+                            extra=self._todo_extra(run, "execute"))
+            self._ended(run, UNSET, PayloadError(run.claim.unreadable))
+            return
         if run.todo.resume.kind == "fresh":
             self._stats.pickup(run.claim.row.get("start_date"))
         context = CURRENT_RUN.set(run)

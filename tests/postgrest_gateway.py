@@ -42,8 +42,8 @@ def status_for(sqlstate: str | None) -> int:
 
 @dataclass(frozen=True)
 class RawBody:
-    """An answer body sent as it is, not as JSON: a proxy's or a firewall's page (bytes: not
-    even text)."""
+    """An answer body sent as it is: a proxy's or a firewall's page (bytes: not even text),
+    or the database's JSON text."""
 
     text: str | bytes
     content_type: str = "text/html"
@@ -137,7 +137,7 @@ class Gateway:
                                    "but no matches were found in the schema cache.",
                         "hint": None,
                     }
-                query = sql.SQL("SELECT to_jsonb({}({}))").format(
+                query = sql.SQL("SELECT to_jsonb({}({}))::text").format(
                     sql.Identifier(name),
                     sql.SQL(", ").join(
                         sql.SQL("{} => {}::{}").format(sql.Identifier(arg), sql.Placeholder(arg),
@@ -167,7 +167,9 @@ class Gateway:
                                               "message": diag.message_primary or str(exc),
                                               "details": diag.message_detail,
                                               "hint": diag.message_hint}
-        return HTTPStatus.OK, None if row is None else row[0]
+        # the database's own JSON text, as PostgREST sends it (values of any depth)
+        return HTTPStatus.OK, RawBody("null" if row is None or row[0] is None else row[0],
+                                      "application/json; charset=utf-8")
 
     @staticmethod
     def signature(conn: psycopg.Connection[Any], name: str,

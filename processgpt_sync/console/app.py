@@ -109,10 +109,13 @@ def pretty(value: Any) -> str:
     """A JSON value as readable text (strings as themselves); escaped later by the template."""
     if isinstance(value, str):
         return value
-    compact = json.dumps(value, ensure_ascii=False, default=str)
-    if len(compact) <= PRETTY_WIDTH:
-        return compact
-    return json.dumps(value, indent=2, ensure_ascii=False, default=str)
+    try:
+        compact = json.dumps(value, ensure_ascii=False, default=str)
+        if len(compact) <= PRETTY_WIDTH:
+            return compact
+        return json.dumps(value, indent=2, ensure_ascii=False, default=str)
+    except RecursionError:  # jsonb holds what Python's json cannot write back out
+        return "(a value nested too deeply to show here; the database holds it unchanged)"
 
 
 def clock(value: Any) -> str:

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..deep_json import NestedDeeply, too_deep
 from ..errors import PayloadError, SchemaMissing
 from ..models import Claim
 from ..queries import required_functions
@@ -150,6 +151,9 @@ class Storage(abc.ABC):
                 "p_instance": instance,
             },
         )
+        if isinstance(items, NestedDeeply):
+            return [Claim.from_json(item) if (where := too_deep(item)) is None
+                    else Claim.unrunnable(item, *where) for item in items]
         return [Claim.from_json(item) for item in items or []]
 
     def record_events(self, events: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

@@ -17,8 +17,9 @@ import psycopg
 import psycopg_pool
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Jsonb, set_json_loads
 
+from ..deep_json import read_json
 from ..errors import ConfigurationError, SchemaMissing, StorageError, StorageUnavailable
 from ..queries import queries
 from .base import FOREIGN_KEY_VIOLATION, INSTALL_HINT, Storage
@@ -211,7 +212,10 @@ class PostgresStorage(Storage):
 
     def _configure(self, conn: psycopg.Connection[Any]) -> None:
         """Claims and writes rely on READ COMMITTED (a lock waited for, then the rows as they
-        are now), so a database or role whose default is stricter must not apply here."""
+        are now), so a database or role whose default is stricter must not apply here.
+        JSON is read by ``read_json``: a claimed row nested too deeply for ``json.loads`` fails
+        its own todo, not the claim that brought it and the todos claimed with it."""
+        set_json_loads(read_json, conn)
         if not self.prepare:  # behind a transaction pooler a SET is lost: claims check it
             return
         settings = {"default_transaction_isolation": "read committed"}

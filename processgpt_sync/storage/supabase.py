@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 from postgrest.exceptions import APIError
 
+from ..deep_json import read_json
 from ..errors import ConfigurationError, SchemaMissing, StorageError, StorageUnavailable
 from ..queries import function_name
 from .base import FOREIGN_KEY_VIOLATION, INSTALL_HINT, Storage
@@ -235,9 +236,13 @@ class SupabaseStorage(Storage):
             return None if local.response is None else int(local.response.status_code)
 
         try:
-            with wrap_exceptions(name, status):
-                response = client.rpc(name, dict(params)).execute()
-            data = response.data
+            try:
+                with wrap_exceptions(name, status):
+                    data = client.rpc(name, dict(params)).execute().data
+            except RecursionError:  # an answer nested deeper than json.loads reads
+                if local.response is None:
+                    raise
+                data = read_json(local.response.content)
             _check_answer(name, data, local.response)
         finally:
             local.response = None

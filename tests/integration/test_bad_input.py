@@ -8,8 +8,10 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 import processgpt_sync as ps
-from tests.conftest import wait_for
+from tests.conftest import open_backend, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -127,3 +129,33 @@ def test_several_processes_start_the_embedded_server_at_once(tmp_path):
         subprocess.run([sys.executable, "-c", "import sys; from processgpt_sync import "
                         "embedded; embedded.stop(sys.argv[1])", str(directory)],
                        cwd=ROOT, timeout=60, check=False)
+
+
+DEEP = "[" * 5_000 + "]" * 5_000  # jsonb keeps it; json.loads gives up at about 1,000
+
+
+@pytest.fixture(params=["postgres", "supabase"])
+def any_storage(request, database_url):
+    yield from open_backend(request.param, database_url)
+
+
+def test_a_row_nested_deeper_than_python_reads_fails_its_todo_alone(any_storage, db, caplog):
+    """One such todo fails with the column named; those claimed with it run, and the server
+    goes on serving."""
+    ids = [any_storage.enqueue("deep", text) for text in ("first", "deep", "third")]
+    db.execute("UPDATE todolist SET feedback = %s::jsonb WHERE id = %s", (DEEP, ids[1]))
+
+    with ps.start(lambda todo: {"echo": todo.input}, agent_orch="deep", storage=any_storage,
+                  workers=4) as server:
+        wait_for(lambda: server.stats()["completed"] + server.stats()["failed"] == 3)
+        later = any_storage.enqueue("deep", "later")
+        wait_for(lambda: server.stats()["completed"] == 3)
+    rows = {r["id"]: r for r in db.execute(
+        "SELECT id::text, draft_status::text AS state, log, output->>'echo' AS echo, "
+        "jsonb_typeof(feedback) AS feedback FROM todolist")}
+    assert [rows[str(i)]["echo"] for i in (ids[0], ids[2], later)] == ["first", "third", "later"]
+    deep = rows[str(ids[1])]
+    assert deep["state"] == "FAILED" and deep["echo"] is None
+    assert "todolist.feedback is nested deeper than" in deep["log"]
+    assert deep["feedback"] == "array"  # left as it was
+    assert "cannot run: todolist.feedback" in caplog.text

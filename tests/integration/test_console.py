@@ -153,6 +153,25 @@ def test_todo_page_shows_input_result_log_and_events_with_agent_text_escaped(sto
     assert client.get("/todos/not-a-uuid").status_code == 404
 
 
+def test_values_nested_deeper_than_python_reads_are_said_to_be_so_not_a_server_error(
+        storage, client, db):
+    """jsonb holds thousands of levels: the page, its stream and the list still show the rest."""
+    deep = "[" * 5_000 + "]" * 5_000
+    todo_id = storage.enqueue("console", "a deep one")
+    db.execute("UPDATE todolist SET output = %s::jsonb WHERE id = %s", (deep, todo_id))
+    db.execute("INSERT INTO events (id, job_id, todo_id, event_type, data) VALUES "
+               "(gen_random_uuid(), 'deep', %s, 'task_working', %s::jsonb), "
+               "(gen_random_uuid(), 'deep', %s, 'task_working', '{\"n\": \"shallow\"}')",
+               (todo_id, deep, todo_id))
+    page = client.get(f"/todos/{todo_id}")
+    assert page.status_code == 200
+    assert page.text.count("nested too deeply to show") == 2  # the result and the event
+    assert "shallow" in page.text and "a deep one" in page.text
+    read_stream(client, f"/todos/{todo_id}/stream",
+                until=lambda text: "shallow" in text and "nested too deeply to show" in text)
+    assert client.get("/todos").status_code == 200
+
+
 def test_event_stream_shows_new_events_and_the_final_state_as_they_happen(storage, client, db):
     gate = threading.Event()
 

@@ -1,0 +1,44 @@
+"""The JSON reader for what the database holds: json.loads' answers, at any depth."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from processgpt_sync.deep_json import NestedDeeply, _read_without_recursion, read_json, too_deep
+
+SAMPLES = [
+    '{"a": [1, -2.5e3, "x\\u00e9\\n\\"", true, false, null, {}, []], "b": {"c": {"d": [[]]}}}',
+    ' [ 1 , { "k" : "v" , "n" : 12345678901234567890 } , [ ] ] ',
+    '"just text"', "42", "null", "[]", "{}", '{"dup": 1, "dup": 2}',
+]
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_the_reader_without_recursion_gives_json_loads_answer(text):
+    assert _read_without_recursion(text) == json.loads(text)
+
+
+@pytest.mark.parametrize("text", ["[1,]", '{"a" 1}', "[1 2]", "{1: 2}", "[1]x", "", "[", '{"a":'])
+def test_what_json_loads_refuses_the_reader_refuses(text):
+    with pytest.raises(ValueError):
+        json.loads(text)
+    with pytest.raises(ValueError):
+        _read_without_recursion(text)
+
+
+def test_a_value_deeper_than_json_loads_reads_is_read_whole_and_said_to_be_deep():
+    depth = 20_000
+    text = '[{"row": {"id": 1, "output": ' + "[" * depth + '"end"' + "]" * depth + "}}, 7]"
+    with pytest.raises(RecursionError):
+        json.loads(text)
+    value = read_json(text.encode())
+    assert isinstance(value, NestedDeeply) and value[1] == 7
+    inner = value[0]["row"]["output"]
+    for _ in range(depth):
+        inner = inner[0]
+    assert inner == "end"
+    assert too_deep(value[0]) == ("row", "output")
+    assert too_deep({"row": {"id": 1, "output": [[1]]}, "extras": {"resume": {}}}) is None
+    assert read_json(memoryview(b'{"a": [1]}')) == {"a": [1]}
