@@ -62,6 +62,14 @@ def csrf_token(scope: Scope) -> str:
     return str(scope.setdefault("state", {})["csrf_token"])
 
 
+def cookie_name(scope: Scope, name: str) -> str:
+    """``name`` for the console on this port: browsers keep one cookie jar per host, whatever
+    the port, so consoles on one host (one per environment) must not overwrite each other's
+    access token."""
+    server = scope.get("server")
+    return f"{name}_{server[1]}" if server and server[1] else name
+
+
 def csrf_ok(scope: Scope, supplied: str | None) -> bool:
     """The form field or header matches the cookie, and the request comes from this origin."""
     headers = Headers(scope=scope)
@@ -71,7 +79,7 @@ def csrf_ok(scope: Scope, supplied: str | None) -> bool:
     origin = headers.get("origin")  # "null" (a sandboxed or file page) never matches
     if origin is not None and origin.split("://", 1)[-1] != headers.get("host", ""):
         return False
-    cookie = _cookies(headers).get(CSRF_COOKIE)
+    cookie = _cookies(headers).get(cookie_name(scope, CSRF_COOKIE))
     return bool(cookie and supplied and same_secret(cookie, supplied))
 
 
@@ -89,8 +97,9 @@ class Guard:
 
     - Without a token (loopback only) the Host header must name the loopback interface, so a
       web page elsewhere cannot reach the console through DNS rebinding.
-    - With a token every request must carry it: the ``processgpt_console_token`` cookie, an
-      ``Authorization: Bearer`` header, or ``?token=`` (which sets the cookie and redirects).
+    - With a token every request must carry it: the ``processgpt_console_token_<port>``
+      cookie, an ``Authorization: Bearer`` header, or ``?token=`` (which sets the cookie and
+      redirects).
     """
 
     def __init__(self, app: ASGIApp, *, token: str | None) -> None:
@@ -107,7 +116,7 @@ class Guard:
         if refusal is not None:
             await refusal(scope, receive, send)
             return
-        csrf = cookies.get(CSRF_COOKIE) or ""
+        csrf = cookies.get(cookie_name(scope, CSRF_COOKIE)) or ""
         # Static files load alongside the first page: a cookie from them would race its own.
         new_csrf = len(csrf) < 32 and not scope["path"].startswith("/static/")
         if new_csrf:
@@ -121,7 +130,7 @@ class Guard:
                 raw += [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()
                         if k.encode() not in present]
                 if new_csrf:
-                    raw.append((b"set-cookie", _cookie(CSRF_COOKIE, csrf)))
+                    raw.append((b"set-cookie", _cookie(cookie_name(scope, CSRF_COOKIE), csrf)))
                 message["headers"] = raw
             await send(message)
 
@@ -135,7 +144,8 @@ class Guard:
                                          "127.0.0.1 or localhost", status_code=403)
             return None
         auth = headers.get("authorization", "")
-        supplied = cookies.get(TOKEN_COOKIE) or (auth[7:] if auth.startswith("Bearer ") else "")
+        supplied = (cookies.get(cookie_name(scope, TOKEN_COOKIE))
+                    or (auth[7:] if auth.startswith("Bearer ") else ""))
         if supplied and same_secret(supplied, self.token):
             return None
         query = parse_qsl(scope.get("query_string", b"").decode("latin-1"))
@@ -143,7 +153,8 @@ class Guard:
         if given and same_secret(given, self.token) and scope["method"] == "GET":
             rest = urlencode([(k, v) for k, v in query if k != "token"])
             response = RedirectResponse(scope["path"] + (f"?{rest}" if rest else ""), 303)
-            response.headers.append("set-cookie", _cookie(TOKEN_COOKIE, self.token).decode())
+            response.headers.append(
+                "set-cookie", _cookie(cookie_name(scope, TOKEN_COOKIE), self.token).decode())
             return response
         return PlainTextResponse("access token required: open the URL that "
                                  "`processgpt-sync console` printed, adding ?token=... when the "

@@ -49,9 +49,10 @@ def client(console) -> Iterator[httpx.Client]:
 
 
 def csrf_of(client: httpx.Client) -> str:
-    if CSRF_COOKIE not in client.cookies:
+    name = f"{CSRF_COOKIE}_{client.base_url.port}"
+    if name not in client.cookies:
         client.get("/todos")
-    return client.cookies[CSRF_COOKIE]
+    return client.cookies[name]
 
 
 def post(client: httpx.Client, url: str, **fields: str) -> httpx.Response:
@@ -727,6 +728,22 @@ def test_access_token_is_checked_on_every_request(storage):
             assert browser.get("/static/htmx.min.js").status_code == 200
         with client_of(server, headers={"Authorization": f"Bearer {TOKEN}"}) as script:
             assert script.get("/todos").status_code == 200
+
+
+def test_consoles_on_two_ports_of_one_host_keep_their_own_sign_in(storage):
+    """A browser keeps one cookie jar per host, whatever the port."""
+    other = TOKEN + "-other"
+    with ConsoleServer(storage, ConsoleConfig(port=0, token=TOKEN)) as first, \
+            ConsoleServer(storage, ConsoleConfig(port=0, token=other)) as second, \
+            client_of(first) as to_first, client_of(second) as to_second:
+        assert to_first.get("/todos", params={"token": TOKEN}).status_code == 303
+        assert to_second.get("/todos", params={"token": other}).status_code == 303
+        jar = httpx.Cookies(to_first.cookies)  # as the browser's one jar for 127.0.0.1
+        jar.update(to_second.cookies)
+        to_first.cookies, to_second.cookies = jar, jar
+        assert to_first.get("/todos").status_code == 200
+        assert to_second.get("/todos").status_code == 200
+        assert post(to_first, "/todos", agent_orch="two-ports", input="x").status_code == 303
 
 
 def test_a_non_loopback_host_needs_a_token():
