@@ -428,6 +428,11 @@ def test_show_prints_input_state_output_and_events(database_url):
     assert "a revision runs" not in cli("show", todo_id, "--database-url", database_url).stdout
     one_line_error(cli("show", "0000", "--database-url", database_url, check=False),
                    "no todo with id '0000'")
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("UPDATE todolist SET output = %s::jsonb", ("[" * 5000 + "]" * 5000,))
+    for json_flag in ((), ("--json",)):
+        one_line_error(cli("show", todo_id, *json_flag, "--database-url", database_url,
+                           check=False), "nested too deeply to print")
     with psycopg.connect(database_url, autocommit=True) as conn:  # a claim whose server died
         dead = str(conn.execute("SELECT processgpt_sync_enqueue_v1('show', 'x')").fetchone()[0])
         conn.execute("SELECT processgpt_sync_claim_v3('show', 'gone-host', 1)")
