@@ -26,7 +26,7 @@ from typing import Any
 
 from .events import EVENT_STATUSES
 from .loops import Done, Finished, Loops, LoopTask, result_of
-from .models import AwaitingHuman, Resume
+from .models import AwaitingHuman, Resume, feedback_text, last_feedback
 from .payload import unwrap_text
 from .todo import Todo
 
@@ -466,8 +466,8 @@ def _context_class() -> type:
             self.row = dict(todo.row)
             self.extras = dict(todo.extras)
             context_id = str(todo.proc_inst_id or todo.id)
-            answered = follow_up and todo.resume.kind == "human_answer"
-            text = todo.resume.answer_raw if answered else todo.input
+            answered = follow_up and _follows_an_answer(todo)
+            text = feedback_text(last_feedback(todo.row)) if answered else todo.input
             request = _request(_message(text, context_id, todo.id))
             task = _waiting_task(todo, context_id) if answered else None
             from a2a.server.context import ServerCallContext
@@ -512,6 +512,16 @@ def answers_as_follow_ups(executor: Any) -> Any:
     return _follow_up_class()(executor)
 
 
+def _follows_an_answer(todo: Todo) -> bool:
+    """The run continues from a person's answer: resumed by it, or reclaimed from a run that
+    was and died (the todo's latest feedback is still that answer)."""
+    if todo.resume.kind == "human_answer":
+        return True
+    last = last_feedback(todo.row)
+    return (todo.resume.kind == "reclaim" and isinstance(last, Mapping)
+            and last.get("kind") == "human_answer")
+
+
 @cache
 def _follow_up_class() -> type:
     from a2a.server.agent_execution import AgentExecutor
@@ -530,7 +540,7 @@ def _follow_up_class() -> type:
 
         def _follow_up(self, context: Any) -> Any:
             todo = getattr(context, "todo", None)
-            if todo is None or todo.resume.kind != "human_answer":
+            if todo is None or not _follows_an_answer(todo):
                 return context
             with self._lock:
                 made = self._made.get(context)

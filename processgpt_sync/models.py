@@ -62,14 +62,22 @@ def upstream_resume(resume: Mapping[str, Any], row: Mapping[str, Any]) -> dict[s
     run or a reclaim)."""
     answer_raw = ""
     if resume.get("kind") in ("human_answer", "revision"):
-        feedback = row.get("feedback")
-        last = feedback[-1] if isinstance(feedback, list) and feedback else None
-        content = last.get("content") if isinstance(last, Mapping) else last
-        if isinstance(content, str):
-            answer_raw = content
-        elif content is not None:
-            answer_raw = json.dumps(content, ensure_ascii=False)
+        answer_raw = feedback_text(last_feedback(row))
     return {**resume, "key": str(row.get("id") or ""), "answer_raw": answer_raw}
+
+
+def last_feedback(row: Mapping[str, Any]) -> Any:
+    """The todo's latest feedback item (an answer or a revision request), or None."""
+    feedback = row.get("feedback")
+    return feedback[-1] if isinstance(feedback, list) and feedback else None
+
+
+def feedback_text(item: Any) -> str:
+    """A feedback item's content as text: JSON for structured content, "" for none."""
+    content = item.get("content") if isinstance(item, Mapping) else item
+    if content is None:
+        return ""
+    return content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
 
 
 @dataclass(frozen=True, kw_only=True)

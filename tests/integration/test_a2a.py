@@ -539,6 +539,27 @@ def test_answers_reach_an_executor_written_for_plain_a2a_as_follow_up_messages(s
     assert (row["id"], row["output"]) == (todo_id, "write the note, in a friendly tone")
 
 
+def test_a_follow_up_run_that_died_is_reclaimed_as_the_same_follow_up(storage, db):
+    """The answer is not asked for again: the reclaimed run continues from it."""
+    from processgpt_sync.a2a import answers_as_follow_ups
+
+    storage.enqueue("a2a", "write the note", proc_inst_id=None)
+    with ps.start(answers_as_follow_ups(TakesFollowUps()), agent_orch="a2a",
+                  storage=storage, workers=1) as server:
+        wait_for(lambda: server.stats()["asked"] == 1)
+    (question,) = storage.open_questions("a2a")
+    storage.respond(question["job_id"], "friendly")
+    (died,) = storage.claim(agent_orch="a2a", consumer="a-server-that-died", limit=1,
+                            lease_seconds=60, max_claims=5)
+    assert died.extras["resume"]["kind"] == "human_answer"
+    db.execute("UPDATE processgpt_sync_lease SET expires_at = now() - interval '1 second'")
+    with ps.start(answers_as_follow_ups(TakesFollowUps()), agent_orch="a2a",
+                  storage=storage, workers=1) as server:
+        wait_for(lambda: server.stats()["completed"] + server.stats()["asked"] == 1)
+    assert todo(db)["output"] == "write the note, in a friendly tone"
+    assert storage.open_questions("a2a") == []
+
+
 def test_the_testing_kit_answers_a_plain_a2a_executors_question_as_a_follow_up(
         processgpt_run):
     from processgpt_sync.a2a import answers_as_follow_ups
