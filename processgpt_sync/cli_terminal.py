@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from .deep_json import shown_json, with_deep_values_noted
+
 PIPED_WIDTH = 200  # columns when not on a terminal: keep table rows on one line for grep
 
 
@@ -46,12 +48,15 @@ def table(columns: Sequence[str], rows: Iterable[Sequence[Any]], *,
 
 def print_json(value: Any, file: TextIO | None = None) -> None:
     """One JSON document on one line, for scripts (``--json``)."""
-    print(json.dumps(value, ensure_ascii=False, default=str), file=file or sys.stdout,
-          flush=True)
+    print(json.dumps(with_deep_values_noted(value), ensure_ascii=False, default=str),
+          file=file or sys.stdout, flush=True)
 
 
 def question_text(question: Mapping[str, Any] | Any) -> str:
     """An open question as one line: its text and its options."""
     data = question if isinstance(question, Mapping) else {"question": question}
-    text = str(data.get("question") or data.get("text") or data)
-    return f"{text} {data['options']}" if data.get("options") else text
+    text = data.get("question") or data.get("text") or data
+    if not isinstance(text, str):
+        text = shown_json(text, ensure_ascii=False, default=str)
+    options = data.get("options")
+    return f"{text} {shown_json(options, ensure_ascii=False, default=str)}" if options else text

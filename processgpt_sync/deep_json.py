@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from json.decoder import scanstring  # type: ignore[attr-defined]  # public, untyped
 from typing import Any
 
+TOO_DEEP_TO_SHOW = "(a value nested too deeply to show here; the database holds it unchanged)"
 _SPACE = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
 
@@ -31,9 +32,37 @@ def read_json(data: bytes | bytearray | memoryview | str) -> Any:
     try:
         return json.loads(data)
     except RecursionError:
-        text = data if isinstance(data, str) else bytes(data).decode("utf-8")
+        if isinstance(data, str):
+            text = data
+        else:  # as json.loads decodes bytes: UTF-8, -16 or -32, a byte-order mark allowed
+            text = bytes(data).decode(json.detect_encoding(data), "surrogatepass")
         value = _read_without_recursion(text)
         return NestedDeeply(value) if isinstance(value, list) else value
+
+
+def shown_json(value: Any, **options: Any) -> str:
+    """``json.dumps(value, **options)``, or ``TOO_DEEP_TO_SHOW`` for a value nested too deeply
+    to write out: what people read shows such a value as one, rather than failing."""
+    try:
+        return json.dumps(value, **options)
+    except RecursionError:
+        return TOO_DEEP_TO_SHOW
+
+
+def with_deep_values_noted(value: Any, levels: int = 4) -> Any:
+    """``value`` with each part nested too deeply to write out replaced by
+    ``TOO_DEEP_TO_SHOW``: a document for scripts keeps its shape and its other values. Objects,
+    and arrays of objects (records), are looked into, at most ``levels`` deep."""
+    try:
+        json.dumps(value, default=str)
+        return value
+    except RecursionError:
+        if levels > 0 and isinstance(value, Mapping):
+            return {key: with_deep_values_noted(item, levels - 1) for key, item in value.items()}
+        if levels > 0 and isinstance(value, list) and all(isinstance(item, Mapping)
+                                                          for item in value):
+            return [with_deep_values_noted(item, levels - 1) for item in value]
+        return TOO_DEEP_TO_SHOW
 
 
 def too_deep(item: Mapping[str, Any]) -> tuple[str, str] | None:

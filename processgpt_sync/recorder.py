@@ -90,8 +90,10 @@ class Recorder:
             then()  # stop() gives it back
             return
         if error is not None:
-            self._log.warning("executor failed on todo %s: %s", run.todo_id, error_text(error),
-                              exc_info=error, extra=self._todo_extra(run, "execute"))
+            if run.claim.unreadable is None:  # else no executor ran: the worker said why
+                self._log.warning("executor failed on todo %s: %s", run.todo_id,
+                                  error_text(error), exc_info=error,
+                                  extra=self._todo_extra(run, "execute"))
             self.fail_then(run, error_text(error), then)
             return
         if isinstance(value, AwaitingHuman):

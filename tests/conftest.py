@@ -12,6 +12,7 @@ as a user would. Its "empty" database then holds the platform's tables without p
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import resource
 import shutil
@@ -230,3 +231,22 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(interval)
+
+
+def deeper_than_python_reads(*depths: int) -> str:
+    """A JSON array nested more deeply than this Python's ``json.loads`` reads (about 1,000
+    levels on CPython 3.11; later versions read more), at the first of ``depths`` that is;
+    the test is skipped where none is."""
+    for depth in depths or (5_000, 9_000):  # PostgreSQL keeps these on its default stack
+        text = "[" * depth + "]" * depth
+        try:
+            json.loads(text)
+        except RecursionError:
+            return text
+    pytest.skip(f"this Python's json reads {depth} levels")
+
+
+@pytest.fixture
+def deep_json_text() -> str:
+    """See ``deeper_than_python_reads``."""
+    return deeper_than_python_reads()

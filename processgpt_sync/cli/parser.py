@@ -306,10 +306,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ProcessGPTSyncError as exc:
         print(f"processgpt-sync: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except RecursionError:  # jsonb keeps values deeper than Python's json writes out
-        print("processgpt-sync: error: a value is nested too deeply to print here; read it "
-              "with psql", file=sys.stderr)
-        return 2
     except UnicodeError as exc:  # an argument or variable that is not UTF-8 text
         print(f"processgpt-sync: error: not UTF-8 text: {_one_line(exc)}", file=sys.stderr)
         return 2

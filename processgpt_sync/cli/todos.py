@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .. import cli_terminal as terminal
+from ..deep_json import shown_json, with_deep_values_noted
 from ..errors import ConfigurationError
 from ..payload import strict_json
 from .backend import checked_storage
@@ -34,7 +35,8 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     shown = _call_on_todo(args, "show")
     if args.json:
-        print(json.dumps(shown, ensure_ascii=False, indent=2, default=str))
+        print(json.dumps(with_deep_values_noted(shown), ensure_ascii=False, indent=2,
+                         default=str))
         return 0
     row, lease = shown["row"], shown.get("lease")
     state = row.get("draft_status") or ("claimable" if shown["claimable"] else "not claimable")
@@ -107,6 +109,9 @@ def cmd_respond(args: argparse.Namespace) -> int:
         answer = strict_json(args.answer)
     except ValueError:  # plain text, or a number JSON has no form for ('NaN'): the text
         answer = args.answer
+    except RecursionError:
+        raise ConfigurationError("--answer is JSON nested deeper than Python reads; give a "
+                                 "flatter value") from None
     storage = checked_storage(args)
     try:
         todo_id = storage.respond(args.job_id, answer, user_id=args.user_id, todo_id=args.todo)
@@ -165,6 +170,6 @@ def _call_on_todo(args: argparse.Namespace, function: str) -> Mapping[str, Any]:
 
 
 def _json_text(value: Any, limit: int | None = None) -> str:
-    text = json.dumps(value, ensure_ascii=False, default=str)
+    text = shown_json(value, ensure_ascii=False, default=str)
     return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
 

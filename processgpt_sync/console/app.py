@@ -32,6 +32,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from ..deep_json import TOO_DEEP_TO_SHOW, shown_json
 from ..errors import ConfigurationError, SchemaMissing, StorageError, StorageUnavailable
 from ..storage import Storage
 from .charts import (
@@ -109,13 +110,10 @@ def pretty(value: Any) -> str:
     """A JSON value as readable text (strings as themselves); escaped later by the template."""
     if isinstance(value, str):
         return value
-    try:
-        compact = json.dumps(value, ensure_ascii=False, default=str)
-        if len(compact) <= PRETTY_WIDTH:
-            return compact
-        return json.dumps(value, indent=2, ensure_ascii=False, default=str)
-    except RecursionError:  # jsonb holds what Python's json cannot write back out
-        return "(a value nested too deeply to show here; the database holds it unchanged)"
+    compact = shown_json(value, ensure_ascii=False, default=str)
+    if len(compact) <= PRETTY_WIDTH or compact == TOO_DEEP_TO_SHOW:
+        return compact
+    return json.dumps(value, indent=2, ensure_ascii=False, default=str)
 
 
 def clock(value: Any) -> str:

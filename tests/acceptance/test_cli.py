@@ -16,7 +16,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.conftest import wait_for
+from processgpt_sync.deep_json import TOO_DEEP_TO_SHOW
+from tests.conftest import deeper_than_python_reads, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -429,10 +430,12 @@ def test_show_prints_input_state_output_and_events(database_url):
     one_line_error(cli("show", "0000", "--database-url", database_url, check=False),
                    "no todo with id '0000'")
     with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("UPDATE todolist SET output = %s::jsonb", ("[" * 5000 + "]" * 5000,))
-    for json_flag in ((), ("--json",)):
-        one_line_error(cli("show", todo_id, *json_flag, "--database-url", database_url,
-                           check=False), "nested too deeply to print")
+        conn.execute("UPDATE todolist SET output = %s::jsonb", (deeper_than_python_reads(),))
+    deep = cli("show", todo_id, "--database-url", database_url).stdout
+    assert f"output        {TOO_DEEP_TO_SHOW}" in deep
+    deep_doc = json.loads(cli("show", todo_id, "--json", "--database-url", database_url).stdout)
+    assert deep_doc["row"]["output"] == TOO_DEEP_TO_SHOW
+    assert deep_doc["row"]["id"] == todo_id and deep_doc["events"]  # the rest is all there
     with psycopg.connect(database_url, autocommit=True) as conn:  # a claim whose server died
         dead = str(conn.execute("SELECT processgpt_sync_enqueue_v1('show', 'x')").fetchone()[0])
         conn.execute("SELECT processgpt_sync_claim_v3('show', 'gone-host', 1)")
@@ -580,6 +583,8 @@ def test_respond_to_an_answered_question_is_refused(database_url):
     # 'NaN' is text (JSON has no NaN): it reaches the check, not a JSON error
     one_line_error(cli("respond", *url, job_id, "NaN", check=False),
                    f"question {job_id} was already answered")
+    one_line_error(cli("respond", *url, job_id, deeper_than_python_reads(), check=False),
+                   "--answer is JSON nested deeper than Python reads")
     with psycopg.connect(database_url) as conn:
         assert conn.execute("SELECT count(*) FROM events WHERE event_type = 'human_response'"
                             ).fetchone()[0] == 1

@@ -131,19 +131,17 @@ def test_several_processes_start_the_embedded_server_at_once(tmp_path):
                        cwd=ROOT, timeout=60, check=False)
 
 
-DEEP = "[" * 5_000 + "]" * 5_000  # jsonb keeps it; json.loads gives up at about 1,000
-
-
 @pytest.fixture(params=["postgres", "supabase"])
 def any_storage(request, database_url):
     yield from open_backend(request.param, database_url)
 
 
-def test_a_row_nested_deeper_than_python_reads_fails_its_todo_alone(any_storage, db, caplog):
+def test_a_row_nested_deeper_than_python_reads_fails_its_todo_alone(any_storage, db, caplog,
+                                                                   deep_json_text):
     """One such todo fails with the column named; those claimed with it run, and the server
     goes on serving."""
     ids = [any_storage.enqueue("deep", text) for text in ("first", "deep", "third")]
-    db.execute("UPDATE todolist SET feedback = %s::jsonb WHERE id = %s", (DEEP, ids[1]))
+    db.execute("UPDATE todolist SET feedback = %s::jsonb WHERE id = %s", (deep_json_text, ids[1]))
 
     with ps.start(lambda todo: {"echo": todo.input}, agent_orch="deep", storage=any_storage,
                   workers=4) as server:
@@ -159,3 +157,4 @@ def test_a_row_nested_deeper_than_python_reads_fails_its_todo_alone(any_storage,
     assert "todolist.feedback is nested deeper than" in deep["log"]
     assert deep["feedback"] == "array"  # left as it was
     assert "cannot run: todolist.feedback" in caplog.text
+    assert "executor failed" not in caplog.text  # none ran

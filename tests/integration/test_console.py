@@ -155,9 +155,9 @@ def test_todo_page_shows_input_result_log_and_events_with_agent_text_escaped(sto
 
 
 def test_values_nested_deeper_than_python_reads_are_said_to_be_so_not_a_server_error(
-        storage, client, db):
+        storage, client, db, deep_json_text):
     """jsonb holds thousands of levels: the page, its stream and the list still show the rest."""
-    deep = "[" * 5_000 + "]" * 5_000
+    deep = deep_json_text
     todo_id = storage.enqueue("console", "a deep one")
     db.execute("UPDATE todolist SET output = %s::jsonb WHERE id = %s", (deep, todo_id))
     db.execute("INSERT INTO events (id, job_id, todo_id, event_type, data) VALUES "
@@ -171,6 +171,16 @@ def test_values_nested_deeper_than_python_reads_are_said_to_be_so_not_a_server_e
     read_stream(client, f"/todos/{todo_id}/stream",
                 until=lambda text: "shallow" in text and "nested too deeply to show" in text)
     assert client.get("/todos").status_code == 200
+    asking = storage.enqueue("console", "a deep question")  # another writer's question
+    db.execute("UPDATE todolist SET draft_status = 'HUMAN_ASKED' WHERE id = %s", (asking,))
+    db.execute("INSERT INTO events (id, job_id, todo_id, event_type, data) VALUES "
+               "(gen_random_uuid(), 'deep-q', %s, 'human_asked', "
+               "jsonb_build_object('question', %s::jsonb, 'type', %s::jsonb))",
+               (asking, deep, deep))
+    for path in ("/questions", f"/todos/{asking}"):
+        page = client.get(path)
+        assert page.status_code == 200 and "deep-q" in page.text
+        assert "nested too deeply to show" in page.text  # the question (and the event)
 
 
 def test_event_stream_shows_new_events_and_the_final_state_as_they_happen(storage, client, db):

@@ -6,7 +6,16 @@ import json
 
 import pytest
 
-from processgpt_sync.deep_json import NestedDeeply, _read_without_recursion, read_json, too_deep
+from processgpt_sync.deep_json import (
+    TOO_DEEP_TO_SHOW,
+    NestedDeeply,
+    _read_without_recursion,
+    read_json,
+    shown_json,
+    too_deep,
+    with_deep_values_noted,
+)
+from tests.conftest import deeper_than_python_reads
 
 SAMPLES = [
     '{"a": [1, -2.5e3, "x\\u00e9\\n\\"", true, false, null, {}, []], "b": {"c": {"d": [[]]}}}',
@@ -29,7 +38,7 @@ def test_what_json_loads_refuses_the_reader_refuses(text):
 
 
 def test_a_value_deeper_than_json_loads_reads_is_read_whole_and_said_to_be_deep():
-    depth = 20_000
+    depth = len(deeper_than_python_reads(20_000, 200_000)) // 2
     text = '[{"row": {"id": 1, "output": ' + "[" * depth + '"end"' + "]" * depth + "}}, 7]"
     with pytest.raises(RecursionError):
         json.loads(text)
@@ -42,3 +51,23 @@ def test_a_value_deeper_than_json_loads_reads_is_read_whole_and_said_to_be_deep(
     assert too_deep(value[0]) == ("row", "output")
     assert too_deep({"row": {"id": 1, "output": [[1]]}, "extras": {"resume": {}}}) is None
     assert read_json(memoryview(b'{"a": [1]}')) == {"a": [1]}
+
+
+def test_bytes_are_decoded_as_json_loads_decodes_them_at_any_depth():
+    deep = deeper_than_python_reads(20_000, 200_000)
+    for encoding in ("utf-8-sig", "utf-16", "utf-32"):
+        assert read_json(('{"k": "é"}').encode(encoding)) == {"k": "é"}
+        assert isinstance(read_json(deep.encode(encoding)), NestedDeeply)
+
+
+def test_what_people_read_shows_a_deep_value_as_one_and_keeps_the_rest():
+    deep = read_json(deeper_than_python_reads(20_000, 200_000))
+    assert shown_json({"a": 1}) == '{"a": 1}' and shown_json(deep) == TOO_DEEP_TO_SHOW
+    shown = with_deep_values_noted({"row": {"id": 7, "output": deep}, "events": [{"data": deep},
+                                                                                 {"data": 1}],
+                                    "question": {"text": {"text": deep}}})
+    assert shown == {"row": {"id": 7, "output": TOO_DEEP_TO_SHOW},
+                     "events": [{"data": TOO_DEEP_TO_SHOW}, {"data": 1}],
+                     "question": {"text": {"text": TOO_DEEP_TO_SHOW}}}
+    plain = {"row": {"id": 7}}
+    assert with_deep_values_noted(plain) is plain
