@@ -120,34 +120,68 @@ $$;
 -- (1 s by default) before one is aborted. So a batch takes its todos' rows (sorted by id; with
 -- p_skip_locked, only those no other transaction holds) and then their process instances'
 -- rows (sorted), before it updates: every transaction takes them in one order, todos first as
--- a single-row write does. Returns the todos held, or NULL where nothing needs it: one todo,
--- or no bpm_proc_inst table.
+-- a single-row write does. Returns the todos held, or NULL where nothing needs it: one todo
+-- given back, or no bpm_proc_inst table.
+-- With p_skip_locked (a claim, a batch of outcomes) a process instance another transaction
+-- holds is waited for at most 200 ms (usually it is one of ours, a claim or an outcome of a
+-- todo of the same instance, for a moment); one the BPM engine or a person holds longer leaves
+-- its todos out of the answer, so they do not hold up the rest: a claim leaves them for a later
+-- one, a batch of outcomes answers them 'busy'.
 CREATE OR REPLACE FUNCTION processgpt_sync_lock_proc_insts_v1(p_todo_ids uuid[],
                                                               p_skip_locked boolean)
 RETURNS uuid[] LANGUAGE plpgsql AS $$
 DECLARE
     v_held uuid[];
+    v_insts text[];  -- the process instances of the held todos
+    v_free text[];   -- those this transaction holds
+    v_lock_timeout text;
 BEGIN
-    IF coalesce(cardinality(p_todo_ids), 0) < 2 OR NOT EXISTS (
+    -- one todo given back alone waits for its instance as any single-row write does
+    IF coalesce(cardinality(p_todo_ids), 0) < 2 - p_skip_locked::integer OR NOT EXISTS (
             SELECT 1 FROM pg_attribute a
             WHERE a.attrelid = to_regclass('bpm_proc_inst') AND a.attname = 'proc_inst_id'
               AND NOT a.attisdropped) THEN
         RETURN NULL;
     END IF;
-    IF p_skip_locked THEN
-        SELECT coalesce(array_agg(x.id), '{}') INTO v_held FROM (
-            SELECT t.id FROM todolist t WHERE t.id = ANY (p_todo_ids)
-            ORDER BY t.id FOR UPDATE OF t SKIP LOCKED) x;
-    ELSE
+    IF NOT p_skip_locked THEN
         SELECT coalesce(array_agg(x.id), '{}') INTO v_held FROM (
             SELECT t.id FROM todolist t WHERE t.id = ANY (p_todo_ids)
             ORDER BY t.id FOR UPDATE OF t) x;
+        PERFORM 1 FROM bpm_proc_inst p
+        WHERE p.proc_inst_id IN (SELECT t.proc_inst_id FROM todolist t
+                                 WHERE t.id = ANY (v_held) AND t.proc_inst_id IS NOT NULL)
+        ORDER BY p.proc_inst_id
+        FOR NO KEY UPDATE OF p;
+        RETURN v_held;
     END IF;
-    PERFORM 1 FROM bpm_proc_inst p
-    WHERE p.proc_inst_id IN (SELECT t.proc_inst_id FROM todolist t
-                             WHERE t.id = ANY (v_held) AND t.proc_inst_id IS NOT NULL)
-    ORDER BY p.proc_inst_id
-    FOR NO KEY UPDATE OF p;
+    SELECT coalesce(array_agg(x.id), '{}') INTO v_held FROM (
+        SELECT t.id FROM todolist t WHERE t.id = ANY (p_todo_ids)
+        ORDER BY t.id FOR UPDATE OF t SKIP LOCKED) x;
+    v_insts := ARRAY(SELECT DISTINCT p.proc_inst_id FROM bpm_proc_inst p
+                     WHERE p.proc_inst_id IN (SELECT t.proc_inst_id FROM todolist t
+                                              WHERE t.id = ANY (v_held)
+                                                AND t.proc_inst_id IS NOT NULL));
+    v_free := ARRAY(SELECT p.proc_inst_id FROM bpm_proc_inst p
+                    WHERE p.proc_inst_id = ANY (v_insts)
+                    ORDER BY p.proc_inst_id FOR NO KEY UPDATE OF p SKIP LOCKED);
+    IF cardinality(v_free) < cardinality(v_insts) THEN
+        v_lock_timeout := current_setting('lock_timeout');
+        PERFORM set_config('lock_timeout', '200ms', true);
+        BEGIN
+            PERFORM 1 FROM bpm_proc_inst p
+            WHERE p.proc_inst_id = ANY (v_insts) AND NOT p.proc_inst_id = ANY (v_free)
+            ORDER BY p.proc_inst_id
+            FOR NO KEY UPDATE OF p;
+            v_free := v_insts;
+        EXCEPTION WHEN lock_not_available THEN
+            NULL;  -- held longer: its todos are left out
+        END;
+        PERFORM set_config('lock_timeout', v_lock_timeout, true);
+        v_held := ARRAY(SELECT t.id FROM todolist t
+                        WHERE t.id = ANY (v_held)
+                          AND (t.proc_inst_id IS NULL OR NOT t.proc_inst_id = ANY (v_insts)
+                               OR t.proc_inst_id = ANY (v_free)));
+    END IF;
     RETURN v_held;
 END
 $$;
@@ -250,6 +284,7 @@ RETURNS jsonb LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_limit integer := p_limit;
     v_ids uuid[];
+    v_held uuid[];
     v_claimed jsonb;
     v_expired boolean;
     v_abandoned uuid[] := '{}';
@@ -477,7 +512,15 @@ BEGIN
     IF v_ids IS NULL THEN
         RETURN '[]'::jsonb;
     END IF;
-    PERFORM processgpt_sync_lock_proc_insts_v1(v_ids, true);  -- held already: sorts the rest
+    -- the todos are held already; their process instances, but for one held long elsewhere
+    v_held := processgpt_sync_lock_proc_insts_v1(v_ids, true);
+    IF v_held IS NOT NULL THEN
+        v_ids := ARRAY(SELECT u.id FROM unnest(v_ids) WITH ORDINALITY AS u(id, n)
+                       WHERE u.id = ANY (v_held) ORDER BY u.n);
+        IF cardinality(v_ids) = 0 THEN
+            RETURN '[]'::jsonb;
+        END IF;
+    END IF;
 
     WITH candidate AS (
         SELECT t.id, t.draft_status AS prev_status, t.start_date
@@ -583,6 +626,18 @@ LANGUAGE sql VOLATILE AS $$
            p_timestamp
 $$;
 
+-- Whether the claim with p_token still holds the running todo p_todo_id, whose row names
+-- p_consumer: its lease is there, made for that consumer. An upstream worker that took the row
+-- over (an FB_REQUESTED revision, fetched by process-gpt-agent-sdk) leaves our token on it, as
+-- it sets none, but puts its own consumer name there: the claim is no longer ours to write.
+CREATE OR REPLACE FUNCTION processgpt_sync_lease_holds_v1(p_todo_id uuid, p_token uuid,
+                                                          p_consumer text)
+RETURNS boolean LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (SELECT 1 FROM processgpt_sync_lease l
+                   WHERE l.todo_id = p_todo_id AND l.claim_token = p_token
+                     AND l.consumer IS NOT DISTINCT FROM p_consumer)
+$$;
+
 -- Record a batch of events (possibly for many todos) in order. Each element:
 -- {todo_id, token, id?, job_id?, crew_type?, event_type, data?, status?}. An element with an
 -- unknown event_type or status, or from a worker that no longer owns its todo, is rejected on its
@@ -610,7 +665,7 @@ BEGIN
         FROM jsonb_array_elements(p_events) WITH ORDINALITY AS e
     ), owned AS (
         SELECT t.id, t.claim_token, coalesce(t.root_proc_inst_id, t.proc_inst_id) AS proc_inst_id,
-               t.tenant_id
+               t.tenant_id, t.consumer
         FROM todolist t
         WHERE t.id IN (SELECT todo_id FROM input)
           AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
@@ -628,7 +683,8 @@ BEGIN
         SELECT i.n, i.ev, i.todo_id, o.proc_inst_id, o.tenant_id,
                CASE WHEN o.id IS NULL AND i.todo_id IN (SELECT id FROM busy) THEN 'busy'
                     ELSE processgpt_sync_event_problem_v1(
-                        i.ev, o.id IS NOT NULL AND o.claim_token IS NOT DISTINCT FROM i.token,
+                        i.ev, o.id IS NOT NULL AND o.claim_token IS NOT DISTINCT FROM i.token
+                              AND processgpt_sync_lease_holds_v1(o.id, i.token, o.consumer),
                         v_types, v_statuses) END AS reason
         FROM input i LEFT JOIN owned o ON o.id = i.todo_id
     ), inserted AS (
@@ -665,9 +721,10 @@ DECLARE
     v_token uuid;
     v_status draft_status;
     v_cancelled boolean;
+    v_consumer text;
 BEGIN
-    SELECT claim_token, draft_status, status::text IN ('CANCELLED', 'DONE')
-    INTO v_token, v_status, v_cancelled
+    SELECT claim_token, draft_status, status::text IN ('CANCELLED', 'DONE'), consumer
+    INTO v_token, v_status, v_cancelled, v_consumer
     FROM todolist WHERE id = p_todo_id FOR UPDATE;
     IF NOT FOUND THEN
         RETURN 'missing';
@@ -675,6 +732,8 @@ BEGIN
         RETURN 'not_owner';
     ELSIF v_status IS NULL OR v_status NOT IN ('STARTED', 'HUMAN_ASKED') THEN
         RETURN lower(coalesce(v_status::text, 'released'));
+    ELSIF NOT processgpt_sync_lease_holds_v1(p_todo_id, p_token, v_consumer) THEN
+        RETURN 'not_owner';
     ELSIF v_cancelled THEN
         RETURN 'cancelled';
     END IF;
@@ -860,6 +919,9 @@ BEGIN
                 WHEN i.outcome = 'asked' AND l.consumer IS NULL
                      AND l.draft_status IN ('HUMAN_ASKED', 'FB_REQUESTED')
                     THEN 'already_applied'
+                WHEN l.draft_status IN ('STARTED', 'HUMAN_ASKED')
+                     AND NOT processgpt_sync_lease_holds_v1(i.todo_id, i.token, l.consumer)
+                    THEN 'not_owner'
                 WHEN l.draft_status IN ('STARTED', 'HUMAN_ASKED')
                      AND l.status IN ('CANCELLED', 'DONE')
                     THEN 'cancelled'
@@ -1275,6 +1337,8 @@ BEGIN
         FROM pairs p
         JOIN todolist t ON t.id = p.todo_id AND t.claim_token = p.token
         JOIN processgpt_sync_lease l ON l.todo_id = p.todo_id AND l.claim_token = p.token
+        -- not a row another worker took over meanwhile (see processgpt_sync_lease_holds_v1)
+        WHERE t.consumer IS NULL OR t.consumer = l.consumer
         FOR UPDATE OF t
     ), released AS (
         UPDATE todolist t

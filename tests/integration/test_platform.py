@@ -20,6 +20,7 @@ from psycopg.rows import dict_row
 
 import processgpt_sync as ps
 from processgpt_sync.errors import StorageError
+from processgpt_sync.events import make_event
 from processgpt_sync.stats import ServerStats
 from processgpt_sync.storage import install
 from processgpt_sync.storage.install import install_schema
@@ -136,6 +137,38 @@ def test_our_heartbeat_reports_a_todo_lost_once_another_worker_holds_it(upstream
                "lease_until = now() + interval '2 minutes' WHERE id = %s", (todo,))
     report = store.renew("ours-w1", [claim], 60)
     assert report.lost == {todo} and not report.renewed
+
+
+def test_a_revision_an_upstream_worker_took_from_our_running_claim_is_not_ours_to_write(
+        upstream):
+    """The UI asks for a revision while our run works; an upstream worker fetches it (it keeps
+    our token on the row, as it sets none). Our run's late writes are refused, and giving it
+    back leaves the upstream worker's claim alone."""
+    store, db = upstream
+    todo = store.enqueue("shared", "ours first")
+    (claim,) = claim_ours(store)
+    db.execute("UPDATE todolist SET draft_status = 'FB_REQUESTED' WHERE id = %s", (todo,))
+    assert fetch_upstream(db) == [todo]
+    event = make_event(todo, claim.token, "task_working", {"stale": True})
+    assert [r["reason"] for r in store.record_events([event])] == [
+        "not the owner of this todo (lease lost, cancelled or finished)"]
+    draft = store.save_result(claim, {"stale": True}, final=False)
+    final = store.save_result(claim, {"stale": True})
+    failed = store.fail(claim, "stale")
+    (finished,) = store.finish([{"todo_id": todo, "token": claim.token, "outcome": "completed",
+                                 "result": {"stale": True}, "events": [event]}])
+    assert [(o.applied, o.reason) for o in (draft, final, failed, finished)] == [
+        (False, "not_owner")] * 4
+    assert store.release([claim]) == 0
+    row = db.execute("SELECT draft_status::text, consumer, output, draft FROM todolist "
+                     "WHERE id = %s", (todo,)).fetchone()
+    assert row == {"draft_status": "STARTED", "consumer": "upstream-w1", "output": None,
+                   "draft": None}
+    assert db.execute("SELECT count(*) AS n FROM events WHERE todo_id = %s",
+                      (todo,)).fetchone()["n"] == 0
+    assert db.execute("SELECT renew_task_lease(%s, 'upstream-w1', 60) ->> 'reason' AS r",
+                      (todo,)).fetchone()["r"] == "ok"
+    assert store.renew("ours-w1", [claim], 60).lost == {todo}
 
 
 def test_we_never_take_a_todo_an_upstream_worker_holds(upstream):
@@ -516,3 +549,62 @@ def test_a_write_waiting_on_a_process_instance_another_transaction_holds_is_not_
         row = db.execute("SELECT draft_status::text, output, log FROM todolist WHERE id = %s",
                          (todo,)).fetchone()
     assert (row["draft_status"], row["output"]) == ("COMPLETED", {"ok": True}), row["log"]
+
+
+def test_a_process_instance_held_elsewhere_holds_up_only_its_own_todos(
+        upstream_database_url: str) -> None:
+    """The BPM engine (or a person's open transaction) holds one process instance's row,
+    which the platform's trigger touches on every update of its todos. The todos of other
+    instances are claimed and their outcomes written meanwhile: the held instance's todo
+    waits, unclaimed or its outcome answered busy, and ends once the row is free."""
+    db = connect(upstream_database_url)
+    db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('held'), ('free')")
+
+    def enqueue(instance: str, text: str) -> str:
+        return str(db.execute("SELECT processgpt_sync_enqueue_v1('inst', %s, 'COMPLETE', NULL, "
+                              "'step', %s) AS id", (text, instance)).fetchone()["id"])
+
+    def state(todo: str) -> str | None:
+        return db.execute("SELECT draft_status::text AS s FROM todolist WHERE id = %s",
+                          (todo,)).fetchone()["s"]
+
+    blocker = psycopg.connect(upstream_database_url)
+    hold = "SELECT 1 FROM bpm_proc_inst WHERE proc_inst_id = 'held' FOR UPDATE"
+    gate = threading.Event()
+
+    def handle(todo: ps.Todo) -> dict[str, str]:
+        if todo.input == "held-late":
+            blocker.execute(hold)  # its outcome meets the held row
+            gate.set()
+        return {"ran": str(todo.input)}
+
+    store = PostgresStorage(upstream_database_url)
+    try:
+        blocker.execute(hold)
+        waiting, free = enqueue("held", "held"), enqueue("free", "free")  # the held one first
+        # left out of a claim, as a todo row another transaction holds is: claimed by the
+        # next one (a NOTIFY, or the idle poll every lease/4)
+        with ps.start(handle, agent_orch="inst", storage=store, workers=2,
+                      lease_seconds=4) as server:
+            wait_for(lambda: state(free) == "COMPLETED")
+            assert state(waiting) is None, "not claimed while its instance is held"
+            blocker.commit()
+            wait_for(lambda: state(waiting) == "COMPLETED")
+
+            late = enqueue("held", "held-late")
+            assert gate.wait(10)
+            after = enqueue("free", "free-after")
+            wait_for(lambda: state(after) == "COMPLETED")
+            assert state(late) == "STARTED", "its outcome waits for the row"
+            blocker.commit()
+            wait_for(lambda: state(late) == "COMPLETED")
+            assert server.stats()["failed"] == 0
+    finally:
+        blocker.close()
+        store.close()
+        db.close()
+    with connect(upstream_database_url) as check:
+        outputs = {r["query"]: r["output"] for r in check.execute(
+            "SELECT query, output FROM todolist")}
+    assert outputs == {text: {"ran": text} for text in ("held", "free", "held-late",
+                                                         "free-after")}
