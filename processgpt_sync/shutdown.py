@@ -68,14 +68,17 @@ class Shutdown:
         """Wait ``grace`` seconds for running todos; cancel the rest and give them back, then
         wait for the outcomes already being written. The give-back comes first: an outcome
         waiting for a row another transaction holds must not take the time it needs."""
-        leftovers = inflight.wait_empty(grace)
-        for run in leftovers:
+        giving_back = []
+        for run in inflight.wait_empty(grace):
             cancel(run, "shutdown")
-            run.close()
-        if leftovers:
+            # Not a run whose executor returned meanwhile and whose outcome went to the
+            # writer first: given back, its result would be refused and the todo run again.
+            if run.close() or run.cancel_reason == "shutdown":
+                giving_back.append(run)
+        if giving_back:
             buffer.flush(timeout=left() / 2)  # leave time to give the todos back
-            self._release([r.claim for r in leftovers], left)
-        writing = inflight.wait_written(leftovers, left())
+            self._release([r.claim for r in giving_back], left)
+        writing = inflight.wait_written(giving_back, left())
         if writing:
             self._log.error("stopping: the outcomes of todos %s could not be stored in time; "
                             "their leases expire in %ds and another worker runs them again",

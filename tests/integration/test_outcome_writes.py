@@ -5,6 +5,7 @@ and what cannot be stored is reported, never left waiting."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +17,12 @@ import pytest
 import processgpt_sync as ps
 from processgpt_sync.errors import ServerFailed
 from processgpt_sync.event_writer import EventBuffer
+from processgpt_sync.inflight import InFlight
 from processgpt_sync.outcomes import Outcome, OutcomeWriter
+from processgpt_sync.runs import TodoRun
+from processgpt_sync.settings import Settings
+from processgpt_sync.shutdown import Shutdown
+from processgpt_sync.stats import ServerStats
 from processgpt_sync.storage.postgres import PostgresStorage
 from tests.conftest import wait_for
 
@@ -613,3 +619,44 @@ def test_what_the_database_refuses_is_recorded_as_a_failure_with_the_reason(
     assert "event refused by a trigger" in caplog.text
     assert "storing its result without them" in caplog.text
     assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
+
+
+def test_a_stop_gives_back_the_runs_it_stopped_not_one_whose_outcome_is_on_its_way(
+        database_url, db):
+    """Two todos run as stop() ends its grace; one's executor returns just then, and the
+    recorder closes its run and hands its outcome to the writer before the stop cancels it.
+    That one is not given back (its result would be refused and the todo run again): the stop
+    waits for its outcome instead."""
+    storage = PostgresStorage(database_url)
+    try:
+        for text in ("ending", "running"):
+            storage.enqueue(AGENT, text)
+        claims = storage.claim(agent_orch=AGENT, consumer="w1", limit=2, lease_seconds=60,
+                               max_claims=3)
+        buffer = EventBuffer(storage, flush_interval=0.05, batch_size=100)
+        inflight = InFlight(2, 0)
+        runs = {c.row["query"]: TodoRun(c, buffer, timeout=None, intermediate=None)
+                for c in claims}
+        for run in runs.values():
+            inflight.add(run)
+
+        def cancel(run: TodoRun, reason: str) -> None:
+            if run is runs["ending"]:
+                assert run.close()  # the recorder's, a moment before
+            with run.lock:  # as TodoWorker.cancel: a closed run is left to its outcome
+                if not run.closed:
+                    run.cancel_reason = reason
+                    run.cancel_event.set()
+
+        shutdown = Shutdown(storage, Settings(agent_orch=AGENT, consumer="w1"),
+                            stats=ServerStats(), log=logging.getLogger("test"), extra={})
+        deadline = time.monotonic() + 1.0
+        shutdown.drain(inflight, buffer, cancel, 0.0,
+                       lambda: max(0.0, deadline - time.monotonic()))
+        buffer.close()
+    finally:
+        storage.close()
+    states = {r["query"]: r["state"] for r in db.execute(
+        "SELECT query, draft_status::text AS state FROM todolist")}
+    assert states == {"ending": "STARTED", "running": None}
+    assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 1
