@@ -48,7 +48,8 @@ def table(columns: Sequence[str], rows: Iterable[Sequence[Any]], *,
 
 def print_json(value: Any, file: TextIO | None = None) -> None:
     """One JSON document on one line, for scripts (``--json``)."""
-    print(json.dumps(with_deep_values_noted(value), ensure_ascii=False, default=str),
+    print(json.dumps(with_deep_values_noted(value, default=str), ensure_ascii=False,
+                     default=str),
           file=file or sys.stdout, flush=True)
 
 

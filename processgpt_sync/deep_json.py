@@ -49,19 +49,21 @@ def shown_json(value: Any, **options: Any) -> str:
         return TOO_DEEP_TO_SHOW
 
 
-def with_deep_values_noted(value: Any, levels: int = 4) -> Any:
-    """``value`` with each part nested too deeply to write out replaced by
-    ``TOO_DEEP_TO_SHOW``: a document for scripts keeps its shape and its other values. Objects,
-    and arrays of objects (records), are looked into, at most ``levels`` deep."""
+def with_deep_values_noted(value: Any, levels: int = 4, **options: Any) -> Any:
+    """``value`` with each part nested too deeply to write out (by ``json.dumps(part,
+    **options)``: an indented dump has its own limit) replaced by ``TOO_DEEP_TO_SHOW``: a
+    document for scripts keeps its shape and its other values. Objects, and arrays of objects
+    (records), are looked into, at most ``levels`` deep."""
     try:
-        json.dumps(value, default=str)
+        json.dumps(value, **options)
         return value
     except RecursionError:
         if levels > 0 and isinstance(value, Mapping):
-            return {key: with_deep_values_noted(item, levels - 1) for key, item in value.items()}
+            return {key: with_deep_values_noted(item, levels - 1, **options)
+                    for key, item in value.items()}
         if levels > 0 and isinstance(value, list) and all(isinstance(item, Mapping)
                                                           for item in value):
-            return [with_deep_values_noted(item, levels - 1) for item in value]
+            return [with_deep_values_noted(item, levels - 1, **options) for item in value]
         return TOO_DEEP_TO_SHOW
 
 

@@ -122,25 +122,25 @@ $$;
 -- rows (sorted), before it updates: every transaction takes them in one order, todos first as
 -- a single-row write does. Returns the todos held, or NULL where nothing needs it: one todo
 -- given back, or no bpm_proc_inst table.
--- With p_skip_locked (a claim, a batch of outcomes) a process instance another transaction
--- holds is waited for at most 200 ms (usually it is one of ours, a claim or an outcome of a
--- todo of the same instance, for a moment); one the BPM engine or a person holds longer leaves
--- its todos out of the answer, so they do not hold up the rest: a claim leaves them for a later
--- one, a batch of outcomes answers them 'busy'.
+-- With p_skip_locked (a claim, a batch of outcomes) the process instances are taken one by one
+-- in order, waiting at most 200 ms in all (usually the holder is one of ours, a claim or an
+-- outcome of a todo of the same instance, for a moment); one the BPM engine or a person holds
+-- longer leaves its todos out of the answer, so they do not hold up the rest: a claim takes
+-- other todos in their place, a batch of outcomes answers them 'busy' (written later).
 CREATE OR REPLACE FUNCTION processgpt_sync_lock_proc_insts_v1(p_todo_ids uuid[],
                                                               p_skip_locked boolean)
 RETURNS uuid[] LANGUAGE plpgsql AS $$
 DECLARE
     v_held uuid[];
-    v_insts text[];  -- the process instances of the held todos
-    v_free text[];   -- those this transaction holds
+    v_inst text;
+    v_left_out text[] := '{}';
+    v_deadline timestamptz;
+    v_wait_ms integer;
     v_lock_timeout text;
 BEGIN
     -- one todo given back alone waits for its instance as any single-row write does
-    IF coalesce(cardinality(p_todo_ids), 0) < 2 - p_skip_locked::integer OR NOT EXISTS (
-            SELECT 1 FROM pg_attribute a
-            WHERE a.attrelid = to_regclass('bpm_proc_inst') AND a.attname = 'proc_inst_id'
-              AND NOT a.attisdropped) THEN
+    IF coalesce(cardinality(p_todo_ids), 0) < 2 - p_skip_locked::integer
+       OR NOT processgpt_sync_has_proc_insts_v1() THEN
         RETURN NULL;
     END IF;
     IF NOT p_skip_locked THEN
@@ -157,33 +157,46 @@ BEGIN
     SELECT coalesce(array_agg(x.id), '{}') INTO v_held FROM (
         SELECT t.id FROM todolist t WHERE t.id = ANY (p_todo_ids)
         ORDER BY t.id FOR UPDATE OF t SKIP LOCKED) x;
-    v_insts := ARRAY(SELECT DISTINCT p.proc_inst_id FROM bpm_proc_inst p
-                     WHERE p.proc_inst_id IN (SELECT t.proc_inst_id FROM todolist t
-                                              WHERE t.id = ANY (v_held)
-                                                AND t.proc_inst_id IS NOT NULL));
-    v_free := ARRAY(SELECT p.proc_inst_id FROM bpm_proc_inst p
-                    WHERE p.proc_inst_id = ANY (v_insts)
-                    ORDER BY p.proc_inst_id FOR NO KEY UPDATE OF p SKIP LOCKED);
-    IF cardinality(v_free) < cardinality(v_insts) THEN
-        v_lock_timeout := current_setting('lock_timeout');
-        PERFORM set_config('lock_timeout', '200ms', true);
+    v_deadline := clock_timestamp() + interval '200 milliseconds';
+    v_lock_timeout := current_setting('lock_timeout');
+    FOR v_inst IN
+        SELECT DISTINCT p.proc_inst_id FROM bpm_proc_inst p
+        WHERE p.proc_inst_id IN (SELECT t.proc_inst_id FROM todolist t
+                                 WHERE t.id = ANY (v_held) AND t.proc_inst_id IS NOT NULL)
+        ORDER BY p.proc_inst_id
+    LOOP
+        PERFORM 1 FROM bpm_proc_inst p WHERE p.proc_inst_id = v_inst
+        FOR NO KEY UPDATE OF p SKIP LOCKED;
+        CONTINUE WHEN FOUND;
+        v_wait_ms := floor(extract(epoch FROM v_deadline - clock_timestamp()) * 1000);
+        IF v_wait_ms < 1 THEN
+            v_left_out := v_left_out || v_inst;
+            CONTINUE;
+        END IF;
+        PERFORM set_config('lock_timeout', v_wait_ms || 'ms', true);
         BEGIN
-            PERFORM 1 FROM bpm_proc_inst p
-            WHERE p.proc_inst_id = ANY (v_insts) AND NOT p.proc_inst_id = ANY (v_free)
-            ORDER BY p.proc_inst_id
-            FOR NO KEY UPDATE OF p;
-            v_free := v_insts;
-        EXCEPTION WHEN lock_not_available THEN
-            NULL;  -- held longer: its todos are left out
+            PERFORM 1 FROM bpm_proc_inst p WHERE p.proc_inst_id = v_inst FOR NO KEY UPDATE OF p;
+        EXCEPTION WHEN lock_not_available OR deadlock_detected THEN
+            v_left_out := v_left_out || v_inst;  -- held longer: its todos are left out
         END;
         PERFORM set_config('lock_timeout', v_lock_timeout, true);
+    END LOOP;
+    IF cardinality(v_left_out) > 0 THEN
         v_held := ARRAY(SELECT t.id FROM todolist t
                         WHERE t.id = ANY (v_held)
-                          AND (t.proc_inst_id IS NULL OR NOT t.proc_inst_id = ANY (v_insts)
-                               OR t.proc_inst_id = ANY (v_free)));
+                          AND (t.proc_inst_id IS NULL OR NOT t.proc_inst_id = ANY (v_left_out)));
     END IF;
     RETURN v_held;
 END
+$$;
+
+-- Whether this database has the platform's process instances (bpm_proc_inst), which its
+-- trigger touches on every update of a todo.
+CREATE OR REPLACE FUNCTION processgpt_sync_has_proc_insts_v1()
+RETURNS boolean LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (SELECT 1 FROM pg_attribute a
+                   WHERE a.attrelid = to_regclass('bpm_proc_inst') AND a.attname = 'proc_inst_id'
+                     AND NOT a.attisdropped)
 $$;
 
 -- Whether a todo row may be claimed now: queued, answered / revision (unless the UI cancelled
@@ -285,6 +298,9 @@ DECLARE
     v_limit integer := p_limit;
     v_ids uuid[];
     v_held uuid[];
+    v_kept uuid[] := '{}';
+    v_passed uuid[] := '{}';  -- picked already: kept, or left out for a held process instance
+    v_round integer := 0;
     v_claimed jsonb;
     v_expired boolean;
     v_abandoned uuid[] := '{}';
@@ -435,6 +451,8 @@ BEGIN
 
     -- Turns between tenants need the running counts, which cost a look at every live lease;
     -- with one tenant waiting (and no per-tenant cap) its turn is simply oldest first.
+    LOOP
+    v_round := v_round + 1;
     IF p_max_running_per_tenant IS NOT NULL
        OR (p_fair AND (cardinality(v_groups) > 1 OR p_tenant_id IS NOT NULL)) THEN
         WITH live AS MATERIALIZED (  -- from the leases (the todos in flight), not the queue
@@ -464,11 +482,13 @@ BEGIN
                          AND t.status = 'IN_PROGRESS'
                          AND (t.draft_status IS NULL OR t.draft_status = 'FB_REQUESTED')
                          AND processgpt_sync_is_claimable_v1(t, p_max_claims)
+                         AND NOT t.id = ANY (v_passed)
                        ORDER BY t.start_date NULLS LAST, t.id
                        LIMIT g.room)
                       UNION ALL
                       SELECT t.id, t.start_date FROM todolist t
-                      WHERE t.id = ANY (v_abandoned) AND coalesce(t.tenant_id, '') = g.k) u
+                      WHERE t.id = ANY (v_abandoned) AND coalesce(t.tenant_id, '') = g.k
+                        AND NOT t.id = ANY (v_passed)) u
                 ORDER BY u.start_date NULLS LAST, u.id
                 LIMIT g.room) c
             ORDER BY priority, c.start_date NULLS LAST, c.id
@@ -488,6 +508,7 @@ BEGIN
               AND t.status = 'IN_PROGRESS'
               AND (t.draft_status IS NULL OR t.draft_status = 'FB_REQUESTED')
               AND processgpt_sync_is_claimable_v1(t, p_max_claims)
+              AND NOT t.id = ANY (v_passed)
             ORDER BY t.start_date NULLS LAST, t.id
             LIMIT v_limit
             FOR UPDATE OF t SKIP LOCKED) x;
@@ -501,26 +522,33 @@ BEGIN
                    AND w.status = 'IN_PROGRESS'
                    AND (w.draft_status IS NULL OR w.draft_status = 'FB_REQUESTED')
                    AND processgpt_sync_is_claimable_v1(w, p_max_claims)
+                   AND NOT w.id = ANY (v_passed)
                  ORDER BY w.start_date NULLS LAST, w.id
                  LIMIT 2 * v_limit)
                 UNION ALL SELECT unnest(v_abandoned))
               AND processgpt_sync_is_claimable_v1(t, p_max_claims)
+              AND NOT t.id = ANY (v_passed)
             ORDER BY t.start_date NULLS LAST, t.id
             LIMIT v_limit
             FOR UPDATE OF t SKIP LOCKED) x;
     END IF;
-    IF v_ids IS NULL THEN
-        RETURN '[]'::jsonb;
-    END IF;
+    EXIT WHEN v_ids IS NULL;
     -- the todos are held already; their process instances, but for one held long elsewhere
     v_held := processgpt_sync_lock_proc_insts_v1(v_ids, true);
-    IF v_held IS NOT NULL THEN
-        v_ids := ARRAY(SELECT u.id FROM unnest(v_ids) WITH ORDINALITY AS u(id, n)
-                       WHERE u.id = ANY (v_held) ORDER BY u.n);
-        IF cardinality(v_ids) = 0 THEN
-            RETURN '[]'::jsonb;
-        END IF;
+    v_kept := v_kept || CASE WHEN v_held IS NULL THEN v_ids ELSE ARRAY(
+        SELECT u.id FROM unnest(v_ids) WITH ORDINALITY AS u(id, n)
+        WHERE u.id = ANY (v_held) ORDER BY u.n) END;
+    -- todos left out for a held process instance: others in their place, twice at most (not
+    -- under a per-tenant cap, whose counts do not see this claim's own todos)
+    EXIT WHEN v_held IS NULL OR cardinality(v_held) = cardinality(v_ids) OR v_round = 3
+              OR p_max_running_per_tenant IS NOT NULL;
+    v_passed := v_passed || v_ids;
+    v_limit := v_limit - cardinality(v_held);
+    END LOOP;
+    IF cardinality(v_kept) = 0 THEN
+        RETURN '[]'::jsonb;
     END IF;
+    v_ids := v_kept;
 
     WITH candidate AS (
         SELECT t.id, t.draft_status AS prev_status, t.start_date
@@ -627,7 +655,8 @@ LANGUAGE sql VOLATILE AS $$
 $$;
 
 -- Whether the claim with p_token still holds the running todo p_todo_id, whose row names
--- p_consumer: its lease is there, made for that consumer. An upstream worker that took the row
+-- p_consumer: its lease is there, made for that consumer (asked only of a row that names one: a
+-- todo our run suspended has none, and no lease, and stays its run's to re-apply the suspend). An upstream worker that took the row
 -- over (an FB_REQUESTED revision, fetched by process-gpt-agent-sdk) leaves our token on it, as
 -- it sets none, but puts its own consumer name there: the claim is no longer ours to write.
 CREATE OR REPLACE FUNCTION processgpt_sync_lease_holds_v1(p_todo_id uuid, p_token uuid,
@@ -684,7 +713,8 @@ BEGIN
                CASE WHEN o.id IS NULL AND i.todo_id IN (SELECT id FROM busy) THEN 'busy'
                     ELSE processgpt_sync_event_problem_v1(
                         i.ev, o.id IS NOT NULL AND o.claim_token IS NOT DISTINCT FROM i.token
-                              AND processgpt_sync_lease_holds_v1(o.id, i.token, o.consumer),
+                              AND (o.consumer IS NULL
+                                   OR processgpt_sync_lease_holds_v1(o.id, i.token, o.consumer)),
                         v_types, v_statuses) END AS reason
         FROM input i LEFT JOIN owned o ON o.id = i.todo_id
     ), inserted AS (
@@ -732,7 +762,8 @@ BEGIN
         RETURN 'not_owner';
     ELSIF v_status IS NULL OR v_status NOT IN ('STARTED', 'HUMAN_ASKED') THEN
         RETURN lower(coalesce(v_status::text, 'released'));
-    ELSIF NOT processgpt_sync_lease_holds_v1(p_todo_id, p_token, v_consumer) THEN
+    ELSIF v_consumer IS NOT NULL
+          AND NOT processgpt_sync_lease_holds_v1(p_todo_id, p_token, v_consumer) THEN
         RETURN 'not_owner';
     ELSIF v_cancelled THEN
         RETURN 'cancelled';
@@ -920,6 +951,7 @@ BEGIN
                      AND l.draft_status IN ('HUMAN_ASKED', 'FB_REQUESTED')
                     THEN 'already_applied'
                 WHEN l.draft_status IN ('STARTED', 'HUMAN_ASKED')
+                     AND l.consumer IS NOT NULL
                      AND NOT processgpt_sync_lease_holds_v1(i.todo_id, i.token, l.consumer)
                     THEN 'not_owner'
                 WHEN l.draft_status IN ('STARTED', 'HUMAN_ASKED')

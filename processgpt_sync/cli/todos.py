@@ -35,8 +35,8 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     shown = _call_on_todo(args, "show")
     if args.json:
-        print(json.dumps(with_deep_values_noted(shown), ensure_ascii=False, indent=2,
-                         default=str))
+        print(json.dumps(with_deep_values_noted(shown, indent=2, default=str),
+                         ensure_ascii=False, indent=2, default=str))
         return 0
     row, lease = shown["row"], shown.get("lease")
     state = row.get("draft_status") or ("claimable" if shown["claimable"] else "not claimable")

@@ -11,7 +11,6 @@ calls run in the thread pool.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import re
 import uuid
@@ -113,7 +112,7 @@ def pretty(value: Any) -> str:
     compact = shown_json(value, ensure_ascii=False, default=str)
     if len(compact) <= PRETTY_WIDTH or compact == TOO_DEEP_TO_SHOW:
         return compact
-    return json.dumps(value, indent=2, ensure_ascii=False, default=str)
+    return shown_json(value, indent=2, ensure_ascii=False, default=str)
 
 
 def clock(value: Any) -> str:

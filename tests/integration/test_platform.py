@@ -584,7 +584,8 @@ def test_a_process_instance_held_elsewhere_holds_up_only_its_own_todos(
         waiting, free = enqueue("held", "held"), enqueue("free", "free")  # the held one first
         # left out of a claim, as a todo row another transaction holds is: claimed by the
         # next one (a NOTIFY, or the idle poll every lease/4)
-        with ps.start(handle, agent_orch="inst", storage=store, workers=2,
+        # one worker: the claim asks for one todo, and takes the free one in the held one's place
+        with ps.start(handle, agent_orch="inst", storage=store, workers=1,
                       lease_seconds=4) as server:
             wait_for(lambda: state(free) == "COMPLETED")
             assert state(waiting) is None, "not claimed while its instance is held"
@@ -608,3 +609,32 @@ def test_a_process_instance_held_elsewhere_holds_up_only_its_own_todos(
             "SELECT query, output FROM todolist")}
     assert outputs == {text: {"ran": text} for text in ("held", "free", "held-late",
                                                          "free-after")}
+
+
+def test_a_batch_waits_for_process_instances_in_turn_and_leaves_out_only_one_held_long(
+        upstream_database_url: str) -> None:
+    """Of two instances another transaction holds, one is let go after 50 ms: its todo is
+    kept. The other, held on, costs the rest of the 200 ms and leaves only its own todo out."""
+    db = connect(upstream_database_url)
+    db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('a-brief'), ('b-long')")
+    ids = {inst: str(db.execute("SELECT processgpt_sync_enqueue_v1('turns', 'q', 'COMPLETE', "
+                                "NULL, 'step', %s) AS id", (inst,)).fetchone()["id"])
+           for inst in ("a-brief", "b-long")}
+    holders = {inst: psycopg.connect(upstream_database_url) for inst in ids}
+    try:
+        for inst, holder in holders.items():
+            holder.execute("SELECT 1 FROM bpm_proc_inst WHERE proc_inst_id = %s FOR UPDATE",
+                           (inst,))
+        threading.Timer(0.05, holders["a-brief"].commit).start()
+        with psycopg.connect(upstream_database_url) as batch:
+            began = time.monotonic()
+            (held,) = batch.execute("SELECT processgpt_sync_lock_proc_insts_v1(%s::uuid[], true)",
+                                    (list(ids.values()),)).fetchone()
+            waited = time.monotonic() - began
+            assert batch.execute("SHOW lock_timeout").fetchone()[0] == "0", "restored"
+    finally:
+        for holder in holders.values():
+            holder.close()
+        db.close()
+    assert [str(todo) for todo in held] == [ids["a-brief"]]
+    assert waited > 0.15, "the long-held one was waited for, within the 200 ms"
