@@ -126,7 +126,8 @@ $$;
 -- in order, waiting at most 200 ms in all (usually the holder is one of ours, a claim or an
 -- outcome of a todo of the same instance, for a moment); one the BPM engine or a person holds
 -- longer leaves its todos out of the answer, so they do not hold up the rest: a claim takes
--- other todos in their place, a batch of outcomes answers them 'busy' (written later).
+-- other todos in their place (passing over the instance's other todos, so it is not waited for
+-- twice), a batch of outcomes answers them 'busy' (written later).
 CREATE OR REPLACE FUNCTION processgpt_sync_lock_proc_insts_v1(p_todo_ids uuid[],
                                                               p_skip_locked boolean)
 RETURNS uuid[] LANGUAGE plpgsql AS $$
@@ -542,7 +543,16 @@ BEGIN
     -- under a per-tenant cap, whose counts do not see this claim's own todos)
     EXIT WHEN v_held IS NULL OR cardinality(v_held) = cardinality(v_ids) OR v_round = 3
               OR p_max_running_per_tenant IS NOT NULL;
-    v_passed := v_passed || v_ids;
+    -- passed over too: the other waiting todos of the instances found held (not waited for
+    -- again)
+    v_passed := v_passed || v_ids || ARRAY(
+        SELECT t.id FROM todolist t
+        WHERE t.proc_inst_id IN (SELECT u.proc_inst_id FROM todolist u
+                                 WHERE u.id = ANY (v_ids) AND NOT u.id = ANY (v_held))
+          AND t.agent_orch::text = p_agent_orch
+          AND (t.id = ANY (v_abandoned)
+               OR (t.status = 'IN_PROGRESS'
+                   AND (t.draft_status IS NULL OR t.draft_status = 'FB_REQUESTED'))));
     v_limit := v_limit - cardinality(v_held);
     END LOOP;
     IF cardinality(v_kept) = 0 THEN

@@ -581,16 +581,18 @@ def test_a_process_instance_held_elsewhere_holds_up_only_its_own_todos(
     store = PostgresStorage(upstream_database_url)
     try:
         blocker.execute(hold)
-        waiting, free = enqueue("held", "held"), enqueue("free", "free")  # the held one first
+        # the held instance's todos first in line (parallel steps of one process)
+        waiting, sibling = enqueue("held", "held"), enqueue("held", "held-sibling")
+        free = enqueue("free", "free")
         # left out of a claim, as a todo row another transaction holds is: claimed by the
         # next one (a NOTIFY, or the idle poll every lease/4)
         # one worker: the claim asks for one todo, and takes the free one in the held one's place
         with ps.start(handle, agent_orch="inst", storage=store, workers=1,
                       lease_seconds=4) as server:
             wait_for(lambda: state(free) == "COMPLETED")
-            assert state(waiting) is None, "not claimed while its instance is held"
+            assert state(waiting) is None and state(sibling) is None, "not while it is held"
             blocker.commit()
-            wait_for(lambda: state(waiting) == "COMPLETED")
+            wait_for(lambda: state(waiting) == state(sibling) == "COMPLETED")
 
             late = enqueue("held", "held-late")
             assert gate.wait(10)
@@ -607,8 +609,8 @@ def test_a_process_instance_held_elsewhere_holds_up_only_its_own_todos(
     with connect(upstream_database_url) as check:
         outputs = {r["query"]: r["output"] for r in check.execute(
             "SELECT query, output FROM todolist")}
-    assert outputs == {text: {"ran": text} for text in ("held", "free", "held-late",
-                                                         "free-after")}
+    assert outputs == {text: {"ran": text} for text in ("held", "held-sibling", "free",
+                                                         "held-late", "free-after")}
 
 
 def test_a_batch_waits_for_process_instances_in_turn_and_leaves_out_only_one_held_long(
