@@ -187,6 +187,10 @@ class Watchers:
                 report = storage.heartbeat(self.settings.consumer, [r.claim for r in live],
                                            self.settings.lease_seconds, self._registry(idle))
             except StorageError as exc:
+                if self._stop.is_set():  # stop() ended meanwhile (its pool closed): no retry
+                    self._log.debug("heartbeat cut short by the stop: %s", exc,
+                                    extra={**self._extra, "action": "heartbeat"})
+                    return
                 failing = True
                 self._inflight.claim_unanswered |= orphans_possible
                 self._log.warning("heartbeat failed, retrying: %s", exc,
