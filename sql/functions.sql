@@ -453,107 +453,108 @@ BEGIN
     -- Turns between tenants need the running counts, which cost a look at every live lease;
     -- with one tenant waiting (and no per-tenant cap) its turn is simply oldest first.
     LOOP
-    v_round := v_round + 1;
-    IF p_max_running_per_tenant IS NOT NULL
-       OR (p_fair AND (cardinality(v_groups) > 1 OR p_tenant_id IS NOT NULL)) THEN
-        WITH live AS MATERIALIZED (  -- from the leases (the todos in flight), not the queue
-            SELECT l.todo_id, l.claim_token FROM processgpt_sync_lease l
-            WHERE l.expires_at >= now()
-        ), running AS (
-            SELECT coalesce(t.tenant_id, '') AS k, count(*) AS n
-            FROM live l
-            JOIN todolist t ON t.id = l.todo_id AND t.claim_token = l.claim_token
-            WHERE t.agent_orch::text = p_agent_orch
-              AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
-            GROUP BY 1
-        ), groups AS (
-            SELECT g.k, coalesce(r.n, 0) AS running, greatest(0, least(
-                       2 * v_limit, coalesce(p_max_running_per_tenant - coalesce(r.n, 0),
-                                             2 * v_limit))) AS room
-            FROM unnest(v_groups) AS g(k)
-            LEFT JOIN running r ON r.k = g.k
-        ), wanted AS MATERIALIZED (
-            SELECT c.id, c.start_date, g.running + c.n AS priority
-            FROM groups g
-            CROSS JOIN LATERAL (
-                SELECT u.id, u.start_date,
-                       row_number() OVER (ORDER BY u.start_date NULLS LAST, u.id) AS n
-                FROM ((SELECT t.id, t.start_date FROM todolist t
-                       WHERE t.agent_orch::text = p_agent_orch AND coalesce(t.tenant_id, '') = g.k
-                         AND t.status = 'IN_PROGRESS'
-                         AND (t.draft_status IS NULL OR t.draft_status = 'FB_REQUESTED')
-                         AND processgpt_sync_is_claimable_v1(t, p_max_claims)
-                         AND NOT t.id = ANY (v_passed)
-                       ORDER BY t.start_date NULLS LAST, t.id
-                       LIMIT g.room)
-                      UNION ALL
-                      SELECT t.id, t.start_date FROM todolist t
-                      WHERE t.id = ANY (v_abandoned) AND coalesce(t.tenant_id, '') = g.k
-                        AND NOT t.id = ANY (v_passed)) u
-                ORDER BY u.start_date NULLS LAST, u.id
-                LIMIT g.room) c
-            ORDER BY priority, c.start_date NULLS LAST, c.id
-            LIMIT 2 * v_limit  -- spares for rows a concurrent claim holds
-        )
-        SELECT array_agg(x.id) INTO v_ids FROM (
-            SELECT t.id FROM todolist t JOIN wanted w ON w.id = t.id
-            WHERE processgpt_sync_is_claimable_v1(t, p_max_claims)
-            ORDER BY w.priority, w.start_date NULLS LAST, t.id
-            LIMIT v_limit
-            FOR UPDATE OF t SKIP LOCKED) x;
-    ELSIF cardinality(v_abandoned) = 0 THEN
-        SELECT array_agg(x.id) INTO v_ids FROM (
+        v_round := v_round + 1;
+        IF p_max_running_per_tenant IS NOT NULL
+           OR (p_fair AND (cardinality(v_groups) > 1 OR p_tenant_id IS NOT NULL)) THEN
+            WITH live AS MATERIALIZED (  -- from the leases (the todos in flight), not the queue
+                SELECT l.todo_id, l.claim_token FROM processgpt_sync_lease l
+                WHERE l.expires_at >= now()
+            ), running AS (
+                SELECT coalesce(t.tenant_id, '') AS k, count(*) AS n
+                FROM live l
+                JOIN todolist t ON t.id = l.todo_id AND t.claim_token = l.claim_token
+                WHERE t.agent_orch::text = p_agent_orch
+                  AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
+                GROUP BY 1
+            ), groups AS (
+                SELECT g.k, coalesce(r.n, 0) AS running, greatest(0, least(
+                           2 * v_limit, coalesce(p_max_running_per_tenant - coalesce(r.n, 0),
+                                                 2 * v_limit))) AS room
+                FROM unnest(v_groups) AS g(k)
+                LEFT JOIN running r ON r.k = g.k
+            ), wanted AS MATERIALIZED (
+                SELECT c.id, c.start_date, g.running + c.n AS priority
+                FROM groups g
+                CROSS JOIN LATERAL (
+                    SELECT u.id, u.start_date,
+                           row_number() OVER (ORDER BY u.start_date NULLS LAST, u.id) AS n
+                    FROM ((SELECT t.id, t.start_date FROM todolist t
+                           WHERE t.agent_orch::text = p_agent_orch
+                             AND coalesce(t.tenant_id, '') = g.k
+                             AND t.status = 'IN_PROGRESS'
+                             AND (t.draft_status IS NULL OR t.draft_status = 'FB_REQUESTED')
+                             AND processgpt_sync_is_claimable_v1(t, p_max_claims)
+                             AND NOT t.id = ANY (v_passed)
+                           ORDER BY t.start_date NULLS LAST, t.id
+                           LIMIT g.room)
+                          UNION ALL
+                          SELECT t.id, t.start_date FROM todolist t
+                          WHERE t.id = ANY (v_abandoned) AND coalesce(t.tenant_id, '') = g.k
+                            AND NOT t.id = ANY (v_passed)) u
+                    ORDER BY u.start_date NULLS LAST, u.id
+                    LIMIT g.room) c
+                ORDER BY priority, c.start_date NULLS LAST, c.id
+                LIMIT 2 * v_limit  -- spares for rows a concurrent claim holds
+            )
+            SELECT array_agg(x.id) INTO v_ids FROM (
+                SELECT t.id FROM todolist t JOIN wanted w ON w.id = t.id
+                WHERE processgpt_sync_is_claimable_v1(t, p_max_claims)
+                ORDER BY w.priority, w.start_date NULLS LAST, t.id
+                LIMIT v_limit
+                FOR UPDATE OF t SKIP LOCKED) x;
+        ELSIF cardinality(v_abandoned) = 0 THEN
+            SELECT array_agg(x.id) INTO v_ids FROM (
+                SELECT t.id FROM todolist t
+                WHERE t.agent_orch::text = p_agent_orch
+                  AND (p_tenant_id IS NULL OR t.tenant_id = p_tenant_id)
+                  AND t.status = 'IN_PROGRESS'
+                  AND (t.draft_status IS NULL OR t.draft_status = 'FB_REQUESTED')
+                  AND processgpt_sync_is_claimable_v1(t, p_max_claims)
+                  AND NOT t.id = ANY (v_passed)
+                ORDER BY t.start_date NULLS LAST, t.id
+                LIMIT v_limit
+                FOR UPDATE OF t SKIP LOCKED) x;
+        ELSE  -- abandoned claims compete with the oldest waiting todos (spares as above)
+            SELECT array_agg(x.id) INTO v_ids FROM (
+                SELECT t.id FROM todolist t
+                WHERE t.id IN (
+                    (SELECT w.id FROM todolist w
+                     WHERE w.agent_orch::text = p_agent_orch
+                       AND (p_tenant_id IS NULL OR w.tenant_id = p_tenant_id)
+                       AND w.status = 'IN_PROGRESS'
+                       AND (w.draft_status IS NULL OR w.draft_status = 'FB_REQUESTED')
+                       AND processgpt_sync_is_claimable_v1(w, p_max_claims)
+                       AND NOT w.id = ANY (v_passed)
+                     ORDER BY w.start_date NULLS LAST, w.id
+                     LIMIT 2 * v_limit)
+                    UNION ALL SELECT unnest(v_abandoned))
+                  AND processgpt_sync_is_claimable_v1(t, p_max_claims)
+                  AND NOT t.id = ANY (v_passed)
+                ORDER BY t.start_date NULLS LAST, t.id
+                LIMIT v_limit
+                FOR UPDATE OF t SKIP LOCKED) x;
+        END IF;
+        EXIT WHEN v_ids IS NULL;
+        -- the todos are held already; their process instances, but for one held long elsewhere
+        v_held := processgpt_sync_lock_proc_insts_v1(v_ids, true);
+        v_kept := v_kept || CASE WHEN v_held IS NULL THEN v_ids ELSE ARRAY(
+            SELECT u.id FROM unnest(v_ids) WITH ORDINALITY AS u(id, n)
+            WHERE u.id = ANY (v_held) ORDER BY u.n) END;
+        -- todos left out for a held process instance: others in their place, twice at most (not
+        -- under a per-tenant cap, whose counts do not see this claim's own todos)
+        EXIT WHEN v_held IS NULL OR cardinality(v_held) = cardinality(v_ids) OR v_round = 3
+                  OR p_max_running_per_tenant IS NOT NULL;
+        -- passed over too: the other waiting todos of the instances found held (not waited for
+        -- again)
+        v_passed := v_passed || v_ids || ARRAY(
             SELECT t.id FROM todolist t
-            WHERE t.agent_orch::text = p_agent_orch
-              AND (p_tenant_id IS NULL OR t.tenant_id = p_tenant_id)
-              AND t.status = 'IN_PROGRESS'
-              AND (t.draft_status IS NULL OR t.draft_status = 'FB_REQUESTED')
-              AND processgpt_sync_is_claimable_v1(t, p_max_claims)
-              AND NOT t.id = ANY (v_passed)
-            ORDER BY t.start_date NULLS LAST, t.id
-            LIMIT v_limit
-            FOR UPDATE OF t SKIP LOCKED) x;
-    ELSE  -- abandoned claims compete with the oldest waiting todos (spares as above)
-        SELECT array_agg(x.id) INTO v_ids FROM (
-            SELECT t.id FROM todolist t
-            WHERE t.id IN (
-                (SELECT w.id FROM todolist w
-                 WHERE w.agent_orch::text = p_agent_orch
-                   AND (p_tenant_id IS NULL OR w.tenant_id = p_tenant_id)
-                   AND w.status = 'IN_PROGRESS'
-                   AND (w.draft_status IS NULL OR w.draft_status = 'FB_REQUESTED')
-                   AND processgpt_sync_is_claimable_v1(w, p_max_claims)
-                   AND NOT w.id = ANY (v_passed)
-                 ORDER BY w.start_date NULLS LAST, w.id
-                 LIMIT 2 * v_limit)
-                UNION ALL SELECT unnest(v_abandoned))
-              AND processgpt_sync_is_claimable_v1(t, p_max_claims)
-              AND NOT t.id = ANY (v_passed)
-            ORDER BY t.start_date NULLS LAST, t.id
-            LIMIT v_limit
-            FOR UPDATE OF t SKIP LOCKED) x;
-    END IF;
-    EXIT WHEN v_ids IS NULL;
-    -- the todos are held already; their process instances, but for one held long elsewhere
-    v_held := processgpt_sync_lock_proc_insts_v1(v_ids, true);
-    v_kept := v_kept || CASE WHEN v_held IS NULL THEN v_ids ELSE ARRAY(
-        SELECT u.id FROM unnest(v_ids) WITH ORDINALITY AS u(id, n)
-        WHERE u.id = ANY (v_held) ORDER BY u.n) END;
-    -- todos left out for a held process instance: others in their place, twice at most (not
-    -- under a per-tenant cap, whose counts do not see this claim's own todos)
-    EXIT WHEN v_held IS NULL OR cardinality(v_held) = cardinality(v_ids) OR v_round = 3
-              OR p_max_running_per_tenant IS NOT NULL;
-    -- passed over too: the other waiting todos of the instances found held (not waited for
-    -- again)
-    v_passed := v_passed || v_ids || ARRAY(
-        SELECT t.id FROM todolist t
-        WHERE t.proc_inst_id IN (SELECT u.proc_inst_id FROM todolist u
-                                 WHERE u.id = ANY (v_ids) AND NOT u.id = ANY (v_held))
-          AND t.agent_orch::text = p_agent_orch
-          AND (t.id = ANY (v_abandoned)
-               OR (t.status = 'IN_PROGRESS'
-                   AND (t.draft_status IS NULL OR t.draft_status = 'FB_REQUESTED'))));
-    v_limit := v_limit - cardinality(v_held);
+            WHERE t.proc_inst_id IN (SELECT u.proc_inst_id FROM todolist u
+                                     WHERE u.id = ANY (v_ids) AND NOT u.id = ANY (v_held))
+              AND t.agent_orch::text = p_agent_orch
+              AND (t.id = ANY (v_abandoned)
+                   OR (t.status = 'IN_PROGRESS'
+                       AND (t.draft_status IS NULL OR t.draft_status = 'FB_REQUESTED'))));
+        v_limit := v_limit - cardinality(v_held);
     END LOOP;
     IF cardinality(v_kept) = 0 THEN
         RETURN '[]'::jsonb;
