@@ -459,12 +459,15 @@ BEGIN
             WITH live AS MATERIALIZED (  -- from the leases (the todos in flight), not the queue
                 SELECT l.todo_id, l.claim_token FROM processgpt_sync_lease l
                 WHERE l.expires_at >= now()
-            ), running AS (
-                SELECT coalesce(t.tenant_id, '') AS k, count(*) AS n
-                FROM live l
-                JOIN todolist t ON t.id = l.todo_id AND t.claim_token = l.claim_token
-                WHERE t.agent_orch::text = p_agent_orch
-                  AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
+            ), running AS (  -- and those this claim kept in an earlier round
+                SELECT r.k, count(*) AS n FROM (
+                    SELECT coalesce(t.tenant_id, '') AS k
+                    FROM live l
+                    JOIN todolist t ON t.id = l.todo_id AND t.claim_token = l.claim_token
+                    WHERE t.agent_orch::text = p_agent_orch
+                      AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
+                    UNION ALL
+                    SELECT coalesce(t.tenant_id, '') FROM todolist t WHERE t.id = ANY (v_kept)) r
                 GROUP BY 1
             ), groups AS (
                 SELECT g.k, coalesce(r.n, 0) AS running, greatest(0, least(
@@ -540,10 +543,8 @@ BEGIN
         v_kept := v_kept || CASE WHEN v_held IS NULL THEN v_ids ELSE ARRAY(
             SELECT u.id FROM unnest(v_ids) WITH ORDINALITY AS u(id, n)
             WHERE u.id = ANY (v_held) ORDER BY u.n) END;
-        -- todos left out for a held process instance: others in their place, twice at most (not
-        -- under a per-tenant cap, whose counts do not see this claim's own todos)
-        EXIT WHEN v_held IS NULL OR cardinality(v_held) = cardinality(v_ids) OR v_round = 3
-                  OR p_max_running_per_tenant IS NOT NULL;
+        -- todos left out for a held process instance: others in their place, twice at most
+        EXIT WHEN v_held IS NULL OR cardinality(v_held) = cardinality(v_ids) OR v_round = 3;
         -- passed over too: the other waiting todos of the instances found held (not waited for
         -- again)
         v_passed := v_passed || v_ids || ARRAY(

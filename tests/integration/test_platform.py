@@ -640,3 +640,35 @@ def test_a_batch_waits_for_process_instances_in_turn_and_leaves_out_only_one_hel
         db.close()
     assert [str(todo) for todo in held] == [ids["a-brief"]]
     assert waited > 0.15, "the long-held one was waited for, within the 200 ms"
+
+
+@pytest.mark.parametrize("per_tenant", [None, 1])
+def test_todos_taken_in_place_of_a_held_instance_s_follow_the_tenants_turns(
+        upstream_database_url: str, per_tenant: int | None) -> None:
+    """Two tenants wait with two todos each, and two worker slots are free. Tenant a's first
+    todo is of a process instance another transaction holds: it is left out, and the one taken
+    in its place is a's next todo, not b's second while a has none running (nor, under a cap of
+    one running todo per tenant, nothing at all)."""
+    db = connect(upstream_database_url)
+    db.execute("INSERT INTO tenants (id) VALUES ('a'), ('b') ON CONFLICT DO NOTHING")
+    db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('held'), ('a2'), ('b1'), "
+               "('b2')")
+    ids = {}
+    for minute, (name, tenant, inst) in enumerate((("b1", "b", "b1"), ("b2", "b", "b2"),
+                                                   ("a1", "a", "held"), ("a2", "a", "a2"))):
+        ids[name] = str(db.execute(
+            "SELECT processgpt_sync_enqueue_v1('turns', %s, 'COMPLETE', %s, 'step', %s) AS id",
+            (name, tenant, inst)).fetchone()["id"])
+        db.execute("UPDATE todolist SET start_date = now() - make_interval(mins => 10 - %s) "
+                   "WHERE id = %s", (minute, ids[name]))
+    store = PostgresStorage(upstream_database_url)
+    try:
+        with psycopg.connect(upstream_database_url) as holder:
+            holder.execute("SELECT 1 FROM bpm_proc_inst WHERE proc_inst_id = 'held' FOR UPDATE")
+            claims = store.claim(agent_orch="turns", consumer="w", limit=2, lease_seconds=60,
+                                 max_claims=3, max_running_per_tenant=per_tenant)
+    finally:
+        store.close()
+        db.close()
+    names = {v: k for k, v in ids.items()}
+    assert sorted(names[c.todo_id] for c in claims) == ["a2", "b1"]
