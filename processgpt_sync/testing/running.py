@@ -22,7 +22,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from ..errors import ConfigurationError, ProcessGPTSyncError
-from ..models import Resume
+from ..models import Claim, Resume
 from ..server import Server
 from ..settings import Settings
 from ..storage.postgres import PostgresStorage
@@ -211,8 +211,9 @@ class _Run:
                 self.awaited.add(str(params.get("p_job_id")))
             if query == "claim":
                 for item in result or []:
-                    if str(item["row"]["id"]) == self.todo_id:
-                        self.runs.append(Resume.from_json(item.get("extras", {}).get("resume")))
+                    if str(item["row"]["id"]) == self.todo_id:  # as the executor sees it
+                        claim = Claim.from_json(item)
+                        self.runs.append(Resume.from_json(claim.extras.get("resume")))
             self._calls += 1
             self._cond.notify_all()
 

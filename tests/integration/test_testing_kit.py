@@ -89,6 +89,7 @@ def test_a_suspended_todo_resumes_with_the_answer(processgpt_run):
     assert record.completed and record.result == {"approved": True}
     assert [run.kind for run in record.runs] == ["fresh", "human_answer"]
     assert record.runs[1].answer is True
+    assert (record.runs[1].answer_raw, record.runs[1].key) == ("true", record.todo_id)
     assert [(q.text, q.answer) for q in record.questions] == [("Approve?", True)]
 
 
