@@ -123,13 +123,15 @@ $$;
 -- a single-row write does. Returns the todos held, or NULL where nothing needs it: one todo
 -- given back, or no bpm_proc_inst table.
 -- With p_skip_locked (a claim, a batch of outcomes) the process instances are taken one by one
--- in order, waiting at most 200 ms in all (usually the holder is one of ours, a claim or an
+-- in order, waiting at most p_wait_ms in all (usually the holder is one of ours, a claim or an
 -- outcome of a todo of the same instance, for a moment); one the BPM engine or a person holds
 -- longer leaves its todos out of the answer, so they do not hold up the rest: a claim takes
 -- other todos in their place (passing over the instance's other todos, so it is not waited for
--- twice), a batch of outcomes answers them 'busy' (written later).
+-- twice, and waiting for none: those may sort before instances it holds already), a batch of
+-- outcomes answers them 'busy' (written later).
 CREATE OR REPLACE FUNCTION processgpt_sync_lock_proc_insts_v1(p_todo_ids uuid[],
-                                                              p_skip_locked boolean)
+                                                              p_skip_locked boolean,
+                                                              p_wait_ms integer)
 RETURNS uuid[] LANGUAGE plpgsql AS $$
 DECLARE
     v_held uuid[];
@@ -158,7 +160,7 @@ BEGIN
     SELECT coalesce(array_agg(x.id), '{}') INTO v_held FROM (
         SELECT t.id FROM todolist t WHERE t.id = ANY (p_todo_ids)
         ORDER BY t.id FOR UPDATE OF t SKIP LOCKED) x;
-    v_deadline := clock_timestamp() + interval '200 milliseconds';
+    v_deadline := clock_timestamp() + make_interval(secs => greatest(p_wait_ms, 0) / 1000.0);
     v_lock_timeout := current_setting('lock_timeout');
     FOR v_inst IN
         SELECT DISTINCT p.proc_inst_id FROM bpm_proc_inst p
@@ -189,6 +191,12 @@ BEGIN
     END IF;
     RETURN v_held;
 END
+$$;
+
+CREATE OR REPLACE FUNCTION processgpt_sync_lock_proc_insts_v1(p_todo_ids uuid[],
+                                                              p_skip_locked boolean)
+RETURNS uuid[] LANGUAGE sql AS $$  -- a batch of outcomes, a give-back, earlier versions
+    SELECT processgpt_sync_lock_proc_insts_v1(p_todo_ids, p_skip_locked, 200)
 $$;
 
 -- Whether this database has the platform's process instances (bpm_proc_inst), which its
@@ -539,7 +547,9 @@ BEGIN
         END IF;
         EXIT WHEN v_ids IS NULL;
         -- the todos are held already; their process instances, but for one held long elsewhere
-        v_held := processgpt_sync_lock_proc_insts_v1(v_ids, true);
+        -- (waited for in the first round only: one budget for the call, and one lock order)
+        v_held := processgpt_sync_lock_proc_insts_v1(v_ids, true,
+                                                     CASE WHEN v_round = 1 THEN 200 ELSE 0 END);
         v_kept := v_kept || CASE WHEN v_held IS NULL THEN v_ids ELSE ARRAY(
             SELECT u.id FROM unnest(v_ids) WITH ORDINALITY AS u(id, n)
             WHERE u.id = ANY (v_held) ORDER BY u.n) END;
