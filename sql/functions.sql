@@ -199,6 +199,15 @@ RETURNS uuid[] LANGUAGE sql AS $$  -- a batch of outcomes, a give-back, earlier 
     SELECT processgpt_sync_lock_proc_insts_v1(p_todo_ids, p_skip_locked, 200)
 $$;
 
+-- Of todos this transaction holds, those whose process instance it could take now without
+-- waiting (all of them where there are no process instances).
+CREATE OR REPLACE FUNCTION processgpt_sync_free_of_held_insts_v1(p_todo_ids uuid[])
+RETURNS uuid[] LANGUAGE sql AS $$
+    SELECT CASE WHEN cardinality(p_todo_ids) = 0 THEN p_todo_ids
+                ELSE coalesce(processgpt_sync_lock_proc_insts_v1(p_todo_ids, true, 0),
+                              p_todo_ids) END
+$$;
+
 -- Whether this database has the platform's process instances (bpm_proc_inst), which its
 -- trigger touches on every update of a todo.
 CREATE OR REPLACE FUNCTION processgpt_sync_has_proc_insts_v1()
@@ -313,6 +322,7 @@ DECLARE
     v_claimed jsonb;
     v_expired boolean;
     v_abandoned uuid[] := '{}';
+    v_settle uuid[];
     v_groups text[];
 BEGIN
     IF current_setting('transaction_isolation') <> 'read committed' THEN
@@ -335,25 +345,29 @@ BEGIN
     END IF;
     PERFORM set_config('synchronous_commit', 'off', true);
 
-    -- Settle expired claims, ours and upstream workers'; usually there are none.
+    -- Settle expired claims, ours and upstream workers'; usually there are none. Each is
+    -- settled only while its process instance is free (no wait: a claim must not hold up every
+    -- server's claims for one instance the BPM engine holds); the others at a later claim.
     v_expired := processgpt_sync_claims_expired_v1(p_agent_orch);
     IF v_expired THEN
     -- An upstream worker's claim that ran out after the UI cancelled it: cancelled.
+    v_settle := processgpt_sync_free_of_held_insts_v1(ARRAY(
+        SELECT u.id FROM todolist u
+        WHERE u.draft_status = 'STARTED' AND u.lease_until < now()
+          AND u.agent_orch::text = p_agent_orch AND u.status = 'CANCELLED'
+        FOR UPDATE OF u SKIP LOCKED));
     UPDATE todolist t SET draft_status = 'CANCELLED', consumer = NULL, lease_until = NULL,
                           updated_at = now()
-    WHERE t.id IN (SELECT u.id FROM todolist u
-                   WHERE u.draft_status = 'STARTED' AND u.lease_until < now()
-                     AND u.agent_orch::text = p_agent_orch AND u.status = 'CANCELLED'
-                   FOR UPDATE OF u SKIP LOCKED);
-    WITH abandoned AS (
+    WHERE t.id = ANY (v_settle);
+    v_settle := processgpt_sync_free_of_held_insts_v1(ARRAY(
         SELECT t.id FROM todolist t
         JOIN processgpt_sync_lease l ON l.todo_id = t.id AND l.claim_token = t.claim_token
         WHERE l.expires_at < now() AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
           AND t.agent_orch::text = p_agent_orch AND t.status IN ('CANCELLED', 'DONE')
-        FOR UPDATE OF t SKIP LOCKED
-    ), settled AS (
+        FOR UPDATE OF t SKIP LOCKED));
+    WITH settled AS (
         UPDATE todolist t SET draft_status = 'CANCELLED', consumer = NULL, updated_at = now()
-        FROM abandoned a WHERE t.id = a.id
+        WHERE t.id = ANY (v_settle)
         RETURNING t.id
     )
     DELETE FROM processgpt_sync_lease l USING settled s WHERE l.todo_id = s.id;
@@ -367,29 +381,30 @@ BEGIN
            OR t.claim_token IS DISTINCT FROM l.claim_token
            OR t.consumer IS DISTINCT FROM l.consumer);
 
-    WITH exhausted_ours AS (
-        SELECT t.id FROM todolist t
-        JOIN processgpt_sync_lease l ON l.todo_id = t.id AND l.claim_token = t.claim_token
-        WHERE l.expires_at < now() AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
-          AND t.agent_orch::text = p_agent_orch AND t.claim_count >= p_max_claims
-          AND t.status = 'IN_PROGRESS' AND t.consumer IS NOT DISTINCT FROM l.consumer
-          AND (t.lease_until IS NULL OR t.lease_until < now())
-        FOR UPDATE OF t SKIP LOCKED
-    ), exhausted_upstream AS (  -- as the upstream SDK fails them
-        SELECT t.id FROM todolist t
-        WHERE t.draft_status = 'STARTED' AND t.lease_until < now()
-          AND t.agent_orch::text = p_agent_orch AND t.claim_count >= p_max_claims
-          AND t.status = 'IN_PROGRESS'
-        FOR UPDATE OF t SKIP LOCKED
-    ), exhausted AS (
-        SELECT id FROM exhausted_ours UNION SELECT id FROM exhausted_upstream
-    ), failed AS (  -- the token cleared: the lost claim's late write is refused, not "applied"
+    v_settle := processgpt_sync_free_of_held_insts_v1(ARRAY(
+        WITH exhausted_ours AS (
+            SELECT t.id FROM todolist t
+            JOIN processgpt_sync_lease l ON l.todo_id = t.id AND l.claim_token = t.claim_token
+            WHERE l.expires_at < now() AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
+              AND t.agent_orch::text = p_agent_orch AND t.claim_count >= p_max_claims
+              AND t.status = 'IN_PROGRESS' AND t.consumer IS NOT DISTINCT FROM l.consumer
+              AND (t.lease_until IS NULL OR t.lease_until < now())
+            FOR UPDATE OF t SKIP LOCKED
+        ), exhausted_upstream AS (  -- as the upstream SDK fails them
+            SELECT t.id FROM todolist t
+            WHERE t.draft_status = 'STARTED' AND t.lease_until < now()
+              AND t.agent_orch::text = p_agent_orch AND t.claim_count >= p_max_claims
+              AND t.status = 'IN_PROGRESS'
+            FOR UPDATE OF t SKIP LOCKED
+        )
+        SELECT id FROM exhausted_ours UNION SELECT id FROM exhausted_upstream));
+    WITH failed AS (  -- the token cleared: the lost claim's late write is refused, not "applied"
         UPDATE todolist t
         SET draft_status = 'FAILED', consumer = NULL, lease_until = NULL, claim_token = NULL,
             updated_at = now(), log = concat_ws(E'\n', t.log, format(
                 'claimed %s times without finishing (max_claims=%s); marked FAILED',
                 t.claim_count, p_max_claims))
-        FROM exhausted e WHERE t.id = e.id
+        WHERE t.id = ANY (v_settle)
         RETURNING t.id, coalesce(t.root_proc_inst_id, t.proc_inst_id) AS proc_inst_id, t.claim_count,
                   t.tenant_id
     ), dropped AS (

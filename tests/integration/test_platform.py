@@ -700,3 +700,48 @@ def test_a_claim_waits_for_held_process_instances_once_not_in_every_round(
         db.close()
     assert claims == [], "three rounds, each on a held instance"
     assert 0.15 < took < 0.5, f"{took:.2f}s: one 200 ms budget, where each round had its own"
+
+
+@pytest.mark.parametrize("ending", ["exhausted", "cancelled"])
+def test_a_crashed_server_s_claim_on_a_held_process_instance_does_not_hold_up_claims(
+        upstream_database_url: str, ending: str) -> None:
+    """A server died with a todo past its last claim, or one the UI cancelled; the BPM engine
+    holds that todo's process instance. Every claim settles such claims first, and the update
+    the settling makes waits for the instance's row: left for a later claim instead, the other
+    todos are claimed at once, and the dead server's todo is settled once the row is free."""
+    db = connect(upstream_database_url)
+    db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('held'), ('free')")
+
+    def enqueue(instance: str) -> str:
+        return str(db.execute("SELECT processgpt_sync_enqueue_v1('settle', 'q', 'COMPLETE', "
+                              "NULL, 'step', %s) AS id", (instance,)).fetchone()["id"])
+
+    dead_one = enqueue("held")
+    store = PostgresStorage(upstream_database_url, statement_timeout=2.0)
+    try:
+        (claim,) = store.claim(agent_orch="settle", consumer="dead", limit=1, lease_seconds=60,
+                               max_claims=1)
+        db.execute("UPDATE processgpt_sync_lease SET expires_at = now() - interval '1 second'")
+        max_claims = 1 if ending == "exhausted" else 3
+        if ending == "cancelled":
+            db.execute("UPDATE todolist SET status = 'CANCELLED' WHERE id = %s", (dead_one,))
+        waiting = enqueue("free")
+        with psycopg.connect(upstream_database_url) as engine:
+            engine.execute("SELECT 1 FROM bpm_proc_inst WHERE proc_inst_id = 'held' FOR UPDATE")
+            claims = store.claim(agent_orch="settle", consumer="alive", limit=2,
+                                 lease_seconds=60, max_claims=max_claims)
+            assert [c.todo_id for c in claims] == [waiting]
+            assert db.execute("SELECT draft_status::text AS s FROM todolist WHERE id = %s",
+                              (dead_one,)).fetchone()["s"] == "STARTED", "not while it is held"
+        assert store.claim(agent_orch="settle", consumer="alive", limit=2, lease_seconds=60,
+                           max_claims=max_claims) == []
+        row = db.execute("SELECT draft_status::text AS s, log FROM todolist WHERE id = %s",
+                         (dead_one,)).fetchone()
+    finally:
+        store.close()
+        db.close()
+    assert claim.todo_id == dead_one
+    if ending == "exhausted":
+        assert row["s"] == "FAILED" and "claimed 1 times without finishing" in row["log"]
+    else:
+        assert row["s"] == "CANCELLED"
