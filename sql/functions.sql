@@ -1801,6 +1801,11 @@ BEGIN
         SELECT array_agg(todo_id), array_agg(token) INTO v_orphan_ids, v_orphan_tokens
         FROM lockable;
     END IF;
+    IF v_orphan_ids IS NOT NULL THEN  -- nor those whose process instance another one holds
+        SELECT array_agg(o.todo_id), array_agg(o.token) INTO v_orphan_ids, v_orphan_tokens
+        FROM unnest(v_orphan_ids, v_orphan_tokens) AS o(todo_id, token)
+        WHERE o.todo_id = ANY (processgpt_sync_free_of_held_insts_v1(v_orphan_ids));
+    END IF;
     IF v_orphan_ids IS NOT NULL THEN
         v_orphans := processgpt_sync_release_v1(v_orphan_ids, v_orphan_tokens);
     END IF;

@@ -745,3 +745,35 @@ def test_a_crashed_server_s_claim_on_a_held_process_instance_does_not_hold_up_cl
         assert row["s"] == "FAILED" and "claimed 1 times without finishing" in row["log"]
     else:
         assert row["s"] == "CANCELLED"
+
+
+def test_a_heartbeat_leaves_an_orphan_whose_process_instance_is_held_for_later(
+        upstream_database_url: str) -> None:
+    """A restarted server's first heartbeat gives back what its previous run claimed. The BPM
+    engine holds one of those todos' process instance: waiting for it would hold up the
+    renewal of every lease in the same call, so that todo is left for a later heartbeat (or
+    its lease's end) and the others are given back at once."""
+    db = connect(upstream_database_url)
+    db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('held'), ('free')")
+    ids = {inst: str(db.execute("SELECT processgpt_sync_enqueue_v1('orphans', 'q', 'COMPLETE', "
+                                "NULL, 'step', %s) AS id", (inst,)).fetchone()["id"])
+           for inst in ("held", "free")}
+    store = PostgresStorage(upstream_database_url)
+    try:
+        claims = store.claim(agent_orch="orphans", consumer="w", limit=2, lease_seconds=60,
+                             max_claims=3, instance="first-run")
+    finally:
+        store.close()
+    assert len(claims) == 2
+    with psycopg.connect(upstream_database_url) as engine, \
+            psycopg.connect(upstream_database_url, autocommit=True) as server:
+        engine.execute("SELECT 1 FROM bpm_proc_inst WHERE proc_inst_id = 'held' FOR UPDATE")
+        server.execute("SET lock_timeout = '2s'")
+        (report,) = server.execute(
+            "SELECT processgpt_sync_heartbeat_v1('w', '{}', '{}', 60, "
+            "'{\"instance\": \"second-run\"}')").fetchone()
+    rows = {r["id"]: r["draft_status"] for r in db.execute(
+        "SELECT id::text, draft_status::text FROM todolist")}
+    db.close()
+    assert report["orphans"] == [ids["free"]]
+    assert rows == {ids["free"]: None, ids["held"]: "STARTED"}
