@@ -562,9 +562,11 @@ BEGIN
         END IF;
         EXIT WHEN v_ids IS NULL;
         -- the todos are held already; their process instances, but for one held long elsewhere
-        -- (waited for in the first round only: one budget for the call, and one lock order)
-        v_held := processgpt_sync_lock_proc_insts_v1(v_ids, true,
-                                                     CASE WHEN v_round = 1 THEN 200 ELSE 0 END);
+        -- (waited for in the first round only: one budget for the call, and one lock order; and
+        -- not under fleet limits, whose lock every server's claim queues on meanwhile)
+        v_held := processgpt_sync_lock_proc_insts_v1(v_ids, true, CASE
+            WHEN v_round = 1 AND p_max_running IS NULL AND p_max_running_per_tenant IS NULL
+            THEN 200 ELSE 0 END);
         v_kept := v_kept || CASE WHEN v_held IS NULL THEN v_ids ELSE ARRAY(
             SELECT u.id FROM unnest(v_ids) WITH ORDINALITY AS u(id, n)
             WHERE u.id = ANY (v_held) ORDER BY u.n) END;
@@ -1754,6 +1756,7 @@ DECLARE
     v_new_run boolean := false;
     v_orphan_ids uuid[];
     v_orphan_tokens uuid[];
+    v_free uuid[];
     v_orphans integer := 0;
 BEGIN
     -- one registry change per consumer at a time (a stop and a late heartbeat may cross)
@@ -1802,9 +1805,10 @@ BEGIN
         FROM lockable;
     END IF;
     IF v_orphan_ids IS NOT NULL THEN  -- nor those whose process instance another one holds
+        v_free := processgpt_sync_free_of_held_insts_v1(v_orphan_ids);
         SELECT array_agg(o.todo_id), array_agg(o.token) INTO v_orphan_ids, v_orphan_tokens
         FROM unnest(v_orphan_ids, v_orphan_tokens) AS o(todo_id, token)
-        WHERE o.todo_id = ANY (processgpt_sync_free_of_held_insts_v1(v_orphan_ids));
+        WHERE o.todo_id = ANY (v_free);
     END IF;
     IF v_orphan_ids IS NOT NULL THEN
         v_orphans := processgpt_sync_release_v1(v_orphan_ids, v_orphan_tokens);

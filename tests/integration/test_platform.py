@@ -777,3 +777,34 @@ def test_a_heartbeat_leaves_an_orphan_whose_process_instance_is_held_for_later(
     db.close()
     assert report["orphans"] == [ids["free"]]
     assert rows == {ids["free"]: None, ids["held"]: "STARTED"}
+
+
+def test_under_fleet_limits_a_claim_takes_another_todo_instead_of_waiting_for_an_instance(
+        upstream_database_url: str) -> None:
+    """Fleet-wide limits make every server's claim queue on one lock: a claim that waited for
+    a process instance held elsewhere (even briefly, as for the 200 ms a claim without limits
+    waits) would hold them all up. It takes the next todo instead."""
+    db = connect(upstream_database_url)
+    db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('brief'), ('free')")
+    ids = {}
+    for minute, inst in enumerate(("brief", "free")):
+        ids[inst] = str(db.execute(
+            "SELECT processgpt_sync_enqueue_v1('limits', 'q', 'COMPLETE', NULL, 'step', %s) "
+            "AS id", (inst,)).fetchone()["id"])
+        db.execute("UPDATE todolist SET start_date = now() - make_interval(mins => 10 - %s) "
+                   "WHERE id = %s", (minute, ids[inst]))
+    db.close()
+    store = PostgresStorage(upstream_database_url)
+    taken = {}
+    try:
+        for limits in ({}, {"max_running": 5}):
+            holder = psycopg.connect(upstream_database_url)
+            holder.execute("SELECT 1 FROM bpm_proc_inst WHERE proc_inst_id = 'brief' FOR UPDATE")
+            threading.Timer(0.15, holder.close).start()  # within the 200 ms
+            (claim,) = store.claim(agent_orch="limits", consumer="w", limit=1, lease_seconds=60,
+                                   max_claims=3, **limits)
+            taken[bool(limits)] = claim.todo_id
+            store.release([claim])
+    finally:
+        store.close()
+    assert taken == {False: ids["brief"], True: ids["free"]}
