@@ -146,9 +146,9 @@ def test_a_flooding_tenant_does_not_hold_up_another_tenants_todo(database_url, d
             with ps.start(handle, agent_orch="fair", storage=store, workers=2,
                           fair=fair) as server:
                 wait_for(lambda: len(started) >= 4)
-                with lock:
-                    before = len(started)
                 enqueue(store, "b", 1)
+                with lock:  # B is stored: A's todos starting later were claimed before it
+                    before = len(started)
                 wait_for(lambda: "b0" in started, timeout=30)
                 with lock:
                     after = started.index("b0")
@@ -159,7 +159,7 @@ def test_a_flooding_tenant_does_not_hold_up_another_tenants_todo(database_url, d
 
     fair = a_todos_run_before_b(True)
     fifo = a_todos_run_before_b(False)
-    assert fair <= 2  # at most the claims already in flight when B arrived
+    assert fair <= 2  # at most the two slots' claims already made when B arrived
     assert fifo > 20
 
 
