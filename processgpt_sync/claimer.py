@@ -20,7 +20,7 @@ from .event_writer import EventBuffer
 from .human import HumanDesk
 from .inflight import InFlight
 from .infra import infrastructure_problem
-from .models import Claim
+from .models import Claim, Claims
 from .pool import WorkerPool
 from .recorder import Recorder
 from .retrying import backoff
@@ -33,6 +33,8 @@ from .watch import WorkWaiter, listening_poll_interval, work_waiter
 from .worker import TodoWorker
 
 MIN_POLL = 0.05  # seconds: first back-off step of a polling-only backend
+HELD_BACK_RETRY = 0.5  # seconds: first wait before claiming again todos left for a held instance
+HELD_BACK_MAX = 2.0  # seconds: the longest such wait (at most poll_interval), however long held
 CLAIM_BATCH = 256  # most todos one claim call takes: the first start without waiting for all
 SUPERSEDED = "PS001"  # SQLSTATE of a claim by a run a newer one under its consumer name replaced
 WRONG_ISOLATION = "PS002"  # SQLSTATE of a claim in a transaction stricter than READ COMMITTED
@@ -83,6 +85,7 @@ class Claimer:
         inflight = self._inflight
         attempt = 0
         idle_wait = MIN_POLL
+        held_wait = HELD_BACK_RETRY
         while not self._stopping.is_set():
             free = inflight.free_slots()
             pause = inflight.claim_pause_left()
@@ -116,21 +119,28 @@ class Claimer:
                 attempt = 0
             if claims is None:
                 return
+            if claims.held_back:
+                self._stats.count("held_back", claims.held_back)
             inflight.maybe_more = (len(claims) == min(free, CLAIM_BATCH)
                                    or inflight.wake.is_set())
+            # todos left for a held process instance: claimed again soon (nothing announces
+            # the instance free), less often the longer it stays held
+            longest = min(HELD_BACK_MAX, self._settings.poll_interval)
+            retry = min(held_wait, longest) if claims.held_back else None
+            held_wait = min(held_wait * 2, longest) if claims.held_back else HELD_BACK_RETRY
             if inflight.maybe_more:
                 idle_wait = MIN_POLL
             elif inflight.listening:
-                inflight.wake.wait(listening_poll_interval(self._settings))
+                inflight.wake.wait(retry or listening_poll_interval(self._settings))
             elif self._waiter is not None:
-                self._waiter.idle(bool(claims))
+                self._waiter.idle(bool(claims), retry_in=retry)
             else:
                 if claims:
                     idle_wait = MIN_POLL
-                inflight.wake.wait(idle_wait)
+                inflight.wake.wait(min(idle_wait, retry or idle_wait))
                 idle_wait = min(idle_wait * 2, self._settings.poll_interval)
 
-    def _claim(self, free: int, call_id: str) -> list[Claim] | None:
+    def _claim(self, free: int, call_id: str) -> Claims | None:
         """One claim call, its todos handed to workers; None when stop() began meanwhile."""
         settings = self._settings
         claims = self._storage.claim(

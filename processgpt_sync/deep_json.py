@@ -24,9 +24,13 @@ class NestedDeeply(list[Any]):
     ``json.loads`` reads, so its items are worth checking with ``too_deep``."""
 
 
+class NestedDeeplyObject(dict[str, Any]):
+    """A JSON object read by ``read_json``'s fallback, as ``NestedDeeply`` is an array."""
+
+
 def read_json(data: bytes | bytearray | memoryview | str) -> Any:
     """``json.loads``, and for a value nested too deeply for it, the same value read without
-    recursion (an array comes back as ``NestedDeeply``)."""
+    recursion (an array comes back as ``NestedDeeply``, an object as ``NestedDeeplyObject``)."""
     if isinstance(data, memoryview):
         data = bytes(data)
     try:
@@ -37,7 +41,9 @@ def read_json(data: bytes | bytearray | memoryview | str) -> Any:
         else:  # as json.loads decodes bytes: UTF-8, -16 or -32, a byte-order mark allowed
             text = bytes(data).decode(json.detect_encoding(data), "surrogatepass")
         value = _read_without_recursion(text)
-        return NestedDeeply(value) if isinstance(value, list) else value
+        if isinstance(value, list):
+            return NestedDeeply(value)
+        return NestedDeeplyObject(value) if isinstance(value, dict) else value
 
 
 def shown_json(value: Any, **options: Any) -> str:

@@ -30,6 +30,7 @@ COUNTERS = {
     "released": "Todos given back unfinished: at shutdown, or when this host could not run them",
     "events_written": "Events written",
     "listener_reconnects": "Reconnections of the LISTEN connection",
+    "held_back": "Times a claim left a todo for later: its process instance was held",
 }
 
 

@@ -7,7 +7,7 @@ This module imports nothing of the package; everything else may import it.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -53,6 +53,16 @@ class Claim:
                "can be given this todo; the value is left unchanged in the database")
         return cls(todo_id=str(row["id"]), token=str(item["token"]),
                    row=MappingProxyType(row), extras=MappingProxyType({}), unreadable=why)
+
+
+class Claims(list[Claim]):
+    """The todos one claim call took, and ``held_back``: how many it left for a later call
+    because another transaction held their process instance (nothing announces when it is
+    free, so the claimer asks again soon)."""
+
+    def __init__(self, claims: Iterable[Claim] = (), *, held_back: int = 0) -> None:
+        super().__init__(claims)
+        self.held_back = held_back
 
 
 def upstream_resume(resume: Mapping[str, Any], row: Mapping[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any
 
 COUNTERS = (
     "claimed", "completed", "failed", "asked", "cancelled", "lost", "released",
-    "events_written", "listener_reconnects",
+    "events_written", "listener_reconnects", "held_back",
 )
 SAMPLES_KEPT = 2_048  # recent run times and pickup latencies the percentiles are taken over
 

@@ -89,9 +89,14 @@ class WorkWaiter:
         """In a call: the claimer claims nothing after it once stop is set, so stop() need
         not wait for it."""
 
-    def idle(self, claimed: bool) -> None:
+    def idle(self, claimed: bool, *, retry_in: float | None = None) -> None:
         """Return when a claim may find work, or on stop; ``claimed``: the last claim got
-        todos."""
+        todos. ``retry_in``: it left todos for a held process instance, to be claimed again
+        after that many seconds (a wait for work would return at once: they wait)."""
+        if retry_in is not None:
+            self._saw_work = False
+            self._stop.wait(retry_in)
+            return
         if claimed or not self._saw_work:
             self._retry = MIN_RETRY
         else:  # work seen that the claim did not get (fleet limits, another server took it)

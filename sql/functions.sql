@@ -275,6 +275,9 @@ $$;
 -- fencing token and its context extras. Expired claims (running, or waiting in a blocking
 -- ask_human) are settled first: CANCELLED when the UI cancelled them, FAILED past p_max_claims;
 -- the others are claimable again. The life of a todo is specified in docs/todo-life.md.
+-- Returns {"claims": [...], "held_back": n}: n todos were left for later because another
+-- transaction held their process instance (claimed, or settled, by a later call), so the
+-- caller claims again soon rather than at its idle poll, which nothing else may bring sooner.
 --
 -- Order: with p_fair, tenants take turns: a tenant's k-th oldest claimable todo has priority
 -- (its running todos + k), lowest first, oldest first on ties; so a tenant with a backlog cannot
@@ -299,7 +302,7 @@ $$;
 -- during the takeover waits for it and is refused.
 -- Claims and every write after them rely on READ COMMITTED (a lock waited for, then the rows as
 -- they are now): in a stricter transaction the claim refuses to run (SQLSTATE PS002).
-CREATE OR REPLACE FUNCTION processgpt_sync_claim_v3(
+CREATE OR REPLACE FUNCTION processgpt_sync_claim_v4(
     p_agent_orch text,
     p_consumer text,
     p_limit integer,
@@ -324,6 +327,8 @@ DECLARE
     v_abandoned uuid[] := '{}';
     v_settle uuid[];
     v_groups text[];
+    v_held_back integer := 0;  -- todos left for later: their process instance was held
+    v_found uuid[];
 BEGIN
     IF current_setting('transaction_isolation') <> 'read committed' THEN
         RAISE EXCEPTION 'claims need READ COMMITTED transactions, and this one is %',
@@ -341,7 +346,7 @@ BEGIN
             p_instance, p_consumer USING ERRCODE = 'PS001';
     END IF;
     IF p_limit IS NULL OR p_limit < 1 THEN
-        RETURN '[]'::jsonb;
+        RETURN jsonb_build_object('claims', '[]'::jsonb, 'held_back', 0);
     END IF;
     PERFORM set_config('synchronous_commit', 'off', true);
 
@@ -351,20 +356,24 @@ BEGIN
     v_expired := processgpt_sync_claims_expired_v1(p_agent_orch);
     IF v_expired THEN
     -- An upstream worker's claim that ran out after the UI cancelled it: cancelled.
-    v_settle := processgpt_sync_free_of_held_insts_v1(ARRAY(
+    v_found := ARRAY(
         SELECT u.id FROM todolist u
         WHERE u.draft_status = 'STARTED' AND u.lease_until < now()
           AND u.agent_orch::text = p_agent_orch AND u.status = 'CANCELLED'
-        FOR UPDATE OF u SKIP LOCKED));
+        FOR UPDATE OF u SKIP LOCKED);
+    v_settle := processgpt_sync_free_of_held_insts_v1(v_found);
+    v_held_back := v_held_back + cardinality(v_found) - cardinality(v_settle);
     UPDATE todolist t SET draft_status = 'CANCELLED', consumer = NULL, lease_until = NULL,
                           updated_at = now()
     WHERE t.id = ANY (v_settle);
-    v_settle := processgpt_sync_free_of_held_insts_v1(ARRAY(
+    v_found := ARRAY(
         SELECT t.id FROM todolist t
         JOIN processgpt_sync_lease l ON l.todo_id = t.id AND l.claim_token = t.claim_token
         WHERE l.expires_at < now() AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
           AND t.agent_orch::text = p_agent_orch AND t.status IN ('CANCELLED', 'DONE')
-        FOR UPDATE OF t SKIP LOCKED));
+        FOR UPDATE OF t SKIP LOCKED);
+    v_settle := processgpt_sync_free_of_held_insts_v1(v_found);
+    v_held_back := v_held_back + cardinality(v_found) - cardinality(v_settle);
     WITH settled AS (
         UPDATE todolist t SET draft_status = 'CANCELLED', consumer = NULL, updated_at = now()
         WHERE t.id = ANY (v_settle)
@@ -381,7 +390,7 @@ BEGIN
            OR t.claim_token IS DISTINCT FROM l.claim_token
            OR t.consumer IS DISTINCT FROM l.consumer);
 
-    v_settle := processgpt_sync_free_of_held_insts_v1(ARRAY(
+    v_found := ARRAY(
         WITH exhausted_ours AS (
             SELECT t.id FROM todolist t
             JOIN processgpt_sync_lease l ON l.todo_id = t.id AND l.claim_token = t.claim_token
@@ -397,7 +406,9 @@ BEGIN
               AND t.status = 'IN_PROGRESS'
             FOR UPDATE OF t SKIP LOCKED
         )
-        SELECT id FROM exhausted_ours UNION SELECT id FROM exhausted_upstream));
+        SELECT id FROM exhausted_ours UNION SELECT id FROM exhausted_upstream);
+    v_settle := processgpt_sync_free_of_held_insts_v1(v_found);
+    v_held_back := v_held_back + cardinality(v_found) - cardinality(v_settle);
     WITH failed AS (  -- the token cleared: the lost claim's late write is refused, not "applied"
         UPDATE todolist t
         SET draft_status = 'FAILED', consumer = NULL, lease_until = NULL, claim_token = NULL,
@@ -428,7 +439,7 @@ BEGIN
         WHERE l.expires_at >= now() AND t.agent_orch::text = p_agent_orch
           AND t.draft_status IN ('STARTED', 'HUMAN_ASKED');
         IF v_limit < 1 THEN
-            RETURN '[]'::jsonb;
+            RETURN jsonb_build_object('claims', '[]'::jsonb, 'held_back', v_held_back);
         END IF;
     END IF;
 
@@ -570,6 +581,8 @@ BEGIN
         v_kept := v_kept || CASE WHEN v_held IS NULL THEN v_ids ELSE ARRAY(
             SELECT u.id FROM unnest(v_ids) WITH ORDINALITY AS u(id, n)
             WHERE u.id = ANY (v_held) ORDER BY u.n) END;
+        v_held_back := v_held_back + cardinality(v_ids) - coalesce(cardinality(v_held),
+                                                                   cardinality(v_ids));
         -- todos left out for a held process instance: others in their place, twice at most
         EXIT WHEN v_held IS NULL OR cardinality(v_held) = cardinality(v_ids) OR v_round = 3;
         -- passed over too: the other waiting todos of the instances found held (not waited for
@@ -585,7 +598,7 @@ BEGIN
         v_limit := v_limit - cardinality(v_held);
     END LOOP;
     IF cardinality(v_kept) = 0 THEN
-        RETURN '[]'::jsonb;
+        RETURN jsonb_build_object('claims', '[]'::jsonb, 'held_back', v_held_back);
     END IF;
     v_ids := v_kept;
 
@@ -624,9 +637,29 @@ BEGIN
     INTO v_claimed
     FROM claimed c;
 
-    RETURN v_claimed;
+    RETURN jsonb_build_object('claims', v_claimed, 'held_back', v_held_back);
 END
 $$;
+
+-- The claim as servers before held_back was reported call it: the claims alone.
+CREATE OR REPLACE FUNCTION processgpt_sync_claim_v3(
+    p_agent_orch text,
+    p_consumer text,
+    p_limit integer,
+    p_lease_seconds integer DEFAULT 60,
+    p_max_claims integer DEFAULT 3,
+    p_tenant_id text DEFAULT NULL,
+    p_fair boolean DEFAULT true,
+    p_max_running integer DEFAULT NULL,
+    p_max_running_per_tenant integer DEFAULT NULL,
+    p_call uuid DEFAULT NULL,
+    p_instance text DEFAULT NULL)
+RETURNS jsonb LANGUAGE sql AS $$
+    SELECT processgpt_sync_claim_v4(p_agent_orch, p_consumer, p_limit, p_lease_seconds,
+                                    p_max_claims, p_tenant_id, p_fair, p_max_running,
+                                    p_max_running_per_tenant, p_call, p_instance) -> 'claims'
+$$;
+
 
 -- The earlier claim signatures, kept for servers of an earlier version: v2 names no call,
 -- v1 claims oldest first without limits.

@@ -11,9 +11,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..deep_json import NestedDeeply, too_deep
+from ..deep_json import NestedDeeply, NestedDeeplyObject, too_deep
 from ..errors import PayloadError, SchemaMissing
-from ..models import Claim
+from ..models import Claim, Claims
 from ..queries import required_functions
 
 INSTALL_HINT = (
@@ -130,11 +130,13 @@ class Storage(abc.ABC):
         max_running_per_tenant: int | None = None,
         call_id: str | None = None,
         instance: str | None = None,
-    ) -> list[Claim]:
+    ) -> Claims:
         """Claim up to ``limit`` todos in one call: tenants in turn (``fair``) or oldest first,
-        within the fleet-wide limits. ``call_id`` (a random UUID) names the call on its leases:
-        if no answer arrives, the heartbeat names it and its todos are given back. ``instance``
-        names the server's run: a run that stopped or was superseded claims nothing."""
+        within the fleet-wide limits; ``held_back`` on the list counts the todos left for a
+        later call because another transaction held their process instance. ``call_id`` (a
+        random UUID) names the call on its leases: if no answer arrives, the heartbeat names it
+        and its todos are given back. ``instance`` names the server's run: a run that stopped
+        or was superseded claims nothing."""
         items = self.call(
             "claim",
             {
@@ -151,10 +153,16 @@ class Storage(abc.ABC):
                 "p_instance": instance,
             },
         )
-        if isinstance(items, NestedDeeply):
-            return [Claim.from_json(item) if (where := too_deep(item)) is None
-                    else Claim.unrunnable(item, *where) for item in items]
-        return [Claim.from_json(item) for item in items or []]
+        held_back = 0
+        deep = isinstance(items, (NestedDeeply, NestedDeeplyObject))
+        if isinstance(items, Mapping):  # claim_v4: {"claims": [...], "held_back": n}
+            held_back = int(items.get("held_back") or 0)
+            items = items.get("claims")
+        if deep:
+            return Claims((Claim.from_json(item) if (where := too_deep(item)) is None
+                           else Claim.unrunnable(item, *where) for item in items or []),
+                          held_back=held_back)
+        return Claims((Claim.from_json(item) for item in items or []), held_back=held_back)
 
     def record_events(self, events: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
         """Write events in order; return the rejected ones as {index, reason}."""

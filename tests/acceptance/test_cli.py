@@ -151,7 +151,7 @@ def test_health_exit_codes_for_container_probes(database_url, empty_database_url
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
     assert "LISTEN/NOTIFY round trip" in healthy.stdout
     missing = cli("health", "--database-url", empty_database_url, check=False)
-    assert missing.returncode == 4 and "processgpt_sync_claim_v3" in missing.stdout
+    assert missing.returncode == 4 and "processgpt_sync_claim_v4" in missing.stdout
     unreachable = cli("health", "--database-url", f"postgresql://u@/db?host={tmp_path}",
                       check=False)
     assert unreachable.returncode == 3 and "FAIL database" in unreachable.stdout

@@ -698,8 +698,43 @@ def test_a_claim_waits_for_held_process_instances_once_not_in_every_round(
     finally:
         store.close()
         db.close()
-    assert claims == [], "three rounds, each on a held instance"
+    assert claims == [] and claims.held_back == 3, "three rounds, each on a held instance"
     assert 0.15 < took < 0.5, f"{took:.2f}s: one 200 ms budget, where each round had its own"
+
+
+@pytest.mark.parametrize("backend", ["postgres", "supabase"])
+def test_a_todo_left_for_a_held_process_instance_is_claimed_soon_after_the_row_is_free(
+        upstream_database_url: str, backend: str) -> None:
+    """Nothing announces that the BPM engine let go of a process instance: a server whose
+    claim left a todo for it asks again within a second or two (every 2 s while the row stays
+    held), not at its idle poll (a quarter of the lease, 15 s by default); on Supabase, not
+    after a back-off grown to poll_interval while its wait for work returned at once."""
+    db = connect(upstream_database_url)
+    db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('busy')")
+    store = next(backends := open_backend(backend, upstream_database_url))
+    try:
+        with psycopg.connect(upstream_database_url) as holder:
+            holder.execute("SELECT 1 FROM bpm_proc_inst WHERE proc_inst_id = 'busy' FOR UPDATE")
+            with ps.start(lambda todo: {"ok": True}, agent_orch="soon", storage=store,
+                          workers=1) as server:
+                todo = db.execute("SELECT processgpt_sync_enqueue_v1('soon', 'q', 'COMPLETE', "
+                                  "NULL, 'step', 'busy') AS id").fetchone()["id"]
+                wait_for(lambda: server.stats()["held_back"] >= 1)  # the NOTIFY's claim
+                time.sleep(4.5)
+                # again after 0.5, 1 and 2 s (each claim waits 0.2 s for the row): neither
+                # 15 s apart nor a back-off that starts at 50 ms
+                asked = server.stats()["held_back"]
+                holder.commit()
+                freed = time.monotonic()
+                wait_for(lambda: db.execute(
+                    "SELECT draft_status::text AS s FROM todolist WHERE id = %s",
+                    (todo,)).fetchone()["s"] == "COMPLETED", timeout=20)
+                took = time.monotonic() - freed
+    finally:
+        next(backends, None)
+        db.close()
+    assert 3 <= asked <= 5, f"{asked} claims in the 4.5 s the row was held"
+    assert took < 3, f"claimed {took:.1f}s after its process instance was free"
 
 
 @pytest.mark.parametrize("ending", ["exhausted", "cancelled"])

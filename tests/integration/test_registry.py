@@ -178,7 +178,7 @@ def test_a_claim_crossing_a_takeover_waits_for_it_and_claims_nothing(backend, db
         claimer.start()
         wait_for(lambda: outcome or db.execute(
             "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-            "AND query LIKE '%%claim_v3%%'").fetchone()["n"] == 1, timeout=10)
+            "AND query LIKE '%%claim_v4%%'").fetchone()["n"] == 1, timeout=10)
         takeover.commit()
     claimer.join(20)
     (result,) = outcome

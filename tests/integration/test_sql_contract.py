@@ -324,7 +324,7 @@ def test_schema_check_names_missing_functions_and_the_fix(empty_database_url):
 
     store = PostgresStorage(empty_database_url)
     try:
-        with pytest.raises(SchemaMissing, match=r"processgpt_sync_claim_v3.*init-db"):
+        with pytest.raises(SchemaMissing, match=r"processgpt_sync_claim_v4.*init-db"):
             store.check_schema()
     finally:
         store.close()

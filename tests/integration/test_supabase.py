@@ -30,7 +30,7 @@ def test_missing_schema_names_the_functions_and_the_fix(empty_database_url):
     gateway = Gateway(empty_database_url)
     try:
         store = SupabaseStorage(gateway.url, SERVICE_KEY)
-        with pytest.raises(ps.SchemaMissing, match=r"processgpt_sync_claim_v3.*SQL editor"):
+        with pytest.raises(ps.SchemaMissing, match=r"processgpt_sync_claim_v4.*SQL editor"):
             store.check_schema()
         with pytest.raises(ps.SchemaMissing, match="not found by Supabase"):
             store.enqueue("a", "x")
@@ -151,13 +151,13 @@ def test_a_proxy_page_with_a_success_status_is_an_outage_not_a_crash(supabase, d
     server."""
     page = RawBody("<html><body>Request blocked</body></html>")
     gateway = supabase.gateway
-    gateway.gateway_answers["processgpt_sync_claim_v3"] = [(200, page)]
+    gateway.gateway_answers["processgpt_sync_claim_v4"] = [(200, page)]
     gateway.gateway_answers["processgpt_sync_finish_v1"] = [(200, page)]
     supabase.enqueue("a", "q")
     with ps.start(lambda todo: {"ok": todo.input}, agent_orch="a", storage=supabase) as server:
         wait_for(lambda: server.stats()["completed"] + server.stats()["failed"] == 1)
         assert server.healthy()[0], server.healthy()[1]
-    assert gateway.gateway_answers["processgpt_sync_claim_v3"] == []
+    assert gateway.gateway_answers["processgpt_sync_claim_v4"] == []
     assert gateway.gateway_answers["processgpt_sync_finish_v1"] == []
     assert "not JSON: is a proxy in the way?" in caplog.text
     row = db.execute("SELECT draft_status::text, output FROM todolist").fetchone()
@@ -173,7 +173,7 @@ def test_an_empty_or_undecodable_success_body_is_an_outage_not_the_todos_failure
     gateway = supabase.gateway
     empty, not_text = RawBody("", "text/html"), RawBody(b"\x80\x81", "application/json")
     not_json = RawBody("<html>Request blocked</html>", "application/json; charset=utf-8")
-    gateway.gateway_answers["processgpt_sync_claim_v3"] = [(200, empty), (200, not_json)]
+    gateway.gateway_answers["processgpt_sync_claim_v4"] = [(200, empty), (200, not_json)]
     gateway.gateway_answers["processgpt_sync_heartbeat_v1"] = [(200, empty), (200, not_text)]
     gateway.gateway_answers["processgpt_sync_finish_v1"] = [(200, empty), (200, not_text),
                                                             (200, not_json)]
@@ -417,7 +417,7 @@ def test_a_todo_enqueued_while_idle_is_picked_up_without_polling_claims(supabase
     server = ps.start(lambda todo: {"ok": todo.input}, agent_orch="a", storage=supabase,
                       poll_interval=0.5)
     try:
-        wait_for(lambda: gateway.calls["processgpt_sync_claim_v3"] >= 1)
+        wait_for(lambda: gateway.calls["processgpt_sync_claim_v4"] >= 1)
         before = gateway.calls.copy()
         time.sleep(3.0)  # idle: six polls of 0.5 s, were the server polling with claims
         idle = calls_since(gateway, before)
@@ -425,7 +425,7 @@ def test_a_todo_enqueued_while_idle_is_picked_up_without_polling_claims(supabase
         wait_for(lambda: server.stats()["completed"] == 1, timeout=20)
     finally:
         server.stop()
-    assert idle["processgpt_sync_claim_v3"] == 0, f"claims while idle: {idle}"
+    assert idle["processgpt_sync_claim_v4"] == 0, f"claims while idle: {idle}"
     assert gateway.calls["processgpt_sync_wait_for_work_v1"] >= 1, "it waited on the database"
     state = db.execute("SELECT draft_status, output FROM todolist WHERE id = %s",
                        (todo,)).fetchone()
@@ -440,7 +440,7 @@ def test_an_idle_server_whose_claim_answer_was_lost_gives_the_todo_back_at_once(
         wait_for(lambda: gateway.calls["processgpt_sync_wait_for_work_v1"] >= 1
                  and gateway.calls["processgpt_sync_heartbeat_v1"] >= 1)
         time.sleep(0.5)  # the start-up heartbeat is over: the server is idle and quiet
-        gateway.lose_answer.add("processgpt_sync_claim_v3")
+        gateway.lose_answer.add("processgpt_sync_claim_v4")
         todo = supabase.enqueue("a", "lost once")
         # Without a heartbeat right after the failed claim, the todo would wait for its 60 s
         # lease: an idle server on Supabase sends no heartbeat of its own.
@@ -525,13 +525,13 @@ def test_listen_off_polls_with_claims_instead_of_waiting_on_the_database(supabas
     server = ps.start(lambda todo: {"ok": 1}, agent_orch="a", storage=supabase, listen=False,
                       poll_interval=0.5)
     try:
-        wait_for(lambda: gateway.calls["processgpt_sync_claim_v3"] >= 1)
+        wait_for(lambda: gateway.calls["processgpt_sync_claim_v4"] >= 1)
         before = gateway.calls.copy()
         time.sleep(2.0)
         idle = calls_since(gateway, before)
     finally:
         server.stop()
-    assert idle["processgpt_sync_wait_for_work_v1"] == 0 and idle["processgpt_sync_claim_v3"] >= 2
+    assert idle["processgpt_sync_wait_for_work_v1"] == 0 and idle["processgpt_sync_claim_v4"] >= 2
 
 
 def test_a_wait_for_work_ends_inside_the_statement_timeout_of_the_role(database_url, db):

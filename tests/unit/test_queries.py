@@ -28,4 +28,4 @@ def test_every_called_function_is_defined_in_functions_sql():
 
 
 def test_function_name_reads_the_called_function():
-    assert q.function_name("claim") == "processgpt_sync_claim_v3"
+    assert q.function_name("claim") == "processgpt_sync_claim_v4"
