@@ -210,7 +210,8 @@ class _Run:
             if query == "answer" and str(params.get("p_todo_id")) == self.todo_id:
                 self.awaited.add(str(params.get("p_job_id")))
             if query == "claim":
-                for item in result or []:
+                claimed = result.get("claims") if isinstance(result, Mapping) else result
+                for item in claimed or []:
                     if str(item["row"]["id"]) == self.todo_id:  # as the executor sees it
                         claim = Claim.from_json(item)
                         self.runs.append(Resume.from_json(claim.extras.get("resume")))
