@@ -119,15 +119,16 @@ class Claimer:
                 attempt = 0
             if claims is None:
                 return
-            if claims.held_back:
-                self._stats.count("held_back", claims.held_back)
+            held_back = getattr(claims, "held_back", 0)  # a Storage of its own may give a list
+            if held_back:
+                self._stats.count("held_back", held_back)
             inflight.maybe_more = (len(claims) == min(free, CLAIM_BATCH)
                                    or inflight.wake.is_set())
             # todos left for a held process instance: claimed again soon (nothing announces
             # the instance free), less often the longer it stays held
             longest = min(HELD_BACK_MAX, self._settings.poll_interval)
-            retry = min(held_wait, longest) if claims.held_back else None
-            held_wait = min(held_wait * 2, longest) if claims.held_back else HELD_BACK_RETRY
+            retry = min(held_wait, longest) if held_back else None
+            held_wait = min(held_wait * 2, longest) if held_back else HELD_BACK_RETRY
             if inflight.maybe_more:
                 idle_wait = MIN_POLL
             elif inflight.listening:

@@ -92,10 +92,13 @@ class WorkWaiter:
     def idle(self, claimed: bool, *, retry_in: float | None = None) -> None:
         """Return when a claim may find work, or on stop; ``claimed``: the last claim got
         todos. ``retry_in``: it left todos for a held process instance, to be claimed again
-        after that many seconds (a wait for work would return at once: they wait)."""
+        after that many seconds (a wait for work would return at once: they wait); one wait of
+        no time still refreshes the registry row, which an idle server's heartbeat does not."""
         if retry_in is not None:
             self._saw_work = False
             self._stop.wait(retry_in)
+            if not self._stop.is_set():
+                self._wait(0.0)
             return
         if claimed or not self._saw_work:
             self._retry = MIN_RETRY
@@ -105,28 +108,36 @@ class WorkWaiter:
         self._saw_work = False
         seconds = min(self._storage.wait_seconds, idle_interval(self.settings))
         while not self._stop.is_set():
-            self.waiting = True
-            try:
-                found = self._storage.wait_for_work(
-                    agent_orch=self.settings.agent_orch, consumer=self.settings.consumer,
-                    seconds=seconds, tenant_id=self.settings.tenant_id)
-            except Exception as exc:
-                if self._stop.is_set():  # stop() closed the storage under this call
-                    self._log.debug("wait for work ended by stop: %r", exc, extra=self._extra)
-                    return
-                if not isinstance(exc, StorageError):
-                    raise
-                self._failures += 1
-                self._log.warning("waiting for work failed (attempt %d), claiming instead: %s",
-                                  self._failures, exc, extra=self._extra)
-                self._stop.wait(backoff(self._failures, base=0.25, cap=self.settings.poll_interval))
+            found = self._wait(seconds)
+            if found is None:
                 return
-            finally:
-                self.waiting = False
-            self._failures = 0
             if found:
                 self._saw_work = True
                 return
+
+    def _wait(self, seconds: float) -> bool | None:
+        """One wait for work: whether there is some, or None when it failed (logged, after a
+        back-off) or stop() ended it."""
+        self.waiting = True
+        try:
+            found = self._storage.wait_for_work(
+                agent_orch=self.settings.agent_orch, consumer=self.settings.consumer,
+                seconds=seconds, tenant_id=self.settings.tenant_id)
+        except Exception as exc:
+            if self._stop.is_set():  # stop() closed the storage under this call
+                self._log.debug("wait for work ended by stop: %r", exc, extra=self._extra)
+                return None
+            if not isinstance(exc, StorageError):
+                raise
+            self._failures += 1
+            self._log.warning("waiting for work failed (attempt %d), claiming instead: %s",
+                              self._failures, exc, extra=self._extra)
+            self._stop.wait(backoff(self._failures, base=0.25, cap=self.settings.poll_interval))
+            return None
+        finally:
+            self.waiting = False
+        self._failures = 0
+        return found
 
 
 class Watchers:

@@ -275,9 +275,10 @@ $$;
 -- fencing token and its context extras. Expired claims (running, or waiting in a blocking
 -- ask_human) are settled first: CANCELLED when the UI cancelled them, FAILED past p_max_claims;
 -- the others are claimable again. The life of a todo is specified in docs/todo-life.md.
--- Returns {"claims": [...], "held_back": n}: n todos were left for later because another
--- transaction held their process instance (claimed, or settled, by a later call), so the
--- caller claims again soon rather than at its idle poll, which nothing else may bring sooner.
+-- Returns {"claims": [...], "held_back": n}: n > 0 when it left todos for later because another
+-- transaction held their process instance (n counts those it tried and the expired claims it
+-- could not settle; claimed, or settled, by a later call), so the caller claims again soon
+-- rather than at its idle poll, which nothing else may bring sooner.
 --
 -- Order: with p_fair, tenants take turns: a tenant's k-th oldest claimable todo has priority
 -- (its running todos + k), lowest first, oldest first on ties; so a tenant with a backlog cannot
@@ -1765,7 +1766,7 @@ $$;
 -- The heartbeat of one server: renew its leases (as processgpt_sync_renew_v1) and refresh its
 -- row in the server registry, in one call and one transaction. p_server holds agent_orch,
 -- host, pid, version, heartbeat_seconds, running, completed and any other counters (stats),
--- plus `unanswered`, the claim calls (p_call of processgpt_sync_claim_v3) the server got no
+-- plus `unanswered`, the claim calls (p_call of processgpt_sync_claim_v4) the server got no
 -- answer to: their leases are orphans (a claim that ran after its caller gave up on a dead
 -- connection), given back at once instead of waiting for their expiry. Naming the calls, not
 -- the todos the server holds, keeps a heartbeat the network delivers late from giving back
