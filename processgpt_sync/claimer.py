@@ -23,7 +23,7 @@ from .infra import infrastructure_problem
 from .models import Claim, Claims
 from .pool import WorkerPool
 from .recorder import Recorder
-from .retrying import backoff
+from .retrying import HELD_BACK_MAX, HELD_BACK_RETRY, backoff
 from .runs import TodoRun
 from .settings import MAX_PENDING_EVENTS, Settings
 from .shutdown import Shutdown
@@ -33,8 +33,6 @@ from .watch import WorkWaiter, listening_poll_interval, work_waiter
 from .worker import TodoWorker
 
 MIN_POLL = 0.05  # seconds: first back-off step of a polling-only backend
-HELD_BACK_RETRY = 0.5  # seconds: first wait before claiming again todos left for a held instance
-HELD_BACK_MAX = 2.0  # seconds: the longest such wait (at most poll_interval), however long held
 CLAIM_BATCH = 256  # most todos one claim call takes: the first start without waiting for all
 SUPERSEDED = "PS001"  # SQLSTATE of a claim by a run a newer one under its consumer name replaced
 WRONG_ISOLATION = "PS002"  # SQLSTATE of a claim in a transaction stricter than READ COMMITTED

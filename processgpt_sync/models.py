@@ -65,6 +65,19 @@ class Claims(list[Claim]):
         self.held_back = held_back
 
 
+class Released(int):
+    """How many todos a give-back made claimable again, and ``held_back``: the ids of those it
+    left claimed because another transaction held their process instance (the caller asks
+    again for them)."""
+
+    held_back: tuple[str, ...]
+
+    def __new__(cls, released: int = 0, *, held_back: Iterable[str] = ()) -> Released:
+        value = super().__new__(cls, released)
+        value.held_back = tuple(held_back)
+        return value
+
+
 def upstream_resume(resume: Mapping[str, Any], row: Mapping[str, Any]) -> dict[str, Any]:
     """``resume`` plus the keys process-gpt-agent-sdk 0.11 executors read from
     ``extras["resume"]``: ``key`` (the todo id, a stable key for checkpoints and sessions) and

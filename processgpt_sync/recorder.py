@@ -326,8 +326,15 @@ class Recorder:
         return self._buffer.take(run.todo_id, run.claim.token)
 
     def release(self, run: TodoRun) -> None:
-        """Give the todo back to the queue, retrying through outages."""
-        self.retry(lambda: self._storage.release([run.claim]), run, "release")
+        """Give the todo back to the queue, retrying through outages and while another
+        transaction holds its process instance (a lock wait, as a write's lock timeout)."""
+        def give_back() -> int:
+            released = self._storage.release([run.claim])
+            if getattr(released, "held_back", ()):
+                raise StorageUnavailable("another transaction holds its process instance")
+            return released
+
+        self.retry(give_back, run, "release")
 
     def discard_events(self, run: TodoRun) -> None:
         """Drop the todo's unwritten events (it is no longer ours to write for), saying so."""

@@ -10,9 +10,12 @@ HELD_ROW_WARN_AFTER = 5.0  # seconds a todo row held by another transaction may 
 # before a warning names it (the other todos' writes go on meanwhile)
 RETRY_DELAY_MAX = 2.0  # seconds between write attempts during an outage (a healed network is used
 # within this; each attempt waits for a pooled connection first, so retries stay cheap)
-
+HELD_BACK_RETRY = 0.5  # seconds: first wait before asking again for todos a claim or a give-back
+# left for a process instance another transaction held (nothing announces when it is free)
+HELD_BACK_MAX = 2.0  # seconds: the longest such wait, however long the instance is held
 
 
 def backoff(attempt: int, *, base: float = 0.1, cap: float = RETRY_DELAY_MAX) -> float:
     """Capped exponential back-off with full jitter."""
     return float(random.uniform(0, min(cap, base * 2 ** min(attempt, 16))))
+

@@ -14,13 +14,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from .errors import StorageError
 from .event_writer import EventBuffer
 from .inflight import InFlight
 from .models import Claim
-from .retrying import backoff
+from .retrying import HELD_BACK_MAX, HELD_BACK_RETRY, backoff
 from .runs import TodoRun
 from .settings import Settings
 from .stats import ServerStats
@@ -85,22 +86,41 @@ class Shutdown:
                             ", ".join(writing), self._settings.lease_seconds, extra=self._extra)
 
     def _release(self, claims: list[Claim], left: Callable[[], float]) -> None:
+        """Give the claims back; those whose process instance another transaction holds are
+        asked for again (0.5 s, 1 s, then every 2 s) until the stop's time runs out."""
         attempt = 0
+        held = 0  # give-backs in a row that left todos for a held process instance
         while left() > 0:
-            attempt += 1
-            done, released = bounded(lambda: self._storage.release(claims), left(), "release")
+            done, released = bounded(partial(self._storage.release, claims), left(), "release")
             if done and isinstance(released, int):
+                attempt = 0
                 self._stats.count("released", released)
-                self._log.info("gave back %d unfinished todos", released,
-                               extra={**self._extra, "action": "release"})
-                return
+                if released:
+                    self._log.info("gave back %d unfinished todos", released,
+                                   extra={**self._extra, "action": "release"})
+                # a Storage of its own may answer a plain count
+                waiting = set(getattr(released, "held_back", ()))
+                if not waiting:
+                    return
+                claims = [c for c in claims if c.todo_id in waiting]
+                held += 1
+                if held == 1:
+                    self._log.info("todos %s wait to be given back: another transaction holds "
+                                   "their process instance", ", ".join(sorted(waiting)),
+                                   extra={**self._extra, "action": "release"})
+                time.sleep(min(left(), HELD_BACK_RETRY * 2 ** min(held - 1, 8), HELD_BACK_MAX))
+                continue
+            attempt += 1
+            held = 0
             self._log.warning("giving todos back failed (attempt %d): %s", attempt,
                               released if done else "no answer",
                               extra={**self._extra, "action": "release"})
             time.sleep(min(left(), backoff(attempt, base=0.5, cap=2.0)))
-        self._log.error("could not give back todos %s (the database is unreachable); their "
-                        "leases expire in %ds and another worker reclaims them",
-                        ", ".join(c.todo_id for c in claims), self._settings.lease_seconds,
+        cause = ("another transaction held their process instance" if held
+                 else "the database is unreachable")
+        self._log.error("could not give back todos %s (%s); their leases expire in %ds and "
+                        "another worker reclaims them", ", ".join(c.todo_id for c in claims),
+                        cause, self._settings.lease_seconds,
                         extra={**self._extra, "action": "release"})
 
     def give_back_now(self, claims: list[Claim]) -> None:
@@ -116,6 +136,11 @@ class Shutdown:
                               extra={**self._extra, "action": "release"})
             return
         self._stats.count("released", released)
+        if held_back := getattr(released, "held_back", ()):
+            self._log.warning("could not give back todos %s claimed but not started here: "
+                              "another transaction holds their process instance; their leases "
+                              "expire", ", ".join(held_back),
+                              extra={**self._extra, "action": "release"})
 
     def deregister(self, timeout: float) -> None:
         """Leave the server registry (``status`` no longer lists this server)."""

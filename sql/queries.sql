@@ -47,8 +47,8 @@ SELECT processgpt_sync_respond_v2(p_job_id => %(p_job_id)s::text, p_answer => %(
 SELECT processgpt_sync_open_questions_v1(p_agent_orch => %(p_agent_orch)s::text)
 
 -- release --
--- Give claims back so the todos are claimable again
-SELECT processgpt_sync_release_v1(p_todo_ids => %(p_todo_ids)s::uuid[], p_tokens => %(p_tokens)s::uuid[])
+-- Give claims back so the todos are claimable again; name those whose process instance is held
+SELECT processgpt_sync_release_v2(p_todo_ids => %(p_todo_ids)s::uuid[], p_tokens => %(p_tokens)s::uuid[])
 
 -- renew --
 -- Renew the leases of all in-flight todos; report lost and cancelled ones

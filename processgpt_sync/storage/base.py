@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from ..deep_json import NestedDeeply, NestedDeeplyObject, too_deep
 from ..errors import PayloadError, SchemaMissing
-from ..models import Claim, Claims
+from ..models import Claim, Claims, Released
 from ..queries import required_functions
 
 INSTALL_HINT = (
@@ -244,13 +244,17 @@ class Storage(abc.ABC):
         """Questions still waiting for an answer."""
         return list(self.call("open_questions", {"p_agent_orch": agent_orch}) or [])
 
-    def release(self, claims: Iterable[Claim]) -> int:
-        """Give claims back in one call; return how many todos became claimable again."""
+    def release(self, claims: Iterable[Claim]) -> Released:
+        """Give claims back in one call; return how many todos became claimable again, with
+        ``held_back`` naming those left claimed because another transaction holds their
+        process instance (give them back again later)."""
         claims = list(claims)
         if not claims:
-            return 0
+            return Released(0)
         params = {"p_todo_ids": [c.todo_id for c in claims], "p_tokens": [c.token for c in claims]}
-        return int(self.call("release", params))
+        answer = self.call("release", params)  # {"released": n, "held_back": [todo ids]}
+        return Released(int(answer["released"]),
+                        held_back=[str(todo) for todo in answer.get("held_back") or ()])
 
     def renew(self, consumer: str, claims: Iterable[Claim], lease_seconds: int) -> LeaseReport:
         """Renew every lease in one call."""

@@ -517,6 +517,86 @@ def test_giving_todos_back_waits_for_a_single_write_without_deadlocking_on_the_t
     store.close()
 
 
+def todo_states(db: psycopg.Connection) -> dict[str, tuple[str | None, str | None]]:
+    """Every todo's (draft_status, consumer), by id."""
+    return {r["id"]: (r["draft_status"], r["consumer"]) for r in db.execute(
+        "SELECT id::text, draft_status::text, consumer FROM todolist")}
+
+
+@pytest.mark.parametrize("backend", ["postgres", "supabase"])
+def test_a_give_back_leaves_out_only_the_todo_whose_process_instance_is_held(
+        upstream_database_url: str, backend: str) -> None:
+    """The BPM engine holds one process instance's row, which the platform's trigger touches
+    on every update of its todos. Giving back todos of it and of another instance gives the
+    other's back at once and names the held one's, which keeps its claim until a later
+    give-back once the row is free. Before, the give-back waited for the row up to the
+    connection's lock_timeout and then gave back neither."""
+    db = connect(upstream_database_url)
+    db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('held'), ('free')")
+    ids = {inst: str(db.execute("SELECT processgpt_sync_enqueue_v1('giveback', 'q', 'COMPLETE', "
+                                "NULL, 'step', %s) AS id", (inst,)).fetchone()["id"])
+           for inst in ("held", "free")}
+    store = next(backends := open_backend(backend, upstream_database_url))
+    try:
+        claims = store.claim(agent_orch="giveback", consumer="w", limit=2, lease_seconds=60,
+                             max_claims=3)
+        assert len(claims) == 2
+        with psycopg.connect(upstream_database_url) as engine:
+            engine.execute("SELECT 1 FROM bpm_proc_inst WHERE proc_inst_id = 'held' FOR UPDATE")
+            released = store.release(claims)
+            meanwhile = todo_states(db)
+        again = store.release([c for c in claims if c.todo_id in released.held_back])
+        after = todo_states(db)
+    finally:
+        next(backends, None)
+        db.close()
+    assert (released, released.held_back) == (1, (ids["held"],))
+    assert meanwhile == {ids["free"]: (None, None), ids["held"]: ("STARTED", "w")}
+    assert (again, again.held_back) == (1, ())
+    assert after == {ids["free"]: (None, None), ids["held"]: (None, None)}
+
+
+def test_a_stop_gives_back_every_todo_it_can_at_once_and_a_held_instance_s_once_it_is_free(
+        upstream_database_url: str) -> None:
+    """A server stops with two todos running, one of a process instance the BPM engine holds
+    for a second. The other todo goes back to the queue at once; the held one's as soon as
+    the row is free, within the stop, not when its lease expires a minute later."""
+    db = connect(upstream_database_url)
+    db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('held'), ('free')")
+    ids = {inst: str(db.execute("SELECT processgpt_sync_enqueue_v1('stopping', 'q', 'COMPLETE', "
+                                "NULL, 'step', %s) AS id", (inst,)).fetchone()["id"])
+           for inst in ("held", "free")}
+    started = threading.Semaphore(0)
+
+    def until_cancelled(todo: ps.Todo) -> None:
+        started.release()
+        while not todo.cancelled:
+            time.sleep(0.01)
+
+    store = PostgresStorage(upstream_database_url, statement_timeout=2.0)
+    try:
+        server = ps.start(until_cancelled, agent_orch="stopping", storage=store, workers=2,
+                          lease_seconds=60)
+        assert started.acquire(timeout=10) and started.acquire(timeout=10)
+        with psycopg.connect(upstream_database_url) as engine:
+            engine.execute("SELECT 1 FROM bpm_proc_inst WHERE proc_inst_id = 'held' FOR UPDATE")
+            stopping = threading.Thread(target=server.stop, kwargs={"timeout": 0.1})
+            stopping.start()
+            wait_for(lambda: todo_states(db)[ids["free"]] == (None, None), timeout=5)
+            meanwhile = todo_states(db)[ids["held"]]
+            time.sleep(1.0)
+        stopping.join(15)
+        after = todo_states(db)
+        released = server.stats()["released"]
+    finally:
+        store.close()
+        db.close()
+    assert not stopping.is_alive()
+    assert meanwhile == ("STARTED", server.settings.consumer), "not while the row is held"
+    assert after == {ids["free"]: (None, None), ids["held"]: (None, None)}
+    assert released == 2
+
+
 def test_a_write_waiting_on_a_process_instance_another_transaction_holds_is_not_a_failure(
         upstream_database_url: str) -> None:
     """The platform's trigger touches the todo's bpm_proc_inst row on every update. Another
