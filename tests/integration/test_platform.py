@@ -829,6 +829,52 @@ def test_a_todo_left_for_a_held_process_instance_is_claimed_soon_after_the_row_i
     assert took < 3, f"claimed {took:.1f}s after its process instance was free"
 
 
+def test_two_servers_waiting_on_one_held_process_instance_run_its_todos_once_soon_after(
+        upstream_database_url: str) -> None:
+    """Two servers of one agent_orch both meet a process instance the BPM engine holds. Each
+    asks again on its own schedule (0.5 s, 1 s, then every 2 s, each claim waiting its 200 ms
+    for the row), neither more often nor on the other's claims; once the row is free, each of
+    the instance's todos runs once, within a few seconds."""
+    db = connect(upstream_database_url)
+    db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('busy')")
+    runs: list[str] = []
+    lock = threading.Lock()
+
+    def handle(todo: ps.Todo) -> dict[str, bool]:
+        with lock:
+            runs.append(todo.id)
+        return {"ok": True}
+
+    stores = [PostgresStorage(upstream_database_url, max_connections=4) for _ in range(2)]
+    try:
+        with psycopg.connect(upstream_database_url) as holder:
+            holder.execute("SELECT 1 FROM bpm_proc_inst WHERE proc_inst_id = 'busy' FOR UPDATE")
+            with ps.start(handle, agent_orch="pair", storage=stores[0], workers=1,
+                          consumer="pair-a") as a, \
+                    ps.start(handle, agent_orch="pair", storage=stores[1], workers=1,
+                             consumer="pair-b") as b:
+                todos = [str(db.execute(
+                    "SELECT processgpt_sync_enqueue_v1('pair', 'q', 'COMPLETE', NULL, 'step', "
+                    "'busy') AS id").fetchone()["id"]) for _ in range(2)]
+                wait_for(lambda: a.stats()["held_back"] >= 1 and b.stats()["held_back"] >= 1)
+                before = [a.stats()["held_back"], b.stats()["held_back"]]
+                time.sleep(4.5)
+                asked = [a.stats()["held_back"] - before[0], b.stats()["held_back"] - before[1]]
+                holder.commit()
+                freed = time.monotonic()
+                wait_for(lambda: db.execute(
+                    "SELECT count(*) AS n FROM todolist WHERE agent_orch = 'pair' "
+                    "AND draft_status = 'COMPLETED'").fetchone()["n"] == 2, timeout=20)
+                took = time.monotonic() - freed
+    finally:
+        for store in stores:
+            store.close()
+        db.close()
+    assert all(1 <= n <= 5 for n in asked), f"claims meanwhile, by server: {asked}"
+    assert sorted(runs) == sorted(todos), "each todo once"
+    assert took < 3, f"claimed {took:.1f}s after its process instance was free"
+
+
 @pytest.mark.parametrize("ending", ["exhausted", "cancelled"])
 def test_a_crashed_server_s_claim_on_a_held_process_instance_does_not_hold_up_claims(
         upstream_database_url: str, ending: str) -> None:
