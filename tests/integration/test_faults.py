@@ -23,6 +23,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.rows import dict_row
 
 import processgpt_sync as ps
 from processgpt_sync import cli, watch
@@ -323,6 +324,53 @@ def test_a_dead_listen_connection_is_detected_and_reconnected(proxy, database_ur
     assert "listener connection lost" in caplog.text
     assert "no answer from the database for the listener probe" in caplog.text
 
+
+
+def test_a_link_dying_while_a_server_waits_on_a_held_process_instance_loses_nothing(
+        proxy, upstream_database_url, monkeypatch):
+    """The BPM engine holds a process instance, so the server asks again every few seconds
+    for its todo; meanwhile every connection goes half-open. The server finds new ones, keeps
+    asking on its schedule, claims a todo of another instance enqueued meanwhile, and runs the
+    held instance's todo once the row is free: each todo once."""
+    monkeypatch.setattr(watch, "LISTEN_PROBE_INTERVAL", 1.0)
+    runs: list[str] = []
+
+    def handle(todo: ps.Todo) -> dict[str, Any]:
+        runs.append(todo.input)
+        return {"ok": True}
+
+    with psycopg.connect(upstream_database_url, autocommit=True,
+                         row_factory=dict_row) as db, \
+            psycopg.connect(upstream_database_url) as holder:
+        db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('busy'), ('free')")
+
+        def enqueue_for(instance: str) -> None:
+            db.execute("SELECT processgpt_sync_enqueue_v1('faults', %s, 'COMPLETE', NULL, "
+                       "'step', %s)", (instance, instance))
+
+        def done() -> int:
+            return int(db.execute("SELECT count(*) AS n FROM todolist "
+                                  "WHERE draft_status = 'COMPLETED'").fetchone()["n"])
+
+        holder.execute("SELECT 1 FROM bpm_proc_inst WHERE proc_inst_id = 'busy' FOR UPDATE")
+        store = proxied_storage("postgres", proxy, upstream_database_url)
+        try:
+            with ps.start(handle, agent_orch="faults", storage=store, workers=2,
+                          lease_seconds=30) as server:
+                wait_for(lambda: server.stats()["listening"])
+                enqueue_for("busy")
+                wait_for(lambda: server.stats()["held_back"] >= 1)
+                assert proxy.stall() > 0, "connections were open"
+                wait_for(lambda: server.stats()["listener_reconnects"] >= 1, timeout=20)
+                enqueue_for("free")
+                wait_for(lambda: done() == 1, timeout=20)
+                asked = server.stats()["held_back"]
+                wait_for(lambda: server.stats()["held_back"] >= asked + 2, timeout=10)
+                holder.commit()
+                wait_for(lambda: done() == 2, timeout=20)
+        finally:
+            close_storage(store)
+    assert sorted(runs) == ["busy", "free"]
 
 
 def test_giving_todos_back_to_a_database_refusing_connections_backs_off_between_tries(
