@@ -19,7 +19,7 @@ from .event_writer import EventBuffer, log_rejected
 from .models import AwaitingHuman
 from .outcomes import Outcome, OutcomeWriter, Stored
 from .payload import error_text, snapshot_json, unwrap_text
-from .retrying import backoff
+from .retrying import HELD_ROW_WARN_AFTER, backoff, held_back_wait
 from .runs import UNSET, TodoRun
 from .storage.base import Storage, WriteOutcome
 
@@ -326,15 +326,29 @@ class Recorder:
         return self._buffer.take(run.todo_id, run.claim.token)
 
     def release(self, run: TodoRun) -> None:
-        """Give the todo back to the queue, retrying through outages and while another
-        transaction holds its process instance (a lock wait, as a write's lock timeout)."""
-        def give_back() -> int:
-            released = self._storage.release([run.claim])
-            if getattr(released, "held_back", ()):
-                raise StorageUnavailable("another transaction holds its process instance")
-            return released
-
-        self.retry(give_back, run, "release")
+        """Give the todo back to the queue, retrying through outages, and again (0.5 s, 1 s,
+        then every 2 s) while another transaction holds its process instance."""
+        held = 0
+        warned = False
+        began = time.monotonic()
+        while True:
+            released = self.retry(lambda: self._storage.release([run.claim]), run, "release")
+            if not getattr(released, "held_back", ()):  # a Storage of its own: a count
+                return
+            held += 1
+            extra = self._todo_extra(run, "release")
+            if self._abort.is_set():
+                self._log.warning("todo %s was not given back: another transaction holds its "
+                                  "process instance; its lease expires", run.todo_id,
+                                  extra=extra)
+                return
+            waited = time.monotonic() - began
+            if held == 1 or (not warned and waited >= HELD_ROW_WARN_AFTER):
+                warned = waited >= HELD_ROW_WARN_AFTER
+                log = self._log.warning if warned else self._log.info
+                log("todo %s waits to be given back: another transaction holds its process "
+                    "instance (%.0fs so far)", run.todo_id, waited, extra=extra)
+            time.sleep(held_back_wait(held))
 
     def discard_events(self, run: TodoRun) -> None:
         """Drop the todo's unwritten events (it is no longer ours to write for), saying so."""

@@ -19,3 +19,8 @@ def backoff(attempt: int, *, base: float = 0.1, cap: float = RETRY_DELAY_MAX) ->
     """Capped exponential back-off with full jitter."""
     return float(random.uniform(0, min(cap, base * 2 ** min(attempt, 16))))
 
+
+def held_back_wait(asked: int) -> float:
+    """Seconds before asking again for todos left for a process instance another transaction
+    holds, after ``asked`` calls in a row that left some: 0.5, 1, then every 2."""
+    return float(min(HELD_BACK_RETRY * 2 ** min(max(asked, 1) - 1, 8), HELD_BACK_MAX))

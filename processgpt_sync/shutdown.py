@@ -21,11 +21,14 @@ from .errors import StorageError
 from .event_writer import EventBuffer
 from .inflight import InFlight
 from .models import Claim
-from .retrying import HELD_BACK_MAX, HELD_BACK_RETRY, backoff
+from .retrying import backoff, held_back_wait
 from .runs import TodoRun
 from .settings import Settings
 from .stats import ServerStats
 from .storage import Storage
+
+HELD_RESERVE = 5.0  # seconds of the stop's time kept for the steps after the give-back (the
+# outcomes on their way, the events, the registry) while todos wait for a held process instance
 
 
 def bounded(fn: Callable[[], Any], timeout: float, what: str) -> tuple[bool, Any]:
@@ -87,10 +90,11 @@ class Shutdown:
 
     def _release(self, claims: list[Claim], left: Callable[[], float]) -> None:
         """Give the claims back; those whose process instance another transaction holds are
-        asked for again (0.5 s, 1 s, then every 2 s) until the stop's time runs out."""
+        asked for again (0.5 s, 1 s, then every 2 s) while more than ``HELD_RESERVE`` of the
+        stop's time is left for the steps after this one."""
         attempt = 0
         held = 0  # give-backs in a row that left todos for a held process instance
-        while left() > 0:
+        while left() > (HELD_RESERVE if held else 0):
             done, released = bounded(partial(self._storage.release, claims), left(), "release")
             if done and isinstance(released, int):
                 attempt = 0
@@ -108,7 +112,7 @@ class Shutdown:
                     self._log.info("todos %s wait to be given back: another transaction holds "
                                    "their process instance", ", ".join(sorted(waiting)),
                                    extra={**self._extra, "action": "release"})
-                time.sleep(min(left(), HELD_BACK_RETRY * 2 ** min(held - 1, 8), HELD_BACK_MAX))
+                time.sleep(max(0.0, min(left() - HELD_RESERVE, held_back_wait(held))))
                 continue
             attempt += 1
             held = 0

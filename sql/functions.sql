@@ -1477,32 +1477,40 @@ $$;
 
 -- Give claims back, leaving out those whose process instance another transaction holds for
 -- long (the BPM engine, a person's open transaction): the todo rows first, waiting as any
--- single-row write does (sorted by id), then their process instances in order, waiting at most
--- 200 ms in all, as a claim does. A todo whose instance stays held keeps its claim and is named
--- in the answer, so one held instance does not keep every other todo of a stop from going back
--- (release_v1 waited for all, up to lock_timeout, and then gave none back); the caller asks
--- again for those. Returns {"released": n, "held_back": [todo ids]}: n counts the todos that
--- became claimable again, as release_v1's answer; held_back only todos this claim still holds.
+-- single-row write does (sorted by id), then the process instances of the todos still ours,
+-- in order, waiting at most 200 ms in all, as a claim does. A todo whose instance stays held
+-- keeps its claim and is named in the answer, so one held instance does not keep every other
+-- todo of a stop from going back (release_v1 waited for all, up to lock_timeout, and then gave
+-- none back); the caller asks again for those. A todo no longer ours (another worker took it
+-- over, see processgpt_sync_lease_holds_v1) is left alone, as release_v1 leaves it, and only
+-- our lease on it dropped, without waiting for its instance. Returns {"released": n,
+-- "held_back": [todo ids]}: n counts the todos that became claimable again, as release_v1's
+-- answer.
 CREATE OR REPLACE FUNCTION processgpt_sync_release_v2(p_todo_ids uuid[], p_tokens uuid[])
 RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
+    v_ours uuid[];
     v_free uuid[];
     v_ids uuid[];
     v_tokens uuid[];
-    v_held_back jsonb;
 BEGIN
     PERFORM 1 FROM todolist t WHERE t.id = ANY (p_todo_ids) ORDER BY t.id FOR UPDATE OF t;
-    v_free := coalesce(processgpt_sync_lock_proc_insts_v1(p_todo_ids, true, 200), p_todo_ids);
-    SELECT coalesce(jsonb_agg(p.todo_id ORDER BY p.todo_id), '[]') INTO v_held_back
-    FROM unnest(p_todo_ids, p_tokens) AS p(todo_id, token)
-    JOIN todolist t ON t.id = p.todo_id AND t.claim_token = p.token
-    WHERE NOT p.todo_id = ANY (v_free);
+    v_ours := ARRAY(
+        SELECT DISTINCT p.todo_id FROM unnest(p_todo_ids, p_tokens) AS p(todo_id, token)
+        JOIN todolist t ON t.id = p.todo_id AND t.claim_token = p.token
+        JOIN processgpt_sync_lease l ON l.todo_id = p.todo_id AND l.claim_token = p.token
+        WHERE t.consumer IS NULL OR t.consumer = l.consumer);
+    v_free := coalesce(processgpt_sync_lock_proc_insts_v1(v_ours, true, 200), v_ours);
+    DELETE FROM processgpt_sync_lease l USING unnest(p_todo_ids, p_tokens) AS p(todo_id, token)
+    WHERE l.todo_id = p.todo_id AND l.claim_token = p.token AND NOT p.todo_id = ANY (v_ours);
     SELECT coalesce(array_agg(p.todo_id), '{}'), coalesce(array_agg(p.token), '{}')
     INTO v_ids, v_tokens
     FROM unnest(p_todo_ids, p_tokens) AS p(todo_id, token)
     WHERE p.todo_id = ANY (v_free);
-    RETURN jsonb_build_object('released', processgpt_sync_release_v1(v_ids, v_tokens),
-                              'held_back', v_held_back);
+    RETURN jsonb_build_object(
+        'released', processgpt_sync_release_v1(v_ids, v_tokens),
+        'held_back', to_jsonb(ARRAY(SELECT unnest(v_ours) EXCEPT SELECT unnest(v_free)
+                                    ORDER BY 1)));
 END
 $$;
 

@@ -556,6 +556,29 @@ def test_a_give_back_leaves_out_only_the_todo_whose_process_instance_is_held(
     assert after == {ids["free"]: (None, None), ids["held"]: (None, None)}
 
 
+def test_giving_back_a_todo_an_upstream_worker_took_over_neither_waits_nor_names_it(upstream):
+    """An upstream worker took a revision over from our run (our token stays on the row), and
+    the BPM engine holds its process instance. Our give-back is no longer ours to make: it
+    drops our lease without waiting for the instance, and does not name the todo as one to
+    give back later (a stop would ask again for it until its time ran out)."""
+    store, db = upstream
+    db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('held')")
+    todo = str(db.execute("SELECT processgpt_sync_enqueue_v1('shared', 'q', 'COMPLETE', NULL, "
+                          "'step', 'held') AS id").fetchone()["id"])
+    (claim,) = claim_ours(store)
+    db.execute("UPDATE todolist SET draft_status = 'FB_REQUESTED' WHERE id = %s", (todo,))
+    assert fetch_upstream(db) == [todo]
+    with psycopg.connect(db.info.dsn) as engine:
+        engine.execute("SELECT 1 FROM bpm_proc_inst WHERE proc_inst_id = 'held' FOR UPDATE")
+        began = time.monotonic()
+        released = store.release([claim])
+        took = time.monotonic() - began
+    assert (released, released.held_back) == (0, ())
+    assert took < 0.15, f"{took:.2f}s: waited for an instance of a todo no longer ours"
+    assert todo_states(db) == {todo: ("STARTED", "upstream-w1")}
+    assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
+
+
 def test_a_stop_gives_back_every_todo_it_can_at_once_and_a_held_instance_s_once_it_is_free(
         upstream_database_url: str) -> None:
     """A server stops with two todos running, one of a process instance the BPM engine holds
