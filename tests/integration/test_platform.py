@@ -7,6 +7,7 @@ functions of the original SDK (tests/fixtures/upstream_lease.sql), which claim f
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -618,6 +619,46 @@ def test_a_stop_gives_back_every_todo_it_can_at_once_and_a_held_instance_s_once_
     assert meanwhile == ("STARTED", server.settings.consumer), "not while the row is held"
     assert after == {ids["free"]: (None, None), ids["held"]: (None, None)}
     assert released == 2
+
+
+def test_a_todo_the_host_could_not_run_is_given_back_once_its_held_instance_is_free(
+        upstream_database_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The host fails a todo's run (no thread to be had) while the BPM engine holds its
+    process instance: the give-back waits for the row, asking again on the held-instance
+    schedule (not recorded FAILED, not left to its lease), and the todo runs again once the
+    row is free."""
+    caplog.set_level(logging.INFO, logger="processgpt_sync")
+    db = connect(upstream_database_url)
+    db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('held')")
+    todo = str(db.execute("SELECT processgpt_sync_enqueue_v1('no-thread', 'q', 'COMPLETE', "
+                          "NULL, 'step', 'held') AS id").fetchone()["id"])
+    calls: list[float] = []
+    engine = psycopg.connect(upstream_database_url)
+
+    def handle(t: ps.Todo) -> dict[str, bool]:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            engine.execute("SELECT 1 FROM bpm_proc_inst WHERE proc_inst_id = 'held' FOR UPDATE")
+            raise RuntimeError("can't start new thread")
+        return {"ok": True}
+
+    store = PostgresStorage(upstream_database_url, statement_timeout=2.0)
+    try:
+        with ps.start(handle, agent_orch="no-thread", storage=store) as server:
+            wait_for(lambda: "waits to be given back" in caplog.text, timeout=10)
+            time.sleep(1.5)
+            meanwhile = todo_states(db)[todo]
+            engine.commit()
+            freed = time.monotonic()
+            wait_for(lambda: server.stats()["completed"] == 1, timeout=20)
+            failed = server.stats()["failed"]
+    finally:
+        store.close()
+        engine.close()
+        db.close()
+    assert meanwhile == ("STARTED", server.settings.consumer)
+    assert failed == 0 and len(calls) == 2
+    assert calls[1] - freed < 5, "given back and run again soon after the row was free"
 
 
 def test_a_write_waiting_on_a_process_instance_another_transaction_holds_is_not_a_failure(
