@@ -44,9 +44,12 @@ class Recorder:
         count: Callable[..., None],
         on_run_time: Callable[[float], None],
         abort: threading.Event,
+        stopping: threading.Event | None = None,
         defer: Callable[..., None] | None = None,
     ) -> None:
-        """:param defer: runs a call on a pool thread (``WorkerPool.submit``); given when
+        """:param stopping: set when the server's stop begins: a give-back waiting for a held
+        process instance stops asking, so the stop's time goes to the outcomes on their way.
+        :param defer: runs a call on a pool thread (``WorkerPool.submit``); given when
         async todos share one event loop, whose drafts are then written off that loop."""
         self._defer = defer
         self._storage = storage
@@ -57,6 +60,7 @@ class Recorder:
         self._count = count
         self._on_run_time = on_run_time
         self._abort = abort
+        self._stopping = stopping or abort
 
     def _todo_extra(self, run: TodoRun, action: str) -> dict[str, Any]:
         return {**self._extra, "action": action, "todo_id": run.todo_id}
@@ -325,30 +329,31 @@ class Recorder:
     def _take_events(self, run: TodoRun) -> list[dict[str, Any]]:
         return self._buffer.take(run.todo_id, run.claim.token)
 
-    def release(self, run: TodoRun) -> None:
+    def release(self, run: TodoRun) -> bool:
         """Give the todo back to the queue, retrying through outages, and again (0.5 s, 1 s,
-        then every 2 s) while another transaction holds its process instance."""
+        then every 2 s) while another transaction holds its process instance, until the server
+        stops. Returns whether it was given back (else its lease expires)."""
         held = 0
         warned = False
         began = time.monotonic()
         while True:
             released = self.retry(lambda: self._storage.release([run.claim]), run, "release")
             if not getattr(released, "held_back", ()):  # a Storage of its own: a count
-                return
+                return True
             held += 1
             extra = self._todo_extra(run, "release")
-            if self._abort.is_set():
-                self._log.warning("todo %s was not given back: another transaction holds its "
-                                  "process instance; its lease expires", run.todo_id,
-                                  extra=extra)
-                return
             waited = time.monotonic() - began
             if held == 1 or (not warned and waited >= HELD_ROW_WARN_AFTER):
                 warned = waited >= HELD_ROW_WARN_AFTER
                 log = self._log.warning if warned else self._log.info
                 log("todo %s waits to be given back: another transaction holds its process "
                     "instance (%.0fs so far)", run.todo_id, waited, extra=extra)
-            time.sleep(held_back_wait(held))
+            if self._stopping.wait(held_back_wait(held)):
+                self._log.warning("todo %s was not given back before the server stopped: "
+                                  "another transaction holds its process instance; its lease "
+                                  "expires and another worker reclaims it", run.todo_id,
+                                  extra=extra)
+                return False
 
     def discard_events(self, run: TodoRun) -> None:
         """Drop the todo's unwritten events (it is no longer ours to write for), saying so."""

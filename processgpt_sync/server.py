@@ -368,6 +368,7 @@ class Server:
                           name="processgpt-sync")
         recorder = Recorder(storage, outcomes, buffer, log=log, extra=extra, count=stats.count,
                             on_run_time=stats.run_time, abort=self._abort,
+                            stopping=self._stopping,
                             defer=pool.submit if self._adapter.defers else None)
 
         def cancel(run: TodoRun, reason: str) -> None:  # the desk is made before the worker

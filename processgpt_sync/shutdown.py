@@ -94,8 +94,13 @@ class Shutdown:
         stop's time is left for the steps after this one."""
         attempt = 0
         held = 0  # give-backs in a row that left todos for a held process instance
-        while left() > (HELD_RESERVE if held else 0):
-            done, released = bounded(partial(self._storage.release, claims), left(), "release")
+        reserve = 0.0  # once a todo waited for a held instance: the time kept for later steps
+
+        def budget() -> float:
+            return left() - reserve
+
+        while budget() > 0:
+            done, released = bounded(partial(self._storage.release, claims), budget(), "release")
             if done and isinstance(released, int):
                 attempt = 0
                 self._stats.count("released", released)
@@ -107,19 +112,20 @@ class Shutdown:
                 if not waiting:
                     return
                 claims = [c for c in claims if c.todo_id in waiting]
-                held += 1
-                if held == 1:
+                if not reserve:
                     self._log.info("todos %s wait to be given back: another transaction holds "
                                    "their process instance", ", ".join(sorted(waiting)),
                                    extra={**self._extra, "action": "release"})
-                time.sleep(max(0.0, min(left() - HELD_RESERVE, held_back_wait(held))))
+                held += 1
+                reserve = HELD_RESERVE
+                time.sleep(max(0.0, min(budget(), held_back_wait(held))))
                 continue
             attempt += 1
             held = 0
             self._log.warning("giving todos back failed (attempt %d): %s", attempt,
                               released if done else "no answer",
                               extra={**self._extra, "action": "release"})
-            time.sleep(min(left(), backoff(attempt, base=0.5, cap=2.0)))
+            time.sleep(max(0.0, min(budget(), backoff(attempt, base=0.5, cap=2.0))))
         cause = ("another transaction held their process instance" if held
                  else "the database is unreachable")
         self._log.error("could not give back todos %s (%s); their leases expire in %ds and "

@@ -256,8 +256,8 @@ class TodoWorker:
                         extra=self._todo_extra(run, "release"))
         self._recorder.discard_events(run)
         self._inflight.pause_claiming()
-        self._recorder.release(run)
-        self._stats.count("released")
+        if self._recorder.release(run):
+            self._stats.count("released")
 
     def _todo_extra(self, run: TodoRun, action: str) -> dict[str, Any]:
         return {**self._extra, "action": action, "todo_id": run.todo_id}
