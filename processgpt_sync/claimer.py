@@ -23,7 +23,7 @@ from .infra import infrastructure_problem
 from .models import Claim, Claims
 from .pool import WorkerPool
 from .recorder import Recorder
-from .retrying import HELD_BACK_MAX, HELD_BACK_RETRY, backoff
+from .retrying import backoff, held_back_wait
 from .runs import TodoRun
 from .settings import MAX_PENDING_EVENTS, Settings
 from .shutdown import Shutdown
@@ -83,7 +83,7 @@ class Claimer:
         inflight = self._inflight
         attempt = 0
         idle_wait = MIN_POLL
-        held_wait = HELD_BACK_RETRY
+        held = 0  # claims in a row that left todos for a held process instance
         while not self._stopping.is_set():
             free = inflight.free_slots()
             pause = inflight.claim_pause_left()
@@ -124,9 +124,8 @@ class Claimer:
                                    or inflight.wake.is_set())
             # todos left for a held process instance: claimed again soon (nothing announces
             # the instance free), less often the longer it stays held
-            longest = min(HELD_BACK_MAX, self._settings.poll_interval)
-            retry = min(held_wait, longest) if held_back else None
-            held_wait = min(held_wait * 2, longest) if held_back else HELD_BACK_RETRY
+            held = held + 1 if held_back else 0
+            retry = min(held_back_wait(held), self._settings.poll_interval) if held else None
             if inflight.maybe_more:
                 idle_wait = MIN_POLL
             elif inflight.listening:
