@@ -332,7 +332,8 @@ class Recorder:
     def release(self, run: TodoRun) -> bool:
         """Give the todo back to the queue, retrying through outages, and again (0.5 s, 1 s,
         then every 2 s) while another transaction holds its process instance, until the server
-        stops. Returns whether it was given back (else its lease expires)."""
+        stops. Returns whether it was written back (else its lease is only marked given back,
+        see ``processgpt_sync_give_back_held_v1``)."""
         held = 0
         warned = False
         began = time.monotonic()
@@ -349,10 +350,10 @@ class Recorder:
                 log("todo %s waits to be given back: another transaction holds its process "
                     "instance (%.0fs so far)", run.todo_id, waited, extra=extra)
             if self._stopping.wait(held_back_wait(held)):
-                self._log.warning("todo %s was not given back before the server stopped: "
-                                  "another transaction holds its process instance; its lease "
-                                  "expires and another worker reclaims it", run.todo_id,
-                                  extra=extra)
+                self._log.warning("todo %s was not written back before the server stopped: "
+                                  "another transaction holds its process instance; it is marked "
+                                  "given back, and a server claims it once the instance is free",
+                                  run.todo_id, extra=extra)
                 return False
 
     def discard_events(self, run: TodoRun) -> None:

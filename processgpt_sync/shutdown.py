@@ -126,12 +126,16 @@ class Shutdown:
                               released if done else "no answer",
                               extra={**self._extra, "action": "release"})
             time.sleep(max(0.0, min(budget(), backoff(attempt, base=0.5, cap=2.0))))
-        cause = ("another transaction held their process instance" if held
-                 else "the database is unreachable")
-        self._log.error("could not give back todos %s (%s); their leases expire in %ds and "
-                        "another worker reclaims them", ", ".join(c.todo_id for c in claims),
-                        cause, self._settings.lease_seconds,
-                        extra={**self._extra, "action": "release"})
+        ids = ", ".join(c.todo_id for c in claims)
+        if held:
+            self._log.warning("todos %s were not written back in time: another transaction "
+                              "holds their process instance; they are marked given back, and a "
+                              "server claims them once it is free", ids,
+                              extra={**self._extra, "action": "release"})
+            return
+        self._log.error("could not give back todos %s (the database is unreachable); their "
+                        "leases expire in %ds and another worker reclaims them", ids,
+                        self._settings.lease_seconds, extra={**self._extra, "action": "release"})
 
     def give_back_now(self, claims: list[Claim]) -> None:
         """Claims that arrived as stop() began, or never reached a thread: release them at
@@ -147,9 +151,9 @@ class Shutdown:
             return
         self._stats.count("released", released)
         if held_back := getattr(released, "held_back", ()):
-            self._log.warning("could not give back todos %s claimed but not started here: "
-                              "another transaction holds their process instance; their leases "
-                              "expire", ", ".join(held_back),
+            self._log.warning("todos %s claimed but not started here are marked given back: "
+                              "another transaction holds their process instance, and a server "
+                              "claims them once it is free", ", ".join(held_back),
                               extra={**self._extra, "action": "release"})
 
     def deregister(self, timeout: float) -> None:

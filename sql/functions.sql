@@ -233,17 +233,20 @@ RETURNS boolean LANGUAGE sql STABLE AS $$
                                                                 false)
         -- abandoned: runs again only while its step is in progress (else it waits for the step)
         WHEN p_todo.draft_status IN ('STARTED', 'HUMAN_ASKED') THEN
-            p_todo.claim_count < p_max_claims AND coalesce(p_todo.status = 'IN_PROGRESS', false)
+            coalesce(p_todo.status = 'IN_PROGRESS', false)
             AND (
                 -- an upstream worker's claim (they set lease_until; this library never does)
                 -- whose lease ran out: abandoned by the upstream SDK's own rule
-                (p_todo.draft_status = 'STARTED' AND p_todo.lease_until < now())
-                -- ours: never while an upstream worker holds it (its consumer, its live lease)
+                (p_todo.draft_status = 'STARTED' AND p_todo.lease_until < now()
+                 AND p_todo.claim_count < p_max_claims)
+                -- ours: never while an upstream worker holds it (its consumer, its live lease);
+                -- a claim given back (see release_v2) is not counted
                 OR ((p_todo.lease_until IS NULL OR p_todo.lease_until < now()) AND EXISTS (
                     SELECT 1 FROM processgpt_sync_lease l
                     WHERE l.todo_id = p_todo.id AND l.claim_token = p_todo.claim_token
                       AND l.consumer IS NOT DISTINCT FROM p_todo.consumer
-                      AND l.expires_at < now())))
+                      AND l.expires_at < now()
+                      AND p_todo.claim_count - l.given_back::integer < p_max_claims)))
         ELSE false
     END
 $$;
@@ -396,7 +399,8 @@ BEGIN
             SELECT t.id FROM todolist t
             JOIN processgpt_sync_lease l ON l.todo_id = t.id AND l.claim_token = t.claim_token
             WHERE l.expires_at < now() AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
-              AND t.agent_orch::text = p_agent_orch AND t.claim_count >= p_max_claims
+              AND t.agent_orch::text = p_agent_orch
+              AND t.claim_count - l.given_back::integer >= p_max_claims
               AND t.status = 'IN_PROGRESS' AND t.consumer IS NOT DISTINCT FROM l.consumer
               AND (t.lease_until IS NULL OR t.lease_until < now())
             FOR UPDATE OF t SKIP LOCKED
@@ -603,14 +607,23 @@ BEGIN
     END IF;
     v_ids := v_kept;
 
+    -- A claim given back while its process instance was held (release_v2) is claimed as if
+    -- the give-back had been written: from the state it was claimed from, not counted again.
     WITH candidate AS (
-        SELECT t.id, t.draft_status AS prev_status, t.start_date
-        FROM todolist t WHERE t.id = ANY (v_ids)
+        SELECT t.id, CASE WHEN g.todo_id IS NULL THEN t.draft_status
+                          ELSE g.prev_draft_status END AS prev_status,
+               g.todo_id IS NOT NULL AS given_back, t.start_date
+        FROM todolist t
+        LEFT JOIN processgpt_sync_lease g ON g.todo_id = t.id AND g.claim_token = t.claim_token
+                                         AND g.given_back
+                                         AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
+        WHERE t.id = ANY (v_ids)
     ), claimed AS (
         UPDATE todolist t
         SET draft_status = 'STARTED', consumer = p_consumer, claim_token = gen_random_uuid(),
             claim_count = CASE WHEN c.prev_status IN ('STARTED', 'HUMAN_ASKED')
-                               THEN t.claim_count + 1 ELSE 1 END,
+                               THEN t.claim_count + 1 - c.given_back::integer ELSE 1 END,
+            draft = CASE WHEN c.given_back AND c.prev_status IS NULL THEN NULL ELSE t.draft END,
             lease_until = NULL,  -- upstream workers never take over a claim without expiry
             updated_at = now()
         FROM candidate c WHERE t.id = c.id
@@ -624,7 +637,7 @@ BEGIN
         ON CONFLICT (todo_id) DO UPDATE
         SET claim_token = EXCLUDED.claim_token, consumer = EXCLUDED.consumer,
             expires_at = EXCLUDED.expires_at, claimed_at = now(),
-            claim_call = EXCLUDED.claim_call, instance = EXCLUDED.instance,
+            claim_call = EXCLUDED.claim_call, instance = EXCLUDED.instance, given_back = false,
             prev_draft_status = CASE WHEN EXCLUDED.prev_draft_status IN ('STARTED', 'HUMAN_ASKED')
                                      THEN l.prev_draft_status
                                      ELSE EXCLUDED.prev_draft_status END
@@ -737,7 +750,7 @@ CREATE OR REPLACE FUNCTION processgpt_sync_lease_holds_v1(p_todo_id uuid, p_toke
 RETURNS boolean LANGUAGE sql STABLE AS $$
     SELECT EXISTS (SELECT 1 FROM processgpt_sync_lease l
                    WHERE l.todo_id = p_todo_id AND l.claim_token = p_token
-                     AND l.consumer IS NOT DISTINCT FROM p_consumer)
+                     AND l.consumer IS NOT DISTINCT FROM p_consumer AND NOT l.given_back)
 $$;
 
 -- Record a batch of events (possibly for many todos) in order. Each element:
@@ -1421,6 +1434,21 @@ CREATE TRIGGER processgpt_sync_answer
     FOR EACH ROW WHEN (NEW.event_type = 'human_response')
     EXECUTE FUNCTION processgpt_sync_answer_trigger_v1();
 
+-- Claims given back whose todo row cannot be written now (another transaction holds its
+-- process instance, which every update of the todo touches): their leases are marked given
+-- back and expired, which needs no lock beyond the lease's. Any claim then takes such a todo
+-- as soon as its instance is free, from the state it was claimed from and without counting
+-- the claim again (claim_v4), rather than after the lease's time and as one more claim
+-- against max_claims; the given-back run's writes are refused (lease_holds_v1) and its
+-- heartbeat no longer renews the lease.
+CREATE OR REPLACE FUNCTION processgpt_sync_give_back_held_v1(p_todo_ids uuid[])
+RETURNS void LANGUAGE sql AS $$
+    UPDATE processgpt_sync_lease l
+    SET given_back = true, expires_at = least(l.expires_at, now())
+    FROM todolist t
+    WHERE l.todo_id = ANY (p_todo_ids) AND t.id = l.todo_id AND t.claim_token = l.claim_token
+$$;
+
 -- Give claims back: a running todo returns to the state it was claimed from (claimable again,
 -- the claim not counted, an intermediate draft of a fresh claim dropped so the row is claimable
 -- exactly as before); a todo the UI cancelled ends CANCELLED. Returns how many todos became
@@ -1491,6 +1519,7 @@ RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
     v_ours uuid[];
     v_free uuid[];
+    v_held uuid[];
     v_ids uuid[];
     v_tokens uuid[];
 BEGIN
@@ -1507,10 +1536,10 @@ BEGIN
     INTO v_ids, v_tokens
     FROM unnest(p_todo_ids, p_tokens) AS p(todo_id, token)
     WHERE p.todo_id = ANY (v_free);
-    RETURN jsonb_build_object(
-        'released', processgpt_sync_release_v1(v_ids, v_tokens),
-        'held_back', to_jsonb(ARRAY(SELECT unnest(v_ours) EXCEPT SELECT unnest(v_free)
-                                    ORDER BY 1)));
+    v_held := ARRAY(SELECT unnest(v_ours) EXCEPT SELECT unnest(v_free) ORDER BY 1);
+    PERFORM processgpt_sync_give_back_held_v1(v_held);
+    RETURN jsonb_build_object('released', processgpt_sync_release_v1(v_ids, v_tokens),
+                              'held_back', to_jsonb(v_held));
 END
 $$;
 
@@ -1535,8 +1564,9 @@ BEGIN
                t.draft_status IN ('STARTED', 'HUMAN_ASKED') AS running
         FROM pairs p LEFT JOIN todolist t ON t.id = p.todo_id
     ), renewed AS (
-        UPDATE processgpt_sync_lease l
-        SET expires_at = now() + make_interval(secs => p_lease_seconds)
+        UPDATE processgpt_sync_lease l  -- a claim given back keeps its expiry (release_v2)
+        SET expires_at = CASE WHEN l.given_back THEN l.expires_at
+                              ELSE now() + make_interval(secs => p_lease_seconds) END
         FROM state s
         WHERE l.todo_id = s.todo_id AND l.claim_token = s.token AND l.consumer = p_consumer
           AND s.owned AND s.running AND NOT coalesce(s.cancelled, false)
@@ -1829,6 +1859,7 @@ DECLARE
     v_new_run boolean := false;
     v_orphan_ids uuid[];
     v_orphan_tokens uuid[];
+    v_all_orphans uuid[];
     v_free uuid[];
     v_orphans integer := 0;
 BEGIN
@@ -1864,10 +1895,11 @@ BEGIN
            OR (v_new_run AND l.instance IS DISTINCT FROM v_instance)
            OR (v_instance IS NULL AND jsonb_typeof(p_server->'known') = 'array'
                AND NOT l.todo_id::text IN (SELECT jsonb_array_elements_text(p_server->'known'))));
+    v_all_orphans := v_orphan_ids;
     IF v_orphan_ids IS NOT NULL THEN
         -- Only rows no other transaction holds (a person's open UPDATE): waiting here would
         -- hold up the renewal of every other lease of this server until they expire. A held
-        -- one is named by the next heartbeat, or its lease runs out.
+        -- one is marked given back (see give_back_held_v1) for any claim to take once free.
         WITH lockable AS (
             SELECT o.todo_id, o.token
             FROM unnest(v_orphan_ids, v_orphan_tokens) AS o(todo_id, token)
@@ -1885,6 +1917,11 @@ BEGIN
     END IF;
     IF v_orphan_ids IS NOT NULL THEN
         v_orphans := processgpt_sync_release_v1(v_orphan_ids, v_orphan_tokens);
+    END IF;
+    IF v_all_orphans IS NOT NULL THEN  -- those given back leave their leases
+        PERFORM processgpt_sync_give_back_held_v1(ARRAY(
+            SELECT o FROM unnest(v_all_orphans) o
+            WHERE NOT o = ANY (coalesce(v_orphan_ids, '{}'))));
     END IF;
     INSERT INTO processgpt_sync_server AS s
         (consumer, agent_orch, host, pid, version, heartbeat_seconds, running, completed, stats,

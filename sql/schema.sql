@@ -178,6 +178,10 @@ ALTER TABLE processgpt_sync_lease ADD COLUMN IF NOT EXISTS claim_call uuid;
 -- The run of the server that made it: a new run under the same consumer name gives back the
 -- leases of the runs before it.
 ALTER TABLE processgpt_sync_lease ADD COLUMN IF NOT EXISTS instance text;
+-- Given back while its todo row could not be written (another transaction held its process
+-- instance): expired at once, claimable as the state it was claimed from (release_v2).
+ALTER TABLE processgpt_sync_lease ADD COLUMN IF NOT EXISTS given_back boolean NOT NULL
+    DEFAULT false;
 CREATE INDEX IF NOT EXISTS processgpt_sync_lease_expires_idx ON processgpt_sync_lease (expires_at);
 
 -- A deleted todo takes its lease with it (the cascade runs with the table owner's rights, so the

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -557,6 +558,63 @@ def test_a_give_back_leaves_out_only_the_todo_whose_process_instance_is_held(
     assert after == {ids["free"]: (None, None), ids["held"]: (None, None)}
 
 
+@pytest.mark.parametrize("backend", ["postgres", "supabase"])
+def test_a_todo_given_back_while_its_instance_is_held_is_claimed_once_free_and_not_counted(
+        upstream_database_url: str, backend: str) -> None:
+    """A give-back the held process instance keeps from writing its todos marks their leases
+    given back and expired. The given-back run can write nothing more and its heartbeat does
+    not renew them; once the row is free, a claim takes them at once (not after the lease's
+    minute), from the state they were claimed from and without counting the claim again, as
+    a written give-back leaves them: queued (an intermediate draft dropped), and a todo on
+    its last claim (max_claims 3) runs again rather than being FAILED as a crash's is."""
+    db = connect(upstream_database_url)
+    db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('held')")
+    enqueue = ("SELECT processgpt_sync_enqueue_v1('counted', 'q', 'COMPLETE', NULL, 'step', "
+               "'held') AS id")
+    last = str(db.execute(enqueue).fetchone()["id"])
+    store = next(backends := open_backend(backend, upstream_database_url))
+    claim = partial(store.claim, agent_orch="counted", consumer="w", lease_seconds=60,
+                    max_claims=3)
+    try:
+        for _ in range(2):  # `last` is claimed and its server crashes, twice
+            assert [c.todo_id for c in claim(limit=1)] == [last]
+            db.execute("UPDATE processgpt_sync_lease SET expires_at = now() - interval '1 second'")
+        fresh = str(db.execute(enqueue).fetchone()["id"])
+        claims = {c.todo_id: c for c in claim(limit=2)}
+        assert {t: c.extras["resume"]["attempt"] for t, c in claims.items()} == {fresh: 1,
+                                                                                  last: 3}
+        assert store.save_result(claims[fresh], {"half": True}, final=False).applied
+        with psycopg.connect(upstream_database_url) as engine:
+            engine.execute("SELECT 1 FROM bpm_proc_inst WHERE proc_inst_id = 'held' FOR UPDATE")
+            released = store.release(claims.values())
+            leases = {r["todo_id"]: r for r in db.execute(
+                "SELECT todo_id::text, given_back, expires_at <= now() AS expired "
+                "FROM processgpt_sync_lease")}
+            late = store.record_events([{"todo_id": fresh, "token": claims[fresh].token,
+                                         "event_type": "task_working", "data": {}}])
+            renewed = store.renew("w", claims.values(), 60)
+            expired_after = db.execute("SELECT bool_and(expires_at <= now()) AS e "
+                                       "FROM processgpt_sync_lease").fetchone()["e"]
+        again = {c.todo_id: c for c in claim(limit=2)}
+        rows = {r["id"]: r for r in db.execute(
+            "SELECT id::text, draft_status::text, claim_count, draft FROM todolist")}
+    finally:
+        next(backends, None)
+        db.close()
+    assert (released, set(released.held_back)) == (0, {fresh, last})
+    assert {t: (r["given_back"], r["expired"]) for t, r in leases.items()} == {
+        fresh: (True, True), last: (True, True)}
+    assert [r["reason"][:20] for r in late] == ["not the owner of thi"], "it writes nothing more"
+    assert expired_after and renewed.renewed == {fresh, last}, "kept expired, not reported lost"
+    assert set(again) == {fresh, last}, "claimed at once, not after the lease's minute"
+    assert {t: (c.extras["resume"]["kind"], c.extras["resume"]["attempt"])
+            for t, c in again.items()} == {fresh: ("fresh", 1), last: ("fresh", 1)}, \
+        "as a written give-back leaves them: queued as before their claim"
+    assert rows[fresh]["draft"] is None, "a fresh claim's intermediate draft is dropped"
+    assert {t: (r["draft_status"], r["claim_count"]) for t, r in rows.items()} == {
+        fresh: ("STARTED", 1), last: ("STARTED", 1)}
+
+
 def test_giving_back_a_todo_an_upstream_worker_took_over_leaves_it_and_does_not_name_it(
         upstream):
     """An upstream worker took a revision over from our run (our token stays on the row), and
@@ -625,8 +683,9 @@ def test_a_todo_the_host_could_not_run_is_given_back_once_its_held_instance_is_f
     """The host fails a todo's run (no thread to be had) while the BPM engine holds its
     process instance: the give-back waits for the row, asking again on the held-instance
     schedule (not recorded FAILED, not an outage), and the todo runs again once the row is
-    free. A stop meanwhile ends the asking at once, leaving the todo to its lease, so the
-    stop's time goes to the outcomes on their way."""
+    free. A stop meanwhile ends the asking at once, the todo marked given back (claimed by
+    the next claim once the row is free), so the stop's time goes to the outcomes on their
+    way."""
     caplog.set_level(logging.INFO, logger="processgpt_sync")
     db = connect(upstream_database_url)
     db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('held')")
@@ -659,6 +718,9 @@ def test_a_todo_the_host_could_not_run_is_given_back_once_its_held_instance_is_f
             stopping = time.monotonic() - began
         stats = server.stats()
         after = todo_states(db)[todo]
+        engine.rollback()  # the BPM engine lets go of the instance
+        taken = store.claim(agent_orch="no-thread", consumer="next", limit=1, lease_seconds=60,
+                            max_claims=3)
     finally:
         store.close()
         engine.close()
@@ -672,9 +734,11 @@ def test_a_todo_the_host_could_not_run_is_given_back_once_its_held_instance_is_f
         assert calls[1] - freed_at < 5, "given back and run again soon after the row was free"
     else:
         assert len(calls) == 1 and stats["released"] == 0
-        assert after == ("STARTED", server.settings.consumer), "left to its lease"
-        assert "was not given back before the server stopped" in caplog.text
+        assert after == ("STARTED", server.settings.consumer), "the row could not be written"
+        assert "it is marked given back" in caplog.text
         assert stopping < 5, f"{stopping:.1f}s: the stop waited for the held instance"
+        assert [(c.todo_id, c.extras["resume"]["attempt"]) for c in taken] == [(todo, 1)], \
+            "claimed at once once free, not after its lease, and not counted twice"
 
 
 def test_a_write_waiting_on_a_process_instance_another_transaction_holds_is_not_a_failure(
@@ -1004,8 +1068,9 @@ def test_a_heartbeat_leaves_an_orphan_whose_process_instance_is_held_for_later(
         upstream_database_url: str) -> None:
     """A restarted server's first heartbeat gives back what its previous run claimed. The BPM
     engine holds one of those todos' process instance: waiting for it would hold up the
-    renewal of every lease in the same call, so that todo is left for a later heartbeat (or
-    its lease's end) and the others are given back at once."""
+    renewal of every lease in the same call, so that todo's lease is marked given back (a
+    claim takes it once the row is free, as a written give-back leaves it) and the others are
+    given back at once."""
     db = connect(upstream_database_url)
     db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('held'), ('free')")
     ids = {inst: str(db.execute("SELECT processgpt_sync_enqueue_v1('orphans', 'q', 'COMPLETE', "
@@ -1025,11 +1090,24 @@ def test_a_heartbeat_leaves_an_orphan_whose_process_instance_is_held_for_later(
         (report,) = server.execute(
             "SELECT processgpt_sync_heartbeat_v1('w', '{}', '{}', 60, "
             "'{\"instance\": \"second-run\"}')").fetchone()
-    rows = {r["id"]: r["draft_status"] for r in db.execute(
-        "SELECT id::text, draft_status::text FROM todolist")}
-    db.close()
+        rows = {r["id"]: r["draft_status"] for r in db.execute(
+            "SELECT id::text, draft_status::text FROM todolist")}
+        marked = db.execute("SELECT todo_id::text, given_back, expires_at <= now() AS expired "
+                            "FROM processgpt_sync_lease").fetchall()
+    store = PostgresStorage(upstream_database_url)
+    try:
+        taken = store.claim(agent_orch="orphans", consumer="w", limit=2, lease_seconds=60,
+                            max_claims=3, instance="second-run")
+    finally:
+        store.close()
+        db.close()
     assert report["orphans"] == [ids["free"]]
     assert rows == {ids["free"]: None, ids["held"]: "STARTED"}
+    assert [tuple(r.values()) for r in marked] == [(ids["held"], True, True)], \
+        "marked given back, for the next claim once the row is free"
+    assert sorted((c.todo_id, c.extras["resume"]["kind"], c.extras["resume"]["attempt"])
+                  for c in taken) == sorted([(ids["free"], "fresh", 1),
+                                             (ids["held"], "fresh", 1)])
 
 
 def test_under_fleet_limits_a_claim_takes_another_todo_instead_of_waiting_for_an_instance(
