@@ -266,8 +266,8 @@ RETURNS boolean LANGUAGE sql STABLE AS $$
                      AND NOT (coalesce(t.draft_status IN ('STARTED', 'HUMAN_ASKED'), false)
                               AND t.claim_token IS NOT DISTINCT FROM l.claim_token
                               AND t.consumer IS NOT DISTINCT FROM l.consumer
-                              AND coalesce(t.status NOT IN ('IN_PROGRESS', 'CANCELLED', 'DONE'),
-                                           true)))
+                              AND coalesce(t.status NOT IN ('IN_PROGRESS', 'CANCELLED', 'DONE',
+                                                            'SUBMITTED'), true)))
         OR EXISTS (SELECT 1 FROM todolist t
                    WHERE t.draft_status = 'STARTED' AND t.lease_until < now()
                      AND t.status IN ('IN_PROGRESS', 'CANCELLED')
@@ -374,7 +374,11 @@ BEGIN
         SELECT t.id FROM todolist t
         JOIN processgpt_sync_lease l ON l.todo_id = t.id AND l.claim_token = t.claim_token
         WHERE l.expires_at < now() AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
-          AND t.agent_orch::text = p_agent_orch AND t.status IN ('CANCELLED', 'DONE')
+          AND t.agent_orch::text = p_agent_orch
+          AND (t.status IN ('CANCELLED', 'DONE')
+               -- submitted by someone else while it ran; not while a platform worker
+               -- completes the step (its consumer on the row)
+               OR (t.status = 'SUBMITTED' AND (t.consumer IS NULL OR t.consumer = l.consumer)))
         FOR UPDATE OF t SKIP LOCKED);
     v_settle := processgpt_sync_free_of_held_insts_v1(v_found);
     v_held_back := v_held_back + cardinality(v_found) - cardinality(v_settle);
@@ -784,7 +788,7 @@ BEGIN
         FROM todolist t
         WHERE t.id IN (SELECT todo_id FROM input)
           AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
-          AND coalesce(t.status NOT IN ('CANCELLED', 'DONE'), true)
+          AND coalesce(t.status NOT IN ('CANCELLED', 'DONE', 'SUBMITTED'), true)
         FOR SHARE OF t SKIP LOCKED
     ), busy AS MATERIALIZED (
         -- running todos whose row another transaction holds: their events are refused as
@@ -793,7 +797,7 @@ BEGIN
         WHERE (SELECT count(*) FROM owned) < (SELECT count(DISTINCT todo_id) FROM input)
           AND t.id IN (SELECT todo_id FROM input) AND t.id NOT IN (SELECT id FROM owned)
           AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
-          AND coalesce(t.status NOT IN ('CANCELLED', 'DONE'), true)
+          AND coalesce(t.status NOT IN ('CANCELLED', 'DONE', 'SUBMITTED'), true)
     ), checked AS MATERIALIZED (
         SELECT i.n, i.ev, i.todo_id, o.proc_inst_id, o.tenant_id,
                CASE WHEN o.id IS NULL AND i.todo_id IN (SELECT id FROM busy) THEN 'busy'
@@ -839,7 +843,9 @@ DECLARE
     v_cancelled boolean;
     v_consumer text;
 BEGIN
-    SELECT claim_token, draft_status, status::text IN ('CANCELLED', 'DONE'), consumer
+    -- status SUBMITTED on a running claim: someone else submitted the step's result (the
+    -- platform's /complete; a claim's own result sets COMPLETED with it, in one write)
+    SELECT claim_token, draft_status, status::text IN ('CANCELLED', 'DONE', 'SUBMITTED'), consumer
     INTO v_token, v_status, v_cancelled, v_consumer
     FROM todolist WHERE id = p_todo_id FOR UPDATE;
     IF NOT FOUND THEN
@@ -1041,7 +1047,7 @@ BEGIN
                      AND NOT processgpt_sync_lease_holds_v1(i.todo_id, i.token, l.consumer)
                     THEN 'not_owner'
                 WHEN l.draft_status IN ('STARTED', 'HUMAN_ASKED')
-                     AND l.status IN ('CANCELLED', 'DONE')
+                     AND l.status IN ('CANCELLED', 'DONE', 'SUBMITTED')
                     THEN 'cancelled'
                 WHEN l.draft_status IN ('STARTED', 'HUMAN_ASKED') THEN 'ok'
                 -- ours only if our own write dropped our lease: the UI (or anyone) finishing
@@ -1333,7 +1339,7 @@ RETURNS SETOF events LANGUAGE sql STABLE AS $$
     SELECT q.* FROM events q
     WHERE q.todo_id = p_todo.id::text AND q.event_type = 'human_asked'
       AND p_todo.draft_status = 'HUMAN_ASKED'
-      AND coalesce(p_todo.status NOT IN ('CANCELLED', 'DONE'), true)
+      AND coalesce(p_todo.status NOT IN ('CANCELLED', 'DONE', 'SUBMITTED'), true)
     ORDER BY q."timestamp" DESC LIMIT 1
 $$;
 
@@ -1387,7 +1393,8 @@ BEGIN
                        'content', coalesce(v_answer.data -> 'answer', v_answer.data),
                        'user_id', v_answer.data ->> 'user_id'))
     WHERE t.id = p_todo_id AND t.draft_status = 'HUMAN_ASKED' AND t.consumer IS NULL
-      AND t.claim_token IS NOT NULL AND coalesce(t.status NOT IN ('CANCELLED', 'DONE'), true);
+      AND t.claim_token IS NOT NULL
+      AND coalesce(t.status NOT IN ('CANCELLED', 'DONE', 'SUBMITTED'), true);
     RETURN FOUND;
 END
 $$;
@@ -1464,6 +1471,8 @@ BEGIN
     ), judged AS (
         SELECT t.id, l.prev_draft_status,
                CASE WHEN t.status IN ('CANCELLED', 'DONE') OR t.draft_status = 'CANCELLED'
+                         OR (t.status = 'SUBMITTED'
+                             AND t.draft_status IN ('STARTED', 'HUMAN_ASKED'))
                     THEN 'cancelled'
                     WHEN t.draft_status IN ('STARTED', 'HUMAN_ASKED') THEN 'running'
                     ELSE 'finished' END AS state
@@ -1558,9 +1567,13 @@ BEGIN
         SELECT p.todo_id, p.token FROM unnest(p_todo_ids, p_tokens) AS p(todo_id, token)
     ), state AS (
         SELECT p.todo_id, p.token,
+               -- a consumer cleared by someone else's write of the whole row (the
+               -- platform's /complete) leaves the claim ours, as fence_v1 reads it
                t.claim_token IS NOT DISTINCT FROM p.token
-                   AND t.consumer IS NOT DISTINCT FROM p_consumer AS owned,
-               (t.draft_status = 'CANCELLED' OR t.status IN ('CANCELLED', 'DONE')) AS cancelled,
+                   AND (t.consumer IS NULL OR t.consumer = p_consumer) AS owned,
+               (t.draft_status = 'CANCELLED' OR t.status IN ('CANCELLED', 'DONE')
+                OR (t.status = 'SUBMITTED' AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')))
+                   AS cancelled,
                t.draft_status IN ('STARTED', 'HUMAN_ASKED') AS running
         FROM pairs p LEFT JOIN todolist t ON t.id = p.todo_id
     ), renewed AS (
@@ -1701,8 +1714,13 @@ BEGIN
            AND NEW.status = 'IN_PROGRESS' AND OLD.status IS DISTINCT FROM 'IN_PROGRESS') THEN
         PERFORM processgpt_sync_notify_text_v1('processgpt_sync_todo',
                                                coalesce(NEW.agent_orch::text, ''));
-    ELSIF TG_OP = 'UPDATE' AND NEW.consumer IS NOT NULL
-          AND (NEW.draft_status = 'CANCELLED' OR NEW.status IN ('CANCELLED', 'DONE'))
+    ELSIF TG_OP = 'UPDATE'
+          AND ((NEW.consumer IS NOT NULL
+                AND (NEW.draft_status = 'CANCELLED' OR NEW.status IN ('CANCELLED', 'DONE')))
+               -- a person submitted the step's result while it ran (the platform's /complete
+               -- clears the consumer as it writes status SUBMITTED)
+               OR (NEW.draft_status IN ('STARTED', 'HUMAN_ASKED')
+                   AND NEW.status IN ('CANCELLED', 'DONE', 'SUBMITTED')))
           AND (OLD.draft_status IS DISTINCT FROM NEW.draft_status
                OR OLD.status IS DISTINCT FROM NEW.status) THEN
         PERFORM pg_notify('processgpt_sync_cancel', NEW.id::text);
@@ -1785,6 +1803,9 @@ BEGIN
         WHEN v_todo.status::text = 'DONE' THEN  -- a person or the process finished the step
             'its process finished this step (status DONE); enqueue a new todo to run the work '
             'again'
+        WHEN v_todo.status::text = 'SUBMITTED' AND v_todo.draft_status IS DISTINCT FROM 'COMPLETED'
+            THEN 'a result was submitted for this step (status SUBMITTED) while it ran, and its '
+                 'process takes that one; enqueue a new todo to run the work again'
         WHEN v_todo.draft_status = 'HUMAN_ASKED' AND v_todo.consumer IS NULL
              AND v_todo.status::text = 'CANCELLED' THEN NULL  -- suspended, then cancelled
         WHEN v_todo.draft_status = 'HUMAN_ASKED' AND v_todo.consumer IS NULL THEN
@@ -2033,6 +2054,7 @@ BEGIN
               AND (p_tenant_id IS NULL OR t.tenant_id = p_tenant_id)
               AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
               AND (t.status IN ('CANCELLED', 'DONE')
+                   OR (t.status = 'SUBMITTED' AND (t.consumer IS NULL OR t.consumer = l.consumer))
                    OR (t.status = 'IN_PROGRESS' AND l.consumer IS NOT DISTINCT FROM t.consumer
                        AND (t.lease_until IS NULL OR t.lease_until < now()))))
         INTO v_found;
@@ -2106,6 +2128,9 @@ RETURNS text LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE
         WHEN p_draft_status = 'CANCELLED' OR p_status = 'CANCELLED' THEN 'CANCELLED'
         WHEN p_status = 'DONE' AND p_draft_status IN ('STARTED', 'HUMAN_ASKED', 'FB_REQUESTED')
+            THEN 'CANCELLED'
+        -- a run someone else submitted the step's result under (the platform's /complete)
+        WHEN p_status = 'SUBMITTED' AND p_draft_status IN ('STARTED', 'HUMAN_ASKED')
             THEN 'CANCELLED'
         -- answered or revised, of a step its process has not reached or has taken: it runs
         -- once the step is IN_PROGRESS (FB_REQUESTED alone is the claimable kind)

@@ -20,6 +20,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 import processgpt_sync as ps
 from processgpt_sync.errors import StorageError
@@ -739,6 +740,71 @@ def test_a_todo_the_host_could_not_run_is_given_back_once_its_held_instance_is_f
         assert stopping < 5, f"{stopping:.1f}s: the stop waited for the held instance"
         assert [(c.todo_id, c.extras["resume"]["attempt"]) for c in taken] == [(todo, 1)], \
             "claimed at once once free, not after its lease, and not counted twice"
+
+
+def test_a_person_submitting_the_step_while_the_agent_runs_stops_the_run_and_keeps_theirs(
+        upstream_database_url: str) -> None:
+    """The platform's /complete writes the whole row: status SUBMITTED, the person's output,
+    no consumer (its Vue form cancels the agent first; its API and call bot do not). The run
+    is told at once (a NOTIFY: its heartbeat is 15 s away), its result is refused, and the
+    step keeps the person's output, with no consumer, for the platform's worker to take."""
+    db = connect(upstream_database_url)
+    db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('p1')")
+    todo = str(db.execute("SELECT processgpt_sync_enqueue_v1('submitted', 'q', 'COMPLETE', NULL, "
+                          "'step', 'p1') AS id").fetchone()["id"])
+    started, told = threading.Event(), threading.Event()
+
+    def handle(t: ps.Todo) -> dict[str, str]:
+        started.set()
+        while not t.cancelled and not told.wait(0.01):
+            pass
+        told.set()
+        return {"by": "the agent"}
+
+    store = PostgresStorage(upstream_database_url)
+    try:
+        with ps.start(handle, agent_orch="submitted", storage=store) as server:
+            assert started.wait(10)
+            db.execute("UPDATE todolist SET status = 'SUBMITTED', output = %s, consumer = NULL "
+                       "WHERE id = %s", (Jsonb({"by": "a person"}), todo))
+            submitted = time.monotonic()
+            assert told.wait(5), "the run was not told"
+            noticed = time.monotonic() - submitted
+            wait_for(lambda: server.stats()["cancelled"] == 1)
+            stats = server.stats()
+        row = db.execute("SELECT status::text, draft_status::text, output, consumer "
+                         "FROM todolist WHERE id = %s", (todo,)).fetchone()
+    finally:
+        store.close()
+        db.close()
+    assert noticed < 3, f"told after {noticed:.1f}s: by the heartbeat, not the NOTIFY"
+    assert stats["completed"] == 0
+    assert row == {"status": "SUBMITTED", "draft_status": "CANCELLED",
+                   "output": {"by": "a person"}, "consumer": None}
+
+
+def test_a_dead_claim_of_a_step_a_platform_worker_is_completing_is_left_to_it(upstream):
+    """The platform's worker takes a submitted step (its consumer on the row) to complete it.
+    The claim our dead server left on the step is over: its writes are refused, and the next
+    claim drops its lease without writing the row (clearing the consumer would hand the step
+    to the platform's workers a second time)."""
+    store, db = upstream
+    db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('p1')")
+    todo = str(db.execute("SELECT processgpt_sync_enqueue_v1('shared', 'q', 'COMPLETE', NULL, "
+                          "'step', 'p1') AS id").fetchone()["id"])
+    (claim,) = claim_ours(store)
+    db.execute("UPDATE todolist SET status = 'SUBMITTED', output = %s, consumer = 'pod-1' "
+               "WHERE id = %s", (Jsonb({"by": "a person"}), todo))
+    report = store.renew("ours-w1", [claim], 60)
+    refused = store.save_result(claim, {"by": "the agent"})
+    db.execute("UPDATE processgpt_sync_lease SET expires_at = now() - interval '1 second'")
+    assert claim_ours(store, consumer="ours-w2") == []
+    row = db.execute("SELECT status::text, output, consumer FROM todolist WHERE id = %s",
+                     (todo,)).fetchone()
+    assert report.lost == {todo}
+    assert (refused.applied, refused.reason) == (False, "not_owner")
+    assert row == {"status": "SUBMITTED", "output": {"by": "a person"}, "consumer": "pod-1"}
+    assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
 
 
 def test_a_write_waiting_on_a_process_instance_another_transaction_holds_is_not_a_failure(

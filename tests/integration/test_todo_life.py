@@ -12,6 +12,7 @@ import uuid
 
 import psycopg
 import pytest
+from psycopg.types.json import Jsonb
 
 import processgpt_sync as ps
 from processgpt_sync.events import make_event
@@ -59,6 +60,30 @@ def questions(db, todo_id):
 # A status the UI or the process sets to end a step: CANCELLED, or DONE when a person (or the
 # process) finished the step while the agent worked on it. Both stop the run the same way.
 ENDED = pytest.mark.parametrize("ended", ["CANCELLED", "DONE"])
+# ... and, for a running claim, SUBMITTED: a person submitted the step's result through the
+# platform's /complete, which writes the whole row: status SUBMITTED, their output, no
+# consumer; or the process submitted the step itself (a service task's, a subprocess's parent
+# step), writing the status alone
+ENDED_UNDER_CLAIM = pytest.mark.parametrize(
+    "ended", ["CANCELLED", "DONE", "SUBMITTED", "SUBMITTED by the process"])
+PERSONS_OUTPUT = {"by": "a person"}
+
+
+def end_step(db, todo_id, ended):
+    if ended == "SUBMITTED":
+        db.execute("UPDATE todolist SET status = 'SUBMITTED', output = %s, consumer = NULL "
+                   "WHERE id = %s", (Jsonb(PERSONS_OUTPUT), todo_id))
+    else:
+        db.execute("UPDATE todolist SET status = %s WHERE id = %s", (status_of(ended), todo_id))
+
+
+def status_of(ended):
+    return ended.split()[0]
+
+
+def output_after(ended):
+    """What the step keeps: the person's submitted result, or none."""
+    return PERSONS_OUTPUT if ended == "SUBMITTED" else None
 
 
 @ENDED
@@ -117,14 +142,15 @@ def test_a_running_revision_cancelled_by_the_ui_ends_cancelled_and_runs_once(sto
     assert state(db, todo_id)["draft_status"] == "CANCELLED"
 
 
-@ENDED
+@ENDED_UNDER_CLAIM
 def test_writes_after_a_cancel_by_status_alone_are_refused_and_the_outcome_settles_it(
         storage, db, ended):
-    # row 13 with the UI's other column: status CANCELLED (or DONE), draft_status still STARTED
+    # row 13 with the UI's other column: status CANCELLED (or DONE, or SUBMITTED by a person),
+    # draft_status still STARTED
     todo_id = storage.enqueue("life", "q")
     (held,) = claim(storage)
     assert storage.renew("w1", [held], lease_seconds=60).renewed == {str(todo_id)}
-    db.execute("UPDATE todolist SET status = %s WHERE id = %s", (ended, todo_id))
+    end_step(db, todo_id, ended)
     assert storage.renew("w1", [held], lease_seconds=60).cancelled == {str(todo_id)}
     event = make_event(str(todo_id), held.token, "task_working", {"step": 1})
     assert [r["reason"] for r in storage.record_events([event])] == [
@@ -141,23 +167,28 @@ def test_writes_after_a_cancel_by_status_alone_are_refused_and_the_outcome_settl
     assert (outcome.applied, outcome.reason) == (False, "cancelled")
     row = db.execute("SELECT draft_status::text, status::text, output, consumer FROM todolist "
                      "WHERE id = %s", (todo_id,)).fetchone()
-    assert row == {"draft_status": "CANCELLED", "status": ended, "output": None,
+    assert row == {"draft_status": "CANCELLED", "status": status_of(ended),
+                   "output": output_after(ended),
                    "consumer": None}
     assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
     assert db.execute("SELECT count(*) AS n FROM events WHERE todo_id = %s",
                       (todo_id,)).fetchone()["n"] == 0
+    if ended.startswith("SUBMITTED"):  # the process takes that result: not run again
+        retried = storage.call("retry", {"p_todo_id": str(todo_id)})
+        assert retried["retried"] is False and "status SUBMITTED" in retried["reason"]
 
 
-@ENDED
+@ENDED_UNDER_CLAIM
 @pytest.mark.parametrize("outcome", ["completed", "failed"])
 def test_a_result_returned_as_the_ui_cancels_by_status_ends_cancelled(storage, db, outcome,
                                                                      ended):
     # the executor returns before the server hears of the cancel: its outcome must not undo it
-    # (a step a person finished meanwhile keeps status DONE, not SUBMITTED, and their output)
+    # (a step a person finished meanwhile keeps status DONE, not SUBMITTED, and their output;
+    # a result a person submitted meanwhile is the one the process takes, not the agent's)
     todo_id = storage.enqueue("life", "q", agent_mode="COMPLETE")
 
     def cancel_then_return(todo):
-        db.execute("UPDATE todolist SET status = %s WHERE id = %s", (ended, todo.id))
+        end_step(db, todo.id, ended)
         if outcome == "failed":
             raise ValueError("gave up")
         return {"done": True}
@@ -167,7 +198,8 @@ def test_a_result_returned_as_the_ui_cancels_by_status_ends_cancelled(storage, d
         assert server.stats()["completed"] == server.stats()["failed"] == 0
     row = db.execute("SELECT draft_status::text, status::text, output, consumer FROM todolist "
                      "WHERE id = %s", (todo_id,)).fetchone()
-    assert row == {"draft_status": "CANCELLED", "status": ended, "output": None,
+    assert row == {"draft_status": "CANCELLED", "status": status_of(ended),
+                   "output": output_after(ended),
                    "consumer": None}
 
 
@@ -206,14 +238,18 @@ def test_a_step_finished_while_its_agent_asked_is_neither_waiting_nor_retried(st
     assert state(db, todo_id)["status"] == "DONE" and claim(storage) == []
 
 
-@ENDED
+@ENDED_UNDER_CLAIM
 def test_an_expired_claim_of_a_cancelled_todo_is_settled_cancelled(storage, db, ended):
+    # a step submitted under a dead claim is not one its process took out of progress (17a):
+    # its run is over, and the submitted result stays for the process to take
     todo_id = storage.enqueue("life", "q")
     claim(storage)
-    db.execute("UPDATE todolist SET status = %s WHERE id = %s", (ended, todo_id))
+    end_step(db, todo_id, ended)
     expire_leases(db)
     assert claim(storage, consumer="w2") == []
     assert state(db, todo_id)["draft_status"] == "CANCELLED"
+    assert db.execute("SELECT output FROM todolist WHERE id = %s",
+                      (todo_id,)).fetchone()["output"] == output_after(ended)
     assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
 
 
@@ -255,11 +291,11 @@ def test_expired_leases_that_no_claim_would_settle_are_removed(storage, db):
         "FB_REQUESTED", None], "the todos themselves are left as the UI put them"
 
 
-@pytest.mark.parametrize("status", ["TODO", "PENDING", "SUBMITTED"])
+@pytest.mark.parametrize("status", ["TODO", "PENDING"])
 def test_an_abandoned_claim_of_a_step_taken_out_of_progress_waits_for_the_step(
         storage, db, database_url, status):
     """Row 17a: the owner died after the process moved the step out of progress (a loop back
-    to TODO, PENDING, or SUBMITTED with the holder kept). Running it again now would run a
+    to TODO, or PENDING; SUBMITTED ends the run, 13a). Running it again now would run a
     step the process does not have in progress; upstream workers take over only IN_PROGRESS
     steps. It stays abandoned, neither claimed nor failed nor keeping claims on their slow
     path, and is taken over (a reclaim, announced) once the step is in progress again."""
