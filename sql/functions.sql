@@ -1041,6 +1041,9 @@ BEGIN
                 WHEN l.claim_token IS DISTINCT FROM i.token THEN 'not_owner'
                 WHEN i.outcome = 'asked' AND l.consumer IS NULL
                      AND l.draft_status IN ('HUMAN_ASKED', 'FB_REQUESTED')
+                     -- not a suspend still to write, whose consumer someone else cleared
+                     AND NOT EXISTS (SELECT 1 FROM processgpt_sync_lease x
+                                     WHERE x.todo_id = i.todo_id AND x.claim_token = i.token)
                     THEN 'already_applied'
                 WHEN l.draft_status IN ('STARTED', 'HUMAN_ASKED')
                      AND l.consumer IS NOT NULL
@@ -1262,6 +1265,7 @@ CREATE OR REPLACE FUNCTION processgpt_sync_resume_asking_v1(p_todo_id uuid, p_to
 RETURNS boolean LANGUAGE sql AS $$
     UPDATE todolist SET draft_status = 'STARTED', updated_at = now()
     WHERE id = p_todo_id AND claim_token = p_token AND draft_status = 'HUMAN_ASKED'
+      AND (consumer IS NULL OR processgpt_sync_lease_holds_v1(p_todo_id, p_token, consumer))
     RETURNING true
 $$;
 
@@ -1448,12 +1452,14 @@ CREATE TRIGGER processgpt_sync_answer
 -- the claim again (claim_v4), rather than after the lease's time and as one more claim
 -- against max_claims; the given-back run's writes are refused (lease_holds_v1) and its
 -- heartbeat no longer renews the lease.
-CREATE OR REPLACE FUNCTION processgpt_sync_give_back_held_v1(p_todo_ids uuid[])
+-- Matched by token: a todo another server claimed meanwhile (a new token) is not touched.
+CREATE OR REPLACE FUNCTION processgpt_sync_give_back_held_v1(p_todo_ids uuid[], p_tokens uuid[])
 RETURNS void LANGUAGE sql AS $$
     UPDATE processgpt_sync_lease l
     SET given_back = true, expires_at = least(l.expires_at, now())
-    FROM todolist t
-    WHERE l.todo_id = ANY (p_todo_ids) AND t.id = l.todo_id AND t.claim_token = l.claim_token
+    FROM unnest(p_todo_ids, p_tokens) AS p(todo_id, token), todolist t
+    WHERE l.todo_id = p.todo_id AND l.claim_token = p.token
+      AND t.id = l.todo_id AND t.claim_token = p.token
 $$;
 
 -- Give claims back: a running todo returns to the state it was claimed from (claimable again,
@@ -1546,7 +1552,13 @@ BEGIN
     FROM unnest(p_todo_ids, p_tokens) AS p(todo_id, token)
     WHERE p.todo_id = ANY (v_free);
     v_held := ARRAY(SELECT unnest(v_ours) EXCEPT SELECT unnest(v_free) ORDER BY 1);
-    PERFORM processgpt_sync_give_back_held_v1(v_held);
+    IF cardinality(v_held) > 0 THEN
+        PERFORM processgpt_sync_give_back_held_v1(
+            ARRAY(SELECT p.todo_id FROM unnest(p_todo_ids, p_tokens) AS p(todo_id, token)
+                  WHERE p.todo_id = ANY (v_held) ORDER BY p.todo_id),
+            ARRAY(SELECT p.token FROM unnest(p_todo_ids, p_tokens) AS p(todo_id, token)
+                  WHERE p.todo_id = ANY (v_held) ORDER BY p.todo_id));
+    END IF;
     RETURN jsonb_build_object('released', processgpt_sync_release_v1(v_ids, v_tokens),
                               'held_back', to_jsonb(v_held));
 END
@@ -1803,8 +1815,8 @@ BEGIN
         WHEN v_todo.status::text = 'DONE' THEN  -- a person or the process finished the step
             'its process finished this step (status DONE); enqueue a new todo to run the work '
             'again'
-        WHEN v_todo.status::text = 'SUBMITTED' AND v_todo.draft_status IS DISTINCT FROM 'COMPLETED'
-            THEN 'a result was submitted for this step (status SUBMITTED) while it ran, and its '
+        WHEN v_todo.status::text = 'SUBMITTED'
+             AND v_todo.draft_status IN ('STARTED', 'HUMAN_ASKED', 'CANCELLED') THEN 'a result was submitted for this step (status SUBMITTED) while it ran, and its '
                  'process takes that one; enqueue a new todo to run the work again'
         WHEN v_todo.draft_status = 'HUMAN_ASKED' AND v_todo.consumer IS NULL
              AND v_todo.status::text = 'CANCELLED' THEN NULL  -- suspended, then cancelled
@@ -1881,6 +1893,7 @@ DECLARE
     v_orphan_ids uuid[];
     v_orphan_tokens uuid[];
     v_all_orphans uuid[];
+    v_all_tokens uuid[];
     v_free uuid[];
     v_orphans integer := 0;
 BEGIN
@@ -1917,6 +1930,7 @@ BEGIN
            OR (v_instance IS NULL AND jsonb_typeof(p_server->'known') = 'array'
                AND NOT l.todo_id::text IN (SELECT jsonb_array_elements_text(p_server->'known'))));
     v_all_orphans := v_orphan_ids;
+    v_all_tokens := v_orphan_tokens;
     IF v_orphan_ids IS NOT NULL THEN
         -- Only rows no other transaction holds (a person's open UPDATE): waiting here would
         -- hold up the renewal of every other lease of this server until they expire. A held
@@ -1940,9 +1954,10 @@ BEGIN
         v_orphans := processgpt_sync_release_v1(v_orphan_ids, v_orphan_tokens);
     END IF;
     IF v_all_orphans IS NOT NULL THEN  -- those given back leave their leases
-        PERFORM processgpt_sync_give_back_held_v1(ARRAY(
-            SELECT o FROM unnest(v_all_orphans) o
-            WHERE NOT o = ANY (coalesce(v_orphan_ids, '{}'))));
+        SELECT array_agg(o.todo_id), array_agg(o.token) INTO v_all_orphans, v_all_tokens
+        FROM unnest(v_all_orphans, v_all_tokens) AS o(todo_id, token)
+        WHERE NOT o.todo_id = ANY (coalesce(v_orphan_ids, '{}'));
+        PERFORM processgpt_sync_give_back_held_v1(v_all_orphans, v_all_tokens);
     END IF;
     INSERT INTO processgpt_sync_server AS s
         (consumer, agent_orch, host, pid, version, heartbeat_seconds, running, completed, stats,

@@ -616,6 +616,25 @@ def test_a_todo_given_back_while_its_instance_is_held_is_claimed_once_free_and_n
         fresh: ("STARTED", 1), last: ("STARTED", 1)}
 
 
+def test_marking_a_give_back_never_touches_a_claim_another_server_made_since(upstream):
+    """A heartbeat's orphan (or a give-back) is marked given back by its own claim token: the
+    todo claimed by another server in between keeps that server's live lease and its writes
+    (matched by todo alone, the new claim would be expired and the todo run twice)."""
+    store, db = upstream
+    db.execute("SELECT processgpt_sync_enqueue_v1('shared', 'q')")
+    (old,) = claim_ours(store)
+    db.execute("UPDATE processgpt_sync_lease SET expires_at = now() - interval '1 second'")
+    (new,) = claim_ours(store, consumer="ours-w2")
+    db.execute("SELECT processgpt_sync_give_back_held_v1(%s::uuid[], %s::uuid[])",
+               ([old.todo_id], [old.token]))
+    lease = db.execute("SELECT consumer, given_back, expires_at > now() AS live "
+                       "FROM processgpt_sync_lease").fetchone()
+    written = store.save_result(new, {"ok": True})
+    assert (new.todo_id, new.token != old.token) == (old.todo_id, True)
+    assert lease == {"consumer": "ours-w2", "given_back": False, "live": True}
+    assert written.applied
+
+
 def test_giving_back_a_todo_an_upstream_worker_took_over_leaves_it_and_does_not_name_it(
         upstream):
     """An upstream worker took a revision over from our run (our token stays on the row), and

@@ -178,6 +178,21 @@ def test_writes_after_a_cancel_by_status_alone_are_refused_and_the_outcome_settl
         assert retried["retried"] is False and "status SUBMITTED" in retried["reason"]
 
 
+def test_a_suspend_written_after_a_person_submitted_the_step_is_refused_not_taken_as_done(
+        storage, db):
+    # row 13a: the run asked (HUMAN_ASKED), then a person submitted the step, clearing the
+    # consumer; the suspend still to write is refused and settles the run, not "already applied"
+    todo_id = storage.enqueue("life", "q")
+    (held,) = claim(storage)
+    assert storage.ask(held, "job-1", question_data("ok?", None, "confirm")).applied
+    end_step(db, todo_id, "SUBMITTED")
+    (outcome,) = storage.finish([{"todo_id": held.todo_id, "token": held.token,
+                                  "outcome": "asked"}])
+    assert (outcome.applied, outcome.reason) == (False, "cancelled")
+    assert state(db, todo_id)["draft_status"] == "CANCELLED"
+    assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
+
+
 @ENDED_UNDER_CLAIM
 @pytest.mark.parametrize("outcome", ["completed", "failed"])
 def test_a_result_returned_as_the_ui_cancels_by_status_ends_cancelled(storage, db, outcome,
