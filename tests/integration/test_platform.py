@@ -1161,13 +1161,15 @@ def test_a_heartbeat_leaves_an_orphan_whose_process_instance_is_held_for_later(
     ids = {inst: str(db.execute("SELECT processgpt_sync_enqueue_v1('orphans', 'q', 'COMPLETE', "
                                 "NULL, 'step', %s) AS id", (inst,)).fetchone()["id"])
            for inst in ("held", "free")}
-    store = PostgresStorage(upstream_database_url)
-    try:
-        claims = store.claim(agent_orch="orphans", consumer="w", limit=2, lease_seconds=60,
-                             max_claims=3, instance="first-run")
-    finally:
-        store.close()
-    assert len(claims) == 2
+    def claim_in(run: str) -> list:
+        store = PostgresStorage(upstream_database_url)
+        try:
+            return store.claim(agent_orch="orphans", consumer="w", limit=2, lease_seconds=60,
+                               max_claims=3, instance=run)
+        finally:
+            store.close()
+
+    assert len(claim_in("first-run")) == 2
     with psycopg.connect(upstream_database_url) as engine, \
             psycopg.connect(upstream_database_url, autocommit=True) as server:
         engine.execute("SELECT 1 FROM bpm_proc_inst WHERE proc_inst_id = 'held' FOR UPDATE")
@@ -1179,13 +1181,8 @@ def test_a_heartbeat_leaves_an_orphan_whose_process_instance_is_held_for_later(
             "SELECT id::text, draft_status::text FROM todolist")}
         marked = db.execute("SELECT todo_id::text, given_back, expires_at <= now() AS expired "
                             "FROM processgpt_sync_lease").fetchall()
-    store = PostgresStorage(upstream_database_url)
-    try:
-        taken = store.claim(agent_orch="orphans", consumer="w", limit=2, lease_seconds=60,
-                            max_claims=3, instance="second-run")
-    finally:
-        store.close()
-        db.close()
+    taken = claim_in("second-run")
+    db.close()
     assert report["orphans"] == [ids["free"]]
     assert rows == {ids["free"]: None, ids["held"]: "STARTED"}
     assert [tuple(r.values()) for r in marked] == [(ids["held"], True, True)], \
