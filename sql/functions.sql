@@ -1537,6 +1537,7 @@ DECLARE
     v_held uuid[];
     v_ids uuid[];
     v_tokens uuid[];
+    v_released integer;
 BEGIN
     PERFORM 1 FROM todolist t WHERE t.id = ANY (p_todo_ids) ORDER BY t.id FOR UPDATE OF t;
     v_ours := ARRAY(
@@ -1552,15 +1553,14 @@ BEGIN
     FROM unnest(p_todo_ids, p_tokens) AS p(todo_id, token)
     WHERE p.todo_id = ANY (v_free);
     v_held := ARRAY(SELECT unnest(v_ours) EXCEPT SELECT unnest(v_free) ORDER BY 1);
+    v_released := processgpt_sync_release_v1(v_ids, v_tokens);
     IF cardinality(v_held) > 0 THEN
-        PERFORM processgpt_sync_give_back_held_v1(
-            ARRAY(SELECT p.todo_id FROM unnest(p_todo_ids, p_tokens) AS p(todo_id, token)
-                  WHERE p.todo_id = ANY (v_held) ORDER BY p.todo_id),
-            ARRAY(SELECT p.token FROM unnest(p_todo_ids, p_tokens) AS p(todo_id, token)
-                  WHERE p.todo_id = ANY (v_held) ORDER BY p.todo_id));
+        SELECT array_agg(p.todo_id), array_agg(p.token) INTO v_ids, v_tokens
+        FROM unnest(p_todo_ids, p_tokens) AS p(todo_id, token)
+        WHERE p.todo_id = ANY (v_held);
+        PERFORM processgpt_sync_give_back_held_v1(v_ids, v_tokens);
     END IF;
-    RETURN jsonb_build_object('released', processgpt_sync_release_v1(v_ids, v_tokens),
-                              'held_back', to_jsonb(v_held));
+    RETURN jsonb_build_object('released', v_released, 'held_back', to_jsonb(v_held));
 END
 $$;
 
@@ -1816,8 +1816,9 @@ BEGIN
             'its process finished this step (status DONE); enqueue a new todo to run the work '
             'again'
         WHEN v_todo.status::text = 'SUBMITTED'
-             AND v_todo.draft_status IN ('STARTED', 'HUMAN_ASKED', 'CANCELLED') THEN 'a result was submitted for this step (status SUBMITTED) while it ran, and its '
-                 'process takes that one; enqueue a new todo to run the work again'
+             AND v_todo.draft_status IN ('STARTED', 'HUMAN_ASKED', 'CANCELLED') THEN
+            'a result was submitted for this step (status SUBMITTED) while it ran, and its '
+            'process takes that one; enqueue a new todo to run the work again'
         WHEN v_todo.draft_status = 'HUMAN_ASKED' AND v_todo.consumer IS NULL
              AND v_todo.status::text = 'CANCELLED' THEN NULL  -- suspended, then cancelled
         WHEN v_todo.draft_status = 'HUMAN_ASKED' AND v_todo.consumer IS NULL THEN
