@@ -338,6 +338,8 @@ class Server:
         A database without every event type this library writes is refused now: otherwise a
         progress event or an a2a status would fail its todo mid-run."""
         storage.check_schema()
+        for warning in storage.schema_warnings():
+            self._log.warning("%s", warning, extra={**self._extra, "action": "start_server"})
         event_types = storage.event_types()
         missing = EVENT_TYPES - event_types
         if missing:

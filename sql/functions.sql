@@ -217,10 +217,71 @@ RETURNS boolean LANGUAGE sql STABLE AS $$
                      AND NOT a.attisdropped)
 $$;
 
--- Whether a todo row may be claimed now: queued, answered / revision (unless the UI cancelled
--- it), or abandoned (its claim's lease expired, claims left). The claim scans only rows of the
--- waiting-todo indexes (draft_status NULL, FB_REQUESTED) and the expired leases; this decides.
-CREATE OR REPLACE FUNCTION processgpt_sync_is_claimable_v1(p_todo todolist, p_max_claims integer)
+-- Whether this database's process instances have the platform's trash (bpm_proc_inst's
+-- is_deleted column, which its migration.sql adds to older databases).
+CREATE OR REPLACE FUNCTION processgpt_sync_has_trash_v1()
+RETURNS boolean LANGUAGE sql STABLE AS $$
+    SELECT processgpt_sync_has_proc_insts_v1()
+           AND EXISTS (SELECT 1 FROM pg_attribute a
+                       WHERE a.attrelid = to_regclass('bpm_proc_inst')
+                         AND a.attname = 'is_deleted' AND NOT a.attisdropped)
+$$;
+
+-- Whether a todo's process instance, or the process it runs under (its root), is in the
+-- platform's trash (bpm_proc_inst.is_deleted: the UI's delete, which its restore undoes; a cron
+-- job deletes it for good 7 days later, with the todos of that instance alone; a subprocess's
+-- todos then stay, under a root that is gone, and count as in the trash for good). Its todos wait, as a step out of progress does: never
+-- claimed, run again or failed, and claimable again once restored. Defined by what the
+-- database has when the schema is installed: without the column, false, which costs the
+-- claim nothing; with it, replaced just below. A database that gains the column later needs
+-- init-db again (a server's start warns: processgpt_sync_schema_warnings_v1).
+CREATE OR REPLACE FUNCTION processgpt_sync_in_trash_v1(p_proc_inst_id text,
+                                                       p_root_proc_inst_id text)
+RETURNS boolean LANGUAGE sql STABLE AS $$
+    SELECT false  -- no trash in this database
+$$;
+
+DO $$
+BEGIN
+    IF processgpt_sync_has_trash_v1() THEN
+        CREATE OR REPLACE FUNCTION processgpt_sync_in_trash_v1(p_proc_inst_id text,
+                                                               p_root_proc_inst_id text)
+        RETURNS boolean LANGUAGE sql STABLE AS $f$
+            SELECT EXISTS (SELECT 1 FROM bpm_proc_inst p
+                           WHERE p.proc_inst_id IN (p_proc_inst_id, p_root_proc_inst_id)
+                             AND p.is_deleted)
+                -- a subprocess whose root the cron job deleted for good (it deletes the root's
+                -- own todos only): deleted too, never restored. Only where the subprocess has
+                -- its row, so a database that does not record every instance loses nothing.
+                OR (coalesce(p_root_proc_inst_id <> p_proc_inst_id, false)
+                    AND NOT EXISTS (SELECT 1 FROM bpm_proc_inst p
+                                    WHERE p.proc_inst_id = p_root_proc_inst_id)
+                    AND EXISTS (SELECT 1 FROM bpm_proc_inst p
+                                WHERE p.proc_inst_id = p_proc_inst_id))
+        $f$;
+    END IF;
+END
+$$;
+
+-- What a server's start warns of: the platform's trash column added after the install, whose
+-- todos the claims then still take (processgpt_sync_in_trash_v1 was defined without it).
+CREATE OR REPLACE FUNCTION processgpt_sync_schema_warnings_v1()
+RETURNS jsonb LANGUAGE sql STABLE AS $$
+    SELECT coalesce(jsonb_agg(w.text), '[]'::jsonb) FROM (
+        SELECT 'bpm_proc_inst.is_deleted (the platform''s trash) was added after processgpt-sync '
+               'was installed, so todos of process instances in the trash are still claimed; '
+               'run `processgpt-sync init-db` again' AS text
+        WHERE processgpt_sync_has_trash_v1()
+          AND NOT EXISTS (SELECT 1 FROM pg_proc p
+                          WHERE p.oid = to_regprocedure('processgpt_sync_in_trash_v1(text, text)')
+                            AND p.prosrc LIKE '%is_deleted%')) w
+$$;
+
+-- Whether a todo row's own state lets it be claimed now: queued, answered / revision (unless
+-- the UI cancelled it), or abandoned (its claim's lease expired, claims left). The claim
+-- (processgpt_sync_is_claimable_v1) also looks at its process instance; the CLI tells a todo
+-- that waits only for its instance's restore by this.
+CREATE OR REPLACE FUNCTION processgpt_sync_ready_v1(p_todo todolist, p_max_claims integer)
 RETURNS boolean LANGUAGE sql STABLE AS $$
     SELECT CASE
         WHEN p_todo.draft_status IS NULL THEN
@@ -251,6 +312,15 @@ RETURNS boolean LANGUAGE sql STABLE AS $$
     END
 $$;
 
+-- Whether a todo row may be claimed now: ready (processgpt_sync_ready_v1), and its process
+-- instance not in the trash, where it waits to be restored. The claim scans only rows of the
+-- waiting-todo indexes (draft_status NULL, FB_REQUESTED) and the expired leases; this decides.
+CREATE OR REPLACE FUNCTION processgpt_sync_is_claimable_v1(p_todo todolist, p_max_claims integer)
+RETURNS boolean LANGUAGE sql STABLE AS $$
+    SELECT processgpt_sync_ready_v1(p_todo, p_max_claims)
+           AND NOT processgpt_sync_in_trash_v1(p_todo.proc_inst_id, p_todo.root_proc_inst_id)
+$$;
+
 -- Whether any claim has expired that a claim of p_agent_orch would settle or take: a lease of
 -- one of its todos (another agent's are its own claims' to settle; an abandoned claim whose
 -- step is out of progress waits, and counts again once the step is), or an upstream worker's
@@ -262,16 +332,22 @@ RETURNS boolean LANGUAGE sql STABLE AS $$
     SELECT EXISTS (SELECT 1 FROM processgpt_sync_lease l JOIN todolist t ON t.id = l.todo_id
                    WHERE l.expires_at < now() AND t.agent_orch::text = p_agent_orch
                      -- not one of ours abandoned while its step is out of progress: it waits
-                     -- for the step, as a revision does (settled cancelled once it ends)
+                     -- for the step, as a revision does (settled cancelled once it ends); nor
+                     -- one in the trash, which waits to be restored
                      AND NOT (coalesce(t.draft_status IN ('STARTED', 'HUMAN_ASKED'), false)
                               AND t.claim_token IS NOT DISTINCT FROM l.claim_token
                               AND t.consumer IS NOT DISTINCT FROM l.consumer
-                              AND coalesce(t.status NOT IN ('IN_PROGRESS', 'CANCELLED', 'DONE',
-                                                            'SUBMITTED'), true)))
+                              AND (coalesce(t.status NOT IN ('IN_PROGRESS', 'CANCELLED', 'DONE',
+                                                             'SUBMITTED'), true)
+                                   OR (t.status = 'IN_PROGRESS' AND processgpt_sync_in_trash_v1(
+                                           t.proc_inst_id, t.root_proc_inst_id)))))
         OR EXISTS (SELECT 1 FROM todolist t
                    WHERE t.draft_status = 'STARTED' AND t.lease_until < now()
                      AND t.status IN ('IN_PROGRESS', 'CANCELLED')
-                     AND t.agent_orch::text = p_agent_orch)
+                     AND t.agent_orch::text = p_agent_orch
+                     AND (t.status = 'CANCELLED'
+                          OR NOT processgpt_sync_in_trash_v1(t.proc_inst_id,
+                                                             t.root_proc_inst_id)))
 $$;
 
 -- Claim up to p_limit todos for one agent_orch in one call (SKIP LOCKED), each with a lease, a
@@ -407,12 +483,14 @@ BEGIN
               AND t.claim_count - l.given_back::integer >= p_max_claims
               AND t.status = 'IN_PROGRESS' AND t.consumer IS NOT DISTINCT FROM l.consumer
               AND (t.lease_until IS NULL OR t.lease_until < now())
+              AND NOT processgpt_sync_in_trash_v1(t.proc_inst_id, t.root_proc_inst_id)
             FOR UPDATE OF t SKIP LOCKED
         ), exhausted_upstream AS (  -- as the upstream SDK fails them
             SELECT t.id FROM todolist t
             WHERE t.draft_status = 'STARTED' AND t.lease_until < now()
               AND t.agent_orch::text = p_agent_orch AND t.claim_count >= p_max_claims
               AND t.status = 'IN_PROGRESS'
+              AND NOT processgpt_sync_in_trash_v1(t.proc_inst_id, t.root_proc_inst_id)
             FOR UPDATE OF t SKIP LOCKED
         )
         SELECT id FROM exhausted_ours UNION SELECT id FROM exhausted_upstream);
@@ -1647,21 +1725,37 @@ RETURNS boolean LANGUAGE sql STABLE AS $$
            AND coalesce(processgpt_sync_is_claimable_v1(p_todo, 1), false)
 $$;
 
+-- Whether a queued or answered todo waits only for its process instance to leave the platform's
+-- trash (CLI `status`, `show`, `retry`): a server would claim it but for that.
+CREATE OR REPLACE FUNCTION processgpt_sync_waits_in_trash_v1(p_todo todolist)
+RETURNS boolean LANGUAGE sql STABLE AS $$
+    SELECT (p_todo.draft_status IS NULL OR p_todo.draft_status = 'FB_REQUESTED')
+           AND coalesce(processgpt_sync_ready_v1(p_todo, 1), false)
+           AND processgpt_sync_in_trash_v1(p_todo.proc_inst_id, p_todo.root_proc_inst_id)
+$$;
+
 -- Todo counts by agent_orch and draft_status (CLI `status`).
 -- `claimable` tells rows a server would pick up from rows no server ever will (e.g. a plain
--- insert without status IN_PROGRESS and agent_mode).
+-- insert without status IN_PROGRESS and agent_mode); `in_trash`, waiting rows that wait for
+-- their process instance to be restored from the platform's trash.
 CREATE OR REPLACE FUNCTION processgpt_sync_status_v1(p_agent_orch text DEFAULT NULL)
 RETURNS jsonb LANGUAGE sql STABLE AS $$
     SELECT coalesce(jsonb_agg(jsonb_build_object(
                'agent_orch', s.agent_orch, 'draft_status', s.draft_status, 'count', s.n,
-               'claimable', s.claimable)
-               ORDER BY s.agent_orch, s.draft_status NULLS FIRST, s.claimable DESC), '[]'::jsonb)
+               'claimable', s.claimable, 'in_trash', s.in_trash)
+               ORDER BY s.agent_orch, s.draft_status NULLS FIRST, s.claimable DESC,
+                        s.in_trash), '[]'::jsonb)
     FROM (
-        SELECT t.agent_orch::text AS agent_orch, t.draft_status::text AS draft_status,
-               processgpt_sync_claimable_v1(t) AS claimable, count(*) AS n
-        FROM todolist t
-        WHERE p_agent_orch IS NULL OR t.agent_orch::text = p_agent_orch
-        GROUP BY 1, 2, 3
+        SELECT c.agent_orch, c.draft_status, c.claimable,
+               -- looked up only for the waiting todos a claim passes over
+               NOT c.claimable AND coalesce(processgpt_sync_waits_in_trash_v1(c.t), false)
+                   AS in_trash,
+               count(*) AS n
+        FROM (SELECT t.agent_orch::text AS agent_orch, t.draft_status::text AS draft_status,
+                     processgpt_sync_claimable_v1(t) AS claimable, t
+              FROM todolist t
+              WHERE p_agent_orch IS NULL OR t.agent_orch::text = p_agent_orch) c
+        GROUP BY 1, 2, 3, 4
     ) s
 $$;
 
@@ -1746,6 +1840,38 @@ CREATE TRIGGER processgpt_sync_notify
     AFTER INSERT OR UPDATE OF status, draft_status, agent_orch, agent_mode, draft ON todolist
     FOR EACH ROW EXECUTE FUNCTION processgpt_sync_notify_v1();
 
+-- A process instance restored from the platform's trash: its waiting todos are claimable
+-- again, so the servers of their agent_orchs are woken as for a new todo (abandoned claims are
+-- taken at a server's next look for expired leases). Runs as the UI's role, which may read its
+-- own todos: a failure only loses the wake-up (logged), never the UI's restore.
+CREATE OR REPLACE FUNCTION processgpt_sync_restored_notify_v1()
+RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM processgpt_sync_notify_text_v1('processgpt_sync_todo', w.agent_orch)
+    FROM (SELECT DISTINCT coalesce(t.agent_orch::text, '') AS agent_orch FROM todolist t
+          WHERE t.status = 'IN_PROGRESS'
+            AND (t.draft_status IS NULL OR t.draft_status = 'FB_REQUESTED')
+            AND NEW.proc_inst_id IN (t.proc_inst_id, t.root_proc_inst_id)) w;
+    RETURN NULL;
+EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'processgpt-sync: process instance % restored, servers not woken: %',
+        NEW.proc_inst_id, SQLERRM;
+    RETURN NULL;
+END
+$$;
+
+DO $$
+BEGIN
+    IF processgpt_sync_has_trash_v1() THEN
+        DROP TRIGGER IF EXISTS processgpt_sync_restored ON bpm_proc_inst;
+        CREATE TRIGGER processgpt_sync_restored
+            AFTER UPDATE OF is_deleted ON bpm_proc_inst
+            FOR EACH ROW WHEN (OLD.is_deleted IS TRUE AND NEW.is_deleted IS NOT TRUE)
+            EXECUTE FUNCTION processgpt_sync_restored_notify_v1();
+    END IF;
+END
+$$;
+
 -- The todos a CLI argument names: a whole id, or a unique prefix of at least 4 hex digits
 -- (`status`, `asked` and the demo print 8). At most 5 are returned.
 CREATE OR REPLACE FUNCTION processgpt_sync_match_todo_v1(p_todo_id text)
@@ -1778,6 +1904,7 @@ BEGIN
         'matches', to_jsonb(v_ids),
         'row', to_jsonb(v_todo) - 'claim_token',
         'claimable', processgpt_sync_claimable_v1(v_todo),
+        'in_trash', coalesce(processgpt_sync_waits_in_trash_v1(v_todo), false),
         'lease', (SELECT jsonb_build_object('consumer', l.consumer, 'expires_at', l.expires_at,
                                             'claimed_at', l.claimed_at,
                                             'expired', l.expires_at < now())
@@ -1842,6 +1969,9 @@ BEGIN
             'it waits for its process to put the step in progress (status %s): its answer or '
             'revision runs then, and running it now would run a step out of order',
             coalesce(v_todo.status::text, 'NULL'))
+        WHEN processgpt_sync_waits_in_trash_v1(v_todo) THEN
+            'its process instance, or the process it runs under, is in the ProcessGPT trash '
+            '(or was deleted from it): it runs only once the instance is restored'
         WHEN processgpt_sync_claimable_v1(v_todo) THEN
             'it is already claimable; a server for its agent_orch picks it up'
         ELSE format('it never ran and is not claimable (status %s, agent_mode %s, draft %s); '
@@ -2072,7 +2202,9 @@ BEGIN
               AND (t.status IN ('CANCELLED', 'DONE')
                    OR (t.status = 'SUBMITTED' AND (t.consumer IS NULL OR t.consumer = l.consumer))
                    OR (t.status = 'IN_PROGRESS' AND l.consumer IS NOT DISTINCT FROM t.consumer
-                       AND (t.lease_until IS NULL OR t.lease_until < now()))))
+                       AND (t.lease_until IS NULL OR t.lease_until < now())
+                       AND NOT processgpt_sync_in_trash_v1(t.proc_inst_id,
+                                                           t.root_proc_inst_id))))
         INTO v_found;
         EXIT WHEN v_found OR clock_timestamp() >= v_until;
         PERFORM pg_sleep(0.1);

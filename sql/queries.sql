@@ -94,6 +94,10 @@ SELECT processgpt_sync_notify_health_v1()
 -- Names of the installed processgpt_sync functions
 SELECT processgpt_sync_schema_v1()
 
+-- schema_warnings --
+-- What the installed schema does not yet know of this database, each with its fix
+SELECT processgpt_sync_schema_warnings_v1()
+
 -- show --
 -- One todo: its row, whether it is claimable, its lease and its events
 SELECT processgpt_sync_show_v1(p_todo_id => %(p_todo_id)s::text)

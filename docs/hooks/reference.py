@@ -106,7 +106,7 @@ def settings_markdown() -> str:
 # -- the SQL contract ----------------------------------------------------------------------------
 
 _FUNCTION = re.compile(
-    r"(?P<comment>(?:^--[^\n]*\n)*)CREATE OR REPLACE FUNCTION (?P<name>\w+)\((?P<args>.*?)\)\s*"
+    r"(?P<comment>(?:^--[^\n]*\n)*)^CREATE OR REPLACE FUNCTION (?P<name>\w+)\((?P<args>.*?)\)\s*"
     r"\nRETURNS (?P<returns>[^$]+?)\s+LANGUAGE", re.MULTILINE | re.DOTALL)
 _QUERY_CALL = re.compile(r"^-- ([a-z_]+) --\n(?:--[^\n]*\n)*SELECT (processgpt_sync_\w+)\(",
                          re.MULTILINE)

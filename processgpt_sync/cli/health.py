@@ -67,7 +67,12 @@ def _health_checks(args: argparse.Namespace, checks: list[dict[str, Any]]) -> in
         except StorageError as exc:  # missing, or not readable by this role
             check("schema", False, str(exc))
             return HEALTH_SCHEMA
-        check("schema", True, "every required function installed")
+        try:
+            warnings = storage.schema_warnings()
+        except StorageUnavailable as exc:
+            check("schema", False, f"could not be checked: {exc}")
+            return HEALTH_UNREACHABLE
+        check("schema", True, "; ".join(["every required function installed", *warnings]))
         if args.consumer or args.agent_orch:
             return _server_checks(storage, args.agent_orch, args.consumer, check)
         return _listen_check(storage, check)

@@ -45,10 +45,13 @@ def _snapshot(storage: Storage, args: argparse.Namespace) -> Any:
     if args.json:
         return {"counts": [dict(row) for row in rows], "tenants": [dict(r) for r in load],
                 "servers": [dict(r) for r in servers]}
-    table_rows, unclaimable, waiting = [], 0, 0
+    table_rows, unclaimable, waiting, trashed = [], 0, 0, 0
     for row in rows:
         state, claimable = row["draft_status"], row.get("claimable", True)
-        if state is None:
+        if row.get("in_trash"):
+            state = f"{state or ''} (in the trash)".lstrip()
+            trashed += int(row["count"])
+        elif state is None:
             state = "(claimable)" if claimable else "(not claimable)"
             unclaimable += 0 if claimable else int(row["count"])
         elif state == "FB_REQUESTED" and not claimable:
@@ -67,6 +70,9 @@ def _snapshot(storage: Storage, args: argparse.Namespace) -> Any:
         parts.append(f"\n{waiting} answered or revised todos are not claimable: their step is "
                      "not IN_PROGRESS (they run once their process puts it in progress), or "
                      "the UI cancelled them, or the process finished the step (DONE)")
+    if trashed:
+        parts.append(f"\n{trashed} waiting todos belong to process instances in the ProcessGPT "
+                     "trash: they run if the instance is restored")
     if load:
         parts += ["", _tenant_load(load)]
     parts += ["", _servers(servers)]

@@ -51,7 +51,10 @@ def cmd_show(args: argparse.Namespace) -> int:
             print("              expired: its server stopped renewing it; a server takes the "
                   "todo over" + ("" if row.get("status") == "IN_PROGRESS" else
                                  " once its process puts the step IN_PROGRESS"))
-    if row.get("draft_status") is None and not shown["claimable"]:
+    if shown.get("in_trash"):
+        print("              its process instance is in the ProcessGPT trash: no server runs it "
+              "unless the instance is restored")
+    elif row.get("draft_status") is None and not shown["claimable"]:
         print("              a server claims rows with status IN_PROGRESS, agent_mode DRAFT or "
               "COMPLETE and no draft")
     elif (row.get("draft_status") == "FB_REQUESTED" and not shown["claimable"]

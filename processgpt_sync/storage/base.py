@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..deep_json import NestedDeeply, NestedDeeplyObject, too_deep
-from ..errors import PayloadError, SchemaMissing
+from ..errors import PayloadError, SchemaMissing, StorageError, StorageUnavailable
 from ..models import Claim, Claims, Released
 from ..queries import required_functions
 
@@ -115,6 +115,18 @@ class Storage(abc.ABC):
         missing = sorted(required_functions() - installed)
         if missing:
             raise SchemaMissing(f"missing SQL functions: {', '.join(missing)}; {INSTALL_HINT}")
+
+    def schema_warnings(self) -> list[str]:
+        """What the installed schema does not yet know of this database (a platform column
+        added after ``init-db``), each with its fix; empty when none. Advisory: a role that
+        may not read them gets that said as the warning, rather than an error."""
+        try:
+            found = self.call("schema_warnings", {}) or []
+        except StorageUnavailable:
+            raise
+        except StorageError as exc:
+            return [f"the schema's warnings could not be read: {exc}"]
+        return [str(warning) for warning in found]
 
     def claim(
         self,

@@ -195,6 +195,9 @@ def test_health_of_a_server_whose_registry_cannot_be_read_is_a_database_problem(
     assert (refused.returncode, report["exit_code"]) == (3, 3), refused.stdout
     assert report["checks"][-1]["name"] == "server"
     assert "permission denied" in report["checks"][-1]["detail"]
+    # the schema's advisory warnings it may not read either: said, not a failed check
+    schema = next(c for c in report["checks"] if c["name"] == "schema")
+    assert schema["ok"] and "warnings could not be read" in schema["detail"], schema
 
 def test_status_watch_refreshes_until_interrupted(database_url):
     proc = subprocess.Popen([sys.executable, "-m", "processgpt_sync", "status", "--watch",

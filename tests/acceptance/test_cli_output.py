@@ -70,7 +70,8 @@ def test_status_json_gives_the_counts(database_url):
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["counts"] == [
-        {"agent_orch": "json-agent", "draft_status": None, "claimable": True, "count": 2}]
+        {"agent_orch": "json-agent", "draft_status": None, "claimable": True,
+         "in_trash": False, "count": 2}]
     assert [(t["agent_orch"], t["queued"], t["running"]) for t in report["tenants"]] == [
         ("json-agent", 2, 0)]
 

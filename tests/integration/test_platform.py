@@ -7,6 +7,7 @@ functions of the original SDK (tests/fixtures/upstream_lease.sql), which claim f
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -1221,3 +1222,206 @@ def test_under_fleet_limits_a_claim_takes_another_todo_instead_of_waiting_for_an
     finally:
         store.close()
     assert taken == {False: ids["brief"], True: ids["free"]}
+
+
+# --- process instances in the platform's trash ----------------------------------------------
+
+def trash(db: psycopg.Connection, proc_inst_id: str, deleted: bool = True) -> None:
+    """The UI's delete (or restore) of a process instance: it only flags the row, by an upsert
+    (PostgREST's, which the UI's putObject sends)."""
+    db.execute("INSERT INTO bpm_proc_inst (proc_inst_id, is_deleted, deleted_at) "
+               "VALUES (%s, %s, CASE WHEN %s THEN now() END) ON CONFLICT (proc_inst_id) "
+               "DO UPDATE SET is_deleted = EXCLUDED.is_deleted, deleted_at = EXCLUDED.deleted_at",
+               (proc_inst_id, deleted, deleted))
+
+
+def enqueue_in(db: psycopg.Connection, agent_orch: str, proc_inst_id: str,
+               root_proc_inst_id: str | None = None) -> str:
+    """A todo of a process instance (of a subprocess under root_proc_inst_id), written at once
+    as the platform does, so a running server never sees it half made."""
+    with db.transaction():
+        todo = str(db.execute("SELECT processgpt_sync_enqueue_v1(%s, 'q', 'COMPLETE', NULL, "
+                              "'step', %s) AS id", (agent_orch, proc_inst_id)).fetchone()["id"])
+        if root_proc_inst_id is not None:
+            db.execute("UPDATE todolist SET root_proc_inst_id = %s WHERE id = %s",
+                       (root_proc_inst_id, todo))
+    return todo
+
+
+@pytest.mark.parametrize("backend", ["postgres", "supabase"])
+def test_todos_of_a_process_instance_in_the_trash_wait_and_run_soon_after_it_is_restored(
+        upstream_database_url: str, backend: str) -> None:
+    """Deleting a process instance in the UI only flags it (is_deleted), restorably: its todos,
+    and those of its subprocesses (root_proc_inst_id), are not run meanwhile, and once restored
+    they are claimed soon, not at the idle poll (15 s here)."""
+    db = connect(upstream_database_url)
+    db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('binned'), ('child'), ('live')")
+    trash(db, "binned")
+    ran: list[str] = []
+    store = next(backends := open_backend(backend, upstream_database_url))
+    try:
+        with ps.start(lambda todo: ran.append(todo.id) or {"ok": True},
+                      agent_orch="trash", storage=store, workers=2, poll_interval=15) as server:
+            binned = {enqueue_in(db, "trash", "binned"),
+                      enqueue_in(db, "trash", "child", "binned")}
+            live = enqueue_in(db, "trash", "live")
+            wait_for(lambda: server.stats()["completed"] == 1)
+            time.sleep(1.5)  # a wait for work that took the binned todos would run them now
+            waited = set(ran)
+            shown = cli("show", next(iter(binned)), "--database-url", upstream_database_url)
+            counted = cli("status", "--agent-orch", "trash", "--database-url",
+                          upstream_database_url)
+            trash(db, "binned", deleted=False)
+            restored = time.monotonic()
+            wait_for(lambda: server.stats()["completed"] == 3, timeout=10)
+            took = time.monotonic() - restored
+    finally:
+        next(backends, None)
+        db.close()
+    assert waited == {live}
+    assert "in the ProcessGPT trash" in shown.stdout
+    assert "2 waiting todos belong to process instances in the ProcessGPT trash" in counted.stdout
+    assert set(ran) == binned | {live}
+    assert took < 3, f"run {took:.1f}s after the process instance was restored"
+
+
+def test_a_claim_abandoned_in_a_trashed_instance_waits_for_the_restore_without_a_look_each_claim(
+        upstream: tuple[PostgresStorage, psycopg.Connection]) -> None:
+    """A claim that died while its process instance is in the trash is neither taken over nor
+    failed on its last claim, ours or an upstream worker's, even by a claim that settles other
+    expired claims; nor does its expired lease alone make every claim look for expired claims.
+    Restored, it is taken over as any abandoned claim is."""
+    store, db = upstream
+    db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('binned'), ('live')")
+    ours = enqueue_in(db, "shared", "binned")
+    (claim,) = claim_ours(store)
+    theirs = enqueue_in(db, "shared", "binned")
+    assert fetch_upstream(db) == [theirs]
+    db.execute("UPDATE todolist SET claim_count = 3")  # each on its last claim
+    db.execute("UPDATE processgpt_sync_lease SET expires_at = now() - interval '1 second'")
+    expire_upstream_lease(db, theirs)
+    trash(db, "binned")
+    looks = db.execute("SELECT processgpt_sync_claims_expired_v1('shared') AS e").fetchone()["e"]
+    waited = db.execute(  # what a Supabase server's wait for work answers
+        "SELECT processgpt_sync_wait_for_work_v1('shared', 'ours-w2', 0) AS w").fetchone()["w"]
+    taken = claim_ours(store, consumer="ours-w2", limit=5)
+    # an abandoned claim elsewhere: this claim settles expired claims, and takes that one only
+    other = enqueue_in(db, "shared", "live")
+    claim_ours(store, consumer="ours-w3")
+    db.execute("UPDATE processgpt_sync_lease SET expires_at = now() - interval '1 second'")
+    settling = claim_ours(store, consumer="ours-w2", limit=5)
+    states = todo_states(db)
+    trash(db, "binned", deleted=False)
+    db.execute("UPDATE todolist SET claim_count = 1 WHERE id IN (%s, %s)", (ours, theirs))
+    retaken = claim_ours(store, consumer="ours-w2", limit=5)
+    assert claim.todo_id == ours
+    assert (looks, waited, taken) == (False, False, [])
+    assert [c.todo_id for c in settling] == [other]
+    assert {k: v for k, v in states.items() if k != other} == {
+        ours: ("STARTED", "ours-w1"), theirs: ("STARTED", "upstream-w1")}
+    assert sorted(c.todo_id for c in retaken) == sorted([ours, theirs])
+
+
+def test_a_subprocess_whose_root_was_deleted_for_good_is_never_run_and_reported_as_such(
+        upstream: tuple[PostgresStorage, psycopg.Connection]) -> None:
+    """Seven days after the delete the platform's cron job deletes the root instance and its own
+    todos; a subprocess's todos stay, under a root that is gone, and must not run. Todos of
+    instances the database never recorded still run; the CLI counts as in the trash only the
+    todos a server would otherwise claim, and `retry` says why one waits."""
+    store, db = upstream
+    db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('root'), ('child')")
+    enqueue_in(db, "shared", "root")
+    orphan = enqueue_in(db, "shared", "child", "root")
+    unrecorded = enqueue_in(db, "shared", "nowhere", "nowhere-root")
+    human = enqueue_in(db, "shared", "child", "root")
+    db.execute("UPDATE todolist SET agent_mode = NULL WHERE id = %s", (human,))
+    rootless = enqueue_in(db, "shared", "child")  # an insert that leaves the root unset
+    db.execute("UPDATE todolist SET root_proc_inst_id = NULL WHERE id = %s", (rootless,))
+    trash(db, "root")
+    with db.transaction():  # the cron job: its trigger deletes the todos of that instance alone
+        db.execute("DELETE FROM todolist WHERE proc_inst_id = 'root'")
+        db.execute("DELETE FROM bpm_proc_inst WHERE proc_inst_id = 'root'")
+    taken = claim_ours(store, limit=5)
+    counts = db.execute("SELECT processgpt_sync_status_v1('shared') AS s").fetchone()["s"]
+    shown = {t: db.execute("SELECT processgpt_sync_show_v1(%s) -> 'in_trash' AS t",
+                           (t,)).fetchone()["t"] for t in (orphan, human)}
+    refused = db.execute("SELECT processgpt_sync_retry_v1(%s) AS r", (orphan,)).fetchone()["r"]
+    assert sorted(c.todo_id for c in taken) == sorted([unrecorded, rootless])
+    assert [(c["draft_status"], c["claimable"], c["in_trash"], c["count"]) for c in counts] == [
+        (None, False, False, 1), (None, False, True, 1), ("STARTED", False, False, 2)]
+    assert shown == {orphan: True, human: False}
+    assert not refused["retried"] and "ProcessGPT trash" in refused["reason"]
+
+
+def test_a_trash_column_the_platform_adds_after_init_db_is_named_at_start_until_init_db_again(
+        platform_database_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """init-db reads the database it installs on: a platform database that gains the trash
+    column later (its migration.sql adds it) has servers that still run trashed todos, so
+    their start warns with the fix, until init-db runs again."""
+    with connect(platform_database_url) as db:
+        db.execute("ALTER TABLE bpm_proc_inst DROP COLUMN is_deleted")
+        install_schema(platform_database_url)
+        db.execute("ALTER TABLE bpm_proc_inst ADD COLUMN is_deleted boolean DEFAULT false")
+        db.execute("INSERT INTO bpm_proc_inst (proc_inst_id, is_deleted) VALUES ('binned', true)")
+        store = PostgresStorage(platform_database_url)
+        try:
+            stale = store.schema_warnings()
+            with caplog.at_level(logging.WARNING, logger="processgpt_sync"), \
+                    ps.start(lambda todo: {"ok": True}, agent_orch="late", storage=store):
+                pass
+            todo = enqueue_in(db, "late", "binned")
+            before = store.claim(agent_orch="late", consumer="w", limit=1, lease_seconds=60,
+                                 max_claims=3)
+            db.execute("DELETE FROM processgpt_sync_lease")
+            db.execute("UPDATE todolist SET draft_status = NULL, consumer = NULL")
+            install_schema(platform_database_url)
+            after = store.claim(agent_orch="late", consumer="w", limit=1, lease_seconds=60,
+                                max_claims=3)
+            warnings = store.schema_warnings()
+        finally:
+            store.close()
+    assert len(stale) == 1 and "processgpt-sync init-db" in stale[0]
+    assert any("bpm_proc_inst.is_deleted" in r.getMessage() for r in caplog.records
+               if r.levelno == logging.WARNING)
+    assert [c.todo_id for c in before] == [todo], "stale: the trashed todo was still claimed"
+    assert (after, warnings) == ([], [])
+
+
+def test_a_signed_in_user_restoring_an_instance_wakes_the_servers_with_their_own_rights(
+        platform_database_url: str) -> None:
+    """The UI restores an instance as a signed-in admin of its tenant, under row level
+    security: this library's trigger on bpm_proc_inst runs with that user's rights, never
+    fails the restore, and wakes the servers of the instance's todos."""
+    from tests.integration.test_todo_life import SUPABASE_GRANTS, SUPABASE_ROLES, signed_in
+
+    with connect(platform_database_url) as db:
+        db.execute(SUPABASE_ROLES)
+        db.execute(SUPABASE_GRANTS)
+        install_schema(platform_database_url)
+        admin = str(uuid.uuid4())
+        db.execute("INSERT INTO tenants (id) VALUES ('acme')")
+        db.execute("INSERT INTO users (id, is_admin, tenant_id) VALUES (%s, true, 'acme')",
+                   (admin,))
+        db.execute("INSERT INTO bpm_proc_inst (proc_inst_id, tenant_id, is_deleted) "
+                   "VALUES ('binned', 'acme', true)")
+        todo = str(db.execute("SELECT processgpt_sync_enqueue_v1('woken', 'q', 'COMPLETE', "
+                              "'acme', 'step', 'binned') AS id").fetchone()["id"])
+        with psycopg.connect(platform_database_url, autocommit=True) as listener:
+            listener.execute("LISTEN processgpt_sync_todo")
+            with signed_in(platform_database_url, "acme") as ui:
+                claims = json.loads(ui.execute(
+                    "SELECT current_setting('request.jwt.claims')").fetchone()[0])
+                ui.execute("SELECT set_config('request.jwt.claims', %s, false)", (json.dumps(
+                    {**claims, "sub": admin}),))
+                restored = ui.execute("UPDATE bpm_proc_inst SET is_deleted = false, "
+                                      "deleted_at = NULL WHERE proc_inst_id = 'binned'").rowcount
+            notes = [n.payload for n in listener.notifies(timeout=2, stop_after=1)]
+        store = PostgresStorage(platform_database_url)
+        try:
+            taken = store.claim(agent_orch="woken", consumer="w", limit=1, lease_seconds=60,
+                                max_claims=3)
+        finally:
+            store.close()
+    assert restored == 1
+    assert notes == ["woken"]
+    assert [c.todo_id for c in taken] == [todo]
