@@ -159,11 +159,13 @@ def _cpu_of(processes: list[psutil.Process]) -> float:
     return total
 
 
-def raw_sql(bench: Bench, batch: int = 16) -> float:
+def raw_sql(bench: Bench, batch: int = 16, url: str | None = None) -> float:
     """The same SQL function calls the library makes, from a bare single-threaded psycopg loop:
-    claim a batch, then record all its outcomes (with two events each) in one finish call."""
-    url = bench.database()
-    bench.enqueue(url, bench.todos)
+    claim a batch, then record all its outcomes (with two events each) in one finish call.
+    On ``url`` when given, with bench.todos todos enqueued there already."""
+    if url is None:
+        url = bench.database()
+        bench.enqueue(url, bench.todos)
     done = 0
     began = time.perf_counter()
     with psycopg.connect(url, autocommit=True) as conn:
@@ -867,6 +869,53 @@ def faults(bench: Bench) -> dict[str, Any]:
     return out
 
 
+PLATFORM_SQL = [ROOT / "tests" / "fixtures" / name
+                for name in ("supabase_roles.sql", "platform_schema.sql")]
+BLIND_TRASH = ("CREATE OR REPLACE FUNCTION processgpt_sync_in_trash_v1(p_proc_inst_id text, "
+               "p_root_proc_inst_id text) RETURNS boolean LANGUAGE sql STABLE "
+               "AS 'SELECT false'")
+
+
+def platform_section(bench: Bench, results: dict[str, Any], quick: bool) -> None:
+    """The raw claim-and-finish loop (batch 16) on a ProcessGPT platform database, each todo in
+    its own process instance (whose row the platform's trigger touches on every update): with
+    the check for instances in the trash, and with it replaced by the one a database without
+    the trash gets, alternated twice (once when quick), best of each. Then again with 200 older
+    todos of trashed instances, which every claim passes over until they are restored."""
+    with psycopg.connect(bench.url, autocommit=True) as conn:
+        conn.execute("CREATE DATABASE bench_platform")
+    template = make_conninfo(bench.url, dbname="bench_platform")
+    with psycopg.connect(template, autocommit=True) as conn:
+        for path in PLATFORM_SQL:
+            conn.execute(path.read_bytes())
+    install_schema(template)
+
+    def loop(blind: bool, trashed: int) -> float:
+        url = bench.database("bench_platform")
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("INSERT INTO bpm_proc_inst (proc_inst_id, is_deleted) "
+                         "SELECT 'binned' || g, true FROM generate_series(1, %s) g", (trashed,))
+            conn.execute("SELECT processgpt_sync_enqueue_v1(%s, 'q', 'COMPLETE', NULL, 'step', "
+                         "'binned' || g) FROM generate_series(1, %s) g", (AGENT, trashed))
+            conn.execute("INSERT INTO bpm_proc_inst (proc_inst_id) "
+                         "SELECT 'inst' || g FROM generate_series(1, %s) g", (bench.todos,))
+            conn.execute("SELECT processgpt_sync_enqueue_v1(%s, 'q', 'COMPLETE', NULL, 'step', "
+                         "'inst' || g) FROM generate_series(1, %s) g", (AGENT, bench.todos))
+            if blind:
+                conn.execute(BLIND_TRASH)
+            conn.execute("VACUUM ANALYZE")
+        return raw_sql(bench, 16, url)
+
+    aware = blind = with_trashed = 0.0
+    for _ in range(1 if quick else 2):
+        aware = max(aware, loop(False, 0))
+        blind = max(blind, loop(True, 0))
+        with_trashed = max(with_trashed, loop(False, 200))
+    results["platform_raw_todos_per_s"] = aware
+    results["platform_trash_check_ratio"] = aware / blind
+    results["platform_trashed_200_ratio"] = with_trashed / aware
+
+
 def compat_section(bench: Bench, results: dict[str, Any], quick: bool) -> None:
     from bench.compat import measure  # needs crewai, langchain-core and langgraph
 
@@ -881,6 +930,7 @@ SECTIONS: dict[str, Callable[[Bench, dict[str, Any], bool], None]] = {
     "scale": lambda bench, results, quick: scale(bench, results),
     "supabase": supabase_section,
     "compat": compat_section,
+    "platform": platform_section,
     "faults": lambda bench, results, quick: results.update(faults(bench)),
 }
 
@@ -939,6 +989,7 @@ def main() -> int:
         results["peak_rss_mb_16_workers"] = rss
         fairness(bench, results)
         results.update(faults(bench))
+        platform_section(bench, results, args.quick)
         if args.compat:
             compat_section(bench, results, args.quick)
     finally:
