@@ -691,6 +691,8 @@ BEGIN
 
     -- A claim given back while its process instance was held (release_v2) is claimed as if
     -- the give-back had been written: from the state it was claimed from, not counted again.
+    -- The trash is read again (this statement sees what committed while the claim waited for a
+    -- process instance's lock): a todo whose instance was deleted meanwhile is left, unchanged.
     WITH candidate AS (
         SELECT t.id, CASE WHEN g.todo_id IS NULL THEN t.draft_status
                           ELSE g.prev_draft_status END AS prev_status,
@@ -700,6 +702,7 @@ BEGIN
                                          AND g.given_back
                                          AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
         WHERE t.id = ANY (v_ids)
+          AND NOT processgpt_sync_in_trash_v1(t.proc_inst_id, t.root_proc_inst_id)
     ), claimed AS (
         UPDATE todolist t
         SET draft_status = 'STARTED', consumer = p_consumer, claim_token = gen_random_uuid(),
@@ -1860,14 +1863,83 @@ EXCEPTION WHEN OTHERS THEN
 END
 $$;
 
+-- A process instance deleted for good (the platform's cron job deletes those 7 days in the
+-- trash; its own trigger deletes the instance's own todos): the todos of the subprocesses under
+-- it would wait in the trash for good (processgpt_sync_in_trash_v1), rows every claim of their
+-- agent_orch passes over. Those a server would take, or holds, are cancelled as the UI cancels
+-- a todo (draft_status CANCELLED; a run under way ends as cancelled), with a line in their log.
+-- Human steps and ended ones are left as they are. Runs in the deleting transaction with its
+-- rights: a failure is logged and leaves those todos passed over, never fails the delete.
+CREATE OR REPLACE FUNCTION processgpt_sync_cancel_under_gone_roots_v1(p_roots text[])
+RETURNS integer LANGUAGE plpgsql AS $$  -- plpgsql: a database without bpm_proc_inst installs it
+DECLARE
+    v_cancelled integer;
+BEGIN
+    UPDATE todolist t
+    SET draft_status = 'CANCELLED', updated_at = now(),
+        log = concat_ws(E'\n', t.log, format(
+            '%s: cancelled: the process it runs under (%s) was deleted for good from the '
+            'ProcessGPT trash', to_char(now(), 'YYYY-MM-DD HH24:MI:SS TZ'), t.root_proc_inst_id))
+    WHERE t.root_proc_inst_id = ANY (p_roots) AND t.proc_inst_id <> t.root_proc_inst_id
+      AND t.status = 'IN_PROGRESS'
+      AND (t.draft_status IN ('FB_REQUESTED', 'STARTED', 'HUMAN_ASKED')
+           OR (t.draft_status IS NULL AND t.agent_mode IN ('DRAFT', 'COMPLETE')))
+      AND NOT EXISTS (SELECT 1 FROM bpm_proc_inst p WHERE p.proc_inst_id = t.root_proc_inst_id)
+      AND EXISTS (SELECT 1 FROM bpm_proc_inst p WHERE p.proc_inst_id = t.proc_inst_id);
+    GET DIAGNOSTICS v_cancelled = ROW_COUNT;
+    RETURN v_cancelled;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION processgpt_sync_roots_deleted_v1()
+RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM processgpt_sync_cancel_under_gone_roots_v1(ARRAY(SELECT g.proc_inst_id
+                                                              FROM gone g));
+    RETURN NULL;
+EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'processgpt-sync: process instances deleted, todos of their subprocesses '
+        'not cancelled: %', SQLERRM;
+    RETURN NULL;
+END
+$$;
+
+-- Whether a table lacks a trigger of that name calling that function.
+CREATE OR REPLACE FUNCTION processgpt_sync_trigger_missing_v1(p_table regclass, p_name text,
+                                                              p_function regprocedure)
+RETURNS boolean LANGUAGE sql STABLE AS $$
+    SELECT NOT EXISTS (SELECT 1 FROM pg_trigger g
+                       WHERE g.tgrelid = p_table AND g.tgname = p_name
+                         AND g.tgfoid = p_function)
+$$;
+
+-- The triggers on the platform's bpm_proc_inst are created only where missing (or calling
+-- another function: a changed trigger calls a new function version), so an install never takes
+-- the exclusive lock replacing one needs on a table the UI and the BPM engine write all the
+-- time. And the todos under roots deleted for good before this trigger existed are cancelled.
 DO $$
 BEGIN
     IF processgpt_sync_has_trash_v1() THEN
-        DROP TRIGGER IF EXISTS processgpt_sync_restored ON bpm_proc_inst;
-        CREATE TRIGGER processgpt_sync_restored
-            AFTER UPDATE OF is_deleted ON bpm_proc_inst
-            FOR EACH ROW WHEN (OLD.is_deleted IS TRUE AND NEW.is_deleted IS NOT TRUE)
-            EXECUTE FUNCTION processgpt_sync_restored_notify_v1();
+        IF processgpt_sync_trigger_missing_v1('bpm_proc_inst', 'processgpt_sync_restored',
+                                              'processgpt_sync_restored_notify_v1()') THEN
+            DROP TRIGGER IF EXISTS processgpt_sync_restored ON bpm_proc_inst;
+            CREATE TRIGGER processgpt_sync_restored
+                AFTER UPDATE OF is_deleted ON bpm_proc_inst
+                FOR EACH ROW WHEN (OLD.is_deleted IS TRUE AND NEW.is_deleted IS NOT TRUE)
+                EXECUTE FUNCTION processgpt_sync_restored_notify_v1();
+        END IF;
+        IF processgpt_sync_trigger_missing_v1('bpm_proc_inst', 'processgpt_sync_roots_deleted',
+                                              'processgpt_sync_roots_deleted_v1()') THEN
+            DROP TRIGGER IF EXISTS processgpt_sync_roots_deleted ON bpm_proc_inst;
+            CREATE TRIGGER processgpt_sync_roots_deleted
+                AFTER DELETE ON bpm_proc_inst REFERENCING OLD TABLE AS gone
+                FOR EACH STATEMENT EXECUTE FUNCTION processgpt_sync_roots_deleted_v1();
+            PERFORM processgpt_sync_cancel_under_gone_roots_v1(ARRAY(
+                SELECT DISTINCT t.root_proc_inst_id FROM todolist t
+                WHERE t.status = 'IN_PROGRESS' AND t.proc_inst_id <> t.root_proc_inst_id
+                  AND NOT EXISTS (SELECT 1 FROM bpm_proc_inst p
+                                  WHERE p.proc_inst_id = t.root_proc_inst_id)));
+        END IF;
     END IF;
 END
 $$;
@@ -1905,6 +1977,10 @@ BEGIN
         'row', to_jsonb(v_todo) - 'claim_token',
         'claimable', processgpt_sync_claimable_v1(v_todo),
         'in_trash', coalesce(processgpt_sync_waits_in_trash_v1(v_todo), false),
+        -- any todo's: an abandoned claim there is not taken over until the restore
+        'instance_in_trash', coalesce(processgpt_sync_in_trash_v1(v_todo.proc_inst_id,
+                                                                  v_todo.root_proc_inst_id),
+                                      false),
         'lease', (SELECT jsonb_build_object('consumer', l.consumer, 'expires_at', l.expires_at,
                                             'claimed_at', l.claimed_at,
                                             'expired', l.expires_at < now())
@@ -1980,6 +2056,12 @@ BEGIN
                     coalesce(v_todo.agent_mode::text, 'NULL'),
                     CASE WHEN v_todo.draft IS NULL THEN 'NULL' ELSE 'set' END)
     END;
+    IF v_reason IS NULL
+       AND processgpt_sync_in_trash_v1(v_todo.proc_inst_id, v_todo.root_proc_inst_id) THEN
+        -- made claimable, it would only wait there (the todo stays as it is, to retry later)
+        v_reason := 'its process instance, or the process it runs under, is in the ProcessGPT '
+                    'trash (or was deleted from it): restore the instance, then retry';
+    END IF;
     IF v_reason IS NOT NULL THEN
         RETURN jsonb_build_object('retried', false, 'matches', to_jsonb(v_ids),
                                   'draft_status', v_todo.draft_status::text, 'reason', v_reason);

@@ -1286,21 +1286,24 @@ def test_todos_of_a_process_instance_in_the_trash_wait_and_run_soon_after_it_is_
 
 
 def test_a_claim_abandoned_in_a_trashed_instance_waits_for_the_restore_without_a_look_each_claim(
-        upstream: tuple[PostgresStorage, psycopg.Connection]) -> None:
-    """A claim that died while its process instance is in the trash is neither taken over nor
-    failed on its last claim, ours or an upstream worker's, even by a claim that settles other
-    expired claims; nor does its expired lease alone make every claim look for expired claims.
-    Restored, it is taken over as any abandoned claim is."""
+        upstream: tuple[PostgresStorage, psycopg.Connection], upstream_database_url: str) -> None:
+    """A claim that died while its process instance is in the trash is neither taken over
+    (with claims left) nor failed on its last claim, ours or an upstream worker's, even by a
+    claim that settles other expired claims; nor does its expired lease alone make every claim
+    look for expired claims; `show` says it waits for the restore. Restored, it is taken over
+    as any abandoned claim is."""
     store, db = upstream
     db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('binned'), ('live')")
     ours = enqueue_in(db, "shared", "binned")
     (claim,) = claim_ours(store)
     theirs = enqueue_in(db, "shared", "binned")
     assert fetch_upstream(db) == [theirs]
-    db.execute("UPDATE todolist SET claim_count = 3")  # each on its last claim
     db.execute("UPDATE processgpt_sync_lease SET expires_at = now() - interval '1 second'")
     expire_upstream_lease(db, theirs)
     trash(db, "binned")
+    with_claims_left = claim_ours(store, consumer="ours-w2", limit=5)
+    shown = cli("show", ours, "--database-url", upstream_database_url).stdout
+    db.execute("UPDATE todolist SET claim_count = 3")  # each on its last claim
     looks = db.execute("SELECT processgpt_sync_claims_expired_v1('shared') AS e").fetchone()["e"]
     waited = db.execute(  # what a Supabase server's wait for work answers
         "SELECT processgpt_sync_wait_for_work_v1('shared', 'ours-w2', 0) AS w").fetchone()["w"]
@@ -1315,6 +1318,8 @@ def test_a_claim_abandoned_in_a_trashed_instance_waits_for_the_restore_without_a
     db.execute("UPDATE todolist SET claim_count = 1 WHERE id IN (%s, %s)", (ours, theirs))
     retaken = claim_ours(store, consumer="ours-w2", limit=5)
     assert claim.todo_id == ours
+    assert with_claims_left == []
+    assert "no server takes the todo over unless the instance is restored" in shown
     assert (looks, waited, taken) == (False, False, [])
     assert [c.todo_id for c in settling] == [other]
     assert {k: v for k, v in states.items() if k != other} == {
@@ -1322,12 +1327,60 @@ def test_a_claim_abandoned_in_a_trashed_instance_waits_for_the_restore_without_a
     assert sorted(c.todo_id for c in retaken) == sorted([ours, theirs])
 
 
-def test_a_subprocess_whose_root_was_deleted_for_good_is_never_run_and_reported_as_such(
+def cron_cleanup(db: psycopg.Connection) -> None:
+    """The platform's cron job: process instances 7 days in the trash are deleted for good (the
+    platform's trigger deletes their own todos)."""
+    db.execute("UPDATE bpm_proc_inst SET deleted_at = now() - interval '8 days' "
+               "WHERE is_deleted")
+    db.execute("DELETE FROM bpm_proc_inst WHERE deleted_at IS NOT NULL "
+               "AND deleted_at < now() - interval '7 days'")
+
+
+def test_deleting_a_root_for_good_cancels_the_agent_todos_of_its_subprocesses(
         upstream: tuple[PostgresStorage, psycopg.Connection]) -> None:
-    """Seven days after the delete the platform's cron job deletes the root instance and its own
-    todos; a subprocess's todos stay, under a root that is gone, and must not run. Todos of
-    instances the database never recorded still run; the CLI counts as in the trash only the
-    todos a server would otherwise claim, and `retry` says why one waits."""
+    """The cron job deletes the root instance and its own todos; a subprocess's agent todos
+    would stay, waiting in the trash for good, rows every claim passes over. They are
+    cancelled (queued, abandoned and running ones alike), each with a line in its log; a human
+    step, an ended todo and the todos under other roots are left alone, and `retry` of a
+    cancelled one says why it would not run."""
+    store, db = upstream
+    db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) "
+               "VALUES ('root'), ('child'), ('other-root'), ('other-child')")
+    ids = {name: enqueue_in(db, "shared", "child", "root") for name in ("abandoned", "running")}
+    claim_ours(store, limit=2)
+    db.execute("UPDATE processgpt_sync_lease SET expires_at = now() - interval '1 second' "
+               "WHERE todo_id = %s", (ids["abandoned"],))
+    for name in ("queued", "human", "completed"):
+        ids[name] = enqueue_in(db, "shared", "child", "root")
+    db.execute("UPDATE todolist SET agent_mode = NULL WHERE id = %s", (ids["human"],))
+    db.execute("UPDATE todolist SET draft_status = 'COMPLETED' WHERE id = %s",
+               (ids["completed"],))
+    ids["elsewhere"] = enqueue_in(db, "shared", "other-child", "other-root")
+    root_own = enqueue_in(db, "shared", "root")
+    trash(db, "root")
+    cron_cleanup(db)
+    rows = {r["id"]: (r["draft_status"], r["log"]) for r in db.execute(
+        "SELECT id::text, draft_status::text, log FROM todolist")}
+    taken = claim_ours(store, consumer="ours-w3", limit=5)
+    refused = db.execute("SELECT processgpt_sync_retry_v1(%s) AS r",
+                         (ids["queued"],)).fetchone()["r"]
+    assert root_own not in rows, "the platform's trigger deleted the root's own todo"
+    assert {name: rows[todo][0] for name, todo in ids.items()} == {
+        "abandoned": "CANCELLED", "running": "CANCELLED", "queued": "CANCELLED",
+        "human": None, "completed": "COMPLETED", "elsewhere": None}
+    assert all("(root) was deleted for good from the ProcessGPT trash" in rows[ids[name]][1]
+               for name in ("abandoned", "running", "queued"))
+    assert [c.todo_id for c in taken] == [ids["elsewhere"]]
+    assert not refused["retried"] and "ProcessGPT trash" in refused["reason"]
+
+
+def test_todos_under_a_root_deleted_before_init_db_are_never_run_and_init_db_cancels_them(
+        upstream: tuple[PostgresStorage, psycopg.Connection], upstream_database_url: str) -> None:
+    """A root the cron job deleted before this library's trigger was installed (an older
+    version): its subprocess's todos stay, under a root that is gone, and must not run. Todos
+    of instances the database never recorded still run; the CLI counts as in the trash only
+    the todos a server would otherwise claim, and `retry` says why one waits. The next
+    init-db cancels them, as the trigger would have."""
     store, db = upstream
     db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('root'), ('child')")
     enqueue_in(db, "shared", "root")
@@ -1337,20 +1390,62 @@ def test_a_subprocess_whose_root_was_deleted_for_good_is_never_run_and_reported_
     db.execute("UPDATE todolist SET agent_mode = NULL WHERE id = %s", (human,))
     rootless = enqueue_in(db, "shared", "child")  # an insert that leaves the root unset
     db.execute("UPDATE todolist SET root_proc_inst_id = NULL WHERE id = %s", (rootless,))
+    db.execute("DROP TRIGGER processgpt_sync_roots_deleted ON bpm_proc_inst")
     trash(db, "root")
-    with db.transaction():  # the cron job: its trigger deletes the todos of that instance alone
-        db.execute("DELETE FROM todolist WHERE proc_inst_id = 'root'")
-        db.execute("DELETE FROM bpm_proc_inst WHERE proc_inst_id = 'root'")
+    cron_cleanup(db)
     taken = claim_ours(store, limit=5)
     counts = db.execute("SELECT processgpt_sync_status_v1('shared') AS s").fetchone()["s"]
     shown = {t: db.execute("SELECT processgpt_sync_show_v1(%s) -> 'in_trash' AS t",
                            (t,)).fetchone()["t"] for t in (orphan, human)}
     refused = db.execute("SELECT processgpt_sync_retry_v1(%s) AS r", (orphan,)).fetchone()["r"]
+    install_schema(upstream_database_url)
+    after = {r["id"]: r["draft_status"] for r in db.execute(
+        "SELECT id::text, draft_status::text FROM todolist WHERE id IN (%s, %s)",
+        (orphan, human))}
     assert sorted(c.todo_id for c in taken) == sorted([unrecorded, rootless])
     assert [(c["draft_status"], c["claimable"], c["in_trash"], c["count"]) for c in counts] == [
         (None, False, False, 1), (None, False, True, 1), ("STARTED", False, False, 2)]
     assert shown == {orphan: True, human: False}
     assert not refused["retried"] and "ProcessGPT trash" in refused["reason"]
+    assert after == {orphan: "CANCELLED", human: None}
+
+
+def test_init_db_again_neither_waits_for_nor_blocks_writers_of_process_instances(
+        upstream_database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The BPM engine and the UI write bpm_proc_inst all the time: an upgrade's init-db, its
+    triggers there already in place, takes no lock on it that would queue behind them (and
+    every claim and UI write behind itself)."""
+    monkeypatch.setattr(install, "INSTALL_LOCK_TIMEOUT", 0.5)
+    monkeypatch.setattr(install, "INSTALL_ATTEMPTS", 1)
+    with connect(upstream_database_url) as db:
+        db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('busy')")
+    with psycopg.connect(upstream_database_url) as engine:
+        engine.execute("UPDATE bpm_proc_inst SET updated_at = now() WHERE proc_inst_id = 'busy'")
+        install_schema(upstream_database_url)  # a lock wait past 0.5 s raises StorageError
+        engine.rollback()
+
+
+def test_an_instance_deleted_while_a_claim_waits_for_its_lock_is_left_by_that_claim(
+        upstream: tuple[PostgresStorage, psycopg.Connection], upstream_database_url: str) -> None:
+    """The UI's delete holds the instance's row while a claim, which found the todo before the
+    delete committed, waits for it (up to 200 ms): once the delete commits, the claim reads the
+    trash again and leaves the todo waiting, rather than running a process someone threw
+    away."""
+    store, db = upstream
+    db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('binned')")
+    todo = enqueue_in(db, "shared", "binned")
+    ui = psycopg.connect(upstream_database_url)
+    try:
+        trash(ui, "binned")  # not committed yet: the row is held
+        delete = threading.Timer(0.15, ui.commit)  # within the claim's 200 ms
+        delete.start()
+        taken = claim_ours(store)
+        delete.join()
+    finally:
+        ui.close()
+    state = db.execute("SELECT draft_status::text AS d FROM todolist WHERE id = %s",
+                       (todo,)).fetchone()["d"]
+    assert (taken, state) == ([], None)
 
 
 def test_a_trash_column_the_platform_adds_after_init_db_is_named_at_start_until_init_db_again(
