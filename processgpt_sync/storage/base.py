@@ -165,16 +165,7 @@ class Storage(abc.ABC):
                 "p_instance": instance,
             },
         )
-        held_back = 0
-        deep = isinstance(items, (NestedDeeply, NestedDeeplyObject))
-        if isinstance(items, Mapping):  # claim_v4: {"claims": [...], "held_back": n}
-            held_back = int(items.get("held_back") or 0)
-            items = items.get("claims")
-        if deep:
-            return Claims((Claim.from_json(item) if (where := too_deep(item)) is None
-                           else Claim.unrunnable(item, *where) for item in items or []),
-                          held_back=held_back)
-        return Claims((Claim.from_json(item) for item in items or []), held_back=held_back)
+        return claims_from_answer(items)
 
     def record_events(self, events: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
         """Write events in order; return the rejected ones as {index, reason}."""
@@ -329,6 +320,22 @@ class Storage(abc.ABC):
     def tenant_load(self, agent_orch: str | None = None) -> list[Mapping[str, Any]]:
         """Queued and running todos per agent_orch and tenant."""
         return list(self.call("tenant_load", {"p_agent_orch": agent_orch}) or [])
+
+
+def claims_from_answer(answer: Any) -> Claims:
+    """The todos a claim call answered: claim_v4's ``{"claims": [...], "held_back": n}`` or the
+    bare list of earlier versions. A todo whose values are nested deeper than Python's JSON
+    handling allows is kept as unrunnable, so it is failed rather than run."""
+    held_back = 0
+    deep = isinstance(answer, (NestedDeeply, NestedDeeplyObject))
+    if isinstance(answer, Mapping):
+        held_back = int(answer.get("held_back") or 0)
+        answer = answer.get("claims")
+    if deep:
+        return Claims((Claim.from_json(item) if (where := too_deep(item)) is None
+                       else Claim.unrunnable(item, *where) for item in answer or []),
+                      held_back=held_back)
+    return Claims((Claim.from_json(item) for item in answer or []), held_back=held_back)
 
 
 def _lease_params(consumer: str, claims: Iterable[Claim], lease_seconds: int) -> dict[str, Any]:

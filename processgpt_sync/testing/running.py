@@ -22,9 +22,10 @@ import psycopg
 from psycopg.rows import dict_row
 
 from ..errors import ConfigurationError, ProcessGPTSyncError
-from ..models import Claim, Resume
+from ..models import Resume
 from ..server import Server
 from ..settings import Settings
+from ..storage.base import claims_from_answer
 from ..storage.postgres import PostgresStorage
 from .databases import fresh_database
 
@@ -210,10 +211,8 @@ class _Run:
             if query == "answer" and str(params.get("p_todo_id")) == self.todo_id:
                 self.awaited.add(str(params.get("p_job_id")))
             if query == "claim":
-                claimed = result.get("claims") if isinstance(result, Mapping) else result
-                for item in claimed or []:
-                    if str(item["row"]["id"]) == self.todo_id:  # as the executor sees it
-                        claim = Claim.from_json(item)
+                for claim in claims_from_answer(result):
+                    if claim.todo_id == self.todo_id:  # as the executor sees it
                         self.runs.append(Resume.from_json(claim.extras.get("resume")))
             self._calls += 1
             self._cond.notify_all()
