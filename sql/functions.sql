@@ -2426,7 +2426,10 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
                                left(coalesce(t.query, t.description), 200) AS input,
                                processgpt_sync_state_v2(
                                    t.status::text, t.draft_status::text, t.agent_mode::text,
-                                   t.draft IS NOT NULL) AS state
+                                   t.draft IS NOT NULL) AS state,
+                               -- the page's rows alone: a lookup each, none for the counts
+                               processgpt_sync_in_trash_v1(t.proc_inst_id,
+                                                           t.root_proc_inst_id) AS in_trash
                         FROM todolist t JOIN page p ON p.id = t.id) s),
         'counts', (SELECT coalesce(jsonb_object_agg(c.state, c.n), '{}'::jsonb)
                    FROM (SELECT g.state, sum(g.n)::bigint AS n FROM groups g
@@ -2454,7 +2457,9 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
     SELECT jsonb_build_object(
         'todo', to_jsonb(t) - 'claim_token' || jsonb_build_object(
                     'state', processgpt_sync_state_v2(t.status::text, t.draft_status::text,
-                                                      t.agent_mode::text, t.draft IS NOT NULL)),
+                                                      t.agent_mode::text, t.draft IS NOT NULL),
+                    'in_trash', processgpt_sync_in_trash_v1(t.proc_inst_id,
+                                                            t.root_proc_inst_id)),
         'events', (SELECT coalesce(jsonb_agg(to_jsonb(e) ORDER BY e."timestamp" NULLS FIRST,
                                                                e.id), '[]'::jsonb)
                    FROM ((SELECT ev.id::text AS id, ev.job_id,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -17,6 +18,7 @@ from datetime import datetime, timedelta, timezone
 from functools import partial
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
@@ -24,6 +26,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 import processgpt_sync as ps
+from processgpt_sync.console import ConsoleConfig, ConsoleServer
 from processgpt_sync.errors import StorageError
 from processgpt_sync.events import make_event
 from processgpt_sync.stats import ServerStats
@@ -1325,6 +1328,25 @@ def test_a_claim_abandoned_in_a_trashed_instance_waits_for_the_restore_without_a
     assert {k: v for k, v in states.items() if k != other} == {
         ours: ("STARTED", "ours-w1"), theirs: ("STARTED", "upstream-w1")}
     assert sorted(c.todo_id for c in retaken) == sorted([ours, theirs])
+
+
+def test_the_console_marks_the_todos_of_an_instance_in_the_trash(
+        upstream: tuple[PostgresStorage, psycopg.Connection]) -> None:
+    """The console's list and todo page say which todos wait for their process instance's
+    restore, as `show` does (the counts by state, over the whole table, stay by columns)."""
+    store, db = upstream
+    db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('binned'), ('live')")
+    binned, live = enqueue_in(db, "shared", "binned"), enqueue_in(db, "shared", "live")
+    trash(db, "binned")
+    with ConsoleServer(store, ConsoleConfig(port=0)) as console, \
+            httpx.Client(base_url=f"http://127.0.0.1:{console.port}", timeout=10) as http:
+        listed = http.get("/todos").text
+        pages = {todo: http.get(f"/todos/{todo}").text for todo in (binned, live)}
+    rows = {todo: re.search(rf'<tr id="todo-{todo}">.*?</tr>', listed, re.S).group(0)
+            for todo in (binned, live)}
+    assert "in the trash" in rows[binned] and "in the trash" not in rows[live]
+    assert "is in the ProcessGPT trash: no server starts it" in pages[binned]
+    assert "ProcessGPT trash" not in pages[live]
 
 
 def cron_cleanup(db: psycopg.Connection) -> None:
