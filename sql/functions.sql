@@ -356,8 +356,9 @@ $$;
 -- the others are claimable again. The life of a todo is specified in docs/todo-life.md.
 -- Returns {"claims": [...], "held_back": n}: n > 0 when it left todos for later because another
 -- transaction held their process instance (n counts those it tried and the expired claims it
--- could not settle; claimed, or settled, by a later call), so the caller claims again soon
--- rather than at its idle poll, which nothing else may bring sooner.
+-- could not settle; claimed, or settled, by a later call), or found in the trash once their
+-- instance's lock was held (their places then taken by a later call), so the caller claims
+-- again soon rather than at its idle poll, which nothing else may bring sooner.
 --
 -- Order: with p_fair, tenants take turns: a tenant's k-th oldest claimable todo has priority
 -- (its running todos + k), lowest first, oldest first on ties; so a tenant with a backlog cannot
@@ -735,6 +736,9 @@ BEGIN
                ORDER BY array_position(v_ids, (c.todo).id)), '[]'::jsonb)
     INTO v_claimed
     FROM claimed c;
+    -- todos left for the trash read again: counted, so the caller claims again soon for the
+    -- places they took
+    v_held_back := v_held_back + cardinality(v_ids) - jsonb_array_length(v_claimed);
 
     RETURN jsonb_build_object('claims', v_claimed, 'held_back', v_held_back);
 END
@@ -1868,26 +1872,53 @@ $$;
 -- it would wait in the trash for good (processgpt_sync_in_trash_v1), rows every claim of their
 -- agent_orch passes over. Those a server would take, or holds, are cancelled as the UI cancels
 -- a todo (draft_status CANCELLED; a run under way ends as cancelled), with a line in their log.
--- Human steps and ended ones are left as they are. Runs in the deleting transaction with its
--- rights: a failure is logged and leaves those todos passed over, never fails the delete.
+-- Human steps (and steps whose draft a person wrote) and ended ones are left as they are. Rows
+-- another transaction holds at that moment are skipped, never waited for (the cron job's
+-- delete is not held up, and no lock order can deadlock): they stay in the trash for good,
+-- never run, until init-db sweeps them (processgpt_sync_gone_roots_v1). Returns the count.
 CREATE OR REPLACE FUNCTION processgpt_sync_cancel_under_gone_roots_v1(p_roots text[])
 RETURNS integer LANGUAGE plpgsql AS $$  -- plpgsql: a database without bpm_proc_inst installs it
 DECLARE
-    v_cancelled integer;
+    v_ids uuid[];
 BEGIN
+    IF coalesce(cardinality(p_roots), 0) = 0 THEN
+        RETURN 0;
+    END IF;
+    v_ids := ARRAY(
+        SELECT t.id FROM todolist t
+        WHERE t.root_proc_inst_id = ANY (p_roots) AND t.proc_inst_id <> t.root_proc_inst_id
+          AND t.status = 'IN_PROGRESS'
+          AND (t.draft_status IN ('FB_REQUESTED', 'STARTED', 'HUMAN_ASKED')
+               OR (t.draft_status IS NULL AND t.agent_mode IN ('DRAFT', 'COMPLETE')
+                   AND t.draft IS NULL))
+          AND NOT EXISTS (SELECT 1 FROM bpm_proc_inst p
+                          WHERE p.proc_inst_id = t.root_proc_inst_id)
+          AND EXISTS (SELECT 1 FROM bpm_proc_inst p WHERE p.proc_inst_id = t.proc_inst_id)
+        ORDER BY t.id
+        FOR UPDATE OF t SKIP LOCKED);
     UPDATE todolist t
     SET draft_status = 'CANCELLED', updated_at = now(),
         log = concat_ws(E'\n', t.log, format(
             '%s: cancelled: the process it runs under (%s) was deleted for good from the '
             'ProcessGPT trash', to_char(now(), 'YYYY-MM-DD HH24:MI:SS TZ'), t.root_proc_inst_id))
-    WHERE t.root_proc_inst_id = ANY (p_roots) AND t.proc_inst_id <> t.root_proc_inst_id
-      AND t.status = 'IN_PROGRESS'
-      AND (t.draft_status IN ('FB_REQUESTED', 'STARTED', 'HUMAN_ASKED')
-           OR (t.draft_status IS NULL AND t.agent_mode IN ('DRAFT', 'COMPLETE')))
-      AND NOT EXISTS (SELECT 1 FROM bpm_proc_inst p WHERE p.proc_inst_id = t.root_proc_inst_id)
-      AND EXISTS (SELECT 1 FROM bpm_proc_inst p WHERE p.proc_inst_id = t.proc_inst_id);
-    GET DIAGNOSTICS v_cancelled = ROW_COUNT;
-    RETURN v_cancelled;
+    WHERE t.id = ANY (v_ids);
+    RETURN cardinality(v_ids);
+END
+$$;
+
+-- The roots of subprocess todos in progress whose root process instance is gone (deleted for
+-- good before this library's trigger existed, or its cancel skipped a held row): what init-db
+-- sweeps, after its install commits.
+CREATE OR REPLACE FUNCTION processgpt_sync_gone_roots_v1()
+RETURNS text[] LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF NOT processgpt_sync_has_trash_v1() THEN
+        RETURN '{}';
+    END IF;
+    RETURN ARRAY(SELECT DISTINCT t.root_proc_inst_id FROM todolist t
+                 WHERE t.status = 'IN_PROGRESS' AND t.proc_inst_id <> t.root_proc_inst_id
+                   AND NOT EXISTS (SELECT 1 FROM bpm_proc_inst p
+                                   WHERE p.proc_inst_id = t.root_proc_inst_id));
 END
 $$;
 
@@ -1916,7 +1947,7 @@ $$;
 -- The triggers on the platform's bpm_proc_inst are created only where missing (or calling
 -- another function: a changed trigger calls a new function version), so an install never takes
 -- the exclusive lock replacing one needs on a table the UI and the BPM engine write all the
--- time. And the todos under roots deleted for good before this trigger existed are cancelled.
+-- time.
 DO $$
 BEGIN
     IF processgpt_sync_has_trash_v1() THEN
@@ -1934,11 +1965,6 @@ BEGIN
             CREATE TRIGGER processgpt_sync_roots_deleted
                 AFTER DELETE ON bpm_proc_inst REFERENCING OLD TABLE AS gone
                 FOR EACH STATEMENT EXECUTE FUNCTION processgpt_sync_roots_deleted_v1();
-            PERFORM processgpt_sync_cancel_under_gone_roots_v1(ARRAY(
-                SELECT DISTINCT t.root_proc_inst_id FROM todolist t
-                WHERE t.status = 'IN_PROGRESS' AND t.proc_inst_id <> t.root_proc_inst_id
-                  AND NOT EXISTS (SELECT 1 FROM bpm_proc_inst p
-                                  WHERE p.proc_inst_id = t.root_proc_inst_id)));
         END IF;
     END IF;
 END
@@ -2060,7 +2086,8 @@ BEGIN
        AND processgpt_sync_in_trash_v1(v_todo.proc_inst_id, v_todo.root_proc_inst_id) THEN
         -- made claimable, it would only wait there (the todo stays as it is, to retry later)
         v_reason := 'its process instance, or the process it runs under, is in the ProcessGPT '
-                    'trash (or was deleted from it): restore the instance, then retry';
+                    'trash: restore the instance, then retry (one deleted for good from the '
+                    'trash cannot be restored: enqueue a new todo)';
     END IF;
     IF v_reason IS NOT NULL THEN
         RETURN jsonb_build_object('retried', false, 'matches', to_jsonb(v_ids),

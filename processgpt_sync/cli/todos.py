@@ -50,7 +50,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         if lease.get("expired") and row.get("draft_status") in ("STARTED", "HUMAN_ASKED"):
             print("              expired: its server stopped renewing it; " + (
                 "its process instance is in the ProcessGPT trash, so no server takes the "
-                "todo over unless the instance is restored" if shown.get("instance_in_trash")
+                "todo over unless the instance is restored (never, once it is deleted for "
+                "good)" if shown.get("instance_in_trash")
                 else "a server takes the todo over" + (
                     "" if row.get("status") == "IN_PROGRESS"
                     else " once its process puts the step IN_PROGRESS")))

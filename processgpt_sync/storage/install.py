@@ -115,9 +115,14 @@ def install_schema(conninfo: str, *, if_changed: bool = False, dry_run: bool = F
                                  .format(sql.Literal(version)))
                     changes = _changes(before, _catalog(conn))
                     if dry_run:
+                        cancelled = _cancel_under_gone_roots(conn)  # counted, then undone
                         conn.rollback()
                     else:
                         conn.commit()
+                        cancelled = _cancel_under_gone_roots(conn)  # its own transaction
+                    if cancelled:
+                        changes.append(f"cancel {cancelled} todos of subprocesses whose root "
+                                       "process instance was deleted for good")
         except StorageUnavailable as exc:
             if exc.code not in BUSY_STATES or attempt == INSTALL_ATTEMPTS:
                 raise
@@ -132,6 +137,26 @@ def install_schema(conninfo: str, *, if_changed: bool = False, dry_run: bool = F
         logger.info("schema installed (%d changes)", len(changes),
                     extra={"action": "init_db"})
         return True
+
+
+def _cancel_under_gone_roots(conn: psycopg.Connection[Any]) -> int:
+    """Cancel the agent todos left under root process instances deleted for good before the
+    trigger that does so was installed (or whose rows it skipped), in the caller's transaction:
+    after the install's, in one of their own (the only data init-db writes), or in a dry run's,
+    rolled back. A row lock it would wait for leaves them to the next init-db (they are never
+    run meanwhile), said in the log."""
+    try:
+        with conn.transaction():  # a savepoint in a dry run's transaction
+            conn.execute(f"SET LOCAL lock_timeout = '{INSTALL_LOCK_TIMEOUT}s'")
+            row = conn.execute("SELECT processgpt_sync_cancel_under_gone_roots_v1("
+                               "processgpt_sync_gone_roots_v1())").fetchone()
+    except psycopg.errors.LockNotAvailable:
+        logger.warning("todos of subprocesses whose root process instance was deleted for good "
+                       "were not cancelled (a process instance was held too long); they are "
+                       "never run, and the next init-db cancels them",
+                       extra={"action": "init_db"})
+        return 0
+    return int(row[0]) if row else 0
 
 
 def _installed_version(conn: psycopg.Connection[Any]) -> str | None:

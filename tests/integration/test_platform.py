@@ -1359,12 +1359,13 @@ def cron_cleanup(db: psycopg.Connection) -> None:
 
 
 def test_deleting_a_root_for_good_cancels_the_agent_todos_of_its_subprocesses(
-        upstream: tuple[PostgresStorage, psycopg.Connection]) -> None:
+        upstream: tuple[PostgresStorage, psycopg.Connection], upstream_database_url: str) -> None:
     """The cron job deletes the root instance and its own todos; a subprocess's agent todos
     would stay, waiting in the trash for good, rows every claim passes over. They are
     cancelled (queued, abandoned and running ones alike), each with a line in its log; a human
-    step, an ended todo and the todos under other roots are left alone, and `retry` of a
-    cancelled one says why it would not run."""
+    step, a step whose draft a person wrote, an ended todo and the todos under other roots are
+    left alone, and `retry` of a cancelled one says why it would not run. A row another
+    transaction holds is skipped, not waited for, and the next init-db cancels it."""
     store, db = upstream
     db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) "
                "VALUES ('root'), ('child'), ('other-root'), ('other-child')")
@@ -1372,28 +1373,42 @@ def test_deleting_a_root_for_good_cancels_the_agent_todos_of_its_subprocesses(
     claim_ours(store, limit=2)
     db.execute("UPDATE processgpt_sync_lease SET expires_at = now() - interval '1 second' "
                "WHERE todo_id = %s", (ids["abandoned"],))
-    for name in ("queued", "human", "completed"):
+    for name in ("queued", "human", "drafted", "completed", "held"):
         ids[name] = enqueue_in(db, "shared", "child", "root")
     db.execute("UPDATE todolist SET agent_mode = NULL WHERE id = %s", (ids["human"],))
+    db.execute("UPDATE todolist SET draft = '{\"by\": \"a person\"}' WHERE id = %s",
+               (ids["drafted"],))
     db.execute("UPDATE todolist SET draft_status = 'COMPLETED' WHERE id = %s",
                (ids["completed"],))
     ids["elsewhere"] = enqueue_in(db, "shared", "other-child", "other-root")
     root_own = enqueue_in(db, "shared", "root")
     trash(db, "root")
-    cron_cleanup(db)
+    with psycopg.connect(upstream_database_url) as holder:
+        holder.execute("SELECT 1 FROM todolist WHERE id = %s FOR UPDATE", (ids["held"],))
+        db.execute("SET lock_timeout = '2s'")  # a cancel that waited would give up
+        cron_cleanup(db)
+        db.execute("RESET lock_timeout")
     rows = {r["id"]: (r["draft_status"], r["log"]) for r in db.execute(
         "SELECT id::text, draft_status::text, log FROM todolist")}
     taken = claim_ours(store, consumer="ours-w3", limit=5)
     refused = db.execute("SELECT processgpt_sync_retry_v1(%s) AS r",
                          (ids["queued"],)).fetchone()["r"]
+    swept: list[str] = []
+    install_schema(upstream_database_url, added=swept)
+    held_after = db.execute("SELECT draft_status::text AS d FROM todolist WHERE id = %s",
+                            (ids["held"],)).fetchone()["d"]
     assert root_own not in rows, "the platform's trigger deleted the root's own todo"
     assert {name: rows[todo][0] for name, todo in ids.items()} == {
         "abandoned": "CANCELLED", "running": "CANCELLED", "queued": "CANCELLED",
-        "human": None, "completed": "COMPLETED", "elsewhere": None}
+        "human": None, "drafted": None, "completed": "COMPLETED", "held": None,
+        "elsewhere": None}
     assert all("(root) was deleted for good from the ProcessGPT trash" in rows[ids[name]][1]
                for name in ("abandoned", "running", "queued"))
     assert [c.todo_id for c in taken] == [ids["elsewhere"]]
     assert not refused["retried"] and "ProcessGPT trash" in refused["reason"]
+    assert "cancel 1 todos of subprocesses whose root process instance was deleted for good" \
+        in swept
+    assert held_after == "CANCELLED"
 
 
 def test_todos_under_a_root_deleted_before_init_db_are_never_run_and_init_db_cancels_them(
@@ -1402,7 +1417,8 @@ def test_todos_under_a_root_deleted_before_init_db_are_never_run_and_init_db_can
     version): its subprocess's todos stay, under a root that is gone, and must not run. Todos
     of instances the database never recorded still run; the CLI counts as in the trash only
     the todos a server would otherwise claim, and `retry` says why one waits. The next
-    init-db cancels them, as the trigger would have."""
+    init-db cancels them, as the trigger would have, and says so; its dry run counts them and
+    changes nothing."""
     store, db = upstream
     db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('root'), ('child')")
     enqueue_in(db, "shared", "root")
@@ -1420,16 +1436,20 @@ def test_todos_under_a_root_deleted_before_init_db_are_never_run_and_init_db_can
     shown = {t: db.execute("SELECT processgpt_sync_show_v1(%s) -> 'in_trash' AS t",
                            (t,)).fetchone()["t"] for t in (orphan, human)}
     refused = db.execute("SELECT processgpt_sync_retry_v1(%s) AS r", (orphan,)).fetchone()["r"]
-    install_schema(upstream_database_url)
-    after = {r["id"]: r["draft_status"] for r in db.execute(
-        "SELECT id::text, draft_status::text FROM todolist WHERE id IN (%s, %s)",
-        (orphan, human))}
+    planned: list[str] = []
+    install_schema(upstream_database_url, dry_run=True, added=planned)
+    before = todo_states(db)
+    done: list[str] = []
+    install_schema(upstream_database_url, added=done)
+    after = todo_states(db)
+    cancel = "cancel 1 todos of subprocesses whose root process instance was deleted for good"
     assert sorted(c.todo_id for c in taken) == sorted([unrecorded, rootless])
     assert [(c["draft_status"], c["claimable"], c["in_trash"], c["count"]) for c in counts] == [
         (None, False, False, 1), (None, False, True, 1), ("STARTED", False, False, 2)]
     assert shown == {orphan: True, human: False}
     assert not refused["retried"] and "ProcessGPT trash" in refused["reason"]
-    assert after == {orphan: "CANCELLED", human: None}
+    assert cancel in planned and cancel in done
+    assert (before[orphan][0], after[orphan][0], after[human][0]) == (None, "CANCELLED", None)
 
 
 def test_init_db_again_neither_waits_for_nor_blocks_writers_of_process_instances(
@@ -1452,22 +1472,26 @@ def test_an_instance_deleted_while_a_claim_waits_for_its_lock_is_left_by_that_cl
     """The UI's delete holds the instance's row while a claim, which found the todo before the
     delete committed, waits for it (up to 200 ms): once the delete commits, the claim reads the
     trash again and leaves the todo waiting, rather than running a process someone threw
-    away."""
+    away; and it says it left one, so its server claims again soon."""
     store, db = upstream
     db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('binned')")
     todo = enqueue_in(db, "shared", "binned")
-    ui = psycopg.connect(upstream_database_url)
-    try:
+    result: dict[str, Any] = {}
+    with psycopg.connect(upstream_database_url) as ui:
         trash(ui, "binned")  # not committed yet: the row is held
-        delete = threading.Timer(0.15, ui.commit)  # within the claim's 200 ms
-        delete.start()
-        taken = claim_ours(store)
-        delete.join()
-    finally:
-        ui.close()
+        claim = threading.Thread(target=lambda: result.update(taken=claim_ours(store)))
+        claim.start()
+        deadline = time.monotonic() + 10
+        while not db.execute(  # the claim found the todo and waits for the instance's lock
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE '%%processgpt_sync_claim%%') AS w").fetchone()["w"]:
+            assert time.monotonic() < deadline, "the claim never waited for the instance"
+            time.sleep(0.005)
+        ui.commit()
+        claim.join(timeout=10)
     state = db.execute("SELECT draft_status::text AS d FROM todolist WHERE id = %s",
                        (todo,)).fetchone()["d"]
-    assert (taken, state) == ([], None)
+    assert (result["taken"], result["taken"].held_back, state) == ([], 1, None)
 
 
 def test_a_trash_column_the_platform_adds_after_init_db_is_named_at_start_until_init_db_again(
