@@ -30,7 +30,8 @@ COUNTERS = {
     "released": "Todos given back unfinished: at shutdown, or when this host could not run them",
     "events_written": "Events written",
     "listener_reconnects": "Reconnections of the LISTEN connection",
-    "held_back": "Times a claim left a todo for later: its process instance was held",
+    "held_back": "Times a claim left a todo for later: its process instance was held, or put in "
+                 "the trash while the claim waited for it",
 }
 
 

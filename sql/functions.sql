@@ -1872,10 +1872,12 @@ $$;
 -- it would wait in the trash for good (processgpt_sync_in_trash_v1), rows every claim of their
 -- agent_orch passes over. Those a server would take, or holds, are cancelled as the UI cancels
 -- a todo (draft_status CANCELLED; a run under way ends as cancelled), with a line in their log.
--- Human steps (and steps whose draft a person wrote) and ended ones are left as they are. Rows
--- another transaction holds at that moment are skipped, never waited for (the cron job's
--- delete is not held up, and no lock order can deadlock): they stay in the trash for good,
--- never run, until init-db sweeps them (processgpt_sync_gone_roots_v1). Returns the count.
+-- Human steps (and steps whose draft a person wrote) and ended ones are left as they are. A
+-- todo whose row, or whose own process instance, another transaction holds at that moment is
+-- skipped, never waited for (the cron job's delete is not held up, and no lock order can
+-- deadlock): a run or claim under way then goes on, and a waiting todo stays in the trash for
+-- good, never claimed, until init-db sweeps it (processgpt_sync_gone_roots_v1). Returns the
+-- count.
 CREATE OR REPLACE FUNCTION processgpt_sync_cancel_under_gone_roots_v1(p_roots text[])
 RETURNS integer LANGUAGE plpgsql AS $$  -- plpgsql: a database without bpm_proc_inst installs it
 DECLARE
@@ -1896,6 +1898,9 @@ BEGIN
           AND EXISTS (SELECT 1 FROM bpm_proc_inst p WHERE p.proc_inst_id = t.proc_inst_id)
         ORDER BY t.id
         FOR UPDATE OF t SKIP LOCKED);
+    -- and only those whose own instance is free now (each write touches it: the platform's
+    -- trigger), taken in order without a wait
+    v_ids := processgpt_sync_free_of_held_insts_v1(v_ids);
     UPDATE todolist t
     SET draft_status = 'CANCELLED', updated_at = now(),
         log = concat_ws(E'\n', t.log, format(

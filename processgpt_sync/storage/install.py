@@ -82,7 +82,9 @@ def install_schema(conninfo: str, *, if_changed: bool = False, dry_run: bool = F
     """Apply sql/schema.sql and sql/functions.sql (idempotent; safe with concurrent callers).
 
     One transaction; it only adds, apart from replacing this library's own indexes of earlier
-    versions. ``added`` receives what it changed, one line each ("add column
+    versions. Then, on a platform database with the trash, a second one cancels the todos
+    left under process instances deleted for good (reported as "cancel N todos ...").
+    ``added`` receives what it changed, one line each ("add column
     todolist.claim_token uuid", ..., "drop index todolist_processgpt_sync_claimable_idx"); with
     ``dry_run`` the transaction is rolled back, so it says what would change. A column whose
     type would change (never intended) stops the install with StorageError and nothing is
@@ -115,14 +117,10 @@ def install_schema(conninfo: str, *, if_changed: bool = False, dry_run: bool = F
                                  .format(sql.Literal(version)))
                     changes = _changes(before, _catalog(conn))
                     if dry_run:
-                        cancelled = _cancel_under_gone_roots(conn)  # counted, then undone
+                        cancelled = _cancel_under_gone_roots(conninfo, conn)  # then undone
                         conn.rollback()
                     else:
                         conn.commit()
-                        cancelled = _cancel_under_gone_roots(conn)  # its own transaction
-                    if cancelled:
-                        changes.append(f"cancel {cancelled} todos of subprocesses whose root "
-                                       "process instance was deleted for good")
         except StorageUnavailable as exc:
             if exc.code not in BUSY_STATES or attempt == INSTALL_ATTEMPTS:
                 raise
@@ -130,6 +128,11 @@ def install_schema(conninfo: str, *, if_changed: bool = False, dry_run: bool = F
                         "(attempt %d), retrying", attempt, extra={"action": "init_db"})
             time.sleep(random.uniform(0.1, 0.5) * attempt)
             continue
+        if not dry_run:  # in a transaction of its own: the schema is in place whatever it meets
+            cancelled = _cancel_under_gone_roots(conninfo)
+        if cancelled:
+            changes.append(f"cancel {cancelled} todos of subprocesses whose root process "
+                           "instance was deleted for good (a data change, after the schema's)")
         if added is not None:
             added[:] = changes
         if dry_run:
@@ -139,23 +142,32 @@ def install_schema(conninfo: str, *, if_changed: bool = False, dry_run: bool = F
         return True
 
 
-def _cancel_under_gone_roots(conn: psycopg.Connection[Any]) -> int:
+def _cancel_under_gone_roots(conninfo: str,
+                             conn: psycopg.Connection[Any] | None = None) -> int:
     """Cancel the agent todos left under root process instances deleted for good before the
-    trigger that does so was installed (or whose rows it skipped), in the caller's transaction:
-    after the install's, in one of their own (the only data init-db writes), or in a dry run's,
-    rolled back. A row lock it would wait for leaves them to the next init-db (they are never
-    run meanwhile), said in the log."""
+    trigger that does so was installed (or whose rows it skipped): the only data init-db
+    writes, after the install, in a transaction of its own (or in a dry run's ``conn``, rolled
+    back). It never fails the install: an error (a lock held too long, a deadlock, no rights,
+    a lost connection) leaves them to the next init-db, never claimed meanwhile, and is
+    logged."""
     try:
-        with conn.transaction():  # a savepoint in a dry run's transaction
-            conn.execute(f"SET LOCAL lock_timeout = '{INSTALL_LOCK_TIMEOUT}s'")
-            row = conn.execute("SELECT processgpt_sync_cancel_under_gone_roots_v1("
-                               "processgpt_sync_gone_roots_v1())").fetchone()
-    except psycopg.errors.LockNotAvailable:
+        if conn is None:
+            with psycopg.connect(link_conninfo(conninfo)) as own:
+                return _cancel_in(own)
+        return _cancel_in(conn)
+    except psycopg.Error as exc:
         logger.warning("todos of subprocesses whose root process instance was deleted for good "
-                       "were not cancelled (a process instance was held too long); they are "
-                       "never run, and the next init-db cancels them",
+                       "were not cancelled (%s: %s); they are never claimed, and the next "
+                       "init-db cancels them", exc.sqlstate, str(exc).strip(),
                        extra={"action": "init_db"})
         return 0
+
+
+def _cancel_in(conn: psycopg.Connection[Any]) -> int:
+    with conn.transaction():  # BEGIN ... COMMIT, or a savepoint in a dry run's transaction
+        conn.execute(f"SET LOCAL lock_timeout = '{INSTALL_LOCK_TIMEOUT}s'")
+        row = conn.execute("SELECT processgpt_sync_cancel_under_gone_roots_v1("
+                           "processgpt_sync_gone_roots_v1())").fetchone()
     return int(row[0]) if row else 0
 
 

@@ -1364,11 +1364,12 @@ def test_deleting_a_root_for_good_cancels_the_agent_todos_of_its_subprocesses(
     would stay, waiting in the trash for good, rows every claim passes over. They are
     cancelled (queued, abandoned and running ones alike), each with a line in its log; a human
     step, a step whose draft a person wrote, an ended todo and the todos under other roots are
-    left alone, and `retry` of a cancelled one says why it would not run. A row another
-    transaction holds is skipped, not waited for, and the next init-db cancels it."""
+    left alone, and `retry` of a cancelled one says why it would not run. A todo whose row,
+    or whose own process instance, another transaction holds is skipped, not waited for (the
+    cron job is not held up), and the next init-db cancels it."""
     store, db = upstream
     db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) "
-               "VALUES ('root'), ('child'), ('other-root'), ('other-child')")
+               "VALUES ('root'), ('child'), ('busy-child'), ('other-root'), ('other-child')")
     ids = {name: enqueue_in(db, "shared", "child", "root") for name in ("abandoned", "running")}
     claim_ours(store, limit=2)
     db.execute("UPDATE processgpt_sync_lease SET expires_at = now() - interval '1 second' "
@@ -1380,11 +1381,14 @@ def test_deleting_a_root_for_good_cancels_the_agent_todos_of_its_subprocesses(
                (ids["drafted"],))
     db.execute("UPDATE todolist SET draft_status = 'COMPLETED' WHERE id = %s",
                (ids["completed"],))
+    ids["busy"] = enqueue_in(db, "shared", "busy-child", "root")
     ids["elsewhere"] = enqueue_in(db, "shared", "other-child", "other-root")
     root_own = enqueue_in(db, "shared", "root")
     trash(db, "root")
     with psycopg.connect(upstream_database_url) as holder:
         holder.execute("SELECT 1 FROM todolist WHERE id = %s FOR UPDATE", (ids["held"],))
+        holder.execute("SELECT 1 FROM bpm_proc_inst WHERE proc_inst_id = 'busy-child' "
+                       "FOR UPDATE")  # the BPM engine writing that subprocess
         db.execute("SET lock_timeout = '2s'")  # a cancel that waited would give up
         cron_cleanup(db)
         db.execute("RESET lock_timeout")
@@ -1395,20 +1399,19 @@ def test_deleting_a_root_for_good_cancels_the_agent_todos_of_its_subprocesses(
                          (ids["queued"],)).fetchone()["r"]
     swept: list[str] = []
     install_schema(upstream_database_url, added=swept)
-    held_after = db.execute("SELECT draft_status::text AS d FROM todolist WHERE id = %s",
-                            (ids["held"],)).fetchone()["d"]
+    after = todo_states(db)
     assert root_own not in rows, "the platform's trigger deleted the root's own todo"
     assert {name: rows[todo][0] for name, todo in ids.items()} == {
         "abandoned": "CANCELLED", "running": "CANCELLED", "queued": "CANCELLED",
-        "human": None, "drafted": None, "completed": "COMPLETED", "held": None,
+        "human": None, "drafted": None, "completed": "COMPLETED", "held": None, "busy": None,
         "elsewhere": None}
     assert all("(root) was deleted for good from the ProcessGPT trash" in rows[ids[name]][1]
                for name in ("abandoned", "running", "queued"))
     assert [c.todo_id for c in taken] == [ids["elsewhere"]]
     assert not refused["retried"] and "ProcessGPT trash" in refused["reason"]
-    assert "cancel 1 todos of subprocesses whose root process instance was deleted for good" \
-        in swept
-    assert held_after == "CANCELLED"
+    assert any(line.startswith("cancel 2 todos of subprocesses whose root process instance was "
+                               "deleted for good") for line in swept), swept
+    assert (after[ids["held"]][0], after[ids["busy"]][0]) == ("CANCELLED", "CANCELLED")
 
 
 def test_todos_under_a_root_deleted_before_init_db_are_never_run_and_init_db_cancels_them(
@@ -1443,12 +1446,14 @@ def test_todos_under_a_root_deleted_before_init_db_are_never_run_and_init_db_can
     install_schema(upstream_database_url, added=done)
     after = todo_states(db)
     cancel = "cancel 1 todos of subprocesses whose root process instance was deleted for good"
+    planned, done = ([line for line in lines if line.startswith(cancel)]
+                     for lines in (planned, done))
     assert sorted(c.todo_id for c in taken) == sorted([unrecorded, rootless])
     assert [(c["draft_status"], c["claimable"], c["in_trash"], c["count"]) for c in counts] == [
         (None, False, False, 1), (None, False, True, 1), ("STARTED", False, False, 2)]
     assert shown == {orphan: True, human: False}
     assert not refused["retried"] and "ProcessGPT trash" in refused["reason"]
-    assert cancel in planned and cancel in done
+    assert len(planned) == len(done) == 1
     assert (before[orphan][0], after[orphan][0], after[human][0]) == (None, "CANCELLED", None)
 
 
@@ -1474,8 +1479,9 @@ def test_an_instance_deleted_while_a_claim_waits_for_its_lock_is_left_by_that_cl
     trash again and leaves the todo waiting, rather than running a process someone threw
     away; and it says it left one, so its server claims again soon."""
     store, db = upstream
-    db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('binned')")
+    db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('binned'), ('free')")
     todo = enqueue_in(db, "shared", "binned")
+    enqueue_in(db, "shared", "free")  # what a claim that gave up waiting would take instead
     result: dict[str, Any] = {}
     with psycopg.connect(upstream_database_url) as ui:
         trash(ui, "binned")  # not committed yet: the row is held
@@ -1484,11 +1490,13 @@ def test_an_instance_deleted_while_a_claim_waits_for_its_lock_is_left_by_that_cl
         deadline = time.monotonic() + 10
         while not db.execute(  # the claim found the todo and waits for the instance's lock
                 "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND query LIKE '%%processgpt_sync_claim%%') AS w").fetchone()["w"]:
+                "AND pid <> pg_backend_pid() AND datname = current_database() "
+                "AND query LIKE '%processgpt_sync_claim%') AS w").fetchone()["w"]:
             assert time.monotonic() < deadline, "the claim never waited for the instance"
             time.sleep(0.005)
         ui.commit()
         claim.join(timeout=10)
+    assert not claim.is_alive()
     state = db.execute("SELECT draft_status::text AS d FROM todolist WHERE id = %s",
                        (todo,)).fetchone()["d"]
     assert (result["taken"], result["taken"].held_back, state) == ([], 1, None)
