@@ -57,8 +57,9 @@ class Claim:
 
 class Claims(list[Claim]):
     """The todos one claim call took, and ``held_back``: how many it left for a later call
-    because another transaction held their process instance (nothing announces when it is
-    free, so the claimer asks again soon)."""
+    because another transaction held their process instance, or put it in the platform's trash
+    while the claim waited for it (nothing announces when it is free, or what else waits, so
+    the claimer asks again soon)."""
 
     def __init__(self, claims: Iterable[Claim] = (), *, held_back: int = 0) -> None:
         super().__init__(claims)

@@ -3,7 +3,7 @@
 -- Format: `-- name --`, one comment line saying what it does, then the SQL.
 
 -- claim --
--- Claim up to p_limit todos for an agent_orch (tenants in turn, fleet-wide limits), with leases, tokens and context extras, and how many were left for later (process instance held)
+-- Claim up to p_limit todos for an agent_orch (tenants in turn, fleet-wide limits), with leases, tokens and context extras, and how many were left for later (process instance held, or trashed during the wait)
 SELECT processgpt_sync_claim_v4(p_agent_orch => %(p_agent_orch)s::text, p_consumer => %(p_consumer)s::text, p_limit => %(p_limit)s::integer, p_lease_seconds => %(p_lease_seconds)s::integer, p_max_claims => %(p_max_claims)s::integer, p_tenant_id => %(p_tenant_id)s::text, p_fair => %(p_fair)s::boolean, p_max_running => %(p_max_running)s::integer, p_max_running_per_tenant => %(p_max_running_per_tenant)s::integer, p_call => %(p_call)s::uuid, p_instance => %(p_instance)s::text)
 
 -- record_events --

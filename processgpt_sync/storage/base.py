@@ -145,7 +145,8 @@ class Storage(abc.ABC):
     ) -> Claims:
         """Claim up to ``limit`` todos in one call: tenants in turn (``fair``) or oldest first,
         within the fleet-wide limits; ``held_back`` on the list counts the todos left for a
-        later call because another transaction held their process instance. ``call_id`` (a
+        later call because another transaction held their process instance (or trashed it
+        while the claim waited for it). ``call_id`` (a
         random UUID) names the call on its leases: if no answer arrives, the heartbeat names it
         and its todos are given back. ``instance`` names the server's run: a run that stopped
         or was superseded claims nothing."""

@@ -158,7 +158,8 @@ def _cancel_under_gone_roots(conninfo: str,
     except psycopg.Error as exc:
         logger.warning("todos of subprocesses whose root process instance was deleted for good "
                        "were not cancelled (%s: %s); they are never claimed, and the next "
-                       "init-db cancels them", exc.sqlstate, str(exc).strip(),
+                       "init-db cancels them", exc.sqlstate or type(exc).__name__,
+                       str(exc).strip(),
                        extra={"action": "init_db"})
         return 0
 

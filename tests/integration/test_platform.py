@@ -1477,29 +1477,38 @@ def test_an_instance_deleted_while_a_claim_waits_for_its_lock_is_left_by_that_cl
     """The UI's delete holds the instance's row while a claim, which found the todo before the
     delete committed, waits for it (up to 200 ms): once the delete commits, the claim reads the
     trash again and leaves the todo waiting, rather than running a process someone threw
-    away; and it says it left one, so its server claims again soon."""
+    away; and it says it left one, so its server claims again soon. (A claim that gave up its
+    wait, the commit coming late on a loaded machine, takes the free todo: tried again.)"""
     store, db = upstream
-    db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('binned'), ('free')")
-    todo = enqueue_in(db, "shared", "binned")
-    enqueue_in(db, "shared", "free")  # what a claim that gave up waiting would take instead
     result: dict[str, Any] = {}
-    with psycopg.connect(upstream_database_url) as ui:
-        trash(ui, "binned")  # not committed yet: the row is held
-        claim = threading.Thread(target=lambda: result.update(taken=claim_ours(store)))
-        claim.start()
-        deadline = time.monotonic() + 10
-        while not db.execute(  # the claim found the todo and waits for the instance's lock
-                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND pid <> pg_backend_pid() AND datname = current_database() "
-                "AND query LIKE '%processgpt_sync_claim%') AS w").fetchone()["w"]:
-            assert time.monotonic() < deadline, "the claim never waited for the instance"
-            time.sleep(0.005)
-        ui.commit()
-        claim.join(timeout=10)
-    assert not claim.is_alive()
+    for attempt in range(3):
+        result.clear()
+        db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES (%s), (%s)",
+                   (f"binned-{attempt}", f"free-{attempt}"))
+        todo = enqueue_in(db, "shared", f"binned-{attempt}")
+        free = enqueue_in(db, "shared", f"free-{attempt}")  # what a claim that gave up takes
+        with psycopg.connect(upstream_database_url) as ui:
+            trash(ui, f"binned-{attempt}")  # not committed yet: the row is held
+            claim = threading.Thread(target=lambda: result.update(taken=claim_ours(store)))
+            claim.start()
+            deadline = time.monotonic() + 10
+            while not db.execute(  # the claim found the todo and waits for the instance's lock
+                    "SELECT EXISTS (SELECT 1 FROM pg_stat_activity "
+                    "WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid() "
+                    "AND datname = current_database() "
+                    "AND query LIKE '%processgpt_sync_claim%') AS w").fetchone()["w"]:
+                assert time.monotonic() < deadline, "the claim never waited for the instance"
+                time.sleep(0.005)
+            ui.commit()
+            claim.join(timeout=10)
+        assert not claim.is_alive()
+        if [c.todo_id for c in result["taken"]] != [free]:
+            break
+        db.execute("DELETE FROM todolist WHERE id = %s", (free,))  # and its lease
     state = db.execute("SELECT draft_status::text AS d FROM todolist WHERE id = %s",
                        (todo,)).fetchone()["d"]
-    assert (result["taken"], result["taken"].held_back, state) == ([], 1, None)
+    assert ([c.todo_id for c in result["taken"]], result["taken"].held_back, state) == (
+        [], 1, None), f"attempt {attempt + 1}"
 
 
 def test_a_trash_column_the_platform_adds_after_init_db_is_named_at_start_until_init_db_again(
