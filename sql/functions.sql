@@ -1991,7 +1991,9 @@ RETURNS uuid[] LANGUAGE sql STABLE AS $$
 $$;
 
 -- One todo for `processgpt-sync show`: its row (without the fencing token), whether a server
--- would claim it, its lease, and its events in order. When the id matches no todo or several,
+-- would claim it, whether it waits only for its process instance to leave the platform's trash
+-- (`in_trash`) and whether that instance is in it at all (`instance_in_trash`), its lease, and
+-- its events in order. When the id matches no todo or several,
 -- only `matches` (the ids found).
 CREATE OR REPLACE FUNCTION processgpt_sync_show_v1(p_todo_id text)
 RETURNS jsonb LANGUAGE plpgsql STABLE AS $$
@@ -2027,7 +2029,8 @@ $$;
 -- `processgpt-sync retry`: a FAILED or CANCELLED todo becomes claimable again as if new
 -- (draft_status NULL, status IN_PROGRESS, claim count 0, no owner, no partial draft); its log
 -- keeps the history and gains a line. Running, waiting, completed and already claimable todos
--- are refused with the reason, as is a step its process finished (status DONE). When the id
+-- are refused with the reason, as is a step its process finished (status DONE) and a todo whose
+-- process instance (or root) is in the platform's trash or was deleted from it. When the id
 -- matches no todo or several, only `matches`.
 CREATE OR REPLACE FUNCTION processgpt_sync_retry_v1(p_todo_id text)
 RETURNS jsonb LANGUAGE plpgsql AS $$
@@ -2689,5 +2692,11 @@ BEGIN
     GRANT EXECUTE ON FUNCTION processgpt_sync_uuid_or_null_v1(text) TO PUBLIC;
     GRANT EXECUTE ON FUNCTION processgpt_sync_take_answer_v1(uuid) TO PUBLIC;
     GRANT EXECUTE ON FUNCTION processgpt_sync_answer_to_v1(text, text, timestamptz) TO PUBLIC;
+    -- the cancel under roots deleted for good, whatever role runs the platform's cron job
+    GRANT EXECUTE ON FUNCTION processgpt_sync_cancel_under_gone_roots_v1(text[]) TO PUBLIC;
+    GRANT EXECUTE ON FUNCTION processgpt_sync_free_of_held_insts_v1(uuid[]) TO PUBLIC;
+    GRANT EXECUTE ON FUNCTION processgpt_sync_lock_proc_insts_v1(uuid[], boolean, integer)
+        TO PUBLIC;
+    GRANT EXECUTE ON FUNCTION processgpt_sync_has_proc_insts_v1() TO PUBLIC;
 END
 $$;

@@ -127,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     init_db = command("init-db", "install or upgrade the schema and functions (idempotent; adds "
-                      "only what is missing to an existing ProcessGPT database and prints it)")
+                      "only what is missing to an existing ProcessGPT database and prints it; "
+                      "with the platform's trash, also cancels the todos left under process "
+                      "instances deleted for good)")
     init_db.add_argument("--dry-run", action="store_true",
                          help="print the SQL and what it would add, change nothing")
     init_db.set_defaults(func=cmd_init_db)

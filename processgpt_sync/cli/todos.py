@@ -45,9 +45,11 @@ def cmd_show(args: argparse.Namespace) -> int:
           f"tenant {row.get('tenant_id') or '-'}")
     print(f"state         {state}   (status {row.get('status')}, claimed "
           f"{row.get('claim_count') or 0} times)")
+    claimed = row.get("draft_status") in ("STARTED", "HUMAN_ASKED")
+    expired = bool(lease and lease.get("expired") and claimed)
     if lease:
         print(f"lease         held by {lease['consumer']} until {lease['expires_at']}")
-        if lease.get("expired") and row.get("draft_status") in ("STARTED", "HUMAN_ASKED"):
+        if expired:
             print("              expired: its server stopped renewing it; " + (
                 "its process instance is in the ProcessGPT trash, so no server takes the "
                 "todo over unless the instance is restored (never, once it is deleted for "
@@ -57,7 +59,12 @@ def cmd_show(args: argparse.Namespace) -> int:
                     else " once its process puts the step IN_PROGRESS")))
     if shown.get("in_trash"):
         print("              its process instance is in the ProcessGPT trash: no server runs it "
-              "unless the instance is restored")
+              "unless the instance is restored (never, once it is deleted for good: init-db "
+              "then cancels it)")
+    elif shown.get("instance_in_trash") and claimed and not expired:  # running, or upstream's
+        print("              its process instance is in the ProcessGPT trash: a run under way "
+              "goes on, and when its claim has run out no server takes the todo over unless the "
+              "instance is restored (never, once it is deleted for good)")
     elif row.get("draft_status") is None and not shown["claimable"]:
         print("              a server claims rows with status IN_PROGRESS, agent_mode DRAFT or "
               "COMPLETE and no draft")
