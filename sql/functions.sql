@@ -241,23 +241,35 @@ RETURNS boolean LANGUAGE sql STABLE AS $$
     SELECT false  -- no trash in this database
 $$;
 
+-- Whether a subprocess's root was deleted for good (the cron job deletes the root's own todos
+-- only): the subprocess is in the trash for good, never restored. Only where the subprocess has
+-- its row, so a database that does not record every instance loses nothing. The one rule the
+-- claim (in_trash_v1) and the cancel of such todos (cancel_under_gone_roots_v1) share.
+CREATE OR REPLACE FUNCTION processgpt_sync_root_gone_v1(p_proc_inst_id text,
+                                                        p_root_proc_inst_id text)
+RETURNS boolean LANGUAGE sql STABLE AS $$
+    SELECT false  -- no trash in this database
+$$;
+
 DO $$
 BEGIN
     IF processgpt_sync_has_trash_v1() THEN
+        CREATE OR REPLACE FUNCTION processgpt_sync_root_gone_v1(p_proc_inst_id text,
+                                                                p_root_proc_inst_id text)
+        RETURNS boolean LANGUAGE sql STABLE AS $f$
+            SELECT coalesce(p_root_proc_inst_id <> p_proc_inst_id, false)
+                   AND NOT EXISTS (SELECT 1 FROM bpm_proc_inst p
+                                   WHERE p.proc_inst_id = p_root_proc_inst_id)
+                   AND EXISTS (SELECT 1 FROM bpm_proc_inst p
+                               WHERE p.proc_inst_id = p_proc_inst_id)
+        $f$;
         CREATE OR REPLACE FUNCTION processgpt_sync_in_trash_v1(p_proc_inst_id text,
                                                                p_root_proc_inst_id text)
         RETURNS boolean LANGUAGE sql STABLE AS $f$
             SELECT EXISTS (SELECT 1 FROM bpm_proc_inst p
                            WHERE p.proc_inst_id IN (p_proc_inst_id, p_root_proc_inst_id)
                              AND p.is_deleted)
-                -- a subprocess whose root the cron job deleted for good (it deletes the root's
-                -- own todos only): deleted too, never restored. Only where the subprocess has
-                -- its row, so a database that does not record every instance loses nothing.
-                OR (coalesce(p_root_proc_inst_id <> p_proc_inst_id, false)
-                    AND NOT EXISTS (SELECT 1 FROM bpm_proc_inst p
-                                    WHERE p.proc_inst_id = p_root_proc_inst_id)
-                    AND EXISTS (SELECT 1 FROM bpm_proc_inst p
-                                WHERE p.proc_inst_id = p_proc_inst_id))
+                OR processgpt_sync_root_gone_v1(p_proc_inst_id, p_root_proc_inst_id)
         $f$;
     END IF;
 END
@@ -1879,7 +1891,7 @@ $$;
 -- good, never claimed, until init-db sweeps it (processgpt_sync_gone_roots_v1). Returns the
 -- count.
 CREATE OR REPLACE FUNCTION processgpt_sync_cancel_under_gone_roots_v1(p_roots text[])
-RETURNS integer LANGUAGE plpgsql AS $$  -- plpgsql: a database without bpm_proc_inst installs it
+RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
     v_ids uuid[];
 BEGIN
@@ -1888,14 +1900,11 @@ BEGIN
     END IF;
     v_ids := ARRAY(
         SELECT t.id FROM todolist t
-        WHERE t.root_proc_inst_id = ANY (p_roots) AND t.proc_inst_id <> t.root_proc_inst_id
-          AND t.status = 'IN_PROGRESS'
+        WHERE t.root_proc_inst_id = ANY (p_roots) AND t.status = 'IN_PROGRESS'
           AND (t.draft_status IN ('FB_REQUESTED', 'STARTED', 'HUMAN_ASKED')
                OR (t.draft_status IS NULL AND t.agent_mode IN ('DRAFT', 'COMPLETE')
                    AND t.draft IS NULL))
-          AND NOT EXISTS (SELECT 1 FROM bpm_proc_inst p
-                          WHERE p.proc_inst_id = t.root_proc_inst_id)
-          AND EXISTS (SELECT 1 FROM bpm_proc_inst p WHERE p.proc_inst_id = t.proc_inst_id)
+          AND processgpt_sync_root_gone_v1(t.proc_inst_id, t.root_proc_inst_id)
         ORDER BY t.id
         FOR UPDATE OF t SKIP LOCKED);
     -- and only those whose own instance is free now (each write touches it: the platform's
@@ -1915,16 +1924,10 @@ $$;
 -- good before this library's trigger existed, or its cancel skipped a held row): what init-db
 -- sweeps, after its install commits.
 CREATE OR REPLACE FUNCTION processgpt_sync_gone_roots_v1()
-RETURNS text[] LANGUAGE plpgsql STABLE AS $$
-BEGIN
-    IF NOT processgpt_sync_has_trash_v1() THEN
-        RETURN '{}';
-    END IF;
-    RETURN ARRAY(SELECT DISTINCT t.root_proc_inst_id FROM todolist t
-                 WHERE t.status = 'IN_PROGRESS' AND t.proc_inst_id <> t.root_proc_inst_id
-                   AND NOT EXISTS (SELECT 1 FROM bpm_proc_inst p
-                                   WHERE p.proc_inst_id = t.root_proc_inst_id));
-END
+RETURNS text[] LANGUAGE sql STABLE AS $$
+    SELECT ARRAY(SELECT DISTINCT t.root_proc_inst_id FROM todolist t
+                 WHERE t.status = 'IN_PROGRESS'
+                   AND processgpt_sync_root_gone_v1(t.proc_inst_id, t.root_proc_inst_id))
 $$;
 
 CREATE OR REPLACE FUNCTION processgpt_sync_roots_deleted_v1()
@@ -2698,5 +2701,6 @@ BEGIN
     GRANT EXECUTE ON FUNCTION processgpt_sync_lock_proc_insts_v1(uuid[], boolean, integer)
         TO PUBLIC;
     GRANT EXECUTE ON FUNCTION processgpt_sync_has_proc_insts_v1() TO PUBLIC;
+    GRANT EXECUTE ON FUNCTION processgpt_sync_root_gone_v1(text, text) TO PUBLIC;
 END
 $$;
