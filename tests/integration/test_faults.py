@@ -776,11 +776,12 @@ def test_a_link_silent_while_a_pool_connection_is_set_up_costs_no_worker(
                             statement_timeout=1.0)
     try:
         store.event_types()
-        configure, stalled = store._pool._configure, []
+        configure, stalled, counting = store._pool._configure, [], threading.Lock()
 
         def stalls_first(conn: psycopg.Connection[Any]) -> None:
-            if len(stalled) < 3:
-                stalled.append(proxy.stall())
+            with counting:  # the pool's workers set connections up at the same time
+                if len(stalled) < 3:
+                    stalled.append(proxy.stall())
             configure(conn)
 
         store._pool._configure = stalls_first
