@@ -33,5 +33,6 @@ def cmd_init_db(args: argparse.Namespace) -> int:
         print("\n".join(f"--   {line}" for line in added) or "--   nothing (up to date)")
         return 0
     print("\n".join(added))
-    print(f"schema installed{where}: " + (f"{len(added)} changes" if added else "up to date"))
+    print(f"schema installed{where}: " + (f"{len(added)} change" + "s" * (len(added) != 1) if added
+                                       else "up to date"))
     return 0

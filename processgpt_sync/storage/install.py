@@ -131,8 +131,9 @@ def install_schema(conninfo: str, *, if_changed: bool = False, dry_run: bool = F
         if not dry_run:  # in a transaction of its own: the schema is in place whatever it meets
             cancelled = _cancel_under_gone_roots(conninfo)
         if cancelled:
-            changes.append(f"cancel {cancelled} todos of subprocesses whose root process "
-                           "instance was deleted for good (a data change, after the schema's)")
+            changes.append(f"cancel {cancelled} todo{'s' * (cancelled != 1)} of subprocesses "
+                           "whose root process instance was deleted for good (a data change, "
+                           "after the schema's)")
         if added is not None:
             added[:] = changes
         if dry_run:

@@ -34,7 +34,7 @@ def cli(*args, env=None, timeout=120, check=True):
 def test_init_db_enqueue_status(empty_database_url):
     url = ["--database-url", empty_database_url]
     assert "schema installed" in cli("init-db", *url).stdout
-    assert "schema installed" in cli("init-db", *url).stdout, "idempotent"
+    assert "schema installed: up to date" in cli("init-db", *url).stdout, "idempotent"
     todo_id = cli("enqueue", *url, "--agent-orch", "cli-agent", "--input", "hi").stdout.strip()
     assert len(todo_id) == 36
     status = cli("status", *url).stdout
