@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -200,14 +201,21 @@ def test_health_of_a_server_whose_registry_cannot_be_read_is_a_database_problem(
     assert schema["ok"] and "warnings could not be read" in schema["detail"], schema
 
 def test_status_watch_refreshes_until_interrupted(database_url):
-    proc = subprocess.Popen([sys.executable, "-m", "processgpt_sync", "status", "--watch",
-                             "--interval", "0.2", "--database-url", database_url], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(2.0)
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=20)
-    assert proc.returncode == 130
-    assert out.count("agent_orch") >= 2, out
+    lines: list[str] = []
+    with subprocess.Popen([sys.executable, "-m", "processgpt_sync", "status", "--watch",
+                           "--interval", "0.2", "--database-url", database_url], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"}) as proc:
+        reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")))
+        reader.start()
+        try:
+            wait_for(lambda: "".join(lines).count("agent_orch") >= 2, timeout=30)
+            proc.send_signal(signal.SIGINT)  # after two snapshots: the CLI is running
+            proc.wait(timeout=20)
+        finally:
+            proc.kill()
+            reader.join(10)
+    assert proc.returncode == 130, "".join(lines)
 
 
 def one_line_error(result, *expected):

@@ -22,12 +22,12 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def spawn(database_url, target, *args, log):
+def spawn(database_url, target, *args, log, env=None):
     return subprocess.Popen(
         [sys.executable, "-m", "processgpt_sync", "--log-level", "DEBUG", "serve", target,
          "--database-url", database_url, *args],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)})
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
 
 
 def scalar(url, sql, *params):
@@ -57,7 +57,9 @@ def test_kill_9_mid_todo_is_reclaimed_by_another_process(database_url, tmp_path)
             first.kill()
             first.wait()
             killed_at = time.monotonic()
-            second = spawn(database_url, "tests.agents:patient", *args, log=log)
+            # a lease running out sends no NOTIFY: it is looked for every poll_interval
+            second = spawn(database_url, "tests.agents:patient", *args, log=log,
+                           env={"PROCESSGPT_POLL_INTERVAL": "1"})
             try:
                 wait_for(lambda: scalar(database_url, "SELECT draft_status::text FROM todolist")
                          == "COMPLETED", timeout=20)
@@ -66,7 +68,7 @@ def test_kill_9_mid_todo_is_reclaimed_by_another_process(database_url, tmp_path)
                 stop_process(second)
         finally:
             stop_process(first)
-    assert reclaimed_after < 2 + 2 + 3, "within lease + 2 s (+ process start-up)"
+    assert reclaimed_after < 2 + 1 + 3, "within lease + poll_interval (+ process start-up)"
     output = scalar(database_url, "SELECT output FROM todolist WHERE id = %s::uuid", todo)
     assert (output["resume"], output["attempt"]) == ("reclaim", 2)
     assert output["pid"] == second.pid

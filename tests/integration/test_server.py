@@ -18,6 +18,7 @@ import pytest
 from psycopg import sql
 
 import processgpt_sync as ps
+from processgpt_sync import watch
 from tests.conftest import open_backend, wait_for
 
 
@@ -435,7 +436,8 @@ def test_ui_cancel_runs_the_cancel_hook_and_writes_nothing_more(storage, db):
                                     (todo_id,)).fetchone()["n"] == 1)  # "before" is written
         cancelled_at = time.monotonic()
         db.execute("UPDATE todolist SET draft_status = 'CANCELLED' WHERE id = %s", (todo_id,))
-        limit = 1.0 if storage.backend == "postgres" else 2.5  # NOTIFY, or the heartbeat
+        limit = (1.5 if storage.backend == "postgres"  # by NOTIFY, or the next heartbeat
+                 else watch.POLLING_HEARTBEAT + watch.WATCHDOG_TICK + 1.0)
         wait_for(lambda: executor.cancelled, timeout=limit)
         assert time.monotonic() - cancelled_at < limit
         wait_for(lambda: server.stats()["cancelled"] == 1)

@@ -480,7 +480,13 @@ def test_heartbeats_run_while_a_todo_is_in_flight_and_stop_once_idle(supabase, d
                            "WHERE t.id = %s", (todo,)).fetchone()
         release.set()
         wait_for(lambda: server.stats()["completed"] == 1, timeout=20)
-        time.sleep(1.5)  # the heartbeat that reports the todo done
+
+        def no_heartbeat_for_a_while() -> bool:  # the one that reports the todo done is past
+            since = gateway.calls.copy()
+            time.sleep(1.3)
+            return not any(calls_since(gateway, since)[name] for name in HEARTBEAT_CALLS)
+
+        wait_for(no_heartbeat_for_a_while, timeout=15)
         before = gateway.calls.copy()
         time.sleep(2.5)
         idle_after = calls_since(gateway, before)

@@ -176,7 +176,7 @@ def test_a_revision_claimed_mid_run_tells_the_first_run_and_keeps_the_second_run
     server = ps.start(handle, agent_orch="a", storage=storage, workers=2)
     try:
         assert first_started.wait(10)
-        time.sleep(0.2)  # "first" is written
+        wait_for(lambda: event_data(db, todo_id) == [{"message": "first"}])  # it is written
         db.execute("UPDATE todolist SET draft_status = 'FB_REQUESTED', "
                    "feedback = '[{\"content\": \"again\"}]' WHERE id = %s", (todo_id,))
         wait_for(lambda: row(db, todo_id)["state"] == "COMPLETED")

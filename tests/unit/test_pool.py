@@ -57,8 +57,9 @@ def test_threads_grow_with_concurrent_calls_up_to_the_bound_and_the_rest_wait_th
         assert pool.threads == 3 and len(pool_threads("bound")) == 3
         release.set()
         assert settle(lambda: len(finished) == 5)
-        time.sleep(0.05)  # the last thread counts itself idle just after its call
-        assert pool.idle == 3, "threads that took a waiting call were owed to it, not idle"
+        # the last thread counts itself idle just after its call
+        assert settle(lambda: pool.idle == 3), \
+            "threads that took a waiting call were owed to it, not idle"
         assert pool.threads == 3
     finally:
         release.set()
