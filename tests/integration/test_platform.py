@@ -1495,7 +1495,7 @@ def test_todos_under_a_root_deleted_before_init_db_are_never_run_and_init_db_can
     done: list[str] = []
     install_schema(upstream_database_url, added=done)
     after = todo_states(db)
-    cancel = "cancel 1 todos of subprocesses whose root process instance was deleted for good"
+    cancel = "cancel 1 todo of subprocesses whose root process instance was deleted for good"
     planned, done = ([line for line in lines if line.startswith(cancel)]
                      for lines in (planned, done))
     assert sorted(c.todo_id for c in taken) == sorted([unrecorded, rootless])
