@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 from .errors import NoResultError, PayloadError, StorageUnavailable
 from .event_writer import EventBuffer, log_rejected
 from .models import AwaitingHuman
-from .outcomes import Outcome, OutcomeWriter, Stored
+from .outcomes import TIMEOUTS_ALONE_MAX, Outcome, OutcomeWriter, Stored
 from .payload import error_text, snapshot_json, unwrap_text
-from .retrying import HELD_ROW_WARN_AFTER, backoff, held_back_wait
+from .retrying import HELD_ROW_WARN_AFTER, STATEMENT_TIMEOUT, backoff, held_back_wait
 from .runs import UNSET, TodoRun
 from .storage.base import Storage, WriteOutcome
 
@@ -314,10 +314,26 @@ class Recorder:
             return
         events = self._buffer.take(run.todo_id, run.claim.token, ids=True)
         try:
-            outcome = self.retry(
-                lambda: self._storage.save_result(run.claim, data, final=False, events=events),
-                run, "save_draft",
-            )
+            with run.clock_stopped():
+                outcome = self.retry(
+                    lambda: self._storage.save_result(run.claim, data, final=False,
+                                                      events=events),
+                    run, "save_draft", for_executor=True,
+                )
+        except StorageUnavailable as exc:  # its events go out with the todo's next write
+            self._buffer.give_back(run.todo_id, run.claim.token, events)
+            if not run.is_open():  # nothing the executor does now is recorded
+                self._log.info("draft of todo %s not written: the todo ended (%s) while the "
+                               "database was unavailable", run.todo_id, run.cancel_reason,
+                               extra=self._todo_extra(run, "save_draft"))
+                return
+            if self._abort.is_set():
+                raise
+            self._log.warning("draft of todo %s dropped: writing it ran past the statement "
+                              "timeout %d times (%s); the next draft or its result will be "
+                              "written", run.todo_id, TIMEOUTS_ALONE_MAX, exc,
+                              extra=self._todo_extra(run, "save_draft"))
+            return
         except BaseException:  # not written: the events go out with the todo's next write
             self._buffer.give_back(run.todo_id, run.claim.token, events)
             raise
@@ -363,10 +379,14 @@ class Recorder:
             self._log.info("dropped %d unwritten events of todo %s", len(dropped), run.todo_id,
                            extra=self._todo_extra(run, "discard_events"))
 
-    def retry(self, write: Callable[[], T], run: TodoRun, action: str) -> T:
+    def retry(self, write: Callable[[], T], run: TodoRun, action: str, *,
+              for_executor: bool = False) -> T:
         """Retry a write through database outages (capped back-off with jitter) until it is
-        done; give up only when the server is told to exit now."""
-        attempt = 0
+        done; give up only when the server is told to exit now. A write the executor waits on
+        (``for_executor``) also gives up once the todo ends (cancelled, timed out, lost, shut
+        down) and when it ran past the statement timeout ``TIMEOUTS_ALONE_MAX`` times in a row
+        (the same write would again): it raises the last StorageUnavailable."""
+        attempt = timeouts = 0
         while True:
             try:
                 return write()
@@ -374,9 +394,16 @@ class Recorder:
                 attempt += 1
                 if self._abort.is_set():
                     raise
+                if for_executor:
+                    timeouts = timeouts + 1 if exc.code == STATEMENT_TIMEOUT else 0
+                    if not run.is_open() or timeouts >= TIMEOUTS_ALONE_MAX:
+                        raise
                 self._log.warning("%s for todo %s failed (attempt %d), retrying: %s", action,
                                   run.todo_id, attempt, exc, extra=self._todo_extra(run, action))
-                time.sleep(backoff(attempt))
+                if for_executor:  # a cancel ends the wait
+                    run.cancel_event.wait(backoff(attempt))
+                else:
+                    time.sleep(backoff(attempt))
 
 
 def _on_event_loop() -> bool:

@@ -5,13 +5,14 @@ Plain state under the run's own lock: no database, no user code, no knowledge of
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .errors import ProcessGPTSyncError
@@ -57,6 +58,8 @@ class TodoRun:
         self.slot_released = False
         self.executor_returned = False  # its thread is free again
         self.leaving = False  # its executor returned; the context around it is being left
+        self.writing_for_executor = 0  # writes the executor waits on (see clock_stopped)
+        self._writing_since = 0.0
         self._ended = False
         me = weakref.ref(self)
         self.events = Events(
@@ -89,6 +92,23 @@ class TodoRun:
             if self.timeout is not None:
                 self.deadline = self.started + self.timeout
             return True
+
+    @contextlib.contextmanager
+    def clock_stopped(self) -> Iterator[None]:
+        """The executor waits on a write of ours (a draft, retried through an outage): that
+        time is the database's, so the todo's timeout does not count it (the heartbeat leaves
+        a run in such a write alone; its deadline moves on by the time the write took)."""
+        with self.lock:
+            self.writing_for_executor += 1
+            if self.writing_for_executor == 1:
+                self._writing_since = time.monotonic()
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.writing_for_executor -= 1
+                if not self.writing_for_executor and self.deadline is not None:
+                    self.deadline += time.monotonic() - self._writing_since
 
     def is_open(self) -> bool:
         return not self.closed and not self.cancel_event.is_set()

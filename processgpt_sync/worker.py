@@ -219,6 +219,8 @@ class TodoWorker:
         with run.lock:  # the outcome is the timeout's, whatever the executor returns now
             if run.closed or run.deadline is None:  # decided, or its executor has ended
                 return
+            if run.writing_for_executor:  # waiting on the database, not on the executor
+                return
             run.closed = True
             run.cancel_reason = "timeout"
             run.cancel_event.set()

@@ -846,3 +846,79 @@ def test_a_listener_that_stopped_listening_claims_what_it_missed_once_listening_
             assert server.stats()["listener_reconnects"] >= 1
     finally:
         store.close()
+
+
+def test_a_draft_waiting_out_a_partition_does_not_count_against_the_todos_timeout(
+        proxy, database_url, db):
+    """The timeout is the executor's: a draft it writes while the database is away is retried
+    until the link heals, and that wait is the database's time. The todo completes instead of
+    timing out during the partition."""
+    store = proxied_storage("postgres", proxy, database_url)
+    [todo_id] = enqueue(db, 1)
+    started, go = threading.Event(), threading.Event()
+
+    def drafts_then_returns(todo: ps.Todo) -> dict[str, Any]:
+        started.set()
+        go.wait(10)
+        todo.events.result({"draft": 1}, final=False)
+        return {"done": True}
+
+    try:
+        server = ps.start(drafts_then_returns, agent_orch="faults", storage=store, workers=1,
+                          timeout=1.0, lease_seconds=60, poll_interval=0.5)
+        try:
+            assert started.wait(10)
+            proxy.partition()
+            go.set()
+            # past the bound within which a todo times out while the database is away (see
+            # test_timeouts_are_enforced_for_every_todo_while_the_database_is_away)
+            time.sleep(1.0 + STATEMENT_TIMEOUT + DEADLINE_MARGIN + 2.0)
+            proxy.heal()
+            wait_for(lambda: completed(db) == 1, timeout=30)
+        finally:
+            proxy.heal()
+            server.stop(timeout=5)
+    finally:
+        close_storage(store)
+    row = db.execute("SELECT output, log FROM todolist WHERE id = %s", (todo_id,)).fetchone()
+    assert row["output"] == {"done": True}
+    assert "timed out" not in (row["log"] or "")
+
+
+def test_a_stop_ends_a_draft_waiting_out_a_partition_and_the_executor_goes_on(
+        proxy, database_url, db, caplog):
+    """A draft retried through a partition stops waiting once the todo ends (here the stop
+    cancels it): the draft is dropped with a line saying why, and the executor's call returns
+    instead of raising the database's error into it when the server gives up."""
+    caplog.set_level(logging.INFO, logger="processgpt_sync")
+    store = proxied_storage("postgres", proxy, database_url)
+    [todo_id] = enqueue(db, 1)
+    started, go = threading.Event(), threading.Event()
+    seen: list[Any] = []
+
+    def drafts(todo: ps.Todo) -> dict[str, Any]:
+        started.set()
+        go.wait(10)
+        try:
+            todo.events.result({"draft": 1}, final=False)
+            seen.append("returned")
+        except Exception as exc:
+            seen.append(exc)
+        return {"done": True}
+
+    try:
+        server = ps.start(drafts, agent_orch="faults", storage=store, workers=1,
+                          lease_seconds=60, poll_interval=0.5)
+        try:
+            assert started.wait(10)
+            proxy.partition()
+            go.set()
+            wait_for(lambda: f"save_draft for todo {todo_id} failed" in caplog.text, timeout=10)
+        finally:
+            server.stop(timeout=0.5)
+            wait_for(lambda: seen, timeout=10)  # once the write under way gives up
+            proxy.heal()
+    finally:
+        close_storage(store)
+    assert seen == ["returned"]
+    assert f"draft of todo {todo_id} not written: the todo ended (shutdown)" in caplog.text

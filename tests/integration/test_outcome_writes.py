@@ -18,7 +18,7 @@ import processgpt_sync as ps
 from processgpt_sync.errors import ServerFailed
 from processgpt_sync.event_writer import EventBuffer
 from processgpt_sync.inflight import InFlight
-from processgpt_sync.outcomes import Outcome, OutcomeWriter
+from processgpt_sync.outcomes import TIMEOUTS_ALONE_MAX, Outcome, OutcomeWriter
 from processgpt_sync.runs import TodoRun
 from processgpt_sync.settings import Settings
 from processgpt_sync.shutdown import Shutdown
@@ -661,3 +661,43 @@ def test_a_stop_gives_back_the_runs_it_stopped_not_one_whose_outcome_is_on_its_w
         "SELECT query, draft_status::text AS state FROM todolist")}
     assert states == {"ending": "STARTED", "running": None}
     assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 1
+
+
+def test_a_draft_that_keeps_timing_out_is_dropped_and_the_todo_goes_on(database_url, db,
+                                                                        caplog):
+    """A draft the executor writes runs past the statement timeout again and again (a site's
+    trigger makes it slow): after ``TIMEOUTS_ALONE_MAX`` tries it is dropped with a warning,
+    not retried for ever while the executor waits; the executor goes on, its event before the
+    draft is written with its result."""
+    caplog.set_level(logging.WARNING)
+    db.execute("""
+        CREATE FUNCTION slow_draft() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN PERFORM pg_sleep(2); RETURN NEW; END $$;
+        CREATE TRIGGER slow_draft BEFORE UPDATE ON todolist FOR EACH ROW
+            WHEN (NEW.output ? 'slow' OR NEW.draft ? 'slow') EXECUTE FUNCTION slow_draft();""")
+    storage = PostgresStorage(database_url, statement_timeout=0.5)
+    todo_id = storage.enqueue(AGENT, "q")
+    went_on = threading.Event()
+
+    def drafts(todo: ps.Todo) -> dict[str, Any]:
+        todo.events.progress({"step": 1})
+        todo.events.result({"slow": True}, final=False)
+        went_on.set()
+        return {"done": True}
+
+    try:
+        with ps.start(drafts, agent_orch=AGENT, storage=storage, workers=1):
+            wait_for(lambda: db.execute("SELECT draft_status::text AS s FROM todolist WHERE "
+                                        "id = %s", (todo_id,)).fetchone()["s"] == "COMPLETED",
+                     timeout=30)
+    finally:
+        storage.close()
+    assert went_on.is_set()
+    assert (f"draft of todo {todo_id} dropped: writing it ran past the statement timeout "
+            f"{TIMEOUTS_ALONE_MAX} times") in caplog.text
+    assert caplog.text.count(f"save_draft for todo {todo_id} failed") == TIMEOUTS_ALONE_MAX - 1
+    row = db.execute("SELECT output, draft FROM todolist WHERE id = %s", (todo_id,)).fetchone()
+    assert row["output"] == {"done": True} and row["draft"] is None
+    steps = db.execute("SELECT count(*) AS n FROM events WHERE todo_id = %s AND event_type = "
+                       "'task_working'", (todo_id,)).fetchone()["n"]
+    assert steps == 1
