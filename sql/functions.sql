@@ -2704,3 +2704,9 @@ BEGIN
     GRANT EXECUTE ON FUNCTION processgpt_sync_root_gone_v1(text, text) TO PUBLIC;
 END
 $$;
+
+-- PostgREST (Supabase's REST API) keeps a cache of the functions it can call: told to reload
+-- it, the functions above are callable at once, not after its next restart. Sent when this
+-- transaction commits; nothing listens on a plain PostgreSQL, and a rolled-back install sends
+-- nothing.
+NOTIFY pgrst, 'reload schema';

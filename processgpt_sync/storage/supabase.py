@@ -69,7 +69,9 @@ def wrap_exceptions(target: str, status: Callable[[], int | None] = lambda: None
         message = exc.message or str(exc)
         if code == "PGRST202":
             raise SchemaMissing(
-                f"function {target} not found by Supabase: {message}; {INSTALL_HINT}",
+                f"function {target} not found by Supabase: {message}; {INSTALL_HINT}. Installed "
+                "already? Then the REST API's schema cache is older than the install: run "
+                "NOTIFY pgrst, 'reload schema'; in the SQL editor (init-db sends it)",
                 code=code, hint=exc.hint,
             ) from exc
         if unavailable(code, status()):

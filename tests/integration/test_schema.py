@@ -187,3 +187,16 @@ def test_init_db_keeps_one_index_on_events_todo_id_beside_the_platforms(platform
 def test_a_fresh_database_gets_its_index_on_events_todo_id(database_url):
     with psycopg.connect(database_url) as conn:
         assert conn.execute("SELECT to_regclass('events_todo_id_idx') IS NOT NULL").fetchone()[0]
+
+
+def test_an_install_tells_postgrest_to_reload_its_schema_cache_and_a_dry_run_does_not(
+        empty_database_url):
+    """Supabase's REST API finds the functions init-db added only once PostgREST reloads its
+    schema cache: the install asks it to (``NOTIFY pgrst``), when it commits."""
+    with psycopg.connect(empty_database_url, autocommit=True) as listener:
+        listener.execute("LISTEN pgrst")
+        install_schema(empty_database_url, dry_run=True)
+        assert [n.payload for n in listener.notifies(timeout=0.5)] == []
+        install_schema(empty_database_url)
+        assert [n.payload for n in listener.notifies(timeout=2, stop_after=1)] == [
+            "reload schema"]

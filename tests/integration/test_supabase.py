@@ -32,7 +32,7 @@ def test_missing_schema_names_the_functions_and_the_fix(empty_database_url):
         store = SupabaseStorage(gateway.url, SERVICE_KEY)
         with pytest.raises(ps.SchemaMissing, match=r"processgpt_sync_claim_v4.*SQL editor"):
             store.check_schema()
-        with pytest.raises(ps.SchemaMissing, match="not found by Supabase"):
+        with pytest.raises(ps.SchemaMissing, match=r"not found by Supabase.*reload schema"):
             store.enqueue("a", "x")
     finally:
         gateway.close()
