@@ -10,6 +10,7 @@ from typing import Any
 
 from . import embedded
 from .errors import (
+    AccessDenied,
     ConfigurationError,
     ExecutorError,
     ExecutorTimeout,
@@ -48,6 +49,7 @@ def ask_human(question: str, **options: Any) -> Any:
 
 
 __all__ = [
+    "AccessDenied",
     "ConfigurationError",
     "Events",
     "ExecutorError",

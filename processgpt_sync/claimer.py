@@ -23,7 +23,7 @@ from .infra import infrastructure_problem
 from .models import Claim, Claims
 from .pool import WorkerPool
 from .recorder import Recorder
-from .retrying import backoff, held_back_wait
+from .retrying import backoff, denied_for_good, held_back_wait
 from .runs import TodoRun
 from .settings import MAX_PENDING_EVENTS, Settings
 from .shutdown import Shutdown
@@ -99,7 +99,7 @@ class Claimer:
             try:
                 claims = self._claim(min(free, CLAIM_BATCH), call_id)
             except (StorageError, OSError) as exc:
-                reason = _refusal(exc)
+                reason = _refusal(exc) or denied_for_good(exc, self._storage.last_success)
                 if reason is not None:  # no retry can succeed: stop before claiming anything
                     self._log.error("%s; this server stops", exc, extra=self._extra)
                     if self._refused is not None:

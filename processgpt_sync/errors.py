@@ -6,6 +6,7 @@ Our exception hierarchy::
     ├── ConfigurationError
     ├── StorageError
     │   ├── StorageUnavailable
+    │   │   └── AccessDenied
     │   └── SchemaMissing
     ├── PayloadError
     ├── HumanTimeout
@@ -46,6 +47,13 @@ class StorageError(ProcessGPTSyncError):
 
 class StorageUnavailable(StorageError):
     """The database cannot be reached right now; the request may be retried."""
+
+
+class AccessDenied(StorageUnavailable):
+    """The database refuses this server's key or role (a wrong, expired or revoked key; a
+    missing grant). Writes wait for it as through an outage, so nothing is dropped for it; a
+    server refused this way at start, or for ``retrying.ACCESS_DENIED_STOP_AFTER`` seconds
+    in a row, stops (a restart with the right key is the fix)."""
 
 
 class SchemaMissing(StorageError):

@@ -4,6 +4,9 @@ full jitter, shared by every loop that retries through an outage."""
 from __future__ import annotations
 
 import random
+import time
+
+from .errors import AccessDenied
 
 STATEMENT_TIMEOUT = "57014"  # SQLSTATE query_canceled: the server ended a statement it ran
 HELD_ROW_WARN_AFTER = 5.0  # seconds a todo row held by another transaction may delay its writes
@@ -12,6 +15,8 @@ RETRY_DELAY_MAX = 2.0  # seconds between write attempts during an outage (a heal
 # within this; each attempt waits for a pooled connection first, so retries stay cheap)
 HELD_BACK_RETRY = 0.5  # seconds: first wait before asking again for todos a claim or a give-back
 # left for a process instance another transaction held (nothing announces when it is free)
+ACCESS_DENIED_STOP_AFTER = 60.0  # seconds of refusals of the key, with no call answered meanwhile,
+# before a server stops (one refusal may be a gateway's blip; a revoked key stays revoked)
 HELD_BACK_MAX = 2.0  # seconds: the longest such wait, however long the instance is held
 
 
@@ -24,3 +29,15 @@ def held_back_wait(asked: int) -> float:
     """Seconds before asking again for todos left for a process instance another transaction
     holds, after ``asked`` calls in a row that left some: 0.5, 1, then every 2."""
     return float(min(HELD_BACK_RETRY * 2 ** min(max(asked, 1) - 1, 8), HELD_BACK_MAX))
+
+
+def denied_for_good(exc: BaseException, last_success: float) -> str | None:
+    """Why the server should stop, when ``exc`` refuses its key and no call was answered for
+    ``ACCESS_DENIED_STOP_AFTER`` seconds (``last_success`` is the storage's, monotonic)."""
+    if not isinstance(exc, AccessDenied):
+        return None
+    silent = time.monotonic() - last_success
+    if silent < ACCESS_DENIED_STOP_AFTER:
+        return None
+    return (f"{exc}; every call was refused for {silent:.0f}s, so this server stops (start it "
+            "again with the right key)")

@@ -187,7 +187,7 @@ class Server:
         watchers = Watchers(parts.storage, self.settings, inflight=self._inflight,
                             worker=parts.worker, desk=parts.desk, stats=self._stats,
                             registry=self._registry_row, stop=self._threads_stop,
-                            log=self._log, extra=self._extra, superseded=self._fail)
+                            log=self._log, extra=self._extra, fail=self._fail)
         self._gc.hold(self._log, self._extra)  # before the first todo runs
         try:
             if listener is not None:

@@ -37,6 +37,7 @@ from typing import Any
 
 from . import embedded, signals
 from .errors import (
+    AccessDenied,
     ConfigurationError,
     SchemaMissing,
     ServerFailed,
@@ -258,7 +259,8 @@ def child_main(spec: ChildSpec, index: int, supervisor: int | None = None) -> No
         log.error("server process %d: %s", index, exc)
         # Refused at start (a wrong key, no permission): a restart would be refused again.
         # An outage is worth one.
-        _exit(EXIT_FAILED if isinstance(exc, StorageUnavailable) else EXIT_CONFIG)
+        unavailable = isinstance(exc, StorageUnavailable) and not isinstance(exc, AccessDenied)
+        _exit(EXIT_FAILED if unavailable else EXIT_CONFIG)
     except ServerFailed as exc:
         log.error("server process %d: %s", index, exc)
         _exit(EXIT_FAILED)

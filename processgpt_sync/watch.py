@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 from .errors import StorageError
 from .human import ANSWER_CHANNEL, HumanDesk
 from .inflight import InFlight
-from .retrying import backoff
+from .retrying import backoff, denied_for_good
 from .settings import Settings
 from .stats import ServerStats
 from .storage import Storage
@@ -147,11 +147,11 @@ class Watchers:
                  worker: TodoWorker, desk: HumanDesk, stats: ServerStats,
                  registry: Callable[[float], dict[str, Any]], stop: threading.Event,
                  log: logging.Logger, extra: dict[str, Any],
-                 superseded: Callable[[str], None] | None = None) -> None:
+                 fail: Callable[[str], None] | None = None) -> None:
         """:param registry: this server's registry row, given the heartbeat interval.
-        :param superseded: called (once) with the reason when the database says a newer run
-            took this server's consumer name: the server stops."""
-        self._superseded = superseded
+        :param fail: called (once) with the reason when the server must stop: the database
+            says a newer run took its consumer name, or it refused its key for good."""
+        self._fail = fail
         self._inflight = inflight
         self._worker = worker
         self._desk = desk
@@ -178,7 +178,7 @@ class Watchers:
         next_renewal = time.monotonic()
         next_alarm = 0.0
         failing = False
-        superseded = False
+        failed = False  # the server was told to stop
         while not self._stop.wait(WATCHDOG_TICK):
             now = time.monotonic()
             runs = self._inflight.runs()
@@ -207,6 +207,12 @@ class Watchers:
                     self._log.debug("heartbeat cut short by the stop: %s", exc,
                                     extra={**self._extra, "action": "heartbeat"})
                     return
+                denied = denied_for_good(exc, storage.last_success)
+                if denied is not None and not failed:
+                    failed = True
+                    self._log.error(denied, extra={**self._extra, "action": "heartbeat"})
+                    if self._fail is not None:
+                        self._fail(denied)
                 failing = True
                 self._inflight.claim_unanswered |= orphans_possible
                 self._log.warning("heartbeat failed, retrying: %s", exc,
@@ -223,14 +229,14 @@ class Watchers:
                         extra={**self._extra, "action": "heartbeat"})
                 continue
             failing = False
-            if report.superseded and not superseded:
-                superseded = True
+            if report.superseded and not failed:
+                failed = True
                 reason = (f"this server's heartbeats are refused: a newer server runs under the "
                           f"same consumer name {self.settings.consumer!r} (give each server a "
                           f"PROCESSGPT_CONSUMER of its own); this one stops")
                 self._log.error(reason, extra={**self._extra, "action": "heartbeat"})
-                if self._superseded is not None:
-                    self._superseded(reason)
+                if self._fail is not None:
+                    self._fail(reason)
             # Idle, only the registry row needs refreshing: no faster than leases need.
             next_renewal = now + (interval if live else idle)
             busy = bool(live)

@@ -21,7 +21,13 @@ import httpx
 from postgrest.exceptions import APIError
 
 from ..deep_json import read_json
-from ..errors import ConfigurationError, SchemaMissing, StorageError, StorageUnavailable
+from ..errors import (
+    AccessDenied,
+    ConfigurationError,
+    SchemaMissing,
+    StorageError,
+    StorageUnavailable,
+)
 from ..queries import function_name
 from .base import FOREIGN_KEY_VIOLATION, INSTALL_HINT, Storage
 
@@ -57,6 +63,28 @@ def unavailable(code: str | None, status: int | None) -> bool:
     return status is not None and (status in _GATEWAY_STATUSES or status >= 500)
 
 
+_SERVICE_KEY_NAMES = "SUPABASE_KEY, SUPABASE_SERVICE_ROLE_KEY or SERVICE_ROLE_KEY"
+
+
+def _access_advice(code: str | None, status: int | None, message: str) -> str | None:
+    """What to do about an answer that refuses this server's key or role; None for any other
+    answer."""
+    if code == "PGRST301" or "JWT" in message:
+        return (f"the key is not a valid JWT of this project, or it expired: set the project's "
+                f"service-role key ({_SERVICE_KEY_NAMES})")
+    if code == "PGRST302":
+        return f"the request carried no key: set the service-role key ({_SERVICE_KEY_NAMES})"
+    if (code in ("401", None) and status == 401) or "API key" in message:
+        return (f"the key is not this project's, or it was revoked: set the project's "
+                f"service-role key ({_SERVICE_KEY_NAMES}), not the anon key")
+    if code in ("403", "42501") or (code is None and status == 403) or (
+            "permission denied" in message):
+        return ("the key's role may not call this library's functions: use the service-role "
+                f"key ({_SERVICE_KEY_NAMES}), not the anon key; with it, run "
+                "`processgpt-sync init-db` again, which grants them")
+    return None
+
+
 @contextmanager
 def wrap_exceptions(target: str, status: Callable[[], int | None] = lambda: None
                     ) -> Iterator[None]:
@@ -77,13 +105,10 @@ def wrap_exceptions(target: str, status: Callable[[], int | None] = lambda: None
         if unavailable(code, status()):
             raise StorageUnavailable(f"Supabase unavailable ({target}): {message}",
                                      code=code, hint=exc.hint) from exc
-        auth_words = ("API key", "JWT", "permission denied")
-        if code in ("401", "403", "42501", "PGRST301", "PGRST302") or any(
-            word in message for word in auth_words
-        ):
-            raise StorageError(
-                f"Supabase refused {target} ({code}): {message}; use the service-role key "
-                "(SUPABASE_KEY, SUPABASE_SERVICE_ROLE_KEY or SERVICE_ROLE_KEY), not the anon key",
+        advice = _access_advice(code, status(), message)
+        if advice is not None:
+            raise AccessDenied(
+                f"Supabase refused {target} ({code or f'HTTP {status()}'}): {message}; {advice}",
                 code=code, hint=exc.hint,
             ) from exc
         if (code is None or code == "404") and status() == 404:

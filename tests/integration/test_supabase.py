@@ -631,3 +631,95 @@ def test_outcomes_past_the_roles_statement_timeout_are_written_in_halves_or_refu
     assert result is None and failure.code == "57014", (result, failure)
     assert db.execute("SELECT count(*) AS n FROM todolist WHERE output IS NOT NULL OR "
                       "draft IS NOT NULL").fetchone()["n"] == 7
+
+
+def test_a_key_revoked_mid_run_keeps_the_todos_writes_waiting_until_it_is_accepted_again(
+        supabase, db, caplog):
+    """The key is refused while a todo runs (rotated, or the gateway briefly refuses it): the
+    todo's events and result are not dropped as refused, nor the todo recorded FAILED; they
+    wait as through an outage and are written once the key is accepted again."""
+    gateway = supabase.gateway
+    caplog.set_level(logging.WARNING)
+    started, go = threading.Event(), threading.Event()
+
+    def handle(todo: ps.Todo) -> dict[str, Any]:
+        started.set()
+        go.wait(10)
+        todo.events.progress({"step": 1})
+        return {"ok": todo.input}
+
+    todo_id = supabase.enqueue("a", "q")
+    server = ps.start(handle, agent_orch="a", storage=supabase, workers=1, poll_interval=0.5)
+    try:
+        assert started.wait(10)
+        gateway.key = "a-revoked-key"
+        go.set()
+        wait_for(lambda: "Supabase refused" in caplog.text, timeout=10)
+        time.sleep(1)  # the writes meet the refusal again and again
+        state = db.execute("SELECT draft_status::text AS s FROM todolist WHERE id = %s",
+                           (todo_id,)).fetchone()["s"]
+        gateway.key = SERVICE_KEY
+        wait_for(lambda: server.stats()["completed"] == 1, timeout=15)
+        assert server.failure is None
+    finally:
+        gateway.key = SERVICE_KEY
+        server.stop(timeout=5)
+    assert state == "STARTED"
+    row = db.execute("SELECT draft_status::text AS s, output FROM todolist WHERE id = %s",
+                     (todo_id,)).fetchone()
+    assert (row["s"], row["output"]) == ("COMPLETED", {"ok": "q"})
+    events = db.execute("SELECT event_type FROM events WHERE todo_id = %s ORDER BY timestamp",
+                        (todo_id,)).fetchall()
+    assert [e["event_type"] for e in events] == ["task_working", "crew_completed"]
+    assert "not this project's, or it was revoked" in caplog.text
+    assert "dropped" not in caplog.text and "refused (" not in caplog.text
+
+
+def test_a_server_whose_key_stays_refused_stops_and_says_why(supabase, monkeypatch, caplog):
+    """A revoked key stays revoked: once every call has been refused for
+    ``ACCESS_DENIED_STOP_AFTER`` seconds the server stops (ServerFailed naming the key), instead
+    of retrying for ever; a refusal shorter than that is retried."""
+    monkeypatch.setattr("processgpt_sync.retrying.ACCESS_DENIED_STOP_AFTER", 3.0)
+    caplog.set_level(logging.WARNING)
+    server = ps.start(lambda todo: {}, agent_orch="a", storage=supabase, workers=1,
+                      poll_interval=0.5)
+    try:
+        refused_at = time.monotonic()
+        supabase.gateway.key = "a-revoked-key"
+        wait_for(lambda: server.failure is not None, timeout=15)
+        took = time.monotonic() - refused_at
+        assert server.join(15), "the failed server stops"
+    finally:
+        supabase.gateway.key = SERVICE_KEY
+        server.stop(timeout=5)
+    assert took >= 3.0
+    assert isinstance(server.failure, ps.ServerFailed)
+    assert "refused" in str(server.failure) and "service-role key" in str(server.failure)
+    assert "so this server stops" in caplog.text
+
+
+@pytest.mark.parametrize(("answer", "advice"), [
+    ((401, {"code": "PGRST301", "message": "JWT expired", "details": None, "hint": None}),
+     "not a valid JWT of this project, or it expired"),
+    ((401, {"code": "PGRST302", "message": "Anonymous access is disabled", "details": None,
+            "hint": None}), "carried no key"),
+    ((401, {"message": "Invalid API key"}), "not this project's, or it was revoked"),
+    ((403, {"code": "42501", "message": "permission denied for function "
+            "processgpt_sync_enqueue_v1", "details": None, "hint": None}),
+     "may not call this library's functions"),
+    ((403, "<html><body>Forbidden</body></html>"), "may not call this library's functions"),
+], ids=["jwt-expired", "no-key", "invalid-key", "no-grant", "forbidden-page"])
+def test_each_refusal_of_the_key_is_access_denied_with_what_to_do(supabase, answer, advice):
+    """Every way the API refuses the key or its role is AccessDenied (a write waits for it; a
+    server stops after a while), with the HTTP status where the answer has no code. A refusal
+    of the call itself stays a plain StorageError."""
+    supabase.gateway.gateway_answers["processgpt_sync_enqueue_v1"] = [answer]
+    with pytest.raises(ps.AccessDenied) as refused:
+        supabase.enqueue("a", "x")
+    assert advice in str(refused.value) and "(None)" not in str(refused.value)
+    supabase.gateway.gateway_answers["processgpt_sync_enqueue_v1"] = [
+        (400, {"code": "P0001", "message": "agent_orch must not be empty", "details": None,
+               "hint": None})]
+    with pytest.raises(ps.StorageError) as failed:
+        supabase.enqueue("a", "x")
+    assert not isinstance(failed.value, ps.StorageUnavailable)
