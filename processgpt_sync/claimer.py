@@ -110,7 +110,7 @@ class Claimer:
                 advice = infrastructure_problem(exc) or str(exc)
                 self._log.warning("claim failed (attempt %d), retrying: %s", attempt, advice,
                                   extra=self._extra)
-                self._stopping.wait(backoff(attempt, base=0.25))
+                self._stopping.wait(backoff(attempt, base=0.25, after=exc))
                 continue
             if attempt:
                 self._log.info("database reachable again", extra=self._extra)

@@ -48,6 +48,9 @@ class StorageError(ProcessGPTSyncError):
 class StorageUnavailable(StorageError):
     """The database cannot be reached right now; the request may be retried."""
 
+    retry_after: float | None = None
+    """Seconds the service asked to wait before the next request (HTTP ``Retry-After``)."""
+
 
 class AccessDenied(StorageUnavailable):
     """The database refuses this server's key or role (a wrong, expired or revoked key; a

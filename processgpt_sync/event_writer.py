@@ -219,7 +219,7 @@ class EventBuffer:
                     extra={"action": "write_events"},
                 )
                 self._requeue(again)
-                time.sleep(backoff(attempt))
+                time.sleep(backoff(attempt, after=exc))
                 continue
             except Exception:  # a bug, not a bad event (those are refused one by one)
                 logger.exception("writing a batch of %d events failed unexpectedly; it is not "

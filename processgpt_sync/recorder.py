@@ -401,9 +401,9 @@ class Recorder:
                 self._log.warning("%s for todo %s failed (attempt %d), retrying: %s", action,
                                   run.todo_id, attempt, exc, extra=self._todo_extra(run, action))
                 if for_executor:  # a cancel ends the wait
-                    run.cancel_event.wait(backoff(attempt))
+                    run.cancel_event.wait(backoff(attempt, after=exc))
                 else:
-                    time.sleep(backoff(attempt))
+                    time.sleep(backoff(attempt, after=exc))
 
 
 def _on_event_loop() -> bool:

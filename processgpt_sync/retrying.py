@@ -13,6 +13,7 @@ HELD_ROW_WARN_AFTER = 5.0  # seconds a todo row held by another transaction may 
 # before a warning names it (the other todos' writes go on meanwhile)
 RETRY_DELAY_MAX = 2.0  # seconds between write attempts during an outage (a healed network is used
 # within this; each attempt waits for a pooled connection first, so retries stay cheap)
+RETRY_AFTER_MAX = 30.0  # seconds: the longest wait a service's Retry-After may ask of a retry
 HELD_BACK_RETRY = 0.5  # seconds: first wait before asking again for todos a claim or a give-back
 # left for a process instance another transaction held (nothing announces when it is free)
 ACCESS_DENIED_STOP_AFTER = 60.0  # seconds of refusals of the key, with no call answered meanwhile,
@@ -20,9 +21,13 @@ ACCESS_DENIED_STOP_AFTER = 60.0  # seconds of refusals of the key, with no call 
 HELD_BACK_MAX = 2.0  # seconds: the longest such wait, however long the instance is held
 
 
-def backoff(attempt: int, *, base: float = 0.1, cap: float = RETRY_DELAY_MAX) -> float:
-    """Capped exponential back-off with full jitter."""
-    return float(random.uniform(0, min(cap, base * 2 ** min(attempt, 16))))
+def backoff(attempt: int, *, base: float = 0.1, cap: float = RETRY_DELAY_MAX,
+            after: BaseException | None = None) -> float:
+    """Capped exponential back-off with full jitter; at least what the failure ``after`` asked
+    for (a rate limit's ``Retry-After``, up to ``RETRY_AFTER_MAX``)."""
+    delay = float(random.uniform(0, min(cap, base * 2 ** min(attempt, 16))))
+    asked = getattr(after, "retry_after", None)
+    return max(delay, min(float(asked), RETRY_AFTER_MAX)) if asked else delay
 
 
 def held_back_wait(asked: int) -> float:

@@ -132,7 +132,8 @@ class WorkWaiter:
             self._failures += 1
             self._log.warning("waiting for work failed (attempt %d), claiming instead: %s",
                               self._failures, exc, extra=self._extra)
-            self._stop.wait(backoff(self._failures, base=0.25, cap=self.settings.poll_interval))
+            self._stop.wait(backoff(self._failures, base=0.25, cap=self.settings.poll_interval,
+                                    after=exc))
             return None
         finally:
             self.waiting = False

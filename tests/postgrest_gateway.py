@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -47,6 +48,7 @@ class RawBody:
 
     text: str | bytes
     content_type: str = "text/html"
+    headers: tuple[tuple[str, str], ...] = ()  # sent too (a rate limit's Retry-After)
 
 class Gateway:
     """Serves RPC calls for one database on 127.0.0.1 until ``close()``."""
@@ -57,6 +59,7 @@ class Gateway:
                                                 kwargs={"autocommit": True}, open=True)
         self.requests = 0
         self.calls: Counter[str] = Counter()  # requests by function name
+        self.called_at: dict[str, list[float]] = {}  # each request's time, by function name
         self._count_lock = threading.Lock()
         self.down = False  # when True every call answers 503, like an unreachable database
         self.failing: set[str] = set()  # functions that answer 503 (a partial outage)
@@ -71,7 +74,9 @@ class Gateway:
             def do_POST(self) -> None:
                 with gateway._count_lock:
                     gateway.requests += 1
-                    gateway.calls[self.path[len(RPC_PREFIX):].split("?")[0]] += 1
+                    name = self.path[len(RPC_PREFIX):].split("?")[0]
+                    gateway.calls[name] += 1
+                    gateway.called_at.setdefault(name, []).append(time.monotonic())
                 status, body = gateway.handle(self.path, dict(self.headers.items()),
                                               self.rfile.read(int(self.headers["Content-Length"]
                                                                   or 0)))
@@ -83,6 +88,8 @@ class Gateway:
                 self.send_response(status)
                 self.send_header("Content-Type", body.content_type if raw else "application/json")
                 self.send_header("Content-Length", str(len(payload)))
+                for header, value in body.headers if raw else ():
+                    self.send_header(header, value)
                 self.end_headers()
                 self.wfile.write(payload)
 

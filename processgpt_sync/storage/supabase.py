@@ -9,6 +9,7 @@ database directly may set DATABASE_URL instead.
 
 from __future__ import annotations
 
+import email.utils
 import json
 import logging
 import threading
@@ -135,6 +136,24 @@ def wrap_exceptions(target: str, status: Callable[[], int | None] = lambda: None
         if "has been closed" not in str(exc):
             raise
         raise StorageUnavailable(f"Supabase client closed ({target}): {exc}") from exc
+
+
+def _retry_after(response: httpx.Response | None) -> float | None:
+    """The seconds an answer's ``Retry-After`` asks for (a number, or an HTTP date)."""
+    value = None if response is None else response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 def _check_answer(target: str, data: Any, response: httpx.Response | None) -> None:
@@ -266,6 +285,9 @@ class SupabaseStorage(Storage):
             try:
                 with wrap_exceptions(name, status):
                     data = client.rpc(name, dict(params)).execute().data
+            except StorageUnavailable as exc:  # a rate limit or a busy gateway may say when
+                exc.retry_after = _retry_after(local.response)
+                raise
             except RecursionError:  # an answer nested deeper than json.loads reads
                 if local.response is None:
                     raise

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import email.utils
+import json
 import logging
 import os
 import subprocess
@@ -723,3 +725,24 @@ def test_each_refusal_of_the_key_is_access_denied_with_what_to_do(supabase, answ
     with pytest.raises(ps.StorageError) as failed:
         supabase.enqueue("a", "x")
     assert not isinstance(failed.value, ps.StorageUnavailable)
+
+
+@pytest.mark.parametrize("retry_after", ["2", "http-date"])
+def test_a_rate_limits_retry_after_is_waited_before_the_write_is_sent_again(
+        supabase, db, retry_after):
+    """A 429 saying ``Retry-After: 2`` (seconds, or an HTTP date 2 s ahead): the outcome is
+    sent again no sooner than that, not within the back-off's first fraction of a second,
+    and is stored."""
+    if retry_after == "http-date":
+        retry_after = email.utils.formatdate(time.time() + 3, usegmt=True)  # whole seconds
+    gateway = supabase.gateway
+    limited = RawBody(json.dumps({"message": "API rate limit exceeded"}), "application/json",
+                      headers=(("Retry-After", retry_after),))
+    gateway.gateway_answers["processgpt_sync_finish_v1"] = [(429, limited)]
+    todo_id = supabase.enqueue("a", "q")
+    with ps.start(lambda todo: {"ok": True}, agent_orch="a", storage=supabase, workers=1):
+        wait_for(lambda: db.execute("SELECT draft_status::text AS s FROM todolist WHERE id = "
+                                    "%s", (todo_id,)).fetchone()["s"] == "COMPLETED",
+                 timeout=15)
+    first, second = gateway.called_at["processgpt_sync_finish_v1"][:2]
+    assert second - first >= 1.9, second - first
