@@ -101,7 +101,7 @@ class Claimer:
             except (StorageError, OSError) as exc:
                 reason = _refusal(exc) or denied_for_good(exc, self._storage.last_success)
                 if reason is not None:  # no retry can succeed: stop before claiming anything
-                    self._log.error("%s; this server stops", exc, extra=self._extra)
+                    self._log.error("%s", reason, extra=self._extra)
                     if self._refused is not None:
                         self._refused(reason)
                     return

@@ -53,8 +53,8 @@ class StorageUnavailable(StorageError):
 
 
 class AccessDenied(StorageUnavailable):
-    """The database refuses this server's key or role (a wrong, expired or revoked key; a
-    missing grant). Writes wait for it as through an outage, so nothing is dropped for it; a
+    """The service refuses this server's key (not the project's, revoked, expired or missing),
+    whatever the call. Writes wait for it as through an outage, so nothing is dropped for it; a
     server refused this way at start, or for ``retrying.ACCESS_DENIED_STOP_AFTER`` seconds
     in a row, stops (a restart with the right key is the fix)."""
 

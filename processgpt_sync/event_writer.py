@@ -219,7 +219,8 @@ class EventBuffer:
                     extra={"action": "write_events"},
                 )
                 self._requeue(again)
-                time.sleep(backoff(attempt, after=exc))
+                with self._cond:  # close() ends the wait
+                    self._cond.wait_for(lambda: self._closed, backoff(attempt, after=exc))
                 continue
             except Exception:  # a bug, not a bad event (those are refused one by one)
                 logger.exception("writing a batch of %d events failed unexpectedly; it is not "

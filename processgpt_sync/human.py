@@ -186,4 +186,5 @@ class HumanDesk:
                 logger.warning("%s for todo %s failed (attempt %d), retrying: %s", action,
                                run.todo_id, attempt, exc,
                                extra={"action": action, "todo_id": run.todo_id})
-                time.sleep(backoff(attempt, after=exc))
+                if run.cancel_event.wait(backoff(attempt, after=exc)):  # the todo ended
+                    raise

@@ -234,7 +234,7 @@ class OutcomeWriter:
                     # every write of late timed out: the database is slow, retried as an outage
                 logger.warning("writing %d todo outcomes failed (attempt %d), retrying: %s",
                                len(batch), attempt, exc, extra={"action": "finish"})
-                time.sleep(backoff(attempt, after=exc))
+                self._abort.wait(backoff(attempt, after=exc))  # an abort ends the wait
             except Exception as exc:  # refused, or an outcome the driver cannot encode
                 if len(batch) > 1:
                     # Isolate the item the database refused: write them one by one.

@@ -400,8 +400,9 @@ class Recorder:
                         raise
                 self._log.warning("%s for todo %s failed (attempt %d), retrying: %s", action,
                                   run.todo_id, attempt, exc, extra=self._todo_extra(run, action))
-                if for_executor:  # a cancel ends the wait
-                    run.cancel_event.wait(backoff(attempt, after=exc))
+                if for_executor:  # a cancel ends the wait, and the write
+                    if run.cancel_event.wait(backoff(attempt, after=exc)) or not run.is_open():
+                        raise
                 else:
                     time.sleep(backoff(attempt, after=exc))
 

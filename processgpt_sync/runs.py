@@ -95,7 +95,7 @@ class TodoRun:
 
     @contextlib.contextmanager
     def clock_stopped(self) -> Iterator[None]:
-        """The executor waits on a write of ours (a draft, retried through an outage): that
+        """The executor waits on a write of ours (a draft, retried through any outage): that
         time is the database's, so the todo's timeout does not count it (the heartbeat leaves
         a run in such a write alone; its deadline moves on by the time the write took)."""
         with self.lock:
@@ -107,7 +107,8 @@ class TodoRun:
         finally:
             with self.lock:
                 self.writing_for_executor -= 1
-                if not self.writing_for_executor and self.deadline is not None:
+                if not self.writing_for_executor and self.deadline is not None and (
+                        not self.leaving):  # once it returned, its allowance is set anew
                     self.deadline += time.monotonic() - self._writing_since
 
     def is_open(self) -> bool:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
-from .errors import StorageError
+from .errors import StorageError, StorageUnavailable
 from .human import ANSWER_CHANNEL, HumanDesk
 from .inflight import InFlight
 from .retrying import backoff, denied_for_good
@@ -218,7 +218,11 @@ class Watchers:
                 self._inflight.claim_unanswered |= orphans_possible
                 self._log.warning("heartbeat failed, retrying: %s", exc,
                                   extra={**self._extra, "action": "heartbeat"})
-                next_renewal = time.monotonic() + min(interval, 1.0)
+                # as soon as may be, unless the service asked for a pause (a rate limit's
+                # Retry-After): waited, though never past the interval the leases rely on
+                asked = min(exc.retry_after or 0.0, interval) if isinstance(
+                    exc, StorageUnavailable) else 0.0
+                next_renewal = time.monotonic() + max(min(interval, 1.0), asked)
                 silent = time.monotonic() - (storage.last_success or now)
                 if silent > self.settings.lease_seconds and time.monotonic() >= next_alarm:
                     next_alarm = time.monotonic() + interval

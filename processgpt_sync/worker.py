@@ -219,8 +219,8 @@ class TodoWorker:
         with run.lock:  # the outcome is the timeout's, whatever the executor returns now
             if run.closed or run.deadline is None:  # decided, or its executor has ended
                 return
-            if run.writing_for_executor:  # waiting on the database, not on the executor
-                return
+            if run.writing_for_executor or time.monotonic() <= run.deadline:
+                return  # waiting on the database, not on the executor, or given more time
             run.closed = True
             run.cancel_reason = "timeout"
             run.cancel_event.set()

@@ -32,7 +32,13 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ..deep_json import TOO_DEEP_TO_SHOW, shown_json
-from ..errors import ConfigurationError, SchemaMissing, StorageError, StorageUnavailable
+from ..errors import (
+    AccessDenied,
+    ConfigurationError,
+    SchemaMissing,
+    StorageError,
+    StorageUnavailable,
+)
 from ..storage import Storage
 from .charts import (
     CHART_BUCKET,
@@ -415,7 +421,7 @@ def create_app(storage: Storage, config: ConsoleConfig | None = None) -> Starlet
     async def database_error(request: Request, exc: Exception) -> Response:
         """A database error under a page or an action: said on a page with the right status,
         never a bare 500 (an outage is 503, try again; a refusal 409, with the reason)."""
-        if isinstance(exc, StorageUnavailable):
+        if isinstance(exc, StorageUnavailable) and not isinstance(exc, AccessDenied):
             logger.warning("console: %s %s: %s", request.method, request.url.path, exc,
                            extra={"action": "console"})
             return console.render(request, "error.html", 503, message="the database did not "

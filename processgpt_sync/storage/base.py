@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..deep_json import NestedDeeply, NestedDeeplyObject, too_deep
-from ..errors import PayloadError, SchemaMissing, StorageError, StorageUnavailable
+from ..errors import AccessDenied, PayloadError, SchemaMissing, StorageError, StorageUnavailable
 from ..models import Claim, Claims, Released
 from ..queries import required_functions
 
@@ -122,6 +122,8 @@ class Storage(abc.ABC):
         may not read them gets that said as the warning, rather than an error."""
         try:
             found = self.call("schema_warnings", {}) or []
+        except AccessDenied as exc:
+            return [f"the schema's warnings could not be read: {exc}"]
         except StorageUnavailable:
             raise
         except StorageError as exc:

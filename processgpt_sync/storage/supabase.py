@@ -67,9 +67,9 @@ def unavailable(code: str | None, status: int | None) -> bool:
 _SERVICE_KEY_NAMES = "SUPABASE_KEY, SUPABASE_SERVICE_ROLE_KEY or SERVICE_ROLE_KEY"
 
 
-def _access_advice(code: str | None, status: int | None, message: str) -> str | None:
-    """What to do about an answer that refuses this server's key or role; None for any other
-    answer."""
+def _key_refused(code: str | None, status: int | None, message: str) -> str | None:
+    """What to do about an answer that refuses the key itself, whatever the call (every call
+    is refused alike); None for any other answer."""
     if code == "PGRST301" or "JWT" in message:
         return (f"the key is not a valid JWT of this project, or it expired: set the project's "
                 f"service-role key ({_SERVICE_KEY_NAMES})")
@@ -78,11 +78,20 @@ def _access_advice(code: str | None, status: int | None, message: str) -> str | 
     if (code in ("401", None) and status == 401) or "API key" in message:
         return (f"the key is not this project's, or it was revoked: set the project's "
                 f"service-role key ({_SERVICE_KEY_NAMES}), not the anon key")
-    if code in ("403", "42501") or (code is None and status == 403) or (
-            "permission denied" in message):
-        return ("the key's role may not call this library's functions: use the service-role "
-                f"key ({_SERVICE_KEY_NAMES}), not the anon key; with it, run "
-                "`processgpt-sync init-db` again, which grants them")
+    if code in ("403", None) and status == 403:  # the API gateway's own: PostgREST's has a code
+        return (f"the API gateway forbids this server's requests: check the project's network "
+                f"restrictions and its service-role key ({_SERVICE_KEY_NAMES})")
+    return None
+
+
+def _role_refused(code: str | None, message: str) -> str | None:
+    """What to do about the database refusing what the key's role may do (the anon key, a
+    grant missing); None for any other answer. A refusal of this call only: a site's
+    row-level security or trigger may refuse one write and not the next."""
+    if code == "42501" or "permission denied" in message:
+        return ("the key's role may not do this: use the service-role key "
+                f"({_SERVICE_KEY_NAMES}), not the anon key; with it, run `processgpt-sync "
+                "init-db` again, which grants this library's functions")
     return None
 
 
@@ -106,12 +115,15 @@ def wrap_exceptions(target: str, status: Callable[[], int | None] = lambda: None
         if unavailable(code, status()):
             raise StorageUnavailable(f"Supabase unavailable ({target}): {message}",
                                      code=code, hint=exc.hint) from exc
-        advice = _access_advice(code, status(), message)
+        shown = code or f"HTTP {status()}"
+        advice = _key_refused(code, status(), message)
         if advice is not None:
-            raise AccessDenied(
-                f"Supabase refused {target} ({code or f'HTTP {status()}'}): {message}; {advice}",
-                code=code, hint=exc.hint,
-            ) from exc
+            raise AccessDenied(f"Supabase refused {target} ({shown}): {message}; {advice}",
+                               code=code, hint=exc.hint) from exc
+        advice = _role_refused(code, message)
+        if advice is not None:
+            raise StorageError(f"Supabase refused {target} ({shown}): {message}; {advice}",
+                               code=code, hint=exc.hint) from exc
         if (code is None or code == "404") and status() == 404:
             # PostgREST names every error it sends (PGRST202 for a missing function): a 404
             # without a code is the API gateway's own, a route missing while it restarts or

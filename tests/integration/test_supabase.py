@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 import processgpt_sync as ps
-from processgpt_sync.storage.supabase import SupabaseStorage
+from processgpt_sync.storage.supabase import SupabaseStorage, _retry_after
 from tests.conftest import open_backend, wait_for
 from tests.postgrest_gateway import SERVICE_KEY, Gateway, RawBody
 
@@ -686,15 +687,14 @@ def test_a_server_whose_key_stays_refused_stops_and_says_why(supabase, monkeypat
     server = ps.start(lambda todo: {}, agent_orch="a", storage=supabase, workers=1,
                       poll_interval=0.5)
     try:
-        refused_at = time.monotonic()
         supabase.gateway.key = "a-revoked-key"
         wait_for(lambda: server.failure is not None, timeout=15)
-        took = time.monotonic() - refused_at
+        silent = time.monotonic() - supabase.last_success  # no call answered since
         assert server.join(15), "the failed server stops"
     finally:
         supabase.gateway.key = SERVICE_KEY
         server.stop(timeout=5)
-    assert took >= 3.0
+    assert silent >= 3.0
     assert isinstance(server.failure, ps.ServerFailed)
     assert "refused" in str(server.failure) and "service-role key" in str(server.failure)
     assert "so this server stops" in caplog.text
@@ -706,19 +706,25 @@ def test_a_server_whose_key_stays_refused_stops_and_says_why(supabase, monkeypat
     ((401, {"code": "PGRST302", "message": "Anonymous access is disabled", "details": None,
             "hint": None}), "carried no key"),
     ((401, {"message": "Invalid API key"}), "not this project's, or it was revoked"),
-    ((403, {"code": "42501", "message": "permission denied for function "
-            "processgpt_sync_enqueue_v1", "details": None, "hint": None}),
-     "may not call this library's functions"),
-    ((403, "<html><body>Forbidden</body></html>"), "may not call this library's functions"),
-], ids=["jwt-expired", "no-key", "invalid-key", "no-grant", "forbidden-page"])
-def test_each_refusal_of_the_key_is_access_denied_with_what_to_do(supabase, answer, advice):
-    """Every way the API refuses the key or its role is AccessDenied (a write waits for it; a
-    server stops after a while), with the HTTP status where the answer has no code. A refusal
-    of the call itself stays a plain StorageError."""
+    ((403, "<html><body>Forbidden</body></html>"), "the API gateway forbids"),
+    ((403, {"code": "42501", "message": "permission denied for table todolist", "details": None,
+            "hint": None}), "the key's role may not do this"),
+    ((403, {"code": "42501", "message": "new row violates row-level security policy for table "
+            "todolist", "details": None, "hint": None}), "the key's role may not do this"),
+], ids=["jwt-expired", "no-key", "invalid-key", "forbidden-page", "no-grant", "row-security"])
+def test_each_refusal_of_the_key_or_its_role_names_what_to_do(supabase, answer, advice):
+    """Every way the API refuses the key itself is AccessDenied (a write waits for it; a server
+    stops after a while), with the HTTP status where the answer has no code. What the key's
+    role may not do (42501: the anon key, a site's row security or trigger) refuses that call
+    only, as any refusal: a plain StorageError, so a write it refuses is not retried for ever
+    while the others succeed."""
     supabase.gateway.gateway_answers["processgpt_sync_enqueue_v1"] = [answer]
-    with pytest.raises(ps.AccessDenied) as refused:
+    with pytest.raises(ps.StorageError) as refused:
         supabase.enqueue("a", "x")
     assert advice in str(refused.value) and "(None)" not in str(refused.value)
+    key_refused = answer[0] == 401 or not isinstance(answer[1], dict)
+    assert isinstance(refused.value, ps.AccessDenied) is key_refused
+    assert isinstance(refused.value, ps.StorageUnavailable) is key_refused
     supabase.gateway.gateway_answers["processgpt_sync_enqueue_v1"] = [
         (400, {"code": "P0001", "message": "agent_orch must not be empty", "details": None,
                "hint": None})]
@@ -727,17 +733,12 @@ def test_each_refusal_of_the_key_is_access_denied_with_what_to_do(supabase, answ
     assert not isinstance(failed.value, ps.StorageUnavailable)
 
 
-@pytest.mark.parametrize("retry_after", ["2", "http-date"])
-def test_a_rate_limits_retry_after_is_waited_before_the_write_is_sent_again(
-        supabase, db, retry_after):
-    """A 429 saying ``Retry-After: 2`` (seconds, or an HTTP date 2 s ahead): the outcome is
-    sent again no sooner than that, not within the back-off's first fraction of a second,
-    and is stored."""
-    if retry_after == "http-date":
-        retry_after = email.utils.formatdate(time.time() + 3, usegmt=True)  # whole seconds
+def test_a_rate_limits_retry_after_is_waited_before_the_write_is_sent_again(supabase, db):
+    """A 429 saying ``Retry-After: 2``: the outcome is sent again no sooner than that, not
+    within the back-off's first fraction of a second, and is stored."""
     gateway = supabase.gateway
     limited = RawBody(json.dumps({"message": "API rate limit exceeded"}), "application/json",
-                      headers=(("Retry-After", retry_after),))
+                      headers=(("Retry-After", "2"),))
     gateway.gateway_answers["processgpt_sync_finish_v1"] = [(429, limited)]
     todo_id = supabase.enqueue("a", "q")
     with ps.start(lambda todo: {"ok": True}, agent_orch="a", storage=supabase, workers=1):
@@ -746,3 +747,15 @@ def test_a_rate_limits_retry_after_is_waited_before_the_write_is_sent_again(
                  timeout=15)
     first, second = gateway.called_at["processgpt_sync_finish_v1"][:2]
     assert second - first >= 1.9, second - first
+
+
+def test_retry_after_is_read_as_seconds_or_an_http_date_and_nothing_else():
+    def asked(value: str) -> float | None:
+        return _retry_after(httpx.Response(429, headers={"Retry-After": value}))
+
+    assert asked("2") == 2.0 and asked("0") == 0.0 and asked("1.5") == 1.5
+    ahead = asked(email.utils.formatdate(time.time() + 60, usegmt=True))
+    assert ahead is not None and 58 <= ahead <= 60
+    assert asked(email.utils.formatdate(time.time() - 60, usegmt=True)) == 0.0  # passed
+    assert asked("soon") is None and asked("") is None
+    assert _retry_after(httpx.Response(503)) is None and _retry_after(None) is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from processgpt_sync.events import EVENT_TYPES
@@ -173,3 +174,29 @@ def test_claim_calls_without_an_answer_are_named_until_they_could_no_longer_matt
     assert inflight.unanswered_claims(120) == ["call-2"]
     clock[0] += 60
     assert inflight.unanswered_claims(120) == []
+
+
+def test_a_write_the_executor_waits_on_moves_its_deadline_on_by_the_time_it_took() -> None:
+    """The timeout counts the executor's time, not the time its writes wait on the database:
+    the deadline moves on by the write's length once the last of overlapping writes ends,
+    and not at all once the executor has returned (its allowance to leave is set anew)."""
+    run = make_run("a", "t1")
+    run.timeout = 10.0
+    assert run.begin()
+    assert run.deadline is not None
+    before = run.deadline
+    began = time.monotonic()
+    with run.clock_stopped():
+        with run.clock_stopped():
+            assert run.writing_for_executor == 2
+            time.sleep(0.2)
+        assert run.deadline == before  # not yet: a write is still under way
+        time.sleep(0.1)
+    took = time.monotonic() - began
+    assert run.writing_for_executor == 0
+    assert 0.3 <= run.deadline - before <= took
+    run.leaving = True
+    left_at = run.deadline
+    with run.clock_stopped():
+        time.sleep(0.05)
+    assert run.deadline == left_at
