@@ -1,5 +1,6 @@
-"""How long to wait before trying a database call again: capped exponential back-off with
-full jitter, shared by every loop that retries through an outage."""
+"""How long to wait before trying a database call again (capped exponential back-off with
+full jitter, or what the service asked for), and when a refused key means to stop trying:
+shared by every loop that retries through an outage."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ RETRY_DELAY_MAX = 2.0  # seconds between write attempts during an outage (a heal
 RETRY_AFTER_MAX = 30.0  # seconds: the longest wait a service's Retry-After may ask of a retry
 HELD_BACK_RETRY = 0.5  # seconds: first wait before asking again for todos a claim or a give-back
 # left for a process instance another transaction held (nothing announces when it is free)
+HELD_BACK_MAX = 2.0  # seconds: the longest such wait, however long the instance is held
 ACCESS_DENIED_STOP_AFTER = 60.0  # seconds of refusals of the key, with no call answered meanwhile,
 # before a server stops (one refusal may be a gateway's blip; a revoked key stays revoked)
-HELD_BACK_MAX = 2.0  # seconds: the longest such wait, however long the instance is held
 
 
 def backoff(attempt: int, *, base: float = 0.1, cap: float = RETRY_DELAY_MAX,
