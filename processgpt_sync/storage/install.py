@@ -117,7 +117,6 @@ def install_schema(conninfo: str, *, if_changed: bool = False, dry_run: bool = F
                                  .format(sql.Literal(version)))
                     changes = _changes(before, _catalog(conn))
                     if dry_run:
-                        cancelled = _cancel_under_gone_roots(conninfo, conn)  # then undone
                         conn.rollback()
                     else:
                         conn.commit()
@@ -128,8 +127,9 @@ def install_schema(conninfo: str, *, if_changed: bool = False, dry_run: bool = F
                         "(attempt %d), retrying", attempt, extra={"action": "init_db"})
             time.sleep(random.uniform(0.1, 0.5) * attempt)
             continue
-        if not dry_run:  # in a transaction of its own: the schema is in place whatever it meets
-            cancelled = _cancel_under_gone_roots(conninfo)
+        # in a transaction of its own, once the install's locks are released: the schema is in
+        # place whatever it meets, and no claim waits on the tables while it runs
+        cancelled = _cancel_under_gone_roots(conninfo, dry_run=dry_run)
         if cancelled:
             changes.append(f"cancel {cancelled} todo{'s' * (cancelled != 1)} of subprocesses "
                            "whose root process instance was deleted for good (a data change, "
@@ -143,19 +143,22 @@ def install_schema(conninfo: str, *, if_changed: bool = False, dry_run: bool = F
         return True
 
 
-def _cancel_under_gone_roots(conninfo: str,
-                             conn: psycopg.Connection[Any] | None = None) -> int:
+def _cancel_under_gone_roots(conninfo: str, *, dry_run: bool = False) -> int:
     """Cancel the agent todos left under root process instances deleted for good before the
     trigger that does so was installed (or whose rows it skipped): the only data init-db
-    writes, after the install, in a transaction of its own (or in a dry run's ``conn``, rolled
-    back). It never fails the install: an error (a lock held too long, a deadlock, no rights,
-    a lost connection) leaves them to the next init-db, never claimed meanwhile, and is
-    logged."""
+    writes, after the install, in a transaction of its own. A dry run does the same in a
+    transaction it rolls back, where the installed functions exist already (on a first
+    install there is nothing to count with yet). It never fails the install: an error (a lock
+    held too long, a deadlock, no rights, a lost connection) leaves them to the next init-db,
+    never claimed meanwhile, and is logged."""
     try:
-        if conn is None:
-            with psycopg.connect(link_conninfo(conninfo)) as own:
+        with psycopg.connect(link_conninfo(conninfo)) as own:
+            if not dry_run:
                 return _cancel_in(own)
-        return _cancel_in(conn)
+            if own.execute(f"SELECT {_GONE_ROOTS_SWEEP_INSTALLED}").fetchone() != (True,):
+                return 0
+            with own.transaction(force_rollback=True):
+                return _cancel_in(own)
     except psycopg.Error as exc:
         logger.warning("todos of subprocesses whose root process instance was deleted for good "
                        "were not cancelled (%s: %s); they are never claimed, and the next "
@@ -163,6 +166,11 @@ def _cancel_under_gone_roots(conninfo: str,
                        str(exc).strip(),
                        extra={"action": "init_db"})
         return 0
+
+
+_GONE_ROOTS_SWEEP_INSTALLED = (
+    "to_regprocedure('processgpt_sync_gone_roots_v1()') IS NOT NULL AND "
+    "to_regprocedure('processgpt_sync_cancel_under_gone_roots_v1(text[])') IS NOT NULL")
 
 
 def _cancel_in(conn: psycopg.Connection[Any]) -> int:
