@@ -46,6 +46,11 @@ def table(columns: Sequence[str], rows: Iterable[Sequence[Any]], *,
     return grid
 
 
+def counted(count: int, noun: str) -> str:
+    """``1 todo``, ``2 todos``: a count and its noun, in the singular for one."""
+    return f"{count} {noun}{'s' * (count != 1)}"
+
+
 def print_json(value: Any, file: TextIO | None = None) -> None:
     """One JSON document on one line, for scripts (``--json``)."""
     print(json.dumps(with_deep_values_noted(value, default=str), ensure_ascii=False,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from .. import cli_terminal as terminal
 from .. import embedded
 from ..errors import ConfigurationError
 from ..queries import SCHEMA_FILES, read_sql
@@ -33,6 +34,6 @@ def cmd_init_db(args: argparse.Namespace) -> int:
         print("\n".join(f"--   {line}" for line in added) or "--   nothing (up to date)")
         return 0
     print("\n".join(added))
-    print(f"schema installed{where}: " + (f"{len(added)} change" + "s" * (len(added) != 1) if added
+    print(f"schema installed{where}: " + (terminal.counted(len(added), "change") if added
                                        else "up to date"))
     return 0

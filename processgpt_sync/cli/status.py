@@ -63,20 +63,27 @@ def _snapshot(storage: Storage, args: argparse.Namespace) -> Any:
     if not rows:
         parts.append("(no todos)")
     if unclaimable:
-        parts.append(f"\n{unclaimable} todos without draft_status are not claimable: a "
-                     "server claims rows with status IN_PROGRESS, agent_mode DRAFT or "
-                     "COMPLETE and no draft (see README, Own database)")
+        parts.append(f"\n{terminal.counted(unclaimable, 'todo')} without draft_status "
+                     f"{_are(unclaimable)} not claimable: a server claims rows with status "
+                     "IN_PROGRESS, agent_mode DRAFT or COMPLETE and no draft (see README, Own "
+                     "database)")
     if waiting:
-        parts.append(f"\n{waiting} answered or revised todos are not claimable: their step is "
-                     "not IN_PROGRESS (they run once their process puts it in progress), or "
-                     "the UI cancelled them, or the process finished the step (DONE)")
+        parts.append(f"\n{terminal.counted(waiting, 'answered or revised todo')} "
+                     f"{_are(waiting)} not claimable: their step is not IN_PROGRESS (they run "
+                     "once their process puts it in progress), or the UI cancelled them, or "
+                     "the process finished the step (DONE)")
     if trashed:
-        parts.append(f"\n{trashed} waiting todos belong to process instances in the ProcessGPT "
-                     "trash: they run if the instance is restored")
+        parts.append(f"\n{terminal.counted(trashed, 'waiting todo')} "
+                     f"{'belongs' if trashed == 1 else 'belong'} to process instances in the "
+                     "ProcessGPT trash: they run if the instance is restored")
     if load:
         parts += ["", _tenant_load(load)]
     parts += ["", _servers(servers)]
     return Group(*parts)
+
+
+def _are(count: int) -> str:
+    return "is" if count == 1 else "are"
 
 
 def _show(out: Any, value: Any, as_json: bool) -> None:

@@ -407,7 +407,7 @@ def test_status_tells_claimable_rows_from_rows_no_server_will_claim(database_url
         conn.execute("SELECT processgpt_sync_enqueue_v1('plain', 'y')")
     out = " ".join(cli("status", "--database-url", database_url).stdout.split())  # any width
     assert "(claimable)" in out and "(not claimable)" in out
-    assert "1 todos without draft_status are not claimable" in out
+    assert "1 todo without draft_status is not claimable" in out
     assert "status IN_PROGRESS, agent_mode DRAFT or COMPLETE" in out
 
 
@@ -565,7 +565,7 @@ def test_an_answer_to_a_todo_whose_step_left_progress_waits_for_the_step_and_say
                 "step in progress (its status is PENDING)" in answered.stderr)
         status = cli("status", *url, "--agent-orch", "paused").stdout
         assert "FB_REQUESTED (not claimable)" in status
-        assert "1 answered or revised todos are not claimable" in status
+        assert "1 answered or revised todo is not claimable" in status
         one_line_error(cli("retry", *url, todo_id, check=False),
                        "it waits for its process to put the step in progress (status PENDING)")
         time.sleep(0.5)
