@@ -404,7 +404,7 @@ class Recorder:
                     if run.cancel_event.wait(backoff(attempt, after=exc)) or not run.is_open():
                         raise
                 else:
-                    time.sleep(backoff(attempt, after=exc))
+                    self._abort.wait(backoff(attempt, after=exc))  # an abort ends the wait
 
 
 def _on_event_loop() -> bool:
