@@ -400,11 +400,11 @@ class Recorder:
                         raise
                 self._log.warning("%s for todo %s failed (attempt %d), retrying: %s", action,
                                   run.todo_id, attempt, exc, extra=self._todo_extra(run, action))
-                if for_executor:  # a cancel ends the wait, and the write
-                    if run.cancel_event.wait(backoff(attempt, after=exc)) or not run.is_open():
-                        raise
-                else:
-                    self._abort.wait(backoff(attempt, after=exc))  # an abort ends the wait
+                # a give-back's wait ends on an abort; the executor's write and wait on its end
+                ended = (run.cancel_event if for_executor else self._abort).wait(
+                    backoff(attempt, after=exc))
+                if for_executor and (ended or not run.is_open()):
+                    raise
 
 
 def _on_event_loop() -> bool:

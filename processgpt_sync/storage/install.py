@@ -24,6 +24,10 @@ logger = logging.getLogger(__name__)
 BUSY_STATES = {"40P01", "40001", "55P03"}  # deadlock, serialization, lock not available
 INSTALL_LOCK_TIMEOUT = 3  # seconds the schema install waits for one table lock per attempt
 INSTALL_ATTEMPTS = 20
+# Whether the functions init-db's sweep calls are installed (a dry run counts with them)
+_GONE_ROOTS_SWEEP_INSTALLED = (
+    "to_regprocedure('processgpt_sync_gone_roots_v1()') IS NOT NULL AND "
+    "to_regprocedure('processgpt_sync_cancel_under_gone_roots_v1(text[])') IS NOT NULL")
 
 # What init-db reports: every table, column (with its type), enum label, index, trigger and
 # function of the current schema, as {description: column type or ""}.
@@ -166,11 +170,6 @@ def _cancel_under_gone_roots(conninfo: str, *, dry_run: bool = False) -> int:
                        str(exc).strip(),
                        extra={"action": "init_db"})
         return 0
-
-
-_GONE_ROOTS_SWEEP_INSTALLED = (
-    "to_regprocedure('processgpt_sync_gone_roots_v1()') IS NOT NULL AND "
-    "to_regprocedure('processgpt_sync_cancel_under_gone_roots_v1(text[])') IS NOT NULL")
 
 
 def _cancel_in(conn: psycopg.Connection[Any]) -> int:
