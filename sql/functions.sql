@@ -1661,8 +1661,9 @@ BEGIN
 END
 $$;
 
--- Renew the leases of many todos in one call, without touching todolist. Reports which todos
--- were renewed, which were cancelled by the UI, and which were lost to another owner.
+-- Renew the leases of many todos in one call. Reports which todos were renewed, which were
+-- cancelled (by the UI, or here: under a root deleted for good), and which were lost to another
+-- owner. Writes todolist only for such a cancel.
 CREATE OR REPLACE FUNCTION processgpt_sync_renew_v1(
     p_consumer text,
     p_todo_ids uuid[],
@@ -1672,6 +1673,12 @@ RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
     v_report jsonb;
 BEGIN
+    -- a run whose root the cron job deleted for good while a claim or a write held its row
+    -- (the delete's cancel skipped it) is cancelled now, with the rest under that root
+    PERFORM processgpt_sync_cancel_under_gone_roots_v1(ARRAY(
+        SELECT DISTINCT t.root_proc_inst_id FROM todolist t
+        WHERE t.id = ANY (p_todo_ids)
+          AND processgpt_sync_root_gone_v1(t.proc_inst_id, t.root_proc_inst_id)));
     WITH pairs AS (
         SELECT p.todo_id, p.token FROM unnest(p_todo_ids, p_tokens) AS p(todo_id, token)
     ), state AS (
@@ -1887,9 +1894,10 @@ $$;
 -- Human steps (and steps whose draft a person wrote) and ended ones are left as they are. A
 -- todo whose row, or whose own process instance, another transaction holds at that moment is
 -- skipped, never waited for (the cron job's delete is not held up, and no lock order can
--- deadlock): a run or claim under way then goes on, and a waiting todo stays in the trash for
--- good, never claimed, until init-db sweeps it (processgpt_sync_gone_roots_v1). Returns the
--- count.
+-- deadlock): a run or claim under way is cancelled by its server's next heartbeat
+-- (processgpt_sync_renew_v1), with the other todos under that root; a waiting todo stays in
+-- the trash for good, never claimed, until then or until init-db sweeps it
+-- (processgpt_sync_gone_roots_v1). Returns the count.
 CREATE OR REPLACE FUNCTION processgpt_sync_cancel_under_gone_roots_v1(p_roots text[])
 RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
@@ -1913,8 +1921,8 @@ BEGIN
     UPDATE todolist t
     SET draft_status = 'CANCELLED', updated_at = now(),
         log = concat_ws(E'\n', t.log, format(
-            '%s: cancelled: the process it runs under (%s) was deleted for good from the '
-            'ProcessGPT trash', to_char(now(), 'YYYY-MM-DD HH24:MI:SS TZ'), t.root_proc_inst_id))
+            '%s: cancelled: the process it runs under (%s) was deleted for good',
+            to_char(now(), 'YYYY-MM-DD HH24:MI:SS TZ'), t.root_proc_inst_id))
     WHERE t.id = ANY (v_ids);
     RETURN cardinality(v_ids);
 END

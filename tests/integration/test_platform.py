@@ -1433,13 +1433,57 @@ def test_deleting_a_root_for_good_cancels_the_agent_todos_of_its_subprocesses(
         "abandoned": "CANCELLED", "running": "CANCELLED", "queued": "CANCELLED",
         "human": None, "drafted": None, "completed": "COMPLETED", "held": None, "busy": None,
         "elsewhere": None}
-    assert all("(root) was deleted for good from the ProcessGPT trash" in rows[ids[name]][1]
+    assert all("(root) was deleted for good" in rows[ids[name]][1]
                for name in ("abandoned", "running", "queued"))
     assert [c.todo_id for c in taken] == [ids["elsewhere"]]
     assert not refused["retried"] and "ProcessGPT trash" in refused["reason"]
     assert any(line.startswith("cancel 2 todos of subprocesses whose root process instance was "
                                "deleted for good") for line in swept), swept
     assert (after[ids["held"]][0], after[ids["busy"]][0]) == ("CANCELLED", "CANCELLED")
+
+
+def test_a_run_whose_root_is_deleted_while_its_row_is_held_is_cancelled_by_its_heartbeat(
+        upstream_database_url: str) -> None:
+    """The cron job's cancel skips a todo whose row another transaction holds at that moment (a
+    claim taking it, a draft being written). A run that goes on under a root deleted for good
+    is cancelled by its server's next heartbeat, with a line in its log, and a waiting todo
+    the cancel skipped under that root goes with it."""
+    db = connect(upstream_database_url)
+    db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('root'), ('child')")
+    running = enqueue_in(db, "gone", "child", "root")
+    started, ended = threading.Event(), threading.Event()
+
+    def handle(t: ps.Todo) -> dict[str, str]:
+        started.set()
+        while not t.cancelled and not ended.wait(0.02):
+            pass
+        return {"ran": "to the end"}
+
+    store = PostgresStorage(upstream_database_url)
+    try:
+        with ps.start(handle, agent_orch="gone", storage=store, workers=1,
+                      lease_seconds=2) as server:
+            assert started.wait(10)
+            trash(db, "root")
+            waiting = enqueue_in(db, "gone", "child", "root")
+            with psycopg.connect(upstream_database_url) as holder:
+                holder.execute("SELECT 1 FROM todolist WHERE id IN (%s, %s) FOR UPDATE",
+                               (running, waiting))
+                cron_cleanup(db)
+                skipped = todo_states(db)
+            wait_for(lambda: server.stats()["cancelled"] == 1, timeout=10)
+            stats = server.stats()
+            ended.set()
+        rows = {r["id"]: (r["draft_status"], r["log"]) for r in db.execute(
+            "SELECT id::text, draft_status::text, log FROM todolist")}
+    finally:
+        ended.set()
+        store.close()
+        db.close()
+    assert (skipped[running][0], skipped[waiting][0]) == ("STARTED", None)
+    assert stats["completed"] == 0
+    assert (rows[running][0], rows[waiting][0]) == ("CANCELLED", "CANCELLED")
+    assert "(root) was deleted for good" in rows[running][1]
 
 
 def test_a_cron_job_running_as_another_role_than_init_db_s_still_cancels(
