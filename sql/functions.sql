@@ -115,20 +115,22 @@ END
 $$;
 
 -- The platform's trigger on todolist (trigger_update_bpm_proc_inst_updated_at) touches the
--- todo's bpm_proc_inst row on every update, in whatever order a batch's plan visits its todos;
--- two batches of todos sharing process instances then deadlock, each waiting deadlock_timeout
--- (1 s by default) before one is aborted. So a batch takes its todos' rows (sorted by id; with
--- p_skip_locked, only those no other transaction holds) and then their process instances'
--- rows (sorted), before it updates: every transaction takes them in one order, todos first as
--- a single-row write does. Returns the todos held, or NULL where nothing needs it: one todo
+-- todo's bpm_proc_inst row on every update, in whatever order a batch's plan visits its todos,
+-- and its trigger on bpm_proc_inst (trigger_update_project_updated_at) touches the instance's
+-- project, a row many instances share; two batches of todos sharing process instances or
+-- projects then deadlock, each waiting deadlock_timeout (1 s by default) before one is aborted.
+-- So a batch takes its todos' rows (sorted by id; with p_skip_locked, only those no other
+-- transaction holds), then their process instances' rows (sorted), then those instances'
+-- projects (sorted), before it updates: every transaction takes them in one order, todos first
+-- as a single-row write does. Returns the todos held, or NULL where nothing needs it: one todo
 -- given back, or no bpm_proc_inst table.
--- With p_skip_locked (a claim, a batch of outcomes) the process instances are taken one by one
--- in order, waiting at most p_wait_ms in all (usually the holder is one of ours, a claim or an
--- outcome of a todo of the same instance, for a moment); one the BPM engine or a person holds
--- longer leaves its todos out of the answer, so they do not hold up the rest: a claim takes
--- other todos in their place (passing over the instance's other todos, so it is not waited for
--- twice, and waiting for none: those may sort before instances it holds already), a batch of
--- outcomes answers them 'busy' (written later).
+-- With p_skip_locked (a claim, a batch of outcomes) the process instances, then the projects,
+-- are taken one by one in order, waiting at most p_wait_ms in all (usually the holder is one
+-- of ours, a claim or an outcome of a todo of the same instance or project, for a moment); one
+-- the BPM engine or a person holds longer leaves its todos out of the answer, so they do not
+-- hold up the rest: a claim takes other todos in their place (passing over the instance's
+-- other todos, so it is not waited for twice, and waiting for none: those may sort before
+-- instances it holds already), a batch of outcomes answers them 'busy' (written later).
 CREATE OR REPLACE FUNCTION processgpt_sync_lock_proc_insts_v1(p_todo_ids uuid[],
                                                               p_skip_locked boolean,
                                                               p_wait_ms integer)
@@ -136,10 +138,9 @@ RETURNS uuid[] LANGUAGE plpgsql AS $$
 DECLARE
     v_held uuid[];
     v_inst text;
+    v_project uuid;
     v_left_out text[] := '{}';
     v_deadline timestamptz;
-    v_wait_ms integer;
-    v_lock_timeout text;
 BEGIN
     -- one todo given back alone waits for its instance as any single-row write does
     IF coalesce(cardinality(p_todo_ids), 0) < 2 - p_skip_locked::integer
@@ -155,41 +156,94 @@ BEGIN
                                  WHERE t.id = ANY (v_held) AND t.proc_inst_id IS NOT NULL)
         ORDER BY p.proc_inst_id
         FOR NO KEY UPDATE OF p;
+        IF processgpt_sync_has_projects_v1() THEN
+            PERFORM 1 FROM project j
+            WHERE j.project_id IN (SELECT p.project_id FROM bpm_proc_inst p
+                                   JOIN todolist t ON t.proc_inst_id = p.proc_inst_id
+                                   WHERE t.id = ANY (v_held))
+            ORDER BY j.project_id
+            FOR NO KEY UPDATE OF j;
+        END IF;
         RETURN v_held;
     END IF;
     SELECT coalesce(array_agg(x.id), '{}') INTO v_held FROM (
         SELECT t.id FROM todolist t WHERE t.id = ANY (p_todo_ids)
         ORDER BY t.id FOR UPDATE OF t SKIP LOCKED) x;
     v_deadline := clock_timestamp() + make_interval(secs => greatest(p_wait_ms, 0) / 1000.0);
-    v_lock_timeout := current_setting('lock_timeout');
     FOR v_inst IN
         SELECT DISTINCT p.proc_inst_id FROM bpm_proc_inst p
         WHERE p.proc_inst_id IN (SELECT t.proc_inst_id FROM todolist t
                                  WHERE t.id = ANY (v_held) AND t.proc_inst_id IS NOT NULL)
         ORDER BY p.proc_inst_id
     LOOP
-        PERFORM 1 FROM bpm_proc_inst p WHERE p.proc_inst_id = v_inst
-        FOR NO KEY UPDATE OF p SKIP LOCKED;
-        CONTINUE WHEN FOUND;
-        v_wait_ms := floor(extract(epoch FROM v_deadline - clock_timestamp()) * 1000);
-        IF v_wait_ms < 1 THEN
-            v_left_out := v_left_out || v_inst;
-            CONTINUE;
-        END IF;
-        PERFORM set_config('lock_timeout', v_wait_ms || 'ms', true);
-        BEGIN
-            PERFORM 1 FROM bpm_proc_inst p WHERE p.proc_inst_id = v_inst FOR NO KEY UPDATE OF p;
-        EXCEPTION WHEN lock_not_available OR deadlock_detected THEN
+        IF NOT processgpt_sync_lock_by_v1(v_inst, NULL, v_deadline) THEN
             v_left_out := v_left_out || v_inst;  -- held longer: its todos are left out
-        END;
-        PERFORM set_config('lock_timeout', v_lock_timeout, true);
+        END IF;
     END LOOP;
+    IF processgpt_sync_has_projects_v1() THEN
+        FOR v_project IN
+            SELECT DISTINCT p.project_id FROM bpm_proc_inst p
+            JOIN todolist t ON t.proc_inst_id = p.proc_inst_id
+            WHERE t.id = ANY (v_held) AND p.project_id IS NOT NULL
+              AND NOT p.proc_inst_id = ANY (v_left_out)
+            ORDER BY p.project_id
+        LOOP
+            IF NOT processgpt_sync_lock_by_v1(NULL, v_project, v_deadline) THEN
+                v_left_out := v_left_out || ARRAY(  -- and so are those of its instances
+                    SELECT p.proc_inst_id FROM bpm_proc_inst p
+                    JOIN todolist t ON t.proc_inst_id = p.proc_inst_id
+                    WHERE t.id = ANY (v_held) AND p.project_id = v_project);
+            END IF;
+        END LOOP;
+    END IF;
     IF cardinality(v_left_out) > 0 THEN
         v_held := ARRAY(SELECT t.id FROM todolist t
                         WHERE t.id = ANY (v_held)
                           AND (t.proc_inst_id IS NULL OR NOT t.proc_inst_id = ANY (v_left_out)));
     END IF;
     RETURN v_held;
+END
+$$;
+
+-- Take one process instance's row (or, with p_proc_inst_id NULL, one project's) for this
+-- transaction: at once if no other transaction holds it, else waiting until p_deadline at
+-- most. Whether it was taken.
+CREATE OR REPLACE FUNCTION processgpt_sync_lock_by_v1(p_proc_inst_id text, p_project_id uuid,
+                                                      p_deadline timestamptz)
+RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    v_wait_ms integer;
+    v_lock_timeout text;
+BEGIN
+    IF p_proc_inst_id IS NOT NULL THEN
+        PERFORM 1 FROM bpm_proc_inst p WHERE p.proc_inst_id = p_proc_inst_id
+        FOR NO KEY UPDATE OF p SKIP LOCKED;
+    ELSE
+        PERFORM 1 FROM project j WHERE j.project_id = p_project_id
+        FOR NO KEY UPDATE OF j SKIP LOCKED;
+    END IF;
+    IF FOUND THEN
+        RETURN true;
+    END IF;
+    v_wait_ms := floor(extract(epoch FROM p_deadline - clock_timestamp()) * 1000);
+    IF v_wait_ms < 1 THEN
+        RETURN false;
+    END IF;
+    v_lock_timeout := current_setting('lock_timeout');
+    PERFORM set_config('lock_timeout', v_wait_ms || 'ms', true);
+    BEGIN
+        IF p_proc_inst_id IS NOT NULL THEN
+            PERFORM 1 FROM bpm_proc_inst p WHERE p.proc_inst_id = p_proc_inst_id
+            FOR NO KEY UPDATE OF p;
+        ELSE
+            PERFORM 1 FROM project j WHERE j.project_id = p_project_id FOR NO KEY UPDATE OF j;
+        END IF;
+    EXCEPTION WHEN lock_not_available OR deadlock_detected THEN
+        PERFORM set_config('lock_timeout', v_lock_timeout, true);
+        RETURN false;
+    END;
+    PERFORM set_config('lock_timeout', v_lock_timeout, true);
+    RETURN true;
 END
 $$;
 
@@ -215,6 +269,22 @@ RETURNS boolean LANGUAGE sql STABLE AS $$
     SELECT EXISTS (SELECT 1 FROM pg_attribute a
                    WHERE a.attrelid = to_regclass('bpm_proc_inst') AND a.attname = 'proc_inst_id'
                      AND NOT a.attisdropped)
+$$;
+
+-- Whether this database's process instances belong to the platform's projects
+-- (bpm_proc_inst.project_id, a uuid naming a row of project), which its trigger on
+-- bpm_proc_inst touches on every update of an instance.
+CREATE OR REPLACE FUNCTION processgpt_sync_has_projects_v1()
+RETURNS boolean LANGUAGE sql STABLE AS $$
+    SELECT processgpt_sync_has_proc_insts_v1()
+           AND EXISTS (SELECT 1 FROM pg_attribute a
+                       WHERE a.attrelid = to_regclass('bpm_proc_inst')
+                         AND a.attname = 'project_id' AND a.atttypid = 'uuid'::regtype
+                         AND NOT a.attisdropped)
+           AND EXISTS (SELECT 1 FROM pg_attribute a
+                       WHERE a.attrelid = to_regclass('project')
+                         AND a.attname = 'project_id' AND a.atttypid = 'uuid'::regtype
+                         AND NOT a.attisdropped)
 $$;
 
 -- Whether this database's process instances have the platform's trash (bpm_proc_inst's
@@ -2708,7 +2778,9 @@ BEGIN
     GRANT EXECUTE ON FUNCTION processgpt_sync_free_of_held_insts_v1(uuid[]) TO PUBLIC;
     GRANT EXECUTE ON FUNCTION processgpt_sync_lock_proc_insts_v1(uuid[], boolean, integer)
         TO PUBLIC;
+    GRANT EXECUTE ON FUNCTION processgpt_sync_lock_by_v1(text, uuid, timestamptz) TO PUBLIC;
     GRANT EXECUTE ON FUNCTION processgpt_sync_has_proc_insts_v1() TO PUBLIC;
+    GRANT EXECUTE ON FUNCTION processgpt_sync_has_projects_v1() TO PUBLIC;
     GRANT EXECUTE ON FUNCTION processgpt_sync_root_gone_v1(text, text) TO PUBLIC;
 END
 $$;

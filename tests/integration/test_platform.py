@@ -491,6 +491,56 @@ def test_batches_of_todos_sharing_process_instances_never_deadlock_on_the_platfo
     assert errors == []
 
 
+def test_batches_across_process_instances_of_shared_projects_never_deadlock(
+        upstream_database_url):
+    """The platform's triggers write a todo's process instance, and that instance's project,
+    on every update of the todo; many instances share one project. Batches whose todos span
+    two projects took the project rows in their own plan's order, so two of them deadlocked.
+    Every batch takes the projects sorted too, after the instances."""
+    with connect(upstream_database_url) as db:
+        db.execute("INSERT INTO project (project_id) SELECT ('00000000-0000-0000-0000-00000000000'"
+                   " || g)::uuid FROM generate_series(0, 1) g")
+        db.execute("INSERT INTO bpm_proc_inst (proc_inst_id, project_id) SELECT 'p' || g, "
+                   "('00000000-0000-0000-0000-00000000000' || (g % 2))::uuid "
+                   "FROM generate_series(0, 199) g")
+        db.execute("SELECT processgpt_sync_enqueue_v1('projects', 'q' || g, 'COMPLETE', NULL, "
+                   "'step', 'p' || (g % 200)) FROM generate_series(1, 2400) g")
+        deadlocks = ("SELECT deadlocks FROM pg_stat_database "
+                     "WHERE datname = current_database()")
+        before = db.execute(deadlocks).fetchone()["deadlocks"]
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        store = PostgresStorage(upstream_database_url, max_connections=1)
+        try:
+            while batch := store.claim(agent_orch="projects", consumer=f"w{n}", limit=16,
+                                       lease_seconds=60, max_claims=3):
+                items = [{"todo_id": c.todo_id, "token": c.token, "outcome": "completed",
+                          "result": {"n": n}, "events": []} for c in batch]
+                while items:  # those answered 'busy' (a held instance) are written again
+                    items = [item for item, outcome
+                             in zip(items, store.finish(items), strict=True)
+                             if outcome.reason == "busy"]
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+        finally:
+            store.close()
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    with connect(upstream_database_url) as db:
+        left = db.execute("SELECT count(*) AS n FROM todolist WHERE agent_orch = 'projects' "
+                          "AND draft_status IS DISTINCT FROM 'COMPLETED'").fetchone()["n"]
+        touched = db.execute("SELECT count(*) AS n FROM project "
+                             "WHERE updated_at > now() - interval '5 minutes'").fetchone()["n"]
+        assert db.execute(deadlocks).fetchone()["deadlocks"] - before == 0
+    assert errors == [] and left == 0
+    assert touched == 2, "the platform's trigger wrote both projects"
+
+
 def test_giving_todos_back_waits_for_a_single_write_without_deadlocking_on_the_trigger(
         upstream_database_url):
     """A stop gives back todos of two process instances while a single-row write (the UI's,
