@@ -212,10 +212,11 @@ class OutcomeWriter:
                 return
             time.sleep(max(0.0, self._next_try(entry[0]) - time.monotonic()))
 
-    def _write_batch(self, batch: list[tuple[Outcome, Stored]]) -> list[tuple[Outcome, Stored]]:
+    def _write_batch(self, batch: list[tuple[Outcome, Stored]], *,
+                     half: bool = False) -> list[tuple[Outcome, Stored]]:
         """Write ``batch`` and tell each outcome what became of it, except those that must
         wait (their row held, or too heavy for the statement timeout): returned, to be tried
-        again."""
+        again. ``half``: one half of a batch that ran past the statement timeout."""
         attempt = 0
         while True:
             try:
@@ -231,6 +232,8 @@ class OutcomeWriter:
                     self._timeouts_in_row += 1
                     if self._timeouts_in_row <= TIMEOUTS_BEFORE_OUTAGE:  # this write is heavy
                         return self._timed_out(batch, exc)
+                    if half:  # its other halves are tried first: they may not be as heavy
+                        return self._wait_after_halving(batch, exc)
                     # every write of late timed out: the database is slow, retried as an outage
                 logger.warning("writing %d todo outcomes failed (attempt %d), retrying: %s",
                                len(batch), attempt, exc, extra={"action": "finish"})
@@ -265,8 +268,9 @@ class OutcomeWriter:
         if len(batch) > 1:
             logger.warning("writing %d todo outcomes ran past the statement timeout; writing "
                            "them in halves", len(batch), extra={"action": "finish"})
-            half = len(batch) // 2
-            return self._write_batch(batch[:half]) + self._write_batch(batch[half:])
+            middle = len(batch) // 2
+            return (self._write_batch(batch[:middle], half=True)
+                    + self._write_batch(batch[middle:], half=True))
         outcome, then = batch[0]
         todo_id = outcome.claim.todo_id
         outcome.timeouts += 1
@@ -282,6 +286,23 @@ class OutcomeWriter:
         logger.warning("writing the outcome of todo %s ran past the statement timeout; trying "
                        "it again alone, after the others", todo_id,
                        extra={"action": "finish", "todo_id": todo_id})
+        return list(batch)
+
+    @staticmethod
+    def _wait_after_halving(batch: list[tuple[Outcome, Stored]],
+                            exc: StorageUnavailable) -> list[tuple[Outcome, Stored]]:
+        """A half that timed out where the halving already counted as many timeouts in a row
+        as an outage takes: it waits (returned), rather than hold every later write up while
+        it is retried in place, as one heavy outcome in the first half would for ever. One
+        outcome alone has timed out alone: counted, so it is given up in time if it is
+        heavy; through a real outage, the next write on its own is retried in place."""
+        if len(batch) == 1:
+            batch[0][0].timeouts += 1
+        for outcome, _ in batch:
+            outcome.waits_for = f"writing it ran past the statement timeout ({exc})"
+        logger.warning("writing %d todo outcomes ran past the statement timeout again; they "
+                       "wait, and the rest of the batch is written first", len(batch),
+                       extra={"action": "finish"})
         return list(batch)
 
     @staticmethod
