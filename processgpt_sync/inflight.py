@@ -193,13 +193,13 @@ class InFlight:
 
     def wait_empty(self, seconds: float) -> list[TodoRun]:
         """Wait up to ``seconds`` for every run to end; return the runs still open (executor
-        still running: an ended executor's outcome is on its way, see ``wait_written``)."""
+        still running: an ended executor's outcome is on its way, see ``wait_written``, also
+        while the context around it is being left)."""
         deadline = time.monotonic() + seconds
         with self.lock:
             while self._runs and (remaining := deadline - time.monotonic()) > 0:
                 self.lock.wait(remaining)
-            return [run for run in self._runs.values()
-                    if not run.closed and not run.executor_returned]
+            return [run for run in self._runs.values() if not _returned(run)]
 
     def wait_written(self, except_runs: list[TodoRun], seconds: float) -> list[str]:
         """Wait up to ``seconds`` for runs writing their outcome (closed, or their executor
@@ -207,9 +207,15 @@ class InFlight:
         deadline = time.monotonic() + seconds
         with self.lock:
             while writing := [r for r in self._runs.values()
-                              if (r.closed or r.executor_returned) and r not in except_runs]:
+                              if _returned(r) and r not in except_runs]:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return [r.todo_id for r in writing]
                 self.lock.wait(remaining)
             return []
+
+
+def _returned(run: TodoRun) -> bool:
+    """Whether ``run``'s outcome is decided or on its way: closed, or its executor returned
+    (its context perhaps still being left)."""
+    return run.closed or run.executor_returned or run.leaving

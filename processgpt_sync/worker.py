@@ -99,7 +99,7 @@ class TodoWorker:
         with run.lock:  # the executor has ended in time: a slow exit below is not its timeout,
             if run.deadline is not None and not run.closed:  # one that hangs still ends, later
                 run.deadline = max(run.deadline, time.monotonic() + EXIT_ALLOWANCE)
-                run.leaving = True
+            run.leaving = True  # nor is a stop's grace ending meanwhile its shutdown
         try:  # told of the todo's error, as a with-statement would tell it
             around.__exit__(type(error) if error else None, error,
                             error.__traceback__ if error else None)

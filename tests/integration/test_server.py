@@ -303,6 +303,32 @@ def test_a_slow_exit_from_the_context_around_a_todo_is_not_its_timeout(storage, 
     assert [(r["draft_status"], r["output"]) for r in rows(db)] == [("COMPLETED", {"ok": "q"})]
 
 
+def test_a_stop_whose_grace_ends_while_the_context_is_left_keeps_the_executors_result(
+        storage, db):
+    """The executor returned; the context around it was still being left when the stop's
+    grace ran out. The run is not cancelled and given back (its result dropped, the todo run
+    again): its outcome is written, as a returned executor's is."""
+    from contextlib import contextmanager
+
+    leaving = threading.Event()
+
+    @contextmanager
+    def slow_to_close():
+        yield
+        leaving.set()
+        time.sleep(1.0)
+
+    storage.enqueue("t", "q")
+    server = ps.Server(lambda todo: {"ok": todo.input}, ps.Settings(agent_orch="t"),
+                       storage=storage, around_todo=slow_to_close)
+    server.start()
+    try:
+        assert leaving.wait(10)
+    finally:
+        server.stop(timeout=0.1)
+    assert [(r["draft_status"], r["output"]) for r in rows(db)] == [("COMPLETED", {"ok": "q"})]
+
+
 def test_an_exit_from_the_context_around_a_todo_that_hangs_still_times_the_todo_out(
         storage, db, monkeypatch):
     """A hang while closing the context (a connection close on a dead link) is bounded: once
