@@ -174,17 +174,19 @@ class HumanDesk:
     @staticmethod
     def _call(run: TodoRun, action: str, request: Callable[[], Any]) -> Any:
         """``request()``, retried through a short outage (then StorageUnavailable reaches the
-        executor, and the todo is given back unless the executor handles it)."""
+        executor, and the todo is given back unless the executor handles it). Its time is the
+        database's: the todo's timeout does not count it (the wait for the answer it does)."""
         attempt = 0
-        while True:
-            try:
-                return request()
-            except StorageUnavailable as exc:
-                attempt += 1
-                if attempt > 8:
-                    raise
-                logger.warning("%s for todo %s failed (attempt %d), retrying: %s", action,
-                               run.todo_id, attempt, exc,
-                               extra={"action": action, "todo_id": run.todo_id})
-                if run.cancel_event.wait(backoff(attempt, after=exc)):  # the todo ended
-                    raise
+        with run.clock_stopped():
+            while True:
+                try:
+                    return request()
+                except StorageUnavailable as exc:
+                    attempt += 1
+                    if attempt > 8:
+                        raise
+                    logger.warning("%s for todo %s failed (attempt %d), retrying: %s", action,
+                                   run.todo_id, attempt, exc,
+                                   extra={"action": action, "todo_id": run.todo_id})
+                    if run.cancel_event.wait(backoff(attempt, after=exc)):  # the todo ended
+                        raise

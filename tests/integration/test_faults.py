@@ -885,6 +885,40 @@ def test_a_draft_waiting_out_a_partition_does_not_count_against_the_todos_timeou
     assert "timed out" not in (row["log"] or "")
 
 
+def test_a_question_written_through_a_partition_does_not_count_against_the_todos_timeout(
+        proxy, database_url, db):
+    """Asking a person writes the question, retried through an outage: that time is the
+    database's, as a draft's is. The todo goes on to its answer (here the default, after a
+    short wait that does count) instead of timing out during the partition."""
+    store = proxied_storage("postgres", proxy, database_url)
+    [todo_id] = enqueue(db, 1)
+    started, go = threading.Event(), threading.Event()
+
+    def asks_then_returns(todo: ps.Todo) -> dict[str, Any]:
+        started.set()
+        go.wait(10)
+        return {"answer": todo.ask_human("Which one?", timeout=0.2, default="none")}
+
+    try:
+        server = ps.start(asks_then_returns, agent_orch="faults", storage=store, workers=1,
+                          timeout=1.0, lease_seconds=60, poll_interval=0.5)
+        try:
+            assert started.wait(10)
+            proxy.partition()
+            go.set()
+            time.sleep(1.0 + STATEMENT_TIMEOUT + DEADLINE_MARGIN + 2.0)  # as for the draft
+            proxy.heal()
+            wait_for(lambda: completed(db) == 1, timeout=30)
+        finally:
+            proxy.heal()
+            server.stop(timeout=5)
+    finally:
+        close_storage(store)
+    row = db.execute("SELECT output, log FROM todolist WHERE id = %s", (todo_id,)).fetchone()
+    assert row["output"] == {"answer": "none"}
+    assert "timed out" not in (row["log"] or "")
+
+
 def test_a_stop_ends_a_draft_waiting_out_a_partition_and_the_executor_goes_on(
         proxy, database_url, db, caplog):
     """A draft retried through a partition stops waiting once the todo ends (here the stop
