@@ -230,13 +230,23 @@ class TodoWorker:
                f"{EXIT_ALLOWANCE:g} s" if leaving else f"timed out after {timeout:g} s")
         self._log.warning("todo %s: %s", run.todo_id, why, extra=self._todo_extra(run, "timeout"))
         freed = functools.partial(self._inflight.timed_out, run)
-        try:  # handed to the outcome writer: the heartbeat, which called this, goes on with
-            # the other todos' deadlines and leases while the database is slow or away
-            self._recorder.fail_then(run, why, freed)
-        except Exception:  # as on the normal path: the heartbeat must go on for the others
-            self._log.exception("recording the timeout of todo %s failed", run.todo_id,
-                                extra=self._todo_extra(run, "timeout"))
-            freed()
+
+        def record() -> None:
+            try:  # handed to the outcome writer once the todo's events are taken
+                self._recorder.fail_then(run, why, freed)
+            except Exception:  # as on the normal path: its slot is freed all the same
+                self._log.exception("recording the timeout of todo %s failed", run.todo_id,
+                                    extra=self._todo_extra(run, "timeout"))
+                freed()
+
+        # Not on the heartbeat's thread, which called this: taking the todo's events waits
+        # for a write of them on its way, and meanwhile the other todos' leases and deadlines
+        # must go on being kept, however slow the database.
+        try:
+            threading.Thread(target=record, daemon=True,
+                             name="processgpt-sync-timed-out").start()
+        except RuntimeError:  # no thread for it: recorded here, the heartbeat waiting
+            record()
 
     def _stop_executor(self, run: TodoRun, reason: str) -> None:
         """Tell the executor (its cancel hook, a question it waits on) that the todo ended."""

@@ -5,6 +5,7 @@ and what cannot be stored is reported, never left waiting."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -731,3 +732,43 @@ def test_a_draft_that_keeps_timing_out_is_dropped_and_the_todo_goes_on(database_
     steps = db.execute("SELECT count(*) AS n FROM events WHERE todo_id = %s AND event_type = "
                        "'task_working'", (todo_id,)).fetchone()["n"]
     assert steps == 1
+
+
+def test_a_timeout_while_its_events_are_being_written_does_not_hold_up_the_heartbeat(
+        database_url, db):
+    """A todo times out while a write of its events is on its way (a slow site trigger): its
+    failure waits for that write, to keep its events in order, but not on the heartbeat's
+    thread, which goes on renewing leases and keeping deadlines meanwhile (seen here in the
+    server registry: a heartbeat every 0.5 s with 2 s leases)."""
+    db.execute("""
+        CREATE FUNCTION slow_event() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN PERFORM pg_sleep(4); RETURN NEW; END $$;
+        CREATE TRIGGER slow_event BEFORE INSERT ON events FOR EACH ROW
+            WHEN (NEW.data->>'slow' = 'yes') EXECUTE FUNCTION slow_event();""")
+    storage = PostgresStorage(database_url, max_connections=6)
+    todo_id = storage.enqueue(AGENT, "slow")
+
+    def handle(todo: ps.Todo) -> dict[str, Any]:
+        todo.events.progress({"slow": "yes"})
+        time.sleep(1.0)  # past its timeout, while its event is still being written
+        return {"ok": True}
+
+    seen: list[float] = []
+    try:
+        with ps.start(handle, agent_orch=AGENT, storage=storage, timeout=0.5,
+                      lease_seconds=2) as server:
+            began = time.monotonic()
+            while time.monotonic() - began < 5.0:  # the slow write and the failure after it
+                last = db.execute("SELECT extract(epoch FROM max(last_seen)) AS t "
+                                  "FROM processgpt_sync_server").fetchone()["t"]
+                if last is not None and (not seen or float(last) != seen[-1]):
+                    seen.append(float(last))
+                time.sleep(0.05)
+            wait_for(lambda: server.stats()["failed"] == 1, timeout=10)
+    finally:
+        storage.close()
+    row = db.execute("SELECT draft_status::text AS s FROM todolist WHERE id = %s",
+                     (todo_id,)).fetchone()
+    gaps = [b - a for a, b in itertools.pairwise(seen)]
+    assert row["s"] == "FAILED"
+    assert len(seen) > 5 and max(gaps) < 2.0, f"the heartbeat stopped for {max(gaps):.1f} s"
