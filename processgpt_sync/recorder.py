@@ -14,8 +14,9 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from .errors import NoResultError, PayloadError, StorageUnavailable
+from .errors import NoResultError, PayloadError, ServerFailed, StorageUnavailable
 from .event_writer import EventBuffer, log_rejected
+from .infra import infrastructure_problem
 from .models import AwaitingHuman
 from .outcomes import TIMEOUTS_ALONE_MAX, Outcome, OutcomeWriter, Stored
 from .payload import error_text, snapshot_json, unwrap_text
@@ -219,8 +220,12 @@ class Recorder:
 
     @staticmethod
     def _refusal(outcome: WriteOutcome | None, failure: BaseException | None) -> Any:
-        """Why the database refused a write (an error, not an outage), or None."""
-        if failure is not None and not isinstance(failure, StorageUnavailable):
+        """Why the database refused a write (an error, not an outage), or None. Not the
+        server's own failure (its writer died) nor the host's (no file descriptor, no
+        thread): those refused nothing, so nothing is stored without its events or recorded
+        FAILED for them; the todo's lease expires and it runs again."""
+        if failure is not None and not isinstance(failure, StorageUnavailable | ServerFailed) \
+                and infrastructure_problem(failure) is None:
             return failure
         if outcome is not None and outcome.reason == "error":
             return outcome.error

@@ -772,3 +772,37 @@ def test_a_timeout_while_its_events_are_being_written_does_not_hold_up_the_heart
     gaps = [b - a for a, b in itertools.pairwise(seen)]
     assert row["s"] == "FAILED"
     assert len(seen) > 5 and max(gaps) < 2.0, f"the heartbeat stopped for {max(gaps):.1f} s"
+
+
+class DiesOnFirstFinish(PostgresStorage):
+    """The first outcome write kills the writer thread (a driver bug); later ones work."""
+
+    died = False
+
+    def finish(self, items: list[dict[str, Any]]) -> Any:
+        if not self.died:
+            self.died = True
+            raise SystemExit("the driver broke")
+        return super().finish(items)
+
+
+def test_an_outcome_stranded_by_a_dead_writer_is_not_taken_for_a_refusal(database_url, db,
+                                                                         caplog):
+    """The writer thread died with an outcome in hand: the database refused nothing, so the
+    result is not stored without its events (nor the todo recorded FAILED for it); the server
+    stops, says why, and the todo's lease expires for it to run again."""
+    storage = DiesOnFirstFinish(database_url)
+    todo_id = storage.enqueue(AGENT, "q")
+    server = ps.start(lambda todo: {"ok": True}, agent_orch=AGENT, storage=storage)
+    try:
+        wait_for(lambda: "the outcome writer thread died" in caplog.text, timeout=10)
+        wait_for(lambda: f"outcome of todo {todo_id} could not be recorded" in caplog.text,
+                 timeout=10)
+    finally:
+        with contextlib.suppress(ps.ProcessGPTSyncError):
+            server.stop(timeout=2)
+        storage.close()
+    row = db.execute("SELECT draft_status::text AS s, output FROM todolist WHERE id = %s",
+                     (todo_id,)).fetchone()
+    assert row == {"s": "STARTED", "output": None}
+    assert "could not be stored" not in caplog.text
