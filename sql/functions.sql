@@ -181,12 +181,15 @@ BEGIN
         END IF;
     END LOOP;
     IF processgpt_sync_has_projects_v1() THEN
+        -- the projects the trigger would write: rows that exist, and this role sees
+        -- (bpm_proc_inst.project_id has no foreign key, and project has row security)
         FOR v_project IN
-            SELECT DISTINCT p.project_id FROM bpm_proc_inst p
-            JOIN todolist t ON t.proc_inst_id = p.proc_inst_id
-            WHERE t.id = ANY (v_held) AND p.project_id IS NOT NULL
-              AND NOT p.proc_inst_id = ANY (v_left_out)
-            ORDER BY p.project_id
+            SELECT j.project_id FROM project j
+            WHERE j.project_id IN (SELECT p.project_id FROM bpm_proc_inst p
+                                   JOIN todolist t ON t.proc_inst_id = p.proc_inst_id
+                                   WHERE t.id = ANY (v_held)
+                                     AND NOT p.proc_inst_id = ANY (v_left_out))
+            ORDER BY j.project_id
         LOOP
             IF NOT processgpt_sync_lock_by_v1(NULL, v_project, v_deadline) THEN
                 v_left_out := v_left_out || ARRAY(  -- and so are those of its instances
@@ -273,7 +276,8 @@ $$;
 
 -- Whether this database's process instances belong to the platform's projects
 -- (bpm_proc_inst.project_id, a uuid naming a row of project), which its trigger on
--- bpm_proc_inst touches on every update of an instance.
+-- bpm_proc_inst touches on every update of an instance, and the calling role may take their
+-- rows (one that may not could not write a todo of a project: the trigger would fail).
 CREATE OR REPLACE FUNCTION processgpt_sync_has_projects_v1()
 RETURNS boolean LANGUAGE sql STABLE AS $$
     SELECT processgpt_sync_has_proc_insts_v1()
@@ -285,6 +289,8 @@ RETURNS boolean LANGUAGE sql STABLE AS $$
                        WHERE a.attrelid = to_regclass('project')
                          AND a.attname = 'project_id' AND a.atttypid = 'uuid'::regtype
                          AND NOT a.attisdropped)
+           AND has_table_privilege(to_regclass('project'), 'SELECT')
+           AND has_table_privilege(to_regclass('project'), 'UPDATE')
 $$;
 
 -- Whether this database's process instances have the platform's trash (bpm_proc_inst's
@@ -1744,11 +1750,8 @@ DECLARE
     v_report jsonb;
 BEGIN
     -- a run whose root the cron job deleted for good while a claim or a write held its row
-    -- (the delete's cancel skipped it) is cancelled now, with the rest under that root
-    PERFORM processgpt_sync_cancel_under_gone_roots_v1(ARRAY(
-        SELECT DISTINCT t.root_proc_inst_id FROM todolist t
-        WHERE t.id = ANY (p_todo_ids)
-          AND processgpt_sync_root_gone_v1(t.proc_inst_id, t.root_proc_inst_id)));
+    -- (the delete's cancel skipped it) is cancelled now
+    PERFORM processgpt_sync_cancel_gone_v1(p_todo_ids);
     WITH pairs AS (
         SELECT p.todo_id, p.token FROM unnest(p_todo_ids, p_tokens) AS p(todo_id, token)
     ), state AS (
@@ -1965,26 +1968,26 @@ $$;
 -- todo whose row, or whose own process instance, another transaction holds at that moment is
 -- skipped, never waited for (the cron job's delete is not held up, and no lock order can
 -- deadlock): a run or claim under way is cancelled by its server's next heartbeat
--- (processgpt_sync_renew_v1), with the other todos under that root; a waiting todo stays in
--- the trash for good, never claimed, until then or until init-db sweeps it
--- (processgpt_sync_gone_roots_v1). Returns the count.
-CREATE OR REPLACE FUNCTION processgpt_sync_cancel_under_gone_roots_v1(p_roots text[])
+-- (processgpt_sync_renew_v1); a waiting todo stays in the trash for good, never claimed, until
+-- init-db sweeps it (processgpt_sync_gone_roots_v1). Of the todos p_ids, those under a root
+-- deleted for good; returns the count.
+CREATE OR REPLACE FUNCTION processgpt_sync_cancel_gone_v1(p_ids uuid[])
 RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
     v_ids uuid[];
 BEGIN
-    IF coalesce(cardinality(p_roots), 0) = 0 THEN
-        RETURN 0;
-    END IF;
     v_ids := ARRAY(
         SELECT t.id FROM todolist t
-        WHERE t.root_proc_inst_id = ANY (p_roots) AND t.status = 'IN_PROGRESS'
+        WHERE t.id = ANY (p_ids) AND t.status = 'IN_PROGRESS'
           AND (t.draft_status IN ('FB_REQUESTED', 'STARTED', 'HUMAN_ASKED')
                OR (t.draft_status IS NULL AND t.agent_mode IN ('DRAFT', 'COMPLETE')
                    AND t.draft IS NULL))
           AND processgpt_sync_root_gone_v1(t.proc_inst_id, t.root_proc_inst_id)
         ORDER BY t.id
         FOR UPDATE OF t SKIP LOCKED);
+    IF cardinality(v_ids) = 0 THEN
+        RETURN 0;
+    END IF;
     -- and only those whose own instance is free now (each write touches it: the platform's
     -- trigger), taken in order without a wait
     v_ids := processgpt_sync_free_of_held_insts_v1(v_ids);
@@ -1996,6 +1999,15 @@ BEGIN
     WHERE t.id = ANY (v_ids);
     RETURN cardinality(v_ids);
 END
+$$;
+
+-- The same for every todo under these roots (the cron job's delete, init-db's sweep).
+CREATE OR REPLACE FUNCTION processgpt_sync_cancel_under_gone_roots_v1(p_roots text[])
+RETURNS integer LANGUAGE sql AS $$
+    SELECT CASE WHEN coalesce(cardinality(p_roots), 0) = 0 THEN 0
+                ELSE processgpt_sync_cancel_gone_v1(ARRAY(
+                    SELECT t.id FROM todolist t WHERE t.root_proc_inst_id = ANY (p_roots)))
+           END
 $$;
 
 -- The roots of subprocess todos in progress whose root process instance is gone (deleted for
@@ -2775,6 +2787,7 @@ BEGIN
     GRANT EXECUTE ON FUNCTION processgpt_sync_answer_to_v1(text, text, timestamptz) TO PUBLIC;
     -- the cancel under roots deleted for good, whatever role runs the platform's cron job
     GRANT EXECUTE ON FUNCTION processgpt_sync_cancel_under_gone_roots_v1(text[]) TO PUBLIC;
+    GRANT EXECUTE ON FUNCTION processgpt_sync_cancel_gone_v1(uuid[]) TO PUBLIC;
     GRANT EXECUTE ON FUNCTION processgpt_sync_free_of_held_insts_v1(uuid[]) TO PUBLIC;
     GRANT EXECUTE ON FUNCTION processgpt_sync_lock_proc_insts_v1(uuid[], boolean, integer)
         TO PUBLIC;

@@ -464,18 +464,31 @@ def test_batches_of_todos_sharing_process_instances_never_deadlock_on_the_platfo
                    "FROM generate_series(0, 5) g")
         db.execute("SELECT processgpt_sync_enqueue_v1('parallel', 'q' || g, 'COMPLETE', NULL, "
                    "'step', 'p' || (g % 6)) FROM generate_series(1, 2400) g")
-        deadlocks = ("SELECT deadlocks FROM pg_stat_database "
-                     "WHERE datname = current_database()")
-        before = db.execute(deadlocks).fetchone()["deadlocks"]
+    assert run_in_parallel(upstream_database_url, "parallel") == (0, [], 0)
+
+
+DEADLOCKS = "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
+
+
+def run_in_parallel(url: str, agent_orch: str) -> tuple[int, list[BaseException], int]:
+    """Six workers claim and finish batches of 16 todos of ``agent_orch`` until none is left
+    (an outcome answered 'busy', for a held process instance, is written again). Returns the
+    deadlocks the database counted meanwhile, the errors, and the todos left unfinished."""
+    with connect(url) as db:
+        before = db.execute(DEADLOCKS).fetchone()["deadlocks"]
     errors: list[BaseException] = []
 
     def worker(n: int) -> None:
-        store = PostgresStorage(upstream_database_url, max_connections=1)
+        store = PostgresStorage(url, max_connections=1)
         try:
-            while batch := store.claim(agent_orch="parallel", consumer=f"w{n}", limit=16,
+            while batch := store.claim(agent_orch=agent_orch, consumer=f"w{n}", limit=16,
                                        lease_seconds=60, max_claims=3):
-                store.finish([{"todo_id": c.todo_id, "token": c.token, "outcome": "completed",
-                               "result": {"n": n}, "events": []} for c in batch])
+                items = [{"todo_id": c.todo_id, "token": c.token, "outcome": "completed",
+                          "result": {"n": n}, "events": []} for c in batch]
+                while items:
+                    items = [item for item, outcome
+                             in zip(items, store.finish(items), strict=True)
+                             if outcome.reason == "busy"]
         except BaseException as exc:  # surfaced below
             errors.append(exc)
         finally:
@@ -486,9 +499,11 @@ def test_batches_of_todos_sharing_process_instances_never_deadlock_on_the_platfo
         thread.start()
     for thread in threads:
         thread.join(120)
-    with connect(upstream_database_url) as db:
-        assert db.execute(deadlocks).fetchone()["deadlocks"] - before == 0
-    assert errors == []
+    with connect(url) as db:
+        left = db.execute("SELECT count(*) AS n FROM todolist WHERE agent_orch::text = %s "
+                          "AND draft_status IS DISTINCT FROM 'COMPLETED'",
+                          (agent_orch,)).fetchone()["n"]
+        return db.execute(DEADLOCKS).fetchone()["deadlocks"] - before, errors, left
 
 
 def test_batches_across_process_instances_of_shared_projects_never_deadlock(
@@ -505,40 +520,38 @@ def test_batches_across_process_instances_of_shared_projects_never_deadlock(
                    "FROM generate_series(0, 199) g")
         db.execute("SELECT processgpt_sync_enqueue_v1('projects', 'q' || g, 'COMPLETE', NULL, "
                    "'step', 'p' || (g % 200)) FROM generate_series(1, 2400) g")
-        deadlocks = ("SELECT deadlocks FROM pg_stat_database "
-                     "WHERE datname = current_database()")
-        before = db.execute(deadlocks).fetchone()["deadlocks"]
-    errors: list[BaseException] = []
-
-    def worker(n: int) -> None:
-        store = PostgresStorage(upstream_database_url, max_connections=1)
-        try:
-            while batch := store.claim(agent_orch="projects", consumer=f"w{n}", limit=16,
-                                       lease_seconds=60, max_claims=3):
-                items = [{"todo_id": c.todo_id, "token": c.token, "outcome": "completed",
-                          "result": {"n": n}, "events": []} for c in batch]
-                while items:  # those answered 'busy' (a held instance) are written again
-                    items = [item for item, outcome
-                             in zip(items, store.finish(items), strict=True)
-                             if outcome.reason == "busy"]
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
-        finally:
-            store.close()
-
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    assert run_in_parallel(upstream_database_url, "projects") == (0, [], 0)
     with connect(upstream_database_url) as db:
-        left = db.execute("SELECT count(*) AS n FROM todolist WHERE agent_orch = 'projects' "
-                          "AND draft_status IS DISTINCT FROM 'COMPLETED'").fetchone()["n"]
         touched = db.execute("SELECT count(*) AS n FROM project "
                              "WHERE updated_at > now() - interval '5 minutes'").fetchone()["n"]
-        assert db.execute(deadlocks).fetchone()["deadlocks"] - before == 0
-    assert errors == [] and left == 0
     assert touched == 2, "the platform's trigger wrote both projects"
+
+
+def test_a_project_another_transaction_holds_leaves_out_only_its_instances_todos(
+        upstream: tuple[PostgresStorage, psycopg.Connection], upstream_database_url: str) -> None:
+    """A project the BPM engine or a person holds for long holds up the todos of its process
+    instances alone: a claim takes the others (under fleet limits too, where it waits for
+    none), and its todos once the project is free. An instance naming a project that does not
+    exist (the column has no foreign key) holds nothing up."""
+    store, db = upstream
+    held_project, other_project = str(uuid.uuid4()), str(uuid.uuid4())
+    db.execute("INSERT INTO project (project_id) VALUES (%s), (%s)",
+               (held_project, other_project))
+    db.execute("INSERT INTO bpm_proc_inst (proc_inst_id, project_id) VALUES "
+               "('in-held', %s), ('in-other', %s), ('dangling', %s), ('none', NULL)",
+               (held_project, other_project, str(uuid.uuid4())))
+    ids = {inst: enqueue_in(db, "shared", inst) for inst in ("in-held", "in-other", "dangling",
+                                                            "none")}
+    with psycopg.connect(upstream_database_url) as holder:
+        holder.execute("SELECT 1 FROM project WHERE project_id = %s FOR UPDATE", (held_project,))
+        first = store.claim(agent_orch="shared", consumer="w1", limit=4, lease_seconds=60,
+                            max_claims=3, max_running=10)
+    later = store.claim(agent_orch="shared", consumer="w1", limit=4, lease_seconds=60,
+                        max_claims=3, max_running=10)
+    names = {v: k for k, v in ids.items()}
+    assert sorted(names[c.todo_id] for c in first) == ["dangling", "in-other", "none"]
+    assert first.held_back == 1
+    assert [names[c.todo_id] for c in later] == ["in-held"]
 
 
 def test_giving_todos_back_waits_for_a_single_write_without_deadlocking_on_the_trigger(
@@ -553,9 +566,7 @@ def test_giving_todos_back_waits_for_a_single_write_without_deadlocking_on_the_t
             "SELECT processgpt_sync_enqueue_v1(%s, 'q', 'COMPLETE', NULL, 'step', %s) AS id",
             (agent, inst)).fetchone()["id"])
             for agent, inst in (("rel", "p1"), ("rel", "p2"), ("elsewhere", "p1")))
-        deadlocks = ("SELECT deadlocks FROM pg_stat_database "
-                     "WHERE datname = current_database()")
-        before = db.execute(deadlocks).fetchone()["deadlocks"]
+        before = db.execute(DEADLOCKS).fetchone()["deadlocks"]
     store = PostgresStorage(upstream_database_url, max_connections=2)
     claims = store.claim(agent_orch="rel", consumer="w", limit=2, lease_seconds=60,
                          max_claims=3)
@@ -572,7 +583,7 @@ def test_giving_todos_back_waits_for_a_single_write_without_deadlocking_on_the_t
         writer.commit()
         giving_back.join(30)
         assert released == [2]
-        assert db.execute(deadlocks).fetchone()["deadlocks"] - before == 0
+        assert db.execute(DEADLOCKS).fetchone()["deadlocks"] - before == 0
     store.close()
 
 
@@ -1496,8 +1507,9 @@ def test_a_run_whose_root_is_deleted_while_its_row_is_held_is_cancelled_by_its_h
         upstream_database_url: str) -> None:
     """The cron job's cancel skips a todo whose row another transaction holds at that moment (a
     claim taking it, a draft being written). A run that goes on under a root deleted for good
-    is cancelled by its server's next heartbeat, with a line in its log, and a waiting todo
-    the cancel skipped under that root goes with it."""
+    is cancelled by its server's next heartbeat, with a line in its log; a waiting todo the
+    cancel skipped is never claimed, and waits for init-db's sweep (the heartbeat looks at its
+    own todos only, by id: the platform's todolist has no index on the root)."""
     db = connect(upstream_database_url)
     db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('root'), ('child')")
     running = enqueue_in(db, "gone", "child", "root")
@@ -1526,14 +1538,18 @@ def test_a_run_whose_root_is_deleted_while_its_row_is_held_is_cancelled_by_its_h
             ended.set()
         rows = {r["id"]: (r["draft_status"], r["log"]) for r in db.execute(
             "SELECT id::text, draft_status::text, log FROM todolist")}
+        swept: list[str] = []
+        install_schema(upstream_database_url, added=swept)
+        after = todo_states(db)
     finally:
         ended.set()
         store.close()
         db.close()
     assert (skipped[running][0], skipped[waiting][0]) == ("STARTED", None)
     assert stats["completed"] == 0
-    assert (rows[running][0], rows[waiting][0]) == ("CANCELLED", "CANCELLED")
+    assert (rows[running][0], rows[waiting][0]) == ("CANCELLED", None)
     assert "(root) was deleted for good" in rows[running][1]
+    assert after[waiting][0] == "CANCELLED"
 
 
 def test_a_cron_job_running_as_another_role_than_init_db_s_still_cancels(
