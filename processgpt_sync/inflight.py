@@ -15,6 +15,7 @@ from .models import Claim
 from .runs import TodoRun
 
 Key = tuple[str, str]  # TodoRun.key: one claim of a todo
+LEAVING_POLL = 0.05  # seconds between looks at runs leaving the contexts around them
 CLAIM_PAUSE_MAX = 5.0  # seconds: longest pause after the host failed to start todos
 
 
@@ -193,13 +194,24 @@ class InFlight:
 
     def wait_empty(self, seconds: float) -> list[TodoRun]:
         """Wait up to ``seconds`` for every run to end; return the runs still open (executor
-        still running: an ended executor's outcome is on its way, see ``wait_written``, also
-        while the context around it is being left)."""
+        still running, or the context around it still being left: an ended executor's outcome
+        is on its way, see ``wait_written``)."""
         deadline = time.monotonic() + seconds
         with self.lock:
             while self._runs and (remaining := deadline - time.monotonic()) > 0:
                 self.lock.wait(remaining)
             return [run for run in self._runs.values() if not _returned(run)]
+
+    def wait_left(self, runs: list[TodoRun], seconds: float) -> list[TodoRun]:
+        """Wait up to ``seconds`` for ``runs``, whose executors returned, to leave the
+        contexts around them (their outcomes are then on their way); return those still in
+        them."""
+        deadline = time.monotonic() + seconds
+        with self.lock:
+            while (leaving := [r for r in runs if not _returned(r)]) and (
+                    remaining := deadline - time.monotonic()) > 0:
+                self.lock.wait(min(remaining, LEAVING_POLL))
+            return leaving
 
     def wait_written(self, except_runs: list[TodoRun], seconds: float) -> list[str]:
         """Wait up to ``seconds`` for runs writing their outcome (closed, or their executor
@@ -217,5 +229,5 @@ class InFlight:
 
 def _returned(run: TodoRun) -> bool:
     """Whether ``run``'s outcome is decided or on its way: closed, or its executor returned
-    (its context perhaps still being left)."""
-    return run.closed or run.executor_returned or run.leaving
+    and the context around it was left."""
+    return run.closed or run.executor_returned

@@ -29,6 +29,7 @@ from .storage import Storage
 
 HELD_RESERVE = 5.0  # seconds of the stop's time kept for the steps after the give-back (the
 # outcomes on their way, the events, the registry) while todos wait for a held process instance
+LEAVING_WAIT = 5.0  # seconds past the grace a stop waits for contexts around returned executors
 
 
 def bounded(fn: Callable[[], Any], timeout: float, what: str) -> tuple[bool, Any]:
@@ -73,7 +74,15 @@ class Shutdown:
         wait for the outcomes already being written. The give-back comes first: an outcome
         waiting for a row another transaction holds must not take the time it needs."""
         giving_back = []
-        for run in inflight.wait_empty(grace):
+        still_open = inflight.wait_empty(grace)
+        # Executors that returned, the contexts around them still being left: their results
+        # are on their way, and given back they would be dropped and the todos run again. A
+        # while more for them (a context that hangs is given back after it).
+        leaving = [run for run in still_open if run.leaving]
+        if leaving:
+            hanging = inflight.wait_left(leaving, min(LEAVING_WAIT, left() / 2))
+            still_open = [run for run in still_open if run not in leaving or run in hanging]
+        for run in still_open:
             cancel(run, "shutdown")
             # Not a run whose executor returned meanwhile and whose outcome went to the
             # writer first: given back, its result would be refused and the todo run again.

@@ -329,6 +329,37 @@ def test_a_stop_whose_grace_ends_while_the_context_is_left_keeps_the_executors_r
     assert [(r["draft_status"], r["output"]) for r in rows(db)] == [("COMPLETED", {"ok": "q"})]
 
 
+def test_a_context_that_hangs_after_its_executor_returned_is_given_back_by_a_stop(
+        storage, db, monkeypatch):
+    """The context around a returned executor hangs (a connection close on a dead link): the
+    stop waits a while more for it, then gives the todo back as it gives back a running one,
+    rather than spend its whole time waiting for an outcome that never comes."""
+    from contextlib import contextmanager
+
+    monkeypatch.setattr("processgpt_sync.shutdown.LEAVING_WAIT", 0.5)
+    leaving, hang = threading.Event(), threading.Event()
+
+    @contextmanager
+    def hangs_on_close():
+        yield
+        leaving.set()
+        hang.wait(30)
+
+    storage.enqueue("t", "q")
+    server = ps.Server(lambda todo: {"ok": todo.input}, ps.Settings(agent_orch="t"),
+                       storage=storage, around_todo=hangs_on_close)
+    server.start()
+    try:
+        assert leaving.wait(10)
+        began = time.monotonic()
+        server.stop(timeout=0.1)
+        took = time.monotonic() - began
+    finally:
+        hang.set()
+    assert took < 5.0, f"the stop took {took:.1f} s"
+    assert [(r["draft_status"], r["consumer"]) for r in rows(db)] == [(None, None)]
+
+
 def test_an_exit_from_the_context_around_a_todo_that_hangs_still_times_the_todo_out(
         storage, db, monkeypatch):
     """A hang while closing the context (a connection close on a dead link) is bounded: once
