@@ -80,7 +80,8 @@ class Recorder:
             self.discard_events(run)
             self.release(run)
             self._count("cancelled")
-            self._log.info("todo %s cancelled by the UI", run.todo_id,
+            self._log.info("todo %s cancelled in the database (the UI, a person's submit, "
+                           "its process deleted for good)", run.todo_id,
                            extra=self._todo_extra(run, "cancelled"))
             then()
             return

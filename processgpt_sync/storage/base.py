@@ -52,7 +52,8 @@ class WriteOutcome:
 
 @dataclass(frozen=True)
 class LeaseReport:
-    """Result of one heartbeat: which todos were renewed, cancelled by the UI, or lost."""
+    """Result of one heartbeat: which todos were renewed, cancelled (by the UI, or under a
+    process deleted for good), or lost."""
 
     renewed: frozenset[str]
     cancelled: frozenset[str]
