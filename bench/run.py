@@ -874,6 +874,8 @@ PLATFORM_SQL = [ROOT / "tests" / "fixtures" / name
 BLIND_TRASH = ("CREATE OR REPLACE FUNCTION processgpt_sync_in_trash_v1(p_proc_inst_id text, "
                "p_root_proc_inst_id text) RETURNS boolean LANGUAGE sql STABLE "
                "AS 'SELECT false'")
+BLIND_PROJECTS = ("CREATE OR REPLACE FUNCTION processgpt_sync_has_projects_v1() RETURNS boolean "
+                  "LANGUAGE sql STABLE AS 'SELECT false'")
 
 
 def platform_section(bench: Bench, results: dict[str, Any], quick: bool) -> None:
@@ -881,7 +883,9 @@ def platform_section(bench: Bench, results: dict[str, Any], quick: bool) -> None
     its own process instance (whose row the platform's trigger touches on every update): with
     the check for instances in the trash, and with it replaced by the one a database without
     the trash gets, alternated twice (once when quick), best of each. Then again with 200 older
-    todos of trashed instances, which every claim passes over until they are restored."""
+    todos of trashed instances, which every claim passes over until they are restored. Then
+    with the look for the instances' projects (none here) left out, and with the instances in
+    10 projects, whose rows the platform's trigger on bpm_proc_inst writes too."""
     with psycopg.connect(bench.url, autocommit=True) as conn:
         conn.execute("CREATE DATABASE bench_platform")
     template = make_conninfo(bench.url, dbname="bench_platform")
@@ -890,30 +894,38 @@ def platform_section(bench: Bench, results: dict[str, Any], quick: bool) -> None
             conn.execute(path.read_bytes())
     install_schema(template)
 
-    def loop(blind: bool, trashed: int) -> float:
+    def loop(blind: str | None, trashed: int, projects: int = 0) -> float:
         url = bench.database("bench_platform")
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("INSERT INTO bpm_proc_inst (proc_inst_id, is_deleted) "
                          "SELECT 'binned' || g, true FROM generate_series(1, %s) g", (trashed,))
             conn.execute("SELECT processgpt_sync_enqueue_v1(%s, 'q', 'COMPLETE', NULL, 'step', "
                          "'binned' || g) FROM generate_series(1, %s) g", (AGENT, trashed))
-            conn.execute("INSERT INTO bpm_proc_inst (proc_inst_id) "
-                         "SELECT 'inst' || g FROM generate_series(1, %s) g", (bench.todos,))
+            conn.execute("INSERT INTO project (project_id) SELECT gen_random_uuid() "
+                         "FROM generate_series(1, %s)", (projects,))
+            conn.execute("INSERT INTO bpm_proc_inst (proc_inst_id, project_id) "
+                         "SELECT 'inst' || g, (SELECT j.project_id FROM project j "
+                         "ORDER BY j.project_id OFFSET g %% greatest(%s, 1) LIMIT 1) "
+                         "FROM generate_series(1, %s) g", (projects, bench.todos))
             conn.execute("SELECT processgpt_sync_enqueue_v1(%s, 'q', 'COMPLETE', NULL, 'step', "
                          "'inst' || g) FROM generate_series(1, %s) g", (AGENT, bench.todos))
-            if blind:
-                conn.execute(BLIND_TRASH)
+            if blind is not None:
+                conn.execute(blind)
             conn.execute("VACUUM ANALYZE")
         return raw_sql(bench, 16, url)
 
-    aware = blind = with_trashed = 0.0
+    aware = blind = with_trashed = no_look = in_projects = 0.0
     for _ in range(1 if quick else 2):
-        aware = max(aware, loop(False, 0))
-        blind = max(blind, loop(True, 0))
-        with_trashed = max(with_trashed, loop(False, 200))
+        aware = max(aware, loop(None, 0))
+        blind = max(blind, loop(BLIND_TRASH, 0))
+        with_trashed = max(with_trashed, loop(None, 200))
+        no_look = max(no_look, loop(BLIND_PROJECTS, 0))
+        in_projects = max(in_projects, loop(None, 0, projects=10))
     results["platform_raw_todos_per_s"] = aware
     results["platform_trash_check_ratio"] = aware / blind
     results["platform_trashed_200_ratio"] = with_trashed / aware
+    results["platform_project_look_ratio"] = aware / no_look
+    results["platform_10_projects_ratio"] = in_projects / aware
 
 
 def compat_section(bench: Bench, results: dict[str, Any], quick: bool) -> None:
