@@ -848,23 +848,27 @@ def test_a_listener_that_stopped_listening_claims_what_it_missed_once_listening_
         store.close()
 
 
-def test_a_draft_waiting_out_a_partition_does_not_count_against_the_todos_timeout(
-        proxy, database_url, db):
-    """The timeout is the executor's: a draft it writes while the database is away is retried
-    until the link heals, and that wait is the database's time. The todo completes instead of
-    timing out during the partition."""
+@pytest.mark.parametrize("write", ["draft", "question"])
+def test_a_write_the_executor_waits_on_through_a_partition_does_not_count_against_its_timeout(
+        proxy, database_url, db, write):
+    """The timeout is the executor's: a draft it writes, or the question it asks a person,
+    while the database is away is retried until the link heals, and that wait is the
+    database's time. The todo completes (a question with its default, after a short wait for
+    the answer that does count) instead of timing out during the partition."""
     store = proxied_storage("postgres", proxy, database_url)
     [todo_id] = enqueue(db, 1)
     started, go = threading.Event(), threading.Event()
 
-    def drafts_then_returns(todo: ps.Todo) -> dict[str, Any]:
+    def writes_then_returns(todo: ps.Todo) -> dict[str, Any]:
         started.set()
         go.wait(10)
-        todo.events.result({"draft": 1}, final=False)
-        return {"done": True}
+        if write == "draft":
+            todo.events.result({"draft": 1}, final=False)
+            return {"done": True}
+        return {"answer": todo.ask_human("Which one?", timeout=0.2, default="none")}
 
     try:
-        server = ps.start(drafts_then_returns, agent_orch="faults", storage=store, workers=1,
+        server = ps.start(writes_then_returns, agent_orch="faults", storage=store, workers=1,
                           timeout=1.0, lease_seconds=60, poll_interval=0.5)
         try:
             assert started.wait(10)
@@ -881,41 +885,7 @@ def test_a_draft_waiting_out_a_partition_does_not_count_against_the_todos_timeou
     finally:
         close_storage(store)
     row = db.execute("SELECT output, log FROM todolist WHERE id = %s", (todo_id,)).fetchone()
-    assert row["output"] == {"done": True}
-    assert "timed out" not in (row["log"] or "")
-
-
-def test_a_question_written_through_a_partition_does_not_count_against_the_todos_timeout(
-        proxy, database_url, db):
-    """Asking a person writes the question, retried through an outage: that time is the
-    database's, as a draft's is. The todo goes on to its answer (here the default, after a
-    short wait that does count) instead of timing out during the partition."""
-    store = proxied_storage("postgres", proxy, database_url)
-    [todo_id] = enqueue(db, 1)
-    started, go = threading.Event(), threading.Event()
-
-    def asks_then_returns(todo: ps.Todo) -> dict[str, Any]:
-        started.set()
-        go.wait(10)
-        return {"answer": todo.ask_human("Which one?", timeout=0.2, default="none")}
-
-    try:
-        server = ps.start(asks_then_returns, agent_orch="faults", storage=store, workers=1,
-                          timeout=1.0, lease_seconds=60, poll_interval=0.5)
-        try:
-            assert started.wait(10)
-            proxy.partition()
-            go.set()
-            time.sleep(1.0 + STATEMENT_TIMEOUT + DEADLINE_MARGIN + 2.0)  # as for the draft
-            proxy.heal()
-            wait_for(lambda: completed(db) == 1, timeout=30)
-        finally:
-            proxy.heal()
-            server.stop(timeout=5)
-    finally:
-        close_storage(store)
-    row = db.execute("SELECT output, log FROM todolist WHERE id = %s", (todo_id,)).fetchone()
-    assert row["output"] == {"answer": "none"}
+    assert row["output"] == ({"done": True} if write == "draft" else {"answer": "none"})
     assert "timed out" not in (row["log"] or "")
 
 

@@ -350,63 +350,41 @@ def test_when_part_of_a_halved_batch_meets_an_outage_only_what_is_unwritten_is_s
         caplog.text)
 
 
-def test_an_outcome_that_keeps_timing_out_alone_is_given_up_as_refused(database_url, db,
-                                                                       monkeypatch):
+@pytest.mark.parametrize("others", [1, 7])
+def test_an_outcome_that_keeps_timing_out_alone_is_given_up_and_holds_up_no_other(
+        database_url, db, monkeypatch, others):
     """Alone, it times out again and again while the others are written: after a few tries it
     is refused (so the recorder falls back to storing less), not retried for ever with its
-    lease renewed."""
+    lease renewed. First in a batch of 8, the halving counts a timeout per level: alone, it
+    had then taken as many timeouts in a row as an outage does, and was retried in place for
+    ever with every other outcome of the batch behind it; it waits instead."""
     monkeypatch.setattr("processgpt_sync.outcomes.TIMEOUTS_ALONE_MAX", 2)
     db.execute(SLOW_TRIGGER)
     storage = PostgresStorage(database_url, statement_timeout=0.5)
-    heavy_id, light_id = storage.enqueue(AGENT, "heavy"), storage.enqueue(AGENT, "light")
-    claims = {c.todo_id: c for c in storage.claim(agent_orch=AGENT, consumer="c", limit=2,
-                                                  lease_seconds=60, max_claims=3)}
+    ids = [storage.enqueue(AGENT, f"q{i}") for i in range(1 + others)]
+    claims = {c.todo_id: c for c in storage.claim(agent_orch=AGENT, consumer="c",
+                                                  limit=len(ids), lease_seconds=60,
+                                                  max_claims=3)}
+    heavy_id = ids[0]  # first: in the first half of every halving
     writer = OutcomeWriter(storage, abort=threading.Event())
     writer.start()
     told: dict[str, Any] = {}
     try:
-        for todo_id, result in ((heavy_id, {"heavy": True}), (light_id, {"ok": True})):
+        for todo_id in ids:
+            result = {"heavy": True} if todo_id == heavy_id else {"ok": True}
             writer.submit(Outcome(claims[todo_id], "completed", result=result),
                           lambda r, f, todo_id=todo_id: told.__setitem__(todo_id, (r, f)))
-        wait_for(lambda: len(told) == 2, timeout=20)
-    finally:
-        writer.close(timeout=5)
-        storage.close()
-    assert told[light_id][0].applied
-    result, failure = told[heavy_id]
-    assert result is None and isinstance(failure, ps.StorageError)
-    assert not isinstance(failure, ps.StorageUnavailable)
-    assert "ran past the statement timeout 2 times" in str(failure)
-
-
-def test_a_heavy_outcome_first_in_its_batch_never_holds_up_the_others(database_url, db):
-    """Halving a batch with one heavy outcome first counts a timeout per level: the heavy one
-    alone then took as many timeouts in a row as an outage does, and was retried in place for
-    ever, with every other outcome of the batch behind it. It waits instead: the others are
-    written, and it is given up as refused after its tries alone."""
-    db.execute(SLOW_TRIGGER)
-    storage = PostgresStorage(database_url, statement_timeout=0.5)
-    ids = [storage.enqueue(AGENT, f"q{i}") for i in range(8)]
-    claims = {c.todo_id: c for c in storage.claim(agent_orch=AGENT, consumer="c", limit=8,
-                                                  lease_seconds=60, max_claims=3)}
-    writer = OutcomeWriter(storage, abort=threading.Event())
-    writer.start()
-    told: dict[str, Any] = {}
-    try:
-        for todo_id in ids:  # the heavy one first: the first half of every halving
-            result = {"heavy": True} if todo_id == ids[0] else {"ok": True}
-            writer.submit(Outcome(claims[todo_id], "completed", result=result),
-                          lambda r, f, todo_id=todo_id: told.__setitem__(todo_id, (r, f)))
-        wait_for(lambda: len(told) >= 7, timeout=30)
+        wait_for(lambda: len(told) >= others, timeout=30)
         written = dict(told)
-        wait_for(lambda: ids[0] in told, timeout=30)
+        wait_for(lambda: heavy_id in told, timeout=30)
     finally:
         writer.close(timeout=5)
         storage.close()
     assert sorted(written) == sorted(ids[1:]) and all(r.applied for r, _ in written.values())
-    result, failure = told[ids[0]]
+    result, failure = told[heavy_id]
     assert result is None and isinstance(failure, ps.StorageError)
     assert not isinstance(failure, ps.StorageUnavailable)
+    assert "ran past the statement timeout 2 times" in str(failure)
 
 
 class FinishUnreachable(PostgresStorage):
