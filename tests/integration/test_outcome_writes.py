@@ -5,6 +5,7 @@ and what cannot be stored is reported, never left waiting."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import threading
@@ -752,28 +753,33 @@ def test_a_timeout_while_its_events_are_being_written_does_not_hold_up_the_heart
     assert len(seen) > 5 and max(gaps) < 2.0, f"the heartbeat stopped for {max(gaps):.1f} s"
 
 
-class DiesOnFirstFinish(PostgresStorage):
-    """The first outcome write kills the writer thread (a driver bug); later ones work."""
+class FailsFirstFinish(PostgresStorage):
+    """The first outcome write fails with ``failure`` (a driver bug that kills the writer
+    thread, a host out of file descriptors); later ones work."""
 
-    died = False
+    failure: BaseException = SystemExit("the driver broke")
+    failed = False
 
     def finish(self, items: list[dict[str, Any]]) -> Any:
-        if not self.died:
-            self.died = True
-            raise SystemExit("the driver broke")
+        if not self.failed:
+            self.failed = True
+            raise self.failure
         return super().finish(items)
 
 
-def test_an_outcome_stranded_by_a_dead_writer_is_not_taken_for_a_refusal(database_url, db,
-                                                                         caplog):
-    """The writer thread died with an outcome in hand: the database refused nothing, so the
-    result is not stored without its events (nor the todo recorded FAILED for it); the server
-    stops, says why, and the todo's lease expires for it to run again."""
-    storage = DiesOnFirstFinish(database_url)
+@pytest.mark.parametrize("failure", [SystemExit("the driver broke"),
+                                     OSError(errno.EMFILE, "Too many open files")],
+                         ids=["writer-died", "no-file-descriptor"])
+def test_an_outcome_the_server_or_host_failed_to_write_is_not_taken_for_a_refusal(
+        database_url, db, caplog, failure):
+    """The writer thread died with an outcome in hand, or the host had no file descriptor for
+    the write: the database refused nothing, so the result is not stored without its events
+    (nor the todo recorded FAILED for it); the todo's lease expires for it to run again."""
+    storage = FailsFirstFinish(database_url)
+    storage.failure = failure
     todo_id = storage.enqueue(AGENT, "q")
     server = ps.start(lambda todo: {"ok": True}, agent_orch=AGENT, storage=storage)
     try:
-        wait_for(lambda: "the outcome writer thread died" in caplog.text, timeout=10)
         wait_for(lambda: f"outcome of todo {todo_id} could not be recorded" in caplog.text,
                  timeout=10)
     finally:
