@@ -234,7 +234,7 @@ class TodoWorker:
         def record() -> None:
             try:  # handed to the outcome writer once the todo's events are taken
                 self._recorder.fail_then(run, why, freed)
-            except Exception:  # as on the normal path: its slot is freed all the same
+            except BaseException:  # as on the normal path: its slot is freed all the same
                 self._log.exception("recording the timeout of todo %s failed", run.todo_id,
                                     extra=self._todo_extra(run, "timeout"))
                 freed()
