@@ -113,8 +113,11 @@ def test_console_in_a_browser(storage, db, database_url, pg_url, tmp_path, capsy
     finally:
         GO.set()
         server.stop()
-    # A count, not a speed: a console that polled would write several per second.
-    assert idle_count <= 5, f"{idle_count} transactions while idle"
+    # A count, not a speed: a console that polled would write several per second, 16 and more
+    # in the window. The open page's own are the list stream's re-read and its watch's renewal
+    # (2 or 3); autovacuum's visits to the database, which pg_stat_database counts alike, add
+    # up to 4 more after the test's writes.
+    assert idle_count <= 8, f"{idle_count} transactions while idle"
     with capsys.disabled():
         sys.stdout.write(
             f"\nconsole: event emitted -> visible p50 {statistics.median(latencies):.0f} ms, "
