@@ -26,7 +26,7 @@ COUNTERS = {
     "failed": "Todos that ended FAILED",
     "asked": "Todos suspended to wait for a person",
     "cancelled": "Todos cancelled by the UI while running",
-    "lost": "Leases lost to another worker (writes refused)",
+    "lost": "Todos lost to another worker, or deleted, while running here (writes refused)",
     "released": "Todos given back unfinished: at shutdown, or when this host could not run them",
     "events_written": "Events written",
     "listener_reconnects": "Reconnections of the LISTEN connection",

@@ -85,11 +85,13 @@ class Recorder:
                            extra=self._todo_extra(run, "cancelled"))
             then()
             return
-        if reason == "lost":
+        if reason in ("lost", "deleted"):
             self.discard_events(run)
             self._count("lost")
-            self._log.warning("todo %s: lease lost to another worker; its writes are dropped",
-                              run.todo_id, extra=self._todo_extra(run, "lost"))
+            self._log.warning("todo %s: %s; its writes are dropped", run.todo_id,
+                              "its row was deleted (as with its tenant)" if reason == "deleted"
+                              else "lease lost to another worker",
+                              extra=self._todo_extra(run, "lost"))
             then()
             return
         if reason == "shutdown":
@@ -257,8 +259,9 @@ class Recorder:
                            extra=self._todo_extra(run, "cancelled"))
         else:
             self._count("lost")
+            why = "its row was deleted" if outcome.reason == "missing" else outcome.reason
             self._log.warning("todo %s: %s write refused (%s); its %d unwritten events were "
-                              "dropped", run.todo_id, counter, outcome.reason, len(events),
+                              "dropped", run.todo_id, counter, why, len(events),
                               extra=self._todo_extra(run, counter))
 
     def save_intermediate(self, run: TodoRun, data: Any) -> None:

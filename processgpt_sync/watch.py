@@ -192,7 +192,7 @@ class Watchers:
                 continue
             # A closed run's outcome is still being written (the database may be slow, or its
             # row held): its lease is renewed until then, so no other server takes it over.
-            live = [r for r in runs if r.cancel_reason != "lost"]
+            live = [r for r in runs if r.cancel_reason not in ("lost", "deleted")]
             # a claim without an answer may still reach the database: named until it expires
             unanswered = bool(self._inflight.unanswered_claims(2.0 * self.settings.lease_seconds))
             if (quiet_when_idle and not live and not busy and not self._inflight.listening
@@ -254,7 +254,8 @@ class Watchers:
                 if run.todo_id in report.cancelled:
                     self._worker.cancel(run, "cancelled")
                 elif run.todo_id in report.lost and not run.closed:
-                    self._worker.cancel(run, "lost")
+                    self._worker.cancel(run, "deleted" if run.todo_id in report.deleted
+                                        else "lost")
 
     def listen(self, listener: Listener) -> None:
         """Wake the claimer on new work, cancel on UI cancels, wake question waiters."""

@@ -205,7 +205,8 @@ class TodoWorker:
             recorded()
 
     def cancel(self, run: TodoRun, reason: str) -> None:
-        """End ``run`` early (``cancelled`` by the UI, ``lost`` lease, ``shutdown``)."""
+        """End ``run`` early (``cancelled`` by the UI, ``lost`` lease, its row ``deleted``,
+        ``shutdown``)."""
         with run.lock:
             if run.cancel_event.is_set() or run.closed:
                 return

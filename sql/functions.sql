@@ -1738,8 +1738,9 @@ END
 $$;
 
 -- Renew the leases of many todos in one call. Reports which todos were renewed, which were
--- cancelled (by the UI, or here: under a root deleted for good), and which were lost to another
--- owner. Writes todolist only for such a cancel.
+-- cancelled (by the UI, or here: under a root deleted for good), and which were lost: to another
+-- owner, or deleted (also named under 'deleted': the platform deleting a tenant with its todos).
+-- Writes todolist only for such a cancel.
 CREATE OR REPLACE FUNCTION processgpt_sync_renew_v1(
     p_consumer text,
     p_todo_ids uuid[],
@@ -1763,7 +1764,8 @@ BEGIN
                (t.draft_status = 'CANCELLED' OR t.status IN ('CANCELLED', 'DONE')
                 OR (t.status = 'SUBMITTED' AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')))
                    AS cancelled,
-               t.draft_status IN ('STARTED', 'HUMAN_ASKED') AS running
+               t.draft_status IN ('STARTED', 'HUMAN_ASKED') AS running,
+               t.id IS NULL AS deleted
         FROM pairs p LEFT JOIN todolist t ON t.id = p.todo_id
     ), renewed AS (
         UPDATE processgpt_sync_lease l  -- a claim given back keeps its expiry (release_v2)
@@ -1780,7 +1782,8 @@ BEGIN
             WHERE r.todo_id IS NULL AND s.owned AND coalesce(s.cancelled, false)), '[]'::jsonb),
         'lost', coalesce(jsonb_agg(s.todo_id) FILTER (
             WHERE r.todo_id IS NULL AND NOT (s.owned AND coalesce(s.cancelled, false))),
-            '[]'::jsonb))
+            '[]'::jsonb),
+        'deleted', coalesce(jsonb_agg(s.todo_id) FILTER (WHERE s.deleted), '[]'::jsonb))
     INTO v_report
     FROM state s LEFT JOIN renewed r ON r.todo_id = s.todo_id;
     RETURN v_report;

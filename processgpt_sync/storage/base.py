@@ -60,6 +60,8 @@ class LeaseReport:
     lost: frozenset[str]
     orphans: frozenset[str] = frozenset()
     """Leases of this server it did not know (claims whose answer was lost), given back."""
+    deleted: frozenset[str] = frozenset()
+    """The lost todos whose rows are gone (deleted, as with their tenant), not taken over."""
     superseded: bool = False
     """This run stopped, or a newer run took its consumer name: the heartbeat did nothing."""
 
@@ -70,6 +72,7 @@ class LeaseReport:
             cancelled=frozenset(map(str, value.get("cancelled") or [])),
             lost=frozenset(map(str, value.get("lost") or [])),
             orphans=frozenset(map(str, value.get("orphans") or [])),
+            deleted=frozenset(map(str, value.get("deleted") or [])),
             superseded=bool(value.get("superseded")),
         )
 

@@ -1753,3 +1753,72 @@ def test_a_signed_in_user_restoring_an_instance_wakes_the_servers_with_their_own
     assert restored == 1
     assert notes == ["woken"]
     assert [c.todo_id for c in taken] == [todo]
+
+
+def test_deleting_a_tenant_while_its_todos_run_stops_them_and_spares_the_other_tenants(
+        upstream_database_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The platform deletes a tenant with everything of it: the foreign keys cascade to its
+    todos, process instances and projects. A busy server's claims and batches, which take
+    todos, then their instances, then the instances' projects, neither deadlock with the
+    cascade nor hold it up; the tenant's runs stop (nothing is written for them, none is
+    counted failed, the log says the todo was deleted); its queued todos are never run; the
+    other tenant's todos all complete."""
+    db = connect(upstream_database_url)
+    db.execute("INSERT INTO tenants (id) VALUES ('doomed'), ('kept')")
+    todos: dict[str, list[str]] = {"doomed": [], "kept": []}
+    for tenant, per_instance in (("doomed", 4), ("kept", 25)):
+        projects = [str(r["project_id"]) for r in db.execute(
+            "INSERT INTO project (name, tenant_id) VALUES ('a', %s), ('b', %s) "
+            "RETURNING project_id", (tenant, tenant))]
+        for i in range(6):
+            inst = f"{tenant}-{i}"
+            db.execute("INSERT INTO bpm_proc_inst (proc_inst_id, tenant_id, project_id) "
+                       "VALUES (%s, %s, %s)", (inst, tenant, projects[i % 2]))
+            with db.transaction():
+                for _ in range(per_instance):
+                    todo = enqueue_in(db, "cascade", inst)
+                    db.execute("UPDATE todolist SET tenant_id = %s WHERE id = %s",
+                               (tenant, todo))
+                    todos[tenant].append(todo)
+    doomed = set(todos["doomed"])
+    ran: set[str] = set()
+    stopped: set[str] = set()
+
+    def handle(t: ps.Todo) -> dict[str, bool]:
+        ran.add(t.id)
+        if t.id in doomed:
+            while not t.cancelled and time.monotonic() - begun < 20:
+                time.sleep(0.02)
+            stopped.add(t.id)
+        else:
+            time.sleep(0.01)
+        return {"done": True}
+
+    store = PostgresStorage(upstream_database_url, max_connections=8)
+    begun = time.monotonic()
+    try:
+        with ps.start(handle, agent_orch="cascade", storage=store, workers=6,
+                      lease_seconds=2) as server:
+            wait_for(lambda: len(ran & doomed) >= 3, timeout=20)
+            db.execute("SET lock_timeout = '5s'")  # a delete held up would fail the test
+            before_delete = time.monotonic()
+            db.execute("DELETE FROM tenants WHERE id = 'doomed'")
+            delete_seconds = time.monotonic() - before_delete
+            running_then = set(ran & doomed)
+            wait_for(lambda: server.stats()["completed"] == len(todos["kept"]), timeout=60)
+            wait_for(lambda: running_then <= stopped, timeout=10)
+            stats = server.stats()
+        left = {r["id"] for r in db.execute("SELECT id::text FROM todolist "
+                                            "WHERE tenant_id = 'doomed'")}
+        leases = db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"]
+        kept = {r["draft_status"] for r in db.execute("SELECT draft_status::text FROM todolist")}
+    finally:
+        store.close()
+        db.close()
+    assert delete_seconds < 5 and left == set() and leases == 0
+    assert ran & doomed == running_then, "a todo of the deleted tenant ran after the delete"
+    assert stats["failed"] == 0 and stats["completed"] == len(todos["kept"]) and kept == {
+        "COMPLETED"}
+    assert stats["lost"] == len(running_then)
+    deleted = [r.getMessage() for r in caplog.records if "its row was deleted" in r.getMessage()]
+    assert len(deleted) == len(running_then), deleted
