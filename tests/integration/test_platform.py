@@ -1755,8 +1755,9 @@ def test_a_signed_in_user_restoring_an_instance_wakes_the_servers_with_their_own
     assert [c.todo_id for c in taken] == [todo]
 
 
+@pytest.mark.parametrize("backend", ["postgres", "supabase"])
 def test_deleting_a_tenant_while_its_todos_run_stops_them_and_spares_the_other_tenants(
-        upstream_database_url: str, caplog: pytest.LogCaptureFixture) -> None:
+        upstream_database_url: str, backend: str, caplog: pytest.LogCaptureFixture) -> None:
     """The platform deletes a tenant with everything of it: the foreign keys cascade to its
     todos, process instances and projects. A busy server's claims and batches, which take
     todos, then their instances, then the instances' projects, neither deadlock with the
@@ -1794,7 +1795,7 @@ def test_deleting_a_tenant_while_its_todos_run_stops_them_and_spares_the_other_t
             time.sleep(0.01)
         return {"done": True}
 
-    store = PostgresStorage(upstream_database_url, max_connections=8)
+    store = next(backends := open_backend(backend, upstream_database_url))
     begun = time.monotonic()
     try:
         with ps.start(handle, agent_orch="cascade", storage=store, workers=6,
@@ -1813,7 +1814,7 @@ def test_deleting_a_tenant_while_its_todos_run_stops_them_and_spares_the_other_t
         leases = db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"]
         kept = {r["draft_status"] for r in db.execute("SELECT draft_status::text FROM todolist")}
     finally:
-        store.close()
+        next(backends, None)
         db.close()
     assert delete_seconds < 5 and left == set() and leases == 0
     assert ran & doomed == running_then, "a todo of the deleted tenant ran after the delete"
