@@ -735,6 +735,26 @@ def test_deleting_a_claimed_todo_removes_its_lease(storage, db):
     assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
 
 
+def test_a_result_whose_row_was_deleted_meanwhile_is_dropped_saying_so_not_failed(
+        storage, db, caplog):
+    """The row is deleted between the executor's return and its outcome's write (no heartbeat
+    saw it first): the write is refused, nothing is written, the todo counts as lost, not
+    failed, and the log says its row was deleted."""
+    todo_id = storage.enqueue("life", "q")
+
+    def delete_own_row(todo: ps.Todo) -> dict[str, bool]:
+        db.execute("DELETE FROM todolist WHERE id = %s", (todo.id,))
+        return {"ok": True}
+
+    with ps.start(delete_own_row, agent_orch="life", storage=storage) as server:
+        wait_for(lambda: server.stats()["lost"] == 1)
+        stats = server.stats()
+    assert (stats["completed"], stats["failed"]) == (0, 0)
+    assert f"todo {todo_id}: completed write refused (its row was deleted)" in caplog.text
+    assert db.execute("SELECT count(*) AS n FROM events WHERE todo_id = %s",
+                      (todo_id,)).fetchone()["n"] == 0
+
+
 def test_starting_servers_beside_busy_ones_skips_an_installed_schema(database_url, db):
     assert install_schema(database_url, if_changed=True) is False
     db.execute("COMMENT ON FUNCTION processgpt_sync_schema_v1() IS 'an older version'")
