@@ -54,6 +54,7 @@ class Outcome:
     wait_tries: int = 0
     wait_logged: bool = False
     timeouts: int = 0  # times it ran past the statement timeout alone: it is then sent alone
+    timed_out_at: float | None = None  # when it last did (time.monotonic())
 
     def item(self) -> dict[str, Any]:
         return {
@@ -219,6 +220,7 @@ class OutcomeWriter:
         again. ``half``: one half of a batch that ran past the statement timeout."""
         attempt = 0
         while True:
+            started = time.monotonic()
             try:
                 stored = self._storage.finish([outcome.item() for outcome, _ in batch])
                 self._timeouts_in_row = 0
@@ -230,10 +232,12 @@ class OutcomeWriter:
                     return []
                 if exc.code == STATEMENT_TIMEOUT:
                     self._timeouts_in_row += 1
-                    if self._timeouts_in_row <= TIMEOUTS_BEFORE_OUTAGE:  # this write is heavy
-                        return self._timed_out(batch, exc)
+                    # this write is heavy: others went through before it, or while it ran
+                    if (self._timeouts_in_row <= TIMEOUTS_BEFORE_OUTAGE
+                            or self._storage.last_success > started):
+                        return self._timed_out(batch, exc, started)
                     if half:  # its other halves are tried first: they may not be as heavy
-                        return self._wait_after_halving(batch, exc)
+                        return self._wait_after_halving(batch, exc, started)
                     # every write of late timed out: the database is slow, retried as an outage
                 logger.warning("writing %d todo outcomes failed (attempt %d), retrying: %s",
                                len(batch), attempt, exc, extra={"action": "finish"})
@@ -258,8 +262,8 @@ class OutcomeWriter:
                 _tell(outcome, then, result, None)
         return held
 
-    def _timed_out(self, batch: list[tuple[Outcome, Stored]],
-                   exc: StorageUnavailable) -> list[tuple[Outcome, Stored]]:
+    def _timed_out(self, batch: list[tuple[Outcome, Stored]], exc: StorageUnavailable,
+                   started: float) -> list[tuple[Outcome, Stored]]:
         """The database ended the write at its statement timeout while others went through:
         the same batch would time out again. Write it in halves; one outcome alone waits and
         is tried again later, alone, so it does not hold up the others; timing out alone
@@ -273,14 +277,15 @@ class OutcomeWriter:
                     + self._write_batch(batch[middle:], half=True))
         outcome, then = batch[0]
         todo_id = outcome.claim.todo_id
-        outcome.timeouts += 1
+        self._count_timeout(outcome, started)
         if outcome.timeouts >= TIMEOUTS_ALONE_MAX:
             logger.error("the outcome of todo %s ran past the statement timeout %d times "
-                         "alone; giving it up", todo_id, outcome.timeouts,
+                         "alone while the database answered other calls; giving it up",
+                         todo_id, outcome.timeouts,
                          extra={"action": "finish", "todo_id": todo_id})
             _tell(outcome, then, None, StorageError(
-                f"writing it ran past the statement timeout {outcome.timeouts} times ({exc})",
-                code=STATEMENT_TIMEOUT))
+                f"writing it ran past the statement timeout {outcome.timeouts} times while the "
+                f"database answered other calls ({exc})", code=STATEMENT_TIMEOUT))
             return []
         outcome.waits_for = f"writing it ran past the statement timeout ({exc})"
         logger.warning("writing the outcome of todo %s ran past the statement timeout; trying "
@@ -288,16 +293,27 @@ class OutcomeWriter:
                        extra={"action": "finish", "todo_id": todo_id})
         return list(batch)
 
-    @staticmethod
-    def _wait_after_halving(batch: list[tuple[Outcome, Stored]],
-                            exc: StorageUnavailable) -> list[tuple[Outcome, Stored]]:
+    def _count_timeout(self, outcome: Outcome, started: float) -> None:
+        """Count a timeout of ``outcome`` written alone against it only if the database
+        answered another call since its last one (or, the first time, while this write ran):
+        then it is heavy. Otherwise the database may be slow for every call, and an outcome
+        given up for that would cost a result the executor made (stored without its events,
+        or recorded failed); it is retried instead, as in an outage."""
+        since = started if outcome.timed_out_at is None else outcome.timed_out_at
+        outcome.timed_out_at = time.monotonic()
+        if self._storage.last_success > since:
+            outcome.timeouts += 1
+
+    def _wait_after_halving(self, batch: list[tuple[Outcome, Stored]], exc: StorageUnavailable,
+                            started: float) -> list[tuple[Outcome, Stored]]:
         """A half that timed out where the halving already counted as many timeouts in a row
         as an outage takes: it waits (returned), rather than hold every later write up while
         it is retried in place, as one heavy outcome in the first half would for ever. One
-        outcome alone has timed out alone: counted, so it is given up in time if it is
-        heavy; through a real outage, the next write on its own is retried in place."""
+        outcome alone has timed out alone: counted (when the database answered others), so
+        it is given up in time if it is heavy; through a real outage, the next write on its
+        own is retried in place."""
         if len(batch) == 1:
-            batch[0][0].timeouts += 1
+            self._count_timeout(batch[0][0], started)
         for outcome, _ in batch:
             outcome.waits_for = f"writing it ran past the statement timeout ({exc})"
         logger.warning("writing %d todo outcomes ran past the statement timeout again; they "

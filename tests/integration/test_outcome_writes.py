@@ -25,7 +25,7 @@ from processgpt_sync.runs import TodoRun
 from processgpt_sync.settings import Settings
 from processgpt_sync.shutdown import Shutdown
 from processgpt_sync.stats import ServerStats
-from processgpt_sync.storage.postgres import PostgresStorage
+from processgpt_sync.storage.postgres import PostgresStorage, wrap_exceptions
 from tests.conftest import wait_for
 
 AGENT = "writes"
@@ -38,6 +38,26 @@ def holding_rows(database_url: str, todo_ids: list[str]) -> Iterator[None]:
         holder.execute("SELECT id FROM todolist WHERE id = ANY(%s::uuid[]) FOR UPDATE",
                        (list(todo_ids),))
         yield
+
+
+@contextlib.contextmanager
+def heartbeats(storage: Any, claims: list[Any], every: float = 0.1) -> Iterator[None]:
+    """What a server does while its outcomes wait to be written: it renews their leases, and
+    the database answers (a statement timeout of the outcome alone then marks it heavy)."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every):
+            with contextlib.suppress(ps.StorageUnavailable):  # the next beat tries again
+                storage.renew("c", claims, 60)
+
+    beater = threading.Thread(target=beat, daemon=True)
+    beater.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beater.join(10)
 
 
 def test_worker_threads_run_the_next_todos_while_earlier_outcomes_wait_to_be_written(
@@ -354,9 +374,9 @@ def test_when_part_of_a_halved_batch_meets_an_outage_only_what_is_unwritten_is_s
 @pytest.mark.parametrize("others", [1, 7])
 def test_an_outcome_that_keeps_timing_out_alone_is_given_up_and_holds_up_no_other(
         database_url, db, monkeypatch, others):
-    """Alone, it times out again and again while the others are written: after a few tries it
-    is refused (so the recorder falls back to storing less), not retried for ever with its
-    lease renewed. First in a batch of 8, the halving counts a timeout per level: alone, it
+    """Alone, it times out again and again while the others are written and the heartbeat
+    is answered: after a few tries it is refused (so the recorder falls back to storing
+    less), not retried for ever with its lease renewed. First in a batch of 8, the halving counts a timeout per level: alone, it
     had then taken as many timeouts in a row as an outage does, and was retried in place for
     ever with every other outcome of the batch behind it; it waits instead."""
     monkeypatch.setattr("processgpt_sync.outcomes.TIMEOUTS_ALONE_MAX", 2)
@@ -377,7 +397,8 @@ def test_an_outcome_that_keeps_timing_out_alone_is_given_up_and_holds_up_no_othe
                           lambda r, f, todo_id=todo_id: told.__setitem__(todo_id, (r, f)))
         wait_for(lambda: len(told) >= others, timeout=30)
         written = dict(told)
-        wait_for(lambda: heavy_id in told, timeout=30)
+        with heartbeats(storage, list(claims.values())):
+            wait_for(lambda: heavy_id in told, timeout=30)
     finally:
         writer.close(timeout=5)
         storage.close()
@@ -386,6 +407,61 @@ def test_an_outcome_that_keeps_timing_out_alone_is_given_up_and_holds_up_no_othe
     assert result is None and isinstance(failure, ps.StorageError)
     assert not isinstance(failure, ps.StorageUnavailable)
     assert "ran past the statement timeout 2 times" in str(failure)
+
+
+class SlowForEveryCall(PostgresStorage):
+    """While ``slow`` is set, the database ends every call at its statement timeout, as an
+    overloaded server does: a real statement on one of the storage's connections, which the
+    server cancels, before each call (the heartbeat's and the claims' too)."""
+
+    slow = threading.Event()
+
+    def call(self, query: str, params: Any) -> Any:
+        if SlowForEveryCall.slow.is_set():
+            with wrap_exceptions(query), self._pool.connection() as conn:
+                conn.execute("SELECT pg_sleep(60)")
+        return super().call(query, params)
+
+
+@pytest.mark.parametrize("events", [0, 2])
+def test_a_result_made_while_the_database_is_slow_for_every_call_is_stored_whole_after(
+        database_url, db, events):
+    """The database ends every call at its statement timeout for a while: the outcome of a
+    todo that finished meanwhile times out alone again and again with no other call
+    answered, which says the database is slow, not that the outcome is heavy. It waits as
+    through an outage and is stored whole once calls go through: neither recorded FAILED
+    (before, its third timeout gave it up, and a result without events became a failure)
+    nor stored without its events."""
+    SlowForEveryCall.slow = threading.Event()
+    storage = SlowForEveryCall(database_url, statement_timeout=0.3)
+    todo_id = storage.enqueue(AGENT, "q")
+
+    def handle(todo: ps.Todo) -> dict[str, Any]:
+        for step in range(events):
+            todo.events.progress({"step": step})
+        SlowForEveryCall.slow.set()
+        return {"ok": True}
+
+    server = ps.start(handle, agent_orch=AGENT, storage=storage, lease_seconds=30)
+    try:
+        wait_for(SlowForEveryCall.slow.is_set, timeout=10)
+        time.sleep(3.0)  # ten statement timeouts
+        SlowForEveryCall.slow.clear()
+        wait_for(lambda: server.stats()["completed"] + server.stats()["failed"] == 1,
+                 timeout=30)
+        stats = server.stats()
+    finally:
+        SlowForEveryCall.slow.clear()
+        server.stop()
+        storage.close()
+    row = db.execute("SELECT draft_status::text, output FROM todolist WHERE id = %s",
+                     (todo_id,)).fetchone()
+    assert (stats["completed"], stats["failed"]) == (1, 0)
+    assert row == {"draft_status": "COMPLETED", "output": {"ok": True}}
+    steps = [r["step"] for r in db.execute(
+        "SELECT (data ->> 'step')::int AS step FROM events WHERE todo_id = %s AND data ? 'step' "
+        "ORDER BY timestamp", (todo_id,))]
+    assert steps == list(range(events))
 
 
 class FinishUnreachable(PostgresStorage):

@@ -602,7 +602,7 @@ def test_outcomes_past_the_roles_statement_timeout_are_written_in_halves_or_refu
     timeout's code, while the others are stored."""
 
     from processgpt_sync.outcomes import Outcome, OutcomeWriter
-    from tests.integration.test_outcome_writes import SLOW_TRIGGER
+    from tests.integration.test_outcome_writes import SLOW_TRIGGER, heartbeats
 
     monkeypatch.setattr("processgpt_sync.outcomes.TIMEOUTS_ALONE_MAX", 2)
     db.execute(SLOW_TRIGGER)
@@ -623,7 +623,8 @@ def test_outcomes_past_the_roles_statement_timeout_are_written_in_halves_or_refu
             result = {"heavy": True} if claim.todo_id == heavy else {"ok": True}
             writer.submit(Outcome(claim, "completed", result=result),
                           lambda r, f, todo_id=claim.todo_id: told.__setitem__(todo_id, (r, f)))
-        wait_for(lambda: len(told) == 8, timeout=40)
+        with heartbeats(store, claims):
+            wait_for(lambda: len(told) == 8, timeout=40)
     finally:
         writer.close(timeout=5)
         store.close()
