@@ -21,6 +21,21 @@ INSTALL_HINT = (
     "Supabase SQL editor)"
 )
 FOREIGN_KEY_VIOLATION = "23503"  # SQLSTATE: its detail names the key and the table it is not in
+# PostgreSQL's "try again later", on either backend: the connection or the server (08; 53
+# resources; 57 operator intervention and statement timeout; 58 system), a transaction given up
+# for another's sake (40, but not 40002: a deferred constraint refused at commit), a lock wait
+# given up (55P03), an object in use (55006), a read-only database (25006: a failover, or
+# Supabase's read-only mode when its disk is full). Any other error is a refusal no retry would
+# change (54: a program limit, as an index row too large; a site trigger's own error).
+_TRANSIENT_CLASSES = ("08", "40", "53", "57", "58")
+_TRANSIENT_STATES = {"55P03", "55006", "25006"}
+_REFUSED_STATES = {"40002"}
+
+
+def transient_sqlstate(code: str) -> bool:
+    """Whether the SQLSTATE ``code`` means the call may succeed if sent again."""
+    return code not in _REFUSED_STATES and (
+        code[:2] in _TRANSIENT_CLASSES or code in _TRANSIENT_STATES)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from psycopg.types.json import Jsonb, set_json_loads
 from ..deep_json import read_json
 from ..errors import ConfigurationError, SchemaMissing, StorageError, StorageUnavailable
 from ..queries import queries
-from .base import FOREIGN_KEY_VIOLATION, INSTALL_HINT, Storage
+from .base import FOREIGN_KEY_VIOLATION, INSTALL_HINT, Storage, transient_sqlstate
 from .deadline import DEADLINES, DeadlineExceeded
 
 logger = logging.getLogger(__name__)
@@ -85,8 +85,8 @@ def wrap_exceptions(target: str = "") -> Iterator[None]:
     except DeadlineExceeded as exc:
         raise StorageUnavailable(str(exc)) from exc
     except psycopg.OperationalError as exc:
-        if (exc.sqlstate or "").startswith("54"):  # a program limit (an index row too large):
-            raise _storage_error(exc) from exc  # a refusal, which no retry would change
+        if exc.sqlstate is not None and not transient_sqlstate(exc.sqlstate):
+            raise _storage_error(exc) from exc  # a refusal (an index row too large), for good
         raise StorageUnavailable(
             f"database unreachable{where}: {str(exc).strip()}", code=exc.sqlstate
         ) from exc

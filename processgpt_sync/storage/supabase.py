@@ -30,7 +30,7 @@ from ..errors import (
     StorageUnavailable,
 )
 from ..queries import function_name
-from .base import FOREIGN_KEY_VIOLATION, INSTALL_HINT, Storage
+from .base import FOREIGN_KEY_VIOLATION, INSTALL_HINT, Storage, transient_sqlstate
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +41,6 @@ POOL_TIMEOUT = 5.0  # seconds to wait for a free connection of the thread's clie
 KEEPALIVE_EXPIRY = 5.0  # seconds an idle keep-alive connection is reused before it is dropped
 WAIT_SECONDS = 8.0  # seconds one wait-for-work call may wait server-side; 0 polls instead
 _UNAVAILABLE_CODES = {"PGRST000", "PGRST001", "PGRST002", "PGRST003"}
-# PostgreSQL's own: the connection or the server (08, 53 resources, 57 operator intervention
-# and statement timeout, 58 system), or a transaction given up for another's sake. Class 54 (a
-# program limit: an index row too large) is a refusal: retrying it would never end.
-_UNAVAILABLE_CLASSES = ("08", "53", "57", "58")
-_RETRYABLE_STATES = {"40001", "40P01", "55P03",
-                     "25006"}  # read-only: a failover, or Supabase's read-only mode (disk full)
 _GATEWAY_STATUSES = {408, 429}  # and every 5xx that carries no PostgreSQL error
 
 
@@ -55,10 +49,10 @@ def unavailable(code: str | None, status: int | None) -> bool:
     PostgREST's (a SQLSTATE, a PGRST code, or the HTTP status when the body was not JSON);
     ``status`` the HTTP status: a gateway's own 502/503/504/429 often has a JSON body with no
     code at all."""
-    if code in _UNAVAILABLE_CODES or code in _RETRYABLE_STATES:
+    if code in _UNAVAILABLE_CODES:
         return True
     if code is not None and len(code) == 5 and not code.startswith("PGRST"):  # a SQLSTATE
-        return code[:2] in _UNAVAILABLE_CLASSES
+        return transient_sqlstate(code)  # as on PostgreSQL directly
     if code is not None and code.isdigit():  # the HTTP status, given as the code
         status = int(code)
     return status is not None and (status in _GATEWAY_STATUSES or status >= 500)

@@ -376,9 +376,10 @@ def test_an_outcome_that_keeps_timing_out_alone_is_given_up_and_holds_up_no_othe
         database_url, db, monkeypatch, others):
     """Alone, it times out again and again while the others are written and the heartbeat
     is answered: after a few tries it is refused (so the recorder falls back to storing
-    less), not retried for ever with its lease renewed. First in a batch of 8, the halving counts a timeout per level: alone, it
-    had then taken as many timeouts in a row as an outage does, and was retried in place for
-    ever with every other outcome of the batch behind it; it waits instead."""
+    less), not retried for ever with its lease renewed. First in a batch of 8, the halving
+    counts a timeout per level: alone, it had then taken as many timeouts in a row as an
+    outage does, and was retried in place for ever with every other outcome of the batch
+    behind it; it waits instead."""
     monkeypatch.setattr("processgpt_sync.outcomes.TIMEOUTS_ALONE_MAX", 2)
     db.execute(SLOW_TRIGGER)
     storage = PostgresStorage(database_url, statement_timeout=0.5)

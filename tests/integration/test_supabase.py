@@ -760,3 +760,43 @@ def test_retry_after_is_read_as_seconds_or_an_http_date_and_nothing_else():
     assert asked(email.utils.formatdate(time.time() - 60, usegmt=True)) == 0.0  # passed
     assert asked("soon") is None and asked("") is None
     assert _retry_after(httpx.Response(503)) is None and _retry_after(None) is None
+
+
+TRANSIENT = {"40001", "40P01", "40003", "55P03", "55006", "57014", "53300"}
+
+
+@pytest.mark.parametrize("code", sorted(TRANSIENT | {"40002", "55000", "54000", "F0000",
+                                                     "HV000", "P0001", "22023"}))
+def test_an_error_of_the_database_is_an_outage_or_a_refusal_alike_on_both_backends(
+        database_url, db, code):
+    """A site's trigger on `events` raises the SQLSTATE: both backends tell it the same way,
+    try again later (StorageUnavailable: the write waits) or a refusal (StorageError: the
+    events are dropped, a result stored without them), so that a write one backend retries is
+    never dropped by the other. Before, PostgreSQL retried every error psycopg calls
+    operational (a deferred constraint refused at commit, a foreign data wrapper's error)
+    for ever, and Supabase refused an object in use and a statement whose end is unknown."""
+    stores = {name: open_backend(name, database_url) for name in ("postgres", "supabase")}
+    raised: dict[str, type] = {}
+    try:
+        claims = {}
+        for name, backends in stores.items():
+            store = next(backends)
+            store.enqueue("codes", name)
+            claims[name] = (store, store.claim(agent_orch="codes", consumer=name, limit=1,
+                                               lease_seconds=60, max_claims=3)[0])
+        db.execute(f"""
+            CREATE FUNCTION site_says_no() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN RAISE EXCEPTION 'the site says no' USING ERRCODE = '{code}'; END $$;
+            CREATE TRIGGER site_says_no BEFORE INSERT ON events
+                FOR EACH ROW EXECUTE FUNCTION site_says_no();""")
+        for name, (store, claim) in claims.items():
+            with pytest.raises(ps.StorageError, match="the site says no") as caught:
+                store.record_events([{"todo_id": claim.todo_id, "token": claim.token,
+                                      "event_type": "task_working", "data": {"step": 1},
+                                      "job_id": None, "crew_type": None, "status": None}])
+            raised[name] = type(caught.value)
+    finally:
+        for backends in stores.values():
+            next(backends, None)
+    expected = ps.StorageUnavailable if code in TRANSIENT else ps.StorageError
+    assert raised == {"postgres": expected, "supabase": expected}
