@@ -153,17 +153,19 @@ class Recorder:
         """Store the suspend with the todo's events; refused, with its question alone (an
         a2a executor's ``input_required`` travels with the suspend; ``suspend_for_human``
         wrote its own already), so that the todo waits for its answer, not for its lease;
-        the question itself refused, the todo is recorded FAILED with why: nobody could
-        answer a question nobody sees."""
+        the question itself (or a suspend with nothing to leave out) refused, the todo is
+        recorded FAILED with why: nobody could answer a question nobody sees, and a todo
+        left to its lease would run and be refused again."""
         events = self._take_events(run) if events is None else events
 
         def refused(problem: Any) -> None:
             questions = [e for e in events if e.get("event_type") == "human_asked"]
             if len(questions) == len(events):
-                self._log.error("the suspend of todo %s with its question could not be stored "
-                                "(%s); recording it failed", run.todo_id, problem,
+                with_question = " with its question" if questions else ""
+                self._log.error("the suspend of todo %s%s could not be stored (%s); recording "
+                                "it failed", run.todo_id, with_question, problem,
                                 extra=self._todo_extra(run, "asked"))
-                self.fail_then(run, f"its suspend with its question could not be stored: "
+                self.fail_then(run, f"its suspend{with_question} could not be stored: "
                                f"{problem}", then, events=[])
                 return
             self._log.error("events of todo %s could not be stored (%s); suspending it %s",
@@ -173,8 +175,7 @@ class Recorder:
             self._record_asked(run, then, events=questions)
 
         self._outcomes.submit(Outcome(run.claim, "asked", events=events),
-                              self._after_write(run, events, "asked", then,
-                                                refused if events else None))
+                              self._after_write(run, events, "asked", then, refused))
 
     def fail_then(self, run: TodoRun, message: str, then: Callable[[], None], *,
                   events: list[dict[str, Any]] | None = None) -> None:

@@ -594,6 +594,37 @@ CREATE TRIGGER refuse_marked BEFORE INSERT ON events
 """
 
 
+def test_a_suspend_the_database_refuses_with_no_events_to_leave_out_is_recorded_failed(
+        storage, db):
+    """A site's trigger refuses the suspend of a todo whose question is written already
+    (``suspend_for_human``) and which has no other events to leave out: the todo is recorded
+    FAILED with why, once. Before, it was left to its lease, to run again and be refused
+    again until its claims ran out."""
+    db.execute("""
+        CREATE FUNCTION refuse_suspend() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'suspend refused by a trigger'; END $$;
+        CREATE TRIGGER refuse_suspend BEFORE UPDATE ON todolist FOR EACH ROW
+            WHEN (NEW.draft_status = 'HUMAN_ASKED' AND OLD.consumer IS NOT NULL
+                  AND NEW.consumer IS NULL)
+            EXECUTE FUNCTION refuse_suspend();""")
+    todo_id = storage.enqueue(AGENT, "ask")
+    runs: list[str] = []
+
+    def handle(todo: ps.Todo) -> dict[str, Any]:
+        runs.append(todo.id)
+        return todo.suspend_for_human("go on?")  # type: ignore[no-any-return]
+
+    with ps.start(handle, agent_orch=AGENT, storage=storage, lease_seconds=2) as server:
+        wait_for(lambda: server.stats()["failed"] == 1, timeout=20)
+        time.sleep(1.5)  # past a lease: a todo left to it would run again now
+        stats = server.stats()
+    row = db.execute("SELECT draft_status::text, log FROM todolist WHERE id = %s",
+                     (todo_id,)).fetchone()
+    assert runs == [todo_id] and (stats["asked"], stats["failed"]) == (0, 1)
+    assert row["draft_status"] == "FAILED"
+    assert "its suspend could not be stored: suspend refused by a trigger" in row["log"]
+
+
 def test_a_suspend_whose_events_are_refused_is_stored_without_them(storage, db, caplog,
                                                                    monkeypatch):
     """An event written after the question (here from a ``finally``) is refused with the
