@@ -168,7 +168,7 @@ class HumanDesk:
 
     def _refused(self, run: TodoRun, reason: str) -> NoReturn:
         """The database says this worker no longer runs the todo: tell the server, stop."""
-        self._cancel(run, "cancelled" if reason == "cancelled" else "lost")
+        self._cancel(run, {"cancelled": "cancelled", "missing": "deleted"}.get(reason, "lost"))
         raise ProcessGPTSyncError(f"todo {run.todo_id} is no longer running here ({reason})")
 
     @staticmethod

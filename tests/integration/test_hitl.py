@@ -290,6 +290,31 @@ def test_a_cancel_while_waiting_stops_the_wait(storage, db):
         "CANCELLED")
 
 
+def test_a_row_deleted_while_its_todo_waits_for_an_answer_stops_the_wait_saying_so(
+        storage, db, caplog):
+    """The todo's row is deleted (with its tenant, say) while its executor waits for an
+    answer: the look for the answer finds it gone, the wait ends, and the todo counts as lost
+    with the log saying its row was deleted, not that another worker took it."""
+    todo_id = storage.enqueue("hitl", "x")
+    raised: list[BaseException] = []
+
+    def handle(todo):
+        try:
+            todo.ask_human("Still there?")
+        except ps.ProcessGPTSyncError as exc:
+            raised.append(exc)
+            raise
+
+    with ps.start(handle, agent_orch="hitl", storage=storage) as server:
+        wait_for(lambda: question_of(db))
+        db.execute("DELETE FROM todolist WHERE id = %s", (todo_id,))
+        wait_for(lambda: server.stats()["lost"] == 1, timeout=10)
+        stats = server.stats()
+    assert (stats["failed"], stats["cancelled"]) == (0, 0) and len(raised) == 1
+    assert f"todo {todo_id}: its row was deleted" in caplog.text
+    assert "lease lost to another worker" not in caplog.text
+
+
 def test_only_the_question_a_todo_waits_on_is_open_and_answerable(storage, db):
     """A blocking question that timed out, then another asked: answering the first would
     resume nothing (only the latest question is taken), so it is neither listed nor accepted
