@@ -197,7 +197,8 @@ class SupabaseStorage(Storage):
         """:param wait_seconds: how long one call of an idle server waits for work on the
             database (holding one PostgREST connection meanwhile); 0 polls with back-off."""
         if not url.startswith(("http://", "https://")):
-            raise ConfigurationError(f"SUPABASE_URL must start with https:// (got {url!r})")
+            raise ConfigurationError(f"SUPABASE_URL must start with https:// (or http:// for a "
+                                     f"local Supabase; got {url!r})")
         self._url = url
         self._key = key
         self._timeout = timeout
