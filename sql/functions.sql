@@ -2418,6 +2418,15 @@ BEGIN
                        AND (t.lease_until IS NULL OR t.lease_until < now())
                        AND NOT processgpt_sync_in_trash_v1(t.proc_inst_id,
                                                            t.root_proc_inst_id))))
+        OR EXISTS (  -- an upstream worker's claim that ran out: settled or claimed as the
+                     -- claim's own probe (claims_expired_v1) finds it
+            SELECT 1 FROM todolist t
+            WHERE t.draft_status = 'STARTED' AND t.lease_until < now()
+              AND t.status IN ('IN_PROGRESS', 'CANCELLED')
+              AND t.agent_orch::text = p_agent_orch
+              AND (p_tenant_id IS NULL OR t.tenant_id = p_tenant_id)
+              AND (t.status = 'CANCELLED'
+                   OR NOT processgpt_sync_in_trash_v1(t.proc_inst_id, t.root_proc_inst_id)))
         INTO v_found;
         EXIT WHEN v_found OR clock_timestamp() >= v_until;
         PERFORM pg_sleep(0.1);

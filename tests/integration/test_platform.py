@@ -232,6 +232,30 @@ def test_an_upstream_claim_whose_lease_ran_out_is_taken_over_as_upstream_workers
     assert db.execute("SELECT output FROM todolist").fetchone() == {"output": None}
 
 
+def test_an_idle_supabase_server_takes_over_an_upstream_claim_soon_after_it_runs_out(
+        upstream_database_url: str) -> None:
+    """An upstream worker claimed a todo with a short lease and died. An idle server on the
+    Supabase backend (no LISTEN) waits on the database for work: that wait counts an upstream
+    claim that ran out, as the claim's own probe does, so the todo is taken over within
+    seconds. Before, the wait saw only waiting todos and this library's own expired leases:
+    the todo waited for the poll (30 s here), or for some other todo to arrive."""
+    db = connect(upstream_database_url)
+    store = next(backends := open_backend("supabase", upstream_database_url))
+    ran: list[str] = []
+    try:
+        todo = store.enqueue("shared", "held by a worker that died")
+        assert [str(r["id"]) for r in db.execute(
+            "SELECT id FROM fetch_pending_task('shared', 'upstream-w1', 1, 'prod', 1, 3)")] == [
+            todo]
+        with ps.start(lambda t: ran.append(t.id) or {"ok": True}, agent_orch="shared",
+                      storage=store, poll_interval=30) as server:
+            wait_for(lambda: server.stats()["completed"] == 1, timeout=12)
+    finally:
+        next(backends, None)
+        db.close()
+    assert ran == [todo]
+
+
 def test_an_upstream_claim_that_ran_out_is_settled_cancelled_or_failed_and_can_be_retried(
         upstream):
     store, db = upstream
