@@ -451,7 +451,7 @@ $$;
 -- Order: with p_fair, tenants take turns: a tenant's k-th oldest claimable todo has priority
 -- (its running todos + k), lowest first, oldest first on ties; so a tenant with a backlog cannot
 -- delay another tenant's first todo by more than the todos already running. Without, oldest
--- first. Limits (across every server of the agent_orch, counted from live leases):
+-- first. Todos concurrent claims hold are passed over, the next ones taken in their place. Limits (across every server of the agent_orch, counted from live leases):
 -- p_max_running todos at once, p_max_running_per_tenant per tenant; claims of an agent_orch
 -- with limits take turns on an advisory lock, so concurrent claims never exceed them.
 --
@@ -491,6 +491,8 @@ DECLARE
     v_kept uuid[] := '{}';
     v_passed uuid[] := '{}';  -- picked already: kept, or left out for a held process instance
     v_round integer := 0;
+    v_wanted uuid[];  -- a round's candidates, where it picks from a list (spares included)
+    v_short boolean;  -- a round took fewer than it could: concurrent claims held candidates
     v_claimed jsonb;
     v_expired boolean;
     v_abandoned uuid[] := '{}';
@@ -709,13 +711,17 @@ BEGIN
                 ORDER BY priority, c.start_date NULLS LAST, c.id
                 LIMIT 2 * v_limit  -- spares for rows a concurrent claim holds
             )
+            SELECT array_agg(w.id ORDER BY w.priority, w.start_date NULLS LAST, w.id)
+            INTO v_wanted FROM wanted w;
             SELECT array_agg(x.id) INTO v_ids FROM (
-                SELECT t.id FROM todolist t JOIN wanted w ON w.id = t.id
+                SELECT t.id FROM todolist t
+                JOIN unnest(v_wanted) WITH ORDINALITY AS w(id, n) ON w.id = t.id
                 WHERE processgpt_sync_is_claimable_v1(t, p_max_claims)
-                ORDER BY w.priority, w.start_date NULLS LAST, t.id
+                ORDER BY w.n
                 LIMIT v_limit
                 FOR UPDATE OF t SKIP LOCKED) x;
         ELSIF cardinality(v_abandoned) = 0 THEN
+            v_wanted := NULL;  -- the index scan itself passes over rows others hold
             SELECT array_agg(x.id) INTO v_ids FROM (
                 SELECT t.id FROM todolist t
                 WHERE t.agent_orch::text = p_agent_orch
@@ -728,26 +734,36 @@ BEGIN
                 LIMIT v_limit
                 FOR UPDATE OF t SKIP LOCKED) x;
         ELSE  -- abandoned claims compete with the oldest waiting todos (spares as above)
+            v_wanted := ARRAY(
+                (SELECT w.id FROM todolist w
+                 WHERE w.agent_orch::text = p_agent_orch
+                   AND (p_tenant_id IS NULL OR w.tenant_id = p_tenant_id)
+                   AND w.status = 'IN_PROGRESS'
+                   AND (w.draft_status IS NULL OR w.draft_status = 'FB_REQUESTED')
+                   AND processgpt_sync_is_claimable_v1(w, p_max_claims)
+                   AND NOT w.id = ANY (v_passed)
+                 ORDER BY w.start_date NULLS LAST, w.id
+                 LIMIT 2 * v_limit)
+                UNION ALL
+                SELECT a.id FROM unnest(v_abandoned) AS a(id) WHERE NOT a.id = ANY (v_passed));
             SELECT array_agg(x.id) INTO v_ids FROM (
                 SELECT t.id FROM todolist t
-                WHERE t.id IN (
-                    (SELECT w.id FROM todolist w
-                     WHERE w.agent_orch::text = p_agent_orch
-                       AND (p_tenant_id IS NULL OR w.tenant_id = p_tenant_id)
-                       AND w.status = 'IN_PROGRESS'
-                       AND (w.draft_status IS NULL OR w.draft_status = 'FB_REQUESTED')
-                       AND processgpt_sync_is_claimable_v1(w, p_max_claims)
-                       AND NOT w.id = ANY (v_passed)
-                     ORDER BY w.start_date NULLS LAST, w.id
-                     LIMIT 2 * v_limit)
-                    UNION ALL SELECT unnest(v_abandoned))
+                WHERE t.id = ANY (v_wanted)
                   AND processgpt_sync_is_claimable_v1(t, p_max_claims)
-                  AND NOT t.id = ANY (v_passed)
                 ORDER BY t.start_date NULLS LAST, t.id
                 LIMIT v_limit
                 FOR UPDATE OF t SKIP LOCKED) x;
         END IF;
-        EXIT WHEN v_ids IS NULL;
+        -- Candidates picked from a list that concurrent claims (woken by the same NOTIFY) held
+        -- or took meanwhile: others in their place in a later round, rather than come back
+        -- with fewer, or none, while more wait (the caller would then wait for its poll).
+        v_short := coalesce(cardinality(v_ids), 0) < v_limit
+                   AND coalesce(cardinality(v_wanted), 0) > coalesce(cardinality(v_ids), 0);
+        IF v_ids IS NULL THEN
+            EXIT WHEN NOT v_short OR v_round = 3;
+            v_passed := v_passed || v_wanted;
+            CONTINUE;
+        END IF;
         -- the todos are held already; their process instances, but for one held long elsewhere
         -- (waited for in the first round only: one budget for the call, and one lock order; and
         -- not under fleet limits, whose lock every server's claim queues on meanwhile)
@@ -759,11 +775,14 @@ BEGIN
             WHERE u.id = ANY (v_held) ORDER BY u.n) END;
         v_held_back := v_held_back + cardinality(v_ids) - coalesce(cardinality(v_held),
                                                                    cardinality(v_ids));
-        -- todos left out for a held process instance: others in their place, twice at most
-        EXIT WHEN v_held IS NULL OR cardinality(v_held) = cardinality(v_ids) OR v_round = 3;
-        -- passed over too: the other waiting todos of the instances found held (not waited for
-        -- again)
-        v_passed := v_passed || v_ids || ARRAY(
+        -- todos left out for a held process instance (or held by concurrent claims): others
+        -- in their place, twice at most
+        EXIT WHEN ((v_held IS NULL OR cardinality(v_held) = cardinality(v_ids)) AND NOT v_short)
+                  OR v_round = 3;
+        -- passed over too: the candidates concurrent claims held (each one the round did not
+        -- take, when it took fewer than it could), and the other waiting todos of the instances
+        -- found held (not waited for again)
+        v_passed := v_passed || v_ids || CASE WHEN v_short THEN v_wanted ELSE '{}' END || ARRAY(
             SELECT t.id FROM todolist t
             WHERE t.proc_inst_id IN (SELECT u.proc_inst_id FROM todolist u
                                      WHERE u.id = ANY (v_ids) AND NOT u.id = ANY (v_held))
@@ -771,7 +790,7 @@ BEGIN
               AND (t.id = ANY (v_abandoned)
                    OR (t.status = 'IN_PROGRESS'
                        AND (t.draft_status IS NULL OR t.draft_status = 'FB_REQUESTED'))));
-        v_limit := v_limit - cardinality(v_held);
+        v_limit := v_limit - coalesce(cardinality(v_held), cardinality(v_ids));
     END LOOP;
     IF cardinality(v_kept) = 0 THEN
         RETURN jsonb_build_object('claims', '[]'::jsonb, 'held_back', v_held_back);

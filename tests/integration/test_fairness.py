@@ -201,3 +201,40 @@ def test_limits_hold_with_three_servers_claiming_at_once(database_url, db):
         sampler.join()
     assert peaks["total"] <= 5 and max(peaks[t] for t in "abc") <= 2
     assert peaks["total"] >= 4  # the limits were reached, not just never approached
+
+
+def claim_in_open_transaction(conn: psycopg.Connection, consumer: str, fair: bool) -> None:
+    """A claim of another server, its transaction still open: it holds the rows it took."""
+    conn.execute("SELECT processgpt_sync_claim_v4(p_agent_orch => 'fair', p_consumer => %s, "
+                 "p_limit => 1, p_lease_seconds => 60, p_max_claims => 3, p_fair => %s)",
+                 (consumer, fair))
+
+
+@pytest.mark.parametrize("candidates", ["tenants' turns", "abandoned claims"])
+def test_a_claim_passes_over_candidates_concurrent_claims_hold_and_takes_others(
+        storage, database_url, candidates):
+    """Servers woken by the same NOTIFY claim at once. A claim that picks from a short list of
+    candidates (its limit twice: tenants taking turns; or the oldest waiting todos with the
+    abandoned claims) takes the next ones when concurrent claims hold all of those. Before,
+    it came back empty, and its server waited for its poll with todos waiting."""
+    fair = candidates == "tenants' turns"
+    if fair:
+        enqueue(storage, "a", 1)
+        enqueue(storage, "b", 1)
+        enqueue(storage, "a", 2)
+        others = 2  # a0 and b0, the list of a claim of 1
+    else:
+        enqueue(storage, "a", 5)
+        claim(storage, consumer="dead", limit=1, fair=False)
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute("UPDATE processgpt_sync_lease SET expires_at = now() - interval '1 s'")
+        others = 3  # the abandoned a0, a1 and a2
+    holders = [psycopg.connect(database_url) for _ in range(others)]
+    try:
+        for i, conn in enumerate(holders):
+            claim_in_open_transaction(conn, f"w{i}", fair)
+        taken = claim(storage, consumer="w-last", limit=1, fair=fair)
+    finally:
+        for conn in holders:
+            conn.close()
+    assert len(taken) == 1, "came back empty while todos waited"
