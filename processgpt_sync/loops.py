@@ -56,6 +56,10 @@ TO_THREAD_MAX = 1024  # threads of the loops' shared default executor, made only
 
 LABEL: contextvars.ContextVar[str | None] = contextvars.ContextVar("processgpt_sync_loop_label",
                                                                   default=None)
+ON_BEGIN: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "processgpt_sync_on_begin", default=None)
+"""Called on the loop as a coroutine started with ``then`` begins to run: a todo queued for a
+loop another todo blocks has not started yet (its clock starts then)."""
 
 
 class ExecutorExit(Exception):
@@ -93,6 +97,9 @@ class LoopTask(Generic[T]):
             cancelled = self._cancelled  # cancelled before the loop took the task
         if cancelled:
             raise concurrent.futures.CancelledError("cancelled by the server")
+        begin = ON_BEGIN.get()
+        if begin is not None:
+            begin()
         try:
             return await self._fn(*self._args)
         except asyncio.CancelledError:

@@ -54,7 +54,8 @@ class TodoRun:
         self.timeout = timeout
         self.started = time.monotonic()
         self.deadline: float | None = None
-        """Set when the executor starts: a todo waiting for a worker thread cannot time out."""
+        """Set when the executor starts: a todo waiting for a worker thread, or for the
+        shared loop (which another todo may block), cannot time out."""
         self.slot_released = False
         self.executor_returned = False  # its thread is free again
         self.leaving = False  # its executor returned; the context around it is being left
@@ -82,16 +83,26 @@ class TodoRun:
         (a revision asked mid-run), so runs are told apart by their fencing token."""
         return (self.claim.todo_id, self.claim.token)
 
-    def begin(self) -> bool:
-        """The executor is about to start on a worker thread: start its clock. False when the
-        todo's outcome was already decided (timed out or given back while it waited)."""
+    def begin(self, *, clock: bool = True) -> bool:
+        """The executor is about to start on a worker thread: start its clock (``clock``;
+        else ``start_clock`` does, once a coroutine queued for the shared loop runs). False
+        when the todo's outcome was already decided (timed out or given back while it
+        waited)."""
         with self.lock:
             if self.closed:
                 return False
+        if clock:
+            self.start_clock()
+        return True
+
+    def start_clock(self) -> None:
+        """The executor starts now: its run time, and its timeout, count from here."""
+        with self.lock:
+            if self.closed:
+                return
             self.started = time.monotonic()
             if self.timeout is not None:
                 self.deadline = self.started + self.timeout
-            return True
 
     @contextlib.contextmanager
     def clock_stopped(self) -> Iterator[None]:

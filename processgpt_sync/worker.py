@@ -23,6 +23,7 @@ from .feedback import with_summary
 from .human import HumanDesk, SuspendForHuman
 from .inflight import InFlight
 from .infra import infrastructure_problem, inner_errors, is_group
+from .loops import ON_BEGIN
 from .payload import error_text
 from .recorder import Recorder
 from .runs import CURRENT_RUN, UNSET, TodoRun
@@ -59,7 +60,8 @@ class TodoWorker:
         """Run the executor on this thread and record what came of it; a deferred todo (an
         async executor on the shared loop) gives the thread back while it awaits, and is
         recorded by ``_ended`` on a pool thread once its coroutine ends."""
-        if not run.begin():  # timed out or given back while it waited for a thread
+        # a deferred todo's clock starts as the loop begins its coroutine (ON_BEGIN)
+        if not run.begin(clock=self._submit is None):  # timed out or given back meanwhile
             self._inflight.forget(run)
             return
         self._stats.executing(1)
@@ -115,12 +117,15 @@ class TodoWorker:
 
     def _start(self, run: TodoRun) -> tuple[Any, BaseException | None]:
         """Start a deferred todo; what it raised if it could not start."""
+        began = ON_BEGIN.set(run.start_clock)  # the loop's copy of this context calls it
         try:
             run.todo = with_summary(run.todo, self._settings.summarize_feedback)
             self._adapter.start(run.todo, functools.partial(
                 self._deferred_end, run, contextvars.copy_context()))
         except BaseException as exc:
             return UNSET, exc
+        finally:
+            ON_BEGIN.reset(began)
         return UNSET, None
 
     def _deferred_end(self, run: TodoRun, context: contextvars.Context, value: Any,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -176,6 +177,30 @@ def test_a_deferred_todo_past_its_timeout_fails_and_the_next_one_runs(storage, d
         wait_for(lambda: row(db, quick)["state"] == "COMPLETED")
         wait_for(lambda: server.stats()["running"] == 0)
     assert "timed out after 0.5 s" in row(db, slow)["log"]
+
+
+def test_a_todo_queued_behind_a_todo_blocking_the_shared_loop_is_not_timed_out(storage, db):
+    """One todo blocks the shared loop past the timeout (a blocking call in ``async def``); a
+    todo claimed meanwhile waits for the loop to take its coroutine. Its clock starts when the
+    coroutine does: it runs once the loop is free and completes. Before, its clock ran from
+    the claim, and it was recorded FAILED, timed out, though its executor never started."""
+    started: list[str] = []
+
+    async def handle(todo: ps.Todo) -> dict[str, Any]:
+        started.append(todo.input)
+        if todo.input == "hog":
+            time.sleep(2.5)  # blocks the loop
+        return {"ok": todo.input}
+
+    hog = storage.enqueue("a", "hog")
+    with ps.start(handle, agent_orch="a", storage=storage, workers=2, loop="shared",
+                  timeout=1.0):
+        wait_for(lambda: "hog" in started)
+        queued = storage.enqueue("a", "queued")
+        wait_for(lambda: row(db, queued)["state"] in ("FAILED", "COMPLETED"), timeout=15)
+        wait_for(lambda: row(db, hog)["state"] in ("FAILED", "COMPLETED"), timeout=15)
+    assert row(db, queued)["state"] == "COMPLETED", row(db, queued)["log"]
+    assert "timed out after 1 s" in row(db, hog)["log"]
 
 
 def test_an_a2a_executor_on_the_shared_loop_records_its_artifact(storage, db):
