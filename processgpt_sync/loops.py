@@ -60,6 +60,10 @@ ON_BEGIN: contextvars.ContextVar[Callable[[], None] | None] = contextvars.Contex
     "processgpt_sync_on_begin", default=None)
 """Called on the loop as a coroutine started with ``then`` begins to run: a todo queued for a
 loop another todo blocks has not started yet (its clock starts then)."""
+ON_RETURN: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "processgpt_sync_on_return", default=None)
+"""Called on a worker thread once its todo's coroutine has ended, before the tasks it left
+running are ended (which may take a while): that time is not the executor's."""
 
 
 class ExecutorExit(Exception):
@@ -272,6 +276,9 @@ class ThreadLoops:
         try:
             return loop.run_until_complete(task.guarded())
         finally:
+            returned = ON_RETURN.get()
+            if returned is not None:
+                returned()
             self._end_leftovers(loop, self._local.tasks)
             with self._lock:
                 if self._closed and not loop.is_closed():

@@ -23,7 +23,7 @@ from .feedback import with_summary
 from .human import HumanDesk, SuspendForHuman
 from .inflight import InFlight
 from .infra import infrastructure_problem, inner_errors, is_group
-from .loops import ON_BEGIN
+from .loops import ON_BEGIN, ON_RETURN
 from .payload import error_text
 from .recorder import Recorder
 from .runs import CURRENT_RUN, UNSET, TodoRun
@@ -93,15 +93,15 @@ class TodoWorker:
             around.__enter__()
         except BaseException as exc:
             return UNSET, exc
+        returned = ON_RETURN.set(functools.partial(self._returned, run))
         try:
             run.todo = with_summary(run.todo, self._settings.summarize_feedback)
             value, error = self._adapter.run(run.todo), None
         except BaseException as exc:  # SystemExit from argparse in a tool is this todo's failure
             value, error = UNSET, exc
-        with run.lock:  # the executor has ended in time: a slow exit below is not its timeout,
-            if run.deadline is not None and not run.closed:  # one that hangs still ends, later
-                run.deadline = max(run.deadline, time.monotonic() + EXIT_ALLOWANCE)
-            run.leaving = True  # nor is a stop's grace ending meanwhile its shutdown
+        finally:
+            ON_RETURN.reset(returned)
+        self._returned(run)
         try:  # told of the todo's error, as a with-statement would tell it
             around.__exit__(type(error) if error else None, error,
                             error.__traceback__ if error else None)
@@ -114,6 +114,16 @@ class TodoWorker:
             return value, error
         finally:  # the error's traceback holds this frame: no cycle through its locals
             del value, error
+
+    @staticmethod
+    def _returned(run: TodoRun) -> None:
+        """The executor has ended in time: what follows (ending the tasks it left running,
+        leaving the context around it) is not its timeout, though one that hangs still ends,
+        later; nor is a stop's grace ending meanwhile its shutdown."""
+        with run.lock:
+            if run.deadline is not None and not run.closed and not run.leaving:
+                run.deadline = max(run.deadline, time.monotonic() + EXIT_ALLOWANCE)
+            run.leaving = True
 
     def _start(self, run: TodoRun) -> tuple[Any, BaseException | None]:
         """Start a deferred todo; what it raised if it could not start."""
@@ -232,8 +242,9 @@ class TodoWorker:
             run.cancel_event.set()
             leaving = run.leaving  # read before the cancel below lets the executor return
         self._stop_executor(run, "timeout")
-        why = (f"its executor returned, but leaving the context around it did not end within "
-               f"{EXIT_ALLOWANCE:g} s" if leaving else f"timed out after {timeout:g} s")
+        why = (f"its executor returned, but what follows it (ending the tasks it left running, "
+               f"leaving the context around it) did not end within {EXIT_ALLOWANCE:g} s"
+               if leaving else f"timed out after {timeout:g} s")
         self._log.warning("todo %s: %s", run.todo_id, why, extra=self._todo_extra(run, "timeout"))
         freed = functools.partial(self._inflight.timed_out, run)
 

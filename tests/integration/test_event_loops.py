@@ -79,6 +79,32 @@ def http_url():
     server.server_close()
 
 
+def test_a_result_returned_in_time_stands_while_a_task_it_left_running_ends_slowly(
+        storage, db):
+    """Thread mode ends the tasks a todo left running once its coroutine returns (as
+    ``asyncio.run`` does), giving them a second. That wait is not the executor's time: a
+    result returned within the timeout is recorded. Before, the todo timed out during it
+    and its result was lost."""
+    async def slow_to_end() -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.8)  # cleans up before it ends
+
+    async def handle(todo: ps.Todo) -> dict[str, int]:
+        leftover = asyncio.ensure_future(slow_to_end())
+        await asyncio.sleep(0.5)
+        assert not leftover.done()
+        return {"ok": 1}
+
+    todo_id = storage.enqueue("a", "x")
+    with ps.start(handle, agent_orch="a", storage=storage, workers=1, timeout=1.0):
+        wait_for(lambda: states(db)["x"] in ("FAILED", "COMPLETED"), timeout=15)
+    row = db.execute("SELECT draft_status::text AS state, output, log FROM todolist "
+                     "WHERE id = %s", (todo_id,)).fetchone()
+    assert (row["state"], row["output"]) == ("COMPLETED", {"ok": 1}), row["log"]
+
+
 def test_shared_loop_reuses_one_async_client_across_todos_of_different_worker_threads(
         storage, db, http_url):
     httpx = pytest.importorskip("httpx")

@@ -363,8 +363,8 @@ def test_an_exit_from_the_context_around_a_todo_that_hangs_still_times_the_todo_
     finally:
         hang.set()
     assert [(r["draft_status"], r["log"]) for r in rows(db)] == [
-        ("FAILED", "its executor returned, but leaving the context around it did not end "
-                   "within 0.5 s")]
+        ("FAILED", "its executor returned, but what follows it (ending the tasks it left "
+                   "running, leaving the context around it) did not end within 0.5 s")]
 
 def test_a_start_that_failed_on_its_checks_can_be_called_again(empty_database_url):
     from processgpt_sync.storage.install import install_schema
