@@ -796,6 +796,10 @@ BEGIN
         RETURN jsonb_build_object('claims', '[]'::jsonb, 'held_back', v_held_back);
     END IF;
     v_ids := v_kept;
+    IF cardinality(v_abandoned) > 0 THEN  -- their leases, which this takes over, in order
+        PERFORM 1 FROM processgpt_sync_lease l WHERE l.todo_id = ANY (v_ids)
+        ORDER BY l.todo_id FOR UPDATE OF l;
+    END IF;
 
     -- A claim given back while its process instance was held (release_v2) is claimed as if
     -- the give-back had been written: from the state it was claimed from, not counted again.
@@ -1201,6 +1205,12 @@ BEGIN
         SELECT processgpt_sync_uuid_or_null_v1(i ->> 'todo_id')
         FROM jsonb_array_elements(coalesce(p_items, '[]'::jsonb)) AS i
         WHERE jsonb_typeof(i) = 'object'), true);
+    -- their leases, which this deletes, in order (see renew_v1)
+    PERFORM 1 FROM processgpt_sync_lease l
+    WHERE l.todo_id IN (SELECT processgpt_sync_uuid_or_null_v1(i ->> 'todo_id')
+                        FROM jsonb_array_elements(coalesce(p_items, '[]'::jsonb)) AS i
+                        WHERE jsonb_typeof(i) = 'object')
+    ORDER BY l.todo_id FOR UPDATE OF l;
     WITH items AS MATERIALIZED (
         SELECT i.ordinality AS n, i.value AS item, i.value ->> 'outcome' AS outcome,
                processgpt_sync_uuid_or_null_v1(i.value ->> 'todo_id') AS todo_id,
@@ -1732,6 +1742,8 @@ DECLARE
     v_released integer;
 BEGIN
     PERFORM 1 FROM todolist t WHERE t.id = ANY (p_todo_ids) ORDER BY t.id FOR UPDATE OF t;
+    PERFORM 1 FROM processgpt_sync_lease l WHERE l.todo_id = ANY (p_todo_ids)
+    ORDER BY l.todo_id FOR UPDATE OF l;  -- in order (see renew_v1)
     v_ours := ARRAY(
         SELECT DISTINCT p.todo_id FROM unnest(p_todo_ids, p_tokens) AS p(todo_id, token)
         JOIN todolist t ON t.id = p.todo_id AND t.claim_token = p.token
@@ -1772,6 +1784,10 @@ BEGIN
     -- a run whose root the cron job deleted for good while a claim or a write held its row
     -- (the delete's cancel skipped it) is cancelled now
     PERFORM processgpt_sync_cancel_gone_v1(p_todo_ids);
+    -- the leases in order, as every write of several leases takes them (a batch of outcomes
+    -- deletes leases this renews): two such writes never deadlock
+    PERFORM 1 FROM processgpt_sync_lease l WHERE l.todo_id = ANY (p_todo_ids)
+    ORDER BY l.todo_id FOR UPDATE OF l;
     WITH pairs AS (
         SELECT p.todo_id, p.token FROM unnest(p_todo_ids, p_tokens) AS p(todo_id, token)
     ), state AS (

@@ -898,3 +898,49 @@ def test_an_outcome_the_server_or_host_failed_to_write_is_not_taken_for_a_refusa
                      (todo_id,)).fetchone()
     assert row == {"s": "STARTED", "output": None}
     assert "could not be stored" not in caplog.text
+
+
+@pytest.mark.parametrize("finish_order", ["same", "reversed"])
+def test_a_heartbeat_and_a_batch_of_outcomes_on_the_same_leases_never_deadlock(
+        database_url, db, finish_order):
+    """The heartbeat renews the lease of every todo in flight, those whose outcomes are being
+    written too, while the outcome writer deletes those leases: both take the lease rows in
+    order, so neither waits for the other in a cycle (a site's slow trigger on the lease
+    table widens the window here). Before, they took them in their own orders and deadlocked,
+    each hit costing a second and a failed call."""
+    storage = PostgresStorage(database_url)
+    try:
+        for i in range(4):
+            storage.enqueue(AGENT, f"q{i}")
+        claims = storage.claim(agent_orch=AGENT, consumer="c", limit=4, lease_seconds=60,
+                               max_claims=3)
+        db.execute("""
+            CREATE FUNCTION slow_lease() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN PERFORM pg_sleep(0.2); RETURN CASE TG_OP WHEN 'DELETE' THEN OLD ELSE NEW END;
+            END $$;
+            CREATE TRIGGER slow_lease BEFORE UPDATE OR DELETE ON processgpt_sync_lease
+                FOR EACH ROW EXECUTE FUNCTION slow_lease();""")
+        items = [{"todo_id": c.todo_id, "token": c.token, "outcome": "completed",
+                  "result": {"ok": True}, "events": []} for c in claims]
+        if finish_order == "reversed":
+            items.reverse()
+        failures: list[BaseException] = []
+
+        def call(write: Any) -> None:
+            try:
+                write()
+            except ps.StorageError as exc:
+                failures.append(exc)
+
+        threads = [threading.Thread(target=call, args=(lambda: storage.renew("c", claims, 60),)),
+                   threading.Thread(target=call, args=(lambda: storage.finish(items),))]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.05)
+        for thread in threads:
+            thread.join(30)
+    finally:
+        storage.close()
+    assert failures == []
+    assert db.execute("SELECT count(*) AS n FROM todolist WHERE draft_status = 'COMPLETED'"
+                      ).fetchone()["n"] == 4
