@@ -134,10 +134,11 @@ class LoopTask(Generic[T]):
 
     def cancel(self, before: Callable[[], Any] | None = None) -> None:
         """Cancel the coroutine, first awaiting ``before()`` (a cancel hook) on its loop;
-        return at once whatever that loop is doing."""
+        return at once whatever that loop is doing. Called again, it cancels the coroutine
+        once more, without the hook (one that caught the first cancellation)."""
         with self._lock:
             if self._cancelled:
-                return
+                before = None
             self._cancelled = True
             loop, context = self._loop, self._context
         if loop is None:

@@ -48,6 +48,8 @@ class TodoRun:
         """Set once the todo's outcome is decided here; nothing more is written for it."""
         self.cancel_event = threading.Event()
         self.cancel_reason: str | None = None
+        self.cancelled_at: float | None = None  # when it was told to stop (time.monotonic())
+        self.cancel_overdue = False  # said so: its executor went on long after that
         self.final_result: Any = UNSET
         self.pending_draft: Any = UNSET  # the latest draft a pool thread is to write
         self.draft_scheduled = False

@@ -22,7 +22,7 @@ from .settings import Settings
 from .stats import ServerStats
 from .storage import Storage
 from .storage.base import Listener
-from .worker import TodoWorker
+from .worker import CANCEL_OVERDUE, TodoWorker
 
 TODO_CHANNEL = "processgpt_sync_todo"
 CANCEL_CHANNEL = "processgpt_sync_cancel"
@@ -186,6 +186,10 @@ class Watchers:
             for run in runs:
                 if run.deadline is not None and now > run.deadline and not run.closed:
                     self._worker.time_out(run)
+                elif (run.cancelled_at is not None and not run.cancel_overdue
+                      and now - run.cancelled_at > CANCEL_OVERDUE and not run.closed
+                      and not run.executor_returned):
+                    self._worker.cancel_overdue(run)
             # A claim whose answer was lost: find its todos now, not at the next renewal.
             orphans_possible = self._inflight.claim_unanswered
             if now < next_renewal and (failing or not orphans_possible):

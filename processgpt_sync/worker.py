@@ -31,6 +31,7 @@ from .settings import Settings
 from .stats import ServerStats
 
 EXIT_ALLOWANCE = 30.0  # seconds an ``around_todo`` exit may take once the executor returned
+CANCEL_OVERDUE = 30.0  # seconds an executor told to stop may go on before a warning names it
 
 
 class TodoWorker:
@@ -226,8 +227,24 @@ class TodoWorker:
             if run.cancel_event.is_set() or run.closed:
                 return
             run.cancel_reason = reason
+            run.cancelled_at = time.monotonic()
             run.cancel_event.set()
         self._stop_executor(run, reason)
+
+    def cancel_overdue(self, run: TodoRun) -> None:
+        """``run`` was told to stop ``CANCEL_OVERDUE`` seconds ago and its executor goes on
+        (it ignores ``todo.cancelled``, or catches the cancellation): say so once, naming the
+        todo, whose worker slot stays taken until it returns, and cancel it once more (a
+        coroutine that caught one cancellation may end on the next)."""
+        with run.lock:
+            if run.cancel_overdue or run.closed:
+                return
+            run.cancel_overdue = True
+        self._log.warning("todo %s: its executor has not ended %.0f s after it was told to stop "
+                          "(%s): it ignores todo.cancelled, or catches the cancellation; its "
+                          "worker slot stays taken until it returns", run.todo_id,
+                          CANCEL_OVERDUE, run.cancel_reason, extra=self._todo_extra(run, "cancel"))
+        self._stop_executor(run, f"{run.cancel_reason}, again")
 
     def time_out(self, run: TodoRun) -> None:
         """``run`` passed its deadline: record it failed now, whatever the executor does."""

@@ -203,6 +203,46 @@ def test_a_todo_queued_behind_a_todo_blocking_the_shared_loop_is_not_timed_out(s
     assert "timed out after 1 s" in row(db, hog)["log"]
 
 
+@pytest.mark.parametrize("loop", ["thread", "shared"])
+@pytest.mark.parametrize("swallows", ["every cancellation", "the first cancellation"])
+def test_an_executor_going_on_after_the_uis_cancel_is_named_and_cancelled_once_more(
+        storage, db, caplog, monkeypatch, loop, swallows):
+    """An async executor catches the cancellation the UI's cancel brings and goes on: a while
+    later a warning names the todo (its worker slot stays taken), and it is cancelled once
+    more, which ends one that caught only the first. Before, nothing was said, and its slot
+    stayed taken for good."""
+    monkeypatch.setattr("processgpt_sync.watch.CANCEL_OVERDUE", 0.5)
+    monkeypatch.setattr("processgpt_sync.worker.CANCEL_OVERDUE", 0.5)
+    caught: list[int] = []
+    let_go = threading.Event()
+
+    async def handle(todo: ps.Todo) -> dict[str, Any]:
+        while not let_go.is_set():
+            try:
+                await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                caught.append(1)
+                if swallows == "the first cancellation" and len(caught) > 1:
+                    raise
+        return {"went": "on"}
+
+    todo_id = storage.enqueue("a", "x")
+    with ps.start(handle, agent_orch="a", storage=storage, workers=1, loop=loop) as server:
+        wait_for(lambda: row(db, todo_id)["state"] == "STARTED")
+        db.execute("UPDATE todolist SET status = 'CANCELLED' WHERE id = %s", (todo_id,))
+        wait_for(lambda: f"todo {todo_id}: its executor has not ended" in caplog.text,
+                 timeout=10)
+        if swallows == "the first cancellation":
+            wait_for(lambda: server.stats()["running"] == 0, timeout=10)
+            assert server.stats()["cancelled"] == 1
+        else:
+            assert server.stats()["running"] == 1
+        let_go.set()
+        wait_for(lambda: server.stats()["running"] == 0, timeout=10)
+    assert len(caught) >= 2
+    assert row(db, todo_id)["output"] is None
+
+
 def test_an_a2a_executor_on_the_shared_loop_records_its_artifact(storage, db):
     pytest.importorskip("a2a")
     from a2a.server.agent_execution import AgentExecutor
