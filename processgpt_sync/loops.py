@@ -481,6 +481,8 @@ class SharedLoop:
                            extra={"action": "loop_lag", "todo_id": holder})
             while not answered.wait(1.0) and not self._stop.is_set():
                 pass
+            if not answered.is_set():  # the server stops: close() says what it leaves behind
+                return
             logger.warning("todo %s blocked the shared event loop for %.1fs", holder,
                            time.monotonic() - sent,
                            extra={"action": "loop_lag", "todo_id": holder})
