@@ -176,7 +176,8 @@ class OutcomeWriter:
         if due:
             self._held = [entry for entry in self._held if entry[0] > now]
             for entry in due:
-                (self._alone if entry[0].timeouts else self._pending).append(entry)
+                # one that timed out alone is tried alone again, counted against it or not
+                (self._alone if entry[0].timed_out_at is not None else self._pending).append(entry)
 
     def _fail_held(self) -> None:
         """The server exits now: the held outcomes are not stored (their leases lapse)."""

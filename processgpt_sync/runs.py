@@ -55,6 +55,7 @@ class TodoRun:
         self.draft_scheduled = False
         self.timeout = timeout
         self.started = time.monotonic()
+        self.began = False  # its executor has started (a coroutine queued for a loop: not yet)
         self.deadline: float | None = None
         """Set when the executor starts: a todo waiting for a worker thread, or for the
         shared loop (which another todo may block), cannot time out."""
@@ -102,6 +103,7 @@ class TodoRun:
         with self.lock:
             if self.closed:
                 return
+            self.began = True
             self.started = time.monotonic()
             if self.timeout is not None:
                 self.deadline = self.started + self.timeout

@@ -186,7 +186,7 @@ class Watchers:
             for run in runs:
                 if run.deadline is not None and now > run.deadline and not run.closed:
                     self._worker.time_out(run)
-                elif (run.cancelled_at is not None and not run.cancel_overdue
+                elif (run.cancelled_at is not None and not run.cancel_overdue and run.began
                       and now - run.cancelled_at > CANCEL_OVERDUE and not run.closed
                       and not run.executor_returned):
                     self._worker.cancel_overdue(run)

@@ -244,7 +244,12 @@ class TodoWorker:
                           "(%s): it ignores todo.cancelled, or catches the cancellation; its "
                           "worker slot stays taken until it returns", run.todo_id,
                           CANCEL_OVERDUE, run.cancel_reason, extra=self._todo_extra(run, "cancel"))
-        self._stop_executor(run, f"{run.cancel_reason}, again")
+        if self._adapter.uses_loops:  # its coroutine, without the cancel hook, which ran once
+            try:
+                self._adapter.cancel(run.todo)
+            except Exception:
+                self._log.exception("cancelling todo %s again failed", run.todo_id,
+                                    extra=self._todo_extra(run, "cancel"))
 
     def time_out(self, run: TodoRun) -> None:
         """``run`` passed its deadline: record it failed now, whatever the executor does."""

@@ -492,6 +492,7 @@ DECLARE
     v_passed uuid[] := '{}';  -- picked already: kept, or left out for a held process instance
     v_round integer := 0;
     v_wanted uuid[];  -- a round's candidates, where it picks from a list (spares included)
+    v_leased uuid[];
     v_short boolean;  -- a round took fewer than it could: concurrent claims held candidates
     v_claimed jsonb;
     v_expired boolean;
@@ -796,9 +797,23 @@ BEGIN
         RETURN jsonb_build_object('claims', '[]'::jsonb, 'held_back', v_held_back);
     END IF;
     v_ids := v_kept;
-    IF cardinality(v_abandoned) > 0 THEN  -- their leases, which this takes over, in order
-        PERFORM 1 FROM processgpt_sync_lease l WHERE l.todo_id = ANY (v_ids)
-        ORDER BY l.todo_id FOR UPDATE OF l;
+    IF cardinality(v_abandoned) > 0 THEN
+        -- the leases this takes over, in order, without a wait: one its old owner's late
+        -- heartbeat holds right now is left, as a held process instance's todo is (a wait
+        -- could close a cycle with that heartbeat, which takes its leases in order too)
+        v_leased := ARRAY(SELECT l.todo_id FROM processgpt_sync_lease l
+                          WHERE l.todo_id = ANY (v_ids)
+                          ORDER BY l.todo_id FOR UPDATE OF l SKIP LOCKED);
+        v_kept := ARRAY(
+            SELECT u.id FROM unnest(v_ids) WITH ORDINALITY AS u(id, n)
+            WHERE u.id = ANY (v_leased)
+               OR NOT EXISTS (SELECT 1 FROM processgpt_sync_lease l WHERE l.todo_id = u.id)
+            ORDER BY u.n);
+        v_held_back := v_held_back + cardinality(v_ids) - cardinality(v_kept);
+        v_ids := v_kept;
+        IF cardinality(v_ids) = 0 THEN
+            RETURN jsonb_build_object('claims', '[]'::jsonb, 'held_back', v_held_back);
+        END IF;
     END IF;
 
     -- A claim given back while its process instance was held (release_v2) is claimed as if
@@ -1200,16 +1215,23 @@ DECLARE
     v_statuses text[] := enum_range(NULL::event_status)::text[];
     v_out jsonb;
     v_held uuid[];  -- NULL: no order to keep (see processgpt_sync_lock_proc_insts_v1)
+    v_mine uuid[];
 BEGIN
     v_held := processgpt_sync_lock_proc_insts_v1(ARRAY(
         SELECT processgpt_sync_uuid_or_null_v1(i ->> 'todo_id')
         FROM jsonb_array_elements(coalesce(p_items, '[]'::jsonb)) AS i
         WHERE jsonb_typeof(i) = 'object'), true);
-    -- their leases, which this deletes, in order (see renew_v1)
-    PERFORM 1 FROM processgpt_sync_lease l
-    WHERE l.todo_id IN (SELECT processgpt_sync_uuid_or_null_v1(i ->> 'todo_id')
-                        FROM jsonb_array_elements(coalesce(p_items, '[]'::jsonb)) AS i
-                        WHERE jsonb_typeof(i) = 'object')
+    -- The todo rows this call writes (those another transaction holds are answered 'busy'),
+    -- then their leases, which it deletes, in order (see renew_v1): only those of rows it
+    -- holds, so it never waits on the lease of a todo being deleted or taken over meanwhile.
+    v_mine := ARRAY(
+        SELECT t.id FROM todolist t
+        WHERE t.id IN (SELECT processgpt_sync_uuid_or_null_v1(i ->> 'todo_id')
+                       FROM jsonb_array_elements(coalesce(p_items, '[]'::jsonb)) AS i
+                       WHERE jsonb_typeof(i) = 'object')
+          AND (v_held IS NULL OR t.id = ANY (v_held))
+        ORDER BY t.id FOR UPDATE OF t SKIP LOCKED);
+    PERFORM 1 FROM processgpt_sync_lease l WHERE l.todo_id = ANY (v_mine)
     ORDER BY l.todo_id FOR UPDATE OF l;
     WITH items AS MATERIALIZED (
         SELECT i.ordinality AS n, i.value AS item, i.value ->> 'outcome' AS outcome,
@@ -1742,14 +1764,14 @@ DECLARE
     v_released integer;
 BEGIN
     PERFORM 1 FROM todolist t WHERE t.id = ANY (p_todo_ids) ORDER BY t.id FOR UPDATE OF t;
-    PERFORM 1 FROM processgpt_sync_lease l WHERE l.todo_id = ANY (p_todo_ids)
-    ORDER BY l.todo_id FOR UPDATE OF l;  -- in order (see renew_v1)
     v_ours := ARRAY(
         SELECT DISTINCT p.todo_id FROM unnest(p_todo_ids, p_tokens) AS p(todo_id, token)
         JOIN todolist t ON t.id = p.todo_id AND t.claim_token = p.token
         JOIN processgpt_sync_lease l ON l.todo_id = p.todo_id AND l.claim_token = p.token
         WHERE t.consumer IS NULL OR t.consumer = l.consumer);
     v_free := coalesce(processgpt_sync_lock_proc_insts_v1(v_ours, true, 200), v_ours);
+    PERFORM 1 FROM processgpt_sync_lease l WHERE l.todo_id = ANY (p_todo_ids)
+    ORDER BY l.todo_id FOR UPDATE OF l;  -- last, in order (see renew_v1)
     DELETE FROM processgpt_sync_lease l USING unnest(p_todo_ids, p_tokens) AS p(todo_id, token)
     WHERE l.todo_id = p.todo_id AND l.claim_token = p.token AND NOT p.todo_id = ANY (v_ours);
     SELECT coalesce(array_agg(p.todo_id), '{}'), coalesce(array_agg(p.token), '{}')

@@ -236,6 +236,7 @@ def test_an_executor_going_on_after_the_uis_cancel_is_named_and_cancelled_once_m
             wait_for(lambda: server.stats()["running"] == 0, timeout=10)
             assert server.stats()["cancelled"] == 1
         else:
+            wait_for(lambda: len(caught) >= 2, timeout=10)  # the second cancellation came
             assert server.stats()["running"] == 1
         let_go.set()
         wait_for(lambda: server.stats()["running"] == 0, timeout=10)
