@@ -728,6 +728,27 @@ def test_outcomes_written_together_are_not_stamped_in_the_future(storage, db):
         assert mine == ["task_working"] * 3 + ["crew_completed"]
 
 
+def test_a_claim_leaves_an_abandoned_lease_its_late_owner_holds_and_takes_it_later(
+        storage, db, database_url):
+    """Two claims ran out; their server, stalled, sends a late heartbeat just as another claim
+    takes them over. The claim does not wait for the lease the heartbeat holds (the heartbeat
+    takes its leases in order, so a wait could close a cycle): it takes the other, counts the
+    held one as held back, and takes it once the heartbeat has ended."""
+    for i in range(2):
+        storage.enqueue("life", f"q{i}")
+    first = claim(storage, consumer="stalled", limit=2)
+    expire_leases(db)
+    held = min(c.todo_id for c in first)
+    with psycopg.connect(database_url) as heartbeat:
+        heartbeat.execute("SELECT 1 FROM processgpt_sync_lease WHERE todo_id = %s FOR UPDATE",
+                          (held,))
+        taken = claim(storage, consumer="w2", limit=2)
+    later = claim(storage, consumer="w2", limit=2)
+    assert [c.todo_id for c in taken] == [max(c.todo_id for c in first)]
+    assert taken.held_back == 1
+    assert [c.todo_id for c in later] == [held]
+
+
 def test_deleting_a_claimed_todo_removes_its_lease(storage, db):
     todo_id = storage.enqueue("life", "q")
     claim(storage)
