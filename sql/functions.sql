@@ -438,6 +438,26 @@ RETURNS boolean LANGUAGE sql STABLE AS $$
                                                              t.root_proc_inst_id)))
 $$;
 
+-- Of these todos (whose rows the caller holds), those whose lease, if any, this transaction
+-- now holds, in order and without a wait: a lease a late heartbeat holds right now is left to a
+-- later call. A claim's writes to leases it did not give out must never wait: a heartbeat takes
+-- its leases in order, so a wait could close a cycle with it.
+CREATE OR REPLACE FUNCTION processgpt_sync_leases_taken_v1(p_todo_ids uuid[])
+RETURNS uuid[] LANGUAGE plpgsql AS $$
+DECLARE
+    v_locked uuid[];
+BEGIN
+    v_locked := ARRAY(SELECT l.todo_id FROM processgpt_sync_lease l
+                      WHERE l.todo_id = ANY (p_todo_ids)
+                      ORDER BY l.todo_id FOR UPDATE OF l SKIP LOCKED);
+    RETURN ARRAY(
+        SELECT u.id FROM unnest(p_todo_ids) WITH ORDINALITY AS u(id, n)
+        WHERE u.id = ANY (v_locked)
+           OR NOT EXISTS (SELECT 1 FROM processgpt_sync_lease l WHERE l.todo_id = u.id)
+        ORDER BY u.n);
+END
+$$;
+
 -- Claim up to p_limit todos for one agent_orch in one call (SKIP LOCKED), each with a lease, a
 -- fencing token and its context extras. Expired claims (running, or waiting in a blocking
 -- ask_human) are settled first: CANCELLED when the UI cancelled them, FAILED past p_max_claims;
@@ -492,7 +512,6 @@ DECLARE
     v_passed uuid[] := '{}';  -- picked already: kept, or left out for a held process instance
     v_round integer := 0;
     v_wanted uuid[];  -- a round's candidates, where it picks from a list (spares included)
-    v_leased uuid[];
     v_short boolean;  -- a round took fewer than it could: concurrent claims held candidates
     v_claimed jsonb;
     v_expired boolean;
@@ -548,7 +567,7 @@ BEGIN
                -- completes the step (its consumer on the row)
                OR (t.status = 'SUBMITTED' AND (t.consumer IS NULL OR t.consumer = l.consumer)))
         FOR UPDATE OF t SKIP LOCKED);
-    v_settle := processgpt_sync_free_of_held_insts_v1(v_found);
+    v_settle := processgpt_sync_leases_taken_v1(processgpt_sync_free_of_held_insts_v1(v_found));
     v_held_back := v_held_back + cardinality(v_found) - cardinality(v_settle);
     WITH settled AS (
         UPDATE todolist t SET draft_status = 'CANCELLED', consumer = NULL, updated_at = now()
@@ -560,11 +579,14 @@ BEGIN
     -- todo ended without its owner (the UI cancelled it by draft_status, then the owner died),
     -- or left its claim (a revision the UI cancelled, a todo given back to a person), or
     -- another worker took it over.
-    DELETE FROM processgpt_sync_lease l USING todolist t
-    WHERE l.todo_id = t.id AND l.expires_at < now() AND t.agent_orch::text = p_agent_orch
-      AND (t.draft_status IS NULL OR t.draft_status NOT IN ('STARTED', 'HUMAN_ASKED')
-           OR t.claim_token IS DISTINCT FROM l.claim_token
-           OR t.consumer IS DISTINCT FROM l.consumer);
+    -- One a late heartbeat holds right now is left to a later claim.
+    DELETE FROM processgpt_sync_lease d WHERE d.todo_id IN (
+        SELECT l.todo_id FROM processgpt_sync_lease l JOIN todolist t ON t.id = l.todo_id
+        WHERE l.expires_at < now() AND t.agent_orch::text = p_agent_orch
+          AND (t.draft_status IS NULL OR t.draft_status NOT IN ('STARTED', 'HUMAN_ASKED')
+               OR t.claim_token IS DISTINCT FROM l.claim_token
+               OR t.consumer IS DISTINCT FROM l.consumer)
+        ORDER BY l.todo_id FOR UPDATE OF l SKIP LOCKED);
 
     v_found := ARRAY(
         WITH exhausted_ours AS (
@@ -586,7 +608,7 @@ BEGIN
             FOR UPDATE OF t SKIP LOCKED
         )
         SELECT id FROM exhausted_ours UNION SELECT id FROM exhausted_upstream);
-    v_settle := processgpt_sync_free_of_held_insts_v1(v_found);
+    v_settle := processgpt_sync_leases_taken_v1(processgpt_sync_free_of_held_insts_v1(v_found));
     v_held_back := v_held_back + cardinality(v_found) - cardinality(v_settle);
     WITH failed AS (  -- the token cleared: the lost claim's late write is refused, not "applied"
         UPDATE todolist t
@@ -798,17 +820,9 @@ BEGIN
     END IF;
     v_ids := v_kept;
     IF cardinality(v_abandoned) > 0 THEN
-        -- the leases this takes over, in order, without a wait: one its old owner's late
-        -- heartbeat holds right now is left, as a held process instance's todo is (a wait
-        -- could close a cycle with that heartbeat, which takes its leases in order too)
-        v_leased := ARRAY(SELECT l.todo_id FROM processgpt_sync_lease l
-                          WHERE l.todo_id = ANY (v_ids)
-                          ORDER BY l.todo_id FOR UPDATE OF l SKIP LOCKED);
-        v_kept := ARRAY(
-            SELECT u.id FROM unnest(v_ids) WITH ORDINALITY AS u(id, n)
-            WHERE u.id = ANY (v_leased)
-               OR NOT EXISTS (SELECT 1 FROM processgpt_sync_lease l WHERE l.todo_id = u.id)
-            ORDER BY u.n);
+        -- the leases this takes over; one its old owner's late heartbeat holds right now is
+        -- left, as a held process instance's todo is
+        v_kept := processgpt_sync_leases_taken_v1(v_ids);
         v_held_back := v_held_back + cardinality(v_ids) - cardinality(v_kept);
         v_ids := v_kept;
         IF cardinality(v_ids) = 0 THEN
@@ -1221,9 +1235,10 @@ BEGIN
         SELECT processgpt_sync_uuid_or_null_v1(i ->> 'todo_id')
         FROM jsonb_array_elements(coalesce(p_items, '[]'::jsonb)) AS i
         WHERE jsonb_typeof(i) = 'object'), true);
-    -- The todo rows this call writes (those another transaction holds are answered 'busy'),
-    -- then their leases, which it deletes, in order (see renew_v1): only those of rows it
-    -- holds, so it never waits on the lease of a todo being deleted or taken over meanwhile.
+    -- The todo rows this call writes (those another transaction holds are answered 'busy'; a
+    -- row freed meanwhile is left to a later call), then their leases, which it deletes, in
+    -- order (see renew_v1): only those of rows it holds, so it never waits on the lease of a
+    -- todo being deleted or taken over meanwhile.
     v_mine := ARRAY(
         SELECT t.id FROM todolist t
         WHERE t.id IN (SELECT processgpt_sync_uuid_or_null_v1(i ->> 'todo_id')
@@ -1240,12 +1255,10 @@ BEGIN
                CASE WHEN jsonb_typeof(i.value -> 'events') = 'array'
                     THEN jsonb_array_length(i.value -> 'events') ELSE 0 END AS n_events
         FROM jsonb_array_elements(coalesce(p_items, '[]'::jsonb)) WITH ORDINALITY AS i
-    ), locked AS MATERIALIZED (
+    ), locked AS MATERIALIZED (  -- the rows held above
         SELECT t.id, t.claim_token, t.draft_status, t.consumer, t.status::text AS status,
                coalesce(t.root_proc_inst_id, t.proc_inst_id) AS proc_inst_id, t.tenant_id
-        FROM todolist t WHERE t.id IN (SELECT todo_id FROM items)
-          AND (v_held IS NULL OR t.id = ANY (v_held))  -- a row freed meanwhile: a later call
-        ORDER BY t.id FOR UPDATE OF t SKIP LOCKED
+        FROM todolist t WHERE t.id = ANY (v_mine)
     ), busy AS MATERIALIZED (
         -- rows another transaction holds: 'busy', written in a later call, so one held row
         -- does not hold up the batch's other todos

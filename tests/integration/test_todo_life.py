@@ -749,6 +749,45 @@ def test_a_claim_leaves_an_abandoned_lease_its_late_owner_holds_and_takes_it_lat
     assert [c.todo_id for c in later] == [held]
 
 
+@pytest.mark.parametrize("ending", ["cancelled by the UI", "out of claims", "finished by the UI"])
+def test_a_claim_settling_abandoned_claims_leaves_a_lease_a_late_heartbeat_holds(
+        storage, db, database_url, ending):
+    """Two claims ran out, to be settled by the next claim (cancelled, failed, or their lease
+    dropped); their server, stalled, sends a late heartbeat holding one lease. The claim settles
+    the other without waiting for the held lease (the heartbeat takes its leases in order, so a
+    wait could close a cycle), and a claim after the heartbeat settles the held one."""
+    for i in range(2):
+        storage.enqueue("life", f"q{i}")
+    first = claim(storage, consumer="stalled", limit=2)
+    ids = sorted(c.todo_id for c in first)
+    if ending == "cancelled by the UI":
+        db.execute("UPDATE todolist SET status = 'CANCELLED'")
+    elif ending == "finished by the UI":
+        db.execute("UPDATE todolist SET draft_status = 'COMPLETED', status = 'SUBMITTED'")
+    expire_leases(db)
+    settled = {"cancelled by the UI": "CANCELLED", "out of claims": "FAILED",
+               "finished by the UI": "COMPLETED"}[ending]
+    max_claims = 1 if ending == "out of claims" else 3
+
+    def leases():
+        return {str(r["todo_id"]) for r in db.execute("SELECT todo_id FROM processgpt_sync_lease")}
+
+    with psycopg.connect(database_url) as heartbeat:
+        heartbeat.execute("SELECT 1 FROM processgpt_sync_lease WHERE todo_id = %s FOR UPDATE",
+                          (ids[0],))
+        with psycopg.connect(database_url, autocommit=True) as other:
+            other.execute("SET lock_timeout = '2s'")  # a wait fails the claim, not hangs it
+            other.execute("SELECT processgpt_sync_claim_v4('life', 'w2', 10, 60, %s)",
+                          (max_claims,))
+        assert state(db, ids[1])["draft_status"] == settled
+        assert leases() == {ids[0]}
+        assert state(db, ids[0])["draft_status"] == ("COMPLETED" if settled == "COMPLETED"
+                                                     else "STARTED")
+    claim(storage, consumer="w2", max_claims=max_claims)
+    assert state(db, ids[0])["draft_status"] == settled
+    assert leases() == set()
+
+
 def test_deleting_a_claimed_todo_removes_its_lease(storage, db):
     todo_id = storage.enqueue("life", "q")
     claim(storage)
