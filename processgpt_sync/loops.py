@@ -187,6 +187,13 @@ class Finished(Generic[T]):
         else:
             self._value = task.result()
 
+    @classmethod
+    def never_started(cls, why: str) -> Finished[Any]:
+        """A coroutine the loop closed before it started."""
+        finished: Finished[Any] = cls.__new__(cls)
+        finished._value, finished._error = None, concurrent.futures.CancelledError(why)
+        return finished
+
     def result(self) -> T:
         if self._error is not None:
             raise self._error
@@ -365,6 +372,7 @@ class SharedLoop:
         self._queued: list[tuple[LoopTask[Any], Callable[[Finished[Any]], None],
                                  contextvars.Context]] = []
         self._wake_sent = False  # a call of _begin_queued is on its way to the loop
+        self._closing = False  # close() began: nothing more is queued or started
 
     def start(self, label: str, fn: Callable[..., Awaitable[T]], *args: Any) -> LoopTask[T]:
         """``fn(*args)`` on the shared loop; ``result()`` waits for it."""
@@ -390,26 +398,30 @@ class SharedLoop:
         loop = self._ensure_started()
         item = (task, callback, contextvars.copy_context())  # the worker's: CURRENT_RUN
         with self._lock:
+            if self._closing:
+                raise InfrastructureError("the shared event loop is closed: the server stopped")
             self._queued.append(item)
             wake = not self._wake_sent
             self._wake_sent = True
         if not wake:
-            if loop.is_closed():
-                raise RuntimeError("the shared event loop is closed")
             return
         try:
             loop.call_soon_threadsafe(self._begin_queued)
-        except BaseException:  # the loop is closed: nothing queued will start
+        except RuntimeError as exc:  # the loop closed meanwhile: this task will not start
             with self._lock:
                 self._wake_sent = False
-                self._queued.clear()
-            raise
+                if item not in self._queued:
+                    return  # close() took it: its callback has its outcome
+                self._queued.remove(item)
+            raise InfrastructureError(f"the shared event loop is closed: {exc}") from exc
 
     def _begin_queued(self) -> None:
-        """On the loop: start every queued task."""
+        """On the loop: start every queued task (once close() began, it ends them)."""
         with self._lock:
-            queued, self._queued = self._queued, []
             self._wake_sent = False
+            if self._closing:
+                return
+            queued, self._queued = self._queued, []
         loop = asyncio.get_running_loop()
         for task, callback, context in queued:
             created = context.run(loop.create_task, task.guarded())
@@ -417,6 +429,8 @@ class SharedLoop:
 
     def _ensure_started(self) -> asyncio.AbstractEventLoop:
         with self._lock:
+            if self._closing:
+                raise InfrastructureError("the shared event loop is closed: the server stopped")
             if self._loop is None:
                 self._loop = self._start_loop()
             return self._loop
@@ -504,10 +518,23 @@ class SharedLoop:
         return self._labels.get(task, "(unknown)")
 
     def close(self) -> None:
-        """Cancel the tasks still on the loop (todos were given back by then), then stop it."""
+        """Cancel the tasks still on the loop (todos were given back by then), then stop it.
+        A task queued that had not started ends cancelled too: its callback is told."""
         self._stop.set()
         with self._lock:
+            self._closing = True
             loop, thread = self._loop, self._thread
+        try:
+            self._close(loop, thread)
+        finally:
+            with self._lock:
+                queued, self._queued = self._queued, []
+            for _task, callback, context in queued:
+                context.run(callback, Finished.never_started(
+                    "the server stopped before the shared event loop started it"))
+
+    def _close(self, loop: asyncio.AbstractEventLoop | None,
+               thread: threading.Thread | None) -> None:
         if loop is None or thread is None:
             return
         try:

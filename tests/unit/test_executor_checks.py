@@ -83,6 +83,7 @@ def test_an_async_todo_that_cannot_start_on_the_shared_loop_leaves_nothing_behin
     todo at once instead of holding its cancel handle for ever."""
     import threading
 
+    from processgpt_sync.errors import InfrastructureError
     from processgpt_sync.executor import AsyncFunctionAdapter
     from processgpt_sync.loops import SharedLoop
     from processgpt_sync.models import Claim
@@ -100,7 +101,7 @@ def test_an_async_todo_that_cannot_start_on_the_shared_loop_leaves_nothing_behin
     adapter.start(todo(1), lambda value, error: ended.set())
     assert ended.wait(5)
     adapter.close()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(InfrastructureError, match="the shared event loop is closed"):
         adapter.start(todo(2), lambda value, error: None)
     assert adapter._tasks == {}
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from processgpt_sync.errors import InfrastructureError
 from processgpt_sync.loops import Finished, SharedLoop, result_of
 
 WHO: contextvars.ContextVar[str] = contextvars.ContextVar("who", default="nobody")
@@ -95,3 +96,70 @@ def test_task_factories_take_every_keyword_create_task_hands_them() -> None:
             assert loop.run_until_complete(task) == (7, "nobody")
     finally:
         loop.close()
+
+
+def test_starts_racing_the_loops_close_are_each_refused_or_told_they_ended() -> None:
+    """The server stops while worker threads still start todos: a start is either refused (the
+    todo is given back) or its callback hears how it ended, cancelled; none is left waiting for
+    good on a loop that stopped. A task slow to end once cancelled keeps the close busy while
+    the starts go on."""
+    loop = SharedLoop()
+    told: dict[int, BaseException | None] = {}
+    started: set[int] = set()
+    refused: list[BaseException] = []
+    lock = threading.Lock()
+
+    async def slow_to_end() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.5)
+            raise
+
+    def record(n: int, finished: Finished[Any]) -> None:
+        try:
+            result_of(finished)
+            error: BaseException | None = None
+        except BaseException as exc:  # the outcome under test
+            error = exc
+        with lock:
+            told[n] = error
+
+    stop_starting = threading.Event()
+
+    def starter(thread: int) -> None:
+        for i in range(100_000):
+            n = thread * 100_000 + i
+            try:
+                loop.start(f"todo {n}", asyncio.sleep, 30).then(
+                    lambda f, n=n: record(n, f))
+            except Exception as exc:  # refused: the server stopped
+                with lock:
+                    refused.append(exc)
+                return
+            with lock:
+                started.add(n)
+            if stop_starting.wait(0.002):
+                return
+
+    loop.start("slow", slow_to_end).then(lambda f: None)
+    threads = [threading.Thread(target=starter, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    threading.Event().wait(0.2)
+    loop.close()
+    stop_starting.set()
+    for thread in threads:
+        thread.join(10)
+    deadline = threading.Event()
+    for _ in range(50):
+        with lock:
+            if started <= told.keys():
+                break
+        deadline.wait(0.1)
+    with lock:
+        unheard = started - told.keys()
+        errors = list(told.values())
+    assert not unheard, f"{len(unheard)} of {len(started)} starts never heard how they ended"
+    assert all(isinstance(e, concurrent.futures.CancelledError) for e in errors)
+    assert all(isinstance(e, InfrastructureError) for e in refused), refused
