@@ -1403,9 +1403,9 @@ $$;
 
 -- Ask a person (ask_human, suspend_for_human): the pending events first, then the question.
 -- The same question (same signature) asked before in this todo is not asked again: its answer is
--- returned ('answered_before'), or, while unanswered, its job_id is waited on again
--- ('asked_before'; a retried call after an ambiguous commit, or a rerun after a crash or a
--- restart). Otherwise a `human_asked` event (job_id, question data) and a notification per human
+-- returned ('answered_before'), or, while unanswered and the todo's latest question, its job_id
+-- is waited on again ('asked_before'; a retried call after an ambiguous commit, or a rerun after
+-- a crash or a restart). Otherwise a `human_asked` event (job_id, question data) and a notification per human
 -- user; draft_status HUMAN_ASKED while the lease is kept. Returns {applied, reason, job_id?,
 -- answer?, events}.
 CREATE OR REPLACE FUNCTION processgpt_sync_ask_v1(
@@ -1421,13 +1421,15 @@ DECLARE
     v_job_id text;
     v_answer jsonb;
     v_answer_status text;
+    v_asked_at timestamptz;
     v_events jsonb;
 BEGIN
     IF v_refused IS NOT NULL THEN
         RETURN jsonb_build_object('applied', false, 'reason', v_refused);
     END IF;
     v_events := processgpt_sync_record_events_v1(p_events);
-    SELECT q.job_id, r.data, r.status INTO v_job_id, v_answer, v_answer_status
+    SELECT q.job_id, r.data, r.status, q."timestamp"
+    INTO v_job_id, v_answer, v_answer_status, v_asked_at
     FROM events q
     LEFT JOIN LATERAL processgpt_sync_answer_to_v1(q.job_id, q.todo_id, q."timestamp") r ON true
     WHERE q.todo_id = p_todo_id::text AND q.event_type = 'human_asked'
@@ -1439,7 +1441,12 @@ BEGIN
                                   'events', v_events);
     END IF;
     UPDATE todolist SET draft_status = 'HUMAN_ASKED', updated_at = now() WHERE id = p_todo_id;
-    IF v_job_id IS NOT NULL THEN
+    -- waited on again only while it is the todo's latest question: the todo waits on that one
+    -- (take_answer_v1, respond_v2), whose answer must not seem to answer an older question
+    IF v_job_id IS NOT NULL AND NOT EXISTS (
+            SELECT 1 FROM events x
+            WHERE x.todo_id = p_todo_id::text AND x.event_type = 'human_asked'
+              AND x."timestamp" > v_asked_at) THEN
         RETURN jsonb_build_object('applied', true, 'reason', 'asked_before', 'job_id', v_job_id,
                                   'events', v_events);
     END IF;

@@ -474,6 +474,32 @@ def test_a_rerun_asking_an_unanswered_question_waits_on_the_same_one(storage, db
     assert questions(db, todo_id) == ["human_asked_a"]
 
 
+def test_a_question_asked_again_after_a_later_one_is_asked_anew_not_answered_by_the_later(
+        storage, db):
+    """A blocking question timed out unanswered, then a later question suspended the todo and
+    was answered. The resumed run asks the first question again: it is a new question (the
+    todo waits on its latest question only), not the old one, which the later question's
+    answer would then seem to answer, requeueing the todo without end."""
+    todo_id = storage.enqueue("life", "q")
+    (c,) = claim(storage)
+    style = question_data("Style?", None, "text")
+    storage.ask(c, "job_style", style)
+    storage.resume_asking(c)  # its wait timed out: the run goes on
+    storage.ask(c, "job_approve", question_data("Approve?", None, "confirm"))
+    (done,) = storage.finish([{"todo_id": c.todo_id, "token": c.token, "outcome": "asked"}])
+    assert done.applied
+    answer_as_the_ui(db, "job_approve", True)
+    (resumed,) = claim(storage, consumer="w2")
+    assert resumed.extras["resume"]["job_id"] == "job_approve"
+    again = storage.ask(resumed, "job_style_2", style)
+    assert (again.reason, again.job_id) == ("ok", "job_style_2")
+    (done,) = storage.finish([{"todo_id": resumed.todo_id, "token": resumed.token,
+                               "outcome": "asked"}])
+    assert done.applied
+    assert state(db, todo_id)["draft_status"] == "HUMAN_ASKED"
+    assert [q["job_id"] for q in storage.open_questions("life")] == ["job_style_2"]
+
+
 def test_a_todo_crashing_while_blocked_on_questions_fails_after_max_claims(storage, db):
     todo_id = storage.enqueue("life", "q")
     for consumer in ("w1", "w2"):
