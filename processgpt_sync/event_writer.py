@@ -200,6 +200,7 @@ class EventBuffer:
     def _flush_forever(self) -> None:
         attempt = 0
         while (batch := self._next_batch()) is not None:
+            pause = 0.0
             try:
                 self._write(batch)
                 attempt = 0
@@ -219,9 +220,7 @@ class EventBuffer:
                     extra={"action": "write_events"},
                 )
                 self._requeue(again)
-                with self._cond:  # close() ends the wait
-                    self._cond.wait_for(lambda: self._closed, backoff(attempt, after=exc))
-                continue
+                pause = backoff(attempt, after=exc)
             except Exception:  # a bug, not a bad event (those are refused one by one)
                 logger.exception("writing a batch of %d events failed unexpectedly; it is not "
                                  "retried", len(batch), extra={"action": "write_events"})
@@ -230,6 +229,9 @@ class EventBuffer:
                     self._inflight.difference_update(event_key(e) for e in batch)
                     self._writing = 0
                     self._cond.notify_all()
+            if pause:  # the events are queued again: a take() meanwhile has them at once
+                with self._cond:  # close() ends the wait
+                    self._cond.wait_for(lambda: self._closed, pause)
 
     def _take_batch(self) -> list[dict[str, Any]]:
         """Up to a batch of pending events, whole claims at a time (lock held)."""

@@ -944,3 +944,43 @@ def test_a_heartbeat_and_a_batch_of_outcomes_on_the_same_leases_never_deadlock(
     assert failures == []
     assert db.execute("SELECT count(*) AS n FROM todolist WHERE draft_status = 'COMPLETED'"
                       ).fetchone()["n"] == 4
+
+
+class RateLimitedOnce(PostgresStorage):
+    """The first events write is refused for now, asked to come back in 5 s (a gateway's 429
+    with Retry-After); the rest reach the database."""
+
+    refused = False
+
+    def record_events(self, events: Any) -> Any:
+        if not RateLimitedOnce.refused:
+            RateLimitedOnce.refused = True
+            refusal = ps.StorageUnavailable("rate limited")
+            refusal.retry_after = 5
+            raise refusal
+        return super().record_events(events)
+
+
+def test_a_todo_ending_while_its_events_wait_out_a_back_off_takes_them_at_once(database_url, db):
+    """The flusher's write of a todo's events was refused and waits 5 s to try again; the todo
+    ends meanwhile and takes its events for its own final write: at once, not after the wait
+    (an executor's question or result would otherwise sit out the back-off, on its clock)."""
+    RateLimitedOnce.refused = False
+    storage = RateLimitedOnce(database_url)
+    storage.enqueue(AGENT, "q")
+    (claim,) = storage.claim(agent_orch=AGENT, consumer="c", limit=1, lease_seconds=60,
+                             max_claims=3)
+    buffer = EventBuffer(storage, flush_interval=0.01, batch_size=100)
+    buffer.start()
+    try:
+        buffer.add({"todo_id": claim.todo_id, "token": claim.token,
+                    "event_type": "task_working", "data": {"n": 1}})
+        wait_for(lambda: RateLimitedOnce.refused, timeout=5)
+        began = time.monotonic()
+        taken = buffer.take(claim.todo_id, claim.token)
+        took = time.monotonic() - began
+    finally:
+        buffer.close(timeout=1)
+        storage.close()
+    assert [e["data"] for e in taken] == [{"n": 1}]
+    assert took < 2.5, f"take() waited {took:.1f}s for the write's back-off"
