@@ -168,10 +168,7 @@ class Watchers:
         """Renew every in-flight lease and refresh the server registry row, in one call per
         interval; enforce timeouts; say loudly when the database is out of reach too long."""
         storage = self._storage
-        interval = idle = idle_interval(self.settings)
-        if not self._inflight.listening:
-            # No NOTIFY for UI cancels: the heartbeat reports them sooner.
-            interval = min(interval, POLLING_HEARTBEAT)
+        idle = idle_interval(self.settings)
         # Where the claimer's waits for work refresh the registry row, an idle server makes no
         # heartbeat at all: after the first, and one more once its last todo finished.
         quiet_when_idle = work_waiter(storage, self.settings) is not None
@@ -183,6 +180,13 @@ class Watchers:
         while not self._stop.wait(WATCHDOG_TICK):
             now = time.monotonic()
             runs = self._inflight.runs()
+            interval = idle
+            if not self._inflight.listening:
+                # No NOTIFY for UI cancels (never, or not since the listener's connection was
+                # lost): the heartbeat reports them sooner.
+                interval = min(interval, POLLING_HEARTBEAT)
+                if runs:
+                    next_renewal = min(next_renewal, now + interval)
             for run in runs:
                 if run.deadline is not None and now > run.deadline and not run.closed:
                     self._worker.time_out(run)

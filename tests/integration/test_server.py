@@ -484,6 +484,55 @@ def test_ui_cancel_runs_the_cancel_hook_and_writes_nothing_more(storage, db):
     assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
 
 
+def test_a_ui_cancel_is_seen_soon_while_the_listener_is_lost(database_url, db):
+    """The server listened when it started; its LISTEN connection is then ended by the
+    database and cannot be opened again for now, so a UI cancel comes by no NOTIFY: the
+    heartbeat, which renewed at its idle pace while NOTIFY worked, now renews every few seconds
+    and reports the cancel soon, not at the next idle renewal (15 s with the default lease)."""
+    from processgpt_sync.storage.postgres import PostgresListener, PostgresStorage
+
+    refuse = threading.Event()
+
+    class Listener(PostgresListener):
+        def connect(self) -> None:
+            if refuse.is_set():
+                raise ps.StorageUnavailable("the listener's path is down")
+            super().connect()
+
+    class Storage(PostgresStorage):
+        def listener(self, channels):
+            return Listener(self._link, channels)
+
+    store = Storage(database_url)
+    todo_id = store.enqueue("a", "x")
+    entered = threading.Event()
+
+    def handle(todo):
+        entered.set()
+        todo.cancel_event.wait(30)
+        return {"late": True}
+
+    server = ps.start(handle, agent_orch="a", storage=store, workers=1)
+    try:
+        assert entered.wait(10)
+        wait_for(lambda: server.stats()["listening"])
+        threading.Event().wait(2 * watch.WATCHDOG_TICK)  # the heartbeat's idle pace is set
+        refuse.set()
+        db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                   "WHERE query LIKE 'LISTEN %%' AND pid <> pg_backend_pid()")
+        wait_for(lambda: not server.stats()["listening"], timeout=10)
+        cancelled_at = time.monotonic()
+        db.execute("UPDATE todolist SET draft_status = 'CANCELLED' WHERE id = %s", (todo_id,))
+        limit = watch.POLLING_HEARTBEAT + 2 * watch.WATCHDOG_TICK + 2.0
+        assert wait_for(lambda: server.stats()["cancelled"] == 1, timeout=limit + 20)
+        took = time.monotonic() - cancelled_at
+    finally:
+        refuse.clear()
+        server.stop(timeout=5)
+        store.close()
+    assert took < limit, f"the cancel was seen after {took:.1f}s"
+
+
 def test_a_lost_lease_cancels_the_executor_and_refuses_its_writes(storage, db):
     todo_id = storage.enqueue("a", "x")
     entered = threading.Event()
