@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -187,6 +188,36 @@ def _check_answer(target: str, data: Any, response: httpx.Response | None) -> No
                                  f"{body[:120]!r})") from exc
 
 
+def checked_url(url: str) -> str:
+    """``SUPABASE_URL`` without the whitespace a secret file adds, or a ConfigurationError
+    saying what is wrong with it (at start, rather than as an outage on every call)."""
+    url = url.strip()
+    if not url.startswith(("http://", "https://")):
+        raise ConfigurationError(f"SUPABASE_URL must start with https:// (or http:// for a "
+                                 f"local Supabase; got {url!r})")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host, _port = parts.hostname, parts.port  # reading the port checks its range
+    except ValueError as exc:
+        raise ConfigurationError(f"SUPABASE_URL is not a valid URL ({exc}): {url!r}") from exc
+    if not host:
+        raise ConfigurationError(f"SUPABASE_URL names no host: {url!r}")
+    return url
+
+
+def checked_key(key: str) -> str:
+    """The service-role key without surrounding whitespace (a secret made from a file ends
+    in a line break); one an HTTP header cannot carry is a ConfigurationError that never shows
+    the key (httpx's own error would, in every log line)."""
+    key = key.strip()
+    if not key or not all("!" <= c <= "~" for c in key):
+        raise ConfigurationError(
+            "the Supabase service-role key (SUPABASE_KEY, SUPABASE_SERVICE_ROLE_KEY or "
+            "SERVICE_ROLE_KEY) holds a space, a line break or another character an HTTP header "
+            "cannot carry: set it to the key alone")
+    return key
+
+
 class SupabaseStorage(Storage):
     """Calls the processgpt-sync functions through Supabase's REST API."""
 
@@ -196,11 +227,8 @@ class SupabaseStorage(Storage):
                  wait_seconds: float = WAIT_SECONDS) -> None:
         """:param wait_seconds: how long one call of an idle server waits for work on the
             database (holding one PostgREST connection meanwhile); 0 polls with back-off."""
-        if not url.startswith(("http://", "https://")):
-            raise ConfigurationError(f"SUPABASE_URL must start with https:// (or http:// for a "
-                                     f"local Supabase; got {url!r})")
-        self._url = url
-        self._key = key
+        self._url = checked_url(url)
+        self._key = checked_key(key)
         self._timeout = timeout
         self.wait_seconds = min(wait_seconds, timeout)  # inside the HTTP read timeout
         self._local = threading.local()
@@ -219,6 +247,10 @@ class SupabaseStorage(Storage):
                 client = self._new_client()
             except OSError as exc:  # no descriptor for the CA bundle: the host's limit
                 raise StorageUnavailable(f"Supabase client could not be created: {exc}") from exc
+            except Exception as exc:  # supabase-py refused the URL or the key (no I/O yet)
+                raise ConfigurationError(
+                    f"Supabase client could not be created: {type(exc).__name__}: {exc}"
+                ) from exc
         return client
 
     def _new_client(self) -> Any:

@@ -57,6 +57,33 @@ def test_the_anon_key_is_refused_with_advice_and_never_logged(database_url, capl
     assert anon not in caplog.text
 
 
+def test_a_key_or_url_with_the_line_break_a_secret_file_leaves_works(database_url):
+    """Kubernetes and Docker secrets made from a file end in a line break, which an HTTP
+    header cannot carry: httpx's error would call Supabase unreachable and print the key."""
+    gateway = Gateway(database_url)
+    try:
+        store = SupabaseStorage(f" {gateway.url}\n", f"{SERVICE_KEY}\n")
+        try:
+            assert store.enqueue("a", "x")
+        finally:
+            store.close()
+    finally:
+        gateway.close()
+
+
+@pytest.mark.parametrize(("url", "key", "message"), [
+    ("http://127.0.0.1:99999", SERVICE_KEY, r"SUPABASE_URL is not a valid URL \(Port out of range"),
+    ("https://", SERVICE_KEY, "SUPABASE_URL names no host"),
+    ("https://x.supabase.co", f"{SERVICE_KEY[:20]}\n{SERVICE_KEY[20:]}", "set it to the key alone"),
+    ("https://x.supabase.co", "   ", "set it to the key alone"),
+], ids=["port", "no host", "break inside the key", "blank key"])
+def test_a_malformed_url_or_key_is_a_configuration_error_that_never_shows_the_key(
+        url, key, message):
+    with pytest.raises(ps.ConfigurationError, match=message) as refused:
+        SupabaseStorage(url, key)
+    assert SERVICE_KEY[20:] not in str(refused.value)
+
+
 def test_a_call_through_a_client_that_close_closed_is_an_outage_not_a_crash(database_url):
     """A thread that calls again after close() (a writer still retrying while the server
     stops) finds its HTTP client closed: a StorageUnavailable, which the server treats as the
