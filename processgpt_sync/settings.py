@@ -67,6 +67,34 @@ def supabase_key_from(environ: Mapping[str, str]) -> str | None:
     return next((environ[v] for v in SUPABASE_KEY_VARIABLES if environ.get(v)), None)
 
 
+def behind_transaction_pooler(transaction_pooler: bool | None, database_url: str | None) -> bool:
+    """As set, else whether the URL names Supabase's transaction pooler port (6543)."""
+    if transaction_pooler is not None:
+        return transaction_pooler
+    url = database_url or ""
+    return ":6543/" in url or "port=6543" in url
+
+
+def connection_options(environ: Mapping[str, str], database_url: str | None) -> dict[str, Any]:
+    """The connection options ``serve`` reads from the environment (a transaction pooler, the
+    statement and TCP timeouts), for the commands that open the database without a Settings:
+    ``status``, ``health`` and the others must not prepare statements behind a pooler, nor
+    time out sooner than the servers they look at."""
+    values: dict[str, Any] = {}
+    for variable, name in ENVIRONMENT.items():
+        if name in ("transaction_pooler", "statement_timeout", "tcp_timeout") and environ.get(
+                variable):
+            values[name] = _convert(name, environ[variable], variable)
+    for name in ("statement_timeout", "tcp_timeout"):
+        if name in values:
+            _positive(name, values[name])
+    return {
+        "prepare": not behind_transaction_pooler(values.get("transaction_pooler"), database_url),
+        "statement_timeout": values.get("statement_timeout", DEFAULT_STATEMENT_TIMEOUT),
+        "tcp_timeout": values.get("tcp_timeout", DEFAULT_TCP_TIMEOUT),
+    }
+
+
 def default_consumer() -> str:
     """A name unique to this server instance: host, pid and a random suffix."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -187,10 +215,7 @@ class Settings:
     @property
     def behind_transaction_pooler(self) -> bool:
         """True when the database URL goes through a transaction pooler."""
-        if self.transaction_pooler is not None:
-            return self.transaction_pooler
-        url = self.database_url or ""
-        return ":6543/" in url or "port=6543" in url
+        return behind_transaction_pooler(self.transaction_pooler, self.database_url)
 
     @property
     def backend(self) -> str:

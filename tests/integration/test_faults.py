@@ -152,6 +152,42 @@ def test_connections_get_keepalives_and_bounds_unless_the_url_sets_them(database
     storage.close()
 
 
+def test_the_cli_opens_the_database_with_the_servers_pooler_and_timeout_settings(
+        database_url, monkeypatch):
+    """``status``, ``health`` and the other commands read the pooler and timeout settings as
+    ``serve`` does: no prepared statements or session settings behind a transaction pooler,
+    and the statement timeout the servers run with."""
+    import argparse
+
+    from processgpt_sync.cli.backend import connect_storage
+    from processgpt_sync.settings import connection_options
+
+    monkeypatch.setenv("PROCESSGPT_STATEMENT_TIMEOUT", "30")
+    monkeypatch.setenv("PROCESSGPT_TCP_TIMEOUT", "4")
+    monkeypatch.setenv("PROCESSGPT_TRANSACTION_POOLER", "1")
+    url = database_url
+    storage = connect_storage(argparse.Namespace(database_url=url))
+    try:
+        assert storage.prepare is False
+        with storage._pool.connection() as conn:
+            assert conn.prepare_threshold is None
+            # behind a pooler no session setting is made: the server's own default stands
+            assert conn.execute("SHOW statement_timeout").fetchone()[0] == "0"
+            used = {o.keyword.decode(): o.val for o in conn.pgconn.info}
+            assert used["tcp_user_timeout"] == b"4000"
+    finally:
+        storage.close()
+    pooled = "postgresql://u@db.example.supabase.com:6543/postgres"
+    assert connection_options({}, pooled)["prepare"] is False  # as serve reads the port
+    monkeypatch.delenv("PROCESSGPT_TRANSACTION_POOLER", raising=False)
+    storage = connect_storage(argparse.Namespace(database_url=database_url))
+    try:
+        with storage._pool.connection() as conn:
+            assert conn.execute("SHOW statement_timeout").fetchone()[0] == "30s"
+    finally:
+        storage.close()
+
+
 @pytest.mark.parametrize("kind", ["postgres", "supabase"])
 def test_half_open_connections_are_dropped_and_every_todo_completes_once(
         kind, proxy, database_url, db, caplog):
