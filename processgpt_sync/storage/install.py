@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 BUSY_STATES = {"40P01", "40001", "55P03"}  # deadlock, serialization, lock not available
 INSTALL_LOCK_TIMEOUT = 3  # seconds the schema install waits for one table lock per attempt
 INSTALL_ATTEMPTS = 20
+INSTALL_IDLE_TIMEOUT = 30  # seconds an install's transaction may sit idle: its client is gone
 # Whether the functions init-db's sweep calls are installed (a dry run counts with them)
 _GONE_ROOTS_SWEEP_INSTALLED = (
     "to_regprocedure('processgpt_sync_gone_roots_v1()') IS NOT NULL AND "
@@ -110,10 +111,16 @@ def install_schema(conninfo: str, *, if_changed: bool = False, dry_run: bool = F
                 with psycopg.connect(link_conninfo(conninfo)) as conn:
                     if if_changed and _installed_version(conn) == version:
                         return False
+                    # Every wait bounded, the installer's own too (another install under way
+                    # holds this lock); and an installer whose link dies mid-way (a laptop's
+                    # VPN) holds the tables' locks only that long, not until the database's
+                    # keepalives find it gone (two hours by default).
+                    conn.execute(f"SET LOCAL lock_timeout = '{INSTALL_LOCK_TIMEOUT}s'")
+                    conn.execute("SET LOCAL idle_in_transaction_session_timeout = "
+                                 f"'{INSTALL_IDLE_TIMEOUT}s'")
                     conn.execute("SELECT pg_advisory_xact_lock(hashtext('processgpt_sync_schema'))")
                     if if_changed and _installed_version(conn) == version:
                         return False  # another process installed it while we waited
-                    conn.execute(f"SET LOCAL lock_timeout = '{INSTALL_LOCK_TIMEOUT}s'")
                     before = _catalog(conn)
                     for name in SCHEMA_FILES:
                         conn.execute(read_sql(name).encode())
@@ -125,8 +132,14 @@ def install_schema(conninfo: str, *, if_changed: bool = False, dry_run: bool = F
                     else:
                         conn.commit()
         except StorageUnavailable as exc:
-            if exc.code not in BUSY_STATES or attempt == INSTALL_ATTEMPTS:
+            if exc.code not in BUSY_STATES:
                 raise
+            if attempt == INSTALL_ATTEMPTS:
+                raise StorageUnavailable(
+                    f"the schema install waited for a lock {attempt} times and gave up: another "
+                    "session holds one it needs (another init-db or server starting, or a long "
+                    f"transaction on todolist or events); try again once it ends ({exc})",
+                    code=exc.code) from exc
             logger.info("schema install waited too long for a lock on a busy database "
                         "(attempt %d), retrying", attempt, extra={"action": "init_db"})
             time.sleep(random.uniform(0.1, 0.5) * attempt)

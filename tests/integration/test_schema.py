@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import psycopg
+import pytest
 from psycopg.rows import dict_row
 
+import processgpt_sync as ps
 from processgpt_sync.storage.install import install_schema
 from processgpt_sync.storage.postgres import PostgresStorage
 
@@ -200,3 +204,21 @@ def test_an_install_tells_postgrest_to_reload_its_schema_cache_and_a_dry_run_doe
         install_schema(empty_database_url)
         assert [n.payload for n in listener.notifies(timeout=2, stop_after=1)] == [
             "reload schema"]
+
+
+def test_an_install_waiting_on_another_installer_gives_up_in_bounded_time_saying_why(
+        database_url, monkeypatch):
+    """Another install holds the schema lock and does not end (its client went silent
+    mid-way): the next one waits a bounded time per attempt and, after its attempts, says
+    what holds it up, rather than waiting for ever."""
+    from processgpt_sync.storage import install
+
+    monkeypatch.setattr(install, "INSTALL_LOCK_TIMEOUT", 1)
+    monkeypatch.setattr(install, "INSTALL_ATTEMPTS", 2)
+    with psycopg.connect(database_url) as other:
+        other.execute("SELECT pg_advisory_xact_lock(hashtext('processgpt_sync_schema'))")
+        began = time.monotonic()
+        with pytest.raises(ps.StorageUnavailable, match="another session holds one it needs"):
+            install_schema(database_url)
+        took = time.monotonic() - began
+    assert took < 10, took
