@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import cli_terminal as terminal
 from ..deep_json import shown_json, with_deep_values_noted
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, StorageError
 from ..payload import strict_json
 from .backend import checked_storage
 
@@ -129,13 +129,18 @@ def cmd_respond(args: argparse.Namespace) -> int:
     storage = checked_storage(args)
     try:
         todo_id = storage.respond(args.job_id, answer, user_id=args.user_id, todo_id=args.todo)
-        shown = storage.call("show", {"p_todo_id": todo_id}) if todo_id is not None else None
+        if todo_id is None:
+            raise ConfigurationError(f"no question with job_id {args.job_id!r}; see "
+                                     "`processgpt-sync asked`")
+        print(f"answered {args.job_id} (todo {todo_id})")
+        try:  # the answer is stored: a failure to look at its todo only costs the note
+            shown = storage.call("show", {"p_todo_id": todo_id})
+        except StorageError as exc:
+            print(f"note: the answer is stored; whether a run will read it is unknown: the "
+                  f"todo could not be read ({exc})", file=sys.stderr)
+            return 0
     finally:
         storage.close()
-    if todo_id is None:
-        raise ConfigurationError(f"no question with job_id {args.job_id!r}; see "
-                                 "`processgpt-sync asked`")
-    print(f"answered {args.job_id} (todo {todo_id})")
     note = _unheard(todo_id, (shown or {}).get("row") or {})
     if note:
         print(f"note: {note}", file=sys.stderr)

@@ -628,3 +628,32 @@ def test_show_and_retry_work_over_supabase(database_url):
         one_line_error(cli("retry", todo_id, env=env, check=False), "already claimable")
     finally:
         next(backend, None)
+
+
+def test_respond_says_answered_when_only_the_look_at_its_todo_after_fails(database_url):
+    """The answer is stored; the follow-up read of its todo (for the note on who will read
+    it) meets a cancelled statement: respond still says answered and exits 0, for a second
+    respond would be refused as already answered."""
+    from processgpt_sync.human import question_data
+    from processgpt_sync.storage.postgres import PostgresStorage
+
+    store = PostgresStorage(database_url)
+    try:
+        store.enqueue("look", "x")
+        (claim,) = store.claim(agent_orch="look", consumer="c", limit=1, lease_seconds=60,
+                               max_claims=3)
+        store.ask(claim, "human_asked_look", question_data("Ship it?", None, "confirm"))
+        store.finish([{"todo_id": claim.todo_id, "token": claim.token, "outcome": "asked"}])
+    finally:
+        store.close()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("CREATE OR REPLACE FUNCTION processgpt_sync_show_v1(p_todo_id text) "
+                     "RETURNS jsonb LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION "
+                     "'canceling statement due to statement timeout' USING ERRCODE = '57014'; "
+                     "END $$")
+    answered = cli("respond", "--database-url", database_url, "human_asked_look", "true")
+    assert f"answered human_asked_look (todo {claim.todo_id})" in answered.stdout
+    assert "note: the answer is stored; whether a run will read it is unknown" in (
+        answered.stderr)
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT draft_status FROM todolist").fetchone()[0] == "FB_REQUESTED"
