@@ -132,7 +132,8 @@ def serve_metrics(server: Server, port: int, addr: str = "0.0.0.0") -> Threading
     REGISTRY.register(ServerCollector(server))
     threading.Thread(target=httpd.serve_forever, name="processgpt-sync-metrics",
                      daemon=True).start()
-    logger.info("Prometheus metrics on http://%s:%d/metrics (liveness: /healthz)%s", addr, port,
+    logger.info("Prometheus metrics on http://%s:%d/metrics (liveness: /healthz)%s", addr,
+                httpd.server_address[1],
                 " (every interface)" if addr in ("0.0.0.0", "::", "") else "",
                 extra={"agent_orch": server.settings.agent_orch, "action": "metrics"})
     return httpd

@@ -70,7 +70,14 @@ class ChildSpec:
     setup: Callable[[], None] | None = None
     """Run first in each child (the CLI configures logging with it)."""
     metrics_port: int | None = None
-    """Child ``i`` serves Prometheus metrics on ``metrics_port + i``."""
+    """Child ``i`` serves Prometheus metrics on ``metrics_port + i`` (0: each on a free port,
+    which its log line names)."""
+
+    def child_metrics_port(self, index: int) -> int | None:
+        """The metrics port of child ``index``."""
+        if self.metrics_port is None:
+            return None
+        return self.metrics_port + index if self.metrics_port else 0
     metrics_host: str = "0.0.0.0"
 
 
@@ -249,8 +256,9 @@ def child_main(spec: ChildSpec, index: int, supervisor: int | None = None) -> No
         # row (no dead row left for health to report) and gives back its leases at once.
         settings = dataclasses.replace(spec.settings, consumer=f"{spec.settings.consumer}/{index}")
         server = Server(executor, settings)
-        if spec.metrics_port is not None:
-            serve_metrics(server, spec.metrics_port + index, spec.metrics_host)
+        metrics_port = spec.child_metrics_port(index)
+        if metrics_port is not None:
+            serve_metrics(server, metrics_port, spec.metrics_host)
         server.run_forever()
     except (ConfigurationError, SchemaMissing) as exc:
         log.error("server process %d: %s", index, exc)

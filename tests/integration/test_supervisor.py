@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -70,10 +72,18 @@ def test_processes_serve_one_todo_each_restart_a_killed_child_and_stop_on_sigter
         database_url, tmp_path):
     log_path = tmp_path / "log"
     with open(log_path, "w") as log:
-        group = supervise(database_url, "--processes", "2", "--workers", "1", log=log)
+        group = supervise(database_url, "--processes", "2", "--workers", "1",
+                          "--metrics-port", "0", "--metrics-host", "127.0.0.1", log=log)
         try:
             wait_for(lambda: log_path.read_text().count("serving agent_orch=pw") == 2,
                      timeout=30)
+            # port 0: each child on a free port of its own, which its log line names
+            ports = {int(p) for p in re.findall(r"metrics on http://127\.0\.0\.1:(\d+)/",
+                                                log_path.read_text())}
+            assert len(ports) == 2 and min(ports) >= 1024, ports  # not 0 + i
+            for port in ports:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5):
+                    pass
             enqueue(database_url, 12)
             wait_for(lambda: scalar(database_url, "SELECT count(*) FROM todolist WHERE "
                                     "draft_status = 'COMPLETED'") == 12, timeout=60)
