@@ -14,6 +14,7 @@ from rich.console import Group
 from rich.live import Live
 
 from .. import cli_terminal as terminal
+from ..errors import StorageUnavailable
 from ..storage import Storage
 from .backend import checked_storage
 
@@ -27,14 +28,24 @@ def cmd_status(args: argparse.Namespace) -> int:
             return 0
         if args.json or not out.is_terminal:  # one snapshot per interval, for logs and scripts
             while True:
-                _show(out, _snapshot(storage, args), args.json)
+                _show(out, _watched(storage, args), args.json)
                 time.sleep(args.interval)
         with Live(_snapshot(storage, args), console=out, auto_refresh=False) as live:
             while True:
                 time.sleep(args.interval)
-                live.update(_snapshot(storage, args), refresh=True)
+                live.update(_watched(storage, args), refresh=True)
     finally:
         storage.close()
+
+
+def _watched(storage: Storage, args: argparse.Namespace) -> Any:
+    """A reading for ``--watch``, which refreshes until Ctrl+C: an outage is shown, not the
+    end of the watch (a restart of the database, a dropped link)."""
+    try:
+        return _snapshot(storage, args)
+    except StorageUnavailable as exc:
+        problem = f"{exc} (trying again every {args.interval:g}s)"
+        return {"error": problem} if args.json else f"database unreachable: {problem}"
 
 
 def _snapshot(storage: Storage, args: argparse.Namespace) -> Any:

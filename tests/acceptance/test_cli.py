@@ -218,6 +218,40 @@ def test_status_watch_refreshes_until_interrupted(database_url):
     assert proc.returncode == 130, "".join(lines)
 
 
+def test_status_watch_shows_an_outage_and_goes_on_refreshing(database_url):
+    """`status --watch` refreshes until Ctrl+C: a reading the database fails (a statement
+    cancelled, a restart) is shown as such, and the next one after it is shown again."""
+    lines: list[str] = []
+    with psycopg.connect(database_url, autocommit=True) as conn, subprocess.Popen(
+            [sys.executable, "-m", "processgpt_sync", "status", "--watch", "--json",
+             "--interval", "0.2", "--database-url", database_url], cwd=ROOT,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}) as proc:
+        reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")))
+        reader.start()
+        try:
+            wait_for(lambda: any('"counts"' in line for line in lines), timeout=30)
+            conn.execute("ALTER FUNCTION processgpt_sync_status_v1(text) "
+                         "RENAME TO processgpt_sync_status_v1_kept")
+            conn.execute("CREATE FUNCTION processgpt_sync_status_v1(p_agent_orch text DEFAULT "
+                         "NULL) RETURNS jsonb LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION "
+                         "'canceling statement' USING ERRCODE = '57014'; END $$")
+            wait_for(lambda: any('"error"' in line for line in lines), timeout=30)
+            conn.execute("DROP FUNCTION processgpt_sync_status_v1(text)")
+            conn.execute("ALTER FUNCTION processgpt_sync_status_v1_kept(text) "
+                         "RENAME TO processgpt_sync_status_v1")
+            failed_at = next(i for i, line in enumerate(lines) if '"error"' in line)
+            wait_for(lambda: any('"counts"' in line for line in lines[failed_at:]), timeout=30)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=20)
+        finally:
+            proc.kill()
+            reader.join(10)
+    assert proc.returncode == 130, "".join(lines)
+    error = json.loads(next(line for line in lines if '"error"' in line))["error"]
+    assert "canceling statement" in error and "trying again every 0.2s" in error
+
+
 def one_line_error(result, *expected):
     """The CLI's error contract: exit code 2, one line on stderr, no traceback."""
     assert result.returncode == 2, result.stdout + result.stderr
