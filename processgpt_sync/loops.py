@@ -188,8 +188,9 @@ class Finished(Generic[T]):
             self._value = task.result()
 
     @classmethod
-    def never_started(cls, why: str) -> Finished[Any]:
-        """A coroutine the loop closed before it started."""
+    def cancelled(cls, why: str) -> Finished[Any]:
+        """A coroutine the loop closed under: before it started, or while it ignored its
+        cancellation."""
         finished: Finished[Any] = cls.__new__(cls)
         finished._value, finished._error = None, concurrent.futures.CancelledError(why)
         return finished
@@ -202,6 +203,27 @@ class Finished(Generic[T]):
 
 def _deliver(callback: Callable[[Finished[T]], None], task: asyncio.Task[T]) -> None:
     callback(Finished(task))
+
+
+class _Once(Generic[T]):
+    """A coroutine's callback, called once: by its task's end, or by the loop's close if the
+    task has not ended by then."""
+
+    def __init__(self, callback: Callable[[Finished[T]], None], context: contextvars.Context,
+                 unheard: set[_Once[Any]], lock: threading.Lock) -> None:
+        self._callback = callback
+        self._context = context
+        self._unheard = unheard
+        self._lock = lock
+        with lock:
+            unheard.add(self)
+
+    def __call__(self, finished: Finished[T]) -> None:
+        with self._lock:
+            if self not in self._unheard:
+                return
+            self._unheard.discard(self)
+        self._context.run(self._callback, finished)
 
 
 def result_of(finished: Finished[T]) -> T:
@@ -373,6 +395,7 @@ class SharedLoop:
                                  contextvars.Context]] = []
         self._wake_sent = False  # a call of _begin_queued is on its way to the loop
         self._closing = False  # close() began: nothing more is queued or started
+        self._unheard: set[_Once[Any]] = set()  # callbacks of started tasks not yet called
 
     def start(self, label: str, fn: Callable[..., Awaitable[T]], *args: Any) -> LoopTask[T]:
         """``fn(*args)`` on the shared loop; ``result()`` waits for it."""
@@ -424,8 +447,9 @@ class SharedLoop:
             queued, self._queued = self._queued, []
         loop = asyncio.get_running_loop()
         for task, callback, context in queued:
+            once = _Once(callback, context, self._unheard, self._lock)
             created = context.run(loop.create_task, task.guarded())
-            created.add_done_callback(functools.partial(_deliver, callback))
+            created.add_done_callback(functools.partial(_deliver, once))
 
     def _ensure_started(self) -> asyncio.AbstractEventLoop:
         with self._lock:
@@ -519,7 +543,8 @@ class SharedLoop:
 
     def close(self) -> None:
         """Cancel the tasks still on the loop (todos were given back by then), then stop it.
-        A task queued that had not started ends cancelled too: its callback is told."""
+        Every task's callback is told how it ended: one queued that had not started, or one
+        that did not end when cancelled, as cancelled."""
         self._stop.set()
         with self._lock:
             self._closing = True
@@ -529,9 +554,14 @@ class SharedLoop:
         finally:
             with self._lock:
                 queued, self._queued = self._queued, []
+                unheard = list(self._unheard)
             for _task, callback, context in queued:
-                context.run(callback, Finished.never_started(
+                context.run(callback, Finished.cancelled(
                     "the server stopped before the shared event loop started it"))
+            for once in unheard:  # tasks that did not end when cancelled: their callers
+                # stop waiting (one that ends later, on a loop left running, is not heard)
+                once(Finished.cancelled("the server stopped; the coroutine did not end when "
+                                        "cancelled"))
 
     def _close(self, loop: asyncio.AbstractEventLoop | None,
                thread: threading.Thread | None) -> None:

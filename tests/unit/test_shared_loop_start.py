@@ -163,3 +163,46 @@ def test_starts_racing_the_loops_close_are_each_refused_or_told_they_ended() -> 
     assert not unheard, f"{len(unheard)} of {len(started)} starts never heard how they ended"
     assert all(isinstance(e, concurrent.futures.CancelledError) for e in errors)
     assert all(isinstance(e, InfrastructureError) for e in refused), refused
+
+
+def test_a_coroutine_that_ignores_its_cancellation_is_told_ended_when_the_loop_closes() -> None:
+    """A todo's coroutine catches the stop's cancellation and goes on: the loop closes
+    without it, and its caller hears it ended (cancelled) rather than wait for good; the
+    blocking ``result()`` too."""
+    loop = SharedLoop()
+    heard: list[BaseException] = []
+    began = threading.Event()
+
+    async def stubborn() -> None:
+        began.set()
+        for _ in range(30):
+            try:
+                await asyncio.sleep(1)
+            except asyncio.CancelledError:
+                pass
+
+    def record(finished: Finished[Any]) -> None:
+        try:
+            result_of(finished)
+        except BaseException as exc:  # the outcome under test
+            heard.append(exc)
+
+    loop.start("stubborn", stubborn).then(record)
+    waiting = loop.start("stubborn too", stubborn)
+    outcome: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+    def wait_for_it() -> None:
+        try:
+            outcome.set_result(waiting.result())
+        except BaseException as exc:  # the outcome under test
+            outcome.set_exception(exc)
+
+    waiter = threading.Thread(target=wait_for_it)
+    waiter.start()
+    assert began.wait(5)
+    loop.close()
+    assert len(heard) == 1 and isinstance(heard[0], concurrent.futures.CancelledError)
+    assert "did not end when cancelled" in str(heard[0])
+    with pytest.raises(concurrent.futures.CancelledError):
+        outcome.result(timeout=5)
+    waiter.join(5)
