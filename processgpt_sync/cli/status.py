@@ -12,6 +12,7 @@ from typing import Any
 
 from rich.console import Group
 from rich.live import Live
+from rich.text import Text
 
 from .. import cli_terminal as terminal
 from ..errors import StorageUnavailable
@@ -45,7 +46,7 @@ def _watched(storage: Storage, args: argparse.Namespace) -> Any:
         return _snapshot(storage, args)
     except StorageUnavailable as exc:
         problem = f"{exc} (trying again every {args.interval:g}s)"
-        return {"error": problem} if args.json else f"database unreachable: {problem}"
+        return {"error": problem} if args.json else Text(f"database unreachable: {problem}")
 
 
 def _snapshot(storage: Storage, args: argparse.Namespace) -> Any:
