@@ -292,7 +292,13 @@ class SupabaseStorage(Storage):
             auto_refresh_token=False,
             persist_session=False,
         )
-        client = create_client(self._url, self._key, options=options)
+        try:
+            client = create_client(self._url, self._key, options=options)
+        except BaseException:  # no client for this thread: its HTTP connections go too
+            with self._lock:
+                self._http.pop(http, None)
+            http.close()
+            raise
         self._local.client = client
         self._local.http = http
         return client
