@@ -61,9 +61,9 @@ class Command(BaseCommand):  # type: ignore[misc]
             )
             server = Server(executor, server_settings, around_todo=django_connections)
             if options["metrics_port"] is not None:
-                serve_metrics(server, options["metrics_port"], options["metrics_host"])
+                httpd = serve_metrics(server, options["metrics_port"], options["metrics_host"])
                 self.stdout.write(f"metrics on http://{options['metrics_host']}:"
-                                  f"{options['metrics_port']}/metrics")
+                                  f"{httpd.server_address[1]}/metrics")
             tenant = f", tenant {server_settings.tenant_id}" if server_settings.tenant_id else ""
             self.stdout.write(
                 f"serving agent_orch={server_settings.agent_orch} with "
