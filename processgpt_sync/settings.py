@@ -9,7 +9,7 @@ import math
 import os
 import socket
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,24 +75,39 @@ def behind_transaction_pooler(transaction_pooler: bool | None, database_url: str
     return ":6543/" in url or "port=6543" in url
 
 
-def connection_options(environ: Mapping[str, str], database_url: str | None) -> dict[str, Any]:
-    """The connection options ``serve`` reads from the environment (a transaction pooler, the
-    statement and TCP timeouts), for the commands that open the database without a Settings:
-    ``status``, ``health`` and the others must not prepare statements behind a pooler, nor
-    time out sooner than the servers they look at."""
+CONNECTION_FIELDS = ("transaction_pooler", "statement_timeout", "tcp_timeout")
+
+
+def connection_options(*, transaction_pooler: bool | None = None,
+                       database_url: str | None = None,
+                       statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT,
+                       tcp_timeout: float = DEFAULT_TCP_TIMEOUT) -> dict[str, Any]:
+    """What ``storage.connect`` takes of these settings: no prepared statements behind a
+    transaction pooler, and the timeouts checked."""
+    _positive("statement_timeout", statement_timeout)
+    _positive("tcp_timeout", tcp_timeout)
+    return {"prepare": not behind_transaction_pooler(transaction_pooler, database_url),
+            "statement_timeout": statement_timeout, "tcp_timeout": tcp_timeout}
+
+
+def environment_connection_options(environ: Mapping[str, str],
+                                   database_url: str | None) -> dict[str, Any]:
+    """The connection options ``serve`` reads from the environment, for the commands that open
+    the database without a Settings: ``status``, ``health`` and the others must not prepare
+    statements behind a pooler, nor time out sooner than the servers they look at."""
+    return connection_options(database_url=database_url,
+                              **environment_values(environ, CONNECTION_FIELDS))
+
+
+def environment_values(environ: Mapping[str, str],
+                       fields: Sequence[str] | None = None) -> dict[str, Any]:
+    """The settings the environment sets (of ``fields``, else all), converted."""
     values: dict[str, Any] = {}
     for variable, name in ENVIRONMENT.items():
-        if name in ("transaction_pooler", "statement_timeout", "tcp_timeout") and environ.get(
-                variable):
-            values[name] = _convert(name, environ[variable], variable)
-    for name in ("statement_timeout", "tcp_timeout"):
-        if name in values:
-            _positive(name, values[name])
-    return {
-        "prepare": not behind_transaction_pooler(values.get("transaction_pooler"), database_url),
-        "statement_timeout": values.get("statement_timeout", DEFAULT_STATEMENT_TIMEOUT),
-        "tcp_timeout": values.get("tcp_timeout", DEFAULT_TCP_TIMEOUT),
-    }
+        raw = environ.get(variable)
+        if raw not in (None, "") and name not in values and (fields is None or name in fields):
+            values[name] = _convert(name, raw, variable)
+    return values
 
 
 def default_consumer() -> str:
@@ -218,6 +233,14 @@ class Settings:
         return behind_transaction_pooler(self.transaction_pooler, self.database_url)
 
     @property
+    def connection_options(self) -> dict[str, Any]:
+        """What ``storage.connect`` takes of these settings."""
+        return connection_options(transaction_pooler=self.transaction_pooler,
+                                  database_url=self.database_url,
+                                  statement_timeout=self.statement_timeout,
+                                  tcp_timeout=self.tcp_timeout)
+
+    @property
     def backend(self) -> str:
         """Which storage backend these settings select: postgres, supabase or embedded."""
         if self.database_url:
@@ -233,11 +256,7 @@ class Settings:
         """Build settings from ``environ`` (default ``os.environ``); non-None overrides win."""
         environ = os.environ if environ is None else environ
         _warn_unknown_variables(environ)
-        values: dict[str, Any] = {}
-        for variable, name in ENVIRONMENT.items():
-            raw = environ.get(variable)
-            if raw not in (None, "") and name not in values:
-                values[name] = _convert(name, raw, variable)
+        values = environment_values(environ)
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigurationError(f"unknown option(s): {', '.join(sorted(unknown))}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..settings import check_backend, connection_options, supabase_key_from
+from ..settings import check_backend, environment_connection_options, supabase_key_from
 from ..storage import Storage, connect
 
 
@@ -32,7 +32,7 @@ def connect_storage(args: argparse.Namespace) -> Storage:
         supabase_url=supabase_url,
         supabase_key=supabase_key,
         embedded_dir=os.environ.get("PROCESSGPT_EMBEDDED_DIR"),
-        **connection_options(os.environ, database_url),
+        **environment_connection_options(os.environ, database_url),
     )
 
 

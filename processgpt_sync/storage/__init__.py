@@ -16,9 +16,7 @@ def open_storage(settings: Settings, *, max_connections: int | None = None) -> S
         supabase_key=settings.supabase_key,
         embedded_dir=settings.embedded_dir,
         max_connections=max_connections or settings.workers + 4,
-        prepare=not settings.behind_transaction_pooler,
-        statement_timeout=settings.statement_timeout,
-        tcp_timeout=settings.tcp_timeout,
+        **settings.connection_options,
     )
 
 

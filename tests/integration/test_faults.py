@@ -160,7 +160,7 @@ def test_the_cli_opens_the_database_with_the_servers_pooler_and_timeout_settings
     import argparse
 
     from processgpt_sync.cli.backend import connect_storage
-    from processgpt_sync.settings import connection_options
+    from processgpt_sync.settings import environment_connection_options
 
     monkeypatch.setenv("PROCESSGPT_STATEMENT_TIMEOUT", "30")
     monkeypatch.setenv("PROCESSGPT_TCP_TIMEOUT", "4")
@@ -178,7 +178,7 @@ def test_the_cli_opens_the_database_with_the_servers_pooler_and_timeout_settings
     finally:
         storage.close()
     pooled = "postgresql://u@db.example.supabase.com:6543/postgres"
-    assert connection_options({}, pooled)["prepare"] is False  # as serve reads the port
+    assert environment_connection_options({}, pooled)["prepare"] is False  # as serve reads the port
     monkeypatch.delenv("PROCESSGPT_TRANSACTION_POOLER", raising=False)
     storage = connect_storage(argparse.Namespace(database_url=database_url))
     try:
