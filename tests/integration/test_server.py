@@ -492,6 +492,7 @@ def test_a_ui_cancel_is_seen_soon_while_the_listener_is_lost(database_url, db):
     from processgpt_sync.storage.postgres import PostgresListener, PostgresStorage
 
     refuse = threading.Event()
+    listeners: list[PostgresListener] = []
 
     class Listener(PostgresListener):
         def connect(self) -> None:
@@ -501,7 +502,8 @@ def test_a_ui_cancel_is_seen_soon_while_the_listener_is_lost(database_url, db):
 
     class Storage(PostgresStorage):
         def listener(self, channels):
-            return Listener(self._link, channels)
+            listeners.append(Listener(self._link, channels))
+            return listeners[-1]
 
     store = Storage(database_url)
     todo_id = store.enqueue("a", "x")
@@ -518,8 +520,8 @@ def test_a_ui_cancel_is_seen_soon_while_the_listener_is_lost(database_url, db):
         wait_for(lambda: server.stats()["listening"])
         threading.Event().wait(2 * watch.WATCHDOG_TICK)  # the heartbeat's idle pace is set
         refuse.set()
-        db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                   "WHERE query LIKE 'LISTEN %%' AND pid <> pg_backend_pid()")
+        (listener,) = listeners
+        db.execute("SELECT pg_terminate_backend(%s)", (listener.backend_pid(),))
         wait_for(lambda: not server.stats()["listening"], timeout=10)
         cancelled_at = time.monotonic()
         db.execute("UPDATE todolist SET draft_status = 'CANCELLED' WHERE id = %s", (todo_id,))
