@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 BUSY_STATES = {"40P01", "40001", "55P03"}  # deadlock, serialization, lock not available
 INSTALL_LOCK_TIMEOUT = 3  # seconds the schema install waits for one table lock per attempt
 INSTALL_ATTEMPTS = 20
+INSTALL_WAIT_FOR_OTHER = 600  # seconds an install waits for one under way elsewhere
 INSTALL_IDLE_TIMEOUT = 30  # seconds an install's transaction may sit idle: its client is gone
 # Whether the functions init-db's sweep calls are installed (a dry run counts with them)
 _GONE_ROOTS_SWEEP_INSTALLED = (
@@ -111,16 +112,15 @@ def install_schema(conninfo: str, *, if_changed: bool = False, dry_run: bool = F
                 with psycopg.connect(link_conninfo(conninfo)) as conn:
                     if if_changed and _installed_version(conn) == version:
                         return False
-                    # Every wait bounded, the installer's own too (another install under way
-                    # holds this lock); and an installer whose link dies mid-way (a laptop's
-                    # VPN) holds the tables' locks only that long, not until the database's
-                    # keepalives find it gone (two hours by default).
-                    conn.execute(f"SET LOCAL lock_timeout = '{INSTALL_LOCK_TIMEOUT}s'")
+                    # An installer whose link dies mid-way (a laptop's VPN) holds the tables'
+                    # locks this long, not until the database's keepalives find it gone (two
+                    # hours by default).
                     conn.execute("SET LOCAL idle_in_transaction_session_timeout = "
                                  f"'{INSTALL_IDLE_TIMEOUT}s'")
-                    conn.execute("SELECT pg_advisory_xact_lock(hashtext('processgpt_sync_schema'))")
+                    _wait_for_other_installers(conn)
                     if if_changed and _installed_version(conn) == version:
                         return False  # another process installed it while we waited
+                    conn.execute(f"SET LOCAL lock_timeout = '{INSTALL_LOCK_TIMEOUT}s'")
                     before = _catalog(conn)
                     for name in SCHEMA_FILES:
                         conn.execute(read_sql(name).encode())
@@ -136,10 +136,9 @@ def install_schema(conninfo: str, *, if_changed: bool = False, dry_run: bool = F
                 raise
             if attempt == INSTALL_ATTEMPTS:
                 raise StorageUnavailable(
-                    f"the schema install waited for a lock {attempt} times and gave up: another "
-                    "session holds one it needs (another init-db or server starting, or a long "
-                    f"transaction on todolist or events); try again once it ends ({exc})",
-                    code=exc.code) from exc
+                    f"the schema install waited for a table lock {attempt} times and gave up: "
+                    "a long transaction on todolist or events holds one it needs; try again "
+                    f"once it ends ({exc})", code=exc.code) from exc
             logger.info("schema install waited too long for a lock on a busy database "
                         "(attempt %d), retrying", attempt, extra={"action": "init_db"})
             time.sleep(random.uniform(0.1, 0.5) * attempt)
@@ -183,6 +182,21 @@ def _cancel_under_gone_roots(conninfo: str, *, dry_run: bool = False) -> int:
                        str(exc).strip(),
                        extra={"action": "init_db"})
         return 0
+
+
+def _wait_for_other_installers(conn: psycopg.Connection[Any]) -> None:
+    """Take the schema lock: an install under way elsewhere (another ``init-db``, a replica's
+    init container, an embedded server installing at start) is waited for, as long as an
+    install on a big platform database may take. The wait holds no table lock, so no claim
+    waits on it."""
+    conn.execute(f"SET LOCAL lock_timeout = '{INSTALL_WAIT_FOR_OTHER}s'")
+    try:
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('processgpt_sync_schema'))")
+    except psycopg.errors.LockNotAvailable as exc:
+        raise StorageUnavailable(
+            f"another schema install has held the schema lock for {INSTALL_WAIT_FOR_OTHER}s "
+            "(another init-db, or a server installing at start, whose transaction has not "
+            "ended); try again once it ends") from exc
 
 
 def _cancel_in(conn: psycopg.Connection[Any]) -> int:

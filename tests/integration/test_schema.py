@@ -213,12 +213,12 @@ def test_an_install_waiting_on_another_installer_gives_up_in_bounded_time_saying
     what holds it up, rather than waiting for ever."""
     from processgpt_sync.storage import install
 
-    monkeypatch.setattr(install, "INSTALL_LOCK_TIMEOUT", 1)
-    monkeypatch.setattr(install, "INSTALL_ATTEMPTS", 2)
+    monkeypatch.setattr(install, "INSTALL_WAIT_FOR_OTHER", 2)
     with psycopg.connect(database_url) as other:
         other.execute("SELECT pg_advisory_xact_lock(hashtext('processgpt_sync_schema'))")
         began = time.monotonic()
-        with pytest.raises(ps.StorageUnavailable, match="another session holds one it needs"):
+        with pytest.raises(ps.StorageUnavailable,
+                           match="another schema install has held the schema lock for 2s"):
             install_schema(database_url)
         took = time.monotonic() - began
     assert took < 10, took
