@@ -200,53 +200,50 @@ def test_health_of_a_server_whose_registry_cannot_be_read_is_a_database_problem(
     schema = next(c for c in report["checks"] if c["name"] == "schema")
     assert schema["ok"] and "warnings could not be read" in schema["detail"], schema
 
-def test_status_watch_refreshes_until_interrupted(database_url):
+@contextlib.contextmanager
+def watching_status(database_url, *args):
+    """`status --watch` running, with its output lines as they come; stopped with Ctrl+C at
+    the end of the block (its return code then on the process)."""
     lines: list[str] = []
-    with subprocess.Popen([sys.executable, "-m", "processgpt_sync", "status", "--watch",
+    with subprocess.Popen([sys.executable, "-m", "processgpt_sync", "status", "--watch", *args,
                            "--interval", "0.2", "--database-url", database_url], cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"}) as proc:
         reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")))
         reader.start()
         try:
-            wait_for(lambda: "".join(lines).count("agent_orch") >= 2, timeout=30)
-            proc.send_signal(signal.SIGINT)  # after two snapshots: the CLI is running
+            yield proc, lines
+            proc.send_signal(signal.SIGINT)
             proc.wait(timeout=20)
         finally:
             proc.kill()
             reader.join(10)
+
+
+def test_status_watch_refreshes_until_interrupted(database_url):
+    with watching_status(database_url) as (proc, lines):
+        # after two snapshots: the CLI is running
+        wait_for(lambda: "".join(lines).count("agent_orch") >= 2, timeout=30)
     assert proc.returncode == 130, "".join(lines)
 
 
 def test_status_watch_shows_an_outage_and_goes_on_refreshing(database_url):
     """`status --watch` refreshes until Ctrl+C: a reading the database fails (a statement
     cancelled, a restart) is shown as such, and the next one after it is shown again."""
-    lines: list[str] = []
-    with psycopg.connect(database_url, autocommit=True) as conn, subprocess.Popen(
-            [sys.executable, "-m", "processgpt_sync", "status", "--watch", "--json",
-             "--interval", "0.2", "--database-url", database_url], cwd=ROOT,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"}) as proc:
-        reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")))
-        reader.start()
-        try:
-            wait_for(lambda: any('"counts"' in line for line in lines), timeout=30)
-            conn.execute("ALTER FUNCTION processgpt_sync_status_v1(text) "
-                         "RENAME TO processgpt_sync_status_v1_kept")
-            conn.execute("CREATE FUNCTION processgpt_sync_status_v1(p_agent_orch text DEFAULT "
-                         "NULL) RETURNS jsonb LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION "
-                         "'canceling statement' USING ERRCODE = '57014'; END $$")
-            wait_for(lambda: any('"error"' in line for line in lines), timeout=30)
-            conn.execute("DROP FUNCTION processgpt_sync_status_v1(text)")
-            conn.execute("ALTER FUNCTION processgpt_sync_status_v1_kept(text) "
-                         "RENAME TO processgpt_sync_status_v1")
-            failed_at = next(i for i, line in enumerate(lines) if '"error"' in line)
-            wait_for(lambda: any('"counts"' in line for line in lines[failed_at:]), timeout=30)
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=20)
-        finally:
-            proc.kill()
-            reader.join(10)
+    with psycopg.connect(database_url, autocommit=True) as conn, watching_status(
+            database_url, "--json") as (proc, lines):
+        wait_for(lambda: any('"counts"' in line for line in lines), timeout=30)
+        conn.execute("ALTER FUNCTION processgpt_sync_status_v1(text) "
+                     "RENAME TO processgpt_sync_status_v1_kept")
+        conn.execute("CREATE FUNCTION processgpt_sync_status_v1(p_agent_orch text DEFAULT "
+                     "NULL) RETURNS jsonb LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION "
+                     "'canceling statement' USING ERRCODE = '57014'; END $$")
+        wait_for(lambda: any('"error"' in line for line in lines), timeout=30)
+        conn.execute("DROP FUNCTION processgpt_sync_status_v1(text)")
+        conn.execute("ALTER FUNCTION processgpt_sync_status_v1_kept(text) "
+                     "RENAME TO processgpt_sync_status_v1")
+        failed_at = next(i for i, line in enumerate(lines) if '"error"' in line)
+        wait_for(lambda: any('"counts"' in line for line in lines[failed_at:]), timeout=30)
     assert proc.returncode == 130, "".join(lines)
     error = json.loads(next(line for line in lines if '"error"' in line))["error"]
     assert "canceling statement" in error and "trying again every 0.2s" in error
