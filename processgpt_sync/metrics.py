@@ -31,7 +31,7 @@ COUNTERS = {
     "events_written": "Events written",
     "listener_reconnects": "Reconnections of the LISTEN connection",
     "held_back": "Times a claim left a todo for later: its process instance was held, or put in "
-                 "the trash while the claim waited for it",
+                 "the trash while the claim waited for it, or a heartbeat held its lease",
 }
 
 

@@ -819,9 +819,11 @@ BEGIN
         RETURN jsonb_build_object('claims', '[]'::jsonb, 'held_back', v_held_back);
     END IF;
     v_ids := v_kept;
-    IF cardinality(v_abandoned) > 0 THEN
-        -- the leases this takes over; one its old owner's late heartbeat holds right now is
-        -- left, as a held process instance's todo is
+    IF cardinality(v_abandoned) > 0
+       OR EXISTS (SELECT 1 FROM processgpt_sync_lease l WHERE l.todo_id = ANY (v_ids)) THEN
+        -- the leases this takes over (of abandoned claims, or of a run still going when the
+        -- UI asked for a revision); one its owner's heartbeat holds right now is left, as a
+        -- held process instance's todo is
         v_kept := processgpt_sync_leases_taken_v1(v_ids);
         v_held_back := v_held_back + cardinality(v_ids) - cardinality(v_kept);
         v_ids := v_kept;

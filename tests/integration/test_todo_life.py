@@ -775,6 +775,29 @@ def test_a_claim_leaves_an_abandoned_lease_its_late_owner_holds_and_takes_it_lat
     assert [c.todo_id for c in later] == [held]
 
 
+def test_a_revision_claimed_while_its_last_run_s_heartbeat_holds_the_lease_is_taken_later(
+        storage, db, database_url):
+    """The UI asks for a revision while the todo still runs elsewhere; another server claims
+    the revision just as the running server's heartbeat holds that run's lease. The claim,
+    which takes the lease over, does not wait for it (the heartbeat takes its leases in order,
+    so a wait could close a cycle): it leaves the revision, counted held back, and takes it
+    once the heartbeat has ended."""
+    todo_id = storage.enqueue("life", "q")
+    claim(storage, consumer="w1")
+    db.execute("UPDATE todolist SET draft_status = 'FB_REQUESTED', "
+               "feedback = '[{\"content\": \"shorter\"}]' WHERE id = %s", (todo_id,))
+    with psycopg.connect(database_url) as heartbeat:
+        heartbeat.execute("SELECT 1 FROM processgpt_sync_lease WHERE todo_id = %s FOR UPDATE",
+                          (todo_id,))
+        with psycopg.connect(database_url, autocommit=True) as other:
+            other.execute("SET lock_timeout = '2s'")  # a wait fails the claim, not hangs it
+            (answer,) = other.execute(
+                "SELECT processgpt_sync_claim_v4('life', 'w2', 10, 60, 3)").fetchone()
+        assert (answer["claims"], answer["held_back"]) == ([], 1)
+    (revision,) = claim(storage, consumer="w2")
+    assert revision.extras["resume"]["kind"] == "revision"
+
+
 @pytest.mark.parametrize("ending", ["cancelled by the UI", "out of claims", "finished by the UI"])
 def test_a_claim_settling_abandoned_claims_leaves_a_lease_a_late_heartbeat_holds(
         storage, db, database_url, ending):
