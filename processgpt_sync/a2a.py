@@ -253,7 +253,7 @@ class Recorder:
         self.last_artifact: Any = None
         self.error: Any = None
         self.reply: Any = None  # an agent Message, or the message of the completed status
-        self.streamed: dict[Any, str] = {}  # each streamed artifact's text so far, by id
+        self.parts: dict[Any, dict[str, list[Any]]] = {}  # each artifact's parts so far, by id
         self.artifacts: dict[Any, Any] = {}  # each artifact's payload so far, by id
         self.closed = False
 
@@ -327,13 +327,21 @@ class Recorder:
         if event["append"] and empty and artifact_id in self.artifacts:
             data = self.artifacts[artifact_id]  # an empty closing chunk only closes it
         else:
-            so_far = self.streamed.get(artifact_id)
-            if event["append"] and so_far is not None and texts:
+            so_far = self.parts.get(artifact_id) if event["append"] else None
+            if so_far is not None:
                 # a chunk of a streamed artifact (others may be streamed between its chunks):
-                # its text continues that artifact's so far
-                event = {**event, "texts": [so_far + texts[0], *texts[1:]]}
-            if event["texts"]:
-                self.streamed[artifact_id] = event["texts"][0]
+                # its text continues that artifact's last text, its other text parts and
+                # files are added, its data (a fuller snapshot) replaces the earlier data
+                joined = list(so_far["texts"])
+                if joined and texts:
+                    joined[-1] += texts[0]
+                    texts = texts[1:]
+                event = {**event, "texts": joined + list(texts),
+                         "data": event["data"] or so_far["data"],
+                         "files": so_far["files"] + list(event["files"])}
+            self.parts[artifact_id] = {"texts": list(event["texts"]),
+                                       "data": list(event["data"]),
+                                       "files": list(event["files"])}
             data = self.artifacts[artifact_id] = payload(event)
         if event["last_chunk"] or event["final"]:
             self.final = data
@@ -352,7 +360,9 @@ class Recorder:
                 self.error, ensure_ascii=False, default=str)
             raise RuntimeError(f"executor reported {word}: {why}")
         if self.asked and self.last_state in ("input_required", "auth_required"):
-            return AwaitingHuman(question=self.question)
+            # a last chunk made before the question (a report to approve) is what the person
+            # looks at: kept as the todo's draft with the suspend
+            return AwaitingHuman(question=self.question, draft=self.final)
         if self.final is not None:
             return self.final
         if self.last_state == "completed":  # its answer, even after an earlier question

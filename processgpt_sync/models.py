@@ -130,6 +130,8 @@ class Resume:
 
 @dataclass(frozen=True)
 class AwaitingHuman:
-    """An executor's outcome when it stopped to ask a person: the todo waits for the answer."""
+    """An executor's outcome when it stopped to ask a person: the todo waits for the answer,
+    with ``draft`` (when not None) stored as its draft by the same write."""
 
     question: Any = None
+    draft: Any = None

@@ -105,7 +105,7 @@ class Recorder:
             self.fail_then(run, error_text(error), then)
             return
         if isinstance(value, AwaitingHuman):
-            self._record_asked(run, then)
+            self._record_asked(run, then, draft=self._asked_draft(run, value.draft))
             return
         result = run.final_result if value is None or value is UNSET else value
         if isinstance(result, str):
@@ -148,8 +148,21 @@ class Recorder:
         self._outcomes.submit(Outcome(run.claim, "completed", result=result, events=events),
                               self._after_write(run, events, "completed", then, refused))
 
+    def _asked_draft(self, run: TodoRun, draft: Any) -> Any:
+        """The draft that goes with a suspend, as JSON; one that cannot be stored is left out
+        (said in the log): the question still waits for its answer."""
+        if draft is None:
+            return None
+        try:
+            return snapshot_json(unwrap_text(draft) if isinstance(draft, str) else draft,
+                                 what="draft")
+        except PayloadError as exc:
+            self._log.warning("draft of todo %s not stored with its question: %s",
+                              run.todo_id, exc, extra=self._todo_extra(run, "asked"))
+            return None
+
     def _record_asked(self, run: TodoRun, then: Callable[[], None], *,
-                      events: list[dict[str, Any]] | None = None) -> None:
+                      events: list[dict[str, Any]] | None = None, draft: Any = None) -> None:
         """Store the suspend with the todo's events; refused, with its question alone (an
         a2a executor's ``input_required`` travels with the suspend; ``suspend_for_human``
         wrote its own already), so that the todo waits for its answer, not for its lease;
@@ -174,7 +187,7 @@ class Recorder:
                             extra=self._todo_extra(run, "asked"))
             self._record_asked(run, then, events=questions)
 
-        self._outcomes.submit(Outcome(run.claim, "asked", events=events),
+        self._outcomes.submit(Outcome(run.claim, "asked", result=draft, events=events),
                               self._after_write(run, events, "asked", then, refused))
 
     def fail_then(self, run: TodoRun, message: str, then: Callable[[], None], *,

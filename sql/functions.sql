@@ -1329,6 +1329,10 @@ BEGIN
         SET output = CASE WHEN j.outcome = 'completed' AND t.agent_mode = 'COMPLETE'
                           THEN j.item -> 'result' ELSE t.output END,
             draft = CASE WHEN j.outcome = 'completed' AND t.agent_mode IS DISTINCT FROM 'COMPLETE'
+                         THEN j.item -> 'result'
+                         -- a suspend's draft: what the person is asked about (an a2a report)
+                         WHEN j.outcome = 'asked'
+                              AND coalesce(jsonb_typeof(j.item -> 'result'), 'null') <> 'null'
                          THEN j.item -> 'result' ELSE t.draft END,
             status = CASE WHEN j.outcome = 'completed' AND t.agent_mode = 'COMPLETE'
                           THEN 'SUBMITTED'::todo_status ELSE t.status END,

@@ -278,6 +278,21 @@ class Parts(AgentExecutor):
         elif how == "failed-silently":
             await updater.failed()
             return
+        elif how == "multi-part-stream":  # a chunk of two texts, then one continuing the last
+            await updater.add_artifact([ev.text_part("a"), ev.text_part("b")],
+                                       artifact_id="m", last_chunk=False)
+            await updater.add_artifact([ev.text_part("c")], artifact_id="m", append=True,
+                                       last_chunk=True)
+        elif how == "data-then-text-stream":  # the data of the first chunk stays
+            await updater.add_artifact([ev.data_part({"k": 1})], artifact_id="m",
+                                       last_chunk=False)
+            await updater.add_artifact([ev.text_part("c")], artifact_id="m", append=True,
+                                       last_chunk=True)
+        elif how == "report-then-ask":  # the report to approve, then the question
+            await updater.add_artifact([ev.text_part("the report")], last_chunk=True)
+            await event_queue.enqueue_event(ev.status(
+                "input_required", {"question": "Approve the report?"}, context_id, task_id))
+            return
         await updater.complete()
 
     async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
@@ -653,14 +668,21 @@ def test_a_question_kept_from_refused_events_still_suspends_and_a_refused_one_fa
 @pytest.mark.parametrize("loop", ["thread", "shared"])
 def test_nothing_of_a_result_is_dropped_and_the_tasks_end_stands(storage, db, caplog, loop):
     """An artifact of several parts keeps them all (texts joined as a2a's get_message_text
-    joins them); a DataPart's integers stay integers on a2a-sdk 1.x (protobuf doubles); a
+    joins them), streamed in chunks too; a last chunk made before a question is the suspended
+    todo's draft; a DataPart's integers stay integers on a2a-sdk 1.x (protobuf doubles); a
     status after the task's end, or from a task the executor left running, is dropped with a
     warning instead of turning a completed todo FAILED; a failure without a message says so."""
     inputs = ["text-and-data", "data-and-caption", "two-texts", "integers",
-              "failed-after-complete", "pinger-left-behind", "failed-silently"]
+              "failed-after-complete", "pinger-left-behind", "failed-silently",
+              "multi-part-stream", "data-then-text-stream", "report-then-ask"]
     run(storage, Parts(), len(inputs), inputs=inputs, loop=loop)
     rows = {r["query"]: r for r in db.execute(
-        "SELECT query, draft_status::text, output, output::text AS text, log FROM todolist")}
+        "SELECT query, draft_status::text, output, output::text AS text, draft, log "
+        "FROM todolist")}
+    assert rows["multi-part-stream"]["output"] == "a\nbc"
+    assert rows["data-then-text-stream"]["output"] == {"text": "c", "data": {"k": 1}}
+    asked = rows["report-then-ask"]  # the person sees what they are asked to approve
+    assert (asked["draft_status"], asked["draft"]) == ("HUMAN_ASKED", "the report")
     assert rows["text-and-data"]["output"] == {"text": "part one", "data": {"x": 1}}
     assert rows["data-and-caption"]["output"] == {"text": "caption", "data": {"d": 1}}
     assert rows["two-texts"]["output"] == "Paragraph one.\nParagraph two."
