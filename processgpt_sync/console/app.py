@@ -310,11 +310,16 @@ class Console:
         job_id = request.query_params.get("job") or request.path_params.get("job_id", "")
         todo = request.query_params.get("todo")  # job ids may repeat across todos
         questions = await self.call("open_questions", p_agent_orch=None)
-        question = next((q for q in questions or [] if q["job_id"] == job_id
-                         and (todo is None or q["todo_id"] == todo)), None)
-        if question is None:
+        matching = [q for q in questions or [] if q["job_id"] == job_id
+                    and (todo is None or q["todo_id"] == todo)]
+        if not matching:
             return self.render(request, "error.html", 409,
                                message="this question is no longer open")
+        if len(matching) > 1:  # a form without the todo (an older page, a script)
+            return self.render(request, "error.html", 409, message=(
+                f"question {job_id} is open in {len(matching)} todos: answer it from its "
+                "todo's page"))
+        question = matching[0]
         value, problem = answer_from_form(question["question"], form)
         if problem:
             return self.render(request, "error.html", 400, message=problem)

@@ -8,11 +8,11 @@ from __future__ import annotations
 import ipaddress
 import secrets
 from collections.abc import Mapping
-from http.cookies import SimpleCookie
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from starlette.datastructures import Headers
+from starlette.requests import cookie_parser
 from starlette.responses import PlainTextResponse, RedirectResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -84,12 +84,10 @@ def csrf_ok(scope: Scope, supplied: str | None) -> bool:
 
 
 def _cookies(headers: Headers) -> Mapping[str, str]:
-    jar: SimpleCookie = SimpleCookie()
-    try:
-        jar.load(headers.get("cookie", ""))
-    except Exception:  # a malformed Cookie header counts as no cookies
-        return {}
-    return {key: morsel.value for key, morsel in jar.items()}
+    """The request's cookies, read as browsers send them: another app on this host (a cookie
+    is sent to every port of its host) may set values ``http.cookies`` gives up on, JSON or
+    non-ASCII, and the console's own cookies must still be read."""
+    return cookie_parser(headers.get("cookie", ""))
 
 
 class Guard:

@@ -740,6 +740,48 @@ def test_access_token_is_checked_on_every_request(storage):
             assert script.get("/todos").status_code == 200
 
 
+def test_another_apps_cookies_on_the_same_host_hide_none_of_the_consoles(storage, db):
+    """A browser sends a host's cookies to every port of it: another app's JSON or non-ASCII
+    cookie, sent first, must not hide the console's sign-in or CSRF cookie (Python's
+    http.cookies stops reading at such a value)."""
+    others = 'prefs={"theme":"dark"}; name=Zoë'
+    with ConsoleServer(storage, ConsoleConfig(port=0, token=TOKEN)) as server, \
+            client_of(server) as browser:
+        assert browser.get("/todos", params={"token": TOKEN}).status_code == 303
+        port = browser.base_url.port
+        sign_in = browser.cookies[f"processgpt_console_token_{port}"]
+        browser.get("/todos")
+        csrf = browser.cookies[f"{CSRF_COOKIE}_{port}"]
+        own = f"processgpt_console_token_{port}={sign_in}; {CSRF_COOKIE}_{port}={csrf}"
+        browser.cookies.clear()
+        headers = {"Cookie": f"{others}; {own}".encode()}  # as browsers send it: UTF-8
+        assert browser.get("/todos", headers=headers).status_code == 200
+        enqueued = browser.post("/todos", headers=headers, data={
+            "csrf_token": csrf, "agent_orch": "console", "input": "from a busy host"})
+        assert enqueued.status_code == 303, enqueued.text
+    assert db.execute("SELECT count(*) AS n FROM todolist WHERE query = 'from a busy host'"
+                      ).fetchone()["n"] == 1
+
+
+def test_a_form_naming_a_job_id_two_todos_share_but_not_the_todo_is_refused(
+        storage, client, db):
+    """An older page's form, or a script, answers a job id two todos share without naming the
+    todo: refused, rather than the oldest of the two answered."""
+    from processgpt_sync.human import question_data
+
+    for name in ("a", "b"):
+        storage.enqueue("console", name)
+    claims = storage.claim(agent_orch="console", consumer="w", limit=2, lease_seconds=60,
+                           max_claims=3)
+    for c in claims:
+        storage.ask(c, "job-shared", question_data(f"Approve {c.todo_id}?", None, "text"))
+        storage.finish([{"todo_id": c.todo_id, "token": c.token, "outcome": "asked"}])
+    refused = post(client, "/questions/job-shared/answer", answer="for whom?")
+    assert refused.status_code == 409
+    assert "question job-shared is open in 2 todos" in refused.text
+    assert {state_of(db, c.todo_id)["draft_status"] for c in claims} == {"HUMAN_ASKED"}
+
+
 def test_consoles_on_two_ports_of_one_host_keep_their_own_sign_in(storage):
     """A browser keeps one cookie jar per host, whatever the port."""
     other = TOKEN + "-other"
