@@ -337,9 +337,8 @@ def test_questions_whose_job_ids_no_path_keeps_or_whose_options_are_odd_are_answ
         assert state_of(db, claim.todo_id)["draft_status"] == "FB_REQUESTED"
 
 
-def test_a_job_id_two_todos_share_is_answered_on_the_todo_whose_form_was_used(
-        storage, client, db):
-    """Executors reuse job ids across todos: each todo's form answers its own question."""
+def suspended_on_one_job_id(storage):
+    """Two todos suspended on questions under the same job id (executors reuse job ids)."""
     from processgpt_sync.human import question_data
 
     for name in ("a", "b"):
@@ -349,6 +348,13 @@ def test_a_job_id_two_todos_share_is_answered_on_the_todo_whose_form_was_used(
     for c in claims:
         storage.ask(c, "job-shared", question_data(f"Approve {c.todo_id}?", None, "text"))
         storage.finish([{"todo_id": c.todo_id, "token": c.token, "outcome": "asked"}])
+    return list(claims)
+
+
+def test_a_job_id_two_todos_share_is_answered_on_the_todo_whose_form_was_used(
+        storage, client, db):
+    """Executors reuse job ids across todos: each todo's form answers its own question."""
+    claims = suspended_on_one_job_id(storage)
     first, second = (c.todo_id for c in claims)
     action = answer_action(client.get(f"/todos/{second}").text)
     assert action == f"/questions/answer?job=job-shared&todo={second}"
@@ -767,15 +773,7 @@ def test_a_form_naming_a_job_id_two_todos_share_but_not_the_todo_is_refused(
         storage, client, db):
     """An older page's form, or a script, answers a job id two todos share without naming the
     todo: refused, rather than the oldest of the two answered."""
-    from processgpt_sync.human import question_data
-
-    for name in ("a", "b"):
-        storage.enqueue("console", name)
-    claims = storage.claim(agent_orch="console", consumer="w", limit=2, lease_seconds=60,
-                           max_claims=3)
-    for c in claims:
-        storage.ask(c, "job-shared", question_data(f"Approve {c.todo_id}?", None, "text"))
-        storage.finish([{"todo_id": c.todo_id, "token": c.token, "outcome": "asked"}])
+    claims = suspended_on_one_job_id(storage)
     refused = post(client, "/questions/job-shared/answer", answer="for whom?")
     assert refused.status_code == 409
     assert "question job-shared is open in 2 todos" in refused.text
