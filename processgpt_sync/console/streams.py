@@ -33,6 +33,10 @@ LIST_READ_PACE = 10.0  # a list stream waits this many times its last read's dur
 # the next (at most KEEPALIVE, so proxies see the stream alive): on a todolist of a few million
 # rows (a read scans it for the counts) an open list costs the database a tenth of one backend
 # at most, however busy the servers keep it
+TODO_READ_PACE = 4.0  # a todo page's stream waits this many times its last read's duration
+# before the next: reads of a todo with a large draft or output, woken by every batch of its
+# events, cost the database a fifth of one backend per open page at most; a quick read waits
+# a few milliseconds, so events still show at once
 
 Body = Callable[[Subscription], AsyncIterator[str]]
 Render = Callable[..., str]
@@ -109,9 +113,13 @@ def todo_updates(read: ReadTodo, render: Render, since: datetime,
         on_page = {part: (shown or {}).get(part, "") for part, _ in PANELS}
         start, after = floor or (since, None)
         more = first = True
-        while first or more or await changed(subscription):
+        took = 0.0
+        while first or more or await changed(subscription, debounce=min(
+                KEEPALIVE, TODO_READ_PACE * took)):
             first = False
+            began = time.monotonic()
             detail = await read(start.isoformat(), after)
+            took = time.monotonic() - began
             if detail is None:  # deleted: the page stops following it (no reconnects)
                 yield sse("gone", "this todo no longer exists")
                 return

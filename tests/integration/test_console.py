@@ -1014,6 +1014,50 @@ def test_an_open_console_watches_and_stops_watching_when_closed(storage, db):
     assert watching() == 0
 
 
+def test_an_open_todo_page_waits_longer_between_reads_that_cost_the_database_more(
+        storage, database_url, pg_url):
+    """A todo page reads the todo again on each batch of its events. A read that takes long
+    (a large draft; here a slow network path to the database) makes the next wait four times
+    as long, so an open page costs a busy database a bounded share."""
+    from tests.faultproxy import FaultProxy
+
+    proxy = FaultProxy(FaultProxy.socket_of(pg_url))
+    slow = PostgresStorage(proxy.url_for(database_url))
+    todo_id = storage.enqueue("console", "chatty")
+    (claim,) = storage.claim(agent_orch="console", consumer="w", limit=1, lease_seconds=60,
+                             max_claims=3)
+    stop = threading.Event()
+
+    def chatter():  # a running todo: a batch of events every 50 ms
+        n = 0
+        while not stop.wait(0.05):
+            n += 1
+            storage.record_events([{"todo_id": todo_id, "token": claim.token,
+                                    "event_type": "task_working", "data": {"n": n}}])
+
+    thread = threading.Thread(target=chatter)
+    reads = 0
+    try:
+        with ConsoleServer(slow, ConsoleConfig(port=0)) as server, client_of(server) as http:
+            http.get(f"/todos/{todo_id}")
+            proxy.delay = 0.1  # each read: two trips through the path, 0.2 s at least
+            thread.start()
+            with http.stream("GET", f"/todos/{todo_id}/stream") as response:
+                began = time.monotonic()
+                for line in response.iter_lines():
+                    reads += line.startswith("event: events")
+                    if time.monotonic() - began > 4.0:
+                        break
+    finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join()
+        slow.close()
+        proxy.close()
+    # unpaced, a read every 0.2 s or so: about twenty in 4 s; paced, one every second
+    assert 2 <= reads <= 6, reads
+
+
 def test_an_open_list_waits_longer_between_reads_that_cost_the_database_more(
         storage, database_url, pg_url):
     """The list page reads again on changes. A read that takes long (the counts scan a

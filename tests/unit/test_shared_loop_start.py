@@ -207,5 +207,5 @@ def test_a_coroutine_that_ignores_its_cancellation_is_told_ended_when_the_loop_c
     with pytest.raises(concurrent.futures.CancelledError):
         outcome.result(timeout=5)
     waiter.join(5)
-    del waiting
+    waiting = None  # type: ignore[assignment]
     gc.collect()  # asyncio's word on the two tasks left pending is logged within this test
