@@ -592,5 +592,11 @@ async def _end_tasks() -> None:
     for task in others:
         task.cancel()
     if others:
-        await asyncio.wait(others, timeout=LEFTOVER_WAIT)
+        _done, pending = await asyncio.wait(others, timeout=LEFTOVER_WAIT)
+        if pending:
+            logger.warning("%d tasks on the shared event loop did not end when cancelled; "
+                           "they are left as the loop closes", len(pending),
+                           extra={"action": "stop_server"})
+        for task in pending:  # said once here, not by asyncio again for each, at exit
+            task._log_destroy_pending = False  # type: ignore[attr-defined]
     await asyncio.get_running_loop().shutdown_asyncgens()
