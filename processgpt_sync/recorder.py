@@ -156,7 +156,7 @@ class Recorder:
         try:
             return snapshot_json(unwrap_text(draft) if isinstance(draft, str) else draft,
                                  what="draft")
-        except PayloadError as exc:
+        except Exception as exc:  # PayloadError, or anything else turning it into JSON
             self._log.warning("draft of todo %s not stored with its question: %s",
                               run.todo_id, exc, extra=self._todo_extra(run, "asked"))
             return None
@@ -173,6 +173,12 @@ class Recorder:
 
         def refused(problem: Any) -> None:
             questions = [e for e in events if e.get("event_type") == "human_asked"]
+            if len(questions) == len(events) and draft is not None:  # the draft may be why
+                self._log.error("the suspend of todo %s could not be stored with its draft "
+                                "(%s); suspending it without", run.todo_id, problem,
+                                extra=self._todo_extra(run, "asked"))
+                self._record_asked(run, then, events=events)
+                return
             if len(questions) == len(events):
                 with_question = " with its question" if questions else ""
                 self._log.error("the suspend of todo %s%s could not be stored (%s); recording "
@@ -185,7 +191,7 @@ class Recorder:
                             run.todo_id, problem,
                             "with its question alone" if questions else "without them",
                             extra=self._todo_extra(run, "asked"))
-            self._record_asked(run, then, events=questions)
+            self._record_asked(run, then, events=questions, draft=draft)
 
         self._outcomes.submit(Outcome(run.claim, "asked", result=draft, events=events),
                               self._after_write(run, events, "asked", then, refused))

@@ -1126,6 +1126,12 @@ BEGIN
         RETURN jsonb_build_object('applied', false, 'reason', v_refused);
     END IF;
 
+    IF NOT p_final AND NOT EXISTS (SELECT 1 FROM processgpt_sync_lease l
+                                   WHERE l.todo_id = p_todo_id AND l.claim_token = p_token) THEN
+        -- a draft on its way when its run suspended the todo (the suspend dropped the lease,
+        -- and may have stored the draft the person is asked about): not written over it
+        RETURN jsonb_build_object('applied', false, 'reason', 'released');
+    END IF;
     v_events := processgpt_sync_record_events_v1(p_events);
     IF NOT p_final THEN
         UPDATE todolist SET draft = p_result, updated_at = now() WHERE id = p_todo_id;

@@ -300,12 +300,14 @@ class Parts(AgentExecutor):
 
 
 class AsksAfterARefusedEvent(AgentExecutor):
-    """A progress event a site's trigger refuses, then a question (itself refused for
-    ``question-refused``)."""
+    """A report to approve, a progress event a site's trigger refuses, then a question (itself
+    refused for ``question-refused``)."""
 
     async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
         context_id, task_id = ids(context)
         refused_question = context.get_user_input() == "question-refused"
+        await TaskUpdater(event_queue, task_id, context_id).add_artifact(
+            [ev.text_part("the report")], last_chunk=True)
         await event_queue.enqueue_event(ev.status(
             "working", {"refuse me": True}, context_id, task_id))
         question = {"question": "which tone?", **({"refuse me": True} if refused_question
@@ -654,9 +656,10 @@ def test_a_question_kept_from_refused_events_still_suspends_and_a_refused_one_fa
     monkeypatch.setattr("processgpt_sync.server.EVENT_FLUSH_INTERVAL", 60.0)
     run(storage, AsksAfterARefusedEvent(), 2, inputs=["event-refused", "question-refused"])
     rows = {r["query"]: r for r in db.execute(
-        "SELECT query, id::text, draft_status::text, consumer, log FROM todolist")}
+        "SELECT query, id::text, draft_status::text, consumer, draft, log FROM todolist")}
     kept = rows["event-refused"]
     assert (kept["draft_status"], kept["consumer"]) == ("HUMAN_ASKED", None)
+    assert kept["draft"] == "the report", "the report to approve stays with its question"
     assert [e["data"] for e in db.execute(
         "SELECT data FROM events WHERE todo_id = %s AND event_type = 'human_asked'",
         (kept["id"],))] == [{"question": "which tone?"}]

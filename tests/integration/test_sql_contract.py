@@ -245,6 +245,20 @@ def test_draft_mode_writes_draft_and_intermediate_results_keep_running(storage, 
                    "draft_status": "COMPLETED"}
 
 
+def test_a_draft_arriving_after_its_run_suspended_the_todo_is_refused(storage, db):
+    """A draft written late (a pool thread's, on the shared loop) after its run suspended the
+    todo with the draft the person is asked about: refused, not written over that draft."""
+    storage.enqueue("a", "q")
+    (c,) = claim(storage)
+    (done,) = storage.finish([{"todo_id": c.todo_id, "token": c.token, "outcome": "asked",
+                               "result": "the report"}])
+    assert done.applied
+    late = storage.save_result(c, "the report, half written", final=False)
+    assert (late.applied, late.reason) == (False, "released")
+    row = db.execute("SELECT draft, draft_status::text FROM todolist").fetchone()
+    assert row == {"draft": "the report", "draft_status": "HUMAN_ASKED"}
+
+
 def test_fail_keeps_the_message_in_log_and_an_error_event(storage, db):
     storage.enqueue("a", "q")
     (c,) = claim(storage)
