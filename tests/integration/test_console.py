@@ -1014,38 +1014,31 @@ def test_an_open_console_watches_and_stops_watching_when_closed(storage, db):
     assert watching() == 0
 
 
-def test_an_open_todo_page_waits_longer_between_reads_that_cost_the_database_more(
-        storage, database_url, pg_url):
-    """A todo page reads the todo again on each batch of its events. A read that takes long
-    (a large draft; here a slow network path to the database) makes the next wait four times
-    as long, so an open page costs a busy database a bounded share."""
+def reads_through_a_slow_path(database_url, pg_url, page: str, counts, churn) -> int:
+    """The reads one stream of ``page`` makes in 4 s, through a network path to the database
+    that delays each trip 0.1 s, while ``churn()`` changes what it shows every 50 ms; a read
+    is a stream line ``counts(line)`` holds for."""
     from tests.faultproxy import FaultProxy
 
     proxy = FaultProxy(FaultProxy.socket_of(pg_url))
     slow = PostgresStorage(proxy.url_for(database_url))
-    todo_id = storage.enqueue("console", "chatty")
-    (claim,) = storage.claim(agent_orch="console", consumer="w", limit=1, lease_seconds=60,
-                             max_claims=3)
     stop = threading.Event()
 
-    def chatter():  # a running todo: a batch of events every 50 ms
-        n = 0
+    def busy():
         while not stop.wait(0.05):
-            n += 1
-            storage.record_events([{"todo_id": todo_id, "token": claim.token,
-                                    "event_type": "task_working", "data": {"n": n}}])
+            churn()
 
-    thread = threading.Thread(target=chatter)
+    thread = threading.Thread(target=busy)
     reads = 0
     try:
         with ConsoleServer(slow, ConsoleConfig(port=0)) as server, client_of(server) as http:
-            http.get(f"/todos/{todo_id}")
+            http.get(page)
             proxy.delay = 0.1  # each read: two trips through the path, 0.2 s at least
             thread.start()
-            with http.stream("GET", f"/todos/{todo_id}/stream") as response:
+            with http.stream("GET", f"{page}/stream") as response:
                 began = time.monotonic()
                 for line in response.iter_lines():
-                    reads += line.startswith("event: events")
+                    reads += counts(line)
                     if time.monotonic() - began > 4.0:
                         break
     finally:
@@ -1054,6 +1047,26 @@ def test_an_open_todo_page_waits_longer_between_reads_that_cost_the_database_mor
             thread.join()
         slow.close()
         proxy.close()
+    return reads
+
+
+def test_an_open_todo_page_waits_longer_between_reads_that_cost_the_database_more(
+        storage, database_url, pg_url):
+    """A todo page reads the todo again on each batch of its events. A read that takes long
+    (a large draft; here a slow network path to the database) makes the next wait four times
+    as long, so an open page costs a busy database a bounded share."""
+    todo_id = storage.enqueue("console", "chatty")
+    (claim,) = storage.claim(agent_orch="console", consumer="w", limit=1, lease_seconds=60,
+                             max_claims=3)
+    sent = [0]
+
+    def chatter():  # a running todo: a batch of events every 50 ms
+        sent[0] += 1
+        storage.record_events([{"todo_id": todo_id, "token": claim.token,
+                                "event_type": "task_working", "data": {"n": sent[0]}}])
+
+    reads = reads_through_a_slow_path(database_url, pg_url, f"/todos/{todo_id}",
+                                      lambda line: line.startswith("event: events"), chatter)
     # unpaced, a read every 0.2 s or so: about twenty in 4 s; paced, one every second
     assert 2 <= reads <= 6, reads
 
@@ -1063,34 +1076,9 @@ def test_an_open_list_waits_longer_between_reads_that_cost_the_database_more(
     """The list page reads again on changes. A read that takes long (the counts scan a
     todolist of millions of rows; here a slow network path to the database) makes the next
     wait ten times as long, so an open console costs a busy database a bounded share."""
-    from tests.faultproxy import FaultProxy
-
-    proxy = FaultProxy(FaultProxy.socket_of(pg_url))
-    slow = PostgresStorage(proxy.url_for(database_url))
-    stop = threading.Event()
-
-    def churn():  # a busy server: todos change all the time
-        while not stop.wait(0.05):
-            storage.enqueue("console", "churn")
-
-    thread = threading.Thread(target=churn)
-    reads = 0
-    try:
-        with ConsoleServer(slow, ConsoleConfig(port=0)) as server, client_of(server) as http:
-            http.get("/todos")
-            proxy.delay = 0.1  # each read: two trips through the path, 0.2 s at least
-            thread.start()
-            with http.stream("GET", "/todos/stream") as response:
-                began = time.monotonic()
-                for line in response.iter_lines():
-                    reads += line.startswith(("event: rows", ": unchanged"))
-                    if time.monotonic() - began > 4.0:
-                        break
-    finally:
-        stop.set()
-        if thread.is_alive():
-            thread.join()
-        slow.close()
-        proxy.close()
+    reads = reads_through_a_slow_path(  # a busy server: todos change all the time
+        database_url, pg_url, "/todos",
+        lambda line: line.startswith(("event: rows", ": unchanged")),
+        lambda: storage.enqueue("console", "churn"))
     # unpaced, a read every 0.25 s + 0.2 s: about nine in 4 s; paced, one every 2 s
     assert 2 <= reads <= 3, reads
