@@ -1668,9 +1668,63 @@ RETURNS void LANGUAGE sql AS $$
     SELECT pg_notify(p_channel, CASE WHEN octet_length(p_payload) < 8000 THEN p_payload ELSE '' END)
 $$;
 
+-- Whether this transaction holds the todo's row now and, where the platform's trigger writes
+-- them on every update of a todo, its process instance's and project's rows, having waited
+-- p_wait_ms at most for them. A todo that does not exist is free.
+CREATE OR REPLACE FUNCTION processgpt_sync_todo_free_v1(p_todo_id uuid, p_wait_ms integer)
+RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    v_deadline timestamptz := clock_timestamp()
+                              + make_interval(secs => greatest(p_wait_ms, 0) / 1000.0);
+BEGIN
+    LOOP
+        PERFORM 1 FROM todolist t WHERE t.id = p_todo_id FOR NO KEY UPDATE SKIP LOCKED;
+        EXIT WHEN FOUND;
+        IF NOT EXISTS (SELECT 1 FROM todolist t WHERE t.id = p_todo_id) THEN
+            RETURN true;
+        END IF;
+        IF clock_timestamp() >= v_deadline THEN
+            RETURN false;
+        END IF;
+        PERFORM pg_sleep(0.02);
+    END LOOP;
+    RETURN coalesce(p_todo_id = ANY (processgpt_sync_lock_proc_insts_v1(
+        ARRAY[p_todo_id], true,
+        greatest(0, floor(extract(epoch FROM v_deadline - clock_timestamp()) * 1000))::integer)),
+        true);
+END
+$$;
+
+-- The todos whose answers came while their rows were held (processgpt_sync_answer_held): those
+-- free now are requeued (take_answer_v1) and leave the list; one still held stays, without
+-- waiting for it. At most 100 a call. The number that left the list.
+CREATE OR REPLACE FUNCTION processgpt_sync_take_held_answers_v1()
+RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    v_todo_id uuid;
+    v_settled integer := 0;
+BEGIN
+    FOR v_todo_id IN
+        SELECT h.todo_id FROM processgpt_sync_answer_held h
+        ORDER BY h.todo_id LIMIT 100 FOR UPDATE SKIP LOCKED
+    LOOP
+        CONTINUE WHEN NOT processgpt_sync_todo_free_v1(v_todo_id, 0);
+        PERFORM processgpt_sync_take_answer_v1(v_todo_id);
+        DELETE FROM processgpt_sync_answer_held WHERE todo_id = v_todo_id;
+        v_settled := v_settled + 1;
+    END LOOP;
+    RETURN v_settled;
+END
+$$;
+
 -- An answer arrives: wake the waiting worker ('processgpt_sync_answer', payload job_id), and
 -- requeue the todo it answers if that todo is suspended waiting for it. Never makes the UI's
--- insert fail: a role that may not update todolist only loses the requeue (logged).
+-- insert fail: a role that may not update todolist only loses the requeue (logged). Nor wait
+-- long: a todo whose row (or process instance) another transaction holds for more than 2 s
+-- (the BPM engine, a person's open edit) is listed in processgpt_sync_answer_held for the
+-- servers to requeue once it is free, rather than holding the UI's insert until a statement
+-- timeout (Supabase gives signed-in users 8 s) fails it. The 2 s wait covers a suspend being
+-- committed at that moment (see take_answer_v1).
 CREATE OR REPLACE FUNCTION processgpt_sync_answer_trigger_v1()
 RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
@@ -1686,8 +1740,16 @@ BEGIN
         WHERE q.job_id = NEW.job_id AND q.event_type = 'human_asked'
         ORDER BY q."timestamp" DESC LIMIT 1;
     END IF;
+    IF v_todo_id IS NULL THEN
+        RETURN NULL;
+    END IF;
     BEGIN
-        PERFORM processgpt_sync_take_answer_v1(v_todo_id);
+        IF processgpt_sync_todo_free_v1(v_todo_id, 2000) THEN
+            PERFORM processgpt_sync_take_answer_v1(v_todo_id);
+        ELSE
+            INSERT INTO processgpt_sync_answer_held (todo_id) VALUES (v_todo_id)
+            ON CONFLICT (todo_id) DO NOTHING;
+        END IF;
     EXCEPTION WHEN insufficient_privilege THEN
         RAISE WARNING 'processgpt-sync: answer % stored, todo not requeued: %', NEW.job_id, SQLERRM;
     END;
@@ -2311,7 +2373,8 @@ $$;
 -- supersedes them; a heartbeat of a run that stopped cleanly or was superseded (one the network
 -- delayed) does nothing and says so (`superseded`). `known` (every todo id the server holds;
 -- leases of this consumer not in it are orphans) is still read from servers of an earlier
--- version. Rows of servers unseen for a day are removed.
+-- version. Rows of servers unseen for a day are removed. And answers whose todos were held
+-- when they came are requeued where free now (take_held_answers_v1).
 CREATE OR REPLACE FUNCTION processgpt_sync_heartbeat_v1(
     p_consumer text,
     p_todo_ids uuid[],
@@ -2411,6 +2474,7 @@ BEGIN
         version = CASE WHEN v_new_run THEN EXCLUDED.version ELSE s.version END,
         started_at = CASE WHEN v_new_run THEN now() ELSE s.started_at END;
     DELETE FROM processgpt_sync_server WHERE last_seen < now() - interval '1 day';
+    PERFORM processgpt_sync_take_held_answers_v1();
     RETURN processgpt_sync_renew_v1(p_consumer, coalesce(p_todo_ids, '{}'), coalesce(p_tokens, '{}'),
                                     p_lease_seconds)
            || jsonb_build_object('orphans', coalesce(to_jsonb(v_orphan_ids), '[]'::jsonb),
@@ -2474,7 +2538,9 @@ $$;
 -- stays a second inside the caller's statement_timeout, so a role's timeout never cancels it.
 -- It ends by refreshing the caller's registry row (last_seen only), so an idle server stays
 -- alive in the registry without heartbeats. now() is the call's start: a lease that expires
--- during the wait is seen by the next call.
+-- during the wait is seen by the next call. Answers whose todos were held when they came are
+-- requeued first where free (take_held_answers_v1), as the heartbeat an idle server makes
+-- none of would.
 CREATE OR REPLACE FUNCTION processgpt_sync_wait_for_work_v1(
     p_agent_orch text,
     p_consumer text,
@@ -2487,6 +2553,13 @@ DECLARE
         coalesce(p_seconds, 0), 30, CASE WHEN v_timeout > 0 THEN v_timeout - 1 ELSE 30 END)));
     v_found boolean;
 BEGIN
+    -- answers whose todos were held when they came: requeued todos are work (of this server
+    -- or another), and the rows taken here are not kept through a wait
+    IF processgpt_sync_take_held_answers_v1() > 0 THEN
+        UPDATE processgpt_sync_server SET last_seen = clock_timestamp()
+        WHERE consumer = p_consumer;
+        RETURN true;
+    END IF;
     LOOP
         SELECT EXISTS (
             SELECT 1 FROM todolist t
@@ -2885,6 +2958,7 @@ BEGIN
     GRANT EXECUTE ON FUNCTION processgpt_sync_notify_text_v1(text, text) TO PUBLIC;
     GRANT EXECUTE ON FUNCTION processgpt_sync_uuid_or_null_v1(text) TO PUBLIC;
     GRANT EXECUTE ON FUNCTION processgpt_sync_take_answer_v1(uuid) TO PUBLIC;
+    GRANT EXECUTE ON FUNCTION processgpt_sync_todo_free_v1(uuid, integer) TO PUBLIC;
     GRANT EXECUTE ON FUNCTION processgpt_sync_answer_to_v1(text, text, timestamptz) TO PUBLIC;
     -- the cancel under roots deleted for good, whatever role runs the platform's cron job
     GRANT EXECUTE ON FUNCTION processgpt_sync_cancel_under_gone_roots_v1(text[]) TO PUBLIC;

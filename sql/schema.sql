@@ -230,6 +230,17 @@ CREATE TABLE IF NOT EXISTS processgpt_sync_server_stopped (
     stopped_at timestamptz NOT NULL DEFAULT now()
 );
 
+-- Answers that came while another transaction held their todo's row (or its process
+-- instance's): the answer trigger does not keep the UI's insert waiting for it, and lists the
+-- todo here instead. Heartbeats (and Supabase servers' waits for work) requeue a listed todo
+-- once its row is free. Every role may insert (the trigger runs as the role answering); a row
+-- names a todo id and nothing else, and only makes a server try the requeue the trigger would
+-- have done.
+CREATE TABLE IF NOT EXISTS processgpt_sync_answer_held (
+    todo_id uuid PRIMARY KEY,
+    listed_at timestamptz NOT NULL DEFAULT now()
+);
+
 -- Open consoles. The change triggers send their NOTIFY only while a console watches: a NOTIFY
 -- holds a cluster-wide lock until its transaction commits, which would serialise every claim
 -- and finish of every server. Each console refreshes its row; the row of one that died expires.
@@ -246,7 +257,7 @@ DECLARE
     t text;
 BEGIN
     FOREACH t IN ARRAY ARRAY['processgpt_sync_server', 'processgpt_sync_server_stopped',
-                             'processgpt_sync_console_watch'] LOOP
+                             'processgpt_sync_console_watch', 'processgpt_sync_answer_held'] LOOP
         FOREACH r IN ARRAY ARRAY['anon', 'authenticated'] LOOP
             IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) THEN
                 EXECUTE format('REVOKE ALL ON %I FROM %I', t, r);
@@ -257,6 +268,7 @@ BEGIN
         END IF;
     END LOOP;
     GRANT SELECT ON processgpt_sync_console_watch TO PUBLIC;
+    GRANT INSERT ON processgpt_sync_answer_held TO PUBLIC;
 END
 $$;
 

@@ -1164,6 +1164,50 @@ def test_a_todo_left_for_a_held_process_instance_is_claimed_soon_after_the_row_i
     assert took < HELD_BACK_MAX + 2, f"claimed {took:.1f}s after its process instance was free"
 
 
+@pytest.mark.parametrize("backend", ["postgres", "supabase"])
+def test_an_answer_while_the_engine_holds_the_process_instance_resumes_the_todo_once_free(
+        upstream_database_url: str, backend: str) -> None:
+    """The BPM engine holds a suspended todo's process instance (which the platform's trigger
+    writes on every update of the todo) when a signed-in user answers: the UI's insert returns
+    within its statement timeout instead of waiting for the engine, and the running server
+    resumes the todo with the answer soon after the engine lets go."""
+    db = connect(upstream_database_url)
+    db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('held')")
+    runs: list[tuple[str, Any]] = []
+
+    def handle(todo: ps.Todo) -> dict:
+        runs.append((todo.resume.kind, todo.resume.answer))
+        if todo.resume.kind != "human_answer":
+            todo.suspend_for_human("Ship it?", kind="confirm")
+        return {"shipped": todo.resume.answer}
+
+    store = next(backends := open_backend(backend, upstream_database_url))
+    try:
+        with ps.start(handle, agent_orch="held-answer", storage=store, lease_seconds=8) as server:
+            todo = db.execute("SELECT processgpt_sync_enqueue_v1('held-answer', 'q', 'COMPLETE', "
+                              "NULL, 'step', 'held') AS id").fetchone()["id"]
+            wait_for(lambda: server.stats()["asked"] == 1)
+            job_id = db.execute("SELECT job_id FROM events WHERE todo_id = %s AND "
+                                "event_type = 'human_asked'", (str(todo),)).fetchone()["job_id"]
+            with psycopg.connect(upstream_database_url) as engine:
+                engine.execute("SELECT 1 FROM bpm_proc_inst WHERE proc_inst_id = 'held' "
+                               "FOR UPDATE")
+                with psycopg.connect(upstream_database_url, autocommit=True) as ui:
+                    ui.execute("SET statement_timeout = '6s'")
+                    ui.execute("INSERT INTO events (id, job_id, event_type, data, status) "
+                               "VALUES (%s, %s, 'human_response', '{\"answer\": true}', "
+                               "'APPROVED')", (str(uuid.uuid4()), job_id))
+                time.sleep(2.5)  # a heartbeat or a wait for work meanwhile takes nothing
+                meanwhile = db.execute("SELECT draft_status::text AS s FROM todolist "
+                                       "WHERE id = %s", (todo,)).fetchone()["s"]
+            wait_for(lambda: server.stats()["completed"] == 1, timeout=20)
+    finally:
+        next(backends, None)
+        db.close()
+    assert meanwhile == "HUMAN_ASKED"
+    assert runs == [("fresh", None), ("human_answer", True)]
+
+
 def test_two_servers_waiting_on_one_held_process_instance_run_its_todos_once_soon_after(
         upstream_database_url: str) -> None:
     """Two servers of one agent_orch both meet a process instance the BPM engine holds. Each

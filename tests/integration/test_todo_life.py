@@ -555,6 +555,68 @@ def test_an_answer_inserted_while_the_suspend_commits_requeues_the_todo(database
     assert state(db, todo_id)["draft_status"] == "FB_REQUESTED"
 
 
+def listed_as_held(db):
+    return [str(r["todo_id"]) for r in db.execute(
+        "SELECT todo_id FROM processgpt_sync_answer_held ORDER BY todo_id")]
+
+
+def answer_as_a_signed_in_user(database_url, job_id, answer):
+    """The UI's insert under a statement timeout, as Supabase gives signed-in users (8 s)."""
+    with psycopg.connect(database_url, autocommit=True) as ui:
+        ui.execute("SET statement_timeout = '6s'")
+        answer_as_the_ui(ui, job_id, answer)
+
+
+def suspended(storage, job_id="human_asked_a"):
+    """A todo suspended on question ``job_id``: its id."""
+    todo_id = storage.enqueue("life", "q")
+    (c,) = claim(storage)
+    storage.ask(c, job_id, question_data("Ship it?", None, "confirm"))
+    storage.finish([{"todo_id": c.todo_id, "token": c.token, "outcome": "asked"}])
+    return todo_id
+
+
+def test_an_answer_to_a_todo_whose_row_is_held_is_stored_at_once_and_requeued_once_free(
+        storage, db, database_url):
+    """The BPM engine or a person's open edit holds the suspended todo's row when the UI
+    answers: the UI's insert does not wait for it (a signed-in user's statement timeout, 8 s on
+    Supabase, would fail it and lose the answer); a heartbeat requeues the todo once the row is
+    free, and not before."""
+    todo_id = suspended(storage)
+    with psycopg.connect(database_url) as holder:  # one transaction, open until the block ends
+        holder.execute("SELECT 1 FROM todolist WHERE id = %s FOR UPDATE", (todo_id,))
+        answer_as_a_signed_in_user(database_url, "human_asked_a", True)
+        assert listed_as_held(db) == [todo_id]
+        storage.heartbeat("w1", [], 60, {"agent_orch": "life"})  # the row still held: left
+        assert state(db, todo_id)["draft_status"] == "HUMAN_ASKED"
+        assert listed_as_held(db) == [todo_id]
+    storage.heartbeat("w1", [], 60, {"agent_orch": "life"})
+    assert state(db, todo_id)["draft_status"] == "FB_REQUESTED"
+    assert listed_as_held(db) == []
+    (again,) = claim(storage, consumer="w2")
+    assert (again.extras["resume"]["kind"], again.extras["resume"]["answer"]) == (
+        "human_answer", True)
+
+
+def test_an_idle_supabase_servers_wait_for_work_requeues_an_answer_whose_todo_was_held(
+        database_url, db):
+    """An idle server on Supabase makes no heartbeats (its waits for work keep its registry
+    row): the wait requeues a listed todo, and says there is work."""
+    backend = open_backend("supabase", database_url)
+    store = next(backend)
+    try:
+        todo_id = suspended(store)
+        with psycopg.connect(database_url) as holder:
+            holder.execute("SELECT 1 FROM todolist WHERE id = %s FOR UPDATE", (todo_id,))
+            answer_as_a_signed_in_user(database_url, "human_asked_a", True)
+        assert listed_as_held(db) == [todo_id]
+        assert store.wait_for_work(agent_orch="life", consumer="w1", seconds=5)
+        assert state(db, todo_id)["draft_status"] == "FB_REQUESTED"
+        assert listed_as_held(db) == []
+    finally:
+        next(backend, None)  # closes the store and its gateway
+
+
 def test_a_late_failure_from_a_claim_that_ran_out_of_claims_is_refused_not_applied(
         storage, db):
     """The todo was FAILED for running out of claims while its last owner was cut off; that
