@@ -10,6 +10,7 @@ The return value, when not None, is the todo's final result.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import logging
 import re
@@ -92,7 +93,8 @@ class BlockingObjectAdapter:
         cancel = getattr(self._obj, "cancel", None)
         if not callable(cancel):
             return
-        hook = threading.Thread(target=_call_hook, args=(cancel, todo), daemon=True,
+        hook = threading.Thread(target=contextvars.copy_context().run,  # the caller's context
+                                args=(_call_hook, cancel, todo), daemon=True,
                                 name="processgpt-sync-cancel-hook")
         try:
             hook.start()

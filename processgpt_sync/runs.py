@@ -62,6 +62,9 @@ class TodoRun:
         self.slot_released = False
         self.executor_returned = False  # its thread is free again
         self.leaving = False  # its executor returned; the context around it is being left
+        self.context: contextvars.Context | None = None
+        """The executor's context as it started (this run as the current one, what
+        ``around_todo`` set), while it runs: its cancel hook runs in a copy."""
         self.writing_for_executor = 0  # writes the executor waits on (see clock_stopped)
         self._writing_since = 0.0
         self._ended = False

@@ -97,11 +97,13 @@ class TodoWorker:
         returned = ON_RETURN.set(functools.partial(self._returned, run))
         try:
             run.todo = with_summary(run.todo, self._settings.summarize_feedback)
+            run.context = contextvars.copy_context()
             value, error = self._adapter.run(run.todo), None
         except BaseException as exc:  # SystemExit from argparse in a tool is this todo's failure
             value, error = UNSET, exc
         finally:
             ON_RETURN.reset(returned)
+            run.context = None  # it holds this run: no cycle through it once the run ends
         self._returned(run)
         try:  # told of the todo's error, as a with-statement would tell it
             around.__exit__(type(error) if error else None, error,
@@ -293,7 +295,11 @@ class TodoWorker:
                        extra=self._todo_extra(run, "cancel"))
         self._desk.wake(run.todo_id)
         try:
-            self._adapter.cancel(run.todo)
+            context = run.context
+            if context is None:  # its executor is not running on a worker thread
+                self._adapter.cancel(run.todo)
+            else:  # as part of its todo, as the executor runs: current_run() is it
+                context.copy().run(self._adapter.cancel, run.todo)
         except Exception:
             self._log.exception("the executor's cancel hook failed for todo %s", run.todo_id,
                                 extra=self._todo_extra(run, "cancel"))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import gc
 import logging
 import os
@@ -19,6 +21,8 @@ from psycopg import sql
 
 import processgpt_sync as ps
 from processgpt_sync import watch
+from processgpt_sync.runs import current_run
+from processgpt_sync.storage.postgres import PostgresStorage
 from tests.conftest import open_backend, wait_for
 
 
@@ -482,6 +486,47 @@ def test_ui_cancel_runs_the_cancel_hook_and_writes_nothing_more(storage, db):
     assert (row["draft_status"], row["output"], row["consumer"]) == ("CANCELLED", None, None)
     assert [e["data"] for e in events_by_todo(db)[todo_id]] == [{"message": "before"}]
     assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
+
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="none")
+
+
+def test_a_cancel_hook_runs_in_its_todos_context(database_url, db):
+    """The cancel hook runs on a thread of its own, but as part of its todo: the contextvars
+    ``around_todo`` set for the executor (a request id its logging reads, say) and the current
+    todo (``processgpt_sync.ask_human`` finds it) are the executor's."""
+    store = PostgresStorage(database_url)
+    todo_id = store.enqueue("a", "x")
+    seen = []
+
+    @contextlib.contextmanager
+    def with_request_id():
+        token = REQUEST_ID.set("req-1")
+        try:
+            yield
+        finally:
+            REQUEST_ID.reset(token)
+
+    class Waiter:
+        def execute(self, todo, events):
+            todo.cancel_event.wait(10)
+            return {"ok": True}
+
+        def cancel(self, todo):
+            run = current_run()
+            seen.append((REQUEST_ID.get(), run and run.todo_id))
+
+    server = ps.Server(Waiter(), ps.Settings(agent_orch="a", workers=1), storage=store,
+                       around_todo=with_request_id)
+    server.start()
+    try:
+        wait_for(lambda: server.stats()["running"] == 1)
+        db.execute("UPDATE todolist SET draft_status = 'CANCELLED' WHERE id = %s", (todo_id,))
+        wait_for(lambda: seen)
+    finally:
+        server.stop(timeout=5)
+        store.close()
+    assert seen == [("req-1", todo_id)]
 
 
 def test_a_ui_cancel_is_seen_soon_while_the_listener_is_lost(database_url, db):
