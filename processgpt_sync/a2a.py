@@ -102,6 +102,7 @@ def normalize(event: Any) -> dict[str, Any]:
     else:
         parts = (status.get("message") or {}).get("parts") or []
     final = raw.get("final")
+    replies = [m for m in raw.get("history") or [] if str(m.get("role")).lower() == "agent"]
     return {
         "kind": kind,
         "state": state,
@@ -113,6 +114,7 @@ def normalize(event: Any) -> dict[str, Any]:
         "last_chunk": bool(raw.get("last_chunk")),
         "append": bool(raw.get("append")),
         "artifact_id": (raw.get("artifact") or {}).get("artifact_id"),
+        "history_reply": _contents(replies[-1].get("parts") or []) if replies else None,
     }
 
 
@@ -159,6 +161,9 @@ def _proto_fields(event: Any, kind: str) -> dict[str, Any]:
     elif kind == "task":
         raw["artifacts"] = [{"parts": _proto_parts(a.parts), "artifact_id": a.artifact_id}
                             for a in event.artifacts]
+        agents = [m for m in event.history if m.role == 2]  # ROLE_AGENT
+        raw["history"] = [{"role": "agent", "parts": _proto_parts(agents[-1].parts)}] if agents \
+            else []
     elif kind == "message":
         raw["parts"] = _proto_parts(event.parts)
     if "metadata" in fields and event.HasField("metadata"):
@@ -312,12 +317,20 @@ class Recorder:
         )
 
     def _task(self, event: dict[str, Any]) -> None:
-        """A whole Task enqueued (a snapshot): its artifacts (the result, when it completed),
-        then its state once past working; a new task (submitted, working) records nothing."""
+        """A whole Task enqueued (a snapshot): its artifacts (the result, when it completed;
+        with none, the agent's last message in its history, as a reply), then its state once
+        past working; a new task (submitted, working) records no state, nor does a task whose
+        end was recorded already (enqueued again, or after its final status): its end is
+        written once."""
         for artifact in event["artifacts"]:
             self._artifact({**artifact, "append": False, "last_chunk": False,
                             "final": event["state"] == "completed"})
-        if event["state"] not in (None, "submitted", "working", "unknown"):
+        reply = event["history_reply"]
+        if (event["state"] == "completed" and not event["artifacts"] and reply
+                and (reply["texts"] or reply["data"] or reply["files"])):
+            self.reply = payload(reply)  # its answer as the agent's last message of its history
+        ended_again = event["state"] in TERMINAL_STATES and event["state"] == self.last_state
+        if event["state"] not in (None, "submitted", "working", "unknown") and not ended_again:
             self._status(event)
 
     def _artifact(self, event: dict[str, Any]) -> None:

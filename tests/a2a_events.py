@@ -134,5 +134,24 @@ def task(name: str, payload: Any, context_id: str, task_id: str) -> Any:
                 artifacts=[Artifact(artifactId="result", parts=[text_part(text)])])
 
 
+def task_answered_in_history(name: str, question: str, answer: str, context_id: str,
+                             task_id: str) -> Any:
+    """A whole Task in state ``name`` with no artifact: the question and the agent's
+    ``answer`` are its history, as agents that reply by messages keep it."""
+    from a2a.types import Message, Role, Task, TaskStatus
+
+    if V1:
+        history = [Message(role=role, parts=[text_part(text)], message_id=new_id(),
+                           context_id=context_id, task_id=task_id)
+                   for role, text in ((Role.ROLE_USER, question), (Role.ROLE_AGENT, answer))]
+        return Task(id=task_id, context_id=context_id, status=TaskStatus(state=state(name)),
+                    history=history)
+    history = [Message(role=role, parts=[text_part(text)], messageId=new_id(),
+                       contextId=context_id, taskId=task_id)
+               for role, text in ((Role.user, question), (Role.agent, answer))]
+    return Task(id=task_id, contextId=context_id, status=TaskStatus(state=state(name)),
+                history=history)
+
+
 def new_id() -> str:
     return str(uuid.uuid4())

@@ -209,6 +209,13 @@ class Edges(AgentExecutor):
         elif how == "task-snapshot":
             await event_queue.enqueue_event(ev.task("completed", {"answer": 42}, context_id,
                                                     task_id))
+        elif how == "task-twice":  # the ended task enqueued again, as some executors do
+            for _ in range(2):
+                await event_queue.enqueue_event(ev.task("completed", {"answer": 43}, context_id,
+                                                        task_id))
+        elif how == "history-answer":
+            await event_queue.enqueue_event(ev.task_answered_in_history(
+                "completed", "what is six times seven?", "Forty-two.", context_id, task_id))
         elif how == "self-cancel":
             await updater.cancel(message=ev.text_message("the user asked to stop", context_id,
                                                          task_id))
@@ -608,16 +615,24 @@ def test_how_an_a2a_executor_ends_decides_the_todos_state(storage, db):
     a reply after a question completes the todo (it no longer waits); an empty closing chunk
     keeps the streamed text; a self-reported cancel is said so, not a missing result; a
     file-only artifact is its files, not an empty object; a completed Task carries its
-    artifacts; chunks of two artifacts streamed in turn each continue their own; a reply of
-    a file alone is the result; a data stream closed by an empty chunk is its last data; a
-    task completed after a question, with nothing to answer, fails for want of a result
-    instead of waiting for an answer."""
-    run(storage, Edges(), 10, inputs=["named-question", "ask-then-reply", "empty-close",
+    artifacts, and one with none its agent's last message, and its end is written once
+    however often it is enqueued; chunks of two artifacts streamed in turn each continue
+    their own; a reply of a file alone is the result; a data stream closed by an empty
+    chunk is its last data; a task completed after a question, with nothing to answer, fails
+    for want of a result instead of waiting for an answer."""
+    run(storage, Edges(), 12, inputs=["named-question", "ask-then-reply", "empty-close",
                                       "self-cancel", "file-only", "task-snapshot",
                                       "interleaved", "file-reply", "data-stream",
-                                      "ask-then-complete-empty"])
+                                      "ask-then-complete-empty", "history-answer",
+                                      "task-twice"])
     rows = {r["query"]: r for r in db.execute(
         "SELECT query, draft_status::text, output, log FROM todolist")}
+
+    def written_for(query):
+        return [r["event_type"] for r in db.execute(
+            "SELECT e.event_type::text FROM events e JOIN todolist t ON t.id::text = e.todo_id "
+            "WHERE t.query = %s ORDER BY e.timestamp", (query,))]
+
     assert rows["named-question"]["draft_status"] == "HUMAN_ASKED"
     assert db.execute("SELECT event_type::text FROM events WHERE job_id = 'job-named'"
                       ).fetchone()["event_type"] == "human_asked"
@@ -629,6 +644,10 @@ def test_how_an_a2a_executor_ends_decides_the_todos_state(storage, db):
         {"name": "r.pdf", "media_type": "application/pdf", "bytes": "JVBERg=="}]}
     assert (rows["task-snapshot"]["draft_status"], rows["task-snapshot"]["output"]) == (
         "COMPLETED", {"answer": 42})
+    assert (rows["task-twice"]["output"], written_for("task-twice")) == (
+        {"answer": 43}, ["task_completed", "crew_completed"])
+    assert (rows["history-answer"]["draft_status"], rows["history-answer"]["output"]) == (
+        "COMPLETED", "Forty-two.")
     assert (rows["interleaved"]["draft_status"], rows["interleaved"]["output"]) == (
         "COMPLETED", {"a": 1})
     assert (rows["file-reply"]["draft_status"], rows["file-reply"]["output"]) == (
