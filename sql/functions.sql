@@ -1695,25 +1695,48 @@ BEGIN
 END
 $$;
 
--- The todos whose answers came while their rows were held (processgpt_sync_answer_held): those
--- free now are requeued (take_answer_v1) and leave the list; one still held stays, without
--- waiting for it. At most 100 a call. The number that left the list.
+-- List a todo whose answer came while its row was held (the answer trigger, as the role
+-- answering). Runs with its owner's rights, so that no other role needs any on the list: it
+-- lists only a todo this library ran, and only once.
+CREATE OR REPLACE FUNCTION processgpt_sync_list_held_answer_v1(p_todo_id uuid)
+RETURNS void LANGUAGE sql SECURITY DEFINER AS $$
+    INSERT INTO processgpt_sync_answer_held (todo_id)
+    SELECT t.id FROM todolist t WHERE t.id = p_todo_id AND t.claim_token IS NOT NULL
+    ON CONFLICT DO NOTHING
+$$;
+
+-- The todos whose answers came while their rows were held (processgpt_sync_answer_held), the
+-- longest listed first, at most 100 a call: those free now are requeued (take_answer_v1) and
+-- leave the list; one still held stays, without a wait for it and with no lock on it kept
+-- (its own subtransaction is rolled back), and so does one whose requeue failed (a warning
+-- says why). Two callers at once may both requeue a todo: the second changes nothing. The
+-- number of todos requeued.
 CREATE OR REPLACE FUNCTION processgpt_sync_take_held_answers_v1()
 RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
     v_todo_id uuid;
-    v_settled integer := 0;
+    v_requeued integer := 0;
 BEGIN
     FOR v_todo_id IN
-        SELECT h.todo_id FROM processgpt_sync_answer_held h
-        ORDER BY h.todo_id LIMIT 100 FOR UPDATE SKIP LOCKED
+        SELECT h.todo_id FROM processgpt_sync_answer_held h ORDER BY h.listed_at LIMIT 100
     LOOP
-        CONTINUE WHEN NOT processgpt_sync_todo_free_v1(v_todo_id, 0);
-        PERFORM processgpt_sync_take_answer_v1(v_todo_id);
-        DELETE FROM processgpt_sync_answer_held WHERE todo_id = v_todo_id;
-        v_settled := v_settled + 1;
+        BEGIN
+            IF NOT processgpt_sync_todo_free_v1(v_todo_id, 0) THEN
+                RAISE EXCEPTION USING ERRCODE = 'lock_not_available';  -- drops its locks
+            END IF;
+            IF processgpt_sync_take_answer_v1(v_todo_id) THEN
+                v_requeued := v_requeued + 1;
+            END IF;
+            DELETE FROM processgpt_sync_answer_held WHERE todo_id = v_todo_id;
+        EXCEPTION
+            WHEN lock_not_available THEN
+                NULL;  -- still held: looked at again next time
+            WHEN OTHERS THEN
+                RAISE WARNING 'processgpt-sync: todo % answered, not requeued yet: %',
+                    v_todo_id, SQLERRM;
+        END;
     END LOOP;
-    RETURN v_settled;
+    RETURN v_requeued;
 END
 $$;
 
@@ -1747,8 +1770,7 @@ BEGIN
         IF processgpt_sync_todo_free_v1(v_todo_id, 2000) THEN
             PERFORM processgpt_sync_take_answer_v1(v_todo_id);
         ELSE
-            INSERT INTO processgpt_sync_answer_held (todo_id) VALUES (v_todo_id)
-            ON CONFLICT (todo_id) DO NOTHING;
+            PERFORM processgpt_sync_list_held_answer_v1(v_todo_id);
         END IF;
     EXCEPTION WHEN insufficient_privilege THEN
         RAISE WARNING 'processgpt-sync: answer % stored, todo not requeued: %', NEW.job_id, SQLERRM;
@@ -2554,7 +2576,7 @@ DECLARE
     v_found boolean;
 BEGIN
     -- answers whose todos were held when they came: requeued todos are work (of this server
-    -- or another), and the rows taken here are not kept through a wait
+    -- or another; the rows they hold are not kept through a wait)
     IF processgpt_sync_take_held_answers_v1() > 0 THEN
         UPDATE processgpt_sync_server SET last_seen = clock_timestamp()
         WHERE consumer = p_consumer;
@@ -2959,6 +2981,10 @@ BEGIN
     GRANT EXECUTE ON FUNCTION processgpt_sync_uuid_or_null_v1(text) TO PUBLIC;
     GRANT EXECUTE ON FUNCTION processgpt_sync_take_answer_v1(uuid) TO PUBLIC;
     GRANT EXECUTE ON FUNCTION processgpt_sync_todo_free_v1(uuid, integer) TO PUBLIC;
+    GRANT EXECUTE ON FUNCTION processgpt_sync_list_held_answer_v1(uuid) TO PUBLIC;
+    -- with its owner's rights: its names resolve in this schema alone (pg_temp last)
+    EXECUTE format('ALTER FUNCTION processgpt_sync_list_held_answer_v1(uuid) '
+                   'SET search_path = %I, pg_catalog, pg_temp', current_schema());
     GRANT EXECUTE ON FUNCTION processgpt_sync_answer_to_v1(text, text, timestamptz) TO PUBLIC;
     -- the cancel under roots deleted for good, whatever role runs the platform's cron job
     GRANT EXECUTE ON FUNCTION processgpt_sync_cancel_under_gone_roots_v1(text[]) TO PUBLIC;

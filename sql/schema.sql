@@ -232,10 +232,8 @@ CREATE TABLE IF NOT EXISTS processgpt_sync_server_stopped (
 
 -- Answers that came while another transaction held their todo's row (or its process
 -- instance's): the answer trigger does not keep the UI's insert waiting for it, and lists the
--- todo here instead. Heartbeats (and Supabase servers' waits for work) requeue a listed todo
--- once its row is free. Every role may insert (the trigger runs as the role answering); a row
--- names a todo id and nothing else, and only makes a server try the requeue the trigger would
--- have done.
+-- todo here instead (through list_held_answer_v1: no other role has rights on the table).
+-- Heartbeats (and Supabase servers' waits for work) requeue a listed todo once its row is free.
 CREATE TABLE IF NOT EXISTS processgpt_sync_answer_held (
     todo_id uuid PRIMARY KEY,
     listed_at timestamptz NOT NULL DEFAULT now()
@@ -268,7 +266,6 @@ BEGIN
         END IF;
     END LOOP;
     GRANT SELECT ON processgpt_sync_console_watch TO PUBLIC;
-    GRANT INSERT ON processgpt_sync_answer_held TO PUBLIC;
 END
 $$;
 

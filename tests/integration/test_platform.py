@@ -29,6 +29,7 @@ import processgpt_sync as ps
 from processgpt_sync.console import ConsoleConfig, ConsoleServer
 from processgpt_sync.errors import StorageError
 from processgpt_sync.events import make_event
+from processgpt_sync.human import question_data
 from processgpt_sync.models import Claim
 from processgpt_sync.retrying import HELD_BACK_MAX
 from processgpt_sync.stats import ServerStats
@@ -1206,6 +1207,42 @@ def test_an_answer_while_the_engine_holds_the_process_instance_resumes_the_todo_
         db.close()
     assert meanwhile == "HUMAN_ASKED"
     assert runs == [("fresh", None), ("human_answer", True)]
+
+
+def test_a_wait_for_work_keeps_no_lock_of_a_listed_todo_whose_instance_is_still_held(
+        upstream_database_url: str) -> None:
+    """An idle Supabase server's wait for work looks at the todos answered while held: one
+    whose process instance is still held is left, and the wait keeps none of the rows it
+    took meanwhile (the todo's), which a person or the engine may then write at once."""
+    db = connect(upstream_database_url)
+    db.execute("INSERT INTO bpm_proc_inst (proc_inst_id) VALUES ('held')")
+    store = next(backends := open_backend("supabase", upstream_database_url))
+    try:
+        todo = str(db.execute("SELECT processgpt_sync_enqueue_v1('held-wait', 'q', 'COMPLETE', "
+                              "NULL, 'step', 'held') AS id").fetchone()["id"])
+        (c,) = store.claim(agent_orch="held-wait", consumer="w", limit=1, lease_seconds=60,
+                           max_claims=3)
+        store.ask(c, "job-w", question_data("Ship it?", None, "confirm"))
+        store.finish([{"todo_id": c.todo_id, "token": c.token, "outcome": "asked"}])
+        with psycopg.connect(upstream_database_url) as engine:
+            engine.execute("SELECT 1 FROM bpm_proc_inst WHERE proc_inst_id = 'held' FOR UPDATE")
+            db.execute("INSERT INTO events (id, job_id, event_type, data, status) VALUES "
+                       "(%s, 'job-w', 'human_response', '{\"answer\": true}', 'APPROVED')",
+                       (str(uuid.uuid4()),))
+            waits = threading.Thread(target=store.wait_for_work, kwargs={
+                "agent_orch": "nothing-here", "consumer": "w", "seconds": 3})
+            waits.start()
+            time.sleep(1.0)
+            with psycopg.connect(upstream_database_url) as person:
+                person.execute("SET lock_timeout = '500ms'")
+                person.execute("SELECT 1 FROM todolist WHERE id = %s FOR UPDATE", (todo,))
+            waits.join(10)
+        listed = [str(r["todo_id"]) for r in db.execute(
+            "SELECT todo_id FROM processgpt_sync_answer_held")]
+    finally:
+        next(backends, None)
+        db.close()
+    assert listed == [todo]
 
 
 def test_two_servers_waiting_on_one_held_process_instance_run_its_todos_once_soon_after(

@@ -560,16 +560,25 @@ def listed_as_held(db):
         "SELECT todo_id FROM processgpt_sync_answer_held ORDER BY todo_id")]
 
 
+def as_on_supabase(database_url, db):
+    """The roles and grants of a Supabase project, and a tenant its users sign in to."""
+    db.execute(SUPABASE_ROLES)
+    db.execute(SUPABASE_GRANTS)
+    install_schema(database_url)
+    db.execute("INSERT INTO tenants (id) VALUES ('acme') ON CONFLICT DO NOTHING")
+
+
 def answer_as_a_signed_in_user(database_url, job_id, answer):
-    """The UI's insert under a statement timeout, as Supabase gives signed-in users (8 s)."""
-    with psycopg.connect(database_url, autocommit=True) as ui:
+    """The UI's insert as a signed-in user of tenant acme, under a statement timeout as
+    Supabase gives them one (8 s)."""
+    with signed_in(database_url, "acme") as ui:
         ui.execute("SET statement_timeout = '6s'")
         answer_as_the_ui(ui, job_id, answer)
 
 
 def suspended(storage, job_id="human_asked_a"):
-    """A todo suspended on question ``job_id``: its id."""
-    todo_id = storage.enqueue("life", "q")
+    """A todo of tenant acme suspended on question ``job_id``: its id."""
+    todo_id = storage.enqueue("life", "q", tenant_id="acme")
     (c,) = claim(storage)
     storage.ask(c, job_id, question_data("Ship it?", None, "confirm"))
     storage.finish([{"todo_id": c.todo_id, "token": c.token, "outcome": "asked"}])
@@ -581,7 +590,8 @@ def test_an_answer_to_a_todo_whose_row_is_held_is_stored_at_once_and_requeued_on
     """The BPM engine or a person's open edit holds the suspended todo's row when the UI
     answers: the UI's insert does not wait for it (a signed-in user's statement timeout, 8 s on
     Supabase, would fail it and lose the answer); a heartbeat requeues the todo once the row is
-    free, and not before."""
+    free, and not before. Nobody but the servers has rights on the list of such todos."""
+    as_on_supabase(database_url, db)
     todo_id = suspended(storage)
     with psycopg.connect(database_url) as holder:  # one transaction, open until the block ends
         holder.execute("SELECT 1 FROM todolist WHERE id = %s FOR UPDATE", (todo_id,))
@@ -593,6 +603,13 @@ def test_an_answer_to_a_todo_whose_row_is_held_is_stored_at_once_and_requeued_on
     storage.heartbeat("w1", [], 60, {"agent_orch": "life"})
     assert state(db, todo_id)["draft_status"] == "FB_REQUESTED"
     assert listed_as_held(db) == []
+    with signed_in(database_url, "acme") as ui:
+        for sql in ("INSERT INTO processgpt_sync_answer_held (todo_id) VALUES (%s)",
+                    "SELECT * FROM processgpt_sync_answer_held"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                ui.execute(sql, (str(uuid.uuid4()),) if "%s" in sql else ())
+        ui.execute("SELECT processgpt_sync_list_held_answer_v1(%s)", (str(uuid.uuid4()),))
+    assert listed_as_held(db) == [], "lists only a todo this library ran"
     (again,) = claim(storage, consumer="w2")
     assert (again.extras["resume"]["kind"], again.extras["resume"]["answer"]) == (
         "human_answer", True)
@@ -602,6 +619,7 @@ def test_an_idle_supabase_servers_wait_for_work_requeues_an_answer_whose_todo_wa
         database_url, db):
     """An idle server on Supabase makes no heartbeats (its waits for work keep its registry
     row): the wait requeues a listed todo, and says there is work."""
+    as_on_supabase(database_url, db)
     backend = open_backend("supabase", database_url)
     store = next(backend)
     try:
