@@ -50,12 +50,22 @@ def infrastructure_problem(error: BaseException | None) -> str | None:
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         if isinstance(current, OSError) and current.errno in FD_ERRNOS:
-            return f"{current}; {FD_ADVICE}"
-        if type(current) is RuntimeError and str(current).startswith(NO_THREAD):
-            return f"{current}; {THREAD_ADVICE}"
+            return f"{_said(current)}; {FD_ADVICE}"
+        if type(current) is RuntimeError and _said(current).startswith(NO_THREAD):
+            return f"{_said(current)}; {THREAD_ADVICE}"
         if isinstance(current, (InfrastructureError, StorageUnavailable)):
-            if "many open files" in str(current):  # libpq reports EMFILE as text
-                return f"{current}; {FD_ADVICE}"
-            return str(current)
+            if "many open files" in _said(current):  # libpq reports EMFILE as text
+                return f"{_said(current)}; {FD_ADVICE}"
+            return _said(current)
         current = current.__cause__ or current.__context__
     return None
+
+
+def _said(error: BaseException) -> str:
+    """``str(error)``, or its type's name where that raises (an argument whose ``__str__``
+    fails): telling the host's failures apart must not fail itself, or the todo would be
+    recorded by nobody."""
+    try:
+        return str(error)
+    except Exception:
+        return type(error).__name__

@@ -88,6 +88,35 @@ def test_an_error_whose_message_raises_fails_the_todo_once(storage, db, monkeypa
     assert "its outcome could not be recorded: TypeError" in row["log"]
     assert calls == ["broken message", "recording fails"]
 
+class Unprintable:
+    def __str__(self) -> str:
+        raise KeyError("repr")
+
+
+def test_a_runtime_error_whose_message_raises_in_the_chain_fails_the_todo(storage, db):
+    """Telling a host failure (a RuntimeError saying no thread could start) from the
+    executor's reads each RuntimeError's message: one whose message raises, even only as the
+    context of the error raised, is the executor's failure, recorded at once; the todo is not
+    left running with its lease renewed and its worker slot taken."""
+    def handle(todo):
+        unprintable = RuntimeError(Unprintable())
+        if todo.input == "cause":
+            raise ValueError("while handling it") from unprintable
+        try:
+            raise unprintable
+        except RuntimeError:
+            raise ValueError("while handling it")  # noqa: B904 (its context, as code has it)
+
+    for query in ("context", "cause"):
+        storage.enqueue("unprintable", query)
+    with ps.start(handle, agent_orch="unprintable", storage=storage, workers=1) as server:
+        wait_for(lambda: server.stats()["failed"] == 2)
+        running = server.stats()["running"]
+    logs = [r["log"] for r in db.execute("SELECT log FROM todolist")]
+    assert logs == ["ValueError: while handling it"] * 2
+    assert running == 0
+
+
 def test_an_executor_that_swallows_cancellation_cannot_write_after_a_ui_cancel(storage, db):
     todo_id = storage.enqueue("stubborn", "x")
     entered, carry_on = threading.Event(), threading.Event()
