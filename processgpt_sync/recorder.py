@@ -71,9 +71,13 @@ class Recorder:
         """Record what the executor's return ``value`` or ``error`` amounts to, unless the
         todo's outcome was already decided (timeout, shutdown) or it is no longer ours.
         Returns once the write is handed to the outcome writer; ``then()`` runs once it is
-        recorded (on the writer's thread), or could not be. If this raises, it has not run."""
+        recorded (on the writer's thread), or could not be; for a run the timeout closed,
+        never (the timeout's own write lets it go). If this raises, it has not run."""
         if not run.close():
-            then()  # timed out or given back: its outcome is already recorded
+            if run.cancel_reason != "timeout":
+                then()  # given back as the server stops: the stop writes that
+            # else the timeout's failure, being written, lets the run go once it is: until
+            # then the run stays in flight (its lease renewed, the stop waiting for it)
             return
         reason = run.cancel_reason
         if reason == "cancelled":
@@ -341,9 +345,10 @@ class Recorder:
                 self._log.warning("draft of todo %s refused (%s)", run.todo_id,
                                   outcome.reason, extra=self._todo_extra(run, "save_draft"))
             return
-        events = self._buffer.take(run.todo_id, run.claim.token, ids=True)
+        events: list[dict[str, Any]] = []
         try:
-            with run.clock_stopped():
+            with run.clock_stopped():  # taking the events waits for a write of them under way
+                events = self._buffer.take(run.todo_id, run.claim.token, ids=True)
                 outcome = self.retry(
                     lambda: self._storage.save_result(run.claim, data, final=False,
                                                       events=events),

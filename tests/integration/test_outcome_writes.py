@@ -505,6 +505,73 @@ def test_a_lease_is_renewed_while_the_todos_outcome_waits_to_be_written(database
     assert (row["s"], row["output"], row["claim_count"]) == ("COMPLETED", {"ok": True}, 1)
 
 
+def test_a_timed_out_todo_whose_executor_then_returns_keeps_its_lease_until_it_is_written(
+        database_url, db):
+    """The todo timed out and its executor returned as it was told to stop, while the
+    timeout's failure cannot be written yet: the run stays this server's until it is, its
+    lease renewed, so no other server runs it again meanwhile."""
+    FinishUnreachable.healed = threading.Event()
+    storage = FinishUnreachable(database_url)
+    other = PostgresStorage(database_url)
+    todo_id = storage.enqueue(AGENT, "x")
+
+    def handle(todo):
+        todo.cancel_event.wait(30)
+        return {"too": "late"}
+
+    server = ps.start(handle, agent_orch=AGENT, storage=storage, lease_seconds=2, timeout=0.5)
+    try:
+        wait_for(lambda: server.stats()["running"] == 0, timeout=10)  # it returned
+        time.sleep(4)  # two leases' time: only heartbeats keep it
+        taken = other.claim(agent_orch=AGENT, consumer="other", limit=1, lease_seconds=60,
+                            max_claims=3)
+        FinishUnreachable.healed.set()
+        wait_for(lambda: server.stats()["failed"] == 1, timeout=20)
+    finally:
+        FinishUnreachable.healed.set()
+        server.stop()
+        storage.close()
+        other.close()
+    assert taken == []
+    row = db.execute("SELECT draft_status::text AS s, log, claim_count FROM todolist "
+                     "WHERE id = %s", (todo_id,)).fetchone()
+    assert (row["s"], row["claim_count"]) == ("FAILED", 1)
+    assert "timed out after 0.5 s" in row["log"]
+
+
+class SlowEvents(PostgresStorage):
+    """Each write of events takes 2 s (a slow database, a statement waiting on a lock)."""
+
+    def record_events(self, events: Any) -> Any:
+        time.sleep(2.0)
+        return super().record_events(events)
+
+
+def test_a_draft_waiting_for_its_todos_events_write_is_not_counted_against_the_timeout(
+        database_url, db):
+    """A draft takes the todo's waiting events with it, and waits for a write of them under
+    way first: that wait is the database's time, not the executor's, as the draft's own
+    write is."""
+    storage = SlowEvents(database_url)
+    todo_id = storage.enqueue(AGENT, "x")
+
+    def handle(todo):
+        todo.events.progress("working")
+        time.sleep(0.3)  # its write is under way
+        todo.events.result({"half": True}, final=False)
+        return {"done": True}
+
+    try:
+        with ps.start(handle, agent_orch=AGENT, storage=storage, timeout=1.5) as server:
+            wait_for(lambda: server.stats()["completed"] + server.stats()["failed"] == 1,
+                     timeout=20)
+    finally:
+        storage.close()
+    row = db.execute("SELECT draft_status::text AS s, output FROM todolist WHERE id = %s",
+                     (todo_id,)).fetchone()
+    assert (row["s"], row["output"]) == ("COMPLETED", {"done": True})
+
+
 class DiesOnFinish(PostgresStorage):
     def finish(self, items: list[dict[str, Any]]) -> Any:
         raise SystemExit("the driver broke")
