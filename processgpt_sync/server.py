@@ -237,8 +237,10 @@ class Server:
         self._inflight.wake.set()
         if not parts.claimer.waiting_for_work:  # after a wait for work, no claim follows
             self._join("claimer", left())
-        try:
-            parts.shutdown.drain(self._inflight, parts.buffer, parts.worker.cancel, grace, left)
+        try:  # the grace counts from here: what the claimer's join took is not given again
+            grace_left = max(0.0, begun + grace - time.monotonic())
+            parts.shutdown.drain(self._inflight, parts.buffer, parts.worker.cancel, grace_left,
+                                 left)
         finally:
             self._threads_stop.set()
             if parts.listener is not None and self._inflight.listening:

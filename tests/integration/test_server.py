@@ -488,6 +488,51 @@ def test_ui_cancel_runs_the_cancel_hook_and_writes_nothing_more(storage, db):
     assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
 
 
+class SlowClaimOnce(PostgresStorage):
+    """Once ``slow`` is set, the next claim takes 3 s to answer (a claim waiting on a lock, a
+    slow link)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.slow = threading.Event()
+        self.slowed = threading.Event()
+
+    def claim(self, **kwargs):
+        if self.slow.is_set() and not self.slowed.is_set():
+            self.slowed.set()
+            time.sleep(3.0)
+        return super().claim(**kwargs)
+
+
+def test_a_stop_waiting_for_a_slow_claim_gives_the_running_todos_back_within_its_grace(
+        database_url, db, monkeypatch):
+    """stop() first waits for the claim under way, then for the running todos: the grace
+    counts from the stop, not once more after that wait, so time is left to give back what
+    still runs rather than leave it to its lease."""
+    monkeypatch.setattr("processgpt_sync.server.STOP_MARGIN", 2.0)
+    store = SlowClaimOnce(database_url)
+    first = store.enqueue("a", "runs")
+
+    def handle(todo):
+        todo.cancel_event.wait(30)
+        return {"too": "late"}
+
+    server = ps.start(handle, agent_orch="a", storage=store, workers=2)
+    try:
+        wait_for(lambda: server.stats()["running"] == 1)
+        store.slow.set()
+        store.enqueue("a", "claimed as the server stops")  # its NOTIFY starts the slow claim
+        assert store.slowed.wait(10)
+        server.stop(timeout=2)
+    finally:
+        server.stop()
+        store.close()
+    row = db.execute("SELECT draft_status::text AS s, consumer FROM todolist WHERE id = %s",
+                     (first,)).fetchone()
+    assert (row["s"], row["consumer"]) == (None, None), "given back, not left to its lease"
+    assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
+
+
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="none")
 
 
