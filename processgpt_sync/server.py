@@ -242,35 +242,42 @@ class Server:
             parts.shutdown.drain(self._inflight, parts.buffer, parts.worker.cancel, grace_left,
                                  left)
         finally:
-            self._threads_stop.set()
-            if parts.listener is not None and self._inflight.listening:
-                # else its wait for a notification ends within 1 s; on a dead network path
-                # the wake is left behind (it ends within 2 s) rather than take the time of
-                # the steps below
-                bounded(parts.listener.wake, min(WAKE_WAIT, left()), "wake-listener")
-            for name in ("heartbeat", "listener"):
-                self._join(name, left())
-            if not parts.buffer.close(timeout=left()):
-                self._log.error("stopping: %d events could not be written in time (the database "
-                                "is unreachable); they are lost", parts.buffer.pending,
-                                extra={**self._extra, "action": "stop_server"})
-            parts.outcomes.close(timeout=left(STOP_TAIL))
-            # From here on nothing retries: a write still waiting fails instead of retrying
-            # for ever against the closed pool, so no thread outlives the server.
-            self._abort.set()
-            parts.shutdown.deregister(left(STOP_TAIL))
-            dropped = parts.pool.shutdown()
-            if dropped:  # todos not started were given back by the drain: these are outcomes
-                self._log.warning("stopping: %d outcomes still waiting for a worker thread were "
-                                  "not recorded; those todos run again when their leases expire",
-                                  dropped, extra={**self._extra, "action": "stop_server"})
-            self._close_adapter(left(STOP_TAIL))
-            self._close_storage(left(STOP_TAIL))
-            self._gc.release()
-            self._stopped.set()
-            exit_stop.untrack(self)
+            try:
+                self._close_down(parts, left)
+            finally:  # whatever failed above: stop() and join() waiting on it return
+                self._gc.release()
+                self._stopped.set()
+                exit_stop.untrack(self)
             self._log.info("stopped in %.1fs", time.monotonic() - begun,
                            extra={**self._extra, "action": "stopped"})
+
+    def _close_down(self, parts: _Parts, left: Callable[..., float]) -> None:
+        """stop() after the drain: end the server's threads, write what is left, leave the
+        registry and close the pool, each step bounded by ``left()``."""
+        self._threads_stop.set()
+        if parts.listener is not None and self._inflight.listening:
+            # else its wait for a notification ends within 1 s; on a dead network path
+            # the wake is left behind (it ends within 2 s) rather than take the time of
+            # the steps below
+            bounded(parts.listener.wake, min(WAKE_WAIT, left()), "wake-listener")
+        for name in ("heartbeat", "listener"):
+            self._join(name, left())
+        if not parts.buffer.close(timeout=left()):
+            self._log.error("stopping: %d events could not be written in time (the database "
+                            "is unreachable); they are lost", parts.buffer.pending,
+                            extra={**self._extra, "action": "stop_server"})
+        parts.outcomes.close(timeout=left(STOP_TAIL))
+        # From here on nothing retries: a write still waiting fails instead of retrying
+        # for ever against the closed pool, so no thread outlives the server.
+        self._abort.set()
+        parts.shutdown.deregister(left(STOP_TAIL))
+        dropped = parts.pool.shutdown()
+        if dropped:  # todos not started were given back by the drain: these are outcomes
+            self._log.warning("stopping: %d outcomes still waiting for a worker thread were "
+                              "not recorded; those todos run again when their leases expire",
+                              dropped, extra={**self._extra, "action": "stop_server"})
+        self._close_adapter(left(STOP_TAIL))
+        self._close_storage(left(STOP_TAIL))
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until the server has stopped; False if ``timeout`` ran out first."""

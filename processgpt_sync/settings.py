@@ -7,6 +7,7 @@ import difflib
 import logging
 import math
 import os
+import re
 import socket
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -71,8 +72,7 @@ def behind_transaction_pooler(transaction_pooler: bool | None, database_url: str
     """As set, else whether the URL names Supabase's transaction pooler port (6543)."""
     if transaction_pooler is not None:
         return transaction_pooler
-    url = database_url or ""
-    return ":6543/" in url or "port=6543" in url
+    return re.search(r":6543(?:[/?]|$)|\bport=6543\b", database_url or "") is not None
 
 
 CONNECTION_FIELDS = ("transaction_pooler", "statement_timeout", "tcp_timeout")

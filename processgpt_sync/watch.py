@@ -108,12 +108,16 @@ class WorkWaiter:
         self._saw_work = False
         seconds = min(self._storage.wait_seconds, idle_interval(self.settings))
         while not self._stop.is_set():
+            began = time.monotonic()
             found = self._wait(seconds)
             if found is None:
                 return
             if found:
                 self._saw_work = True
                 return
+            # the database cut the wait short (a role's statement_timeout of a second or
+            # less): the rest of it is waited here, not asked for again at once
+            self._stop.wait(max(0.0, seconds - (time.monotonic() - began)))
 
     def _wait(self, seconds: float) -> bool | None:
         """One wait for work: whether there is some, or None when it failed (logged, after a
@@ -280,12 +284,14 @@ class Watchers:
                         # polled meanwhile; once listening again, a claim looks for what was
                         # announced while it did not listen
                         self._inflight.listening = False
+                        self._inflight.wake.set()  # the claimer polls from now on
                         self._stats.count("listener_reconnects")
                         listener.close()
                 notes = listener.wait(LISTEN_WAIT)
             except StorageError as exc:
                 attempt += 1
                 self._inflight.listening = False
+                self._inflight.wake.set()  # the claimer polls from now on
                 self._log.warning("listener connection lost (attempt %d), reconnecting: %s",
                                   attempt, exc, extra={**self._extra, "action": "listen"})
                 self._stop.wait(backoff(attempt, base=0.25))

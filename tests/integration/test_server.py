@@ -488,6 +488,67 @@ def test_ui_cancel_runs_the_cancel_hook_and_writes_nothing_more(storage, db):
     assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
 
 
+def test_work_added_while_the_listener_is_lost_is_claimed_at_the_polling_pace(database_url,
+                                                                               db):
+    """An idle listening server claims again only at its idle pace (15 s with the default
+    lease), counting on NOTIFY; once its LISTEN connection is lost and cannot be opened again,
+    it polls from then on, not from the end of that wait: new work waits a poll interval at
+    most."""
+    from processgpt_sync.storage.postgres import PostgresListener
+
+    refuse = threading.Event()
+    listeners: list[PostgresListener] = []
+
+    class Listener(PostgresListener):
+        def connect(self) -> None:
+            if refuse.is_set():
+                raise ps.StorageUnavailable("the listener's path is down")
+            super().connect()
+
+    class Storage(PostgresStorage):
+        def listener(self, channels):
+            listeners.append(Listener(self._link, channels))
+            return listeners[-1]
+
+    store = Storage(database_url)
+    server = ps.start(lambda todo: {"ok": True}, agent_orch="a", storage=store,
+                      poll_interval=1.0)
+    try:
+        wait_for(lambda: server.stats()["listening"])
+        time.sleep(0.5)  # the claimer waits at its idle pace
+        refuse.set()
+        (listener,) = listeners
+        db.execute("SELECT pg_terminate_backend(%s)", (listener.backend_pid(),))
+        wait_for(lambda: not server.stats()["listening"], timeout=10)
+        added = time.monotonic()
+        store.enqueue("a", "while the listener is lost")
+        wait_for(lambda: server.stats()["completed"] == 1, timeout=20)
+        took = time.monotonic() - added
+    finally:
+        refuse.clear()
+        server.stop(timeout=5)
+        store.close()
+    assert took < 4.0, f"claimed {took:.1f}s after it was added"
+
+
+def test_a_stop_whose_last_step_fails_still_counts_as_stopped(database_url, monkeypatch):
+    """A step of stop() that raises is the caller's to see, but the server is stopped all the
+    same: join() returns and a second stop() does not wait for ever."""
+    def broken(self, timeout):
+        raise RuntimeError("closing the executor failed")
+
+    store = PostgresStorage(database_url)
+    server = ps.start(lambda todo: {"ok": True}, agent_orch="a", storage=store)
+    monkeypatch.setattr(ps.Server, "_close_adapter", broken)
+    try:
+        with pytest.raises(RuntimeError, match="closing the executor failed"):
+            server.stop(timeout=1)
+        assert server.join(5)
+        server.stop()
+    finally:
+        store.close()
+
+
 class SlowClaimOnce(PostgresStorage):
     """Once ``slow`` is set, the next claim takes 3 s to answer (a claim waiting on a lock, a
     slow link)."""

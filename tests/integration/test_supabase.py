@@ -583,6 +583,33 @@ def test_a_wait_for_work_ends_inside_the_statement_timeout_of_the_role(database_
     assert found is False  # neither cancelled by the 2 s timeout nor any work
 
 
+def test_an_idle_server_under_a_one_second_role_timeout_does_not_wait_in_a_loop(
+        database_url, db):
+    """A role's statement_timeout of a second leaves the database no time to wait for work:
+    each wait returns at once, and the server waits out the rest itself rather than ask again
+    at once, hundreds of times a second."""
+    name = db.execute("SELECT current_database() AS name").fetchone()["name"]
+    db.execute(f'ALTER DATABASE "{name}" SET statement_timeout = \'1s\'')
+    gateway = Gateway(database_url)
+    store = CountingWaits(gateway.url, SERVICE_KEY)
+    try:
+        with ps.start(lambda todo: {"ok": True}, agent_orch="idle", storage=store,
+                      lease_seconds=8):
+            time.sleep(3.0)
+    finally:
+        store.close()
+        gateway.close()
+    assert 1 <= store.waits <= 3, f"{store.waits} waits for work in 3 s"
+
+
+class CountingWaits(SupabaseStorage):
+    waits = 0
+
+    def wait_for_work(self, **kwargs):
+        self.waits += 1
+        return super().wait_for_work(**kwargs)
+
+
 def test_a_todo_whose_row_is_held_waits_without_holding_up_the_others_outcomes(
         supabase, database_url, db):
     """Through the REST API as directly: another transaction holds one finished todo's row;

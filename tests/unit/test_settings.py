@@ -91,6 +91,12 @@ def test_a_transaction_pooler_is_detected_by_port_or_set_explicitly():
     assert pooled.behind_transaction_pooler
     direct = Settings(agent_orch="a", database_url="postgresql://u:p@db:5432/postgres")
     assert not direct.behind_transaction_pooler
+    for url in ("postgresql://u:p@pooler.supabase.com:6543?sslmode=require",
+                "postgresql://u:p@pooler.supabase.com:6543",
+                "host=pooler.supabase.com port=6543 dbname=postgres"):
+        assert Settings(agent_orch="a", database_url=url).behind_transaction_pooler, url
+    for url in ("postgresql://u:p@db:65430/postgres", "host=db port=65431"):
+        assert not Settings(agent_orch="a", database_url=url).behind_transaction_pooler, url
     forced = Settings.from_env({"PROCESSGPT_AGENT_ORCH": "a",
                                 "PROCESSGPT_TRANSACTION_POOLER": "yes",
                                 "DATABASE_URL": "postgresql://u@db/x"})
