@@ -244,7 +244,8 @@ class Server:
         finally:
             try:
                 self._close_down(parts, left)
-            finally:  # whatever failed above: stop() and join() waiting on it return
+            finally:  # whatever failed above: no retry outlives it, stop() and join() return
+                self._abort.set()
                 self._gc.release()
                 self._stopped.set()
                 exit_stop.untrack(self)
@@ -270,7 +271,8 @@ class Server:
         # From here on nothing retries: a write still waiting fails instead of retrying
         # for ever against the closed pool, so no thread outlives the server.
         self._abort.set()
-        parts.shutdown.deregister(left(STOP_TAIL))
+        parts.shutdown.deregister(left(STOP_TAIL), self._inflight.unanswered_claims(
+            2.0 * self.settings.lease_seconds))
         dropped = parts.pool.shutdown()
         if dropped:  # todos not started were given back by the drain: these are outcomes
             self._log.warning("stopping: %d outcomes still waiting for a worker thread were "

@@ -165,11 +165,13 @@ class Shutdown:
                               "claims them once it is free", ", ".join(held_back),
                               extra={**self._extra, "action": "release"})
 
-    def deregister(self, timeout: float) -> None:
-        """Leave the server registry (``status`` no longer lists this server)."""
+    def deregister(self, timeout: float, unanswered: list[str]) -> None:
+        """Leave the server registry (``status`` no longer lists this server), giving back the
+        claims of the ``unanswered`` claim calls (no heartbeat may come to name them now)."""
         consumer = self._settings.consumer
-        done, result = bounded(lambda: self._storage.server_stopped(consumer, self._instance),
-                               timeout, "deregister")
+        done, result = bounded(
+            lambda: self._storage.server_stopped(consumer, self._instance, unanswered),
+            timeout, "deregister")
         if not done or isinstance(result, BaseException):
             self._log.warning("could not remove this server from the registry (%s); it shows "
                               "as dead once its heartbeat is stale",

@@ -187,8 +187,8 @@ class TodoWorker:
                                   error_text(error), exc_info=error,
                                   extra=self._todo_extra(run, "execute"))
             if problem is not None:
-                self._give_back_broken(run, problem)
-                recorded()
+                if self._give_back_broken(run, problem) or run.cancel_reason != "timeout":
+                    recorded()  # else the timeout's failure, being written, lets the run go
             else:
                 self._inflight.host_recovered()
                 # Returns once the outcome is handed to the writer: this thread is free for
@@ -304,10 +304,11 @@ class TodoWorker:
             self._log.exception("the executor's cancel hook failed for todo %s", run.todo_id,
                                 extra=self._todo_extra(run, "cancel"))
 
-    def _give_back_broken(self, run: TodoRun, problem: str) -> None:
-        """The host, not the executor, broke this run: give the todo back to run again."""
+    def _give_back_broken(self, run: TodoRun, problem: str) -> bool:
+        """The host, not the executor, broke this run: give the todo back to run again; False
+        if its outcome was decided already (timed out, given back by the stop)."""
         if not run.close():
-            return
+            return False
         self._log.error("todo %s could not run here: %s; giving it back to run again (not "
                         "recorded as failed)", run.todo_id, problem,
                         extra=self._todo_extra(run, "release"))
@@ -315,6 +316,7 @@ class TodoWorker:
         self._inflight.pause_claiming()
         if self._recorder.release(run):
             self._stats.count("released")
+        return True
 
     def _todo_extra(self, run: TodoRun, action: str) -> dict[str, Any]:
         return {**self._extra, "action": action, "todo_id": run.todo_id}

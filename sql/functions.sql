@@ -1707,9 +1707,9 @@ $$;
 
 -- The todos whose answers came while their rows were held (processgpt_sync_answer_held), the
 -- longest listed first, at most 100 a call: those free now are requeued (take_answer_v1) and
--- leave the list; one still held stays, without a wait for it and with no lock on it kept
--- (its own subtransaction is rolled back), and so does one whose requeue failed (a warning
--- says why). Two callers at once may both requeue a todo: the second changes nothing. The
+-- leave the list; one still held stays, without a wait for it; and so does one whose requeue
+-- failed (a warning says why). No lock is kept of a todo not requeued (its subtransaction is
+-- rolled back), so a wait for work that follows holds none. Two callers at once may both requeue a todo: the second changes nothing. The
 -- number of todos requeued.
 CREATE OR REPLACE FUNCTION processgpt_sync_take_held_answers_v1()
 RETURNS integer LANGUAGE plpgsql AS $$
@@ -1724,13 +1724,18 @@ BEGIN
             IF NOT processgpt_sync_todo_free_v1(v_todo_id, 0) THEN
                 RAISE EXCEPTION USING ERRCODE = 'lock_not_available';  -- drops its locks
             END IF;
-            IF processgpt_sync_take_answer_v1(v_todo_id) THEN
-                v_requeued := v_requeued + 1;
+            IF NOT processgpt_sync_take_answer_v1(v_todo_id) THEN
+                -- nothing to requeue (asked again, answered meanwhile, ended): its locks
+                -- dropped too, as a wait for work would keep them through its wait
+                RAISE EXCEPTION USING ERRCODE = 'PS003';
             END IF;
+            v_requeued := v_requeued + 1;
             DELETE FROM processgpt_sync_answer_held WHERE todo_id = v_todo_id;
         EXCEPTION
             WHEN lock_not_available THEN
                 NULL;  -- still held: looked at again next time
+            WHEN SQLSTATE 'PS003' THEN
+                DELETE FROM processgpt_sync_answer_held WHERE todo_id = v_todo_id;
             WHEN OTHERS THEN
                 RAISE WARNING 'processgpt-sync: todo % answered, not requeued yet: %',
                     v_todo_id, SQLERRM;
@@ -1795,6 +1800,9 @@ CREATE TRIGGER processgpt_sync_answer
 -- Matched by token: a todo another server claimed meanwhile (a new token) is not touched.
 CREATE OR REPLACE FUNCTION processgpt_sync_give_back_held_v1(p_todo_ids uuid[], p_tokens uuid[])
 RETURNS void LANGUAGE sql AS $$
+    -- the leases in order first, as finish_v1 and renew_v1 take them: no deadlock with them
+    SELECT 1 FROM processgpt_sync_lease l WHERE l.todo_id = ANY (p_todo_ids)
+    ORDER BY l.todo_id FOR UPDATE OF l;
     UPDATE processgpt_sync_lease l
     SET given_back = true, expires_at = least(l.expires_at, now())
     FROM unnest(p_todo_ids, p_tokens) AS p(todo_id, token), todolist t
@@ -2382,6 +2390,46 @@ BEGIN
 END
 $$;
 
+-- Claims a server holds leases of but does not run (orphans: a claim whose answer it never got,
+-- the runs of its earlier run; at its stop, what it could not give back or write): given back
+-- now rather than at their leases' expiry. Only rows no other transaction holds (a person's
+-- open UPDATE) are written, whose process instance is free too: waiting here would hold up the
+-- caller (a heartbeat: the renewal of every other lease of its server). A held one is marked
+-- given back (see give_back_held_v1) for any claim to take once free. The claims written back
+-- (o_ids) and how many were (o_released).
+CREATE OR REPLACE FUNCTION processgpt_sync_give_back_orphans_v1(
+    p_todo_ids uuid[], p_tokens uuid[], OUT o_ids uuid[], OUT o_released integer)
+RETURNS record LANGUAGE plpgsql AS $$
+DECLARE
+    v_tokens uuid[];
+    v_free uuid[];
+BEGIN
+    o_released := 0;
+    WITH lockable AS (
+        SELECT o.todo_id, o.token
+        FROM unnest(p_todo_ids, p_tokens) AS o(todo_id, token)
+        JOIN todolist t ON t.id = o.todo_id
+        ORDER BY o.todo_id
+        FOR UPDATE OF t SKIP LOCKED
+    )
+    SELECT array_agg(todo_id), array_agg(token) INTO o_ids, v_tokens FROM lockable;
+    IF o_ids IS NOT NULL THEN  -- nor those whose process instance another one holds
+        v_free := processgpt_sync_free_of_held_insts_v1(o_ids);
+        SELECT array_agg(o.todo_id), array_agg(o.token) INTO o_ids, v_tokens
+        FROM unnest(o_ids, v_tokens) AS o(todo_id, token)
+        WHERE o.todo_id = ANY (v_free);
+    END IF;
+    IF o_ids IS NOT NULL THEN
+        o_released := processgpt_sync_release_v1(o_ids, v_tokens);
+    END IF;
+    PERFORM processgpt_sync_give_back_held_v1(  -- those given back leave their leases
+        ARRAY(SELECT o.todo_id FROM unnest(p_todo_ids, p_tokens) AS o(todo_id, token)
+              WHERE NOT o.todo_id = ANY (coalesce(o_ids, '{}')) ORDER BY o.todo_id),
+        ARRAY(SELECT o.token FROM unnest(p_todo_ids, p_tokens) AS o(todo_id, token)
+              WHERE NOT o.todo_id = ANY (coalesce(o_ids, '{}')) ORDER BY o.todo_id));
+END
+$$;
+
 -- The heartbeat of one server: renew its leases (as processgpt_sync_renew_v1) and refresh its
 -- row in the server registry, in one call and one transaction. p_server holds agent_orch,
 -- host, pid, version, heartbeat_seconds, running, completed and any other counters (stats),
@@ -2410,9 +2458,6 @@ DECLARE
     v_new_run boolean := false;
     v_orphan_ids uuid[];
     v_orphan_tokens uuid[];
-    v_all_orphans uuid[];
-    v_all_tokens uuid[];
-    v_free uuid[];
     v_orphans integer := 0;
 BEGIN
     -- one registry change per consumer at a time (a stop and a late heartbeat may cross)
@@ -2447,35 +2492,9 @@ BEGIN
            OR (v_new_run AND l.instance IS DISTINCT FROM v_instance)
            OR (v_instance IS NULL AND jsonb_typeof(p_server->'known') = 'array'
                AND NOT l.todo_id::text IN (SELECT jsonb_array_elements_text(p_server->'known'))));
-    v_all_orphans := v_orphan_ids;
-    v_all_tokens := v_orphan_tokens;
     IF v_orphan_ids IS NOT NULL THEN
-        -- Only rows no other transaction holds (a person's open UPDATE): waiting here would
-        -- hold up the renewal of every other lease of this server until they expire. A held
-        -- one is marked given back (see give_back_held_v1) for any claim to take once free.
-        WITH lockable AS (
-            SELECT o.todo_id, o.token
-            FROM unnest(v_orphan_ids, v_orphan_tokens) AS o(todo_id, token)
-            JOIN todolist t ON t.id = o.todo_id
-            FOR UPDATE OF t SKIP LOCKED
-        )
-        SELECT array_agg(todo_id), array_agg(token) INTO v_orphan_ids, v_orphan_tokens
-        FROM lockable;
-    END IF;
-    IF v_orphan_ids IS NOT NULL THEN  -- nor those whose process instance another one holds
-        v_free := processgpt_sync_free_of_held_insts_v1(v_orphan_ids);
-        SELECT array_agg(o.todo_id), array_agg(o.token) INTO v_orphan_ids, v_orphan_tokens
-        FROM unnest(v_orphan_ids, v_orphan_tokens) AS o(todo_id, token)
-        WHERE o.todo_id = ANY (v_free);
-    END IF;
-    IF v_orphan_ids IS NOT NULL THEN
-        v_orphans := processgpt_sync_release_v1(v_orphan_ids, v_orphan_tokens);
-    END IF;
-    IF v_all_orphans IS NOT NULL THEN  -- those given back leave their leases
-        SELECT array_agg(o.todo_id), array_agg(o.token) INTO v_all_orphans, v_all_tokens
-        FROM unnest(v_all_orphans, v_all_tokens) AS o(todo_id, token)
-        WHERE NOT o.todo_id = ANY (coalesce(v_orphan_ids, '{}'));
-        PERFORM processgpt_sync_give_back_held_v1(v_all_orphans, v_all_tokens);
+        SELECT g.o_ids, g.o_released INTO v_orphan_ids, v_orphans
+        FROM processgpt_sync_give_back_orphans_v1(v_orphan_ids, v_orphan_tokens) g;
     END IF;
     INSERT INTO processgpt_sync_server AS s
         (consumer, agent_orch, host, pid, version, heartbeat_seconds, running, completed, stats,
@@ -2504,14 +2523,21 @@ BEGIN
 END
 $$;
 
--- A server stopped cleanly: remove its registry row, and remember its run (p_instance) so that
--- a heartbeat of it still on its way is ignored. Only that run's row is removed: a stop the
--- network delivers after a new run took the name leaves the new run alone. True if there was
--- a row.
-CREATE OR REPLACE FUNCTION processgpt_sync_server_stopped_v2(p_consumer text, p_instance text)
+-- A server stopped: remove its registry row, remember its run (p_instance) so that a
+-- heartbeat of it still on its way is ignored, and give back the claims of the calls it got no
+-- answer to (p_unanswered, as its heartbeat names them: the claim committed, the server never
+-- learned of it, and no heartbeat named it since), rather than leave them to their leases'
+-- expiry and count them as one more claim. Its other leases are left alone: an outcome it
+-- could not write in time may still be on its way. A claim of the run under way is waited for
+-- (the lock below), a later one is refused. Only that run's row is removed: a stop the network
+-- delivers after a new run took the name leaves the new run alone. True if there was a row.
+CREATE OR REPLACE FUNCTION processgpt_sync_server_stopped_v3(p_consumer text, p_instance text,
+                                                             p_unanswered jsonb)
 RETURNS boolean LANGUAGE plpgsql AS $$
 DECLARE
     v_gone boolean;
+    v_ids uuid[];
+    v_tokens uuid[];
 BEGIN
     PERFORM pg_advisory_xact_lock(hashtext('processgpt_sync_server'), hashtext(p_consumer));
     DELETE FROM processgpt_sync_server_stopped WHERE stopped_at < now() - interval '1 day';
@@ -2519,12 +2545,28 @@ BEGIN
         INSERT INTO processgpt_sync_server_stopped (instance) VALUES (p_instance)
         ON CONFLICT (instance) DO NOTHING;
     END IF;
+    IF jsonb_typeof(p_unanswered) = 'array' THEN
+        SELECT array_agg(l.todo_id ORDER BY l.todo_id), array_agg(l.claim_token ORDER BY l.todo_id)
+        INTO v_ids, v_tokens
+        FROM processgpt_sync_lease l
+        WHERE l.consumer = p_consumer AND NOT l.given_back
+          AND l.claim_call IN (SELECT processgpt_sync_uuid_or_null_v1(c)
+                               FROM jsonb_array_elements_text(p_unanswered) c);
+        IF v_ids IS NOT NULL THEN
+            PERFORM processgpt_sync_give_back_orphans_v1(v_ids, v_tokens);
+        END IF;
+    END IF;
     WITH gone AS (DELETE FROM processgpt_sync_server
                   WHERE consumer = p_consumer AND instance IS NOT DISTINCT FROM p_instance
                   RETURNING 1)
     SELECT EXISTS (SELECT 1 FROM gone) INTO v_gone;
     RETURN v_gone;
 END
+$$;
+
+CREATE OR REPLACE FUNCTION processgpt_sync_server_stopped_v2(p_consumer text, p_instance text)
+RETURNS boolean LANGUAGE sql AS $$  -- servers of earlier versions
+    SELECT processgpt_sync_server_stopped_v3(p_consumer, p_instance, NULL)
 $$;
 
 -- The stop of servers of an earlier version (they name no run): remove the row.
@@ -2976,7 +3018,8 @@ BEGIN
     END IF;
     -- The triggers run as the role writing the row (the ProcessGPT UI's, another agent's):
     -- what they call must be executable by that role. None of these functions reaches past
-    -- the caller's own privileges.
+    -- the caller's own privileges, but list_held_answer_v1 (below), which runs with its
+    -- owner's and only lists an existing todo of this library for the servers to look at.
     GRANT EXECUTE ON FUNCTION processgpt_sync_notify_text_v1(text, text) TO PUBLIC;
     GRANT EXECUTE ON FUNCTION processgpt_sync_uuid_or_null_v1(text) TO PUBLIC;
     GRANT EXECUTE ON FUNCTION processgpt_sync_take_answer_v1(uuid) TO PUBLIC;

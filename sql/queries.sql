@@ -63,8 +63,8 @@ SELECT processgpt_sync_heartbeat_v1(p_consumer => %(p_consumer)s::text, p_todo_i
 SELECT processgpt_sync_wait_for_work_v1(p_agent_orch => %(p_agent_orch)s::text, p_consumer => %(p_consumer)s::text, p_seconds => %(p_seconds)s::real, p_tenant_id => %(p_tenant_id)s::text)
 
 -- server_stopped --
--- Remove a cleanly stopped server's registry row
-SELECT processgpt_sync_server_stopped_v2(p_consumer => %(p_consumer)s::text, p_instance => %(p_instance)s::text)
+-- Remove a stopped server's registry row; give back the claims of calls it got no answer to
+SELECT processgpt_sync_server_stopped_v3(p_consumer => %(p_consumer)s::text, p_instance => %(p_instance)s::text, p_unanswered => %(p_unanswered)s::jsonb)
 
 -- servers --
 -- The server registry, with each server's liveness

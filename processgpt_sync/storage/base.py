@@ -292,11 +292,14 @@ class Storage(abc.ABC):
         params = {**_lease_params(consumer, claims, lease_seconds), "p_server": dict(server)}
         return LeaseReport.from_json(self.call("heartbeat", params))
 
-    def server_stopped(self, consumer: str, instance: str | None = None) -> bool:
-        """Remove a cleanly stopped server's registry row (only its run's ``instance``) and
-        remember the run, so that its heartbeats still on the way do nothing."""
+    def server_stopped(self, consumer: str, instance: str | None = None,
+                       unanswered: Sequence[str] = ()) -> bool:
+        """Remove a stopped server's registry row (only its run's ``instance``) and remember
+        the run, so that its heartbeats still on the way do nothing; give back the claims of
+        the ``unanswered`` claim calls (their answers were lost; no heartbeat named them)."""
         return bool(self.call("server_stopped", {"p_consumer": consumer,
-                                                 "p_instance": instance}))
+                                                 "p_instance": instance,
+                                                 "p_unanswered": list(unanswered)}))
 
     def servers(self, agent_orch: str | None = None,
                 consumer: str | None = None) -> list[Mapping[str, Any]]:

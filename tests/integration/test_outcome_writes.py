@@ -505,23 +505,30 @@ def test_a_lease_is_renewed_while_the_todos_outcome_waits_to_be_written(database
     assert (row["s"], row["output"], row["claim_count"]) == ("COMPLETED", {"ok": True}, 1)
 
 
+@pytest.mark.parametrize("ends", ["returns", "raises a host failure"])
 def test_a_timed_out_todo_whose_executor_then_returns_keeps_its_lease_until_it_is_written(
-        database_url, db):
-    """The todo timed out and its executor returned as it was told to stop, while the
-    timeout's failure cannot be written yet: the run stays this server's until it is, its
-    lease renewed, so no other server runs it again meanwhile."""
+        database_url, db, ends):
+    """The todo timed out and its executor returned as it was told to stop (or raised what
+    looks like the host's failure), while the timeout's failure cannot be written yet: the
+    run stays this server's until it is, its lease renewed, so no other server runs it again
+    meanwhile."""
     FinishUnreachable.healed = threading.Event()
     storage = FinishUnreachable(database_url)
     other = PostgresStorage(database_url)
     todo_id = storage.enqueue(AGENT, "x")
 
+    returned = threading.Event()
+
     def handle(todo):
         todo.cancel_event.wait(30)
+        returned.set()
+        if ends == "raises a host failure":
+            raise OSError(errno.EMFILE, "Too many open files")
         return {"too": "late"}
 
     server = ps.start(handle, agent_orch=AGENT, storage=storage, lease_seconds=2, timeout=0.5)
     try:
-        wait_for(lambda: server.stats()["running"] == 0, timeout=10)  # it returned
+        assert returned.wait(10)  # told to stop by the timeout
         time.sleep(4)  # two leases' time: only heartbeats keep it
         taken = other.claim(agent_orch=AGENT, consumer="other", limit=1, lease_seconds=60,
                             max_claims=3)

@@ -61,6 +61,29 @@ def test_the_heartbeat_gives_back_a_claim_whose_answer_was_lost(backend, db):
 
 
 
+def test_a_stop_gives_back_the_claims_of_calls_it_got_no_answer_to(backend, db):
+    """A claim whose answer the server never got just before it stopped, which no heartbeat
+    named since: the stop names the call and gives its todo back, rather than leave it to its
+    lease's expiry and count it as one more claim. The run's other leases (an outcome still on
+    its way) and other servers' are left alone."""
+    lost, writing, others = (backend.enqueue("reg", q) for q in ("lost", "writing", "others"))
+    run, call = str(uuid.uuid4()), str(uuid.uuid4())
+    claims = [backend.claim(agent_orch="reg", consumer=consumer, limit=1, lease_seconds=60,
+                            max_claims=3, call_id=call_id, instance=instance)[0]
+              for consumer, call_id, instance in (("c1", call, run),
+                                                  ("c1", str(uuid.uuid4()), run),
+                                                  ("c2", call, str(uuid.uuid4())))]
+    assert [c.todo_id for c in claims] == [lost, writing, others]
+    backend.server_stopped("c1", run, [call])
+    rows = {str(r["id"]): r for r in db.execute(
+        "SELECT id, draft_status, consumer, claim_count FROM todolist")}
+    assert (rows[lost]["draft_status"], rows[lost]["consumer"], rows[lost]["claim_count"]) == (
+        None, None, 0), "claimable again, the lost claim not counted"
+    assert rows[writing]["draft_status"] == rows[others]["draft_status"] == "STARTED"
+    assert sorted(str(r["todo_id"]) for r in db.execute(
+        "SELECT todo_id FROM processgpt_sync_lease")) == sorted([writing, others])
+
+
 def test_a_heartbeat_renews_its_leases_while_an_orphans_row_is_held(backend, db,
                                                                      database_url):
     """Another transaction holds the row of a todo the heartbeat would give back: the

@@ -549,6 +549,49 @@ def test_a_stop_whose_last_step_fails_still_counts_as_stopped(database_url, monk
         store.close()
 
 
+class LosesAClaimAnswer(PostgresStorage):
+    """Once ``lose`` is set, the next claim commits and its answer is lost; heartbeats get no
+    answer from then on (the link is failing), so none names that claim."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lose = threading.Event()
+        self.lost = threading.Event()
+
+    def claim(self, **kwargs):
+        claims = super().claim(**kwargs)
+        if self.lose.is_set() and not self.lost.is_set() and claims:
+            self.lost.set()
+            raise ps.StorageUnavailable("the claim's answer was lost")
+        return claims
+
+    def heartbeat(self, *args, **kwargs):
+        if self.lost.is_set():
+            raise ps.StorageUnavailable("no answer")
+        return super().heartbeat(*args, **kwargs)
+
+
+def test_a_stop_gives_back_the_todo_of_a_claim_whose_answer_it_never_got(database_url, db):
+    """The server's last claim committed but its answer was lost, and no heartbeat got
+    through since to name the call: stopping, the server names it as it leaves the registry,
+    so the todo is claimable again at once, not after its lease, and the lost claim is not
+    counted against it."""
+    store = LosesAClaimAnswer(database_url)
+    server = ps.start(lambda todo: {"ok": True}, agent_orch="a", storage=store)
+    try:
+        wait_for(lambda: server.stats()["listening"])
+        store.lose.set()
+        todo_id = store.enqueue("a", "claimed, never heard of")
+        assert store.lost.wait(10)
+        server.stop(timeout=1)
+    finally:
+        server.stop()
+        store.close()
+    row = db.execute("SELECT draft_status::text AS s, consumer, claim_count FROM todolist "
+                     "WHERE id = %s", (todo_id,)).fetchone()
+    assert (row["s"], row["consumer"], row["claim_count"]) == (None, None, 0)
+
+
 class SlowClaimOnce(PostgresStorage):
     """Once ``slow`` is set, the next claim takes 3 s to answer (a claim waiting on a lock, a
     slow link)."""

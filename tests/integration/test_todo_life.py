@@ -635,6 +635,32 @@ def test_an_idle_supabase_servers_wait_for_work_requeues_an_answer_whose_todo_wa
         next(backend, None)  # closes the store and its gateway
 
 
+def test_a_listed_todo_with_nothing_to_requeue_leaves_the_list_and_keeps_no_lock(
+        database_url, db):
+    """A todo listed as answered while held, whose latest question has no answer after all
+    (asked again meanwhile, say): the look at it drops it from the list, and a wait for work
+    that follows keeps no lock of its row, which a person may then write at once."""
+    as_on_supabase(database_url, db)
+    backend = open_backend("supabase", database_url)
+    store = next(backend)
+    try:
+        todo_id = suspended(store)
+        db.execute("SELECT processgpt_sync_list_held_answer_v1(%s)", (todo_id,))
+        assert listed_as_held(db) == [todo_id]
+        waits = threading.Thread(target=store.wait_for_work, kwargs={
+            "agent_orch": "nothing-here", "consumer": "w1", "seconds": 3})
+        waits.start()
+        time.sleep(1.0)
+        with psycopg.connect(database_url) as person:
+            person.execute("SET lock_timeout = '500ms'")
+            person.execute("SELECT 1 FROM todolist WHERE id = %s FOR UPDATE", (todo_id,))
+        waits.join(10)
+        assert listed_as_held(db) == []
+        assert state(db, todo_id)["draft_status"] == "HUMAN_ASKED"
+    finally:
+        next(backend, None)
+
+
 def test_a_late_failure_from_a_claim_that_ran_out_of_claims_is_refused_not_applied(
         storage, db):
     """The todo was FAILED for running out of claims while its last owner was cut off; that
