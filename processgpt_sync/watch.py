@@ -33,6 +33,8 @@ LISTEN_PROBE_INTERVAL = 8.0  # seconds between checks that the listener still li
 # bounded by the storage's probe deadline, 5 s: a dead LISTEN connection is found within 13 s)
 POLLING_HEARTBEAT = 2.0  # seconds between heartbeats when UI cancels cannot arrive by NOTIFY
 MIN_RETRY = 0.05  # seconds: first back-off step after a wait saw work a claim did not get
+CUT_SHORT = 0.5  # seconds: a wait for work that found nothing sooner did not wait at all
+CUT_SHORT_PAUSE = 1.0  # seconds paused after such a wait before the next
 
 
 def idle_interval(settings: Settings) -> float:
@@ -115,9 +117,10 @@ class WorkWaiter:
             if found:
                 self._saw_work = True
                 return
-            # the database cut the wait short (a role's statement_timeout of a second or
-            # less): the rest of it is waited here, not asked for again at once
-            self._stop.wait(max(0.0, seconds - (time.monotonic() - began)))
+            took = time.monotonic() - began
+            if took < CUT_SHORT:  # a role's statement_timeout of a second or less leaves the
+                # database no time to wait: a pause here, not another call at once
+                self._stop.wait(min(CUT_SHORT_PAUSE, seconds - took))
 
     def _wait(self, seconds: float) -> bool | None:
         """One wait for work: whether there is some, or None when it failed (logged, after a

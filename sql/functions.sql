@@ -1709,8 +1709,9 @@ $$;
 -- longest listed first, at most 100 a call: those free now are requeued (take_answer_v1) and
 -- leave the list; one still held stays, without a wait for it; and so does one whose requeue
 -- failed (a warning says why). No lock is kept of a todo not requeued (its subtransaction is
--- rolled back), so a wait for work that follows holds none. Two callers at once may both requeue a todo: the second changes nothing. The
--- number of todos requeued.
+-- rolled back), so a wait for work that follows holds none; nor does a caller wait for
+-- another's transaction, which a wait for work may keep open for seconds: a todo another
+-- caller is at is skipped. The number of todos requeued.
 CREATE OR REPLACE FUNCTION processgpt_sync_take_held_answers_v1()
 RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
@@ -1735,7 +1736,14 @@ BEGIN
             WHEN lock_not_available THEN
                 NULL;  -- still held: looked at again next time
             WHEN SQLSTATE 'PS003' THEN
-                DELETE FROM processgpt_sync_answer_held WHERE todo_id = v_todo_id;
+                BEGIN  -- unless another caller is at it: this one does not wait for it
+                    DELETE FROM processgpt_sync_answer_held h
+                    WHERE h.todo_id IN (SELECT x.todo_id FROM processgpt_sync_answer_held x
+                                        WHERE x.todo_id = v_todo_id FOR UPDATE SKIP LOCKED);
+                EXCEPTION WHEN OTHERS THEN
+                    RAISE WARNING 'processgpt-sync: answered todo % not unlisted: %',
+                        v_todo_id, SQLERRM;
+                END;
             WHEN OTHERS THEN
                 RAISE WARNING 'processgpt-sync: todo % answered, not requeued yet: %',
                     v_todo_id, SQLERRM;

@@ -22,7 +22,7 @@ from psycopg import sql
 import processgpt_sync as ps
 from processgpt_sync import watch
 from processgpt_sync.runs import current_run
-from processgpt_sync.storage.postgres import PostgresStorage
+from processgpt_sync.storage.postgres import PostgresListener, PostgresStorage
 from tests.conftest import open_backend, wait_for
 
 
@@ -488,36 +488,42 @@ def test_ui_cancel_runs_the_cancel_hook_and_writes_nothing_more(storage, db):
     assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
 
 
+class LosesItsListener(PostgresStorage):
+    """Once ``refuse`` is set, the LISTEN connection cannot be opened again (its path is
+    down): a server whose listener the database ends polls from then on."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.refuse = threading.Event()
+        self.listeners: list[PostgresListener] = []
+
+    def listener(self, channels):
+        refuse = self.refuse
+
+        class Listener(PostgresListener):
+            def connect(self) -> None:
+                if refuse.is_set():
+                    raise ps.StorageUnavailable("the listener's path is down")
+                super().connect()
+
+        self.listeners.append(Listener(self._link, channels))
+        return self.listeners[-1]
+
+
 def test_work_added_while_the_listener_is_lost_is_claimed_at_the_polling_pace(database_url,
                                                                                db):
     """An idle listening server claims again only at its idle pace (15 s with the default
     lease), counting on NOTIFY; once its LISTEN connection is lost and cannot be opened again,
     it polls from then on, not from the end of that wait: new work waits a poll interval at
     most."""
-    from processgpt_sync.storage.postgres import PostgresListener
-
-    refuse = threading.Event()
-    listeners: list[PostgresListener] = []
-
-    class Listener(PostgresListener):
-        def connect(self) -> None:
-            if refuse.is_set():
-                raise ps.StorageUnavailable("the listener's path is down")
-            super().connect()
-
-    class Storage(PostgresStorage):
-        def listener(self, channels):
-            listeners.append(Listener(self._link, channels))
-            return listeners[-1]
-
-    store = Storage(database_url)
+    store = LosesItsListener(database_url)
     server = ps.start(lambda todo: {"ok": True}, agent_orch="a", storage=store,
                       poll_interval=1.0)
     try:
         wait_for(lambda: server.stats()["listening"])
         time.sleep(0.5)  # the claimer waits at its idle pace
-        refuse.set()
-        (listener,) = listeners
+        store.refuse.set()
+        (listener,) = store.listeners
         db.execute("SELECT pg_terminate_backend(%s)", (listener.backend_pid(),))
         wait_for(lambda: not server.stats()["listening"], timeout=10)
         added = time.monotonic()
@@ -525,7 +531,7 @@ def test_work_added_while_the_listener_is_lost_is_claimed_at_the_polling_pace(da
         wait_for(lambda: server.stats()["completed"] == 1, timeout=20)
         took = time.monotonic() - added
     finally:
-        refuse.clear()
+        store.refuse.clear()
         server.stop(timeout=5)
         store.close()
     assert took < 4.0, f"claimed {took:.1f}s after it was added"
@@ -683,23 +689,7 @@ def test_a_ui_cancel_is_seen_soon_while_the_listener_is_lost(database_url, db):
     database and cannot be opened again for now, so a UI cancel comes by no NOTIFY: the
     heartbeat, which renewed at its idle pace while NOTIFY worked, now renews every few seconds
     and reports the cancel soon, not at the next idle renewal (15 s with the default lease)."""
-    from processgpt_sync.storage.postgres import PostgresListener, PostgresStorage
-
-    refuse = threading.Event()
-    listeners: list[PostgresListener] = []
-
-    class Listener(PostgresListener):
-        def connect(self) -> None:
-            if refuse.is_set():
-                raise ps.StorageUnavailable("the listener's path is down")
-            super().connect()
-
-    class Storage(PostgresStorage):
-        def listener(self, channels):
-            listeners.append(Listener(self._link, channels))
-            return listeners[-1]
-
-    store = Storage(database_url)
+    store = LosesItsListener(database_url)
     todo_id = store.enqueue("a", "x")
     entered = threading.Event()
 
@@ -713,8 +703,8 @@ def test_a_ui_cancel_is_seen_soon_while_the_listener_is_lost(database_url, db):
         assert entered.wait(10)
         wait_for(lambda: server.stats()["listening"])
         threading.Event().wait(2 * watch.WATCHDOG_TICK)  # the heartbeat's idle pace is set
-        refuse.set()
-        (listener,) = listeners
+        store.refuse.set()
+        (listener,) = store.listeners
         db.execute("SELECT pg_terminate_backend(%s)", (listener.backend_pid(),))
         wait_for(lambda: not server.stats()["listening"], timeout=10)
         cancelled_at = time.monotonic()
@@ -723,7 +713,7 @@ def test_a_ui_cancel_is_seen_soon_while_the_listener_is_lost(database_url, db):
         assert wait_for(lambda: server.stats()["cancelled"] == 1, timeout=limit + 20)
         took = time.monotonic() - cancelled_at
     finally:
-        refuse.clear()
+        store.refuse.clear()
         server.stop(timeout=5)
         store.close()
     assert took < limit, f"the cancel was seen after {took:.1f}s"

@@ -661,6 +661,34 @@ def test_a_listed_todo_with_nothing_to_requeue_leaves_the_list_and_keeps_no_lock
         next(backend, None)
 
 
+def test_a_look_at_listed_answers_does_not_wait_for_another_callers_unlisting(
+        database_url, db):
+    """Two servers look at the list at once; the first unlists a todo with nothing to
+    requeue and its transaction goes on (a wait for work holds it for seconds): the second
+    does not wait for that transaction, it skips the todo and returns."""
+    as_on_supabase(database_url, db)
+    backend = open_backend("supabase", database_url)
+    store = next(backend)
+    try:
+        todo_id = suspended(store)
+        db.execute("SELECT processgpt_sync_list_held_answer_v1(%s)", (todo_id,))
+        with psycopg.connect(database_url) as first, psycopg.connect(database_url) as second:
+            first.execute("SELECT processgpt_sync_take_held_answers_v1()")  # not committed
+            second.execute("SET statement_timeout = '2s'")
+            began = time.monotonic()
+            (requeued,) = second.execute(
+                "SELECT processgpt_sync_take_held_answers_v1()").fetchone()
+            took = time.monotonic() - began
+            second.commit()
+            first.commit()
+        assert requeued == 0
+        assert took < 1.5, f"the second look waited {took:.1f}s"
+        assert listed_as_held(db) == []
+        assert state(db, todo_id)["draft_status"] == "HUMAN_ASKED"
+    finally:
+        next(backend, None)
+
+
 def test_a_late_failure_from_a_claim_that_ran_out_of_claims_is_refused_not_applied(
         storage, db):
     """The todo was FAILED for running out of claims while its last owner was cut off; that
