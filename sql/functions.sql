@@ -1697,56 +1697,71 @@ $$;
 
 -- List a todo whose answer came while its row was held (the answer trigger, as the role
 -- answering). Runs with its owner's rights, so that no other role needs any on the list: it
--- lists only a todo this library ran, and only once.
+-- lists only a todo this library ran, and once. A todo listed already gets a new listed_at:
+-- a look that found nothing to requeue before this answer was committed then leaves it listed
+-- (take_held_answers_v1 unlists only the listing it looked at).
 CREATE OR REPLACE FUNCTION processgpt_sync_list_held_answer_v1(p_todo_id uuid)
 RETURNS void LANGUAGE sql SECURITY DEFINER AS $$
     INSERT INTO processgpt_sync_answer_held (todo_id)
     SELECT t.id FROM todolist t WHERE t.id = p_todo_id AND t.claim_token IS NOT NULL
-    ON CONFLICT DO NOTHING
+    ON CONFLICT (todo_id) DO UPDATE SET listed_at = clock_timestamp()
 $$;
 
 -- The todos whose answers came while their rows were held (processgpt_sync_answer_held), the
--- longest listed first, at most 100 a call: those free now are requeued (take_answer_v1) and
--- leave the list; one still held stays, without a wait for it; and so does one whose requeue
--- failed (a warning says why). No lock is kept of a todo not requeued (its subtransaction is
--- rolled back), so a wait for work that follows holds none; nor does a caller wait for
--- another's transaction, which a wait for work may keep open for seconds: a todo another
--- caller is at is skipped. The number of todos requeued.
+-- longest waiting first, at most 100 a call: those free now are requeued (take_answer_v1) and
+-- leave the list, as does one with nothing to requeue (asked again, answered meanwhile,
+-- ended); one still held, or whose requeue failed (a warning says why), stays, moved to the
+-- back of the list, so that a few held for hours do not keep the others from being looked at.
+-- No lock is waited for, and none kept of a todo not requeued (its subtransaction is rolled
+-- back); a todo another caller is at is skipped. The number of todos requeued.
 CREATE OR REPLACE FUNCTION processgpt_sync_take_held_answers_v1()
 RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
     v_todo_id uuid;
+    v_listed_at timestamptz;
     v_requeued integer := 0;
+    v_unlist boolean;
 BEGIN
-    FOR v_todo_id IN
-        SELECT h.todo_id FROM processgpt_sync_answer_held h ORDER BY h.listed_at LIMIT 100
+    FOR v_todo_id, v_listed_at IN
+        SELECT h.todo_id, h.listed_at FROM processgpt_sync_answer_held h
+        ORDER BY h.listed_at LIMIT 100
     LOOP
+        v_unlist := true;
         BEGIN
             IF NOT processgpt_sync_todo_free_v1(v_todo_id, 0) THEN
                 RAISE EXCEPTION USING ERRCODE = 'lock_not_available';  -- drops its locks
             END IF;
-            IF NOT processgpt_sync_take_answer_v1(v_todo_id) THEN
-                -- nothing to requeue (asked again, answered meanwhile, ended): its locks
-                -- dropped too, as a wait for work would keep them through its wait
+            IF processgpt_sync_take_answer_v1(v_todo_id) THEN
+                v_requeued := v_requeued + 1;
+            ELSE  -- nothing to requeue: its locks dropped too, though it leaves the list
                 RAISE EXCEPTION USING ERRCODE = 'PS003';
             END IF;
-            v_requeued := v_requeued + 1;
-            DELETE FROM processgpt_sync_answer_held WHERE todo_id = v_todo_id;
         EXCEPTION
             WHEN lock_not_available THEN
-                NULL;  -- still held: looked at again next time
+                v_unlist := false;  -- still held: looked at again later
             WHEN SQLSTATE 'PS003' THEN
-                BEGIN  -- unless another caller is at it: this one does not wait for it
-                    DELETE FROM processgpt_sync_answer_held h
-                    WHERE h.todo_id IN (SELECT x.todo_id FROM processgpt_sync_answer_held x
-                                        WHERE x.todo_id = v_todo_id FOR UPDATE SKIP LOCKED);
-                EXCEPTION WHEN OTHERS THEN
-                    RAISE WARNING 'processgpt-sync: answered todo % not unlisted: %',
-                        v_todo_id, SQLERRM;
-                END;
+                NULL;
             WHEN OTHERS THEN
+                v_unlist := false;
                 RAISE WARNING 'processgpt-sync: todo % answered, not requeued yet: %',
                     v_todo_id, SQLERRM;
+        END;
+        BEGIN  -- the listing looked at: not one an answer renewed since (its answer may
+               -- have been invisible to the look), nor one another caller is at
+            IF v_unlist THEN
+                DELETE FROM processgpt_sync_answer_held h
+                WHERE h.todo_id IN (SELECT x.todo_id FROM processgpt_sync_answer_held x
+                                    WHERE x.todo_id = v_todo_id FOR UPDATE SKIP LOCKED)
+                  AND h.listed_at = v_listed_at;
+            ELSE
+                UPDATE processgpt_sync_answer_held h SET listed_at = clock_timestamp()
+                WHERE h.todo_id IN (SELECT x.todo_id FROM processgpt_sync_answer_held x
+                                    WHERE x.todo_id = v_todo_id FOR UPDATE SKIP LOCKED)
+                  AND h.listed_at = v_listed_at;
+            END IF;
+        EXCEPTION WHEN OTHERS THEN
+            RAISE WARNING 'processgpt-sync: the listing of answered todo % not changed: %',
+                v_todo_id, SQLERRM;
         END;
     END LOOP;
     RETURN v_requeued;
@@ -1755,7 +1770,8 @@ $$;
 
 -- An answer arrives: wake the waiting worker ('processgpt_sync_answer', payload job_id), and
 -- requeue the todo it answers if that todo is suspended waiting for it. Never makes the UI's
--- insert fail: a role that may not update todolist only loses the requeue (logged). Nor wait
+-- insert fail: for a role that may not update todolist (or lock the process instance's row)
+-- the todo is listed as below instead (a warning says why). Nor wait
 -- long: a todo whose row (or process instance) another transaction holds for more than 2 s
 -- (the BPM engine, a person's open edit) is listed in processgpt_sync_answer_held for the
 -- servers to requeue once it is free, rather than holding the UI's insert until a statement
@@ -1786,7 +1802,15 @@ BEGIN
             PERFORM processgpt_sync_list_held_answer_v1(v_todo_id);
         END IF;
     EXCEPTION WHEN insufficient_privilege THEN
-        RAISE WARNING 'processgpt-sync: answer % stored, todo not requeued: %', NEW.job_id, SQLERRM;
+        -- a role that may not lock the todo's rows (or update the todo): the servers requeue it
+        RAISE WARNING 'processgpt-sync: answer % stored, todo left to the servers to requeue: %',
+            NEW.job_id, SQLERRM;
+        BEGIN
+            PERFORM processgpt_sync_list_held_answer_v1(v_todo_id);
+        EXCEPTION WHEN OTHERS THEN
+            RAISE WARNING 'processgpt-sync: answer % stored, todo not requeued: %',
+                NEW.job_id, SQLERRM;
+        END;
     END;
     RETURN NULL;
 END
@@ -2625,13 +2649,6 @@ DECLARE
         coalesce(p_seconds, 0), 30, CASE WHEN v_timeout > 0 THEN v_timeout - 1 ELSE 30 END)));
     v_found boolean;
 BEGIN
-    -- answers whose todos were held when they came: requeued todos are work (of this server
-    -- or another; the rows they hold are not kept through a wait)
-    IF processgpt_sync_take_held_answers_v1() > 0 THEN
-        UPDATE processgpt_sync_server SET last_seen = clock_timestamp()
-        WHERE consumer = p_consumer;
-        RETURN true;
-    END IF;
     LOOP
         SELECT EXISTS (
             SELECT 1 FROM todolist t
@@ -2665,6 +2682,11 @@ BEGIN
         EXIT WHEN v_found OR clock_timestamp() >= v_until;
         PERFORM pg_sleep(0.1);
     END LOOP;
+    -- answers whose todos were held when they came, looked at last: what the look writes
+    -- (a todo requeued, one unlisted) is committed as the call returns, never kept through
+    -- the wait, where it would hold up the UI's next answer to that todo (its listing waits
+    -- for the unlisting); a requeued todo is work, of this server or another
+    v_found := processgpt_sync_take_held_answers_v1() > 0 OR v_found;
     UPDATE processgpt_sync_server SET last_seen = clock_timestamp() WHERE consumer = p_consumer;
     RETURN v_found;
 END
@@ -3033,9 +3055,10 @@ BEGIN
     GRANT EXECUTE ON FUNCTION processgpt_sync_take_answer_v1(uuid) TO PUBLIC;
     GRANT EXECUTE ON FUNCTION processgpt_sync_todo_free_v1(uuid, integer) TO PUBLIC;
     GRANT EXECUTE ON FUNCTION processgpt_sync_list_held_answer_v1(uuid) TO PUBLIC;
-    -- with its owner's rights: its names resolve in this schema alone (pg_temp last)
+    -- with its owner's rights: its names resolve in pg_catalog first (no operator another
+    -- role creates in this schema is run with them), then this schema, pg_temp last
     EXECUTE format('ALTER FUNCTION processgpt_sync_list_held_answer_v1(uuid) '
-                   'SET search_path = %I, pg_catalog, pg_temp', current_schema());
+                   'SET search_path = pg_catalog, %I, pg_temp', current_schema());
     GRANT EXECUTE ON FUNCTION processgpt_sync_answer_to_v1(text, text, timestamptz) TO PUBLIC;
     -- the cancel under roots deleted for good, whatever role runs the platform's cron job
     GRANT EXECUTE ON FUNCTION processgpt_sync_cancel_under_gone_roots_v1(text[]) TO PUBLIC;

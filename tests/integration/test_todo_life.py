@@ -615,10 +615,25 @@ def test_an_answer_to_a_todo_whose_row_is_held_is_stored_at_once_and_requeued_on
         "human_answer", True)
 
 
+def test_the_listing_runs_no_operator_another_role_made_in_the_schema(storage, database_url,
+                                                                     db):
+    """The listing runs with its owner's rights: an operator someone created in the install's
+    schema (writable by every role before PostgreSQL 15) is not what it runs, pg_catalog's
+    is."""
+    as_on_supabase(database_url, db)
+    todo_id = suspended(storage)
+    db.execute("CREATE FUNCTION evil_eq(uuid, uuid) RETURNS boolean LANGUAGE plpgsql AS "
+               "$$ BEGIN RAISE EXCEPTION 'run with the owner''s rights'; END $$")
+    db.execute("CREATE OPERATOR = (LEFTARG = uuid, RIGHTARG = uuid, FUNCTION = evil_eq)")
+    with signed_in(database_url, "acme") as ui:
+        ui.execute("SELECT processgpt_sync_list_held_answer_v1(%s)", (todo_id,))
+    assert listed_as_held(db) == [todo_id]
+
+
 def test_an_idle_supabase_servers_wait_for_work_requeues_an_answer_whose_todo_was_held(
         database_url, db):
     """An idle server on Supabase makes no heartbeats (its waits for work keep its registry
-    row): the wait requeues a listed todo, and says there is work."""
+    row): the wait requeues a listed todo (at its end), and says there is work."""
     as_on_supabase(database_url, db)
     backend = open_backend("supabase", database_url)
     store = next(backend)
@@ -628,7 +643,7 @@ def test_an_idle_supabase_servers_wait_for_work_requeues_an_answer_whose_todo_wa
             holder.execute("SELECT 1 FROM todolist WHERE id = %s FOR UPDATE", (todo_id,))
             answer_as_a_signed_in_user(database_url, "human_asked_a", True)
         assert listed_as_held(db) == [todo_id]
-        assert store.wait_for_work(agent_orch="life", consumer="w1", seconds=5)
+        assert store.wait_for_work(agent_orch="life", consumer="w1", seconds=2)
         assert state(db, todo_id)["draft_status"] == "FB_REQUESTED"
         assert listed_as_held(db) == []
     finally:
@@ -658,6 +673,84 @@ def test_a_listed_todo_with_nothing_to_requeue_leaves_the_list_and_keeps_no_lock
         assert listed_as_held(db) == []
         assert state(db, todo_id)["draft_status"] == "HUMAN_ASKED"
     finally:
+        next(backend, None)
+
+
+def test_an_answer_while_a_wait_for_work_runs_is_not_held_up_by_it(database_url, db):
+    """A todo is listed from an earlier answer with nothing to requeue now; an idle Supabase
+    server waits for work; meanwhile the todo's row is held and a person answers it: the UI's
+    insert lists it within its 2 s, not held up until the wait ends (its statement timeout
+    would fail it, losing the answer), and the wait's look requeues it once free."""
+    as_on_supabase(database_url, db)
+    backend = open_backend("supabase", database_url)
+    store = next(backend)
+    try:
+        todo_id = suspended(store)
+        db.execute("SELECT processgpt_sync_list_held_answer_v1(%s)", (todo_id,))
+        found: list[bool] = []
+        waits = threading.Thread(target=lambda: found.append(store.wait_for_work(
+            agent_orch="nothing-here", consumer="w1", seconds=7)))
+        waits.start()
+        time.sleep(0.5)
+        with psycopg.connect(database_url) as holder:
+            holder.execute("SELECT 1 FROM todolist WHERE id = %s FOR UPDATE", (todo_id,))
+            began = time.monotonic()
+            answer_as_a_signed_in_user(database_url, "human_asked_a", True)
+            took = time.monotonic() - began
+        waits.join(15)
+        assert took < 4.0, f"the answer took {took:.1f}s"
+        assert found == [True]
+        assert state(db, todo_id)["draft_status"] == "FB_REQUESTED"
+        assert listed_as_held(db) == []
+    finally:
+        next(backend, None)
+
+
+def test_an_answer_committed_after_a_look_found_nothing_keeps_its_todo_listed(
+        database_url, db):
+    """The UI's answer lists a todo listed already while a server looks at the list; the
+    look, which cannot see the answer yet, finds nothing to requeue: it leaves the listing the
+    answer renewed, and the next look requeues the todo."""
+    as_on_supabase(database_url, db)
+    backend = open_backend("supabase", database_url)
+    store = next(backend)
+    try:
+        todo_id = suspended(store)
+        db.execute("SELECT processgpt_sync_list_held_answer_v1(%s)", (todo_id,))
+        with psycopg.connect(database_url) as ui:
+            with psycopg.connect(database_url) as holder:
+                holder.execute("SELECT 1 FROM todolist WHERE id = %s FOR UPDATE", (todo_id,))
+                answer_as_the_ui(ui, "human_asked_a", True)  # listed again, not committed
+            look = "SELECT processgpt_sync_take_held_answers_v1() AS n"
+            assert db.execute(look).fetchone()["n"] == 0  # the answer is not visible yet
+            ui.commit()
+        assert listed_as_held(db) == [todo_id]
+        assert db.execute(look).fetchone()["n"] == 1
+        assert state(db, todo_id)["draft_status"] == "FB_REQUESTED"
+        assert listed_as_held(db) == []
+    finally:
+        next(backend, None)
+
+
+def test_an_answer_from_a_role_that_may_not_lock_the_todo_is_left_to_the_servers(
+        database_url, db):
+    """The UI's role may read but not update todolist (a site's own grants): the trigger
+    cannot lock the todo to requeue it; the answer is stored, the todo listed, and the servers'
+    next look requeues it, rather than leave it suspended for good."""
+    as_on_supabase(database_url, db)
+    db.execute("REVOKE UPDATE ON todolist FROM authenticated")
+    backend = open_backend("supabase", database_url)
+    store = next(backend)
+    try:
+        todo_id = suspended(store)
+        answer_as_a_signed_in_user(database_url, "human_asked_a", True)
+        assert state(db, todo_id)["draft_status"] == "HUMAN_ASKED"
+        assert listed_as_held(db) == [todo_id]
+        assert db.execute("SELECT processgpt_sync_take_held_answers_v1() AS n")\
+            .fetchone()["n"] == 1
+        assert state(db, todo_id)["draft_status"] == "FB_REQUESTED"
+    finally:
+        db.execute("GRANT UPDATE ON todolist TO authenticated")
         next(backend, None)
 
 
