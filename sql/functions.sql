@@ -1713,10 +1713,12 @@ $$;
 -- ended); one still held, or whose requeue failed (a warning says why), stays, moved to the
 -- back of the list, so that a few held for hours do not keep the others from being looked at.
 -- No lock is waited for, and none kept of a todo not requeued (its subtransaction is rolled
--- back); a todo another caller is at is skipped. The number of todos requeued.
-CREATE OR REPLACE FUNCTION processgpt_sync_take_held_answers_v1()
+-- back); a todo another caller is at is skipped. No todo is begun after p_seconds, so that the
+-- look fits in what is left of its caller's statement timeout. The number of todos requeued.
+CREATE OR REPLACE FUNCTION processgpt_sync_take_held_answers_v1(p_seconds real)
 RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
+    v_until timestamptz := clock_timestamp() + make_interval(secs => greatest(p_seconds, 0));
     v_todo_id uuid;
     v_listed_at timestamptz;
     v_requeued integer := 0;
@@ -1726,6 +1728,7 @@ BEGIN
         SELECT h.todo_id, h.listed_at FROM processgpt_sync_answer_held h
         ORDER BY h.listed_at LIMIT 100
     LOOP
+        EXIT WHEN clock_timestamp() >= v_until;  -- the rest at the next look
         v_unlist := true;
         BEGIN
             IF NOT processgpt_sync_todo_free_v1(v_todo_id, 0) THEN
@@ -2547,7 +2550,7 @@ BEGIN
         version = CASE WHEN v_new_run THEN EXCLUDED.version ELSE s.version END,
         started_at = CASE WHEN v_new_run THEN now() ELSE s.started_at END;
     DELETE FROM processgpt_sync_server WHERE last_seen < now() - interval '1 day';
-    PERFORM processgpt_sync_take_held_answers_v1();
+    PERFORM processgpt_sync_take_held_answers_v1(1);  -- 1 s at most: the leases are renewed next
     RETURN processgpt_sync_renew_v1(p_consumer, coalesce(p_todo_ids, '{}'), coalesce(p_tokens, '{}'),
                                     p_lease_seconds)
            || jsonb_build_object('orphans', coalesce(to_jsonb(v_orphan_ids), '[]'::jsonb),
@@ -2631,12 +2634,12 @@ $$;
 -- expired claim to settle), checking every 100 ms; true as soon as there is some, false when the
 -- time is up. For servers that cannot LISTEN (Supabase, through PostgREST): one call replaces
 -- dozens of empty claims, at the price of one database connection held while it waits. The wait
--- stays a second inside the caller's statement_timeout, so a role's timeout never cancels it.
--- It ends by refreshing the caller's registry row (last_seen only), so an idle server stays
--- alive in the registry without heartbeats. now() is the call's start: a lease that expires
--- during the wait is seen by the next call. Answers whose todos were held when they came are
--- requeued first where free (take_held_answers_v1), as the heartbeat an idle server makes
--- none of would.
+-- stays a second inside the caller's statement_timeout, and the look that follows half a
+-- second, so a role's timeout never cancels the call. Answers whose todos were held when they
+-- came are requeued there where free (take_held_answers_v1), as the heartbeat an idle server
+-- makes none of would. It ends by refreshing the caller's registry row (last_seen only), so an
+-- idle server stays alive in the registry without heartbeats. now() is the call's start: a
+-- lease that expires during the wait is seen by the next call.
 CREATE OR REPLACE FUNCTION processgpt_sync_wait_for_work_v1(
     p_agent_orch text,
     p_consumer text,
@@ -2686,7 +2689,7 @@ BEGIN
     -- (a todo requeued, one unlisted) is committed as the call returns, never kept through
     -- the wait, where it would hold up the UI's next answer to that todo (its listing waits
     -- for the unlisting); a requeued todo is work, of this server or another
-    v_found := processgpt_sync_take_held_answers_v1() > 0 OR v_found;
+    v_found := processgpt_sync_take_held_answers_v1(0.5) > 0 OR v_found;
     UPDATE processgpt_sync_server SET last_seen = clock_timestamp() WHERE consumer = p_consumer;
     RETURN v_found;
 END

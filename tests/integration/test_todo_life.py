@@ -585,6 +585,14 @@ def suspended(storage, job_id="human_asked_a"):
     return todo_id
 
 
+@pytest.fixture
+def supabase_store(database_url, db):
+    """A Supabase storage (supabase-py through the test gateway) on a database with the roles
+    and grants of a Supabase project."""
+    as_on_supabase(database_url, db)
+    yield from open_backend("supabase", database_url)
+
+
 def test_an_answer_to_a_todo_whose_row_is_held_is_stored_at_once_and_requeued_once_free(
         storage, db, database_url):
     """The BPM engine or a person's open edit holds the suspended todo's row when the UI
@@ -631,155 +639,150 @@ def test_the_listing_runs_no_operator_another_role_made_in_the_schema(storage, d
 
 
 def test_an_idle_supabase_servers_wait_for_work_requeues_an_answer_whose_todo_was_held(
-        database_url, db):
+        supabase_store, database_url, db):
     """An idle server on Supabase makes no heartbeats (its waits for work keep its registry
     row): the wait requeues a listed todo (at its end), and says there is work."""
-    as_on_supabase(database_url, db)
-    backend = open_backend("supabase", database_url)
-    store = next(backend)
-    try:
-        todo_id = suspended(store)
-        with psycopg.connect(database_url) as holder:
-            holder.execute("SELECT 1 FROM todolist WHERE id = %s FOR UPDATE", (todo_id,))
-            answer_as_a_signed_in_user(database_url, "human_asked_a", True)
-        assert listed_as_held(db) == [todo_id]
-        assert store.wait_for_work(agent_orch="life", consumer="w1", seconds=2)
-        assert state(db, todo_id)["draft_status"] == "FB_REQUESTED"
-        assert listed_as_held(db) == []
-    finally:
-        next(backend, None)  # closes the store and its gateway
+    todo_id = suspended(supabase_store)
+    with psycopg.connect(database_url) as holder:
+        holder.execute("SELECT 1 FROM todolist WHERE id = %s FOR UPDATE", (todo_id,))
+        answer_as_a_signed_in_user(database_url, "human_asked_a", True)
+    assert listed_as_held(db) == [todo_id]
+    assert supabase_store.wait_for_work(agent_orch="life", consumer="w1", seconds=2)
+    assert state(db, todo_id)["draft_status"] == "FB_REQUESTED"
+    assert listed_as_held(db) == []
 
 
 def test_a_listed_todo_with_nothing_to_requeue_leaves_the_list_and_keeps_no_lock(
-        database_url, db):
+        supabase_store, database_url, db):
     """A todo listed as answered while held, whose latest question has no answer after all
     (asked again meanwhile, say): the look at it drops it from the list, and a wait for work
     that follows keeps no lock of its row, which a person may then write at once."""
-    as_on_supabase(database_url, db)
-    backend = open_backend("supabase", database_url)
-    store = next(backend)
-    try:
-        todo_id = suspended(store)
-        db.execute("SELECT processgpt_sync_list_held_answer_v1(%s)", (todo_id,))
-        assert listed_as_held(db) == [todo_id]
-        waits = threading.Thread(target=store.wait_for_work, kwargs={
-            "agent_orch": "nothing-here", "consumer": "w1", "seconds": 3})
-        waits.start()
-        time.sleep(1.0)
-        with psycopg.connect(database_url) as person:
-            person.execute("SET lock_timeout = '500ms'")
-            person.execute("SELECT 1 FROM todolist WHERE id = %s FOR UPDATE", (todo_id,))
-        waits.join(10)
-        assert listed_as_held(db) == []
-        assert state(db, todo_id)["draft_status"] == "HUMAN_ASKED"
-    finally:
-        next(backend, None)
+    todo_id = suspended(supabase_store)
+    db.execute("SELECT processgpt_sync_list_held_answer_v1(%s)", (todo_id,))
+    assert listed_as_held(db) == [todo_id]
+    waits = threading.Thread(target=supabase_store.wait_for_work, kwargs={
+        "agent_orch": "nothing-here", "consumer": "w1", "seconds": 3})
+    waits.start()
+    time.sleep(1.0)
+    with psycopg.connect(database_url) as person:
+        person.execute("SET lock_timeout = '500ms'")
+        person.execute("SELECT 1 FROM todolist WHERE id = %s FOR UPDATE", (todo_id,))
+    waits.join(10)
+    assert listed_as_held(db) == []
+    assert state(db, todo_id)["draft_status"] == "HUMAN_ASKED"
 
 
-def test_an_answer_while_a_wait_for_work_runs_is_not_held_up_by_it(database_url, db):
+def test_an_answer_while_a_wait_for_work_runs_is_not_held_up_by_it(
+        supabase_store, database_url, db):
     """A todo is listed from an earlier answer with nothing to requeue now; an idle Supabase
     server waits for work; meanwhile the todo's row is held and a person answers it: the UI's
     insert lists it within its 2 s, not held up until the wait ends (its statement timeout
     would fail it, losing the answer), and the wait's look requeues it once free."""
-    as_on_supabase(database_url, db)
-    backend = open_backend("supabase", database_url)
-    store = next(backend)
-    try:
-        todo_id = suspended(store)
-        db.execute("SELECT processgpt_sync_list_held_answer_v1(%s)", (todo_id,))
-        found: list[bool] = []
-        waits = threading.Thread(target=lambda: found.append(store.wait_for_work(
-            agent_orch="nothing-here", consumer="w1", seconds=7)))
-        waits.start()
-        time.sleep(0.5)
-        with psycopg.connect(database_url) as holder:
-            holder.execute("SELECT 1 FROM todolist WHERE id = %s FOR UPDATE", (todo_id,))
-            began = time.monotonic()
-            answer_as_a_signed_in_user(database_url, "human_asked_a", True)
-            took = time.monotonic() - began
-        waits.join(15)
-        assert took < 4.0, f"the answer took {took:.1f}s"
-        assert found == [True]
-        assert state(db, todo_id)["draft_status"] == "FB_REQUESTED"
-        assert listed_as_held(db) == []
-    finally:
-        next(backend, None)
+    todo_id = suspended(supabase_store)
+    db.execute("SELECT processgpt_sync_list_held_answer_v1(%s)", (todo_id,))
+    found: list[bool] = []
+    waits = threading.Thread(target=lambda: found.append(supabase_store.wait_for_work(
+        agent_orch="nothing-here", consumer="w1", seconds=7)))
+    waits.start()
+    time.sleep(0.5)
+    with psycopg.connect(database_url) as holder:
+        holder.execute("SELECT 1 FROM todolist WHERE id = %s FOR UPDATE", (todo_id,))
+        began = time.monotonic()
+        answer_as_a_signed_in_user(database_url, "human_asked_a", True)
+        took = time.monotonic() - began
+    waits.join(15)
+    assert took < 4.0, f"the answer took {took:.1f}s"
+    assert found == [True]
+    assert state(db, todo_id)["draft_status"] == "FB_REQUESTED"
+    assert listed_as_held(db) == []
 
 
 def test_an_answer_committed_after_a_look_found_nothing_keeps_its_todo_listed(
-        database_url, db):
+        supabase_store, database_url, db):
     """The UI's answer lists a todo listed already while a server looks at the list; the
     look, which cannot see the answer yet, finds nothing to requeue: it leaves the listing the
     answer renewed, and the next look requeues the todo."""
-    as_on_supabase(database_url, db)
-    backend = open_backend("supabase", database_url)
-    store = next(backend)
-    try:
-        todo_id = suspended(store)
-        db.execute("SELECT processgpt_sync_list_held_answer_v1(%s)", (todo_id,))
-        with psycopg.connect(database_url) as ui:
-            with psycopg.connect(database_url) as holder:
-                holder.execute("SELECT 1 FROM todolist WHERE id = %s FOR UPDATE", (todo_id,))
-                answer_as_the_ui(ui, "human_asked_a", True)  # listed again, not committed
-            look = "SELECT processgpt_sync_take_held_answers_v1() AS n"
-            assert db.execute(look).fetchone()["n"] == 0  # the answer is not visible yet
-            ui.commit()
-        assert listed_as_held(db) == [todo_id]
-        assert db.execute(look).fetchone()["n"] == 1
-        assert state(db, todo_id)["draft_status"] == "FB_REQUESTED"
-        assert listed_as_held(db) == []
-    finally:
-        next(backend, None)
+    todo_id = suspended(supabase_store)
+    db.execute("SELECT processgpt_sync_list_held_answer_v1(%s)", (todo_id,))
+    with psycopg.connect(database_url) as ui:
+        with psycopg.connect(database_url) as holder:
+            holder.execute("SELECT 1 FROM todolist WHERE id = %s FOR UPDATE", (todo_id,))
+            answer_as_the_ui(ui, "human_asked_a", True)  # listed again, not committed
+        look = "SELECT processgpt_sync_take_held_answers_v1(1) AS n"
+        assert db.execute(look).fetchone()["n"] == 0  # the answer is not visible yet
+        ui.commit()
+    assert listed_as_held(db) == [todo_id]
+    assert db.execute(look).fetchone()["n"] == 1
+    assert state(db, todo_id)["draft_status"] == "FB_REQUESTED"
+    assert listed_as_held(db) == []
 
 
 def test_an_answer_from_a_role_that_may_not_lock_the_todo_is_left_to_the_servers(
-        database_url, db):
+        supabase_store, database_url, db):
     """The UI's role may read but not update todolist (a site's own grants): the trigger
     cannot lock the todo to requeue it; the answer is stored, the todo listed, and the servers'
     next look requeues it, rather than leave it suspended for good."""
-    as_on_supabase(database_url, db)
     db.execute("REVOKE UPDATE ON todolist FROM authenticated")
-    backend = open_backend("supabase", database_url)
-    store = next(backend)
     try:
-        todo_id = suspended(store)
+        todo_id = suspended(supabase_store)
         answer_as_a_signed_in_user(database_url, "human_asked_a", True)
         assert state(db, todo_id)["draft_status"] == "HUMAN_ASKED"
         assert listed_as_held(db) == [todo_id]
-        assert db.execute("SELECT processgpt_sync_take_held_answers_v1() AS n")\
+        assert db.execute("SELECT processgpt_sync_take_held_answers_v1(1) AS n")\
             .fetchone()["n"] == 1
         assert state(db, todo_id)["draft_status"] == "FB_REQUESTED"
     finally:
         db.execute("GRANT UPDATE ON todolist TO authenticated")
-        next(backend, None)
+
+
+def test_a_wait_for_work_with_a_long_list_ends_inside_the_roles_statement_timeout(
+        supabase_store, database_url, db):
+    """Five listed todos are answered and free, and a site's trigger makes each update of a
+    todo take 0.3 s: the look at the end of a wait for work under a 2 s role timeout requeues
+    what fits in its time and leaves the rest to the next, rather than run past the timeout and
+    lose all it did (and the registry refresh) every time."""
+    todo_ids = [suspended(supabase_store, job_id=f"human_asked_{n}") for n in range(5)]
+    with psycopg.connect(database_url, autocommit=True) as ui:
+        ui.execute("SET session_replication_role = replica")  # answered, its trigger not run
+        for n, todo_id in enumerate(todo_ids):
+            answer_as_the_ui(ui, f"human_asked_{n}", True)
+            db.execute("SELECT processgpt_sync_list_held_answer_v1(%s)", (todo_id,))
+    db.execute("CREATE FUNCTION slow_update() RETURNS trigger LANGUAGE plpgsql AS "
+               "$$ BEGIN PERFORM pg_sleep(0.3); RETURN NEW; END $$")
+    db.execute("CREATE TRIGGER slow_update BEFORE UPDATE ON todolist FOR EACH ROW "
+               "EXECUTE FUNCTION slow_update()")
+    with psycopg.connect(database_url, autocommit=True) as server:
+        server.execute("SET statement_timeout = '2s'")
+        for _ in range(5):
+            (found,) = server.execute("SELECT processgpt_sync_wait_for_work_v1("
+                                      "'nothing-here', 'w1', 8)").fetchone()
+            assert found
+            if not listed_as_held(db):
+                break
+    assert listed_as_held(db) == []
+    assert {state(db, t)["draft_status"] for t in todo_ids} == {"FB_REQUESTED"}
 
 
 def test_a_look_at_listed_answers_does_not_wait_for_another_callers_unlisting(
-        database_url, db):
+        supabase_store, database_url, db):
     """Two servers look at the list at once; the first unlists a todo with nothing to
     requeue and its transaction goes on (a wait for work holds it for seconds): the second
     does not wait for that transaction, it skips the todo and returns."""
-    as_on_supabase(database_url, db)
-    backend = open_backend("supabase", database_url)
-    store = next(backend)
-    try:
-        todo_id = suspended(store)
-        db.execute("SELECT processgpt_sync_list_held_answer_v1(%s)", (todo_id,))
-        with psycopg.connect(database_url) as first, psycopg.connect(database_url) as second:
-            first.execute("SELECT processgpt_sync_take_held_answers_v1()")  # not committed
-            second.execute("SET statement_timeout = '2s'")
-            began = time.monotonic()
-            (requeued,) = second.execute(
-                "SELECT processgpt_sync_take_held_answers_v1()").fetchone()
-            took = time.monotonic() - began
-            second.commit()
-            first.commit()
-        assert requeued == 0
-        assert took < 1.5, f"the second look waited {took:.1f}s"
-        assert listed_as_held(db) == []
-        assert state(db, todo_id)["draft_status"] == "HUMAN_ASKED"
-    finally:
-        next(backend, None)
+    todo_id = suspended(supabase_store)
+    db.execute("SELECT processgpt_sync_list_held_answer_v1(%s)", (todo_id,))
+    with psycopg.connect(database_url) as first, psycopg.connect(database_url) as second:
+        first.execute("SELECT processgpt_sync_take_held_answers_v1(1)")  # not committed
+        second.execute("SET statement_timeout = '2s'")
+        began = time.monotonic()
+        (requeued,) = second.execute(
+            "SELECT processgpt_sync_take_held_answers_v1(1)").fetchone()
+        took = time.monotonic() - began
+        second.commit()
+        first.commit()
+    assert requeued == 0
+    assert took < 1.5, f"the second look waited {took:.1f}s"
+    assert listed_as_held(db) == []
+    assert state(db, todo_id)["draft_status"] == "HUMAN_ASKED"
 
 
 def test_a_late_failure_from_a_claim_that_ran_out_of_claims_is_refused_not_applied(
