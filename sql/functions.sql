@@ -1773,8 +1773,8 @@ $$;
 
 -- An answer arrives: wake the waiting worker ('processgpt_sync_answer', payload job_id), and
 -- requeue the todo it answers if that todo is suspended waiting for it. Never makes the UI's
--- insert fail: for a role that may not update todolist (or lock the process instance's row)
--- the todo is listed as below instead (a warning says why). Nor wait
+-- insert fail: for a role that may not see the todo, update it or lock its process
+-- instance's row, the todo is listed as below instead (a warning says why). Nor wait
 -- long: a todo whose row (or process instance) another transaction holds for more than 2 s
 -- (the BPM engine, a person's open edit) is listed in processgpt_sync_answer_held for the
 -- servers to requeue once it is free, rather than holding the UI's insert until a statement
@@ -1799,7 +1799,11 @@ BEGIN
         RETURN NULL;
     END IF;
     BEGIN
-        IF processgpt_sync_todo_free_v1(v_todo_id, 2000) THEN
+        IF NOT EXISTS (SELECT 1 FROM todolist t WHERE t.id = v_todo_id) THEN
+            -- deleted, or hidden from this role by row security (a site's policy): the
+            -- listing, with its owner's rights, lists it if it is there
+            PERFORM processgpt_sync_list_held_answer_v1(v_todo_id);
+        ELSIF processgpt_sync_todo_free_v1(v_todo_id, 2000) THEN
             PERFORM processgpt_sync_take_answer_v1(v_todo_id);
         ELSE
             PERFORM processgpt_sync_list_held_answer_v1(v_todo_id);

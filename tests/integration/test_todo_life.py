@@ -735,6 +735,21 @@ def test_an_answer_from_a_role_that_may_not_lock_the_todo_is_left_to_the_servers
         db.execute("GRANT UPDATE ON todolist TO authenticated")
 
 
+def test_an_answer_from_a_role_that_cannot_see_the_todo_is_left_to_the_servers(
+        supabase_store, database_url, db):
+    """Row security hides the todo from the answering role (a site's policy by assignee, say):
+    the trigger cannot tell it from a deleted todo; it is listed, and the servers' next look
+    requeues it, rather than leave it suspended for good."""
+    db.execute("ALTER TABLE todolist ENABLE ROW LEVEL SECURITY")
+    db.execute("CREATE POLICY hidden_from_the_ui ON todolist AS RESTRICTIVE TO authenticated "
+               "USING (false)")
+    todo_id = suspended(supabase_store)
+    answer_as_a_signed_in_user(database_url, "human_asked_a", True)
+    assert listed_as_held(db) == [todo_id]
+    assert db.execute("SELECT processgpt_sync_take_held_answers_v1(1) AS n").fetchone()["n"] == 1
+    assert state(db, todo_id)["draft_status"] == "FB_REQUESTED"
+
+
 def test_a_wait_for_work_with_a_long_list_ends_inside_the_roles_statement_timeout(
         supabase_store, database_url, db):
     """Five listed todos are answered and free, and a site's trigger makes each update of a
