@@ -17,6 +17,7 @@ import os
 import resource
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -231,6 +232,21 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(interval)
+
+
+def lock_the_todo_during_a_wait_for_work(store: Any, database_url: str, todo_id: str) -> None:
+    """A person locks the todo's row, waiting 500 ms at most, while the storage's wait for
+    work (3 s) runs: raises ``LockNotAvailable`` if the wait holds the row."""
+    waits = threading.Thread(target=store.wait_for_work, kwargs={
+        "agent_orch": "nothing-here", "consumer": "w1", "seconds": 3})
+    waits.start()
+    time.sleep(1.0)
+    try:
+        with psycopg.connect(database_url) as person:
+            person.execute("SET lock_timeout = '500ms'")
+            person.execute("SELECT 1 FROM todolist WHERE id = %s FOR UPDATE", (todo_id,))
+    finally:
+        waits.join(10)
 
 
 def deeper_than_python_reads(*depths: int) -> str:

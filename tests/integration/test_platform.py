@@ -37,7 +37,7 @@ from processgpt_sync.storage import install
 from processgpt_sync.storage.install import install_schema
 from processgpt_sync.storage.postgres import PostgresStorage
 from tests.acceptance.test_cli import cli
-from tests.conftest import open_backend, wait_for
+from tests.conftest import lock_the_todo_during_a_wait_for_work, open_backend, wait_for
 
 
 def connect(url: str) -> psycopg.Connection:
@@ -1229,14 +1229,7 @@ def test_a_wait_for_work_keeps_no_lock_of_a_listed_todo_whose_instance_is_still_
             db.execute("INSERT INTO events (id, job_id, event_type, data, status) VALUES "
                        "(%s, 'job-w', 'human_response', '{\"answer\": true}', 'APPROVED')",
                        (str(uuid.uuid4()),))
-            waits = threading.Thread(target=store.wait_for_work, kwargs={
-                "agent_orch": "nothing-here", "consumer": "w", "seconds": 3})
-            waits.start()
-            time.sleep(1.0)
-            with psycopg.connect(upstream_database_url) as person:
-                person.execute("SET lock_timeout = '500ms'")
-                person.execute("SELECT 1 FROM todolist WHERE id = %s FOR UPDATE", (todo,))
-            waits.join(10)
+            lock_the_todo_during_a_wait_for_work(store, upstream_database_url, todo)
         listed = [str(r["todo_id"]) for r in db.execute(
             "SELECT todo_id FROM processgpt_sync_answer_held")]
     finally:

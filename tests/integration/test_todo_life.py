@@ -19,7 +19,12 @@ from processgpt_sync.events import make_event
 from processgpt_sync.human import question_data
 from processgpt_sync.storage.install import install_schema
 from processgpt_sync.storage.postgres import PostgresStorage
-from tests.conftest import SUPABASE_ROLES_SQL, open_backend, wait_for
+from tests.conftest import (
+    SUPABASE_ROLES_SQL,
+    lock_the_todo_during_a_wait_for_work,
+    open_backend,
+    wait_for,
+)
 
 LEASE = {"lease_seconds": 60, "max_claims": 3}
 
@@ -660,14 +665,7 @@ def test_a_listed_todo_with_nothing_to_requeue_leaves_the_list_and_keeps_no_lock
     todo_id = suspended(supabase_store)
     db.execute("SELECT processgpt_sync_list_held_answer_v1(%s)", (todo_id,))
     assert listed_as_held(db) == [todo_id]
-    waits = threading.Thread(target=supabase_store.wait_for_work, kwargs={
-        "agent_orch": "nothing-here", "consumer": "w1", "seconds": 3})
-    waits.start()
-    time.sleep(1.0)
-    with psycopg.connect(database_url) as person:
-        person.execute("SET lock_timeout = '500ms'")
-        person.execute("SELECT 1 FROM todolist WHERE id = %s FOR UPDATE", (todo_id,))
-    waits.join(10)
+    lock_the_todo_during_a_wait_for_work(supabase_store, database_url, todo_id)
     assert listed_as_held(db) == []
     assert state(db, todo_id)["draft_status"] == "HUMAN_ASKED"
 
