@@ -1713,17 +1713,24 @@ $$;
 -- ended); one still held, or whose requeue failed (a warning says why), stays, moved to the
 -- back of the list, so that a few held for hours do not keep the others from being looked at.
 -- No lock is waited for, and none kept of a todo not requeued (its subtransaction is rolled
--- back); a todo another caller is at is skipped. No todo is begun after p_seconds, so that the
--- look fits in what is left of its caller's statement timeout. The number of todos requeued.
+-- back); a todo another caller is at is skipped. No todo is begun after p_seconds, nor later
+-- than half a second before the caller's statement timeout; one that runs into the timeout (a
+-- slow site trigger) ends the look, moved to the back of the list, and the caller's own work (a
+-- heartbeat's renewals) goes on. The number of todos requeued.
 CREATE OR REPLACE FUNCTION processgpt_sync_take_held_answers_v1(p_seconds real)
 RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
+    v_timeout real := extract(epoch FROM current_setting('statement_timeout')::interval);
     v_until timestamptz := clock_timestamp() + make_interval(secs => greatest(p_seconds, 0));
+    v_out_of_time boolean := false;
     v_todo_id uuid;
     v_listed_at timestamptz;
     v_requeued integer := 0;
     v_unlist boolean;
 BEGIN
+    IF v_timeout > 0 THEN
+        v_until := least(v_until, statement_timestamp() + make_interval(secs => v_timeout - 0.5));
+    END IF;
     FOR v_todo_id, v_listed_at IN
         SELECT h.todo_id, h.listed_at FROM processgpt_sync_answer_held h
         ORDER BY h.listed_at LIMIT 100
@@ -1744,6 +1751,11 @@ BEGIN
                 v_unlist := false;  -- still held: looked at again later
             WHEN SQLSTATE 'PS003' THEN
                 NULL;
+            WHEN query_canceled THEN  -- the statement timeout (not caught by OTHERS)
+                v_unlist := false;
+                v_out_of_time := true;
+                RAISE WARNING 'processgpt-sync: todo % answered, not requeued yet: %',
+                    v_todo_id, SQLERRM;
             WHEN OTHERS THEN
                 v_unlist := false;
                 RAISE WARNING 'processgpt-sync: todo % answered, not requeued yet: %',
@@ -1766,6 +1778,7 @@ BEGIN
             RAISE WARNING 'processgpt-sync: the listing of answered todo % not changed: %',
                 v_todo_id, SQLERRM;
         END;
+        EXIT WHEN v_out_of_time;
     END LOOP;
     RETURN v_requeued;
 END

@@ -748,22 +748,54 @@ def test_an_answer_from_a_role_that_cannot_see_the_todo_is_left_to_the_servers(
     assert state(db, todo_id)["draft_status"] == "FB_REQUESTED"
 
 
+def answered_and_listed(store, database_url, db, count):
+    """``count`` suspended todos, each answered (its trigger not run) and listed as held: ids."""
+    todo_ids = [suspended(store, job_id=f"human_asked_{n}") for n in range(count)]
+    with psycopg.connect(database_url, autocommit=True) as ui:
+        ui.execute("SET session_replication_role = replica")
+        for n, todo_id in enumerate(todo_ids):
+            answer_as_the_ui(ui, f"human_asked_{n}", True)
+            db.execute("SELECT processgpt_sync_list_held_answer_v1(%s)", (todo_id,))
+    return todo_ids
+
+
+def slow_updates_of_todos(db, seconds):
+    """A site's trigger that makes every update of a todo take ``seconds``."""
+    db.execute("CREATE FUNCTION slow_update() RETURNS trigger LANGUAGE plpgsql AS "
+               f"$$ BEGIN PERFORM pg_sleep({seconds}); RETURN NEW; END $$")
+    db.execute("CREATE TRIGGER slow_update BEFORE UPDATE ON todolist FOR EACH ROW "
+               "EXECUTE FUNCTION slow_update()")
+
+
+def test_a_heartbeat_renews_its_leases_when_a_listed_todo_runs_into_its_timeout(
+        supabase_store, database_url, db):
+    """A site trigger makes the requeue of a listed todo take longer than the role's statement
+    timeout: the heartbeat's look gives up on it (moved to the back of the list) and the
+    heartbeat still renews its leases, rather than fail whole, every time, until the running
+    todos' leases run out."""
+    (listed,) = answered_and_listed(supabase_store, database_url, db, 1)
+    running = supabase_store.enqueue("life", "running", tenant_id="acme")
+    (c,) = claim(supabase_store)
+    slow_updates_of_todos(db, 1.5)
+    with psycopg.connect(database_url, autocommit=True) as server:
+        server.execute("SET statement_timeout = '1s'")
+        (report,) = server.execute(
+            "SELECT processgpt_sync_heartbeat_v1(%s, %s::uuid[], %s::uuid[], 60, %s::jsonb)",
+            ("w1", [running], [c.token],
+             json.dumps({"agent_orch": "life"}))).fetchone()
+    assert report["renewed"] == [running]
+    assert listed_as_held(db) == [listed]
+    assert state(db, listed)["draft_status"] == "HUMAN_ASKED"
+
+
 def test_a_wait_for_work_with_a_long_list_ends_inside_the_roles_statement_timeout(
         supabase_store, database_url, db):
     """Five listed todos are answered and free, and a site's trigger makes each update of a
     todo take 0.3 s: the look at the end of a wait for work under a 2 s role timeout requeues
     what fits in its time and leaves the rest to the next, rather than run past the timeout and
     lose all it did (and the registry refresh) every time."""
-    todo_ids = [suspended(supabase_store, job_id=f"human_asked_{n}") for n in range(5)]
-    with psycopg.connect(database_url, autocommit=True) as ui:
-        ui.execute("SET session_replication_role = replica")  # answered, its trigger not run
-        for n, todo_id in enumerate(todo_ids):
-            answer_as_the_ui(ui, f"human_asked_{n}", True)
-            db.execute("SELECT processgpt_sync_list_held_answer_v1(%s)", (todo_id,))
-    db.execute("CREATE FUNCTION slow_update() RETURNS trigger LANGUAGE plpgsql AS "
-               "$$ BEGIN PERFORM pg_sleep(0.3); RETURN NEW; END $$")
-    db.execute("CREATE TRIGGER slow_update BEFORE UPDATE ON todolist FOR EACH ROW "
-               "EXECUTE FUNCTION slow_update()")
+    todo_ids = answered_and_listed(supabase_store, database_url, db, 5)
+    slow_updates_of_todos(db, 0.3)
     with psycopg.connect(database_url, autocommit=True) as server:
         server.execute("SET statement_timeout = '2s'")
         for _ in range(5):
