@@ -1670,7 +1670,9 @@ $$;
 
 -- Whether this transaction holds the todo's row now and, where the platform's trigger writes
 -- them on every update of a todo, its process instance's and project's rows, having waited
--- p_wait_ms at most for them. A todo that does not exist is free.
+-- p_wait_ms at most for them. A todo that does not exist is free. One the caller sees but
+-- may not lock (row security lets it read the todo, not update it) is not, at once: waiting
+-- would not help.
 CREATE OR REPLACE FUNCTION processgpt_sync_todo_free_v1(p_todo_id uuid, p_wait_ms integer)
 RETURNS boolean LANGUAGE plpgsql AS $$
 DECLARE
@@ -1678,11 +1680,15 @@ DECLARE
                               + make_interval(secs => greatest(p_wait_ms, 0) / 1000.0);
 BEGIN
     LOOP
-        PERFORM 1 FROM todolist t WHERE t.id = p_todo_id FOR NO KEY UPDATE SKIP LOCKED;
-        EXIT WHEN FOUND;
-        IF NOT EXISTS (SELECT 1 FROM todolist t WHERE t.id = p_todo_id) THEN
-            RETURN true;
-        END IF;
+        BEGIN
+            PERFORM 1 FROM todolist t WHERE t.id = p_todo_id FOR NO KEY UPDATE NOWAIT;
+            IF FOUND THEN
+                EXIT;  -- the lock outlives this block
+            END IF;
+            RETURN NOT EXISTS (SELECT 1 FROM todolist t WHERE t.id = p_todo_id);
+        EXCEPTION WHEN lock_not_available THEN
+            NULL;  -- held by another transaction: looked at again until the deadline
+        END;
         IF clock_timestamp() >= v_deadline THEN
             RETURN false;
         END IF;
@@ -1708,7 +1714,7 @@ RETURNS void LANGUAGE sql SECURITY DEFINER AS $$
 $$;
 
 -- The todos whose answers came while their rows were held (processgpt_sync_answer_held), the
--- longest waiting first, at most 100 a call: those free now are requeued (take_answer_v1) and
+-- longest waiting first, at most 30 a call: those free now are requeued (take_answer_v1) and
 -- leave the list, as does one with nothing to requeue (asked again, answered meanwhile,
 -- ended); one still held, or whose requeue failed (a warning says why), stays, moved to the
 -- back of the list, so that a few held for hours do not keep the others from being looked at.
@@ -1733,7 +1739,8 @@ BEGIN
     END IF;
     FOR v_todo_id, v_listed_at IN
         SELECT h.todo_id, h.listed_at FROM processgpt_sync_answer_held h
-        ORDER BY h.listed_at LIMIT 100
+        ORDER BY h.listed_at LIMIT 30  -- up to 2 subtransactions each: 64 would overflow the
+                                       -- cache every snapshot of the database reads
     LOOP
         EXIT WHEN clock_timestamp() >= v_until;  -- the rest at the next look
         v_unlist := true;

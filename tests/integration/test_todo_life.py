@@ -748,6 +748,26 @@ def test_an_answer_from_a_role_that_cannot_see_the_todo_is_left_to_the_servers(
     assert state(db, todo_id)["draft_status"] == "FB_REQUESTED"
 
 
+def test_an_answer_from_a_role_that_sees_the_todo_but_may_not_update_it_is_listed_at_once(
+        supabase_store, database_url, db):
+    """Row security lets the answering role read the todo but not update it (a site's policy):
+    the trigger lists the todo for the servers at once, rather than take it for held and keep
+    the UI's insert waiting its 2 s for a lock it can never get."""
+    db.execute("ALTER TABLE todolist ENABLE ROW LEVEL SECURITY")
+    db.execute("CREATE POLICY the_ui_reads ON todolist FOR SELECT TO authenticated "
+               "USING (true)")
+    db.execute("CREATE POLICY read_only_for_the_ui ON todolist AS RESTRICTIVE FOR UPDATE "
+               "TO authenticated USING (false)")
+    todo_id = suspended(supabase_store)
+    began = time.monotonic()
+    answer_as_a_signed_in_user(database_url, "human_asked_a", True)
+    took = time.monotonic() - began
+    assert listed_as_held(db) == [todo_id]
+    assert took < 1.5, f"the answer took {took:.1f}s"
+    assert db.execute("SELECT processgpt_sync_take_held_answers_v1(1) AS n").fetchone()["n"] == 1
+    assert state(db, todo_id)["draft_status"] == "FB_REQUESTED"
+
+
 def answered_and_listed(store, database_url, db, count):
     """``count`` suspended todos, each answered (its trigger not run) and listed as held: ids."""
     todo_ids = [suspended(store, job_id=f"human_asked_{n}") for n in range(count)]
