@@ -1680,12 +1680,17 @@ DECLARE
                               + make_interval(secs => greatest(p_wait_ms, 0) / 1000.0);
 BEGIN
     LOOP
-        BEGIN
+        PERFORM 1 FROM todolist t WHERE t.id = p_todo_id FOR NO KEY UPDATE SKIP LOCKED;
+        EXIT WHEN FOUND;
+        IF NOT EXISTS (SELECT 1 FROM todolist t WHERE t.id = p_todo_id) THEN
+            RETURN true;
+        END IF;
+        BEGIN  -- seen, not taken: held, or not this role's to update (no wait would help)?
             PERFORM 1 FROM todolist t WHERE t.id = p_todo_id FOR NO KEY UPDATE NOWAIT;
             IF FOUND THEN
-                EXIT;  -- the lock outlives this block
+                EXIT;  -- freed meanwhile; the lock outlives this block
             END IF;
-            RETURN NOT EXISTS (SELECT 1 FROM todolist t WHERE t.id = p_todo_id);
+            RETURN false;
         EXCEPTION WHEN lock_not_available THEN
             NULL;  -- held by another transaction: looked at again until the deadline
         END;
@@ -1739,8 +1744,8 @@ BEGIN
     END IF;
     FOR v_todo_id, v_listed_at IN
         SELECT h.todo_id, h.listed_at FROM processgpt_sync_answer_held h
-        ORDER BY h.listed_at LIMIT 30  -- up to 2 subtransactions each: 64 would overflow the
-                                       -- cache every snapshot of the database reads
+        ORDER BY h.listed_at LIMIT 30  -- 2 subtransactions kept each (rarely 3): past 64
+                                       -- they overflow the cache every snapshot reads
     LOOP
         EXIT WHEN clock_timestamp() >= v_until;  -- the rest at the next look
         v_unlist := true;
