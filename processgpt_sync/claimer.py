@@ -96,9 +96,11 @@ class Claimer:
                 continue
             inflight.wake.clear()
             call_id = str(uuid.uuid4())
+            inflight.claim_begins(call_id)
             try:
                 claims = self._claim(min(free, CLAIM_BATCH), call_id)
             except (StorageError, OSError) as exc:
+                inflight.claim_begins(None)
                 reason = _refusal(exc) or denied_for_good(exc, self._storage.last_success)
                 if reason is not None:  # no retry can succeed: stop before claiming anything
                     self._log.error("%s", reason, extra=self._extra)
@@ -112,6 +114,7 @@ class Claimer:
                                   extra=self._extra)
                 self._stopping.wait(backoff(attempt, base=0.25, after=exc))
                 continue
+            inflight.claim_begins(None)
             if attempt:
                 self._log.info("database reachable again", extra=self._extra)
                 attempt = 0

@@ -35,6 +35,7 @@ class InFlight:
         self.listening = False
         """NOTIFY arrives (the listener is connected); else the claimer polls."""
         self._unanswered: dict[str, float] = {}  # claim call id -> when it failed
+        self._claim_under_way: str | None = None
         self.claim_unanswered = False
         """A claim call failed without an answer since the last heartbeat: the database may
         hold claims of this server it does not know of; the heartbeat runs at once to give them
@@ -57,6 +58,18 @@ class InFlight:
         with self.lock:
             self._unanswered[call_id] = time.monotonic()
             self.claim_unanswered = True
+
+    def claim_begins(self, call_id: str | None) -> None:
+        """The claim call ``call_id`` is under way (None: no call is)."""
+        with self.lock:
+            self._claim_under_way = call_id
+
+    def claims_left_unanswered(self, keep_seconds: float) -> list[str]:
+        """What a stop names as it leaves: the unanswered calls and the one still under way,
+        whose answer will never be read (the database waits for it, then gives its todos
+        back). A heartbeat must not name that one: its todos are this server's to run."""
+        under_way = self._claim_under_way
+        return self.unanswered_claims(keep_seconds) + ([under_way] if under_way else [])
 
     def unanswered_claims(self, keep_seconds: float) -> list[str]:
         """The claim calls that got no answer in the last ``keep_seconds``: the heartbeat names

@@ -271,7 +271,7 @@ class Server:
         # From here on nothing retries: a write still waiting fails instead of retrying
         # for ever against the closed pool, so no thread outlives the server.
         self._abort.set()
-        parts.shutdown.deregister(left(STOP_TAIL), self._inflight.unanswered_claims(
+        parts.shutdown.deregister(left(STOP_TAIL), self._inflight.claims_left_unanswered(
             2.0 * self.settings.lease_seconds))
         dropped = parts.pool.shutdown()
         if dropped:  # todos not started were given back by the drain: these are outcomes

@@ -643,6 +643,45 @@ def test_a_stop_waiting_for_a_slow_claim_gives_the_running_todos_back_within_its
     assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
 
 
+class AnswersLate(PostgresStorage):
+    """Once ``late`` is set, the next claim commits, then its answer takes 6 s to arrive (a
+    link that stalls after the database replied)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.late = threading.Event()
+        self.committed = threading.Event()
+
+    def claim(self, **kwargs):
+        claims = super().claim(**kwargs)
+        if self.late.is_set() and claims and not self.committed.is_set():
+            self.committed.set()
+            time.sleep(6.0)
+        return claims
+
+
+def test_a_stop_gives_back_the_todos_of_a_claim_still_under_way_when_it_stops_waiting(
+        database_url, db, monkeypatch):
+    """stop() waits for the claim under way only so long; it then names that call as it
+    leaves the registry, as it names one that failed, so its todos are claimable again at
+    once rather than after their leases."""
+    monkeypatch.setattr("processgpt_sync.server.STOP_MARGIN", 1.0)
+    store = AnswersLate(database_url)
+    server = ps.start(lambda todo: {"ok": True}, agent_orch="a", storage=store)
+    try:
+        wait_for(lambda: server.stats()["listening"])
+        store.late.set()
+        todo_id = store.enqueue("a", "claimed as the server stops")
+        assert store.committed.wait(10)
+        server.stop(timeout=0.5)
+        row = db.execute("SELECT draft_status::text AS s, consumer, claim_count FROM todolist "
+                         "WHERE id = %s", (todo_id,)).fetchone()
+        assert (row["s"], row["consumer"], row["claim_count"]) == (None, None, 0)
+    finally:
+        server.stop()
+        store.close()
+
+
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="none")
 
 
