@@ -96,13 +96,16 @@ class Claimer:
                 continue
             inflight.wake.clear()
             call_id = str(uuid.uuid4())
-            inflight.claim_begins(call_id)
             try:
                 claims = self._claim(min(free, CLAIM_BATCH), call_id)
             except (StorageError, OSError) as exc:
-                inflight.claim_begins(None)
+                if self._stopping.is_set():  # the stop names this call as it leaves
+                    self._log.debug("claim under way at the stop failed: %s", exc,
+                                    extra=self._extra)
+                    return
                 reason = _refusal(exc) or denied_for_good(exc, self._storage.last_success)
                 if reason is not None:  # no retry can succeed: stop before claiming anything
+                    inflight.claim_begins(None)  # refused: it claimed nothing
                     self._log.error("%s", reason, extra=self._extra)
                     if self._refused is not None:
                         self._refused(reason)
@@ -114,7 +117,6 @@ class Claimer:
                                   extra=self._extra)
                 self._stopping.wait(backoff(attempt, base=0.25, after=exc))
                 continue
-            inflight.claim_begins(None)
             if attempt:
                 self._log.info("database reachable again", extra=self._extra)
                 attempt = 0
@@ -144,6 +146,7 @@ class Claimer:
     def _claim(self, free: int, call_id: str) -> Claims | None:
         """One claim call, its todos handed to workers; None when stop() began meanwhile."""
         settings = self._settings
+        self._inflight.claim_begins(call_id)  # until answered: a stop names it if it must
         claims = self._storage.claim(
             agent_orch=settings.agent_orch, consumer=settings.consumer, limit=free,
             lease_seconds=settings.lease_seconds, max_claims=settings.max_claims,
@@ -152,8 +155,9 @@ class Claimer:
             instance=self._instance,
         )
         if self._stopping.is_set():  # stop() began while this claim was in flight
-            self._shutdown.give_back_now(claims)
+            self._shutdown.give_back_now(claims)  # (and the stop names the call as it leaves)
             return None
+        self._inflight.claim_begins(None)
         for index, claim in enumerate(claims):
             try:
                 self._submit(claim)

@@ -58,18 +58,21 @@ class InFlight:
         with self.lock:
             self._unanswered[call_id] = time.monotonic()
             self.claim_unanswered = True
+            if self._claim_under_way == call_id:  # moved, never out of both
+                self._claim_under_way = None
 
     def claim_begins(self, call_id: str | None) -> None:
-        """The claim call ``call_id`` is under way (None: no call is)."""
-        with self.lock:
-            self._claim_under_way = call_id
+        """The claim call ``call_id`` is under way (None: no call is). Only the claimer
+        writes it, and a stop reads it once: no lock on the claim's path."""
+        self._claim_under_way = call_id
 
     def claims_left_unanswered(self, keep_seconds: float) -> list[str]:
         """What a stop names as it leaves: the unanswered calls and the one still under way,
         whose answer will never be read (the database waits for it, then gives its todos
         back). A heartbeat must not name that one: its todos are this server's to run."""
-        under_way = self._claim_under_way
-        return self.unanswered_claims(keep_seconds) + ([under_way] if under_way else [])
+        with self.lock:
+            under_way = self._claim_under_way
+            return self.unanswered_claims(keep_seconds) + ([under_way] if under_way else [])
 
     def unanswered_claims(self, keep_seconds: float) -> list[str]:
         """The claim calls that got no answer in the last ``keep_seconds``: the heartbeat names

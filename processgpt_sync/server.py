@@ -236,7 +236,9 @@ class Server:
                        len(self._inflight.runs()), extra={**self._extra, "action": "stop_server"})
         self._inflight.wake.set()
         if not parts.claimer.waiting_for_work:  # after a wait for work, no claim follows
-            self._join("claimer", left())
+            # the claim under way is waited for while the grace runs, not into the time the
+            # give-back needs: once that wait runs out, the stop names the call as it leaves
+            self._join("claimer", min(left(), grace + STOP_MARGIN / 2))
         try:  # the grace counts from here: what the claimer's join took is not given again
             grace_left = max(0.0, begun + grace - time.monotonic())
             parts.shutdown.drain(self._inflight, parts.buffer, parts.worker.cancel, grace_left,

@@ -249,7 +249,8 @@ class Watchers:
                         extra={**self._extra, "action": "heartbeat"})
                 continue
             failing = False
-            if report.superseded and not failed:
+            if report.superseded and not failed and not self._stop.is_set():
+                # (after a stop, the refusal is the stop's own mark: nothing superseded it)
                 failed = True
                 reason = (f"this server's heartbeats are refused: a newer server runs under the "
                           f"same consumer name {self.settings.consumer!r} (give each server a "

@@ -682,6 +682,96 @@ def test_a_stop_gives_back_the_todos_of_a_claim_still_under_way_when_it_stops_wa
         store.close()
 
 
+class HeldOnTheWay(PostgresStorage):
+    """Once ``hold`` is set, the next claim and the next heartbeat each wait for ``let_through``
+    before they reach the database (a link that stalls requests)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hold = threading.Event()
+        self.let_through = threading.Event()
+        self.waiting: dict[str, threading.Event] = defaultdict(threading.Event)
+        self.arrived: dict[str, threading.Event] = defaultdict(threading.Event)
+
+    def _held(self, name, call, **kwargs):
+        if self.hold.is_set() and not self.waiting[name].is_set():
+            self.waiting[name].set()
+            self.let_through.wait(30)
+            try:
+                return call(**kwargs)
+            finally:
+                self.arrived[name].set()
+        return call(**kwargs)
+
+    def claim(self, **kwargs):
+        return self._held("claim", super().claim, **kwargs)
+
+    def heartbeat(self, *args, **kwargs):
+        return self._held("heartbeat", lambda: super(HeldOnTheWay, self).heartbeat(*args,
+                                                                                   **kwargs))
+
+
+def test_a_claim_and_a_heartbeat_arriving_after_the_stop_are_not_taken_for_a_name_clash(
+        database_url, db, monkeypatch, caplog):
+    """A claim and a heartbeat the stop stopped waiting for reach the database after it left
+    the registry: the database refuses them as a stopped run's, and the server, stopped
+    cleanly, neither reports a newer server under its name nor fails."""
+    monkeypatch.setattr("processgpt_sync.server.STOP_MARGIN", 1.0)
+    store = HeldOnTheWay(database_url)
+    todo_id = store.enqueue("a", "claimed after the stop")
+    store.hold.set()  # the server's first claim and first heartbeat
+    server = ps.Server(lambda todo: {"ok": True},
+                       ps.Settings(agent_orch="a", workers=2, lease_seconds=4), storage=store)
+    server.start()
+    try:
+        assert store.waiting["claim"].wait(10) and store.waiting["heartbeat"].wait(10)
+        caplog.clear()
+        server.stop(timeout=0.5)
+        store.let_through.set()
+        assert store.arrived["claim"].wait(10) and store.arrived["heartbeat"].wait(10)
+        time.sleep(0.5)  # what follows each refusal
+    finally:
+        store.let_through.set()
+        server.stop()
+        store.close()
+    assert server.failure is None
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    row = db.execute("SELECT draft_status::text AS s, consumer FROM todolist WHERE id = %s",
+                     (todo_id,)).fetchone()
+    assert (row["s"], row["consumer"]) == (None, None)
+
+
+def test_a_claim_outlasting_the_stop_leaves_it_time_to_give_the_running_todos_back(
+        database_url, db, monkeypatch):
+    """A claim that hangs past the grace is waited for no longer than the grace and half the
+    margin: the rest of the stop's time gives back the todos still running, rather than
+    leaving them to their leases."""
+    monkeypatch.setattr("processgpt_sync.server.STOP_MARGIN", 2.0)
+    store = HeldOnTheWay(database_url)
+    first = store.enqueue("a", "runs")
+
+    def handle(todo):
+        todo.cancel_event.wait(30)
+        return {"too": "late"}
+
+    server = ps.start(handle, agent_orch="a", storage=store, workers=2)
+    try:
+        wait_for(lambda: server.stats()["running"] == 1)
+        time.sleep(0.2)
+        store.hold.set()
+        second = store.enqueue("a", "its claim hangs")
+        assert store.waiting["claim"].wait(10)
+        server.stop(timeout=1)
+    finally:
+        store.let_through.set()
+        server.stop()
+        store.close()
+    rows = {r["id"]: (r["s"], r["consumer"]) for r in db.execute(
+        "SELECT id::text, draft_status::text AS s, consumer FROM todolist WHERE id IN (%s, %s)",
+        (first, second))}
+    assert rows == {first: (None, None), second: (None, None)}
+
+
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="none")
 
 
