@@ -1799,7 +1799,8 @@ $$;
 -- An answer arrives: wake the waiting worker ('processgpt_sync_answer', payload job_id), and
 -- requeue the todo it answers if that todo is suspended waiting for it. Never makes the UI's
 -- insert fail: for a role that may not see the todo, update it or lock its process
--- instance's row, the todo is listed as below instead (a warning says why). Nor wait
+-- instance's row, or a requeue that fails (a site's trigger refuses it), the todo is listed as
+-- below instead (a warning says why). Nor wait
 -- long: a todo whose row (or process instance) another transaction holds for more than 2 s
 -- (the BPM engine, a person's open edit) is listed in processgpt_sync_answer_held for the
 -- servers to requeue once it is free, rather than holding the UI's insert until a statement
@@ -1833,8 +1834,10 @@ BEGIN
         ELSE
             PERFORM processgpt_sync_list_held_answer_v1(v_todo_id);
         END IF;
-    EXCEPTION WHEN insufficient_privilege THEN
-        -- a role that may not lock the todo's rows (or update the todo): the servers requeue it
+    EXCEPTION WHEN OTHERS THEN
+        -- a role that may not lock the todo's rows (or update the todo), a site's trigger
+        -- that refuses the requeue: the answer is stored all the same, the servers requeue
+        -- the todo (their looks retry it, with a warning while it fails)
         RAISE WARNING 'processgpt-sync: answer % stored, todo left to the servers to requeue: %',
             NEW.job_id, SQLERRM;
         BEGIN
@@ -2523,6 +2526,7 @@ DECLARE
     v_orphan_ids uuid[];
     v_orphan_tokens uuid[];
     v_orphans integer := 0;
+    v_renewed jsonb;
 BEGIN
     -- one registry change per consumer at a time (a stop and a late heartbeat may cross)
     PERFORM pg_advisory_xact_lock(hashtext('processgpt_sync_server'), hashtext(p_consumer));
@@ -2579,9 +2583,12 @@ BEGIN
         version = CASE WHEN v_new_run THEN EXCLUDED.version ELSE s.version END,
         started_at = CASE WHEN v_new_run THEN now() ELSE s.started_at END;
     DELETE FROM processgpt_sync_server WHERE last_seen < now() - interval '1 day';
-    PERFORM processgpt_sync_take_held_answers_v1(1);  -- 1 s at most: the leases are renewed next
-    RETURN processgpt_sync_renew_v1(p_consumer, coalesce(p_todo_ids, '{}'), coalesce(p_tokens, '{}'),
-                                    p_lease_seconds)
+    v_renewed := processgpt_sync_renew_v1(p_consumer, coalesce(p_todo_ids, '{}'),
+                                          coalesce(p_tokens, '{}'), p_lease_seconds);
+    -- last, 1 s at most: a todo the look requeues stays locked only until the commit that
+    -- follows, not while the renewals wait for a lease a batch of outcomes holds
+    PERFORM processgpt_sync_take_held_answers_v1(1);
+    RETURN v_renewed
            || jsonb_build_object('orphans', coalesce(to_jsonb(v_orphan_ids), '[]'::jsonb),
                                  'orphans_released', v_orphans);
 END
@@ -2719,7 +2726,11 @@ BEGIN
     -- the wait, where it would hold up the UI's next answer to that todo (its listing waits
     -- for the unlisting); a requeued todo is work, of this server or another
     v_found := processgpt_sync_take_held_answers_v1(0.5) > 0 OR v_found;
-    UPDATE processgpt_sync_server SET last_seen = clock_timestamp() WHERE consumer = p_consumer;
+    -- not while a heartbeat of the caller's holds the row (it refreshes it itself): that
+    -- would keep what the look wrote locked, and might run into the statement timeout
+    UPDATE processgpt_sync_server s SET last_seen = clock_timestamp()
+    WHERE s.consumer IN (SELECT x.consumer FROM processgpt_sync_server x
+                         WHERE x.consumer = p_consumer FOR NO KEY UPDATE SKIP LOCKED);
     RETURN v_found;
 END
 $$;

@@ -808,6 +808,80 @@ def test_a_heartbeat_renews_its_leases_when_a_listed_todo_runs_into_its_timeout(
     assert state(db, listed)["draft_status"] == "HUMAN_ASKED"
 
 
+def test_a_heartbeat_keeps_no_requeued_todo_locked_while_it_waits_to_renew_a_lease(
+        supabase_store, database_url, db):
+    """A batch of outcomes holds the lease of one of the server's running todos when its
+    heartbeat comes: the heartbeat waits for it to renew, and the todo its look requeues is not
+    kept locked meanwhile (a second answer to it, the UI's edit would wait behind it)."""
+    (listed,) = answered_and_listed(supabase_store, database_url, db, 1)
+    running = supabase_store.enqueue("life", "running", tenant_id="acme")
+    (c,) = claim(supabase_store)
+    with psycopg.connect(database_url) as batch, \
+            psycopg.connect(database_url, autocommit=True) as other:
+        batch.execute("SELECT 1 FROM processgpt_sync_lease WHERE todo_id = %s FOR UPDATE",
+                      (running,))
+        reports = []
+
+        def heartbeat():
+            with psycopg.connect(database_url, autocommit=True) as server:
+                reports.append(server.execute(
+                    "SELECT processgpt_sync_heartbeat_v1(%s, %s::uuid[], %s::uuid[], 60, "
+                    "%s::jsonb)", ("w1", [running], [c.token],
+                                   json.dumps({"agent_orch": "life"}))).fetchone()[0])
+
+        beating = threading.Thread(target=heartbeat)
+        beating.start()
+        time.sleep(1.0)  # the heartbeat waits for the lease
+        other.execute("SET lock_timeout = '100ms'")
+        other.execute("SELECT 1 FROM todolist WHERE id = %s FOR UPDATE", (listed,))
+        batch.rollback()
+        beating.join(10)
+    assert reports and reports[0]["renewed"] == [running]
+    assert state(db, listed)["draft_status"] == "FB_REQUESTED"
+    assert listed_as_held(db) == []
+
+
+def test_a_wait_for_work_does_not_wait_for_a_heartbeat_of_its_server(
+        supabase_store, database_url, db):
+    """A heartbeat of the same server holds its registry row (its look, its renewals) when a
+    wait for work ends: the wait does not queue behind it to refresh the row the heartbeat
+    refreshes anyway, keeping what its own look requeued locked, or running into the role's
+    statement timeout."""
+    db.execute("INSERT INTO processgpt_sync_server (consumer, agent_orch) VALUES ('w1', 'life')")
+    with psycopg.connect(database_url) as heartbeat, \
+            psycopg.connect(database_url, autocommit=True) as server:
+        heartbeat.execute("SELECT 1 FROM processgpt_sync_server WHERE consumer = 'w1' "
+                          "FOR NO KEY UPDATE")
+        server.execute("SET statement_timeout = '2s'")
+        began = time.monotonic()
+        (found,) = server.execute(
+            "SELECT processgpt_sync_wait_for_work_v1('nothing-here', 'w1', 0)").fetchone()
+        took = time.monotonic() - began
+        heartbeat.rollback()
+    assert found is False
+    assert took < 1.0, f"the wait took {took:.1f}s"
+
+
+def test_an_answer_whose_requeue_a_site_trigger_refuses_is_stored_and_requeued_later(
+        supabase_store, database_url, db):
+    """A site's trigger refuses the update that requeues an answered todo (a check of its
+    own): the UI's answer is stored all the same and the todo listed; once the trigger lets
+    it through, a heartbeat's look requeues it."""
+    todo_id = suspended(supabase_store)
+    db.execute("CREATE FUNCTION site_check() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+               "IF NEW.draft_status = 'FB_REQUESTED' THEN RAISE EXCEPTION 'site check'; END IF; "
+               "RETURN NEW; END $$")
+    db.execute("CREATE TRIGGER site_check BEFORE UPDATE ON todolist FOR EACH ROW "
+               "EXECUTE FUNCTION site_check()")
+    answer_as_a_signed_in_user(database_url, "human_asked_a", True)
+    assert listed_as_held(db) == [todo_id]
+    assert state(db, todo_id)["draft_status"] == "HUMAN_ASKED"
+    db.execute("DROP TRIGGER site_check ON todolist")
+    supabase_store.heartbeat("w1", [], 60, {"agent_orch": "life"})
+    assert state(db, todo_id)["draft_status"] == "FB_REQUESTED"
+    assert listed_as_held(db) == []
+
+
 def test_a_wait_for_work_with_a_long_list_ends_inside_the_roles_statement_timeout(
         supabase_store, database_url, db):
     """Five listed todos are answered and free, and a site's trigger makes each update of a
