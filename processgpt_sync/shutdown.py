@@ -31,19 +31,26 @@ HELD_RESERVE = 5.0  # seconds of the stop's time kept for the steps after the gi
 # outcomes on their way, the events, the registry) while todos wait for a held process instance
 LEAVING_WAIT = 5.0  # seconds past the grace a stop waits for contexts around returned executors
 
+logger = logging.getLogger(__name__)
+
 
 def bounded(fn: Callable[[], Any], timeout: float, what: str) -> tuple[bool, Any]:
     """Run ``fn`` on a daemon thread for at most ``timeout`` seconds: (finished, its result or
     the exception it raised). A call stuck on a dead network path is left behind. With no
     thread to run it on (the host's thread limit), it runs here, bounded only by its own
-    timeouts (the connection's TCP and statement timeouts)."""
+    timeouts (the connection's TCP and statement timeouts). A call left behind that fails
+    later is logged, as nobody else reads its error."""
     box: list[Any] = []
+    left_behind = threading.Event()
 
     def run() -> None:
         try:
             box.append(fn())
         except Exception as exc:
             box.append(exc)
+            if left_behind.is_set():
+                logger.warning("stopping: %s, left behind unanswered, failed later: %s", what,
+                               exc, extra={"action": "stop_server"})
 
     thread = threading.Thread(target=run, daemon=True, name=f"processgpt-sync-{what}")
     try:
@@ -52,6 +59,8 @@ def bounded(fn: Callable[[], Any], timeout: float, what: str) -> tuple[bool, Any
         run()
         return True, box[0]
     thread.join(max(0.0, timeout))
+    if not box:
+        left_behind.set()  # (an error that came meanwhile is returned below, maybe logged too)
     return (True, box[0]) if box else (False, None)
 
 

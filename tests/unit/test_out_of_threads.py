@@ -5,10 +5,13 @@ and checks that the library blames the host, not the todo, and leaves nothing be
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -235,3 +238,28 @@ def test_the_thread_limit_is_raised_toward_the_hard_one_or_start_refuses_clearly
     assert kind == "ConfigurationError"
     assert message.startswith("500 workers need up to ")
     assert "but RLIMIT_NPROC allows 400 threads: raise it (ulimit -u, LimitNPROC=" in message
+
+
+def test_a_stop_step_left_behind_that_fails_later_is_logged(caplog) -> None:
+    """A step the stop stopped waiting for, which fails once the link answers, is logged: its
+    error is nobody else's to read."""
+    from processgpt_sync.shutdown import bounded
+
+    said = threading.Event()
+
+    def fails_late():
+        time.sleep(0.3)
+        try:
+            raise ConnectionError("server closed the connection")
+        finally:
+            said.set()
+
+    with caplog.at_level(logging.WARNING, logger="processgpt_sync.shutdown"):
+        assert bounded(fails_late, 0.05, "deregister") == (False, None)
+        assert said.wait(5)
+        deadline = time.monotonic() + 5
+        while not caplog.records and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert [r.getMessage() for r in caplog.records] == [
+        "stopping: deregister, left behind unanswered, failed later: server closed the "
+        "connection"]
