@@ -19,7 +19,7 @@ from typing import Any
 
 from .errors import StorageUnavailable
 from .events import EVENT_TYPES
-from .retrying import HELD_ROW_WARN_AFTER, STATEMENT_TIMEOUT, backoff
+from .retrying import HELD_ROW_WARN_AFTER, STATEMENT_TIMEOUT, TIMEOUTS_ALONE_MAX, backoff
 from .storage.base import Storage
 
 logger = logging.getLogger(__name__)
@@ -32,13 +32,16 @@ HELD_RETRY_MAX = 1.0
 
 @dataclass
 class Held:
-    """A claim whose todo row another transaction held when its events were sent."""
+    """A claim whose todo row another transaction held when its events were sent, or whose
+    first unwritten event ran past the statement timeout alone."""
 
     since: float
     tries: int = 0
     logged: bool = False
     retry_at: float = 0.0
     events: list[dict[str, Any]] = field(default_factory=list)  # set aside until retry_at
+    timeouts: int = 0  # of its first event, written alone while the database answered others
+    timed_out_at: float | None = None
 
 
 def event_key(event: Mapping[str, Any]) -> Key:
@@ -134,6 +137,9 @@ class EventBuffer:
             queue = self._pending.pop(key, [])
             self._pending = {key: events + queue, **self._pending}
             self._count += len(events)
+            self._oldest = 0.0  # due now, as they were: an idle flusher is woken for them
+            self._idle = False
+            self._cond.notify_all()
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every accepted event is written; False if ``timeout`` ran out first."""
@@ -289,6 +295,40 @@ class EventBuffer:
                                    "for %.0fs; its events wait for it", key[0], now - held.since,
                                    extra={"action": "write_events", "todo_id": key[0]})
 
+    def _heavy(self, event: dict[str, Any], started: float) -> bool:
+        """Whether ``event``, written alone, ran past the statement timeout while the database
+        answered another call (since its last such timeout, or the first time during this
+        write): then it is heavy, not the database slow for every call (an outage)."""
+        with self._cond:
+            held = self._held.setdefault(event_key(event), Held(since=time.monotonic()))
+            since = started if held.timed_out_at is None else held.timed_out_at
+            held.timed_out_at = time.monotonic()
+        return self._storage.last_success > since
+
+    def _timed_out_alone(self, event: dict[str, Any], exc: StorageUnavailable) -> None:
+        """A heavy event (a site's slow trigger on ``events``, a huge payload): its claim's
+        events wait, set aside, while the other todos' are written; timing out alone
+        ``TIMEOUTS_ALONE_MAX`` times, it is dropped with a warning and the claim's later
+        events follow."""
+        todo_id = event["todo_id"]
+        extra = {"action": "write_events", "todo_id": todo_id}
+        with self._cond:
+            held = self._held[event_key(event)]
+            held.timeouts += 1
+            if held.timeouts >= TIMEOUTS_ALONE_MAX:
+                held.timeouts, held.timed_out_at = 0, None  # the next event counts anew
+                logger.warning("event %s of todo %s ran past the statement timeout %d times "
+                               "alone while the database answered other calls; not written "
+                               "(%s)", event.get("event_type"), todo_id, TIMEOUTS_ALONE_MAX,
+                               exc, extra=extra)
+                return
+            held.retry_at = time.monotonic() + HELD_RETRY_MAX
+            held.events = [event]
+            self._set_aside += 1
+        logger.warning("writing event %s of todo %s ran past the statement timeout alone; that "
+                       "todo's events wait, the others' are written", event.get("event_type"),
+                       todo_id, extra=extra)
+
     def _hold_behind(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Of the second half of a batch, set aside the events of the todo whose earlier ones
         the first half had to set aside (its row is held): after them, not written before
@@ -319,9 +359,14 @@ class EventBuffer:
             self._oldest = 0.0
 
     def _write(self, batch: list[dict[str, Any]]) -> None:
+        started = time.monotonic()
         try:
             rejected = self._storage.record_events(batch)
         except StorageUnavailable as exc:
+            if (exc.code == STATEMENT_TIMEOUT and len(batch) == 1
+                    and self._heavy(batch[0], started)):
+                self._timed_out_alone(batch[0], exc)
+                return
             halves = _halves(batch) if exc.code == STATEMENT_TIMEOUT else None
             if halves is None:
                 raise

@@ -22,7 +22,7 @@ from typing import Any
 
 from .errors import ServerFailed, StorageError, StorageUnavailable
 from .models import Claim
-from .retrying import HELD_ROW_WARN_AFTER, STATEMENT_TIMEOUT, backoff
+from .retrying import HELD_ROW_WARN_AFTER, STATEMENT_TIMEOUT, TIMEOUTS_ALONE_MAX, backoff
 from .storage.base import Storage, WriteOutcome
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,6 @@ BATCH_SIZE = 200  # outcomes per SQL call
 WAIT_RETRY_FIRST = 0.02  # seconds before an outcome that had to wait is tried again
 WAIT_RETRY_MAX = 1.0
 TIMEOUTS_BEFORE_OUTAGE = 3  # writes timing out in a row: the database is slow, not one write
-TIMEOUTS_ALONE_MAX = 3  # an outcome timing out alone this often is given up as refused
 
 
 Stored = Callable[[WriteOutcome | None, BaseException | None], None]

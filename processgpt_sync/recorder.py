@@ -14,13 +14,19 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from .errors import NoResultError, PayloadError, ServerFailed, StorageUnavailable
+from .errors import NoResultError, PayloadError, ServerFailed, StorageError, StorageUnavailable
 from .event_writer import EventBuffer, log_rejected
 from .infra import infrastructure_problem
 from .models import AwaitingHuman
-from .outcomes import TIMEOUTS_ALONE_MAX, Outcome, OutcomeWriter, Stored
+from .outcomes import Outcome, OutcomeWriter, Stored
 from .payload import error_text, snapshot_json, unwrap_text
-from .retrying import HELD_ROW_WARN_AFTER, STATEMENT_TIMEOUT, backoff, held_back_wait
+from .retrying import (
+    HELD_ROW_WARN_AFTER,
+    STATEMENT_TIMEOUT,
+    TIMEOUTS_ALONE_MAX,
+    backoff,
+    held_back_wait,
+)
 from .runs import UNSET, TodoRun
 from .storage.base import Storage, WriteOutcome
 
@@ -367,6 +373,18 @@ class Recorder:
                               "timeout %d times (%s); the next draft or its result will be "
                               "written", run.todo_id, TIMEOUTS_ALONE_MAX, exc,
                               extra=self._todo_extra(run, "save_draft"))
+            return
+        except StorageError as exc:  # refused, not an outage: nothing the executor did wrong
+            self._buffer.give_back(run.todo_id, run.claim.token, events)
+            self._log.warning("draft of todo %s refused with %d events (%s); writing it alone, "
+                              "they follow on their own", run.todo_id, len(events), exc,
+                              extra=self._todo_extra(run, "save_draft"))
+            try:
+                self._save_draft(run, data, deferred=True)
+            except StorageError as again:
+                self._log.warning("draft of todo %s not written (%s); the next draft or its "
+                                  "result will be", run.todo_id, again,
+                                  extra=self._todo_extra(run, "save_draft"))
             return
         except BaseException:  # not written: the events go out with the todo's next write
             self._buffer.give_back(run.todo_id, run.claim.token, events)

@@ -10,6 +10,7 @@ import time
 from .errors import AccessDenied
 
 STATEMENT_TIMEOUT = "57014"  # SQLSTATE query_canceled: the server ended a statement it ran
+TIMEOUTS_ALONE_MAX = 3  # a write timing out alone this often (others answered) is given up
 HELD_ROW_WARN_AFTER = 5.0  # seconds a todo row held by another transaction may delay its writes
 # before a warning names it (the other todos' writes go on meanwhile)
 RETRY_DELAY_MAX = 2.0  # seconds between write attempts during an outage (a healed network is used

@@ -117,6 +117,39 @@ def test_a_runtime_error_whose_message_raises_in_the_chain_fails_the_todo(storag
     assert running == 0
 
 
+def test_a_draft_whose_events_a_site_trigger_refuses_is_written_alone_and_the_todo_goes_on(
+        storage, db, caplog):
+    """A site's trigger refuses one of the events a draft takes along: the draft is written
+    alone, the event is dropped with a warning, and the executor goes on to its result. Before,
+    the refusal came out of ``events.result`` into the executor, and the todo was recorded
+    FAILED as if its own code had failed."""
+    db.execute("""
+        CREATE FUNCTION refuse_event() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN IF NEW.data->>'refuse' = 'yes' THEN RAISE EXCEPTION 'site check'; END IF;
+        RETURN NEW; END $$;
+        CREATE TRIGGER refuse_event BEFORE INSERT ON events
+            FOR EACH ROW EXECUTE FUNCTION refuse_event();""")
+
+    def handle(todo):
+        todo.events.emit("task_working", {"refuse": "yes"})
+        todo.events.emit("task_working", {"step": 1})
+        todo.events.result({"draft": 1}, final=False)
+        time.sleep(0.5)  # goes on working; its events are written meanwhile
+        return {"done": True}
+
+    todo_id = storage.enqueue("drafts", "q")
+    with ps.start(handle, agent_orch="drafts", storage=storage, workers=1) as server:
+        wait_for(lambda: server.stats()["completed"] + server.stats()["failed"] == 1)
+    row = db.execute("SELECT draft_status::text AS s, log FROM todolist WHERE id = %s",
+                     (todo_id,)).fetchone()
+    assert row["s"] == "COMPLETED", row["log"]
+    steps = [r["data"] for r in db.execute(
+        "SELECT data FROM events WHERE todo_id = %s AND event_type = 'task_working'",
+        (todo_id,))]
+    assert steps == [{"step": 1}]
+    assert "refused with 2 events (site check); writing it alone" in caplog.text
+
+
 def test_an_executor_that_swallows_cancellation_cannot_write_after_a_ui_cancel(storage, db):
     todo_id = storage.enqueue("stubborn", "x")
     entered, carry_on = threading.Event(), threading.Event()

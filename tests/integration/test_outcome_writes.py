@@ -20,7 +20,8 @@ import processgpt_sync as ps
 from processgpt_sync.errors import ServerFailed
 from processgpt_sync.event_writer import EventBuffer
 from processgpt_sync.inflight import InFlight
-from processgpt_sync.outcomes import TIMEOUTS_ALONE_MAX, Outcome, OutcomeWriter
+from processgpt_sync.outcomes import Outcome, OutcomeWriter
+from processgpt_sync.retrying import TIMEOUTS_ALONE_MAX
 from processgpt_sync.runs import TodoRun
 from processgpt_sync.settings import Settings
 from processgpt_sync.shutdown import Shutdown
@@ -323,6 +324,73 @@ def test_a_batch_of_events_past_the_statement_timeout_is_written_in_halves(
         steps = stored_steps(db, claim.todo_id)
         assert steps == list(range(counts[claim.todo_id])), (claim.todo_id == held, steps)
     assert "writing 16 events ran past the statement timeout" in caplog.text
+
+
+def test_an_event_too_heavy_to_store_holds_up_its_todos_events_only_and_is_dropped_after_its_tries(
+        database_url, db, caplog):
+    """A site's trigger takes longer than the statement timeout to store one event of a todo,
+    while the database answers the server's other calls: that todo's later events wait behind
+    it, the other todo's are written meanwhile; timing out alone TIMEOUTS_ALONE_MAX times, the
+    heavy event is dropped with a warning and its todo's later events follow, in order."""
+    db.execute("""
+        CREATE FUNCTION heavy_event() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN IF NEW.data->>'heavy' = 'yes' THEN PERFORM pg_sleep(5); END IF; RETURN NEW; END $$;
+        CREATE TRIGGER heavy_event BEFORE INSERT ON events
+            FOR EACH ROW EXECUTE FUNCTION heavy_event();""")
+    storage = PostgresStorage(database_url, statement_timeout=0.3)
+    for name in ("heavy", "light"):
+        storage.enqueue(AGENT, name)
+    heavy, light = storage.claim(agent_orch=AGENT, consumer="c", limit=2, lease_seconds=60,
+                                 max_claims=3)
+
+    def step(claim: Any, number: int, **more: str) -> dict[str, Any]:
+        return {"todo_id": claim.todo_id, "token": claim.token, "event_type": "task_working",
+                "data": {"step": number, **more}, "job_id": None, "crew_type": None,
+                "status": None}
+
+    buffer = EventBuffer(storage, flush_interval=0.05, batch_size=100)
+    buffer.start()
+    try:
+        with heartbeats(storage, [heavy, light]):
+            for event in (step(heavy, 0), step(heavy, 1, heavy="yes"), step(heavy, 2),
+                          step(light, 0)):
+                buffer.add(event)
+            wait_for(lambda: stored_steps(db, light.todo_id) == [0], timeout=10)
+            for number in (1, 2, 3):  # the light todo goes on while the heavy one waits
+                buffer.add(step(light, number))
+            wait_for(lambda: len(stored_steps(db, light.todo_id)) == 4, timeout=10)
+            assert stored_steps(db, heavy.todo_id) == [0]
+            assert buffer.flush(timeout=30)
+    finally:
+        buffer.close(timeout=5)
+        storage.close()
+    assert stored_steps(db, heavy.todo_id) == [0, 2]
+    assert stored_steps(db, light.todo_id) == [0, 1, 2, 3]
+    assert (f"ran past the statement timeout {TIMEOUTS_ALONE_MAX} times alone while the "
+            "database answered other calls; not written") in caplog.text
+
+
+def test_events_given_back_after_a_failed_draft_are_written_within_the_flush_interval(
+        database_url, db):
+    """A draft took its todo's waiting events along and its write failed: the events given
+    back are written by the idle flusher within its interval, not when some other event or the
+    todo's outcome comes along."""
+    storage = PostgresStorage(database_url)
+    storage.enqueue(AGENT, "q")
+    (claim,) = storage.claim(agent_orch=AGENT, consumer="c", limit=1, lease_seconds=60,
+                             max_claims=3)
+    buffer = EventBuffer(storage, flush_interval=0.05, batch_size=100)
+    buffer.start()
+    try:
+        assert buffer.flush(timeout=5)  # the flusher is idle
+        add_steps(buffer, [claim], {claim.todo_id: 1})
+        taken = buffer.take(claim.todo_id, claim.token, ids=True)
+        time.sleep(0.3)  # the draft's write fails meanwhile; the flusher, with nothing, idles
+        buffer.give_back(claim.todo_id, claim.token, taken)
+        wait_for(lambda: stored_steps(db, claim.todo_id) == [0], timeout=5)
+    finally:
+        buffer.close(timeout=5)
+        storage.close()
 
 
 class OutageOnOneCall(PostgresStorage):
