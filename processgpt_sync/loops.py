@@ -60,6 +60,11 @@ ON_BEGIN: contextvars.ContextVar[Callable[[], None] | None] = contextvars.Contex
     "processgpt_sync_on_begin", default=None)
 """Called on the loop as a coroutine started with ``then`` begins to run: a todo queued for a
 loop another todo blocks has not started yet (its clock starts then)."""
+ON_END: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "processgpt_sync_on_end", default=None)
+"""Called on the loop as that coroutine ends, within its own last step: its clock stops
+there, not once the loop gets round to its outcome, which another todo blocking the loop
+may hold up past its timeout."""
 ON_RETURN: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
     "processgpt_sync_on_return", default=None)
 """Called on a worker thread once its todo's coroutine has ended, before the tasks it left
@@ -113,6 +118,10 @@ class LoopTask(Generic[T]):
         except (SystemExit, KeyboardInterrupt) as exc:  # asyncio would re-raise these out of
             # the loop, ending it under every other todo: this todo's failure, as on a thread
             raise ExecutorExit(f"the executor raised {exc!r}") from exc
+        finally:
+            end = ON_END.get()
+            if end is not None:
+                end()
 
     def result(self) -> T:
         """Run or wait for the coroutine's outcome on the calling worker thread; see
@@ -325,7 +334,19 @@ class ThreadLoops:
             return
         for leftover in leftovers:
             leftover.cancel()
-        _, pending = loop.run_until_complete(asyncio.wait(leftovers, timeout=LEFTOVER_WAIT))
+        waiting = loop.create_task(asyncio.wait(leftovers, timeout=LEFTOVER_WAIT))
+        while True:
+            try:
+                _, pending = loop.run_until_complete(waiting)
+                break
+            except BaseException as exc:  # SystemExit from one as it is cancelled (a tool's
+                # cleanup) comes out of the loop: not the todo's outcome, which stands
+                logger.error("a task an async executor left running failed as it was ended "
+                             "(%r); the todo's outcome stands", exc, exc_info=exc,
+                             extra={"action": "execute"})
+        for ended in leftovers:  # seen, so none is reported again as "never retrieved"
+            if ended.done() and not ended.cancelled():
+                ended.exception()
         if pending:
             logger.warning("%d tasks left behind by an async executor ignore cancellation",
                            len(pending), extra={"action": "execute"})

@@ -13,8 +13,8 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from .errors import PayloadError, StorageError
@@ -23,7 +23,7 @@ from .feedback import with_summary
 from .human import HumanDesk, SuspendForHuman
 from .inflight import InFlight
 from .infra import infrastructure_problem, inner_errors, is_group
-from .loops import ON_BEGIN, ON_RETURN
+from .loops import ON_BEGIN, ON_END, ON_RETURN
 from .payload import error_text
 from .recorder import Recorder
 from .runs import CURRENT_RUN, UNSET, TodoRun
@@ -61,8 +61,8 @@ class TodoWorker:
         """Run the executor on this thread and record what came of it; a deferred todo (an
         async executor on the shared loop) gives the thread back while it awaits, and is
         recorded by ``_ended`` on a pool thread once its coroutine ends."""
-        # a deferred todo's clock starts as the loop begins its coroutine (ON_BEGIN)
-        if not run.begin(clock=self._submit is None):  # timed out or given back meanwhile
+        # a todo on the shared loop has its clock start as the loop begins its coroutine
+        if not run.begin(clock=not self._adapter.defers):  # timed out or given back meanwhile
             self._inflight.forget(run)
             return
         self._stats.executing(1)
@@ -98,7 +98,8 @@ class TodoWorker:
         try:
             run.todo = with_summary(run.todo, self._settings.summarize_feedback)
             run.context = contextvars.copy_context()
-            value, error = self._adapter.run(run.todo), None
+            with self._clock_on_the_loop(run, self._returned):
+                value, error = self._adapter.run(run.todo), None
         except BaseException as exc:  # SystemExit from argparse in a tool is this todo's failure
             value, error = UNSET, exc
         finally:
@@ -128,17 +129,38 @@ class TodoWorker:
                 run.deadline = max(run.deadline, time.monotonic() + EXIT_ALLOWANCE)
             run.leaving = True
 
+    @contextmanager
+    def _clock_on_the_loop(self, run: TodoRun,
+                           ended: Callable[[TodoRun], None]) -> Iterator[None]:
+        """On the shared loop, the todo's clock runs while its coroutine does: started as
+        the loop begins it, and ``ended`` as it ends (the loop's copy of this context calls
+        both), not while it waits for the loop another todo blocks."""
+        if not self._adapter.defers:
+            yield
+            return
+        began = ON_BEGIN.set(run.start_clock)
+        end = ON_END.set(functools.partial(ended, run))
+        try:
+            yield
+        finally:
+            ON_END.reset(end)
+            ON_BEGIN.reset(began)
+
+    @staticmethod
+    def _stop_clock(run: TodoRun) -> None:
+        """The deferred executor has ended: no timeout applies from now on."""
+        with run.lock:
+            run.deadline = None
+
     def _start(self, run: TodoRun) -> tuple[Any, BaseException | None]:
         """Start a deferred todo; what it raised if it could not start."""
-        began = ON_BEGIN.set(run.start_clock)  # the loop's copy of this context calls it
         try:
             run.todo = with_summary(run.todo, self._settings.summarize_feedback)
-            self._adapter.start(run.todo, functools.partial(
-                self._deferred_end, run, contextvars.copy_context()))
+            with self._clock_on_the_loop(run, self._stop_clock):
+                self._adapter.start(run.todo, functools.partial(
+                    self._deferred_end, run, contextvars.copy_context()))
         except BaseException as exc:
             return UNSET, exc
-        finally:
-            ON_BEGIN.reset(began)
         return UNSET, None
 
     def _deferred_end(self, run: TodoRun, context: contextvars.Context, value: Any,
@@ -146,8 +168,7 @@ class TodoWorker:
         """On the loop's thread: the executor has ended (no timeout applies from now on, and
         stop() waits for its outcome); record it on a pool thread, never on the loop."""
         assert self._submit is not None
-        with run.lock:
-            run.deadline = None
+        self._stop_clock(run)
         self._inflight.executor_returned(run)
         try:
             self._submit(context.run, self._ended, run, value, error)

@@ -105,6 +105,31 @@ def test_a_result_returned_in_time_stands_while_a_task_it_left_running_ends_slow
     assert (row["state"], row["output"]) == ("COMPLETED", {"ok": 1}), row["log"]
 
 
+def test_a_task_left_running_that_exits_as_it_is_ended_does_not_replace_the_result(
+        storage, db, caplog):
+    """A task the todo left running calls ``sys.exit`` when thread mode cancels it (a tool's
+    cleanup): the todo's result, returned before, stands and the failure is logged. Before,
+    the SystemExit came out of the loop in place of the result and the todo was FAILED."""
+    async def exits_when_cancelled() -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            sys.exit(3)
+
+    async def handle(todo: ps.Todo) -> dict[str, int]:
+        asyncio.ensure_future(exits_when_cancelled())
+        await asyncio.sleep(0.05)
+        return {"ok": 1}
+
+    todo_id = storage.enqueue("a", "x")
+    with ps.start(handle, agent_orch="a", storage=storage, workers=1):
+        wait_for(lambda: states(db)["x"] in ("FAILED", "COMPLETED"), timeout=15)
+    row = db.execute("SELECT draft_status::text AS state, output, log FROM todolist "
+                     "WHERE id = %s", (todo_id,)).fetchone()
+    assert (row["state"], row["output"]) == ("COMPLETED", {"ok": 1}), row["log"]
+    assert "left running failed as it was ended (SystemExit(3))" in caplog.text
+
+
 def test_shared_loop_reuses_one_async_client_across_todos_of_different_worker_threads(
         storage, db, http_url):
     httpx = pytest.importorskip("httpx")

@@ -179,11 +179,15 @@ def test_a_deferred_todo_past_its_timeout_fails_and_the_next_one_runs(storage, d
     assert "timed out after 0.5 s" in row(db, slow)["log"]
 
 
-def test_a_todo_queued_behind_a_todo_blocking_the_shared_loop_is_not_timed_out(storage, db):
+@pytest.mark.parametrize("around", [False, True], ids=["deferred", "around_todo"])
+def test_a_todo_queued_behind_a_todo_blocking_the_shared_loop_is_not_timed_out(
+        storage, db, around):
     """One todo blocks the shared loop past the timeout (a blocking call in ``async def``); a
     todo claimed meanwhile waits for the loop to take its coroutine. Its clock starts when the
     coroutine does: it runs once the loop is free and completes. Before, its clock ran from
-    the claim, and it was recorded FAILED, timed out, though its executor never started."""
+    the claim, and it was recorded FAILED, timed out, though its executor never started; so
+    it still did with a context around each todo (Django's), which keeps the todo on its
+    worker thread while the loop runs it."""
     started: list[str] = []
 
     async def handle(todo: ps.Todo) -> dict[str, Any]:
@@ -193,14 +197,50 @@ def test_a_todo_queued_behind_a_todo_blocking_the_shared_loop_is_not_timed_out(s
         return {"ok": todo.input}
 
     hog = storage.enqueue("a", "hog")
-    with ps.start(handle, agent_orch="a", storage=storage, workers=2, loop="shared",
-                  timeout=1.0):
+    server = ps.Server(handle, ps.Settings(agent_orch="a", workers=2, loop="shared",
+                                           timeout=1.0),
+                       storage=storage, around_todo=contextlib.nullcontext if around else None)
+    server.start()
+    with server:
         wait_for(lambda: "hog" in started)
         queued = storage.enqueue("a", "queued")
         wait_for(lambda: row(db, queued)["state"] in ("FAILED", "COMPLETED"), timeout=15)
         wait_for(lambda: row(db, hog)["state"] in ("FAILED", "COMPLETED"), timeout=15)
     assert row(db, queued)["state"] == "COMPLETED", row(db, queued)["log"]
     assert "timed out after 1 s" in row(db, hog)["log"]
+
+
+@pytest.mark.parametrize("around", [False, True], ids=["deferred", "around_todo"])
+def test_a_todo_ending_as_another_blocks_the_shared_loop_keeps_its_result(storage, db, around):
+    """A todo's coroutine returns in time, and in the same turn of the shared loop another
+    todo's step blocks the loop past the first one's timeout: the first todo's clock stopped
+    as its coroutine ended, so its result is recorded once the loop is free. Before, the
+    outcome waited behind the blocking step with the clock running, and the todo was recorded
+    FAILED, timed out, its result thrown away."""
+    done: list[asyncio.Event] = []
+
+    async def handle(todo: ps.Todo) -> dict[str, Any]:
+        if not done:
+            done.append(asyncio.Event())
+        if todo.input == "quick":
+            await asyncio.sleep(0.3)
+            done[0].set()  # wakes the hog's step, queued before this todo's outcome
+            return {"ok": "quick"}
+        await done[0].wait()
+        time.sleep(2.5)  # blocks the loop
+        return {"ok": "hog"}
+
+    hog = storage.enqueue("a", "hog")
+    quick = storage.enqueue("a", "quick")
+    server = ps.Server(handle, ps.Settings(agent_orch="a", workers=2, loop="shared",
+                                           timeout=1.5),
+                       storage=storage, around_todo=contextlib.nullcontext if around else None)
+    server.start()
+    with server:
+        wait_for(lambda: row(db, quick)["state"] in ("FAILED", "COMPLETED"), timeout=15)
+        wait_for(lambda: row(db, hog)["state"] in ("FAILED", "COMPLETED"), timeout=15)
+    assert row(db, quick)["state"] == "COMPLETED", row(db, quick)["log"]
+    assert "timed out after 1.5 s" in row(db, hog)["log"]
 
 
 @pytest.mark.parametrize("loop", ["thread", "shared"])
