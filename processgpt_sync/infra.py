@@ -1,8 +1,8 @@
 """Tell infrastructure failures apart from executor failures.
 
-A todo whose run broke because the host ran out of file descriptors or threads, could not
-create an event loop, or lost the database is given back to be run again; recording it FAILED would
-blame the executor for the host's problem.
+A todo whose run broke because the host ran out of file descriptors, threads or processes,
+could not create an event loop, or lost the database is given back to be run again; recording
+it FAILED would blame the executor for the host's problem.
 """
 
 from __future__ import annotations
@@ -20,6 +20,13 @@ NO_THREAD = "can't start new thread"  # CPython's RuntimeError when the OS refus
 THREAD_ADVICE = (
     "the host refused a new thread: raise the thread limit (`ulimit -u`, TasksMax= in "
     "systemd, the pids limit in Docker/Kubernetes) or run fewer workers"
+)
+
+SPAWN_ERRNOS = frozenset({errno.EAGAIN, errno.ENOMEM})
+SPAWNERS = frozenset({"_execute_child", "_posix_spawn", "_launch"})  # subprocess, multiprocessing
+PROCESS_ADVICE = (
+    "the host refused a new process: raise the process limit (`ulimit -u`, TasksMax= in "
+    "systemd, the pids limit in Docker/Kubernetes), free memory, or run fewer workers"
 )
 
 
@@ -51,6 +58,9 @@ def infrastructure_problem(error: BaseException | None) -> str | None:
         seen.add(id(current))
         if isinstance(current, OSError) and current.errno in FD_ERRNOS:
             return f"{_said(current)}; {FD_ADVICE}"
+        if (isinstance(current, OSError) and current.errno in SPAWN_ERRNOS
+                and _spawning(current)):
+            return f"{_said(current)}; {PROCESS_ADVICE}"
         if type(current) is RuntimeError and _said(current).startswith(NO_THREAD):
             return f"{_said(current)}; {THREAD_ADVICE}"
         if isinstance(current, (InfrastructureError, StorageUnavailable)):
@@ -59,6 +69,17 @@ def infrastructure_problem(error: BaseException | None) -> str | None:
             return _said(current)
         current = current.__cause__ or current.__context__
     return None
+
+
+def _spawning(error: OSError) -> bool:
+    """Whether ``error`` came from starting a process (subprocess, multiprocessing): the
+    host's limit then, where an EAGAIN from a non-blocking socket is the executor's own."""
+    frame = error.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_code.co_name in SPAWNERS:
+            return True
+        frame = frame.tb_next
+    return False
 
 
 def _said(error: BaseException) -> str:

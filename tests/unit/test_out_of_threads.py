@@ -263,3 +263,38 @@ def test_a_stop_step_left_behind_that_fails_later_is_logged(caplog) -> None:
     assert [r.getMessage() for r in caplog.records] == [
         "stopping: deregister, left behind unanswered, failed later: server closed the "
         "connection"]
+
+
+SPAWN_A_PROCESS = r"""
+import json, socket, subprocess
+from processgpt_sync.infra import infrastructure_problem
+
+try:
+    subprocess.run(["true"], check=True)
+    spawned = None
+except OSError as exc:
+    spawned = [type(exc).__name__, infrastructure_problem(exc)]
+for ends in fillers:
+    ends.set()
+left, right = socket.socketpair()
+left.setblocking(False)
+try:
+    left.recv(1)  # nothing to read: EAGAIN, the executor's own
+    own = None
+except BlockingIOError as exc:
+    own = infrastructure_problem(exc)
+print(json.dumps({"filled": len(fillers), "spawned": spawned, "own": own}))
+"""
+
+
+def test_a_process_the_host_refuses_to_start_is_the_hosts_failure() -> None:
+    """An executor starting a process (a tool's subprocess, an MCP stdio server) on a host at
+    its process limit gets EAGAIN from fork: the host's failure, so the todo is given back,
+    not recorded FAILED; an EAGAIN of a non-blocking socket stays the executor's own."""
+    result = run_with_few_threads(TAKE_EVERY_THREAD + SPAWN_A_PROCESS)
+    assert result["filled"], "the child could not start any thread"
+    assert result["spawned"] is not None, "the process started"
+    kind, problem = result["spawned"]
+    assert kind == "BlockingIOError"
+    assert problem is not None and "the host refused a new process" in problem
+    assert result["own"] is None
