@@ -388,12 +388,6 @@ class Recorder:
         return self.reply
 
 
-def _retrieved(task: asyncio.Future[Any]) -> None:
-    """Mark a cancel hook's outcome as seen (a late one is not ours to report again)."""
-    if not task.cancelled():
-        task.exception()
-
-
 def _text_or_none(value: Any) -> str | None:
     return None if value in (None, "") else str(value)
 
@@ -659,15 +653,26 @@ class A2AAdapter:
             return
         task, context, queue = running
 
+        late: list[bool] = []  # set once the hook outlived its time: what it raises then is
+        # nobody's to read but the log's
+
+        def ended(called: asyncio.Future[Any]) -> None:
+            failure = None if called.cancelled() else called.exception()
+            if failure is not None and late:
+                logger.warning("executor.cancel() for todo %s failed after its %gs: %r",
+                               todo.id, CANCEL_HOOK_TIMEOUT, failure, exc_info=failure,
+                               extra={"action": "cancel", "todo_id": todo.id})
+
         async def hook() -> None:
             # not wait_for: it waits for the hook to end once cancelled, and a hook that
             # swallows its cancellation would keep execute from ever being cancelled
             called = asyncio.ensure_future(self._executor.cancel(context, queue))
-            called.add_done_callback(_retrieved)
+            called.add_done_callback(ended)
             await asyncio.wait({called}, timeout=CANCEL_HOOK_TIMEOUT)
             if called.done():
                 called.result()  # what it raised is logged by the caller
                 return
+            late.append(True)
             called.cancel()
             logger.warning("executor.cancel() did not return within %gs for todo %s",
                            CANCEL_HOOK_TIMEOUT, todo.id,

@@ -174,7 +174,8 @@ class LoopTask(Generic[T]):
             if inspect.isawaitable(value):
                 await value
         except Exception:
-            logger.exception("the executor's cancel hook failed", extra={"action": "cancel"})
+            logger.exception("the cancel hook of todo %s failed", LABEL.get(),
+                             extra={"action": "cancel", "todo_id": LABEL.get()})
         finally:
             if self._task is not None:
                 self._task.cancel()
@@ -295,6 +296,7 @@ class ThreadLoops:
 
     def start(self, label: str, fn: Callable[..., Awaitable[T]], *args: Any) -> LoopTask[T]:
         """``fn(*args)``, run on the calling thread's loop by ``result()``."""
+        LABEL.set(label)  # in the worker's context, which the loop task copies
         return LoopTask(self._run, fn, args)
 
     def _loop(self) -> asyncio.AbstractEventLoop:

@@ -467,6 +467,48 @@ def test_a_cancel_hook_that_ignores_its_time_limit_does_not_keep_execute_running
         assert executor.hook_ended.wait(3)  # left to end on its own, before the loop closes
 
 
+class FailingCancel(Cancellable):
+    async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
+        self.cancel_called.set()
+        raise RuntimeError("the hook broke")
+
+
+@pytest.mark.parametrize("loop", ["thread", "shared"])
+def test_a_cancel_hook_that_fails_is_logged_naming_its_todo(storage, db, caplog, loop):
+    """A failing cancel hook does not keep execute from being cancelled, and its log names
+    the todo, in either loop mode."""
+    executor = FailingCancel()
+    todo_id = storage.enqueue("a2a", "x")
+    with ps.start(executor, agent_orch="a2a", storage=storage, workers=1, loop=loop) as server:
+        assert executor.entered.wait(10)
+        db.execute("UPDATE todolist SET draft_status = 'CANCELLED' WHERE id = %s", (todo_id,))
+        assert executor.saw_cancellation.wait(2)
+        wait_for(lambda: server.stats()["cancelled"] == 1)
+    (record,) = [r for r in caplog.records if "cancel hook of todo" in r.getMessage()]
+    assert (record.getMessage(), record.todo_id) == (
+        f"the cancel hook of todo {todo_id} failed", todo_id)
+
+
+class StubbornCancelThatFails(StubbornCancel):
+    """Outlives its time limit, then fails."""
+
+    async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
+        await super().cancel(context, event_queue)
+        raise RuntimeError("the hook broke late")
+
+
+def test_a_cancel_hook_failing_after_its_time_limit_is_logged(storage, db, monkeypatch, caplog):
+    """What a hook raises after its time limit ran out reaches nobody else: it is logged,
+    naming the todo."""
+    monkeypatch.setattr("processgpt_sync.a2a.CANCEL_HOOK_TIMEOUT", 0.3)
+    executor = StubbornCancelThatFails()
+    with cancelled_in_the_ui(storage, db, executor, execute_cancelled_within=0.9):
+        assert executor.hook_ended.wait(3)
+        wait_for(lambda: "the hook broke late" in caplog.text, timeout=5)
+    (record,) = [r for r in caplog.records if "failed after its 0.3s" in r.getMessage()]
+    assert record.todo_id == todo(db)["id"]
+
+
 def test_context_offers_row_extras_and_user_input(storage, db):
     seen = {}
 

@@ -117,8 +117,9 @@ def test_a_task_left_running_that_exits_as_it_is_ended_does_not_replace_the_resu
             sys.exit(3)
 
     async def handle(todo: ps.Todo) -> dict[str, int]:
-        asyncio.ensure_future(exits_when_cancelled())
+        leftover = asyncio.ensure_future(exits_when_cancelled())
         await asyncio.sleep(0.05)
+        assert not leftover.done()
         return {"ok": 1}
 
     todo_id = storage.enqueue("a", "x")
