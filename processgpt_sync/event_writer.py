@@ -28,6 +28,7 @@ Key = tuple[str, str]  # (todo id, fencing token): one claim of a todo
 
 HELD_RETRY_FIRST = 0.02  # seconds before events of a held todo row are sent again
 HELD_RETRY_MAX = 1.0
+ALONE_RETRY_MAX = 30.0  # seconds at most before an event that timed out alone is sent again
 
 
 @dataclass
@@ -40,7 +41,9 @@ class Held:
     logged: bool = False
     retry_at: float = 0.0
     events: list[dict[str, Any]] = field(default_factory=list)  # set aside until retry_at
-    timeouts: int = 0  # of its first event, written alone while the database answered others
+    alone: int = 0  # timeouts of its first event written alone: then sent alone, in a batch
+    # of its own, so that its timeouts hold up no other todo's events
+    timeouts: int = 0  # of those, the ones after which other events were written: it is heavy
     timed_out_at: float | None = None
 
 
@@ -83,6 +86,8 @@ class EventBuffer:
         self._set_aside = 0  # of held claims, waiting for their retry_at
         self._writing = 0  # handed to the flusher, write in progress
         self._oldest = 0.0
+        self._written_at = 0.0  # when a write of events last went through (flusher thread)
+        self._batch_began = 0.0  # when the flusher began writing its current batch
         self._closed = False
         self._idle = False  # the flusher waits with no deadline: the next event must wake it
         self._thread = threading.Thread(
@@ -208,6 +213,7 @@ class EventBuffer:
         while (batch := self._next_batch()) is not None:
             pause = 0.0
             try:
+                self._batch_began = time.monotonic()
                 self._write(batch)
                 attempt = 0
             except StorageUnavailable as exc:
@@ -221,10 +227,11 @@ class EventBuffer:
                         "(%s)", len(again), exc, extra={"action": "write_events"},
                     )
                     return
-                logger.warning(
-                    "writing %d events failed, will retry: %s", len(again), exc,
-                    extra={"action": "write_events"},
-                )
+                if again:  # (else what failed was set aside, and said so)
+                    logger.warning(
+                        "writing %d events failed, will retry: %s", len(again), exc,
+                        extra={"action": "write_events"},
+                    )
                 self._requeue(again)
                 pause = backoff(attempt, after=exc)
             except Exception:  # a bug, not a bad event (those are refused one by one)
@@ -246,6 +253,16 @@ class EventBuffer:
             held = self._held.get(key)
             if key in self._inflight or (held is not None and held.events):
                 continue  # a set-aside claim's events go before its newer ones
+            if held is not None and held.alone:  # its first event timed out alone: alone
+                if batch:
+                    continue
+                queue = self._pending[key]
+                batch.append(queue.pop(0))
+                if not queue:
+                    del self._pending[key]
+                self._inflight.add(key)
+                self._count -= 1
+                break
             events = self._pending.pop(key)
             self._inflight.add(key)
             batch.extend(events)
@@ -284,6 +301,8 @@ class EventBuffer:
         with self._cond:
             for key, claim_events in by_claim.items():
                 held = self._held.setdefault(key, Held(since=now))
+                if not held.tries:  # (a Held made for a timeout alone: held from now)
+                    held.since = now
                 held.tries += 1
                 held.retry_at = now + min(HELD_RETRY_MAX,
                                           HELD_RETRY_FIRST * 2.0 ** min(held.tries - 1, 16))
@@ -295,39 +314,38 @@ class EventBuffer:
                                    "for %.0fs; its events wait for it", key[0], now - held.since,
                                    extra={"action": "write_events", "todo_id": key[0]})
 
-    def _heavy(self, event: dict[str, Any], started: float) -> bool:
-        """Whether ``event``, written alone, ran past the statement timeout while the database
-        answered another call (since its last such timeout, or the first time during this
-        write): then it is heavy, not the database slow for every call (an outage)."""
-        with self._cond:
-            held = self._held.setdefault(event_key(event), Held(since=time.monotonic()))
-            since = started if held.timed_out_at is None else held.timed_out_at
-            held.timed_out_at = time.monotonic()
-        return self._storage.last_success > since
-
     def _timed_out_alone(self, event: dict[str, Any], exc: StorageUnavailable) -> None:
-        """A heavy event (a site's slow trigger on ``events``, a huge payload): its claim's
-        events wait, set aside, while the other todos' are written; timing out alone
-        ``TIMEOUTS_ALONE_MAX`` times, it is dropped with a warning and the claim's later
-        events follow."""
+        """An event written alone ran past the statement timeout: its claim's events wait, set
+        aside, and it is sent again alone (back-off from 1 s doubling to 30 s) while the other
+        todos' are written. A timeout after which other events were written before the next
+        counts: the event is heavy (a site's slow trigger on ``events``, a huge payload), and
+        at ``TIMEOUTS_ALONE_MAX`` it is dropped with a warning, its todo's later events
+        following. With no other event written (a lock on the table, a database slow for every
+        write) none counts, and it waits as in an outage."""
         todo_id = event["todo_id"]
         extra = {"action": "write_events", "todo_id": todo_id}
+        now = time.monotonic()
         with self._cond:
-            held = self._held[event_key(event)]
-            held.timeouts += 1
+            held = self._held.setdefault(event_key(event), Held(since=now))
+            if held.timed_out_at is not None and self._written_at > held.timed_out_at:
+                held.timeouts += 1
+            held.timed_out_at = now
             if held.timeouts >= TIMEOUTS_ALONE_MAX:
-                held.timeouts, held.timed_out_at = 0, None  # the next event counts anew
+                held.alone, held.timeouts, held.timed_out_at = 0, 0, None  # the next counts anew
                 logger.warning("event %s of todo %s ran past the statement timeout %d times "
-                               "alone while the database answered other calls; not written "
-                               "(%s)", event.get("event_type"), todo_id, TIMEOUTS_ALONE_MAX,
-                               exc, extra=extra)
+                               "alone while other events were written; not written (%s)",
+                               event.get("event_type"), todo_id, TIMEOUTS_ALONE_MAX, exc,
+                               extra=extra)
                 return
-            held.retry_at = time.monotonic() + HELD_RETRY_MAX
+            held.alone += 1
+            held.retry_at = now + min(ALONE_RETRY_MAX, 2.0 ** (held.alone - 1))
             held.events = [event]
             self._set_aside += 1
-        logger.warning("writing event %s of todo %s ran past the statement timeout alone; that "
-                       "todo's events wait, the others' are written", event.get("event_type"),
-                       todo_id, extra=extra)
+            first = held.alone == 1
+        if first:
+            logger.warning("writing event %s of todo %s ran past the statement timeout alone (%s); "
+                           "that todo's events wait, the others' are written",
+                           event.get("event_type"), todo_id, exc, extra=extra)
 
     def _hold_behind(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Of the second half of a batch, set aside the events of the todo whose earlier ones
@@ -359,13 +377,14 @@ class EventBuffer:
             self._oldest = 0.0
 
     def _write(self, batch: list[dict[str, Any]]) -> None:
-        started = time.monotonic()
         try:
             rejected = self._storage.record_events(batch)
         except StorageUnavailable as exc:
-            if (exc.code == STATEMENT_TIMEOUT and len(batch) == 1
-                    and self._heavy(batch[0], started)):
+            if exc.code == STATEMENT_TIMEOUT and len(batch) == 1:
                 self._timed_out_alone(batch[0], exc)
+                if self._written_at < self._batch_began:  # nothing of this batch went through:
+                    # the rest waits as in an outage, not each claim's timeout in turn
+                    raise PartlyWritten(str(exc), [], code=exc.code) from exc
                 return
             halves = _halves(batch) if exc.code == STATEMENT_TIMEOUT else None
             if halves is None:
@@ -420,7 +439,10 @@ class EventBuffer:
                 for key in {event_key(e) for e in batch} - {event_key(e) for e in held}:
                     self._held.pop(key, None)
         log_rejected(batch, rejected)
-        self._on_written(len(batch) - len(rejected) - len(held))
+        written = len(batch) - len(rejected) - len(held)
+        if written:
+            self._written_at = time.monotonic()
+        self._on_written(written)
 
 
 class PartlyWritten(StorageUnavailable):

@@ -23,7 +23,9 @@ THREAD_ADVICE = (
 )
 
 SPAWN_ERRNOS = frozenset({errno.EAGAIN, errno.ENOMEM})
-SPAWNERS = frozenset({"_execute_child", "_posix_spawn", "_launch"})  # subprocess, multiprocessing
+SPAWNERS = {"_execute_child": "/subprocess.py", "_posix_spawn": "/subprocess.py",
+            "_launch": "/multiprocessing/popen_fork.py",
+            "spawnv_passfds": "/multiprocessing/util.py"}  # what starts a process, and where
 PROCESS_ADVICE = (
     "the host refused a new process: raise the process limit (`ulimit -u`, TasksMax= in "
     "systemd, the pids limit in Docker/Kubernetes), free memory, or run fewer workers"
@@ -76,7 +78,9 @@ def _spawning(error: OSError) -> bool:
     host's limit then, where an EAGAIN from a non-blocking socket is the executor's own."""
     frame = error.__traceback__
     while frame is not None:
-        if frame.tb_frame.f_code.co_name in SPAWNERS:
+        code = frame.tb_frame.f_code
+        module = SPAWNERS.get(code.co_name)
+        if module is not None and code.co_filename.endswith(module):
             return True
         frame = frame.tb_next
     return False

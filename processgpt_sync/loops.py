@@ -341,14 +341,16 @@ class ThreadLoops:
             try:
                 _, pending = loop.run_until_complete(waiting)
                 break
-            except BaseException as exc:  # SystemExit from one as it is cancelled (a tool's
-                # cleanup) comes out of the loop: not the todo's outcome, which stands
+            except (SystemExit, KeyboardInterrupt) as exc:  # from one as it is cancelled (a
+                # tool's cleanup), out of the loop: not the todo's outcome, which stands
                 logger.error("a task an async executor left running failed as it was ended "
                              "(%r); the todo's outcome stands", exc, exc_info=exc,
                              extra={"action": "execute"})
-        for ended in leftovers:  # seen, so none is reported again as "never retrieved"
-            if ended.done() and not ended.cancelled():
-                ended.exception()
+        for ended in leftovers:  # each failure said once, here
+            failure = ended.exception() if ended.done() and not ended.cancelled() else None
+            if failure is not None and not isinstance(failure, SystemExit | KeyboardInterrupt):
+                logger.warning("a task an async executor left running failed as it was ended "
+                               "(%r)", failure, exc_info=failure, extra={"action": "execute"})
         if pending:
             logger.warning("%d tasks left behind by an async executor ignore cancellation",
                            len(pending), extra={"action": "execute"})

@@ -317,9 +317,7 @@ class Recorder:
         except RuntimeError as exc:  # the pool is shut down, or no thread: the next one may
             with run.lock:
                 run.draft_scheduled = False
-            self._log.warning("draft of todo %s not written now (%s); the next draft or its "
-                              "result will be", run.todo_id, exc,
-                              extra=self._todo_extra(run, "save_draft"))
+            self._draft_not_written(run, exc)
 
     def _write_pending_drafts(self, run: TodoRun) -> None:
         while True:
@@ -331,9 +329,7 @@ class Recorder:
             try:
                 self._save_draft(run, data, deferred=True)
             except StorageUnavailable as exc:  # superseded by the next draft or the result
-                self._log.warning("draft of todo %s not written (%s); the next draft or its "
-                                  "result will be", run.todo_id, exc,
-                                  extra=self._todo_extra(run, "save_draft"))
+                self._draft_not_written(run, exc)
             except Exception:
                 self._log.exception("writing a draft of todo %s failed", run.todo_id,
                                     extra=self._todo_extra(run, "save_draft"))
@@ -380,11 +376,10 @@ class Recorder:
                               "they follow on their own", run.todo_id, len(events), exc,
                               extra=self._todo_extra(run, "save_draft"))
             try:
-                self._save_draft(run, data, deferred=True)
+                with run.clock_stopped():  # the database's time, not the executor's
+                    self._save_draft(run, data, deferred=True)
             except StorageError as again:
-                self._log.warning("draft of todo %s not written (%s); the next draft or its "
-                                  "result will be", run.todo_id, again,
-                                  extra=self._todo_extra(run, "save_draft"))
+                self._draft_not_written(run, again)
             return
         except BaseException:  # not written: the events go out with the todo's next write
             self._buffer.give_back(run.todo_id, run.claim.token, events)
@@ -393,6 +388,10 @@ class Recorder:
         if not outcome.applied:
             self._log.warning("draft of todo %s refused (%s)", run.todo_id, outcome.reason,
                               extra=self._todo_extra(run, "save_draft"))
+
+    def _draft_not_written(self, run: TodoRun, why: BaseException) -> None:
+        self._log.warning("draft of todo %s not written (%s); the next draft or its result "
+                          "will be", run.todo_id, why, extra=self._todo_extra(run, "save_draft"))
 
     def _take_events(self, run: TodoRun) -> list[dict[str, Any]]:
         return self._buffer.take(run.todo_id, run.claim.token)

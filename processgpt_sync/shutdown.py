@@ -17,7 +17,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from .errors import StorageError
+from .errors import StorageError, StorageUnavailable
 from .event_writer import EventBuffer
 from .inflight import InFlight
 from .models import Claim
@@ -48,9 +48,11 @@ def bounded(fn: Callable[[], Any], timeout: float, what: str) -> tuple[bool, Any
             box.append(fn())
         except Exception as exc:
             box.append(exc)
-            if left_behind.is_set():
-                logger.warning("stopping: %s, left behind unanswered, failed later: %s", what,
-                               exc, extra={"action": "stop_server"})
+            if left_behind.is_set():  # an outage (the pool the stop then closed) was said
+                # already, as what could not be done; anything else is news
+                level = logging.DEBUG if isinstance(exc, StorageUnavailable) else logging.WARNING
+                logger.log(level, "stopping: %s, left behind unanswered, failed later: %s",
+                           what, exc, extra={"action": "stop_server"})
 
     thread = threading.Thread(target=run, daemon=True, name=f"processgpt-sync-{what}")
     try:

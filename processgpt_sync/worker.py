@@ -47,6 +47,7 @@ class TodoWorker:
         """:param submit: a thread pool's ``submit``: given (and the adapter ``defers``), an
             async todo holds no thread while it awaits; its outcome is recorded there."""
         self._adapter = adapter
+        self._defers = adapter.defers  # async todos on the shared loop
         self._settings = settings
         self._inflight = inflight
         self._recorder = recorder
@@ -62,7 +63,7 @@ class TodoWorker:
         async executor on the shared loop) gives the thread back while it awaits, and is
         recorded by ``_ended`` on a pool thread once its coroutine ends."""
         # a todo on the shared loop has its clock start as the loop begins its coroutine
-        if not run.begin(clock=not self._adapter.defers):  # timed out or given back meanwhile
+        if not run.begin(clock=not self._defers):  # timed out or given back meanwhile
             self._inflight.forget(run)
             return
         self._stats.executing(1)
@@ -98,7 +99,10 @@ class TodoWorker:
         try:
             run.todo = with_summary(run.todo, self._settings.summarize_feedback)
             run.context = contextvars.copy_context()
-            with self._clock_on_the_loop(run, self._returned):
+            if self._defers:
+                with self._clock_on_the_loop(run, self._returned):
+                    value, error = self._adapter.run(run.todo), None
+            else:
                 value, error = self._adapter.run(run.todo), None
         except BaseException as exc:  # SystemExit from argparse in a tool is this todo's failure
             value, error = UNSET, exc
@@ -135,9 +139,6 @@ class TodoWorker:
         """On the shared loop, the todo's clock runs while its coroutine does: started as
         the loop begins it, and ``ended`` as it ends (the loop's copy of this context calls
         both), not while it waits for the loop another todo blocks."""
-        if not self._adapter.defers:
-            yield
-            return
         began = ON_BEGIN.set(run.start_clock)
         end = ON_END.set(functools.partial(ended, run))
         try:

@@ -2673,8 +2673,9 @@ $$;
 -- stays a second inside the caller's statement_timeout, and the look that follows half a
 -- second, so a role's timeout never cancels the call. Answers whose todos were held when they
 -- came are requeued there where free (take_held_answers_v1), as the heartbeat an idle server
--- makes none of would. It ends by refreshing the caller's registry row (last_seen only), so an
--- idle server stays alive in the registry without heartbeats. now() is the call's start: a
+-- makes none of would. It ends by refreshing the caller's registry row (last_seen only; not
+-- while a heartbeat of the caller's holds it, which refreshes it itself), so an idle server
+-- stays alive in the registry without heartbeats. now() is the call's start: a
 -- lease that expires during the wait is seen by the next call.
 CREATE OR REPLACE FUNCTION processgpt_sync_wait_for_work_v1(
     p_agent_orch text,

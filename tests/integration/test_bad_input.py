@@ -118,7 +118,7 @@ def test_a_runtime_error_whose_message_raises_in_the_chain_fails_the_todo(storag
 
 
 def test_a_draft_whose_events_a_site_trigger_refuses_is_written_alone_and_the_todo_goes_on(
-        storage, db, caplog):
+        storage, db, caplog, monkeypatch):
     """A site's trigger refuses one of the events a draft takes along: the draft is written
     alone, the event is dropped with a warning, and the executor goes on to its result. Before,
     the refusal came out of ``events.result`` into the executor, and the todo was recorded
@@ -129,6 +129,8 @@ def test_a_draft_whose_events_a_site_trigger_refuses_is_written_alone_and_the_to
         RETURN NEW; END $$;
         CREATE TRIGGER refuse_event BEFORE INSERT ON events
             FOR EACH ROW EXECUTE FUNCTION refuse_event();""")
+    # the events wait for the draft, not written before it by the flusher
+    monkeypatch.setattr("processgpt_sync.server.EVENT_FLUSH_INTERVAL", 5.0)
 
     def handle(todo):
         todo.events.emit("task_working", {"refuse": "yes"})
