@@ -598,51 +598,6 @@ def test_a_stop_gives_back_the_todo_of_a_claim_whose_answer_it_never_got(databas
     assert (row["s"], row["consumer"], row["claim_count"]) == (None, None, 0)
 
 
-class SlowClaimOnce(PostgresStorage):
-    """Once ``slow`` is set, the next claim takes 3 s to answer (a claim waiting on a lock, a
-    slow link)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.slow = threading.Event()
-        self.slowed = threading.Event()
-
-    def claim(self, **kwargs):
-        if self.slow.is_set() and not self.slowed.is_set():
-            self.slowed.set()
-            time.sleep(3.0)
-        return super().claim(**kwargs)
-
-
-def test_a_stop_waiting_for_a_slow_claim_gives_the_running_todos_back_within_its_grace(
-        database_url, db, monkeypatch):
-    """stop() first waits for the claim under way, then for the running todos: the grace
-    counts from the stop, not once more after that wait, so time is left to give back what
-    still runs rather than leave it to its lease."""
-    monkeypatch.setattr("processgpt_sync.server.STOP_MARGIN", 2.0)
-    store = SlowClaimOnce(database_url)
-    first = store.enqueue("a", "runs")
-
-    def handle(todo):
-        todo.cancel_event.wait(30)
-        return {"too": "late"}
-
-    server = ps.start(handle, agent_orch="a", storage=store, workers=2)
-    try:
-        wait_for(lambda: server.stats()["running"] == 1)
-        store.slow.set()
-        store.enqueue("a", "claimed as the server stops")  # its NOTIFY starts the slow claim
-        assert store.slowed.wait(10)
-        server.stop(timeout=2)
-    finally:
-        server.stop()
-        store.close()
-    row = db.execute("SELECT draft_status::text AS s, consumer FROM todolist WHERE id = %s",
-                     (first,)).fetchone()
-    assert (row["s"], row["consumer"]) == (None, None), "given back, not left to its lease"
-    assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
-
-
 class AnswersLate(PostgresStorage):
     """Once ``late`` is set, the next claim commits, then its answer waits for ``arrive`` (a
     link that stalls after the database replied)."""
@@ -746,11 +701,14 @@ def test_a_claim_and_a_heartbeat_arriving_after_the_stop_are_not_taken_for_a_nam
     assert (row["s"], row["consumer"]) == (None, None)
 
 
-def test_a_claim_outlasting_the_stop_leaves_it_time_to_give_the_running_todos_back(
-        database_url, db, monkeypatch):
-    """A claim that hangs past the grace is waited for no longer than the grace and half the
-    margin: the rest of the stop's time gives back the todos still running, rather than
-    leaving them to their leases."""
+@pytest.mark.parametrize(("claim_takes", "grace"), [(1.5, 2.0), (None, 1.0)],
+                         ids=["slow-claim", "hanging-claim"])
+def test_a_stop_waiting_for_a_claim_gives_the_running_todos_back_within_its_grace(
+        database_url, db, monkeypatch, claim_takes, grace):
+    """stop() first waits for the claim under way, then for the running todos: the grace
+    counts from the stop, not once more after that wait, and a claim that hangs is waited for
+    no longer than the grace and half the margin, so time is left to give back what still
+    runs rather than leave it to its lease."""
     monkeypatch.setattr("processgpt_sync.server.STOP_MARGIN", 2.0)
     store = HeldOnTheWay(database_url)
     first = store.enqueue("a", "runs")
@@ -764,17 +722,20 @@ def test_a_claim_outlasting_the_stop_leaves_it_time_to_give_the_running_todos_ba
         wait_for(lambda: server.stats()["running"] == 1)
         time.sleep(0.2)
         store.hold.set()
-        store.enqueue("a", "its claim hangs")
+        store.enqueue("a", "claimed as the server stops")  # its NOTIFY starts the claim
         assert store.waiting["claim"].wait(10)
-        server.stop(timeout=1)
+        if claim_takes is not None:
+            threading.Timer(claim_takes, store.let_through.set).start()
+        server.stop(timeout=grace)
     finally:
         store.let_through.set()
         server.stop()
-        store.arrived["claim"].wait(10)  # refused: the server stopped
+        store.arrived["claim"].wait(10)
         store.close()
     row = db.execute("SELECT draft_status::text AS s, consumer FROM todolist WHERE id = %s",
                      (first,)).fetchone()
     assert (row["s"], row["consumer"]) == (None, None), "given back, not left to its lease"
+    assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 0
 
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="none")
