@@ -88,6 +88,7 @@ class EventBuffer:
         self._oldest = 0.0
         self._written_at = 0.0  # when a write of events last went through (flusher thread)
         self._batch_began = 0.0  # when the flusher began writing its current batch
+        self._batch_len = 0  # and how many events it holds
         self._closed = False
         self._idle = False  # the flusher waits with no deadline: the next event must wake it
         self._thread = threading.Thread(
@@ -213,7 +214,7 @@ class EventBuffer:
         while (batch := self._next_batch()) is not None:
             pause = 0.0
             try:
-                self._batch_began = time.monotonic()
+                self._batch_began, self._batch_len = time.monotonic(), len(batch)
                 self._write(batch)
                 attempt = 0
             except StorageUnavailable as exc:
@@ -382,8 +383,9 @@ class EventBuffer:
         except StorageUnavailable as exc:
             if exc.code == STATEMENT_TIMEOUT and len(batch) == 1:
                 self._timed_out_alone(batch[0], exc)
-                if self._written_at < self._batch_began:  # nothing of this batch went through:
-                    # the rest waits as in an outage, not each claim's timeout in turn
+                if self._batch_len > 1 and self._written_at < self._batch_began:  # nothing
+                    # of this batch went through: the rest waits as in an outage, not each
+                    # claim's timeout in turn (an event sent again alone is a batch of one)
                     raise PartlyWritten(str(exc), [], code=exc.code) from exc
                 return
             halves = _halves(batch) if exc.code == STATEMENT_TIMEOUT else None
