@@ -234,7 +234,7 @@ class EventBuffer:
                         extra={"action": "write_events"},
                     )
                 self._requeue(again)
-                pause = backoff(attempt, after=exc)
+                pause = backoff(attempt, after=exc) if again else 0.0  # (set aside: on its own)
             except Exception:  # a bug, not a bad event (those are refused one by one)
                 logger.exception("writing a batch of %d events failed unexpectedly; it is not "
                                  "retried", len(batch), extra={"action": "write_events"})
@@ -332,14 +332,14 @@ class EventBuffer:
                 held.timeouts += 1
             held.timed_out_at = now
             if held.timeouts >= TIMEOUTS_ALONE_MAX:
-                held.alone, held.timeouts, held.timed_out_at = 0, 0, None  # the next counts anew
+                del self._held[event_key(event)]  # its claim's next event counts anew
                 logger.warning("event %s of todo %s ran past the statement timeout %d times "
                                "alone while other events were written; not written (%s)",
                                event.get("event_type"), todo_id, TIMEOUTS_ALONE_MAX, exc,
                                extra=extra)
                 return
             held.alone += 1
-            held.retry_at = now + min(ALONE_RETRY_MAX, 2.0 ** (held.alone - 1))
+            held.retry_at = now + min(ALONE_RETRY_MAX, 2.0 ** min(held.alone - 1, 16))
             held.events = [event]
             self._set_aside += 1
             first = held.alone == 1
