@@ -1710,12 +1710,21 @@ $$;
 -- answering). Runs with its owner's rights, so that no other role needs any on the list: it
 -- lists only a todo this library ran, and once. A todo listed already gets a new listed_at:
 -- a look that found nothing to requeue before this answer was committed then leaves it listed
--- (take_held_answers_v1 unlists only the listing it looked at).
+-- (take_held_answers_v1 unlists only the listing it looked at). Every role may execute it,
+-- since the trigger runs as the role answering; but only from a trigger: called directly (by
+-- anon through Supabase's REST API, say) it refuses, so nobody lists todos at will.
 CREATE OR REPLACE FUNCTION processgpt_sync_list_held_answer_v1(p_todo_id uuid)
-RETURNS void LANGUAGE sql SECURITY DEFINER AS $$
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER AS $$
+BEGIN
+    IF pg_trigger_depth() < 1 THEN
+        RAISE EXCEPTION USING ERRCODE = 'insufficient_privilege',
+            MESSAGE = 'processgpt_sync_list_held_answer_v1 is called by the answer trigger '
+                      'only; a server lists nothing by hand';
+    END IF;
     INSERT INTO processgpt_sync_answer_held (todo_id)
     SELECT t.id FROM todolist t WHERE t.id = p_todo_id AND t.claim_token IS NOT NULL
-    ON CONFLICT (todo_id) DO UPDATE SET listed_at = clock_timestamp()
+    ON CONFLICT (todo_id) DO UPDATE SET listed_at = clock_timestamp();
+END
 $$;
 
 -- The todos whose answers came while their rows were held (processgpt_sync_answer_held), the
@@ -3093,7 +3102,8 @@ BEGIN
     -- The triggers run as the role writing the row (the ProcessGPT UI's, another agent's):
     -- what they call must be executable by that role. None of these functions reaches past
     -- the caller's own privileges, but list_held_answer_v1 (below), which runs with its
-    -- owner's and only lists an existing todo of this library for the servers to look at.
+    -- owner's, only from a trigger, and only lists an existing todo of this library for the
+    -- servers to look at.
     GRANT EXECUTE ON FUNCTION processgpt_sync_notify_text_v1(text, text) TO PUBLIC;
     GRANT EXECUTE ON FUNCTION processgpt_sync_uuid_or_null_v1(text) TO PUBLIC;
     GRANT EXECUTE ON FUNCTION processgpt_sync_take_answer_v1(uuid) TO PUBLIC;

@@ -560,6 +560,12 @@ def test_an_answer_inserted_while_the_suspend_commits_requeues_the_todo(database
     assert state(db, todo_id)["draft_status"] == "FB_REQUESTED"
 
 
+def list_as_held(db, todo_id):
+    """List ``todo_id`` as the answer trigger does (which alone may call the listing)."""
+    db.execute("INSERT INTO processgpt_sync_answer_held (todo_id) VALUES (%s) ON CONFLICT "
+               "(todo_id) DO UPDATE SET listed_at = clock_timestamp()", (todo_id,))
+
+
 def listed_as_held(db):
     return [str(r["todo_id"]) for r in db.execute(
         "SELECT todo_id FROM processgpt_sync_answer_held ORDER BY todo_id")]
@@ -621,11 +627,13 @@ def test_an_answer_to_a_todo_whose_row_is_held_is_stored_at_once_and_requeued_on
                     "SELECT * FROM processgpt_sync_answer_held"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 ui.execute(sql, (str(uuid.uuid4()),) if "%s" in sql else ())
-        ui.execute("SELECT processgpt_sync_list_held_answer_v1(%s)", (str(uuid.uuid4()),))
-    assert listed_as_held(db) == [], "lists only a todo this library ran"
     (again,) = claim(storage, consumer="w2")
     assert (again.extras["resume"]["kind"], again.extras["resume"]["answer"]) == (
         "human_answer", True)
+    with signed_in(database_url, "acme") as ui:  # Supabase's REST API calls it so for anon
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="answer trigger only"):
+            ui.execute("SELECT processgpt_sync_list_held_answer_v1(%s)", (todo_id,))
+    assert listed_as_held(db) == [], "the listing is the answer trigger's only"
 
 
 def test_the_listing_runs_no_operator_another_role_made_in_the_schema(storage, database_url,
@@ -635,11 +643,13 @@ def test_the_listing_runs_no_operator_another_role_made_in_the_schema(storage, d
     is."""
     as_on_supabase(database_url, db)
     todo_id = suspended(storage)
+    db.execute("ALTER TABLE todolist ENABLE ROW LEVEL SECURITY")  # the trigger lists it
+    db.execute("CREATE POLICY hidden_from_the_ui ON todolist AS RESTRICTIVE TO authenticated "
+               "USING (false)")
     db.execute("CREATE FUNCTION evil_eq(uuid, uuid) RETURNS boolean LANGUAGE plpgsql AS "
                "$$ BEGIN RAISE EXCEPTION 'run with the owner''s rights'; END $$")
     db.execute("CREATE OPERATOR = (LEFTARG = uuid, RIGHTARG = uuid, FUNCTION = evil_eq)")
-    with signed_in(database_url, "acme") as ui:
-        ui.execute("SELECT processgpt_sync_list_held_answer_v1(%s)", (todo_id,))
+    answer_as_a_signed_in_user(database_url, "human_asked_a", True)
     assert listed_as_held(db) == [todo_id]
 
 
@@ -663,7 +673,7 @@ def test_a_listed_todo_with_nothing_to_requeue_leaves_the_list_and_keeps_no_lock
     (asked again meanwhile, say): the look at it drops it from the list, and a wait for work
     that follows keeps no lock of its row, which a person may then write at once."""
     todo_id = suspended(supabase_store)
-    db.execute("SELECT processgpt_sync_list_held_answer_v1(%s)", (todo_id,))
+    list_as_held(db, todo_id)
     assert listed_as_held(db) == [todo_id]
     lock_the_todo_during_a_wait_for_work(supabase_store, database_url, todo_id)
     assert listed_as_held(db) == []
@@ -677,7 +687,7 @@ def test_an_answer_while_a_wait_for_work_runs_is_not_held_up_by_it(
     insert lists it within its 2 s, not held up until the wait ends (its statement timeout
     would fail it, losing the answer), and the wait's look requeues it once free."""
     todo_id = suspended(supabase_store)
-    db.execute("SELECT processgpt_sync_list_held_answer_v1(%s)", (todo_id,))
+    list_as_held(db, todo_id)
     found: list[bool] = []
     waits = threading.Thread(target=lambda: found.append(supabase_store.wait_for_work(
         agent_orch="nothing-here", consumer="w1", seconds=7)))
@@ -701,7 +711,7 @@ def test_an_answer_committed_after_a_look_found_nothing_keeps_its_todo_listed(
     look, which cannot see the answer yet, finds nothing to requeue: it leaves the listing the
     answer renewed, and the next look requeues the todo."""
     todo_id = suspended(supabase_store)
-    db.execute("SELECT processgpt_sync_list_held_answer_v1(%s)", (todo_id,))
+    list_as_held(db, todo_id)
     with psycopg.connect(database_url) as ui:
         with psycopg.connect(database_url) as holder:
             holder.execute("SELECT 1 FROM todolist WHERE id = %s FOR UPDATE", (todo_id,))
@@ -775,7 +785,7 @@ def answered_and_listed(store, database_url, db, count):
         ui.execute("SET session_replication_role = replica")
         for n, todo_id in enumerate(todo_ids):
             answer_as_the_ui(ui, f"human_asked_{n}", True)
-            db.execute("SELECT processgpt_sync_list_held_answer_v1(%s)", (todo_id,))
+            list_as_held(db, todo_id)
     return todo_ids
 
 
@@ -908,7 +918,7 @@ def test_a_look_at_listed_answers_does_not_wait_for_another_callers_unlisting(
     requeue and its transaction goes on (a wait for work holds it for seconds): the second
     does not wait for that transaction, it skips the todo and returns."""
     todo_id = suspended(supabase_store)
-    db.execute("SELECT processgpt_sync_list_held_answer_v1(%s)", (todo_id,))
+    list_as_held(db, todo_id)
     with psycopg.connect(database_url) as first, psycopg.connect(database_url) as second:
         first.execute("SELECT processgpt_sync_take_held_answers_v1(1)")  # not committed
         second.execute("SET statement_timeout = '2s'")
