@@ -416,22 +416,7 @@ class EventBuffer:
                 "event batch refused (%s); writing its %d events one by one", exc, len(batch),
                 extra={"action": "write_events"},
             )
-            rejected = []
-            busy: set[Key] = set()  # a claim's later events wait with its first held one
-            for index, event in enumerate(batch):
-                if event_key(event) in busy:
-                    rejected.append({"index": index, "reason": "busy"})
-                    continue
-                try:
-                    answers = self._storage.record_events([event])
-                except StorageUnavailable:
-                    raise
-                except Exception as single:
-                    answers = [{"index": 0, "reason": str(single)}]
-                for answer in answers:
-                    rejected.append({**answer, "index": index})
-                    if answer.get("reason") == "busy":
-                        busy.add(event_key(event))
+            rejected = write_one_by_one(self._storage, batch)
         held = [batch[int(r["index"])] for r in rejected if r.get("reason") == "busy"]
         if held:
             rejected = [r for r in rejected if r.get("reason") != "busy"]
@@ -455,6 +440,32 @@ class PartlyWritten(StorageUnavailable):
                  code: str | None = None) -> None:
         super().__init__(message, code=code)
         self.remaining = remaining
+
+
+def write_one_by_one(storage: Storage, batch: list[dict[str, Any]]
+                     ) -> list[Mapping[str, Any]]:
+    """Write ``batch`` an event at a time, after the database refused it whole (a site's
+    trigger, an event the driver cannot encode): one bad event must not lose the others. The
+    refused, as {index, reason}; 'busy' ones (their todo's row held) and the later events of
+    their todo are to be sent again. An outage raises: what was written is not written twice
+    (events carry their ids)."""
+    rejected: list[Mapping[str, Any]] = []
+    busy: set[Key] = set()  # a claim's later events wait with its first held one
+    for index, event in enumerate(batch):
+        if event_key(event) in busy:
+            rejected.append({"index": index, "reason": "busy"})
+            continue
+        try:
+            answers = storage.record_events([event])
+        except StorageUnavailable:
+            raise
+        except Exception as single:
+            answers = [{"index": 0, "reason": str(single)}]
+        for answer in answers:
+            rejected.append({**answer, "index": index})
+            if answer.get("reason") == "busy":
+                busy.add(event_key(event))
+    return rejected
 
 
 def _halves(batch: list[dict[str, Any]]

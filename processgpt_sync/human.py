@@ -20,13 +20,13 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
-from .errors import HumanTimeout, ProcessGPTSyncError, StorageUnavailable
-from .event_writer import EventBuffer
+from .errors import HumanTimeout, ProcessGPTSyncError, StorageError, StorageUnavailable
+from .event_writer import EventBuffer, log_rejected, write_one_by_one
 from .models import NO_DEFAULT
 from .payload import check_json
 from .retrying import backoff
 from .runs import TodoRun
-from .storage.base import Storage
+from .storage.base import Storage, WriteOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -116,15 +116,8 @@ class HumanDesk:
         earlier one when this todo asked the same question before, else the one that arrives
         (blocking), else raise SuspendForHuman (``suspend``: the worker is freed)."""
         data = question_data(question, options, kind)
-        events = self._buffer.take(run.todo_id, run.claim.token, ids=True)
         new_job_id = f"human_asked_{uuid.uuid4()}"
-        try:
-            asked = self._call(run, "ask",
-                               lambda: self._storage.ask(run.claim, new_job_id, data,
-                                                         events=events))
-        except BaseException:  # not written: the events go out with the todo's next write
-            self._buffer.give_back(run.todo_id, run.claim.token, events)
-            raise
+        asked = self._ask(run, new_job_id, data)
         if not asked.applied:
             self._refused(run, asked.reason)
         if asked.reason == "answered_before":
@@ -140,6 +133,37 @@ class HumanDesk:
         finally:
             with self._lock:
                 self._waiters.pop(job_id, None)
+
+    def _ask(self, run: TodoRun, job_id: str, data: dict[str, Any]) -> WriteOutcome:
+        """Write the question after the todo's pending events. Refused with them (a site's
+        trigger on ``events``), they are written one at a time, the refused one dropped with
+        a warning, and then the question: an event the database will not take is not the
+        executor's failure, nor does it cost the other events."""
+        events = self._buffer.take(run.todo_id, run.claim.token, ids=True)
+        asked: WriteOutcome
+        try:
+            try:
+                asked = self._call(run, "ask", lambda: self._storage.ask(
+                    run.claim, job_id, data, events=events))
+                return asked
+            except StorageError as exc:
+                if not events or isinstance(exc, StorageUnavailable):
+                    raise
+                logger.warning("question of todo %s refused with %d events (%s); writing them "
+                               "one by one, then the question", run.todo_id, len(events), exc,
+                               extra={"action": "ask", "todo_id": run.todo_id})
+            rejected = self._call(run, "write_events",
+                                  lambda: write_one_by_one(self._storage, events))
+        except BaseException:  # not written: the events go out with the todo's next write
+            self._buffer.give_back(run.todo_id, run.claim.token, events)
+            raise
+        log_rejected(events, [r for r in rejected if r.get("reason") != "busy"])
+        self._buffer.give_back(run.todo_id, run.claim.token,  # their todo's row held: later
+                               [events[int(r["index"])] for r in rejected
+                                if r.get("reason") == "busy"])
+        asked = self._call(run, "ask", lambda: self._storage.ask(run.claim, job_id, data,
+                                                                 events=[]))
+        return asked
 
     def _wait(self, run: TodoRun, job_id: str, waiter: threading.Event, question: str,
               kind: str, timeout: float, default: Any) -> Any:

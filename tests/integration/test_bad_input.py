@@ -123,12 +123,7 @@ def test_a_draft_whose_events_a_site_trigger_refuses_is_written_alone_and_the_to
     alone, the event is dropped with a warning, and the executor goes on to its result. Before,
     the refusal came out of ``events.result`` into the executor, and the todo was recorded
     FAILED as if its own code had failed."""
-    db.execute("""
-        CREATE FUNCTION refuse_event() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN IF NEW.data->>'refuse' = 'yes' THEN RAISE EXCEPTION 'site check'; END IF;
-        RETURN NEW; END $$;
-        CREATE TRIGGER refuse_event BEFORE INSERT ON events
-            FOR EACH ROW EXECUTE FUNCTION refuse_event();""")
+    refuse_events_marked_so(db)
     # the events wait for the draft, not written before it by the flusher
     monkeypatch.setattr("processgpt_sync.server.EVENT_FLUSH_INTERVAL", 5.0)
 
@@ -150,6 +145,57 @@ def test_a_draft_whose_events_a_site_trigger_refuses_is_written_alone_and_the_to
         (todo_id,))]
     assert steps == [{"step": 1}]
     assert "refused with 2 events (site check); writing it alone" in caplog.text
+
+
+def refuse_events_marked_so(db):
+    """A site's trigger on ``events`` that refuses a row whose data says ``refuse``."""
+    db.execute("""
+        CREATE FUNCTION refuse_event() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN IF NEW.data->>'refuse' = 'yes' THEN RAISE EXCEPTION 'site check'; END IF;
+        RETURN NEW; END $$;
+        CREATE TRIGGER refuse_event BEFORE INSERT ON events
+            FOR EACH ROW EXECUTE FUNCTION refuse_event();""")
+
+
+@pytest.mark.parametrize("asking", ["suspend_for_human", "ask_human"])
+def test_a_question_whose_events_a_site_trigger_refuses_is_asked_alone(
+        asking, storage, db, caplog, monkeypatch):
+    """A site's trigger refuses one of the events a question takes along: the question is
+    written alone and asked, the refused event dropped with a warning. Before, the refusal came
+    out of ``ask_human`` into the executor, and the todo was recorded FAILED as if its own code
+    had failed."""
+    refuse_events_marked_so(db)
+    # the events wait for the question, not written before it by the flusher
+    monkeypatch.setattr("processgpt_sync.server.EVENT_FLUSH_INTERVAL", 5.0)
+
+    def handle(todo):
+        todo.events.emit("task_working", {"refuse": "yes"})
+        todo.events.emit("task_working", {"step": 1})
+        if asking == "ask_human":
+            return {"answer": todo.ask_human("Ship it?", kind="confirm", timeout=0.5,
+                                             default="no answer")}
+        todo.suspend_for_human("Ship it?", kind="confirm")
+        return {"answered": True}
+
+    todo_id = storage.enqueue("asks", "q")
+    with ps.start(handle, agent_orch="asks", storage=storage, workers=1) as server:
+        wait_for(lambda: server.stats()["completed"] + server.stats()["failed"]
+                 + server.stats()["asked"] == 1)
+    row = db.execute("SELECT draft_status::text AS s, output, log FROM todolist "
+                     "WHERE id = %s", (todo_id,)).fetchone()
+    if asking == "ask_human":
+        assert (row["s"], row["output"]) == ("COMPLETED", {"answer": "no answer"}), row["log"]
+    else:
+        assert row["s"] == "HUMAN_ASKED", row["log"]
+    asked = [r["data"]["question"] for r in db.execute(
+        "SELECT data FROM events WHERE todo_id = %s AND event_type = 'human_asked'",
+        (todo_id,))]
+    assert asked == ["Ship it?"]
+    steps = [r["data"] for r in db.execute(
+        "SELECT data FROM events WHERE todo_id = %s AND event_type = 'task_working'",
+        (todo_id,))]
+    assert steps == [{"step": 1}]
+    assert "question of todo" in caplog.text and "site check" in caplog.text
 
 
 def test_an_executor_that_swallows_cancellation_cannot_write_after_a_ui_cancel(storage, db):
