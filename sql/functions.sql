@@ -1737,6 +1737,7 @@ $$;
 -- than half a second before the caller's statement timeout; one that runs into the timeout (a
 -- slow site trigger) ends the look, moved to the back of the list, and the caller's own work (a
 -- heartbeat's renewals) goes on. The number of todos requeued.
+DROP FUNCTION IF EXISTS processgpt_sync_take_held_answers_v1();  -- a pre-release form
 CREATE OR REPLACE FUNCTION processgpt_sync_take_held_answers_v1(p_seconds real)
 RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE

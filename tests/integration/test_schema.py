@@ -124,6 +124,20 @@ def test_an_upgrade_replaces_the_claim_indexes_of_earlier_versions_and_says_so(d
     assert changes == []
 
 
+def test_an_install_drops_the_pre_release_look_at_held_answers(database_url):
+    """A database that ran a pre-release install keeps no zero-argument look at held answers
+    beside the one the servers call."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("CREATE FUNCTION processgpt_sync_take_held_answers_v1() RETURNS integer "
+                     "LANGUAGE sql AS 'SELECT 0'")
+    install_schema(database_url)
+    with psycopg.connect(database_url) as conn:
+        forms = [r[0] for r in conn.execute(
+            "SELECT oid::regprocedure::text FROM pg_proc "
+            "WHERE proname = 'processgpt_sync_take_held_answers_v1'")]
+    assert forms == ["processgpt_sync_take_held_answers_v1(real)"]
+
+
 OLDER_EVENT_TYPES = ("task_started", "task_completed", "tool_usage_started",
                      "tool_usage_finished", "crew_completed", "human_asked", "human_response",
                      "error")  # the platform's migration.sql creates only these when absent
