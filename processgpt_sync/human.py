@@ -140,29 +140,44 @@ class HumanDesk:
         a warning, and then the question: an event the database will not take is not the
         executor's failure, nor does it cost the other events."""
         events = self._buffer.take(run.todo_id, run.claim.token, ids=True)
-        asked: WriteOutcome
         try:
-            try:
-                asked = self._call(run, "ask", lambda: self._storage.ask(
-                    run.claim, job_id, data, events=events))
+            asked = self._ask_with(run, job_id, data, events)
+            if not isinstance(asked, StorageError):
                 return asked
-            except StorageError as exc:
-                if not events or isinstance(exc, StorageUnavailable):
-                    raise
-                logger.warning("question of todo %s refused with %d events (%s); writing them "
-                               "one by one, then the question", run.todo_id, len(events), exc,
-                               extra={"action": "ask", "todo_id": run.todo_id})
+            logger.warning("question of todo %s refused with %d events (%s); writing them one "
+                           "by one, then the question", run.todo_id, len(events), asked,
+                           extra={"action": "ask", "todo_id": run.todo_id})
             rejected = self._call(run, "write_events",
                                   lambda: write_one_by_one(self._storage, events))
         except BaseException:  # not written: the events go out with the todo's next write
             self._buffer.give_back(run.todo_id, run.claim.token, events)
             raise
         log_rejected(events, [r for r in rejected if r.get("reason") != "busy"])
-        self._buffer.give_back(run.todo_id, run.claim.token,  # their todo's row held: later
-                               [events[int(r["index"])] for r in rejected
-                                if r.get("reason") == "busy"])
-        asked = self._call(run, "ask", lambda: self._storage.ask(run.claim, job_id, data,
-                                                                 events=[]))
+        # those of a row held a moment ago go with the question, which waits for the row
+        held = [events[int(r["index"])] for r in rejected if r.get("reason") == "busy"]
+        try:
+            asked = self._ask_with(run, job_id, data, held)
+        except BaseException:
+            self._buffer.give_back(run.todo_id, run.claim.token, held)
+            raise
+        if isinstance(asked, StorageError):  # refused with them: they follow on their own
+            self._buffer.give_back(run.todo_id, run.claim.token, held)
+            asked = self._ask_with(run, job_id, data, [])
+        assert not isinstance(asked, StorageError)  # with no events, a refusal raises
+        return asked
+
+    def _ask_with(self, run: TodoRun, job_id: str, data: dict[str, Any],
+                  events: list[dict[str, Any]]) -> WriteOutcome | StorageError:
+        """The question written with ``events``; or why the database refused it with them
+        (with none, that raises)."""
+        try:
+            asked: WriteOutcome = self._call(run, "ask", lambda: self._storage.ask(
+                run.claim, job_id, data, events=events))
+        except StorageError as exc:
+            if not events or isinstance(exc, StorageUnavailable):
+                raise
+            return exc
+        log_rejected(events, asked.rejected)
         return asked
 
     def _wait(self, run: TodoRun, job_id: str, waiter: threading.Event, question: str,

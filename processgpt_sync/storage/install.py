@@ -63,8 +63,8 @@ def _catalog(conn: psycopg.Connection[Any]) -> dict[str, str]:
 
 def _changes(before: dict[str, str], after: dict[str, str]) -> list[str]:
     """What ``after`` adds to ``before``, then what it dropped (only this library's own indexes
-    of earlier versions, which the schema replaces); StorageError if an existing column changed
-    its type."""
+    of earlier versions, which the schema replaces, and its own functions no release calls);
+    StorageError if an existing column changed its type."""
     changed = [f"{name}: {before[name]} -> {kind}" for name, kind in after.items()
                if name in before and before[name] != kind]
     if changed:
@@ -88,8 +88,9 @@ def install_schema(conninfo: str, *, if_changed: bool = False, dry_run: bool = F
     """Apply sql/schema.sql and sql/functions.sql (idempotent; safe with concurrent callers).
 
     One transaction; it only adds, apart from replacing this library's own indexes of earlier
-    versions. Then, on a platform database with the trash, a second one cancels the todos
-    left under process instances deleted for good (reported as "cancel N todos ...").
+    versions and dropping its own functions that no release calls. Then, on a platform
+    database with the trash, a second one cancels the todos left under process instances
+    deleted for good (reported as "cancel N todos ...").
     ``added`` receives what it changed, one line each ("add column
     todolist.claim_token uuid", ..., "drop index todolist_processgpt_sync_claimable_idx"); with
     ``dry_run`` the transaction is rolled back, so it says what would change. A column whose

@@ -130,7 +130,9 @@ def test_an_install_drops_the_pre_release_look_at_held_answers(database_url):
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("CREATE FUNCTION processgpt_sync_take_held_answers_v1() RETURNS integer "
                      "LANGUAGE sql AS 'SELECT 0'")
-    install_schema(database_url)
+    changes: list[str] = []
+    install_schema(database_url, added=changes)
+    assert changes == ["drop function processgpt_sync_take_held_answers_v1()"]
     with psycopg.connect(database_url) as conn:
         forms = [r[0] for r in conn.execute(
             "SELECT oid::regprocedure::text FROM pg_proc "

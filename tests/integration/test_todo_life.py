@@ -747,11 +747,19 @@ def test_an_answer_from_a_role_that_cannot_see_the_todo_is_left_to_the_servers(
         supabase_store, database_url, db):
     """Row security hides the todo from the answering role (a site's policy by assignee, say):
     the trigger cannot tell it from a deleted todo; it is listed, and the servers' next look
-    requeues it, rather than leave it suspended for good."""
+    requeues it, rather than leave it suspended for good. Answers naming a todo that does
+    not exist, or one this library never ran, list nothing."""
     db.execute("ALTER TABLE todolist ENABLE ROW LEVEL SECURITY")
     db.execute("CREATE POLICY hidden_from_the_ui ON todolist AS RESTRICTIVE TO authenticated "
                "USING (false)")
     todo_id = suspended(supabase_store)
+    never_ran = supabase_store.enqueue("someone-elses", "q", tenant_id="acme")
+    with signed_in(database_url, "acme") as ui:
+        for named in (str(uuid.uuid4()), never_ran):
+            ui.execute("INSERT INTO events (id, job_id, todo_id, event_type, data, status) "
+                       "VALUES (%s, 'human_asked_x', %s, 'human_response', '{}', 'APPROVED')",
+                       (str(uuid.uuid4()), named))
+    assert listed_as_held(db) == []
     answer_as_a_signed_in_user(database_url, "human_asked_a", True)
     assert listed_as_held(db) == [todo_id]
     assert db.execute("SELECT processgpt_sync_take_held_answers_v1(1) AS n").fetchone()["n"] == 1
