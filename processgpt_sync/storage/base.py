@@ -21,6 +21,7 @@ INSTALL_HINT = (
     "Supabase SQL editor)"
 )
 FOREIGN_KEY_VIOLATION = "23503"  # SQLSTATE: its detail names the key and the table it is not in
+MISSING_SCHEMA_STATES = {"42883", "42P01", "42704"}  # undefined function / table / object
 # PostgreSQL's "try again later", on either backend: the connection or the server (08; 53
 # resources; 57 operator intervention and statement timeout; 58 system), a transaction given up
 # for another's sake (40, but not 40002: a deferred constraint refused at commit), a lock wait

@@ -22,7 +22,13 @@ from psycopg.types.json import Jsonb, set_json_loads
 from ..deep_json import read_json
 from ..errors import ConfigurationError, SchemaMissing, StorageError, StorageUnavailable
 from ..queries import queries
-from .base import FOREIGN_KEY_VIOLATION, INSTALL_HINT, Storage, transient_sqlstate
+from .base import (
+    FOREIGN_KEY_VIOLATION,
+    INSTALL_HINT,
+    MISSING_SCHEMA_STATES,
+    Storage,
+    transient_sqlstate,
+)
 from .deadline import DEADLINES, DeadlineExceeded
 
 logger = logging.getLogger(__name__)
@@ -43,7 +49,6 @@ UNLIMITED_DEADLINE = 300.0  # seconds a statement may take when the URL lifts st
 WAKE_TIMEOUT = 1.0  # seconds each step of waking the listener may take (at stop)
 DRAIN_INTERVAL = 1.0  # seconds between two drops of every idle pooled connection
 _JSONB_PARAM = re.compile(r"%\((\w+)\)s::jsonb")
-_MISSING_SCHEMA_STATES = {"42883", "42P01", "42704"}  # undefined function / table / object
 _TIMEOUT_OPTION = re.compile(r"statement[_-]timeout\s*=\s*'?(\d+(?:\.\d+)?)\s*(us|ms|s|min|h|d)?\b")
 _TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
 # admin or crash shutdown, cannot connect now, its database dropped, idle_session_timeout: the
@@ -106,7 +111,7 @@ def wrap_exceptions(target: str = "") -> Iterator[None]:
 def _storage_error(exc: psycopg.Error) -> StorageError:
     diag = exc.diag
     message = diag.message_primary or str(exc).strip()
-    if exc.sqlstate in _MISSING_SCHEMA_STATES:
+    if exc.sqlstate in MISSING_SCHEMA_STATES:
         return SchemaMissing(
             f"{message}; {INSTALL_HINT}", code=exc.sqlstate, hint=diag.message_hint
         )

@@ -31,7 +31,13 @@ from ..errors import (
     StorageUnavailable,
 )
 from ..queries import function_name
-from .base import FOREIGN_KEY_VIOLATION, INSTALL_HINT, Storage, transient_sqlstate
+from .base import (
+    FOREIGN_KEY_VIOLATION,
+    INSTALL_HINT,
+    MISSING_SCHEMA_STATES,
+    Storage,
+    transient_sqlstate,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +113,9 @@ def wrap_exceptions(target: str, status: Callable[[], int | None] = lambda: None
                 "NOTIFY pgrst, 'reload schema'; in the SQL editor (init-db sends it)",
                 code=code, hint=exc.hint,
             ) from exc
+        if code in MISSING_SCHEMA_STATES:  # a function, table or type the call reaches
+            raise SchemaMissing(f"Supabase {target} failed ({code}): {message}; {INSTALL_HINT}",
+                                code=code, hint=exc.hint) from exc
         if unavailable(code, status()):
             raise StorageUnavailable(f"Supabase unavailable ({target}): {message}",
                                      code=code, hint=exc.hint) from exc

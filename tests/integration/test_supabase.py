@@ -41,6 +41,19 @@ def test_missing_schema_names_the_functions_and_the_fix(empty_database_url):
         gateway.close()
 
 
+def test_a_table_the_schema_lacks_is_a_missing_schema_on_supabase_as_on_postgres(database_url,
+                                                                                  db):
+    """A function the REST API finds, which reaches a table or function that is gone (dropped,
+    or re-signed before PostgREST reloads): PostgreSQL's own code comes through, and it says
+    to install the schema, as the PostgreSQL backend does; not a refusal of the todo."""
+    db.execute("DROP TABLE processgpt_sync_lease CASCADE")
+    for backend in ("postgres", "supabase"):
+        for store in open_backend(backend, database_url):
+            with pytest.raises(ps.SchemaMissing, match=r"processgpt_sync_lease.*init-db"):
+                store.claim(agent_orch="a", consumer="w1", limit=1, lease_seconds=30,
+                            max_claims=3)
+
+
 def test_the_anon_key_is_refused_with_advice_and_never_logged(database_url, caplog):
     gateway = Gateway(database_url)
     anon = "eyJhbGciOiJIUzI1NiJ9.eyJyb2xlIjoiYW5vbiJ9.YW5vbi1zaWduYXR1cmU"
