@@ -1,10 +1,12 @@
 """Throw-away databases for tests: one embedded PostgreSQL, a template holding the schema, and
 a fresh clone of it per test (``CREATE DATABASE ... TEMPLATE`` takes 130 to 180 ms on a 2-core
-machine, installing the schema each time would take far longer)."""
+machine, installing the schema each time would take far longer). The next clone of each
+template is made while the test runs, so a test does not wait for its own."""
 
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import shutil
 import tempfile
@@ -24,6 +26,9 @@ from ..errors import ConfigurationError
 from ..storage.install import install_schema
 
 TEMPLATE = "processgpt_sync_template"
+SPARE_WAIT = 5.0  # seconds close() waits for a clone being made to end
+
+logger = logging.getLogger(__name__)
 
 
 class EmbeddedDatabases:
@@ -49,6 +54,13 @@ class EmbeddedDatabases:
         self._url: str | None = None
         self._templates: set[str] = set()
         self._lock = threading.Lock()
+        # A clone made ahead for each source last asked for (None: an empty database), by a
+        # thread of its own; it stops for good at its first failure (the clone is then made
+        # as it is asked for, as before).
+        self._spares: dict[str | None, str] = {}
+        self._wanted: list[str | None] = []
+        self._spares_ready = threading.Condition(self._lock)
+        self._spare_maker: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -114,23 +126,47 @@ class EmbeddedDatabases:
     def create(self, *, schema: bool = True, template: str | None = None) -> str:
         """A new database: a copy of ``template`` (see :meth:`template`), else of the schema
         template when ``schema``, else empty; its URL."""
-        name = f"test_{uuid.uuid4().hex[:12]}"
-        query = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
         source = template or (TEMPLATE if schema else None)
-        if source:
-            query += sql.SQL(" TEMPLATE {}").format(sql.Identifier(source))
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            conn.execute(query)
-        return make_conninfo(self.url, dbname=name)
+        url = self.url
+        with self._lock:
+            name = self._spares.pop(source, None)
+            if source not in self._wanted:
+                self._wanted.append(source)
+            if self._spare_maker is None and self._url is not None:
+                self._spare_maker = threading.Thread(
+                    target=self._make_spares, args=(url,), daemon=True,
+                    name="processgpt-sync-test-databases")
+                self._spare_maker.start()
+            self._spares_ready.notify_all()
+        if name is None:
+            name = _clone(url, source)
+        return make_conninfo(url, dbname=name)
+
+    def _make_spares(self, url: str) -> None:
+        """Keep one clone ready of each source asked for, until close()."""
+        me = threading.current_thread()
+        try:
+            while True:
+                with self._lock:
+                    while self._spare_maker is me and all(s in self._spares
+                                                          for s in self._wanted):
+                        self._spares_ready.wait()
+                    if self._spare_maker is not me:  # close()
+                        return
+                    source = next(s for s in self._wanted if s not in self._spares)
+                name = _clone(url, source)
+                with self._lock:
+                    self._spares[source] = name
+        except Exception:
+            logger.warning("test databases are no longer cloned ahead; each is made when a "
+                           "test asks for it", exc_info=True)
 
     def drop(self, url: str) -> None:
         """Drop a database made by :meth:`create`, closing its remaining connections."""
         name = conninfo_to_dict(url).get("dbname")
         if not isinstance(name, str) or not name.startswith("test_"):
             raise ValueError(f"not a database made by create(): {name!r}")
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(name)))
+        _drop(self.url, name)
 
     @contextmanager
     def database(self, *, schema: bool = True, template: str | None = None) -> Iterator[str]:
@@ -144,7 +180,17 @@ class EmbeddedDatabases:
     def close(self) -> None:
         """Stop the server; remove its data folder when it was a temporary one."""
         with self._lock:
+            maker, self._spare_maker = self._spare_maker, None  # it stops
+            self._spares_ready.notify_all()
+        if maker is not None:
+            maker.join(SPARE_WAIT)
+        with self._lock:
+            spares = list(self._spares.values())
+            self._spares.clear()
             if self._url is not None:
+                if self._owned_dir is None:  # a folder kept: no clone left behind in it
+                    for name in spares:
+                        _drop(self._url, name)
                 embedded.stop(self.directory)
                 self._url = None
             if self._owned_dir is not None:
@@ -181,3 +227,20 @@ def fresh_database(*, schema: bool = True) -> Iterator[str]:
     """A fresh database URL on this process's shared embedded server, dropped afterwards."""
     with shared_databases().start().database(schema=schema) as url:
         yield url
+
+
+def _clone(url: str, source: str | None) -> str:
+    """Create a database named ``test_...`` from ``source`` (None: an empty one); its name."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    query = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+    if source:
+        query += sql.SQL(" TEMPLATE {}").format(sql.Identifier(source))
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(query)
+    return name
+
+
+def _drop(url: str, name: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(name)))

@@ -14,6 +14,7 @@ import pytest
 from processgpt_sync import Server, Todo
 from processgpt_sync.errors import ConfigurationError, PayloadError
 from processgpt_sync.testing import NO_ANSWER, RunTimedOut, UnansweredQuestion
+from tests.conftest import wait_for
 
 
 def test_a_result_is_recorded_with_its_events_in_order(processgpt_run):
@@ -261,6 +262,35 @@ def test_a_per_todo_time_limit_fails_the_todo(processgpt_run):
 
 
 @pytest.mark.slow
+def test_databases_cloned_ahead_are_fresh_and_none_is_left_in_a_kept_folder(tmp_path):
+    """The next database is cloned while a test runs: each one handed out is still a fresh
+    copy of its template (nothing a test wrote before shows in the next), and closing a
+    server in a folder kept afterwards drops the clones made ahead."""
+    from processgpt_sync.testing import EmbeddedDatabases
+
+    folder = tmp_path / "pgdata"
+    with EmbeddedDatabases(folder) as databases:
+        seen = set()
+        for _ in range(3):
+            with databases.database() as url, psycopg.connect(url, autocommit=True) as conn:
+                assert conn.execute("SELECT count(*) FROM todolist").fetchone() == (0,)
+                conn.execute("INSERT INTO todolist (id, agent_orch, status) "
+                             "VALUES (gen_random_uuid(), 'a', 'IN_PROGRESS')")
+                seen.add(conn.info.dbname)
+            with databases.database(schema=False) as url, psycopg.connect(url) as conn:
+                assert conn.execute("SELECT to_regclass('todolist')").fetchone() == (None,)
+        assert len(seen) == 3
+        wait_for(lambda: len(_test_databases(databases.url)) == 2)  # one ahead of each kind
+    with EmbeddedDatabases(folder) as again:
+        assert _test_databases(again.url) == []
+
+
+def _test_databases(url):
+    with psycopg.connect(url) as conn:
+        return [r[0] for r in conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'test\\_%'")]
+
+
 def test_the_kit_works_in_a_plain_script_without_pytest(tmp_path):
     script = tmp_path / "check.py"
     script.write_text(textwrap.dedent("""
