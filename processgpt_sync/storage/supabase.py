@@ -49,6 +49,7 @@ KEEPALIVE_EXPIRY = 5.0  # seconds an idle keep-alive connection is reused before
 WAIT_SECONDS = 8.0  # seconds one wait-for-work call may wait server-side; 0 polls instead
 _UNAVAILABLE_CODES = {"PGRST000", "PGRST001", "PGRST002", "PGRST003"}
 _GATEWAY_STATUSES = {408, 429}  # and every 5xx that carries no PostgreSQL error
+_REDIRECTS = {301, 302, 303, 307, 308}
 
 
 def unavailable(code: str | None, status: int | None) -> bool:
@@ -128,6 +129,11 @@ def wrap_exceptions(target: str, status: Callable[[], int | None] = lambda: None
         if advice is not None:
             raise StorageError(f"Supabase refused {target} ({shown}): {message}; {advice}",
                                code=code, hint=exc.hint) from exc
+        if status() in _REDIRECTS:  # httpx follows none: a URL the project does not serve
+            raise StorageError(
+                f"Supabase answered {target} with HTTP {status()}, a redirect ({message}): set "
+                "SUPABASE_URL to the project's API URL as it is redirected to (https://, not "
+                "http://, and nothing after the host)", code=code) from exc
         if (code is None or code == "404") and status() == 404:
             # PostgREST names every error it sends (PGRST202 for a missing function): a 404
             # without a code is the API gateway's own, a route missing while it restarts or

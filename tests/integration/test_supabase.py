@@ -170,6 +170,19 @@ def test_the_api_gateways_own_errors_are_an_outage_not_a_refusal(supabase, db):
     assert row == {"draft_status": "COMPLETED", "output": {"ok": "q"}}
 
 
+def test_a_url_that_redirects_is_refused_naming_the_fix(supabase):
+    """SUPABASE_URL given as http:// where the project serves https:// (or with a path): the
+    answer is a redirect, which the HTTP client does not follow; the error says what to set,
+    not just "Moved Permanently"."""
+    supabase.gateway.gateway_answers["processgpt_sync_enqueue_v1"] = [(301, RawBody(
+        "<html><body>301 Moved Permanently</body></html>",
+        headers=(("Location", "https://example.supabase.co/rest/v1/rpc/x"),)))]
+    with pytest.raises(ps.StorageError, match=r"HTTP 301, a redirect.*https://, not http://") \
+            as refused:
+        supabase.enqueue("a", "q")
+    assert not isinstance(refused.value, ps.StorageUnavailable)
+
+
 def test_a_read_only_database_is_an_outage_not_a_refusal(supabase, db):
     """PostgREST answers 405 with SQLSTATE 25006 while the database is read-only (a failover,
     or Supabase's read-only mode when the disk is full): retried, the result is stored."""
