@@ -1712,7 +1712,9 @@ $$;
 -- a look that found nothing to requeue before this answer was committed then leaves it listed
 -- (take_held_answers_v1 unlists only the listing it looked at). Every role may execute it,
 -- since the trigger runs as the role answering; but only from a trigger: called directly (by
--- anon through Supabase's REST API, say) it refuses, so nobody lists todos at will.
+-- anon through Supabase's REST API, say) it refuses. And it lists only a todo that has an
+-- answer (to it, or to one of its questions): a role's own trigger calling it (on a
+-- temporary table) can list nothing that inserting an answer would not have listed anyway.
 CREATE OR REPLACE FUNCTION processgpt_sync_list_held_answer_v1(p_todo_id uuid)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER AS $$
 BEGIN
@@ -1723,6 +1725,12 @@ BEGIN
     END IF;
     INSERT INTO processgpt_sync_answer_held (todo_id)
     SELECT t.id FROM todolist t WHERE t.id = p_todo_id AND t.claim_token IS NOT NULL
+      AND EXISTS (SELECT 1 FROM events a
+                  WHERE a.event_type = 'human_response'
+                    AND (a.todo_id = p_todo_id::text
+                         OR a.job_id IN (SELECT q.job_id FROM events q
+                                         WHERE q.todo_id = p_todo_id::text
+                                           AND q.event_type = 'human_asked')))
     ON CONFLICT (todo_id) DO UPDATE SET listed_at = clock_timestamp();
 END
 $$;

@@ -630,9 +630,18 @@ def test_an_answer_to_a_todo_whose_row_is_held_is_stored_at_once_and_requeued_on
     (again,) = claim(storage, consumer="w2")
     assert (again.extras["resume"]["kind"], again.extras["resume"]["answer"]) == (
         "human_answer", True)
+    again_asked = suspended(storage, job_id="human_asked_b")  # no answer to it
     with signed_in(database_url, "acme") as ui:  # Supabase's REST API calls it so for anon
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="answer trigger only"):
-            ui.execute("SELECT processgpt_sync_list_held_answer_v1(%s)", (todo_id,))
+            ui.execute("SELECT processgpt_sync_list_held_answer_v1(%s)", (again_asked,))
+        # a trigger of the role's own lists nothing an answer would not
+        ui.execute("CREATE TEMP TABLE poke (todo_id uuid)")
+        ui.execute("CREATE FUNCTION pg_temp.poke() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                   "BEGIN PERFORM processgpt_sync_list_held_answer_v1(NEW.todo_id); "
+                   "RETURN NULL; END $$")
+        ui.execute("CREATE TRIGGER poke AFTER INSERT ON poke FOR EACH ROW "
+                   "EXECUTE FUNCTION pg_temp.poke()")
+        ui.execute("INSERT INTO poke VALUES (%s)", (again_asked,))
     assert listed_as_held(db) == [], "the listing is the answer trigger's only"
 
 
