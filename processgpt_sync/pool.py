@@ -34,6 +34,7 @@ class WorkerPool:
         self._idle = 0  # waiting for a call and not yet promised one
         self._backlog = 0  # calls queued with every thread busy: the next free ones take them
         self._closed = False
+        self._retiring = False  # closed, the queued calls still to run
 
     @property
     def threads(self) -> int:
@@ -84,6 +85,16 @@ class WorkerPool:
             self._threads = self._idle = self._backlog = 0
         return dropped
 
+    def retire(self) -> None:
+        """Take no more calls; the threads run the calls already queued, then end."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = self._retiring = True
+            for _ in range(self._threads):
+                self._queue.put(None)
+            self._threads = self._idle = self._backlog = 0
+
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
             fn, args = item
@@ -93,6 +104,8 @@ class WorkerPool:
                 logger.exception("a call on a worker thread raised")
             del item, fn, args  # drop the todo's references while this thread waits
             with self._lock:
+                if self._retiring:
+                    continue
                 if self._closed:
                     return
                 if self._backlog:

@@ -276,6 +276,7 @@ class Server:
         parts.shutdown.deregister(left(STOP_TAIL), self._inflight.claims_left_unanswered(
             2.0 * self.settings.lease_seconds))
         dropped = parts.pool.shutdown()
+        parts.worker.close()
         if dropped:  # todos not started were given back by the drain: these are outcomes
             self._log.warning("stopping: %d outcomes still waiting for a worker thread were "
                               "not recorded; those todos run again when their leases expire",

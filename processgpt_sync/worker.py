@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
+from .budget import TIMED_OUT_THREADS
 from .errors import PayloadError, StorageError
 from .executor import Adapter
 from .feedback import with_summary
@@ -25,6 +26,7 @@ from .inflight import InFlight
 from .infra import infrastructure_problem, inner_errors, is_group
 from .loops import ON_BEGIN, ON_END, ON_RETURN
 from .payload import error_text
+from .pool import WorkerPool
 from .recorder import Recorder
 from .runs import CURRENT_RUN, UNSET, TodoRun
 from .settings import Settings
@@ -57,6 +59,9 @@ class TodoWorker:
         self._log = log
         self._extra = extra
         self._submit = submit if adapter.defers else None
+        # timed-out todos are recorded on a few threads, made when first needed: a thousand
+        # todos timing out together wait their turn rather than take a thousand threads
+        self._timed_out = WorkerPool(TIMED_OUT_THREADS, "processgpt-sync-timed-out")
 
     def run(self, run: TodoRun) -> None:
         """Run the executor on this thread and record what came of it; a deferred todo (an
@@ -306,10 +311,13 @@ class TodoWorker:
         # for a write of them on its way, and meanwhile the other todos' leases and deadlines
         # must go on being kept, however slow the database.
         try:
-            threading.Thread(target=record, daemon=True,
-                             name="processgpt-sync-timed-out").start()
-        except RuntimeError:  # no thread for it: recorded here, the heartbeat waiting
+            self._timed_out.submit(record)
+        except RuntimeError:  # no thread for it (or stopped): recorded here, the caller waiting
             record()
+
+    def close(self) -> None:
+        """The server stops: the timed-out todos already handed over are still recorded."""
+        self._timed_out.retire()
 
     def _stop_executor(self, run: TodoRun, reason: str) -> None:
         """Tell the executor (its cancel hook, a question it waits on) that the todo ended."""

@@ -146,3 +146,21 @@ def test_a_thread_the_system_refuses_raises_and_queues_nothing(monkeypatch):
 def test_a_pool_needs_a_thread():
     with pytest.raises(ValueError, match="at least one thread"):
         WorkerPool(0, name="none")
+
+
+def test_a_retired_pool_runs_what_was_queued_then_its_threads_end():
+    """retire(), unlike shutdown(): the calls already handed over (timed-out todos waiting to
+    be recorded, cancel hooks) still run; nothing new is taken."""
+    pool = WorkerPool(2, name="retired")
+    release = threading.Event()
+    ran: list[int] = []
+    for n in range(6):
+        pool.submit(lambda n=n: (release.wait(10), ran.append(n)))
+    assert settle(lambda: len(pool_threads("retired")) == 2)
+    pool.retire()
+    with pytest.raises(RuntimeError, match="shut down"):
+        pool.submit(ran.append, 99)
+    release.set()
+    assert settle(lambda: sorted(ran) == list(range(6)))
+    assert settle(lambda: not pool_threads("retired")), "every thread ends after the queue"
+    assert pool.shutdown() == 0
