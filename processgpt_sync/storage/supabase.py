@@ -48,6 +48,7 @@ POOL_TIMEOUT = 5.0  # seconds to wait for a free connection of the thread's clie
 KEEPALIVE_EXPIRY = 5.0  # seconds an idle keep-alive connection is reused before it is dropped
 WAIT_SECONDS = 8.0  # seconds one wait-for-work call may wait server-side; 0 polls instead
 _UNAVAILABLE_CODES = {"PGRST000", "PGRST001", "PGRST002", "PGRST003"}
+NO_JWT_SECRET = "PGRST300"  # a self-hosted PostgREST started without its JWT secret
 _GATEWAY_STATUSES = {408, 429}  # and every 5xx that carries no PostgreSQL error
 _REDIRECTS = {301, 302, 303, 307, 308}
 
@@ -59,6 +60,8 @@ def unavailable(code: str | None, status: int | None) -> bool:
     code at all."""
     if code in _UNAVAILABLE_CODES:
         return True
+    if code == NO_JWT_SECRET:  # a 500, but a setting of the server: no retry changes it
+        return False
     if code is not None and len(code) == 5 and not code.startswith("PGRST"):  # a SQLSTATE
         return transient_sqlstate(code)  # as on PostgreSQL directly
     if code is not None and code.isdigit():  # the HTTP status, given as the code
@@ -72,6 +75,10 @@ _SERVICE_KEY_NAMES = "SUPABASE_KEY, SUPABASE_SERVICE_ROLE_KEY or SERVICE_ROLE_KE
 def _key_refused(code: str | None, status: int | None, message: str) -> str | None:
     """What to do about an answer that refuses the key itself, whatever the call (every call
     is refused alike); None for any other answer."""
+    if code == NO_JWT_SECRET:
+        return ("the REST API was started without its JWT secret, so it accepts no key: set "
+                "it where the API runs (JWT_SECRET in a self-hosted Supabase's .env, "
+                "PGRST_JWT_SECRET for PostgREST itself) and restart it")
     if code == "PGRST301" or "JWT" in message:
         return (f"the key is not a valid JWT of this project, or it expired: set the project's "
                 f"service-role key ({_SERVICE_KEY_NAMES})")

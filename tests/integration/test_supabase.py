@@ -183,6 +183,17 @@ def test_a_url_that_redirects_is_refused_naming_the_fix(supabase):
     assert not isinstance(refused.value, ps.StorageUnavailable)
 
 
+def test_a_rest_api_without_its_jwt_secret_is_refused_naming_the_setting(supabase):
+    """A self-hosted PostgREST started without its JWT secret answers every call 500 PGRST300:
+    a setting of that server, so refused with what to set, not retried as an outage for
+    ever."""
+    no_secret = (500, {"code": "PGRST300", "message": "Server lacks JWT secret",
+                       "details": None, "hint": None})
+    supabase.gateway.gateway_answers["processgpt_sync_enqueue_v1"] = [no_secret]
+    with pytest.raises(ps.AccessDenied, match=r"PGRST300.*without its JWT secret.*JWT_SECRET"):
+        supabase.enqueue("a", "q")
+
+
 def test_a_read_only_database_is_an_outage_not_a_refusal(supabase, db):
     """PostgREST answers 405 with SQLSTATE 25006 while the database is read-only (a failover,
     or Supabase's read-only mode when the disk is full): retried, the result is stored."""
