@@ -31,6 +31,7 @@ from ..errors import (
     StorageUnavailable,
 )
 from ..queries import function_name
+from ..retrying import STATEMENT_TIMEOUT
 from .base import (
     FOREIGN_KEY_VIOLATION,
     INSTALL_HINT,
@@ -105,10 +106,11 @@ def _role_refused(code: str | None, message: str) -> str | None:
 
 
 @contextmanager
-def wrap_exceptions(target: str, status: Callable[[], int | None] = lambda: None
-                    ) -> Iterator[None]:
+def wrap_exceptions(target: str, status: Callable[[], int | None] = lambda: None,
+                    answered_meanwhile: Callable[[], bool] = lambda: False) -> Iterator[None]:
     """Turn supabase-py / PostgREST / HTTP errors into the library's own; ``status()`` is the
-    HTTP status of the failed answer, when known."""
+    HTTP status of the failed answer, when known; ``answered_meanwhile()`` whether the
+    database answered another call while this one waited."""
     try:
         yield
     except APIError as exc:
@@ -155,6 +157,17 @@ def wrap_exceptions(target: str, status: Callable[[], int | None] = lambda: None
         hint = f" ({exc.hint})" if exc.hint else ""
         raise StorageError(f"Supabase {target} failed ({code}): {message}{hint}",
                            code=code, hint=exc.hint) from exc
+    except httpx.ReadTimeout as exc:
+        if answered_meanwhile():
+            # The database answers other calls: this one is too heavy for the read timeout
+            # (the key's role has a statement_timeout above it, so no 57014 came first).
+            # Taken for a statement timeout: a batch is written in halves, not sent whole
+            # again for ever; through a partition nothing is answered, and it stays an outage.
+            raise StorageUnavailable(
+                f"Supabase {target} got no answer within the read timeout while other calls "
+                f"were answered: taken for a statement timeout ({exc!r})",
+                code=STATEMENT_TIMEOUT) from exc
+        raise StorageUnavailable(f"Supabase unreachable ({target}): {exc!r}") from exc
     except httpx.HTTPError as exc:
         raise StorageUnavailable(f"Supabase unreachable ({target}): {exc!r}") from exc
     except UnicodeDecodeError as exc:  # a 2xx body postgrest-py could not even read as text
@@ -348,9 +361,10 @@ class SupabaseStorage(Storage):
         def status() -> int | None:
             return None if local.response is None else int(local.response.status_code)
 
+        started = time.monotonic()
         try:
             try:
-                with wrap_exceptions(name, status):
+                with wrap_exceptions(name, status, lambda: self.last_success > started):
                     data = client.rpc(name, dict(params)).execute().data
             except StorageUnavailable as exc:  # a rate limit or a busy gateway may say when
                 exc.retry_after = _retry_after(local.response)

@@ -15,6 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 import processgpt_sync as ps
 from processgpt_sync.errors import ServerFailed
@@ -324,6 +325,56 @@ def test_a_batch_of_events_past_the_statement_timeout_is_written_in_halves(
         steps = stored_steps(db, claim.todo_id)
         assert steps == list(range(counts[claim.todo_id])), (claim.todo_id == held, steps)
     assert "writing 16 events ran past the statement timeout" in caplog.text
+
+
+def test_a_supabase_batch_past_the_read_timeout_while_others_are_answered_is_written_in_halves(
+        database_url, db, caplog, monkeypatch):
+    """The key's role has a statement_timeout (1.2 s) above the HTTP read timeout (1 s), so a
+    batch of events too heavy for it gets no answer at all rather than 57014, and the
+    database rolls it back. Alone (nothing else answered: a partition looks the same), that
+    is an outage; while other calls are answered, it is taken for a statement timeout and
+    written in halves, where before it was sent whole, and rolled back, for ever."""
+    from processgpt_sync.errors import StorageUnavailable
+    from processgpt_sync.retrying import STATEMENT_TIMEOUT
+    from processgpt_sync.storage import supabase as supabase_module
+    from tests.postgrest_gateway import SERVICE_KEY, Gateway
+
+    monkeypatch.setattr(supabase_module, "READ_MARGIN", 0.5)  # read timeout: 1 s
+    slow_events(db, 0.06)  # 24 events: 1.4 s in one statement, 0.7 s in halves
+    gateway = Gateway(make_conninfo(database_url, options="-c statement_timeout=1200"))
+    storage = supabase_module.SupabaseStorage(gateway.url, SERVICE_KEY, timeout=0.5)
+    others = threading.Event()
+
+    def answered_meanwhile() -> None:  # a heartbeat's light calls, from another thread
+        while not others.wait(0.1):
+            storage.status(AGENT)
+
+    try:
+        storage.enqueue(AGENT, "q")
+        claim, = storage.claim(agent_orch=AGENT, consumer="c", limit=1, lease_seconds=60,
+                               max_claims=3)
+        counts = {claim.todo_id: 24}
+        steps = [{"todo_id": claim.todo_id, "token": claim.token, "event_type": "task_working",
+                  "data": {"step": n}} for n in range(24)]
+        with pytest.raises(StorageUnavailable) as alone:
+            storage.record_events(steps)
+        assert alone.value.code != STATEMENT_TIMEOUT, "nothing else answered: an outage"
+
+        helper = threading.Thread(target=answered_meanwhile, daemon=True)
+        helper.start()
+        buffer = EventBuffer(storage, flush_interval=60, batch_size=100)
+        buffer.start()
+        try:
+            add_steps(buffer, [claim], counts)
+            assert buffer.flush(timeout=30)
+        finally:
+            buffer.close(timeout=5)
+    finally:
+        others.set()
+        storage.close()
+        gateway.close()
+    assert stored_steps(db, claim.todo_id) == list(range(24))
+    assert "writing 24 events ran past the statement timeout" in caplog.text
 
 
 def test_an_event_too_heavy_to_store_holds_up_its_todos_events_only_and_is_dropped_after_its_tries(
