@@ -24,7 +24,6 @@ HEADROOM_FDS = 64  # logs, the metrics port, imported libraries
 EXECUTOR_FDS = 1  # per worker: the socket a running todo's model or tool call holds
 MAX_SPARE_THREADS = 4
 TIMED_OUT_THREADS = 4  # threads recording timed-out todos: each waits for its todo's events
-CANCEL_HOOK_THREADS = 8  # threads running blocking executors' cancel hooks
 DEFERRED_THREADS = 64  # pool threads for todos on the shared loop: they hold one only to start
 #                        and to record their outcome, not while they await
 
@@ -65,7 +64,7 @@ def plan(workers: int, loop: str, uses_loops: bool, connections: int,
          deferred: bool = False) -> Budget:
     """The budget of a server with ``workers`` and pool size ``connections``."""
     threads = (threading.active_count() + pool_threads(workers, deferred) + SERVER_THREADS
-               + TIMED_OUT_THREADS + CANCEL_HOOK_THREADS)
+               + TIMED_OUT_THREADS)
     if not uses_loops:
         loops = 0
     elif loop == "shared":

@@ -19,10 +19,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .budget import CANCEL_HOOK_THREADS
 from .errors import ConfigurationError
 from .loops import Done, Finished, Loops, LoopTask, make_loops, result_of
-from .pool import WorkerPool
 from .todo import Todo
 
 logger = logging.getLogger(__name__)
@@ -85,38 +83,28 @@ class BlockingObjectAdapter:
 
     def __init__(self, obj: Any) -> None:
         self._obj = obj
-        self._hooks: WorkerPool | None = None  # made at the first cancel
-        self._hooks_lock = threading.Lock()
 
     def run(self, todo: Todo) -> Any:
         return _plain_result(self._obj.execute(todo, todo.events), self._obj.execute)
 
     def cancel(self, todo: Todo) -> None:
-        """Call ``obj.cancel(todo)`` on one of a few threads of its own: the caller (heartbeat,
-        listener, stop) must not wait on executor code that may block, and a thousand todos
-        cancelled at once must not take a thousand threads. A hook that blocks keeps its
-        thread; the hooks after it wait for a free one (the executor sees ``todo.cancelled``
-        at once all the same)."""
+        """Call ``obj.cancel(todo)`` on a thread of its own: the caller (heartbeat, listener,
+        stop) must not wait on executor code that may block."""
         cancel = getattr(self._obj, "cancel", None)
         if not callable(cancel):
             return
-        with self._hooks_lock:
-            if self._hooks is None:
-                self._hooks = WorkerPool(CANCEL_HOOK_THREADS, "processgpt-sync-cancel-hook")
-            hooks = self._hooks
-        try:  # in the caller's context, as the hook would run in the todo's
-            hooks.submit(contextvars.copy_context().run, _call_hook, cancel, todo)
+        hook = threading.Thread(target=contextvars.copy_context().run,  # the caller's context
+                                args=(_call_hook, cancel, todo), daemon=True,
+                                name="processgpt-sync-cancel-hook")
+        try:
+            hook.start()
         except RuntimeError as exc:  # "can't start new thread": the host's limit, not the hook's
             logger.warning("cannot start a thread for the cancel hook of todo %s (%s): the "
                            "host is out of threads; the executor sees todo.cancelled only",
                            todo.id, exc, extra={"action": "cancel", "todo_id": todo.id})
 
     def close(self) -> None:
-        """The hooks already asked for still run; their threads end after them."""
-        with self._hooks_lock:
-            hooks, self._hooks = self._hooks, None
-        if hooks is not None:
-            hooks.retire()
+        pass
 
     uses_loops = False
     defers = False

@@ -164,53 +164,6 @@ def peak_while(prefix: str, until: Any, timeout: float = 20) -> int:
     return max(peak, threads_named(prefix))
 
 
-class SlowHooks:
-    """Every todo waits to be cancelled; every cancel hook blocks until released."""
-
-    def __init__(self, todos: int) -> None:
-        self.entered = threading.Barrier(todos + 1)
-        self.release = threading.Event()
-        self.hooks_began: list[str] = []
-        self.hooks_ended: list[str] = []
-
-    def execute(self, todo, events):
-        self.entered.wait(10)
-        todo.cancel_event.wait(30)
-        return None
-
-    def cancel(self, todo):
-        self.hooks_began.append(todo.id)
-        self.release.wait(30)
-        self.hooks_ended.append(todo.id)
-
-
-def test_many_todos_cancelled_at_once_run_their_hooks_on_a_few_threads(storage, db):
-    """24 todos cancelled together, each hook blocking: at most CANCEL_HOOK_THREADS hook
-    threads at any time (before: one thread each, 24); the executors see the cancel at once,
-    and every hook still runs once the first ones return."""
-    from processgpt_sync.budget import CANCEL_HOOK_THREADS
-    todos = 24
-    executor = SlowHooks(todos)
-    ids = [storage.enqueue("a", f"t{n}") for n in range(todos)]
-    server = ps.start(executor, agent_orch="a", storage=storage, workers=todos)
-    try:
-        executor.entered.wait(10)
-        db.execute("UPDATE todolist SET draft_status = 'CANCELLED' WHERE id = ANY(%s::uuid[])",
-                   (ids,))
-        peak = peak_while("processgpt-sync-cancel-hook",
-                          lambda: server.stats()["cancelled"] == todos)
-        assert len(executor.hooks_began) == CANCEL_HOOK_THREADS, "the rest wait their turn"
-        assert peak == CANCEL_HOOK_THREADS, peak
-        executor.release.set()
-        wait_for(lambda: len(executor.hooks_ended) == todos, timeout=10)
-        assert sorted(executor.hooks_ended) == sorted(ids), "each hook ran once"
-    finally:
-        executor.release.set()
-        server.stop(timeout=5)
-    wait_for(lambda: threads_named("processgpt-sync-cancel-hook") == 0, timeout=5)  # they end
-    assert {row(db, i)["state"] for i in ids} == {"CANCELLED"}
-
-
 def test_many_todos_timing_out_at_once_are_recorded_on_a_few_threads(storage, db, database_url):
     """24 todos time out together while their events' write waits on a lock: recording a
     timeout waits for that write, on at most TIMED_OUT_THREADS threads (before: one thread

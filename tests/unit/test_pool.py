@@ -150,7 +150,7 @@ def test_a_pool_needs_a_thread():
 
 def test_a_retired_pool_runs_what_was_queued_then_its_threads_end():
     """retire(), unlike shutdown(): the calls already handed over (timed-out todos waiting to
-    be recorded, cancel hooks) still run; nothing new is taken."""
+    be recorded) still run; nothing new is taken."""
     pool = WorkerPool(2, name="retired")
     release = threading.Event()
     ran: list[int] = []
