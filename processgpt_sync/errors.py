@@ -51,6 +51,11 @@ class StorageUnavailable(StorageError):
     retry_after: float | None = None
     """Seconds the service asked to wait before the next request (HTTP ``Retry-After``)."""
 
+    unanswered: bool = False
+    """A read timeout taken for a statement timeout (code 57014; the database answered other
+    calls meanwhile): the statement may still have run, and nothing shows the write is too
+    heavy for good, so it is written in halves but never given up for it."""
+
 
 class AccessDenied(StorageUnavailable):
     """The service refuses this server's key (not the project's, revoked, expired or missing),

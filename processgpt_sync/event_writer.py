@@ -322,13 +322,15 @@ class EventBuffer:
         counts: the event is heavy (a site's slow trigger on ``events``, a huge payload), and
         at ``TIMEOUTS_ALONE_MAX`` it is dropped with a warning, its todo's later events
         following. With no other event written (a lock on the table, a database slow for every
-        write) none counts, and it waits as in an outage."""
+        write) none counts, nor does a read timeout taken for a statement timeout
+        (``unanswered``: the database may have stored it), and it waits as in an outage."""
         todo_id = event["todo_id"]
         extra = {"action": "write_events", "todo_id": todo_id}
         now = time.monotonic()
         with self._cond:
             held = self._held.setdefault(event_key(event), Held(since=now))
-            if held.timed_out_at is not None and self._written_at > held.timed_out_at:
+            if (held.timed_out_at is not None and self._written_at > held.timed_out_at
+                    and not exc.unanswered):
                 held.timeouts += 1
             held.timed_out_at = now
             if held.timeouts >= TIMEOUTS_ALONE_MAX:

@@ -277,7 +277,7 @@ class OutcomeWriter:
                     + self._write_batch(batch[middle:], half=True))
         outcome, then = batch[0]
         todo_id = outcome.claim.todo_id
-        self._count_timeout(outcome, started)
+        self._count_timeout(outcome, exc, started)
         if outcome.timeouts >= TIMEOUTS_ALONE_MAX:
             logger.error("the outcome of todo %s ran past the statement timeout %d times "
                          "alone while the database answered other calls; giving it up",
@@ -293,15 +293,16 @@ class OutcomeWriter:
                        extra={"action": "finish", "todo_id": todo_id})
         return list(batch)
 
-    def _count_timeout(self, outcome: Outcome, started: float) -> None:
+    def _count_timeout(self, outcome: Outcome, exc: StorageUnavailable, started: float) -> None:
         """Count a timeout of ``outcome`` written alone against it only if the database
         answered another call since its last one (or, the first time, while this write ran):
         then it is heavy. Otherwise the database may be slow for every call, and an outcome
         given up for that would cost a result the executor made (stored without its events,
-        or recorded failed); it is retried instead, as in an outage."""
+        or recorded failed); it is retried instead, as in an outage. So is a read timeout
+        taken for a statement timeout (``unanswered``: the database may have stored it)."""
         since = started if outcome.timed_out_at is None else outcome.timed_out_at
         outcome.timed_out_at = time.monotonic()
-        if self._storage.last_success > since:
+        if self._storage.last_success > since and not exc.unanswered:
             outcome.timeouts += 1
 
     def _wait_after_halving(self, batch: list[tuple[Outcome, Stored]], exc: StorageUnavailable,
@@ -313,7 +314,7 @@ class OutcomeWriter:
         it is given up in time if it is heavy; through a real outage, the next write on its
         own is retried in place."""
         if len(batch) == 1:
-            self._count_timeout(batch[0][0], started)
+            self._count_timeout(batch[0][0], exc, started)
         for outcome, _ in batch:
             outcome.waits_for = f"writing it ran past the statement timeout ({exc})"
         logger.warning("writing %d todo outcomes ran past the statement timeout again; they "

@@ -446,7 +446,8 @@ class Recorder:
                 if self._abort.is_set():
                     raise
                 if for_executor:
-                    timeouts = timeouts + 1 if exc.code == STATEMENT_TIMEOUT else 0
+                    heavy = exc.code == STATEMENT_TIMEOUT and not exc.unanswered
+                    timeouts = timeouts + 1 if heavy else 0
                     if not run.is_open() or timeouts >= TIMEOUTS_ALONE_MAX:
                         raise
                 self._log.warning("%s for todo %s failed (attempt %d), retrying: %s", action,

@@ -377,6 +377,58 @@ def test_a_supabase_batch_past_the_read_timeout_while_others_are_answered_is_wri
     assert "writing 24 events ran past the statement timeout" in caplog.text
 
 
+class UnansweredHeavyEvent(PostgresStorage):
+    """The Supabase case on the PostgreSQL backend: a write holding the heavy event gets no
+    answer within the read timeout while every other call is answered (taken for a statement
+    timeout, ``unanswered``); the database itself never refuses it."""
+
+    def record_events(self, events):
+        if any(e["data"].get("heavy") for e in events):
+            self.heavy_tries += 1
+            timed_out = ps.StorageUnavailable("no answer within the read timeout",
+                                              code="57014")
+            timed_out.unanswered = True
+            raise timed_out
+        return super().record_events(events)
+
+
+def test_an_event_that_gets_no_answer_alone_is_never_dropped_for_it(database_url, db,
+                                                                       monkeypatch, caplog):
+    """A read timeout taken for a statement timeout halves a batch, but an event that gets no
+    answer alone, however often, waits and is tried again rather than dropped after
+    TIMEOUTS_ALONE_MAX as a refused heavy one is: the database may have stored it."""
+    from processgpt_sync import event_writer
+
+    monkeypatch.setattr(event_writer, "ALONE_RETRY_MAX", 0.05)
+    storage = UnansweredHeavyEvent(database_url)
+    storage.heavy_tries = 0
+    for name in ("heavy", "light"):
+        storage.enqueue(AGENT, name)
+    heavy, light = storage.claim(agent_orch=AGENT, consumer="c", limit=2, lease_seconds=60,
+                                 max_claims=3)
+    buffer = EventBuffer(storage, flush_interval=0.01, batch_size=100)
+    buffer.start()
+
+    def step(claim: Any, number: int, **more: Any) -> dict[str, Any]:
+        return {"todo_id": claim.todo_id, "token": claim.token, "event_type": "task_working",
+                "data": {"step": number, **more}, "job_id": None, "crew_type": None,
+                "status": None}
+
+    try:
+        buffer.add(step(heavy, 0, heavy=True))
+        buffer.add(step(heavy, 1))
+        for n in range(4 * TIMEOUTS_ALONE_MAX):  # other events written between its tries
+            buffer.add(step(light, n))
+            time.sleep(0.05)
+        wait_for(lambda: storage.heavy_tries > 2 * TIMEOUTS_ALONE_MAX, timeout=20)
+        assert stored_steps(db, light.todo_id) == list(range(4 * TIMEOUTS_ALONE_MAX))
+        assert stored_steps(db, heavy.todo_id) == [], "still waiting, its next event behind it"
+        assert "not written" not in caplog.text
+    finally:
+        buffer.close(timeout=1)
+        storage.close()
+
+
 def test_an_event_too_heavy_to_store_holds_up_its_todos_events_only_and_is_dropped_after_its_tries(
         database_url, db, caplog):
     """A site's trigger takes longer than the statement timeout to store one event of a todo,
