@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass
 
 from .errors import ConfigurationError
+from .hooks import HOOK_THREADS
 from .loops import LOOP_FDS, thread_loop_fds
 
 SERVER_THREADS = 10  # claimer, heartbeat, listener, event and outcome writers, the pool's 4,
@@ -64,7 +65,7 @@ def plan(workers: int, loop: str, uses_loops: bool, connections: int,
          deferred: bool = False) -> Budget:
     """The budget of a server with ``workers`` and pool size ``connections``."""
     threads = (threading.active_count() + pool_threads(workers, deferred) + SERVER_THREADS
-               + TIMED_OUT_THREADS)
+               + TIMED_OUT_THREADS + HOOK_THREADS)
     if not uses_loops:
         loops = 0
     elif loop == "shared":

@@ -11,6 +11,7 @@ The return value, when not None, is the todo's final result.
 from __future__ import annotations
 
 import contextvars
+import functools
 import inspect
 import logging
 import re
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from .errors import ConfigurationError
+from .hooks import HookThreads
 from .loops import Done, Finished, Loops, LoopTask, make_loops, result_of
 from .todo import Todo
 
@@ -83,21 +85,22 @@ class BlockingObjectAdapter:
 
     def __init__(self, obj: Any) -> None:
         self._obj = obj
+        self._hooks = HookThreads()
 
     def run(self, todo: Todo) -> Any:
         return _plain_result(self._obj.execute(todo, todo.events), self._obj.execute)
 
     def cancel(self, todo: Todo) -> None:
-        """Call ``obj.cancel(todo)`` on a thread of its own: the caller (heartbeat, listener,
-        stop) must not wait on executor code that may block."""
+        """Call ``obj.cancel(todo)`` on a hook thread (``hooks.HookThreads``): the caller
+        (heartbeat, listener, stop) must not wait on executor code that may block, and a
+        thousand todos cancelled together must not take a thousand threads."""
         cancel = getattr(self._obj, "cancel", None)
         if not callable(cancel):
             return
-        hook = threading.Thread(target=contextvars.copy_context().run,  # the caller's context
-                                args=(_call_hook, cancel, todo), daemon=True,
-                                name="processgpt-sync-cancel-hook")
+        hook = functools.partial(contextvars.copy_context().run,  # the caller's context
+                                 _call_hook, cancel, todo)
         try:
-            hook.start()
+            self._hooks.run(todo.id, hook)
         except RuntimeError as exc:  # "can't start new thread": the host's limit, not the hook's
             logger.warning("cannot start a thread for the cancel hook of todo %s (%s): the "
                            "host is out of threads; the executor sees todo.cancelled only",

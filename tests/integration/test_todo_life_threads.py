@@ -164,6 +164,84 @@ def peak_while(prefix: str, until: Any, timeout: float = 20) -> int:
     return max(peak, threads_named(prefix))
 
 
+class SlowHooks:
+    """Every todo waits to be cancelled; the cancel hooks of the todos named in ``blocking``
+    block until released, the others return at once."""
+
+    def __init__(self, todos: int, blocking: Any) -> None:
+        self.entered = threading.Barrier(todos + 1)
+        self.blocking = blocking
+        self.release = threading.Event()
+        self.hooks_began: list[str] = []
+        self.hooks_ended: list[str] = []
+
+    def execute(self, todo, events):
+        self.entered.wait(10)
+        todo.cancel_event.wait(30)
+        return None
+
+    def cancel(self, todo):
+        self.hooks_began.append(todo.input)
+        if todo.input in self.blocking:
+            self.release.wait(30)
+        self.hooks_ended.append(todo.input)
+
+
+def test_many_todos_cancelled_at_once_run_their_hooks_on_a_few_threads(storage, db):
+    """24 todos cancelled together, each hook blocking for a moment: at most HOOK_THREADS hook
+    threads at any time (before: one thread each, 24); the executors see the cancel at once,
+    every hook runs once the first ones return, and the hook threads then end."""
+    from processgpt_sync.hooks import HOOK_THREADS
+    todos = 24
+    names = [f"t{n}" for n in range(todos)]
+    executor = SlowHooks(todos, blocking=set(names))
+    ids = [storage.enqueue("a", name) for name in names]
+    server = ps.start(executor, agent_orch="a", storage=storage, workers=todos)
+    try:
+        executor.entered.wait(10)
+        db.execute("UPDATE todolist SET draft_status = 'CANCELLED' WHERE id = ANY(%s::uuid[])",
+                   (ids,))
+        peak = peak_while("processgpt-sync-cancel-hook",
+                          lambda: server.stats()["cancelled"] == todos)
+        assert len(executor.hooks_began) == HOOK_THREADS, "the rest wait their turn"
+        assert peak == HOOK_THREADS, peak
+        executor.release.set()
+        wait_for(lambda: len(executor.hooks_ended) == todos, timeout=10)
+        assert sorted(executor.hooks_ended) == sorted(names), "each hook ran once"
+        wait_for(lambda: threads_named("processgpt-sync-cancel-hook") == 0, timeout=5)
+    finally:
+        executor.release.set()
+        server.stop(timeout=5)
+    assert {row(db, i)["state"] for i in ids} == {"CANCELLED"}
+
+
+def test_hooks_stuck_on_a_dead_service_do_not_hold_up_the_next_ones(storage, db, caplog,
+                                                                    monkeypatch):
+    """HOOK_THREADS hooks block (a remote cancel to a service that is down): a hook after them
+    waits only until they have run HOOK_STUCK_AFTER seconds, then runs on a thread of its own,
+    and the stuck ones are named."""
+    from processgpt_sync import hooks
+    monkeypatch.setattr(hooks, "HOOK_STUCK_AFTER", 0.5)
+    stuck = [f"stuck{n}" for n in range(hooks.HOOK_THREADS)]
+    executor = SlowHooks(len(stuck) + 1, blocking=set(stuck))
+    stuck_ids = [storage.enqueue("a", name) for name in stuck]
+    quick_id = storage.enqueue("a", "quick")
+    server = ps.start(executor, agent_orch="a", storage=storage, workers=len(stuck) + 1)
+    try:
+        executor.entered.wait(10)
+        db.execute("UPDATE todolist SET draft_status = 'CANCELLED' WHERE id = ANY(%s::uuid[])",
+                   (stuck_ids,))
+        wait_for(lambda: len(executor.hooks_began) == len(stuck))
+        db.execute("UPDATE todolist SET draft_status = 'CANCELLED' WHERE id = %s", (quick_id,))
+        wait_for(lambda: "quick" in executor.hooks_ended, timeout=5)
+        assert not set(stuck) & set(executor.hooks_ended), "the stuck ones still block"
+        assert "has run for" in caplog.text and "the next waiting hooks" in caplog.text
+    finally:
+        executor.release.set()
+        server.stop(timeout=5)
+    wait_for(lambda: len(executor.hooks_ended) == len(stuck) + 1)
+
+
 def test_many_todos_timing_out_at_once_are_recorded_on_a_few_threads(storage, db, database_url):
     """24 todos time out together while their events' write waits on a lock: recording a
     timeout waits for that write, on at most TIMED_OUT_THREADS threads (before: one thread

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "processgpt_sync"
 # Lower layers never import higher ones. Within a layer, imports must not form a cycle.
 LAYERS: list[set[str]] = [
     {"errors", "version", "queries", "models", "payload", "deep_json", "retrying", "infra",
-     "blocking", "stats", "settings", "pool", "exit_stop"},
+     "blocking", "stats", "settings", "pool", "hooks", "exit_stop"},
     {"storage", "storage.base", "storage.deadline", "storage.postgres", "storage.install",
      "storage.supabase", "embedded"},
     {"events", "todo", "feedback", "loops", "budget", "gc_tuning", "executor", "a2a"},
