@@ -8,15 +8,7 @@ import time
 
 from processgpt_sync import hooks
 from processgpt_sync.hooks import HookThreads
-
-
-def settle(predicate, timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return predicate()
+from tests.conftest import wait_for
 
 
 def named(name: str) -> int:
@@ -29,11 +21,11 @@ def test_hooks_start_in_the_order_given_on_at_most_the_bound_and_their_threads_e
     began: list[int] = []
     for n in range(3 * hooks.HOOK_THREADS):
         runner.run(f"t{n}", lambda n=n: (began.append(n), release.wait(10)))
-    assert settle(lambda: len(began) == hooks.HOOK_THREADS)
+    wait_for(lambda: len(began) == hooks.HOOK_THREADS)
     time.sleep(0.05)
     assert named("hooks-order") == hooks.HOOK_THREADS == runner.threads
     release.set()
-    assert settle(lambda: runner.threads == 0 and named("hooks-order") == 0)
+    wait_for(lambda: runner.threads == 0 and named("hooks-order") == 0)
     assert began == list(range(3 * hooks.HOOK_THREADS)), "in the order given"
 
 
@@ -50,4 +42,4 @@ def test_a_hook_waiting_behind_stuck_ones_runs_once_they_stop_counting(monkeypat
         assert "the cancel hook of todo stuck-0 has run for" in caplog.text
     finally:
         release.set()
-    assert settle(lambda: runner.threads == 0)
+    wait_for(lambda: runner.threads == 0)
