@@ -23,11 +23,15 @@ _Call = tuple[Callable[..., object], tuple[Any, ...]]
 class WorkerPool:
     """Runs calls on up to ``max_threads`` threads, in the order they were submitted."""
 
-    def __init__(self, max_threads: int, name: str) -> None:
+    def __init__(self, max_threads: int, name: str, *, wait_when_refused: bool = False) -> None:
+        """``wait_when_refused``: a call that needs a new thread the system refuses waits for
+        one of the pool's busy threads instead of raising, for calls that must run rather than
+        be given back (it still raises when the pool has no thread at all)."""
         if max_threads < 1:
             raise ValueError(f"a worker pool needs at least one thread, not {max_threads}")
         self._max = max_threads
         self._name = name
+        self._wait_when_refused = wait_when_refused
         self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._threads = 0  # started and not yet told to end
@@ -50,7 +54,7 @@ class WorkerPool:
         """Run ``fn(*args)`` on a pool thread.
 
         :raises RuntimeError: the pool is shut down, or a thread was needed and the system
-            refused one; the call was not queued then.
+            refused one (and the pool waits for none, or has none); the call was not queued then.
         """
         with self._lock:
             if self._closed:
@@ -60,8 +64,13 @@ class WorkerPool:
             elif self._threads < self._max:
                 thread = threading.Thread(target=self._work, daemon=True,
                                           name=f"{self._name}_{self._threads}")
-                thread.start()  # RuntimeError when no thread can be made: nothing queued
-                self._threads += 1
+                try:
+                    thread.start()
+                    self._threads += 1
+                except RuntimeError:  # the system made no thread
+                    if not (self._wait_when_refused and self._threads):
+                        raise  # nothing queued
+                    self._backlog += 1  # a busy thread takes it when its call returns
             else:
                 self._backlog += 1
             self._queue.put((fn, args))

@@ -61,7 +61,8 @@ class TodoWorker:
         self._submit = submit if adapter.defers else None
         # timed-out todos are recorded on a few threads, made when first needed: a thousand
         # todos timing out together wait their turn rather than take a thousand threads
-        self._timed_out = WorkerPool(TIMED_OUT_THREADS, "processgpt-sync-timed-out")
+        self._timed_out = WorkerPool(TIMED_OUT_THREADS, "processgpt-sync-timed-out",
+                                     wait_when_refused=True)
 
     def run(self, run: TodoRun) -> None:
         """Run the executor on this thread and record what came of it; a deferred todo (an
@@ -312,7 +313,7 @@ class TodoWorker:
         # must go on being kept, however slow the database.
         try:
             self._timed_out.submit(record)
-        except RuntimeError:  # no thread for it (or stopped): recorded here, the caller waiting
+        except RuntimeError:  # the pool has no thread at all, or stopped: recorded here
             record()
 
     def close(self) -> None:

@@ -198,6 +198,52 @@ def test_a_stop_step_that_gets_no_thread_runs_on_the_stopping_thread() -> None:
     assert result["later"] == [True, "made"]
 
 
+POOL_WITH_ONE_THREAD = r"""
+import json, threading
+from processgpt_sync.pool import WorkerPool
+
+busy, go = threading.Event(), threading.Event()
+ran = []
+waiting = WorkerPool(4, "records", wait_when_refused=True)
+giving_back = WorkerPool(4, "claims")
+waiting.submit(lambda: (busy.set(), go.wait(10), ran.append("first")))
+busy.wait(10)
+"""
+
+SUBMIT_WITH_NO_THREAD_LEFT = r"""
+for n in range(3):  # each needs a thread the host refuses: they wait for the busy one
+    waiting.submit(ran.append, n)
+try:
+    giving_back.submit(ran.append, "given back")
+    refused = None
+except RuntimeError as exc:
+    refused = str(exc)
+go.set()
+for _ in range(1000):
+    if len(ran) == 4:
+        break
+    threading.Event().wait(0.01)
+threads = waiting.threads
+waiting.shutdown()
+for ends in fillers:
+    ends.set()
+print(json.dumps({"filled": len(fillers), "ran": ran, "refused": refused, "threads": threads}))
+"""
+
+
+def test_a_pool_that_waits_runs_calls_the_host_has_no_thread_for_on_its_busy_thread() -> None:
+    """Timed-out todos must be recorded, not given back: when the host refuses their pool a
+    new thread (ulimit -u, a pids limit) while it has a busy one, they wait for that one, in
+    order, instead of being recorded on the heartbeat's thread; a pool that gives its calls
+    back still raises."""
+    result = run_with_few_threads(POOL_WITH_ONE_THREAD + TAKE_EVERY_THREAD
+                                  + SUBMIT_WITH_NO_THREAD_LEFT)
+    assert result["filled"], "the child could not start any thread"
+    assert result["ran"] == ["first", 0, 1, 2]
+    assert result["threads"] == 1
+    assert result["refused"] is not None and "thread" in str(result["refused"])
+
+
 THREAD_BUDGET = r"""
 import json, logging, resource, sys
 import processgpt_sync as ps
