@@ -64,6 +64,7 @@ class Budget:
 def plan(workers: int, loop: str, uses_loops: bool, connections: int,
          deferred: bool = False) -> Budget:
     """The budget of a server with ``workers`` and pool size ``connections``."""
+    # cancel hooks stuck on a dead service are not counted: each is named in a warning
     threads = (threading.active_count() + pool_threads(workers, deferred) + SERVER_THREADS
                + TIMED_OUT_THREADS + HOOK_THREADS)
     if not uses_loops:

@@ -133,7 +133,7 @@ def _plain_result(result: Any, fn: Any) -> Any:
 def _call_hook(cancel: Callable[[Todo], Any], todo: Todo) -> None:
     try:
         cancel(todo)
-    except Exception:
+    except BaseException:  # SystemExit (a tool's argparse), CancelledError: it failed too
         logger.exception("the executor's cancel hook failed for todo %s", todo.id,
                          extra={"action": "cancel", "todo_id": todo.id})
 

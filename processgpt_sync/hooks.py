@@ -36,6 +36,7 @@ class HookThreads:
         self._said_stuck: set[int] = set()  # threads whose current hook was named stuck
         self._threads = 0  # alive: running a hook, or about to take one
         self._timer: threading.Timer | None = None  # set while hooks wait behind fresh ones
+        self._said_refused = False  # the host's refusal of a hook thread was said
 
     @property
     def threads(self) -> int:
@@ -69,11 +70,18 @@ class HookThreads:
             thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
             try:
                 thread.start()
-            except RuntimeError:  # "can't start new thread": the host's limit
+            except RuntimeError as exc:  # "can't start new thread": the host's limit
                 if last and self._threads == 0:
                     self._waiting.pop()
                     raise
+                if not self._said_refused:
+                    self._said_refused = True
+                    logger.warning("the host made no thread for a waiting cancel hook (%s): %d "
+                                   "hooks wait for the %d hook threads alive", exc,
+                                   len(self._waiting), self._threads,
+                                   extra={"action": "cancel"})
                 break  # a thread alive takes the waiting hooks in turn
+            self._said_refused = False
             self._threads += 1
             starting += 1
         self._recheck_later(now)
@@ -106,11 +114,23 @@ class HookThreads:
             with self._lock:
                 self._running.pop(me, None)
                 self._said_stuck.discard(me)
-                if not self._waiting:
+                now = time.monotonic()
+                if not self._waiting or self._over_the_bound(now):
                     self._threads -= 1
+                    self._recheck_later(now)
                     return
                 todo_id, hook = self._waiting.popleft()
-                now = time.monotonic()
                 self._running[me] = (now, todo_id)
                 self._recheck_later(now)  # hooks given while this thread was starting
-            hook()
+            try:
+                hook()
+            except BaseException:  # SystemExit, CancelledError: this thread goes on serving
+                logger.exception("the cancel hook of todo %s raised", todo_id,
+                                 extra={"action": "cancel", "todo_id": todo_id})
+
+    def _over_the_bound(self, now: float) -> bool:
+        """Whether the bound is full without this thread, whose hook has just returned: a
+        hook that was stuck and ends must not add a thread to those made meanwhile."""
+        fresh = sum(now - began < self._stuck_after for began, _ in self._running.values())
+        others_starting = self._threads - len(self._running) - 1
+        return fresh + others_starting >= self._limit

@@ -43,3 +43,51 @@ def test_a_hook_waiting_behind_stuck_ones_runs_once_they_stop_counting(monkeypat
     finally:
         release.set()
     wait_for(lambda: runner.threads == 0)
+
+
+def test_a_stuck_hook_that_returns_does_not_add_its_thread_to_those_made_meanwhile(monkeypatch):
+    """Eight hooks stuck, eight more threads made for the next: when the stuck ones return,
+    their threads end rather than take waiting hooks beside the eight (else every round of
+    stuck hooks adds eight threads for good)."""
+    monkeypatch.setattr(hooks, "HOOK_STUCK_AFTER", 0.2)
+    runner = HookThreads(name="hooks-bound")
+    release = threading.Event()
+    lock = threading.Lock()
+    quick = {"now": 0, "peak": 0, "done": 0}
+
+    def quick_hook() -> None:
+        with lock:
+            quick["now"] += 1
+            quick["peak"] = max(quick["peak"], quick["now"])
+        time.sleep(0.1)
+        with lock:
+            quick["now"] -= 1
+            quick["done"] += 1
+
+    for n in range(hooks.HOOK_THREADS):
+        runner.run(f"stuck-{n}", lambda: release.wait(10))
+    for n in range(6 * hooks.HOOK_THREADS):
+        runner.run(f"quick-{n}", quick_hook)
+    try:
+        wait_for(lambda: quick["now"] == hooks.HOOK_THREADS)
+        release.set()
+        wait_for(lambda: quick["done"] == 6 * hooks.HOOK_THREADS)
+    finally:
+        release.set()
+    assert quick["peak"] == hooks.HOOK_THREADS
+    wait_for(lambda: runner.threads == 0 and named("hooks-bound") == 0)
+
+
+def test_a_hook_that_raises_even_system_exit_is_logged_and_the_next_ones_run(caplog):
+    runner = HookThreads(name="hooks-raise")
+    ran: list[int] = []
+
+    def leaves() -> None:
+        raise SystemExit(2)
+
+    runner.run("exits", leaves)
+    for n in range(3):
+        runner.run(f"t{n}", lambda n=n: ran.append(n))
+    wait_for(lambda: ran == [0, 1, 2])
+    wait_for(lambda: runner.threads == 0 and named("hooks-raise") == 0)
+    assert "the cancel hook of todo exits raised" in caplog.text
