@@ -19,7 +19,13 @@ from typing import Any
 
 from .errors import StorageUnavailable
 from .events import EVENT_TYPES
-from .retrying import HELD_ROW_WARN_AFTER, STATEMENT_TIMEOUT, TIMEOUTS_ALONE_MAX, backoff
+from .retrying import (
+    HELD_ROW_WARN_AFTER,
+    STATEMENT_TIMEOUT,
+    TIMEOUTS_ALONE_MAX,
+    UNANSWERED_ALONE_MAX,
+    backoff,
+)
 from .storage.base import Storage
 
 logger = logging.getLogger(__name__)
@@ -44,6 +50,7 @@ class Held:
     alone: int = 0  # timeouts of its first event written alone: then sent alone, in a batch
     # of its own, so that its timeouts hold up no other todo's events
     timeouts: int = 0  # of those, the ones after which other events were written: it is heavy
+    unanswered: int = 0  # as ``timeouts``, for read timeouts taken for statement timeouts
     timed_out_at: float | None = None
 
 
@@ -322,22 +329,26 @@ class EventBuffer:
         counts: the event is heavy (a site's slow trigger on ``events``, a huge payload), and
         at ``TIMEOUTS_ALONE_MAX`` it is dropped with a warning, its todo's later events
         following. With no other event written (a lock on the table, a database slow for every
-        write) none counts, nor does a read timeout taken for a statement timeout
-        (``unanswered``: the database may have stored it), and it waits as in an outage."""
+        write) none counts, and it waits as in an outage. A read timeout taken for a statement
+        timeout (``unanswered``) counts apart, against ``UNANSWERED_ALONE_MAX``."""
         todo_id = event["todo_id"]
         extra = {"action": "write_events", "todo_id": todo_id}
         now = time.monotonic()
         with self._cond:
             held = self._held.setdefault(event_key(event), Held(since=now))
-            if (held.timed_out_at is not None and self._written_at > held.timed_out_at
-                    and not exc.unanswered):
-                held.timeouts += 1
+            if held.timed_out_at is not None and self._written_at > held.timed_out_at:
+                if exc.unanswered:
+                    held.unanswered += 1
+                else:
+                    held.timeouts += 1
             held.timed_out_at = now
-            if held.timeouts >= TIMEOUTS_ALONE_MAX:
+            if held.timeouts >= TIMEOUTS_ALONE_MAX or held.unanswered >= UNANSWERED_ALONE_MAX:
                 del self._held[event_key(event)]  # its claim's next event counts anew
-                logger.warning("event %s of todo %s ran past the statement timeout %d times "
-                               "alone while other events were written; not written (%s)",
-                               event.get("event_type"), todo_id, TIMEOUTS_ALONE_MAX, exc,
+                why = (f"ran past the statement timeout {held.timeouts} times"
+                       if held.timeouts >= TIMEOUTS_ALONE_MAX else
+                       f"got no answer within the read timeout {held.unanswered} times")
+                logger.warning("event %s of todo %s %s alone while other events were written; "
+                               "not written (%s)", event.get("event_type"), todo_id, why, exc,
                                extra=extra)
                 return
             held.alone += 1

@@ -22,7 +22,13 @@ from typing import Any
 
 from .errors import ServerFailed, StorageError, StorageUnavailable
 from .models import Claim
-from .retrying import HELD_ROW_WARN_AFTER, STATEMENT_TIMEOUT, TIMEOUTS_ALONE_MAX, backoff
+from .retrying import (
+    HELD_ROW_WARN_AFTER,
+    STATEMENT_TIMEOUT,
+    TIMEOUTS_ALONE_MAX,
+    UNANSWERED_ALONE_MAX,
+    backoff,
+)
 from .storage.base import Storage, WriteOutcome
 
 logger = logging.getLogger(__name__)
@@ -53,6 +59,7 @@ class Outcome:
     wait_tries: int = 0
     wait_logged: bool = False
     timeouts: int = 0  # times it ran past the statement timeout alone: it is then sent alone
+    unanswered: int = 0  # times it got no answer within the read timeout alone (Supabase)
     timed_out_at: float | None = None  # when it last did (time.monotonic())
 
     def item(self) -> dict[str, Any]:
@@ -267,8 +274,9 @@ class OutcomeWriter:
         """The database ended the write at its statement timeout while others went through:
         the same batch would time out again. Write it in halves; one outcome alone waits and
         is tried again later, alone, so it does not hold up the others; timing out alone
-        ``TIMEOUTS_ALONE_MAX`` times, it is refused (the recorder then stores the result
-        without its events, or the failure)."""
+        ``TIMEOUTS_ALONE_MAX`` times (or given no answer ``UNANSWERED_ALONE_MAX`` times), it
+        is refused (the recorder then stores the result without its events, or the
+        failure)."""
         if len(batch) > 1:
             logger.warning("writing %d todo outcomes ran past the statement timeout; writing "
                            "them in halves", len(batch), extra={"action": "finish"})
@@ -278,14 +286,16 @@ class OutcomeWriter:
         outcome, then = batch[0]
         todo_id = outcome.claim.todo_id
         self._count_timeout(outcome, exc, started)
-        if outcome.timeouts >= TIMEOUTS_ALONE_MAX:
-            logger.error("the outcome of todo %s ran past the statement timeout %d times "
-                         "alone while the database answered other calls; giving it up",
-                         todo_id, outcome.timeouts,
+        if outcome.timeouts >= TIMEOUTS_ALONE_MAX or outcome.unanswered >= UNANSWERED_ALONE_MAX:
+            why = (f"ran past the statement timeout {outcome.timeouts} times"
+                   if outcome.timeouts >= TIMEOUTS_ALONE_MAX else
+                   f"got no answer within the read timeout {outcome.unanswered} times")
+            logger.error("the outcome of todo %s %s alone while the database answered other "
+                         "calls; giving it up", todo_id, why,
                          extra={"action": "finish", "todo_id": todo_id})
             _tell(outcome, then, None, StorageError(
-                f"writing it ran past the statement timeout {outcome.timeouts} times while the "
-                f"database answered other calls ({exc})", code=STATEMENT_TIMEOUT))
+                f"writing it {why} while the database answered other calls ({exc})",
+                code=STATEMENT_TIMEOUT))
             return []
         outcome.waits_for = f"writing it ran past the statement timeout ({exc})"
         logger.warning("writing the outcome of todo %s ran past the statement timeout; trying "
@@ -298,12 +308,15 @@ class OutcomeWriter:
         answered another call since its last one (or, the first time, while this write ran):
         then it is heavy. Otherwise the database may be slow for every call, and an outcome
         given up for that would cost a result the executor made (stored without its events,
-        or recorded failed); it is retried instead, as in an outage. So is a read timeout
-        taken for a statement timeout (``unanswered``: the database may have stored it)."""
+        or recorded failed); it is retried instead, as in an outage. A read timeout taken for
+        a statement timeout (``unanswered``) counts apart, against a higher bound."""
         since = started if outcome.timed_out_at is None else outcome.timed_out_at
         outcome.timed_out_at = time.monotonic()
-        if self._storage.last_success > since and not exc.unanswered:
-            outcome.timeouts += 1
+        if self._storage.last_success > since:
+            if exc.unanswered:
+                outcome.unanswered += 1
+            else:
+                outcome.timeouts += 1
 
     def _wait_after_halving(self, batch: list[tuple[Outcome, Stored]], exc: StorageUnavailable,
                             started: float) -> list[tuple[Outcome, Stored]]:

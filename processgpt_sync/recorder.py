@@ -24,6 +24,7 @@ from .retrying import (
     HELD_ROW_WARN_AFTER,
     STATEMENT_TIMEOUT,
     TIMEOUTS_ALONE_MAX,
+    UNANSWERED_ALONE_MAX,
     backoff,
     held_back_wait,
 )
@@ -366,8 +367,9 @@ class Recorder:
             if self._abort.is_set():
                 raise
             self._log.warning("draft of todo %s dropped: writing it ran past the statement "
-                              "timeout %d times (%s); the next draft or its result will be "
-                              "written", run.todo_id, TIMEOUTS_ALONE_MAX, exc,
+                              "timeout %d times, or got no answer %d times (%s); the next "
+                              "draft or its result will be written", run.todo_id,
+                              TIMEOUTS_ALONE_MAX, UNANSWERED_ALONE_MAX, exc,
                               extra=self._todo_extra(run, "save_draft"))
             return
         except StorageError as exc:  # refused, not an outage: nothing the executor did wrong
@@ -436,8 +438,9 @@ class Recorder:
         done; give up only when the server is told to exit now. A write the executor waits on
         (``for_executor``) also gives up once the todo ends (cancelled, timed out, lost, shut
         down) and when it ran past the statement timeout ``TIMEOUTS_ALONE_MAX`` times in a row
-        (the same write would again): it raises the last StorageUnavailable."""
-        attempt = timeouts = 0
+        (the same write would again), or got no answer within the read timeout
+        ``UNANSWERED_ALONE_MAX`` times: it raises the last StorageUnavailable."""
+        attempt = timeouts = unanswered = 0
         while True:
             try:
                 return write()
@@ -446,9 +449,14 @@ class Recorder:
                 if self._abort.is_set():
                     raise
                 if for_executor:
-                    heavy = exc.code == STATEMENT_TIMEOUT and not exc.unanswered
-                    timeouts = timeouts + 1 if heavy else 0
-                    if not run.is_open() or timeouts >= TIMEOUTS_ALONE_MAX:
+                    if exc.code != STATEMENT_TIMEOUT:  # an outage: the write is not heavy
+                        timeouts = unanswered = 0
+                    elif exc.unanswered:
+                        unanswered += 1
+                    else:
+                        timeouts += 1
+                    if (not run.is_open() or timeouts >= TIMEOUTS_ALONE_MAX
+                            or unanswered >= UNANSWERED_ALONE_MAX):
                         raise
                 self._log.warning("%s for todo %s failed (attempt %d), retrying: %s", action,
                                   run.todo_id, attempt, exc, extra=self._todo_extra(run, action))

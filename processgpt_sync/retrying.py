@@ -11,6 +11,10 @@ from .errors import AccessDenied
 
 STATEMENT_TIMEOUT = "57014"  # SQLSTATE query_canceled: the server ended a statement it ran
 TIMEOUTS_ALONE_MAX = 3  # a write timing out alone this often (others answered) is given up
+UNANSWERED_ALONE_MAX = 10  # a write alone given no answer within the read timeout this often
+# (others answered) is given up too: the database may have stored it, and a proxy stalling only
+# large bodies looks the same, so it gets more tries; but sending it again is safe (events are
+# kept once, outcomes fenced), and one never answered would otherwise hold its todo for ever
 HELD_ROW_WARN_AFTER = 5.0  # seconds a todo row held by another transaction may delay its writes
 # before a warning names it (the other todos' writes go on meanwhile)
 RETRY_DELAY_MAX = 2.0  # seconds between write attempts during an outage (a healed network is used

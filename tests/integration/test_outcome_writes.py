@@ -22,7 +22,7 @@ from processgpt_sync.errors import ServerFailed
 from processgpt_sync.event_writer import EventBuffer
 from processgpt_sync.inflight import InFlight
 from processgpt_sync.outcomes import Outcome, OutcomeWriter
-from processgpt_sync.retrying import TIMEOUTS_ALONE_MAX
+from processgpt_sync.retrying import TIMEOUTS_ALONE_MAX, UNANSWERED_ALONE_MAX
 from processgpt_sync.runs import TodoRun
 from processgpt_sync.settings import Settings
 from processgpt_sync.shutdown import Shutdown
@@ -392,11 +392,12 @@ class UnansweredHeavyEvent(PostgresStorage):
         return super().record_events(events)
 
 
-def test_an_event_that_gets_no_answer_alone_is_never_dropped_for_it(database_url, db,
-                                                                       monkeypatch, caplog):
-    """A read timeout taken for a statement timeout halves a batch, but an event that gets no
-    answer alone, however often, waits and is tried again rather than dropped after
-    TIMEOUTS_ALONE_MAX as a refused heavy one is: the database may have stored it."""
+def test_an_event_that_gets_no_answer_alone_is_tried_more_often_then_dropped(database_url, db,
+                                                                             monkeypatch, caplog):
+    """A read timeout taken for a statement timeout halves a batch; an event that gets no
+    answer alone is not dropped after TIMEOUTS_ALONE_MAX as a refused heavy one is (the
+    database may have stored it), but it is after UNANSWERED_ALONE_MAX, its todo's next event
+    following: never answered, it would hold that todo's events for ever."""
     from processgpt_sync import event_writer
 
     monkeypatch.setattr(event_writer, "ALONE_RETRY_MAX", 0.05)
@@ -414,19 +415,75 @@ def test_an_event_that_gets_no_answer_alone_is_never_dropped_for_it(database_url
                 "data": {"step": number, **more}, "job_id": None, "crew_type": None,
                 "status": None}
 
+    light_steps: list[int] = []
+    said_at_timeouts_max = ""
     try:
         buffer.add(step(heavy, 0, heavy=True))
         buffer.add(step(heavy, 1))
-        for n in range(4 * TIMEOUTS_ALONE_MAX):  # other events written between its tries
-            buffer.add(step(light, n))
+        deadline = time.monotonic() + 30
+        while stored_steps(db, heavy.todo_id) != [1] and time.monotonic() < deadline:
+            buffer.add(step(light, len(light_steps)))  # other events written between its tries
+            light_steps.append(len(light_steps))
+            if storage.heavy_tries <= 2 * TIMEOUTS_ALONE_MAX:
+                said_at_timeouts_max = caplog.text
             time.sleep(0.05)
-        wait_for(lambda: storage.heavy_tries > 2 * TIMEOUTS_ALONE_MAX, timeout=20)
-        assert stored_steps(db, light.todo_id) == list(range(4 * TIMEOUTS_ALONE_MAX))
-        assert stored_steps(db, heavy.todo_id) == [], "still waiting, its next event behind it"
-        assert "not written" not in caplog.text
+        assert buffer.flush(timeout=10)
     finally:
         buffer.close(timeout=1)
         storage.close()
+    assert stored_steps(db, heavy.todo_id) == [1], "dropped in the end, its next event written"
+    assert storage.heavy_tries >= UNANSWERED_ALONE_MAX
+    assert "not written" not in said_at_timeouts_max
+    assert (f"got no answer within the read timeout {UNANSWERED_ALONE_MAX} times alone while "
+            "other events were written; not written") in caplog.text
+    assert stored_steps(db, light.todo_id) == light_steps
+
+
+class UnansweredHeavyOutcome(PostgresStorage):
+    """As UnansweredHeavyEvent, for a todo's outcome: never answered within the read timeout
+    while every other call is."""
+
+    def finish(self, items):
+        if any((i.get("result") or {}).get("heavy") for i in items):
+            self.heavy_tries += 1
+            time.sleep(0.05)  # waiting for its answer, while the heartbeat's are answered
+            timed_out = ps.StorageUnavailable("no answer within the read timeout",
+                                              code="57014")
+            timed_out.unanswered = True
+            raise timed_out
+        return super().finish(items)
+
+
+def test_an_outcome_never_answered_alone_is_given_up_after_more_tries_than_a_heavy_one(
+        database_url, db, monkeypatch):
+    """An outcome that never gets an answer while the others are written and the heartbeat
+    is answered is refused in the end (the recorder then stores less), not retried for ever
+    with its lease renewed; it gets UNANSWERED_ALONE_MAX tries, not TIMEOUTS_ALONE_MAX."""
+    monkeypatch.setattr("processgpt_sync.outcomes.WAIT_RETRY_MAX", 0.05)
+    storage = UnansweredHeavyOutcome(database_url)
+    storage.heavy_tries = 0
+    ids = [storage.enqueue(AGENT, f"q{i}") for i in range(3)]
+    claims = {c.todo_id: c for c in storage.claim(agent_orch=AGENT, consumer="c", limit=3,
+                                                  lease_seconds=60, max_claims=3)}
+    writer = OutcomeWriter(storage, abort=threading.Event())
+    writer.start()
+    told: dict[str, Any] = {}
+    try:
+        with heartbeats(storage, list(claims.values()), every=0.01):
+            for todo_id in ids:
+                result = {"heavy": True} if todo_id == ids[0] else {"ok": True}
+                writer.submit(Outcome(claims[todo_id], "completed", result=result),
+                              lambda r, f, todo_id=todo_id: told.__setitem__(todo_id, (r, f)))
+            wait_for(lambda: ids[0] in told, timeout=30)
+    finally:
+        writer.close(timeout=5)
+        storage.close()
+    assert all(told[todo_id][0].applied for todo_id in ids[1:])
+    result, failure = told[ids[0]]
+    assert result is None and isinstance(failure, ps.StorageError)
+    assert not isinstance(failure, ps.StorageUnavailable)
+    assert f"got no answer within the read timeout {UNANSWERED_ALONE_MAX} times" in str(failure)
+    assert storage.heavy_tries >= UNANSWERED_ALONE_MAX
 
 
 def test_an_event_too_heavy_to_store_holds_up_its_todos_events_only_and_is_dropped_after_its_tries(
