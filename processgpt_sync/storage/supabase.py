@@ -162,8 +162,9 @@ def wrap_exceptions(target: str, status: Callable[[], int | None] = lambda: None
             # The database answers other calls: this one is too heavy for the read timeout
             # (the key's role has a statement_timeout above it, so no 57014 came first).
             # Taken for a statement timeout: a batch is written in halves, not sent whole
-            # again for ever (never given up for it: the database may have run it all the same);
-            # through a partition nothing is answered, and it stays an outage.
+            # again for ever (given up after more tries than a refused one: the database may
+            # have run it all the same); through a partition nothing is answered, and it
+            # stays an outage.
             timed_out = StorageUnavailable(
                 f"Supabase {target} got no answer within the read timeout while other calls "
                 f"were answered: taken for a statement timeout ({exc!r})",
