@@ -53,8 +53,8 @@ class StorageUnavailable(StorageError):
 
     unanswered: bool = False
     """A read timeout taken for a statement timeout (code 57014; the database answered other
-    calls meanwhile): the statement may still have run, and nothing shows the write is too
-    heavy for good, so it is written in halves but never given up for it."""
+    calls meanwhile): the statement may still have run, so a write is written in halves and
+    given up only after more such timeouts than a refused heavy one (``UNANSWERED_ALONE_MAX``)."""
 
 
 class AccessDenied(StorageUnavailable):

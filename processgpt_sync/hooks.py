@@ -43,7 +43,8 @@ class HookThreads:
         return self._threads
 
     def run(self, todo_id: str, hook: Callable[[], None]) -> None:
-        """Run ``hook()`` (which must not raise) on a hook thread, after those given earlier.
+        """Run ``hook()`` on a hook thread, after those given earlier (what it raises is
+        logged).
 
         :raises RuntimeError: no thread could be made and none is there to run it later.
         """

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -68,7 +69,8 @@ class WorkerPool:
                     thread.start()
                     self._threads += 1
                 except RuntimeError:  # the system made no thread
-                    if not (self._wait_when_refused and self._threads):
+                    if (not (self._wait_when_refused and self._threads)
+                            or sys.is_finalizing()):  # daemon threads end with the interpreter
                         raise  # nothing queued
                     self._backlog += 1  # a busy thread takes it when its call returns
             else:

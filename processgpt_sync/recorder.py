@@ -439,7 +439,7 @@ class Recorder:
         (``for_executor``) also gives up once the todo ends (cancelled, timed out, lost, shut
         down) and when it ran past the statement timeout ``TIMEOUTS_ALONE_MAX`` times in a row
         (the same write would again), or got no answer within the read timeout
-        ``UNANSWERED_ALONE_MAX`` times: it raises the last StorageUnavailable."""
+        ``UNANSWERED_ALONE_MAX`` times in a row: it raises the last StorageUnavailable."""
         attempt = timeouts = unanswered = 0
         while True:
             try:
@@ -449,12 +449,10 @@ class Recorder:
                 if self._abort.is_set():
                     raise
                 if for_executor:
-                    if exc.code != STATEMENT_TIMEOUT:  # an outage: the write is not heavy
-                        timeouts = unanswered = 0
-                    elif exc.unanswered:
-                        unanswered += 1
-                    else:
-                        timeouts += 1
+                    # each kind of timeout counted in a row; an outage says nothing of weight
+                    heavy = exc.code == STATEMENT_TIMEOUT
+                    unanswered = unanswered + 1 if heavy and exc.unanswered else 0
+                    timeouts = timeouts + 1 if heavy and not exc.unanswered else 0
                     if (not run.is_open() or timeouts >= TIMEOUTS_ALONE_MAX
                             or unanswered >= UNANSWERED_ALONE_MAX):
                         raise

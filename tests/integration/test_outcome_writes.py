@@ -1114,6 +1114,46 @@ def test_a_stop_gives_back_the_runs_it_stopped_not_one_whose_outcome_is_on_its_w
     assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 1
 
 
+class UnansweredDraft(PostgresStorage):
+    """A draft marked ``slow`` gets no answer within the read timeout, every time, while the
+    server's other calls are answered (a read timeout taken for a statement timeout)."""
+
+    def save_result(self, claim, data, *, final, events=()):
+        if not final and isinstance(data, dict) and data.get("slow"):
+            self.tries += 1
+            timed_out = ps.StorageUnavailable("no answer within the read timeout",
+                                              code="57014")
+            timed_out.unanswered = True
+            raise timed_out
+        return super().save_result(claim, data, final=final, events=events)
+
+
+def test_a_draft_that_never_gets_an_answer_is_dropped_after_more_tries_and_the_todo_goes_on(
+        database_url, db, caplog, monkeypatch):
+    """As a draft that keeps timing out, but with no answer at all: it gets
+    ``UNANSWERED_ALONE_MAX`` tries in a row, not ``TIMEOUTS_ALONE_MAX``, then the executor
+    goes on and the todo completes."""
+    caplog.set_level(logging.WARNING)
+    monkeypatch.setattr("processgpt_sync.recorder.backoff", lambda attempt, after=None: 0.01)
+    storage = UnansweredDraft(database_url)
+    storage.tries = 0
+    todo_id = storage.enqueue(AGENT, "q")
+
+    def drafts(todo: ps.Todo) -> dict[str, Any]:
+        todo.events.result({"slow": True}, final=False)
+        return {"done": True}
+
+    try:
+        with ps.start(drafts, agent_orch=AGENT, storage=storage, workers=1):
+            wait_for(lambda: db.execute("SELECT draft_status::text AS s FROM todolist WHERE "
+                                        "id = %s", (todo_id,)).fetchone()["s"] == "COMPLETED",
+                     timeout=30)
+    finally:
+        storage.close()
+    assert storage.tries == UNANSWERED_ALONE_MAX
+    assert f"draft of todo {todo_id} dropped" in caplog.text
+
+
 def test_a_draft_that_keeps_timing_out_is_dropped_and_the_todo_goes_on(database_url, db,
                                                                         caplog):
     """A draft the executor writes runs past the statement timeout again and again (a site's

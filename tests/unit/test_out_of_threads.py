@@ -207,6 +207,7 @@ ran = []
 waiting = WorkerPool(4, "records", wait_when_refused=True)
 giving_back = WorkerPool(4, "claims")
 waiting.submit(lambda: (busy.set(), go.wait(10), ran.append("first")))
+giving_back.submit(go.wait, 10)  # it too has a busy thread
 busy.wait(10)
 """
 
@@ -225,6 +226,7 @@ for _ in range(1000):
     threading.Event().wait(0.01)
 threads = waiting.threads
 waiting.shutdown()
+giving_back.shutdown()
 for ends in fillers:
     ends.set()
 print(json.dumps({"filled": len(fillers), "ran": ran, "refused": refused, "threads": threads}))
