@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -34,6 +35,7 @@ ANSWER_CHANNEL = "processgpt_sync_answer"
 KINDS = ("text", "select", "confirm")
 __all__ = ["NO_DEFAULT", "HumanDesk", "SuspendForHuman", "answer_value", "question_data"]
 POLL_MAX = 1.0  # seconds between answer checks when no NOTIFY arrives
+CALL_TRIES = 8  # tries of a call the executor waits on before the outage reaches it
 
 
 class SuspendForHuman(BaseException):
@@ -116,6 +118,11 @@ class HumanDesk:
         earlier one when this todo asked the same question before, else the one that arrives
         (blocking), else raise SuspendForHuman (``suspend``: the worker is freed)."""
         data = question_data(question, options, kind)
+        check_timeout(timeout)
+        if not run.is_open():  # cancelled, timed out, lost, stopping: nothing more is written
+            why = run.cancel_reason or "its outcome is decided"
+            raise ProcessGPTSyncError(f"todo {run.todo_id} ended ({why}) before its question "
+                                      "was asked")
         new_job_id = f"human_asked_{uuid.uuid4()}"
         asked = self._ask(run, new_job_id, data)
         if not asked.applied:
@@ -139,8 +146,12 @@ class HumanDesk:
         trigger on ``events``), they are written one at a time, the refused one dropped with
         a warning, and then the question: an event the database will not take is not the
         executor's failure, nor does it cost the other events."""
-        events = self._buffer.take(run.todo_id, run.claim.token, ids=True)
+        with run.clock_stopped():  # waiting for a write of them under way: the database's
+            events = self._buffer.take(run.todo_id, run.claim.token, ids=True)
         try:
+            if not run.is_open():  # it ended meanwhile (its timeout, a cancel)
+                raise ProcessGPTSyncError(f"todo {run.todo_id} ended ({run.cancel_reason}) "
+                                          "before its question was asked")
             asked = self._ask_with(run, job_id, data, events)
             if not isinstance(asked, StorageError):
                 return asked
@@ -188,7 +199,10 @@ class HumanDesk:
             if run.cancel_event.is_set():
                 raise ProcessGPTSyncError(f"todo {run.todo_id} was cancelled while waiting for "
                                           "an answer")
-            got = self._call(run, "answer", lambda: self._storage.answer(run.claim, job_id))
+            # through an outage the check is tried until the person's time is up, not given up
+            # after a few tries: a database failover must not end every question waiting
+            got = self._call(run, "answer", lambda: self._storage.answer(run.claim, job_id),
+                             until=deadline)
             if not got.applied:
                 self._refused(run, got.reason)
             if got.reason == "answered":
@@ -211,10 +225,13 @@ class HumanDesk:
         raise ProcessGPTSyncError(f"todo {run.todo_id} is no longer running here ({reason})")
 
     @staticmethod
-    def _call(run: TodoRun, action: str, request: Callable[[], Any]) -> Any:
-        """``request()``, retried through a short outage (then StorageUnavailable reaches the
-        executor, and the todo is given back unless the executor handles it). Its time is the
-        database's: the todo's timeout does not count it (the wait for the answer it does)."""
+    def _call(run: TodoRun, action: str, request: Callable[[], Any], *,
+              until: float | None = None) -> Any:
+        """``request()``, retried through a short outage, or until ``until`` (monotonic): then
+        StorageUnavailable reaches the executor, and the todo is given back unless the
+        executor handles it. A todo that ends meanwhile (cancelled, lost, stopping) raises
+        ProcessGPTSyncError, not the outage: what ended it decides its outcome. Its time is
+        the database's: the todo's timeout does not count it (the wait for the answer does)."""
         attempt = 0
         with run.clock_stopped():
             while True:
@@ -222,10 +239,22 @@ class HumanDesk:
                     return request()
                 except StorageUnavailable as exc:
                     attempt += 1
-                    if attempt > 8:
+                    if attempt >= CALL_TRIES and (until is None or time.monotonic() >= until):
                         raise
                     logger.warning("%s for todo %s failed (attempt %d), retrying: %s", action,
                                    run.todo_id, attempt, exc,
                                    extra={"action": action, "todo_id": run.todo_id})
-                    if run.cancel_event.wait(backoff(attempt, after=exc)):  # the todo ended
-                        raise
+                    if run.cancel_event.wait(backoff(attempt, after=exc)):
+                        raise ProcessGPTSyncError(
+                            f"todo {run.todo_id} ended ({run.cancel_reason}) while {action} "
+                            f"waited for the database ({exc})") from exc
+
+
+def check_timeout(timeout: Any) -> None:
+    """Refuse a timeout no wait could honour, before the question is written: the executor's
+    mistake, said as such, rather than a question left open and a todo failed later."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"ask_human timeout must be a number of seconds (math.inf for no "
+                        f"limit), not {type(timeout).__name__}")
+    if math.isnan(timeout) or timeout <= 0:
+        raise ValueError(f"ask_human timeout must be more than 0 seconds, not {timeout!r}")

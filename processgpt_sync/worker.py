@@ -214,11 +214,15 @@ class TodoWorker:
                                   "it is given back; the group held: %s", run.todo_id,
                                   error_text(error), exc_info=error,
                                   extra=self._todo_extra(run, "execute"))
-            if problem is not None:
+            # a cancel, a lost lease, a stop: what ended the run decides its outcome, even if
+            # the host failed it after (a write the executor waited on met an outage)
+            ended_by = run.cancel_reason not in (None, "timeout")
+            if problem is not None and not ended_by:
                 if self._give_back_broken(run, problem) or run.cancel_reason != "timeout":
                     recorded()  # else the timeout's failure, being written, lets the run go
             else:
-                self._inflight.host_recovered()
+                if problem is None:
+                    self._inflight.host_recovered()
                 # Returns once the outcome is handed to the writer: this thread is free for
                 # the next todo while it is written; the run is forgotten once it is.
                 self._recorder.finish(run, value, error, then=recorded)

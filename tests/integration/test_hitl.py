@@ -10,6 +10,7 @@ import uuid
 import pytest
 
 import processgpt_sync as ps
+from processgpt_sync.storage.postgres import PostgresStorage
 from tests.conftest import open_backend, wait_for
 
 
@@ -337,3 +338,101 @@ def test_only_the_question_a_todo_waits_on_is_open_and_answerable(storage, db):
     assert draft_status(db, todo_id) == "FB_REQUESTED"
     assert storage.open_questions("hitl") == []
     assert storage.respond("job-first", "late") == todo_id
+
+
+class AnswerChecksFail(PostgresStorage):
+    """Every check for an answer meets an outage while ``failing`` is set (a failover, or the
+    todo's row held by the engine past the statement timeout); the rest of the database
+    answers, so the UI's cancel and the heartbeat still reach the server."""
+
+    failing = threading.Event()
+    checks = 0
+
+    def answer(self, claim, job_id):
+        if self.failing.is_set():
+            self.checks += 1
+            raise ps.StorageUnavailable("the answer check met an outage")
+        return super().answer(claim, job_id)
+
+
+@pytest.fixture
+def failing_answers(database_url, monkeypatch):
+    monkeypatch.setattr("processgpt_sync.human.backoff", lambda attempt, after=None: 0.02)
+    store = AnswerChecksFail(database_url, max_connections=12)
+    store.failing = threading.Event()
+    yield store
+    store.close()
+
+
+def test_a_cancel_while_an_answer_check_meets_an_outage_is_a_cancel_not_a_host_failure(
+        failing_answers, db, caplog):
+    """The UI cancels while the wait for an answer retries through an outage: the todo is
+    CANCELLED, as the UI said; before, the outage reached the executor and the todo was
+    taken for broken by the host (given back, claiming paused)."""
+    storage = failing_answers
+    todo_id = storage.enqueue("hitl", "x")
+    raised: list[BaseException] = []
+
+    def handle(todo):
+        try:
+            todo.ask_human("Still there?")
+        except BaseException as exc:
+            raised.append(exc)
+            raise
+
+    with ps.start(handle, agent_orch="hitl", storage=storage) as server:
+        wait_for(lambda: question_of(db))
+        storage.failing.set()
+        wait_for(lambda: storage.checks >= 2)
+        db.execute("UPDATE todolist SET draft_status = 'CANCELLED' WHERE id = %s", (todo_id,))
+        wait_for(lambda: server.stats()["cancelled"] == 1)
+        assert server.stats()["released"] == 0
+    assert len(raised) == 1 and not isinstance(raised[0], ps.StorageUnavailable)
+    assert "(cancelled) while answer waited for the database" in str(raised[0])
+    assert "could not run here" not in caplog.text
+    assert draft_status(db, todo_id) == "CANCELLED"
+
+
+def test_an_outage_longer_than_a_few_tries_does_not_end_the_wait_for_an_answer(
+        failing_answers, db):
+    """A failover outlasts the few tries other calls get: the wait for the person goes on
+    (its own timeout still applies) and takes the answer once the database is back."""
+    from processgpt_sync.human import CALL_TRIES
+
+    storage = failing_answers
+    storage.enqueue("hitl", "x")
+    got: list[object] = []
+
+    def handle(todo):
+        got.append(todo.ask_human("Which way?", options=["fast", "careful"], kind="select",
+                                  timeout=60))
+        return {"way": got[-1]}
+
+    with ps.start(handle, agent_orch="hitl", storage=storage) as server:
+        wait_for(lambda: question_of(db))
+        storage.failing.set()
+        wait_for(lambda: storage.checks >= 3 * CALL_TRIES)
+        answer_as_the_ui(db, question_of(db)["job_id"], "careful")
+        storage.failing.clear()
+        wait_for(lambda: server.stats()["completed"] == 1)
+    assert got == ["careful"]
+    assert server.stats()["released"] == 0
+
+
+@pytest.mark.parametrize(("timeout", "error", "said"), [
+    (None, TypeError, "must be a number of seconds (math.inf for no limit), not NoneType"),
+    (float("nan"), ValueError, "must be more than 0 seconds, not nan"),
+    (-1, ValueError, "must be more than 0 seconds, not -1"),
+])
+def test_a_timeout_no_wait_could_honour_fails_before_the_question_is_written(
+        storage, db, timeout, error, said):
+    todo_id = storage.enqueue("hitl", "x")
+
+    def handle(todo):
+        todo.ask_human("Still there?", timeout=timeout)
+
+    with ps.start(handle, agent_orch="hitl", storage=storage) as server:
+        wait_for(lambda: server.stats()["failed"] == 1)
+    assert question_of(db, todo_id) is None, "no question left open"
+    log = db.execute("SELECT log FROM todolist WHERE id = %s", (todo_id,)).fetchone()["log"]
+    assert log == f"{error.__name__}: ask_human timeout {said}"
