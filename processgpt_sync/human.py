@@ -211,6 +211,13 @@ class HumanDesk:
             if remaining <= 0:
                 self._call(run, "resume_asking",
                            lambda: self._storage.resume_asking(run.claim))
+                # an answer that came between the last check and the todo's resuming is the
+                # person's answer all the same: one more check, now that no new one is awaited
+                got = self._call(run, "answer", lambda: self._storage.answer(run.claim, job_id))
+                if not got.applied:
+                    self._refused(run, got.reason)
+                if got.reason == "answered":
+                    return answer_value(got.answer, got.answer_status, kind)
                 if default is not NO_DEFAULT:
                     return default
                 raise HumanTimeout(f"no answer within {timeout:g} s to: {question}")

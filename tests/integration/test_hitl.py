@@ -6,6 +6,7 @@ import json
 import threading
 import time
 import uuid
+from typing import Any
 
 import pytest
 
@@ -139,6 +140,35 @@ def test_timeout_raises_or_returns_the_default(storage, db):
     assert rows["default"]["output"] == {"got": "no answer"}
     assert rows["raise"]["draft_status"] == "FAILED"
     assert rows["raise"]["log"] == "HumanTimeout: no answer within 0.3 s to: Proceed?"
+
+
+class AnsweredAsTimeRunsOut(PostgresStorage):
+    """The person's answer lands just after the last check found none, before the todo
+    resumes for its timeout: written here, as the UI would, right before resuming."""
+
+    answer_with: Any = None
+
+    def resume_asking(self, claim):
+        self.answer_with()
+        return super().resume_asking(claim)
+
+
+def test_an_answer_that_lands_as_the_wait_times_out_is_the_answer(database_url, db):
+    storage = AnsweredAsTimeRunsOut(database_url)
+    storage.answer_with = lambda: answer_as_the_ui(db, question_of(db)["job_id"], "careful")
+    todo_id = storage.enqueue("hitl", "x")
+
+    def handle(todo):
+        return {"way": todo.ask_human("Which way?", options=["fast", "careful"], kind="select",
+                                      timeout=0.3, default="no answer")}
+
+    try:
+        with ps.start(handle, agent_orch="hitl", storage=storage) as server:
+            wait_for(lambda: server.stats()["completed"] == 1)
+    finally:
+        storage.close()
+    row = db.execute("SELECT output FROM todolist WHERE id = %s", (todo_id,)).fetchone()
+    assert row["output"] == {"way": "careful"}
 
 
 def test_suspend_survives_a_restart_and_resumes_with_the_answer(storage, db):
