@@ -96,19 +96,22 @@ class HumanDesk:
         self._buffer = buffer
         self._is_listening = is_listening
         self._lock = threading.Lock()
-        self._waiters: dict[str, tuple[str, threading.Event]] = {}
+        # job id → (todo id, event) of each thread waiting on it: two tool calls of one todo
+        # may wait on the same open question at once
+        self._waiters: dict[str, list[tuple[str, threading.Event]]] = {}
 
     def notify(self, job_id: str) -> None:
         """An answer for ``job_id`` was written (NOTIFY)."""
         with self._lock:
-            waiter = self._waiters.get(job_id)
-        if waiter is not None:
-            waiter[1].set()
+            waiting = list(self._waiters.get(job_id, ()))
+        for _, event in waiting:
+            event.set()
 
     def wake(self, todo_id: str) -> None:
         """The todo was cancelled: wake its waiters so they see it."""
         with self._lock:
-            events = [event for owner, event in self._waiters.values() if owner == todo_id]
+            events = [event for waiting in self._waiters.values()
+                      for owner, event in waiting if owner == todo_id]
         for event in events:
             event.set()
 
@@ -133,13 +136,17 @@ class HumanDesk:
         if suspend:
             raise SuspendForHuman(data, job_id)
         waiter = threading.Event()
+        mine = (run.todo_id, waiter)
         with self._lock:
-            self._waiters[job_id] = (run.todo_id, waiter)
+            self._waiters.setdefault(job_id, []).append(mine)
         try:
             return self._wait(run, job_id, waiter, question, kind, timeout, default)
         finally:
             with self._lock:
-                self._waiters.pop(job_id, None)
+                waiting = self._waiters[job_id]
+                waiting.remove(mine)
+                if not waiting:
+                    del self._waiters[job_id]
 
     def _ask(self, run: TodoRun, job_id: str, data: dict[str, Any]) -> WriteOutcome:
         """Write the question after the todo's pending events. Refused with them (a site's

@@ -171,6 +171,43 @@ def test_an_answer_that_lands_as_the_wait_times_out_is_the_answer(database_url, 
     assert row["output"] == {"way": "careful"}
 
 
+def test_two_tool_calls_waiting_on_the_same_question_are_both_woken_by_its_answer(
+        database_url, db, monkeypatch):
+    """Two tool calls of one todo ask the same question at once, on threads of their own:
+    the second waits on the open one, and the answer's NOTIFY wakes both (before, the second
+    took the first's place, which then waited for its next poll)."""
+    monkeypatch.setattr("processgpt_sync.human.POLL_MAX", 30.0)  # only a wake-up ends a wait
+    storage = PostgresStorage(database_url)
+    storage.enqueue("hitl", "x")
+    got: list[object] = []
+    asking = threading.Barrier(2)
+
+    def handle(todo):
+        def tool() -> None:
+            asking.wait(5)
+            got.append(todo.ask_human("Which way?", options=["fast", "careful"],
+                                      kind="select", timeout=60))
+
+        calls = [threading.Thread(target=tool) for _ in range(2)]
+        for call in calls:
+            call.start()
+        for call in calls:
+            call.join(20)
+        return {"ways": got}
+
+    try:
+        with ps.start(handle, agent_orch="hitl", storage=storage) as server:
+            wait_for(lambda: question_of(db))
+            time.sleep(0.3)  # the second call finds the open question and waits on it
+            answer_as_the_ui(db, question_of(db)["job_id"], "careful")
+            wait_for(lambda: server.stats()["completed"] == 1, timeout=5)
+    finally:
+        storage.close()
+    assert got == ["careful", "careful"]
+    assert db.execute("SELECT count(*) AS n FROM events WHERE event_type = 'human_asked'"
+                      ).fetchone()["n"] == 1
+
+
 def test_suspend_survives_a_restart_and_resumes_with_the_answer(storage, db):
     todo_id = storage.enqueue("hitl", "needs approval")
     runs = []
