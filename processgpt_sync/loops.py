@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import concurrent.futures.thread
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -275,6 +277,11 @@ class ToThreadPool(concurrent.futures.ThreadPoolExecutor):
 
     def close(self) -> None:
         super().shutdown(wait=False)
+        # concurrent.futures joins its threads at interpreter exit: a call that never returns
+        # (a to_thread of a todo that timed out) would hold the process for ever, where the
+        # worker threads, daemons, do not
+        for thread in list(self._threads):
+            concurrent.futures.thread._threads_queues.pop(thread, None)  # type: ignore[attr-defined]
 
 
 def make_loops(mode: str) -> Loops:
@@ -320,20 +327,27 @@ class ThreadLoops:
             returned = ON_RETURN.get()
             if returned is not None:
                 returned()
-            self._end_leftovers(loop, self._local.tasks)
+            ignored = self._end_leftovers(loop, self._local.tasks)
             with self._lock:
+                if ignored and not loop.is_closed():  # retired, or they slow every next todo
+                    self._local.loop = None
+                    with contextlib.suppress(ValueError):
+                        self._loops.remove(loop)
+                    loop.close()
                 if self._closed and not loop.is_closed():
                     loop.close()
 
     @staticmethod
     def _end_leftovers(loop: asyncio.AbstractEventLoop,
-                       tasks: weakref.WeakSet[asyncio.Task[Any]]) -> None:
+                       tasks: weakref.WeakSet[asyncio.Task[Any]]) -> bool:
         """Cancel tasks the todo left running (as ``asyncio.run`` does): between todos the
         loop does not run, so they would only resume inside another todo. (The loop's own
-        task set: ``asyncio.all_tasks`` walks every loop's tasks, quadratic at 1,000 workers.)"""
+        task set: ``asyncio.all_tasks`` walks every loop's tasks, quadratic at 1,000 workers.)
+        Whether some ignore cancellation: their loop is then retired, as they would be
+        waited for and resume at the end of every later todo of the thread."""
         leftovers = [t for t in tasks if not t.done()]
         if not leftovers:
-            return
+            return False
         for leftover in leftovers:
             leftover.cancel()
         waiting = loop.create_task(asyncio.wait(leftovers, timeout=LEFTOVER_WAIT))
@@ -352,8 +366,11 @@ class ThreadLoops:
                 logger.warning("a task an async executor left running failed as it was ended "
                                "(%r)", failure, exc_info=failure, extra={"action": "execute"})
         if pending:
-            logger.warning("%d tasks left behind by an async executor ignore cancellation",
-                           len(pending), extra={"action": "execute"})
+            logger.warning("%d tasks left behind by the async executor of todo %s ignore "
+                           "cancellation; its thread's event loop is closed with them and a "
+                           "new one made", len(pending), LABEL.get(),
+                           extra={"action": "execute"})
+        return bool(pending)
 
     def close(self) -> None:
         """Close every loop now idle; a loop still running closes when its todo ends."""

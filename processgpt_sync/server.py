@@ -452,8 +452,8 @@ class Server:
                 self._thread_died(name, exc)
 
         thread = threading.Thread(target=guarded, name=f"processgpt-sync-{name}", daemon=True)
+        thread.start()  # the host may refuse it: then it is not one the stop waits for
         self._threads.append(thread)
-        thread.start()
 
     def _thread_died(self, name: str, exc: BaseException) -> None:
         """A server thread died: stop serving, and say so (``serve()`` raises ServerFailed)."""

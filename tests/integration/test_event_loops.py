@@ -20,6 +20,7 @@ import pytest
 
 import processgpt_sync as ps
 from processgpt_sync.errors import InfrastructureError
+from processgpt_sync.loops import LABEL
 from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -129,6 +130,73 @@ def test_a_task_left_running_that_exits_as_it_is_ended_does_not_replace_the_resu
                      "WHERE id = %s", (todo_id,)).fetchone()
     assert (row["state"], row["output"]) == ("COMPLETED", {"ok": 1}), row["log"]
     assert "left running failed as it was ended (SystemExit(3))" in caplog.text
+
+
+def test_a_task_left_running_that_ignores_cancellation_is_waited_for_once_not_every_todo(
+        storage, db, caplog):
+    """A task the first todo left running swallows every cancellation: its thread's loop is
+    closed with it, so the worker's later todos neither wait a second more each at their end
+    nor resume it inside them, and the warning names the todo that left it, once."""
+    resumed: list[str] = []
+    left: list[asyncio.Future[None]] = []
+
+    async def ignores_cancellation() -> None:
+        while True:
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                resumed.append(str(LABEL.get()))
+
+    async def handle(todo: ps.Todo) -> dict[str, int]:
+        if todo.input == "leaves one":
+            left.append(asyncio.ensure_future(ignores_cancellation()))
+            await asyncio.sleep(0.05)
+        return {"ok": 1}
+
+    first = storage.enqueue("a", "leaves one")
+    with ps.start(handle, agent_orch="a", storage=storage, workers=1) as server:
+        wait_for(lambda: server.stats()["completed"] == 1, timeout=10)
+        for n in range(3):
+            storage.enqueue("a", f"later {n}")
+        wait_for(lambda: server.stats()["completed"] == 4, timeout=10)
+    said = [r.getMessage() for r in caplog.records if "ignore cancellation" in r.getMessage()]
+    assert len(said) == 1 and first in said[0], said
+    assert resumed == [first], "cancelled once, at the end of its own todo only"
+
+
+TO_THREAD_THAT_NEVER_RETURNS = r"""
+import asyncio, threading, time
+from processgpt_sync.loops import ThreadLoops
+
+never = threading.Event()
+loops = ThreadLoops()
+
+async def times_out():
+    try:
+        await asyncio.wait_for(asyncio.to_thread(never.wait), 0.2)
+    except asyncio.TimeoutError:
+        pass
+
+worker = threading.Thread(target=lambda: loops.start("t", times_out).result(), daemon=True)
+worker.start()
+worker.join(10)
+loops.close()
+print("closed", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_to_thread_call_that_never_returns_does_not_hold_the_process_at_exit() -> None:
+    """An executor's ``asyncio.to_thread`` call (CrewAI's ``kickoff_async``) never returns
+    after its todo timed out: once the loops are closed at the stop, the process exits, as it
+    does with a blocking executor's worker thread. Before, Python joined that thread at exit,
+    for ever."""
+    began = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", TO_THREAD_THAT_NEVER_RETURNS], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    took = time.monotonic() - began
+    assert proc.returncode == 0 and proc.stdout.strip() == "closed", proc.stderr[-2000:]
+    assert took < 30, f"the process took {took:.0f} s to exit"
 
 
 def test_shared_loop_reuses_one_async_client_across_todos_of_different_worker_threads(

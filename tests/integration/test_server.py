@@ -1100,3 +1100,30 @@ def test_a_finished_todo_leaves_no_cyclic_garbage(storage, db):
     assert sorted(str(row["data"]) for row in working) == [str({"step": 1})] * 20
     dropped = [m for m in messages.texts if "dropped: the todo is no longer running here" in m]
     assert len(dropped) == 2, messages.texts
+
+
+@pytest.mark.parametrize("refused", ["claimer", "heartbeat"])
+def test_a_server_thread_the_host_refuses_at_start_fails_the_start_and_leaves_nothing_running(
+        storage, monkeypatch, refused):
+    """The host has no thread for the claimer (or the heartbeat) as the server starts:
+    start() raises the host's error and stops what it had started. Before, the stop tried
+    to join the thread that never started, raised that instead, and left the heartbeat,
+    the writers and the connections running."""
+    real = threading.Thread
+
+    class Refuses(real):  # type: ignore[misc,valid-type]
+        def start(self) -> None:
+            if self.name == f"processgpt-sync-{refused}":
+                raise RuntimeError("can't start new thread")
+            super().start()
+
+    before = set(threading.enumerate())
+    monkeypatch.setattr(threading, "Thread", Refuses)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        ps.start(lambda todo: {}, agent_orch="a", storage=storage, workers=2)
+    monkeypatch.undo()
+    # (the statement deadline watchdog is the process's, shared by every storage)
+    wait_for(lambda: not [t for t in threading.enumerate()
+                          if t not in before and t.name.startswith("processgpt-sync")
+                          and t.name != "processgpt-sync-deadlines" and t.is_alive()],
+             timeout=10)
