@@ -124,8 +124,8 @@ class HumanDesk:
         check_timeout(timeout)
         if not run.is_open():  # cancelled, timed out, lost, stopping: nothing more is written
             why = run.cancel_reason or "its outcome is decided"
-            raise ProcessGPTSyncError(f"todo {run.todo_id} ended ({why}) before its question "
-                                      "was asked")
+            raise ProcessGPTSyncError(f"todo {run.todo_id} is no longer running here ({why}): "
+                                      "its question is not asked")
         new_job_id = f"human_asked_{uuid.uuid4()}"
         asked = self._ask(run, new_job_id, data)
         if not asked.applied:
@@ -157,8 +157,8 @@ class HumanDesk:
             events = self._buffer.take(run.todo_id, run.claim.token, ids=True)
         try:
             if not run.is_open():  # it ended meanwhile (its timeout, a cancel)
-                raise ProcessGPTSyncError(f"todo {run.todo_id} ended ({run.cancel_reason}) "
-                                          "before its question was asked")
+                raise ProcessGPTSyncError(f"todo {run.todo_id} is no longer running here "
+                                          f"({run.cancel_reason}): its question is not asked")
             asked = self._ask_with(run, job_id, data, events)
             if not isinstance(asked, StorageError):
                 return asked
