@@ -169,6 +169,11 @@ class Claimer:
                 self._shutdown.give_back_now(claims[index:])
                 self._inflight.pause_claiming()
                 break
+            except BaseException:  # a bug: the claimer dies and the server stops (logged by
+                # its thread), but the todos not started go back now, not at their leases' end
+                self._inflight.forget_unstarted(claims[index:])
+                self._shutdown.give_back_now(claims[index:])
+                raise
         return claims
 
     def _submit(self, claim: Claim) -> None:

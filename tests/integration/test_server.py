@@ -1127,3 +1127,33 @@ def test_a_server_thread_the_host_refuses_at_start_fails_the_start_and_leaves_no
                           if t not in before and t.name.startswith("processgpt-sync")
                           and t.name != "processgpt-sync-deadlines" and t.is_alive()],
              timeout=10)
+
+
+def test_todos_claimed_with_one_that_breaks_the_claimer_are_given_back_at_once(
+        storage, db, monkeypatch):
+    """A bug in handing a claimed todo to a worker (here, building its run raises) kills the
+    claimer and stops the server, saying why; the other todos of that claim are given back
+    then, not left leased to a stopped server until their leases run out."""
+    from processgpt_sync import claimer
+
+    real = claimer.TodoRun
+
+    def breaks_on_the_second(claim, *args, **kwargs):
+        if claim.row.get("query") == "second":
+            raise ValueError("a bug in handing this todo over")
+        return real(claim, *args, **kwargs)
+
+    monkeypatch.setattr(claimer, "TodoRun", breaks_on_the_second)
+    for name in ("first", "second", "third"):
+        storage.enqueue("a", name)
+    server = ps.start(lambda todo: {}, agent_orch="a", storage=storage, workers=4,
+                      lease_seconds=300)
+    try:
+        assert server.join(timeout=20), "the server stops on its own"
+        assert server.failure is not None and "the claimer thread died" in str(server.failure)
+    finally:
+        server.stop()
+    leased = {r["query"] for r in db.execute(
+        "SELECT t.query FROM processgpt_sync_lease l JOIN todolist t ON t.id = l.todo_id "
+        "WHERE l.expires_at > now() AND NOT l.given_back")}
+    assert leased <= {"first"}, f"left leased: {leased}"
