@@ -1114,6 +1114,17 @@ def test_a_stop_gives_back_the_runs_it_stopped_not_one_whose_outcome_is_on_its_w
     assert db.execute("SELECT count(*) AS n FROM processgpt_sync_lease").fetchone()["n"] == 1
 
 
+def serve_until_completed(storage: Any, executor: Any, db: Any, todo_id: str) -> None:
+    """Serve ``todo_id`` with one worker until it is COMPLETED, then close ``storage``."""
+    try:
+        with ps.start(executor, agent_orch=AGENT, storage=storage, workers=1):
+            wait_for(lambda: db.execute("SELECT draft_status::text AS s FROM todolist WHERE "
+                                        "id = %s", (todo_id,)).fetchone()["s"] == "COMPLETED",
+                     timeout=30)
+    finally:
+        storage.close()
+
+
 class UnansweredDraft(PostgresStorage):
     """A draft marked ``slow`` gets no answer within the read timeout, every time, while the
     server's other calls are answered (a read timeout taken for a statement timeout)."""
@@ -1143,13 +1154,7 @@ def test_a_draft_that_never_gets_an_answer_is_dropped_after_more_tries_and_the_t
         todo.events.result({"slow": True}, final=False)
         return {"done": True}
 
-    try:
-        with ps.start(drafts, agent_orch=AGENT, storage=storage, workers=1):
-            wait_for(lambda: db.execute("SELECT draft_status::text AS s FROM todolist WHERE "
-                                        "id = %s", (todo_id,)).fetchone()["s"] == "COMPLETED",
-                     timeout=30)
-    finally:
-        storage.close()
+    serve_until_completed(storage, drafts, db, todo_id)
     assert storage.tries == UNANSWERED_ALONE_MAX
     assert f"draft of todo {todo_id} dropped" in caplog.text
 
@@ -1176,13 +1181,7 @@ def test_a_draft_that_keeps_timing_out_is_dropped_and_the_todo_goes_on(database_
         went_on.set()
         return {"done": True}
 
-    try:
-        with ps.start(drafts, agent_orch=AGENT, storage=storage, workers=1):
-            wait_for(lambda: db.execute("SELECT draft_status::text AS s FROM todolist WHERE "
-                                        "id = %s", (todo_id,)).fetchone()["s"] == "COMPLETED",
-                     timeout=30)
-    finally:
-        storage.close()
+    serve_until_completed(storage, drafts, db, todo_id)
     assert went_on.is_set()
     assert (f"draft of todo {todo_id} dropped: writing it ran past the statement timeout "
             f"{TIMEOUTS_ALONE_MAX} times") in caplog.text
