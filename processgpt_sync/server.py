@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -172,13 +172,12 @@ class Server:
         if self._storage is None:
             self._storage = open_storage(self.settings)
         try:
-            event_types = self._check_database(self._storage)
+            parts = self._assemble(self._storage, self._check_database(self._storage))
         except BaseException:
             self._close_storage()
             if self._owns_storage:
                 self._storage = None  # a second start() opens a new one
             raise
-        parts = self._assemble(self._storage, event_types)
         with self._state_lock:
             self._parts = parts
         listener = self._listener(parts.storage)
@@ -370,14 +369,23 @@ class Server:
 
     def _assemble(self, storage: Storage, event_types: frozenset[str]) -> _Parts:
         """Make and start the writers, the question desk, the recorder and the worker."""
+        with ExitStack() as undo:  # a part that fails stops the writers started
+            parts = self._make_parts(storage, event_types, undo)
+            undo.pop_all()
+        return parts
+
+    def _make_parts(self, storage: Storage, event_types: frozenset[str],
+                    undo: ExitStack) -> _Parts:
         stats, log, extra = self._stats, self._log, self._extra
         buffer = EventBuffer(storage, flush_interval=EVENT_FLUSH_INTERVAL,
                              batch_size=EVENT_BATCH_SIZE,
                              on_written=lambda n: stats.count("events_written", n),
                              event_types=event_types, on_crash=self._thread_died)
         buffer.start()
+        undo.callback(buffer.close, timeout=0)
         outcomes = OutcomeWriter(storage, abort=self._abort, on_crash=self._thread_died)
         outcomes.start()
+        undo.callback(outcomes.close, timeout=0)
         # A todo that timed out keeps its thread until its executor returns: a few spare
         # threads, made only when needed, serve on (the claimer counts the rest as busy).
         pool = WorkerPool(budget.pool_threads(self.settings.workers, self._deferred),

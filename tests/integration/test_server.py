@@ -1102,13 +1102,14 @@ def test_a_finished_todo_leaves_no_cyclic_garbage(storage, db):
     assert len(dropped) == 2, messages.texts
 
 
-@pytest.mark.parametrize("refused", ["claimer", "heartbeat"])
+@pytest.mark.parametrize("refused", ["claimer", "heartbeat", "outcomes"])
 def test_a_server_thread_the_host_refuses_at_start_fails_the_start_and_leaves_nothing_running(
         storage, monkeypatch, refused):
-    """The host has no thread for the claimer (or the heartbeat) as the server starts:
-    start() raises the host's error and stops what it had started. Before, the stop tried
-    to join the thread that never started, raised that instead, and left the heartbeat,
-    the writers and the connections running."""
+    """The host has no thread for the claimer (or the heartbeat, or the outcome writer) as
+    the server starts: start() raises the host's error and stops what it had started.
+    Before, the stop tried to join the thread that never started, raised that instead, and
+    left the heartbeat, the writers and the connections running; a refused outcome writer
+    left the event writer running."""
     real = threading.Thread
 
     class Refuses(real):  # type: ignore[misc,valid-type]
