@@ -275,6 +275,12 @@ class Watchers:
 
     def listen(self, listener: Listener) -> None:
         """Wake the claimer on new work, cancel on UI cancels, wake question waiters."""
+        try:
+            self._listen(listener)
+        finally:  # a bug in handling a notification leaves no connection listening behind
+            listener.close()
+
+    def _listen(self, listener: Listener) -> None:
         attempt = 0
         next_probe = time.monotonic() + LISTEN_PROBE_INTERVAL
         while not self._stop.is_set():
@@ -316,4 +322,3 @@ class Watchers:
                     run = self._inflight.latest(payload)
                     if run is not None:
                         self._worker.cancel(run, "cancelled")
-        listener.close()

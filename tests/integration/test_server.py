@@ -215,6 +215,28 @@ def test_stop_wakes_the_listener_instead_of_waiting_out_its_wait(database_url, m
     assert not stopper.is_alive(), "stop() waited out the listener's wait"
 
 
+def test_a_listener_thread_a_bug_kills_closes_its_connection(database_url, db, monkeypatch):
+    """A bug in handling a notification kills the listener thread and stops the server: the
+    LISTEN connection closes with it. Before, it stayed open (and listening) for as long as
+    the process lived, one per failed server of a supervisor that starts another."""
+    from processgpt_sync.human import ANSWER_CHANNEL, HumanDesk
+
+    def broken(self, payload):
+        raise ValueError("a bug in handling an answer")
+
+    monkeypatch.setattr(HumanDesk, "notify", broken)
+    server = ps.start(lambda todo: {"ok": True}, agent_orch="listener-bug",
+                      database_url=database_url)
+    wait_for(lambda: server.stats()["listening"], timeout=10)
+    pid = server._parts.listener.backend_pid()
+    assert pid is not None
+    db.execute(f"NOTIFY {ANSWER_CHANNEL}, 'some-job'")
+    assert server.join(20)
+    assert "listener thread died" in str(server.failure)
+    wait_for(lambda: db.execute("SELECT count(*) AS n FROM pg_stat_activity WHERE pid = %s",
+                                (pid,)).fetchone()["n"] == 0, timeout=10)
+
+
 @pytest.mark.parametrize("limits, most", [({}, 1), ({"max_running": 5}, 12)])
 def test_a_listening_idle_server_polls_at_lease_over_four_unless_fleet_limits_need_more(
         database_url, limits, most):
