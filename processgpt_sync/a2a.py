@@ -282,11 +282,15 @@ class Recorder:
 
     def _status(self, event: dict[str, Any]) -> None:
         state = event["state"]
-        if self.last_state in TERMINAL_STATES and state and state != self.last_state:
-            # a2a's TaskUpdater refuses this too: the task's end stands
-            logger.warning("a2a status %r after the task ended %r, for todo %s; dropped",
-                           state, self.last_state, self.todo.id,
-                           extra={"action": "a2a_event", "todo_id": self.todo.id})
+        if self.last_state in TERMINAL_STATES and state:
+            # a2a's TaskUpdater refuses this too: the task's end stands, written once
+            if state != self.last_state:
+                logger.warning("a2a status %r after the task ended %r, for todo %s; dropped",
+                               state, self.last_state, self.todo.id,
+                               extra={"action": "a2a_event", "todo_id": self.todo.id})
+            else:
+                logger.debug("a2a status %r repeated for todo %s; dropped", state,
+                             self.todo.id)
             return
         metadata = event["metadata"]
         self.last_state = state or self.last_state
@@ -319,9 +323,9 @@ class Recorder:
     def _task(self, event: dict[str, Any]) -> None:
         """A whole Task enqueued (a snapshot): its artifacts (the result, when it completed;
         with none, the agent's last message in its history, as a reply), then its state once
-        past working; a new task (submitted, working) records no state, nor does a task whose
-        end was recorded already (enqueued again, or after its final status): its end is
-        written once."""
+        past working; a new task (submitted, working) records no state, nor does a task in
+        the state recorded already (enqueued again, or after its status): its end, or its
+        question, is written once."""
         for artifact in event["artifacts"]:
             self._artifact({**artifact, "append": False, "last_chunk": False,
                             "final": event["state"] == "completed"})
@@ -329,8 +333,7 @@ class Recorder:
         if (event["state"] == "completed" and not event["artifacts"] and reply
                 and (reply["texts"] or reply["data"] or reply["files"])):
             self.reply = payload(reply)  # its answer as the agent's last message of its history
-        ended_again = event["state"] in TERMINAL_STATES and event["state"] == self.last_state
-        if event["state"] not in (None, "submitted", "working", "unknown") and not ended_again:
+        if event["state"] not in (None, "submitted", "working", "unknown", self.last_state):
             self._status(event)
 
     def _artifact(self, event: dict[str, Any]) -> None:

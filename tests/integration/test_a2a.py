@@ -213,6 +213,16 @@ class Edges(AgentExecutor):
             for _ in range(2):
                 await event_queue.enqueue_event(ev.task("completed", {"answer": 43}, context_id,
                                                         task_id))
+        elif how == "ask-then-snapshot":  # the waiting task enqueued after its question
+            await event_queue.enqueue_event(ev.status(
+                "input_required", {"question": "which tone?"}, context_id, task_id))
+            await event_queue.enqueue_event(ev.task("input_required", "the draft", context_id,
+                                                    task_id))
+        elif how == "completed-twice":  # its final status sent twice, past TaskUpdater
+            await updater.add_artifact([ev.text_part("done")], artifact_id="r", last_chunk=True)
+            for _ in range(2):
+                await event_queue.enqueue_event(ev.status("completed", "", context_id,
+                                                          task_id))
         elif how == "history-answer":
             await event_queue.enqueue_event(ev.task_answered_in_history(
                 "completed", "what is six times seven?", "Forty-two.", context_id, task_id))
@@ -661,12 +671,13 @@ def test_how_an_a2a_executor_ends_decides_the_todos_state(storage, db):
     however often it is enqueued; chunks of two artifacts streamed in turn each continue
     their own; a reply of a file alone is the result; a data stream closed by an empty
     chunk is its last data; a task completed after a question, with nothing to answer, fails
-    for want of a result instead of waiting for an answer."""
-    run(storage, Edges(), 12, inputs=["named-question", "ask-then-reply", "empty-close",
+    for want of a result instead of waiting for an answer; a question, or an end, sent
+    again (as a status, or in a Task) is written once."""
+    run(storage, Edges(), 14, inputs=["named-question", "ask-then-reply", "empty-close",
                                       "self-cancel", "file-only", "task-snapshot",
                                       "interleaved", "file-reply", "data-stream",
                                       "ask-then-complete-empty", "history-answer",
-                                      "task-twice"])
+                                      "task-twice", "ask-then-snapshot", "completed-twice"])
     rows = {r["query"]: r for r in db.execute(
         "SELECT query, draft_status::text, output, log FROM todolist")}
 
@@ -688,6 +699,10 @@ def test_how_an_a2a_executor_ends_decides_the_todos_state(storage, db):
         "COMPLETED", {"answer": 42})
     assert (rows["task-twice"]["output"], written_for("task-twice")) == (
         {"answer": 43}, ["task_completed", "crew_completed"])
+    assert (rows["ask-then-snapshot"]["draft_status"],
+            written_for("ask-then-snapshot").count("human_asked")) == ("HUMAN_ASKED", 1)
+    assert (rows["completed-twice"]["output"], written_for("completed-twice")) == (
+        "done", ["task_completed", "crew_completed"])
     assert (rows["history-answer"]["draft_status"], rows["history-answer"]["output"]) == (
         "COMPLETED", "Forty-two.")
     assert (rows["interleaved"]["draft_status"], rows["interleaved"]["output"]) == (
