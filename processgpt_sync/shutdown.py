@@ -184,6 +184,8 @@ class Shutdown:
             lambda: self._storage.server_stopped(consumer, self._instance, unanswered),
             timeout, "deregister")
         if not done or isinstance(result, BaseException):
+            left = (f"; what the claim calls {', '.join(unanswered)} (no answer came) claimed "
+                    "runs again once its leases run out" if unanswered else "")
             self._log.warning("could not remove this server from the registry (%s); it shows "
-                              "as dead once its heartbeat is stale",
-                              result if done else "no answer", extra=self._extra)
+                              "as dead once its heartbeat is stale%s",
+                              result if done else "no answer", left, extra=self._extra)

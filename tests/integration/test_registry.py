@@ -274,3 +274,33 @@ def test_a_server_superseded_by_a_newer_run_under_its_name_stops_and_says_why(ba
     assert server.stats()["claimed"] == 0
     assert db.execute("SELECT draft_status FROM todolist WHERE id = %s",
                       (todo,)).fetchone()["draft_status"] is None, "left for the newer run"
+
+
+def test_a_failed_deregister_names_the_claim_calls_whose_todos_wait_for_their_leases(
+        database_url, caplog):
+    """Leaving the registry also gives back what claim calls without an answer took: when
+    that write fails, the warning names those calls (their todos run again only once their
+    leases run out), not only the registry row."""
+    import logging
+
+    from processgpt_sync.settings import Settings
+    from processgpt_sync.shutdown import Shutdown
+    from processgpt_sync.stats import ServerStats
+    from processgpt_sync.storage.postgres import PostgresStorage
+
+    class Unreachable(PostgresStorage):
+        def server_stopped(self, consumer, instance=None, unanswered=()):
+            raise ps.StorageUnavailable("database unreachable (server_stopped)")
+
+    storage = Unreachable(database_url)
+    try:
+        shutdown = Shutdown(storage, Settings(agent_orch="reg", consumer="c1"),
+                            stats=ServerStats(), log=logging.getLogger("processgpt_sync.t"),
+                            extra={})
+        with caplog.at_level(logging.WARNING, "processgpt_sync"):
+            shutdown.deregister(5.0, ["call-1", "call-2"])
+    finally:
+        storage.close()
+    (record,) = [r for r in caplog.records if "registry" in r.getMessage()]
+    assert "database unreachable" in record.getMessage()
+    assert "the claim calls call-1, call-2 (no answer came)" in record.getMessage()
