@@ -298,6 +298,7 @@ class ThreadLoops:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._loops: list[asyncio.AbstractEventLoop] = []
+        self._running: set[asyncio.AbstractEventLoop] = set()  # a todo's on it, or about to be
         self._closed = False
         self._to_thread = ToThreadPool()
 
@@ -307,6 +308,8 @@ class ThreadLoops:
         return LoopTask(self._run, fn, args)
 
     def _loop(self) -> asyncio.AbstractEventLoop:
+        """The calling thread's loop, marked running (under the lock): ``close`` leaves it
+        to the todo about to run on it."""
         loop: asyncio.AbstractEventLoop | None = getattr(self._local, "loop", None)
         if loop is None or loop.is_closed():
             loop = new_thread_loop()
@@ -315,12 +318,13 @@ class ThreadLoops:
             loop.set_task_factory(_tracking_factory(tasks))
             self._local.loop = loop
             self._local.tasks = tasks
-            with self._lock:
-                self._loops.append(loop)
+            self._loops.append(loop)
+        self._running.add(loop)
         return loop
 
     def _run(self, task: LoopTask[T]) -> T:
-        loop = self._loop()
+        with self._lock:
+            loop = self._loop()
         try:
             return loop.run_until_complete(task.guarded())
         finally:
@@ -329,6 +333,7 @@ class ThreadLoops:
                 returned()
             ignored = self._end_leftovers(loop, self._local.tasks)
             with self._lock:
+                self._running.discard(loop)
                 if ignored and not loop.is_closed():  # retired, or they slow every next todo
                     self._local.loop = None
                     with contextlib.suppress(ValueError):
@@ -378,7 +383,7 @@ class ThreadLoops:
             self._closed = True
             loops, self._loops = self._loops, []
             for loop in loops:
-                if not loop.is_running() and not loop.is_closed():
+                if loop not in self._running and not loop.is_closed():
                     loop.close()
             pool, self._to_thread = self._to_thread, ToThreadPool()  # threads only once used
         pool.close()

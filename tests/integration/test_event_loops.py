@@ -164,6 +164,35 @@ def test_a_task_left_running_that_ignores_cancellation_is_waited_for_once_not_ev
     assert resumed == [first], "cancelled once, at the end of its own todo only"
 
 
+def test_loops_closed_as_a_worker_takes_its_loop_leave_that_loop_to_its_todo(monkeypatch):
+    """The server closes its loops as it stops while a worker thread, between taking its loop
+    and running its todo on it, is about to start (a todo handed over just then): that loop is
+    left to the todo, which runs, and closed once it ends. Before, the close took it for idle
+    and closed it, and the todo failed with "Event loop is closed", blamed on its executor."""
+    from processgpt_sync import loops as loops_module
+
+    loops = loops_module.ThreadLoops()
+
+    async def answer(n: int) -> int:
+        await asyncio.sleep(0)
+        return n
+
+    assert loops.start("first", answer, 1).result() == 1  # the thread's loop, idle now
+    real = loops_module.ThreadLoops._loop
+
+    def taken_then_closed(self):
+        loop = real(self)
+        closer = threading.Thread(target=self.close)
+        closer.start()
+        closer.join(0.5)  # closing waits for the loop's todo to have begun, or closes it now
+        return loop
+
+    monkeypatch.setattr(loops_module.ThreadLoops, "_loop", taken_then_closed)
+    assert loops.start("second", answer, 2).result() == 2
+    monkeypatch.undo()
+    wait_for(lambda: not loops._loops and not loops._running, timeout=5)
+
+
 TO_THREAD_THAT_NEVER_RETURNS = r"""
 import asyncio, threading, time
 from processgpt_sync.loops import ThreadLoops
