@@ -98,6 +98,10 @@ def test_todo_list_filters_by_agent_orch_tenant_and_state(storage, client, db):
                         headers={"HX-Request": "true"}).text
     assert "<html" not in queued, "htmx gets the rows fragment only"
     assert a1[:8] in queued and a2[:8] not in queued
+    # a filter no todo matches yet stays selected, so the next change of another keeps it
+    none_yet = client.get("/todos", params={"agent_orch": "agent-new"}).text
+    assert '<option value="agent-new" selected>agent-new</option>' in none_yet
+    assert not any(todo_id[:8] in none_yet for todo_id in (a1, a2, b1))
 
 
 def test_a_list_read_gives_the_newest_page_the_counts_it_filters_and_every_filter_value(
