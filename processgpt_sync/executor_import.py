@@ -35,7 +35,11 @@ def load_executor(target: str) -> Any:
         ) from None
     except ValueError:  # no signature to inspect: just try
         pass
-    return obj()
+    try:
+        return obj()
+    except Exception as exc:  # a missing API key, say: restarting the process would not help
+        raise ConfigurationError(
+            f"{attribute}() failed as it was made: {type(exc).__name__}: {exc}") from exc
 
 
 def import_target(target: str) -> Any:

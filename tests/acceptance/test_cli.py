@@ -381,7 +381,10 @@ def test_executor_mistakes_are_found_at_start(database_url, tmp_path):
         "none = lambda: {}\n"
         "class NeedsConfig:\n"
         "    def __init__(self, model):\n        self.model = model\n"
-        "    def execute(self, todo, events):\n        return {}\n")
+        "    def execute(self, todo, events):\n        return {}\n"
+        "class NeedsAKey:\n"
+        "    def __init__(self):\n        raise KeyError('OPENAI_API_KEY')\n"
+        "    def execute(self, todo):\n        return {}\n")
     url = ["--database-url", database_url, "--agent-orch", "x"]
 
     def serve(target, *extra):
@@ -394,6 +397,12 @@ def test_executor_mistakes_are_found_at_start(database_url, tmp_path):
     one_line_error(serve("execs:NeedsConfig"), "NeedsConfig() needs arguments",
                    "execs:executor")
     one_line_error(serve("./missing.py:handle"), "no such executor file")
+    # a constructor that fails is the configuration's fault: no process of a group restarts
+    one_line_error(serve("execs:NeedsAKey"),
+                   "NeedsAKey() failed as it was made: KeyError: 'OPENAI_API_KEY'")
+    group = serve("execs:NeedsAKey", "--processes", "2", "--workers", "1")
+    assert group.returncode == 2, group.stderr
+    assert "failed as it was made" in group.stderr and "restarting in" not in group.stderr
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
