@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from dotenv import load_dotenv
@@ -43,6 +44,7 @@ def serve(
     settings: Settings | None = None,
     env_file: str | None = None,
     processes: int = 1,
+    setup: Callable[[], None] | None = None,
     **options: Any,
 ) -> None:
     """Serve until SIGINT/SIGTERM, then stop gracefully and return.
@@ -50,6 +52,9 @@ def serve(
     :param env_file: a ``.env`` file to load first (nothing is read unless asked).
     :param processes: run this many server processes under one supervisor (see
         :mod:`processgpt_sync.supervisor`); the executor must be picklable.
+    :param setup: with processes, a module-level function each server process runs first:
+        configure logging there (a new process does not run the script's
+        ``if __name__ == "__main__":`` block, so without it only warnings reach stderr).
     :raises ServerFailed: a server (or, with processes, a server process) failed.
     """
     if env_file is not None:
@@ -57,10 +62,12 @@ def serve(
     settings = _settings_from(settings, agent_orch=agent_orch, workers=workers,
                               database_url=database_url, **options)
     if processes == 1:
+        if setup is not None:
+            setup()
         Server(executor, settings).run_forever()
         return
     check_thread_safety(executor, settings.workers)
-    spec = ChildSpec(executor=executor, settings=settings)
+    spec = ChildSpec(executor=executor, settings=settings, setup=setup)
     check_picklable(spec)
     code = Supervisor(spec, processes).run()
     if code == EXIT_CONFIG:

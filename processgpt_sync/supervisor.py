@@ -82,15 +82,20 @@ class ChildSpec:
 
 
 def check_picklable(spec: ChildSpec) -> None:
-    """Fail now, with the fix, when the executor cannot be sent to a child process."""
-    try:
-        pickle.dumps(spec)
-    except Exception as exc:
-        raise ConfigurationError(
-            f"processes > 1 needs an executor that can be sent to another process ({exc}): "
-            "pass a module-level function or class instance, or serve 'module:attribute' "
-            "from the CLI"
-        ) from None
+    """Fail now, naming what cannot be sent to a child process (the executor, ``setup``, or
+    which setting) and how to fix it."""
+    local = "pass a module-level function (a lambda or a nested one cannot be sent)"
+    parts = [("the executor", spec.executor, "pass a module-level function or class "
+              "instance, or serve 'module:attribute' from the CLI"),
+             ("setup", spec.setup, local),
+             *((f"the setting {field.name}", getattr(spec.settings, field.name), local)
+               for field in dataclasses.fields(spec.settings))]
+    for what, value, fix in parts:
+        try:
+            pickle.dumps(value)
+        except Exception as exc:
+            raise ConfigurationError(f"processes > 1 needs {what} to be sent to another "
+                                     f"process, and it cannot be ({exc}): {fix}") from None
 
 
 class Supervisor:

@@ -63,8 +63,15 @@ def test_the_cli_refuses_it_in_one_line_before_starting_processes():
 
 
 def test_processes_need_an_executor_that_can_reach_another_process():
-    with pytest.raises(ps.ConfigurationError, match="module-level function"):
+    """What cannot be sent to a server process is named: the executor, ``setup``, or the
+    setting (before, a lambda setting was blamed on the executor)."""
+    with pytest.raises(ps.ConfigurationError, match=r"needs the executor .* module-level"):
         ps.serve(lambda todo: {}, agent_orch="pw", workers=1, processes=2)
+    with pytest.raises(ps.ConfigurationError, match="needs setup to be sent"):
+        ps.serve(ProcessWide(), agent_orch="pw", workers=1, processes=2, setup=lambda: None)
+    with pytest.raises(ps.ConfigurationError, match="needs the setting summarize_feedback"):
+        ps.serve(ProcessWide(), agent_orch="pw", workers=1, processes=2,
+                 summarize_feedback=lambda items, current: "")
 
 
 @pytest.mark.slow
@@ -248,11 +255,17 @@ def test_a_child_the_database_refuses_at_start_stops_the_group_with_exit_2(
 @pytest.mark.slow
 def test_serve_with_processes_from_python_runs_the_children_and_returns_on_sigterm(
         database_url, tmp_path):
-    script = ("from processgpt_sync import serve\n"
+    """``serve(..., processes=2, setup=configure)`` from a script: each process runs
+    ``setup`` first, so its log has the script's format and level (a spawned process does not
+    run the script's ``__main__`` block)."""
+    script = ("import logging\n"
+              "from processgpt_sync import serve\n"
               "from tests.agents import ProcessWide\n"
+              "def configure():\n"
+              "    logging.basicConfig(level=logging.INFO, format='in-child %(message)s')\n"
               "if __name__ == '__main__':\n"
               f"    serve(ProcessWide(), agent_orch='pw', workers=1, processes=2, "
-              f"database_url={database_url!r})\n")
+              f"database_url={database_url!r}, setup=configure)\n")
     (tmp_path / "main.py").write_text(script)
     with open(tmp_path / "log", "w") as log:
         group = subprocess.Popen([sys.executable, str(tmp_path / "main.py")], cwd=ROOT,
@@ -272,6 +285,8 @@ def test_serve_with_processes_from_python_runs_the_children_and_returns_on_sigte
             assert group.wait(30) == 0
         finally:
             stop_process(group)
+    # each process ran setup first: its INFO lines in the script's format
+    assert (tmp_path / "log").read_text().count("in-child serving agent_orch=pw") == 2
 
 
 @pytest.mark.slow
