@@ -178,6 +178,8 @@ class Supervisor:
                 pass
 
     def _watch(self) -> None:
+        if self._signals:  # a restart _reap scheduled as a signal came: none while stopping
+            self._restart_at.clear()
         now = time.monotonic()
         due = min(self._restart_at.values(), default=now + 0.5)
         sentinels = {p.sentinel: i for i, p in self._children.items()}

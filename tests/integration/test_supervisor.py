@@ -74,6 +74,35 @@ def test_processes_need_an_executor_that_can_reach_another_process():
                  summarize_feedback=lambda items, current: "")
 
 
+def test_a_restart_scheduled_as_the_stop_began_does_not_spin_the_supervisor():
+    """A child died just as the stop's signal came, and its restart was scheduled after the
+    handler cleared the schedule: while stopping, the supervisor still waits on its children
+    (here one that takes a second to end) instead of polling them in a busy loop until they
+    all exited."""
+    import multiprocessing
+
+    from processgpt_sync.settings import Settings
+    from processgpt_sync.supervisor import ChildSpec, Supervisor
+
+    supervisor = Supervisor(ChildSpec(executor="tests.agents:quick",
+                                      settings=Settings(agent_orch="pw")), 2)
+    child = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(1.0,))
+    child.start()
+    try:
+        supervisor._children[0] = child
+        supervisor._started_at[0] = time.monotonic()
+        supervisor._signals = 1
+        supervisor._restart_at[1] = time.monotonic() - 1  # the stale restart
+        rounds = 0
+        while supervisor._children and rounds < 1000:
+            supervisor._watch()
+            rounds += 1
+    finally:
+        child.join(5)
+    assert rounds < 10, f"{rounds} rounds while one child ended"
+    assert not supervisor._restart_at
+
+
 @pytest.mark.slow
 def test_processes_serve_one_todo_each_restart_a_killed_child_and_stop_on_sigterm(
         database_url, tmp_path):
