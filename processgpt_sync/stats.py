@@ -6,6 +6,7 @@ percentiles are computed when someone asks.
 
 from __future__ import annotations
 
+import re
 import statistics
 import threading
 import time
@@ -63,7 +64,7 @@ class ServerStats:
         if not isinstance(start_date, str):
             return
         try:
-            moment = datetime.fromisoformat(start_date)
+            moment = parse_timestamp(start_date)
         except ValueError:
             return
         if moment.tzinfo is None:  # ProcessGPT's `timestamp without time zone`: written in UTC
@@ -103,3 +104,14 @@ def _nearest_rank(ordered: list[float], q: float) -> float | None:
     if not ordered:
         return None
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+_FRACTION = re.compile(r"\.(\d+)")
+
+
+def parse_timestamp(text: str) -> datetime:
+    """A timestamp as PostgreSQL writes it in JSON (``2026-12-08T01:02:03.12345+00:00``).
+    PostgreSQL drops the trailing zeros of the fraction of a second, which Python 3.10's
+    ``fromisoformat`` refuses unless it has 3 or 6 digits: it is padded (or cut) to 6."""
+    text = _FRACTION.sub(lambda m: "." + m.group(1)[:6].ljust(6, "0"), text.strip(), count=1)
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))

@@ -9,13 +9,15 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
+from ..stats import parse_timestamp
+
 CHART_MINUTES = 10
 CHART_BUCKET = 10  # seconds per bar
 
 
 def parse_time(value: Any) -> datetime:
     """A timestamp as PostgreSQL's JSON writes it."""
-    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    return parse_timestamp(str(value))
 
 
 def throughput_chart(activity: Mapping[str, Any]) -> dict[str, Any]:
