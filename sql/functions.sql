@@ -1059,6 +1059,28 @@ BEGIN
 END
 $$;
 
+-- A fenced write waits for a row another transaction holds (the platform's engine, a trigger
+-- on the process instance) at most half the statement timeout (5 s without one), then fails as
+-- lock_not_available: an outage its caller retries until the row is free, before the statement
+-- timeout would take it for a write too heavy to store. For this transaction, and only where
+-- the session set no lock_timeout: through Supabase's REST API (or a transaction pooler) no
+-- session setting of this library reaches the database.
+CREATE OR REPLACE FUNCTION processgpt_sync_bound_lock_wait_v1()
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_statement_ms double precision;
+BEGIN
+    IF current_setting('lock_timeout') = '0' THEN
+        v_statement_ms := extract(epoch FROM current_setting('statement_timeout')::interval)
+                          * 1000;
+        PERFORM set_config('lock_timeout',
+                           CASE WHEN v_statement_ms > 0
+                                THEN greatest(1, floor(v_statement_ms / 2))::bigint
+                                ELSE 5000 END || 'ms', true);
+    END IF;
+END
+$$;
+
 -- Lock a todo for a fenced write. Returns NULL when the caller owns it and it is still running,
 -- else the reason ('missing', 'not_owner', 'cancelled' when the UI cancelled it by either
 -- column, or the row's draft_status in lower case).
@@ -1070,6 +1092,7 @@ DECLARE
     v_cancelled boolean;
     v_consumer text;
 BEGIN
+    PERFORM processgpt_sync_bound_lock_wait_v1();
     -- status SUBMITTED on a running claim: someone else submitted the step's result (the
     -- platform's /complete; a claim's own result sets COMPLETED with it, in one write)
     SELECT claim_token, draft_status, status::text IN ('CANCELLED', 'DONE', 'SUBMITTED'), consumer

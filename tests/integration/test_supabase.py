@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
 import processgpt_sync as ps
@@ -897,3 +898,38 @@ def test_an_error_of_the_database_is_an_outage_or_a_refusal_alike_on_both_backen
             next(backends, None)
     expected = ps.StorageUnavailable if code in TRANSIENT else ps.StorageError
     assert raised == {"postgres": expected, "supabase": expected}
+
+
+@pytest.mark.parametrize("backend", ["supabase", "postgres behind a transaction pooler"])
+def test_a_fenced_write_meeting_a_held_row_fails_as_a_lock_wait_not_a_statement_timeout(
+        database_url, db, backend):
+    """Through the REST API (or a transaction pooler) no session setting of the library
+    reaches the database: a fenced write (a draft, a question) meeting a todo row another
+    transaction holds (the platform's engine) now fails within half the statement timeout as
+    lock_not_available, an outage retried until the row is free. Before, it waited into the
+    statement timeout, and a few of those took it for a write too heavy to store: the draft
+    was dropped, or the question failed and the todo ran again from the start."""
+    from processgpt_sync.storage.postgres import PostgresStorage
+
+    name = db.execute("SELECT current_database() AS name").fetchone()["name"]
+    db.execute(f'ALTER DATABASE "{name}" SET statement_timeout = \'2s\'')
+    gateway = Gateway(database_url) if backend == "supabase" else None
+    store: Any = (SupabaseStorage(gateway.url, SERVICE_KEY) if gateway is not None
+                  else PostgresStorage(database_url, prepare=False))
+    try:
+        todo_id = store.enqueue("a", "q")
+        (claim,) = store.claim(agent_orch="a", consumer="c", limit=1, lease_seconds=60,
+                               max_claims=3)
+        with psycopg.connect(database_url) as engine:
+            engine.execute("SELECT id FROM todolist WHERE id = %s FOR UPDATE", (todo_id,))
+            with pytest.raises(ps.StorageUnavailable) as held:
+                store.save_result(claim, {"draft": 1}, final=False)
+        written = store.save_result(claim, {"draft": 2}, final=False)  # the row is free
+    finally:
+        store.close()
+        if gateway is not None:
+            gateway.close()
+    assert held.value.code == "55P03", held.value
+    assert written.applied
+    assert db.execute("SELECT draft FROM todolist WHERE id = %s", (todo_id,)
+                      ).fetchone()["draft"] == {"draft": 2}
