@@ -80,12 +80,15 @@ def _key_refused(code: str | None, status: int | None, message: str) -> str | No
         return ("the REST API was started without its JWT secret, so it accepts no key: set "
                 "it where the API runs (JWT_SECRET in a self-hosted Supabase's .env, "
                 "PGRST_JWT_SECRET for PostgREST itself) and restart it")
-    if code == "PGRST301" or "JWT" in message:
+    # the words of a refusal are read only where no SQLSTATE says what it is: a site's trigger
+    # raising "tenant missing from JWT claims" refuses that one write, not the key
+    by_words = code is None or code.startswith("PGRST") or code.isdigit()
+    if code == "PGRST301" or (by_words and "JWT" in message):
         return (f"the key is not a valid JWT of this project, or it expired: set the project's "
                 f"service-role key ({_SERVICE_KEY_NAMES})")
     if code == "PGRST302":
         return f"the request carried no key: set the service-role key ({_SERVICE_KEY_NAMES})"
-    if (code in ("401", None) and status == 401) or "API key" in message:
+    if (code in ("401", None) and status == 401) or (by_words and "API key" in message):
         return (f"the key is not this project's, or it was revoked: set the project's "
                 f"service-role key ({_SERVICE_KEY_NAMES}), not the anon key")
     if code in ("403", None) and status == 403:  # the API gateway's own: PostgREST's has a code

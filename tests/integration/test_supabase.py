@@ -933,3 +933,23 @@ def test_a_fenced_write_meeting_a_held_row_fails_as_a_lock_wait_not_a_statement_
     assert written.applied
     assert db.execute("SELECT draft FROM todolist WHERE id = %s", (todo_id,)
                       ).fetchone()["draft"] == {"draft": 2}
+
+
+def test_a_trigger_refusing_a_write_in_words_about_a_jwt_refuses_that_write_not_the_key(
+        supabase, db):
+    """A site's trigger that raises "tenant missing from JWT claims" (the platform reads
+    tenants from the JWT) refuses that one write, with its SQLSTATE: not taken for a refused
+    key, which is retried as an outage, for ever, holding up every later outcome behind it."""
+    db.execute("""
+        CREATE FUNCTION refuse_without_tenant() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'tenant missing from JWT claims'; END $$;
+        CREATE TRIGGER refuse_without_tenant BEFORE UPDATE OF draft ON todolist
+        FOR EACH ROW WHEN (NEW.draft IS NOT NULL) EXECUTE FUNCTION refuse_without_tenant();
+    """)
+    supabase.enqueue("a", "q")
+    (claim,) = supabase.claim(agent_orch="a", consumer="c", limit=1, lease_seconds=60,
+                              max_claims=3)
+    with pytest.raises(ps.StorageError) as refused:
+        supabase.save_result(claim, {"draft": 1}, final=False)
+    assert not isinstance(refused.value, ps.StorageUnavailable), refused.value
+    assert refused.value.code == "P0001" and "JWT claims" in str(refused.value)
