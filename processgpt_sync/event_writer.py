@@ -35,6 +35,9 @@ Key = tuple[str, str]  # (todo id, fencing token): one claim of a todo
 HELD_RETRY_FIRST = 0.02  # seconds before events of a held todo row are sent again
 HELD_RETRY_MAX = 1.0
 ALONE_RETRY_MAX = 30.0  # seconds at most before an event that timed out alone is sent again
+MAX_BUFFERED_EVENTS = 100_000  # unwritten events held in memory: through a long outage, the
+# executors still running go on emitting; past this, their new events are dropped (and said so)
+# rather than grow the process until the host kills it with every todo it runs
 
 
 @dataclass
@@ -97,6 +100,7 @@ class EventBuffer:
         self._batch_began = 0.0  # when the flusher began writing its current batch
         self._batch_len = 0  # and how many events it holds
         self._closed = False
+        self._dropped = 0  # events dropped since the buffer was last under MAX_BUFFERED_EVENTS
         self._idle = False  # the flusher waits with no deadline: the next event must wake it
         self._thread = threading.Thread(
             target=self._run, name="processgpt-sync-events", daemon=True
@@ -112,15 +116,25 @@ class EventBuffer:
             return self._count + self._set_aside + self._writing
 
     def add(self, event: dict[str, Any]) -> None:
-        """Queue one event for its todo; it is written within the flush interval."""
+        """Queue one event for its todo; it is written within the flush interval. With
+        ``MAX_BUFFERED_EVENTS`` unwritten already (a long outage), it is dropped instead, as a
+        warning says at the first and every 10,000th drop."""
         with self._cond:
-            if self._count == 0:
-                self._oldest = time.monotonic()
-            self._pending.setdefault(event_key(event), []).append(event)
-            self._count += 1
-            if self._idle or self._count >= self._batch_size:
-                self._idle = False
-                self._cond.notify_all()
+            full = self._count + self._set_aside + self._writing >= MAX_BUFFERED_EVENTS
+            self._dropped = self._dropped + 1 if full else 0
+            dropped = self._dropped
+            if not full:
+                if self._count == 0:
+                    self._oldest = time.monotonic()
+                self._pending.setdefault(event_key(event), []).append(event)
+                self._count += 1
+                if self._idle or self._count >= self._batch_size:
+                    self._idle = False
+                    self._cond.notify_all()
+        if dropped % 10_000 == 1:
+            logger.warning("%d events wait to be written (is the database unreachable?): new "
+                           "events of running todos are dropped, %d so far", MAX_BUFFERED_EVENTS,
+                           dropped, extra={"action": "emit", "todo_id": event.get("todo_id")})
 
     def take(self, todo_id: str, token: str, *, ids: bool = False) -> list[dict[str, Any]]:
         """Remove and return the unwritten events of one claim of a todo, after any write of

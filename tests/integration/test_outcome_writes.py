@@ -294,6 +294,33 @@ def stored_steps(db: Any, todo_id: str) -> list[int]:
         "SELECT data FROM events WHERE todo_id = %s ORDER BY timestamp", (todo_id,))]
 
 
+def test_events_past_the_buffers_bound_are_dropped_and_said_so_the_rest_written_in_order(
+        storage, db, caplog, monkeypatch):
+    """Through a long outage the executors still running go on emitting: past
+    ``MAX_BUFFERED_EVENTS`` unwritten events, new ones are dropped with a warning, rather
+    than grow the process until the host kills it with every todo it runs. The events kept
+    are written in order once the database answers, and the next event is accepted again."""
+    monkeypatch.setattr("processgpt_sync.event_writer.MAX_BUFFERED_EVENTS", 30)
+    storage.enqueue(AGENT, "chatty")
+    (claim,) = storage.claim(agent_orch=AGENT, consumer="c", limit=1, lease_seconds=60,
+                             max_claims=3)
+    buffer = EventBuffer(storage, flush_interval=0.05, batch_size=100)  # not yet writing
+    add_steps(buffer, [claim], {claim.todo_id: 40})
+    assert buffer.pending == 30
+    said = [r.getMessage() for r in caplog.records if "are dropped" in r.getMessage()]
+    assert said == ["30 events wait to be written (is the database unreachable?): new events "
+                    "of running todos are dropped, 1 so far"]
+    buffer.start()
+    try:
+        assert buffer.flush(timeout=10)
+        buffer.add({"todo_id": claim.todo_id, "token": claim.token, "event_type": "task_working",
+                    "data": {"step": 99}, "job_id": None, "crew_type": None, "status": None})
+        assert buffer.flush(timeout=10)
+    finally:
+        buffer.close(timeout=5)
+    assert stored_steps(db, claim.todo_id) == [*range(30), 99]
+
+
 @pytest.mark.parametrize(("sizes", "held_index"), [((2, 5, 5, 4), 2), ((16,), 0)],
                          ids=["four-todos", "one-todo"])
 def test_a_batch_of_events_past_the_statement_timeout_is_written_in_halves(
