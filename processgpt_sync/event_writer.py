@@ -443,17 +443,24 @@ class EventBuffer:
                 "event batch refused (%s); writing its %d events one by one", exc, len(batch),
                 extra={"action": "write_events"},
             )
-            rejected = write_one_by_one(self._storage, batch)
+            rejected = write_one_by_one(self._storage, batch, self._timed_out_alone)
+        waiting = [batch[int(r["index"])] for r in rejected
+                   if r.get("reason") in ("timed_out", "behind")]
+        if waiting:  # the one that timed out was set aside (or given up): the rest follow it
+            self._requeue(self._hold_behind(
+                [batch[int(r["index"])] for r in rejected if r.get("reason") == "behind"]))
+            rejected = [r for r in rejected if r.get("reason") not in ("timed_out", "behind")]
         held = [batch[int(r["index"])] for r in rejected if r.get("reason") == "busy"]
         if held:
             rejected = [r for r in rejected if r.get("reason") != "busy"]
             self._set_held_aside(held)
         if self._held:  # claims written now are no longer held
             with self._cond:
-                for key in {event_key(e) for e in batch} - {event_key(e) for e in held}:
+                for key in ({event_key(e) for e in batch}
+                            - {event_key(e) for e in [*held, *waiting]}):
                     self._held.pop(key, None)
         log_rejected(batch, rejected)
-        written = len(batch) - len(rejected) - len(held)
+        written = len(batch) - len(rejected) - len(held) - len(waiting)
         if written:
             self._written_at = time.monotonic()
         self._on_written(written)
@@ -469,23 +476,35 @@ class PartlyWritten(StorageUnavailable):
         self.remaining = remaining
 
 
-def write_one_by_one(storage: Storage, batch: list[dict[str, Any]]
+def write_one_by_one(storage: Storage, batch: list[dict[str, Any]],
+                     timed_out: Callable[[dict[str, Any], StorageUnavailable], None] | None = None
                      ) -> list[Mapping[str, Any]]:
     """Write ``batch`` an event at a time, after the database refused it whole (a site's
     trigger, an event the driver cannot encode): one bad event must not lose the others. The
     refused, as {index, reason}; 'busy' ones (their todo's row held) and the later events of
-    their todo are to be sent again. An outage raises: what was written is not written twice
+    their todo are to be sent again. One that runs past the statement timeout goes to
+    ``timed_out`` (reason 'timed_out'), and its todo's later events wait behind it ('behind');
+    without ``timed_out`` it raises, as an outage does: what was written is not written twice
     (events carry their ids)."""
     rejected: list[Mapping[str, Any]] = []
     busy: set[Key] = set()  # a claim's later events wait with its first held one
+    behind: set[Key] = set()  # or behind its first that timed out
     for index, event in enumerate(batch):
         if event_key(event) in busy:
             rejected.append({"index": index, "reason": "busy"})
             continue
+        if event_key(event) in behind:
+            rejected.append({"index": index, "reason": "behind"})
+            continue
         try:
             answers = storage.record_events([event])
-        except StorageUnavailable:
-            raise
+        except StorageUnavailable as exc:
+            if timed_out is None or exc.code != STATEMENT_TIMEOUT:
+                raise
+            timed_out(event, exc)  # else the same batch is refused, and times out, for ever
+            behind.add(event_key(event))
+            rejected.append({"index": index, "reason": "timed_out"})
+            continue
         except Exception as single:
             answers = [{"index": 0, "reason": str(single)}]
         for answer in answers:

@@ -294,6 +294,48 @@ def stored_steps(db: Any, todo_id: str) -> list[int]:
         "SELECT data FROM events WHERE todo_id = %s ORDER BY timestamp", (todo_id,))]
 
 
+def test_an_event_timing_out_among_a_refused_batch_written_one_by_one_is_given_up_in_time(
+        database_url, db, caplog, monkeypatch):
+    """A batch the database refuses whole (a site's trigger refuses one event) is written one
+    event at a time; one of those runs past the statement timeout on its own (a heavy one).
+    It waits alone, its todo's later events behind it, while the rest are written, and is
+    given up in time. Before, the timeout sent the whole batch back, the events written
+    already too, to be refused or time out whole again: it reached the heavy event alone
+    only where the order of the batch's claims happened to change between tries."""
+    monkeypatch.setattr("processgpt_sync.event_writer.TIMEOUTS_ALONE_MAX", 1)
+    db.execute("""
+        CREATE FUNCTION judge_event() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.data ? 'refuse me' THEN RAISE EXCEPTION 'event refused by a trigger'; END IF;
+            IF NEW.data ? 'heavy' THEN PERFORM pg_sleep(2); END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER judge_event BEFORE INSERT ON events
+            FOR EACH ROW EXECUTE FUNCTION judge_event();""")
+    storage = PostgresStorage(database_url, statement_timeout=0.5)
+    for query in ("a", "b"):
+        storage.enqueue(AGENT, query)
+    first, second = storage.claim(agent_orch=AGENT, consumer="c", limit=2, lease_seconds=60,
+                                  max_claims=3)
+    buffer = EventBuffer(storage, flush_interval=0.05, batch_size=100)
+    for claim, data in ((first, {"refuse me": 1}), (first, {"step": 1}),
+                        (second, {"heavy": 1}), (second, {"step": 2}), (second, {"step": 3})):
+        buffer.add({"todo_id": claim.todo_id, "token": claim.token,
+                    "event_type": "task_working", "data": data, "job_id": None,
+                    "crew_type": None, "status": None})
+    buffer.start()
+    try:
+        assert buffer.flush(timeout=30)
+    finally:
+        buffer.close(timeout=5)
+        storage.close()
+    assert stored_steps(db, first.todo_id) == [1]
+    assert stored_steps(db, second.todo_id) == [2, 3], "written after the heavy one, in order"
+    assert "event refused by a trigger" in caplog.text
+    assert "ran past the statement timeout 1 times alone" in caplog.text
+    assert "will retry" not in caplog.text, "the batch was not sent whole again"
+
+
 def test_events_past_the_buffers_bound_are_dropped_and_said_so_the_rest_written_in_order(
         storage, db, caplog, monkeypatch):
     """Through a long outage the executors still running go on emitting: past
