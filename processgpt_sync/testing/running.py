@@ -327,7 +327,7 @@ def run_todo(
                 database_url, autocommit=True, row_factory=dict_row) as conn:
             try:
                 server.start()
-                _drive(run, conn, answer_for, should_cancel, timeout)
+                _drive(run, conn, answer_for, should_cancel, timeout, server)
             except BaseException:
                 server.stop(timeout=0)
                 # Given back by the stop: cancelled as the UI would, so a later run on this
@@ -335,6 +335,8 @@ def run_todo(
                 _cancel(conn, run.todo_id, status=True)
                 raise
             server.stop()
+            if server.failure is not None:  # a thread of the library died: not a pass
+                raise server.failure
             row, events, _ = _read(conn, run.todo_id)
         return TodoRecord(
             todo_id=run.todo_id, status=row["status"], draft_status=row["draft_status"],
@@ -392,15 +394,18 @@ def _cancel(conn: psycopg.Connection[dict[str, Any]], todo_id: str, *,
 
 def _drive(run: _Run, conn: psycopg.Connection[dict[str, Any]],
            answer_for: Callable[[Question], Any], should_cancel: EventPredicate | None,
-           timeout: float) -> None:
+           timeout: float, server: Server) -> None:
     """Act as the UI until the todo settles: answer questions, cancel, or stop waiting.
     NO_ANSWER for a blocking question is meant (the executor's own timeout decides); a list
-    run out or a question a mapping lacks is a missing answer."""
+    run out or a question a mapping lacks is a missing answer. A server that failed (one of
+    its threads died) raises its ServerFailed at once."""
     assert run.todo_id is not None
     deadline = time.monotonic() + timeout
     cancelled = False
     given: set[str] = set()
     while True:
+        if server.failure is not None:
+            raise server.failure
         seen = run.calls()
         row, events, leased = _read(conn, run.todo_id)
         state = row["draft_status"]

@@ -146,6 +146,28 @@ def test_a_todo_that_never_settles_raises_and_the_server_stops(processgpt_run,
     assert leases == (0,)  # given back, not left to expire
 
 
+def test_a_server_thread_that_dies_during_a_run_fails_the_run(processgpt_run, monkeypatch):
+    """A bug kills a thread of the library (here the heartbeat) while the todo runs: the run
+    raises the server's ServerFailed, naming it. Before, the server stopped, the todo still
+    completed as the stop drained it, and the run passed as if nothing had happened."""
+    from processgpt_sync.errors import ServerFailed
+    from processgpt_sync.watch import Watchers
+
+    started = threading.Event()
+
+    def broken_heartbeat(self):
+        started.wait(10)
+        raise ValueError("a bug in the heartbeat")
+
+    def handle(todo: Todo) -> dict:
+        started.set()
+        return {"ok": True}
+
+    monkeypatch.setattr(Watchers, "heartbeat", broken_heartbeat)
+    with pytest.raises(ServerFailed, match="heartbeat thread died"):
+        processgpt_run(handle, "hi", timeout=10)
+
+
 def test_a_run_that_timed_out_leaves_nothing_for_the_next_run_on_the_database(
         processgpt_run, processgpt_database_url):
     """The first run's executor ignores the cancel and goes on after its run gave up: its todo
