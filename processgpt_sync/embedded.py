@@ -66,11 +66,15 @@ def start(path: str | os.PathLike[str] | None = None, *, install: bool = True) -
         # pgserver keeps a start that failed half-way as the folder's server: the next start
         # would be handed it and fail on an assertion instead of trying again
         _forget(directory)
-        if not isinstance(exc, (OSError, RuntimeError)):
+        # initdb or pg_ctl failing or timing out (a folder PostgreSQL refuses, crash recovery
+        # after a kill -9 outlasting pg_ctl's 10 s), pgserver finding a half-made folder
+        if not isinstance(exc, (OSError, RuntimeError, subprocess.SubprocessError,
+                                AssertionError, ValueError)):
             raise
         raise ConfigurationError(
-            f"cannot start the embedded PostgreSQL in {directory}: {exc} "
-            f"(set {ENV_DIR} to a writable folder, or DATABASE_URL to use another server)"
+            f"cannot start the embedded PostgreSQL in {directory}: {_why(exc)}; its log: "
+            f"{directory / 'log'} (set {ENV_DIR} to a writable folder, or DATABASE_URL to use "
+            "another server)"
         ) from exc
     if directory not in _FORGETTING_AT_EXIT:  # runs before pgserver's own exit hook (LIFO),
         # so a user killed while this one ran does not keep the server up after it
@@ -81,6 +85,15 @@ def start(path: str | os.PathLike[str] | None = None, *, install: bool = True) -
         install_schema(url, if_changed=True)
     logger.info("embedded PostgreSQL ready in %s", directory, extra={"action": "embedded_start"})
     return url
+
+
+def _why(exc: BaseException) -> str:
+    """What failed, in a few words (a command's failure without its whole command line)."""
+    if isinstance(exc, subprocess.CalledProcessError):
+        return f"{Path(str(exc.cmd[0])).name} exited with {exc.returncode}"
+    if isinstance(exc, subprocess.TimeoutExpired):
+        return f"{Path(str(exc.cmd[0])).name} did not finish within {exc.timeout:g} s"
+    return str(exc) if isinstance(exc, (OSError, RuntimeError)) else repr(exc)
 
 
 def stop(path: str | os.PathLike[str] | None = None) -> None:

