@@ -10,6 +10,7 @@ outlives its deadline, so the blocked read fails at once and the connection is d
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -26,6 +27,7 @@ class _Watch:
     fd: int
     what: str
     owner: object
+    socket_id: tuple[int, int] | None  # the socket ``fd`` named when the watch began
     fired: bool = False
 
 
@@ -50,7 +52,7 @@ class Deadlines:
 
         :raises DeadlineExceeded: the deadline fired and the block then raised.
         """
-        entry = _Watch(time.monotonic() + seconds, fd, what, owner)
+        entry = _Watch(time.monotonic() + seconds, fd, what, owner, _socket_id(fd))
         with self._cond:
             key = self._next_key
             self._next_key += 1
@@ -101,10 +103,22 @@ class Deadlines:
                 for entry in self._watched.values():
                     if not entry.fired and entry.deadline <= now:
                         entry.fired = True
-                        _shut_down(entry.fd, entry.what)
+                        if _socket_id(entry.fd) == entry.socket_id:
+                            _shut_down(entry.fd, entry.what)
+                        # else the connection closed its socket inside the block (the
+                        # server hung up) and the number may name another one's already
                 pending = [e.deadline for e in self._watched.values() if not e.fired]
                 self._wake_at = min(pending) if pending else float("inf")
                 self._cond.wait(max(0.05, self._wake_at - now) if pending else None)
+
+
+def _socket_id(fd: int) -> tuple[int, int] | None:
+    """What ``fd`` refers to (device, inode: a socket's is its own), None once closed."""
+    try:
+        stat = os.fstat(fd)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def _shut_down(fd: int, what: str) -> None:

@@ -234,7 +234,7 @@ class PostgresStorage(Storage):
         calls = ", ".join("set_config(%s, %s, false)" for _ in settings)
         # before its statement_timeout applies, on a link that may have gone silent since the
         # handshake: unwatched, the pool's worker opening it would wait for ever
-        with DEADLINES.watch(conn.fileno(), PROBE_DEADLINE, "configure", self):
+        with _watched(conn, PROBE_DEADLINE, "configure", self):
             conn.execute(f"SELECT {calls}", [item for pair in settings.items() for item in pair])
 
     def __repr__(self) -> str:
@@ -248,10 +248,8 @@ class PostgresStorage(Storage):
         }
         try:
             with wrap_exceptions(query), self._pool.connection() as conn:
-                with DEADLINES.watch(conn.fileno(), self.deadline, query, self) as watch:
+                with _watched(conn, self.deadline, query, self):
                     row = conn.execute(text, values).fetchone()
-                if watch.fired:  # answered just as the deadline fired: the socket is gone
-                    conn.close()
         except StorageUnavailable as exc:
             if isinstance(exc.__cause__, DeadlineExceeded) or conn_broken(exc):
                 self._drop_idle_connections()
@@ -291,7 +289,7 @@ class PostgresStorage(Storage):
         """NOTIFY ``channel`` on a pooled connection (the listener's own is busy waiting),
         within about a second: it only saves a wait that ends on its own."""
         with wrap_exceptions("notify"), self._pool.connection(timeout=WAKE_TIMEOUT) as conn:
-            with DEADLINES.watch(conn.fileno(), WAKE_TIMEOUT, "notify", self):
+            with _watched(conn, WAKE_TIMEOUT, "notify", self):
                 conn.execute("SELECT pg_notify(%s, '')", (channel,))
 
     def _listener_died(self, silent: bool) -> None:
@@ -325,6 +323,20 @@ def conn_broken(exc: BaseException) -> bool:
 def _jsonb_params(query: str) -> frozenset[str]:
     """The parameters of a named query passed as jsonb (found once per query)."""
     return frozenset(_JSONB_PARAM.findall(queries()[query]))
+
+
+@contextmanager
+def _watched(conn: psycopg.Connection[Any], seconds: float, what: str,
+             owner: object) -> Iterator[None]:
+    """``DEADLINES.watch`` on ``conn``'s socket. A connection whose socket the deadline shut
+    down is closed however the block ended (answered just then, or an error buffered before):
+    the pool never hands it to another caller, whose statement would fail on it."""
+    with DEADLINES.watch(conn.fileno(), seconds, what, owner) as watch:
+        try:
+            yield
+        finally:
+            if watch.fired and not conn.closed:
+                conn.close()
 
 
 class PostgresListener:

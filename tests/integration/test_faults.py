@@ -152,6 +152,53 @@ def test_connections_get_keepalives_and_bounds_unless_the_url_sets_them(database
     storage.close()
 
 
+def test_a_pooled_connection_whose_deadline_fired_is_closed_not_handed_out_again(
+        database_url):
+    """The deadline shut a pooled connection's socket down just as its statement ended (it
+    answered at the deadline, or had its error buffered): it is closed, and the pool hands the
+    next call a working one. Before, it went back to the pool, and the next statement on it
+    failed with the server gone, as did the final writes of a stop."""
+    from processgpt_sync.storage.postgres import _watched
+
+    storage = PostgresStorage(database_url, max_connections=1)
+    try:
+        with storage._pool.connection() as conn:
+            with _watched(conn, 0.05, "a statement answered at its deadline", storage):
+                time.sleep(0.4)  # the deadline fires; no statement notices it
+            assert conn.closed
+        assert storage.call("schema", {})  # on a new connection
+    finally:
+        storage.close()
+
+
+def test_a_deadline_leaves_a_socket_that_took_a_closed_ones_number_alone():
+    """A connection closed its socket inside the watched block (the server hung up) and a new
+    socket took the same number before the deadline fired: the watchdog leaves it alone.
+    Before, it shut down whatever socket had that number by then (another connection, an
+    executor's HTTP client)."""
+    import socket
+
+    from processgpt_sync.storage.deadline import DEADLINES
+
+    first, peer = socket.socketpair()
+    number = first.fileno()
+    with DEADLINES.watch(number, 0.2, "a connection that hung up"):
+        first.close()
+        peer.close()
+        second, other = socket.socketpair()
+        try:
+            if number not in (second.fileno(), other.fileno()):
+                pytest.skip("the closed socket's number was not reused")
+            time.sleep(0.5)  # past the deadline
+            mine = second if second.fileno() == number else other
+            theirs = other if mine is second else second
+            mine.sendall(b"x")  # shut down, this would raise
+            assert theirs.recv(1) == b"x"
+        finally:
+            second.close()
+            other.close()
+
+
 def test_the_cli_opens_the_database_with_the_servers_pooler_and_timeout_settings(
         database_url, monkeypatch):
     """``status``, ``health`` and the other commands read the pooler and timeout settings as
