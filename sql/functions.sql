@@ -439,8 +439,8 @@ RETURNS boolean LANGUAGE sql STABLE AS $$
 $$;
 
 -- Of these todos (whose rows the caller holds), those whose lease, if any, this transaction
--- now holds, in order and without a wait: a lease a late heartbeat holds right now is left to a
--- later call. A claim's writes to leases it did not give out must never wait: a heartbeat takes
+-- now holds, in order and without a wait: a lease a late heartbeat holds right now, or renewed
+-- since the caller found it run out, is left to a later call. A claim's writes to leases it did not give out must never wait: a heartbeat takes
 -- its leases in order, so a wait could close a cycle with it.
 CREATE OR REPLACE FUNCTION processgpt_sync_leases_taken_v1(p_todo_ids uuid[])
 RETURNS uuid[] LANGUAGE plpgsql AS $$
@@ -449,6 +449,13 @@ DECLARE
 BEGIN
     v_locked := ARRAY(SELECT l.todo_id FROM processgpt_sync_lease l
                       WHERE l.todo_id = ANY (p_todo_ids)
+                        -- not a lease a late heartbeat renewed after the caller found it run
+                        -- out: its owner runs on (a statement sees what committed before it,
+                        -- and a lock taken after a commit reads the row again)
+                        AND NOT (l.expires_at >= now() AND NOT l.given_back AND EXISTS (
+                            SELECT 1 FROM todolist t
+                            WHERE t.id = l.todo_id AND t.claim_token = l.claim_token
+                              AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')))
                       ORDER BY l.todo_id FOR UPDATE OF l SKIP LOCKED);
     RETURN ARRAY(
         SELECT u.id FROM unnest(p_todo_ids) WITH ORDINALITY AS u(id, n)

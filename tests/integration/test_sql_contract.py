@@ -519,3 +519,25 @@ def test_console_todo_pages_events_in_time_and_id_order(storage, db):
     assert page("2026-01-01 10:00:01+00", "e05") == ["e06", "e07", "e08", "e09", "e10"]
     assert page("2026-01-01 10:00:02+00", "e10", limit=20) == ["e11"]
     assert page("2026-01-01 10:00:02+00", "e11") == []
+
+
+def test_a_lease_renewed_after_a_claim_found_it_run_out_is_not_taken_over(storage, db):
+    """A claim found a todo's lease run out; before it took the lease over, the owner's late
+    heartbeat renewed it. The claim leaves it (its owner runs on) rather than take it over
+    under a server that goes on running the executor, whose side effects would then happen
+    twice. A lease that did run out, or of a run the UI asked to revise, is taken."""
+    todo_id = storage.enqueue("a", "q")
+    storage.claim(agent_orch="a", consumer="c1", limit=1, lease_seconds=60, max_claims=3)
+
+    def taken() -> list[str]:
+        with db.transaction():
+            row = db.execute("SELECT processgpt_sync_leases_taken_v1(ARRAY[%s]::uuid[]) AS ids",
+                             (todo_id,)).fetchone()
+        return [str(i) for i in row["ids"]]
+
+    assert taken() == [], "renewed: its owner runs on"
+    db.execute("UPDATE processgpt_sync_lease SET expires_at = now() - interval '1 second'")
+    assert taken() == [todo_id], "run out"
+    db.execute("UPDATE processgpt_sync_lease SET expires_at = now() + interval '60 seconds'")
+    db.execute("UPDATE todolist SET draft_status = 'FB_REQUESTED' WHERE id = %s", (todo_id,))
+    assert taken() == [todo_id], "a revision takes over the run still going"
