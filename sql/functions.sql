@@ -393,7 +393,8 @@ RETURNS boolean LANGUAGE sql STABLE AS $$
                 OR ((p_todo.lease_until IS NULL OR p_todo.lease_until < now()) AND EXISTS (
                     SELECT 1 FROM processgpt_sync_lease l
                     WHERE l.todo_id = p_todo.id AND l.claim_token = p_todo.claim_token
-                      AND l.consumer IS NOT DISTINCT FROM p_todo.consumer
+                      -- (a consumer the platform cleared is no other worker's)
+                      AND (p_todo.consumer IS NULL OR p_todo.consumer = l.consumer)
                       AND l.expires_at < now()
                       AND p_todo.claim_count - l.given_back::integer < p_max_claims)))
         ELSE false
@@ -424,7 +425,7 @@ RETURNS boolean LANGUAGE sql STABLE AS $$
                      -- one in the trash, which waits to be restored
                      AND NOT (coalesce(t.draft_status IN ('STARTED', 'HUMAN_ASKED'), false)
                               AND t.claim_token IS NOT DISTINCT FROM l.claim_token
-                              AND t.consumer IS NOT DISTINCT FROM l.consumer
+                              AND (t.consumer IS NULL OR t.consumer = l.consumer)
                               AND (coalesce(t.status NOT IN ('IN_PROGRESS', 'CANCELLED', 'DONE',
                                                              'SUBMITTED'), true)
                                    OR (t.status = 'IN_PROGRESS' AND processgpt_sync_in_trash_v1(
@@ -592,7 +593,7 @@ BEGIN
         WHERE l.expires_at < now() AND t.agent_orch::text = p_agent_orch
           AND (t.draft_status IS NULL OR t.draft_status NOT IN ('STARTED', 'HUMAN_ASKED')
                OR t.claim_token IS DISTINCT FROM l.claim_token
-               OR t.consumer IS DISTINCT FROM l.consumer)
+               OR t.consumer <> l.consumer)  -- (NULL: cleared by the platform, not taken)
         ORDER BY l.todo_id FOR UPDATE OF l SKIP LOCKED);
 
     v_found := ARRAY(
@@ -602,7 +603,7 @@ BEGIN
             WHERE l.expires_at < now() AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
               AND t.agent_orch::text = p_agent_orch
               AND t.claim_count - l.given_back::integer >= p_max_claims
-              AND t.status = 'IN_PROGRESS' AND t.consumer IS NOT DISTINCT FROM l.consumer
+              AND t.status = 'IN_PROGRESS' AND (t.consumer IS NULL OR t.consumer = l.consumer)
               AND (t.lease_until IS NULL OR t.lease_until < now())
               AND NOT processgpt_sync_in_trash_v1(t.proc_inst_id, t.root_proc_inst_id)
             FOR UPDATE OF t SKIP LOCKED
@@ -2753,7 +2754,7 @@ BEGIN
               AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
               AND (t.status IN ('CANCELLED', 'DONE')
                    OR (t.status = 'SUBMITTED' AND (t.consumer IS NULL OR t.consumer = l.consumer))
-                   OR (t.status = 'IN_PROGRESS' AND l.consumer IS NOT DISTINCT FROM t.consumer
+                   OR (t.status = 'IN_PROGRESS' AND (t.consumer IS NULL OR t.consumer = l.consumer)
                        AND (t.lease_until IS NULL OR t.lease_until < now())
                        AND NOT processgpt_sync_in_trash_v1(t.proc_inst_id,
                                                            t.root_proc_inst_id))))

@@ -541,3 +541,29 @@ def test_a_lease_renewed_after_a_claim_found_it_run_out_is_not_taken_over(storag
     db.execute("UPDATE processgpt_sync_lease SET expires_at = now() + interval '60 seconds'")
     db.execute("UPDATE todolist SET draft_status = 'FB_REQUESTED' WHERE id = %s", (todo_id,))
     assert taken() == [todo_id], "a revision takes over the run still going"
+
+
+def test_a_claim_whose_consumer_the_platform_cleared_is_settled_or_claimed_not_left_started(
+        storage, db, database_url):
+    """The platform clears ``consumer`` on a running claim (its /complete submits the step:
+    SUBMITTED; or another write) and the owner dies. Its lease is kept until a claim settles
+    the todo (CANCELLED, as todo-life 13b has it) or claims it again (the step still in
+    progress), even when the row was held as a claim walked past. Before, the claim took the
+    cleared consumer for another worker's and deleted the lease: the todo stayed STARTED,
+    claimed by nobody, for ever."""
+    submitted, cleared = storage.enqueue("a", "submitted"), storage.enqueue("a", "cleared")
+    storage.claim(agent_orch="a", consumer="c1", limit=2, lease_seconds=60, max_claims=3)
+    db.execute("UPDATE todolist SET status = 'SUBMITTED', consumer = NULL WHERE id = %s",
+               (submitted,))
+    db.execute("UPDATE todolist SET consumer = NULL WHERE id = %s", (cleared,))
+    db.execute("UPDATE processgpt_sync_lease SET expires_at = now() - interval '1 second'")
+    with psycopg.connect(database_url) as engine:  # the process engine holds both rows
+        engine.execute("SELECT id FROM todolist FOR UPDATE")
+        assert storage.claim(agent_orch="a", consumer="c2", limit=2, lease_seconds=60,
+                             max_claims=3) == []
+    claims = storage.claim(agent_orch="a", consumer="c2", limit=2, lease_seconds=60,
+                           max_claims=3)
+    assert [c.todo_id for c in claims] == [cleared], "claimed again: its step is in progress"
+    state = db.execute("SELECT draft_status::text AS s FROM todolist WHERE id = %s",
+                       (submitted,)).fetchone()["s"]
+    assert state == "CANCELLED", "settled as 13b says, not left STARTED"
