@@ -3100,8 +3100,10 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
                             * p_bucket_seconds) AS start,
                count(*) FILTER (WHERE t.draft_status = 'COMPLETED') AS completed,
                count(*) FILTER (WHERE t.draft_status = 'FAILED') AS failed,
-               round(avg(extract(epoch FROM t.updated_at - t.start_date))::numeric, 3)
-                   AS turnaround
+               -- each as seconds: the platform's start_date, a timestamp without time zone
+               -- holding UTC, is not shifted by the session's TimeZone
+               round(avg(extract(epoch FROM t.updated_at) - extract(epoch FROM t.start_date))
+                     ::numeric, 3) AS turnaround
         FROM todolist t
         WHERE t.draft_status IN ('COMPLETED', 'FAILED')
           AND t.updated_at >= now() - make_interval(mins => p_minutes)

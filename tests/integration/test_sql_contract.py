@@ -567,3 +567,19 @@ def test_a_claim_whose_consumer_the_platform_cleared_is_settled_or_claimed_not_l
     state = db.execute("SELECT draft_status::text AS s FROM todolist WHERE id = %s",
                        (submitted,)).fetchone()["s"]
     assert state == "CANCELLED", "settled as 13b says, not left STARTED"
+
+
+def test_console_turnaround_on_the_platforms_start_date_ignores_the_sessions_time_zone(
+        upstream_database_url):
+    """The platform's start_date is a timestamp without time zone holding UTC: the console's
+    time from start to outcome is the same in a session of another TimeZone (Asia/Seoul).
+    Before, the subtraction read start_date in the session's zone: 9 hours off there."""
+    with psycopg.connect(upstream_database_url, autocommit=True) as conn:
+        todo_id = conn.execute("SELECT processgpt_sync_enqueue_v1('a', 'q')").fetchone()[0]
+        conn.execute("UPDATE todolist SET draft_status = 'COMPLETED', start_date = "
+                     "(now() AT TIME ZONE 'UTC') - interval '2 seconds' WHERE id = %s",
+                     (todo_id,))
+        conn.execute("SET TimeZone = 'Asia/Seoul'")
+        (activity,) = conn.execute("SELECT processgpt_sync_console_activity_v1('a')").fetchone()
+    (bucket,) = activity["buckets"]
+    assert 1.5 <= bucket["turnaround_seconds"] <= 60, bucket
