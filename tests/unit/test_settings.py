@@ -61,6 +61,11 @@ def test_bad_values_get_specific_errors(env, message):
     ({"fair": "no"}, "fair must be True or False, got str 'no'"),
     ({"listen": 0}, "listen must be True or False, got int 0"),
     ({"transaction_pooler": "yes"}, "transaction_pooler must be True or False"),
+    # PostgreSQL holds them as int milliseconds: longer fails every connection's set-up,
+    # shorter rounds to 0, which is no limit
+    ({"statement_timeout": 1e9}, "statement_timeout must be between 0.001 and 2,147,483 s"),
+    ({"statement_timeout": 0.0001}, "statement_timeout must be between 0.001"),
+    ({"tcp_timeout": 3e6}, "tcp_timeout must be between 0.001 and 2,147,483 s"),
 ])
 def test_options_of_the_wrong_type_are_refused_when_the_settings_are_built(options, message):
     """Caught here, not on the first todo (summarize_feedback), in SQL (a fractional lease) or
