@@ -88,7 +88,14 @@ def serve_metrics(server: Server, port: int, addr: str = "0.0.0.0") -> Threading
     pass ``127.0.0.1`` to keep it on this host. The address is logged.
     """
     try:
-        from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+        from prometheus_client import (
+            CONTENT_TYPE_LATEST,
+            CollectorRegistry,
+            GCCollector,
+            PlatformCollector,
+            ProcessCollector,
+            generate_latest,
+        )
     except ImportError:
         raise ConfigurationError(
             "metrics need prometheus-client: pip install prometheus-client (or install "
@@ -107,7 +114,7 @@ def serve_metrics(server: Server, port: int, addr: str = "0.0.0.0") -> Threading
                                    "listening": stats["listening"]}).encode()
                 self._answer(200 if ok else 503, "application/json", body)
             elif path in ("/metrics", "/"):
-                self._answer(200, CONTENT_TYPE_LATEST, generate_latest(REGISTRY))
+                self._answer(200, CONTENT_TYPE_LATEST, generate_latest(registry))
             else:
                 self._answer(404, "text/plain", b"not found: try /metrics or /healthz\n")
 
@@ -129,7 +136,13 @@ def serve_metrics(server: Server, port: int, addr: str = "0.0.0.0") -> Threading
             "--metrics-port)"
         ) from None
     httpd.daemon_threads = True
-    REGISTRY.register(ServerCollector(server))
+    # This server's own registry, not the process-wide one: a second server in the process
+    # (a Django command run twice, tests) serves its own figures, and a stopped one's leave
+    # with its endpoint.
+    registry = CollectorRegistry()
+    for standard in (ProcessCollector, PlatformCollector, GCCollector):
+        standard(registry=registry)
+    registry.register(ServerCollector(server))
     threading.Thread(target=httpd.serve_forever, name="processgpt-sync-metrics",
                      daemon=True).start()
     logger.info("Prometheus metrics on http://%s:%d/metrics (liveness: /healthz)%s", addr,

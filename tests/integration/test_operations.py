@@ -37,30 +37,44 @@ def test_a_killed_listener_reconnects_and_pickup_stays_fast(storage, db, caplog)
 
 
 def test_metrics_endpoint_is_scraped(storage):
+    """Each server's endpoint serves its own figures with the process's: two servers in one
+    process (a Django command run twice, tests) each get theirs, and the process-wide
+    registry is left alone. Before, the second one failed on a duplicated time series."""
     pytest.importorskip("prometheus_client")
     from prometheus_client import REGISTRY
 
     from processgpt_sync.metrics import serve_metrics
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    ports = []
+    for _ in range(2):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
     storage.enqueue("metrics", "x")
-    server = ps.start(lambda todo: {"ok": 1}, agent_orch="metrics", storage=storage)
     collectors_before = set(REGISTRY._collector_to_names)
+    servers = [ps.start(lambda todo: {"ok": 1}, agent_orch=name, storage=storage)
+               for name in ("metrics", "other")]
+    endpoints = []
     try:
-        serve_metrics(server, port, addr="127.0.0.1")
-        wait_for(lambda: server.stats()["completed"] == 1)
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        endpoints = [serve_metrics(server, port, addr="127.0.0.1")
+                     for server, port in zip(servers, ports, strict=True)]
+        wait_for(lambda: servers[0].stats()["completed"] == 1)
+        first, second = (urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                                timeout=5).read().decode() for port in ports)
     finally:
-        server.stop()
-        for collector in set(REGISTRY._collector_to_names) - collectors_before:
-            REGISTRY.unregister(collector)
-    text = body.decode()
-    assert 'processgpt_sync_completed_total{agent_orch="metrics"} 1.0' in text
-    assert 'processgpt_sync_run_seconds_count{agent_orch="metrics"} 1.0' in text
-    assert "processgpt_sync_pickup_seconds_p95" in text
-    assert "processgpt_sync_listener_reconnects_total" in text
+        for endpoint in endpoints:
+            endpoint.shutdown()
+            endpoint.server_close()
+        for server in servers:
+            server.stop()
+    assert set(REGISTRY._collector_to_names) == collectors_before
+    assert 'processgpt_sync_completed_total{agent_orch="metrics"} 1.0' in first
+    assert 'processgpt_sync_run_seconds_count{agent_orch="metrics"} 1.0' in first
+    assert "processgpt_sync_pickup_seconds_p95" in first
+    assert "processgpt_sync_listener_reconnects_total" in first
+    assert "process_cpu_seconds_total" in first, "with the process's own figures"
+    assert 'agent_orch="other"' not in first
+    assert 'processgpt_sync_completed_total{agent_orch="other"} 0.0' in second
 
 
 def test_behind_a_transaction_pooler_the_server_polls_without_prepared_statements(
