@@ -29,16 +29,18 @@ DEFERRED_THREADS = 64  # pool threads for todos on the shared loop: they hold on
 #                        and to record their outcome, not while they await
 
 
-def spare_threads(workers: int) -> int:
+def spare_threads(workers: int, thread_safe: bool = True) -> int:
     """Threads beyond ``workers`` in the pool: a todo that timed out keeps its thread until its
-    executor returns, and the next todo takes a spare one. Bounded, made only when needed."""
-    return min(workers, MAX_SPARE_THREADS)
+    executor returns, and the next todo takes a spare one. Bounded, made only when needed.
+    None for an executor that declares ``thread_safe = False``: the next todo waits for the
+    one still running, as ``workers`` promises it."""
+    return min(workers, MAX_SPARE_THREADS) if thread_safe else 0
 
 
-def pool_threads(workers: int, deferred: bool) -> int:
+def pool_threads(workers: int, deferred: bool, thread_safe: bool = True) -> int:
     """Threads of the worker pool: one per worker plus the spares; when todos are deferred
     (async on the shared loop), a few for their start and their outcome."""
-    threads = workers + spare_threads(workers)
+    threads = workers + spare_threads(workers, thread_safe)
     return min(threads, DEFERRED_THREADS) if deferred else threads
 
 

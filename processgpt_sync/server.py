@@ -107,6 +107,7 @@ class Server:
         thread (Django closes stale connections with it)."""
         self.settings = settings
         check_thread_safety(executor, settings.workers)
+        self._thread_safe = getattr(executor, "thread_safe", True) is not False
         self._adapter: Adapter = adapt(executor, settings.loop)
         self._around_todo = around_todo or nullcontext
         # Async todos on the shared loop need no thread while they await; a context manager
@@ -118,7 +119,7 @@ class Server:
         self._log = logger.getChild(settings.agent_orch)
         self._extra = {"agent_orch": settings.agent_orch}
         self._inflight = InFlight(
-            settings.workers, budget.spare_threads(settings.workers),
+            settings.workers, budget.spare_threads(settings.workers, self._thread_safe),
             fleet_limits=(settings.max_running is not None
                           or settings.max_running_per_tenant is not None))
         self._stats = ServerStats()
@@ -388,7 +389,8 @@ class Server:
         undo.callback(outcomes.close, timeout=0)
         # A todo that timed out keeps its thread until its executor returns: a few spare
         # threads, made only when needed, serve on (the claimer counts the rest as busy).
-        pool = WorkerPool(budget.pool_threads(self.settings.workers, self._deferred),
+        pool = WorkerPool(budget.pool_threads(self.settings.workers, self._deferred,
+                                              self._thread_safe),
                           name="processgpt-sync")
         recorder = Recorder(storage, outcomes, buffer, log=log, extra=extra, count=stats.count,
                             on_run_time=stats.run_time, abort=self._abort,

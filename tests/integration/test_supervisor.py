@@ -53,6 +53,36 @@ def test_a_not_thread_safe_executor_refuses_more_than_one_worker():
         "workers=1 and scale with processes (--processes 4 --workers 1)")
 
 
+def test_a_not_thread_safe_executor_that_times_out_is_not_joined_by_the_next_todo(
+        storage, db):
+    """``thread_safe = False`` with one worker and a per-todo timeout: a todo that times out
+    is recorded FAILED at once, but the next todo starts only once its executor has returned,
+    not on a spare thread beside it, over the process-wide state it declared unsafe."""
+    import threading
+
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    class Unsafe:
+        thread_safe = False
+
+        def execute(self, todo, events):  # ignores todo.cancelled, as a stuck tool does
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            time.sleep(1.5)
+            with lock:
+                running[0] -= 1
+            return {"ok": True}
+
+    storage.enqueue("unsafe", "first")
+    storage.enqueue("unsafe", "second")
+    with ps.start(Unsafe(), agent_orch="unsafe", storage=storage, workers=1, timeout=0.5,
+                  poll_interval=0.1) as server:
+        wait_for(lambda: server.stats()["failed"] == 2, timeout=20)
+    assert most[0] == 1, "the second todo ran beside the first, still running"
+
+
 def test_the_cli_refuses_it_in_one_line_before_starting_processes():
     result = subprocess.run(
         [sys.executable, "-m", "processgpt_sync", "serve", "tests.agents:ProcessWide",
