@@ -264,21 +264,40 @@ def adapt(obj: Any, loop: str = "thread") -> Adapter:
             )
         _check_call(execute, 2, f"{type(obj).__name__}.execute", "execute(todo, events)")
         _check_not_generator(execute, f"{type(obj).__name__}.execute")
+        _check_cancel_hook(obj)
         return BlockingObjectAdapter(obj)
     if callable(obj):
         name = getattr(obj, "__qualname__", None) or type(obj).__qualname__
         _check_call(obj, 1, getattr(obj, "__qualname__", repr(obj)), "fn(todo)")
-        _check_not_generator(obj, name)
-        _check_not_generator(getattr(obj, "__call__", None), name)  # noqa: B004
-        if inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(
-            getattr(obj, "__call__", None)  # noqa: B004
-        ):
+        inner = obj  # what a partial wraps: inspect does not look into an object's __call__
+        while isinstance(inner, functools.partial):
+            inner = inner.func
+        called = getattr(inner, "__call__", None)  # noqa: B004
+        for fn in (obj, inner, called):
+            _check_not_generator(fn, name)
+        if any(inspect.iscoroutinefunction(fn) for fn in (obj, inner, called)):
             return AsyncFunctionAdapter(obj, make_loops(loop))
         return FunctionAdapter(obj)
     raise ConfigurationError(
         f"{obj!r} is not an executor: pass a function fn(todo), an object with "
         "execute(todo, events), or an a2a-sdk AgentExecutor"
     )
+
+
+def _check_cancel_hook(obj: Any) -> None:
+    """A blocking executor's ``cancel(todo)`` runs on a thread of its own: one declared async
+    would never run (its coroutine dropped), one that takes other arguments would fail on
+    every cancel. Both are refused now."""
+    cancel = getattr(obj, "cancel", None)
+    if cancel is None or not callable(cancel):
+        return
+    name = f"{type(obj).__name__}.cancel"
+    if inspect.iscoroutinefunction(cancel):
+        raise ConfigurationError(
+            f"{name} is async, but a blocking executor's cancel(todo) is called on a thread, "
+            "not awaited: make it a plain def (or make the executor an a2a-sdk AgentExecutor, "
+            "whose cancel(context, event_queue) is awaited)")
+    _check_call(cancel, 1, name, "cancel(todo)")
 
 
 def _is_a2a_class(cls: type) -> bool:

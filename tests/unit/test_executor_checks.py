@@ -52,7 +52,26 @@ class CallYields:
         yield {}
 
 
+class AsyncCancel:
+    def execute(self, todo, events):
+        return {}
+
+    async def cancel(self, todo):
+        pass
+
+
+class A2ACancel:  # the signature of a2a's AgentExecutor.cancel, on a blocking executor
+    def execute(self, todo, events):
+        return {}
+
+    def cancel(self, context, event_queue):
+        pass
+
+
 @pytest.mark.parametrize(("executor", "message"), [
+    (AsyncCancel(), r"AsyncCancel.cancel is async, but a blocking executor's cancel\(todo\)"),
+    (A2ACancel(), r"A2ACancel.cancel\(context, event_queue\) cannot be called as "
+                  r"cancel\(todo\)"),
     (two, r"two\(todo, events\) cannot be called as fn\(todo\)"),
     (lambda: {}, r"cannot be called as fn\(todo\)"),
     (NeedsEvents(), r"NeedsEvents.execute\(todo\) cannot be called as execute\(todo, events\)"),
@@ -62,9 +81,9 @@ class CallYields:
     (yields_async, r"yields_async is a generator function"),
     (ExecuteYields(), r"ExecuteYields.execute is a generator function"),
     (CallYields(), r"CallYields.*is a generator function"),
-], ids=["two-arguments", "no-argument", "execute-one-argument", "a-class", "a-class-loose",
-         "generator",
-        "async-generator", "execute-generator", "call-generator"])
+], ids=["async-cancel", "a2a-cancel", "two-arguments", "no-argument", "execute-one-argument",
+         "a-class", "a-class-loose", "generator", "async-generator", "execute-generator",
+         "call-generator"])
 def test_executors_with_the_wrong_parameters_are_refused_at_start(executor, message):
     with pytest.raises(ConfigurationError, match=message):
         Server(executor, SETTINGS)
@@ -121,3 +140,21 @@ class ClassExecute:
 @pytest.mark.parametrize("executor", [StaticExecute, ClassExecute])
 def test_a_class_whose_execute_runs_on_the_class_is_accepted(executor):
     Server(executor, SETTINGS)
+
+
+class AsyncCall:
+    async def __call__(self, config, todo):
+        return {"config": config}
+
+
+def test_a_partial_of_an_object_whose_call_is_async_runs_as_async():
+    """``functools.partial(AsyncCall(), config)``: inspect sees no coroutine function in the
+    partial, nor in its __call__; the server looks at what it wraps, so the object's async
+    __call__ is awaited. Before, every todo failed, told to declare async def."""
+    from processgpt_sync.executor import AsyncFunctionAdapter, adapt
+
+    adapter = adapt(functools.partial(AsyncCall(), "cfg"))
+    try:
+        assert isinstance(adapter, AsyncFunctionAdapter)
+    finally:
+        adapter.close()
