@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,22 +51,34 @@ def _load(text: str, *, what: str) -> Any:
     return json.loads(text, object_pairs_hook=unique)
 
 
-def _first_unstorable(value: Any, path: str, depth: int = 0) -> str | None:
-    """Where in ``value`` the first item JSON cannot hold is (``['messages'][3]``), so a
-    refused result names it; only walked once a value was refused."""
-    if depth > 100:
+WALK_LIMIT = 10_000  # items looked at, at most, to name where a refused value fails
+
+
+def _first_unstorable(value: Any, path: str, on_path: tuple[int, ...] = (),
+                      left: list[int] | None = None) -> str | None:
+    """Where in ``value`` the first item JSON cannot hold is (``['messages'][3]``), or the
+    first that refers to a container it is inside of, so a refused result names it; only
+    walked once a value was refused, and at most ``WALK_LIMIT`` items of it (a value full of
+    back-references has exponentially many paths)."""
+    left = [WALK_LIMIT] if left is None else left
+    left[0] -= 1
+    if left[0] < 0 or len(on_path) > 100:
         return None
+    if isinstance(value, (Mapping, list, tuple)):
+        if id(value) in on_path:
+            return path  # it refers to itself here
+        on_path = (*on_path, id(value))
     if isinstance(value, Mapping):
         for key, item in value.items():
             if not isinstance(key, (str, int, float, bool)) and key is not None:
                 return f"{path}[{key!r}]"
-            found = _first_unstorable(item, f"{path}[{key!r}]", depth + 1)
+            found = _first_unstorable(item, f"{path}[{key!r}]", on_path, left)
             if found is not None:
                 return found
         return None
     if isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
-            found = _first_unstorable(item, f"{path}[{index}]", depth + 1)
+            found = _first_unstorable(item, f"{path}[{index}]", on_path, left)
             if found is not None:
                 return found
         return None
@@ -99,9 +112,14 @@ def _dump(value: Any, *, what: str) -> tuple[str, bool]:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise PayloadError(f"{what} contains text that is not valid UTF-8: {exc}") from exc
-    if "\\u0000" in text:
+    if "\\u0000" in text and _NUL.search(text):  # not a text's own backslash before u0000
         raise PayloadError(f"{what} contains a NUL character (\\u0000), which jsonb cannot store")
     return text, converted
+
+
+# The escape of a NUL in JSON text: "\u0000" after an even number of backslashes (a text that
+# holds a backslash and then "u0000" is written "\\u0000", which jsonb stores)
+_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 def unwrap_text(text: str) -> Any:
@@ -115,7 +133,7 @@ def unwrap_text(text: str) -> Any:
     if stripped[:1] in ("{", "["):
         try:
             return strict_json(stripped)
-        except ValueError:
+        except (ValueError, RecursionError):  # nested deeper than Python reads: text it stays
             return text
     return text
 

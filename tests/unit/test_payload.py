@@ -81,3 +81,31 @@ def test_keys_that_become_the_same_json_text_are_refused_not_one_dropped(value):
         snapshot_json(value, what="result")
     with pytest.raises(PayloadError, match="two keys"):
         check_json(value, what="question")
+
+
+def test_a_value_that_refers_to_itself_is_refused_at_once_naming_where():
+    """A tree whose children point back at their parent: refused, naming the first
+    back-reference, at once. Before, naming where walked every path through the cycles, a
+    number that grows exponentially with the depth: a worker thread spun for hours and the
+    todo was never recorded."""
+    root: dict = {"children": []}
+    for _ in range(3):
+        root["children"].append({"parent": root, "siblings": root["children"]})
+    with pytest.raises(PayloadError, match=r"Circular reference detected \(at "
+                                           r"result\['children'\]\[0\]\['parent'\]\)"):
+        snapshot_json(root, what="result")
+
+
+def test_a_text_holding_a_backslash_then_u0000_is_stored_a_nul_is_refused():
+    """Code an agent writes (``'\\u0000'`` in C) is text like any other: stored. Only a NUL
+    character itself, which jsonb cannot hold, is refused."""
+    code = {"code": "char c = '\\u0000';", "escaped": "\\\\u0000"}
+    assert snapshot_json(code, what="result") == code
+    for nul in ("a\x00b", "\\\x00", "\\\\\x00"):
+        with pytest.raises(PayloadError, match="NUL character"):
+            snapshot_json({"text": nul}, what="result")
+
+
+def test_a_json_text_nested_deeper_than_python_reads_stays_text():
+    deep = "[" * 100_000 + "]" * 100_000
+    assert unwrap_text(deep) == deep
