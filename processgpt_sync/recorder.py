@@ -8,6 +8,7 @@ It never runs user code.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -81,12 +82,15 @@ class Recorder:
         recorded (on the writer's thread), or could not be; for a run the timeout closed,
         never (the timeout's own write lets it go). If this raises, it has not run."""
         if not run.close():
+            self._raised_after_the_end(run, error)
             if run.cancel_reason != "timeout":
                 then()  # given back as the server stops: the stop writes that
             # else the timeout's failure, being written, lets the run go once it is: until
             # then the run stays in flight (its lease renewed, the stop waiting for it)
             return
         reason = run.cancel_reason
+        if reason in ("cancelled", "lost", "deleted", "shutdown"):
+            self._raised_after_the_end(run, error)
         if reason == "cancelled":
             self.discard_events(run)
             self.release(run)
@@ -129,6 +133,17 @@ class Recorder:
             self.fail_then(run, str(exc), then)
             return
         self._record_result(run, result, then)
+
+    def _raised_after_the_end(self, run: TodoRun, error: BaseException | None) -> None:
+        """What the executor raised once its todo's outcome was decided (a cancel, a lost
+        lease, a stop, its timeout) is not its outcome, but said: a bug as it unwinds, or why
+        it hung. Its cancellation itself is not."""
+        if error is None or isinstance(error, (asyncio.CancelledError,
+                                               concurrent.futures.CancelledError)):
+            return
+        self._log.info("todo %s had ended (%s) when its executor raised: %s", run.todo_id,
+                       run.cancel_reason, error_text(error), exc_info=error,
+                       extra=self._todo_extra(run, "execute"))
 
     @staticmethod
     def suspend(run: TodoRun, question: dict[str, Any]) -> Any:

@@ -576,3 +576,31 @@ def test_no_todo_is_claimed_while_timed_out_executors_hold_every_thread_and_none
     assert queued_state is None, "not claimed while no thread could run it"
     assert row(db, ids[2])["state"] == "COMPLETED"
     assert started.count("queued") == 1
+
+
+def test_what_an_executor_raises_after_its_todo_was_cancelled_is_said_not_recorded(
+        storage, db, caplog):
+    """The UI cancels; the executor, unwinding, raises (a bug in its cleanup). The todo ends
+    CANCELLED as the cancel says, and what it raised is logged, naming the todo. Before, the
+    exception vanished without a line."""
+    import logging
+
+    import processgpt_sync as ps
+    from tests.conftest import wait_for
+
+    def handle(todo):
+        todo.cancel_event.wait(20)
+        raise KeyError("a bug in the executor's cleanup")
+
+    todo_id = storage.enqueue("a", "q")
+    with caplog.at_level(logging.INFO, "processgpt_sync"), ps.start(
+            handle, agent_orch="a", storage=storage, workers=1) as server:
+        wait_for(lambda: server.stats()["running"] == 1)
+        storage.call("cancel", {"p_todo_id": todo_id})
+        wait_for(lambda: server.stats()["cancelled"] == 1, timeout=20)
+    said = [r for r in caplog.records if "when its executor raised" in r.getMessage()]
+    assert len(said) == 1, caplog.text
+    assert todo_id in said[0].getMessage() and "a bug in the executor's cleanup" in (
+        said[0].getMessage())
+    assert db.execute("SELECT draft_status::text AS s FROM todolist").fetchone()["s"] == (
+        "CANCELLED")
