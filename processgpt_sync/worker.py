@@ -162,6 +162,10 @@ class TodoWorker:
     def _start(self, run: TodoRun) -> tuple[Any, BaseException | None]:
         """Start a deferred todo; what it raised if it could not start."""
         try:
+            if self._settings.summarize_feedback is not None:
+                # the summariser (a model call) runs here, on a pool thread: its todo's
+                # timeout bounds it, as on a worker thread; the loop starts the clock again
+                run.start_clock()
             run.todo = with_summary(run.todo, self._settings.summarize_feedback)
             with self._clock_on_the_loop(run, self._stop_clock):
                 self._adapter.start(run.todo, functools.partial(

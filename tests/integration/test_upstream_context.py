@@ -145,3 +145,30 @@ def test_a2a_executor_reads_every_upstream_key_and_the_feedback_on_a_revision(st
                     "meta_row": todo_id}
     assert db.execute("SELECT output FROM todolist").fetchone()["output"] == {
         "f1": {"summary": "short", "note": "make it shorter, in Korean"}}
+
+
+def test_a_summarizer_of_an_async_todo_on_the_shared_loop_is_bounded_by_its_timeout(
+        storage, db):
+    """An async executor on the shared loop, a revision, and a summarize_feedback stuck on a
+    model call: the todo's timeout bounds the summariser, as on a worker thread. Before, its
+    clock started only once the loop began the coroutine: a summariser that never returned
+    kept the lease renewed for ever."""
+    import threading
+
+    revision(db)
+    release = threading.Event()
+
+    def stuck(items, previous):
+        release.wait(30)
+        return "late"
+
+    async def handle(todo):
+        return {"feedback": todo.summarized_feedback}
+
+    try:
+        stats = serve_one(storage, handle, loop="shared", timeout=0.5,
+                          summarize_feedback=stuck)
+    finally:
+        release.set()
+    assert stats["failed"] == 1
+    assert "timed out after 0.5 s" in db.execute("SELECT log FROM todolist").fetchone()["log"]
