@@ -40,7 +40,8 @@ def spare_threads(workers: int, thread_safe: bool = True) -> int:
 def pool_threads(workers: int, deferred: bool, thread_safe: bool = True) -> int:
     """Threads of the worker pool: one per worker plus the spares; when todos are deferred
     (async on the shared loop), a few for their start and their outcome."""
-    threads = workers + spare_threads(workers, thread_safe)
+    # (deferred todos' executors run on the loop, not on these threads: no limit applies)
+    threads = workers + spare_threads(workers, thread_safe or deferred)
     return min(threads, DEFERRED_THREADS) if deferred else threads
 
 

@@ -89,10 +89,12 @@ def start(path: str | os.PathLike[str] | None = None, *, install: bool = True) -
 
 def _why(exc: BaseException) -> str:
     """What failed, in a few words (a command's failure without its whole command line)."""
-    if isinstance(exc, subprocess.CalledProcessError):
-        return f"{Path(str(exc.cmd[0])).name} exited with {exc.returncode}"
-    if isinstance(exc, subprocess.TimeoutExpired):
-        return f"{Path(str(exc.cmd[0])).name} did not finish within {exc.timeout:g} s"
+    if isinstance(exc, (subprocess.CalledProcessError, subprocess.TimeoutExpired)):
+        command = exc.cmd.split()[:1] if isinstance(exc.cmd, str) else list(exc.cmd)[:1]
+        name = Path(str(command[0])).name if command else "a command"
+        if isinstance(exc, subprocess.TimeoutExpired):
+            return f"{name} did not finish within {exc.timeout:g} s"
+        return f"{name} exited with {exc.returncode}"
     return str(exc) if isinstance(exc, (OSError, RuntimeError)) else repr(exc)
 
 

@@ -59,7 +59,8 @@ class StorageUnavailable(StorageError):
 
 class AccessDenied(StorageUnavailable):
     """The service refuses this server's key (not the project's, revoked, expired or missing),
-    whatever the call. Writes wait for it as through an outage, so nothing is dropped for it; a
+    whatever the call. Writes wait for it as through an outage (events up to the buffer's
+    bound, ``event_writer.MAX_BUFFERED_EVENTS``), not dropped or recorded FAILED for it; a
     server refused this way at start, or for ``retrying.ACCESS_DENIED_STOP_AFTER`` seconds
     in a row, stops (a restart with the right key is the fix)."""
 

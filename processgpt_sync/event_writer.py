@@ -100,7 +100,7 @@ class EventBuffer:
         self._batch_began = 0.0  # when the flusher began writing its current batch
         self._batch_len = 0  # and how many events it holds
         self._closed = False
-        self._dropped = 0  # events dropped since the buffer was last under MAX_BUFFERED_EVENTS
+        self._dropped = 0  # events dropped since the buffer was last well under its bound
         self._idle = False  # the flusher waits with no deadline: the next event must wake it
         self._thread = threading.Thread(
             target=self._run, name="processgpt-sync-events", daemon=True
@@ -120,9 +120,13 @@ class EventBuffer:
         ``MAX_BUFFERED_EVENTS`` unwritten already (a long outage), it is dropped instead, as a
         warning says at the first and every 10,000th drop."""
         with self._cond:
-            full = self._count + self._set_aside + self._writing >= MAX_BUFFERED_EVENTS
-            self._dropped = self._dropped + 1 if full else 0
-            dropped = self._dropped
+            pending = self._count + self._set_aside + self._writing
+            full = pending >= MAX_BUFFERED_EVENTS
+            if full:
+                self._dropped += 1
+            elif pending < 0.9 * MAX_BUFFERED_EVENTS:  # said anew only once well below it
+                self._dropped = 0
+            dropped = self._dropped if full else 0
             if not full:
                 if self._count == 0:
                     self._oldest = time.monotonic()
@@ -445,11 +449,13 @@ class EventBuffer:
             )
             rejected = write_one_by_one(self._storage, batch, self._timed_out_alone)
         waiting = [batch[int(r["index"])] for r in rejected
-                   if r.get("reason") in ("timed_out", "behind")]
-        if waiting:  # the one that timed out was set aside (or given up): the rest follow it
+                   if r.get("reason") in ("timed_out", "behind", "later")]
+        if waiting:  # the one that timed out was set aside (or given up): its todo's follow it
             self._requeue(self._hold_behind(
-                [batch[int(r["index"])] for r in rejected if r.get("reason") == "behind"]))
-            rejected = [r for r in rejected if r.get("reason") not in ("timed_out", "behind")]
+                [batch[int(r["index"])] for r in rejected if r.get("reason") == "behind"])
+                + [batch[int(r["index"])] for r in rejected if r.get("reason") == "later"])
+            rejected = [r for r in rejected
+                        if r.get("reason") not in ("timed_out", "behind", "later")]
         held = [batch[int(r["index"])] for r in rejected if r.get("reason") == "busy"]
         if held:
             rejected = [r for r in rejected if r.get("reason") != "busy"]
@@ -484,17 +490,23 @@ def write_one_by_one(storage: Storage, batch: list[dict[str, Any]],
     refused, as {index, reason}; 'busy' ones (their todo's row held) and the later events of
     their todo are to be sent again. One that runs past the statement timeout goes to
     ``timed_out`` (reason 'timed_out'), and its todo's later events wait behind it ('behind');
-    without ``timed_out`` it raises, as an outage does: what was written is not written twice
-    (events carry their ids)."""
+    if none was written before it (the database may be slow for every write), the rest go back
+    to be sent again ('later') rather than each wait out the timeout in turn. Without
+    ``timed_out`` it raises, as an outage does: what was written is not written twice (events
+    carry their ids)."""
     rejected: list[Mapping[str, Any]] = []
     busy: set[Key] = set()  # a claim's later events wait with its first held one
     behind: set[Key] = set()  # or behind its first that timed out
+    written = stopped = False
     for index, event in enumerate(batch):
         if event_key(event) in busy:
             rejected.append({"index": index, "reason": "busy"})
             continue
         if event_key(event) in behind:
             rejected.append({"index": index, "reason": "behind"})
+            continue
+        if stopped:
+            rejected.append({"index": index, "reason": "later"})
             continue
         try:
             answers = storage.record_events([event])
@@ -504,9 +516,11 @@ def write_one_by_one(storage: Storage, batch: list[dict[str, Any]],
             timed_out(event, exc)  # else the same batch is refused, and times out, for ever
             behind.add(event_key(event))
             rejected.append({"index": index, "reason": "timed_out"})
+            stopped = not written
             continue
         except Exception as single:
             answers = [{"index": 0, "reason": str(single)}]
+        written = written or not answers
         for answer in answers:
             rejected.append({**answer, "index": index})
             if answer.get("reason") == "busy":

@@ -51,34 +51,33 @@ def _load(text: str, *, what: str) -> Any:
     return json.loads(text, object_pairs_hook=unique)
 
 
-WALK_LIMIT = 10_000  # items looked at, at most, to name where a refused value fails
-
-
 def _first_unstorable(value: Any, path: str, on_path: tuple[int, ...] = (),
-                      left: list[int] | None = None) -> str | None:
+                      seen: set[int] | None = None) -> str | None:
     """Where in ``value`` the first item JSON cannot hold is (``['messages'][3]``), or the
     first that refers to a container it is inside of, so a refused result names it; only
-    walked once a value was refused, and at most ``WALK_LIMIT`` items of it (a value full of
-    back-references has exponentially many paths)."""
-    left = [WALK_LIMIT] if left is None else left
-    left[0] -= 1
-    if left[0] < 0 or len(on_path) > 100:
+    walked once a value was refused. Each container is looked into once (a value full of
+    back-references has exponentially many paths), at most 100 deep."""
+    seen = set() if seen is None else seen
+    if len(on_path) > 100:
         return None
     if isinstance(value, (Mapping, list, tuple)):
         if id(value) in on_path:
             return path  # it refers to itself here
+        if id(value) in seen:
+            return None  # looked into already, by another path
+        seen.add(id(value))
         on_path = (*on_path, id(value))
     if isinstance(value, Mapping):
         for key, item in value.items():
             if not isinstance(key, (str, int, float, bool)) and key is not None:
                 return f"{path}[{key!r}]"
-            found = _first_unstorable(item, f"{path}[{key!r}]", on_path, left)
+            found = _first_unstorable(item, f"{path}[{key!r}]", on_path, seen)
             if found is not None:
                 return found
         return None
     if isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
-            found = _first_unstorable(item, f"{path}[{index}]", on_path, left)
+            found = _first_unstorable(item, f"{path}[{index}]", on_path, seen)
             if found is not None:
                 return found
         return None

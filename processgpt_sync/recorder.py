@@ -15,7 +15,14 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from .errors import NoResultError, PayloadError, ServerFailed, StorageError, StorageUnavailable
+from .errors import (
+    NoResultError,
+    PayloadError,
+    ProcessGPTSyncError,
+    ServerFailed,
+    StorageError,
+    StorageUnavailable,
+)
 from .event_writer import EventBuffer, log_rejected
 from .infra import infrastructure_problem
 from .models import AwaitingHuman
@@ -140,6 +147,11 @@ class Recorder:
         it hung. Its cancellation itself is not."""
         if error is None or isinstance(error, (asyncio.CancelledError,
                                                concurrent.futures.CancelledError)):
+            return
+        if isinstance(error, ProcessGPTSyncError):  # ours, raised into it to end a wait
+            self._log.debug("todo %s had ended (%s) when its executor raised: %s",
+                            run.todo_id, run.cancel_reason, error_text(error),
+                            extra=self._todo_extra(run, "execute"))
             return
         self._log.info("todo %s had ended (%s) when its executor raised: %s", run.todo_id,
                        run.cancel_reason, error_text(error), exc_info=error,

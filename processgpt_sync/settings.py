@@ -84,8 +84,8 @@ def connection_options(*, transaction_pooler: bool | None = None,
                        tcp_timeout: float = DEFAULT_TCP_TIMEOUT) -> dict[str, Any]:
     """What ``storage.connect`` takes of these settings: no prepared statements behind a
     transaction pooler, and the timeouts checked."""
-    _milliseconds("statement_timeout", statement_timeout)
-    _milliseconds("tcp_timeout", tcp_timeout)
+    _timeout_seconds("statement_timeout", statement_timeout)
+    _timeout_seconds("tcp_timeout", tcp_timeout, MOST_TCP_SECONDS)
     return {"prepare": not behind_transaction_pooler(transaction_pooler, database_url),
             "statement_timeout": statement_timeout, "tcp_timeout": tcp_timeout}
 
@@ -198,8 +198,8 @@ class Settings:
         for name in ("workers", "lease_seconds", "max_claims"):
             _positive_int(name, getattr(self, name))
         _positive("poll_interval", self.poll_interval)
-        _milliseconds("statement_timeout", self.statement_timeout)
-        _milliseconds("tcp_timeout", self.tcp_timeout)
+        _timeout_seconds("statement_timeout", self.statement_timeout)
+        _timeout_seconds("tcp_timeout", self.tcp_timeout, MOST_TCP_SECONDS)
         if self.gc_threshold is not None and (
                 not _is_int(self.gc_threshold) or self.gc_threshold < 0):
             raise ConfigurationError(
@@ -306,17 +306,19 @@ def _positive(name: str, value: float) -> None:
         raise ConfigurationError(f"{name} must be a positive finite number, got {value!r}")
 
 
-# PostgreSQL keeps statement_timeout (and libpq tcp_user_timeout) as whole milliseconds in an
-# int: a longer one fails every connection's set-up, a shorter one rounds to 0, no limit at all
-MOST_MILLISECONDS = 2_147_483_647
+# PostgreSQL keeps statement_timeout as whole milliseconds in an int: a longer one fails every
+# connection's set-up, a shorter one rounds to 0, no limit at all. The TCP timeout becomes
+# keepalives of half as many seconds, which Linux holds up to 32,767.
+MOST_STATEMENT_SECONDS = 2_147_483
+MOST_TCP_SECONDS = 65_534
 
 
-def _milliseconds(name: str, value: float) -> None:
+def _timeout_seconds(name: str, value: float, most: int = MOST_STATEMENT_SECONDS) -> None:
     _positive(name, value)
-    if not 0.001 <= value <= MOST_MILLISECONDS / 1000:
+    if not 0.001 <= value <= most:
         raise ConfigurationError(
-            f"{name} must be between 0.001 and {MOST_MILLISECONDS // 1000:,} s (what "
-            f"PostgreSQL can hold), got {value!r}")
+            f"{name} must be between 0.001 and {most:,} s (what PostgreSQL and the network "
+            f"settings can hold), got {value!r}")
 
 
 def _positive_int(name: str, value: int) -> None:

@@ -31,6 +31,7 @@ from .recorder import Recorder
 from .runs import CURRENT_RUN, UNSET, TodoRun
 from .settings import Settings
 from .stats import ServerStats
+from .todo import Todo
 
 EXIT_ALLOWANCE = 30.0  # seconds an ``around_todo`` exit may take once the executor returned
 CANCEL_OVERDUE = 30.0  # seconds an executor told to stop may go on before a warning names it
@@ -103,7 +104,7 @@ class TodoWorker:
             return UNSET, exc
         returned = ON_RETURN.set(functools.partial(self._returned, run))
         try:
-            run.todo = with_summary(run.todo, self._settings.summarize_feedback)
+            run.todo = self._summarized(run)
             run.context = contextvars.copy_context()
             if self._defers:
                 with self._clock_on_the_loop(run, self._returned):
@@ -153,6 +154,15 @@ class TodoWorker:
             ON_END.reset(end)
             ON_BEGIN.reset(began)
 
+    def _summarized(self, run: TodoRun) -> Todo:
+        """The todo with its revision feedback summarised (``summarize_feedback``). Where the
+        loop starts the clock (an async todo on the shared loop), it starts here first: the
+        summariser, a model call on this thread, is bounded by the todo's timeout as on a
+        worker thread; the executor then gets its own ``timeout`` from the loop's start."""
+        if self._defers and self._settings.summarize_feedback is not None:
+            run.start_clock()
+        return with_summary(run.todo, self._settings.summarize_feedback)
+
     @staticmethod
     def _stop_clock(run: TodoRun) -> None:
         """The deferred executor has ended: no timeout applies from now on."""
@@ -162,11 +172,7 @@ class TodoWorker:
     def _start(self, run: TodoRun) -> tuple[Any, BaseException | None]:
         """Start a deferred todo; what it raised if it could not start."""
         try:
-            if self._settings.summarize_feedback is not None:
-                # the summariser (a model call) runs here, on a pool thread: its todo's
-                # timeout bounds it, as on a worker thread; the loop starts the clock again
-                run.start_clock()
-            run.todo = with_summary(run.todo, self._settings.summarize_feedback)
+            run.todo = self._summarized(run)
             with self._clock_on_the_loop(run, self._stop_clock):
                 self._adapter.start(run.todo, functools.partial(
                     self._deferred_end, run, contextvars.copy_context()))

@@ -440,9 +440,10 @@ RETURNS boolean LANGUAGE sql STABLE AS $$
 $$;
 
 -- Of these todos (whose rows the caller holds), those whose lease, if any, this transaction
--- now holds, in order and without a wait: a lease a late heartbeat holds right now, or renewed
--- since the caller found it run out, is left to a later call. A claim's writes to leases it did not give out must never wait: a heartbeat takes
--- its leases in order, so a wait could close a cycle with it.
+-- now holds, in order and without a wait: a lease a late heartbeat holds right now, or
+-- renewed since the caller found it run out, is left to a later call. A claim's writes to
+-- leases it did not give out must never wait: a heartbeat takes its leases in order, so a wait
+-- could close a cycle with it.
 CREATE OR REPLACE FUNCTION processgpt_sync_leases_taken_v1(p_todo_ids uuid[])
 RETURNS uuid[] LANGUAGE plpgsql AS $$
 DECLARE
@@ -456,7 +457,8 @@ BEGIN
                         AND NOT (l.expires_at >= now() AND NOT l.given_back AND EXISTS (
                             SELECT 1 FROM todolist t
                             WHERE t.id = l.todo_id AND t.claim_token = l.claim_token
-                              AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')))
+                              AND t.draft_status IN ('STARTED', 'HUMAN_ASKED')
+                              AND (t.consumer IS NULL OR t.consumer = l.consumer)))
                       ORDER BY l.todo_id FOR UPDATE OF l SKIP LOCKED);
     RETURN ARRAY(
         SELECT u.id FROM unnest(p_todo_ids) WITH ORDINALITY AS u(id, n)

@@ -82,7 +82,7 @@ def _key_refused(code: str | None, status: int | None, message: str) -> str | No
                 "PGRST_JWT_SECRET for PostgREST itself) and restart it")
     # the words of a refusal are read only where no SQLSTATE says what it is: a site's trigger
     # raising "tenant missing from JWT claims" refuses that one write, not the key
-    by_words = code is None or code.startswith("PGRST") or code.isdigit()
+    by_words = code is None or code.startswith("PGRST") or (code.isdigit() and len(code) == 3)
     if code == "PGRST301" or (by_words and "JWT" in message):
         return (f"the key is not a valid JWT of this project, or it expired: set the project's "
                 f"service-role key ({_SERVICE_KEY_NAMES})")

@@ -158,13 +158,17 @@ def test_a_pooled_connection_whose_deadline_fired_is_closed_not_handed_out_again
     answered at the deadline, or had its error buffered): it is closed, and the pool hands the
     next call a working one. Before, it went back to the pool, and the next statement on it
     failed with the server gone, as did the final writes of a stop."""
+    import select
+
     from processgpt_sync.storage.postgres import _watched
 
     storage = PostgresStorage(database_url, max_connections=1)
     try:
         with storage._pool.connection() as conn:
             with _watched(conn, 0.05, "a statement answered at its deadline", storage):
-                time.sleep(0.4)  # the deadline fires; no statement notices it
+                # the deadline fires (the socket, shut down, reads its end); no statement
+                # notices it
+                wait_for(lambda: select.select([conn.fileno()], [], [], 0)[0], timeout=10)
             assert conn.closed
         assert storage.call("schema", {})  # on a new connection
     finally:

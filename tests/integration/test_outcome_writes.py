@@ -336,6 +336,50 @@ def test_an_event_timing_out_among_a_refused_batch_written_one_by_one_is_given_u
     assert "will retry" not in caplog.text, "the batch was not sent whole again"
 
 
+def test_events_written_one_by_one_stop_at_a_timeout_when_none_went_through(database_url, db):
+    """Written one by one, the first event timing out with none written before it (the
+    database slow for every write) sends the rest back to be tried again, rather than each
+    wait out the statement timeout in turn (500 events, 10 s each, held every take() of those
+    todos for over an hour)."""
+    from processgpt_sync.event_writer import write_one_by_one
+
+    db.execute("""
+        CREATE FUNCTION judge_event() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.data ? 'refuse me' THEN RAISE EXCEPTION 'event refused by a trigger'; END IF;
+            PERFORM pg_sleep(2);
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER judge_event BEFORE INSERT ON events
+            FOR EACH ROW EXECUTE FUNCTION judge_event();""")
+
+    class Counting(PostgresStorage):
+        calls = 0
+
+        def record_events(self, events):
+            Counting.calls += 1
+            return super().record_events(events)
+
+    storage = Counting(database_url, statement_timeout=0.5)
+    try:
+        for query in ("a", "b"):
+            storage.enqueue(AGENT, query)
+        first, second = storage.claim(agent_orch=AGENT, consumer="c", limit=2,
+                                      lease_seconds=60, max_claims=3)
+        batch = [{"todo_id": claim.todo_id, "token": claim.token, "event_type": "task_working",
+                  "data": data, "job_id": None, "crew_type": None, "status": None}
+                 for claim, data in ((first, {"refuse me": 1}), (first, {"step": 1}),
+                                     (second, {"step": 1}), (second, {"step": 2}))]
+        timed_out = []
+        rejected = write_one_by_one(storage, batch, lambda event, exc: timed_out.append(event))
+    finally:
+        storage.close()
+    reasons = [r["reason"] for r in sorted(rejected, key=lambda r: r["index"])]
+    assert reasons[1:] == ["timed_out", "later", "later"], reasons
+    assert "event refused by a trigger" in reasons[0]
+    assert (Counting.calls, timed_out) == (2, [batch[1]])
+
+
 def test_events_past_the_buffers_bound_are_dropped_and_said_so_the_rest_written_in_order(
         storage, db, caplog, monkeypatch):
     """Through a long outage the executors still running go on emitting: past

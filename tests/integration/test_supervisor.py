@@ -104,32 +104,39 @@ def test_processes_need_an_executor_that_can_reach_another_process():
                  summarize_feedback=lambda items, current: "")
 
 
-def test_a_restart_scheduled_as_the_stop_began_does_not_spin_the_supervisor():
+def test_a_restart_scheduled_as_the_stop_began_does_not_spin_the_supervisor(monkeypatch):
     """A child died just as the stop's signal came, and its restart was scheduled after the
     handler cleared the schedule: while stopping, the supervisor still waits on its children
-    (here one that takes a second to end) instead of polling them in a busy loop until they
-    all exited."""
+    (here one that takes a second to end) instead of polling them in a busy loop, each wait
+    of no time, until they all exited."""
     import multiprocessing
+    import multiprocessing.connection
 
     from processgpt_sync.settings import Settings
     from processgpt_sync.supervisor import ChildSpec, Supervisor
+
+    waits: list[float] = []
+    real_wait = multiprocessing.connection.wait
+
+    def recorded(objects, timeout=None):
+        waits.append(timeout)
+        return real_wait(objects, timeout)
 
     supervisor = Supervisor(ChildSpec(executor="tests.agents:quick",
                                       settings=Settings(agent_orch="pw")), 2)
     child = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(1.0,))
     child.start()
+    monkeypatch.setattr(multiprocessing.connection, "wait", recorded)
     try:
         supervisor._children[0] = child
         supervisor._started_at[0] = time.monotonic()
         supervisor._signals = 1
         supervisor._restart_at[1] = time.monotonic() - 1  # the stale restart
-        rounds = 0
-        while supervisor._children and rounds < 1000:
+        while supervisor._children and len(waits) < 1000:
             supervisor._watch()
-            rounds += 1
     finally:
         child.join(5)
-    assert rounds < 10, f"{rounds} rounds while one child ended"
+    assert waits and min(waits) > 0, f"{waits.count(0.0)} waits of no time while stopping"
     assert not supervisor._restart_at
 
 
