@@ -294,6 +294,29 @@ def stored_steps(db: Any, todo_id: str) -> list[int]:
         "SELECT data FROM events WHERE todo_id = %s ORDER BY timestamp", (todo_id,))]
 
 
+def judge_events(db: Any, *, slow: str) -> None:
+    """A site's trigger on ``events``: it refuses an event marked 'refuse me', and takes 2 s
+    over those the SQL condition ``slow`` (on NEW) selects."""
+    db.execute(f"""
+        CREATE FUNCTION judge_event() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.data ? 'refuse me' THEN RAISE EXCEPTION 'event refused by a trigger'; END IF;
+            IF {slow} THEN PERFORM pg_sleep(2); END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER judge_event BEFORE INSERT ON events
+            FOR EACH ROW EXECUTE FUNCTION judge_event();""")
+
+
+def two_claims(storage: Any) -> tuple[Any, Any, Any]:
+    """``storage`` with two todos enqueued and claimed: (storage, first, second)."""
+    for query in ("a", "b"):
+        storage.enqueue(AGENT, query)
+    first, second = storage.claim(agent_orch=AGENT, consumer="c", limit=2, lease_seconds=60,
+                                  max_claims=3)
+    return storage, first, second
+
+
 def test_an_event_timing_out_among_a_refused_batch_written_one_by_one_is_given_up_in_time(
         database_url, db, caplog, monkeypatch):
     """A batch the database refuses whole (a site's trigger refuses one event) is written one
@@ -303,20 +326,8 @@ def test_an_event_timing_out_among_a_refused_batch_written_one_by_one_is_given_u
     already too, to be refused or time out whole again: it reached the heavy event alone
     only where the order of the batch's claims happened to change between tries."""
     monkeypatch.setattr("processgpt_sync.event_writer.TIMEOUTS_ALONE_MAX", 1)
-    db.execute("""
-        CREATE FUNCTION judge_event() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            IF NEW.data ? 'refuse me' THEN RAISE EXCEPTION 'event refused by a trigger'; END IF;
-            IF NEW.data ? 'heavy' THEN PERFORM pg_sleep(2); END IF;
-            RETURN NEW;
-        END $$;
-        CREATE TRIGGER judge_event BEFORE INSERT ON events
-            FOR EACH ROW EXECUTE FUNCTION judge_event();""")
-    storage = PostgresStorage(database_url, statement_timeout=0.5)
-    for query in ("a", "b"):
-        storage.enqueue(AGENT, query)
-    first, second = storage.claim(agent_orch=AGENT, consumer="c", limit=2, lease_seconds=60,
-                                  max_claims=3)
+    judge_events(db, slow="NEW.data ? 'heavy'")
+    storage, first, second = two_claims(PostgresStorage(database_url, statement_timeout=0.5))
     buffer = EventBuffer(storage, flush_interval=0.05, batch_size=100)
     for claim, data in ((first, {"refuse me": 1}), (first, {"step": 1}),
                         (second, {"heavy": 1}), (second, {"step": 2}), (second, {"step": 3})):
@@ -343,15 +354,7 @@ def test_events_written_one_by_one_stop_at_a_timeout_when_none_went_through(data
     todos for over an hour)."""
     from processgpt_sync.event_writer import write_one_by_one
 
-    db.execute("""
-        CREATE FUNCTION judge_event() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            IF NEW.data ? 'refuse me' THEN RAISE EXCEPTION 'event refused by a trigger'; END IF;
-            PERFORM pg_sleep(2);
-            RETURN NEW;
-        END $$;
-        CREATE TRIGGER judge_event BEFORE INSERT ON events
-            FOR EACH ROW EXECUTE FUNCTION judge_event();""")
+    judge_events(db, slow="true")
 
     class Counting(PostgresStorage):
         calls = 0
@@ -360,12 +363,8 @@ def test_events_written_one_by_one_stop_at_a_timeout_when_none_went_through(data
             Counting.calls += 1
             return super().record_events(events)
 
-    storage = Counting(database_url, statement_timeout=0.5)
+    storage, first, second = two_claims(Counting(database_url, statement_timeout=0.5))
     try:
-        for query in ("a", "b"):
-            storage.enqueue(AGENT, query)
-        first, second = storage.claim(agent_orch=AGENT, consumer="c", limit=2,
-                                      lease_seconds=60, max_claims=3)
         batch = [{"todo_id": claim.todo_id, "token": claim.token, "event_type": "task_working",
                   "data": data, "job_id": None, "crew_type": None, "status": None}
                  for claim, data in ((first, {"refuse me": 1}), (first, {"step": 1}),
